@@ -1,0 +1,83 @@
+"""Identity of an embedding space: which backbone, weights, layer and preprocessing made a vector.
+
+An index stores the ``ModelSpec`` that filled it and refuses queries, vectors and heads made
+under another one (``ModelSpec.check_compatible``). Pure data: no torch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pictor.errors import IncompatibleModelError
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model's input tensor; taken from the weights' own config."""
+
+    input_size: int = 224  # square crop fed to the network
+    resize_size: int = 256  # shorter side before the centre crop
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"  # "bilinear" or "bicubic"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        return cls(
+            input_size=int(d["input_size"]),
+            resize_size=int(d["resize_size"]),
+            mean=tuple(float(x) for x in d["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(x) for x in d["std"]),  # type: ignore[arg-type]
+            interpolation=str(d["interpolation"]),
+        )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that decides where an image lands in embedding space."""
+
+    backbone: str  # registry name, e.g. "efficientnet_lite0"
+    weights: str  # weights reference: "offline", a torchvision/timm tag, "file:<sha256>", "random"
+    dim: int
+    pooling: str = "avg"  # "avg", "max" or "gem"
+    layer: str = ""  # "" = the backbone's default (penultimate) features
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    # Fingerprint of fine-tuned backbone weights, "" for the weights as published.
+    finetune: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["preprocessing"] = self.preprocessing.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        return cls(
+            backbone=str(d["backbone"]),
+            weights=str(d["weights"]),
+            dim=int(d["dim"]),
+            pooling=str(d.get("pooling", "avg")),
+            layer=str(d.get("layer", "")),
+            preprocessing=Preprocessing.from_dict(d["preprocessing"]),
+            finetune=str(d.get("finetune", "")),
+        )
+
+    def describe(self) -> str:
+        extra = f", layer={self.layer}" if self.layer else ""
+        tuned = f", finetune={self.finetune[:12]}" if self.finetune else ""
+        return (
+            f"{self.backbone} (weights={self.weights}, dim={self.dim}, "
+            f"pooling={self.pooling}{extra}{tuned})"
+        )
+
+    def check_compatible(self, other: ModelSpec, what: str = "query") -> None:
+        """Raise ``IncompatibleModelError`` unless ``other`` embeds into this same space."""
+        if other != self:
+            raise IncompatibleModelError(
+                f"{what} was embedded by {other.describe()}, but this index holds vectors from "
+                f"{self.describe()}; re-embed with the index's model or rebuild the index"
+            )

@@ -1,0 +1,78 @@
+"""The ``pictor`` command: one entry point, one subcommand per job.
+
+Each part registers its own subcommands (``register(subparsers)``) and imports its heavy
+dependencies only when the subcommand runs, so the client subcommands work from the light
+install and server-side ones say which extra to install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from pictor import __version__
+from pictor.errors import MissingExtraError, PictorError
+
+# (module, description) of every part that contributes subcommands, in --help order.
+_PARTS = (
+    "pictor.indexer.cli",
+    "pictor.server.cli",
+    "pictor.client.cli",
+    "pictor.trainer.cli",
+    "pictor.core.cli",
+)
+
+EPILOG = """\
+examples:
+  pictor index sample/gallery --out index          # embed a folder of images into an index
+  pictor serve --index index --port 50051          # serve it over gRPC
+  pictor classify photo.jpg                        # top-5 labels
+  pictor search photo.jpg -k 5                     # 5 most similar indexed images
+  pictor info                                      # what the server runs
+
+Every subcommand has its own --help. Settings also come from PICTOR_* environment
+variables (PICTOR_PORT=6000) and a TOML file (--config / PICTOR_CONFIG)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="pictor",
+        description="Image retrieval and classification: CNN embeddings, FAISS search, gRPC.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"pictor {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in _PARTS:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.run(args) or 0)
+    except MissingExtraError as e:
+        print(f"pictor {args.command}: {e}", file=sys.stderr)
+        return 3
+    except PictorError as e:
+        print(f"pictor {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pictor {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

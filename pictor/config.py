@@ -1,0 +1,125 @@
+"""Typed configuration: one frozen object per process, built in ``main()``.
+
+Precedence, highest first: command-line flags, environment variables ``PICTOR_<FIELD>``
+(for example ``PICTOR_PORT=6000``), a TOML file (``--config FILE`` or ``PICTOR_CONFIG``),
+then the defaults written here. Every default works on a laptop with no network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pictor.errors import InvalidRequestError
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+DEFAULT_TARGET = "localhost:50051"
+# About 40 megapixels: a large phone photo passes, a decompression bomb does not.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which network embeds images, and how it runs."""
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: str = ""  # "" = the backbone's default weights; or a tag, a checkpoint path, "random"
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
+    precision: str = "auto"  # "auto", "fp32", "bf16", "fp16"
+    pooling: str = "avg"
+    batch_size: int = 32
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    index: str = "index"  # store directory written by `pictor index`
+    model: str = ""  # optional fine-tuned model file (`pictor train`)
+    host: str = "127.0.0.1"
+    port: int = 50051
+    workers: int = 8  # gRPC handler threads
+    max_message_mb: int = 64
+    device: str = "auto"
+    precision: str = "auto"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class IndexerSettings:
+    gallery: str = ""
+    out: str = "index"
+    index_type: str = "auto"  # a FAISS factory string ("Flat", "HNSW32", "IVF1024,PQ32") or "auto"
+    model: ModelSettings = dataclasses.field(default_factory=ModelSettings)
+    workers: int = 2  # decode threads
+    labels: str = "folder"  # "folder" (parent folder name), "none", or a CSV/JSONL manifest path
+
+
+S = TypeVar("S")
+
+
+def _coerce(value: Any, typ: Any, name: str) -> Any:
+    if isinstance(value, str) and typ is not str:
+        try:
+            if typ is bool:
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return typ(value)
+        except ValueError as e:
+            raise InvalidRequestError(f"setting {name}={value!r} is not a valid {typ.__name__}") from e
+    return value
+
+
+def build_settings(
+    cls: type[S],
+    flags: Mapping[str, Any] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    config_file: str | os.PathLike[str] | None = None,
+    file_values: Mapping[str, Any] | None = None,
+) -> S:
+    """Build ``cls`` from defaults < TOML file < ``PICTOR_*`` env < flags (``None`` = unset).
+
+    A nested settings field (``IndexerSettings.model``) reads the same flags and env names,
+    and a file table of its own name (``[model]``) when the file has one.
+    """
+    env = os.environ if env is None else env
+    if file_values is None:
+        file_values = _read_config_file(config_file or env.get("PICTOR_CONFIG"))
+    flags = flags or {}
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            table = file_values.get(f.name)
+            values[f.name] = build_settings(
+                typ,  # type: ignore[arg-type]
+                flags,
+                env=env,
+                file_values=table if isinstance(table, dict) else file_values,
+            )
+            continue
+        value = file_values.get(f.name, dataclasses.MISSING)
+        value = env.get(f"PICTOR_{f.name.upper()}", value)
+        if flags.get(f.name) is not None:
+            value = flags[f.name]
+        if value is not dataclasses.MISSING:
+            values[f.name] = _coerce(value, typ, f.name)
+    return cls(**values)
+
+
+def _read_config_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidRequestError(f"config file {p} does not exist")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise InvalidRequestError(f"config file {p} is not valid TOML: {e}") from e

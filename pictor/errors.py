@@ -1,0 +1,50 @@
+"""Typed domain errors, shared by every part of Pictor.
+
+The server maps them to gRPC status codes in one table (``pictor.server.errors``); the client
+maps status codes back. They carry messages meant for the person who sent the request.
+"""
+
+from __future__ import annotations
+
+
+class PictorError(Exception):
+    """Base class of every error Pictor raises on purpose."""
+
+
+class InvalidImageError(PictorError, ValueError):
+    """Image bytes that cannot be used: corrupt, truncated, a disallowed format, or too large."""
+
+
+class InvalidRequestError(PictorError, ValueError):
+    """A request whose arguments are wrong (missing query, k out of range, bad vector, ...)."""
+
+
+class NotFoundError(PictorError, KeyError):
+    """A key, file or model that does not exist."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
+        return str(self.args[0]) if self.args else ""
+
+
+class IncompatibleModelError(PictorError):
+    """Vectors, queries, heads or indexes from a different embedding space."""
+
+
+class WeightsUnavailableError(PictorError):
+    """Pretrained weights that are neither cached nor downloadable; says how to provide them."""
+
+
+class MissingExtraError(PictorError, ImportError):
+    """A server-side feature used from the light client install."""
+
+
+def require_server_extra(feature: str) -> None:
+    """Fail with a clear message when the heavy dependencies of ``feature`` are missing."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "torchvision", "timm", "faiss") if not importlib.util.find_spec(m)]
+    if missing:
+        raise MissingExtraError(
+            f"`{feature}` needs the server extra (missing: {', '.join(missing)}). "
+            "Install it with: pip install 'pictor[server]'"
+        )

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for pictor.v1 (make proto). Do not edit."""
