@@ -1,0 +1,425 @@
+"""Classification head trained on embeddings, and the self-describing model file around it.
+
+A model file (``pictor train``) holds everything needed to classify with the head and to
+check that it fits an index: the embedding space (``ModelSpec``, with ``finetune`` set to a
+fingerprint of fine-tuned backbone weights), the head weights and class names, the changed
+backbone weights (finetune mode only), training config, validation metrics, a fingerprint of
+the training data, library versions and open-set thresholds. It is a ``torch.save`` of plain
+containers, so ``torch.load(weights_only=True)`` reads it without running pickled code.
+
+Example::
+
+    model = load_model("flowers.pt")
+    embedder = model.create_embedder()
+    probs = model.predict_proba(embedder.embed(images))   # [N, len(model.class_names)]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
+from pictor.core.spec import ModelSpec
+from torch import nn
+
+from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
+
+if TYPE_CHECKING:
+    from pictor.core.embedder import Embedder
+
+log = logging.getLogger(__name__)
+
+MODEL_FORMAT = "pictor.model"
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------- open set
+
+
+@dataclass(frozen=True)
+class OpenSetThresholds:
+    """Open-set rejection: an image is "unknown" when BOTH scores fall below their threshold.
+
+    ``head_confidence`` compares with the head's top-1 probability, ``neighbor_similarity``
+    with the cosine similarity of the nearest indexed (training) image. Calibrated in training
+    on the validation split, with the training set's embeddings standing in for the index, so
+    the neighbour test is meaningful when the served index holds the training images (or a
+    gallery like them).
+    """
+
+    head_confidence: float
+    neighbor_similarity: float
+
+    def is_unknown(self, head_confidence: float, neighbor_similarity: float) -> bool:
+        """True when both the head's confidence and the nearest neighbour are too weak."""
+        return (
+            head_confidence < self.head_confidence
+            and neighbor_similarity < self.neighbor_similarity
+        )
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "head_confidence": float(self.head_confidence),
+            "neighbor_similarity": float(self.neighbor_similarity),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> OpenSetThresholds:
+        return cls(float(d["head_confidence"]), float(d["neighbor_similarity"]))
+
+
+def calibrate_thresholds(
+    known_confidence: np.ndarray,
+    known_similarity: np.ndarray,
+    *,
+    unknown_confidence: np.ndarray | None = None,
+    unknown_similarity: np.ndarray | None = None,
+    max_known_rejected: float = 0.05,
+) -> OpenSetThresholds:
+    """Pick thresholds that reject at most ``max_known_rejected`` of the known images.
+
+    Without examples of unknowns, the thresholds are the same quantile of each score (both must
+    fall below for a rejection, so the rejected share stays under the budget). With (pseudo)
+    unknowns, e.g. a known class held out of a head, the pair that rejects the most of them
+    within the budget is chosen from a grid of quantiles.
+    """
+    kc = np.asarray(known_confidence, dtype=np.float64)
+    ks = np.asarray(known_similarity, dtype=np.float64)
+    if kc.size == 0 or kc.shape != ks.shape:
+        raise InvalidRequestError("open-set calibration needs matching, non-empty known scores")
+    if not 0.0 <= max_known_rejected < 1.0:
+        raise InvalidRequestError(f"max_known_rejected must be in [0, 1), got {max_known_rejected}")
+    if unknown_confidence is None or unknown_similarity is None or len(unknown_confidence) == 0:
+        q = max_known_rejected
+        return OpenSetThresholds(float(np.quantile(kc, q)), float(np.quantile(ks, q)))
+    uc = np.asarray(unknown_confidence, dtype=np.float64)
+    us = np.asarray(unknown_similarity, dtype=np.float64)
+    grid = np.linspace(0.0, 1.0, 101)
+    conf_cands = np.unique(np.quantile(kc, grid))
+    sim_cands = np.unique(np.quantile(ks, grid))
+    best: tuple[float, float, float, float] | None = None  # (rejected unknown, -rej known, tc, ts)
+    for tc in conf_cands:
+        low_c_known = kc < tc
+        low_c_unknown = uc < tc
+        for ts in sim_cands:
+            rejected_known = float(np.mean(low_c_known & (ks < ts)))
+            if rejected_known > max_known_rejected:
+                break  # larger ts only rejects more
+            rejected_unknown = float(np.mean(low_c_unknown & (us < ts)))
+            cand = (rejected_unknown, -rejected_known, float(tc), float(ts))
+            if best is None or cand > best:
+                best = cand
+    if best is None:
+        return OpenSetThresholds(0.0, -1.0)  # nothing fits the budget: never reject
+    return OpenSetThresholds(best[2], best[3])
+
+
+# --------------------------------------------------------------------------- kNN vote
+
+
+class LabelledHit(Protocol):
+    """What ``knn_vote`` needs from a search hit (``pictor.core.store.Hit`` fits)."""
+
+    label: str
+    score: float
+
+
+def knn_vote(neighbors: Sequence[LabelledHit], *, weighted: bool = True) -> list[tuple[str, float]]:
+    """Vote of labelled neighbours: ``(label, score)`` best first, scores summing to 1.
+
+    ``weighted`` weighs each neighbour by its similarity (negative similarities count as 0),
+    otherwise every neighbour has one vote. Unlabelled hits are ignored; no labelled hit gives
+    an empty list. Ties are broken by the best single neighbour, then by label.
+    """
+    labelled = [h for h in neighbors if h.label]
+    if not labelled:
+        return []
+    weights = [max(float(h.score), 0.0) if weighted else 1.0 for h in labelled]
+    if sum(weights) <= 0.0:  # all similarities <= 0: fall back to a plain majority
+        weights = [1.0] * len(labelled)
+    totals: dict[str, float] = {}
+    best_single: dict[str, float] = {}
+    for hit, w in zip(labelled, weights, strict=True):
+        totals[hit.label] = totals.get(hit.label, 0.0) + w
+        best_single[hit.label] = max(best_single.get(hit.label, -np.inf), float(hit.score))
+    norm = sum(totals.values())
+    ranked = sorted(totals, key=lambda lab: (-totals[lab], -best_single[lab], lab))
+    return [(lab, totals[lab] / norm) for lab in ranked]
+
+
+# --------------------------------------------------------------------------- head
+
+
+class ClassifierHead(nn.Module):
+    """Standardise the embedding, then a linear layer (or a one-hidden-layer MLP).
+
+    The standardisation (training-set mean and scale) is part of the head so that weight
+    decay treats every feature alike whatever the backbone's feature scale.
+    """
+
+    def __init__(self, dim: int, num_classes: int, hidden: int = 0, dropout: float = 0.0):
+        super().__init__()
+        self.dim, self.num_classes, self.hidden = dim, num_classes, hidden
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if hidden > 0:
+            self.body: nn.Module = nn.Sequential(
+                nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, num_classes)
+            )
+        else:
+            self.body = nn.Linear(dim, num_classes)
+
+    def set_standardization(self, embeddings: torch.Tensor) -> None:
+        """Fit mean and scale on (training) embeddings ``[N, dim]``."""
+        with torch.no_grad():
+            self.mean.copy_(embeddings.mean(0))
+            self.scale.copy_(embeddings.std(0).clamp_min(1e-6))
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        x = (embeddings - self.mean) / self.scale
+        return self.body(self.dropout(x))
+
+
+def fingerprint_state(state: Mapping[str, torch.Tensor]) -> str:
+    """Stable hex digest of tensors by name: identifies fine-tuned backbone weights."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:32]
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that decide what a model file means."""
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for dist in ("pictor", "torch", "torchvision", "timm", "numpy"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = ""
+    return versions
+
+
+@dataclass
+class TrainedModel:
+    """A trained head plus everything that says where its inputs come from."""
+
+    spec: ModelSpec
+    class_names: list[str]
+    head: ClassifierHead
+    temperature: float = 1.0  # divides the logits; fitted on validation for calibrated scores
+    thresholds: OpenSetThresholds | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    data_fingerprint: str = ""
+    versions: dict[str, str] = field(default_factory=library_versions)
+    # Fine-tuned backbone tensors (names as in the embedder's backbone module); {} = as published.
+    backbone_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.head.dim != self.spec.dim:
+            raise IncompatibleModelError(
+                f"head takes {self.head.dim}-d embeddings but the model spec says "
+                f"{self.spec.describe()}"
+            )
+        if self.head.num_classes != len(self.class_names):
+            raise IncompatibleModelError(
+                f"head has {self.head.num_classes} outputs for {len(self.class_names)} class names"
+            )
+        if self.backbone_state and self.spec.finetune != fingerprint_state(self.backbone_state):
+            raise IncompatibleModelError(
+                "fine-tuned backbone weights do not match the fingerprint in the model spec"
+            )
+
+    # ---- inference
+
+    def logits(self, embeddings: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Temperature-scaled logits ``[N, C]`` for embeddings ``[N, dim]``."""
+        x = embeddings if torch.is_tensor(embeddings) else torch.from_numpy(np.asarray(embeddings))
+        if x.ndim != 2 or x.shape[1] != self.spec.dim:
+            raise IncompatibleModelError(
+                f"embeddings of shape {tuple(x.shape)} do not fit this head, which takes "
+                f"[N, {self.spec.dim}] from {self.spec.describe()}"
+            )
+        self.head.eval()
+        with torch.no_grad():
+            return self.head(x.float().cpu()) / self.temperature
+
+    def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
+        """Class probabilities ``[N, C]`` (float32), columns in ``class_names`` order."""
+        return torch.softmax(self.logits(embeddings), dim=1).numpy().astype(np.float32)
+
+    def top_k(self, embeddings: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
+        """Best ``k`` ``(class name, probability)`` pairs per embedding."""
+        probs = self.predict_proba(embeddings)
+        k = max(1, min(k, probs.shape[1]))
+        order = np.argsort(-probs, axis=1)[:, :k]
+        names = self.class_names
+        return [[(names[j], float(p[j])) for j in row] for p, row in zip(probs, order, strict=True)]
+
+    # ---- compatibility
+
+    def check_index(self, index_spec: ModelSpec) -> None:
+        """Refuse an index whose vectors come from another embedding space than this head's."""
+        if index_spec != self.spec:
+            hint = (
+                " (this model fine-tunes the backbone, so the index must be built with it)"
+                if self.spec.finetune
+                else ""
+            )
+            raise IncompatibleModelError(
+                f"the model's head expects embeddings from {self.spec.describe()} but the index "
+                f"holds {index_spec.describe()}{hint}; rebuild the index with "
+                f"`pictor index GALLERY --model MODEL`"
+            )
+
+    def create_embedder(self, device: str = "auto", precision: str = "auto") -> Embedder:
+        """The backbone that feeds this head, fine-tuned weights included."""
+        from pictor.core import embedder as embedder_mod
+
+        emb = embedder_mod.create_embedder(
+            self.spec.backbone,
+            weights=self.spec.weights,
+            device=device,
+            precision=precision,
+            pooling=self.spec.pooling,
+            layer=self.spec.layer or None,
+        )
+        if self.backbone_state:
+            apply_backbone_state(emb, self.backbone_state, self.spec.finetune)
+        if emb.spec != self.spec:
+            raise IncompatibleModelError(
+                f"the backbone builds {emb.spec.describe()} but this model was trained on "
+                f"{self.spec.describe()}"
+            )
+        return emb
+
+    # ---- file
+
+    def to_dict(self) -> dict[str, Any]:
+        """The model file's content: plain containers and tensors only."""
+        return {
+            "format": MODEL_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "spec": self.spec.to_dict() | {"preprocessing": self.spec.preprocessing.to_dict()},
+            "class_names": list(self.class_names),
+            "head": {
+                "kind": "mlp" if self.head.hidden else "linear",
+                "dim": self.head.dim,
+                "num_classes": self.head.num_classes,
+                "hidden": self.head.hidden,
+                "temperature": float(self.temperature),
+                "state": {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()},
+            },
+            "backbone_state": {k: v.detach().cpu().clone() for k, v in self.backbone_state.items()},
+            "thresholds": self.thresholds.to_dict() if self.thresholds else None,
+            "metrics": _plain(self.metrics),
+            "training": _plain(self.training),
+            "data_fingerprint": self.data_fingerprint,
+            "versions": dict(self.versions),
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the model file atomically (a reader never sees half a file)."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".tmp")
+        torch.save(self.to_dict(), tmp)
+        os.replace(tmp, p)
+        log.info("saved model %s (%d classes, %s)", p, len(self.class_names), self.spec.describe())
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "model") -> TrainedModel:
+        if not isinstance(d, Mapping) or d.get("format") != MODEL_FORMAT:
+            raise IncompatibleModelError(
+                f"{source} is not a Pictor model file (make one with `pictor train`)"
+            )
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise IncompatibleModelError(
+                f"{source} has model format version {version}; this Pictor reads version "
+                f"{FORMAT_VERSION} (retrain with this version)"
+            )
+        try:
+            spec = ModelSpec.from_dict(d["spec"])
+            h = d["head"]
+            head = ClassifierHead(int(h["dim"]), int(h["num_classes"]), int(h.get("hidden", 0)))
+            head.load_state_dict(h["state"])
+            thresholds = d.get("thresholds")
+            return cls(
+                spec=spec,
+                class_names=[str(c) for c in d["class_names"]],
+                head=head,
+                temperature=float(h.get("temperature", 1.0)),
+                thresholds=OpenSetThresholds.from_dict(thresholds) if thresholds else None,
+                metrics=dict(d.get("metrics") or {}),
+                training=dict(d.get("training") or {}),
+                data_fingerprint=str(d.get("data_fingerprint", "")),
+                versions={str(k): str(v) for k, v in (d.get("versions") or {}).items()},
+                backbone_state=dict(d.get("backbone_state") or {}),
+            )
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise IncompatibleModelError(f"{source} is a damaged Pictor model file: {e}") from e
+
+
+def load_model(path: str | os.PathLike[str]) -> TrainedModel:
+    """Read a model file written by ``pictor train`` (``weights_only``: no code is run).
+
+    Raises ``NotFoundError`` for a missing file and ``IncompatibleModelError`` for a file that
+    is not a Pictor model (another checkpoint, a damaged file, another format version).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise NotFoundError(f"model file {p} does not exist")
+    try:
+        d = torch.load(p, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise NotFoundError(f"model file {p} cannot be read: {e.strerror or e}") from e
+    except Exception as e:  # a foreign or damaged file can fail the unpickler in any way
+        raise IncompatibleModelError(
+            f"{p} is not a Pictor model file (or holds code that is not loaded for safety): "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
+    return TrainedModel.from_dict(d, source=str(p))
+
+
+def apply_backbone_state(
+    embedder: Embedder, state: Mapping[str, torch.Tensor], fingerprint: str
+) -> None:
+    """Load fine-tuned backbone tensors into ``embedder`` and mark its spec as fine-tuned."""
+    from pictor.core import embedder as embedder_mod
+
+    load = getattr(embedder_mod, "load_finetuned_state", None)
+    if load is not None:  # the embedder knows best how to take new weights
+        load(embedder, dict(state), fingerprint)
+        return
+    raise IncompatibleModelError("this embedder cannot load fine-tuned backbone weights")
+
+
+def _plain(value: Any) -> Any:
+    """Metrics and config as plain containers (``weights_only`` refuses numpy scalars)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return value

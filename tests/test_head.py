@@ -1,0 +1,216 @@
+"""Head, model file, kNN vote and open-set thresholds (pictor.core.head), without a backbone."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from pictor.core.head import (
+    ClassifierHead,
+    OpenSetThresholds,
+    TrainedModel,
+    calibrate_thresholds,
+    fingerprint_state,
+    knn_vote,
+    load_model,
+)
+from pictor.core.spec import ModelSpec
+
+from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
+
+SPEC = ModelSpec(backbone="efficientnet_lite0", weights="offline", dim=8)
+
+
+@dataclass
+class FakeHit:  # the shape of pictor.core.store.Hit that knn_vote reads
+    label: str
+    score: float
+    key: str = ""
+
+
+def make_model(spec: ModelSpec = SPEC, classes: int = 3, **kw: object) -> TrainedModel:
+    torch.manual_seed(0)
+    head = ClassifierHead(spec.dim, classes)
+    head.set_standardization(torch.randn(20, spec.dim))
+    return TrainedModel(
+        spec=spec,
+        class_names=[f"c{i}" for i in range(classes)],
+        head=head,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+# ---- kNN vote
+
+
+def test_knn_vote_weighted_sums_to_one_and_ranks() -> None:
+    hits = [FakeHit("a", 0.9), FakeHit("b", 0.8), FakeHit("b", 0.7), FakeHit("a", 0.1)]
+    vote = knn_vote(hits)
+    assert [lab for lab, _ in vote] == ["b", "a"]
+    assert sum(s for _, s in vote) == pytest.approx(1.0)
+    assert vote[0][1] == pytest.approx(1.5 / 2.5)
+
+
+def test_knn_vote_majority_and_tie_break_by_best_neighbour() -> None:
+    hits = [FakeHit("a", 0.5), FakeHit("b", 0.9), FakeHit("a", 0.2), FakeHit("b", 0.1)]
+    vote = knn_vote(hits, weighted=False)
+    assert vote == [("b", 0.5), ("a", 0.5)]  # 2 votes each; b has the closest neighbour
+
+
+def test_knn_vote_ignores_unlabelled_and_handles_empty() -> None:
+    assert knn_vote([]) == []
+    assert knn_vote([FakeHit("", 0.99)]) == []
+    vote = knn_vote([FakeHit("", 0.99), FakeHit("x", 0.2)])
+    assert vote == [("x", 1.0)]
+
+
+def test_knn_vote_non_positive_scores_fall_back_to_counts() -> None:
+    vote = knn_vote([FakeHit("a", -0.2), FakeHit("a", -0.1), FakeHit("b", -0.05)])
+    assert vote[0] == ("a", pytest.approx(2 / 3))
+
+
+# ---- open set
+
+
+def test_is_unknown_needs_both_scores_below() -> None:
+    t = OpenSetThresholds(head_confidence=0.6, neighbor_similarity=0.5)
+    assert t.is_unknown(0.3, 0.2)
+    assert not t.is_unknown(0.7, 0.2)  # confident head keeps the label
+    assert not t.is_unknown(0.3, 0.9)  # close neighbour keeps the label
+    assert OpenSetThresholds.from_dict(t.to_dict()) == t
+
+
+def test_calibrate_without_unknowns_respects_budget() -> None:
+    rng = np.random.default_rng(0)
+    conf, sim = rng.uniform(0.5, 1, 1000), rng.uniform(0.3, 1, 1000)
+    t = calibrate_thresholds(conf, sim, max_known_rejected=0.05)
+    rejected = np.mean([t.is_unknown(c, s) for c, s in zip(conf, sim, strict=True)])
+    assert rejected <= 0.05
+
+
+def test_calibrate_with_pseudo_unknowns_separates_them() -> None:
+    rng = np.random.default_rng(1)
+    known_c, known_s = rng.uniform(0.6, 1, 500), rng.uniform(0.6, 1, 500)
+    unk_c, unk_s = rng.uniform(0.2, 0.7, 200), rng.uniform(0.2, 0.7, 200)
+    t = calibrate_thresholds(
+        known_c, known_s, unknown_confidence=unk_c, unknown_similarity=unk_s, max_known_rejected=0.1
+    )
+    known_rej = np.mean([t.is_unknown(c, s) for c, s in zip(known_c, known_s, strict=True)])
+    unk_rej = np.mean([t.is_unknown(c, s) for c, s in zip(unk_c, unk_s, strict=True)])
+    assert known_rej <= 0.1
+    assert unk_rej > 0.5
+
+
+def test_calibrate_rejects_bad_input() -> None:
+    with pytest.raises(InvalidRequestError):
+        calibrate_thresholds(np.array([]), np.array([]))
+    with pytest.raises(InvalidRequestError, match="max_known_rejected"):
+        calibrate_thresholds(np.ones(3), np.ones(3), max_known_rejected=1.5)
+
+
+# ---- head and model file
+
+
+def test_predict_proba_shape_and_rows_sum_to_one() -> None:
+    model = make_model()
+    probs = model.predict_proba(np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32))
+    assert probs.shape == (4, 3) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    top = model.top_k(np.zeros((1, 8), np.float32), k=2)[0]
+    assert len(top) == 2 and top[0][1] >= top[1][1]
+
+
+def test_predict_proba_refuses_wrong_dim() -> None:
+    with pytest.raises(IncompatibleModelError, match=r"\[N, 8\]"):
+        make_model().predict_proba(np.zeros((2, 5), np.float32))
+
+
+def test_model_file_round_trip(tmp_path) -> None:
+    state = {"blocks.6.0.conv.weight": torch.randn(4, 4)}
+    spec = dataclasses.replace(SPEC, finetune=fingerprint_state(state))
+    model = make_model(
+        spec,
+        temperature=0.7,
+        thresholds=OpenSetThresholds(0.55, 0.42),
+        metrics={"top1": np.float64(0.9), "sweep": [{"wd": 1e-3}]},
+        training={"mode": "finetune", "epochs": 1},
+        data_fingerprint="abc",
+        backbone_state=state,
+    )
+    path = tmp_path / "m.pt"
+    model.save(path)
+    raw = torch.load(path, weights_only=True)  # plain containers only
+    assert raw["format_version"] == 1 and raw["spec"]["dim"] == 8
+    back = load_model(path)
+    assert back.spec == spec
+    assert back.class_names == model.class_names
+    assert back.thresholds == OpenSetThresholds(0.55, 0.42)
+    assert back.temperature == pytest.approx(0.7)
+    assert back.metrics["top1"] == pytest.approx(0.9)
+    assert back.training["mode"] == "finetune" and back.data_fingerprint == "abc"
+    assert {"torch", "numpy", "python"} <= set(back.versions)
+    name = "blocks.6.0.conv.weight"
+    torch.testing.assert_close(back.backbone_state[name], state[name])
+    x = np.random.default_rng(2).normal(size=(3, 8)).astype(np.float32)
+    np.testing.assert_allclose(back.predict_proba(x), model.predict_proba(x), rtol=1e-6)
+
+
+def test_load_model_refuses_missing_foreign_and_damaged_files(tmp_path) -> None:
+    with pytest.raises(NotFoundError, match="does not exist"):
+        load_model(tmp_path / "nope.pt")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    with pytest.raises(IncompatibleModelError, match="not a Pictor model"):
+        load_model(foreign)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(IncompatibleModelError, match="not a Pictor model"):
+        load_model(junk)
+
+    class Evil:  # a pickle that would run code is refused by weights_only
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "pictor.model", "x": Evil()}, evil)
+    with pytest.raises(IncompatibleModelError, match="not a Pictor model"):
+        load_model(evil)
+    newer = tmp_path / "newer.pt"
+    d = make_model().to_dict() | {"format_version": 99}
+    torch.save(d, newer)
+    with pytest.raises(IncompatibleModelError, match="version 99"):
+        load_model(newer)
+
+
+def test_model_refuses_head_that_does_not_fit_spec() -> None:
+    with pytest.raises(IncompatibleModelError, match="8-d"):
+        TrainedModel(
+            spec=dataclasses.replace(SPEC, dim=16),
+            class_names=["a", "b"],
+            head=ClassifierHead(8, 2),
+        )
+    with pytest.raises(IncompatibleModelError, match="3 class names"):
+        TrainedModel(spec=SPEC, class_names=["a", "b", "c"], head=ClassifierHead(8, 2))
+
+
+def test_check_index_refuses_other_dim_backbone_or_plain_backbone() -> None:
+    model = make_model()
+    model.check_index(SPEC)  # same space: fine
+    with pytest.raises(IncompatibleModelError, match="dim=16"):
+        model.check_index(dataclasses.replace(SPEC, dim=16))
+    with pytest.raises(IncompatibleModelError, match="resnet50"):
+        model.check_index(dataclasses.replace(SPEC, backbone="resnet50"))
+    state = {"w": torch.ones(2)}
+    tuned_spec = dataclasses.replace(SPEC, finetune=fingerprint_state(state))
+    tuned = make_model(tuned_spec, backbone_state=state)
+    with pytest.raises(IncompatibleModelError, match="pictor index GALLERY --model MODEL"):
+        tuned.check_index(SPEC)
+
+
+def test_backbone_state_must_match_fingerprint() -> None:
+    with pytest.raises(IncompatibleModelError, match="fingerprint"):
+        spec = dataclasses.replace(SPEC, finetune="deadbeef")
+        make_model(spec, backbone_state={"w": torch.ones(2)})
