@@ -1,0 +1,12 @@
+"""Light client for Pictor: ``pip install pictor`` brings only grpcio and protobuf."""
+
+from pictor.client.client import (
+    Classification,
+    Hit,
+    Label,
+    PictorClient,
+    ServerInfo,
+    UpsertItem,
+)
+
+__all__ = ["Classification", "Hit", "Label", "PictorClient", "ServerInfo", "UpsertItem"]

@@ -1,9 +1,193 @@
-"""Subcommands of this part (filled in by its issue)."""
+"""Client subcommands: ``pictor classify | search | info | add | delete``.
+
+They need only the light install. Output is a table for people, ``--json`` for scripts.
+Exit codes: 0 done, 2 bad input or a request the server refused, 4 server unreachable.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pictor.config import DEFAULT_TARGET
+from pictor.errors import InvalidRequestError, NotFoundError, ServerUnavailableError
+
+EXIT_UNREACHABLE = 4
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=None,
+                   help=f"server address HOST:PORT (default {DEFAULT_TARGET}, or $PICTOR_TARGET)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer (default 30)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _parser(sub: argparse._SubParsersAction, name: str, help: str, example: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    p = sub.add_parser(name, help=help, description=f"{help[0].upper()}{help[1:]}.\n\nexample:\n  {example}",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(p)
+    return p
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add this part's subcommands to the ``pictor`` parser."""
+    p = _parser(sub, "classify", "top-k labels for each image from a running server",
+                "pictor classify photo.jpg other.png --top-k 3 --target localhost:50051")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF)")
+    p.add_argument("--top-k", type=int, default=5, help="labels per image (default 5)")
+    p.add_argument("--classifier", choices=["default", "head", "knn", "all"], default="default",
+                   help="default: the fine-tuned head if the server has one, else ImageNet labels; "
+                        "knn: vote of the nearest labelled items; all: both, with neighbours")
+    p.add_argument("--neighbors", type=int, default=0, help="neighbours for the kNN vote (default 10)")
+    p.set_defaults(run=run_classify)
+
+    p = _parser(sub, "search", "the indexed images most similar to a query image, key or vector",
+                "pictor search photo.jpg -k 5 --label daisy")
+    p.add_argument("image", nargs="?", metavar="IMAGE", help="query image file")
+    p.add_argument("--key", help="query by the key of an indexed item instead of an image")
+    p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    p.add_argument("--label", action="append", default=[], help="only items with this label (repeatable)")
+    p.add_argument("--attr", action="append", default=[], metavar="NAME=VALUE",
+                   help="only items whose attribute NAME equals VALUE (repeatable)")
+    p.set_defaults(run=run_search)
+
+    p = _parser(sub, "info", "what a running server serves: backbone, index, classes, versions",
+                "pictor info --target localhost:50051")
+    p.set_defaults(run=run_info)
+
+    p = _parser(sub, "add", "add images to a running server's index (replacing existing keys)",
+                "pictor add new1.jpg new2.jpg --label tulips")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files; each one's key is its path")
+    p.add_argument("--label", default="", help="label for all the images")
+    p.add_argument("--key-prefix", default="", help="prepend this to each key")
+    p.set_defaults(run=run_add)
+
+    p = _parser(sub, "delete", "remove items from a running server's index by key",
+                "pictor delete photos/old.jpg")
+    p.add_argument("keys", nargs="+", metavar="KEY", help="keys of the items to remove")
+    p.set_defaults(run=run_delete)
+
+
+def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    import os
+
+    from pictor.client.client import PictorClient
+
+    target = args.target or os.environ.get("PICTOR_TARGET", DEFAULT_TARGET)
+    return PictorClient(target, timeout=args.timeout)
+
+
+def _read(path: str) -> bytes:
+    p = Path(path)
+    if not p.is_file():
+        raise NotFoundError(f"{path}: no such file")
+    return p.read_bytes()
+
+
+def _emit(args: argparse.Namespace, data: Any, table: str) -> None:
+    if args.json:
+        json.dump(data, sys.stdout, indent=2, default=lambda o: dataclasses.asdict(o))
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(table)
+
+
+def _guard_unreachable(fn):  # type: ignore[no-untyped-def]
+    """Unreachable servers get their own exit code, so scripts can tell them from bad input."""
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except ServerUnavailableError as e:
+            print(f"pictor {args.command}: {e}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+    return wrapped
+
+
+@_guard_unreachable
+def run_classify(args: argparse.Namespace) -> int:
+    results, lines = [], []
+    with _client(args) as client:
+        for path in args.images:
+            r = client.classify(_read(path), top_k=args.top_k, classifier=args.classifier,
+                                neighbors=args.neighbors)
+            results.append({"image": path, **dataclasses.asdict(r)})
+            lines.append(f"{path}  ({r.source}{', UNKNOWN' if r.unknown else ''})")
+            lines += [f"  {x.score:6.3f}  {x.name}" for x in r.labels]
+            if r.knn_labels and r.source != "knn":
+                agree = "agrees" if r.agree else "disagrees"
+                lines.append(f"  kNN vote ({agree}): " + ", ".join(f"{x.name} {x.score:.2f}" for x in r.knn_labels))
+    _emit(args, results, "\n".join(lines) + "\n")
+    return 0
+
+
+def _parse_attrs(pairs: Sequence[str]) -> dict[str, str]:
+    attrs = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise InvalidRequestError(f"--attr takes NAME=VALUE, got {pair!r}")
+        attrs[name] = value
+    return attrs
+
+
+@_guard_unreachable
+def run_search(args: argparse.Namespace) -> int:
+    if (args.image is None) == (args.key is None):
+        raise InvalidRequestError("give exactly one query: an IMAGE file or --key KEY")
+    attrs = _parse_attrs(args.attr)
+    with _client(args) as client:
+        image = _read(args.image) if args.image else None
+        hits = client.search(image=image, key=args.key, k=args.k, labels=args.label, attributes=attrs)
+    rows = [f"{i + 1:>3}  {h.score:6.3f}  {h.key}{'  [' + h.label + ']' if h.label else ''}"
+            for i, h in enumerate(hits)]
+    _emit(args, [dataclasses.asdict(h) for h in hits], "\n".join(["  #   score  key"] + rows) + "\n")
+    return 0
+
+
+@_guard_unreachable
+def run_info(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.info()
+        status = client.health()
+    d = {"health": status, **dataclasses.asdict(info)}
+    names = info.class_names
+    shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+    table = (
+        f"health:       {status}\n"
+        f"backbone:     {info.backbone} (weights: {info.weights})\n"
+        f"embedding:    {info.embedding_dim}-d, {info.metric}\n"
+        f"index:        {info.index_size} items, {info.index_type}\n"
+        f"classifier:   {info.classifier}: {shown}\n"
+        f"versions:     " + ", ".join(f"{k} {v}" for k, v in sorted(info.versions.items())) + "\n"
+    )
+    _emit(args, d, table)
+    return 0
+
+
+@_guard_unreachable
+def run_add(args: argparse.Namespace) -> int:
+    from pictor.client.client import UpsertItem
+
+    for path in args.images:  # fail before streaming, not halfway through
+        if not Path(path).is_file():
+            raise NotFoundError(f"{path}: no such file")
+    items = (UpsertItem(key=args.key_prefix + path, image=_read(path), label=args.label,
+                        attributes={"path": path}) for path in args.images)
+    with _client(args) as client:
+        inserted, replaced = client.upsert(items)
+    _emit(args, {"inserted": inserted, "replaced": replaced},
+          f"added {inserted} new, replaced {replaced} existing\n")
+    return 0
+
+
+@_guard_unreachable
+def run_delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        deleted, missing = client.delete(args.keys)
+    table = f"deleted {deleted}\n" + (f"not found: {', '.join(missing)}\n" if missing else "")
+    _emit(args, {"deleted": deleted, "missing": missing}, table)
+    return 0

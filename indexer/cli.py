@@ -1,9 +1,106 @@
-"""Subcommands of this part (filled in by its issue)."""
+"""``pictor index``: embed a gallery into an index directory that ``pictor serve`` opens."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from pictor.config import IndexerSettings, build_settings
+from pictor.errors import InvalidRequestError, require_server_extra
+
+HELP = """\
+Embed every image of GALLERY with a pretrained CNN and write a searchable index to --out.
+
+GALLERY is a folder (searched recursively; each image's label is its parent folder's name)
+or a CSV/JSONL manifest with a `path` column and optional `label`, `key` and attribute
+columns. Each item's key is the file's path as given here. Running again over an existing
+index adds new files and replaces changed ones (same key); the model must be the same.
+
+Files that cannot be decoded are skipped and listed; the run goes on. Each batch is durable
+once written, so an interrupted run keeps what it wrote. Exit status: 0 all indexed,
+1 some files skipped (the rest indexed), 2 unusable input.
+
+The default backbone, efficientnet_lite0, ships ImageNet weights offline; `pictor models`
+lists the others. Runs on the GPU when there is one (--device).
+
+examples:
+  pictor index sample/gallery --out index
+  pictor index photos.csv --out index --backbone resnet50 --index-type HNSW32 --json
+"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add this part's subcommands to the ``pictor`` parser."""
+    p = sub.add_parser(
+        "index", help="embed a folder or manifest of images into an index",
+        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("gallery", metavar="GALLERY", help="image folder, or .csv/.jsonl manifest")
+    p.add_argument("--out", help="index directory to create or update (default ./index)")
+    p.add_argument("--backbone", help="backbone name (default efficientnet_lite0; see `pictor models`)")
+    p.add_argument("--weights", help="weights tag, local checkpoint path, or 'random' (default: the backbone's default)")
+    p.add_argument("--model", dest="model_file", help="model file from `pictor train`: embed with its (fine-tuned) backbone")
+    p.add_argument("--index-type", help="FAISS factory string (Flat, HNSW32, IVF1024,PQ32) or auto (default)")
+    p.add_argument("--labels", help="folder (default): label = parent folder name; none: no labels")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default 32)")
+    p.add_argument("--workers", type=int, help="decoding threads (default 2)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--precision", help="auto (default), fp32, bf16, fp16")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--config", help="TOML file with settings (flags and PICTOR_* env override it)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    require_server_extra("pictor index")
+    from pictor.core.store import IndexStore
+    from pictor.indexer.pipeline import run_indexing
+    from pictor.indexer.reader import read_gallery
+
+    settings = build_settings(IndexerSettings, vars(args), config_file=args.config)
+    entries = list(read_gallery(settings.gallery, labels=settings.labels))
+    if not entries:
+        raise InvalidRequestError(
+            f"no images found in {settings.gallery} (looked for .jpg .jpeg .png .webp .gif .bmp .tif .tiff)"
+        )
+    embedder = _embedder(settings, args.model_file)
+    out = Path(settings.out)
+    if IndexStore.exists(out):
+        store = IndexStore.open(out)
+        store.spec.check_compatible(embedder.spec, what="this run's model")
+    else:
+        store = IndexStore.create(out, embedder.spec, index_type=settings.index_type)
+    with store:
+        summary = run_indexing(
+            entries, embedder, store,
+            batch_size=settings.model.batch_size, workers=settings.workers,
+            max_pixels=settings.model.max_pixels, total=len(entries),
+            progress=not args.no_progress and sys.stderr.isatty(),
+        )
+        count = len(store)
+    if args.json:
+        json.dump({**dataclasses.asdict(summary), "index": str(out), "index_size": count}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(f"indexed {summary.indexed} images ({summary.inserted} new, {summary.replaced} replaced) "
+              f"into {out} in {summary.seconds:.1f}s ({summary.images_per_second:.1f} img/s); "
+              f"index holds {count} items; skipped {summary.skipped}")
+        for failure in summary.failures:
+            print(f"  skipped {failure['error']}", file=sys.stderr)
+    return 1 if summary.skipped else 0
+
+
+def _embedder(settings: IndexerSettings, model_file: str | None):  # type: ignore[no-untyped-def]
+    m = settings.model
+    if model_file:
+        from pictor.core.head import load_model
+
+        return load_model(model_file).create_embedder(device=m.device, precision=m.precision)
+    from pictor.core.embedder import create_embedder
+
+    return create_embedder(
+        m.backbone, weights=m.weights or None, device=m.device, precision=m.precision, pooling=m.pooling
+    )

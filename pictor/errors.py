@@ -48,3 +48,7 @@ def require_server_extra(feature: str) -> None:
             f"`{feature}` needs the server extra (missing: {', '.join(missing)}). "
             "Install it with: pip install 'pictor[server]'"
         )
+
+
+class ServerUnavailableError(PictorError, ConnectionError):
+    """The server could not be reached, or did not answer before the deadline."""

@@ -1,9 +1,46 @@
-"""Subcommands of this part (filled in by its issue)."""
+"""``pictor serve``: the gRPC server over an index (and optionally a fine-tuned head)."""
 
 from __future__ import annotations
 
 import argparse
 
+from pictor.config import ServerSettings, build_settings
+from pictor.errors import require_server_extra
+
+HELP = """\
+Serve an index over gRPC: Classify, Search, Embed, Upsert, Delete, Info, plus the standard
+grpc.health.v1 health service and server reflection.
+
+Classify answers with the backbone's own ImageNet-1k labels, or with the classes of a head
+fine-tuned by `pictor train` when --model is given. The index and the head share the backbone,
+so one forward pass serves both. Stop with Ctrl-C or SIGTERM: calls in flight finish first.
+
+example:
+  pictor index sample/gallery --out index
+  pictor serve --index index --port 50051
+"""
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add this part's subcommands to the ``pictor`` parser."""
+    p = sub.add_parser(
+        "serve", help="serve an index over gRPC", description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--index", help="index directory written by `pictor index` (default: ./index)")
+    p.add_argument("--model", help="model file from `pictor train`: Classify uses its head and classes")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, help="port to bind (default 50051; 0 picks a free one)")
+    p.add_argument("--workers", type=int, help="handler threads (default 8)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--precision", help="auto (default), fp32, bf16, fp16")
+    p.add_argument("--config", help="TOML file with settings (flags and PICTOR_* env override it)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    require_server_extra("pictor serve")
+    from pictor.server.app import serve
+
+    settings = build_settings(ServerSettings, vars(args), config_file=args.config)
+    serve(settings)
+    return 0

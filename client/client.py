@@ -1,0 +1,188 @@
+"""Light client for a Pictor server: grpcio and protobuf only, typed results, domain errors.
+
+Example::
+
+    from pictor.client import PictorClient
+
+    with PictorClient("localhost:50051") as client:
+        for label in client.classify(open("daisy.jpg", "rb").read()).labels:
+            print(label.name, label.score)
+        for hit in client.search(image=open("daisy.jpg", "rb").read(), k=5):
+            print(hit.key, hit.score)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pictor.errors import InvalidRequestError
+from pictor.status import error_from_status
+from pictor.v1 import pictor_pb2 as pb
+from pictor.v1 import pictor_pb2_grpc as pb_grpc
+
+DEFAULT_TIMEOUT = 30.0
+CLASSIFIERS = {"default": pb.CLASSIFIER_UNSPECIFIED, "head": pb.CLASSIFIER_HEAD,
+               "knn": pb.CLASSIFIER_KNN, "all": pb.CLASSIFIER_ALL}
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Label:
+    name: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Hit:
+    key: str
+    score: float
+    label: str = ""
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Classification:
+    labels: list[Label]
+    source: str
+    knn_labels: list[Label] = field(default_factory=list)
+    neighbors: list[Hit] = field(default_factory=list)
+    agree: bool = False
+    unknown: bool = False
+
+
+@dataclass(frozen=True)
+class UpsertItem:
+    key: str
+    image: bytes = b""
+    vector: Sequence[float] | None = None
+    label: str = ""
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    backbone: str
+    weights: str
+    embedding_dim: int
+    index_size: int
+    index_type: str
+    metric: str
+    classifier: str
+    class_names: list[str]
+    server_version: str
+    versions: dict[str, str]
+
+
+def _hit(h: pb.Hit) -> Hit:
+    return Hit(key=h.key, score=h.score, label=h.label, attributes=dict(h.attributes))
+
+
+def _labels(labels: Iterable[pb.Label]) -> list[Label]:
+    return [Label(name=x.name, score=x.score) for x in labels]
+
+
+class PictorClient:
+    """Calls a Pictor server. Failed calls raise ``pictor.errors`` types (see ``pictor.status``)."""
+
+    def __init__(self, target: str = "localhost:50051", *, timeout: float = DEFAULT_TIMEOUT,
+                 max_message_mb: int = 64) -> None:
+        max_bytes = max_message_mb * 1024 * 1024
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[("grpc.max_send_message_length", max_bytes),
+                     ("grpc.max_receive_message_length", max_bytes)],
+        )
+        self._stub = pb_grpc.PictorStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> PictorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Callable[..., R], request: Any) -> R:
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            code, details = e.code(), e.details() or ""  # type: ignore[attr-defined]
+            if code == grpc.StatusCode.UNAVAILABLE:
+                details = f"cannot reach a Pictor server at {self.target}: {details}"
+            raise error_from_status(code, details) from None
+
+    def health(self, service: str = "") -> str:
+        """Serving status name from the standard health service, e.g. ``"SERVING"``."""
+        response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def classify(self, image: bytes, *, top_k: int = 5, classifier: str = "default",
+                 neighbors: int = 0) -> Classification:
+        if classifier not in CLASSIFIERS:
+            raise InvalidRequestError(f"classifier must be one of {sorted(CLASSIFIERS)}, got {classifier!r}")
+        r = self._call(self._stub.Classify, pb.ClassifyRequest(
+            image=image, top_k=top_k, classifier=CLASSIFIERS[classifier], neighbors=neighbors))
+        return Classification(
+            labels=_labels(r.labels), source=r.source, knn_labels=_labels(r.knn_labels),
+            neighbors=[_hit(h) for h in r.neighbors], agree=r.agree, unknown=r.unknown,
+        )
+
+    def search(self, *, image: bytes | None = None, key: str | None = None,
+               vector: Sequence[float] | None = None, k: int = 10,
+               labels: Sequence[str] = (), attributes: Mapping[str, str] | None = None,
+               nprobe: int = 0, ef_search: int = 0) -> list[Hit]:
+        """Nearest items to exactly one of ``image``, ``key`` or ``vector``."""
+        given = [q for q in (image, key, vector) if q is not None]
+        if len(given) != 1:
+            raise InvalidRequestError("search takes exactly one of image, key or vector")
+        request = pb.SearchRequest(k=k, params=pb.SearchParams(nprobe=nprobe, ef_search=ef_search))
+        if image is not None:
+            request.image = image
+        elif key is not None:
+            request.key = key
+        else:
+            request.vector.values.extend(vector)  # type: ignore[arg-type]
+        if labels or attributes:
+            request.filter.labels.extend(labels)
+            request.filter.attributes.update(attributes or {})
+        return [_hit(h) for h in self._call(self._stub.Search, request).hits]
+
+    def embed(self, images: Sequence[bytes]) -> list[list[float]]:
+        r = self._call(self._stub.Embed, pb.EmbedRequest(images=list(images)))
+        return [list(v.values) for v in r.embeddings]
+
+    def upsert(self, items: Iterable[UpsertItem]) -> tuple[int, int]:
+        """Stream items to the server; returns (inserted, replaced) once all are durable."""
+        def requests() -> Iterable[pb.UpsertRequest]:
+            for it in items:
+                item = pb.Item(key=it.key, image=it.image, label=it.label, attributes=dict(it.attributes))
+                if it.vector is not None:
+                    item.vector.values.extend(it.vector)
+                yield pb.UpsertRequest(item=item)
+
+        r = self._call(self._stub.Upsert, requests())
+        return r.inserted, r.replaced
+
+    def delete(self, keys: Sequence[str]) -> tuple[int, list[str]]:
+        """Remove items; returns (deleted, keys that did not exist)."""
+        r = self._call(self._stub.Delete, pb.DeleteRequest(keys=list(keys)))
+        return r.deleted, list(r.missing)
+
+    def info(self) -> ServerInfo:
+        r = self._call(self._stub.Info, pb.InfoRequest())
+        return ServerInfo(
+            backbone=r.backbone, weights=r.weights, embedding_dim=r.embedding_dim,
+            index_size=r.index_size, index_type=r.index_type, metric=r.metric,
+            classifier=r.classifier, class_names=list(r.class_names),
+            server_version=r.server_version, versions=dict(r.versions),
+        )

@@ -1,0 +1,131 @@
+"""Batch indexing: reader -> mapper (decode + embed) -> writer (index store), joined by a runner.
+
+Decoding runs in worker threads (Pillow releases the GIL) one batch ahead of the forward
+pass, so the model rarely waits for JPEGs. A file that cannot be decoded is skipped, counted
+and reported; it never stops the run. Every written batch is durable, so a killed run loses
+at most the batch in flight and a re-run over the same output replaces instead of duplicating.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from PIL import Image
+
+from pictor.core.decode import load_image
+from pictor.core.store import IndexStore, Item
+from pictor.errors import InvalidImageError, NotFoundError
+from pictor.indexer.reader import GalleryEntry
+
+if TYPE_CHECKING:
+    from pictor.core.embedder import Embedder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IndexSummary:
+    """What a run did; printed as JSON by ``pictor index --json``."""
+
+    indexed: int = 0
+    inserted: int = 0
+    replaced: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    failures: list[dict[str, str]] = field(default_factory=list)  # {"path", "error"}
+
+
+@dataclass(frozen=True)
+class DecodedBatch:
+    entries: list[GalleryEntry]
+    images: list[Image.Image]
+    failures: list[tuple[GalleryEntry, str]]
+
+
+def batched(entries: Iterable[GalleryEntry], size: int) -> Iterator[list[GalleryEntry]]:
+    batch: list[GalleryEntry] = []
+    for entry in entries:
+        batch.append(entry)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def decode_batch(
+    pool: ThreadPoolExecutor, entries: Sequence[GalleryEntry], *, max_pixels: int, draft: int
+) -> DecodedBatch:
+    """Decode a batch in the pool; failures are returned, not raised."""
+    futures = [
+        pool.submit(load_image, e.path, max_pixels=max_pixels, draft_size=(draft, draft)) for e in entries
+    ]
+    ok, images, failed = [], [], []
+    for entry, fut in zip(entries, futures, strict=True):
+        try:
+            images.append(fut.result())
+            ok.append(entry)
+        except (InvalidImageError, NotFoundError, OSError) as e:
+            failed.append((entry, str(e)))
+    return DecodedBatch(ok, images, failed)
+
+
+def decoded_batches(
+    batches: Iterable[list[GalleryEntry]], pool: ThreadPoolExecutor, *, max_pixels: int, draft: int
+) -> Iterator[DecodedBatch]:
+    """Decode batch i+1 in the background while the caller embeds batch i."""
+    pending: Future[DecodedBatch] | None = None
+    # One extra thread drives the prefetch so the decode workers stay busy.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pictor-prefetch") as driver:
+        for batch in batches:
+            nxt = driver.submit(decode_batch, pool, batch, max_pixels=max_pixels, draft=draft)
+            if pending is not None:
+                yield pending.result()
+            pending = nxt
+        if pending is not None:
+            yield pending.result()
+
+
+def run_indexing(
+    entries: Iterable[GalleryEntry],
+    embedder: Embedder,
+    store: IndexStore,
+    *,
+    batch_size: int = 32,
+    workers: int = 2,
+    max_pixels: int,
+    total: int | None = None,
+    progress: bool = True,
+) -> IndexSummary:
+    """Embed every entry and upsert it into ``store``; bad files are skipped and reported."""
+    from tqdm import tqdm
+
+    summary = IndexSummary()
+    start = time.perf_counter()
+    draft = embedder.spec.preprocessing.resize_size
+    bar = tqdm(total=total, unit="img", desc="indexing", disable=not progress, dynamic_ncols=True)
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="pictor-decode") as pool:
+        for decoded in decoded_batches(batched(entries, batch_size), pool, max_pixels=max_pixels, draft=draft):
+            for entry, error in decoded.failures:
+                log.warning("skipped %s", error)
+                summary.failures.append({"path": str(entry.path), "error": error})
+            if decoded.images:
+                vectors = embedder.embed(decoded.images)
+                items = [Item(key=e.key, label=e.label, attributes=dict(e.attributes)) for e in decoded.entries]
+                result = store.upsert(items, vectors)
+                summary.inserted += result.inserted
+                summary.replaced += result.replaced
+            summary.indexed += len(decoded.images)
+            summary.skipped += len(decoded.failures)
+            bar.update(len(decoded.images) + len(decoded.failures))
+            bar.set_postfix(skipped=summary.skipped, refresh=False)
+    bar.close()
+    summary.seconds = round(time.perf_counter() - start, 3)
+    summary.images_per_second = round(summary.indexed / summary.seconds, 2) if summary.seconds else 0.0
+    return summary

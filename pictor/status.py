@@ -1,0 +1,48 @@
+"""The one table between Pictor's domain errors and gRPC status codes.
+
+The server turns a raised ``PictorError`` into its status code (``pictor.server.errors``);
+the client turns a status code back into the same error type (``error_from_status``).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from pictor.errors import (
+    IncompatibleModelError,
+    InvalidImageError,
+    InvalidRequestError,
+    NotFoundError,
+    PictorError,
+    ServerUnavailableError,
+)
+
+# Most specific first: the first matching entry wins.
+STATUS_OF_ERROR: tuple[tuple[type[PictorError], grpc.StatusCode], ...] = (
+    (InvalidImageError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (IncompatibleModelError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ServerUnavailableError, grpc.StatusCode.UNAVAILABLE),
+)
+
+_ERROR_OF_STATUS: dict[grpc.StatusCode, type[PictorError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: IncompatibleModelError,
+    grpc.StatusCode.UNAVAILABLE: ServerUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: ServerUnavailableError,
+}
+
+
+def status_for(error: BaseException) -> grpc.StatusCode:
+    """gRPC status code for a domain error; INTERNAL for anything unexpected."""
+    for error_type, code in STATUS_OF_ERROR:
+        if isinstance(error, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def error_from_status(code: grpc.StatusCode, message: str) -> PictorError:
+    """The domain error a client raises for a failed call."""
+    return _ERROR_OF_STATUS.get(code, PictorError)(f"{message} ({code.name})")

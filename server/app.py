@@ -1,0 +1,77 @@
+"""Building the gRPC server is separate from running it.
+
+``create_server(settings)`` returns a started-able ``(server, port, engine)``; tests bind port 0
+and read the real port back. ``serve(settings)`` runs it until SIGINT/SIGTERM, then drains.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pictor.config import ServerSettings
+from pictor.server.engine import Engine
+from pictor.server.errors import ErrorInterceptor
+from pictor.server.service import PictorService
+from pictor.v1 import pictor_pb2, pictor_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pictor_pb2.DESCRIPTOR.services_by_name["Pictor"].full_name
+DRAIN_SECONDS = 10.0
+
+
+def create_server(settings: ServerSettings, engine: Engine | None = None) -> tuple[grpc.Server, int, Engine]:
+    """Build the server (not started): Pictor service, health, reflection, bound to a port."""
+    engine = engine or Engine.load(settings)
+    max_bytes = settings.max_message_mb * 1024 * 1024
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="pictor-rpc"),
+        interceptors=[ErrorInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", max_bytes),
+            ("grpc.max_send_message_length", max_bytes),
+        ],
+    )
+    pictor_pb2_grpc.add_PictorServicer_to_server(PictorService(engine), server)
+
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    address = f"{settings.host}:{settings.port}"
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}: is the port in use?")
+    return server, port, engine
+
+
+def serve(settings: ServerSettings) -> None:
+    """Run until SIGINT or SIGTERM; then stop taking calls, finish those in flight, close the index."""
+    server, port, engine = create_server(settings)
+    server.start()
+    info = engine.info()
+    log.info(
+        "serving %s on %s:%d (%s, dim %d, %d items, %s index, %s classifier)",
+        SERVICE_NAME, settings.host, port, info.backbone, info.embedding_dim,
+        info.index_size, info.index_type, info.classifier,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("shutting down: draining calls in flight (up to %.0fs)", DRAIN_SECONDS)
+    server.stop(DRAIN_SECONDS).wait()
+    engine.close()
+    log.info("stopped")

@@ -1,0 +1,274 @@
+"""What the server does, free of gRPC: decode, embed, classify, search, update.
+
+``PictorService`` (service.py) translates protobuf messages to calls on this engine and back;
+errors raised here are typed domain errors that the error interceptor maps to status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pictor import __version__
+from pictor.config import ServerSettings
+from pictor.core.decode import decode_image
+from pictor.core.store import DeleteResult, Filter, Hit, IndexStore, Item, SearchParams, UpsertResult
+from pictor.errors import InvalidImageError, InvalidRequestError, NotFoundError
+
+if TYPE_CHECKING:
+    from pictor.core.embedder import Embedder, EmbedOutput
+    from pictor.core.head import TrainedModel
+
+log = logging.getLogger(__name__)
+
+MAX_K = 1000
+DEFAULT_TOP_K = 5
+DEFAULT_K = 10
+DEFAULT_NEIGHBORS = 10
+
+CLASSIFIERS = ("default", "head", "knn", "all")
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    labels: list[tuple[str, float]]
+    source: str  # "imagenet", "head" or "knn"
+    knn_labels: list[tuple[str, float]] = field(default_factory=list)
+    neighbors: list[Hit] = field(default_factory=list)
+    agree: bool = False
+    unknown: bool = False
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    backbone: str
+    weights: str
+    embedding_dim: int
+    index_size: int
+    index_type: str
+    metric: str
+    classifier: str
+    class_names: list[str]
+    server_version: str
+    versions: dict[str, str]
+
+
+def check_k(value: int, default: int, name: str) -> int:
+    """``value`` or ``default`` when 0; refuse values beyond ``MAX_K``."""
+    if value == 0:
+        return default
+    if not 1 <= value <= MAX_K:
+        raise InvalidRequestError(f"{name} must be between 1 and {MAX_K}, got {value}")
+    return value
+
+
+def top_k_labels(probs: np.ndarray, names: Sequence[str], k: int) -> list[tuple[str, float]]:
+    order = np.argsort(-probs)[:k]
+    return [(names[i], float(probs[i])) for i in order]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max()
+    e = np.exp(z)
+    return e / e.sum()
+
+
+class Engine:
+    """One embedder, one index store and an optional fine-tuned head, shared by all requests."""
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        store: IndexStore,
+        model: TrainedModel | None = None,
+        *,
+        max_pixels: int,
+    ) -> None:
+        store.spec.check_compatible(embedder.spec, what="the server's model")
+        self.embedder = embedder
+        self.store = store
+        self.model = model
+        self.max_pixels = max_pixels
+        # One forward pass at a time: concurrent passes would only fight over the same cores.
+        # (Dynamic batching of concurrent requests replaces this lock; see ROADMAP.)
+        self._forward_lock = threading.Lock()
+
+    @classmethod
+    def load(cls, settings: ServerSettings) -> Engine:
+        """Open the index and build the model it was made with (or the fine-tuned one)."""
+        from pictor.core.embedder import create_embedder
+
+        index = Path(settings.index)
+        if not index.is_dir():
+            raise NotFoundError(
+                f"index directory {index} does not exist; build one with `pictor index GALLERY --out {index}`"
+            )
+        store = IndexStore.open(index)
+        model = None
+        if settings.model:
+            from pictor.core.head import load_model
+
+            model = load_model(settings.model)
+            embedder = model.create_embedder(device=settings.device, precision=settings.precision)
+        else:
+            spec = store.spec
+            embedder = create_embedder(
+                spec.backbone,
+                weights=None if spec.weights in ("", "offline", "default") else spec.weights,
+                device=settings.device,
+                precision=settings.precision,
+                pooling=spec.pooling,
+                layer=spec.layer or None,
+            )
+        return cls(embedder, store, model, max_pixels=settings.max_pixels)
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- embedding ---------------------------------------------------------------------------
+
+    def forward(self, images: Sequence[bytes]) -> EmbedOutput:
+        """Decode and embed image bytes; one forward pass for the whole list."""
+        if not images:
+            raise InvalidRequestError("no image given")
+        decoded = []
+        for i, data in enumerate(images):
+            if not data:
+                raise InvalidImageError(f"image {i} is empty")
+            decoded.append(decode_image(data, max_pixels=self.max_pixels))
+        with self._forward_lock:
+            return self.embedder.forward_images(decoded)
+
+    def query_vector(self, values: Sequence[float]) -> np.ndarray:
+        vector = np.asarray(values, dtype=np.float32)
+        if vector.shape != (self.store.spec.dim,):
+            raise InvalidRequestError(
+                f"vector has {vector.size} values, but this index holds {self.store.spec.dim}-d vectors"
+            )
+        if not np.all(np.isfinite(vector)):
+            raise InvalidRequestError("vector contains NaN or infinite values")
+        norm = float(np.linalg.norm(vector))
+        if norm == 0.0:
+            raise InvalidRequestError("vector is all zeros")
+        return vector / norm
+
+    # -- the calls ---------------------------------------------------------------------------
+
+    def classify(
+        self, image: bytes, *, top_k: int = 0, classifier: str = "default", neighbors: int = 0
+    ) -> ClassifyResult:
+        if classifier not in CLASSIFIERS:
+            raise InvalidRequestError(f"unknown classifier {classifier!r}; choose from {CLASSIFIERS}")
+        top_k = check_k(top_k, DEFAULT_TOP_K, "top_k")
+        n_neighbors = check_k(neighbors, DEFAULT_NEIGHBORS, "neighbors")
+        out = self.forward([image])
+        embedding = out.embeddings[0]
+
+        if classifier == "knn":
+            knn, hits = self._knn(embedding, n_neighbors, top_k)
+            return ClassifyResult(labels=knn, source="knn", knn_labels=knn, neighbors=hits)
+
+        if self.model is not None:
+            probs = self.model.predict_proba(embedding[None])[0]
+            labels, source = top_k_labels(probs, self.model.class_names, top_k), "head"
+        elif out.logits is not None and self.embedder.imagenet_classes:
+            probs = softmax(out.logits[0].astype(np.float64))
+            labels, source = top_k_labels(probs, self.embedder.imagenet_classes, top_k), "imagenet"
+        else:
+            raise InvalidRequestError(
+                "this server has no classifier head (backbone without ImageNet classifier and no "
+                "--model); use classifier=knn or start the server with --model"
+            )
+        if classifier == "head" or classifier == "default":
+            return ClassifyResult(labels=labels, source=source)
+
+        knn, hits = self._knn(embedding, n_neighbors, top_k)
+        agree = bool(knn) and knn[0][0] == labels[0][0]
+        unknown = False
+        if self.model is not None and self.model.thresholds is not None:
+            nearest = hits[0].score if hits else -1.0
+            unknown = self.model.thresholds.is_unknown(labels[0][1], nearest)
+        return ClassifyResult(
+            labels=labels, source=source, knn_labels=knn, neighbors=hits, agree=agree, unknown=unknown
+        )
+
+    def _knn(self, embedding: np.ndarray, n: int, top_k: int) -> tuple[list[tuple[str, float]], list[Hit]]:
+        from pictor.core.head import knn_vote
+
+        hits = self.store.search(embedding[None], n)[0]
+        return knn_vote(hits)[:top_k], hits
+
+    def search(
+        self,
+        *,
+        image: bytes | None = None,
+        key: str | None = None,
+        vector: Sequence[float] | None = None,
+        k: int = 0,
+        filter: Filter | None = None,
+        params: SearchParams | None = None,
+    ) -> list[Hit]:
+        k = check_k(k, DEFAULT_K, "k")
+        if image is not None:
+            query = self.forward([image]).embeddings[0]
+        elif key is not None:
+            query = self.store.get_vector(key)
+        elif vector is not None:
+            query = self.query_vector(vector)
+        else:
+            raise InvalidRequestError("search needs a query: image bytes, a stored key, or a vector")
+        return self.store.search(query[None], k, filter=filter, params=params)[0]
+
+    def upsert(self, items: Sequence[Item], images: Sequence[bytes | None], vectors: Sequence[Sequence[float] | None]) -> UpsertResult:
+        """Embed what came as images, check what came as vectors, write all in one durable step."""
+        if not items:
+            raise InvalidRequestError("upsert got no items")
+        rows = np.empty((len(items), self.store.spec.dim), dtype=np.float32)
+        to_embed = [i for i, img in enumerate(images) if img]
+        for i, (item, img, vec) in enumerate(zip(items, images, vectors, strict=True)):
+            if not item.key:
+                raise InvalidRequestError(f"item {i} has no key")
+            if not img and not vec:
+                raise InvalidRequestError(f"item {item.key!r} has neither image nor vector")
+            if not img:
+                rows[i] = self.query_vector(vec)  # type: ignore[arg-type]
+        if to_embed:
+            try:
+                rows[to_embed] = self.forward([images[i] for i in to_embed]).embeddings  # type: ignore[misc]
+            except InvalidImageError as e:
+                raise InvalidImageError(f"{e} (upsert of {len(items)} items rejected, nothing written)") from e
+        return self.store.upsert(items, rows)
+
+    def delete(self, keys: Sequence[str]) -> DeleteResult:
+        if not keys:
+            raise InvalidRequestError("delete got no keys")
+        return self.store.delete(keys)
+
+    def info(self) -> EngineInfo:
+        import faiss
+        import torch
+
+        spec = self.embedder.spec
+        store_info = self.store.info()
+        if self.model is not None:
+            classifier, names = "head", list(self.model.class_names)
+        else:
+            classifier, names = "imagenet", list(self.embedder.imagenet_classes or [])
+        return EngineInfo(
+            backbone=spec.backbone,
+            weights=spec.weights,
+            embedding_dim=spec.dim,
+            index_size=len(self.store),
+            index_type=store_info.index_type,
+            metric=store_info.metric,
+            classifier=classifier,
+            class_names=names,
+            server_version=__version__,
+            versions={"torch": torch.__version__, "faiss": faiss.__version__, "pictor": __version__},
+        )

@@ -1,0 +1,137 @@
+"""The gRPC servicer: protobuf messages in, engine calls, protobuf messages out.
+
+No logic lives here beyond translation; errors propagate as domain errors and the error
+interceptor (errors.py) turns them into status codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+import grpc
+
+from pictor.core.store import Filter, Hit, Item, SearchParams, UpsertResult
+from pictor.errors import InvalidRequestError, PictorError
+from pictor.server.engine import ClassifyResult, Engine
+from pictor.v1 import pictor_pb2 as pb
+from pictor.v1 import pictor_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+_CLASSIFIER_NAMES = {
+    pb.CLASSIFIER_UNSPECIFIED: "default",
+    pb.CLASSIFIER_HEAD: "head",
+    pb.CLASSIFIER_KNN: "knn",
+    pb.CLASSIFIER_ALL: "all",
+}
+
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# Upsert streams are written in chunks of this many items: large enough to batch the
+# forward pass, small enough that a long stream does not hold everything in memory.
+UPSERT_CHUNK = 64
+
+
+def hit_to_pb(hit: Hit) -> pb.Hit:
+    return pb.Hit(key=hit.key, score=hit.score, label=hit.label, attributes=dict(hit.attributes))
+
+
+def labels_to_pb(labels: Iterable[tuple[str, float]]) -> list[pb.Label]:
+    return [pb.Label(name=name, score=score) for name, score in labels]
+
+
+def classify_to_pb(result: ClassifyResult) -> pb.ClassifyResponse:
+    return pb.ClassifyResponse(
+        labels=labels_to_pb(result.labels),
+        source=result.source,
+        knn_labels=labels_to_pb(result.knn_labels),
+        neighbors=[hit_to_pb(h) for h in result.neighbors],
+        agree=result.agree,
+        unknown=result.unknown,
+    )
+
+
+class PictorService(pb_grpc.PictorServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
+        classifier = _CLASSIFIER_NAMES.get(request.classifier)
+        if classifier is None:
+            raise InvalidRequestError(f"unknown classifier value {request.classifier}")
+        result = self.engine.classify(
+            request.image, top_k=request.top_k, classifier=classifier, neighbors=request.neighbors
+        )
+        return classify_to_pb(result)
+
+    def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> pb.SearchResponse:
+        which = request.WhichOneof("query")
+        hits = self.engine.search(
+            image=request.image if which == "image" else None,
+            key=request.key if which == "key" else None,
+            vector=list(request.vector.values) if which == "vector" else None,
+            k=request.k,
+            filter=Filter(labels=tuple(request.filter.labels), attributes=dict(request.filter.attributes))
+            if request.HasField("filter")
+            else None,
+            params=SearchParams(nprobe=request.params.nprobe, ef_search=request.params.ef_search)
+            if request.HasField("params")
+            else None,
+        )
+        return pb.SearchResponse(hits=[hit_to_pb(h) for h in hits])
+
+    def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:
+        out = self.engine.forward(list(request.images))
+        return pb.EmbedResponse(
+            embeddings=[pb.Vector(values=row.tolist()) for row in out.embeddings],
+            dim=self.engine.embedder.spec.dim,
+            backbone=self.engine.embedder.spec.backbone,
+        )
+
+    def Upsert(self, request_iterator: Iterator[pb.UpsertRequest], context: grpc.ServicerContext) -> pb.UpsertResponse:
+        inserted = replaced = 0
+        for chunk in chunked((r.item for r in request_iterator), UPSERT_CHUNK):
+            try:
+                result = self._upsert_chunk(chunk)
+            except PictorError as e:
+                written = inserted + replaced
+                raise type(e)(f"{e}; the {written} items before this chunk were written") from e
+            inserted, replaced = inserted + result.inserted, replaced + result.replaced
+        if not (inserted or replaced):
+            raise InvalidRequestError("upsert stream carried no items")
+        return pb.UpsertResponse(inserted=inserted, replaced=replaced)
+
+    def _upsert_chunk(self, chunk: list[pb.Item]) -> UpsertResult:
+        items = [Item(key=i.key, label=i.label, attributes=dict(i.attributes)) for i in chunk]
+        images = [i.image or None for i in chunk]
+        vectors = [list(i.vector.values) if i.HasField("vector") else None for i in chunk]
+        return self.engine.upsert(items, images, vectors)
+
+    def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
+        result = self.engine.delete(list(request.keys))
+        return pb.DeleteResponse(deleted=result.deleted, missing=list(result.missing))
+
+    def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
+        info = self.engine.info()
+        return pb.InfoResponse(
+            backbone=info.backbone,
+            weights=info.weights,
+            embedding_dim=info.embedding_dim,
+            index_size=info.index_size,
+            index_type=info.index_type,
+            metric=info.metric,
+            classifier=info.classifier,
+            class_names=info.class_names,
+            server_version=info.server_version,
+            versions=info.versions,
+        )

@@ -1,0 +1,140 @@
+"""Shared fixtures: tiny images drawn here, free ports, a real server subprocess."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `gpu` tests on machines without CUDA."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def drawn_image(seed: int, size: int = 96, fmt: str = "PNG") -> bytes:
+    """A distinct picture per seed: coloured shapes on a coloured background."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    colour = lambda: tuple(rng.randrange(256) for _ in range(3))  # noqa: E731
+    im = Image.new("RGB", (size, size), colour())
+    draw = ImageDraw.Draw(im)
+    for _ in range(4):
+        x0, y0 = rng.randrange(size // 2), rng.randrange(size // 2)
+        x1, y1 = x0 + rng.randrange(10, size // 2), y0 + rng.randrange(10, size // 2)
+        shape = rng.choice([draw.rectangle, draw.ellipse])
+        shape([x0, y0, x1, y1], fill=colour())
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def gallery(tmp_path: Path) -> Path:
+    """12 drawn images in two label folders."""
+    root = tmp_path / "gallery"
+    for i in range(12):
+        folder = root / ("warm" if i % 2 else "cool")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"img{i:02d}.png").write_bytes(drawn_image(i))
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pictor(*args: str, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run the real `pictor` command (the installed entry point's module) in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "pictor.cli", *args],
+        capture_output=True, text=True, check=check, cwd=kw.pop("cwd", None), timeout=600,  # type: ignore[arg-type]
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+class ServerProcess:
+    """`pictor serve` as a real subprocess on a free port."""
+
+    def __init__(self, index: Path, *extra: str) -> None:
+        self.index, self.extra = index, extra
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self, timeout: float = 120.0) -> ServerProcess:
+        from pictor.client import PictorClient
+
+        self.log = open(self.index.parent / f"server-{self.port}.log", "a")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pictor.cli", "serve", "--index", str(self.index),
+             "--port", str(self.port), *self.extra],
+            stdout=self.log, stderr=subprocess.STDOUT, text=True,
+        )
+        deadline = time.monotonic() + timeout
+        with PictorClient(self.target, timeout=2) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.proc.returncode}: {self.read_log()}")
+                try:
+                    if client.health() == "SERVING":
+                        return self
+                except Exception:
+                    time.sleep(0.3)
+        raise TimeoutError(f"server did not become healthy: {self.read_log()}")
+
+    def read_log(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def built_index(gallery: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "index"
+    pictor("index", str(gallery), "--out", str(out), "--no-progress")
+    return out
+
+
+@pytest.fixture
+def server(built_index: Path) -> Iterator[ServerProcess]:
+    proc = ServerProcess(built_index).start()
+    yield proc
+    proc.stop()

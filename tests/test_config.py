@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pictor.config import IndexerSettings, ServerSettings, build_settings
+from pictor.errors import InvalidRequestError
+
+
+def test_defaults_work_without_anything() -> None:
+    s = build_settings(ServerSettings, {}, env={})
+    assert (s.host, s.port, s.index, s.model) == ("127.0.0.1", 50051, "index", "")
+
+
+def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "pictor.toml"
+    cfg.write_text('port = 7000\nhost = "0.0.0.0"\nworkers = 3\n')
+    env = {"PICTOR_PORT": "7001", "PICTOR_WORKERS": "5"}
+    s = build_settings(ServerSettings, {"port": 7002, "workers": None}, env=env, config_file=cfg)
+    assert s.port == 7002  # flag
+    assert s.workers == 5  # env, coerced to int
+    assert s.host == "0.0.0.0"  # file
+
+
+def test_nested_settings_read_flags_and_their_own_table(tmp_path: Path) -> None:
+    cfg = tmp_path / "pictor.toml"
+    cfg.write_text('out = "idx"\n[model]\nbackbone = "resnet50"\nbatch_size = 8\n')
+    s = build_settings(IndexerSettings, {"batch_size": 16}, env={}, config_file=cfg)
+    assert s.out == "idx"
+    assert s.model.backbone == "resnet50"
+    assert s.model.batch_size == 16
+
+
+def test_bad_values_and_files_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequestError, match="PORT|port"):
+        build_settings(ServerSettings, {}, env={"PICTOR_PORT": "many"})
+    with pytest.raises(InvalidRequestError, match="does not exist"):
+        build_settings(ServerSettings, {}, env={}, config_file=tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("port = = 1")
+    with pytest.raises(InvalidRequestError, match="not valid TOML"):
+        build_settings(ServerSettings, {}, env={}, config_file=bad)

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pictor.errors import InvalidRequestError, NotFoundError
+from pictor.indexer.reader import read_gallery
+
+
+def test_folder_labels_and_keys(gallery: Path) -> None:
+    (gallery / "notes.txt").write_text("not an image")
+    entries = list(read_gallery(gallery))
+    assert len(entries) == 12
+    assert {e.label for e in entries} == {"warm", "cool"}
+    assert all(e.key == e.path.as_posix() for e in entries)
+    assert entries == sorted(entries, key=lambda e: e.path.as_posix())
+    assert {e.label for e in read_gallery(gallery, labels="none")} == {""}
+
+
+def test_csv_and_jsonl_manifests(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"")
+    csv = tmp_path / "m.csv"
+    csv.write_text("path,label,key,colour\na.png,cat,item-a,red\n/abs/b.jpg,dog,,\n")
+    a, b = read_gallery(csv)
+    assert (a.key, a.label, a.path, a.attributes) == ("item-a", "cat", tmp_path / "a.png", {"colour": "red"})
+    assert (b.key, b.path) == ("/abs/b.jpg", Path("/abs/b.jpg"))
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text(json.dumps({"path": "a.png", "label": "cat"}) + "\n\n")
+    assert [e.label for e in read_gallery(jsonl)] == ["cat"]
+
+
+def test_bad_sources_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match="does not exist"):
+        list(read_gallery(tmp_path / "nope"))
+    bad = tmp_path / "m.jsonl"
+    bad.write_text("{not json}\n")
+    with pytest.raises(InvalidRequestError, match="m.jsonl:1"):
+        list(read_gallery(bad))
+    nopath = tmp_path / "m.csv"
+    nopath.write_text("label\ncat\n")
+    with pytest.raises(InvalidRequestError, match="no 'path'"):
+        list(read_gallery(nopath))

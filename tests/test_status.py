@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from pictor import errors
+from pictor.status import error_from_status, status_for
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "back"),
+    [
+        (errors.InvalidImageError("x"), grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidRequestError),
+        (errors.InvalidRequestError("x"), grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidRequestError),
+        (errors.NotFoundError("x"), grpc.StatusCode.NOT_FOUND, errors.NotFoundError),
+        (errors.IncompatibleModelError("x"), grpc.StatusCode.FAILED_PRECONDITION, errors.IncompatibleModelError),
+    ],
+)
+def test_round_trip(error: Exception, code: grpc.StatusCode, back: type) -> None:
+    assert status_for(error) == code
+    again = error_from_status(code, "what went wrong")
+    assert isinstance(again, back)
+    assert "what went wrong" in str(again)
+
+
+def test_unexpected_errors_are_internal() -> None:
+    assert status_for(RuntimeError("boom")) == grpc.StatusCode.INTERNAL
+    assert type(error_from_status(grpc.StatusCode.INTERNAL, "x")) is errors.PictorError
