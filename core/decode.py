@@ -1,0 +1,200 @@
+"""Image bytes -> RGB PIL image, safely: the one decode path of Pictor (Pillow only).
+
+What users really send: phone photos with an EXIF rotation, emoji with alpha, palette GIFs,
+CMYK and 16-bit scans, animated GIF/WebP, and now and then a corrupt, truncated or hostile
+file. Every such file either becomes a plain RGB image or raises ``InvalidImageError``
+saying what was wrong. The pixel cap is checked on the header, before any pixel is decoded.
+
+Example::
+
+    from pictor.core.decode import load_image
+    img = load_image("photo.jpg", draft_size=(256, 256))  # RGB, upright, JPEG decoded at 1/8
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pictor.config import DEFAULT_MAX_PIXELS
+from pictor.errors import InvalidImageError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+# Formats Pillow may parse. Never EPS (runs Ghostscript), PDF, PSD, ICO, SVG and the like.
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+# Magic numbers of formats we refuse, only to name them in the error message.
+_KNOWN_DISALLOWED: tuple[tuple[bytes, str], ...] = (
+    (b"%PDF", "PDF"),
+    (b"%!PS", "EPS/PostScript"),
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
+    (b"8BPS", "PSD"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"icns", "ICNS"),
+    (b"DDS ", "DDS"),
+    (b"qoif", "QOI"),
+    (b"<svg", "SVG"),
+    (b"<?xml", "XML/SVG"),
+)
+# ftyp brands of ISO media images (HEIC/AVIF), which sit at byte 4.
+_FTYP_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"avif": "AVIF"}
+
+# Errors Pillow's decoders raise on bad data (EOFError for cut streams, SyntaxError from
+# some plugins' header parsers, struct.error from short reads).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, TypeError)
+
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: tuple[int, int] | None = None,
+) -> Image.Image:
+    """Decode image bytes into an upright RGB image.
+
+    Args:
+        data: the encoded file (JPEG, PNG, WebP, GIF, BMP or TIFF).
+        max_pixels: refuse images whose header says width x height is above this.
+        draft_size: (width, height) the caller will shrink the image to; a JPEG much larger
+            than that is decoded at 1/2, 1/4 or 1/8 scale (never below this size).
+
+    Returns:
+        A loaded RGB ``PIL.Image.Image``: first frame, EXIF orientation applied, alpha
+        composited on white.
+
+    Raises:
+        InvalidImageError: empty, unrecognised, disallowed, oversized, corrupt or truncated.
+    """
+    if not data:
+        raise InvalidImageError("empty image data (0 bytes)")
+    src = _open_allowed(data)
+    try:
+        _check_size(src, max_pixels)
+        if draft_size is not None and src.format == "JPEG":
+            _draft(src, draft_size)
+        try:
+            src.load()  # frame 0: animated GIF/WebP/TIFF give their first frame
+            # exif_transpose and to_rgb return new images, so closing src below is safe.
+            return to_rgb(ImageOps.exif_transpose(src))
+        except Image.DecompressionBombError as e:
+            raise InvalidImageError(f"{src.format} image is too large: {e}") from e
+        except _DECODE_ERRORS as e:
+            raise InvalidImageError(_describe_decode_error(src.format, e)) from e
+    finally:
+        src.close()
+
+
+def load_image(
+    path: str | os.PathLike[str],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: tuple[int, int] | None = None,
+) -> Image.Image:
+    """Read and decode an image file; see ``decode_image``. A missing file raises NotFoundError."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError as e:
+        raise NotFoundError(f"image file {p} does not exist") from e
+    except IsADirectoryError as e:
+        raise InvalidImageError(f"{p} is a directory, not an image file") from e
+    try:
+        return decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
+    except InvalidImageError as e:
+        raise InvalidImageError(f"{p}: {e}") from e
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert a loaded image of any Pillow mode to RGB, compositing transparency on white."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return _high_depth_to_rgb(im)
+    if im.mode in _ALPHA_MODES or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    # "1", "L", "P", "CMYK", "YCbCr", "LAB", "HSV": Pillow's own conversions are right.
+    return im.convert("RGB")
+
+
+def _open_allowed(data: bytes) -> Image.Image:
+    """Open lazily (header only) with the allowlisted plugins, or say why not."""
+    try:
+        im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError as e:
+        known = _sniff_disallowed(data)
+        allowed = ", ".join(ALLOWED_FORMATS)
+        if known:
+            raise InvalidImageError(
+                f"image format {known} is not allowed (allowed: {allowed})"
+            ) from e
+        raise InvalidImageError(
+            f"not a recognised image ({len(data)} bytes); allowed formats: {allowed}"
+        ) from e
+    except Image.DecompressionBombError as e:
+        raise InvalidImageError(f"image is too large: {e}") from e
+    except _DECODE_ERRORS as e:
+        raise InvalidImageError(f"corrupt image header: {e}") from e
+    return im
+
+
+def _sniff_disallowed(data: bytes) -> str | None:
+    head = data[:64].lstrip()
+    for magic, name in _KNOWN_DISALLOWED:
+        if head.startswith(magic):
+            return name
+    if data[4:8] == b"ftyp":
+        return _FTYP_BRANDS.get(data[8:12], "ISO media (HEIF/AVIF/MP4)")
+    return None
+
+
+def _check_size(im: Image.Image, max_pixels: int) -> None:
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise InvalidImageError(f"{im.format} image has an empty size {w}x{h}")
+    if w * h > max_pixels:
+        raise InvalidImageError(
+            f"{im.format} image is too large: {w}x{h} = {w * h:,} pixels, "
+            f"above the cap of {max_pixels:,} pixels"
+        )
+
+
+def _draft(im: Image.Image, draft_size: tuple[int, int]) -> None:
+    # JPEG DCT scaling: decodes at 1/2, 1/4 or 1/8 while keeping both sides >= draft_size.
+    # EXIF rotation comes later, so ask for a square that covers either orientation.
+    side = max(int(draft_size[0]), int(draft_size[1]), 1)
+    before = im.size
+    im.draft("RGB", (side, side))
+    if im.size != before:
+        log.debug("JPEG draft: %s decoded at %s", before, im.size)
+
+
+def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grayscale to 8-bit RGB by scaling (Pillow's convert would clip)."""
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode.startswith("I;16"):
+        a = a / 257.0
+    elif im.mode == "F" and a.size and float(np.nanmax(a)) <= 1.0:
+        a = a * 255.0  # float images are usually 0..1
+    elif a.size and float(np.nanmax(a)) > 255.0:
+        a = a / 257.0  # "I" from a 16-bit source
+    a = np.nan_to_num(np.clip(a, 0.0, 255.0))
+    return Image.fromarray(np.rint(a).astype(np.uint8), mode="L").convert("RGB")
+
+
+def _describe_decode_error(fmt: str | None, e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    if "truncated" in text or isinstance(e, EOFError):
+        return f"truncated {fmt} image data: {text}"
+    return f"corrupt {fmt} image data: {text}"
+

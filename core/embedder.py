@@ -1,0 +1,299 @@
+"""The embedding engine: image -> preprocess -> backbone -> pool -> L2 norm (+ ImageNet logits).
+
+Search and classification share one forward pass: the pooled feature map, L2-normalised, is
+the embedding; the backbone's own classifier gives the ImageNet logits. The ``ModelSpec`` of
+an ``Embedder`` names everything that decides where an image lands (backbone, weights, layer,
+pooling, preprocessing), so an index can refuse vectors from another embedding space.
+
+Example::
+
+    from pictor.core.decode import load_image
+    from pictor.core.embedder import create_embedder
+
+    emb = create_embedder()  # efficientnet_lite0, offline ImageNet weights
+    out = emb.forward_images([load_image("daisy.jpg", draft_size=emb.draft_size)])
+    out.embeddings.shape  # (1, 1280), unit norm
+    emb.imagenet_classes[out.logits[0].argmax()]  # 'daisy'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pictor.core.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
+from pictor.core.spec import ModelSpec, Preprocessing
+from PIL import Image
+
+from pictor.errors import InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("avg", "max", "gem")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+GEM_P = 3.0  # the usual GeM exponent for retrieval (Radenović et al.)
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EmbedOutput:
+    """One forward pass: ``embeddings`` [N, dim] float32 unit-norm; ``logits`` [N, 1000] or None."""
+
+    embeddings: np.ndarray
+    logits: np.ndarray | None
+
+
+class Embedder:
+    """A backbone on a device, with its pooling, precision and preprocessing. Thread-safe for
+    inference (no state changes after construction). Build it with ``create_embedder``."""
+
+    def __init__(self, backbone: Backbone, *, device: torch.device, precision: str,
+                 pooling: str, batch_size: int = 32, compile: bool = False) -> None:
+        self.backbone = backbone.to(device=device, memory_format=torch.channels_last)
+        self.device = device
+        self.precision = precision
+        self.pooling = pooling
+        self.batch_size = batch_size
+        self.spec = ModelSpec(
+            backbone=backbone.info.name,
+            weights=backbone.weights,
+            dim=backbone.dim,
+            pooling=pooling,
+            layer=backbone.layer,
+            preprocessing=backbone.preprocessing,
+        )
+        self.imagenet_classes: list[str] | None = backbone.classes
+        p = backbone.preprocessing
+        self._mean = torch.tensor(p.mean).view(3, 1, 1)
+        self._std = torch.tensor(p.std).view(3, 1, 1)
+        self._forward: Any = torch.compile(backbone) if compile else backbone
+
+    @property
+    def draft_size(self) -> tuple[int, int]:
+        """Pass to ``decode_image(draft_size=...)``: JPEGs are decoded no smaller than needed."""
+        s = self.spec.preprocessing.resize_size
+        return (s, s)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """RGB image -> normalised [3, H, W] float tensor as the weights expect (resize the
+        shorter side, centre crop, mean/std)."""
+        return preprocess_image(image, self.spec.preprocessing, self._mean, self._std)
+
+    def forward_batch(self, batch: torch.Tensor) -> EmbedOutput:
+        """Embed an already preprocessed batch [N, 3, H, W] in one forward pass."""
+        x = batch.to(self.device, non_blocking=True).contiguous(
+            memory_format=torch.channels_last)
+        with torch.inference_mode():
+            with self._autocast():
+                fmap, logits = self._forward(x)
+            pooled = self.backbone.pooled_head(_pool(fmap.float(), self.pooling))
+            emb = F.normalize(pooled, dim=1)
+            return EmbedOutput(
+                embeddings=emb.cpu().numpy(),
+                logits=None if logits is None else logits.float().cpu().numpy(),
+            )
+
+    def forward_images(self, images: Sequence[Image.Image]) -> EmbedOutput:
+        """Embed RGB images (in batches of ``batch_size``); logits come from the same pass."""
+        if not images:
+            n_cls = None if self.imagenet_classes is None else len(self.imagenet_classes)
+            return EmbedOutput(np.zeros((0, self.spec.dim), np.float32),
+                               None if n_cls is None else np.zeros((0, n_cls), np.float32))
+        outs = [self.forward_batch(torch.stack([self.preprocess(im) for im in chunk]))
+                for chunk in _chunks(images, self.batch_size)]
+        logits = None if outs[0].logits is None else np.concatenate([o.logits for o in outs])
+        return EmbedOutput(np.concatenate([o.embeddings for o in outs]), logits)
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Embeddings only: [N, dim] float32, L2-normalised."""
+        return self.forward_images(images).embeddings
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
+
+
+def create_embedder(
+    backbone: str = DEFAULT_BACKBONE,
+    *,
+    weights: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    pooling: str = "avg",
+    layer: str | None = None,
+    batch_size: int = 32,
+    compile: bool = False,
+) -> Embedder:
+    """Build an ``Embedder``.
+
+    Args:
+        backbone: a registry name (``pictor models`` lists them).
+        weights: None = the default pretrained weights; a weights tag, a checkpoint path,
+            ``"offline"`` or ``"random"`` (see ``pictor.core.backbones``).
+        device: ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
+        precision: ``"auto"`` (bf16/fp16 on GPU, bf16 on CPUs with AMX or AVX512-BF16, else
+            fp32), or ``"fp32"``, ``"bf16"``, ``"fp16"``.
+        pooling: global pooling of the feature map: ``"avg"``, ``"max"`` or ``"gem"``.
+        layer: feature layer other than the last (see ``create_backbone``).
+        batch_size: images per forward pass in ``forward_images``.
+        compile: wrap the backbone in ``torch.compile`` (slow first call, faster after).
+    """
+    if pooling not in POOLINGS:
+        raise InvalidRequestError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLINGS)}")
+    if batch_size < 1:
+        raise InvalidRequestError(f"batch_size must be >= 1, got {batch_size}")
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    bb = create_backbone(backbone, weights, layer=layer)
+    log.info("embedder %s on %s, %s", bb.info.name, dev, prec)
+    return Embedder(bb, device=dev, precision=prec, pooling=pooling, batch_size=batch_size,
+                    compile=compile)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else must be a usable device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise InvalidRequestError(f"unknown device {device!r}: {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError(f"device {device!r} asked for, but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise InvalidRequestError(f"device {device!r} is not supported (use cpu or cuda)")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Pick the compute precision; ``"auto"`` uses reduced precision only where it is fast."""
+    if precision not in PRECISIONS:
+        raise InvalidRequestError(
+            f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if device.type == "cuda":
+        if precision == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return precision
+    if precision == "auto":
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    if precision in ("bf16", "fp16") and not cpu_has_fast_bf16():
+        log.warning("%s on a CPU without AMX/AVX512-BF16 is emulated and slower than fp32",
+                    precision)
+    return precision
+
+
+@cache
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16); Linux flags only."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def preprocess_image(image: Image.Image, p: Preprocessing, mean: torch.Tensor | None = None,
+                     std: torch.Tensor | None = None) -> torch.Tensor:
+    """Resize the shorter side to ``p.resize_size``, centre-crop ``p.input_size``, normalise.
+
+    Same steps and Pillow resampling as torchvision's / timm's eval transforms.
+    """
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    image = TF.resize(image, p.resize_size, interpolation=InterpolationMode(p.interpolation))
+    image = TF.center_crop(image, [p.input_size, p.input_size])
+    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    mean = torch.tensor(p.mean).view(3, 1, 1) if mean is None else mean
+    std = torch.tensor(p.std).view(3, 1, 1) if std is None else std
+    return (x.float().div_(255.0) - mean) / std
+
+
+def _pool(fmap: torch.Tensor, pooling: str) -> torch.Tensor:
+    if pooling == "avg":
+        return fmap.mean(dim=(2, 3))
+    if pooling == "max":
+        return fmap.amax(dim=(2, 3))
+    # GeM: a soft max between avg (p=1) and max (p->inf); clamp because features can be < 0.
+    return fmap.clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
+
+
+def _chunks(items: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+# --------------------------------------------------------------------------- PCA-whitening
+
+
+@dataclass(frozen=True)
+class PCAWhitening:
+    """PCA-whitening of embeddings, fitted on a gallery sample, then L2 re-normalised.
+
+    A known gain for retrieval with CNN features: it decorrelates dimensions and down-weights
+    the dominant, "bursty" ones. Fit once on a sample of gallery embeddings, keep
+    ``to_dict()`` next to the index, and apply the same transform to gallery and queries.
+    """
+
+    mean: np.ndarray  # [dim]
+    projection: np.ndarray  # [dim, out_dim]: eigenvectors scaled by 1/sqrt(eigenvalue)
+
+    @property
+    def in_dim(self) -> int:
+        return int(self.projection.shape[0])
+
+    @property
+    def out_dim(self) -> int:
+        return int(self.projection.shape[1])
+
+    @classmethod
+    def fit(cls, embeddings: np.ndarray, out_dim: int | None = None,
+            eps: float = 1e-6) -> PCAWhitening:
+        """Fit on a sample [n, dim]; ``out_dim`` keeps the leading components (<= n - 1)."""
+        x = np.asarray(embeddings, dtype=np.float64)
+        if x.ndim != 2 or x.shape[0] < 2:
+            raise InvalidRequestError(
+                f"PCA-whitening needs a [n >= 2, dim] sample, got shape {x.shape}")
+        n, dim = x.shape
+        k = min(out_dim or dim, dim, n - 1)
+        mean = x.mean(axis=0)
+        cov = np.cov(x - mean, rowvar=False)
+        eigval, eigvec = np.linalg.eigh(cov)  # ascending
+        order = np.argsort(eigval)[::-1][:k]
+        proj = eigvec[:, order] / np.sqrt(eigval[order] + eps)
+        return cls(mean.astype(np.float32), proj.astype(np.float32))
+
+    def apply(self, embeddings: np.ndarray) -> np.ndarray:
+        """Whiten and L2-normalise [n, in_dim] -> [n, out_dim] float32."""
+        x = np.asarray(embeddings, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.in_dim:
+            raise InvalidRequestError(
+                f"PCA-whitening expects [n, {self.in_dim}] embeddings, got shape {x.shape}")
+        y = (x - self.mean) @ self.projection
+        norms = np.linalg.norm(y, axis=1, keepdims=True)
+        return (y / np.maximum(norms, 1e-12)).astype(np.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form, for the index manifest."""
+        return {"mean": self.mean.tolist(), "projection": self.projection.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PCAWhitening:
+        return cls(np.asarray(d["mean"], dtype=np.float32),
+                   np.asarray(d["projection"], dtype=np.float32))

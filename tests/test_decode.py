@@ -1,0 +1,257 @@
+"""Decoding what users really send: every corner case is drawn here, in the test."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pictor.core.decode import ALLOWED_FORMATS, decode_image, load_image
+from PIL import Image
+
+from pictor.errors import InvalidImageError, NotFoundError
+
+DATA = Path(__file__).parent / "data"
+RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
+
+
+def encode(im: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def close_to(pixel: tuple[int, ...], want: tuple[int, ...], tol: int = 12) -> bool:
+    return all(abs(int(a) - int(b)) <= tol for a, b in zip(pixel, want, strict=True))
+
+
+def halves(left: tuple[int, int, int], right: tuple[int, int, int], size=(40, 20)) -> Image.Image:
+    im = Image.new("RGB", size, left)
+    im.paste(right, (size[0] // 2, 0, size[0], size[1]))
+    return im
+
+
+# ----------------------------------------------------------------------------- plain formats
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_allowed_formats_decode_to_rgb(fmt: str) -> None:
+    im = decode_image(encode(halves(RED, BLUE), fmt))
+    assert im.mode == "RGB" and im.size == (40, 20)
+    assert close_to(im.getpixel((5, 10)), RED, 40) and close_to(im.getpixel((35, 10)), BLUE, 40)
+
+
+def test_real_photo_loads() -> None:
+    im = load_image(DATA / "daisy.jpg")
+    assert im.mode == "RGB" and max(im.size) == 400
+
+
+# ----------------------------------------------------------------------------- orientation
+
+
+def test_exif_orientation_is_applied() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    im = decode_image(encode(halves(RED, BLUE), "JPEG", exif=exif, quality=95))
+    assert im.size == (20, 40)  # upright: portrait
+    # Rotating clockwise brings the left (red) edge to the top.
+    assert close_to(im.getpixel((10, 5)), RED, 40) and close_to(im.getpixel((10, 35)), BLUE, 40)
+
+
+# ----------------------------------------------------------------------------- transparency
+
+
+def test_rgba_composited_on_white() -> None:
+    im = Image.new("RGBA", (10, 10), (255, 0, 0, 0))  # fully transparent red
+    im.putpixel((0, 0), (255, 0, 0, 255))
+    im.putpixel((1, 0), (0, 0, 0, 128))
+    out = decode_image(encode(im, "PNG"))
+    assert out.mode == "RGB"
+    assert out.getpixel((5, 5)) == WHITE
+    assert out.getpixel((0, 0)) == RED
+    assert close_to(out.getpixel((1, 0)), (127, 127, 127), 2)  # half black over white
+
+
+def test_la_composited_on_white() -> None:
+    im = Image.new("LA", (8, 8), (0, 0))
+    im.putpixel((0, 0), (0, 255))
+    out = decode_image(encode(im, "PNG"))
+    assert out.getpixel((4, 4)) == WHITE and out.getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_palette_with_transparency_png_and_gif() -> None:
+    im = Image.new("P", (8, 8), 0)
+    im.putpalette([0, 255, 0] + [255, 0, 0] * 255)
+    im.putpixel((0, 0), 1)
+    for fmt in ("PNG", "GIF"):
+        out = decode_image(encode(im, fmt, transparency=0))
+        assert out.mode == "RGB"
+        assert out.getpixel((4, 4)) == WHITE, fmt  # transparent index -> white, not green
+        assert out.getpixel((0, 0)) == RED, fmt
+
+
+def test_palette_without_transparency() -> None:
+    im = Image.new("P", (8, 8), 0)
+    im.putpalette([0, 255, 0] * 256)
+    assert decode_image(encode(im, "PNG")).getpixel((1, 1)) == (0, 255, 0)
+
+
+# ----------------------------------------------------------------------------- colour depth
+
+
+def test_cmyk_jpeg() -> None:
+    im = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # red in CMYK
+    out = decode_image(encode(im, "JPEG", quality=95))
+    assert out.mode == "RGB" and close_to(out.getpixel((8, 8)), RED, 20)
+
+
+def test_16bit_grayscale_is_scaled_not_clipped() -> None:
+    a = np.zeros((8, 16), np.uint16)
+    a[:, :8] = 65535
+    a[:, 8:] = 32896  # ~ 50 % grey
+    im = Image.fromarray(a)
+    assert im.mode.startswith("I;16")
+    for fmt in ("PNG", "TIFF"):
+        out = decode_image(encode(im, fmt))
+        assert out.getpixel((2, 2)) == WHITE, fmt
+        assert close_to(out.getpixel((12, 2)), (128, 128, 128), 1), fmt
+
+
+def test_32bit_int_and_float_grayscale() -> None:
+    ints = Image.fromarray(np.full((4, 4), 40000, np.int32), mode="I")
+    assert close_to(decode_image(encode(ints, "TIFF")).getpixel((1, 1)), (156, 156, 156), 1)
+    floats = Image.fromarray(np.full((4, 4), 0.5, np.float32), mode="F")
+    assert close_to(decode_image(encode(floats, "TIFF")).getpixel((1, 1)), (128, 128, 128), 1)
+
+
+@pytest.mark.parametrize("mode", ["L", "1"])
+def test_grayscale_and_bilevel(mode: str) -> None:
+    im = Image.new(mode, (8, 8), 255)
+    out = decode_image(encode(im, "PNG"))
+    assert out.mode == "RGB" and out.getpixel((3, 3)) == WHITE
+
+
+# ----------------------------------------------------------------------------- animation
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
+def test_animated_first_frame(fmt: str) -> None:
+    frames = [Image.new("RGB", (16, 16), c) for c in (RED, BLUE, (0, 255, 0))]
+    data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100,
+                  loop=0, **({"lossless": True} if fmt == "WEBP" else {}))
+    assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 3
+    out = decode_image(data)
+    assert out.mode == "RGB" and close_to(out.getpixel((8, 8)), RED, 8)
+
+
+# ----------------------------------------------------------------------------- draft mode
+
+
+def test_jpeg_draft_decodes_at_reduced_size_not_below_target() -> None:
+    big = halves(RED, BLUE, size=(2000, 1500))
+    data = encode(big, "JPEG", quality=90)
+    assert decode_image(data).size == (2000, 1500)
+    small = decode_image(data, draft_size=(256, 256))
+    assert small.size == (500, 375)  # 1/4: 1/8 would put the short side below 256
+    assert close_to(small.getpixel((50, 180)), RED, 30)
+    # Draft is a JPEG-only shortcut: a PNG of the same size decodes in full.
+    assert decode_image(encode(big, "PNG"), draft_size=(256, 256)).size == (2000, 1500)
+
+
+def test_draft_with_exif_rotation_keeps_target() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(Image.new("RGB", (2400, 1200), RED), "JPEG", exif=exif)
+    out = decode_image(data, draft_size=(256, 256))
+    assert out.size == (300, 600) and min(out.size) >= 256
+
+
+# ----------------------------------------------------------------------------- rejections
+
+
+def test_truncated_jpeg_rejected() -> None:
+    data = encode(Image.effect_noise((256, 256), 64).convert("RGB"), "JPEG", quality=90)
+    with pytest.raises(InvalidImageError, match="truncated"):
+        decode_image(data[: len(data) // 2])
+
+
+def test_truncated_png_rejected() -> None:
+    data = encode(Image.effect_noise((128, 128), 64), "PNG")
+    with pytest.raises(InvalidImageError, match="truncated|corrupt"):
+        decode_image(data[: len(data) // 2])
+
+
+def _png_with_header_size(width: int, height: int) -> bytes:
+    """A tiny PNG whose IHDR claims ``width`` x ``height`` (a decompression-bomb header)."""
+    data = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def test_decompression_bomb_rejected_on_header() -> None:
+    # A real 48 MP bomb (a few KB of zeros) and a forged header: both refused before decoding.
+    bomb = encode(Image.new("L", (8000, 6000)), "PNG")
+    assert len(bomb) < 100_000
+    with pytest.raises(InvalidImageError, match="too large.*8000x6000"):
+        decode_image(bomb)
+    with pytest.raises(InvalidImageError, match="too large"):
+        decode_image(_png_with_header_size(100_000, 100_000))
+    # Even with our cap lifted, Pillow's own bomb guard answers with the same error type.
+    with pytest.raises(InvalidImageError, match="too large"):
+        decode_image(_png_with_header_size(100_000, 100_000), max_pixels=10**12)
+
+
+def test_pixel_cap_is_configurable() -> None:
+    data = encode(Image.new("RGB", (100, 100)), "PNG")
+    with pytest.raises(InvalidImageError, match="cap of 9,999"):
+        decode_image(data, max_pixels=9_999)
+    assert decode_image(data, max_pixels=10_000).size == (100, 100)
+
+
+@pytest.mark.parametrize(
+    ("data", "name"),
+    [
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "EPS"),
+        (b"%PDF-1.7\n1 0 obj\n", "PDF"),
+        (b"8BPS\x00\x01" + bytes(40), "PSD"),
+    ],
+)
+def test_disallowed_formats_named(data: bytes, name: str) -> None:
+    with pytest.raises(InvalidImageError, match=f"{name}.*not allowed"):
+        decode_image(data)
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "PPM", "TGA"])
+def test_formats_pillow_reads_but_we_refuse(fmt: str) -> None:
+    assert fmt not in ALLOWED_FORMATS
+    with pytest.raises(InvalidImageError):
+        decode_image(encode(Image.new("RGB", (16, 16), RED), fmt))
+
+
+def test_garbage_and_empty_rejected() -> None:
+    with pytest.raises(InvalidImageError, match="empty"):
+        decode_image(b"")
+    with pytest.raises(InvalidImageError, match="not a recognised image"):
+        decode_image(b"hello, I am not an image" * 10)
+
+
+def test_corrupt_jpeg_body_rejected() -> None:
+    data = bytearray(encode(Image.new("RGB", (64, 64), RED), "JPEG"))
+    sos = data.index(b"\xff\xda")
+    data[sos + 2:sos + 40] = b"\xff" * 38  # destroy the scan header
+    with pytest.raises(InvalidImageError, match="corrupt|truncated"):
+        decode_image(bytes(data))
+
+
+def test_load_image_errors(tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match="does not exist"):
+        load_image(tmp_path / "missing.jpg")
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really")
+    with pytest.raises(InvalidImageError, match="bad.jpg"):
+        load_image(bad)

@@ -1,0 +1,194 @@
+"""The embedding engine on the offline default backbone: real photos, corner cases, precision."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pictor.core.decode import decode_image, load_image
+from pictor.core.embedder import Embedder, PCAWhitening, create_embedder, resolve_precision
+from pictor.core.spec import ModelSpec
+from PIL import Image, ImageOps
+
+from pictor.errors import InvalidRequestError, NotFoundError
+
+DATA = Path(__file__).parent / "data"
+PHOTOS = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
+DAISY = 985  # ImageNet-1k class index of "daisy"
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    return create_embedder(device="cpu", precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Image.Image]:
+    return [load_image(DATA / f"{name}.jpg") for name in PHOTOS]
+
+
+def test_default_is_offline_efficientnet_lite0(embedder: Embedder) -> None:
+    spec = embedder.spec
+    assert (spec.backbone, spec.weights, spec.dim, spec.pooling) == (
+        "efficientnet_lite0", "offline", 1280, "avg")
+    p = spec.preprocessing  # timm's pretrained_cfg for tf_efficientnet_lite0
+    assert (p.input_size, p.resize_size, p.mean, p.std, p.interpolation) == (
+        224, 256, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+    assert embedder.imagenet_classes is not None and len(embedder.imagenet_classes) == 1000
+    assert embedder.imagenet_classes[DAISY] == "daisy"
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    assert embedder.device == torch.device("cpu")
+
+
+def test_known_class_photo_is_classified(embedder: Embedder) -> None:
+    image = load_image(DATA / "daisy.jpg", draft_size=embedder.draft_size)
+    out = embedder.forward_images([image])
+    assert out.embeddings.shape == (1, 1280) and out.embeddings.dtype == np.float32
+    assert np.allclose(np.linalg.norm(out.embeddings, axis=1), 1.0, atol=1e-5)
+    assert out.logits is not None and out.logits.shape == (1, 1000)
+    assert int(out.logits[0].argmax()) == DAISY
+
+
+def test_preprocess_matches_the_weights(embedder: Embedder, photos: list[Image.Image]) -> None:
+    x = embedder.preprocess(photos[0])
+    assert x.shape == (3, 224, 224) and x.dtype == torch.float32
+    assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0  # mean = std = 0.5
+
+
+def _corner_case_images() -> dict[str, Image.Image]:
+    """Each odd input users send, encoded then decoded the way the service does."""
+    def enc(im: Image.Image, fmt: str, **kw: object) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    emoji = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    emoji.paste((255, 200, 0, 255), (16, 16, 48, 48))
+    pal = Image.new("P", (32, 32), 0)
+    pal.putpalette([0, 0, 0] + [200, 30, 30] * 255)
+    pal.paste(1, (8, 8, 24, 24))
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    frames = [Image.new("RGB", (48, 48), c) for c in ((255, 0, 0), (0, 0, 255))]
+    deep = Image.fromarray((np.arange(64 * 64, dtype=np.uint16) * 16).reshape(64, 64))
+    photo = (DATA / "daisy.jpg").read_bytes()
+    cases = {
+        "rgba_emoji": enc(emoji, "PNG"),
+        "la": enc(emoji.convert("LA"), "PNG"),
+        "palette_transparent_gif": enc(pal, "GIF", transparency=0),
+        "cmyk_jpeg": enc(load_image(DATA / "roses.jpg").convert("CMYK"), "JPEG"),
+        "gray16_png": enc(deep, "PNG"),
+        "gray": enc(load_image(DATA / "tulips.jpg").convert("L"), "JPEG"),
+        "bilevel": enc(Image.new("1", (40, 30), 1), "BMP"),
+        "animated_gif": enc(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "animated_webp": enc(frames[0], "WEBP", save_all=True, append_images=frames[1:]),
+        "exif_rotated": enc(Image.open(io.BytesIO(photo)), "JPEG", exif=exif),
+        "tiff": enc(load_image(DATA / "sunflowers.jpg"), "TIFF"),
+        "one_pixel": enc(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"),
+        "thin_strip": enc(Image.new("RGB", (1000, 3), (9, 200, 9)), "PNG"),
+    }
+    return {name: decode_image(data) for name, data in cases.items()}
+
+
+def test_corner_cases_embed_without_error(embedder: Embedder) -> None:
+    images = _corner_case_images()
+    out = embedder.forward_images(list(images.values()))
+    assert out.embeddings.shape == (len(images), 1280)
+    assert np.isfinite(out.embeddings).all()
+    assert np.allclose(np.linalg.norm(out.embeddings, axis=1), 1.0, atol=1e-5)
+    assert out.logits is not None and np.isfinite(out.logits).all()
+
+
+def test_batches_match_single_images(photos: list[Image.Image]) -> None:
+    small = create_embedder(device="cpu", precision="fp32", batch_size=2)
+    batched = small.embed(photos)
+    single = np.concatenate([small.embed([im]) for im in photos])
+    assert np.allclose(batched, single, atol=1e-4)
+    empty = small.forward_images([])
+    assert empty.embeddings.shape == (0, 1280) and empty.logits is not None
+
+
+@pytest.mark.parametrize("pooling", ["max", "gem"])
+def test_pooling_choices(embedder: Embedder, pooling: str, photos: list[Image.Image]) -> None:
+    other = create_embedder(device="cpu", precision="fp32", pooling=pooling)
+    assert other.spec.pooling == pooling and other.spec != embedder.spec
+    a, b = embedder.embed(photos[:2]), other.embed(photos[:2])
+    assert np.allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(a, b, atol=1e-3)
+
+
+def test_layer_choice(photos: list[Image.Image]) -> None:
+    mid = create_embedder(device="cpu", precision="fp32", layer="blocks.4")
+    assert (mid.spec.layer, mid.spec.dim) == ("blocks.4", 112)
+    out = mid.forward_images(photos[:1])
+    assert out.embeddings.shape == (1, 112) and out.logits is not None
+    assert int(out.logits[0].argmax()) == DAISY  # logits still from the full network
+    with pytest.raises(InvalidRequestError, match="blocks.6"):
+        create_embedder(device="cpu", layer="nope")
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(InvalidRequestError, match="pooling"):
+        create_embedder(pooling="sum")
+    with pytest.raises(InvalidRequestError, match="precision"):
+        resolve_precision("int8", torch.device("cpu"))
+    with pytest.raises(NotFoundError, match="resnet50"):
+        create_embedder("resnet5O")
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidRequestError, match="CUDA"):
+            create_embedder(device="cuda")
+
+
+def test_auto_precision_on_cpu() -> None:
+    from pictor.core.embedder import cpu_has_fast_bf16
+
+    want = "bf16" if cpu_has_fast_bf16() else "fp32"
+    assert resolve_precision("auto", torch.device("cpu")) == want
+
+
+def _retrieval_check(fp32: Embedder, reduced: Embedder, photos: list[Image.Image]) -> None:
+    """Cosine >= 0.995 to fp32 on real photos, and the same top-1 on a small gallery."""
+    queries = [ImageOps.mirror(im).crop((im.width // 10, im.height // 10, im.width,
+                                         im.height)) for im in photos]
+    g32, g16 = fp32.embed(photos), reduced.embed(photos)
+    q32, q16 = fp32.embed(queries), reduced.embed(queries)
+    cos = np.concatenate([(g32 * g16).sum(1), (q32 * q16).sum(1)])
+    assert cos.min() >= 0.995, cos
+    top32, top16 = (q32 @ g32.T).argmax(1), (q16 @ g16.T).argmax(1)
+    assert top16.tolist() == top32.tolist() == list(range(len(photos)))
+
+
+def test_bf16_fidelity_on_cpu(embedder: Embedder, photos: list[Image.Image]) -> None:
+    bf16 = create_embedder(device="cpu", precision="bf16")
+    assert bf16.precision == "bf16" and bf16.spec == embedder.spec  # same embedding space
+    _retrieval_check(embedder, bf16, photos)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_reduced_precision_fidelity_on_gpu(precision: str, photos: list[Image.Image]) -> None:
+    fp32 = create_embedder(device="cuda", precision="fp32")
+    _retrieval_check(fp32, create_embedder(device="cuda", precision=precision), photos)
+
+
+def test_pca_whitening_round_trip() -> None:
+    rng = np.random.default_rng(0)
+    # Correlated embeddings: a few strong directions, as CNN features have.
+    x = rng.normal(size=(300, 32)) @ rng.normal(size=(32, 32)) + 3.0
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    pca = PCAWhitening.fit(x, out_dim=16)
+    y = pca.apply(x)
+    assert y.shape == (300, 16) and y.dtype == np.float32
+    assert np.allclose(np.linalg.norm(y, axis=1), 1.0, atol=1e-5)
+    raw = (x - pca.mean) @ pca.projection  # whitened before renorm: ~identity covariance
+    assert np.allclose(np.cov(raw, rowvar=False), np.eye(16), atol=0.05)
+    again = PCAWhitening.from_dict(pca.to_dict())
+    assert np.allclose(again.apply(x), y, atol=1e-6)
+    with pytest.raises(InvalidRequestError, match="expects"):
+        pca.apply(x[:, :8])
+    with pytest.raises(InvalidRequestError, match="sample"):
+        PCAWhitening.fit(x[:1])
