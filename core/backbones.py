@@ -43,9 +43,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-from pictor.core.spec import Preprocessing
 from torch import nn
 
+from pictor.core.spec import Preprocessing
 from pictor.errors import InvalidRequestError, NotFoundError, WeightsUnavailableError
 
 log = logging.getLogger(__name__)
@@ -437,8 +437,11 @@ def _timm_pretrained_cfg(info: BackboneInfo, tag: str) -> Any:
 
     if tag == WEIGHTS_DEFAULT:
         tag = _timm_default_tag(info)
-    cfg = timm.models.get_pretrained_cfg(f"{info.arch}.{tag}", allow_unregistered=False)
-    if cfg is None or tag in (WEIGHTS_OFFLINE,):
+    try:
+        cfg = timm.models.get_pretrained_cfg(f"{info.arch}.{tag}", allow_unregistered=False)
+    except RuntimeError:  # timm's answer to an unknown tag
+        cfg = None
+    if cfg is None or tag == WEIGHTS_OFFLINE:
         tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{info.arch}.*")]
         if info.offline_weights:
             tags.insert(0, WEIGHTS_OFFLINE)

@@ -1,0 +1,158 @@
+"""The backbone registry: every family builds, dims match, weights fail fast and load from files."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pictor.core import backbones as bb
+from pictor.core.backbones import (
+    BackboneInfo,
+    backbone_names,
+    create_backbone,
+    get_backbone_info,
+    register_backbone,
+)
+from pictor.errors import InvalidRequestError, NotFoundError, WeightsUnavailableError
+
+# One quick network per family runs by default (AlexNet's 58 M classifier weights are slow to
+# initialise, so its family runs with the slow ones); the rest are heavy.
+FAST = {"googlenet", "resnet18", "resnext50_32x4d", "seresnet50", "densenet121",
+        "efficientnet_b0", "efficientnet_lite0", "mobilenet_v3_small", "mobilenet_v3_large",
+        "regnet_y_400mf", "convnext_tiny"}
+FAMILIES = {"AlexNet", "VGG", "GoogLeNet/Inception", "ResNet", "ResNeXt", "SENet", "DenseNet",
+            "EfficientNet", "EfficientNet-Lite", "MobileNetV3", "RegNet", "ConvNeXt"}
+
+
+def _small_input(name: str) -> torch.Tensor:
+    size = 80 if name == "inception_v3" else 64  # Inception-v3's stem needs >= 75 px
+    return torch.randn(2, 3, size, size)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in backbone_names()],
+)
+def test_every_backbone_builds_with_its_registered_dim(name: str) -> None:
+    net = create_backbone(name, weights="random")
+    info = get_backbone_info(name)
+    assert net.dim == info.dim and net.weights == "random" and net.classes is None
+    with torch.inference_mode():
+        fmap, logits = net(_small_input(name))
+    assert fmap.ndim == 4 and fmap.shape[:2] == (2, info.dim)
+    assert logits is None  # random weights: no ImageNet logits
+    assert net.pooled_head(fmap.mean((2, 3))).shape == (2, info.dim)
+    p = net.preprocessing  # preprocessing of the default weights travels even with random init
+    assert p.resize_size >= p.input_size >= 224 and p.interpolation in ("bilinear", "bicubic")
+
+
+def test_registry_covers_every_family_once_per_name() -> None:
+    names = backbone_names()
+    assert len(names) == len(set(names))
+    assert {get_backbone_info(n).family for n in names} == FAMILIES
+
+
+def test_unknown_name_lists_valid_names() -> None:
+    with pytest.raises(NotFoundError, match="valid names: .*resnet50.*efficientnet_lite0"):
+        create_backbone("resnet51")
+
+
+def test_duplicate_registration_refused() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_backbone(BackboneInfo("resnet18", "ResNet", "torchvision", "resnet18", 512))
+
+
+def test_unknown_weights_tag_lists_valid_tags() -> None:
+    with pytest.raises(InvalidRequestError, match="IMAGENET1K_V1.*random"):
+        create_backbone("resnet18", weights="IMAGENET9K")
+    with pytest.raises(InvalidRequestError, match="offline.*in1k"):
+        create_backbone("efficientnet_lite0", weights="bogus_tag")
+
+
+def test_missing_weights_fail_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty torch hub cache
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("PICTOR_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(WeightsUnavailableError, match="IMAGENET1K_V1.*not cached.*random"):
+        create_backbone("resnet18", weights="IMAGENET1K_V1")
+    with pytest.raises(WeightsUnavailableError, match="a1_in1k.*checkpoint"):
+        create_backbone("seresnet50")
+    assert time.monotonic() - start < 5.0
+    assert not bb.weights_available_offline("resnet18")
+    assert bb.weights_available_offline("efficientnet_lite0")
+    assert bb.weights_available_offline("resnet18", "random")
+
+
+def test_unreachable_host_is_detected_quickly() -> None:
+    start = time.monotonic()
+    assert not bb._reachable("http://127.0.0.1:9/weights.pth")  # discard port: refused
+    assert time.monotonic() - start < 4.0
+
+
+def test_local_checkpoint_loads(tmp_path: Path) -> None:
+    import torchvision
+
+    trained = torchvision.models.resnet18()  # stands in for a fine-tuned network
+    path = tmp_path / "resnet18-finetuned.pth"
+    torch.save({"state_dict": trained.state_dict()}, path)  # as training scripts wrap it
+    src = create_backbone("resnet18", weights="random")
+    src.load_state_dict({f"extractor.{k}": v for k, v in trained.state_dict().items()
+                         if not k.startswith("fc.")})
+    net = create_backbone("resnet18", weights=str(path))
+    assert net.weights.startswith("file:") and len(net.weights) == len("file:") + 64
+    assert net.classes is not None and len(net.classes) == 1000
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        (f1, _), (f2, logits) = src(x), net(x)
+    assert torch.allclose(f1, f2) and logits is not None and logits.shape == (1, 1000)
+
+
+def test_checkpoint_that_does_not_fit(tmp_path: Path) -> None:
+    path = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(3)}, path)
+    with pytest.raises(InvalidRequestError, match="does not fit backbone resnet18"):
+        create_backbone("resnet18", weights=str(path))
+    with pytest.raises(NotFoundError, match="does not exist"):
+        create_backbone("resnet18", weights=str(tmp_path / "missing.pth"))
+
+
+def test_offline_package_file_as_checkpoint_matches_offline() -> None:
+    path = bb._offline_package_file()
+    assert path is not None
+    a = create_backbone("efficientnet_lite0")
+    b = create_backbone("efficientnet_lite0", weights=str(path))
+    assert a.weights == "offline" and b.weights.startswith("file:")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(a(x)[1], b(x)[1])
+
+
+def test_torchvision_layer_choice() -> None:
+    net = create_backbone("resnet18", weights="random", layer="layer3")
+    with torch.inference_mode():
+        fmap, _ = net(torch.randn(1, 3, 64, 64))
+    assert net.dim == fmap.shape[1] == 256 and net.layer == "layer3"
+    with pytest.raises(InvalidRequestError, match="layer4"):
+        create_backbone("resnet18", weights="random", layer="layer9")
+
+
+def test_convnext_pools_then_normalises_like_its_head() -> None:
+    net = create_backbone("convnext_tiny", weights="random")
+    pooled = torch.randn(2, 768) * 5 + 3
+    out = net.pooled_head(pooled)
+    assert out.shape == (2, 768) and not torch.allclose(out, pooled)
+
+
+def test_complexity_counts_params_and_flops() -> None:
+    c = bb.complexity("resnet50")
+    assert c.input_size == 224
+    assert abs(c.params - 25_557_032) < 1000  # torchvision's published count
+    assert 8.0 < c.gflops < 8.4  # 4.09 G multiply-adds
+    r = bb.complexity("regnet_y_400mf")  # built on CPU: its builder computes on tensors
+    assert r.params > 4_000_000 and r.gflops > 0.7
