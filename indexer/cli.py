@@ -20,8 +20,8 @@ columns. Each item's key is the file's path as given here. Running again over an
 index adds new files and replaces changed ones (same key); the model must be the same.
 
 Files that cannot be decoded are skipped and listed; the run goes on. Each batch is durable
-once written, so an interrupted run keeps what it wrote. Exit status: 0 all indexed,
-1 some files skipped (the rest indexed), 2 unusable input.
+once written, so an interrupted run keeps what it wrote. Exit status: 0 done (skipped files
+are listed), 1 some files skipped and --strict given, 2 unusable input.
 
 The default backbone, efficientnet_lite0, ships ImageNet weights offline; `pictor models`
 lists the others. Runs on the GPU when there is one (--device).
@@ -49,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--precision", help="auto (default), fp32, bf16, fp16")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any file was skipped")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--config", help="TOML file with settings (flags and PICTOR_* env override it)")
     p.set_defaults(run=run)
@@ -56,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run(args: argparse.Namespace) -> int:
     require_server_extra("pictor index")
-    from pictor.core.store import IndexStore
+    from pictor.core.store import MANIFEST, IndexStore
     from pictor.indexer.pipeline import run_indexing
     from pictor.indexer.reader import read_gallery
 
@@ -68,9 +69,8 @@ def run(args: argparse.Namespace) -> int:
         )
     embedder = _embedder(settings, args.model_file)
     out = Path(settings.out)
-    if IndexStore.exists(out):
-        store = IndexStore.open(out)
-        store.spec.check_compatible(embedder.spec, what="this run's model")
+    if (out / MANIFEST).is_file():
+        store = IndexStore.open(out, spec=embedder.spec)
     else:
         store = IndexStore.create(out, embedder.spec, index_type=settings.index_type)
     with store:
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
               f"index holds {count} items; skipped {summary.skipped}")
         for failure in summary.failures:
             print(f"  skipped {failure['error']}", file=sys.stderr)
-    return 1 if summary.skipped else 0
+    return 1 if summary.skipped and args.strict else 0
 
 
 def _embedder(settings: IndexerSettings, model_file: str | None):  # type: ignore[no-untyped-def]

@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from PIL import Image
+import torch
 
 from pictor.core.decode import load_image
 from pictor.core.store import IndexStore, Item
@@ -44,7 +44,7 @@ class IndexSummary:
 @dataclass(frozen=True)
 class DecodedBatch:
     entries: list[GalleryEntry]
-    images: list[Image.Image]
+    tensors: list[torch.Tensor]  # preprocessed, ready to stack
     failures: list[tuple[GalleryEntry, str]]
 
 
@@ -60,31 +60,34 @@ def batched(entries: Iterable[GalleryEntry], size: int) -> Iterator[list[Gallery
 
 
 def decode_batch(
-    pool: ThreadPoolExecutor, entries: Sequence[GalleryEntry], *, max_pixels: int, draft: int
+    pool: ThreadPoolExecutor, entries: Sequence[GalleryEntry], embedder: Embedder, *, max_pixels: int
 ) -> DecodedBatch:
-    """Decode a batch in the pool; failures are returned, not raised."""
-    futures = [
-        pool.submit(load_image, e.path, max_pixels=max_pixels, draft_size=(draft, draft)) for e in entries
-    ]
-    ok, images, failed = [], [], []
+    """Decode and preprocess a batch in the pool; failures are returned, not raised."""
+
+    def load(entry: GalleryEntry) -> torch.Tensor:
+        image = load_image(entry.path, max_pixels=max_pixels, draft_size=embedder.draft_size)
+        return embedder.preprocess(image)
+
+    futures = [pool.submit(load, e) for e in entries]
+    ok, tensors, failed = [], [], []
     for entry, fut in zip(entries, futures, strict=True):
         try:
-            images.append(fut.result())
+            tensors.append(fut.result())
             ok.append(entry)
         except (InvalidImageError, NotFoundError, OSError) as e:
             failed.append((entry, str(e)))
-    return DecodedBatch(ok, images, failed)
+    return DecodedBatch(ok, tensors, failed)
 
 
 def decoded_batches(
-    batches: Iterable[list[GalleryEntry]], pool: ThreadPoolExecutor, *, max_pixels: int, draft: int
+    batches: Iterable[list[GalleryEntry]], pool: ThreadPoolExecutor, embedder: Embedder, *, max_pixels: int
 ) -> Iterator[DecodedBatch]:
     """Decode batch i+1 in the background while the caller embeds batch i."""
     pending: Future[DecodedBatch] | None = None
     # One extra thread drives the prefetch so the decode workers stay busy.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pictor-prefetch") as driver:
         for batch in batches:
-            nxt = driver.submit(decode_batch, pool, batch, max_pixels=max_pixels, draft=draft)
+            nxt = driver.submit(decode_batch, pool, batch, embedder, max_pixels=max_pixels)
             if pending is not None:
                 yield pending.result()
             pending = nxt
@@ -108,22 +111,21 @@ def run_indexing(
 
     summary = IndexSummary()
     start = time.perf_counter()
-    draft = embedder.spec.preprocessing.resize_size
     bar = tqdm(total=total, unit="img", desc="indexing", disable=not progress, dynamic_ncols=True)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="pictor-decode") as pool:
-        for decoded in decoded_batches(batched(entries, batch_size), pool, max_pixels=max_pixels, draft=draft):
+        for decoded in decoded_batches(batched(entries, batch_size), pool, embedder, max_pixels=max_pixels):
             for entry, error in decoded.failures:
                 log.warning("skipped %s", error)
                 summary.failures.append({"path": str(entry.path), "error": error})
-            if decoded.images:
-                vectors = embedder.embed(decoded.images)
+            if decoded.tensors:
+                vectors = embedder.forward_batch(torch.stack(decoded.tensors)).embeddings
                 items = [Item(key=e.key, label=e.label, attributes=dict(e.attributes)) for e in decoded.entries]
                 result = store.upsert(items, vectors)
                 summary.inserted += result.inserted
                 summary.replaced += result.replaced
-            summary.indexed += len(decoded.images)
+            summary.indexed += len(decoded.tensors)
             summary.skipped += len(decoded.failures)
-            bar.update(len(decoded.images) + len(decoded.failures))
+            bar.update(len(decoded.tensors) + len(decoded.failures))
             bar.set_postfix(skipped=summary.skipped, refresh=False)
     bar.close()
     summary.seconds = round(time.perf_counter() - start, 3)

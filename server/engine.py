@@ -115,12 +115,13 @@ class Engine:
             from pictor.core.head import load_model
 
             model = load_model(settings.model)
+            model.check_index(store.spec)
             embedder = model.create_embedder(device=settings.device, precision=settings.precision)
         else:
             spec = store.spec
             embedder = create_embedder(
                 spec.backbone,
-                weights=None if spec.weights in ("", "offline", "default") else spec.weights,
+                weights=spec.weights,
                 device=settings.device,
                 precision=settings.precision,
                 pooling=spec.pooling,
@@ -140,8 +141,9 @@ class Engine:
         decoded = []
         for i, data in enumerate(images):
             if not data:
-                raise InvalidImageError(f"image {i} is empty")
-            decoded.append(decode_image(data, max_pixels=self.max_pixels))
+                raise InvalidImageError(f"image {i} is empty (0 bytes)")
+            # draft: a large JPEG is decoded at reduced scale, never below what the model needs
+            decoded.append(decode_image(data, max_pixels=self.max_pixels, draft_size=self.embedder.draft_size))
         with self._forward_lock:
             return self.embedder.forward_images(decoded)
 

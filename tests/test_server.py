@@ -1,0 +1,124 @@
+"""End to end: `pictor index` + `pictor serve` as real subprocesses, driven through the client."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import DATA, ServerProcess, drawn_image, pictor
+
+from pictor.client import PictorClient, UpsertItem
+from pictor.errors import InvalidRequestError, NotFoundError
+
+
+def test_search_finds_the_gallery_image_itself(server: ServerProcess, gallery: Path) -> None:
+    image = sorted(gallery.rglob("*.png"))[3]
+    with PictorClient(server.target) as client:
+        hits = client.search(image=image.read_bytes(), k=3)
+    assert hits[0].key == image.as_posix()
+    assert hits[0].score >= 0.99
+    assert hits[0].label == image.parent.name
+    assert hits[0].score >= hits[1].score >= hits[2].score
+
+
+def test_info_and_health(server: ServerProcess) -> None:
+    with PictorClient(server.target) as client:
+        info = client.info()
+        assert client.health() == "SERVING"
+        assert client.health("pictor.v1.Pictor") == "SERVING"
+    assert info.index_size == 12
+    assert info.embedding_dim == 1280  # efficientnet_lite0's pooled features
+    assert info.backbone == "efficientnet_lite0"
+    assert info.classifier == "imagenet"
+    assert len(info.class_names) == 1000
+
+
+def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: ServerProcess) -> None:
+    channel = grpc.insecure_channel(server.target)
+    from pictor.v1 import pictor_pb2 as pb
+    from pictor.v1 import pictor_pb2_grpc as pb_grpc
+
+    stub = pb_grpc.PictorStub(channel)
+    for bad in (b"this is not an image", b"", b"\x89PNG\r\n\x1a\n" + b"\0" * 50):
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Classify(pb.ClassifyRequest(image=bad), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details()  # a message that says what was wrong
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Search(pb.SearchRequest(vector=pb.Vector(values=[1.0, 2.0])), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "1280" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Search(pb.SearchRequest(k=5), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    channel.close()
+
+    with PictorClient(server.target) as client:  # still serving
+        assert client.info().index_size == 12
+        with pytest.raises(NotFoundError):
+            client.search(key="no/such/key")
+        with pytest.raises(InvalidRequestError, match="k must be"):
+            client.search(image=drawn_image(1), k=100000)
+
+
+def test_classify_with_imagenet_labels_and_knn(server: ServerProcess) -> None:
+    with PictorClient(server.target) as client:
+        r = client.classify((DATA / "daisy.jpg").read_bytes(), top_k=3)
+        assert r.source == "imagenet"
+        assert r.labels[0].name == "daisy"
+        assert len(r.labels) == 3
+        knn = client.classify(drawn_image(2), classifier="knn", neighbors=3)
+        assert knn.source == "knn"
+        assert knn.labels[0].name in {"warm", "cool"}
+        assert len(knn.neighbors) == 3
+
+
+def test_embed_matches_search_space(server: ServerProcess, gallery: Path) -> None:
+    image = sorted(gallery.rglob("*.png"))[0]
+    with PictorClient(server.target) as client:
+        (vector,) = client.embed([image.read_bytes()])
+        assert len(vector) == 1280
+        assert client.search(vector=vector, k=1)[0].key == image.as_posix()
+
+
+def test_add_and_delete_survive_sigkill(built_index: Path) -> None:
+    server = ServerProcess(built_index).start()
+    new = drawn_image(1000)
+    with PictorClient(server.target) as client:
+        assert client.upsert([UpsertItem(key="new/one.png", image=new, label="fresh")]) == (1, 0)
+        assert client.search(image=new, k=1)[0].key == "new/one.png"
+        gone = client.search(key="new/one.png", k=2)[1].key
+        assert client.delete([gone, "never/there"]) == (1, ["never/there"])
+        assert gone not in [h.key for h in client.search(image=new, k=13)]
+    server.kill()  # SIGKILL: no shutdown hook runs
+
+    again = ServerProcess(built_index).start()
+    try:
+        with PictorClient(again.target) as client:
+            assert client.info().index_size == 12  # 12 + 1 added - 1 deleted
+            hit = client.search(image=new, k=1)[0]
+            assert (hit.key, hit.label) == ("new/one.png", "fresh")
+            assert gone not in [h.key for h in client.search(image=new, k=12)]
+    finally:
+        again.stop()
+
+
+def test_client_cli_prints_results_and_json(server: ServerProcess, gallery: Path) -> None:
+    image = sorted(gallery.rglob("*.png"))[5]
+    out = pictor("search", str(image), "-k", "2", "--target", server.target)
+    assert image.as_posix() in out.stdout.splitlines()[1]
+    data = json.loads(pictor("search", str(image), "-k", "2", "--json", "--target", server.target).stdout)
+    assert data[0]["key"] == image.as_posix() and data[0]["score"] >= 0.99
+    cls = json.loads(pictor("classify", str(DATA / "daisy.jpg"), "--json", "--target", server.target).stdout)
+    assert cls[0]["labels"][0]["name"] == "daisy"
+    bad = pictor("classify", str(DATA / "LICENSE.md"), "--target", server.target, check=False)
+    assert bad.returncode == 2
+    assert "INVALID_ARGUMENT" in bad.stderr
+
+
+def test_server_refuses_to_start_without_index(tmp_path: Path) -> None:
+    r = pictor("serve", "--index", str(tmp_path / "missing"), "--port", "0", check=False)
+    assert r.returncode == 2
+    assert "pictor index" in r.stderr
