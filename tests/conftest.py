@@ -52,15 +52,18 @@ def drawn_image(seed: int, size: int = 96, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture
-def gallery(tmp_path: Path) -> Path:
+def make_gallery(root: Path) -> Path:
     """12 drawn images in two label folders."""
-    root = tmp_path / "gallery"
     for i in range(12):
         folder = root / ("warm" if i % 2 else "cool")
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"img{i:02d}.png").write_bytes(drawn_image(i))
     return root
+
+
+@pytest.fixture
+def gallery(tmp_path: Path) -> Path:
+    return make_gallery(tmp_path / "gallery")
 
 
 def free_port() -> int:
@@ -133,8 +136,17 @@ def built_index(gallery: Path, tmp_path: Path) -> Path:
     return out
 
 
-@pytest.fixture
-def server(built_index: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess(built_index).start()
+@pytest.fixture(scope="module")
+def shared_gallery(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A gallery for a whole test module; tests must not change it."""
+    return make_gallery(tmp_path_factory.mktemp("shared") / "gallery")
+
+
+@pytest.fixture(scope="module")
+def server(shared_gallery: Path) -> Iterator[ServerProcess]:
+    """One real server per test module over an index of ``shared_gallery``; read-only use."""
+    index = shared_gallery.parent / "index"
+    pictor("index", str(shared_gallery), "--out", str(index), "--no-progress")
+    proc = ServerProcess(index).start()
     yield proc
     proc.stop()

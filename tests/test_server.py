@@ -13,8 +13,8 @@ from pictor.client import PictorClient, UpsertItem
 from pictor.errors import InvalidRequestError, NotFoundError
 
 
-def test_search_finds_the_gallery_image_itself(server: ServerProcess, gallery: Path) -> None:
-    image = sorted(gallery.rglob("*.png"))[3]
+def test_search_finds_the_gallery_image_itself(server: ServerProcess, shared_gallery: Path) -> None:
+    image = sorted(shared_gallery.rglob("*.png"))[3]
     with PictorClient(server.target) as client:
         hits = client.search(image=image.read_bytes(), k=3)
     assert hits[0].key == image.as_posix()
@@ -75,8 +75,8 @@ def test_classify_with_imagenet_labels_and_knn(server: ServerProcess) -> None:
         assert len(knn.neighbors) == 3
 
 
-def test_embed_matches_search_space(server: ServerProcess, gallery: Path) -> None:
-    image = sorted(gallery.rglob("*.png"))[0]
+def test_embed_matches_search_space(server: ServerProcess, shared_gallery: Path) -> None:
+    image = sorted(shared_gallery.rglob("*.png"))[0]
     with PictorClient(server.target) as client:
         (vector,) = client.embed([image.read_bytes()])
         assert len(vector) == 1280
@@ -105,8 +105,8 @@ def test_add_and_delete_survive_sigkill(built_index: Path) -> None:
         again.stop()
 
 
-def test_client_cli_prints_results_and_json(server: ServerProcess, gallery: Path) -> None:
-    image = sorted(gallery.rglob("*.png"))[5]
+def test_client_cli_prints_results_and_json(server: ServerProcess, shared_gallery: Path) -> None:
+    image = sorted(shared_gallery.rglob("*.png"))[5]
     out = pictor("search", str(image), "-k", "2", "--target", server.target)
     assert image.as_posix() in out.stdout.splitlines()[1]
     data = json.loads(pictor("search", str(image), "-k", "2", "--json", "--target", server.target).stdout)
