@@ -267,7 +267,10 @@ class Engine:
             weights=spec.weights,
             embedding_dim=spec.dim,
             index_size=len(self.store),
-            index_type=store_info.index_type,
+            # what was asked for, and what FAISS runs now: "auto (Flat)", "HNSW32"
+            index_type=store_info.factory
+            if store_info.index_type == store_info.factory
+            else f"{store_info.index_type} ({store_info.factory})",
             metric=store_info.metric,
             classifier=classifier,
             class_names=names,

@@ -4,9 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
+from pictor.indexer.reader import read_gallery
 
 from pictor.errors import InvalidRequestError, NotFoundError
-from pictor.indexer.reader import read_gallery
 
 
 def test_folder_labels_and_keys(gallery: Path) -> None:
