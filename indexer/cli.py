@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     require_server_extra("pictor index")
     from pictor.core.store import MANIFEST, IndexStore
     from pictor.indexer.pipeline import run_indexing
-    from pictor.indexer.reader import read_gallery
+    from pictor.core.gallery import read_gallery
 
     settings = build_settings(IndexerSettings, vars(args), config_file=args.config)
     entries = list(read_gallery(settings.gallery, labels=settings.labels))

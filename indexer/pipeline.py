@@ -20,7 +20,7 @@ import torch
 from pictor.core.decode import load_image
 from pictor.core.store import IndexStore, Item
 from pictor.errors import InvalidImageError, NotFoundError
-from pictor.indexer.reader import GalleryEntry
+from pictor.core.gallery import GalleryEntry
 
 if TYPE_CHECKING:
     from pictor.core.embedder import Embedder

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from pictor.indexer.reader import read_gallery
+from pictor.core.gallery import read_gallery
 
 from pictor.errors import InvalidRequestError, NotFoundError
 
@@ -17,6 +17,13 @@ def test_folder_labels_and_keys(gallery: Path) -> None:
     assert all(e.key == e.path.as_posix() for e in entries)
     assert entries == sorted(entries, key=lambda e: e.path.as_posix())
     assert {e.label for e in read_gallery(gallery, labels="none")} == {""}
+
+
+def test_label_is_the_top_level_folder(tmp_path: Path) -> None:
+    (tmp_path / "tulips" / "2020").mkdir(parents=True)
+    (tmp_path / "tulips" / "2020" / "a.jpg").write_bytes(b"")
+    (tmp_path / "loose.png").write_bytes(b"")
+    assert {e.path.name: e.label for e in read_gallery(tmp_path)} == {"a.jpg": "tulips", "loose.png": ""}
 
 
 def test_csv_and_jsonl_manifests(tmp_path: Path) -> None:

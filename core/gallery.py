@@ -1,6 +1,7 @@
-"""Reader: what to index. A folder of images (label = parent folder) or a CSV/JSONL manifest.
+"""What a gallery holds: a folder of images (label = class folder) or a CSV/JSONL manifest.
 
-Pure listing, no decoding: the mapper decodes, so a bad file is counted there, not here.
+The reader stage of the indexer and the trainer's data loading both list images here. Pure
+listing, no decoding: whoever decodes counts a bad file, so one never stops a listing.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ class GalleryEntry:
 def read_gallery(source: str | os.PathLike[str], *, labels: str = "folder") -> Iterator[GalleryEntry]:
     """Entries of a gallery directory (recursively, sorted) or of a ``.csv``/``.jsonl`` manifest.
 
-    ``labels``: ``"folder"`` takes each image's parent folder name as its label (none for
-    images directly in the root), ``"none"`` gives no labels. Manifests carry their own.
+    ``labels``: ``"folder"`` takes the name of the top-level folder an image sits in under
+    ``source`` as its label (``photos/tulips/2020/a.jpg`` -> ``tulips``; none for images
+    directly in the root), ``"none"`` gives no labels. Manifests carry their own.
     """
     src = Path(source)
     if not src.exists():
@@ -40,7 +42,8 @@ def read_gallery(source: str | os.PathLike[str], *, labels: str = "folder") -> I
     if labels not in ("folder", "none"):
         raise InvalidRequestError(f"labels must be 'folder' or 'none' for a directory, got {labels!r}")
     for path in _walk_images(src):
-        label = path.parent.name if labels == "folder" and path.parent != src else ""
+        parts = path.relative_to(src).parts
+        label = parts[0] if labels == "folder" and len(parts) > 1 else ""
         yield GalleryEntry(key=path.as_posix(), path=path, label=label)
 
 
