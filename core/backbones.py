@@ -687,12 +687,23 @@ class Complexity:
     """Size and cost of a backbone at its default input size (full network, classifier too)."""
 
     params: int
-    gflops: float  # 2 FLOPs per multiply-add, one image
+    gflops: float  # billions of multiply-adds for one image (torchvision's "GFLOPS")
     input_size: int
 
 
 def complexity(name: str) -> Complexity:
-    """Count parameters and GFLOPs of ``name`` with random init (no weights needed).
+    """Parameters and GFLOPs of ``name``: torchvision's published figures for its weights,
+    counted on the meta device for timm networks (``count_complexity``)."""
+    info = get_backbone_info(name)
+    if info.source == "torchvision":
+        enum = _tv_weights_enum(info, WEIGHTS_DEFAULT)
+        size = _tv_preprocessing(enum).input_size
+        return Complexity(int(enum.meta["num_params"]), float(enum.meta["_ops"]), size)
+    return count_complexity(name)
+
+
+def count_complexity(name: str) -> Complexity:
+    """Count parameters and multiply-adds of ``name`` with random init (no weights needed).
 
     Built on the meta device when the builder allows (no memory, no init cost).
     """
@@ -711,7 +722,8 @@ def complexity(name: str) -> Complexity:
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
         model(torch.zeros(1, 3, size, size, device=device))
-    return Complexity(params, counter.get_total_flops() / 1e9, size)
+    # FlopCounterMode counts 2 FLOPs per multiply-add; report multiply-adds like torchvision.
+    return Complexity(params, counter.get_total_flops() / 2e9, size)
 
 
 def _plain_model(info: BackboneInfo) -> nn.Module:

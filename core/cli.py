@@ -1,9 +1,137 @@
-"""Subcommands of this part (filled in by its issue)."""
+"""``pictor models``: the backbone zoo, with size, cost and where the weights come from."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pictor.errors import require_server_extra
+
+HELP = """\
+List every registered backbone: family, embedding dim, parameters, GFLOPs (billions of
+multiply-adds per image at the weights' input size, torchvision's convention), the default
+weights and whether those weights are available here without a network.
+
+Pick one with --backbone (pictor index / serve / train) or ModelSettings.backbone. The
+default, efficientnet_lite0, ships its ImageNet weights in a pip package; the others load
+torchvision / timm weights from their caches (downloaded once when online), or a local
+checkpoint with --weights PATH.
+
+examples:
+  pictor models
+  pictor models --family ResNet --json
+"""
+
+COLUMNS = ("name", "family", "dim", "params_m", "gflops", "input", "default_weights", "offline")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add this part's subcommands to the ``pictor`` parser."""
+    """Add ``pictor models`` to the ``pictor`` parser."""
+    p = sub.add_parser(
+        "models", help="list the backbones (dim, params, GFLOPs, weights)",
+        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--family", help="only this family (case-insensitive), e.g. ResNet")
+    p.add_argument("--json", action="store_true", help="print JSON (one object per backbone)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the table (or JSON); imports torch only here."""
+    require_server_extra("pictor models")
+    rows = model_rows(args.family)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def model_rows(family: str | None = None) -> list[dict[str, Any]]:
+    """One dict per registered backbone with the columns of ``COLUMNS``."""
+    from pictor.core import backbones as bb
+    from pictor.errors import NotFoundError
+
+    infos = [bb.get_backbone_info(n) for n in bb.backbone_names()]
+    if family:
+        infos = [i for i in infos if i.family.lower() == family.lower()]
+        if not infos:
+            families = sorted({bb.get_backbone_info(n).family for n in bb.backbone_names()})
+            raise NotFoundError(f"no family {family!r}; families: {', '.join(families)}")
+    cache = _CostCache()
+    rows = []
+    for info in infos:
+        cost = cache.get(info.name)
+        rows.append({
+            "name": info.name,
+            "family": info.family,
+            "dim": info.dim,
+            "params_m": round(cost["params"] / 1e6, 1),
+            "gflops": round(cost["gflops"], 2),
+            "input": cost["input_size"],
+            "default_weights": bb.default_weights(info.name),
+            "offline": bb.weights_available_offline(info.name),
+        })
+    cache.save()
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Plain-text table, columns aligned."""
+    head = ("name", "family", "dim", "params", "GFLOPs", "input", "default weights",
+            "offline")
+    cells = [head] + [
+        (r["name"], r["family"], str(r["dim"]), f"{r['params_m']:.1f}M", f"{r['gflops']:.2f}",
+         str(r["input"]), r["default_weights"], "yes" if r["offline"] else "no")
+        for r in rows
+    ]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    right = {2, 3, 4, 5}
+    lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w)
+                       for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+             for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+class _CostCache:
+    """Parameters/GFLOPs per backbone, kept on disk: counting timm networks takes seconds."""
+
+    def __init__(self) -> None:
+        import timm
+        import torchvision
+
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        self.path = base / "pictor" / "backbone-costs.json"
+        self.version = f"torchvision {torchvision.__version__}, timm {timm.__version__}"
+        self.dirty = False
+        try:
+            data = json.loads(self.path.read_text())
+            self.costs: dict[str, Any] = data["costs"] if data.get("version") == self.version \
+                else {}
+        except (OSError, ValueError, KeyError, TypeError):
+            self.costs = {}
+
+    def get(self, name: str) -> dict[str, Any]:
+        if name not in self.costs:
+            from pictor.core.backbones import complexity
+
+            c = complexity(name)
+            self.costs[name] = {"params": c.params, "gflops": c.gflops,
+                                "input_size": c.input_size}
+            self.dirty = True
+        return dict(self.costs[name])
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        try:  # a cache: failing to write it must not fail the command
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"version": self.version, "costs": self.costs}))
+            tmp.replace(self.path)
+        except OSError:
+            pass

@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pictor.core.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
-from pictor.core.spec import ModelSpec, Preprocessing
 from PIL import Image
 
+from pictor.core.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
+from pictor.core.spec import ModelSpec, Preprocessing
 from pictor.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class Embedder:
         with torch.inference_mode():
             with self._autocast():
                 fmap, logits = self._forward(x)
-            pooled = self.backbone.pooled_head(_pool(fmap.float(), self.pooling))
+            pooled = self.backbone.pooled_head(pool_features(fmap.float(), self.pooling))
             emb = F.normalize(pooled, dim=1)
             return EmbedOutput(
                 embeddings=emb.cpu().numpy(),
@@ -225,13 +225,17 @@ def preprocess_image(image: Image.Image, p: Preprocessing, mean: torch.Tensor | 
     return (x.float().div_(255.0) - mean) / std
 
 
-def _pool(fmap: torch.Tensor, pooling: str) -> torch.Tensor:
+def pool_features(fmap: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Global pooling of a feature map [N, C, H, W] -> [N, C]: "avg", "max" or "gem"."""
     if pooling == "avg":
         return fmap.mean(dim=(2, 3))
     if pooling == "max":
         return fmap.amax(dim=(2, 3))
     # GeM: a soft max between avg (p=1) and max (p->inf); clamp because features can be < 0.
     return fmap.clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
+
+
+_pool = pool_features  # the trainer imports this name
 
 
 def _chunks(items: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:

@@ -150,9 +150,39 @@ def test_convnext_pools_then_normalises_like_its_head() -> None:
 
 
 def test_complexity_counts_params_and_flops() -> None:
-    c = bb.complexity("resnet50")
-    assert c.input_size == 224
-    assert abs(c.params - 25_557_032) < 1000  # torchvision's published count
-    assert 8.0 < c.gflops < 8.4  # 4.09 G multiply-adds
-    r = bb.complexity("regnet_y_400mf")  # built on CPU: its builder computes on tensors
-    assert r.params > 4_000_000 and r.gflops > 0.7
+    c = bb.complexity("resnet50")  # torchvision's published figures
+    assert (c.input_size, c.params) == (224, 25_557_032) and abs(c.gflops - 4.089) < 0.01
+    counted = bb.count_complexity("resnet50")  # same convention when we count ourselves
+    assert counted.params == c.params and abs(counted.gflops - c.gflops) < 0.05
+    lite = bb.complexity("efficientnet_lite0")
+    assert 4_500_000 < lite.params < 5_000_000 and 0.3 < lite.gflops < 0.45
+    r = bb.count_complexity("regnet_y_400mf")  # built on CPU: its builder computes on tensors
+    assert r.params == bb.complexity("regnet_y_400mf").params
+
+
+def test_models_command_rows_and_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pictor.core.cli import format_table, model_rows
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    rows = model_rows("efficientnet-lite")
+    assert [r["name"] for r in rows] == [f"efficientnet_lite{i}" for i in range(5)]
+    lite0 = rows[0]
+    assert (lite0["dim"], lite0["default_weights"], lite0["offline"], lite0["input"]) == (
+        1280, "offline", True, 224)
+    assert (tmp_path / "pictor" / "backbone-costs.json").is_file()  # the next run is instant
+    assert model_rows("efficientnet-lite") == rows
+    table = format_table(rows)
+    assert table.splitlines()[0].split()[:3] == ["name", "family", "dim"]
+    assert "efficientnet_lite0" in table and "yes" in table
+    with pytest.raises(NotFoundError, match="families: .*ResNet"):
+        model_rows("nope")
+
+
+def test_cli_module_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, pictor.core.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"

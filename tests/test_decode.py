@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pictor.core.decode import ALLOWED_FORMATS, decode_image, load_image
 from PIL import Image
 
+from pictor.core.decode import ALLOWED_FORMATS, decode_image, load_image
 from pictor.errors import InvalidImageError, NotFoundError
 
 DATA = Path(__file__).parent / "data"

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageOps
+
 from pictor.core.decode import decode_image, load_image
 from pictor.core.embedder import Embedder, PCAWhitening, create_embedder, resolve_precision
 from pictor.core.spec import ModelSpec
-from PIL import Image, ImageOps
-
 from pictor.errors import InvalidRequestError, NotFoundError
 
 DATA = Path(__file__).parent / "data"
