@@ -186,3 +186,49 @@ def test_cli_module_does_not_import_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_torchvision_weights_from_torch_hub_cache(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("PICTOR_OFFLINE", "1")  # proves the cache is read without any network
+    enum = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    cached = bb._tv_cache_path(enum.url)
+    assert cached.parent == tmp_path / "hub" / "checkpoints"
+    cached.parent.mkdir(parents=True)
+    published = torchvision.models.resnet18()  # stands in for the published file
+    torch.save(published.state_dict(), cached)
+    assert bb.weights_available_offline("resnet18", "IMAGENET1K_V1")
+    net = create_backbone("resnet18", weights="IMAGENET1K_V1")
+    assert net.weights == "IMAGENET1K_V1" and net.classes is not None
+    assert net.preprocessing.resize_size == 256 and net.preprocessing.input_size == 224
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(net(x)[1], published.eval()(x), atol=1e-5)
+
+
+def test_timm_weights_from_hugging_face_cache(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import timm
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("PICTOR_OFFLINE", "1")
+    repo = tmp_path / "models--timm--tf_efficientnet_lite1.in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    published = timm.create_model("tf_efficientnet_lite1")
+    save_file(published.state_dict(), str(snap / "model.safetensors"))
+    assert bb.weights_available_offline("efficientnet_lite1")
+    net = create_backbone("efficientnet_lite1")
+    assert net.weights == "in1k" and net.classes is not None
+    p = net.preprocessing  # from timm's pretrained_cfg: 240 px, crop_pct 0.882, bicubic
+    assert (p.input_size, p.resize_size, p.interpolation) == (240, 272, "bicubic")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(net(x)[1], published.eval()(x), atol=1e-5)
