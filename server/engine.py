@@ -187,15 +187,18 @@ class Engine:
                 "this server has no classifier head (backbone without ImageNet classifier and no "
                 "--model); use classifier=knn or start the server with --model"
             )
-        if classifier == "head" or classifier == "default":
+        thresholds = self.model.thresholds if self.model is not None else None
+        if classifier != "all" and thresholds is None:
             return ClassifyResult(labels=labels, source=source)
 
+        # Open-set rejection needs the nearest neighbour too, whichever answer was asked for.
         knn, hits = self._knn(embedding, n_neighbors, top_k)
+        unknown = thresholds is not None and thresholds.is_unknown(
+            labels[0][1], hits[0].score if hits else -1.0
+        )
+        if classifier != "all":
+            return ClassifyResult(labels=labels, source=source, unknown=unknown)
         agree = bool(knn) and knn[0][0] == labels[0][0]
-        unknown = False
-        if self.model is not None and self.model.thresholds is not None:
-            nearest = hits[0].score if hits else -1.0
-            unknown = self.model.thresholds.is_unknown(labels[0][1], nearest)
         return ClassifyResult(
             labels=labels, source=source, knn_labels=knn, neighbors=hits, agree=agree, unknown=unknown
         )
