@@ -1,0 +1,360 @@
+"""A FAISS index over explicit int64 ids: build, add, remove, search with per-request params.
+
+``VectorIndex`` hides what differs between FAISS index types so the store can treat them alike:
+
+- ids: IVF indexes take ids natively; every other type is wrapped in ``IndexIDMap2``.
+- removal: where FAISS cannot remove (HNSW, refine wrappers) removed ids become tombstones,
+  excluded at search time through an ``IDSelector``; ``tombstone_ratio`` tells the store when
+  a compaction (rebuild) is due.
+- search parameters: nprobe / efSearch / k_factor are passed as FAISS ``SearchParameters``
+  objects built per request, so concurrent searches never change shared index state.
+
+Index types are FAISS factory strings (``"Flat"``, ``"HNSW32"``, ``"IVF1024,PQ32"``,
+``"OPQ64,IVF4096,PQ64x4fs,Refine(SQfp16)"``); the metric is always inner product on
+L2-normalised vectors. Not thread-safe for writes: the store serialises writers and keeps
+readers out while an index is mutated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from pictor.errors import InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+EXACT_FACTORY = "Flat"
+
+
+@dataclass(frozen=True)
+class SearchKnobs:
+    """Resolved search parameters for one request (0 = leave the index's own default)."""
+
+    nprobe: int = 0
+    ef_search: int = 0
+    k_factor: float = 0.0
+
+    def scaled(self, factor: int) -> SearchKnobs:
+        """The same knobs ``factor`` times wider (used to escalate a filtered search)."""
+        return SearchKnobs(
+            nprobe=self.nprobe * factor,
+            ef_search=self.ef_search * factor,
+            k_factor=self.k_factor * factor,
+        )
+
+
+def parse_factory(dim: int, factory: str) -> faiss.Index:
+    """Build an empty FAISS index from a factory string, or raise ``InvalidRequestError``."""
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        raise InvalidRequestError(
+            f"index type {factory!r} is not a valid FAISS factory string for dim {dim}: {first}"
+        ) from e
+    # Polysemous training (on by default for 8-bit PQ) takes minutes and only serves
+    # Hamming-threshold search, which the store never uses.
+    for layer in _layers(index):
+        if hasattr(layer, "do_polysemous_training"):
+            layer.do_polysemous_training = False
+    return index
+
+
+def _layers(index: faiss.Index) -> list[Any]:
+    """The chain of wrappers down to the searching index: id map, transforms, refine, leaf."""
+    layers: list[Any] = []
+    node: Any = index
+    while node is not None:
+        node = faiss.downcast_index(node)
+        layers.append(node)
+        if isinstance(node, faiss.IndexIDMap2 | faiss.IndexIDMap | faiss.IndexPreTransform):
+            node = node.index
+        elif isinstance(node, faiss.IndexRefine):
+            node = node.base_index
+        else:
+            node = None
+    return layers
+
+
+def training_size(dim: int, factory: str) -> int:
+    """How many vectors ``factory`` needs before it can be trained (0 when it needs none)."""
+    index = parse_factory(dim, factory)
+    if index.is_trained:
+        return 0
+    need = 1
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        need = max(need, 39 * ivf.nlist)  # FAISS k-means wants ~39 points per centroid
+    pq = _find_pq(index)
+    if pq is not None:
+        need = max(need, 39 * pq.ksub)
+    return need
+
+
+def _find_pq(index: faiss.Index) -> Any:
+    """The product quantizer inside ``index``, if any (for its training needs)."""
+    return getattr(_layers(index)[-1], "pq", None)
+
+
+class VectorIndex:
+    """One FAISS index with explicit ids, tombstones where removal is impossible, and params.
+
+    Create with ``VectorIndex.build(dim, factory, training_vectors)`` or ``VectorIndex.load``.
+    """
+
+    def __init__(self, index: faiss.Index, factory: str, removable: bool) -> None:
+        self.index = index
+        self.factory = factory
+        self.removable = removable
+        self._dead: set[int] = set()
+        self._dead_selector: Any = None  # cached IDSelectorNot over the tombstones
+        self._refresh_layers()
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, dim: int, factory: str, train: np.ndarray | None = None) -> VectorIndex:
+        """An empty, trained index of type ``factory``; ``train`` is needed unless it trains
+        on nothing (Flat, HNSW)."""
+        index = parse_factory(dim, factory)
+        if not index.is_trained:
+            if train is None or len(train) == 0:
+                raise InvalidRequestError(f"index type {factory!r} needs training vectors")
+            index.train(np.ascontiguousarray(train, dtype=np.float32))
+        if not _accepts_ids(index):
+            index = faiss.IndexIDMap2(index)
+        return cls(index, factory, removable=_can_remove(index))
+
+    @classmethod
+    def load(cls, path: Path, factory: str) -> VectorIndex:
+        """Read a snapshot written by ``save``; tombstones are recomputed by the caller."""
+        index = faiss.read_index(str(path))
+        return cls(index, factory, removable=_can_remove(index))
+
+    def save(self, path: Path) -> None:
+        """Write atomically: temp file, fsync, rename over ``path``, fsync the directory.
+
+        ``faiss.write_index`` writes in place, so a crash mid-write would tear the file.
+        """
+        tmp = path.with_name(path.name + ".tmp")
+        faiss.write_index(self.index, str(tmp))
+        fsync_file(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+
+    # -- contents -------------------------------------------------------------------------
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    @property
+    def ntotal(self) -> int:
+        """Vectors physically in the index, tombstones included."""
+        return int(self.index.ntotal)
+
+    @property
+    def live(self) -> int:
+        return self.ntotal - len(self._dead)
+
+    @property
+    def tombstones(self) -> int:
+        return len(self._dead)
+
+    @property
+    def tombstone_ratio(self) -> float:
+        return len(self._dead) / self.ntotal if self.ntotal else 0.0
+
+    def ids(self) -> np.ndarray:
+        """Every id physically in the index (tombstoned ones included), unordered."""
+        if isinstance(self.index, faiss.IndexIDMap2 | faiss.IndexIDMap):
+            return faiss.vector_to_array(self.index.id_map).astype(np.int64, copy=False)
+        ivf = faiss.extract_index_ivf(self.index)
+        invlists = ivf.invlists
+        parts = []
+        for lst in range(ivf.nlist):
+            size = invlists.list_size(lst)
+            if size:
+                ptr = invlists.get_ids(lst)
+                parts.append(faiss.rev_swig_ptr(ptr, size).copy())
+                invlists.release_ids(lst, ptr)
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def set_tombstones(self, dead: Iterable[int]) -> None:
+        """Mark ids that are in the index but no longer live (after loading a snapshot)."""
+        self._dead = {int(i) for i in dead}
+        self._dead_selector = None
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add normalised float32 ``vectors`` under int64 ``ids`` (ids are never reused)."""
+        if len(ids):
+            self.index.add_with_ids(
+                np.ascontiguousarray(vectors, dtype=np.float32),
+                np.ascontiguousarray(ids, dtype=np.int64),
+            )
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Remove ``ids``; where FAISS cannot, they become tombstones filtered at search time."""
+        if not len(ids):
+            return
+        if self.removable:
+            self.index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, np.int64)))
+        else:
+            self._dead.update(int(i) for i in ids)
+            self._dead_selector = None
+
+    # -- search ---------------------------------------------------------------------------
+
+    @property
+    def exact(self) -> bool:
+        """Whether search is exhaustive (no knobs to tune, never short of results)."""
+        return all(isinstance(ly, faiss.IndexFlat | faiss.IndexIDMap2) for ly in self._layers)
+
+    def knob_ladders(self) -> list[list[SearchKnobs]]:
+        """Candidate search settings for tuning: one ladder per refine factor, each ordered
+        from cheapest to most thorough."""
+        ivf = next((ly for ly in self._layers if isinstance(ly, faiss.IndexIVF)), None)
+        hnsw = next((ly for ly in self._layers if isinstance(ly, faiss.IndexHNSW)), None)
+        refine = any(isinstance(ly, faiss.IndexRefine) for ly in self._layers)
+        k_factors = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0] if refine else [0.0]
+        if ivf is not None:
+            steps = [2**i for i in range(12) if 2**i <= ivf.nlist]
+            return [[SearchKnobs(nprobe=p, k_factor=f) for p in steps] for f in k_factors]
+        if hnsw is not None:
+            efs = [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
+            return [[SearchKnobs(ef_search=e, k_factor=f) for e in efs] for f in k_factors]
+        return [[SearchKnobs(k_factor=f)] for f in k_factors]
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        knobs: SearchKnobs,
+        allowed: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` (scores, ids) per query; ids -1 where fewer were found.
+
+        ``allowed`` (sorted int64 ids) restricts the search; tombstones are always excluded.
+        """
+        selector, _alive = self._selector(allowed)
+        params, _alive_params = self._params(knobs, selector)  # referenced until search returns
+        return self.index.search(queries, k, params=params)
+
+    def _selector(self, allowed: np.ndarray | None) -> tuple[Any, list[Any]]:
+        if allowed is not None:
+            # Live ids only come from the database, so tombstones are excluded already.
+            sel = faiss.IDSelectorBatch(allowed)
+            return sel, [allowed, sel]
+        if not self._dead:
+            return None, []
+        if self._dead_selector is None:
+            dead = np.fromiter(self._dead, np.int64, len(self._dead))
+            batch = faiss.IDSelectorBatch(dead)
+            not_dead = faiss.IDSelectorNot(batch)
+            self._dead_selector = (not_dead, [dead, batch])
+        return self._dead_selector[0], [self._dead_selector]
+
+    def _refresh_layers(self) -> None:
+        self._layers = _layers(self.index)
+
+    def _params(self, knobs: SearchKnobs, selector: Any) -> tuple[Any, list[Any]]:
+        """FAISS SearchParameters for this request, innermost layer first; (params, keepalive).
+
+        SWIG params hold raw pointers, so every object built here is returned to be kept
+        alive until the search is over.
+        """
+        keep: list[Any] = []
+        params: Any = None
+        # The selector sits on the innermost searching layer, translated through an id map.
+        idmap = next(
+            (ly for ly in self._layers if isinstance(ly, faiss.IndexIDMap2 | faiss.IndexIDMap)),
+            None,
+        )
+        if selector is not None and idmap is not None:
+            selector = faiss.IDSelectorTranslated(idmap.id_map, selector)
+            keep.append(selector)
+        for layer in reversed(self._layers):
+            if isinstance(layer, faiss.IndexIVF):
+                params = faiss.SearchParametersIVF()
+                if knobs.nprobe:
+                    params.nprobe = min(knobs.nprobe, layer.nlist)
+                else:
+                    params.nprobe = layer.nprobe
+                quantizer = faiss.downcast_index(layer.quantizer)
+                if isinstance(quantizer, faiss.IndexHNSW):
+                    qp = faiss.SearchParametersHNSW()
+                    qp.efSearch = max(params.nprobe * 2, quantizer.hnsw.efSearch)
+                    params.quantizer_params = qp
+                    keep.append(qp)
+            elif isinstance(layer, faiss.IndexHNSW):
+                params = faiss.SearchParametersHNSW()
+                params.efSearch = knobs.ef_search or layer.hnsw.efSearch
+            elif isinstance(layer, faiss.IndexRefine):
+                outer = faiss.IndexRefineSearchParameters()
+                outer.k_factor = knobs.k_factor or layer.k_factor
+                if params is None:
+                    params = faiss.SearchParameters()
+                outer.base_index_params = params
+                keep.append(params)
+                params = outer
+                continue
+            elif isinstance(layer, faiss.IndexPreTransform):
+                if params is not None:
+                    outer = faiss.SearchParametersPreTransform()
+                    outer.index_params = params
+                    keep.append(params)
+                    params = outer
+                continue
+            elif isinstance(layer, faiss.IndexIDMap2 | faiss.IndexIDMap):
+                continue
+            else:  # flat and other leaf indexes
+                params = faiss.SearchParameters() if selector is not None else None
+            if params is not None and selector is not None:
+                params.sel = selector
+        return params, keep
+
+
+def _accepts_ids(index: faiss.Index) -> bool:
+    """Whether ``index`` (trained) takes explicit ids itself; others need an id map."""
+    try:
+        index.add_with_ids(
+            np.zeros((0, index.d), dtype=np.float32), np.zeros(0, dtype=np.int64)
+        )
+    except RuntimeError:
+        return False
+    return True
+
+
+def _can_remove(index: faiss.Index) -> bool:
+    """Whether FAISS can remove from ``index``; probed with an empty removal."""
+    try:
+        index.remove_ids(faiss.IDSelectorBatch(np.zeros(0, dtype=np.int64)))
+    except RuntimeError:
+        return False
+    return True
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file's contents to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (the directory entry itself)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,1090 @@
+"""IndexStore: similar-image search over a FAISS index, with metadata, filters and durability.
+
+A store is one directory::
+
+    manifest.json        format version, ModelSpec, dim, metric, index type and parameters,
+                         counts, created/updated, and which operations the snapshot contains
+    metadata.sqlite      the source of truth (WAL, synchronous=FULL): items with key, int64 id,
+                         label, attributes (JSON), the float32 vector, and the op sequence
+    faiss-<seq>.index    FAISS snapshot holding every operation up to <seq>
+
+Writes commit to SQLite first, so an upsert or delete is durable when it returns; the FAISS
+index in memory is then updated under the same lock, so readers never see the database and
+the index disagree. The snapshot is saved atomically (``snapshot()``, every
+``snapshot_every`` changed items, and on ``close()``); on open it is brought up to date with
+the database from the op sequence, and rebuilt from the stored vectors if it cannot be.
+
+Ids: every upsert gets fresh int64 ids (never reused), so a tombstoned id can never hide a
+newer vector. Example::
+
+    with IndexStore.create("gallery.idx", embedder.spec) as store:
+        store.upsert([Item("cat.jpg", label="cat")], embedder.embed([image]))
+        hits = store.search(query_vectors, k=10, filter=Filter(labels=("cat",)))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pictor.core.faiss_index import (
+    EXACT_FACTORY,
+    SearchKnobs,
+    VectorIndex,
+    fsync_dir,
+    fsync_file,
+    parse_factory,
+    training_size,
+)
+from pictor.core.spec import ModelSpec
+from pictor.errors import (
+    IncompatibleModelError,
+    InvalidRequestError,
+    NotFoundError,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+METRIC = "ip"  # inner product on L2-normalised vectors = cosine similarity
+AUTO = "auto"
+MANIFEST = "manifest.json"
+DATABASE = "metadata.sqlite"
+LOCK_FILE = "LOCK"
+SNAPSHOT_PREFIX = "faiss-"
+SNAPSHOT_SUFFIX = ".index"
+_SQL_CHUNK = 4096  # ids per `IN (...)` query and vectors per streamed block
+_MAX_KEY_LEN = 4096
+
+
+# -- public data types ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    """What an indexed vector is: a user-facing key plus a label and string attributes."""
+
+    key: str
+    label: str = ""
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result; ``score`` is the cosine similarity (higher is closer)."""
+
+    key: str
+    score: float
+    label: str
+    attributes: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Restrict search to items whose label is in ``labels`` (when given) and whose
+    attributes contain every pair of ``attributes``."""
+
+    labels: Sequence[str] = ()
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not self.labels and not self.attributes
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """Per-request index parameters; 0 means the store's tuned default."""
+
+    nprobe: int = 0
+    ef_search: int = 0
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    inserted: int
+    replaced: int
+
+
+@dataclass(frozen=True)
+class DeleteResult:
+    deleted: int
+    missing: list[str]
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """Knobs of a store, fixed at creation and kept in the manifest."""
+
+    # Memory the FAISS index of `auto` may use; decides HNSW (full vectors) vs IVF-PQ.
+    memory_budget_gb: float = 4.0
+    target_recall: float = 0.95  # recall@10 the tuned search defaults aim for
+    exact_below: int = 100_000  # `auto` stays exact (Flat) below this many items
+    growth_factor: float = 4.0  # re-train once the collection is this many times bigger
+    compact_ratio: float = 0.2  # rebuild when this share of the index is tombstones
+    snapshot_every: int = 20_000  # changed items between automatic snapshots
+    exact_filter_limit: int = 2048  # filters matching at most this many items scan exactly
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What a store holds and how it searches."""
+
+    index_type: str  # as requested: "auto" or a FAISS factory string
+    factory: str  # the FAISS index in use now ("Flat" until a trained type has enough data)
+    metric: str
+    count: int
+    dim: int
+    created: str
+    updated: str
+    spec: ModelSpec
+    tombstones: int
+    snapshot_seq: int
+    seq: int
+    nprobe: int
+    ef_search: int
+    k_factor: float
+
+
+# -- the store ------------------------------------------------------------------------------
+
+
+class IndexStore:
+    """Vectors, metadata and a FAISS index in one directory; see the module docstring.
+
+    Thread safety: any number of threads may call ``search``/``get_vector``/``info`` while
+    one thread at a time writes (writes are serialised internally).
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], lock_fd: int) -> None:
+        self.path = path
+        self._manifest = manifest
+        self._lock_fd = lock_fd
+        self.spec = ModelSpec.from_dict(manifest["spec"])
+        self.dim = int(manifest["dim"])
+        self.index_type = str(manifest["index_type"])
+        self.options = StoreOptions(**manifest.get("options", {}))
+        self._write_lock = threading.RLock()  # one writer at a time
+        self._rw = _ReadWriteLock()  # readers vs. a writer changing database + index
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._db = _connect(path / DATABASE)
+        self._closed = False
+        self._index: VectorIndex
+        self._knobs = SearchKnobs(**manifest.get("search_defaults", {}))
+        self._trained_for = int(manifest.get("trained_for", 0))
+        self._count = self._scalar("SELECT COUNT(*) FROM items")
+        self._seq = int(self._meta("seq"))
+        self._snapshot_seq = -1
+        self._dirty = False  # index differs from the snapshot on disk
+        self._pending = 0  # items changed since the last snapshot
+
+    # -- creation and opening -------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        spec: ModelSpec,
+        *,
+        index_type: str = AUTO,
+        options: StoreOptions | None = None,
+    ) -> IndexStore:
+        """Create an empty store at ``path`` (a new or empty directory).
+
+        ``index_type`` is ``"auto"`` or a FAISS factory string (``"Flat"``, ``"HNSW32"``,
+        ``"IVF1024,Flat"``, ``"IVF1024,PQ32"``, ``"OPQ32,IVF1024,PQ32"``).
+        """
+        root = Path(path)
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise InvalidRequestError(
+                f"{root} already exists and is not an empty directory; open it with "
+                "IndexStore.open or choose another path"
+            )
+        if index_type != AUTO:
+            parse_factory(spec.dim, index_type)  # refuse a bad factory string now
+        options = options or StoreOptions()
+        root.mkdir(parents=True, exist_ok=True)
+        lock_fd = _lock_directory(root)
+        now = _now()
+        db = _connect(root / DATABASE)
+        try:
+            _create_schema(db, spec, now)
+        finally:
+            db.close()
+        manifest = {
+            "format": FORMAT_VERSION,
+            "spec": spec.to_dict(),
+            "dim": spec.dim,
+            "metric": METRIC,
+            "index_type": index_type,
+            "factory": EXACT_FACTORY,
+            "trained_for": 0,
+            "search_defaults": asdict(SearchKnobs()),
+            "options": asdict(options),
+            "created": now,
+            "updated": now,
+            "count": 0,
+            "snapshot": None,
+        }
+        _write_json_atomic(root / MANIFEST, manifest)
+        store = cls(root, manifest, lock_fd)
+        # Types that need no training (Flat, HNSW) start as themselves, others exact.
+        first = index_type if index_type != AUTO else EXACT_FACTORY
+        if _training_size(spec.dim, first):
+            first = EXACT_FACTORY
+        store._index = VectorIndex.build(spec.dim, first)
+        log.info("created index store %s (%s, index %s)", root, spec.describe(), index_type)
+        return store
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, spec: ModelSpec | None = None) -> IndexStore:
+        """Open an existing store, checking and repairing its FAISS index against the database.
+
+        With ``spec``, refuse (``IncompatibleModelError``) a store filled by another model.
+        """
+        root = Path(path)
+        manifest_path = root / MANIFEST
+        if not manifest_path.is_file() or not (root / DATABASE).is_file():
+            raise NotFoundError(f"no index store at {root} (missing {MANIFEST} or {DATABASE})")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InvalidRequestError(f"{manifest_path} is unreadable: {e}") from e
+        if manifest.get("format") != FORMAT_VERSION:
+            raise InvalidRequestError(
+                f"{root} has store format {manifest.get('format')!r}; this Pictor reads "
+                f"format {FORMAT_VERSION}"
+            )
+        lock_fd = _lock_directory(root)
+        try:
+            store = cls(root, manifest, lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        try:
+            db_spec = ModelSpec.from_dict(json.loads(store._meta("spec")))
+            store.spec.check_compatible(db_spec, what=f"the database of {root}")
+            if spec is not None:
+                store.spec.check_compatible(spec, what="the requested model")
+            store._recover()
+        except BaseException:
+            store.close(snapshot=False)
+            raise
+        return store
+
+    # -- reading --------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __enter__(self) -> IndexStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check_spec(self, other: ModelSpec, what: str = "query") -> None:
+        """Raise ``IncompatibleModelError`` unless ``other`` embeds into this store's space."""
+        self.spec.check_compatible(other, what=what)
+
+    def check_vectors(self, vectors: np.ndarray, what: str = "vectors") -> np.ndarray:
+        """Validate ``vectors`` ([n, dim] or [dim]) and return them L2-normalised, float32.
+
+        Wrong dim raises ``IncompatibleModelError``; non-finite or zero vectors raise
+        ``InvalidRequestError``.
+        """
+        arr = np.asarray(vectors, dtype=np.float32)
+        if arr.ndim == 1:
+            arr = arr[None, :]
+        if arr.ndim != 2:
+            raise InvalidRequestError(f"{what} must be a [n, {self.dim}] array, got {arr.shape}")
+        if arr.shape[1] != self.dim:
+            raise IncompatibleModelError(
+                f"{what} have dim {arr.shape[1]}, but this index holds dim {self.dim} vectors "
+                f"from {self.spec.describe()}"
+            )
+        if not np.isfinite(arr).all():
+            raise InvalidRequestError(f"{what} contain NaN or infinite values")
+        norms = np.linalg.norm(arr, axis=1, keepdims=True)
+        if (norms == 0).any():
+            raise InvalidRequestError(f"{what} contain an all-zero vector, which has no direction")
+        return np.ascontiguousarray(arr / norms, dtype=np.float32)
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        filter: Filter | None = None,
+        params: SearchParams | None = None,
+    ) -> list[list[Hit]]:
+        """The ``k`` nearest items to each query (cosine similarity), best first.
+
+        Exactly ``k`` hits per query when at least ``k`` items match ``filter``.
+        """
+        self._check_open()
+        q = self.check_vectors(queries, what="queries")
+        if k < 1:
+            raise InvalidRequestError(f"k must be at least 1, got {k}")
+        knobs = self._resolve_knobs(params)
+        with self._rw.read():
+            conn = self._reader()
+            allowed = None
+            if filter is not None and not filter.empty:
+                allowed = _match_ids(conn, filter)
+                if not len(allowed):
+                    return [[] for _ in range(len(q))]
+            scores, ids = self._search_ids(conn, q, k, knobs, allowed)
+            return _to_hits(conn, scores, ids)
+
+    def get_vector(self, key: str) -> np.ndarray:
+        """The stored (normalised) vector of ``key``; ``NotFoundError`` when absent."""
+        self._check_open()
+        row = self._reader().execute("SELECT vector FROM items WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no item with key {key!r} in the index")
+        return np.frombuffer(row[0], dtype=np.float32).copy()
+
+    def info(self) -> StoreInfo:
+        """A consistent summary of the store (counts, index in use, search defaults)."""
+        with self._rw.read():
+            return StoreInfo(
+                index_type=self.index_type,
+                factory=self._index.factory,
+                metric=METRIC,
+                count=self._count,
+                dim=self.dim,
+                created=str(self._meta("created", self._reader())),
+                updated=str(self._meta("updated", self._reader())),
+                spec=self.spec,
+                tombstones=self._index.tombstones,
+                snapshot_seq=self._snapshot_seq,
+                seq=self._seq,
+                nprobe=self._knobs.nprobe,
+                ef_search=self._knobs.ef_search,
+                k_factor=self._knobs.k_factor,
+            )
+
+    # -- writing --------------------------------------------------------------------------
+
+    def upsert(self, items: Sequence[Item], vectors: np.ndarray) -> UpsertResult:
+        """Add items, replacing any with the same key; durable when it returns."""
+        self._check_open()
+        items = list(items)
+        vecs = self.check_vectors(vectors) if len(items) else np.zeros((0, self.dim), np.float32)
+        if len(items) != len(vecs):
+            raise InvalidRequestError(f"got {len(items)} items but {len(vecs)} vectors")
+        _check_items(items)
+        if not items:
+            return UpsertResult(0, 0)
+        # Within one call the last occurrence of a key wins, as if upserted one by one.
+        last = {item.key: i for i, item in enumerate(items)}
+        keep = sorted(last.values())
+        dup_replaced = len(items) - len(keep)
+        with self._write_lock:
+            with self._rw.write():
+                old_ids = self._commit_upsert([items[i] for i in keep], vecs[keep])
+            replaced = len(old_ids) + dup_replaced
+            self._after_write(len(keep) + len(old_ids))
+        return UpsertResult(inserted=len(items) - replaced, replaced=replaced)
+
+    def delete(self, keys: Sequence[str]) -> DeleteResult:
+        """Remove items by key; durable when it returns. Unknown keys are reported missing."""
+        self._check_open()
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return DeleteResult(0, [])
+        with self._write_lock:
+            with self._rw.write():
+                found = self._commit_delete(unique)
+            self._after_write(len(found))
+        missing = [key for key in unique if key not in found]
+        return DeleteResult(deleted=len(found), missing=missing)
+
+    def snapshot(self) -> None:
+        """Save the FAISS index atomically and record which operations it holds.
+
+        Cheap when nothing changed; the server may call it on a timer.
+        """
+        self._check_open()
+        with self._write_lock:
+            self._save_snapshot()
+
+    def rebuild(self) -> None:
+        """Re-train and rebuild the FAISS index from the stored vectors, then snapshot."""
+        self._check_open()
+        with self._write_lock:
+            self._rebuild(reason="requested")
+
+    def close(self, *, snapshot: bool = True) -> None:
+        """Snapshot pending changes (unless ``snapshot=False``) and release the store."""
+        if self._closed:
+            return
+        with self._write_lock:
+            try:
+                if snapshot and hasattr(self, "_index"):
+                    self._save_snapshot()
+            finally:
+                self._closed = True
+                with self._readers_lock:
+                    for conn in self._readers:
+                        conn.close()
+                    self._readers.clear()
+                self._db.close()
+                os.close(self._lock_fd)
+
+    # -- write internals ------------------------------------------------------------------
+
+    def _commit_upsert(self, items: list[Item], vecs: np.ndarray) -> list[int]:
+        """One transaction: replace existing keys, insert rows, then apply to FAISS."""
+        seq = self._seq + 1
+        next_id = int(self._meta("next_id"))
+        ids = np.arange(next_id, next_id + len(items), dtype=np.int64)
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            existing = _ids_for_keys(db, [item.key for item in items])
+            old_ids = list(existing.values())
+            _delete_rows(db, old_ids, seq)
+            db.executemany(
+                "INSERT INTO items(id, key, label, attributes, vector, seq) VALUES (?,?,?,?,?,?)",
+                (
+                    (int(i), it.key, it.label, _dump_attrs(it.attributes), v.tobytes(), seq)
+                    for i, it, v in zip(ids, items, vecs, strict=True)
+                ),
+            )
+            db.executemany(
+                "INSERT INTO item_attrs(name, value, id) VALUES (?,?,?)",
+                (
+                    (name, value, int(i))
+                    for i, it in zip(ids, items, strict=True)
+                    for name, value in it.attributes.items()
+                ),
+            )
+            self._set_meta(seq=seq, next_id=next_id + len(items), updated=_now())
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._seq = seq
+        self._count += len(items) - len(old_ids)
+        self._apply(np.asarray(old_ids, np.int64), ids, vecs)
+        return old_ids
+
+    def _commit_delete(self, keys: list[str]) -> set[str]:
+        seq = self._seq + 1
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            existing = _ids_for_keys(db, keys)
+            if existing:
+                _delete_rows(db, list(existing.values()), seq)
+                self._set_meta(seq=seq, updated=_now())
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        if existing:
+            self._seq = seq
+            self._count -= len(existing)
+            removed = np.fromiter(existing.values(), np.int64, len(existing))
+            self._apply(removed, np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32))
+        return set(existing)
+
+    def _apply(self, removed: np.ndarray, added: np.ndarray, vectors: np.ndarray) -> None:
+        """Mirror a committed change in FAISS; on failure rebuild from the database."""
+        self._dirty = True
+        try:
+            self._index.remove(removed)
+            self._index.add(added, vectors)
+        except Exception:
+            log.exception("FAISS update failed after a durable commit; rebuilding the index")
+            self._index = self._build_index(self._index.factory)
+
+    def _after_write(self, changed: int) -> None:
+        """Re-train, compact or snapshot when due (writer lock held)."""
+        self._pending += changed
+        reason = self._rebuild_reason()
+        if reason:
+            self._rebuild(reason)
+        elif self._pending >= self.options.snapshot_every:
+            self._save_snapshot()
+
+    def _rebuild_reason(self) -> str:
+        target = self._target_factory(self._count)
+        current = self._index.factory
+        if target != current:
+            if current == EXACT_FACTORY and target != EXACT_FACTORY:
+                if self._count < _training_size(self.dim, target):
+                    return ""  # stay exact until the target type can be trained
+            if self.index_type != AUTO and current != EXACT_FACTORY:
+                return ""
+            return f"{self._count} items call for {target} instead of {current}"
+        if self._trained_for and self._count >= self.options.growth_factor * self._trained_for:
+            return f"collection grew from {self._trained_for} to {self._count} items since training"
+        if self._index.tombstone_ratio > self.options.compact_ratio:
+            return f"{self._index.tombstones} tombstones ({self._index.tombstone_ratio:.0%})"
+        return ""
+
+    def _target_factory(self, n: int) -> str:
+        if self.index_type != AUTO:
+            return self.index_type
+        return choose_factory(n, self.dim, self.options)
+
+    def _rebuild(self, reason: str) -> None:
+        started = time.perf_counter()
+        factory = self._target_factory(self._count)
+        if self._count < _training_size(self.dim, factory):
+            factory = EXACT_FACTORY
+        new_index = self._build_index(factory)  # readers keep using the old index meanwhile
+        knobs = self._tune(new_index)
+        with self._rw.write():
+            self._index, self._knobs = new_index, knobs
+            self._trained_for = self._count if _training_size(self.dim, factory) else 0
+            self._dirty = True
+        log.info(
+            "rebuilt FAISS index as %s over %d items in %.1fs (%s); defaults %s",
+            factory, self._count, time.perf_counter() - started, reason, knobs,
+        )
+        self._save_snapshot()
+
+    def _build_index(self, factory: str) -> VectorIndex:
+        """A fresh index of type ``factory`` over every stored vector, streamed in blocks."""
+        sample = None
+        need = _training_size(self.dim, factory)
+        if need:
+            sample = self._sample_vectors(max(need, min(self._count, 64 * need)))
+        index = VectorIndex.build(self.dim, factory, sample)
+        for ids, vecs in _stream_vectors(self._db):
+            index.add(ids, vecs)
+        return index
+
+    def _sample_vectors(self, n: int) -> np.ndarray:
+        rows = self._db.execute(
+            "SELECT vector FROM items WHERE id IN "
+            "(SELECT id FROM items ORDER BY random() LIMIT ?)",
+            (n,),
+        ).fetchall()
+        return np.frombuffer(b"".join(r[0] for r in rows), np.float32).reshape(-1, self.dim)
+
+    def _tune(self, index: VectorIndex, k: int = 10, n_queries: int = 200) -> SearchKnobs:
+        """The fastest search defaults reaching ``target_recall`` (recall@k against exact
+        search) on a held-out sample: stored items used as queries, each one's own entry
+        left out of both its results and its ground truth."""
+        if index.exact or self._count <= k + 1:
+            return SearchKnobs()
+        qids = np.array(
+            [r[0] for r in self._db.execute(
+                "SELECT id FROM items ORDER BY random() LIMIT ?", (n_queries,)
+            )],
+            np.int64,
+        )
+        _, q = next(iter(_vectors_of(self._db, np.sort(qids))))
+        qids = np.sort(qids)
+        _, truth = _exact_search(self._db, q, k + 1, None)
+        truth_sets = [set(_drop_self(row, qid, k)) for row, qid in zip(truth, qids, strict=True)]
+        best: tuple[float, SearchKnobs] | None = None
+        fallback: tuple[float, SearchKnobs] = (-1.0, SearchKnobs())
+        for ladder in index.knob_ladders():
+            for knobs in ladder:
+                started = time.perf_counter()
+                _, found = index.search(q, k + 1, knobs)
+                elapsed = time.perf_counter() - started
+                recall = float(np.mean([
+                    len(truth_sets[j] & set(_drop_self(found[j], qids[j], k))) / k
+                    for j in range(len(qids))
+                ]))
+                fallback = max(fallback, (recall, knobs), key=lambda x: x[0])
+                if recall >= self.options.target_recall:
+                    if best is None or elapsed < best[0]:
+                        best = (elapsed, knobs)
+                    break
+        if best is None:
+            log.warning(
+                "no search setting of %s reached recall@%d %.2f; using %s (recall %.3f)",
+                index.factory, k, self.options.target_recall, fallback[1], fallback[0],
+            )
+            return fallback[1]
+        return best[1]
+
+    # -- snapshot and recovery ------------------------------------------------------------
+
+    def _save_snapshot(self) -> None:
+        """Write the index to faiss-<seq>.index, then the manifest, then drop the old ones.
+
+        Order matters for crashes: the manifest names a snapshot only once it is durable,
+        and the op log is pruned only once the manifest naming the new snapshot is.
+        """
+        if not self._dirty and self._snapshot_seq == self._seq:
+            return
+        seq = self._seq
+        name = f"{SNAPSHOT_PREFIX}{seq:012d}{SNAPSHOT_SUFFIX}"
+        started = time.perf_counter()
+        self._index.save(self.path / name)
+        manifest = dict(self._manifest)
+        manifest.update(
+            factory=self._index.factory,
+            trained_for=self._trained_for,
+            search_defaults=asdict(self._knobs),
+            count=self._count,
+            updated=_now(),
+            snapshot={"file": name, "seq": seq, "ntotal": self._index.ntotal},
+        )
+        _write_json_atomic(self.path / MANIFEST, manifest)
+        self._manifest = manifest
+        for old in self.path.glob(f"{SNAPSHOT_PREFIX}*{SNAPSHOT_SUFFIX}"):
+            if old.name != name:
+                old.unlink()
+        with self._db:
+            self._db.execute("DELETE FROM deletions WHERE seq <= ?", (seq,))
+        self._snapshot_seq = seq
+        self._pending = 0
+        self._dirty = False
+        log.debug("snapshot %s written in %.2fs", name, time.perf_counter() - started)
+
+    def _recover(self) -> None:
+        """Load the snapshot and replay what the database holds beyond it; rebuild if needed."""
+        for stray in self.path.glob("*.tmp"):
+            stray.unlink()  # a snapshot or manifest write cut short by a crash
+        snap = self._manifest.get("snapshot")
+        factory = str(self._manifest.get("factory", EXACT_FACTORY))
+        index = self._load_snapshot(snap, factory)
+        if index is None:
+            self._index = self._build_index(factory)
+            self._trained_for = self._count if _training_size(self.dim, factory) else 0
+            log.warning(
+                "index store %s: no usable FAISS snapshot; rebuilt %s from %d stored vectors",
+                self.path, factory, self._count,
+            )
+            self._dirty = True
+            self._save_snapshot()
+            return
+        self._index = index
+        snap_seq = int(snap["seq"])
+        added, removed = self._replay(snap_seq)
+        if not self._consistent():
+            log.warning(
+                "index store %s: FAISS snapshot disagrees with the database after replay; "
+                "rebuilding from %d stored vectors", self.path, self._count,
+            )
+            self._index = self._build_index(factory)
+            self._dirty = True
+            self._save_snapshot()
+            return
+        self._snapshot_seq = snap_seq
+        if added or removed:
+            log.warning(
+                "index store %s: FAISS snapshot (seq %d) brought up to date with the database "
+                "(seq %d): %d added, %d removed",
+                self.path, snap_seq, self._seq, added, removed,
+            )
+            self._dirty = True
+            self._pending = added + removed
+        else:
+            log.info("index store %s opened: %d items, %s", self.path, self._count, factory)
+
+    def _load_snapshot(self, snap: dict[str, Any] | None, factory: str) -> VectorIndex | None:
+        if not snap:
+            return None
+        file = self.path / str(snap["file"])
+        if int(snap["seq"]) > self._seq:
+            log.warning("snapshot %s is newer than the database; ignoring it", file.name)
+            return None
+        try:
+            return VectorIndex.load(file, factory)
+        except (RuntimeError, OSError) as e:
+            log.warning("cannot read FAISS snapshot %s (%s)", file, e)
+            return None
+
+    def _replay(self, snap_seq: int) -> tuple[int, int]:
+        """Apply operations newer than the snapshot: deletions, then surviving inserts."""
+        removed = np.array(
+            [r[0] for r in self._db.execute("SELECT id FROM deletions WHERE seq > ?", (snap_seq,))],
+            dtype=np.int64,
+        )
+        if self._index.removable:
+            self._index.remove(removed)
+        added = 0
+        for ids, vecs in _stream_vectors(self._db, min_seq=snap_seq + 1):
+            self._index.add(ids, vecs)
+            added += len(ids)
+        return added, len(removed)
+
+    def _consistent(self) -> bool:
+        """Whether the index holds exactly the live ids (plus tombstones); sets tombstones."""
+        live = np.array([r[0] for r in self._db.execute("SELECT id FROM items")], np.int64)
+        present = self._index.ids()
+        if len(np.unique(present)) != len(present) or not np.isin(live, present).all():
+            return False
+        dead = np.setdiff1d(present, live, assume_unique=True)
+        if len(dead) and self._index.removable:
+            return False
+        self._index.set_tombstones(dead)
+        return True
+
+    # -- search internals -----------------------------------------------------------------
+
+    def _resolve_knobs(self, params: SearchParams | None) -> SearchKnobs:
+        if params is None:
+            return self._knobs
+        if params.nprobe < 0 or params.ef_search < 0:
+            raise InvalidRequestError("nprobe and ef_search must be >= 0")
+        return SearchKnobs(
+            nprobe=params.nprobe or self._knobs.nprobe,
+            ef_search=params.ef_search or self._knobs.ef_search,
+            k_factor=self._knobs.k_factor,
+        )
+
+    def _search_ids(
+        self,
+        conn: sqlite3.Connection,
+        q: np.ndarray,
+        k: int,
+        knobs: SearchKnobs,
+        allowed: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS search, widened (then exact) for queries that came back short of k."""
+        available = self._index.live if allowed is None else len(allowed)
+        if allowed is not None and available <= self.options.exact_filter_limit:
+            return _exact_search(conn, q, k, allowed)
+        scores, ids = self._index.search(q, k, knobs, allowed)
+        want = min(k, available)
+        short = np.flatnonzero((ids >= 0).sum(axis=1) < want)
+        factor = 4
+        while len(short) and factor <= 64 and self._index.factory != EXACT_FACTORY:
+            s2, i2 = self._index.search(q[short], k, knobs.scaled(factor), allowed)
+            scores[short], ids[short] = s2, i2
+            short = short[(i2 >= 0).sum(axis=1) < want]
+            factor *= 4
+        if len(short):
+            s2, i2 = _exact_search(conn, q[short], k, allowed)
+            scores[short], ids[short] = s2, i2
+        return scores, ids
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read connection (SQLite connections are not shared across threads)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path / DATABASE, readonly=True)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidRequestError(f"index store {self.path} is closed")
+
+    def _scalar(self, sql: str, args: tuple[Any, ...] = ()) -> int:
+        return int(self._db.execute(sql, args).fetchone()[0])
+
+    def _meta(self, name: str, conn: sqlite3.Connection | None = None) -> Any:
+        row = (conn or self._db).execute("SELECT value FROM meta WHERE name = ?", (name,))
+        found = row.fetchone()
+        if found is None:
+            raise InvalidRequestError(f"{self.path / DATABASE} lacks metadata {name!r}")
+        return found[0]
+
+    def _set_meta(self, **values: Any) -> None:
+        self._db.executemany(
+            "INSERT OR REPLACE INTO meta(name, value) VALUES (?, ?)", list(values.items())
+        )
+
+
+# -- choosing an index ----------------------------------------------------------------------
+
+
+def choose_factory(n: int, dim: int, options: StoreOptions) -> str:
+    """The FAISS factory string `auto` uses for ``n`` vectors of ``dim`` dimensions.
+
+    Exact below ``options.exact_below``; above, HNSW when its full vectors and graph fit the
+    memory budget, else IVF with fast-scan PQ codes and a refine step on 16-bit vectors.
+    """
+    if n < options.exact_below:
+        return EXACT_FACTORY
+    budget = options.memory_budget_gb * 2**30
+    hnsw_bytes = n * (dim * 4 + 32 * 2 * 4 * 1.5)
+    if hnsw_bytes <= budget:
+        return "HNSW32"
+    # About 4 sqrt(n) lists, but never more than the collection can train (39 per list).
+    nlist = 2 ** min(round(math.log2(4 * math.sqrt(n))), int(math.log2(max(n // 39, 1))))
+    # Fast-scan codes of 2-5 dimensions per sub-quantizer: coarse, but the refine step
+    # re-ranks the candidates with 16-bit copies of the vectors.
+    m = max(d for d in range(1, min(dim // 2, 256) + 1) if dim % d == 0)
+    return f"IVF{nlist}_HNSW32,PQ{m}x4fs,Refine(SQfp16)"
+
+
+@lru_cache(maxsize=64)
+def _training_size(dim: int, factory: str) -> int:
+    return training_size(dim, factory)
+
+
+# -- SQLite helpers -------------------------------------------------------------------------
+
+
+def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")  # a commit is on disk when COMMIT returns
+    if readonly:
+        conn.execute("PRAGMA query_only=ON")
+    return conn
+
+
+def _create_schema(db: sqlite3.Connection, spec: ModelSpec, now: str) -> None:
+    with db:
+        db.executescript(
+            """
+            CREATE TABLE meta(name TEXT PRIMARY KEY, value) WITHOUT ROWID;
+            CREATE TABLE items(
+                id INTEGER PRIMARY KEY,     -- the FAISS id; never reused
+                key TEXT NOT NULL UNIQUE,
+                label TEXT NOT NULL,
+                attributes TEXT NOT NULL,   -- JSON object of strings
+                vector BLOB NOT NULL,       -- float32, L2-normalised
+                seq INTEGER NOT NULL        -- operation that wrote it
+            );
+            CREATE INDEX items_label ON items(label);
+            CREATE INDEX items_seq ON items(seq);
+            CREATE TABLE item_attrs(
+                name TEXT NOT NULL, value TEXT NOT NULL, id INTEGER NOT NULL,
+                PRIMARY KEY(name, value, id)
+            ) WITHOUT ROWID;
+            CREATE INDEX item_attrs_id ON item_attrs(id);
+            -- ids removed by operations the FAISS snapshot may not contain yet
+            CREATE TABLE deletions(id INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
+            """
+        )
+        db.executemany(
+            "INSERT INTO meta(name, value) VALUES (?, ?)",
+            [
+                ("format", FORMAT_VERSION),
+                ("spec", json.dumps(spec.to_dict(), sort_keys=True)),
+                ("dim", spec.dim),
+                ("seq", 0),
+                ("next_id", 1),
+                ("created", now),
+                ("updated", now),
+            ],
+        )
+
+
+def _ids_for_keys(db: sqlite3.Connection, keys: Sequence[str]) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for start in range(0, len(keys), _SQL_CHUNK):
+        chunk = keys[start : start + _SQL_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        found.update(db.execute(f"SELECT key, id FROM items WHERE key IN ({marks})", chunk))
+    return found
+
+
+def _delete_rows(db: sqlite3.Connection, ids: Sequence[int], seq: int) -> None:
+    for start in range(0, len(ids), _SQL_CHUNK):
+        chunk = [(int(i),) for i in ids[start : start + _SQL_CHUNK]]
+        db.executemany("DELETE FROM items WHERE id = ?", chunk)
+        db.executemany("DELETE FROM item_attrs WHERE id = ?", chunk)
+        db.executemany(
+            "INSERT OR REPLACE INTO deletions(id, seq) VALUES (?, ?)",
+            [(i, seq) for (i,) in chunk],
+        )
+
+
+def _stream_vectors(
+    db: sqlite3.Connection, *, min_seq: int = 0, block: int = _SQL_CHUNK
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, vectors) blocks of every stored item with ``seq >= min_seq``, in id order."""
+    cursor = db.execute(
+        "SELECT id, vector FROM items WHERE seq >= ? ORDER BY id", (min_seq,)
+    )
+    while rows := cursor.fetchmany(block):
+        ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+        vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), -1)
+        yield ids, vecs
+
+
+def _match_ids(conn: sqlite3.Connection, flt: Filter) -> np.ndarray:
+    """Sorted ids of the items a filter admits."""
+    parts: list[str] = []
+    args: list[Any] = []
+    if flt.labels:
+        labels = list(dict.fromkeys(flt.labels))
+        parts.append(f"SELECT id FROM items WHERE label IN ({','.join('?' * len(labels))})")
+        args.extend(labels)
+    for name, value in flt.attributes.items():
+        parts.append("SELECT id FROM item_attrs WHERE name = ? AND value = ?")
+        args.extend((name, value))
+    sql = " INTERSECT ".join(parts) + " ORDER BY 1"
+    return np.fromiter((r[0] for r in conn.execute(sql, args)), np.int64)
+
+
+def _exact_search(
+    conn: sqlite3.Connection, q: np.ndarray, k: int, allowed: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force over stored vectors (all, or the ``allowed`` ids), in blocks."""
+    best_s = np.full((len(q), k), -np.inf, np.float32)
+    best_i = np.full((len(q), k), -1, np.int64)
+    for ids, vecs in _vectors_of(conn, allowed):
+        scores = q @ vecs.T
+        all_s = np.concatenate([best_s, scores], axis=1)
+        all_i = np.concatenate([best_i, np.broadcast_to(ids, scores.shape)], axis=1)
+        top = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
+        best_s = np.take_along_axis(all_s, top, axis=1)
+        best_i = np.take_along_axis(all_i, top, axis=1)
+    best_i[~np.isfinite(best_s)] = -1
+    return best_s, best_i
+
+
+def _vectors_of(
+    conn: sqlite3.Connection, ids: np.ndarray | None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    if ids is None:
+        yield from _stream_vectors(conn)
+        return
+    for start in range(0, len(ids), _SQL_CHUNK):
+        chunk = [int(i) for i in ids[start : start + _SQL_CHUNK]]
+        rows = conn.execute(
+            f"SELECT id, vector FROM items WHERE id IN ({','.join('?' * len(chunk))})", chunk
+        ).fetchall()
+        if rows:
+            got = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+            vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32)
+            yield got, vecs.reshape(len(rows), -1)
+
+
+def _to_hits(conn: sqlite3.Connection, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
+    """Join FAISS results with their metadata in one query (one per 4096 distinct ids)."""
+    wanted = np.unique(ids[ids >= 0]).tolist()
+    meta: dict[int, tuple[str, str, str]] = {}
+    for start in range(0, len(wanted), _SQL_CHUNK):
+        chunk = wanted[start : start + _SQL_CHUNK]
+        rows = conn.execute(
+            "SELECT id, key, label, attributes FROM items WHERE id IN "
+            f"({','.join('?' * len(chunk))})",
+            chunk,
+        )
+        meta.update((r[0], r[1:]) for r in rows)
+    out: list[list[Hit]] = []
+    for row_s, row_i in zip(scores.tolist(), ids.tolist(), strict=True):
+        hits = []
+        for s, i in zip(row_s, row_i, strict=True):
+            m = meta.get(i)
+            if m is not None:
+                hits.append(Hit(m[0], s, m[1], _load_attrs(m[2])))
+        out.append(hits)
+    return out
+
+
+def _drop_self(row: np.ndarray, self_id: int, k: int) -> list[int]:
+    return [int(i) for i in row if i != self_id and i >= 0][:k]
+
+
+def _dump_attrs(attrs: Mapping[str, str]) -> str:
+    return json.dumps(dict(attrs), sort_keys=True, ensure_ascii=False) if attrs else ""
+
+
+def _load_attrs(text: str) -> dict[str, str]:
+    return json.loads(text) if text else {}
+
+
+def _check_items(items: Sequence[Item]) -> None:
+    for item in items:
+        if not isinstance(item.key, str) or not item.key or len(item.key) > _MAX_KEY_LEN:
+            raise InvalidRequestError(
+                f"item key must be a non-empty string of at most {_MAX_KEY_LEN} characters, "
+                f"got {item.key!r:.80}"
+            )
+        if not isinstance(item.label, str):
+            raise InvalidRequestError(f"label of {item.key!r} must be a string")
+        for name, value in item.attributes.items():
+            if not isinstance(name, str) or not isinstance(value, str):
+                raise InvalidRequestError(
+                    f"attributes of {item.key!r} must map strings to strings, got "
+                    f"{name!r}: {value!r}"
+                )
+
+
+# -- files and locks ------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _lock_directory(root: Path) -> int:
+    """Hold an exclusive lock on the store so a second process cannot write it too."""
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        os.close(fd)
+        raise InvalidRequestError(
+            f"index store {root} is open in another process; stop it first"
+        ) from e
+    return fd
+
+
+class _ReadWriteLock:
+    """Many readers or one writer; a waiting writer holds new readers back."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()

@@ -1,0 +1,334 @@
+"""IndexStore: round trips, upserts, deletes, filters, model checks, index types, threads."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pictor.core.spec import ModelSpec
+from pictor.core.store import (
+    DeleteResult,
+    Filter,
+    Hit,
+    IndexStore,
+    Item,
+    SearchParams,
+    StoreOptions,
+    UpsertResult,
+    choose_factory,
+)
+from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
+
+DIM = 32
+
+
+def spec(dim: int = DIM, backbone: str = "test_backbone") -> ModelSpec:
+    return ModelSpec(backbone=backbone, weights="random", dim=dim)
+
+
+def unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def clustered(rng: np.random.Generator, n: int, dim: int = DIM, centers: int = 20) -> np.ndarray:
+    """Vectors in clusters, like embeddings: neighbours are meaningful, not all equidistant."""
+    c = unit(rng, centers, dim)
+    x = c[rng.integers(0, centers, n)] + 0.35 * unit(rng, n, dim)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def items(n: int, start: int = 0, labels: int = 3) -> list[Item]:
+    return [
+        Item(f"img/{i}.jpg", label=f"class{i % labels}", attributes={"shard": str(i % 2)})
+        for i in range(start, start + n)
+    ]
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(7)
+
+
+@pytest.fixture
+def filled(tmp_path: Path, rng: np.random.Generator) -> tuple[IndexStore, np.ndarray]:
+    vecs = unit(rng, 300)
+    store = IndexStore.create(tmp_path / "store", spec(), index_type="Flat")
+    store.upsert(items(300), vecs)
+    yield store, vecs
+    store.close()
+
+
+def test_upsert_search_and_round_trip(tmp_path: Path, rng: np.random.Generator) -> None:
+    vecs = unit(rng, 100)
+    with IndexStore.create(tmp_path / "s", spec()) as store:
+        assert store.upsert(items(100), vecs) == UpsertResult(inserted=100, replaced=0)
+        assert len(store) == 100
+        before = store.search(vecs[:5], k=3)
+    with IndexStore.open(tmp_path / "s") as store:
+        assert len(store) == 100
+        assert store.spec == spec()
+        after = store.search(vecs[:5], k=3)
+        info = store.info()
+    assert before == after
+    assert [hits[0].key for hits in after] == [f"img/{i}.jpg" for i in range(5)]
+    top = after[0][0]
+    assert isinstance(top, Hit) and top.label == "class0" and top.attributes == {"shard": "0"}
+    assert top.score == pytest.approx(1.0, abs=1e-5)
+    assert (info.index_type, info.metric, info.count, info.dim) == ("auto", "ip", 100, DIM)
+    assert info.created and info.updated
+
+
+def test_upsert_replaces_existing_key(filled: tuple[IndexStore, np.ndarray], rng) -> None:
+    store, vecs = filled
+    new = unit(rng, 1)
+    result = store.upsert([Item("img/5.jpg", label="renamed")], new)
+    assert result == UpsertResult(inserted=0, replaced=1)
+    assert len(store) == 300
+    hit = store.search(new, k=1)[0][0]
+    assert (hit.key, hit.label, hit.attributes) == ("img/5.jpg", "renamed", {})
+    assert all(h.key != "img/5.jpg" for h in store.search(vecs[5], k=5)[0][1:])
+    np.testing.assert_allclose(store.get_vector("img/5.jpg"), new[0], atol=1e-6)
+
+
+def test_upsert_same_key_twice_in_one_call_keeps_the_last(tmp_path: Path, rng) -> None:
+    vecs = unit(rng, 2)
+    with IndexStore.create(tmp_path / "s", spec(), index_type="Flat") as store:
+        result = store.upsert([Item("a", label="first"), Item("a", label="second")], vecs)
+        assert result == UpsertResult(inserted=1, replaced=1)
+        assert len(store) == 1
+        assert store.search(vecs[1], k=1)[0][0].label == "second"
+
+
+def test_delete_removes_from_results(filled: tuple[IndexStore, np.ndarray]) -> None:
+    store, vecs = filled
+    result = store.delete(["img/3.jpg", "img/4.jpg", "nope"])
+    assert result == DeleteResult(deleted=2, missing=["nope"])
+    assert len(store) == 298
+    keys = {h.key for h in store.search(vecs[3:5], k=10)[0]}
+    assert "img/3.jpg" not in keys and "img/4.jpg" not in keys
+    with pytest.raises(NotFoundError, match="img/3.jpg"):
+        store.get_vector("img/3.jpg")
+
+
+def test_filters_return_only_matches_and_exactly_k(filled: tuple[IndexStore, np.ndarray]) -> None:
+    store, vecs = filled
+    flt = Filter(labels=("class1",), attributes={"shard": "0"})
+    results = store.search(vecs[:4], k=25, filter=flt)
+    for hits in results:
+        assert len(hits) == 25  # 50 items match (i % 3 == 1 and i % 2 == 0)
+        assert all(h.label == "class1" and h.attributes["shard"] == "0" for h in hits)
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert len(store.search(vecs[0], k=80, filter=flt)[0]) == 50
+    assert store.search(vecs[0], k=5, filter=Filter(labels=("nope",))) == [[]]
+    two = store.search(vecs[0], k=200, filter=Filter(labels=("class0", "class2")))[0]
+    assert len(two) == 200 and {h.label for h in two} == {"class0", "class2"}
+
+
+def test_filter_is_exact_among_matches(filled: tuple[IndexStore, np.ndarray]) -> None:
+    store, vecs = filled
+    hits = store.search(vecs[7], k=5, filter=Filter(labels=("class1",)))[0]
+    allowed = np.array([i for i in range(300) if i % 3 == 1])
+    scores = vecs[allowed] @ vecs[7]
+    expected = [f"img/{i}.jpg" for i in allowed[np.argsort(-scores)[:5]]]
+    assert [h.key for h in hits] == expected
+
+
+def test_mismatched_dim_and_model_refused(tmp_path: Path, rng) -> None:
+    with IndexStore.create(tmp_path / "s", spec()) as store:
+        with pytest.raises(IncompatibleModelError, match="dim 16"):
+            store.upsert(items(2), unit(rng, 2, dim=16))
+        with pytest.raises(IncompatibleModelError, match="dim 64"):
+            store.search(unit(rng, 1, dim=64), k=1)
+        with pytest.raises(IncompatibleModelError, match="other_net"):
+            store.check_spec(spec(backbone="other_net"))
+        store.check_spec(spec())
+    with pytest.raises(IncompatibleModelError, match="other_net"):
+        IndexStore.open(tmp_path / "s", spec=spec(backbone="other_net"))
+    IndexStore.open(tmp_path / "s", spec=spec()).close()
+
+
+def test_bad_input_refused(tmp_path: Path, rng) -> None:
+    with IndexStore.create(tmp_path / "s", spec()) as store:
+        with pytest.raises(InvalidRequestError, match="2 items but 3 vectors"):
+            store.upsert(items(2), unit(rng, 3))
+        with pytest.raises(InvalidRequestError, match="NaN"):
+            store.upsert(items(1), np.full((1, DIM), np.nan, np.float32))
+        with pytest.raises(InvalidRequestError, match="all-zero"):
+            store.upsert(items(1), np.zeros((1, DIM), np.float32))
+        with pytest.raises(InvalidRequestError, match="key"):
+            store.upsert([Item("")], unit(rng, 1))
+        with pytest.raises(InvalidRequestError, match="k must be"):
+            store.search(unit(rng, 1), k=0)
+        assert len(store) == 0
+    with pytest.raises(InvalidRequestError, match="not a valid FAISS factory"):
+        IndexStore.create(tmp_path / "t", spec(), index_type="NotAnIndex12")
+    with pytest.raises(InvalidRequestError, match="already exists"):
+        IndexStore.create(tmp_path / "s", spec())
+    with pytest.raises(NotFoundError, match="no index store"):
+        IndexStore.open(tmp_path / "missing")
+
+
+def test_second_process_handle_refused(tmp_path: Path) -> None:
+    with IndexStore.create(tmp_path / "s", spec()):
+        with pytest.raises(InvalidRequestError, match="open in another process"):
+            IndexStore.open(tmp_path / "s")
+
+
+def test_vectors_are_normalised(tmp_path: Path, rng) -> None:
+    vecs = unit(rng, 10) * 7.5
+    with IndexStore.create(tmp_path / "s", spec()) as store:
+        store.upsert(items(10), vecs)
+        assert np.linalg.norm(store.get_vector("img/0.jpg")) == pytest.approx(1.0, abs=1e-6)
+        assert store.search(vecs[0] * 0.1, k=1)[0][0].score == pytest.approx(1.0, abs=1e-5)
+
+
+# 4-bit PQ codebooks train in a blink; 8-bit ones (minutes on 2 cores) run under -m slow.
+INDEX_TYPES = [
+    "Flat",
+    "HNSW32",
+    "IVF16,Flat",
+    "IVF16,PQ16x4",
+    pytest.param("OPQ16,IVF16,PQ16x4", marks=pytest.mark.slow),  # OPQ trains for minutes
+    "IVF16,PQ16x4fs",
+    "IVF16,PQ16x4fs,Refine(SQfp16)",
+    pytest.param("IVF16,PQ8", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("index_type", INDEX_TYPES)
+def test_each_index_type_finds_the_inserted_vector(tmp_path: Path, index_type: str) -> None:
+    rng = np.random.default_rng(3)
+    n = 12_000 if "PQ8," in index_type + "," else 3000  # enough to train the codebooks
+    vecs = clustered(rng, n)
+    # Random directions stand apart from the clustered collection, so even lossy PQ codes
+    # must rank each probe first for its own query.
+    probes = unit(np.random.default_rng(99), 2)
+    with IndexStore.create(tmp_path / "s", spec(), index_type=index_type) as store:
+        store.upsert(items(n), vecs)
+        assert store.info().factory == index_type  # trained, no longer the exact fallback
+        store.upsert([Item("probe0", label="x"), Item("probe1")], probes)
+        hits = store.search(probes, k=5, params=SearchParams(nprobe=16, ef_search=64))
+        assert [row[0].key for row in hits] == ["probe0", "probe1"]
+        assert all(len(row) == 5 for row in hits)
+        store.delete(["probe0", "img/0.jpg"])
+        hits = store.search(np.vstack([probes[:1], vecs[:1]]), k=5)
+        assert all(h.key not in ("probe0", "img/0.jpg") for row in hits for h in row)
+        assert all(len(row) == 5 for row in hits)
+    with IndexStore.open(tmp_path / "s") as store:
+        assert store.info().factory == index_type and len(store) == n
+        assert store.search(probes[1], k=1)[0][0].key == "probe1"
+
+
+def test_untrained_type_falls_back_to_exact(tmp_path: Path, rng) -> None:
+    vecs = unit(rng, 50)
+    with IndexStore.create(tmp_path / "s", spec(), index_type="IVF64,Flat") as store:
+        store.upsert(items(50), vecs)
+        assert store.info().factory == "Flat"
+        assert [h[0].key for h in store.search(vecs[:3], k=1)] == ["img/0.jpg", "img/1.jpg", "img/2.jpg"]
+
+
+def test_auto_stays_exact_when_small_then_trains(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    options = StoreOptions(exact_below=2000, memory_budget_gb=0.0001)
+    vecs = clustered(rng, 6000)
+    with IndexStore.create(tmp_path / "s", spec(), options=options) as store:
+        store.upsert(items(1500), vecs[:1500])
+        assert store.info().factory == "Flat"
+        store.upsert(items(4500, start=1500), vecs[1500:])
+        info = store.info()
+        assert info.factory == choose_factory(6000, DIM, options) != "Flat"
+        assert info.nprobe > 0  # tuned on a held-out sample
+        exact = vecs @ vecs[:50].T
+        found = store.search(vecs[:50], k=10)
+        truth = np.argsort(-exact, axis=0)[:10].T
+        recall = np.mean([
+            len({h.key for h in row} & {f"img/{i}.jpg" for i in t}) / 10
+            for row, t in zip(found, truth, strict=True)
+        ])
+        assert recall >= 0.9
+
+
+def test_hnsw_tombstones_compact(tmp_path: Path, rng) -> None:
+    vecs = unit(rng, 400)
+    options = StoreOptions(compact_ratio=0.2)
+    with IndexStore.create(tmp_path / "s", spec(), index_type="HNSW32", options=options) as store:
+        store.upsert(items(400), vecs)
+        store.delete([f"img/{i}.jpg" for i in range(50)])
+        assert store.info().tombstones == 50
+        hits = store.search(vecs[:50], k=10)
+        assert all(len(r) == 10 and all(int(h.key[4:-4]) >= 50 for h in r) for r in hits)
+        store.delete([f"img/{i}.jpg" for i in range(50, 100)])  # 100/400 > 20%: compaction
+        assert store.info().tombstones == 0
+        assert len(store) == 300
+    with IndexStore.open(tmp_path / "s") as store:
+        assert store.search(vecs[100], k=1)[0][0].key == "img/100.jpg"
+
+
+def test_open_replays_changes_missing_from_snapshot(tmp_path: Path, rng, caplog) -> None:
+    vecs = unit(rng, 60)
+    store = IndexStore.create(tmp_path / "s", spec(), index_type="Flat")
+    store.upsert(items(40), vecs[:40])
+    store.snapshot()
+    store.upsert(items(20, start=40), vecs[40:])
+    store.delete(["img/0.jpg"])
+    store.close(snapshot=False)  # as if the process died before saving the index
+    with caplog.at_level(logging.WARNING), IndexStore.open(tmp_path / "s") as store:
+        assert len(store) == 59
+        assert store.search(vecs[50], k=1)[0][0].key == "img/50.jpg"
+        assert store.search(vecs[0], k=1)[0][0].key != "img/0.jpg"
+    assert "brought up to date" in caplog.text
+
+
+def test_open_rebuilds_corrupt_snapshot(tmp_path: Path, rng, caplog) -> None:
+    vecs = unit(rng, 30)
+    with IndexStore.create(tmp_path / "s", spec(), index_type="Flat") as store:
+        store.upsert(items(30), vecs)
+    (snap,) = (tmp_path / "s").glob("faiss-*.index")
+    snap.write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING), IndexStore.open(tmp_path / "s") as store:
+        assert store.search(vecs[9], k=1)[0][0].key == "img/9.jpg"
+    assert "rebuilt" in caplog.text
+
+
+def test_concurrent_readers_never_see_torn_state(tmp_path: Path) -> None:
+    """Readers search while a writer replaces and deletes; every result is whole."""
+    rng = np.random.default_rng(11)
+    vecs = unit(rng, 200)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    with IndexStore.create(tmp_path / "s", spec(), index_type="HNSW32") as store:
+        store.upsert(items(200), vecs)
+
+        def reader(seed: int) -> None:
+            r = np.random.default_rng(seed)
+            try:
+                while not stop.is_set():
+                    q = unit(r, 3)
+                    for row in store.search(q, k=10):
+                        # 200 items always exist (replacements keep the count): exactly 10 hits
+                        assert len(row) == 10, len(row)
+                        assert len({h.key for h in row}) == 10
+                        for h in row:
+                            assert h.label == "class" + str(int(h.key[4:-4]) % 3) or h.label == "new"
+            except BaseException as e:  # noqa: BLE001 -- reported by the main thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for step in range(60):
+            batch = [Item(f"img/{(step * 7 + j) % 200}.jpg", label="new") for j in range(5)]
+            store.upsert(batch, unit(rng, 5))
+            extra = Item(f"tmp/{step}.jpg")
+            store.upsert([extra], unit(rng, 1))
+            store.delete([extra.key])
+        stop.set()
+        for t in threads:
+            t.join()
+        assert len(store) == 200
+    assert not errors, errors[0]
