@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -27,9 +28,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-from pictor.core.spec import ModelSpec
 from torch import nn
 
+from pictor.core.spec import ModelSpec
 from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
 
 if TYPE_CHECKING:
@@ -193,7 +194,8 @@ def fingerprint_state(state: Mapping[str, torch.Tensor]) -> str:
     """Stable hex digest of tensors by name: identifies fine-tuned backbone weights."""
     h = hashlib.sha256()
     for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
+        # flatten: a channels_last tensor with size-1 dims can claim to be contiguous
+        t = state[name].detach().cpu().flatten()
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
@@ -288,12 +290,19 @@ class TrainedModel:
             )
 
     def create_embedder(self, device: str = "auto", precision: str = "auto") -> Embedder:
-        """The backbone that feeds this head, fine-tuned weights included."""
+        """The backbone that feeds this head, fine-tuned weights included.
+
+        Raises ``IncompatibleModelError`` when the backbone no longer builds the embedding
+        space the head was trained on (e.g. a changed checkpoint file).
+        """
         from pictor.core import embedder as embedder_mod
 
+        weights = self.spec.weights
+        if weights.startswith("file:"):  # a local checkpoint: its path is in the config
+            weights = str(self.training.get("weights") or weights)
         emb = embedder_mod.create_embedder(
             self.spec.backbone,
-            weights=self.spec.weights,
+            weights=weights,
             device=device,
             precision=precision,
             pooling=self.spec.pooling,
@@ -398,16 +407,31 @@ def load_model(path: str | os.PathLike[str]) -> TrainedModel:
 
 
 def apply_backbone_state(
-    embedder: Embedder, state: Mapping[str, torch.Tensor], fingerprint: str
+    embedder: Embedder, state: Mapping[str, torch.Tensor], fingerprint: str = ""
 ) -> None:
-    """Load fine-tuned backbone tensors into ``embedder`` and mark its spec as fine-tuned."""
-    from pictor.core import embedder as embedder_mod
+    """Load fine-tuned backbone tensors into ``embedder`` and mark its spec as fine-tuned.
 
-    load = getattr(embedder_mod, "load_finetuned_state", None)
-    if load is not None:  # the embedder knows best how to take new weights
-        load(embedder, dict(state), fingerprint)
-        return
-    raise IncompatibleModelError("this embedder cannot load fine-tuned backbone weights")
+    ``state`` names tensors of ``embedder.backbone`` (only the changed ones need to be there);
+    ``fingerprint`` defaults to ``fingerprint_state(state)``.
+    """
+    module = embedder.backbone
+    own = module.state_dict()
+    foreign = [k for k in state if k not in own]
+    if foreign:
+        raise IncompatibleModelError(
+            f"fine-tuned weights do not fit backbone {embedder.spec.backbone}: unknown tensors "
+            f"{foreign[:3]}{'...' if len(foreign) > 3 else ''}"
+        )
+    for name, tensor in state.items():
+        if own[name].shape != tensor.shape:
+            raise IncompatibleModelError(
+                f"fine-tuned tensor {name} has shape {tuple(tensor.shape)}, the backbone "
+                f"{embedder.spec.backbone} {tuple(own[name].shape)}"
+            )
+    module.load_state_dict(dict(state), strict=False)  # a partial state: only what changed
+    embedder.spec = dataclasses.replace(
+        embedder.spec, finetune=fingerprint or fingerprint_state(state)
+    )
 
 
 def _plain(value: Any) -> Any:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+
 from pictor.core.head import (
     ClassifierHead,
     OpenSetThresholds,
@@ -18,7 +19,6 @@ from pictor.core.head import (
     load_model,
 )
 from pictor.core.spec import ModelSpec
-
 from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
 
 SPEC = ModelSpec(backbone="efficientnet_lite0", weights="offline", dim=8)

@@ -1,9 +1,152 @@
-"""Subcommands of this part (filled in by its issue)."""
+"""``pictor train`` and ``pictor eval``. Heavy imports happen only when a subcommand runs."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from typing import Any
+
+from pictor.config import DEFAULT_BACKBONE
+
+TRAIN_EPILOG = """\
+examples:
+  pictor train photos/ --out photos.pt                    # linear head, 20% validation
+  pictor train photos/ --out photos.pt --mode finetune --epochs 8
+  pictor train labels.csv --val val.jsonl --out m.pt      # manifests: path,label
+  pictor serve --index index --model photos.pt            # Classify with the head
+"""
+
+EVAL_EPILOG = """\
+examples:
+  pictor eval photos.pt test/                             # table for people
+  pictor eval photos.pt test/ --json --png confusion.png  # JSON for scripts + a plot
+"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add this part's subcommands to the ``pictor`` parser."""
+    """Add ``train`` and ``eval`` to the ``pictor`` parser."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    t = sub.add_parser("train", help="train a classification head on labelled images",
+                       description="Train a head (linear probe or fine-tuned backbone) on DATA: "
+                       "a folder with one sub-folder per class, or a CSV/JSONL manifest with "
+                       "path and label.", epilog=TRAIN_EPILOG, formatter_class=fmt)
+    t.add_argument("data", metavar="DATA")
+    t.add_argument("--out", required=True, metavar="MODEL", help="model file to write")
+    t.add_argument("--mode", choices=("linear", "finetune"), default="linear")
+    t.add_argument("--val", metavar="DATA", help="validation set (default: split off DATA)")
+    t.add_argument("--val-fraction", type=float, default=0.2)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    t.add_argument("--weights", default="", help="weights tag or checkpoint (default: the "
+                   "backbone's own)")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--min-per-class", type=int, default=5)
+    t.add_argument("--max-per-class", type=int, default=0, help="cap images per class (0 = all)")
+    t.add_argument("--cache-dir", default="", help="embedding cache (default: $PICTOR_CACHE_DIR "
+                   "or ~/.cache/pictor; 'none' disables it)")
+    t.add_argument("--weight-decays", default="",
+                   help="comma-separated candidates for the head (linear probe)")
+    t.add_argument("--no-flip", action="store_true", help="linear: no mirrored training views")
+    t.add_argument("--epochs", type=int, default=8, help="finetune: most epochs")
+    t.add_argument("--unfreeze", type=int, default=2, help="finetune: last N stages trained")
+    t.add_argument("--lr", type=float, default=1e-3, help="finetune: head learning rate")
+    t.add_argument("--backbone-lr", type=float, default=2e-4)
+    t.add_argument("--label-smoothing", type=float, default=0.1)
+    t.add_argument("--patience", type=int, default=3, help="finetune: early-stopping epochs")
+    t.add_argument("--train-size", type=int, default=0, help="finetune crop size (0 = input)")
+    t.add_argument("--no-open-set", action="store_true", help="no open-set thresholds")
+    t.add_argument("--max-known-rejected", type=float, default=0.05,
+                   help="open set: share of known images allowed to come back unknown")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(run=run_train)
+
+    e = sub.add_parser("eval", help="evaluate a model file on labelled images",
+                       description="Top-1/top-5 accuracy, per-class precision/recall/F1 and a "
+                       "confusion matrix of MODEL on DATA (folder tree or manifest).",
+                       epilog=EVAL_EPILOG, formatter_class=fmt)
+    e.add_argument("model", metavar="MODEL")
+    e.add_argument("data", metavar="DATA")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.add_argument("--png", metavar="FILE", help="write the confusion matrix as a PNG")
+    e.add_argument("--out-json", metavar="FILE", help="also write the JSON report to FILE")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--cache-dir", default="", help="embedding cache ('none' disables it)")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(run=run_eval)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from pictor.errors import InvalidRequestError, require_server_extra
+
+    require_server_extra("pictor train")
+    from pictor.trainer.config import TrainConfig
+    from pictor.trainer.train import train
+
+    try:
+        decays = tuple(float(x) for x in args.weight_decays.split(",") if x.strip())
+    except ValueError as e:
+        raise InvalidRequestError(f"--weight-decays: {e}") from e
+    config = TrainConfig(
+        mode=args.mode, backbone=args.backbone, weights=args.weights, device=args.device,
+        precision=args.precision, val_fraction=args.val_fraction, seed=args.seed,
+        min_per_class=args.min_per_class, max_per_class=args.max_per_class,
+        batch_size=args.batch_size, cache_dir=args.cache_dir, progress=not args.no_progress,
+        flip_views=not args.no_flip, epochs=args.epochs, unfreeze=args.unfreeze, lr=args.lr,
+        backbone_lr=args.backbone_lr, label_smoothing=args.label_smoothing,
+        patience=args.patience, train_size=args.train_size, open_set=not args.no_open_set,
+        max_known_rejected=args.max_known_rejected,
+        **({"weight_decays": decays} if decays else {}),
+    )
+    result = train(config, args.data, val_data=args.val, out=args.out)
+    m = result.model.metrics
+    print(f"wrote {args.out}: {config.mode} head, {len(result.model.class_names)} classes, "
+          f"{m['train_images']} training images, {len(result.skipped)} skipped, "
+          f"{result.seconds:.0f}s")
+    print(f"validation: top-1 {result.report['top1']:.4f}  top-5 {result.report['top5']:.4f}  "
+          f"macro F1 {result.report['macro_f1']:.4f} ({result.report['n']} images)")
+    if result.model.thresholds:
+        t = result.model.thresholds
+        print(f"open set: unknown when confidence < {t.head_confidence:.3f} and nearest "
+              f"neighbour similarity < {t.neighbor_similarity:.3f}")
+    if result.model.spec.finetune:
+        print("the backbone is fine-tuned: build the index with it: "
+              f"pictor index GALLERY --model {args.out}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from pictor.errors import require_server_extra
+
+    require_server_extra("pictor eval")
+    from pictor.core.head import load_model
+    from pictor.trainer.evaluate import evaluate
+    from pictor.trainer.metrics import format_report, plot_confusion
+
+    model = load_model(args.model)
+    cache = None if args.cache_dir.lower() == "none" else args.cache_dir
+    report: dict[str, Any] = evaluate(model, args.data, cache_dir=cache, device=args.device,
+                                      batch_size=args.batch_size, progress=not args.no_progress)
+    if args.png:
+        plot_confusion(report, args.png)
+    if args.out_json:
+        with open(args.out_json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+        return 0
+    print(format_report(report))
+    extras = []
+    if report["skipped"]:
+        extras.append(f"{len(report['skipped'])} unreadable image(s) skipped")
+    if report["ignored"]:
+        extras.append(f"{report['ignored']} image(s) of unknown classes ignored")
+    if args.png:
+        extras.append(f"confusion matrix: {args.png}")
+    if extras:
+        print("\n" + "; ".join(extras))
+    return 0

@@ -1,0 +1,196 @@
+"""Transfer-learning benchmark: linear probe, fine-tuning and kNN on one labelled folder.
+
+Splits off a seeded, stratified validation share (25% by default), then reports validation
+top-1 and wall time for each mode with the default (offline) backbone, plus the open-set
+check: one class left out of training entirely, its validation images should come back
+"unknown" while the known classes' images keep their label.
+
+Each mode starts from an empty embedding cache, so its time includes embedding the images
+(kNN reads the embeddings the linear run cached, and says so).
+
+Run from the project root, under the shared CPU lock::
+
+    flock /tmp/pictor-cpu.lock .venv/bin/python bench/transfer.py \\
+        --data ../shared/datasets/flowers/train
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pictor.trainer import data as data_mod
+from pictor.trainer.config import TrainConfig
+from pictor.trainer.openset import knn_predict, nearest_similarity
+from pictor.trainer.train import Splits, build_embedder, embed_set, train
+
+log = logging.getLogger("bench.transfer")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="image-folder tree (one folder per class)")
+    p.add_argument("--modes", default="linear,finetune,knn,openset",
+                   help="comma-separated subset of linear,finetune,knn,openset")
+    p.add_argument("--val-fraction", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-per-class", type=int, default=0, help="cap images per class (0 = all)")
+    p.add_argument("--epochs", type=int, default=8, help="finetune epochs (upper bound)")
+    p.add_argument("--unfreeze", type=int, default=2, help="finetune: last N stages trained")
+    p.add_argument("--train-size", type=int, default=0, help="finetune crop size (0 = input)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--k", type=int, default=10, help="kNN: neighbours voting")
+    p.add_argument("--open-set-class", default="",
+                   help="class left out for the open-set check (default: the last class)")
+    p.add_argument("--open-set-mode", default="linear", choices=("linear", "finetune"))
+    p.add_argument("--max-known-rejected", type=float, default=0.05)
+    p.add_argument("--json", default="", help="also write the results to this JSON file")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def config_for(args: argparse.Namespace, mode: str, cache_dir: str) -> TrainConfig:
+    return TrainConfig(
+        mode=mode, val_fraction=args.val_fraction, seed=args.seed,
+        max_per_class=args.max_per_class, epochs=args.epochs, unfreeze=args.unfreeze,
+        train_size=args.train_size, batch_size=args.batch_size, cache_dir=cache_dir,
+        max_known_rejected=args.max_known_rejected, progress=not args.no_progress,
+    )
+
+
+def run_train(args: argparse.Namespace, mode: str, splits: Splits, cache_dir: str
+              ) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    result = train(config_for(args, mode, cache_dir), args.data, splits=splits)
+    m = result.model.metrics
+    row = {"mode": mode, "top1": result.report["top1"], "top5": result.report["top5"],
+           "macro_f1": result.report["macro_f1"], "seconds": time.perf_counter() - t0,
+           "train": m["train_images"], "val": result.report["n"],
+           "skipped": m["skipped_images"]}
+    if mode == "linear":
+        row["note"] = f"weight decay {m['weight_decay']:g}, train views plain+mirror"
+    else:
+        row["note"] = (f"linear probe {m['linear_probe_val_accuracy']:.4f}, best epoch "
+                       f"{m['best_epoch']}/{m['epochs_run']}")
+    return row
+
+
+def run_knn(args: argparse.Namespace, splits: Splits, cache_dir: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    config = config_for(args, "linear", cache_dir)
+    embedder = build_embedder(config)
+    tr, stats_tr = embed_set(splits.train, embedder, config, "train")
+    va, stats_va = embed_set(splits.val, embedder, config, "val")
+    t_vote = time.perf_counter()
+    preds = knn_predict(va.embeddings, tr.embeddings, tr.labels, k=args.k, weighted=True)
+    top1 = float(np.mean([p == y for p, y in zip(preds, va.labels, strict=True)]))
+    hits = stats_tr["hits"] + stats_va["hits"]
+    return {"mode": f"knn (k={args.k}, weighted)", "top1": top1, "top5": float("nan"),
+            "macro_f1": float("nan"), "seconds": time.perf_counter() - t0,
+            "train": len(tr.samples), "val": len(va.samples),
+            "skipped": len(tr.skipped) + len(va.skipped),
+            "note": f"embeddings from the linear run's cache ({hits} hits); vote "
+                    f"{time.perf_counter() - t_vote:.2f}s"}
+
+
+def run_open_set(args: argparse.Namespace, splits: Splits, cache_dir: str) -> dict[str, Any]:
+    """Train without one class; score its validation images and the known ones."""
+    names = data_mod.class_names(splits.train)
+    held = args.open_set_class or names[-1]
+    if held not in names:
+        raise SystemExit(f"--open-set-class {held!r} is not one of {names}")
+    known = Splits([s for s in splits.train if s.label != held],
+                   [s for s in splits.val if s.label != held])
+    t0 = time.perf_counter()
+    config = config_for(args, args.open_set_mode, cache_dir)
+    embedder = build_embedder(config)
+    result = train(config, args.data, splits=known, embedder=embedder)
+    model = result.model
+    assert model.thresholds is not None
+    # The index at serving time: the training images, embedded by the model's own backbone.
+    tr, _ = embed_set(known.train, embedder, config, "index")
+    va, _ = embed_set(splits.val, embedder, config, "val")
+    probs = model.predict_proba(va.embeddings)
+    conf = probs.max(1)
+    pred = [model.class_names[i] for i in probs.argmax(1)]
+    sim = nearest_similarity(va.embeddings, tr.embeddings)
+    unknown = np.array([model.thresholds.is_unknown(float(c), float(s))
+                        for c, s in zip(conf, sim, strict=True)])
+    is_held = np.array([lab == held for lab in va.labels])
+    correct = np.array([p == y for p, y in zip(pred, va.labels, strict=True)])
+    return {
+        "held_out": held, "mode": args.open_set_mode,
+        "unknown_rejected": float(unknown[is_held].mean()),
+        "known_kept": float((~unknown & correct)[~is_held].mean()),
+        "known_rejected": float(unknown[~is_held].mean()),
+        "known_top1_closed_set": float(correct[~is_held].mean()),
+        "thresholds": model.thresholds.to_dict(),
+        "n_unknown": int(is_held.sum()), "n_known": int((~is_held).sum()),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def print_table(rows: list[dict[str, Any]], open_set: dict[str, Any] | None,
+                data: str) -> None:
+    print(f"\ndata: {data}")
+    print("| mode | train / val images | top-1 | top-5 | macro F1 | wall time | note |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        top5 = "-" if np.isnan(r["top5"]) else f"{r['top5']:.4f}"
+        f1 = "-" if np.isnan(r["macro_f1"]) else f"{r['macro_f1']:.4f}"
+        print(f"| {r['mode']} | {r['train']} / {r['val']} | {r['top1']:.4f} | {top5} | {f1} | "
+              f"{r['seconds']:.0f} s | {r['note']} |")
+    if open_set:
+        o = open_set
+        print(f"\nopen set ({o['mode']} head, class '{o['held_out']}' left out; thresholds: "
+              f"confidence < {o['thresholds']['head_confidence']:.3f} and neighbour similarity "
+              f"< {o['thresholds']['neighbor_similarity']:.3f}):")
+        print(f"  held-out images answered unknown: {o['unknown_rejected']:.1%} "
+              f"of {o['n_unknown']}")
+        print(f"  known images keeping their correct label: {o['known_kept']:.1%} of "
+              f"{o['n_known']} (closed-set top-1 {o['known_top1_closed_set']:.1%}, "
+              f"rejected {o['known_rejected']:.1%}); {o['seconds']:.0f} s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    base = TrainConfig(val_fraction=args.val_fraction, seed=args.seed)
+    samples = data_mod.cap_per_class(data_mod.load_samples(args.data), args.max_per_class,
+                                     args.seed)
+    train_s, val_s = data_mod.stratified_split(samples, base.val_fraction, base.seed)
+    splits = Splits(train_s, val_s)
+    rows: list[dict[str, Any]] = []
+    open_set = None
+    with tempfile.TemporaryDirectory(prefix="pictor-bench-") as tmp:
+        linear_cache = str(Path(tmp) / "linear")
+        for mode in modes:
+            if mode == "linear":
+                rows.append(run_train(args, "linear", splits, linear_cache))
+            elif mode == "finetune":
+                rows.append(run_train(args, "finetune", splits, str(Path(tmp) / "finetune")))
+            elif mode == "knn":
+                rows.append(run_knn(args, splits, linear_cache))
+            elif mode == "openset":
+                open_set = run_open_set(args, splits, linear_cache)
+            else:
+                raise SystemExit(f"unknown mode {mode!r}")
+    print_table(rows, open_set, args.data)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "open_set": open_set}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

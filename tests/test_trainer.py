@@ -1,0 +1,226 @@
+"""Training and evaluation on tiny images drawn here, with the offline default backbone.
+
+Three classes a linear probe must separate perfectly (red discs, green squares, blue
+triangles on noisy grey), both modes, the embedding cache, the model file round trip with
+fine-tuned weights, refusal of mismatched indexes, and the CLI entry points.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from pictor.cli import main
+from pictor.core.backbones import create_backbone
+from pictor.core.embedder import Embedder, create_embedder, resolve_device
+from pictor.core.head import load_model
+from pictor.errors import IncompatibleModelError, InvalidRequestError
+from pictor.trainer import data as data_mod
+from pictor.trainer.config import TrainConfig
+from pictor.trainer.evaluate import evaluate
+from pictor.trainer.finetune import backbone_stages, warmup_cosine
+from pictor.trainer.train import train
+
+CLASSES = ("disc", "square", "triangle")
+COLOURS = {"disc": (220, 30, 30), "square": (30, 200, 40), "triangle": (30, 60, 220)}
+
+
+def draw(shape: str, rng: random.Random, size: int = 48) -> Image.Image:
+    """One coloured shape at a random place and size on a noisy grey background."""
+    noise = np.random.default_rng(rng.randrange(1 << 30)).integers(90, 150, (size, size, 3))
+    img = Image.fromarray(noise.astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    r = rng.randint(size // 4, size // 2 - 2)
+    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+    jitter = tuple(min(255, max(0, c + rng.randint(-25, 25))) for c in COLOURS[shape])
+    if shape == "disc":
+        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=jitter)
+    elif shape == "square":
+        d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=jitter)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=jitter)
+    return img
+
+
+def make_tree(root: Path, per_class: int, seed: int = 0, classes: Sequence[str] = CLASSES
+              ) -> Path:
+    rng = random.Random(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            draw(c, rng).save(root / c / f"{c}_{i}.png")
+    return root
+
+
+class CountingEmbedder(Embedder):
+    """The real embedder, counting the images that reach the backbone."""
+
+    images_embedded = 0
+
+    def embed(self, images):  # type: ignore[no-untyped-def]
+        self.images_embedded += len(images)
+        return super().embed(images)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tree(tmp_path_factory.mktemp("shapes"), per_class=8)
+
+
+def config(tmp_path: Path, **kw: object) -> TrainConfig:
+    defaults: dict[str, object] = {"cache_dir": str(tmp_path / "cache"), "val_fraction": 0.25,
+                                   "min_per_class": 3, "progress": False, "batch_size": 16}
+    return TrainConfig(**(defaults | kw))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_folder_tree_manifests_and_split(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree", per_class=5)
+    samples = data_mod.load_samples(tree)
+    assert len(samples) == 15 and data_mod.class_names(samples) == list(CLASSES)
+    rows = [(str(s.path.relative_to(tmp_path)), s.label) for s in samples]
+    with (tmp_path / "m.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        w.writerows(rows)
+    (tmp_path / "m.jsonl").write_text(
+        "\n".join(json.dumps({"path": p, "label": lab}) for p, lab in rows) + "\n")
+    assert data_mod.load_samples(tmp_path / "m.csv") == samples
+    assert data_mod.load_samples(tmp_path / "m.jsonl") == samples
+    train_s, val_s = data_mod.stratified_split(samples, 0.4, seed=1)
+    assert sorted(s.label for s in val_s) == sorted(CLASSES * 2)
+    assert set(train_s).isdisjoint(val_s) and len(train_s) + len(val_s) == 15
+    assert data_mod.stratified_split(samples, 0.4, seed=1) == (train_s, val_s)  # seeded
+
+
+def test_bad_data_gives_clear_errors(tmp_path: Path) -> None:
+    (tmp_path / "bad.csv").write_text("file,class\na.png,x\n")
+    with pytest.raises(InvalidRequestError, match="'path' and 'label'"):
+        data_mod.load_samples(tmp_path / "bad.csv")
+    tree = make_tree(tmp_path / "tree", per_class=6)
+    for f in list((tree / "square").iterdir())[2:]:
+        f.unlink()
+    with pytest.raises(InvalidRequestError, match=r"square \(2\)"):
+        train(config(tmp_path), tree)
+
+
+# --------------------------------------------------------------------------- linear
+
+
+def test_linear_separates_shapes_and_caches_embeddings(shapes: Path, tmp_path: Path) -> None:
+    bb = create_backbone("efficientnet_lite0")
+    emb = CountingEmbedder(bb, device=resolve_device("cpu"), precision="fp32", pooling="avg",
+                           batch_size=16)
+    first = train(config(tmp_path, weight_decays=(1e-3,)), shapes, embedder=emb)
+    assert first.report["top1"] == 1.0
+    assert first.model.class_names == list(CLASSES)
+    n_images = 24
+    assert first.cache["misses"] == 18 * 2 + 6  # train views plain+mirror, val plain
+    assert emb.images_embedded == first.cache["misses"]
+    # Other hyper-parameters: every embedding comes from the cache, none from the backbone.
+    second = train(config(tmp_path, weight_decays=(1e-2, 1e-1)), shapes, embedder=emb)
+    assert second.cache == {"hits": first.cache["misses"], "misses": 0}
+    assert emb.images_embedded == first.cache["misses"]
+    assert second.model.metrics["weight_decay"] in (1e-2, 1e-1)
+    assert second.model.data_fingerprint == first.model.data_fingerprint
+    assert second.model.metrics["train_images"] + second.report["n"] == n_images
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree", per_class=6)
+    (tree / "disc" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tree / "square" / "empty.jpg").write_bytes(b"")
+    result = train(config(tmp_path, weight_decays=(1e-3,)), tree)
+    assert {p.name for p, _ in result.skipped} == {"broken.png", "empty.jpg"}
+    assert result.model.metrics["skipped_images"] == 2
+    assert result.report["top1"] == 1.0
+
+
+# --------------------------------------------------------------------------- finetune
+
+
+def test_finetune_one_epoch_round_trip_and_refusals(shapes: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ft.pt"
+    cfg = config(tmp_path, mode="finetune", epochs=1, unfreeze=1, train_size=96,
+                 weight_decays=(1e-3,), batch_size=8)
+    emb = create_embedder(device="cpu")
+    plain_spec = emb.spec
+    result = train(cfg, shapes, out=out, embedder=emb)
+    model = load_model(out)
+    assert model.spec.finetune and model.spec != plain_spec
+    assert model.backbone_state, "the changed backbone tensors travel in the model file"
+    assert all(k.startswith("model.") for k in model.backbone_state)
+    assert result.model.metrics["epochs_run"] == 1
+    assert result.report["top1"] == 1.0
+    # The model file rebuilds the same tuned backbone: same embeddings, same answers.
+    rebuilt = model.create_embedder(device="cpu")
+    assert rebuilt.spec == model.spec
+    images = [draw(c, random.Random(7)) for c in CLASSES]
+    np.testing.assert_allclose(rebuilt.embed(images), emb.embed(images), atol=1e-5)
+    assert [model.class_names[i] for i in model.predict_proba(rebuilt.embed(images)).argmax(1)
+            ] == list(CLASSES)
+    # An index built with the plain backbone is refused, naming the fix.
+    with pytest.raises(IncompatibleModelError, match="pictor index GALLERY --model MODEL"):
+        model.check_index(plain_spec)
+
+
+def test_stages_and_schedule() -> None:
+    stages = backbone_stages(create_backbone("efficientnet_lite0", "random"))
+    assert stages[-1] == "model.blocks.6" and len(stages) == 7
+    f = warmup_cosine(total_steps=100, warmup_steps=10)
+    assert f(0) < f(5) < f(9) <= 1.0 and f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_train_then_eval(shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                             ) -> None:
+    model_path = tmp_path / "shapes.pt"
+    cache = str(tmp_path / "cache")
+    rc = main(["train", str(shapes), "--out", str(model_path), "--val-fraction", "0.25",
+               "--min-per-class", "3", "--weight-decays", "0.001", "--cache-dir", cache,
+               "--no-progress"])
+    assert rc == 0 and model_path.is_file()
+    assert "top-1 1.0000" in capsys.readouterr().out
+    png, report_json = tmp_path / "cm.png", tmp_path / "report.json"
+    rc = main(["eval", str(model_path), str(shapes), "--json", "--png", str(png),
+               "--out-json", str(report_json), "--cache-dir", cache, "--no-progress"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["top1"] == 1.0 and report["n"] == 24
+    assert report["confusion"] == [[8, 0, 0], [0, 8, 0], [0, 0, 8]]
+    assert set(report["per_class"]["disc"]) == {"precision", "recall", "f1", "support"}
+    assert png.stat().st_size > 1000 and json.loads(report_json.read_text()) == report
+    rc = main(["eval", str(model_path), str(shapes), "--cache-dir", cache, "--no-progress"])
+    table = capsys.readouterr().out
+    assert rc == 0 and "precision" in table and "triangle" in table
+
+
+def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["train", str(tmp_path / "missing"), "--out", str(tmp_path / "m.pt")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+    foreign = tmp_path / "foreign.pt"
+    foreign.write_bytes(b"not a model")
+    rc = main(["eval", str(foreign), str(tmp_path)])
+    assert rc == 2 and "not a Pictor model file" in capsys.readouterr().err
+
+
+def test_eval_ignores_unknown_classes(shapes: Path, tmp_path: Path) -> None:
+    model = train(config(tmp_path, weight_decays=(1e-3,)), shapes).model
+    other = make_tree(tmp_path / "other", per_class=3, seed=5, classes=("disc",))
+    (other / "star").mkdir()
+    for i in range(3):  # a class the model never saw: any picture will do
+        draw("square", random.Random(i)).save(other / "star" / f"{i}.png")
+    report = evaluate(model, other, cache_dir=tmp_path / "cache", progress=False)
+    assert report["ignored"] == 3 and report["n"] == 3 and report["top1"] == 1.0

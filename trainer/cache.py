@@ -1,0 +1,196 @@
+"""Embeddings of labelled images, cached on disk by image content and embedding space.
+
+A second training run with other hyper-parameters (or ``pictor eval`` of a linear head on the
+same images) finds its embeddings here instead of running the backbone again. The key is the
+SHA-256 of the image file's bytes plus the ``ModelSpec`` (backbone, weights, fine-tune
+fingerprint, preprocessing) and the view (plain or mirrored), so renaming or relabelling an
+image still hits, and changing the model never returns stale vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pictor.core.spec import ModelSpec
+from pictor.errors import InvalidImageError
+from pictor.trainer.data import Sample
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from pictor.core.embedder import Embedder
+
+log = logging.getLogger(__name__)
+
+VIEWS = ("plain", "hflip")  # hflip: the mirrored image, a free augmentation for linear heads
+
+
+def default_cache_dir() -> Path:
+    """``$PICTOR_CACHE_DIR``, else ``$XDG_CACHE_HOME/pictor``, else ``~/.cache/pictor``."""
+    if os.environ.get("PICTOR_CACHE_DIR"):
+        return Path(os.environ["PICTOR_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pictor"
+
+
+def spec_key(spec: ModelSpec, view: str) -> str:
+    """Folder name of one embedding space and view."""
+    blob = json.dumps({"spec": spec.to_dict(), "view": view}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+class EmbeddingCache:
+    """One ``.npy`` file per (image content, embedding space, view); counts hits and misses."""
+
+    def __init__(self, root: str | Path, spec: ModelSpec, view: str = "plain"):
+        if view not in VIEWS:
+            raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
+        self.dir = Path(root) / "embeddings" / spec_key(spec, view)
+        self.spec, self.view = spec, view
+        self.hits = 0
+        self.misses = 0
+        self.dir.mkdir(parents=True, exist_ok=True)
+        about = self.dir / "spec.json"
+        if not about.exists():  # for people browsing the cache
+            about.write_text(json.dumps({"spec": spec.to_dict(), "view": view}, indent=2))
+
+    def _path(self, content_hash: str) -> Path:
+        return self.dir / content_hash[:2] / f"{content_hash}.npy"
+
+    def get(self, content_hash: str) -> np.ndarray | None:
+        p = self._path(content_hash)
+        try:
+            vec = np.load(p)
+        except (OSError, ValueError):
+            self.misses += 1
+            return None
+        if vec.shape != (self.spec.dim,):  # a damaged entry is a miss, and gets rewritten
+            self.misses += 1
+            return None
+        self.hits += 1
+        return vec
+
+    def put(self, content_hash: str, vector: np.ndarray) -> None:
+        p = self._path(content_hash)
+        p.parent.mkdir(exist_ok=True)
+        tmp = p.with_name(f"{p.stem}.{os.getpid()}.tmp.npy")
+        np.save(tmp, np.asarray(vector, dtype=np.float32))
+        os.replace(tmp, p)  # atomic: concurrent runs never read half a vector
+
+
+@dataclass
+class EmbeddedSet:
+    """Embeddings of the usable images of a sample list, in sample order."""
+
+    embeddings: np.ndarray  # [N, dim] float32, or [V, N, dim] with several views
+    samples: list[Sample]
+    content_hashes: list[str]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (path, why)
+
+    @property
+    def labels(self) -> list[str]:
+        return [s.label for s in self.samples]
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def embed_samples(
+    samples: Sequence[Sample],
+    embedder: Embedder,
+    *,
+    cache_root: str | Path | None,
+    views: Sequence[str] = ("plain",),
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[EmbeddedSet, dict[str, int]]:
+    """Embed ``samples`` (cached when ``cache_root`` is set), skipping unreadable images.
+
+    Returns the set and cache statistics ``{"hits": .., "misses": ..}`` (image-view pairs).
+    ``progress(n)`` is called as images are done.
+    """
+    from pictor.core.decode import decode_image
+
+    caches = [EmbeddingCache(cache_root, embedder.spec, v) if cache_root else None for v in views]
+    kept: list[Sample] = []
+    hashes: list[str] = []
+    skipped: list[tuple[Path, str]] = []
+    rows: list[list[np.ndarray | None]] = []  # per kept sample, per view
+    pending: list[tuple[int, Image.Image]] = []  # (row index, image) waiting for the backbone
+
+    def flush() -> None:
+        if not pending:
+            return
+        for vi, view in enumerate(views):
+            todo = [(row, img) for row, img in pending if rows[row][vi] is None]
+            if not todo:
+                continue
+            vecs = embedder.embed([_view(img, view) for _, img in todo])
+            for (row, _), vec in zip(todo, vecs, strict=True):
+                rows[row][vi] = vec
+                cache = caches[vi]
+                if cache is not None:
+                    cache.put(hashes[row], vec)
+        if progress:
+            progress(len(pending))
+        pending.clear()
+
+    for s in samples:
+        try:
+            data = s.path.read_bytes()
+        except OSError as e:
+            skipped.append((s.path, f"unreadable: {e.strerror or e}"))
+            continue
+        h = content_hash(data)
+        cached = [c.get(h) if c is not None else None for c in caches]
+        if all(v is not None for v in cached):
+            kept.append(s)
+            hashes.append(h)
+            rows.append(cached)
+            if progress:
+                progress(1)
+            continue
+        try:
+            img = decode_image(data)
+        except InvalidImageError as e:
+            skipped.append((s.path, str(e)))
+            continue
+        kept.append(s)
+        hashes.append(h)
+        rows.append(cached)
+        pending.append((len(rows) - 1, img))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    for path, why in skipped:
+        log.warning("skipped %s: %s", path, why)
+    dim = embedder.spec.dim
+    per_view = [
+        np.stack([r[vi] for r in rows]) if rows else np.zeros((0, dim), np.float32)
+        for vi in range(len(views))
+    ]
+    stacked = np.stack(per_view).astype(np.float32)
+    stats = {
+        "hits": sum(c.hits for c in caches if c is not None),
+        "misses": sum(c.misses for c in caches if c is not None),
+    }
+    embeddings = stacked[0] if len(views) == 1 else stacked
+    return EmbeddedSet(embeddings, kept, hashes, skipped), stats
+
+
+def _view(img: Image.Image, view: str) -> Image.Image:
+    if view == "hflip":
+        from PIL import Image as PILImage
+
+        return img.transpose(PILImage.Transpose.FLIP_LEFT_RIGHT)
+    return img

@@ -1,0 +1,65 @@
+"""Training settings: one frozen object, built from ``pictor train`` flags and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pictor.config import DEFAULT_BACKBONE
+from pictor.errors import InvalidRequestError
+
+MODES = ("linear", "finetune")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides what ``train`` does; stored in the model file as given."""
+
+    mode: str = "linear"
+    backbone: str = DEFAULT_BACKBONE
+    weights: str = ""  # "" = the backbone's default weights (see pictor.core.backbones)
+    device: str = "auto"
+    precision: str = "auto"  # backbone inference precision; finetune: "auto" = bf16 where fast
+    val_fraction: float = 0.2
+    seed: int = 0
+    min_per_class: int = 5  # usable images a class needs in the training split
+    max_per_class: int = 0  # cap per class before splitting (0 = all), to bound a run
+    batch_size: int = 32
+    cache_dir: str = ""  # "" = default (PICTOR_CACHE_DIR or ~/.cache/pictor); "none" = off
+    progress: bool = True
+    # linear
+    weight_decays: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+    flip_views: bool = True  # linear: also embed mirrored training images (cached too)
+    balance: bool = True  # class weights inversely proportional to class frequency
+    # finetune
+    epochs: int = 8
+    unfreeze: int = 2  # last N stages of the backbone are trained
+    lr: float = 1e-3  # head learning rate
+    backbone_lr: float = 2e-4  # lower: the pretrained features need only a nudge
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    warmup_epochs: float = 0.5
+    patience: int = 3  # epochs without validation improvement before stopping
+    train_size: int = 0  # crop size while training (0 = the backbone's input size)
+    # open set
+    open_set: bool = True
+    max_known_rejected: float = 0.05  # share of known validation images allowed to be "unknown"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InvalidRequestError(f"unknown mode {self.mode!r}; valid: {', '.join(MODES)}")
+        if self.epochs < 1:
+            raise InvalidRequestError(f"epochs must be at least 1, got {self.epochs}")
+        if self.unfreeze < 0:
+            raise InvalidRequestError(f"unfreeze must be >= 0, got {self.unfreeze}")
+        if self.batch_size < 1:
+            raise InvalidRequestError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.min_per_class < 2:
+            raise InvalidRequestError("min_per_class must be at least 2")
+        if not self.weight_decays:
+            raise InvalidRequestError("weight_decays must name at least one value")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["weight_decays"] = list(self.weight_decays)
+        return d

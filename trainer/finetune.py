@@ -1,0 +1,286 @@
+"""Fine-tuning the last stages of the embedder's own backbone together with the head.
+
+The backbone module inside the ``Embedder`` is trained in place, so the validation pass each
+epoch runs exactly the served pipeline (``Embedder.embed``: centre crop, pool, L2 norm) and the
+loss sees the same unit embeddings the head will see at serving time. Recipe: head initialised
+by the linear probe (LP-FT), last N stages unfrozen with a lower learning rate, batch-norm
+statistics frozen (small batches), random resized crop + flip + colour jitter, label smoothing,
+class weights, linear warm-up then cosine decay, early stopping on validation accuracy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pictor.core.head import ClassifierHead
+from pictor.errors import InvalidImageError, InvalidRequestError
+from pictor.trainer.config import TrainConfig
+from pictor.trainer.data import Sample
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from pictor.core.embedder import Embedder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneResult:
+    changed_state: dict[str, torch.Tensor]  # backbone tensors that differ from the pretrained
+    best_epoch: int
+    epochs_run: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def backbone_stages(backbone: nn.Module) -> list[str]:
+    """Qualified names of the backbone's stages, input to output (what ``unfreeze`` counts)."""
+    names = [n for n, _ in backbone.named_modules()]
+    for container in ("model.blocks", "model.stages", "extractor.features", "model.features"):
+        if container in names:
+            sub = backbone.get_submodule(container)
+            return [f"{container}.{child}" for child, _ in sub.named_children()]
+    layers = [n for n in names if n.rsplit(".", 1)[-1] in ("layer1", "layer2", "layer3", "layer4")]
+    if layers:
+        return layers
+    for container in ("extractor.trunk_output", "model.trunk_output"):
+        if container in names:
+            sub = backbone.get_submodule(container)
+            return [f"{container}.{child}" for child, _ in sub.named_children()]
+    raise InvalidRequestError(
+        f"cannot find the stages of backbone {type(backbone).__name__} to fine-tune; "
+        "use --mode linear"
+    )
+
+
+def unfreeze_last(backbone: nn.Module, n_stages: int) -> list[str]:
+    """Make the last ``n_stages`` stages and everything after them trainable; return names."""
+    backbone.requires_grad_(False)
+    if n_stages == 0:
+        return []
+    stages = backbone_stages(backbone)
+    first = stages[max(0, len(stages) - n_stages)]
+    trainable = []
+    started = False
+    for name, param in backbone.named_parameters():
+        started = started or name.startswith(first + ".")
+        if started and not _is_classifier(backbone, name):
+            param.requires_grad_(True)
+            trainable.append(name)
+    return trainable
+
+
+def _is_classifier(backbone: nn.Module, name: str) -> bool:
+    """ImageNet classifier weights: the loss never reaches them, so keep them frozen."""
+    model: Any = getattr(backbone, "model", None)
+    if model is not None and hasattr(model, "get_classifier"):
+        cls_mod = model.get_classifier()
+        cls_names = {f"model.{n}" for n, p in model.named_parameters()
+                     if any(p is q for q in cls_mod.parameters())}
+        return name in cls_names
+    logits_node = getattr(getattr(backbone, "info", None), "logits_node", "")
+    root = logits_node.rsplit(".", 1)[0] if "." in logits_node else logits_node
+    return bool(root) and f".{root}." in f".{name}"
+
+
+def _freeze_batchnorm(module: nn.Module) -> None:
+    # Small fine-tuning batches give noisy statistics; the pretrained ones serve better.
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+# --------------------------------------------------------------------------- data
+
+
+class AugmentedImages(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Training images decoded on the fly and augmented (random resized crop, flip, jitter)."""
+
+    def __init__(self, samples: Sequence[Sample], labels: Sequence[int], embedder: Embedder,
+                 size: int) -> None:
+        from torchvision.transforms import InterpolationMode, v2
+
+        p = embedder.spec.preprocessing
+        self.samples, self.labels = list(samples), list(labels)
+        self.draft = embedder.draft_size
+        self.transform = v2.Compose([
+            v2.RandomResizedCrop(size, scale=(0.25, 1.0),
+                                 interpolation=InterpolationMode(p.interpolation), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(p.mean), std=list(p.std)),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from pictor.core.decode import decode_image
+
+        img = decode_image(self.samples[i].path.read_bytes(), draft_size=self.draft)
+        return self.transform(img), self.labels[i]
+
+
+def _load_images(samples: Sequence[Sample], draft: tuple[int, int]) -> list[Image.Image]:
+    from pictor.core.decode import decode_image
+
+    images = []
+    for s in samples:
+        try:
+            images.append(decode_image(s.path.read_bytes(), draft_size=draft))
+        except (OSError, InvalidImageError) as e:  # checked by the embedding pass already
+            raise InvalidImageError(f"{s.path} became unreadable during training: {e}") from e
+    return images
+
+
+# --------------------------------------------------------------------------- loop
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR factor: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+    return factor
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast where it is native (CUDA, CPUs with AMX/AVX512-BF16), else full fp32."""
+    from pictor.core.embedder import cpu_has_fast_bf16
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    fast = (torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16())
+    if precision == "auto" and not fast:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def finetune(
+    embedder: Embedder,
+    head: ClassifierHead,
+    train: tuple[Sequence[Sample], np.ndarray],
+    val: tuple[Sequence[Sample], np.ndarray],
+    config: TrainConfig,
+    *,
+    class_weights: torch.Tensor | None = None,
+) -> FinetuneResult:
+    """Train the last ``config.unfreeze`` stages of ``embedder.backbone`` and ``head`` in place.
+
+    On return both hold the weights of the best validation epoch (the embedder's spec is not
+    changed here; the caller marks it fine-tuned from ``changed_state``).
+    """
+    from tqdm import tqdm
+
+    from pictor.core.embedder import _pool
+
+    torch.manual_seed(config.seed)
+    backbone, device = embedder.backbone, embedder.device
+    trainable = unfreeze_last(backbone, config.unfreeze)
+    initial = {n: t.detach().clone() for n, t in backbone.state_dict().items()
+               if n in set(trainable)}
+    head.to(device)
+    params = [p for p in backbone.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([
+        {"params": list(head.parameters()), "lr": config.lr},
+        {"params": params, "lr": config.backbone_lr},
+    ], weight_decay=config.weight_decay)
+    size = config.train_size or embedder.spec.preprocessing.input_size
+    data = AugmentedImages(train[0], train[1].tolist(), embedder, size)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=config.batch_size, shuffle=True, drop_last=len(data) > config.batch_size,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    total = config.epochs * len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_cosine(total, round(config.warmup_epochs * len(loader))))
+    val_images = _load_images(val[0], embedder.draft_size)
+    weights = None if class_weights is None else class_weights.to(device)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with autocast_for(device, config.precision):
+            fmap, _ = backbone(x.to(device).contiguous(memory_format=torch.channels_last))
+        pooled = backbone.pooled_head(_pool(fmap.float(), embedder.spec.pooling))
+        return head(F.normalize(pooled, dim=1))
+
+    best = (-1.0, -math.inf)  # (val accuracy, -val loss)
+    best_state: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
+    result = FinetuneResult({}, 0, 0)
+    stale = 0
+    for epoch in range(1, config.epochs + 1):
+        backbone.train()
+        _freeze_batchnorm(backbone)
+        head.train()
+        seen = correct = 0
+        loss_sum = 0.0
+        bar = tqdm(loader, desc=f"finetune {epoch}/{config.epochs}", unit="batch",
+                   disable=not config.progress, leave=False)
+        for x, y in bar:
+            y = y.to(device)
+            logits = forward(x)
+            loss = F.cross_entropy(logits, y, weight=weights,
+                                   label_smoothing=config.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            seen += len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += float(loss.detach()) * len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        backbone.eval()
+        head.eval()
+        val_acc, val_loss = _validate(embedder, head, val_images, val[1])
+        row = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
+               "train_accuracy": correct / max(seen, 1), "val_accuracy": val_acc,
+               "val_loss": val_loss}
+        result.history.append(row)
+        log.info("epoch %d: train loss %.4f acc %.4f, val loss %.4f acc %.4f", epoch,
+                 row["train_loss"], row["train_accuracy"], val_loss, val_acc)
+        result.epochs_run = epoch
+        if (val_acc, -val_loss) > best:
+            best, stale, result.best_epoch = (val_acc, -val_loss), 0, epoch
+            best_state = (
+                {n: t.detach().clone() for n, t in backbone.state_dict().items() if n in initial},
+                {n: t.detach().clone() for n, t in head.state_dict().items()},
+            )
+        else:
+            stale += 1
+            if stale >= config.patience:
+                log.info("early stop: no validation gain for %d epochs", stale)
+                break
+    assert best_state is not None
+    backbone.load_state_dict(best_state[0], strict=False)
+    head.load_state_dict(best_state[1])
+    backbone.requires_grad_(False).eval()
+    head.cpu().eval()
+    result.changed_state = {n: t.cpu() for n, t in best_state[0].items()
+                            if not torch.equal(t, initial[n])}
+    return result
+
+
+def _validate(embedder: Embedder, head: ClassifierHead, images: Sequence[Image.Image],
+              y: np.ndarray) -> tuple[float, float]:
+    """Accuracy and loss through the served path (``Embedder.embed``, then the head)."""
+    emb = torch.as_tensor(embedder.embed(images), device=embedder.device)
+    with torch.no_grad():
+        logits = head(emb).float().cpu()
+    yt = torch.as_tensor(y, dtype=torch.long)
+    return float((logits.argmax(1) == yt).float().mean()), float(F.cross_entropy(logits, yt))

@@ -1,0 +1,115 @@
+"""Classification metrics from labels and probabilities: top-k, per-class P/R/F1, confusion.
+
+Pure numpy, shared by training (validation metrics in the model file), ``pictor eval`` and the
+benchmark, so every number is computed the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def top_k_accuracy(y: np.ndarray, probs: np.ndarray, k: int) -> float:
+    """Share of rows whose true class is among the ``k`` most probable."""
+    if len(y) == 0:
+        return 0.0
+    k = min(k, probs.shape[1])
+    top = np.argsort(-probs, axis=1)[:, :k]
+    return float(np.mean(np.any(top == y[:, None], axis=1)))
+
+
+def confusion_matrix(y: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """``m[i, j]`` = images of true class ``i`` predicted as ``j``."""
+    m = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(m, (y, pred), 1)
+    return m
+
+
+def classification_report(
+    y: np.ndarray, probs: np.ndarray, class_names: Sequence[str]
+) -> dict[str, Any]:
+    """Top-1/top-5 accuracy, per-class precision/recall/F1/support, macro F1, confusion matrix."""
+    y = np.asarray(y, dtype=np.int64)
+    pred = probs.argmax(1) if len(y) else np.zeros(0, dtype=np.int64)
+    m = confusion_matrix(y, pred, len(class_names))
+    tp = np.diag(m).astype(np.float64)
+    predicted = m.sum(0).astype(np.float64)
+    actual = m.sum(1).astype(np.float64)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    per_class = {
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(actual[i]),
+        }
+        for i, name in enumerate(class_names)
+    }
+    present = actual > 0
+    return {
+        "n": int(len(y)),
+        "top1": top_k_accuracy(y, probs, 1),
+        "top5": top_k_accuracy(y, probs, 5),
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "per_class": per_class,
+        "class_names": list(class_names),
+        "confusion": m.tolist(),
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A table for people: overall accuracy, then one row per class."""
+    names = report["class_names"]
+    width = max([len("class"), *(len(n) for n in names)])
+    lines = [
+        f"images: {report['n']}   top-1: {report['top1']:.4f}   top-5: {report['top5']:.4f}   "
+        f"macro F1: {report['macro_f1']:.4f}",
+        "",
+        f"{'class':<{width}}  precision  recall     f1  support",
+    ]
+    for name in names:
+        r = report["per_class"][name]
+        lines.append(
+            f"{name:<{width}}  {r['precision']:9.3f}  {r['recall']:6.3f}  {r['f1']:5.3f}  "
+            f"{r['support']:7d}"
+        )
+    return "\n".join(lines)
+
+
+def plot_confusion(report: dict[str, Any], path: str) -> None:
+    """Write the confusion matrix as a PNG: row-normalised colours, raw counts in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(report["confusion"], dtype=np.float64)
+    names = report["class_names"]
+    n = len(names)
+    rows = m.sum(1, keepdims=True)
+    share = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
+    size = min(max(4.0, 0.6 * n + 2.5), 30.0)
+    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_xticks(range(n), names, rotation=45, ha="right")
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"Confusion matrix (top-1 {report['top1']:.3f}, {report['n']} images)")
+    if n <= 30:  # counts stay legible up to about 30 classes
+        for i in range(n):
+            for j in range(n):
+                if m[i, j]:
+                    color = "white" if share[i, j] > 0.5 else "black"
+                    ax.text(j, i, str(int(m[i, j])), ha="center", va="center",
+                            color=color, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
