@@ -1,0 +1,64 @@
+"""`pictor serve --model`: Classify answers with a trained head, alone or with the kNN vote."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import pytest
+from conftest import ServerProcess, pictor
+from PIL import Image, ImageDraw
+
+from pictor.client import PictorClient
+
+
+def tinted(seed: int, hue: str) -> bytes:
+    """A 64 px picture whose shapes are all reddish or all bluish."""
+    rng = random.Random(seed)
+    def colour() -> tuple[int, int, int]:
+        hi, lo = rng.randrange(170, 256), rng.randrange(0, 80)
+        return (hi, lo, lo) if hue == "red" else (lo, lo, hi)
+    im = Image.new("RGB", (64, 64), (245, 245, 245))
+    draw = ImageDraw.Draw(im)
+    for _ in range(3):
+        x, y = rng.randrange(40), rng.randrange(40)
+        draw.ellipse([x, y, x + rng.randrange(12, 24), y + rng.randrange(12, 24)], fill=colour())
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("model")
+    data = root / "data"
+    for hue in ("red", "blue"):
+        (data / hue).mkdir(parents=True)
+        for i in range(10):
+            (data / hue / f"{i}.png").write_bytes(tinted(i, hue))
+    model = root / "model.pt"
+    pictor("train", str(data), "--out", str(model), "--cache-dir", str(root / "cache"), "--no-progress")
+    index = root / "index"
+    pictor("index", str(data), "--out", str(index), "--model", str(model), "--no-progress")
+    return model, index
+
+
+def test_classify_with_head_and_knn(trained: tuple[Path, Path]) -> None:
+    model, index = trained
+    server = ServerProcess(index, "--model", str(model)).start()
+    try:
+        with PictorClient(server.target) as client:
+            info = client.info()
+            assert info.classifier == "head"
+            assert sorted(info.class_names) == ["blue", "red"]
+            r = client.classify(tinted(100, "red"), top_k=2)
+            assert (r.source, r.labels[0].name, len(r.labels)) == ("head", "red", 2)
+            both = client.classify(tinted(101, "blue"), classifier="all", neighbors=5)
+            assert both.labels[0].name == "blue"
+            assert both.knn_labels[0].name == "blue"
+            assert both.agree
+            assert len(both.neighbors) == 5
+            assert not both.unknown
+    finally:
+        server.stop()
