@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,7 @@ class VectorIndex:
         self.removable = removable
         self._dead: set[int] = set()
         self._dead_selector: Any = None  # cached IDSelectorNot over the tombstones
+        self._params_cache: dict[SearchKnobs, tuple[Any, list[Any]]] = {}
         self._refresh_layers()
 
     # -- construction ---------------------------------------------------------------------
@@ -245,7 +247,16 @@ class VectorIndex:
         ``allowed`` (sorted int64 ids) restricts the search; tombstones are always excluded.
         """
         selector, _alive = self._selector(allowed)
-        params, _alive_params = self._params(knobs, selector)  # referenced until search returns
+        if selector is None:
+            # Without a selector FAISS only reads the params, so threads may share them.
+            cached = self._params_cache.get(knobs)
+            if cached is None:
+                if len(self._params_cache) > 64:  # per-request knobs: keep the cache small
+                    self._params_cache.clear()
+                cached = self._params_cache[knobs] = self._params(knobs, None)
+            params = cached[0]
+        else:
+            params, _alive_params = self._params(knobs, selector)  # alive until return
         return self.index.search(queries, k, params=params)
 
     def _selector(self, allowed: np.ndarray | None) -> tuple[Any, list[Any]]:
@@ -320,6 +331,59 @@ class VectorIndex:
             if params is not None and selector is not None:
                 params.sel = selector
         return params, keep
+
+
+def recall_at_k(
+    found: np.ndarray, truth: np.ndarray, k: int, exclude: np.ndarray | None = None
+) -> float:
+    """Mean share of each query's true top-``k`` ids found in its top-``k`` results.
+
+    ``exclude`` (one id per query) is dropped from both first: a stored item used as a
+    query would otherwise trivially find itself.
+    """
+    total = 0.0
+    for j in range(len(found)):
+        skip = -2 if exclude is None else int(exclude[j])
+        got = [int(i) for i in found[j] if i >= 0 and i != skip][:k]
+        want = [int(i) for i in truth[j] if i >= 0 and i != skip][:k]
+        total += len(set(got) & set(want)) / max(len(want), 1)
+    return total / max(len(found), 1)
+
+
+def tune_knobs(
+    index: VectorIndex,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    target: float,
+    k: int = 10,
+    exclude: np.ndarray | None = None,
+) -> tuple[SearchKnobs, float]:
+    """The fastest search setting reaching recall@``k`` >= ``target`` and its recall.
+
+    Walks each ladder of ``index.knob_ladders()`` up to the first setting that reaches the
+    target (thoroughness only costs time beyond it) and keeps the fastest of those; when
+    none does, the setting with the best recall.
+    """
+    if index.exact:
+        return SearchKnobs(), 1.0
+    fetch = k + 1 if exclude is not None else k
+    best: tuple[float, SearchKnobs, float] | None = None
+    fallback = (-1.0, SearchKnobs())
+    for ladder in index.knob_ladders():
+        for knobs in ladder:
+            started = time.perf_counter()
+            _, found = index.search(queries, fetch, knobs)
+            elapsed = time.perf_counter() - started
+            recall = recall_at_k(found, truth, k, exclude)
+            if recall > fallback[0]:
+                fallback = (recall, knobs)
+            if recall >= target:
+                if best is None or elapsed < best[0]:
+                    best = (elapsed, knobs, recall)
+                break
+    if best is None:
+        return fallback[1], fallback[0]
+    return best[1], best[2]
 
 
 def _accepts_ids(index: faiss.Index) -> bool:

@@ -50,6 +50,7 @@ from pictor.core.faiss_index import (
     fsync_file,
     parse_factory,
     training_size,
+    tune_knobs,
 )
 from pictor.core.spec import ModelSpec
 from pictor.errors import (
@@ -194,6 +195,7 @@ class IndexStore:
         self._snapshot_seq = -1
         self._dirty = False  # index differs from the snapshot on disk
         self._pending = 0  # items changed since the last snapshot
+        self._bulk = 0  # depth of open bulk() blocks: maintenance waits for the last one
 
     # -- creation and opening -------------------------------------------------------------
 
@@ -418,6 +420,29 @@ class IndexStore:
         missing = [key for key in unique if key not in found]
         return DeleteResult(deleted=len(found), missing=missing)
 
+    @contextlib.contextmanager
+    def bulk(self) -> Iterator[IndexStore]:
+        """Defer re-training, compaction and snapshots to the end of the block.
+
+        For batch indexing: each upsert inside stays durable when it returns and searchable
+        at once, but the index is re-trained (and snapshotted) only once, at the end,
+        instead of at every growth step. Example::
+
+            with store.bulk():
+                for items, vectors in batches:
+                    store.upsert(items, vectors)
+        """
+        self._check_open()
+        with self._write_lock:
+            self._bulk += 1
+        try:
+            yield self
+        finally:
+            with self._write_lock:
+                self._bulk -= 1
+                if not self._bulk and not self._closed:
+                    self._after_write(0)
+
     def snapshot(self) -> None:
         """Save the FAISS index atomically and record which operations it holds.
 
@@ -521,6 +546,8 @@ class IndexStore:
     def _after_write(self, changed: int) -> None:
         """Re-train, compact or snapshot when due (writer lock held)."""
         self._pending += changed
+        if self._bulk:
+            return
         reason = self._rebuild_reason()
         if reason:
             self._rebuild(reason)
@@ -585,44 +612,28 @@ class IndexStore:
         return np.frombuffer(b"".join(r[0] for r in rows), np.float32).reshape(-1, self.dim)
 
     def _tune(self, index: VectorIndex, k: int = 10, n_queries: int = 200) -> SearchKnobs:
-        """The fastest search defaults reaching ``target_recall`` (recall@k against exact
-        search) on a held-out sample: stored items used as queries, each one's own entry
-        left out of both its results and its ground truth."""
+        """The fastest search defaults reaching ``target_recall`` on a held-out sample:
+        stored items used as queries, each one's own entry left out of its results and of
+        its exact ground truth."""
         if index.exact or self._count <= k + 1:
             return SearchKnobs()
-        qids = np.array(
+        qids = np.sort(np.array(
             [r[0] for r in self._db.execute(
                 "SELECT id FROM items ORDER BY random() LIMIT ?", (n_queries,)
             )],
             np.int64,
-        )
-        _, q = next(iter(_vectors_of(self._db, np.sort(qids))))
-        qids = np.sort(qids)
+        ))
+        blocks = list(_vectors_of(self._db, qids))
+        qids = np.concatenate([ids for ids, _ in blocks])
+        q = np.concatenate([vecs for _, vecs in blocks])
         _, truth = _exact_search(self._db, q, k + 1, None)
-        truth_sets = [set(_drop_self(row, qid, k)) for row, qid in zip(truth, qids, strict=True)]
-        best: tuple[float, SearchKnobs] | None = None
-        fallback: tuple[float, SearchKnobs] = (-1.0, SearchKnobs())
-        for ladder in index.knob_ladders():
-            for knobs in ladder:
-                started = time.perf_counter()
-                _, found = index.search(q, k + 1, knobs)
-                elapsed = time.perf_counter() - started
-                recall = float(np.mean([
-                    len(truth_sets[j] & set(_drop_self(found[j], qids[j], k))) / k
-                    for j in range(len(qids))
-                ]))
-                fallback = max(fallback, (recall, knobs), key=lambda x: x[0])
-                if recall >= self.options.target_recall:
-                    if best is None or elapsed < best[0]:
-                        best = (elapsed, knobs)
-                    break
-        if best is None:
+        knobs, recall = tune_knobs(index, q, truth, self.options.target_recall, k, exclude=qids)
+        if recall < self.options.target_recall:
             log.warning(
                 "no search setting of %s reached recall@%d %.2f; using %s (recall %.3f)",
-                index.factory, k, self.options.target_recall, fallback[1], fallback[0],
+                index.factory, k, self.options.target_recall, knobs, recall,
             )
-            return fallback[1]
-        return best[1]
+        return knobs
 
     # -- snapshot and recovery ------------------------------------------------------------
 
@@ -992,10 +1003,6 @@ def _to_hits(conn: sqlite3.Connection, scores: np.ndarray, ids: np.ndarray) -> l
                 hits.append(Hit(m[0], s, m[1], _load_attrs(m[2])))
         out.append(hits)
     return out
-
-
-def _drop_self(row: np.ndarray, self_id: int, k: int) -> list[int]:
-    return [int(i) for i in row if i != self_id and i >= 0][:k]
 
 
 def _dump_attrs(attrs: Mapping[str, str]) -> str:

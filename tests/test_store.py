@@ -253,6 +253,20 @@ def test_auto_stays_exact_when_small_then_trains(tmp_path: Path) -> None:
         assert recall >= 0.9
 
 
+def test_bulk_trains_once_at_the_end(tmp_path: Path, caplog) -> None:
+    rng = np.random.default_rng(6)
+    options = StoreOptions(exact_below=1000, memory_budget_gb=0.0001, growth_factor=2)
+    vecs = clustered(rng, 8000)
+    with IndexStore.create(tmp_path / "s", spec(), options=options) as store:
+        with caplog.at_level(logging.INFO), store.bulk():
+            for start in range(0, 8000, 1000):
+                store.upsert(items(1000, start=start), vecs[start : start + 1000])
+                assert store.info().factory == "Flat"  # searchable at once, trained later
+            assert len(store.search(vecs[:1], k=3)[0]) == 3
+        assert store.info().factory == choose_factory(8000, DIM, options)
+    assert caplog.text.count("rebuilt FAISS index") == 1
+
+
 def test_hnsw_tombstones_compact(tmp_path: Path, rng) -> None:
     vecs = unit(rng, 400)
     options = StoreOptions(compact_ratio=0.2)
