@@ -44,11 +44,12 @@ class SearchKnobs:
     k_factor: float = 0.0
 
     def scaled(self, factor: int) -> SearchKnobs:
-        """The same knobs ``factor`` times wider (used to escalate a filtered search)."""
+        """The same knobs ``factor`` times wider (to escalate a search that came back short);
+        unset knobs start from FAISS's defaults (nprobe 1, efSearch 16, k_factor 1)."""
         return SearchKnobs(
-            nprobe=self.nprobe * factor,
-            ef_search=self.ef_search * factor,
-            k_factor=self.k_factor * factor,
+            nprobe=max(self.nprobe, 1) * factor,
+            ef_search=max(self.ef_search, 16) * factor,
+            k_factor=max(self.k_factor, 1.0) * factor,
         )
 
 

@@ -71,6 +71,7 @@ SNAPSHOT_PREFIX = "faiss-"
 SNAPSHOT_SUFFIX = ".index"
 _SQL_CHUNK = 4096  # ids per `IN (...)` query and vectors per streamed block
 _MAX_KEY_LEN = 4096
+_TRAIN_SAMPLE = 50_000  # vectors to train IVF/PQ on, unless the type needs more
 
 
 # -- public data types ----------------------------------------------------------------------
@@ -189,7 +190,7 @@ class IndexStore:
         self._closed = False
         self._index: VectorIndex
         self._knobs = SearchKnobs(**manifest.get("search_defaults", {}))
-        self._trained_for = int(manifest.get("trained_for", 0))
+        self._built_for = int(manifest.get("built_for", 0))  # items when last (re)built
         self._count = self._scalar("SELECT COUNT(*) FROM items")
         self._seq = int(self._meta("seq"))
         self._snapshot_seq = -1
@@ -237,7 +238,7 @@ class IndexStore:
             "metric": METRIC,
             "index_type": index_type,
             "factory": EXACT_FACTORY,
-            "trained_for": 0,
+            "built_for": 0,
             "search_defaults": asdict(SearchKnobs()),
             "options": asdict(options),
             "created": now,
@@ -555,17 +556,19 @@ class IndexStore:
             self._save_snapshot()
 
     def _rebuild_reason(self) -> str:
-        target = self._target_factory(self._count)
+        """Why the index should be rebuilt now, or "" (writer lock held)."""
+        n, built, growth = self._count, self._built_for, self.options.growth_factor
+        target = self._target_factory(n)
         current = self._index.factory
-        if target != current:
-            if current == EXACT_FACTORY and target != EXACT_FACTORY:
-                if self._count < _training_size(self.dim, target):
-                    return ""  # stay exact until the target type can be trained
-            if self.index_type != AUTO and current != EXACT_FACTORY:
-                return ""
-            return f"{self._count} items call for {target} instead of {current}"
-        if self._trained_for and self._count >= self.options.growth_factor * self._trained_for:
-            return f"collection grew from {self._trained_for} to {self._count} items since training"
+        need = _training_size(self.dim, target)
+        if current == EXACT_FACTORY and target != EXACT_FACTORY:
+            if n >= need:  # the exact stand-in can now give way to the real type
+                return f"{n} items are enough to train {target}"
+        elif target != current and (n >= built or n * growth <= built):
+            # Switch only when growing, or after shrinking a lot: no flapping at a boundary.
+            return f"{n} items call for {target} instead of {current}"
+        elif need and built and n >= growth * built:
+            return f"collection grew from {built} to {n} items since training"
         if self._index.tombstone_ratio > self.options.compact_ratio:
             return f"{self._index.tombstones} tombstones ({self._index.tombstone_ratio:.0%})"
         return ""
@@ -577,27 +580,28 @@ class IndexStore:
 
     def _rebuild(self, reason: str) -> None:
         started = time.perf_counter()
-        factory = self._target_factory(self._count)
-        if self._count < _training_size(self.dim, factory):
-            factory = EXACT_FACTORY
-        new_index = self._build_index(factory)  # readers keep using the old index meanwhile
+        # Readers keep searching the old index while the new one is built and tuned.
+        new_index = self._build_index(self._target_factory(self._count))
         knobs = self._tune(new_index)
         with self._rw.write():
             self._index, self._knobs = new_index, knobs
-            self._trained_for = self._count if _training_size(self.dim, factory) else 0
+            self._built_for = self._count
             self._dirty = True
         log.info(
-            "rebuilt FAISS index as %s over %d items in %.1fs (%s); defaults %s",
-            factory, self._count, time.perf_counter() - started, reason, knobs,
+            "rebuilt FAISS index as %s over %d items in %.1fs (%s); search defaults %s",
+            new_index.factory, self._count, time.perf_counter() - started, reason, knobs,
         )
         self._save_snapshot()
 
     def _build_index(self, factory: str) -> VectorIndex:
-        """A fresh index of type ``factory`` over every stored vector, streamed in blocks."""
+        """A fresh index of type ``factory`` (exact while too few items to train it) over
+        every stored vector, streamed in blocks."""
         sample = None
         need = _training_size(self.dim, factory)
+        if need > self._count:
+            factory, need = EXACT_FACTORY, 0
         if need:
-            sample = self._sample_vectors(max(need, min(self._count, 64 * need)))
+            sample = self._sample_vectors(min(self._count, max(need, _TRAIN_SAMPLE)))
         index = VectorIndex.build(self.dim, factory, sample)
         for ids, vecs in _stream_vectors(self._db):
             index.add(ids, vecs)
@@ -652,7 +656,7 @@ class IndexStore:
         manifest = dict(self._manifest)
         manifest.update(
             factory=self._index.factory,
-            trained_for=self._trained_for,
+            built_for=self._built_for,
             search_defaults=asdict(self._knobs),
             count=self._count,
             updated=_now(),
@@ -679,7 +683,7 @@ class IndexStore:
         index = self._load_snapshot(snap, factory)
         if index is None:
             self._index = self._build_index(factory)
-            self._trained_for = self._count if _training_size(self.dim, factory) else 0
+            self._built_for = self._count
             log.warning(
                 "index store %s: no usable FAISS snapshot; rebuilt %s from %d stored vectors",
                 self.path, factory, self._count,
