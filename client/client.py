@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pictor.api import ServerInfo
 from pictor.errors import InvalidRequestError
 from pictor.status import error_from_status
 from pictor.v1 import pictor_pb2 as pb
@@ -63,20 +64,6 @@ class UpsertItem:
     vector: Sequence[float] | None = None
     label: str = ""
     attributes: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ServerInfo:
-    backbone: str
-    weights: str
-    embedding_dim: int
-    index_size: int
-    index_type: str
-    metric: str
-    classifier: str
-    class_names: list[str]
-    server_version: str
-    versions: dict[str, str]
 
 
 def _hit(h: pb.Hit) -> Hit:

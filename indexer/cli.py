@@ -57,9 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run(args: argparse.Namespace) -> int:
     require_server_extra("pictor index")
+    from pictor.core.gallery import read_gallery
     from pictor.core.store import MANIFEST, IndexStore
     from pictor.indexer.pipeline import run_indexing
-    from pictor.core.gallery import read_gallery
 
     settings = build_settings(IndexerSettings, vars(args), config_file=args.config)
     entries = list(read_gallery(settings.gallery, labels=settings.labels))

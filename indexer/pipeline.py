@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from pictor.core.decode import load_image
+from pictor.core.gallery import GalleryEntry
 from pictor.core.store import IndexStore, Item
 from pictor.errors import InvalidImageError, NotFoundError
-from pictor.core.gallery import GalleryEntry
+from pictor.iterators import batched
 
 if TYPE_CHECKING:
     from pictor.core.embedder import Embedder
@@ -46,17 +47,6 @@ class DecodedBatch:
     entries: list[GalleryEntry]
     tensors: list[torch.Tensor]  # preprocessed, ready to stack
     failures: list[tuple[GalleryEntry, str]]
-
-
-def batched(entries: Iterable[GalleryEntry], size: int) -> Iterator[list[GalleryEntry]]:
-    batch: list[GalleryEntry] = []
-    for entry in entries:
-        batch.append(entry)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def decode_batch(

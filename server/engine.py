@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pictor import __version__
+from pictor.api import ServerInfo
 from pictor.config import ServerSettings
 from pictor.core.decode import decode_image
 from pictor.core.store import DeleteResult, Filter, Hit, IndexStore, Item, SearchParams, UpsertResult
@@ -43,20 +44,6 @@ class ClassifyResult:
     neighbors: list[Hit] = field(default_factory=list)
     agree: bool = False
     unknown: bool = False
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    backbone: str
-    weights: str
-    embedding_dim: int
-    index_size: int
-    index_type: str
-    metric: str
-    classifier: str
-    class_names: list[str]
-    server_version: str
-    versions: dict[str, str]
 
 
 def check_k(value: int, default: int, name: str) -> int:
@@ -255,7 +242,7 @@ class Engine:
             raise InvalidRequestError("delete got no keys")
         return self.store.delete(keys)
 
-    def info(self) -> EngineInfo:
+    def info(self) -> ServerInfo:
         import faiss
         import torch
 
@@ -265,7 +252,7 @@ class Engine:
             classifier, names = "head", list(self.model.class_names)
         else:
             classifier, names = "imagenet", list(self.embedder.imagenet_classes or [])
-        return EngineInfo(
+        return ServerInfo(
             backbone=spec.backbone,
             weights=spec.weights,
             embedding_dim=spec.dim,

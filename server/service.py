@@ -6,18 +6,17 @@ interceptor (errors.py) turns them into status codes.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
 
 import grpc
 
 from pictor.core.store import Filter, Hit, Item, SearchParams, UpsertResult
 from pictor.errors import InvalidRequestError, PictorError
+from pictor.iterators import batched
 from pictor.server.engine import ClassifyResult, Engine
 from pictor.v1 import pictor_pb2 as pb
 from pictor.v1 import pictor_pb2_grpc as pb_grpc
-
-T = TypeVar("T")
 
 _CLASSIFIER_NAMES = {
     pb.CLASSIFIER_UNSPECIFIED: "default",
@@ -25,17 +24,6 @@ _CLASSIFIER_NAMES = {
     pb.CLASSIFIER_KNN: "knn",
     pb.CLASSIFIER_ALL: "all",
 }
-
-def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    chunk: list[T] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
 
 # Upsert streams are written in chunks of this many items: large enough to batch the
 # forward pass, small enough that a long stream does not hold everything in memory.
@@ -100,7 +88,7 @@ class PictorService(pb_grpc.PictorServicer):
 
     def Upsert(self, request_iterator: Iterator[pb.UpsertRequest], context: grpc.ServicerContext) -> pb.UpsertResponse:
         inserted = replaced = 0
-        for chunk in chunked((r.item for r in request_iterator), UPSERT_CHUNK):
+        for chunk in batched((r.item for r in request_iterator), UPSERT_CHUNK):
             try:
                 result = self._upsert_chunk(chunk)
             except PictorError as e:
@@ -122,16 +110,4 @@ class PictorService(pb_grpc.PictorServicer):
         return pb.DeleteResponse(deleted=result.deleted, missing=list(result.missing))
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
-        info = self.engine.info()
-        return pb.InfoResponse(
-            backbone=info.backbone,
-            weights=info.weights,
-            embedding_dim=info.embedding_dim,
-            index_size=info.index_size,
-            index_type=info.index_type,
-            metric=info.metric,
-            classifier=info.classifier,
-            class_names=info.class_names,
-            server_version=info.server_version,
-            versions=info.versions,
-        )
+        return pb.InfoResponse(**dataclasses.asdict(self.engine.info()))

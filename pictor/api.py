@@ -1,0 +1,21 @@
+"""Typed results of the API that the server produces and the client returns (light: no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What a server runs; the fields of ``pictor.v1.InfoResponse``."""
+
+    backbone: str
+    weights: str
+    embedding_dim: int
+    index_size: int
+    index_type: str  # requested type, with the FAISS index in use: "auto (Flat)"
+    metric: str
+    classifier: str  # "imagenet" or "head"
+    class_names: list[str]
+    server_version: str
+    versions: dict[str, str]
