@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         store = IndexStore.open(out, spec=embedder.spec)
     else:
         store = IndexStore.create(out, embedder.spec, index_type=settings.index_type)
-    with store:
+    with store, store.bulk():  # re-train the index once at the end, not at every growth step
         summary = run_indexing(
             entries, embedder, store,
             batch_size=settings.model.batch_size, workers=settings.workers,
