@@ -70,6 +70,13 @@ class CountingEmbedder(Embedder):
 
 
 @pytest.fixture(scope="module")
+def embedder() -> CountingEmbedder:
+    """The offline default backbone, loaded once for the module (never fine-tuned in place)."""
+    return CountingEmbedder(create_backbone("efficientnet_lite0"), device=resolve_device("cpu"),
+                            precision="fp32", pooling="avg", batch_size=16)
+
+
+@pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tree(tmp_path_factory.mktemp("shapes"), per_class=8)
 
@@ -102,7 +109,7 @@ def test_folder_tree_manifests_and_split(tmp_path: Path) -> None:
     assert data_mod.stratified_split(samples, 0.4, seed=1) == (train_s, val_s)  # seeded
 
 
-def test_bad_data_gives_clear_errors(tmp_path: Path) -> None:
+def test_bad_data_gives_clear_errors(tmp_path: Path, embedder: CountingEmbedder) -> None:
     (tmp_path / "bad.csv").write_text("file,class\na.png,x\n")
     with pytest.raises(InvalidRequestError, match="'path' and 'label'"):
         data_mod.load_samples(tmp_path / "bad.csv")
@@ -110,36 +117,38 @@ def test_bad_data_gives_clear_errors(tmp_path: Path) -> None:
     for f in list((tree / "square").iterdir())[2:]:
         f.unlink()
     with pytest.raises(InvalidRequestError, match=r"square \(2\)"):
-        train(config(tmp_path), tree)
+        train(config(tmp_path), tree, embedder=embedder)
 
 
 # --------------------------------------------------------------------------- linear
 
 
-def test_linear_separates_shapes_and_caches_embeddings(shapes: Path, tmp_path: Path) -> None:
-    bb = create_backbone("efficientnet_lite0")
-    emb = CountingEmbedder(bb, device=resolve_device("cpu"), precision="fp32", pooling="avg",
-                           batch_size=16)
+def test_linear_separates_shapes_and_caches_embeddings(
+    shapes: Path, tmp_path: Path, embedder: CountingEmbedder
+) -> None:
+    emb, before = embedder, embedder.images_embedded
     first = train(config(tmp_path, weight_decays=(1e-3,)), shapes, embedder=emb)
     assert first.report["top1"] == 1.0
     assert first.model.class_names == list(CLASSES)
     n_images = 24
     assert first.cache["misses"] == 18 * 2 + 6  # train views plain+mirror, val plain
-    assert emb.images_embedded == first.cache["misses"]
+    assert emb.images_embedded - before == first.cache["misses"]
     # Other hyper-parameters: every embedding comes from the cache, none from the backbone.
     second = train(config(tmp_path, weight_decays=(1e-2, 1e-1)), shapes, embedder=emb)
     assert second.cache == {"hits": first.cache["misses"], "misses": 0}
-    assert emb.images_embedded == first.cache["misses"]
+    assert emb.images_embedded - before == first.cache["misses"]
     assert second.model.metrics["weight_decay"] in (1e-2, 1e-1)
     assert second.model.data_fingerprint == first.model.data_fingerprint
     assert second.model.metrics["train_images"] + second.report["n"] == n_images
 
 
-def test_unreadable_images_are_skipped_and_counted(tmp_path: Path) -> None:
+def test_unreadable_images_are_skipped_and_counted(
+    tmp_path: Path, embedder: CountingEmbedder
+) -> None:
     tree = make_tree(tmp_path / "tree", per_class=6)
     (tree / "disc" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (tree / "square" / "empty.jpg").write_bytes(b"")
-    result = train(config(tmp_path, weight_decays=(1e-3,)), tree)
+    result = train(config(tmp_path, weight_decays=(1e-3,)), tree, embedder=embedder)
     assert {p.name for p, _ in result.skipped} == {"broken.png", "empty.jpg"}
     assert result.model.metrics["skipped_images"] == 2
     assert result.report["top1"] == 1.0
@@ -216,11 +225,14 @@ def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert rc == 2 and "not a Pictor model file" in capsys.readouterr().err
 
 
-def test_eval_ignores_unknown_classes(shapes: Path, tmp_path: Path) -> None:
-    model = train(config(tmp_path, weight_decays=(1e-3,)), shapes).model
+def test_eval_ignores_unknown_classes(
+    shapes: Path, tmp_path: Path, embedder: CountingEmbedder
+) -> None:
+    model = train(config(tmp_path, weight_decays=(1e-3,)), shapes, embedder=embedder).model
     other = make_tree(tmp_path / "other", per_class=3, seed=5, classes=("disc",))
     (other / "star").mkdir()
     for i in range(3):  # a class the model never saw: any picture will do
         draw("square", random.Random(i)).save(other / "star" / f"{i}.png")
-    report = evaluate(model, other, cache_dir=tmp_path / "cache", progress=False)
+    report = evaluate(model, other, embedder=embedder, cache_dir=tmp_path / "cache",
+                      progress=False)
     assert report["ignored"] == 3 and report["n"] == 3 and report["top1"] == 1.0

@@ -51,12 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="comma-separated candidates for the head (linear probe)")
     t.add_argument("--no-flip", action="store_true", help="linear: no mirrored training views")
     t.add_argument("--epochs", type=int, default=8, help="finetune: most epochs")
-    t.add_argument("--unfreeze", type=int, default=2, help="finetune: last N stages trained")
+    t.add_argument("--unfreeze", type=int, default=3, help="finetune: last N stages trained")
     t.add_argument("--lr", type=float, default=1e-3, help="finetune: head learning rate")
-    t.add_argument("--backbone-lr", type=float, default=2e-4)
+    t.add_argument("--backbone-lr", type=float, default=4e-4)
     t.add_argument("--label-smoothing", type=float, default=0.1)
     t.add_argument("--patience", type=int, default=3, help="finetune: early-stopping epochs")
-    t.add_argument("--train-size", type=int, default=0, help="finetune crop size (0 = input)")
+    t.add_argument("--train-size", type=int, default=0,
+                   help="finetune crop size (0 = 7/8 of the input size)")
     t.add_argument("--no-open-set", action="store_true", help="no open-set thresholds")
     t.add_argument("--max-known-rejected", type=float, default=0.05,
                    help="open set: share of known images allowed to come back unknown")

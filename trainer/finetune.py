@@ -151,6 +151,11 @@ def _load_images(samples: Sequence[Sample], draft: tuple[int, int]) -> list[Imag
 # --------------------------------------------------------------------------- loop
 
 
+def default_train_size(input_size: int) -> int:
+    """7/8 of the test input size, rounded to a multiple of 32 (192 for 224)."""
+    return max(32, round(input_size * 7 / 8 / 32) * 32)
+
+
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     """LR factor: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
     def factor(step: int) -> float:
@@ -202,7 +207,7 @@ def finetune(
         {"params": list(head.parameters()), "lr": config.lr},
         {"params": params, "lr": config.backbone_lr},
     ], weight_decay=config.weight_decay)
-    size = config.train_size or embedder.spec.preprocessing.input_size
+    size = config.train_size or default_train_size(embedder.spec.preprocessing.input_size)
     data = AugmentedImages(train[0], train[1].tolist(), embedder, size)
     loader = torch.utils.data.DataLoader(
         data, batch_size=config.batch_size, shuffle=True, drop_last=len(data) > config.batch_size,
@@ -213,12 +218,14 @@ def finetune(
         opt, warmup_cosine(total, round(config.warmup_epochs * len(loader))))
     val_images = _load_images(val[0], embedder.draft_size)
     weights = None if class_weights is None else class_weights.to(device)
+    # Optional dropout on the embedding while training: the head must not lean on few features.
+    dropout = nn.Dropout(config.head_dropout)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with autocast_for(device, config.precision):
             fmap, _ = backbone(x.to(device).contiguous(memory_format=torch.channels_last))
         pooled = backbone.pooled_head(_pool(fmap.float(), embedder.spec.pooling))
-        return head(F.normalize(pooled, dim=1))
+        return head(dropout(F.normalize(pooled, dim=1)))
 
     best = (-1.0, -math.inf)  # (val accuracy, -val loss)
     best_state: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
@@ -228,6 +235,7 @@ def finetune(
         backbone.train()
         _freeze_batchnorm(backbone)
         head.train()
+        dropout.train()
         seen = correct = 0
         loss_sum = 0.0
         bar = tqdm(loader, desc=f"finetune {epoch}/{config.epochs}", unit="batch",
@@ -247,6 +255,7 @@ def finetune(
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         backbone.eval()
         head.eval()
+        dropout.eval()
         val_acc, val_loss = _validate(embedder, head, val_images, val[1])
         row = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
                "train_accuracy": correct / max(seen, 1), "val_accuracy": val_acc,

@@ -25,12 +25,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pictor.core.head import TrainedModel, apply_backbone_state
-from pictor.errors import InvalidRequestError
+from pictor.core.head import ClassifierHead, TrainedModel, apply_backbone_state
+from pictor.errors import InvalidImageError, InvalidRequestError
 from pictor.trainer import data as data_mod
 from pictor.trainer.cache import EmbeddedSet, default_cache_dir, embed_samples
 from pictor.trainer.config import TrainConfig
-from pictor.trainer.linear import class_weights, fit_temperature, select_head
+from pictor.trainer.linear import (
+    LinearFit,
+    class_weights,
+    evaluate_head,
+    fit_temperature,
+    select_head,
+)
 from pictor.trainer.metrics import classification_report
 from pictor.trainer.openset import calibrate_open_set
 
@@ -96,6 +102,25 @@ def embed_set(samples: list[data_mod.Sample], embedder: Embedder, config: TrainC
     return emb, stats
 
 
+@dataclass
+class _Fitted:
+    """The state of a run between its steps: embeddings, labels and the chosen head."""
+
+    names: list[str]
+    x_train: np.ndarray  # [V, N, dim]: views of the training images
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    val_samples: list[data_mod.Sample]
+    fit: LinearFit
+    head: ClassifierHead
+    extra: dict[str, Any] = field(default_factory=dict)  # metrics of the steps run
+
+    @property
+    def x_plain(self) -> np.ndarray:
+        return self.x_train[0]
+
+
 def train(
     config: TrainConfig,
     data: str | Path,
@@ -115,66 +140,41 @@ def train(
     torch.manual_seed(config.seed)
     splits = splits or make_splits(config, data, val_data)
     embedder = embedder or build_embedder(config)
-    views = ("plain", "hflip") if config.mode == "linear" and config.flip_views else ("plain",)
-    tr, stats_tr = embed_set(splits.train, embedder, config, "train", views)
+    views = ("plain", "hflip") if config.flip_views else ("plain",)
+    # Finetune mode trains on augmented images; its linear probe is only a starting point.
+    tr, stats_tr = embed_set(splits.train, embedder, config, "train",
+                             views if config.mode == "linear" else ("plain",))
     va, stats_va = embed_set(splits.val, embedder, config, "val")
     cache = {k: stats_tr[k] + stats_va[k] for k in stats_tr}
     skipped = tr.skipped + va.skipped
-    data_mod.check_class_sizes(tr.samples, config.min_per_class, what=f"{data} (training split)")
-    names = data_mod.class_names(tr.samples)
-    y_tr = _encode(tr.labels, names)
-    va_keep = np.array([lab in set(names) for lab in va.labels], dtype=bool)
-    if not va_keep.all():
-        log.warning("validation: %d image(s) of classes absent from training are ignored",
-                    int((~va_keep).sum()))
-    if not va_keep.any():
-        raise InvalidRequestError("the validation set shares no class with the training set")
-    x_va = va.embeddings[va_keep]
-    y_va = _encode([lab for lab, k in zip(va.labels, va_keep, strict=True) if k], names)
-    x_tr = tr.embeddings.reshape(-1, embedder.spec.dim)  # views stacked as extra samples
-    fit = select_head(x_tr, np.tile(y_tr, len(views)), x_va, y_va, len(names),
-                      weight_decays=config.weight_decays, balance=config.balance,
-                      seed=config.seed)
-    head, extra = fit.head, {"weight_decay": fit.weight_decay, "sweep": fit.sweep}
+    state = _linear_probe(config, data, tr, va)
     backbone_state: dict[str, torch.Tensor] = {}
-    x_plain = tr.embeddings if len(views) == 1 else tr.embeddings[0]
     if config.mode == "finetune":
-        from pictor.trainer.finetune import finetune
-
-        va_samples = [s for s, k in zip(va.samples, va_keep, strict=True) if k]
-        ft = finetune(embedder, head, (tr.samples, y_tr), (va_samples, y_va), config,
-                      class_weights=class_weights(y_tr, len(names)) if config.balance else None)
-        backbone_state = ft.changed_state
-        apply_backbone_state(embedder, backbone_state)
-        extra |= {"linear_probe_val_accuracy": fit.val_accuracy, "best_epoch": ft.best_epoch,
-                  "epochs_run": ft.epochs_run, "history": ft.history}
-        # Re-embed with the tuned backbone: these are the vectors the served head will see.
-        tr, _ = embed_set(tr.samples, embedder, config, "train (tuned)")
-        va2, _ = embed_set(va_samples, embedder, config, "val (tuned)")
-        x_plain, x_va = tr.embeddings, va2.embeddings
+        backbone_state = _finetune(config, embedder, tr, state, views)
     with torch.no_grad():
-        val_logits = head(torch.as_tensor(x_va))
-    temperature = fit_temperature(val_logits, y_va)
+        val_logits = state.head(torch.as_tensor(state.x_val))
+    temperature = fit_temperature(val_logits, state.y_val)
     probs = torch.softmax(val_logits / temperature, 1).numpy()
-    report = classification_report(y_va, probs, names)
+    report = classification_report(state.y_val, probs, state.names)
     thresholds = None
     if config.open_set:
-        cal = calibrate_open_set(x_plain, y_tr, x_va, y_va, len(names), fit.weight_decay,
+        cal = calibrate_open_set(state.x_plain, state.y_train, state.x_val, state.y_val,
+                                 len(state.names), state.fit.weight_decay,
                                  max_known_rejected=config.max_known_rejected,
                                  balance=config.balance, seed=config.seed)
         thresholds = cal.thresholds
-        extra |= {"open_set_pseudo_unknown_rejected": cal.pseudo_unknown_rejected,
-                  "open_set_pseudo_known_rejected": cal.pseudo_known_rejected}
-    metrics = {k: report[k] for k in ("n", "top1", "top5", "macro_f1")} | extra
+        state.extra |= {"open_set_pseudo_unknown_rejected": cal.pseudo_unknown_rejected,
+                        "open_set_pseudo_known_rejected": cal.pseudo_known_rejected}
+    metrics = {k: report[k] for k in ("n", "top1", "top5", "macro_f1")} | state.extra
     metrics |= {"train_images": len(tr.samples), "skipped_images": len(skipped),
-                "temperature": temperature}
+                "temperature": temperature, "per_class": report["per_class"]}
     model = TrainedModel(
         spec=embedder.spec,  # in finetune mode apply_backbone_state has set spec.finetune
-        class_names=names,
-        head=head,
+        class_names=state.names,
+        head=state.head,
         temperature=temperature,
         thresholds=thresholds,
-        metrics=metrics | {"per_class": report["per_class"]},
+        metrics=metrics,
         training=config.to_dict() | {"data": str(data), "val_data": str(val_data or "")},
         data_fingerprint=data_mod.data_fingerprint(tr.content_hashes, tr.labels),
         backbone_state=backbone_state,
@@ -183,8 +183,71 @@ def train(
         model.save(out)
     seconds = time.perf_counter() - start
     log.info("trained %s head on %d images (%d classes) in %.1fs: val top-1 %.4f",
-             config.mode, len(tr.samples), len(names), seconds, report["top1"])
+             config.mode, len(tr.samples), len(state.names), seconds, report["top1"])
     return TrainResult(model, report, skipped, cache, seconds)
+
+
+def _linear_probe(config: TrainConfig, data: str | Path, tr: EmbeddedSet, va: EmbeddedSet
+                  ) -> _Fitted:
+    """Check the classes, encode labels, fit the head with the best weight decay."""
+    data_mod.check_class_sizes(tr.samples, config.min_per_class, what=f"{data} (training split)")
+    names = data_mod.class_names(tr.samples)
+    known = set(names)
+    keep = np.array([lab in known for lab in va.labels], dtype=bool)
+    if not keep.any():
+        raise InvalidRequestError("the validation set shares no class with the training set")
+    if not keep.all():
+        log.warning("validation: %d image(s) of classes absent from training are ignored",
+                    int((~keep).sum()))
+    x_train = tr.embeddings if tr.embeddings.ndim == 3 else tr.embeddings[None]
+    y_train = _encode(tr.labels, names)
+    val_samples = [s for s, k in zip(va.samples, keep, strict=True) if k]
+    x_val, y_val = va.embeddings[keep], _encode([s.label for s in val_samples], names)
+    fit = _select(config, x_train, y_train, x_val, y_val, len(names))
+    return _Fitted(names, x_train, y_train, x_val, y_val, val_samples, fit, fit.head,
+                   {"weight_decay": fit.weight_decay, "sweep": fit.sweep})
+
+
+def _select(config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
+            y_val: np.ndarray, num_classes: int) -> LinearFit:
+    """Logistic-regression head on all views (stacked as extra samples)."""
+    return select_head(x_train.reshape(-1, x_train.shape[-1]), np.tile(y_train, len(x_train)),
+                       x_val, y_val, num_classes, weight_decays=config.weight_decays,
+                       balance=config.balance, seed=config.seed)
+
+
+def _finetune(config: TrainConfig, embedder: Embedder, tr: EmbeddedSet, state: _Fitted,
+              views: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Tune the backbone from the probe's head, re-embed, keep the better head; in place."""
+    from pictor.trainer.finetune import finetune
+
+    weights = class_weights(state.y_train, len(state.names)) if config.balance else None
+    ft = finetune(embedder, state.head, (tr.samples, state.y_train),
+                  (state.val_samples, state.y_val), config, class_weights=weights)
+    apply_backbone_state(embedder, ft.changed_state)
+    state.extra |= {"linear_probe_val_accuracy": state.fit.val_accuracy,
+                    "best_epoch": ft.best_epoch, "epochs_run": ft.epochs_run,
+                    "history": ft.history}
+    # Re-embed with the tuned backbone: these are the vectors the served head will see.
+    tuned, _ = embed_set(tr.samples, embedder, config, "train (tuned)", views)
+    tuned_val, _ = embed_set(state.val_samples, embedder, config, "val (tuned)")
+    if len(tuned.samples) != len(tr.samples) or len(tuned_val.samples) != len(state.y_val):
+        raise InvalidImageError("images became unreadable during training; run it again")
+    state.x_train = tuned.embeddings if tuned.embeddings.ndim == 3 else tuned.embeddings[None]
+    state.x_val = tuned_val.embeddings
+    # A probe refitted on the tuned features often beats the head trained along with them
+    # (no augmentation noise, weight decay chosen on validation): keep the better one.
+    refit = _select(config, state.x_train, state.y_train, state.x_val, state.y_val,
+                    len(state.names))
+    joint_acc, joint_loss = evaluate_head(state.head, state.x_val, state.y_val)
+    use_refit = (refit.val_accuracy, -refit.val_loss) > (joint_acc, -joint_loss)
+    if use_refit:
+        state.head, state.fit = refit.head, refit
+        state.extra |= {"weight_decay": refit.weight_decay, "sweep": refit.sweep}
+    state.extra |= {"joint_head_val_accuracy": joint_acc,
+                    "refit_head_val_accuracy": refit.val_accuracy,
+                    "head": "refit" if use_refit else "joint"}
+    return ft.changed_state
 
 
 def _encode(labels: list[str], names: list[str]) -> np.ndarray:
