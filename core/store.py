@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -141,6 +142,9 @@ class StoreOptions:
     compact_ratio: float = 0.2  # rebuild when this share of the index is tombstones
     snapshot_every: int = 20_000  # changed items between automatic snapshots
     exact_filter_limit: int = 2048  # filters matching at most this many items scan exactly
+    # Keep key/label/attributes of every item in memory (~200 MB per million items) so a
+    # search adds no SQLite query; False looks them up in SQLite, one query per search.
+    metadata_in_memory: bool = True
 
 
 @dataclass(frozen=True)
@@ -192,6 +196,11 @@ class IndexStore:
         self._knobs = SearchKnobs(**manifest.get("search_defaults", {}))
         self._built_for = int(manifest.get("built_for", 0))  # items when last (re)built
         self._count = self._scalar("SELECT COUNT(*) FROM items")
+        # id -> (key, label, attributes JSON): a copy of the items table kept in memory so
+        # the search path does not pay a SQLite query per request (None: query SQLite).
+        self._meta_cache: dict[int, tuple[str, str, str]] | None = None
+        if self.options.metadata_in_memory:
+            self._meta_cache = _load_metadata(self._db)
         self._seq = int(self._meta("seq"))
         self._snapshot_seq = -1
         self._dirty = False  # index differs from the snapshot on disk
@@ -287,6 +296,8 @@ class IndexStore:
             if spec is not None:
                 store.spec.check_compatible(spec, what="the requested model")
             store._recover()
+            with store._write_lock:
+                store._after_write(0)  # e.g. a bulk load that died before its training
         except BaseException:
             store.close(snapshot=False)
             raise
@@ -323,12 +334,13 @@ class IndexStore:
                 f"{what} have dim {arr.shape[1]}, but this index holds dim {self.dim} vectors "
                 f"from {self.spec.describe()}"
             )
-        if not np.isfinite(arr).all():
-            raise InvalidRequestError(f"{what} contain NaN or infinite values")
-        norms = np.linalg.norm(arr, axis=1, keepdims=True)
-        if (norms == 0).any():
+        # One pass: a NaN or infinity anywhere makes the squared norm non-finite.
+        squared = np.einsum("ij,ij->i", arr, arr)
+        if not np.isfinite(squared).all():
+            raise InvalidRequestError(f"{what} contain NaN, infinite or overflowing values")
+        if not squared.all():
             raise InvalidRequestError(f"{what} contain an all-zero vector, which has no direction")
-        return np.ascontiguousarray(arr / norms, dtype=np.float32)
+        return np.ascontiguousarray(arr / np.sqrt(squared)[:, None], dtype=np.float32)
 
     def search(
         self,
@@ -347,7 +359,8 @@ class IndexStore:
         if k < 1:
             raise InvalidRequestError(f"k must be at least 1, got {k}")
         knobs = self._resolve_knobs(params)
-        with self._rw.read():
+        self._rw.acquire_read()
+        try:
             conn = self._reader()
             allowed = None
             if filter is not None and not filter.empty:
@@ -355,12 +368,16 @@ class IndexStore:
                 if not len(allowed):
                     return [[] for _ in range(len(q))]
             scores, ids = self._search_ids(conn, q, k, knobs, allowed)
-            return _to_hits(conn, scores, ids)
+            return _to_hits(conn, scores, ids, self._meta_cache)
+        finally:
+            self._rw.release_read()
 
     def get_vector(self, key: str) -> np.ndarray:
         """The stored (normalised) vector of ``key``; ``NotFoundError`` when absent."""
         self._check_open()
-        row = self._reader().execute("SELECT vector FROM items WHERE key = ?", (key,)).fetchone()
+        row = self._reader().execute(
+            "SELECT vector FROM vectors WHERE id = (SELECT id FROM items WHERE key = ?)", (key,)
+        ).fetchone()
         if row is None:
             raise NotFoundError(f"no item with key {key!r} in the index")
         return np.frombuffer(row[0], dtype=np.float32).copy()
@@ -490,11 +507,15 @@ class IndexStore:
             old_ids = list(existing.values())
             _delete_rows(db, old_ids, seq)
             db.executemany(
-                "INSERT INTO items(id, key, label, attributes, vector, seq) VALUES (?,?,?,?,?,?)",
+                "INSERT INTO items(id, key, label, attributes, seq) VALUES (?,?,?,?,?)",
                 (
-                    (int(i), it.key, it.label, _dump_attrs(it.attributes), v.tobytes(), seq)
-                    for i, it, v in zip(ids, items, vecs, strict=True)
+                    (int(i), it.key, it.label, _dump_attrs(it.attributes), seq)
+                    for i, it in zip(ids, items, strict=True)
                 ),
+            )
+            db.executemany(
+                "INSERT INTO vectors(id, vector) VALUES (?,?)",
+                ((int(i), v.tobytes()) for i, v in zip(ids, vecs, strict=True)),
             )
             db.executemany(
                 "INSERT INTO item_attrs(name, value, id) VALUES (?,?,?)",
@@ -511,6 +532,11 @@ class IndexStore:
             raise
         self._seq = seq
         self._count += len(items) - len(old_ids)
+        if self._meta_cache is not None:
+            for old in old_ids:
+                self._meta_cache.pop(old, None)
+            for i, it in zip(ids.tolist(), items, strict=True):
+                self._meta_cache[i] = (it.key, _intern(it.label), _dump_attrs(it.attributes))
         self._apply(np.asarray(old_ids, np.int64), ids, vecs)
         return old_ids
 
@@ -530,6 +556,9 @@ class IndexStore:
         if existing:
             self._seq = seq
             self._count -= len(existing)
+            if self._meta_cache is not None:
+                for old in existing.values():
+                    self._meta_cache.pop(old, None)
             removed = np.fromiter(existing.values(), np.int64, len(existing))
             self._apply(removed, np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32))
         return set(existing)
@@ -609,7 +638,7 @@ class IndexStore:
 
     def _sample_vectors(self, n: int) -> np.ndarray:
         rows = self._db.execute(
-            "SELECT vector FROM items WHERE id IN "
+            "SELECT vector FROM vectors WHERE id IN "
             "(SELECT id FROM items ORDER BY random() LIMIT ?)",
             (n,),
         ).fetchall()
@@ -831,21 +860,28 @@ class IndexStore:
 def choose_factory(n: int, dim: int, options: StoreOptions) -> str:
     """The FAISS factory string `auto` uses for ``n`` vectors of ``dim`` dimensions.
 
-    Exact below ``options.exact_below``; above, HNSW when its full vectors and graph fit the
-    memory budget, else IVF with fast-scan PQ codes and a refine step on 16-bit vectors.
+    Exact below ``options.exact_below``. Above: for small dims, HNSW on the full vectors
+    when it fits the memory budget. For embedding-sized dims (bench/search.py measured
+    this at 1M x 1280), an IVF over PCA-256 with 8-bit scalar codes, whose candidates a
+    refine step re-ranks on 16-bit (or, on a tighter budget, 8-bit) copies of the full
+    vectors; on the tightest budgets, fast-scan PQ codes without refinement (lower recall).
     """
     if n < options.exact_below:
         return EXACT_FACTORY
     budget = options.memory_budget_gb * 2**30
-    hnsw_bytes = n * (dim * 4 + 32 * 2 * 4 * 1.5)
-    if hnsw_bytes <= budget:
+    reduced = min(dim, 256)
+    if dim <= reduced and n * (4 * dim + 400) <= budget:
         return "HNSW32"
-    # About 4 sqrt(n) lists, but never more than the collection can train (39 per list).
-    nlist = 2 ** min(round(math.log2(4 * math.sqrt(n))), int(math.log2(max(n // 39, 1))))
-    # Fast-scan codes of 2-5 dimensions per sub-quantizer: coarse, but the refine step
-    # re-ranks the candidates with 16-bit copies of the vectors.
-    m = max(d for d in range(1, min(dim // 2, 256) + 1) if dim % d == 0)
-    return f"IVF{nlist}_HNSW32,PQ{m}x4fs,Refine(SQfp16)"
+    pca = f"PCA{reduced}," if dim > reduced else ""
+    # About 2 sqrt(n) lists (k-means on 2 cores stays around a minute at 1M), never more
+    # than the collection can train (39 points per list).
+    nlist = 2 ** min(round(math.log2(2 * math.sqrt(n))), int(math.log2(max(n // 39, 1))))
+    ivf = f"{pca}IVF{nlist}_HNSW32"
+    for refine, bytes_per_dim in (("SQfp16", 2), ("SQ8", 1)):
+        if n * (reduced + bytes_per_dim * dim + 16) <= budget:
+            return f"{ivf},SQ8,Refine({refine})"
+    m = max(d for d in range(1, reduced // 2 + 1) if reduced % d == 0)
+    return f"{ivf},PQ{m}x4fs"
 
 
 @lru_cache(maxsize=64)
@@ -863,6 +899,8 @@ def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")  # a commit is on disk when COMMIT returns
     if readonly:
         conn.execute("PRAGMA query_only=ON")
+        # Search looks up metadata of random ids: keep more of the narrow items table cached.
+        conn.execute("PRAGMA cache_size=-65536")
     return conn
 
 
@@ -871,13 +909,17 @@ def _create_schema(db: sqlite3.Connection, spec: ModelSpec, now: str) -> None:
         db.executescript(
             """
             CREATE TABLE meta(name TEXT PRIMARY KEY, value) WITHOUT ROWID;
+            -- Narrow rows, so the metadata lookup of a search touches few pages.
             CREATE TABLE items(
                 id INTEGER PRIMARY KEY,     -- the FAISS id; never reused
                 key TEXT NOT NULL UNIQUE,
                 label TEXT NOT NULL,
-                attributes TEXT NOT NULL,   -- JSON object of strings
-                vector BLOB NOT NULL,       -- float32, L2-normalised
+                attributes TEXT NOT NULL,   -- JSON object of strings, "" when empty
                 seq INTEGER NOT NULL        -- operation that wrote it
+            );
+            CREATE TABLE vectors(
+                id INTEGER PRIMARY KEY,     -- same id as items
+                vector BLOB NOT NULL        -- float32, L2-normalised
             );
             CREATE INDEX items_label ON items(label);
             CREATE INDEX items_seq ON items(seq);
@@ -917,6 +959,7 @@ def _delete_rows(db: sqlite3.Connection, ids: Sequence[int], seq: int) -> None:
     for start in range(0, len(ids), _SQL_CHUNK):
         chunk = [(int(i),) for i in ids[start : start + _SQL_CHUNK]]
         db.executemany("DELETE FROM items WHERE id = ?", chunk)
+        db.executemany("DELETE FROM vectors WHERE id = ?", chunk)
         db.executemany("DELETE FROM item_attrs WHERE id = ?", chunk)
         db.executemany(
             "INSERT OR REPLACE INTO deletions(id, seq) VALUES (?, ?)",
@@ -928,9 +971,14 @@ def _stream_vectors(
     db: sqlite3.Connection, *, min_seq: int = 0, block: int = _SQL_CHUNK
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(ids, vectors) blocks of every stored item with ``seq >= min_seq``, in id order."""
-    cursor = db.execute(
-        "SELECT id, vector FROM items WHERE seq >= ? ORDER BY id", (min_seq,)
-    )
+    if min_seq <= 0:
+        cursor = db.execute("SELECT id, vector FROM vectors ORDER BY id")
+    else:
+        cursor = db.execute(
+            "SELECT id, vector FROM vectors WHERE id IN (SELECT id FROM items WHERE seq >= ?) "
+            "ORDER BY id",
+            (min_seq,),
+        )
     while rows := cursor.fetchmany(block):
         ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
         vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), -1)
@@ -978,7 +1026,7 @@ def _vectors_of(
     for start in range(0, len(ids), _SQL_CHUNK):
         chunk = [int(i) for i in ids[start : start + _SQL_CHUNK]]
         rows = conn.execute(
-            f"SELECT id, vector FROM items WHERE id IN ({','.join('?' * len(chunk))})", chunk
+            f"SELECT id, vector FROM vectors WHERE id IN ({','.join('?' * len(chunk))})", chunk
         ).fetchall()
         if rows:
             got = np.fromiter((r[0] for r in rows), np.int64, len(rows))
@@ -986,10 +1034,17 @@ def _vectors_of(
             yield got, vecs.reshape(len(rows), -1)
 
 
-def _to_hits(conn: sqlite3.Connection, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
-    """Join FAISS results with their metadata in one query (one per 4096 distinct ids)."""
-    wanted = np.unique(ids[ids >= 0]).tolist()
-    meta: dict[int, tuple[str, str, str]] = {}
+def _to_hits(
+    conn: sqlite3.Connection,
+    scores: np.ndarray,
+    ids: np.ndarray,
+    cache: dict[int, tuple[str, str, str]] | None,
+) -> list[list[Hit]]:
+    """Join FAISS results with their metadata: from the in-memory copy, or else in one
+    SQLite query (one per 4096 distinct ids)."""
+    flat_ids = ids.tolist()
+    meta: dict[int, tuple[str, str, str]] = cache if cache is not None else {}
+    wanted = [] if cache is not None else sorted({i for row in flat_ids for i in row if i >= 0})
     for start in range(0, len(wanted), _SQL_CHUNK):
         chunk = wanted[start : start + _SQL_CHUNK]
         rows = conn.execute(
@@ -999,22 +1054,28 @@ def _to_hits(conn: sqlite3.Connection, scores: np.ndarray, ids: np.ndarray) -> l
         )
         meta.update((r[0], r[1:]) for r in rows)
     out: list[list[Hit]] = []
-    for row_s, row_i in zip(scores.tolist(), ids.tolist(), strict=True):
+    for row_s, row_i in zip(scores.tolist(), flat_ids, strict=True):
         hits = []
         for s, i in zip(row_s, row_i, strict=True):
             m = meta.get(i)
             if m is not None:
-                hits.append(Hit(m[0], s, m[1], _load_attrs(m[2])))
+                hits.append(Hit(m[0], s, m[1], json.loads(m[2]) if m[2] else {}))
         out.append(hits)
     return out
 
 
+def _load_metadata(db: sqlite3.Connection) -> dict[int, tuple[str, str, str]]:
+    cursor = db.execute("SELECT id, key, label, attributes FROM items")
+    return {row[0]: (row[1], _intern(row[2]), row[3]) for row in cursor}
+
+
+def _intern(label: str) -> str:
+    """Labels repeat across many items: share one string object per label."""
+    return sys.intern(label)
+
+
 def _dump_attrs(attrs: Mapping[str, str]) -> str:
     return json.dumps(dict(attrs), sort_keys=True, ensure_ascii=False) if attrs else ""
-
-
-def _load_attrs(text: str) -> dict[str, str]:
-    return json.loads(text) if text else {}
 
 
 def _check_items(items: Sequence[Item]) -> None:
@@ -1071,19 +1132,25 @@ class _ReadWriteLock:
         self._writer = False
         self._writers_waiting = 0
 
-    @contextlib.contextmanager
-    def read(self) -> Iterator[None]:
+    def acquire_read(self) -> None:
         with self._cond:
             while self._writer or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
+
+    def release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        self.acquire_read()
         try:
             yield
         finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+            self.release_read()
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:

@@ -129,6 +129,20 @@ def test_filters_return_only_matches_and_exactly_k(filled: tuple[IndexStore, np.
     assert len(two) == 200 and {h.label for h in two} == {"class0", "class2"}
 
 
+def test_metadata_from_sqlite_matches_memory(tmp_path: Path, rng) -> None:
+    vecs = unit(rng, 50)
+    answers = []
+    for in_memory in (True, False):
+        options = StoreOptions(metadata_in_memory=in_memory)
+        with IndexStore.create(tmp_path / str(in_memory), spec(), options=options) as store:
+            store.upsert(items(50), vecs)
+            store.upsert([Item("img/3.jpg", label="moved", attributes={"a": "b"})], vecs[3])
+            store.delete(["img/4.jpg"])
+            answers.append(store.search(vecs[:6], k=4))
+    assert answers[0] == answers[1]
+    assert answers[0][3][0] == Hit("img/3.jpg", pytest.approx(1.0, abs=1e-5), "moved", {"a": "b"})
+
+
 def test_filter_is_exact_among_matches(filled: tuple[IndexStore, np.ndarray]) -> None:
     store, vecs = filled
     hits = store.search(vecs[7], k=5, filter=Filter(labels=("class1",)))[0]
@@ -234,7 +248,7 @@ def test_untrained_type_falls_back_to_exact(tmp_path: Path, rng) -> None:
 
 def test_auto_stays_exact_when_small_then_trains(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
-    options = StoreOptions(exact_below=2000, memory_budget_gb=0.0001)
+    options = StoreOptions(exact_below=2000, memory_budget_gb=0.001)
     vecs = clustered(rng, 6000)
     with IndexStore.create(tmp_path / "s", spec(), options=options) as store:
         store.upsert(items(1500), vecs[:1500])
@@ -255,7 +269,7 @@ def test_auto_stays_exact_when_small_then_trains(tmp_path: Path) -> None:
 
 def test_bulk_trains_once_at_the_end(tmp_path: Path, caplog) -> None:
     rng = np.random.default_rng(6)
-    options = StoreOptions(exact_below=1000, memory_budget_gb=0.0001, growth_factor=2)
+    options = StoreOptions(exact_below=1000, memory_budget_gb=0.001, growth_factor=2)
     vecs = clustered(rng, 8000)
     with IndexStore.create(tmp_path / "s", spec(), options=options) as store:
         with caplog.at_level(logging.INFO), store.bulk():
