@@ -247,6 +247,20 @@ class VectorIndex:
 
         ``allowed`` (sorted int64 ids) restricts the search; tombstones are always excluded.
         """
+        if len(queries) == 1:
+            # One query gains nothing from OpenMP, and server threads each starting a team
+            # would oversubscribe the cores; the setting is per calling thread.
+            previous = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1)
+            try:
+                return self._search(queries, k, knobs, allowed)
+            finally:
+                faiss.omp_set_num_threads(previous)
+        return self._search(queries, k, knobs, allowed)
+
+    def _search(
+        self, queries: np.ndarray, k: int, knobs: SearchKnobs, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         selector, _alive = self._selector(allowed)
         if selector is None:
             # Without a selector FAISS only reads the params, so threads may share them.

@@ -87,9 +87,13 @@ class Item:
     attributes: Mapping[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Hit:
-    """One search result; ``score`` is the cosine similarity (higher is closer)."""
+    """One search result; ``score`` is the cosine similarity (higher is closer).
+
+    Not frozen: a frozen dataclass pays ``object.__setattr__`` per field, and a search
+    builds k of these per query on its hot path.
+    """
 
     key: str
     score: float
@@ -324,7 +328,9 @@ class IndexStore:
         Wrong dim raises ``IncompatibleModelError``; non-finite or zero vectors raise
         ``InvalidRequestError``.
         """
-        arr = np.asarray(vectors, dtype=np.float32)
+        arr = vectors if isinstance(vectors, np.ndarray) else np.asarray(vectors)
+        if arr.dtype != np.float32:
+            arr = arr.astype(np.float32)
         if arr.ndim == 1:
             arr = arr[None, :]
         if arr.ndim != 2:
@@ -334,6 +340,17 @@ class IndexStore:
                 f"{what} have dim {arr.shape[1]}, but this index holds dim {self.dim} vectors "
                 f"from {self.spec.describe()}"
             )
+        if len(arr) == 1:  # the common single query: scalar math, few numpy calls
+            sq = float(arr[0] @ arr[0])
+            if not math.isfinite(sq):
+                raise InvalidRequestError(f"{what} contain NaN, infinite or overflowing values")
+            if sq == 0.0:
+                raise InvalidRequestError(
+                    f"{what} contain an all-zero vector, which has no direction"
+                )
+            if abs(sq - 1.0) > 1e-5:
+                arr = arr / np.float32(math.sqrt(sq))
+            return np.ascontiguousarray(arr)
         # One pass: a NaN or infinity anywhere makes the squared norm non-finite.
         squared = np.einsum("ij,ij->i", arr, arr)
         if not np.isfinite(squared).all():
@@ -361,14 +378,14 @@ class IndexStore:
         knobs = self._resolve_knobs(params)
         self._rw.acquire_read()
         try:
-            conn = self._reader()
             allowed = None
             if filter is not None and not filter.empty:
-                allowed = _match_ids(conn, filter)
+                allowed = _match_ids(self._reader(), filter)
                 if not len(allowed):
                     return [[] for _ in range(len(q))]
-            scores, ids = self._search_ids(conn, q, k, knobs, allowed)
-            return _to_hits(conn, scores, ids, self._meta_cache)
+            scores, ids = self._search_ids(q, k, knobs, allowed)
+            cache = self._meta_cache
+            return _to_hits(self._reader() if cache is None else None, scores, ids, cache)
         finally:
             self._rw.release_read()
 
@@ -798,7 +815,6 @@ class IndexStore:
 
     def _search_ids(
         self,
-        conn: sqlite3.Connection,
         q: np.ndarray,
         k: int,
         knobs: SearchKnobs,
@@ -807,18 +823,24 @@ class IndexStore:
         """FAISS search, widened (then exact) for queries that came back short of k."""
         available = self._index.live if allowed is None else len(allowed)
         if allowed is not None and available <= self.options.exact_filter_limit:
-            return _exact_search(conn, q, k, allowed)
+            return _exact_search(self._reader(), q, k, allowed)
         scores, ids = self._index.search(q, k, knobs, allowed)
         want = min(k, available)
-        short = np.flatnonzero((ids >= 0).sum(axis=1) < want)
+        if want == 0:
+            return scores, ids
+        # FAISS pads missing results with -1 at the end: the want-th column tells all.
+        last = ids[:, want - 1]
+        if (last[0] >= 0) if len(last) == 1 else (last >= 0).all():
+            return scores, ids
+        short = np.flatnonzero(last < 0)
         factor = 4
         while len(short) and factor <= 64 and self._index.factory != EXACT_FACTORY:
             s2, i2 = self._index.search(q[short], k, knobs.scaled(factor), allowed)
             scores[short], ids[short] = s2, i2
-            short = short[(i2 >= 0).sum(axis=1) < want]
+            short = short[i2[:, want - 1] < 0]
             factor *= 4
         if len(short):
-            s2, i2 = _exact_search(conn, q[short], k, allowed)
+            s2, i2 = _exact_search(self._reader(), q[short], k, allowed)
             scores[short], ids[short] = s2, i2
         return scores, ids
 
@@ -1035,7 +1057,7 @@ def _vectors_of(
 
 
 def _to_hits(
-    conn: sqlite3.Connection,
+    conn: sqlite3.Connection | None,
     scores: np.ndarray,
     ids: np.ndarray,
     cache: dict[int, tuple[str, str, str]] | None,
@@ -1053,15 +1075,15 @@ def _to_hits(
             chunk,
         )
         meta.update((r[0], r[1:]) for r in rows)
-    out: list[list[Hit]] = []
-    for row_s, row_i in zip(scores.tolist(), flat_ids, strict=True):
-        hits = []
-        for s, i in zip(row_s, row_i, strict=True):
-            m = meta.get(i)
-            if m is not None:
-                hits.append(Hit(m[0], s, m[1], json.loads(m[2]) if m[2] else {}))
-        out.append(hits)
-    return out
+    get, loads = meta.get, json.loads
+    return [
+        [
+            Hit(m[0], s, m[1], loads(m[2]) if m[2] else {})
+            for s, i in zip(row_s, row_i, strict=True)
+            if (m := get(i)) is not None
+        ]
+        for row_s, row_i in zip(scores.tolist(), flat_ids, strict=True)
+    ]
 
 
 def _load_metadata(db: sqlite3.Connection) -> dict[int, tuple[str, str, str]]:
@@ -1124,25 +1146,29 @@ def _lock_directory(root: Path) -> int:
 
 
 class _ReadWriteLock:
-    """Many readers or one writer; a waiting writer holds new readers back."""
+    """Many readers or one writer; a writer waiting holds new readers back.
+
+    Readers pay two uncontended lock round trips (the search hot path); a writer takes the
+    gate lock, so new readers queue behind it, then waits for the readers inside to leave.
+    """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._gate = threading.Lock()  # held by a writer for its whole turn
+        self._count_lock = threading.Lock()
+        self._drained = threading.Condition(self._count_lock)
         self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
+        self._writer_waiting = False
 
     def acquire_read(self) -> None:
-        with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
+        with self._gate:
+            with self._count_lock:
+                self._readers += 1
 
     def release_read(self) -> None:
-        with self._cond:
+        with self._count_lock:
             self._readers -= 1
-            if not self._readers:
-                self._cond.notify_all()
+            if not self._readers and self._writer_waiting:
+                self._drained.notify()
 
     @contextlib.contextmanager
     def read(self) -> Iterator[None]:
@@ -1154,15 +1180,10 @@ class _ReadWriteLock:
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._writers_waiting -= 1
-            self._writer = True
-        try:
+        with self._gate:
+            with self._count_lock:
+                self._writer_waiting = True
+                while self._readers:
+                    self._drained.wait()
+                self._writer_waiting = False
             yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
