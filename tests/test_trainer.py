@@ -25,7 +25,7 @@ from pictor.errors import IncompatibleModelError, InvalidRequestError
 from pictor.trainer import data as data_mod
 from pictor.trainer.config import TrainConfig
 from pictor.trainer.evaluate import evaluate
-from pictor.trainer.finetune import backbone_stages, warmup_cosine
+from pictor.trainer.finetune import backbone_stages, unfreeze_last, warmup_cosine
 from pictor.trainer.train import train
 
 CLASSES = ("disc", "square", "triangle")
@@ -185,6 +185,10 @@ def test_finetune_one_epoch_round_trip_and_refusals(shapes: Path, tmp_path: Path
 def test_stages_and_schedule() -> None:
     stages = backbone_stages(create_backbone("efficientnet_lite0", "random"))
     assert stages[-1] == "model.blocks.6" and len(stages) == 7
+    resnet = create_backbone("resnet18", "random")
+    assert backbone_stages(resnet) == [f"extractor.layer{i}" for i in range(1, 5)]
+    trainable = unfreeze_last(resnet, 1)
+    assert trainable and all(n.startswith("extractor.layer4.") for n in trainable)
     f = warmup_cosine(total_steps=100, warmup_steps=10)
     assert f(0) < f(5) < f(9) <= 1.0 and f(10) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)

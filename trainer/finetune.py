@@ -67,33 +67,38 @@ def backbone_stages(backbone: nn.Module) -> list[str]:
 
 
 def unfreeze_last(backbone: nn.Module, n_stages: int) -> list[str]:
-    """Make the last ``n_stages`` stages and everything after them trainable; return names."""
+    """Make the last ``n_stages`` stages and everything after them trainable; return names.
+
+    The ImageNet classifier stays frozen: the loss never reaches it.
+    """
     backbone.requires_grad_(False)
     if n_stages == 0:
         return []
     stages = backbone_stages(backbone)
     first = stages[max(0, len(stages) - n_stages)]
+    classifier = _classifier_params(backbone)
     trainable = []
     started = False
     for name, param in backbone.named_parameters():
         started = started or name.startswith(first + ".")
-        if started and not _is_classifier(backbone, name):
+        if started and name not in classifier:
             param.requires_grad_(True)
             trainable.append(name)
     return trainable
 
 
-def _is_classifier(backbone: nn.Module, name: str) -> bool:
-    """ImageNet classifier weights: the loss never reaches them, so keep them frozen."""
+def _classifier_params(backbone: nn.Module) -> set[str]:
+    """Names of the ImageNet classifier's parameters (timm ``get_classifier``, torchvision
+    logits node)."""
     model: Any = getattr(backbone, "model", None)
     if model is not None and hasattr(model, "get_classifier"):
-        cls_mod = model.get_classifier()
-        cls_names = {f"model.{n}" for n, p in model.named_parameters()
-                     if any(p is q for q in cls_mod.parameters())}
-        return name in cls_names
+        ids = {id(p) for p in model.get_classifier().parameters()}
+        return {f"model.{n}" for n, p in model.named_parameters() if id(p) in ids}
     logits_node = getattr(getattr(backbone, "info", None), "logits_node", "")
-    root = logits_node.rsplit(".", 1)[0] if "." in logits_node else logits_node
-    return bool(root) and f".{root}." in f".{name}"
+    root = logits_node.rsplit(".", 1)[0]
+    if not root:
+        return set()
+    return {n for n, _ in backbone.named_parameters() if f".{root}." in f".{n}"}
 
 
 def _freeze_batchnorm(module: nn.Module) -> None:
