@@ -14,7 +14,7 @@ from pictor.errors import InvalidRequestError, require_server_extra
 HELP = """\
 Embed every image of GALLERY with a pretrained CNN and write a searchable index to --out.
 
-GALLERY is a folder (searched recursively; each image's label is its parent folder's name)
+GALLERY is a folder (searched recursively; each image's label is the top-level folder it is in)
 or a CSV/JSONL manifest with a `path` column and optional `label`, `key` and attribute
 columns. Each item's key is the file's path as given here. Running again over an existing
 index adds new files and replaces changed ones (same key); the model must be the same.
@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--weights", help="weights tag, local checkpoint path, or 'random' (default: the backbone's default)")
     p.add_argument("--model", dest="model_file", help="model file from `pictor train`: embed with its (fine-tuned) backbone")
     p.add_argument("--index-type", help="FAISS factory string (Flat, HNSW32, IVF1024,PQ32) or auto (default)")
-    p.add_argument("--labels", help="folder (default): label = parent folder name; none: no labels")
+    p.add_argument("--labels", help="folder (default): label = top-level folder name; none: no labels")
     p.add_argument("--batch-size", type=int, help="images per forward pass (default 32)")
     p.add_argument("--workers", type=int, help="decoding threads (default 2)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run(args: argparse.Namespace) -> int:
     require_server_extra("pictor index")
-    from pictor.core.gallery import read_gallery
+    from pictor.core.gallery import image_suffixes_text, read_gallery
     from pictor.core.store import MANIFEST, IndexStore
     from pictor.indexer.pipeline import run_indexing
 
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     entries = list(read_gallery(settings.gallery, labels=settings.labels))
     if not entries:
         raise InvalidRequestError(
-            f"no images found in {settings.gallery} (looked for .jpg .jpeg .png .webp .gif .bmp .tif .tiff)"
+            f"no images found in {settings.gallery} (looked for {image_suffixes_text()})"
         )
     embedder = _embedder(settings, args.model_file)
     out = Path(settings.out)

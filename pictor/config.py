@@ -58,7 +58,7 @@ class IndexerSettings:
     index_type: str = "auto"  # a FAISS factory string ("Flat", "HNSW32", "IVF1024,PQ32") or "auto"
     model: ModelSettings = dataclasses.field(default_factory=ModelSettings)
     workers: int = 2  # decode threads
-    labels: str = "folder"  # "folder" (parent folder name), "none", or a CSV/JSONL manifest path
+    labels: str = "folder"  # "folder" (top-level folder name), "none"; a manifest brings its own
 
 
 S = TypeVar("S")

@@ -47,5 +47,30 @@ def test_bad_sources_are_clear_errors(tmp_path: Path) -> None:
         list(read_gallery(bad))
     nopath = tmp_path / "m.csv"
     nopath.write_text("label\ncat\n")
-    with pytest.raises(InvalidRequestError, match="no 'path'"):
+    with pytest.raises(InvalidRequestError, match="needs a header with a 'path' column, got \\['label'\\]"):
         list(read_gallery(nopath))
+    (tmp_path / "m.txt").write_text("a.png\n")
+    with pytest.raises(InvalidRequestError, match="folder of images .* or a .csv/.jsonl manifest"):
+        list(read_gallery(tmp_path / "m.txt"))
+
+
+def test_required_labels_name_the_manifest_line(tmp_path: Path) -> None:
+    csv = tmp_path / "m.csv"
+    csv.write_text("path,label\n a.png , cat \nb.png,\n")
+    assert [e.label for e in read_gallery(csv)] == ["cat", ""]  # optional by default, trimmed
+    with pytest.raises(InvalidRequestError, match="m.csv:3: no 'label'"):
+        list(read_gallery(csv, require_label=True))
+    csv.write_text("path\na.png\n")
+    with pytest.raises(InvalidRequestError, match="'path' and 'label' columns"):
+        list(read_gallery(csv, require_label=True))
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text(json.dumps({"path": "a.png", "label": "cat"}) + "\n\n" + json.dumps({"label": "dog"}) + "\n")
+    with pytest.raises(InvalidRequestError, match="m.jsonl:3: no 'path'"):
+        list(read_gallery(jsonl))
+
+
+def test_hidden_files_and_folders_are_not_listed(tmp_path: Path) -> None:
+    (tmp_path / "cats" / ".thumbnails").mkdir(parents=True)
+    for name in ("cats/a.jpg", "cats/._a.jpg", "cats/.thumbnails/a.jpg", "cats/a.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [e.path.name for e in read_gallery(tmp_path)] == ["a.jpg"]

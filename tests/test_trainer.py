@@ -21,7 +21,7 @@ from pictor.cli import main
 from pictor.core.backbones import create_backbone
 from pictor.core.embedder import Embedder, create_embedder, resolve_device
 from pictor.core.head import load_model
-from pictor.errors import IncompatibleModelError, InvalidRequestError
+from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
 from pictor.trainer import data as data_mod
 from pictor.trainer.config import TrainConfig
 from pictor.trainer.evaluate import evaluate
@@ -113,6 +113,21 @@ def test_bad_data_gives_clear_errors(tmp_path: Path, embedder: CountingEmbedder)
     (tmp_path / "bad.csv").write_text("file,class\na.png,x\n")
     with pytest.raises(InvalidRequestError, match="'path' and 'label'"):
         data_mod.load_samples(tmp_path / "bad.csv")
+    (tmp_path / "nolabel.csv").write_text("path,label\na.png,x\nb.png,\n")
+    with pytest.raises(InvalidRequestError, match=r"nolabel.csv:3: no 'label'"):
+        data_mod.load_samples(tmp_path / "nolabel.csv")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    draw("disc", random.Random(0)).save(flat / "a.png")
+    with pytest.raises(InvalidRequestError, match="no class folders"):
+        data_mod.load_samples(flat)
+    (flat / "empty").mkdir()
+    (flat / "empty" / "notes.txt").write_text("")
+    (flat / "disc").mkdir()
+    draw("disc", random.Random(0)).save(flat / "disc" / "b.png")
+    assert data_mod.load_samples(flat) == [data_mod.Sample(flat / "disc" / "b.png", "disc")]
+    with pytest.raises(NotFoundError, match="does not exist"):
+        data_mod.load_samples(tmp_path / "nope")
     tree = make_tree(tmp_path / "tree", per_class=6)
     for f in list((tree / "square").iterdir())[2:]:
         f.unlink()

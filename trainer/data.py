@@ -1,4 +1,5 @@
-"""Labelled image sets for training and evaluation: discovery, manifests, stratified splits.
+"""Labelled image sets for training and evaluation: what is training-specific on top of
+``pictor.core.gallery`` (which lists the images): labels required, stratified splits, class checks.
 
 DATA is either an image-folder tree (``DATA/<class>/**/<image>``) or a manifest: a CSV with a
 header holding ``path`` and ``label`` columns, or JSONL with one ``{"path": ..., "label": ...}``
@@ -7,9 +8,7 @@ object per line. Relative manifest paths are relative to the manifest's folder.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import logging
 import random
 from collections import Counter, defaultdict
@@ -17,12 +16,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pictor.errors import InvalidRequestError, NotFoundError
+from pictor.core.gallery import image_suffixes_text, read_gallery
+from pictor.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-MANIFEST_SUFFIXES = frozenset({".csv", ".jsonl"})
 
 
 @dataclass(frozen=True)
@@ -34,73 +31,23 @@ class Sample:
 
 
 def load_samples(data: str | Path) -> list[Sample]:
-    """Labelled images of ``data`` (folder tree or CSV/JSONL manifest), sorted by path."""
-    root = Path(data)
-    if not root.exists():
-        raise NotFoundError(f"data {root} does not exist")
-    if root.is_dir():
-        samples = _from_folders(root)
-    elif root.suffix.lower() in MANIFEST_SUFFIXES:
-        samples = _from_manifest(root)
-    else:
-        raise InvalidRequestError(
-            f"data {root} must be a folder with one sub-folder per class, or a .csv/.jsonl manifest"
-        )
-    if not samples:
-        raise InvalidRequestError(f"data {root} holds no labelled images")
-    return sorted(samples, key=lambda s: (s.label, str(s.path)))
+    """Labelled images of ``data`` (folder tree or CSV/JSONL manifest), sorted by label and path.
 
-
-def _from_folders(root: Path) -> list[Sample]:
-    samples: list[Sample] = []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for f in sorted(class_dir.rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                samples.append(Sample(f, class_dir.name))
-    if not samples and any(f.suffix.lower() in IMAGE_SUFFIXES for f in root.iterdir()):
+    Images directly in a folder's root have no class: they are left out, with a warning.
+    """
+    entries = list(read_gallery(data, require_label=True))
+    samples = [Sample(e.path, e.label) for e in entries if e.label]
+    loose = len(entries) - len(samples)
+    if loose and not samples:
         raise InvalidRequestError(
-            f"data {root} holds images but no class folders; put each class in its own "
+            f"data {data} holds images but no class folders; put each class in its own "
             "sub-folder (DATA/<class>/<image>) or pass a CSV/JSONL manifest"
         )
-    return samples
-
-
-def _from_manifest(path: Path) -> list[Sample]:
-    rows = _read_jsonl(path) if path.suffix.lower() == ".jsonl" else _read_csv(path)
-    samples = []
-    for i, (file, label) in enumerate(rows, start=2 if path.suffix.lower() == ".csv" else 1):
-        if not file or not label:
-            raise InvalidRequestError(f"{path} line {i}: both path and label are required")
-        p = Path(file)
-        samples.append(Sample(p if p.is_absolute() else path.parent / p, label))
-    return samples
-
-
-def _read_csv(path: Path) -> list[tuple[str, str]]:
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        fields = set(reader.fieldnames or ())
-        if not {"path", "label"} <= fields:
-            raise InvalidRequestError(
-                f"manifest {path} needs a header with 'path' and 'label' columns, got "
-                f"{sorted(fields) or 'no header'}"
-            )
-        return [((r["path"] or "").strip(), (r["label"] or "").strip()) for r in reader]
-
-
-def _read_jsonl(path: Path) -> list[tuple[str, str]]:
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InvalidRequestError(f"{path} line {i} is not JSON: {e}") from e
-        if not isinstance(obj, dict):
-            raise InvalidRequestError(f"{path} line {i}: expected an object with path and label")
-        rows.append((str(obj.get("path", "")).strip(), str(obj.get("label", "")).strip()))
-    return rows
+    if loose:
+        log.warning("%d image(s) directly in %s are not in a class folder and are left out", loose, data)
+    if not samples:
+        raise InvalidRequestError(f"data {data} holds no labelled images (looked for {image_suffixes_text()})")
+    return sorted(samples, key=lambda s: (s.label, str(s.path)))
 
 
 def class_names(samples: Iterable[Sample]) -> list[str]:
