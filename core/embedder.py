@@ -19,9 +19,11 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from PIL import Image
 
 from pictor.core.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from pictor.core.spec import ModelSpec, Preprocessing
-from pictor.errors import InvalidRequestError
+from pictor.errors import IncompatibleModelError, InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ POOLINGS = ("avg", "max", "gem")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GEM_P = 3.0  # the usual GeM exponent for retrieval (Radenović et al.)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+WHITENING_FILE = "whitening.npz"  # in an index directory built with --pca-whiten
 
 
 @dataclass(frozen=True)
@@ -293,6 +296,61 @@ class PCAWhitening:
         norms = np.linalg.norm(y, axis=1, keepdims=True)
         return (y / np.maximum(norms, 1e-12)).astype(np.float32)
 
+    @property
+    def fingerprint(self) -> str:
+        """``pca<out_dim>:<digest>``: names this exact transform in a ``ModelSpec``."""
+        h = hashlib.sha256(self.mean.astype("<f4").tobytes())
+        h.update(self.projection.astype("<f4").tobytes())
+        return f"pca{self.out_dim}:{h.hexdigest()[:16]}"
+
+    def whiten_spec(self, spec: ModelSpec) -> ModelSpec:
+        """The space of ``apply``'s output for embeddings from ``spec``: the index's spec.
+        (Another model's spec stays another spec, so comparing with the index's refuses it.)"""
+        if spec.whitening:
+            raise IncompatibleModelError(f"{spec.describe()} is whitened already")
+        return replace(spec, dim=self.out_dim, whitening=self.fingerprint)
+
+    def unwhiten_spec(self, spec: ModelSpec) -> ModelSpec:
+        """The embedder's own space behind an index spec this whitening made (what a head takes)."""
+        if spec.whitening != self.fingerprint:
+            raise IncompatibleModelError(
+                f"{spec.describe()} was not whitened by {self.fingerprint}")
+        return replace(spec, dim=self.in_dim, whitening="")
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``directory/whitening.npz`` atomically (a crash leaves the old file or a .tmp
+        that the store removes when it opens)."""
+        from pictor.core.faiss_index import fsync_dir, fsync_file
+
+        path = Path(directory) / WHITENING_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("wb") as f:
+            np.savez(f, mean=self.mean, projection=self.projection)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], spec: ModelSpec) -> PCAWhitening | None:
+        """The whitening an index at ``directory`` with ``spec`` was built with; None when the
+        spec says unwhitened. Refuses a missing file or one that is not the spec's transform."""
+        if not spec.whitening:
+            return None
+        path = Path(directory) / WHITENING_FILE
+        try:
+            with np.load(path) as z:
+                w = cls(z["mean"].astype(np.float32), z["projection"].astype(np.float32))
+        except (OSError, KeyError, ValueError) as e:
+            raise IncompatibleModelError(
+                f"index {directory} is PCA-whitened ({spec.whitening}) but {path} is missing or "
+                f"unreadable ({e}); rebuild the index") from e
+        if w.fingerprint != spec.whitening:
+            raise IncompatibleModelError(
+                f"{path} holds whitening {w.fingerprint}, but the index was built with "
+                f"{spec.whitening}; rebuild the index")
+        return w
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form, for the index manifest."""
         return {"mean": self.mean.tolist(), "projection": self.projection.tolist()}
@@ -301,3 +359,8 @@ class PCAWhitening:
     def from_dict(cls, d: dict[str, Any]) -> PCAWhitening:
         return cls(np.asarray(d["mean"], dtype=np.float32),
                    np.asarray(d["projection"], dtype=np.float32))
+
+
+def index_spec(spec: ModelSpec, whitening: PCAWhitening | None) -> ModelSpec:
+    """The spec of the vectors an index holds: the embedder's, whitened when it is."""
+    return spec if whitening is None else whitening.whiten_spec(spec)

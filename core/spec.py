@@ -48,10 +48,15 @@ class ModelSpec:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     # Fingerprint of fine-tuned backbone weights, "" for the weights as published.
     finetune: str = ""
+    # PCA-whitening applied after the embedder ("pca<dim>:<fingerprint>", "" none); ``dim``
+    # is then the whitened dim. Set by an index built with ``--pca-whiten``.
+    whitening: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["preprocessing"] = self.preprocessing.to_dict()
+        if not self.whitening:
+            del d["whitening"]  # unwhitened specs keep their old form (cache keys, model files)
         return d
 
     @classmethod
@@ -64,14 +69,16 @@ class ModelSpec:
             layer=str(d.get("layer", "")),
             preprocessing=Preprocessing.from_dict(d["preprocessing"]),
             finetune=str(d.get("finetune", "")),
+            whitening=str(d.get("whitening", "")),
         )
 
     def describe(self) -> str:
         extra = f", layer={self.layer}" if self.layer else ""
         tuned = f", finetune={self.finetune[:12]}" if self.finetune else ""
+        white = f", whitening={self.whitening}" if self.whitening else ""
         return (
             f"{self.backbone} (weights={self.weights}, dim={self.dim}, "
-            f"pooling={self.pooling}{extra}{tuned})"
+            f"pooling={self.pooling}{extra}{tuned}{white})"
         )
 
     def check_compatible(self, other: ModelSpec, what: str = "query") -> None:

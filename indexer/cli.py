@@ -26,8 +26,13 @@ are listed), 1 some files skipped and --strict given, 2 unusable input.
 The default backbone, efficientnet_lite0, ships ImageNet weights offline; `pictor models`
 lists the others. Runs on the GPU when there is one (--device).
 
+--pca-whiten DIM fits PCA-whitening on a random sample of the gallery (--pca-sample images,
+embedded once more for the fit) and stores it with the new index, which then holds DIM-d
+whitened vectors; the server whitens queries the same way. A re-run reuses it.
+
 examples:
   pictor index sample/gallery --out index
+  pictor index sample/gallery --out index-w --pca-whiten 128
   pictor index photos.csv --out index --backbone resnet50 --index-type HNSW32 --json
 """
 
@@ -43,6 +48,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--weights", help="weights tag, local checkpoint path, or 'random' (default: the backbone's default)")
     p.add_argument("--model", dest="model_file", help="model file from `pictor train`: embed with its (fine-tuned) backbone")
     p.add_argument("--index-type", help="FAISS factory string (Flat, HNSW32, IVF1024,PQ32) or auto (default)")
+    p.add_argument("--pca-whiten", type=int, metavar="DIM",
+                   help="PCA-whiten embeddings to DIM dims, fitted on a gallery sample and stored with "
+                   "the index (off by default; new index only)")
+    p.add_argument("--pca-sample", type=int, metavar="N",
+                   help="gallery images that fit the whitening (default 10000)")
     p.add_argument("--labels", help="folder (default): label = top-level folder name; none: no labels")
     p.add_argument("--batch-size", type=int, help="images per forward pass (default 32)")
     p.add_argument("--workers", type=int, help="decoding threads (default 2)")
@@ -58,8 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run(args: argparse.Namespace) -> int:
     require_server_extra("pictor index")
     from pictor.core.gallery import image_suffixes_text, read_gallery
+    from pictor.core.embedder import index_spec
     from pictor.core.store import MANIFEST, IndexStore
-    from pictor.indexer.pipeline import run_indexing
+    from pictor.indexer.pipeline import fit_whitening, run_indexing
 
     settings = build_settings(IndexerSettings, vars(args), config_file=args.config)
     entries = list(read_gallery(settings.gallery, labels=settings.labels))
@@ -69,16 +80,23 @@ def run(args: argparse.Namespace) -> int:
         )
     embedder = _embedder(settings, args.model_file)
     out = Path(settings.out)
+    progress = not args.no_progress and sys.stderr.isatty()
     if (out / MANIFEST).is_file():
-        store = IndexStore.open(out, spec=embedder.spec)
+        store, whitening = _open_store(out, embedder, settings.pca_whiten)
     else:
-        store = IndexStore.create(out, embedder.spec, index_type=settings.index_type)
+        whitening = fit_whitening(
+            entries, embedder, settings.pca_whiten, sample=settings.pca_sample,
+            batch_size=settings.model.batch_size, workers=settings.workers,
+            max_pixels=settings.model.max_pixels, progress=progress,
+        ) if settings.pca_whiten else None
+        store = IndexStore.create(out, index_spec(embedder.spec, whitening), index_type=settings.index_type)
+        if whitening is not None:
+            whitening.save(out)  # before any vector: a store never holds vectors it cannot explain
     with store, store.bulk():  # re-train the index once at the end, not at every growth step
         summary = run_indexing(
-            entries, embedder, store,
+            entries, embedder, store, whitening=whitening,
             batch_size=settings.model.batch_size, workers=settings.workers,
-            max_pixels=settings.model.max_pixels, total=len(entries),
-            progress=not args.no_progress and sys.stderr.isatty(),
+            max_pixels=settings.model.max_pixels, total=len(entries), progress=progress,
         )
         count = len(store)
     if args.json:
@@ -91,6 +109,27 @@ def run(args: argparse.Namespace) -> int:
         for failure in summary.failures:
             print(f"  skipped {failure['error']}", file=sys.stderr)
     return 1 if summary.skipped and args.strict else 0
+
+
+def _open_store(out: Path, embedder, pca_whiten: int):  # type: ignore[no-untyped-def]
+    """An existing index and its whitening; refuse a model or a --pca-whiten it was not built with."""
+    from pictor.core.embedder import PCAWhitening, index_spec
+    from pictor.core.store import IndexStore
+
+    store = IndexStore.open(out)
+    try:
+        whitening = PCAWhitening.load(out, store.spec)
+        if pca_whiten and pca_whiten != (whitening.out_dim if whitening else 0):
+            raise InvalidRequestError(
+                f"index {out} was built with {store.spec.whitening or 'no whitening'}; "
+                f"--pca-whiten {pca_whiten} would change its space: drop the flag to keep the "
+                "index's own, or build a new index with another --out"
+            )
+        store.check_spec(index_spec(embedder.spec, whitening), what="this run's model")
+    except BaseException:
+        store.close()
+        raise
+    return store, whitening
 
 
 def _embedder(settings: IndexerSettings, model_file: str | None):  # type: ignore[no-untyped-def]

@@ -9,24 +9,28 @@ at most the batch in flight and a re-run over the same output replaces instead o
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from pictor.core.decode import load_image
 from pictor.core.gallery import GalleryEntry
 from pictor.core.store import IndexStore, Item
-from pictor.errors import InvalidImageError, NotFoundError
+from pictor.errors import InvalidImageError, InvalidRequestError, NotFoundError
 from pictor.iterators import batched
 
 if TYPE_CHECKING:
-    from pictor.core.embedder import Embedder
+    from pictor.core.embedder import Embedder, PCAWhitening
 
 log = logging.getLogger(__name__)
+
+WHITENING_SEED = 0  # which gallery images fit the whitening: reproducible runs
 
 
 @dataclass
@@ -85,39 +89,92 @@ def decoded_batches(
             yield pending.result()
 
 
+def embedded_batches(
+    entries: Iterable[GalleryEntry], embedder: Embedder, *, batch_size: int, workers: int, max_pixels: int
+) -> Iterator[tuple[DecodedBatch, np.ndarray]]:
+    """Each decoded batch with the embeddings of its good entries ([0, dim] when none)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="pictor-decode") as pool:
+        for decoded in decoded_batches(batched(entries, batch_size), pool, embedder, max_pixels=max_pixels):
+            if decoded.tensors:
+                yield decoded, embedder.forward_batch(torch.stack(decoded.tensors)).embeddings
+            else:
+                yield decoded, np.zeros((0, embedder.spec.dim), np.float32)
+
+
 def run_indexing(
     entries: Iterable[GalleryEntry],
     embedder: Embedder,
     store: IndexStore,
     *,
+    whitening: PCAWhitening | None = None,
     batch_size: int = 32,
     workers: int = 2,
     max_pixels: int,
     total: int | None = None,
     progress: bool = True,
 ) -> IndexSummary:
-    """Embed every entry and upsert it into ``store``; bad files are skipped and reported."""
+    """Embed every entry (whitened when the index is) and upsert it into ``store``; bad files
+    are skipped and reported."""
     from tqdm import tqdm
 
     summary = IndexSummary()
     start = time.perf_counter()
     bar = tqdm(total=total, unit="img", desc="indexing", disable=not progress, dynamic_ncols=True)
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="pictor-decode") as pool:
-        for decoded in decoded_batches(batched(entries, batch_size), pool, embedder, max_pixels=max_pixels):
-            for entry, error in decoded.failures:
-                log.warning("skipped %s", error)
-                summary.failures.append({"path": str(entry.path), "error": error})
-            if decoded.tensors:
-                vectors = embedder.forward_batch(torch.stack(decoded.tensors)).embeddings
-                items = [Item(key=e.key, label=e.label, attributes=dict(e.attributes)) for e in decoded.entries]
-                result = store.upsert(items, vectors)
-                summary.inserted += result.inserted
-                summary.replaced += result.replaced
-            summary.indexed += len(decoded.tensors)
-            summary.skipped += len(decoded.failures)
-            bar.update(len(decoded.tensors) + len(decoded.failures))
-            bar.set_postfix(skipped=summary.skipped, refresh=False)
+    batches = embedded_batches(entries, embedder, batch_size=batch_size, workers=workers, max_pixels=max_pixels)
+    for decoded, vectors in batches:
+        for entry, error in decoded.failures:
+            log.warning("skipped %s", error)
+            summary.failures.append({"path": str(entry.path), "error": error})
+        if decoded.entries:
+            items = [Item(key=e.key, label=e.label, attributes=dict(e.attributes)) for e in decoded.entries]
+            result = store.upsert(items, vectors if whitening is None else whitening.apply(vectors))
+            summary.inserted += result.inserted
+            summary.replaced += result.replaced
+        summary.indexed += len(decoded.entries)
+        summary.skipped += len(decoded.failures)
+        bar.update(len(decoded.entries) + len(decoded.failures))
+        bar.set_postfix(skipped=summary.skipped, refresh=False)
     bar.close()
     summary.seconds = round(time.perf_counter() - start, 3)
     summary.images_per_second = round(summary.indexed / summary.seconds, 2) if summary.seconds else 0.0
     return summary
+
+
+def fit_whitening(
+    entries: Sequence[GalleryEntry],
+    embedder: Embedder,
+    out_dim: int,
+    *,
+    sample: int,
+    batch_size: int = 32,
+    workers: int = 2,
+    max_pixels: int,
+    progress: bool = True,
+) -> PCAWhitening:
+    """PCA-whitening to ``out_dim`` fitted on a seeded random sample of ``entries``.
+
+    A random sample, not the first images: a sorted listing starts with the first classes only.
+    """
+    from tqdm import tqdm
+
+    from pictor.core.embedder import PCAWhitening
+
+    if not 0 < out_dim <= embedder.spec.dim:
+        raise InvalidRequestError(
+            f"--pca-whiten must be between 1 and the embedding dim {embedder.spec.dim}, got {out_dim}")
+    chosen = random.Random(WHITENING_SEED).sample(list(entries), min(sample, len(entries)))
+    bar = tqdm(total=len(chosen), unit="img", desc="whitening sample", disable=not progress, dynamic_ncols=True)
+    parts = []
+    for decoded, vectors in embedded_batches(chosen, embedder, batch_size=batch_size, workers=workers,
+                                             max_pixels=max_pixels):
+        parts.append(vectors)
+        bar.update(len(decoded.entries) + len(decoded.failures))
+    bar.close()
+    x = np.concatenate(parts) if parts else np.zeros((0, embedder.spec.dim), np.float32)
+    if len(x) <= out_dim:  # fewer images than dims: the covariance has too low a rank
+        raise InvalidRequestError(
+            f"PCA-whitening to {out_dim} dims needs more than {out_dim} images in its sample, got "
+            f"{len(x)}; lower --pca-whiten or raise --pca-sample")
+    whitening = PCAWhitening.fit(x, out_dim)
+    log.info("fitted PCA-whitening %s on %d gallery images", whitening.fingerprint, len(x))
+    return whitening

@@ -59,6 +59,8 @@ class IndexerSettings:
     model: ModelSettings = dataclasses.field(default_factory=ModelSettings)
     workers: int = 2  # decode threads
     labels: str = "folder"  # "folder" (top-level folder name), "none"; a manifest brings its own
+    pca_whiten: int = 0  # PCA-whitening to this many dims, fitted on a gallery sample (0 = off)
+    pca_sample: int = 10_000  # gallery images embedded to fit it (embedded again when indexed)
 
 
 S = TypeVar("S")

@@ -23,7 +23,7 @@ from pictor.core.store import DeleteResult, Filter, Hit, IndexStore, Item, Searc
 from pictor.errors import InvalidImageError, InvalidRequestError, NotFoundError
 
 if TYPE_CHECKING:
-    from pictor.core.embedder import Embedder, EmbedOutput
+    from pictor.core.embedder import Embedder, EmbedOutput, PCAWhitening
     from pictor.core.head import TrainedModel
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class Engine:
-    """One embedder, one index store and an optional fine-tuned head, shared by all requests."""
+    """One embedder, one index store and an optional fine-tuned head, shared by all requests.
+
+    With a PCA-whitened index, the vectors the API exchanges (Embed, Search and Upsert
+    vectors, kNN queries) are whitened; the head still gets the embedder's own embeddings.
+    """
 
     def __init__(
         self,
@@ -76,8 +80,13 @@ class Engine:
         model: TrainedModel | None = None,
         *,
         max_pixels: int,
+        whitening: PCAWhitening | None = None,
     ) -> None:
-        store.spec.check_compatible(embedder.spec, what="the server's model")
+        from pictor.core.embedder import index_spec
+
+        self.spec = index_spec(embedder.spec, whitening)  # the space of the index's vectors
+        store.spec.check_compatible(self.spec, what="the server's model")
+        self.whitening = whitening
         self.embedder = embedder
         self.store = store
         self.model = model
@@ -89,7 +98,7 @@ class Engine:
     @classmethod
     def load(cls, settings: ServerSettings) -> Engine:
         """Open the index and build the model it was made with (or the fine-tuned one)."""
-        from pictor.core.embedder import create_embedder
+        from pictor.core.embedder import PCAWhitening, create_embedder
 
         index = Path(settings.index)
         if not index.is_dir():
@@ -97,15 +106,16 @@ class Engine:
                 f"index directory {index} does not exist; build one with `pictor index GALLERY --out {index}`"
             )
         store = IndexStore.open(index)
+        whitening = PCAWhitening.load(index, store.spec)
+        spec = store.spec if whitening is None else whitening.unwhiten_spec(store.spec)
         model = None
         if settings.model:
             from pictor.core.head import load_model
 
             model = load_model(settings.model)
-            model.check_index(store.spec)
+            model.check_index(spec)  # the head takes unwhitened embeddings
             embedder = model.create_embedder(device=settings.device, precision=settings.precision)
         else:
-            spec = store.spec
             embedder = create_embedder(
                 spec.backbone,
                 weights=spec.weights,
@@ -114,7 +124,7 @@ class Engine:
                 pooling=spec.pooling,
                 layer=spec.layer or None,
             )
-        return cls(embedder, store, model, max_pixels=settings.max_pixels)
+        return cls(embedder, store, model, max_pixels=settings.max_pixels, whitening=whitening)
 
     def close(self) -> None:
         self.store.close()
@@ -134,11 +144,20 @@ class Engine:
         with self._forward_lock:
             return self.embedder.forward_images(decoded)
 
+    def to_index(self, embeddings: np.ndarray) -> np.ndarray:
+        """Embedder output -> the index's space (whitened when the index is)."""
+        return embeddings if self.whitening is None else self.whitening.apply(embeddings)
+
+    def embed(self, images: Sequence[bytes]) -> np.ndarray:
+        """Embeddings as the index stores them: what Search and Upsert take as vectors."""
+        return self.to_index(self.forward(images).embeddings)
+
     def query_vector(self, values: Sequence[float]) -> np.ndarray:
         vector = np.asarray(values, dtype=np.float32)
         if vector.shape != (self.store.spec.dim,):
+            whitened = f" ({self.spec.whitening}: Embed returns such vectors)" if self.whitening else ""
             raise InvalidRequestError(
-                f"vector has {vector.size} values, but this index holds {self.store.spec.dim}-d vectors"
+                f"vector has {vector.size} values, but this index holds {self.store.spec.dim}-d vectors{whitened}"
             )
         if not np.all(np.isfinite(vector)):
             raise InvalidRequestError("vector contains NaN or infinite values")
@@ -193,7 +212,7 @@ class Engine:
     def _knn(self, embedding: np.ndarray, n: int, top_k: int) -> tuple[list[tuple[str, float]], list[Hit]]:
         from pictor.core.head import knn_vote
 
-        hits = self.store.search(embedding[None], n)[0]
+        hits = self.store.search(self.to_index(embedding[None]), n)[0]
         return knn_vote(hits)[:top_k], hits
 
     def search(
@@ -208,7 +227,7 @@ class Engine:
     ) -> list[Hit]:
         k = check_k(k, DEFAULT_K, "k")
         if image is not None:
-            query = self.forward([image]).embeddings[0]
+            query = self.embed([image])[0]
         elif key is not None:
             query = self.store.get_vector(key)
         elif vector is not None:
@@ -232,7 +251,7 @@ class Engine:
                 rows[i] = self.query_vector(vec)  # type: ignore[arg-type]
         if to_embed:
             try:
-                rows[to_embed] = self.forward([images[i] for i in to_embed]).embeddings  # type: ignore[misc]
+                rows[to_embed] = self.embed([images[i] for i in to_embed])  # type: ignore[misc]
             except InvalidImageError as e:
                 raise InvalidImageError(f"{e} (upsert of {len(items)} items rejected, nothing written)") from e
         return self.store.upsert(items, rows)
@@ -246,7 +265,7 @@ class Engine:
         import faiss
         import torch
 
-        spec = self.embedder.spec
+        spec = self.spec
         store_info = self.store.info()
         if self.model is not None:
             classifier, names = "head", list(self.model.class_names)

@@ -79,11 +79,11 @@ class PictorService(pb_grpc.PictorServicer):
         return pb.SearchResponse(hits=[hit_to_pb(h) for h in hits])
 
     def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:
-        out = self.engine.forward(list(request.images))
+        embeddings = self.engine.embed(list(request.images))
         return pb.EmbedResponse(
-            embeddings=[pb.Vector(values=row.tolist()) for row in out.embeddings],
-            dim=self.engine.embedder.spec.dim,
-            backbone=self.engine.embedder.spec.backbone,
+            embeddings=[pb.Vector(values=row.tolist()) for row in embeddings],
+            dim=self.engine.spec.dim,
+            backbone=self.engine.spec.backbone,
         )
 
     def Upsert(self, request_iterator: Iterator[pb.UpsertRequest], context: grpc.ServicerContext) -> pb.UpsertResponse:

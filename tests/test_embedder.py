@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 from pictor.core.decode import decode_image, load_image
 from pictor.core.embedder import Embedder, PCAWhitening, create_embedder, resolve_precision
 from pictor.core.spec import ModelSpec
-from pictor.errors import InvalidRequestError, NotFoundError
+from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
 
 DATA = Path(__file__).parent / "data"
 PHOTOS = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
@@ -192,3 +192,25 @@ def test_pca_whitening_round_trip() -> None:
         pca.apply(x[:, :8])
     with pytest.raises(InvalidRequestError, match="sample"):
         PCAWhitening.fit(x[:1])
+
+
+def test_pca_whitening_file_and_spec(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(100, 32)).astype(np.float32)
+    pca = PCAWhitening.fit(x, out_dim=8)
+    raw = ModelSpec(backbone="b", weights="w", dim=32)
+    spec = pca.whiten_spec(raw)
+    assert (spec.dim, spec.whitening) == (8, pca.fingerprint) and pca.fingerprint.startswith("pca8:")
+    assert ModelSpec.from_dict(spec.to_dict()) == spec and "whitening" not in raw.to_dict()
+    assert pca.unwhiten_spec(spec) == raw
+    assert PCAWhitening.load(tmp_path, raw) is None  # unwhitened: nothing to load
+    with pytest.raises(IncompatibleModelError, match="missing"):
+        PCAWhitening.load(tmp_path, spec)
+    pca.save(tmp_path)
+    loaded = PCAWhitening.load(tmp_path, spec)
+    assert loaded is not None and np.array_equal(loaded.apply(x), pca.apply(x))
+    PCAWhitening.fit(x[::-1][:50], out_dim=8).save(tmp_path)  # another transform in its place
+    with pytest.raises(IncompatibleModelError, match="rebuild"):
+        PCAWhitening.load(tmp_path, spec)
+    with pytest.raises(IncompatibleModelError, match="whitened already"):
+        pca.whiten_spec(spec)

@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pytest
 from conftest import drawn_image, pictor
 
-from pictor.core.store import IndexStore
+from pictor.config import ServerSettings
+from pictor.core.embedder import WHITENING_FILE
+from pictor.core.store import IndexStore, Item
+from pictor.errors import IncompatibleModelError, InvalidRequestError
+from pictor.server.engine import Engine
 
 
 def test_index_reports_bad_files_and_keeps_going(gallery: Path, tmp_path: Path) -> None:
@@ -52,3 +58,32 @@ def test_index_errors_are_clear(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     r = pictor("index", str(tmp_path / "empty"), "--out", str(tmp_path / "i"), check=False)
     assert r.returncode == 2 and "no images found" in r.stderr
+
+
+def test_pca_whitened_index_serves_whitened_queries(gallery: Path, tmp_path: Path) -> None:
+    out = tmp_path / "index"
+    summary = json.loads(pictor("index", str(gallery), "--out", str(out), "--pca-whiten", "8", "--json").stdout)
+    assert summary["index_size"] == 12 and (out / WHITENING_FILE).is_file()
+    engine = Engine.load(ServerSettings(index=str(out), device="cpu", precision="fp32"))
+    try:
+        assert engine.store.spec.dim == 8 and engine.store.spec.whitening.startswith("pca8:")
+        with pytest.raises(IncompatibleModelError, match="whitening"):  # unwhitened queries refused
+            engine.store.check_spec(engine.embedder.spec)
+        image = sorted(gallery.rglob("*.png"))[3]
+        assert engine.embed([image.read_bytes()]).shape == (1, 8)
+        assert engine.search(image=image.read_bytes(), k=3)[0].key == image.as_posix()
+        assert engine.classify(image.read_bytes(), classifier="knn").labels[0][0] == image.parent.name
+        new = drawn_image(77)
+        engine.upsert([Item(key="new")], [new], [None])
+        assert engine.search(image=new, k=1)[0].key == "new"
+        assert engine.search(vector=engine.store.get_vector("new").tolist(), k=1)[0].key == "new"
+        with pytest.raises(InvalidRequestError, match="8-d vectors .*pca8"):
+            engine.search(vector=np.ones(engine.embedder.spec.dim).tolist())
+    finally:
+        engine.close()
+    again = json.loads(pictor("index", str(gallery), "--out", str(out), "--json").stdout)
+    assert (again["replaced"], again["index_size"]) == (12, 13)  # the index's whitening, reused
+    other = pictor("index", str(gallery), "--out", str(out), "--pca-whiten", "4", check=False)
+    assert other.returncode == 2 and "would change its space" in other.stderr
+    few = pictor("index", str(gallery), "--out", str(tmp_path / "i2"), "--pca-whiten", "12", check=False)
+    assert few.returncode == 2 and "needs more than 12 images" in few.stderr

@@ -62,3 +62,22 @@ def test_classify_with_head_and_knn(trained: tuple[Path, Path]) -> None:
             assert not both.unknown
     finally:
         server.stop()
+
+
+def test_head_gets_unwhitened_embeddings_on_a_whitened_index(trained: tuple[Path, Path]) -> None:
+    from pictor.config import ServerSettings
+    from pictor.server.engine import Engine
+
+    model, index = trained
+    whitened = index.parent / "whitened"
+    data = index.parent / "data"
+    pictor("index", str(data), "--out", str(whitened), "--model", str(model), "--pca-whiten", "8",
+           "--no-progress")
+    engine = Engine.load(ServerSettings(index=str(whitened), model=str(model), device="cpu",
+                                        precision="fp32"))
+    try:
+        r = engine.classify(tinted(102, "red"), classifier="all", neighbors=5)
+        assert (r.source, r.labels[0][0], r.knn_labels[0][0]) == ("head", "red", "red")
+        assert engine.info().embedding_dim == 8
+    finally:
+        engine.close()
