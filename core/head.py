@@ -4,7 +4,7 @@ A model file (``pictor train``) holds everything needed to classify with the hea
 check that it fits an index: the embedding space (``ModelSpec``, with ``finetune`` set to a
 fingerprint of fine-tuned backbone weights), the head weights and class names, the changed
 backbone weights (finetune mode only), training config, validation metrics, a fingerprint of
-the training data, library versions and open-set thresholds. It is a ``torch.save`` of plain
+the training data, library versions and the open-set rule (class Gaussians + thresholds). It is a ``torch.save`` of plain
 containers, so ``torch.load(weights_only=True)`` reads it without running pickled code.
 
 Example::
@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 import platform
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from torch import nn
 
 from pictor.core.spec import ModelSpec
@@ -44,44 +46,129 @@ FORMAT_VERSION = 1
 
 # --------------------------------------------------------------------------- open set
 
+OPEN_SET_SCORE = "relative_mahalanobis"  # what the model file's thresholds compare with
+
+
+@dataclass(frozen=True)
+class ClassGaussians:
+    """Class-conditional Gaussians with one shared covariance, in a PCA space of the embeddings.
+
+    ``score`` is the relative Mahalanobis score (Lee et al. 2018; Ren et al. 2021): minus the
+    smallest squared distance to a class mean, relative to the distance to one Gaussian over
+    all training data. Higher means "like a known class". The background term removes what
+    every image shares, so images near the data but far from every class centre score low.
+    Plain tensors, so a model file stays loadable with ``weights_only``.
+    """
+
+    center: torch.Tensor  # [dim]: mean of the training embeddings
+    basis: torch.Tensor  # [dim, k]: top-k principal directions
+    class_means: torch.Tensor  # [C, k]
+    precision: torch.Tensor  # [k, k]: inverse of the shared (shrunk) within-class covariance
+    background_mean: torch.Tensor  # [k]
+    background_precision: torch.Tensor  # [k, k]
+
+    @classmethod
+    def fit(cls, x: np.ndarray, y: np.ndarray, num_classes: int, *, shrinkage: float = 0.1,
+            max_dim: int = 256) -> ClassGaussians:
+        """Fit on embeddings ``x [N, dim]`` with integer labels ``y`` (every class present).
+
+        The PCA space keeps at most ``max_dim`` and at most ``N // 4`` directions: a
+        covariance is only estimated well from several samples per dimension.
+        """
+        x = np.asarray(x, dtype=np.float64)
+        if len(x) < 2 or np.bincount(y, minlength=num_classes).min() == 0:
+            raise InvalidRequestError("class Gaussians need every class and 2+ embeddings")
+        center = x.mean(0)
+        k = max(1, min(max_dim, x.shape[1], len(x) // 4))
+        basis = np.linalg.svd(x - center, full_matrices=False)[2][:k].T
+        z = (x - center) @ basis
+        means = np.stack([z[y == c].mean(0) for c in range(num_classes)])
+        return cls(*(torch.as_tensor(a, dtype=torch.float32) for a in (
+            center, basis, means, _shrunk_precision(z - means[y], shrinkage),
+            np.zeros(k), _shrunk_precision(z, shrinkage),  # z is centred: background mean 0
+        )))
+
+    def score(self, embeddings: np.ndarray) -> np.ndarray:
+        """Relative Mahalanobis score ``[N]`` (float32): higher is more like a known class."""
+        z = (torch.as_tensor(np.asarray(embeddings), dtype=torch.float32) - self.center) @ self.basis
+        diff = z[:, None, :] - self.class_means[None]  # [N, C, k]
+        d_class = torch.einsum("nck,kl,ncl->nc", diff, self.precision, diff)
+        zb = z - self.background_mean
+        d_background = torch.einsum("nk,kl,nl->n", zb, self.background_precision, zb)
+        return (d_background - d_class.min(1).values).numpy()
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name).clone() for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, torch.Tensor]) -> ClassGaussians:
+        return cls(**{f.name: d[f.name].float() for f in dataclasses.fields(cls)})
+
+
+def _shrunk_precision(centred: np.ndarray, shrinkage: float) -> np.ndarray:
+    """Inverse covariance, shrunk towards a scaled identity (few samples, many dims)."""
+    cov = centred.T @ centred / max(len(centred), 1)
+    target = np.trace(cov) / len(cov) * np.eye(len(cov))
+    return np.linalg.pinv((1.0 - shrinkage) * cov + shrinkage * target + 1e-12 * np.eye(len(cov)))
+
 
 @dataclass(frozen=True)
 class OpenSetThresholds:
     """Open-set rejection: an image is "unknown" when BOTH scores fall below their threshold.
 
-    ``head_confidence`` compares with the head's top-1 probability, ``neighbor_similarity``
+    ``class_fit`` compares with ``ClassGaussians.score`` of the embedding, ``neighbor_similarity``
     with the cosine similarity of the nearest indexed (training) image. Calibrated in training
     on the validation split, with the training set's embeddings standing in for the index, so
     the neighbour test is meaningful when the served index holds the training images (or a
     gallery like them).
     """
 
-    head_confidence: float
+    class_fit: float
     neighbor_similarity: float
 
-    def is_unknown(self, head_confidence: float, neighbor_similarity: float) -> bool:
-        """True when both the head's confidence and the nearest neighbour are too weak."""
-        return (
-            head_confidence < self.head_confidence
-            and neighbor_similarity < self.neighbor_similarity
+    def is_unknown(self, class_fit: ArrayLike, neighbor_similarity: ArrayLike) -> np.ndarray:
+        """True where both scores are too weak (elementwise)."""
+        return (np.asarray(class_fit) < self.class_fit) & (
+            np.asarray(neighbor_similarity) < self.neighbor_similarity
         )
 
     def to_dict(self) -> dict[str, float]:
-        return {
-            "head_confidence": float(self.head_confidence),
-            "neighbor_similarity": float(self.neighbor_similarity),
-        }
+        return {"class_fit": float(self.class_fit),
+                "neighbor_similarity": float(self.neighbor_similarity)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> OpenSetThresholds:
-        return cls(float(d["head_confidence"]), float(d["neighbor_similarity"]))
+        return cls(float(d["class_fit"]), float(d["neighbor_similarity"]))
+
+
+@dataclass(frozen=True)
+class OpenSet:
+    """What Classify needs to answer "unknown": the class Gaussians and the two thresholds."""
+
+    gaussians: ClassGaussians
+    thresholds: OpenSetThresholds
+
+    def is_unknown(self, embeddings: np.ndarray, neighbor_similarity: ArrayLike) -> np.ndarray:
+        """``[N]`` bools for embeddings ``[N, dim]`` and their nearest-neighbour similarities."""
+        return self.thresholds.is_unknown(self.gaussians.score(embeddings), neighbor_similarity)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"score": OPEN_SET_SCORE, "thresholds": self.thresholds.to_dict(),
+                "gaussians": self.gaussians.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> OpenSet:
+        if d.get("score") != OPEN_SET_SCORE:
+            raise IncompatibleModelError(f"unknown open-set score {d.get('score')!r}")
+        return cls(ClassGaussians.from_dict(d["gaussians"]),
+                   OpenSetThresholds.from_dict(d["thresholds"]))
 
 
 def calibrate_thresholds(
-    known_confidence: np.ndarray,
+    known_fit: np.ndarray,
     known_similarity: np.ndarray,
     *,
-    unknown_confidence: np.ndarray | None = None,
+    unknown_fit: np.ndarray | None = None,
     unknown_similarity: np.ndarray | None = None,
     max_known_rejected: float = 0.05,
 ) -> OpenSetThresholds:
@@ -89,25 +176,25 @@ def calibrate_thresholds(
 
     Without examples of unknowns, the thresholds are the same quantile of each score (both must
     fall below for a rejection, so the rejected share stays under the budget). With (pseudo)
-    unknowns, e.g. a known class held out of a head, the pair that rejects the most of them
-    within the budget is chosen from a grid of quantiles.
+    unknowns, e.g. a known class held out of the Gaussians, the pair that rejects the most of
+    them within the budget is chosen from a grid of quantiles.
     """
-    kc = np.asarray(known_confidence, dtype=np.float64)
+    kc = np.asarray(known_fit, dtype=np.float64)
     ks = np.asarray(known_similarity, dtype=np.float64)
     if kc.size == 0 or kc.shape != ks.shape:
         raise InvalidRequestError("open-set calibration needs matching, non-empty known scores")
     if not 0.0 <= max_known_rejected < 1.0:
         raise InvalidRequestError(f"max_known_rejected must be in [0, 1), got {max_known_rejected}")
-    if unknown_confidence is None or unknown_similarity is None or len(unknown_confidence) == 0:
+    if unknown_fit is None or unknown_similarity is None or len(unknown_fit) == 0:
         q = max_known_rejected
         return OpenSetThresholds(float(np.quantile(kc, q)), float(np.quantile(ks, q)))
-    uc = np.asarray(unknown_confidence, dtype=np.float64)
+    uc = np.asarray(unknown_fit, dtype=np.float64)
     us = np.asarray(unknown_similarity, dtype=np.float64)
     grid = np.linspace(0.0, 1.0, 101)
-    conf_cands = np.unique(np.quantile(kc, grid))
+    fit_cands = np.unique(np.quantile(kc, grid))
     sim_cands = np.unique(np.quantile(ks, grid))
     best: tuple[float, float, float, float] | None = None  # (rejected unknown, -rej known, tc, ts)
-    for tc in conf_cands:
+    for tc in fit_cands:
         low_c_known = kc < tc
         low_c_unknown = uc < tc
         for ts in sim_cands:
@@ -119,7 +206,7 @@ def calibrate_thresholds(
             if best is None or cand > best:
                 best = cand
     if best is None:
-        return OpenSetThresholds(0.0, -1.0)  # nothing fits the budget: never reject
+        return OpenSetThresholds(-math.inf, -math.inf)  # nothing fits the budget: never reject
     return OpenSetThresholds(best[2], best[3])
 
 
@@ -224,7 +311,7 @@ class TrainedModel:
     class_names: list[str]
     head: ClassifierHead
     temperature: float = 1.0  # divides the logits; fitted on validation for calibrated scores
-    thresholds: OpenSetThresholds | None = None
+    open_set: OpenSet | None = None  # None: never answers "unknown"
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     data_fingerprint: str = ""
@@ -242,6 +329,14 @@ class TrainedModel:
             raise IncompatibleModelError(
                 f"head has {self.head.num_classes} outputs for {len(self.class_names)} class names"
             )
+        if self.open_set is not None:
+            g = self.open_set.gaussians
+            if g.center.shape[0] != self.spec.dim or g.class_means.shape[0] != len(self.class_names):
+                raise IncompatibleModelError(
+                    f"open-set Gaussians are for {g.center.shape[0]}-d embeddings and "
+                    f"{g.class_means.shape[0]} classes, the head for {self.spec.dim}-d and "
+                    f"{len(self.class_names)} classes"
+                )
         if self.backbone_state and self.spec.finetune != fingerprint_state(self.backbone_state):
             raise IncompatibleModelError(
                 "fine-tuned backbone weights do not match the fingerprint in the model spec"
@@ -335,7 +430,7 @@ class TrainedModel:
                 "state": {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()},
             },
             "backbone_state": {k: v.detach().cpu().clone() for k, v in self.backbone_state.items()},
-            "thresholds": self.thresholds.to_dict() if self.thresholds else None,
+            "open_set": self.open_set.to_dict() if self.open_set else None,
             "metrics": _plain(self.metrics),
             "training": _plain(self.training),
             "data_fingerprint": self.data_fingerprint,
@@ -368,13 +463,12 @@ class TrainedModel:
             h = d["head"]
             head = ClassifierHead(int(h["dim"]), int(h["num_classes"]), int(h.get("hidden", 0)))
             head.load_state_dict(h["state"])
-            thresholds = d.get("thresholds")
             return cls(
                 spec=spec,
                 class_names=[str(c) for c in d["class_names"]],
                 head=head,
                 temperature=float(h.get("temperature", 1.0)),
-                thresholds=OpenSetThresholds.from_dict(thresholds) if thresholds else None,
+                open_set=_open_set_from_file(d, source),
                 metrics=dict(d.get("metrics") or {}),
                 training=dict(d.get("training") or {}),
                 data_fingerprint=str(d.get("data_fingerprint", "")),
@@ -383,6 +477,19 @@ class TrainedModel:
             )
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise IncompatibleModelError(f"{source} is a damaged Pictor model file: {e}") from e
+
+
+def _open_set_from_file(d: Mapping[str, Any], source: str) -> OpenSet | None:
+    """The file's open-set rule; files from before the class-Gaussian score load without one."""
+    if d.get("open_set"):
+        try:
+            return OpenSet.from_dict(d["open_set"])
+        except IncompatibleModelError as e:
+            raise IncompatibleModelError(f"{source}: {e} (retrain with this version)") from e
+    if d.get("thresholds"):
+        log.warning("%s has open-set thresholds of an older rule (head confidence); it is served "
+                    "without open-set rejection: retrain it to answer \"unknown\"", source)
+    return None
 
 
 def load_model(path: str | os.PathLike[str]) -> TrainedModel:

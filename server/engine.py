@@ -193,14 +193,15 @@ class Engine:
                 "this server has no classifier head (backbone without ImageNet classifier and no "
                 "--model); use classifier=knn or start the server with --model"
             )
-        thresholds = self.model.thresholds if self.model is not None else None
-        if classifier != "all" and thresholds is None:
+        open_set = self.model.open_set if self.model is not None else None
+        if classifier != "all" and open_set is None:
             return ClassifyResult(labels=labels, source=source)
 
         # Open-set rejection needs the nearest neighbour too, whichever answer was asked for.
         knn, hits = self._knn(embedding, n_neighbors, top_k)
-        unknown = thresholds is not None and thresholds.is_unknown(
-            labels[0][1], hits[0].score if hits else -1.0
+        # The class Gaussians take the embedder's own embedding, like the head.
+        unknown = open_set is not None and bool(
+            open_set.is_unknown(embedding[None], [hits[0].score if hits else -1.0])[0]
         )
         if classifier != "all":
             return ClassifyResult(labels=labels, source=source, unknown=unknown)

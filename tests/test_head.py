@@ -1,4 +1,4 @@
-"""Head, model file, kNN vote and open-set thresholds (pictor.core.head), without a backbone."""
+"""Head, model file, kNN vote and open-set rule (pictor.core.head), without a backbone."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from pictor.core.head import (
+    ClassGaussians,
     ClassifierHead,
+    OpenSet,
     OpenSetThresholds,
     TrainedModel,
     calibrate_thresholds,
@@ -41,6 +43,12 @@ def make_model(spec: ModelSpec = SPEC, classes: int = 3, **kw: object) -> Traine
         head=head,
         **kw,  # type: ignore[arg-type]
     )
+
+
+def make_open_set(classes: int = 3) -> OpenSet:
+    rng = np.random.default_rng(3)
+    x, y = clusters(rng, rng.normal(size=(classes, SPEC.dim)), 12)
+    return OpenSet(ClassGaussians.fit(x, y, classes), OpenSetThresholds(0.55, 0.42))
 
 
 # ---- kNN vote
@@ -76,19 +84,50 @@ def test_knn_vote_non_positive_scores_fall_back_to_counts() -> None:
 
 
 def test_is_unknown_needs_both_scores_below() -> None:
-    t = OpenSetThresholds(head_confidence=0.6, neighbor_similarity=0.5)
-    assert t.is_unknown(0.3, 0.2)
-    assert not t.is_unknown(0.7, 0.2)  # confident head keeps the label
-    assert not t.is_unknown(0.3, 0.9)  # close neighbour keeps the label
+    t = OpenSetThresholds(class_fit=-5.0, neighbor_similarity=0.5)
+    assert t.is_unknown(-9.0, 0.2)
+    assert not t.is_unknown(-1.0, 0.2)  # fits a class: keeps the label
+    assert not t.is_unknown(-9.0, 0.9)  # close neighbour keeps the label
+    assert t.is_unknown([-9.0, -1.0], [0.2, 0.2]).tolist() == [True, False]
     assert OpenSetThresholds.from_dict(t.to_dict()) == t
+
+
+def clusters(rng: np.random.Generator, centres: np.ndarray, n: int, spread: float = 0.3
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` points around each centre (rows of ``centres``) and their integer labels."""
+    x = np.concatenate([c + spread * rng.normal(size=(n, centres.shape[1])) for c in centres])
+    return x.astype(np.float32), np.repeat(np.arange(len(centres)), n)
+
+
+def test_class_gaussians_score_unknown_cluster_below_known() -> None:
+    rng = np.random.default_rng(0)
+    centres = 2.0 * rng.normal(size=(4, 8))
+    x, y = clusters(rng, centres[:3], 60)
+    g = ClassGaussians.fit(x, y, 3)
+    known, _ = clusters(rng, centres[:3], 20)
+    unknown, _ = clusters(rng, centres[3:], 20)
+    k, u = g.score(known), g.score(unknown)
+    assert k.shape == (60,) and k.dtype == np.float32
+    assert np.mean(u < np.quantile(k, 0.05)) > 0.9  # the unseen class is far from every mean
+    back = ClassGaussians.from_dict(g.to_dict())
+    np.testing.assert_allclose(back.score(unknown), u, rtol=1e-6)
+
+
+def test_class_gaussians_keep_fewer_dims_than_samples_and_refuse_missing_class() -> None:
+    rng = np.random.default_rng(1)
+    x, y = clusters(rng, rng.normal(size=(2, 64)), 10)
+    g = ClassGaussians.fit(x, y, 2)
+    assert g.basis.shape == (64, 5)  # 20 samples: at most 20 // 4 directions
+    assert np.isfinite(g.score(x)).all()
+    with pytest.raises(InvalidRequestError, match="every class"):
+        ClassGaussians.fit(x, y, 3)
 
 
 def test_calibrate_without_unknowns_respects_budget() -> None:
     rng = np.random.default_rng(0)
     conf, sim = rng.uniform(0.5, 1, 1000), rng.uniform(0.3, 1, 1000)
     t = calibrate_thresholds(conf, sim, max_known_rejected=0.05)
-    rejected = np.mean([t.is_unknown(c, s) for c, s in zip(conf, sim, strict=True)])
-    assert rejected <= 0.05
+    assert np.mean(t.is_unknown(conf, sim)) <= 0.05
 
 
 def test_calibrate_with_pseudo_unknowns_separates_them() -> None:
@@ -96,12 +135,10 @@ def test_calibrate_with_pseudo_unknowns_separates_them() -> None:
     known_c, known_s = rng.uniform(0.6, 1, 500), rng.uniform(0.6, 1, 500)
     unk_c, unk_s = rng.uniform(0.2, 0.7, 200), rng.uniform(0.2, 0.7, 200)
     t = calibrate_thresholds(
-        known_c, known_s, unknown_confidence=unk_c, unknown_similarity=unk_s, max_known_rejected=0.1
+        known_c, known_s, unknown_fit=unk_c, unknown_similarity=unk_s, max_known_rejected=0.1
     )
-    known_rej = np.mean([t.is_unknown(c, s) for c, s in zip(known_c, known_s, strict=True)])
-    unk_rej = np.mean([t.is_unknown(c, s) for c, s in zip(unk_c, unk_s, strict=True)])
-    assert known_rej <= 0.1
-    assert unk_rej > 0.5
+    assert np.mean(t.is_unknown(known_c, known_s)) <= 0.1
+    assert np.mean(t.is_unknown(unk_c, unk_s)) > 0.5
 
 
 def test_calibrate_rejects_bad_input() -> None:
@@ -134,7 +171,7 @@ def test_model_file_round_trip(tmp_path) -> None:
     model = make_model(
         spec,
         temperature=0.7,
-        thresholds=OpenSetThresholds(0.55, 0.42),
+        open_set=make_open_set(),
         metrics={"top1": np.float64(0.9), "sweep": [{"wd": 1e-3}]},
         training={"mode": "finetune", "epochs": 1},
         data_fingerprint="abc",
@@ -147,7 +184,7 @@ def test_model_file_round_trip(tmp_path) -> None:
     back = load_model(path)
     assert back.spec == spec
     assert back.class_names == model.class_names
-    assert back.thresholds == OpenSetThresholds(0.55, 0.42)
+    assert back.open_set is not None and back.open_set.thresholds == OpenSetThresholds(0.55, 0.42)
     assert back.temperature == pytest.approx(0.7)
     assert back.metrics["top1"] == pytest.approx(0.9)
     assert back.training["mode"] == "finetune" and back.data_fingerprint == "abc"
@@ -156,6 +193,27 @@ def test_model_file_round_trip(tmp_path) -> None:
     torch.testing.assert_close(back.backbone_state[name], state[name])
     x = np.random.default_rng(2).normal(size=(3, 8)).astype(np.float32)
     np.testing.assert_allclose(back.predict_proba(x), model.predict_proba(x), rtol=1e-6)
+    np.testing.assert_allclose(back.open_set.gaussians.score(x),
+                               model.open_set.gaussians.score(x), rtol=1e-6)
+
+
+def test_model_file_with_old_open_set_rule_loads_without_it(tmp_path, caplog) -> None:
+    old = tmp_path / "old.pt"
+    d = make_model().to_dict()
+    del d["open_set"]
+    torch.save(d | {"thresholds": {"head_confidence": 0.9, "neighbor_similarity": 0.5}}, old)
+    assert load_model(old).open_set is None
+    assert "older rule" in caplog.text
+    other = tmp_path / "other.pt"
+    torch.save(make_model(open_set=make_open_set()).to_dict()
+               | {"open_set": make_open_set().to_dict() | {"score": "energy"}}, other)
+    with pytest.raises(IncompatibleModelError, match="energy"):
+        load_model(other)
+
+
+def test_model_refuses_open_set_for_other_classes() -> None:
+    with pytest.raises(IncompatibleModelError, match="open-set Gaussians"):
+        make_model(classes=2, open_set=make_open_set())
 
 
 def test_load_model_refuses_missing_foreign_and_damaged_files(tmp_path) -> None:

@@ -29,6 +29,16 @@ def tinted(seed: int, hue: str) -> bytes:
     return buf.getvalue()
 
 
+def noise(seed: int) -> bytes:
+    """A 64 px picture of green noise: like neither class."""
+    rng = random.Random(seed)
+    im = Image.new("RGB", (64, 64))
+    im.putdata([(rng.randrange(60), rng.randrange(120, 256), rng.randrange(60)) for _ in range(64 * 64)])
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("model")
@@ -60,6 +70,8 @@ def test_classify_with_head_and_knn(trained: tuple[Path, Path]) -> None:
             assert both.agree
             assert len(both.neighbors) == 5
             assert not both.unknown
+            # Far from both classes and from every indexed image: answered "unknown".
+            assert client.classify(noise(0), classifier="all").unknown
     finally:
         server.stop()
 

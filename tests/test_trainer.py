@@ -26,6 +26,7 @@ from pictor.trainer import data as data_mod
 from pictor.trainer.config import TrainConfig
 from pictor.trainer.evaluate import evaluate
 from pictor.trainer.finetune import backbone_stages, unfreeze_last, warmup_cosine
+from pictor.trainer.openset import calibrate_open_set, nearest_similarity
 from pictor.trainer.train import train
 
 CLASSES = ("disc", "square", "triangle")
@@ -145,6 +146,7 @@ def test_linear_separates_shapes_and_caches_embeddings(
     first = train(config(tmp_path, weight_decays=(1e-3,)), shapes, embedder=emb)
     assert first.report["top1"] == 1.0
     assert first.model.class_names == list(CLASSES)
+    assert first.model.open_set is not None  # 3 classes: calibrated leaving each one out
     n_images = 24
     assert first.cache["misses"] == 18 * 2 + 6  # train views plain+mirror, val plain
     assert emb.images_embedded - before == first.cache["misses"]
@@ -167,6 +169,36 @@ def test_unreadable_images_are_skipped_and_counted(
     assert {p.name for p, _ in result.skipped} == {"broken.png", "empty.jpg"}
     assert result.model.metrics["skipped_images"] == 2
     assert result.report["top1"] == 1.0
+
+
+# --------------------------------------------------------------------------- open set
+
+
+def unit_clusters(rng: np.random.Generator, centres: np.ndarray, n: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` unit vectors around each centre, like embeddings of images of a class."""
+    x = np.concatenate([c + 0.3 * rng.normal(size=(n, centres.shape[1])) / np.sqrt(centres.shape[1])
+                        for c in centres])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), np.repeat(np.arange(len(centres)), n)
+
+
+@pytest.mark.parametrize("classes", [4, 2])
+def test_open_set_rejects_an_unseen_class_within_the_budget(classes: int) -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(classes + 1, 32)) / np.sqrt(32)
+    x_train, y_train = unit_clusters(rng, centres[:classes], 40)
+    x_val, y_val = unit_clusters(rng, centres[:classes], 40)
+    cal = calibrate_open_set(x_train[None], y_train, x_val, y_val, classes,
+                             max_known_rejected=0.05)
+    unseen, _ = unit_clusters(rng, centres[classes:], 40)
+    known, _ = unit_clusters(rng, centres[:classes], 40)
+    def rejected(x: np.ndarray) -> float:
+        return float(cal.open_set.is_unknown(x, nearest_similarity(x, x_train)).mean())
+    assert rejected(unseen) > 0.8
+    assert rejected(known) <= 0.1
+    if classes > 2:  # pseudo-unknowns exist only when a class can be left out
+        assert cal.pseudo_unknown_rejected > 0.8
 
 
 # --------------------------------------------------------------------------- finetune

@@ -109,9 +109,9 @@ def run_train(args: argparse.Namespace) -> int:
           f"{result.seconds:.0f}s")
     print(f"validation: top-1 {result.report['top1']:.4f}  top-5 {result.report['top5']:.4f}  "
           f"macro F1 {result.report['macro_f1']:.4f} ({result.report['n']} images)")
-    if result.model.thresholds:
-        t = result.model.thresholds
-        print(f"open set: unknown when confidence < {t.head_confidence:.3f} and nearest "
+    if result.model.open_set:
+        t = result.model.open_set.thresholds
+        print(f"open set: unknown when class fit < {t.class_fit:.3f} and nearest "
               f"neighbour similarity < {t.neighbor_similarity:.3f}")
     if result.model.spec.finetune:
         print("the backbone is fine-tuned: build the index with it: "

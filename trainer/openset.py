@@ -1,10 +1,13 @@
 """Open-set calibration and kNN on embeddings: the training-time stand-ins for the index.
 
-At serving time, "unknown" needs two scores: the head's top-1 probability and the cosine
-similarity of the nearest indexed image. In training the index is played by the training
-embeddings, and unknowns by each known class in turn: a head fitted without class ``c`` sees
-``c``'s validation images as unknowns (leave-one-class-out). Thresholds are then chosen to
-reject as many of those as possible while rejecting at most a budget of known images.
+At serving time, "unknown" needs two scores: how well the embedding fits the class Gaussians
+(relative Mahalanobis score, ``pictor.core.head.ClassGaussians``) and the cosine similarity of
+the nearest indexed image. The class-Gaussian score replaced the head's top-1 probability:
+on flowers with one class held out it rejects more of the unknowns at the same cost in known
+images (docs/benchmarks.md). In training the index is played by the training embeddings, and
+unknowns by each known class in turn: Gaussians fitted without class ``c`` see ``c``'s
+validation images as unknowns (leave-one-class-out). Thresholds are then chosen to reject as
+many of those as possible while rejecting at most a budget of known images.
 """
 
 from __future__ import annotations
@@ -16,8 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pictor.core.head import OpenSetThresholds, calibrate_thresholds, knn_vote
-from pictor.trainer.linear import class_weights, fit_head, fit_temperature
+from pictor.core.head import ClassGaussians, OpenSet, calibrate_thresholds, knn_vote
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +67,9 @@ def nearest_similarity(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class OpenSetCalibration:
-    thresholds: OpenSetThresholds
+    open_set: OpenSet
     pseudo_unknown_rejected: float  # leave-one-class-out unknowns answered "unknown"
-    pseudo_known_rejected: float  # known images of those heads answered "unknown"
+    pseudo_known_rejected: float  # known images of those fits answered "unknown"
 
 
 def calibrate_open_set(
@@ -76,67 +78,49 @@ def calibrate_open_set(
     x_val: np.ndarray,
     y_val: np.ndarray,
     num_classes: int,
-    weight_decay: float,
     *,
     max_known_rejected: float = 0.05,
-    balance: bool = True,
-    seed: int = 0,
 ) -> OpenSetCalibration:
-    """Thresholds from leave-one-class-out heads (needs 3+ classes), else known quantiles.
+    """Class Gaussians on all classes; thresholds from leave-one-class-out fits (3+ classes).
 
-    ``x_*`` are unit embeddings of the plain (unaugmented) images.
+    ``x_train [V, N, dim]`` holds views of the training images, the plain ones first (the
+    Gaussians use every view, the neighbour test the plain ones: what an index holds);
+    ``x_val`` the plain validation embeddings. With 2 classes a held-out fit has one class
+    and no signal, so the thresholds are quantiles of the known scores.
     """
-    known_c: list[np.ndarray] = []
-    known_s: list[np.ndarray] = []
-    unk_c: list[np.ndarray] = []
-    unk_s: list[np.ndarray] = []
-    if num_classes >= 3:
-        for c in range(num_classes):
-            kc, ks, uc, us = _held_out_scores(
-                x_train, y_train, x_val, y_val, num_classes, c, weight_decay, balance, seed
-            )
-            known_c.append(kc)
-            known_s.append(ks)
-            unk_c.append(uc)
-            unk_s.append(us)
-    else:  # with 2 classes a held-out head has one class: no signal, use known scores only
-        head = fit_head(x_train, y_train, num_classes, weight_decay, seed=seed)
-        with torch.no_grad():
-            logits = head(torch.as_tensor(x_val))
-        t = fit_temperature(logits, y_val)
-        known_c.append(torch.softmax(logits / t, 1).max(1).values.numpy())
-        known_s.append(nearest_similarity(x_val, x_train))
-    kc_all, ks_all = np.concatenate(known_c), np.concatenate(known_s)
-    uc_all = np.concatenate(unk_c) if unk_c else None
-    us_all = np.concatenate(unk_s) if unk_s else None
-    th = calibrate_thresholds(kc_all, ks_all, unknown_confidence=uc_all,
-                              unknown_similarity=us_all, max_known_rejected=max_known_rejected)
-    known_rej = float(np.mean((kc_all < th.head_confidence) & (ks_all < th.neighbor_similarity)))
-    unk_rej = (
-        float(np.mean((uc_all < th.head_confidence) & (us_all < th.neighbor_similarity)))
-        if uc_all is not None and us_all is not None and len(uc_all) else 0.0
-    )
-    log.info("open-set thresholds: head confidence < %.3f and neighbour similarity < %.3f "
+    held_out = range(num_classes) if num_classes >= 3 else ()
+    scores = [_held_out_scores(x_train, y_train, x_val, y_val, num_classes, c) for c in held_out]
+    gaussians = _fit_gaussians(x_train, y_train, num_classes)
+    if not scores:
+        scores = [(gaussians.score(x_val), nearest_similarity(x_val, x_train[0]),
+                   np.empty(0), np.empty(0))]
+    kf, ks, uf, us = (np.concatenate(parts) for parts in zip(*scores, strict=True))
+    th = calibrate_thresholds(kf, ks, unknown_fit=uf, unknown_similarity=us,
+                              max_known_rejected=max_known_rejected)
+    known_rej = float(np.mean(th.is_unknown(kf, ks)))
+    unk_rej = float(np.mean(th.is_unknown(uf, us))) if len(uf) else 0.0
+    log.info("open-set thresholds: class fit < %.3f and neighbour similarity < %.3f "
              "(held-out classes rejected %.1f%%, known rejected %.1f%%)",
-             th.head_confidence, th.neighbor_similarity, 100 * unk_rej, 100 * known_rej)
-    return OpenSetCalibration(th, unk_rej, known_rej)
+             th.class_fit, th.neighbor_similarity, 100 * unk_rej, 100 * known_rej)
+    return OpenSetCalibration(OpenSet(gaussians, th), unk_rej, known_rej)
+
+
+def _fit_gaussians(x_views: np.ndarray, y: np.ndarray, num_classes: int) -> ClassGaussians:
+    """Class Gaussians on every view of the images (views are extra samples)."""
+    return ClassGaussians.fit(x_views.reshape(-1, x_views.shape[-1]),
+                              np.tile(y, len(x_views)), num_classes)
 
 
 def _held_out_scores(
     x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-    num_classes: int, held: int, weight_decay: float, balance: bool, seed: int,
+    num_classes: int, held: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(known conf, known sim, unknown conf, unknown sim) of a head fitted without ``held``."""
+    """(known fit, known sim, unknown fit, unknown sim) of Gaussians fitted without ``held``."""
     keep = y_train != held
     remap = np.full(num_classes, -1, dtype=np.int64)
     remap[[c for c in range(num_classes) if c != held]] = np.arange(num_classes - 1)
-    xt, yt = x_train[keep], remap[y_train[keep]]
-    weights = class_weights(yt, num_classes - 1) if balance else None
-    head = fit_head(xt, yt, num_classes - 1, weight_decay, weights=weights, seed=seed)
+    gaussians = _fit_gaussians(x_train[:, keep], remap[y_train[keep]], num_classes - 1)
+    fit = gaussians.score(x_val)
+    sim = nearest_similarity(x_val, x_train[0, keep])
     known = y_val != held
-    with torch.no_grad():
-        logits = head(torch.as_tensor(x_val))
-    t = fit_temperature(logits[known], remap[y_val[known]]) if known.any() else 1.0
-    conf = torch.softmax(logits / t, 1).max(1).values.numpy()
-    sim = nearest_similarity(x_val, xt)
-    return conf[known], sim[known], conf[~known], sim[~known]
+    return fit[known], sim[known], fit[~known], sim[~known]

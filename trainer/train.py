@@ -3,8 +3,9 @@
 Both modes embed the images once through the frozen backbone (cached on disk) and fit a
 logistic-regression head with the weight decay that does best on validation. ``linear`` stops
 there; ``finetune`` starts from that head and trains the last stages of the backbone with it
-(``pictor.trainer.finetune``). Then the head's temperature and the open-set thresholds are
-calibrated on the validation split, and everything is written to the model file.
+(``pictor.trainer.finetune``). Then the head's temperature and the open-set rule (class
+Gaussians and thresholds) are calibrated on the validation split, and everything is written
+to the model file.
 
 Example::
 
@@ -116,10 +117,6 @@ class _Fitted:
     head: ClassifierHead
     extra: dict[str, Any] = field(default_factory=dict)  # metrics of the steps run
 
-    @property
-    def x_plain(self) -> np.ndarray:
-        return self.x_train[0]
-
 
 def train(
     config: TrainConfig,
@@ -156,13 +153,11 @@ def train(
     temperature = fit_temperature(val_logits, state.y_val)
     probs = torch.softmax(val_logits / temperature, 1).numpy()
     report = classification_report(state.y_val, probs, state.names)
-    thresholds = None
+    open_set = None
     if config.open_set:
-        cal = calibrate_open_set(state.x_plain, state.y_train, state.x_val, state.y_val,
-                                 len(state.names), state.fit.weight_decay,
-                                 max_known_rejected=config.max_known_rejected,
-                                 balance=config.balance, seed=config.seed)
-        thresholds = cal.thresholds
+        cal = calibrate_open_set(state.x_train, state.y_train, state.x_val, state.y_val,
+                                 len(state.names), max_known_rejected=config.max_known_rejected)
+        open_set = cal.open_set
         state.extra |= {"open_set_pseudo_unknown_rejected": cal.pseudo_unknown_rejected,
                         "open_set_pseudo_known_rejected": cal.pseudo_known_rejected}
     metrics = {k: report[k] for k in ("n", "top1", "top5", "macro_f1")} | state.extra
@@ -173,7 +168,7 @@ def train(
         class_names=state.names,
         head=state.head,
         temperature=temperature,
-        thresholds=thresholds,
+        open_set=open_set,
         metrics=metrics,
         training=config.to_dict() | {"data": str(data), "val_data": str(val_data or "")},
         data_fingerprint=data_mod.data_fingerprint(tr.content_hashes, tr.labels),
