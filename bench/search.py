@@ -317,7 +317,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="100000,1000000")
     p.add_argument("--types",
-                   default="Flat;HNSW32;IVF{nlist}_HNSW32,Flat;IVF{nlist}_HNSW32,PQ128x4fs;auto",
+                   default="Flat;HNSW32;IVF{nlist}_HNSW32,Flat;IVF{nlist}_HNSW32,PQ320x4fs;auto",
                    help="';'-separated FAISS factory strings or 'auto'; {nlist} becomes "
                         "about sqrt(size), a power of two (k-means at 1280-d stays ~1 min)")
     p.add_argument("--dim", type=int, default=1280)
