@@ -106,24 +106,33 @@ class Engine:
                 f"index directory {index} does not exist; build one with `pictor index GALLERY --out {index}`"
             )
         store = IndexStore.open(index)
-        whitening = PCAWhitening.load(index, store.spec)
-        spec = store.spec if whitening is None else whitening.unwhiten_spec(store.spec)
-        model = None
-        if settings.model:
-            from pictor.core.head import load_model
+        try:
+            whitening = PCAWhitening.load(index, store.spec)
+            spec = store.spec if whitening is None else whitening.unwhiten_spec(store.spec)
+            model = None
+            if settings.model:
+                from pictor.core.head import load_model
 
-            model = load_model(settings.model)
-            model.check_index(spec)  # the head takes unwhitened embeddings
-            embedder = model.create_embedder(device=settings.device, precision=settings.precision)
-        else:
-            embedder = create_embedder(
-                spec.backbone,
-                weights=spec.weights,
-                device=settings.device,
-                precision=settings.precision,
-                pooling=spec.pooling,
-                layer=spec.layer or None,
-            )
+                model = load_model(settings.model)
+                model.check_index(spec)  # the head takes unwhitened embeddings
+                embedder = model.create_embedder(device=settings.device,
+                                                 precision=settings.precision)
+            else:
+                embedder = create_embedder(
+                    spec.backbone,
+                    weights=spec.weights,
+                    device=settings.device,
+                    precision=settings.precision,
+                    pooling=spec.pooling,
+                    layer=spec.layer or None,
+                )
+        except BaseException:
+            store.close(snapshot=False)  # a refused start must not keep the index locked
+            raise
+        if whitening is not None and model is not None and model.open_set is not None:
+            log.warning("the open-set neighbour threshold was calibrated on plain cosine "
+                        "similarity; this index is PCA-whitened, so 'unknown' is decided by "
+                        "the class-fit score alone")
         return cls(embedder, store, model, max_pixels=settings.max_pixels, whitening=whitening)
 
     def close(self) -> None:
@@ -200,9 +209,10 @@ class Engine:
         # Open-set rejection needs the nearest neighbour too, whichever answer was asked for.
         knn, hits = self._knn(embedding, n_neighbors, top_k)
         # The class Gaussians take the embedder's own embedding, like the head.
-        unknown = open_set is not None and bool(
-            open_set.is_unknown(embedding[None], [hits[0].score if hits else -1.0])[0]
-        )
+        # A whitened index's similarities are not the plain cosine the neighbour threshold was
+        # calibrated on: the lowest cosine leaves the decision to the class fit (see load).
+        nearest = hits[0].score if hits and self.whitening is None else -1.0
+        unknown = open_set is not None and bool(open_set.is_unknown(embedding[None], [nearest])[0])
         if classifier != "all":
             return ClassifyResult(labels=labels, source=source, unknown=unknown)
         agree = bool(knn) and knn[0][0] == labels[0][0]

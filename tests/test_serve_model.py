@@ -91,5 +91,21 @@ def test_head_gets_unwhitened_embeddings_on_a_whitened_index(trained: tuple[Path
         r = engine.classify(tinted(102, "red"), classifier="all", neighbors=5)
         assert (r.source, r.labels[0][0], r.knn_labels[0][0]) == ("head", "red", "red")
         assert engine.info().embedding_dim == 8
+        # Whitened similarities are not what the neighbour threshold was calibrated on: the
+        # class fit alone still answers "unknown" for a picture like neither class.
+        assert engine.classify(noise(0), classifier="all").unknown
     finally:
         engine.close()
+
+
+def test_refused_start_releases_the_index(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    from pictor.config import ServerSettings
+    from pictor.core.store import IndexStore
+    from pictor.server.engine import Engine
+
+    _, index = trained
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a model file")
+    with pytest.raises(Exception, match="broken.pt"):
+        Engine.load(ServerSettings(index=str(index), model=str(broken), device="cpu"))
+    IndexStore.open(index).close()  # would fail while the refused engine held its lock
