@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from pictor.config import DEFAULT_BACKBONE
+from pictor.trainer.config import TrainConfig
 
 TRAIN_EPILOG = """\
 examples:
@@ -35,31 +35,32 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     t.add_argument("--out", required=True, metavar="MODEL", help="model file to write")
     t.add_argument("--mode", choices=("linear", "finetune"), default="linear")
     t.add_argument("--val", metavar="DATA", help="validation set (default: split off DATA)")
-    t.add_argument("--val-fraction", type=float, default=0.2)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    t.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction)
+    t.add_argument("--seed", type=int, default=TrainConfig.seed)
+    t.add_argument("--backbone", default=TrainConfig.backbone)
     t.add_argument("--weights", default="", help="weights tag or checkpoint (default: the "
                    "backbone's own)")
     t.add_argument("--device", default="auto")
     t.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--min-per-class", type=int, default=5)
+    t.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    t.add_argument("--min-per-class", type=int, default=TrainConfig.min_per_class)
     t.add_argument("--max-per-class", type=int, default=0, help="cap images per class (0 = all)")
     t.add_argument("--cache-dir", default="", help="embedding cache (default: $PICTOR_CACHE_DIR "
                    "or ~/.cache/pictor; 'none' disables it)")
     t.add_argument("--weight-decays", default="",
                    help="comma-separated candidates for the head (linear probe)")
     t.add_argument("--no-flip", action="store_true", help="linear: no mirrored training views")
-    t.add_argument("--epochs", type=int, default=8, help="finetune: most epochs")
-    t.add_argument("--unfreeze", type=int, default=3, help="finetune: last N stages trained")
-    t.add_argument("--lr", type=float, default=1e-3, help="finetune: head learning rate")
-    t.add_argument("--backbone-lr", type=float, default=4e-4)
-    t.add_argument("--label-smoothing", type=float, default=0.1)
-    t.add_argument("--patience", type=int, default=3, help="finetune: early-stopping epochs")
+    t.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="finetune: most epochs")
+    t.add_argument("--unfreeze", type=int, default=TrainConfig.unfreeze, help="finetune: last N stages trained")
+    t.add_argument("--lr", type=float, default=TrainConfig.lr, help="finetune: head learning rate")
+    t.add_argument("--backbone-lr", type=float, default=TrainConfig.backbone_lr)
+    t.add_argument("--label-smoothing", type=float, default=TrainConfig.label_smoothing)
+    t.add_argument("--patience", type=int, default=TrainConfig.patience, help="finetune: early-stopping epochs")
     t.add_argument("--train-size", type=int, default=0,
                    help="finetune crop size (0 = 7/8 of the input size)")
     t.add_argument("--no-open-set", action="store_true", help="no open-set thresholds")
-    t.add_argument("--max-known-rejected", type=float, default=0.05,
+    t.add_argument("--max-known-rejected", type=float,
+                   default=TrainConfig.max_known_rejected,
                    help="open set: share of known images allowed to come back unknown")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(run=run_train)
@@ -84,7 +85,6 @@ def run_train(args: argparse.Namespace) -> int:
     from pictor.errors import InvalidRequestError, require_server_extra
 
     require_server_extra("pictor train")
-    from pictor.trainer.config import TrainConfig
     from pictor.trainer.train import train
 
     try:
