@@ -77,7 +77,14 @@ class Embedder:
         p = backbone.preprocessing
         self._mean = torch.tensor(p.mean).view(3, 1, 1)
         self._std = torch.tensor(p.std).view(3, 1, 1)
-        self._forward: Any = torch.compile(backbone) if compile else backbone
+        self._forward: Any = backbone
+        if compile:
+            self.compile_backbone()
+
+    def compile_backbone(self) -> None:
+        """Run the backbone through ``torch.compile`` from now on (compiled at the first batch;
+        later weight changes made in place, e.g. fine-tuned tensors, are seen)."""
+        self._forward = torch.compile(self.backbone)
 
     @property
     def draft_size(self) -> tuple[int, int]:

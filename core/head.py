@@ -384,7 +384,8 @@ class TrainedModel:
                 f"`pictor index GALLERY --model MODEL`"
             )
 
-    def create_embedder(self, device: str = "auto", precision: str = "auto") -> Embedder:
+    def create_embedder(self, device: str = "auto", precision: str = "auto",
+                        compile: bool = False) -> Embedder:
         """The backbone that feeds this head, fine-tuned weights included.
 
         Raises ``IncompatibleModelError`` when the backbone no longer builds the embedding
@@ -410,6 +411,8 @@ class TrainedModel:
                 f"the backbone builds {emb.spec.describe()} but this model was trained on "
                 f"{self.spec.describe()}"
             )
+        if compile:
+            emb.compile_backbone()  # after the fine-tuned tensors are in
         return emb
 
     # ---- file

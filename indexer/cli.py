@@ -58,6 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--workers", type=int, help="decoding threads (default 2)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--precision", help="auto (default), fp32, bf16, fp16")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the backbone: slower first batch, faster after (big galleries)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--strict", action="store_true", help="exit 1 when any file was skipped")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -67,8 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run(args: argparse.Namespace) -> int:
     require_server_extra("pictor index")
-    from pictor.core.gallery import image_suffixes_text, read_gallery
     from pictor.core.embedder import index_spec
+    from pictor.core.gallery import image_suffixes_text, read_gallery
     from pictor.core.store import MANIFEST, IndexStore
     from pictor.indexer.pipeline import fit_whitening, run_indexing
 
@@ -137,9 +139,12 @@ def _embedder(settings: IndexerSettings, model_file: str | None):  # type: ignor
     if model_file:
         from pictor.core.head import load_model
 
-        return load_model(model_file).create_embedder(device=m.device, precision=m.precision)
+        return load_model(model_file).create_embedder(
+            device=m.device, precision=m.precision, compile=m.compile
+        )
     from pictor.core.embedder import create_embedder
 
     return create_embedder(
-        m.backbone, weights=m.weights or None, device=m.device, precision=m.precision, pooling=m.pooling
+        m.backbone, weights=m.weights or None, device=m.device, precision=m.precision,
+        pooling=m.pooling, compile=m.compile,
     )

@@ -33,6 +33,7 @@ class ModelSettings:
     weights: str = ""  # "" = the backbone's default weights; or a tag, a checkpoint path, "random"
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
     precision: str = "auto"  # "auto", "fp32", "bf16", "fp16"
+    compile: bool = False  # torch.compile the backbone: a slow first batch, faster after
     pooling: str = "avg"
     batch_size: int = 32
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -48,6 +49,7 @@ class ServerSettings:
     max_message_mb: int = 64
     device: str = "auto"
     precision: str = "auto"
+    compile: bool = False  # torch.compile the backbone: the first requests compile it
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 

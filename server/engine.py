@@ -116,13 +116,15 @@ class Engine:
                 model = load_model(settings.model)
                 model.check_index(spec)  # the head takes unwhitened embeddings
                 embedder = model.create_embedder(device=settings.device,
-                                                 precision=settings.precision)
+                                                 precision=settings.precision,
+                                                 compile=settings.compile)
             else:
                 embedder = create_embedder(
                     spec.backbone,
                     weights=spec.weights,
                     device=settings.device,
                     precision=settings.precision,
+                    compile=settings.compile,
                     pooling=spec.pooling,
                     layer=spec.layer or None,
                 )

@@ -111,6 +111,16 @@ def test_batches_match_single_images(photos: list[Image.Image]) -> None:
     assert empty.embeddings.shape == (0, 1280) and empty.logits is not None
 
 
+@pytest.mark.slow  # inductor compiles C++ kernels for a minute or two
+def test_compiled_backbone_matches_eager(embedder: Embedder, photos: list[Image.Image]) -> None:
+    compiled = create_embedder(device="cpu", precision="fp32", compile=True)
+    eager = embedder.forward_images(photos[:2])
+    out = compiled.forward_images(photos[:2])
+    assert float((out.embeddings * eager.embeddings).sum(1).min()) >= 0.9999
+    assert out.logits is not None and eager.logits is not None
+    assert (out.logits.argmax(1) == eager.logits.argmax(1)).all()
+
+
 @pytest.mark.parametrize("pooling", ["max", "gem"])
 def test_pooling_choices(embedder: Embedder, pooling: str, photos: list[Image.Image]) -> None:
     other = create_embedder(device="cpu", precision="fp32", pooling=pooling)

@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-from pictor.core.gallery import read_gallery
 
+from pictor.core.gallery import read_gallery
 from pictor.errors import InvalidRequestError, NotFoundError
 
 
