@@ -358,15 +358,6 @@ class PCAWhitening:
                 f"{spec.whitening}; rebuild the index")
         return w
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form, for the index manifest."""
-        return {"mean": self.mean.tolist(), "projection": self.projection.tolist()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PCAWhitening:
-        return cls(np.asarray(d["mean"], dtype=np.float32),
-                   np.asarray(d["projection"], dtype=np.float32))
-
 
 def index_spec(spec: ModelSpec, whitening: PCAWhitening | None) -> ModelSpec:
     """The spec of the vectors an index holds: the embedder's, whitened when it is."""
