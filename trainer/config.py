@@ -38,7 +38,6 @@ class TrainConfig:
     backbone_lr: float = 4e-4  # lower: the pretrained features need only a nudge
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
-    head_dropout: float = 0.0  # dropout on the embedding while fine-tuning
     warmup_epochs: float = 0.5
     patience: int = 3  # epochs without validation improvement before stopping
     # Crop size while training; 0 = 7/8 of the input size, rounded to 32 (192 for 224): random
@@ -58,8 +57,6 @@ class TrainConfig:
             raise InvalidRequestError(f"unfreeze must be >= 0, got {self.unfreeze}")
         if self.batch_size < 1:
             raise InvalidRequestError(f"batch size must be at least 1, got {self.batch_size}")
-        if not 0.0 <= self.head_dropout < 1.0:
-            raise InvalidRequestError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
         if self.min_per_class < 2:
             raise InvalidRequestError("min_per_class must be at least 2")
         if not self.weight_decays:

@@ -223,14 +223,12 @@ def finetune(
         opt, warmup_cosine(total, round(config.warmup_epochs * len(loader))))
     val_images = _load_images(val[0], embedder.draft_size)
     weights = None if class_weights is None else class_weights.to(device)
-    # Optional dropout on the embedding while training: the head must not lean on few features.
-    dropout = nn.Dropout(config.head_dropout)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with autocast_for(device, config.precision):
             fmap, _ = backbone(x.to(device).contiguous(memory_format=torch.channels_last))
         pooled = backbone.pooled_head(_pool(fmap.float(), embedder.spec.pooling))
-        return head(dropout(F.normalize(pooled, dim=1)))
+        return head(F.normalize(pooled, dim=1))
 
     best = (-1.0, -math.inf)  # (val accuracy, -val loss)
     best_state: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
@@ -240,7 +238,6 @@ def finetune(
         backbone.train()
         _freeze_batchnorm(backbone)
         head.train()
-        dropout.train()
         seen = correct = 0
         loss_sum = 0.0
         bar = tqdm(loader, desc=f"finetune {epoch}/{config.epochs}", unit="batch",
@@ -260,7 +257,6 @@ def finetune(
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         backbone.eval()
         head.eval()
-        dropout.eval()
         val_acc, val_loss = _validate(embedder, head, val_images, val[1])
         row = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
                "train_accuracy": correct / max(seen, 1), "val_accuracy": val_acc,

@@ -194,7 +194,7 @@ def _linear_probe(config: TrainConfig, data: str | Path, tr: EmbeddedSet, va: Em
     if not keep.all():
         log.warning("validation: %d image(s) of classes absent from training are ignored",
                     int((~keep).sum()))
-    x_train = tr.embeddings if tr.embeddings.ndim == 3 else tr.embeddings[None]
+    x_train = _as_views(tr.embeddings)
     y_train = _encode(tr.labels, names)
     val_samples = [s for s, k in zip(va.samples, keep, strict=True) if k]
     x_val, y_val = va.embeddings[keep], _encode([s.label for s in val_samples], names)
@@ -228,7 +228,7 @@ def _finetune(config: TrainConfig, embedder: Embedder, tr: EmbeddedSet, state: _
     tuned_val, _ = embed_set(state.val_samples, embedder, config, "val (tuned)")
     if len(tuned.samples) != len(tr.samples) or len(tuned_val.samples) != len(state.y_val):
         raise InvalidImageError("images became unreadable during training; run it again")
-    state.x_train = tuned.embeddings if tuned.embeddings.ndim == 3 else tuned.embeddings[None]
+    state.x_train = _as_views(tuned.embeddings)
     state.x_val = tuned_val.embeddings
     # A probe refitted on the tuned features often beats the head trained along with them
     # (no augmentation noise, weight decay chosen on validation): keep the better one.
@@ -243,6 +243,11 @@ def _finetune(config: TrainConfig, embedder: Embedder, tr: EmbeddedSet, state: _
                     "refit_head_val_accuracy": refit.val_accuracy,
                     "head": "refit" if use_refit else "joint"}
     return ft.changed_state
+
+
+def _as_views(embeddings: np.ndarray) -> np.ndarray:
+    """``[V, N, dim]``: a set embedded with one view comes as ``[N, dim]``."""
+    return embeddings if embeddings.ndim == 3 else embeddings[None]
 
 
 def _encode(labels: list[str], names: list[str]) -> np.ndarray:
