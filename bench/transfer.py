@@ -58,6 +58,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="finetune crop size (0 = 7/8 of the input size)")
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help="finetune: head LR")
     p.add_argument("--backbone-lr", type=float, default=TrainConfig.backbone_lr)
+    p.add_argument("--mixup", type=float, default=TrainConfig.mixup,
+                   help="finetune: mixup Beta alpha (0 = off)")
+    p.add_argument("--cutmix", type=float, default=TrainConfig.cutmix,
+                   help="finetune: CutMix Beta alpha (0 = off)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--k", type=int, default=10, help="kNN: neighbours voting")
     p.add_argument("--open-set-class", default="all",
@@ -77,7 +81,7 @@ def config_for(args: argparse.Namespace, mode: str, cache_dir: str) -> TrainConf
         mode=mode, val_fraction=args.val_fraction, seed=args.seed,
         max_per_class=args.max_per_class, epochs=args.epochs, unfreeze=args.unfreeze,
         train_size=args.train_size, batch_size=args.batch_size, cache_dir=cache_dir,
-        lr=args.lr, backbone_lr=args.backbone_lr,
+        lr=args.lr, backbone_lr=args.backbone_lr, mixup=args.mixup, cutmix=args.cutmix,
         max_known_rejected=args.max_known_rejected, progress=not args.no_progress,
     )
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from pictor.cli import main
@@ -204,13 +205,26 @@ def test_open_set_rejects_an_unseen_class_within_the_budget(classes: int) -> Non
 # --------------------------------------------------------------------------- finetune
 
 
-def test_finetune_one_epoch_round_trip_and_refusals(shapes: Path, tmp_path: Path) -> None:
+def test_finetune_one_epoch_round_trip_and_refusals(shapes: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from timm.data import Mixup
+
+    mixed: list[int] = []
+    mix_call = Mixup.__call__
+
+    def spy(self: Mixup, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        mixed.append(len(x))
+        return mix_call(self, x, target)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(Mixup, "__call__", spy)
     out = tmp_path / "ft.pt"
     cfg = config(tmp_path, mode="finetune", epochs=1, unfreeze=1, train_size=96,
-                 weight_decays=(1e-3,), batch_size=8)
+                 weight_decays=(1e-3,), batch_size=8, mixup=0.2, cutmix=1.0)
     emb = create_embedder(device="cpu")
     plain_spec = emb.spec
     result = train(cfg, shapes, out=out, embedder=emb)
+    assert mixed == [8, 8]  # 18 training images, full batches of 8
+    assert np.isfinite(result.model.metrics["history"][0]["train_loss"])
     model = load_model(out)
     assert model.spec.finetune and model.spec != plain_spec
     assert model.backbone_state, "the changed backbone tensors travel in the model file"

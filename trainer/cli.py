@@ -56,6 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     t.add_argument("--backbone-lr", type=float, default=TrainConfig.backbone_lr)
     t.add_argument("--label-smoothing", type=float, default=TrainConfig.label_smoothing)
     t.add_argument("--patience", type=int, default=TrainConfig.patience, help="finetune: early-stopping epochs")
+    t.add_argument("--mixup", type=float, default=TrainConfig.mixup,
+                   help="finetune: mixup Beta alpha (0 = off)")
+    t.add_argument("--cutmix", type=float, default=TrainConfig.cutmix,
+                   help="finetune: CutMix Beta alpha (0 = off)")
     t.add_argument("--train-size", type=int, default=0,
                    help="finetune crop size (0 = 7/8 of the input size)")
     t.add_argument("--no-open-set", action="store_true", help="no open-set thresholds")
@@ -98,7 +102,8 @@ def run_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, cache_dir=args.cache_dir, progress=not args.no_progress,
         flip_views=not args.no_flip, epochs=args.epochs, unfreeze=args.unfreeze, lr=args.lr,
         backbone_lr=args.backbone_lr, label_smoothing=args.label_smoothing,
-        patience=args.patience, train_size=args.train_size, open_set=not args.no_open_set,
+        patience=args.patience, mixup=args.mixup, cutmix=args.cutmix,
+        train_size=args.train_size, open_set=not args.no_open_set,
         max_known_rejected=args.max_known_rejected,
         **({"weight_decays": decays} if decays else {}),
     )

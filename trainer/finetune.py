@@ -4,8 +4,9 @@ The backbone module inside the ``Embedder`` is trained in place, so the validati
 epoch runs exactly the served pipeline (``Embedder.embed``: centre crop, pool, L2 norm) and the
 loss sees the same unit embeddings the head will see at serving time. Recipe: head initialised
 by the linear probe (LP-FT), last N stages unfrozen with a lower learning rate, batch-norm
-statistics frozen (small batches), random resized crop + flip + colour jitter, label smoothing,
-class weights, linear warm-up then cosine decay, early stopping on validation accuracy.
+statistics frozen (small batches), random resized crop + flip + colour jitter, mixup / CutMix
+(timm), label smoothing, class weights, linear warm-up then cosine decay, early stopping on
+validation accuracy.
 """
 
 from __future__ import annotations
@@ -223,6 +224,13 @@ def finetune(
         opt, warmup_cosine(total, round(config.warmup_epochs * len(loader))))
     val_images = _load_images(val[0], embedder.draft_size)
     weights = None if class_weights is None else class_weights.to(device)
+    mix = None
+    if config.mixup > 0 or config.cutmix > 0:
+        from timm.data import Mixup
+
+        # Smoothing is left to the loss below, which applies it to the mixed targets too.
+        mix = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=0.0,
+                    num_classes=head.num_classes)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with autocast_for(device, config.precision):
@@ -243,16 +251,22 @@ def finetune(
         bar = tqdm(loader, desc=f"finetune {epoch}/{config.epochs}", unit="batch",
                    disable=not config.progress, leave=False)
         for x, y in bar:
-            y = y.to(device)
+            # timm's Mixup pairs each image with the batch reversed: an even batch is needed.
+            target: torch.Tensor = y
+            if mix is not None and len(x) % 2 == 0:
+                x, target = mix(x, y)
+            target, y = target.to(device), y.to(device)
             logits = forward(x)
-            loss = F.cross_entropy(logits, y, weight=weights,
+            loss = F.cross_entropy(logits, target, weight=weights,
                                    label_smoothing=config.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             seen += len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            # Mixed batches: the label with the larger share counts as the right answer.
+            hard = target.argmax(1) if target.ndim == 2 else target
+            correct += int((logits.argmax(1) == hard).sum())
             loss_sum += float(loss.detach()) * len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         backbone.eval()
