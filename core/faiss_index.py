@@ -33,6 +33,8 @@ from pictor.errors import InvalidRequestError
 log = logging.getLogger(__name__)
 
 EXACT_FACTORY = "Flat"
+# OpenMP threads of a batched search: FAISS's default, read once at import.
+_BATCH_OMP_THREADS = faiss.omp_get_max_threads()
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ class VectorIndex:
         self._dead: set[int] = set()
         self._dead_selector: Any = None  # cached IDSelectorNot over the tombstones
         self._params_cache: dict[SearchKnobs, tuple[Any, list[Any]]] = {}
+        self._last_params: tuple[SearchKnobs | None, Any] = (None, None)  # see _search
         self._refresh_layers()
 
     # -- construction ---------------------------------------------------------------------
@@ -250,32 +253,37 @@ class VectorIndex:
 
         ``allowed`` (sorted int64 ids) restricts the search; tombstones are always excluded.
         """
-        if len(queries) == 1:
-            # One query gains nothing from OpenMP, and server threads each starting a team
-            # would oversubscribe the cores; the setting is per calling thread.
-            previous = faiss.omp_get_max_threads()
-            faiss.omp_set_num_threads(1)
-            try:
-                return self._search(queries, k, knobs, allowed)
-            finally:
-                faiss.omp_set_num_threads(previous)
+        # One query gains nothing from OpenMP, and server threads each starting a team
+        # would oversubscribe the cores. The setting is per calling thread and left as set:
+        # a server thread asking single queries then pays one FAISS call, not three.
+        threads = 1 if len(queries) == 1 else _BATCH_OMP_THREADS
+        if faiss.omp_get_max_threads() != threads:
+            faiss.omp_set_num_threads(threads)
         return self._search(queries, k, knobs, allowed)
 
     def _search(
         self, queries: np.ndarray, k: int, knobs: SearchKnobs, allowed: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
+        if allowed is None and not self._dead:
+            # No selector: FAISS only reads the params, so threads may share them. Callers
+            # reuse one knobs object per setting, so an identity check skips the dict.
+            last_knobs, shared = self._last_params
+            if last_knobs is not knobs:
+                shared = self._shared_params(knobs)
+                self._last_params = (knobs, shared)  # one assignment: readers see a pair
+            return self.index.search(queries, k, params=shared[0])
         selector, _alive = self._selector(allowed)
-        if selector is None:
-            # Without a selector FAISS only reads the params, so threads may share them.
-            cached = self._params_cache.get(knobs)
-            if cached is None:
-                if len(self._params_cache) > 64:  # per-request knobs: keep the cache small
-                    self._params_cache.clear()
-                cached = self._params_cache[knobs] = self._params(knobs, None)
-            params = cached[0]
-        else:
-            params, _alive_params = self._params(knobs, selector)  # alive until return
+        params, _alive_params = self._params(knobs, selector)  # alive until return
         return self.index.search(queries, k, params=params)
+
+    def _shared_params(self, knobs: SearchKnobs) -> tuple[Any, list[Any]]:
+        """(params, keepalive) for ``knobs`` without a selector, built once per setting."""
+        cached = self._params_cache.get(knobs)
+        if cached is None:
+            if len(self._params_cache) > 64:  # per-request knobs: keep the cache small
+                self._params_cache.clear()
+            cached = self._params_cache[knobs] = self._params(knobs, None)
+        return cached
 
     def _selector(self, allowed: np.ndarray | None) -> tuple[Any, list[Any]]:
         if allowed is not None:

@@ -34,11 +34,12 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,8 @@ SNAPSHOT_SUFFIX = ".index"
 _SQL_CHUNK = 4096  # ids per `IN (...)` query and vectors per streamed block
 _MAX_KEY_LEN = 4096
 _TRAIN_SAMPLE = 50_000  # vectors to train IVF/PQ on, unless the type needs more
+_FLOAT32 = np.dtype(np.float32)
+_NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})  # shared by every hit without any
 
 
 # -- public data types ----------------------------------------------------------------------
@@ -200,11 +203,11 @@ class IndexStore:
         self._knobs = SearchKnobs(**manifest.get("search_defaults", {}))
         self._built_for = int(manifest.get("built_for", 0))  # items when last (re)built
         self._count = self._scalar("SELECT COUNT(*) FROM items")
-        # id -> (key, label, attributes JSON): a copy of the items table kept in memory so
-        # the search path does not pay a SQLite query per request (None: query SQLite).
-        self._meta_cache: dict[int, tuple[str, str, str]] | None = None
+        # A copy of the items table kept in memory so the search path does not pay a SQLite
+        # query per request (None: query SQLite).
+        self._metadata: _ItemMetadata | None = None
         if self.options.metadata_in_memory:
-            self._meta_cache = _load_metadata(self._db)
+            self._metadata = _ItemMetadata.load(self._db)
         self._seq = int(self._meta("seq"))
         self._snapshot_seq = -1
         self._dirty = False  # index differs from the snapshot on disk
@@ -329,7 +332,7 @@ class IndexStore:
         ``InvalidRequestError``.
         """
         arr = vectors if isinstance(vectors, np.ndarray) else np.asarray(vectors)
-        if arr.dtype != np.float32:
+        if arr.dtype is not _FLOAT32:  # identity: cheaper than ==; other byte orders convert
             arr = arr.astype(np.float32)
         if arr.ndim == 1:
             arr = arr[None, :]
@@ -340,17 +343,17 @@ class IndexStore:
                 f"{what} have dim {arr.shape[1]}, but this index holds dim {self.dim} vectors "
                 f"from {self.spec.describe()}"
             )
-        if len(arr) == 1:  # the common single query: scalar math, few numpy calls
-            sq = float(arr[0] @ arr[0])
+        if len(arr) == 1:  # the common single query: one numpy call, then scalar math
+            sq = float(np.vdot(arr, arr))
+            if abs(sq - 1.0) <= 1e-5:  # also False for NaN
+                return arr  # FAISS makes it contiguous if it is not
             if not math.isfinite(sq):
                 raise InvalidRequestError(f"{what} contain NaN, infinite or overflowing values")
             if sq == 0.0:
                 raise InvalidRequestError(
                     f"{what} contain an all-zero vector, which has no direction"
                 )
-            if abs(sq - 1.0) > 1e-5:
-                arr = arr / np.float32(math.sqrt(sq))
-            return np.ascontiguousarray(arr)
+            return np.ascontiguousarray(arr / np.float32(math.sqrt(sq)))
         # One pass: a NaN or infinity anywhere makes the squared norm non-finite.
         squared = np.einsum("ij,ij->i", arr, arr)
         if not np.isfinite(squared).all():
@@ -375,7 +378,7 @@ class IndexStore:
         q = self.check_vectors(queries, what="queries")
         if k < 1:
             raise InvalidRequestError(f"k must be at least 1, got {k}")
-        knobs = self._resolve_knobs(params)
+        knobs = self._knobs if params is None else self._resolve_knobs(params)
         self._rw.acquire_read()
         try:
             allowed = None
@@ -384,8 +387,9 @@ class IndexStore:
                 if not len(allowed):
                     return [[] for _ in range(len(q))]
             scores, ids = self._search_ids(q, k, knobs, allowed)
-            cache = self._meta_cache
-            return _to_hits(self._reader() if cache is None else None, scores, ids, cache)
+            if self._metadata is not None:
+                return self._metadata.hits(scores, ids)
+            return _hits_from_sqlite(self._reader(), scores, ids)
         finally:
             self._rw.release_read()
 
@@ -549,11 +553,9 @@ class IndexStore:
             raise
         self._seq = seq
         self._count += len(items) - len(old_ids)
-        if self._meta_cache is not None:
-            for old in old_ids:
-                self._meta_cache.pop(old, None)
-            for i, it in zip(ids.tolist(), items, strict=True):
-                self._meta_cache[i] = (it.key, _intern(it.label), _dump_attrs(it.attributes))
+        if self._metadata is not None:
+            self._metadata.remove(old_ids)
+            self._metadata.put(ids, items)
         self._apply(np.asarray(old_ids, np.int64), ids, vecs)
         return old_ids
 
@@ -573,9 +575,8 @@ class IndexStore:
         if existing:
             self._seq = seq
             self._count -= len(existing)
-            if self._meta_cache is not None:
-                for old in existing.values():
-                    self._meta_cache.pop(old, None)
+            if self._metadata is not None:
+                self._metadata.remove(list(existing.values()))
             removed = np.fromiter(existing.values(), np.int64, len(existing))
             self._apply(removed, np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32))
         return set(existing)
@@ -802,9 +803,7 @@ class IndexStore:
 
     # -- search internals -----------------------------------------------------------------
 
-    def _resolve_knobs(self, params: SearchParams | None) -> SearchKnobs:
-        if params is None:
-            return self._knobs
+    def _resolve_knobs(self, params: SearchParams) -> SearchKnobs:
         if params.nprobe < 0 or params.ef_search < 0:
             raise InvalidRequestError("nprobe and ef_search must be >= 0")
         return SearchKnobs(
@@ -821,18 +820,17 @@ class IndexStore:
         allowed: np.ndarray | None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """FAISS search, widened (then exact) for queries that came back short of k."""
-        available = self._index.live if allowed is None else len(allowed)
-        if allowed is not None and available <= self.options.exact_filter_limit:
+        if allowed is not None and len(allowed) <= self.options.exact_filter_limit:
             return _exact_search(self._reader(), q, k, allowed)
         scores, ids = self._index.search(q, k, knobs, allowed)
-        want = min(k, available)
-        if want == 0:
+        # FAISS pads missing results with -1 at the end: the k-th column tells all when
+        # full (the common case, checked first), else the column of what is available.
+        if ids[0, k - 1] >= 0 if len(ids) == 1 else (ids[:, k - 1] >= 0).all():
             return scores, ids
-        # FAISS pads missing results with -1 at the end: the want-th column tells all.
-        last = ids[:, want - 1]
-        if (last[0] >= 0) if len(last) == 1 else (last >= 0).all():
+        want = min(k, self._index.live if allowed is None else len(allowed))
+        if want == 0 or (ids[:, want - 1] >= 0).all():
             return scores, ids
-        short = np.flatnonzero(last < 0)
+        short = np.flatnonzero(ids[:, want - 1] < 0)
         factor = 4
         while len(short) and factor <= 64 and self._index.factory != EXACT_FACTORY:
             s2, i2 = self._index.search(q[short], k, knobs.scaled(factor), allowed)
@@ -1057,44 +1055,92 @@ def _vectors_of(
             yield got, vecs.reshape(len(rows), -1)
 
 
-def _to_hits(
-    conn: sqlite3.Connection | None,
-    scores: np.ndarray,
-    ids: np.ndarray,
-    cache: dict[int, tuple[str, str, str]] | None,
+def _hits_from_sqlite(
+    conn: sqlite3.Connection, scores: np.ndarray, ids: np.ndarray
 ) -> list[list[Hit]]:
-    """Join FAISS results with their metadata: from the in-memory copy, or else in one
-    SQLite query (one per 4096 distinct ids)."""
-    flat_ids = ids.tolist()
-    meta: dict[int, tuple[str, str, str]] = cache if cache is not None else {}
-    wanted = [] if cache is not None else sorted({i for row in flat_ids for i in row if i >= 0})
+    """Join FAISS results with their metadata in one SQLite query (one per 4096 ids)."""
+    rows = ids.tolist()
+    wanted = sorted({i for row in rows for i in row if i >= 0})
+    meta: dict[int, tuple[str, str, str]] = {}
     for start in range(0, len(wanted), _SQL_CHUNK):
         chunk = wanted[start : start + _SQL_CHUNK]
-        rows = conn.execute(
+        found = conn.execute(
             "SELECT id, key, label, attributes FROM items WHERE id IN "
             f"({','.join('?' * len(chunk))})",
             chunk,
         )
-        meta.update((r[0], r[1:]) for r in rows)
-    get, loads = meta.get, json.loads
+        meta.update((r[0], r[1:]) for r in found)
     return [
         [
-            Hit(m[0], s, m[1], loads(m[2]) if m[2] else {})
+            Hit(m[0], s, m[1], _load_attrs(m[2]))
             for s, i in zip(row_s, row_i, strict=True)
-            if (m := get(i)) is not None
+            if (m := meta.get(i)) is not None
         ]
-        for row_s, row_i in zip(scores.tolist(), flat_ids, strict=True)
+        for row_s, row_i in zip(scores.tolist(), rows, strict=True)
     ]
 
 
-def _load_metadata(db: sqlite3.Connection) -> dict[int, tuple[str, str, str]]:
-    cursor = db.execute("SELECT id, key, label, attributes FROM items")
-    return {row[0]: (row[1], _intern(row[2]), row[3]) for row in cursor}
+class _ItemMetadata:
+    """(key, label, attributes JSON or "") of every live item, in a numpy object array
+    indexed by id (None where no live item has that id).
+
+    The search path joins FAISS ids with their metadata by fancy indexing: one C loop for all
+    hits, whose memory accesses overlap, where a dict lookup per hit waits on each of several
+    in turn (after the FAISS scan has evicted the caches, each costs a trip to memory).
+    Memory: 8 bytes per id ever assigned (ids are never reused, so replaced items count
+    too) plus a tuple and the strings per live item.
+    """
+
+    def __init__(self) -> None:
+        self.rows = np.full(1, None, object)  # id 0 is never assigned
+
+    @classmethod
+    def load(cls, db: sqlite3.Connection) -> _ItemMetadata:
+        table = cls()
+        cursor = db.execute("SELECT id, key, label, attributes FROM items ORDER BY id")
+        while rows := cursor.fetchmany(_SQL_CHUNK * 16):
+            ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+            table._reserve(int(ids[-1]))
+            table.rows[ids] = _tuples((r[1], sys.intern(r[2]), r[3]) for r in rows)
+        return table
+
+    def put(self, ids: np.ndarray, items: Sequence[Item]) -> None:
+        if not len(ids):
+            return
+        self._reserve(int(ids.max()))
+        # Labels repeat across many items: share one string object per label.
+        self.rows[ids] = _tuples((it.key, sys.intern(it.label), _dump_attrs(it.attributes)) for it in items)
+
+    def remove(self, ids: Sequence[int]) -> None:
+        if len(ids):
+            self.rows[np.asarray(ids, np.int64)] = None
+
+    def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
+        """The hits of FAISS results (-1 ids, which FAISS pads with, are skipped)."""
+        results = []
+        for row in zip(ids.tolist(), scores.tolist(), self.rows[ids].tolist(), strict=True):
+            hits = []  # a plain loop: the comprehension's extra frame costs on this hot path
+            for i, score, m in zip(*row, strict=True):
+                if i >= 0 and m is not None:
+                    hits.append(Hit(m[0], score, m[1], json.loads(m[2]) if m[2] else _NO_ATTRIBUTES))
+            results.append(hits)
+        return results
+
+    def _reserve(self, max_id: int) -> None:
+        size = len(self.rows)
+        if max_id >= size:
+            grown = np.full(max(max_id + 1, size * 2), None, object)  # doubling: amortised
+            grown[:size] = self.rows
+            self.rows = grown
 
 
-def _intern(label: str) -> str:
-    """Labels repeat across many items: share one string object per label."""
-    return sys.intern(label)
+def _tuples(values: Iterable[tuple[str, str, str]]) -> np.ndarray:
+    """A 1-D object array of tuples (a list would be read as a 2-D array of strings)."""
+    return np.fromiter(values, dtype=object)
+
+
+def _load_attrs(text: str) -> Mapping[str, str]:
+    return json.loads(text) if text else _NO_ATTRIBUTES
 
 
 def _dump_attrs(attrs: Mapping[str, str]) -> str:
@@ -1149,26 +1195,26 @@ def _lock_directory(root: Path) -> int:
 class _ReadWriteLock:
     """Many readers or one writer; a writer waiting holds new readers back.
 
-    Readers pay two uncontended lock round trips (the search hot path); a writer takes the
-    gate lock, so new readers queue behind it, then waits for the readers inside to leave.
+    A reader passes the gate lock (held by a writer for its whole turn, so new readers queue
+    behind it) and registers in a list: ``append``/``pop`` are atomic, so the search hot path
+    pays one uncontended lock round trip. A writer takes the gate, then waits for the list
+    to empty; the last reader out wakes it.
     """
 
     def __init__(self) -> None:
-        self._gate = threading.Lock()  # held by a writer for its whole turn
-        self._count_lock = threading.Lock()
-        self._drained = threading.Condition(self._count_lock)
-        self._readers = 0
+        self._gate = threading.Lock()
+        self._inside: list[None] = []  # one entry per reader inside
+        self._drained = threading.Condition(threading.Lock())
         self._writer_waiting = False
 
     def acquire_read(self) -> None:
         with self._gate:
-            with self._count_lock:
-                self._readers += 1
+            self._inside.append(None)
 
     def release_read(self) -> None:
-        with self._count_lock:
-            self._readers -= 1
-            if not self._readers and self._writer_waiting:
+        self._inside.pop()
+        if self._writer_waiting:  # rare: take the condition's lock only then
+            with self._drained:
                 self._drained.notify()
 
     @contextlib.contextmanager
@@ -1182,9 +1228,14 @@ class _ReadWriteLock:
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
         with self._gate:
-            with self._count_lock:
+            with self._drained:
                 self._writer_waiting = True
-                while self._readers:
-                    self._drained.wait()
-                self._writer_waiting = False
+                try:
+                    # A reader that left between the flag and the check cannot be missed:
+                    # it popped before the check, or sees the flag and notifies under the
+                    # lock this thread only releases inside wait(); the timeout is a backstop.
+                    while self._inside:
+                        self._drained.wait(0.01)
+                finally:
+                    self._writer_waiting = False
             yield

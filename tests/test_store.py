@@ -139,7 +139,11 @@ def test_metadata_from_sqlite_matches_memory(tmp_path: Path, rng) -> None:
             store.upsert([Item("img/3.jpg", label="moved", attributes={"a": "b"})], vecs[3])
             store.delete(["img/4.jpg"])
             answers.append(store.search(vecs[:6], k=4))
-    assert answers[0] == answers[1]
+            answers.append(store.search(vecs[:2], k=60))  # more than the 49 items: all of them
+        with IndexStore.open(tmp_path / str(in_memory)) as store:  # metadata read back
+            answers.append(store.search(vecs[:6], k=4))
+    assert answers[0] == answers[2] == answers[3] == answers[5]
+    assert answers[1] == answers[4] and [len(hits) for hits in answers[1]] == [49, 49]
     assert answers[0][3][0] == Hit("img/3.jpg", pytest.approx(1.0, abs=1e-5), "moved", {"a": "b"})
 
 
