@@ -33,8 +33,15 @@ from pictor.errors import InvalidRequestError
 log = logging.getLogger(__name__)
 
 EXACT_FACTORY = "Flat"
-# OpenMP threads of a batched search: FAISS's default, read once at import.
+# OpenMP threads of batched FAISS work (training, adding, batched search): FAISS's default,
+# read once at import.
 _BATCH_OMP_THREADS = faiss.omp_get_max_threads()
+
+
+def _use_omp_threads(threads: int) -> None:
+    """Set this thread's OpenMP team size for FAISS calls; it stays set (see search)."""
+    if faiss.omp_get_max_threads() != threads:
+        faiss.omp_set_num_threads(threads)
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,7 @@ class VectorIndex:
         """An empty, trained index of type ``factory``; ``train`` is needed unless it trains
         on nothing (Flat, HNSW)."""
         index = parse_factory(dim, factory)
+        _use_omp_threads(_BATCH_OMP_THREADS)  # this thread may have searched single queries
         if not index.is_trained:
             if train is None or len(train) == 0:
                 raise InvalidRequestError(f"index type {factory!r} needs training vectors")
@@ -202,6 +210,7 @@ class VectorIndex:
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add normalised float32 ``vectors`` under int64 ``ids`` (ids are never reused)."""
         if len(ids):
+            _use_omp_threads(_BATCH_OMP_THREADS)
             self.index.add_with_ids(
                 np.ascontiguousarray(vectors, dtype=np.float32),
                 np.ascontiguousarray(ids, dtype=np.int64),
@@ -256,9 +265,7 @@ class VectorIndex:
         # One query gains nothing from OpenMP, and server threads each starting a team
         # would oversubscribe the cores. The setting is per calling thread and left as set:
         # a server thread asking single queries then pays one FAISS call, not three.
-        threads = 1 if len(queries) == 1 else _BATCH_OMP_THREADS
-        if faiss.omp_get_max_threads() != threads:
-            faiss.omp_set_num_threads(threads)
+        _use_omp_threads(1 if len(queries) == 1 else _BATCH_OMP_THREADS)
         return self._search(queries, k, knobs, allowed)
 
     def _search(

@@ -367,3 +367,21 @@ def test_concurrent_readers_never_see_torn_state(tmp_path: Path) -> None:
             t.join()
         assert len(store) == 200
     assert not errors, errors[0]
+
+
+def test_single_query_thread_setting_does_not_reach_batch_work(rng) -> None:
+    """A single query leaves this thread's FAISS OpenMP team at 1; building, adding and batched
+    search must set it back, or a later re-training would run on one core."""
+    import faiss
+
+    from pictor.core.faiss_index import _BATCH_OMP_THREADS, SearchKnobs, VectorIndex
+
+    vecs = unit(rng, 400)
+    index = VectorIndex.build(DIM, "IVF4,Flat", vecs)
+    index.search(vecs[:1], 3, SearchKnobs(nprobe=1))
+    assert faiss.omp_get_max_threads() == 1
+    index.add(np.arange(400), vecs)
+    assert faiss.omp_get_max_threads() == _BATCH_OMP_THREADS
+    index.search(vecs[:1], 3, SearchKnobs(nprobe=1))
+    VectorIndex.build(DIM, "IVF4,Flat", vecs)
+    assert faiss.omp_get_max_threads() == _BATCH_OMP_THREADS
