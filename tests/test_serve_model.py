@@ -101,11 +101,12 @@ def test_head_gets_unwhitened_embeddings_on_a_whitened_index(trained: tuple[Path
 def test_refused_start_releases_the_index(trained: tuple[Path, Path], tmp_path: Path) -> None:
     from pictor.config import ServerSettings
     from pictor.core.store import IndexStore
+    from pictor.errors import IncompatibleModelError
     from pictor.server.engine import Engine
 
     _, index = trained
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a model file")
-    with pytest.raises(Exception, match="broken.pt"):
+    with pytest.raises(IncompatibleModelError, match="broken.pt"):
         Engine.load(ServerSettings(index=str(index), model=str(broken), device="cpu"))
     IndexStore.open(index).close()  # would fail while the refused engine held its lock

@@ -6,9 +6,11 @@ import logging
 import threading
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
+from pictor.core.faiss_index import _BATCH_OMP_THREADS, SearchKnobs, VectorIndex
 from pictor.core.spec import ModelSpec
 from pictor.core.store import (
     DeleteResult,
@@ -372,10 +374,6 @@ def test_concurrent_readers_never_see_torn_state(tmp_path: Path) -> None:
 def test_single_query_thread_setting_does_not_reach_batch_work(rng) -> None:
     """A single query leaves this thread's FAISS OpenMP team at 1; building, adding and batched
     search must set it back, or a later re-training would run on one core."""
-    import faiss
-
-    from pictor.core.faiss_index import _BATCH_OMP_THREADS, SearchKnobs, VectorIndex
-
     vecs = unit(rng, 400)
     index = VectorIndex.build(DIM, "IVF4,Flat", vecs)
     index.search(vecs[:1], 3, SearchKnobs(nprobe=1))
