@@ -322,7 +322,7 @@ def main() -> None:
                         "about sqrt(size), a power of two (k-means at 1280-d stays ~1 min)")
     p.add_argument("--dim", type=int, default=1280)
     p.add_argument("--queries", type=int, default=1000)
-    p.add_argument("--tune-queries", type=int, default=200)
+    p.add_argument("--tune-queries", type=int, default=500)
     p.add_argument("--target", type=float, default=0.95)
     p.add_argument("--train", type=int, default=40_000,
                    help="training sample size (at least 39 per IVF list)")

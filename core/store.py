@@ -662,7 +662,7 @@ class IndexStore:
         ).fetchall()
         return np.frombuffer(b"".join(r[0] for r in rows), np.float32).reshape(-1, self.dim)
 
-    def _tune(self, index: VectorIndex, k: int = 10, n_queries: int = 200) -> SearchKnobs:
+    def _tune(self, index: VectorIndex, k: int = 10, n_queries: int = 500) -> SearchKnobs:
         """The fastest search defaults reaching ``target_recall`` on a held-out sample:
         stored items used as queries, each one's own entry left out of its results and of
         its exact ground truth."""
