@@ -48,6 +48,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="image-folder tree (one folder per class)")
     p.add_argument("--modes", default="linear,finetune,knn,openset",
                    help="comma-separated subset of linear,finetune,knn,openset")
+    p.add_argument("--backbone", default=TrainConfig.backbone,
+                   help="backbone (default: the offline default); see `pictor models`")
+    p.add_argument("--weights", default="",
+                   help="weights tag or checkpoint path (default: the backbone's default)")
     p.add_argument("--val-fraction", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-per-class", type=int, default=0, help="cap images per class (0 = all)")
@@ -78,7 +82,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def config_for(args: argparse.Namespace, mode: str, cache_dir: str) -> TrainConfig:
     return TrainConfig(
-        mode=mode, val_fraction=args.val_fraction, seed=args.seed,
+        mode=mode, backbone=args.backbone, weights=args.weights,
+        val_fraction=args.val_fraction, seed=args.seed,
         max_per_class=args.max_per_class, epochs=args.epochs, unfreeze=args.unfreeze,
         train_size=args.train_size, batch_size=args.batch_size, cache_dir=cache_dir,
         lr=args.lr, backbone_lr=args.backbone_lr, mixup=args.mixup, cutmix=args.cutmix,
@@ -253,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 open_set = run_open_set(args, splits, linear_cache)
             else:
                 raise SystemExit(f"unknown mode {mode!r}")
-    print_table(rows, open_set, args.data)
+    print_table(rows, open_set, f"{args.data}, backbone {args.backbone} {args.weights}".rstrip())
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "open_set": open_set}, indent=2))
     return 0
