@@ -62,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:  # FAISS logs its probe for optional SIMD builds, which reads as a failure
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         return int(args.run(args) or 0)
     except MissingExtraError as e:

@@ -25,6 +25,7 @@ def test_index_reports_bad_files_and_keeps_going(gallery: Path, tmp_path: Path) 
     assert (summary["indexed"], summary["skipped"], summary["index_size"]) == (12, 2, 12)
     assert {Path(f["path"]).name for f in summary["failures"]} == {"broken.jpg", "empty.png"}
     assert all(f["error"] for f in summary["failures"])
+    assert "faiss.loader" not in r.stderr  # no alarming library-probe lines by default
 
     strict = pictor("index", str(gallery), "--out", str(out), "--strict", check=False)
     assert strict.returncode == 1
