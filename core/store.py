@@ -825,7 +825,8 @@ class IndexStore:
         scores, ids = self._index.search(q, k, knobs, allowed)
         # FAISS pads missing results with -1 at the end: the k-th column tells all when
         # full (the common case, checked first), else the column of what is available.
-        if ids[0, k - 1] >= 0 if len(ids) == 1 else (ids[:, k - 1] >= 0).all():
+        full = ids[0, k - 1] >= 0 if len(ids) == 1 else (ids[:, k - 1] >= 0).all()
+        if full:
             return scores, ids
         want = min(k, self._index.live if allowed is None else len(allowed))
         if want == 0 or (ids[:, want - 1] >= 0).all():
@@ -1119,7 +1120,8 @@ class _ItemMetadata:
         """The hits of FAISS results (-1 ids, which FAISS pads with, are skipped)."""
         results = []
         for row in zip(ids.tolist(), scores.tolist(), self.rows[ids].tolist(), strict=True):
-            hits = []  # a plain loop: the comprehension's extra frame costs on this hot path
+            # A plain loop, and _load_attrs written out: a call frame per hit costs here.
+            hits = []
             for i, score, m in zip(*row, strict=True):
                 if i >= 0 and m is not None:
                     hits.append(Hit(m[0], score, m[1], json.loads(m[2]) if m[2] else _NO_ATTRIBUTES))
