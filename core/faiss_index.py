@@ -116,6 +116,17 @@ def _find_pq(index: faiss.Index) -> Any:
     return getattr(_layers(index)[-1], "pq", None)
 
 
+def _search_c(index: faiss.Index, queries: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search`` on queries already checked (C-contiguous float32 [n, d]): FAISS's own
+    Python wrapper repeats those checks and conversions, a tenth of the store's overhead on
+    one query."""
+    n = len(queries)
+    scores = np.empty((n, k), np.float32)
+    ids = np.empty((n, k), np.int64)
+    index.search_c(n, faiss.swig_ptr(queries), k, faiss.swig_ptr(scores), faiss.swig_ptr(ids), params)  # type: ignore[attr-defined]
+    return scores, ids
+
+
 class VectorIndex:
     """One FAISS index with explicit ids, tombstones where removal is impossible, and params.
 
@@ -124,6 +135,7 @@ class VectorIndex:
 
     def __init__(self, index: faiss.Index, factory: str, removable: bool) -> None:
         self.index = index
+        self.dim = int(index.d)  # fixed for the index's life; a SWIG attribute read costs
         self.factory = factory
         self.removable = removable
         self._dead: set[int] = set()
@@ -166,10 +178,6 @@ class VectorIndex:
         fsync_dir(path.parent)
 
     # -- contents -------------------------------------------------------------------------
-
-    @property
-    def dim(self) -> int:
-        return int(self.index.d)
 
     @property
     def ntotal(self) -> int:
@@ -263,6 +271,9 @@ class VectorIndex:
 
         ``allowed`` (sorted int64 ids) restricts the search; tombstones are always excluded.
         """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)  # no copy when it is already
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be [n, {self.dim}], got {queries.shape}")
         # One query gains nothing from OpenMP, and server threads each starting a team
         # would oversubscribe the cores. The setting is per calling thread and left as set:
         # a server thread asking single queries then pays one FAISS call, not three.
@@ -279,10 +290,10 @@ class VectorIndex:
             if last_knobs is not knobs:
                 shared = self._shared_params(knobs)
                 self._last_params = (knobs, shared)  # one assignment: readers see a pair
-            return self.index.search(queries, k, params=shared[0])
+            return _search_c(self.index, queries, k, shared[0])
         selector, _alive = self._selector(allowed)
         params, _alive_params = self._params(knobs, selector)  # alive until return
-        return self.index.search(queries, k, params=params)
+        return _search_c(self.index, queries, k, params)
 
     def _shared_params(self, knobs: SearchKnobs) -> tuple[Any, list[Any]]:
         """(params, keepalive) for ``knobs`` without a selector, built once per setting."""

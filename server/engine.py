@@ -19,7 +19,7 @@ from pictor import __version__
 from pictor.api import ServerInfo
 from pictor.config import ServerSettings
 from pictor.core.decode import decode_image
-from pictor.core.store import DeleteResult, Filter, Hit, IndexStore, Item, SearchParams, UpsertResult
+from pictor.core.store import DeleteResult, Filter, Hits, IndexStore, Item, SearchParams, UpsertResult
 from pictor.errors import InvalidImageError, InvalidRequestError, NotFoundError
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class ClassifyResult:
     labels: list[tuple[str, float]]
     source: str  # "imagenet", "head" or "knn"
     knn_labels: list[tuple[str, float]] = field(default_factory=list)
-    neighbors: list[Hit] = field(default_factory=list)
+    neighbors: Hits = field(default_factory=Hits)
     agree: bool = False
     unknown: bool = False
 
@@ -222,7 +222,7 @@ class Engine:
             labels=labels, source=source, knn_labels=knn, neighbors=hits, agree=agree, unknown=unknown
         )
 
-    def _knn(self, embedding: np.ndarray, n: int, top_k: int) -> tuple[list[tuple[str, float]], list[Hit]]:
+    def _knn(self, embedding: np.ndarray, n: int, top_k: int) -> tuple[list[tuple[str, float]], Hits]:
         from pictor.core.head import knn_vote
 
         hits = self.store.search(self.to_index(embedding[None]), n)[0]
@@ -237,7 +237,7 @@ class Engine:
         k: int = 0,
         filter: Filter | None = None,
         params: SearchParams | None = None,
-    ) -> list[Hit]:
+    ) -> Hits:
         k = check_k(k, DEFAULT_K, "k")
         if image is not None:
             query = self.embed([image])[0]

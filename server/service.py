@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 
 import grpc
 
-from pictor.core.store import Filter, Hit, Item, SearchParams, UpsertResult
+from pictor.core.store import Filter, Hits, Item, SearchParams, UpsertResult
 from pictor.errors import InvalidRequestError, PictorError
 from pictor.iterators import batched
 from pictor.server.engine import ClassifyResult, Engine
@@ -30,8 +30,9 @@ _CLASSIFIER_NAMES = {
 UPSERT_CHUNK = 64
 
 
-def hit_to_pb(hit: Hit) -> pb.Hit:
-    return pb.Hit(key=hit.key, score=hit.score, label=hit.label, attributes=dict(hit.attributes))
+def hits_to_pb(hits: Hits) -> list[pb.Hit]:
+    columns = zip(hits.keys, hits.scores, hits.labels, hits.attributes, strict=True)
+    return [pb.Hit(key=k, score=s, label=lab, attributes=a) for k, s, lab, a in columns]
 
 
 def labels_to_pb(labels: Iterable[tuple[str, float]]) -> list[pb.Label]:
@@ -43,7 +44,7 @@ def classify_to_pb(result: ClassifyResult) -> pb.ClassifyResponse:
         labels=labels_to_pb(result.labels),
         source=result.source,
         knn_labels=labels_to_pb(result.knn_labels),
-        neighbors=[hit_to_pb(h) for h in result.neighbors],
+        neighbors=hits_to_pb(result.neighbors),
         agree=result.agree,
         unknown=result.unknown,
     )
@@ -76,7 +77,7 @@ class PictorService(pb_grpc.PictorServicer):
             if request.HasField("params")
             else None,
         )
-        return pb.SearchResponse(hits=[hit_to_pb(h) for h in hits])
+        return pb.SearchResponse(hits=hits_to_pb(hits))
 
     def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:
         embeddings = self.engine.embed(list(request.images))

@@ -16,6 +16,7 @@ from pictor.core.store import (
     DeleteResult,
     Filter,
     Hit,
+    Hits,
     IndexStore,
     Item,
     SearchParams,
@@ -83,6 +84,18 @@ def test_upsert_search_and_round_trip(tmp_path: Path, rng: np.random.Generator) 
     assert top.score == pytest.approx(1.0, abs=1e-5)
     assert (info.index_type, info.metric, info.count, info.dim) == ("auto", "ip", 100, DIM)
     assert info.created and info.updated
+
+
+def test_hits_are_columns_that_make_hit_objects(filled: tuple[IndexStore, np.ndarray]) -> None:
+    store, vecs = filled
+    hits = store.search(vecs[0], k=3)[0]
+    assert isinstance(hits, Hits) and len(hits) == 3
+    assert (hits.keys[0], hits.labels[0], hits.attributes[0]) == ("img/0.jpg", "class0", {"shard": "0"})
+    assert [h.key for h in hits] == list(hits.keys) and [h.score for h in hits] == list(hits.scores)
+    assert hits[1:] == [hits[1], hits[2]] and hits[-1] == list(hits)[2]
+    # Float64, strided (Fortran order) queries are converted, not misread.
+    queries = np.asfortranarray(vecs[:4].astype(np.float64))
+    assert store.search(queries, k=3) == store.search(vecs[:4], k=3)
 
 
 def test_upsert_replaces_existing_key(filled: tuple[IndexStore, np.ndarray], rng) -> None:
