@@ -443,6 +443,11 @@ def tune_knobs(
                     best = (elapsed, knobs, recall)
                 break
     if best is None:
+        log.warning(
+            "no search setting of %s reached recall@%d %.3f with 95%% confidence on %d tuning "
+            "queries; using the one with the best recall, %s (%.3f)",
+            index.factory, k, target, len(queries), fallback[1], fallback[0],
+        )
         return fallback[1], fallback[0]
     return best[1], best[2]
 

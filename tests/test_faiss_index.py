@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+import pytest
 
 from pictor.core.faiss_index import VectorIndex, per_query_recall, recall_at_k, tune_knobs
 
@@ -21,13 +24,19 @@ def test_recall_drops_the_query_itself_and_padding() -> None:
     assert recall_at_k(found, truth, 3, np.array([7, -5])) == per.mean()
 
 
-def test_tuning_wants_the_target_with_confidence_not_just_on_average() -> None:
+@pytest.fixture
+def ivf() -> tuple[VectorIndex, np.ndarray, np.ndarray]:
+    """An IVF index over clustered vectors, with queries and their exact top 10."""
     rng = np.random.default_rng(0)
     data = _clustered(rng, 4000)
     queries = _clustered(rng, 300)
     index = VectorIndex.build(data.shape[1], "IVF64,Flat", data)
     index.add(np.arange(len(data), dtype=np.int64), data)
-    truth = np.argsort(-(queries @ data.T), axis=1)[:, :10]
+    return index, queries, np.argsort(-(queries @ data.T), axis=1)[:, :10]
+
+
+def test_tuning_wants_the_target_with_confidence_not_just_on_average(ivf) -> None:
+    index, queries, truth = ivf
     ladder = index.knob_ladders()[0]
     recalls = [per_query_recall(index.search(queries, 10, kn)[1], truth, 10) for kn in ladder]
     # The first setting whose sample recall is high but not perfect: on average it meets a
@@ -39,3 +48,13 @@ def test_tuning_wants_the_target_with_confidence_not_just_on_average() -> None:
 
     assert knobs.nprobe > ladder[edge].nprobe
     assert recall > target
+
+
+def test_tuning_says_when_no_setting_reaches_the_target(ivf, caplog) -> None:
+    index, queries, truth = ivf
+    with caplog.at_level(logging.WARNING, logger="pictor.core.faiss_index"):
+        _, recall = tune_knobs(index, queries, truth, 1.01, k=10)  # above any recall
+    settings = [kn for ladder in index.knob_ladders() for kn in ladder]
+    best = max(per_query_recall(index.search(queries, 10, kn)[1], truth, 10).mean() for kn in settings)
+    assert recall == pytest.approx(best)
+    assert "no search setting of IVF64,Flat reached recall@10 1.010 with 95% confidence" in caplog.text
