@@ -116,17 +116,6 @@ def _find_pq(index: faiss.Index) -> Any:
     return getattr(_layers(index)[-1], "pq", None)
 
 
-def _search_c(index: faiss.Index, queries: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
-    """``index.search`` on queries already checked (C-contiguous float32 [n, d]): FAISS's own
-    Python wrapper repeats those checks and conversions, a tenth of the store's overhead on
-    one query."""
-    n = len(queries)
-    scores = np.empty((n, k), np.float32)
-    ids = np.empty((n, k), np.int64)
-    index.search_c(n, faiss.swig_ptr(queries), k, faiss.swig_ptr(scores), faiss.swig_ptr(ids), params)  # type: ignore[attr-defined]
-    return scores, ids
-
-
 class VectorIndex:
     """One FAISS index with explicit ids, tombstones where removal is impossible, and params.
 
@@ -274,15 +263,34 @@ class VectorIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)  # no copy when it is already
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be [n, {self.dim}], got {queries.shape}")
+        return self.search_checked(queries, k, knobs, allowed)
+
+    def search_checked(
+        self,
+        queries: np.ndarray,
+        k: int,
+        knobs: SearchKnobs,
+        allowed: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``search`` for queries known to be C-contiguous float32 [n, dim], as
+        ``IndexStore.check_vectors`` returns them: FAISS reads their memory as is, without
+        the checks and copies of its Python wrapper (a tenth of the store's overhead on one
+        query)."""
         # One query gains nothing from OpenMP, and server threads each starting a team
         # would oversubscribe the cores. The setting is per calling thread and left as set:
         # a server thread asking single queries then pays one FAISS call, not three.
         _use_omp_threads(1 if len(queries) == 1 else _BATCH_OMP_THREADS)
-        return self._search(queries, k, knobs, allowed)
+        params, _alive = self._search_params(knobs, allowed)  # alive until FAISS returns
+        n = len(queries)
+        scores = np.empty((n, k), np.float32)
+        ids = np.empty((n, k), np.int64)
+        self.index.search_c(  # type: ignore[attr-defined]  # FAISS's SWIG method, untyped
+            n, faiss.swig_ptr(queries), k, faiss.swig_ptr(scores), faiss.swig_ptr(ids), params
+        )
+        return scores, ids
 
-    def _search(
-        self, queries: np.ndarray, k: int, knobs: SearchKnobs, allowed: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _search_params(self, knobs: SearchKnobs, allowed: np.ndarray | None) -> tuple[Any, Any]:
+        """(SearchParameters, what must stay alive while FAISS uses them) for one search."""
         if allowed is None and not self._dead:
             # No selector: FAISS only reads the params, so threads may share them. Callers
             # reuse one knobs object per setting, so an identity check skips the dict.
@@ -290,10 +298,10 @@ class VectorIndex:
             if last_knobs is not knobs:
                 shared = self._shared_params(knobs)
                 self._last_params = (knobs, shared)  # one assignment: readers see a pair
-            return _search_c(self.index, queries, k, shared[0])
-        selector, _alive = self._selector(allowed)
-        params, _alive_params = self._params(knobs, selector)  # alive until return
-        return _search_c(self.index, queries, k, params)
+            return shared
+        selector, alive = self._selector(allowed)
+        params, alive_params = self._params(knobs, selector)
+        return params, (alive, alive_params)
 
     def _shared_params(self, knobs: SearchKnobs) -> tuple[Any, list[Any]]:
         """(params, keepalive) for ``knobs`` without a selector, built once per setting."""

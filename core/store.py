@@ -871,7 +871,7 @@ class IndexStore:
         """FAISS search, widened (then exact) for queries that came back short of k."""
         if allowed is not None and len(allowed) <= self.options.exact_filter_limit:
             return _exact_search(self._reader(), q, k, allowed)
-        scores, ids = self._index.search(q, k, knobs, allowed)
+        scores, ids = self._index.search_checked(q, k, knobs, allowed)
         # FAISS pads missing results with -1 at the end: the k-th column tells all when
         # full (the common case, checked first), else the column of what is available.
         full = ids[0, k - 1] >= 0 if len(ids) == 1 else (ids[:, k - 1] >= 0).all()
@@ -883,7 +883,7 @@ class IndexStore:
         short = np.flatnonzero(ids[:, want - 1] < 0)
         factor = 4
         while len(short) and factor <= 64 and self._index.factory != EXACT_FACTORY:
-            s2, i2 = self._index.search(q[short], k, knobs.scaled(factor), allowed)
+            s2, i2 = self._index.search_checked(q[short], k, knobs.scaled(factor), allowed)
             scores[short], ids[short] = s2, i2
             short = short[i2[:, want - 1] < 0]
             factor *= 4
