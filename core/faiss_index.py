@@ -263,6 +263,8 @@ class VectorIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)  # no copy when it is already
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be [n, {self.dim}], got {queries.shape}")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
         return self.search_checked(queries, k, knobs, allowed)
 
     def search_checked(

@@ -90,13 +90,9 @@ class Item:
     attributes: Mapping[str, str] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Hit:
-    """One search result; ``score`` is the cosine similarity (higher is closer).
-
-    Not frozen: a frozen dataclass pays ``object.__setattr__`` per field, and a search
-    builds k of these per query on its hot path.
-    """
+    """One search result; ``score`` is the cosine similarity (higher is closer)."""
 
     key: str
     score: float
