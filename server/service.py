@@ -38,8 +38,8 @@ def add_hits(field: RepeatedCompositeFieldContainer[pb.Hit], hits: Hits) -> None
     """Append ``hits`` to a repeated ``Hit`` field, from the columns.
 
     ``add`` builds each message in place (a list given to the constructor is copied), and
-    an empty attribute map is left unset: filling one, even from an empty mapping, cost
-    more than the rest of the hit (10 hits: about 25 us this way, 85 us before).
+    an empty attribute map is left unset: filling one, even from an empty mapping, costs
+    more than the rest of the hit.
     """
     for key, score, label, attributes in zip(hits.keys, hits.scores, hits.labels, hits.attributes, strict=True):
         hit = field.add(key=key, score=score, label=label)
