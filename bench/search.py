@@ -258,7 +258,7 @@ def bench_store(
         store.search(q, K)
         batched = len(q) / (time.perf_counter() - started)
         # Store vs FAISS with the same parameters. The overhead comes from paired timings
-        # (each query both ways, back to back): a VM's drift moves a loop of either by 10-30
+        # (each query both ways, back to back): a VM's drift moves a loop of either by 10-40
         # points between rounds, but moves the two calls of a pair alike.
         faiss_index = store._index.index  # the very index the store searches
         params, _alive = store._index._params(knobs, None)
@@ -294,7 +294,8 @@ def bench_store(
 
 
 def paired_overhead(wrapped, raw, q: np.ndarray) -> float:  # noqa: ANN001
-    """Time ``wrapped`` takes over ``raw``, minus 1, each query run through both back to back.
+    """How much longer ``wrapped`` takes than ``raw`` (0.1 = 10%), each query run through both
+    back to back.
 
     The order alternates, so the second call's warm caches (the same query's lists) favour
     neither.
