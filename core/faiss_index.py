@@ -40,7 +40,7 @@ _BATCH_OMP_THREADS = faiss.omp_get_max_threads()
 
 
 def _use_omp_threads(threads: int) -> None:
-    """Set this thread's OpenMP team size for FAISS calls; it stays set (see search)."""
+    """Set this thread's OpenMP team size for FAISS calls; it stays set (see search_checked)."""
     if faiss.omp_get_max_threads() != threads:
         faiss.omp_set_num_threads(threads)
 
@@ -130,7 +130,7 @@ class VectorIndex:
         self._dead: set[int] = set()
         self._dead_selector: Any = None  # cached IDSelectorNot over the tombstones
         self._params_cache: dict[SearchKnobs, tuple[Any, list[Any]]] = {}
-        self._last_params: tuple[SearchKnobs | None, Any] = (None, None)  # see _search
+        self._last_params: tuple[SearchKnobs | None, Any] = (None, None)  # see _search_params
         self._refresh_layers()
 
     # -- construction ---------------------------------------------------------------------

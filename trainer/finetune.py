@@ -255,7 +255,7 @@ def finetune(
             target: torch.Tensor = y
             if mix is not None and len(x) % 2 == 0:
                 x, target = mix(x, y)
-            target, y = target.to(device), y.to(device)
+            target = target.to(device)
             logits = forward(x)
             loss = F.cross_entropy(logits, target, weight=weights,
                                    label_smoothing=config.label_smoothing)
