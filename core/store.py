@@ -101,37 +101,34 @@ class Hit:
 
 
 class Hits(Sequence[Hit]):
-    """One query's hits, best first, held as columns; indexing or iterating makes ``Hit`` objects.
+    """One query's hits, best first, held as the metadata rows (key, label, attributes JSON
+    or "") and their scores; indexing or iterating makes ``Hit`` objects.
 
-    The search path fills the columns with a few C-level calls: an object per hit, made
-    right after the FAISS scan has evicted the caches, was more than half of the store's
-    overhead over FAISS. The server builds its replies from the columns.
+    The search path gathers the rows with one C call and keeps them as they are: an object
+    per hit, or even regrouping the rows into columns, made right after the FAISS scan has
+    evicted the caches, cost more than the rest of the store's overhead over FAISS. The
+    server builds its replies from the rows.
     """
 
-    __slots__ = ("keys", "scores", "labels", "attribute_texts")
+    __slots__ = ("rows", "scores")
 
-    def __init__(
-        self,
-        keys: Sequence[str] = (),
-        scores: Sequence[float] = (),
-        labels: Sequence[str] = (),
-        attribute_texts: Sequence[str] = (),  # JSON objects, "" for none
-    ) -> None:
-        self.keys, self.scores, self.labels = keys, scores, labels
-        self.attribute_texts = attribute_texts
+    def __init__(self, rows: Sequence[tuple[str, str, str]] = (), scores: Sequence[float] = ()) -> None:
+        self.rows, self.scores = rows, scores
 
-    @classmethod
-    def from_rows(cls, rows: Sequence[tuple[str, str, str]], scores: Sequence[float]) -> Hits:
-        """From (key, label, attributes JSON) rows and their scores."""
-        keys, labels, texts = zip(*rows, strict=True) if rows else ((), (), ())
-        return cls(keys, scores, labels, texts)
+    @property
+    def keys(self) -> list[str]:
+        return [row[0] for row in self.rows]
+
+    @property
+    def labels(self) -> list[str]:
+        return [row[1] for row in self.rows]
 
     @property
     def attributes(self) -> list[Mapping[str, str]]:
-        return [_load_attrs(text) for text in self.attribute_texts]
+        return [_load_attrs(row[2]) for row in self.rows]
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.rows)
 
     @overload
     def __getitem__(self, i: int) -> Hit: ...
@@ -139,8 +136,9 @@ class Hits(Sequence[Hit]):
     def __getitem__(self, i: slice) -> Hits: ...
     def __getitem__(self, i: int | slice) -> Hit | Hits:
         if isinstance(i, slice):
-            return Hits(self.keys[i], self.scores[i], self.labels[i], self.attribute_texts[i])
-        return Hit(self.keys[i], self.scores[i], self.labels[i], _load_attrs(self.attribute_texts[i]))
+            return Hits(self.rows[i], self.scores[i])
+        key, label, text = self.rows[i]
+        return Hit(key, self.scores[i], label, _load_attrs(text))
 
     def __iter__(self) -> Iterator[Hit]:
         return map(Hit, self.keys, self.scores, self.labels, self.attributes)
@@ -1117,7 +1115,7 @@ def _hits_from_sqlite(conn: sqlite3.Connection, scores: np.ndarray, ids: np.ndar
     results = []
     for row_s, row_i in zip(scores.tolist(), rows, strict=True):
         kept = [j for j, i in enumerate(row_i) if i in meta]
-        results.append(Hits.from_rows([meta[row_i[j]] for j in kept], [row_s[j] for j in kept]))
+        results.append(Hits([meta[row_i[j]] for j in kept], [row_s[j] for j in kept]))
     return results
 
 
@@ -1125,7 +1123,7 @@ class _ItemMetadata:
     """(key, label, attributes JSON or "") of every live item, in a numpy object array
     indexed by id (None where no live item has that id).
 
-    The search path joins FAISS ids with their metadata by fancy indexing: one C loop for all
+    The search path joins FAISS ids with their metadata by ``take``: one C loop for all
     hits, whose memory accesses overlap, where a dict lookup per hit waits on each of several
     in turn (after the FAISS scan has evicted the caches, each costs a trip to memory).
     Memory: 8 bytes per id ever assigned (ids are never reused, so replaced items count
@@ -1162,7 +1160,7 @@ class _ItemMetadata:
         # Whole-array C calls, then per query only what cannot be: this runs right after the
         # FAISS scan has evicted the caches, where every Python step costs several times more.
         for rows, row_ids, row_scores in zip(
-            self.rows[ids].tolist(), ids.tolist(), scores.tolist(), strict=True
+            self.rows.take(ids).tolist(), ids.tolist(), scores.tolist(), strict=True
         ):
             # Short of k (FAISS pads the end with -1, and row -1 is the table's last) or an
             # id without a live item: keep the others. Rare; the common case stays in C.
@@ -1170,7 +1168,7 @@ class _ItemMetadata:
                 kept = [j for j, (i, m) in enumerate(zip(row_ids, rows, strict=True))
                         if i >= 0 and m is not None]
                 rows, row_scores = [rows[j] for j in kept], [row_scores[j] for j in kept]
-            results.append(Hits.from_rows(rows, row_scores))
+            results.append(Hits(rows, row_scores))
         return results
 
     def _reserve(self, max_id: int) -> None:

@@ -35,13 +35,13 @@ UPSERT_CHUNK = 64
 
 
 def add_hits(field: RepeatedCompositeFieldContainer[pb.Hit], hits: Hits) -> None:
-    """Append ``hits`` to a repeated ``Hit`` field, from the columns.
+    """Append ``hits`` to a repeated ``Hit`` field, from its rows.
 
     ``add`` builds each message in place (a list given to the constructor is copied), and
     an empty attribute map is left unset: filling one, even from an empty mapping, costs
     more than the rest of the hit.
     """
-    for key, score, label, attributes in zip(hits.keys, hits.scores, hits.labels, hits.attributes, strict=True):
+    for (key, label, _), score, attributes in zip(hits.rows, hits.scores, hits.attributes, strict=True):
         hit = field.add(key=key, score=score, label=label)
         if attributes:
             hit.attributes.update(attributes)

@@ -86,10 +86,11 @@ def test_upsert_search_and_round_trip(tmp_path: Path, rng: np.random.Generator) 
     assert info.created and info.updated
 
 
-def test_hits_are_columns_that_make_hit_objects(filled: tuple[IndexStore, np.ndarray]) -> None:
+def test_hits_are_rows_that_make_hit_objects(filled: tuple[IndexStore, np.ndarray]) -> None:
     store, vecs = filled
     hits = store.search(vecs[0], k=3)[0]
     assert isinstance(hits, Hits) and len(hits) == 3
+    assert hits.rows[0] == ("img/0.jpg", "class0", '{"shard": "0"}')
     assert (hits.keys[0], hits.labels[0], hits.attributes[0]) == ("img/0.jpg", "class0", {"shard": "0"})
     assert [h.key for h in hits] == list(hits.keys) and [h.score for h in hits] == list(hits.scores)
     assert hits[1:] == [hits[1], hits[2]] and hits[-1] == list(hits)[2]
