@@ -266,6 +266,16 @@ def test_untrained_type_falls_back_to_exact(tmp_path: Path, rng) -> None:
         assert [h[0].key for h in store.search(vecs[:3], k=1)] == ["img/0.jpg", "img/1.jpg", "img/2.jpg"]
 
 
+def test_auto_factory_by_size_dim_and_budget() -> None:
+    options = StoreOptions()  # 4 GiB
+    assert choose_factory(50_000, 1280, options) == "Flat"
+    assert choose_factory(1_000_000, 128, options) == "HNSW32"  # full vectors fit the budget
+    assert choose_factory(1_000_000, 1280, options) == "PCA128,IVF4096_HNSW32,SQ8,Refine(SQfp16)"
+    assert choose_factory(100_000, 512, options) == "PCA128,IVF1024_HNSW32,SQ8,Refine(SQfp16)"
+    tight = StoreOptions(memory_budget_gb=0.5)  # copies of 1M x 1280 vectors need 1.2-2.4 GiB
+    assert choose_factory(1_000_000, 1280, tight) == "PCA128,IVF4096_HNSW32,PQ64x4fs"
+
+
 def test_auto_stays_exact_when_small_then_trains(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     options = StoreOptions(exact_below=2000, memory_budget_gb=0.001)
