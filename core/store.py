@@ -104,10 +104,10 @@ class Hits(Sequence[Hit]):
     """One query's hits, best first, held as the metadata rows (key, label, attributes JSON
     or "") and their scores; indexing or iterating makes ``Hit`` objects.
 
-    The search path gathers the rows with one C call and keeps them as they are: an object
-    per hit, or even regrouping the rows into columns, made right after the FAISS scan has
-    evicted the caches, cost more than the rest of the store's overhead over FAISS. The
-    server builds its replies from the rows.
+    The search path gathers the rows with one C call and keeps them as they are: right after
+    the FAISS scan has evicted the caches, an object per hit cost 31-35 us for 10 hits, and
+    even regrouping the rows into columns about 10 us, the largest parts of the store's
+    overhead over FAISS. The server builds its replies from the rows.
     """
 
     __slots__ = ("rows", "scores")
