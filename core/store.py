@@ -141,7 +141,8 @@ class Hits(Sequence[Hit]):
         return Hit(key, self.scores[i], label, _load_attrs(text))
 
     def __iter__(self) -> Iterator[Hit]:
-        return map(Hit, self.keys, self.scores, self.labels, self.attributes)
+        for (key, label, text), score in zip(self.rows, self.scores, strict=True):
+            yield Hit(key, score, label, _load_attrs(text))
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Hits | list | tuple):
