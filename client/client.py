@@ -74,6 +74,14 @@ def _labels(labels: Iterable[pb.Label]) -> list[Label]:
     return [Label(name=x.name, score=x.score) for x in labels]
 
 
+def _check_counts(low: int, **counts: int) -> None:
+    """Refuse counts below ``low`` here: the proto reads 0 as "server default" and cannot
+    carry a negative number, so neither would reach the server as the mistake it is."""
+    for name, value in counts.items():
+        if value < low:
+            raise InvalidRequestError(f"{name} must be at least {low}, got {value}")
+
+
 class PictorClient:
     """Calls a Pictor server. Failed calls raise ``pictor.errors`` types (see ``pictor.status``)."""
 
@@ -117,6 +125,8 @@ class PictorClient:
                  neighbors: int = 0) -> Classification:
         if classifier not in CLASSIFIERS:
             raise InvalidRequestError(f"classifier must be one of {sorted(CLASSIFIERS)}, got {classifier!r}")
+        _check_counts(1, top_k=top_k)
+        _check_counts(0, neighbors=neighbors)  # 0: the server's default
         r = self._call(self._stub.Classify, pb.ClassifyRequest(
             image=image, top_k=top_k, classifier=CLASSIFIERS[classifier], neighbors=neighbors))
         return Classification(
@@ -132,6 +142,8 @@ class PictorClient:
         given = [q for q in (image, key, vector) if q is not None]
         if len(given) != 1:
             raise InvalidRequestError("search takes exactly one of image, key or vector")
+        _check_counts(1, k=k)
+        _check_counts(0, nprobe=nprobe, ef_search=ef_search)  # 0: the index's tuned default
         request = pb.SearchRequest(k=k, params=pb.SearchParams(nprobe=nprobe, ef_search=ef_search))
         if image is not None:
             request.image = image

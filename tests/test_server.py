@@ -61,6 +61,14 @@ def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: Server
             client.search(key="no/such/key")
         with pytest.raises(InvalidRequestError, match="k must be"):
             client.search(image=drawn_image(1), k=100000)
+        # The proto reads 0 as "default" and has no negatives: the client refuses them itself.
+        for k in (0, -1):
+            with pytest.raises(InvalidRequestError, match=f"k must be at least 1, got {k}"):
+                client.search(image=drawn_image(1), k=k)
+        with pytest.raises(InvalidRequestError, match="top_k must be at least 1"):
+            client.classify(drawn_image(1), top_k=0)
+        with pytest.raises(InvalidRequestError, match="neighbors must be at least 0"):
+            client.classify(drawn_image(1), neighbors=-1)
 
 
 def test_classify_with_imagenet_labels_and_knn(server: ServerProcess) -> None:
@@ -118,6 +126,8 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     bad = pictor("classify", str(DATA / "LICENSE.md"), "--target", server.target, check=False)
     assert bad.returncode == 2
     assert "INVALID_ARGUMENT" in bad.stderr
+    zero = pictor("search", str(image), "-k", "0", "--target", server.target, check=False)
+    assert zero.returncode == 2 and "k must be at least 1, got 0" in zero.stderr
 
 
 def test_server_refuses_to_start_without_index(tmp_path: Path) -> None:
