@@ -9,6 +9,18 @@ from typing import Any
 
 from pictor.trainer.config import TrainConfig
 
+TRAIN_DESCRIPTION = """\
+Train a classifier for your classes on a pretrained backbone (transfer learning) and write
+one self-describing model file: backbone and weights, head, class names, preprocessing,
+training settings, validation metrics and open-set thresholds.
+
+DATA is a folder with one sub-folder per class, or a CSV/JSONL manifest with `path` and
+`label`. A stratified share (--val-fraction) is split off for validation unless --val is
+given. Unreadable images are skipped and counted; a class with fewer than --min-per-class
+training images is an error. Embeddings of the frozen backbone are cached on disk, so a
+second linear run with other settings does not embed again.
+"""
+
 TRAIN_EPILOG = """\
 examples:
   pictor train photos/ --out photos.pt                    # linear head, 20% validation
@@ -28,60 +40,78 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``train`` and ``eval`` to the ``pictor`` parser."""
     fmt = argparse.RawDescriptionHelpFormatter
     t = sub.add_parser("train", help="train a classification head on labelled images",
-                       description="Train a head (linear probe or fine-tuned backbone) on DATA: "
-                       "a folder with one sub-folder per class, or a CSV/JSONL manifest with "
-                       "path and label.", epilog=TRAIN_EPILOG, formatter_class=fmt)
-    t.add_argument("data", metavar="DATA")
+                       description=TRAIN_DESCRIPTION, epilog=TRAIN_EPILOG, formatter_class=fmt)
+    t.add_argument("data", metavar="DATA", help="folder with one sub-folder per class, or .csv/.jsonl "
+                   "manifest with path and label columns")
     t.add_argument("--out", required=True, metavar="MODEL", help="model file to write")
-    t.add_argument("--mode", choices=("linear", "finetune"), default="linear")
+    t.add_argument("--mode", choices=("linear", "finetune"), default=TrainConfig.mode,
+                   help="linear: frozen backbone, cached embeddings (fast); finetune: train the last "
+                   "stages too (slower, usually more accurate) (default %(default)s)")
     t.add_argument("--val", metavar="DATA", help="validation set (default: split off DATA)")
-    t.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction)
-    t.add_argument("--seed", type=int, default=TrainConfig.seed)
-    t.add_argument("--backbone", default=TrainConfig.backbone)
-    t.add_argument("--weights", default="", help="weights tag or checkpoint (default: the "
-                   "backbone's own)")
-    t.add_argument("--device", default="auto")
-    t.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    t.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    t.add_argument("--min-per-class", type=int, default=TrainConfig.min_per_class)
-    t.add_argument("--max-per-class", type=int, default=0, help="cap images per class (0 = all)")
+    t.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
+                   help="share of each class split off for validation when --val is not given "
+                   "(default %(default)s)")
+    t.add_argument("--seed", type=int, default=TrainConfig.seed,
+                   help="seed of the split, initialisation and augmentation (default %(default)s)")
+    t.add_argument("--backbone", default=TrainConfig.backbone,
+                   help="backbone name (default %(default)s; see `pictor models`)")
+    t.add_argument("--weights", default="", help="weights tag, local checkpoint path, or 'random' "
+                   "(default: the backbone's own)")
+    t.add_argument("--device", default=TrainConfig.device, help="auto (default), cpu, cuda, cuda:N")
+    t.add_argument("--precision", default=TrainConfig.precision, choices=("auto", "fp32", "bf16", "fp16"),
+                   help="auto (default): bf16 where the hardware runs it fast, else fp32")
+    t.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
+                   help="images per step (default %(default)s)")
+    t.add_argument("--min-per-class", type=int, default=TrainConfig.min_per_class,
+                   help="fewest training images a class may have; fewer is an error (default %(default)s)")
+    t.add_argument("--max-per-class", type=int, default=TrainConfig.max_per_class,
+                   help="cap images per class (default 0 = all)")
     t.add_argument("--cache-dir", default="", help="embedding cache (default: $PICTOR_CACHE_DIR "
                    "or ~/.cache/pictor; 'none' disables it)")
-    t.add_argument("--weight-decays", default="",
-                   help="comma-separated candidates for the head (linear probe)")
+    t.add_argument("--weight-decays", default="", help="linear: comma-separated weight decays tried "
+                   "on the validation split (default " + ",".join(map(str, TrainConfig.weight_decays)) + ")")
     t.add_argument("--no-flip", action="store_true", help="linear: no mirrored training views")
-    t.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="finetune: most epochs")
-    t.add_argument("--unfreeze", type=int, default=TrainConfig.unfreeze, help="finetune: last N stages trained")
-    t.add_argument("--lr", type=float, default=TrainConfig.lr, help="finetune: head learning rate")
-    t.add_argument("--backbone-lr", type=float, default=TrainConfig.backbone_lr)
-    t.add_argument("--label-smoothing", type=float, default=TrainConfig.label_smoothing)
-    t.add_argument("--patience", type=int, default=TrainConfig.patience, help="finetune: early-stopping epochs")
+    t.add_argument("--epochs", type=int, default=TrainConfig.epochs,
+                   help="finetune: most epochs (default %(default)s)")
+    t.add_argument("--unfreeze", type=int, default=TrainConfig.unfreeze,
+                   help="finetune: last N stages trained (default %(default)s)")
+    t.add_argument("--lr", type=float, default=TrainConfig.lr,
+                   help="finetune: head learning rate (default %(default)s)")
+    t.add_argument("--backbone-lr", type=float, default=TrainConfig.backbone_lr,
+                   help="finetune: learning rate of the unfrozen stages (default %(default)s)")
+    t.add_argument("--label-smoothing", type=float, default=TrainConfig.label_smoothing,
+                   help="finetune: label smoothing (default %(default)s)")
+    t.add_argument("--patience", type=int, default=TrainConfig.patience,
+                   help="finetune: stop after this many epochs without validation gain (default %(default)s)")
     t.add_argument("--mixup", type=float, default=TrainConfig.mixup,
-                   help="finetune: mixup Beta alpha (0 = off)")
+                   help="finetune: mixup Beta alpha (default 0 = off)")
     t.add_argument("--cutmix", type=float, default=TrainConfig.cutmix,
-                   help="finetune: CutMix Beta alpha (0 = off)")
-    t.add_argument("--train-size", type=int, default=0,
-                   help="finetune crop size (0 = 7/8 of the input size)")
+                   help="finetune: CutMix Beta alpha (default 0 = off)")
+    t.add_argument("--train-size", type=int, default=TrainConfig.train_size,
+                   help="finetune crop size (default 0 = 7/8 of the input size)")
     t.add_argument("--no-open-set", action="store_true", help="no open-set thresholds")
     t.add_argument("--max-known-rejected", type=float,
                    default=TrainConfig.max_known_rejected,
-                   help="open set: share of known images allowed to come back unknown")
-    t.add_argument("--no-progress", action="store_true")
+                   help="open set: share of known validation images allowed to come back "
+                   "unknown (default %(default)s)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(run=run_train)
 
     e = sub.add_parser("eval", help="evaluate a model file on labelled images",
                        description="Top-1/top-5 accuracy, per-class precision/recall/F1 and a "
                        "confusion matrix of MODEL on DATA (folder tree or manifest).",
                        epilog=EVAL_EPILOG, formatter_class=fmt)
-    e.add_argument("model", metavar="MODEL")
-    e.add_argument("data", metavar="DATA")
+    e.add_argument("model", metavar="MODEL", help="model file from `pictor train`")
+    e.add_argument("data", metavar="DATA", help="labelled images: folder tree or .csv/.jsonl manifest")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--png", metavar="FILE", help="write the confusion matrix as a PNG")
     e.add_argument("--out-json", metavar="FILE", help="also write the JSON report to FILE")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--cache-dir", default="", help="embedding cache ('none' disables it)")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    e.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
+                   help="images per forward pass (default %(default)s)")
+    e.add_argument("--cache-dir", default="", help="embedding cache (default: $PICTOR_CACHE_DIR "
+                   "or ~/.cache/pictor; 'none' disables it)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(run=run_eval)
 
 
