@@ -17,7 +17,8 @@ Embed every image of GALLERY with a pretrained CNN and write a searchable index 
 GALLERY is a folder (searched recursively; each image's label is the top-level folder it is in)
 or a CSV/JSONL manifest with a `path` column and optional `label`, `key` and attribute
 columns. Each item's key is the file's path as given here. Running again over an existing
-index adds new files and replaces changed ones (same key); the model must be the same.
+index embeds every file again: new keys are added, existing ones replaced (so changed files
+are picked up); the model must be the same.
 
 Files that cannot be decoded are skipped and listed; the run goes on. Each batch is durable
 once written, so an interrupted run keeps what it wrote. Exit status: 0 done (skipped files
