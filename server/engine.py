@@ -142,16 +142,26 @@ class Engine:
 
     # -- embedding ---------------------------------------------------------------------------
 
-    def forward(self, images: Sequence[bytes]) -> EmbedOutput:
-        """Decode and embed image bytes; one forward pass for the whole list."""
+    def forward(self, images: Sequence[bytes], names: Sequence[str] = ()) -> EmbedOutput:
+        """Decode and embed image bytes; one forward pass for the whole list.
+
+        An undecodable image fails the call with a message naming it: by ``names[i]`` when
+        given, else by its position when there are several.
+        """
         if not images:
             raise InvalidRequestError("no image given")
         decoded = []
         for i, data in enumerate(images):
+            name = names[i] if names else f"image {i}"
             if not data:
-                raise InvalidImageError(f"image {i} is empty (0 bytes)")
-            # draft: a large JPEG is decoded at reduced scale, never below what the model needs
-            decoded.append(decode_image(data, max_pixels=self.max_pixels, draft_size=self.embedder.draft_size))
+                raise InvalidImageError(f"{name} is empty (0 bytes)")
+            try:
+                # draft: a large JPEG is decoded at reduced scale, never below what the model needs
+                decoded.append(decode_image(data, max_pixels=self.max_pixels, draft_size=self.embedder.draft_size))
+            except InvalidImageError as e:
+                if len(images) == 1 and not names:
+                    raise
+                raise InvalidImageError(f"{name}: {e}") from e
         with self._forward_lock:
             return self.embedder.forward_images(decoded)
 
@@ -159,9 +169,9 @@ class Engine:
         """Embedder output -> the index's space (whitened when the index is)."""
         return embeddings if self.whitening is None else self.whitening.apply(embeddings)
 
-    def embed(self, images: Sequence[bytes]) -> np.ndarray:
+    def embed(self, images: Sequence[bytes], names: Sequence[str] = ()) -> np.ndarray:
         """Embeddings as the index stores them: what Search and Upsert take as vectors."""
-        return self.to_index(self.forward(images).embeddings)
+        return self.to_index(self.forward(images, names).embeddings)
 
     def query_vector(self, values: Sequence[float]) -> np.ndarray:
         vector = np.asarray(values, dtype=np.float32)
@@ -264,9 +274,10 @@ class Engine:
                 rows[i] = self.query_vector(vec)  # type: ignore[arg-type]
         if to_embed:
             try:
-                rows[to_embed] = self.embed([images[i] for i in to_embed])  # type: ignore[misc]
+                rows[to_embed] = self.embed([images[i] for i in to_embed],  # type: ignore[misc]
+                                            [f"item {items[i].key!r}" for i in to_embed])
             except InvalidImageError as e:
-                raise InvalidImageError(f"{e} (upsert of {len(items)} items rejected, nothing written)") from e
+                raise InvalidImageError(f"{e}; upsert of {len(items)} items rejected, none written") from e
         return self.store.upsert(items, rows)
 
     def delete(self, keys: Sequence[str]) -> DeleteResult:

@@ -108,8 +108,9 @@ class PictorService(pb_grpc.PictorServicer):
             try:
                 result = self._upsert_chunk(chunk)
             except PictorError as e:
-                written = inserted + replaced
-                raise type(e)(f"{e}; the {written} items before this chunk were written") from e
+                if written := inserted + replaced:
+                    raise type(e)(f"{e} (the {written} items streamed before those were written)") from e
+                raise
             inserted, replaced = inserted + result.inserted, replaced + result.replaced
         if not (inserted or replaced):
             raise InvalidRequestError("upsert stream carried no items")

@@ -69,6 +69,12 @@ def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: Server
             client.classify(drawn_image(1), top_k=0)
         with pytest.raises(InvalidRequestError, match="neighbors must be at least 0"):
             client.classify(drawn_image(1), neighbors=-1)
+        # A bad image among several: named by its key, and nothing of the request written.
+        items = [UpsertItem(key="good-1", image=drawn_image(2)), UpsertItem(key="broken", image=b"GIF89a"),
+                 UpsertItem(key="good-2", image=drawn_image(3))]
+        with pytest.raises(InvalidRequestError, match=r"item 'broken': .*3 items rejected, none written"):
+            client.upsert(items)
+        assert client.info().index_size == 12
 
 
 def test_classify_with_imagenet_labels_and_knn(server: ServerProcess) -> None:
