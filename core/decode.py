@@ -104,9 +104,9 @@ def load_image(
     try:
         data = p.read_bytes()
     except FileNotFoundError as e:
-        raise NotFoundError(f"image file {p} does not exist") from e
+        raise NotFoundError(f"{p}: no such file") from e
     except IsADirectoryError as e:
-        raise InvalidImageError(f"{p} is a directory, not an image file") from e
+        raise InvalidImageError(f"{p}: a directory, not an image file") from e
     try:
         return decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
     except InvalidImageError as e:

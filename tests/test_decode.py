@@ -249,7 +249,7 @@ def test_corrupt_jpeg_body_rejected() -> None:
 
 
 def test_load_image_errors(tmp_path: Path) -> None:
-    with pytest.raises(NotFoundError, match="does not exist"):
+    with pytest.raises(NotFoundError, match="missing.jpg: no such file"):
         load_image(tmp_path / "missing.jpg")
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really")
