@@ -69,13 +69,19 @@ S = TypeVar("S")
 
 
 def _coerce(value: Any, typ: Any, name: str) -> Any:
+    """``value`` (a flag, env string or TOML value) as ``typ``, or a clear error."""
+    invalid = InvalidRequestError(f"setting {name}={value!r} is not a valid {typ.__name__}")
     if isinstance(value, str) and typ is not str:
         try:
             if typ is bool:
                 return value.strip().lower() in ("1", "true", "yes", "on")
             return typ(value)
         except ValueError as e:
-            raise InvalidRequestError(f"setting {name}={value!r} is not a valid {typ.__name__}") from e
+            raise invalid from e
+    if typ is float and type(value) is int:
+        return float(value)
+    if type(value) is not typ:  # TOML's own types: port = 1.5 or workers = true are mistakes
+        raise invalid
     return value
 
 
@@ -110,6 +116,8 @@ def build_settings(
             )
             continue
         value = file_values.get(f.name, dataclasses.MISSING)
+        if isinstance(value, dict):  # a table is for a nested settings field of that name
+            value = dataclasses.MISSING
         value = env.get(f"PICTOR_{f.name.upper()}", value)
         if flags.get(f.name) is not None:
             value = flags[f.name]
@@ -125,6 +133,39 @@ def _read_config_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
     if not p.is_file():
         raise InvalidRequestError(f"config file {p} does not exist")
     try:
-        return tomllib.loads(p.read_text())
+        values = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
         raise InvalidRequestError(f"config file {p} is not valid TOML: {e}") from e
+    _check_names(values, p)
+    return values
+
+
+def _check_names(values: Mapping[str, Any], path: Path) -> None:
+    """Refuse names no command reads (a typo such as ``prot = 6000`` would be ignored).
+
+    One file may serve every command, so a name is known when any settings class has it.
+    """
+    scalars: set[str] = set()
+    tables: dict[str, set[str]] = {}
+    for cls in (ServerSettings, IndexerSettings):
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.default_factory):
+                tables[f.name] = {g.name for g in dataclasses.fields(f.default_factory)}
+                scalars |= tables[f.name]  # nested settings read top-level names too
+            else:
+                scalars.add(f.name)
+    for name, value in values.items():
+        if not isinstance(value, dict):
+            _refuse_unknown(path, name, scalars)
+        elif name not in tables:
+            raise InvalidRequestError(f"config file {path}: unknown table [{name}]; valid: {sorted(tables)}")
+        else:
+            for key in value:
+                _refuse_unknown(path, key, tables[name], f"[{name}] ")
+
+
+def _refuse_unknown(path: Path, name: str, known: set[str], where: str = "") -> None:
+    if name not in known:
+        raise InvalidRequestError(
+            f"config file {path}: unknown setting {where}{name!r}; valid names: {', '.join(sorted(known))}"
+        )

@@ -41,3 +41,23 @@ def test_bad_values_and_files_are_clear_errors(tmp_path: Path) -> None:
     bad.write_text("port = = 1")
     with pytest.raises(InvalidRequestError, match="not valid TOML"):
         build_settings(ServerSettings, {}, env={}, config_file=bad)
+
+
+def test_file_names_and_types_are_checked(tmp_path: Path) -> None:
+    cfg = tmp_path / "pictor.toml"
+    # One file for every command: an indexer name and a [model] table do not upset `serve`.
+    cfg.write_text('port = 7000\ngallery = "photos"\n[model]\nbackbone = "resnet50"\n')
+    s = build_settings(ServerSettings, {}, env={}, config_file=cfg)
+    assert (s.port, s.model) == (7000, "")  # the [model] table is not the model file
+    assert build_settings(IndexerSettings, {}, env={}, config_file=cfg).model.backbone == "resnet50"
+    for text, message in [
+        ("prot = 7000\n", "unknown setting 'prot'; valid names: .*port"),
+        ("[model]\nbackbon = 'resnet50'\n", r"unknown setting \[model\] 'backbon'"),
+        ("[server]\nport = 1\n", r"unknown table \[server\]"),
+        ("port = 1.5\n", "port=1.5 is not a valid int"),
+        ("workers = true\n", "workers=True is not a valid int"),
+        ("compile = 1\n", "compile=1 is not a valid bool"),
+    ]:
+        cfg.write_text(text)
+        with pytest.raises(InvalidRequestError, match=message):
+            build_settings(ServerSettings, {}, env={}, config_file=cfg)
