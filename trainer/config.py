@@ -28,7 +28,8 @@ class TrainConfig:
     cache_dir: str = ""  # "" = default (PICTOR_CACHE_DIR or ~/.cache/pictor); "none" = off
     progress: bool = True
     # linear
-    weight_decays: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+    # Log-spaced; 0.1 added because the full CIFAR-10 probe picked 0.03, the old grid's edge.
+    weight_decays: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
     flip_views: bool = True  # linear: also embed mirrored training images (cached too)
     balance: bool = True  # class weights inversely proportional to class frequency
     # finetune

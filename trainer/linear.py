@@ -18,9 +18,6 @@ from pictor.core.head import ClassifierHead
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WEIGHT_DECAYS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
-
-
 @dataclass(frozen=True)
 class LinearFit:
     head: ClassifierHead
@@ -92,7 +89,7 @@ def select_head(
     y_val: np.ndarray,
     num_classes: int,
     *,
-    weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
+    weight_decays: Sequence[float],
     balance: bool = True,
     seed: int = 0,
 ) -> LinearFit:
