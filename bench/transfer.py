@@ -7,6 +7,9 @@ should come back "unknown" while the known classes' images keep their label. The
 table also shows the best the same rule could do with thresholds chosen knowing the real
 unknowns (upper bounds, not results): within the calibration budget of known images
 rejected, and at the issue's operating point (90% of known images keep their correct label).
+``--far-data`` adds the far check: the linear model of the whole split against images of
+other datasets, unlike every class (cats and trucks for a flower model), which should all
+come back "unknown", with and without the rule's far-neighbour test.
 
 Each mode starts from an empty embedding cache, so its time includes embedding the images
 (kNN reads the embeddings the linear run cached, and says so), unless ``--cache-dir`` names
@@ -21,6 +24,7 @@ Run from the project root, under the shared CPU lock::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -32,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from pictor.core.gallery import read_gallery
 from pictor.core.head import OpenSetThresholds, calibrate_thresholds
 from pictor.trainer import data as data_mod
 from pictor.trainer.config import TrainConfig
@@ -47,7 +52,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="image-folder tree (one folder per class)")
     p.add_argument("--modes", default="linear,finetune,knn,openset",
-                   help="comma-separated subset of linear,finetune,knn,openset")
+                   help="comma-separated subset of linear,finetune,knn,openset,far")
     p.add_argument("--backbone", default=TrainConfig.backbone,
                    help="backbone (default: the offline default); see `pictor models`")
     p.add_argument("--weights", default="",
@@ -72,6 +77,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="class left out for the open-set check (default: each in turn)")
     p.add_argument("--open-set-mode", default="linear", choices=("linear", "finetune"))
     p.add_argument("--max-known-rejected", type=float, default=0.05)
+    p.add_argument("--far-data", action="append", default=[], metavar="DIR",
+                   help="far mode: images unlike every class (folder or manifest; repeatable)")
+    p.add_argument("--far-max", type=int, default=1000, help="far mode: images sampled per --far-data")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     p.add_argument("--save-dir", default="", help="keep the trained model files here")
     p.add_argument("--cache-dir", default="",
@@ -183,6 +191,33 @@ def open_set_one(args: argparse.Namespace, splits: Splits, cache_dir: str, held:
     }
 
 
+def run_far(args: argparse.Namespace, splits: Splits, cache_dir: str) -> list[dict[str, Any]]:
+    """The linear model of the split against the validation images and each --far-data set."""
+    config = config_for(args, "linear", cache_dir)
+    embedder = build_embedder(config)
+    model = train(config, args.data, splits=splits, embedder=embedder).model
+    assert model.open_set is not None
+    index, _ = embed_set(splits.train, embedder, config, "index")
+    sets = [("known: validation split", splits.val)]
+    rng = np.random.default_rng(args.seed)
+    for far in args.far_data:
+        entries = list(read_gallery(far))
+        pick = sorted(rng.choice(len(entries), min(args.far_max, len(entries)), replace=False))
+        sets.append((far, [data_mod.Sample(entries[i].path, "far") for i in pick]))
+    rows = []
+    for name, samples in sets:
+        emb, _ = embed_set(samples, embedder, config, "far")
+        fit = model.open_set.gaussians.score(emb.embeddings)
+        sim = nearest_similarity(emb.embeddings, index.embeddings)
+        th = model.open_set.thresholds
+        pair_only = dataclasses.replace(th, far_similarity=-np.inf)
+        rows.append({"data": name, "n": len(emb.samples),
+                     "unknown": float(th.is_unknown(fit, sim).mean()),
+                     "unknown_pair_only": float(pair_only.is_unknown(fit, sim).mean()),
+                     "median_similarity": float(np.median(sim)), "thresholds": th.to_dict()})
+    return rows
+
+
 def best_at_target(fit: np.ndarray, sim: np.ndarray, is_held: np.ndarray, correct: np.ndarray,
                    kept: float = TARGET_KEPT) -> float:
     """Most unknowns the rule can reject (thresholds knowing them) keeping ``kept`` of the known.
@@ -200,7 +235,8 @@ def best_at_target(fit: np.ndarray, sim: np.ndarray, is_held: np.ndarray, correc
     return float(th.is_unknown(fit[is_held], sim[is_held]).mean())
 
 
-def print_table(rows: list[dict[str, Any]], open_set: list[dict[str, Any]], data: str) -> None:
+def print_table(rows: list[dict[str, Any]], open_set: list[dict[str, Any]], far: list[dict[str, Any]],
+                data: str) -> None:
     print(f"\ndata: {data}")
     if rows:
         print("| mode | train / val images | top-1 | top-5 | macro F1 | wall time | note |")
@@ -210,19 +246,29 @@ def print_table(rows: list[dict[str, Any]], open_set: list[dict[str, Any]], data
         f1 = "-" if np.isnan(r["macro_f1"]) else f"{r['macro_f1']:.4f}"
         print(f"| {r['mode']} | {r['train']} / {r['val']} | {r['top1']:.4f} | {top5} | {f1} | "
               f"{r['seconds']:.0f} s | {r['note']} |")
+    if far:
+        t = far[0]["thresholds"]
+        print(f"\nfar check (linear head of the split; index = its training images; thresholds: class "
+              f"fit {t['class_fit']:.1f} and similarity {t['neighbor_similarity']:.3f}, or similarity "
+              f"{t['far_similarity']:.3f}):")
+        print("| images | n | answered unknown | without the far test | median nearest similarity |")
+        print("|---|---|---|---|---|")
+        for f in far:
+            print(f"| {f['data']} | {f['n']} | {f['unknown']:.1%} | {f['unknown_pair_only']:.1%} | "
+                  f"{f['median_similarity']:.3f} |")
     if not open_set:
         return
     print(f"\nopen set ({open_set[0]['mode']} head; one class left out of training; known "
           "images rejected at most about the calibration budget):")
     print("| left out | unknown answered unknown | known keep correct label | closed-set top-1 "
-          "| thresholds (class fit, sim) | same rule, oracle thresholds: unknown / known kept "
+          "| thresholds (class fit, sim; far sim) | same rule, oracle thresholds: unknown / known kept "
           f"| oracle at {TARGET_KEPT:.0%} kept: unknown |")
     print("|---|---|---|---|---|---|---|")
     for o in open_set:
         t = o["thresholds"]
         print(f"| {o['held_out']} ({o['n_unknown']}) | {o['unknown_rejected']:.1%} | "
               f"{o['known_kept']:.1%} of {o['n_known']} | {o['known_top1_closed_set']:.1%} | "
-              f"{t['class_fit']:.1f}, {t['neighbor_similarity']:.3f} | "
+              f"{t['class_fit']:.1f}, {t['neighbor_similarity']:.3f}; {t.get('far_similarity', -np.inf):.3f} | "
               f"{o['oracle_unknown_rejected']:.1%} / {o['oracle_known_kept']:.1%} | "
               f"{o['oracle_unknown_rejected_at_target']:.1%} |")
     mean = {k: float(np.mean([o[k] for o in open_set])) for k in
@@ -238,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if "far" in modes and not args.far_data:
+        raise SystemExit("mode far needs --far-data DIR (images unlike every class of --data)")
     base = TrainConfig(val_fraction=args.val_fraction, seed=args.seed)
     samples = data_mod.cap_per_class(data_mod.load_samples(args.data), args.max_per_class,
                                      args.seed)
@@ -245,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     splits = Splits(train_s, val_s)
     rows: list[dict[str, Any]] = []
     open_set: list[dict[str, Any]] = []
+    far: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="pictor-bench-") as tmp:
         linear_cache = args.cache_dir or str(Path(tmp) / "linear")
         for mode in modes:
@@ -256,11 +305,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows.append(run_knn(args, splits, linear_cache))
             elif mode == "openset":
                 open_set = run_open_set(args, splits, linear_cache)
+            elif mode == "far":
+                far = run_far(args, splits, linear_cache)
             else:
                 raise SystemExit(f"unknown mode {mode!r}")
-    print_table(rows, open_set, f"{args.data}, backbone {args.backbone} {args.weights}".rstrip())
+    print_table(rows, open_set, far, f"{args.data}, backbone {args.backbone} {args.weights}".rstrip())
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "open_set": open_set}, indent=2))
+        Path(args.json).write_text(json.dumps({"rows": rows, "open_set": open_set, "far": far}, indent=2))
     return 0
 
 

@@ -114,31 +114,40 @@ def _shrunk_precision(centred: np.ndarray, shrinkage: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class OpenSetThresholds:
-    """Open-set rejection: an image is "unknown" when BOTH scores fall below their threshold.
+    """Open-set rejection: an image is "unknown" when BOTH scores fall below their threshold,
+    or when even its nearest neighbour is farther than almost any known image's.
 
     ``class_fit`` compares with ``ClassGaussians.score`` of the embedding, ``neighbor_similarity``
-    with the cosine similarity of the nearest indexed (training) image. Calibrated in training
-    on the validation split, with the training set's embeddings standing in for the index, so
-    the neighbour test is meaningful when the served index holds the training images (or a
-    gallery like them).
+    and ``far_similarity`` with the cosine similarity of the nearest indexed (training) image.
+    Calibrated in training on the validation split, with the training set's embeddings standing
+    in for the index, so the neighbour tests are meaningful when the served index holds the
+    training images (or a gallery like them).
+
+    The pair is tuned on held-out known classes (near unknowns: another flower among flowers);
+    ``far_similarity`` catches what is unlike every class (a cat among flowers), whose class
+    fit can look ordinary because the fit score is relative. Files without it never use it.
     """
 
     class_fit: float
     neighbor_similarity: float
+    far_similarity: float = -math.inf
 
     def is_unknown(self, class_fit: ArrayLike, neighbor_similarity: ArrayLike) -> np.ndarray:
-        """True where both scores are too weak (elementwise)."""
-        return (np.asarray(class_fit) < self.class_fit) & (
-            np.asarray(neighbor_similarity) < self.neighbor_similarity
-        )
+        """True where the image is unknown (elementwise). A NaN similarity means no comparable
+        neighbour (an empty or PCA-whitened index): the class fit decides alone."""
+        sim = np.asarray(neighbor_similarity, dtype=np.float64)
+        both_low = (np.asarray(class_fit) < self.class_fit) & ~(sim >= self.neighbor_similarity)
+        return both_low | (sim < self.far_similarity)  # NaN compares False: never "far"
 
     def to_dict(self) -> dict[str, float]:
         return {"class_fit": float(self.class_fit),
-                "neighbor_similarity": float(self.neighbor_similarity)}
+                "neighbor_similarity": float(self.neighbor_similarity),
+                "far_similarity": float(self.far_similarity)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> OpenSetThresholds:
-        return cls(float(d["class_fit"]), float(d["neighbor_similarity"]))
+        return cls(float(d["class_fit"]), float(d["neighbor_similarity"]),
+                   float(d.get("far_similarity", -math.inf)))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ errors raised here are typed domain errors that the error interceptor maps to st
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -221,9 +222,9 @@ class Engine:
         # Open-set rejection needs the nearest neighbour too, whichever answer was asked for.
         knn, hits = self._knn(embedding, n_neighbors, top_k)
         # The class Gaussians take the embedder's own embedding, like the head.
-        # A whitened index's similarities are not the plain cosine the neighbour threshold was
-        # calibrated on: the lowest cosine leaves the decision to the class fit (see load).
-        nearest = hits[0].score if hits and self.whitening is None else -1.0
+        # A whitened index's similarities are not the plain cosine the neighbour thresholds were
+        # calibrated on: NaN (no comparable neighbour) leaves the decision to the class fit.
+        nearest = hits[0].score if hits and self.whitening is None else math.nan
         unknown = open_set is not None and bool(open_set.is_unknown(embedding[None], [nearest])[0])
         if classifier != "all":
             return ClassifyResult(labels=labels, source=source, unknown=unknown)

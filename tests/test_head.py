@@ -92,6 +92,18 @@ def test_is_unknown_needs_both_scores_below() -> None:
     assert OpenSetThresholds.from_dict(t.to_dict()) == t
 
 
+def test_far_neighbour_alone_makes_unknown_and_nan_leaves_it_to_the_class_fit() -> None:
+    t = OpenSetThresholds(class_fit=-5.0, neighbor_similarity=0.5, far_similarity=0.3)
+    assert t.is_unknown(-1.0, 0.1)  # fits a class, but nothing indexed is anywhere near
+    assert not t.is_unknown(-1.0, 0.4)
+    # NaN: no comparable neighbour (empty or whitened index): the class fit decides alone.
+    assert t.is_unknown([-9.0, -1.0], [np.nan, np.nan]).tolist() == [True, False]
+    assert OpenSetThresholds.from_dict(t.to_dict()) == t
+    older = {"class_fit": -5.0, "neighbor_similarity": 0.5}  # files before the far test
+    assert OpenSetThresholds.from_dict(older).far_similarity == -np.inf
+    assert not OpenSetThresholds.from_dict(older).is_unknown(-1.0, 0.0)
+
+
 def clusters(rng: np.random.Generator, centres: np.ndarray, n: int, spread: float = 0.3
              ) -> tuple[np.ndarray, np.ndarray]:
     """``n`` points around each centre (rows of ``centres``) and their integer labels."""

@@ -8,6 +8,7 @@ fine-tuned weights, refusal of mismatched indexes, and the CLI entry points.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import random
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from pictor.trainer import data as data_mod
 from pictor.trainer.config import TrainConfig
 from pictor.trainer.evaluate import evaluate
 from pictor.trainer.finetune import backbone_stages, unfreeze_last, warmup_cosine
-from pictor.trainer.openset import calibrate_open_set, nearest_similarity
+from pictor.trainer.openset import calibrate_open_set, far_threshold, nearest_similarity
 from pictor.trainer.train import train
 
 CLASSES = ("disc", "square", "triangle")
@@ -198,8 +199,23 @@ def test_open_set_rejects_an_unseen_class_within_the_budget(classes: int) -> Non
         return float(cal.open_set.is_unknown(x, nearest_similarity(x, x_train)).mean())
     assert rejected(unseen) > 0.8
     assert rejected(known) <= 0.1
+    # Unlike every class (random directions): the far-neighbour test alone answers them.
+    far = rng.normal(size=(40, 32)).astype(np.float32)
+    far /= np.linalg.norm(far, axis=1, keepdims=True)
+    far_only = dataclasses.replace(cal.open_set.thresholds, class_fit=-np.inf)
+    assert far_only.is_unknown(cal.open_set.gaussians.score(far), nearest_similarity(far, x_train)).all()
+    assert np.mean(nearest_similarity(x_val, x_train) < far_only.far_similarity) <= 0.02
     if classes > 2:  # pseudo-unknowns exist only when a class can be left out
         assert cal.pseudo_unknown_rejected > 0.8
+
+
+def test_far_threshold_holds_its_share_from_few_validation_images() -> None:
+    rng = np.random.default_rng(0)
+    for n in (20, 60, 500):  # the 1% quantile of 60 images is their minimum: 1.6% fall below
+        rejected = [np.mean(rng.normal(0.8, 0.05, 1000) < far_threshold(rng.normal(0.8, 0.05, n), 0.01))
+                    for _ in range(200)]
+        assert np.mean(rejected) < 0.02, n  # about the 1% asked for
+    assert far_threshold(rng.normal(0.8, 0.05, 19), 0.01) == -np.inf  # too few to tell the spread
 
 
 # --------------------------------------------------------------------------- finetune

@@ -147,7 +147,8 @@ def run_train(args: argparse.Namespace) -> int:
     if result.model.open_set:
         t = result.model.open_set.thresholds
         print(f"open set: unknown when class fit < {t.class_fit:.3f} and nearest "
-              f"neighbour similarity < {t.neighbor_similarity:.3f}")
+              f"neighbour similarity < {t.neighbor_similarity:.3f}, or nearest neighbour "
+              f"similarity < {t.far_similarity:.3f}")
     if result.model.spec.finetune:
         print("the backbone is fine-tuned: build the index with it: "
               f"pictor index GALLERY --model {args.out}")
