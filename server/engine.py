@@ -272,7 +272,10 @@ class Engine:
             if not img and not vec:
                 raise InvalidRequestError(f"item {item.key!r} has neither image nor vector")
             if not img:
-                rows[i] = self.query_vector(vec)  # type: ignore[arg-type]
+                try:
+                    rows[i] = self.query_vector(vec)  # type: ignore[arg-type]
+                except InvalidRequestError as e:
+                    raise InvalidRequestError(f"item {item.key!r}: {e}") from e
         if to_embed:
             try:
                 rows[to_embed] = self.embed([images[i] for i in to_embed],  # type: ignore[misc]

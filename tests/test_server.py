@@ -75,6 +75,8 @@ def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: Server
         with pytest.raises(InvalidRequestError, match=r"item 'broken': .*3 items rejected, none written"):
             client.upsert(items)
         assert client.info().index_size == 12
+        with pytest.raises(InvalidRequestError, match="item 'short': vector has 3 values"):
+            client.upsert([UpsertItem(key="short", vector=[1.0, 2.0, 3.0])])
 
 
 def test_classify_with_imagenet_labels_and_knn(server: ServerProcess) -> None:
