@@ -442,6 +442,14 @@ class IndexStore:
         finally:
             self._rw.release_read()
 
+    def count(self, filter: Filter) -> int:
+        """How many items ``filter`` admits (``len(store)`` counts them all)."""
+        self._check_open()
+        if filter.empty:
+            return len(self)
+        with self._rw.read():
+            return len(_match_ids(self._reader(), filter))
+
     def get_vector(self, key: str) -> np.ndarray:
         """The stored (normalised) vector of ``key``; ``NotFoundError`` when absent."""
         self._check_open()

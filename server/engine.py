@@ -92,6 +92,7 @@ class Engine:
         self.store = store
         self.model = model
         self.max_pixels = max_pixels
+        self._neighbours_comparable = self._open_set_neighbours_comparable()
         # One forward pass at a time: concurrent passes would only fight over the same cores.
         # (Dynamic batching of concurrent requests replaces this lock; see ROADMAP.)
         self._forward_lock = threading.Lock()
@@ -132,11 +133,24 @@ class Engine:
         except BaseException:
             store.close(snapshot=False)  # a refused start must not keep the index locked
             raise
-        if whitening is not None and model is not None and model.open_set is not None:
-            log.warning("the open-set neighbour threshold was calibrated on plain cosine "
-                        "similarity; this index is PCA-whitened, so 'unknown' is decided by "
-                        "the class-fit score alone")
         return cls(embedder, store, model, max_pixels=settings.max_pixels, whitening=whitening)
+
+    def _open_set_neighbours_comparable(self) -> bool:
+        """Whether the index's nearest-neighbour similarities mean what the model's open-set
+        thresholds were calibrated on: plain cosine to images like the training ones. Checked
+        at start; when not, "unknown" is decided by the class fit alone."""
+        if self.model is None or self.model.open_set is None:
+            return False
+        why = ""
+        if self.whitening is not None:
+            why = "this index is PCA-whitened, so its similarities are not the plain cosine"
+        elif self.store.count(Filter(labels=self.model.class_names)) == 0:
+            # A gallery of other things: every class image would look far from it.
+            why = "this index holds no item labelled with the model's classes"
+        if why:
+            log.warning("open set: %s the neighbour thresholds were calibrated on; 'unknown' is "
+                        "decided by the class-fit score alone", why)
+        return not why
 
     def close(self) -> None:
         self.store.close()
@@ -221,10 +235,9 @@ class Engine:
 
         # Open-set rejection needs the nearest neighbour too, whichever answer was asked for.
         knn, hits = self._knn(embedding, n_neighbors, top_k)
-        # The class Gaussians take the embedder's own embedding, like the head.
-        # A whitened index's similarities are not the plain cosine the neighbour thresholds were
-        # calibrated on: NaN (no comparable neighbour) leaves the decision to the class fit.
-        nearest = hits[0].score if hits and self.whitening is None else math.nan
+        # The class Gaussians take the embedder's own embedding, like the head. NaN (no
+        # comparable neighbour, see _open_set_neighbours_comparable) leaves it to the class fit.
+        nearest = hits[0].score if hits and self._neighbours_comparable else math.nan
         unknown = open_set is not None and bool(open_set.is_unknown(embedding[None], [nearest])[0])
         if classifier != "all":
             return ClassifyResult(labels=labels, source=source, unknown=unknown)

@@ -98,6 +98,27 @@ def test_head_gets_unwhitened_embeddings_on_a_whitened_index(trained: tuple[Path
         engine.close()
 
 
+def test_open_set_ignores_an_index_without_the_model_classes(trained: tuple[Path, Path],
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    from pictor.config import ServerSettings
+    from pictor.server.engine import Engine
+
+    model, index = trained
+    unlabelled = index.parent / "unlabelled"
+    pictor("index", str(index.parent / "data"), "--out", str(unlabelled), "--model", str(model),
+           "--labels", "none", "--no-progress")
+    engine = Engine.load(ServerSettings(index=str(unlabelled), model=str(model), device="cpu",
+                                        precision="fp32"))
+    try:
+        # Its neighbours say nothing about the model's classes: the class fit decides alone.
+        assert "holds no item labelled with the model's classes" in caplog.text
+        assert engine.classify(noise(0), classifier="all").unknown
+        gallery = [engine.classify(tinted(i, "red"), classifier="all").unknown for i in range(10)]
+        assert sum(gallery) <= 2  # the model's own red images (budget 5% of known, tiny model)
+    finally:
+        engine.close()
+
+
 def test_refused_start_releases_the_index(trained: tuple[Path, Path], tmp_path: Path) -> None:
     from pictor.config import ServerSettings
     from pictor.core.store import IndexStore
