@@ -143,13 +143,13 @@ class Engine:
             return False
         why = ""
         if self.whitening is not None:
-            why = "this index is PCA-whitened, so its similarities are not the plain cosine"
+            why = ("this index is PCA-whitened, so its similarities are not the plain cosine "
+                   "the neighbour thresholds were calibrated on")
         elif self.store.count(Filter(labels=self.model.class_names)) == 0:
             # A gallery of other things: every class image would look far from it.
             why = "this index holds no item labelled with the model's classes"
         if why:
-            log.warning("open set: %s the neighbour thresholds were calibrated on; 'unknown' is "
-                        "decided by the class-fit score alone", why)
+            log.warning("open set: %s; 'unknown' is decided by the class-fit score alone", why)
         return not why
 
     def close(self) -> None:
