@@ -7,9 +7,9 @@ should come back "unknown" while the known classes' images keep their label. The
 table also shows the best the same rule could do with thresholds chosen knowing the real
 unknowns (upper bounds, not results): within the calibration budget of known images
 rejected, and at the issue's operating point (90% of known images keep their correct label).
-``--far-data`` adds the far check: the linear model of the whole split against images of
-other datasets, unlike every class (cats and trucks for a flower model), which should all
-come back "unknown", with and without the rule's far-neighbour test.
+``--far-data`` adds the far check: the model (``--open-set-mode``) of the whole split against
+images of other datasets, unlike every class (cats and trucks for a flower model), which
+should all come back "unknown", with and without the rule's far-neighbour test.
 
 Each mode starts from an empty embedding cache, so its time includes embedding the images
 (kNN reads the embeddings the linear run cached, and says so), unless ``--cache-dir`` names
@@ -75,7 +75,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=10, help="kNN: neighbours voting")
     p.add_argument("--open-set-class", default="all",
                    help="class left out for the open-set check (default: each in turn)")
-    p.add_argument("--open-set-mode", default="linear", choices=("linear", "finetune"))
+    p.add_argument("--open-set-mode", default="linear", choices=("linear", "finetune"),
+                   help="head the openset and far modes train")
     p.add_argument("--max-known-rejected", type=float, default=0.05)
     p.add_argument("--far-data", action="append", default=[], metavar="DIR",
                    help="far mode: images unlike every class (folder or manifest; repeatable)")
@@ -192,8 +193,9 @@ def open_set_one(args: argparse.Namespace, splits: Splits, cache_dir: str, held:
 
 
 def run_far(args: argparse.Namespace, splits: Splits, cache_dir: str) -> list[dict[str, Any]]:
-    """The linear model of the split against the validation images and each --far-data set."""
-    config = config_for(args, "linear", cache_dir)
+    """The model of the split (--open-set-mode) against its validation images and each
+    --far-data set; a fine-tuned model embeds them with its own backbone."""
+    config = config_for(args, args.open_set_mode, cache_dir)
     embedder = build_embedder(config)
     model = train(config, args.data, splits=splits, embedder=embedder).model
     assert model.open_set is not None
@@ -214,7 +216,8 @@ def run_far(args: argparse.Namespace, splits: Splits, cache_dir: str) -> list[di
         rows.append({"data": name, "n": len(emb.samples),
                      "unknown": float(th.is_unknown(fit, sim).mean()),
                      "unknown_pair_only": float(pair_only.is_unknown(fit, sim).mean()),
-                     "median_similarity": float(np.median(sim)), "thresholds": th.to_dict()})
+                     "median_similarity": float(np.median(sim)), "thresholds": th.to_dict(),
+                     "mode": args.open_set_mode})
     return rows
 
 
@@ -248,7 +251,7 @@ def print_table(rows: list[dict[str, Any]], open_set: list[dict[str, Any]], far:
               f"{r['seconds']:.0f} s | {r['note']} |")
     if far:
         t = far[0]["thresholds"]
-        print(f"\nfar check (linear head of the split; index = its training images; thresholds: class "
+        print(f"\nfar check ({far[0]['mode']} head of the split; index = its training images; thresholds: class "
               f"fit {t['class_fit']:.1f} and similarity {t['neighbor_similarity']:.3f}, or similarity "
               f"{t['far_similarity']:.3f}):")
         print("| images | n | answered unknown | without the far test | median nearest similarity |")
