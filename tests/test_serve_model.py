@@ -113,8 +113,8 @@ def test_open_set_ignores_an_index_without_the_model_classes(trained: tuple[Path
         # Its neighbours say nothing about the model's classes: the class fit decides alone.
         assert "holds no item labelled with the model's classes" in caplog.text
         assert engine.classify(noise(0), classifier="all").unknown
-        gallery = [engine.classify(tinted(i, "red"), classifier="all").unknown for i in range(10)]
-        assert sum(gallery) <= 2  # the model's own red images (budget 5% of known, tiny model)
+        red_unknown = [engine.classify(tinted(i, "red"), classifier="all").unknown for i in range(10)]
+        assert sum(red_unknown) <= 2  # the model's own red images (budget 5% of known, tiny model)
     finally:
         engine.close()
 
