@@ -447,8 +447,9 @@ class IndexStore:
         self._check_open()
         if filter.empty:
             return len(self)
-        with self._rw.read():
-            return len(_match_ids(self._reader(), filter))
+        sql, args = _filter_sql(filter)
+        with self._rw.read():  # counted in SQLite: no id list for a big index to build
+            return int(self._reader().execute(f"SELECT COUNT(*) FROM ({sql})", args).fetchone()[0])
 
     def get_vector(self, key: str) -> np.ndarray:
         """The stored (normalised) vector of ``key``; ``NotFoundError`` when absent."""
@@ -1066,8 +1067,8 @@ def _stream_vectors(
         yield ids, vecs
 
 
-def _match_ids(conn: sqlite3.Connection, flt: Filter) -> np.ndarray:
-    """Sorted ids of the items a filter admits."""
+def _filter_sql(flt: Filter) -> tuple[str, list[Any]]:
+    """A query for the ids of the items a (non-empty) filter admits, and its arguments."""
     parts: list[str] = []
     args: list[Any] = []
     if flt.labels:
@@ -1077,8 +1078,13 @@ def _match_ids(conn: sqlite3.Connection, flt: Filter) -> np.ndarray:
     for name, value in flt.attributes.items():
         parts.append("SELECT id FROM item_attrs WHERE name = ? AND value = ?")
         args.extend((name, value))
-    sql = " INTERSECT ".join(parts) + " ORDER BY 1"
-    return np.fromiter((r[0] for r in conn.execute(sql, args)), np.int64)
+    return " INTERSECT ".join(parts), args
+
+
+def _match_ids(conn: sqlite3.Connection, flt: Filter) -> np.ndarray:
+    """Sorted ids of the items a filter admits."""
+    sql, args = _filter_sql(flt)
+    return np.fromiter((r[0] for r in conn.execute(sql + " ORDER BY 1", args)), np.int64)
 
 
 def _exact_search(
