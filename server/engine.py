@@ -92,7 +92,13 @@ class Engine:
         self.store = store
         self.model = model
         self.max_pixels = max_pixels
-        self._neighbours_comparable = self._open_set_neighbours_comparable()
+        self._holds_model_labels = False  # see _neighbours_comparable
+        self._labels_checked_at = -1  # the index size when that was last checked
+        if model is not None and model.open_set is not None and not self._neighbours_comparable():
+            why = ("this index is PCA-whitened, so its similarities are not the plain cosine the "
+                   "neighbour thresholds were calibrated on" if whitening is not None else
+                   "this index holds no item labelled with the model's classes (yet)")
+            log.warning("open set: %s; 'unknown' is decided by the class-fit score alone", why)
         # One forward pass at a time: concurrent passes would only fight over the same cores.
         # (Dynamic batching of concurrent requests replaces this lock; see ROADMAP.)
         self._forward_lock = threading.Lock()
@@ -135,22 +141,23 @@ class Engine:
             raise
         return cls(embedder, store, model, max_pixels=settings.max_pixels, whitening=whitening)
 
-    def _open_set_neighbours_comparable(self) -> bool:
+    def _neighbours_comparable(self) -> bool:
         """Whether the index's nearest-neighbour similarities mean what the model's open-set
-        thresholds were calibrated on: plain cosine to images like the training ones. Checked
-        at start; when not, "unknown" is decided by the class fit alone."""
-        if self.model is None or self.model.open_set is None:
+        thresholds were calibrated on: plain cosine (not whitened) to images like the training
+        ones (some labelled with the model's classes; a gallery of other things would make
+        every image look far). When not, "unknown" is decided by the class fit alone.
+
+        The label check is redone only while it fails and the index has changed size, so
+        classes upserted into a running server turn the neighbour tests on."""
+        if self.model is None or self.model.open_set is None or self.whitening is not None:
             return False
-        why = ""
-        if self.whitening is not None:
-            why = ("this index is PCA-whitened, so its similarities are not the plain cosine "
-                   "the neighbour thresholds were calibrated on")
-        elif self.store.count(Filter(labels=self.model.class_names)) == 0:
-            # A gallery of other things: every class image would look far from it.
-            why = "this index holds no item labelled with the model's classes"
-        if why:
-            log.warning("open set: %s; 'unknown' is decided by the class-fit score alone", why)
-        return not why
+        size = len(self.store)
+        if not self._holds_model_labels and size != self._labels_checked_at:
+            self._labels_checked_at = size
+            self._holds_model_labels = self.store.count(Filter(labels=self.model.class_names)) > 0
+            if self._holds_model_labels and size:
+                log.info("open set: the index holds items of the model's classes; neighbour tests on")
+        return self._holds_model_labels
 
     def close(self) -> None:
         self.store.close()
@@ -236,8 +243,8 @@ class Engine:
         # Open-set rejection needs the nearest neighbour too, whichever answer was asked for.
         knn, hits = self._knn(embedding, n_neighbors, top_k)
         # The class Gaussians take the embedder's own embedding, like the head. NaN (no
-        # comparable neighbour, see _open_set_neighbours_comparable) leaves it to the class fit.
-        nearest = hits[0].score if hits and self._neighbours_comparable else math.nan
+        # comparable neighbour, see _neighbours_comparable) leaves it to the class fit.
+        nearest = hits[0].score if hits and self._neighbours_comparable() else math.nan
         unknown = open_set is not None and bool(open_set.is_unknown(embedding[None], [nearest])[0])
         if classifier != "all":
             return ClassifyResult(labels=labels, source=source, unknown=unknown)

@@ -101,6 +101,7 @@ def test_head_gets_unwhitened_embeddings_on_a_whitened_index(trained: tuple[Path
 def test_open_set_ignores_an_index_without_the_model_classes(trained: tuple[Path, Path],
                                                            caplog: pytest.LogCaptureFixture) -> None:
     from pictor.config import ServerSettings
+    from pictor.core.store import Item
     from pictor.server.engine import Engine
 
     model, index = trained
@@ -115,6 +116,10 @@ def test_open_set_ignores_an_index_without_the_model_classes(trained: tuple[Path
         assert engine.classify(noise(0), classifier="all").unknown
         red_unknown = [engine.classify(tinted(i, "red"), classifier="all").unknown for i in range(10)]
         assert sum(red_unknown) <= 2  # the model's own red images (budget 5% of known, tiny model)
+        assert not engine._neighbours_comparable()
+        # Labelled items upserted into the running server turn the neighbour tests on.
+        engine.upsert([Item("red/new", label="red")], [tinted(104, "red")], [None])
+        assert engine._neighbours_comparable()
     finally:
         engine.close()
 
