@@ -155,7 +155,7 @@ class Engine:
         if not self._holds_model_labels and size != self._labels_checked_at:
             self._labels_checked_at = size
             self._holds_model_labels = self.store.count(Filter(labels=self.model.class_names)) > 0
-            if self._holds_model_labels and size:
+            if self._holds_model_labels:
                 log.info("open set: the index holds items of the model's classes; neighbour tests on")
         return self._holds_model_labels
 
