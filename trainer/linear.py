@@ -18,6 +18,7 @@ from pictor.core.head import ClassifierHead
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class LinearFit:
     head: ClassifierHead

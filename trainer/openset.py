@@ -103,13 +103,13 @@ def calibrate_open_set(
     held_out = range(num_classes) if num_classes >= 3 else ()
     scores = [_held_out_scores(x_train, y_train, x_val, y_val, num_classes, c) for c in held_out]
     gaussians = _fit_gaussians(x_train, y_train, num_classes)
+    val_similarity = nearest_similarity(x_val, x_train[0])  # to the whole index, as served
     if not scores:
-        scores = [(gaussians.score(x_val), nearest_similarity(x_val, x_train[0]),
-                   np.empty(0), np.empty(0))]
+        scores = [(gaussians.score(x_val), val_similarity, np.empty(0), np.empty(0))]
     kf, ks, uf, us = (np.concatenate(parts) for parts in zip(*scores, strict=True))
     # The far test's share comes out of the budget; the pair gets the rest.
     far_share = min(FAR_SHARE, max_known_rejected / 2)
-    far = far_threshold(nearest_similarity(x_val, x_train[0]), far_share)
+    far = far_threshold(val_similarity, far_share)
     spent = far_share if far > -math.inf else 0.0
     th = calibrate_thresholds(kf, ks, unknown_fit=uf, unknown_similarity=us,
                               max_known_rejected=max_known_rejected - spent)
