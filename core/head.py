@@ -37,6 +37,7 @@ from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundE
 
 if TYPE_CHECKING:
     from pictor.core.embedder import Embedder
+    from pictor.core.store import IndexStore
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,23 @@ class OpenSet:
             raise IncompatibleModelError(f"unknown open-set score {d.get('score')!r}")
         return cls(ClassGaussians.from_dict(d["gaussians"]),
                    OpenSetThresholds.from_dict(d["thresholds"]))
+
+
+def neighbour_tests_off(store: IndexStore, class_names: Sequence[str]) -> str | None:
+    """Why the open-set neighbour tests cannot use ``store``'s similarities (None when they can).
+
+    They need plain cosine (not PCA-whitened) to images like the training ones, so some item
+    labelled with one of ``class_names``: a gallery of other things would make every image look
+    far. Without them (NaN similarity) the class fit decides alone.
+    """
+    from pictor.core.store import Filter
+
+    if store.spec.whitening:
+        return ("the index is PCA-whitened, so its similarities are not the plain cosine the "
+                "neighbour thresholds were calibrated on")
+    if not store.count(Filter(labels=list(class_names))):
+        return "the index holds no item labelled with the model's classes (yet)"
+    return None
 
 
 def calibrate_thresholds(

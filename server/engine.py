@@ -94,11 +94,13 @@ class Engine:
         self.max_pixels = max_pixels
         self._holds_model_labels = False  # see _neighbours_comparable
         self._labels_checked_at = -1  # the index size when that was last checked
-        if model is not None and model.open_set is not None and not self._neighbours_comparable():
-            why = ("this index is PCA-whitened, so its similarities are not the plain cosine the "
-                   "neighbour thresholds were calibrated on" if whitening is not None else
-                   "this index holds no item labelled with the model's classes (yet)")
-            log.warning("open set: %s; 'unknown' is decided by the class-fit score alone", why)
+        if model is not None and model.open_set is not None:
+            from pictor.core.head import neighbour_tests_off
+
+            why = neighbour_tests_off(store, model.class_names)
+            self._holds_model_labels, self._labels_checked_at = why is None, len(store)
+            if why:
+                log.warning("open set: %s; 'unknown' is decided by the class-fit score alone", why)
         # One forward pass at a time: concurrent passes would only fight over the same cores.
         # (Dynamic batching of concurrent requests replaces this lock; see ROADMAP.)
         self._forward_lock = threading.Lock()
@@ -143,9 +145,8 @@ class Engine:
 
     def _neighbours_comparable(self) -> bool:
         """Whether the index's nearest-neighbour similarities mean what the model's open-set
-        thresholds were calibrated on: plain cosine (not whitened) to images like the training
-        ones (some labelled with the model's classes; a gallery of other things would make
-        every image look far). When not, "unknown" is decided by the class fit alone.
+        thresholds were calibrated on (see ``neighbour_tests_off``). When not, "unknown" is
+        decided by the class fit alone.
 
         The label check is redone only while it fails and the index has changed size, so
         classes upserted into a running server turn the neighbour tests on."""
@@ -153,8 +154,10 @@ class Engine:
             return False
         size = len(self.store)
         if not self._holds_model_labels and size != self._labels_checked_at:
+            from pictor.core.head import neighbour_tests_off
+
             self._labels_checked_at = size
-            self._holds_model_labels = self.store.count(Filter(labels=self.model.class_names)) > 0
+            self._holds_model_labels = neighbour_tests_off(self.store, self.model.class_names) is None
             if self._holds_model_labels:
                 log.info("open set: the index holds items of the model's classes; neighbour tests on")
         return self._holds_model_labels

@@ -84,6 +84,14 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tree(tmp_path_factory.mktemp("shapes"), per_class=8)
 
 
+@pytest.fixture(scope="module")
+def shapes_index(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An index store of the ``shapes`` images, labelled by folder."""
+    index = tmp_path_factory.mktemp("shapes_index") / "index"
+    assert main(["index", str(shapes), "--out", str(index), "--no-progress"]) == 0
+    return index
+
+
 def config(tmp_path: Path, **kw: object) -> TrainConfig:
     defaults: dict[str, object] = {"cache_dir": str(tmp_path / "cache"), "val_fraction": 0.25,
                                    "min_per_class": 3, "progress": False, "batch_size": 16}
@@ -274,8 +282,8 @@ def test_stages_and_schedule() -> None:
 # --------------------------------------------------------------------------- CLI
 
 
-def test_cli_train_then_eval(shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                             ) -> None:
+def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:
     model_path = tmp_path / "shapes.pt"
     cache = str(tmp_path / "cache")
     rc = main(["train", str(shapes), "--out", str(model_path), "--val-fraction", "0.25",
@@ -295,6 +303,16 @@ def test_cli_train_then_eval(shapes: Path, tmp_path: Path, capsys: pytest.Captur
     rc = main(["eval", str(model_path), str(shapes), "--cache-dir", cache, "--no-progress"])
     table = capsys.readouterr().out
     assert rc == 0 and "precision" in table and "triangle" in table
+    assert "open set" not in table and "--index INDEX adds how often" in table
+    # Over an index of the same images every one has itself as nearest neighbour (similarity
+    # 1), so as served none of them is unknown, whatever the class fit says.
+    rc = main(["eval", str(model_path), str(shapes), "--index", str(shapes_index),
+               "--cache-dir", cache, "--no-progress"])
+    table = capsys.readouterr().out
+    assert rc == 0 and f"open set (neighbours: index {shapes_index} (24 items))" in table
+    assert "classes answered unknown: 0.0%; top-1 counting those as wrong: 1.0000" in table
+    rc = main(["eval", str(model_path), str(shapes), "--index", str(tmp_path / "nowhere")])
+    assert rc == 2 and "nowhere does not exist" in capsys.readouterr().err
 
 
 def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -306,14 +324,23 @@ def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert rc == 2 and "not a Pictor model file" in capsys.readouterr().err
 
 
-def test_eval_ignores_unknown_classes(
-    shapes: Path, tmp_path: Path, embedder: CountingEmbedder
+def test_eval_reports_unknown_answers_for_other_classes(
+    shapes: Path, shapes_index: Path, tmp_path: Path, embedder: CountingEmbedder
 ) -> None:
     model = train(config(tmp_path, weight_decays=(1e-3,)), shapes, embedder=embedder).model
     other = make_tree(tmp_path / "other", per_class=3, seed=5, classes=("disc",))
-    (other / "star").mkdir()
-    for i in range(3):  # a class the model never saw: any picture will do
-        draw("square", random.Random(i)).save(other / "star" / f"{i}.png")
+    (other / "noise").mkdir()
+    for i in range(4):  # a class the model never saw, like none of its classes
+        pixels = np.random.default_rng(i).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(other / "noise" / f"{i}.png")
     report = evaluate(model, other, embedder=embedder, cache_dir=tmp_path / "cache",
                       progress=False)
-    assert report["ignored"] == 3 and report["n"] == 3 and report["top1"] == 1.0
+    # Closed-set metrics cover the model's classes only; without the index, no open-set figure.
+    assert report["ignored"] == 4 and report["n"] == 3 and report["top1"] == 1.0
+    assert "open_set" not in report
+    report = evaluate(model, other, index=shapes_index, embedder=embedder,
+                      cache_dir=tmp_path / "cache", progress=False)
+    assert report["n"] == 3 and report["top1"] == 1.0
+    o = report["open_set"]
+    assert o["other_n"] == 4 and set(o["other_per_class"]) == {"noise"}
+    assert o["other_unknown"] == 1.0 and o["known_unknown"] == 0.0 and o["top1_served"] == 1.0

@@ -29,10 +29,23 @@ examples:
   pictor serve --index index --model photos.pt            # Classify with the head
 """
 
+EVAL_DESCRIPTION = """\
+Top-1/top-5 accuracy, per-class precision/recall/F1 and a confusion matrix of MODEL on DATA
+(folder tree or manifest). Images of classes the model does not know are left out of these.
+
+With --index (the index Classify serves from; not open in a running server), a model with
+open-set rejection (the default of `pictor train`) also gets how often Classify would answer
+"unknown": for images of the model's classes (and top-1 counting those as wrong), and for
+images of other classes, so a folder of "other" pictures in DATA measures rejection. The
+rule compares each image with its nearest indexed neighbour, so there is no such figure
+without the index.
+"""
+
 EVAL_EPILOG = """\
 examples:
   pictor eval photos.pt test/                             # table for people
   pictor eval photos.pt test/ --json --png confusion.png  # JSON for scripts + a plot
+  pictor eval photos.pt test/ --index index               # "unknown" answers as served from index
 """
 
 
@@ -98,11 +111,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     t.set_defaults(run=run_train)
 
     e = sub.add_parser("eval", help="evaluate a model file on labelled images",
-                       description="Top-1/top-5 accuracy, per-class precision/recall/F1 and a "
-                       "confusion matrix of MODEL on DATA (folder tree or manifest).",
+                       description=EVAL_DESCRIPTION,
                        epilog=EVAL_EPILOG, formatter_class=fmt)
     e.add_argument("model", metavar="MODEL", help="model file from `pictor train`")
     e.add_argument("data", metavar="DATA", help="labelled images: folder tree or .csv/.jsonl manifest")
+    e.add_argument("--index", metavar="DIR", help="index store Classify serves from: adds how "
+                   "often it would answer 'unknown' (open-set models)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--png", metavar="FILE", help="write the confusion matrix as a PNG")
     e.add_argument("--out-json", metavar="FILE", help="also write the JSON report to FILE")
@@ -165,8 +179,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     model = load_model(args.model)
     cache = None if args.cache_dir.lower() == "none" else args.cache_dir
-    report: dict[str, Any] = evaluate(model, args.data, cache_dir=cache, device=args.device,
-                                      batch_size=args.batch_size, progress=not args.no_progress)
+    report: dict[str, Any] = evaluate(model, args.data, index=args.index, cache_dir=cache,
+                                      device=args.device, batch_size=args.batch_size,
+                                      progress=not args.no_progress)
     if args.png:
         plot_confusion(report, args.png)
     if args.out_json:
@@ -181,7 +196,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if report["skipped"]:
         extras.append(f"{len(report['skipped'])} unreadable image(s) skipped")
     if report["ignored"]:
-        extras.append(f"{report['ignored']} image(s) of unknown classes ignored")
+        extras.append(f"{report['ignored']} image(s) of other classes left out of the accuracy")
+    if model.open_set is not None and not args.index:
+        extras.append("--index INDEX adds how often Classify would answer 'unknown'")
     if args.png:
         extras.append(f"confusion matrix: {args.png}")
     if extras:

@@ -1,20 +1,26 @@
 """``pictor eval``: a model file on labelled images -> accuracy, per-class scores, confusion.
 
-The images go through the model's own backbone (fine-tuned weights included), so the numbers
-are those Classify would give. Images of classes the model does not know are counted and left
-out; unreadable images are skipped and counted.
+The images go through the model's own backbone (fine-tuned weights included), so the
+closed-set numbers are those of Classify's head. Given the index Classify serves from, the
+report of an open-set model also says how often Classify would answer "unknown": for images
+of the model's classes (counted as wrong by ``top1_served``) and for images of other classes,
+which the closed-set metrics leave out. Without the index there is no such figure: the rule's
+neighbour tests need it, and its class-fit threshold is calibrated to be paired with them.
+Unreadable images are skipped and counted.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pictor.core.head import TrainedModel
-from pictor.errors import InvalidRequestError
+from pictor.core.head import TrainedModel, neighbour_tests_off
+from pictor.errors import InvalidRequestError, NotFoundError
 from pictor.trainer import data as data_mod
 from pictor.trainer.cache import default_cache_dir, embed_samples
 from pictor.trainer.metrics import classification_report
@@ -29,6 +35,7 @@ def evaluate(
     model: TrainedModel,
     data: str | Path,
     *,
+    index: str | Path | None = None,
     embedder: Embedder | None = None,
     cache_dir: str | Path | None = "",
     batch_size: int = 32,
@@ -37,9 +44,11 @@ def evaluate(
 ) -> dict[str, Any]:
     """Classification report of ``model`` on ``data`` (folder tree or manifest).
 
+    ``index``: the store Classify would serve from, for the open-set figures.
     ``cache_dir``: ``""`` = the default embedding cache, ``None`` = no cache. The report adds
-    ``skipped`` (unreadable images) and ``ignored`` (images of unknown classes) to
-    ``metrics.classification_report``'s keys.
+    ``skipped`` (unreadable images), ``ignored`` (images of other classes, left out of the
+    closed-set metrics) and, for an open-set model with ``index``, ``open_set`` (see
+    ``open_set_report``) to ``metrics.classification_report``'s keys.
     """
     from tqdm import tqdm
 
@@ -49,24 +58,77 @@ def evaluate(
     ignored = len(samples) - len(usable)
     if ignored:
         others = sorted({s.label for s in samples} - known)
-        log.warning("%d image(s) of classes the model does not know are ignored: %s", ignored,
-                    ", ".join(others[:10]))
+        log.warning("%d image(s) of classes the model does not know are left out of the accuracy: "
+                    "%s", ignored, ", ".join(others[:10]))
     if not usable:
         raise InvalidRequestError(
             f"no image in {data} belongs to a class of the model ({', '.join(model.class_names)})"
         )
+    if index is not None and not Path(index).is_dir():
+        raise NotFoundError(f"index directory {index} does not exist")
     embedder = embedder or model.create_embedder(device=device)
     model.check_index(embedder.spec)  # the embedder must feed this head's embedding space
+    open_set = model.open_set if index is not None else None
+    # Images of other classes are embedded only to see whether Classify calls them unknown.
+    todo = samples if open_set is not None else usable
     root = None if cache_dir is None else (Path(cache_dir) if cache_dir else default_cache_dir())
-    with tqdm(total=len(usable), desc="embed", unit="img", disable=not progress,
+    with tqdm(total=len(todo), desc="embed", unit="img", disable=not progress,
               leave=False) as bar:
-        emb, _ = embed_samples(usable, embedder, cache_root=root, batch_size=batch_size,
+        emb, _ = embed_samples(todo, embedder, cache_root=root, batch_size=batch_size,
                                progress=bar.update)
-    if not emb.samples:
+    is_known = np.array([lab in known for lab in emb.labels], dtype=bool)
+    if not is_known.any():
         raise InvalidRequestError(f"none of the {len(usable)} images in {data} could be read")
-    index = {n: i for i, n in enumerate(model.class_names)}
-    y = np.array([index[lab] for lab in emb.labels], dtype=np.int64)
-    report = classification_report(y, model.predict_proba(emb.embeddings), model.class_names)
+    class_index = {n: i for i, n in enumerate(model.class_names)}
+    y = np.array([class_index[lab] for lab in np.array(emb.labels)[is_known]], dtype=np.int64)
+    probs = model.predict_proba(emb.embeddings[is_known])
+    report = classification_report(y, probs, model.class_names)
     report["skipped"] = [{"path": str(p), "why": why} for p, why in emb.skipped]
     report["ignored"] = ignored
+    if open_set is not None and index is not None:
+        nearest, neighbours = nearest_similarities(model, emb.embeddings, index)
+        unknown = open_set.is_unknown(emb.embeddings, nearest)
+        served_right = (probs.argmax(1) == y) & ~unknown[is_known]
+        other_labels = [lab for lab, k in zip(emb.labels, is_known, strict=True) if not k]
+        report["open_set"] = open_set_report(unknown[is_known], served_right,
+                                             unknown[~is_known], other_labels, neighbours)
     return report
+
+
+def nearest_similarities(model: TrainedModel, embeddings: np.ndarray,
+                         index: str | Path) -> tuple[np.ndarray, str]:
+    """Each embedding's similarity to its nearest item in ``index``, as Classify's open-set
+    tests take it (NaN where the server leaves them to the class fit), and a line saying
+    what the similarities were measured against."""
+    from pictor.core.embedder import PCAWhitening
+    from pictor.core.store import IndexStore
+
+    store = IndexStore.open(index)
+    try:
+        whitening = PCAWhitening.load(index, store.spec)
+        model.check_index(store.spec if whitening is None else whitening.unwhiten_spec(store.spec))
+        why = neighbour_tests_off(store, model.class_names)
+        if why:
+            return np.full(len(embeddings), math.nan), f"none: {why}; the class fit decides alone"
+        hits = store.search(embeddings, 1)
+        return (np.array([h[0].score if h else math.nan for h in hits]),
+                f"index {index} ({len(store)} items)")
+    finally:
+        store.close(snapshot=False)
+
+
+def open_set_report(known_unknown: np.ndarray, served_right: np.ndarray, other_unknown: np.ndarray,
+                    other_labels: list[str], neighbours: str) -> dict[str, Any]:
+    """How Classify's "unknown" answers fall: ``known_unknown`` / ``other_unknown`` are the
+    per-image answers for images of the model's classes and of other classes."""
+    counts = Counter(other_labels)
+    answered = Counter(lab for lab, u in zip(other_labels, other_unknown, strict=True) if u)
+    return {
+        "neighbours": neighbours,
+        "known_unknown": float(known_unknown.mean()),
+        "top1_served": float(served_right.mean()),
+        "other_n": len(other_labels),
+        "other_unknown": float(other_unknown.mean()) if len(other_labels) else None,
+        "other_per_class": {lab: {"n": n, "unknown": answered[lab] / n}
+                            for lab, n in sorted(counts.items())},
+    }

@@ -79,7 +79,24 @@ def format_report(report: dict[str, Any]) -> str:
             f"{name:<{width}}  {r['precision']:9.3f}  {r['recall']:6.3f}  {r['f1']:5.3f}  "
             f"{r['support']:7d}"
         )
+    if "open_set" in report:
+        lines += ["", *format_open_set(report["open_set"])]
     return "\n".join(lines)
+
+
+def format_open_set(o: dict[str, Any]) -> list[str]:
+    """Lines for people on how often Classify answers "unknown" (``evaluate``'s ``open_set``)."""
+    lines = [
+        f"open set (neighbours: {o['neighbours']})",
+        f"  images of the model's classes answered unknown: {o['known_unknown']:.1%}; "
+        f"top-1 counting those as wrong: {o['top1_served']:.4f}",
+    ]
+    if o["other_n"]:
+        per_class = ", ".join(f"{lab} {r['unknown']:.0%} of {r['n']}"
+                              for lab, r in o["other_per_class"].items())
+        lines.append(f"  images of other classes answered unknown: {o['other_unknown']:.1%} "
+                     f"({per_class})")
+    return lines
 
 
 def plot_confusion(report: dict[str, Any], path: str) -> None:
