@@ -119,36 +119,53 @@ class OpenSetThresholds:
     or when even its nearest neighbour is farther than almost any known image's.
 
     ``class_fit`` compares with ``ClassGaussians.score`` of the embedding, ``neighbor_similarity``
-    and ``far_similarity`` with the cosine similarity of the nearest indexed (training) image.
-    Calibrated in training on the validation split, with the training set's embeddings standing
-    in for the index, so the neighbour tests are meaningful when the served index holds the
-    training images (or a gallery like them).
+    and ``far_similarity`` with the cosine similarity of the nearest indexed image of the
+    model's classes. Calibrated in training on the validation split, with the training set's
+    embeddings standing in for the index, so the neighbour tests are meaningful when the
+    served index holds the training images (or a gallery like them).
 
     The pair is tuned on held-out known classes (near unknowns: another flower among flowers);
     ``far_similarity`` catches what is unlike every class (a cat among flowers), whose class
     fit can look ordinary because the fit score is relative. Files without it never use it.
+
+    Without a comparable neighbour (NaN similarity: an index that is PCA-whitened or holds none
+    of the model's classes) the class fit decides alone, against ``class_fit_alone``: the pair's
+    ``class_fit`` is set high because a near neighbour vetoes it, and alone it would reject most
+    known images. Files without it never answer "unknown" then.
     """
 
     class_fit: float
     neighbor_similarity: float
     far_similarity: float = -math.inf
+    class_fit_alone: float = -math.inf
 
     def is_unknown(self, class_fit: ArrayLike, neighbor_similarity: ArrayLike) -> np.ndarray:
-        """True where the image is unknown (elementwise). A NaN similarity means no comparable
-        neighbour (an empty or PCA-whitened index): the class fit decides alone."""
+        """True where the image is unknown (elementwise); NaN similarity: no comparable neighbour."""
+        fit = np.asarray(class_fit, dtype=np.float64)
         sim = np.asarray(neighbor_similarity, dtype=np.float64)
-        both_low = (np.asarray(class_fit) < self.class_fit) & ~(sim >= self.neighbor_similarity)
-        return both_low | (sim < self.far_similarity)  # NaN compares False: never "far"
+        paired = ((fit < self.class_fit) & (sim < self.neighbor_similarity)) | (sim < self.far_similarity)
+        return np.where(np.isnan(sim), fit < self.class_fit_alone, paired)
+
+    def describe(self) -> str:
+        """The rule in words, leaving out the tests that are off (-inf thresholds)."""
+        tests = []
+        if self.class_fit > -math.inf and self.neighbor_similarity > -math.inf:
+            tests.append(f"class fit < {self.class_fit:.3f} and nearest neighbour similarity < "
+                         f"{self.neighbor_similarity:.3f}")
+        if self.far_similarity > -math.inf:
+            tests.append(f"nearest neighbour similarity < {self.far_similarity:.3f}")
+        rule = "unknown when " + ", or ".join(tests) if tests else "never unknown"
+        if self.class_fit_alone > -math.inf:
+            rule += f"; without comparable neighbours, when class fit < {self.class_fit_alone:.3f}"
+        return rule
 
     def to_dict(self) -> dict[str, float]:
-        return {"class_fit": float(self.class_fit),
-                "neighbor_similarity": float(self.neighbor_similarity),
-                "far_similarity": float(self.far_similarity)}
+        return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> OpenSetThresholds:
-        return cls(float(d["class_fit"]), float(d["neighbor_similarity"]),
-                   float(d.get("far_similarity", -math.inf)))
+        optional = {name: float(d.get(name, -math.inf)) for name in ("far_similarity", "class_fit_alone")}
+        return cls(float(d["class_fit"]), float(d["neighbor_similarity"]), **optional)
 
 
 @dataclass(frozen=True)
@@ -189,6 +206,18 @@ def neighbour_tests_off(store: IndexStore, class_names: Sequence[str]) -> str | 
     if not store.count(Filter(labels=list(class_names))):
         return "the index holds no item labelled with the model's classes (yet)"
     return None
+
+
+def nearest_known_similarity(store: IndexStore, queries: np.ndarray, class_names: Sequence[str]
+                             ) -> np.ndarray:
+    """Per query, the similarity of the nearest item labelled with one of ``class_names`` (NaN
+    where there is none): what the open-set neighbour tests compare, since the thresholds were
+    calibrated on the training images alone. Items of other labels say nothing about fitting
+    the model's classes (an emoji next to indexed emoji is no flower)."""
+    from pictor.core.store import Filter
+
+    hits = store.search(queries, 1, filter=Filter(labels=list(class_names)))
+    return np.array([h[0].score if h else math.nan for h in hits], dtype=np.float64)
 
 
 def calibrate_thresholds(

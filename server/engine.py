@@ -245,16 +245,27 @@ class Engine:
 
         # Open-set rejection needs the nearest neighbour too, whichever answer was asked for.
         knn, hits = self._knn(embedding, n_neighbors, top_k)
-        # The class Gaussians take the embedder's own embedding, like the head. NaN (no
-        # comparable neighbour, see _neighbours_comparable) leaves it to the class fit.
-        nearest = hits[0].score if hits and self._neighbours_comparable() else math.nan
-        unknown = open_set is not None and bool(open_set.is_unknown(embedding[None], [nearest])[0])
+        # The class Gaussians take the embedder's own embedding, like the head.
+        unknown = open_set is not None and bool(
+            open_set.is_unknown(embedding[None], [self._nearest_known(embedding, hits)])[0])
         if classifier != "all":
             return ClassifyResult(labels=labels, source=source, unknown=unknown)
         agree = bool(knn) and knn[0][0] == labels[0][0]
         return ClassifyResult(
             labels=labels, source=source, knn_labels=knn, neighbors=hits, agree=agree, unknown=unknown
         )
+
+    def _nearest_known(self, embedding: np.ndarray, hits: Hits) -> float:
+        """Similarity of the nearest indexed item of the model's classes: the first of ``hits``
+        when it is one, else a search for it. NaN when the neighbour tests are off (see
+        ``_neighbours_comparable``): the class fit decides alone."""
+        from pictor.core.head import nearest_known_similarity
+
+        if self.model is None or not self._neighbours_comparable():
+            return math.nan
+        if hits and hits[0].label in self.model.class_names:
+            return hits[0].score
+        return float(nearest_known_similarity(self.store, embedding[None], self.model.class_names)[0])
 
     def _knn(self, embedding: np.ndarray, n: int, top_k: int) -> tuple[list[tuple[str, float]], Hits]:
         from pictor.core.head import knn_vote

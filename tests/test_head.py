@@ -93,15 +93,23 @@ def test_is_unknown_needs_both_scores_below() -> None:
 
 
 def test_far_neighbour_alone_makes_unknown_and_nan_leaves_it_to_the_class_fit() -> None:
-    t = OpenSetThresholds(class_fit=-5.0, neighbor_similarity=0.5, far_similarity=0.3)
+    t = OpenSetThresholds(class_fit=-5.0, neighbor_similarity=0.5, far_similarity=0.3,
+                          class_fit_alone=-8.0)
     assert t.is_unknown(-1.0, 0.1)  # fits a class, but nothing indexed is anywhere near
     assert not t.is_unknown(-1.0, 0.4)
-    # NaN: no comparable neighbour (empty or whitened index): the class fit decides alone.
-    assert t.is_unknown([-9.0, -1.0], [np.nan, np.nan]).tolist() == [True, False]
+    # NaN: no comparable neighbour (whitened index, none of the model's classes): the class
+    # fit decides alone, against its own threshold.
+    assert t.is_unknown([-9.0, -6.0, -1.0], [np.nan] * 3).tolist() == [True, False, False]
     assert OpenSetThresholds.from_dict(t.to_dict()) == t
+    assert t.describe() == ("unknown when class fit < -5.000 and nearest neighbour similarity < "
+                            "0.500, or nearest neighbour similarity < 0.300; without comparable "
+                            "neighbours, when class fit < -8.000")
     older = {"class_fit": -5.0, "neighbor_similarity": 0.5}  # files before the far test
-    assert OpenSetThresholds.from_dict(older).far_similarity == -np.inf
-    assert not OpenSetThresholds.from_dict(older).is_unknown(-1.0, 0.0)
+    old = OpenSetThresholds.from_dict(older)
+    assert old.far_similarity == old.class_fit_alone == -np.inf
+    assert not old.is_unknown(-1.0, 0.0) and not old.is_unknown(-9.0, np.nan)
+    assert old.describe() == ("unknown when class fit < -5.000 and nearest neighbour "
+                              "similarity < 0.500")
 
 
 def clusters(rng: np.random.Generator, centres: np.ndarray, n: int, spread: float = 0.3

@@ -124,6 +124,31 @@ def test_open_set_ignores_an_index_without_the_model_classes(trained: tuple[Path
         engine.close()
 
 
+def test_open_set_compares_with_the_model_classes_only(trained: tuple[Path, Path],
+                                                        tmp_path: Path) -> None:
+    """Indexed items of other labels are no evidence of fitting the model's classes: green
+    noise next to indexed green noise is still unknown to a red/blue model."""
+    from pictor.config import ServerSettings
+    from pictor.core.store import Item
+    from pictor.server.engine import Engine
+
+    model, index = trained
+    mixed = tmp_path / "mixed"
+    pictor("index", str(index.parent / "data"), "--out", str(mixed), "--model", str(model),
+           "--no-progress")
+    engine = Engine.load(ServerSettings(index=str(mixed), model=str(model), device="cpu",
+                                        precision="fp32"))
+    try:
+        greens = [Item(f"green/{i}", label="green") for i in range(10, 16)]
+        engine.upsert(greens, [noise(i) for i in range(10, 16)], [None] * len(greens))
+        r = engine.classify(noise(0), classifier="all", neighbors=3)
+        assert [label for label, _ in r.knn_labels] == ["green"]  # its neighbours are green
+        assert r.unknown
+        assert not engine.classify(tinted(103, "red"), classifier="all").unknown
+    finally:
+        engine.close()
+
+
 def test_refused_start_releases_the_index(trained: tuple[Path, Path], tmp_path: Path) -> None:
     from pictor.config import ServerSettings
     from pictor.core.store import IndexStore

@@ -213,8 +213,14 @@ def test_open_set_rejects_an_unseen_class_within_the_budget(classes: int) -> Non
     far_only = dataclasses.replace(cal.open_set.thresholds, class_fit=-np.inf)
     assert far_only.is_unknown(cal.open_set.gaussians.score(far), nearest_similarity(far, x_train)).all()
     assert np.mean(nearest_similarity(x_val, x_train) < far_only.far_similarity) <= 0.02
+    # Without comparable neighbours (NaN) the class fit decides alone, against its own threshold
+    # (the pair's, vetoed by near neighbours, would reject known images far beyond the budget).
+    alone = cal.open_set.is_unknown(known, np.full(len(known), np.nan))
+    pair_fit_alone = cal.open_set.gaussians.score(known) < cal.open_set.thresholds.class_fit
+    assert alone.mean() <= 0.1
     if classes > 2:  # pseudo-unknowns exist only when a class can be left out
         assert cal.pseudo_unknown_rejected > 0.8
+        assert pair_fit_alone.mean() > 0.5, pair_fit_alone.mean()
 
 
 def test_far_threshold_holds_its_share_from_few_validation_images() -> None:

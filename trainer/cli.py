@@ -159,10 +159,7 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"validation: top-1 {result.report['top1']:.4f}  top-5 {result.report['top5']:.4f}  "
           f"macro F1 {result.report['macro_f1']:.4f} ({result.report['n']} images)")
     if result.model.open_set:
-        t = result.model.open_set.thresholds
-        print(f"open set: unknown when class fit < {t.class_fit:.3f} and nearest "
-              f"neighbour similarity < {t.neighbor_similarity:.3f}, or nearest neighbour "
-              f"similarity < {t.far_similarity:.3f}")
+        print(f"open set: {result.model.open_set.thresholds.describe()}")
     if result.model.spec.finetune:
         print("the backbone is fine-tuned: build the index with it: "
               f"pictor index GALLERY --model {args.out}")

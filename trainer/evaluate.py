@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pictor.core.head import TrainedModel, neighbour_tests_off
+from pictor.core.head import TrainedModel, nearest_known_similarity, neighbour_tests_off
 from pictor.errors import InvalidRequestError, NotFoundError
 from pictor.trainer import data as data_mod
 from pictor.trainer.cache import default_cache_dir, embed_samples
@@ -110,8 +110,7 @@ def nearest_similarities(model: TrainedModel, embeddings: np.ndarray,
         why = neighbour_tests_off(store, model.class_names)
         if why:
             return np.full(len(embeddings), math.nan), f"none: {why}; the class fit decides alone"
-        hits = store.search(embeddings, 1)
-        return (np.array([h[0].score if h else math.nan for h in hits]),
+        return (nearest_known_similarity(store, embeddings, model.class_names),
                 f"index {index} ({len(store)} items)")
     finally:
         store.close(snapshot=False)

@@ -113,12 +113,16 @@ def calibrate_open_set(
     spent = far_share if far > -math.inf else 0.0
     th = calibrate_thresholds(kf, ks, unknown_fit=uf, unknown_similarity=us,
                               max_known_rejected=max_known_rejected - spent)
-    th = dataclasses.replace(th, far_similarity=far)
+    # Without neighbours (served over a whitened or unrelated index) the class fit decides
+    # alone, with the whole budget: the validation images' own fit, as the server scores it.
+    alone = float(np.quantile(gaussians.score(x_val), max_known_rejected))
+    th = dataclasses.replace(th, far_similarity=far, class_fit_alone=alone)
     known_rej = float(np.mean(th.is_unknown(kf, ks)))
     unk_rej = float(np.mean(th.is_unknown(uf, us))) if len(uf) else 0.0
     log.info("open-set thresholds: class fit < %.3f and neighbour similarity < %.3f, or "
-             "neighbour similarity < %.3f (held-out classes rejected %.1f%%, known rejected %.1f%%)",
-             th.class_fit, th.neighbor_similarity, th.far_similarity, 100 * unk_rej, 100 * known_rej)
+             "neighbour similarity < %.3f; without neighbours class fit < %.3f (held-out classes "
+             "rejected %.1f%%, known rejected %.1f%%)", th.class_fit, th.neighbor_similarity,
+             th.far_similarity, alone, 100 * unk_rej, 100 * known_rej)
     return OpenSetCalibration(OpenSet(gaussians, th), unk_rej, known_rej)
 
 
