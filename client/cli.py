@@ -1,7 +1,8 @@
 """Client subcommands: ``pictor classify | search | info | add | delete``.
 
 They need only the light install. Output is a table for people, ``--json`` for scripts.
-Exit codes: 0 done, 2 bad input or a request the server refused, 4 server unreachable.
+Exit codes: 0 done, 2 bad input (an unreadable image, an unknown key) or a request the server
+refused, 4 server unreachable.
 """
 
 from __future__ import annotations
@@ -40,12 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF)")
     p.add_argument("--top-k", type=int, default=5, help="labels per image (default 5)")
     p.add_argument("--classifier", choices=["default", "head", "knn", "all"], default="default",
-                   help="default: the fine-tuned head if the server has one, else ImageNet labels; "
-                        "knn: vote of the nearest labelled items; all: both, with neighbours")
+                   help="default and head: the trained head if the server has one (serve --model), "
+                        "else the backbone's ImageNet labels; knn: vote of the nearest labelled "
+                        "items; all: head and kNN vote, whether they agree, and the neighbours")
     p.add_argument("--neighbors", type=int, default=0, help="neighbours for the kNN vote (default 10)")
     p.set_defaults(run=run_classify)
 
-    p = _parser(sub, "search", "the indexed images most similar to a query image, key or vector",
+    p = _parser(sub, "search", "the indexed images most similar to a query image or indexed key",
                 "pictor search photo.jpg -k 5 --label daisy")
     p.add_argument("image", nargs="?", metavar="IMAGE", help="query image file")
     p.add_argument("--key", help="query by the key of an indexed item instead of an image")
@@ -83,6 +85,9 @@ def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def _read(path: str) -> bytes:
     p = Path(path)
+    if p.is_dir():
+        raise InvalidRequestError(f"{path} is a folder; give image files (or index the folder "
+                                  "with `pictor index`)")
     if not p.is_file():
         raise NotFoundError(f"{path}: no such file")
     return p.read_bytes()
@@ -109,19 +114,34 @@ def _guard_unreachable(fn):  # type: ignore[no-untyped-def]
 
 @_guard_unreachable
 def run_classify(args: argparse.Namespace) -> int:
-    results, lines = [], []
+    """One call per image; a bad image is reported by name and the others still answered."""
+    results, lines, failed = [], [], 0
     with _client(args) as client:
         for path in args.images:
-            r = client.classify(_read(path), top_k=args.top_k, classifier=args.classifier,
-                                neighbors=args.neighbors)
+            try:
+                r = client.classify(_read(path), top_k=args.top_k, classifier=args.classifier,
+                                    neighbors=args.neighbors)
+            except (InvalidRequestError, NotFoundError) as e:
+                print(f"pictor classify: {path}: {e}", file=sys.stderr)
+                results.append({"image": path, "error": str(e)})
+                failed += 1
+                continue
             results.append({"image": path, **dataclasses.asdict(r)})
-            lines.append(f"{path}  ({r.source}{', UNKNOWN' if r.unknown else ''})")
-            lines += [f"  {x.score:6.3f}  {x.name}" for x in r.labels]
-            if r.knn_labels and r.source != "knn":
-                agree = "agrees" if r.agree else "disagrees"
-                lines.append(f"  kNN vote ({agree}): " + ", ".join(f"{x.name} {x.score:.2f}" for x in r.knn_labels))
-    _emit(args, results, "\n".join(lines) + "\n")
-    return 0
+            lines += _classification_lines(path, r)
+    _emit(args, results, "".join(f"{line}\n" for line in lines))
+    return 2 if failed else 0
+
+
+def _classification_lines(path: str, r: Any) -> list[str]:
+    lines = [f"{path}  ({r.source}{', UNKNOWN' if r.unknown else ''})"]
+    lines += [f"  {x.score:6.3f}  {x.name}" for x in r.labels]
+    if r.knn_labels and r.source != "knn":
+        # Agreement means something only between a trained head and the index's labels.
+        agree = f" ({'agrees' if r.agree else 'disagrees'})" if r.source == "head" else ""
+        lines.append(f"  kNN vote{agree}: " + ", ".join(f"{x.name} {x.score:.2f}" for x in r.knn_labels))
+    lines += [f"  neighbour {h.score:6.3f}  {h.key}{'  [' + h.label + ']' if h.label else ''}"
+              for h in r.neighbors]
+    return lines
 
 
 def _parse_attrs(pairs: Sequence[str]) -> dict[str, str]:
@@ -144,7 +164,9 @@ def run_search(args: argparse.Namespace) -> int:
         hits = client.search(image=image, key=args.key, k=args.k, labels=args.label, attributes=attrs)
     rows = [f"{i + 1:>3}  {h.score:6.3f}  {h.key}{'  [' + h.label + ']' if h.label else ''}"
             for i, h in enumerate(hits)]
-    _emit(args, [dataclasses.asdict(h) for h in hits], "\n".join(["  #   score  key"] + rows) + "\n")
+    table = "\n".join(["  #   score  key", *rows]) if hits else "no results: " + (
+        "no indexed item matches the --label/--attr filter" if args.label or attrs else "the index is empty")
+    _emit(args, [dataclasses.asdict(h) for h in hits], table + "\n")
     return 0
 
 
@@ -188,6 +210,9 @@ def run_add(args: argparse.Namespace) -> int:
 def run_delete(args: argparse.Namespace) -> int:
     with _client(args) as client:
         deleted, missing = client.delete(args.keys)
-    table = f"deleted {deleted}\n" + (f"not found: {', '.join(missing)}\n" if missing else "")
-    _emit(args, {"deleted": deleted, "missing": missing}, table)
+    _emit(args, {"deleted": deleted, "missing": missing}, f"deleted {deleted}\n")
+    if missing:
+        print(f"pictor delete: not found: {', '.join(missing)} (a key is the path as it was given "
+              "to `pictor index` or `pictor add`; `pictor search --json` shows keys)", file=sys.stderr)
+        return 2
     return 0

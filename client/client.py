@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -74,12 +75,25 @@ def _labels(labels: Iterable[pb.Label]) -> list[Label]:
     return [Label(name=x.name, score=x.score) for x in labels]
 
 
+_UINT32_MAX = 2**32 - 1
+
+
 def _check_counts(low: int, **counts: int) -> None:
-    """Refuse counts below ``low`` here: the proto reads 0 as "server default" and cannot
-    carry a negative number, so neither would reach the server as the mistake it is."""
+    """Refuse counts the proto's uint32 fields cannot carry as the mistake they are: 0 reads as
+    "server default", and a negative or too large number does not fit (the server's own
+    limits are lower and it names them)."""
     for name, value in counts.items():
         if value < low:
             raise InvalidRequestError(f"{name} must be at least {low}, got {value}")
+        if value > _UINT32_MAX:
+            raise InvalidRequestError(f"{name} must be at most {_UINT32_MAX}, got {value}")
+
+
+def _check_target(target: str) -> None:
+    """Refuse a HOST:PORT target whose port cannot exist (gRPC would try another one)."""
+    match = re.fullmatch(r"(?:[^:/\[\]]+|\[[0-9a-fA-F:.]+\]):(\d+)", target)
+    if match and not 0 < int(match[1]) <= 65535:
+        raise InvalidRequestError(f"target {target}: port must be between 1 and 65535")
 
 
 class PictorClient:
@@ -87,6 +101,9 @@ class PictorClient:
 
     def __init__(self, target: str = "localhost:50051", *, timeout: float = DEFAULT_TIMEOUT,
                  max_message_mb: int = 64) -> None:
+        _check_target(target)
+        if not timeout > 0:
+            raise InvalidRequestError(f"timeout must be more than 0 seconds, got {timeout}")
         max_bytes = max_message_mb * 1024 * 1024
         self.target = target
         self.timeout = timeout

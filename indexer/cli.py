@@ -22,7 +22,8 @@ are picked up); the model must be the same.
 
 Files that cannot be decoded are skipped and listed; the run goes on. Each batch is durable
 once written, so an interrupted run keeps what it wrote. Exit status: 0 done (skipped files
-are listed), 1 some files skipped and --strict given, 2 unusable input.
+are listed), 1 some files skipped and --strict given, 2 unusable input (none of the files
+readable included).
 
 The default backbone, efficientnet_lite0, ships ImageNet weights offline; `pictor models`
 lists the others. Runs on the GPU when there is one (--device).
@@ -111,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
               f"index holds {count} items; skipped {summary.skipped}")
         for failure in summary.failures:
             print(f"  skipped {failure['error']}", file=sys.stderr)
+    if summary.skipped and not summary.indexed:
+        print(f"error: none of the {summary.skipped} files could be indexed", file=sys.stderr)
+        return 2
     return 1 if summary.skipped and args.strict else 0
 
 

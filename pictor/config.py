@@ -52,6 +52,13 @@ class ServerSettings:
     compile: bool = False  # torch.compile the backbone: the first requests compile it
     max_pixels: int = DEFAULT_MAX_PIXELS
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise InvalidRequestError(f"port must be between 0 (any free port) and 65535, got {self.port}")
+        for name in ("workers", "max_message_mb", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name} must be at least 1, got {getattr(self, name)}")
+
 
 @dataclass(frozen=True)
 class IndexerSettings:

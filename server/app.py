@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pictor.config import ServerSettings
+from pictor.errors import InvalidRequestError
 from pictor.server.engine import Engine
 from pictor.server.errors import ErrorInterceptor
 from pictor.server.service import PictorService
@@ -29,6 +30,7 @@ DRAIN_SECONDS = 10.0
 
 def create_server(settings: ServerSettings, engine: Engine | None = None) -> tuple[grpc.Server, int, Engine]:
     """Build the server (not started): Pictor service, health, reflection, bound to a port."""
+    owned = engine is None
     engine = engine or Engine.load(settings)
     max_bytes = settings.max_message_mb * 1024 * 1024
     server = grpc.server(
@@ -37,6 +39,9 @@ def create_server(settings: ServerSettings, engine: Engine | None = None) -> tup
         options=[
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", max_bytes),
+            # gRPC sets SO_REUSEPORT by default on Linux: a second server would bind the same
+            # port and silently take half the calls.
+            ("grpc.so_reuseport", 0),
         ],
     )
     pictor_pb2_grpc.add_PictorServicer_to_server(PictorService(engine), server)
@@ -51,9 +56,17 @@ def create_server(settings: ServerSettings, engine: Engine | None = None) -> tup
         server,
     )
     address = f"{settings.host}:{settings.port}"
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)  # raises or returns 0 by grpcio version
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {address}: is the port in use?")
+        if owned:
+            engine.close()  # releases the index for the next try
+        raise InvalidRequestError(
+            f"cannot listen on {address}: the port is in use, or {settings.host} is not an "
+            "address of this machine"
+        )
     return server, port, engine
 
 

@@ -250,7 +250,8 @@ class Engine:
             open_set.is_unknown(embedding[None], [self._nearest_known(embedding, hits)])[0])
         if classifier != "all":
             return ClassifyResult(labels=labels, source=source, unknown=unknown)
-        agree = bool(knn) and knn[0][0] == labels[0][0]
+        # ImageNet labels are not the index's labels: agreement means nothing there.
+        agree = source == "head" and bool(knn) and knn[0][0] == labels[0][0]
         return ClassifyResult(
             labels=labels, source=source, knn_labels=knn, neighbors=hits, agree=agree, unknown=unknown
         )

@@ -37,6 +37,8 @@ def test_bad_values_and_files_are_clear_errors(tmp_path: Path) -> None:
         build_settings(ServerSettings, {}, env={"PICTOR_PORT": "many"})
     with pytest.raises(InvalidRequestError, match="does not exist"):
         build_settings(ServerSettings, {}, env={}, config_file=tmp_path / "missing.toml")
+    with pytest.raises(InvalidRequestError, match="port must be between 0 .* got -1"):
+        build_settings(ServerSettings, {"port": -1}, env={})
     bad = tmp_path / "bad.toml"
     bad.write_text("port = = 1")
     with pytest.raises(InvalidRequestError, match="not valid TOML"):

@@ -131,9 +131,22 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     assert data[0]["key"] == image.as_posix() and data[0]["score"] >= 0.99
     cls = json.loads(pictor("classify", str(DATA / "daisy.jpg"), "--json", "--target", server.target).stdout)
     assert cls[0]["labels"][0]["name"] == "daisy"
-    bad = pictor("classify", str(DATA / "LICENSE.md"), "--target", server.target, check=False)
+    # A bad image among good ones: named, the others still answered, exit 2.
+    daisy, license_ = str(DATA / "daisy.jpg"), str(DATA / "LICENSE.md")
+    bad = pictor("classify", daisy, license_, str(image), "--target", server.target, check=False)
     assert bad.returncode == 2
-    assert "INVALID_ARGUMENT" in bad.stderr
+    assert f"{license_}: " in bad.stderr and "INVALID_ARGUMENT" in bad.stderr
+    assert bad.stdout.startswith(f"{daisy}  (imagenet)") and f"\n{image}  (imagenet)" in bad.stdout
+    folder = pictor("classify", str(DATA), "--target", server.target, check=False)
+    assert folder.returncode == 2 and f"{DATA} is a folder" in folder.stderr
+    every = pictor("classify", str(image), "--classifier", "all", "--neighbors", "2",
+                   "--target", server.target).stdout
+    assert "kNN vote: " in every and "agree" not in every  # ImageNet labels vs the index's labels
+    assert f"  neighbour  1.000  {image.as_posix()}" in every
+    none = pictor("search", str(image), "--label", "nosuch", "--target", server.target)
+    assert none.stdout == "no results: no indexed item matches the --label/--attr filter\n"
+    gone = pictor("delete", "no/such/key.png", "--target", server.target, check=False)
+    assert gone.returncode == 2 and "not found: no/such/key.png (a key is the path" in gone.stderr
     zero = pictor("search", str(image), "-k", "0", "--target", server.target, check=False)
     assert zero.returncode == 2 and "k must be at least 1, got 0" in zero.stderr
 
@@ -142,3 +155,21 @@ def test_server_refuses_to_start_without_index(tmp_path: Path) -> None:
     r = pictor("serve", "--index", str(tmp_path / "missing"), "--port", "0", check=False)
     assert r.returncode == 2
     assert "pictor index" in r.stderr
+
+
+def test_server_refuses_a_port_in_use_or_out_of_range(server: ServerProcess, built_index: Path) -> None:
+    # Without SO_REUSEPORT off, this second server would share the port and half the calls.
+    r = pictor("serve", "--index", str(built_index), "--port", str(server.port), check=False)
+    assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{server.port}" in r.stderr
+    r = pictor("serve", "--index", str(built_index), "--port", "70000", check=False)
+    assert r.returncode == 2 and "port must be between 0 (any free port) and 65535, got 70000" in r.stderr
+
+
+def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
+    with pytest.raises(InvalidRequestError, match="localhost:99999: port must be between 1 and 65535"):
+        PictorClient("localhost:99999")  # gRPC would silently try another port
+    with pytest.raises(InvalidRequestError, match="timeout must be more than 0 seconds, got 0"):
+        PictorClient("localhost:50051", timeout=0)
+    with PictorClient("[::1]:50051") as client, pytest.raises(
+            InvalidRequestError, match="k must be at most 4294967295, got 100000000000"):
+        client.search(key="a", k=10**11)  # the proto's uint32 cannot carry it
