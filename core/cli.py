@@ -15,7 +15,8 @@ List every registered backbone: family, embedding dim, parameters, GFLOPs (billi
 multiply-adds per image at the weights' input size, torchvision's convention), the default
 weights and whether those weights are available here without a network.
 
-Pick one with --backbone (pictor index / serve / train) or ModelSettings.backbone. The
+Pick one with --backbone for pictor index and pictor train (pictor serve serves the
+backbone its index was built with) or ModelSettings.backbone. The
 default, efficientnet_lite0, ships its ImageNet weights in a pip package; the others load
 torchvision / timm weights from their caches (downloaded once when online), or a local
 checkpoint with --weights PATH.

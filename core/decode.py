@@ -63,7 +63,8 @@ def decode_image(
 
     Args:
         data: the encoded file (JPEG, PNG, WebP, GIF, BMP or TIFF).
-        max_pixels: refuse images whose header says width x height is above this.
+        max_pixels: refuse images that would decode to more pixels than this (from the
+            header, before decoding; a drafted JPEG counts at its reduced size).
         draft_size: (width, height) the caller will shrink the image to; a JPEG much larger
             than that is decoded at 1/2, 1/4 or 1/8 scale (never below this size).
 
@@ -78,9 +79,12 @@ def decode_image(
         raise InvalidImageError("empty image data (0 bytes)")
     src = _open_allowed(data)
     try:
-        _check_size(src, max_pixels)
+        # The cap bounds decoding memory: a drafted JPEG (a 48 MP phone photo decodes at 1/8,
+        # 0.75 MP) is checked at the size it will decode to.
+        full = src.size
         if draft_size is not None and src.format == "JPEG":
             _draft(src, draft_size)
+        _check_size(src, max_pixels, full)
         try:
             src.load()  # frame 0: animated GIF/WebP/TIFF give their first frame
             # exif_transpose and to_rgb return new images, so closing src below is safe.
@@ -158,14 +162,15 @@ def _sniff_disallowed(data: bytes) -> str | None:
     return None
 
 
-def _check_size(im: Image.Image, max_pixels: int) -> None:
+def _check_size(im: Image.Image, max_pixels: int, full: tuple[int, int]) -> None:
     w, h = im.size
     if w <= 0 or h <= 0:
         raise InvalidImageError(f"{im.format} image has an empty size {w}x{h}")
     if w * h > max_pixels:
+        drafted = f" (decoded at {w}x{h})" if (w, h) != full else ""
         raise InvalidImageError(
-            f"{im.format} image is too large: {w}x{h} = {w * h:,} pixels, "
-            f"above the cap of {max_pixels:,} pixels"
+            f"{im.format} image is too large: {full[0]}x{full[1]}{drafted} = {w * h:,} pixels "
+            f"to decode, above the cap of {max_pixels:,} pixels"
         )
 
 

@@ -82,8 +82,11 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidRequestError(
             f"no images found in {settings.gallery} (looked for {image_suffixes_text()})"
         )
-    embedder = _embedder(settings, args.model_file)
     out = Path(settings.out)
+    if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidRequestError(f"--out {out} exists and is not an index store; give a new or "
+                                  "empty folder, or an index to add to")
+    embedder = _embedder(settings, args.model_file)
     progress = not args.no_progress and sys.stderr.isatty()
     if (out / MANIFEST).is_file():
         store, whitening = _open_store(out, embedder, settings.pca_whiten)

@@ -21,7 +21,8 @@ from pictor.errors import InvalidRequestError
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 DEFAULT_TARGET = "localhost:50051"
-# About 40 megapixels: a large phone photo passes, a decompression bomb does not.
+# Pixels an image may decode to (JPEGs count at their drafted size, so a 48 MP phone photo
+# passes): a large photo passes, a decompression bomb does not.
 DEFAULT_MAX_PIXELS = 40_000_000
 
 

@@ -46,7 +46,7 @@ def require_server_extra(feature: str) -> None:
     if missing:
         raise MissingExtraError(
             f"`{feature}` needs the server extra (missing: {', '.join(missing)}). "
-            "Install it with: pip install 'pictor[server]'"
+            "Install it with: pip install 'pictor[server]' (from a checkout: pip install '.[server]')"
         )
 
 

@@ -206,6 +206,16 @@ def test_decompression_bomb_rejected_on_header() -> None:
         decode_image(_png_with_header_size(100_000, 100_000), max_pixels=10**12)
 
 
+def test_large_jpeg_counts_at_its_drafted_size() -> None:
+    # 42 MP, above the default cap: a phone photo that the embedder decodes at 1/8 scale.
+    photo = encode(Image.new("L", (7000, 6000), 128), "JPEG")
+    assert decode_image(photo, draft_size=(256, 256)).size == (875, 750)
+    with pytest.raises(InvalidImageError, match=r"too large: 7000x6000 = 42,000,000 pixels"):
+        decode_image(photo)  # decoded in full: the cap applies
+    with pytest.raises(InvalidImageError, match=r"7000x6000 \(decoded at 875x750\)"):
+        decode_image(photo, draft_size=(256, 256), max_pixels=500_000)
+
+
 def test_pixel_cap_is_configurable() -> None:
     data = encode(Image.new("RGB", (100, 100)), "PNG")
     with pytest.raises(InvalidImageError, match="cap of 9,999"):

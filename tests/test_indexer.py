@@ -62,6 +62,9 @@ def test_index_errors_are_clear(tmp_path: Path) -> None:
     (tmp_path / "empty" / "notes.jpg").write_text("not a picture")
     r = pictor("index", str(tmp_path / "empty"), "--out", str(tmp_path / "i"), check=False)
     assert r.returncode == 2 and "none of the 1 files could be indexed" in r.stderr
+    r = pictor("index", str(tmp_path / "empty"), "--out", str(tmp_path / "empty" / "notes.jpg"),
+               check=False)
+    assert r.returncode == 2 and "notes.jpg exists and is not an index store" in r.stderr
 
 
 def test_pca_whitened_index_serves_whitened_queries(gallery: Path, tmp_path: Path) -> None:

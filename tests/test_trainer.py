@@ -297,7 +297,7 @@ def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path,
                "--no-progress"])
     assert rc == 0 and model_path.is_file()
     assert "top-1 1.0000" in capsys.readouterr().out
-    png, report_json = tmp_path / "cm.png", tmp_path / "report.json"
+    png, report_json = tmp_path / "plots" / "cm.png", tmp_path / "reports" / "report.json"
     rc = main(["eval", str(model_path), str(shapes), "--json", "--png", str(png),
                "--out-json", str(report_json), "--cache-dir", cache, "--no-progress"])
     assert rc == 0

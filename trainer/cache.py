@@ -44,7 +44,9 @@ def default_cache_dir() -> Path:
 
 def spec_key(spec: ModelSpec, view: str) -> str:
     """Folder name of one embedding space and view."""
-    blob = json.dumps({"spec": spec.to_dict(), "view": view}, sort_keys=True)
+    # "decode": large JPEGs are decoded at a reduced (draft) size, as the server and the
+    # indexer do; entries from before that decoded them in full.
+    blob = json.dumps({"spec": spec.to_dict(), "view": view, "decode": "draft"}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -161,7 +163,7 @@ def embed_samples(
                 progress(1)
             continue
         try:
-            img = decode_image(data)
+            img = decode_image(data, draft_size=embedder.draft_size)  # as served
         except InvalidImageError as e:
             skipped.append((s.path, str(e)))
             continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from pictor.trainer.config import TrainConfig
@@ -175,6 +176,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from pictor.trainer.metrics import format_report, plot_confusion
 
     model = load_model(args.model)
+    for out in (args.png, args.out_json):  # before the work, not after it
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
     cache = None if args.cache_dir.lower() == "none" else args.cache_dir
     report: dict[str, Any] = evaluate(model, args.data, index=args.index, cache_dir=cache,
                                       device=args.device, batch_size=args.batch_size,
