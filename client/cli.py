@@ -127,20 +127,21 @@ def run_classify(args: argparse.Namespace) -> int:
                 failed += 1
                 continue
             results.append({"image": path, **dataclasses.asdict(r)})
-            lines += _classification_lines(path, r)
+            lines += _classification_lines(path, r, neighbours=args.classifier == "all")
     _emit(args, results, "".join(f"{line}\n" for line in lines))
     return 2 if failed else 0
 
 
-def _classification_lines(path: str, r: Any) -> list[str]:
+def _classification_lines(path: str, r: Any, *, neighbours: bool) -> list[str]:
     lines = [f"{path}  ({r.source}{', UNKNOWN' if r.unknown else ''})"]
     lines += [f"  {x.score:6.3f}  {x.name}" for x in r.labels]
     if r.knn_labels and r.source != "knn":
         # Agreement means something only between a trained head and the index's labels.
         agree = f" ({'agrees' if r.agree else 'disagrees'})" if r.source == "head" else ""
         lines.append(f"  kNN vote{agree}: " + ", ".join(f"{x.name} {x.score:.2f}" for x in r.knn_labels))
-    lines += [f"  neighbour {h.score:6.3f}  {h.key}{'  [' + h.label + ']' if h.label else ''}"
-              for h in r.neighbors]
+    if neighbours:  # --json always has them
+        lines += [f"  neighbour {h.score:6.3f}  {h.key}{'  [' + h.label + ']' if h.label else ''}"
+                  for h in r.neighbors]
     return lines
 
 

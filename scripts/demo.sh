@@ -32,11 +32,20 @@ echo "== 4. classify Twitter's drawings by a kNN vote over the Google gallery's 
 pictor classify sample/queries/*.png --classifier knn --top-k 1 --target "$target"
 
 echo
-echo "== 5. search: the same emoji drawn by another artist should come first"
-for q in $(ls sample/queries/*.png | head -n 4); do
-  echo "query $q"
-  pictor search "$q" -k 3 --target "$target"
+echo "== 5. search with each Twitter drawing: where does Google's drawing of the same emoji rank?"
+pictor search sample/queries/1f3b9.png -k 3 --target "$target"
+found=0 first=0 total=0
+for q in sample/queries/*.png; do
+  rank=$(pictor search "$q" -k 10 --json --target "$target" | python -c '
+import json, sys
+keys = [h["key"].rsplit("/", 1)[-1] for h in json.load(sys.stdin)]
+print(keys.index(sys.argv[1]) + 1 if sys.argv[1] in keys else "-")' "$(basename "$q")")
+  echo "  $(basename "$q"): rank $rank"
+  total=$((total + 1))
+  if [ "$rank" != "-" ]; then found=$((found + 1)); fi
+  if [ "$rank" = "1" ]; then first=$((first + 1)); fi
 done
+echo "same emoji first for $first of $total queries, in the top 10 for $found"
 
 echo
 echo "== 6. stop the server"
