@@ -216,6 +216,9 @@ def run_far(args: argparse.Namespace, splits: Splits, cache_dir: str) -> list[di
         rows.append({"data": name, "n": len(emb.samples),
                      "unknown": float(th.is_unknown(fit, sim).mean()),
                      "unknown_pair_only": float(pair_only.is_unknown(fit, sim).mean()),
+                     # As served over an index without comparable neighbours (whitened, or
+                     # holding none of the model's classes): the class fit alone.
+                     "unknown_fit_alone": float(th.is_unknown(fit, np.full_like(sim, np.nan)).mean()),
                      "median_similarity": float(np.median(sim)), "thresholds": th.to_dict(),
                      "mode": args.open_set_mode})
     return rows
@@ -253,12 +256,13 @@ def print_table(rows: list[dict[str, Any]], open_set: list[dict[str, Any]], far:
         t = far[0]["thresholds"]
         print(f"\nfar check ({far[0]['mode']} head of the split; index = its training images; thresholds: class "
               f"fit {t['class_fit']:.1f} and similarity {t['neighbor_similarity']:.3f}, or similarity "
-              f"{t['far_similarity']:.3f}):")
-        print("| images | n | answered unknown | without the far test | median nearest similarity |")
-        print("|---|---|---|---|---|")
+              f"{t['far_similarity']:.3f}; without neighbours class fit {t['class_fit_alone']:.1f}):")
+        print("| images | n | answered unknown | without the far test | class fit alone (no "
+              "neighbours) | median nearest similarity |")
+        print("|---|---|---|---|---|---|")
         for f in far:
             print(f"| {f['data']} | {f['n']} | {f['unknown']:.1%} | {f['unknown_pair_only']:.1%} | "
-                  f"{f['median_similarity']:.3f} |")
+                  f"{f['unknown_fit_alone']:.1%} | {f['median_similarity']:.3f} |")
     if not open_set:
         return
     print(f"\nopen set ({open_set[0]['mode']} head; one class left out of training; known "
