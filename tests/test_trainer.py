@@ -142,7 +142,12 @@ def test_bad_data_gives_clear_errors(tmp_path: Path, embedder: CountingEmbedder)
     tree = make_tree(tmp_path / "tree", per_class=6)
     for f in list((tree / "square").iterdir())[2:]:
         f.unlink()
-    with pytest.raises(InvalidRequestError, match=r"square \(2\)"):
+    with pytest.raises(InvalidRequestError, match=r"fewer than 3 listed images: square \(2\)"):
+        train(config(tmp_path), tree, embedder=embedder)
+    tree = make_tree(tmp_path / "tree2", per_class=4)
+    for i in (0, 1):  # listed, not usable
+        (tree / "triangle" / f"triangle_{i}.png").write_text("not a picture")
+    with pytest.raises(InvalidRequestError, match=r"fewer than 3 usable images: triangle \([12]\)"):
         train(config(tmp_path), tree, embedder=embedder)
 
 

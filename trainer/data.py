@@ -55,14 +55,16 @@ def class_names(samples: Iterable[Sample]) -> list[str]:
     return sorted({s.label for s in samples})
 
 
-def check_class_sizes(samples: Sequence[Sample], min_per_class: int, what: str = "data") -> None:
-    """Raise ``InvalidRequestError`` naming every class with fewer than ``min_per_class`` images."""
+def check_class_sizes(samples: Sequence[Sample], min_per_class: int, what: str = "data",
+                      kind: str = "usable") -> None:
+    """Raise ``InvalidRequestError`` naming every class with fewer than ``min_per_class`` images
+    (``kind``: "listed" before the images are read, "usable" after)."""
     counts = Counter(s.label for s in samples)
     small = {c: n for c, n in sorted(counts.items()) if n < min_per_class}
     if small:
         listed = ", ".join(f"{c} ({n})" for c, n in small.items())
         raise InvalidRequestError(
-            f"{what}: classes with fewer than {min_per_class} usable images: {listed}; "
+            f"{what}: classes with fewer than {min_per_class} {kind} images: {listed}; "
             "add images, drop the class, or lower --min-per-class"
         )
     if len(counts) < 2:

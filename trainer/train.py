@@ -69,7 +69,7 @@ def make_splits(config: TrainConfig, data: str | Path, val_data: str | Path | No
                                      config.seed)
     if val_data is not None:
         return Splits(samples, data_mod.load_samples(val_data))
-    data_mod.check_class_sizes(samples, config.min_per_class, what=str(data))
+    data_mod.check_class_sizes(samples, config.min_per_class, what=str(data), kind="listed")
     train, val = data_mod.stratified_split(samples, config.val_fraction, config.seed)
     return Splits(train, val)
 
