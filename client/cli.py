@@ -179,14 +179,16 @@ def run_info(args: argparse.Namespace) -> int:
     d = {"health": status, **dataclasses.asdict(info)}
     names = info.class_names
     shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
-    table = (
-        f"health:       {status}\n"
-        f"backbone:     {info.backbone} (weights: {info.weights})\n"
-        f"embedding:    {info.embedding_dim}-d, {info.metric}\n"
-        f"index:        {info.index_size} items, {info.index_type}\n"
-        f"classifier:   {info.classifier}: {shown}\n"
-        f"versions:     " + ", ".join(f"{k} {v}" for k, v in sorted(info.versions.items())) + "\n"
-    )
+    rows = [
+        ("health", status),
+        ("backbone", f"{info.backbone} (weights: {info.weights})"),
+        ("embedding", f"{info.embedding_dim}-d, {info.metric}"),
+        ("index", f"{info.index_size} items, {info.index_type}"),
+        ("classifier", f"{info.classifier}: {shown}"),
+        *([("open set", info.open_set)] if info.open_set else []),
+        ("versions", ", ".join(f"{k} {v}" for k, v in sorted(info.versions.items()))),
+    ]
+    table = "".join(f"{name + ':':<14}{value}\n" for name, value in rows)
     _emit(args, d, table)
     return 0
 

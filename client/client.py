@@ -200,5 +200,5 @@ class PictorClient:
             backbone=r.backbone, weights=r.weights, embedding_dim=r.embedding_dim,
             index_size=r.index_size, index_type=r.index_type, metric=r.metric,
             classifier=r.classifier, class_names=list(r.class_names),
-            server_version=r.server_version, versions=dict(r.versions),
+            server_version=r.server_version, versions=dict(r.versions), open_set=r.open_set,
         )

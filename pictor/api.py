@@ -19,3 +19,4 @@ class ServerInfo:
     class_names: list[str]
     server_version: str
     versions: dict[str, str]
+    open_set: str = ""  # "", "on", or "class fit alone: <why>" (see the proto)

@@ -348,4 +348,14 @@ class Engine:
             class_names=names,
             server_version=__version__,
             versions={"torch": torch.__version__, "faiss": faiss.__version__, "pictor": __version__},
+            open_set=self._open_set_status(),
         )
+
+    def _open_set_status(self) -> str:
+        if self.model is None or self.model.open_set is None:
+            return ""
+        if self._neighbours_comparable():
+            return "on"
+        from pictor.core.head import neighbour_tests_off
+
+        return f"class fit alone: {neighbour_tests_off(self.store, self.model.class_names)}"

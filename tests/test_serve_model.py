@@ -62,6 +62,7 @@ def test_classify_with_head_and_knn(trained: tuple[Path, Path]) -> None:
             info = client.info()
             assert info.classifier == "head"
             assert sorted(info.class_names) == ["blue", "red"]
+            assert info.open_set == "on"
             r = client.classify(tinted(100, "red"), top_k=2)
             assert (r.source, r.labels[0].name, len(r.labels)) == ("head", "red", 2)
             both = client.classify(tinted(101, "blue"), classifier="all", neighbors=5)
@@ -91,6 +92,7 @@ def test_head_gets_unwhitened_embeddings_on_a_whitened_index(trained: tuple[Path
         r = engine.classify(tinted(102, "red"), classifier="all", neighbors=5)
         assert (r.source, r.labels[0][0], r.knn_labels[0][0]) == ("head", "red", "red")
         assert engine.info().embedding_dim == 8
+        assert engine.info().open_set.startswith("class fit alone: the index is PCA-whitened")
         # Whitened similarities are not what the neighbour threshold was calibrated on: the
         # class fit alone still answers "unknown" for a picture like neither class.
         assert engine.classify(noise(0), classifier="all").unknown
@@ -116,10 +118,11 @@ def test_open_set_ignores_an_index_without_the_model_classes(trained: tuple[Path
         assert engine.classify(noise(0), classifier="all").unknown
         red_unknown = [engine.classify(tinted(i, "red"), classifier="all").unknown for i in range(10)]
         assert sum(red_unknown) <= 2  # the model's own red images (budget 5% of known, tiny model)
-        assert not engine._neighbours_comparable()
+        assert engine.info().open_set == ("class fit alone: the index holds no item labelled "
+                                          "with the model's classes (yet)")
         # Labelled items upserted into the running server turn the neighbour tests on.
         engine.upsert([Item("red/new", label="red")], [tinted(104, "red")], [None])
-        assert engine._neighbours_comparable()
+        assert engine.info().open_set == "on"
     finally:
         engine.close()
 

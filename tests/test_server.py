@@ -33,6 +33,7 @@ def test_info_and_health(server: ServerProcess) -> None:
     assert info.backbone == "efficientnet_lite0"
     assert info.classifier == "imagenet"
     assert len(info.class_names) == 1000
+    assert info.open_set == ""  # no trained model: never "unknown"
 
 
 def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: ServerProcess) -> None:
