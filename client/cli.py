@@ -114,8 +114,9 @@ def _guard_unreachable(fn):  # type: ignore[no-untyped-def]
 
 @_guard_unreachable
 def run_classify(args: argparse.Namespace) -> int:
-    """One call per image; a bad image is reported by name and the others still answered."""
-    results, lines, failed = [], [], 0
+    """One call per image; a bad image is reported by name and the others still answered.
+    The table is printed as the answers come, so a long list shows its progress."""
+    results, failed = [], 0
     with _client(args) as client:
         for path in args.images:
             try:
@@ -127,8 +128,11 @@ def run_classify(args: argparse.Namespace) -> int:
                 failed += 1
                 continue
             results.append({"image": path, **dataclasses.asdict(r)})
-            lines += _classification_lines(path, r, neighbours=args.classifier == "all")
-    _emit(args, results, "".join(f"{line}\n" for line in lines))
+            if not args.json:
+                lines = _classification_lines(path, r, neighbours=args.classifier == "all")
+                print("\n".join(lines), flush=True)
+    if args.json:
+        _emit(args, results, "")
     return 2 if failed else 0
 
 
