@@ -17,7 +17,9 @@ FROM python:3.11-slim AS runtime
 # CPU wheels of torch; pass --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 for CUDA.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --extra-index-url "$TORCH_INDEX" --find-links /wheels "pictor[server]" \
+# The wheel by path: "pictor[server]" by name would let pip prefer an unrelated, higher-versioned
+# "pictor" from PyPI.
+RUN pip install --no-cache-dir --extra-index-url "$TORCH_INDEX" "$(ls /wheels/pictor-*.whl)[server]" \
     && rm -rf /wheels \
     && useradd --create-home --uid 10001 pictor \
     && mkdir -p /data && chown pictor /data
