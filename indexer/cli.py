@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidRequestError(f"--out {out} exists and is not an index store; give a new or "
                                   "empty folder, or an index to add to")
-    embedder = _embedder(settings, args.model_file)
+    embedder = _embedder(settings)
     progress = not args.no_progress and sys.stderr.isatty()
     if (out / MANIFEST).is_file():
         store, whitening = _open_store(out, embedder, settings.pca_whiten)
@@ -142,12 +142,12 @@ def _open_store(out: Path, embedder, pca_whiten: int):  # type: ignore[no-untype
     return store, whitening
 
 
-def _embedder(settings: IndexerSettings, model_file: str | None):  # type: ignore[no-untyped-def]
+def _embedder(settings: IndexerSettings):  # type: ignore[no-untyped-def]
     m = settings.model
-    if model_file:
+    if settings.model_file:
         from pictor.core.head import load_model
 
-        return load_model(model_file).create_embedder(
+        return load_model(settings.model_file).create_embedder(
             device=m.device, precision=m.precision, compile=m.compile
         )
     from pictor.core.embedder import create_embedder

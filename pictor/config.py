@@ -67,6 +67,9 @@ class IndexerSettings:
     out: str = "index"
     index_type: str = "auto"  # a FAISS factory string ("Flat", "HNSW32", "IVF1024,PQ32") or "auto"
     model: ModelSettings = dataclasses.field(default_factory=ModelSettings)
+    # A `pictor train` model file: embed with its (fine-tuned) backbone. Named `model` in files
+    # and the environment, like the server's, so one file serves both commands.
+    model_file: str = dataclasses.field(default="", metadata={"name": "model"})
     workers: int = 2  # decode threads
     labels: str = "folder"  # "folder" (top-level folder name), "none"; a manifest brings its own
     pca_whiten: int = 0  # PCA-whitening to this many dims, fitted on a gallery sample (0 = off)
@@ -76,13 +79,20 @@ class IndexerSettings:
 S = TypeVar("S")
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
 def _coerce(value: Any, typ: Any, name: str) -> Any:
-    """``value`` (a flag, env string or TOML value) as ``typ``, or a clear error."""
+    """``value`` (a flag, env string or TOML value) as ``typ``, or a clear error naming where it
+    came from (``name``: the setting, ``PICTOR_*`` variable or flag)."""
     invalid = InvalidRequestError(f"setting {name}={value!r} is not a valid {typ.__name__}")
     if isinstance(value, str) and typ is not str:
+        if typ is bool:
+            word = value.strip().lower()
+            if word not in _TRUE + _FALSE:
+                raise invalid
+            return word in _TRUE
         try:
-            if typ is bool:
-                return value.strip().lower() in ("1", "true", "yes", "on")
             return typ(value)
         except ValueError as e:
             raise invalid from e
@@ -123,15 +133,22 @@ def build_settings(
                 file_values=table if isinstance(table, dict) else file_values,
             )
             continue
-        value = file_values.get(f.name, dataclasses.MISSING)
+        name = _setting_name(f)
+        value, source = file_values.get(name, dataclasses.MISSING), name
         if isinstance(value, dict):  # a table is for a nested settings field of that name
             value = dataclasses.MISSING
-        value = env.get(f"PICTOR_{f.name.upper()}", value)
+        if f"PICTOR_{name.upper()}" in env:
+            value, source = env[f"PICTOR_{name.upper()}"], f"PICTOR_{name.upper()}"
         if flags.get(f.name) is not None:
-            value = flags[f.name]
+            value, source = flags[f.name], f"--{f.name.replace('_', '-')}"
         if value is not dataclasses.MISSING:
-            values[f.name] = _coerce(value, typ, f.name)
+            values[f.name] = _coerce(value, typ, source)
     return cls(**values)
+
+
+def _setting_name(f: dataclasses.Field[Any]) -> str:
+    """The name a field has in files and ``PICTOR_*`` variables (flags use the field's own)."""
+    return str(f.metadata.get("name", f.name))
 
 
 def _read_config_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
@@ -161,7 +178,7 @@ def _check_names(values: Mapping[str, Any], path: Path) -> None:
                 tables[f.name] = {g.name for g in dataclasses.fields(f.default_factory)}
                 scalars |= tables[f.name]  # nested settings read top-level names too
             else:
-                scalars.add(f.name)
+                scalars.add(_setting_name(f))
     for name, value in values.items():
         if not isinstance(value, dict):
             _refuse_unknown(path, name, scalars)

@@ -33,8 +33,11 @@ def test_nested_settings_read_flags_and_their_own_table(tmp_path: Path) -> None:
 
 
 def test_bad_values_and_files_are_clear_errors(tmp_path: Path) -> None:
-    with pytest.raises(InvalidRequestError, match="PORT|port"):
+    with pytest.raises(InvalidRequestError, match="setting PICTOR_PORT='many' is not a valid int"):
         build_settings(ServerSettings, {}, env={"PICTOR_PORT": "many"})
+    with pytest.raises(InvalidRequestError, match="setting PICTOR_COMPILE='maybe' is not a valid bool"):
+        build_settings(ServerSettings, {}, env={"PICTOR_COMPILE": "maybe"})
+    assert build_settings(ServerSettings, {}, env={"PICTOR_COMPILE": "off"}).compile is False
     with pytest.raises(InvalidRequestError, match="does not exist"):
         build_settings(ServerSettings, {}, env={}, config_file=tmp_path / "missing.toml")
     with pytest.raises(InvalidRequestError, match="port must be between 0 .* got -1"):
@@ -43,6 +46,18 @@ def test_bad_values_and_files_are_clear_errors(tmp_path: Path) -> None:
     bad.write_text("port = = 1")
     with pytest.raises(InvalidRequestError, match="not valid TOML"):
         build_settings(ServerSettings, {}, env={}, config_file=bad)
+
+
+def test_one_file_names_the_model_for_index_and_serve(tmp_path: Path) -> None:
+    cfg = tmp_path / "pictor.toml"
+    cfg.write_text('model = "flowers.pt"\nbackbone = "resnet50"\n')
+    assert build_settings(ServerSettings, {}, env={}, config_file=cfg).model == "flowers.pt"
+    indexer = build_settings(IndexerSettings, {}, env={}, config_file=cfg)
+    assert (indexer.model_file, indexer.model.backbone) == ("flowers.pt", "resnet50")
+    env = {"PICTOR_MODEL": "other.pt"}
+    assert build_settings(IndexerSettings, {}, env=env, config_file=cfg).model_file == "other.pt"
+    flags = {"model_file": "flag.pt"}  # `pictor index --model flag.pt`
+    assert build_settings(IndexerSettings, flags, env=env, config_file=cfg).model_file == "flag.pt"
 
 
 def test_file_names_and_types_are_checked(tmp_path: Path) -> None:
