@@ -2,7 +2,7 @@
 
 They need only the light install. Output is a table for people, ``--json`` for scripts.
 Exit codes: 0 done, 2 bad input (an unreadable image, an unknown key) or a request the server
-refused, 4 server unreachable.
+refused, 4 server unreachable or no answer within --timeout.
 """
 
 from __future__ import annotations

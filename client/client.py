@@ -131,6 +131,10 @@ class PictorClient:
             code, details = e.code(), e.details() or ""  # type: ignore[attr-defined]
             if code == grpc.StatusCode.UNAVAILABLE:
                 details = f"cannot reach a Pictor server at {self.target}: {details}"
+            elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                details = f"no answer from {self.target} within the timeout of {self.timeout:g} s"
+            elif code == grpc.StatusCode.NOT_FOUND and method == self._health.Check:
+                details = f"the server has no health status for service {request.service!r}"
             raise error_from_status(code, details) from None
 
     def health(self, service: str = "") -> str:

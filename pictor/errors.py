@@ -52,3 +52,8 @@ def require_server_extra(feature: str) -> None:
 
 class ServerUnavailableError(PictorError, ConnectionError):
     """The server could not be reached, or did not answer before the deadline."""
+
+
+class DeadlineExceededError(ServerUnavailableError):
+    """The call's deadline passed (or the caller cancelled it) before the answer: the client
+    gets this, and the server stops work for a caller that has gone."""

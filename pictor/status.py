@@ -9,6 +9,7 @@ from __future__ import annotations
 import grpc
 
 from pictor.errors import (
+    DeadlineExceededError,
     IncompatibleModelError,
     InvalidImageError,
     InvalidRequestError,
@@ -23,6 +24,7 @@ STATUS_OF_ERROR: tuple[tuple[type[PictorError], grpc.StatusCode], ...] = (
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (IncompatibleModelError, grpc.StatusCode.FAILED_PRECONDITION),
+    (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ServerUnavailableError, grpc.StatusCode.UNAVAILABLE),
 )
 
@@ -31,7 +33,7 @@ _ERROR_OF_STATUS: dict[grpc.StatusCode, type[PictorError]] = {
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.FAILED_PRECONDITION: IncompatibleModelError,
     grpc.StatusCode.UNAVAILABLE: ServerUnavailableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: ServerUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
+MAX_EMBED_IMAGES = 256  # per Embed call: one forward pass, bounded in time and memory
 DEFAULT_TOP_K = 5
 DEFAULT_K = 10
 DEFAULT_NEIGHBORS = 10
@@ -196,6 +197,9 @@ class Engine:
 
     def embed(self, images: Sequence[bytes], names: Sequence[str] = ()) -> np.ndarray:
         """Embeddings as the index stores them: what Search and Upsert take as vectors."""
+        if len(images) > MAX_EMBED_IMAGES:
+            raise InvalidRequestError(f"Embed takes at most {MAX_EMBED_IMAGES} images per call, "
+                                      f"got {len(images)}; split the request")
         return self.to_index(self.forward(images, names).embeddings)
 
     def query_vector(self, values: Sequence[float]) -> np.ndarray:
@@ -295,8 +299,13 @@ class Engine:
             raise InvalidRequestError("search needs a query: image bytes, a stored key, or a vector")
         return self.store.search(query[None], k, filter=filter, params=params)[0]
 
-    def upsert(self, items: Sequence[Item], images: Sequence[bytes | None], vectors: Sequence[Sequence[float] | None]) -> UpsertResult:
-        """Embed what came as images, check what came as vectors, write all in one durable step."""
+    def upsert(self, items: Sequence[Item], images: Sequence[bytes | None],
+               vectors: Sequence[Sequence[float] | None], *,
+               before_write: Callable[[], None] | None = None) -> UpsertResult:
+        """Embed what came as images, check what came as vectors, write all in one durable step.
+
+        ``before_write`` runs between the embedding and the write, and may raise to call it off
+        (the server's check that the caller is still waiting)."""
         if not items:
             raise InvalidRequestError("upsert got no items")
         rows = np.empty((len(items), self.store.spec.dim), dtype=np.float32)
@@ -306,6 +315,8 @@ class Engine:
                 raise InvalidRequestError(f"item {i} has no key")
             if not img and not vec:
                 raise InvalidRequestError(f"item {item.key!r} has neither image nor vector")
+            if img and vec:
+                raise InvalidRequestError(f"item {item.key!r} has both an image and a vector; give one")
             if not img:
                 try:
                     rows[i] = self.query_vector(vec)  # type: ignore[arg-type]
@@ -313,10 +324,13 @@ class Engine:
                     raise InvalidRequestError(f"item {item.key!r}: {e}") from e
         if to_embed:
             try:
-                rows[to_embed] = self.embed([images[i] for i in to_embed],  # type: ignore[misc]
-                                            [f"item {items[i].key!r}" for i in to_embed])
+                out = self.forward([images[i] for i in to_embed],  # type: ignore[misc]
+                                   [f"item {items[i].key!r}" for i in to_embed])
             except InvalidImageError as e:
                 raise InvalidImageError(f"{e}; upsert of {len(items)} items rejected, none written") from e
+            rows[to_embed] = self.to_index(out.embeddings)
+        if before_write is not None:
+            before_write()
         return self.store.upsert(items, rows)
 
     def delete(self, keys: Sequence[str]) -> DeleteResult:

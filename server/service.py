@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from pictor.core.store import Filter, Hits, Item, SearchParams, UpsertResult
-from pictor.errors import InvalidRequestError, PictorError
+from pictor.errors import DeadlineExceededError, InvalidRequestError, PictorError
 from pictor.iterators import batched
 from pictor.server.engine import ClassifyResult, Engine
 from pictor.v1 import pictor_pb2 as pb
@@ -63,6 +63,21 @@ def classify_to_pb(result: ClassifyResult) -> pb.ClassifyResponse:
     return response
 
 
+def check_active(context: grpc.ServicerContext, before: str) -> None:
+    """Skip work for a caller that has gone: its deadline passed (maybe while the call waited
+    for the model) or it cancelled. Nothing it would not see is done, nor, for Upsert, written."""
+    if not context.is_active():
+        raise DeadlineExceededError(f"the call ended (deadline passed or cancelled) before {before}")
+
+
+def stream_items(requests: Iterator[pb.UpsertRequest]) -> Iterator[pb.Item]:
+    try:
+        for request in requests:
+            yield request.item
+    except grpc.RpcError as e:  # the client cancelled the stream or its deadline passed
+        raise DeadlineExceededError("the upsert stream ended before its last item") from e
+
+
 class PictorService(pb_grpc.PictorServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -71,6 +86,7 @@ class PictorService(pb_grpc.PictorServicer):
         classifier = _CLASSIFIER_NAMES.get(request.classifier)
         if classifier is None:
             raise InvalidRequestError(f"unknown classifier value {request.classifier}")
+        check_active(context, "classifying")
         result = self.engine.classify(
             request.image, top_k=request.top_k, classifier=classifier, neighbors=request.neighbors
         )
@@ -95,6 +111,7 @@ class PictorService(pb_grpc.PictorServicer):
         return response
 
     def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:
+        check_active(context, "embedding")
         embeddings = self.engine.embed(list(request.images))
         return pb.EmbedResponse(
             embeddings=[pb.Vector(values=row.tolist()) for row in embeddings],
@@ -104,9 +121,9 @@ class PictorService(pb_grpc.PictorServicer):
 
     def Upsert(self, request_iterator: Iterator[pb.UpsertRequest], context: grpc.ServicerContext) -> pb.UpsertResponse:
         inserted = replaced = 0
-        for chunk in batched((r.item for r in request_iterator), UPSERT_CHUNK):
+        for chunk in batched(stream_items(request_iterator), UPSERT_CHUNK):
             try:
-                result = self._upsert_chunk(chunk)
+                result = self._upsert_chunk(chunk, context)
             except PictorError as e:
                 if written := inserted + replaced:
                     raise type(e)(f"{e} (the {written} items streamed before those were written)") from e
@@ -116,11 +133,12 @@ class PictorService(pb_grpc.PictorServicer):
             raise InvalidRequestError("upsert stream carried no items")
         return pb.UpsertResponse(inserted=inserted, replaced=replaced)
 
-    def _upsert_chunk(self, chunk: list[pb.Item]) -> UpsertResult:
+    def _upsert_chunk(self, chunk: list[pb.Item], context: grpc.ServicerContext) -> UpsertResult:
         items = [Item(key=i.key, label=i.label, attributes=dict(i.attributes)) for i in chunk]
         images = [i.image or None for i in chunk]
         vectors = [list(i.vector.values) if i.HasField("vector") else None for i in chunk]
-        return self.engine.upsert(items, images, vectors)
+        return self.engine.upsert(items, images, vectors,
+                                  before_write=lambda: check_active(context, "writing these items"))
 
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
         result = self.engine.delete(list(request.keys))

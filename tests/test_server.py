@@ -174,3 +174,33 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
     with PictorClient("[::1]:50051") as client, pytest.raises(
             InvalidRequestError, match="k must be at most 4294967295, got 100000000000"):
         client.search(key="a", k=10**11)  # the proto's uint32 cannot carry it
+
+
+def test_calls_are_bounded_and_work_for_a_caller_gone_is_not_written(built_index: Path) -> None:
+    from pictor.errors import DeadlineExceededError
+
+    server = ServerProcess(built_index).start()
+    try:
+        with PictorClient(server.target) as client:
+            with pytest.raises(InvalidRequestError, match="at most 256 images per call, got 257"):
+                client.embed([drawn_image(0)] * 257)
+            both = UpsertItem(key="both", image=drawn_image(1), vector=[0.1] * 1280)
+            with pytest.raises(InvalidRequestError, match="'both' has both an image and a vector"):
+                client.upsert([both])
+            before = client.info().index_size
+        # 64 images take the CPU seconds to embed; the client gives up after 0.3 s. The server
+        # must not write them after the caller was told the call failed.
+        items = [UpsertItem(key=f"late/{i}", image=drawn_image(100 + i, size=224)) for i in range(64)]
+        with PictorClient(server.target, timeout=0.3) as impatient:
+            try:
+                impatient.upsert(items)
+                acknowledged = True
+            except DeadlineExceededError as e:
+                assert "within the timeout of 0.3 s" in str(e)
+                acknowledged = False
+        with PictorClient(server.target) as client:
+            client.classify(drawn_image(2))  # queued behind the upsert's forward pass
+            after = client.info().index_size
+        assert after == (before + 64 if acknowledged else before)
+    finally:
+        server.stop()
