@@ -217,7 +217,7 @@ def run_far(args: argparse.Namespace, splits: Splits, cache_dir: str) -> list[di
                      "unknown": float(th.is_unknown(fit, sim).mean()),
                      "unknown_pair_only": float(pair_only.is_unknown(fit, sim).mean()),
                      # As served over an index without comparable neighbours (whitened, or
-                     # holding none of the model's classes): the class fit alone.
+                     # lacking some of the model's classes): the class fit alone.
                      "unknown_fit_alone": float(th.is_unknown(fit, np.full_like(sim, np.nan)).mean()),
                      "median_similarity": float(np.median(sim)), "thresholds": th.to_dict(),
                      "mode": args.open_set_mode})

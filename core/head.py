@@ -128,7 +128,7 @@ class OpenSetThresholds:
     ``far_similarity`` catches what is unlike every class (a cat among flowers), whose class
     fit can look ordinary because the fit score is relative. Files without it never use it.
 
-    Without a comparable neighbour (NaN similarity: an index that is PCA-whitened or holds none
+    Without a comparable neighbour (NaN similarity: an index that is PCA-whitened or lacks some
     of the model's classes) the class fit decides alone, against ``class_fit_alone``: the pair's
     ``class_fit`` is set high because a near neighbour vetoes it, and alone it would reject most
     known images. Files without it never answer "unknown" then.
@@ -194,17 +194,20 @@ class OpenSet:
 def neighbour_tests_off(store: IndexStore, class_names: Sequence[str]) -> str | None:
     """Why the open-set neighbour tests cannot use ``store``'s similarities (None when they can).
 
-    They need plain cosine (not PCA-whitened) to images like the training ones, so some item
-    labelled with one of ``class_names``: a gallery of other things would make every image look
-    far. Without them (NaN similarity) the class fit decides alone.
+    They need plain cosine (not PCA-whitened) to images like the training ones: items of every
+    one of ``class_names``, as in training. A gallery of other things would make every image
+    look far, and one holding only some classes would make the others' images look far. Without
+    them (NaN similarity) the class fit decides alone.
     """
-    from pictor.core.store import Filter
-
     if store.spec.whitening:
         return ("the index is PCA-whitened, so its similarities are not the plain cosine the "
                 "neighbour thresholds were calibrated on")
-    if not store.count(Filter(labels=list(class_names))):
+    missing = sorted(set(class_names) - store.labels_present(class_names))
+    if len(missing) == len(set(class_names)):
         return "the index holds no item labelled with the model's classes (yet)"
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        return f"the index holds no item of the model's class(es) {shown} (yet)"
     return None
 
 

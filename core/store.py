@@ -442,18 +442,19 @@ class IndexStore:
         finally:
             self._rw.release_read()
 
-    def count(self, filter: Filter) -> int:
-        """How many items ``filter`` admits (``len(store)`` counts them all)."""
+    def labels_present(self, labels: Iterable[str]) -> set[str]:
+        """Which of ``labels`` some item has: one index lookup per label, not a count."""
         self._check_open()
-        if filter.empty:
-            return len(self)
-        sql, args = _filter_sql(filter)
-        with self._rw.read():  # counted in SQLite: no id list for a big index to build
-            return int(self._reader().execute(f"SELECT COUNT(*) FROM ({sql})", args).fetchone()[0])
+        query = "SELECT 1 FROM items WHERE label = ? LIMIT 1"
+        with self._rw.read():
+            conn = self._reader()
+            return {lab for lab in set(labels) if conn.execute(query, (lab,)).fetchone()}
 
     def get_vector(self, key: str) -> np.ndarray:
         """The stored (normalised) vector of ``key``; ``NotFoundError`` when absent."""
         self._check_open()
+        if not key:
+            raise InvalidRequestError("the query key is empty")
         row = self._reader().execute(
             "SELECT vector FROM vectors WHERE id = (SELECT id FROM items WHERE key = ?)", (key,)
         ).fetchone()

@@ -1,7 +1,9 @@
 """The one table between Pictor's domain errors and gRPC status codes.
 
 The server turns a raised ``PictorError`` into its status code (``pictor.server.errors``);
-the client turns a status code back into the same error type (``error_from_status``).
+the client turns a status code back into the error type of that code (``error_from_status``;
+an ``InvalidImageError`` comes back as its base, ``InvalidRequestError``: both are
+INVALID_ARGUMENT).
 """
 
 from __future__ import annotations

@@ -160,7 +160,7 @@ class Engine:
             self._labels_checked_at = size
             self._holds_model_labels = neighbour_tests_off(self.store, self.model.class_names) is None
             if self._holds_model_labels:
-                log.info("open set: the index holds items of the model's classes; neighbour tests on")
+                log.info("open set: the index holds items of every class of the model; neighbour tests on")
         return self._holds_model_labels
 
     def close(self) -> None:

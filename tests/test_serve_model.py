@@ -120,8 +120,12 @@ def test_open_set_ignores_an_index_without_the_model_classes(trained: tuple[Path
         assert sum(red_unknown) <= 2  # the model's own red images (budget 5% of known, tiny model)
         assert engine.info().open_set == ("class fit alone: the index holds no item labelled "
                                           "with the model's classes (yet)")
-        # Labelled items upserted into the running server turn the neighbour tests on.
+        # Labelled items upserted into the running server turn the neighbour tests on, once
+        # every class has some: with reds alone, every blue image would look far.
         engine.upsert([Item("red/new", label="red")], [tinted(104, "red")], [None])
+        assert engine.info().open_set == ("class fit alone: the index holds no item of the "
+                                          "model's class(es) blue (yet)")
+        engine.upsert([Item("blue/new", label="blue")], [tinted(104, "blue")], [None])
         assert engine.info().open_set == "on"
     finally:
         engine.close()
