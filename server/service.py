@@ -65,7 +65,8 @@ def classify_to_pb(result: ClassifyResult) -> pb.ClassifyResponse:
 
 def check_active(context: grpc.ServicerContext, before: str) -> None:
     """Skip work for a caller that has gone: its deadline passed (maybe while the call waited
-    for the model) or it cancelled. Nothing it would not see is done, nor, for Upsert, written."""
+    for a handler thread) or it cancelled. Nothing it would not see is done, nor, for Upsert,
+    written (checked again between embedding and writing)."""
     if not context.is_active():
         raise DeadlineExceededError(f"the call ended (deadline passed or cancelled) before {before}")
 
