@@ -11,6 +11,7 @@ Unreadable images are skipped and counted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import Counter
@@ -27,6 +28,7 @@ from pictor.trainer.metrics import classification_report
 
 if TYPE_CHECKING:
     from pictor.core.embedder import Embedder
+    from pictor.core.store import IndexStore
 
 log = logging.getLogger(__name__)
 
@@ -64,56 +66,67 @@ def evaluate(
         raise InvalidRequestError(
             f"no image in {data} belongs to a class of the model ({', '.join(model.class_names)})"
         )
-    if index is not None and not Path(index).is_dir():
-        raise NotFoundError(f"index directory {index} does not exist")
-    embedder = embedder or model.create_embedder(device=device)
-    model.check_index(embedder.spec)  # the embedder must feed this head's embedding space
-    open_set = model.open_set if index is not None else None
-    # Images of other classes are embedded only to see whether Classify calls them unknown.
-    todo = samples if open_set is not None else usable
-    root = None if cache_dir is None else (Path(cache_dir) if cache_dir else default_cache_dir())
-    with tqdm(total=len(todo), desc="embed", unit="img", disable=not progress,
-              leave=False) as bar:
-        emb, _ = embed_samples(todo, embedder, cache_root=root, batch_size=batch_size,
-                               progress=bar.update)
-    is_known = np.array([lab in known for lab in emb.labels], dtype=bool)
-    if not is_known.any():
-        raise InvalidRequestError(f"none of the {len(usable)} images in {data} could be read")
-    class_index = {n: i for i, n in enumerate(model.class_names)}
-    y = np.array([class_index[lab] for lab in np.array(emb.labels)[is_known]], dtype=np.int64)
-    probs = model.predict_proba(emb.embeddings[is_known])
-    report = classification_report(y, probs, model.class_names)
-    report["skipped"] = [{"path": str(p), "why": why} for p, why in emb.skipped]
-    report["ignored"] = ignored
-    if open_set is not None and index is not None:
-        nearest, neighbours = nearest_similarities(model, emb.embeddings, index)
-        unknown = open_set.is_unknown(emb.embeddings, nearest)
-        served_right = (probs.argmax(1) == y) & ~unknown[is_known]
-        other_labels = [lab for lab, k in zip(emb.labels, is_known, strict=True) if not k]
-        report["open_set"] = open_set_report(unknown[is_known], served_right,
-                                             unknown[~is_known], other_labels, neighbours)
+    with contextlib.ExitStack() as stack:
+        store = None
+        if index is not None:  # before the backbone loads: a mismatch or a lock fails fast
+            store = open_served_index(model, index)
+            stack.callback(store.close, snapshot=False)
+        embedder = embedder or model.create_embedder(device=device)
+        model.check_index(embedder.spec)  # the embedder must feed this head's embedding space
+        open_set = model.open_set if store is not None else None
+        # Images of other classes are embedded only to see whether Classify calls them unknown.
+        todo = samples if open_set is not None else usable
+        root = None if cache_dir is None else (Path(cache_dir) if cache_dir else default_cache_dir())
+        with tqdm(total=len(todo), desc="embed", unit="img", disable=not progress,
+                  leave=False) as bar:
+            emb, _ = embed_samples(todo, embedder, cache_root=root, batch_size=batch_size,
+                                   progress=bar.update)
+        is_known = np.array([lab in known for lab in emb.labels], dtype=bool)
+        if not is_known.any():
+            raise InvalidRequestError(f"none of the {len(usable)} images in {data} could be read")
+        class_index = {n: i for i, n in enumerate(model.class_names)}
+        y = np.array([class_index[lab] for lab in np.array(emb.labels)[is_known]], dtype=np.int64)
+        probs = model.predict_proba(emb.embeddings[is_known])
+        report = classification_report(y, probs, model.class_names)
+        report["skipped"] = [{"path": str(p), "why": why} for p, why in emb.skipped]
+        report["ignored"] = ignored
+        if open_set is not None and store is not None:
+            nearest, neighbours = nearest_similarities(model, emb.embeddings, store)
+            unknown = open_set.is_unknown(emb.embeddings, nearest)
+            served_right = (probs.argmax(1) == y) & ~unknown[is_known]
+            other_labels = [lab for lab, k in zip(emb.labels, is_known, strict=True) if not k]
+            report["open_set"] = open_set_report(unknown[is_known], served_right,
+                                                 unknown[~is_known], other_labels, neighbours)
     return report
 
 
-def nearest_similarities(model: TrainedModel, embeddings: np.ndarray,
-                         index: str | Path) -> tuple[np.ndarray, str]:
-    """Each embedding's similarity to its nearest item in ``index``, as Classify's open-set
-    tests take it (NaN where the server leaves them to the class fit), and a line saying
-    what the similarities were measured against."""
+def open_served_index(model: TrainedModel, index: str | Path) -> IndexStore:
+    """The index Classify serves from, checked to hold this model's embedding space."""
     from pictor.core.embedder import PCAWhitening
     from pictor.core.store import IndexStore
 
+    if not Path(index).is_dir():
+        raise NotFoundError(f"index directory {index} does not exist")
     store = IndexStore.open(index)
     try:
         whitening = PCAWhitening.load(index, store.spec)
         model.check_index(store.spec if whitening is None else whitening.unwhiten_spec(store.spec))
-        why = neighbour_tests_off(store, model.class_names)
-        if why:
-            return np.full(len(embeddings), math.nan), f"none: {why}; the class fit decides alone"
-        return (nearest_known_similarity(store, embeddings, model.class_names),
-                f"index {index} ({len(store)} items)")
-    finally:
+    except BaseException:
         store.close(snapshot=False)
+        raise
+    return store
+
+
+def nearest_similarities(model: TrainedModel, embeddings: np.ndarray, store: IndexStore
+                         ) -> tuple[np.ndarray, str]:
+    """Each embedding's similarity to its nearest item in ``store``, as Classify's open-set
+    tests take it (NaN where the server leaves them to the class fit), and a line saying
+    what the similarities were measured against."""
+    why = neighbour_tests_off(store, model.class_names)
+    if why:
+        return np.full(len(embeddings), math.nan), f"none: {why}; the class fit decides alone"
+    return (nearest_known_similarity(store, embeddings, model.class_names),
+            f"index {store.path} ({len(store)} items)")
 
 
 def open_set_report(known_unknown: np.ndarray, served_right: np.ndarray, other_unknown: np.ndarray,
