@@ -13,10 +13,13 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pictor.config import DEFAULT_TARGET
 from pictor.errors import InvalidRequestError, NotFoundError, ServerUnavailableError
+
+if TYPE_CHECKING:
+    from pictor.client.client import Classification
 
 EXIT_UNREACHABLE = 4
 
@@ -136,7 +139,7 @@ def run_classify(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
-def _classification_lines(path: str, r: Any, *, neighbours: bool) -> list[str]:
+def _classification_lines(path: str, r: Classification, *, neighbours: bool) -> list[str]:
     lines = [f"{path}  ({r.source}{', UNKNOWN' if r.unknown else ''})"]
     lines += [f"  {x.score:6.3f}  {x.name}" for x in r.labels]
     if r.knn_labels and r.source != "knn":

@@ -1068,8 +1068,8 @@ def _stream_vectors(
         yield ids, vecs
 
 
-def _filter_sql(flt: Filter) -> tuple[str, list[Any]]:
-    """A query for the ids of the items a (non-empty) filter admits, and its arguments."""
+def _match_ids(conn: sqlite3.Connection, flt: Filter) -> np.ndarray:
+    """Sorted ids of the items a filter admits."""
     parts: list[str] = []
     args: list[Any] = []
     if flt.labels:
@@ -1079,13 +1079,8 @@ def _filter_sql(flt: Filter) -> tuple[str, list[Any]]:
     for name, value in flt.attributes.items():
         parts.append("SELECT id FROM item_attrs WHERE name = ? AND value = ?")
         args.extend((name, value))
-    return " INTERSECT ".join(parts), args
-
-
-def _match_ids(conn: sqlite3.Connection, flt: Filter) -> np.ndarray:
-    """Sorted ids of the items a filter admits."""
-    sql, args = _filter_sql(flt)
-    return np.fromiter((r[0] for r in conn.execute(sql + " ORDER BY 1", args)), np.int64)
+    sql = " INTERSECT ".join(parts) + " ORDER BY 1"
+    return np.fromiter((r[0] for r in conn.execute(sql, args)), np.int64)
 
 
 def _exact_search(

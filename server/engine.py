@@ -93,15 +93,10 @@ class Engine:
         self.store = store
         self.model = model
         self.max_pixels = max_pixels
-        self._holds_model_labels = False  # see _neighbours_comparable
-        self._labels_checked_at = -1  # the index size when that was last checked
+        self._why_neighbours_off: str | None = None  # see _neighbour_tests_off
+        self._checked_at_size = -1  # the index size when that was last checked
         if model is not None and model.open_set is not None:
-            from pictor.core.head import neighbour_tests_off
-
-            why = neighbour_tests_off(store, model.class_names)
-            self._holds_model_labels, self._labels_checked_at = why is None, len(store)
-            if why:
-                log.warning("open set: %s; 'unknown' is decided by the class-fit score alone", why)
+            self._neighbour_tests_off()  # logs when they are off
         # One forward pass at a time: concurrent passes would only fight over the same cores.
         # (Dynamic batching of concurrent requests replaces this lock; see ROADMAP.)
         self._forward_lock = threading.Lock()
@@ -144,24 +139,24 @@ class Engine:
             raise
         return cls(embedder, store, model, max_pixels=settings.max_pixels, whitening=whitening)
 
-    def _neighbours_comparable(self) -> bool:
-        """Whether the index's nearest-neighbour similarities mean what the model's open-set
-        thresholds were calibrated on (see ``neighbour_tests_off``). When not, "unknown" is
-        decided by the class fit alone.
+    def _neighbour_tests_off(self) -> str | None:
+        """Why the index's similarities cannot serve the model's open-set neighbour tests (see
+        ``neighbour_tests_off``; None when they can); then the class fit decides alone.
 
-        The label check is redone only while it fails and the index has changed size, so
-        classes upserted into a running server turn the neighbour tests on."""
-        if self.model is None or self.model.open_set is None or self.whitening is not None:
-            return False
+        Redone whenever the index changes size (one index lookup per class), so classes upserted
+        into a running server turn the tests on, and deleting the last of a class turns them off."""
+        assert self.model is not None
         size = len(self.store)
-        if not self._holds_model_labels and size != self._labels_checked_at:
+        if size != self._checked_at_size:
             from pictor.core.head import neighbour_tests_off
 
-            self._labels_checked_at = size
-            self._holds_model_labels = neighbour_tests_off(self.store, self.model.class_names) is None
-            if self._holds_model_labels:
+            was_off, self._checked_at_size = self._why_neighbours_off, size
+            self._why_neighbours_off = why = neighbour_tests_off(self.store, self.model.class_names)
+            if why and why != was_off:
+                log.warning("open set: %s; 'unknown' is decided by the class-fit score alone", why)
+            elif was_off and not why:
                 log.info("open set: the index holds items of every class of the model; neighbour tests on")
-        return self._holds_model_labels
+        return self._why_neighbours_off
 
     def close(self) -> None:
         self.store.close()
@@ -263,10 +258,10 @@ class Engine:
     def _nearest_known(self, embedding: np.ndarray, hits: Hits) -> float:
         """Similarity of the nearest indexed item of the model's classes: the first of ``hits``
         when it is one, else a search for it. NaN when the neighbour tests are off (see
-        ``_neighbours_comparable``): the class fit decides alone."""
+        ``_neighbour_tests_off``): the class fit decides alone."""
         from pictor.core.head import nearest_known_similarity
 
-        if self.model is None or not self._neighbours_comparable():
+        if self.model is None or self._neighbour_tests_off():
             return math.nan
         if hits and hits[0].label in self.model.class_names:
             return hits[0].score
@@ -368,8 +363,5 @@ class Engine:
     def _open_set_status(self) -> str:
         if self.model is None or self.model.open_set is None:
             return ""
-        if self._neighbours_comparable():
-            return "on"
-        from pictor.core.head import neighbour_tests_off
-
-        return f"class fit alone: {neighbour_tests_off(self.store, self.model.class_names)}"
+        why = self._neighbour_tests_off()
+        return f"class fit alone: {why}" if why else "on"
