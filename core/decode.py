@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -51,6 +52,11 @@ _FTYP_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"avif": "AVI
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, TypeError)
 
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+
+# Our cap (``_check_size``, on the header, counting a JPEG at its draft size) replaces
+# Pillow's process-wide one, which counts the full size: with it a 180 MP JPEG that decodes
+# at 1/8 to 2.8 MP is refused, and images between its two limits print a raw warning.
+Image.MAX_IMAGE_PIXELS = None
 
 
 def decode_image(
@@ -103,14 +109,24 @@ def load_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft_size: tuple[int, int] | None = None,
 ) -> Image.Image:
-    """Read and decode an image file; see ``decode_image``. A missing file raises NotFoundError."""
+    """Read and decode an image file; see ``decode_image``. A missing file raises NotFoundError.
+
+    Only regular files are read: a FIFO or a device named like an image would block or never end.
+    """
     p = Path(path)
     try:
+        mode = p.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise InvalidImageError(f"{p}: a directory, not an image file")
+        if not stat.S_ISREG(mode):
+            raise InvalidImageError(f"{p}: not a regular file (a FIFO, socket or device)")
         data = p.read_bytes()
     except FileNotFoundError as e:
         raise NotFoundError(f"{p}: no such file") from e
-    except IsADirectoryError as e:
-        raise InvalidImageError(f"{p}: a directory, not an image file") from e
+    except OSError as e:
+        raise InvalidImageError(f"{p}: cannot read: {e.strerror or e}") from e
+    except ValueError as e:  # a NUL byte in the path
+        raise InvalidImageError(f"{str(p)!r}: not a usable path: {e}") from e
     try:
         return decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
     except InvalidImageError as e:

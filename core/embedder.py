@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 POOLINGS = ("avg", "max", "gem")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GEM_P = 3.0  # the usual GeM exponent for retrieval (Radenović et al.)
+MAX_ASPECT = 4  # preprocessing trims a longer side beyond this ratio (the crop never sees it)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 WHITENING_FILE = "whitening.npz"  # in an index directory built with --pca-whiten
 
@@ -227,12 +228,31 @@ def preprocess_image(image: Image.Image, p: Preprocessing, mean: torch.Tensor | 
 
     if image.mode != "RGB":
         image = image.convert("RGB")
+    image = _trim_long_side(image)
     image = TF.resize(image, p.resize_size, interpolation=InterpolationMode(p.interpolation))
     image = TF.center_crop(image, [p.input_size, p.input_size])
     x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
     mean = torch.tensor(p.mean).view(3, 1, 1) if mean is None else mean
     std = torch.tensor(p.std).view(3, 1, 1) if std is None else std
     return (x.float().div_(255.0) - mean) / std
+
+
+def _trim_long_side(image: Image.Image) -> Image.Image:
+    """Keep the centre of an extreme strip: at most ``MAX_ASPECT`` times its short side.
+
+    Resizing the short side of a 20000x1 PNG (140 bytes) to 256 px would make a 4 GB image,
+    of which the centre crop keeps a square. That square lies inside the centred part kept
+    here, so the result is unchanged (to rounding) and the memory stays bounded.
+    """
+    w, h = image.size
+    if max(w, h) <= MAX_ASPECT * min(w, h):
+        return image
+    keep = MAX_ASPECT * min(w, h)
+    if w > h:
+        left = (w - keep) // 2
+        return image.crop((left, 0, left + keep, h))
+    top = (h - keep) // 2
+    return image.crop((0, top, w, top + keep))
 
 
 def pool_features(fmap: torch.Tensor, pooling: str) -> torch.Tensor:

@@ -70,6 +70,9 @@ def decode_batch(
             ok.append(entry)
         except (InvalidImageError, NotFoundError, OSError) as e:
             failed.append((entry, str(e)))
+        except Exception as e:  # a bug or a decoder's surprise costs one file, never the run
+            log.exception("unexpected error on %s", entry.path)
+            failed.append((entry, f"{entry.path}: unexpected {type(e).__name__}: {e}"))
     return DecodedBatch(ok, tensors, failed)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -201,9 +202,9 @@ def test_decompression_bomb_rejected_on_header() -> None:
         decode_image(bomb)
     with pytest.raises(InvalidImageError, match="too large"):
         decode_image(_png_with_header_size(100_000, 100_000))
-    # Even with our cap lifted, Pillow's own bomb guard answers with the same error type.
-    with pytest.raises(InvalidImageError, match="too large"):
-        decode_image(_png_with_header_size(100_000, 100_000), max_pixels=10**12)
+    # Our cap, not Pillow's process-wide guard (which says "could be decompression bomb DOS attack").
+    with pytest.raises(InvalidImageError, match=r"100000x100000 = 10,000,000,000 pixels to decode, above the cap"):
+        decode_image(_png_with_header_size(100_000, 100_000))
 
 
 def test_large_jpeg_counts_at_its_drafted_size() -> None:
@@ -214,6 +215,14 @@ def test_large_jpeg_counts_at_its_drafted_size() -> None:
         decode_image(photo)  # decoded in full: the cap applies
     with pytest.raises(InvalidImageError, match=r"7000x6000 \(decoded at 875x750\)"):
         decode_image(photo, draft_size=(256, 256), max_pixels=500_000)
+
+
+def test_jpeg_beyond_pillows_own_limit_is_drafted_not_refused() -> None:
+    # A 180 MP header (above Pillow's 2 x 89 MP bomb limit) decodes at 1/8 = 2.8 MP, under our cap.
+    data = bytearray(encode(Image.new("L", (64, 64), 128), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", 9000, 20000)  # height, width
+    assert decode_image(bytes(data), draft_size=(256, 256)).size == (2500, 1125)
 
 
 def test_pixel_cap_is_configurable() -> None:
@@ -265,3 +274,16 @@ def test_load_image_errors(tmp_path: Path) -> None:
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really")
     with pytest.raises(InvalidImageError, match="bad.jpg"):
         load_image(bad)
+    (tmp_path / "folder.jpg").mkdir()
+    with pytest.raises(InvalidImageError, match="a directory"):
+        load_image(tmp_path / "folder.jpg")
+    with pytest.raises(InvalidImageError, match="not a usable path"):
+        load_image(str(tmp_path / "nul\0.jpg"))
+
+
+def test_only_regular_files_are_read(tmp_path: Path) -> None:
+    # Reading a FIFO named like an image would block forever (and /dev/zero never end).
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(InvalidImageError, match="pipe.jpg: not a regular file"):
+        load_image(fifo)

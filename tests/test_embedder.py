@@ -11,8 +11,8 @@ import torch
 from PIL import Image, ImageOps
 
 from pictor.core.decode import decode_image, load_image
-from pictor.core.embedder import Embedder, PCAWhitening, create_embedder, resolve_precision
-from pictor.core.spec import ModelSpec
+from pictor.core.embedder import Embedder, PCAWhitening, create_embedder, preprocess_image, resolve_precision
+from pictor.core.spec import ModelSpec, Preprocessing
 from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
 
 DATA = Path(__file__).parent / "data"
@@ -56,6 +56,21 @@ def test_preprocess_matches_the_weights(embedder: Embedder, photos: list[Image.I
     x = embedder.preprocess(photos[0])
     assert x.shape == (3, 224, 224) and x.dtype == torch.float32
     assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0  # mean = std = 0.5
+
+
+def test_extreme_strip_is_trimmed_before_resizing() -> None:
+    # 20000x1: resizing the short side to 256 first would make a 5.1M x 256 image (4 GB).
+    x = preprocess_image(Image.new("RGB", (20000, 1), (0, 255, 0)), Preprocessing())
+    assert x.shape == (3, 224, 224)
+    # Beyond 4:1 only the centre is kept, and the crop sees the same pixels as without the trim.
+    import torchvision.transforms.functional as TF
+
+    rng = np.random.default_rng(0)
+    wide = Image.fromarray(rng.integers(0, 256, (21, 101, 3), dtype=np.uint8)).resize((1000, 200))
+    for image in (wide, wide.transpose(Image.Transpose.TRANSPOSE)):
+        ref = TF.center_crop(TF.resize(image, 256), [224, 224])
+        ref = (torch.from_numpy(np.asarray(ref).copy()).permute(2, 0, 1) / 255.0 - 0.485) / 0.229
+        assert torch.allclose(preprocess_image(image, Preprocessing())[0], ref[0], atol=1e-5)
 
 
 def _corner_case_images() -> dict[str, Image.Image]:
