@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -15,6 +16,9 @@ from pathlib import Path
 
 from pictor.errors import InvalidRequestError, NotFoundError
 
+log = logging.getLogger(__name__)
+
+MAX_KEY_LEN = 4096  # characters of an item key (the store refuses longer ones)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 MANIFEST_SUFFIXES = frozenset({".csv", ".jsonl", ".ndjson"})
 
@@ -62,7 +66,16 @@ def read_gallery(
 
 
 def _walk_images(root: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
+    # Symlinked folders are followed (a class folder is often a link to where the photos
+    # live); each real folder is listed once, which also ends a link back to an ancestor.
+    visited: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in visited:
+            log.warning("%s is a folder already listed (through a link); not listed again", dirpath)
+            dirnames[:] = []
+            continue
+        visited.add((st.st_dev, st.st_ino))
         # Hidden folders (.thumbnails, .git) hold copies or tooling, not gallery images; sorted
         # so that ids and progress are reproducible.
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -81,9 +94,15 @@ def read_manifest(manifest: Path, *, require_label: bool = False) -> Iterator[Ga
             f"{manifest} must be a folder of images (one sub-folder per label) or a .csv/.jsonl manifest"
         )
     required = ("path", "label") if require_label else ("path",)
-    with manifest.open(newline="" if suffix == ".csv" else None, encoding="utf-8") as f:
-        rows = _csv_rows(manifest, f, required) if suffix == ".csv" else _json_lines(manifest, f)
-        yield from _entries(manifest, rows, required)
+    try:
+        # utf-8-sig: spreadsheets ("CSV UTF-8") start the file with a byte-order mark.
+        with manifest.open(newline="" if suffix == ".csv" else None, encoding="utf-8-sig") as f:
+            rows = _csv_rows(manifest, f, required) if suffix == ".csv" else _json_lines(manifest, f)
+            yield from _entries(manifest, rows, required)
+    except UnicodeDecodeError as e:
+        raise InvalidRequestError(
+            f"manifest {manifest} is not UTF-8 text (byte {e.object[e.start]:#04x}); save it as UTF-8"
+        ) from e
 
 
 def _csv_rows(manifest: Path, f: Iterable[str], required: tuple[str, ...]
@@ -97,7 +116,8 @@ def _csv_rows(manifest: Path, f: Iterable[str], required: tuple[str, ...]
         )
     reader.fieldnames = columns
     for row in reader:
-        yield reader.line_num, {k: v for k, v in row.items() if k is not None and v is not None}
+        # Stray spaces around a CSV cell ("a.jpg, tulips") never help.
+        yield reader.line_num, {k: v.strip() for k, v in row.items() if k is not None and v is not None}
 
 
 def _columns(names: tuple[str, ...]) -> str:
@@ -115,19 +135,42 @@ def _json_lines(manifest: Path, lines: Iterable[str]) -> Iterator[tuple[int, dic
             raise InvalidRequestError(f"{manifest}:{n}: not valid JSON: {e.msg}") from e
         if not isinstance(row, dict):
             raise InvalidRequestError(f"{manifest}:{n}: each line must be a JSON object")
-        yield n, {k: str(v) for k, v in row.items()}
+        yield n, {k: _json_text(f"{manifest}:{n}", k, v) for k, v in row.items() if v is not None}
+
+
+def _json_text(where: str, name: str, value: object) -> str:
+    """A JSONL field as text: strings as they are, numbers as written; null means absent."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise InvalidRequestError(
+        f"{where}: field {name!r} must be a string or a number, got {json.dumps(value)[:60]}"
+    )
 
 
 def _entries(manifest: Path, rows: Iterator[tuple[int, dict[str, str]]], required: tuple[str, ...]
              ) -> Iterator[GalleryEntry]:
     base = manifest.parent
+    first_line: dict[str, int] = {}  # key -> the line that gave it
     for line, row in rows:
-        row = {k: v.strip() for k, v in row.items()}  # stray spaces around a path never help
+        where = f"{manifest}:{line}"
         missing = [c for c in required if not row.get(c)]
         if missing:
-            raise InvalidRequestError(f"{manifest}:{line}: no {' and no '.join(repr(c) for c in missing)}")
+            raise InvalidRequestError(f"{where}: no {' and no '.join(repr(c) for c in missing)}")
         raw = row.pop("path")
+        if "\0" in raw:
+            raise InvalidRequestError(f"{where}: the path contains a NUL byte")
         path = Path(raw) if Path(raw).is_absolute() else base / raw
         key = row.pop("key", "") or raw
+        if len(key) > MAX_KEY_LEN:
+            raise InvalidRequestError(f"{where}: the key is {len(key):,} characters long; "
+                                      f"at most {MAX_KEY_LEN:,}")
+        if key in first_line:  # which row would win is a guess: ask
+            raise InvalidRequestError(
+                f"{where}: key {key!r} is already on line {first_line[key]}; each row must be "
+                "another item (the key is the 'key' field, else the path)"
+            )
+        first_line[key] = line
         label = row.pop("label", "")
         yield GalleryEntry(key=key, path=path, label=label, attributes={k: v for k, v in row.items() if v})

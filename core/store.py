@@ -55,6 +55,7 @@ from pictor.core.faiss_index import (
     training_size,
     tune_knobs,
 )
+from pictor.core.gallery import MAX_KEY_LEN
 from pictor.core.spec import ModelSpec
 from pictor.errors import (
     IncompatibleModelError,
@@ -73,7 +74,6 @@ LOCK_FILE = "LOCK"
 SNAPSHOT_PREFIX = "faiss-"
 SNAPSHOT_SUFFIX = ".index"
 _SQL_CHUNK = 4096  # ids per `IN (...)` query and vectors per streamed block
-_MAX_KEY_LEN = 4096
 _TRAIN_SAMPLE = 50_000  # vectors to train IVF/PQ on, unless the type needs more
 _NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})  # shared by every hit without any
 
@@ -392,21 +392,14 @@ class IndexStore:
                 f"{what} have dim {arr.shape[1]}, but this index holds dim {self.dim} vectors "
                 f"from {self.spec.describe()}"
             )
-        if len(arr) == 1:  # the common single query: FAISS's norm (numpy's dot costs 3x), then scalars
-            sq = faiss.fvec_norm_L2sqr(faiss.swig_ptr(arr), self.dim)
-            if abs(sq - 1.0) <= 1e-5:  # also False for NaN
-                return arr
-            if not math.isfinite(sq):
-                raise InvalidRequestError(f"{what} contain NaN, infinite or overflowing values")
-            if sq == 0.0:
-                raise InvalidRequestError(
-                    f"{what} contain an all-zero vector, which has no direction"
-                )
-            return np.ascontiguousarray(arr / np.float32(math.sqrt(sq)))
-        # One pass: a NaN or infinity anywhere makes the squared norm non-finite.
-        squared = np.einsum("ij,ij->i", arr, arr)
+        # The common single unit query: FAISS's norm (numpy's dot costs 3x), as a scalar.
+        if len(arr) == 1 and abs(faiss.fvec_norm_L2sqr(faiss.swig_ptr(arr), self.dim) - 1.0) <= 1e-5:
+            return arr  # (the test is also False for NaN)
+        # One pass, in float64 (float32 squares overflow from 1e19 and vanish below 1e-19):
+        # a NaN or infinity anywhere makes the squared norm non-finite.
+        squared = np.einsum("ij,ij->i", arr, arr, dtype=np.float64)
         if not np.isfinite(squared).all():
-            raise InvalidRequestError(f"{what} contain NaN, infinite or overflowing values")
+            raise InvalidRequestError(f"{what} contain NaN or infinite values")
         if not squared.all():
             raise InvalidRequestError(f"{what} contain an all-zero vector, which has no direction")
         return np.ascontiguousarray(arr / np.sqrt(squared)[:, None], dtype=np.float32)
@@ -1212,9 +1205,9 @@ def _dump_attrs(attrs: Mapping[str, str]) -> str:
 
 def _check_items(items: Sequence[Item]) -> None:
     for item in items:
-        if not isinstance(item.key, str) or not item.key or len(item.key) > _MAX_KEY_LEN:
+        if not isinstance(item.key, str) or not item.key or len(item.key) > MAX_KEY_LEN:
             raise InvalidRequestError(
-                f"item key must be a non-empty string of at most {_MAX_KEY_LEN} characters, "
+                f"item key must be a non-empty string of at most {MAX_KEY_LEN} characters, "
                 f"got {item.key!r:.80}"
             )
         if not isinstance(item.label, str):

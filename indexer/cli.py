@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     entries = list(read_gallery(settings.gallery, labels=settings.labels))
     if not entries:
         raise InvalidRequestError(
-            f"no images found in {settings.gallery} (looked for {image_suffixes_text()})"
+            f"manifest {settings.gallery} lists no images" if Path(settings.gallery).is_file()
+            else f"no images found in {settings.gallery} (looked for {image_suffixes_text()})"
         )
     out = Path(settings.out)
     if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):

@@ -74,3 +74,59 @@ def test_hidden_files_and_folders_are_not_listed(tmp_path: Path) -> None:
     for name in ("cats/a.jpg", "cats/._a.jpg", "cats/.thumbnails/a.jpg", "cats/a.txt"):
         (tmp_path / name).write_bytes(b"")
     assert [e.path.name for e in read_gallery(tmp_path)] == ["a.jpg"]
+
+
+def test_manifest_text_as_spreadsheets_and_scripts_write_it(tmp_path: Path) -> None:
+    # Excel's "CSV UTF-8" starts with a byte-order mark, and so do some JSONL writers.
+    csv = tmp_path / "m.csv"
+    csv.write_bytes("\ufeffpath,label\r\na.png,café\r\n".encode())
+    assert [(e.key, e.label) for e in read_gallery(csv)] == [("a.png", "café")]
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_bytes("\ufeff".encode() + json.dumps({"path": "a.png", "label": 3}).encode() + b"\n")
+    assert [e.label for e in read_gallery(jsonl)] == ["3"]  # a number as written
+    csv.write_bytes("path,label\na.png,café\n".encode("latin-1"))
+    with pytest.raises(InvalidRequestError, match=r"m.csv is not UTF-8 text \(byte 0xe9\)"):
+        list(read_gallery(csv))
+
+
+def test_jsonl_null_is_absent_and_other_values_refused(tmp_path: Path) -> None:
+    jsonl = tmp_path / "m.jsonl"
+    rows = [{"path": "a.png", "label": None, "key": None, "note": None},
+            {"path": " b.png", "label": " spaced ", "key": " k "}]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a, b = read_gallery(jsonl)
+    assert (a.key, a.label, a.attributes) == ("a.png", "", {})  # not the string "None"
+    assert (b.key, b.label, b.path.name) == (" k ", " spaced ", " b.png")  # JSON says exactly
+    for value in ({"x": 1}, [1], True):
+        jsonl.write_text(json.dumps({"path": "a.png", "label": value}) + "\n")
+        with pytest.raises(InvalidRequestError, match="m.jsonl:1: field 'label' must be a string or a number"):
+            list(read_gallery(jsonl))
+
+
+def test_manifest_rows_that_cannot_be_items_are_refused_up_front(tmp_path: Path) -> None:
+    csv = tmp_path / "m.csv"
+    csv.write_text("path,label,key\na.png,x,K\nb.png,y,\nc.png,z,K\n")
+    with pytest.raises(InvalidRequestError, match="m.csv:4: key 'K' is already on line 2"):
+        list(read_gallery(csv))
+    csv.write_text("path,label\na.png,x\na.png,y\n")  # no key: the path is the key
+    with pytest.raises(InvalidRequestError, match="m.csv:3: key 'a.png' is already on line 2"):
+        list(read_gallery(csv))
+    csv.write_text(f"path,key\na.png,{'k' * 5000}\n")
+    with pytest.raises(InvalidRequestError, match="m.csv:2: the key is 5,000 characters long; at most 4,096"):
+        list(read_gallery(csv))
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text(json.dumps({"path": "a\0b.png"}) + "\n")
+    with pytest.raises(InvalidRequestError, match="m.jsonl:1: the path contains a NUL byte"):
+        list(read_gallery(jsonl))
+
+
+def test_symlinked_folders_are_followed_once(tmp_path: Path) -> None:
+    photos = tmp_path / "elsewhere" / "daisy"
+    photos.mkdir(parents=True)
+    (photos / "a.jpg").write_bytes(b"")
+    gallery = tmp_path / "gallery"
+    (gallery / "roses").mkdir(parents=True)
+    (gallery / "roses" / "b.jpg").write_bytes(b"")
+    (gallery / "daisy").symlink_to(photos)  # a class folder kept elsewhere
+    (gallery / "roses" / "loop").symlink_to(gallery)  # a link back up must not loop
+    assert {e.path.name: e.label for e in read_gallery(gallery)} == {"a.jpg": "daisy", "b.jpg": "roses"}

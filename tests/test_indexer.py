@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from conftest import drawn_image, pictor
 
 from pictor.config import ServerSettings
@@ -19,11 +21,14 @@ from pictor.server.engine import Engine
 def test_index_reports_bad_files_and_keeps_going(gallery: Path, tmp_path: Path) -> None:
     (gallery / "cool" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     (gallery / "cool" / "empty.png").write_bytes(b"")
+    os.mkfifo(gallery / "cool" / "pipe.jpg")  # reading it would block the run forever
+    # 140 bytes that a naive resize would blow up to 4 GB: indexed, within bounded memory.
+    Image.new("RGB", (20000, 1), (200, 30, 30)).save(gallery / "warm" / "strip.png")
     out = tmp_path / "index"
     r = pictor("index", str(gallery), "--out", str(out), "--json", "--batch-size", "5")
     summary = json.loads(r.stdout)
-    assert (summary["indexed"], summary["skipped"], summary["index_size"]) == (12, 2, 12)
-    assert {Path(f["path"]).name for f in summary["failures"]} == {"broken.jpg", "empty.png"}
+    assert (summary["indexed"], summary["skipped"], summary["index_size"]) == (13, 3, 13)
+    assert {Path(f["path"]).name for f in summary["failures"]} == {"broken.jpg", "empty.png", "pipe.jpg"}
     assert all(f["error"] for f in summary["failures"])
     assert "faiss.loader" not in r.stderr  # no alarming library-probe lines by default
 
@@ -31,7 +36,7 @@ def test_index_reports_bad_files_and_keeps_going(gallery: Path, tmp_path: Path) 
     assert strict.returncode == 1
 
     with IndexStore.open(out) as store:
-        assert len(store) == 12
+        assert len(store) == 13
         query = store.get_vector(sorted(gallery.rglob("img*.png"))[0].as_posix())
         labels = {h.label for h in store.search(query[None], 12)[0]}
         assert labels == {"warm", "cool"}
@@ -59,6 +64,9 @@ def test_index_errors_are_clear(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     r = pictor("index", str(tmp_path / "empty"), "--out", str(tmp_path / "i"), check=False)
     assert r.returncode == 2 and "no images found" in r.stderr
+    (tmp_path / "header.csv").write_text("path,label\n")
+    r = pictor("index", str(tmp_path / "header.csv"), "--out", str(tmp_path / "i"), check=False)
+    assert r.returncode == 2 and "manifest " in r.stderr and "header.csv lists no images" in r.stderr
     (tmp_path / "empty" / "notes.jpg").write_text("not a picture")
     r = pictor("index", str(tmp_path / "empty"), "--out", str(tmp_path / "i"), check=False)
     assert r.returncode == 2 and "none of the 1 files could be indexed" in r.stderr

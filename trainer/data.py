@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -47,7 +48,22 @@ def load_samples(data: str | Path) -> list[Sample]:
         log.warning("%d image(s) directly in %s are not in a class folder and are left out", loose, data)
     if not samples:
         raise InvalidRequestError(f"data {data} holds no labelled images (looked for {image_suffixes_text()})")
+    _refuse_repeats(samples)
     return sorted(samples, key=lambda s: (s.label, str(s.path)))
+
+
+def _refuse_repeats(samples: Sequence[Sample]) -> None:
+    """One image listed twice would sit on both sides of the split (or under two labels)."""
+    labels: dict[str, list[str]] = defaultdict(list)
+    for s in samples:
+        labels[os.path.normpath(s.path)].append(s.label)
+    repeated = {p: ls for p, ls in labels.items() if len(ls) > 1}
+    if repeated:
+        path, ls = next(iter(repeated.items()))
+        raise InvalidRequestError(
+            f"{len(repeated)} image(s) are listed more than once, e.g. {path} (labels: "
+            f"{', '.join(ls)}); list each image once"
+        )
 
 
 def class_names(samples: Iterable[Sample]) -> list[str]:
