@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pictor.config import DEFAULT_TARGET
-from pictor.errors import InvalidRequestError, NotFoundError, ServerUnavailableError
+from pictor.errors import InvalidRequestError, NotFoundError, PictorError, ServerUnavailableError
 
 if TYPE_CHECKING:
     from pictor.client.client import Classification
@@ -78,8 +79,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    import os
-
     from pictor.client.client import PictorClient
 
     target = args.target or os.environ.get("PICTOR_TARGET", DEFAULT_TARGET)
@@ -87,13 +86,30 @@ def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _read(path: str) -> bytes:
+    """An image file's bytes; errors name the path."""
     p = Path(path)
+    try:
+        _check_readable(p)
+        return p.read_bytes()
+    except OSError as e:
+        raise InvalidRequestError(f"{path}: cannot read: {e.strerror or e}") from e
+
+
+def _check_readable(p: Path) -> None:
     if p.is_dir():
-        raise InvalidRequestError(f"{path} is a folder; give image files (or index the folder "
+        raise InvalidRequestError(f"{p} is a folder; give image files (or index the folder "
                                   "with `pictor index`)")
-    if not p.is_file():
-        raise NotFoundError(f"{path}: no such file")
-    return p.read_bytes()
+    if not p.exists():
+        raise NotFoundError(f"{p}: no such file")
+    if not p.is_file():  # a FIFO or a device would block or never end
+        raise InvalidRequestError(f"{p}: not a regular file")
+    if not os.access(p, os.R_OK):
+        raise InvalidRequestError(f"{p}: cannot read: permission denied")
+
+
+def _path_key(path: str) -> str:
+    """The key `pictor index` gives the file: its path, normalised (``./a//b.jpg`` -> ``a/b.jpg``)."""
+    return Path(path).as_posix()
 
 
 def _emit(args: argparse.Namespace, data: Any, table: str) -> None:
@@ -122,12 +138,17 @@ def run_classify(args: argparse.Namespace) -> int:
     results, failed = [], 0
     with _client(args) as client:
         for path in args.images:
+            data = None
             try:
-                r = client.classify(_read(path), top_k=args.top_k, classifier=args.classifier,
+                data = _read(path)
+                r = client.classify(data, top_k=args.top_k, classifier=args.classifier,
                                     neighbors=args.neighbors)
-            except (InvalidRequestError, NotFoundError) as e:
-                print(f"pictor classify: {path}: {e}", file=sys.stderr)
-                results.append({"image": path, "error": str(e)})
+            except ServerUnavailableError:
+                raise
+            except PictorError as e:  # refused or failed on the server: this image only
+                error = str(e) if data is None else f"{path}: {e}"  # reading names the path itself
+                print(f"pictor classify: {error}", file=sys.stderr)
+                results.append({"image": path, "error": error})
                 failed += 1
                 continue
             results.append({"image": path, **dataclasses.asdict(r)})
@@ -205,10 +226,9 @@ def run_add(args: argparse.Namespace) -> int:
     from pictor.client.client import UpsertItem
 
     for path in args.images:  # fail before streaming, not halfway through
-        if not Path(path).is_file():
-            raise NotFoundError(f"{path}: no such file")
-    items = (UpsertItem(key=args.key_prefix + path, image=_read(path), label=args.label,
-                        attributes={"path": path}) for path in args.images)
+        _check_readable(Path(path))
+    items = (UpsertItem(key=args.key_prefix + _path_key(path), image=_read(path), label=args.label,
+                        attributes={"path": _path_key(path)}) for path in args.images)
     with _client(args) as client:
         inserted, replaced = client.upsert(items)
     _emit(args, {"inserted": inserted, "replaced": replaced},
@@ -222,7 +242,8 @@ def run_delete(args: argparse.Namespace) -> int:
         deleted, missing = client.delete(args.keys)
     _emit(args, {"deleted": deleted, "missing": missing}, f"deleted {deleted}\n")
     if missing:
-        print(f"pictor delete: not found: {', '.join(missing)} (a key is the path as it was given "
-              "to `pictor index` or `pictor add`; `pictor search --json` shows keys)", file=sys.stderr)
+        print(f"pictor delete: not found: {', '.join(missing)} (a key is the image's path as `pictor "
+              "index` or `pictor add` stored it: photos/a.jpg for ./photos//a.jpg; `pictor search --json` "
+              "shows keys)", file=sys.stderr)
         return 2
     return 0

@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pictor.api import ServerInfo
-from pictor.errors import InvalidRequestError
+from pictor.errors import InvalidRequestError, PictorError
 from pictor.status import error_from_status
 from pictor.v1 import pictor_pb2 as pb
 from pictor.v1 import pictor_pb2_grpc as pb_grpc
@@ -182,15 +182,30 @@ class PictorClient:
         return [list(v.values) for v in r.embeddings]
 
     def upsert(self, items: Iterable[UpsertItem]) -> tuple[int, int]:
-        """Stream items to the server; returns (inserted, replaced) once all are durable."""
-        def requests() -> Iterable[pb.UpsertRequest]:
-            for it in items:
-                item = pb.Item(key=it.key, image=it.image, label=it.label, attributes=dict(it.attributes))
-                if it.vector is not None:
-                    item.vector.values.extend(it.vector)
-                yield pb.UpsertRequest(item=item)
+        """Stream items to the server; returns (inserted, replaced) once all are durable.
 
-        r = self._call(self._stub.Upsert, requests())
+        An error raised while iterating ``items`` cancels the call and is raised here as it
+        was; the server keeps the chunks it had already written, not the one under way.
+        """
+        raised: list[Exception] = []
+
+        def requests() -> Iterable[pb.UpsertRequest]:
+            try:
+                for it in items:
+                    item = pb.Item(key=it.key, image=it.image, label=it.label, attributes=dict(it.attributes))
+                    if it.vector is not None:
+                        item.vector.values.extend(it.vector)
+                    yield pb.UpsertRequest(item=item)
+            except Exception as e:  # gRPC would log it and report only "Exception iterating requests!"
+                raised.append(e)
+                raise
+
+        try:
+            r = self._call(self._stub.Upsert, requests())
+        except PictorError:
+            if raised:
+                raise raised[0] from None
+            raise
         return r.inserted, r.replaced
 
     def delete(self, keys: Sequence[str]) -> tuple[int, list[str]]:

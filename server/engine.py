@@ -173,16 +173,13 @@ class Engine:
             raise InvalidRequestError("no image given")
         decoded = []
         for i, data in enumerate(images):
-            name = names[i] if names else f"image {i}"
-            if not data:
-                raise InvalidImageError(f"{name} is empty (0 bytes)")
             try:
                 # draft: a large JPEG is decoded at reduced scale, never below what the model needs
                 decoded.append(decode_image(data, max_pixels=self.max_pixels, draft_size=self.embedder.draft_size))
             except InvalidImageError as e:
                 if len(images) == 1 and not names:
                     raise
-                raise InvalidImageError(f"{name}: {e}") from e
+                raise InvalidImageError(f"{names[i] if names else f'image {i}'}: {e}") from e
         with self._forward_lock:
             return self.embedder.forward_images(decoded)
 
@@ -206,10 +203,11 @@ class Engine:
             )
         if not np.all(np.isfinite(vector)):
             raise InvalidRequestError("vector contains NaN or infinite values")
-        norm = float(np.linalg.norm(vector))
+        exact = vector.astype(np.float64)  # float32 squares overflow from 1e19 and vanish below 1e-19
+        norm = float(np.linalg.norm(exact))
         if norm == 0.0:
             raise InvalidRequestError("vector is all zeros")
-        return vector / norm
+        return (exact / norm).astype(np.float32)
 
     # -- the calls ---------------------------------------------------------------------------
 
@@ -322,7 +320,7 @@ class Engine:
                 out = self.forward([images[i] for i in to_embed],  # type: ignore[misc]
                                    [f"item {items[i].key!r}" for i in to_embed])
             except InvalidImageError as e:
-                raise InvalidImageError(f"{e}; upsert of {len(items)} items rejected, none written") from e
+                raise InvalidImageError(f"{e}; none of these {len(items)} items written") from e
             rows[to_embed] = self.to_index(out.embeddings)
         if before_write is not None:
             before_write()

@@ -2,26 +2,58 @@
 
 Handlers raise ``PictorError`` subclasses; this interceptor aborts the call with the code from
 ``pictor.status`` and the error's message. Anything unexpected is logged with its traceback
-and answered INTERNAL, so one bad request never takes the server down.
+and answered INTERNAL, so one bad request never takes the server down. Request bytes that do
+not parse as the method's message are INVALID_ARGUMENT too (gRPC itself would say INTERNAL).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 
-from pictor.errors import PictorError
+from pictor.errors import InvalidRequestError, PictorError
 from pictor.status import status_for
 
 log = logging.getLogger(__name__)
 
 
-def _guard(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+class _Malformed:
+    """Stands for request bytes that are not the method's message (gRPC would answer INTERNAL)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.message = f"the request is not a valid protobuf message for this method: {error}"
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:  # DecodeError: bad wire format, or invalid UTF-8 in a string field
+            return _Malformed(e)
+
+    return parse
+
+
+def _well_formed(requests: Iterator[Any]) -> Iterator[Any]:
+    for request in requests:
+        if isinstance(request, _Malformed):
+            raise InvalidRequestError(request.message)
+        yield request
+
+
+def _guard(behavior: Callable[..., Any], method: str, streaming: bool) -> Callable[..., Any]:
     def guarded(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
         try:
+            if streaming:
+                request_or_iterator = _well_formed(request_or_iterator)
+            elif isinstance(request_or_iterator, _Malformed):
+                raise InvalidRequestError(request_or_iterator.message)
             return behavior(request_or_iterator, context)
         except PictorError as e:
             code = status_for(e)
@@ -46,14 +78,14 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _guard(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                _guard(handler.unary_unary, method, streaming=False),
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _guard(handler.stream_unary, method),
-                request_deserializer=handler.request_deserializer,
+                _guard(handler.stream_unary, method, streaming=True),
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler  # server-streaming calls (health Watch) pass through untouched

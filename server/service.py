@@ -127,7 +127,7 @@ class PictorService(pb_grpc.PictorServicer):
                 result = self._upsert_chunk(chunk, context)
             except PictorError as e:
                 if written := inserted + replaced:
-                    raise type(e)(f"{e} (the {written} items streamed before those were written)") from e
+                    raise type(e)(f"{e}; the {written} items streamed before them were written") from e
                 raise
             inserted, replaced = inserted + result.inserted, replaced + result.replaced
         if not (inserted or replaced):

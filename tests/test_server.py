@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import grpc
@@ -54,6 +55,15 @@ def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: Server
     with pytest.raises(grpc.RpcError) as e:
         stub.Search(pb.SearchRequest(k=5), timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Bytes that are not the method's message (gRPC's own answer would be INTERNAL).
+    garbage = b"\x0a\x05\xff\xfe\xfd\xfc"  # field 1 (a string) holding invalid UTF-8
+    search = channel.unary_unary("/pictor.v1.Pictor/Search")
+    upsert = channel.stream_unary("/pictor.v1.Pictor/Upsert")
+    for call, request in ((search, garbage), (upsert, iter([garbage]))):
+        with pytest.raises(grpc.RpcError) as e:
+            call(request, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid protobuf message" in e.value.details()
     channel.close()
 
     with PictorClient(server.target) as client:  # still serving
@@ -73,11 +83,21 @@ def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: Server
         # A bad image among several: named by its key, and nothing of the request written.
         items = [UpsertItem(key="good-1", image=drawn_image(2)), UpsertItem(key="broken", image=b"GIF89a"),
                  UpsertItem(key="good-2", image=drawn_image(3))]
-        with pytest.raises(InvalidRequestError, match=r"item 'broken': .*3 items rejected, none written"):
+        with pytest.raises(InvalidRequestError, match=r"item 'broken': .*none of these 3 items written"):
             client.upsert(items)
         assert client.info().index_size == 12
         with pytest.raises(InvalidRequestError, match="item 'short': vector has 3 values"):
             client.upsert([UpsertItem(key="short", vector=[1.0, 2.0, 3.0])])
+        # A query whose float32 norm would overflow is still a direction.
+        assert len(client.search(vector=[1e38] * 1280, k=1)) == 1
+
+        def failing_items():  # the caller's own iterator fails halfway: its error, nothing written
+            yield UpsertItem(key="never", image=drawn_image(4))
+            raise OSError("the disk went away")
+
+        with pytest.raises(OSError, match="the disk went away"):
+            client.upsert(failing_items())
+        assert client.info().index_size == 12
 
 
 def test_classify_with_imagenet_labels_and_knn(server: ServerProcess) -> None:
@@ -124,7 +144,7 @@ def test_add_and_delete_survive_sigkill(built_index: Path) -> None:
         again.stop()
 
 
-def test_client_cli_prints_results_and_json(server: ServerProcess, shared_gallery: Path) -> None:
+def test_client_cli_prints_results_and_json(server: ServerProcess, shared_gallery: Path, tmp_path: Path) -> None:
     image = sorted(shared_gallery.rglob("*.png"))[5]
     out = pictor("search", str(image), "-k", "2", "--target", server.target)
     assert image.as_posix() in out.stdout.splitlines()[1]
@@ -140,6 +160,16 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     assert bad.stdout.startswith(f"{daisy}  (imagenet)") and f"\n{image}  (imagenet)" in bad.stdout
     folder = pictor("classify", str(DATA), "--target", server.target, check=False)
     assert folder.returncode == 2 and f"{DATA} is a folder" in folder.stderr
+    pipe = tmp_path / "pipe.jpg"
+    os.mkfifo(pipe)  # unreadable as an image: named once, and the next image still answered
+    piped = pictor("classify", str(pipe), daisy, "--target", server.target, check=False)
+    assert piped.returncode == 2 and f"pictor classify: {pipe}: not a regular file\n" == piped.stderr
+    assert piped.stdout.startswith(f"{daisy}  (imagenet)")
+    # `pictor add` keys a file by its path as `pictor index` writes it.
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "x.png").write_bytes(drawn_image(7))
+    pictor("add", "./new//x.png", "--target", server.target, cwd=tmp_path)
+    assert pictor("delete", "new/x.png", "--target", server.target).stdout == "deleted 1\n"
     every = pictor("classify", str(image), "--classifier", "all", "--neighbors", "2",
                    "--target", server.target).stdout
     assert "kNN vote: " in every and "agree" not in every  # ImageNet labels vs the index's labels
@@ -147,7 +177,7 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     none = pictor("search", str(image), "--label", "nosuch", "--target", server.target)
     assert none.stdout == "no results: no indexed item matches the --label/--attr filter\n"
     gone = pictor("delete", "no/such/key.png", "--target", server.target, check=False)
-    assert gone.returncode == 2 and "not found: no/such/key.png (a key is the path" in gone.stderr
+    assert gone.returncode == 2 and "not found: no/such/key.png (a key is the image's path" in gone.stderr
     zero = pictor("search", str(image), "-k", "0", "--target", server.target, check=False)
     assert zero.returncode == 2 and "k must be at least 1, got 0" in zero.stderr
 

@@ -202,6 +202,9 @@ def test_bad_input_refused(tmp_path: Path, rng) -> None:
         with pytest.raises(InvalidRequestError, match="k must be"):
             store.search(unit(rng, 1), k=0)
         assert len(store) == 0
+        # Huge or tiny but finite values are directions (float32 squares over/underflow).
+        for scale in (1e38, 1e-30):
+            assert np.allclose(store.check_vectors(np.full(DIM, scale, np.float32)), DIM ** -0.5)
     with pytest.raises(InvalidRequestError, match="not a valid FAISS factory"):
         IndexStore.create(tmp_path / "t", spec(), index_type="NotAnIndex12")
     with pytest.raises(InvalidRequestError, match="already exists"):
