@@ -39,6 +39,9 @@ class ModelSettings:
     batch_size: int = 32
     max_pixels: int = DEFAULT_MAX_PIXELS
 
+    def __post_init__(self) -> None:
+        _check_positive(self, "batch_size", "max_pixels")
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -56,9 +59,7 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise InvalidRequestError(f"port must be between 0 (any free port) and 65535, got {self.port}")
-        for name in ("workers", "max_message_mb", "max_pixels"):
-            if getattr(self, name) < 1:
-                raise InvalidRequestError(f"{name} must be at least 1, got {getattr(self, name)}")
+        _check_positive(self, "workers", "max_message_mb", "max_pixels")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,17 @@ class IndexerSettings:
     labels: str = "folder"  # "folder" (top-level folder name), "none"; a manifest brings its own
     pca_whiten: int = 0  # PCA-whitening to this many dims, fitted on a gallery sample (0 = off)
     pca_sample: int = 10_000  # gallery images embedded to fit it (embedded again when indexed)
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "workers", "pca_sample")
+        if self.pca_whiten < 0:
+            raise InvalidRequestError(f"pca_whiten must be 0 (off) or a number of dims, got {self.pca_whiten}")
+
+
+def _check_positive(settings: object, *names: str) -> None:
+    for name in names:
+        if getattr(settings, name) < 1:
+            raise InvalidRequestError(f"{name} must be at least 1, got {getattr(settings, name)}")
 
 
 S = TypeVar("S")
