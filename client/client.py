@@ -22,12 +22,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pictor.api import ServerInfo
+from pictor.config import DEFAULT_PORT, DEFAULT_TARGET
 from pictor.errors import InvalidRequestError, PictorError
 from pictor.status import error_from_status
 from pictor.v1 import pictor_pb2 as pb
 from pictor.v1 import pictor_pb2_grpc as pb_grpc
 
 DEFAULT_TIMEOUT = 30.0
+MAX_RECONNECT_BACKOFF_MS = 2_000
 CLASSIFIERS = {"default": pb.CLASSIFIER_UNSPECIFIED, "head": pb.CLASSIFIER_HEAD,
                "knn": pb.CLASSIFIER_KNN, "all": pb.CLASSIFIER_ALL}
 
@@ -89,28 +91,58 @@ def _check_counts(low: int, **counts: int) -> None:
             raise InvalidRequestError(f"{name} must be at most {_UINT32_MAX}, got {value}")
 
 
-def _check_target(target: str) -> None:
-    """Refuse a HOST:PORT target whose port cannot exist (gRPC would try another one)."""
-    match = re.fullmatch(r"(?:[^:/\[\]]+|\[[0-9a-fA-F:.]+\]):(\d+)", target)
-    if match and not 0 < int(match[1]) <= 65535:
+def _with_port(target: str) -> str:
+    """``target`` with Pictor's default port when a plain host has none (gRPC would use 443);
+    a port that cannot exist is refused (gRPC would try another one)."""
+    match = re.fullmatch(r"([^:/\[\]]+|\[[0-9a-fA-F:.]+\])(?::(\d+))?", target)
+    if match is None:  # a scheme ("unix:", "dns:///") or a bare IPv6 address: gRPC's syntax
+        return target
+    if match[2] is None:
+        return f"{target}:{DEFAULT_PORT}"
+    if not 0 < int(match[2]) <= 65535:
         raise InvalidRequestError(f"target {target}: port must be between 1 and 65535")
+    return target
+
+
+def _check_image(image: object) -> None:
+    if not isinstance(image, bytes | bytearray | memoryview):
+        raise InvalidRequestError(f"an image must be the file's bytes, got {type(image).__name__} "
+                                  "(read it with open(path, 'rb').read())")
+
+
+def _item(it: UpsertItem) -> pb.Item:
+    _check_image(it.image)
+    try:
+        item = pb.Item(key=it.key, image=it.image, label=it.label, attributes=dict(it.attributes))
+        if it.vector is not None:
+            item.vector.values.extend(it.vector)
+    except (TypeError, ValueError) as e:  # protobuf's own words do not say which field
+        raise InvalidRequestError(
+            f"item {it.key!r}: key and label must be strings, attributes map strings to strings "
+            f"and the vector holds numbers ({e})"
+        ) from e
+    return item
 
 
 class PictorClient:
     """Calls a Pictor server. Failed calls raise ``pictor.errors`` types (see ``pictor.status``)."""
 
-    def __init__(self, target: str = "localhost:50051", *, timeout: float = DEFAULT_TIMEOUT,
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = DEFAULT_TIMEOUT,
                  max_message_mb: int = 64) -> None:
-        _check_target(target)
+        target = _with_port(target)
         if not timeout > 0:
             raise InvalidRequestError(f"timeout must be more than 0 seconds, got {timeout}")
         max_bytes = max_message_mb * 1024 * 1024
         self.target = target
         self.timeout = timeout
+        self._closed = False
         self._channel = grpc.insecure_channel(
             target,
             options=[("grpc.max_send_message_length", max_bytes),
-                     ("grpc.max_receive_message_length", max_bytes)],
+                     ("grpc.max_receive_message_length", max_bytes),
+                     # gRPC waits up to 2 minutes between reconnection attempts after a long
+                     # outage: a restarted server would stay unreachable for that long.
+                     ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)],
         )
         self._stub = pb_grpc.PictorStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -122,9 +154,12 @@ class PictorClient:
         self.close()
 
     def close(self) -> None:
+        self._closed = True
         self._channel.close()
 
     def _call(self, method: Callable[..., R], request: Any) -> R:
+        if self._closed:
+            raise InvalidRequestError("this PictorClient is closed; make a new one")
         try:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as e:
@@ -146,6 +181,7 @@ class PictorClient:
                  neighbors: int = 0) -> Classification:
         if classifier not in CLASSIFIERS:
             raise InvalidRequestError(f"classifier must be one of {sorted(CLASSIFIERS)}, got {classifier!r}")
+        _check_image(image)
         _check_counts(1, top_k=top_k)
         _check_counts(0, neighbors=neighbors)  # 0: the server's default
         r = self._call(self._stub.Classify, pb.ClassifyRequest(
@@ -167,6 +203,7 @@ class PictorClient:
         _check_counts(0, nprobe=nprobe, ef_search=ef_search)  # 0: the index's tuned default
         request = pb.SearchRequest(k=k, params=pb.SearchParams(nprobe=nprobe, ef_search=ef_search))
         if image is not None:
+            _check_image(image)
             request.image = image
         elif key is not None:
             request.key = key
@@ -178,11 +215,16 @@ class PictorClient:
         return [_hit(h) for h in self._call(self._stub.Search, request).hits]
 
     def embed(self, images: Sequence[bytes]) -> list[list[float]]:
+        for image in images:
+            _check_image(image)
         r = self._call(self._stub.Embed, pb.EmbedRequest(images=list(images)))
         return [list(v.values) for v in r.embeddings]
 
     def upsert(self, items: Iterable[UpsertItem]) -> tuple[int, int]:
         """Stream items to the server; returns (inserted, replaced) once all are durable.
+
+        The server writes the stream in chunks of 64 items, each all or nothing, so a call that
+        fails may have written some chunks; sending the items again is safe (keys replace).
 
         An error raised while iterating ``items`` cancels the call and is raised here as it
         was; the server keeps the chunks it had already written, not the one under way.
@@ -192,10 +234,7 @@ class PictorClient:
         def requests() -> Iterable[pb.UpsertRequest]:
             try:
                 for it in items:
-                    item = pb.Item(key=it.key, image=it.image, label=it.label, attributes=dict(it.attributes))
-                    if it.vector is not None:
-                        item.vector.values.extend(it.vector)
-                    yield pb.UpsertRequest(item=item)
+                    yield pb.UpsertRequest(item=_item(it))
             except Exception as e:  # gRPC would log it and report only "Exception iterating requests!"
                 raised.append(e)
                 raise

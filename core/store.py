@@ -61,6 +61,7 @@ from pictor.errors import (
     IncompatibleModelError,
     InvalidRequestError,
     NotFoundError,
+    ResourceExhaustedError,
 )
 
 log = logging.getLogger(__name__)
@@ -284,8 +285,8 @@ class IndexStore:
         root = Path(path)
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise InvalidRequestError(
-                f"{root} already exists and is not an empty directory; open it with "
-                "IndexStore.open or choose another path"
+                f"{root} already exists and is not an empty directory (another run may be "
+                "creating an index there); choose another path, or open the index in it"
             )
         if index_type != AUTO:
             parse_factory(spec.dim, index_type)  # refuse a bad factory string now
@@ -330,23 +331,19 @@ class IndexStore:
         With ``spec``, refuse (``IncompatibleModelError``) a store filled by another model.
         """
         root = Path(path)
-        manifest_path = root / MANIFEST
-        if not manifest_path.is_file() or not (root / DATABASE).is_file():
-            raise NotFoundError(f"no index store at {root} (missing {MANIFEST} or {DATABASE})")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise InvalidRequestError(f"{manifest_path} is unreadable: {e}") from e
-        if manifest.get("format") != FORMAT_VERSION:
-            raise InvalidRequestError(
-                f"{root} has store format {manifest.get('format')!r}; this Pictor reads "
-                f"format {FORMAT_VERSION}"
-            )
+        missing = [name for name in (MANIFEST, DATABASE) if not (root / name).is_file()]
+        if len(missing) == 2:
+            raise NotFoundError(f"no index store at {root} (no {MANIFEST} or {DATABASE})")
+        if missing:
+            raise NotFoundError(f"index store {root} lacks its {missing[0]}; restore it from a "
+                                "backup, or build the index again with `pictor index`")
+        manifest = _read_manifest(root / MANIFEST)
         lock_fd = _lock_directory(root)
         try:
             store = cls(root, manifest, lock_fd)
-        except BaseException:
+        except BaseException as e:
             os.close(lock_fd)
+            _raise_if_damaged(root, e)
             raise
         try:
             db_spec = ModelSpec.from_dict(json.loads(store._meta("spec")))
@@ -356,8 +353,9 @@ class IndexStore:
             store._recover()
             with store._write_lock:
                 store._after_write(0)  # e.g. a bulk load that died before its training
-        except BaseException:
+        except BaseException as e:
             store.close(snapshot=False)
+            _raise_if_damaged(root, e)
             raise
         return store
 
@@ -556,7 +554,7 @@ class IndexStore:
         with self._write_lock:
             try:
                 if snapshot and hasattr(self, "_index"):
-                    self._save_snapshot()
+                    self._snapshot_if_possible()
             finally:
                 self._closed = True
                 with self._readers_lock:
@@ -600,8 +598,9 @@ class IndexStore:
             )
             self._set_meta(seq=seq, next_id=next_id + len(items), updated=_now())
             db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
+        except BaseException as e:
+            _rollback(db)
+            _raise_if_disk_full(self.path, e)
             raise
         self._seq = seq
         self._count += len(items) - len(old_ids)
@@ -621,8 +620,9 @@ class IndexStore:
                 _delete_rows(db, list(existing.values()), seq)
                 self._set_meta(seq=seq, updated=_now())
             db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
+        except BaseException as e:
+            _rollback(db)
+            _raise_if_disk_full(self.path, e)
             raise
         if existing:
             self._seq = seq
@@ -652,7 +652,7 @@ class IndexStore:
         if reason:
             self._rebuild(reason)
         elif self._pending >= self.options.snapshot_every:
-            self._save_snapshot()
+            self._snapshot_if_possible()
 
     def _rebuild_reason(self) -> str:
         """Why the index should be rebuilt now, or "" (writer lock held)."""
@@ -690,7 +690,7 @@ class IndexStore:
             "rebuilt FAISS index as %s over %d items in %.1fs (%s); search defaults %s",
             new_index.factory, self._count, time.perf_counter() - started, reason, knobs,
         )
-        self._save_snapshot()
+        self._snapshot_if_possible()
 
     def _build_index(self, factory: str) -> VectorIndex:
         """A fresh index of type ``factory`` (exact while too few items to train it) over
@@ -734,6 +734,15 @@ class IndexStore:
         return knobs
 
     # -- snapshot and recovery ------------------------------------------------------------
+
+    def _snapshot_if_possible(self) -> None:
+        """A snapshot only bounds the replay at the next open: failing one (a full disk) must
+        not fail the write that triggered it, which the database already holds."""
+        try:
+            self._save_snapshot()
+        except (OSError, RuntimeError) as e:  # FAISS reports write errors as RuntimeError
+            log.error("index store %s: FAISS snapshot not saved (%s); every write is in the "
+                      "database, and the next open replays what the last snapshot lacks", self.path, e)
 
     def _save_snapshot(self) -> None:
         """Write the index to faiss-<seq>.index, then the manifest, then drop the old ones.
@@ -1227,6 +1236,52 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest, checked: a damaged one is named here, not by a traceback later."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidRequestError(f"{path} is unreadable: {e}") from e
+    if not isinstance(manifest, dict):
+        raise InvalidRequestError(f"{path} is damaged: not a JSON object")
+    if manifest.get("format") != FORMAT_VERSION:
+        raise InvalidRequestError(
+            f"{path.parent} has store format {manifest.get('format')!r}; this Pictor reads "
+            f"format {FORMAT_VERSION}"
+        )
+    try:
+        spec = ModelSpec.from_dict(manifest["spec"])
+        dim, _ = int(manifest["dim"]), str(manifest["index_type"])
+        snapshot = manifest.get("snapshot")
+        if snapshot is not None:
+            _, _ = str(snapshot["file"]), int(snapshot["seq"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise InvalidRequestError(f"{path} is damaged ({type(e).__name__}: {e})") from e
+    if dim != spec.dim:
+        raise InvalidRequestError(f"{path} is damaged: dim {dim}, but its model's is {spec.dim}")
+    return manifest
+
+
+def _raise_if_damaged(root: Path, error: BaseException) -> None:
+    """Name a database file that is not one, or was cut short (SQLite's own words are vague)."""
+    if isinstance(error, sqlite3.DatabaseError):
+        raise InvalidRequestError(
+            f"{root / DATABASE} is damaged or not a Pictor database ({error}); restore it "
+            "from a backup, or build the index again with `pictor index`"
+        ) from error
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    if db.in_transaction:  # SQLite itself rolls back on some errors (a full disk)
+        db.execute("ROLLBACK")
+
+
+def _raise_if_disk_full(root: Path, error: BaseException) -> None:
+    if isinstance(error, sqlite3.OperationalError) and error.sqlite_errorcode == sqlite3.SQLITE_FULL:
+        raise ResourceExhaustedError(f"the disk holding index store {root} is full; this write was not "
+                               "applied (earlier ones are kept): free space and send it again") from error
+
+
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -1237,7 +1292,10 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def _lock_directory(root: Path) -> int:
     """Hold an exclusive lock on the store so a second process cannot write it too."""
-    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # a read-only disk or folder: the store writes on every open
+        raise InvalidRequestError(f"cannot open index store {root} for writing: {e.strerror}") from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as e:

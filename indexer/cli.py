@@ -89,11 +89,18 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidRequestError(f"--out {out} exists and is not an index store; give a new or "
                                   "empty folder, or an index to add to")
-    embedder = _embedder(settings)
+    # An existing index is opened (and locked) first: a second run on it, or one on an index a
+    # server holds, fails at once, not after loading a model.
+    store = IndexStore.open(out) if (out / MANIFEST).is_file() else None
+    try:
+        embedder = _embedder(settings)
+        whitening = _check_store(store, embedder, settings.pca_whiten) if store else None
+    except BaseException:
+        if store:
+            store.close()
+        raise
     progress = not args.no_progress and sys.stderr.isatty()
-    if (out / MANIFEST).is_file():
-        store, whitening = _open_store(out, embedder, settings.pca_whiten)
-    else:
+    if store is None:
         whitening = fit_whitening(
             entries, embedder, settings.pca_whiten, sample=settings.pca_sample,
             batch_size=settings.model.batch_size, workers=settings.workers,
@@ -124,25 +131,19 @@ def run(args: argparse.Namespace) -> int:
     return 1 if summary.skipped and args.strict else 0
 
 
-def _open_store(out: Path, embedder, pca_whiten: int):  # type: ignore[no-untyped-def]
-    """An existing index and its whitening; refuse a model or a --pca-whiten it was not built with."""
+def _check_store(store, embedder, pca_whiten: int):  # type: ignore[no-untyped-def]
+    """An existing index's whitening; refuse a model or a --pca-whiten it was not built with."""
     from pictor.core.embedder import PCAWhitening, index_spec
-    from pictor.core.store import IndexStore
 
-    store = IndexStore.open(out)
-    try:
-        whitening = PCAWhitening.load(out, store.spec)
-        if pca_whiten and pca_whiten != (whitening.out_dim if whitening else 0):
-            raise InvalidRequestError(
-                f"index {out} was built with {store.spec.whitening or 'no whitening'}; "
-                f"--pca-whiten {pca_whiten} would change its space: drop the flag to keep the "
-                "index's own, or build a new index with another --out"
-            )
-        store.check_spec(index_spec(embedder.spec, whitening), what="this run's model")
-    except BaseException:
-        store.close()
-        raise
-    return store, whitening
+    whitening = PCAWhitening.load(store.path, store.spec)
+    if pca_whiten and pca_whiten != (whitening.out_dim if whitening else 0):
+        raise InvalidRequestError(
+            f"index {store.path} was built with {store.spec.whitening or 'no whitening'}; "
+            f"--pca-whiten {pca_whiten} would change its space: drop the flag to keep the "
+            "index's own, or build a new index with another --out"
+        )
+    store.check_spec(index_spec(embedder.spec, whitening), what="this run's model")
+    return whitening
 
 
 def _embedder(settings: IndexerSettings):  # type: ignore[no-untyped-def]

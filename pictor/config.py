@@ -20,7 +20,8 @@ import tomllib
 from pictor.errors import InvalidRequestError
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
-DEFAULT_TARGET = "localhost:50051"
+DEFAULT_PORT = 50051
+DEFAULT_TARGET = f"localhost:{DEFAULT_PORT}"
 # Pixels an image may decode to (JPEGs count at their drafted size, so a 48 MP phone photo
 # passes): a large photo passes, a decompression bomb does not.
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -48,7 +49,7 @@ class ServerSettings:
     index: str = "index"  # store directory written by `pictor index`
     model: str = ""  # optional fine-tuned model file (`pictor train`)
     host: str = "127.0.0.1"
-    port: int = 50051
+    port: int = DEFAULT_PORT
     workers: int = 8  # gRPC handler threads
     max_message_mb: int = 64
     device: str = "auto"

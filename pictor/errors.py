@@ -34,6 +34,11 @@ class WeightsUnavailableError(PictorError):
     """Pretrained weights that are neither cached nor downloadable; says how to provide them."""
 
 
+class ResourceExhaustedError(PictorError):
+    """The server ran out of something: disk space under the index (the write was not
+    applied), or a request over its message size limit."""
+
+
 class MissingExtraError(PictorError, ImportError):
     """A server-side feature used from the light client install."""
 

@@ -17,6 +17,7 @@ from pictor.errors import (
     InvalidRequestError,
     NotFoundError,
     PictorError,
+    ResourceExhaustedError,
     ServerUnavailableError,
 )
 
@@ -28,6 +29,7 @@ STATUS_OF_ERROR: tuple[tuple[type[PictorError], grpc.StatusCode], ...] = (
     (IncompatibleModelError, grpc.StatusCode.FAILED_PRECONDITION),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ServerUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 
 _ERROR_OF_STATUS: dict[grpc.StatusCode, type[PictorError]] = {
@@ -36,6 +38,7 @@ _ERROR_OF_STATUS: dict[grpc.StatusCode, type[PictorError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: IncompatibleModelError,
     grpc.StatusCode.UNAVAILABLE: ServerUnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
 }
 
 

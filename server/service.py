@@ -75,8 +75,11 @@ def stream_items(requests: Iterator[pb.UpsertRequest]) -> Iterator[pb.Item]:
     try:
         for request in requests:
             yield request.item
-    except grpc.RpcError as e:  # the client cancelled the stream or its deadline passed
-        raise DeadlineExceededError("the upsert stream ended before its last item") from e
+    except grpc.RpcError as e:  # cancelled: by the client, its deadline, or this server stopping
+        raise DeadlineExceededError(
+            "the upsert stream was cancelled before its last item (by the client, its deadline, "
+            "or the server shutting down)"
+        ) from e
 
 
 class PictorService(pb_grpc.PictorServicer):

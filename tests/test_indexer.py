@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from conftest import drawn_image, pictor
+from PIL import Image
 
 from pictor.config import ServerSettings
 from pictor.core.embedder import WHITENING_FILE
@@ -56,6 +56,11 @@ def test_index_refuses_another_backbone_on_existing_index(gallery: Path, tmp_pat
     r = pictor("index", str(gallery), "--out", str(out), "--weights", "random", check=False)
     assert r.returncode == 2
     assert "rebuild" in r.stderr or "re-embed" in r.stderr
+    # An index held by another process (a server) is refused before any model is loaded:
+    # the bad backbone name is never reached.
+    with IndexStore.open(out):
+        r = pictor("index", str(gallery), "--out", str(out), "--backbone", "nosuch", check=False)
+    assert r.returncode == 2 and "is open in another process" in r.stderr
 
 
 def test_index_errors_are_clear(tmp_path: Path) -> None:

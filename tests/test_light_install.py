@@ -27,11 +27,12 @@ def test_base_install_has_client_but_no_torch(tmp_path: Path) -> None:
     )
     probe = subprocess.run(
         [str(py), "-c",
-         "import importlib.util, pictor.client, pictor.cli\n"
-         "print(importlib.util.find_spec('torch') is None, importlib.util.find_spec('faiss') is None)"],
+         "import importlib.util, pathlib, pictor.client, pictor.cli\n"
+         "print(importlib.util.find_spec('torch') is None, importlib.util.find_spec('faiss') is None,\n"
+         "      (pathlib.Path(pictor.__file__).parent / 'py.typed').is_file())"],
         capture_output=True, text=True, check=True, cwd=tmp_path,
     )
-    assert probe.stdout.split() == ["True", "True"]
+    assert probe.stdout.split() == ["True", "True", "True"]  # py.typed: type checkers see the hints
 
     # Client subcommands work (here: fail cleanly on an unreachable server, exit 4) ...
     pictor = venv / "bin" / "pictor"

@@ -97,6 +97,8 @@ def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: Server
 
         with pytest.raises(OSError, match="the disk went away"):
             client.upsert(failing_items())
+        with pytest.raises(InvalidRequestError, match="item 'a': .*attributes map strings to strings"):
+            client.upsert([UpsertItem(key="a", vector=[1.0], attributes={"n": 3})])  # type: ignore[dict-item]
         assert client.info().index_size == 12
 
 
@@ -204,6 +206,15 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
     with PictorClient("[::1]:50051") as client, pytest.raises(
             InvalidRequestError, match="k must be at most 4294967295, got 100000000000"):
         client.search(key="a", k=10**11)  # the proto's uint32 cannot carry it
+    # A host without a port means Pictor's port (gRPC would use 443); schemes are gRPC's.
+    assert [PictorClient(t).target for t in ("localhost", "[::1]", "10.0.0.2:7000", "unix:/tmp/s")] == [
+        "localhost:50051", "[::1]:50051", "10.0.0.2:7000", "unix:/tmp/s"]
+    client = PictorClient("localhost:1")
+    with pytest.raises(InvalidRequestError, match="an image must be the file's bytes, got str"):
+        client.classify("photo.jpg")  # type: ignore[arg-type]
+    client.close()
+    with pytest.raises(InvalidRequestError, match="this PictorClient is closed"):
+        client.info()
 
 
 def test_calls_are_bounded_and_work_for_a_caller_gone_is_not_written(built_index: Path) -> None:

@@ -14,6 +14,7 @@ from pictor.status import error_from_status, status_for
         (errors.InvalidRequestError("x"), grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidRequestError),
         (errors.NotFoundError("x"), grpc.StatusCode.NOT_FOUND, errors.NotFoundError),
         (errors.IncompatibleModelError("x"), grpc.StatusCode.FAILED_PRECONDITION, errors.IncompatibleModelError),
+        (errors.ResourceExhaustedError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED, errors.ResourceExhaustedError),
     ],
 )
 def test_round_trip(error: Exception, code: grpc.StatusCode, back: type) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from pathlib import Path
@@ -24,7 +25,7 @@ from pictor.core.store import (
     UpsertResult,
     choose_factory,
 )
-from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
+from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError, ResourceExhaustedError
 
 DIM = 32
 
@@ -357,6 +358,70 @@ def test_open_rebuilds_corrupt_snapshot(tmp_path: Path, rng, caplog) -> None:
     with caplog.at_level(logging.WARNING), IndexStore.open(tmp_path / "s") as store:
         assert store.search(vecs[9], k=1)[0][0].key == "img/9.jpg"
     assert "rebuilt" in caplog.text
+
+
+def test_damaged_store_files_are_named_not_tracebacks(tmp_path: Path, rng) -> None:
+    with IndexStore.create(tmp_path / "s", spec(), index_type="Flat") as store:
+        store.upsert(items(5), unit(rng, 5))
+    good = (tmp_path / "s" / "manifest.json").read_text()
+    manifest = json.loads(good)
+    damaged = {
+        "binary junk": b"\xff\xfe\x00junk",
+        "a list": b"[]",
+        "no spec": json.dumps({"format": 1}).encode(),
+        "dim unlike its model's": json.dumps({**manifest, "dim": 512}).encode(),
+        "a snapshot seq that is no number": json.dumps({**manifest, "snapshot": {"file": "f", "seq": "x"}}).encode(),
+    }
+    for data in damaged.values():  # keyed by what is wrong with it
+        (tmp_path / "s" / "manifest.json").write_bytes(data)
+        with pytest.raises(InvalidRequestError, match=r"manifest.json is (damaged|unreadable)"):
+            IndexStore.open(tmp_path / "s")
+    (tmp_path / "s" / "manifest.json").write_text(good)
+    database = tmp_path / "s" / "metadata.sqlite"
+    for data in (b"not a database" * 500, b""):
+        copy = tmp_path / f"copy{len(data)}"
+        copy.mkdir()
+        (copy / "manifest.json").write_text(good)
+        (copy / "metadata.sqlite").write_bytes(data)
+        with pytest.raises(InvalidRequestError, match="metadata.sqlite is damaged or not a Pictor database"):
+            IndexStore.open(copy)
+    (tmp_path / "s" / "manifest.json").unlink()
+    with pytest.raises(NotFoundError, match="lacks its manifest.json; restore it"):
+        IndexStore.open(tmp_path / "s")
+    assert database.stat().st_size  # untouched
+
+
+def test_full_disk_refuses_the_write_and_keeps_the_store(tmp_path: Path, rng) -> None:
+    vecs = unit(rng, 200)
+    with IndexStore.create(tmp_path / "s", spec(), index_type="Flat") as store:
+        store.upsert(items(5), vecs[:5])
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own "disk is full"
+        with pytest.raises(ResourceExhaustedError, match="is full; this write was not applied"):
+            store.upsert(items(195, start=5), vecs[5:])
+        assert len(store) == 5 and store.search(vecs[3], k=1)[0][0].key == "img/3.jpg"
+        store._db.execute(f"PRAGMA max_page_count = {pages * 100}")  # space freed
+        store.upsert(items(195, start=5), vecs[5:])
+    with IndexStore.open(tmp_path / "s") as store:
+        assert len(store) == 200
+
+
+def test_a_snapshot_that_cannot_be_written_fails_no_write(tmp_path: Path, rng, monkeypatch, caplog) -> None:
+    vecs = unit(rng, 30)
+    options = StoreOptions(snapshot_every=10)
+    store = IndexStore.create(tmp_path / "s", spec(), index_type="Flat", options=options)
+
+    def disk_full(self: VectorIndex, path: Path) -> None:
+        raise RuntimeError(f"write error in {path}: No space left on device")
+
+    monkeypatch.setattr(VectorIndex, "save", disk_full)
+    with caplog.at_level(logging.ERROR):
+        store.upsert(items(30), vecs)  # past snapshot_every: the snapshot fails, the write stands
+        store.close()  # nor does closing raise
+    assert caplog.text.count("FAISS snapshot not saved") == 2
+    monkeypatch.undo()
+    with IndexStore.open(tmp_path / "s") as store:
+        assert len(store) == 30 and store.search(vecs[7], k=1)[0][0].key == "img/7.jpg"
 
 
 def test_concurrent_readers_never_see_torn_state(tmp_path: Path) -> None:
