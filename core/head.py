@@ -444,17 +444,25 @@ class TrainedModel:
             )
 
     def create_embedder(self, device: str = "auto", precision: str = "auto",
-                        compile: bool = False) -> Embedder:
+                        compile: bool = False, weights: str | None = None) -> Embedder:
         """The backbone that feeds this head, fine-tuned weights included.
 
-        Raises ``IncompatibleModelError`` when the backbone no longer builds the embedding
-        space the head was trained on (e.g. a changed checkpoint file).
+        ``weights``: where the checkpoint the model was trained from is now, when it moved
+        (the model file names the path it had). Raises ``IncompatibleModelError`` when the
+        backbone no longer builds the embedding space the head was trained on (e.g. a changed
+        checkpoint file).
         """
         from pictor.core import embedder as embedder_mod
 
-        weights = self.spec.weights
-        if weights.startswith("file:"):  # a local checkpoint: its path is in the config
-            weights = str(self.training.get("weights") or weights)
+        if weights is None:
+            weights = self.spec.weights
+            if weights.startswith("file:"):  # a local checkpoint: its path is in the config
+                weights = str(self.training.get("weights") or weights)
+                if not Path(weights).expanduser().is_file():
+                    raise NotFoundError(
+                        f"the checkpoint {weights} that this model was trained from does not exist; "
+                        "give its new place with --weights PATH"
+                    )
         emb = embedder_mod.create_embedder(
             self.spec.backbone,
             weights=weights,

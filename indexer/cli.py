@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from pictor.config import IndexerSettings, build_settings
+from pictor.config import DEFAULT_BACKBONE, IndexerSettings, build_settings
 from pictor.errors import InvalidRequestError, require_server_extra
 
 HELP = """\
@@ -151,9 +151,13 @@ def _embedder(settings: IndexerSettings):  # type: ignore[no-untyped-def]
     if settings.model_file:
         from pictor.core.head import load_model
 
-        return load_model(settings.model_file).create_embedder(
-            device=m.device, precision=m.precision, compile=m.compile
-        )
+        model = load_model(settings.model_file)
+        if m.backbone not in (DEFAULT_BACKBONE, model.spec.backbone):
+            raise InvalidRequestError(
+                f"--backbone {m.backbone} disagrees with the model file {settings.model_file} "
+                f"({model.spec.backbone}), whose backbone embeds; drop one of them")
+        return model.create_embedder(device=m.device, precision=m.precision, compile=m.compile,
+                                     weights=m.weights or None)
     from pictor.core.embedder import create_embedder
 
     return create_embedder(

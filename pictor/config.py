@@ -48,6 +48,7 @@ class ModelSettings:
 class ServerSettings:
     index: str = "index"  # store directory written by `pictor index`
     model: str = ""  # optional fine-tuned model file (`pictor train`)
+    weights: str = ""  # the checkpoint of an index built from one (the index keeps only its hash)
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     workers: int = 8  # gRPC handler threads

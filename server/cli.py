@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--index", help="index directory written by `pictor index` (default: ./index)")
     p.add_argument("--model", help="model file from `pictor train`: Classify uses its head and classes")
+    p.add_argument("--weights", help="the checkpoint file of an index built with `pictor index --weights "
+                                     "PATH` (its contents must be the same)")
     p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, help="port to bind (default 50051; 0 picks a free one)")
     p.add_argument("--workers", type=int, help="handler threads (default 8)")

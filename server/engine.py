@@ -123,17 +123,25 @@ class Engine:
                 model.check_index(spec)  # the head takes unwhitened embeddings
                 embedder = model.create_embedder(device=settings.device,
                                                  precision=settings.precision,
-                                                 compile=settings.compile)
+                                                 compile=settings.compile,
+                                                 weights=settings.weights or None)
             else:
+                if spec.weights.startswith("file:") and not settings.weights:
+                    raise InvalidRequestError(
+                        f"index {index} was embedded with the weights of a local checkpoint "
+                        f"({spec.weights[:17]}...); give its path with --weights PATH (or "
+                        "PICTOR_WEIGHTS, or weights = in the config file)"
+                    )
                 embedder = create_embedder(
                     spec.backbone,
-                    weights=spec.weights,
+                    weights=settings.weights or spec.weights,
                     device=settings.device,
                     precision=settings.precision,
                     compile=settings.compile,
                     pooling=spec.pooling,
                     layer=spec.layer or None,
                 )
+                spec.check_compatible(embedder.spec, what="the model of --weights")
         except BaseException:
             store.close(snapshot=False)  # a refused start must not keep the index locked
             raise
@@ -221,20 +229,23 @@ class Engine:
         out = self.forward([image])
         embedding = out.embeddings[0]
 
-        if classifier == "knn":
+        has_imagenet = out.logits is not None and bool(self.embedder.imagenet_classes)
+        # kNN when asked for, or as the default of a server with neither head nor ImageNet
+        # labels (random init, or a checkpoint without its classifier).
+        if classifier == "knn" or (self.model is None and not has_imagenet and classifier != "head"):
             knn, hits = self._knn(embedding, n_neighbors, top_k)
             return ClassifyResult(labels=knn, source="knn", knn_labels=knn, neighbors=hits)
 
         if self.model is not None:
             probs = self.model.predict_proba(embedding[None])[0]
             labels, source = top_k_labels(probs, self.model.class_names, top_k), "head"
-        elif out.logits is not None and self.embedder.imagenet_classes:
-            probs = softmax(out.logits[0].astype(np.float64))
+        elif has_imagenet:
+            probs = softmax(out.logits[0].astype(np.float64))  # type: ignore[union-attr]
             labels, source = top_k_labels(probs, self.embedder.imagenet_classes, top_k), "imagenet"
         else:
             raise InvalidRequestError(
-                "this server has no classifier head (backbone without ImageNet classifier and no "
-                "--model); use classifier=knn or start the server with --model"
+                "this server has no classifier head (no --model, and a backbone without ImageNet "
+                "labels); ask for the kNN vote over the index (`pictor classify --classifier knn`)"
             )
         open_set = self.model.open_set if self.model is not None else None
         if classifier != "all" and open_set is None:
@@ -339,8 +350,10 @@ class Engine:
         store_info = self.store.info()
         if self.model is not None:
             classifier, names = "head", list(self.model.class_names)
-        else:
-            classifier, names = "imagenet", list(self.embedder.imagenet_classes or [])
+        elif self.embedder.imagenet_classes:
+            classifier, names = "imagenet", list(self.embedder.imagenet_classes)
+        else:  # what Classify answers by default then: the index's labels
+            classifier, names = "knn", []
         return ServerInfo(
             backbone=spec.backbone,
             weights=spec.weights,

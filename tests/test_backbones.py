@@ -114,12 +114,53 @@ def test_local_checkpoint_loads(tmp_path: Path) -> None:
 
 
 def test_checkpoint_that_does_not_fit(tmp_path: Path) -> None:
+    import torchvision
+
     path = tmp_path / "other.pth"
     torch.save({"conv.weight": torch.zeros(3)}, path)
     with pytest.raises(InvalidRequestError, match="does not fit backbone resnet18"):
         create_backbone("resnet18", weights=str(path))
     with pytest.raises(NotFoundError, match="does not exist"):
         create_backbone("resnet18", weights=str(tmp_path / "missing.pth"))
+    # The common mistakes are messages, not tracebacks.
+    wide = torchvision.models.resnet18().state_dict()
+    wide["layer1.0.conv1.weight"] = torch.zeros(128, 64, 3, 3)
+    torch.save(wide, path)
+    with pytest.raises(InvalidRequestError, match="does not fit backbone resnet18: size mismatch for layer1"):
+        create_backbone("resnet18", weights=str(path))
+    torch.save(torchvision.models.resnet18(), path)  # a whole pickled model
+    with pytest.raises(InvalidRequestError, match="holds pickled objects .* save model.state_dict"):
+        create_backbone("resnet18", weights=str(path))
+    path.write_bytes(b"")
+    with pytest.raises(InvalidRequestError, match="the file is empty or cut short"):
+        create_backbone("resnet18", weights=str(path))
+
+
+def test_checkpoint_without_the_imagenet_classifier_embeds(tmp_path: Path) -> None:
+    import torchvision
+
+    # Fine-tuned for 5 classes, or saved without the head, or by Lightning ("model." prefix).
+    tuned = torchvision.models.resnet18(num_classes=5).state_dict()
+    headless = {k: v for k, v in tuned.items() if not k.startswith("fc.")}
+    for name, sd in (("tuned", tuned), ("headless", headless),
+                     ("lightning", {f"model.{k}": v for k, v in headless.items()})):
+        torch.save(sd, tmp_path / f"{name}.pth")
+        net = create_backbone("resnet18", weights=str(tmp_path / f"{name}.pth"))
+        assert net.classes is None  # no ImageNet labels, no logits: embeddings only
+        with torch.inference_mode():
+            fmap, logits = net(torch.randn(1, 3, 64, 64))
+        assert fmap.shape[1] == 512 and logits is None
+        assert torch.equal(net.state_dict()["extractor.layer1.0.conv1.weight"], tuned["layer1.0.conv1.weight"])
+
+
+def test_random_init_is_the_same_network_everywhere() -> None:
+    # index, serve and train build "random" in separate processes: they must agree.
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    a, b = create_backbone("resnet18", weights="random"), create_backbone("resnet18", weights="random")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), before)  # the caller's random state is left alone
 
 
 def test_offline_package_file_as_checkpoint_matches_offline() -> None:
@@ -207,6 +248,9 @@ def test_torchvision_weights_from_torch_hub_cache(tmp_path: Path,
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
         assert torch.allclose(net(x)[1], published.eval()(x), atol=1e-5)
+    cached.write_bytes(cached.read_bytes()[:1000])  # a download cut short
+    with pytest.raises(WeightsUnavailableError, match="does not load .* delete it so it is fetched again"):
+        create_backbone("resnet18", weights="IMAGENET1K_V1")
 
 
 def test_timm_weights_from_hugging_face_cache(tmp_path: Path,
@@ -232,3 +276,17 @@ def test_timm_weights_from_hugging_face_cache(tmp_path: Path,
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
         assert torch.allclose(net(x)[1], published.eval()(x), atol=1e-5)
+
+
+def test_googlenet_checkpoint_gets_the_input_shift_of_its_official_weights(tmp_path: Path) -> None:
+    import torchvision
+
+    # torchvision builds GoogLeNet with transform_input=True for its official weights; a copy
+    # of them loaded from a file must embed the same way as from torch hub's cache.
+    official = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True,
+                                            transform_input=True).eval()
+    torch.save(official.state_dict(), tmp_path / "googlenet.pth")
+    net = create_backbone("googlenet", weights=str(tmp_path / "googlenet.pth"))
+    x = torch.randn(1, 3, 96, 96)
+    with torch.inference_mode():
+        assert torch.allclose(net(x)[1], official(x), atol=1e-4)

@@ -170,3 +170,36 @@ def test_refused_start_releases_the_index(trained: tuple[Path, Path], tmp_path: 
     with pytest.raises(IncompatibleModelError, match="broken.pt"):
         Engine.load(ServerSettings(index=str(index), model=str(broken), device="cpu"))
     IndexStore.open(index).close()  # would fail while the refused engine held its lock
+
+
+def test_index_from_a_checkpoint_serves_with_its_path(gallery: Path, tmp_path: Path) -> None:
+    import torch
+    import torchvision
+
+    from pictor.config import ServerSettings
+    from pictor.errors import IncompatibleModelError, InvalidRequestError
+    from pictor.server.engine import Engine
+
+    # A fine-tuned network saved without its ImageNet classifier: an index of embeddings only.
+    sd = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
+    torch.save(sd, tmp_path / "mine.pth")
+    index = tmp_path / "index"
+    pictor("index", str(gallery), "--out", str(index), "--backbone", "resnet18",
+           "--weights", str(tmp_path / "mine.pth"))
+    # The index keeps the checkpoint's hash, not its path: serve asks for it ...
+    with pytest.raises(InvalidRequestError, match="local checkpoint .* give its path with --weights"):
+        Engine.load(ServerSettings(index=str(index), device="cpu"))
+    # ... and refuses another file.
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "other.pth")
+    with pytest.raises(IncompatibleModelError, match="the model of --weights"):
+        Engine.load(ServerSettings(index=str(index), device="cpu", weights=str(tmp_path / "other.pth")))
+    engine = Engine.load(ServerSettings(index=str(index), device="cpu", weights=str(tmp_path / "mine.pth")))
+    try:
+        image = sorted(gallery.rglob("*.png"))[0]
+        assert engine.search(image=image.read_bytes(), k=1)[0].key == image.as_posix()
+        # Neither a head nor ImageNet labels: Classify answers with the index's labels.
+        assert engine.info().classifier == "knn"
+        result = engine.classify(image.read_bytes())
+        assert result.source == "knn" and result.labels[0][0] in {"warm", "cool"}
+    finally:
+        engine.close()

@@ -331,6 +331,29 @@ def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path,
     assert rc == 2 and "nowhere does not exist" in capsys.readouterr().err
 
 
+def test_model_file_finds_its_checkpoint_from_anywhere(shapes: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision
+
+    from pictor.core.head import load_model
+
+    (tmp_path / "run").mkdir()
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "run" / "r18.pth")
+    monkeypatch.chdir(tmp_path / "run")  # the checkpoint given relative to here
+    rc = main(["train", str(shapes), "--out", "m.pt", "--backbone", "resnet18", "--weights", "r18.pth",
+               "--min-per-class", "3", "--weight-decays", "0.001", "--no-progress"])
+    assert rc == 0
+    monkeypatch.chdir(tmp_path)
+    model = load_model("run/m.pt")
+    assert model.training["weights"] == str(tmp_path / "run" / "r18.pth")
+    assert model.create_embedder(device="cpu").spec == model.spec
+    (tmp_path / "run" / "r18.pth").rename(tmp_path / "moved.pth")
+    with pytest.raises(NotFoundError, match="r18.pth that this model was trained from does not exist; "
+                                            "give its new place with --weights PATH"):
+        model.create_embedder(device="cpu")
+    assert model.create_embedder(device="cpu", weights=str(tmp_path / "moved.pth")).spec == model.spec
+
+
 def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["train", str(tmp_path / "missing"), "--out", str(tmp_path / "m.pt")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err

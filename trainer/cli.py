@@ -141,7 +141,7 @@ def run_train(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise InvalidRequestError(f"--weight-decays: {e}") from e
     config = TrainConfig(
-        mode=args.mode, backbone=args.backbone, weights=args.weights, device=args.device,
+        mode=args.mode, backbone=args.backbone, weights=_absolute_if_file(args.weights), device=args.device,
         precision=args.precision, val_fraction=args.val_fraction, seed=args.seed,
         min_per_class=args.min_per_class, max_per_class=args.max_per_class,
         batch_size=args.batch_size, cache_dir=args.cache_dir, progress=not args.no_progress,
@@ -205,3 +205,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if extras:
         print("\n" + "; ".join(extras))
     return 0
+
+
+def _absolute_if_file(weights: str) -> str:
+    """A checkpoint path as the model file keeps it: absolute, so the file works from anywhere."""
+    path = Path(weights).expanduser()
+    return str(path.resolve()) if weights and path.is_file() else weights
