@@ -92,7 +92,10 @@ class PictorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Upsert(self, request_iterator, context):
-        """Add or replace items; acknowledged only once durable.
+        """Add or replace items; acknowledged only once durable. The stream is written in chunks
+        of 64 items, each all or nothing: a call that fails (bad item, deadline, server gone)
+        may have written the chunks before the failing one, and says how many when it can.
+        Sending the same items again is safe: an upsert of an existing key replaces it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
