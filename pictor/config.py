@@ -160,6 +160,14 @@ def build_settings(
     return cls(**values)
 
 
+def model_settings(flags: Mapping[str, Any], config_file: str | None = None) -> ModelSettings:
+    """The model settings as ``pictor index`` reads them, for commands with no settings class
+    of their own (``train``, ``eval``): one file or environment sets the backbone for all."""
+    values = _read_config_file(config_file or os.environ.get("PICTOR_CONFIG"))
+    table = values.get("model")
+    return build_settings(ModelSettings, flags, file_values=table if isinstance(table, dict) else values)
+
+
 def _setting_name(f: dataclasses.Field[Any]) -> str:
     """The name a field has in files and ``PICTOR_*`` variables (flags use the field's own)."""
     return str(f.metadata.get("name", f.name))

@@ -354,6 +354,19 @@ def test_model_file_finds_its_checkpoint_from_anywhere(shapes: Path, tmp_path: P
     assert model.create_embedder(device="cpu", weights=str(tmp_path / "moved.pth")).spec == model.spec
 
 
+def test_train_reads_the_model_settings_index_reads(shapes: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # PICTOR_BACKBONE or a config file set for `pictor index` must not be ignored by train.
+    monkeypatch.setenv("PICTOR_BACKBONE", "no_such_net")
+    rc = main(["train", str(shapes), "--out", str(tmp_path / "m.pt"), "--no-progress"])
+    assert rc == 2 and "no_such_net" in capsys.readouterr().err
+    monkeypatch.delenv("PICTOR_BACKBONE")
+    (tmp_path / "c.toml").write_text('[model]\nbatch_size = 0\n')
+    rc = main(["eval", str(tmp_path / "m.pt"), str(shapes), "--config", str(tmp_path / "c.toml")])
+    assert rc == 2 and "batch_size must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["train", str(tmp_path / "missing"), "--out", str(tmp_path / "m.pt")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pictor.config import model_settings
 from pictor.trainer.config import TrainConfig
 
 TRAIN_DESCRIPTION = """\
@@ -67,15 +68,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    "(default %(default)s)")
     t.add_argument("--seed", type=int, default=TrainConfig.seed,
                    help="seed of the split, initialisation and augmentation (default %(default)s)")
-    t.add_argument("--backbone", default=TrainConfig.backbone,
-                   help="backbone name (default %(default)s; see `pictor models`)")
-    t.add_argument("--weights", default="", help="weights tag, local checkpoint path, or 'random' "
+    t.add_argument("--backbone", help=f"backbone name (default {TrainConfig.backbone}; see `pictor models`)")
+    t.add_argument("--weights", help="weights tag, local checkpoint path, or 'random' "
                    "(default: the backbone's own)")
-    t.add_argument("--device", default=TrainConfig.device, help="auto (default), cpu, cuda, cuda:N")
-    t.add_argument("--precision", default=TrainConfig.precision, choices=("auto", "fp32", "bf16", "fp16"),
+    t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    t.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                    help="auto (default): bf16 where the hardware runs it fast, else fp32")
-    t.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
-                   help="images per step (default %(default)s)")
+    t.add_argument("--batch-size", type=int, help=f"images per step (default {TrainConfig.batch_size})")
+    t.add_argument("--config", help="TOML file with settings, as for `pictor index` (flags and "
+                   "PICTOR_* env override it)")
     t.add_argument("--min-per-class", type=int, default=TrainConfig.min_per_class,
                    help="fewest training images a class may have; fewer is an error (default %(default)s)")
     t.add_argument("--max-per-class", type=int, default=TrainConfig.max_per_class,
@@ -121,9 +122,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--png", metavar="FILE", help="write the confusion matrix as a PNG")
     e.add_argument("--out-json", metavar="FILE", help="also write the JSON report to FILE")
-    e.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    e.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
-                   help="images per forward pass (default %(default)s)")
+    e.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    e.add_argument("--batch-size", type=int, help=f"images per forward pass (default {TrainConfig.batch_size})")
+    e.add_argument("--config", help="TOML file with settings (flags and PICTOR_* env override it)")
     e.add_argument("--cache-dir", default="", help="embedding cache (default: $PICTOR_CACHE_DIR "
                    "or ~/.cache/pictor; 'none' disables it)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -140,11 +141,12 @@ def run_train(args: argparse.Namespace) -> int:
         decays = tuple(float(x) for x in args.weight_decays.split(",") if x.strip())
     except ValueError as e:
         raise InvalidRequestError(f"--weight-decays: {e}") from e
+    m = model_settings(vars(args), args.config)  # backbone, weights, ... as `pictor index` reads them
     config = TrainConfig(
-        mode=args.mode, backbone=args.backbone, weights=_absolute_if_file(args.weights), device=args.device,
-        precision=args.precision, val_fraction=args.val_fraction, seed=args.seed,
+        mode=args.mode, backbone=m.backbone, weights=_absolute_if_file(m.weights), device=m.device,
+        precision=m.precision, val_fraction=args.val_fraction, seed=args.seed,
         min_per_class=args.min_per_class, max_per_class=args.max_per_class,
-        batch_size=args.batch_size, cache_dir=args.cache_dir, progress=not args.no_progress,
+        batch_size=m.batch_size, cache_dir=args.cache_dir, progress=not args.no_progress,
         flip_views=not args.no_flip, epochs=args.epochs, unfreeze=args.unfreeze, lr=args.lr,
         backbone_lr=args.backbone_lr, label_smoothing=args.label_smoothing,
         patience=args.patience, mixup=args.mixup, cutmix=args.cutmix,
@@ -175,13 +177,14 @@ def run_eval(args: argparse.Namespace) -> int:
     from pictor.trainer.evaluate import evaluate
     from pictor.trainer.metrics import format_report, plot_confusion
 
+    m = model_settings(vars(args), args.config)
     model = load_model(args.model)
     for out in (args.png, args.out_json):  # before the work, not after it
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
     cache = None if args.cache_dir.lower() == "none" else args.cache_dir
     report: dict[str, Any] = evaluate(model, args.data, index=args.index, cache_dir=cache,
-                                      device=args.device, batch_size=args.batch_size,
+                                      device=m.device, batch_size=m.batch_size,
                                       progress=not args.no_progress)
     if args.png:
         plot_confusion(report, args.png)
