@@ -708,8 +708,9 @@ def _unavailable_message(info: BackboneInfo, tag: str, where: str, source: str) 
     return (
         f"weights {tag!r} for backbone {info.name} are not cached ({where}) and {source} "
         "cannot be reached. Provide them by: running once with network access (they are "
-        "cached), copying the file to that place, or passing weights=<path to a checkpoint>; "
-        f"or use weights='random' (untrained) or the offline backbone '{DEFAULT_BACKBONE}'"
+        "cached), copying the file to that place (Hugging Face's cache wants its own layout: "
+        "best filled by a run with network access), or passing --weights PATH (a checkpoint); "
+        f"or use --weights random (untrained) or the offline backbone '{DEFAULT_BACKBONE}'"
     )
 
 

@@ -58,7 +58,8 @@ def model_rows(family: str | None = None) -> list[dict[str, Any]]:
 
     infos = [bb.get_backbone_info(n) for n in bb.backbone_names()]
     if family:
-        infos = [i for i in infos if i.family.lower() == family.lower()]
+        # "GoogLeNet/Inception" answers to either name.
+        infos = [i for i in infos if family.lower() in i.family.lower().split("/") + [i.family.lower()]]
         if not infos:
             families = sorted({bb.get_backbone_info(n).family for n in bb.backbone_names()})
             raise NotFoundError(f"no family {family!r}; families: {', '.join(families)}")

@@ -85,6 +85,6 @@ class ModelSpec:
         """Raise ``IncompatibleModelError`` unless ``other`` embeds into this same space."""
         if other != self:
             raise IncompatibleModelError(
-                f"{what} was embedded by {other.describe()}, but this index holds vectors from "
+                f"{what}: {other.describe()}; but this index holds vectors from "
                 f"{self.describe()}; re-embed with the index's model or rebuild the index"
             )

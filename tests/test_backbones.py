@@ -217,6 +217,7 @@ def test_models_command_rows_and_table(tmp_path: Path, monkeypatch: pytest.Monke
     assert "efficientnet_lite0" in table and "yes" in table
     with pytest.raises(NotFoundError, match="families: .*ResNet"):
         model_rows("nope")
+    assert [r["name"] for r in model_rows("inception")] == [r["name"] for r in model_rows("GoogLeNet")]
 
 
 def test_cli_module_does_not_import_torch() -> None:
