@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from pictor import __version__
+from pictor.config import unknown_env_names
 from pictor.errors import MissingExtraError, PictorError
 
 # (module, description) of every part that contributes subcommands, in --help order.
@@ -67,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.verbose:  # FAISS logs its probe for optional SIMD builds, which reads as a failure
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    for name in unknown_env_names(os.environ):
+        logging.getLogger("pictor").warning("%s is not a Pictor setting; it is ignored", name)
     try:
         return int(args.run(args) or 0)
     except MissingExtraError as e:

@@ -168,6 +168,18 @@ def model_settings(flags: Mapping[str, Any], config_file: str | None = None) -> 
     return build_settings(ModelSettings, flags, file_values=table if isinstance(table, dict) else values)
 
 
+# PICTOR_* variables read outside the settings classes.
+_OTHER_ENV = ("CONFIG", "TARGET", "OFFLINE", "CACHE_DIR")
+
+
+def unknown_env_names(env: Mapping[str, str]) -> list[str]:
+    """``PICTOR_*`` variables that no command reads: typos (``PICTOR_PROT``) that would be ignored."""
+    known = {f"PICTOR_{n.upper()}" for n in _OTHER_ENV}
+    for cls in (ServerSettings, IndexerSettings, ModelSettings):
+        known |= {f"PICTOR_{_setting_name(f).upper()}" for f in dataclasses.fields(cls)}
+    return sorted(n for n in env if n.startswith("PICTOR_") and n not in known)
+
+
 def _setting_name(f: dataclasses.Field[Any]) -> str:
     """The name a field has in files and ``PICTOR_*`` variables (flags use the field's own)."""
     return str(f.metadata.get("name", f.name))

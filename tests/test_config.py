@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pictor.config import IndexerSettings, ServerSettings, build_settings
+from pictor.config import IndexerSettings, ServerSettings, build_settings, unknown_env_names
 from pictor.errors import InvalidRequestError
 
 
@@ -83,3 +83,10 @@ def test_file_names_and_types_are_checked(tmp_path: Path) -> None:
         cfg.write_text(text)
         with pytest.raises(InvalidRequestError, match=message):
             build_settings(ServerSettings, {}, env={}, config_file=cfg)
+
+
+def test_unknown_environment_names_are_found() -> None:
+    # `pictor` warns about these: a typo would otherwise be ignored without a word.
+    env = {"PICTOR_PROT": "5", "PICTOR_PORT": "1", "PICTOR_BATCH_SIZE": "8", "PICTOR_MODEL": "m.pt",
+           "PICTOR_CACHE_DIR": "/c", "PICTOR_CONFIG": "p.toml", "HOME": "/root"}
+    assert unknown_env_names(env) == ["PICTOR_PROT"]
