@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import platform
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -576,9 +577,10 @@ def load_model(path: str | os.PathLike[str]) -> TrainedModel:
     except OSError as e:
         raise NotFoundError(f"model file {p} cannot be read: {e.strerror or e}") from e
     except Exception as e:  # a foreign or damaged file can fail the unpickler in any way
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()  # torch colours its text
         raise IncompatibleModelError(
             f"{p} is not a Pictor model file (or holds code that is not loaded for safety): "
-            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            f"{first[0] if first else type(e).__name__}"
         ) from e
     return TrainedModel.from_dict(d, source=str(p))
 

@@ -374,6 +374,10 @@ def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     foreign.write_bytes(b"not a model")
     rc = main(["eval", str(foreign), str(tmp_path)])
     assert rc == 2 and "not a Pictor model file" in capsys.readouterr().err
+    torch.save(torch.nn.Linear(2, 2), foreign)  # a pickled module: refused, in plain text
+    rc = main(["eval", str(foreign), str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Weights only load failed" in err and "\x1b" not in err
 
 
 def test_eval_reports_unknown_answers_for_other_classes(
