@@ -20,7 +20,7 @@ from pictor.config import DEFAULT_TARGET
 from pictor.errors import InvalidRequestError, NotFoundError, PictorError, ServerUnavailableError
 
 if TYPE_CHECKING:
-    from pictor.client.client import Classification
+    from pictor.client.client import Classification, Hit
 
 EXIT_UNREACHABLE = 4
 
@@ -168,9 +168,18 @@ def _classification_lines(path: str, r: Classification, *, neighbours: bool) -> 
         agree = f" ({'agrees' if r.agree else 'disagrees'})" if r.source == "head" else ""
         lines.append(f"  kNN vote{agree}: " + ", ".join(f"{x.name} {x.score:.2f}" for x in r.knn_labels))
     if neighbours:  # --json always has them
-        lines += [f"  neighbour {h.score:6.3f}  {h.key}{'  [' + h.label + ']' if h.label else ''}"
+        lines += [f"  neighbour {h.score:6.3f}  {_hit_text(h)}"
                   for h in r.neighbors]
     return lines
+
+
+def _hit_text(h: Hit) -> str:
+    return f"{_one_line(h.key)}{'  [' + _one_line(h.label) + ']' if h.label else ''}"
+
+
+def _one_line(text: str) -> str:
+    """Text as a table cell: quoted when it holds a line break or another control character."""
+    return repr(text) if any(c < " " for c in text) else text
 
 
 def _parse_attrs(pairs: Sequence[str]) -> dict[str, str]:
@@ -191,7 +200,7 @@ def run_search(args: argparse.Namespace) -> int:
     with _client(args) as client:
         image = _read(args.image) if args.image else None
         hits = client.search(image=image, key=args.key, k=args.k, labels=args.label, attributes=attrs)
-    rows = [f"{i + 1:>3}  {h.score:6.3f}  {h.key}{'  [' + h.label + ']' if h.label else ''}"
+    rows = [f"{i + 1:>3}  {h.score:6.3f}  {_hit_text(h)}"
             for i, h in enumerate(hits)]
     table = "\n".join(["  #   score  key", *rows]) if hits else "no results: " + (
         "no indexed item matches the --label/--attr filter" if args.label or attrs else "the index is empty")
@@ -242,7 +251,7 @@ def run_delete(args: argparse.Namespace) -> int:
         deleted, missing = client.delete(args.keys)
     _emit(args, {"deleted": deleted, "missing": missing}, f"deleted {deleted}\n")
     if missing:
-        print(f"pictor delete: not found: {', '.join(missing)} (a key is the image's path as `pictor "
+        print(f"pictor delete: not found: {', '.join(map(_one_line, missing))} (a key is the image's path as `pictor "
               "index` or `pictor add` stored it: photos/a.jpg for ./photos//a.jpg; `pictor search --json` "
               "shows keys)", file=sys.stderr)
         return 2
