@@ -622,7 +622,7 @@ def _load_checkpoint_into(model: nn.Module, path: Path, info: BackboneInfo) -> t
         raise
     except EOFError as e:
         raise InvalidRequestError(f"cannot read checkpoint {path}: the file is empty or cut short") from e
-    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+    except Exception as e:  # torch's and safetensors' readers fail in many ways on a bad file
         raise InvalidRequestError(f"cannot read checkpoint {path}: {_first_line(e)}") from e
     if info.arch.startswith("tf_efficientnet_lite") and "_conv_stem.weight" in sd:
         sd = _map_lukemelas_to_timm(sd, model, path)
