@@ -94,26 +94,30 @@ def _check_counts(low: int, **counts: int) -> None:
 def _with_port(target: str) -> str:
     """``target`` with Pictor's default port when a plain host has none (gRPC would use 443);
     a port that cannot exist is refused (gRPC would try another one)."""
-    match = re.fullmatch(r"([^:/\[\]]+|\[[0-9a-fA-F:.]+\])(?::(\d+))?", target)
+    match = re.fullmatch(r"([^:/\[\]]+|\[[0-9a-fA-F:.]+\])(?::(\d*))?", target)
     if match is None:  # a scheme ("unix:", "dns:///") or a bare IPv6 address: gRPC's syntax
         return target
     if match[2] is None:
         return f"{target}:{DEFAULT_PORT}"
-    if not 0 < int(match[2]) <= 65535:
+    if not match[2] or not 0 < int(match[2]) <= 65535:
         raise InvalidRequestError(f"target {target}: port must be between 1 and 65535")
     return target
 
 
-def _check_image(image: object) -> None:
-    if not isinstance(image, bytes | bytearray | memoryview):
+def _image_bytes(image: object) -> bytes:
+    """An image as protobuf takes it (bytes only), or a clear error for what is not one."""
+    if isinstance(image, bytearray | memoryview):
+        return bytes(image)
+    if not isinstance(image, bytes):
         raise InvalidRequestError(f"an image must be the file's bytes, got {type(image).__name__} "
                                   "(read it with open(path, 'rb').read())")
+    return image
 
 
 def _item(it: UpsertItem) -> pb.Item:
-    _check_image(it.image)
+    image = _image_bytes(it.image)
     try:
-        item = pb.Item(key=it.key, image=it.image, label=it.label, attributes=dict(it.attributes))
+        item = pb.Item(key=it.key, image=image, label=it.label, attributes=dict(it.attributes))
         if it.vector is not None:
             item.vector.values.extend(it.vector)
     except (TypeError, ValueError) as e:  # protobuf's own words do not say which field
@@ -181,11 +185,10 @@ class PictorClient:
                  neighbors: int = 0) -> Classification:
         if classifier not in CLASSIFIERS:
             raise InvalidRequestError(f"classifier must be one of {sorted(CLASSIFIERS)}, got {classifier!r}")
-        _check_image(image)
         _check_counts(1, top_k=top_k)
         _check_counts(0, neighbors=neighbors)  # 0: the server's default
         r = self._call(self._stub.Classify, pb.ClassifyRequest(
-            image=image, top_k=top_k, classifier=CLASSIFIERS[classifier], neighbors=neighbors))
+            image=_image_bytes(image), top_k=top_k, classifier=CLASSIFIERS[classifier], neighbors=neighbors))
         return Classification(
             labels=_labels(r.labels), source=r.source, knn_labels=_labels(r.knn_labels),
             neighbors=[_hit(h) for h in r.neighbors], agree=r.agree, unknown=r.unknown,
@@ -203,8 +206,7 @@ class PictorClient:
         _check_counts(0, nprobe=nprobe, ef_search=ef_search)  # 0: the index's tuned default
         request = pb.SearchRequest(k=k, params=pb.SearchParams(nprobe=nprobe, ef_search=ef_search))
         if image is not None:
-            _check_image(image)
-            request.image = image
+            request.image = _image_bytes(image)
         elif key is not None:
             request.key = key
         else:
@@ -215,9 +217,7 @@ class PictorClient:
         return [_hit(h) for h in self._call(self._stub.Search, request).hits]
 
     def embed(self, images: Sequence[bytes]) -> list[list[float]]:
-        for image in images:
-            _check_image(image)
-        r = self._call(self._stub.Embed, pb.EmbedRequest(images=list(images)))
+        r = self._call(self._stub.Embed, pb.EmbedRequest(images=[_image_bytes(i) for i in images]))
         return [list(v.values) for v in r.embeddings]
 
     def upsert(self, items: Iterable[UpsertItem]) -> tuple[int, int]:

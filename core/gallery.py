@@ -25,7 +25,7 @@ MANIFEST_SUFFIXES = frozenset({".csv", ".jsonl", ".ndjson"})
 
 @dataclass(frozen=True)
 class GalleryEntry:
-    key: str  # user-facing id: the file's path as the user named it
+    key: str  # user-facing id: the file's path as the user named it, normalised (./a//b.jpg: a/b.jpg)
     path: Path
     label: str = ""
     attributes: dict[str, str] = field(default_factory=dict)
@@ -162,7 +162,7 @@ def _entries(manifest: Path, rows: Iterator[tuple[int, dict[str, str]]], require
         if "\0" in raw:
             raise InvalidRequestError(f"{where}: the path contains a NUL byte")
         path = Path(raw) if Path(raw).is_absolute() else base / raw
-        key = row.pop("key", "") or raw
+        key = row.pop("key", "") or Path(raw).as_posix()  # as a folder listing writes it: a/b.jpg
         if len(key) > MAX_KEY_LEN:
             raise InvalidRequestError(f"{where}: the key is {len(key):,} characters long; "
                                       f"at most {MAX_KEY_LEN:,}")

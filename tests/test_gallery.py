@@ -108,7 +108,7 @@ def test_manifest_rows_that_cannot_be_items_are_refused_up_front(tmp_path: Path)
     csv.write_text("path,label,key\na.png,x,K\nb.png,y,\nc.png,z,K\n")
     with pytest.raises(InvalidRequestError, match="m.csv:4: key 'K' is already on line 2"):
         list(read_gallery(csv))
-    csv.write_text("path,label\na.png,x\na.png,y\n")  # no key: the path is the key
+    csv.write_text("path,label\na.png,x\n./a.png,y\n")  # no key: the path, as a folder lists it
     with pytest.raises(InvalidRequestError, match="m.csv:3: key 'a.png' is already on line 2"):
         list(read_gallery(csv))
     csv.write_text(f"path,key\na.png,{'k' * 5000}\n")

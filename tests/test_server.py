@@ -88,6 +88,9 @@ def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: Server
         assert client.info().index_size == 12
         with pytest.raises(InvalidRequestError, match="item 'short': vector has 3 values"):
             client.upsert([UpsertItem(key="short", vector=[1.0, 2.0, 3.0])])
+        # Any bytes-like image is an image.
+        assert client.classify(bytearray(drawn_image(1))).labels
+        assert len(client.embed([memoryview(drawn_image(1))])) == 1
         # A query whose float32 norm would overflow is still a direction.
         assert len(client.search(vector=[1e38] * 1280, k=1)) == 1
 
@@ -209,6 +212,8 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
     # A host without a port means Pictor's port (gRPC would use 443); schemes are gRPC's.
     assert [PictorClient(t).target for t in ("localhost", "[::1]", "10.0.0.2:7000", "unix:/tmp/s")] == [
         "localhost:50051", "[::1]:50051", "10.0.0.2:7000", "unix:/tmp/s"]
+    with pytest.raises(InvalidRequestError, match="localhost:: port must be between 1 and 65535"):
+        PictorClient("localhost:")
     client = PictorClient("localhost:1")
     with pytest.raises(InvalidRequestError, match="an image must be the file's bytes, got str"):
         client.classify("photo.jpg")  # type: ignore[arg-type]

@@ -352,6 +352,8 @@ def test_model_file_finds_its_checkpoint_from_anywhere(shapes: Path, tmp_path: P
                                             "give its new place with --weights PATH"):
         model.create_embedder(device="cpu")
     assert model.create_embedder(device="cpu", weights=str(tmp_path / "moved.pth")).spec == model.spec
+    rc = main(["eval", "run/m.pt", str(shapes), "--weights", "moved.pth", "--cache-dir", "none", "--no-progress"])
+    assert rc == 0
 
 
 def test_train_reads_the_model_settings_index_reads(shapes: Path, tmp_path: Path,

@@ -122,6 +122,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--png", metavar="FILE", help="write the confusion matrix as a PNG")
     e.add_argument("--out-json", metavar="FILE", help="also write the JSON report to FILE")
+    e.add_argument("--weights", metavar="PATH", help="the checkpoint the model was trained from, "
+                   "when it is no longer where the model file says")
     e.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     e.add_argument("--batch-size", type=int, help=f"images per forward pass (default {TrainConfig.batch_size})")
     e.add_argument("--config", help="TOML file with settings (flags and PICTOR_* env override it)")
@@ -184,7 +186,7 @@ def run_eval(args: argparse.Namespace) -> int:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
     cache = None if args.cache_dir.lower() == "none" else args.cache_dir
     report: dict[str, Any] = evaluate(model, args.data, index=args.index, cache_dir=cache,
-                                      device=m.device, batch_size=m.batch_size,
+                                      device=m.device, batch_size=m.batch_size, weights=m.weights or None,
                                       progress=not args.no_progress)
     if args.png:
         plot_confusion(report, args.png)

@@ -42,9 +42,13 @@ def evaluate(
     cache_dir: str | Path | None = "",
     batch_size: int = 32,
     device: str = "auto",
+    weights: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Classification report of ``model`` on ``data`` (folder tree or manifest).
+
+    ``weights``: where the model's checkpoint is now, when it moved (see
+    ``TrainedModel.create_embedder``).
 
     ``index``: the store Classify would serve from, for the open-set figures.
     ``cache_dir``: ``""`` = the default embedding cache, ``None`` = no cache. The report adds
@@ -71,7 +75,7 @@ def evaluate(
         if index is not None:  # before the backbone loads: a mismatch or a lock fails fast
             store = open_served_index(model, index)
             stack.callback(store.close, snapshot=False)
-        embedder = embedder or model.create_embedder(device=device)
+        embedder = embedder or model.create_embedder(device=device, weights=weights)
         model.check_index(embedder.spec)  # the embedder must feed this head's embedding space
         open_set = model.open_set if store is not None else None
         # Images of other classes are embedded only to see whether Classify calls them unknown.
