@@ -1251,10 +1251,13 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         )
     try:
         spec = ModelSpec.from_dict(manifest["spec"])
-        dim, _ = int(manifest["dim"]), str(manifest["index_type"])
+        dim = int(manifest["dim"])
+        if not isinstance(manifest["index_type"], str):
+            raise TypeError("index_type is not a string")
         snapshot = manifest.get("snapshot")
-        if snapshot is not None:
-            _, _ = str(snapshot["file"]), int(snapshot["seq"])
+        if snapshot is not None and not (isinstance(snapshot, dict) and isinstance(snapshot.get("file"), str)
+                                         and isinstance(snapshot.get("seq"), int)):
+            raise ValueError(f"snapshot entry {snapshot!r:.80} lacks a file name or an integer seq")
     except (KeyError, TypeError, ValueError) as e:
         raise InvalidRequestError(f"{path} is damaged ({type(e).__name__}: {e})") from e
     if dim != spec.dim:
@@ -1278,8 +1281,10 @@ def _rollback(db: sqlite3.Connection) -> None:
 
 def _raise_if_disk_full(root: Path, error: BaseException) -> None:
     if isinstance(error, sqlite3.OperationalError) and error.sqlite_errorcode == sqlite3.SQLITE_FULL:
-        raise ResourceExhaustedError(f"the disk holding index store {root} is full; this write was not "
-                               "applied (earlier ones are kept): free space and send it again") from error
+        raise ResourceExhaustedError(
+            f"the disk holding index store {root} is full; this write was not applied (earlier "
+            "ones are kept): free space and send it again"
+        ) from error
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
