@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--top-k", type=int, default=5, help="labels per image (default 5)")
     p.add_argument("--classifier", choices=["default", "head", "knn", "all"], default="default",
                    help="default and head: the trained head if the server has one (serve --model), "
-                        "else the backbone's ImageNet labels; knn: vote of the nearest labelled "
+                        "else the backbone's ImageNet labels (default: else the kNN vote); knn: vote "
+                        "of the nearest labelled "
                         "items; all: head and kNN vote, whether they agree, and the neighbours")
     p.add_argument("--neighbors", type=int, default=0, help="neighbours for the kNN vote (default 10)")
     p.set_defaults(run=run_classify)

@@ -609,7 +609,7 @@ def _load_checkpoint_into(model: nn.Module, path: Path, info: BackboneInfo) -> t
     """Load a local checkpoint; returns its reference ``file:<sha256>`` and whether it brought
     the ImageNet classifier.
 
-    Every feature tensor must fit. The classifier (the last linear layer) may be missing or
+    Every feature tensor must fit. The classifier (see ``_classifier_keys``) may be missing or
     of another shape (a head fine-tuned for other classes): embeddings do not need it, so it
     is left out, and the backbone has no ImageNet labels then.
     """
@@ -629,7 +629,7 @@ def _load_checkpoint_into(model: nn.Module, path: Path, info: BackboneInfo) -> t
     if info.arch in ("googlenet", "inception_v3"):
         sd = {k: v for k, v in sd.items() if not k.startswith(("aux1.", "aux2.", "AuxLogits."))}
     own = model.state_dict()
-    classifier = _classifier_keys(model)
+    classifier = _classifier_keys(model, info)
     sd = {k: v for k, v in sd.items() if not (k in classifier and v.shape != own[k].shape)}
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -649,8 +649,15 @@ def _load_checkpoint_into(model: nn.Module, path: Path, info: BackboneInfo) -> t
     return f"file:{_sha256(path)}", has_classifier
 
 
-def _classifier_keys(model: nn.Module) -> set[str]:
-    """Parameter names of the ImageNet classifier: the network's last linear layer."""
+def _classifier_keys(model: nn.Module, info: BackboneInfo) -> set[str]:
+    """Tensor names of the ImageNet classifier, which embeddings do not use: torchvision's
+    whole classifier module (VGG's and MobileNetV3's have hidden layers) but a norm the
+    embedding is taken after (ConvNeXt's), else the last linear layer (timm's)."""
+    names = model.state_dict().keys()
+    if info.source == "torchvision" and info.logits_node:
+        head = info.logits_node.split(".")[0] + "."
+        norm = f"{info.head_norm}." if info.head_norm else None
+        return {k for k in names if k.startswith(head) and not (norm and k.startswith(norm))}
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     return {f"{linears[-1]}.weight", f"{linears[-1]}.bias"} if linears else set()
 

@@ -15,7 +15,7 @@ class ServerInfo:
     index_size: int
     index_type: str  # requested type, with the FAISS index in use: "auto (Flat)"
     metric: str
-    classifier: str  # "imagenet" or "head"
+    classifier: str  # "head", "imagenet" or "knn" (what a default Classify uses)
     class_names: list[str]
     server_version: str
     versions: dict[str, str]

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tomllib
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-
-import tomllib
 
 from pictor.errors import InvalidRequestError
 

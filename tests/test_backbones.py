@@ -151,6 +151,17 @@ def test_checkpoint_without_the_imagenet_classifier_embeds(tmp_path: Path) -> No
             fmap, logits = net(torch.randn(1, 3, 64, 64))
         assert fmap.shape[1] == 512 and logits is None
         assert torch.equal(net.state_dict()["extractor.layer1.0.conv1.weight"], tuned["layer1.0.conv1.weight"])
+    # A classifier with hidden layers (MobileNetV3's) may be missing whole.
+    sd = {k: v for k, v in torchvision.models.mobilenet_v3_small().state_dict().items()
+          if not k.startswith("classifier.")}
+    torch.save(sd, tmp_path / "mobilenet.pth")
+    assert create_backbone("mobilenet_v3_small", weights=str(tmp_path / "mobilenet.pth")).classes is None
+    # ConvNeXt's embedding is taken after the classifier's LayerNorm: that one must be there.
+    sd = {k: v for k, v in torchvision.models.convnext_tiny().state_dict().items()
+          if not k.startswith("classifier.")}
+    torch.save(sd, tmp_path / "convnext.pth")
+    with pytest.raises(InvalidRequestError, match=r"missing \['classifier.0.weight', 'classifier.0.bias'\]"):
+        create_backbone("convnext_tiny", weights=str(tmp_path / "convnext.pth"))
 
 
 def test_random_init_is_the_same_network_everywhere() -> None:

@@ -73,7 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    "(default: the backbone's own)")
     t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     t.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="auto (default): bf16 where the hardware runs it fast, else fp32")
+                   help="auto (default): bf16 where the hardware runs it fast (fp16 on a GPU without bf16), "
+                   "else fp32")
     t.add_argument("--batch-size", type=int, help=f"images per step (default {TrainConfig.batch_size})")
     t.add_argument("--config", help="TOML file with settings, as for `pictor index` (flags and "
                    "PICTOR_* env override it)")
@@ -81,8 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="fewest training images a class may have; fewer is an error (default %(default)s)")
     t.add_argument("--max-per-class", type=int, default=TrainConfig.max_per_class,
                    help="cap images per class (default 0 = all)")
-    t.add_argument("--cache-dir", default="", help="embedding cache (default: $PICTOR_CACHE_DIR "
-                   "or ~/.cache/pictor; 'none' disables it)")
+    t.add_argument("--cache-dir", default="", help="embedding cache (default: $PICTOR_CACHE_DIR, "
+                   "$XDG_CACHE_HOME/pictor or ~/.cache/pictor; 'none' disables it)")
     t.add_argument("--weight-decays", default="", help="linear: comma-separated weight decays tried "
                    "on the validation split (default " + ",".join(map(str, TrainConfig.weight_decays)) + ")")
     t.add_argument("--no-flip", action="store_true", help="linear: no mirrored training views")
@@ -127,8 +128,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     e.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     e.add_argument("--batch-size", type=int, help=f"images per forward pass (default {TrainConfig.batch_size})")
     e.add_argument("--config", help="TOML file with settings (flags and PICTOR_* env override it)")
-    e.add_argument("--cache-dir", default="", help="embedding cache (default: $PICTOR_CACHE_DIR "
-                   "or ~/.cache/pictor; 'none' disables it)")
+    e.add_argument("--cache-dir", default="", help="embedding cache (default: $PICTOR_CACHE_DIR, "
+                   "$XDG_CACHE_HOME/pictor or ~/.cache/pictor; 'none' disables it)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(run=run_eval)
 
