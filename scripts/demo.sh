@@ -29,7 +29,21 @@ pictor classify sample/photos/*.jpg --top-k 3 --target "$target"
 
 echo
 echo "== 4. classify Twitter's drawings by a kNN vote over the Google gallery's categories"
-pictor classify sample/queries/*.png --classifier knn --top-k 1 --target "$target"
+pictor classify sample/queries/*.png --classifier knn --top-k 1 --json --target "$target" >"$work/knn.json"
+python - "$work/knn.json" <<'PY'
+import json, pathlib, sys
+# The right answer: the category folder of Google's drawing of the same emoji.
+folder = {p.name: p.parent.name for p in pathlib.Path("sample/gallery").glob("*/*.png")}
+results = json.loads(pathlib.Path(sys.argv[1]).read_text())
+right = 0
+for r in results:
+    name, top = pathlib.Path(r["image"]).name, r["labels"][0]
+    want = folder.get(name, "?")
+    right += top["name"] == want
+    miss = "" if top["name"] == want else f"  (Google's drawing is in {want})"
+    print(f"  {name}: {top['name']} {top['score']:.2f}{miss}")
+print(f"category right for {right} of {len(results)} queries")
+PY
 
 echo
 echo "== 5. search with each Twitter drawing: where does Google's drawing of the same emoji rank?"

@@ -149,7 +149,7 @@ def run_train(args: argparse.Namespace) -> int:
         mode=args.mode, backbone=m.backbone, weights=_absolute_if_file(m.weights), device=m.device,
         precision=m.precision, val_fraction=args.val_fraction, seed=args.seed,
         min_per_class=args.min_per_class, max_per_class=args.max_per_class,
-        batch_size=m.batch_size, cache_dir=args.cache_dir, progress=not args.no_progress,
+        batch_size=m.batch_size, cache_dir=args.cache_dir, progress=_progress(args),
         flip_views=not args.no_flip, epochs=args.epochs, unfreeze=args.unfreeze, lr=args.lr,
         backbone_lr=args.backbone_lr, label_smoothing=args.label_smoothing,
         patience=args.patience, mixup=args.mixup, cutmix=args.cutmix,
@@ -188,7 +188,7 @@ def run_eval(args: argparse.Namespace) -> int:
     cache = None if args.cache_dir.lower() == "none" else args.cache_dir
     report: dict[str, Any] = evaluate(model, args.data, index=args.index, cache_dir=cache,
                                       device=m.device, batch_size=m.batch_size, weights=m.weights or None,
-                                      progress=not args.no_progress)
+                                      progress=_progress(args))
     if args.png:
         plot_confusion(report, args.png)
     if args.out_json:
@@ -217,3 +217,8 @@ def _absolute_if_file(weights: str) -> str:
     """A checkpoint path as the model file keeps it: absolute, so the file works from anywhere."""
     path = Path(weights).expanduser()
     return str(path.resolve()) if weights and path.is_file() else weights
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars for a person at a terminal, as `pictor index` shows them; not into logs."""
+    return not args.no_progress and sys.stderr.isatty()
