@@ -18,9 +18,9 @@ GALLERY is a folder (searched recursively, linked folders included; each image's
 top-level folder it is in) or a UTF-8 CSV/JSONL manifest with a `path` column (relative to the
 manifest's folder) and optional `label`, `key` and attribute columns (JSON null = absent).
 Each item's key is its `key`, else the file's path as given (./a//b.jpg becomes a/b.jpg); a
-manifest that repeats a key is refused, since which row should win is a guess. Running again over an existing
-index embeds every file again: new keys are added, existing ones replaced (so changed files
-are picked up); the model must be the same.
+manifest that repeats a key is refused, since which row should win is a guess. Running again
+over an existing index embeds every file again: new keys are added, existing ones replaced (so
+changed files are picked up); the model must be the same.
 
 Files that cannot be decoded are skipped and listed; the run goes on. Each batch is durable
 once written, so an interrupted run keeps what it wrote. Exit status: 0 done (skipped files
