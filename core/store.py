@@ -397,9 +397,9 @@ class IndexStore:
         # a NaN or infinity anywhere makes the squared norm non-finite.
         squared = np.einsum("ij,ij->i", arr, arr, dtype=np.float64)
         if not np.isfinite(squared).all():
-            raise InvalidRequestError(f"{what} contain NaN or infinite values")
+            raise InvalidRequestError(f"{what}: a NaN or infinite value")
         if not squared.all():
-            raise InvalidRequestError(f"{what} contain an all-zero vector, which has no direction")
+            raise InvalidRequestError(f"{what}: an all-zero vector, which has no direction")
         return np.ascontiguousarray(arr / np.sqrt(squared)[:, None], dtype=np.float32)
 
     def search(

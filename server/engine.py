@@ -209,13 +209,7 @@ class Engine:
             raise InvalidRequestError(
                 f"vector has {vector.size} values, but this index holds {self.store.spec.dim}-d vectors{whitened}"
             )
-        if not np.all(np.isfinite(vector)):
-            raise InvalidRequestError("vector contains NaN or infinite values")
-        exact = vector.astype(np.float64)  # float32 squares overflow from 1e19 and vanish below 1e-19
-        norm = float(np.linalg.norm(exact))
-        if norm == 0.0:
-            raise InvalidRequestError("vector is all zeros")
-        return (exact / norm).astype(np.float32)
+        return self.store.check_vectors(vector, what="vector")[0]  # finite, not zero, normalised
 
     # -- the calls ---------------------------------------------------------------------------
 
