@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
 from typing import Any
 
+from pictor.config import default_cache_dir
 from pictor.errors import require_server_extra
 
 HELP = """\
@@ -106,8 +105,7 @@ class _CostCache:
         import timm
         import torchvision
 
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        self.path = base / "pictor" / "backbone-costs.json"
+        self.path = default_cache_dir() / "backbone-costs.json"
         self.version = f"torchvision {torchvision.__version__}, timm {timm.__version__}"
         self.dirty = False
         try:

@@ -26,6 +26,20 @@ DEFAULT_TARGET = f"localhost:{DEFAULT_PORT}"
 DEFAULT_MAX_PIXELS = 40_000_000
 
 
+def default_cache_dir() -> Path:
+    """``$PICTOR_CACHE_DIR``, else ``$XDG_CACHE_HOME/pictor``, else ``~/.cache/pictor``."""
+    if os.environ.get("PICTOR_CACHE_DIR"):
+        return Path(os.environ["PICTOR_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pictor"
+
+
+def cache_root(cache_dir: str | os.PathLike[str]) -> Path | None:
+    """The cache a ``--cache-dir`` value names: ``""`` the default, ``"none"`` no cache."""
+    if str(cache_dir).lower() == "none":
+        return None
+    return Path(cache_dir) if cache_dir else default_cache_dir()
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     """Which network embeds images, and how it runs."""
@@ -167,8 +181,18 @@ def model_settings(flags: Mapping[str, Any], config_file: str | None = None) -> 
     return build_settings(ModelSettings, flags, file_values=table if isinstance(table, dict) else values)
 
 
-# PICTOR_* variables read outside the settings classes.
+# PICTOR_* variables read outside the settings classes (by the functions below).
 _OTHER_ENV = ("CONFIG", "TARGET", "OFFLINE", "CACHE_DIR")
+
+
+def default_target() -> str:
+    """The server client commands call without ``--target``: ``$PICTOR_TARGET`` or localhost."""
+    return os.environ.get("PICTOR_TARGET") or DEFAULT_TARGET
+
+
+def offline() -> bool:
+    """``PICTOR_OFFLINE=1``: never try to download weights, even when the network answers."""
+    return bool(_coerce(os.environ.get("PICTOR_OFFLINE", ""), bool, "PICTOR_OFFLINE"))
 
 
 def unknown_env_names(env: Mapping[str, str]) -> list[str]:

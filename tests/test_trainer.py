@@ -364,6 +364,11 @@ def test_train_reads_the_model_settings_index_reads(shapes: Path, tmp_path: Path
     rc = main(["train", str(shapes), "--out", str(tmp_path / "m.pt"), "--no-progress"])
     assert rc == 2 and "no_such_net" in capsys.readouterr().err
     monkeypatch.delenv("PICTOR_BACKBONE")
+    monkeypatch.setenv("PICTOR_POOLING", "gem")  # the model must fit an index built with it
+    rc = main(["train", str(shapes), "--out", str(tmp_path / "m.pt"), "--no-progress",
+               "--min-per-class", "3", "--cache-dir", str(tmp_path / "cache")])
+    assert rc == 0 and load_model(tmp_path / "m.pt").spec.pooling == "gem"
+    monkeypatch.delenv("PICTOR_POOLING")
     (tmp_path / "c.toml").write_text('[model]\nbatch_size = 0\n')
     rc = main(["eval", str(tmp_path / "m.pt"), str(shapes), "--config", str(tmp_path / "c.toml")])
     assert rc == 2 and "batch_size must be at least 1, got 0" in capsys.readouterr().err

@@ -34,14 +34,6 @@ log = logging.getLogger(__name__)
 VIEWS = ("plain", "hflip")  # hflip: the mirrored image, a free augmentation for linear heads
 
 
-def default_cache_dir() -> Path:
-    """``$PICTOR_CACHE_DIR``, else ``$XDG_CACHE_HOME/pictor``, else ``~/.cache/pictor``."""
-    if os.environ.get("PICTOR_CACHE_DIR"):
-        return Path(os.environ["PICTOR_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "pictor"
-
-
 def spec_key(spec: ModelSpec, view: str) -> str:
     """Folder name of one embedding space and view."""
     # "decode": large JPEGs are decoded at a reduced (draft) size, as the server and the

@@ -147,7 +147,7 @@ def run_train(args: argparse.Namespace) -> int:
     m = model_settings(vars(args), args.config)  # backbone, weights, ... as `pictor index` reads them
     config = TrainConfig(
         mode=args.mode, backbone=m.backbone, weights=_absolute_if_file(m.weights), device=m.device,
-        precision=m.precision, val_fraction=args.val_fraction, seed=args.seed,
+        precision=m.precision, pooling=m.pooling, val_fraction=args.val_fraction, seed=args.seed,
         min_per_class=args.min_per_class, max_per_class=args.max_per_class,
         batch_size=m.batch_size, cache_dir=args.cache_dir, progress=_progress(args),
         flip_views=not args.no_flip, epochs=args.epochs, unfreeze=args.unfreeze, lr=args.lr,
@@ -185,8 +185,7 @@ def run_eval(args: argparse.Namespace) -> int:
     for out in (args.png, args.out_json):  # before the work, not after it
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
-    cache = None if args.cache_dir.lower() == "none" else args.cache_dir
-    report: dict[str, Any] = evaluate(model, args.data, index=args.index, cache_dir=cache,
+    report: dict[str, Any] = evaluate(model, args.data, index=args.index, cache_dir=args.cache_dir,
                                       device=m.device, batch_size=m.batch_size, weights=m.weights or None,
                                       progress=_progress(args))
     if args.png:

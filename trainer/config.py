@@ -19,7 +19,8 @@ class TrainConfig:
     backbone: str = DEFAULT_BACKBONE
     weights: str = ""  # "" = the backbone's default weights (see pictor.core.backbones)
     device: str = "auto"
-    precision: str = "auto"  # backbone inference precision; finetune: "auto" = bf16 where fast
+    precision: str = "auto"  # of embedding and fine-tuning alike: "auto" = bf16 where fast
+    pooling: str = "avg"  # as `pictor index` pools (PICTOR_POOLING / `pooling =`), so both agree
     val_fraction: float = 0.2
     seed: int = 0
     min_per_class: int = 5  # usable images a class needs in the training split

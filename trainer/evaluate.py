@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pictor.config import cache_root
 from pictor.core.head import TrainedModel, nearest_known_similarity, neighbour_tests_off
 from pictor.errors import InvalidRequestError, NotFoundError
 from pictor.trainer import data as data_mod
-from pictor.trainer.cache import default_cache_dir, embed_samples
+from pictor.trainer.cache import embed_samples
 from pictor.trainer.metrics import classification_report
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ def evaluate(
     *,
     index: str | Path | None = None,
     embedder: Embedder | None = None,
-    cache_dir: str | Path | None = "",
+    cache_dir: str | Path = "",
     batch_size: int = 32,
     device: str = "auto",
     weights: str | None = None,
@@ -51,7 +52,7 @@ def evaluate(
     ``TrainedModel.create_embedder``).
 
     ``index``: the store Classify would serve from, for the open-set figures.
-    ``cache_dir``: ``""`` = the default embedding cache, ``None`` = no cache. The report adds
+    ``cache_dir``: ``""`` = the default embedding cache, ``"none"`` = no cache. The report adds
     ``skipped`` (unreadable images), ``ignored`` (images of other classes, left out of the
     closed-set metrics) and, for an open-set model with ``index``, ``open_set`` (see
     ``open_set_report``) to ``metrics.classification_report``'s keys.
@@ -80,7 +81,7 @@ def evaluate(
         open_set = model.open_set if store is not None else None
         # Images of other classes are embedded only to see whether Classify calls them unknown.
         todo = samples if open_set is not None else usable
-        root = None if cache_dir is None else (Path(cache_dir) if cache_dir else default_cache_dir())
+        root = cache_root(cache_dir)
         with tqdm(total=len(todo), desc="embed", unit="img", disable=not progress,
                   leave=False) as bar:
             emb, _ = embed_samples(todo, embedder, cache_root=root, batch_size=batch_size,

@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from pictor.config import cache_root
 from pictor.core.head import ClassifierHead, TrainedModel, apply_backbone_state
 from pictor.errors import InvalidImageError, InvalidRequestError
 from pictor.trainer import data as data_mod
-from pictor.trainer.cache import EmbeddedSet, default_cache_dir, embed_samples
+from pictor.trainer.cache import EmbeddedSet, embed_samples
 from pictor.trainer.config import TrainConfig
 from pictor.trainer.linear import (
     LinearFit,
@@ -74,17 +75,11 @@ def make_splits(config: TrainConfig, data: str | Path, val_data: str | Path | No
     return Splits(train, val)
 
 
-def resolve_cache_root(config: TrainConfig) -> Path | None:
-    if config.cache_dir.lower() == "none":
-        return None
-    return Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-
-
 def build_embedder(config: TrainConfig) -> Embedder:
     from pictor.core.embedder import create_embedder
 
     return create_embedder(config.backbone, weights=config.weights or None, device=config.device,
-                           precision=config.precision,
+                           precision=config.precision, pooling=config.pooling,
                            batch_size=config.batch_size)
 
 
@@ -95,7 +90,7 @@ def embed_set(samples: list[data_mod.Sample], embedder: Embedder, config: TrainC
 
     with tqdm(total=len(samples), desc=f"embed {what}", unit="img",
               disable=not config.progress, leave=False) as bar:
-        emb, stats = embed_samples(samples, embedder, cache_root=resolve_cache_root(config),
+        emb, stats = embed_samples(samples, embedder, cache_root=cache_root(config.cache_dir),
                                    views=views, batch_size=config.batch_size, progress=bar.update)
     if emb.skipped:
         log.warning("%s: skipped %d unreadable image(s) of %d", what, len(emb.skipped),
