@@ -862,6 +862,8 @@ class IndexStore:
     def _resolve_knobs(self, params: SearchParams) -> SearchKnobs:
         if params.nprobe < 0 or params.ef_search < 0:
             raise InvalidRequestError("nprobe and ef_search must be >= 0")
+        if not (params.nprobe or params.ef_search):
+            return self._knobs  # the shared object: FAISS's params are then found by identity
         return SearchKnobs(
             nprobe=params.nprobe or self._knobs.nprobe,
             ef_search=params.ef_search or self._knobs.ef_search,
