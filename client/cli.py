@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pictor.config import DEFAULT_TARGET
+from pictor.api import CLASSIFIERS
+from pictor.config import DEFAULT_TARGET, default_target
 from pictor.errors import InvalidRequestError, NotFoundError, PictorError, ServerUnavailableError
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                 "pictor classify photo.jpg other.png --top-k 3 --target localhost:50051")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF)")
     p.add_argument("--top-k", type=int, default=5, help="labels per image (default 5)")
-    p.add_argument("--classifier", choices=["default", "head", "knn", "all"], default="default",
+    p.add_argument("--classifier", choices=CLASSIFIERS, default="default",
                    help="default and head: the trained head if the server has one (serve --model), "
                         "else the backbone's ImageNet labels (default: else the kNN vote); knn: vote "
                         "of the nearest labelled "
@@ -82,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from pictor.client.client import PictorClient
 
-    target = args.target or os.environ.get("PICTOR_TARGET", DEFAULT_TARGET)
+    target = args.target or default_target()
     return PictorClient(target, timeout=args.timeout)
 
 

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pictor.api import ServerInfo
+from pictor.api import CLASSIFIERS, ServerInfo
 from pictor.config import DEFAULT_PORT, DEFAULT_TARGET
 from pictor.errors import InvalidRequestError, PictorError
 from pictor.status import error_from_status
@@ -30,8 +30,6 @@ from pictor.v1 import pictor_pb2_grpc as pb_grpc
 
 DEFAULT_TIMEOUT = 30.0
 MAX_RECONNECT_BACKOFF_MS = 2_000
-CLASSIFIERS = {"default": pb.CLASSIFIER_UNSPECIFIED, "head": pb.CLASSIFIER_HEAD,
-               "knn": pb.CLASSIFIER_KNN, "all": pb.CLASSIFIER_ALL}
 
 R = TypeVar("R")
 
@@ -184,11 +182,11 @@ class PictorClient:
     def classify(self, image: bytes, *, top_k: int = 5, classifier: str = "default",
                  neighbors: int = 0) -> Classification:
         if classifier not in CLASSIFIERS:
-            raise InvalidRequestError(f"classifier must be one of {sorted(CLASSIFIERS)}, got {classifier!r}")
+            raise InvalidRequestError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
         _check_counts(1, top_k=top_k)
         _check_counts(0, neighbors=neighbors)  # 0: the server's default
         r = self._call(self._stub.Classify, pb.ClassifyRequest(
-            image=_image_bytes(image), top_k=top_k, classifier=CLASSIFIERS[classifier], neighbors=neighbors))
+            image=_image_bytes(image), top_k=top_k, classifier=CLASSIFIERS.index(classifier), neighbors=neighbors))
         return Classification(
             labels=_labels(r.labels), source=r.source, knn_labels=_labels(r.knn_labels),
             neighbors=[_hit(h) for h in r.neighbors], agree=r.agree, unknown=r.unknown,

@@ -48,6 +48,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from pictor.config import DEFAULT_BACKBONE, offline
 from pictor.core.spec import Preprocessing
 from pictor.errors import InvalidRequestError, NotFoundError, WeightsUnavailableError
 
@@ -57,7 +58,6 @@ WEIGHTS_DEFAULT = "default"
 WEIGHTS_RANDOM = "random"
 WEIGHTS_OFFLINE = "offline"
 RANDOM_INIT_SEED = 0  # "random" weights: the same network in every process
-DEFAULT_BACKBONE = "efficientnet_lite0"
 
 _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 _CONNECT_TIMEOUT_S = 3.0  # reachability probe: fail fast when offline
@@ -544,7 +544,7 @@ def _timm_ensure_file(info: BackboneInfo, cfg: Any) -> Path:
 
     endpoint = constants.ENDPOINT
     where = f"{hf[0]}/{hf[1]} in the Hugging Face cache ({constants.HF_HUB_CACHE})"
-    if _offline_forced() or constants.HF_HUB_OFFLINE or not _reachable(endpoint):
+    if offline() or constants.HF_HUB_OFFLINE or not _reachable(endpoint):
         raise WeightsUnavailableError(_unavailable_message(info, cfg.tag, where, endpoint))
     log.info("downloading %s weights %s from %s", info.name, cfg.tag, endpoint)
     try:
@@ -695,10 +695,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _offline_forced() -> bool:
-    return os.environ.get("PICTOR_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
 @cache
 def _reachable(url: str) -> bool:
     """Whether the host of ``url`` accepts a TCP connection within a few seconds."""
@@ -726,7 +722,7 @@ def _ensure_cached(url: str, dest: Path, info: BackboneInfo, tag: str) -> None:
     if dest.is_file():
         return
     host = f"{urlparse(url).scheme}://{urlparse(url).hostname}"
-    if _offline_forced() or not _reachable(url):
+    if offline() or not _reachable(url):
         raise WeightsUnavailableError(_unavailable_message(info, tag, str(dest), host))
     log.info("downloading %s weights %s from %s", info.name, tag, url)
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
@@ -33,9 +33,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pictor.core.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
+from pictor.config import DEFAULT_BACKBONE
+from pictor.core.backbones import Backbone, create_backbone
 from pictor.core.spec import ModelSpec, Preprocessing
 from pictor.errors import IncompatibleModelError, InvalidRequestError
+from pictor.iterators import batched
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +77,6 @@ class Embedder:
             preprocessing=backbone.preprocessing,
         )
         self.imagenet_classes: list[str] | None = backbone.classes
-        p = backbone.preprocessing
-        self._mean = torch.tensor(p.mean).view(3, 1, 1)
-        self._std = torch.tensor(p.std).view(3, 1, 1)
         self._forward: Any = backbone
         if compile:
             self.compile_backbone()
@@ -96,17 +95,21 @@ class Embedder:
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """RGB image -> normalised [3, H, W] float tensor as the weights expect (resize the
         shorter side, centre crop, mean/std)."""
-        return preprocess_image(image, self.spec.preprocessing, self._mean, self._std)
+        return preprocess_image(image, self.spec.preprocessing)
+
+    def embed_tensor(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A preprocessed batch [N, 3, H, W] -> (unit embeddings [N, dim], ImageNet logits or
+        None), on the device. Differentiable: fine-tuning trains through this same path."""
+        x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            fmap, logits = self._forward(x)
+        pooled = self.backbone.pooled_head(pool_features(fmap.float(), self.pooling))
+        return F.normalize(pooled, dim=1), logits
 
     def forward_batch(self, batch: torch.Tensor) -> EmbedOutput:
         """Embed an already preprocessed batch [N, 3, H, W] in one forward pass."""
-        x = batch.to(self.device, non_blocking=True).contiguous(
-            memory_format=torch.channels_last)
         with torch.inference_mode():
-            with self._autocast():
-                fmap, logits = self._forward(x)
-            pooled = self.backbone.pooled_head(pool_features(fmap.float(), self.pooling))
-            emb = F.normalize(pooled, dim=1)
+            emb, logits = self.embed_tensor(batch)
             return EmbedOutput(
                 embeddings=emb.cpu().numpy(),
                 logits=None if logits is None else logits.float().cpu().numpy(),
@@ -119,7 +122,7 @@ class Embedder:
             return EmbedOutput(np.zeros((0, self.spec.dim), np.float32),
                                None if n_cls is None else np.zeros((0, n_cls), np.float32))
         outs = [self.forward_batch(torch.stack([self.preprocess(im) for im in chunk]))
-                for chunk in _chunks(images, self.batch_size)]
+                for chunk in batched(images, self.batch_size)]
         logits = None if outs[0].logits is None else np.concatenate([o.logits for o in outs])
         return EmbedOutput(np.concatenate([o.embeddings for o in outs]), logits)
 
@@ -217,8 +220,7 @@ def cpu_has_fast_bf16() -> bool:
     return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
-def preprocess_image(image: Image.Image, p: Preprocessing, mean: torch.Tensor | None = None,
-                     std: torch.Tensor | None = None) -> torch.Tensor:
+def preprocess_image(image: Image.Image, p: Preprocessing) -> torch.Tensor:
     """Resize the shorter side to ``p.resize_size``, centre-crop ``p.input_size``, normalise.
 
     Same steps and Pillow resampling as torchvision's / timm's eval transforms.
@@ -231,10 +233,7 @@ def preprocess_image(image: Image.Image, p: Preprocessing, mean: torch.Tensor | 
     image = _trim_long_side(image)
     image = TF.resize(image, p.resize_size, interpolation=InterpolationMode(p.interpolation))
     image = TF.center_crop(image, [p.input_size, p.input_size])
-    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-    mean = torch.tensor(p.mean).view(3, 1, 1) if mean is None else mean
-    std = torch.tensor(p.std).view(3, 1, 1) if std is None else std
-    return (x.float().div_(255.0) - mean) / std
+    return TF.normalize(TF.to_tensor(image), list(p.mean), list(p.std))
 
 
 def _trim_long_side(image: Image.Image) -> Image.Image:
@@ -265,12 +264,6 @@ def pool_features(fmap: torch.Tensor, pooling: str) -> torch.Tensor:
     return fmap.clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
 
 
-_pool = pool_features  # the trainer imports this name
-
-
-def _chunks(items: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(items), n):
-        yield items[i:i + n]
 
 
 # --------------------------------------------------------------------------- PCA-whitening

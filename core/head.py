@@ -273,6 +273,11 @@ def calibrate_thresholds(
 # --------------------------------------------------------------------------- kNN vote
 
 
+def top_k_labels(probs: np.ndarray, names: Sequence[str], k: int) -> list[tuple[str, float]]:
+    """The ``k`` most probable ``(name, probability)`` pairs of one probability vector."""
+    return [(names[i], float(probs[i])) for i in np.argsort(-probs)[:k]]
+
+
 class LabelledHit(Protocol):
     """What ``knn_vote`` needs from a search hit (``pictor.core.store.Hit`` fits)."""
 
@@ -422,11 +427,7 @@ class TrainedModel:
 
     def top_k(self, embeddings: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
         """Best ``k`` ``(class name, probability)`` pairs per embedding."""
-        probs = self.predict_proba(embeddings)
-        k = max(1, min(k, probs.shape[1]))
-        order = np.argsort(-probs, axis=1)[:, :k]
-        names = self.class_names
-        return [[(names[j], float(p[j])) for j in row] for p, row in zip(probs, order, strict=True)]
+        return [top_k_labels(p, self.class_names, max(1, k)) for p in self.predict_proba(embeddings)]
 
     # ---- compatibility
 

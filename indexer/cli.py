@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("gallery", metavar="GALLERY", help="image folder, or .csv/.jsonl manifest")
     p.add_argument("--out", help="index directory to create or update (default ./index)")
-    p.add_argument("--backbone", help="backbone name (default efficientnet_lite0; see `pictor models`)")
+    p.add_argument("--backbone", help=f"backbone name (default {DEFAULT_BACKBONE}; see `pictor models`)")
     p.add_argument("--weights", help="weights tag, local checkpoint path, or 'random' (default: the backbone's default)")
     p.add_argument("--model", dest="model_file", help="model file from `pictor train`: embed with its (fine-tuned) backbone")
     p.add_argument("--index-type", help="FAISS factory string (Flat, HNSW32, IVF1024,PQ32) or auto (default)")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# What Classify answers with; a name's position is its ``pictor.v1.Classifier`` value.
+CLASSIFIERS = ("default", "head", "knn", "all")
+
 
 @dataclass(frozen=True)
 class ServerInfo:

@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-work=${PICTOR_DEMO_DIR:-runs/demo}
-port=${PICTOR_DEMO_PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+work=${DEMO_DIR:-runs/demo}
+port=${DEMO_PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 target="127.0.0.1:$port"
 rm -rf "$work" && mkdir -p "$work"
 

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from pictor import __version__
-from pictor.api import ServerInfo
+from pictor.api import CLASSIFIERS, ServerInfo
 from pictor.config import ServerSettings
 from pictor.core.decode import decode_image
+from pictor.core.head import top_k_labels
 from pictor.core.store import DeleteResult, Filter, Hits, IndexStore, Item, SearchParams, UpsertResult
 from pictor.errors import InvalidImageError, InvalidRequestError, NotFoundError
 
@@ -34,8 +36,6 @@ MAX_EMBED_IMAGES = 256  # per Embed call: one forward pass, bounded in time and 
 DEFAULT_TOP_K = 5
 DEFAULT_K = 10
 DEFAULT_NEIGHBORS = 10
-
-CLASSIFIERS = ("default", "head", "knn", "all")
 
 
 @dataclass(frozen=True)
@@ -55,17 +55,6 @@ def check_k(value: int, default: int, name: str) -> int:
     if not 1 <= value <= MAX_K:
         raise InvalidRequestError(f"{name} must be between 1 and {MAX_K}, got {value}")
     return value
-
-
-def top_k_labels(probs: np.ndarray, names: Sequence[str], k: int) -> list[tuple[str, float]]:
-    order = np.argsort(-probs)[:k]
-    return [(names[i], float(probs[i])) for i in order]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max()
-    e = np.exp(z)
-    return e / e.sum()
 
 
 class Engine:
@@ -231,10 +220,9 @@ class Engine:
             return ClassifyResult(labels=knn, source="knn", knn_labels=knn, neighbors=hits)
 
         if self.model is not None:
-            probs = self.model.predict_proba(embedding[None])[0]
-            labels, source = top_k_labels(probs, self.model.class_names, top_k), "head"
+            labels, source = self.model.top_k(embedding[None], top_k)[0], "head"
         elif has_imagenet:
-            probs = softmax(out.logits[0].astype(np.float64))  # type: ignore[union-attr]
+            probs = torch.from_numpy(out.logits[0]).double().softmax(0).numpy()  # type: ignore[index]
             labels, source = top_k_labels(probs, self.embedder.imagenet_classes, top_k), "imagenet"
         else:
             raise InvalidRequestError(

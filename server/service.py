@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from pictor.api import CLASSIFIERS
 from pictor.core.store import Filter, Hits, Item, SearchParams, UpsertResult
 from pictor.errors import DeadlineExceededError, InvalidRequestError, PictorError
 from pictor.iterators import batched
@@ -22,12 +23,6 @@ from pictor.v1 import pictor_pb2_grpc as pb_grpc
 if TYPE_CHECKING:
     from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
-_CLASSIFIER_NAMES = {
-    pb.CLASSIFIER_UNSPECIFIED: "default",
-    pb.CLASSIFIER_HEAD: "head",
-    pb.CLASSIFIER_KNN: "knn",
-    pb.CLASSIFIER_ALL: "all",
-}
 
 # Upsert streams are written in chunks of this many items: large enough to batch the
 # forward pass, small enough that a long stream does not hold everything in memory.
@@ -87,9 +82,9 @@ class PictorService(pb_grpc.PictorServicer):
         self.engine = engine
 
     def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
-        classifier = _CLASSIFIER_NAMES.get(request.classifier)
-        if classifier is None:
+        if not 0 <= request.classifier < len(CLASSIFIERS):
             raise InvalidRequestError(f"unknown classifier value {request.classifier}")
+        classifier = CLASSIFIERS[request.classifier]
         check_active(context, "classifying")
         result = self.engine.classify(
             request.image, top_k=request.top_k, classifier=classifier, neighbors=request.neighbors

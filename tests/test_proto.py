@@ -31,3 +31,12 @@ def test_contract_has_every_call() -> None:
 
     methods = set(pictor_pb2.DESCRIPTOR.services_by_name["Pictor"].methods_by_name)
     assert methods == {"Classify", "Search", "Embed", "Upsert", "Delete", "Info"}
+
+
+def test_classifier_names_follow_the_enum() -> None:
+    from pictor.api import CLASSIFIERS
+    from pictor.v1 import pictor_pb2
+
+    names = [pictor_pb2.Classifier.Name(i) for i in range(len(CLASSIFIERS))]
+    assert names == ["CLASSIFIER_UNSPECIFIED"] + [f"CLASSIFIER_{c.upper()}" for c in CLASSIFIERS[1:]]
+    assert len(pictor_pb2.Classifier.keys()) == len(CLASSIFIERS)

@@ -11,7 +11,6 @@ validation accuracy.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -172,18 +171,6 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     return factor
 
 
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast where it is native (CUDA, CPUs with AMX/AVX512-BF16), else full fp32."""
-    from pictor.core.embedder import cpu_has_fast_bf16
-
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    fast = (torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16())
-    if precision == "auto" and not fast:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def finetune(
     embedder: Embedder,
     head: ClassifierHead,
@@ -199,8 +186,6 @@ def finetune(
     changed here; the caller marks it fine-tuned from ``changed_state``).
     """
     from tqdm import tqdm
-
-    from pictor.core.embedder import _pool
 
     torch.manual_seed(config.seed)
     backbone, device = embedder.backbone, embedder.device
@@ -232,11 +217,8 @@ def finetune(
         mix = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=0.0,
                     num_classes=head.num_classes)
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        with autocast_for(device, config.precision):
-            fmap, _ = backbone(x.to(device).contiguous(memory_format=torch.channels_last))
-        pooled = backbone.pooled_head(_pool(fmap.float(), embedder.spec.pooling))
-        return head(F.normalize(pooled, dim=1))
+    # fp16 gradients underflow without loss scaling (bf16 and fp32 need none).
+    scaler = torch.amp.GradScaler(device.type, enabled=embedder.precision == "fp16")
 
     best = (-1.0, -math.inf)  # (val accuracy, -val loss)
     best_state: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
@@ -256,12 +238,13 @@ def finetune(
             if mix is not None and len(x) % 2 == 0:
                 x, target = mix(x, y)
             target = target.to(device)
-            logits = forward(x)
+            logits = head(embedder.embed_tensor(x)[0])  # the embedder's precision, as served
             loss = F.cross_entropy(logits, target, weight=weights,
                                    label_smoothing=config.label_smoothing)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             seen += len(y)
             # Mixed batches: the label with the larger share counts as the right answer.
