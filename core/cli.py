@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from pictor.config import default_cache_dir
+from pictor.core.files import write_atomic
 from pictor.errors import require_server_extra
 
 HELP = """\
@@ -130,8 +131,7 @@ class _CostCache:
             return
         try:  # a cache: failing to write it must not fail the command
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"version": self.version, "costs": self.costs}))
-            tmp.replace(self.path)
+            data = json.dumps({"version": self.version, "costs": self.costs}).encode()
+            write_atomic(self.path, lambda f: f.write(data), durable=False)
         except OSError:
             pass

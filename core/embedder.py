@@ -35,6 +35,7 @@ from PIL import Image
 
 from pictor.config import DEFAULT_BACKBONE
 from pictor.core.backbones import Backbone, create_backbone
+from pictor.core.files import write_atomic
 from pictor.core.spec import ModelSpec, Preprocessing
 from pictor.errors import IncompatibleModelError, InvalidRequestError
 from pictor.iterators import batched
@@ -340,15 +341,8 @@ class PCAWhitening:
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``directory/whitening.npz`` atomically (a crash leaves the old file or a .tmp
         that the store removes when it opens)."""
-        from pictor.core.faiss_index import fsync_dir, fsync_file
-
         path = Path(directory) / WHITENING_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("wb") as f:
-            np.savez(f, mean=self.mean, projection=self.projection)
-        fsync_file(tmp)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        write_atomic(path, lambda f: np.savez(f, mean=self.mean, projection=self.projection))
         return path
 
     @classmethod

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from pictor.core.files import write_atomic
 from pictor.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -160,11 +160,7 @@ class VectorIndex:
 
         ``faiss.write_index`` writes in place, so a crash mid-write would tear the file.
         """
-        tmp = path.with_name(path.name + ".tmp")
-        faiss.write_index(self.index, str(tmp))
-        fsync_file(tmp)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        write_atomic(path, lambda f: faiss.write_index(self.index, faiss.PyCallbackIOWriter(f.write)))
 
     # -- contents -------------------------------------------------------------------------
 
@@ -500,19 +496,3 @@ def _can_remove(index: faiss.Index) -> bool:
     return True
 
 
-def fsync_file(path: Path) -> None:
-    """Flush a written file's contents to stable storage."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in ``path`` durable (the directory entry itself)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

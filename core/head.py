@@ -33,6 +33,7 @@ import torch
 from numpy.typing import ArrayLike
 from torch import nn
 
+from pictor.core.files import write_atomic
 from pictor.core.spec import ModelSpec
 from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
 
@@ -513,9 +514,7 @@ class TrainedModel:
         """Write the model file atomically (a reader never sees half a file)."""
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        torch.save(self.to_dict(), tmp)
-        os.replace(tmp, p)
+        write_atomic(p, lambda f: torch.save(self.to_dict(), f))
         log.info("saved model %s (%d classes, %s)", p, len(self.class_names), self.spec.describe())
 
     @classmethod

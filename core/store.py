@@ -49,12 +49,11 @@ from pictor.core.faiss_index import (
     EXACT_FACTORY,
     SearchKnobs,
     VectorIndex,
-    fsync_dir,
-    fsync_file,
     parse_factory,
     training_size,
     tune_knobs,
 )
+from pictor.core.files import write_atomic
 from pictor.core.gallery import MAX_KEY_LEN
 from pictor.core.spec import ModelSpec
 from pictor.errors import (
@@ -1290,11 +1289,7 @@ def _raise_if_disk_full(root: Path, error: BaseException) -> None:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    fsync_file(tmp)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_atomic(path, lambda f: f.write((json.dumps(data, indent=2, sort_keys=True) + "\n").encode()))
 
 
 def _lock_directory(root: Path) -> int:

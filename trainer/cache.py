@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pictor.core.files import write_atomic
 from pictor.core.spec import ModelSpec
 from pictor.errors import InvalidImageError
 from pictor.trainer.data import Sample
@@ -76,9 +76,8 @@ class EmbeddingCache:
     def put(self, content_hash: str, vector: np.ndarray) -> None:
         p = self._path(content_hash)
         p.parent.mkdir(exist_ok=True)
-        tmp = p.with_name(f"{p.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, np.asarray(vector, dtype=np.float32))
-        os.replace(tmp, p)  # atomic: concurrent runs never read half a vector
+        # atomic: concurrent runs never read half a vector
+        write_atomic(p, lambda f: np.save(f, np.asarray(vector, dtype=np.float32)), durable=False)
 
 
 @dataclass

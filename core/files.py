@@ -1,0 +1,42 @@
+"""Files written whole or not at all: the store's snapshot and manifest, model files, caches."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], object], *, durable: bool = True) -> None:
+    """Write ``path`` through ``write(file)``: a reader, or a crash, sees the old file or the new
+    one, never half of one.
+
+    ``write`` fills a temporary file beside ``path`` that is then renamed over it. Its name ends
+    in ``.tmp`` (the index store removes strays when it opens) and carries the process id, so
+    concurrent writers never share one. ``durable``: also fsync the file and the directory, so
+    the new file survives a power cut once this returns (the store's files need that; caches
+    do not).
+    """
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (the directory entry itself)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
