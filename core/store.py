@@ -1089,18 +1089,14 @@ def _match_ids(conn: sqlite3.Connection, flt: Filter) -> np.ndarray:
 def _exact_search(
     conn: sqlite3.Connection, q: np.ndarray, k: int, allowed: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Brute force over stored vectors (all, or the ``allowed`` ids), in blocks."""
-    best_s = np.full((len(q), k), -np.inf, np.float32)
-    best_i = np.full((len(q), k), -1, np.int64)
+    """Brute force over stored vectors (all, or the ``allowed`` ids), in blocks; id -1 pads
+    results short of ``k``."""
+    heap = faiss.ResultHeap(len(q), k, keep_max=True)
     for ids, vecs in _vectors_of(conn, allowed):
-        scores = q @ vecs.T
-        all_s = np.concatenate([best_s, scores], axis=1)
-        all_i = np.concatenate([best_i, np.broadcast_to(ids, scores.shape)], axis=1)
-        top = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
-        best_s = np.take_along_axis(all_s, top, axis=1)
-        best_i = np.take_along_axis(all_i, top, axis=1)
-    best_i[~np.isfinite(best_s)] = -1
-    return best_s, best_i
+        scores, rows = faiss.knn(q, vecs, min(k, len(vecs)), metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(scores, ids[rows])
+    heap.finalize()
+    return heap.D, heap.I
 
 
 def _vectors_of(

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
+import faiss
 import numpy as np
-import torch
 
 from pictor.core.head import ClassGaussians, OpenSet, calibrate_thresholds, knn_vote
 
@@ -42,19 +42,10 @@ class _Hit:  # what knn_vote reads from a store hit
     score: float
 
 
-def neighbors(queries: np.ndarray, gallery: np.ndarray, k: int, block: int = 1024
-              ) -> tuple[np.ndarray, np.ndarray]:
+def neighbors(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` inner-product neighbours: (similarities, indices), each ``[N, k]``."""
-    k = min(k, len(gallery))
-    sims_out = np.empty((len(queries), k), dtype=np.float32)
-    idx_out = np.empty((len(queries), k), dtype=np.int64)
-    g = torch.as_tensor(gallery, dtype=torch.float32)
-    for start in range(0, len(queries), block):  # bounded memory for large sets
-        q = torch.as_tensor(queries[start:start + block], dtype=torch.float32)
-        sims, idx = torch.topk(q @ g.T, k, dim=1)
-        sims_out[start:start + len(q)] = sims.numpy()
-        idx_out[start:start + len(q)] = idx.numpy()
-    return sims_out, idx_out
+    return faiss.knn(np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(gallery, np.float32),
+                     min(k, len(gallery)), metric=faiss.METRIC_INNER_PRODUCT)
 
 
 def knn_predict(queries: np.ndarray, gallery: np.ndarray, gallery_labels: Sequence[str],
