@@ -487,7 +487,11 @@ def _timm_pretrained_cfg(info: BackboneInfo, tag: str) -> Any:
 def _timm_preprocessing(model: nn.Module) -> Preprocessing:
     from timm.data import resolve_data_config
 
-    cfg = resolve_data_config(model=model)
+    return _preprocessing_of_timm_cfg(resolve_data_config(model=model))
+
+
+def _preprocessing_of_timm_cfg(cfg: dict[str, Any]) -> Preprocessing:
+    """timm's resolved data config as the eval transform it describes."""
     size = int(cfg["input_size"][-1])
     return Preprocessing(
         input_size=size,
@@ -688,11 +692,8 @@ def _map_lukemelas_to_timm(sd: dict[str, torch.Tensor], model: nn.Module, path: 
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @cache
@@ -817,8 +818,5 @@ def _default_preprocessing(info: BackboneInfo) -> Preprocessing:
     import timm
     from timm.data import resolve_data_config
 
-    cfg = resolve_data_config(pretrained_cfg=timm.models.get_pretrained_cfg(info.arch).to_dict())
-    size = int(cfg["input_size"][-1])
-    return Preprocessing(size, math.floor(size / float(cfg["crop_pct"])),
-                         tuple(cfg["mean"]), tuple(cfg["std"]),  # type: ignore[arg-type]
-                         str(cfg["interpolation"]))
+    pretrained = timm.models.get_pretrained_cfg(info.arch).to_dict()  # type: ignore[union-attr]
+    return _preprocessing_of_timm_cfg(resolve_data_config(pretrained_cfg=pretrained))

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,8 +37,11 @@ from pictor.config import DEFAULT_BACKBONE
 from pictor.core.backbones import Backbone, create_backbone
 from pictor.core.files import write_atomic
 from pictor.core.spec import ModelSpec, Preprocessing
-from pictor.errors import IncompatibleModelError, InvalidRequestError
+from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
 from pictor.iterators import batched
+
+if TYPE_CHECKING:
+    from pictor.core.store import IndexStore
 
 log = logging.getLogger(__name__)
 
@@ -364,6 +367,23 @@ class PCAWhitening:
                 f"{path} holds whitening {w.fingerprint}, but the index was built with "
                 f"{spec.whitening}; rebuild the index")
         return w
+
+
+def open_index(path: str | os.PathLike[str]) -> tuple[IndexStore, PCAWhitening | None, ModelSpec]:
+    """The index store at ``path``, its whitening, and the spec of the embeddings it was built
+    from (unwhitened: what an embedder or a head must produce). Closes the store on error."""
+    from pictor.core.store import IndexStore
+
+    if not Path(path).is_dir():
+        raise NotFoundError(
+            f"index directory {path} does not exist; build one with `pictor index GALLERY --out {path}`")
+    store = IndexStore.open(path)
+    try:
+        whitening = PCAWhitening.load(path, store.spec)
+        return store, whitening, store.spec if whitening is None else whitening.unwhiten_spec(store.spec)
+    except BaseException:
+        store.close(snapshot=False)  # a refused open must not keep the index locked
+        raise
 
 
 def index_spec(spec: ModelSpec, whitening: PCAWhitening | None) -> ModelSpec:

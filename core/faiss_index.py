@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,7 @@ def _layers(index: faiss.Index) -> list[Any]:
     return layers
 
 
+@lru_cache(maxsize=64)  # parses the factory: the store asks on every growth check
 def training_size(dim: int, factory: str) -> int:
     """How many vectors ``factory`` needs before it can be trained (0 when it needs none)."""
     index = parse_factory(dim, factory)
@@ -131,7 +133,7 @@ class VectorIndex:
         self._dead_selector: Any = None  # cached IDSelectorNot over the tombstones
         self._params_cache: dict[SearchKnobs, tuple[Any, list[Any]]] = {}
         self._last_params: tuple[SearchKnobs | None, Any] = (None, None)  # see _search_params
-        self._refresh_layers()
+        self._layers = _layers(self.index)
 
     # -- construction ---------------------------------------------------------------------
 
@@ -323,9 +325,6 @@ class VectorIndex:
             not_dead = faiss.IDSelectorNot(batch)
             self._dead_selector = (not_dead, [dead, batch])
         return self._dead_selector[0], [self._dead_selector]
-
-    def _refresh_layers(self) -> None:
-        self._layers = _layers(self.index)
 
     def _params(self, knobs: SearchKnobs, selector: Any) -> tuple[Any, list[Any]]:
         """FAISS SearchParameters for this request, innermost layer first; (params, keepalive).

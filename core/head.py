@@ -172,7 +172,7 @@ class OpenSetThresholds:
 
 @dataclass(frozen=True)
 class OpenSet:
-    """What Classify needs to answer "unknown": the class Gaussians and the two thresholds."""
+    """What Classify needs to answer "unknown": the class Gaussians and their thresholds."""
 
     gaussians: ClassGaussians
     thresholds: OpenSetThresholds
@@ -492,7 +492,7 @@ class TrainedModel:
         return {
             "format": MODEL_FORMAT,
             "format_version": FORMAT_VERSION,
-            "spec": self.spec.to_dict() | {"preprocessing": self.spec.preprocessing.to_dict()},
+            "spec": self.spec.to_dict(),
             "class_names": list(self.class_names),
             "head": {
                 "kind": "mlp" if self.head.hidden else "linear",

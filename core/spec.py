@@ -53,8 +53,7 @@ class ModelSpec:
     whitening: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["preprocessing"] = self.preprocessing.to_dict()
+        d = asdict(self)  # nested: preprocessing becomes a dict too
         if not self.whitening:
             del d["whitening"]  # unwhitened specs keep their old form (cache keys, model files)
         return d

@@ -37,7 +37,6 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, overload
@@ -317,7 +316,7 @@ class IndexStore:
         store = cls(root, manifest, lock_fd)
         # Types that need no training (Flat, HNSW) start as themselves, others exact.
         first = index_type if index_type != AUTO else EXACT_FACTORY
-        if _training_size(spec.dim, first):
+        if training_size(spec.dim, first):
             first = EXACT_FACTORY
         store._index = VectorIndex.build(spec.dim, first)
         log.info("created index store %s (%s, index %s)", root, spec.describe(), index_type)
@@ -540,12 +539,6 @@ class IndexStore:
         with self._write_lock:
             self._save_snapshot()
 
-    def rebuild(self) -> None:
-        """Re-train and rebuild the FAISS index from the stored vectors, then snapshot."""
-        self._check_open()
-        with self._write_lock:
-            self._rebuild(reason="requested")
-
     def close(self, *, snapshot: bool = True) -> None:
         """Snapshot pending changes (unless ``snapshot=False``) and release the store."""
         if self._closed:
@@ -658,7 +651,7 @@ class IndexStore:
         n, built, growth = self._count, self._built_for, self.options.growth_factor
         target = self._target_factory(n)
         current = self._index.factory
-        need = _training_size(self.dim, target)
+        need = training_size(self.dim, target)
         if current == EXACT_FACTORY and target != EXACT_FACTORY:
             if n >= need:  # the exact stand-in can now give way to the real type
                 return f"{n} items are enough to train {target}"
@@ -695,7 +688,7 @@ class IndexStore:
         """A fresh index of type ``factory`` (exact while too few items to train it) over
         every stored vector, streamed in blocks."""
         sample = None
-        need = _training_size(self.dim, factory)
+        need = training_size(self.dim, factory)
         if need > self._count:
             factory, need = EXACT_FACTORY, 0
         if need:
@@ -968,11 +961,6 @@ def choose_factory(n: int, dim: int, options: StoreOptions) -> str:
             return f"{ivf},SQ8,Refine({refine})"
     m = max(d for d in range(1, reduced // 2 + 1) if reduced % d == 0)
     return f"{ivf},PQ{m}x4fs"
-
-
-@lru_cache(maxsize=64)
-def _training_size(dim: int, factory: str) -> int:
-    return training_size(dim, factory)
 
 
 # -- SQLite helpers -------------------------------------------------------------------------

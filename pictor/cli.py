@@ -17,7 +17,7 @@ from pictor import __version__
 from pictor.config import unknown_env_names
 from pictor.errors import MissingExtraError, PictorError
 
-# (module, description) of every part that contributes subcommands, in --help order.
+# The modules that contribute subcommands, in --help order.
 _PARTS = (
     "pictor.indexer.cli",
     "pictor.server.cli",

@@ -1,6 +1,6 @@
 """Typed domain errors, shared by every part of Pictor.
 
-The server maps them to gRPC status codes in one table (``pictor.server.errors``); the client
+The server maps them to gRPC status codes in one table (``pictor.status``); the client
 maps status codes back. They carry messages meant for the person who sent the request.
 """
 

@@ -11,7 +11,6 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,7 +22,7 @@ from pictor.config import ServerSettings
 from pictor.core.decode import decode_image
 from pictor.core.head import top_k_labels
 from pictor.core.store import DeleteResult, Filter, Hits, IndexStore, Item, SearchParams, UpsertResult
-from pictor.errors import InvalidImageError, InvalidRequestError, NotFoundError
+from pictor.errors import InvalidImageError, InvalidRequestError
 
 if TYPE_CHECKING:
     from pictor.core.embedder import Embedder, EmbedOutput, PCAWhitening
@@ -87,23 +86,17 @@ class Engine:
         if model is not None and model.open_set is not None:
             self._neighbour_tests_off()  # logs when they are off
         # One forward pass at a time: concurrent passes would only fight over the same cores.
-        # (Dynamic batching of concurrent requests replaces this lock; see ROADMAP.)
+        # (Dynamic batching of concurrent requests, planned for the production server, replaces it.)
         self._forward_lock = threading.Lock()
 
     @classmethod
     def load(cls, settings: ServerSettings) -> Engine:
         """Open the index and build the model it was made with (or the fine-tuned one)."""
-        from pictor.core.embedder import PCAWhitening, create_embedder
+        from pictor.core.embedder import create_embedder, open_index
 
-        index = Path(settings.index)
-        if not index.is_dir():
-            raise NotFoundError(
-                f"index directory {index} does not exist; build one with `pictor index GALLERY --out {index}`"
-            )
-        store = IndexStore.open(index)
+        index = settings.index
+        store, whitening, spec = open_index(index)
         try:
-            whitening = PCAWhitening.load(index, store.spec)
-            spec = store.spec if whitening is None else whitening.unwhiten_spec(store.spec)
             model = None
             if settings.model:
                 from pictor.core.head import load_model

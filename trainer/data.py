@@ -98,15 +98,9 @@ def stratified_split(
     """
     if not 0.0 < val_fraction < 1.0:
         raise InvalidRequestError(f"validation fraction must be in (0, 1), got {val_fraction}")
-    by_class: dict[str, list[Sample]] = defaultdict(list)
-    for s in samples:
-        by_class[s.label].append(s)
-    rng = random.Random(seed)
     train: list[Sample] = []
     val: list[Sample] = []
-    for label in sorted(by_class):
-        items = sorted(by_class[label], key=lambda s: str(s.path))
-        rng.shuffle(items)
+    for items in _shuffled_by_class(samples, seed):
         n_val = min(max(1, round(val_fraction * len(items))), len(items) - 1)
         val.extend(items[:n_val])
         train.extend(items[n_val:])
@@ -117,16 +111,25 @@ def cap_per_class(samples: Sequence[Sample], max_per_class: int, seed: int) -> l
     """At most ``max_per_class`` images per class, chosen at random (seeded); 0 = no cap."""
     if max_per_class <= 0:
         return list(samples)
+    kept: list[Sample] = []
+    for items in _shuffled_by_class(samples, seed):
+        kept.extend(sorted(items[:max_per_class], key=lambda s: str(s.path)))
+    return kept
+
+
+def _shuffled_by_class(samples: Sequence[Sample], seed: int) -> list[list[Sample]]:
+    """Each class's samples in a seeded random order (from path order, so the order of the
+    listing does not matter), classes in name order."""
     by_class: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
         by_class[s.label].append(s)
     rng = random.Random(seed)
-    kept: list[Sample] = []
+    shuffled = []
     for label in sorted(by_class):
         items = sorted(by_class[label], key=lambda s: str(s.path))
         rng.shuffle(items)
-        kept.extend(sorted(items[:max_per_class], key=lambda s: str(s.path)))
-    return kept
+        shuffled.append(items)
+    return shuffled
 
 
 def data_fingerprint(content_hashes: Sequence[str], labels: Sequence[str]) -> str:

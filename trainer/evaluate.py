@@ -22,7 +22,7 @@ import numpy as np
 
 from pictor.config import cache_root
 from pictor.core.head import TrainedModel, nearest_known_similarity, neighbour_tests_off
-from pictor.errors import InvalidRequestError, NotFoundError
+from pictor.errors import InvalidRequestError
 from pictor.trainer import data as data_mod
 from pictor.trainer.cache import embed_samples
 from pictor.trainer.metrics import classification_report
@@ -107,15 +107,11 @@ def evaluate(
 
 def open_served_index(model: TrainedModel, index: str | Path) -> IndexStore:
     """The index Classify serves from, checked to hold this model's embedding space."""
-    from pictor.core.embedder import PCAWhitening
-    from pictor.core.store import IndexStore
+    from pictor.core.embedder import open_index
 
-    if not Path(index).is_dir():
-        raise NotFoundError(f"index directory {index} does not exist")
-    store = IndexStore.open(index)
+    store, _, spec = open_index(index)
     try:
-        whitening = PCAWhitening.load(index, store.spec)
-        model.check_index(store.spec if whitening is None else whitening.unwhiten_spec(store.spec))
+        model.check_index(spec)
     except BaseException:
         store.close(snapshot=False)
         raise

@@ -203,7 +203,7 @@ def _select(config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val
     """Logistic-regression head on all views (stacked as extra samples)."""
     return select_head(x_train.reshape(-1, x_train.shape[-1]), np.tile(y_train, len(x_train)),
                        x_val, y_val, num_classes, weight_decays=config.weight_decays,
-                       balance=config.balance, seed=config.seed)
+                       balance=config.balance)
 
 
 def _finetune(config: TrainConfig, embedder: Embedder, tr: EmbeddedSet, state: _Fitted,
