@@ -220,7 +220,8 @@ def run_info(args: argparse.Namespace) -> int:
     shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
     rows = [
         ("health", status),
-        ("backbone", f"{info.backbone} (weights: {info.weights})"),
+        ("backbone", f"{info.backbone} (weights: {info.weights}"
+                     + (f", fine-tuned: {info.finetune})" if info.finetune else ")")),
         ("embedding", f"{info.embedding_dim}-d, {info.metric}"),
         ("index", f"{info.index_size} items, {info.index_type}"),
         ("classifier", f"{info.classifier}: {shown}"),

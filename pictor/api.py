@@ -23,3 +23,4 @@ class ServerInfo:
     server_version: str
     versions: dict[str, str]
     open_set: str = ""  # "", "on", or "class fit alone: <why>" (see the proto)
+    finetune: str = ""  # fingerprint of the fine-tuned backbone; "" = the weights as they came

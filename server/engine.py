@@ -22,7 +22,7 @@ from pictor.config import ServerSettings
 from pictor.core.decode import decode_image
 from pictor.core.head import top_k_labels
 from pictor.core.store import DeleteResult, Filter, Hits, IndexStore, Item, SearchParams, UpsertResult
-from pictor.errors import InvalidImageError, InvalidRequestError
+from pictor.errors import IncompatibleModelError, InvalidImageError, InvalidRequestError
 
 if TYPE_CHECKING:
     from pictor.core.embedder import Embedder, EmbedOutput, PCAWhitening
@@ -108,6 +108,12 @@ class Engine:
                                                  compile=settings.compile,
                                                  weights=settings.weights or None)
             else:
+                if spec.finetune:
+                    raise IncompatibleModelError(
+                        f"index {index} was embedded by a fine-tuned backbone "
+                        f"(finetune={spec.finetune[:12]}); serve it with the model file that "
+                        "tuned it: --model MODEL"
+                    )
                 if spec.weights.startswith("file:") and not settings.weights:
                     raise InvalidRequestError(
                         f"index {index} was embedded with the weights of a local checkpoint "
@@ -210,7 +216,8 @@ class Engine:
         # labels (random init, or a checkpoint without its classifier).
         if classifier == "knn" or (self.model is None and not has_imagenet and classifier != "head"):
             knn, hits = self._knn(embedding, n_neighbors, top_k)
-            return ClassifyResult(labels=knn, source="knn", knn_labels=knn, neighbors=hits)
+            return ClassifyResult(labels=knn, source="knn", knn_labels=knn, neighbors=hits,
+                                  unknown=self._unknown(embedding, hits))
 
         if self.model is not None:
             labels, source = self.model.top_k(embedding[None], top_k)[0], "head"
@@ -222,15 +229,12 @@ class Engine:
                 "this server has no classifier head (no --model, and a backbone without ImageNet "
                 "labels); ask for the kNN vote over the index (`pictor classify --classifier knn`)"
             )
-        open_set = self.model.open_set if self.model is not None else None
-        if classifier != "all" and open_set is None:
+        if classifier != "all" and (self.model is None or self.model.open_set is None):
             return ClassifyResult(labels=labels, source=source)
 
         # Open-set rejection needs the nearest neighbour too, whichever answer was asked for.
         knn, hits = self._knn(embedding, n_neighbors, top_k)
-        # The class Gaussians take the embedder's own embedding, like the head.
-        unknown = open_set is not None and bool(
-            open_set.is_unknown(embedding[None], [self._nearest_known(embedding, hits)])[0])
+        unknown = self._unknown(embedding, hits)
         if classifier != "all":
             return ClassifyResult(labels=labels, source=source, unknown=unknown)
         # ImageNet labels are not the index's labels: agreement means nothing there.
@@ -238,6 +242,13 @@ class Engine:
         return ClassifyResult(
             labels=labels, source=source, knn_labels=knn, neighbors=hits, agree=agree, unknown=unknown
         )
+
+    def _unknown(self, embedding: np.ndarray, hits: Hits) -> bool:
+        """The model's open-set verdict (False without one), whichever classifier answered.
+        The class Gaussians take the embedder's own embedding, like the head."""
+        open_set = self.model.open_set if self.model is not None else None
+        return open_set is not None and bool(
+            open_set.is_unknown(embedding[None], [self._nearest_known(embedding, hits)])[0])
 
     def _nearest_known(self, embedding: np.ndarray, hits: Hits) -> float:
         """Similarity of the nearest indexed item of the model's classes: the first of ``hits``
@@ -344,6 +355,7 @@ class Engine:
             server_version=__version__,
             versions={"torch": torch.__version__, "faiss": faiss.__version__, "pictor": __version__},
             open_set=self._open_set_status(),
+            finetune=spec.finetune[:12],
         )
 
     def _open_set_status(self) -> str:

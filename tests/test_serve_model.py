@@ -71,8 +71,12 @@ def test_classify_with_head_and_knn(trained: tuple[Path, Path]) -> None:
             assert both.agree
             assert len(both.neighbors) == 5
             assert not both.unknown
-            # Far from both classes and from every indexed image: answered "unknown".
+            # Far from both classes and from every indexed image: answered "unknown", whichever
+            # classifier answers (the kNN vote names a class all the same).
             assert client.classify(noise(0), classifier="all").unknown
+            knn = client.classify(noise(0), classifier="knn")
+            assert knn.source == "knn" and knn.labels and knn.unknown
+            assert not client.classify(tinted(101, "blue"), classifier="knn").unknown
     finally:
         server.stop()
 
