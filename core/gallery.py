@@ -130,7 +130,7 @@ def _json_lines(manifest: Path, lines: Iterable[str]) -> Iterator[tuple[int, dic
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, parse_int=_Number, parse_float=_Number)
         except json.JSONDecodeError as e:
             raise InvalidRequestError(f"{manifest}:{n}: not valid JSON: {e.msg}") from e
         if not isinstance(row, dict):
@@ -138,11 +138,14 @@ def _json_lines(manifest: Path, lines: Iterable[str]) -> Iterator[tuple[int, dic
         yield n, {k: _json_text(f"{manifest}:{n}", k, v) for k, v in row.items() if v is not None}
 
 
+class _Number(str):
+    """A JSON number kept as written: ``1.50`` stays "1.50", as a CSV cell would, so a filter
+    on the text the user wrote matches."""
+
+
 def _json_text(where: str, name: str, value: object) -> str:
     """A JSONL field as text: strings as they are, numbers as written; null means absent."""
     if isinstance(value, str):
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     raise InvalidRequestError(
         f"{where}: field {name!r} must be a string or a number, got {json.dumps(value)[:60]}"

@@ -82,8 +82,9 @@ def test_manifest_text_as_spreadsheets_and_scripts_write_it(tmp_path: Path) -> N
     csv.write_bytes("\ufeffpath,label\r\na.png,café\r\n".encode())
     assert [(e.key, e.label) for e in read_gallery(csv)] == [("a.png", "café")]
     jsonl = tmp_path / "m.jsonl"
-    jsonl.write_bytes("\ufeff".encode() + json.dumps({"path": "a.png", "label": 3}).encode() + b"\n")
-    assert [e.label for e in read_gallery(jsonl)] == ["3"]  # a number as written
+    jsonl.write_bytes("\ufeff".encode() + b'{"path": "a.png", "label": 3, "f": 1.50}\n')
+    [entry] = read_gallery(jsonl)
+    assert (entry.label, entry.attributes) == ("3", {"f": "1.50"})  # numbers as written
     csv.write_bytes("path,label\na.png,café\n".encode("latin-1"))
     with pytest.raises(InvalidRequestError, match=r"m.csv is not UTF-8 text \(byte 0xe9\)"):
         list(read_gallery(csv))
