@@ -17,7 +17,8 @@ Embed every image of GALLERY with a pretrained CNN and write a searchable index 
 GALLERY is a folder (searched recursively, linked folders included; each image's label is the
 top-level folder it is in) or a UTF-8 CSV/JSONL manifest with a `path` column (relative to the
 manifest's folder) and optional `label`, `key` and attribute columns (JSON null = absent).
-Each item's key is its `key`, else the file's path as given (./a//b.jpg becomes a/b.jpg); a
+Each item's key is its `key`, else the file's path as given (./a//b.jpg becomes a/b.jpg), so
+give a folder the same way each time (photos/ and /home/me/photos/ are different keys); a
 manifest that repeats a key is refused, since which row should win is a guess. Running again
 over an existing index embeds every file again: new keys are added, existing ones replaced (so
 changed files are picked up); the model must be the same.
@@ -125,6 +126,11 @@ def run(args: argparse.Namespace) -> int:
               f"index holds {count} items; skipped {summary.skipped}")
         for failure in summary.failures:
             print(f"  skipped {failure['error']}", file=sys.stderr)
+    if summary.interrupted:
+        print(f"pictor index: interrupted; the {summary.indexed} images indexed before it are kept. "
+              "Run the same command again to index the rest (those are embedded again and replaced)",
+              file=sys.stderr)
+        return 130
     if summary.skipped and not summary.indexed:
         print(f"error: none of the {summary.skipped} files could be indexed", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -44,6 +44,7 @@ class IndexSummary:
     seconds: float = 0.0
     images_per_second: float = 0.0
     failures: list[dict[str, str]] = field(default_factory=list)  # {"path", "error"}
+    interrupted: bool = False  # Ctrl-C: the batches written before it are kept
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def decoded_batches(
 
 def embedded_batches(
     entries: Iterable[GalleryEntry], embedder: Embedder, *, batch_size: int, workers: int, max_pixels: int
-) -> Iterator[tuple[DecodedBatch, np.ndarray]]:
+) -> Generator[tuple[DecodedBatch, np.ndarray], None, None]:
     """Each decoded batch with the embeddings of its good entries ([0, dim] when none)."""
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="pictor-decode") as pool:
         for decoded in decoded_batches(batched(entries, batch_size), pool, embedder, max_pixels=max_pixels):
@@ -117,27 +118,32 @@ def run_indexing(
     progress: bool = True,
 ) -> IndexSummary:
     """Embed every entry (whitened when the index is) and upsert it into ``store``; bad files
-    are skipped and reported."""
+    are skipped and reported. Ctrl-C ends the run early with the summary of what was written."""
     from tqdm import tqdm
 
     summary = IndexSummary()
     start = time.perf_counter()
     bar = tqdm(total=total, unit="img", desc="indexing", disable=not progress, dynamic_ncols=True)
     batches = embedded_batches(entries, embedder, batch_size=batch_size, workers=workers, max_pixels=max_pixels)
-    for decoded, vectors in batches:
-        for entry, error in decoded.failures:
-            log.warning("skipped %s", error)
-            summary.failures.append({"path": str(entry.path), "error": error})
-        if decoded.entries:
-            items = [Item(key=e.key, label=e.label, attributes=dict(e.attributes)) for e in decoded.entries]
-            result = store.upsert(items, vectors if whitening is None else whitening.apply(vectors))
-            summary.inserted += result.inserted
-            summary.replaced += result.replaced
-        summary.indexed += len(decoded.entries)
-        summary.skipped += len(decoded.failures)
-        bar.update(len(decoded.entries) + len(decoded.failures))
-        bar.set_postfix(skipped=summary.skipped, refresh=False)
-    bar.close()
+    try:
+        for decoded, vectors in batches:
+            for entry, error in decoded.failures:
+                log.debug("skipped %s", error)  # the summary lists them; -v shows them as they come
+                summary.failures.append({"path": str(entry.path), "error": error})
+            if decoded.entries:
+                items = [Item(key=e.key, label=e.label, attributes=dict(e.attributes)) for e in decoded.entries]
+                result = store.upsert(items, vectors if whitening is None else whitening.apply(vectors))
+                summary.inserted += result.inserted
+                summary.replaced += result.replaced
+            summary.indexed += len(decoded.entries)
+            summary.skipped += len(decoded.failures)
+            bar.update(len(decoded.entries) + len(decoded.failures))
+            bar.set_postfix(skipped=summary.skipped, refresh=False)
+    except KeyboardInterrupt:  # an upsert is all or nothing, so the counts are what was written
+        summary.interrupted = True
+    finally:
+        batches.close()  # stops the decoding workers
+        bar.close()
     summary.seconds = round(time.perf_counter() - start, 3)
     summary.images_per_second = round(summary.indexed / summary.seconds, 2) if summary.seconds else 0.0
     return summary
