@@ -74,6 +74,7 @@ SNAPSHOT_PREFIX = "faiss-"
 SNAPSHOT_SUFFIX = ".index"
 _SQL_CHUNK = 4096  # ids per `IN (...)` query and vectors per streamed block
 _TRAIN_SAMPLE = 50_000  # vectors to train IVF/PQ on, unless the type needs more
+_MIN_TUNE_ITEMS = 500  # search defaults are first re-tuned at twice this many items
 _NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})  # shared by every hit without any
 
 
@@ -252,6 +253,9 @@ class IndexStore:
         self._index: VectorIndex
         self._knobs = SearchKnobs(**manifest.get("search_defaults", {}))
         self._built_for = int(manifest.get("built_for", 0))  # items when last (re)built
+        # items when the search defaults were last tuned (HNSW is never re-trained: its
+        # defaults are re-tuned as it grows instead)
+        self._tuned_for = int(manifest.get("tuned_for", self._built_for))
         self._count = self._scalar("SELECT COUNT(*) FROM items")
         # A copy of the items table kept in memory so the search path does not pay a SQLite
         # query per request (None: query SQLite).
@@ -643,6 +647,8 @@ class IndexStore:
         reason = self._rebuild_reason()
         if reason:
             self._rebuild(reason)
+        elif not self._index.exact and self._count >= 2 * max(self._tuned_for, _MIN_TUNE_ITEMS):
+            self._retune()
         elif self._pending >= self.options.snapshot_every:
             self._snapshot_if_possible()
 
@@ -676,12 +682,23 @@ class IndexStore:
         knobs = self._tune(new_index)
         with self._rw.write():
             self._index, self._knobs = new_index, knobs
-            self._built_for = self._count
+            self._built_for = self._tuned_for = self._count
             self._dirty = True
         log.info(
             "rebuilt FAISS index as %s over %d items in %.1fs (%s); search defaults %s",
             new_index.factory, self._count, time.perf_counter() - started, reason, knobs,
         )
+        self._snapshot_if_possible()
+
+    def _retune(self) -> None:
+        """New search defaults for the grown collection (a fuller index needs a wider search
+        for the same recall); readers keep the old ones until then."""
+        started = time.perf_counter()
+        knobs = self._tune(self._index)
+        with self._rw.write():
+            self._knobs, self._tuned_for, self._dirty = knobs, self._count, True
+        log.info("re-tuned search defaults over %d items in %.1fs: %s",
+                 self._count, time.perf_counter() - started, knobs)
         self._snapshot_if_possible()
 
     def _build_index(self, factory: str) -> VectorIndex:
@@ -752,6 +769,7 @@ class IndexStore:
         manifest.update(
             factory=self._index.factory,
             built_for=self._built_for,
+            tuned_for=self._tuned_for,
             search_defaults=asdict(self._knobs),
             count=self._count,
             updated=_now(),
@@ -872,6 +890,12 @@ class IndexStore:
         """FAISS search, widened (then exact) for queries that came back short of k."""
         if allowed is not None and len(allowed) <= self.options.exact_filter_limit:
             return _exact_search(self._reader(), q, k, allowed)
+        if allowed is not None and not self._index.exact:
+            # FAISS passes over the items a filter excludes as it explores, so it explores
+            # correspondingly wider to find as many good candidates.
+            widen = min(64, -(-self._index.live // max(len(allowed), 1)))
+            if widen > 1:
+                knobs = knobs.scaled(widen)
         scores, ids = self._index.search_checked(q, k, knobs, allowed)
         # FAISS pads missing results with -1 at the end: the k-th column tells all when
         # full (the common case, checked first, on one query as a Python int: numpy's scalar

@@ -14,6 +14,7 @@ import pytest
 from pictor.core.faiss_index import _BATCH_OMP_THREADS, SearchKnobs, VectorIndex
 from pictor.core.spec import ModelSpec
 from pictor.core.store import (
+    MANIFEST,
     DeleteResult,
     Filter,
     Hit,
@@ -478,3 +479,24 @@ def test_single_query_thread_setting_does_not_reach_batch_work(rng) -> None:
     index.search(vecs[:1], 3, SearchKnobs(nprobe=1))
     VectorIndex.build(DIM, "IVF4,Flat", vecs)
     assert faiss.omp_get_max_threads() == _BATCH_OMP_THREADS
+
+
+def test_hnsw_defaults_are_retuned_as_it_grows_and_filters_search_wider(tmp_path: Path, rng) -> None:
+    # HNSW is never re-trained, so its search defaults are re-tuned as it grows (they were
+    # left at FAISS's efSearch 16 for ever); filtered searches explore more widely.
+    vecs = unit(rng, 2000, dim=64)  # no clusters: a hard case for HNSW at efSearch 16
+    options = StoreOptions(exact_filter_limit=100)  # so the filter below goes through FAISS
+    with IndexStore.create(tmp_path / "s", spec(dim=64), index_type="HNSW32", options=options) as store:
+        store.upsert(items(400), vecs[:400])
+        assert store.info().ef_search == 0  # too few items to tune on
+        store.upsert(items(1600, start=400), vecs[400:])
+        assert store.info().ef_search >= 16  # tuned: set, no longer FAISS's unset default
+        queries = unit(rng, 50, dim=64)
+        half = Filter(attributes={"shard": "0"})  # 1,000 of 2,000 items
+        got = store.search(queries, k=10, filter=half)
+        exact = (queries @ vecs[::2].T).argsort(axis=1)[:, ::-1][:, :10] * 2
+        recall = np.mean([len({int(h.key[4:-4]) for h in hits} & set(row)) / 10
+                          for hits, row in zip(got, exact.tolist(), strict=True)])
+        assert recall >= 0.9
+    manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    assert manifest["tuned_for"] == 2000 and manifest["search_defaults"]["ef_search"] >= 16
