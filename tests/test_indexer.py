@@ -50,6 +50,26 @@ def test_rerun_replaces_instead_of_duplicating(gallery: Path, tmp_path: Path) ->
     assert (summary["inserted"], summary["replaced"], summary["index_size"]) == (1, 12, 13)
 
 
+def test_ctrl_c_ends_the_run_with_what_was_written(gallery: Path, tmp_path: Path) -> None:
+    from pictor.config import DEFAULT_MAX_PIXELS
+    from pictor.core.embedder import create_embedder
+    from pictor.core.gallery import read_gallery
+    from pictor.indexer.pipeline import run_indexing
+
+    entries = list(read_gallery(gallery))
+
+    def interrupted_after_six():  # type: ignore[no-untyped-def]
+        yield from entries[:6]
+        raise KeyboardInterrupt
+
+    embedder = create_embedder(device="cpu")
+    with IndexStore.create(tmp_path / "index", embedder.spec) as store:
+        summary = run_indexing(interrupted_after_six(), embedder, store, batch_size=2,
+                               max_pixels=DEFAULT_MAX_PIXELS, progress=False)
+        assert summary.interrupted
+        assert 0 < summary.indexed == summary.inserted == len(store) <= 6
+
+
 def test_index_refuses_another_backbone_on_existing_index(gallery: Path, tmp_path: Path) -> None:
     out = tmp_path / "index"
     pictor("index", str(gallery), "--out", str(out))

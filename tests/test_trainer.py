@@ -20,10 +20,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from pictor.cli import main
+from pictor.config import ServerSettings
 from pictor.core.backbones import create_backbone
 from pictor.core.embedder import Embedder, create_embedder, resolve_device
 from pictor.core.head import load_model
 from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
+from pictor.server.engine import Engine
 from pictor.trainer import data as data_mod
 from pictor.trainer.config import TrainConfig
 from pictor.trainer.evaluate import evaluate
@@ -281,6 +283,16 @@ def test_finetune_one_epoch_round_trip_and_refusals(shapes: Path, tmp_path: Path
     # An index built with the plain backbone is refused, naming the fix.
     with pytest.raises(IncompatibleModelError, match="pictor index GALLERY --model MODEL"):
         model.check_index(plain_spec)
+    # An index built with it is served with it, which Info says; without it, refused, naming it.
+    index = tmp_path / "ft-index"
+    assert main(["index", str(shapes), "--out", str(index), "--model", str(out), "--no-progress"]) == 0
+    engine = Engine.load(ServerSettings(index=str(index), model=str(out), device="cpu"))
+    try:
+        assert engine.info().finetune == model.spec.finetune[:12]
+    finally:
+        engine.close()
+    with pytest.raises(IncompatibleModelError, match="fine-tuned backbone .* --model MODEL"):
+        Engine.load(ServerSettings(index=str(index), device="cpu"))
 
 
 def test_stages_and_schedule() -> None:
@@ -315,6 +327,8 @@ def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path,
     assert report["top1"] == 1.0 and report["n"] == 24
     assert report["confusion"] == [[8, 0, 0], [0, 8, 0], [0, 0, 8]]
     assert set(report["per_class"]["disc"]) == {"precision", "recall", "f1", "support"}
+    assert len(report["images"]) == 24  # each image's answer, to compare with Classify's
+    assert all(r["predicted"] == r["label"] and r["probability"] > 0.5 for r in report["images"])
     assert png.stat().st_size > 1000 and json.loads(report_json.read_text()) == report
     rc = main(["eval", str(model_path), str(shapes), "--cache-dir", cache, "--no-progress"])
     table = capsys.readouterr().out
@@ -407,3 +421,4 @@ def test_eval_reports_unknown_answers_for_other_classes(
     o = report["open_set"]
     assert o["other_n"] == 4 and set(o["other_per_class"]) == {"noise"}
     assert o["other_unknown"] == 1.0 and o["known_unknown"] == 0.0 and o["top1_served"] == 1.0
+    assert [r["unknown"] for r in report["images"] if r["label"] == "noise"] == [True] * 4

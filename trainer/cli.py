@@ -120,7 +120,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     e.add_argument("data", metavar="DATA", help="labelled images: folder tree or .csv/.jsonl manifest")
     e.add_argument("--index", metavar="DIR", help="index store Classify serves from: adds how "
                    "often it would answer 'unknown' (open-set models)")
-    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table (with each "
+                   "image's prediction, and whether Classify would answer unknown with --index)")
     e.add_argument("--png", metavar="FILE", help="write the confusion matrix as a PNG")
     e.add_argument("--out-json", metavar="FILE", help="also write the JSON report to FILE")
     e.add_argument("--weights", metavar="PATH", help="the checkpoint the model was trained from, "

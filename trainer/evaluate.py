@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,18 +92,30 @@ def evaluate(
             raise InvalidRequestError(f"none of the {len(usable)} images in {data} could be read")
         class_index = {n: i for i, n in enumerate(model.class_names)}
         y = np.array([class_index[lab] for lab in np.array(emb.labels)[is_known]], dtype=np.int64)
-        probs = model.predict_proba(emb.embeddings[is_known])
+        all_probs = model.predict_proba(emb.embeddings)
+        probs = all_probs[is_known]
         report = classification_report(y, probs, model.class_names)
+        report["images"] = image_rows(emb.samples, all_probs, model.class_names)
         report["skipped"] = [{"path": str(p), "why": why} for p, why in emb.skipped]
         report["ignored"] = ignored
         if open_set is not None and store is not None:
             nearest, neighbours = nearest_similarities(model, emb.embeddings, store)
             unknown = open_set.is_unknown(emb.embeddings, nearest)
+            for row, u in zip(report["images"], unknown.tolist(), strict=True):
+                row["unknown"] = u
             served_right = (probs.argmax(1) == y) & ~unknown[is_known]
             other_labels = [lab for lab, k in zip(emb.labels, is_known, strict=True) if not k]
             report["open_set"] = open_set_report(unknown[is_known], served_right,
                                                  unknown[~is_known], other_labels, neighbours)
     return report
+
+
+def image_rows(samples: Sequence[data_mod.Sample], probs: np.ndarray, class_names: Sequence[str]
+               ) -> list[dict[str, Any]]:
+    """Each image's answer, as Classify's top-1 gives it (to compare image by image)."""
+    top = probs.argmax(1)
+    return [{"path": str(s.path), "label": s.label, "predicted": class_names[j], "probability": float(p[j])}
+            for s, p, j in zip(samples, probs, top, strict=True)]
 
 
 def open_served_index(model: TrainedModel, index: str | Path) -> IndexStore:
