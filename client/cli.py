@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                 "pictor search photo.jpg -k 5 --label daisy")
     p.add_argument("image", nargs="?", metavar="IMAGE", help="query image file")
     p.add_argument("--key", help="query by the key of an indexed item instead of an image")
-    p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    p.add_argument("-k", type=int, default=10, help="number of results, 1 to 1000 (default 10)")
     p.add_argument("--label", action="append", default=[], help="only items with this label (repeatable)")
     p.add_argument("--attr", action="append", default=[], metavar="NAME=VALUE",
                    help="only items whose attribute NAME equals VALUE (repeatable)")
@@ -165,6 +165,8 @@ def run_classify(args: argparse.Namespace) -> int:
 def _classification_lines(path: str, r: Classification, *, neighbours: bool) -> list[str]:
     lines = [f"{path}  ({r.source}{', UNKNOWN' if r.unknown else ''})"]
     lines += [f"  {x.score:6.3f}  {x.name}" for x in r.labels]
+    if not r.labels and r.source == "knn":
+        lines.append("  (no labelled item in the index to vote)")
     if r.knn_labels and r.source != "knn":
         # Agreement means something only between a trained head and the index's labels.
         agree = f" ({'agrees' if r.agree else 'disagrees'})" if r.source == "head" else ""

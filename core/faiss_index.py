@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -69,9 +70,12 @@ def parse_factory(dim: int, factory: str) -> faiss.Index:
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        why = re.sub(r"^Error in .*? at \S+:\d+: ", "", last)  # FAISS's C++ location: noise here
         raise InvalidRequestError(
-            f"index type {factory!r} is not a valid FAISS factory string for dim {dim}: {first}"
+            f"index type {factory!r} is not a valid FAISS factory string for dim {dim}: {why} "
+            "(e.g. auto, Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32; see the FAISS wiki's "
+            "'The index factory')"
         ) from e
     # Polysemous training (on by default for 8-bit PQ) takes minutes and only serves
     # Hamming-threshold search, which the store never uses.

@@ -21,3 +21,13 @@ def test_keys_with_line_breaks_stay_on_their_table_row() -> None:
 
     assert _one_line("photos/a.jpg") == "photos/a.jpg"
     assert _one_line("two\nlines.jpg") == "'two\\nlines.jpg'"
+
+
+def test_an_empty_knn_vote_says_why() -> None:
+    from pictor.client.cli import _classification_lines
+    from pictor.client.client import Classification, Label
+
+    lines = _classification_lines("a.jpg", Classification(labels=[], source="knn"), neighbours=False)
+    assert lines == ["a.jpg  (knn)", "  (no labelled item in the index to vote)"]
+    voted = Classification(labels=[Label("cat", 1.0)], source="knn")
+    assert _classification_lines("a.jpg", voted, neighbours=False) == ["a.jpg  (knn)", "   1.000  cat"]
