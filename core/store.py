@@ -891,12 +891,9 @@ class IndexStore:
         if allowed is not None and len(allowed) <= self.options.exact_filter_limit:
             return _exact_search(self._reader(), q, k, allowed)
         if allowed is not None and not self._index.exact:
-            # FAISS passes over the items a filter excludes as it explores, so it explores
-            # correspondingly wider to find as many good candidates.
-            widen = min(64, -(-self._index.live // max(len(allowed), 1)))
-            if widen > 1:
-                knobs = knobs.scaled(widen)
-        scores, ids = self._index.search_checked(q, k, knobs, allowed)
+            scores, ids = self._filtered_search(q, k, knobs, allowed)
+        else:
+            scores, ids = self._index.search_checked(q, k, knobs, allowed)
         # FAISS pads missing results with -1 at the end: the k-th column tells all when
         # full (the common case, checked first, on one query as a Python int: numpy's scalar
         # maths costs more), else the column of what is available.
@@ -916,6 +913,23 @@ class IndexStore:
         if len(short):
             s2, i2 = _exact_search(self._reader(), q[short], k, allowed)
             scores[short], ids[short] = s2, i2
+        return scores, ids
+
+    def _filtered_search(
+        self, q: np.ndarray, k: int, knobs: SearchKnobs, allowed: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS passes over the items a filter excludes as it explores, and can stop among
+        them (when they are the query's own neighbourhood) before finding the best allowed
+        ones. So it starts wider by the inverse share of allowed items, then widens 4x at a
+        time until two widths agree on a query's top k (at most 64x)."""
+        widen = min(64, -(-self._index.live // max(len(allowed), 1)))
+        scores, ids = self._index.search_checked(q, k, knobs.scaled(widen) if widen > 1 else knobs, allowed)
+        todo, factor = np.arange(len(q)), max(widen, 1) * 4
+        while len(todo) and factor <= 64:
+            s2, i2 = self._index.search_checked(q[todo], k, knobs.scaled(factor), allowed)
+            changed = (np.sort(i2, axis=1) != np.sort(ids[todo], axis=1)).any(axis=1)
+            scores[todo], ids[todo] = s2, i2
+            todo, factor = todo[changed], factor * 4
         return scores, ids
 
     # -- plumbing -------------------------------------------------------------------------
