@@ -214,4 +214,3 @@ def _describe_decode_error(fmt: str | None, e: BaseException) -> str:
     if "truncated" in text or isinstance(e, EOFError):
         return f"truncated {fmt} image data: {text}"
     return f"corrupt {fmt} image data: {text}"
-

@@ -268,8 +268,6 @@ def pool_features(fmap: torch.Tensor, pooling: str) -> torch.Tensor:
     return fmap.clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
 
 
-
-
 # --------------------------------------------------------------------------- PCA-whitening
 
 

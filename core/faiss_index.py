@@ -497,5 +497,3 @@ def _can_remove(index: faiss.Index) -> bool:
     except RuntimeError:
         return False
     return True
-
-
