@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import random
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from pictor.trainer import data as data_mod
 from pictor.trainer.config import TrainConfig
 from pictor.trainer.evaluate import evaluate
 from pictor.trainer.finetune import backbone_stages, unfreeze_last, warmup_cosine
+from pictor.trainer.metrics import format_report
 from pictor.trainer.openset import calibrate_open_set, far_threshold, nearest_similarity
 from pictor.trainer.train import train
 
@@ -422,3 +424,12 @@ def test_eval_reports_unknown_answers_for_other_classes(
     assert o["other_n"] == 4 and set(o["other_per_class"]) == {"noise"}
     assert o["other_unknown"] == 1.0 and o["known_unknown"] == 0.0 and o["top1_served"] == 1.0
     assert [r["unknown"] for r in report["images"] if r["label"] == "noise"] == [True] * 4
+    # Only images of other classes: no closed-set figure, the open-set one alone.
+    shutil.rmtree(other / "disc")
+    report = evaluate(model, other, index=shapes_index, embedder=embedder,
+                      cache_dir=tmp_path / "cache", progress=False)
+    assert report["n"] == 0 and report["open_set"]["known_n"] == 0
+    assert report["open_set"]["other_unknown"] == 1.0
+    assert format_report(report).startswith("images of the model's classes: none\n\nopen set")
+    with pytest.raises(InvalidRequestError, match="with --index INDEX"):
+        evaluate(model, other, embedder=embedder, cache_dir=tmp_path / "cache", progress=False)

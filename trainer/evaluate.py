@@ -68,9 +68,11 @@ def evaluate(
         others = sorted({s.label for s in samples} - known)
         log.warning("%d image(s) of classes the model does not know are left out of the accuracy: "
                     "%s", ignored, ", ".join(others[:10]))
-    if not usable:
+    # Without the model's classes only the open-set figures can be measured (with --index).
+    if not usable and (index is None or model.open_set is None):
         raise InvalidRequestError(
-            f"no image in {data} belongs to a class of the model ({', '.join(model.class_names)})"
+            f"no image in {data} belongs to a class of the model ({', '.join(model.class_names)}); "
+            "with --index INDEX, eval says how many of them Classify would answer unknown"
         )
     with contextlib.ExitStack() as stack:
         store = None
@@ -88,8 +90,10 @@ def evaluate(
             emb, _ = embed_samples(todo, embedder, cache_root=root, batch_size=batch_size,
                                    progress=bar.update)
         is_known = np.array([lab in known for lab in emb.labels], dtype=bool)
-        if not is_known.any():
+        if usable and not is_known.any():
             raise InvalidRequestError(f"none of the {len(usable)} images in {data} could be read")
+        if not len(emb.samples):  # only images of other classes, none of them readable
+            raise InvalidRequestError(f"none of the {len(todo)} images in {data} could be read")
         class_index = {n: i for i, n in enumerate(model.class_names)}
         y = np.array([class_index[lab] for lab in np.array(emb.labels)[is_known]], dtype=np.int64)
         all_probs = model.predict_proba(emb.embeddings)
@@ -151,8 +155,9 @@ def open_set_report(known_unknown: np.ndarray, served_right: np.ndarray, other_u
     answered = Counter(lab for lab, u in zip(other_labels, other_unknown, strict=True) if u)
     return {
         "neighbours": neighbours,
-        "known_unknown": float(known_unknown.mean()),
-        "top1_served": float(served_right.mean()),
+        "known_n": len(known_unknown),
+        "known_unknown": float(known_unknown.mean()) if len(known_unknown) else None,
+        "top1_served": float(served_right.mean()) if len(served_right) else None,
         "other_n": len(other_labels),
         "other_unknown": float(other_unknown.mean()) if len(other_labels) else None,
         "other_per_class": {lab: {"n": n, "unknown": answered[lab] / n}

@@ -65,6 +65,9 @@ def classification_report(
 
 def format_report(report: dict[str, Any]) -> str:
     """A table for people: overall accuracy, then one row per class."""
+    open_set = ["", *format_open_set(report["open_set"])] if "open_set" in report else []
+    if not report["n"]:
+        return "\n".join(["images of the model's classes: none", *open_set])
     names = report["class_names"]
     width = max([len("class"), *(len(n) for n in names)])
     lines = [
@@ -79,18 +82,15 @@ def format_report(report: dict[str, Any]) -> str:
             f"{name:<{width}}  {r['precision']:9.3f}  {r['recall']:6.3f}  {r['f1']:5.3f}  "
             f"{r['support']:7d}"
         )
-    if "open_set" in report:
-        lines += ["", *format_open_set(report["open_set"])]
-    return "\n".join(lines)
+    return "\n".join(lines + open_set)
 
 
 def format_open_set(o: dict[str, Any]) -> list[str]:
     """Lines for people on how often Classify answers "unknown" (``evaluate``'s ``open_set``)."""
-    lines = [
-        f"open set (neighbours: {o['neighbours']})",
-        f"  images of the model's classes answered unknown: {o['known_unknown']:.1%}; "
-        f"top-1 counting those as wrong: {o['top1_served']:.4f}",
-    ]
+    lines = [f"open set (neighbours: {o['neighbours']})"]
+    if o.get("known_n", 1):  # reports from before known_n always had known images
+        lines.append(f"  images of the model's classes answered unknown: {o['known_unknown']:.1%}; "
+                     f"top-1 counting those as wrong: {o['top1_served']:.4f}")
     if o["other_n"]:
         per_class = ", ".join(f"{lab} {r['unknown']:.0%} of {r['n']}"
                               for lab, r in o["other_per_class"].items())
