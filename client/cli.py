@@ -46,10 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF)")
     p.add_argument("--top-k", type=int, default=5, help="labels per image (default 5)")
     p.add_argument("--classifier", choices=CLASSIFIERS, default="default",
-                   help="default and head: the trained head if the server has one (serve --model), "
-                        "else the backbone's ImageNet labels (default: else the kNN vote); knn: vote "
-                        "of the nearest labelled "
-                        "items; all: head and kNN vote, whether they agree, and the neighbours")
+                   help="default: the trained head if the server has one (serve --model), else the "
+                        "backbone's ImageNet labels, else (a backbone without them) the kNN vote; head: "
+                        "the same without the kNN fallback; knn: vote of the nearest labelled items; "
+                        "all: head and kNN vote, whether they agree, and the neighbours")
     p.add_argument("--neighbors", type=int, default=0, help="neighbours for the kNN vote (default 10)")
     p.set_defaults(run=run_classify)
 

@@ -16,7 +16,7 @@ multiply-adds per image at the weights' input size, torchvision's convention), t
 weights and whether those weights are available here without a network.
 
 Pick one with --backbone for pictor index and pictor train (pictor serve serves the
-backbone its index was built with) or ModelSettings.backbone. The
+backbone its index was built with), `backbone =` in a config file or PICTOR_BACKBONE. The
 default, efficientnet_lite0, ships its ImageNet weights in a pip package; the others load
 torchvision / timm weights from their caches (downloaded once when online), or a local
 checkpoint with --weights PATH.

@@ -93,6 +93,12 @@ def run(args: argparse.Namespace) -> int:
     # An existing index is opened (and locked) first: a second run on it, or one on an index a
     # server holds, fails at once, not after loading a model.
     store = IndexStore.open(out) if (out / MANIFEST).is_file() else None
+    sample = min(len(entries), settings.pca_sample)
+    if store is None and settings.pca_whiten and sample <= settings.pca_whiten:  # before the model loads
+        raise InvalidRequestError(
+            f"--pca-whiten {settings.pca_whiten} is fitted on the gallery's images and needs more of "
+            f"them than dims: {sample} here (gallery {len(entries)}, --pca-sample "
+            f"{settings.pca_sample}); give --pca-whiten below {sample}, or leave it out")
     try:
         embedder = _embedder(settings)
         whitening = _check_store(store, embedder, settings.pca_whiten) if store else None

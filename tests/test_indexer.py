@@ -125,5 +125,8 @@ def test_pca_whitened_index_serves_whitened_queries(gallery: Path, tmp_path: Pat
     assert (again["replaced"], again["index_size"]) == (12, 13)  # the index's whitening, reused
     other = pictor("index", str(gallery), "--out", str(out), "--pca-whiten", "4", check=False)
     assert other.returncode == 2 and "would change its space" in other.stderr
+    tiny = pictor("index", str(gallery), "--out", str(tmp_path / "i3"), "--pca-whiten", "64", check=False)
+    assert tiny.returncode == 2 and "give --pca-whiten below 12" in tiny.stderr  # before any model
+    (gallery / "warm" / "broken.png").write_bytes(b"not a png")  # 13 listed, 12 readable
     few = pictor("index", str(gallery), "--out", str(tmp_path / "i2"), "--pca-whiten", "12", check=False)
     assert few.returncode == 2 and "needs more than 12 images" in few.stderr
