@@ -443,6 +443,12 @@ class IndexStore:
             conn = self._reader()
             return {lab for lab in set(labels) if conn.execute(query, (lab,)).fetchone()}
 
+    def keys_present(self, keys: Sequence[str]) -> set[str]:
+        """Which of ``keys`` the store holds."""
+        self._check_open()
+        with self._rw.read():
+            return set(_ids_for_keys(self._reader(), list(keys)))
+
     def get_vector(self, key: str) -> np.ndarray:
         """The stored (normalised) vector of ``key``; ``NotFoundError`` when absent."""
         self._check_open()

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from pictor.core.embedder import index_spec
     from pictor.core.gallery import image_suffixes_text, read_gallery
     from pictor.core.store import MANIFEST, IndexStore
-    from pictor.indexer.pipeline import fit_whitening, run_indexing
+    from pictor.indexer.pipeline import fit_whitening, indexed_under_other_keys, run_indexing
 
     settings = build_settings(IndexerSettings, vars(args), config_file=args.config)
     entries = list(read_gallery(settings.gallery, labels=settings.labels))
@@ -107,6 +107,11 @@ def run(args: argparse.Namespace) -> int:
             store.close()
         raise
     progress = not args.no_progress and sys.stderr.isatty()
+    if store is not None and (twice := indexed_under_other_keys(entries, store)):
+        new, old = next(iter(twice.items()))
+        print(f"warning: {len(twice)} of these files are in the index already under another spelling "
+              f"of their path ({new!r} is there as {old!r}); they are added again as new items. To "
+              "replace them instead, name the folder as the index knows it", file=sys.stderr)
     if store is None:
         whitening = fit_whitening(
             entries, embedder, settings.pca_whiten, sample=settings.pca_sample,

@@ -9,11 +9,13 @@ at most the batch in flight and a re-run over the same output replaces instead o
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -103,6 +105,19 @@ def embedded_batches(
                 yield decoded, embedder.forward_batch(torch.stack(decoded.tensors)).embeddings
             else:
                 yield decoded, np.zeros((0, embedder.spec.dim), np.float32)
+
+
+def indexed_under_other_keys(entries: Sequence[GalleryEntry], store: IndexStore) -> dict[str, str]:
+    """Entries whose file ``store`` already holds under another spelling of its path (relative
+    vs absolute: ``photos/a.jpg`` and ``/home/me/photos/a.jpg``), new key -> key in the store.
+    Indexing them would add second copies, since a key is the path as given."""
+    spellings: dict[str, str] = {}
+    for e in entries:
+        absolute = os.path.abspath(e.path)
+        for alt in (Path(absolute).as_posix(), Path(os.path.relpath(absolute)).as_posix()):
+            if alt != e.key:
+                spellings[alt] = e.key
+    return {spellings[k]: k for k in store.keys_present(list(spellings))}
 
 
 def run_indexing(

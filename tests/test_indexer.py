@@ -48,6 +48,9 @@ def test_rerun_replaces_instead_of_duplicating(gallery: Path, tmp_path: Path) ->
     (gallery / "warm" / "extra.png").write_bytes(drawn_image(99))
     summary = json.loads(pictor("index", str(gallery), "--out", str(out), "--json").stdout)
     assert (summary["inserted"], summary["replaced"], summary["index_size"]) == (1, 12, 13)
+    # The same files named another way are other keys: added again, with a warning that says so.
+    relative = pictor("index", gallery.name, "--out", str(out), cwd=gallery.parent)
+    assert "13 of these files are in the index already under another spelling" in relative.stderr
 
 
 def test_ctrl_c_ends_the_run_with_what_was_written(gallery: Path, tmp_path: Path) -> None:
