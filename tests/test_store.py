@@ -498,7 +498,7 @@ def test_hnsw_defaults_are_retuned_as_it_grows(tmp_path: Path, rng) -> None:
 def test_filter_that_excludes_the_querys_neighbourhood_still_finds_the_best_matches(
         tmp_path: Path, rng) -> None:
     # Queries inside a tight cluster of excluded items: HNSW explores among those and, at its
-    # tuned efSearch, returned a third of the true top 10 of the allowed (scattered) items.
+    # tuned efSearch, returned under a quarter of the true top 10 of the allowed (scattered) items.
     dim = 64
     centre = unit(rng, 1, dim)
     near = centre + 0.3 * unit(rng, 1500, dim)
@@ -514,4 +514,4 @@ def test_filter_that_excludes_the_querys_neighbourhood_still_finds_the_best_matc
     recall = np.mean([len({int(h.key[4:-4]) for h in hits} & set(row)) / 10
                       for hits, row in zip(got, exact.tolist(), strict=True)])
     assert all(h.label == "far" for hits in got for h in hits)
-    assert recall >= 0.85  # 0.93 here; 0.34 before the search widened until it settled
+    assert recall >= 0.85  # 0.99 here; 0.23 before the search widened until it settled
