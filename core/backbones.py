@@ -36,19 +36,19 @@ import math
 import os
 import pickle
 import socket
-import tempfile
 import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from pictor.config import DEFAULT_BACKBONE, offline
+from pictor.core.files import write_atomic
 from pictor.core.spec import Preprocessing
 from pictor.errors import InvalidRequestError, NotFoundError, WeightsUnavailableError
 
@@ -738,21 +738,17 @@ def _ensure_cached(url: str, dest: Path, info: BackboneInfo, tag: str) -> None:
 def _download(url: str, dest: Path) -> None:
     # torch hub names files <name>-<sha256 prefix>.pth; check it like torch.hub does.
     prefix = torch.hub.HASH_REGEX.search(dest.name)
-    h = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(
-            url, timeout=_DOWNLOAD_TIMEOUT_S
-        ) as resp:
+
+    def fetch(out: IO[bytes]) -> None:
+        h = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as resp:
             for block in iter(lambda: resp.read(1 << 20), b""):
                 out.write(block)
                 h.update(block)
         if prefix and not h.hexdigest().startswith(prefix.group(1)):
             raise ValueError(f"sha256 of {url} does not start with {prefix.group(1)}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    write_atomic(dest, fetch, durable=False)  # a failed or wrong download leaves nothing behind
 
 
 # --------------------------------------------------------------------------- complexity

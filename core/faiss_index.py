@@ -135,6 +135,8 @@ class VectorIndex:
         self.removable = removable
         self._dead: set[int] = set()
         self._dead_selector: Any = None  # cached IDSelectorNot over the tombstones
+        # The last filter's selector: a filtered request searches several widths with one array.
+        self._last_selector: tuple[np.ndarray | None, Any, list[Any]] = (None, None, [])
         self._params_cache: dict[SearchKnobs, tuple[Any, list[Any]]] = {}
         self._last_params: tuple[SearchKnobs | None, Any] = (None, None)  # see _search_params
         self._layers = _layers(self.index)
@@ -319,8 +321,12 @@ class VectorIndex:
     def _selector(self, allowed: np.ndarray | None) -> tuple[Any, list[Any]]:
         if allowed is not None:
             # Live ids only come from the database, so tombstones are excluded already.
-            sel = faiss.IDSelectorBatch(allowed)
-            return sel, [allowed, sel]
+            last, sel, alive = self._last_selector
+            if last is not allowed:  # the tuple holds the array, so its identity is not reused
+                sel = faiss.IDSelectorBatch(allowed)
+                alive = [allowed, sel]
+                self._last_selector = (allowed, sel, alive)  # one assignment: readers see a triple
+            return sel, alive
         if not self._dead:
             return None, []
         if self._dead_selector is None:

@@ -897,9 +897,8 @@ class IndexStore:
         if allowed is not None and len(allowed) <= self.options.exact_filter_limit:
             return _exact_search(self._reader(), q, k, allowed)
         if allowed is not None and not self._index.exact:
-            scores, ids = self._filtered_search(q, k, knobs, allowed)
-        else:
-            scores, ids = self._index.search_checked(q, k, knobs, allowed)
+            return self._filtered_search(q, k, knobs, allowed)
+        scores, ids = self._index.search_checked(q, k, knobs, allowed)
         # FAISS pads missing results with -1 at the end: the k-th column tells all when
         # full (the common case, checked first, on one query as a Python int: numpy's scalar
         # maths costs more), else the column of what is available.
@@ -911,7 +910,7 @@ class IndexStore:
             return scores, ids
         short = np.flatnonzero(ids[:, want - 1] < 0)
         factor = 4
-        while len(short) and factor <= 64 and self._index.factory != EXACT_FACTORY:
+        while len(short) and factor <= 64 and not self._index.exact:
             s2, i2 = self._index.search_checked(q[short], k, knobs.scaled(factor), allowed)
             scores[short], ids[short] = s2, i2
             short = short[i2[:, want - 1] < 0]
@@ -927,15 +926,20 @@ class IndexStore:
         """FAISS passes over the items a filter excludes as it explores, and can stop among
         them (when they are the query's own neighbourhood) before finding the best allowed
         ones. So it starts wider by the inverse share of allowed items, then widens 4x at a
-        time until two widths agree on a query's top k (at most 64x)."""
-        widen = min(64, -(-self._index.live // max(len(allowed), 1)))
+        time until two widths agree on a query's full top k (at most 64x); queries still
+        short of k then get the exact scan."""
+        widen = min(64, -(-self._index.live // len(allowed)))
         scores, ids = self._index.search_checked(q, k, knobs.scaled(widen) if widen > 1 else knobs, allowed)
-        todo, factor = np.arange(len(q)), max(widen, 1) * 4
+        want = min(k, len(allowed))
+        todo, factor = np.arange(len(q)), widen * 4
         while len(todo) and factor <= 64:
             s2, i2 = self._index.search_checked(q[todo], k, knobs.scaled(factor), allowed)
-            changed = (np.sort(i2, axis=1) != np.sort(ids[todo], axis=1)).any(axis=1)
+            settled = (np.sort(i2, axis=1) == np.sort(ids[todo], axis=1)).all(axis=1) & (i2[:, want - 1] >= 0)
             scores[todo], ids[todo] = s2, i2
-            todo, factor = todo[changed], factor * 4
+            todo, factor = todo[~settled], factor * 4
+        short = np.flatnonzero(ids[:, want - 1] < 0)
+        if len(short):
+            scores[short], ids[short] = _exact_search(self._reader(), q[short], k, allowed)
         return scores, ids
 
     # -- plumbing -------------------------------------------------------------------------

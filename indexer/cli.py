@@ -7,9 +7,14 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pictor.config import DEFAULT_BACKBONE, IndexerSettings, build_settings
 from pictor.errors import InvalidRequestError, require_server_extra
+
+if TYPE_CHECKING:
+    from pictor.core.embedder import PCAWhitening
+    from pictor.core.store import IndexStore
 
 HELP = """\
 Embed every image of GALLERY with a pretrained CNN and write a searchable index to --out.
@@ -74,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run(args: argparse.Namespace) -> int:
     require_server_extra("pictor index")
-    from pictor.core.embedder import index_spec
+    from pictor.core.embedder import index_spec, open_index
     from pictor.core.gallery import image_suffixes_text, read_gallery
     from pictor.core.store import MANIFEST, IndexStore
     from pictor.indexer.pipeline import fit_whitening, indexed_under_other_keys, run_indexing
@@ -92,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                                   "empty folder, or an index to add to")
     # An existing index is opened (and locked) first: a second run on it, or one on an index a
     # server holds, fails at once, not after loading a model.
-    store = IndexStore.open(out) if (out / MANIFEST).is_file() else None
+    store, whitening = open_index(out)[:2] if (out / MANIFEST).is_file() else (None, None)
     sample = min(len(entries), settings.pca_sample)
     if store is None and settings.pca_whiten and sample <= settings.pca_whiten:  # before the model loads
         raise InvalidRequestError(
@@ -100,8 +105,11 @@ def run(args: argparse.Namespace) -> int:
             f"them than dims: {sample} here (gallery {len(entries)}, --pca-sample "
             f"{settings.pca_sample}); give --pca-whiten below {sample}, or leave it out")
     try:
+        if store:
+            _check_pca_whiten(store, whitening, settings.pca_whiten)
         embedder = _embedder(settings)
-        whitening = _check_store(store, embedder, settings.pca_whiten) if store else None
+        if store:
+            store.check_spec(index_spec(embedder.spec, whitening), what="this run's model")
     except BaseException:
         if store:
             store.close()
@@ -148,19 +156,14 @@ def run(args: argparse.Namespace) -> int:
     return 1 if summary.skipped and args.strict else 0
 
 
-def _check_store(store, embedder, pca_whiten: int):  # type: ignore[no-untyped-def]
-    """An existing index's whitening; refuse a model or a --pca-whiten it was not built with."""
-    from pictor.core.embedder import PCAWhitening, index_spec
-
-    whitening = PCAWhitening.load(store.path, store.spec)
+def _check_pca_whiten(store: IndexStore, whitening: PCAWhitening | None, pca_whiten: int) -> None:
+    """Refuse a --pca-whiten that an existing index was not built with."""
     if pca_whiten and pca_whiten != (whitening.out_dim if whitening else 0):
         raise InvalidRequestError(
             f"index {store.path} was built with {store.spec.whitening or 'no whitening'}; "
             f"--pca-whiten {pca_whiten} would change its space: drop the flag to keep the "
             "index's own, or build a new index with another --out"
         )
-    store.check_spec(index_spec(embedder.spec, whitening), what="this run's model")
-    return whitening
 
 
 def _embedder(settings: IndexerSettings):  # type: ignore[no-untyped-def]

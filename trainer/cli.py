@@ -149,7 +149,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"--weight-decays: {e}") from e
     m = model_settings(vars(args), args.config)  # backbone, weights, ... as `pictor index` reads them
     config = TrainConfig(
-        mode=args.mode, backbone=m.backbone, weights=_absolute_if_file(m.weights), device=m.device,
+        mode=args.mode, backbone=m.backbone, weights=m.weights, device=m.device,
         precision=m.precision, pooling=m.pooling, val_fraction=args.val_fraction, seed=args.seed,
         min_per_class=args.min_per_class, max_per_class=args.max_per_class,
         batch_size=m.batch_size, cache_dir=args.cache_dir, progress=_progress(args),
@@ -218,12 +218,6 @@ def run_eval(args: argparse.Namespace) -> int:
     if extras:
         print("\n" + "; ".join(extras))
     return 0
-
-
-def _absolute_if_file(weights: str) -> str:
-    """A checkpoint path as the model file keeps it: absolute, so the file works from anywhere."""
-    path = Path(weights).expanduser()
-    return str(path.resolve()) if weights and path.is_file() else weights
 
 
 def _progress(args: argparse.Namespace) -> bool:

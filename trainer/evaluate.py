@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pictor.config import cache_root
-from pictor.core.head import TrainedModel, nearest_known_similarity, neighbour_tests_off
+from pictor.core.head import TrainedModel, nearest_known_similarity, neighbour_tests_off, top_k_labels
 from pictor.errors import InvalidRequestError
 from pictor.trainer import data as data_mod
 from pictor.trainer.cache import embed_samples
@@ -117,9 +117,11 @@ def evaluate(
 def image_rows(samples: Sequence[data_mod.Sample], probs: np.ndarray, class_names: Sequence[str]
                ) -> list[dict[str, Any]]:
     """Each image's answer, as Classify's top-1 gives it (to compare image by image)."""
-    top = probs.argmax(1)
-    return [{"path": str(s.path), "label": s.label, "predicted": class_names[j], "probability": float(p[j])}
-            for s, p, j in zip(samples, probs, top, strict=True)]
+    rows = []
+    for s, p in zip(samples, probs, strict=True):
+        [(name, probability)] = top_k_labels(p, class_names, 1)
+        rows.append({"path": str(s.path), "label": s.label, "predicted": name, "probability": probability})
+    return rows
 
 
 def open_served_index(model: TrainedModel, index: str | Path) -> IndexStore:

@@ -88,7 +88,7 @@ def format_report(report: dict[str, Any]) -> str:
 def format_open_set(o: dict[str, Any]) -> list[str]:
     """Lines for people on how often Classify answers "unknown" (``evaluate``'s ``open_set``)."""
     lines = [f"open set (neighbours: {o['neighbours']})"]
-    if o.get("known_n", 1):  # reports from before known_n always had known images
+    if o["known_n"]:
         lines.append(f"  images of the model's classes answered unknown: {o['known_unknown']:.1%}; "
                      f"top-1 counting those as wrong: {o['top1_served']:.4f}")
     if o["other_n"]:

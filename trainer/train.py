@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -130,6 +131,9 @@ def train(
     """
     start = time.perf_counter()
     torch.manual_seed(config.seed)
+    # A checkpoint path as the model file keeps it: absolute, so the file works from anywhere.
+    if config.weights and (path := Path(config.weights).expanduser()).is_file():
+        config = dataclasses.replace(config, weights=str(path.resolve()))
     splits = splits or make_splits(config, data, val_data)
     embedder = embedder or build_embedder(config)
     views = ("plain", "hflip") if config.flip_views else ("plain",)
