@@ -226,7 +226,7 @@ def run_info(args: argparse.Namespace) -> int:
                      + (f", fine-tuned: {info.finetune})" if info.finetune else ")")),
         ("embedding", f"{info.embedding_dim}-d, {info.metric}"),
         ("index", f"{info.index_size} items, {info.index_type}"),
-        ("classifier", f"{info.classifier}: {shown}"),
+        ("classifier", f"{info.classifier}: {shown}" if shown else f"{info.classifier} (the index's labels)"),
         *([("open set", info.open_set)] if info.open_set else []),
         ("versions", ", ".join(f"{k} {v}" for k, v in sorted(info.versions.items()))),
     ]

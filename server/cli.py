@@ -11,9 +11,10 @@ HELP = """\
 Serve an index over gRPC: Classify, Search, Embed, Upsert, Delete, Info, plus the standard
 grpc.health.v1 health service and server reflection.
 
-Classify answers with the backbone's own ImageNet-1k labels, or with the classes of a head
-fine-tuned by `pictor train` when --model is given. The index and the head share the backbone,
-so one forward pass serves both. Stop with Ctrl-C or SIGTERM: calls in flight finish first.
+Classify answers with the classes of a head trained by `pictor train` when --model is given,
+else with the backbone's own ImageNet-1k labels, else (a backbone without them: a checkpoint
+without its classifier, random weights) with a kNN vote over the index's labels. The index and
+the head share the backbone, so one forward pass serves both. Stop with Ctrl-C or SIGTERM: calls in flight finish first.
 
 example:
   pictor index sample/gallery --out index
@@ -29,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--index", help="index directory written by `pictor index` (default: ./index)")
     p.add_argument("--model", help="model file from `pictor train`: Classify uses its head and classes")
     p.add_argument("--weights", help="the checkpoint file of an index built with `pictor index --weights "
-                                     "PATH` (its contents must be the same)")
+                                     "PATH` (its contents must be the same); with --model, the "
+                                     "checkpoint the model was trained from, if it has moved")
     p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, help="port to bind (default 50051; 0 picks a free one)")
     p.add_argument("--workers", type=int, help="handler threads (default 8)")

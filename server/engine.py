@@ -330,7 +330,6 @@ class Engine:
 
     def info(self) -> ServerInfo:
         import faiss
-        import torch
 
         spec = self.spec
         store_info = self.store.info()

@@ -11,7 +11,14 @@ import torch
 from PIL import Image, ImageOps
 
 from pictor.core.decode import decode_image, load_image
-from pictor.core.embedder import Embedder, PCAWhitening, create_embedder, preprocess_image, resolve_precision
+from pictor.core.embedder import (
+    Embedder,
+    PCAWhitening,
+    _trim_long_side,
+    create_embedder,
+    preprocess_image,
+    resolve_precision,
+)
 from pictor.core.spec import ModelSpec, Preprocessing
 from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
 
@@ -62,6 +69,8 @@ def test_extreme_strip_is_trimmed_before_resizing() -> None:
     # 20000x1: resizing the short side to 256 first would make a 5.1M x 256 image (4 GB).
     x = preprocess_image(Image.new("RGB", (20000, 1), (0, 255, 0)), Preprocessing())
     assert x.shape == (3, 224, 224)
+    assert _trim_long_side(Image.new("RGB", (20000, 1))).size == (4, 1)
+    assert _trim_long_side(Image.new("RGB", (3, 50))).size == (3, 12)
     # Beyond 4:1 only the centre is kept, and the crop sees the same pixels as without the trim.
     import torchvision.transforms.functional as TF
 

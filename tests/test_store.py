@@ -380,6 +380,7 @@ def test_damaged_store_files_are_named_not_tracebacks(tmp_path: Path, rng) -> No
             IndexStore.open(tmp_path / "s")
     (tmp_path / "s" / "manifest.json").write_text(good)
     database = tmp_path / "s" / "metadata.sqlite"
+    before = database.read_bytes()
     for data in (b"not a database" * 500, b""):
         copy = tmp_path / f"copy{len(data)}"
         copy.mkdir()
@@ -390,7 +391,7 @@ def test_damaged_store_files_are_named_not_tracebacks(tmp_path: Path, rng) -> No
     (tmp_path / "s" / "manifest.json").unlink()
     with pytest.raises(NotFoundError, match="lacks its manifest.json; restore it"):
         IndexStore.open(tmp_path / "s")
-    assert database.stat().st_size  # untouched
+    assert database.read_bytes() == before  # untouched
 
 
 def test_full_disk_refuses_the_write_and_keeps_the_store(tmp_path: Path, rng) -> None:
