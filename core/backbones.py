@@ -461,7 +461,8 @@ def _build_timm(info: BackboneInfo, w: str, layer: str) -> Backbone:
 def _timm_default_tag(info: BackboneInfo) -> str:
     import timm
 
-    return str(timm.models.get_pretrained_cfg(info.arch).tag)
+    cfg = timm.models.get_pretrained_cfg(info.arch)
+    return str(cfg.tag) if cfg is not None else ""
 
 
 def _timm_pretrained_cfg(info: BackboneInfo, tag: str) -> Any:
@@ -656,14 +657,16 @@ def _load_checkpoint_into(model: nn.Module, path: Path, info: BackboneInfo) -> t
 def _classifier_keys(model: nn.Module, info: BackboneInfo) -> set[str]:
     """Tensor names of the ImageNet classifier, which embeddings do not use: torchvision's
     whole classifier module (VGG's and MobileNetV3's have hidden layers) but a norm the
-    embedding is taken after (ConvNeXt's), else the last linear layer (timm's)."""
+    embedding is taken after (ConvNeXt's), else the modules timm names in the model's
+    ``pretrained_cfg`` (two for distilled models)."""
     names = model.state_dict().keys()
     if info.source == "torchvision" and info.logits_node:
         head = info.logits_node.split(".")[0] + "."
         norm = f"{info.head_norm}." if info.head_norm else None
         return {k for k in names if k.startswith(head) and not (norm and k.startswith(norm))}
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return {f"{linears[-1]}.weight", f"{linears[-1]}.bias"} if linears else set()
+    heads = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
+    prefixes = tuple(f"{h}." for h in ([heads] if isinstance(heads, str) else heads))
+    return {k for k in names if prefixes and k.startswith(prefixes)}
 
 
 def _first_line(e: BaseException, skip: int = 0) -> str:

@@ -162,6 +162,11 @@ def test_checkpoint_without_the_imagenet_classifier_embeds(tmp_path: Path) -> No
     torch.save(sd, tmp_path / "convnext.pth")
     with pytest.raises(InvalidRequestError, match=r"missing \['classifier.0.weight', 'classifier.0.bias'\]"):
         create_backbone("convnext_tiny", weights=str(tmp_path / "convnext.pth"))
+    # timm's classifier is the module its pretrained_cfg names ("classifier" here).
+    import timm
+
+    torch.save(timm.create_model("tf_efficientnet_lite0", num_classes=5).state_dict(), tmp_path / "lite.pth")
+    assert create_backbone("efficientnet_lite0", weights=str(tmp_path / "lite.pth")).classes is None
 
 
 def test_random_init_is_the_same_network_everywhere() -> None:
