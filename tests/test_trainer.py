@@ -313,7 +313,7 @@ def test_stages_and_schedule() -> None:
 
 
 def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path,
-                             capsys: pytest.CaptureFixture[str]) -> None:
+                             capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     model_path = tmp_path / "shapes.pt"
     cache = str(tmp_path / "cache")
     rc = main(["train", str(shapes), "--out", str(model_path), "--val-fraction", "0.25",
@@ -322,7 +322,7 @@ def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path,
     assert rc == 0 and model_path.is_file()
     out = capsys.readouterr()
     assert "top-1 1.0000" in out.out
-    assert "open-set thresholds rest on 6 validation images" in out.err  # too few to trust
+    assert "open-set thresholds rest on 6 validation images" in caplog.text  # too few to trust
     png, report_json = tmp_path / "plots" / "cm.png", tmp_path / "reports" / "report.json"
     rc = main(["eval", str(model_path), str(shapes), "--json", "--png", str(png),
                "--out-json", str(report_json), "--cache-dir", cache, "--no-progress"])

@@ -43,7 +43,6 @@ rule compares each image with its nearest indexed neighbour, so there is no such
 without the index.
 """
 
-MIN_CALIBRATION_IMAGES = 50  # validation images below which open-set thresholds are shaky
 
 EVAL_EPILOG = """\
 examples:
@@ -169,11 +168,6 @@ def run_train(args: argparse.Namespace) -> int:
           f"macro F1 {result.report['macro_f1']:.4f} ({result.report['n']} images)")
     if result.model.open_set:
         print(f"open set: {result.model.open_set.thresholds.describe()}")
-        if result.report["n"] < MIN_CALIBRATION_IMAGES:
-            print(f"warning: the open-set thresholds rest on {result.report['n']} validation images, so "
-                  "the share of known images answered unknown may be far from the budget; more images "
-                  "(or --val), or check it with `pictor eval MODEL HELDOUT/ --index INDEX`",
-                  file=sys.stderr)
     if result.model.spec.finetune:
         print("the backbone is fine-tuned: build the index with it: "
               f"pictor index GALLERY --model {args.out}")

@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MIN_CALIBRATION_IMAGES = 50  # validation images below which open-set thresholds are shaky
+
 
 @dataclass
 class TrainResult:
@@ -159,6 +161,10 @@ def train(
         open_set = cal.open_set
         state.extra |= {"open_set_pseudo_unknown_rejected": cal.pseudo_unknown_rejected,
                         "open_set_pseudo_known_rejected": cal.pseudo_known_rejected}
+        if report["n"] < MIN_CALIBRATION_IMAGES:
+            log.warning("the open-set thresholds rest on %d validation images, so the share of known "
+                        "images answered unknown may be far from the budget; use more images (or --val), "
+                        "or check it with `pictor eval MODEL HELDOUT/ --index INDEX`", report["n"])
     metrics = {k: report[k] for k in ("n", "top1", "top5", "macro_f1")} | state.extra
     metrics |= {"train_images": len(tr.samples), "skipped_images": len(skipped),
                 "temperature": temperature, "per_class": report["per_class"]}
