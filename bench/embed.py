@@ -19,6 +19,7 @@ Run from the project root, under the shared CPU lock::
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import tempfile
@@ -82,7 +83,7 @@ def model_rates(args: argparse.Namespace) -> list[tuple[str, int, dict[str, floa
                                   precision=precision, batch_size=args.batch_size)
             size = emb.spec.preprocessing.input_size
             batch = torch.randn(args.batch_size, 3, size, size)
-            rates[precision] = timed_rate(lambda e=emb, b=batch: _forward(e, b), args.seconds)
+            rates[precision] = timed_rate(functools.partial(_forward, emb, batch), args.seconds)
             print(f"  {name} {precision}: {rates[precision]:.1f} img/s", flush=True)
         rows.append((name, size, rates))
     return rows

@@ -57,7 +57,7 @@ def rerank_recall(items: np.ndarray, queries: np.ndarray, truth: np.ndarray, dim
         cand = candidates[:, : K * f]
         scores = np.einsum("qcd,qd->qc", items[cand], queries)
         top = np.take_along_axis(cand, np.argsort(-scores, axis=1)[:, :K], axis=1)
-        recalls.append(np.mean([len(set(a) & set(b)) / K for a, b in zip(top, truth, strict=True)]))
+        recalls.append(float(np.mean([len(set(a) & set(b)) / K for a, b in zip(top, truth, strict=True)])))
     return float(eigen[:dim].sum() / eigen.sum()), recalls
 
 

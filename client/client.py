@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -186,7 +186,8 @@ class PictorClient:
         _check_counts(1, top_k=top_k)
         _check_counts(0, neighbors=neighbors)  # 0: the server's default
         r = self._call(self._stub.Classify, pb.ClassifyRequest(
-            image=_image_bytes(image), top_k=top_k, classifier=CLASSIFIERS.index(classifier), neighbors=neighbors))
+            image=_image_bytes(image), top_k=top_k, classifier=cast(pb.Classifier, CLASSIFIERS.index(classifier)),
+            neighbors=neighbors))
         return Classification(
             labels=_labels(r.labels), source=r.source, knn_labels=_labels(r.knn_labels),
             neighbors=[_hit(h) for h in r.neighbors], agree=r.agree, unknown=r.unknown,

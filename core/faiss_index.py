@@ -17,6 +17,7 @@ readers out while an index is mutated.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -168,7 +169,8 @@ class VectorIndex:
 
         ``faiss.write_index`` writes in place, so a crash mid-write would tear the file.
         """
-        write_atomic(path, lambda f: faiss.write_index(self.index, faiss.PyCallbackIOWriter(f.write)))
+        write_atomic(path, lambda f: faiss.write_index(
+            self.index, faiss.PyCallbackIOWriter(f.write)))  # type: ignore[attr-defined]  # not in FAISS's stubs
 
     # -- contents -------------------------------------------------------------------------
 
@@ -194,7 +196,7 @@ class VectorIndex:
         if isinstance(self.index, faiss.IndexIDMap2 | faiss.IndexIDMap):
             return faiss.vector_to_array(self.index.id_map).astype(np.int64, copy=False)
         ivf = faiss.extract_index_ivf(self.index)
-        invlists = ivf.invlists
+        invlists: Any = ivf.invlists  # FAISS's stubs miss release_ids
         parts = []
         for lst in range(ivf.nlist):
             size = invlists.list_size(lst)
@@ -350,7 +352,7 @@ class VectorIndex:
             None,
         )
         if selector is not None and idmap is not None:
-            selector = faiss.IDSelectorTranslated(idmap.id_map, selector)
+            selector = faiss.IDSelectorTranslated(idmap.id_map, selector)  # type: ignore[arg-type]  # stubs: only arrays
             keep.append(selector)
         for layer in reversed(self._layers):
             if isinstance(layer, faiss.IndexIVF):
@@ -361,28 +363,28 @@ class VectorIndex:
                     params.nprobe = layer.nprobe
                 quantizer = faiss.downcast_index(layer.quantizer)
                 if isinstance(quantizer, faiss.IndexHNSW):
-                    qp = faiss.SearchParametersHNSW()
+                    qp = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # not in FAISS's stubs
                     qp.efSearch = max(params.nprobe * 2, quantizer.hnsw.efSearch)
                     params.quantizer_params = qp
                     keep.append(qp)
             elif isinstance(layer, faiss.IndexHNSW):
-                params = faiss.SearchParametersHNSW()
+                params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
                 params.efSearch = knobs.ef_search or layer.hnsw.efSearch
             elif isinstance(layer, faiss.IndexRefine):
-                outer = faiss.IndexRefineSearchParameters()
-                outer.k_factor = knobs.k_factor or layer.k_factor
+                refine = faiss.IndexRefineSearchParameters()
+                refine.k_factor = knobs.k_factor or layer.k_factor
                 if params is None:
                     params = faiss.SearchParameters()
-                outer.base_index_params = params
+                refine.base_index_params = params
                 keep.append(params)
-                params = outer
+                params = refine
                 continue
             elif isinstance(layer, faiss.IndexPreTransform):
                 if params is not None:
-                    outer = faiss.SearchParametersPreTransform()
-                    outer.index_params = params
+                    pre = faiss.SearchParametersPreTransform()
+                    pre.index_params = params
                     keep.append(params)
-                    params = outer
+                    params = pre
                 continue
             elif isinstance(layer, faiss.IndexIDMap2 | faiss.IndexIDMap):
                 continue
@@ -452,8 +454,7 @@ def tune_knobs(
                 fallback = (recall, knobs)
             if _lower_bound(per_query) >= target:
                 # Timed one query per call, as the server searches.
-                elapsed = _fastest_of(3, lambda kn=knobs: [
-                    index.search(queries[i : i + 1], fetch, kn) for i in range(len(queries))])
+                elapsed = _fastest_of(3, functools.partial(_search_one_by_one, index, queries, fetch, knobs))
                 if best is None or elapsed < best[0]:
                     best = (elapsed, knobs, recall)
                 break
@@ -473,6 +474,11 @@ def _lower_bound(per_query: np.ndarray) -> float:
         return float(per_query.mean()) if len(per_query) else 0.0
     se = float(per_query.std(ddof=1)) / math.sqrt(len(per_query))
     return float(per_query.mean()) - _TUNING_CONFIDENCE_Z * se
+
+
+def _search_one_by_one(index: VectorIndex, queries: np.ndarray, k: int, knobs: SearchKnobs) -> None:
+    for i in range(len(queries)):
+        index.search(queries[i : i + 1], k, knobs)
 
 
 def _fastest_of(repeats: int, run: Callable[[], object]) -> float:

@@ -319,6 +319,9 @@ class ClassifierHead(nn.Module):
     decay treats every feature alike whatever the backbone's feature scale.
     """
 
+    mean: torch.Tensor  # buffers, saved with the head
+    scale: torch.Tensor
+
     def __init__(self, dim: int, num_classes: int, hidden: int = 0, dropout: float = 0.0):
         super().__init__()
         self.dim, self.num_classes, self.hidden = dim, num_classes, hidden

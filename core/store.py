@@ -797,7 +797,7 @@ class IndexStore:
         """Load the snapshot and replay what the database holds beyond it; rebuild if needed."""
         for stray in self.path.glob("*.tmp"):
             stray.unlink()  # a snapshot or manifest write cut short by a crash
-        snap = self._manifest.get("snapshot")
+        snap: dict[str, Any] = self._manifest.get("snapshot") or {}
         factory = str(self._manifest.get("factory", EXACT_FACTORY))
         index = self._load_snapshot(snap, factory)
         if index is None:
@@ -834,7 +834,7 @@ class IndexStore:
         else:
             log.info("index store %s opened: %d items, %s", self.path, self._count, factory)
 
-    def _load_snapshot(self, snap: dict[str, Any] | None, factory: str) -> VectorIndex | None:
+    def _load_snapshot(self, snap: dict[str, Any], factory: str) -> VectorIndex | None:
         if not snap:
             return None
         file = self.path / str(snap["file"])

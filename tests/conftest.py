@@ -72,11 +72,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def pictor(*args: str, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
+def pictor(*args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real `pictor` command (the installed entry point's module) in a subprocess."""
     return subprocess.run(
         [sys.executable, "-m", "pictor.cli", *args],
-        capture_output=True, text=True, check=check, cwd=kw.pop("cwd", None), timeout=600,  # type: ignore[arg-type]
+        capture_output=True, text=True, check=check, cwd=cwd, timeout=600,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 

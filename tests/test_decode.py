@@ -200,8 +200,6 @@ def test_decompression_bomb_rejected_on_header() -> None:
     assert len(bomb) < 100_000
     with pytest.raises(InvalidImageError, match="too large.*8000x6000"):
         decode_image(bomb)
-    with pytest.raises(InvalidImageError, match="too large"):
-        decode_image(_png_with_header_size(100_000, 100_000))
     # Our cap, not Pillow's process-wide guard (which says "could be decompression bomb DOS attack").
     with pytest.raises(InvalidImageError, match=r"100000x100000 = 10,000,000,000 pixels to decode, above the cap"):
         decode_image(_png_with_header_size(100_000, 100_000))

@@ -210,8 +210,11 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
             InvalidRequestError, match="k must be at most 4294967295, got 100000000000"):
         client.search(key="a", k=10**11)  # the proto's uint32 cannot carry it
     # A host without a port means Pictor's port (gRPC would use 443); schemes are gRPC's.
-    assert [PictorClient(t).target for t in ("localhost", "[::1]", "10.0.0.2:7000", "unix:/tmp/s")] == [
-        "localhost:50051", "[::1]:50051", "10.0.0.2:7000", "unix:/tmp/s"]
+    targets = []
+    for t in ("localhost", "[::1]", "10.0.0.2:7000", "unix:/tmp/s"):
+        with PictorClient(t) as client:
+            targets.append(client.target)
+    assert targets == ["localhost:50051", "[::1]:50051", "10.0.0.2:7000", "unix:/tmp/s"]
     with pytest.raises(InvalidRequestError, match="localhost:: port must be between 1 and 65535"):
         PictorClient("localhost:")
     client = PictorClient("localhost:1")

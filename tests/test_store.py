@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import faiss
@@ -60,7 +61,7 @@ def rng() -> np.random.Generator:
 
 
 @pytest.fixture
-def filled(tmp_path: Path, rng: np.random.Generator) -> tuple[IndexStore, np.ndarray]:
+def filled(tmp_path: Path, rng: np.random.Generator) -> Iterator[tuple[IndexStore, np.ndarray]]:
     vecs = unit(rng, 300)
     store = IndexStore.create(tmp_path / "store", spec(), index_type="Flat")
     store.upsert(items(300), vecs)

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -169,7 +169,7 @@ def embed_samples(
         log.warning("skipped %s: %s", path, why)
     dim = embedder.spec.dim
     per_view = [
-        np.stack([r[vi] for r in rows]) if rows else np.zeros((0, dim), np.float32)
+        np.stack([cast(np.ndarray, r[vi]) for r in rows]) if rows else np.zeros((0, dim), np.float32)
         for vi in range(len(views))
     ]
     stacked = np.stack(per_view).astype(np.float32)
