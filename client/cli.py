@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "backbone's ImageNet labels, else (a backbone without them) the kNN vote; head: "
                         "the same without the kNN fallback; knn: vote of the nearest labelled items; "
                         "all: head and kNN vote, whether they agree, and the neighbours")
-    p.add_argument("--neighbors", type=int, default=0, help="neighbours for the kNN vote (default 10)")
+    p.add_argument("--neighbors", type=int, default=0, help="neighbours for the kNN vote (default 0: the server's, 10)")
     p.set_defaults(run=run_classify)
 
     p = _parser(sub, "search", "the indexed images most similar to a query image or indexed key",
@@ -169,7 +169,7 @@ def _classification_lines(path: str, r: Classification, *, neighbours: bool) -> 
         lines.append("  (no labelled item in the index to vote)")
     if r.knn_labels and r.source != "knn":
         # Agreement means something only between a trained head and the index's labels.
-        agree = f" ({'agrees' if r.agree else 'disagrees'})" if r.source == "head" else ""
+        agree = "" if r.agree is None else f" ({'agrees' if r.agree else 'disagrees'})"
         lines.append(f"  kNN vote{agree}: " + ", ".join(f"{x.name} {x.score:.2f}" for x in r.knn_labels))
     if neighbours:  # --json always has them
         lines += [f"  neighbour {h.score:6.3f}  {_hit_text(h)}"

@@ -54,7 +54,7 @@ class Classification:
     source: str
     knn_labels: list[Label] = field(default_factory=list)
     neighbors: list[Hit] = field(default_factory=list)
-    agree: bool = False
+    agree: bool | None = None  # whether the head's top-1 is the kNN's; None: nothing compared
     unknown: bool = False
 
 
@@ -190,7 +190,9 @@ class PictorClient:
             neighbors=neighbors))
         return Classification(
             labels=_labels(r.labels), source=r.source, knn_labels=_labels(r.knn_labels),
-            neighbors=[_hit(h) for h in r.neighbors], agree=r.agree, unknown=r.unknown,
+            neighbors=[_hit(h) for h in r.neighbors],
+            # The proto's bool reads false when there was nothing to compare: say so.
+            agree=r.agree if r.source == "head" and r.knn_labels else None, unknown=r.unknown,
         )
 
     def search(self, *, image: bytes | None = None, key: str | None = None,

@@ -65,10 +65,11 @@ def test_classify_with_head_and_knn(trained: tuple[Path, Path]) -> None:
             assert info.open_set == "on"
             r = client.classify(tinted(100, "red"), top_k=2)
             assert (r.source, r.labels[0].name, len(r.labels)) == ("head", "red", 2)
+            assert r.agree is None  # no kNN vote asked for: nothing compared
             both = client.classify(tinted(101, "blue"), classifier="all", neighbors=5)
             assert both.labels[0].name == "blue"
             assert both.knn_labels[0].name == "blue"
-            assert both.agree
+            assert both.agree is True
             assert len(both.neighbors) == 5
             assert not both.unknown
             # Far from both classes and from every indexed image: answered "unknown", whichever
