@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
@@ -26,6 +27,24 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pictor_pb2.DESCRIPTOR.services_by_name["Pictor"].full_name
 DRAIN_SECONDS = 10.0
+
+
+class CheckOnlyHealthServicer(health.HealthServicer):
+    """grpcio-health-checking's servicer without ``Watch``.
+
+    Its ``Watch`` holds the servicer's lock while it waits for a send; a stream cancelled
+    before reading its first answer then deadlocks the whole server, which only SIGKILL ends
+    (a few cancelled streams were enough; open upstream: grpc/grpc#43403). ``Check`` is what
+    probes use (compose, Kubernetes, grpc-health-probe), and gRPC clients that watch health
+    take UNIMPLEMENTED as healthy.
+    """
+
+    def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext,
+              send_response_callback: object = None) -> Iterator[health_pb2.HealthCheckResponse]:
+        # Not context.abort: its exception would reach the error interceptor as INTERNAL.
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details("health Watch is not served; use Check")
+        return iter(())
 
 
 def create_server(settings: ServerSettings, engine: Engine | None = None) -> tuple[grpc.Server, int, Engine]:
@@ -46,7 +65,7 @@ def create_server(settings: ServerSettings, engine: Engine | None = None) -> tup
     )
     pictor_pb2_grpc.add_PictorServicer_to_server(PictorService(engine), server)
 
-    health_servicer = health.HealthServicer()
+    health_servicer = CheckOnlyHealthServicer(experimental_non_blocking=False)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

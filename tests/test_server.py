@@ -37,6 +37,25 @@ def test_info_and_health(server: ServerProcess) -> None:
     assert info.open_set == ""  # no trained model: never "unknown"
 
 
+def test_cancelled_health_watches_do_not_stall_the_server(server: ServerProcess) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    # grpcio-health-checking's Watch deadlocked the whole server when streams were cancelled
+    # before their first answer (grpc/grpc#43403): Watch is not served, Check is.
+    with grpc.insecure_channel(server.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(5):
+            watches = [stub.Watch(health_pb2.HealthCheckRequest()) for _ in range(20)]
+            for watch in watches:
+                watch.cancel()
+        with pytest.raises(grpc.RpcError) as e:
+            next(stub.Watch(health_pb2.HealthCheckRequest(), timeout=10))
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    with PictorClient(server.target, timeout=10) as client:
+        assert client.health() == "SERVING"
+        assert client.info().index_size == 12
+
+
 def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: ServerProcess) -> None:
     channel = grpc.insecure_channel(server.target)
     from pictor.v1 import pictor_pb2 as pb
