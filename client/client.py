@@ -112,6 +112,19 @@ def _image_bytes(image: object) -> bytes:
     return image
 
 
+def _not_one(values: object, what: str, example: str) -> None:
+    """Refuse a lone str or bytes where a list of them is expected: iterating one would send
+    its characters (or byte values) one by one."""
+    if isinstance(values, str | bytes | bytearray | memoryview):
+        raise InvalidRequestError(f"{what} must be a list, got a single {type(values).__name__}; "
+                                  f"for one, write {example}")
+
+
+def _text_error(what: str, e: Exception) -> InvalidRequestError:
+    """protobuf's TypeError or UnicodeEncodeError (a lone surrogate) as the caller's mistake."""
+    return InvalidRequestError(f"{what} must be text (str, encodable as UTF-8): {e}")
+
+
 def _item(it: UpsertItem) -> pb.Item:
     image = _image_bytes(it.image)
     try:
@@ -206,18 +219,23 @@ class PictorClient:
         _check_counts(1, k=k)
         _check_counts(0, nprobe=nprobe, ef_search=ef_search)  # 0: the index's tuned default
         request = pb.SearchRequest(k=k, params=pb.SearchParams(nprobe=nprobe, ef_search=ef_search))
-        if image is not None:
-            request.image = _image_bytes(image)
-        elif key is not None:
-            request.key = key
-        else:
-            request.vector.values.extend(vector)  # type: ignore[arg-type]
-        if labels or attributes:
-            request.filter.labels.extend(labels)
-            request.filter.attributes.update(attributes or {})
+        _not_one(labels, "labels", "labels=['daisy']")
+        try:
+            if image is not None:
+                request.image = _image_bytes(image)
+            elif key is not None:
+                request.key = key
+            else:
+                request.vector.values.extend(vector)  # type: ignore[arg-type]
+            if labels or attributes:
+                request.filter.labels.extend(labels)
+                request.filter.attributes.update(attributes or {})
+        except (TypeError, ValueError) as e:
+            raise _text_error("the key, labels and attributes", e) from e
         return [_hit(h) for h in self._call(self._stub.Search, request).hits]
 
     def embed(self, images: Sequence[bytes]) -> list[list[float]]:
+        _not_one(images, "images", "[data]")
         r = self._call(self._stub.Embed, pb.EmbedRequest(images=[_image_bytes(i) for i in images]))
         return [list(v.values) for v in r.embeddings]
 
@@ -228,7 +246,8 @@ class PictorClient:
         fails may have written some chunks; sending the items again is safe (keys replace).
 
         An error raised while iterating ``items`` cancels the call and is raised here as it
-        was; the server keeps the chunks it had already written, not the one under way.
+        was; the server keeps the chunks it had already written, and may write the one under
+        way too (gRPC can deliver the cancel as the stream's end).
         """
         raised: list[Exception] = []
 
@@ -250,7 +269,12 @@ class PictorClient:
 
     def delete(self, keys: Sequence[str]) -> tuple[int, list[str]]:
         """Remove items; returns (deleted, keys that did not exist)."""
-        r = self._call(self._stub.Delete, pb.DeleteRequest(keys=list(keys)))
+        _not_one(keys, "keys", "[key]")
+        try:
+            request = pb.DeleteRequest(keys=list(keys))
+        except (TypeError, ValueError) as e:
+            raise _text_error("keys", e) from e
+        r = self._call(self._stub.Delete, request)
         return r.deleted, list(r.missing)
 
     def info(self) -> ServerInfo:
