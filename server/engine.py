@@ -167,17 +167,20 @@ class Engine:
         """
         if not images:
             raise InvalidRequestError("no image given")
-        decoded = []
+        tensors = []
         for i, data in enumerate(images):
             try:
                 # draft: a large JPEG is decoded at reduced scale, never below what the model needs
-                decoded.append(decode_image(data, max_pixels=self.max_pixels, draft_size=self.embedder.draft_size))
+                image = decode_image(data, max_pixels=self.max_pixels, draft_size=self.embedder.draft_size)
             except InvalidImageError as e:
                 if len(images) == 1 and not names:
                     raise
                 raise InvalidImageError(f"{names[i] if names else f'image {i}'}: {e}") from e
+            # Preprocessed at once: a request holds one full-size decoded image at a time, not all
+            # of them (256 small PNGs of 40 MP each would decode to 30 GB).
+            tensors.append(self.embedder.preprocess(image))
         with self._forward_lock:
-            return self.embedder.forward_images(decoded)
+            return self.embedder.forward_preprocessed(tensors)
 
     def to_index(self, embeddings: np.ndarray) -> np.ndarray:
         """Embedder output -> the index's space (whitened when the index is)."""
