@@ -149,10 +149,14 @@ def test_bad_data_gives_clear_errors(tmp_path: Path, embedder: CountingEmbedder)
     with pytest.raises(NotFoundError, match="does not exist"):
         data_mod.load_samples(tmp_path / "nope")
     tree = make_tree(tmp_path / "tree", per_class=6)
-    for f in list((tree / "square").iterdir())[2:]:
+    # Counted in the training split, before anything is embedded: 3 listed leave 2 to train on.
+    for f in list((tree / "square").iterdir())[3:]:
         f.unlink()
-    with pytest.raises(InvalidRequestError, match=r"fewer than 3 listed images: square \(2\)"):
+    before = embedder.images_embedded
+    with pytest.raises(InvalidRequestError,
+                       match=r"training split, after --val-fraction 0.25.*fewer than 3 listed images: square \(2\)"):
         train(config(tmp_path), tree, embedder=embedder)
+    assert embedder.images_embedded == before
     tree = make_tree(tmp_path / "tree2", per_class=4)
     for i in (0, 1):  # listed, not usable
         (tree / "triangle" / f"triangle_{i}.png").write_text("not a picture")

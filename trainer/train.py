@@ -72,9 +72,12 @@ def make_splits(config: TrainConfig, data: str | Path, val_data: str | Path | No
     samples = data_mod.cap_per_class(data_mod.load_samples(data), config.max_per_class,
                                      config.seed)
     if val_data is not None:
-        return Splits(samples, data_mod.load_samples(val_data))
-    data_mod.check_class_sizes(samples, config.min_per_class, what=str(data), kind="listed")
-    train, val = data_mod.stratified_split(samples, config.val_fraction, config.seed)
+        train, val, what = samples, data_mod.load_samples(val_data), str(data)
+    else:
+        train, val = data_mod.stratified_split(samples, config.val_fraction, config.seed)
+        what = f"{data} (training split, after --val-fraction {config.val_fraction:g} for validation)"
+    # Before any image is embedded; unreadable images are counted again after.
+    data_mod.check_class_sizes(train, config.min_per_class, what=what, kind="listed")
     return Splits(train, val)
 
 
