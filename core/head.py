@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -580,11 +581,16 @@ def load_model(path: str | os.PathLike[str]) -> TrainedModel:
     except OSError as e:
         raise NotFoundError(f"model file {p} cannot be read: {e.strerror or e}") from e
     except Exception as e:  # a foreign or damaged file can fail the unpickler in any way
-        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()  # torch colours its text
+        # Not torch's own text: it advises weights_only=False, which would run the file's code.
+        pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if pickled:
+            why = f"it holds a pickled {pickled[1]}, which is not loaded for safety"
+        elif zipfile.is_zipfile(p):
+            why = "a PyTorch file that does not hold plain tensors and values only, or a damaged one"
+        else:
+            why = "not a PyTorch file, or a damaged one"
         raise IncompatibleModelError(
-            f"{p} is not a Pictor model file (or holds code that is not loaded for safety): "
-            f"{first[0] if first else type(e).__name__}"
-        ) from e
+            f"{p} is not a Pictor model file (make one with `pictor train`): {why}") from e
     return TrainedModel.from_dict(d, source=str(p))
 
 

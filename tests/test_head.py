@@ -245,8 +245,12 @@ def test_load_model_refuses_missing_foreign_and_damaged_files(tmp_path) -> None:
         load_model(foreign)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(IncompatibleModelError, match="not a Pictor model"):
+    with pytest.raises(IncompatibleModelError, match="not a Pictor model file .*: not a PyTorch file"):
         load_model(junk)
+    full = tmp_path / "full.pt"  # a whole pickled network instead of a model file
+    torch.save(torch.nn.Linear(2, 2), full)
+    with pytest.raises(IncompatibleModelError, match=r"holds a pickled torch.nn.modules.linear.Linear, which is not"):
+        load_model(full)
 
     class Evil:  # a pickle that would run code is refused by weights_only
         def __reduce__(self):  # type: ignore[no-untyped-def]
@@ -254,8 +258,9 @@ def test_load_model_refuses_missing_foreign_and_damaged_files(tmp_path) -> None:
 
     evil = tmp_path / "evil.pt"
     torch.save({"format": "pictor.model", "x": Evil()}, evil)
-    with pytest.raises(IncompatibleModelError, match="not a Pictor model"):
+    with pytest.raises(IncompatibleModelError, match="not a Pictor model") as refused:
         load_model(evil)
+    assert "weights_only" not in str(refused.value)  # torch's advice would run the code
     newer = tmp_path / "newer.pt"
     d = make_model().to_dict() | {"format_version": 99}
     torch.save(d, newer)
