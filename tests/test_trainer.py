@@ -326,6 +326,7 @@ def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path,
     assert rc == 0 and model_path.is_file()
     out = capsys.readouterr()
     assert "top-1 1.0000" in out.out
+    assert "top-5" not in out.out  # 3 classes: always 1, so not shown
     assert "open-set thresholds rest on 6 validation images" in caplog.text  # too few to trust
     png, report_json = tmp_path / "plots" / "cm.png", tmp_path / "reports" / "report.json"
     rc = main(["eval", str(model_path), str(shapes), "--json", "--png", str(png),

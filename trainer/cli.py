@@ -140,6 +140,7 @@ def run_train(args: argparse.Namespace) -> int:
     from pictor.errors import InvalidRequestError, require_server_extra
 
     require_server_extra("pictor train")
+    from pictor.trainer.metrics import top5_text
     from pictor.trainer.train import train
 
     try:
@@ -164,7 +165,7 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {config.mode} head, {len(result.model.class_names)} classes, "
           f"{m['train_images']} training images, {len(result.skipped)} skipped, "
           f"{result.seconds:.0f}s")
-    print(f"validation: top-1 {result.report['top1']:.4f}  top-5 {result.report['top5']:.4f}  "
+    print(f"validation: top-1 {result.report['top1']:.4f}   {top5_text(result.report, len(result.model.class_names))}"
           f"macro F1 {result.report['macro_f1']:.4f} ({result.report['n']} images)")
     if result.model.open_set:
         print(f"open set: {result.model.open_set.thresholds.describe()}")

@@ -66,8 +66,9 @@ def evaluate(
     ignored = len(samples) - len(usable)
     if ignored:
         others = sorted({s.label for s in samples} - known)
+        more = f" and {len(others) - 10} more" if len(others) > 10 else ""
         log.warning("%d image(s) of classes the model does not know are left out of the accuracy: "
-                    "%s", ignored, ", ".join(others[:10]))
+                    "%s%s", ignored, ", ".join(others[:10]), more)
     # Without the model's classes only the open-set figures can be measured (with --index).
     if not usable and (index is None or model.open_set is None):
         raise InvalidRequestError(

@@ -63,6 +63,11 @@ def classification_report(
     }
 
 
+def top5_text(report: dict[str, Any], n_classes: int) -> str:
+    """"top-5: 0.9876   ", or nothing when there are at most 5 classes (it would always be 1)."""
+    return f"top-5: {report['top5']:.4f}   " if n_classes > 5 else ""
+
+
 def format_report(report: dict[str, Any]) -> str:
     """A table for people: overall accuracy, then one row per class."""
     open_set = ["", *format_open_set(report["open_set"])] if "open_set" in report else []
@@ -71,7 +76,7 @@ def format_report(report: dict[str, Any]) -> str:
     names = report["class_names"]
     width = max([len("class"), *(len(n) for n in names)])
     lines = [
-        f"images: {report['n']}   top-1: {report['top1']:.4f}   top-5: {report['top5']:.4f}   "
+        f"images: {report['n']}   top-1: {report['top1']:.4f}   {top5_text(report, len(names))}"
         f"macro F1: {report['macro_f1']:.4f}",
         "",
         f"{'class':<{width}}  precision  recall     f1  support",
