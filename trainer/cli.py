@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     t = sub.add_parser("train", help="train a classification head on labelled images",
                        description=TRAIN_DESCRIPTION, epilog=TRAIN_EPILOG, formatter_class=fmt)
     t.add_argument("data", metavar="DATA", help="folder with one sub-folder per class, or .csv/.jsonl "
-                   "manifest with path and label columns")
+                   "manifest with path and label columns (paths relative to the manifest's folder)")
     t.add_argument("--out", required=True, metavar="MODEL", help="model file to write")
     t.add_argument("--mode", choices=("linear", "finetune"), default=TrainConfig.mode,
                    help="linear: frozen backbone, cached embeddings (fast); finetune: train the last "
@@ -118,9 +118,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        description=EVAL_DESCRIPTION,
                        epilog=EVAL_EPILOG, formatter_class=fmt)
     e.add_argument("model", metavar="MODEL", help="model file from `pictor train`")
-    e.add_argument("data", metavar="DATA", help="labelled images: folder tree or .csv/.jsonl manifest")
+    e.add_argument("data", metavar="DATA", help="labelled images: folder tree or .csv/.jsonl manifest "
+                   "(paths relative to the manifest's folder)")
     e.add_argument("--index", metavar="DIR", help="index store Classify serves from: adds how "
-                   "often it would answer 'unknown' (open-set models)")
+                   "often it would answer 'unknown' (open-set models); not while a server has it open")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table (with each "
                    "image's prediction, and whether Classify would answer unknown with --index)")
     e.add_argument("--png", metavar="FILE", help="write the confusion matrix as a PNG")
@@ -164,7 +165,8 @@ def run_train(args: argparse.Namespace) -> int:
     m = result.model.metrics
     print(f"wrote {args.out}: {config.mode} head, {len(result.model.class_names)} classes, "
           f"{m['train_images']} training images, {len(result.skipped)} skipped, "
-          f"{result.seconds:.0f}s")
+          f"{result.seconds:.0f}s ({result.cache['hits']} embeddings from the cache, "
+          f"{result.cache['misses']} computed)")
     print(f"validation: top-1 {result.report['top1']:.4f}   {top5_text(result.report, len(result.model.class_names))}"
           f"macro F1 {result.report['macro_f1']:.4f} ({result.report['n']} images)")
     if result.model.open_set:
