@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,20 +44,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = _parser(sub, "classify", "top-k labels for each image from a running server",
                 "pictor classify photo.jpg other.png --top-k 3 --target localhost:50051")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF)")
-    p.add_argument("--top-k", type=int, default=5, help="labels per image (default 5)")
+    p.add_argument("--top-k", type=_at_least(1), default=5, help="labels per image (default 5)")
     p.add_argument("--classifier", choices=CLASSIFIERS, default="default",
                    help="default: the trained head if the server has one (serve --model), else the "
                         "backbone's ImageNet labels, else (a backbone without them) the kNN vote; head: "
                         "the same without the kNN fallback; knn: vote of the nearest labelled items; "
                         "all: head and kNN vote, whether they agree, and the neighbours")
-    p.add_argument("--neighbors", type=int, default=0, help="neighbours for the kNN vote (default 0: the server's, 10)")
+    p.add_argument("--neighbors", type=_at_least(0), default=0, help="neighbours for the kNN vote (default 0: the server's, 10)")
     p.set_defaults(run=run_classify)
 
     p = _parser(sub, "search", "the indexed images most similar to a query image or indexed key",
                 "pictor search photo.jpg -k 5 --label daisy")
     p.add_argument("image", nargs="?", metavar="IMAGE", help="query image file")
     p.add_argument("--key", help="query by the key of an indexed item instead of an image")
-    p.add_argument("-k", type=int, default=10, help="number of results, 1 to 1000 (default 10)")
+    p.add_argument("-k", type=_at_least(1), default=10, help="number of results, 1 to 1000 (default 10)")
     p.add_argument("--label", action="append", default=[], help="only items with this label (repeatable)")
     p.add_argument("--attr", action="append", default=[], metavar="NAME=VALUE",
                    help="only items whose attribute NAME equals VALUE (repeatable)")
@@ -78,6 +78,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                 "pictor delete photos/old.jpg")
     p.add_argument("keys", nargs="+", metavar="KEY", help="keys of the items to remove")
     p.set_defaults(run=run_delete)
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``low``, refused once as a usage error (not once
+    per image by the client)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
 
 
 def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
