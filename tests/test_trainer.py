@@ -308,6 +308,14 @@ def test_stages_and_schedule() -> None:
     assert backbone_stages(resnet) == [f"extractor.layer{i}" for i in range(1, 5)]
     trainable = unfreeze_last(resnet, 1)
     assert trainable and all(n.startswith("extractor.layer4.") for n in trainable)
+    # GoogLeNet's stages are its own modules; VGG's plain run of layers is counted in blocks
+    # that end at a pooling layer (a "stage" there was one BatchNorm).
+    googlenet = create_backbone("googlenet", "random")
+    assert backbone_stages(googlenet)[-3:] == [f"extractor.inception{s}" for s in ("4e", "5a", "5b")]
+    vgg = create_backbone("vgg11_bn", "random")
+    assert backbone_stages(vgg) == [f"extractor.features.{i}" for i in (0, 4, 8, 15, 22)]
+    trainable = unfreeze_last(vgg, 1)
+    assert {n.rsplit(".", 1)[0] for n in trainable} == {f"extractor.features.{i}" for i in (22, 23, 25, 26)}
     f = warmup_cosine(total_steps=100, warmup_steps=10)
     assert f(0) < f(5) < f(9) <= 1.0 and f(10) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)

@@ -49,21 +49,33 @@ class FinetuneResult:
 def backbone_stages(backbone: nn.Module) -> list[str]:
     """Qualified names of the backbone's stages, input to output (what ``unfreeze`` counts)."""
     names = [n for n, _ in backbone.named_modules()]
-    for container in ("model.blocks", "model.stages", "extractor.features", "model.features"):
-        if container in names:
-            sub = backbone.get_submodule(container)
-            return [f"{container}.{child}" for child, _ in sub.named_children()]
     layers = [n for n in names if n.rsplit(".", 1)[-1] in ("layer1", "layer2", "layer3", "layer4")]
-    if layers:
+    if layers:  # ResNet and its kin
         return layers
-    for container in ("extractor.trunk_output", "model.trunk_output"):
+    # Block containers, then (GoogLeNet, Inception) the network's own top-level modules.
+    for container in ("model.blocks", "model.stages", "extractor.features", "model.features",
+                      "extractor.trunk_output", "model.trunk_output", "extractor"):
         if container in names:
-            sub = backbone.get_submodule(container)
-            return [f"{container}.{child}" for child, _ in sub.named_children()]
-    raise InvalidRequestError(
-        f"cannot find the stages of backbone {type(backbone).__name__} to fine-tune; "
-        "use --mode linear"
-    )
+            return _blocks(backbone.get_submodule(container), container)
+    name = getattr(getattr(backbone, "info", None), "name", type(backbone).__name__)
+    raise InvalidRequestError(f"cannot find the stages of backbone {name} to fine-tune; use --mode linear")
+
+
+def _blocks(container: nn.Module, prefix: str) -> list[str]:
+    """The children of ``container`` that hold parameters, in order. A plain run of single
+    layers (VGG's and AlexNet's ``features``) is grouped into blocks that each end at a
+    pooling layer, named by their first layer: a stage there is a block, not one BatchNorm."""
+    children = list(container.named_children())
+    if all(not list(child.children()) for _, child in children):
+        blocks, start = [], None
+        for child_name, child in children:
+            start = start or child_name
+            if isinstance(child, nn.MaxPool2d):
+                blocks.append(start)
+                start = None
+        return [f"{prefix}.{b}" for b in blocks + ([start] if start else [])]
+    return [f"{prefix}.{child_name}" for child_name, child in children
+            if any(True for _ in child.parameters())]
 
 
 def unfreeze_last(backbone: nn.Module, n_stages: int) -> list[str]:
