@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import socket
 import urllib.request
 from collections.abc import Iterable, Iterator
@@ -48,7 +49,7 @@ import torch
 from torch import nn
 
 from pictor.config import DEFAULT_BACKBONE, offline
-from pictor.core.files import write_atomic
+from pictor.core.files import why_not_tensors, write_atomic
 from pictor.core.spec import Preprocessing
 from pictor.errors import InvalidRequestError, NotFoundError, WeightsUnavailableError
 
@@ -343,7 +344,8 @@ def _damaged_cache_named(path: Path) -> Iterator[None]:
         yield
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
         raise WeightsUnavailableError(
-            f"the cached weights file {path} does not load ({_first_line(e)}); delete it so it "
+            # skip=1: torch's first line only says "Error(s) in loading state_dict for ResNet:"
+            f"the cached weights file {path} does not load ({_first_line(e, skip=1)}); delete it so it "
             "is fetched again, or put a good copy there"
         ) from e
 
@@ -594,10 +596,9 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:  # weights_only refuses to run pickled code
-            raise InvalidRequestError(
-                f"checkpoint {path} holds pickled objects (a whole model?), not a state dict; "
-                "save model.state_dict() instead"
-            ) from e
+            why = why_not_tensors(path, e)
+            hint = "; save model.state_dict() instead" if "pickled" in why else ""
+            raise InvalidRequestError(f"cannot read checkpoint {path}: {why}{hint}") from e
     # Training scripts wrap the weights: {"state_dict": ...}, {"model": ...}.
     for key in ("state_dict_ema", "state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -608,6 +609,10 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     # DataParallel saves "module.", Lightning "model.": the same tensors under a prefix.
     prefix = next((p for p in ("module.", "model.") if obj and all(str(k).startswith(p) for k in obj)), "")
     return {k.removeprefix(prefix): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+_DENSENET_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
 def _load_checkpoint_into(model: nn.Module, path: Path, info: BackboneInfo) -> tuple[str, bool]:
@@ -633,6 +638,10 @@ def _load_checkpoint_into(model: nn.Module, path: Path, info: BackboneInfo) -> t
         sd = _map_lukemelas_to_timm(sd, model, path)
     if info.arch in ("googlenet", "inception_v3"):
         sd = {k: v for k, v in sd.items() if not k.startswith(("aux1.", "aux2.", "AuxLogits."))}
+    if info.arch.startswith("densenet"):
+        # torchvision's published DenseNet files name "norm.1" what the model calls "norm1";
+        # torchvision renames them when it loads its download (densenet._load_state_dict).
+        sd = {_DENSENET_OLD_KEY.sub(r"\1\2", k): v for k, v in sd.items()}
     own = model.state_dict()
     classifier = _classifier_keys(model, info)
     sd = {k: v for k, v in sd.items() if not (k in classifier and v.shape != own[k].shape)}
@@ -712,11 +721,12 @@ def _reachable(url: str) -> bool:
 
 
 def _unavailable_message(info: BackboneInfo, tag: str, where: str, source: str) -> str:
+    copy = ("copying the file to that place (Hugging Face's cache wants its own layout: best "
+            "filled by a run with network access)" if info.source == "timm" else "copying the file there")
     return (
         f"weights {tag!r} for backbone {info.name} are not cached ({where}) and {source} "
-        "cannot be reached. Provide them by: running once with network access (they are "
-        "cached), copying the file to that place (Hugging Face's cache wants its own layout: "
-        "best filled by a run with network access), or passing --weights PATH (a checkpoint); "
+        f"cannot be reached. Provide them by: running once with network access (they are "
+        f"cached), {copy}, or passing --weights PATH (a checkpoint); "
         f"or use --weights random (untrained) or the offline backbone '{DEFAULT_BACKBONE}'"
     )
 

@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "models", help="list the backbones (dim, params, GFLOPs, weights)",
         description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--family", help="only this family (case-insensitive), e.g. ResNet")
+    p.add_argument("--family", help="only families whose name holds this (case-insensitive), e.g. ResNet, MobileNet")
     p.add_argument("--json", action="store_true", help="print JSON (one object per backbone)")
     p.set_defaults(run=run)
 
@@ -58,8 +58,8 @@ def model_rows(family: str | None = None) -> list[dict[str, Any]]:
 
     infos = [bb.get_backbone_info(n) for n in bb.backbone_names()]
     if family:
-        # "GoogLeNet/Inception" answers to either name.
-        infos = [i for i in infos if family.lower() in i.family.lower().split("/") + [i.family.lower()]]
+        # Any part of the name: "Inception" finds "GoogLeNet/Inception", "MobileNet" "MobileNetV3".
+        infos = [i for i in infos if family.lower() in i.family.lower()]
         if not infos:
             families = sorted({bb.get_backbone_info(n).family for n in bb.backbone_names()})
             raise NotFoundError(f"no family {family!r}; families: {', '.join(families)}")

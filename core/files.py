@@ -1,8 +1,11 @@
-"""Files written whole or not at all: the store's snapshot and manifest, model files, caches."""
+"""Files written whole or not at all: the store's snapshot and manifest, model files, caches;
+and why a file would not load as tensors."""
 
 from __future__ import annotations
 
 import os
+import re
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -31,6 +34,19 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], object], *, durable: b
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def why_not_tensors(path: Path, error: Exception) -> str:
+    """Why ``torch.load(path, weights_only=True)`` raised ``error``, for a person.
+
+    Not torch's own text: it advises ``weights_only=False``, which would run the file's code.
+    """
+    pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    if pickled:
+        return f"it holds a pickled {pickled[1]}, which is not loaded for safety"
+    if zipfile.is_zipfile(path):
+        return "a PyTorch file that holds more than plain tensors and values, or a damaged one"
+    return "not a PyTorch file, or a damaged one"
 
 
 def fsync_dir(path: Path) -> None:

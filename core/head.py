@@ -22,8 +22,6 @@ import logging
 import math
 import os
 import platform
-import re
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +32,7 @@ import torch
 from numpy.typing import ArrayLike
 from torch import nn
 
-from pictor.core.files import write_atomic
+from pictor.core.files import why_not_tensors, write_atomic
 from pictor.core.spec import ModelSpec
 from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
 
@@ -581,16 +579,8 @@ def load_model(path: str | os.PathLike[str]) -> TrainedModel:
     except OSError as e:
         raise NotFoundError(f"model file {p} cannot be read: {e.strerror or e}") from e
     except Exception as e:  # a foreign or damaged file can fail the unpickler in any way
-        # Not torch's own text: it advises weights_only=False, which would run the file's code.
-        pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if pickled:
-            why = f"it holds a pickled {pickled[1]}, which is not loaded for safety"
-        elif zipfile.is_zipfile(p):
-            why = "a PyTorch file that does not hold plain tensors and values only, or a damaged one"
-        else:
-            why = "not a PyTorch file, or a damaged one"
         raise IncompatibleModelError(
-            f"{p} is not a Pictor model file (make one with `pictor train`): {why}") from e
+            f"{p} is not a Pictor model file (make one with `pictor train`): {why_not_tensors(p, e)}") from e
     return TrainedModel.from_dict(d, source=str(p))
 
 

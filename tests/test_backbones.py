@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -129,7 +130,11 @@ def test_checkpoint_that_does_not_fit(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequestError, match="does not fit backbone resnet18: size mismatch for layer1"):
         create_backbone("resnet18", weights=str(path))
     torch.save(torchvision.models.resnet18(), path)  # a whole pickled model
-    with pytest.raises(InvalidRequestError, match="holds pickled objects .* save model.state_dict"):
+    with pytest.raises(InvalidRequestError,
+                       match="holds a pickled torchvision.models.resnet.ResNet, .*; save model.state_dict"):
+        create_backbone("resnet18", weights=str(path))
+    path.write_bytes(bytes(range(256)) * 8)  # not a checkpoint at all
+    with pytest.raises(InvalidRequestError, match="not a PyTorch file, or a damaged one$"):
         create_backbone("resnet18", weights=str(path))
     path.write_bytes(b"")
     with pytest.raises(InvalidRequestError, match="the file is empty or cut short"):
@@ -167,6 +172,21 @@ def test_checkpoint_without_the_imagenet_classifier_embeds(tmp_path: Path) -> No
 
     torch.save(timm.create_model("tf_efficientnet_lite0", num_classes=5).state_dict(), tmp_path / "lite.pth")
     assert create_backbone("efficientnet_lite0", weights=str(tmp_path / "lite.pth")).classes is None
+
+
+def test_densenet_file_in_torchvisions_published_key_layout_loads(tmp_path: Path) -> None:
+    import torchvision
+
+    # torchvision's DenseNet downloads say "norm.1" where the model says "norm1" (and, older
+    # than BatchNorm's counter, have no num_batches_tracked).
+    sd = torchvision.models.densenet121().state_dict()
+    published = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
+                 for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    assert "features.denseblock1.denselayer1.norm.1.weight" in published
+    torch.save(published, tmp_path / "densenet121-a639ec97.pth")
+    net = create_backbone("densenet121", weights=str(tmp_path / "densenet121-a639ec97.pth"))
+    assert torch.equal(net.state_dict()["extractor.features.denseblock1.denselayer1.norm1.weight"],
+                       sd["features.denseblock1.denselayer1.norm1.weight"])
 
 
 def test_random_init_is_the_same_network_everywhere() -> None:
@@ -234,6 +254,7 @@ def test_models_command_rows_and_table(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(NotFoundError, match="families: .*ResNet"):
         model_rows("nope")
     assert [r["name"] for r in model_rows("inception")] == [r["name"] for r in model_rows("GoogLeNet")]
+    assert {r["family"] for r in model_rows("mobilenet")} == {"MobileNetV3"}  # a part of the name
 
 
 def test_cli_module_does_not_import_torch() -> None:
