@@ -109,7 +109,8 @@ def get_backbone_info(name: str) -> BackboneInfo:
         return _REGISTRY[name]
     except KeyError:
         raise NotFoundError(
-            f"unknown backbone {name!r}; valid names: {', '.join(_REGISTRY)}"
+            f"unknown backbone {name!r}: Pictor serves the registered backbones only, not any "
+            f"timm or torchvision name (`pictor models` lists them); valid names: {', '.join(_REGISTRY)}"
         ) from None
 
 

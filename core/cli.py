@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         print(format_table(rows))
+        print("\n--backbone NAME picks one; --weights: a tag, a checkpoint PATH, or random. 'offline' "
+              "yes: its weights are here (package or cache), no network needed.")
     return 0
 
 
