@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
@@ -40,11 +39,8 @@ class CheckOnlyHealthServicer(health.HealthServicer):
     """
 
     def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext,
-              send_response_callback: object = None) -> Iterator[health_pb2.HealthCheckResponse]:
-        # Not context.abort: its exception would reach the error interceptor as INTERNAL.
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details("health Watch is not served; use Check")
-        return iter(())
+              send_response_callback: object = None) -> None:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "health Watch is not served; use Check")
 
 
 def create_server(settings: ServerSettings, engine: Engine | None = None) -> tuple[grpc.Server, int, Engine]:
@@ -65,7 +61,7 @@ def create_server(settings: ServerSettings, engine: Engine | None = None) -> tup
     )
     pictor_pb2_grpc.add_PictorServicer_to_server(PictorService(engine), server)
 
-    health_servicer = CheckOnlyHealthServicer(experimental_non_blocking=False)
+    health_servicer = CheckOnlyHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
