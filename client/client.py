@@ -112,12 +112,12 @@ def _image_bytes(image: object) -> bytes:
     return image
 
 
-def _not_one(values: object, what: str, example: str) -> None:
+def _not_one(values: object, what: str, hint: str) -> None:
     """Refuse a lone str or bytes where a list of them is expected: iterating one would send
     its characters (or byte values) one by one."""
     if isinstance(values, str | bytes | bytearray | memoryview):
         raise InvalidRequestError(f"{what} must be a list, got a single {type(values).__name__}; "
-                                  f"for one, write {example}")
+                                  f"{hint}")
 
 
 def _text_error(what: str, e: Exception) -> InvalidRequestError:
@@ -125,17 +125,23 @@ def _text_error(what: str, e: Exception) -> InvalidRequestError:
     return InvalidRequestError(f"{what} must be text (str, encodable as UTF-8): {e}")
 
 
+def _fill_vector(vector: pb.Vector, values: object) -> None:
+    """Fill ``vector`` with ``values``, or a clear error (bytes would send their byte values)."""
+    _not_one(values, "a vector", "give numbers: [0.1, 0.2, ...] or a numpy array")
+    try:
+        vector.values.extend(values)  # type: ignore[call-overload]
+    except (TypeError, ValueError) as e:
+        raise InvalidRequestError(f"a vector must be a list of numbers: {e}") from e
+
+
 def _item(it: UpsertItem) -> pb.Item:
     image = _image_bytes(it.image)
     try:
         item = pb.Item(key=it.key, image=image, label=it.label, attributes=dict(it.attributes))
-        if it.vector is not None:
-            item.vector.values.extend(it.vector)
     except (TypeError, ValueError) as e:  # protobuf's own words do not say which field
-        raise InvalidRequestError(
-            f"item {it.key!r}: key and label must be strings, attributes map strings to strings "
-            f"and the vector holds numbers ({e})"
-        ) from e
+        raise _text_error(f"item {it.key!r}: the key, label and attributes", e) from e
+    if it.vector is not None:
+        _fill_vector(item.vector, it.vector)
     return item
 
 
@@ -219,14 +225,14 @@ class PictorClient:
         _check_counts(1, k=k)
         _check_counts(0, nprobe=nprobe, ef_search=ef_search)  # 0: the index's tuned default
         request = pb.SearchRequest(k=k, params=pb.SearchParams(nprobe=nprobe, ef_search=ef_search))
-        _not_one(labels, "labels", "labels=['daisy']")
+        _not_one(labels, "labels", "for one label, write labels=['daisy']")
+        if image is not None:
+            request.image = _image_bytes(image)
+        elif vector is not None:
+            _fill_vector(request.vector, vector)
         try:
-            if image is not None:
-                request.image = _image_bytes(image)
-            elif key is not None:
+            if key is not None:
                 request.key = key
-            else:
-                request.vector.values.extend(vector)  # type: ignore[arg-type]
             if labels or attributes:
                 request.filter.labels.extend(labels)
                 request.filter.attributes.update(attributes or {})
@@ -235,7 +241,7 @@ class PictorClient:
         return [_hit(h) for h in self._call(self._stub.Search, request).hits]
 
     def embed(self, images: Sequence[bytes]) -> list[list[float]]:
-        _not_one(images, "images", "[data]")
+        _not_one(images, "images", "for one image, write [data]")
         r = self._call(self._stub.Embed, pb.EmbedRequest(images=[_image_bytes(i) for i in images]))
         return [list(v.values) for v in r.embeddings]
 
@@ -269,7 +275,7 @@ class PictorClient:
 
     def delete(self, keys: Sequence[str]) -> tuple[int, list[str]]:
         """Remove items; returns (deleted, keys that did not exist)."""
-        _not_one(keys, "keys", "[key]")
+        _not_one(keys, "keys", "for one key, write [key]")
         try:
             request = pb.DeleteRequest(keys=list(keys))
         except (TypeError, ValueError) as e:

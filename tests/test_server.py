@@ -244,7 +244,7 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
     with pytest.raises(InvalidRequestError, match="an image must be the file's bytes, got str"):
         client.classify("photo.jpg")  # type: ignore[arg-type]
     # A lone string would be sent as its characters: "abc" would delete keys a, b and c.
-    with pytest.raises(InvalidRequestError, match="keys must be a list, got a single str; for one, write"):
+    with pytest.raises(InvalidRequestError, match=r"keys must be a list, got a single str; for one key, write \[key\]"):
         client.delete("photos/a.jpg")
     with pytest.raises(InvalidRequestError, match="labels must be a list, got a single str"):
         client.search(key="a", labels="daisy")
@@ -254,6 +254,8 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
         client.delete(["\udcff"])  # a lone surrogate, as os.fsdecode makes of a non-UTF-8 name
     with pytest.raises(InvalidRequestError, match="the key, labels and attributes must be text"):
         client.search(key="\udcff")
+    with pytest.raises(InvalidRequestError, match="a vector must be a list, got a single bytes"):
+        client.search(vector=b"\x00\x01")  # would be sent as the numbers 0 and 1
     client.close()
     with pytest.raises(InvalidRequestError, match="this PictorClient is closed"):
         client.info()
