@@ -344,10 +344,11 @@ def _damaged_cache_named(path: Path) -> Iterator[None]:
     try:
         yield
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        # skip=1: torch's first line only says "Error(s) in loading state_dict for ResNet:"
+        why = why_not_tensors(path, e) if isinstance(e, pickle.UnpicklingError) else _first_line(e, skip=1)
         raise WeightsUnavailableError(
-            # skip=1: torch's first line only says "Error(s) in loading state_dict for ResNet:"
-            f"the cached weights file {path} does not load ({_first_line(e, skip=1)}); delete it so it "
-            "is fetched again, or put a good copy there"
+            f"the cached weights file {path} does not load ({why}); delete it so it is fetched "
+            "again, or put a good copy there"
         ) from e
 
 
@@ -596,7 +597,9 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:  # weights_only refuses to run pickled code
+        except (EOFError, OSError):
+            raise
+        except Exception as e:  # weights_only refuses pickled code; garbage fails in many ways
             why = why_not_tensors(path, e)
             hint = "; save model.state_dict() instead" if "pickled" in why else ""
             raise InvalidRequestError(f"cannot read checkpoint {path}: {why}{hint}") from e

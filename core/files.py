@@ -45,7 +45,7 @@ def why_not_tensors(path: Path, error: Exception) -> str:
     if pickled:
         return f"it holds a pickled {pickled[1]}, which is not loaded for safety"
     if zipfile.is_zipfile(path):
-        return "a PyTorch file that holds more than plain tensors and values, or a damaged one"
+        return "a zip archive that is not a PyTorch file of plain tensors and values, or a damaged one"
     return "not a PyTorch file, or a damaged one"
 
 
