@@ -22,7 +22,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
@@ -121,15 +121,15 @@ class Embedder:
 
     def forward_images(self, images: Sequence[Image.Image]) -> EmbedOutput:
         """Embed RGB images (in batches of ``batch_size``); logits come from the same pass."""
-        return self.forward_preprocessed([self.preprocess(im) for im in images])
+        return self.forward_preprocessed(self.preprocess(im) for im in images)  # batch by batch
 
-    def forward_preprocessed(self, tensors: Sequence[torch.Tensor]) -> EmbedOutput:
+    def forward_preprocessed(self, tensors: Iterable[torch.Tensor]) -> EmbedOutput:
         """Embed ``preprocess``ed images [3, H, W] (in batches of ``batch_size``)."""
-        if not tensors:
+        outs = [self.forward_batch(torch.stack(chunk)) for chunk in batched(tensors, self.batch_size)]
+        if not outs:
             n_cls = None if self.imagenet_classes is None else len(self.imagenet_classes)
             return EmbedOutput(np.zeros((0, self.spec.dim), np.float32),
                                None if n_cls is None else np.zeros((0, n_cls), np.float32))
-        outs = [self.forward_batch(torch.stack(chunk)) for chunk in batched(tensors, self.batch_size)]
         logits = None if outs[0].logits is None else np.concatenate([o.logits for o in outs])
         return EmbedOutput(np.concatenate([o.embeddings for o in outs]), logits)
 

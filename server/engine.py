@@ -179,6 +179,7 @@ class Engine:
             # Preprocessed at once: a request holds one full-size decoded image at a time, not all
             # of them (256 small PNGs of 40 MP each would decode to 30 GB).
             tensors.append(self.embedder.preprocess(image))
+            del image
         with self._forward_lock:
             return self.embedder.forward_preprocessed(tensors)
 
