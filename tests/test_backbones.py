@@ -172,6 +172,10 @@ def test_checkpoint_without_the_imagenet_classifier_embeds(tmp_path: Path) -> No
 
     torch.save(timm.create_model("tf_efficientnet_lite0", num_classes=5).state_dict(), tmp_path / "lite.pth")
     assert create_backbone("efficientnet_lite0", weights=str(tmp_path / "lite.pth")).classes is None
+    # A distilled model has two (the last Linear alone would be one of them).
+    deit = timm.create_model("deit_tiny_distilled_patch16_224")
+    assert bb._classifier_keys(deit, get_backbone_info("seresnet50")) == {
+        "head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}
 
 
 def test_densenet_file_in_torchvisions_published_key_layout_loads(tmp_path: Path) -> None:

@@ -316,6 +316,9 @@ def test_stages_and_schedule() -> None:
     assert backbone_stages(vgg) == [f"extractor.features.{i}" for i in (0, 4, 8, 15, 22)]
     trainable = unfreeze_last(vgg, 1)
     assert {n.rsplit(".", 1)[0] for n in trainable} == {f"extractor.features.{i}" for i in (22, 23, 25, 26)}
+    # DenseNet's last stage is its last dense block, with the norm after it.
+    densenet = create_backbone("densenet121", "random")
+    assert backbone_stages(densenet)[-1] == "extractor.features.denseblock4"
     f = warmup_cosine(total_steps=100, warmup_steps=10)
     assert f(0) < f(5) < f(9) <= 1.0 and f(10) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)

@@ -64,7 +64,8 @@ def backbone_stages(backbone: nn.Module) -> list[str]:
 def _blocks(container: nn.Module, prefix: str) -> list[str]:
     """The children of ``container`` that hold parameters, in order. A plain run of single
     layers (VGG's and AlexNet's ``features``) is grouped into blocks that each end at a
-    pooling layer, named by their first layer: a stage there is a block, not one BatchNorm."""
+    pooling layer, named by their first layer: a stage there is a block, not one BatchNorm.
+    Single layers after the last block (DenseNet's final norm) belong to it."""
     children = list(container.named_children())
     if all(not list(child.children()) for _, child in children):
         blocks, start = [], None
@@ -74,8 +75,10 @@ def _blocks(container: nn.Module, prefix: str) -> list[str]:
                 blocks.append(start)
                 start = None
         return [f"{prefix}.{b}" for b in blocks + ([start] if start else [])]
-    return [f"{prefix}.{child_name}" for child_name, child in children
-            if any(True for _ in child.parameters())]
+    stages = [(child_name, child) for child_name, child in children if any(True for _ in child.parameters())]
+    while len(stages) > 1 and not list(stages[-1][1].children()):
+        stages.pop()  # unfreeze_last trains everything after a stage's start: it is trained
+    return [f"{prefix}.{child_name}" for child_name, _ in stages]
 
 
 def unfreeze_last(backbone: nn.Module, n_stages: int) -> list[str]:
