@@ -336,7 +336,7 @@ def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path,
                "--no-progress"])
     assert rc == 0 and model_path.is_file()
     out = capsys.readouterr()
-    assert "top-1 1.0000" in out.out
+    assert "top-1: 1.0000" in out.out
     assert "top-5" not in out.out  # 3 classes: always 1, so not shown
     assert "(0 embeddings from the cache, 42 computed)" in out.out
     assert "open-set thresholds rest on 6 validation images" in caplog.text  # too few to trust

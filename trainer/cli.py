@@ -32,8 +32,9 @@ examples:
 """
 
 EVAL_DESCRIPTION = """\
-Top-1/top-5 accuracy, per-class precision/recall/F1 and a confusion matrix of MODEL on DATA
-(folder tree or manifest). Images of classes the model does not know are left out of these.
+Top-1/top-5 accuracy (top-5 in the table only for more than 5 classes), per-class
+precision/recall/F1 and a confusion matrix of MODEL on DATA (folder tree or manifest). Images
+of classes the model does not know are left out of these.
 
 With --index (the index Classify serves from; not open in a running server), a model with
 open-set rejection (the default of `pictor train`) also gets how often Classify would answer
@@ -163,11 +164,12 @@ def run_train(args: argparse.Namespace) -> int:
     )
     result = train(config, args.data, val_data=args.val, out=args.out)
     m = result.model.metrics
+    cached = (f" ({result.cache['hits']} embeddings from the cache, {result.cache['misses']} computed)"
+              if result.cache["hits"] + result.cache["misses"] else "")  # 0 + 0: --cache-dir none
     print(f"wrote {args.out}: {config.mode} head, {len(result.model.class_names)} classes, "
           f"{m['train_images']} training images, {len(result.skipped)} skipped, "
-          f"{result.seconds:.0f}s ({result.cache['hits']} embeddings from the cache, "
-          f"{result.cache['misses']} computed)")
-    print(f"validation: top-1 {result.report['top1']:.4f}   {top5_text(result.report, len(result.model.class_names))}"
+          f"{result.seconds:.0f}s{cached}")
+    print(f"validation: top-1: {result.report['top1']:.4f}   {top5_text(result.report)}"
           f"macro F1 {result.report['macro_f1']:.4f} ({result.report['n']} images)")
     if result.model.open_set:
         print(f"open set: {result.model.open_set.thresholds.describe()}")

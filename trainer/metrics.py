@@ -63,9 +63,9 @@ def classification_report(
     }
 
 
-def top5_text(report: dict[str, Any], n_classes: int) -> str:
+def top5_text(report: dict[str, Any]) -> str:
     """"top-5: 0.9876   ", or nothing when there are at most 5 classes (it would always be 1)."""
-    return f"top-5: {report['top5']:.4f}   " if n_classes > 5 else ""
+    return f"top-5: {report['top5']:.4f}   " if len(report["class_names"]) > 5 else ""
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -76,7 +76,7 @@ def format_report(report: dict[str, Any]) -> str:
     names = report["class_names"]
     width = max([len("class"), *(len(n) for n in names)])
     lines = [
-        f"images: {report['n']}   top-1: {report['top1']:.4f}   {top5_text(report, len(names))}"
+        f"images: {report['n']}   top-1: {report['top1']:.4f}   {top5_text(report)}"
         f"macro F1: {report['macro_f1']:.4f}",
         "",
         f"{'class':<{width}}  precision  recall     f1  support",
