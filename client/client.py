@@ -139,7 +139,7 @@ def _item(it: UpsertItem) -> pb.Item:
     try:
         item = pb.Item(key=it.key, image=image, label=it.label, attributes=dict(it.attributes))
     except (TypeError, ValueError) as e:  # protobuf's own words do not say which field
-        raise _text_error(f"item {it.key!r}: the key, label and attributes", e) from e
+        raise _text_error(f"item {it.key!r}: the key, the label and each attribute name and value", e) from e
     if it.vector is not None:
         _fill_vector(item.vector, it.vector)
     return item
