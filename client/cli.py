@@ -50,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "backbone's ImageNet labels, else (a backbone without them) the kNN vote; head: "
                         "the same without the kNN fallback; knn: vote of the nearest labelled items; "
                         "all: head and kNN vote, whether they agree, and the neighbours")
-    p.add_argument("--neighbors", type=_at_least(0), default=0, help="neighbours for the kNN vote (default 0 = the server's default, 10)")
+    p.add_argument("--neighbors", type=_at_least(0), default=0,
+                   help="neighbours for the kNN vote (default 0 = the server's default, 10)")
     p.set_defaults(run=run_classify)
 
     p = _parser(sub, "search", "the indexed images most similar to a query image or indexed key",

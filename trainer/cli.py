@@ -170,7 +170,7 @@ def run_train(args: argparse.Namespace) -> int:
           f"{m['train_images']} training images, {len(result.skipped)} skipped, "
           f"{result.seconds:.0f}s{cached}")
     print(f"validation: top-1: {result.report['top1']:.4f}   {top5_text(result.report)}"
-          f"macro F1 {result.report['macro_f1']:.4f} ({result.report['n']} images)")
+          f"macro F1: {result.report['macro_f1']:.4f} ({result.report['n']} images)")
     if result.model.open_set:
         print(f"open set: {result.model.open_set.thresholds.describe()}")
     if result.model.spec.finetune:
