@@ -45,8 +45,6 @@ class CheckOnlyHealthServicer(health.HealthServicer):
 
 def create_server(settings: ServerSettings, engine: Engine | None = None) -> tuple[grpc.Server, int, Engine]:
     """Build the server (not started): Pictor service, health, reflection, bound to a port."""
-    owned = engine is None
-    engine = engine or Engine.load(settings)
     max_bytes = settings.max_message_mb * 1024 * 1024
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="pictor-rpc"),
@@ -59,6 +57,16 @@ def create_server(settings: ServerSettings, engine: Engine | None = None) -> tup
             ("grpc.so_reuseport", 0),
         ],
     )
+    # The port is taken before the model and index load: a busy one fails at once, not after
+    # seconds of loading.
+    port = _bind(server, f"{settings.host}:{settings.port}", settings.host)
+    if engine is None:
+        try:
+            engine = Engine.load(settings)
+        except BaseException:
+            server.start()  # an unstarted server keeps its port until the process exits
+            server.stop(None)
+            raise
     pictor_pb2_grpc.add_PictorServicer_to_server(PictorService(engine), server)
 
     health_servicer = CheckOnlyHealthServicer()
@@ -70,19 +78,19 @@ def create_server(settings: ServerSettings, engine: Engine | None = None) -> tup
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    address = f"{settings.host}:{settings.port}"
+    return server, port, engine
+
+
+def _bind(server: grpc.Server, address: str, host: str) -> int:
     try:
         port = server.add_insecure_port(address)  # raises or returns 0 by grpcio version
     except RuntimeError:
         port = 0
     if port == 0:
-        if owned:
-            engine.close()  # releases the index for the next try
         raise InvalidRequestError(
-            f"cannot listen on {address}: the port is in use, or {settings.host} is not an "
-            "address of this machine"
+            f"cannot listen on {address}: the port is in use, or {host} is not an address of this machine"
         )
-    return server, port, engine
+    return port
 
 
 def serve(settings: ServerSettings) -> None:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import DATA, ServerProcess, drawn_image, pictor
+from conftest import DATA, ServerProcess, drawn_image, free_port, pictor
 
 from pictor.client import PictorClient, UpsertItem
+from pictor.config import ServerSettings
 from pictor.errors import InvalidRequestError, NotFoundError
+from pictor.server.app import create_server
 
 
 def test_search_finds_the_gallery_image_itself(server: ServerProcess, shared_gallery: Path) -> None:
@@ -222,6 +225,21 @@ def test_server_refuses_a_port_in_use_or_out_of_range(server: ServerProcess, bui
     assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{server.port}" in r.stderr
     r = pictor("serve", "--index", str(built_index), "--port", "70000", check=False)
     assert r.returncode == 2 and "port must be between 0 (any free port) and 65535, got 70000" in r.stderr
+
+
+def test_a_busy_port_is_refused_before_loading_and_a_failed_load_frees_the_port(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        # The index does not exist either: the port is checked first, before any loading.
+        with pytest.raises(InvalidRequestError, match="cannot listen on 127.0.0.1:"):
+            create_server(ServerSettings(index=missing, port=busy.getsockname()[1]))
+    port = free_port()
+    with pytest.raises(NotFoundError, match="does not exist"):
+        create_server(ServerSettings(index=missing, port=port))
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))  # raises if the failed server still held it
 
 
 def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
