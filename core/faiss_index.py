@@ -48,6 +48,11 @@ def _use_omp_threads(threads: int) -> None:
         faiss.omp_set_num_threads(threads)
 
 
+# The widest nprobe / efSearch a search runs with: FAISS allocates per unit of width (a
+# request's efSearch of 1e8 took 0.8 GB), and past the index's size it finds nothing more.
+MAX_WIDTH = 65_536
+
+
 @dataclass(frozen=True)
 class SearchKnobs:
     """Resolved search parameters for one request (0 = leave the index's own default)."""
@@ -60,8 +65,8 @@ class SearchKnobs:
         """The same knobs ``factor`` times wider (to escalate a search that came back short);
         unset knobs start from FAISS's defaults (nprobe 1, efSearch 16, k_factor 1)."""
         return SearchKnobs(
-            nprobe=max(self.nprobe, 1) * factor,
-            ef_search=max(self.ef_search, 16) * factor,
+            nprobe=min(max(self.nprobe, 1) * factor, MAX_WIDTH),
+            ef_search=min(max(self.ef_search, 16) * factor, MAX_WIDTH),
             k_factor=max(self.k_factor, 1.0) * factor,
         )
 

@@ -46,6 +46,7 @@ import numpy as np
 
 from pictor.core.faiss_index import (
     EXACT_FACTORY,
+    MAX_WIDTH,
     SearchKnobs,
     VectorIndex,
     parse_factory,
@@ -876,8 +877,11 @@ class IndexStore:
     # -- search internals -----------------------------------------------------------------
 
     def _resolve_knobs(self, params: SearchParams) -> SearchKnobs:
-        if params.nprobe < 0 or params.ef_search < 0:
-            raise InvalidRequestError("nprobe and ef_search must be >= 0")
+        for name, value in (("nprobe", params.nprobe), ("ef_search", params.ef_search)):
+            if not 0 <= value <= MAX_WIDTH:
+                raise InvalidRequestError(
+                    f"{name} must be between 0 (the index's tuned default) and {MAX_WIDTH}, got {value}"
+                )
         if not (params.nprobe or params.ef_search):
             return self._knobs  # the shared object: FAISS's params are then found by identity
         return SearchKnobs(
@@ -1112,9 +1116,9 @@ def _match_ids(conn: sqlite3.Connection, flt: Filter) -> np.ndarray:
     parts: list[str] = []
     args: list[Any] = []
     if flt.labels:
-        labels = list(dict.fromkeys(flt.labels))
-        parts.append(f"SELECT id FROM items WHERE label IN ({','.join('?' * len(labels))})")
-        args.extend(labels)
+        # One JSON parameter, not one per label: SQLite caps a statement's parameters.
+        parts.append("SELECT id FROM items WHERE label IN (SELECT value FROM json_each(?))")
+        args.append(json.dumps(list(dict.fromkeys(flt.labels))))
     for name, value in flt.attributes.items():
         parts.append("SELECT id FROM item_attrs WHERE name = ? AND value = ?")
         args.extend((name, value))

@@ -149,6 +149,9 @@ def test_filters_return_only_matches_and_exactly_k(filled: tuple[IndexStore, np.
     assert store.search(vecs[0], k=5, filter=Filter(labels=("nope",))) == [[]]
     two = store.search(vecs[0], k=200, filter=Filter(labels=("class0", "class2")))[0]
     assert len(two) == 200 and {h.label for h in two} == {"class0", "class2"}
+    # More labels than SQLite takes parameters in one statement (250,000 here).
+    many = ("class1",) + tuple(f"other{i}" for i in range(300_000))
+    assert {h.label for h in store.search(vecs[0], k=5, filter=Filter(labels=many))[0]} == {"class1"}
 
 
 def test_metadata_from_sqlite_matches_memory(tmp_path: Path, rng) -> None:
@@ -204,6 +207,9 @@ def test_bad_input_refused(tmp_path: Path, rng) -> None:
             store.upsert([Item("")], unit(rng, 1))
         with pytest.raises(InvalidRequestError, match="k must be"):
             store.search(unit(rng, 1), k=0)
+        # FAISS allocates per unit of width: 1e8 took 0.8 GB, 2**32 - 1 overflowed its int.
+        with pytest.raises(InvalidRequestError, match="ef_search must be between 0 .* and 65536, got 65537"):
+            store.search(unit(rng, 1), k=1, params=SearchParams(ef_search=65_537))
         assert len(store) == 0
         # Huge or tiny but finite values are directions (float32 squares over/underflow).
         for scale in (1e38, 1e-30):
