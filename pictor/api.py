@@ -7,6 +7,10 @@ from dataclasses import dataclass
 # What Classify answers with; a name's position is its ``pictor.v1.Classifier`` value.
 CLASSIFIERS = ("default", "head", "knn", "all")
 
+# The server writes an Upsert stream in chunks of this many items, each all or nothing: large
+# enough to batch the forward pass, small enough that a long stream is not held in memory.
+UPSERT_CHUNK = 64
+
 
 @dataclass(frozen=True)
 class ServerInfo:

@@ -36,7 +36,7 @@ class WeightsUnavailableError(PictorError):
 
 class ResourceExhaustedError(PictorError):
     """The server ran out of something: disk space under the index (the write was not
-    applied), or a request over its message size limit."""
+    applied), Upsert streams (too many open at once), or a request over its message size limit."""
 
 
 class MissingExtraError(PictorError, ImportError):

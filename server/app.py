@@ -67,7 +67,9 @@ def create_server(settings: ServerSettings, engine: Engine | None = None) -> tup
             server.start()  # an unstarted server keeps its port until the process exits
             server.stop(None)
             raise
-    pictor_pb2_grpc.add_PictorServicer_to_server(PictorService(engine), server)
+    pictor_pb2_grpc.add_PictorServicer_to_server(
+        PictorService(engine, max_upsert_streams=max(1, settings.workers // 2)), server
+    )
 
     health_servicer = CheckOnlyHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -34,7 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                      "checkpoint the model was trained from, if it has moved")
     p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, help="port to bind (default 50051; 0 picks a free one)")
-    p.add_argument("--workers", type=int, help="handler threads (default 8)")
+    p.add_argument("--workers", type=int,
+                   help="handler threads (default 8); at most half of them (at least 1) take Upsert "
+                        "streams, so other calls find a free one while clients stream")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--precision", help="auto (default), fp32, bf16, fp16")
     p.add_argument("--compile", action="store_true", default=None,

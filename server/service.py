@@ -7,14 +7,15 @@ interceptor (errors.py) turns them into status codes.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import grpc
 
-from pictor.api import CLASSIFIERS
+from pictor.api import CLASSIFIERS, UPSERT_CHUNK
 from pictor.core.store import Filter, Hits, Item, SearchParams, UpsertResult
-from pictor.errors import DeadlineExceededError, InvalidRequestError, PictorError
+from pictor.errors import DeadlineExceededError, InvalidRequestError, PictorError, ResourceExhaustedError
 from pictor.iterators import batched
 from pictor.server.engine import ClassifyResult, Engine
 from pictor.v1 import pictor_pb2 as pb
@@ -22,11 +23,6 @@ from pictor.v1 import pictor_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
-
-
-# Upsert streams are written in chunks of this many items: large enough to batch the
-# forward pass, small enough that a long stream does not hold everything in memory.
-UPSERT_CHUNK = 64
 
 
 def add_hits(field: RepeatedCompositeFieldContainer[pb.Hit], hits: Hits) -> None:
@@ -78,8 +74,12 @@ def stream_items(requests: Iterator[pb.UpsertRequest]) -> Iterator[pb.Item]:
 
 
 class PictorService(pb_grpc.PictorServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, max_upsert_streams: int) -> None:
         self.engine = engine
+        # An open Upsert stream holds a handler thread for as long as its client sends: capped
+        # below the thread count, so searches and health checks always find one.
+        self.max_upsert_streams = max_upsert_streams
+        self._upsert_slots = threading.BoundedSemaphore(max_upsert_streams)
 
     def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
         if not 0 <= request.classifier < len(CLASSIFIERS):
@@ -119,6 +119,17 @@ class PictorService(pb_grpc.PictorServicer):
         )
 
     def Upsert(self, request_iterator: Iterator[pb.UpsertRequest], context: grpc.ServicerContext) -> pb.UpsertResponse:
+        if not self._upsert_slots.acquire(blocking=False):
+            raise ResourceExhaustedError(
+                f"{self.max_upsert_streams} upsert streams are open already (this server's limit: half "
+                "its --workers); nothing was written, send again when one has ended"
+            )
+        try:
+            return self._upsert(request_iterator, context)
+        finally:
+            self._upsert_slots.release()
+
+    def _upsert(self, request_iterator: Iterator[pb.UpsertRequest], context: grpc.ServicerContext) -> pb.UpsertResponse:
         inserted = replaced = 0
         for chunk in batched(stream_items(request_iterator), UPSERT_CHUNK):
             try:

@@ -96,6 +96,8 @@ class PictorServicer:
         of 64 items, each all or nothing: a call that fails (bad item, deadline, server gone)
         may have written the chunks before the failing one, and says how many when it can.
         Sending the same items again is safe: an upsert of an existing key replaces it.
+        A stream holds a server thread while open: past half the server's --workers streams at
+        once, a new one is refused (RESOURCE_EXHAUSTED) before anything is written.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
