@@ -72,12 +72,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                 "pictor add new1.jpg new2.jpg --label tulips")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files; each one's key is its path")
     p.add_argument("--label", default="", help="label for all the images")
-    p.add_argument("--key-prefix", default="", help="prepend this to each key")
+    p.add_argument("--attr", action="append", default=[], metavar="NAME=VALUE",
+                   help="attribute for all the images, for `pictor search --attr` (repeatable)")
+    p.add_argument("--key-prefix", default="",
+                   help="prepend this to each key (the path is then kept as attribute `path`)")
     p.set_defaults(run=run_add)
 
     p = _parser(sub, "delete", "remove items from a running server's index by key",
                 "pictor delete photos/old.jpg")
     p.add_argument("keys", nargs="+", metavar="KEY", help="keys of the items to remove")
+    p.add_argument("--missing-ok", action="store_true",
+                   help="keys not in the index are not an error (exit 0, like `rm -f`); "
+                        "without it they are named and the exit code is 2")
     p.set_defaults(run=run_delete)
 
 
@@ -239,7 +245,8 @@ def run_info(args: argparse.Namespace) -> int:
         ("health", status),
         ("backbone", f"{info.backbone} (weights: {info.weights}"
                      + (f", fine-tuned: {info.finetune})" if info.finetune else ")")),
-        ("embedding", f"{info.embedding_dim}-d, {info.metric}"),
+        ("embedding", f"{info.embedding_dim}-d, "
+                      + ("cosine (inner product of normalised vectors)" if info.metric == "ip" else info.metric)),
         ("index", f"{info.index_size} items, {info.index_type}"),
         ("classifier", f"{info.classifier}: {shown}" if shown else f"{info.classifier} (the index's labels)"),
         *([("open set", info.open_set)] if info.open_set else []),
@@ -256,8 +263,14 @@ def run_add(args: argparse.Namespace) -> int:
 
     for path in args.images:  # fail before streaming, not halfway through
         _check_readable(Path(path))
+    attrs = _parse_attrs(args.attr)
+
+    def attributes(path: str) -> dict[str, str]:
+        # With a prefix the key is no longer the path: the path is kept beside it.
+        return {"path": _path_key(path), **attrs} if args.key_prefix else attrs
+
     items = (UpsertItem(key=args.key_prefix + _path_key(path), image=_read(path), label=args.label,
-                        attributes={"path": _path_key(path)}) for path in args.images)
+                        attributes=attributes(path)) for path in args.images)
     with _client(args) as client:
         inserted, replaced = client.upsert(items)
     _emit(args, {"inserted": inserted, "replaced": replaced},
@@ -270,7 +283,7 @@ def run_delete(args: argparse.Namespace) -> int:
     with _client(args) as client:
         deleted, missing = client.delete(args.keys)
     _emit(args, {"deleted": deleted, "missing": missing}, f"deleted {deleted}\n")
-    if missing:
+    if missing and not args.missing_ok:
         print(f"pictor delete: not found: {', '.join(map(_one_line, missing))} (a key is the image's path as `pictor "
               "index` or `pictor add` stored it: photos/a.jpg for ./photos//a.jpg; `pictor search --json` "
               "shows keys)", file=sys.stderr)

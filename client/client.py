@@ -21,9 +21,9 @@ from typing import Any, TypeVar, cast
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pictor.api import CLASSIFIERS, ServerInfo
+from pictor.api import CLASSIFIERS, UPSERT_CHUNK, ServerInfo
 from pictor.config import DEFAULT_PORT, DEFAULT_TARGET
-from pictor.errors import InvalidRequestError, PictorError
+from pictor.errors import InvalidRequestError, PictorError, ServerUnavailableError
 from pictor.status import error_from_status
 from pictor.v1 import pictor_pb2 as pb
 from pictor.v1 import pictor_pb2_grpc as pb_grpc
@@ -256,17 +256,28 @@ class PictorClient:
         way too (gRPC can deliver the cancel as the stream's end).
         """
         raised: list[Exception] = []
+        sent = 0
 
         def requests() -> Iterable[pb.UpsertRequest]:
+            nonlocal sent
             try:
                 for it in items:
-                    yield pb.UpsertRequest(item=_item(it))
+                    request = pb.UpsertRequest(item=_item(it))
+                    sent += 1
+                    yield request
             except Exception as e:  # gRPC would log it and report only "Exception iterating requests!"
                 raised.append(e)
                 raise
 
         try:
             r = self._call(self._stub.Upsert, requests())
+        except ServerUnavailableError as e:
+            if raised:
+                raise raised[0] from None
+            if sent:  # the server cannot say what it wrote when the call itself is lost
+                raise type(e)(f"{e}; some of the {sent} items sent may have been written (in chunks of "
+                              f"{UPSERT_CHUNK}): sending them again is safe, keys replace") from None
+            raise
         except PictorError:
             if raised:
                 raise raised[0] from None

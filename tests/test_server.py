@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -195,8 +200,18 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     # `pictor add` keys a file by its path as `pictor index` writes it.
     (tmp_path / "new").mkdir()
     (tmp_path / "new" / "x.png").write_bytes(drawn_image(7))
-    pictor("add", "./new//x.png", "--target", server.target, cwd=tmp_path)
+    pictor("add", "./new//x.png", "--attr", "source=cam1", "--target", server.target, cwd=tmp_path)
+    pictor("add", "new/x.png", "--key-prefix", "p/", "--target", server.target, cwd=tmp_path)
+    found = json.loads(pictor("search", str(tmp_path / "new/x.png"), "--attr", "source=cam1", "--json",
+                              "--target", server.target).stdout)
+    assert [(h["key"], h["attributes"]) for h in found] == [("new/x.png", {"source": "cam1"})]
+    prefixed = json.loads(pictor("search", str(tmp_path / "new/x.png"), "--attr", "path=new/x.png", "--json",
+                                 "--target", server.target).stdout)
+    assert [h["key"] for h in prefixed] == ["p/new/x.png"]  # the key is not the path: kept beside it
     assert pictor("delete", "new/x.png", "--target", server.target).stdout == "deleted 1\n"
+    # Like `rm -f`: a key already gone is not an error, for scripts that retry.
+    again = pictor("delete", "p/new/x.png", "new/x.png", "--missing-ok", "--target", server.target)
+    assert again.stdout == "deleted 1\n" and again.stderr == ""
     every = pictor("classify", str(image), "--classifier", "all", "--neighbors", "2",
                    "--target", server.target).stdout
     assert "kNN vote: " in every and "agree" not in every  # ImageNet labels vs the index's labels
@@ -280,10 +295,27 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
 
 
 def test_calls_are_bounded_and_work_for_a_caller_gone_is_not_written(built_index: Path) -> None:
-    from pictor.errors import DeadlineExceededError
+    from pictor.errors import DeadlineExceededError, ResourceExhaustedError
 
-    server = ServerProcess(built_index).start()
+    server = ServerProcess(built_index, "--workers", "2").start()
     try:
+        # An open Upsert stream holds a handler thread: with 2, one stream at a time, so a slow
+        # streaming client leaves the other thread to searches and health checks.
+        release = threading.Event()
+
+        def slow_items() -> Iterator[UpsertItem]:
+            yield UpsertItem(key="slow/0", vector=[1.0] * 1280)
+            release.wait(30)
+
+        with PictorClient(server.target, timeout=5) as client, ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(client.upsert, slow_items())
+            time.sleep(0.5)  # the stream is open
+            with pytest.raises(ResourceExhaustedError, match="1 upsert streams are open already"):
+                client.upsert([UpsertItem(key="slow/1", vector=[1.0] * 1280)])
+            assert client.health() == "SERVING" and client.info().index_size == 12
+            release.set()
+            assert slow.result() == (1, 0)
+            client.delete(["slow/0"])
         with PictorClient(server.target) as client:
             with pytest.raises(InvalidRequestError, match="at most 256 images per call, got 257"):
                 client.embed([drawn_image(0)] * 257)
@@ -300,6 +332,8 @@ def test_calls_are_bounded_and_work_for_a_caller_gone_is_not_written(built_index
                 acknowledged = True
             except DeadlineExceededError as e:
                 assert "within the timeout of 0.3 s" in str(e)
+                assert re.search(r"some of the \d+ items sent may have been written .*: sending them again is safe",
+                                 str(e))
                 acknowledged = False
         with PictorClient(server.target) as client:
             client.classify(drawn_image(2))  # queued behind the upsert's forward pass
