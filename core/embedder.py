@@ -206,10 +206,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if precision == "auto":
         return "bf16" if cpu_has_fast_bf16() else "fp32"
-    if precision in ("bf16", "fp16") and not cpu_has_fast_bf16():
-        log.warning("%s on a CPU without AMX/AVX512-BF16 is emulated and slower than fp32",
-                    precision)
+    if not runs_natively(precision, device):
+        log.warning("%s on this CPU is emulated and several times slower than fp32%s", precision,
+                    "" if precision == "fp16" else " (it has neither AMX nor AVX512-BF16)")
     return precision
+
+
+def runs_natively(precision: str, device: torch.device) -> bool:
+    """Whether ``device`` computes in ``precision`` in hardware (emulation is slower than fp32)."""
+    if precision == "fp32":
+        return True
+    if device.type == "cuda":
+        return precision == "fp16" or torch.cuda.is_bf16_supported()
+    return precision == "bf16" and cpu_has_fast_bf16()
 
 
 @cache

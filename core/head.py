@@ -468,6 +468,12 @@ class TrainedModel:
                         f"the checkpoint {weights} that this model was trained from does not exist; "
                         "give its new place with --weights PATH"
                     )
+        # The head and its open-set thresholds were fitted on embeddings of one precision: "auto"
+        # keeps it where this device computes it natively. (Files before it was kept say "auto".)
+        trained = str(self.training.get("precision", "auto"))
+        if (precision == "auto" and trained != "auto"
+                and embedder_mod.runs_natively(trained, embedder_mod.resolve_device(device))):
+            precision = trained
         emb = embedder_mod.create_embedder(
             self.spec.backbone,
             weights=weights,
@@ -476,6 +482,10 @@ class TrainedModel:
             pooling=self.spec.pooling,
             layer=self.spec.layer or None,
         )
+        if trained not in ("auto", emb.precision):
+            log.warning("this model was trained and calibrated on %s embeddings, which are computed in "
+                        "%s here: its scores and unknown answers can differ a little from its "
+                        "validation figures", trained, emb.precision)
         if self.backbone_state:
             apply_backbone_state(emb, self.backbone_state, self.spec.finetune)
         if emb.spec != self.spec:

@@ -297,3 +297,20 @@ def test_backbone_state_must_match_fingerprint() -> None:
     with pytest.raises(IncompatibleModelError, match="fingerprint"):
         spec = dataclasses.replace(SPEC, finetune="deadbeef")
         make_model(spec, backbone_state={"w": torch.ones(2)})
+
+
+@pytest.mark.parametrize(("trained", "native_bf16", "served"), [
+    ("fp32", True, "fp32"),  # a model fitted in fp32 stays in fp32 on a bf16 machine
+    ("bf16", True, "bf16"),
+    ("bf16", False, "fp32"),  # emulated bf16 would be slower: fp32, with a warning
+])
+def test_served_precision_follows_the_model(trained: str, native_bf16: bool, served: str,
+                                            monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    from pictor.core import embedder as embedder_mod
+
+    monkeypatch.setattr(embedder_mod, "cpu_has_fast_bf16", lambda: native_bf16)
+    spec = embedder_mod.create_embedder("efficientnet_lite0", device="cpu", precision="fp32").spec
+    model = make_model(spec, training={"precision": trained})
+    assert model.create_embedder(device="cpu").precision == served
+    assert ("calibrated on bf16 embeddings, which are computed in fp32 here" in caplog.text) == (trained != served)
+    assert model.create_embedder(device="cpu", precision="fp32").precision == "fp32"  # asked for: kept

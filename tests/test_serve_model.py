@@ -91,8 +91,7 @@ def test_head_gets_unwhitened_embeddings_on_a_whitened_index(trained: tuple[Path
     data = index.parent / "data"
     pictor("index", str(data), "--out", str(whitened), "--model", str(model), "--pca-whiten", "8",
            "--no-progress")
-    engine = Engine.load(ServerSettings(index=str(whitened), model=str(model), device="cpu",
-                                        precision="fp32"))
+    engine = Engine.load(ServerSettings(index=str(whitened), model=str(model), device="cpu"))
     try:
         r = engine.classify(tinted(102, "red"), classifier="all", neighbors=5)
         assert (r.source, r.labels[0][0], r.knn_labels[0][0]) == ("head", "red", "red")
@@ -115,8 +114,7 @@ def test_open_set_ignores_an_index_without_the_model_classes(trained: tuple[Path
     unlabelled = index.parent / "unlabelled"
     pictor("index", str(index.parent / "data"), "--out", str(unlabelled), "--model", str(model),
            "--labels", "none", "--no-progress")
-    engine = Engine.load(ServerSettings(index=str(unlabelled), model=str(model), device="cpu",
-                                        precision="fp32"))
+    engine = Engine.load(ServerSettings(index=str(unlabelled), model=str(model), device="cpu"))
     try:
         # Its neighbours say nothing about the model's classes: the class fit decides alone.
         assert "holds no item labelled with the model's classes" in caplog.text
@@ -150,8 +148,7 @@ def test_open_set_compares_with_the_model_classes_only(trained: tuple[Path, Path
     mixed = tmp_path / "mixed"
     pictor("index", str(index.parent / "data"), "--out", str(mixed), "--model", str(model),
            "--no-progress")
-    engine = Engine.load(ServerSettings(index=str(mixed), model=str(model), device="cpu",
-                                        precision="fp32"))
+    engine = Engine.load(ServerSettings(index=str(mixed), model=str(model), device="cpu"))
     try:
         greens = [Item(f"green/{i}", label="green") for i in range(10, 16)]
         engine.upsert(greens, [noise(i) for i in range(10, 16)], [None] * len(greens))

@@ -174,6 +174,7 @@ def test_linear_separates_shapes_and_caches_embeddings(
     first = train(config(tmp_path, weight_decays=(1e-3,)), shapes, embedder=emb)
     assert first.report["top1"] == 1.0
     assert first.model.class_names == list(CLASSES)
+    assert first.model.training["precision"] == "fp32"  # as resolved: what serving keeps
     assert first.model.open_set is not None  # 3 classes: calibrated leaving each one out
     n_images = 24
     assert first.cache["misses"] == 18 * 2 + 6  # train views plain+mirror, val plain

@@ -178,7 +178,9 @@ def train(
         temperature=temperature,
         open_set=open_set,
         metrics=metrics,
-        training=config.to_dict() | {"data": str(data), "val_data": str(val_data or "")},
+        # The precision as resolved ("auto" differs by machine): serving keeps it (create_embedder).
+        training=config.to_dict() | {"data": str(data), "val_data": str(val_data or ""),
+                                     "precision": embedder.precision},
         data_fingerprint=data_mod.data_fingerprint(tr.content_hashes, tr.labels),
         backbone_state=backbone_state,
     )
