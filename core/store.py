@@ -367,6 +367,11 @@ class IndexStore:
     def __len__(self) -> int:
         return self._count
 
+    @property
+    def seq(self) -> int:
+        """The number of the last committed write: it changes with every upsert or delete."""
+        return self._seq
+
     def __enter__(self) -> IndexStore:
         return self
 

@@ -82,7 +82,7 @@ class Engine:
         self.model = model
         self.max_pixels = max_pixels
         self._why_neighbours_off: str | None = None  # see _neighbour_tests_off
-        self._checked_at_size = -1  # the index size when that was last checked
+        self._checked_at_seq = -1  # the index's write number when that was last checked
         if model is not None and model.open_set is not None:
             self._neighbour_tests_off()  # logs when they are off
         # One forward pass at a time: concurrent passes would only fight over the same cores.
@@ -139,14 +139,15 @@ class Engine:
         """Why the index's similarities cannot serve the model's open-set neighbour tests (see
         ``neighbour_tests_off``; None when they can); then the class fit decides alone.
 
-        Redone whenever the index changes size (one index lookup per class), so classes upserted
-        into a running server turn the tests on, and deleting the last of a class turns them off."""
+        Redone after every write to the index (one index lookup per class), so classes upserted
+        into a running server turn the tests on, and deleting or relabelling the last item of a
+        class turns them off."""
         assert self.model is not None
-        size = len(self.store)
-        if size != self._checked_at_size:
+        seq = self.store.seq
+        if seq != self._checked_at_seq:
             from pictor.core.head import neighbour_tests_off
 
-            was_off, self._checked_at_size = self._why_neighbours_off, size
+            was_off, self._checked_at_seq = self._why_neighbours_off, seq
             self._why_neighbours_off = why = neighbour_tests_off(self.store, self.model.class_names)
             if why and why != was_off:
                 log.warning("open set: %s; 'unknown' is decided by the class-fit score alone", why)

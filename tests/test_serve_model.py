@@ -132,6 +132,11 @@ def test_open_set_ignores_an_index_without_the_model_classes(trained: tuple[Path
         assert engine.info().open_set == "on"
         engine.delete(["blue/new"])  # the last blue item gone: off again
         assert engine.info().open_set.endswith("class(es) blue (yet)")
+        engine.upsert([Item("blue/new", label="blue")], [tinted(104, "blue")], [None])
+        assert engine.info().open_set == "on"
+        # Relabelling leaves the size as it was and still takes the last blue item away.
+        engine.upsert([Item("blue/new", label="other")], [tinted(104, "blue")], [None])
+        assert engine.info().open_set.endswith("class(es) blue (yet)")
     finally:
         engine.close()
 
