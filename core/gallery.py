@@ -67,21 +67,40 @@ def read_gallery(
 
 def _walk_images(root: Path) -> Iterator[Path]:
     # Symlinked folders are followed (a class folder is often a link to where the photos
-    # live); each real folder is listed once, which also ends a link back to an ancestor.
+    # live); each real folder is listed once, which also ends a link back to an ancestor. A
+    # folder that is also under the root without a link is listed there, whatever sorts first,
+    # so that a link (best -> tulips) never takes its images' label.
+    plain = set()
+    for dirpath, dirnames, _ in os.walk(root):
+        _hide(dirnames)
+        plain.add(_folder_id(dirpath))
+    real_root = os.path.realpath(root)
     visited: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in visited:
-            log.warning("%s is a folder already listed (through a link); not listed again", dirpath)
+        folder = _folder_id(dirpath)
+        where = os.path.normpath(os.path.join(real_root, os.path.relpath(dirpath, root)))
+        linked = os.path.realpath(dirpath) != where  # reached through a link below the root
+        if folder in visited or (linked and folder in plain):
+            log.warning("%s is a link to a folder listed %s; not listed again", dirpath,
+                        "already" if folder in visited else "at its own place")
             dirnames[:] = []
             continue
-        visited.add((st.st_dev, st.st_ino))
-        # Hidden folders (.thumbnails, .git) hold copies or tooling, not gallery images; sorted
-        # so that ids and progress are reproducible.
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        visited.add(folder)
+        _hide(dirnames)
         for name in sorted(filenames):
             if is_image_file(name):
                 yield Path(dirpath) / name
+
+
+def _hide(dirnames: list[str]) -> None:
+    """Leave out hidden folders (.thumbnails, .git: copies or tooling, not gallery images), in
+    place as os.walk wants; sorted, so that ids and progress are reproducible."""
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+
+
+def _folder_id(path: str | os.PathLike[str]) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def read_manifest(manifest: Path, *, require_label: bool = False) -> Iterator[GalleryEntry]:

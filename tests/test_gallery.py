@@ -131,3 +131,14 @@ def test_symlinked_folders_are_followed_once(tmp_path: Path) -> None:
     (gallery / "daisy").symlink_to(photos)  # a class folder kept elsewhere
     (gallery / "roses" / "loop").symlink_to(gallery)  # a link back up must not loop
     assert {e.path.name: e.label for e in read_gallery(gallery)} == {"a.jpg": "daisy", "b.jpg": "roses"}
+    # A link to a class folder that is also in the gallery: the folder keeps its own label,
+    # whichever name sorts first (best -> tulips; roses/more -> tulips).
+    (gallery / "tulips").mkdir()
+    (gallery / "tulips" / "c.jpg").write_bytes(b"")
+    (gallery / "best").symlink_to(gallery / "tulips")
+    (gallery / "roses" / "more").symlink_to(gallery / "tulips")
+    assert {e.path.name: e.label for e in read_gallery(gallery)} == {
+        "a.jpg": "daisy", "b.jpg": "roses", "c.jpg": "tulips"}
+    # A gallery named through a link is listed as usual.
+    (tmp_path / "via").symlink_to(gallery)
+    assert len(list(read_gallery(tmp_path / "via"))) == 3
