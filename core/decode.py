@@ -119,6 +119,8 @@ def load_image(
         if not stat.S_ISREG(mode):
             raise InvalidImageError(f"{p}: not a regular file (a FIFO, socket or device)")
         data = p.read_bytes()
+    except InvalidImageError:
+        raise  # a ValueError too, but already says what is wrong
     except FileNotFoundError as e:
         raise NotFoundError(f"{p}: no such file") from e
     except OSError as e:
@@ -182,7 +184,7 @@ def _check_size(im: Image.Image, max_pixels: int, full: tuple[int, int]) -> None
         drafted = f" (decoded at {w}x{h})" if (w, h) != full else ""
         raise InvalidImageError(
             f"{im.format} image is too large: {full[0]}x{full[1]}{drafted} = {w * h:,} pixels "
-            f"to decode, above the cap of {max_pixels:,} pixels"
+            f"to decode, above the cap of {max_pixels:,} pixels (setting max_pixels, PICTOR_MAX_PIXELS)"
         )
 
 

@@ -294,7 +294,7 @@ class IndexStore:
         if index_type != AUTO:
             parse_factory(spec.dim, index_type)  # refuse a bad factory string now
         options = options or StoreOptions()
-        root.mkdir(parents=True, exist_ok=True)
+        make_store_dir(root)
         lock_fd = _lock_directory(root)
         now = _now()
         db = _connect(root / DATABASE)
@@ -1114,6 +1114,14 @@ def _stream_vectors(
         ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
         vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), -1)
         yield ids, vecs
+
+
+def make_store_dir(root: Path) -> None:
+    """The folder a new store goes in (with its parents), or an error that names the cause."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InvalidRequestError(f"cannot create the index folder {root}: {e.strerror or e}") from e
 
 
 def _match_ids(conn: sqlite3.Connection, flt: Filter) -> np.ndarray:

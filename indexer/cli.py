@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,10 +29,10 @@ manifest that repeats a key is refused, since which row should win is a guess. R
 over an existing index embeds every file again: new keys are added, existing ones replaced (so
 changed files are picked up); the model must be the same.
 
-Files that cannot be decoded are skipped and listed; the run goes on. Each batch is durable
-once written, so an interrupted run keeps what it wrote. Exit status: 0 done (skipped files
-are listed), 1 some files skipped and --strict given, 2 unusable input (none of the files
-readable included).
+Files that cannot be decoded (or whose names are not UTF-8) are skipped and listed; the run
+goes on. Each batch is durable once written, so an interrupted run (Ctrl-C, SIGTERM, kill -9)
+keeps what it wrote. Exit status: 0 done (skipped files are listed), 1 some files skipped and
+--strict given, 2 unusable input (none of the files readable included), 130 interrupted.
 
 The default backbone, efficientnet_lite0, ships ImageNet weights offline; `pictor models`
 lists the others. Runs on the GPU when there is one (--device).
@@ -77,16 +78,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(run=run)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM (docker stop, kill) ends the run as Ctrl-C does: with its summary
+
+
 def run(args: argparse.Namespace) -> int:
     require_server_extra("pictor index")
+    signal.signal(signal.SIGTERM, _interrupt)
     from pictor.core.embedder import index_spec, open_index
     from pictor.core.gallery import image_suffixes_text, read_gallery
-    from pictor.core.store import MANIFEST, IndexStore
-    from pictor.indexer.pipeline import fit_whitening, indexed_under_other_keys, run_indexing
+    from pictor.core.store import AUTO, MANIFEST, IndexStore, make_store_dir
+    from pictor.indexer.pipeline import fit_whitening, indexed_under_other_keys, run_indexing, split_misnamed
 
     settings = build_settings(IndexerSettings, vars(args), config_file=args.config)
-    entries = list(read_gallery(settings.gallery, labels=settings.labels))
-    if not entries:
+    entries, misnamed = split_misnamed(read_gallery(settings.gallery, labels=settings.labels))
+    if not entries and not misnamed:
         raise InvalidRequestError(
             f"manifest {settings.gallery} lists no images" if Path(settings.gallery).is_file()
             else f"no images found in {settings.gallery} (looked for {image_suffixes_text()})"
@@ -104,9 +110,15 @@ def run(args: argparse.Namespace) -> int:
             f"--pca-whiten {settings.pca_whiten} is fitted on the gallery's images and needs more of "
             f"them than dims: {sample} here (gallery {len(entries)}, --pca-sample "
             f"{settings.pca_sample}); give --pca-whiten below {sample}, or leave it out")
+    if store is None:
+        make_store_dir(out)  # now, not after the model loaded and a whitening sample was embedded
     try:
         if store:
             _check_pca_whiten(store, whitening, settings.pca_whiten)
+            if settings.index_type not in (AUTO, store.index_type):
+                raise InvalidRequestError(
+                    f"index {out} is of type {store.index_type!r}; --index-type {settings.index_type} "
+                    "applies to a new index only: drop it, or build a new index with another --out")
         embedder = _embedder(settings)
         if store:
             store.check_spec(index_spec(embedder.spec, whitening), what="this run's model")
@@ -136,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
             max_pixels=settings.model.max_pixels, total=len(entries), progress=progress,
         )
         count = len(store)
+    summary.add_failures(misnamed)
     if args.json:
         json.dump({**dataclasses.asdict(summary), "index": str(out), "index_size": count}, sys.stdout, indent=2)
         sys.stdout.write("\n")

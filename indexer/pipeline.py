@@ -46,7 +46,26 @@ class IndexSummary:
     seconds: float = 0.0
     images_per_second: float = 0.0
     failures: list[dict[str, str]] = field(default_factory=list)  # {"path", "error"}
-    interrupted: bool = False  # Ctrl-C: the batches written before it are kept
+    interrupted: bool = False  # Ctrl-C or SIGTERM: the batches written before it are kept
+
+    def add_failures(self, failures: Iterable[tuple[GalleryEntry, str]]) -> None:
+        for entry, error in failures:
+            log.debug("skipped %s", error)  # the summary lists them; -v shows them as they come
+            self.failures.append({"path": str(entry.path), "error": error})
+            self.skipped += 1
+
+
+def split_misnamed(entries: Iterable[GalleryEntry]) -> tuple[list[GalleryEntry], list[tuple[GalleryEntry, str]]]:
+    """Entries whose key can be stored, and those skipped with why: a file name that is not
+    UTF-8 (from an old archive, say) cannot be a key, which is text."""
+    good, bad = [], []
+    for e in entries:
+        try:
+            e.key.encode("utf-8")
+            good.append(e)
+        except UnicodeEncodeError:
+            bad.append((e, f"{e.path}: the file name is not UTF-8 text, which a key must be; rename the file"))
+    return good, bad
 
 
 @dataclass(frozen=True)
@@ -142,16 +161,13 @@ def run_indexing(
     batches = embedded_batches(entries, embedder, batch_size=batch_size, workers=workers, max_pixels=max_pixels)
     try:
         for decoded, vectors in batches:
-            for entry, error in decoded.failures:
-                log.debug("skipped %s", error)  # the summary lists them; -v shows them as they come
-                summary.failures.append({"path": str(entry.path), "error": error})
+            summary.add_failures(decoded.failures)
             if decoded.entries:
                 items = [Item(key=e.key, label=e.label, attributes=dict(e.attributes)) for e in decoded.entries]
                 result = store.upsert(items, vectors if whitening is None else whitening.apply(vectors))
                 summary.inserted += result.inserted
                 summary.replaced += result.replaced
             summary.indexed += len(decoded.entries)
-            summary.skipped += len(decoded.failures)
             bar.update(len(decoded.entries) + len(decoded.failures))
             bar.set_postfix(skipped=summary.skipped, refresh=False)
     except KeyboardInterrupt:  # an upsert is all or nothing, so the counts are what was written

@@ -283,5 +283,5 @@ def test_only_regular_files_are_read(tmp_path: Path) -> None:
     # Reading a FIFO named like an image would block forever (and /dev/zero never end).
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)
-    with pytest.raises(InvalidImageError, match="pipe.jpg: not a regular file"):
+    with pytest.raises(InvalidImageError, match=f"^{fifo}: not a regular file"):  # named once
         load_image(fifo)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +27,16 @@ def test_index_reports_bad_files_and_keeps_going(gallery: Path, tmp_path: Path) 
     os.mkfifo(gallery / "cool" / "pipe.jpg")  # reading it would block the run forever
     # 140 bytes that a naive resize would blow up to 4 GB: indexed, within bounded memory.
     Image.new("RGB", (20000, 1), (200, 30, 30)).save(gallery / "warm" / "strip.png")
+    # A Latin-1 name from an old archive: not text, so it cannot be a key.
+    with open(os.fsencode(gallery / "cool") + b"/caf\xe9.png", "wb") as f:
+        f.write(drawn_image(5))
     out = tmp_path / "index"
     r = pictor("index", str(gallery), "--out", str(out), "--json", "--batch-size", "5")
     summary = json.loads(r.stdout)
-    assert (summary["indexed"], summary["skipped"], summary["index_size"]) == (13, 3, 13)
-    assert {Path(f["path"]).name for f in summary["failures"]} == {"broken.jpg", "empty.png", "pipe.jpg"}
+    assert (summary["indexed"], summary["skipped"], summary["index_size"]) == (13, 4, 13)
+    assert {Path(f["path"]).name for f in summary["failures"]} == {
+        "broken.jpg", "empty.png", "pipe.jpg", "caf\udce9.png"}
+    assert any("is not UTF-8 text" in f["error"] for f in summary["failures"])
     assert all(f["error"] for f in summary["failures"])
     assert "faiss.loader" not in r.stderr  # no alarming library-probe lines by default
 
@@ -79,6 +87,8 @@ def test_index_refuses_another_backbone_on_existing_index(gallery: Path, tmp_pat
     r = pictor("index", str(gallery), "--out", str(out), "--weights", "random", check=False)
     assert r.returncode == 2
     assert "rebuild" in r.stderr or "re-embed" in r.stderr
+    r = pictor("index", str(gallery), "--out", str(out), "--index-type", "HNSW32", check=False)
+    assert r.returncode == 2 and "applies to a new index only" in r.stderr
     # An index held by another process (a server) is refused before any model is loaded:
     # the bad backbone name is never reached.
     with IndexStore.open(out):
@@ -101,6 +111,23 @@ def test_index_errors_are_clear(tmp_path: Path) -> None:
     r = pictor("index", str(tmp_path / "empty"), "--out", str(tmp_path / "empty" / "notes.jpg"),
                check=False)
     assert r.returncode == 2 and "notes.jpg exists and is not an index store" in r.stderr
+    r = pictor("index", str(tmp_path / "empty"), "--out", str(tmp_path / "empty" / "notes.jpg" / "i"),
+               check=False)
+    assert r.returncode == 2 and "cannot create the index folder" in r.stderr
+
+
+def test_sigterm_ends_the_run_like_ctrl_c(gallery: Path, tmp_path: Path) -> None:
+    """`docker stop` sends SIGTERM: the run ends with its summary and exit 130, not silently."""
+    run = subprocess.Popen([sys.executable, "-m", "pictor.cli", "index", str(gallery), "--out",
+                            str(tmp_path / "index"), "--batch-size", "1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert run.stderr is not None
+    for line in run.stderr:
+        if "embedder" in line:  # the model is loaded: the run is under way
+            run.send_signal(signal.SIGTERM)
+            break
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and "interrupted" in err
 
 
 def test_pca_whitened_index_serves_whitened_queries(gallery: Path, tmp_path: Path) -> None:
