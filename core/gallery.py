@@ -133,10 +133,17 @@ def _csv_rows(manifest: Path, f: Iterable[str], required: tuple[str, ...]
             f"manifest {manifest} needs a header with {_columns(required)}, "
             f"got {sorted(columns) or 'no header'}"
         )
+    if twice := sorted({c for c in columns if columns.count(c) > 1}):
+        raise InvalidRequestError(f"manifest {manifest}: the header names {', '.join(map(repr, twice))} "
+                                  "more than once; which column counts would be a guess")
     reader.fieldnames = columns
     for row in reader:
+        if None in row:  # more cells than the header names: DictReader's extras
+            raise InvalidRequestError(
+                f"{manifest}:{reader.line_num}: {len(columns) + len(row[None])} cells for {len(columns)} "
+                "columns; quote a cell that holds a comma (\"a,b.jpg\")")
         # Stray spaces around a CSV cell ("a.jpg, tulips") never help.
-        yield reader.line_num, {k: v.strip() for k, v in row.items() if k is not None and v is not None}
+        yield reader.line_num, {k: v.strip() for k, v in row.items() if v is not None}
 
 
 def _columns(names: tuple[str, ...]) -> str:

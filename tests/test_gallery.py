@@ -52,6 +52,14 @@ def test_bad_sources_are_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "m.txt").write_text("a.png\n")
     with pytest.raises(InvalidRequestError, match="folder of images .* or a .csv/.jsonl manifest"):
         list(read_gallery(tmp_path / "m.txt"))
+    # An unquoted comma shifts the cells: path "imgs/a", label "b.jpg" would be a silent guess.
+    ragged = tmp_path / "r.csv"
+    ragged.write_text('path,label\n"imgs/x,y.jpg",daisy\nimgs/a,b.jpg,daisy\n')
+    with pytest.raises(InvalidRequestError, match='r.csv:3: 3 cells for 2 columns; quote a cell that holds a comma'):
+        list(read_gallery(ragged))
+    ragged.write_text("path,label,label\na.jpg,x,y\n")
+    with pytest.raises(InvalidRequestError, match="the header names 'label' more than once"):
+        list(read_gallery(ragged))
 
 
 def test_required_labels_name_the_manifest_line(tmp_path: Path) -> None:
