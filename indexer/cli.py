@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 from pictor.config import DEFAULT_BACKBONE, IndexerSettings, build_settings
 from pictor.errors import InvalidRequestError, require_server_extra
 
+PROGRESS_LOG_SECONDS = 30.0  # how often a run whose stderr is not a terminal logs its progress
+
 if TYPE_CHECKING:
     from pictor.core.embedder import PCAWhitening
     from pictor.core.store import IndexStore
@@ -73,7 +75,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="torch.compile the backbone: slower first batch, faster after (big galleries)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--strict", action="store_true", help="exit 1 when any file was skipped")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (on a terminal) or progress lines (in logs, every "
+                        f"{PROGRESS_LOG_SECONDS:.0f} s)")
     p.add_argument("--config", help="TOML file with settings (flags and PICTOR_* env override it)")
     p.set_defaults(run=run)
 
@@ -146,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
             entries, embedder, store, whitening=whitening,
             batch_size=settings.model.batch_size, workers=settings.workers,
             max_pixels=settings.model.max_pixels, total=len(entries), progress=progress,
+            log_every=0.0 if progress or args.no_progress else PROGRESS_LOG_SECONDS,
         )
         count = len(store)
     summary.add_failures(misnamed)

@@ -150,13 +150,18 @@ def run_indexing(
     max_pixels: int,
     total: int | None = None,
     progress: bool = True,
+    log_every: float = 0.0,
 ) -> IndexSummary:
     """Embed every entry (whitened when the index is) and upsert it into ``store``; bad files
-    are skipped and reported. Ctrl-C ends the run early with the summary of what was written."""
+    are skipped and reported. Ctrl-C ends the run early with the summary of what was written.
+
+    ``progress`` draws a bar (for a terminal); ``log_every`` > 0 logs a progress line that often
+    (seconds) instead, for logs that a bar would fill with carriage returns (docker, nohup)."""
     from tqdm import tqdm
 
     summary = IndexSummary()
     start = time.perf_counter()
+    next_log = start + log_every if log_every > 0 else float("inf")
     bar = tqdm(total=total, unit="img", desc="indexing", disable=not progress, dynamic_ncols=True)
     batches = embedded_batches(entries, embedder, batch_size=batch_size, workers=workers, max_pixels=max_pixels)
     try:
@@ -170,6 +175,10 @@ def run_indexing(
             summary.indexed += len(decoded.entries)
             bar.update(len(decoded.entries) + len(decoded.failures))
             bar.set_postfix(skipped=summary.skipped, refresh=False)
+            if (now := time.perf_counter()) >= next_log:
+                log.info("indexed %d of %s images (%.1f img/s), skipped %d", summary.indexed,
+                         total if total is not None else "?", summary.indexed / (now - start), summary.skipped)
+                next_log = now + log_every
     except KeyboardInterrupt:  # an upsert is all or nothing, so the counts are what was written
         summary.interrupted = True
     finally:

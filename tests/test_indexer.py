@@ -61,7 +61,7 @@ def test_rerun_replaces_instead_of_duplicating(gallery: Path, tmp_path: Path) ->
     assert "13 of these files are in the index already under another spelling" in relative.stderr
 
 
-def test_ctrl_c_ends_the_run_with_what_was_written(gallery: Path, tmp_path: Path) -> None:
+def test_ctrl_c_ends_the_run_with_what_was_written(gallery: Path, tmp_path: Path, caplog) -> None:
     from pictor.config import DEFAULT_MAX_PIXELS
     from pictor.core.embedder import create_embedder
     from pictor.core.gallery import read_gallery
@@ -75,10 +75,13 @@ def test_ctrl_c_ends_the_run_with_what_was_written(gallery: Path, tmp_path: Path
 
     embedder = create_embedder(device="cpu")
     with IndexStore.create(tmp_path / "index", embedder.spec) as store:
-        summary = run_indexing(interrupted_after_six(), embedder, store, batch_size=2,
-                               max_pixels=DEFAULT_MAX_PIXELS, progress=False)
+        caplog.set_level("INFO")
+        summary = run_indexing(interrupted_after_six(), embedder, store, batch_size=2, total=len(entries),
+                               max_pixels=DEFAULT_MAX_PIXELS, progress=False, log_every=1e-9)
         assert summary.interrupted
         assert 0 < summary.indexed == summary.inserted == len(store) <= 6
+    # Without a terminal for a bar, progress comes as log lines (every 30 s in the CLI).
+    assert f"indexed 2 of {len(entries)} images (" in caplog.text
 
 
 def test_index_refuses_another_backbone_on_existing_index(gallery: Path, tmp_path: Path) -> None:
