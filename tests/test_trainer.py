@@ -285,8 +285,10 @@ def test_finetune_one_epoch_round_trip_and_refusals(shapes: Path, tmp_path: Path
     assert rebuilt.spec == model.spec
     images = [draw(c, random.Random(7)) for c in CLASSES]
     np.testing.assert_allclose(rebuilt.embed(images), emb.embed(images), atol=1e-5)
-    assert [model.class_names[i] for i in model.predict_proba(rebuilt.embed(images)).argmax(1)
-            ] == list(CLASSES)
+    # (After one epoch the answers on new images are not the point, and bf16 training moves
+    # the close ones: the file must give the answers the trained model gives.)
+    np.testing.assert_allclose(model.predict_proba(rebuilt.embed(images)),
+                               result.model.predict_proba(emb.embed(images)), atol=1e-4)
     # An index built with the plain backbone is refused, naming the fix.
     with pytest.raises(IncompatibleModelError, match="pictor index GALLERY --model MODEL"):
         model.check_index(plain_spec)
