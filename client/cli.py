@@ -150,6 +150,9 @@ def _guard_unreachable(fn):  # type: ignore[no-untyped-def]
             return fn(args)
         except ServerUnavailableError as e:
             print(f"pictor {args.command}: {e}", file=sys.stderr)
+            if "cannot reach" in str(e):  # not a timeout: maybe the wrong address
+                print("  (is `pictor serve` running there? another address: --target HOST:PORT or "
+                      "PICTOR_TARGET; PICTOR_PORT moves only the server)", file=sys.stderr)
             return EXIT_UNREACHABLE
     return wrapped
 

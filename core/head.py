@@ -582,6 +582,8 @@ def load_model(path: str | os.PathLike[str]) -> TrainedModel:
     is not a Pictor model (another checkpoint, a damaged file, another format version).
     """
     p = Path(path)
+    if p.is_dir():
+        raise InvalidRequestError(f"{p} is a folder, not a model file (make one with `pictor train`)")
     if not p.is_file():
         raise NotFoundError(f"model file {p} does not exist")
     try:

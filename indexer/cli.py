@@ -55,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "index", help="embed a folder or manifest of images into an index",
         description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("gallery", metavar="GALLERY", help="image folder, or .csv/.jsonl manifest")
+    p.add_argument("gallery", metavar="GALLERY", nargs="?",
+                   help="image folder, or .csv/.jsonl manifest (or `gallery` in the config file, PICTOR_GALLERY)")
     p.add_argument("--out", help="index directory to create or update (default ./index)")
     p.add_argument("--backbone", help=f"backbone name (default {DEFAULT_BACKBONE}; see `pictor models`)")
     p.add_argument("--weights", help="weights tag, local checkpoint path, or 'random' (default: the backbone's default)")
@@ -95,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
     from pictor.indexer.pipeline import fit_whitening, indexed_under_other_keys, run_indexing, split_misnamed
 
     settings = build_settings(IndexerSettings, vars(args), config_file=args.config)
+    if not settings.gallery:
+        raise InvalidRequestError("no gallery: give GALLERY (an image folder or a manifest), or `gallery` "
+                                  "in the config file, or PICTOR_GALLERY")
     entries, misnamed = split_misnamed(read_gallery(settings.gallery, labels=settings.labels))
     if not entries and not misnamed:
         raise InvalidRequestError(

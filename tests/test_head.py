@@ -239,6 +239,8 @@ def test_model_refuses_open_set_for_other_classes() -> None:
 def test_load_model_refuses_missing_foreign_and_damaged_files(tmp_path) -> None:
     with pytest.raises(NotFoundError, match="does not exist"):
         load_model(tmp_path / "nope.pt")
+    with pytest.raises(InvalidRequestError, match="is a folder, not a model file"):  # `eval DATA MODEL`
+        load_model(tmp_path)
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
     with pytest.raises(IncompatibleModelError, match="not a Pictor model"):

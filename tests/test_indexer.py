@@ -100,6 +100,8 @@ def test_index_refuses_another_backbone_on_existing_index(gallery: Path, tmp_pat
 
 
 def test_index_errors_are_clear(tmp_path: Path) -> None:
+    r = pictor("index", check=False, cwd=tmp_path)  # GALLERY may come from the config file instead
+    assert r.returncode == 2 and "no gallery: give GALLERY" in r.stderr
     r = pictor("index", str(tmp_path / "nope"), "--out", str(tmp_path / "i"), check=False)
     assert r.returncode == 2 and "does not exist" in r.stderr
     (tmp_path / "empty").mkdir()

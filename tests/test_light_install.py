@@ -39,7 +39,7 @@ def test_base_install_has_client_but_no_torch(tmp_path: Path) -> None:
     info = subprocess.run([str(pictor), "info", "--target", "127.0.0.1:1", "--timeout", "2"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert info.returncode == 4, info.stderr
-    assert "cannot reach" in info.stderr
+    assert "cannot reach" in info.stderr and "--target HOST:PORT or PICTOR_TARGET" in info.stderr
     # ... and server-side ones say which extra to install.
     serve = subprocess.run([str(pictor), "serve"], capture_output=True, text=True, cwd=tmp_path)
     assert serve.returncode == 3
