@@ -72,6 +72,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cutmix", type=float, default=TrainConfig.cutmix,
                    help="finetune: CutMix Beta alpha (0 = off)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="of embedding and fine-tuning (auto: bf16 on CPUs that compute it natively)")
     p.add_argument("--k", type=int, default=10, help="kNN: neighbours voting")
     p.add_argument("--open-set-class", default="all",
                    help="class left out for the open-set check (default: each in turn)")
@@ -91,7 +93,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def config_for(args: argparse.Namespace, mode: str, cache_dir: str) -> TrainConfig:
     return TrainConfig(
-        mode=mode, backbone=args.backbone, weights=args.weights,
+        mode=mode, backbone=args.backbone, weights=args.weights, precision=args.precision,
         val_fraction=args.val_fraction, seed=args.seed,
         max_per_class=args.max_per_class, epochs=args.epochs, unfreeze=args.unfreeze,
         train_size=args.train_size, batch_size=args.batch_size, cache_dir=cache_dir,

@@ -455,6 +455,14 @@ class IndexStore:
         with self._rw.read():
             return set(_ids_for_keys(self._reader(), list(keys)))
 
+    def keys_absent_from(self, keys: Iterable[str]) -> list[str]:
+        """The store's keys that are not among ``keys``, in key order."""
+        self._check_open()
+        wanted = set(keys)
+        with self._rw.read():
+            rows = self._reader().execute("SELECT key FROM items ORDER BY key")
+            return [key for (key,) in rows if key not in wanted]
+
     def get_vector(self, key: str) -> np.ndarray:
         """The stored (normalised) vector of ``key``; ``NotFoundError`` when absent."""
         self._check_open()

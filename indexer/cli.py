@@ -31,6 +31,10 @@ manifest that repeats a key is refused, since which row should win is a guess. R
 over an existing index embeds every file again: new keys are added, existing ones replaced (so
 changed files are picked up); the model must be the same.
 
+--prune makes the index mirror GALLERY: after a complete run it deletes the items whose keys
+GALLERY no longer lists (files deleted or renamed since an earlier run, and items another
+gallery or `pictor add` put there). A listed file that cannot be decoded keeps its earlier item.
+
 Files that cannot be decoded (or whose names are not UTF-8) are skipped and listed; the run
 goes on. Each batch is durable once written, so an interrupted run (Ctrl-C, SIGTERM, kill -9)
 keeps what it wrote. Exit status: 0 done (skipped files are listed), 1 some files skipped and
@@ -76,6 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="torch.compile the backbone: slower first batch, faster after (big galleries)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--strict", action="store_true", help="exit 1 when any file was skipped")
+    p.add_argument("--prune", action="store_true",
+                   help="after a complete run, delete the items GALLERY no longer lists (see above)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (on a terminal) or progress lines (in logs, every "
                         f"{PROGRESS_LOG_SECONDS:.0f} s)")
@@ -156,6 +162,9 @@ def run(args: argparse.Namespace) -> int:
             max_pixels=settings.model.max_pixels, total=len(entries), progress=progress,
             log_every=0.0 if progress or args.no_progress else PROGRESS_LOG_SECONDS,
         )
+        if args.prune and not summary.interrupted:
+            gone = store.keys_absent_from(e.key for e in entries)
+            summary.pruned = store.delete(gone).deleted if gone else 0
         count = len(store)
     summary.add_failures(misnamed)
     if args.json:
@@ -164,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"indexed {summary.indexed} images ({summary.inserted} new, {summary.replaced} replaced) "
               f"into {out} in {summary.seconds:.1f}s ({summary.images_per_second:.1f} img/s); "
-              f"index holds {count} items; skipped {summary.skipped}")
+              f"index holds {count} items; skipped {summary.skipped}"
+              + (f"; pruned {summary.pruned} no longer listed" if args.prune else ""))
         for failure in summary.failures:
             print(f"  skipped {failure['error']}", file=sys.stderr)
     if summary.interrupted:

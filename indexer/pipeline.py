@@ -47,6 +47,7 @@ class IndexSummary:
     images_per_second: float = 0.0
     failures: list[dict[str, str]] = field(default_factory=list)  # {"path", "error"}
     interrupted: bool = False  # Ctrl-C or SIGTERM: the batches written before it are kept
+    pruned: int = 0  # items deleted because the gallery no longer lists them (--prune)
 
     def add_failures(self, failures: Iterable[tuple[GalleryEntry, str]]) -> None:
         for entry, error in failures:

@@ -59,6 +59,11 @@ def test_rerun_replaces_instead_of_duplicating(gallery: Path, tmp_path: Path) ->
     # The same files named another way are other keys: added again, with a warning that says so.
     relative = pictor("index", gallery.name, "--out", str(out), cwd=gallery.parent)
     assert "13 of these files are in the index already under another spelling" in relative.stderr
+    # --prune mirrors the gallery as named now: the other spelling's 13 items go, and so does
+    # the item of a file deleted since.
+    (gallery / "warm" / "extra.png").unlink()
+    pruned = json.loads(pictor("index", str(gallery), "--out", str(out), "--prune", "--json").stdout)
+    assert (pruned["replaced"], pruned["pruned"], pruned["index_size"]) == (12, 14, 12)
 
 
 def test_ctrl_c_ends_the_run_with_what_was_written(gallery: Path, tmp_path: Path, caplog) -> None:

@@ -76,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     t.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                    help="auto (default): bf16 where the hardware runs it fast (fp16 on a GPU without bf16), "
-                   "else fp32")
+                   "else fp32; fine-tuning on a CPU: fp32 (bf16 lost accuracy). Serving keeps the model's")
     t.add_argument("--batch-size", type=int, help=f"images per step (default {TrainConfig.batch_size})")
     t.add_argument("--config", help="TOML file with settings, as for `pictor index` (flags and "
                    "PICTOR_* env override it)")

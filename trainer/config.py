@@ -19,7 +19,8 @@ class TrainConfig:
     backbone: str = DEFAULT_BACKBONE
     weights: str = ""  # "" = the backbone's default weights (see pictor.core.backbones)
     device: str = "auto"
-    precision: str = "auto"  # of embedding and fine-tuning alike: "auto" = bf16 where fast
+    precision: str = "auto"  # of embedding and fine-tuning alike: "auto" = bf16 where fast, but
+    # fp32 for fine-tuning on a CPU (see train.build_embedder)
     pooling: str = "avg"  # as `pictor index` pools (PICTOR_POOLING / `pooling =`), so both agree
     val_fraction: float = 0.2
     seed: int = 0
