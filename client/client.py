@@ -271,16 +271,12 @@ class PictorClient:
 
         try:
             r = self._call(self._stub.Upsert, requests())
-        except ServerUnavailableError as e:
+        except PictorError as e:
             if raised:
                 raise raised[0] from None
-            if sent:  # the server cannot say what it wrote when the call itself is lost
+            if sent and isinstance(e, ServerUnavailableError):  # the call was lost: the server cannot say
                 raise type(e)(f"{e}; some of the {sent} items sent may have been written (in chunks of "
                               f"{UPSERT_CHUNK}): sending them again is safe, keys replace") from None
-            raise
-        except PictorError:
-            if raised:
-                raise raised[0] from None
             raise
         return r.inserted, r.replaced
 
