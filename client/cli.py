@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from pictor.api import CLASSIFIERS
 from pictor.config import DEFAULT_TARGET, default_target
-from pictor.errors import InvalidRequestError, NotFoundError, PictorError, ServerUnavailableError
+from pictor.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    NotFoundError,
+    PictorError,
+    ServerUnavailableError,
+)
 
 if TYPE_CHECKING:
     from pictor.client.client import Classification, Hit
@@ -150,7 +156,7 @@ def _guard_unreachable(fn):  # type: ignore[no-untyped-def]
             return fn(args)
         except ServerUnavailableError as e:
             print(f"pictor {args.command}: {e}", file=sys.stderr)
-            if "cannot reach" in str(e):  # not a timeout: maybe the wrong address
+            if not isinstance(e, DeadlineExceededError):  # unreachable: maybe the wrong address
                 print("  (is `pictor serve` running there? another address: --target HOST:PORT or "
                       "PICTOR_TARGET; PICTOR_PORT moves only the server)", file=sys.stderr)
             return EXIT_UNREACHABLE

@@ -156,7 +156,8 @@ def train(
     state = _linear_probe(config, data, tr, va)
     backbone_state: dict[str, torch.Tensor] = {}
     if config.mode == "finetune":
-        backbone_state = _finetune(config, embedder, tr, state, views)
+        backbone_state, tuned_cache = _finetune(config, embedder, tr, state, views)
+        cache = {k: cache[k] + tuned_cache[k] for k in cache}  # the tuned backbone embeds anew
     with torch.no_grad():
         val_logits = state.head(torch.as_tensor(state.x_val))
     temperature = fit_temperature(val_logits, state.y_val)
@@ -227,8 +228,9 @@ def _select(config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val
 
 
 def _finetune(config: TrainConfig, embedder: Embedder, tr: EmbeddedSet, state: _Fitted,
-              views: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Tune the backbone from the probe's head, re-embed, keep the better head; in place."""
+              views: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Tune the backbone from the probe's head, re-embed, keep the better head; in place.
+    Returns the changed backbone tensors and the re-embedding's cache counts."""
     from pictor.trainer.finetune import finetune
 
     weights = class_weights(state.y_train, len(state.names)) if config.balance else None
@@ -239,8 +241,8 @@ def _finetune(config: TrainConfig, embedder: Embedder, tr: EmbeddedSet, state: _
                     "best_epoch": ft.best_epoch, "epochs_run": ft.epochs_run,
                     "history": ft.history}
     # Re-embed with the tuned backbone: these are the vectors the served head will see.
-    tuned, _ = embed_set(tr.samples, embedder, config, "train (tuned)", views)
-    tuned_val, _ = embed_set(state.val_samples, embedder, config, "val (tuned)")
+    tuned, stats_tr = embed_set(tr.samples, embedder, config, "train (tuned)", views)
+    tuned_val, stats_va = embed_set(state.val_samples, embedder, config, "val (tuned)")
     if len(tuned.samples) != len(tr.samples) or len(tuned_val.samples) != len(state.y_val):
         raise InvalidImageError("images became unreadable during training; run it again")
     state.x_train = _as_views(tuned.embeddings)
@@ -257,7 +259,7 @@ def _finetune(config: TrainConfig, embedder: Embedder, tr: EmbeddedSet, state: _
     state.extra |= {"joint_head_val_accuracy": joint_acc,
                     "refit_head_val_accuracy": refit.val_accuracy,
                     "head": "refit" if use_refit else "joint"}
-    return ft.changed_state
+    return ft.changed_state, {k: stats_tr[k] + stats_va[k] for k in stats_tr}
 
 
 def _as_views(embeddings: np.ndarray) -> np.ndarray:
