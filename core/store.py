@@ -1234,6 +1234,10 @@ class _ItemMetadata:
 
     def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hits]:
         """The hits of FAISS results (-1 ids, which FAISS pads with, are skipped)."""
+        if len(ids) == 1 and ids.item(-1) >= 0:  # one query with all k found: a server's case
+            (rows,) = self.rows.take(ids).tolist()
+            if None not in rows:
+                return [Hits(rows, scores[0].tolist())]
         results = []
         # Whole-array C calls, then per query only what cannot be: this runs right after the
         # FAISS scan has evicted the caches, where every Python step costs several times more.
@@ -1368,25 +1372,30 @@ def _lock_directory(root: Path) -> int:
 class _ReadWriteLock:
     """Many readers or one writer; a writer waiting holds new readers back.
 
-    A reader passes the gate lock (held by a writer for its whole turn, so new readers queue
-    behind it) and registers in a list: ``append``/``pop`` are atomic, so the search hot path
-    pays one uncontended lock round trip. A writer takes the gate, then waits for the list
-    to empty; the last reader out wakes it.
+    A reader registers in a list and enters unless a writer has raised its flag; then it
+    steps back and queues on the gate, which a writer holds for its whole turn. ``append``,
+    ``pop`` and the flag are single operations under the GIL, so the search hot path takes no
+    lock at all. A writer takes the gate, raises the flag, then waits for the list to empty;
+    a reader that registered after that check sees the flag and steps back, and the last
+    reader out wakes the writer.
     """
 
     def __init__(self) -> None:
         self._gate = threading.Lock()
         self._inside: list[None] = []  # one entry per reader inside
         self._drained = threading.Condition(threading.Lock())
-        self._writer_waiting = False
+        self._writing = False
 
     def acquire_read(self) -> None:
-        with self._gate:
-            self._inside.append(None)
+        self._inside.append(None)
+        if self._writing:  # rare: wait for the writer's turn to end
+            self.release_read()
+            with self._gate:
+                self._inside.append(None)
 
     def release_read(self) -> None:
         self._inside.pop()
-        if self._writer_waiting:  # rare: take the condition's lock only then
+        if self._writing:  # rare: take the condition's lock only then
             with self._drained:
                 self._drained.notify()
 
@@ -1401,14 +1410,14 @@ class _ReadWriteLock:
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
         with self._gate:
-            with self._drained:
-                self._writer_waiting = True
-                try:
+            self._writing = True
+            try:
+                with self._drained:
                     # A reader that left between the flag and the check cannot be missed:
                     # it popped before the check, or sees the flag and notifies under the
                     # lock this thread only releases inside wait(); the timeout is a backstop.
                     while self._inside:
                         self._drained.wait(0.01)
-                finally:
-                    self._writer_waiting = False
-            yield
+                yield
+            finally:
+                self._writing = False

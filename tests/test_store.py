@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from pictor.core.store import (
     SearchParams,
     StoreOptions,
     UpsertResult,
+    _ReadWriteLock,
     choose_factory,
 )
 from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError, ResourceExhaustedError
@@ -447,7 +449,7 @@ def test_concurrent_readers_never_see_torn_state(tmp_path: Path) -> None:
             r = np.random.default_rng(seed)
             try:
                 while not stop.is_set():
-                    q = unit(r, 3)
+                    q = unit(r, 1 + seed % 2 * 2)  # single queries take a path of their own
                     for row in store.search(q, k=10):
                         # 200 items always exist (replacements keep the count): exactly 10 hits
                         assert len(row) == 10, len(row)
@@ -474,6 +476,32 @@ def test_concurrent_readers_never_see_torn_state(tmp_path: Path) -> None:
             t.join()
         assert len(store) == 200
     assert not errors, errors[0]
+
+
+def test_read_write_lock_holds_new_readers_behind_a_waiting_writer() -> None:
+    lock = _ReadWriteLock()
+    events: list[str] = []
+    lock.acquire_read()  # a reader inside
+
+    def writer() -> None:
+        with lock.write():
+            events.append("write")
+
+    def reader() -> None:
+        with lock.read():
+            events.append("read")
+
+    w = threading.Thread(target=writer)
+    w.start()
+    time.sleep(0.05)
+    r = threading.Thread(target=reader)
+    r.start()
+    time.sleep(0.05)
+    assert events == []  # the writer waits for the reader inside, the new reader for the writer
+    lock.release_read()
+    w.join(5)
+    r.join(5)
+    assert events == ["write", "read"]
 
 
 def test_single_query_thread_setting_does_not_reach_batch_work(rng) -> None:
