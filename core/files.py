@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from pictor.errors import InvalidRequestError
+
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], object], *, durable: bool = True) -> None:
     """Write ``path`` through ``write(file)``: a reader, or a crash, sees the old file or the new
@@ -34,6 +36,21 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], object], *, durable: b
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def check_output_file(path: str | os.PathLike[str], flag: str) -> Path:
+    """Refuse an output file that could not be written, before the work that fills it (making
+    its missing parent folders)."""
+    p = Path(path)
+    if p.is_dir():
+        raise InvalidRequestError(f"{flag} {p}: is a folder; name a file")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InvalidRequestError(f"{flag} {p}: cannot create its folder: {e.strerror}") from e
+    if not os.access(p.parent, os.W_OK):
+        raise InvalidRequestError(f"{flag} {p}: cannot write in {p.parent}: permission denied")
+    return p
 
 
 def why_not_tensors(path: Path, error: Exception) -> str:

@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
             f"--pca-whiten {settings.pca_whiten} is fitted on the gallery's images and needs more of "
             f"them than dims: {sample} here (gallery {len(entries)}, --pca-sample "
             f"{settings.pca_sample}); give --pca-whiten below {sample}, or leave it out")
+    created = store is None and not out.exists()
     if store is None:
         make_store_dir(out)  # now, not after the model loaded and a whitening sample was embedded
     try:
@@ -139,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         if store:
             store.close()
+        elif created:
+            out.rmdir()  # still empty: a failed run leaves no folder behind
         raise
     progress = not args.no_progress and sys.stderr.isatty()
     if store is not None and (twice := indexed_under_other_keys(entries, store)):

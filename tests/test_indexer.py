@@ -124,6 +124,11 @@ def test_index_errors_are_clear(tmp_path: Path) -> None:
     r = pictor("index", str(tmp_path / "empty"), "--out", str(tmp_path / "empty" / "notes.jpg" / "i"),
                check=False)
     assert r.returncode == 2 and "cannot create the index folder" in r.stderr
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    r = pictor("index", str(tmp_path / "empty"), "--out", str(tmp_path / "j"), "--model", str(tmp_path / "junk.pt"),
+               check=False)
+    assert r.returncode == 2 and "not a Pictor model file" in r.stderr
+    assert not (tmp_path / "j").exists()  # a run that fails before writing leaves no folder
 
 
 def test_sigterm_ends_the_run_like_ctrl_c(gallery: Path, tmp_path: Path) -> None:

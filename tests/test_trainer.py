@@ -31,7 +31,7 @@ from pictor.trainer import data as data_mod
 from pictor.trainer.config import TrainConfig
 from pictor.trainer.evaluate import evaluate
 from pictor.trainer.finetune import backbone_stages, unfreeze_last, warmup_cosine
-from pictor.trainer.metrics import format_report
+from pictor.trainer.metrics import classification_report, format_report
 from pictor.trainer.openset import calibrate_open_set, far_threshold, nearest_similarity
 from pictor.trainer.train import build_embedder, train
 
@@ -136,6 +136,9 @@ def test_bad_data_gives_clear_errors(tmp_path: Path, embedder: CountingEmbedder)
     with pytest.raises(InvalidRequestError, match=r"1 image\(s\) are listed more than once, e.g. .*a.png "
                                                   r"\(labels: x, y\)"):
         data_mod.load_samples(tmp_path / "twice.csv")
+    (tmp_path / "twice.csv").write_text(f"path,label\na.png,x\n{tmp_path / 'a.png'},y\n")  # relative, absolute
+    with pytest.raises(InvalidRequestError, match="listed more than once"):
+        data_mod.load_samples(tmp_path / "twice.csv")
     flat = tmp_path / "flat"
     flat.mkdir()
     draw("disc", random.Random(0)).save(flat / "a.png")
@@ -198,6 +201,54 @@ def test_unreadable_images_are_skipped_and_counted(
     assert {p.name for p, _ in result.skipped} == {"broken.png", "empty.jpg"}
     assert result.model.metrics["skipped_images"] == 2
     assert result.report["top1"] == 1.0
+
+
+@pytest.mark.parametrize(("setting", "flag"), [
+    ({"label_smoothing": 2.0}, "--label-smoothing must be at least 0 and below 1, got 2"),
+    ({"lr": -1.0}, "--lr must be above 0, got -1"),
+    ({"weight_decays": (1e-3, -1.0)}, "--weight-decays must be 0 or more, got -1"),
+    ({"max_known_rejected": 1.5}, "--max-known-rejected must be at least 0 and below 1, got 1.5"),
+    ({"train_size": 7}, "--train-size must be 0 .* or at least 32, got 7"),
+    ({"mixup": -1.0}, "--mixup must be 0 .* or more, got -1"),
+    ({"val_fraction": 0.0}, "--val-fraction must be between 0 and 1, got 0"),
+    ({"min_per_class": 1}, "--min-per-class must be at least 2, got 1"),
+])
+def test_settings_that_cannot_train_are_refused_by_their_flag(setting: dict[str, object], flag: str) -> None:
+    with pytest.raises(InvalidRequestError, match=flag):
+        TrainConfig(**setting)  # type: ignore[arg-type]
+
+
+def test_validation_copies_of_training_images_are_left_out(
+    shapes: Path, tmp_path: Path, embedder: CountingEmbedder, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Validation on the training images themselves measures memory, and would put the open-set
+    # thresholds at similarity 1 (every new image "unknown"): refused.
+    with pytest.raises(InvalidRequestError, match="every validation image of the trained classes is also a "
+                                                  "training image"):
+        train(config(tmp_path, weight_decays=(1e-3,)), shapes, val_data=shapes, embedder=embedder)
+    # Two copies among fresh images: those two are left out, with a warning.
+    train_tree = make_tree(tmp_path / "train", per_class=5, seed=6)
+    val = make_tree(tmp_path / "val", per_class=3, seed=5)
+    shutil.copy(train_tree / "disc" / "disc_0.png", val / "disc" / "copy.png")
+    shutil.copy(train_tree / "square" / "square_1.png", val / "square" / "copy.png")
+    # The same picture under two labels in training is named too.
+    shutil.copy(train_tree / "disc" / "disc_1.png", train_tree / "square" / "odd.png")
+    result = train(config(tmp_path, weight_decays=(1e-3,)), train_tree, val_data=val, embedder=embedder)
+    assert result.report["n"] == 9
+    assert "validation: 2 image(s) are copies of training images (same content)" in caplog.text
+    assert "training: 1 image(s) appear under more than one label (same content)" in caplog.text
+    # A validation set without one of the classes says so.
+    shutil.rmtree(val / "triangle")
+    train(config(tmp_path, weight_decays=(1e-3,)), train_tree, val_data=val, embedder=embedder)
+    assert "validation has no images of triangle" in caplog.text
+
+
+def test_macro_f1_counts_a_class_that_is_only_predicted() -> None:
+    # As scikit-learn: "c" has no images but took one, so its F1 of 0 is in the mean.
+    probs = np.eye(3)[[0, 0, 1, 2]]
+    report = classification_report(np.array([0, 0, 1, 1]), probs, ["a", "b", "c"])
+    assert report["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert report["macro_f1"] == pytest.approx((1.0 + 2 / 3 + 0.0) / 3)
 
 
 # --------------------------------------------------------------------------- open set
@@ -306,6 +357,25 @@ def test_finetune_one_epoch_round_trip_and_refusals(shapes: Path, tmp_path: Path
         Engine.load(ServerSettings(index=str(index), device="cpu"))
 
 
+def test_fine_tuning_that_lowers_accuracy_keeps_the_probe(shapes: Path, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    # A learning rate of 50 wrecks the backbone in one epoch (validation at chance): the model
+    # must then be the linear probe on the pretrained backbone, which needs no index of its own.
+    emb = create_embedder(device="cpu")
+    plain_spec, images = emb.spec, [draw(c, random.Random(7)) for c in CLASSES]
+    before = emb.embed(images)
+    cfg = config(tmp_path, mode="finetune", epochs=1, unfreeze=99, train_size=96,
+                 weight_decays=(1e-3,), batch_size=8, lr=50.0, backbone_lr=50.0)
+    result = train(cfg, shapes, embedder=emb)
+    m = result.model.metrics
+    assert m["head"] == "linear probe" and m["joint_head_val_accuracy"] < m["linear_probe_val_accuracy"]
+    assert result.report["top1"] == m["linear_probe_val_accuracy"] == 1.0
+    assert result.model.spec == plain_spec and not result.model.backbone_state
+    np.testing.assert_allclose(emb.embed(images), before, atol=1e-6)  # the backbone is restored
+    assert "fine-tuning lowered validation top-1" in caplog.text
+    assert "training all of them" in caplog.text  # --unfreeze 99 of 7 stages
+
+
 def test_stages_and_schedule() -> None:
     stages = backbone_stages(create_backbone("efficientnet_lite0", "random"))
     assert stages[-1] == "model.blocks.6" and len(stages) == 7
@@ -345,7 +415,7 @@ def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path,
     assert "top-5" not in out.out  # 3 classes: always 1, so not shown
     assert "(0 embeddings from the cache, 42 computed)" in out.out
     assert "open-set thresholds rest on 6 validation images" in caplog.text  # too few to trust
-    png, report_json = tmp_path / "plots" / "cm.png", tmp_path / "reports" / "report.json"
+    png, report_json = tmp_path / "plots" / "cm", tmp_path / "reports" / "report.json"  # cm: no suffix added
     rc = main(["eval", str(model_path), str(shapes), "--json", "--png", str(png),
                "--out-json", str(report_json), "--cache-dir", cache, "--no-progress"])
     assert rc == 0
@@ -369,6 +439,11 @@ def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path,
     assert "classes answered unknown: 0.0%; top-1 counting those as wrong: 1.0000" in table
     rc = main(["eval", str(model_path), str(shapes), "--index", str(tmp_path / "nowhere")])
     assert rc == 2 and "nowhere does not exist" in capsys.readouterr().err
+    # An output that is a folder is refused before any work, by its flag.
+    rc = main(["eval", str(model_path), str(shapes), "--out-json", str(tmp_path)])
+    assert rc == 2 and f"--out-json {tmp_path}: is a folder; name a file" in capsys.readouterr().err
+    rc = main(["train", str(shapes), "--out", str(tmp_path), "--min-per-class", "3"])
+    assert rc == 2 and f"--out {tmp_path}: is a folder" in capsys.readouterr().err
 
 
 def test_model_file_finds_its_checkpoint_from_anywhere(shapes: Path, tmp_path: Path,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from pictor.config import model_settings
@@ -76,7 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     t.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                    help="auto (default): bf16 where the hardware runs it fast (fp16 on a GPU without bf16), "
-                   "else fp32; fine-tuning on a CPU: fp32 (bf16 lost accuracy). Serving keeps the model's")
+                   "else fp32; fine-tuning on a CPU: fp32 (bf16 lost accuracy). The model file records it, and "
+                   "serving keeps it where the hardware runs it natively")
     t.add_argument("--batch-size", type=int, help=f"images per step (default {TrainConfig.batch_size})")
     t.add_argument("--config", help="TOML file with settings, as for `pictor index` (flags and "
                    "PICTOR_* env override it)")
@@ -142,6 +142,7 @@ def run_train(args: argparse.Namespace) -> int:
     from pictor.errors import InvalidRequestError, require_server_extra
 
     require_server_extra("pictor train")
+    from pictor.core.files import check_output_file
     from pictor.trainer.metrics import top5_text
     from pictor.trainer.train import train
 
@@ -162,6 +163,7 @@ def run_train(args: argparse.Namespace) -> int:
         max_known_rejected=args.max_known_rejected,
         **({"weight_decays": decays} if decays else {}),
     )
+    check_output_file(args.out, "--out")  # before the work, not after it
     result = train(config, args.data, val_data=args.val, out=args.out)
     m = result.model.metrics
     cached = (f" ({result.cache['hits']} embeddings from the cache, {result.cache['misses']} computed)"
@@ -183,15 +185,16 @@ def run_eval(args: argparse.Namespace) -> int:
     from pictor.errors import require_server_extra
 
     require_server_extra("pictor eval")
+    from pictor.core.files import check_output_file
     from pictor.core.head import load_model
     from pictor.trainer.evaluate import evaluate
     from pictor.trainer.metrics import format_report, plot_confusion
 
     m = model_settings(vars(args), args.config)
     model = load_model(args.model)
-    for out in (args.png, args.out_json):  # before the work, not after it
+    for flag, out in (("--png", args.png), ("--out-json", args.out_json)):  # before the work
         if out:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            check_output_file(out, flag)
     report: dict[str, Any] = evaluate(model, args.data, index=args.index, cache_dir=args.cache_dir,
                                       device=m.device, batch_size=m.batch_size, weights=m.weights or None,
                                       progress=_progress(args))

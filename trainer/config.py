@@ -58,18 +58,38 @@ class TrainConfig:
     max_known_rejected: float = 0.05  # share of known validation images allowed to be "unknown"
 
     def __post_init__(self) -> None:
+        """Refuse settings that cannot train, before any image is read (flag names, as the
+        CLI spells them: that is where they come from)."""
         if self.mode not in MODES:
             raise InvalidRequestError(f"unknown mode {self.mode!r}; valid: {', '.join(MODES)}")
-        if self.epochs < 1:
-            raise InvalidRequestError(f"epochs must be at least 1, got {self.epochs}")
-        if self.unfreeze < 0:
-            raise InvalidRequestError(f"unfreeze must be >= 0, got {self.unfreeze}")
-        if self.batch_size < 1:
-            raise InvalidRequestError(f"batch size must be at least 1, got {self.batch_size}")
-        if self.min_per_class < 2:
-            raise InvalidRequestError("min_per_class must be at least 2")
+        checks = [
+            ("--epochs", self.epochs, self.epochs >= 1, "at least 1"),
+            ("--unfreeze", self.unfreeze, self.unfreeze >= 0, "0 or more"),
+            ("--batch-size", self.batch_size, self.batch_size >= 1, "at least 1"),
+            ("--min-per-class", self.min_per_class, self.min_per_class >= 2, "at least 2"),
+            ("--max-per-class", self.max_per_class, self.max_per_class >= 0, "0 (all) or more"),
+            ("--val-fraction", self.val_fraction, 0 < self.val_fraction < 1, "between 0 and 1"),
+            ("--patience", self.patience, self.patience >= 1, "at least 1"),
+            ("--lr", self.lr, self.lr > 0, "above 0"),
+            ("--backbone-lr", self.backbone_lr, self.backbone_lr > 0, "above 0"),
+            ("weight_decay", self.weight_decay, self.weight_decay >= 0, "0 or more"),
+            ("--label-smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1,
+             "at least 0 and below 1"),
+            ("warmup_epochs", self.warmup_epochs, self.warmup_epochs >= 0, "0 or more"),
+            ("--mixup", self.mixup, self.mixup >= 0, "0 (off) or more"),
+            ("--cutmix", self.cutmix, self.cutmix >= 0, "0 (off) or more"),
+            ("--train-size", self.train_size, self.train_size == 0 or self.train_size >= 32,
+             "0 (7/8 of the input size) or at least 32"),
+            ("--max-known-rejected", self.max_known_rejected, 0 <= self.max_known_rejected < 1,
+             "at least 0 and below 1"),
+        ]
+        for flag, value, ok, wanted in checks:
+            if not ok:
+                raise InvalidRequestError(f"{flag} must be {wanted}, got {value:g}")
         if not self.weight_decays:
-            raise InvalidRequestError("weight_decays must name at least one value")
+            raise InvalidRequestError("--weight-decays must name at least one value")
+        if min(self.weight_decays) < 0:
+            raise InvalidRequestError(f"--weight-decays must be 0 or more, got {min(self.weight_decays):g}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

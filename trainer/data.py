@@ -56,7 +56,7 @@ def _refuse_repeats(samples: Sequence[Sample]) -> None:
     """One image listed twice would sit on both sides of the split (or under two labels)."""
     labels: dict[str, list[str]] = defaultdict(list)
     for s in samples:
-        labels[os.path.normpath(s.path)].append(s.label)
+        labels[os.path.abspath(s.path)].append(s.label)  # also ./a.jpg and /data/a.jpg
     repeated = {p: ls for p, ls in labels.items() if len(ls) > 1}
     if repeated:
         path, ls = next(iter(repeated.items()))

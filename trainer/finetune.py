@@ -41,6 +41,7 @@ class FinetuneResult:
     best_epoch: int
     epochs_run: int
     history: list[dict[str, float]] = field(default_factory=list)
+    initial_state: dict[str, torch.Tensor] = field(default_factory=dict)  # trained tensors before
 
 
 # --------------------------------------------------------------------------- stages
@@ -90,6 +91,8 @@ def unfreeze_last(backbone: nn.Module, n_stages: int) -> list[str]:
     if n_stages == 0:
         return []
     stages = backbone_stages(backbone)
+    if n_stages > len(stages):
+        log.warning("--unfreeze %d: the backbone has %d stages; training all of them", n_stages, len(stages))
     first = stages[max(0, len(stages) - n_stages)]
     classifier = _classifier_params(backbone)
     trainable = []
@@ -237,7 +240,7 @@ def finetune(
 
     best = (-1.0, -math.inf)  # (val accuracy, -val loss)
     best_state: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
-    result = FinetuneResult({}, 0, 0)
+    result = FinetuneResult({}, 0, 0, initial_state=initial)
     stale = 0
     for epoch in range(1, config.epochs + 1):
         backbone.train()

@@ -51,7 +51,7 @@ def classification_report(
         }
         for i, name in enumerate(class_names)
     }
-    present = actual > 0
+    present = (actual > 0) | (predicted > 0)  # as scikit-learn: a class only predicted counts (F1 0)
     return {
         "n": int(len(y)),
         "top1": top_k_accuracy(y, probs, 1),
@@ -133,5 +133,5 @@ def plot_confusion(report: dict[str, Any], path: str) -> None:
                     ax.text(j, i, str(int(m[i, j])), ha="center", va="center",
                             color=color, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # to ``path`` as named: no suffix added
     plt.close(fig)

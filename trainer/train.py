@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -203,6 +204,7 @@ def _linear_probe(config: TrainConfig, data: str | Path, tr: EmbeddedSet, va: Em
     """Check the classes, encode labels, fit the head with the best weight decay."""
     data_mod.check_class_sizes(tr.samples, config.min_per_class, what=f"{data} (training split)")
     names = data_mod.class_names(tr.samples)
+    _warn_of_label_conflicts(tr)
     known = set(names)
     keep = np.array([lab in known for lab in va.labels], dtype=bool)
     if not keep.any():
@@ -210,6 +212,15 @@ def _linear_probe(config: TrainConfig, data: str | Path, tr: EmbeddedSet, va: Em
     if not keep.all():
         log.warning("validation: %d image(s) of classes absent from training are ignored",
                     int((~keep).sum()))
+    keep &= _not_in_training(tr, va)
+    if not keep.any():
+        raise InvalidRequestError("every validation image of the trained classes is also a training image "
+                                  "(same content); validate on other images (--val), or leave --val out "
+                                  "to split off a share")
+    absent = sorted(known - {lab for lab, k in zip(va.labels, keep, strict=True) if k})
+    if absent:
+        log.warning("validation has no images of %s: the validation metrics and the open-set "
+                    "thresholds leave %s out", ", ".join(absent), "it" if len(absent) == 1 else "them")
     x_train = _as_views(tr.embeddings)
     y_train = _encode(tr.labels, names)
     val_samples = [s for s, k in zip(va.samples, keep, strict=True) if k]
@@ -217,6 +228,30 @@ def _linear_probe(config: TrainConfig, data: str | Path, tr: EmbeddedSet, va: Em
     fit = _select(config, x_train, y_train, x_val, y_val, len(names))
     return _Fitted(names, x_train, y_train, x_val, y_val, val_samples, fit, fit.head,
                    {"weight_decay": fit.weight_decay, "sweep": fit.sweep})
+
+
+def _warn_of_label_conflicts(tr: EmbeddedSet) -> None:
+    """The same image (by content) under two labels teaches the head both answers."""
+    labels: dict[str, set[str]] = {}
+    first: dict[str, Path] = {}
+    for sample, digest in zip(tr.samples, tr.content_hashes, strict=True):
+        labels.setdefault(digest, set()).add(sample.label)
+        first.setdefault(digest, sample.path)
+    conflicts = [d for d, ls in labels.items() if len(ls) > 1]
+    if conflicts:
+        log.warning("training: %d image(s) appear under more than one label (same content), e.g. %s "
+                    "(%s)", len(conflicts), first[conflicts[0]], ", ".join(sorted(labels[conflicts[0]])))
+
+
+def _not_in_training(tr: EmbeddedSet, va: EmbeddedSet) -> np.ndarray:
+    """Mask of validation images whose content is no training image's. Copies would measure
+    memory, not accuracy, and set the open-set thresholds at a similarity of 1."""
+    seen = set(tr.content_hashes)
+    fresh = np.array([h not in seen for h in va.content_hashes], dtype=bool)
+    if fresh.any() and not fresh.all():
+        log.warning("validation: %d image(s) are copies of training images (same content), e.g. %s; "
+                    "left out of validation", int((~fresh).sum()), va.samples[int(np.argmin(fresh))].path)
+    return fresh
 
 
 def _select(config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
@@ -229,10 +264,12 @@ def _select(config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val
 
 def _finetune(config: TrainConfig, embedder: Embedder, tr: EmbeddedSet, state: _Fitted,
               views: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """Tune the backbone from the probe's head, re-embed, keep the better head; in place.
-    Returns the changed backbone tensors and the re-embedding's cache counts."""
+    """Tune the backbone from the probe's head, re-embed, keep the best head; in place.
+    Returns the changed backbone tensors (none when the probe stays best) and the
+    re-embedding's cache counts."""
     from pictor.trainer.finetune import finetune
 
+    probe = (copy.deepcopy(state.head), state.fit, state.x_train, state.x_val)  # trained in place
     weights = class_weights(state.y_train, len(state.names)) if config.balance else None
     ft = finetune(embedder, state.head, (tr.samples, state.y_train),
                   (state.val_samples, state.y_val), config, class_weights=weights)
@@ -243,6 +280,7 @@ def _finetune(config: TrainConfig, embedder: Embedder, tr: EmbeddedSet, state: _
     # Re-embed with the tuned backbone: these are the vectors the served head will see.
     tuned, stats_tr = embed_set(tr.samples, embedder, config, "train (tuned)", views)
     tuned_val, stats_va = embed_set(state.val_samples, embedder, config, "val (tuned)")
+    stats = {k: stats_tr[k] + stats_va[k] for k in stats_tr}
     if len(tuned.samples) != len(tr.samples) or len(tuned_val.samples) != len(state.y_val):
         raise InvalidImageError("images became unreadable during training; run it again")
     state.x_train = _as_views(tuned.embeddings)
@@ -253,13 +291,26 @@ def _finetune(config: TrainConfig, embedder: Embedder, tr: EmbeddedSet, state: _
                     len(state.names))
     joint_acc, joint_loss = evaluate_head(state.head, state.x_val, state.y_val)
     use_refit = (refit.val_accuracy, -refit.val_loss) > (joint_acc, -joint_loss)
+    state.extra |= {"joint_head_val_accuracy": joint_acc,
+                    "refit_head_val_accuracy": refit.val_accuracy}
+    tuned_accuracy = refit.val_accuracy if use_refit else joint_acc
+    if probe[1].val_accuracy > tuned_accuracy:
+        # Few images or epochs can leave the tuned backbone behind the pretrained one: then
+        # the model is the probe (early stopping at epoch 0), and needs no index of its own.
+        # (Accuracy alone decides: a head trained with label smoothing has a higher loss.)
+        log.warning("fine-tuning lowered validation top-1 (%.4f, the linear probe %.4f): the model "
+                    "keeps the pretrained backbone and the probe's head", tuned_accuracy,
+                    probe[1].val_accuracy)
+        embedder.backbone.load_state_dict(ft.initial_state, strict=False)
+        embedder.spec = dataclasses.replace(embedder.spec, finetune="")
+        state.head, state.fit, state.x_train, state.x_val = probe
+        state.extra["head"] = "linear probe"
+        return {}, stats
     if use_refit:
         state.head, state.fit = refit.head, refit
         state.extra |= {"weight_decay": refit.weight_decay, "sweep": refit.sweep}
-    state.extra |= {"joint_head_val_accuracy": joint_acc,
-                    "refit_head_val_accuracy": refit.val_accuracy,
-                    "head": "refit" if use_refit else "joint"}
-    return ft.changed_state, {k: stats_tr[k] + stats_va[k] for k in stats_tr}
+    state.extra["head"] = "refit" if use_refit else "joint"
+    return ft.changed_state, stats
 
 
 def _as_views(embeddings: np.ndarray) -> np.ndarray:
