@@ -3,7 +3,8 @@
 Both modes embed the images once through the frozen backbone (cached on disk) and fit a
 logistic-regression head with the weight decay that does best on validation. ``linear`` stops
 there; ``finetune`` starts from that head and trains the last stages of the backbone with it
-(``pictor.trainer.finetune``). Then the head's temperature and the open-set rule (class
+(``pictor.trainer.finetune``), then serves the better on validation of that head and a probe
+refitted on the tuned features, or the first probe and backbone if tuning lost accuracy. Then the head's temperature and the open-set rule (class
 Gaussians and thresholds) are calibrated on the validation split, and everything is written
 to the model file.
 
