@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import logging
 import math
 import os
@@ -596,7 +597,7 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         obj: Any = load_file(str(path))
     else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = _torch_load_data(path)
         except (EOFError, OSError):
             raise
         except Exception as e:  # weights_only refuses pickled code; garbage fails in many ways
@@ -610,9 +611,51 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict):
         raise InvalidRequestError(f"checkpoint {path} does not hold a state dict")
-    # DataParallel saves "module.", Lightning "model.": the same tensors under a prefix.
-    prefix = next((p for p in ("module.", "model.") if obj and all(str(k).startswith(p) for k in obj)), "")
-    return {k.removeprefix(prefix): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+# Plain data that training scripts save beside the weights (timm's train.py its argparse
+# arguments, others metrics as numpy scalars or arrays): safe to unpickle, unlike code.
+_DATA_GLOBALS = re.compile(
+    r"argparse\.Namespace|numpy\.(?:_core|core)\.multiarray\.(?:scalar|_reconstruct)|numpy\.dtype"
+    r"|numpy\.ndarray|numpy\.dtypes\.\w+DType")
+
+
+def _torch_load_data(path: Path) -> Any:
+    """``torch.load`` with ``weights_only``, also allowing the plain-data classes above (when a
+    file needs others, torch's refusal stands)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # an old or damaged file: the first error tells more
+            names = []
+        if not names or not all(_DATA_GLOBALS.fullmatch(n) for n in names):
+            raise
+        allowed = [getattr(importlib.import_module(module), name)
+                   for module, _, name in (n.rpartition(".") for n in names)]
+        if any(n.startswith("numpy.") for n in names):  # numpy's dtype classes show only while loading
+            import numpy
+
+            allowed += [c for c in vars(numpy.dtypes).values() if isinstance(c, type) and c.__name__.endswith("DType")]
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _strip_wrapper_prefix(sd: dict[str, torch.Tensor], own: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The tensors without the prefix that wrappers put on every name (DataParallel
+    ``module.``, Lightning ``model.``, ``torch.compile`` ``_orig_mod.``, a ``backbone.``
+    attribute, or several): the prefix, up to 3 levels deep, under which most names match
+    the network's. Tensors outside it (a wrapper's loss weights) are left out."""
+    own = set(own)
+    prefixes = {k[: i + 1] for k in sd for i in [j for j, c in enumerate(k) if c == "."][:3]}
+    best, matched = "", sum(k in own for k in sd)
+    for prefix in sorted(prefixes):
+        n = sum(k[len(prefix):] in own for k in sd if k.startswith(prefix))
+        if n > matched:
+            best, matched = prefix, n
+    return {k[len(best):]: v for k, v in sd.items() if k.startswith(best)} if best else sd
 
 
 _DENSENET_OLD_KEY = re.compile(
@@ -638,6 +681,8 @@ def _load_checkpoint_into(model: nn.Module, path: Path, info: BackboneInfo) -> t
         raise InvalidRequestError(f"cannot read checkpoint {path}: the file is empty or cut short") from e
     except Exception as e:  # torch's and safetensors' readers fail in many ways on a bad file
         raise InvalidRequestError(f"cannot read checkpoint {path}: {_first_line(e)}") from e
+    own = model.state_dict()
+    sd = _strip_wrapper_prefix(sd, own)
     if info.arch.startswith("tf_efficientnet_lite") and "_conv_stem.weight" in sd:
         sd = _map_lukemelas_to_timm(sd, model, path)
     if info.arch in ("googlenet", "inception_v3"):
@@ -646,9 +691,11 @@ def _load_checkpoint_into(model: nn.Module, path: Path, info: BackboneInfo) -> t
         # torchvision's published DenseNet files name "norm.1" what the model calls "norm1";
         # torchvision renames them when it loads its download (densenet._load_state_dict).
         sd = {_DENSENET_OLD_KEY.sub(r"\1\2", k): v for k, v in sd.items()}
-    own = model.state_dict()
-    classifier = _classifier_keys(model, info)
-    sd = {k: v for k, v in sd.items() if not (k in classifier and v.shape != own[k].shape)}
+    prefixes, kept = _classifier_prefixes(model, info)
+    classifier = {k for k in own if k.startswith(prefixes) and not k.startswith(kept)}
+    # A head for other classes, of another shape or structure (Dropout + Linear, an MLP).
+    sd = {k: v for k, v in sd.items()
+          if not (k.startswith(prefixes) and not k.startswith(kept) and (k not in own or v.shape != own[k].shape))}
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # tensors of the wrong shape
@@ -667,19 +714,17 @@ def _load_checkpoint_into(model: nn.Module, path: Path, info: BackboneInfo) -> t
     return f"file:{_sha256(path)}", has_classifier
 
 
-def _classifier_keys(model: nn.Module, info: BackboneInfo) -> set[str]:
-    """Tensor names of the ImageNet classifier, which embeddings do not use: torchvision's
-    whole classifier module (VGG's and MobileNetV3's have hidden layers) but a norm the
-    embedding is taken after (ConvNeXt's), else the modules timm names in the model's
-    ``pretrained_cfg`` (two for distilled models)."""
-    names = model.state_dict().keys()
+def _classifier_prefixes(model: nn.Module, info: BackboneInfo) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(prefixes, exceptions): tensor names of the ImageNet classifier, which embeddings do not
+    use, start with one of the prefixes and none of the exceptions. torchvision: the whole
+    classifier module (VGG's and MobileNetV3's have hidden layers) but a norm the embedding is
+    taken after (ConvNeXt's); timm: the modules the model's ``pretrained_cfg`` names (two for
+    distilled models)."""
     if info.source == "torchvision" and info.logits_node:
         head = info.logits_node.split(".")[0] + "."
-        norm = f"{info.head_norm}." if info.head_norm else None
-        return {k for k in names if k.startswith(head) and not (norm and k.startswith(norm))}
+        return (head,), ((f"{info.head_norm}.",) if info.head_norm else ())
     heads = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
-    prefixes = tuple(f"{h}." for h in ([heads] if isinstance(heads, str) else heads))
-    return {k for k in names if prefixes and k.startswith(prefixes)}
+    return tuple(f"{h}." for h in ([heads] if isinstance(heads, str) else heads)), ()
 
 
 def _first_line(e: BaseException, skip: int = 0) -> str:

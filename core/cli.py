@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from typing import Any
 
 from pictor.config import default_cache_dir
@@ -60,8 +61,10 @@ def model_rows(family: str | None = None) -> list[dict[str, Any]]:
 
     infos = [bb.get_backbone_info(n) for n in bb.backbone_names()]
     if family:
-        # Any part of the name: "Inception" finds "GoogLeNet/Inception", "MobileNet" "MobileNetV3".
-        infos = [i for i in infos if family.lower() in i.family.lower()]
+        # The start of any word of the name: "Inception" finds "GoogLeNet/Inception", "MobileNet"
+        # "MobileNetV3", "SENet" not "DenseNet".
+        at_word = re.compile(r"(?:^|[/\s-])" + re.escape(family.lower()))
+        infos = [i for i in infos if at_word.search(i.family.lower())]
         if not infos:
             families = sorted({bb.get_backbone_info(n).family for n in bb.backbone_names()})
             raise NotFoundError(f"no family {family!r}; families: {', '.join(families)}")

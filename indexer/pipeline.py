@@ -122,9 +122,25 @@ def embedded_batches(
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="pictor-decode") as pool:
         for decoded in decoded_batches(batched(entries, batch_size), pool, embedder, max_pixels=max_pixels):
             if decoded.tensors:
-                yield decoded, embedder.forward_batch(torch.stack(decoded.tensors)).embeddings
+                yield without_degenerate(decoded, embedder.forward_batch(torch.stack(decoded.tensors)).embeddings,
+                                         embedder.precision)
             else:
                 yield decoded, np.zeros((0, embedder.spec.dim), np.float32)
+
+
+def without_degenerate(decoded: DecodedBatch, vectors: np.ndarray, precision: str
+                       ) -> tuple[DecodedBatch, np.ndarray]:
+    """Move entries whose embedding is all zero or not finite (a forward pass that underflowed
+    or overflowed: fp16 on some random-init networks) to the failures: one file, not the run."""
+    good = np.einsum("ij,ij->i", vectors, vectors) > 0.5  # unit vectors, else 0 or NaN
+    if good.all():
+        return decoded, vectors
+    why = "its embedding is all zero or not finite" + (
+        f" (at {precision}; --precision fp32 may embed it)" if precision != "fp32" else "")
+    failed = [(e, f"{e.path}: {why}") for e, g in zip(decoded.entries, good, strict=True) if not g]
+    entries = [e for e, g in zip(decoded.entries, good, strict=True) if g]
+    tensors = [t for t, g in zip(decoded.tensors, good, strict=True) if g]
+    return DecodedBatch(entries, tensors, decoded.failures + failed), vectors[good]
 
 
 def indexed_under_other_keys(entries: Sequence[GalleryEntry], store: IndexStore) -> dict[str, str]:

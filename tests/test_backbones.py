@@ -6,6 +6,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -156,6 +157,35 @@ def test_checkpoint_without_the_imagenet_classifier_embeds(tmp_path: Path) -> No
             fmap, logits = net(torch.randn(1, 3, 64, 64))
         assert fmap.shape[1] == 512 and logits is None
         assert torch.equal(net.state_dict()["extractor.layer1.0.conv1.weight"], tuned["layer1.0.conv1.weight"])
+    # A head of another structure (Dropout + Linear, as transfer-learning tutorials write it),
+    # an MLP head; wrapper prefixes (torch.compile's, nested, a backbone attribute); beside
+    # the weights the plain data training scripts keep (timm's argparse args, numpy metrics).
+    import argparse
+
+    seq = torchvision.models.resnet18()
+    seq.fc = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(512, 10))
+    mlp = torchvision.models.mobilenet_v3_small()
+    mlp.classifier = torch.nn.Sequential(torch.nn.Linear(576, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    for name, arch, sd in (
+        ("seqhead", "resnet18", seq.state_dict()),
+        ("mlphead", "mobilenet_v3_small", mlp.state_dict()),
+        ("compiled", "resnet18", {f"_orig_mod.{k}": v for k, v in tuned.items()}),
+        ("nested", "resnet18", {f"module.model.{k}": v for k, v in tuned.items()}),
+        ("attribute", "resnet18", {f"backbone.{k}": v for k, v in tuned.items()} | {"loss.weight": torch.ones(5)}),
+        ("timm-train", "resnet18", {"state_dict": tuned, "args": argparse.Namespace(lr=0.1, model="resnet18"),
+                                    "metric": np.float64(0.93), "history": np.zeros(3), "epoch": 7}),
+    ):
+        torch.save(sd, tmp_path / f"{name}.pth")
+        net = create_backbone(arch, weights=str(tmp_path / f"{name}.pth"))
+        assert net.classes is None, name
+        source = seq if name == "seqhead" else mlp if name == "mlphead" else None
+        first = "features.0.0.weight" if arch == "mobilenet_v3_small" else "layer1.0.conv1.weight"
+        expected = tuned[first] if source is None else source.state_dict()[first]
+        assert torch.equal(net.state_dict()[f"extractor.{first}"], expected), name
+    # Code pickled beside the weights is still refused.
+    torch.save({"state_dict": tuned, "model_obj": torchvision.models.resnet18()}, tmp_path / "code.pth")
+    with pytest.raises(InvalidRequestError, match="holds a pickled torchvision.models.resnet.ResNet"):
+        create_backbone("resnet18", weights=str(tmp_path / "code.pth"))
     # A classifier with hidden layers (MobileNetV3's) may be missing whole.
     sd = {k: v for k, v in torchvision.models.mobilenet_v3_small().state_dict().items()
           if not k.startswith("classifier.")}
@@ -174,8 +204,7 @@ def test_checkpoint_without_the_imagenet_classifier_embeds(tmp_path: Path) -> No
     assert create_backbone("efficientnet_lite0", weights=str(tmp_path / "lite.pth")).classes is None
     # A distilled model has two (the last Linear alone would be one of them).
     deit = timm.create_model("deit_tiny_distilled_patch16_224")
-    assert bb._classifier_keys(deit, get_backbone_info("seresnet50")) == {
-        "head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}
+    assert bb._classifier_prefixes(deit, get_backbone_info("seresnet50")) == (("head.", "head_dist."), ())
 
 
 def test_densenet_file_in_torchvisions_published_key_layout_loads(tmp_path: Path) -> None:
@@ -259,6 +288,7 @@ def test_models_command_rows_and_table(tmp_path: Path, monkeypatch: pytest.Monke
         model_rows("nope")
     assert [r["name"] for r in model_rows("inception")] == [r["name"] for r in model_rows("GoogLeNet")]
     assert {r["family"] for r in model_rows("mobilenet")} == {"MobileNetV3"}  # a part of the name
+    assert {r["family"] for r in model_rows("senet")} == {"SENet"}  # the start of a word: not DenseNet
 
 
 def test_cli_module_does_not_import_torch() -> None:

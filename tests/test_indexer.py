@@ -11,13 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import drawn_image, pictor
 from PIL import Image
 
 from pictor.config import ServerSettings
 from pictor.core.embedder import WHITENING_FILE
+from pictor.core.gallery import GalleryEntry
 from pictor.core.store import IndexStore, Item
 from pictor.errors import IncompatibleModelError, InvalidRequestError
+from pictor.indexer.pipeline import DecodedBatch, without_degenerate
 from pictor.server.engine import Engine
 
 
@@ -175,3 +178,14 @@ def test_pca_whitened_index_serves_whitened_queries(gallery: Path, tmp_path: Pat
     (gallery / "warm" / "broken.png").write_bytes(b"not a png")  # 13 listed, 12 readable
     few = pictor("index", str(gallery), "--out", str(tmp_path / "i2"), "--pca-whiten", "12", check=False)
     assert few.returncode == 2 and "needs more than 12 images" in few.stderr
+
+
+def test_an_embedding_that_underflowed_costs_its_file_not_the_run(tmp_path: Path) -> None:
+    entries = [GalleryEntry(key=f"{n}.jpg", path=tmp_path / f"{n}.jpg") for n in ("good", "zero", "nan")]
+    vectors = np.array([[0.6, 0.8], [0.0, 0.0], [np.nan, np.nan]], np.float32)
+    tensors = [torch.zeros(3, 4, 4) for _ in entries]
+    batch, kept = without_degenerate(DecodedBatch(entries, tensors, []), vectors, "fp16")
+    assert [e.key for e in batch.entries] == ["good.jpg"] and len(batch.tensors) == 1
+    np.testing.assert_array_equal(kept, vectors[:1])
+    assert [e.key for e, _ in batch.failures] == ["zero.jpg", "nan.jpg"]
+    assert "all zero or not finite (at fp16; --precision fp32 may embed it)" in batch.failures[0][1]
