@@ -255,7 +255,9 @@ def run_info(args: argparse.Namespace) -> int:
         ("backbone", f"{info.backbone} (weights: {info.weights}"
                      + (f", fine-tuned: {info.finetune})" if info.finetune else ")")),
         ("embedding", f"{info.embedding_dim}-d, "
-                      + ("cosine (inner product of normalised vectors)" if info.metric == "ip" else info.metric)),
+                      + ("cosine (inner product of normalised vectors)" if info.metric == "ip" else info.metric)
+                      + (f", {info.pooling} pooling" if info.pooling else "")
+                      + (f" of layer {info.layer}" if info.layer else "")),
         ("index", f"{info.index_size} items, {info.index_type}"),
         ("classifier", f"{info.classifier}: {shown}" if shown else f"{info.classifier} (the index's labels)"),
         *([("open set", info.open_set)] if info.open_set else []),

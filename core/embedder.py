@@ -396,6 +396,28 @@ def open_index(path: str | os.PathLike[str]) -> tuple[IndexStore, PCAWhitening |
         raise
 
 
+def embedder_for_index(spec: ModelSpec, index: str | os.PathLike[str], *, weights: str = "",
+                       device: str = "auto", precision: str = "auto", compile: bool = False) -> Embedder:
+    """The embedder that made an index's vectors, from its (unwhitened) ``spec``. An index
+    keeps only a checkpoint's hash, so ``weights`` must then give its path; one a fine-tuned
+    backbone made needs the model file (``TrainedModel.create_embedder``)."""
+    if spec.finetune:
+        raise IncompatibleModelError(
+            f"index {index} was embedded by a fine-tuned backbone (finetune={spec.finetune[:12]}); "
+            "give the model file that tuned it: --model MODEL"
+        )
+    if spec.weights.startswith("file:") and not weights:
+        raise InvalidRequestError(
+            f"index {index} was embedded with the weights of a local checkpoint ({spec.weights[:17]}...); "
+            "give its path with --weights PATH (or PICTOR_WEIGHTS, or weights = in the config file)"
+        )
+    embedder = create_embedder(spec.backbone, weights=weights or spec.weights, device=device,
+                               precision=precision, compile=compile, pooling=spec.pooling,
+                               layer=spec.layer or None)
+    spec.check_compatible(embedder.spec, what="the model of --weights")
+    return embedder
+
+
 def index_spec(spec: ModelSpec, whitening: PCAWhitening | None) -> ModelSpec:
     """The spec of the vectors an index holds: the embedder's, whitened when it is."""
     return spec if whitening is None else whitening.whiten_spec(spec)

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pictor.config import DEFAULT_BACKBONE, IndexerSettings, build_settings
-from pictor.errors import InvalidRequestError, require_server_extra
+from pictor.errors import IncompatibleModelError, InvalidRequestError, require_server_extra
 
 PROGRESS_LOG_SECONDS = 30.0  # how often a run whose stderr is not a terminal logs its progress
 
 if TYPE_CHECKING:
-    from pictor.core.embedder import PCAWhitening
+    from pictor.core.embedder import Embedder, PCAWhitening
+    from pictor.core.spec import ModelSpec
     from pictor.core.store import IndexStore
 
 HELP = """\
@@ -75,6 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--batch-size", type=int, help="images per forward pass (default 32)")
     p.add_argument("--workers", type=int, help="decoding threads (default 2)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--pooling", choices=("avg", "max", "gem"),
+                   help="global pooling of the feature map (default avg; an index keeps its own, and serve follows it)")
     p.add_argument("--precision", help="auto (default), fp32, bf16, fp16")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the backbone: slower first batch, faster after (big galleries)")
@@ -117,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
                                   "empty folder, or an index to add to")
     # An existing index is opened (and locked) first: a second run on it, or one on an index a
     # server holds, fails at once, not after loading a model.
-    store, whitening = open_index(out)[:2] if (out / MANIFEST).is_file() else (None, None)
+    store, whitening, spec = open_index(out) if (out / MANIFEST).is_file() else (None, None, None)
     sample = min(len(entries), settings.pca_sample)
     if store is None and settings.pca_whiten and sample <= settings.pca_whiten:  # before the model loads
         raise InvalidRequestError(
@@ -134,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
                 raise InvalidRequestError(
                     f"index {out} is of type {store.index_type!r}; --index-type {settings.index_type} "
                     "applies to a new index only: drop it, or build a new index with another --out")
-        embedder = _embedder(settings)
+        embedder = _embedder(settings, store, spec, out)
         if store:
             store.check_spec(index_spec(embedder.spec, whitening), what="this run's model")
     except BaseException:
@@ -201,8 +204,20 @@ def _check_pca_whiten(store: IndexStore, whitening: PCAWhitening | None, pca_whi
         )
 
 
-def _embedder(settings: IndexerSettings):  # type: ignore[no-untyped-def]
+def _embedder(settings: IndexerSettings, store: IndexStore | None, spec: ModelSpec | None,
+              out: Path) -> Embedder:
+    """The run's model: --model's, else an existing index's own, else the settings'."""
     m = settings.model
+    if store is not None and spec is not None and not settings.model_file:
+        if m.backbone not in (DEFAULT_BACKBONE, spec.backbone) or m.pooling not in ("avg", spec.pooling):
+            raise IncompatibleModelError(
+                f"index {out} holds embeddings of {spec.describe()}; this run asks for backbone "
+                f"{m.backbone} with {m.pooling} pooling. Leave those settings out to add to the index "
+                "with its own model, or build a new index with another --out")
+        from pictor.core.embedder import embedder_for_index
+
+        return embedder_for_index(spec, out, weights=m.weights, device=m.device, precision=m.precision,
+                                  compile=m.compile)
     if settings.model_file:
         from pictor.core.head import load_model
 

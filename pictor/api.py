@@ -28,3 +28,5 @@ class ServerInfo:
     versions: dict[str, str]
     open_set: str = ""  # "", "on", or "class fit alone: <why>" (see the proto)
     finetune: str = ""  # fingerprint of the fine-tuned backbone; "" = the weights as they came
+    pooling: str = ""  # "avg", "max" or "gem" (see the proto)
+    layer: str = ""  # "" = the backbone's last feature layer

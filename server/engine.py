@@ -22,7 +22,7 @@ from pictor.config import ServerSettings
 from pictor.core.decode import decode_image
 from pictor.core.head import top_k_labels
 from pictor.core.store import DeleteResult, Filter, Hits, IndexStore, Item, SearchParams, UpsertResult
-from pictor.errors import IncompatibleModelError, InvalidImageError, InvalidRequestError
+from pictor.errors import InvalidImageError, InvalidRequestError
 
 if TYPE_CHECKING:
     from pictor.core.embedder import Embedder, EmbedOutput, PCAWhitening
@@ -92,7 +92,7 @@ class Engine:
     @classmethod
     def load(cls, settings: ServerSettings) -> Engine:
         """Open the index and build the model it was made with (or the fine-tuned one)."""
-        from pictor.core.embedder import create_embedder, open_index
+        from pictor.core.embedder import embedder_for_index, open_index
 
         index = settings.index
         store, whitening, spec = open_index(index)
@@ -108,28 +108,8 @@ class Engine:
                                                  compile=settings.compile,
                                                  weights=settings.weights or None)
             else:
-                if spec.finetune:
-                    raise IncompatibleModelError(
-                        f"index {index} was embedded by a fine-tuned backbone "
-                        f"(finetune={spec.finetune[:12]}); serve it with the model file that "
-                        "tuned it: --model MODEL"
-                    )
-                if spec.weights.startswith("file:") and not settings.weights:
-                    raise InvalidRequestError(
-                        f"index {index} was embedded with the weights of a local checkpoint "
-                        f"({spec.weights[:17]}...); give its path with --weights PATH (or "
-                        "PICTOR_WEIGHTS, or weights = in the config file)"
-                    )
-                embedder = create_embedder(
-                    spec.backbone,
-                    weights=settings.weights or spec.weights,
-                    device=settings.device,
-                    precision=settings.precision,
-                    compile=settings.compile,
-                    pooling=spec.pooling,
-                    layer=spec.layer or None,
-                )
-                spec.check_compatible(embedder.spec, what="the model of --weights")
+                embedder = embedder_for_index(spec, index, weights=settings.weights, device=settings.device,
+                                              precision=settings.precision, compile=settings.compile)
         except BaseException:
             store.close(snapshot=False)  # a refused start must not keep the index locked
             raise
@@ -360,6 +340,8 @@ class Engine:
             versions={"torch": torch.__version__, "faiss": faiss.__version__, "pictor": __version__},
             open_set=self._open_set_status(),
             finetune=spec.finetune[:12],
+            pooling=spec.pooling,
+            layer=spec.layer,
         )
 
     def _open_set_status(self) -> str:

@@ -107,6 +107,19 @@ def test_index_refuses_another_backbone_on_existing_index(gallery: Path, tmp_pat
     assert r.returncode == 2 and "is open in another process" in r.stderr
 
 
+def test_an_existing_index_is_extended_with_its_own_model(gallery: Path, tmp_path: Path) -> None:
+    # As the README's "again later" line: no --backbone / --weights needed the second time.
+    out = tmp_path / "index"
+    pictor("index", str(gallery), "--out", str(out), "--backbone", "resnet18", "--weights", "random",
+           "--pooling", "gem")
+    summary = json.loads(pictor("index", str(gallery), "--out", str(out), "--prune", "--json").stdout)
+    assert (summary["replaced"], summary["index_size"]) == (12, 12)
+    with IndexStore.open(out) as store:
+        assert (store.spec.backbone, store.spec.pooling) == ("resnet18", "gem")
+    r = pictor("index", str(gallery), "--out", str(out), "--backbone", "resnet50", check=False)
+    assert r.returncode == 2 and "resnet18" in r.stderr  # another backbone asked for: refused
+
+
 def test_index_errors_are_clear(tmp_path: Path) -> None:
     r = pictor("index", check=False, cwd=tmp_path)  # GALLERY may come from the config file instead
     assert r.returncode == 2 and "no gallery: give GALLERY" in r.stderr

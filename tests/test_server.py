@@ -40,6 +40,7 @@ def test_info_and_health(server: ServerProcess) -> None:
     assert info.index_size == 12
     assert info.embedding_dim == 1280  # efficientnet_lite0's pooled features
     assert info.backbone == "efficientnet_lite0"
+    assert (info.pooling, info.layer) == ("avg", "")  # how the index's vectors were made
     assert info.classifier == "imagenet"
     assert len(info.class_names) == 1000
     assert info.open_set == ""  # no trained model: never "unknown"

@@ -73,6 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     t.add_argument("--weights", help="weights tag, local checkpoint path, or 'random' "
                    "(default: the backbone's own)")
     t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    t.add_argument("--pooling", choices=("avg", "max", "gem"),
+                   help="global pooling of the feature map (default avg; an index keeps its own, and train must pool as the index it serves with)")
     t.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                    help="auto (default): bf16 where the hardware runs it fast (fp16 on a GPU without bf16), "
                    "else fp32; fine-tuning on a CPU: fp32 (bf16 lost accuracy). The model file records it, and "

@@ -194,7 +194,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("backbone", "weights", "embedding_dim", "index_size", "index_type", "metric", "classifier", "class_names", "server_version", "versions", "open_set", "finetune")
+    __slots__ = ("backbone", "weights", "embedding_dim", "index_size", "index_type", "metric", "classifier", "class_names", "server_version", "versions", "open_set", "finetune", "pooling", "layer")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +214,8 @@ class InfoResponse(_message.Message):
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     OPEN_SET_FIELD_NUMBER: _ClassVar[int]
     FINETUNE_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
     backbone: str
     weights: str
     embedding_dim: int
@@ -226,4 +228,6 @@ class InfoResponse(_message.Message):
     versions: _containers.ScalarMap[str, str]
     open_set: str
     finetune: str
-    def __init__(self, backbone: _Optional[str] = ..., weights: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., index_size: _Optional[int] = ..., index_type: _Optional[str] = ..., metric: _Optional[str] = ..., classifier: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., open_set: _Optional[str] = ..., finetune: _Optional[str] = ...) -> None: ...
+    pooling: str
+    layer: str
+    def __init__(self, backbone: _Optional[str] = ..., weights: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., index_size: _Optional[int] = ..., index_type: _Optional[str] = ..., metric: _Optional[str] = ..., classifier: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., open_set: _Optional[str] = ..., finetune: _Optional[str] = ..., pooling: _Optional[str] = ..., layer: _Optional[str] = ...) -> None: ...
