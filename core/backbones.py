@@ -61,7 +61,7 @@ WEIGHTS_RANDOM = "random"
 WEIGHTS_OFFLINE = "offline"
 RANDOM_INIT_SEED = 0  # "random" weights: the same network in every process
 
-_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".tar")  # timm: model_best.pth.tar
 _CONNECT_TIMEOUT_S = 3.0  # reachability probe: fail fast when offline
 _DOWNLOAD_TIMEOUT_S = 30.0  # per socket read while downloading
 
@@ -671,6 +671,8 @@ def _load_checkpoint_into(model: nn.Module, path: Path, info: BackboneInfo) -> t
     is left out, and the backbone has no ImageNet labels then.
     """
     path = path.expanduser()
+    if path.is_dir():
+        raise InvalidRequestError(f"checkpoint {path} is a folder; give the weights file in it")
     if not path.is_file():
         raise NotFoundError(f"checkpoint file {path} does not exist")
     try:

@@ -124,6 +124,10 @@ def test_checkpoint_that_does_not_fit(tmp_path: Path) -> None:
         create_backbone("resnet18", weights=str(path))
     with pytest.raises(NotFoundError, match="does not exist"):
         create_backbone("resnet18", weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(NotFoundError, match="model_best.pth.tar does not exist"):  # not "unknown weights"
+        create_backbone("resnet18", weights="model_best.pth.tar")
+    with pytest.raises(InvalidRequestError, match="is a folder; give the weights file in it"):
+        create_backbone("resnet18", weights=str(tmp_path))
     # The common mistakes are messages, not tracebacks.
     wide = torchvision.models.resnet18().state_dict()
     wide["layer1.0.conv1.weight"] = torch.zeros(128, 64, 3, 3)
