@@ -406,10 +406,11 @@ def embedder_for_index(spec: ModelSpec, index: str | os.PathLike[str], *, weight
             f"index {index} was embedded by a fine-tuned backbone (finetune={spec.finetune[:12]}); "
             "give the model file that tuned it: --model MODEL"
         )
-    if spec.weights.startswith("file:") and not weights:
+    if spec.weights.startswith("file:") and not (weights and Path(weights).expanduser().is_file()):
         raise InvalidRequestError(
-            f"index {index} was embedded with the weights of a local checkpoint ({spec.weights[:17]}...); "
-            "give its path with --weights PATH (or PICTOR_WEIGHTS, or weights = in the config file)"
+            f"index {index} was embedded with the weights of a local checkpoint ({spec.weights[:17]}...)"
+            + (f", not {weights!r}" if weights else "")
+            + "; give its path with --weights PATH (or PICTOR_WEIGHTS, or weights = in the config file)"
         )
     embedder = create_embedder(spec.backbone, weights=weights or spec.weights, device=device,
                                precision=precision, compile=compile, pooling=spec.pooling,

@@ -196,6 +196,9 @@ def test_index_from_a_checkpoint_serves_with_its_path(gallery: Path, tmp_path: P
     # The index keeps the checkpoint's hash, not its path: serve asks for it ...
     with pytest.raises(InvalidRequestError, match="local checkpoint .* give its path with --weights"):
         Engine.load(ServerSettings(index=str(index), device="cpu"))
+    # ... not a weights tag (said at once, not after looking for the tag's weights) ...
+    with pytest.raises(InvalidRequestError, match="local checkpoint .*, not 'IMAGENET1K_V1'; give its path"):
+        Engine.load(ServerSettings(index=str(index), device="cpu", weights="IMAGENET1K_V1"))
     # ... and refuses another file.
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "other.pth")
     with pytest.raises(IncompatibleModelError, match="the model of --weights"):
