@@ -62,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     t.add_argument("--out", required=True, metavar="MODEL", help="model file to write")
     t.add_argument("--mode", choices=("linear", "finetune"), default=TrainConfig.mode,
                    help="linear: frozen backbone, cached embeddings (fast); finetune: train the last "
-                   "stages too (slower, usually more accurate) (default %(default)s)")
+                   "stages too (slower, usually more accurate; when it loses validation accuracy, the linear head is kept) "
+                   "(default %(default)s)")
     t.add_argument("--val", metavar="DATA", help="validation set (default: split off DATA)")
     t.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
                    help="share of each class split off for validation when --val is not given "
