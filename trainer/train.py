@@ -4,9 +4,9 @@ Both modes embed the images once through the frozen backbone (cached on disk) an
 logistic-regression head with the weight decay that does best on validation. ``linear`` stops
 there; ``finetune`` starts from that head and trains the last stages of the backbone with it
 (``pictor.trainer.finetune``), then serves the better on validation of that head and a probe
-refitted on the tuned features, or the first probe and backbone if tuning lost accuracy. Then the head's temperature and the open-set rule (class
-Gaussians and thresholds) are calibrated on the validation split, and everything is written
-to the model file.
+refitted on the tuned features, or the first probe and backbone if tuning lost accuracy.
+Then the head's temperature and the open-set rule (class Gaussians and thresholds) are
+calibrated on the validation split, and everything is written to the model file.
 
 Example::
 
