@@ -735,13 +735,16 @@ class IndexStore:
             index.add(ids, vecs)
         return index
 
+    def _sample_ids(self, n: int) -> np.ndarray:
+        """Ids of ``n`` stored items (all when fewer), sorted. Seeded: the same collection
+        trains and tunes the same index, with the same search defaults, every time."""
+        ids = np.fromiter((r[0] for r in self._db.execute("SELECT id FROM items ORDER BY id")), np.int64)
+        if len(ids) > n:
+            ids = np.random.default_rng(0).choice(ids, n, replace=False)
+        return np.sort(ids)
+
     def _sample_vectors(self, n: int) -> np.ndarray:
-        rows = self._db.execute(
-            "SELECT vector FROM vectors WHERE id IN "
-            "(SELECT id FROM items ORDER BY random() LIMIT ?)",
-            (n,),
-        ).fetchall()
-        return np.frombuffer(b"".join(r[0] for r in rows), np.float32).reshape(-1, self.dim)
+        return np.concatenate([vecs for _, vecs in _vectors_of(self._db, self._sample_ids(n))])
 
     def _tune(self, index: VectorIndex, k: int = 10, n_queries: int = 500) -> SearchKnobs:
         """The fastest search defaults reaching ``target_recall`` on a held-out sample:
@@ -749,12 +752,7 @@ class IndexStore:
         its exact ground truth."""
         if index.exact or self._count <= k + 1:
             return SearchKnobs()
-        qids = np.sort(np.array(
-            [r[0] for r in self._db.execute(
-                "SELECT id FROM items ORDER BY random() LIMIT ?", (n_queries,)
-            )],
-            np.int64,
-        ))
+        qids = self._sample_ids(n_queries)
         blocks = list(_vectors_of(self._db, qids))
         qids = np.concatenate([ids for ids, _ in blocks])
         q = np.concatenate([vecs for _, vecs in blocks])

@@ -284,6 +284,23 @@ def test_untrained_type_falls_back_to_exact(tmp_path: Path, rng) -> None:
         assert [h[0].key for h in store.search(vecs[:3], k=1)] == ["img/0.jpg", "img/1.jpg", "img/2.jpg"]
 
 
+def test_the_same_collection_trains_and_tunes_the_same_index(tmp_path: Path) -> None:
+    # The training and tuning samples are seeded: two builds of the same items agree on the
+    # search defaults and on every answer (builds of one gallery can be compared, benches rerun).
+    vecs = clustered(np.random.default_rng(3), 3000)
+    found = []
+    for name in ("a", "b"):
+        with IndexStore.create(tmp_path / name, spec(), index_type="IVF32,SQ8") as store:
+            store.upsert(items(3000), vecs)
+            info = store.info()
+            sample = store._sample_ids(500)  # the tuning queries (and, above 50,000 items, the training sample)
+            assert len(set(sample.tolist())) == 500 and (np.diff(sample) > 0).all()
+            assert np.array_equal(store._sample_ids(500), sample)
+            found.append((sample.tolist(), (info.nprobe, info.k_factor),
+                          [h.keys for h in store.search(vecs[:50], k=10)]))
+    assert found[0] == found[1] and found[0][1][0] > 1  # tuned past the lowest setting
+
+
 def test_auto_factory_by_size_dim_and_budget() -> None:
     options = StoreOptions()  # 4 GiB
     assert choose_factory(50_000, 1280, options) == "Flat"
