@@ -75,6 +75,7 @@ SNAPSHOT_PREFIX = "faiss-"
 SNAPSHOT_SUFFIX = ".index"
 _SQL_CHUNK = 4096  # ids per `IN (...)` query and vectors per streamed block
 _TRAIN_SAMPLE = 50_000  # vectors to train IVF/PQ on, unless the type needs more
+MAX_FILTER_ATTRIBUTES = 256  # attribute pairs one search filter may require
 _MIN_TUNE_ITEMS = 500  # search defaults are first re-tuned at twice this many items
 _NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})  # shared by every hit without any
 
@@ -472,7 +473,7 @@ class IndexStore:
             "SELECT vector FROM vectors WHERE id = (SELECT id FROM items WHERE key = ?)", (key,)
         ).fetchone()
         if row is None:
-            raise NotFoundError(f"no item with key {key!r} in the index")
+            raise NotFoundError(f"no item with key {key!r:.200} in the index")
         return np.frombuffer(row[0], dtype=np.float32).copy()
 
     def info(self) -> StoreInfo:
@@ -1132,6 +1133,9 @@ def make_store_dir(root: Path) -> None:
 
 def _match_ids(conn: sqlite3.Connection, flt: Filter) -> np.ndarray:
     """Sorted ids of the items a filter admits."""
+    if len(flt.attributes) > MAX_FILTER_ATTRIBUTES:  # one INTERSECT each; SQLite allows 500 terms
+        raise InvalidRequestError(
+            f"a filter takes at most {MAX_FILTER_ATTRIBUTES} attribute pairs, got {len(flt.attributes)}")
     parts: list[str] = []
     args: list[Any] = []
     if flt.labels:

@@ -289,18 +289,18 @@ class Engine:
             if not item.key:
                 raise InvalidRequestError(f"item {i} has no key")
             if not img and not vec:
-                raise InvalidRequestError(f"item {item.key!r} has neither image nor vector")
+                raise InvalidRequestError(f"item {item.key!r:.200} has neither image nor vector")
             if img and vec:
-                raise InvalidRequestError(f"item {item.key!r} has both an image and a vector; give one")
+                raise InvalidRequestError(f"item {item.key!r:.200} has both an image and a vector; give one")
             if not img:
                 try:
                     rows[i] = self.query_vector(vec)  # type: ignore[arg-type]
                 except InvalidRequestError as e:
-                    raise InvalidRequestError(f"item {item.key!r}: {e}") from e
+                    raise InvalidRequestError(f"item {item.key!r:.200}: {e}") from e
         if to_embed:
             try:
                 out = self.forward([images[i] for i in to_embed],  # type: ignore[misc]
-                                   [f"item {items[i].key!r}" for i in to_embed])
+                                   [f"item {items[i].key!r:.200}" for i in to_embed])
             except InvalidImageError as e:
                 raise InvalidImageError(f"{e}; none of these {len(items)} items written") from e
             rows[to_embed] = self.to_index(out.embeddings)

@@ -57,8 +57,12 @@ def _guard(behavior: Callable[..., Any], method: str, streaming: bool) -> Callab
             return behavior(request_or_iterator, context)
         except PictorError as e:
             code = status_for(e)
-            log.info("%s -> %s: %s", method, code.name, e)
-            context.abort(code, str(e))
+            # gRPC carries the message in metadata, refused above 16 KB (percent-encoded, so non-
+            # ASCII counts up to 3 times): a message quoting a huge key would turn the error into
+            # RESOURCE_EXHAUSTED. Cut it short, in the log too.
+            message = _shortened(str(e))
+            log.info("%s -> %s: %s", method, code.name, message)
+            context.abort(code, message)
         except Exception:
             log.exception("%s failed", method)
             context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see server log")
@@ -89,3 +93,12 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         return handler  # server-streaming calls (health Watch) pass through untouched
+
+
+MAX_MESSAGE_CHARS = 1000  # at most 12 KB encoded: 4-byte characters, each byte as %XX
+
+
+def _shortened(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[: MAX_MESSAGE_CHARS - 40] + f"... ({len(message)} characters in all)"

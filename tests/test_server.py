@@ -98,6 +98,10 @@ def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: Server
         assert client.info().index_size == 12
         with pytest.raises(NotFoundError):
             client.search(key="no/such/key")
+        # A message quoting a huge key would pass gRPC's 16 KB metadata limit (emoji encode to
+        # 12 bytes each) and come back as RESOURCE_EXHAUSTED: it is cut short instead.
+        with pytest.raises(NotFoundError, match="no item with key"):
+            client.search(key="\U0001f600" * 4096)
         with pytest.raises(InvalidRequestError, match="k must be"):
             client.search(image=drawn_image(1), k=100000)
         # The proto reads 0 as "default" and has no negatives: the client refuses them itself.

@@ -137,6 +137,8 @@ def test_delete_removes_from_results(filled: tuple[IndexStore, np.ndarray]) -> N
 
 
 def test_filters_return_only_matches_and_exactly_k(filled: tuple[IndexStore, np.ndarray]) -> None:
+    with pytest.raises(InvalidRequestError, match="at most 256 attribute pairs, got 257"):
+        filled[0].search(filled[1][:1], k=3, filter=Filter(attributes={f"a{i}": "x" for i in range(257)}))
     store, vecs = filled
     flt = Filter(labels=("class1",), attributes={"shard": "0"})
     results = store.search(vecs[:4], k=25, filter=flt)
