@@ -649,7 +649,8 @@ def _strip_wrapper_prefix(sd: dict[str, torch.Tensor], own: Iterable[str]) -> di
     attribute, or several): the prefix, up to 3 levels deep, under which most names match
     the network's. Tensors outside it (a wrapper's loss weights) are left out."""
     own = set(own)
-    prefixes = {k[: i + 1] for k in sd for i in [j for j, c in enumerate(k) if c == "."][:3]}
+    prefixes = {".".join(parts[:i]) + "." for parts in (k.split(".") for k in sd)
+                for i in range(1, min(4, len(parts)))}
     best, matched = "", sum(k in own for k in sd)
     for prefix in sorted(prefixes):
         n = sum(k[len(prefix):] in own for k in sd if k.startswith(prefix))

@@ -38,7 +38,7 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], object], *, durable: b
         fsync_dir(path.parent)
 
 
-def check_output_file(path: str | os.PathLike[str], flag: str) -> Path:
+def check_output_file(path: str | os.PathLike[str], flag: str) -> None:
     """Refuse an output file that could not be written, before the work that fills it (making
     its missing parent folders)."""
     p = Path(path)
@@ -50,7 +50,6 @@ def check_output_file(path: str | os.PathLike[str], flag: str) -> Path:
         raise InvalidRequestError(f"{flag} {p}: cannot create its folder: {e.strerror}") from e
     if not os.access(p.parent, os.W_OK):
         raise InvalidRequestError(f"{flag} {p}: cannot write in {p.parent}: permission denied")
-    return p
 
 
 def why_not_tensors(path: Path, error: Exception) -> str:

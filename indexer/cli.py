@@ -77,7 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--workers", type=int, help="decoding threads (default 2)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--pooling", choices=("avg", "max", "gem"),
-                   help="global pooling of the feature map (default avg; an index keeps its own, and serve follows it)")
+                   help="global pooling of the feature map (default avg; an index keeps its own, "
+                   "and serve follows it)")
     p.add_argument("--precision", help="auto (default), fp32, bf16, fp16")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the backbone: slower first batch, faster after (big galleries)")

@@ -62,8 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     t.add_argument("--out", required=True, metavar="MODEL", help="model file to write")
     t.add_argument("--mode", choices=("linear", "finetune"), default=TrainConfig.mode,
                    help="linear: frozen backbone, cached embeddings (fast); finetune: train the last "
-                   "stages too (slower, usually more accurate; when it loses validation accuracy, the linear head is kept) "
-                   "(default %(default)s)")
+                   "stages too (slower, usually more accurate; when it loses validation accuracy, "
+                   "the linear head is kept) (default %(default)s)")
     t.add_argument("--val", metavar="DATA", help="validation set (default: split off DATA)")
     t.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
                    help="share of each class split off for validation when --val is not given "
@@ -75,7 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    "(default: the backbone's own)")
     t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     t.add_argument("--pooling", choices=("avg", "max", "gem"),
-                   help="global pooling of the feature map (default avg; an index keeps its own, and train must pool as the index it serves with)")
+                   help="global pooling of the feature map (default avg; pool as the index the model "
+                   "will serve with)")
     t.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                    help="auto (default): bf16 where the hardware runs it fast (fp16 on a GPU without bf16), "
                    "else fp32; fine-tuning on a CPU: fp32 (bf16 lost accuracy). The model file records it, and "

@@ -41,7 +41,7 @@ class FinetuneResult:
     best_epoch: int
     epochs_run: int
     history: list[dict[str, float]] = field(default_factory=list)
-    initial_state: dict[str, torch.Tensor] = field(default_factory=dict)  # trained tensors before
+    initial_state: dict[str, torch.Tensor] = field(default_factory=dict)  # the trained ones, as they began
 
 
 # --------------------------------------------------------------------------- stages

@@ -270,7 +270,8 @@ def _finetune(config: TrainConfig, embedder: Embedder, tr: EmbeddedSet, state: _
     re-embedding's cache counts."""
     from pictor.trainer.finetune import finetune
 
-    probe = (copy.deepcopy(state.head), state.fit, state.x_train, state.x_val)  # trained in place
+    probe_head = copy.deepcopy(state.head)  # finetune trains state.head in place
+    probe_fit, probe_x_train, probe_x_val = state.fit, state.x_train, state.x_val
     weights = class_weights(state.y_train, len(state.names)) if config.balance else None
     ft = finetune(embedder, state.head, (tr.samples, state.y_train),
                   (state.val_samples, state.y_val), config, class_weights=weights)
@@ -295,16 +296,16 @@ def _finetune(config: TrainConfig, embedder: Embedder, tr: EmbeddedSet, state: _
     state.extra |= {"joint_head_val_accuracy": joint_acc,
                     "refit_head_val_accuracy": refit.val_accuracy}
     tuned_accuracy = refit.val_accuracy if use_refit else joint_acc
-    if probe[1].val_accuracy > tuned_accuracy:
+    if probe_fit.val_accuracy > tuned_accuracy:
         # Few images or epochs can leave the tuned backbone behind the pretrained one: then
         # the model is the probe (early stopping at epoch 0), and needs no index of its own.
         # (Accuracy alone decides: a head trained with label smoothing has a higher loss.)
         log.warning("fine-tuning lowered validation top-1 (%.4f, the linear probe %.4f): the model "
                     "keeps the pretrained backbone and the probe's head", tuned_accuracy,
-                    probe[1].val_accuracy)
+                    probe_fit.val_accuracy)
         embedder.backbone.load_state_dict(ft.initial_state, strict=False)
         embedder.spec = dataclasses.replace(embedder.spec, finetune="")
-        state.head, state.fit, state.x_train, state.x_val = probe
+        state.head, state.fit, state.x_train, state.x_val = probe_head, probe_fit, probe_x_train, probe_x_val
         state.extra["head"] = "linear probe"
         return {}, stats
     if use_refit:
