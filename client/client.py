@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -181,13 +182,16 @@ class PictorClient:
     def _call(self, method: Callable[..., R], request: Any) -> R:
         if self._closed:
             raise InvalidRequestError("this PictorClient is closed; make a new one")
+        started = time.monotonic()
         try:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as e:
             code, details = e.code(), e.details() or ""  # type: ignore[attr-defined]
             if code == grpc.StatusCode.UNAVAILABLE:
                 details = f"cannot reach a Pictor server at {self.target}: {details}"
-            elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            elif code == grpc.StatusCode.DEADLINE_EXCEEDED and (
+                self.timeout is not None and time.monotonic() - started >= self.timeout
+            ):  # this client's deadline; earlier, the server ended the call and says why
                 details = f"no answer from {self.target} within the timeout of {self.timeout:g} s"
             elif code == grpc.StatusCode.NOT_FOUND and method == self._health.Check:
                 details = f"the server has no health status for service {request.service!r}"

@@ -70,8 +70,15 @@ class ServerSettings:
     precision: str = "auto"
     compile: bool = False  # torch.compile the backbone: the first requests compile it
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # Seconds an Upsert stream may send nothing before the server ends it (a quiet client
+    # without a deadline would otherwise hold an upsert slot for good).
+    upsert_idle_timeout: float = 60.0
 
     def __post_init__(self) -> None:
+        if self.upsert_idle_timeout <= 0:
+            raise InvalidRequestError(
+                f"upsert_idle_timeout must be above 0 seconds, got {self.upsert_idle_timeout}"
+            )
         if not 0 <= self.port <= 65535:
             raise InvalidRequestError(f"port must be between 0 (any free port) and 65535, got {self.port}")
         _check_positive(self, "workers", "max_message_mb", "max_pixels")

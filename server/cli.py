@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--workers", type=int,
                    help="handler threads (default 8); at most half of them (at least 1) take Upsert "
                         "streams, so other calls find a free one while clients stream")
+    p.add_argument("--upsert-idle-timeout", type=float, metavar="SECONDS",
+                   help="end an Upsert stream that sends nothing for this long (default 60), so "
+                        "a quiet client cannot hold a stream slot for good")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--precision", help="auto (default), fp32, bf16, fp16")
     p.add_argument("--compile", action="store_true", default=None,

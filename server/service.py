@@ -7,9 +7,10 @@ interceptor (errors.py) turns them into status codes.
 from __future__ import annotations
 
 import dataclasses
+import queue
 import threading
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import grpc
 
@@ -62,20 +63,65 @@ def check_active(context: grpc.ServicerContext, before: str) -> None:
         raise DeadlineExceededError(f"the call ended (deadline passed or cancelled) before {before}")
 
 
-def stream_items(requests: Iterator[pb.UpsertRequest]) -> Iterator[pb.Item]:
+_STREAM_END = object()  # the client closed its side of the stream
+
+
+def stream_items(requests: Iterator[pb.UpsertRequest], idle_s: float) -> Iterator[pb.Item]:
+    """The items of an Upsert stream, waiting at most ``idle_s`` for each.
+
+    gRPC's request iterator blocks until the client sends, closes or cancels: a client that
+    opens a stream without a deadline and goes quiet would hold an upsert slot and a handler
+    thread forever. So a reader thread takes the messages and this generator waits on it with
+    a timeout. The time spent writing a chunk does not count: the reader reads ahead (a few
+    messages, which bounds the memory), and the clock runs only while this side waits.
+    """
+    ahead: queue.Queue[object] = queue.Queue(maxsize=4)
+    finished = threading.Event()
+
+    def put(entry: object) -> bool:
+        while not finished.is_set():  # the handler may have stopped reading (an error)
+            try:
+                ahead.put(entry, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for request in requests:
+                if not put(request.item):
+                    return
+            put(_STREAM_END)
+        except grpc.RpcError as e:  # cancelled: by the client, its deadline, or the server stopping
+            put(e)
+
+    threading.Thread(target=read, name="pictor-upsert-reader", daemon=True).start()
     try:
-        for request in requests:
-            yield request.item
-    except grpc.RpcError as e:  # cancelled: by the client, its deadline, or this server stopping
-        raise DeadlineExceededError(
-            "the upsert stream was cancelled before its last item (by the client, its deadline, "
-            "or the server shutting down)"
-        ) from e
+        while True:
+            try:
+                entry = ahead.get(timeout=idle_s)
+            except queue.Empty:
+                raise DeadlineExceededError(
+                    f"the upsert stream sent nothing for {idle_s:g} s and was ended (this server's "
+                    "upsert_idle_timeout); close the stream when the last item is sent"
+                ) from None
+            if entry is _STREAM_END:
+                return
+            if isinstance(entry, grpc.RpcError):
+                raise DeadlineExceededError(
+                    "the upsert stream was cancelled before its last item (by the client, its "
+                    "deadline, or the server shutting down)"
+                ) from entry
+            yield cast(pb.Item, entry)
+    finally:
+        finished.set()  # the reader ends once gRPC ends the call (next() then raises)
 
 
 class PictorService(pb_grpc.PictorServicer):
-    def __init__(self, engine: Engine, max_upsert_streams: int) -> None:
+    def __init__(self, engine: Engine, max_upsert_streams: int, upsert_idle_s: float) -> None:
         self.engine = engine
+        self.upsert_idle_s = upsert_idle_s
         # An open Upsert stream holds a handler thread for as long as its client sends: capped
         # below the thread count, so searches and health checks always find one.
         self.max_upsert_streams = max_upsert_streams
@@ -131,7 +177,7 @@ class PictorService(pb_grpc.PictorServicer):
 
     def _upsert(self, request_iterator: Iterator[pb.UpsertRequest], context: grpc.ServicerContext) -> pb.UpsertResponse:
         inserted = replaced = 0
-        for chunk in batched(stream_items(request_iterator), UPSERT_CHUNK):
+        for chunk in batched(stream_items(request_iterator, self.upsert_idle_s), UPSERT_CHUNK):
             try:
                 result = self._upsert_chunk(chunk, context)
             except PictorError as e:

@@ -346,3 +346,32 @@ def test_calls_are_bounded_and_work_for_a_caller_gone_is_not_written(built_index
         assert after == (before + 64 if acknowledged else before)
     finally:
         server.stop()
+
+
+def test_a_quiet_upsert_stream_is_ended_and_frees_its_slot(built_index: Path) -> None:
+    from pictor.errors import DeadlineExceededError
+
+    # One stream slot; a client that opens a stream without a deadline and stops sending
+    # would otherwise hold it (and a handler thread) until it disconnects.
+    server = ServerProcess(built_index, "--workers", "2", "--upsert-idle-timeout", "1").start()
+    release = threading.Event()
+
+    def quiet() -> Iterator[UpsertItem]:
+        yield UpsertItem(key="quiet/0", vector=[1.0] * 1280)
+        release.wait(30)
+
+    def steady() -> Iterator[UpsertItem]:  # slower in all than the limit, never quiet that long
+        for i in range(5):
+            time.sleep(0.4)
+            yield UpsertItem(key=f"steady/{i}", vector=[float(i + 1)] * 1280)
+
+    try:
+        with PictorClient(server.target, timeout=20) as client:
+            with pytest.raises(DeadlineExceededError, match=r"the upsert stream sent nothing for 1 s and was ended"):
+                client.upsert(quiet())
+            release.set()
+            assert client.upsert(steady()) == (5, 0)  # the slot is free again
+            assert client.info().index_size == 12 + 5  # the quiet stream's unfinished chunk is not written
+    finally:
+        release.set()
+        server.stop()
