@@ -590,8 +590,16 @@ def _looks_like_path(w: str) -> bool:
             or Path(w).is_file())
 
 
+def _is_safetensors(path: Path) -> bool:
+    """Whether the file is in the safetensors format, whatever its name: it starts with its
+    JSON header's length (8 bytes, little-endian), then the header's ``{``."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
+    if _is_safetensors(path):
         from safetensors.torch import load_file
 
         obj: Any = load_file(str(path))
@@ -624,8 +632,11 @@ _DATA_GLOBALS = re.compile(
 def _torch_load_data(path: Path) -> Any:
     """``torch.load`` with ``weights_only``, also allowing the plain-data classes above (when a
     file needs others, torch's refusal stands)."""
+    # An open file, not the path: torch.load reads any name ending .safetensors as safetensors,
+    # and the format was already told from the content.
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
@@ -639,8 +650,8 @@ def _torch_load_data(path: Path) -> Any:
             import numpy
 
             allowed += [c for c in vars(numpy.dtypes).values() if isinstance(c, type) and c.__name__.endswith("DType")]
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(allowed), path.open("rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
 
 
 def _strip_wrapper_prefix(sd: dict[str, torch.Tensor], own: Iterable[str]) -> dict[str, torch.Tensor]:

@@ -113,6 +113,17 @@ def test_local_checkpoint_loads(tmp_path: Path) -> None:
     with torch.inference_mode():
         (f1, _), (f2, logits) = src(x), net(x)
     assert torch.allclose(f1, f2) and logits is not None and logits.shape == (1, 1000)
+    # The format is read from the file, not its name: safetensors saved as .pth (some hubs
+    # rename them), and a torch file named .safetensors.
+    from safetensors.torch import save_file
+
+    swapped = tmp_path / "resnet18-safetensors.pth"
+    save_file(trained.state_dict(), str(swapped))
+    torch.save(trained.state_dict(), tmp_path / "resnet18-torch.safetensors")
+    for name in ("resnet18-safetensors.pth", "resnet18-torch.safetensors"):
+        with torch.inference_mode():
+            f3, _ = create_backbone("resnet18", weights=str(tmp_path / name))(x)
+        assert torch.allclose(f1, f3)
 
 
 def test_checkpoint_that_does_not_fit(tmp_path: Path) -> None:
