@@ -6,7 +6,8 @@ from pictor.client.client import (
     Label,
     PictorClient,
     ServerInfo,
+    StoredItem,
     UpsertItem,
 )
 
-__all__ = ["Classification", "Hit", "Label", "PictorClient", "ServerInfo", "UpsertItem"]
+__all__ = ["Classification", "Hit", "Label", "PictorClient", "ServerInfo", "StoredItem", "UpsertItem"]

@@ -1,4 +1,4 @@
-"""Client subcommands: ``pictor classify | search | info | add | delete``.
+"""Client subcommands: ``pictor classify | search | info | add | delete | get``.
 
 They need only the light install. Output is a table for people, ``--json`` for scripts.
 Exit codes: 0 done, 2 bad input (an unreadable image, an unknown key) or a request the server
@@ -91,6 +91,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="keys not in the index are not an error (exit 0, like `rm -f`); "
                         "without it they are named and the exit code is 2")
     p.set_defaults(run=run_delete)
+
+    p = _parser(sub, "get", "the stored items (label, attributes, vector) of keys in a running server's index",
+                "pictor get photos/a.jpg photos/b.jpg --vectors --json")
+    p.add_argument("keys", nargs="+", metavar="KEY", help="keys of the items (at most 1000)")
+    p.add_argument("--vectors", action="store_true", help="also print each item's stored vector")
+    p.add_argument("--missing-ok", action="store_true",
+                   help="keys not in the index are not an error (exit 0); without it they are "
+                        "named and the exit code is 2")
+    p.set_defaults(run=run_get)
 
 
 def _at_least(low: int) -> Callable[[str], int]:
@@ -294,9 +303,28 @@ def run_delete(args: argparse.Namespace) -> int:
     with _client(args) as client:
         deleted, missing = client.delete(args.keys)
     _emit(args, {"deleted": deleted, "missing": missing}, f"deleted {deleted}\n")
+    return _report_missing(args, missing)
+
+
+@_guard_unreachable
+def run_get(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        items, missing = client.get(args.keys, vectors=args.vectors)
+    rows = []
+    for it in items:
+        attrs = " ".join(f"{_one_line(k)}={_one_line(v)}" for k, v in sorted(it.attributes.items()))
+        rows.append("  ".join(filter(None, [_one_line(it.key), f"[{_one_line(it.label)}]" if it.label else "", attrs])))
+        if it.vector is not None:
+            rows.append("  vector: " + " ".join(f"{x:.6g}" for x in it.vector))
+    _emit(args, {"items": items, "missing": missing}, "".join(f"{row}\n" for row in rows))
+    return _report_missing(args, missing)
+
+
+def _report_missing(args: argparse.Namespace, missing: Sequence[str]) -> int:
+    """Exit code 2, with the keys named, for keys the index does not hold (0 with --missing-ok)."""
     if missing and not args.missing_ok:
-        print(f"pictor delete: not found: {', '.join(map(_one_line, missing))} (a key is the image's path as `pictor "
-              "index` or `pictor add` stored it: photos/a.jpg for ./photos//a.jpg; `pictor search --json` "
-              "shows keys)", file=sys.stderr)
+        print(f"pictor {args.command}: not found: {', '.join(map(_one_line, missing))} (a key is the image's "
+              "path as `pictor index` or `pictor add` stored it: photos/a.jpg for ./photos//a.jpg; "
+              "`pictor search --json` shows keys)", file=sys.stderr)
         return 2
     return 0

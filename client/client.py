@@ -22,7 +22,7 @@ from typing import Any, TypeVar, cast
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pictor.api import CLASSIFIERS, UPSERT_CHUNK, ServerInfo
+from pictor.api import CLASSIFIERS, UPSERT_CHUNK, ServerInfo, StoredItem
 from pictor.config import DEFAULT_PORT, DEFAULT_TARGET
 from pictor.errors import InvalidRequestError, PictorError, ServerUnavailableError
 from pictor.status import error_from_status
@@ -293,6 +293,20 @@ class PictorClient:
             raise _text_error("keys", e) from e
         r = self._call(self._stub.Delete, request)
         return r.deleted, list(r.missing)
+
+    def get(self, keys: Sequence[str], *, vectors: bool = False) -> tuple[list[StoredItem], list[str]]:
+        """Stored items by key, in the order asked (at most 1000 keys), each with its stored
+        vector when ``vectors``; returns (items, keys the index does not hold)."""
+        _not_one(keys, "keys", "for one key, write [key]")
+        try:
+            request = pb.GetRequest(keys=list(keys), vectors=vectors)
+        except (TypeError, ValueError) as e:
+            raise _text_error("keys", e) from e
+        r = self._call(self._stub.Get, request)
+        items = [StoredItem(key=it.key, label=it.label, attributes=dict(it.attributes),
+                            vector=list(it.vector.values) if it.HasField("vector") else None)
+                 for it in r.items]
+        return items, list(r.missing)
 
     def info(self) -> ServerInfo:
         r = self._call(self._stub.Info, pb.InfoRequest())

@@ -191,6 +191,13 @@ class DeleteResult:
 
 
 @dataclass(frozen=True)
+class GetResult:
+    items: list[Item]  # in the order asked, each key once
+    vectors: np.ndarray | None  # [len(items), dim] float32, when asked
+    missing: list[str]
+
+
+@dataclass(frozen=True)
 class StoreOptions:
     """Knobs of a store, fixed at creation and kept in the manifest."""
 
@@ -464,17 +471,30 @@ class IndexStore:
             rows = self._reader().execute("SELECT key FROM items ORDER BY key")
             return [key for (key,) in rows if key not in wanted]
 
+    def get(self, keys: Sequence[str], *, vectors: bool = False) -> GetResult:
+        """The stored items of ``keys`` (each once, in the order asked), with their vectors when
+        ``vectors``; keys the store does not hold are ``missing``."""
+        self._check_open()
+        unique = list(dict.fromkeys(keys))
+        with self._rw.read():  # one consistent state across the chunks
+            found = _rows_for_keys(self._reader(), unique, vectors=vectors)
+        held = [key for key in unique if key in found]
+        items = [Item(key, found[key][0], dict(_load_attrs(found[key][1]))) for key in held]
+        stacked = None
+        if vectors:
+            stacked = np.empty((len(held), self.dim), np.float32)
+            for row, key in zip(stacked, held, strict=True):
+                row[:] = np.frombuffer(found[key][2], dtype=np.float32)
+        return GetResult(items, stacked, [key for key in unique if key not in found])
+
     def get_vector(self, key: str) -> np.ndarray:
         """The stored (normalised) vector of ``key``; ``NotFoundError`` when absent."""
-        self._check_open()
         if not key:
             raise InvalidRequestError("the query key is empty")
-        row = self._reader().execute(
-            "SELECT vector FROM vectors WHERE id = (SELECT id FROM items WHERE key = ?)", (key,)
-        ).fetchone()
-        if row is None:
+        found = self.get([key], vectors=True).vectors
+        if found is None or not len(found):
             raise NotFoundError(f"no item with key {key!r:.200} in the index")
-        return np.frombuffer(row[0], dtype=np.float32).copy()
+        return found[0]
 
     def info(self) -> StoreInfo:
         """A consistent summary of the store (counts, index in use, search defaults)."""
@@ -1090,6 +1110,19 @@ def _ids_for_keys(db: sqlite3.Connection, keys: Sequence[str]) -> dict[str, int]
         chunk = keys[start : start + _SQL_CHUNK]
         marks = ",".join("?" * len(chunk))
         found.update(db.execute(f"SELECT key, id FROM items WHERE key IN ({marks})", chunk))
+    return found
+
+
+def _rows_for_keys(db: sqlite3.Connection, keys: Sequence[str], *, vectors: bool) -> dict[str, tuple[Any, ...]]:
+    """key -> (label, attributes JSON[, vector bytes]) of the keys held."""
+    columns, source = ("i.label, i.attributes, v.vector", "items i JOIN vectors v ON v.id = i.id") if vectors \
+        else ("i.label, i.attributes", "items i")
+    found: dict[str, tuple[Any, ...]] = {}
+    for start in range(0, len(keys), _SQL_CHUNK):
+        chunk = keys[start : start + _SQL_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        for key, *rest in db.execute(f"SELECT i.key, {columns} FROM {source} WHERE i.key IN ({marks})", chunk):
+            found[key] = tuple(rest)
     return found
 
 

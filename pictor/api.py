@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # What Classify answers with; a name's position is its ``pictor.v1.Classifier`` value.
 CLASSIFIERS = ("default", "head", "knn", "all")
@@ -30,3 +30,13 @@ class ServerInfo:
     finetune: str = ""  # fingerprint of the fine-tuned backbone; "" = the weights as they came
     pooling: str = ""  # "avg", "max" or "gem" (see the proto)
     layer: str = ""  # "" = the backbone's last feature layer
+
+
+@dataclass(frozen=True)
+class StoredItem:
+    """An indexed item as ``Get`` returns it: its vector only when asked for."""
+
+    key: str
+    label: str = ""
+    attributes: dict[str, str] = field(default_factory=dict)
+    vector: list[float] | None = None

@@ -21,7 +21,16 @@ from pictor.api import CLASSIFIERS, ServerInfo
 from pictor.config import ServerSettings
 from pictor.core.decode import decode_image
 from pictor.core.head import top_k_labels
-from pictor.core.store import DeleteResult, Filter, Hits, IndexStore, Item, SearchParams, UpsertResult
+from pictor.core.store import (
+    DeleteResult,
+    Filter,
+    GetResult,
+    Hits,
+    IndexStore,
+    Item,
+    SearchParams,
+    UpsertResult,
+)
 from pictor.errors import InvalidImageError, InvalidRequestError
 
 if TYPE_CHECKING:
@@ -32,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MAX_K = 1000
 MAX_EMBED_IMAGES = 256  # per Embed call: one forward pass, bounded in time and memory
+MAX_GET_KEYS = 1000  # per Get call: with vectors, 5 MB of answer at dim 1280
 DEFAULT_TOP_K = 5
 DEFAULT_K = 10
 DEFAULT_NEIGHBORS = 10
@@ -312,6 +322,13 @@ class Engine:
         if not keys:
             raise InvalidRequestError("delete got no keys")
         return self.store.delete(keys)
+
+    def get(self, keys: Sequence[str], *, vectors: bool = False) -> GetResult:
+        if not keys:
+            raise InvalidRequestError("get got no keys")
+        if len(keys) > MAX_GET_KEYS:
+            raise InvalidRequestError(f"get takes at most {MAX_GET_KEYS} keys per call, got {len(keys)}")
+        return self.store.get(keys, vectors=vectors)
 
     def info(self) -> ServerInfo:
         import faiss

@@ -200,5 +200,15 @@ class PictorService(pb_grpc.PictorServicer):
         result = self.engine.delete(list(request.keys))
         return pb.DeleteResponse(deleted=result.deleted, missing=list(result.missing))
 
+    def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetResponse:
+        result = self.engine.get(list(request.keys), vectors=request.vectors)
+        response = pb.GetResponse(missing=result.missing)
+        for i, item in enumerate(result.items):
+            out = response.items.add(key=item.key, label=item.label)
+            out.attributes.update(item.attributes)
+            if result.vectors is not None:
+                out.vector.values.extend(result.vectors[i].tolist())
+        return response
+
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
         return pb.InfoResponse(**dataclasses.asdict(self.engine.info()))

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from conftest import DATA, ServerProcess, drawn_image, free_port, pictor
 
@@ -177,6 +178,14 @@ def test_add_and_delete_survive_sigkill(built_index: Path) -> None:
             assert (hit.key, hit.label, hit.attributes) == ("new/one.png", "fresh", {"by": "test"})
             assert client.search(image=new, k=2)[1].attributes == {}  # indexed without any
             assert gone not in [h.key for h in client.search(image=new, k=12)]
+            (stored,), missing = client.get(["new/one.png", gone], vectors=True)
+            assert (stored.key, stored.label, stored.attributes, missing) == ("new/one.png", "fresh", {"by": "test"}, [gone])
+            (embedded,) = client.embed([new])
+            assert stored.vector is not None and np.allclose(stored.vector, embedded, atol=1e-5)
+            with pytest.raises(InvalidRequestError, match="get got no keys"):
+                client.get([])
+            with pytest.raises(InvalidRequestError, match="at most 1000 keys per call, got 1001"):
+                client.get(["k"] * 1001)
     finally:
         again.stop()
 
@@ -213,6 +222,12 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     prefixed = json.loads(pictor("search", str(tmp_path / "new/x.png"), "--attr", "path=new/x.png", "--json",
                                  "--target", server.target).stdout)
     assert [h["key"] for h in prefixed] == ["p/new/x.png"]  # the key is not the path: kept beside it
+    got = pictor("get", "new/x.png", "p/new/x.png", "--target", server.target).stdout
+    assert got == "new/x.png  source=cam1\np/new/x.png  path=new/x.png\n"
+    stored = json.loads(pictor("get", "new/x.png", "--vectors", "--json", "--target", server.target).stdout)
+    assert stored["missing"] == [] and len(stored["items"][0]["vector"]) == 1280
+    absent = pictor("get", "new/x.png", "no/such.png", "--target", server.target, check=False)
+    assert absent.returncode == 2 and "pictor get: not found: no/such.png" in absent.stderr
     assert pictor("delete", "new/x.png", "--target", server.target).stdout == "deleted 1\n"
     # Like `rm -f`: a key already gone is not an error, for scripts that retry.
     again = pictor("delete", "p/new/x.png", "new/x.png", "--missing-ok", "--target", server.target)

@@ -136,6 +136,22 @@ def test_delete_removes_from_results(filled: tuple[IndexStore, np.ndarray]) -> N
         store.get_vector("img/3.jpg")
 
 
+def test_get_returns_stored_items_in_the_order_asked(filled: tuple[IndexStore, np.ndarray],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    store, vecs = filled
+    store.upsert([Item("img/7.jpg", label="renamed", attributes={"by": "test"})], vecs[7] * 3)
+    store.delete(["img/8.jpg"])
+    result = store.get(["img/9.jpg", "img/8.jpg", "img/7.jpg", "img/9.jpg", "nope"], vectors=True)
+    assert result.items == [Item("img/9.jpg", "class0", {"shard": "1"}), Item("img/7.jpg", "renamed", {"by": "test"})]
+    assert result.missing == ["img/8.jpg", "nope"]
+    assert result.vectors is not None
+    np.testing.assert_allclose(result.vectors, vecs[[9, 7]], atol=1e-6)  # as stored: normalised
+    assert store.get(["img/9.jpg"]).vectors is None
+    monkeypatch.setattr("pictor.core.store._SQL_CHUNK", 64)  # keys read in several chunks
+    keys = [f"img/{i}.jpg" for i in range(300)]
+    assert [it.key for it in store.get(keys[::-1]).items] == [k for k in keys[::-1] if k != "img/8.jpg"]
+
+
 def test_filters_return_only_matches_and_exactly_k(filled: tuple[IndexStore, np.ndarray]) -> None:
     with pytest.raises(InvalidRequestError, match="at most 256 attribute pairs, got 257"):
         filled[0].search(filled[1][:1], k=3, filter=Filter(attributes={f"a{i}": "x" for i in range(257)}))

@@ -59,6 +59,11 @@ class PictorStub:
                 request_serializer=pictor_dot_v1_dot_pictor__pb2.DeleteRequest.SerializeToString,
                 response_deserializer=pictor_dot_v1_dot_pictor__pb2.DeleteResponse.FromString,
                 _registered_method=True)
+        self.Get = channel.unary_unary(
+                '/pictor.v1.Pictor/Get',
+                request_serializer=pictor_dot_v1_dot_pictor__pb2.GetRequest.SerializeToString,
+                response_deserializer=pictor_dot_v1_dot_pictor__pb2.GetResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/pictor.v1.Pictor/Info',
                 request_serializer=pictor_dot_v1_dot_pictor__pb2.InfoRequest.SerializeToString,
@@ -110,6 +115,14 @@ class PictorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Get(self, request, context):
+        """Stored items by key, in the order asked (at most 1000 keys): label, attributes and, when
+        asked, the stored vector. Keys the index does not hold are listed in `missing`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """What this server runs: backbone, embedding space, index, classes, versions.
         """
@@ -144,6 +157,11 @@ def add_PictorServicer_to_server(servicer, server):
                     servicer.Delete,
                     request_deserializer=pictor_dot_v1_dot_pictor__pb2.DeleteRequest.FromString,
                     response_serializer=pictor_dot_v1_dot_pictor__pb2.DeleteResponse.SerializeToString,
+            ),
+            'Get': grpc.unary_unary_rpc_method_handler(
+                    servicer.Get,
+                    request_deserializer=pictor_dot_v1_dot_pictor__pb2.GetRequest.FromString,
+                    response_serializer=pictor_dot_v1_dot_pictor__pb2.GetResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -286,6 +304,33 @@ class Pictor:
             '/pictor.v1.Pictor/Delete',
             pictor_dot_v1_dot_pictor__pb2.DeleteRequest.SerializeToString,
             pictor_dot_v1_dot_pictor__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Get(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pictor.v1.Pictor/Get',
+            pictor_dot_v1_dot_pictor__pb2.GetRequest.SerializeToString,
+            pictor_dot_v1_dot_pictor__pb2.GetResponse.FromString,
             options,
             channel_credentials,
             insecure,
