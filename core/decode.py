@@ -101,16 +101,10 @@ def decode_image(
         src.close()
 
 
-def load_image(
-    path: str | os.PathLike[str],
-    *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    draft_size: tuple[int, int] | None = None,
-) -> Image.Image:
-    """Read and decode an image file; see ``decode_image``. A missing file raises NotFoundError.
-
-    Only regular files are read: a FIFO or a device named like an image would block or never end.
-    """
+def read_image_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of an image file; errors name the path, and a missing file raises
+    NotFoundError. Only regular files are read: a FIFO or a device named like an image would
+    block or never end."""
     p = Path(path)
     try:
         mode = p.stat().st_mode
@@ -118,7 +112,7 @@ def load_image(
             raise InvalidImageError(f"{p}: a directory, not an image file")
         if not stat.S_ISREG(mode):
             raise InvalidImageError(f"{p}: not a regular file (a FIFO, socket or device)")
-        data = p.read_bytes()
+        return p.read_bytes()
     except InvalidImageError:
         raise  # a ValueError too, but already says what is wrong
     except FileNotFoundError as e:
@@ -127,10 +121,23 @@ def load_image(
         raise InvalidImageError(f"{p}: cannot read: {e.strerror or e}") from e
     except ValueError as e:  # a NUL byte in the path
         raise InvalidImageError(f"{str(p)!r}: not a usable path: {e}") from e
+
+
+def load_image(
+    path: str | os.PathLike[str],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: tuple[int, int] | None = None,
+    data: bytes | None = None,
+) -> Image.Image:
+    """Read (unless ``data`` holds the file's bytes, read already by ``read_image_file``) and
+    decode an image file; see ``decode_image``. Errors name the path."""
+    if data is None:
+        data = read_image_file(path)
     try:
         return decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
     except InvalidImageError as e:
-        raise InvalidImageError(f"{p}: {e}") from e
+        raise InvalidImageError(f"{Path(path)}: {e}") from e
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -3,6 +3,7 @@ and why a file would not load as tensors."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import zipfile
@@ -63,6 +64,12 @@ def why_not_tensors(path: Path, error: Exception) -> str:
     if zipfile.is_zipfile(path):
         return "a zip archive that is not a PyTorch file of plain tensors and values, or a damaged one"
     return "not a PyTorch file, or a damaged one"
+
+
+def content_hash(data: bytes) -> str:
+    """A file's identity by content (sha256, hex): the trainer's embedding cache and the
+    index's skipping of unchanged files key on it."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def fsync_dir(path: Path) -> None:

@@ -90,6 +90,10 @@ class Item:
     key: str
     label: str = ""
     attributes: Mapping[str, str] = field(default_factory=dict)
+    # sha256 of the image file the vector was embedded from, "" when not known (a vector or
+    # image sent to the server): `pictor index` leaves a file alone when the store holds its
+    # key with this content, label and attributes.
+    content_hash: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +365,7 @@ class IndexStore:
             store.spec.check_compatible(db_spec, what=f"the database of {root}")
             if spec is not None:
                 store.spec.check_compatible(spec, what="the requested model")
+            store._db.execute(_CONTENTS_TABLE)  # a store from before content hashes
             store._recover()
             with store._write_lock:
                 store._after_write(0)  # e.g. a bulk load that died before its training
@@ -479,12 +484,12 @@ class IndexStore:
         with self._rw.read():  # one consistent state across the chunks
             found = _rows_for_keys(self._reader(), unique, vectors=vectors)
         held = [key for key in unique if key in found]
-        items = [Item(key, found[key][0], dict(_load_attrs(found[key][1]))) for key in held]
+        items = [Item(key, found[key][0], dict(_load_attrs(found[key][1])), found[key][2]) for key in held]
         stacked = None
         if vectors:
             stacked = np.empty((len(held), self.dim), np.float32)
             for row, key in zip(stacked, held, strict=True):
-                row[:] = np.frombuffer(found[key][2], dtype=np.float32)
+                row[:] = np.frombuffer(found[key][3], dtype=np.float32)
         return GetResult(items, stacked, [key for key in unique if key not in found])
 
     def get_vector(self, key: str) -> np.ndarray:
@@ -624,6 +629,10 @@ class IndexStore:
             db.executemany(
                 "INSERT INTO vectors(id, vector) VALUES (?,?)",
                 ((int(i), v.tobytes()) for i, v in zip(ids, vecs, strict=True)),
+            )
+            db.executemany(
+                "INSERT INTO contents(id, hash) VALUES (?,?)",
+                ((int(i), it.content_hash) for i, it in zip(ids, items, strict=True) if it.content_hash),
             )
             db.executemany(
                 "INSERT INTO item_attrs(name, value, id) VALUES (?,?,?)",
@@ -1062,6 +1071,11 @@ def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+# Items' content hashes (only those that have one), apart from the narrow items table. Stores
+# made before it existed get it when opened.
+_CONTENTS_TABLE = "CREATE TABLE IF NOT EXISTS contents(id INTEGER PRIMARY KEY, hash TEXT NOT NULL)"
+
+
 def _create_schema(db: sqlite3.Connection, spec: ModelSpec, now: str) -> None:
     with db:
         db.executescript(
@@ -1090,6 +1104,7 @@ def _create_schema(db: sqlite3.Connection, spec: ModelSpec, now: str) -> None:
             CREATE TABLE deletions(id INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
             """
         )
+        db.execute(_CONTENTS_TABLE)
         db.executemany(
             "INSERT INTO meta(name, value) VALUES (?, ?)",
             [
@@ -1114,14 +1129,16 @@ def _ids_for_keys(db: sqlite3.Connection, keys: Sequence[str]) -> dict[str, int]
 
 
 def _rows_for_keys(db: sqlite3.Connection, keys: Sequence[str], *, vectors: bool) -> dict[str, tuple[Any, ...]]:
-    """key -> (label, attributes JSON[, vector bytes]) of the keys held."""
-    columns, source = ("i.label, i.attributes, v.vector", "items i JOIN vectors v ON v.id = i.id") if vectors \
-        else ("i.label, i.attributes", "items i")
+    """key -> (label, attributes JSON, content hash or ""[, vector bytes]) of the keys held."""
+    vector, join = (", v.vector", "JOIN vectors v ON v.id = i.id") if vectors else ("", "")
     found: dict[str, tuple[Any, ...]] = {}
     for start in range(0, len(keys), _SQL_CHUNK):
         chunk = keys[start : start + _SQL_CHUNK]
         marks = ",".join("?" * len(chunk))
-        for key, *rest in db.execute(f"SELECT i.key, {columns} FROM {source} WHERE i.key IN ({marks})", chunk):
+        rows = db.execute(
+            f"SELECT i.key, i.label, i.attributes, COALESCE(c.hash, ''){vector} FROM items i "
+            f"LEFT JOIN contents c ON c.id = i.id {join} WHERE i.key IN ({marks})", chunk)
+        for key, *rest in rows:
             found[key] = tuple(rest)
     return found
 
@@ -1132,6 +1149,7 @@ def _delete_rows(db: sqlite3.Connection, ids: Sequence[int], seq: int) -> None:
         db.executemany("DELETE FROM items WHERE id = ?", chunk)
         db.executemany("DELETE FROM vectors WHERE id = ?", chunk)
         db.executemany("DELETE FROM item_attrs WHERE id = ?", chunk)
+        db.executemany("DELETE FROM contents WHERE id = ?", chunk)
         db.executemany(
             "INSERT OR REPLACE INTO deletions(id, seq) VALUES (?, ?)",
             [(i, seq) for (i,) in chunk],

@@ -29,8 +29,9 @@ manifest's folder) and optional `label`, `key` and attribute columns (JSON null 
 Each item's key is its `key`, else the file's path as given (./a//b.jpg becomes a/b.jpg), so
 give a folder the same way each time (photos/ and /home/me/photos/ are different keys); a
 manifest that repeats a key is refused, since which row should win is a guess. Running again
-over an existing index embeds every file again: new keys are added, existing ones replaced (so
-changed files are picked up); the model must be the same.
+over an existing index (with the index's own model) adds new keys and replaces items whose file
+content, label or attributes changed; files the index holds as they are (same key, content by
+sha256, label and attributes) are read and hashed, not embedded again.
 
 --prune makes the index mirror GALLERY: after a complete run it deletes the items whose keys
 GALLERY no longer lists (files deleted or renamed since an earlier run, and items another
@@ -179,17 +180,18 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         print(f"indexed {summary.indexed} images ({summary.inserted} new, {summary.replaced} replaced) "
-              f"into {out} in {summary.seconds:.1f}s ({summary.images_per_second:.1f} img/s); "
-              f"index holds {count} items; skipped {summary.skipped}"
+              f"into {out} in {summary.seconds:.1f}s ({summary.images_per_second:.1f} img/s)"
+              + (f"; {summary.unchanged} unchanged, left as they were" if summary.unchanged else "")
+              + f"; index holds {count} items; skipped {summary.skipped}"
               + (f"; pruned {summary.pruned} no longer listed" if args.prune else ""))
         for failure in summary.failures:
             print(f"  skipped {failure['error']}", file=sys.stderr)
     if summary.interrupted:
         print(f"pictor index: interrupted; the {summary.indexed} images indexed before it are kept. "
-              "Run the same command again to index the rest (those are embedded again and replaced)",
+              "Run the same command again to index the rest (the files written are not embedded again)",
               file=sys.stderr)
         return 130
-    if summary.skipped and not summary.indexed:
+    if summary.skipped and not (summary.indexed or summary.unchanged):
         print(f"error: none of the {summary.skipped} files could be indexed", file=sys.stderr)
         return 2
     return 1 if summary.skipped and args.strict else 0

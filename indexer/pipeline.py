@@ -12,7 +12,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from pictor.core.decode import load_image
+from pictor.core.decode import load_image, read_image_file
+from pictor.core.files import content_hash
 from pictor.core.gallery import GalleryEntry
 from pictor.core.store import IndexStore, Item
 from pictor.errors import InvalidImageError, InvalidRequestError, NotFoundError
@@ -42,6 +43,7 @@ class IndexSummary:
     indexed: int = 0
     inserted: int = 0
     replaced: int = 0
+    unchanged: int = 0  # files the index held already with this content, label and attributes
     skipped: int = 0
     seconds: float = 0.0
     images_per_second: float = 0.0
@@ -73,41 +75,68 @@ def split_misnamed(entries: Iterable[GalleryEntry]) -> tuple[list[GalleryEntry],
 class DecodedBatch:
     entries: list[GalleryEntry]
     tensors: list[torch.Tensor]  # preprocessed, ready to stack
+    hashes: list[str]  # content hash of each entry's file
     failures: list[tuple[GalleryEntry, str]]
+    unchanged: int = 0  # files the store holds as they are: read and hashed, not decoded
+
+    def items(self) -> list[Item]:
+        return [as_item(e, h) for e, h in zip(self.entries, self.hashes, strict=True)]
+
+
+def as_item(entry: GalleryEntry, content_hash: str) -> Item:
+    return Item(key=entry.key, label=entry.label, attributes=dict(entry.attributes), content_hash=content_hash)
 
 
 def decode_batch(
-    pool: ThreadPoolExecutor, entries: Sequence[GalleryEntry], embedder: Embedder, *, max_pixels: int
+    pool: ThreadPoolExecutor, entries: Sequence[GalleryEntry], embedder: Embedder, *, max_pixels: int,
+    stored: Mapping[str, Item] | None = None,
 ) -> DecodedBatch:
-    """Decode and preprocess a batch in the pool; failures are returned, not raised."""
+    """Decode and preprocess a batch in the pool; failures are returned, not raised. An entry
+    whose item ``stored`` holds with the same content, label and attributes is left out."""
 
-    def load(entry: GalleryEntry) -> torch.Tensor:
-        image = load_image(entry.path, max_pixels=max_pixels, draft_size=embedder.draft_size)
-        return embedder.preprocess(image)
+    def load(entry: GalleryEntry) -> tuple[str, torch.Tensor | None]:
+        data = read_image_file(entry.path)
+        digest = content_hash(data)
+        if stored is not None and stored.get(entry.key) == as_item(entry, digest):
+            return digest, None
+        image = load_image(entry.path, max_pixels=max_pixels, draft_size=embedder.draft_size, data=data)
+        return digest, embedder.preprocess(image)
 
     futures = [pool.submit(load, e) for e in entries]
-    ok, tensors, failed = [], [], []
+    ok, tensors, hashes, failed, unchanged = [], [], [], [], 0
     for entry, fut in zip(entries, futures, strict=True):
         try:
-            tensors.append(fut.result())
+            digest, tensor = fut.result()
+            if tensor is None:
+                unchanged += 1
+                continue
+            tensors.append(tensor)
+            hashes.append(digest)
             ok.append(entry)
         except (InvalidImageError, NotFoundError, OSError) as e:
             failed.append((entry, str(e)))
         except Exception as e:  # a bug or a decoder's surprise costs one file, never the run
             log.exception("unexpected error on %s", entry.path)
             failed.append((entry, f"{entry.path}: unexpected {type(e).__name__}: {e}"))
-    return DecodedBatch(ok, tensors, failed)
+    return DecodedBatch(ok, tensors, hashes, failed, unchanged)
 
 
 def decoded_batches(
-    batches: Iterable[list[GalleryEntry]], pool: ThreadPoolExecutor, embedder: Embedder, *, max_pixels: int
+    batches: Iterable[list[GalleryEntry]], pool: ThreadPoolExecutor, embedder: Embedder, *, max_pixels: int,
+    store: IndexStore | None = None,
 ) -> Iterator[DecodedBatch]:
-    """Decode batch i+1 in the background while the caller embeds batch i."""
+    """Decode batch i+1 in the background while the caller embeds batch i; files ``store``
+    holds unchanged are left out."""
+
+    def decode(batch: list[GalleryEntry]) -> DecodedBatch:
+        stored = None if store is None else {it.key: it for it in store.get([e.key for e in batch]).items}
+        return decode_batch(pool, batch, embedder, max_pixels=max_pixels, stored=stored)
+
     pending: Future[DecodedBatch] | None = None
     # One extra thread drives the prefetch so the decode workers stay busy.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pictor-prefetch") as driver:
         for batch in batches:
-            nxt = driver.submit(decode_batch, pool, batch, embedder, max_pixels=max_pixels)
+            nxt = driver.submit(decode, batch)
             if pending is not None:
                 yield pending.result()
             pending = nxt
@@ -116,11 +145,14 @@ def decoded_batches(
 
 
 def embedded_batches(
-    entries: Iterable[GalleryEntry], embedder: Embedder, *, batch_size: int, workers: int, max_pixels: int
+    entries: Iterable[GalleryEntry], embedder: Embedder, *, batch_size: int, workers: int, max_pixels: int,
+    store: IndexStore | None = None,
 ) -> Generator[tuple[DecodedBatch, np.ndarray], None, None]:
-    """Each decoded batch with the embeddings of its good entries ([0, dim] when none)."""
+    """Each decoded batch with the embeddings of its good entries ([0, dim] when none); with
+    ``store``, files it holds unchanged are not embedded again."""
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="pictor-decode") as pool:
-        for decoded in decoded_batches(batched(entries, batch_size), pool, embedder, max_pixels=max_pixels):
+        for decoded in decoded_batches(batched(entries, batch_size), pool, embedder, max_pixels=max_pixels,
+                                       store=store):
             if decoded.tensors:
                 yield without_degenerate(decoded, embedder.forward_batch(torch.stack(decoded.tensors)).embeddings,
                                          embedder.precision)
@@ -138,9 +170,9 @@ def without_degenerate(decoded: DecodedBatch, vectors: np.ndarray, precision: st
     why = "its embedding is all zero or not finite" + (
         f" (at {precision}; --precision fp32 may embed it)" if precision != "fp32" else "")
     failed = [(e, f"{e.path}: {why}") for e, g in zip(decoded.entries, good, strict=True) if not g]
-    entries = [e for e, g in zip(decoded.entries, good, strict=True) if g]
-    tensors = [t for t, g in zip(decoded.tensors, good, strict=True) if g]
-    return DecodedBatch(entries, tensors, decoded.failures + failed), vectors[good]
+    kept = np.flatnonzero(good)
+    return DecodedBatch([decoded.entries[i] for i in kept], [decoded.tensors[i] for i in kept],
+                        [decoded.hashes[i] for i in kept], decoded.failures + failed, decoded.unchanged), vectors[good]
 
 
 def indexed_under_other_keys(entries: Sequence[GalleryEntry], store: IndexStore) -> dict[str, str]:
@@ -180,17 +212,18 @@ def run_indexing(
     start = time.perf_counter()
     next_log = start + log_every if log_every > 0 else float("inf")
     bar = tqdm(total=total, unit="img", desc="indexing", disable=not progress, dynamic_ncols=True)
-    batches = embedded_batches(entries, embedder, batch_size=batch_size, workers=workers, max_pixels=max_pixels)
+    batches = embedded_batches(entries, embedder, batch_size=batch_size, workers=workers, max_pixels=max_pixels,
+                               store=store)
     try:
         for decoded, vectors in batches:
             summary.add_failures(decoded.failures)
             if decoded.entries:
-                items = [Item(key=e.key, label=e.label, attributes=dict(e.attributes)) for e in decoded.entries]
-                result = store.upsert(items, vectors if whitening is None else whitening.apply(vectors))
+                result = store.upsert(decoded.items(), vectors if whitening is None else whitening.apply(vectors))
                 summary.inserted += result.inserted
                 summary.replaced += result.replaced
             summary.indexed += len(decoded.entries)
-            bar.update(len(decoded.entries) + len(decoded.failures))
+            summary.unchanged += decoded.unchanged
+            bar.update(len(decoded.entries) + len(decoded.failures) + decoded.unchanged)
             bar.set_postfix(skipped=summary.skipped, refresh=False)
             if (now := time.perf_counter()) >= next_log:
                 log.info("indexed %d of %s images (%.1f img/s), skipped %d", summary.indexed,

@@ -57,8 +57,13 @@ def test_rerun_replaces_instead_of_duplicating(gallery: Path, tmp_path: Path) ->
     out = tmp_path / "index"
     pictor("index", str(gallery), "--out", str(out))
     (gallery / "warm" / "extra.png").write_bytes(drawn_image(99))
+    changed = gallery / "cool" / "img00.png"
+    changed.write_bytes(drawn_image(98))
     summary = json.loads(pictor("index", str(gallery), "--out", str(out), "--json").stdout)
-    assert (summary["inserted"], summary["replaced"], summary["index_size"]) == (1, 12, 13)
+    # Only the new and the changed file are embedded; the others are read, hashed and left.
+    assert (summary["inserted"], summary["replaced"], summary["unchanged"], summary["index_size"]) == (1, 1, 11, 13)
+    with IndexStore.open(out) as store:
+        assert store.search(store.get_vector(changed.as_posix())[None], 1)[0][0].key == changed.as_posix()
     # The same files named another way are other keys: added again, with a warning that says so.
     relative = pictor("index", gallery.name, "--out", str(out), cwd=gallery.parent)
     assert "13 of these files are in the index already under another spelling" in relative.stderr
@@ -66,7 +71,13 @@ def test_rerun_replaces_instead_of_duplicating(gallery: Path, tmp_path: Path) ->
     # the item of a file deleted since.
     (gallery / "warm" / "extra.png").unlink()
     pruned = json.loads(pictor("index", str(gallery), "--out", str(out), "--prune", "--json").stdout)
-    assert (pruned["replaced"], pruned["pruned"], pruned["index_size"]) == (12, 14, 12)
+    assert (pruned["replaced"], pruned["unchanged"], pruned["pruned"], pruned["index_size"]) == (0, 12, 14, 12)
+    # A label that changed (a manifest's row) re-writes the item.
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\n" + "".join(f"{p},{'new' if p == changed else ''}\n"
+                                                  for p in sorted(gallery.rglob("*.png"))))
+    relabelled = json.loads(pictor("index", str(manifest), "--out", str(out), "--json").stdout)
+    assert (relabelled["replaced"], relabelled["inserted"]) == (12, 0)  # label "" from the folder's
 
 
 def test_ctrl_c_ends_the_run_with_what_was_written(gallery: Path, tmp_path: Path, caplog) -> None:
@@ -88,6 +99,10 @@ def test_ctrl_c_ends_the_run_with_what_was_written(gallery: Path, tmp_path: Path
                                max_pixels=DEFAULT_MAX_PIXELS, progress=False, log_every=1e-9)
         assert summary.interrupted
         assert 0 < summary.indexed == summary.inserted == len(store) <= 6
+        # Run again: what the first run wrote is not embedded again.
+        again = run_indexing(entries, embedder, store, batch_size=2, max_pixels=DEFAULT_MAX_PIXELS, progress=False)
+        assert (again.unchanged, again.inserted, len(store)) == (summary.indexed, len(entries) - summary.indexed,
+                                                                 len(entries))
     # Without a terminal for a bar, progress comes as log lines (every 30 s in the CLI).
     assert f"indexed 2 of {len(entries)} images (" in caplog.text
 
@@ -113,7 +128,7 @@ def test_an_existing_index_is_extended_with_its_own_model(gallery: Path, tmp_pat
     pictor("index", str(gallery), "--out", str(out), "--backbone", "resnet18", "--weights", "random",
            "--pooling", "gem")
     summary = json.loads(pictor("index", str(gallery), "--out", str(out), "--prune", "--json").stdout)
-    assert (summary["replaced"], summary["index_size"]) == (12, 12)
+    assert (summary["unchanged"], summary["index_size"]) == (12, 12)
     with IndexStore.open(out) as store:
         assert (store.spec.backbone, store.spec.pooling) == ("resnet18", "gem")
     r = pictor("index", str(gallery), "--out", str(out), "--backbone", "resnet50", check=False)
@@ -182,8 +197,10 @@ def test_pca_whitened_index_serves_whitened_queries(gallery: Path, tmp_path: Pat
             engine.search(vector=np.ones(engine.embedder.spec.dim).tolist())
     finally:
         engine.close()
+    sorted(gallery.rglob("*.png"))[0].write_bytes(drawn_image(76))
     again = json.loads(pictor("index", str(gallery), "--out", str(out), "--json").stdout)
-    assert (again["replaced"], again["index_size"]) == (12, 13)  # the index's whitening, reused
+    # The changed file is embedded and whitened as the index was (an unwhitened vector is refused).
+    assert (again["replaced"], again["unchanged"], again["index_size"]) == (1, 11, 13)
     other = pictor("index", str(gallery), "--out", str(out), "--pca-whiten", "4", check=False)
     assert other.returncode == 2 and "would change its space" in other.stderr
     tiny = pictor("index", str(gallery), "--out", str(tmp_path / "i3"), "--pca-whiten", "64", check=False)
@@ -197,8 +214,8 @@ def test_an_embedding_that_underflowed_costs_its_file_not_the_run(tmp_path: Path
     entries = [GalleryEntry(key=f"{n}.jpg", path=tmp_path / f"{n}.jpg") for n in ("good", "zero", "nan")]
     vectors = np.array([[0.6, 0.8], [0.0, 0.0], [np.nan, np.nan]], np.float32)
     tensors = [torch.zeros(3, 4, 4) for _ in entries]
-    batch, kept = without_degenerate(DecodedBatch(entries, tensors, []), vectors, "fp16")
-    assert [e.key for e in batch.entries] == ["good.jpg"] and len(batch.tensors) == 1
+    batch, kept = without_degenerate(DecodedBatch(entries, tensors, ["h1", "h2", "h3"], []), vectors, "fp16")
+    assert [e.key for e in batch.entries] == ["good.jpg"] and len(batch.tensors) == 1 and batch.hashes == ["h1"]
     np.testing.assert_array_equal(kept, vectors[:1])
     assert [e.key for e, _ in batch.failures] == ["zero.jpg", "nan.jpg"]
     assert "all zero or not finite (at fp16; --precision fp32 may embed it)" in batch.failures[0][1]

@@ -16,6 +16,7 @@ import pytest
 from pictor.core.faiss_index import _BATCH_OMP_THREADS, SearchKnobs, VectorIndex
 from pictor.core.spec import ModelSpec
 from pictor.core.store import (
+    DATABASE,
     MANIFEST,
     DeleteResult,
     Filter,
@@ -150,6 +151,27 @@ def test_get_returns_stored_items_in_the_order_asked(filled: tuple[IndexStore, n
     monkeypatch.setattr("pictor.core.store._SQL_CHUNK", 64)  # keys read in several chunks
     keys = [f"img/{i}.jpg" for i in range(300)]
     assert [it.key for it in store.get(keys[::-1]).items] == [k for k in keys[::-1] if k != "img/8.jpg"]
+
+
+def test_content_hashes_are_kept_and_a_store_from_before_them_gains_them(tmp_path: Path, rng) -> None:
+    import sqlite3
+
+    vecs = unit(rng, 2)
+    with IndexStore.create(tmp_path / "s", spec(), index_type="Flat") as store:
+        store.upsert([Item("a", content_hash="h-a"), Item("b")], vecs)
+        assert [it.content_hash for it in store.get(["a", "b"]).items] == ["h-a", ""]
+    with sqlite3.connect(tmp_path / "s" / DATABASE) as db:  # as stores were made before
+        db.execute("DROP TABLE contents")
+    with IndexStore.open(tmp_path / "s") as store:
+        assert [it.content_hash for it in store.get(["a", "b"]).items] == ["", ""]
+        store.upsert([Item("a", content_hash="h-a2")], vecs[:1])
+        assert store.get(["a"]).items[0].content_hash == "h-a2"
+        store.upsert([Item("a")], vecs[:1])  # replaced by an item of unknown content
+        assert store.get(["a"]).items[0].content_hash == ""
+        store.upsert([Item("b", content_hash="h-b")], vecs[1:])
+        store.delete(["b"])
+    with sqlite3.connect(tmp_path / "s" / DATABASE) as db:
+        assert db.execute("SELECT COUNT(*) FROM contents").fetchone() == (0,)  # none left behind
 
 
 def test_filters_return_only_matches_and_exactly_k(filled: tuple[IndexStore, np.ndarray]) -> None:

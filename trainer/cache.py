@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
-from pictor.core.files import write_atomic
+from pictor.core.files import content_hash, write_atomic
 from pictor.core.spec import ModelSpec
 from pictor.errors import InvalidImageError
 from pictor.trainer.data import Sample
@@ -92,10 +92,6 @@ class EmbeddedSet:
     @property
     def labels(self) -> list[str]:
         return [s.label for s in self.samples]
-
-
-def content_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def embed_samples(
