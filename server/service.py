@@ -93,7 +93,7 @@ def stream_items(requests: Iterator[pb.UpsertRequest], idle_s: float) -> Iterato
                 if not put(request.item):
                     return
             put(_STREAM_END)
-        except grpc.RpcError as e:  # cancelled: by the client, its deadline, or the server stopping
+        except Exception as e:  # gRPC's cancel (RpcError) or a malformed message: the handler raises it
             put(e)
 
     threading.Thread(target=read, name="pictor-upsert-reader", daemon=True).start()
@@ -108,11 +108,13 @@ def stream_items(requests: Iterator[pb.UpsertRequest], idle_s: float) -> Iterato
                 ) from None
             if entry is _STREAM_END:
                 return
-            if isinstance(entry, grpc.RpcError):
+            if isinstance(entry, grpc.RpcError):  # cancelled: by the client, its deadline, or the server stopping
                 raise DeadlineExceededError(
                     "the upsert stream was cancelled before its last item (by the client, its "
                     "deadline, or the server shutting down)"
                 ) from entry
+            if isinstance(entry, Exception):
+                raise entry
             yield cast(pb.Item, entry)
     finally:
         finished.set()  # the reader ends once gRPC ends the call (next() then raises)
