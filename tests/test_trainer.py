@@ -33,7 +33,7 @@ from pictor.trainer.evaluate import evaluate
 from pictor.trainer.finetune import backbone_stages, unfreeze_last, warmup_cosine
 from pictor.trainer.metrics import classification_report, format_report
 from pictor.trainer.openset import calibrate_open_set, far_threshold, nearest_similarity
-from pictor.trainer.train import build_embedder, train
+from pictor.trainer.train import build_embedder, head_description, train
 
 CLASSES = ("disc", "square", "triangle")
 COLOURS = {"disc": (220, 30, 30), "square": (30, 200, 40), "triangle": (30, 60, 220)}
@@ -372,7 +372,8 @@ def test_fine_tuning_that_lowers_accuracy_keeps_the_probe(shapes: Path, tmp_path
     assert result.report["top1"] == m["linear_probe_val_accuracy"] == 1.0
     assert result.model.spec == plain_spec and not result.model.backbone_state
     np.testing.assert_allclose(emb.embed(images), before, atol=1e-6)  # the backbone is restored
-    assert "fine-tuning lowered validation top-1" in caplog.text
+    assert "fine-tuning lowered validation top-1 (the linear probe 1.0000; on the tuned" in caplog.text
+    assert head_description("finetune", m).startswith("linear head (fine-tuning lowered")  # as summaries say it
     assert "training all of them" in caplog.text  # --unfreeze 99 of 7 stages
 
 

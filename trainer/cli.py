@@ -148,7 +148,7 @@ def run_train(args: argparse.Namespace) -> int:
     require_server_extra("pictor train")
     from pictor.core.files import check_output_file
     from pictor.trainer.metrics import top5_text
-    from pictor.trainer.train import train
+    from pictor.trainer.train import head_description, train
 
     try:
         decays = tuple(float(x) for x in args.weight_decays.split(",") if x.strip())
@@ -172,7 +172,7 @@ def run_train(args: argparse.Namespace) -> int:
     m = result.model.metrics
     cached = (f" ({result.cache['hits']} embeddings from the cache, {result.cache['misses']} computed)"
               if result.cache["hits"] + result.cache["misses"] else "")  # 0 + 0: --cache-dir none
-    print(f"wrote {args.out}: {config.mode} head, {len(result.model.class_names)} classes, "
+    print(f"wrote {args.out}: {head_description(config.mode, m)}, {len(result.model.class_names)} classes, "
           f"{m['train_images']} training images, {len(result.skipped)} skipped, "
           f"{result.seconds:.0f}s{cached}")
     print(f"validation: top-1: {result.report['top1']:.4f}   {top5_text(result.report)}"

@@ -195,9 +195,16 @@ def train(
     if out is not None:
         model.save(out)
     seconds = time.perf_counter() - start
-    log.info("trained %s head on %d images (%d classes) in %.1fs: val top-1 %.4f",
-             config.mode, len(tr.samples), len(state.names), seconds, report["top1"])
+    log.info("trained %s on %d images (%d classes) in %.1fs: val top-1 %.4f",
+             head_description(config.mode, metrics), len(tr.samples), len(state.names), seconds, report["top1"])
     return TrainResult(model, report, skipped, cache, seconds)
+
+
+def head_description(mode: str, metrics: dict[str, Any]) -> str:
+    """What was trained, for people: a fine-tuning run may have kept its first linear probe."""
+    if mode == "finetune" and metrics.get("head") == "linear probe":
+        return "linear head (fine-tuning lowered validation top-1: the probe on the pretrained backbone is kept)"
+    return f"{mode} head"
 
 
 def _linear_probe(config: TrainConfig, data: str | Path, tr: EmbeddedSet, va: EmbeddedSet
@@ -300,9 +307,10 @@ def _finetune(config: TrainConfig, embedder: Embedder, tr: EmbeddedSet, state: _
         # Few images or epochs can leave the tuned backbone behind the pretrained one: then
         # the model is the probe (early stopping at epoch 0), and needs no index of its own.
         # (Accuracy alone decides: a head trained with label smoothing has a higher loss.)
-        log.warning("fine-tuning lowered validation top-1 (%.4f, the linear probe %.4f): the model "
-                    "keeps the pretrained backbone and the probe's head", tuned_accuracy,
-                    probe_fit.val_accuracy)
+        log.warning("fine-tuning lowered validation top-1 (the linear probe %.4f; on the tuned backbone's "
+                    "embeddings, the head trained along %.4f, a probe refitted %.4f): the model keeps "
+                    "the pretrained backbone and the probe's head", probe_fit.val_accuracy, joint_acc,
+                    refit.val_accuracy)
         embedder.backbone.load_state_dict(ft.initial_state, strict=False)
         embedder.spec = dataclasses.replace(embedder.spec, finetune="")
         state.head, state.fit, state.x_train, state.x_val = probe_head, probe_fit, probe_x_train, probe_x_val
