@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pictor.api import CLASSIFIERS, UPSERT_CHUNK, ServerInfo, StoredItem
 from pictor.config import DEFAULT_PORT, DEFAULT_TARGET
-from pictor.errors import InvalidRequestError, PictorError, ServerUnavailableError
+from pictor.errors import DeadlineExceededError, InvalidRequestError, PictorError, ServerUnavailableError
 from pictor.status import error_from_status
 from pictor.v1 import pictor_pb2 as pb
 from pictor.v1 import pictor_pb2_grpc as pb_grpc
@@ -189,13 +189,17 @@ class PictorClient:
             code, details = e.code(), e.details() or ""  # type: ignore[attr-defined]
             if code == grpc.StatusCode.UNAVAILABLE:
                 details = f"cannot reach a Pictor server at {self.target}: {details}"
-            elif code == grpc.StatusCode.DEADLINE_EXCEEDED and (
-                self.timeout is not None and time.monotonic() - started >= self.timeout
-            ):  # this client's deadline; earlier, the server ended the call and says why
+            elif code == grpc.StatusCode.DEADLINE_EXCEEDED and self._past_deadline(started):
+                # (earlier, the server ended the call itself and says why)
                 details = f"no answer from {self.target} within the timeout of {self.timeout:g} s"
             elif code == grpc.StatusCode.NOT_FOUND and method == self._health.Check:
                 details = f"the server has no health status for service {request.service!r}"
             raise error_from_status(code, details) from None
+
+    def _past_deadline(self, started: float) -> bool:
+        """Whether a call that began at ``started`` (``time.monotonic()``) ran into this
+        client's timeout."""
+        return time.monotonic() - started >= self.timeout
 
     def health(self, service: str = "") -> str:
         """Serving status name from the standard health service, e.g. ``"SERVING"``."""
@@ -273,14 +277,20 @@ class PictorClient:
                 raised.append(e)
                 raise
 
+        started = time.monotonic()
         try:
             r = self._call(self._stub.Upsert, requests())
         except PictorError as e:
             if raised:
                 raise raised[0] from None
-            if sent and isinstance(e, ServerUnavailableError):  # the call was lost: the server cannot say
-                raise type(e)(f"{e}; some of the {sent} items sent may have been written (in chunks of "
-                              f"{UPSERT_CHUNK}): sending them again is safe, keys replace") from None
+            # A call lost, or past this client's deadline, cannot say what was written; a stream
+            # the server ended (DEADLINE_EXCEEDED before ours: an idle one) says it itself.
+            lost = isinstance(e, ServerUnavailableError) and (
+                not isinstance(e, DeadlineExceededError) or self._past_deadline(started))
+            if sent and lost:
+                some = f"some of the {sent} items sent" if sent > 1 else "the item sent"
+                raise type(e)(f"{e}; {some} may have been written (in chunks of {UPSERT_CHUNK}): "
+                              "sending them again is safe, keys replace") from None
             raise
         return r.inserted, r.replaced
 

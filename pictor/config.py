@@ -8,6 +8,7 @@ then the defaults written here. Every default works on a laptop with no network.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import typing
@@ -75,9 +76,9 @@ class ServerSettings:
     upsert_idle_timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.upsert_idle_timeout <= 0:
+        if not 0 < self.upsert_idle_timeout < math.inf:  # nan and inf too
             raise InvalidRequestError(
-                f"upsert_idle_timeout must be above 0 seconds, got {self.upsert_idle_timeout}"
+                f"upsert_idle_timeout must be a number of seconds above 0, got {self.upsert_idle_timeout}"
             )
         if not 0 <= self.port <= 65535:
             raise InvalidRequestError(f"port must be between 0 (any free port) and 65535, got {self.port}")

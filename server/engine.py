@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MAX_K = 1000
 MAX_EMBED_IMAGES = 256  # per Embed call: one forward pass, bounded in time and memory
+KEY_QUERY_COPIES = 16  # copies of an item (same image, other keys) a search by its key sees past
 MAX_GET_KEYS = 1000  # per Get call: with vectors, 5 MB of answer at dim 1280
 DEFAULT_TOP_K = 5
 DEFAULT_K = 10
@@ -55,6 +56,24 @@ class ClassifyResult:
     neighbors: Hits = field(default_factory=Hits)
     agree: bool = False
     unknown: bool = False
+
+
+def _check_keys(keys: Sequence[str], call: str) -> None:
+    if not keys:
+        raise InvalidRequestError(f"{call} got no keys")
+    if "" in keys:
+        raise InvalidRequestError(f"{call}: key {list(keys).index('')} is empty; no item has an empty key")
+
+
+def query_item_first(hits: Hits, key: str, k: int) -> Hits:
+    """``hits`` cut to ``k``, with the query's own item first when it ties with the best:
+    identical images under other keys score the same and come in the index's order."""
+    keys = hits.keys
+    j = keys.index(key) if key in keys else 0
+    if j and hits.scores[j] >= hits.scores[0] - 1e-6:
+        order = [j, *(i for i in range(len(keys)) if i != j)]
+        hits = Hits([hits.rows[i] for i in order], [hits.scores[i] for i in order])
+    return hits[:k]
 
 
 def check_k(value: int, default: int, name: str) -> int:
@@ -278,6 +297,9 @@ class Engine:
             query = self.embed([image])[0]
         elif key is not None:
             query = self.store.get_vector(key)
+            # Wider: copies of the item under other keys tie with it, in the index's order.
+            wide = self.store.search(query[None], k + KEY_QUERY_COPIES, filter=filter, params=params)[0]
+            return query_item_first(wide, key, k)
         elif vector is not None:
             query = self.query_vector(vector)
         else:
@@ -319,13 +341,11 @@ class Engine:
         return self.store.upsert(items, rows)
 
     def delete(self, keys: Sequence[str]) -> DeleteResult:
-        if not keys:
-            raise InvalidRequestError("delete got no keys")
+        _check_keys(keys, "delete")
         return self.store.delete(keys)
 
     def get(self, keys: Sequence[str], *, vectors: bool = False) -> GetResult:
-        if not keys:
-            raise InvalidRequestError("get got no keys")
+        _check_keys(keys, "get")
         if len(keys) > MAX_GET_KEYS:
             raise InvalidRequestError(f"get takes at most {MAX_GET_KEYS} keys per call, got {len(keys)}")
         return self.store.get(keys, vectors=vectors)

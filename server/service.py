@@ -103,8 +103,9 @@ def stream_items(requests: Iterator[pb.UpsertRequest], idle_s: float) -> Iterato
                 entry = ahead.get(timeout=idle_s)
             except queue.Empty:
                 raise DeadlineExceededError(
-                    f"the upsert stream sent nothing for {idle_s:g} s and was ended (this server's "
-                    "upsert_idle_timeout); close the stream when the last item is sent"
+                    f"the upsert stream sent nothing for {idle_s:g} s and was ended: send each item "
+                    "within that time of the last and close the stream after the last one (the "
+                    "server's --upsert-idle-timeout sets the time)"
                 ) from None
             if entry is _STREAM_END:
                 return
@@ -118,6 +119,10 @@ def stream_items(requests: Iterator[pb.UpsertRequest], idle_s: float) -> Iterato
             yield cast(pb.Item, entry)
     finally:
         finished.set()  # the reader ends once gRPC ends the call (next() then raises)
+
+
+def _items(n: int) -> str:
+    return f"{n} item{'' if n == 1 else 's'}"
 
 
 class PictorService(pb_grpc.PictorServicer):
@@ -169,7 +174,8 @@ class PictorService(pb_grpc.PictorServicer):
     def Upsert(self, request_iterator: Iterator[pb.UpsertRequest], context: grpc.ServicerContext) -> pb.UpsertResponse:
         if not self._upsert_slots.acquire(blocking=False):
             raise ResourceExhaustedError(
-                f"{self.max_upsert_streams} upsert streams are open already (this server's limit: half "
+                f"{self.max_upsert_streams} upsert stream{'s are' if self.max_upsert_streams != 1 else ' is'} "
+                "open already (this server's limit: half "
                 "its --workers); nothing was written, send again when one has ended"
             )
         try:
@@ -179,14 +185,16 @@ class PictorService(pb_grpc.PictorServicer):
 
     def _upsert(self, request_iterator: Iterator[pb.UpsertRequest], context: grpc.ServicerContext) -> pb.UpsertResponse:
         inserted = replaced = 0
-        for chunk in batched(stream_items(request_iterator, self.upsert_idle_s), UPSERT_CHUNK):
-            try:
+        try:
+            for chunk in batched(stream_items(request_iterator, self.upsert_idle_s), UPSERT_CHUNK):
                 result = self._upsert_chunk(chunk, context)
-            except PictorError as e:
-                if written := inserted + replaced:
-                    raise type(e)(f"{e}; the {written} items streamed before them were written") from e
-                raise
-            inserted, replaced = inserted + result.inserted, replaced + result.replaced
+                inserted, replaced = inserted + result.inserted, replaced + result.replaced
+        except PictorError as e:  # a bad item, or the stream ended early: say what is written
+            if written := inserted + replaced:
+                raise type(e)(f"{e}; the {_items(written)} streamed before were written") from e
+            if isinstance(e, DeadlineExceededError):
+                raise DeadlineExceededError(f"{e}; nothing of this stream was written") from e
+            raise
         if not (inserted or replaced):
             raise InvalidRequestError("upsert stream carried no items")
         return pb.UpsertResponse(inserted=inserted, replaced=replaced)

@@ -42,8 +42,9 @@ def test_bad_values_and_files_are_clear_errors(tmp_path: Path) -> None:
         build_settings(ServerSettings, {}, env={}, config_file=tmp_path / "missing.toml")
     with pytest.raises(InvalidRequestError, match="port must be between 0 .* got -1"):
         build_settings(ServerSettings, {"port": -1}, env={})
-    with pytest.raises(InvalidRequestError, match="upsert_idle_timeout must be above 0 seconds, got 0.0"):
-        build_settings(ServerSettings, {}, env={"PICTOR_UPSERT_IDLE_TIMEOUT": "0"})
+    for seconds in ("0", "nan", "inf"):
+        with pytest.raises(InvalidRequestError, match=f"upsert_idle_timeout must be a number of seconds above 0, got {seconds}"):
+            build_settings(ServerSettings, {}, env={"PICTOR_UPSERT_IDLE_TIMEOUT": seconds})
     # A batch size of 0 made one batch of the whole gallery.
     with pytest.raises(InvalidRequestError, match="batch_size must be at least 1, got 0"):
         build_settings(IndexerSettings, {}, env={"PICTOR_BATCH_SIZE": "0"})

@@ -184,6 +184,12 @@ def test_add_and_delete_survive_sigkill(built_index: Path) -> None:
             assert stored.vector is not None and np.allclose(stored.vector, embedded, atol=1e-5)
             with pytest.raises(InvalidRequestError, match="get got no keys"):
                 client.get([])
+            with pytest.raises(InvalidRequestError, match="delete: key 1 is empty; no item has an empty key"):
+                client.delete(["new/one.png", ""])
+            # Copies of one image under other keys tie with it: a search by its key puts it first.
+            copies = [UpsertItem(key=f"copy/{i}", vector=embedded) for i in range(3)]
+            client.upsert(copies)
+            assert [client.search(key=c.key, k=1)[0].key for c in copies] == [c.key for c in copies]
             with pytest.raises(InvalidRequestError, match="at most 1000 keys per call, got 1001"):
                 client.get(["k"] * 1001)
     finally:
@@ -330,7 +336,7 @@ def test_calls_are_bounded_and_work_for_a_caller_gone_is_not_written(built_index
         with PictorClient(server.target, timeout=5) as client, ThreadPoolExecutor(1) as pool:
             slow = pool.submit(client.upsert, slow_items())
             time.sleep(0.5)  # the stream is open
-            with pytest.raises(ResourceExhaustedError, match="1 upsert streams are open already"):
+            with pytest.raises(ResourceExhaustedError, match="1 upsert stream is open already"):
                 client.upsert([UpsertItem(key="slow/1", vector=[1.0] * 1280)])
             assert client.health() == "SERVING" and client.info().index_size == 12
             release.set()
@@ -382,8 +388,10 @@ def test_a_quiet_upsert_stream_is_ended_and_frees_its_slot(built_index: Path) ->
 
     try:
         with PictorClient(server.target, timeout=20) as client:
-            with pytest.raises(DeadlineExceededError, match=r"the upsert stream sent nothing for 1 s and was ended"):
+            with pytest.raises(DeadlineExceededError) as ended:
                 client.upsert(quiet())
+            assert re.fullmatch(r"the upsert stream sent nothing for 1 s and was ended: send each item within that "
+                                r"time .*; nothing of this stream was written \(DEADLINE_EXCEEDED\)", str(ended.value))
             release.set()
             assert client.upsert(steady()) == (5, 0)  # the slot is free again
             assert client.info().index_size == 12 + 5  # the quiet stream's unfinished chunk is not written

@@ -84,6 +84,8 @@ class PictorServicer:
 
     def Search(self, request, context):
         """Nearest items to a query given as image bytes, a stored item's key, or a raw vector.
+        By key, the item itself comes first, also when copies of it (the same image under
+        other keys, up to 16) tie with it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
