@@ -67,7 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("-k", type=_at_least(1), default=10, help="number of results, 1 to 1000 (default 10)")
     p.add_argument("--label", action="append", default=[], help="only items with this label (repeatable)")
     p.add_argument("--attr", action="append", default=[], metavar="NAME=VALUE",
-                   help="only items whose attribute NAME equals VALUE (repeatable)")
+                   help="only items whose attribute NAME equals VALUE (repeatable: items must match "
+                        "every one; several --label match any)")
     p.set_defaults(run=run_search)
 
     p = _parser(sub, "info", "what a running server serves: backbone, index, classes, versions",
@@ -226,11 +227,14 @@ def _one_line(text: str) -> str:
 
 
 def _parse_attrs(pairs: Sequence[str]) -> dict[str, str]:
-    attrs = {}
+    attrs: dict[str, str] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name:
             raise InvalidRequestError(f"--attr takes NAME=VALUE, got {pair!r}")
+        if attrs.get(name, value) != value:  # an item has one value per name: the last would win
+            raise InvalidRequestError(f"--attr {name} is given twice ({attrs[name]!r} and {value!r}); "
+                                      "an item has one value per attribute")
         attrs[name] = value
     return attrs
 

@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     require_server_extra("pictor index")
     signal.signal(signal.SIGTERM, _interrupt)
     from pictor.core.embedder import index_spec, open_index
+    from pictor.core.faiss_index import parse_factory
     from pictor.core.gallery import image_suffixes_text, read_gallery
     from pictor.core.store import AUTO, MANIFEST, IndexStore, make_store_dir
     from pictor.indexer.pipeline import fit_whitening, indexed_under_other_keys, run_indexing, split_misnamed
@@ -142,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
         embedder = _embedder(settings, store, spec, out)
         if store:
             store.check_spec(index_spec(embedder.spec, whitening), what="this run's model")
+        elif settings.index_type != AUTO:  # a bad factory string: now, not after a whitening sample
+            parse_factory(settings.pca_whiten or embedder.spec.dim, settings.index_type)
     except BaseException:
         if store:
             store.close()

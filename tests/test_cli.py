@@ -31,3 +31,11 @@ def test_an_empty_knn_vote_says_why() -> None:
     assert lines == ["a.jpg  (knn)", "  (no labelled item in the index to vote)"]
     voted = Classification(labels=[Label("cat", 1.0)], source="knn")
     assert _classification_lines("a.jpg", voted, neighbours=False) == ["a.jpg  (knn)", "   1.000  cat"]
+
+
+def test_an_attribute_given_twice_with_two_values_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    # A filter holds one value per name: the last would silently win.
+    code = main(["search", "--key", "a.jpg", "--attr", "season=spring", "--attr", "season=summer",
+                 "--target", "127.0.0.1:9"])
+    assert code == 2
+    assert "--attr season is given twice ('spring' and 'summer')" in capsys.readouterr().err

@@ -133,8 +133,10 @@ def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: Server
 
         with pytest.raises(OSError, match="the disk went away"):
             client.upsert(failing_items())
-        with pytest.raises(InvalidRequestError, match="item 'a': the key, the label and each attribute name and value must be text"):
+        with pytest.raises(InvalidRequestError, match=r"item 'a': attributes map text to text, got 'n': 3 \(int\)"):
             client.upsert([UpsertItem(key="a", vector=[1.0], attributes={"n": 3})])  # type: ignore[dict-item]
+        with pytest.raises(InvalidRequestError, match="item 'a': the key, the label and each attribute name and value must be text"):
+            client.upsert([UpsertItem(key="a", vector=[1.0], label=3)])  # type: ignore[arg-type]
         assert client.info().index_size == 12
 
 
