@@ -140,8 +140,7 @@ def _item(it: UpsertItem) -> pb.Item:
     for name, value in it.attributes.items():  # protobuf's own words would name neither
         if not isinstance(name, str) or not isinstance(value, str):
             raise InvalidRequestError(f"item {it.key!r:.200}: attributes map text to text, got "
-                                      f"{name!r:.200}: {value!r:.200} ({type(value).__name__}); "
-                                      "write numbers as text, e.g. str(3)")
+                                      f"{name!r:.200}: {value!r:.200}; write numbers as text, e.g. str(3)")
     try:
         item = pb.Item(key=it.key, image=image, label=it.label, attributes=dict(it.attributes))
     except (TypeError, ValueError) as e:  # protobuf's own words do not say which field
