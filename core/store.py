@@ -90,9 +90,9 @@ class Item:
     key: str
     label: str = ""
     attributes: Mapping[str, str] = field(default_factory=dict)
-    # sha256 of the image file the vector was embedded from, "" when not known (a vector or
-    # image sent to the server): `pictor index` leaves a file alone when the store holds its
-    # key with this content, label and attributes.
+    # sha256 of the image file the vector was embedded from (set by `pictor index` and by an
+    # Upsert of image bytes), "" for a vector: `pictor index` leaves a file alone when the
+    # store holds its key with this content, label and attributes.
     content_hash: str = ""
 
 

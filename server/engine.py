@@ -6,6 +6,7 @@ errors raised here are typed domain errors that the error interceptor maps to st
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -20,6 +21,7 @@ from pictor import __version__
 from pictor.api import CLASSIFIERS, ServerInfo
 from pictor.config import ServerSettings
 from pictor.core.decode import decode_image
+from pictor.core.files import content_hash
 from pictor.core.head import top_k_labels
 from pictor.core.store import (
     DeleteResult,
@@ -338,7 +340,11 @@ class Engine:
             rows[to_embed] = self.to_index(out.embeddings)
         if before_write is not None:
             before_write()
-        return self.store.upsert(items, rows)
+        # An image's hash, as `pictor index` keeps a file's: indexing that file later with the
+        # same key, label and attributes leaves this item as it is.
+        hashed = [dataclasses.replace(it, content_hash=content_hash(img)) if img else it
+                  for it, img in zip(items, images, strict=True)]
+        return self.store.upsert(hashed, rows)
 
     def delete(self, keys: Sequence[str]) -> DeleteResult:
         _check_keys(keys, "delete")

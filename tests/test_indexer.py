@@ -80,6 +80,18 @@ def test_rerun_replaces_instead_of_duplicating(gallery: Path, tmp_path: Path) ->
     assert (relabelled["replaced"], relabelled["inserted"]) == (12, 0)  # label "" from the folder's
 
 
+def test_an_image_added_through_the_server_is_not_embedded_again(gallery: Path, built_index: Path) -> None:
+    image = sorted(gallery.rglob("*.png"))[0]
+    engine = Engine.load(ServerSettings(index=str(built_index), device="cpu"))
+    try:  # as `pictor add` sends it: the file's bytes under its path as key
+        engine.upsert([Item(key=image.as_posix(), label=image.parent.name)], [image.read_bytes()], [None])
+        engine.upsert([Item(key="vector-only")], [None], [np.ones(engine.store.spec.dim).tolist()])
+    finally:
+        engine.close()
+    summary = json.loads(pictor("index", str(gallery), "--out", str(built_index), "--json").stdout)
+    assert (summary["unchanged"], summary["indexed"], summary["index_size"]) == (12, 0, 13)
+
+
 def test_ctrl_c_ends_the_run_with_what_was_written(gallery: Path, tmp_path: Path, caplog) -> None:
     from pictor.config import DEFAULT_MAX_PIXELS
     from pictor.core.embedder import create_embedder
