@@ -8,9 +8,12 @@ at most the batch in flight and a re-run over the same output replaces instead o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -188,6 +191,30 @@ def indexed_under_other_keys(entries: Sequence[GalleryEntry], store: IndexStore)
     return {spellings[k]: k for k in store.keys_present(list(spellings))}
 
 
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block is done, then deliver them to the handlers they
+    had (Ctrl-C's raises ``KeyboardInterrupt``, and so does `pictor index`'s for SIGTERM).
+
+    An interrupt between a batch's commit and the summary's count would leave a durable batch
+    uncounted (or the store's in-memory index behind its database). Signals reach only the
+    main thread, so elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: caught.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for signum in dict.fromkeys(caught):
+        signal.raise_signal(signum)
+
+
 def run_indexing(
     entries: Iterable[GalleryEntry],
     embedder: Embedder,
@@ -217,12 +244,13 @@ def run_indexing(
     try:
         for decoded, vectors in batches:
             summary.add_failures(decoded.failures)
-            if decoded.entries:
-                result = store.upsert(decoded.items(), vectors if whitening is None else whitening.apply(vectors))
-                summary.inserted += result.inserted
-                summary.replaced += result.replaced
-            summary.indexed += len(decoded.entries)
-            summary.unchanged += decoded.unchanged
+            with interrupts_deferred():  # a batch written is a batch counted
+                if decoded.entries:
+                    result = store.upsert(decoded.items(), vectors if whitening is None else whitening.apply(vectors))
+                    summary.inserted += result.inserted
+                    summary.replaced += result.replaced
+                summary.indexed += len(decoded.entries)
+                summary.unchanged += decoded.unchanged
             bar.update(len(decoded.entries) + len(decoded.failures) + decoded.unchanged)
             bar.set_postfix(skipped=summary.skipped, refresh=False)
             if (now := time.perf_counter()) >= next_log:

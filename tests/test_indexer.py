@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,18 @@ def test_ctrl_c_ends_the_run_with_what_was_written(gallery: Path, tmp_path: Path
                                                                  len(entries))
     # Without a terminal for a bar, progress comes as log lines (every 30 s in the CLI).
     assert f"indexed 2 of {len(entries)} images (" in caplog.text
+
+
+def test_an_interrupt_waits_until_a_written_batch_is_counted() -> None:
+    from pictor.indexer.pipeline import interrupts_deferred
+
+    before, steps = signal.getsignal(signal.SIGINT), []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right after a commit
+            time.sleep(0.05)  # Python runs a handler between bytecodes: time for it to act
+            steps.append("counted")
+    assert steps == ["counted"] and signal.getsignal(signal.SIGINT) is before
 
 
 def test_index_refuses_another_backbone_on_existing_index(gallery: Path, tmp_path: Path) -> None:
