@@ -222,8 +222,9 @@ def _hit_text(h: Hit) -> str:
 
 
 def _one_line(text: str) -> str:
-    """Text as a table cell: quoted when it holds a line break or another control character."""
-    return repr(text) if any(c < " " for c in text) else text
+    """Text as a table cell: quoted when it holds a line break or another control character, or
+    starts or ends with a space (invisible otherwise)."""
+    return repr(text) if any(c < " " for c in text) or text != text.strip() else text
 
 
 def _parse_attrs(pairs: Sequence[str]) -> dict[str, str]:

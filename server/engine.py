@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 
 MAX_K = 1000
 MAX_EMBED_IMAGES = 256  # per Embed call: one forward pass, bounded in time and memory
-KEY_QUERY_COPIES = 16  # copies of an item (same image, other keys) a search by its key sees past
+# Copies of an item (the same image under other keys) a search by its key looks past, at
+# first and at most (4x at a time, only while every hit ties with the first).
+KEY_QUERY_COPIES, MAX_KEY_QUERY_COPIES = 16, 1024
 MAX_GET_KEYS = 1000  # per Get call: with vectors, 5 MB of answer at dim 1280
 DEFAULT_TOP_K = 5
 DEFAULT_K = 10
@@ -299,9 +301,15 @@ class Engine:
             query = self.embed([image])[0]
         elif key is not None:
             query = self.store.get_vector(key)
-            # Wider: copies of the item under other keys tie with it, in the index's order.
-            wide = self.store.search(query[None], k + KEY_QUERY_COPIES, filter=filter, params=params)[0]
-            return query_item_first(wide, key, k)
+            # Copies of the item under other keys tie with it, in the index's order: look
+            # further while the item is not among hits that all tie.
+            extra = KEY_QUERY_COPIES
+            while True:
+                wide = self.store.search(query[None], k + extra, filter=filter, params=params)[0]
+                if key in wide.keys or extra >= MAX_KEY_QUERY_COPIES or len(wide) < k + extra \
+                        or wide.scores[-1] < wide.scores[0] - 1e-6:
+                    return query_item_first(wide, key, k)
+                extra *= 4
         elif vector is not None:
             query = self.query_vector(vector)
         else:

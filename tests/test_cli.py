@@ -21,6 +21,7 @@ def test_keys_with_line_breaks_stay_on_their_table_row() -> None:
 
     assert _one_line("photos/a.jpg") == "photos/a.jpg"
     assert _one_line("two\nlines.jpg") == "'two\\nlines.jpg'"
+    assert _one_line(" spaced ") == "' spaced '"
 
 
 def test_an_empty_knn_vote_says_why() -> None:

@@ -189,7 +189,7 @@ def test_add_and_delete_survive_sigkill(built_index: Path) -> None:
             with pytest.raises(InvalidRequestError, match="delete: key 1 is empty; no item has an empty key"):
                 client.delete(["new/one.png", ""])
             # Copies of one image under other keys tie with it: a search by its key puts it first.
-            copies = [UpsertItem(key=f"copy/{i}", vector=embedded) for i in range(3)]
+            copies = [UpsertItem(key=f"copy/{i}", vector=embedded) for i in range(20)]  # past the first 16
             client.upsert(copies)
             assert [client.search(key=c.key, k=1)[0].key for c in copies] == [c.key for c in copies]
             with pytest.raises(InvalidRequestError, match="at most 1000 keys per call, got 1001"):

@@ -85,7 +85,7 @@ class PictorServicer:
     def Search(self, request, context):
         """Nearest items to a query given as image bytes, a stored item's key, or a raw vector.
         By key, the item itself comes first, also when copies of it (the same image under
-        other keys, up to 16) tie with it.
+        other keys, up to 1024) tie with it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,8 +118,9 @@ class PictorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Get(self, request, context):
-        """Stored items by key, in the order asked (at most 1000 keys): label, attributes and, when
-        asked, the stored vector. Keys the index does not hold are listed in `missing`.
+        """Stored items by key, each key once in the order first asked (at most 1000 keys): label,
+        attributes and, when asked, the stored vector. Keys the index does not hold are listed
+        in `missing`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
