@@ -173,10 +173,10 @@ class PictorService(pb_grpc.PictorServicer):
 
     def Upsert(self, request_iterator: Iterator[pb.UpsertRequest], context: grpc.ServicerContext) -> pb.UpsertResponse:
         if not self._upsert_slots.acquire(blocking=False):
+            n = self.max_upsert_streams
             raise ResourceExhaustedError(
-                f"{self.max_upsert_streams} upsert stream{'s are' if self.max_upsert_streams != 1 else ' is'} "
-                "open already (this server's limit: half "
-                "its --workers); nothing was written, send again when one has ended"
+                f"{n} upsert stream{'s are' if n != 1 else ' is'} open already (this server's limit: "
+                "half its --workers); nothing was written, send again when one has ended"
             )
         try:
             return self._upsert(request_iterator, context)
