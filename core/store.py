@@ -486,20 +486,19 @@ class IndexStore:
         held = [key for key in unique if key in found]
         items = [Item(key, found[key][0], dict(_load_attrs(found[key][1])), found[key][2]) for key in held]
         stacked = None
-        if vectors:
-            stacked = np.empty((len(held), self.dim), np.float32)
-            for row, key in zip(stacked, held, strict=True):
-                row[:] = np.frombuffer(found[key][3], dtype=np.float32)
+        if vectors:  # writable (a bytearray), as callers may scale or normalise them
+            joined = bytearray(b"".join(found[key][3] for key in held))
+            stacked = np.frombuffer(joined, np.float32).reshape(len(held), self.dim)
         return GetResult(items, stacked, [key for key in unique if key not in found])
 
     def get_vector(self, key: str) -> np.ndarray:
         """The stored (normalised) vector of ``key``; ``NotFoundError`` when absent."""
         if not key:
             raise InvalidRequestError("the query key is empty")
-        found = self.get([key], vectors=True).vectors
-        if found is None or not len(found):
+        found = self.get([key], vectors=True)
+        if found.missing or found.vectors is None:
             raise NotFoundError(f"no item with key {key!r:.200} in the index")
-        return found[0]
+        return found.vectors[0]
 
     def info(self) -> StoreInfo:
         """A consistent summary of the store (counts, index in use, search defaults)."""
