@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -31,19 +30,21 @@ import torch
 from PIL import Image
 
 from pictor.core.decode import load_image
-from pictor.core.embedder import Embedder, cpu_has_fast_bf16, create_embedder
+from pictor.core.embedder import Embedder, create_embedder
+
+from common import machine_line, parser
 
 DEFAULT_MODELS = "resnet18,resnet50,efficientnet_lite0,mobilenet_v3_large"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__)
     p.add_argument("--data", required=True, help="image folder (searched recursively)")
     p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated backbone names")
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32,bf16,fp16")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     p.add_argument("--seconds", type=float, default=9.0,
                    help="timed seconds per measurement (best of 3 windows)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
@@ -128,21 +129,6 @@ def make_big_jpegs(paths: Sequence[Path], out: Path, n: int) -> list[Path]:
         big.save(dst, "JPEG", quality=90)
         made.append(dst)
     return made
-
-
-def machine_line(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}), "
-            f"native bf16 (AMX/AVX512-BF16): {'yes' if cpu_has_fast_bf16() else 'no'}, "
-            f"device {device}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,18 +28,20 @@ from pictor.core.embedder import create_embedder
 from pictor.core.gallery import read_gallery
 from pictor.indexer.pipeline import embedded_batches
 
+from common import machine_line, parser
+
 K = 10
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__)
     p.add_argument("--data", nargs="+", required=True, help="image folders (searched recursively)")
     p.add_argument("--dims", default="64,128,256,512", help="comma-separated PCA sizes")
     p.add_argument("--k-factors", default="1,2,4,6,8,12,16", help="candidates per wanted hit")
-    p.add_argument("--queries", type=int, default=500)
-    p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--queries", type=int, default=500, help="items drawn at random as queries")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="see `pictor models`")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="of the query draw")
     return p.parse_args(argv)
 
 
@@ -63,6 +65,7 @@ def rerank_recall(items: np.ndarray, queries: np.ndarray, truth: np.ndarray, dim
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    print(machine_line(), flush=True)
     embedder = create_embedder(args.backbone)
     entries = [e for folder in args.data for e in read_gallery(folder, labels="none")]
     started = time.perf_counter()

@@ -55,6 +55,8 @@ from pictor.core.faiss_index import SearchKnobs, VectorIndex, recall_at_k, tune_
 from pictor.core.spec import ModelSpec
 from pictor.core.store import IndexStore, Item, StoreOptions
 
+from common import machine_line, parser
+
 K = 10
 OVERHEAD_ROUNDS = 7  # interleaved store / raw FAISS timing rounds
 CHUNK = 50_000
@@ -225,6 +227,8 @@ def bench_store(
     args: argparse.Namespace,
 ) -> list[Row]:
     """`auto` through IndexStore: bulk upsert, one training, then store vs raw FAISS."""
+    if args.tmp:
+        Path(args.tmp).mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="pictor-bench-", dir=args.tmp))
     spec = ModelSpec(backbone="synthetic", weights="none", dim=base.shape[1])
     options = StoreOptions(memory_budget_gb=args.memory_budget_gb, target_recall=args.target)
@@ -336,32 +340,35 @@ def _knobs(k: SearchKnobs) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="100000,1000000")
+    p = parser(__doc__)
+    p.add_argument("--sizes", default="100000,1000000", help="comma-separated collection sizes")
     p.add_argument("--types",
                    default="Flat;HNSW32;IVF{nlist}_HNSW32,Flat;IVF{nlist}_HNSW32,PQ320x4fs;auto",
                    help="';'-separated FAISS factory strings or 'auto'; {nlist} becomes "
                         "about sqrt(size), a power of two (k-means at 1280-d stays ~1 min)")
-    p.add_argument("--dim", type=int, default=1280)
-    p.add_argument("--queries", type=int, default=1000)
-    p.add_argument("--tune-queries", type=int, default=500)
-    p.add_argument("--target", type=float, default=0.95)
+    p.add_argument("--dim", type=int, default=1280, help="of the synthetic vectors")
+    p.add_argument("--queries", type=int, default=1000, help="timed and scored queries")
+    p.add_argument("--tune-queries", type=int, default=500,
+                   help="separate queries that tune nprobe / efSearch")
+    p.add_argument("--target", type=float, default=0.95, help="recall@10 the tuning must reach")
     p.add_argument("--train", type=int, default=40_000,
                    help="training sample size (at least 39 per IVF list)")
     p.add_argument("--single-budget", type=float, default=6.0, help="seconds per single loop")
-    p.add_argument("--skip-hnsw-above", type=int, default=200_000)
+    p.add_argument("--skip-hnsw-above", type=int, default=200_000,
+                   help="sizes above this leave out HNSW types (not IVF over HNSW): their build takes hours")
     p.add_argument("--client-threads", type=int, default=2,
                    help="concurrent single-query clients for the store's throughput figure")
-    p.add_argument("--memory-budget-gb", type=float, default=4.0)
+    p.add_argument("--memory-budget-gb", type=float, default=4.0, help="what `auto` may use")
     p.add_argument("--data", default="", help=".npy of real embeddings instead of synthetic")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tmp", default=None, help="where the store of `auto` is written")
+    p.add_argument("--seed", type=int, default=0, help="of the synthetic data")
+    p.add_argument("--tmp", default=None, help="folder the store of `auto` is written under (made if missing; default: the system's temp)")
     p.add_argument("--cache", default="/tmp/pictor-bench-cache",
                    help="where generated vectors are kept between runs")
     p.add_argument("--out", default="", help="also write the rows as JSON here")
     p.add_argument("--lock", default="",
                    help="flock this file while queries are timed (see the module docstring)")
     args = p.parse_args()
+    print(machine_line("cpu"), flush=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rows: list[Row] = []
     for size in (int(s) for s in args.sizes.split(",")):

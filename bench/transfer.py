@@ -43,22 +43,25 @@ from pictor.trainer.config import TrainConfig
 from pictor.trainer.openset import knn_predict, nearest_similarity
 from pictor.trainer.train import Splits, build_embedder, embed_set, train
 
+from common import machine_line, parser
+
 log = logging.getLogger("bench.transfer")
 
 TARGET_KEPT = 0.90  # issue 4: known images that must keep their correct label
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__)
     p.add_argument("--data", required=True, help="image-folder tree (one folder per class)")
     p.add_argument("--modes", default="linear,finetune,knn,openset",
                    help="comma-separated subset of linear,finetune,knn,openset,far")
     p.add_argument("--backbone", default=TrainConfig.backbone,
-                   help="backbone (default: the offline default); see `pictor models`")
+                   help="see `pictor models`")
     p.add_argument("--weights", default="",
-                   help="weights tag or checkpoint path (default: the backbone's default)")
-    p.add_argument("--val-fraction", type=float, default=0.25)
-    p.add_argument("--seed", type=int, default=0)
+                   help="weights tag or checkpoint path (\"\" = the backbone's default)")
+    p.add_argument("--val-fraction", type=float, default=0.25,
+                   help="share of each class split off for validation (`pictor train`: 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="of the split and of training")
     p.add_argument("--max-per-class", type=int, default=0, help="cap images per class (0 = all)")
     p.add_argument("--epochs", type=int, default=8, help="finetune epochs (upper bound)")
     p.add_argument("--unfreeze", type=int, default=TrainConfig.unfreeze,
@@ -66,27 +69,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--train-size", type=int, default=0,
                    help="finetune crop size (0 = 7/8 of the input size)")
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help="finetune: head LR")
-    p.add_argument("--backbone-lr", type=float, default=TrainConfig.backbone_lr)
+    p.add_argument("--backbone-lr", type=float, default=TrainConfig.backbone_lr,
+                   help="finetune: LR of the unfrozen stages")
     p.add_argument("--mixup", type=float, default=TrainConfig.mixup,
                    help="finetune: mixup Beta alpha (0 = off)")
     p.add_argument("--cutmix", type=float, default=TrainConfig.cutmix,
                    help="finetune: CutMix Beta alpha (0 = off)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per step and per forward pass")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="of embedding and fine-tuning (auto: bf16 on CPUs that compute it natively)")
+                   help="auto: embedding in bf16 where the CPU computes it natively, fine-tuning in fp32 on a CPU")
     p.add_argument("--k", type=int, default=10, help="kNN: neighbours voting")
     p.add_argument("--open-set-class", default="all",
-                   help="class left out for the open-set check (default: each in turn)")
+                   help="class left out for the open-set check (all: each in turn)")
     p.add_argument("--open-set-mode", default="linear", choices=("linear", "finetune"),
                    help="head the openset and far modes train")
-    p.add_argument("--max-known-rejected", type=float, default=0.05)
+    p.add_argument("--max-known-rejected", type=float, default=0.05,
+                   help="open set: share of known validation images the calibration may reject")
     p.add_argument("--far-data", action="append", default=[], metavar="DIR",
                    help="far mode: images unlike every class (folder or manifest; repeatable)")
     p.add_argument("--far-max", type=int, default=1000, help="far mode: images sampled per --far-data")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     p.add_argument("--save-dir", default="", help="keep the trained model files here")
     p.add_argument("--cache-dir", default="",
-                   help="embedding cache to reuse (default: a fresh one, so times include embedding)")
+                   help="embedding cache to reuse (\"\" = a fresh one, so times include embedding)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -292,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(machine_line(), flush=True)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if "far" in modes and not args.far_data:
         raise SystemExit("mode far needs --far-data DIR (images unlike every class of --data)")

@@ -28,19 +28,21 @@ from pictor.core.embedder import Embedder, PCAWhitening, create_embedder
 from pictor.core.gallery import GalleryEntry
 from pictor.indexer.pipeline import embedded_batches
 
+from common import machine_line, parser
+
 KS = (1, 10)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__)
     p.add_argument("--data", required=True, help="the emoji folder (emoji.csv, <vendor>/*.png)")
     p.add_argument("--gallery", default="google", help="vendor indexed")
     p.add_argument("--queries", default="twitter", help="vendor that queries")
     p.add_argument("--dims", default="64,128,256,512", help="comma-separated --pca-whiten dims")
-    p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--backbone", default="efficientnet_lite0", help="see `pictor models`")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--precision", default="fp32", help="of embedding: fp32, bf16 or fp16")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     return p.parse_args(argv)
 
@@ -76,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(machine_line(args.device), flush=True)
     data = Path(args.data)
     files = shared_files(data, args.gallery, args.queries)
     embedder = create_embedder(args.backbone, device=args.device, precision=args.precision)
