@@ -47,7 +47,8 @@ def _parser(sub: argparse._SubParsersAction, name: str, help: str, example: str)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = _parser(sub, "classify", "top-k labels for each image from a running server",
+    p = _parser(sub, "classify", "top-k labels for each image from a running server, or UNKNOWN when a "
+                "trained head's open-set rule finds it fits none of its classes",
                 "pictor classify photo.jpg other.png --top-k 3 --target localhost:50051")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF)")
     p.add_argument("--top-k", type=_at_least(1), default=5, help="labels per image (default 5)")

@@ -113,6 +113,18 @@ def _image_bytes(image: object) -> bytes:
     return image
 
 
+def _too_large(details: str) -> str:
+    """gRPC's words for a message over a size limit ("CLIENT: Sent message larger than max
+    (70034840 vs. 67108864)"), as what is too large and what to do about it."""
+    sizes = re.search(r"\((\d+) vs\. (\d+)\)", details)
+    if sizes is None:
+        return details
+    size, limit = (int(n) / 2**20 for n in sizes.groups())
+    return (f"a message of {size:.1f} MB is over the {limit:.0f} MB limit ({details}); send smaller "
+            "image files, or raise the limit on both sides: PictorClient(max_message_mb=...) and "
+            "`pictor serve --max-message-mb`")
+
+
 def _not_one(values: object, what: str, hint: str) -> None:
     """Refuse a lone str or bytes where a list of them is expected: iterating one would send
     its characters (or byte values) one by one."""
@@ -196,6 +208,8 @@ class PictorClient:
             elif code == grpc.StatusCode.DEADLINE_EXCEEDED and self._past_deadline(started):
                 # (earlier, the server ended the call itself and says why)
                 details = f"no answer from {self.target} within the timeout of {self.timeout:g} s"
+            elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in details:
+                details = _too_large(details)
             elif code == grpc.StatusCode.NOT_FOUND and method == self._health.Check:
                 details = f"the server has no health status for service {request.service!r}"
             raise error_from_status(code, details) from None
@@ -212,6 +226,14 @@ class PictorClient:
 
     def classify(self, image: bytes, *, top_k: int = 5, classifier: str = "default",
                  neighbors: int = 0) -> Classification:
+        """Labels for one image (the file's bytes), best first.
+
+        ``classifier``: "default" (the server's head with ``serve --model``, else the backbone's
+        ImageNet labels, else the kNN vote), "head", "knn" (vote of the ``neighbors`` nearest
+        labelled items; 0 = the server's default) or "all" (head and vote, whether they agree,
+        and the neighbours). ``unknown`` is true when the model's open-set rule finds the image
+        fits none of its classes.
+        """
         if classifier not in CLASSIFIERS:
             raise InvalidRequestError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
         _check_counts(1, top_k=top_k)
@@ -253,6 +275,7 @@ class PictorClient:
         return [_hit(h) for h in self._call(self._stub.Search, request).hits]
 
     def embed(self, images: Sequence[bytes]) -> list[list[float]]:
+        """Each image's embedding in the index's space (unit length), as Search and Upsert take it."""
         _not_one(images, "images", "for one image, write [data]")
         r = self._call(self._stub.Embed, pb.EmbedRequest(images=[_image_bytes(i) for i in images]))
         return [list(v.values) for v in r.embeddings]

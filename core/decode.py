@@ -191,7 +191,8 @@ def _check_size(im: Image.Image, max_pixels: int, full: tuple[int, int]) -> None
         drafted = f" (decoded at {w}x{h})" if (w, h) != full else ""
         raise InvalidImageError(
             f"{im.format} image is too large: {full[0]}x{full[1]}{drafted} = {w * h:,} pixels "
-            f"to decode, above the cap of {max_pixels:,} pixels (setting max_pixels, PICTOR_MAX_PIXELS)"
+            f"to decode, above the cap of {max_pixels:,} pixels (--max-pixels of serve and index, "
+            "PICTOR_MAX_PIXELS)"
         )
 
 

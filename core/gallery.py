@@ -126,24 +126,42 @@ def read_manifest(manifest: Path, *, require_label: bool = False) -> Iterator[Ga
 
 def _csv_rows(manifest: Path, f: Iterable[str], required: tuple[str, ...]
               ) -> Iterator[tuple[int, dict[str, str]]]:
-    reader = csv.DictReader(f)
-    columns = [c.strip() for c in reader.fieldnames or ()]
+    # strict: a quote never closed is an error, not a cell that swallows the rest of the file.
+    reader = csv.DictReader(f, strict=True)
+    try:
+        columns = [c.strip() for c in reader.fieldnames or ()]
+    except csv.Error as e:
+        raise _csv_error(manifest, 1, e) from e
     if not set(required) <= set(columns):
         raise InvalidRequestError(
             f"manifest {manifest} needs a header with {_columns(required)}, "
-            f"got {sorted(columns) or 'no header'}"
+            f"got {columns or 'no header'}"
         )
     if twice := sorted({c for c in columns if columns.count(c) > 1}):
         raise InvalidRequestError(f"manifest {manifest}: the header names {', '.join(map(repr, twice))} "
                                   "more than once; which column counts would be a guess")
     reader.fieldnames = columns
-    for row in reader:
+    while True:
+        start = reader.line_num + 1  # a quoted cell may span lines: name the row's first
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise _csv_error(manifest, start, e) from e
         if None in row:  # more cells than the header names: DictReader's extras
             raise InvalidRequestError(
                 f"{manifest}:{reader.line_num}: {len(columns) + len(row[None])} cells for {len(columns)} "
                 "columns; quote a cell that holds a comma (\"a,b.jpg\")")
         # Stray spaces around a CSV cell ("a.jpg, tulips") never help.
         yield reader.line_num, {k: v.strip() for k, v in row.items() if v is not None}
+
+
+def _csv_error(manifest: Path, line: int, e: csv.Error) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"{manifest}:{line}: not valid CSV ({e}): a quote that opens a cell must close it, and a "
+        'quote inside a quoted cell is written twice ("a ""b"".jpg")'
+    )
 
 
 def _columns(names: tuple[str, ...]) -> str:

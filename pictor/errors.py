@@ -11,12 +11,15 @@ class PictorError(Exception):
     """Base class of every error Pictor raises on purpose."""
 
 
-class InvalidImageError(PictorError, ValueError):
-    """Image bytes that cannot be used: corrupt, truncated, a disallowed format, or too large."""
-
-
 class InvalidRequestError(PictorError, ValueError):
     """A request whose arguments are wrong (missing query, k out of range, bad vector, ...)."""
+
+
+class InvalidImageError(InvalidRequestError):
+    """Image bytes that cannot be used: corrupt, truncated, a disallowed format, or too large.
+
+    A kind of ``InvalidRequestError``: both are INVALID_ARGUMENT, and the client, which sees
+    only the status code, raises ``InvalidRequestError`` for either."""
 
 
 class NotFoundError(PictorError, KeyError):

@@ -40,6 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--upsert-idle-timeout", type=float, metavar="SECONDS",
                    help="end an Upsert stream that sends nothing for this long (default 60), so "
                         "a quiet client cannot hold a stream slot for good")
+    p.add_argument("--max-pixels", type=int, metavar="N",
+                   help="largest image decoded, in pixels (default 40000000; a JPEG counts at the "
+                        "reduced size it is decoded at, 1/8 for a big photo; PNG, WebP and others in full)")
+    p.add_argument("--max-message-mb", type=int, metavar="MB",
+                   help="largest request or reply (default 64); clients must allow it too")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--precision", help="auto (default), fp32, bf16, fp16")
     p.add_argument("--compile", action="store_true", default=None,

@@ -123,6 +123,15 @@ def test_manifest_rows_that_cannot_be_items_are_refused_up_front(tmp_path: Path)
     csv.write_text(f"path,key\na.png,{'k' * 5000}\n")
     with pytest.raises(InvalidRequestError, match="m.csv:2: the key is 5,000 characters long; at most 4,096"):
         list(read_gallery(csv))
+    # A quote never closed would swallow the rest of the file into one cell: named where it opens.
+    csv.write_text('path,label\na.png,x\n"b.png,y\nc.png,z\n')
+    with pytest.raises(InvalidRequestError, match="m.csv:3: not valid CSV .*a quote that opens a cell must close it"):
+        list(read_gallery(csv))
+    csv.write_text('path,label\n"a.png",x\n"multi\nline.png",y\n"b.png",z\n')  # a quoted newline is fine
+    assert [e.label for e in read_gallery(csv)] == ["x", "y", "z"]
+    csv.write_text("file,class\na.png,x\n")  # the header as written, not sorted
+    with pytest.raises(InvalidRequestError, match=r"got \['file', 'class'\]"):
+        list(read_gallery(csv))
     jsonl = tmp_path / "m.jsonl"
     jsonl.write_text(json.dumps({"path": "a\0b.png"}) + "\n")
     with pytest.raises(InvalidRequestError, match="m.jsonl:1: the path contains a NUL byte"):

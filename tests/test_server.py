@@ -19,7 +19,7 @@ from conftest import DATA, ServerProcess, drawn_image, free_port, pictor
 
 from pictor.client import PictorClient, UpsertItem
 from pictor.config import ServerSettings
-from pictor.errors import InvalidRequestError, NotFoundError
+from pictor.errors import InvalidRequestError, NotFoundError, ResourceExhaustedError
 from pictor.server.app import create_server
 
 
@@ -121,6 +121,10 @@ def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: Server
         assert client.info().index_size == 12
         with pytest.raises(InvalidRequestError, match="item 'short': vector has 3 values"):
             client.upsert([UpsertItem(key="short", vector=[1.0, 2.0, 3.0])])
+        # An image over the message size limit: what is too large and what to do, not gRPC's words.
+        with PictorClient(server.target, max_message_mb=1) as small, pytest.raises(
+                ResourceExhaustedError, match=r"a message of 2\.0 MB is over the 1 MB limit .*--max-message-mb"):
+            small.classify(drawn_image(1) + b"\0" * 2**21)
         # Any bytes-like image is an image.
         assert client.classify(bytearray(drawn_image(1))).labels
         assert len(client.embed([memoryview(drawn_image(1))])) == 1
@@ -323,7 +327,7 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
 
 
 def test_calls_are_bounded_and_work_for_a_caller_gone_is_not_written(built_index: Path) -> None:
-    from pictor.errors import DeadlineExceededError, ResourceExhaustedError
+    from pictor.errors import DeadlineExceededError
 
     server = ServerProcess(built_index, "--workers", "2").start()
     try:
