@@ -275,7 +275,7 @@ class PictorClient:
         return [_hit(h) for h in self._call(self._stub.Search, request).hits]
 
     def embed(self, images: Sequence[bytes]) -> list[list[float]]:
-        """Each image's embedding in the index's space (unit length), as Search and Upsert take it."""
+        """Each image's embedding in the index's space, as Search and Upsert take it."""
         _not_one(images, "images", "for one image, write [data]")
         r = self._call(self._stub.Embed, pb.EmbedRequest(images=[_image_bytes(i) for i in images]))
         return [list(v.values) for v in r.embeddings]
