@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import cache
@@ -368,7 +369,7 @@ class PCAWhitening:
         try:
             with np.load(path) as z:
                 w = cls(z["mean"].astype(np.float32), z["projection"].astype(np.float32))
-        except (OSError, KeyError, ValueError) as e:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:  # missing, cut short, damaged
             raise IncompatibleModelError(
                 f"index {directory} is PCA-whitened ({spec.whitening}) but {path} is missing or "
                 f"unreadable ({e}); rebuild the index") from e

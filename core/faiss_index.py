@@ -22,11 +22,12 @@ import logging
 import math
 import re
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import faiss
 import numpy as np
@@ -51,6 +52,10 @@ def _use_omp_threads(threads: int) -> None:
 # The widest nprobe / efSearch a search runs with: FAISS allocates per unit of width (a
 # request's efSearch of 1e8 took 0.8 GB), and past the index's size it finds nothing more.
 MAX_WIDTH = 65_536
+
+
+class SnapshotMismatchError(RuntimeError):
+    """A snapshot file that is not the one its manifest names (checksum differs)."""
 
 
 @dataclass(frozen=True)
@@ -164,18 +169,48 @@ class VectorIndex:
         return cls(index, factory, removable=_can_remove(index))
 
     @classmethod
-    def load(cls, path: Path, factory: str) -> VectorIndex:
-        """Read a snapshot written by ``save``; tombstones are recomputed by the caller."""
-        index = faiss.read_index(str(path))
+    def load(cls, path: Path, factory: str, crc32: int | None = None) -> VectorIndex:
+        """Read a snapshot written by ``save``; tombstones are recomputed by the caller.
+
+        ``crc32``: what ``save`` returned; a file that differs (damaged, or another index's)
+        raises ``SnapshotMismatchError``. FAISS reads what looks like an index without
+        noticing flipped bits in its vectors.
+        """
+        if crc32 is None:
+            return cls((index := faiss.read_index(str(path))), factory, removable=_can_remove(index))
+        crc = 0
+        with open(path, "rb") as f:
+            def read(n: int) -> bytes:
+                nonlocal crc
+                chunk = f.read(n)
+                crc = zlib.crc32(chunk, crc)
+                return chunk
+
+            index = faiss.read_index(faiss.PyCallbackIOReader(read))  # type: ignore[attr-defined]  # not in FAISS's stubs
+            while rest := f.read(1 << 20):  # bytes after the index count too
+                crc = zlib.crc32(rest, crc)
+        if crc != crc32:
+            raise SnapshotMismatchError(f"{path.name} has CRC-32 {crc:#010x}, its manifest says {crc32:#010x}")
         return cls(index, factory, removable=_can_remove(index))
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path) -> int:
         """Write atomically: temp file, fsync, rename over ``path``, fsync the directory.
+        Returns the file's CRC-32, for ``load`` to check.
 
         ``faiss.write_index`` writes in place, so a crash mid-write would tear the file.
         """
-        write_atomic(path, lambda f: faiss.write_index(
-            self.index, faiss.PyCallbackIOWriter(f.write)))  # type: ignore[attr-defined]  # not in FAISS's stubs
+        crc = 0
+
+        def write(f: IO[bytes]) -> None:
+            def chunk(data: bytes) -> int:
+                nonlocal crc
+                crc = zlib.crc32(data, crc)
+                return f.write(data)
+
+            faiss.write_index(self.index, faiss.PyCallbackIOWriter(chunk))  # type: ignore[attr-defined]
+
+        write_atomic(path, write)
+        return crc
 
     # -- contents -------------------------------------------------------------------------
 

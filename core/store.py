@@ -48,6 +48,7 @@ from pictor.core.faiss_index import (
     EXACT_FACTORY,
     MAX_WIDTH,
     SearchKnobs,
+    SnapshotMismatchError,
     VectorIndex,
     parse_factory,
     training_size,
@@ -350,8 +351,7 @@ class IndexStore:
         if len(missing) == 2:
             raise NotFoundError(f"no index store at {root} (no {MANIFEST} or {DATABASE})")
         if missing:
-            raise NotFoundError(f"index store {root} lacks its {missing[0]}; restore it from a "
-                                "backup, or build the index again with `pictor index`")
+            raise NotFoundError(f"index store {root} lacks its {missing[0]}; {RESTORE_OR_REBUILD}")
         manifest = _read_manifest(root / MANIFEST)
         lock_fd = _lock_directory(root)
         try:
@@ -811,7 +811,7 @@ class IndexStore:
         seq = self._seq
         name = f"{SNAPSHOT_PREFIX}{seq:012d}{SNAPSHOT_SUFFIX}"
         started = time.perf_counter()
-        self._index.save(self.path / name)
+        crc32 = self._index.save(self.path / name)
         manifest = dict(self._manifest)
         manifest.update(
             factory=self._index.factory,
@@ -820,7 +820,7 @@ class IndexStore:
             search_defaults=asdict(self._knobs),
             count=self._count,
             updated=_now(),
-            snapshot={"file": name, "seq": seq, "ntotal": self._index.ntotal},
+            snapshot={"file": name, "seq": seq, "ntotal": self._index.ntotal, "crc32": crc32},
         )
         _write_json_atomic(self.path / MANIFEST, manifest)
         self._manifest = manifest
@@ -882,8 +882,11 @@ class IndexStore:
         if int(snap["seq"]) > self._seq:
             log.warning("snapshot %s is newer than the database; ignoring it", file.name)
             return None
-        try:
-            return VectorIndex.load(file, factory)
+        try:  # stores written before snapshots had a checksum have none to check
+            return VectorIndex.load(file, factory, crc32=snap.get("crc32"))
+        except SnapshotMismatchError as e:
+            log.warning("FAISS snapshot %s is damaged or another index's (%s)", file, e)
+            return None
         except (RuntimeError, OSError) as e:
             log.warning("cannot read FAISS snapshot %s (%s)", file, e)
             return None
@@ -1350,14 +1353,20 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+RESTORE_OR_REBUILD = ("restore it from a backup, or build the index again with `pictor index` "
+                      "into another --out (or after deleting this folder)")
+
+
 def _read_manifest(path: Path) -> dict[str, Any]:
     """The manifest, checked: a damaged one is named here, not by a traceback later."""
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidRequestError(f"{path} is unreadable: {e}") from e
+        raise InvalidRequestError(f"{path} is unreadable ({e}); {RESTORE_OR_REBUILD}") from e
     if not isinstance(manifest, dict):
-        raise InvalidRequestError(f"{path} is damaged: not a JSON object")
+        raise InvalidRequestError(f"{path} is damaged: not a JSON object; {RESTORE_OR_REBUILD}")
+    if "format" not in manifest:
+        raise InvalidRequestError(f"{path} is damaged: it names no store format; {RESTORE_OR_REBUILD}")
     if manifest.get("format") != FORMAT_VERSION:
         raise InvalidRequestError(
             f"{path.parent} has store format {manifest.get('format')!r}; this Pictor reads "
@@ -1370,12 +1379,15 @@ def _read_manifest(path: Path) -> dict[str, Any]:
             raise TypeError("index_type is not a string")
         snapshot = manifest.get("snapshot")
         if snapshot is not None and not (isinstance(snapshot, dict) and isinstance(snapshot.get("file"), str)
-                                         and isinstance(snapshot.get("seq"), int)):
-            raise ValueError(f"snapshot entry {snapshot!r:.80} lacks a file name or an integer seq")
+                                         and isinstance(snapshot.get("seq"), int)
+                                         and isinstance(snapshot.get("crc32", 0), int)):
+            raise ValueError(f"snapshot entry {snapshot!r:.80} lacks a file name, an integer seq "
+                             "or an integer checksum")
     except (KeyError, TypeError, ValueError) as e:
-        raise InvalidRequestError(f"{path} is damaged ({type(e).__name__}: {e})") from e
+        raise InvalidRequestError(f"{path} is damaged ({type(e).__name__}: {e}); {RESTORE_OR_REBUILD}") from e
     if dim != spec.dim:
-        raise InvalidRequestError(f"{path} is damaged: dim {dim}, but its model's is {spec.dim}")
+        raise InvalidRequestError(f"{path} is damaged: dim {dim}, but its model's is {spec.dim}; "
+                                  f"{RESTORE_OR_REBUILD}")
     return manifest
 
 
@@ -1383,8 +1395,7 @@ def _raise_if_damaged(root: Path, error: BaseException) -> None:
     """Name a database file that is not one, or was cut short (SQLite's own words are vague)."""
     if isinstance(error, sqlite3.DatabaseError):
         raise InvalidRequestError(
-            f"{root / DATABASE} is damaged or not a Pictor database ({error}); restore it "
-            "from a backup, or build the index again with `pictor index`"
+            f"{root / DATABASE} is damaged or not a Pictor database ({error}); {RESTORE_OR_REBUILD}"
         ) from error
 
 

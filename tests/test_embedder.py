@@ -12,6 +12,7 @@ from PIL import Image, ImageOps
 
 from pictor.core.decode import decode_image, load_image
 from pictor.core.embedder import (
+    WHITENING_FILE,
     Embedder,
     PCAWhitening,
     _trim_long_side,
@@ -241,6 +242,11 @@ def test_pca_whitening_file_and_spec(tmp_path: Path) -> None:
     pca.save(tmp_path)
     loaded = PCAWhitening.load(tmp_path, spec)
     assert loaded is not None and np.array_equal(loaded.apply(x), pca.apply(x))
+    good = (tmp_path / WHITENING_FILE).read_bytes()
+    for damaged in (good[:100], good[:-10], b"\0" * len(good)):
+        (tmp_path / WHITENING_FILE).write_bytes(damaged)
+        with pytest.raises(IncompatibleModelError, match="missing or unreadable"):
+            PCAWhitening.load(tmp_path, spec)
     PCAWhitening.fit(x[::-1][:50], out_dim=8).save(tmp_path)  # another transform in its place
     with pytest.raises(IncompatibleModelError, match="rebuild"):
         PCAWhitening.load(tmp_path, spec)

@@ -428,6 +428,35 @@ def test_open_rebuilds_corrupt_snapshot(tmp_path: Path, rng, caplog) -> None:
     assert "rebuilt" in caplog.text
 
 
+def test_a_snapshot_that_loads_but_is_not_the_one_saved_is_rebuilt(tmp_path: Path, rng, caplog) -> None:
+    """FAISS reads flipped bits in its vectors, or another index of the same size, without a
+    word: the manifest's checksum catches both."""
+    vecs = unit(rng, 30)
+    for name, data in (("s", vecs), ("other", unit(rng, 30))):
+        with IndexStore.create(tmp_path / name, spec(), index_type="Flat") as store:
+            store.upsert(items(30), data)
+    (snap,) = (tmp_path / "s").glob("faiss-*.index")
+    good = snap.read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x40  # inside the stored vectors
+    (other,) = (tmp_path / "other").glob("faiss-*.index")
+    for damaged in (bytes(flipped), other.read_bytes()):
+        snap.write_bytes(damaged)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), IndexStore.open(tmp_path / "s") as store:
+            hit = store.search(vecs[29], k=1)[0][0]
+            assert (hit.key, round(hit.score, 5)) == ("img/29.jpg", 1.0)
+        assert "damaged or another index's" in caplog.text and "rebuilt" in caplog.text
+    # A store saved before snapshots had a checksum opens as it did.
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    del manifest["snapshot"]["crc32"]
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), IndexStore.open(tmp_path / "s") as store:
+        assert store.search(vecs[3], k=1)[0][0].key == "img/3.jpg"
+    assert not caplog.text
+
+
 def test_damaged_store_files_are_named_not_tracebacks(tmp_path: Path, rng) -> None:
     with IndexStore.create(tmp_path / "s", spec(), index_type="Flat") as store:
         store.upsert(items(5), unit(rng, 5))
