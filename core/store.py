@@ -151,6 +151,12 @@ class Hits(Sequence[Hit]):
         for (key, label, text), score in zip(self.rows, self.scores, strict=True):
             yield Hit(key, score, label, _load_attrs(text))
 
+    @classmethod
+    def of(cls, hits: Iterable[Hit]) -> Hits:
+        """``Hits`` holding ``hits`` (made elsewhere than by a search)."""
+        listed = list(hits)
+        return cls([(h.key, h.label, _dump_attrs(h.attributes)) for h in listed], [h.score for h in listed])
+
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Hits | list | tuple):
             return list(self) == list(other)
@@ -173,6 +179,11 @@ class Filter:
     @property
     def empty(self) -> bool:
         return not self.labels and not self.attributes
+
+    def admits(self, item: Item) -> bool:
+        """Whether ``item`` is among what this filter lets through."""
+        return ((not self.labels or item.label in self.labels)
+                and all(item.attributes.get(name) == value for name, value in self.attributes.items()))
 
 
 @dataclass(frozen=True)
@@ -491,14 +502,18 @@ class IndexStore:
             stacked = np.frombuffer(joined, np.float32).reshape(len(held), self.dim)
         return GetResult(items, stacked, [key for key in unique if key not in found])
 
-    def get_vector(self, key: str) -> np.ndarray:
-        """The stored (normalised) vector of ``key``; ``NotFoundError`` when absent."""
+    def get_item(self, key: str) -> tuple[Item, np.ndarray]:
+        """The stored item of ``key`` and its (normalised) vector; ``NotFoundError`` when absent."""
         if not key:
             raise InvalidRequestError("the query key is empty")
         found = self.get([key], vectors=True)
         if found.missing or found.vectors is None:
             raise NotFoundError(f"no item with key {key!r:.200} in the index")
-        return found.vectors[0]
+        return found.items[0], found.vectors[0]
+
+    def get_vector(self, key: str) -> np.ndarray:
+        """The stored (normalised) vector of ``key``; ``NotFoundError`` when absent."""
+        return self.get_item(key)[1]
 
     def info(self) -> StoreInfo:
         """A consistent summary of the store (counts, index in use, search defaults)."""

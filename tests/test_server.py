@@ -193,7 +193,7 @@ def test_add_and_delete_survive_sigkill(built_index: Path) -> None:
             with pytest.raises(InvalidRequestError, match="delete: key 1 is empty; no item has an empty key"):
                 client.delete(["new/one.png", ""])
             # Copies of one image under other keys tie with it: a search by its key puts it first.
-            copies = [UpsertItem(key=f"copy/{i}", vector=embedded) for i in range(20)]  # past the first 16
+            copies = [UpsertItem(key=f"copy/{i}", vector=embedded) for i in range(20)]
             client.upsert(copies)
             assert [client.search(key=c.key, k=1)[0].key for c in copies] == [c.key for c in copies]
             with pytest.raises(InvalidRequestError, match="at most 1000 keys per call, got 1001"):
@@ -404,3 +404,30 @@ def test_a_quiet_upsert_stream_is_ended_and_frees_its_slot(built_index: Path) ->
     finally:
         release.set()
         server.stop()
+
+
+def test_search_by_key_puts_the_item_first_even_where_hnsw_misses_it(gallery: Path, tmp_path: Path) -> None:
+    from pictor.core.store import Filter, Item, SearchParams
+    from pictor.server.engine import Engine
+
+    out = tmp_path / "index"
+    pictor("index", str(gallery), "--out", str(out), "--index-type", "HNSW32", "--no-progress")
+    engine = Engine.load(ServerSettings(index=str(out), device="cpu", precision="fp32"))
+    try:
+        vecs = np.random.default_rng(0).standard_normal((300, 1280)).astype(np.float32)
+        keys = [f"r{i}" for i in range(300)]
+        engine.upsert([Item(key=k, label=("even", "odd")[i % 2]) for i, k in enumerate(keys)],
+                      [None] * len(keys), vecs.tolist())
+        narrow = SearchParams(ef_search=1)
+        unit = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+        found = [hits[0].key for hits in engine.store.search(unit, 1, params=narrow)]
+        assert found != keys  # the narrow graph search misses some items
+        for key in keys:
+            hits = engine.search(key=key, k=3, params=narrow)
+            assert (hits[0].key, len(hits), hits.keys.count(key)) == (key, 3, 1)
+            assert hits[0].score == pytest.approx(1.0, abs=1e-5)
+        # A filter that leaves the item out is obeyed.
+        hits = engine.search(key="r1", k=3, filter=Filter(labels=("even",)))
+        assert "r1" not in hits.keys and {h.label for h in hits} == {"even"}
+    finally:
+        engine.close()

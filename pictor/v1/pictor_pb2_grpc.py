@@ -84,8 +84,9 @@ class PictorServicer:
 
     def Search(self, request, context):
         """Nearest items to a query given as image bytes, a stored item's key, or a raw vector.
-        By key, the item itself comes first, also when copies of it (the same image under
-        other keys, up to 1024) tie with it.
+        By key, the item itself comes first (score: its own similarity, 1), also when copies of
+        it (the same image under other keys) tie with it or an approximate index misses it;
+        unless the filter leaves it out.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
