@@ -22,7 +22,7 @@ from typing import Any, TypeVar, cast
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pictor.api import CLASSIFIERS, UPSERT_CHUNK, ServerInfo, StoredItem
+from pictor.api import CLASSIFIERS, MAX_K, UPSERT_CHUNK, ServerInfo, StoredItem
 from pictor.config import DEFAULT_PORT, DEFAULT_TARGET
 from pictor.errors import DeadlineExceededError, InvalidRequestError, PictorError, ServerUnavailableError
 from pictor.status import error_from_status
@@ -79,15 +79,13 @@ def _labels(labels: Iterable[pb.Label]) -> list[Label]:
 _UINT32_MAX = 2**32 - 1
 
 
-def _check_counts(low: int, **counts: int) -> None:
+def _check_counts(low: int, high: int = _UINT32_MAX, **counts: int) -> None:
     """Refuse counts the proto's uint32 fields cannot carry as the mistake they are: 0 reads as
-    "server default", and a negative or too large number does not fit (the server's own
-    limits are lower and it names them)."""
+    "server default", and a negative or too large number does not fit. ``high``: the limit
+    when the API has one (else the server names its own)."""
     for name, value in counts.items():
-        if value < low:
-            raise InvalidRequestError(f"{name} must be at least {low}, got {value}")
-        if value > _UINT32_MAX:
-            raise InvalidRequestError(f"{name} must be at most {_UINT32_MAX}, got {value}")
+        if not low <= value <= high:
+            raise InvalidRequestError(f"{name} must be between {low} and {high}, got {value}")
 
 
 def _with_port(target: str) -> str:
@@ -236,8 +234,8 @@ class PictorClient:
         """
         if classifier not in CLASSIFIERS:
             raise InvalidRequestError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
-        _check_counts(1, top_k=top_k)
-        _check_counts(0, neighbors=neighbors)  # 0: the server's default
+        _check_counts(1, MAX_K, top_k=top_k)
+        _check_counts(0, MAX_K, neighbors=neighbors)  # 0: the server's default
         r = self._call(self._stub.Classify, pb.ClassifyRequest(
             image=_image_bytes(image), top_k=top_k, classifier=cast(pb.Classifier, CLASSIFIERS.index(classifier)),
             neighbors=neighbors))
@@ -256,7 +254,7 @@ class PictorClient:
         given = [q for q in (image, key, vector) if q is not None]
         if len(given) != 1:
             raise InvalidRequestError("search takes exactly one of image, key or vector")
-        _check_counts(1, k=k)
+        _check_counts(1, MAX_K, k=k)
         _check_counts(0, nprobe=nprobe, ef_search=ef_search)  # 0: the index's tuned default
         request = pb.SearchRequest(k=k, params=pb.SearchParams(nprobe=nprobe, ef_search=ef_search))
         _not_one(labels, "labels", "for one label, write labels=['daisy']")
@@ -314,6 +312,8 @@ class PictorClient:
             # the server ended (DEADLINE_EXCEEDED before ours: an idle one) says it itself.
             lost = isinstance(e, ServerUnavailableError) and (
                 not isinstance(e, DeadlineExceededError) or self._past_deadline(started))
+            if "failed to connect" in str(e).lower():  # gRPC's words: no stream was opened
+                lost = False
             if sent and lost:
                 some = f"some of the {sent} items sent" if sent > 1 else "the item sent"
                 raise type(e)(f"{e}; {some} may have been written (in chunks of {UPSERT_CHUNK}): "

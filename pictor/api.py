@@ -11,6 +11,9 @@ CLASSIFIERS = ("default", "head", "knn", "all")
 # enough to batch the forward pass, small enough that a long stream is not held in memory.
 UPSERT_CHUNK = 64
 
+# The most results one call returns: k of Search, top_k and neighbors of Classify.
+MAX_K = 1000
+
 
 @dataclass(frozen=True)
 class ServerInfo:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pictor import __version__
-from pictor.api import CLASSIFIERS, ServerInfo
+from pictor.api import CLASSIFIERS, MAX_K, ServerInfo
 from pictor.config import ServerSettings
 from pictor.core.decode import decode_image
 from pictor.core.files import content_hash
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_K = 1000
 MAX_EMBED_IMAGES = 256  # per Embed call: one forward pass, bounded in time and memory
 MAX_GET_KEYS = 1000  # per Get call: with vectors, 5 MB of answer at dim 1280
 DEFAULT_TOP_K = 5

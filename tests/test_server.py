@@ -19,7 +19,7 @@ from conftest import DATA, ServerProcess, drawn_image, free_port, pictor
 
 from pictor.client import PictorClient, UpsertItem
 from pictor.config import ServerSettings
-from pictor.errors import InvalidRequestError, NotFoundError, ResourceExhaustedError
+from pictor.errors import InvalidRequestError, NotFoundError, ResourceExhaustedError, ServerUnavailableError
 from pictor.server.app import create_server
 
 
@@ -107,11 +107,11 @@ def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: Server
             client.search(image=drawn_image(1), k=100000)
         # The proto reads 0 as "default" and has no negatives: the client refuses them itself.
         for k in (0, -1):
-            with pytest.raises(InvalidRequestError, match=f"k must be at least 1, got {k}"):
+            with pytest.raises(InvalidRequestError, match=f"k must be between 1 and 1000, got {k}"):
                 client.search(image=drawn_image(1), k=k)
-        with pytest.raises(InvalidRequestError, match="top_k must be at least 1"):
+        with pytest.raises(InvalidRequestError, match="top_k must be between 1 and 1000"):
             client.classify(drawn_image(1), top_k=0)
-        with pytest.raises(InvalidRequestError, match="neighbors must be at least 0"):
+        with pytest.raises(InvalidRequestError, match="neighbors must be between 0 and 1000"):
             client.classify(drawn_image(1), neighbors=-1)
         # A bad image among several: named by its key, and nothing of the request written.
         items = [UpsertItem(key="good-1", image=drawn_image(2)), UpsertItem(key="broken", image=b"GIF89a"),
@@ -295,8 +295,16 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
     with pytest.raises(InvalidRequestError, match="timeout must be more than 0 seconds, got 0"):
         PictorClient("localhost:50051", timeout=0)
     with PictorClient("[::1]:50051") as client, pytest.raises(
-            InvalidRequestError, match="k must be at most 4294967295, got 100000000000"):
-        client.search(key="a", k=10**11)  # the proto's uint32 cannot carry it
+            InvalidRequestError, match="k must be between 1 and 1000, got 100000000000"):
+        client.search(key="a", k=10**11)
+    with PictorClient("[::1]:50051") as client, pytest.raises(
+            InvalidRequestError, match="nprobe must be between 0 and 4294967295, got -1"):
+        client.search(key="a", nprobe=-1)  # the proto's uint32 cannot carry it
+    # Nothing listens: the connection was refused, so nothing can have been written.
+    with PictorClient(f"127.0.0.1:{free_port()}", timeout=5) as client, pytest.raises(
+            ServerUnavailableError, match="cannot reach a Pictor server") as refused:
+        client.upsert([UpsertItem(key="a", vector=[1.0])])
+    assert "may have been written" not in str(refused.value)
     # A host without a port means Pictor's port (gRPC would use 443); schemes are gRPC's.
     targets = []
     for t in ("localhost", "[::1]", "10.0.0.2:7000", "unix:/tmp/s"):
