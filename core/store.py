@@ -47,6 +47,7 @@ import numpy as np
 from pictor.core.faiss_index import (
     EXACT_FACTORY,
     MAX_WIDTH,
+    TUNED_K,
     SearchKnobs,
     SnapshotMismatchError,
     VectorIndex,
@@ -450,7 +451,7 @@ class IndexStore:
         q = self.check_vectors(queries, what="queries")
         if k < 1:
             raise InvalidRequestError(f"k must be at least 1, got {k}")
-        knobs = self._knobs if params is None else self._resolve_knobs(params)
+        knobs = self._knobs if params is None and k <= TUNED_K else self._resolve_knobs(params, k)
         self._rw.acquire_read()
         try:
             allowed = None
@@ -790,7 +791,7 @@ class IndexStore:
     def _sample_vectors(self, n: int) -> np.ndarray:
         return np.concatenate([vecs for _, vecs in _vectors_of(self._db, self._sample_ids(n))])
 
-    def _tune(self, index: VectorIndex, k: int = 10, n_queries: int = 500) -> SearchKnobs:
+    def _tune(self, index: VectorIndex, k: int = TUNED_K, n_queries: int = 500) -> SearchKnobs:
         """The fastest search defaults reaching ``target_recall`` on a held-out sample:
         stored items used as queries, each one's own entry left out of its results and of
         its exact ground truth."""
@@ -934,18 +935,21 @@ class IndexStore:
 
     # -- search internals -----------------------------------------------------------------
 
-    def _resolve_knobs(self, params: SearchParams) -> SearchKnobs:
+    def _resolve_knobs(self, params: SearchParams | None, k: int) -> SearchKnobs:
+        """The tuned defaults, widened for ``k`` results, where ``params`` sets no value."""
+        params = params or SearchParams()
         for name, value in (("nprobe", params.nprobe), ("ef_search", params.ef_search)):
             if not 0 <= value <= MAX_WIDTH:
                 raise InvalidRequestError(
                     f"{name} must be between 0 (the index's tuned default) and {MAX_WIDTH}, got {value}"
                 )
+        defaults = self._knobs.for_k(k)
         if not (params.nprobe or params.ef_search):
-            return self._knobs  # the shared object: FAISS's params are then found by identity
+            return defaults  # for k <= 10 the shared object: FAISS's params are then found by identity
         return SearchKnobs(
-            nprobe=params.nprobe or self._knobs.nprobe,
-            ef_search=params.ef_search or self._knobs.ef_search,
-            k_factor=self._knobs.k_factor,
+            nprobe=params.nprobe or defaults.nprobe,
+            ef_search=params.ef_search or defaults.ef_search,
+            k_factor=defaults.k_factor,
         )
 
     def _search_ids(
