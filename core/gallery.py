@@ -137,6 +137,9 @@ def _csv_rows(manifest: Path, f: Iterable[str], required: tuple[str, ...]
             f"manifest {manifest} needs a header with {_columns(required)}, "
             f"got {columns or 'no header'}"
         )
+    if "" in columns:
+        raise InvalidRequestError(f"manifest {manifest}: column {columns.index('') + 1} of the header has "
+                                  "no name; name it (it would be an attribute), or remove it")
     if twice := sorted({c for c in columns if columns.count(c) > 1}):
         raise InvalidRequestError(f"manifest {manifest}: the header names {', '.join(map(repr, twice))} "
                                   "more than once; which column counts would be a guess")
@@ -220,4 +223,6 @@ def _entries(manifest: Path, rows: Iterator[tuple[int, dict[str, str]]], require
             )
         first_line[key] = line
         label = row.pop("label", "")
+        if "" in row:  # a JSONL field named "" (a CSV header's is refused up front)
+            raise InvalidRequestError(f"{where}: a field has an empty name; name it, or leave it out")
         yield GalleryEntry(key=key, path=path, label=label, attributes={k: v for k, v in row.items() if v})

@@ -78,6 +78,9 @@ SNAPSHOT_SUFFIX = ".index"
 _SQL_CHUNK = 4096  # ids per `IN (...)` query and vectors per streamed block
 _TRAIN_SAMPLE = 50_000  # vectors to train IVF/PQ on, unless the type needs more
 MAX_FILTER_ATTRIBUTES = 256  # attribute pairs one search filter may require
+# An item's label and attributes come back with every hit that names it: bounded, as keys are.
+MAX_LABEL_LEN = MAX_KEY_LEN
+MAX_ATTRIBUTES_CHARS = 65_536  # of an item's attributes, written as JSON
 _MIN_TUNE_ITEMS = 500  # search defaults are first re-tuned at twice this many items
 _NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})  # shared by every hit without any
 
@@ -346,7 +349,9 @@ class IndexStore:
         store = cls(root, manifest, lock_fd)
         # Types that need no training (Flat, HNSW) start as themselves, others exact.
         first = index_type if index_type != AUTO else EXACT_FACTORY
-        if training_size(spec.dim, first):
+        if need := training_size(spec.dim, first):
+            log.info("%s is trained once the index holds %d items; until then it searches exactly (Flat)",
+                     first, need)
             first = EXACT_FACTORY
         store._index = VectorIndex.build(spec.dim, first)
         log.info("created index store %s (%s, index %s)", root, spec.describe(), index_type)
@@ -1208,6 +1213,8 @@ def _match_ids(conn: sqlite3.Connection, flt: Filter) -> np.ndarray:
     if len(flt.attributes) > MAX_FILTER_ATTRIBUTES:  # one INTERSECT each; SQLite allows 500 terms
         raise InvalidRequestError(
             f"a filter takes at most {MAX_FILTER_ATTRIBUTES} attribute pairs, got {len(flt.attributes)}")
+    if "" in flt.attributes:
+        raise InvalidRequestError("a filter's attribute name is empty; no item has such an attribute")
     parts: list[str] = []
     args: list[Any] = []
     if flt.labels:
@@ -1357,12 +1364,21 @@ def _check_items(items: Sequence[Item]) -> None:
             )
         if not isinstance(item.label, str):
             raise InvalidRequestError(f"label of {item.key!r} must be a string")
+        if len(item.label) > MAX_LABEL_LEN:
+            raise InvalidRequestError(f"item {item.key!r:.200}: the label is {len(item.label):,} "
+                                      f"characters long; at most {MAX_LABEL_LEN:,}")
         for name, value in item.attributes.items():
             if not isinstance(name, str) or not isinstance(value, str):
                 raise InvalidRequestError(
                     f"attributes of {item.key!r} must map strings to strings, got "
                     f"{name!r}: {value!r}"
                 )
+            if not name:
+                raise InvalidRequestError(f"item {item.key!r:.200}: an attribute has an empty name "
+                                          f"(value {value!r:.80}); name it, or leave it out")
+        if item.attributes and len(text := _dump_attrs(item.attributes)) > MAX_ATTRIBUTES_CHARS:
+            raise InvalidRequestError(f"item {item.key!r:.200}: its attributes take {len(text):,} "
+                                      f"characters as JSON; at most {MAX_ATTRIBUTES_CHARS:,}")
 
 
 # -- files and locks ------------------------------------------------------------------------
@@ -1440,7 +1456,10 @@ def _lock_directory(root: Path) -> int:
     try:
         fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:  # a read-only disk or folder: the store writes on every open
-        raise InvalidRequestError(f"cannot open index store {root} for writing: {e.strerror}") from e
+        raise InvalidRequestError(
+            f"cannot open index store {root} for writing: {e.strerror}; an index is opened for writing "
+            "even to serve it (it takes a lock, and repairs and snapshots its FAISS index), so "
+            "serve a writable copy of a read-only one") from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as e:

@@ -73,7 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "PCA-reduced 8-bit codes re-ranked on the full vectors (HNSW32 for vectors of "
                         "256 dims or fewer; rebuilt as the collection grows), tuned to recall@10 0.95; "
                         "or a FAISS factory "
-                        "string: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32, OPQ32,IVF1024,PQ32")
+                        "string: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32, OPQ32,IVF1024,PQ32 (a type "
+                        "that needs training searches exactly until the index holds 39 items per IVF "
+                        "list or PQ code, e.g. 39,936 for IVF1024; `pictor info` shows it as \"(Flat)\")")
     p.add_argument("--pca-whiten", type=int, metavar="DIM",
                    help="PCA-whiten embeddings to DIM dims, fitted on a gallery sample and stored with "
                    "the index (off by default; new index only)")

@@ -129,6 +129,13 @@ def test_manifest_rows_that_cannot_be_items_are_refused_up_front(tmp_path: Path)
         list(read_gallery(csv))
     csv.write_text('path,label\n"a.png",x\n"multi\nline.png",y\n"b.png",z\n')  # a quoted newline is fine
     assert [e.label for e in read_gallery(csv)] == ["x", "y", "z"]
+    csv.write_text("path,label,\na.png,x,y\n")  # an unnamed column would be an attribute named ""
+    with pytest.raises(InvalidRequestError, match="column 3 of the header has no name"):
+        list(read_gallery(csv))
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text(json.dumps({"path": "a.png", "": "y"}) + "\n")
+    with pytest.raises(InvalidRequestError, match="m.jsonl:1: a field has an empty name"):
+        list(read_gallery(jsonl))
     csv.write_text("file,class\na.png,x\n")  # the header as written, not sorted
     with pytest.raises(InvalidRequestError, match=r"got \['file', 'class'\]"):
         list(read_gallery(csv))
