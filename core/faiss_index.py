@@ -72,7 +72,7 @@ class SearchKnobs:
         """These knobs, tuned for ``TUNED_K`` results, widened in proportion for ``k``: the
         lists scanned or the graph beam must hold k true neighbours, not 10. At a tuned
         nprobe, recall@100 fell to 0.77 and recall@1000 to 0.15; in proportion, 0.97 and 0.96
-        (50k synthetic embeddings; HNSW 0.99 and 1.00). Unset knobs stay unset."""
+        (50k synthetic embeddings; HNSW 0.990 and 0.996). Unset knobs stay unset."""
         factor = round(k / TUNED_K)
         if factor <= 1:
             return self
@@ -189,21 +189,7 @@ class VectorIndex:
         raises ``SnapshotMismatchError``. FAISS reads what looks like an index without
         noticing flipped bits in its vectors.
         """
-        if crc32 is None:
-            return cls((index := faiss.read_index(str(path))), factory, removable=_can_remove(index))
-        crc = 0
-        with open(path, "rb") as f:
-            def read(n: int) -> bytes:
-                nonlocal crc
-                chunk = f.read(n)
-                crc = zlib.crc32(chunk, crc)
-                return chunk
-
-            index = faiss.read_index(faiss.PyCallbackIOReader(read))  # type: ignore[attr-defined]  # not in FAISS's stubs
-            while rest := f.read(1 << 20):  # bytes after the index count too
-                crc = zlib.crc32(rest, crc)
-        if crc != crc32:
-            raise SnapshotMismatchError(f"{path.name} has CRC-32 {crc:#010x}, its manifest says {crc32:#010x}")
+        index = faiss.read_index(str(path)) if crc32 is None else _read_checked(path, crc32)
         return cls(index, factory, removable=_can_remove(index))
 
     def save(self, path: Path) -> int:
@@ -553,6 +539,24 @@ def _accepts_ids(index: faiss.Index) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def _read_checked(path: Path, crc32: int) -> faiss.Index:
+    """``faiss.read_index`` of ``path``, computing the file's CRC-32 in the same pass."""
+    crc = 0
+    with open(path, "rb") as f:
+        def read(n: int) -> bytes:
+            nonlocal crc
+            chunk = f.read(n)
+            crc = zlib.crc32(chunk, crc)
+            return chunk
+
+        index = faiss.read_index(faiss.PyCallbackIOReader(read))  # type: ignore[attr-defined]  # not in FAISS's stubs
+        while rest := f.read(1 << 20):  # bytes after the index count too
+            crc = zlib.crc32(rest, crc)
+    if crc != crc32:
+        raise SnapshotMismatchError(f"{path.name} has CRC-32 {crc:#010x}, its manifest says {crc32:#010x}")
+    return index
 
 
 def _can_remove(index: faiss.Index) -> bool:

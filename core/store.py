@@ -81,6 +81,9 @@ MAX_FILTER_ATTRIBUTES = 256  # attribute pairs one search filter may require
 # An item's label and attributes come back with every hit that names it: bounded, as keys are.
 MAX_LABEL_LEN = MAX_KEY_LEN
 MAX_ATTRIBUTES_CHARS = 65_536  # of an item's attributes, written as JSON
+# What to do about a damaged store file (the database holds every acknowledged write).
+RESTORE_OR_REBUILD = ("restore it from a backup, or build the index again with `pictor index` "
+                      "into another --out (or after deleting this folder)")
 _MIN_TUNE_ITEMS = 500  # search defaults are first re-tuned at twice this many items
 _NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})  # shared by every hit without any
 
@@ -1386,10 +1389,6 @@ def _check_items(items: Sequence[Item]) -> None:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-RESTORE_OR_REBUILD = ("restore it from a backup, or build the index again with `pictor index` "
-                      "into another --out (or after deleting this folder)")
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
