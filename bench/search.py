@@ -331,7 +331,7 @@ def threaded_qps(search, q: np.ndarray, threads: int, budget_s: float) -> float:
 
 
 def _knobs(k: SearchKnobs) -> str:
-    parts = [f"nprobe={k.nprobe}" if k.nprobe else "", f"ef={k.ef_search}" if k.ef_search else "",
+    parts = [f"nprobe={k.nprobe}" if k.nprobe else "", f"efSearch={k.ef_search}" if k.ef_search else "",
              f"k_factor={k.k_factor:g}" if k.k_factor else ""]
     return " ".join(p for p in parts if p) or "-"
 
