@@ -42,7 +42,8 @@ def image_suffixes_text() -> str:
 
 
 def read_gallery(
-    source: str | os.PathLike[str], *, labels: str = "folder", require_label: bool = False
+    source: str | os.PathLike[str], *, labels: str = "folder", require_label: bool = False,
+    unlisted: list[tuple[Path, str]] | None = None,
 ) -> Iterator[GalleryEntry]:
     """Entries of a gallery directory (recursively, sorted) or of a ``.csv``/``.jsonl`` manifest.
 
@@ -50,6 +51,9 @@ def read_gallery(
     ``source`` as its label (``photos/tulips/2020/a.jpg`` -> ``tulips``; none for images
     directly in the root), ``"none"`` gives no labels. Manifests carry their own;
     ``require_label`` makes a manifest without a label on every row an error.
+
+    A folder under ``source`` that cannot be listed (no permission) is skipped with a warning,
+    and appended to ``unlisted`` as (folder, why) when given: its images are unknown, not gone.
     """
     src = Path(source)
     if not src.exists():
@@ -59,13 +63,13 @@ def read_gallery(
         return
     if labels not in ("folder", "none"):
         raise InvalidRequestError(f"labels must be 'folder' or 'none' for a directory, got {labels!r}")
-    for path in _walk_images(src):
+    for path in _walk_images(src, unlisted if unlisted is not None else []):
         parts = path.relative_to(src).parts
         label = parts[0] if labels == "folder" and len(parts) > 1 else ""
         yield GalleryEntry(key=path.as_posix(), path=path, label=label)
 
 
-def _walk_images(root: Path) -> Iterator[Path]:
+def _walk_images(root: Path, unlisted: list[tuple[Path, str]]) -> Iterator[Path]:
     # Symlinked folders are followed (a class folder is often a link to where the photos
     # live); each real folder is listed once, which also ends a link back to an ancestor. A
     # folder that is also under the root without a link is listed there, whatever sorts first,
@@ -76,7 +80,14 @@ def _walk_images(root: Path) -> Iterator[Path]:
         plain.add(_folder_id(dirpath))
     real_root = os.path.realpath(root)
     visited: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    def cannot_list(e: OSError) -> None:
+        folder, why = Path(e.filename), e.strerror or str(e)
+        if folder == root:
+            raise InvalidRequestError(f"cannot list {root}: {why}")
+        log.warning("cannot list %s (%s): its images are left out", folder, why)
+        unlisted.append((folder, why))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=cannot_list, followlinks=True):
         folder = _folder_id(dirpath)
         where = os.path.normpath(os.path.join(real_root, os.path.relpath(dirpath, root)))
         linked = os.path.realpath(dirpath) != where  # reached through a link below the root

@@ -36,7 +36,8 @@ sha256, label and attributes) are read and hashed, not embedded again.
 
 --prune makes the index mirror GALLERY: after a complete run it deletes the items whose keys
 GALLERY no longer lists (files deleted or renamed since an earlier run, and items another
-gallery or `pictor add` put there). A listed file that cannot be decoded keeps its earlier item.
+gallery or `pictor add` put there). A listed file that cannot be decoded keeps its earlier item,
+and so do the items under a folder that cannot be listed (reported as skipped).
 
 Files that cannot be decoded (or whose names are not UTF-8) are skipped and listed; the run
 goes on. Each batch is durable once written, so an interrupted run (Ctrl-C, SIGTERM, kill -9)
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     from pictor.core.embedder import index_spec, open_index
     from pictor.core.faiss_index import parse_factory
-    from pictor.core.gallery import image_suffixes_text, read_gallery
+    from pictor.core.gallery import GalleryEntry, image_suffixes_text, read_gallery
     from pictor.core.store import AUTO, MANIFEST, IndexStore, make_store_dir
     from pictor.indexer.pipeline import fit_whitening, indexed_under_other_keys, run_indexing, split_misnamed
 
@@ -122,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
     if not settings.gallery:
         raise InvalidRequestError("no gallery: give GALLERY (an image folder or a manifest), or `gallery` "
                                   "in the config file, or PICTOR_GALLERY")
-    entries, misnamed = split_misnamed(read_gallery(settings.gallery, labels=settings.labels))
-    if not entries and not misnamed:
+    unlisted: list[tuple[Path, str]] = []  # folders that could not be listed: their images are unknown
+    entries, misnamed = split_misnamed(read_gallery(settings.gallery, labels=settings.labels, unlisted=unlisted))
+    if not entries and not misnamed and not unlisted:
         raise InvalidRequestError(
             f"manifest {settings.gallery} lists no images" if Path(settings.gallery).is_file()
             else f"no images found in {settings.gallery} (looked for {image_suffixes_text()})"
@@ -185,10 +187,16 @@ def run(args: argparse.Namespace) -> int:
             log_every=0.0 if progress or args.no_progress else PROGRESS_LOG_SECONDS,
         )
         if args.prune and not summary.interrupted:
-            gone = store.keys_absent_from(e.key for e in entries)
+            # Not listed is not gone when the folder could not be listed: those items stay.
+            unknown = tuple(folder.as_posix() + "/" for folder, _ in unlisted)
+            gone = [key for key in store.keys_absent_from(e.key for e in entries) if not key.startswith(unknown)]
             summary.pruned = store.delete(gone).deleted if gone else 0
         count = len(store)
     summary.add_failures(misnamed)
+    summary.add_failures((GalleryEntry(key=folder.as_posix(), path=folder),
+                          f"{folder}: cannot list the folder ({why}); its images were left out"
+                          + (" and their items kept" if args.prune else ""))
+                         for folder, why in unlisted)
     if args.json:
         json.dump({**dataclasses.asdict(summary), "index": str(out), "index_size": count}, sys.stdout, indent=2)
         sys.stdout.write("\n")

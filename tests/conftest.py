@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,6 +65,19 @@ def make_gallery(root: Path) -> Path:
 @pytest.fixture
 def gallery(tmp_path: Path) -> Path:
     return make_gallery(tmp_path / "gallery")
+
+
+def unlistable(monkeypatch: pytest.MonkeyPatch, *folders: Path) -> None:
+    """Make ``folders`` fail to list as a folder without read permission does (root, which
+    runs CI, ignores the permission bits)."""
+    real = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        if Path(path) in folders:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
 
 
 def free_port() -> int:

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
+from conftest import unlistable
 
 from pictor.core.gallery import read_gallery
 from pictor.errors import InvalidRequestError, NotFoundError
@@ -166,3 +168,19 @@ def test_symlinked_folders_are_followed_once(tmp_path: Path) -> None:
     # A gallery named through a link is listed as usual.
     (tmp_path / "via").symlink_to(gallery)
     assert len(list(read_gallery(tmp_path / "via"))) == 3
+
+
+def test_a_folder_that_cannot_be_listed_is_reported_not_dropped(tmp_path: Path, monkeypatch, caplog) -> None:
+    for name in ("a/ok.png", "a/locked/in.png", "b/x.png"):
+        (tmp_path / "g" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "g" / name).write_bytes(b"")
+    unlistable(monkeypatch, tmp_path / "g" / "a" / "locked")
+    unlisted: list[tuple[Path, str]] = []
+    with caplog.at_level(logging.WARNING):
+        keys = [e.key for e in read_gallery(tmp_path / "g", unlisted=unlisted)]
+    assert keys == [(tmp_path / "g" / n).as_posix() for n in ("a/ok.png", "b/x.png")]
+    assert unlisted == [(tmp_path / "g" / "a" / "locked", "Permission denied")]
+    assert "cannot list" in caplog.text and "locked" in caplog.text
+    unlistable(monkeypatch, tmp_path / "g")
+    with pytest.raises(InvalidRequestError, match="cannot list .*g: Permission denied"):
+        list(read_gallery(tmp_path / "g"))

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import drawn_image, pictor
+from conftest import drawn_image, pictor, unlistable
 from PIL import Image
 
+from pictor.cli import main
 from pictor.config import ServerSettings
 from pictor.core.embedder import WHITENING_FILE
 from pictor.core.gallery import GalleryEntry
@@ -248,3 +249,20 @@ def test_an_embedding_that_underflowed_costs_its_file_not_the_run(tmp_path: Path
     np.testing.assert_array_equal(kept, vectors[:1])
     assert [e.key for e, _ in batch.failures] == ["zero.jpg", "nan.jpg"]
     assert "all zero or not finite (at fp16; --precision fp32 may embed it)" in batch.failures[0][1]
+
+
+def test_prune_keeps_the_items_of_a_folder_it_could_not_list(gallery: Path, tmp_path: Path, monkeypatch,
+                                                             capsys) -> None:
+    out = tmp_path / "index"
+    pictor("index", str(gallery), "--out", str(out))
+    unlistable(monkeypatch, gallery / "warm")  # 6 of the 12 images
+    before = signal.getsignal(signal.SIGTERM)  # `pictor index` takes SIGTERM over
+    try:
+        rc = main(["index", str(gallery), "--out", str(out), "--prune", "--json", "--no-progress"])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    summary = json.loads(capsys.readouterr().out)
+    assert rc == 0 and (summary["unchanged"], summary["pruned"], summary["index_size"]) == (6, 0, 12)
+    (failure,) = summary["failures"]
+    assert failure["error"].endswith("warm: cannot list the folder (Permission denied); its images were "
+                                     "left out and their items kept")
