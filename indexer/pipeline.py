@@ -254,8 +254,10 @@ def run_indexing(
             bar.update(len(decoded.entries) + len(decoded.failures) + decoded.unchanged)
             bar.set_postfix(skipped=summary.skipped, refresh=False)
             if (now := time.perf_counter()) >= next_log:
-                log.info("indexed %d of %s images (%.1f img/s), skipped %d", summary.indexed,
-                         total if total is not None else "?", summary.indexed / (now - start), summary.skipped)
+                done = summary.indexed + summary.unchanged + summary.skipped  # as the bar counts
+                log.info("%d of %s files done: %d embedded (%.1f img/s), %d unchanged, %d skipped", done,
+                         total if total is not None else "?", summary.indexed, summary.indexed / (now - start),
+                         summary.unchanged, summary.skipped)
                 next_log = now + log_every
     except KeyboardInterrupt:  # an upsert is all or nothing, so the counts are what was written
         summary.interrupted = True

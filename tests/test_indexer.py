@@ -118,7 +118,7 @@ def test_ctrl_c_ends_the_run_with_what_was_written(gallery: Path, tmp_path: Path
         assert (again.unchanged, again.inserted, len(store)) == (summary.indexed, len(entries) - summary.indexed,
                                                                  len(entries))
     # Without a terminal for a bar, progress comes as log lines (every 30 s in the CLI).
-    assert f"indexed 2 of {len(entries)} images (" in caplog.text
+    assert f"2 of {len(entries)} files done: 2 embedded (" in caplog.text
 
 
 def test_an_interrupt_waits_until_a_written_batch_is_counted() -> None:
