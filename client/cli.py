@@ -249,10 +249,15 @@ def run_search(args: argparse.Namespace) -> int:
     with _client(args) as client:
         image = _read(args.image) if args.image else None
         hits = client.search(image=image, key=args.key, k=args.k, labels=args.label, attributes=attrs)
+        held = client.info().label_counts if args.label and not hits else {}
     rows = [f"{i + 1:>3}  {h.score:6.3f}  {_hit_text(h)}"
             for i, h in enumerate(hits)]
-    table = "\n".join(["  #   score  key", *rows]) if hits else "no results: " + (
-        "no indexed item matches the --label/--attr filter" if args.label or attrs else "the index is empty")
+    unknown = [label for label in args.label if label not in held]
+    why = (f"the index has no item labelled {', '.join(map(repr, unknown))} (labels: "
+           f"{_label_counts_text(held)})" if held and unknown
+           else "no indexed item matches the --label/--attr filter" if args.label or attrs
+           else "the index is empty")
+    table = "\n".join(["  #   score  key", *rows]) if hits else f"no results: {why}"
     _emit(args, [dataclasses.asdict(h) for h in hits], table + "\n")
     return 0
 
@@ -274,6 +279,7 @@ def run_info(args: argparse.Namespace) -> int:
                       + (f", {info.pooling} pooling" if info.pooling else "")
                       + (f" of layer {info.layer}" if info.layer else "")),
         ("index", f"{info.index_size} items, {info.index_type}"),
+        ("labels", _label_counts_text(info.label_counts)),
         ("classifier", f"{info.classifier}: {shown}" if shown else f"{info.classifier} (the index's labels)"),
         *([("open set", info.open_set)] if info.open_set else []),
         ("versions", ", ".join(f"{k} {v}" for k, v in sorted(info.versions.items()))),
@@ -281,6 +287,15 @@ def run_info(args: argparse.Namespace) -> int:
     table = "".join(f"{name + ':':<14}{value}\n" for name, value in rows)
     _emit(args, d, table)
     return 0
+
+
+def _label_counts_text(counts: dict[str, int], shown: int = 20) -> str:
+    """``tulips 200, roses 180, ...``: the most common labels first."""
+    if not counts:
+        return "none"
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    text = ", ".join(f"{label or '(none)'} {n}" for label, n in ranked[:shown])
+    return text + (f", ... ({len(ranked)} labels)" if len(ranked) > shown else "")
 
 
 @_guard_unreachable

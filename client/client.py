@@ -352,5 +352,5 @@ class PictorClient:
             index_size=r.index_size, index_type=r.index_type, metric=r.metric,
             classifier=r.classifier, class_names=list(r.class_names),
             server_version=r.server_version, versions=dict(r.versions), open_set=r.open_set,
-            finetune=r.finetune, pooling=r.pooling, layer=r.layer,
+            finetune=r.finetune, pooling=r.pooling, layer=r.layer, label_counts=dict(r.label_counts),
         )

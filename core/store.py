@@ -482,6 +482,12 @@ class IndexStore:
             conn = self._reader()
             return {lab for lab in set(labels) if conn.execute(query, (lab,)).fetchone()}
 
+    def label_counts(self) -> dict[str, int]:
+        """Items per label ("" for items without one), from the label index."""
+        self._check_open()
+        with self._rw.read():
+            return dict(self._reader().execute("SELECT label, COUNT(*) FROM items GROUP BY label"))
+
     def keys_present(self, keys: Sequence[str]) -> set[str]:
         """Which of ``keys`` the store holds."""
         self._check_open()

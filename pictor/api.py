@@ -33,6 +33,7 @@ class ServerInfo:
     finetune: str = ""  # fingerprint of the fine-tuned backbone; "" = the weights as they came
     pooling: str = ""  # "avg", "max" or "gem" (see the proto)
     layer: str = ""  # "" = the backbone's last feature layer
+    label_counts: dict[str, int] = field(default_factory=dict)  # items per label ("" = unlabelled)
 
 
 @dataclass(frozen=True)

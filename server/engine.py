@@ -382,6 +382,7 @@ class Engine:
             finetune=spec.finetune[:12],
             pooling=spec.pooling,
             layer=spec.layer,
+            label_counts=self.store.label_counts(),
         )
 
     def _open_set_status(self) -> str:

@@ -38,7 +38,7 @@ def test_info_and_health(server: ServerProcess) -> None:
         info = client.info()
         assert client.health() == "SERVING"
         assert client.health("pictor.v1.Pictor") == "SERVING"
-    assert info.index_size == 12
+    assert info.index_size == 12 and info.label_counts == {"cool": 6, "warm": 6}
     assert info.embedding_dim == 1280  # efficientnet_lite0's pooled features
     assert info.backbone == "efficientnet_lite0"
     assert (info.pooling, info.layer) == ("avg", "")  # how the index's vectors were made
@@ -249,7 +249,9 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     assert "kNN vote: " in every and "agree" not in every  # ImageNet labels vs the index's labels
     assert f"  neighbour  1.000  {image.as_posix()}" in every
     none = pictor("search", str(image), "--label", "nosuch", "--target", server.target)
-    assert none.stdout == "no results: no indexed item matches the --label/--attr filter\n"
+    assert none.stdout == "no results: the index has no item labelled 'nosuch' (labels: cool 6, warm 6)\n"
+    shown = pictor("info", "--target", server.target).stdout
+    assert "\nlabels:       cool 6, warm 6\n" in shown
     gone = pictor("delete", "no/such/key.png", "--target", server.target, check=False)
     assert gone.returncode == 2 and "not found: no/such/key.png (a key is the image's path" in gone.stderr
     zero = pictor("search", str(image), "-k", "0", "--target", server.target, check=False)

@@ -210,7 +210,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("backbone", "weights", "embedding_dim", "index_size", "index_type", "metric", "classifier", "class_names", "server_version", "versions", "open_set", "finetune", "pooling", "layer")
+    __slots__ = ("backbone", "weights", "embedding_dim", "index_size", "index_type", "metric", "classifier", "class_names", "server_version", "versions", "open_set", "finetune", "pooling", "layer", "label_counts")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +218,13 @@ class InfoResponse(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class LabelCountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +239,7 @@ class InfoResponse(_message.Message):
     FINETUNE_FIELD_NUMBER: _ClassVar[int]
     POOLING_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COUNTS_FIELD_NUMBER: _ClassVar[int]
     backbone: str
     weights: str
     embedding_dim: int
@@ -246,4 +254,5 @@ class InfoResponse(_message.Message):
     finetune: str
     pooling: str
     layer: str
-    def __init__(self, backbone: _Optional[str] = ..., weights: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., index_size: _Optional[int] = ..., index_type: _Optional[str] = ..., metric: _Optional[str] = ..., classifier: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., open_set: _Optional[str] = ..., finetune: _Optional[str] = ..., pooling: _Optional[str] = ..., layer: _Optional[str] = ...) -> None: ...
+    label_counts: _containers.ScalarMap[str, int]
+    def __init__(self, backbone: _Optional[str] = ..., weights: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., index_size: _Optional[int] = ..., index_type: _Optional[str] = ..., metric: _Optional[str] = ..., classifier: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., open_set: _Optional[str] = ..., finetune: _Optional[str] = ..., pooling: _Optional[str] = ..., layer: _Optional[str] = ..., label_counts: _Optional[_Mapping[str, int]] = ...) -> None: ...
