@@ -386,6 +386,7 @@ class IndexStore:
             if spec is not None:
                 store.spec.check_compatible(spec, what="the requested model")
             store._db.execute(_CONTENTS_TABLE)  # a store from before content hashes
+            store._db.execute(_CONTENTS_INDEX)  # or before they were looked up
             store._recover()
             with store._write_lock:
                 store._after_write(0)  # e.g. a bulk load that died before its training
@@ -487,6 +488,15 @@ class IndexStore:
         self._check_open()
         with self._rw.read():
             return dict(self._reader().execute("SELECT label, COUNT(*) FROM items GROUP BY label"))
+
+    def vector_of_content(self, content_hash: str) -> np.ndarray | None:
+        """The stored vector of an item whose image file had this sha256 (under any key), or None."""
+        self._check_open()
+        with self._rw.read():
+            row = self._reader().execute(
+                "SELECT v.vector FROM contents c JOIN vectors v ON v.id = c.id WHERE c.hash = ? LIMIT 1",
+                (content_hash,)).fetchone()
+        return None if row is None else np.frombuffer(row[0], np.float32).copy()
 
     def keys_present(self, keys: Sequence[str]) -> set[str]:
         """Which of ``keys`` the store holds."""
@@ -1109,6 +1119,7 @@ def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
 # Items' content hashes (only those that have one), apart from the narrow items table. Stores
 # made before it existed get it when opened.
 _CONTENTS_TABLE = "CREATE TABLE IF NOT EXISTS contents(id INTEGER PRIMARY KEY, hash TEXT NOT NULL)"
+_CONTENTS_INDEX = "CREATE INDEX IF NOT EXISTS contents_hash ON contents(hash)"  # vector_of_content
 
 
 def _create_schema(db: sqlite3.Connection, spec: ModelSpec, now: str) -> None:
@@ -1140,6 +1151,7 @@ def _create_schema(db: sqlite3.Connection, spec: ModelSpec, now: str) -> None:
             """
         )
         db.execute(_CONTENTS_TABLE)
+        db.execute(_CONTENTS_INDEX)
         db.executemany(
             "INSERT INTO meta(name, value) VALUES (?, ?)",
             [

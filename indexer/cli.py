@@ -32,7 +32,8 @@ give a folder the same way each time (photos/ and /home/me/photos/ are different
 manifest that repeats a key is refused, since which row should win is a guess. Running again
 over an existing index (with the index's own model) adds new keys and replaces items whose file
 content, label or attributes changed; files the index holds as they are (same key, content by
-sha256, label and attributes) are read and hashed, not embedded again.
+sha256, label and attributes) are read and hashed, not embedded again, and a file whose content
+the index holds under another key (a renamed folder, a duplicate) gets a copy of that vector.
 
 --prune makes the index mirror GALLERY: after a complete run it deletes the items whose keys
 GALLERY no longer lists (files deleted or renamed since an earlier run, and items another
@@ -168,8 +169,9 @@ def run(args: argparse.Namespace) -> int:
     if store is not None and (twice := indexed_under_other_keys(entries, store)):
         new, old = next(iter(twice.items()))
         print(f"warning: {len(twice)} of these files are in the index already under another spelling "
-              f"of their path ({new!r} is there as {old!r}); they are added again as new items. To "
-              "replace them instead, name the folder as the index knows it", file=sys.stderr)
+              f"of their path ({new!r} is there as {old!r}); they are added again as new items (their "
+              "vectors copied, not embedded again). To replace them instead, name the folder as the "
+              "index knows it", file=sys.stderr)
     if store is None:
         whitening = fit_whitening(
             entries, embedder, settings.pca_whiten, sample=settings.pca_sample,
@@ -202,7 +204,10 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         print(f"indexed {summary.indexed} images ({summary.inserted} new, {summary.replaced} replaced) "
-              f"into {out} in {summary.seconds:.1f}s ({summary.images_per_second:.1f} img/s)"
+              f"into {out} in {summary.seconds:.1f}s"
+              + (f" ({summary.images_per_second:.1f} img/s embedded)" if summary.embedded else "")
+              + (f"; {summary.copied} of them copied from the same files indexed under other keys, "
+                 "not embedded again" if summary.copied else "")
               + (f"; {summary.unchanged} unchanged, left as they were" if summary.unchanged else "")
               + f"; index holds {count} items; skipped {summary.skipped}"
               + (f"; pruned {summary.pruned} no longer listed" if args.prune else ""))

@@ -48,11 +48,16 @@ class IndexSummary:
     replaced: int = 0
     unchanged: int = 0  # files the index held already with this content, label and attributes
     skipped: int = 0
+    copied: int = 0  # of those indexed, files the index held under another key: vector copied, not embedded
     seconds: float = 0.0
     images_per_second: float = 0.0
     failures: list[dict[str, str]] = field(default_factory=list)  # {"path", "error"}
     interrupted: bool = False  # Ctrl-C or SIGTERM: the batches written before it are kept
     pruned: int = 0  # items deleted because the gallery no longer lists them (--prune)
+
+    @property
+    def embedded(self) -> int:
+        return self.indexed - self.copied
 
     def add_failures(self, failures: Iterable[tuple[GalleryEntry, str]]) -> None:
         for entry, error in failures:
@@ -81,6 +86,9 @@ class DecodedBatch:
     hashes: list[str]  # content hash of each entry's file
     failures: list[tuple[GalleryEntry, str]]
     unchanged: int = 0  # files the store holds as they are: read and hashed, not decoded
+    # Files whose content the store holds under another key (a renamed folder, another spelling
+    # of the path, a duplicate): (entry, content hash, the stored vector), not decoded.
+    copies: list[tuple[GalleryEntry, str, np.ndarray]] = field(default_factory=list)
 
     def items(self) -> list[Item]:
         return [as_item(e, h) for e, h in zip(self.entries, self.hashes, strict=True)]
@@ -93,25 +101,32 @@ def as_item(entry: GalleryEntry, content_hash: str) -> Item:
 def decode_batch(
     pool: ThreadPoolExecutor, entries: Sequence[GalleryEntry], embedder: Embedder, *, max_pixels: int,
     stored: Mapping[str, Item] | None = None,
+    store: IndexStore | None = None,
 ) -> DecodedBatch:
     """Decode and preprocess a batch in the pool; failures are returned, not raised. An entry
-    whose item ``stored`` holds with the same content, label and attributes is left out."""
+    whose item ``stored`` holds with the same content, label and attributes is left out; one
+    whose content ``store`` holds under another key gets that item's vector."""
 
-    def load(entry: GalleryEntry) -> tuple[str, torch.Tensor | None]:
+    def load(entry: GalleryEntry) -> tuple[str, torch.Tensor | np.ndarray | None]:
         data = read_image_file(entry.path)
         digest = content_hash(data)
         if stored is not None and stored.get(entry.key) == as_item(entry, digest):
             return digest, None
+        if store is not None and (vector := store.vector_of_content(digest)) is not None:
+            return digest, vector
         image = load_image(entry.path, max_pixels=max_pixels, draft_size=embedder.draft_size, data=data)
         return digest, embedder.preprocess(image)
 
     futures = [pool.submit(load, e) for e in entries]
-    ok, tensors, hashes, failed, unchanged = [], [], [], [], 0
+    ok, tensors, hashes, failed, unchanged, copies = [], [], [], [], 0, []
     for entry, fut in zip(entries, futures, strict=True):
         try:
             digest, tensor = fut.result()
             if tensor is None:
                 unchanged += 1
+                continue
+            if isinstance(tensor, np.ndarray):
+                copies.append((entry, digest, tensor))
                 continue
             tensors.append(tensor)
             hashes.append(digest)
@@ -121,7 +136,7 @@ def decode_batch(
         except Exception as e:  # a bug or a decoder's surprise costs one file, never the run
             log.exception("unexpected error on %s", entry.path)
             failed.append((entry, f"{entry.path}: unexpected {type(e).__name__}: {e}"))
-    return DecodedBatch(ok, tensors, hashes, failed, unchanged)
+    return DecodedBatch(ok, tensors, hashes, failed, unchanged, copies)
 
 
 def decoded_batches(
@@ -133,7 +148,7 @@ def decoded_batches(
 
     def decode(batch: list[GalleryEntry]) -> DecodedBatch:
         stored = None if store is None else {it.key: it for it in store.get([e.key for e in batch]).items}
-        return decode_batch(pool, batch, embedder, max_pixels=max_pixels, stored=stored)
+        return decode_batch(pool, batch, embedder, max_pixels=max_pixels, stored=stored, store=store)
 
     pending: Future[DecodedBatch] | None = None
     # One extra thread drives the prefetch so the decode workers stay busy.
@@ -175,7 +190,8 @@ def without_degenerate(decoded: DecodedBatch, vectors: np.ndarray, precision: st
     failed = [(e, f"{e.path}: {why}") for e, g in zip(decoded.entries, good, strict=True) if not g]
     kept = np.flatnonzero(good)
     return DecodedBatch([decoded.entries[i] for i in kept], [decoded.tensors[i] for i in kept],
-                        [decoded.hashes[i] for i in kept], decoded.failures + failed, decoded.unchanged), vectors[good]
+                        [decoded.hashes[i] for i in kept], decoded.failures + failed, decoded.unchanged,
+                        decoded.copies), vectors[good]
 
 
 def indexed_under_other_keys(entries: Sequence[GalleryEntry], store: IndexStore) -> dict[str, str]:
@@ -249,14 +265,20 @@ def run_indexing(
                     result = store.upsert(decoded.items(), vectors if whitening is None else whitening.apply(vectors))
                     summary.inserted += result.inserted
                     summary.replaced += result.replaced
-                summary.indexed += len(decoded.entries)
+                if decoded.copies:  # stored vectors: in the index's space (whitened) already
+                    result = store.upsert([as_item(e, h) for e, h, _ in decoded.copies],
+                                          np.stack([v for *_, v in decoded.copies]))
+                    summary.inserted += result.inserted
+                    summary.replaced += result.replaced
+                    summary.copied += len(decoded.copies)
+                summary.indexed += len(decoded.entries) + len(decoded.copies)
                 summary.unchanged += decoded.unchanged
-            bar.update(len(decoded.entries) + len(decoded.failures) + decoded.unchanged)
+            bar.update(len(decoded.entries) + len(decoded.copies) + len(decoded.failures) + decoded.unchanged)
             bar.set_postfix(skipped=summary.skipped, refresh=False)
             if (now := time.perf_counter()) >= next_log:
                 done = summary.indexed + summary.unchanged + summary.skipped  # as the bar counts
                 log.info("%d of %s files done: %d embedded (%.1f img/s), %d unchanged, %d skipped", done,
-                         total if total is not None else "?", summary.indexed, summary.indexed / (now - start),
+                         total if total is not None else "?", summary.embedded, summary.embedded / (now - start),
                          summary.unchanged, summary.skipped)
                 next_log = now + log_every
     except KeyboardInterrupt:  # an upsert is all or nothing, so the counts are what was written
@@ -265,7 +287,7 @@ def run_indexing(
         batches.close()  # stops the decoding workers
         bar.close()
     summary.seconds = round(time.perf_counter() - start, 3)
-    summary.images_per_second = round(summary.indexed / summary.seconds, 2) if summary.seconds else 0.0
+    summary.images_per_second = round(summary.embedded / summary.seconds, 2) if summary.seconds else 0.0
     return summary
 
 

@@ -69,6 +69,12 @@ def test_rerun_replaces_instead_of_duplicating(gallery: Path, tmp_path: Path) ->
     # The same files named another way are other keys: added again, with a warning that says so.
     relative = pictor("index", gallery.name, "--out", str(out), cwd=gallery.parent)
     assert "13 of these files are in the index already under another spelling" in relative.stderr
+    # ... with the vectors of the same content copied, not embedded again.
+    assert "indexed 13 images (13 new, 0 replaced)" in relative.stdout
+    assert "13 of them copied from the same files indexed under other keys" in relative.stdout
+    with IndexStore.open(out) as store:
+        got = store.get([changed.as_posix(), f"{gallery.name}/cool/img00.png"], vectors=True)
+        assert got.vectors is not None and np.array_equal(got.vectors[0], got.vectors[1])
     # --prune mirrors the gallery as named now: the other spelling's 13 items go, and so does
     # the item of a file deleted since.
     (gallery / "warm" / "extra.png").unlink()
