@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pictor.api import CLASSIFIERS
-from pictor.config import DEFAULT_TARGET, default_target
+from pictor.config import DEFAULT_TARGET, client_max_message_mb, default_target
 from pictor.errors import (
     DeadlineExceededError,
     InvalidRequestError,
@@ -122,7 +122,7 @@ def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from pictor.client.client import PictorClient
 
     target = args.target or default_target()
-    return PictorClient(target, timeout=args.timeout)
+    return PictorClient(target, timeout=args.timeout, max_message_mb=client_max_message_mb())
 
 
 def _read(path: str) -> bytes:

@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pictor.api import CLASSIFIERS, MAX_K, UPSERT_CHUNK, ServerInfo, StoredItem
-from pictor.config import DEFAULT_PORT, DEFAULT_TARGET
+from pictor.config import DEFAULT_MAX_MESSAGE_MB, DEFAULT_PORT, DEFAULT_TARGET, check_max_message_mb
 from pictor.errors import DeadlineExceededError, InvalidRequestError, PictorError, ServerUnavailableError
 from pictor.status import error_from_status
 from pictor.v1 import pictor_pb2 as pb
@@ -119,8 +119,8 @@ def _too_large(details: str) -> str:
         return details
     size, limit = (int(n) / 2**20 for n in sizes.groups())
     return (f"a message of {size:.1f} MB is over the {limit:.0f} MB limit ({details}); send smaller "
-            "image files, or raise the limit on both sides: PictorClient(max_message_mb=...) and "
-            "`pictor serve --max-message-mb`")
+            "image files, or raise the limit on both sides: PICTOR_MAX_MESSAGE_MB for client commands "
+            "(PictorClient(max_message_mb=...) in Python) and `pictor serve --max-message-mb`")
 
 
 def _not_one(values: object, what: str, hint: str) -> None:
@@ -164,10 +164,11 @@ class PictorClient:
     """Calls a Pictor server. Failed calls raise ``pictor.errors`` types (see ``pictor.status``)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = DEFAULT_TIMEOUT,
-                 max_message_mb: int = 64) -> None:
+                 max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> None:
         target = _with_port(target)
         if not timeout > 0:
             raise InvalidRequestError(f"timeout must be more than 0 seconds, got {timeout}")
+        check_max_message_mb(max_message_mb)
         max_bytes = max_message_mb * 1024 * 1024
         self.target = target
         self.timeout = timeout

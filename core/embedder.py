@@ -370,9 +370,10 @@ class PCAWhitening:
             with np.load(path) as z:
                 w = cls(z["mean"].astype(np.float32), z["projection"].astype(np.float32))
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:  # missing, cut short, damaged
+            why = "not a whitening file" if "pickle" in str(e) else str(e)  # numpy's advice misleads here
             raise IncompatibleModelError(
                 f"index {directory} is PCA-whitened ({spec.whitening}) but {path} is missing or "
-                f"unreadable ({e}); rebuild the index") from e
+                f"unreadable ({why}); rebuild the index") from e
         if w.fingerprint != spec.whitening:
             raise IncompatibleModelError(
                 f"{path} holds whitening {w.fingerprint}, but the index was built with "

@@ -234,6 +234,6 @@ def _entries(manifest: Path, rows: Iterator[tuple[int, dict[str, str]]], require
             )
         first_line[key] = line
         label = row.pop("label", "")
-        if "" in row:  # a JSONL field named "" (a CSV header's is refused up front)
+        if any(not name.strip() for name in row):  # a JSONL field named "" (a CSV header's is refused up front)
             raise InvalidRequestError(f"{where}: a field has an empty name; name it, or leave it out")
         yield GalleryEntry(key=key, path=path, label=label, attributes={k: v for k, v in row.items() if v})

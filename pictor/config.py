@@ -25,6 +25,8 @@ DEFAULT_TARGET = f"localhost:{DEFAULT_PORT}"
 # Pixels an image may decode to (JPEGs count at their drafted size, so a 48 MP phone photo
 # passes): a large photo passes, a decompression bomb does not.
 DEFAULT_MAX_PIXELS = 40_000_000
+# gRPC message size limits, server and client alike; gRPC takes them as int32 bytes.
+DEFAULT_MAX_MESSAGE_MB, MAX_MESSAGE_MB = 64, 2047
 
 
 def default_cache_dir() -> Path:
@@ -66,7 +68,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     workers: int = 8  # gRPC handler threads
-    max_message_mb: int = 64
+    max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
     device: str = "auto"
     precision: str = "auto"
     compile: bool = False  # torch.compile the backbone: the first requests compile it
@@ -82,7 +84,8 @@ class ServerSettings:
             )
         if not 0 <= self.port <= 65535:
             raise InvalidRequestError(f"port must be between 0 (any free port) and 65535, got {self.port}")
-        _check_positive(self, "workers", "max_message_mb", "max_pixels")
+        _check_positive(self, "workers", "max_pixels")
+        check_max_message_mb(self.max_message_mb)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,11 @@ class IndexerSettings:
         _check_positive(self, "workers", "pca_sample")
         if self.pca_whiten < 0:
             raise InvalidRequestError(f"pca_whiten must be 0 (off) or a number of dims, got {self.pca_whiten}")
+
+
+def check_max_message_mb(value: int) -> None:
+    if not 1 <= value <= MAX_MESSAGE_MB:
+        raise InvalidRequestError(f"max_message_mb must be between 1 and {MAX_MESSAGE_MB}, got {value}")
 
 
 def _check_positive(settings: object, *names: str) -> None:
@@ -196,6 +204,13 @@ _OTHER_ENV = ("CONFIG", "TARGET", "OFFLINE", "CACHE_DIR")
 def default_target() -> str:
     """The server client commands call without ``--target``: ``$PICTOR_TARGET`` or localhost."""
     return os.environ.get("PICTOR_TARGET") or DEFAULT_TARGET
+
+
+def client_max_message_mb() -> int:
+    """The message size limit of client commands: ``$PICTOR_MAX_MESSAGE_MB``, the variable the
+    server reads for its own, or 64."""
+    raw = os.environ.get("PICTOR_MAX_MESSAGE_MB", "")
+    return _coerce(raw, int, "PICTOR_MAX_MESSAGE_MB") if raw else DEFAULT_MAX_MESSAGE_MB
 
 
 def offline() -> bool:

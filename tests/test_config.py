@@ -4,7 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from pictor.config import IndexerSettings, ServerSettings, build_settings, unknown_env_names
+from pictor.client import PictorClient
+from pictor.config import (
+    IndexerSettings,
+    ServerSettings,
+    build_settings,
+    client_max_message_mb,
+    unknown_env_names,
+)
 from pictor.errors import InvalidRequestError
 
 
@@ -50,6 +57,12 @@ def test_bad_values_and_files_are_clear_errors(tmp_path: Path) -> None:
         build_settings(IndexerSettings, {}, env={"PICTOR_BATCH_SIZE": "0"})
     with pytest.raises(InvalidRequestError, match="workers must be at least 1, got -1"):
         build_settings(IndexerSettings, {"workers": -1}, env={})
+    # gRPC takes the limit as int32 bytes: 2048 MB raised a bare OverflowError.
+    for mb in ("0", "2048"):
+        with pytest.raises(InvalidRequestError, match=f"max_message_mb must be between 1 and 2047, got {mb}"):
+            build_settings(ServerSettings, {}, env={"PICTOR_MAX_MESSAGE_MB": mb})
+        with pytest.raises(InvalidRequestError, match=f"max_message_mb must be between 1 and 2047, got {mb}"):
+            PictorClient("localhost:50051", max_message_mb=int(mb))
     bad = tmp_path / "bad.toml"
     bad.write_text("port = = 1")
     with pytest.raises(InvalidRequestError, match="not valid TOML"):
@@ -93,3 +106,13 @@ def test_unknown_environment_names_are_found() -> None:
     env = {"PICTOR_PROT": "5", "PICTOR_PORT": "1", "PICTOR_BATCH_SIZE": "8", "PICTOR_MODEL": "m.pt",
            "PICTOR_CACHE_DIR": "/c", "PICTOR_CONFIG": "p.toml", "HOME": "/root"}
     assert unknown_env_names(env) == ["PICTOR_PROT"]
+
+
+def test_client_commands_read_the_message_limit_the_server_reads(monkeypatch) -> None:
+    monkeypatch.delenv("PICTOR_MAX_MESSAGE_MB", raising=False)
+    assert client_max_message_mb() == 64
+    monkeypatch.setenv("PICTOR_MAX_MESSAGE_MB", "256")
+    assert client_max_message_mb() == 256
+    monkeypatch.setenv("PICTOR_MAX_MESSAGE_MB", "lots")
+    with pytest.raises(InvalidRequestError, match="PICTOR_MAX_MESSAGE_MB='lots' is not a valid int"):
+        client_max_message_mb()

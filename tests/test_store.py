@@ -250,8 +250,9 @@ def test_bad_input_refused(tmp_path: Path, rng) -> None:
         with pytest.raises(InvalidRequestError, match="k must be"):
             store.search(unit(rng, 1), k=0)
         # Labels and attributes come back with every hit: named, and bounded as keys are.
-        with pytest.raises(InvalidRequestError, match="'a': an attribute has an empty name"):
-            store.upsert([Item("a", attributes={"": "x"})], unit(rng, 1))
+        for blank in ("", " "):
+            with pytest.raises(InvalidRequestError, match="'a': an attribute has an empty name"):
+                store.upsert([Item("a", attributes={blank: "x"})], unit(rng, 1))
         with pytest.raises(InvalidRequestError, match="the label is 5,000 characters long; at most 4,096"):
             store.upsert([Item("a", label="l" * 5000)], unit(rng, 1))
         with pytest.raises(InvalidRequestError, match="its attributes take 100,009 characters as JSON; at most 65,536"):
