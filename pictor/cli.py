@@ -66,8 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if not args.verbose:  # FAISS logs its probe for optional SIMD builds, which reads as a failure
+    if not args.verbose:  # FAISS logs its probe for optional SIMD builds, which reads as a failure,
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+        logging.getLogger("torch").setLevel(logging.WARNING)  # and torch its compile caches at exit
     for name in unknown_env_names(os.environ):
         logging.getLogger("pictor").warning("%s is not a Pictor setting; it is ignored", name)
     try:

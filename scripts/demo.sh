@@ -47,6 +47,7 @@ PY
 
 echo
 echo "== 5. search with each Twitter drawing: where does Google's drawing of the same emoji rank?"
+echo "sample/queries/1f3b9.png (Twitter's drawing), its 3 nearest in the Google gallery:"
 pictor search sample/queries/1f3b9.png -k 3 --target "$target"
 found=0 first=0 total=0
 for q in sample/queries/*.png; do
