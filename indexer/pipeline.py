@@ -15,7 +15,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,17 +100,17 @@ def as_item(entry: GalleryEntry, content_hash: str) -> Item:
 
 def decode_batch(
     pool: ThreadPoolExecutor, entries: Sequence[GalleryEntry], embedder: Embedder, *, max_pixels: int,
-    stored: Mapping[str, Item] | None = None,
     store: IndexStore | None = None,
 ) -> DecodedBatch:
     """Decode and preprocess a batch in the pool; failures are returned, not raised. An entry
-    whose item ``stored`` holds with the same content, label and attributes is left out; one
-    whose content ``store`` holds under another key gets that item's vector."""
+    whose item ``store`` holds with the same content, label and attributes is left out; one
+    whose content it holds under another key gets that item's vector."""
+    stored = {} if store is None else {it.key: it for it in store.get([e.key for e in entries]).items}
 
     def load(entry: GalleryEntry) -> tuple[str, torch.Tensor | np.ndarray | None]:
         data = read_image_file(entry.path)
         digest = content_hash(data)
-        if stored is not None and stored.get(entry.key) == as_item(entry, digest):
+        if stored.get(entry.key) == as_item(entry, digest):
             return digest, None
         if store is not None and (vector := store.vector_of_content(digest)) is not None:
             return digest, vector
@@ -147,8 +147,7 @@ def decoded_batches(
     holds unchanged are left out."""
 
     def decode(batch: list[GalleryEntry]) -> DecodedBatch:
-        stored = None if store is None else {it.key: it for it in store.get([e.key for e in batch]).items}
-        return decode_batch(pool, batch, embedder, max_pixels=max_pixels, stored=stored, store=store)
+        return decode_batch(pool, batch, embedder, max_pixels=max_pixels, store=store)
 
     pending: Future[DecodedBatch] | None = None
     # One extra thread drives the prefetch so the decode workers stay busy.
