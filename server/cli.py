@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="largest image decoded, in pixels (default 40000000; a JPEG counts at the "
                         "reduced size it is decoded at, 1/8 for a big photo; PNG, WebP and others in full)")
     p.add_argument("--max-message-mb", type=int, metavar="MB",
-                   help="largest request or reply (default 64); clients must allow it too")
+                   help="largest request or reply (default 64, at most 2047); clients must allow it "
+                        "too: PICTOR_MAX_MESSAGE_MB for the client commands")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--precision", help="auto (default), fp32, bf16, fp16")
     p.add_argument("--compile", action="store_true", default=None,
