@@ -206,8 +206,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"indexed {summary.indexed} images ({summary.inserted} new, {summary.replaced} replaced) "
               f"into {out} in {summary.seconds:.1f}s"
               + (f" ({summary.images_per_second:.1f} img/s embedded)" if summary.embedded else "")
-              + (f"; {summary.copied} of them copied from the same files indexed under other keys, "
-                 "not embedded again" if summary.copied else "")
+              + (f"; {summary.copied} of them not embedded again (the index held a vector of the same "
+                 "file)" if summary.copied else "")
               + (f"; {summary.unchanged} unchanged, left as they were" if summary.unchanged else "")
               + f"; index holds {count} items; skipped {summary.skipped}"
               + (f"; pruned {summary.pruned} no longer listed" if args.prune else ""))
@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     if summary.skipped and not (summary.indexed or summary.unchanged):
-        print(f"error: none of the {summary.skipped} files could be indexed", file=sys.stderr)
+        print(f"error: nothing could be indexed ({summary.skipped} skipped, listed above)", file=sys.stderr)
         return 2
     return 1 if summary.skipped and args.strict else 0
 

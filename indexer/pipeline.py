@@ -48,7 +48,9 @@ class IndexSummary:
     replaced: int = 0
     unchanged: int = 0  # files the index held already with this content, label and attributes
     skipped: int = 0
-    copied: int = 0  # of those indexed, files the index held under another key: vector copied, not embedded
+    # Of those indexed, files whose content the index held (under another key, or under this
+    # one with another label or attributes): vector copied, not embedded.
+    copied: int = 0
     seconds: float = 0.0
     images_per_second: float = 0.0
     failures: list[dict[str, str]] = field(default_factory=list)  # {"path", "error"}
@@ -87,7 +89,8 @@ class DecodedBatch:
     failures: list[tuple[GalleryEntry, str]]
     unchanged: int = 0  # files the store holds as they are: read and hashed, not decoded
     # Files whose content the store holds under another key (a renamed folder, another spelling
-    # of the path, a duplicate): (entry, content hash, the stored vector), not decoded.
+    # of the path, a duplicate) or under this one with another label or attributes:
+    # (entry, content hash, the stored vector), not decoded.
     copies: list[tuple[GalleryEntry, str, np.ndarray]] = field(default_factory=list)
 
     def items(self) -> list[Item]:
@@ -194,11 +197,14 @@ def without_degenerate(decoded: DecodedBatch, vectors: np.ndarray, precision: st
 
 
 def indexed_under_other_keys(entries: Sequence[GalleryEntry], store: IndexStore) -> dict[str, str]:
-    """Entries whose file ``store`` already holds under another spelling of its path (relative
-    vs absolute: ``photos/a.jpg`` and ``/home/me/photos/a.jpg``), new key -> key in the store.
+    """Entries whose file ``store`` holds under another spelling of its path only (relative vs
+    absolute: ``photos/a.jpg`` and ``/home/me/photos/a.jpg``), new key -> key in the store.
     Indexing them would add second copies, since a key is the path as given."""
+    held = store.keys_present([e.key for e in entries])
     spellings: dict[str, str] = {}
     for e in entries:
+        if e.key in held:  # its own key is there: replaced or left, not added
+            continue
         absolute = os.path.abspath(e.path)
         for alt in (Path(absolute).as_posix(), Path(os.path.relpath(absolute)).as_posix()):
             if alt != e.key:

@@ -71,7 +71,9 @@ def test_rerun_replaces_instead_of_duplicating(gallery: Path, tmp_path: Path) ->
     assert "13 of these files are in the index already under another spelling" in relative.stderr
     # ... with the vectors of the same content copied, not embedded again.
     assert "indexed 13 images (13 new, 0 replaced)" in relative.stdout
-    assert "13 of them copied from the same files indexed under other keys" in relative.stdout
+    assert "13 of them not embedded again (the index held a vector of the same file)" in relative.stdout
+    again = pictor("index", gallery.name, "--out", str(out), cwd=gallery.parent)  # both spellings held now
+    assert "another spelling" not in again.stderr and "13 unchanged" in again.stdout
     with IndexStore.open(out) as store:
         got = store.get([changed.as_posix(), f"{gallery.name}/cool/img00.png"], vectors=True)
         assert got.vectors is not None and np.array_equal(got.vectors[0], got.vectors[1])
@@ -180,7 +182,7 @@ def test_index_errors_are_clear(tmp_path: Path) -> None:
     assert r.returncode == 2 and "manifest " in r.stderr and "header.csv lists no images" in r.stderr
     (tmp_path / "empty" / "notes.jpg").write_text("not a picture")
     r = pictor("index", str(tmp_path / "empty"), "--out", str(tmp_path / "i"), check=False)
-    assert r.returncode == 2 and "none of the 1 files could be indexed" in r.stderr
+    assert r.returncode == 2 and "nothing could be indexed (1 skipped, listed above)" in r.stderr
     r = pictor("index", str(tmp_path / "empty"), "--out", str(tmp_path / "empty" / "notes.jpg"),
                check=False)
     assert r.returncode == 2 and "notes.jpg exists and is not an index store" in r.stderr
