@@ -249,14 +249,16 @@ def run_search(args: argparse.Namespace) -> int:
     with _client(args) as client:
         image = _read(args.image) if args.image else None
         hits = client.search(image=image, key=args.key, k=args.k, labels=args.label, attributes=attrs)
-        held = client.info().label_counts if args.label and not hits else {}
+        held = client.info().label_counts if args.label else {}
     rows = [f"{i + 1:>3}  {h.score:6.3f}  {_hit_text(h)}"
             for i, h in enumerate(hits)]
     unknown = [label for label in args.label if label not in held]
-    why = (f"the index has no item labelled {', '.join(map(repr, unknown))} (labels: "
-           f"{_label_counts_text(held)})" if held and unknown
-           else "no indexed item matches the --label/--attr filter" if args.label or attrs
-           else "the index is empty")
+    no_such = (f"the index has no item labelled {', '.join(map(repr, unknown))} (labels: "
+               f"{_label_counts_text(held)})") if held and unknown else ""
+    if hits and no_such:  # a typo among several labels: the hits are of the others
+        print(f"pictor search: note: {no_such}", file=sys.stderr)
+    why = no_such or ("no indexed item matches the --label/--attr filter" if args.label or attrs
+                      else "the index is empty")
     table = "\n".join(["  #   score  key", *rows]) if hits else f"no results: {why}"
     _emit(args, [dataclasses.asdict(h) for h in hits], table + "\n")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -219,7 +220,10 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     if summary.skipped and not (summary.indexed or summary.unchanged):
-        print(f"error: nothing could be indexed ({summary.skipped} skipped, listed above)", file=sys.stderr)
+        if created and count == 0:  # an empty index this run made would only be in the way
+            shutil.rmtree(out)
+        print(f"error: nothing could be indexed ({summary.skipped} skipped, listed above)"
+              + ("; no index was written" if created and count == 0 else ""), file=sys.stderr)
         return 2
     return 1 if summary.skipped and args.strict else 0
 

@@ -250,6 +250,9 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     assert f"  neighbour  1.000  {image.as_posix()}" in every
     none = pictor("search", str(image), "--label", "nosuch", "--target", server.target)
     assert none.stdout == "no results: the index has no item labelled 'nosuch' (labels: cool 6, warm 6)\n"
+    some = pictor("search", str(image), "--label", "warm", "--label", "wram", "-k", "2", "--target", server.target)
+    assert some.stdout.count("[warm]") == 2  # the hits of the label that exists, and a note on the other
+    assert some.stderr == "pictor search: note: the index has no item labelled 'wram' (labels: cool 6, warm 6)\n"
     shown = pictor("info", "--target", server.target).stdout
     assert "\nlabels:       cool 6, warm 6\n" in shown
     gone = pictor("delete", "no/such/key.png", "--target", server.target, check=False)
