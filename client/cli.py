@@ -27,6 +27,7 @@ from pictor.errors import (
 )
 
 if TYPE_CHECKING:
+    from pictor.api import StoredItem
     from pictor.client.client import Classification, Hit
 
 EXIT_UNREACHABLE = 4
@@ -218,7 +219,7 @@ def _classification_lines(path: str, r: Classification, *, neighbours: bool) -> 
     return lines
 
 
-def _hit_text(h: Hit) -> str:
+def _hit_text(h: Hit | StoredItem) -> str:
     return f"{_one_line(h.key)}{'  [' + _one_line(h.label) + ']' if h.label else ''}"
 
 
@@ -336,7 +337,7 @@ def run_get(args: argparse.Namespace) -> int:
     rows = []
     for it in items:
         attrs = " ".join(f"{_one_line(k)}={_one_line(v)}" for k, v in sorted(it.attributes.items()))
-        rows.append("  ".join(filter(None, [_one_line(it.key), f"[{_one_line(it.label)}]" if it.label else "", attrs])))
+        rows.append("  ".join(filter(None, [_hit_text(it), attrs])))
         if it.vector is not None:
             rows.append("  vector: " + " ".join(f"{x:.6g}" for x in it.vector))
     _emit(args, {"items": items, "missing": missing}, "".join(f"{row}\n" for row in rows))

@@ -1237,7 +1237,7 @@ def _match_ids(conn: sqlite3.Connection, flt: Filter) -> np.ndarray:
     if len(flt.attributes) > MAX_FILTER_ATTRIBUTES:  # one INTERSECT each; SQLite allows 500 terms
         raise InvalidRequestError(
             f"a filter takes at most {MAX_FILTER_ATTRIBUTES} attribute pairs, got {len(flt.attributes)}")
-    if "" in flt.attributes:
+    if any(not name.strip() for name in flt.attributes):  # as _check_items refuses them
         raise InvalidRequestError("a filter's attribute name is empty; no item has such an attribute")
     parts: list[str] = []
     args: list[Any] = []

@@ -294,11 +294,10 @@ class Engine:
             query = self.embed([image])[0]
         elif key is not None:
             item, query = self.store.get_item(key)
-            if filter is not None and not filter.admits(item):
-                return self.store.search(query[None], k, filter=filter, params=params)[0]
-            own = Hit(item.key, float(query @ query), item.label, item.attributes)
-            others = self.store.search(query[None], k + 1, filter=filter, params=params)[0]
-            return query_item_first(own, others, k)
+            if filter is None or filter.admits(item):  # else a plain search of its neighbours
+                own = Hit(item.key, float(query @ query), item.label, item.attributes)
+                others = self.store.search(query[None], k + 1, filter=filter, params=params)[0]
+                return query_item_first(own, others, k)
         elif vector is not None:
             query = self.query_vector(vector)
         else:
