@@ -310,11 +310,10 @@ class PictorClient:
             if raised:
                 raise raised[0] from None
             # A call lost, or past this client's deadline, cannot say what was written; a stream
-            # the server ended (DEADLINE_EXCEEDED before ours: an idle one) says it itself.
-            lost = isinstance(e, ServerUnavailableError) and (
-                not isinstance(e, DeadlineExceededError) or self._past_deadline(started))
-            if "failed to connect" in str(e).lower():  # gRPC's words: no stream was opened
-                lost = False
+            # the server ended (DEADLINE_EXCEEDED before ours: an idle one) says it itself, and
+            # one that never connected (gRPC's "failed to connect") wrote nothing.
+            lost = (isinstance(e, ServerUnavailableError) and "failed to connect" not in str(e).lower()
+                    and (not isinstance(e, DeadlineExceededError) or self._past_deadline(started)))
             if sent and lost:
                 some = f"some of the {sent} items sent" if sent > 1 else "the item sent"
                 raise type(e)(f"{e}; {some} may have been written (in chunks of {UPSERT_CHUNK}): "
