@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pictor.core import decode
 from pictor.core.decode import ALLOWED_FORMATS, decode_image, load_image
 from pictor.errors import InvalidImageError, NotFoundError
 
@@ -119,6 +120,14 @@ def test_16bit_grayscale_is_scaled_not_clipped() -> None:
         out = decode_image(encode(im, fmt))
         assert out.getpixel((2, 2)) == WHITE, fmt
         assert close_to(out.getpixel((12, 2)), (128, 128, 128), 1), fmt
+
+
+def test_16bit_scaling_is_the_same_across_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Blocks of 7 rows of 13 pixels: every row of the ramp lands in some block, none twice.
+    monkeypatch.setattr(decode, "_DEPTH_BLOCK_PIXELS", 7 * 13)
+    ramp = (np.arange(50 * 13, dtype=np.uint32) * 100).reshape(50, 13).astype(np.uint16)
+    out = np.asarray(decode_image(encode(Image.fromarray(ramp), "PNG")))
+    assert (out[..., 0] == np.rint(ramp / 257.0).astype(np.uint8)).all()
 
 
 def test_32bit_int_and_float_grayscale() -> None:
