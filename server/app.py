@@ -48,7 +48,7 @@ def create_server(settings: ServerSettings, engine: Engine | None = None) -> tup
     max_bytes = settings.max_message_mb * 1024 * 1024
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="pictor-rpc"),
-        interceptors=[ErrorInterceptor()],
+        interceptors=[ErrorInterceptor(max_reply_bytes=max_bytes)],
         options=[
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", max_bytes),

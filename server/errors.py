@@ -3,7 +3,9 @@
 Handlers raise ``PictorError`` subclasses; this interceptor aborts the call with the code from
 ``pictor.status`` and the error's message. Anything unexpected is logged with its traceback
 and answered INTERNAL, so one bad request never takes the server down. Request bytes that do
-not parse as the method's message are INVALID_ARGUMENT too (gRPC itself would say INTERNAL).
+not parse as the method's message are INVALID_ARGUMENT too (gRPC itself would say INTERNAL), and
+so is a reply over the message limit (a large k of items with large attributes), saying how to
+ask for less.
 """
 
 from __future__ import annotations
@@ -47,14 +49,25 @@ def _well_formed(requests: Iterator[Any]) -> Iterator[Any]:
         yield request
 
 
-def _guard(behavior: Callable[..., Any], method: str, streaming: bool) -> Callable[..., Any]:
+def _reply_too_large(size: int, max_bytes: int) -> str:
+    return (f"the reply would be {size / 2**20:.1f} MB, over this server's {max_bytes / 2**20:.0f} MB "
+            "message limit: ask for less (a smaller k, fewer keys, no vectors), or raise the limit "
+            "with `pictor serve --max-message-mb` and on the client (PICTOR_MAX_MESSAGE_MB)")
+
+
+def _guard(behavior: Callable[..., Any], method: str, streaming: bool, max_reply_bytes: int) -> Callable[..., Any]:
     def guarded(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
         try:
             if streaming:
                 request_or_iterator = _well_formed(request_or_iterator)
             elif isinstance(request_or_iterator, _Malformed):
                 raise InvalidRequestError(request_or_iterator.message)
-            return behavior(request_or_iterator, context)
+            reply = behavior(request_or_iterator, context)
+            # Checked here, where it can be explained: gRPC would send RESOURCE_EXHAUSTED "Sent
+            # message larger than max", the code that also means "busy, send again".
+            if (size := reply.ByteSize()) > max_reply_bytes:
+                raise InvalidRequestError(_reply_too_large(size, max_reply_bytes))
+            return reply
         except PictorError as e:
             code = status_for(e)
             # gRPC carries the message in metadata, refused above 16 KB (percent-encoded, so non-
@@ -71,6 +84,9 @@ def _guard(behavior: Callable[..., Any], method: str, streaming: bool) -> Callab
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
+    def __init__(self, max_reply_bytes: int) -> None:
+        self.max_reply_bytes = max_reply_bytes  # the server's grpc.max_send_message_length
+
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
@@ -82,13 +98,13 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _guard(handler.unary_unary, method, streaming=False),
+                _guard(handler.unary_unary, method, False, self.max_reply_bytes),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _guard(handler.stream_unary, method, streaming=True),
+                _guard(handler.stream_unary, method, True, self.max_reply_bytes),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )

@@ -388,6 +388,31 @@ def test_calls_are_bounded_and_work_for_a_caller_gone_is_not_written(built_index
         server.stop()
 
 
+def test_a_reply_over_the_message_limit_says_how_to_ask_for_less(built_index: Path) -> None:
+    server = ServerProcess(built_index, "--max-message-mb", "2").start()
+    rng = np.random.default_rng(0)
+    # 40 items of 60 KB attributes each (within the 64 KB limit) make replies of up to 2.4 MB.
+    items = [UpsertItem(key=f"big/{i}", vector=rng.standard_normal(1280).tolist(), attributes={"note": "x" * 60_000})
+             for i in range(40)]
+    try:
+        with PictorClient(server.target) as client:
+            client.upsert(items)
+            query = items[0].vector
+            assert len(client.search(vector=query, k=30)) == 30  # under 2 MB
+            # Not gRPC's RESOURCE_EXHAUSTED "Sent message larger than max", which also means "busy".
+            with pytest.raises(InvalidRequestError,
+                               match=r"the reply would be 2\.\d MB, over this server's 2 MB message limit: ask for less"):
+                client.search(vector=query, k=52)
+            with pytest.raises(InvalidRequestError, match="the reply would be"):
+                client.get([i.key for i in items], vectors=True)
+            assert client.info().index_size == 12 + 40  # still serving
+        with PictorClient(server.target, max_message_mb=1) as small, pytest.raises(
+                ResourceExhaustedError, match=r"a reply of 1\.\d MB is over this client's 1 MB limit .*ask for less"):
+            small.search(vector=query, k=30)
+    finally:
+        server.stop()
+
+
 def test_a_quiet_upsert_stream_is_ended_and_frees_its_slot(built_index: Path) -> None:
     from pictor.errors import DeadlineExceededError
 
