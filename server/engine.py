@@ -306,21 +306,22 @@ class Engine:
 
     def upsert(self, items: Sequence[Item], images: Sequence[bytes | None],
                vectors: Sequence[Sequence[float] | None], *,
-               before_write: Callable[[], None] | None = None) -> UpsertResult:
+               before_write: Callable[[], None] | None = None, first: int = 0) -> UpsertResult:
         """Embed what came as images, check what came as vectors, write all in one durable step.
 
         ``before_write`` runs between the embedding and the write, and may raise to call it off
-        (the server's check that the caller is still waiting)."""
+        (the server's check that the caller is still waiting). ``first`` is the position of
+        ``items[0]`` in the caller's stream, for errors that can only name an item by position."""
         if not items:
             raise InvalidRequestError("upsert got no items")
         rows = np.empty((len(items), self.store.spec.dim), dtype=np.float32)
         to_embed = [i for i, img in enumerate(images) if img]
         for i, (item, img, vec) in enumerate(zip(items, images, vectors, strict=True)):
             if not item.key:
-                raise InvalidRequestError(f"item {i} has no key")
-            if not img and not vec:
+                raise InvalidRequestError(f"item {first + i} has no key")
+            if not img and vec is None:
                 raise InvalidRequestError(f"item {item.key!r:.200} has neither image nor vector")
-            if img and vec:
+            if img and vec is not None:
                 raise InvalidRequestError(f"item {item.key!r:.200} has both an image and a vector; give one")
             if not img:
                 try:

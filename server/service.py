@@ -186,8 +186,8 @@ class PictorService(pb_grpc.PictorServicer):
     def _upsert(self, request_iterator: Iterator[pb.UpsertRequest], context: grpc.ServicerContext) -> pb.UpsertResponse:
         inserted = replaced = 0
         try:
-            for chunk in batched(stream_items(request_iterator, self.upsert_idle_s), UPSERT_CHUNK):
-                result = self._upsert_chunk(chunk, context)
+            for n, chunk in enumerate(batched(stream_items(request_iterator, self.upsert_idle_s), UPSERT_CHUNK)):
+                result = self._upsert_chunk(chunk, context, first=n * UPSERT_CHUNK)
                 inserted, replaced = inserted + result.inserted, replaced + result.replaced
         except PictorError as e:  # a bad item, or the stream ended early: say what is written
             if written := inserted + replaced:
@@ -199,11 +199,11 @@ class PictorService(pb_grpc.PictorServicer):
             raise InvalidRequestError("upsert stream carried no items")
         return pb.UpsertResponse(inserted=inserted, replaced=replaced)
 
-    def _upsert_chunk(self, chunk: list[pb.Item], context: grpc.ServicerContext) -> UpsertResult:
+    def _upsert_chunk(self, chunk: list[pb.Item], context: grpc.ServicerContext, first: int) -> UpsertResult:
         items = [Item(key=i.key, label=i.label, attributes=dict(i.attributes)) for i in chunk]
         images = [i.image or None for i in chunk]
         vectors = [list(i.vector.values) if i.HasField("vector") else None for i in chunk]
-        return self.engine.upsert(items, images, vectors,
+        return self.engine.upsert(items, images, vectors, first=first,
                                   before_write=lambda: check_active(context, "writing these items"))
 
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
