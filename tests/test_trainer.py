@@ -171,7 +171,7 @@ def test_bad_data_gives_clear_errors(tmp_path: Path, embedder: CountingEmbedder)
 
 
 def test_linear_separates_shapes_and_caches_embeddings(
-    shapes: Path, tmp_path: Path, embedder: CountingEmbedder
+    shapes: Path, tmp_path: Path, embedder: CountingEmbedder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     emb, before = embedder, embedder.images_embedded
     first = train(config(tmp_path, weight_decays=(1e-3,)), shapes, embedder=emb)
@@ -189,6 +189,11 @@ def test_linear_separates_shapes_and_caches_embeddings(
     assert second.model.metrics["weight_decay"] in (1e-2, 1e-1)
     assert second.model.data_fingerprint == first.model.data_fingerprint
     assert second.model.metrics["train_images"] + second.report["n"] == n_images
+    # Another precision is another embedding space (bf16 vectors differ): nothing from the cache.
+    monkeypatch.setattr(emb, "precision", "bf16")
+    third = train(config(tmp_path, weight_decays=(1e-3,)), shapes, embedder=emb)
+    assert third.cache == {"hits": 0, "misses": first.cache["misses"]}
+    assert third.model.training["precision"] == "bf16"
 
 
 def test_unreadable_images_are_skipped_and_counted(

@@ -3,8 +3,8 @@
 A second training run with other hyper-parameters (or ``pictor eval`` of a linear head on the
 same images) finds its embeddings here instead of running the backbone again. The key is the
 SHA-256 of the image file's bytes plus the ``ModelSpec`` (backbone, weights, fine-tune
-fingerprint, preprocessing) and the view (plain or mirrored), so renaming or relabelling an
-image still hits, and changing the model never returns stale vectors.
+fingerprint, preprocessing), the compute precision and the view (plain or mirrored), so
+renaming or relabelling an image still hits, and changing the model never returns stale vectors.
 """
 
 from __future__ import annotations
@@ -34,28 +34,31 @@ log = logging.getLogger(__name__)
 VIEWS = ("plain", "hflip")  # hflip: the mirrored image, a free augmentation for linear heads
 
 
-def spec_key(spec: ModelSpec, view: str) -> str:
-    """Folder name of one embedding space and view."""
+def spec_key(spec: ModelSpec, view: str, precision: str) -> str:
+    """Folder name of one embedding space, precision and view."""
     # "decode": large JPEGs are decoded at a reduced (draft) size, as the server and the
-    # indexer do; entries from before that decoded them in full.
-    blob = json.dumps({"spec": spec.to_dict(), "view": view, "decode": "draft"}, sort_keys=True)
+    # indexer do; entries from before that decoded them in full. The precision: bf16 vectors
+    # differ from fp32 ones (cosine 0.990-0.999), and a model file serves at the precision its
+    # head was fitted at.
+    blob = json.dumps({"spec": spec.to_dict(), "view": view, "precision": precision, "decode": "draft"},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
 class EmbeddingCache:
     """One ``.npy`` file per (image content, embedding space, view); counts hits and misses."""
 
-    def __init__(self, root: str | Path, spec: ModelSpec, view: str = "plain"):
+    def __init__(self, root: str | Path, spec: ModelSpec, view: str = "plain", precision: str = "fp32"):
         if view not in VIEWS:
             raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
-        self.dir = Path(root) / "embeddings" / spec_key(spec, view)
+        self.dir = Path(root) / "embeddings" / spec_key(spec, view, precision)
         self.spec, self.view = spec, view
         self.hits = 0
         self.misses = 0
         self.dir.mkdir(parents=True, exist_ok=True)
         about = self.dir / "spec.json"
         if not about.exists():  # for people browsing the cache
-            about.write_text(json.dumps({"spec": spec.to_dict(), "view": view}, indent=2))
+            about.write_text(json.dumps({"spec": spec.to_dict(), "view": view, "precision": precision}, indent=2))
 
     def _path(self, content_hash: str) -> Path:
         return self.dir / content_hash[:2] / f"{content_hash}.npy"
@@ -110,7 +113,8 @@ def embed_samples(
     """
     from pictor.core.decode import decode_image
 
-    caches = [EmbeddingCache(cache_root, embedder.spec, v) if cache_root else None for v in views]
+    caches = [EmbeddingCache(cache_root, embedder.spec, v, embedder.precision) if cache_root else None
+              for v in views]
     kept: list[Sample] = []
     hashes: list[str] = []
     skipped: list[tuple[Path, str]] = []
