@@ -408,6 +408,25 @@ def test_stages_and_schedule() -> None:
 # --------------------------------------------------------------------------- CLI
 
 
+def test_train_and_eval_skip_images_over_the_pixel_cap(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    tree = make_tree(tmp_path / "tree", per_class=6)  # 48 x 48 = 2,304 pixels each
+    draw("disc", random.Random(1), size=100).save(tree / "disc" / "poster.png")  # 10,000 pixels
+    model_path = tmp_path / "m.pt"
+    monkeypatch.setenv("PICTOR_MAX_PIXELS", "5000")  # as the decode error's hint says to set it
+    rc = main(["train", str(tree), "--out", str(model_path), "--val-fraction", "0.25", "--min-per-class", "3",
+               "--weight-decays", "0.001", "--cache-dir", "none", "--no-open-set", "--no-progress"])
+    assert rc == 0 and load_model(model_path).metrics["skipped_images"] == 1
+    monkeypatch.delenv("PICTOR_MAX_PIXELS")
+    capsys.readouterr()
+    rc = main(["eval", str(model_path), str(tree), "--max-pixels", "5000", "--json", "--cache-dir", "none",
+               "--no-progress"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0 and report["n"] == 18
+    (skipped,) = report["skipped"]
+    assert skipped["path"].endswith("poster.png") and "10,000" in skipped["why"]
+
+
 def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path,
                              capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     model_path = tmp_path / "shapes.pt"

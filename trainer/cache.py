@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
+from pictor.config import DEFAULT_MAX_PIXELS
 from pictor.core.files import content_hash, write_atomic
 from pictor.core.spec import ModelSpec
 from pictor.errors import InvalidImageError
@@ -104,6 +105,7 @@ def embed_samples(
     cache_root: str | Path | None,
     views: Sequence[str] = ("plain",),
     batch_size: int = 32,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[EmbeddedSet, dict[str, int]]:
     """Embed ``samples`` (cached when ``cache_root`` is set), skipping unreadable images.
@@ -154,7 +156,7 @@ def embed_samples(
                 progress(1)
             continue
         try:
-            img = decode_image(data, draft_size=embedder.draft_size)  # as served
+            img = decode_image(data, max_pixels=max_pixels, draft_size=embedder.draft_size)  # as served
         except InvalidImageError as e:
             skipped.append((s.path, str(e)))
             continue

@@ -82,6 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    "else fp32; fine-tuning on a CPU: fp32 (bf16 lost accuracy). The model file records it, and "
                    "serving keeps it where the hardware runs it natively")
     t.add_argument("--batch-size", type=int, help=f"images per step (default {TrainConfig.batch_size})")
+    t.add_argument("--max-pixels", type=int, metavar="N", help="largest image decoded, in pixels (default 40000000; a JPEG counts at the "
+                   "reduced size it is decoded at); larger files are skipped and counted")
     t.add_argument("--config", help="TOML file with settings, as for `pictor index` (flags and "
                    "PICTOR_* env override it)")
     t.add_argument("--min-per-class", type=int, default=TrainConfig.min_per_class,
@@ -135,6 +137,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    "when it is no longer where the model file says")
     e.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     e.add_argument("--batch-size", type=int, help=f"images per forward pass (default {TrainConfig.batch_size})")
+    e.add_argument("--max-pixels", type=int, metavar="N", help="largest image decoded, in pixels (default 40000000; a JPEG counts at the "
+                   "reduced size it is decoded at); larger files are skipped and counted")
     e.add_argument("--config", help="TOML file with settings (flags and PICTOR_* env override it)")
     e.add_argument("--cache-dir", default="", help="embedding cache (default: $PICTOR_CACHE_DIR, "
                    "$XDG_CACHE_HOME/pictor or ~/.cache/pictor; 'none' disables it)")
@@ -159,7 +163,7 @@ def run_train(args: argparse.Namespace) -> int:
         mode=args.mode, backbone=m.backbone, weights=m.weights, device=m.device,
         precision=m.precision, pooling=m.pooling, val_fraction=args.val_fraction, seed=args.seed,
         min_per_class=args.min_per_class, max_per_class=args.max_per_class,
-        batch_size=m.batch_size, cache_dir=args.cache_dir, progress=_progress(args),
+        batch_size=m.batch_size, max_pixels=m.max_pixels, cache_dir=args.cache_dir, progress=_progress(args),
         flip_views=not args.no_flip, epochs=args.epochs, unfreeze=args.unfreeze, lr=args.lr,
         backbone_lr=args.backbone_lr, label_smoothing=args.label_smoothing,
         patience=args.patience, mixup=args.mixup, cutmix=args.cutmix,
@@ -200,7 +204,8 @@ def run_eval(args: argparse.Namespace) -> int:
         if out:
             check_output_file(out, flag)
     report: dict[str, Any] = evaluate(model, args.data, index=args.index, cache_dir=args.cache_dir,
-                                      device=m.device, batch_size=m.batch_size, weights=m.weights or None,
+                                      device=m.device, batch_size=m.batch_size, max_pixels=m.max_pixels,
+                                      weights=m.weights or None,
                                       progress=_progress(args))
     if args.png:
         plot_confusion(report, args.png)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pictor.config import DEFAULT_BACKBONE
+from pictor.config import DEFAULT_BACKBONE, DEFAULT_MAX_PIXELS
 from pictor.errors import InvalidRequestError
 
 MODES = ("linear", "finetune")
@@ -27,6 +27,7 @@ class TrainConfig:
     min_per_class: int = 5  # usable images a class needs in the training split
     max_per_class: int = 0  # cap per class before splitting (0 = all), to bound a run
     batch_size: int = 32
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped as unreadable
     cache_dir: str = ""  # "" = default (PICTOR_CACHE_DIR or ~/.cache/pictor); "none" = off
     progress: bool = True
     # linear
@@ -66,6 +67,7 @@ class TrainConfig:
             ("--epochs", self.epochs, self.epochs >= 1, "at least 1"),
             ("--unfreeze", self.unfreeze, self.unfreeze >= 0, "0 or more"),
             ("--batch-size", self.batch_size, self.batch_size >= 1, "at least 1"),
+            ("--max-pixels", self.max_pixels, self.max_pixels >= 1, "at least 1"),
             ("--min-per-class", self.min_per_class, self.min_per_class >= 2, "at least 2"),
             ("--max-per-class", self.max_per_class, self.max_per_class >= 0, "0 (all) or more"),
             ("--val-fraction", self.val_fraction, 0 < self.val_fraction < 1, "between 0 and 1"),

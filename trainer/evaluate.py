@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pictor.config import cache_root
+from pictor.config import DEFAULT_MAX_PIXELS, cache_root
 from pictor.core.head import TrainedModel, nearest_known_similarity, neighbour_tests_off, top_k_labels
 from pictor.errors import InvalidRequestError
 from pictor.trainer import data as data_mod
@@ -43,6 +43,7 @@ def evaluate(
     embedder: Embedder | None = None,
     cache_dir: str | Path = "",
     batch_size: int = 32,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     device: str = "auto",
     weights: str | None = None,
     progress: bool = True,
@@ -89,7 +90,7 @@ def evaluate(
         with tqdm(total=len(todo), desc="embed", unit="img", disable=not progress,
                   leave=False) as bar:
             emb, _ = embed_samples(todo, embedder, cache_root=root, batch_size=batch_size,
-                                   progress=bar.update)
+                                   max_pixels=max_pixels, progress=bar.update)
         is_known = np.array([lab in known for lab in emb.labels], dtype=bool)
         if usable and not is_known.any():
             raise InvalidRequestError(f"none of the {len(usable)} images in {data} could be read")

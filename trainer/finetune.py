@@ -133,12 +133,12 @@ class AugmentedImages(torch.utils.data.Dataset):  # type: ignore[type-arg]
     """Training images decoded on the fly and augmented (random resized crop, flip, jitter)."""
 
     def __init__(self, samples: Sequence[Sample], labels: Sequence[int], embedder: Embedder,
-                 size: int) -> None:
+                 size: int, max_pixels: int) -> None:
         from torchvision.transforms import InterpolationMode, v2
 
         p = embedder.spec.preprocessing
         self.samples, self.labels = list(samples), list(labels)
-        self.draft = embedder.draft_size
+        self.draft, self.max_pixels = embedder.draft_size, max_pixels
         self.transform = v2.Compose([
             v2.RandomResizedCrop(size, scale=(0.25, 1.0),
                                  interpolation=InterpolationMode(p.interpolation), antialias=True),
@@ -155,17 +155,17 @@ class AugmentedImages(torch.utils.data.Dataset):  # type: ignore[type-arg]
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         from pictor.core.decode import decode_image
 
-        img = decode_image(self.samples[i].path.read_bytes(), draft_size=self.draft)
+        img = decode_image(self.samples[i].path.read_bytes(), max_pixels=self.max_pixels, draft_size=self.draft)
         return self.transform(img), self.labels[i]
 
 
-def _load_images(samples: Sequence[Sample], draft: tuple[int, int]) -> list[Image.Image]:
+def _load_images(samples: Sequence[Sample], draft: tuple[int, int], max_pixels: int) -> list[Image.Image]:
     from pictor.core.decode import decode_image
 
     images = []
     for s in samples:
         try:
-            images.append(decode_image(s.path.read_bytes(), draft_size=draft))
+            images.append(decode_image(s.path.read_bytes(), max_pixels=max_pixels, draft_size=draft))
         except (OSError, InvalidImageError) as e:  # checked by the embedding pass already
             raise InvalidImageError(f"{s.path} became unreadable during training: {e}") from e
     return images
@@ -217,7 +217,7 @@ def finetune(
         {"params": params, "lr": config.backbone_lr},
     ], weight_decay=config.weight_decay)
     size = config.train_size or default_train_size(embedder.spec.preprocessing.input_size)
-    data = AugmentedImages(train[0], train[1].tolist(), embedder, size)
+    data = AugmentedImages(train[0], train[1].tolist(), embedder, size, config.max_pixels)
     loader = torch.utils.data.DataLoader(
         data, batch_size=config.batch_size, shuffle=True, drop_last=len(data) > config.batch_size,
         generator=torch.Generator().manual_seed(config.seed),
@@ -225,7 +225,7 @@ def finetune(
     total = config.epochs * len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, warmup_cosine(total, round(config.warmup_epochs * len(loader))))
-    val_images = _load_images(val[0], embedder.draft_size)
+    val_images = _load_images(val[0], embedder.draft_size, config.max_pixels)
     weights = None if class_weights is None else class_weights.to(device)
     mix = None
     if config.mixup > 0 or config.cutmix > 0:

@@ -104,7 +104,8 @@ def embed_set(samples: list[data_mod.Sample], embedder: Embedder, config: TrainC
     with tqdm(total=len(samples), desc=f"embed {what}", unit="img",
               disable=not config.progress, leave=False) as bar:
         emb, stats = embed_samples(samples, embedder, cache_root=cache_root(config.cache_dir),
-                                   views=views, batch_size=config.batch_size, progress=bar.update)
+                                   views=views, batch_size=config.batch_size,
+                                   max_pixels=config.max_pixels, progress=bar.update)
     if emb.skipped:
         log.warning("%s: skipped %d unreadable image(s) of %d", what, len(emb.skipped),
                     len(samples))
