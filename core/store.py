@@ -892,7 +892,7 @@ class IndexStore:
                 self.path, factory, self._count,
             )
             self._dirty = True
-            self._save_snapshot()
+            self._snapshot_if_possible()
             return
         self._index = index
         snap_seq = int(snap["seq"])
@@ -904,7 +904,7 @@ class IndexStore:
             )
             self._index = self._build_index(factory)
             self._dirty = True
-            self._save_snapshot()
+            self._snapshot_if_possible()
             return
         self._snapshot_seq = snap_seq
         if added or removed:

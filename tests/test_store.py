@@ -530,6 +530,14 @@ def test_a_snapshot_that_cannot_be_written_fails_no_write(tmp_path: Path, rng, m
     monkeypatch.undo()
     with IndexStore.open(tmp_path / "s") as store:
         assert len(store) == 30 and store.search(vecs[7], k=1)[0][0].key == "img/7.jpg"
+    # A damaged snapshot on a full disk: the index is rebuilt in memory and opens all the same.
+    (snap,) = (tmp_path / "s").glob("faiss-*.index")
+    snap.write_bytes(b"garbage")
+    monkeypatch.setattr(VectorIndex, "save", disk_full)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR), IndexStore.open(tmp_path / "s") as store:
+        assert len(store) == 30 and store.search(vecs[7], k=1)[0][0].key == "img/7.jpg"
+    assert "FAISS snapshot not saved" in caplog.text
 
 
 def test_concurrent_readers_never_see_torn_state(tmp_path: Path) -> None:
