@@ -34,6 +34,7 @@ import sqlite3
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -278,7 +279,9 @@ class IndexStore:
         self._write_lock = threading.RLock()  # one writer at a time
         self._rw = _ReadWriteLock()  # readers vs. a writer changing database + index
         self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
+        # Weak: a thread's connection closes when the thread ends (its threading.local goes),
+        # and close() closes the ones still alive.
+        self._readers: weakref.WeakSet[sqlite3.Connection] = weakref.WeakSet()
         self._readers_lock = threading.Lock()
         self._db = _connect(path / DATABASE)
         self._closed = False
@@ -642,7 +645,7 @@ class IndexStore:
             finally:
                 self._closed = True
                 with self._readers_lock:
-                    for conn in self._readers:
+                    for conn in list(self._readers):
                         conn.close()
                     self._readers.clear()
                 self._db.close()
@@ -1044,7 +1047,7 @@ class IndexStore:
             conn = _connect(self.path / DATABASE, readonly=True)
             self._local.conn = conn
             with self._readers_lock:
-                self._readers.append(conn)
+                self._readers.add(conn)
         return conn
 
     def _check_open(self) -> None:
@@ -1107,9 +1110,14 @@ def choose_factory(n: int, dim: int, options: StoreOptions) -> str:
 # -- SQLite helpers -------------------------------------------------------------------------
 
 
+class _Connection(sqlite3.Connection):
+    """A connection a ``weakref.WeakSet`` can hold (sqlite3's own cannot be weakly referenced)."""
+
+
 def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30,
+                           factory=_Connection)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")  # a commit is on disk when COMMIT returns
     if readonly:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import faiss
@@ -538,6 +540,22 @@ def test_a_snapshot_that_cannot_be_written_fails_no_write(tmp_path: Path, rng, m
     with caplog.at_level(logging.ERROR), IndexStore.open(tmp_path / "s") as store:
         assert len(store) == 30 and store.search(vecs[7], k=1)[0][0].key == "img/7.jpg"
     assert "FAISS snapshot not saved" in caplog.text
+
+
+def test_read_connections_of_finished_threads_are_closed(tmp_path: Path, rng) -> None:
+    """Each thread reads through its own SQLite connection (with a 64 MB page cache); threads
+    come and go (an indexer run's decode pool, a library caller's executors), and theirs must
+    go with them."""
+    vecs = unit(rng, 10)
+    with IndexStore.create(tmp_path / "s", spec(), index_type="Flat") as store:
+        store.upsert(items(10), vecs)
+        keys = [f"img/{i}.jpg" for i in range(10)]
+        store.get(keys[:1])  # this thread's own connection
+        for _ in range(20):
+            with ThreadPoolExecutor(2) as pool:
+                assert list(pool.map(lambda key: store.get([key]).items[0].key, keys)) == keys
+        gc.collect()
+        assert len(store._readers) == 1  # this thread's: the 40 others' were held until close()
 
 
 def test_concurrent_readers_never_see_torn_state(tmp_path: Path) -> None:
