@@ -25,6 +25,7 @@ newer vector. Example::
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -328,8 +329,36 @@ class IndexStore:
         if index_type != AUTO:
             parse_factory(spec.dim, index_type)  # refuse a bad factory string now
         options = options or StoreOptions()
+        new_dir = not root.exists()
         make_store_dir(root)
         lock_fd = _lock_directory(root)
+        try:
+            store = cls._create_files(root, spec, index_type, options, lock_fd)
+        except BaseException as e:
+            # Half a store would be refused by the next run ("not an index store"): the folder
+            # was empty or new and is locked, so everything in it is this call's.
+            os.close(lock_fd)
+            _empty_folder(root, remove=new_dir)
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC or (
+                    isinstance(e, sqlite3.OperationalError) and e.sqlite_errorcode == sqlite3.SQLITE_FULL):
+                raise ResourceExhaustedError(
+                    f"the disk holding {root} is full; no index store was created: free space and run again"
+                ) from e
+            raise
+        # Types that need no training (Flat, HNSW) start as themselves, others exact.
+        first = index_type if index_type != AUTO else EXACT_FACTORY
+        if need := training_size(spec.dim, first):
+            log.info("%s is trained once the index holds %d items; until then it searches exactly (Flat)",
+                     first, need)
+            first = EXACT_FACTORY
+        store._index = VectorIndex.build(spec.dim, first)
+        log.info("created index store %s (%s, index %s)", root, spec.describe(), index_type)
+        return store
+
+    @classmethod
+    def _create_files(cls, root: Path, spec: ModelSpec, index_type: str, options: StoreOptions,
+                      lock_fd: int) -> IndexStore:
+        """The database and the manifest of a new store in ``root`` (locked by ``lock_fd``)."""
         now = _now()
         db = _connect(root / DATABASE)
         try:
@@ -352,16 +381,7 @@ class IndexStore:
             "snapshot": None,
         }
         _write_json_atomic(root / MANIFEST, manifest)
-        store = cls(root, manifest, lock_fd)
-        # Types that need no training (Flat, HNSW) start as themselves, others exact.
-        first = index_type if index_type != AUTO else EXACT_FACTORY
-        if need := training_size(spec.dim, first):
-            log.info("%s is trained once the index holds %d items; until then it searches exactly (Flat)",
-                     first, need)
-            first = EXACT_FACTORY
-        store._index = VectorIndex.build(spec.dim, first)
-        log.info("created index store %s (%s, index %s)", root, spec.describe(), index_type)
-        return store
+        return cls(root, manifest, lock_fd)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, spec: ModelSpec | None = None) -> IndexStore:
@@ -1230,6 +1250,15 @@ def _stream_vectors(
         ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
         vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), -1)
         yield ids, vecs
+
+
+def _empty_folder(root: Path, *, remove: bool) -> None:
+    """Delete the files in ``root`` (and ``root`` itself when ``remove``), as far as possible."""
+    with contextlib.suppress(OSError):
+        for entry in root.iterdir():
+            entry.unlink(missing_ok=True)
+        if remove:
+            root.rmdir()
 
 
 def make_store_dir(root: Path) -> None:

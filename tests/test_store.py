@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import logging
@@ -15,6 +16,7 @@ import faiss
 import numpy as np
 import pytest
 
+from pictor.core import store as store_mod
 from pictor.core.faiss_index import _BATCH_OMP_THREADS, SearchKnobs, VectorIndex
 from pictor.core.spec import ModelSpec
 from pictor.core.store import (
@@ -514,6 +516,24 @@ def test_full_disk_refuses_the_write_and_keeps_the_store(tmp_path: Path, rng) ->
         store.upsert(items(195, start=5), vecs[5:])
     with IndexStore.open(tmp_path / "s") as store:
         assert len(store) == 200
+
+
+def test_a_store_that_cannot_be_created_leaves_nothing_behind(tmp_path: Path, monkeypatch) -> None:
+    def disk_full(path: Path, data: dict) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(store_mod, "_write_json_atomic", disk_full)  # the manifest, last of the files
+    for root in (tmp_path / "new", tmp_path / "empty"):
+        existed = root.name == "empty"
+        if existed:
+            root.mkdir()
+        with pytest.raises(ResourceExhaustedError, match=f"the disk holding {root} is full; no index store was created"):
+            IndexStore.create(root, spec(), index_type="Flat")
+        # Not a half store that the next run refuses as "not an index store", nor a held lock.
+        assert root.is_dir() == existed and (not existed or not any(root.iterdir()))
+    monkeypatch.undo()
+    with IndexStore.create(tmp_path / "empty", spec(), index_type="Flat") as store:
+        assert len(store) == 0
 
 
 def test_a_snapshot_that_cannot_be_written_fails_no_write(tmp_path: Path, rng, monkeypatch, caplog) -> None:
