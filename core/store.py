@@ -486,9 +486,10 @@ class IndexStore:
         # A filtered search widens itself until its hits settle (_filtered_search), not by k:
         # widened by k too, HNSW took 7x longer for k=1000 at the same recall.
         wanted = k if filter is None or filter.empty else TUNED_K
-        knobs = self._knobs if params is None and wanted <= TUNED_K else self._resolve_knobs(params, wanted)
         self._rw.acquire_read()
         try:
+            # Under the lock: a rebuild (Flat stand-in -> IVF) swaps the index and its defaults.
+            knobs = self._knobs if params is None and wanted <= TUNED_K else self._resolve_knobs(params, wanted)
             allowed = None
             if filter is not None and not filter.empty:
                 allowed = _match_ids(self._reader(), filter)
