@@ -84,7 +84,10 @@ class ServerSettings:
             )
         if not 0 <= self.port <= 65535:
             raise InvalidRequestError(f"port must be between 0 (any free port) and 65535, got {self.port}")
-        _check_positive(self, "workers", "max_pixels")
+        _check_positive(self, "max_pixels")
+        if self.workers < 2:  # an Upsert stream holds one for as long as its client sends
+            raise InvalidRequestError(f"workers must be at least 2 (one for an Upsert stream, one for "
+                                      f"the other calls), got {self.workers}")
         check_max_message_mb(self.max_message_mb)
 
 

@@ -68,7 +68,7 @@ def create_server(settings: ServerSettings, engine: Engine | None = None) -> tup
             server.stop(None)
             raise
     pictor_pb2_grpc.add_PictorServicer_to_server(
-        PictorService(engine, max_upsert_streams=max(1, settings.workers // 2),
+        PictorService(engine, max_upsert_streams=settings.workers // 2,
                       upsert_idle_s=settings.upsert_idle_timeout), server
     )
 

@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, help="port to bind (default 50051; 0 picks a free one)")
     p.add_argument("--workers", type=int,
-                   help="handler threads (default 8); at most half of them (at least 1) take Upsert "
+                   help="handler threads (default 8, at least 2); at most half of them take Upsert "
                         "streams, so other calls find a free one while clients stream")
     p.add_argument("--upsert-idle-timeout", type=float, metavar="SECONDS",
                    help="end an Upsert stream that sends nothing for this long (default 60), so "
