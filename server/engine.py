@@ -109,6 +109,9 @@ class Engine:
         self.max_pixels = max_pixels
         self._why_neighbours_off: str | None = None  # see _neighbour_tests_off
         self._checked_at_seq = -1  # the index's write number when that was last checked
+        # Both change together: two Classify calls rechecking at once could otherwise store an
+        # older answer under a newer write number, kept until the next write.
+        self._open_set_lock = threading.Lock()
         if model is not None and model.open_set is not None:
             self._neighbour_tests_off()  # logs when they are off
         # One forward pass at a time: concurrent passes would only fight over the same cores.
@@ -149,17 +152,19 @@ class Engine:
         into a running server turn the tests on, and deleting or relabelling the last item of a
         class turns them off."""
         assert self.model is not None
-        seq = self.store.seq
-        if seq != self._checked_at_seq:
-            from pictor.core.head import neighbour_tests_off
+        with self._open_set_lock:
+            seq = self.store.seq  # read first: a write after it makes the next call check again
+            if seq != self._checked_at_seq:
+                from pictor.core.head import neighbour_tests_off
 
-            was_off, self._checked_at_seq = self._why_neighbours_off, seq
-            self._why_neighbours_off = why = neighbour_tests_off(self.store, self.model.class_names)
-            if why and why != was_off:
-                log.warning("open set: %s; 'unknown' is decided by the class-fit score alone", why)
-            elif was_off and not why:
-                log.info("open set: the index holds items of every class of the model; neighbour tests on")
-        return self._why_neighbours_off
+                was_off = self._why_neighbours_off
+                self._why_neighbours_off = why = neighbour_tests_off(self.store, self.model.class_names)
+                self._checked_at_seq = seq
+                if why and why != was_off:
+                    log.warning("open set: %s; 'unknown' is decided by the class-fit score alone", why)
+                elif was_off and not why:
+                    log.info("open set: the index holds items of every class of the model; neighbour tests on")
+            return self._why_neighbours_off
 
     def close(self) -> None:
         self.store.close()
