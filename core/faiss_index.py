@@ -446,16 +446,55 @@ def recall_at_k(
 
 
 def per_query_recall(
-    found: np.ndarray, truth: np.ndarray, k: int, exclude: np.ndarray | None = None
+    found: np.ndarray, truth: np.ndarray, k: int, exclude: np.ndarray | None = None,
+    tied: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Each query's share of its true top-``k`` ids found (see ``recall_at_k``)."""
+    """Each query's share of its true top-``k`` ids found (see ``recall_at_k``).
+
+    ``tied`` (shaped as ``found``): True where a found id outside the true top ``k`` scores as
+    high as the ``k``-th of them. It counts as found: copies of one vector tie, and the exact
+    search and FAISS may each return any of them.
+    """
     out = np.empty(len(found))
     for j in range(len(found)):
         skip = -2 if exclude is None else int(exclude[j])
-        got = [int(i) for i in found[j] if i >= 0 and i != skip][:k]
-        want = [int(i) for i in truth[j] if i >= 0 and i != skip][:k]
-        out[j] = len(set(got) & set(want)) / max(len(want), 1)
+        cols = [c for c, i in enumerate(found[j]) if i >= 0 and i != skip][:k]
+        want = set([int(i) for i in truth[j] if i >= 0 and i != skip][:k])
+        hits = sum(int(found[j, c]) in want or (tied is not None and bool(tied[j, c])) for c in cols)
+        out[j] = min(hits, len(want)) / max(len(want), 1)
     return out
+
+
+def ties_with_kth(
+    found: np.ndarray,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    truth_scores: np.ndarray,
+    k: int,
+    exclude: np.ndarray | None,
+    vectors_of: Callable[[np.ndarray], np.ndarray],
+) -> np.ndarray:
+    """Where ``found`` holds an id outside its query's true top ``k`` whose exact score reaches
+    the ``k``-th true score (within float rounding): the ``tied`` of ``per_query_recall``.
+
+    ``vectors_of(ids)`` returns the stored vectors of ``ids`` (sorted, unique) in that order;
+    only ids outside the truth are looked up (few, once the recall is high).
+    """
+    skip = np.full(len(found), -2) if exclude is None else exclude
+    # The k-th true score of each query, its own entry left out.
+    kth = np.full(len(found), np.inf, np.float32)
+    for j in range(len(truth)):
+        scores = truth_scores[j][(truth[j] >= 0) & (truth[j] != skip[j])]
+        if len(scores) >= k:
+            kth[j] = scores[k - 1]
+    outside = (found >= 0) & (found != skip[:, None]) & ~(found[:, :, None] == truth[:, None, :]).any(-1)
+    tied = np.zeros(found.shape, bool)
+    rows, cols = np.nonzero(outside & np.isfinite(kth)[:, None])
+    if len(rows):
+        ids, where = np.unique(found[rows, cols], return_inverse=True)
+        scores = np.einsum("ij,ij->i", queries[rows], vectors_of(ids)[where])
+        tied[rows, cols] = scores >= kth[rows] - 1e-5
+    return tied
 
 
 # One-sided 95% normal quantile: a setting is taken when the recall its tuning queries
@@ -470,8 +509,12 @@ def tune_knobs(
     target: float,
     k: int = 10,
     exclude: np.ndarray | None = None,
+    ties: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[SearchKnobs, float]:
     """The fastest search setting reaching recall@``k`` >= ``target`` and its recall.
+
+    ``ties(found)``: the ``tied`` mask of ``per_query_recall`` for these results (see
+    ``ties_with_kth``); without it, a tie found in place of its twin counts as missed.
 
     Walks each ladder of ``index.knob_ladders()`` up to the first setting that reaches the
     target (thoroughness only costs time beyond it) and keeps the one fastest at single
@@ -487,7 +530,7 @@ def tune_knobs(
     for ladder in index.knob_ladders():
         for knobs in ladder:
             _, found = index.search(queries, fetch, knobs)
-            per_query = per_query_recall(found, truth, k, exclude)
+            per_query = per_query_recall(found, truth, k, exclude, None if ties is None else ties(found))
             recall = float(per_query.mean())
             if recall > fallback[0]:
                 fallback = (recall, knobs)

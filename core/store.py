@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import logging
 import math
@@ -54,6 +55,7 @@ from pictor.core.faiss_index import (
     SnapshotMismatchError,
     VectorIndex,
     parse_factory,
+    ties_with_kth,
     training_size,
     tune_knobs,
 )
@@ -852,9 +854,18 @@ class IndexStore:
         blocks = list(_vectors_of(self._db, qids))
         qids = np.concatenate([ids for ids, _ in blocks])
         q = np.concatenate([vecs for _, vecs in blocks])
-        _, truth = _exact_search(self._db, q, k + 1, None)
-        knobs, _recall = tune_knobs(index, q, truth, self.options.target_recall, k, exclude=qids)
+        truth_scores, truth = _exact_search(self._db, q, k + 1, None)
+        ties = functools.partial(ties_with_kth, queries=q, truth=truth, truth_scores=truth_scores, k=k,
+                                 exclude=qids, vectors_of=self._vectors_in_order)
+        knobs, _recall = tune_knobs(index, q, truth, self.options.target_recall, k, exclude=qids, ties=ties)
         return knobs
+
+    def _vectors_in_order(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of ``ids`` (sorted, unique, all present), in that order."""
+        out = np.empty((len(ids), self.dim), np.float32)
+        for got, vecs in _vectors_of(self._db, ids):
+            out[np.searchsorted(ids, got)] = vecs
+        return out
 
     # -- snapshot and recovery ------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from pictor.core.faiss_index import VectorIndex, per_query_recall, recall_at_k, tune_knobs
+from pictor.core.faiss_index import VectorIndex, per_query_recall, recall_at_k, ties_with_kth, tune_knobs
 
 
 def _clustered(rng: np.random.Generator, n: int, dim: int = 32, centers: int = 16) -> np.ndarray:
@@ -58,3 +58,27 @@ def test_tuning_says_when_no_setting_reaches_the_target(ivf, caplog) -> None:
     best = max(per_query_recall(index.search(queries, 10, kn)[1], truth, 10).mean() for kn in settings)
     assert recall == pytest.approx(best)
     assert "no search setting of IVF64,Flat reached recall@10 1.010 with 95% confidence" in caplog.text
+
+
+def test_copies_found_in_place_of_their_twins_count_as_found() -> None:
+    """Copies of one vector tie: the exact search and FAISS may each return any of them."""
+    rng = np.random.default_rng(1)
+    data = np.vstack([np.repeat(_clustered(rng, 1), 300, axis=0), _clustered(rng, 300)])
+    index = VectorIndex.build(data.shape[1], "IVF4,Flat", data)
+    order = rng.permutation(len(data))  # FAISS keeps its lists in insertion order, numpy by id
+    index.add(order.astype(np.int64), data[order])
+    queries = data[:50]  # copies, each searching for its twins (itself left out)
+    scores = queries @ data.T
+    truth = np.argsort(-scores, axis=1, kind="stable")[:, :11]
+    truth_scores = np.take_along_axis(scores, truth, axis=1)
+    exclude = np.arange(50)
+    knobs = index.knob_ladders()[0][-1]  # every list: an exhaustive search
+    _, found = index.search(queries, 11, knobs)
+    assert per_query_recall(found, truth, 10, exclude).mean() < 0.5  # other copies than numpy's
+    tied = ties_with_kth(found, queries, truth, truth_scores, 10, exclude, lambda ids: data[ids])
+    assert per_query_recall(found, truth, 10, exclude, tied).tolist() == [1.0] * 50
+    # A found item scoring below the 10th true score is no tie.
+    far = np.argsort(scores[0])[:1]  # the farthest item from query 0
+    found[0, 1] = far[0]
+    tied = ties_with_kth(found, queries, truth, truth_scores, 10, exclude, lambda ids: data[ids])
+    assert not tied[0, 1] and per_query_recall(found, truth, 10, exclude, tied)[0] == 0.9
