@@ -96,12 +96,17 @@ def decode_image(
         _check_size(src, max_pixels, full)
         try:
             src.load()  # frame 0: animated GIF/WebP/TIFF give their first frame
-            # exif_transpose and to_rgb return new images, so closing src below is safe.
-            return to_rgb(ImageOps.exif_transpose(src))
+            # In place: an upright image is not copied (a 40 MP RGB copy is 120 MB more).
+            ImageOps.exif_transpose(src, in_place=True)
+            out = to_rgb(src)
         except _DECODE_ERRORS as e:
             raise InvalidImageError(_describe_decode_error(src.format, e)) from e
-    finally:
+    except BaseException:
         src.close()
+        raise
+    if out is not src:  # an RGB image is returned as decoded: closing it would empty it
+        src.close()
+    return out
 
 
 def read_image_file(path: str | os.PathLike[str]) -> bytes:

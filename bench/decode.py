@@ -1,0 +1,93 @@
+"""Decode benchmark: time and peak memory of decoding one image at the pixel cap, by kind.
+
+A server decodes each request's image in the handler thread that took it, so what one decode
+holds at its peak, times the handler threads (`serve --workers`, default 8), bounds the memory
+that images alone can take. Each kind is drawn here at the cap (40 MP by default; a JPEG at
+100 MP, which it decodes at 1/8 of each side, under the cap) and decoded through `pictor.core.decode`, the
+one decode path of server, indexer and trainer, in a fresh process each, whose peak resident
+memory (VmHWM, Linux) over its baseline is the figure. Flat images compress well, so these
+files are small: the memory comes from the pixels, not the bytes sent.
+
+Run from the project root, under the shared CPU lock::
+
+    flock /tmp/pictor-cpu.lock .venv/bin/python bench/decode.py
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from common import machine_line, parser
+
+JPEG_PIXELS = 100_000_000  # a JPEG counts at its draft size (1/8 of each side)
+
+# (name, Pillow mode, format): what users send, from photos to 16-bit scans.
+KINDS = (
+    ("RGB JPEG (decoded at 1/8)", "RGB", "JPEG"),
+    ("RGB PNG", "RGB", "PNG"),
+    ("RGBA PNG (alpha on white)", "RGBA", "PNG"),
+    ("greyscale PNG", "L", "PNG"),
+    ("16-bit greyscale PNG", "I;16", "PNG"),
+    ("palette GIF", "P", "GIF"),
+)
+
+# Runs in a fresh interpreter: decode the file once, print time and peak RSS over baseline.
+# The peak is the process's VmHWM: ru_maxrss would carry over the parent's (Linux keeps it
+# across fork and exec), and this parent has drawn a 100 MP image.
+_CHILD = """
+import json, re, sys, time
+from pictor.core.decode import decode_image
+def peak_kb():
+    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+data = open(sys.argv[1], "rb").read()
+before = peak_kb()
+started = time.perf_counter()
+out = decode_image(data, max_pixels=int(sys.argv[2]), draft_size=(256, 256))
+print(json.dumps({"seconds": time.perf_counter() - started, "size": out.size,
+                  "peak_mb": (peak_kb() - before) / 1024}))
+"""
+
+
+def draw(mode: str, fmt: str, pixels: int) -> bytes:
+    """A gradient image of ``pixels`` (square), encoded as ``fmt``."""
+    side = math.isqrt(pixels)
+    ramp = np.linspace(0, 1, side, dtype=np.float32)[None, :] * np.ones((side, 1), np.float32)
+    if mode == "I;16":
+        im = Image.fromarray((ramp * 65535).astype(np.uint16))
+    else:
+        im = Image.fromarray((ramp * 255).astype(np.uint8), "L").convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="the cap, as serve's --max-pixels")
+    args = p.parse_args()
+    print(machine_line("cpu"))
+    print("| image | pixels | file | decoded to | time | peak memory |\n|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, mode, fmt in KINDS:
+            pixels = JPEG_PIXELS if fmt == "JPEG" else args.max_pixels
+            path = Path(tmp) / f"image.{fmt.lower()}"
+            path.write_bytes(draw(mode, fmt, pixels))
+            out = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(args.max_pixels)],
+                                 capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout)
+            side = math.isqrt(pixels)
+            print(f"| {name} | {side}x{side} ({side * side / 1e6:.0f} MP) | {path.stat().st_size / 1e6:.2f} MB "
+                  f"| {r['size'][0]}x{r['size'][1]} | {r['seconds']:.2f} s | {r['peak_mb']:.0f} MB |")
+
+
+if __name__ == "__main__":
+    main()
