@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from pictor.core.head import (
+    KNN_TEMPERATURE,
     ClassGaussians,
     ClassifierHead,
     OpenSet,
@@ -55,11 +57,19 @@ def make_open_set(classes: int = 3) -> OpenSet:
 
 
 def test_knn_vote_weighted_sums_to_one_and_ranks() -> None:
-    hits = [FakeHit("a", 0.9), FakeHit("b", 0.8), FakeHit("b", 0.7), FakeHit("a", 0.1)]
+    hits = [FakeHit("a", 0.9), FakeHit("b", 0.86), FakeHit("b", 0.85), FakeHit("a", 0.1)]
     vote = knn_vote(hits)
-    assert [lab for lab, _ in vote] == ["b", "a"]
+    assert [lab for lab, _ in vote] == ["b", "a"]  # two close ones outweigh a slightly closer one
     assert sum(s for _, s in vote) == pytest.approx(1.0)
-    assert vote[0][1] == pytest.approx(1.5 / 2.5)
+    w = [math.exp(s / KNN_TEMPERATURE) for s in (0.9, 0.86, 0.85, 0.1)]
+    assert vote[0][1] == pytest.approx((w[1] + w[2]) / sum(w))
+
+
+def test_knn_vote_an_indexed_copy_outvotes_middling_neighbours() -> None:
+    # A query that is itself indexed (similarity 1) among nine neighbours of another label at
+    # 0.7: weights proportional to similarity gave 1 against 6.3.
+    vote = knn_vote([FakeHit("cat", 1.0)] + [FakeHit("frog", 0.7)] * 9)
+    assert vote[0][0] == "cat" and vote[0][1] > 0.85
 
 
 def test_knn_vote_majority_and_tie_break_by_best_neighbour() -> None:
@@ -75,9 +85,9 @@ def test_knn_vote_ignores_unlabelled_and_handles_empty() -> None:
     assert vote == [("x", 1.0)]
 
 
-def test_knn_vote_non_positive_scores_fall_back_to_counts() -> None:
+def test_knn_vote_negative_similarities_still_weigh_by_closeness() -> None:
     vote = knn_vote([FakeHit("a", -0.2), FakeHit("a", -0.1), FakeHit("b", -0.05)])
-    assert vote[0] == ("a", pytest.approx(2 / 3))
+    assert vote[0][0] == "b"  # the closest, by far enough at this temperature
 
 
 # ---- open set

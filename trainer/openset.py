@@ -50,7 +50,7 @@ def neighbors(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndar
 
 def knn_predict(queries: np.ndarray, gallery: np.ndarray, gallery_labels: Sequence[str],
                 k: int = 10, *, weighted: bool = True) -> list[str]:
-    """Top-1 of the (similarity-weighted) vote of the ``k`` nearest gallery items."""
+    """Top-1 of the vote (``knn_vote``) of the ``k`` nearest gallery items."""
     sims, idx = neighbors(queries, gallery, k)
     preds = []
     for row_s, row_i in zip(sims, idx, strict=True):
