@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
         json.dump({**dataclasses.asdict(summary), "index": str(out), "index_size": count}, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print(f"indexed {summary.indexed} images ({summary.inserted} new, {summary.replaced} replaced) "
+        print(f"indexed {summary.indexed} image{'' if summary.indexed == 1 else 's'} ({summary.inserted} new, {summary.replaced} replaced) "
               f"into {out} in {summary.seconds:.1f}s"
               + (f" ({summary.images_per_second:.1f} img/s embedded)" if summary.embedded else "")
               + (f"; {summary.copied} of them not embedded again (the index held a vector of the same "

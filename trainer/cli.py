@@ -174,8 +174,9 @@ def run_train(args: argparse.Namespace) -> int:
     check_output_file(args.out, "--out")  # before the work, not after it
     result = train(config, args.data, val_data=args.val, out=args.out)
     m = result.model.metrics
-    cached = (f" ({result.cache['hits']} embeddings from the cache, {result.cache['misses']} computed)"
-              if result.cache["hits"] + result.cache["misses"] else "")  # 0 + 0: --cache-dir none
+    hits = result.cache["hits"]
+    cached = (f" ({hits} embedding{'' if hits == 1 else 's'} from the cache, {result.cache['misses']} computed)"
+              if hits + result.cache["misses"] else "")  # 0 + 0: --cache-dir none
     print(f"wrote {args.out}: {head_description(config.mode, m)}, {len(result.model.class_names)} classes, "
           f"{m['train_images']} training images, {len(result.skipped)} skipped, "
           f"{result.seconds:.0f}s{cached}")
