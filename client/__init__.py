@@ -4,10 +4,11 @@ from pictor.client.client import (
     Classification,
     Hit,
     Label,
+    OpenSetCheck,
     PictorClient,
     ServerInfo,
     StoredItem,
     UpsertItem,
 )
 
-__all__ = ["Classification", "Hit", "Label", "PictorClient", "ServerInfo", "StoredItem", "UpsertItem"]
+__all__ = ["Classification", "Hit", "Label", "OpenSetCheck", "PictorClient", "ServerInfo", "StoredItem", "UpsertItem"]

@@ -206,6 +206,8 @@ def run_classify(args: argparse.Namespace) -> int:
 
 def _classification_lines(path: str, r: Classification, *, neighbours: bool) -> list[str]:
     lines = [f"{path}  ({r.source}{', UNKNOWN' if r.unknown else ''})"]
+    if r.unknown and r.open_set is not None:
+        lines.append(f"  unknown: {r.open_set.reason}")
     lines += [f"  {x.score:6.3f}  {x.name}" for x in r.labels]
     if not r.labels and r.source == "knn":
         lines.append("  (no labelled item in the index to vote)")

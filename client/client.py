@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,7 +23,7 @@ from typing import Any, TypeVar, cast
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pictor.api import CLASSIFIERS, MAX_K, UPSERT_CHUNK, ServerInfo, StoredItem
+from pictor.api import CLASSIFIERS, MAX_K, UPSERT_CHUNK, OpenSetCheck, ServerInfo, StoredItem
 from pictor.config import DEFAULT_MAX_MESSAGE_MB, DEFAULT_PORT, DEFAULT_TARGET, check_max_message_mb
 from pictor.errors import DeadlineExceededError, InvalidRequestError, PictorError, ServerUnavailableError
 from pictor.status import error_from_status
@@ -57,6 +58,7 @@ class Classification:
     neighbors: list[Hit] = field(default_factory=list)
     agree: bool | None = None  # whether the head's top-1 is the kNN's; None: nothing compared
     unknown: bool = False
+    open_set: OpenSetCheck | None = None  # with an open-set model: the evidence behind ``unknown``
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,11 @@ class UpsertItem:
     vector: Sequence[float] | None = None
     label: str = ""
     attributes: Mapping[str, str] = field(default_factory=dict)
+
+
+def _open_set_check(c: pb.OpenSetCheck) -> OpenSetCheck:
+    nearest = None if math.isnan(c.nearest_similarity) else c.nearest_similarity
+    return OpenSetCheck(class_fit=c.class_fit, nearest_similarity=nearest, reason=c.reason)
 
 
 def _hit(h: pb.Hit) -> Hit:
@@ -249,6 +256,7 @@ class PictorClient:
             neighbors=[_hit(h) for h in r.neighbors],
             # The proto's bool reads false when there was nothing to compare: say so.
             agree=r.agree if r.source == "head" and r.knn_labels else None, unknown=r.unknown,
+            open_set=_open_set_check(r.open_set) if r.HasField("open_set") else None,
         )
 
     def search(self, *, image: bytes | None = None, key: str | None = None,

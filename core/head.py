@@ -147,6 +147,22 @@ class OpenSetThresholds:
         paired = ((fit < self.class_fit) & (sim < self.neighbor_similarity)) | (sim < self.far_similarity)
         return np.where(np.isnan(sim), fit < self.class_fit_alone, paired)
 
+    def why_unknown(self, class_fit: float, neighbor_similarity: float) -> str:
+        """Which test made one image "unknown", in words with its figures ("" when none did)."""
+        fit, sim = float(class_fit), float(neighbor_similarity)
+        if math.isnan(sim):
+            if fit < self.class_fit_alone:
+                return (f"class fit {fit:.3f} < {self.class_fit_alone:.3f}, judged alone (no comparable "
+                        "neighbours in the index)")
+            return ""
+        if sim < self.far_similarity:
+            return (f"nearest indexed item of the model's classes at similarity {sim:.3f} < "
+                    f"{self.far_similarity:.3f}, farther than almost any known image's")
+        if fit < self.class_fit and sim < self.neighbor_similarity:
+            return (f"class fit {fit:.3f} < {self.class_fit:.3f} and nearest indexed item of the "
+                    f"model's classes at similarity {sim:.3f} < {self.neighbor_similarity:.3f}")
+        return ""
+
     def describe(self) -> str:
         """The rule in words, leaving out the tests that are off (-inf thresholds)."""
         tests = []

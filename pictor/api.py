@@ -37,6 +37,19 @@ class ServerInfo:
 
 
 @dataclass(frozen=True)
+class OpenSetCheck:
+    """What a model's open-set rule measured for one image (``pictor.v1.OpenSetCheck``)."""
+
+    class_fit: float
+    nearest_similarity: float | None  # None: no comparable neighbour; the class fit decided alone
+    reason: str = ""  # why the image is "unknown", with figures and thresholds; "" when known
+
+    @property
+    def unknown(self) -> bool:
+        return bool(self.reason)
+
+
+@dataclass(frozen=True)
 class StoredItem:
     """An indexed item as ``Get`` returns it: its vector only when asked for."""
 

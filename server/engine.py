@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pictor import __version__
-from pictor.api import CLASSIFIERS, MAX_K, ServerInfo
+from pictor.api import CLASSIFIERS, MAX_K, OpenSetCheck, ServerInfo
 from pictor.config import ServerSettings
 from pictor.core.decode import decode_image
 from pictor.core.files import content_hash
@@ -57,6 +57,7 @@ class ClassifyResult:
     neighbors: Hits = field(default_factory=Hits)
     agree: bool = False
     unknown: bool = False
+    open_set: OpenSetCheck | None = None  # the evidence behind ``unknown``, with an open-set model
 
 
 def _check_keys(keys: Sequence[str], call: str) -> None:
@@ -232,8 +233,9 @@ class Engine:
         # labels (random init, or a checkpoint without its classifier).
         if classifier == "knn" or (self.model is None and not has_imagenet and classifier != "head"):
             knn, hits = self._knn(embedding, n_neighbors, top_k)
+            check = self._open_set_check(embedding, hits)
             return ClassifyResult(labels=knn, source="knn", knn_labels=knn, neighbors=hits,
-                                  unknown=self._unknown(embedding, hits))
+                                  unknown=check is not None and check.unknown, open_set=check)
 
         if self.model is not None:
             labels, source = self.model.top_k(embedding[None], top_k)[0], "head"
@@ -250,21 +252,26 @@ class Engine:
 
         # Open-set rejection needs the nearest neighbour too, whichever answer was asked for.
         knn, hits = self._knn(embedding, n_neighbors, top_k)
-        unknown = self._unknown(embedding, hits)
+        check = self._open_set_check(embedding, hits)
+        unknown = check is not None and check.unknown
         if classifier != "all":
-            return ClassifyResult(labels=labels, source=source, unknown=unknown)
+            return ClassifyResult(labels=labels, source=source, unknown=unknown, open_set=check)
         # ImageNet labels are not the index's labels: agreement means nothing there.
         agree = source == "head" and bool(knn) and knn[0][0] == labels[0][0]
         return ClassifyResult(
-            labels=labels, source=source, knn_labels=knn, neighbors=hits, agree=agree, unknown=unknown
+            labels=labels, source=source, knn_labels=knn, neighbors=hits, agree=agree, unknown=unknown,
+            open_set=check,
         )
 
-    def _unknown(self, embedding: np.ndarray, hits: Hits) -> bool:
-        """The model's open-set verdict (False without one), whichever classifier answered.
-        The class Gaussians take the embedder's own embedding, like the head."""
+    def _open_set_check(self, embedding: np.ndarray, hits: Hits) -> OpenSetCheck | None:
+        """The model's open-set verdict (None without an open-set model), whichever classifier
+        answered. The class Gaussians take the embedder's own embedding, like the head."""
         open_set = self.model.open_set if self.model is not None else None
-        return open_set is not None and bool(
-            open_set.is_unknown(embedding[None], [self._nearest_known(embedding, hits)])[0])
+        if open_set is None:
+            return None
+        fit = float(open_set.gaussians.score(embedding[None])[0])
+        sim = self._nearest_known(embedding, hits)
+        return OpenSetCheck(fit, None if math.isnan(sim) else sim, open_set.thresholds.why_unknown(fit, sim))
 
     def _nearest_known(self, embedding: np.ndarray, hits: Hits) -> float:
         """Similarity of the nearest indexed item of the model's classes: the first of ``hits``

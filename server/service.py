@@ -7,6 +7,7 @@ interceptor (errors.py) turns them into status codes.
 from __future__ import annotations
 
 import dataclasses
+import math
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -44,12 +45,16 @@ def labels_to_pb(labels: Iterable[tuple[str, float]]) -> list[pb.Label]:
 
 
 def classify_to_pb(result: ClassifyResult) -> pb.ClassifyResponse:
+    check = result.open_set
     response = pb.ClassifyResponse(
         labels=labels_to_pb(result.labels),
         source=result.source,
         knn_labels=labels_to_pb(result.knn_labels),
         agree=result.agree,
         unknown=result.unknown,
+        open_set=None if check is None else pb.OpenSetCheck(
+            class_fit=check.class_fit, reason=check.reason,
+            nearest_similarity=math.nan if check.nearest_similarity is None else check.nearest_similarity),
     )
     add_hits(response.neighbors, result.neighbors)
     return response

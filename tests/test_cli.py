@@ -34,6 +34,17 @@ def test_an_empty_knn_vote_says_why() -> None:
     assert _classification_lines("a.jpg", voted, neighbours=False) == ["a.jpg  (knn)", "   1.000  cat"]
 
 
+def test_an_unknown_answer_says_why() -> None:
+    from pictor.client.cli import _classification_lines
+    from pictor.client.client import Classification, Label, OpenSetCheck
+
+    reason = "class fit 1.204 < 2.585 and nearest indexed item of the model's classes at similarity 0.480 < 0.508"
+    r = Classification(labels=[Label("roses", 0.99)], source="head", unknown=True,
+                       open_set=OpenSetCheck(class_fit=1.204, nearest_similarity=0.48, reason=reason))
+    assert _classification_lines("a.jpg", r, neighbours=False) == [
+        "a.jpg  (head, UNKNOWN)", f"  unknown: {reason}", "   0.990  roses"]
+
+
 def test_an_attribute_given_twice_with_two_values_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     # A filter holds one value per name: the last would silently win.
     code = main(["search", "--key", "a.jpg", "--attr", "season=spring", "--attr", "season=summer",

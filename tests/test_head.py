@@ -122,6 +122,20 @@ def test_far_neighbour_alone_makes_unknown_and_nan_leaves_it_to_the_class_fit() 
                               "similarity < 0.500")
 
 
+def test_why_unknown_names_the_test_that_decided_and_agrees_with_is_unknown() -> None:
+    t = OpenSetThresholds(class_fit=-5.0, neighbor_similarity=0.5, far_similarity=0.3, class_fit_alone=-8.0)
+    assert t.why_unknown(-9.0, 0.4) == ("class fit -9.000 < -5.000 and nearest indexed item of the model's "
+                                        "classes at similarity 0.400 < 0.500")
+    assert t.why_unknown(-1.0, 0.1).startswith("nearest indexed item of the model's classes at similarity "
+                                               "0.100 < 0.300")
+    assert t.why_unknown(-9.0, np.nan).startswith("class fit -9.000 < -8.000, judged alone")
+    assert t.why_unknown(-1.0, 0.9) == ""
+    for thresholds in (t, OpenSetThresholds(class_fit=-5.0, neighbor_similarity=0.5)):  # and an older file's
+        for fit in (-10.0, -8.0, -6.0, -5.0, -1.0):
+            for sim in (np.nan, 0.1, 0.3, 0.45, 0.5, 0.9):
+                assert bool(thresholds.why_unknown(fit, sim)) == bool(thresholds.is_unknown(fit, sim)), (fit, sim)
+
+
 def clusters(rng: np.random.Generator, centres: np.ndarray, n: int, spread: float = 0.3
              ) -> tuple[np.ndarray, np.ndarray]:
     """``n`` points around each centre (rows of ``centres``) and their integer labels."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -72,9 +73,16 @@ def test_classify_with_head_and_knn(trained: tuple[Path, Path]) -> None:
             assert both.agree is True
             assert len(both.neighbors) == 5
             assert not both.unknown
+            # The evidence comes along, known or not: a known image's nearest item is its class's.
+            assert both.open_set is not None and both.open_set.reason == ""
+            assert both.open_set.nearest_similarity == pytest.approx(both.neighbors[0].score, abs=1e-5)
             # Far from both classes and from every indexed image: answered "unknown", whichever
-            # classifier answers (the kNN vote names a class all the same).
-            assert client.classify(noise(0), classifier="all").unknown
+            # classifier answers (the kNN vote names a class all the same), saying which test failed.
+            far = client.classify(noise(0), classifier="all")
+            assert far.unknown and far.open_set is not None
+            assert re.fullmatch(r"(class fit -?[\d.]+ < -?[\d.]+ and )?nearest indexed item of the model's classes "
+                                r"at similarity -?[\d.]+ < -?[\d.]+.*", far.open_set.reason)
+            assert far.open_set.class_fit < both.open_set.class_fit
             knn = client.classify(noise(0), classifier="knn")
             assert knn.source == "knn" and knn.labels and knn.unknown
             assert not client.classify(tinted(101, "blue"), classifier="knn").unknown
@@ -99,7 +107,9 @@ def test_head_gets_unwhitened_embeddings_on_a_whitened_index(trained: tuple[Path
         assert engine.info().open_set.startswith("class fit alone: the index is PCA-whitened")
         # Whitened similarities are not what the neighbour threshold was calibrated on: the
         # class fit alone still answers "unknown" for a picture like neither class.
-        assert engine.classify(noise(0), classifier="all").unknown
+        far = engine.classify(noise(0), classifier="all")
+        assert far.unknown and far.open_set is not None and far.open_set.nearest_similarity is None
+        assert far.open_set.reason.endswith("judged alone (no comparable neighbours in the index)")
     finally:
         engine.close()
 

@@ -87,20 +87,32 @@ class ClassifyRequest(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., classifier: _Optional[_Union[Classifier, str]] = ..., neighbors: _Optional[int] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("labels", "source", "knn_labels", "neighbors", "agree", "unknown")
+    __slots__ = ("labels", "source", "knn_labels", "neighbors", "agree", "unknown", "open_set")
     LABELS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     KNN_LABELS_FIELD_NUMBER: _ClassVar[int]
     NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
     AGREE_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_FIELD_NUMBER: _ClassVar[int]
+    OPEN_SET_FIELD_NUMBER: _ClassVar[int]
     labels: _containers.RepeatedCompositeFieldContainer[Label]
     source: str
     knn_labels: _containers.RepeatedCompositeFieldContainer[Label]
     neighbors: _containers.RepeatedCompositeFieldContainer[Hit]
     agree: bool
     unknown: bool
-    def __init__(self, labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., source: _Optional[str] = ..., knn_labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., neighbors: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., agree: _Optional[bool] = ..., unknown: _Optional[bool] = ...) -> None: ...
+    open_set: OpenSetCheck
+    def __init__(self, labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., source: _Optional[str] = ..., knn_labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., neighbors: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., agree: _Optional[bool] = ..., unknown: _Optional[bool] = ..., open_set: _Optional[_Union[OpenSetCheck, _Mapping]] = ...) -> None: ...
+
+class OpenSetCheck(_message.Message):
+    __slots__ = ("class_fit", "nearest_similarity", "reason")
+    CLASS_FIT_FIELD_NUMBER: _ClassVar[int]
+    NEAREST_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    class_fit: float
+    nearest_similarity: float
+    reason: str
+    def __init__(self, class_fit: _Optional[float] = ..., nearest_similarity: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
     __slots__ = ("image", "key", "vector", "k", "filter", "params")
