@@ -6,8 +6,10 @@ and read the real port back. ``serve(settings)`` runs it until SIGINT/SIGTERM, t
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import threading
 from concurrent import futures
 
@@ -59,7 +61,7 @@ def create_server(settings: ServerSettings, engine: Engine | None = None) -> tup
     )
     # The port is taken before the model and index load: a busy one fails at once, not after
     # seconds of loading.
-    port = _bind(server, f"{settings.host}:{settings.port}", settings.host)
+    port = _bind(server, f"{settings.host}:{settings.port}", settings.host, settings.port)
     if engine is None:
         try:
             engine = Engine.load(settings)
@@ -84,16 +86,36 @@ def create_server(settings: ServerSettings, engine: Engine | None = None) -> tup
     return server, port, engine
 
 
-def _bind(server: grpc.Server, address: str, host: str) -> int:
+def _bind(server: grpc.Server, address: str, host: str, port: int) -> int:
+    in_use = InvalidRequestError(
+        f"cannot listen on {address}: the port is in use, or {host} is not an address of this machine")
+    if port and _port_in_use(host, port):  # else gRPC logs its own error line before ours
+        raise in_use
     try:
-        port = server.add_insecure_port(address)  # raises or returns 0 by grpcio version
+        bound = server.add_insecure_port(address)  # raises or returns 0 by grpcio version
     except RuntimeError:
-        port = 0
-    if port == 0:
-        raise InvalidRequestError(
-            f"cannot listen on {address}: the port is in use, or {host} is not an address of this machine"
-        )
-    return port
+        bound = 0
+    if bound == 0:
+        raise in_use
+    return bound
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    """Whether a socket already listens on ``port`` of an address of ``host`` (as gRPC binds:
+    SO_REUSEADDR, so a closed connection's TIME_WAIT does not count)."""
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return False  # gRPC will say what is wrong with the host
+    for family, kind, proto, _, where in addresses:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(where)
+        except OSError as e:  # other errors (no IPv6 here, say) are gRPC's to report
+            if e.errno == errno.EADDRINUSE:
+                return True
+    return False
 
 
 def serve(settings: ServerSettings) -> None:
