@@ -56,8 +56,11 @@ class ClassifyResult:
     knn_labels: list[tuple[str, float]] = field(default_factory=list)
     neighbors: Hits = field(default_factory=Hits)
     agree: bool = False
-    unknown: bool = False
-    open_set: OpenSetCheck | None = None  # the evidence behind ``unknown``, with an open-set model
+    open_set: OpenSetCheck | None = None  # with an open-set model: its verdict and the evidence
+
+    @property
+    def unknown(self) -> bool:
+        return self.open_set is not None and self.open_set.unknown
 
 
 def _check_keys(keys: Sequence[str], call: str) -> None:
@@ -233,9 +236,8 @@ class Engine:
         # labels (random init, or a checkpoint without its classifier).
         if classifier == "knn" or (self.model is None and not has_imagenet and classifier != "head"):
             knn, hits = self._knn(embedding, n_neighbors, top_k)
-            check = self._open_set_check(embedding, hits)
             return ClassifyResult(labels=knn, source="knn", knn_labels=knn, neighbors=hits,
-                                  unknown=check is not None and check.unknown, open_set=check)
+                                  open_set=self._open_set_check(embedding, hits))
 
         if self.model is not None:
             labels, source = self.model.top_k(embedding[None], top_k)[0], "head"
@@ -253,14 +255,12 @@ class Engine:
         # Open-set rejection needs the nearest neighbour too, whichever answer was asked for.
         knn, hits = self._knn(embedding, n_neighbors, top_k)
         check = self._open_set_check(embedding, hits)
-        unknown = check is not None and check.unknown
         if classifier != "all":
-            return ClassifyResult(labels=labels, source=source, unknown=unknown, open_set=check)
+            return ClassifyResult(labels=labels, source=source, open_set=check)
         # ImageNet labels are not the index's labels: agreement means nothing there.
         agree = source == "head" and bool(knn) and knn[0][0] == labels[0][0]
         return ClassifyResult(
-            labels=labels, source=source, knn_labels=knn, neighbors=hits, agree=agree, unknown=unknown,
-            open_set=check,
+            labels=labels, source=source, knn_labels=knn, neighbors=hits, agree=agree, open_set=check
         )
 
     def _open_set_check(self, embedding: np.ndarray, hits: Hits) -> OpenSetCheck | None:
