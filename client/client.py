@@ -31,6 +31,10 @@ from pictor.v1 import pictor_pb2 as pb
 from pictor.v1 import pictor_pb2_grpc as pb_grpc
 
 DEFAULT_TIMEOUT = 30.0
+ImageData = bytes | bytearray | memoryview  # an image file's bytes
+# Timeouts from here up mean no deadline: gRPC fails a call at once when its deadline (from
+# about 1e10 s) overflows.
+NO_DEADLINE_S = 1e9
 MAX_RECONNECT_BACKOFF_MS = 2_000
 
 R = TypeVar("R")
@@ -64,8 +68,8 @@ class Classification:
 @dataclass(frozen=True)
 class UpsertItem:
     key: str
-    image: bytes = b""
-    vector: Sequence[float] | None = None
+    image: ImageData = b""
+    vector: Iterable[float] | None = None  # a list or a numpy array
     label: str = ""
     attributes: Mapping[str, str] = field(default_factory=dict)
 
@@ -98,6 +102,10 @@ def _check_counts(low: int, high: int = _UINT32_MAX, **counts: int) -> None:
 def _with_port(target: str) -> str:
     """``target`` with Pictor's default port when a plain host has none (gRPC would use 443);
     a port that cannot exist is refused (gRPC would try another one)."""
+    if not target.strip():
+        raise InvalidRequestError("target is empty; give host:port, e.g. localhost:50051")
+    if re.match(r"(?i)https?://", target):
+        raise InvalidRequestError(f"target {target}: give host:port without http:// (gRPC is not a web URL)")
     match = re.fullmatch(r"([^:/\[\]]+|\[[0-9a-fA-F:.]+\])(?::(\d*))?", target)
     if match is None:  # a scheme ("unix:", "dns:///") or a bare IPv6 address: gRPC's syntax
         return target
@@ -174,11 +182,15 @@ def _item(it: UpsertItem) -> pb.Item:
 class PictorClient:
     """Calls a Pictor server. Failed calls raise ``pictor.errors`` types (see ``pictor.status``)."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = DEFAULT_TIMEOUT,
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = DEFAULT_TIMEOUT,
                  max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> None:
+        """``timeout``: seconds each call (an Upsert stream: all of it) may take; None (or
+        ``math.inf``) for no deadline."""
         target = _with_port(target)
-        if not timeout > 0:
+        if timeout is not None and not timeout > 0:
             raise InvalidRequestError(f"timeout must be more than 0 seconds, got {timeout}")
+        if timeout is not None and timeout >= NO_DEADLINE_S:  # gRPC's deadline would overflow: at once
+            timeout = None
         check_max_message_mb(max_message_mb)
         max_bytes = max_message_mb * 1024 * 1024
         self.target = target
@@ -227,14 +239,14 @@ class PictorClient:
     def _past_deadline(self, started: float) -> bool:
         """Whether a call that began at ``started`` (``time.monotonic()``) ran into this
         client's timeout."""
-        return time.monotonic() - started >= self.timeout
+        return self.timeout is not None and time.monotonic() - started >= self.timeout
 
     def health(self, service: str = "") -> str:
         """Serving status name from the standard health service, e.g. ``"SERVING"``."""
         response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
-    def classify(self, image: bytes, *, top_k: int = 5, classifier: str = "default",
+    def classify(self, image: ImageData, *, top_k: int = 5, classifier: str = "default",
                  neighbors: int = 0) -> Classification:
         """Labels for one image (the file's bytes), best first.
 
@@ -259,8 +271,8 @@ class PictorClient:
             open_set=_open_set_check(r.open_set) if r.HasField("open_set") else None,
         )
 
-    def search(self, *, image: bytes | None = None, key: str | None = None,
-               vector: Sequence[float] | None = None, k: int = 10,
+    def search(self, *, image: ImageData | None = None, key: str | None = None,
+               vector: Iterable[float] | None = None, k: int = 10,
                labels: Sequence[str] = (), attributes: Mapping[str, str] | None = None,
                nprobe: int = 0, ef_search: int = 0) -> list[Hit]:
         """Nearest items to exactly one of ``image``, ``key`` or ``vector``."""
@@ -285,7 +297,7 @@ class PictorClient:
             raise _text_error("the key, labels and attributes", e) from e
         return [_hit(h) for h in self._call(self._stub.Search, request).hits]
 
-    def embed(self, images: Sequence[bytes]) -> list[list[float]]:
+    def embed(self, images: Sequence[ImageData]) -> list[list[float]]:
         """Each image's embedding in the index's space, as Search and Upsert take it."""
         _not_one(images, "images", "for one image, write [data]")
         r = self._call(self._stub.Embed, pb.EmbedRequest(images=[_image_bytes(i) for i in images]))
@@ -297,10 +309,15 @@ class PictorClient:
         The server writes the stream in chunks of 64 items, each all or nothing, so a call that
         fails may have written some chunks; sending the items again is safe (keys replace).
 
-        An error raised while iterating ``items`` cancels the call and is raised here as it
-        was; the server keeps the chunks it had already written, and may write the one under
-        way too (gRPC can deliver the cancel as the stream's end).
+        A list (or other sequence) is checked whole before anything is sent: an item the
+        client refuses writes nothing. An error raised while iterating other ``items`` (a
+        generator) cancels the call and is raised here as it was; the server keeps the chunks
+        it had already written, and may write the one under way too (gRPC can deliver the
+        cancel as the stream's end).
         """
+        if isinstance(items, Sequence):  # all checked before the stream opens: a bad one writes nothing
+            for it in items:
+                _item(it)
         raised: list[Exception] = []
         sent = 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -303,6 +304,19 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
         PictorClient("localhost:99999")  # gRPC would silently try another port
     with pytest.raises(InvalidRequestError, match="timeout must be more than 0 seconds, got 0"):
         PictorClient("localhost:50051", timeout=0)
+    # gRPC failed every call at once when a deadline that large overflowed: none instead.
+    for endless in (None, math.inf, 1e12):
+        assert PictorClient("localhost:50051", timeout=endless).timeout is None
+    with pytest.raises(InvalidRequestError, match="target is empty"):
+        PictorClient("")
+    with pytest.raises(InvalidRequestError, match="without http://"):
+        PictorClient("http://localhost:50051")
+    # A list is checked whole before the stream opens: its bad 101st item writes nothing (here
+    # nothing listens, so without the check the refused connection would be the error).
+    items = [UpsertItem(key=f"v/{i}", vector=[1.0]) for i in range(100)]
+    with PictorClient(f"127.0.0.1:{free_port()}", timeout=5) as client, pytest.raises(
+            InvalidRequestError, match="item 'v/bad': attributes map text to text"):
+        client.upsert([*items, UpsertItem(key="v/bad", vector=[1.0], attributes={"n": 3})])  # type: ignore[dict-item]
     with PictorClient("[::1]:50051") as client, pytest.raises(
             InvalidRequestError, match="k must be between 1 and 1000, got 100000000000"):
         client.search(key="a", k=10**11)
