@@ -214,6 +214,7 @@ class PictorClient:
         self.close()
 
     def close(self) -> None:
+        """Close the channel; calls still running on other threads end with an error."""
         self._closed = True
         self._channel.close()
 
@@ -253,8 +254,8 @@ class PictorClient:
         ``classifier``: "default" (the server's head with ``serve --model``, else the backbone's
         ImageNet labels, else the kNN vote), "head", "knn" (vote of the ``neighbors`` nearest
         labelled items; 0 = the server's default) or "all" (head and vote, whether they agree,
-        and the neighbours). ``unknown`` is true when the model's open-set rule finds the image
-        fits none of its classes.
+        and the neighbours; only "knn" and "all" return neighbours). ``unknown`` is true when the
+        model's open-set rule finds the image fits none of its classes; ``open_set`` says why.
         """
         if classifier not in CLASSIFIERS:
             raise InvalidRequestError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
@@ -375,6 +376,7 @@ class PictorClient:
         return items, list(r.missing)
 
     def info(self) -> ServerInfo:
+        """What the server runs: backbone, index size and type, classifier and class names."""
         r = self._call(self._stub.Info, pb.InfoRequest())
         return ServerInfo(
             backbone=r.backbone, weights=r.weights, embedding_dim=r.embedding_dim,
