@@ -133,7 +133,7 @@ def _too_large(details: str) -> str:
     if sizes is None:
         return details
     size, limit = (int(n) / 2**20 for n in sizes.groups())
-    if "Received" in details:  # a reply, from a server whose limit is higher than this client's
+    if "CLIENT: Received" in details:  # a reply, from a server whose limit is higher than this client's
         return (f"a reply of {size:.1f} MB is over this client's {limit:.0f} MB limit ({details}); ask "
                 "for less (a smaller k, fewer keys, no vectors), or raise the limit: PICTOR_MAX_MESSAGE_MB "
                 "for client commands (PictorClient(max_message_mb=...) in Python)")

@@ -150,7 +150,7 @@ def load_image(
 
 def to_rgb(im: Image.Image) -> Image.Image:
     """Convert a loaded image of any Pillow mode to RGB, compositing transparency on white."""
-    if im.mode == "RGB":
+    if im.mode == "RGB" and "transparency" not in im.info:  # else a colour key: composited below
         return im
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         return _high_depth_to_rgb(im)

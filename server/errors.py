@@ -49,10 +49,16 @@ def _well_formed(requests: Iterator[Any]) -> Iterator[Any]:
         yield request
 
 
-def _reply_too_large(size: int, max_bytes: int) -> str:
-    return (f"the reply would be {size / 2**20:.1f} MB, over this server's {max_bytes / 2**20:.0f} MB "
-            "message limit: ask for less (a smaller k, fewer keys, no vectors), or raise the limit "
-            "with `pictor serve --max-message-mb` and on the client (PICTOR_MAX_MESSAGE_MB)")
+# What makes each method's reply smaller, for the message of one over the limit.
+_ASK_FOR_LESS = {"Search": "a smaller k", "Classify": "fewer neighbors", "Get": "fewer keys, or no vectors",
+                 "Embed": "fewer images per call"}
+
+
+def _reply_too_large(size: int, max_bytes: int, method: str) -> str:
+    less = _ASK_FOR_LESS.get(method.rsplit("/", 1)[-1], "less")
+    return (f"the reply would be {size / 2**20:.2f} MB, over this server's {max_bytes / 2**20:.0f} MB "
+            f"message limit: ask for {less}, or raise the limit with `pictor serve --max-message-mb` "
+            "and on the client (PICTOR_MAX_MESSAGE_MB)")
 
 
 def _guard(behavior: Callable[..., Any], method: str, streaming: bool, max_reply_bytes: int) -> Callable[..., Any]:
@@ -66,7 +72,7 @@ def _guard(behavior: Callable[..., Any], method: str, streaming: bool, max_reply
             # Checked here, where it can be explained: gRPC would send RESOURCE_EXHAUSTED "Sent
             # message larger than max", the code that also means "busy, send again".
             if (size := reply.ByteSize()) > max_reply_bytes:
-                raise InvalidRequestError(_reply_too_large(size, max_reply_bytes))
+                raise InvalidRequestError(_reply_too_large(size, max_reply_bytes, method))
             return reply
         except PictorError as e:
             code = status_for(e)

@@ -95,6 +95,13 @@ def test_palette_with_transparency_png_and_gif() -> None:
         assert out.getpixel((0, 0)) == RED, fmt
 
 
+def test_rgb_png_with_a_transparent_colour_key() -> None:
+    im = Image.new("RGB", (8, 8), (0, 255, 0))
+    im.putpixel((0, 0), RED)
+    out = decode_image(encode(im, "PNG", transparency=(0, 255, 0)))  # tRNS: green is see-through
+    assert out.getpixel((4, 4)) == WHITE and out.getpixel((0, 0)) == RED
+
+
 def test_palette_without_transparency() -> None:
     im = Image.new("P", (8, 8), 0)
     im.putpalette([0, 255, 0] * 256)

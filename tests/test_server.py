@@ -419,11 +419,14 @@ def test_a_reply_over_the_message_limit_says_how_to_ask_for_less(built_index: Pa
             assert len(client.search(vector=query, k=30)) == 30  # under 2 MB
             # Not gRPC's RESOURCE_EXHAUSTED "Sent message larger than max", which also means "busy".
             with pytest.raises(InvalidRequestError,
-                               match=r"the reply would be 2\.\d MB, over this server's 2 MB message limit: ask for less"):
+                               match=r"the reply would be 2\.\d+ MB, over this server's 2 MB message limit: ask for a smaller k"):
                 client.search(vector=query, k=52)
-            with pytest.raises(InvalidRequestError, match="the reply would be"):
+            with pytest.raises(InvalidRequestError, match="the reply would be .*: ask for fewer keys, or no vectors"):
                 client.get([i.key for i in items], vectors=True)
             assert client.info().index_size == 12 + 40  # still serving
+            # A request over the server's limit is the request's size, not a reply's.
+            with pytest.raises(ResourceExhaustedError, match=r"a message of 3\.\d MB is over the 2 MB limit .*send smaller image"):
+                client.classify(drawn_image(1) + b"\0" * 3 * 2**20)
         with PictorClient(server.target, max_message_mb=1) as small, pytest.raises(
                 ResourceExhaustedError, match=r"a reply of 1\.\d MB is over this client's 1 MB limit .*ask for less"):
             small.search(vector=query, k=30)
