@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sqlite3
 import sys
 import threading
@@ -323,26 +324,30 @@ class IndexStore:
         ``"IVF1024,Flat"``, ``"IVF1024,PQ32"``, ``"OPQ32,IVF1024,PQ32"``).
         """
         root = Path(path)
+        taken = InvalidRequestError(
+            f"{root} already exists and is not an empty directory (another run may be "
+            "creating an index there); choose another path, or open the index in it"
+        )
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
-            raise InvalidRequestError(
-                f"{root} already exists and is not an empty directory (another run may be "
-                "creating an index there); choose another path, or open the index in it"
-            )
+            raise taken
         if index_type != AUTO:
             parse_factory(spec.dim, index_type)  # refuse a bad factory string now
         options = options or StoreOptions()
         new_dir = not root.exists()
         make_store_dir(root)
         lock_fd = _lock_directory(root)
+        if any(p.name != LOCK_FILE for p in root.iterdir()):  # a store made there since the check
+            os.close(lock_fd)
+            raise taken
         try:
             store = cls._create_files(root, spec, index_type, options, lock_fd)
         except BaseException as e:
+            full = _out_of_space(root, e)  # before the files go, which frees a little
             # Half a store would be refused by the next run ("not an index store"): the folder
             # was empty or new and is locked, so everything in it is this call's.
             os.close(lock_fd)
             _empty_folder(root, remove=new_dir)
-            if isinstance(e, OSError) and e.errno == errno.ENOSPC or (
-                    isinstance(e, sqlite3.OperationalError) and e.sqlite_errorcode == sqlite3.SQLITE_FULL):
+            if full:
                 raise ResourceExhaustedError(
                     f"the disk holding {root} is full; no index store was created: free space and run again"
                 ) from e
@@ -403,7 +408,7 @@ class IndexStore:
             store = cls(root, manifest, lock_fd)
         except BaseException as e:
             os.close(lock_fd)
-            _raise_if_damaged(root, e)
+            _raise_if_cannot_open(root, e)
             raise
         try:
             db_spec = ModelSpec.from_dict(json.loads(store._meta("spec")))
@@ -417,7 +422,7 @@ class IndexStore:
                 store._after_write(0)  # e.g. a bulk load that died before its training
         except BaseException as e:
             store.close(snapshot=False)
-            _raise_if_damaged(root, e)
+            _raise_if_cannot_open(root, e)
             raise
         return store
 
@@ -1495,8 +1500,14 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _raise_if_damaged(root: Path, error: BaseException) -> None:
-    """Name a database file that is not one, or was cut short (SQLite's own words are vague)."""
+def _raise_if_cannot_open(root: Path, error: BaseException) -> None:
+    """Say why a store does not open: a full disk, or a database file that is not one or was
+    cut short (SQLite's own words are vague)."""
+    if _out_of_space(root, error):
+        raise ResourceExhaustedError(
+            f"the disk holding index store {root} is full, and opening it writes beside its "
+            "database (SQLite's -wal and -shm files): free space and open it again"
+        ) from error
     if isinstance(error, sqlite3.DatabaseError):
         raise InvalidRequestError(
             f"{root / DATABASE} is damaged or not a Pictor database ({error}); {RESTORE_OR_REBUILD}"
@@ -1508,8 +1519,26 @@ def _rollback(db: sqlite3.Connection) -> None:
         db.execute("ROLLBACK")
 
 
+# Free bytes under which SQLite's I/O errors are taken for a full disk: opening a database in
+# WAL mode writes its -wal and -shm files, and on a full disk that fails as "disk I/O error".
+_LOW_SPACE_BYTES = 1 << 20
+
+
+def _out_of_space(root: Path, error: BaseException) -> bool:
+    """Whether ``error`` comes from the disk holding ``root`` being full."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    code = getattr(error, "sqlite_errorcode", None) if isinstance(error, sqlite3.Error) else None
+    if code == sqlite3.SQLITE_FULL:
+        return True
+    if code is not None and code & 0xFF == sqlite3.SQLITE_IOERR:  # extended codes keep the primary low
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(root if root.exists() else root.parent).free < _LOW_SPACE_BYTES
+    return False
+
+
 def _raise_if_disk_full(root: Path, error: BaseException) -> None:
-    if isinstance(error, sqlite3.OperationalError) and error.sqlite_errorcode == sqlite3.SQLITE_FULL:
+    if _out_of_space(root, error):
         raise ResourceExhaustedError(
             f"the disk holding index store {root} is full; this write was not applied (earlier "
             "ones are kept): free space and send it again"

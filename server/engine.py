@@ -330,7 +330,7 @@ class Engine:
         to_embed = [i for i, img in enumerate(images) if img]
         for i, (item, img, vec) in enumerate(zip(items, images, vectors, strict=True)):
             if not item.key:
-                raise InvalidRequestError(f"item {first + i} has no key")
+                raise InvalidRequestError(f"item {first + i} (counting from 0) has no key")
             if not img and vec is None:
                 raise InvalidRequestError(f"item {item.key!r:.200} has neither image nor vector")
             if img and vec is not None:

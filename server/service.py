@@ -196,7 +196,7 @@ class PictorService(pb_grpc.PictorServicer):
                 inserted, replaced = inserted + result.inserted, replaced + result.replaced
         except PictorError as e:  # a bad item, or the stream ended early: say what is written
             if written := inserted + replaced:
-                raise type(e)(f"{e}; the {_items(written)} streamed before were written") from e
+                raise type(e)(f"{e}; the first {_items(written)} of the stream were written") from e
             if isinstance(e, DeadlineExceededError):
                 raise DeadlineExceededError(f"{e}; nothing of this stream was written") from e
             raise

@@ -462,7 +462,7 @@ def test_a_quiet_upsert_stream_is_ended_and_frees_its_slot(built_index: Path) ->
             assert client.info().index_size == 12 + 5  # the quiet stream's unfinished chunk is not written
             # An item is named by its place in the stream, not in its chunk of 64.
             keyed = [UpsertItem(key="" if i == 67 else f"pos/{i}", vector=[float(i + 1)] * 1280) for i in range(70)]
-            with pytest.raises(InvalidRequestError, match="item 67 has no key; the 64 items streamed before were written"):
+            with pytest.raises(InvalidRequestError, match=r"item 67 \(counting from 0\) has no key; the first 64 items of the stream were written"):
                 client.upsert(keyed)
             with pytest.raises(InvalidRequestError, match="item 'hollow': vector has 0 values"):
                 client.upsert([UpsertItem(key="hollow", vector=[])])  # a vector, empty: not "neither"

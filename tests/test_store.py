@@ -6,6 +6,8 @@ import errno
 import gc
 import json
 import logging
+import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -534,6 +536,27 @@ def test_a_store_that_cannot_be_created_leaves_nothing_behind(tmp_path: Path, mo
     monkeypatch.undo()
     with IndexStore.create(tmp_path / "empty", spec(), index_type="Flat") as store:
         assert len(store) == 0
+
+
+def test_a_store_on_a_full_disk_is_not_called_damaged(tmp_path: Path, rng, monkeypatch) -> None:
+    """On a full disk SQLite fails to open its -wal/-shm files with "disk I/O error": that is
+    the disk, not a damaged database (whose message says to delete it)."""
+    with IndexStore.create(tmp_path / "s", spec(), index_type="Flat") as store:
+        store.upsert(items(3), unit(rng, 3))
+    io_error = sqlite3.OperationalError("disk I/O error")
+    io_error.sqlite_errorcode = 4874  # SQLITE_IOERR_SHMSIZE, as a walkthrough saw on a full tmpfs
+
+    def cannot_open(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+        raise io_error
+
+    monkeypatch.setattr(store_mod, "_connect", cannot_open)
+    disk = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(store_mod.shutil, "disk_usage", lambda _: disk._replace(free=4096))
+    with pytest.raises(ResourceExhaustedError, match="the disk holding index store .* is full"):
+        IndexStore.open(tmp_path / "s")
+    monkeypatch.setattr(store_mod.shutil, "disk_usage", lambda _: disk._replace(free=10**9))
+    with pytest.raises(InvalidRequestError, match="is damaged or not a Pictor database"):
+        IndexStore.open(tmp_path / "s")  # with room to spare, an I/O error is the file's
 
 
 def test_a_snapshot_that_cannot_be_written_fails_no_write(tmp_path: Path, rng, monkeypatch, caplog) -> None:
