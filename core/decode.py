@@ -84,6 +84,31 @@ def decode_image(
     Raises:
         InvalidImageError: empty, unrecognised, disallowed, oversized, corrupt or truncated.
     """
+    src = _open_within_cap(data, max_pixels, draft_size)
+    try:
+        src.load()  # frame 0: animated GIF/WebP/TIFF give their first frame
+        # In place: an upright image is not copied (a 40 MP RGB copy is 120 MB more).
+        ImageOps.exif_transpose(src, in_place=True)
+        out = to_rgb(src)
+    except BaseException as e:
+        src.close()
+        if isinstance(e, _DECODE_ERRORS):
+            raise InvalidImageError(_describe_decode_error(src.format, e)) from e
+        raise
+    if out is not src:  # an RGB image is returned as decoded: closing it would empty it
+        src.close()
+    return out
+
+
+def check_pixels(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 draft_size: tuple[int, int] | None = None) -> None:
+    """Raise ``InvalidImageError`` where ``decode_image`` would refuse ``data`` by its header
+    (format, size over the cap), without decoding a pixel: for images embedded before."""
+    _open_within_cap(data, max_pixels, draft_size).close()
+
+
+def _open_within_cap(data: bytes, max_pixels: int, draft_size: tuple[int, int] | None) -> Image.Image:
+    """``data`` opened (header only), drafted when a JPEG, and checked against the cap."""
     if not data:
         raise InvalidImageError("empty image data (0 bytes)")
     src = _open_allowed(data)
@@ -94,19 +119,10 @@ def decode_image(
         if draft_size is not None and src.format == "JPEG":
             _draft(src, draft_size)
         _check_size(src, max_pixels, full)
-        try:
-            src.load()  # frame 0: animated GIF/WebP/TIFF give their first frame
-            # In place: an upright image is not copied (a 40 MP RGB copy is 120 MB more).
-            ImageOps.exif_transpose(src, in_place=True)
-            out = to_rgb(src)
-        except _DECODE_ERRORS as e:
-            raise InvalidImageError(_describe_decode_error(src.format, e)) from e
     except BaseException:
         src.close()
         raise
-    if out is not src:  # an RGB image is returned as decoded: closing it would empty it
-        src.close()
-    return out
+    return src
 
 
 def read_image_file(path: str | os.PathLike[str]) -> bytes:

@@ -113,7 +113,7 @@ def embed_samples(
     Returns the set and cache statistics ``{"hits": .., "misses": ..}`` (image-view pairs).
     ``progress(n)`` is called as images are done.
     """
-    from pictor.core.decode import decode_image
+    from pictor.core.decode import check_pixels, decode_image
 
     caches = [EmbeddingCache(cache_root, embedder.spec, v, embedder.precision) if cache_root else None
               for v in views]
@@ -149,6 +149,11 @@ def embed_samples(
         h = content_hash(data)
         cached = [c.get(h) if c is not None else None for c in caches]
         if all(v is not None for v in cached):
+            try:  # cached under another cap, maybe
+                check_pixels(data, max_pixels=max_pixels, draft_size=embedder.draft_size)
+            except InvalidImageError as e:
+                skipped.append((s.path, str(e)))
+                continue
             kept.append(s)
             hashes.append(h)
             rows.append(cached)
