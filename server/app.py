@@ -12,6 +12,7 @@ import signal
 import socket
 import threading
 from concurrent import futures
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -87,35 +88,45 @@ def create_server(settings: ServerSettings, engine: Engine | None = None) -> tup
 
 
 def _bind(server: grpc.Server, address: str, host: str, port: int) -> int:
-    in_use = InvalidRequestError(
-        f"cannot listen on {address}: the port is in use, or {host} is not an address of this machine")
-    if port and _port_in_use(host, port):  # else gRPC logs its own error line before ours
-        raise in_use
-    try:
-        bound = server.add_insecure_port(address)  # raises or returns 0 by grpcio version
-    except RuntimeError:
-        bound = 0
-    if bound == 0:
-        raise in_use
-    return bound
-
-
-def _port_in_use(host: str, port: int) -> bool:
-    """Whether a socket already listens on ``port`` of an address of ``host`` (as gRPC binds:
-    SO_REUSEADDR, so a closed connection's TIME_WAIT does not count)."""
-    try:
-        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError:
-        return False  # gRPC will say what is wrong with the host
-    for family, kind, proto, _, where in addresses:
+    # Checked first, else gRPC logs its own error line before ours (and binds what it can of
+    # several addresses, leaving the rest to whoever holds them).
+    why = _why_not_bindable(host, port) if port else None
+    if why is None:
         try:
-            with socket.socket(family, kind, proto) as probe:
+            bound = server.add_insecure_port(address)  # raises or returns 0 by grpcio version
+        except RuntimeError:
+            bound = 0
+        if bound:
+            return bound
+        why = f"the port is in use, or {host} is not an address of this machine"
+    raise InvalidRequestError(f"cannot listen on {address}: {why}")
+
+
+def _why_not_bindable(host: str, port: int) -> str | None:
+    """Why ``port`` cannot be bound on an address of ``host`` as gRPC binds it (SO_REUSEADDR:
+    a closed connection's TIME_WAIT does not count), or None."""
+    name = host.strip("[]")
+    targets: list[tuple[socket.AddressFamily, Any]]
+    if name == "localhost":  # gRPC takes it as both loopbacks, whatever /etc/hosts says
+        targets = [(socket.AF_INET, ("127.0.0.1", port)), (socket.AF_INET6, ("::1", port))]
+    else:
+        try:
+            found = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except OSError:
+            return None  # gRPC will say what is wrong with the host
+        targets = [(family, where) for family, _, _, _, where in found]
+    for family, where in targets:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind(where)
-        except OSError as e:  # other errors (no IPv6 here, say) are gRPC's to report
+        except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                return True
-    return False
+                return f"the port is in use on {where[0]}"
+            if e.errno == errno.EADDRNOTAVAIL:
+                return f"{where[0]} is not an address of this machine"
+            # anything else (no IPv6 here, say) is gRPC's to report
+    return None
 
 
 def serve(settings: ServerSettings) -> None:

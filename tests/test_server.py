@@ -291,6 +291,19 @@ def test_a_busy_port_is_refused_before_loading_and_a_failed_load_frees_the_port(
         for host in ("127.0.0.1", "0.0.0.0", "localhost"):
             with pytest.raises(InvalidRequestError, match=f"cannot listen on {host}:"):
                 create_server(ServerSettings(index=missing, host=host, port=busy.getsockname()[1]))
+    with pytest.raises(InvalidRequestError, match="cannot listen on 192.0.2.1:.*: 192.0.2.1 is not an address of this machine"):
+        create_server(ServerSettings(index=missing, host="192.0.2.1", port=free_port()))  # TEST-NET-1
+    if socket.has_ipv6:  # gRPC takes localhost as both loopbacks, so one held on ::1 is in use too
+        with socket.socket(socket.AF_INET6) as busy6:
+            try:
+                busy6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                busy6.bind(("::1", 0))
+            except OSError:
+                pass  # no IPv6 loopback here
+            else:
+                busy6.listen()
+                with pytest.raises(InvalidRequestError, match="the port is in use on ::1"):
+                    create_server(ServerSettings(index=missing, host="localhost", port=busy6.getsockname()[1]))
     assert "add_port" not in capfd.readouterr().err  # gRPC's own log line ("Failed to add port")
     port = free_port()
     with pytest.raises(NotFoundError, match="does not exist"):
