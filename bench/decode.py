@@ -3,10 +3,10 @@
 A server decodes each request's image in the handler thread that took it, so what one decode
 holds at its peak, times the handler threads (`serve --workers`, default 8), bounds the memory
 that images alone can take. Each kind is drawn here at the cap (40 MP by default; a JPEG at
-100 MP, which it decodes at 1/8 of each side, under the cap) and decoded through `pictor.core.decode`, the
-one decode path of server, indexer and trainer, in a fresh process each, whose peak resident
-memory (VmHWM, Linux) over its baseline is the figure. Flat images compress well, so these
-files are small: the memory comes from the pixels, not the bytes sent.
+100 MP, which decodes at 1/8 of each side, under the cap) and decoded through
+`pictor.core.decode`, the one decode path of server, indexer and trainer, in a fresh process
+each, whose peak resident memory (VmHWM, Linux) over its baseline is the figure. Flat images
+compress well, so these files are small: the memory comes from the pixels, not the bytes sent.
 
 Run from the project root, under the shared CPU lock::
 
