@@ -316,17 +316,18 @@ class PictorClient:
         it had already written, and may write the one under way too (gRPC can deliver the
         cancel as the stream's end).
         """
-        if isinstance(items, Sequence):  # all checked before the stream opens: a bad one writes nothing
-            for it in items:
-                _item(it)
+        # A sequence is converted whole before the stream opens (a bad item writes nothing), and
+        # each item once: a vector given as an iterator can be read only once.
+        converted: Iterable[pb.Item] = [_item(it) for it in items] if isinstance(items, Sequence) else (
+            _item(it) for it in items)
         raised: list[Exception] = []
         sent = 0
 
         def requests() -> Iterable[pb.UpsertRequest]:
             nonlocal sent
             try:
-                for it in items:
-                    request = pb.UpsertRequest(item=_item(it))
+                for item in converted:
+                    request = pb.UpsertRequest(item=item)
                     sent += 1
                     yield request
             except Exception as e:  # gRPC would log it and report only "Exception iterating requests!"

@@ -199,6 +199,10 @@ def test_add_and_delete_survive_sigkill(built_index: Path) -> None:
             assert [client.search(key=c.key, k=1)[0].key for c in copies] == [c.key for c in copies]
             with pytest.raises(InvalidRequestError, match="at most 1000 keys per call, got 1001"):
                 client.get(["k"] * 1001)
+            # A list of items is converted once: a vector given as an iterator is read once.
+            assert client.upsert([UpsertItem(key="once", vector=iter(embedded))]) == (1, 0)
+            (once,), _ = client.get(["once"], vectors=True)
+            assert once.vector is not None and np.allclose(once.vector, embedded, atol=1e-5)
     finally:
         again.stop()
 
