@@ -134,12 +134,15 @@ def _too_large(details: str) -> str:
         return details
     size, limit = (int(n) / 2**20 for n in sizes.groups())
     if "CLIENT: Received" in details:  # a reply, from a server whose limit is higher than this client's
-        return (f"a reply of {size:.1f} MB is over this client's {limit:.0f} MB limit ({details}); ask "
-                "for less (a smaller k, fewer keys, no vectors), or raise the limit: PICTOR_MAX_MESSAGE_MB "
-                "for client commands (PictorClient(max_message_mb=...) in Python)")
-    return (f"a message of {size:.1f} MB is over the {limit:.0f} MB limit ({details}); send smaller "
-            "image files, or raise the limit on both sides: PICTOR_MAX_MESSAGE_MB for client commands "
-            "(PictorClient(max_message_mb=...) in Python) and `pictor serve --max-message-mb`")
+        return (f"a reply of {size:.2f} MB is over this client's {limit:.0f} MB limit ({details}); ask "
+                "for less (a smaller k, fewer neighbors, keys or images per call, no vectors), or raise "
+                "the limit: PICTOR_MAX_MESSAGE_MB for client commands (PictorClient(max_message_mb=...) "
+                "in Python)")
+    whose = "this client's" if "CLIENT:" in details else "the server's"
+    return (f"a request of {size:.2f} MB is over {whose} {limit:.0f} MB limit ({details}); send less "
+            "(smaller image files, fewer images, keys or items per call), or raise the limit on both "
+            "sides: PICTOR_MAX_MESSAGE_MB for client commands (PictorClient(max_message_mb=...) in "
+            "Python) and `pictor serve --max-message-mb`")
 
 
 def _not_one(values: object, what: str, hint: str) -> None:
