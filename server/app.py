@@ -62,7 +62,9 @@ def create_server(settings: ServerSettings, engine: Engine | None = None) -> tup
     )
     # The port is taken before the model and index load: a busy one fails at once, not after
     # seconds of loading.
-    port = _bind(server, f"{settings.host}:{settings.port}", settings.host, settings.port)
+    host = settings.host
+    address = f"[{host}]:{settings.port}" if ":" in host and not host.startswith("[") else f"{host}:{settings.port}"
+    port = _bind(server, address, host, settings.port)
     if engine is None:
         try:
             engine = Engine.load(settings)
@@ -90,7 +92,7 @@ def create_server(settings: ServerSettings, engine: Engine | None = None) -> tup
 def _bind(server: grpc.Server, address: str, host: str, port: int) -> int:
     # Checked first, else gRPC logs its own error line before ours (and binds what it can of
     # several addresses, leaving the rest to whoever holds them).
-    why = _why_not_bindable(host, port) if port else None
+    why = _why_not_bindable(host, port)
     if why is None:
         try:
             bound = server.add_insecure_port(address)  # raises or returns 0 by grpcio version
@@ -109,11 +111,13 @@ def _why_not_bindable(host: str, port: int) -> str | None:
     targets: list[tuple[socket.AddressFamily, Any]]
     if name == "localhost":  # gRPC takes it as both loopbacks, whatever /etc/hosts says
         targets = [(socket.AF_INET, ("127.0.0.1", port)), (socket.AF_INET6, ("::1", port))]
+    elif name == "0.0.0.0":  # gRPC listens on :: then, dual-stack, where there is IPv6
+        targets = [(socket.AF_INET6, ("::", port)), (socket.AF_INET, ("0.0.0.0", port))]
     else:
         try:
             found = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        except OSError:
-            return None  # gRPC will say what is wrong with the host
+        except OSError as e:
+            return f"{name or 'an empty host'} does not resolve to an address ({e.strerror or e})"
         targets = [(family, where) for family, _, _, _, where in found]
     for family, where in targets:
         try:

@@ -295,8 +295,19 @@ def test_a_busy_port_is_refused_before_loading_and_a_failed_load_frees_the_port(
         for host in ("127.0.0.1", "0.0.0.0", "localhost"):
             with pytest.raises(InvalidRequestError, match=f"cannot listen on {host}:"):
                 create_server(ServerSettings(index=missing, host=host, port=busy.getsockname()[1]))
-    with pytest.raises(InvalidRequestError, match="cannot listen on 192.0.2.1:.*: 192.0.2.1 is not an address of this machine"):
-        create_server(ServerSettings(index=missing, host="192.0.2.1", port=free_port()))  # TEST-NET-1
+    for port in (free_port(), 0):
+        with pytest.raises(InvalidRequestError, match="cannot listen on 192.0.2.1:.*: 192.0.2.1 is not an address of this machine"):
+            create_server(ServerSettings(index=missing, host="192.0.2.1", port=port))  # TEST-NET-1
+    with pytest.raises(InvalidRequestError, match="no.such.host.invalid does not resolve to an address"):
+        create_server(ServerSettings(index=missing, host="no.such.host.invalid", port=0))
+    try:
+        with socket.socket(socket.AF_INET6) as any6:
+            any6.bind(("::", 0))
+    except OSError:
+        pass  # no IPv6 here
+    else:  # an IPv6 host without brackets is bound as [::]:port (gRPC read ':::port' as a name)
+        with pytest.raises(NotFoundError, match="does not exist"):  # bound, then the index is missing
+            create_server(ServerSettings(index=missing, host="::", port=0))
     if socket.has_ipv6:  # gRPC takes localhost as both loopbacks, so one held on ::1 is in use too
         with socket.socket(socket.AF_INET6) as busy6:
             try:
