@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from pictor.core.decode import load_image, read_image_file
+from pictor.core.decode import check_pixels, load_image, read_image_file
 from pictor.core.files import content_hash
 from pictor.core.gallery import GalleryEntry
 from pictor.core.store import IndexStore, Item
@@ -116,6 +116,10 @@ def decode_batch(
         if stored.get(entry.key) == as_item(entry, digest):
             return digest, None
         if store is not None and (vector := store.vector_of_content(digest)) is not None:
+            try:  # the cap holds as for a decode (the vector may come from a run with another)
+                check_pixels(data, max_pixels=max_pixels, draft_size=embedder.draft_size)
+            except InvalidImageError as e:
+                raise InvalidImageError(f"{entry.path}: {e}") from e
             return digest, vector
         image = load_image(entry.path, max_pixels=max_pixels, draft_size=embedder.draft_size, data=data)
         return digest, embedder.preprocess(image)

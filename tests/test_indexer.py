@@ -74,6 +74,12 @@ def test_rerun_replaces_instead_of_duplicating(gallery: Path, tmp_path: Path) ->
     assert "13 of them not embedded again (the index held a vector of the same file)" in relative.stdout
     again = pictor("index", gallery.name, "--out", str(out), cwd=gallery.parent)  # both spellings held now
     assert "another spelling" not in again.stderr and "13 unchanged" in again.stdout
+    # A copy obeys the pixel cap as a decode would (the stored vector came from a run without it).
+    (tmp_path / "alias").symlink_to(gallery)
+    capped = json.loads(pictor("index", "alias", "--out", str(out), "--max-pixels", "100", "--json",
+                               check=False, cwd=tmp_path).stdout)
+    assert (capped["copied"], capped["skipped"]) == (0, 13)
+    assert all("too large" in f["error"] for f in capped["failures"])
     with IndexStore.open(out) as store:
         got = store.get([changed.as_posix(), f"{gallery.name}/cool/img00.png"], vectors=True)
         assert got.vectors is not None and np.array_equal(got.vectors[0], got.vectors[1])
