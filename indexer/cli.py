@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -174,12 +175,18 @@ def run(args: argparse.Namespace) -> int:
               "vectors copied, not embedded again). To replace them instead, name the folder as the "
               "index knows it", file=sys.stderr)
     if store is None:
-        whitening = fit_whitening(
-            entries, embedder, settings.pca_whiten, sample=settings.pca_sample,
-            batch_size=settings.model.batch_size, workers=settings.workers,
-            max_pixels=settings.model.max_pixels, progress=progress,
-        ) if settings.pca_whiten else None
-        store = IndexStore.create(out, index_spec(embedder.spec, whitening), index_type=settings.index_type)
+        try:
+            whitening = fit_whitening(
+                entries, embedder, settings.pca_whiten, sample=settings.pca_sample,
+                batch_size=settings.model.batch_size, workers=settings.workers,
+                max_pixels=settings.model.max_pixels, progress=progress,
+            ) if settings.pca_whiten else None
+            store = IndexStore.create(out, index_spec(embedder.spec, whitening), index_type=settings.index_type)
+        except BaseException:  # interrupted, or a full disk: the store left nothing in the folder
+            if created:
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
         if whitening is not None:
             whitening.save(out)  # before any vector: a store never holds vectors it cannot explain
     with store, store.bulk():  # re-train the index once at the end, not at every growth step

@@ -281,3 +281,18 @@ def test_prune_keeps_the_items_of_a_folder_it_could_not_list(gallery: Path, tmp_
     (failure,) = summary["failures"]
     assert failure["error"].endswith("warm: cannot list the folder (Permission denied); its images were "
                                      "left out and their items kept")
+
+
+def test_a_store_that_cannot_be_created_leaves_no_folder(gallery: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from pictor.errors import ResourceExhaustedError
+
+    def disk_full(*args: object, **kwargs: object) -> IndexStore:
+        raise ResourceExhaustedError("the disk holding out is full; no index store was created")
+
+    monkeypatch.setattr(IndexStore, "create", disk_full)
+    out = tmp_path / "new" / "index"
+    assert main(["index", str(gallery), "--out", str(out), "--no-progress"]) != 0
+    assert "is full" in capsys.readouterr().err
+    assert not out.exists()  # the folder this run made for it is gone too
