@@ -218,7 +218,7 @@ def _check_size(im: Image.Image, max_pixels: int, full: tuple[int, int]) -> None
         drafted = f" (decoded at {w}x{h})" if (w, h) != full else ""
         raise InvalidImageError(
             f"{im.format} image is too large: {full[0]}x{full[1]}{drafted} = {w * h:,} pixels "
-            f"to decode, above the cap of {max_pixels:,} pixels (--max-pixels of serve and index, "
+            f"to decode, above the cap of {max_pixels:,} pixels (--max-pixels of serve, index, train and eval, "
             "PICTOR_MAX_PIXELS)"
         )
 

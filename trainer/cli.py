@@ -220,7 +220,7 @@ def run_eval(args: argparse.Namespace) -> int:
     print(format_report(report))
     extras = []
     if report["skipped"]:
-        extras.append(f"{len(report['skipped'])} unreadable image(s) skipped")
+        extras.append(f"{len(report['skipped'])} image(s) skipped (unreadable, or over the pixel cap)")
     if report["ignored"]:
         extras.append(f"{report['ignored']} image(s) of other classes left out of the accuracy")
     if model.open_set is not None and not args.index:

@@ -107,7 +107,7 @@ def embed_set(samples: list[data_mod.Sample], embedder: Embedder, config: TrainC
                                    views=views, batch_size=config.batch_size,
                                    max_pixels=config.max_pixels, progress=bar.update)
     if emb.skipped:
-        log.warning("%s: skipped %d unreadable image(s) of %d", what, len(emb.skipped),
+        log.warning("%s: skipped %d image(s) of %d (unreadable, or over the pixel cap)", what, len(emb.skipped),
                     len(samples))
     return emb, stats
 
