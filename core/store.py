@@ -1541,7 +1541,7 @@ def _raise_if_disk_full(root: Path, error: BaseException) -> None:
     if _out_of_space(root, error):
         raise ResourceExhaustedError(
             f"the disk holding index store {root} is full; this write was not applied (earlier "
-            "ones are kept): free space and send it again"
+            "ones are kept): free space and try again"
         ) from error
 
 
