@@ -62,9 +62,8 @@ def create_server(settings: ServerSettings, engine: Engine | None = None) -> tup
     )
     # The port is taken before the model and index load: a busy one fails at once, not after
     # seconds of loading.
-    host = settings.host
-    address = f"[{host}]:{settings.port}" if ":" in host and not host.startswith("[") else f"{host}:{settings.port}"
-    port = _bind(server, address, host, settings.port)
+    host = _bare(settings.host)
+    port = _bind(server, _address(host, settings.port), host, settings.port)
     if engine is None:
         try:
             engine = Engine.load(settings)
@@ -89,6 +88,16 @@ def create_server(settings: ServerSettings, engine: Engine | None = None) -> tup
     return server, port, engine
 
 
+def _bare(host: str) -> str:
+    """``host`` without the brackets of ``[::1]`` (gRPC reads ``[127.0.0.1]`` as a name)."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def _address(host: str, port: int) -> str:
+    """``host:port`` as gRPC and ``--target`` take it: an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _bind(server: grpc.Server, address: str, host: str, port: int) -> int:
     # Checked first, else gRPC logs its own error line before ours (and binds what it can of
     # several addresses, leaving the rest to whoever holds them).
@@ -107,17 +116,16 @@ def _bind(server: grpc.Server, address: str, host: str, port: int) -> int:
 def _why_not_bindable(host: str, port: int) -> str | None:
     """Why ``port`` cannot be bound on an address of ``host`` as gRPC binds it (SO_REUSEADDR:
     a closed connection's TIME_WAIT does not count), or None."""
-    name = host.strip("[]")
     targets: list[tuple[socket.AddressFamily, Any]]
-    if name == "localhost":  # gRPC takes it as both loopbacks, whatever /etc/hosts says
+    if host.lower() == "localhost":  # gRPC takes it as both loopbacks, whatever /etc/hosts says
         targets = [(socket.AF_INET, ("127.0.0.1", port)), (socket.AF_INET6, ("::1", port))]
-    elif name == "0.0.0.0":  # gRPC listens on :: then, dual-stack, where there is IPv6
+    elif host == "0.0.0.0":  # gRPC listens on :: then, dual-stack, where there is IPv6
         targets = [(socket.AF_INET6, ("::", port)), (socket.AF_INET, ("0.0.0.0", port))]
     else:
         try:
-            found = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         except OSError as e:
-            return f"{name or 'an empty host'} does not resolve to an address ({e.strerror or e})"
+            return f"{host or 'an empty host'} does not resolve to an address ({e.strerror or e})"
         targets = [(family, where) for family, _, _, _, where in found]
     for family, where in targets:
         try:
@@ -125,8 +133,8 @@ def _why_not_bindable(host: str, port: int) -> str | None:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind(where)
         except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                return f"the port is in use on {where[0]}"
+            if e.errno == errno.EADDRINUSE:  # (on some address of all, for a wildcard)
+                return "the port is in use" + ("" if where[0] in ("::", "0.0.0.0") else f" on {where[0]}")
             if e.errno == errno.EADDRNOTAVAIL:
                 return f"{where[0]} is not an address of this machine"
             # anything else (no IPv6 here, say) is gRPC's to report
@@ -139,8 +147,8 @@ def serve(settings: ServerSettings) -> None:
     server.start()
     info = engine.info()
     log.info(
-        "serving %s on %s:%d (%s, dim %d, %d items, %s index, %s classifier)",
-        SERVICE_NAME, settings.host, port, info.backbone, info.embedding_dim,
+        "serving %s on %s (%s, dim %d, %d items, %s index, %s classifier)",
+        SERVICE_NAME, _address(_bare(settings.host), port), info.backbone, info.embedding_dim,
         info.index_size, info.index_type, info.classifier,
     )
     stop = threading.Event()

@@ -308,6 +308,8 @@ def test_a_busy_port_is_refused_before_loading_and_a_failed_load_frees_the_port(
     else:  # an IPv6 host without brackets is bound as [::]:port (gRPC read ':::port' as a name)
         with pytest.raises(NotFoundError, match="does not exist"):  # bound, then the index is missing
             create_server(ServerSettings(index=missing, host="::", port=0))
+    with pytest.raises(NotFoundError, match="does not exist"):  # brackets around IPv4 are taken off
+        create_server(ServerSettings(index=missing, host="[127.0.0.1]", port=0))
     if socket.has_ipv6:  # gRPC takes localhost as both loopbacks, so one held on ::1 is in use too
         with socket.socket(socket.AF_INET6) as busy6:
             try:
@@ -317,8 +319,9 @@ def test_a_busy_port_is_refused_before_loading_and_a_failed_load_frees_the_port(
                 pass  # no IPv6 loopback here
             else:
                 busy6.listen()
-                with pytest.raises(InvalidRequestError, match="the port is in use on ::1"):
-                    create_server(ServerSettings(index=missing, host="localhost", port=busy6.getsockname()[1]))
+                for host in ("localhost", "LOCALHOST"):
+                    with pytest.raises(InvalidRequestError, match="the port is in use on ::1"):
+                        create_server(ServerSettings(index=missing, host=host, port=busy6.getsockname()[1]))
     assert "add_port" not in capfd.readouterr().err  # gRPC's own log line ("Failed to add port")
     port = free_port()
     with pytest.raises(NotFoundError, match="does not exist"):
