@@ -254,6 +254,9 @@ def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
         np.clip(block, 0.0, 255.0, out=block)
         np.nan_to_num(block, copy=False)
         out[start : start + rows] = np.rint(block, out=block)
+    key = im.info.get("transparency")
+    if isinstance(key, int):  # a PNG's see-through grey level: on white, as other transparency
+        out[src == key] = 255
     return Image.fromarray(out, mode="L").convert("RGB")
 
 

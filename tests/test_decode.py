@@ -95,6 +95,13 @@ def test_palette_with_transparency_png_and_gif() -> None:
         assert out.getpixel((0, 0)) == RED, fmt
 
 
+def test_16bit_grey_png_with_a_transparent_level() -> None:
+    a = np.full((8, 8), 1000, np.uint16)
+    a[0, 0] = 30000
+    out = decode_image(encode(Image.fromarray(a), "PNG", transparency=1000))  # tRNS: level 1000 is see-through
+    assert out.getpixel((4, 4)) == WHITE and close_to(out.getpixel((0, 0)), (117, 117, 117), 1)
+
+
 def test_rgb_png_with_a_transparent_colour_key() -> None:
     im = Image.new("RGB", (8, 8), (0, 255, 0))
     im.putpixel((0, 0), RED)
