@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import shutil
@@ -146,49 +145,44 @@ def run(args: argparse.Namespace) -> int:
             f"--pca-whiten {settings.pca_whiten} is fitted on the gallery's images and needs more of "
             f"them than dims: {sample} here (gallery {len(entries)}, --pca-sample "
             f"{settings.pca_sample}); give --pca-whiten below {sample}, or leave it out")
-    created = store is None and not out.exists()
-    if store is None:
+    opened = store is not None  # else this run makes one
+    created = not opened and not out.exists()
+    if not opened:
         make_store_dir(out)  # now, not after the model loaded and a whitening sample was embedded
+    progress = not args.no_progress and sys.stderr.isatty()
     try:
-        if store:
+        if store is not None:
             _check_pca_whiten(store, whitening, settings.pca_whiten)
             if settings.index_type not in (AUTO, store.index_type):
                 raise InvalidRequestError(
                     f"index {out} is of type {store.index_type!r}; --index-type {settings.index_type} "
                     "applies to a new index only: drop it, or build a new index with another --out")
         embedder = _embedder(settings, store, spec, out)
-        if store:
+        if store is not None:
             store.check_spec(index_spec(embedder.spec, whitening), what="this run's model")
-        elif settings.index_type != AUTO:  # a bad factory string: now, not after a whitening sample
-            parse_factory(settings.pca_whiten or embedder.spec.dim, settings.index_type)
-    except BaseException:
-        if store:
-            store.close()
-        elif created:
-            out.rmdir()  # still empty: a failed run leaves no folder behind
-        raise
-    progress = not args.no_progress and sys.stderr.isatty()
-    if store is not None and (twice := indexed_under_other_keys(entries, store)):
-        new, old = next(iter(twice.items()))
-        print(f"warning: {len(twice)} of these files are in the index already under another spelling "
-              f"of their path ({new!r} is there as {old!r}); they are added again as new items (their "
-              "vectors copied, not embedded again). To replace them instead, name the folder as the "
-              "index knows it", file=sys.stderr)
-    if store is None:
-        try:
+        else:
+            if settings.index_type != AUTO:  # a bad factory string: now, not after a whitening sample
+                parse_factory(settings.pca_whiten or embedder.spec.dim, settings.index_type)
             whitening = fit_whitening(
                 entries, embedder, settings.pca_whiten, sample=settings.pca_sample,
                 batch_size=settings.model.batch_size, workers=settings.workers,
                 max_pixels=settings.model.max_pixels, progress=progress,
             ) if settings.pca_whiten else None
             store = IndexStore.create(out, index_spec(embedder.spec, whitening), index_type=settings.index_type)
-        except BaseException:  # interrupted, or a full disk: the store left nothing in the folder
-            if created:
-                with contextlib.suppress(OSError):
-                    out.rmdir()
-            raise
-        if whitening is not None:
-            whitening.save(out)  # before any vector: a store never holds vectors it cannot explain
+    except BaseException:  # interrupted, a bad setting, a full disk
+        if store is not None:
+            store.close()
+        elif created:
+            out.rmdir()  # still empty (a store that failed to be made removed its files): no folder left behind
+        raise
+    if opened and (twice := indexed_under_other_keys(entries, store)):
+        new, old = next(iter(twice.items()))
+        print(f"warning: {len(twice)} of these files are in the index already under another spelling "
+              f"of their path ({new!r} is there as {old!r}); they are added again as new items (their "
+              "vectors copied, not embedded again). To replace them instead, name the folder as the "
+              "index knows it", file=sys.stderr)
+    if not opened and whitening is not None:
+        whitening.save(out)  # before any vector: a store never holds vectors it cannot explain
     with store, store.bulk():  # re-train the index once at the end, not at every growth step
         summary = run_indexing(
             entries, embedder, store, whitening=whitening,
