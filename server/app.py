@@ -63,7 +63,7 @@ def create_server(settings: ServerSettings, engine: Engine | None = None) -> tup
     # The port is taken before the model and index load: a busy one fails at once, not after
     # seconds of loading.
     host = _bare(settings.host)
-    port = _bind(server, _address(host, settings.port), host, settings.port)
+    port = _bind(server, host, settings.port)
     if engine is None:
         try:
             engine = Engine.load(settings)
@@ -98,7 +98,8 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _bind(server: grpc.Server, address: str, host: str, port: int) -> int:
+def _bind(server: grpc.Server, host: str, port: int) -> int:
+    address = _address(host, port)
     # Checked first, else gRPC logs its own error line before ours (and binds what it can of
     # several addresses, leaving the rest to whoever holds them).
     why = _why_not_bindable(host, port)
