@@ -79,15 +79,13 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         if not 0 < self.upsert_idle_timeout < math.inf:  # nan and inf too
-            raise InvalidRequestError(
-                f"upsert_idle_timeout must be a number of seconds above 0, got {self.upsert_idle_timeout}"
-            )
+            raise SettingValueError("upsert_idle_timeout", "a number of seconds above 0", self.upsert_idle_timeout)
         if not 0 <= self.port <= 65535:
-            raise InvalidRequestError(f"port must be between 0 (any free port) and 65535, got {self.port}")
+            raise SettingValueError("port", "between 0 (any free port) and 65535", self.port)
         _check_positive(self, "max_pixels")
         if self.workers < 2:  # an Upsert stream holds one for as long as its client sends
-            raise InvalidRequestError(f"workers must be at least 2 (one for an Upsert stream, one for "
-                                      f"the other calls), got {self.workers}")
+            raise SettingValueError("workers", "at least 2 (one for an Upsert stream, one for the other calls)",
+                                    self.workers)
         check_max_message_mb(self.max_message_mb)
 
 
@@ -108,18 +106,30 @@ class IndexerSettings:
     def __post_init__(self) -> None:
         _check_positive(self, "workers", "pca_sample")
         if self.pca_whiten < 0:
-            raise InvalidRequestError(f"pca_whiten must be 0 (off) or a number of dims, got {self.pca_whiten}")
+            raise SettingValueError("pca_whiten", "0 (off) or a number of dims", self.pca_whiten)
+
+
+class SettingValueError(InvalidRequestError):
+    """A setting's value out of its range; ``build_settings`` says where it was set."""
+
+    def __init__(self, setting: str, allowed: str, value: object) -> None:
+        super().__init__(f"{setting} must be {allowed}, got {value}")
+        self.setting = setting
+
+    def set_by(self, source: str) -> InvalidRequestError:
+        """This error, naming the flag, variable or file that set the value."""
+        return InvalidRequestError(f"{self} (from {source})")
 
 
 def check_max_message_mb(value: int) -> None:
     if not 1 <= value <= MAX_MESSAGE_MB:
-        raise InvalidRequestError(f"max_message_mb must be between 1 and {MAX_MESSAGE_MB}, got {value}")
+        raise SettingValueError("max_message_mb", f"between 1 and {MAX_MESSAGE_MB}", value)
 
 
 def _check_positive(settings: object, *names: str) -> None:
     for name in names:
         if getattr(settings, name) < 1:
-            raise InvalidRequestError(f"{name} must be at least 1, got {getattr(settings, name)}")
+            raise SettingValueError(name, "at least 1", getattr(settings, name))
 
 
 S = TypeVar("S")
@@ -168,6 +178,7 @@ def build_settings(
     flags = flags or {}
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # where each value came from, for range errors
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         typ = hints[f.name]
         if dataclasses.is_dataclass(typ):
@@ -189,7 +200,13 @@ def build_settings(
             value, source = flags[f.name], f"--{f.name.replace('_', '-')}"
         if value is not dataclasses.MISSING:
             values[f.name] = _coerce(value, typ, source)
-    return cls(**values)
+            sources[f.name] = f"{name} in the config file" if source == name else source
+    try:
+        return cls(**values)
+    except SettingValueError as e:
+        if e.setting in sources:
+            raise e.set_by(sources[e.setting]) from None
+        raise
 
 
 def model_settings(flags: Mapping[str, Any], config_file: str | None = None) -> ModelSettings:
@@ -213,7 +230,14 @@ def client_max_message_mb() -> int:
     """The message size limit of client commands: ``$PICTOR_MAX_MESSAGE_MB``, the variable the
     server reads for its own, or 64."""
     raw = os.environ.get("PICTOR_MAX_MESSAGE_MB", "")
-    return _coerce(raw, int, "PICTOR_MAX_MESSAGE_MB") if raw else DEFAULT_MAX_MESSAGE_MB
+    if not raw:
+        return DEFAULT_MAX_MESSAGE_MB
+    value: int = _coerce(raw, int, "PICTOR_MAX_MESSAGE_MB")
+    try:
+        check_max_message_mb(value)
+    except SettingValueError as e:
+        raise e.set_by("PICTOR_MAX_MESSAGE_MB") from None
+    return value
 
 
 def offline() -> bool:

@@ -119,3 +119,23 @@ def test_client_commands_read_the_message_limit_the_server_reads(monkeypatch) ->
     monkeypatch.setenv("PICTOR_MAX_MESSAGE_MB", "lots")
     with pytest.raises(InvalidRequestError, match="PICTOR_MAX_MESSAGE_MB='lots' is not a valid int"):
         client_max_message_mb()
+    monkeypatch.setenv("PICTOR_MAX_MESSAGE_MB", "0")
+    with pytest.raises(InvalidRequestError, match=r"between 1 and 2047, got 0 \(from PICTOR_MAX_MESSAGE_MB\)"):
+        client_max_message_mb()
+
+
+def test_a_value_out_of_range_names_where_it_was_set(tmp_path: Path) -> None:
+    # The message names the flag, variable or file line to change, not only the setting.
+    cfg = tmp_path / "pictor.toml"
+    cfg.write_text("workers = 1\n[model]\nbatch_size = 0\n")
+    for flags, env, source in [
+        ({"workers": 1}, {}, "--workers"),
+        ({}, {"PICTOR_WORKERS": "1"}, "PICTOR_WORKERS"),
+        ({}, {}, "workers in the config file"),
+    ]:
+        with pytest.raises(InvalidRequestError, match=rf"workers must be at least 2 .*, got 1 \(from {source}\)$"):
+            build_settings(ServerSettings, flags, env=env, config_file=cfg)
+    with pytest.raises(InvalidRequestError, match=r"batch_size must be at least 1, got 0 \(from batch_size in"):
+        build_settings(IndexerSettings, {}, env={}, config_file=cfg)
+    with pytest.raises(InvalidRequestError, match=r"max_pixels must be at least 1, got 0 \(from --max-pixels\)$"):
+        build_settings(IndexerSettings, {"max_pixels": 0}, env={})
