@@ -97,7 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     p = _parser(sub, "get", "the stored items (label, attributes, vector) of keys in a running server's index",
                 "pictor get photos/a.jpg photos/b.jpg --vectors --json")
-    p.add_argument("keys", nargs="+", metavar="KEY", help="keys of the items (at most 1000)")
+    p.add_argument("keys", nargs="+", metavar="KEY", help="keys of the items (at most 1000 distinct)")
     p.add_argument("--vectors", action="store_true", help="also print each item's stored vector")
     p.add_argument("--missing-ok", action="store_true",
                    help="keys not in the index are not an error (exit 0); without it they are "

@@ -366,8 +366,9 @@ class PictorClient:
         return r.deleted, list(r.missing)
 
     def get(self, keys: Sequence[str], *, vectors: bool = False) -> tuple[list[StoredItem], list[str]]:
-        """Stored items by key, each key once in the order first asked (at most 1000 keys), with
-        its stored vector when ``vectors``; returns (items, keys the index does not hold)."""
+        """Stored items by key, each key once in the order first asked (at most 1000 distinct
+        keys), with its stored vector when ``vectors``; returns (items, keys the index does not
+        hold)."""
         _not_one(keys, "keys", "for one key, write [key]")
         try:
             request = pb.GetRequest(keys=list(keys), vectors=vectors)

@@ -119,7 +119,7 @@ class PictorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Get(self, request, context):
-        """Stored items by key, each key once in the order first asked (at most 1000 keys): label,
+        """Stored items by key, each key once in the order first asked (at most 1000 distinct keys): label,
         attributes and, when asked, the stored vector. Keys the index does not hold are listed
         in `missing`.
         """
