@@ -215,16 +215,22 @@ def run(args: argparse.Namespace) -> int:
               + (f"; pruned {summary.pruned} no longer listed" if args.prune else ""))
         for failure in summary.failures:
             print(f"  skipped {failure['error']}", file=sys.stderr)
+    discard = created and count == 0  # an empty index this run made would only be in the way
     if summary.interrupted:
-        print(f"pictor index: interrupted; the {summary.indexed} images indexed before it are kept. "
-              "Run the same command again to index the rest (the files written are not embedded again)",
-              file=sys.stderr)
+        if discard:
+            shutil.rmtree(out)
+            print("pictor index: interrupted before any image was indexed; no index was written",
+                  file=sys.stderr)
+        else:
+            print(f"pictor index: interrupted; the {summary.indexed} images indexed before it are kept. "
+                  "Run the same command again to index the rest (the files written are not embedded "
+                  "again)", file=sys.stderr)
         return 130
     if summary.skipped and not (summary.indexed or summary.unchanged):
-        if created and count == 0:  # an empty index this run made would only be in the way
+        if discard:
             shutil.rmtree(out)
         print(f"error: nothing could be indexed ({summary.skipped} skipped, listed above)"
-              + ("; no index was written" if created and count == 0 else ""), file=sys.stderr)
+              + ("; no index was written" if discard else ""), file=sys.stderr)
         return 2
     return 1 if summary.skipped and args.strict else 0
 

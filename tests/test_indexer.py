@@ -221,6 +221,26 @@ def test_sigterm_ends_the_run_like_ctrl_c(gallery: Path, tmp_path: Path) -> None
     assert run.returncode == 130 and "interrupted" in err
 
 
+def test_interrupted_before_the_first_image_leaves_no_index(gallery: Path, tmp_path: Path,
+                                                            monkeypatch, capsys) -> None:
+    """An empty index the run made would only be in the way (of a re-run with other flags)."""
+    import pictor.indexer.pipeline as pipeline
+
+    real = pipeline.run_indexing
+
+    def ctrl_c_before_the_first(entries, *args, **kwargs):  # type: ignore[no-untyped-def]
+        def interrupted():  # type: ignore[no-untyped-def]
+            raise KeyboardInterrupt
+            yield
+
+        return real(interrupted(), *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run_indexing", ctrl_c_before_the_first)
+    assert main(["index", str(gallery), "--out", str(tmp_path / "index"), "--device", "cpu"]) == 130
+    assert "interrupted before any image was indexed; no index was written" in capsys.readouterr().err
+    assert not (tmp_path / "index").exists()
+
+
 def test_pca_whitened_index_serves_whitened_queries(gallery: Path, tmp_path: Path) -> None:
     out = tmp_path / "index"
     summary = json.loads(pictor("index", str(gallery), "--out", str(out), "--pca-whiten", "8", "--json").stdout)
