@@ -418,8 +418,11 @@ def test_train_and_eval_skip_images_over_the_pixel_cap(tmp_path: Path, capsys: p
     assert main(args) == 0 and load_model(model_path).metrics["skipped_images"] == 0  # fills the cache
     model_path.unlink()
     monkeypatch.setenv("PICTOR_MAX_PIXELS", "5000")  # as the decode error's hint says to set it
+    capsys.readouterr()
     assert main(args) == 0  # every image's embedding cached: the cap is checked all the same
     assert load_model(model_path).metrics["skipped_images"] == 1
+    # The poster's cached vectors are no hits: 12 training images (2 views) + 6 validation.
+    assert "(30 embeddings from the cache, 0 computed)" in capsys.readouterr().out
     monkeypatch.delenv("PICTOR_MAX_PIXELS")
     capsys.readouterr()
     rc = main(["eval", str(model_path), str(tree), "--max-pixels", "5000", "--json", "--cache-dir", "none",

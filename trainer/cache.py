@@ -146,14 +146,14 @@ def embed_samples(
         except OSError as e:
             skipped.append((s.path, f"unreadable: {e.strerror or e}"))
             continue
+        try:  # first: an image cached under another cap is no hit under this one
+            check_pixels(data, max_pixels=max_pixels, draft_size=embedder.draft_size)
+        except InvalidImageError as e:
+            skipped.append((s.path, str(e)))
+            continue
         h = content_hash(data)
         cached = [c.get(h) if c is not None else None for c in caches]
         if all(v is not None for v in cached):
-            try:  # cached under another cap, maybe
-                check_pixels(data, max_pixels=max_pixels, draft_size=embedder.draft_size)
-            except InvalidImageError as e:
-                skipped.append((s.path, str(e)))
-                continue
             kept.append(s)
             hashes.append(h)
             rows.append(cached)
