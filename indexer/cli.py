@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 import shutil
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -108,13 +107,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(run=run)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM (docker stop, kill) ends the run as Ctrl-C does: with its summary
-
-
 def run(args: argparse.Namespace) -> int:
     require_server_extra("pictor index")
-    signal.signal(signal.SIGTERM, _interrupt)
     from pictor.core.embedder import index_spec, open_index
     from pictor.core.faiss_index import parse_factory
     from pictor.core.gallery import GalleryEntry, image_suffixes_text, read_gallery

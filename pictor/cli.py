@@ -8,10 +8,13 @@ install and server-side ones say which extra to install.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 from pictor import __version__
 from pictor.config import unknown_env_names
@@ -72,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in unknown_env_names(os.environ):
         logging.getLogger("pictor").warning("%s is not a Pictor setting; it is ignored", name)
     try:
-        return int(args.run(args) or 0)
+        with _sigterm_interrupts():
+            return int(args.run(args) or 0)
     except MissingExtraError as e:
         print(f"pictor {args.command}: {e}", file=sys.stderr)
         return 3
@@ -85,6 +89,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"pictor {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (`docker stop`, kill) ends a command as Ctrl-C does: with its clean-up and exit
+    130. As a container's PID 1 a process has no default action for it, so a server still
+    loading, or an indexer, would wait out the grace period and be killed. (`pictor serve`
+    takes both signals over once it serves, to drain its calls.)"""
+    if threading.current_thread() is not threading.main_thread():  # only there can it be set
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 if __name__ == "__main__":

@@ -144,7 +144,10 @@ def _why_not_bindable(host: str, port: int) -> str | None:
 
 def serve(settings: ServerSettings) -> None:
     """Run until SIGINT or SIGTERM; then stop taking calls, finish those in flight, close the index."""
-    server, port, engine = create_server(settings)
+    server, port, engine = create_server(settings)  # a signal while loading interrupts it (pictor.cli)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     server.start()
     info = engine.info()
     log.info(
@@ -152,9 +155,6 @@ def serve(settings: ServerSettings) -> None:
         SERVICE_NAME, _address(_bare(settings.host), port), info.backbone, info.embedding_dim,
         info.index_size, info.index_type, info.classifier,
     )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     log.info("shutting down: draining calls in flight (up to %.0fs)", DRAIN_SECONDS)
     server.stop(DRAIN_SECONDS).wait()

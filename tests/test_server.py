@@ -6,7 +6,10 @@ import json
 import math
 import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -329,6 +332,22 @@ def test_a_busy_port_is_refused_before_loading_and_a_failed_load_frees_the_port(
         create_server(ServerSettings(index=missing, port=port))
     with socket.socket() as again:
         again.bind(("127.0.0.1", port))  # raises if the failed server still held it
+
+
+def test_sigterm_while_loading_ends_the_server_as_ctrl_c_does(built_index: Path) -> None:
+    """As a container's PID 1 a process has no default action for SIGTERM: `docker stop`
+    during a long load waited out its grace period. Once serving, SIGTERM drains (exit 0)."""
+    proc = subprocess.Popen([sys.executable, "-m", "pictor.cli", "serve", "--index", str(built_index),
+                             "--port", str(free_port())], stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "opened:" in line:  # the index is loaded; the backbone is loading
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "pictor serve: interrupted" in err and "serving" not in err
+    server = ServerProcess(built_index).start()
+    assert server.stop() == 0 and "stopped" in Path(server.log.name).read_text()
 
 
 def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
