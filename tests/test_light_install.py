@@ -43,4 +43,4 @@ def test_base_install_has_client_but_no_torch(tmp_path: Path) -> None:
     # ... and server-side ones say which extra to install.
     serve = subprocess.run([str(pictor), "serve"], capture_output=True, text=True, cwd=tmp_path)
     assert serve.returncode == 3
-    assert "pip install 'pictor[server]'" in serve.stderr
+    assert "pip install '.[server]'" in serve.stderr

@@ -1,0 +1,52 @@
+"""The Dockerfile and docker-compose.yml against the code they run (no Docker needed): a
+renamed flag or a missing folder would otherwise show only at `docker compose up`."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pictor.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _dockerfile() -> str:
+    return (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+
+
+def test_what_the_image_copies_exists_and_is_in_the_build_context() -> None:
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    sources = [src for line in _dockerfile().splitlines() if line.startswith("COPY ") and "--from" not in line
+               for src in line.split()[1:-1]]
+    assert "pyproject.toml" in sources and "core" in sources
+    for src in sources:
+        assert (ROOT / src).exists(), src
+        assert not any(fnmatch.fnmatch(src, pattern) for pattern in ignored), f"{src} is in .dockerignore"
+    packaged = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests"}
+    assert packaged <= set(sources), f"not copied into the image: {packaged - set(sources)}"
+
+
+def test_the_commands_the_image_and_compose_run_are_valid() -> None:
+    parser = build_parser()
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    commands = [service["command"] for service in compose["services"].values()]
+    (health,) = re.findall(r"HEALTHCHECK .* CMD (.+)", _dockerfile())
+    commands.append(shlex.split(health.replace("${PICTOR_PORT:-50051}", "50051"))[1:])
+    (default,) = re.findall(r'^CMD \["(\w+)"\]', _dockerfile(), re.M)
+    commands.append([default])
+    for argv in commands:
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"`pictor {shlex.join(argv)}` does not parse")
+    # The server listens on every interface of its container; the host publishes it on
+    # loopback unless PICTOR_BIND says otherwise (it has no authentication yet).
+    (published,) = compose["services"]["server"]["ports"]
+    assert published.startswith("${PICTOR_BIND:-127.0.0.1}:")
