@@ -240,6 +240,16 @@ class PictorClient:
                 details = f"the server has no health status for service {request.service!r}"
             raise error_from_status(code, details) from None
 
+    def _outcome_unknown(self, e: PictorError, started: float) -> bool:
+        """Whether a write call that failed with ``e`` may have been applied all the same.
+
+        A call lost, or past this client's deadline, cannot say; one the server ended itself
+        (DEADLINE_EXCEEDED before ours: an idle Upsert stream, a caller gone before its write)
+        says what it wrote, and one that never connected (gRPC's "failed to connect") wrote
+        nothing."""
+        return (isinstance(e, ServerUnavailableError) and "failed to connect" not in str(e).lower()
+                and (not isinstance(e, DeadlineExceededError) or self._past_deadline(started)))
+
     def _past_deadline(self, started: float) -> bool:
         """Whether a call that began at ``started`` (``time.monotonic()``) ran into this
         client's timeout."""
@@ -343,12 +353,7 @@ class PictorClient:
         except PictorError as e:
             if raised:
                 raise raised[0] from None
-            # A call lost, or past this client's deadline, cannot say what was written; a stream
-            # the server ended (DEADLINE_EXCEEDED before ours: an idle one) says it itself, and
-            # one that never connected (gRPC's "failed to connect") wrote nothing.
-            lost = (isinstance(e, ServerUnavailableError) and "failed to connect" not in str(e).lower()
-                    and (not isinstance(e, DeadlineExceededError) or self._past_deadline(started)))
-            if sent and lost:
+            if sent and self._outcome_unknown(e, started):
                 some = f"some of the {sent} items sent" if sent > 1 else "the item sent"
                 raise type(e)(f"{e}; {some} may have been written (in chunks of {UPSERT_CHUNK}): "
                               "sending them again is safe, keys replace") from None
@@ -362,7 +367,14 @@ class PictorClient:
             request = pb.DeleteRequest(keys=list(keys))
         except (TypeError, ValueError) as e:
             raise _text_error("keys", e) from e
-        r = self._call(self._stub.Delete, request)
+        started = time.monotonic()
+        try:
+            r = self._call(self._stub.Delete, request)
+        except PictorError as e:
+            if self._outcome_unknown(e, started):
+                raise type(e)(f"{e}; the delete may have been applied: sending it again is safe "
+                              "(keys already gone come back as missing)") from None
+            raise
         return r.deleted, list(r.missing)
 
     def get(self, keys: Sequence[str], *, vectors: bool = False) -> tuple[list[StoredItem], list[str]]:

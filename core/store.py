@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -596,8 +596,13 @@ class IndexStore:
 
     # -- writing --------------------------------------------------------------------------
 
-    def upsert(self, items: Sequence[Item], vectors: np.ndarray) -> UpsertResult:
-        """Add items, replacing any with the same key; durable when it returns."""
+    def upsert(self, items: Sequence[Item], vectors: np.ndarray, *,
+               before_write: Callable[[], None] | None = None) -> UpsertResult:
+        """Add items, replacing any with the same key; durable when it returns.
+
+        ``before_write`` runs once this call has the write lock, and may raise to call the
+        write off (a server's check that its caller still waits, after queueing behind
+        another write, which may be a rebuild of the index)."""
         self._check_open()
         items = list(items)
         vecs = self.check_vectors(vectors) if len(items) else np.zeros((0, self.dim), np.float32)
@@ -611,19 +616,24 @@ class IndexStore:
         keep = sorted(last.values())
         dup_replaced = len(items) - len(keep)
         with self._write_lock:
+            if before_write is not None:
+                before_write()
             with self._rw.write():
                 old_ids = self._commit_upsert([items[i] for i in keep], vecs[keep])
             replaced = len(old_ids) + dup_replaced
             self._after_write(len(keep) + len(old_ids))
         return UpsertResult(inserted=len(items) - replaced, replaced=replaced)
 
-    def delete(self, keys: Sequence[str]) -> DeleteResult:
-        """Remove items by key; durable when it returns. Unknown keys are reported missing."""
+    def delete(self, keys: Sequence[str], *, before_write: Callable[[], None] | None = None) -> DeleteResult:
+        """Remove items by key; durable when it returns. Unknown keys are reported missing.
+        ``before_write``: as for ``upsert``."""
         self._check_open()
         unique = list(dict.fromkeys(keys))
         if not unique:
             return DeleteResult(0, [])
         with self._write_lock:
+            if before_write is not None:
+                before_write()
             with self._rw.write():
                 found = self._commit_delete(unique)
             self._after_write(len(found))

@@ -321,8 +321,8 @@ class Engine:
                before_write: Callable[[], None] | None = None, first: int = 0) -> UpsertResult:
         """Embed what came as images, check what came as vectors, write all in one durable step.
 
-        ``before_write`` runs between the embedding and the write, and may raise to call it off
-        (the server's check that the caller is still waiting). ``first`` is the position of
+        ``before_write`` runs once the store's write lock is held, after the embedding, and may
+        raise to call the write off (the server's check that the caller is still waiting). ``first`` is the position of
         ``items[0]`` in the caller's stream, for errors that can only name an item by position."""
         if not items:
             raise InvalidRequestError("upsert got no items")
@@ -347,17 +347,15 @@ class Engine:
             except InvalidImageError as e:
                 raise InvalidImageError(f"{e}; none of these {len(items)} items written") from e
             rows[to_embed] = self.to_index(out.embeddings)
-        if before_write is not None:
-            before_write()
         # An image's hash, as `pictor index` keeps a file's: indexing that file later with the
         # same key, label and attributes leaves this item as it is.
         hashed = [dataclasses.replace(it, content_hash=content_hash(img)) if img else it
                   for it, img in zip(items, images, strict=True)]
-        return self.store.upsert(hashed, rows)
+        return self.store.upsert(hashed, rows, before_write=before_write)
 
-    def delete(self, keys: Sequence[str]) -> DeleteResult:
+    def delete(self, keys: Sequence[str], *, before_write: Callable[[], None] | None = None) -> DeleteResult:
         _check_keys(keys, "delete")
-        return self.store.delete(keys)
+        return self.store.delete(keys, before_write=before_write)
 
     def get(self, keys: Sequence[str], *, vectors: bool = False) -> GetResult:
         _check_keys(keys, "get")

@@ -62,8 +62,9 @@ def classify_to_pb(result: ClassifyResult) -> pb.ClassifyResponse:
 
 def check_active(context: grpc.ServicerContext, before: str) -> None:
     """Skip work for a caller that has gone: its deadline passed (maybe while the call waited
-    for a handler thread) or it cancelled. Nothing it would not see is done, nor, for Upsert,
-    written (checked again between embedding and writing)."""
+    for a handler thread) or it cancelled. Nothing it would not see is done, nor, for Upsert
+    and Delete, written (checked again once the write lock is held: a write may queue there
+    behind a rebuild of the index)."""
     if not context.is_active():
         raise DeadlineExceededError(f"the call ended (deadline passed or cancelled) before {before}")
 
@@ -212,7 +213,7 @@ class PictorService(pb_grpc.PictorServicer):
                                   before_write=lambda: check_active(context, "writing these items"))
 
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
-        result = self.engine.delete(list(request.keys))
+        result = self.engine.delete(list(request.keys), before_write=lambda: check_active(context, "deleting"))
         return pb.DeleteResponse(deleted=result.deleted, missing=list(result.missing))
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetResponse:

@@ -379,6 +379,17 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
             ServerUnavailableError, match="cannot reach a Pictor server") as refused:
         client.upsert([UpsertItem(key="a", vector=[1.0])])
     assert "may have been written" not in str(refused.value)
+    with PictorClient(f"127.0.0.1:{free_port()}", timeout=5) as client, pytest.raises(
+            ServerUnavailableError, match="cannot reach a Pictor server") as refused:
+        client.delete(["a"])
+    assert "may have been applied" not in str(refused.value)
+    # Something listens but never answers: a delete past the deadline may have been applied.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        with PictorClient(f"127.0.0.1:{silent.getsockname()[1]}", timeout=0.5) as client, pytest.raises(
+                ServerUnavailableError, match="within the timeout of 0.5 s.*the delete may have been applied"):
+            client.delete(["a"])
     # A host without a port means Pictor's port (gRPC would use 443); schemes are gRPC's.
     targets = []
     for t in ("localhost", "[::1]", "10.0.0.2:7000", "unix:/tmp/s"):

@@ -143,6 +143,37 @@ def test_delete_removes_from_results(filled: tuple[IndexStore, np.ndarray]) -> N
         store.get_vector("img/3.jpg")
 
 
+def test_a_write_is_called_off_when_its_caller_has_gone_by_the_time_it_gets_the_lock(
+        filled: tuple[IndexStore, np.ndarray], rng: np.random.Generator) -> None:
+    """A server's Delete or Upsert can queue behind another write (a rebuild took 23 s): the
+    check that its caller still waits must come once the lock is held, not before."""
+    store, _ = filled
+    holding, release, checked = threading.Event(), threading.Event(), []
+
+    def hold_the_lock() -> None:
+        holding.set()
+        release.wait(10)
+
+    def caller_gone() -> None:
+        checked.append(release.is_set())
+        raise TimeoutError("the caller has gone")
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(store.upsert, items(1, start=1000), unit(rng, 1), before_write=hold_the_lock)
+        assert holding.wait(10)
+        late_delete = pool.submit(store.delete, ["img/3.jpg"], before_write=caller_gone)
+        time.sleep(0.2)
+        assert checked == []  # still queued behind the first write
+        release.set()
+        assert first.result(10).inserted == 1
+        with pytest.raises(TimeoutError):
+            late_delete.result(10)
+    assert checked == [True]
+    with pytest.raises(TimeoutError):
+        store.upsert(items(1, start=2000), unit(rng, 1), before_write=caller_gone)
+    assert store.keys_present(["img/3.jpg", "img/1000.jpg", "img/2000.jpg"]) == {"img/3.jpg", "img/1000.jpg"}
+
+
 def test_get_returns_stored_items_in_the_order_asked(filled: tuple[IndexStore, np.ndarray],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     store, vecs = filled
