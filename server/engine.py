@@ -369,6 +369,7 @@ class Engine:
 
         spec = self.spec
         store_info = self.store.info()
+        label_counts = self.store.label_counts()  # and the size from it: one state, though writes go on
         if self.model is not None:
             classifier, names = "head", list(self.model.class_names)
         elif self.embedder.imagenet_classes:
@@ -379,7 +380,7 @@ class Engine:
             backbone=spec.backbone,
             weights=spec.weights,
             embedding_dim=spec.dim,
-            index_size=len(self.store),
+            index_size=sum(label_counts.values()),
             # what was asked for, and what FAISS runs now: "auto (Flat)", "HNSW32"
             index_type=store_info.factory
             if store_info.index_type == store_info.factory
@@ -393,7 +394,7 @@ class Engine:
             finetune=spec.finetune[:12],
             pooling=spec.pooling,
             layer=spec.layer,
-            label_counts=self.store.label_counts(),
+            label_counts=label_counts,
         )
 
     def _open_set_status(self) -> str:
