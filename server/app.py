@@ -11,18 +11,20 @@ import logging
 import signal
 import socket
 import threading
+from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from pictor.config import ServerSettings
-from pictor.errors import InvalidRequestError
+from pictor.errors import InvalidRequestError, PictorError
 from pictor.server.engine import Engine
 from pictor.server.errors import ErrorInterceptor
-from pictor.server.service import PictorService
+from pictor.server.service import PictorService, StreamSlots, idle_limited
+from pictor.status import status_for
 from pictor.v1 import pictor_pb2, pictor_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,25 @@ class CheckOnlyHealthServicer(health.HealthServicer):
     def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext,
               send_response_callback: object = None) -> None:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "health Watch is not served; use Check")
+
+
+class BoundedReflectionServicer(reflection.ReflectionServicer):
+    """grpcio-reflection's servicer whose streams take a stream slot, as Upsert's do, and end
+    when their client goes quiet. Its streams had neither: eight idle ones (grpcurl and other
+    tools open one per use) held every handler thread, and the server answered nothing else,
+    health checks included."""
+
+    def __init__(self, service_names: tuple[str, ...], slots: StreamSlots, idle_s: float) -> None:
+        super().__init__(service_names)
+        self.slots, self.idle_s = slots, idle_s
+
+    def ServerReflectionInfo(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            with self.slots.held(refused="close one, or ask again later"):
+                requests = idle_limited(request_iterator, self.idle_s, "reflection")
+                yield from super().ServerReflectionInfo(requests, context)
+        except PictorError as e:  # a streaming reply: the error interceptor lets it pass
+            context.abort(status_for(e), str(e))
 
 
 def create_server(settings: ServerSettings, engine: Engine | None = None) -> tuple[grpc.Server, int, Engine]:
@@ -71,9 +92,9 @@ def create_server(settings: ServerSettings, engine: Engine | None = None) -> tup
             server.start()  # an unstarted server keeps its port until the process exits
             server.stop(None)
             raise
+    stream_slots = StreamSlots(settings.workers // 2)  # shared by Upsert and reflection streams
     pictor_pb2_grpc.add_PictorServicer_to_server(
-        PictorService(engine, max_upsert_streams=settings.workers // 2,
-                      upsert_idle_s=settings.upsert_idle_timeout), server
+        PictorService(engine, stream_slots, upsert_idle_s=settings.upsert_idle_timeout), server
     )
 
     health_servicer = CheckOnlyHealthServicer()
@@ -81,8 +102,11 @@ def create_server(settings: ServerSettings, engine: Engine | None = None) -> tup
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        BoundedReflectionServicer(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            stream_slots, idle_s=settings.upsert_idle_timeout,
+        ),
         server,
     )
     return server, port, engine

@@ -36,10 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--port", type=int, help="port to bind (default 50051; 0 picks a free one)")
     p.add_argument("--workers", type=int,
                    help="handler threads (default 8, at least 2); at most half of them take Upsert "
-                        "streams, so other calls find a free one while clients stream")
+                        "or reflection streams, so other calls find a free one while clients stream")
     p.add_argument("--upsert-idle-timeout", type=float, metavar="SECONDS",
-                   help="end an Upsert stream that sends nothing for this long (default 60), so "
-                        "a quiet client cannot hold a stream slot for good")
+                   help="end an Upsert or reflection stream that sends nothing for this long "
+                        "(default 60), so a quiet client cannot hold a stream slot for good")
     p.add_argument("--max-pixels", type=int, metavar="N",
                    help="largest image decoded, in pixels (default 40000000; a JPEG counts at the "
                         "reduced size it is decoded at, 1/8 for a big photo; PNG, WebP and others in full)")

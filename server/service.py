@@ -6,12 +6,13 @@ interceptor (errors.py) turns them into status codes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import queue
 import threading
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import grpc
 
@@ -70,15 +71,43 @@ def check_active(context: grpc.ServicerContext, before: str) -> None:
 
 
 _STREAM_END = object()  # the client closed its side of the stream
+T = TypeVar("T")
 
 
-def stream_items(requests: Iterator[pb.UpsertRequest], idle_s: float) -> Iterator[pb.Item]:
-    """The items of an Upsert stream, waiting at most ``idle_s`` for each.
+class StreamSlots:
+    """The handler threads that open client streams (Upsert, reflection) may hold at once.
+
+    A stream holds its thread for as long as its client sends, so they are capped at half
+    the server's --workers: unary calls (Search, health Check) always find one.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._free = threading.BoundedSemaphore(limit)
+
+    @contextlib.contextmanager
+    def held(self, refused: str) -> Iterator[None]:
+        """One slot for the block; ``ResourceExhaustedError`` (saying ``refused``) when none is free."""
+        if not self._free.acquire(blocking=False):
+            n = self.limit
+            raise ResourceExhaustedError(
+                f"{n} stream{'s are' if n != 1 else ' is'} open already (Upsert or reflection; this "
+                f"server's limit: half its --workers); {refused}, send again when one has ended"
+            )
+        try:
+            yield
+        finally:
+            self._free.release()
+
+
+def idle_limited(requests: Iterator[T], idle_s: float, stream: str) -> Iterator[T]:
+    """The messages of a client stream (``stream`` names it in errors), waiting at most
+    ``idle_s`` for each.
 
     gRPC's request iterator blocks until the client sends, closes or cancels: a client that
-    opens a stream without a deadline and goes quiet would hold an upsert slot and a handler
+    opens a stream without a deadline and goes quiet would hold a stream slot and a handler
     thread forever. So a reader thread takes the messages and this generator waits on it with
-    a timeout. The time spent writing a chunk does not count: the reader reads ahead (a few
+    a timeout. The time spent on a message does not count: the reader reads ahead (a few
     messages, which bounds the memory), and the clock runs only while this side waits.
     """
     ahead: queue.Queue[object] = queue.Queue(maxsize=4)
@@ -96,33 +125,33 @@ def stream_items(requests: Iterator[pb.UpsertRequest], idle_s: float) -> Iterato
     def read() -> None:
         try:
             for request in requests:
-                if not put(request.item):
+                if not put(request):
                     return
             put(_STREAM_END)
         except Exception as e:  # gRPC's cancel (RpcError) or a malformed message: the handler raises it
             put(e)
 
-    threading.Thread(target=read, name="pictor-upsert-reader", daemon=True).start()
+    threading.Thread(target=read, name=f"pictor-{stream}-reader", daemon=True).start()
     try:
         while True:
             try:
                 entry = ahead.get(timeout=idle_s)
             except queue.Empty:
                 raise DeadlineExceededError(
-                    f"the upsert stream sent nothing for {idle_s:g} s and was ended: send each item "
-                    "within that time of the last and close the stream after the last one (the "
-                    "server's --upsert-idle-timeout sets the time)"
+                    f"the {stream} stream sent nothing for {idle_s:g} s and was ended: send each "
+                    "message within that time of the last and close the stream after the last one "
+                    "(the server's --upsert-idle-timeout sets the time)"
                 ) from None
             if entry is _STREAM_END:
                 return
             if isinstance(entry, grpc.RpcError):  # cancelled: by the client, its deadline, or the server stopping
                 raise DeadlineExceededError(
-                    "the upsert stream was cancelled before its last item (by the client, its "
+                    f"the {stream} stream was cancelled before its last message (by the client, its "
                     "deadline, or the server shutting down)"
                 ) from entry
             if isinstance(entry, Exception):
                 raise entry
-            yield cast(pb.Item, entry)
+            yield cast(T, entry)
     finally:
         finished.set()  # the reader ends once gRPC ends the call (next() then raises)
 
@@ -132,13 +161,10 @@ def _items(n: int) -> str:
 
 
 class PictorService(pb_grpc.PictorServicer):
-    def __init__(self, engine: Engine, max_upsert_streams: int, upsert_idle_s: float) -> None:
+    def __init__(self, engine: Engine, stream_slots: StreamSlots, upsert_idle_s: float) -> None:
         self.engine = engine
         self.upsert_idle_s = upsert_idle_s
-        # An open Upsert stream holds a handler thread for as long as its client sends: capped
-        # below the thread count, so searches and health checks always find one.
-        self.max_upsert_streams = max_upsert_streams
-        self._upsert_slots = threading.BoundedSemaphore(max_upsert_streams)
+        self.stream_slots = stream_slots
 
     def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
         if not 0 <= request.classifier < len(CLASSIFIERS):
@@ -178,21 +204,14 @@ class PictorService(pb_grpc.PictorServicer):
         )
 
     def Upsert(self, request_iterator: Iterator[pb.UpsertRequest], context: grpc.ServicerContext) -> pb.UpsertResponse:
-        if not self._upsert_slots.acquire(blocking=False):
-            n = self.max_upsert_streams
-            raise ResourceExhaustedError(
-                f"{n} upsert stream{'s are' if n != 1 else ' is'} open already (this server's limit: "
-                "half its --workers); nothing was written, send again when one has ended"
-            )
-        try:
+        with self.stream_slots.held(refused="nothing was written"):
             return self._upsert(request_iterator, context)
-        finally:
-            self._upsert_slots.release()
 
     def _upsert(self, request_iterator: Iterator[pb.UpsertRequest], context: grpc.ServicerContext) -> pb.UpsertResponse:
         inserted = replaced = 0
         try:
-            for n, chunk in enumerate(batched(stream_items(request_iterator, self.upsert_idle_s), UPSERT_CHUNK)):
+            items = (r.item for r in idle_limited(request_iterator, self.upsert_idle_s, "upsert"))
+            for n, chunk in enumerate(batched(items, UPSERT_CHUNK)):
                 result = self._upsert_chunk(chunk, context, first=n * UPSERT_CHUNK)
                 inserted, replaced = inserted + result.inserted, replaced + result.replaced
         except PictorError as e:  # a bad item, or the stream ended early: say what is written

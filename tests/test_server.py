@@ -435,7 +435,7 @@ def test_calls_are_bounded_and_work_for_a_caller_gone_is_not_written(built_index
         with PictorClient(server.target, timeout=5) as client, ThreadPoolExecutor(1) as pool:
             slow = pool.submit(client.upsert, slow_items())
             time.sleep(0.5)  # the stream is open
-            with pytest.raises(ResourceExhaustedError, match="1 upsert stream is open already"):
+            with pytest.raises(ResourceExhaustedError, match=r"1 stream is open already \(Upsert or reflection"):
                 client.upsert([UpsertItem(key="slow/1", vector=[1.0] * 1280)])
             assert client.health() == "SERVING" and client.info().index_size == 12
             release.set()
@@ -517,7 +517,7 @@ def test_a_quiet_upsert_stream_is_ended_and_frees_its_slot(built_index: Path) ->
         with PictorClient(server.target, timeout=20) as client:
             with pytest.raises(DeadlineExceededError) as ended:
                 client.upsert(quiet())
-            assert re.fullmatch(r"the upsert stream sent nothing for 1 s and was ended: send each item within that "
+            assert re.fullmatch(r"the upsert stream sent nothing for 1 s and was ended: send each message within that "
                                 r"time .*; nothing of this stream was written \(DEADLINE_EXCEEDED\)", str(ended.value))
             release.set()
             assert client.upsert(steady()) == (5, 0)  # the slot is free again
@@ -528,6 +528,29 @@ def test_a_quiet_upsert_stream_is_ended_and_frees_its_slot(built_index: Path) ->
                 client.upsert(keyed)
             with pytest.raises(InvalidRequestError, match="item 'hollow': vector has 0 values"):
                 client.upsert([UpsertItem(key="hollow", vector=[])])  # a vector, empty: not "neither"
+            # A reflection stream (grpcurl opens one per use) takes the same slot, and ends when
+            # quiet: eight idle ones held every handler thread of a default server.
+            from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+            quiet_tool = threading.Event()
+
+            def ask_then_wait() -> Iterator[reflection_pb2.ServerReflectionRequest]:
+                yield reflection_pb2.ServerReflectionRequest(list_services="")
+                quiet_tool.wait(30)
+
+            with grpc.insecure_channel(server.target) as channel:
+                replies = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(ask_then_wait())
+                names = {s.name for s in next(replies).list_services_response.service}
+                assert "pictor.v1.Pictor" in names
+                with pytest.raises(ResourceExhaustedError, match=r"1 stream is open already \(Upsert or reflection"):
+                    client.upsert([UpsertItem(key="refused", vector=[1.0] * 1280)])
+                assert client.health() == "SERVING" and client.info().index_size == 12 + 5 + 64
+                with pytest.raises(grpc.RpcError) as tool_ended:
+                    next(replies)
+                assert tool_ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+                assert "the reflection stream sent nothing for 1 s" in tool_ended.value.details()  # type: ignore[attr-defined]
+                quiet_tool.set()
+            assert client.upsert([UpsertItem(key="after", vector=[1.0] * 1280)]) == (1, 0)  # the slot is free
     finally:
         release.set()
         server.stop()
