@@ -10,6 +10,7 @@ import csv
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from pictor.errors import InvalidRequestError, NotFoundError
 log = logging.getLogger(__name__)
 
 MAX_KEY_LEN = 4096  # characters of an item key (the store refuses longer ones)
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 MANIFEST_SUFFIXES = frozenset({".csv", ".jsonl", ".ndjson"})
 
 
@@ -87,6 +88,7 @@ def _walk_images(root: Path, unlisted: list[tuple[Path, str]]) -> Iterator[Path]
         log.warning("cannot list %s (%s): its images are left out", folder, why)
         unlisted.append((folder, why))
 
+    passed_over: Counter[str] = Counter()  # files not listed, by suffix
     for dirpath, dirnames, filenames in os.walk(root, onerror=cannot_list, followlinks=True):
         folder = _folder_id(dirpath)
         where = os.path.normpath(os.path.join(real_root, os.path.relpath(dirpath, root)))
@@ -101,6 +103,13 @@ def _walk_images(root: Path, unlisted: list[tuple[Path, str]]) -> Iterator[Path]
         for name in sorted(filenames):
             if is_image_file(name):
                 yield Path(dirpath) / name
+            elif not name.startswith("."):
+                passed_over[Path(name).suffix.lower() or "(no suffix)"] += 1
+    if passed_over:  # a folder of .HEIC photos would otherwise vanish without a word
+        log.warning("left out %d file%s not named as images (%s); listed are %s", passed_over.total(),
+                    "" if passed_over.total() == 1 else "s",
+                    ", ".join(f"{n} {suffix}" for suffix, n in passed_over.most_common()),
+                    image_suffixes_text())
 
 
 def _hide(dirnames: list[str]) -> None:

@@ -105,8 +105,19 @@ def config(tmp_path: Path, **kw: object) -> TrainConfig:
 # --------------------------------------------------------------------------- data
 
 
-def test_folder_tree_manifests_and_split(tmp_path: Path) -> None:
+def test_folder_tree_manifests_and_split(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     tree = make_tree(tmp_path / "tree", per_class=5)
+    # Folders meant as classes whose files are not listed are said, not dropped in silence.
+    (tree / "phone").mkdir()
+    (tree / "phone" / "IMG_1.HEIC").write_bytes(b"heic")
+    (tree / "phone" / "IMG_2.heic").write_bytes(b"heic")
+    (tree / "empty").mkdir()
+    (tree / "disc" / "x.jpe").write_bytes(sorted((tree / "disc").iterdir())[0].read_bytes())
+    samples = data_mod.load_samples(tree)
+    assert "left out 2 files not named as images (2 .heic)" in caplog.text
+    assert "with no images, so not classes: empty, phone" in caplog.text
+    assert [s.path.name for s in samples if s.path.suffix == ".jpe"] == ["x.jpe"]  # JPEG's other suffix
+    (tree / "disc" / "x.jpe").unlink()
     samples = data_mod.load_samples(tree)
     assert len(samples) == 15 and data_mod.class_names(samples) == list(CLASSES)
     rows = [(str(s.path.relative_to(tmp_path)), s.label) for s in samples]

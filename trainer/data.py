@@ -48,8 +48,19 @@ def load_samples(data: str | Path) -> list[Sample]:
         log.warning("%d image(s) directly in %s are not in a class folder and are left out", loose, data)
     if not samples:
         raise InvalidRequestError(f"data {data} holds no labelled images (looked for {image_suffixes_text()})")
+    if empty := _classless_folders(Path(data), {s.label for s in samples}):
+        log.warning("folders in %s with no images, so not classes: %s", data, ", ".join(empty))
     _refuse_repeats(samples)
     return sorted(samples, key=lambda s: (s.label, str(s.path)))
+
+
+def _classless_folders(data: Path, classes: set[str]) -> list[str]:
+    """The class folders of a data folder in which no image was listed (empty, or holding
+    files of other types): the user meant them as classes, and training would leave them out."""
+    if not data.is_dir():
+        return []
+    return sorted(p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and p.name not in classes)
 
 
 def _refuse_repeats(samples: Sequence[Sample]) -> None:
