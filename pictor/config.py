@@ -169,8 +169,8 @@ def build_settings(
 ) -> S:
     """Build ``cls`` from defaults < TOML file < ``PICTOR_*`` env < flags (``None`` = unset).
 
-    A nested settings field (``IndexerSettings.model``) reads the same flags and env names,
-    and a file table of its own name (``[model]``) when the file has one.
+    A nested settings field (``IndexerSettings.model``) reads the same flags, env and file
+    names: the file is flat, so one name means one thing for every command.
     """
     env = os.environ if env is None else env
     if file_values is None:
@@ -182,18 +182,10 @@ def build_settings(
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         typ = hints[f.name]
         if dataclasses.is_dataclass(typ):
-            table = file_values.get(f.name)
-            values[f.name] = build_settings(
-                typ,  # type: ignore[arg-type]
-                flags,
-                env=env,
-                file_values=table if isinstance(table, dict) else file_values,
-            )
+            values[f.name] = build_settings(typ, flags, env=env, file_values=file_values)  # type: ignore[arg-type]
             continue
         name = _setting_name(f)
         value, source = file_values.get(name, dataclasses.MISSING), name
-        if isinstance(value, dict):  # a table is for a nested settings field of that name
-            value = dataclasses.MISSING
         if f"PICTOR_{name.upper()}" in env:
             value, source = env[f"PICTOR_{name.upper()}"], f"PICTOR_{name.upper()}"
         if flags.get(f.name) is not None:
@@ -212,9 +204,8 @@ def build_settings(
 def model_settings(flags: Mapping[str, Any], config_file: str | None = None) -> ModelSettings:
     """The model settings as ``pictor index`` reads them, for commands with no settings class
     of their own (``train``, ``eval``): one file or environment sets the backbone for all."""
-    values = _read_config_file(config_file or os.environ.get("PICTOR_CONFIG"))
-    table = values.get("model")
-    return build_settings(ModelSettings, flags, file_values=table if isinstance(table, dict) else values)
+    return build_settings(ModelSettings, flags,
+                          file_values=_read_config_file(config_file or os.environ.get("PICTOR_CONFIG")))
 
 
 # PICTOR_* variables read outside the settings classes (by the functions below).
@@ -262,10 +253,16 @@ def _read_config_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
     if not path:
         return {}
     p = Path(path)
-    if not p.is_file():
-        raise InvalidRequestError(f"config file {p} does not exist")
     try:
-        values = tomllib.loads(p.read_text())
+        values = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidRequestError(f"config file {p} does not exist") from None
+    except IsADirectoryError:
+        raise InvalidRequestError(f"config file {p} is a directory, not a file") from None
+    except OSError as e:
+        raise InvalidRequestError(f"config file {p} cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8
+        raise InvalidRequestError(f"config file {p} is not UTF-8 text (byte {e.start}), as TOML must be") from None
     except tomllib.TOMLDecodeError as e:
         raise InvalidRequestError(f"config file {p} is not valid TOML: {e}") from e
     _check_names(values, p)
@@ -273,31 +270,17 @@ def _read_config_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
 
 
 def _check_names(values: Mapping[str, Any], path: Path) -> None:
-    """Refuse names no command reads (a typo such as ``prot = 6000`` would be ignored).
+    """Refuse names no command reads (a typo such as ``prot = 6000`` would be ignored), and
+    tables: the file is flat.
 
     One file may serve every command, so a name is known when any settings class has it.
     """
-    scalars: set[str] = set()
-    tables: dict[str, set[str]] = {}
-    for cls in (ServerSettings, IndexerSettings):
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(f.default_factory):
-                tables[f.name] = {g.name for g in dataclasses.fields(f.default_factory)}
-                scalars |= tables[f.name]  # nested settings read top-level names too
-            else:
-                scalars.add(_setting_name(f))
+    known = {_setting_name(f) for cls in (ServerSettings, IndexerSettings, ModelSettings)
+             for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(f.default_factory)}
     for name, value in values.items():
-        if not isinstance(value, dict):
-            _refuse_unknown(path, name, scalars)
-        elif name not in tables:
-            raise InvalidRequestError(f"config file {path}: unknown table [{name}]; valid: {sorted(tables)}")
-        else:
-            for key in value:
-                _refuse_unknown(path, key, tables[name], f"[{name}] ")
-
-
-def _refuse_unknown(path: Path, name: str, known: set[str], where: str = "") -> None:
-    if name not in known:
-        raise InvalidRequestError(
-            f"config file {path}: unknown setting {where}{name!r}; valid names: {', '.join(sorted(known))}"
-        )
+        if isinstance(value, dict):
+            raise InvalidRequestError(f"config file {path}: a table [{name}], but the file is flat: write "
+                                      "each setting at the top, before any [table]")
+        if name not in known:
+            raise InvalidRequestError(
+                f"config file {path}: unknown setting {name!r}; valid names: {', '.join(sorted(known))}")

@@ -30,13 +30,15 @@ def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
     assert s.host == "0.0.0.0"  # file
 
 
-def test_nested_settings_read_flags_and_their_own_table(tmp_path: Path) -> None:
+def test_nested_settings_read_the_same_flags_and_file_names(tmp_path: Path) -> None:
     cfg = tmp_path / "pictor.toml"
-    cfg.write_text('out = "idx"\n[model]\nbackbone = "resnet50"\nbatch_size = 8\n')
+    cfg.write_text('out = "idx"\nbackbone = "resnet50"\nbatch_size = 8\nmax_pixels = 5000\n')
     s = build_settings(IndexerSettings, {"batch_size": 16}, env={}, config_file=cfg)
     assert s.out == "idx"
     assert s.model.backbone == "resnet50"
     assert s.model.batch_size == 16
+    # One name, one meaning: serve reads the same max_pixels as index.
+    assert s.model.max_pixels == build_settings(ServerSettings, {}, env={}, config_file=cfg).max_pixels == 5000
 
 
 def test_bad_values_and_files_are_clear_errors(tmp_path: Path) -> None:
@@ -86,22 +88,31 @@ def test_one_file_names_the_model_for_index_and_serve(tmp_path: Path) -> None:
 
 def test_file_names_and_types_are_checked(tmp_path: Path) -> None:
     cfg = tmp_path / "pictor.toml"
-    # One file for every command: an indexer name and a [model] table do not upset `serve`.
-    cfg.write_text('port = 7000\ngallery = "photos"\n[model]\nbackbone = "resnet50"\n')
+    # One file for every command: an indexer name does not upset `serve`.
+    cfg.write_text('port = 7000\ngallery = "photos"\nbackbone = "resnet50"\n')
     s = build_settings(ServerSettings, {}, env={}, config_file=cfg)
-    assert (s.port, s.model) == (7000, "")  # the [model] table is not the model file
+    assert (s.port, s.model) == (7000, "")
     assert build_settings(IndexerSettings, {}, env={}, config_file=cfg).model.backbone == "resnet50"
-    for text, message in [
+    cases: list[tuple[str | bytes, str]] = [
         ("prot = 7000\n", "unknown setting 'prot'; valid names: .*port"),
-        ("[model]\nbackbon = 'resnet50'\n", r"unknown setting \[model\] 'backbon'"),
-        ("[server]\nport = 1\n", r"unknown table \[server\]"),
+        # A table once set the indexer's model settings and was ignored by serve, and its name
+        # clashed with the model file's: the file is flat now.
+        ("[model]\nbackbone = 'resnet50'\n", r"a table \[model\], but the file is flat"),
+        ("[server]\nport = 1\n", r"a table \[server\], but the file is flat"),
+        (b"# caf\xe9\nport = 1\n", r"is not UTF-8 text \(byte 5\), as TOML must be"),
         ("port = 1.5\n", "port=1.5 is not a valid int"),
         ("workers = true\n", "workers=True is not a valid int"),
         ("compile = 1\n", "compile=1 is not a valid bool"),
-    ]:
-        cfg.write_text(text)
+    ]
+    for text, message in cases:
+        if isinstance(text, bytes):
+            cfg.write_bytes(text)
+        else:
+            cfg.write_text(text)
         with pytest.raises(InvalidRequestError, match=message):
             build_settings(ServerSettings, {}, env={}, config_file=cfg)
+    with pytest.raises(InvalidRequestError, match="is a directory, not a file"):
+        build_settings(ServerSettings, {}, env={}, config_file=tmp_path)
 
 
 def test_unknown_environment_names_are_found() -> None:
@@ -127,7 +138,7 @@ def test_client_commands_read_the_message_limit_the_server_reads(monkeypatch) ->
 def test_a_value_out_of_range_names_where_it_was_set(tmp_path: Path) -> None:
     # The message names the flag, variable or file line to change, not only the setting.
     cfg = tmp_path / "pictor.toml"
-    cfg.write_text("workers = 1\n[model]\nbatch_size = 0\n")
+    cfg.write_text("workers = 1\nbatch_size = 0\n")
     for flags, env, source in [
         ({"workers": 1}, {}, "--workers"),
         ({}, {"PICTOR_WORKERS": "1"}, "PICTOR_WORKERS"),

@@ -529,7 +529,7 @@ def test_train_reads_the_model_settings_index_reads(shapes: Path, tmp_path: Path
     rc = main(["train", str(shapes), "--out", str(tmp_path / "m.pt"), "--no-progress", "--pooling", "max",
                "--min-per-class", "3", "--cache-dir", str(tmp_path / "cache")])
     assert rc == 0 and load_model(tmp_path / "m.pt").spec.pooling == "max"  # also as a flag
-    (tmp_path / "c.toml").write_text('[model]\nbatch_size = 0\n')
+    (tmp_path / "c.toml").write_text('batch_size = 0\n')
     rc = main(["eval", str(tmp_path / "m.pt"), str(shapes), "--config", str(tmp_path / "c.toml")])
     assert rc == 2 and "batch_size must be at least 1, got 0" in capsys.readouterr().err
 
