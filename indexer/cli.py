@@ -244,11 +244,11 @@ def _embedder(settings: IndexerSettings, store: IndexStore | None, spec: ModelSp
     """The run's model: --model's, else an existing index's own, else the settings'."""
     m = settings.model
     if store is not None and spec is not None and not settings.model_file:
-        if m.backbone not in (DEFAULT_BACKBONE, spec.backbone) or m.pooling not in ("avg", spec.pooling):
+        if wrong := m.disagreement(spec.backbone, spec.pooling):
             raise IncompatibleModelError(
-                f"index {out} holds embeddings of {spec.describe()}; this run asks for backbone "
-                f"{m.backbone} with {m.pooling} pooling. Leave those settings out to add to the index "
-                "with its own model, or build a new index with another --out")
+                f"index {out} holds embeddings of {spec.describe()}; this run asks for {wrong}. "
+                "Leave those settings out to add to the index with its own model, or build a new "
+                "index with another --out")
         from pictor.core.embedder import embedder_for_index
 
         return embedder_for_index(spec, out, weights=m.weights, device=m.device, precision=m.precision,
@@ -257,15 +257,15 @@ def _embedder(settings: IndexerSettings, store: IndexStore | None, spec: ModelSp
         from pictor.core.head import load_model
 
         model = load_model(settings.model_file)
-        if m.backbone not in (DEFAULT_BACKBONE, model.spec.backbone):
+        if wrong := m.disagreement(model.spec.backbone, model.spec.pooling):
             raise InvalidRequestError(
-                f"--backbone {m.backbone} disagrees with the model file {settings.model_file} "
-                f"({model.spec.backbone}), whose backbone embeds; drop one of them")
+                f"{wrong} disagree{'s' if ' and ' not in wrong else ''} with the model file "
+                f"{settings.model_file} ({model.spec.describe()}), whose backbone embeds; drop one of them")
         return model.create_embedder(device=m.device, precision=m.precision, compile=m.compile,
                                      weights=m.weights or None)
     from pictor.core.embedder import create_embedder
 
     return create_embedder(
-        m.backbone, weights=m.weights or None, device=m.device, precision=m.precision,
-        pooling=m.pooling, compile=m.compile,
+        m.backbone or DEFAULT_BACKBONE, weights=m.weights or None, device=m.device, precision=m.precision,
+        pooling=m.pooling or "avg", compile=m.compile,
     )

@@ -47,17 +47,26 @@ def cache_root(cache_dir: str | os.PathLike[str]) -> Path | None:
 class ModelSettings:
     """Which network embeds images, and how it runs."""
 
-    backbone: str = DEFAULT_BACKBONE
+    # "" = not set: an index's or a model file's own, else the default (efficientnet_lite0, avg).
+    # A value set, even the default's, must agree with an index or model file.
+    backbone: str = ""
     weights: str = ""  # "" = the backbone's default weights; or a tag, a checkpoint path, "random"
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
     precision: str = "auto"  # "auto", "fp32", "bf16", "fp16"
     compile: bool = False  # torch.compile the backbone: a slow first batch, faster after
-    pooling: str = "avg"
+    pooling: str = ""
     batch_size: int = 32
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         _check_positive(self, "batch_size", "max_pixels")
+
+    def disagreement(self, backbone: str, pooling: str) -> str:
+        """The backbone and pooling set here that differ from an index's or a model file's
+        (``"backbone resnet50 and pooling max"``), or "" when they agree or are not set."""
+        return " and ".join(f"{name} {mine}" for name, mine, theirs in
+                            (("backbone", self.backbone, backbone), ("pooling", self.pooling, pooling))
+                            if mine and mine != theirs)
 
 
 @dataclass(frozen=True)

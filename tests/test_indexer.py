@@ -173,6 +173,10 @@ def test_an_existing_index_is_extended_with_its_own_model(gallery: Path, tmp_pat
         assert (store.spec.backbone, store.spec.pooling) == ("resnet18", "gem")
     r = pictor("index", str(gallery), "--out", str(out), "--backbone", "resnet50", check=False)
     assert r.returncode == 2 and "resnet18" in r.stderr  # another backbone asked for: refused
+    # The defaults asked for by name are asked for too (they were taken as "not set").
+    r = pictor("index", str(gallery), "--out", str(out), "--pooling", "avg", "--backbone", "efficientnet_lite0",
+               check=False)
+    assert r.returncode == 2 and "this run asks for backbone efficientnet_lite0 and pooling avg" in r.stderr
 
 
 def test_index_errors_are_clear(tmp_path: Path) -> None:

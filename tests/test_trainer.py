@@ -322,7 +322,8 @@ def test_far_threshold_holds_its_share_from_few_validation_images() -> None:
 
 
 def test_finetune_one_epoch_round_trip_and_refusals(shapes: Path, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
     from timm.data import Mixup
 
     mixed: list[int] = []
@@ -363,6 +364,8 @@ def test_finetune_one_epoch_round_trip_and_refusals(shapes: Path, tmp_path: Path
         model.check_index(plain_spec)
     # An index built with it is served with it, which Info says; without it, refused, naming it.
     index = tmp_path / "ft-index"
+    assert main(["index", str(shapes), "--out", str(index), "--model", str(out), "--pooling", "max"]) == 2
+    assert "pooling max disagrees with the model file" in capsys.readouterr().err
     assert main(["index", str(shapes), "--out", str(index), "--model", str(out), "--no-progress"]) == 0
     engine = Engine.load(ServerSettings(index=str(index), model=str(out), device="cpu"))
     try:
@@ -532,6 +535,10 @@ def test_train_reads_the_model_settings_index_reads(shapes: Path, tmp_path: Path
     (tmp_path / "c.toml").write_text('batch_size = 0\n')
     rc = main(["eval", str(tmp_path / "m.pt"), str(shapes), "--config", str(tmp_path / "c.toml")])
     assert rc == 2 and "batch_size must be at least 1, got 0" in capsys.readouterr().err
+    # eval embeds with the model's own backbone and pooling: another one set is a mistake to say.
+    monkeypatch.setenv("PICTOR_POOLING", "gem")
+    rc = main(["eval", str(tmp_path / "m.pt"), str(shapes)])
+    assert rc == 2 and "pooling gem set, but the model file" in capsys.readouterr().err
 
 
 def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

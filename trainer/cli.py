@@ -160,8 +160,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"--weight-decays: {e}") from e
     m = model_settings(vars(args), args.config)  # backbone, weights, ... as `pictor index` reads them
     config = TrainConfig(
-        mode=args.mode, backbone=m.backbone, weights=m.weights, device=m.device,
-        precision=m.precision, pooling=m.pooling, val_fraction=args.val_fraction, seed=args.seed,
+        mode=args.mode, backbone=m.backbone or TrainConfig.backbone, weights=m.weights, device=m.device,
+        precision=m.precision, pooling=m.pooling or TrainConfig.pooling, val_fraction=args.val_fraction, seed=args.seed,
         min_per_class=args.min_per_class, max_per_class=args.max_per_class,
         batch_size=m.batch_size, max_pixels=m.max_pixels, cache_dir=args.cache_dir, progress=_progress(args),
         flip_views=not args.no_flip, epochs=args.epochs, unfreeze=args.unfreeze, lr=args.lr,
@@ -191,7 +191,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from pictor.errors import require_server_extra
+    from pictor.errors import InvalidRequestError, require_server_extra
 
     require_server_extra("pictor eval")
     from pictor.core.files import check_output_file
@@ -201,6 +201,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     m = model_settings(vars(args), args.config)
     model = load_model(args.model)
+    if wrong := m.disagreement(model.spec.backbone, model.spec.pooling):  # the model's own embeds
+        raise InvalidRequestError(f"{wrong} set, but the model file {args.model} embeds with "
+                                  f"{model.spec.describe()}; leave them out")
     for flag, out in (("--png", args.png), ("--out-json", args.out_json)):  # before the work
         if out:
             check_output_file(out, flag)
