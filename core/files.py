@@ -66,6 +66,19 @@ def why_not_tensors(path: Path, error: Exception) -> str:
     return "not a PyTorch file, or a damaged one"
 
 
+def damaged_member(path: Path) -> str | None:
+    """The first part of a zip archive (as PyTorch saves) whose bytes fail their checksum, or
+    None (also for a file that is not a zip): ``torch.load`` does not check them, and loads a
+    flipped byte as a changed weight."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except zipfile.BadZipFile as e:
+        return str(e)
+
+
 def content_hash(data: bytes) -> str:
     """A file's identity by content (sha256, hex): the trainer's embedding cache and the
     index's skipping of unchanged files key on it."""

@@ -32,7 +32,7 @@ import torch
 from numpy.typing import ArrayLike
 from torch import nn
 
-from pictor.core.files import why_not_tensors, write_atomic
+from pictor.core.files import damaged_member, why_not_tensors, write_atomic
 from pictor.core.spec import ModelSpec
 from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
 
@@ -612,10 +612,15 @@ def load_model(path: str | os.PathLike[str]) -> TrainedModel:
     if not p.is_file():
         raise NotFoundError(f"model file {p} does not exist")
     try:
-        d = torch.load(p, map_location="cpu", weights_only=True)
+        damaged = damaged_member(p)
     except OSError as e:
         raise NotFoundError(f"model file {p} cannot be read: {e.strerror or e}") from e
-    except Exception as e:  # a foreign or damaged file can fail the unpickler in any way
+    if damaged:
+        raise IncompatibleModelError(f"model file {p} is damaged ({damaged} fails its checksum): copy it "
+                                     "again, or train again")
+    try:
+        d = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # a foreign or damaged file can fail the unpickler in any way (a cut one: OSError)
         raise IncompatibleModelError(
             f"{p} is not a Pictor model file (make one with `pictor train`): {why_not_tensors(p, e)}") from e
     return TrainedModel.from_dict(d, source=str(p))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -273,6 +274,22 @@ def test_load_model_refuses_missing_foreign_and_damaged_files(tmp_path) -> None:
     junk.write_bytes(b"this is not a checkpoint")
     with pytest.raises(IncompatibleModelError, match="not a Pictor model file .*: not a PyTorch file"):
         load_model(junk)
+    # A real model file with bytes flipped in a tensor: torch.load took it, with a changed weight.
+    good = tmp_path / "good.pt"
+    make_model(open_set=make_open_set()).save(good)
+    data = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as archive:
+        largest = max((m for m in archive.infolist() if "/data/" in m.filename), key=lambda m: m.file_size)
+        tensor_at = data.index(archive.read(largest)) + largest.file_size // 2
+    data[tensor_at : tensor_at + 8] = bytes(b ^ 0xFF for b in data[tensor_at : tensor_at + 8])
+    flipped = tmp_path / "flipped.pt"
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(IncompatibleModelError, match=r"model file .*flipped.pt is damaged \(.* fails its checksum\)"):
+        load_model(flipped)
+    for cut in (100, len(data) // 3, len(data) - 10):  # a cut file: torch raised an OSError at some lengths
+        (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:cut])
+        with pytest.raises(IncompatibleModelError, match="not a Pictor model file .*damaged"):
+            load_model(tmp_path / "cut.pt")
     full = tmp_path / "full.pt"  # a whole pickled network instead of a model file
     torch.save(torch.nn.Linear(2, 2), full)
     with pytest.raises(IncompatibleModelError, match=r"holds a pickled torch.nn.modules.linear.Linear, which is not"):
