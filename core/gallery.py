@@ -10,6 +10,7 @@ import csv
 import json
 import logging
 import os
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,12 @@ class GalleryEntry:
     path: Path
     label: str = ""
     attributes: dict[str, str] = field(default_factory=dict)
+
+
+def canonical_label(label: str) -> str:
+    """A label in Unicode's composed form (NFC): "rosés" typed, and "rosés" in a folder name
+    that macOS wrote decomposed (e + combining accent), look alike and must be one class."""
+    return unicodedata.normalize("NFC", label)
 
 
 def is_image_file(name: str) -> bool:
@@ -66,7 +73,7 @@ def read_gallery(
         raise InvalidRequestError(f"labels must be 'folder' or 'none' for a directory, got {labels!r}")
     for path in _walk_images(src, unlisted if unlisted is not None else []):
         parts = path.relative_to(src).parts
-        label = parts[0] if labels == "folder" and len(parts) > 1 else ""
+        label = canonical_label(parts[0]) if labels == "folder" and len(parts) > 1 else ""
         yield GalleryEntry(key=path.as_posix(), path=path, label=label)
 
 
@@ -242,7 +249,7 @@ def _entries(manifest: Path, rows: Iterator[tuple[int, dict[str, str]]], require
                 "another item (the key is the 'key' field, else the path)"
             )
         first_line[key] = line
-        label = row.pop("label", "")
+        label = canonical_label(row.pop("label", ""))
         if any(not name.strip() for name in row):  # a JSONL field named "" (a CSV header's is refused up front)
             raise InvalidRequestError(f"{where}: a field has an empty name; name it, or leave it out")
         yield GalleryEntry(key=key, path=path, label=label, attributes={k: v for k, v in row.items() if v})

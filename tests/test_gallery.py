@@ -28,6 +28,17 @@ def test_label_is_the_top_level_folder(tmp_path: Path) -> None:
     assert {e.path.name: e.label for e in read_gallery(tmp_path)} == {"a.jpg": "tulips", "loose.png": ""}
 
 
+def test_labels_that_look_alike_are_one_label(tmp_path: Path) -> None:
+    # macOS may write "rosés" decomposed (e + combining accent): the same class as typed.
+    composed, decomposed = "ros\u00e9s", "rose\u0301s"
+    (tmp_path / "tree" / decomposed).mkdir(parents=True)
+    (tmp_path / "tree" / decomposed / "a.jpg").write_bytes(b"")
+    (tmp_path / "b.jpg").write_bytes(b"")
+    (tmp_path / "m.csv").write_text(f"path,label\nb.jpg,{decomposed}\n", encoding="utf-8")
+    assert [e.label for e in read_gallery(tmp_path / "tree")] == [composed]
+    assert [e.label for e in read_gallery(tmp_path / "m.csv")] == [composed]
+
+
 def test_csv_and_jsonl_manifests(tmp_path: Path) -> None:
     (tmp_path / "a.png").write_bytes(b"")
     csv = tmp_path / "m.csv"

@@ -178,6 +178,10 @@ def test_add_and_delete_survive_sigkill(built_index: Path) -> None:
         gone = client.search(key="new/one.png", k=2)[1].key
         assert client.delete([gone, "never/there"]) == (1, ["never/there"])
         assert gone not in [h.key for h in client.search(image=new, k=13)]
+        # Labels that look alike are one: stored composed, found by either form.
+        assert client.upsert([UpsertItem(key="accent", vector=[1.0] * 1280, label="rose\u0301s")]) == (1, 0)
+        assert [h.label for h in client.search(key="accent", k=1, labels=["ros\u00e9s"])] == ["ros\u00e9s"]
+        client.delete(["accent"])
     server.kill()  # SIGKILL: no shutdown hook runs
 
     again = ServerProcess(built_index).start()
