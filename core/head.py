@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import logging
 import math
@@ -34,7 +35,7 @@ from torch import nn
 
 from pictor.core.files import damaged_member, why_not_tensors, write_atomic
 from pictor.core.spec import ModelSpec
-from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
+from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError, ResourceExhaustedError
 
 if TYPE_CHECKING:
     from pictor.core.embedder import Embedder
@@ -550,8 +551,12 @@ class TrainedModel:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the model file atomically (a reader never sees half a file)."""
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(p, lambda f: torch.save(self.to_dict(), f))
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(p, lambda f: torch.save(self.to_dict(), f))
+        except OSError as e:  # after minutes of training: a message, not a traceback
+            error = ResourceExhaustedError if e.errno == errno.ENOSPC else InvalidRequestError
+            raise error(f"cannot write the model file {p}: {e.strerror or e}") from e
         log.info("saved model %s (%d classes, %s)", p, len(self.class_names), self.spec.describe())
 
     @classmethod

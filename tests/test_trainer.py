@@ -168,8 +168,10 @@ def test_bad_data_gives_clear_errors(tmp_path: Path, embedder: CountingEmbedder)
         f.unlink()
     before = embedder.images_embedded
     with pytest.raises(InvalidRequestError,
-                       match=r"training split, after --val-fraction 0.25.*fewer than 3 listed images: square \(2\)"):
+                       match=r"training images after --val-fraction 0.25 .*fewer than 3 listed images: square \(2\)"):
         train(config(tmp_path), tree, embedder=embedder)
+    with pytest.raises(InvalidRequestError, match=r"after --max-per-class 2 and --val-fraction 0.25 .*: \w+ \(1\)"):
+        train(config(tmp_path, max_per_class=2), tree, embedder=embedder)
     assert embedder.images_embedded == before
     tree = make_tree(tmp_path / "tree2", per_class=4)
     for i in (0, 1):  # listed, not usable
@@ -553,6 +555,9 @@ def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     err = capsys.readouterr().err
     assert rc == 2 and "holds a pickled torch.nn.modules.linear.Linear, which is not loaded" in err
     assert "weights_only" not in err and "\x1b" not in err  # torch's advice and colours stay out
+    if Path("/proc/self").is_dir():  # where even root cannot make a file: refused before training
+        rc = main(["train", str(tmp_path), "--out", "/proc/pictor-model.pt"])
+        assert rc == 2 and "--out /proc/pictor-model.pt: cannot write in /proc" in capsys.readouterr().err
 
 
 def test_eval_reports_unknown_answers_for_other_classes(

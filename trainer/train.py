@@ -73,11 +73,13 @@ def make_splits(config: TrainConfig, data: str | Path, val_data: str | Path | No
     """Training and validation samples: a stratified, seeded split unless ``val_data`` is given."""
     samples = data_mod.cap_per_class(data_mod.load_samples(data), config.max_per_class,
                                      config.seed)
+    how = [f"--max-per-class {config.max_per_class}"] if config.max_per_class else []
     if val_data is not None:
-        train, val, what = samples, data_mod.load_samples(val_data), str(data)
+        train, val = samples, data_mod.load_samples(val_data)
     else:
         train, val = data_mod.stratified_split(samples, config.val_fraction, config.seed)
-        what = f"{data} (training split, after --val-fraction {config.val_fraction:g} for validation)"
+        how.append(f"--val-fraction {config.val_fraction:g} for validation")
+    what = f"{data} (training images after {' and '.join(how)})" if how else str(data)
     # Before any image is embedded; unreadable images are counted again after.
     data_mod.check_class_sizes(train, config.min_per_class, what=what, kind="listed")
     return Splits(train, val)
