@@ -99,6 +99,9 @@ def _check_counts(low: int, high: int = _UINT32_MAX, **counts: int) -> None:
             raise InvalidRequestError(f"{name} must be between {low} and {high}, got {value}")
 
 
+_GRPC_SCHEMES = ("dns", "unix", "unix-abstract", "vsock", "ipv4", "ipv6")  # scheme:... targets
+
+
 def _with_port(target: str) -> str:
     """``target`` with Pictor's default port when a plain host has none (gRPC would use 443);
     a port that cannot exist is refused (gRPC would try another one)."""
@@ -107,6 +110,9 @@ def _with_port(target: str) -> str:
     if re.match(r"(?i)https?://", target):
         raise InvalidRequestError(f"target {target}: give host:port without http:// (gRPC is not a web URL)")
     match = re.fullmatch(r"([^:/\[\]]+|\[[0-9a-fA-F:.]+\])(?::(\d*))?", target)
+    named = re.fullmatch(r"([^:/\[\]]+):([^:/]*)", target)
+    if match is None and named and named[1].lower() not in _GRPC_SCHEMES:  # localhost:abc
+        raise InvalidRequestError(f"target {target}: port must be a number between 1 and 65535")
     if match is None:  # a scheme ("unix:", "dns:///") or a bare IPv6 address: gRPC's syntax
         return target
     if match[2] is None:

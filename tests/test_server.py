@@ -402,6 +402,10 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
     assert targets == ["localhost:50051", "[::1]:50051", "10.0.0.2:7000", "unix:/tmp/s"]
     with pytest.raises(InvalidRequestError, match="localhost:: port must be between 1 and 65535"):
         PictorClient("localhost:")
+    with pytest.raises(InvalidRequestError, match="localhost:abc: port must be a number"):  # was "unreachable"
+        PictorClient("localhost:abc")
+    for scheme_target in ("unix-abstract:pictor", "ipv4:127.0.0.1:7000"):  # gRPC's own, left as they are
+        assert PictorClient(scheme_target).target == scheme_target
     client = PictorClient("localhost:1")
     with pytest.raises(InvalidRequestError, match="an image must be the file's bytes, got str"):
         client.classify("photo.jpg")  # type: ignore[arg-type]
