@@ -405,7 +405,8 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
     with pytest.raises(InvalidRequestError, match="localhost:abc: port must be a number"):  # was "unreachable"
         PictorClient("localhost:abc")
     for scheme_target in ("unix-abstract:pictor", "ipv4:127.0.0.1:7000"):  # gRPC's own, left as they are
-        assert PictorClient(scheme_target).target == scheme_target
+        with PictorClient(scheme_target) as client:
+            assert client.target == scheme_target
     client = PictorClient("localhost:1")
     with pytest.raises(InvalidRequestError, match="an image must be the file's bytes, got str"):
         client.classify("photo.jpg")  # type: ignore[arg-type]
