@@ -94,7 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="global pooling of the feature map (default avg; an index keeps its own, "
                    "and serve follows it)")
     p.add_argument("--precision", help="auto (default), fp32, bf16, fp16")
-    p.add_argument("--compile", action="store_true", default=None,
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the backbone: slower first batch, faster after (big galleries)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--strict", action="store_true", help="exit 1 when any file was skipped")

@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "too: PICTOR_MAX_MESSAGE_MB for the client commands")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--precision", help="auto (default), fp32, bf16, fp16")
-    p.add_argument("--compile", action="store_true", default=None,
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the backbone: the first requests compile it (a minute or more), later ones run faster")
     p.add_argument("--config", help="TOML file with settings (flags and PICTOR_* env override it)")
     p.set_defaults(run=run)

@@ -28,6 +28,12 @@ def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
     assert s.port == 7002  # flag
     assert s.workers == 5  # env, coerced to int
     assert s.host == "0.0.0.0"  # file
+    # A switch set on in the environment or file can be set off by its flag.
+    from pictor.cli import build_parser
+
+    for command in ("serve", "index"):
+        flags = vars(build_parser().parse_args([command, "--no-compile"]))
+        assert build_settings(ServerSettings, flags, env={"PICTOR_COMPILE": "1"}).compile is False
 
 
 def test_nested_settings_read_the_same_flags_and_file_names(tmp_path: Path) -> None:
