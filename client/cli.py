@@ -122,7 +122,7 @@ def _at_least(low: int) -> Callable[[str], int]:
 def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from pictor.client.client import PictorClient
 
-    target = args.target or default_target()
+    target = default_target() if args.target is None else args.target  # an empty --target is refused
     return PictorClient(target, timeout=args.timeout, max_message_mb=client_max_message_mb())
 
 

@@ -51,3 +51,10 @@ def test_an_attribute_given_twice_with_two_values_is_refused(capsys: pytest.Capt
                  "--target", "127.0.0.1:9"])
     assert code == 2
     assert "--attr season is given twice ('spring' and 'summer')" in capsys.readouterr().err
+
+
+def test_an_empty_target_is_refused_not_taken_for_the_default(capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PICTOR_TARGET", raising=False)
+    assert main(["info", "--target", ""]) == 2  # localhost:50051 would have answered, maybe another server
+    assert "target is empty" in capsys.readouterr().err
