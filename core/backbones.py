@@ -554,15 +554,14 @@ def _timm_ensure_file(info: BackboneInfo, cfg: Any) -> Path:
 
     endpoint = constants.ENDPOINT
     where = f"{hf[0]}/{hf[1]} in the Hugging Face cache ({constants.HF_HUB_CACHE})"
-    if offline() or constants.HF_HUB_OFFLINE or not _reachable(endpoint):
-        raise WeightsUnavailableError(_unavailable_message(info, cfg.tag, where, endpoint))
+    if why := _why_no_download(endpoint, hub_offline=constants.HF_HUB_OFFLINE):
+        raise WeightsUnavailableError(_unavailable_message(info, cfg.tag, where, why))
     log.info("downloading %s weights %s from %s", info.name, cfg.tag, endpoint)
     try:
         return Path(hf_hub_download(hf[0], hf[1], etag_timeout=_CONNECT_TIMEOUT_S))
     except Exception as e:  # noqa: BLE001 - any hub/network failure means "unavailable"
         raise WeightsUnavailableError(
-            _unavailable_message(info, cfg.tag, where, endpoint) + f" (download failed: {e})"
-        ) from e
+            _unavailable_message(info, cfg.tag, where, f"the download failed: {e}")) from e
 
 
 # --------------------------------------------------------------------------- weights files
@@ -783,32 +782,41 @@ def _reachable(url: str) -> bool:
         return False
 
 
-def _unavailable_message(info: BackboneInfo, tag: str, where: str, source: str) -> str:
+def _unavailable_message(info: BackboneInfo, tag: str, where: str, why: str) -> str:
     copy = ("copying the file to that place (Hugging Face's cache wants its own layout: best "
             "filled by a run with network access)" if info.source == "timm" else "copying the file there")
     return (
-        f"weights {tag!r} for backbone {info.name} are not cached ({where}) and {source} "
-        f"cannot be reached. Provide them by: running once with network access (they are "
-        f"cached), {copy}, or passing --weights PATH (a checkpoint); "
-        f"or use --weights random (untrained) or the offline backbone '{DEFAULT_BACKBONE}'"
+        f"weights {tag!r} for backbone {info.name} are not cached ({where}) and {why}. Provide "
+        f"them by: running once with network access (they are cached), {copy}, or passing "
+        f"--weights PATH (a checkpoint); or use --weights random (untrained) or the offline "
+        f"backbone '{DEFAULT_BACKBONE}'"
     )
+
+
+def _why_no_download(url: str, hub_offline: bool = False) -> str | None:
+    """Why weights cannot be downloaded from ``url`` now, or None when they can be tried."""
+    if offline():
+        return "downloads are off (PICTOR_OFFLINE)"
+    if hub_offline:
+        return "downloads are off (HF_HUB_OFFLINE)"
+    if not _reachable(url):
+        return f"{urlparse(url).scheme}://{urlparse(url).hostname} cannot be reached"
+    return None
 
 
 def _ensure_cached(url: str, dest: Path, info: BackboneInfo, tag: str) -> None:
     """Make sure ``url`` sits at ``dest`` (torch hub's cache), or fail fast."""
     if dest.is_file():
         return
-    host = f"{urlparse(url).scheme}://{urlparse(url).hostname}"
-    if offline() or not _reachable(url):
-        raise WeightsUnavailableError(_unavailable_message(info, tag, str(dest), host))
+    if why := _why_no_download(url):
+        raise WeightsUnavailableError(_unavailable_message(info, tag, str(dest), why))
     log.info("downloading %s weights %s from %s", info.name, tag, url)
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         _download(url, dest)
     except (OSError, ValueError) as e:
         raise WeightsUnavailableError(
-            _unavailable_message(info, tag, str(dest), host) + f" (download failed: {e})"
-        ) from e
+            _unavailable_message(info, tag, str(dest), f"the download failed: {e}")) from e
 
 
 def _download(url: str, dest: Path) -> None:

@@ -81,9 +81,10 @@ def test_missing_weights_fail_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("PICTOR_OFFLINE", "1")
     start = time.monotonic()
-    with pytest.raises(WeightsUnavailableError, match="IMAGENET1K_V1.*not cached.*random"):
+    # Offline says so, not "cannot be reached": nothing was tried.
+    with pytest.raises(WeightsUnavailableError, match=r"IMAGENET1K_V1.*not cached .* downloads are off \(PICTOR_OFFLINE\).*random"):
         create_backbone("resnet18", weights="IMAGENET1K_V1")
-    with pytest.raises(WeightsUnavailableError, match="a1_in1k.*checkpoint"):
+    with pytest.raises(WeightsUnavailableError, match=r"a1_in1k.*downloads are off \(PICTOR_OFFLINE\).*checkpoint"):
         create_backbone("seresnet50")
     assert time.monotonic() - start < 5.0
     assert not bb.weights_available_offline("resnet18")
