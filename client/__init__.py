@@ -1,4 +1,5 @@
-"""Light client for Pictor: ``pip install pictor`` brings only grpcio and protobuf."""
+"""Light client for Pictor: ``pip install .`` from the checkout brings only grpcio,
+grpcio-health-checking and protobuf."""
 
 from pictor.client.client import (
     Classification,

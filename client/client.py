@@ -273,7 +273,8 @@ class PictorClient:
         ``classifier``: "default" (the server's head with ``serve --model``, else the backbone's
         ImageNet labels, else the kNN vote), "head", "knn" (vote of the ``neighbors`` nearest
         labelled items; 0 = the server's default) or "all" (head and vote, whether they agree,
-        and the neighbours; only "knn" and "all" return neighbours). ``unknown`` is true when the
+        and the neighbours; neighbours come with every answer by the vote: "knn", "all", and
+        "default" on a server that votes by default). ``unknown`` is true when the
         model's open-set rule finds the image fits none of its classes; ``open_set`` says why.
         """
         if classifier not in CLASSIFIERS:
@@ -318,7 +319,8 @@ class PictorClient:
         return [_hit(h) for h in self._call(self._stub.Search, request).hits]
 
     def embed(self, images: Sequence[ImageData]) -> list[list[float]]:
-        """Each image's embedding in the index's space, as Search and Upsert take it."""
+        """Each image's embedding in the index's space, as Search and Upsert take it (at most
+        256 images per call)."""
         _not_one(images, "images", "for one image, write [data]")
         r = self._call(self._stub.Embed, pb.EmbedRequest(images=[_image_bytes(i) for i in images]))
         return [list(v.values) for v in r.embeddings]

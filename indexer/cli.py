@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--index-type",
                    help="auto (default): exact (Flat) below 100,000 items, above that an IVF over "
                         "PCA-reduced 8-bit codes re-ranked on the full vectors (HNSW32 for vectors of "
-                        "256 dims or fewer; rebuilt as the collection grows), tuned to recall@10 0.95; "
+                        "256 dims or fewer that fit the memory budget; rebuilt as the collection grows), tuned to recall@10 0.95; "
                         "or a FAISS factory "
                         "string: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32, OPQ32,IVF1024,PQ32 (a type "
                         "that needs training searches exactly until the index holds 39 items per IVF "

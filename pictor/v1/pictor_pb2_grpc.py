@@ -76,7 +76,9 @@ class PictorServicer:
 
     def Classify(self, request, context):
         """Top-k labels for one image: the fine-tuned head's classes when a model is loaded,
-        else the backbone's own ImageNet-1k labels; optionally the kNN vote of the index.
+        else the backbone's own ImageNet-1k labels, else (a backbone without them: random
+        weights, a checkpoint without its classifier) the kNN vote of the index; optionally the
+        kNN vote besides.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,7 +95,7 @@ class PictorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Embed(self, request, context):
-        """Embeddings of one or more images, as the index stores them.
+        """Embeddings of one or more images (at most 256 per call), as the index stores them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
