@@ -71,16 +71,20 @@ def why_not_tensors(path: Path, error: Exception) -> str:
 
 
 def damaged_member(path: Path) -> str | None:
-    """The first part of a zip archive (as PyTorch saves) whose bytes fail their checksum, or
-    None (also for a file that is not a zip): ``torch.load`` does not check them, and loads a
-    flipped byte as a changed weight."""
-    if not zipfile.is_zipfile(path):
-        return None
+    """What is damaged in a zip archive (as PyTorch saves): a part whose bytes fail their
+    checksum, or headers the zip reader cannot read; None when nothing is (also for a file that
+    is not a zip). ``torch.load`` does not check the checksums, and loads a flipped byte as a
+    changed weight."""
     try:
+        if not zipfile.is_zipfile(path):
+            return None
         with zipfile.ZipFile(path) as archive:
-            return archive.testzip()
-    except zipfile.BadZipFile as e:
-        return str(e)
+            bad = archive.testzip()
+    except OSError:
+        raise  # unreadable: the caller says so
+    except Exception as e:  # noqa: BLE001 - a damaged header fails the zip reader in many ways
+        return f"its archive cannot be read: {e}"
+    return None if bad is None else f"{bad} fails its checksum"
 
 
 def content_hash(data: bytes) -> str:

@@ -621,8 +621,7 @@ def load_model(path: str | os.PathLike[str]) -> TrainedModel:
     except OSError as e:
         raise NotFoundError(f"model file {p} cannot be read: {e.strerror or e}") from e
     if damaged:
-        raise IncompatibleModelError(f"model file {p} is damaged ({damaged} fails its checksum): copy it "
-                                     "again, or train again")
+        raise IncompatibleModelError(f"model file {p} is damaged ({damaged}): copy it again, or train again")
     try:
         d = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # a foreign or damaged file can fail the unpickler in any way (a cut one: OSError)

@@ -286,6 +286,15 @@ def test_load_model_refuses_missing_foreign_and_damaged_files(tmp_path) -> None:
     flipped.write_bytes(bytes(data))
     with pytest.raises(IncompatibleModelError, match=r"model file .*flipped.pt is damaged \(.* fails its checksum\)"):
         load_model(flipped)
+    # A flipped bit in the archive's directory (the "encrypted" flag, the compression method)
+    # failed the zip reader with its own errors, as a traceback.
+    directory = good.read_bytes().index(b"PK\x01\x02")
+    for at in (directory + 8, directory + 10):
+        data = bytearray(good.read_bytes())
+        data[at] ^= 1
+        flipped.write_bytes(bytes(data))
+        with pytest.raises(IncompatibleModelError, match=r"is damaged \(its archive cannot be read: "):
+            load_model(flipped)
     for cut in (100, len(data) // 3, len(data) - 10):  # a cut file: torch raised an OSError at some lengths
         (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:cut])
         with pytest.raises(IncompatibleModelError, match="not a Pictor model file .*damaged"):
