@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +24,7 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], object], *, durable: b
     the new file survives a power cut once this returns (the store's files need that; caches
     do not).
     """
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = _temporary_beside(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -40,6 +39,10 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], object], *, durable: b
         fsync_dir(path.parent)
 
 
+def _temporary_beside(path: Path) -> Path:
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def check_output_file(path: str | os.PathLike[str], flag: str) -> None:
     """Refuse an output file that could not be written, before the work that fills it (making
     its missing parent folders)."""
@@ -50,9 +53,13 @@ def check_output_file(path: str | os.PathLike[str], flag: str) -> None:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InvalidRequestError(f"{flag} {p}: cannot create its folder: {e.strerror}") from e
-    try:  # a real file, not os.access: root passes that check where a file cannot be made (/proc)
-        with tempfile.TemporaryFile(dir=p.parent):
+    # The temporary file write_atomic will write, made and removed: not os.access, which root
+    # passes where no file can be made (/proc), nor any name (write_atomic's is longer).
+    probe = _temporary_beside(p)
+    try:
+        with open(probe, "wb"):
             pass
+        probe.unlink()
     except OSError as e:
         raise InvalidRequestError(f"{flag} {p}: cannot write in {p.parent}: {e.strerror or e}") from e
 
