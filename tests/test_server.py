@@ -181,6 +181,8 @@ def test_add_and_delete_survive_sigkill(built_index: Path) -> None:
         # Labels that look alike are one: stored composed, found by either form.
         assert client.upsert([UpsertItem(key="accent", vector=[1.0] * 1280, label="rose\u0301s")]) == (1, 0)
         assert [h.label for h in client.search(key="accent", k=1, labels=["ros\u00e9s"])] == ["ros\u00e9s"]
+        r = pictor("search", "--key", "accent", "--label", "rose\u0301s", "--target", server.target)
+        assert "accent" in r.stdout and "note" not in r.stderr  # the label is there, as typed
         client.delete(["accent"])
     server.kill()  # SIGKILL: no shutdown hook runs
 
