@@ -101,12 +101,32 @@ def parse_factory(dim: int, factory: str) -> faiss.Index:
             "(e.g. auto, Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32; see the FAISS wiki's "
             "'The index factory')"
         ) from e
+    # What FAISS builds but could never train or search: refused now, not after a store holds
+    # vectors it can then neither index nor open.
+    for transform in _transforms(index):
+        if isinstance(transform, faiss.PCAMatrix) and transform.d_out > transform.d_in:
+            raise InvalidRequestError(f"index type {factory!r}: PCA can reduce {transform.d_in} dims, "
+                                      f"not raise them to {transform.d_out}")
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and ivf.nlist < 1:
+        raise InvalidRequestError(f"index type {factory!r}: an IVF needs at least 1 list")
     # Polysemous training (on by default for 8-bit PQ) takes minutes and only serves
     # Hamming-threshold search, which the store never uses.
     for layer in _layers(index):
         if hasattr(layer, "do_polysemous_training"):
             layer.do_polysemous_training = False
     return index
+
+
+def _transforms(index: faiss.Index) -> list[Any]:
+    """The vector transforms (PCA, OPQ, ...) applied before the index searches; ``index`` must
+    stay referenced while they are used (FAISS owns them)."""
+    found = []
+    for layer in _layers(index):
+        if isinstance(layer, faiss.IndexPreTransform):
+            chain: Any = layer.chain  # a SWIG vector (its stubs say list)
+            found += [faiss.downcast_VectorTransform(chain.at(i)) for i in range(chain.size())]
+    return found
 
 
 def _layers(index: faiss.Index) -> list[Any]:
@@ -132,6 +152,13 @@ def training_size(dim: int, factory: str) -> int:
     if index.is_trained:
         return 0
     need = 1
+    for transform in _transforms(index):
+        if transform.is_trained:
+            continue
+        if isinstance(transform, faiss.OPQMatrix):  # trains a PQ of 256 centroids per sub-vector
+            need = max(need, 39 * 256)
+        elif isinstance(transform, faiss.PCAMatrix | faiss.ITQTransform):  # one sample per output dim
+            need = max(need, transform.d_out)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         need = max(need, 39 * ivf.nlist)  # FAISS k-means wants ~39 points per centroid

@@ -306,6 +306,12 @@ def test_bad_input_refused(tmp_path: Path, rng) -> None:
     with pytest.raises(InvalidRequestError, match="not a valid FAISS factory") as refused:
         IndexStore.create(tmp_path / "t", spec(), index_type="NotAnIndex12")
     assert "Error in" not in str(refused.value)  # FAISS's C++ source location is left out
+    # Types FAISS builds but could never train or search: refused before a store holds vectors
+    # it could then neither index nor open.
+    with pytest.raises(InvalidRequestError, match=f"PCA can reduce {DIM} dims, not raise them to 2048"):
+        IndexStore.create(tmp_path / "t", spec(), index_type="PCA2048,Flat")
+    with pytest.raises(InvalidRequestError, match="an IVF needs at least 1 list"):
+        IndexStore.create(tmp_path / "t", spec(), index_type="IVF0,Flat")
     with pytest.raises(InvalidRequestError, match="already exists"):
         IndexStore.create(tmp_path / "s", spec())
     with pytest.raises(NotFoundError, match="no index store"):
@@ -342,7 +348,7 @@ INDEX_TYPES = [
 @pytest.mark.parametrize("index_type", INDEX_TYPES)
 def test_each_index_type_finds_the_inserted_vector(tmp_path: Path, index_type: str) -> None:
     rng = np.random.default_rng(3)
-    n = 12_000 if "PQ8," in index_type + "," else 3000  # enough to train the codebooks
+    n = 12_000 if "PQ8," in index_type + "," or "OPQ" in index_type else 3000  # enough to train the codebooks
     vecs = clustered(rng, n)
     # Random directions stand apart from the clustered collection, so even lossy PQ codes
     # must rank each probe first for its own query.
@@ -369,6 +375,15 @@ def test_untrained_type_falls_back_to_exact(tmp_path: Path, rng) -> None:
         store.upsert(items(50), vecs)
         assert store.info().factory == "Flat"
         assert [h[0].key for h in store.search(vecs[:3], k=1)] == ["img/0.jpg", "img/1.jpg", "img/2.jpg"]
+    # A PCA needs a vector per output dim: on fewer, training failed and the store could not
+    # be opened again. It searches exactly until then, and trains once it has them.
+    with IndexStore.create(tmp_path / "p", spec(), index_type="PCA16,Flat") as store:
+        store.upsert(items(5), vecs[:5])
+        assert store.info().factory == "Flat"
+        store.upsert(items(11, start=5), vecs[5:16])
+        assert store.info().factory == "PCA16,Flat"
+    with IndexStore.open(tmp_path / "p") as store:
+        assert store.search(vecs[:1], k=1)[0][0].key == "img/0.jpg"
 
 
 def test_the_same_collection_trains_and_tunes_the_same_index(tmp_path: Path) -> None:
