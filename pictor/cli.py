@@ -89,6 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"pictor {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if argv is None:  # the process ends now; a second Ctrl-C or SIGTERM during Python's
+            # teardown (a second, with torch loaded) would turn its exit status into the signal's
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
 
 
 @contextlib.contextmanager

@@ -217,8 +217,9 @@ def model_settings(flags: Mapping[str, Any], config_file: str | None = None) -> 
                           file_values=_read_config_file(config_file or os.environ.get("PICTOR_CONFIG")))
 
 
-# PICTOR_* variables read outside the settings classes (by the functions below).
-_OTHER_ENV = ("CONFIG", "TARGET", "OFFLINE", "CACHE_DIR")
+# PICTOR_* variables read outside the settings classes (by the functions below), and by
+# docker-compose.yml (BIND), which a shell that runs compose exports for every command.
+_OTHER_ENV = ("CONFIG", "TARGET", "OFFLINE", "CACHE_DIR", "BIND")
 
 
 def default_target() -> str:
@@ -263,7 +264,7 @@ def _read_config_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
         return {}
     p = Path(path)
     try:
-        values = tomllib.loads(p.read_text(encoding="utf-8"))
+        values = tomllib.loads(p.read_text(encoding="utf-8-sig"))  # a BOM, as Windows editors write
     except FileNotFoundError:
         raise InvalidRequestError(f"config file {p} does not exist") from None
     except IsADirectoryError:

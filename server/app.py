@@ -60,7 +60,7 @@ class BoundedReflectionServicer(reflection.ReflectionServicer):
 
     def ServerReflectionInfo(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
         try:
-            with self.slots.held(refused="close one, or ask again later"):
+            with self.slots.held(refused="nothing was answered"):
                 requests = idle_limited(request_iterator, self.idle_s, "reflection")
                 yield from super().ServerReflectionInfo(requests, context)
         except PictorError as e:  # a streaming reply: the error interceptor lets it pass

@@ -119,12 +119,14 @@ def test_file_names_and_types_are_checked(tmp_path: Path) -> None:
             build_settings(ServerSettings, {}, env={}, config_file=cfg)
     with pytest.raises(InvalidRequestError, match="is a directory, not a file"):
         build_settings(ServerSettings, {}, env={}, config_file=tmp_path)
+    cfg.write_bytes("\ufeffport = 7001\n".encode())  # a byte-order mark, as some editors write
+    assert build_settings(ServerSettings, {}, env={}, config_file=cfg).port == 7001
 
 
 def test_unknown_environment_names_are_found() -> None:
     # `pictor` warns about these: a typo would otherwise be ignored without a word.
     env = {"PICTOR_PROT": "5", "PICTOR_PORT": "1", "PICTOR_BATCH_SIZE": "8", "PICTOR_MODEL": "m.pt",
-           "PICTOR_CACHE_DIR": "/c", "PICTOR_CONFIG": "p.toml", "HOME": "/root"}
+           "PICTOR_CACHE_DIR": "/c", "PICTOR_CONFIG": "p.toml", "PICTOR_BIND": "0.0.0.0", "HOME": "/root"}
     assert unknown_env_names(env) == ["PICTOR_PROT"]
 
 

@@ -50,3 +50,5 @@ def test_the_commands_the_image_and_compose_run_are_valid() -> None:
     # loopback unless PICTOR_BIND says otherwise (it has no authentication yet).
     (published,) = compose["services"]["server"]["ports"]
     assert published.startswith("${PICTOR_BIND:-127.0.0.1}:")
+    # As PID 1, pictor would ignore a SIGTERM that came before Python installed its handler.
+    assert all(service.get("init") is True for service in compose["services"].values())
