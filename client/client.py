@@ -109,16 +109,17 @@ def _with_port(target: str) -> str:
         raise InvalidRequestError("target is empty; give host:port, e.g. localhost:50051")
     if re.match(r"(?i)https?://", target):
         raise InvalidRequestError(f"target {target}: give host:port without http:// (gRPC is not a web URL)")
-    match = re.fullmatch(r"([^:/\[\]]+|\[[0-9a-fA-F:.]+\])(?::(\d*))?", target)
-    named = re.fullmatch(r"([^:/\[\]]+):([^:/]*)", target)
-    if match is None and named and named[1].lower() not in _GRPC_SCHEMES:  # localhost:abc
-        raise InvalidRequestError(f"target {target}: port must be a number between 1 and 65535")
-    if match is None:  # a scheme ("unix:", "dns:///") or a bare IPv6 address: gRPC's syntax
-        return target
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", target)
+    if ((scheme and (scheme[1].lower() in _GRPC_SCHEMES or target[scheme.end():].startswith("//")))
+            or (target.count(":") > 1 and "[" not in target)):
+        return target  # gRPC's own syntax: "unix:/path", "dns:///host", "xds:///name", a bare IPv6 address
+    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:/\[\]]+)(?::(.*))?", target)
+    if match is None:
+        raise InvalidRequestError(f"target {target}: give host:port, e.g. localhost:50051")
     if match[2] is None:
         return f"{target}:{DEFAULT_PORT}"
-    if not match[2] or not 0 < int(match[2]) <= 65535:
-        raise InvalidRequestError(f"target {target}: port must be between 1 and 65535")
+    if not re.fullmatch(r"[0-9]{1,5}", match[2]) or not 0 < int(match[2]) <= 65535:
+        raise InvalidRequestError(f"target {target}: port must be a number between 1 and 65535")
     return target
 
 

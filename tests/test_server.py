@@ -357,7 +357,7 @@ def test_sigterm_while_loading_ends_the_server_as_ctrl_c_does(built_index: Path)
 
 
 def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
-    with pytest.raises(InvalidRequestError, match="localhost:99999: port must be between 1 and 65535"):
+    with pytest.raises(InvalidRequestError, match="localhost:99999: port must be a number between 1 and 65535"):
         PictorClient("localhost:99999")  # gRPC would silently try another port
     with pytest.raises(InvalidRequestError, match="timeout must be more than 0 seconds, got 0"):
         PictorClient("localhost:50051", timeout=0)
@@ -402,11 +402,13 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
         with PictorClient(t) as client:
             targets.append(client.target)
     assert targets == ["localhost:50051", "[::1]:50051", "10.0.0.2:7000", "unix:/tmp/s"]
-    with pytest.raises(InvalidRequestError, match="localhost:: port must be between 1 and 65535"):
-        PictorClient("localhost:")
-    with pytest.raises(InvalidRequestError, match="localhost:abc: port must be a number"):  # was "unreachable"
-        PictorClient("localhost:abc")
-    for scheme_target in ("unix-abstract:pictor", "ipv4:127.0.0.1:7000"):  # gRPC's own, left as they are
+    # Usage errors, not "cannot reach": gRPC failed to parse them only when calling.
+    for bad in ("localhost:", "localhost:abc", "[::1]:abc", "localhost:\uff10\uff11"):
+        with pytest.raises(InvalidRequestError, match=f"{re.escape(bad)}: port must be a number between 1 and 65535"):
+            PictorClient(bad)
+    with pytest.raises(InvalidRequestError, match=":50051: give host:port"):
+        PictorClient(":50051")
+    for scheme_target in ("unix-abstract:pictor", "ipv4:127.0.0.1:7000", "xds:///pictor"):  # gRPC's own
         with PictorClient(scheme_target) as client:
             assert client.target == scheme_target
     client = PictorClient("localhost:1")
