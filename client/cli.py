@@ -72,6 +72,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--attr", action="append", default=[], metavar="NAME=VALUE",
                    help="only items whose attribute NAME equals VALUE (repeatable: items must match "
                         "every one; several --label match any)")
+    p.add_argument("--nprobe", type=_at_least(0), default=0,
+                   help="IVF lists to scan for this query (default 0 = the index's tuned value; "
+                        "more: higher recall, slower; `pictor info` shows the index type)")
+    p.add_argument("--ef-search", type=_at_least(0), default=0,
+                   help="HNSW search width for this query (default 0 = the index's tuned value)")
     p.set_defaults(run=run_search)
 
     p = _parser(sub, "info", "what a running server serves: backbone, index, classes, versions",
@@ -252,7 +257,8 @@ def run_search(args: argparse.Namespace) -> int:
     attrs = _parse_attrs(args.attr)
     with _client(args) as client:
         image = _read(args.image) if args.image else None
-        hits = client.search(image=image, key=args.key, k=args.k, labels=args.label, attributes=attrs)
+        hits = client.search(image=image, key=args.key, k=args.k, labels=args.label, attributes=attrs,
+                             nprobe=args.nprobe, ef_search=args.ef_search)
         held = client.info().label_counts if args.label else {}
     rows = [f"{i + 1:>3}  {h.score:6.3f}  {_hit_text(h)}"
             for i, h in enumerate(hits)]

@@ -223,6 +223,11 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     assert image.as_posix() in out.stdout.splitlines()[1]
     data = json.loads(pictor("search", str(image), "-k", "2", "--json", "--target", server.target).stdout)
     assert data[0]["key"] == image.as_posix() and data[0]["score"] >= 0.99
+    # Per-query search widths reach the server (one over its limit is refused there).
+    wide = pictor("search", str(image), "-k", "2", "--nprobe", "8", "--ef-search", "64", "--target", server.target)
+    assert image.as_posix() in wide.stdout.splitlines()[1]
+    too_wide = pictor("search", str(image), "--ef-search", "70000", "--target", server.target, check=False)
+    assert too_wide.returncode == 2 and "ef_search must be between 0" in too_wide.stderr
     cls = json.loads(pictor("classify", str(DATA / "daisy.jpg"), "--json", "--target", server.target).stdout)
     assert cls[0]["labels"][0]["name"] == "daisy"
     # A bad image among good ones: named, the others still answered, exit 2.
