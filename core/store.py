@@ -55,7 +55,7 @@ from pictor.core.faiss_index import (
     SearchKnobs,
     SnapshotMismatchError,
     VectorIndex,
-    parse_factory,
+    check_new_factory,
     ties_with_kth,
     training_size,
     tune_knobs,
@@ -331,7 +331,7 @@ class IndexStore:
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise taken
         if index_type != AUTO:
-            parse_factory(spec.dim, index_type)  # refuse a bad factory string now
+            check_new_factory(spec.dim, index_type)  # refuse a bad factory string now
         options = options or StoreOptions()
         new_dir = not root.exists()
         make_store_dir(root)

@@ -75,7 +75,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "PCA-reduced 8-bit codes re-ranked on the full vectors (HNSW32 for vectors of "
                         "256 dims or fewer that fit the memory budget; rebuilt as the collection grows), tuned to recall@10 0.95; "
                         "or a FAISS factory "
-                        "string: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32, OPQ32,IVF1024,PQ32 (a type "
+                        "string of the families the index supports (the error lists them): Flat, HNSW32, "
+                        "IVF1024,Flat, IVF1024,SQ8, IVF1024,PQ32, OPQ32,IVF1024,PQ32, "
+                        "PCA256,IVF1024,PQ64x4fs,Refine(SQfp16) (a type "
                         "that needs training searches exactly until the index holds 39 items per IVF "
                         "list or PQ code, e.g. 39,936 for IVF1024; `pictor info` shows it as \"(Flat)\")")
     p.add_argument("--pca-whiten", type=int, metavar="DIM",
@@ -110,7 +112,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run(args: argparse.Namespace) -> int:
     require_server_extra("pictor index")
     from pictor.core.embedder import index_spec, open_index
-    from pictor.core.faiss_index import parse_factory
+    from pictor.core.faiss_index import check_new_factory
     from pictor.core.gallery import GalleryEntry, image_suffixes_text, read_gallery
     from pictor.core.store import AUTO, MANIFEST, IndexStore, make_store_dir
     from pictor.indexer.pipeline import fit_whitening, indexed_under_other_keys, run_indexing, split_misnamed
@@ -156,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
             store.check_spec(index_spec(embedder.spec, whitening), what="this run's model")
         else:
             if settings.index_type != AUTO:  # a bad factory string: now, not after a whitening sample
-                parse_factory(settings.pca_whiten or embedder.spec.dim, settings.index_type)
+                check_new_factory(settings.pca_whiten or embedder.spec.dim, settings.index_type)
             whitening = fit_whitening(
                 entries, embedder, settings.pca_whiten, sample=settings.pca_sample,
                 batch_size=settings.model.batch_size, workers=settings.workers,

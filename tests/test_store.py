@@ -6,6 +6,7 @@ import errno
 import gc
 import json
 import logging
+import re
 import shutil
 import sqlite3
 import threading
@@ -303,15 +304,22 @@ def test_bad_input_refused(tmp_path: Path, rng) -> None:
         # Huge or tiny but finite values are directions (float32 squares over/underflow).
         for scale in (1e38, 1e-30):
             assert np.allclose(store.check_vectors(np.full(DIM, scale, np.float32)), DIM ** -0.5)
-    with pytest.raises(InvalidRequestError, match="not a valid FAISS factory") as refused:
+    with pytest.raises(InvalidRequestError, match="is not one the index supports: .* e.g. auto, Flat"):
         IndexStore.create(tmp_path / "t", spec(), index_type="NotAnIndex12")
+    with pytest.raises(InvalidRequestError, match="not a valid FAISS factory") as refused:  # as FAISS says
+        IndexStore.create(tmp_path / "t", spec(), index_type="IVF16,PQ7")
     assert "Error in" not in str(refused.value)  # FAISS's C++ source location is left out
     # Types FAISS builds but could never train or search: refused before a store holds vectors
     # it could then neither index nor open.
     with pytest.raises(InvalidRequestError, match=f"PCA can reduce {DIM} dims, not raise them to 2048"):
         IndexStore.create(tmp_path / "t", spec(), index_type="PCA2048,Flat")
-    with pytest.raises(InvalidRequestError, match="an IVF needs at least 1 list"):
-        IndexStore.create(tmp_path / "t", spec(), index_type="IVF0,Flat")
+    # FAISS parses more than the store supports, and some of it crashed the process (HNSW1,
+    # PQ32x0), failed only once vectors came (a Refine over an IVF, NSG below 100 items), or
+    # took all memory (IVF300000000): refused, saying what is supported.
+    for bad in ("IVF0,Flat", "HNSW1", "PQ32x0", "IVF4,Flat,Refine(IVF4,Flat)", "NSG32,Flat", "RQ4x8",
+                "IDMap,Flat", "PCA0,Flat", "IVF300000000,Flat", "HNSW100000", "OPQ16_8,Flat"):
+        with pytest.raises(InvalidRequestError, match=f"index type {re.escape(repr(bad))}"):
+            IndexStore.create(tmp_path / "t", spec(), index_type=bad)
     with pytest.raises(InvalidRequestError, match="already exists"):
         IndexStore.create(tmp_path / "s", spec())
     with pytest.raises(NotFoundError, match="no index store"):
@@ -375,12 +383,13 @@ def test_untrained_type_falls_back_to_exact(tmp_path: Path, rng) -> None:
         store.upsert(items(50), vecs)
         assert store.info().factory == "Flat"
         assert [h[0].key for h in store.search(vecs[:3], k=1)] == ["img/0.jpg", "img/1.jpg", "img/2.jpg"]
-    # A PCA needs a vector per output dim: on fewer, training failed and the store could not
-    # be opened again. It searches exactly until then, and trains once it has them.
+    # A PCA needs a vector per output dim and one more (centred, n vectors span n - 1 dims): on
+    # fewer, training failed and the store could not be opened again, or whitening gave scores
+    # in the hundreds of thousands. It searches exactly until then, and trains once it has them.
     with IndexStore.create(tmp_path / "p", spec(), index_type="PCA16,Flat") as store:
-        store.upsert(items(5), vecs[:5])
+        store.upsert(items(16), vecs[:16])
         assert store.info().factory == "Flat"
-        store.upsert(items(11, start=5), vecs[5:16])
+        store.upsert(items(1, start=16), vecs[16:17])
         assert store.info().factory == "PCA16,Flat"
     with IndexStore.open(tmp_path / "p") as store:
         assert store.search(vecs[:1], k=1)[0][0].key == "img/0.jpg"
