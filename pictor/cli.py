@@ -59,6 +59,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    command = "pictor"  # what messages name, once the arguments say
+    try:
+        # From the first moment: the subcommands' imports (gRPC, ...) take a tenth of a second,
+        # and a signal then ended the process with a traceback or a bare 143.
+        with _sigterm_interrupts():
+            args = _parse_arguments(argv)
+            command = f"pictor {args.command}"
+            return int(args.run(args) or 0)
+    except MissingExtraError as e:
+        print(f"{command}: {e}", file=sys.stderr)
+        return 3
+    except PictorError as e:
+        print(f"{command}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. `pictor models | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if argv is None:  # the process ends now; a second Ctrl-C or SIGTERM during Python's
+            # teardown (a second, with torch loaded) would turn its exit status into the signal's
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+
+
+def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line, with logging set up as it asks."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse would blame the top level; the subcommand's usage helps more
@@ -74,26 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("torch").setLevel(logging.WARNING)  # and torch its compile caches at exit
     for name in unknown_env_names(os.environ):
         logging.getLogger("pictor").warning("%s is not a Pictor setting; it is ignored", name)
-    try:
-        with _sigterm_interrupts():
-            return int(args.run(args) or 0)
-    except MissingExtraError as e:
-        print(f"pictor {args.command}: {e}", file=sys.stderr)
-        return 3
-    except PictorError as e:
-        print(f"pictor {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # e.g. `pictor models | head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except KeyboardInterrupt:
-        print(f"pictor {args.command}: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if argv is None:  # the process ends now; a second Ctrl-C or SIGTERM during Python's
-            # teardown (a second, with torch loaded) would turn its exit status into the signal's
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, signal.SIG_IGN)
+    return args
 
 
 @contextlib.contextmanager
