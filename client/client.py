@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import time
@@ -99,7 +100,7 @@ def _check_counts(low: int, high: int = _UINT32_MAX, **counts: int) -> None:
             raise InvalidRequestError(f"{name} must be between {low} and {high}, got {value}")
 
 
-_GRPC_SCHEMES = ("dns", "unix", "unix-abstract", "vsock", "ipv4", "ipv6")  # scheme:... targets
+_GRPC_SCHEMES = ("dns", "unix", "unix-abstract", "vsock", "ipv4", "ipv6", "xds", "google-c2p")  # scheme:...
 
 
 def _with_port(target: str) -> str:
@@ -107,15 +108,21 @@ def _with_port(target: str) -> str:
     a port that cannot exist is refused (gRPC would try another one)."""
     if not target.strip():
         raise InvalidRequestError("target is empty; give host:port, e.g. localhost:50051")
-    if re.match(r"(?i)https?://", target):
-        raise InvalidRequestError(f"target {target}: give host:port without http:// (gRPC is not a web URL)")
     scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", target)
-    if ((scheme and (scheme[1].lower() in _GRPC_SCHEMES or target[scheme.end():].startswith("//")))
-            or (target.count(":") > 1 and "[" not in target)):
-        return target  # gRPC's own syntax: "unix:/path", "dns:///host", "xds:///name", a bare IPv6 address
-    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:/\[\]]+)(?::(.*))?", target)
+    if scheme and scheme[1].lower() in _GRPC_SCHEMES:
+        return target  # gRPC's own syntax: "unix:/path", "dns:///host", "xds:///name"
+    if scheme and target[scheme.end():].startswith("//"):
+        raise InvalidRequestError(f"target {target}: give host:port without {scheme[1]}://")
+    if target.count(":") > 1 and "[" not in target:  # a bare IPv6 address: gRPC would use port 443
+        try:
+            return f"[{ipaddress.IPv6Address(target)}]:{DEFAULT_PORT}"
+        except ValueError:
+            raise InvalidRequestError(f"target {target}: put an IPv6 address in brackets, e.g. "
+                                      f"[::1]:{DEFAULT_PORT}") from None
+    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+)(?::(.*))?", target)
     if match is None:
-        raise InvalidRequestError(f"target {target}: give host:port, e.g. localhost:50051")
+        raise InvalidRequestError(f"target {target}: give host:port, e.g. localhost:50051 (a host name, "
+                                  "an IPv4 address, or an IPv6 one in brackets)")
     if match[2] is None:
         return f"{target}:{DEFAULT_PORT}"
     if not re.fullmatch(r"[0-9]{1,5}", match[2]) or not 0 < int(match[2]) <= 65535:

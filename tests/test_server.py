@@ -411,8 +411,13 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
     for bad in ("localhost:", "localhost:abc", "[::1]:abc", "localhost:\uff10\uff11"):
         with pytest.raises(InvalidRequestError, match=f"{re.escape(bad)}: port must be a number between 1 and 65535"):
             PictorClient(bad)
-    with pytest.raises(InvalidRequestError, match=":50051: give host:port"):
-        PictorClient(":50051")
+    for bad, why in ((":50051", "give host:port"), (" localhost:1", "give host:port"),
+                     ("user@localhost:1", "give host:port"), ("grpc://localhost:1", "give host:port without grpc://"),
+                     ("::1:56810", "put an IPv6 address in brackets")):
+        with pytest.raises(InvalidRequestError, match=f"{re.escape(bad)}: {why}"):
+            PictorClient(bad)
+    with PictorClient("::1") as client:  # gRPC would have called port 443
+        assert client.target == "[::1]:50051"
     for scheme_target in ("unix-abstract:pictor", "ipv4:127.0.0.1:7000", "xds:///pictor"):  # gRPC's own
         with PictorClient(scheme_target) as client:
             assert client.target == scheme_target
