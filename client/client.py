@@ -103,6 +103,14 @@ def _check_counts(low: int, high: int = _UINT32_MAX, **counts: int) -> None:
 _GRPC_SCHEMES = ("dns", "unix", "unix-abstract", "vsock", "ipv4", "ipv6", "xds", "google-c2p")  # scheme:...
 
 
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)  # a zone ("fe80::1%eth0") too
+    except ValueError:
+        return False
+    return True
+
+
 def _with_port(target: str) -> str:
     """``target`` with Pictor's default port when a plain host has none (gRPC would use 443);
     a port that cannot exist is refused (gRPC would try another one)."""
@@ -119,8 +127,8 @@ def _with_port(target: str) -> str:
         except ValueError:
             raise InvalidRequestError(f"target {target}: put an IPv6 address in brackets, e.g. "
                                       f"[::1]:{DEFAULT_PORT}") from None
-    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+)(?::(.*))?", target)
-    if match is None:
+    match = re.fullmatch(r"(\[[^\]]*\]|[A-Za-z0-9._-]+)(?::(.*))?", target)
+    if match is None or (match[1].startswith("[") and not _is_ipv6(match[1][1:-1])):
         raise InvalidRequestError(f"target {target}: give host:port, e.g. localhost:50051 (a host name, "
                                   "an IPv4 address, or an IPv6 one in brackets)")
     if match[2] is None:

@@ -90,16 +90,19 @@ class SearchKnobs:
 
 
 _N = r"([1-9][0-9]{0,5})"  # a count: no 0, no sign, at most 6 digits
-_CODES = r"(?:Flat|SQ(?:4|6|8|fp16|bf16)|PQ" + _N + r"(?:x" + _N + r")?(?:fs)?)"
+_SQ = r"SQ(?:4|6|8|fp16|bf16)"
+_CODES = r"(?:Flat|" + _SQ + r"|PQ" + _N + r"(?:x" + _N + r")?(?:fsr?)?)"
+_RERANK = r"(?:,RFlat|,Refine\((?:Flat|" + _SQ + r")\))?"
 # The factory strings a new index may have: the families the store is built and tested for
 # (exact, HNSW, IVF with flat, scalar or product codes, optional PCA / OPQ / rotation first and
 # a re-rank after). FAISS parses far more, and some of it crashes the process or fails only
 # once the store holds vectors (HNSW1, PQ32x0, RQ, NSG below 100 items, Refine over an IVF).
+# A re-rank only over HNSW or an IVF: FAISS's flat code indexes take no search parameters.
 _SUPPORTED_FACTORY = re.compile(
     r"(?:(?:PCAW?R?" + _N + r"|OPQ" + _N + r"(?:_" + _N + r")?|RR" + _N + r"),)*"
-    r"(?:HNSW" + _N + r"(?:_(?:Flat|SQ(?:4|6|8|fp16|bf16)))?"
-    r"|(?:IVF" + _N + r"(?:_HNSW" + _N + r")?,)?" + _CODES + r")"
-    r"(?:,RFlat|,Refine\((?:Flat|SQ(?:4|6|8|fp16|bf16))\))?"
+    r"(?:HNSW" + _N + r"(?:_(?:Flat|" + _SQ + r")|,Flat)?" + _RERANK
+    + r"|IVF" + _N + r"(?:_HNSW" + _N + r")?," + _CODES + _RERANK
+    + r"|" + _CODES + r")"
 )
 MAX_IVF_LISTS = 65_536  # 4 sqrt(n) lists reach it at 268M items; its centroids take 335 MB at dim 1280
 MAX_HNSW_M = 256
@@ -111,9 +114,9 @@ def check_new_factory(dim: int, factory: str) -> None:
     if not _SUPPORTED_FACTORY.fullmatch(factory):
         raise InvalidRequestError(
             f"index type {factory!r} is not one the index supports: [PCA<d>|PCAR<d>|PCAW<d>|OPQ<M>[_<d>]|"
-            "RR<d>,]... then Flat, HNSW<M>[_SQ8], or [IVF<lists>[_HNSW<M>],]Flat|SQ8|SQfp16|PQ<M>[x<bits>][fs], "
-            "then optionally ,RFlat or ,Refine(Flat|SQfp16); e.g. auto, Flat, HNSW32, IVF1024,Flat, "
-            "OPQ32,IVF1024,PQ32, IVF1024,PQ64x4fs,Refine(SQfp16)")
+            "RR<d>,]... then Flat, SQ8, SQfp16, PQ<M>[x<bits>][fs], HNSW<M>[_SQ8], or IVF<lists>[_HNSW<M>],"
+            "Flat|SQ8|SQfp16|PQ<M>[x<bits>][fs]; the last two optionally then ,RFlat or ,Refine(Flat|SQfp16). "
+            "E.g. auto, Flat, HNSW32, IVF1024,Flat, OPQ32,IVF1024,PQ32, IVF1024,PQ64x4fs,Refine(SQfp16)")
     for name, limit, found in (("IVF lists", MAX_IVF_LISTS, re.findall(r"IVF([0-9]+)", factory)),
                                ("HNSW links (M)", MAX_HNSW_M, re.findall(r"HNSW([0-9]+)", factory)),
                                ("PQ bits", 16, re.findall(r"PQ[0-9]+x([0-9]+)", factory)),
@@ -124,6 +127,8 @@ def check_new_factory(dim: int, factory: str) -> None:
         raise InvalidRequestError(f"index type {factory!r}: HNSW needs at least 2 links (M)")
     if any(int(d) % int(m) for m, d in re.findall(r"OPQ([0-9]+)_([0-9]+)", factory)):
         raise InvalidRequestError(f"index type {factory!r}: OPQ<M>_<d> needs d to be a multiple of M")
+    if (first := re.match(r"OPQ([0-9]+),", factory)) and dim % int(first[1]):  # its output keeps dim
+        raise InvalidRequestError(f"index type {factory!r}: OPQ<M> needs the {dim} dims to be a multiple of M")
     parse_factory(dim, factory)
 
 
@@ -197,6 +202,8 @@ def training_size(dim: int, factory: str) -> int:
             need = max(need, 39 * 256)
         elif isinstance(transform, faiss.PCAMatrix | faiss.ITQTransform):  # centred: rank n - 1
             need = max(need, transform.d_out + 1)
+    if re.search(r"SQ[468]\b", factory):  # 4-8 bit ranges per dim: from one vector, all codes alike
+        need = max(need, 1000)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         need = max(need, 39 * ivf.nlist)  # FAISS k-means wants ~39 points per centroid

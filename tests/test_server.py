@@ -413,7 +413,7 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
             PictorClient(bad)
     for bad, why in ((":50051", "give host:port"), (" localhost:1", "give host:port"),
                      ("user@localhost:1", "give host:port"), ("grpc://localhost:1", "give host:port without grpc://"),
-                     ("::1:56810", "put an IPv6 address in brackets")):
+                     ("::1:56810", "put an IPv6 address in brackets"), ("[1.2.3.4]:5", "give host:port")):
         with pytest.raises(InvalidRequestError, match=f"{re.escape(bad)}: {why}"):
             PictorClient(bad)
     with PictorClient("::1") as client:  # gRPC would have called port 443
