@@ -12,12 +12,11 @@ import dataclasses
 import json
 import os
 import sys
-import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pictor.api import CLASSIFIERS
+from pictor.api import CLASSIFIERS, canonical_label
 from pictor.config import DEFAULT_TARGET, client_max_message_mb, default_target
 from pictor.errors import (
     DeadlineExceededError,
@@ -262,7 +261,7 @@ def run_search(args: argparse.Namespace) -> int:
         held = client.info().label_counts if args.label else {}
     rows = [f"{i + 1:>3}  {h.score:6.3f}  {_hit_text(h)}"
             for i, h in enumerate(hits)]
-    unknown = [label for label in args.label if unicodedata.normalize("NFC", label) not in held]  # as stored
+    unknown = [label for label in args.label if canonical_label(label) not in held]  # as the index keeps them
     no_such = (f"the index has no item labelled {', '.join(map(repr, unknown))} (labels: "
                f"{_label_counts_text(held)})") if held and unknown else ""
     if hits and no_such:  # a typo among several labels: the hits are of the others

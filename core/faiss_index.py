@@ -117,13 +117,16 @@ def check_new_factory(dim: int, factory: str) -> None:
             "RR<d>,]... then Flat, SQ8, SQfp16, PQ<M>[x<bits>][fs], HNSW<M>[_SQ8], or IVF<lists>[_HNSW<M>],"
             "Flat|SQ8|SQfp16|PQ<M>[x<bits>][fs]; the last two optionally then ,RFlat or ,Refine(Flat|SQfp16). "
             "E.g. auto, Flat, HNSW32, IVF1024,Flat, OPQ32,IVF1024,PQ32, IVF1024,PQ64x4fs,Refine(SQfp16)")
-    for name, limit, found in (("IVF lists", MAX_IVF_LISTS, re.findall(r"IVF([0-9]+)", factory)),
-                               ("HNSW links (M)", MAX_HNSW_M, re.findall(r"HNSW([0-9]+)", factory)),
-                               ("PQ bits", 16, re.findall(r"PQ[0-9]+x([0-9]+)", factory)),
-                               ("rotated dims", 4 * dim, re.findall(r"RR([0-9]+)", factory))):
-        if any(int(n) > limit for n in found):
+    def counts(pattern: str) -> list[int]:
+        return [int(n) for n in re.findall(pattern, factory)]
+
+    for name, limit, found in (("IVF lists", MAX_IVF_LISTS, counts(r"IVF([0-9]+)")),
+                               ("HNSW links (M)", MAX_HNSW_M, counts(r"HNSW([0-9]+)")),
+                               ("PQ bits", 16, counts(r"PQ[0-9]+x([0-9]+)")),
+                               ("rotated dims", 4 * dim, counts(r"RR([0-9]+)"))):
+        if any(n > limit for n in found):
             raise InvalidRequestError(f"index type {factory!r}: at most {limit:,} {name}")
-    if any(int(m) < 2 for m in re.findall(r"HNSW([0-9]+)", factory)):
+    if any(m < 2 for m in counts(r"HNSW([0-9]+)")):
         raise InvalidRequestError(f"index type {factory!r}: HNSW needs at least 2 links (M)")
     if any(int(d) % int(m) for m, d in re.findall(r"OPQ([0-9]+)_([0-9]+)", factory)):
         raise InvalidRequestError(f"index type {factory!r}: OPQ<M>_<d> needs d to be a multiple of M")
@@ -150,9 +153,6 @@ def parse_factory(dim: int, factory: str) -> faiss.Index:
         if isinstance(transform, faiss.PCAMatrix) and transform.d_out > transform.d_in:
             raise InvalidRequestError(f"index type {factory!r}: PCA can reduce {transform.d_in} dims, "
                                       f"not raise them to {transform.d_out}")
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None and ivf.nlist < 1:
-        raise InvalidRequestError(f"index type {factory!r}: an IVF needs at least 1 list")
     # Polysemous training (on by default for 8-bit PQ) takes minutes and only serves
     # Hamming-threshold search, which the store never uses.
     for layer in _layers(index):

@@ -10,12 +10,12 @@ import csv
 import json
 import logging
 import os
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pictor.api import canonical_label
 from pictor.errors import InvalidRequestError, NotFoundError
 
 log = logging.getLogger(__name__)
@@ -31,12 +31,6 @@ class GalleryEntry:
     path: Path
     label: str = ""
     attributes: dict[str, str] = field(default_factory=dict)
-
-
-def canonical_label(label: str) -> str:
-    """A label in Unicode's composed form (NFC): "rosés" typed, and "rosés" in a folder name
-    that macOS wrote decomposed (e + combining accent), look alike and must be one class."""
-    return unicodedata.normalize("NFC", label)
 
 
 def is_image_file(name: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 
 # What Classify answers with; a name's position is its ``pictor.v1.Classifier`` value.
@@ -13,6 +14,13 @@ UPSERT_CHUNK = 64
 
 # The most results one call returns: k of Search, top_k and neighbors of Classify.
 MAX_K = 1000
+
+
+def canonical_label(label: str) -> str:
+    """A label as the index keeps it, in Unicode's composed form (NFC): "rosés" typed, and
+    "rosés" in a folder name that macOS wrote decomposed (e + combining accent), look alike
+    and must be one class."""
+    return unicodedata.normalize("NFC", label)
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, TypeVar, cast
 
 import grpc
 
-from pictor.api import CLASSIFIERS, UPSERT_CHUNK
-from pictor.core.gallery import canonical_label
+from pictor.api import CLASSIFIERS, UPSERT_CHUNK, canonical_label
 from pictor.core.store import Filter, Hits, Item, SearchParams, UpsertResult
 from pictor.errors import DeadlineExceededError, InvalidRequestError, PictorError, ResourceExhaustedError
 from pictor.iterators import batched
