@@ -24,7 +24,7 @@ from typing import Any, TypeVar, cast
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pictor.api import CLASSIFIERS, MAX_K, UPSERT_CHUNK, OpenSetCheck, ServerInfo, StoredItem
+from pictor.api import CLASSIFIERS, MAX_K, UPSERT_CHUNK, OpenSetCheck, ServerInfo, StoredItem, refuse_single
 from pictor.config import DEFAULT_MAX_MESSAGE_MB, DEFAULT_PORT, DEFAULT_TARGET, check_max_message_mb
 from pictor.errors import DeadlineExceededError, InvalidRequestError, PictorError, ServerUnavailableError
 from pictor.status import error_from_status
@@ -167,14 +167,6 @@ def _too_large(details: str) -> str:
             "Python) and `pictor serve --max-message-mb`")
 
 
-def _not_one(values: object, what: str, hint: str) -> None:
-    """Refuse a lone str or bytes where a list of them is expected: iterating one would send
-    its characters (or byte values) one by one."""
-    if isinstance(values, str | bytes | bytearray | memoryview):
-        raise InvalidRequestError(f"{what} must be a list, got a single {type(values).__name__}; "
-                                  f"{hint}")
-
-
 def _text_error(what: str, e: Exception) -> InvalidRequestError:
     """protobuf's TypeError or UnicodeEncodeError (a lone surrogate) as the caller's mistake."""
     return InvalidRequestError(f"{what} must be text (str, encodable as UTF-8): {e}")
@@ -182,7 +174,7 @@ def _text_error(what: str, e: Exception) -> InvalidRequestError:
 
 def _fill_vector(vector: pb.Vector, values: object) -> None:
     """Fill ``vector`` with ``values``, or a clear error (bytes would send their byte values)."""
-    _not_one(values, "a vector", "give numbers: [0.1, 0.2, ...] or a numpy array")
+    refuse_single(values, "a vector", "give numbers: [0.1, 0.2, ...] or a numpy array")
     try:
         vector.values.extend(values)  # type: ignore[call-overload]
     except (TypeError, ValueError) as e:
@@ -319,7 +311,7 @@ class PictorClient:
         _check_counts(1, MAX_K, k=k)
         _check_counts(0, nprobe=nprobe, ef_search=ef_search)  # 0: the index's tuned default
         request = pb.SearchRequest(k=k, params=pb.SearchParams(nprobe=nprobe, ef_search=ef_search))
-        _not_one(labels, "labels", "for one label, write labels=['daisy']")
+        refuse_single(labels, "labels", "for one label, write labels=['daisy']")
         if image is not None:
             request.image = _image_bytes(image)
         elif vector is not None:
@@ -337,7 +329,7 @@ class PictorClient:
     def embed(self, images: Sequence[ImageData]) -> list[list[float]]:
         """Each image's embedding in the index's space, as Search and Upsert take it (at most
         256 images per call)."""
-        _not_one(images, "images", "for one image, write [data]")
+        refuse_single(images, "images", "for one image, write [data]")
         r = self._call(self._stub.Embed, pb.EmbedRequest(images=[_image_bytes(i) for i in images]))
         return [list(v.values) for v in r.embeddings]
 
@@ -386,7 +378,7 @@ class PictorClient:
 
     def delete(self, keys: Sequence[str]) -> tuple[int, list[str]]:
         """Remove items; returns (deleted, keys that did not exist)."""
-        _not_one(keys, "keys", "for one key, write [key]")
+        refuse_single(keys, "keys", "for one key, write [key]")
         try:
             request = pb.DeleteRequest(keys=list(keys))
         except (TypeError, ValueError) as e:
@@ -405,7 +397,7 @@ class PictorClient:
         """Stored items by key, each key once in the order first asked (at most 1000 distinct
         keys), with its stored vector when ``vectors``; returns (items, keys the index does not
         hold)."""
-        _not_one(keys, "keys", "for one key, write [key]")
+        refuse_single(keys, "keys", "for one key, write [key]")
         try:
             request = pb.GetRequest(keys=list(keys), vectors=vectors)
         except (TypeError, ValueError) as e:

@@ -296,10 +296,13 @@ def top_k_labels(probs: np.ndarray, names: Sequence[str], k: int) -> list[tuple[
 
 
 class LabelledHit(Protocol):
-    """What ``knn_vote`` needs from a search hit (``pictor.core.store.Hit`` fits)."""
+    """What ``knn_vote`` needs from a search hit (``pictor.core.store.Hit`` fits: read-only
+    properties, so a frozen dataclass matches too)."""
 
-    label: str
-    score: float
+    @property
+    def label(self) -> str: ...
+    @property
+    def score(self) -> float: ...
 
 
 # Temperature of the weighted kNN vote, exp(similarity / T), as in Wu et al. 2018 ("Unsupervised

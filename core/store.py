@@ -37,17 +37,18 @@ import sqlite3
 import sys
 import threading
 import time
+import unicodedata
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, overload
 
 import faiss
 import numpy as np
 
+from pictor.api import canonical_label, refuse_single
 from pictor.core.faiss_index import (
     EXACT_FACTORY,
     MAX_WIDTH,
@@ -90,7 +91,7 @@ MAX_ATTRIBUTES_CHARS = 65_536  # of an item's attributes, written as JSON
 RESTORE_OR_REBUILD = ("restore it from a backup, or build the index again with `pictor index` "
                       "into another --out (or after deleting this folder)")
 _MIN_TUNE_ITEMS = 500  # search defaults are first re-tuned at twice this many items
-_NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})  # shared by every hit without any
+_ONE_KEY = "for one key, write [key]"
 
 
 # -- public data types ----------------------------------------------------------------------
@@ -188,6 +189,24 @@ class Filter:
     labels: Sequence[str] = ()
     attributes: Mapping[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        refuse_single(self.labels, "a filter's labels", "for one label, write labels=[label]")
+        for label in self.labels:
+            if not isinstance(label, str):
+                raise InvalidRequestError(f"a filter's labels must be strings, got {label!r:.80}")
+            _check_label(label, "a filter")
+        if len(self.attributes) > MAX_FILTER_ATTRIBUTES:  # one INTERSECT each; SQLite allows 500 terms
+            raise InvalidRequestError(f"a filter takes at most {MAX_FILTER_ATTRIBUTES} attribute pairs, "
+                                      f"got {len(self.attributes)}")
+        for name, value in self.attributes.items():
+            if not isinstance(name, str) or not isinstance(value, str):
+                raise InvalidRequestError(f"a filter's attributes must map strings to strings, got "
+                                          f"{name!r:.80}: {value!r:.80}")
+            if not name.strip():  # as _checked_items refuses them
+                raise InvalidRequestError("a filter's attribute name is empty; no item has such an attribute")
+        # Labels as the store keeps them (NFC), so "rosés" matches however it was typed.
+        object.__setattr__(self, "labels", tuple(map(canonical_label, self.labels)))
+
     @property
     def empty(self) -> bool:
         return not self.labels and not self.attributes
@@ -240,6 +259,20 @@ class StoreOptions:
     # Keep key/label/attributes of every item in memory (~200 MB per million items) so a
     # search adds no SQLite query; False looks them up in SQLite, one query per search.
     metadata_in_memory: bool = True
+
+    def __post_init__(self) -> None:
+        ranges = (
+            ("memory_budget_gb", self.memory_budget_gb > 0, "above 0"),
+            ("target_recall", 0 < self.target_recall <= 1, "above 0 and at most 1"),
+            ("exact_below", self.exact_below >= 0, "at least 0"),
+            ("growth_factor", self.growth_factor > 1, "above 1"),
+            ("compact_ratio", 0 < self.compact_ratio < 1, "between 0 and 1"),
+            ("snapshot_every", self.snapshot_every >= 1, "at least 1"),
+            ("exact_filter_limit", self.exact_filter_limit >= 0, "at least 0"),
+        )
+        for name, ok, wanted in ranges:
+            if not ok:
+                raise InvalidRequestError(f"StoreOptions.{name} must be {wanted}, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -488,8 +521,8 @@ class IndexStore:
         """
         self._check_open()
         q = self.check_vectors(queries, what="queries")
-        if k < 1:
-            raise InvalidRequestError(f"k must be at least 1, got {k}")
+        if type(k) is not int or k < 1:  # (a bool is not a count either)
+            raise InvalidRequestError(f"k must be an int of at least 1, got {k!r:.40}")
         # A filtered search widens itself until its hits settle (_filtered_search), not by k:
         # widened by k too, HNSW took 7x longer for k=1000 at the same recall.
         wanted = k if filter is None or filter.empty else TUNED_K
@@ -535,12 +568,14 @@ class IndexStore:
     def keys_present(self, keys: Sequence[str]) -> set[str]:
         """Which of ``keys`` the store holds."""
         self._check_open()
+        refuse_single(keys, "keys", _ONE_KEY)
         with self._rw.read():
             return set(_ids_for_keys(self._reader(), list(keys)))
 
     def keys_absent_from(self, keys: Iterable[str]) -> list[str]:
         """The store's keys that are not among ``keys``, in key order."""
         self._check_open()
+        refuse_single(keys, "keys", _ONE_KEY)
         wanted = set(keys)
         with self._rw.read():
             rows = self._reader().execute("SELECT key FROM items ORDER BY key")
@@ -550,6 +585,7 @@ class IndexStore:
         """The stored items of ``keys`` (each once, in the order asked), with their vectors when
         ``vectors``; keys the store does not hold are ``missing``."""
         self._check_open()
+        refuse_single(keys, "keys", _ONE_KEY)
         unique = list(dict.fromkeys(keys))
         with self._rw.read():  # one consistent state across the chunks
             found = _rows_for_keys(self._reader(), unique, vectors=vectors)
@@ -576,6 +612,7 @@ class IndexStore:
 
     def info(self) -> StoreInfo:
         """A consistent summary of the store (counts, index in use, search defaults)."""
+        self._check_open()
         with self._rw.read():
             return StoreInfo(
                 index_type=self.index_type,
@@ -608,7 +645,7 @@ class IndexStore:
         vecs = self.check_vectors(vectors) if len(items) else np.zeros((0, self.dim), np.float32)
         if len(items) != len(vecs):
             raise InvalidRequestError(f"got {len(items)} items but {len(vecs)} vectors")
-        _check_items(items)
+        items = _checked_items(items)
         if not items:
             return UpsertResult(0, 0)
         # Within one call the last occurrence of a key wins, as if upserted one by one.
@@ -628,6 +665,7 @@ class IndexStore:
         """Remove items by key; durable when it returns. Unknown keys are reported missing.
         ``before_write``: as for ``upsert``."""
         self._check_open()
+        refuse_single(keys, "keys", _ONE_KEY)
         unique = list(dict.fromkeys(keys))
         if not unique:
             return DeleteResult(0, [])
@@ -681,12 +719,13 @@ class IndexStore:
                 if snapshot and hasattr(self, "_index"):
                     self._snapshot_if_possible()
             finally:
-                self._closed = True
-                with self._readers_lock:
-                    for conn in list(self._readers):
-                        conn.close()
-                    self._readers.clear()
-                self._db.close()
+                with self._rw.write():  # searches under way finish first; later ones are refused
+                    self._closed = True
+                    with self._readers_lock:
+                        for conn in list(self._readers):
+                            conn.close()
+                        self._readers.clear()
+                    self._db.close()
                 os.close(self._lock_fd)
 
     # -- write internals ------------------------------------------------------------------
@@ -1089,6 +1128,7 @@ class IndexStore:
 
     def _reader(self) -> sqlite3.Connection:
         """This thread's read connection (SQLite connections are not shared across threads)."""
+        self._check_open()  # a reader that passed its own check as another thread closed the store
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = _connect(self.path / DATABASE, readonly=True)
@@ -1298,11 +1338,6 @@ def make_store_dir(root: Path) -> None:
 
 def _match_ids(conn: sqlite3.Connection, flt: Filter) -> np.ndarray:
     """Sorted ids of the items a filter admits."""
-    if len(flt.attributes) > MAX_FILTER_ATTRIBUTES:  # one INTERSECT each; SQLite allows 500 terms
-        raise InvalidRequestError(
-            f"a filter takes at most {MAX_FILTER_ATTRIBUTES} attribute pairs, got {len(flt.attributes)}")
-    if any(not name.strip() for name in flt.attributes):  # as _check_items refuses them
-        raise InvalidRequestError("a filter's attribute name is empty; no item has such an attribute")
     parts: list[str] = []
     args: list[Any] = []
     if flt.labels:
@@ -1436,25 +1471,40 @@ def _tuples(values: Iterable[tuple[str, str, str]]) -> np.ndarray:
 
 
 def _load_attrs(text: str) -> Mapping[str, str]:
-    return json.loads(text) if text else _NO_ATTRIBUTES
+    return json.loads(text) if text else {}
 
 
 def _dump_attrs(attrs: Mapping[str, str]) -> str:
     return json.dumps(dict(attrs), sort_keys=True, ensure_ascii=False) if attrs else ""
 
 
-def _check_items(items: Sequence[Item]) -> None:
-    for item in items:
+def _check_label(label: str, whose: str) -> None:
+    if len(label) > MAX_LABEL_LEN:
+        raise InvalidRequestError(f"{whose}: the label is {len(label):,} characters long; at most {MAX_LABEL_LEN:,}")
+    if "\0" in label:  # SQLite's JSON functions, which the label filter uses, cut text there
+        raise InvalidRequestError(f"{whose}: the label {label!r:.80} holds a NUL character (U+0000), "
+                                  "which labels cannot")
+
+
+def _checked_items(items: list[Item]) -> list[Item]:
+    """``items`` checked, with their labels as the store keeps them: in NFC
+    (``canonical_label``), however the caller's text composed its accents."""
+    for i, item in enumerate(items):
         if not isinstance(item.key, str) or not item.key or len(item.key) > MAX_KEY_LEN:
+            size = f"{len(item.key):,} characters: " if isinstance(item.key, str) and item.key else ""
             raise InvalidRequestError(
-                f"item key must be a non-empty string of at most {MAX_KEY_LEN} characters, "
-                f"got {item.key!r:.80}"
+                f"item key must be a non-empty string of at most {MAX_KEY_LEN:,} characters, "
+                f"got {size}{item.key!r:.80}"
             )
         if not isinstance(item.label, str):
             raise InvalidRequestError(f"label of {item.key!r} must be a string")
-        if len(item.label) > MAX_LABEL_LEN:
-            raise InvalidRequestError(f"item {item.key!r:.200}: the label is {len(item.label):,} "
-                                      f"characters long; at most {MAX_LABEL_LEN:,}")
+        _check_label(item.label, f"item {item.key!r:.200}")
+        if not unicodedata.is_normalized("NFC", item.label):
+            items[i] = item = replace(item, label=canonical_label(item.label))
+            if len(item.label) > MAX_LABEL_LEN:  # (a few characters compose into more)
+                raise InvalidRequestError(f"item {item.key!r:.200}: the label is {len(item.label):,} "
+                                          f"characters long in Unicode NFC, as the index keeps labels; "
+                                          f"at most {MAX_LABEL_LEN:,}")
         for name, value in item.attributes.items():
             if not isinstance(name, str) or not isinstance(value, str):
                 raise InvalidRequestError(
@@ -1467,6 +1517,7 @@ def _check_items(items: Sequence[Item]) -> None:
         if item.attributes and len(text := _dump_attrs(item.attributes)) > MAX_ATTRIBUTES_CHARS:
             raise InvalidRequestError(f"item {item.key!r:.200}: its attributes take {len(text):,} "
                                       f"characters as JSON; at most {MAX_ATTRIBUTES_CHARS:,}")
+    return items
 
 
 # -- files and locks ------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass, field
 
+from pictor.errors import InvalidRequestError
+
 # What Classify answers with; a name's position is its ``pictor.v1.Classifier`` value.
 CLASSIFIERS = ("default", "head", "knn", "all")
 
@@ -21,6 +23,14 @@ def canonical_label(label: str) -> str:
     "rosés" in a folder name that macOS wrote decomposed (e + combining accent), look alike
     and must be one class."""
     return unicodedata.normalize("NFC", label)
+
+
+def refuse_single(values: object, what: str, hint: str) -> None:
+    """Refuse a lone str or bytes where a list of them is expected: iterating one would take
+    its characters (or byte values) one by one, as keys, labels or numbers."""
+    if isinstance(values, str | bytes | bytearray | memoryview):
+        raise InvalidRequestError(f"{what} must be a list, got a single {type(values).__name__}; "
+                                  f"{hint}")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypeVar, cast
 
 import grpc
 
-from pictor.api import CLASSIFIERS, UPSERT_CHUNK, canonical_label
+from pictor.api import CLASSIFIERS, UPSERT_CHUNK
 from pictor.core.store import Filter, Hits, Item, SearchParams, UpsertResult
 from pictor.errors import DeadlineExceededError, InvalidRequestError, PictorError, ResourceExhaustedError
 from pictor.iterators import batched
@@ -183,8 +183,7 @@ class PictorService(pb_grpc.PictorServicer):
             key=request.key if which == "key" else None,
             vector=list(request.vector.values) if which == "vector" else None,
             k=request.k,
-            filter=Filter(labels=tuple(map(canonical_label, request.filter.labels)),
-                          attributes=dict(request.filter.attributes))
+            filter=Filter(labels=tuple(request.filter.labels), attributes=dict(request.filter.attributes))
             if request.HasField("filter")
             else None,
             params=SearchParams(nprobe=request.params.nprobe, ef_search=request.params.ef_search)
@@ -226,7 +225,7 @@ class PictorService(pb_grpc.PictorServicer):
         return pb.UpsertResponse(inserted=inserted, replaced=replaced)
 
     def _upsert_chunk(self, chunk: list[pb.Item], context: grpc.ServicerContext, first: int) -> UpsertResult:
-        items = [Item(key=i.key, label=canonical_label(i.label), attributes=dict(i.attributes)) for i in chunk]
+        items = [Item(key=i.key, label=i.label, attributes=dict(i.attributes)) for i in chunk]
         images = [i.image or None for i in chunk]
         vectors = [list(i.vector.values) if i.HasField("vector") else None for i in chunk]
         return self.engine.upsert(items, images, vectors, first=first,

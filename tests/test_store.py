@@ -285,6 +285,14 @@ def test_bad_input_refused(tmp_path: Path, rng) -> None:
             store.upsert(items(1), np.zeros((1, DIM), np.float32))
         with pytest.raises(InvalidRequestError, match="key"):
             store.upsert([Item("")], unit(rng, 1))
+        with pytest.raises(InvalidRequestError, match="at most 4,096 characters, got 5,000 characters: 'kkk"):
+            store.upsert([Item("k" * 5000)], unit(rng, 1))
+        # SQLite's JSON functions, which the label filter uses, cut text at a NUL: such a label
+        # was counted by label_counts but no filter could find it.
+        with pytest.raises(InvalidRequestError, match=r"item 'a': the label 'a\\x00b' holds a NUL character"):
+            store.upsert([Item("a", label="a\0b")], unit(rng, 1))
+        with pytest.raises(InvalidRequestError, match="a filter: the label 'a\\\\x00b' holds a NUL"):
+            Filter(labels=["a\0b"])
         with pytest.raises(InvalidRequestError, match="k must be"):
             store.search(unit(rng, 1), k=0)
         # Labels and attributes come back with every hit: named, and bounded as keys are.
@@ -325,6 +333,81 @@ def test_bad_input_refused(tmp_path: Path, rng) -> None:
         IndexStore.create(tmp_path / "s", spec())
     with pytest.raises(NotFoundError, match="no index store"):
         IndexStore.open(tmp_path / "missing")
+
+
+def test_library_callers_mistakes_are_refused_not_misread(filled: tuple[IndexStore, np.ndarray]) -> None:
+    store, vecs = filled
+    store.upsert([Item("a"), Item("b"), Item("ab")], vecs[:3])
+    # A lone key iterated would be its characters: delete("ab") removed "a" and "b".
+    for call in (store.delete, store.get, store.keys_present, store.keys_absent_from):
+        with pytest.raises(InvalidRequestError, match=r"keys must be a list, got a single str; for one key, write \[key\]"):
+            call("ab")
+    assert store.keys_present(["a", "b", "ab"]) == {"a", "b", "ab"}
+    # Filter(labels="cat") searched the labels "c", "a", "t", and admits() tested substrings.
+    with pytest.raises(InvalidRequestError, match="a filter's labels must be a list, got a single str"):
+        Filter(labels="class1")
+    with pytest.raises(InvalidRequestError, match="must map strings to strings, got 'shard': 1"):
+        Filter(attributes={"shard": 1})  # type: ignore[dict-item]  # a caller's mistake, on purpose
+    with pytest.raises(InvalidRequestError, match="k must be an int of at least 1, got True"):
+        store.search(vecs[0], k=True)
+    with pytest.raises(InvalidRequestError, match="StoreOptions.target_recall must be above 0 and at most 1, got 5.0"):
+        StoreOptions(target_recall=5.0)
+
+
+def test_labels_are_kept_in_nfc_and_filters_match_them_however_typed(tmp_path: Path, rng) -> None:
+    composed, decomposed = "ros\u00e9s", "rose\u0301s"
+    vecs = unit(rng, 2)
+    with IndexStore.create(tmp_path / "s", spec()) as store:
+        store.upsert([Item("a", label=decomposed), Item("b", label=composed)], vecs)
+        assert store.label_counts() == {composed: 2}
+        for typed in (composed, decomposed):
+            hits = store.search(vecs[0], k=5, filter=Filter(labels=[typed]))[0]
+            assert set(hits.keys) == {"a", "b"} and set(hits.labels) == {composed}
+        assert Filter(labels=[decomposed]).admits(Item("x", label=composed))
+
+
+def test_hits_pickle_and_serialise_with_or_without_attributes(filled: tuple[IndexStore, np.ndarray]) -> None:
+    import copy
+    import dataclasses
+    import pickle
+
+    store, vecs = filled
+    store.upsert([Item("bare")], vecs[:1])  # an item without attributes
+    for hit in store.search(vecs[0], k=2)[0]:
+        assert pickle.loads(pickle.dumps(hit)) == hit and copy.deepcopy(hit) == hit
+        json.dumps(dataclasses.asdict(hit))
+
+
+def test_a_store_closed_while_others_search_refuses_them_clearly(tmp_path: Path, rng) -> None:
+    vecs = unit(rng, 50)
+    store = IndexStore.create(tmp_path / "s", spec(), index_type="Flat")
+    store.upsert(items(50), vecs)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                store.search(vecs[:2], k=3, filter=Filter(labels=["class1"]))
+                store.info()
+            except InvalidRequestError as e:
+                assert "is closed" in str(e)
+                return
+            except BaseException as e:  # sqlite3.ProgrammingError before the fix
+                errors.append(e)
+                return
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    store.close()
+    for t in threads:
+        t.join(10)
+    stop.set()
+    assert not errors
+    with pytest.raises(InvalidRequestError, match="is closed"):
+        store.info()
 
 
 def test_second_process_handle_refused(tmp_path: Path) -> None:
