@@ -63,6 +63,7 @@ class ServerUnavailableError(PictorError, ConnectionError):
     """The server could not be reached, or did not answer before the deadline."""
 
 
-class DeadlineExceededError(ServerUnavailableError):
+class DeadlineExceededError(ServerUnavailableError, TimeoutError):
     """The call's deadline passed (or the caller cancelled it) before the answer: the client
-    gets this, and the server stops work for a caller that has gone."""
+    gets this, and the server stops work for a caller that has gone. Also a ``TimeoutError``,
+    so ``except TimeoutError`` catches a client's timeout."""

@@ -20,11 +20,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from pictor.config import ServerSettings
-from pictor.errors import InvalidRequestError, PictorError
+from pictor.errors import InvalidRequestError
 from pictor.server.engine import Engine
 from pictor.server.errors import ErrorInterceptor
 from pictor.server.service import PictorService, StreamSlots, idle_limited
-from pictor.status import status_for
 from pictor.v1 import pictor_pb2, pictor_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -59,12 +58,9 @@ class BoundedReflectionServicer(reflection.ReflectionServicer):
         self.slots, self.idle_s = slots, idle_s
 
     def ServerReflectionInfo(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-        try:
-            with self.slots.held(refused="nothing was answered"):
-                requests = idle_limited(request_iterator, self.idle_s, "reflection")
-                yield from super().ServerReflectionInfo(requests, context)
-        except PictorError as e:  # a streaming reply: the error interceptor lets it pass
-            context.abort(status_for(e), str(e))
+        with self.slots.held(refused="nothing was answered"):
+            requests = idle_limited(request_iterator, self.idle_s, "reflection")
+            yield from super().ServerReflectionInfo(requests, context)
 
 
 def create_server(settings: ServerSettings, engine: Engine | None = None) -> tuple[grpc.Server, int, Engine]:
@@ -181,6 +177,9 @@ def serve(settings: ServerSettings) -> None:
     )
     stop.wait()
     log.info("shutting down: draining calls in flight (up to %.0fs)", DRAIN_SECONDS)
-    server.stop(DRAIN_SECONDS).wait()
+    # gRPC's stop once never completed after a long mixed session (its threads all idle): the
+    # index is closed, and its snapshot written, regardless.
+    if not server.stop(DRAIN_SECONDS).wait(DRAIN_SECONDS + 5):
+        log.warning("gRPC had not stopped 5s after the drain; closing the index anyway")
     engine.close()
     log.info("stopped")

@@ -215,7 +215,7 @@ class Engine:
         if vector.shape != (self.store.spec.dim,):
             whitened = f" ({self.spec.whitening}: Embed returns such vectors)" if self.whitening else ""
             raise InvalidRequestError(
-                f"vector has {vector.size} values, but this index holds {self.store.spec.dim}-d vectors{whitened}"
+                f"vector has {vector.size} value{'' if vector.size == 1 else 's'}, but this index holds {self.store.spec.dim}-d vectors{whitened}"
             )
         return self.store.check_vectors(vector, what="vector")[0]  # finite, not zero, normalised
 

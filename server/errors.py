@@ -74,19 +74,36 @@ def _guard(behavior: Callable[..., Any], method: str, streaming: bool, max_reply
             if (size := reply.ByteSize()) > max_reply_bytes:
                 raise InvalidRequestError(_reply_too_large(size, max_reply_bytes, method))
             return reply
-        except PictorError as e:
-            code = status_for(e)
-            # gRPC carries the message in metadata, refused above 16 KB (percent-encoded, so non-
-            # ASCII counts up to 3 times): a message quoting a huge key would turn the error into
-            # RESOURCE_EXHAUSTED. Cut it short, in the log too.
-            message = _shortened(str(e))
-            log.info("%s -> %s: %s", method, code.name, message)
-            context.abort(code, message)
-        except Exception:
-            log.exception("%s failed", method)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see server log")
+        except Exception as e:
+            _abort(e, method, context)
 
     return guarded
+
+
+def _guard_replies(behavior: Callable[..., Iterator[Any]], method: str) -> Callable[..., Iterator[Any]]:
+    """``_guard`` for a stream of replies (reflection): the errors come while it is read."""
+    def guarded(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from behavior(_well_formed(requests), context)
+        except Exception as e:
+            _abort(e, method, context)
+
+    return guarded
+
+
+def _abort(error: Exception, method: str, context: grpc.ServicerContext) -> None:
+    """End the call with the status of ``error`` (INTERNAL, logged with its traceback, when
+    it is not one of Pictor's)."""
+    if isinstance(error, PictorError):
+        code = status_for(error)
+        # gRPC carries the message in metadata, refused above 16 KB (percent-encoded, so
+        # non-ASCII counts up to 3 times): a message quoting a huge key would turn the error
+        # into RESOURCE_EXHAUSTED. Cut it short, in the log too.
+        message = _shortened(str(error))
+        log.info("%s -> %s: %s", method, code.name, message)
+        context.abort(code, message)
+    log.error("%s failed", method, exc_info=error)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see server log")
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
@@ -114,7 +131,13 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
-        return handler  # server-streaming calls (health Watch) pass through untouched
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                _guard_replies(handler.stream_stream, method),
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # server-streaming calls (health Watch, not served) pass through untouched
 
 
 MAX_MESSAGE_CHARS = 1000  # at most 12 KB encoded: 4-byte characters, each byte as %XX
