@@ -1,4 +1,5 @@
-"""``pictor models``: the backbone zoo, with size, cost and where the weights come from."""
+"""``pictor models``: the backbone zoo, with size, cost and where the weights come from;
+``pictor backup``: a consistent copy of an index, also while it is served."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ COLUMNS = ("name", "family", "dim", "params_m", "gflops", "input", "default_weig
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``pictor models`` to the ``pictor`` parser."""
+    """Add ``pictor models`` and ``pictor backup`` to the ``pictor`` parser."""
     p = sub.add_parser(
         "models", help="list the backbones (dim, params, GFLOPs, weights)",
         description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -39,6 +40,36 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--family", help="only families whose name holds this (case-insensitive), e.g. ResNet, MobileNet")
     p.add_argument("--json", action="store_true", help="print JSON (one object per backbone)")
     p.set_defaults(run=run)
+    _register_backup(sub)
+
+
+BACKUP_HELP = """\
+Copy an index into a new folder, consistently even while `pictor serve` writes to it (Upsert,
+Delete): copying the folder with cp, tar or rsync then can give a damaged database. The copy
+is opened once to check it (which brings its FAISS index up to date with its database) and is
+an index like any other: serve it, or move it where the original was.
+
+examples:
+  pictor backup index backups/index-2026-11-30
+"""
+
+
+def _register_backup(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("backup", help="copy an index consistently, also while it is served",
+                       description=BACKUP_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("index", help="the index folder (`pictor index --out`)")
+    p.add_argument("dest", help="a new folder for the copy")
+    p.set_defaults(run=run_backup)
+
+
+def run_backup(args: argparse.Namespace) -> int:
+    require_server_extra("pictor backup")
+    from pictor.core.store import IndexStore, backup_store
+
+    backup_store(args.index, args.dest)
+    with IndexStore.open(args.dest) as copy:  # a copy that does not open is no backup
+        print(f"backed up {args.index} to {args.dest}: {len(copy)} items (checked: it opens)")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

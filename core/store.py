@@ -61,7 +61,7 @@ from pictor.core.faiss_index import (
     training_size,
     tune_knobs,
 )
-from pictor.core.files import write_atomic
+from pictor.core.files import fsync_dir, write_atomic
 from pictor.core.gallery import MAX_KEY_LEN
 from pictor.core.spec import ModelSpec
 from pictor.errors import (
@@ -448,6 +448,7 @@ class IndexStore:
             store.spec.check_compatible(db_spec, what=f"the database of {root}")
             if spec is not None:
                 store.spec.check_compatible(spec, what="the requested model")
+            _check_writable(root, store._db)
             store._db.execute(_CONTENTS_TABLE)  # a store from before content hashes
             store._db.execute(_CONTENTS_INDEX)  # or before they were looked up
             store._recover()
@@ -768,7 +769,7 @@ class IndexStore:
             db.execute("COMMIT")
         except BaseException as e:
             _rollback(db)
-            _raise_if_disk_full(self.path, e)
+            _raise_if_cannot_write(self.path, e)
             raise
         self._seq = seq
         self._count += len(items) - len(old_ids)
@@ -790,7 +791,7 @@ class IndexStore:
             db.execute("COMMIT")
         except BaseException as e:
             _rollback(db)
-            _raise_if_disk_full(self.path, e)
+            _raise_if_cannot_write(self.path, e)
             raise
         if existing:
             self._seq = seq
@@ -1328,6 +1329,53 @@ def _empty_folder(root: Path, *, remove: bool) -> None:
             root.rmdir()
 
 
+def backup_store(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> int:
+    """Copy the store at ``path`` into the new folder ``dest``, consistently even while another
+    process (a server) writes to it; returns how many items the copy holds.
+
+    Copying the folder is not safe then: a copy taken during a write can hold a damaged
+    database. So this copies the FAISS snapshot the manifest names (snapshot files are never
+    changed once written), then the database through SQLite's online backup, which reads one
+    committed state of it, at least as new as the snapshot: opening the copy brings the
+    snapshot up to date with it, as after a crash."""
+    src, out = Path(path), Path(dest)
+    if not (src / MANIFEST).is_file() or not (src / DATABASE).is_file():
+        raise NotFoundError(f"no index store at {src} (no {MANIFEST} or {DATABASE})")
+    if out.exists():
+        raise InvalidRequestError(f"{out} exists; back up into a new folder")
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    make_store_dir(partial)
+    try:
+        for _attempt in range(10):  # a newer snapshot may replace the one named meanwhile
+            manifest = _read_manifest(src / MANIFEST)
+            snapshot = manifest.get("snapshot")
+            try:
+                if snapshot is not None:
+                    shutil.copyfile(src / snapshot["file"], partial / snapshot["file"])
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            manifest["snapshot"] = None  # the copy's index is rebuilt from its database
+        with contextlib.closing(_connect(src / DATABASE, readonly=True)) as source, \
+                contextlib.closing(sqlite3.connect(partial / DATABASE)) as copy:
+            source.backup(copy)
+            count = int(copy.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+        _write_json_atomic(partial / MANIFEST, manifest)
+        for file in partial.iterdir():
+            with open(file, "rb+") as f:
+                os.fsync(f.fileno())
+        partial.rename(out)
+        fsync_dir(out.parent)
+    except BaseException as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(e, OSError | sqlite3.Error):
+            error = ResourceExhaustedError if _out_of_space(out, e) else InvalidRequestError
+            raise error(f"backing up {src} into {out} failed: {e}; nothing was kept") from e
+        raise
+    return count
+
+
 def make_store_dir(root: Path) -> None:
     """The folder a new store goes in (with its parents), or an error that names the cause."""
     try:
@@ -1547,13 +1595,14 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         dim = int(manifest["dim"])
         if not isinstance(manifest["index_type"], str):
             raise TypeError("index_type is not a string")
+        StoreOptions(**manifest.get("options", {}))
         snapshot = manifest.get("snapshot")
         if snapshot is not None and not (isinstance(snapshot, dict) and isinstance(snapshot.get("file"), str)
                                          and isinstance(snapshot.get("seq"), int)
                                          and isinstance(snapshot.get("crc32", 0), int)):
             raise ValueError(f"snapshot entry {snapshot!r:.80} lacks a file name, an integer seq "
                              "or an integer checksum")
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:  # (InvalidRequestError, of StoreOptions, is a ValueError)
         raise InvalidRequestError(f"{path} is damaged ({type(e).__name__}: {e}); {RESTORE_OR_REBUILD}") from e
     if dim != spec.dim:
         raise InvalidRequestError(f"{path} is damaged: dim {dim}, but its model's is {spec.dim}; "
@@ -1569,10 +1618,26 @@ def _raise_if_cannot_open(root: Path, error: BaseException) -> None:
             f"the disk holding index store {root} is full, and opening it writes beside its "
             "database (SQLite's -wal and -shm files): free space and open it again"
         ) from error
-    if isinstance(error, sqlite3.DatabaseError):
+    # (A row that breaks the schema, a NULL label say, fails as a TypeError when loaded: a
+    # copy taken while a server wrote had one.)
+    if isinstance(error, sqlite3.DatabaseError | TypeError):
         raise InvalidRequestError(
             f"{root / DATABASE} is damaged or not a Pictor database ({error}); {RESTORE_OR_REBUILD}"
         ) from error
+
+
+def _check_writable(root: Path, db: sqlite3.Connection) -> None:
+    """Refuse a database file that takes no writes (read-only to this user) when opened, not
+    at its first Upsert: SQLite opens such a file read-only without a word."""
+    try:
+        db.execute("BEGIN IMMEDIATE")  # (succeeds on such a file: only a page written fails)
+        db.execute("UPDATE meta SET value = value WHERE name = 'seq'")
+    except sqlite3.OperationalError as e:
+        if e.sqlite_errorcode & 0xFF != sqlite3.SQLITE_READONLY:
+            raise
+        raise _cannot_write(root, f"its {DATABASE} is read-only ({e})") from e
+    finally:
+        _rollback(db)
 
 
 def _rollback(db: sqlite3.Connection) -> None:
@@ -1598,11 +1663,18 @@ def _out_of_space(root: Path, error: BaseException) -> bool:
     return False
 
 
-def _raise_if_disk_full(root: Path, error: BaseException) -> None:
+def _raise_if_cannot_write(root: Path, error: BaseException) -> None:
+    """A write that the disk refused, said plainly (SQLite's "disk I/O error" names no cause)."""
     if _out_of_space(root, error):
         raise ResourceExhaustedError(
             f"the disk holding index store {root} is full; this write was not applied (earlier "
             "ones are kept): free space and try again"
+        ) from error
+    code = getattr(error, "sqlite_errorcode", None) if isinstance(error, sqlite3.Error) else None
+    if code is not None and code & 0xFF == sqlite3.SQLITE_IOERR:  # with space left on the disk
+        raise ResourceExhaustedError(
+            f"could not write to index store {root} ({error}): a disk quota, a file size limit "
+            "(ulimit -f) or a failing disk; this write was not applied (earlier ones are kept)"
         ) from error
 
 
@@ -1610,15 +1682,19 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     write_atomic(path, lambda f: f.write((json.dumps(data, indent=2, sort_keys=True) + "\n").encode()))
 
 
+def _cannot_write(root: Path, why: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"cannot open index store {root} for writing: {why}; an index is opened for writing even "
+        "to serve it (it takes a lock, and repairs and snapshots its FAISS index), so serve a "
+        "writable copy of a read-only one")
+
+
 def _lock_directory(root: Path) -> int:
     """Hold an exclusive lock on the store so a second process cannot write it too."""
     try:
         fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:  # a read-only disk or folder: the store writes on every open
-        raise InvalidRequestError(
-            f"cannot open index store {root} for writing: {e.strerror}; an index is opened for writing "
-            "even to serve it (it takes a lock, and repairs and snapshots its FAISS index), so "
-            "serve a writable copy of a read-only one") from e
+        raise _cannot_write(root, str(e.strerror)) from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as e:

@@ -589,15 +589,14 @@ def test_streams_cut_off_by_their_deadline_or_malformed_write_and_log_nothing(bu
             # gRPC ends a stream cut off by its deadline as if its client had closed it, and
             # marks the call ended a moment later: 1 in 10 such streams had its 5 items written.
             # (Without the fix this loop failed about 2 times in 3.)
+            def five_then_stall(attempt: int, stalled: threading.Event) -> Iterator[UpsertItem]:
+                yield from (UpsertItem(key=f"cut/{attempt}/{i}", vector=[float(i + 1)] * 1280) for i in range(5))
+                stalled.wait(10)
+
             for attempt in range(12):
                 stalled = threading.Event()
-
-                def five_then_stall() -> Iterator[UpsertItem]:
-                    yield from (UpsertItem(key=f"cut/{attempt}/{i}", vector=[float(i + 1)] * 1280) for i in range(5))
-                    stalled.wait(10)
-
                 with PictorClient(server.target, timeout=0.5) as hasty, pytest.raises(DeadlineExceededError):
-                    hasty.upsert(five_then_stall())
+                    hasty.upsert(five_then_stall(attempt, stalled))
                 stalled.set()
             time.sleep(0.3)
             assert client.info().index_size == 12

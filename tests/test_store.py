@@ -410,6 +410,84 @@ def test_a_store_closed_while_others_search_refuses_them_clearly(tmp_path: Path,
         store.info()
 
 
+def test_a_backup_taken_while_another_thread_writes_holds_every_acknowledged_write(tmp_path: Path, rng) -> None:
+    vecs = unit(rng, 4000)
+    store = IndexStore.create(tmp_path / "live", spec(), index_type="Flat", options=StoreOptions(snapshot_every=100))
+    acked: list[int] = []  # batches whose upsert returned (durable), in order
+    stop = threading.Event()
+
+    def writer() -> None:
+        for b in range(40):
+            if stop.is_set():
+                return
+            store.upsert(items(100, start=b * 100), vecs[b * 100 : (b + 1) * 100])
+            if b % 3 == 2:  # deletes too: a backup must not bring one back
+                store.delete([f"img/{b * 100}.jpg"])
+            acked.append(b)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        copies: list[tuple[Path, list[int]]] = []
+        while thread.is_alive() and len(copies) < 6:
+            done_before = list(acked)
+            dest = tmp_path / f"copy{len(copies)}"
+            store_mod.backup_store(store.path, dest)  # the folder is held by the open store
+            copies.append((dest, done_before))
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join()
+        store.close()
+    assert len(copies) >= 2
+    for dest, done_before in copies:
+        with IndexStore.open(dest) as copy:
+            keys = {f"img/{b * 100 + i}.jpg" for b in done_before for i in range(100)}
+            deleted = {f"img/{b * 100}.jpg" for b in done_before if b % 3 == 2}
+            assert copy.keys_present(sorted(keys)) == keys - deleted
+            assert copy._index.ntotal - copy._index.tombstones == len(copy)  # FAISS agrees with the database
+            b = done_before[-1] if done_before else None
+            if b is not None:
+                assert copy.search(vecs[b * 100 + 1], k=1)[0][0].key == f"img/{b * 100 + 1}.jpg"
+    with pytest.raises(InvalidRequestError, match="exists; back up into a new folder"):
+        store_mod.backup_store(tmp_path / "live", copies[0][0])
+    with pytest.raises(NotFoundError, match="no index store"):
+        store_mod.backup_store(tmp_path / "nothing", tmp_path / "x")
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_a_database_that_takes_no_writes_is_refused_when_opened(tmp_path: Path, rng, monkeypatch) -> None:
+    with IndexStore.create(tmp_path / "s", spec()) as store:
+        store.upsert(items(3), unit(rng, 3))
+    connect = store_mod._connect
+
+    def read_only(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+        conn = connect(path, readonly=readonly)
+        conn.execute("PRAGMA query_only=ON")  # writes fail as on a file of mode 444 (root writes those)
+        return conn
+
+    monkeypatch.setattr(store_mod, "_connect", read_only)
+    with pytest.raises(InvalidRequestError, match="cannot open index store .* for writing: its metadata.sqlite is read-only"):
+        IndexStore.open(tmp_path / "s")
+
+
+def test_a_write_past_a_file_size_limit_is_explained(tmp_path: Path, rng) -> None:
+    import resource
+
+    store = IndexStore.create(tmp_path / "s", spec(), index_type="Flat")
+    store.upsert(items(3), unit(rng, 3))
+    largest = max(f.stat().st_size for f in (tmp_path / "s").iterdir())
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (largest, hard))  # as `ulimit -f` or a quota would
+    try:
+        with pytest.raises(ResourceExhaustedError, match="a disk quota, a file size limit .* this write was not applied"):
+            store.upsert(items(500, start=3), unit(rng, 500))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert len(store) == 3
+    store.close()
+
+
 def test_second_process_handle_refused(tmp_path: Path) -> None:
     with IndexStore.create(tmp_path / "s", spec()):
         with pytest.raises(InvalidRequestError, match="open in another process"):
@@ -628,6 +706,8 @@ def test_damaged_store_files_are_named_not_tracebacks(tmp_path: Path, rng) -> No
         "no spec": json.dumps({"format": 1}).encode(),
         "dim unlike its model's": json.dumps({**manifest, "dim": 512}).encode(),
         "a snapshot seq that is no number": json.dumps({**manifest, "snapshot": {"file": "f", "seq": "x"}}).encode(),
+        "an option edited by hand": json.dumps({**manifest, "options": {"exact_below": "abc"}}).encode(),
+        "an option out of range": json.dumps({**manifest, "options": {"compact_ratio": 5}}).encode(),
     }
     for data in damaged.values():  # keyed by what is wrong with it
         (tmp_path / "s" / "manifest.json").write_bytes(data)
