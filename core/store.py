@@ -944,7 +944,8 @@ class IndexStore:
         seq = self._seq
         name = f"{SNAPSHOT_PREFIX}{seq:012d}{SNAPSHOT_SUFFIX}"
         started = time.perf_counter()
-        crc32 = self._index.save(self.path / name)
+        folder = self._folder()
+        crc32 = self._index.save(folder / name)
         manifest = dict(self._manifest)
         manifest.update(
             factory=self._index.factory,
@@ -955,9 +956,9 @@ class IndexStore:
             updated=_now(),
             snapshot={"file": name, "seq": seq, "ntotal": self._index.ntotal, "crc32": crc32},
         )
-        _write_json_atomic(self.path / MANIFEST, manifest)
+        _write_json_atomic(folder / MANIFEST, manifest)
         self._manifest = manifest
-        for old in self.path.glob(f"{SNAPSHOT_PREFIX}*{SNAPSHOT_SUFFIX}"):
+        for old in folder.glob(f"{SNAPSHOT_PREFIX}*{SNAPSHOT_SUFFIX}"):
             if old.name != name:
                 old.unlink()
         with self._db:
@@ -1132,11 +1133,23 @@ class IndexStore:
         self._check_open()  # a reader that passed its own check as another thread closed the store
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = _connect(self.path / DATABASE, readonly=True)
+            conn = _connect(self._folder() / DATABASE, readonly=True)
             self._local.conn = conn
             with self._readers_lock:
                 self._readers.add(conn)
         return conn
+
+    def _folder(self) -> Path:
+        """Where the store's folder is now: an operator may rename the folder of a served index
+        and make a new one at its old path. Found (on Linux) through the lock file this store
+        holds open; reading and writing at ``self.path`` had mixed the two stores' data."""
+        try:
+            lock = os.readlink(f"/proc/self/fd/{self._lock_fd}")
+        except OSError:  # no /proc: not Linux
+            return self.path
+        if lock.endswith(" (deleted)"):
+            raise FileNotFoundError(f"the folder of index store {self.path} was deleted while open")
+        return Path(lock).parent
 
     def _check_open(self) -> None:
         if self._closed:

@@ -488,6 +488,27 @@ def test_a_write_past_a_file_size_limit_is_explained(tmp_path: Path, rng) -> Non
     store.close()
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds a moved folder through /proc")
+def test_a_store_keeps_to_its_folder_when_renamed_and_another_made_at_its_path(tmp_path: Path, rng) -> None:
+    vecs = unit(rng, 20)
+    old = IndexStore.create(tmp_path / "idx", spec(), index_type="Flat")
+    old.upsert(items(10), vecs[:10])
+    (tmp_path / "idx").rename(tmp_path / "idx.moved")  # a served index rotated by its operator
+    with IndexStore.create(tmp_path / "idx", spec(), index_type="Flat") as new:
+        new.upsert(items(3, start=100), vecs[10:13])
+    old.upsert(items(5, start=10), vecs[10:15])
+    found: list[set[str]] = []
+    reader = threading.Thread(target=lambda: found.append(old.keys_present([f"img/{i}.jpg" for i in range(20)])))
+    reader.start()  # a new thread's connection: it had opened the new store's database by path
+    reader.join()
+    assert found == [{f"img/{i}.jpg" for i in range(15)}]
+    old.close()  # its snapshot and manifest go into its own folder, not the new store's
+    with IndexStore.open(tmp_path / "idx") as new:
+        assert len(new) == 3 and new.keys_present(["img/100.jpg"]) == {"img/100.jpg"}
+    with IndexStore.open(tmp_path / "idx.moved") as moved:
+        assert len(moved) == 15
+
+
 def test_second_process_handle_refused(tmp_path: Path) -> None:
     with IndexStore.create(tmp_path / "s", spec()):
         with pytest.raises(InvalidRequestError, match="open in another process"):
