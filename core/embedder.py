@@ -68,7 +68,8 @@ class Embedder:
 
     def __init__(self, backbone: Backbone, *, device: torch.device, precision: str,
                  pooling: str, batch_size: int = 32, compile: bool = False) -> None:
-        self.backbone = backbone.to(device=device, memory_format=torch.channels_last)
+        # Module.to takes device and memory_format together; torch's stub overloads have one or the other.
+        self.backbone: Backbone = backbone.to(device=device, memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.device = device
         self.precision = precision
         self.pooling = pooling

@@ -231,7 +231,8 @@ class Engine:
         out = self.forward([image])
         embedding = out.embeddings[0]
 
-        has_imagenet = out.logits is not None and bool(self.embedder.imagenet_classes)
+        logits, imagenet_classes = out.logits, self.embedder.imagenet_classes  # locals: mypy narrows them
+        has_imagenet = logits is not None and bool(imagenet_classes)
         # kNN when asked for, or as the default of a server with neither head nor ImageNet
         # labels (random init, or a checkpoint without its classifier).
         if classifier == "knn" or (self.model is None and not has_imagenet and classifier != "head"):
@@ -241,9 +242,9 @@ class Engine:
 
         if self.model is not None:
             labels, source = self.model.top_k(embedding[None], top_k)[0], "head"
-        elif has_imagenet:
-            probs = torch.from_numpy(out.logits[0]).double().softmax(0).numpy()  # type: ignore[index]
-            labels, source = top_k_labels(probs, self.embedder.imagenet_classes, top_k), "imagenet"
+        elif logits is not None and imagenet_classes:  # has_imagenet, spelled out for mypy
+            probs = torch.from_numpy(logits[0]).double().softmax(0).numpy()
+            labels, source = top_k_labels(probs, imagenet_classes, top_k), "imagenet"
         else:
             raise InvalidRequestError(
                 "this server has no classifier head (no --model, and a backbone without ImageNet "

@@ -26,7 +26,8 @@ def encode(im: Image.Image, fmt: str, **kw: object) -> bytes:
     return buf.getvalue()
 
 
-def close_to(pixel: tuple[int, ...], want: tuple[int, ...], tol: int = 12) -> bool:
+def close_to(pixel: float | tuple[int, ...] | None, want: tuple[int, ...], tol: int = 12) -> bool:
+    assert isinstance(pixel, tuple), pixel  # what getpixel gives for a multi-band image
     return all(abs(int(a) - int(b)) <= tol for a, b in zip(pixel, want, strict=True))
 
 

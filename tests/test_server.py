@@ -430,7 +430,7 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
     with pytest.raises(InvalidRequestError, match="labels must be a list, got a single str"):
         client.search(key="a", labels="daisy")
     with pytest.raises(InvalidRequestError, match="images must be a list, got a single bytes"):
-        client.embed(b"\x89PNG")
+        client.embed(b"\x89PNG")  # type: ignore[arg-type]  # the mistake under test: bytes are ints, not images
     with pytest.raises(InvalidRequestError, match="keys must be text"):
         client.delete(["\udcff"])  # a lone surrogate, as os.fsdecode makes of a non-UTF-8 name
     with pytest.raises(InvalidRequestError, match="the key, labels and attributes must be text"):

@@ -169,16 +169,16 @@ def run_train(args: argparse.Namespace) -> int:
         patience=args.patience, mixup=args.mixup, cutmix=args.cutmix,
         train_size=args.train_size, open_set=not args.no_open_set,
         max_known_rejected=args.max_known_rejected,
-        **({"weight_decays": decays} if decays else {}),
+        weight_decays=decays or TrainConfig.weight_decays,  # none given: the default grid
     )
     check_output_file(args.out, "--out")  # before the work, not after it
     result = train(config, args.data, val_data=args.val, out=args.out)
-    m = result.model.metrics
+    metrics = result.model.metrics
     hits = result.cache["hits"]
     cached = (f" ({hits} embedding{'' if hits == 1 else 's'} from the cache, {result.cache['misses']} computed)"
               if hits + result.cache["misses"] else "")  # 0 + 0: --cache-dir none
-    print(f"wrote {args.out}: {head_description(config.mode, m)}, {len(result.model.class_names)} classes, "
-          f"{m['train_images']} training images, {len(result.skipped)} skipped, "
+    print(f"wrote {args.out}: {head_description(config.mode, metrics)}, {len(result.model.class_names)} classes, "
+          f"{metrics['train_images']} training images, {len(result.skipped)} skipped, "
           f"{result.seconds:.0f}s{cached}")
     print(f"validation: top-1: {result.report['top1']:.4f}   {top5_text(result.report)}"
           f"macro F1: {result.report['macro_f1']:.4f} ({result.report['n']} images)")
