@@ -109,6 +109,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "named and the exit code is 2")
     p.set_defaults(run=run_get)
 
+    p = _parser(sub, "list", "every item of a running server's index in key order (key, label, "
+                "attributes), or those a filter admits: to export an index or check a restored one",
+                "pictor list --label tulips --json > tulips.jsonl")
+    p.add_argument("--label", action="append", default=[], help="only items with this label (repeatable)")
+    p.add_argument("--attr", action="append", default=[], metavar="NAME=VALUE",
+                   help="only items whose attribute NAME equals VALUE (repeatable)")
+    next(a for a in p._actions if a.dest == "json").help = "print one JSON object per item and line (JSON Lines)"
+    p.set_defaults(run=run_list)
+
 
 def _at_least(low: int) -> Callable[[str], int]:
     """An argparse type: an integer of at least ``low``, refused once as a usage error (not once
@@ -230,6 +239,11 @@ def _hit_text(h: Hit | StoredItem) -> str:
     return f"{_one_line(h.key)}{'  [' + _one_line(h.label) + ']' if h.label else ''}"
 
 
+def _item_row(it: StoredItem) -> str:
+    attrs = " ".join(f"{_one_line(k)}={_one_line(v)}" for k, v in sorted(it.attributes.items()))
+    return "  ".join(filter(None, [_hit_text(it), attrs]))
+
+
 def _one_line(text: str) -> str:
     """Text as a table cell: quoted when it holds a line break or another control character, or
     starts or ends with a space (invisible otherwise)."""
@@ -344,12 +358,24 @@ def run_get(args: argparse.Namespace) -> int:
         items, missing = client.get(args.keys, vectors=args.vectors)
     rows = []
     for it in items:
-        attrs = " ".join(f"{_one_line(k)}={_one_line(v)}" for k, v in sorted(it.attributes.items()))
-        rows.append("  ".join(filter(None, [_hit_text(it), attrs])))
+        rows.append(_item_row(it))
         if it.vector is not None:
             rows.append("  vector: " + " ".join(f"{x:.6g}" for x in it.vector))
     _emit(args, {"items": items, "missing": missing}, "".join(f"{row}\n" for row in rows))
     return _report_missing(args, missing)
+
+
+@_guard_unreachable
+def run_list(args: argparse.Namespace) -> int:
+    """Prints as it pages (a large index is not held in memory); --json: one object per line."""
+    attrs = _parse_attrs(args.attr)
+    with _client(args) as client:
+        for it in client.iter_items(labels=args.label, attributes=attrs):
+            if args.json:
+                print(json.dumps({"key": it.key, "label": it.label, "attributes": it.attributes}, ensure_ascii=False))
+            else:
+                print(_item_row(it))
+    return 0
 
 
 def _report_missing(args: argparse.Namespace, missing: Sequence[str]) -> int:

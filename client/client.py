@@ -17,7 +17,7 @@ import ipaddress
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -407,6 +407,34 @@ class PictorClient:
                             vector=list(it.vector.values) if it.HasField("vector") else None)
                  for it in r.items]
         return items, list(r.missing)
+
+    def list_items(self, after: str = "", limit: int = 1000, *, labels: Sequence[str] = (),
+                   attributes: Mapping[str, str] | None = None) -> tuple[list[StoredItem], str]:
+        """One page of the index's items in key order after the key ``after`` (at most
+        ``limit``, up to 1000), filtered as Search filters; returns (items, next): pass
+        ``next`` as ``after`` for the next page, "" after the last. ``iter_items`` pages for you."""
+        _check_counts(1, 1000, limit=limit)
+        refuse_single(labels, "labels", "for one label, write labels=['daisy']")
+        try:
+            request = pb.ListRequest(after=after, limit=limit)
+            if labels or attributes:
+                request.filter.labels.extend(labels)
+                request.filter.attributes.update(attributes or {})
+        except (TypeError, ValueError) as e:
+            raise _text_error("after, labels and attributes", e) from e
+        r = self._call(self._stub.List, request)
+        return [StoredItem(key=it.key, label=it.label, attributes=dict(it.attributes)) for it in r.items], r.next
+
+    def iter_items(self, *, labels: Sequence[str] = (), attributes: Mapping[str, str] | None = None,
+                   page: int = 1000) -> Iterator[StoredItem]:
+        """Every item of the index (that the filter admits) in key order, ``page`` per call.
+        Writes made meanwhile show up if their keys come after the page being read."""
+        after = ""
+        while True:
+            items, after = self.list_items(after, page, labels=labels, attributes=attributes)
+            yield from items
+            if not after:
+                return
 
     def info(self) -> ServerInfo:
         """What the server runs: backbone, index size and type, classifier and class names."""

@@ -84,6 +84,7 @@ SNAPSHOT_SUFFIX = ".index"
 _SQL_CHUNK = 4096  # ids per `IN (...)` query and vectors per streamed block
 _TRAIN_SAMPLE = 50_000  # vectors to train IVF/PQ on, unless the type needs more
 MAX_FILTER_ATTRIBUTES = 256  # attribute pairs one search filter may require
+MAX_LIST = 1000  # items per page of list_items
 # An item's label and attributes come back with every hit that names it: bounded, as keys are.
 MAX_LABEL_LEN = MAX_KEY_LEN
 MAX_ATTRIBUTES_CHARS = 65_536  # of an item's attributes, written as JSON
@@ -235,6 +236,12 @@ class UpsertResult:
 class DeleteResult:
     deleted: int
     missing: list[str]
+
+
+@dataclass(frozen=True)
+class ItemPage:
+    items: list[Item]  # in key order
+    next: str  # the ``after`` of the next page; "" when this is the last
 
 
 @dataclass(frozen=True)
@@ -565,6 +572,24 @@ class IndexStore:
                 "SELECT v.vector FROM contents c JOIN vectors v ON v.id = c.id WHERE c.hash = ? LIMIT 1",
                 (content_hash,)).fetchone()
         return None if row is None else np.frombuffer(row[0], np.float32).copy()
+
+    def list_items(self, after: str = "", limit: int = MAX_LIST, filter: Filter | None = None) -> ItemPage:
+        """Up to ``limit`` items in key order (by code point) after the key ``after``: those
+        ``filter`` admits. The page's ``next``, as the next call's ``after``, gives the next
+        page; it is "" on the last."""
+        self._check_open()
+        if not isinstance(after, str):
+            raise InvalidRequestError(f"after must be a key (a string), got {after!r:.80}")
+        if type(limit) is not int or not 1 <= limit <= MAX_LIST:
+            raise InvalidRequestError(f"limit must be an int from 1 to {MAX_LIST}, got {limit!r:.40}")
+        sql, args = "SELECT key, label, attributes FROM items WHERE key > ?", [after]
+        if filter is not None and not filter.empty:
+            matching, more = _filter_query(filter)
+            sql, args = f"{sql} AND id IN ({matching})", [*args, *more]
+        with self._rw.read():  # one more row than the page: whether there is a next one
+            rows = self._reader().execute(f"{sql} ORDER BY key LIMIT ?", [*args, limit + 1]).fetchall()
+        items = [Item(key, label, dict(_load_attrs(attrs))) for key, label, attrs in rows[:limit]]
+        return ItemPage(items, items[-1].key if len(rows) > limit else "")
 
     def keys_present(self, keys: Sequence[str]) -> set[str]:
         """Which of ``keys`` the store holds."""
@@ -1399,6 +1424,12 @@ def make_store_dir(root: Path) -> None:
 
 def _match_ids(conn: sqlite3.Connection, flt: Filter) -> np.ndarray:
     """Sorted ids of the items a filter admits."""
+    sql, args = _filter_query(flt)
+    return np.fromiter((r[0] for r in conn.execute(sql + " ORDER BY 1", args)), np.int64)
+
+
+def _filter_query(flt: Filter) -> tuple[str, list[Any]]:
+    """A query of the ids of the items a (non-empty) filter admits, with its parameters."""
     parts: list[str] = []
     args: list[Any] = []
     if flt.labels:
@@ -1408,8 +1439,7 @@ def _match_ids(conn: sqlite3.Connection, flt: Filter) -> np.ndarray:
     for name, value in flt.attributes.items():
         parts.append("SELECT id FROM item_attrs WHERE name = ? AND value = ?")
         args.extend((name, value))
-    sql = " INTERSECT ".join(parts) + " ORDER BY 1"
-    return np.fromiter((r[0] for r in conn.execute(sql, args)), np.int64)
+    return " INTERSECT ".join(parts), args
 
 
 def _exact_search(

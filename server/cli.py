@@ -8,7 +8,7 @@ from pictor.config import ServerSettings, build_settings
 from pictor.errors import require_server_extra
 
 HELP = """\
-Serve an index over gRPC: Classify, Search, Embed, Upsert, Delete, Get, Info, plus the standard
+Serve an index over gRPC: Classify, Search, Embed, Upsert, Delete, Get, List, Info, plus the standard
 grpc.health.v1 health service and server reflection.
 
 Classify answers with the classes of a head trained by `pictor train` when --model is given,

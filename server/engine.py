@@ -31,6 +31,7 @@ from pictor.core.store import (
     Hits,
     IndexStore,
     Item,
+    ItemPage,
     SearchParams,
     UpsertResult,
 )
@@ -357,6 +358,9 @@ class Engine:
     def delete(self, keys: Sequence[str], *, before_write: Callable[[], None] | None = None) -> DeleteResult:
         _check_keys(keys, "delete")
         return self.store.delete(keys, before_write=before_write)
+
+    def list_items(self, after: str, limit: int, filter: Filter | None) -> ItemPage:
+        return self.store.list_items(after, limit, filter)
 
     def get(self, keys: Sequence[str], *, vectors: bool = False) -> GetResult:
         _check_keys(keys, "get")

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, TypeVar, cast
 import grpc
 
 from pictor.api import CLASSIFIERS, UPSERT_CHUNK
-from pictor.core.store import Filter, Hits, Item, SearchParams, UpsertResult
+from pictor.core.store import MAX_LIST, Filter, Hits, Item, SearchParams, UpsertResult
 from pictor.errors import DeadlineExceededError, InvalidRequestError, PictorError, ResourceExhaustedError
 from pictor.iterators import batched
 from pictor.server.engine import ClassifyResult, Engine
@@ -160,6 +160,12 @@ def idle_limited(requests: Iterator[T], idle_s: float, stream: str) -> Iterator[
         finished.set()  # the reader ends once gRPC ends the call (next() then raises)
 
 
+def _filter_of(request: pb.SearchRequest | pb.ListRequest) -> Filter | None:
+    if not request.HasField("filter"):
+        return None
+    return Filter(labels=tuple(request.filter.labels), attributes=dict(request.filter.attributes))
+
+
 def _items(n: int) -> str:
     return f"{n} item{'' if n == 1 else 's'}"
 
@@ -187,9 +193,7 @@ class PictorService(pb_grpc.PictorServicer):
             key=request.key if which == "key" else None,
             vector=list(request.vector.values) if which == "vector" else None,
             k=request.k,
-            filter=Filter(labels=tuple(request.filter.labels), attributes=dict(request.filter.attributes))
-            if request.HasField("filter")
-            else None,
+            filter=_filter_of(request),
             params=SearchParams(nprobe=request.params.nprobe, ef_search=request.params.ef_search)
             if request.HasField("params")
             else None,
@@ -243,6 +247,13 @@ class PictorService(pb_grpc.PictorServicer):
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
         result = self.engine.delete(list(request.keys), before_write=lambda: check_active(context, "deleting"))
         return pb.DeleteResponse(deleted=result.deleted, missing=list(result.missing))
+
+    def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:
+        page = self.engine.list_items(request.after, request.limit or MAX_LIST, _filter_of(request))
+        response = pb.ListResponse(next=page.next)
+        for item in page.items:
+            response.items.add(key=item.key, label=item.label).attributes.update(item.attributes)
+        return response
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetResponse:
         result = self.engine.get(list(request.keys), vectors=request.vectors)

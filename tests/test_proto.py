@@ -30,7 +30,7 @@ def test_contract_has_every_call() -> None:
     from pictor.v1 import pictor_pb2
 
     methods = set(pictor_pb2.DESCRIPTOR.services_by_name["Pictor"].methods_by_name)
-    assert methods == {"Classify", "Search", "Embed", "Upsert", "Delete", "Get", "Info"}
+    assert methods == {"Classify", "Search", "Embed", "Upsert", "Delete", "Get", "List", "Info"}
 
 
 def test_classifier_names_follow_the_enum() -> None:

@@ -256,6 +256,18 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     assert [h["key"] for h in prefixed] == ["p/new/x.png"]  # the key is not the path: kept beside it
     got = pictor("get", "new/x.png", "p/new/x.png", "--target", server.target).stdout
     assert got == "new/x.png  source=cam1\np/new/x.png  path=new/x.png\n"
+    # Listing pages through the index in key order, filtered as Search filters.
+    assert pictor("list", "--attr", "source=cam1", "--target", server.target).stdout == "new/x.png  source=cam1\n"
+    warm = [json.loads(line) for line in pictor("list", "--label", "warm", "--json", "--target", server.target).stdout.splitlines()]
+    assert len(warm) == 6 and {w["label"] for w in warm} == {"warm"} and warm == sorted(warm, key=lambda w: w["key"])
+    with PictorClient(server.target, timeout=10) as client:
+        paged = list(client.iter_items(page=5))  # 14 items: pages of 5, 5 and 4
+        first, after = client.list_items(limit=14)
+        assert paged == first and after == "" and len(paged) == 14
+        assert [it.key for it in paged] == sorted(it.key for it in paged)
+        assert client.list_items(paged[-2].key) == ([paged[-1]], "")
+        with pytest.raises(InvalidRequestError, match="limit must be between 1 and 1000"):
+            client.list_items(limit=1001)
     stored = json.loads(pictor("get", "new/x.png", "--vectors", "--json", "--target", server.target).stdout)
     assert stored["missing"] == [] and len(stored["items"][0]["vector"]) == 1280
     absent = pictor("get", "new/x.png", "no/such.png", "--target", server.target, check=False)

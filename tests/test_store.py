@@ -510,6 +510,28 @@ def test_a_store_keeps_to_its_folder_when_renamed_and_another_made_at_its_path(t
         assert len(moved) == 15
 
 
+def test_list_items_pages_in_key_order_through_a_filter(filled: tuple[IndexStore, np.ndarray]) -> None:
+    store, vecs = filled
+    store.upsert([Item("z/\u00e9", label="class1"), Item("z/e", label="class1")], vecs[:2])
+    everything, after = [], ""
+    while True:
+        page = store.list_items(after, 128)
+        everything += page.items
+        if not (after := page.next):
+            break
+    keys = [it.key for it in everything]
+    assert keys == sorted(store.keys_absent_from([])) and len(keys) == 302  # every key once, in order
+    assert keys[-2:] == ["z/e", "z/\u00e9"]  # by code point, as Python sorts
+    assert everything[0] == Item("img/0.jpg", "class0", {"shard": "0"})
+    tail = store.list_items(keys[-3], 2)
+    assert [it.key for it in tail.items] == keys[-2:] and tail.next == ""  # no empty page after the last
+    odd = store.list_items(limit=1000, filter=Filter(labels=["class1"], attributes={"shard": "1"}))
+    assert {(it.label, it.attributes["shard"]) for it in odd.items} == {("class1", "1")} and len(odd.items) == 50
+    for bad in (0, 1001, True):
+        with pytest.raises(InvalidRequestError, match="limit must be an int from 1 to 1000"):
+            store.list_items(limit=bad)
+
+
 def test_second_process_handle_refused(tmp_path: Path) -> None:
     with IndexStore.create(tmp_path / "s", spec()):
         with pytest.raises(InvalidRequestError, match="open in another process"):

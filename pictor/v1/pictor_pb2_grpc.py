@@ -64,6 +64,11 @@ class PictorStub:
                 request_serializer=pictor_dot_v1_dot_pictor__pb2.GetRequest.SerializeToString,
                 response_deserializer=pictor_dot_v1_dot_pictor__pb2.GetResponse.FromString,
                 _registered_method=True)
+        self.List = channel.unary_unary(
+                '/pictor.v1.Pictor/List',
+                request_serializer=pictor_dot_v1_dot_pictor__pb2.ListRequest.SerializeToString,
+                response_deserializer=pictor_dot_v1_dot_pictor__pb2.ListResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/pictor.v1.Pictor/Info',
                 request_serializer=pictor_dot_v1_dot_pictor__pb2.InfoRequest.SerializeToString,
@@ -132,6 +137,15 @@ class PictorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def List(self, request, context):
+        """The index's items in key order, a page at a time: to export or migrate an index, or check
+        a restored one. Each item as Get returns it, without its vector (ask Get for those).
+        Pass a page's `next` as the next request's `after`; `next` is "" after the last page.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """What this server runs: backbone, embedding space, index, classes, versions.
         """
@@ -171,6 +185,11 @@ def add_PictorServicer_to_server(servicer, server):
                     servicer.Get,
                     request_deserializer=pictor_dot_v1_dot_pictor__pb2.GetRequest.FromString,
                     response_serializer=pictor_dot_v1_dot_pictor__pb2.GetResponse.SerializeToString,
+            ),
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=pictor_dot_v1_dot_pictor__pb2.ListRequest.FromString,
+                    response_serializer=pictor_dot_v1_dot_pictor__pb2.ListResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -340,6 +359,33 @@ class Pictor:
             '/pictor.v1.Pictor/Get',
             pictor_dot_v1_dot_pictor__pb2.GetRequest.SerializeToString,
             pictor_dot_v1_dot_pictor__pb2.GetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pictor.v1.Pictor/List',
+            pictor_dot_v1_dot_pictor__pb2.ListRequest.SerializeToString,
+            pictor_dot_v1_dot_pictor__pb2.ListResponse.FromString,
             options,
             channel_credentials,
             insecure,
