@@ -69,6 +69,7 @@ from pictor.errors import (
     InvalidRequestError,
     NotFoundError,
     ResourceExhaustedError,
+    ServerUnavailableError,
 )
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,11 @@ class Filter:
 
     def __post_init__(self) -> None:
         refuse_single(self.labels, "a filter's labels", "for one label, write labels=[label]")
-        for label in self.labels:
+        if not isinstance(self.labels, Iterable) or not isinstance(self.attributes, Mapping):
+            raise InvalidRequestError(f"a filter takes a list of labels and a mapping of attributes, got "
+                                      f"{self.labels!r:.80} and {self.attributes!r:.80}")
+        labels = tuple(self.labels)  # once: an iterator's labels would be used up by the checks
+        for label in labels:
             if not isinstance(label, str):
                 raise InvalidRequestError(f"a filter's labels must be strings, got {label!r:.80}")
             _check_label(label, "a filter")
@@ -206,7 +211,7 @@ class Filter:
             if not name.strip():  # as _checked_items refuses them
                 raise InvalidRequestError("a filter's attribute name is empty; no item has such an attribute")
         # Labels as the store keeps them (NFC), so "rosés" matches however it was typed.
-        object.__setattr__(self, "labels", tuple(map(canonical_label, self.labels)))
+        object.__setattr__(self, "labels", tuple(map(canonical_label, labels)))
 
     @property
     def empty(self) -> bool:
@@ -268,6 +273,11 @@ class StoreOptions:
     metadata_in_memory: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("exact_below", "snapshot_every", "exact_filter_limit", "memory_budget_gb", "target_recall",
+                     "growth_factor", "compact_ratio", "metadata_in_memory"):
+            value, kind = getattr(self, name), type(getattr(StoreOptions, name))  # the default's type
+            if type(value) is not kind and not (kind is float and type(value) is int):
+                raise InvalidRequestError(f"StoreOptions.{name} must be {kind.__name__}, got {value!r:.40}")
         ranges = (
             ("memory_budget_gb", self.memory_budget_gb > 0, "above 0"),
             ("target_recall", 0 < self.target_recall <= 1, "above 0 and at most 1"),
@@ -531,6 +541,8 @@ class IndexStore:
         q = self.check_vectors(queries, what="queries")
         if type(k) is not int or k < 1:  # (a bool is not a count either)
             raise InvalidRequestError(f"k must be an int of at least 1, got {k!r:.40}")
+        if k > TUNED_K:  # FAISS allocates k results per query: a k of 1e9 took 24 GB
+            k = min(k, max(1, self._count))
         # A filtered search widens itself until its hits settle (_filtered_search), not by k:
         # widened by k too, HNSW took 7x longer for k=1000 at the same recall.
         wanted = k if filter is None or filter.empty else TUNED_K
@@ -679,6 +691,7 @@ class IndexStore:
         keep = sorted(last.values())
         dup_replaced = len(items) - len(keep)
         with self._write_lock:
+            self._check_writable_now()
             if before_write is not None:
                 before_write()
             with self._rw.write():
@@ -696,6 +709,7 @@ class IndexStore:
         if not unique:
             return DeleteResult(0, [])
         with self._write_lock:
+            self._check_writable_now()
             if before_write is not None:
                 before_write()
             with self._rw.write():
@@ -1173,8 +1187,17 @@ class IndexStore:
         except OSError:  # no /proc: not Linux
             return self.path
         if lock.endswith(" (deleted)"):
-            raise FileNotFoundError(f"the folder of index store {self.path} was deleted while open")
+            raise ServerUnavailableError(
+                f"the folder of index store {self.path} was deleted while open: nothing can be written "
+                "to it or read from it any more; restart on a restored copy (`pictor backup` makes one)")
         return Path(lock).parent
+
+    def _check_writable_now(self) -> None:
+        """Before a write (writer lock held): the store may have been closed while this call
+        waited for the lock, or its folder deleted while open, where an acknowledged write
+        would be lost with the process."""
+        self._check_open()
+        self._folder()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -1381,8 +1404,13 @@ def backup_store(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> 
         raise NotFoundError(f"no index store at {src} (no {MANIFEST} or {DATABASE})")
     if out.exists():
         raise InvalidRequestError(f"{out} exists; back up into a new folder")
+    if out.resolve().is_relative_to(src.resolve()):
+        raise InvalidRequestError(f"{out} is inside the index {src}: back up somewhere else")
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    make_store_dir(partial)
+    try:
+        partial.mkdir(parents=True)
+    except OSError as e:
+        raise InvalidRequestError(f"cannot create the backup folder {out}: {e.strerror or e}") from e
     try:
         for _attempt in range(10):  # a newer snapshot may replace the one named meanwhile
             manifest = _read_manifest(src / MANIFEST)
@@ -1639,6 +1667,10 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         if not isinstance(manifest["index_type"], str):
             raise TypeError("index_type is not a string")
         StoreOptions(**manifest.get("options", {}))
+        SearchKnobs(**manifest.get("search_defaults", {}))
+        for name in ("built_for", "tuned_for"):
+            if not isinstance(manifest.get(name, 0), int):
+                raise TypeError(f"{name} is not an integer")
         snapshot = manifest.get("snapshot")
         if snapshot is not None and not (isinstance(snapshot, dict) and isinstance(snapshot.get("file"), str)
                                          and isinstance(snapshot.get("seq"), int)
@@ -1661,6 +1693,9 @@ def _raise_if_cannot_open(root: Path, error: BaseException) -> None:
             f"the disk holding index store {root} is full, and opening it writes beside its "
             "database (SQLite's -wal and -shm files): free space and open it again"
         ) from error
+    code = getattr(error, "sqlite_errorcode", None) if isinstance(error, sqlite3.Error) else None
+    if code is not None and code & 0xFF == sqlite3.SQLITE_READONLY:  # e.g. no -wal file may be made
+        raise _cannot_write(root, str(error)) from error
     # (A row that breaks the schema, a NULL label say, fails as a TypeError when loaded: a
     # copy taken while a server wrote had one.)
     if isinstance(error, sqlite3.DatabaseError | TypeError):

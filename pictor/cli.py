@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from pictor import __version__
 from pictor.config import unknown_env_names
@@ -41,6 +42,15 @@ Every subcommand has its own --help. Settings also come from PICTOR_* environmen
 variables (PICTOR_PORT=6000) and a TOML file (--config / PICTOR_CONFIG)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """A subcommand's parser, without abbreviated options: `pictor add --key K` was taken as
+    --key-prefix K."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
@@ -52,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pictor {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     for module in _PARTS:
         importlib.import_module(module).register(sub)
     return parser

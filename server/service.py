@@ -237,7 +237,9 @@ class PictorService(pb_grpc.PictorServicer):
         # had closed it, and marks the call ended a moment later: the unfinished chunk of 1 in
         # 10 such streams was written. A short chunk comes after the stream's end.
         if len(chunk) < UPSERT_CHUNK and context.time_remaining() < DEADLINE_MARGIN_S:
-            raise DeadlineExceededError("the stream ended at its deadline, before writing its last items")
+            raise DeadlineExceededError(
+                f"the stream ended within {DEADLINE_MARGIN_S * 1000:.0f} ms of its deadline, as a stream cut "
+                "off by it does, so its last items were not written; allow the call more time")
         items = [Item(key=i.key, label=i.label, attributes=dict(i.attributes)) for i in chunk]
         images = [i.image or None for i in chunk]
         vectors = [list(i.vector.values) if i.HasField("vector") else None for i in chunk]

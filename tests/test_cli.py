@@ -14,6 +14,10 @@ def test_unknown_arguments_show_the_subcommand_usage(capsys: pytest.CaptureFixtu
     assert exit_.value.code == 2
     assert err.startswith("usage: pictor search ")
     assert "pictor search: error: unrecognized arguments: --bogus" in err
+    # No abbreviations: `pictor add --key K` was taken as --key-prefix K, and stored "Ka.jpg".
+    with pytest.raises(SystemExit):
+        main(["add", "a.jpg", "--key", "k"])
+    assert "pictor add: error: unrecognized arguments: --key k" in capsys.readouterr().err
 
 
 def test_keys_with_line_breaks_stay_on_their_table_row() -> None:

@@ -37,7 +37,13 @@ from pictor.core.store import (
     _ReadWriteLock,
     choose_factory,
 )
-from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError, ResourceExhaustedError
+from pictor.errors import (
+    IncompatibleModelError,
+    InvalidRequestError,
+    NotFoundError,
+    ResourceExhaustedError,
+    ServerUnavailableError,
+)
 
 DIM = 32
 
@@ -353,6 +359,17 @@ def test_library_callers_mistakes_are_refused_not_misread(filled: tuple[IndexSto
         store.search(vecs[0], k=True)
     with pytest.raises(InvalidRequestError, match="StoreOptions.target_recall must be above 0 and at most 1, got 5.0"):
         StoreOptions(target_recall=5.0)
+    for wrong in ({"snapshot_every": 1.5}, {"metadata_in_memory": "no"}, {"memory_budget_gb": "2"}):
+        with pytest.raises(InvalidRequestError, match=f"StoreOptions.{next(iter(wrong))} must be"):
+            StoreOptions(**wrong)  # type: ignore[arg-type]  # a caller's mistake, on purpose
+    # Labels as an iterator were used up by the checks: the search ran unfiltered.
+    hits = store.search(vecs[1], k=5, filter=Filter(labels=iter(["class1"])))[0]  # type: ignore[arg-type]
+    assert len(hits) == 5 and set(hits.labels) == {"class1"}
+    for wrong_filter in ({"labels": None}, {"attributes": "ab"}):
+        with pytest.raises(InvalidRequestError, match="a filter takes a list of labels and a mapping of attributes"):
+            Filter(**wrong_filter)  # type: ignore[arg-type]
+    # FAISS allocates k results per query: a k of 1e9 took 24 GB; more than the store holds is all of it.
+    assert len(store.search(vecs[0], k=10**9)[0]) == len(store)
 
 
 def test_labels_are_kept_in_nfc_and_filters_match_them_however_typed(tmp_path: Path, rng) -> None:
@@ -386,9 +403,11 @@ def test_a_store_closed_while_others_search_refuses_them_clearly(tmp_path: Path,
     errors: list[BaseException] = []
     stop = threading.Event()
 
-    def reader() -> None:
+    def reader(writes: bool) -> None:
         while not stop.is_set():
             try:
+                if writes:
+                    store.upsert(items(5, start=1000), vecs[:5])
                 store.search(vecs[:2], k=3, filter=Filter(labels=["class1"]))
                 store.info()
             except InvalidRequestError as e:
@@ -398,7 +417,7 @@ def test_a_store_closed_while_others_search_refuses_them_clearly(tmp_path: Path,
                 errors.append(e)
                 return
 
-    threads = [threading.Thread(target=reader) for _ in range(3)]
+    threads = [threading.Thread(target=reader, args=(i == 0,)) for i in range(3)]
     for t in threads:
         t.start()
     time.sleep(0.2)
@@ -452,6 +471,8 @@ def test_a_backup_taken_while_another_thread_writes_holds_every_acknowledged_wri
                 assert copy.search(vecs[b * 100 + 1], k=1)[0][0].key == f"img/{b * 100 + 1}.jpg"
     with pytest.raises(InvalidRequestError, match="exists; back up into a new folder"):
         store_mod.backup_store(tmp_path / "live", copies[0][0])
+    with pytest.raises(InvalidRequestError, match="is inside the index"):
+        store_mod.backup_store(tmp_path / "live", tmp_path / "live" / "inner")
     with pytest.raises(NotFoundError, match="no index store"):
         store_mod.backup_store(tmp_path / "nothing", tmp_path / "x")
     assert not list(tmp_path.glob(".*partial*"))
@@ -470,6 +491,15 @@ def test_a_database_that_takes_no_writes_is_refused_when_opened(tmp_path: Path, 
     monkeypatch.setattr(store_mod, "_connect", read_only)
     with pytest.raises(InvalidRequestError, match="cannot open index store .* for writing: its metadata.sqlite is read-only"):
         IndexStore.open(tmp_path / "s")
+
+    def no_wal(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+        error = sqlite3.OperationalError("attempt to write a readonly database")  # a read-only folder:
+        error.sqlite_errorcode = sqlite3.SQLITE_READONLY  # no -wal file may be made beside the database
+        raise error
+
+    monkeypatch.setattr(store_mod, "_connect", no_wal)
+    with pytest.raises(InvalidRequestError, match="cannot open index store .* for writing: attempt to write"):
+        IndexStore.open(tmp_path / "s")  # not "damaged", which invited deleting a good index
 
 
 def test_a_write_past_a_file_size_limit_is_explained(tmp_path: Path, rng) -> None:
@@ -508,6 +538,12 @@ def test_a_store_keeps_to_its_folder_when_renamed_and_another_made_at_its_path(t
         assert len(new) == 3 and new.keys_present(["img/100.jpg"]) == {"img/100.jpg"}
     with IndexStore.open(tmp_path / "idx.moved") as moved:
         assert len(moved) == 15
+    # A folder deleted while open: a write acknowledged there would be lost with the process.
+    gone = IndexStore.create(tmp_path / "gone", spec(), index_type="Flat")
+    shutil.rmtree(tmp_path / "gone")
+    with pytest.raises(ServerUnavailableError, match="was deleted while open: nothing can be written"):
+        gone.upsert(items(1), vecs[:1])
+    gone.close(snapshot=False)
 
 
 def test_list_items_pages_in_key_order_through_a_filter(filled: tuple[IndexStore, np.ndarray]) -> None:
@@ -752,6 +788,8 @@ def test_damaged_store_files_are_named_not_tracebacks(tmp_path: Path, rng) -> No
         "a snapshot seq that is no number": json.dumps({**manifest, "snapshot": {"file": "f", "seq": "x"}}).encode(),
         "an option edited by hand": json.dumps({**manifest, "options": {"exact_below": "abc"}}).encode(),
         "an option out of range": json.dumps({**manifest, "options": {"compact_ratio": 5}}).encode(),
+        "a count that is no number": json.dumps({**manifest, "built_for": "x"}).encode(),
+        "an unknown search setting": json.dumps({**manifest, "search_defaults": {"nprobes": 3}}).encode(),
     }
     for data in damaged.values():  # keyed by what is wrong with it
         (tmp_path / "s" / "manifest.json").write_bytes(data)
