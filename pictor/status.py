@@ -38,6 +38,9 @@ _ERROR_OF_STATUS: dict[grpc.StatusCode, type[PictorError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: IncompatibleModelError,
     grpc.StatusCode.UNAVAILABLE: ServerUnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    # A call cancelled on the client's side (its channel closed by another thread, say): the
+    # answer did not come, as DeadlineExceededError says.
+    grpc.StatusCode.CANCELLED: DeadlineExceededError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
 }
 

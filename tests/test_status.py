@@ -27,3 +27,8 @@ def test_round_trip(error: Exception, code: grpc.StatusCode, back: type) -> None
 def test_unexpected_errors_are_internal() -> None:
     assert status_for(RuntimeError("boom")) == grpc.StatusCode.INTERNAL
     assert type(error_from_status(grpc.StatusCode.INTERNAL, "x")) is errors.PictorError
+
+
+def test_a_cancelled_call_is_one_whose_answer_did_not_come() -> None:
+    # PictorClient.close() on another thread ended calls in flight with the base PictorError.
+    assert isinstance(error_from_status(grpc.StatusCode.CANCELLED, "Channel closed!"), TimeoutError)
