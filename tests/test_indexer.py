@@ -138,13 +138,19 @@ def test_ctrl_c_ends_the_run_with_what_was_written(gallery: Path, tmp_path: Path
 def test_an_interrupt_waits_until_a_written_batch_is_counted() -> None:
     from pictor.indexer.pipeline import interrupts_deferred
 
-    before, steps = signal.getsignal(signal.SIGINT), []
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts_deferred():
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right after a commit
-            time.sleep(0.05)  # Python runs a handler between bytecodes: time for it to act
-            steps.append("counted")
-    assert steps == ["counted"] and signal.getsignal(signal.SIGINT) is before
+    # Ctrl-C as an interactive shell leaves it: a job a script puts in the background starts
+    # with Ctrl-C ignored, and the deferred signal then did nothing when raised again.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before, steps = signal.getsignal(signal.SIGINT), []
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right after a commit
+                time.sleep(0.05)  # Python runs a handler between bytecodes: time for it to act
+                steps.append("counted")
+        assert steps == ["counted"] and signal.getsignal(signal.SIGINT) is before
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_index_refuses_another_backbone_on_existing_index(gallery: Path, tmp_path: Path) -> None:

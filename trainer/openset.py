@@ -110,10 +110,8 @@ def calibrate_open_set(
     th = dataclasses.replace(th, far_similarity=far, class_fit_alone=alone)
     known_rej = float(np.mean(th.is_unknown(kf, ks)))
     unk_rej = float(np.mean(th.is_unknown(uf, us))) if len(uf) else 0.0
-    log.info("open-set thresholds: class fit < %.3f and neighbour similarity < %.3f, or "
-             "neighbour similarity < %.3f; without neighbours class fit < %.3f (held-out classes "
-             "rejected %.1f%%, known rejected %.1f%%)", th.class_fit, th.neighbor_similarity,
-             th.far_similarity, alone, 100 * unk_rej, 100 * known_rej)
+    log.info("open-set thresholds: %s (held-out classes rejected %.1f%%, known rejected %.1f%%)",
+             th.describe(), 100 * unk_rej, 100 * known_rej)
     return OpenSetCalibration(OpenSet(gaussians, th), unk_rej, known_rej)
 
 
