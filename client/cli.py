@@ -302,7 +302,9 @@ def run_info(args: argparse.Namespace) -> int:
         ("embedding", f"{info.embedding_dim}-d, "
                       + ("cosine (inner product of normalised vectors)" if info.metric == "ip" else info.metric)
                       + (f", {info.pooling} pooling" if info.pooling else "")
-                      + (f" of layer {info.layer}" if info.layer else "")),
+                      + (f" of layer {info.layer}" if info.layer else "")
+                      + (f", PCA-whitened ({info.whitening}): Search and Upsert take vectors as Embed "
+                         "returns them" if info.whitening else "")),
         ("index", f"{info.index_size} items, {info.index_type}"),
         ("labels", _label_counts_text(info.label_counts)),
         ("classifier", f"{info.classifier}: {shown}" if shown else f"{info.classifier} (the index's labels)"),

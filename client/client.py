@@ -445,4 +445,5 @@ class PictorClient:
             classifier=r.classifier, class_names=list(r.class_names),
             server_version=r.server_version, versions=dict(r.versions), open_set=r.open_set,
             finetune=r.finetune, pooling=r.pooling, layer=r.layer, label_counts=dict(r.label_counts),
+            whitening=r.whitening,
         )

@@ -52,6 +52,7 @@ class ServerInfo:
     pooling: str = ""  # "avg", "max" or "gem" (see the proto)
     layer: str = ""  # "" = the backbone's last feature layer
     label_counts: dict[str, int] = field(default_factory=dict)  # items per label ("" = unlabelled)
+    whitening: str = ""  # "pca<dim>:<fingerprint>" of a PCA-whitened index (see the proto), else ""
 
 
 @dataclass(frozen=True)

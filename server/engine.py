@@ -400,6 +400,7 @@ class Engine:
             pooling=spec.pooling,
             layer=spec.layer,
             label_counts=label_counts,
+            whitening=spec.whitening,
         )
 
     def _open_set_status(self) -> str:

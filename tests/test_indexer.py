@@ -258,6 +258,7 @@ def test_pca_whitened_index_serves_whitened_queries(gallery: Path, tmp_path: Pat
     engine = Engine.load(ServerSettings(index=str(out), device="cpu", precision="fp32"))
     try:
         assert engine.store.spec.dim == 8 and engine.store.spec.whitening.startswith("pca8:")
+        assert engine.info().whitening == engine.store.spec.whitening  # Info says vectors must be whitened
         with pytest.raises(IncompatibleModelError, match="whitening"):  # unwhitened queries refused
             engine.store.check_spec(engine.embedder.spec)
         image = sorted(gallery.rglob("*.png"))[3]

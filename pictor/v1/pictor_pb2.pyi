@@ -240,7 +240,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("backbone", "weights", "embedding_dim", "index_size", "index_type", "metric", "classifier", "class_names", "server_version", "versions", "open_set", "finetune", "pooling", "layer", "label_counts")
+    __slots__ = ("backbone", "weights", "embedding_dim", "index_size", "index_type", "metric", "classifier", "class_names", "server_version", "versions", "open_set", "finetune", "pooling", "layer", "label_counts", "whitening")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -270,6 +270,7 @@ class InfoResponse(_message.Message):
     POOLING_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     LABEL_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    WHITENING_FIELD_NUMBER: _ClassVar[int]
     backbone: str
     weights: str
     embedding_dim: int
@@ -285,4 +286,5 @@ class InfoResponse(_message.Message):
     pooling: str
     layer: str
     label_counts: _containers.ScalarMap[str, int]
-    def __init__(self, backbone: _Optional[str] = ..., weights: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., index_size: _Optional[int] = ..., index_type: _Optional[str] = ..., metric: _Optional[str] = ..., classifier: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., open_set: _Optional[str] = ..., finetune: _Optional[str] = ..., pooling: _Optional[str] = ..., layer: _Optional[str] = ..., label_counts: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    whitening: str
+    def __init__(self, backbone: _Optional[str] = ..., weights: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., index_size: _Optional[int] = ..., index_type: _Optional[str] = ..., metric: _Optional[str] = ..., classifier: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., open_set: _Optional[str] = ..., finetune: _Optional[str] = ..., pooling: _Optional[str] = ..., layer: _Optional[str] = ..., label_counts: _Optional[_Mapping[str, int]] = ..., whitening: _Optional[str] = ...) -> None: ...
