@@ -71,6 +71,17 @@ def _check_keys(keys: Sequence[str], call: str) -> None:
         raise InvalidRequestError(f"{call}: key {list(keys).index('')} is empty; no item has an empty key")
 
 
+def check_upsert_item(key: str, has_image: bool, has_vector: bool, position: int) -> None:
+    """The checks of one Upsert item that need no other: the server makes them as each item
+    arrives, so a bad item fails its stream at once, not when its chunk of 64 is full."""
+    if not key:
+        raise InvalidRequestError(f"item {position} (counting from 0) has no key")
+    if not has_image and not has_vector:
+        raise InvalidRequestError(f"item {key!r:.200} has neither image nor vector")
+    if has_image and has_vector:
+        raise InvalidRequestError(f"item {key!r:.200} has both an image and a vector; give one")
+
+
 def query_item_first(own: Hit, hits: Hits, k: int) -> Hits:
     """The query's own item, then ``hits`` without it, ``k`` in all. Copies of it under other
     keys tie with it and come in the index's order, and an approximate index can miss the
@@ -331,12 +342,7 @@ class Engine:
         rows = np.empty((len(items), self.store.spec.dim), dtype=np.float32)
         to_embed = [i for i, img in enumerate(images) if img]
         for i, (item, img, vec) in enumerate(zip(items, images, vectors, strict=True)):
-            if not item.key:
-                raise InvalidRequestError(f"item {first + i} (counting from 0) has no key")
-            if not img and vec is None:
-                raise InvalidRequestError(f"item {item.key!r:.200} has neither image nor vector")
-            if img and vec is not None:
-                raise InvalidRequestError(f"item {item.key!r:.200} has both an image and a vector; give one")
+            check_upsert_item(item.key, bool(img), vec is not None, first + i)
             if not img:
                 try:
                     rows[i] = self.query_vector(vec)  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ from pictor.api import CLASSIFIERS, UPSERT_CHUNK
 from pictor.core.store import MAX_LIST, Filter, Hits, Item, SearchParams, UpsertResult
 from pictor.errors import DeadlineExceededError, InvalidRequestError, PictorError, ResourceExhaustedError
 from pictor.iterators import batched
-from pictor.server.engine import ClassifyResult, Engine
+from pictor.server.engine import ClassifyResult, Engine, check_upsert_item
 from pictor.v1 import pictor_pb2 as pb
 from pictor.v1 import pictor_pb2_grpc as pb_grpc
 
@@ -166,6 +166,13 @@ def _filter_of(request: pb.SearchRequest | pb.ListRequest) -> Filter | None:
     return Filter(labels=tuple(request.filter.labels), attributes=dict(request.filter.attributes))
 
 
+def _arrived(item: pb.Item, position: int) -> pb.Item:
+    """An Upsert item checked as it arrives: a client that sent a bad one and kept its stream
+    open had been told only that the stream went quiet."""
+    check_upsert_item(item.key, bool(item.image), item.HasField("vector"), position)
+    return item
+
+
 def _items(n: int) -> str:
     return f"{n} item{'' if n == 1 else 's'}"
 
@@ -218,7 +225,8 @@ class PictorService(pb_grpc.PictorServicer):
     def _upsert(self, request_iterator: Iterator[pb.UpsertRequest], context: grpc.ServicerContext) -> pb.UpsertResponse:
         inserted = replaced = 0
         try:
-            items = (r.item for r in idle_limited(request_iterator, self.upsert_idle_s, "upsert"))
+            requests = idle_limited(request_iterator, self.upsert_idle_s, "upsert")
+            items = (_arrived(r.item, i) for i, r in enumerate(requests))
             for n, chunk in enumerate(batched(items, UPSERT_CHUNK)):
                 result = self._upsert_chunk(chunk, context, first=n * UPSERT_CHUNK)
                 inserted, replaced = inserted + result.inserted, replaced + result.replaced

@@ -612,6 +612,20 @@ def test_streams_cut_off_by_their_deadline_or_malformed_write_and_log_nothing(bu
                 stalled.set()
             time.sleep(0.3)
             assert client.info().index_size == 12
+            # A bad item fails its stream as it arrives, though the client keeps the stream open:
+            # it was checked only once its chunk of 64 was full (here: never, so the client heard
+            # only that its stream went quiet, after a minute).
+            held = threading.Event()
+
+            def bad_then_stall() -> Iterator[UpsertItem]:
+                yield UpsertItem(key="", vector=[1.0] * 1280)
+                held.wait(10)
+
+            started = time.monotonic()
+            with pytest.raises(InvalidRequestError, match=r"item 0 \(counting from 0\) has no key"):
+                client.upsert(bad_then_stall())
+            held.set()
+            assert time.monotonic() - started < 5
             # Request bytes that are not a reflection request: INVALID_ARGUMENT, as for Pictor's
             # own methods, not INTERNAL with a traceback in the log per request.
             with grpc.insecure_channel(server.target) as channel:
