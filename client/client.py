@@ -24,7 +24,16 @@ from typing import Any, TypeVar, cast
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pictor.api import CLASSIFIERS, MAX_K, UPSERT_CHUNK, OpenSetCheck, ServerInfo, StoredItem, refuse_single
+from pictor.api import (
+    CLASSIFIERS,
+    MAX_K,
+    MAX_LIST,
+    UPSERT_CHUNK,
+    OpenSetCheck,
+    ServerInfo,
+    StoredItem,
+    refuse_single,
+)
 from pictor.config import DEFAULT_MAX_MESSAGE_MB, DEFAULT_PORT, DEFAULT_TARGET, check_max_message_mb
 from pictor.errors import DeadlineExceededError, InvalidRequestError, PictorError, ServerUnavailableError
 from pictor.status import error_from_status
@@ -408,12 +417,12 @@ class PictorClient:
                  for it in r.items]
         return items, list(r.missing)
 
-    def list_items(self, after: str = "", limit: int = 1000, *, labels: Sequence[str] = (),
+    def list_items(self, after: str = "", limit: int = MAX_LIST, *, labels: Sequence[str] = (),
                    attributes: Mapping[str, str] | None = None) -> tuple[list[StoredItem], str]:
         """One page of the index's items in key order after the key ``after`` (at most
         ``limit``, up to 1000), filtered as Search filters; returns (items, next): pass
         ``next`` as ``after`` for the next page, "" after the last. ``iter_items`` pages for you."""
-        _check_counts(1, 1000, limit=limit)
+        _check_counts(1, MAX_LIST, limit=limit)
         refuse_single(labels, "labels", "for one label, write labels=['daisy']")
         try:
             request = pb.ListRequest(after=after, limit=limit)
@@ -426,7 +435,7 @@ class PictorClient:
         return [StoredItem(key=it.key, label=it.label, attributes=dict(it.attributes)) for it in r.items], r.next
 
     def iter_items(self, *, labels: Sequence[str] = (), attributes: Mapping[str, str] | None = None,
-                   page: int = 1000) -> Iterator[StoredItem]:
+                   page: int = MAX_LIST) -> Iterator[StoredItem]:
         """Every item of the index (that the filter admits) in key order, ``page`` per call.
         Writes made meanwhile show up if their keys come after the page being read."""
         after = ""

@@ -120,13 +120,14 @@ def check_new_factory(dim: int, factory: str) -> None:
     def counts(pattern: str) -> list[int]:
         return [int(n) for n in re.findall(pattern, factory)]
 
+    hnsw_m = counts(r"HNSW([0-9]+)")
     for name, limit, found in (("IVF lists", MAX_IVF_LISTS, counts(r"IVF([0-9]+)")),
-                               ("HNSW links (M)", MAX_HNSW_M, counts(r"HNSW([0-9]+)")),
+                               ("HNSW links (M)", MAX_HNSW_M, hnsw_m),
                                ("PQ bits", 16, counts(r"PQ[0-9]+x([0-9]+)")),
                                ("rotated dims", 4 * dim, counts(r"RR([0-9]+)"))):
         if any(n > limit for n in found):
             raise InvalidRequestError(f"index type {factory!r}: at most {limit:,} {name}")
-    if any(m < 2 for m in counts(r"HNSW([0-9]+)")):
+    if any(m < 2 for m in hnsw_m):
         raise InvalidRequestError(f"index type {factory!r}: HNSW needs at least 2 links (M)")
     if any(int(d) % int(m) for m, d in re.findall(r"OPQ([0-9]+)_([0-9]+)", factory)):
         raise InvalidRequestError(f"index type {factory!r}: OPQ<M>_<d> needs d to be a multiple of M")

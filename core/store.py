@@ -48,7 +48,7 @@ from typing import Any, overload
 import faiss
 import numpy as np
 
-from pictor.api import canonical_label, refuse_single
+from pictor.api import MAX_LIST, canonical_label, refuse_single
 from pictor.core.faiss_index import (
     EXACT_FACTORY,
     MAX_WIDTH,
@@ -85,7 +85,6 @@ SNAPSHOT_SUFFIX = ".index"
 _SQL_CHUNK = 4096  # ids per `IN (...)` query and vectors per streamed block
 _TRAIN_SAMPLE = 50_000  # vectors to train IVF/PQ on, unless the type needs more
 MAX_FILTER_ATTRIBUTES = 256  # attribute pairs one search filter may require
-MAX_LIST = 1000  # items per page of list_items
 # An item's label and attributes come back with every hit that names it: bounded, as keys are.
 MAX_LABEL_LEN = MAX_KEY_LEN
 MAX_ATTRIBUTES_CHARS = 65_536  # of an item's attributes, written as JSON
@@ -691,9 +690,7 @@ class IndexStore:
         keep = sorted(last.values())
         dup_replaced = len(items) - len(keep)
         with self._write_lock:
-            self._check_writable_now()
-            if before_write is not None:
-                before_write()
+            self._ready_to_write(before_write)
             with self._rw.write():
                 old_ids = self._commit_upsert([items[i] for i in keep], vecs[keep])
             replaced = len(old_ids) + dup_replaced
@@ -709,9 +706,7 @@ class IndexStore:
         if not unique:
             return DeleteResult(0, [])
         with self._write_lock:
-            self._check_writable_now()
-            if before_write is not None:
-                before_write()
+            self._ready_to_write(before_write)
             with self._rw.write():
                 found = self._commit_delete(unique)
             self._after_write(len(found))
@@ -1192,12 +1187,14 @@ class IndexStore:
                 "to it or read from it any more; restart on a restored copy (`pictor backup` makes one)")
         return Path(lock).parent
 
-    def _check_writable_now(self) -> None:
+    def _ready_to_write(self, before_write: Callable[[], None] | None) -> None:
         """Before a write (writer lock held): the store may have been closed while this call
         waited for the lock, or its folder deleted while open, where an acknowledged write
-        would be lost with the process."""
+        would be lost with the process; then the caller's own check."""
         self._check_open()
         self._folder()
+        if before_write is not None:
+            before_write()
 
     def _check_open(self) -> None:
         if self._closed:

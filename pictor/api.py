@@ -16,6 +16,8 @@ UPSERT_CHUNK = 64
 
 # The most results one call returns: k of Search, top_k and neighbors of Classify.
 MAX_K = 1000
+# The most items one List call returns (a page).
+MAX_LIST = 1000
 
 
 def canonical_label(label: str) -> str:

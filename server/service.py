@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, TypeVar, cast
 
 import grpc
 
-from pictor.api import CLASSIFIERS, UPSERT_CHUNK
-from pictor.core.store import MAX_LIST, Filter, Hits, Item, SearchParams, UpsertResult
+from pictor.api import CLASSIFIERS, MAX_LIST, UPSERT_CHUNK
+from pictor.core.store import Filter, Hits, Item, SearchParams, UpsertResult
 from pictor.errors import DeadlineExceededError, InvalidRequestError, PictorError, ResourceExhaustedError
 from pictor.iterators import batched
 from pictor.server.engine import ClassifyResult, Engine, check_upsert_item
