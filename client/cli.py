@@ -28,7 +28,7 @@ from pictor.errors import (
 
 if TYPE_CHECKING:
     from pictor.api import StoredItem
-    from pictor.client.client import Classification, Hit
+    from pictor.client.client import Classification, Hit, PictorClient
 
 EXIT_UNREACHABLE = 4
 
@@ -40,14 +40,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def _parser(sub: argparse._SubParsersAction, name: str, help: str, example: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def _parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, example: str
+) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=f"{help[0].upper()}{help[1:]}.\n\nexample:\n  {example}",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(p)
     return p
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = _parser(sub, "classify", "top-k labels for each image from a running server, or UNKNOWN when a "
                 "trained head's open-set rule finds it fits none of its classes",
                 "pictor classify photo.jpg other.png --top-k 3 --target localhost:50051")
@@ -133,7 +135,7 @@ def _at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _client(args: argparse.Namespace) -> PictorClient:
     from pictor.client.client import PictorClient
 
     target = default_target() if args.target is None else args.target  # an empty --target is refused
@@ -175,7 +177,7 @@ def _emit(args: argparse.Namespace, data: Any, table: str) -> None:
         sys.stdout.write(table)
 
 
-def _guard_unreachable(fn):  # type: ignore[no-untyped-def]
+def _guard_unreachable(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Unreachable servers get their own exit code, so scripts can tell them from bad input."""
     def wrapped(args: argparse.Namespace) -> int:
         try:

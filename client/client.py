@@ -185,7 +185,7 @@ def _fill_vector(vector: pb.Vector, values: object) -> None:
     """Fill ``vector`` with ``values``, or a clear error (bytes would send their byte values)."""
     refuse_single(values, "a vector", "give numbers: [0.1, 0.2, ...] or a numpy array")
     try:
-        vector.values.extend(values)  # type: ignore[call-overload]
+        vector.values.extend(values)
     except (TypeError, ValueError) as e:
         raise InvalidRequestError(f"a vector must be a list of numbers: {e}") from e
 
@@ -251,7 +251,7 @@ class PictorClient:
         try:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as e:
-            code, details = e.code(), e.details() or ""  # type: ignore[attr-defined]
+            code, details = e.code(), e.details() or ""
             if code == grpc.StatusCode.UNAVAILABLE:
                 details = f"cannot reach a Pictor server at {self.target}: {details}"
             elif code == grpc.StatusCode.DEADLINE_EXCEEDED and self._past_deadline(started):

@@ -31,7 +31,7 @@ examples:
 COLUMNS = ("name", "family", "dim", "params_m", "gflops", "input", "default_weights", "offline")
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``pictor models`` and ``pictor backup`` to the ``pictor`` parser."""
     p = sub.add_parser(
         "models", help="list the backbones (dim, params, GFLOPs, weights)",
@@ -54,7 +54,7 @@ examples:
 """
 
 
-def _register_backup(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _register_backup(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("backup", help="copy an index consistently, also while it is served",
                        description=BACKUP_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("index", help="the index folder (`pictor index --out`)")

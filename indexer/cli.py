@@ -59,7 +59,7 @@ examples:
 """
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "index", help="embed a folder or manifest of images into an index",
         description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter,

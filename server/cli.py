@@ -22,7 +22,7 @@ example:
 """
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "serve", help="serve an index over gRPC", description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -306,7 +306,7 @@ def test_load_model_refuses_missing_foreign_and_damaged_files(tmp_path) -> None:
         load_model(full)
 
     class Evil:  # a pickle that would run code is refused by weights_only
-        def __reduce__(self):  # type: ignore[no-untyped-def]
+        def __reduce__(self) -> tuple[object, tuple[str]]:
             return (print, ("pwned",))
 
     evil = tmp_path / "evil.pt"

@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -116,7 +118,7 @@ def test_ctrl_c_ends_the_run_with_what_was_written(gallery: Path, tmp_path: Path
 
     entries = list(read_gallery(gallery))
 
-    def interrupted_after_six():  # type: ignore[no-untyped-def]
+    def interrupted_after_six() -> Iterator[GalleryEntry]:
         yield from entries[:6]
         raise KeyboardInterrupt
 
@@ -238,8 +240,8 @@ def test_interrupted_before_the_first_image_leaves_no_index(gallery: Path, tmp_p
 
     real = pipeline.run_indexing
 
-    def ctrl_c_before_the_first(entries, *args, **kwargs):  # type: ignore[no-untyped-def]
-        def interrupted():  # type: ignore[no-untyped-def]
+    def ctrl_c_before_the_first(entries: object, *args: Any, **kwargs: Any) -> object:
+        def interrupted() -> Iterator[GalleryEntry]:
             raise KeyboardInterrupt
             yield
 

@@ -583,8 +583,8 @@ def test_a_quiet_upsert_stream_is_ended_and_frees_its_slot(built_index: Path) ->
                 assert client.health() == "SERVING" and client.info().index_size == 12 + 5 + 64
                 with pytest.raises(grpc.RpcError) as tool_ended:
                     next(replies)
-                assert tool_ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
-                assert "the reflection stream sent nothing for 1 s" in tool_ended.value.details()  # type: ignore[attr-defined]
+                assert tool_ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert "the reflection stream sent nothing for 1 s" in tool_ended.value.details()
                 quiet_tool.set()
             assert client.upsert([UpsertItem(key="after", vector=[1.0] * 1280)]) == (1, 0)  # the slot is free
     finally:
@@ -633,8 +633,8 @@ def test_streams_cut_off_by_their_deadline_or_malformed_write_and_log_nothing(bu
                                             request_serializer=lambda b: b, response_deserializer=lambda b: b)
                 with pytest.raises(grpc.RpcError) as malformed:
                     list(raw(iter([b"\xff"]), timeout=10))
-            assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
-            assert "not a valid protobuf message" in malformed.value.details()  # type: ignore[attr-defined]
+            assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid protobuf message" in malformed.value.details()
             assert client.health() == "SERVING"
     finally:
         server.stop()

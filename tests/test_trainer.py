@@ -71,7 +71,7 @@ class CountingEmbedder(Embedder):
 
     images_embedded = 0
 
-    def embed(self, images):  # type: ignore[no-untyped-def]
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         self.images_embedded += len(images)
         return super().embed(images)
 
@@ -333,7 +333,7 @@ def test_finetune_one_epoch_round_trip_and_refusals(shapes: Path, tmp_path: Path
 
     def spy(self: Mixup, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
         mixed.append(len(x))
-        return mix_call(self, x, target)  # type: ignore[no-any-return]
+        return mix_call(self, x, target)
 
     monkeypatch.setattr(Mixup, "__call__", spy)
     out = tmp_path / "ft.pt"

@@ -52,7 +52,7 @@ examples:
 """
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``train`` and ``eval`` to the ``pictor`` parser."""
     fmt = argparse.RawDescriptionHelpFormatter
     t = sub.add_parser("train", help="train a classification head on labelled images",

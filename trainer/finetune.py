@@ -129,7 +129,7 @@ def _freeze_batchnorm(module: nn.Module) -> None:
 # --------------------------------------------------------------------------- data
 
 
-class AugmentedImages(torch.utils.data.Dataset):  # type: ignore[type-arg]
+class AugmentedImages(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
     """Training images decoded on the fly and augmented (random resized crop, flip, jitter)."""
 
     def __init__(self, samples: Sequence[Sample], labels: Sequence[int], embedder: Embedder,
