@@ -34,6 +34,8 @@ from pictor.core.store import (
     SearchParams,
     StoreOptions,
     UpsertResult,
+    _admitted_condition,
+    _filter_parts,
     _ReadWriteLock,
     choose_factory,
 )
@@ -336,6 +338,9 @@ def test_bad_input_refused(tmp_path: Path, rng) -> None:
                 "PQ16x4fs,RFlat"):  # (a flat code index takes no search parameters, which a re-rank passes)
         with pytest.raises(InvalidRequestError, match=f"index type {re.escape(repr(bad))}"):
             IndexStore.create(tmp_path / "t", spec(), index_type=bad)
+    # FAISS's PCA-whitening scored an item against itself 0.006 (its filtered search: 1.0).
+    with pytest.raises(InvalidRequestError, match="to whiten, `pictor index --pca-whiten DIM`"):
+        IndexStore.create(tmp_path / "t", spec(), index_type="PCAW16,Flat")
     with pytest.raises(InvalidRequestError, match="already exists"):
         IndexStore.create(tmp_path / "s", spec())
     with pytest.raises(NotFoundError, match="no index store"):
@@ -361,13 +366,13 @@ def test_library_callers_mistakes_are_refused_not_misread(filled: tuple[IndexSto
         StoreOptions(target_recall=5.0)
     for wrong in ({"snapshot_every": 1.5}, {"metadata_in_memory": "no"}, {"memory_budget_gb": "2"}):
         with pytest.raises(InvalidRequestError, match=f"StoreOptions.{next(iter(wrong))} must be"):
-            StoreOptions(**wrong)  # type: ignore[arg-type]  # a caller's mistake, on purpose
+            StoreOptions(**wrong)  # a caller's mistake, on purpose
     # Labels as an iterator were used up by the checks: the search ran unfiltered.
     hits = store.search(vecs[1], k=5, filter=Filter(labels=iter(["class1"])))[0]  # type: ignore[arg-type]
     assert len(hits) == 5 and set(hits.labels) == {"class1"}
     for wrong_filter in ({"labels": None}, {"attributes": "ab"}):
         with pytest.raises(InvalidRequestError, match="a filter takes a list of labels and a mapping of attributes"):
-            Filter(**wrong_filter)  # type: ignore[arg-type]
+            Filter(**wrong_filter)
     # FAISS allocates k results per query: a k of 1e9 took 24 GB; more than the store holds is all of it.
     assert len(store.search(vecs[0], k=10**9)[0]) == len(store)
 
@@ -566,6 +571,28 @@ def test_list_items_pages_in_key_order_through_a_filter(filled: tuple[IndexStore
     for bad in (0, 1001, True):
         with pytest.raises(InvalidRequestError, match="limit must be an int from 1 to 1000"):
             store.list_items(limit=bad)
+
+
+def test_list_items_through_a_filter_rare_or_common(filled: tuple[IndexStore, np.ndarray]) -> None:
+    """Pages of a filter are the same whether the page tests each row (a common filter) or
+    gathers the matching ids first (a rare one)."""
+    store, vecs = filled
+    store.upsert([Item(f"rare/{i}", label="rare", attributes={"shard": "1"}) for i in range(7)], vecs[:7])
+    everything = store.list_items(limit=1000).items
+    conn = store._reader()
+    for flt in (Filter(labels=["class1"]), Filter(labels=["rare", "class2"], attributes={"shard": "1"}),
+                Filter(labels=["rare"]), Filter(attributes={"shard": "0"})):
+        for limit in (3, 40):
+            listed, after = [], ""
+            while True:
+                page = store.list_items(after, limit, filter=flt)
+                listed += page.items
+                if not (after := page.next):
+                    break
+            assert listed == [it for it in everything if flt.admits(it)]
+    rare = _admitted_condition(conn, _filter_parts(Filter(labels=["rare"])), 3, len(store))[0]
+    common = _admitted_condition(conn, _filter_parts(Filter(labels=["class1"])), 3, len(store))[0]
+    assert rare.startswith("id IN") and common.startswith("+label IN")  # both ways were taken
 
 
 def test_second_process_handle_refused(tmp_path: Path) -> None:
