@@ -98,8 +98,10 @@ _RERANK = r"(?:,RFlat|,Refine\((?:Flat|" + _SQ + r")\))?"
 # a re-rank after). FAISS parses far more, and some of it crashes the process or fails only
 # once the store holds vectors (HNSW1, PQ32x0, RQ, NSG below 100 items, Refine over an IVF).
 # A re-rank only over HNSW or an IVF: FAISS's flat code indexes take no search parameters.
+# No PCA-whitening (PCAW): its scores are not the cosines that the store's exact searches
+# (filters, tuning) give, nor its ranking; `pictor index --pca-whiten` whitens the vectors.
 _SUPPORTED_FACTORY = re.compile(
-    r"(?:(?:PCAW?R?" + _N + r"|OPQ" + _N + r"(?:_" + _N + r")?|RR" + _N + r"),)*"
+    r"(?:(?:PCAR?" + _N + r"|OPQ" + _N + r"(?:_" + _N + r")?|RR" + _N + r"),)*"
     r"(?:HNSW" + _N + r"(?:_(?:Flat|" + _SQ + r")|,Flat)?" + _RERANK
     + r"|IVF" + _N + r"(?:_HNSW" + _N + r")?," + _CODES + _RERANK
     + r"|" + _CODES + r")"
@@ -113,10 +115,11 @@ def check_new_factory(dim: int, factory: str) -> None:
     families a new index may have (``parse_factory`` then checks what FAISS builds)."""
     if not _SUPPORTED_FACTORY.fullmatch(factory):
         raise InvalidRequestError(
-            f"index type {factory!r} is not one the index supports: [PCA<d>|PCAR<d>|PCAW<d>|OPQ<M>[_<d>]|"
+            f"index type {factory!r} is not one the index supports: [PCA<d>|PCAR<d>|OPQ<M>[_<d>]|"
             "RR<d>,]... then Flat, SQ8, SQfp16, PQ<M>[x<bits>][fs], HNSW<M>[_SQ8], or IVF<lists>[_HNSW<M>],"
             "Flat|SQ8|SQfp16|PQ<M>[x<bits>][fs]; the last two optionally then ,RFlat or ,Refine(Flat|SQfp16). "
-            "E.g. auto, Flat, HNSW32, IVF1024,Flat, OPQ32,IVF1024,PQ32, IVF1024,PQ64x4fs,Refine(SQfp16)")
+            "E.g. auto, Flat, HNSW32, IVF1024,Flat, OPQ32,IVF1024,PQ32, IVF1024,PQ64x4fs,Refine(SQfp16)"
+            + ("; to whiten, `pictor index --pca-whiten DIM`" if "PCAW" in factory else ""))
     def counts(pattern: str) -> list[int]:
         return [int(n) for n in re.findall(pattern, factory)]
 
