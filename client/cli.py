@@ -16,7 +16,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pictor.api import CLASSIFIERS, canonical_label
+from pictor.api import (
+    CLASSIFIERS,
+    DEFAULT_K,
+    DEFAULT_NEIGHBORS,
+    DEFAULT_TOP_K,
+    MAX_GET_KEYS,
+    MAX_K,
+    canonical_label,
+)
 from pictor.config import DEFAULT_TARGET, client_max_message_mb, default_target
 from pictor.errors import (
     DeadlineExceededError,
@@ -54,21 +62,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                 "trained head's open-set rule finds it fits none of its classes",
                 "pictor classify photo.jpg other.png --top-k 3 --target localhost:50051")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF)")
-    p.add_argument("--top-k", type=_at_least(1), default=5, help="labels per image (default 5)")
+    p.add_argument("--top-k", type=_at_least(1), default=DEFAULT_TOP_K, help=f"labels per image (default {DEFAULT_TOP_K})")
     p.add_argument("--classifier", choices=CLASSIFIERS, default="default",
                    help="default: the trained head if the server has one (serve --model), else the "
                         "backbone's ImageNet labels, else (a backbone without them) the kNN vote; head: "
                         "the same without the kNN fallback; knn: vote of the nearest labelled items; "
                         "all: head and kNN vote, whether they agree, and the neighbours")
     p.add_argument("--neighbors", type=_at_least(0), default=0,
-                   help="neighbours for the kNN vote (default 0 = the server's default, 10)")
+                   help=f"neighbours for the kNN vote (default 0 = the server's default, {DEFAULT_NEIGHBORS})")
     p.set_defaults(run=run_classify)
 
     p = _parser(sub, "search", "the indexed images most similar to a query image or indexed key",
                 "pictor search photo.jpg -k 5 --label daisy")
     p.add_argument("image", nargs="?", metavar="IMAGE", help="query image file")
     p.add_argument("--key", help="query by the key of an indexed item instead of an image")
-    p.add_argument("-k", type=_at_least(1), default=10, help="number of results, 1 to 1000 (default 10)")
+    p.add_argument("-k", type=_at_least(1), default=DEFAULT_K, help=f"number of results, 1 to {MAX_K} (default {DEFAULT_K})")
     p.add_argument("--label", action="append", default=[], help="only items with this label (repeatable)")
     p.add_argument("--attr", action="append", default=[], metavar="NAME=VALUE",
                    help="only items whose attribute NAME equals VALUE (repeatable: items must match "
@@ -104,7 +112,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = _parser(sub, "get", "the stored items (label, attributes, vector) of keys in a running server's index",
                 "pictor get photos/a.jpg photos/b.jpg --vectors --json")
-    p.add_argument("keys", nargs="+", metavar="KEY", help="keys of the items (at most 1000 distinct)")
+    p.add_argument("keys", nargs="+", metavar="KEY", help=f"keys of the items (at most {MAX_GET_KEYS} distinct)")
     p.add_argument("--vectors", action="store_true", help="also print each item's stored vector")
     p.add_argument("--missing-ok", action="store_true",
                    help="keys not in the index are not an error (exit 0); without it they are "

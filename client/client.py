@@ -26,6 +26,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pictor.api import (
     CLASSIFIERS,
+    DEFAULT_K,
+    DEFAULT_TOP_K,
     MAX_K,
     MAX_LIST,
     UPSERT_CHUNK,
@@ -283,7 +285,7 @@ class PictorClient:
         response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
-    def classify(self, image: ImageData, *, top_k: int = 5, classifier: str = "default",
+    def classify(self, image: ImageData, *, top_k: int = DEFAULT_TOP_K, classifier: str = "default",
                  neighbors: int = 0) -> Classification:
         """Labels for one image (the file's bytes), best first.
 
@@ -310,7 +312,7 @@ class PictorClient:
         )
 
     def search(self, *, image: ImageData | None = None, key: str | None = None,
-               vector: Iterable[float] | None = None, k: int = 10,
+               vector: Iterable[float] | None = None, k: int = DEFAULT_K,
                labels: Sequence[str] = (), attributes: Mapping[str, str] | None = None,
                nprobe: int = 0, ef_search: int = 0) -> list[Hit]:
         """Nearest items to exactly one of ``image``, ``key`` or ``vector``."""

@@ -15,12 +15,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pictor.api import canonical_label
+from pictor.api import MAX_KEY_LEN, canonical_label
 from pictor.errors import InvalidRequestError, NotFoundError
 
 log = logging.getLogger(__name__)
 
-MAX_KEY_LEN = 4096  # characters of an item key (the store refuses longer ones)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 MANIFEST_SUFFIXES = frozenset({".csv", ".jsonl", ".ndjson"})
 

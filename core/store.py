@@ -48,7 +48,7 @@ from typing import Any, NamedTuple, overload
 import faiss
 import numpy as np
 
-from pictor.api import MAX_LIST, canonical_label, refuse_single
+from pictor.api import MAX_KEY_LEN, MAX_LIST, canonical_label, refuse_single
 from pictor.core.faiss_index import (
     EXACT_FACTORY,
     MAX_WIDTH,
@@ -62,7 +62,6 @@ from pictor.core.faiss_index import (
     tune_knobs,
 )
 from pictor.core.files import fsync_dir, write_atomic
-from pictor.core.gallery import MAX_KEY_LEN
 from pictor.core.spec import ModelSpec
 from pictor.errors import (
     IncompatibleModelError,

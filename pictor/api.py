@@ -16,8 +16,15 @@ UPSERT_CHUNK = 64
 
 # The most results one call returns: k of Search, top_k and neighbors of Classify.
 MAX_K = 1000
+# What a call answers with when it leaves them at 0.
+DEFAULT_TOP_K = 5
+DEFAULT_K = 10
+DEFAULT_NEIGHBORS = 10
 # The most items one List call returns (a page).
 MAX_LIST = 1000
+MAX_EMBED_IMAGES = 256  # per Embed call: one forward pass, bounded in time and memory
+MAX_GET_KEYS = 1000  # per Get call: with vectors, 5 MB of answer at dim 1280
+MAX_KEY_LEN = 4096  # characters of an item key
 
 
 def canonical_label(label: str) -> str:

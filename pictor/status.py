@@ -32,17 +32,11 @@ STATUS_OF_ERROR: tuple[tuple[type[PictorError], grpc.StatusCode], ...] = (
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 
+# Each code back to its most general error (later entries win): INVALID_ARGUMENT is an
+# InvalidRequestError. A call cancelled on the client's side (its channel closed by another
+# thread, say): the answer did not come, as DeadlineExceededError says.
 _ERROR_OF_STATUS: dict[grpc.StatusCode, type[PictorError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
-    grpc.StatusCode.NOT_FOUND: NotFoundError,
-    grpc.StatusCode.FAILED_PRECONDITION: IncompatibleModelError,
-    grpc.StatusCode.UNAVAILABLE: ServerUnavailableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
-    # A call cancelled on the client's side (its channel closed by another thread, say): the
-    # answer did not come, as DeadlineExceededError says.
-    grpc.StatusCode.CANCELLED: DeadlineExceededError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
-}
+    code: error for error, code in STATUS_OF_ERROR} | {grpc.StatusCode.CANCELLED: DeadlineExceededError}
 
 
 def status_for(error: BaseException) -> grpc.StatusCode:

@@ -18,7 +18,17 @@ import numpy as np
 import torch
 
 from pictor import __version__
-from pictor.api import CLASSIFIERS, MAX_K, OpenSetCheck, ServerInfo
+from pictor.api import (
+    CLASSIFIERS,
+    DEFAULT_K,
+    DEFAULT_NEIGHBORS,
+    DEFAULT_TOP_K,
+    MAX_EMBED_IMAGES,
+    MAX_GET_KEYS,
+    MAX_K,
+    OpenSetCheck,
+    ServerInfo,
+)
 from pictor.config import ServerSettings
 from pictor.core.decode import decode_image
 from pictor.core.files import content_hash
@@ -42,12 +52,6 @@ if TYPE_CHECKING:
     from pictor.core.head import TrainedModel
 
 log = logging.getLogger(__name__)
-
-MAX_EMBED_IMAGES = 256  # per Embed call: one forward pass, bounded in time and memory
-MAX_GET_KEYS = 1000  # per Get call: with vectors, 5 MB of answer at dim 1280
-DEFAULT_TOP_K = 5
-DEFAULT_K = 10
-DEFAULT_NEIGHBORS = 10
 
 
 @dataclass(frozen=True)
