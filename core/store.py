@@ -1324,28 +1324,25 @@ def _create_schema(db: sqlite3.Connection, spec: ModelSpec, now: str) -> None:
         )
 
 
+def _select_in(db: sqlite3.Connection, sql: str, values: Sequence[Any]) -> Iterator[list[Any]]:
+    """The rows of ``sql``, whose ``IN ({marks})`` takes ``values``, a chunk of them at a time:
+    SQLite caps a statement's parameters."""
+    for start in range(0, len(values), _SQL_CHUNK):
+        chunk = list(values[start : start + _SQL_CHUNK])
+        yield db.execute(sql.format(marks=",".join("?" * len(chunk))), chunk).fetchall()
+
+
 def _ids_for_keys(db: sqlite3.Connection, keys: Sequence[str]) -> dict[str, int]:
-    found: dict[str, int] = {}
-    for start in range(0, len(keys), _SQL_CHUNK):
-        chunk = keys[start : start + _SQL_CHUNK]
-        marks = ",".join("?" * len(chunk))
-        found.update(db.execute(f"SELECT key, id FROM items WHERE key IN ({marks})", chunk))
-    return found
+    sql = "SELECT key, id FROM items WHERE key IN ({marks})"
+    return {key: item_id for rows in _select_in(db, sql, keys) for key, item_id in rows}
 
 
 def _rows_for_keys(db: sqlite3.Connection, keys: Sequence[str], *, vectors: bool) -> dict[str, tuple[Any, ...]]:
     """key -> (label, attributes JSON, content hash or ""[, vector bytes]) of the keys held."""
     vector, join = (", v.vector", "JOIN vectors v ON v.id = i.id") if vectors else ("", "")
-    found: dict[str, tuple[Any, ...]] = {}
-    for start in range(0, len(keys), _SQL_CHUNK):
-        chunk = keys[start : start + _SQL_CHUNK]
-        marks = ",".join("?" * len(chunk))
-        rows = db.execute(
-            f"SELECT i.key, i.label, i.attributes, COALESCE(c.hash, ''){vector} FROM items i "
-            f"LEFT JOIN contents c ON c.id = i.id {join} WHERE i.key IN ({marks})", chunk)
-        for key, *rest in rows:
-            found[key] = tuple(rest)
-    return found
+    sql = (f"SELECT i.key, i.label, i.attributes, COALESCE(c.hash, ''){vector} FROM items i "
+           f"LEFT JOIN contents c ON c.id = i.id {join} WHERE i.key IN ({{marks}})")
+    return {key: tuple(rest) for rows in _select_in(db, sql, keys) for key, *rest in rows}
 
 
 def _delete_rows(db: sqlite3.Connection, ids: Sequence[int], seq: int) -> None:
@@ -1524,11 +1521,7 @@ def _vectors_of(
     if ids is None:
         yield from _stream_vectors(conn)
         return
-    for start in range(0, len(ids), _SQL_CHUNK):
-        chunk = [int(i) for i in ids[start : start + _SQL_CHUNK]]
-        rows = conn.execute(
-            f"SELECT id, vector FROM vectors WHERE id IN ({','.join('?' * len(chunk))})", chunk
-        ).fetchall()
+    for rows in _select_in(conn, "SELECT id, vector FROM vectors WHERE id IN ({marks})", ids.tolist()):
         if rows:
             got = np.fromiter((r[0] for r in rows), np.int64, len(rows))
             vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32)
@@ -1539,15 +1532,8 @@ def _hits_from_sqlite(conn: sqlite3.Connection, scores: np.ndarray, ids: np.ndar
     """Join FAISS results with their metadata in one SQLite query (one per 4096 ids)."""
     rows = ids.tolist()
     wanted = sorted({i for row in rows for i in row if i >= 0})
-    meta: dict[int, tuple[str, str, str]] = {}
-    for start in range(0, len(wanted), _SQL_CHUNK):
-        chunk = wanted[start : start + _SQL_CHUNK]
-        found = conn.execute(
-            "SELECT id, key, label, attributes FROM items WHERE id IN "
-            f"({','.join('?' * len(chunk))})",
-            chunk,
-        )
-        meta.update((r[0], r[1:]) for r in found)
+    sql = "SELECT id, key, label, attributes FROM items WHERE id IN ({marks})"
+    meta: dict[int, tuple[str, str, str]] = {r[0]: r[1:] for rows in _select_in(conn, sql, wanted) for r in rows}
     results = []
     for row_s, row_i in zip(scores.tolist(), rows, strict=True):
         kept = [j for j, i in enumerate(row_i) if i in meta]
