@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pictor.config import DEFAULT_BACKBONE
+from pictor.config import DEFAULT_BACKBONE, POOLINGS, PRECISIONS
 from pictor.core.backbones import Backbone, create_backbone
 from pictor.core.files import write_atomic
 from pictor.core.spec import ModelSpec, Preprocessing
@@ -46,8 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-POOLINGS = ("avg", "max", "gem")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GEM_P = 3.0  # the usual GeM exponent for retrieval (Radenović et al.)
 MAX_ASPECT = 4  # preprocessing trims a longer side beyond this ratio (the crop never sees it)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

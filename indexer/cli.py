@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pictor.config import DEFAULT_BACKBONE, IndexerSettings, build_settings
+from pictor.config import DEFAULT_BACKBONE, IndexerSettings, add_flag, build_settings, show_progress
 from pictor.errors import IncompatibleModelError, InvalidRequestError, require_server_extra
 
 PROGRESS_LOG_SECONDS = 30.0  # how often a run whose stderr is not a terminal logs its progress
@@ -67,8 +67,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("gallery", metavar="GALLERY", nargs="?",
                    help="image folder, or .csv/.jsonl manifest (or `gallery` in the config file, PICTOR_GALLERY)")
     p.add_argument("--out", help="index directory to create or update (default ./index)")
-    p.add_argument("--backbone", help=f"backbone name (default {DEFAULT_BACKBONE}; see `pictor models`)")
-    p.add_argument("--weights", help="weights tag, local checkpoint path, or 'random' (default: the backbone's default)")
+    add_flag(p, "backbone")
+    add_flag(p, "weights")
     p.add_argument("--model", dest="model_file", help="model file from `pictor train`: embed with its (fine-tuned) backbone")
     p.add_argument("--index-type",
                    help="auto (default): exact (Flat) below 100,000 items, above that an IVF over "
@@ -86,18 +86,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--pca-sample", type=int, metavar="N",
                    help="gallery images that fit the whitening (default 10000)")
     p.add_argument("--labels", help="folder (default): label = top-level folder name; none: no labels")
-    p.add_argument("--batch-size", type=int, help="images per forward pass (default 32)")
+    add_flag(p, "batch_size")
     p.add_argument("--workers", type=int, help="decoding threads (default 2)")
-    p.add_argument("--max-pixels", type=int, metavar="N",
-                   help="largest image decoded, in pixels (default 40000000; a JPEG counts at the "
-                        "reduced size it is decoded at); larger files are skipped and listed")
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--pooling", choices=("avg", "max", "gem"),
-                   help="global pooling of the feature map (default avg; an index keeps its own, "
-                   "and serve follows it)")
-    p.add_argument("--precision", help="auto (default), fp32, bf16, fp16")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the backbone: slower first batch, faster after (big galleries)")
+    add_flag(p, "max_pixels", help_end="larger files are skipped and listed")
+    add_flag(p, "device")
+    add_flag(p, "pooling", help_end="an index keeps its own, and serve follows it")
+    add_flag(p, "precision")
+    add_flag(p, "compile")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--strict", action="store_true", help="exit 1 when any file was skipped")
     p.add_argument("--prune", action="store_true",
@@ -105,7 +100,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (on a terminal) or progress lines (in logs, every "
                         f"{PROGRESS_LOG_SECONDS:.0f} s)")
-    p.add_argument("--config", help="TOML file with settings (flags and PICTOR_* env override it)")
+    add_flag(p, "config")
     p.set_defaults(run=run)
 
 
@@ -145,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     created = not opened and not out.exists()
     if not opened:
         make_store_dir(out)  # now, not after the model loaded and a whitening sample was embedded
-    progress = not args.no_progress and sys.stderr.isatty()
+    progress = show_progress(args.no_progress)
     try:
         if store is not None:
             _check_pca_whiten(store, whitening, settings.pca_whiten)

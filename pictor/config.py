@@ -7,9 +7,11 @@ then the defaults written here. Every default works on a laptop with no network.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
+import sys
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -27,6 +29,8 @@ DEFAULT_TARGET = f"localhost:{DEFAULT_PORT}"
 DEFAULT_MAX_PIXELS = 40_000_000
 # gRPC message size limits, server and client alike; gRPC takes them as int32 bytes.
 DEFAULT_MAX_MESSAGE_MB, MAX_MESSAGE_MB = 64, 2047
+POOLINGS = ("avg", "max", "gem")  # of the backbone's feature map
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def default_cache_dir() -> Path:
@@ -116,6 +120,40 @@ class IndexerSettings:
         _check_positive(self, "workers", "pca_sample")
         if self.pca_whiten < 0:
             raise SettingValueError("pca_whiten", "0 (off) or a number of dims", self.pca_whiten)
+
+
+# The flags that set how the model runs (and --config), each declared once: a command adds those
+# it takes with add_flag. A flag's dest is its setting's name, which build_settings reads, and it
+# has no default: a flag not given is None, so the environment and the file still count.
+FLAGS: dict[str, dict[str, Any]] = {
+    "backbone": {"help": f"backbone name (default {DEFAULT_BACKBONE}; see `pictor models`)"},
+    "weights": {"help": "weights tag, local checkpoint path, or 'random' (default: the backbone's default)"},
+    "device": {"help": "auto (default), cpu, cuda, cuda:N"},
+    "precision": {"help": "auto (default), fp32, bf16, fp16"},
+    "compile": {"action": argparse.BooleanOptionalAction, "default": None,
+                "help": "torch.compile the backbone: slower first batch, faster after (big galleries)"},
+    "pooling": {"choices": POOLINGS, "help": "global pooling of the feature map (default avg)"},
+    "batch_size": {"type": int, "help": f"images per forward pass (default {ModelSettings.batch_size})"},
+    "max_pixels": {"type": int, "metavar": "N",
+                   "help": f"largest image decoded, in pixels (default {DEFAULT_MAX_PIXELS}; a JPEG counts at "
+                           "the reduced size it is decoded at, 1/8 for a big photo; PNG, WebP and others in full)"},
+    "config": {"help": "TOML file with settings (flags and PICTOR_* env override it)"},
+}
+
+
+def add_flag(parser: argparse.ArgumentParser, name: str, *, help_end: str = "", **kwargs: Any) -> None:
+    """Add the flag of setting ``name`` (``max_pixels``: ``--max-pixels N``) to a command's parser,
+    as ``FLAGS`` declares it. ``help_end`` goes after the shared help ("; ..."); ``kwargs`` replace
+    what a command's flag says differently (``help=``, ``metavar=``, ``choices=``)."""
+    spec = {**FLAGS[name], **kwargs}
+    if help_end:
+        spec["help"] += f"; {help_end}"
+    parser.add_argument(f"--{name.replace('_', '-')}", **spec)
+
+
+def show_progress(no_progress: bool) -> bool:
+    """Progress bars for a person at a terminal, unless ``--no-progress``; not into logs."""
+    return not no_progress and sys.stderr.isatty()
 
 
 class SettingValueError(InvalidRequestError):

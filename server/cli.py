@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pictor.config import ServerSettings, build_settings
+from pictor.config import ServerSettings, add_flag, build_settings
 from pictor.errors import require_server_extra
 
 HELP = """\
@@ -29,9 +29,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--index", help="index directory written by `pictor index` (default: ./index)")
     p.add_argument("--model", help="model file from `pictor train`: Classify uses its head and classes")
-    p.add_argument("--weights", help="the checkpoint file of an index built with `pictor index --weights "
-                                     "PATH` (its contents must be the same); with --model, the "
-                                     "checkpoint the model was trained from, if it has moved")
+    add_flag(p, "weights", help="the checkpoint file of an index built with `pictor index --weights PATH` "
+             "(its contents must be the same); with --model, the checkpoint the model was trained from, "
+             "if it has moved")
     p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, help="port to bind (default 50051; 0 picks a free one)")
     p.add_argument("--workers", type=int,
@@ -40,17 +40,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--upsert-idle-timeout", type=float, metavar="SECONDS",
                    help="end an Upsert or reflection stream that sends nothing for this long "
                         "(default 60), so a quiet client cannot hold a stream slot for good")
-    p.add_argument("--max-pixels", type=int, metavar="N",
-                   help="largest image decoded, in pixels (default 40000000; a JPEG counts at the "
-                        "reduced size it is decoded at, 1/8 for a big photo; PNG, WebP and others in full)")
+    add_flag(p, "max_pixels")
     p.add_argument("--max-message-mb", type=int, metavar="MB",
                    help="largest request or reply (default 64, at most 2047); clients must allow it "
                         "too: PICTOR_MAX_MESSAGE_MB for the client commands")
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--precision", help="auto (default), fp32, bf16, fp16")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the backbone: the first requests compile it (a minute or more), later ones run faster")
-    p.add_argument("--config", help="TOML file with settings (flags and PICTOR_* env override it)")
+    add_flag(p, "device")
+    add_flag(p, "precision")
+    add_flag(p, "compile", help="torch.compile the backbone: the first requests compile it (a minute or "
+             "more), later ones run faster")
+    add_flag(p, "config")
     p.set_defaults(run=run)
 
 

@@ -7,8 +7,8 @@ import json
 import sys
 from typing import Any
 
-from pictor.config import model_settings
-from pictor.trainer.config import TrainConfig
+from pictor.config import PRECISIONS, add_flag, model_settings, show_progress
+from pictor.trainer.config import MODES, TrainConfig
 
 TRAIN_DESCRIPTION = """\
 Train a classifier for your classes on a pretrained backbone (transfer learning) and write
@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     t.add_argument("data", metavar="DATA", help="folder with one sub-folder per class, or .csv/.jsonl "
                    "manifest with path and label columns (paths relative to the manifest's folder)")
     t.add_argument("--out", required=True, metavar="MODEL", help="model file to write")
-    t.add_argument("--mode", choices=("linear", "finetune"), default=TrainConfig.mode,
+    t.add_argument("--mode", choices=MODES, default=TrainConfig.mode,
                    help="linear: frozen backbone, cached embeddings (fast); finetune: train the last "
                    "stages too (slower, usually more accurate; when it loses validation accuracy, "
                    "the linear head is kept) (default %(default)s)")
@@ -70,22 +70,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "(default %(default)s)")
     t.add_argument("--seed", type=int, default=TrainConfig.seed,
                    help="seed of the split, initialisation and augmentation (default %(default)s)")
-    t.add_argument("--backbone", help=f"backbone name (default {TrainConfig.backbone}; see `pictor models`)")
-    t.add_argument("--weights", help="weights tag, local checkpoint path, or 'random' "
-                   "(default: the backbone's own)")
-    t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    t.add_argument("--pooling", choices=("avg", "max", "gem"),
-                   help="global pooling of the feature map (default avg; pool as the index the model "
-                   "will serve with)")
-    t.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="auto (default): bf16 where the hardware runs it fast (fp16 on a GPU without bf16), "
-                   "else fp32; fine-tuning on a CPU: fp32 (bf16 lost accuracy). The model file records it, and "
-                   "serving keeps it where the hardware runs it natively")
-    t.add_argument("--batch-size", type=int, help=f"images per step (default {TrainConfig.batch_size})")
-    t.add_argument("--max-pixels", type=int, metavar="N", help="largest image decoded, in pixels (default 40000000; a JPEG counts at the "
-                   "reduced size it is decoded at); larger files are skipped and counted")
-    t.add_argument("--config", help="TOML file with settings, as for `pictor index` (flags and "
-                   "PICTOR_* env override it)")
+    add_flag(t, "backbone")
+    add_flag(t, "weights")
+    add_flag(t, "device")
+    add_flag(t, "pooling", help_end="pool as the index the model will serve with")
+    add_flag(t, "precision", choices=PRECISIONS,
+             help="auto (default): bf16 where the hardware runs it fast (fp16 on a GPU without bf16), "
+             "else fp32; fine-tuning on a CPU: fp32 (bf16 lost accuracy). The model file records it, and "
+             "serving keeps it where the hardware runs it natively")
+    add_flag(t, "batch_size", help=f"images per step (default {TrainConfig.batch_size})")
+    add_flag(t, "max_pixels", help_end="larger files are skipped and counted")
+    add_flag(t, "config", help="TOML file with settings, as for `pictor index` (flags and PICTOR_* env "
+             "override it)")
     t.add_argument("--min-per-class", type=int, default=TrainConfig.min_per_class,
                    help="fewest training images a class may have; fewer is an error (default %(default)s)")
     t.add_argument("--max-per-class", type=int, default=TrainConfig.max_per_class,
@@ -133,13 +129,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "image's prediction, and whether Classify would answer unknown with --index)")
     e.add_argument("--png", metavar="FILE", help="write the confusion matrix as a PNG")
     e.add_argument("--out-json", metavar="FILE", help="also write the JSON report to FILE")
-    e.add_argument("--weights", metavar="PATH", help="the checkpoint the model was trained from, "
-                   "when it is no longer where the model file says")
-    e.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    e.add_argument("--batch-size", type=int, help=f"images per forward pass (default {TrainConfig.batch_size})")
-    e.add_argument("--max-pixels", type=int, metavar="N", help="largest image decoded, in pixels (default 40000000; a JPEG counts at the "
-                   "reduced size it is decoded at); larger files are skipped and counted")
-    e.add_argument("--config", help="TOML file with settings (flags and PICTOR_* env override it)")
+    add_flag(e, "weights", metavar="PATH", help="the checkpoint the model was trained from, when it is no "
+             "longer where the model file says")
+    add_flag(e, "device")
+    add_flag(e, "batch_size")
+    add_flag(e, "max_pixels", help_end="larger files are skipped and counted")
+    add_flag(e, "config")
     e.add_argument("--cache-dir", default="", help="embedding cache (default: $PICTOR_CACHE_DIR, "
                    "$XDG_CACHE_HOME/pictor or ~/.cache/pictor; 'none' disables it)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -163,7 +158,8 @@ def run_train(args: argparse.Namespace) -> int:
         mode=args.mode, backbone=m.backbone or TrainConfig.backbone, weights=m.weights, device=m.device,
         precision=m.precision, pooling=m.pooling or TrainConfig.pooling, val_fraction=args.val_fraction, seed=args.seed,
         min_per_class=args.min_per_class, max_per_class=args.max_per_class,
-        batch_size=m.batch_size, max_pixels=m.max_pixels, cache_dir=args.cache_dir, progress=_progress(args),
+        batch_size=m.batch_size, max_pixels=m.max_pixels, cache_dir=args.cache_dir,
+        progress=show_progress(args.no_progress),
         flip_views=not args.no_flip, epochs=args.epochs, unfreeze=args.unfreeze, lr=args.lr,
         backbone_lr=args.backbone_lr, label_smoothing=args.label_smoothing,
         patience=args.patience, mixup=args.mixup, cutmix=args.cutmix,
@@ -210,7 +206,7 @@ def run_eval(args: argparse.Namespace) -> int:
     report: dict[str, Any] = evaluate(model, args.data, index=args.index, cache_dir=args.cache_dir,
                                       device=m.device, batch_size=m.batch_size, max_pixels=m.max_pixels,
                                       weights=m.weights or None,
-                                      progress=_progress(args))
+                                      progress=show_progress(args.no_progress))
     if args.png:
         plot_confusion(report, args.png)
     if args.out_json:
@@ -233,8 +229,3 @@ def run_eval(args: argparse.Namespace) -> int:
     if extras:
         print("\n" + "; ".join(extras))
     return 0
-
-
-def _progress(args: argparse.Namespace) -> bool:
-    """Progress bars for a person at a terminal, as `pictor index` shows them; not into logs."""
-    return not args.no_progress and sys.stderr.isatty()
