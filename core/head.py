@@ -26,7 +26,7 @@ import platform
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -115,6 +115,15 @@ def _shrunk_precision(centred: np.ndarray, shrinkage: float) -> np.ndarray:
     return np.linalg.pinv((1.0 - shrinkage) * cov + shrinkage * target + 1e-12 * np.eye(len(cov)))
 
 
+class OpenSetTests(NamedTuple):
+    """The open-set rule's tests that an image fails, as bool arrays (0-d for one image); it is
+    "unknown" when any is True."""
+
+    pair: np.ndarray  # class fit and nearest neighbour similarity both below their thresholds
+    far: np.ndarray  # nearest neighbour farther than almost any known image's
+    fit_alone: np.ndarray  # no comparable neighbour (NaN similarity), and class fit below its own threshold
+
+
 @dataclass(frozen=True)
 class OpenSetThresholds:
     """Open-set rejection: an image is "unknown" when BOTH scores fall below their threshold,
@@ -141,25 +150,34 @@ class OpenSetThresholds:
     far_similarity: float = -math.inf
     class_fit_alone: float = -math.inf
 
-    def is_unknown(self, class_fit: ArrayLike, neighbor_similarity: ArrayLike) -> np.ndarray:
-        """True where the image is unknown (elementwise); NaN similarity: no comparable neighbour."""
+    def tests(self, class_fit: ArrayLike, neighbor_similarity: ArrayLike) -> OpenSetTests:
+        """Which of the rule's tests each image fails (elementwise): the one place the rule is
+        computed, so that ``is_unknown`` and ``why_unknown`` cannot disagree."""
         fit = np.asarray(class_fit, dtype=np.float64)
         sim = np.asarray(neighbor_similarity, dtype=np.float64)
-        paired = ((fit < self.class_fit) & (sim < self.neighbor_similarity)) | (sim < self.far_similarity)
-        return np.where(np.isnan(sim), fit < self.class_fit_alone, paired)
+        # Comparisons with a NaN similarity are False: without a neighbour only fit_alone can fire.
+        return OpenSetTests(
+            pair=(fit < self.class_fit) & (sim < self.neighbor_similarity),
+            far=sim < self.far_similarity,
+            fit_alone=np.isnan(sim) & (fit < self.class_fit_alone),
+        )
+
+    def is_unknown(self, class_fit: ArrayLike, neighbor_similarity: ArrayLike) -> np.ndarray:
+        """True where the image is unknown (elementwise); NaN similarity: no comparable neighbour."""
+        t = self.tests(class_fit, neighbor_similarity)
+        return np.asarray(t.pair | t.far | t.fit_alone)
 
     def why_unknown(self, class_fit: float, neighbor_similarity: float) -> str:
         """Which test made one image "unknown", in words with its figures ("" when none did)."""
         fit, sim = float(class_fit), float(neighbor_similarity)
-        if math.isnan(sim):
-            if fit < self.class_fit_alone:
-                return (f"class fit {fit:.3f} < {self.class_fit_alone:.3f}, judged alone (no comparable "
-                        "neighbours in the index)")
-            return ""
-        if sim < self.far_similarity:
+        t = self.tests(fit, sim)
+        if t.fit_alone:
+            return (f"class fit {fit:.3f} < {self.class_fit_alone:.3f}, judged alone (no comparable "
+                    "neighbours in the index)")
+        if t.far:
             return (f"nearest indexed item of the model's classes at similarity {sim:.3f} < "
                     f"{self.far_similarity:.3f}, farther than almost any known image's")
-        if fit < self.class_fit and sim < self.neighbor_similarity:
+        if t.pair:
             return (f"class fit {fit:.3f} < {self.class_fit:.3f} and nearest indexed item of the "
                     f"model's classes at similarity {sim:.3f} < {self.neighbor_similarity:.3f}")
         return ""
@@ -239,6 +257,16 @@ def nearest_known_similarity(store: IndexStore, queries: np.ndarray, class_names
 
     hits = store.search(queries, 1, filter=Filter(labels=list(class_names)))
     return np.array([h[0].score if h else math.nan for h in hits], dtype=np.float64)
+
+
+def open_set_similarities(store: IndexStore, queries: np.ndarray, class_names: Sequence[str],
+                          tests_off: str | None) -> np.ndarray:
+    """Per query, the similarity the open-set neighbour tests take, as Classify and ``pictor
+    eval`` both measure it: NaN for every query when the tests are off (``tests_off``: why, as
+    ``neighbour_tests_off`` says), so the class fit decides alone; else ``nearest_known_similarity``."""
+    if tests_off:
+        return np.full(len(queries), math.nan)
+    return nearest_known_similarity(store, queries, class_names)
 
 
 def calibrate_thresholds(

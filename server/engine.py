@@ -294,13 +294,14 @@ class Engine:
         """Similarity of the nearest indexed item of the model's classes: the first of ``hits``
         when it is one, else a search for it. NaN when the neighbour tests are off (see
         ``_neighbour_tests_off``): the class fit decides alone."""
-        from pictor.core.head import nearest_known_similarity
+        from pictor.core.head import open_set_similarities
 
-        if self.model is None or self._neighbour_tests_off():
+        if self.model is None:
             return math.nan
-        if hits and hits[0].label in self.model.class_names:
-            return hits[0].score
-        return float(nearest_known_similarity(self.store, embedding[None], self.model.class_names)[0])
+        tests_off = self._neighbour_tests_off()
+        if not tests_off and hits and hits[0].label in self.model.class_names:
+            return hits[0].score  # the nearest of all is the nearest of the model's classes: no search
+        return float(open_set_similarities(self.store, embedding[None], self.model.class_names, tests_off)[0])
 
     def _knn(self, embedding: np.ndarray, n: int, top_k: int) -> tuple[list[tuple[str, float]], Hits]:
         from pictor.core.head import knn_vote

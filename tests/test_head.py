@@ -137,6 +137,32 @@ def test_why_unknown_names_the_test_that_decided_and_agrees_with_is_unknown() ->
                 assert bool(thresholds.why_unknown(fit, sim)) == bool(thresholds.is_unknown(fit, sim)), (fit, sim)
 
 
+def test_eval_and_the_server_apply_one_rule_on_a_grid_of_edges() -> None:
+    """``pictor eval`` takes ``is_unknown`` over arrays, the server ``why_unknown`` per image:
+    they must agree everywhere, at each threshold and either side of it, with NaN scores."""
+    t = OpenSetThresholds(class_fit=-5.0, neighbor_similarity=0.5, far_similarity=0.3, class_fit_alone=-8.0)
+    older = OpenSetThresholds(class_fit=-5.0, neighbor_similarity=0.5)  # far and alone tests off (-inf)
+
+    def around(*edges: float) -> list[float]:
+        return [x for e in edges for x in (np.nextafter(e, -np.inf), e, np.nextafter(e, np.inf))]
+
+    fits = [-np.inf, np.nan, *around(-8.0, -5.0), 0.0]
+    sims = [np.nan, -1.0, *around(0.3, 0.5), 1.0]
+    fit, sim = (a.ravel() for a in np.meshgrid(fits, sims))
+    for thresholds in (t, older):
+        unknown = thresholds.is_unknown(fit, sim)
+        reasons = [thresholds.why_unknown(f, s) for f, s in zip(fit, sim, strict=True)]
+        assert unknown.tolist() == [bool(r) for r in reasons]
+        tests = thresholds.tests(fit, sim)
+        assert not (tests.pair | tests.far)[np.isnan(sim)].any()  # no neighbour: the class fit alone
+        judged_alone = [r.endswith("judged alone (no comparable neighbours in the index)") for r in reasons]
+        assert tests.fit_alone.tolist() == judged_alone
+    # At a threshold an image passes (the tests are strict), just below it it does not.
+    assert not t.is_unknown(-5.0, 0.4) and t.is_unknown(np.nextafter(-5.0, -np.inf), 0.4)
+    assert not t.is_unknown(0.0, 0.3) and t.is_unknown(0.0, np.nextafter(0.3, -np.inf))
+    assert not t.is_unknown(-8.0, np.nan) and t.is_unknown(np.nextafter(-8.0, -np.inf), np.nan)
+
+
 def clusters(rng: np.random.Generator, centres: np.ndarray, n: int, spread: float = 0.3
              ) -> tuple[np.ndarray, np.ndarray]:
     """``n`` points around each centre (rows of ``centres``) and their integer labels."""

@@ -10,8 +10,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import random
 import shutil
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -447,6 +449,32 @@ def test_train_and_eval_skip_images_over_the_pixel_cap(tmp_path: Path, capsys: p
     assert rc == 0 and report["n"] == 18
     (skipped,) = report["skipped"]
     assert skipped["path"].endswith("poster.png") and "10,000" in skipped["why"]
+
+
+def test_train_skips_a_fifo_named_like_an_image(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A FIFO is no image file: read, it would block training for ever (`pictor index` skips it too)."""
+    tree = make_tree(tmp_path / "tree", per_class=6)
+    fifo = tree / "disc" / "pipe.jpg"
+    os.mkfifo(fifo)
+    model_path = tmp_path / "m.pt"
+    args = ["train", str(tree), "--out", str(model_path), "--val-fraction", "0.25", "--min-per-class", "3",
+            "--weight-decays", "0.001", "--cache-dir", "none", "--no-open-set", "--no-progress"]
+    exit_codes: list[int] = []
+    run = threading.Thread(target=lambda: exit_codes.append(main(args)), daemon=True)
+    run.start()
+    run.join(timeout=180)
+    if run.is_alive():  # blocked opening the FIFO: a writer that closes at once ends the wait
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader: stuck elsewhere
+            pass
+        run.join(timeout=60)
+        pytest.fail("pictor train blocked on a FIFO named like an image")
+    assert exit_codes == [0]
+    assert ", 1 skipped, " in capsys.readouterr().out
+    assert load_model(model_path).metrics["skipped_images"] == 1
+    assert f"skipped {fifo}: not a regular file" in caplog.text
 
 
 def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path,

@@ -22,7 +22,7 @@ import numpy as np
 from pictor.config import DEFAULT_MAX_PIXELS
 from pictor.core.files import content_hash, write_atomic
 from pictor.core.spec import ModelSpec
-from pictor.errors import InvalidImageError
+from pictor.errors import InvalidImageError, NotFoundError
 from pictor.trainer.data import Sample
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ def embed_samples(
     Returns the set and cache statistics ``{"hits": .., "misses": ..}`` (image-view pairs).
     ``progress(n)`` is called as images are done.
     """
-    from pictor.core.decode import check_pixels, decode_image
+    from pictor.core.decode import check_pixels, decode_image, read_image_file
 
     caches = [EmbeddingCache(cache_root, embedder.spec, v, embedder.precision) if cache_root else None
               for v in views]
@@ -141,10 +141,11 @@ def embed_samples(
         pending.clear()
 
     for s in samples:
-        try:
-            data = s.path.read_bytes()
-        except OSError as e:
-            skipped.append((s.path, f"unreadable: {e.strerror or e}"))
+        try:  # as the indexer reads: a FIFO named like an image is refused, not read forever
+            data = read_image_file(s.path)
+        except (InvalidImageError, NotFoundError) as e:
+            # The list pairs each path with why; the error's own text begins with the path.
+            skipped.append((s.path, str(e).removeprefix(f"{s.path}: ")))
             continue
         try:  # first: an image cached under another cap is no hit under this one
             check_pixels(data, max_pixels=max_pixels, draft_size=embedder.draft_size)

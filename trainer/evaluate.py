@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pictor.config import DEFAULT_MAX_PIXELS, cache_root
-from pictor.core.head import TrainedModel, nearest_known_similarity, neighbour_tests_off, top_k_labels
+from pictor.core.head import TrainedModel, neighbour_tests_off, open_set_similarities, top_k_labels
 from pictor.errors import InvalidRequestError
 from pictor.trainer import data as data_mod
 from pictor.trainer.cache import embed_samples
@@ -145,10 +144,8 @@ def nearest_similarities(model: TrainedModel, embeddings: np.ndarray, store: Ind
     tests take it (NaN where the server leaves them to the class fit), and a line saying
     what the similarities were measured against."""
     why = neighbour_tests_off(store, model.class_names)
-    if why:
-        return np.full(len(embeddings), math.nan), f"none: {why}; the class fit decides alone"
-    return (nearest_known_similarity(store, embeddings, model.class_names),
-            f"index {store.path} ({len(store)} items)")
+    against = f"none: {why}; the class fit decides alone" if why else f"index {store.path} ({len(store)} items)"
+    return open_set_similarities(store, embeddings, model.class_names, why), against
 
 
 def open_set_report(known_unknown: np.ndarray, served_right: np.ndarray, other_unknown: np.ndarray,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pictor.core.head import ClassifierHead
-from pictor.errors import InvalidImageError, InvalidRequestError
+from pictor.errors import InvalidImageError, InvalidRequestError, NotFoundError
 from pictor.trainer.config import TrainConfig
 from pictor.trainer.data import Sample
 
@@ -153,21 +153,21 @@ class AugmentedImages(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from pictor.core.decode import decode_image
+        from pictor.core.decode import load_image
 
-        img = decode_image(self.samples[i].path.read_bytes(), max_pixels=self.max_pixels, draft_size=self.draft)
+        img = load_image(self.samples[i].path, max_pixels=self.max_pixels, draft_size=self.draft)
         return self.transform(img), self.labels[i]
 
 
 def _load_images(samples: Sequence[Sample], draft: tuple[int, int], max_pixels: int) -> list[Image.Image]:
-    from pictor.core.decode import decode_image
+    from pictor.core.decode import load_image
 
     images = []
     for s in samples:
         try:
-            images.append(decode_image(s.path.read_bytes(), max_pixels=max_pixels, draft_size=draft))
-        except (OSError, InvalidImageError) as e:  # checked by the embedding pass already
-            raise InvalidImageError(f"{s.path} became unreadable during training: {e}") from e
+            images.append(load_image(s.path, max_pixels=max_pixels, draft_size=draft))
+        except (InvalidImageError, NotFoundError) as e:  # checked by the embedding pass already
+            raise InvalidImageError(f"an image became unreadable during training: {e}") from e  # e names it
     return images
 
 
