@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -195,9 +195,9 @@ def without_degenerate(decoded: DecodedBatch, vectors: np.ndarray, precision: st
         f" (at {precision}; --precision fp32 may embed it)" if precision != "fp32" else "")
     failed = [(e, f"{e.path}: {why}") for e, g in zip(decoded.entries, good, strict=True) if not g]
     kept = np.flatnonzero(good)
-    return DecodedBatch([decoded.entries[i] for i in kept], [decoded.tensors[i] for i in kept],
-                        [decoded.hashes[i] for i in kept], decoded.failures + failed, decoded.unchanged,
-                        decoded.copies), vectors[good]
+    return replace(decoded, entries=[decoded.entries[i] for i in kept],
+                   tensors=[decoded.tensors[i] for i in kept], hashes=[decoded.hashes[i] for i in kept],
+                   failures=decoded.failures + failed), vectors[good]
 
 
 def indexed_under_other_keys(entries: Sequence[GalleryEntry], store: IndexStore) -> dict[str, str]:
@@ -270,16 +270,15 @@ def run_indexing(
         for decoded, vectors in batches:
             summary.add_failures(decoded.failures)
             with interrupts_deferred():  # a batch written is a batch counted
-                if decoded.entries:
-                    result = store.upsert(decoded.items(), vectors if whitening is None else whitening.apply(vectors))
-                    summary.inserted += result.inserted
-                    summary.replaced += result.replaced
+                parts = [vectors if whitening is None else whitening.apply(vectors)] if decoded.entries else []
                 if decoded.copies:  # stored vectors: in the index's space (whitened) already
-                    result = store.upsert([as_item(e, h) for e, h, _ in decoded.copies],
-                                          np.stack([v for *_, v in decoded.copies]))
+                    parts.append(np.stack([v for *_, v in decoded.copies]))
+                if parts:  # one transaction for the batch
+                    result = store.upsert(decoded.items() + [as_item(e, h) for e, h, _ in decoded.copies],
+                                          np.concatenate(parts))
                     summary.inserted += result.inserted
                     summary.replaced += result.replaced
-                    summary.copied += len(decoded.copies)
+                summary.copied += len(decoded.copies)
                 summary.indexed += len(decoded.entries) + len(decoded.copies)
                 summary.unchanged += decoded.unchanged
             bar.update(len(decoded.entries) + len(decoded.copies) + len(decoded.failures) + decoded.unchanged)
