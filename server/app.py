@@ -23,7 +23,7 @@ from pictor.config import ServerSettings
 from pictor.errors import InvalidRequestError
 from pictor.server.engine import Engine
 from pictor.server.errors import ErrorInterceptor
-from pictor.server.service import PictorService, StreamSlots, idle_limited
+from pictor.server.service import HandlerThreads, PictorService, idle_limited
 from pictor.v1 import pictor_pb2, pictor_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -53,12 +53,12 @@ class BoundedReflectionServicer(reflection.ReflectionServicer):
     tools open one per use) held every handler thread, and the server answered nothing else,
     health checks included."""
 
-    def __init__(self, service_names: tuple[str, ...], slots: StreamSlots, idle_s: float) -> None:
+    def __init__(self, service_names: tuple[str, ...], threads: HandlerThreads, idle_s: float) -> None:
         super().__init__(service_names)
-        self.slots, self.idle_s = slots, idle_s
+        self.threads, self.idle_s = threads, idle_s
 
     def ServerReflectionInfo(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-        with self.slots.held(refused="nothing was answered"):
+        with self.threads.stream(refused="nothing was answered"):
             requests = idle_limited(request_iterator, self.idle_s, "reflection")
             yield from super().ServerReflectionInfo(requests, context)
 
@@ -88,9 +88,9 @@ def create_server(settings: ServerSettings, engine: Engine | None = None) -> tup
             server.start()  # an unstarted server keeps its port until the process exits
             server.stop(None)
             raise
-    stream_slots = StreamSlots(settings.workers // 2)  # shared by Upsert and reflection streams
+    threads = HandlerThreads(settings.workers)  # shared by the Pictor and reflection services
     pictor_pb2_grpc.add_PictorServicer_to_server(
-        PictorService(engine, stream_slots, upsert_idle_s=settings.upsert_idle_timeout), server
+        PictorService(engine, threads, upsert_idle_s=settings.upsert_idle_timeout), server
     )
 
     health_servicer = CheckOnlyHealthServicer()
@@ -101,7 +101,7 @@ def create_server(settings: ServerSettings, engine: Engine | None = None) -> tup
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
         BoundedReflectionServicer(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            stream_slots, idle_s=settings.upsert_idle_timeout,
+            threads, idle_s=settings.upsert_idle_timeout,
         ),
         server,
     )

@@ -35,8 +35,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, help="port to bind (default 50051; 0 picks a free one)")
     p.add_argument("--workers", type=int,
-                   help="handler threads (default 8, at least 2); at most half of them take Upsert "
-                        "or reflection streams, so other calls find a free one while clients stream")
+                   help="handler threads (default 8, at least 2); at most half of them take Upsert or reflection "
+                        "streams, and with calls that run the model (Classify, Embed, Search by image) "
+                        "they leave one free for health checks and lookups: one more is refused as busy")
     p.add_argument("--upsert-idle-timeout", type=float, metavar="SECONDS",
                    help="end an Upsert or reflection stream that sends nothing for this long "
                         "(default 60), so a quiet client cannot hold a stream slot for good")

@@ -496,11 +496,60 @@ def test_calls_are_bounded_and_work_for_a_caller_gone_is_not_written(built_index
                                  str(e))
                 acknowledged = False
         with PictorClient(server.target) as client:
-            client.classify(drawn_image(2))  # queued behind the upsert's forward pass
+            deadline = time.monotonic() + 60
+            while True:  # after the upsert's forward pass: refused while its stream holds a thread of the 2
+                try:
+                    client.classify(drawn_image(2))
+                    break
+                except ResourceExhaustedError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
             after = client.info().index_size
         assert after == (before + 64 if acknowledged else before)
     finally:
         server.stop()
+
+
+def test_calls_that_run_the_model_leave_a_thread_for_health_checks(
+    built_index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Classify calls waiting for the forward pass held every handler thread, and health checks
+    queued behind them for seconds: one thread is kept, and a call beyond is refused at once."""
+    from pictor.server import app
+
+    made: list[app.HandlerThreads] = []
+
+    class Recorded(app.HandlerThreads):
+        def __init__(self, workers: int) -> None:
+            super().__init__(workers)
+            made.append(self)
+
+    monkeypatch.setattr(app, "HandlerThreads", Recorded)
+    settings = ServerSettings(index=str(built_index), port=free_port(), workers=4, device="cpu", precision="fp32")
+    server, port, engine = create_server(settings)
+    server.start()
+    try:
+        with PictorClient(f"localhost:{port}", timeout=30) as client, ThreadPoolExecutor(3) as pool:
+            with engine._forward_lock:  # a forward pass that takes long
+                waiting = [pool.submit(client.classify, drawn_image(i)) for i in range(3)]
+                deadline = time.monotonic() + 30
+                while made[0]._model_calls < 3:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+                with pytest.raises(ResourceExhaustedError, match="the server is busy: 3 calls that run the model"):
+                    client.classify(drawn_image(9))
+                with pytest.raises(ResourceExhaustedError, match="nothing was searched"):
+                    client.search(image=drawn_image(9))
+                with pytest.raises(ResourceExhaustedError, match="nothing was written"):
+                    client.upsert([UpsertItem(key="busy", vector=[1.0] * 1280)])
+                assert client.health() == "SERVING" and client.info().index_size == 12
+                first = client.list_items(limit=1)[0][0].key
+                assert client.search(key=first, k=1)[0].key == first
+            assert all(f.result(timeout=60).labels for f in waiting)
+        assert made[0]._model_calls == 0
+    finally:
+        server.stop(None)
+        engine.close()
 
 
 def test_a_reply_over_the_message_limit_says_how_to_ask_for_less(built_index: Path) -> None:

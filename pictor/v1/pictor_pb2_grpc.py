@@ -26,7 +26,11 @@ if _version_not_supported:
 
 
 class PictorStub:
-    """Missing associated documentation comment in .proto file."""
+    """A server keeps one of its handler threads (--workers) for the calls that answer at once
+    (health Check, Info, Get, List, Delete, Search by key or vector): a call that runs the model
+    (Classify, Embed, Search by image) or opens a stream, and would take it, is refused at once
+    with RESOURCE_EXHAUSTED ("the server is busy"), nothing done; send it again shortly.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -77,7 +81,11 @@ class PictorStub:
 
 
 class PictorServicer:
-    """Missing associated documentation comment in .proto file."""
+    """A server keeps one of its handler threads (--workers) for the calls that answer at once
+    (health Check, Info, Get, List, Delete, Search by key or vector): a call that runs the model
+    (Classify, Embed, Search by image) or opens a stream, and would take it, is refused at once
+    with RESOURCE_EXHAUSTED ("the server is busy"), nothing done; send it again shortly.
+    """
 
     def Classify(self, request, context):
         """Top-k labels for one image: the fine-tuned head's classes when a model is loaded,
@@ -205,7 +213,11 @@ def add_PictorServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Pictor:
-    """Missing associated documentation comment in .proto file."""
+    """A server keeps one of its handler threads (--workers) for the calls that answer at once
+    (health Check, Info, Get, List, Delete, Search by key or vector): a call that runs the model
+    (Classify, Embed, Search by image) or opens a stream, and would take it, is refused at once
+    with RESOURCE_EXHAUSTED ("the server is busy"), nothing done; send it again shortly.
+    """
 
     @staticmethod
     def Classify(request,
