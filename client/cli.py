@@ -25,7 +25,7 @@ from pictor.api import (
     MAX_K,
     canonical_label,
 )
-from pictor.config import DEFAULT_TARGET, client_max_message_mb, default_target
+from pictor.config import DEFAULT_TARGET, DEFAULT_TIMEOUT, client_max_message_mb, default_target
 from pictor.errors import (
     DeadlineExceededError,
     InvalidRequestError,
@@ -44,7 +44,8 @@ EXIT_UNREACHABLE = 4
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=None,
                    help=f"server address HOST:PORT (default {DEFAULT_TARGET}, or $PICTOR_TARGET)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer (default 30)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help=f"seconds to wait for the answer (default {DEFAULT_TIMEOUT:g})")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

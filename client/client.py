@@ -36,13 +36,18 @@ from pictor.api import (
     StoredItem,
     refuse_single,
 )
-from pictor.config import DEFAULT_MAX_MESSAGE_MB, DEFAULT_PORT, DEFAULT_TARGET, check_max_message_mb
+from pictor.config import (
+    DEFAULT_MAX_MESSAGE_MB,
+    DEFAULT_PORT,
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT,
+    check_max_message_mb,
+)
 from pictor.errors import DeadlineExceededError, InvalidRequestError, PictorError, ServerUnavailableError
 from pictor.status import error_from_status
 from pictor.v1 import pictor_pb2 as pb
 from pictor.v1 import pictor_pb2_grpc as pb_grpc
 
-DEFAULT_TIMEOUT = 30.0
 ImageData = bytes | bytearray | memoryview  # an image file's bytes
 # Timeouts from here up mean no deadline: gRPC fails a call at once when its deadline (from
 # about 1e10 s) overflows.

@@ -24,6 +24,7 @@ from pictor.errors import InvalidRequestError
 DEFAULT_BACKBONE = "efficientnet_lite0"
 DEFAULT_PORT = 50051
 DEFAULT_TARGET = f"localhost:{DEFAULT_PORT}"
+DEFAULT_TIMEOUT = 30.0  # seconds a client call may take
 # Pixels an image may decode to (JPEGs count at their drafted size, so a 48 MP phone photo
 # passes): a large photo passes, a decompression bomb does not.
 DEFAULT_MAX_PIXELS = 40_000_000
