@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pictor.core.embedder import Embedder, PCAWhitening, create_embedder
+from pictor.core.embedder import Embedder, create_embedder
 from pictor.core.gallery import GalleryEntry
+from pictor.core.whitening import PCAWhitening
 from pictor.indexer.pipeline import embedded_batches
 
 from common import machine_line, parser

@@ -19,15 +19,13 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
-import zipfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,20 +34,15 @@ from PIL import Image
 
 from pictor.config import DEFAULT_BACKBONE, POOLINGS, PRECISIONS
 from pictor.core.backbones import Backbone, create_backbone
-from pictor.core.files import write_atomic
 from pictor.core.spec import ModelSpec, Preprocessing
-from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
+from pictor.errors import IncompatibleModelError, InvalidRequestError
 from pictor.iterators import batched
-
-if TYPE_CHECKING:
-    from pictor.core.store import IndexStore
 
 log = logging.getLogger(__name__)
 
 GEM_P = 3.0  # the usual GeM exponent for retrieval (Radenović et al.)
 MAX_ASPECT = 4  # preprocessing trims a longer side beyond this ratio (the crop never sees it)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-WHITENING_FILE = "whitening.npz"  # in an index directory built with --pca-whiten
 
 
 @dataclass(frozen=True)
@@ -280,123 +273,6 @@ def pool_features(fmap: torch.Tensor, pooling: str) -> torch.Tensor:
     return fmap.clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
 
 
-# --------------------------------------------------------------------------- PCA-whitening
-
-
-@dataclass(frozen=True)
-class PCAWhitening:
-    """PCA-whitening of embeddings, fitted on a gallery sample, then L2 re-normalised.
-
-    A known gain for retrieval with CNN features: it decorrelates dimensions and down-weights
-    the dominant, "bursty" ones. Fit once on a sample of gallery embeddings, keep
-    ``to_dict()`` next to the index, and apply the same transform to gallery and queries.
-    """
-
-    mean: np.ndarray  # [dim]
-    projection: np.ndarray  # [dim, out_dim]: eigenvectors scaled by 1/sqrt(eigenvalue)
-
-    @property
-    def in_dim(self) -> int:
-        return int(self.projection.shape[0])
-
-    @property
-    def out_dim(self) -> int:
-        return int(self.projection.shape[1])
-
-    @classmethod
-    def fit(cls, embeddings: np.ndarray, out_dim: int | None = None,
-            eps: float = 1e-6) -> PCAWhitening:
-        """Fit on a sample [n, dim]; ``out_dim`` keeps the leading components (<= n - 1)."""
-        x = np.asarray(embeddings, dtype=np.float64)
-        if x.ndim != 2 or x.shape[0] < 2:
-            raise InvalidRequestError(
-                f"PCA-whitening needs a [n >= 2, dim] sample, got shape {x.shape}")
-        n, dim = x.shape
-        k = min(out_dim or dim, dim, n - 1)
-        mean = x.mean(axis=0)
-        cov = np.cov(x - mean, rowvar=False)
-        eigval, eigvec = np.linalg.eigh(cov)  # ascending
-        order = np.argsort(eigval)[::-1][:k]
-        proj = eigvec[:, order] / np.sqrt(eigval[order] + eps)
-        return cls(mean.astype(np.float32), proj.astype(np.float32))
-
-    def apply(self, embeddings: np.ndarray) -> np.ndarray:
-        """Whiten and L2-normalise [n, in_dim] -> [n, out_dim] float32."""
-        x = np.asarray(embeddings, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != self.in_dim:
-            raise InvalidRequestError(
-                f"PCA-whitening expects [n, {self.in_dim}] embeddings, got shape {x.shape}")
-        y = (x - self.mean) @ self.projection
-        norms = np.linalg.norm(y, axis=1, keepdims=True)
-        return (y / np.maximum(norms, 1e-12)).astype(np.float32)
-
-    @property
-    def fingerprint(self) -> str:
-        """``pca<out_dim>:<digest>``: names this exact transform in a ``ModelSpec``."""
-        h = hashlib.sha256(self.mean.astype("<f4").tobytes())
-        h.update(self.projection.astype("<f4").tobytes())
-        return f"pca{self.out_dim}:{h.hexdigest()[:16]}"
-
-    def whiten_spec(self, spec: ModelSpec) -> ModelSpec:
-        """The space of ``apply``'s output for embeddings from ``spec``: the index's spec.
-        (Another model's spec stays another spec, so comparing with the index's refuses it.)"""
-        if spec.whitening:
-            raise IncompatibleModelError(f"{spec.describe()} is whitened already")
-        return replace(spec, dim=self.out_dim, whitening=self.fingerprint)
-
-    def unwhiten_spec(self, spec: ModelSpec) -> ModelSpec:
-        """The embedder's own space behind an index spec this whitening made (what a head takes)."""
-        if spec.whitening != self.fingerprint:
-            raise IncompatibleModelError(
-                f"{spec.describe()} was not whitened by {self.fingerprint}")
-        return replace(spec, dim=self.in_dim, whitening="")
-
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``directory/whitening.npz`` atomically (a crash leaves the old file or a .tmp
-        that the store removes when it opens)."""
-        path = Path(directory) / WHITENING_FILE
-        write_atomic(path, lambda f: np.savez(f, mean=self.mean, projection=self.projection))
-        return path
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike[str], spec: ModelSpec) -> PCAWhitening | None:
-        """The whitening an index at ``directory`` with ``spec`` was built with; None when the
-        spec says unwhitened. Refuses a missing file or one that is not the spec's transform."""
-        if not spec.whitening:
-            return None
-        path = Path(directory) / WHITENING_FILE
-        try:
-            with np.load(path) as z:
-                w = cls(z["mean"].astype(np.float32), z["projection"].astype(np.float32))
-        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:  # missing, cut short, damaged
-            why = "not a whitening file" if "pickle" in str(e) else str(e)  # numpy's advice misleads here
-            raise IncompatibleModelError(
-                f"index {directory} is PCA-whitened ({spec.whitening}) but {path} is missing or "
-                f"unreadable ({why}); rebuild the index") from e
-        if w.fingerprint != spec.whitening:
-            raise IncompatibleModelError(
-                f"{path} holds whitening {w.fingerprint}, but the index was built with "
-                f"{spec.whitening}; rebuild the index")
-        return w
-
-
-def open_index(path: str | os.PathLike[str]) -> tuple[IndexStore, PCAWhitening | None, ModelSpec]:
-    """The index store at ``path``, its whitening, and the spec of the embeddings it was built
-    from (unwhitened: what an embedder or a head must produce). Closes the store on error."""
-    from pictor.core.store import IndexStore
-
-    if not Path(path).is_dir():
-        raise NotFoundError(
-            f"index directory {path} does not exist; build one with `pictor index GALLERY --out {path}`")
-    store = IndexStore.open(path)
-    try:
-        whitening = PCAWhitening.load(path, store.spec)
-        return store, whitening, store.spec if whitening is None else whitening.unwhiten_spec(store.spec)
-    except BaseException:
-        store.close(snapshot=False)  # a refused open must not keep the index locked
-        raise
-
-
 def embedder_for_index(spec: ModelSpec, index: str | os.PathLike[str], *, weights: str = "",
                        device: str = "auto", precision: str = "auto", compile: bool = False) -> Embedder:
     """The embedder that made an index's vectors, from its (unwhitened) ``spec``. An index
@@ -418,8 +294,3 @@ def embedder_for_index(spec: ModelSpec, index: str | os.PathLike[str], *, weight
                                layer=spec.layer or None)
     spec.check_compatible(embedder.spec, what="the model of --weights")
     return embedder
-
-
-def index_spec(spec: ModelSpec, whitening: PCAWhitening | None) -> ModelSpec:
-    """The spec of the vectors an index holds: the embedder's, whitened when it is."""
-    return spec if whitening is None else whitening.whiten_spec(spec)

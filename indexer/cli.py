@@ -16,9 +16,10 @@ from pictor.errors import IncompatibleModelError, InvalidRequestError, require_s
 PROGRESS_LOG_SECONDS = 30.0  # how often a run whose stderr is not a terminal logs its progress
 
 if TYPE_CHECKING:
-    from pictor.core.embedder import Embedder, PCAWhitening
+    from pictor.core.embedder import Embedder
     from pictor.core.spec import ModelSpec
     from pictor.core.store import IndexStore
+    from pictor.core.whitening import PCAWhitening
 
 HELP = """\
 Embed every image of GALLERY with a pretrained CNN and write a searchable index to --out.
@@ -106,10 +107,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     require_server_extra("pictor index")
-    from pictor.core.embedder import index_spec, open_index
     from pictor.core.faiss_index import check_new_factory
     from pictor.core.gallery import GalleryEntry, image_suffixes_text, read_gallery
     from pictor.core.store import AUTO, MANIFEST, IndexStore, make_store_dir
+    from pictor.core.whitening import index_spec, open_index
     from pictor.indexer.pipeline import fit_whitening, indexed_under_other_keys, run_indexing, split_misnamed
 
     settings = build_settings(IndexerSettings, vars(args), config_file=args.config)

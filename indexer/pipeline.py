@@ -32,7 +32,8 @@ from pictor.errors import InvalidImageError, InvalidRequestError, NotFoundError
 from pictor.iterators import batched
 
 if TYPE_CHECKING:
-    from pictor.core.embedder import Embedder, PCAWhitening
+    from pictor.core.embedder import Embedder
+    from pictor.core.whitening import PCAWhitening
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +317,7 @@ def fit_whitening(
     """
     from tqdm import tqdm
 
-    from pictor.core.embedder import PCAWhitening
+    from pictor.core.whitening import PCAWhitening
 
     if not 0 < out_dim <= embedder.spec.dim:
         raise InvalidRequestError(

@@ -45,10 +45,11 @@ from pictor.core.store import (
     SearchParams,
     UpsertResult,
 )
+from pictor.core.whitening import PCAWhitening, index_spec, open_index
 from pictor.errors import InvalidImageError, InvalidRequestError
 
 if TYPE_CHECKING:
-    from pictor.core.embedder import Embedder, EmbedOutput, PCAWhitening
+    from pictor.core.embedder import Embedder, EmbedOutput
     from pictor.core.head import TrainedModel
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,6 @@ class Engine:
         max_pixels: int,
         whitening: PCAWhitening | None = None,
     ) -> None:
-        from pictor.core.embedder import index_spec
-
         self.spec = index_spec(embedder.spec, whitening)  # the space of the index's vectors
         store.spec.check_compatible(self.spec, what="the server's model")
         self.whitening = whitening
@@ -141,7 +140,7 @@ class Engine:
     @classmethod
     def load(cls, settings: ServerSettings) -> Engine:
         """Open the index and build the model it was made with (or the fine-tuned one)."""
-        from pictor.core.embedder import embedder_for_index, open_index
+        from pictor.core.embedder import embedder_for_index
 
         index = settings.index
         store, whitening, spec = open_index(index)

@@ -12,15 +12,14 @@ from PIL import Image, ImageOps
 
 from pictor.core.decode import decode_image, load_image
 from pictor.core.embedder import (
-    WHITENING_FILE,
     Embedder,
-    PCAWhitening,
     _trim_long_side,
     create_embedder,
     preprocess_image,
     resolve_precision,
 )
 from pictor.core.spec import ModelSpec, Preprocessing
+from pictor.core.whitening import WHITENING_FILE, PCAWhitening
 from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
 
 DATA = Path(__file__).parent / "data"

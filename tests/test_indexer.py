@@ -20,9 +20,9 @@ from PIL import Image
 
 from pictor.cli import main
 from pictor.config import ServerSettings
-from pictor.core.embedder import WHITENING_FILE
 from pictor.core.gallery import GalleryEntry
 from pictor.core.store import IndexStore, Item
+from pictor.core.whitening import WHITENING_FILE
 from pictor.errors import IncompatibleModelError, InvalidRequestError
 from pictor.indexer.pipeline import DecodedBatch, without_degenerate
 from pictor.server.engine import Engine

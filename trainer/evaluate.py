@@ -127,7 +127,7 @@ def image_rows(samples: Sequence[data_mod.Sample], probs: np.ndarray, class_name
 
 def open_served_index(model: TrainedModel, index: str | Path) -> IndexStore:
     """The index Classify serves from, checked to hold this model's embedding space."""
-    from pictor.core.embedder import open_index
+    from pictor.core.whitening import open_index
 
     store, _, spec = open_index(index)
     try:
