@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -273,6 +273,42 @@ def pool_features(fmap: torch.Tensor, pooling: str) -> torch.Tensor:
     return fmap.clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
 
 
+def embedder_for_spec(
+    spec: ModelSpec,
+    *,
+    weights: str = "",
+    device: str = "auto",
+    precision: str = "auto",
+    compile: bool = False,
+    backbone_state: Mapping[str, torch.Tensor] | None = None,
+    no_checkpoint: Callable[[str], Exception],
+    mismatch: Callable[[ModelSpec], Exception],
+) -> Embedder:
+    """The embedder that makes ``spec``'s embeddings again: its backbone, pooling and layer, and
+    the fine-tuned tensors ``spec.finetune`` names (``backbone_state``, from a model file).
+
+    ``weights`` replaces ``spec.weights`` when given. A spec keeps only a local checkpoint's hash
+    (``file:<sha256>``), so ``weights`` must then be the checkpoint's path: else the error
+    ``no_checkpoint(weights)`` is raised, before any backbone loads. The embedder built must have
+    ``spec`` (a checkpoint can change under its path, another tag can be given): else the error
+    ``mismatch(the spec it has)``. The callers word both errors, since what was asked differs
+    (an index's embedder, a model file's).
+    """
+    if spec.weights.startswith("file:") and not (weights and Path(weights).expanduser().is_file()):
+        raise no_checkpoint(weights)
+    embedder = create_embedder(spec.backbone, weights=weights or spec.weights, device=device,
+                               precision=precision, pooling=spec.pooling, layer=spec.layer or None)
+    if backbone_state:
+        from pictor.core.head import apply_backbone_state  # head builds on this module
+
+        apply_backbone_state(embedder, backbone_state, spec.finetune)
+    if embedder.spec != spec:
+        raise mismatch(embedder.spec)
+    if compile:
+        embedder.compile_backbone()  # after the fine-tuned tensors are in
+    return embedder
+
+
 def embedder_for_index(spec: ModelSpec, index: str | os.PathLike[str], *, weights: str = "",
                        device: str = "auto", precision: str = "auto", compile: bool = False) -> Embedder:
     """The embedder that made an index's vectors, from its (unwhitened) ``spec``. An index
@@ -283,14 +319,13 @@ def embedder_for_index(spec: ModelSpec, index: str | os.PathLike[str], *, weight
             f"index {index} was embedded by a fine-tuned backbone (finetune={spec.finetune[:12]}); "
             "give the model file that tuned it: --model MODEL"
         )
-    if spec.weights.startswith("file:") and not (weights and Path(weights).expanduser().is_file()):
-        raise InvalidRequestError(
+    return embedder_for_spec(
+        spec, weights=weights, device=device, precision=precision, compile=compile,
+        no_checkpoint=lambda given: InvalidRequestError(
             f"index {index} was embedded with the weights of a local checkpoint ({spec.weights[:17]}...)"
-            + (f", not {weights!r}" if weights else "")
-            + "; give its path with --weights PATH (or PICTOR_WEIGHTS, or weights = in the config file)"
-        )
-    embedder = create_embedder(spec.backbone, weights=weights or spec.weights, device=device,
-                               precision=precision, compile=compile, pooling=spec.pooling,
-                               layer=spec.layer or None)
-    spec.check_compatible(embedder.spec, what="the model of --weights")
-    return embedder
+            + (f", not {given!r}" if given else "")
+            + "; give its path with --weights PATH (or PICTOR_WEIGHTS, or weights = in the config file)"),
+        mismatch=lambda built: IncompatibleModelError(
+            f"the model of --weights: {built.describe()}; but this index holds vectors from "
+            f"{spec.describe()}; re-embed with the index's model or rebuild the index"),
+    )

@@ -517,41 +517,29 @@ class TrainedModel:
         from pictor.core import embedder as embedder_mod
 
         if weights is None:
-            weights = self.spec.weights
-            if weights.startswith("file:"):  # a local checkpoint: its path is in the config
-                weights = str(self.training.get("weights") or weights)
-                if not Path(weights).expanduser().is_file():
-                    raise NotFoundError(
-                        f"the checkpoint {weights} that this model was trained from does not exist; "
-                        "give its new place with --weights PATH"
-                    )
+            weights = ""  # the spec's own
+            if self.spec.weights.startswith("file:"):  # a local checkpoint: its path is in the config
+                weights = str(self.training.get("weights") or self.spec.weights)
         # The head and its open-set thresholds were fitted on embeddings of one precision: "auto"
         # keeps it where this device computes it natively. (Files before it was kept say "auto".)
         trained = str(self.training.get("precision", "auto"))
         if (precision == "auto" and trained != "auto"
                 and embedder_mod.runs_natively(trained, embedder_mod.resolve_device(device))):
             precision = trained
-        emb = embedder_mod.create_embedder(
-            self.spec.backbone,
-            weights=weights,
-            device=device,
-            precision=precision,
-            pooling=self.spec.pooling,
-            layer=self.spec.layer or None,
+        emb = embedder_mod.embedder_for_spec(
+            self.spec, weights=weights, device=device, precision=precision, compile=compile,
+            backbone_state=self.backbone_state,
+            no_checkpoint=lambda path: NotFoundError(
+                f"the checkpoint {path} that this model was trained from does not exist; "
+                "give its new place with --weights PATH"),
+            mismatch=lambda built: IncompatibleModelError(
+                f"the backbone builds {built.describe()} but this model was trained on "
+                f"{self.spec.describe()}"),
         )
         if trained not in ("auto", emb.precision):
             log.warning("this model was trained and calibrated on %s embeddings, which are computed in "
                         "%s here: its scores and unknown answers can differ a little from its "
                         "validation figures", trained, emb.precision)
-        if self.backbone_state:
-            apply_backbone_state(emb, self.backbone_state, self.spec.finetune)
-        if emb.spec != self.spec:
-            raise IncompatibleModelError(
-                f"the backbone builds {emb.spec.describe()} but this model was trained on "
-                f"{self.spec.describe()}"
-            )
-        if compile:
-            emb.compile_backbone()  # after the fine-tuned tensors are in
         return emb
 
     # ---- file
