@@ -9,6 +9,7 @@ Pure numpy: no torch here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import zipfile
@@ -134,12 +135,12 @@ def open_index(path: str | os.PathLike[str]) -> tuple[IndexStore, PCAWhitening |
         raise NotFoundError(
             f"index directory {path} does not exist; build one with `pictor index GALLERY --out {path}`")
     store = IndexStore.open(path)
-    try:
+    with contextlib.ExitStack() as on_error:
+        on_error.callback(store.close, snapshot=False)  # a refused open must not keep the index locked
         whitening = PCAWhitening.load(path, store.spec)
-        return store, whitening, store.spec if whitening is None else whitening.unwhiten_spec(store.spec)
-    except BaseException:
-        store.close(snapshot=False)  # a refused open must not keep the index locked
-        raise
+        spec = store.spec if whitening is None else whitening.unwhiten_spec(store.spec)
+        on_error.pop_all()  # opened: the caller closes it
+    return store, whitening, spec
 
 
 

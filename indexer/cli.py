@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -142,13 +143,16 @@ def run(args: argparse.Namespace) -> int:
     if not opened:
         make_store_dir(out)  # now, not after the model loaded and a whitening sample was embedded
     progress = show_progress(args.no_progress)
-    try:
+    with contextlib.ExitStack() as on_error:  # interrupted, a bad setting, a full disk
         if store is not None:
+            on_error.callback(store.close)
             _check_pca_whiten(store, whitening, settings.pca_whiten)
             if settings.index_type not in (AUTO, store.index_type):
                 raise InvalidRequestError(
                     f"index {out} is of type {store.index_type!r}; --index-type {settings.index_type} "
                     "applies to a new index only: drop it, or build a new index with another --out")
+        elif created:  # still empty (a store that failed to be made removed its files): no folder left behind
+            on_error.callback(out.rmdir)
         embedder = _embedder(settings, store, spec, out)
         if store is not None:
             store.check_spec(index_spec(embedder.spec, whitening), what="this run's model")
@@ -161,12 +165,7 @@ def run(args: argparse.Namespace) -> int:
                 max_pixels=settings.model.max_pixels, progress=progress,
             ) if settings.pca_whiten else None
             store = IndexStore.create(out, index_spec(embedder.spec, whitening), index_type=settings.index_type)
-    except BaseException:  # interrupted, a bad setting, a full disk
-        if store is not None:
-            store.close()
-        elif created:
-            out.rmdir()  # still empty (a store that failed to be made removed its files): no folder left behind
-        raise
+        on_error.pop_all()  # the store is open, for the run below
     if opened and (twice := indexed_under_other_keys(entries, store)):
         new, old = next(iter(twice.items()))
         print(f"warning: {len(twice)} of these files are in the index already under another spelling "

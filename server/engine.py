@@ -6,6 +6,7 @@ errors raised here are typed domain errors that the error interceptor maps to st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -144,7 +145,8 @@ class Engine:
 
         index = settings.index
         store, whitening, spec = open_index(index)
-        try:
+        with contextlib.ExitStack() as on_error:
+            on_error.callback(store.close, snapshot=False)  # a refused start must not keep the index locked
             model = None
             if settings.model:
                 from pictor.core.head import load_model
@@ -158,10 +160,9 @@ class Engine:
             else:
                 embedder = embedder_for_index(spec, index, weights=settings.weights, device=settings.device,
                                               precision=settings.precision, compile=settings.compile)
-        except BaseException:
-            store.close(snapshot=False)  # a refused start must not keep the index locked
-            raise
-        return cls(embedder, store, model, max_pixels=settings.max_pixels, whitening=whitening)
+            engine = cls(embedder, store, model, max_pixels=settings.max_pixels, whitening=whitening)
+            on_error.pop_all()  # started: the engine closes the store
+        return engine
 
     def _neighbour_tests_off(self) -> str | None:
         """Why the index's similarities cannot serve the model's open-set neighbour tests (see

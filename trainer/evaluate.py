@@ -78,8 +78,11 @@ def evaluate(
     with contextlib.ExitStack() as stack:
         store = None
         if index is not None:  # before the backbone loads: a mismatch or a lock fails fast
-            store = open_served_index(model, index)
+            from pictor.core.whitening import open_index
+
+            store, _, spec = open_index(index)
             stack.callback(store.close, snapshot=False)
+            model.check_index(spec)  # the index Classify serves from holds this model's space
         embedder = embedder or model.create_embedder(device=device, weights=weights)
         model.check_index(embedder.spec)  # the embedder must feed this head's embedding space
         open_set = model.open_set if store is not None else None
@@ -123,19 +126,6 @@ def image_rows(samples: Sequence[data_mod.Sample], probs: np.ndarray, class_name
         [(name, probability)] = top_k_labels(p, class_names, 1)
         rows.append({"path": str(s.path), "label": s.label, "predicted": name, "probability": probability})
     return rows
-
-
-def open_served_index(model: TrainedModel, index: str | Path) -> IndexStore:
-    """The index Classify serves from, checked to hold this model's embedding space."""
-    from pictor.core.whitening import open_index
-
-    store, _, spec = open_index(index)
-    try:
-        model.check_index(spec)
-    except BaseException:
-        store.close(snapshot=False)
-        raise
-    return store
 
 
 def nearest_similarities(model: TrainedModel, embeddings: np.ndarray, store: IndexStore
