@@ -1,0 +1,67 @@
+"""``backup_store`` (``pictor backup``): a consistent copy of an index store, taken beside a
+server that writes to it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+from pictor.core._store_files import DATABASE, MANIFEST, _out_of_space, _read_manifest, _write_json_atomic
+from pictor.core._store_sql import _connect
+from pictor.core.files import fsync_dir
+from pictor.errors import InvalidRequestError, NotFoundError, ResourceExhaustedError
+
+
+def backup_store(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> int:
+    """Copy the store at ``path`` into the new folder ``dest``, consistently even while another
+    process (a server) writes to it; returns how many items the copy holds.
+
+    Copying the folder is not safe then: a copy taken during a write can hold a damaged
+    database. So this copies the FAISS snapshot the manifest names (snapshot files are never
+    changed once written), then the database through SQLite's online backup, which reads one
+    committed state of it, at least as new as the snapshot: opening the copy brings the
+    snapshot up to date with it, as after a crash."""
+    src, out = Path(path), Path(dest)
+    if not (src / MANIFEST).is_file() or not (src / DATABASE).is_file():
+        raise NotFoundError(f"no index store at {src} (no {MANIFEST} or {DATABASE})")
+    if out.exists():
+        raise InvalidRequestError(f"{out} exists; back up into a new folder")
+    if out.resolve().is_relative_to(src.resolve()):
+        raise InvalidRequestError(f"{out} is inside the index {src}: back up somewhere else")
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        partial.mkdir(parents=True)
+    except OSError as e:
+        raise InvalidRequestError(f"cannot create the backup folder {out}: {e.strerror or e}") from e
+    try:
+        for _attempt in range(10):  # a newer snapshot may replace the one named meanwhile
+            manifest = _read_manifest(src / MANIFEST)
+            snapshot = manifest.get("snapshot")
+            try:
+                if snapshot is not None:
+                    shutil.copyfile(src / snapshot["file"], partial / snapshot["file"])
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            manifest["snapshot"] = None  # the copy's index is rebuilt from its database
+        with contextlib.closing(_connect(src / DATABASE, readonly=True)) as source, \
+                contextlib.closing(sqlite3.connect(partial / DATABASE)) as copy:
+            source.backup(copy)
+            count = int(copy.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+        _write_json_atomic(partial / MANIFEST, manifest)
+        for file in partial.iterdir():
+            with open(file, "rb+") as f:
+                os.fsync(f.fileno())
+        partial.rename(out)
+        fsync_dir(out.parent)
+    except BaseException as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(e, OSError | sqlite3.Error):
+            error = ResourceExhaustedError if _out_of_space(out, e) else InvalidRequestError
+            raise error(f"backing up {src} into {out} failed: {e}; nothing was kept") from e
+        raise
+    return count
