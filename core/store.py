@@ -20,6 +20,11 @@ newer vector. Example::
     with IndexStore.create("gallery.idx", embedder.spec) as store:
         store.upsert([Item("cat.jpg", label="cat")], embedder.embed([image]))
         hits = store.search(query_vectors, k=10, filter=Filter(labels=("cat",)))
+
+This module holds ``IndexStore``; its parts live beside it in ``pictor.core``: ``store_types``
+(the public types, re-exported here), ``_store_files`` (the folder: file names, manifest, lock,
+disk errors), ``_store_sql`` (schema, queries, filters as SQL, exact search),
+``_store_metadata`` (the metadata of hits), ``_read_write_lock`` and ``backup``.
 """
 
 from __future__ import annotations
