@@ -188,12 +188,10 @@ def _admitted_condition(
 ) -> tuple[str, list[Any]]:
     """A condition on items rows for a page of ``limit`` in key order, with its parameters.
 
-    Testing each row in key order costs about ``limit * count / matches`` rows a page, so a
-    whole listing reads the table once; gathering the matching ids costs ``matches`` a page,
-    so a listing costs ``matches ** 2 / limit``, but a rare filter's page is found without
-    reading the table. Ids are gathered when some part admits fewer items than where the two
-    cost the same (about 60,000 at 1M items and pages of 1,000; counting is cheap, through
-    the indexes, and stops there)."""
+    Testing each row costs about ``limit * count / matches`` rows a page (a whole listing reads
+    the table once); gathering the matching ids costs ``matches`` a page, but finds a rare
+    filter's page without reading the table. Ids are gathered when some part admits fewer
+    items than where the two cost the same (counted through the indexes, up to there)."""
     crossover = int(math.sqrt(4 * limit * count))
     for part in parts:
         (matches,) = conn.execute(f"SELECT count(*) FROM ({part.ids} LIMIT ?)", [*part.args, crossover]).fetchone()

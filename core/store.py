@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import shutil as shutil  # re-exported: tests patch shutil.disk_usage through this module
 import sqlite3
 import threading
 import time
@@ -86,7 +85,6 @@ from pictor.core._store_sql import (
     _stream_vectors,
     _vectors_of,
 )
-from pictor.core._store_sql import _SQL_CHUNK as _SQL_CHUNK  # re-exported for tests; _store_sql reads its own
 from pictor.core.backup import backup_store
 from pictor.core.faiss_index import (
     EXACT_FACTORY,

@@ -194,7 +194,7 @@ def test_get_returns_stored_items_in_the_order_asked(filled: tuple[IndexStore, n
     assert result.vectors is not None
     np.testing.assert_allclose(result.vectors, vecs[[9, 7]], atol=1e-6)  # as stored: normalised
     assert store.get(["img/9.jpg"]).vectors is None
-    monkeypatch.setattr("pictor.core.store._SQL_CHUNK", 64)  # keys read in several chunks
+    monkeypatch.setattr("pictor.core._store_sql._SQL_CHUNK", 64)  # keys read in several chunks
     keys = [f"img/{i}.jpg" for i in range(300)]
     assert [it.key for it in store.get(keys[::-1]).items] == [k for k in keys[::-1] if k != "img/8.jpg"]
 
@@ -884,10 +884,10 @@ def test_a_store_on_a_full_disk_is_not_called_damaged(tmp_path: Path, rng, monke
 
     monkeypatch.setattr(store_mod, "_connect", cannot_open)
     disk = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(store_mod.shutil, "disk_usage", lambda _: disk._replace(free=4096))
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: disk._replace(free=4096))
     with pytest.raises(ResourceExhaustedError, match="the disk holding index store .* is full"):
         IndexStore.open(tmp_path / "s")
-    monkeypatch.setattr(store_mod.shutil, "disk_usage", lambda _: disk._replace(free=10**9))
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: disk._replace(free=10**9))
     with pytest.raises(InvalidRequestError, match="is damaged or not a Pictor database"):
         IndexStore.open(tmp_path / "s")  # with room to spare, an I/O error is the file's
 
