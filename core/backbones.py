@@ -84,6 +84,9 @@ class BackboneInfo:
     logits_node: str = ""
     head_norm: str = ""  # module applied after pooling (ConvNeXt's LayerNorm2d)
     offline_weights: bool = False  # default weights ship in a pip package
+    # The stages, input to output, that fine-tuning unfreezes from the end: module paths in the
+    # network, or "PATH.*" for the children of PATH ("*": the network's own). Empty: none known.
+    stages: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, BackboneInfo] = {}
@@ -117,43 +120,52 @@ def get_backbone_info(name: str) -> BackboneInfo:
 
 def _register_all() -> None:
     tv = "torchvision"
+    resnet_stages = ("layer1", "layer2", "layer3", "layer4")  # the stem before them is no stage
 
-    def add_tv(family: str, feature: str, logits: str, names: Iterable[tuple[str, int]],
-               head_norm: str = "") -> None:
+    def add_tv(family: str, feature: str, logits: str, stages: tuple[str, ...],
+               names: Iterable[tuple[str, int]], head_norm: str = "") -> None:
         for name, dim in names:
-            register_backbone(BackboneInfo(name, family, tv, name, dim, feature, logits, head_norm))
+            register_backbone(BackboneInfo(name, family, tv, name, dim, feature, logits, head_norm,
+                                           stages=stages))
 
-    add_tv("AlexNet", "features", "classifier.6", [("alexnet", 256)])
-    add_tv("VGG", "features", "classifier.6",
+    # VGG's and AlexNet's "features" is a plain run of layers: see _child_stages.
+    add_tv("AlexNet", "features", "classifier.6", ("features.*",), [("alexnet", 256)])
+    add_tv("VGG", "features", "classifier.6", ("features.*",),
            [("vgg11_bn", 512), ("vgg16", 512), ("vgg16_bn", 512), ("vgg19_bn", 512)])
-    add_tv("GoogLeNet/Inception", "inception5b", "fc", [("googlenet", 1024)])
-    add_tv("GoogLeNet/Inception", "Mixed_7c", "fc", [("inception_v3", 2048)])
-    add_tv("ResNet", "layer4", "fc", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048),
-                                      ("resnet101", 2048), ("resnet152", 2048)])
-    add_tv("ResNeXt", "layer4", "fc", [("resnext50_32x4d", 2048), ("resnext101_32x8d", 2048),
-                                       ("resnext101_64x4d", 2048)])
+    # No block container: the stages are the network's own modules, its stem convolutions too.
+    add_tv("GoogLeNet/Inception", "inception5b", "fc", ("*",), [("googlenet", 1024)])
+    add_tv("GoogLeNet/Inception", "Mixed_7c", "fc", ("*",), [("inception_v3", 2048)])
+    add_tv("ResNet", "layer4", "fc", resnet_stages,
+           [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048), ("resnet101", 2048),
+            ("resnet152", 2048)])
+    add_tv("ResNeXt", "layer4", "fc", resnet_stages,
+           [("resnext50_32x4d", 2048), ("resnext101_32x8d", 2048), ("resnext101_64x4d", 2048)])
     for name, arch in (("seresnet50", "seresnet50"), ("seresnext50_32x4d", "seresnext50_32x4d"),
                        ("senet154", "legacy_senet154")):
-        register_backbone(BackboneInfo(name, "SENet", "timm", arch, 2048))
+        register_backbone(BackboneInfo(name, "SENet", "timm", arch, 2048, stages=resnet_stages))
     # DenseNet applies F.relu after its feature block: FX names that node "relu".
-    add_tv("DenseNet", "relu", "classifier", [("densenet121", 1024), ("densenet161", 2208),
-                                              ("densenet169", 1664), ("densenet201", 1920)])
-    add_tv("EfficientNet", "features", "classifier.1",
+    add_tv("DenseNet", "relu", "classifier", ("features.*",),
+           [("densenet121", 1024), ("densenet161", 2208), ("densenet169", 1664),
+            ("densenet201", 1920)])
+    add_tv("EfficientNet", "features", "classifier.1", ("features.*",),
            [("efficientnet_b0", 1280), ("efficientnet_b1", 1280), ("efficientnet_b2", 1408),
             ("efficientnet_b3", 1536), ("efficientnet_b4", 1792), ("efficientnet_v2_s", 1280),
             ("efficientnet_v2_m", 1280)])
+    # timm's feature_info marks 5 of the 7 blocks (the last at each resolution); every block
+    # is a stage, as in timm's own coarse grouping (group_matcher).
     register_backbone(BackboneInfo("efficientnet_lite0", "EfficientNet-Lite", "timm",
-                                   "tf_efficientnet_lite0", 1280, offline_weights=True))
+                                   "tf_efficientnet_lite0", 1280, offline_weights=True,
+                                   stages=("blocks.*",)))
     for i in range(1, 5):
         register_backbone(BackboneInfo(f"efficientnet_lite{i}", "EfficientNet-Lite", "timm",
-                                       f"tf_efficientnet_lite{i}", 1280))
-    add_tv("MobileNetV3", "features", "classifier.3",
+                                       f"tf_efficientnet_lite{i}", 1280, stages=("blocks.*",)))
+    add_tv("MobileNetV3", "features", "classifier.3", ("features.*",),
            [("mobilenet_v3_small", 576), ("mobilenet_v3_large", 960)])
-    add_tv("RegNet", "trunk_output", "fc",
+    add_tv("RegNet", "trunk_output", "fc", ("trunk_output.*",),
            [("regnet_x_400mf", 400), ("regnet_x_1_6gf", 912), ("regnet_x_3_2gf", 1008),
             ("regnet_y_400mf", 440), ("regnet_y_800mf", 784), ("regnet_y_1_6gf", 888),
             ("regnet_y_3_2gf", 1512), ("regnet_y_8gf", 2016)])
-    add_tv("ConvNeXt", "features", "classifier.2",
+    add_tv("ConvNeXt", "features", "classifier.2", ("features.*",),
            [("convnext_tiny", 768), ("convnext_small", 768), ("convnext_base", 1024),
             ("convnext_large", 1536)], head_norm="classifier.0")
 
@@ -190,6 +202,66 @@ class Backbone(nn.Module):
         """Whatever the network applies between its global pool and its classifier."""
         return pooled
 
+    def stages(self) -> list[str]:
+        """The network's stages, input to output, by their names here (as ``named_parameters``
+        prefixes them): fine-tuning trains the last N and what follows them. Empty when the
+        family has none registered.
+
+        Example: ``create_backbone("resnet18", "random").stages()[-1] == "extractor.layer4"``
+        """
+        attr, network = self._network()
+        return [f"{attr}.{path}" for path in _stage_paths(network, self.info.stages)]
+
+    def classifier_parameter_names(self) -> set[str]:
+        """Names here of the ImageNet classifier's parameters, which the embedding does not use
+        (none when this backbone computes no ImageNet logits: a torchvision extractor then
+        leaves the classifier out). The modules ``_classifier_prefixes`` names, whole (not
+        sparing its exceptions): ConvNeXt's ``classifier.0`` LayerNorm counts too, though
+        ``pooled_head`` applies it."""
+        attr, network = self._network()
+        prefixes, _ = _classifier_prefixes(network, self.info)
+        return {f"{attr}.{name}" for name, _ in network.named_parameters() if name.startswith(prefixes)}
+
+    def _network(self) -> tuple[str, nn.Module]:
+        """The wrapped network and the attribute that holds it (its parameters' prefix here)."""
+        raise NotImplementedError
+
+
+def _stage_paths(network: nn.Module, spec: tuple[str, ...]) -> list[str]:
+    """Paths in ``network`` of the stages that ``BackboneInfo.stages`` describes. Paths that a
+    torchvision extractor cut off (a ``layer`` before them) are left out; a ``layer`` in the
+    stem cuts off every stage, and the modules up to it are the stages then."""
+    modules = dict(network.named_modules())
+    paths: list[str] = []
+    for path in spec:
+        if path.endswith("*"):
+            container = path.removesuffix("*").removesuffix(".")
+            if container in modules:
+                paths += [f"{container}.{c}" if container else c for c in _child_stages(modules[container])]
+        elif path in modules:
+            paths.append(path)
+    return paths or (_child_stages(network) if spec else [])
+
+
+def _child_stages(container: nn.Module) -> list[str]:
+    """The children of ``container`` that hold parameters, in order. A plain run of single
+    layers (VGG's and AlexNet's ``features``) is grouped into blocks that each end at a
+    pooling layer, named by their first layer: a stage there is a block, not one BatchNorm.
+    Single layers after the last block (DenseNet's final norm) belong to it."""
+    children = list(container.named_children())
+    if all(not list(child.children()) for _, child in children):
+        blocks, start = [], None
+        for child_name, child in children:
+            start = start or child_name
+            if isinstance(child, nn.MaxPool2d):
+                blocks.append(start)
+                start = None
+        return blocks + ([start] if start else [])
+    stages = [(child_name, child) for child_name, child in children if any(True for _ in child.parameters())]
+    while len(stages) > 1 and not list(stages[-1][1].children()):
+        stages.pop()  # fine-tuning trains everything after a stage's start: it is trained
+    return [child_name for child_name, _ in stages]
+
 
 class _TorchvisionBackbone(Backbone):
     def __init__(self, model: nn.Module, node: str, logits_node: str | None,
@@ -202,6 +274,9 @@ class _TorchvisionBackbone(Backbone):
             nodes[logits_node] = "logits"
         self.extractor = create_feature_extractor(model, return_nodes=nodes)
         self.head_norm = head_norm
+
+    def _network(self) -> tuple[str, nn.Module]:
+        return "extractor", self.extractor
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.extractor(x)
@@ -220,6 +295,9 @@ class _TimmBackbone(Backbone):
         self.model = model
         self.layer_index = layer_index
         self.keep_logits = keep_logits
+
+    def _network(self) -> tuple[str, nn.Module]:
+        return "model", self.model
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         m: Any = self.model

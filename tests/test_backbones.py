@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -47,6 +48,7 @@ def test_every_backbone_builds_with_its_registered_dim(name: str) -> None:
     assert fmap.ndim == 4 and fmap.shape[:2] == (2, info.dim)
     assert logits is None  # random weights: no ImageNet logits
     assert net.pooled_head(fmap.mean((2, 3))).shape == (2, info.dim)
+    assert net.stages(), "fine-tuning needs the stages of every family"
     p = net.preprocessing  # preprocessing of the default weights travels even with random init
     assert p.resize_size >= p.input_size >= 224 and p.interpolation in ("bilinear", "bicubic")
 
@@ -221,6 +223,33 @@ def test_checkpoint_without_the_imagenet_classifier_embeds(tmp_path: Path) -> No
     # A distilled model has two (the last Linear alone would be one of them).
     deit = timm.create_model("deit_tiny_distilled_patch16_224")
     assert bb._classifier_prefixes(deit, get_backbone_info("seresnet50")) == (("head.", "head_dist."), ())
+
+
+def test_stages_input_to_output() -> None:
+    resnet = create_backbone("resnet18", "random")
+    assert resnet.stages() == [f"extractor.layer{i}" for i in range(1, 5)]
+    assert resnet.classifier_parameter_names() == set()  # no logits: the extractor left fc out
+    # GoogLeNet's stages are its own modules; VGG's plain run of layers is counted in blocks
+    # that end at a pooling layer (a "stage" there would be one BatchNorm).
+    assert create_backbone("googlenet", "random").stages()[-3:] == [f"extractor.inception{s}" for s in ("4e", "5a", "5b")]
+    assert create_backbone("vgg11_bn", "random").stages() == [f"extractor.features.{i}" for i in (0, 4, 8, 15, 22)]
+    # DenseNet's last stage is its last dense block, with the norm after it.
+    assert create_backbone("densenet121", "random").stages()[-1] == "extractor.features.denseblock4"
+    # A layer before the last: the extractor ends there, and so do the stages.
+    assert create_backbone("resnet18", "random", layer="layer3").stages()[-1] == "extractor.layer3"
+
+
+@pytest.mark.parametrize("name", ["seresnet50", "efficientnet_lite0"])  # one per timm family
+def test_timm_stages_are_timms_own_stage_groups(name: str) -> None:
+    """The registered stages start where timm's coarse parameter groups (stem, stages, head) do."""
+    from timm.models import group_parameters
+
+    net = create_backbone(name, "random")
+    model: Any = net.model
+    groups = list(group_parameters(model, model.group_matcher(coarse=True)).values())
+    firsts = [next(n for n, _ in net.named_parameters() if n.startswith(s + ".")) for s in net.stages()]
+    assert firsts == [f"model.{g[0]}" for g in groups[1:-1]]
+    assert net.classifier_parameter_names() == {f"model.{n}" for n in groups[-1]}
 
 
 def test_densenet_file_in_torchvisions_published_key_layout_loads(tmp_path: Path) -> None:

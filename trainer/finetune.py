@@ -15,7 +15,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from pictor.trainer.data import Sample
 if TYPE_CHECKING:
     from PIL import Image
 
+    from pictor.core.backbones import Backbone
     from pictor.core.embedder import Embedder
 
 log = logging.getLogger(__name__)
@@ -47,54 +48,23 @@ class FinetuneResult:
 # --------------------------------------------------------------------------- stages
 
 
-def backbone_stages(backbone: nn.Module) -> list[str]:
-    """Qualified names of the backbone's stages, input to output (what ``unfreeze`` counts)."""
-    names = [n for n, _ in backbone.named_modules()]
-    layers = [n for n in names if n.rsplit(".", 1)[-1] in ("layer1", "layer2", "layer3", "layer4")]
-    if layers:  # ResNet and its kin
-        return layers
-    # Block containers, then (GoogLeNet, Inception) the network's own top-level modules.
-    for container in ("model.blocks", "model.stages", "extractor.features", "model.features",
-                      "extractor.trunk_output", "model.trunk_output", "extractor"):
-        if container in names:
-            return _blocks(backbone.get_submodule(container), container)
-    name = getattr(getattr(backbone, "info", None), "name", type(backbone).__name__)
-    raise InvalidRequestError(f"cannot find the stages of backbone {name} to fine-tune; use --mode linear")
-
-
-def _blocks(container: nn.Module, prefix: str) -> list[str]:
-    """The children of ``container`` that hold parameters, in order. A plain run of single
-    layers (VGG's and AlexNet's ``features``) is grouped into blocks that each end at a
-    pooling layer, named by their first layer: a stage there is a block, not one BatchNorm.
-    Single layers after the last block (DenseNet's final norm) belong to it."""
-    children = list(container.named_children())
-    if all(not list(child.children()) for _, child in children):
-        blocks, start = [], None
-        for child_name, child in children:
-            start = start or child_name
-            if isinstance(child, nn.MaxPool2d):
-                blocks.append(start)
-                start = None
-        return [f"{prefix}.{b}" for b in blocks + ([start] if start else [])]
-    stages = [(child_name, child) for child_name, child in children if any(True for _ in child.parameters())]
-    while len(stages) > 1 and not list(stages[-1][1].children()):
-        stages.pop()  # unfreeze_last trains everything after a stage's start: it is trained
-    return [f"{prefix}.{child_name}" for child_name, _ in stages]
-
-
-def unfreeze_last(backbone: nn.Module, n_stages: int) -> list[str]:
-    """Make the last ``n_stages`` stages and everything after them trainable; return names.
+def unfreeze_last(backbone: Backbone, n_stages: int) -> list[str]:
+    """Make the last ``n_stages`` stages (``Backbone.stages``) and everything after them
+    trainable; return names.
 
     The ImageNet classifier stays frozen: the loss never reaches it.
     """
     backbone.requires_grad_(False)
     if n_stages == 0:
         return []
-    stages = backbone_stages(backbone)
+    stages = backbone.stages()
+    if not stages:
+        raise InvalidRequestError(
+            f"cannot find the stages of backbone {backbone.info.name} to fine-tune; use --mode linear")
     if n_stages > len(stages):
         log.warning("--unfreeze %d: the backbone has %d stages; training all of them", n_stages, len(stages))
     first = stages[max(0, len(stages) - n_stages)]
-    classifier = _classifier_params(backbone)
+    classifier = backbone.classifier_parameter_names()
     trainable = []
     started = False
     for name, param in backbone.named_parameters():
@@ -103,20 +73,6 @@ def unfreeze_last(backbone: nn.Module, n_stages: int) -> list[str]:
             param.requires_grad_(True)
             trainable.append(name)
     return trainable
-
-
-def _classifier_params(backbone: nn.Module) -> set[str]:
-    """Names of the ImageNet classifier's parameters (timm ``get_classifier``, torchvision
-    logits node)."""
-    model: Any = getattr(backbone, "model", None)
-    if model is not None and hasattr(model, "get_classifier"):
-        ids = {id(p) for p in model.get_classifier().parameters()}
-        return {f"model.{n}" for n, p in model.named_parameters() if id(p) in ids}
-    logits_node = getattr(getattr(backbone, "info", None), "logits_node", "")
-    root = logits_node.rsplit(".", 1)[0]
-    if not root:
-        return set()
-    return {n for n, _ in backbone.named_parameters() if f".{root}." in f".{n}"}
 
 
 def _freeze_batchnorm(module: nn.Module) -> None:
