@@ -90,7 +90,7 @@ def create_server(settings: ServerSettings, engine: Engine | None = None) -> tup
             raise
     threads = HandlerThreads(settings.workers)  # shared by the Pictor and reflection services
     pictor_pb2_grpc.add_PictorServicer_to_server(
-        PictorService(engine, threads, upsert_idle_s=settings.upsert_idle_timeout), server
+        PictorService(engine, threads, upsert_idle_s=settings.upsert_idle_timeout, max_reply_bytes=max_bytes), server
     )
 
     health_servicer = CheckOnlyHealthServicer()

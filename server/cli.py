@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--workers", type=int,
                    help="handler threads (default 8, at least 2); at most half of them take Upsert or reflection "
                         "streams, and with calls that run the model (Classify, Embed, Search by image) "
-                        "they leave one free for health checks and lookups: one more is refused as busy")
+                        "they leave one free for health checks and lookups: one more is refused as busy "
+                        "(so with 2, none runs while a stream is open)")
     p.add_argument("--upsert-idle-timeout", type=float, metavar="SECONDS",
                    help="end an Upsert or reflection stream that sends nothing for this long "
                         "(default 60), so a quiet client cannot hold a stream slot for good")

@@ -16,10 +16,15 @@ from typing import Any
 
 import grpc
 
-from pictor.errors import InvalidRequestError, PictorError
+from pictor.errors import InvalidRequestError, PictorError, ResourceExhaustedError
 from pictor.status import status_for
 
 log = logging.getLogger(__name__)
+
+
+class ServerBusyError(ResourceExhaustedError):
+    """A call refused because it would take the last free handler thread: expected under load,
+    so not logged one by one (``HandlerThreads`` logs how many, now and then)."""
 
 
 class _Malformed:
@@ -100,7 +105,8 @@ def _abort(error: Exception, method: str, context: grpc.ServicerContext) -> None
         # non-ASCII counts up to 3 times): a message quoting a huge key would turn the error
         # into RESOURCE_EXHAUSTED. Cut it short, in the log too.
         message = _shortened(str(error))
-        log.info("%s -> %s: %s", method, code.name, message)
+        log.log(logging.DEBUG if isinstance(error, ServerBusyError) else logging.INFO,
+                "%s -> %s: %s", method, code.name, message)
         context.abort(code, message)
     log.error("%s failed", method, exc_info=error)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see server log")

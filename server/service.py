@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import queue
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, TypeVar, cast
 
@@ -21,6 +23,7 @@ from pictor.core.store import Filter, Hits, Item, SearchParams, UpsertResult
 from pictor.errors import DeadlineExceededError, InvalidRequestError, PictorError, ResourceExhaustedError
 from pictor.iterators import batched
 from pictor.server.engine import ClassifyResult, Engine, check_upsert_item
+from pictor.server.errors import ServerBusyError
 from pictor.v1 import pictor_pb2 as pb
 from pictor.v1 import pictor_pb2_grpc as pb_grpc
 
@@ -74,6 +77,10 @@ def check_active(context: grpc.ServicerContext, before: str) -> None:
 DEADLINE_MARGIN_S = 0.05
 
 
+log = logging.getLogger(__name__)
+
+REFUSALS_LOG_EVERY_S = 10.0  # a line saying how many calls were refused as busy, at most this often
+_LIST_REPLY_MARGIN = 64 * 1024  # of a List reply, for its `next` key (at most 16 KB as UTF-8)
 _STREAM_END = object()  # the client closed its side of the stream
 T = TypeVar("T")
 
@@ -95,6 +102,7 @@ class HandlerThreads:
         self.workers, self.max_streams = workers, workers // 2
         self._lock = threading.Lock()
         self._streams = self._model_calls = 0
+        self._refused, self._refusals_logged_at = 0, -math.inf
 
     @contextlib.contextmanager
     def stream(self, refused: str) -> Iterator[None]:
@@ -128,13 +136,19 @@ class HandlerThreads:
                 self._model_calls -= 1
 
     def _check_one_left(self, refused: str) -> None:
-        if self._streams + self._model_calls >= self.workers - 1:
-            raise ResourceExhaustedError(
-                f"the server is busy: {self._model_calls} calls that run the model (Classify, Embed, Search "
-                f"by image) and {self._streams} open stream{'s' if self._streams != 1 else ''} hold all but one "
-                f"of its {self.workers} handler "
-                f"threads (--workers), which is kept for health checks and lookups; {refused}, send again "
-                "shortly")
+        if self._streams + self._model_calls < self.workers - 1:
+            return
+        self._refused += 1
+        if (now := time.monotonic()) >= self._refusals_logged_at + REFUSALS_LOG_EVERY_S:
+            log.warning("calls refused as busy since the last such line: %d (all but one of the %d handler "
+                        "threads were taken: more clients than --workers serves)", self._refused, self.workers)
+            self._refused, self._refusals_logged_at = 0, now
+        calls = f"{self._model_calls} call{'s' if self._model_calls != 1 else ''}"
+        streams = f"{self._streams} open stream{'s' if self._streams != 1 else ''}"
+        raise ServerBusyError(
+            f"the server is busy: {calls} that run the model (Classify, Embed, Search by image) and "
+            f"{streams} hold all but one of its {self.workers} handler threads (--workers), which is "
+            f"kept for health checks and lookups; {refused}, send again shortly")
 
 
 def idle_limited(requests: Iterator[T], idle_s: float, stream: str) -> Iterator[T]:
@@ -211,10 +225,11 @@ def _items(n: int) -> str:
 
 
 class PictorService(pb_grpc.PictorServicer):
-    def __init__(self, engine: Engine, threads: HandlerThreads, upsert_idle_s: float) -> None:
+    def __init__(self, engine: Engine, threads: HandlerThreads, upsert_idle_s: float, max_reply_bytes: int) -> None:
         self.engine = engine
         self.upsert_idle_s = upsert_idle_s
         self.threads = threads
+        self.max_reply_bytes = max_reply_bytes  # the server's grpc.max_send_message_length
 
     def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
         if not 0 <= request.classifier < len(CLASSIFIERS):
@@ -297,8 +312,17 @@ class PictorService(pb_grpc.PictorServicer):
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:
         page = self.engine.list_items(request.after, request.limit or MAX_LIST, _filter_of(request))
         response = pb.ListResponse(next=page.next)
+        # A page ends early where its items would not fit in a reply: 1000 items with large
+        # attributes are 69 MB, and a listing must not stop at a page it cannot send.
+        room = self.max_reply_bytes - _LIST_REPLY_MARGIN
         for item in page.items:
-            response.items.add(key=item.key, label=item.label).attributes.update(item.attributes)
+            added = response.items.add(key=item.key, label=item.label)
+            added.attributes.update(item.attributes)
+            room -= added.ByteSize() + 8  # and its field's tag and length
+            if room < 0 and len(response.items) > 1:
+                del response.items[-1]
+                response.next = response.items[-1].key
+                break
         return response
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetResponse:

@@ -511,7 +511,7 @@ def test_calls_are_bounded_and_work_for_a_caller_gone_is_not_written(built_index
 
 
 def test_calls_that_run_the_model_leave_a_thread_for_health_checks(
-    built_index: Path, monkeypatch: pytest.MonkeyPatch
+    built_index: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Classify calls waiting for the forward pass held every handler thread, and health checks
     queued behind them for seconds: one thread is kept, and a call beyond is refused at once."""
@@ -547,6 +547,10 @@ def test_calls_that_run_the_model_leave_a_thread_for_health_checks(
                 assert client.search(key=first, k=1)[0].key == first
             assert all(f.result(timeout=60).labels for f in waiting)
         assert made[0]._model_calls == 0
+        # Refusals are expected under load: one line says how many, at most every 10 s, not one each.
+        busy = [r for r in caplog.records if "busy" in r.getMessage()]
+        assert [(r.levelname, r.getMessage()[:51]) for r in busy] == [
+            ("WARNING", "calls refused as busy since the last such line: 1 (")]
     finally:
         server.stop(None)
         engine.close()
@@ -570,6 +574,11 @@ def test_a_reply_over_the_message_limit_says_how_to_ask_for_less(built_index: Pa
             with pytest.raises(InvalidRequestError, match="the reply would be .*: ask for fewer keys, or no vectors"):
                 client.get([i.key for i in items], vectors=True)
             assert client.info().index_size == 12 + 40  # still serving
+            # List ends a page early where it would be over the limit, and a listing goes on.
+            first, after = client.list_items(limit=1000)
+            assert 12 < len(first) < 52 and after == first[-1].key
+            listed = [item.key for item in client.iter_items()]
+            assert listed == sorted(listed) and len(listed) == 52 and {i.key for i in items} <= set(listed)
             # A request over the server's limit is the request's size, not a reply's.
             with pytest.raises(ResourceExhaustedError, match=r"a request of 3\.\d+ MB is over the server's 2 MB limit .*smaller image files"):
                 client.classify(drawn_image(1) + b"\0" * 3 * 2**20)

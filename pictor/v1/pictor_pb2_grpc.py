@@ -149,6 +149,7 @@ class PictorServicer:
         """The index's items in key order, a page at a time: to export or migrate an index, or check
         a restored one. Each item as Get returns it, without its vector (ask Get for those).
         Pass a page's `next` as the next request's `after`; `next` is "" after the last page.
+        A page holds fewer than `limit` items where more would not fit in the server's reply limit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
