@@ -12,7 +12,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pictor.api import MAX_KEY_LEN, canonical_label
@@ -50,20 +50,21 @@ def read_gallery(
 
     ``labels``: ``"folder"`` takes the name of the top-level folder an image sits in under
     ``source`` as its label (``photos/tulips/2020/a.jpg`` -> ``tulips``; none for images
-    directly in the root), ``"none"`` gives no labels. Manifests carry their own;
-    ``require_label`` makes a manifest without a label on every row an error.
+    directly in the root), ``"none"`` gives no labels. Manifests carry their own (dropped with
+    ``"none"``); ``require_label`` makes a manifest without a label on every row an error.
 
     A folder under ``source`` that cannot be listed (no permission) is skipped with a warning,
     and appended to ``unlisted`` as (folder, why) when given: its images are unknown, not gone.
     """
+    if labels not in ("folder", "none"):
+        raise InvalidRequestError(f"labels must be 'folder' or 'none', got {labels!r}")
     src = Path(source)
     if not src.exists():
         raise NotFoundError(f"{src} does not exist")
     if src.is_file():
-        yield from read_manifest(src, require_label=require_label)
+        for entry in read_manifest(src, require_label=require_label):
+            yield entry if labels == "folder" else replace(entry, label="")
         return
-    if labels not in ("folder", "none"):
-        raise InvalidRequestError(f"labels must be 'folder' or 'none' for a directory, got {labels!r}")
     for path in _walk_images(src, unlisted if unlisted is not None else []):
         parts = path.relative_to(src).parts
         label = canonical_label(parts[0]) if labels == "folder" and len(parts) > 1 else ""

@@ -49,6 +49,10 @@ def test_csv_and_jsonl_manifests(tmp_path: Path) -> None:
     jsonl = tmp_path / "m.jsonl"
     jsonl.write_text(json.dumps({"path": "a.png", "label": "cat"}) + "\n\n")
     assert [e.label for e in read_gallery(jsonl)] == ["cat"]
+    # --labels none drops a manifest's labels too (it was ignored), and a typo is refused for both.
+    assert [e.label for e in read_gallery(jsonl, labels="none")] == [""]
+    with pytest.raises(InvalidRequestError, match="labels must be 'folder' or 'none', got 'nope'"):
+        list(read_gallery(jsonl, labels="nope"))
 
 
 def test_bad_sources_are_clear_errors(tmp_path: Path) -> None:
