@@ -290,11 +290,13 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     gone = pictor("delete", "no/such/key.png", "--target", server.target, check=False)
     assert gone.returncode == 2 and "not found: no/such/key.png (a key is the image's path" in gone.stderr
     zero = pictor("search", str(image), "-k", "0", "--target", server.target, check=False)
-    assert zero.returncode == 2 and "argument -k: must be at least 1, got 0" in zero.stderr
+    assert zero.returncode == 2 and "argument -k: must be from 1 to 1000, got 0" in zero.stderr
     # A bad count is the command line's mistake, said once, not blamed on each image.
     zero = pictor("classify", str(image), str(image), "--top-k", "0", "--target", server.target, check=False)
-    assert zero.returncode == 2 and "argument --top-k: must be at least 1, got 0" in zero.stderr
+    assert zero.returncode == 2 and "argument --top-k: must be from 1 to 1000, got 0" in zero.stderr
     assert str(image) not in zero.stderr
+    many = pictor("classify", str(image), "--neighbors", "1001", "--target", server.target, check=False)
+    assert many.returncode == 2 and "argument --neighbors: must be from 0 to 1000, got 1001" in many.stderr
 
 
 def test_server_refuses_to_start_without_index(tmp_path: Path) -> None:
