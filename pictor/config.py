@@ -186,10 +186,11 @@ S = TypeVar("S")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
-def _coerce(value: Any, typ: Any, name: str) -> Any:
+def _coerce(value: Any, typ: Any, name: str, where: str = "") -> Any:
     """``value`` (a flag, env string or TOML value) as ``typ``, or a clear error naming where it
-    came from (``name``: the setting, ``PICTOR_*`` variable or flag)."""
-    invalid = InvalidRequestError(f"setting {name}={value!r} is not a valid {typ.__name__}")
+    came from (``name``: the setting, ``PICTOR_*`` variable or flag; ``where``: " in the config
+    file")."""
+    invalid = InvalidRequestError(f"setting {name}={value!r}{where} is not a valid {typ.__name__}")
     if isinstance(value, str) and typ is not str:
         if typ is bool:
             word = value.strip().lower()
@@ -239,8 +240,9 @@ def build_settings(
         if flags.get(f.name) is not None:
             value, source = flags[f.name], f"--{f.name.replace('_', '-')}"
         if value is not dataclasses.MISSING:
-            values[f.name] = _coerce(value, typ, source)
-            sources[f.name] = f"{name} in the config file" if source == name else source
+            in_file = " in the config file" if source == name else ""
+            values[f.name] = _coerce(value, typ, source, in_file)
+            sources[f.name] = source + in_file
     try:
         return cls(**values)
     except SettingValueError as e:

@@ -106,9 +106,9 @@ def test_file_names_and_types_are_checked(tmp_path: Path) -> None:
         ("[model]\nbackbone = 'resnet50'\n", r"a table \[model\], but the file is flat"),
         ("[server]\nport = 1\n", r"a table \[server\], but the file is flat"),
         (b"# caf\xe9\nport = 1\n", r"is not UTF-8 text \(byte 5\), as TOML must be"),
-        ("port = 1.5\n", "port=1.5 is not a valid int"),
-        ("workers = true\n", "workers=True is not a valid int"),
-        ("compile = 1\n", "compile=1 is not a valid bool"),
+        ("port = 1.5\n", "port=1.5 in the config file is not a valid int"),
+        ("workers = true\n", "workers=True in the config file is not a valid int"),
+        ("compile = 1\n", "compile=1 in the config file is not a valid bool"),
     ]
     for text, message in cases:
         if isinstance(text, bytes):
