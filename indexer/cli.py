@@ -193,21 +193,22 @@ def run(args: argparse.Namespace) -> int:
                           f"{folder}: cannot list the folder ({why}); its images were left out"
                           + (" and their items kept" if args.prune else ""))
                          for folder, why in unlisted)
+    discard = created and count == 0  # an empty index this run made would only be in the way
     if args.json:
         json.dump({**dataclasses.asdict(summary), "index": str(out), "index_size": count}, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print(f"indexed {summary.indexed} image{'' if summary.indexed == 1 else 's'} ({summary.inserted} new, {summary.replaced} replaced) "
-              f"into {out} in {summary.seconds:.1f}s"
-              + (f" ({summary.images_per_second:.1f} img/s embedded)" if summary.embedded else "")
-              + (f"; {summary.copied} of them not embedded again (the index held a vector of the same "
-                 "file)" if summary.copied else "")
-              + (f"; {summary.unchanged} unchanged, left as they were" if summary.unchanged else "")
-              + f"; index holds {count} items; skipped {summary.skipped}"
-              + (f"; pruned {summary.pruned} no longer listed" if args.prune else ""))
+        if not discard:  # else the line below says that no index was written
+                print(f"indexed {summary.indexed} image{'' if summary.indexed == 1 else 's'} ({summary.inserted} new, "
+                  f"{summary.replaced} replaced) into {out} in {summary.seconds:.1f}s"
+                  + (f" ({summary.images_per_second:.1f} img/s embedded)" if summary.embedded else "")
+                  + (f"; {summary.copied} of them not embedded again (the index held a vector of the same "
+                     "file)" if summary.copied else "")
+                  + (f"; {summary.unchanged} unchanged, left as they were" if summary.unchanged else "")
+                  + f"; index holds {count} items; skipped {summary.skipped}"
+                  + (f"; pruned {summary.pruned} no longer listed" if args.prune else ""))
         for failure in summary.failures:
             print(f"  skipped {failure['error']}", file=sys.stderr)
-    discard = created and count == 0  # an empty index this run made would only be in the way
     if summary.interrupted:
         if discard:
             shutil.rmtree(out)
@@ -221,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     if summary.skipped and not (summary.indexed or summary.unchanged):
         if discard:
             shutil.rmtree(out)
-        print(f"error: nothing could be indexed ({summary.skipped} skipped, listed above)"
+        print(f"pictor index: nothing could be indexed ({summary.skipped} skipped, listed above)"
               + ("; no index was written" if discard else ""), file=sys.stderr)
         return 2
     return 1 if summary.skipped and args.strict else 0

@@ -200,7 +200,8 @@ def test_index_errors_are_clear(tmp_path: Path) -> None:
     assert r.returncode == 2 and "manifest " in r.stderr and "header.csv lists no images" in r.stderr
     (tmp_path / "empty" / "notes.jpg").write_text("not a picture")
     r = pictor("index", str(tmp_path / "empty"), "--out", str(tmp_path / "i"), check=False)
-    assert r.returncode == 2 and "nothing could be indexed (1 skipped, listed above); no index was written" in r.stderr
+    assert r.returncode == 2 and "pictor index: nothing could be indexed (1 skipped, listed above); no index was written" in r.stderr
+    assert "index holds 0 items" not in r.stdout  # no summary of an index that is not written
     assert not (tmp_path / "i").exists()  # an empty index made by the failed run is not left behind
     r = pictor("index", str(tmp_path / "empty"), "--out", str(tmp_path / "empty" / "notes.jpg"),
                check=False)
