@@ -384,12 +384,17 @@ def run_get(args: argparse.Namespace) -> int:
 def run_list(args: argparse.Namespace) -> int:
     """Prints as it pages (a large index is not held in memory); --json: one object per line."""
     attrs = _parse_attrs(args.attr)
+    listed = False
     with _client(args) as client:
         for it in client.iter_items(labels=args.label, attributes=attrs):
+            listed = True
             if args.json:
                 print(json.dumps({"key": it.key, "label": it.label, "attributes": it.attributes}, ensure_ascii=False))
             else:
                 print(_item_row(it))
+    if not listed:  # on stderr: the output stays an empty listing for scripts
+        print("pictor list: no items: " + ("no indexed item matches the --label/--attr filter"
+                                           if args.label or attrs else "the index is empty"), file=sys.stderr)
     return 0
 
 

@@ -260,6 +260,8 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     assert pictor("list", "--attr", "source=cam1", "--target", server.target).stdout == "new/x.png  source=cam1\n"
     warm = [json.loads(line) for line in pictor("list", "--label", "warm", "--json", "--target", server.target).stdout.splitlines()]
     assert len(warm) == 6 and {w["label"] for w in warm} == {"warm"} and warm == sorted(warm, key=lambda w: w["key"])
+    none = pictor("list", "--label", "nope", "--json", "--target", server.target)
+    assert none.stdout == "" and "no indexed item matches the --label/--attr filter" in none.stderr
     with PictorClient(server.target, timeout=10) as client:
         paged = list(client.iter_items(page=5))  # 14 items: pages of 5, 5 and 4
         first, after = client.list_items(limit=14)
