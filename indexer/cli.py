@@ -87,8 +87,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "the index (off by default; new index only)")
     p.add_argument("--pca-sample", type=int, metavar="N",
                    help="gallery images that fit the whitening (default 10000)")
-    p.add_argument("--labels", help="folder (default): label = top-level folder name (a manifest: its own "
-                   "labels); none: no labels")
+    p.add_argument("--labels", choices=("folder", "none"),
+                   help="folder (default): label = top-level folder name (a manifest: its own labels); none: no labels")
     add_flag(p, "batch_size")
     p.add_argument("--workers", type=int, help="decoding threads (default 2)")
     add_flag(p, "max_pixels", help_end="larger files are skipped and listed")

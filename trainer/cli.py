@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from pictor.config import PRECISIONS, add_flag, model_settings, show_progress
+from pictor.config import add_flag, model_settings, show_progress
 from pictor.trainer.config import MODES, TrainConfig
 
 TRAIN_DESCRIPTION = """\
@@ -74,7 +74,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_flag(t, "weights")
     add_flag(t, "device")
     add_flag(t, "pooling", help_end="pool as the index the model will serve with")
-    add_flag(t, "precision", choices=PRECISIONS,
+    add_flag(t, "precision",
              help="auto (default): bf16 where the hardware runs it fast (fp16 on a GPU without bf16), "
              "else fp32; fine-tuning on a CPU: fp32 (bf16 lost accuracy). The model file records it, and "
              "serving keeps it where the hardware runs it natively")
