@@ -1,0 +1,132 @@
+"""Health under load: how long a health check and a lookup (Search by vector) take while many
+clients classify without pause, against a real `pictor serve`.
+
+Calls that run the model wait for one forward pass at a time, each holding a handler thread;
+the server keeps one thread for health checks and lookups and refuses a model call that would
+take it (RESOURCE_EXHAUSTED, "busy"). The flood's clients run in a process of their own, each
+sending Classify again as soon as it is answered or refused (no backoff: the worst case); the
+prober, in this process, sends a health Check and a Search every 0.1 s, first with the server
+idle, then during the flood. Without an ``--index`` the bundled sample gallery is indexed first.
+
+Run from the project root, under the shared CPU lock::
+
+    flock /tmp/pictor-cpu.lock .venv/bin/python bench/health.py --clients 64
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from pictor.client import PictorClient
+from pictor.errors import PictorError
+
+from common import machine_line, parser
+
+SAMPLE = Path(__file__).resolve().parent.parent / "sample"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return int(s.getsockname()[1])
+
+
+def flood(target: str, clients: int, seconds: float, image: bytes, out: mp.Queue) -> None:
+    """``clients`` threads classifying ``image`` in a loop for ``seconds``; puts the outcome counts."""
+    counts: Counter[str] = Counter()
+    end = time.monotonic() + seconds
+
+    def client_loop() -> None:
+        with PictorClient(target, timeout=60) as client:
+            while time.monotonic() < end:
+                try:
+                    client.classify(image)
+                    counts["OK"] += 1
+                except PictorError as e:
+                    counts[type(e).__name__] += 1
+
+    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out.put(dict(counts))
+
+
+def probe(client: PictorClient, vector: list[float], seconds: float) -> dict[str, list[float]]:
+    """Milliseconds of each health Check and Search by vector, one of each every 0.1 s."""
+    took: dict[str, list[float]] = {"health": [], "search": []}
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for name, call in (("health", client.health), ("search", lambda: client.search(vector=vector, k=5))):
+            start = time.perf_counter()
+            call()
+            took[name].append(1000 * (time.perf_counter() - start))
+        time.sleep(0.1)
+    return took
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.add_argument("--clients", type=int, default=64, help="classifying clients of the flood")
+    ap.add_argument("--workers", type=int, default=8, help="the server's handler threads (serve --workers)")
+    ap.add_argument("--seconds", type=float, default=20.0, help="length of the flood")
+    ap.add_argument("--index", type=Path, help="index to serve (default: the sample gallery, indexed first)")
+    args = ap.parse_args()
+    print(machine_line())
+    with tempfile.TemporaryDirectory() as tmp:
+        index = args.index
+        if index is None:
+            index = Path(tmp) / "index"
+            subprocess.run([sys.executable, "-m", "pictor.cli", "index", str(SAMPLE / "gallery"), "--out", str(index),
+                            "--no-progress"], check=True, capture_output=True)
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "pictor.cli", "serve", "--index", str(index), "--port",
+                                   str(port), "--workers", str(args.workers)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        target = f"localhost:{port}"
+        try:
+            with PictorClient(target, timeout=30) as client:
+                for _ in range(600):
+                    try:
+                        client.health()
+                        break
+                    except PictorError:
+                        time.sleep(0.5)
+                first = client.list_items(limit=1)[0][0].key
+                vector = client.get([first], vectors=True)[0][0].vector or []
+                image = next((SAMPLE / "queries").glob("*.png")).read_bytes()
+                idle = probe(client, vector, 5.0)
+                outcome: mp.Queue = mp.get_context("spawn").Queue()
+                flooder = mp.get_context("spawn").Process(
+                    target=flood, args=(target, args.clients, args.seconds, image, outcome))
+                flooder.start()
+                time.sleep(2.0)  # the flood under way
+                loaded = probe(client, vector, args.seconds - 4.0)
+                counts = outcome.get()
+                flooder.join()
+        finally:
+            server.terminate()
+            server.wait(60)
+    print(f"\n{args.clients} clients classifying in a loop for {args.seconds:g} s, serve --workers {args.workers}; "
+          f"their calls: {counts}\n")
+    print("| call | server | n | p50 ms | p99 ms | max ms |")
+    print("|---|---|---:|---:|---:|---:|")
+    for phase, took in (("idle", idle), ("flooded", loaded)):
+        for name, ms in took.items():
+            print(f"| {name} | {phase} | {len(ms)} | {np.percentile(ms, 50):.1f} | {np.percentile(ms, 99):.1f} | "
+                  f"{max(ms):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
