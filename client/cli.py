@@ -63,14 +63,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                 "trained head's open-set rule finds it fits none of its classes",
                 "pictor classify photo.jpg other.png --top-k 3 --target localhost:50051")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF)")
-    p.add_argument("--top-k", type=_at_least(1, MAX_K), default=DEFAULT_TOP_K,
+    p.add_argument("--top-k", type=_int_in(1, MAX_K), default=DEFAULT_TOP_K,
                    help=f"labels per image, 1 to {MAX_K} (default {DEFAULT_TOP_K})")
     p.add_argument("--classifier", choices=CLASSIFIERS, default="default",
                    help="default: the trained head if the server has one (serve --model), else the "
                         "backbone's ImageNet labels, else (a backbone without them) the kNN vote; head: "
                         "the same without the kNN fallback; knn: vote of the nearest labelled items; "
                         "all: head and kNN vote, whether they agree, and the neighbours")
-    p.add_argument("--neighbors", type=_at_least(0, MAX_K), default=0,
+    p.add_argument("--neighbors", type=_int_in(0, MAX_K), default=0,
                    help=f"neighbours for the kNN vote, up to {MAX_K} (default 0 = the server's default, {DEFAULT_NEIGHBORS})")
     p.set_defaults(run=run_classify)
 
@@ -78,15 +78,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                 "pictor search photo.jpg -k 5 --label daisy")
     p.add_argument("image", nargs="?", metavar="IMAGE", help="query image file")
     p.add_argument("--key", help="query by the key of an indexed item instead of an image")
-    p.add_argument("-k", type=_at_least(1, MAX_K), default=DEFAULT_K, help=f"number of results, 1 to {MAX_K} (default {DEFAULT_K})")
+    p.add_argument("-k", type=_int_in(1, MAX_K), default=DEFAULT_K, help=f"number of results, 1 to {MAX_K} (default {DEFAULT_K})")
     p.add_argument("--label", action="append", default=[], help="only items with this label (repeatable)")
     p.add_argument("--attr", action="append", default=[], metavar="NAME=VALUE",
                    help="only items whose attribute NAME equals VALUE (repeatable: items must match "
                         "every one; several --label match any)")
-    p.add_argument("--nprobe", type=_at_least(0), default=0,
+    p.add_argument("--nprobe", type=_int_in(0), default=0,
                    help="IVF lists to scan for this query (default 0 = the index's tuned value; "
                         "more: higher recall, slower; `pictor info` shows the index type)")
-    p.add_argument("--ef-search", type=_at_least(0), default=0,
+    p.add_argument("--ef-search", type=_int_in(0), default=0,
                    help="HNSW search width for this query (default 0 = the index's tuned value)")
     p.set_defaults(run=run_search)
 
@@ -131,9 +131,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(run=run_list)
 
 
-def _at_least(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer of at least ``low`` (and at most ``high``), refused once as a
-    usage error (not once per image by the client)."""
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` (to ``high``), refused once as a usage error
+    (not once per image by the client)."""
     def parse(text: str) -> int:
         try:
             value = int(text)

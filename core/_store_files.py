@@ -87,7 +87,7 @@ def _raise_if_cannot_open(root: Path, error: BaseException) -> None:
             f"the disk holding index store {root} is full, and opening it writes beside its "
             "database (SQLite's -wal and -shm files): free space and open it again"
         ) from error
-    code = getattr(error, "sqlite_errorcode", None) if isinstance(error, sqlite3.Error) else None
+    code = _sqlite_code(error)
     if code is not None and code & 0xFF == sqlite3.SQLITE_READONLY:  # e.g. no -wal file may be made
         raise _cannot_write(root, str(error)) from error
     # (A row that breaks the schema, a NULL label say, fails as a TypeError when loaded: a
@@ -122,11 +122,16 @@ def _rollback(db: sqlite3.Connection) -> None:
 _LOW_SPACE_BYTES = 1 << 20
 
 
+def _sqlite_code(error: BaseException) -> int | None:
+    """SQLite's extended result code of ``error``; None for an error that is not SQLite's."""
+    return getattr(error, "sqlite_errorcode", None) if isinstance(error, sqlite3.Error) else None
+
+
 def _out_of_space(root: Path, error: BaseException) -> bool:
     """Whether ``error`` comes from the disk holding ``root`` being full."""
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    code = getattr(error, "sqlite_errorcode", None) if isinstance(error, sqlite3.Error) else None
+    code = _sqlite_code(error)
     if code == sqlite3.SQLITE_FULL:
         return True
     if code is not None and code & 0xFF == sqlite3.SQLITE_IOERR:  # extended codes keep the primary low
@@ -142,7 +147,7 @@ def _raise_if_cannot_write(root: Path, error: BaseException) -> None:
             f"the disk holding index store {root} is full; this write was not applied (earlier "
             "ones are kept): free space and try again"
         ) from error
-    code = getattr(error, "sqlite_errorcode", None) if isinstance(error, sqlite3.Error) else None
+    code = _sqlite_code(error)
     if code is not None and code & 0xFF == sqlite3.SQLITE_IOERR:  # with space left on the disk
         raise ResourceExhaustedError(
             f"could not write to index store {root} ({error}): a disk quota, a file size limit "

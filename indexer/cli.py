@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         if not discard:  # else the line below says that no index was written
-                print(f"indexed {summary.indexed} image{'' if summary.indexed == 1 else 's'} ({summary.inserted} new, "
+            print(f"indexed {summary.indexed} image{'' if summary.indexed == 1 else 's'} ({summary.inserted} new, "
                   f"{summary.replaced} replaced) into {out} in {summary.seconds:.1f}s"
                   + (f" ({summary.images_per_second:.1f} img/s embedded)" if summary.embedded else "")
                   + (f"; {summary.copied} of them not embedded again (the index held a vector of the same "

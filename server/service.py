@@ -30,6 +30,7 @@ from pictor.v1 import pictor_pb2_grpc as pb_grpc
 if TYPE_CHECKING:
     from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
+log = logging.getLogger(__name__)
 
 def add_hits(field: RepeatedCompositeFieldContainer[pb.Hit], hits: Hits) -> None:
     """Append ``hits`` to a repeated ``Hit`` field, from its rows.
@@ -75,10 +76,6 @@ def check_active(context: grpc.ServicerContext, before: str) -> None:
 
 # A client stream that ends this close to its deadline was cut off by it (see _upsert_chunk).
 DEADLINE_MARGIN_S = 0.05
-
-
-log = logging.getLogger(__name__)
-
 REFUSALS_LOG_EVERY_S = 10.0  # a line saying how many calls were refused as busy, at most this often
 _LIST_REPLY_MARGIN = 64 * 1024  # of a List reply, for its `next` key (at most 16 KB as UTF-8)
 _STREAM_END = object()  # the client closed its side of the stream
@@ -93,9 +90,9 @@ class HandlerThreads:
     A client stream (Upsert, reflection) holds its thread for as long as its client sends: at
     most half of them are streams. A call that runs the model (Classify, Embed, Search by image)
     holds its thread while it waits for the forward pass, which runs one at a time: behind 64
-    clients classifying, health checks waited 1.3 s in gRPC's queue. Streams and model calls
-    together leave one thread free; one beyond is refused at once (RESOURCE_EXHAUSTED), which
-    frees its thread for the next call in the queue.
+    clients classifying, health checks waited over a second in gRPC's queue (bench/health.py).
+    Streams and model calls together leave one thread free; one beyond is refused at once
+    (RESOURCE_EXHAUSTED), which frees its thread for the next call in the queue.
     """
 
     def __init__(self, workers: int) -> None:
