@@ -4,9 +4,12 @@ clients classify without pause, against a real `pictor serve`.
 Calls that run the model wait for one forward pass at a time, each holding a handler thread;
 the server keeps one thread for health checks and lookups and refuses a model call that would
 take it (RESOURCE_EXHAUSTED, "busy"). The flood's clients run in a process of their own, each
-sending Classify again as soon as it is answered or refused (no backoff: the worst case); the
-prober, in this process, sends a health Check and a Search every 0.1 s, first with the server
-idle, then during the flood. Without an ``--index`` the bundled sample gallery is indexed first.
+sending Classify again as soon as it is answered or refused; the prober, in this process, sends
+a health Check and a Search every 0.1 s, first with the server idle, then during the flood. The
+flood's clients are PictorClients, which send a call refused as busy again after a random wait
+(``--attempts`` in all, gRPC's retry policy); with ``--attempts 1`` a refused call is not sent
+again, the loop sends the next at once: the worst case for the server.
+Without an ``--index`` the bundled sample gallery is indexed first.
 
 Run from the project root, under the shared CPU lock::
 
@@ -28,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from pictor.client import PictorClient
+from pictor.client.client import MAX_ATTEMPTS
 from pictor.errors import PictorError
 
 from common import machine_line, parser
@@ -41,13 +45,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def flood(target: str, clients: int, seconds: float, image: bytes, out: mp.Queue) -> None:
+def flood(target: str, clients: int, attempts: int, seconds: float, image: bytes, out: mp.Queue) -> None:
     """``clients`` threads classifying ``image`` in a loop for ``seconds``; puts the outcome counts."""
     counts: Counter[str] = Counter()
     end = time.monotonic() + seconds
 
     def client_loop() -> None:
-        with PictorClient(target, timeout=60) as client:
+        with PictorClient(target, timeout=60, max_attempts=attempts) as client:
             while time.monotonic() < end:
                 try:
                     client.classify(image)
@@ -80,6 +84,8 @@ def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--clients", type=int, default=64, help="classifying clients of the flood")
     ap.add_argument("--workers", type=int, default=8, help="the server's handler threads (serve --workers)")
+    ap.add_argument("--attempts", type=int, default=MAX_ATTEMPTS,
+                    help="times in all a flood client sends a call refused as busy (PictorClient's max_attempts)")
     ap.add_argument("--seconds", type=float, default=20.0, help="length of the flood")
     ap.add_argument("--index", type=Path, help="index to serve (default: the sample gallery, indexed first)")
     args = ap.parse_args()
@@ -109,7 +115,7 @@ def main() -> None:
                 idle = probe(client, vector, 5.0)
                 outcome: mp.Queue = mp.get_context("spawn").Queue()
                 flooder = mp.get_context("spawn").Process(
-                    target=flood, args=(target, args.clients, args.seconds, image, outcome))
+                    target=flood, args=(target, args.clients, args.attempts, args.seconds, image, outcome))
                 flooder.start()
                 time.sleep(2.0)  # the flood under way
                 loaded = probe(client, vector, args.seconds - 4.0)
@@ -118,8 +124,8 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(60)
-    print(f"\n{args.clients} clients classifying in a loop for {args.seconds:g} s, serve --workers {args.workers}; "
-          f"their calls: {counts}\n")
+    print(f"\n{args.clients} clients classifying in a loop for {args.seconds:g} s, each call sent at most "
+          f"{args.attempts} times, serve --workers {args.workers}; their calls: {counts}\n")
     print("| call | server | n | p50 ms | p99 ms | max ms |")
     print("|---|---|---:|---:|---:|---:|")
     for phase, took in (("idle", idle), ("flooded", loaded)):

@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import re
 import time
@@ -53,6 +54,24 @@ ImageData = bytes | bytearray | memoryview  # an image file's bytes
 # about 1e10 s) overflows.
 NO_DEADLINE_S = 1e9
 MAX_RECONNECT_BACKOFF_MS = 2_000
+MAX_ATTEMPTS = 5  # gRPC's own cap on a retry policy's attempts
+
+
+def _retry_policy(attempts: int) -> str:
+    """gRPC service config (gRFC A6) that sends a call refused as busy again, up to ``attempts``
+    times in all, after a random wait of up to 0.1, 0.2, 0.4, 0.8 s.
+
+    The server marks every other error "do not resend" (a negative grpc-retry-pushback-ms), so
+    only busy refusals come back; the call's timeout spans all its attempts. No retry throttle:
+    a refusal costs the server little and the waits are what lower the load. With gRPC's throttle
+    on, 64 clients classifying in a loop got 27,401 refusals and 595 answers in 20 s; without it
+    630 and 919 (bench/health.py).
+    """
+    policy = {"maxAttempts": attempts, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
+              "retryableStatusCodes": ["RESOURCE_EXHAUSTED"]}
+    service = pb.DESCRIPTOR.services_by_name["Pictor"].full_name
+    return json.dumps({"methodConfig": [{"name": [{"service": service}], "retryPolicy": policy}]})
+
 
 R = TypeVar("R")
 
@@ -216,12 +235,19 @@ class PictorClient:
     """Calls a Pictor server. Failed calls raise ``pictor.errors`` types (see ``pictor.status``)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = DEFAULT_TIMEOUT,
-                 max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> None:
+                 max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, max_attempts: int = MAX_ATTEMPTS) -> None:
         """``timeout``: seconds each call (an Upsert stream: all of it) may take; None (or
-        ``math.inf``) for no deadline."""
+        ``math.inf``) for no deadline.
+
+        ``max_attempts``: how many times in all a call the server refuses as busy is sent (1 to
+        5; 1 = never again), waiting a random 0-0.1, 0-0.2, 0-0.4, 0-0.8 s before each resend,
+        within ``timeout``. Only busy refusals are resent (see ``_retry_policy``), and an Upsert
+        stream only while its items so far fit gRPC's retry buffer (256 KB)."""
         target = _with_port(target)
         if timeout is not None and not timeout > 0:
             raise InvalidRequestError(f"timeout must be more than 0 seconds, got {timeout}")
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or not 1 <= max_attempts <= MAX_ATTEMPTS:
+            raise InvalidRequestError(f"max_attempts must be a whole number from 1 to {MAX_ATTEMPTS}, got {max_attempts!r}")
         if timeout is not None and timeout >= NO_DEADLINE_S:  # gRPC's deadline would overflow: at once
             timeout = None
         check_max_message_mb(max_message_mb)
@@ -235,7 +261,8 @@ class PictorClient:
                      ("grpc.max_receive_message_length", max_bytes),
                      # gRPC waits up to 2 minutes between reconnection attempts after a long
                      # outage: a restarted server would stay unreachable for that long.
-                     ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)],
+                     ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+                     *([("grpc.service_config", _retry_policy(max_attempts))] if max_attempts > 1 else [])],
         )
         self._stub = pb_grpc.PictorStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)

@@ -23,8 +23,14 @@ log = logging.getLogger(__name__)
 
 
 class ServerBusyError(ResourceExhaustedError):
-    """A call refused because it would take the last free handler thread: expected under load,
-    so not logged one by one (``HandlerThreads`` logs how many, now and then)."""
+    """A call refused because the threads it would take are held: expected under load, so not
+    logged one by one (``HandlerThreads`` logs how many, now and then), and worth sending again."""
+
+
+# gRPC's retry policy (gRFC A6) reads this trailer: a negative value says "do not send this call
+# again". Every error but busy carries it, so a client whose policy resends RESOURCE_EXHAUSTED
+# (PictorClient's) resends only the calls refused as busy, not those refused for a full disk.
+_NO_RETRY = (("grpc-retry-pushback-ms", "-1"),)
 
 
 class _Malformed:
@@ -105,8 +111,10 @@ def _abort(error: Exception, method: str, context: grpc.ServicerContext) -> None
         # non-ASCII counts up to 3 times): a message quoting a huge key would turn the error
         # into RESOURCE_EXHAUSTED. Cut it short, in the log too.
         message = _shortened(str(error))
-        log.log(logging.DEBUG if isinstance(error, ServerBusyError) else logging.INFO,
-                "%s -> %s: %s", method, code.name, message)
+        busy = isinstance(error, ServerBusyError)
+        log.log(logging.DEBUG if busy else logging.INFO, "%s -> %s: %s", method, code.name, message)
+        if not busy:
+            context.set_trailing_metadata(_NO_RETRY)
         context.abort(code, message)
     log.error("%s failed", method, exc_info=error)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see server log")

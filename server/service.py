@@ -20,7 +20,7 @@ import grpc
 
 from pictor.api import CLASSIFIERS, MAX_LIST, UPSERT_CHUNK
 from pictor.core.store import Filter, Hits, Item, SearchParams, UpsertResult
-from pictor.errors import DeadlineExceededError, InvalidRequestError, PictorError, ResourceExhaustedError
+from pictor.errors import DeadlineExceededError, InvalidRequestError, PictorError
 from pictor.iterators import batched
 from pictor.server.engine import ClassifyResult, Engine, check_upsert_item
 from pictor.server.errors import ServerBusyError
@@ -103,12 +103,12 @@ class HandlerThreads:
 
     @contextlib.contextmanager
     def stream(self, refused: str) -> Iterator[None]:
-        """A thread for a client stream for the block; ``ResourceExhaustedError`` (saying
-        ``refused``) when none may be taken."""
+        """A thread for a client stream for the block; ``ServerBusyError`` (saying ``refused``)
+        when none may be taken."""
         with self._lock:
             if self._streams >= self.max_streams:
                 n = self.max_streams
-                raise ResourceExhaustedError(
+                raise self._refusal(
                     f"{n} stream{'s are' if n != 1 else ' is'} open already (Upsert or reflection; this "
                     f"server's limit: half its --workers); {refused}, send again when one has ended")
             self._check_one_left(refused)
@@ -121,8 +121,8 @@ class HandlerThreads:
 
     @contextlib.contextmanager
     def model_call(self, refused: str) -> Iterator[None]:
-        """A thread for a call that runs the model, for the block; ``ResourceExhaustedError``
-        (saying ``refused``) when it would take the last free one."""
+        """A thread for a call that runs the model, for the block; ``ServerBusyError`` (saying
+        ``refused``) when it would take the last free one."""
         with self._lock:
             self._check_one_left(refused)
             self._model_calls += 1
@@ -135,17 +135,21 @@ class HandlerThreads:
     def _check_one_left(self, refused: str) -> None:
         if self._streams + self._model_calls < self.workers - 1:
             return
-        self._refused += 1
-        if (now := time.monotonic()) >= self._refusals_logged_at + REFUSALS_LOG_EVERY_S:
-            log.warning("calls refused as busy since the last such line: %d (all but one of the %d handler "
-                        "threads were taken: more clients than --workers serves)", self._refused, self.workers)
-            self._refused, self._refusals_logged_at = 0, now
         calls = f"{self._model_calls} call{'s' if self._model_calls != 1 else ''}"
         streams = f"{self._streams} open stream{'s' if self._streams != 1 else ''}"
-        raise ServerBusyError(
+        raise self._refusal(
             f"the server is busy: {calls} that run the model (Classify, Embed, Search by image) and "
             f"{streams} hold all but one of its {self.workers} handler threads (--workers), which is "
             f"kept for health checks and lookups; {refused}, send again shortly")
+
+    def _refusal(self, message: str) -> ServerBusyError:
+        """The error for a call refused as busy, counted in a log line at most every so often."""
+        self._refused += 1
+        if (now := time.monotonic()) >= self._refusals_logged_at + REFUSALS_LOG_EVERY_S:
+            log.warning("calls refused as busy since the last such line: %d (the handler threads were "
+                        "taken: more clients than --workers serves)", self._refused)
+            self._refused, self._refusals_logged_at = 0, now
+        return ServerBusyError(message)
 
 
 def idle_limited(requests: Iterator[T], idle_s: float, stream: str) -> Iterator[T]:

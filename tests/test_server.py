@@ -640,8 +640,10 @@ def test_a_quiet_upsert_stream_is_ended_and_frees_its_slot(built_index: Path) ->
                 replies = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(ask_then_wait())
                 names = {s.name for s in next(replies).list_services_response.service}
                 assert "pictor.v1.Pictor" in names
-                with pytest.raises(ResourceExhaustedError, match=r"1 stream is open already \(Upsert or reflection"):
-                    client.upsert([UpsertItem(key="refused", vector=[1.0] * 1280)])
+                # Sent once: PictorClient would send it again, and the reflection stream ends within 1 s.
+                with PictorClient(server.target, timeout=20, max_attempts=1) as once, pytest.raises(
+                        ResourceExhaustedError, match=r"1 stream is open already \(Upsert or reflection"):
+                    once.upsert([UpsertItem(key="refused", vector=[1.0] * 1280)])
                 assert client.health() == "SERVING" and client.info().index_size == 12 + 5 + 64
                 with pytest.raises(grpc.RpcError) as tool_ended:
                     next(replies)
@@ -727,4 +729,58 @@ def test_search_by_key_puts_the_item_first_even_where_hnsw_misses_it(gallery: Pa
         hits = engine.search(key="r1", k=3, filter=Filter(labels=("even",)))
         assert "r1" not in hits.keys and {h.label for h in hits} == {"even"}
     finally:
+        engine.close()
+
+
+def test_the_client_sends_busy_refusals_again_and_nothing_else(
+    built_index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PictorClient resends a call refused as busy (gRPC's retry policy, with backoff), and not one
+    refused for any other reason: the server marks those "do not resend"."""
+    from pictor.server.errors import ServerBusyError
+
+    server, port, engine = create_server(ServerSettings(index=str(built_index), port=free_port(), device="cpu"))
+    server.start()
+    calls: list[float] = []
+    refusals: list[Exception] = []
+
+    def info() -> object:
+        calls.append(time.monotonic())
+        if refusals:
+            raise refusals.pop(0)
+        return real_info()
+
+    real_info = engine.info
+    monkeypatch.setattr(engine, "info", info)
+    target = f"localhost:{port}"
+    try:
+        with PictorClient(target, timeout=30) as client:
+            refusals[:] = [ServerBusyError("the server is busy")] * 2
+            assert client.info().index_size == 12 and len(calls) == 3  # two refusals, then answered
+            assert calls[2] - calls[0] < 2.5  # within the backoff: at most 0.1 + 0.2 s of random wait
+
+            calls.clear()
+            refusals[:] = [ServerBusyError("the server is busy")] * 9
+            with pytest.raises(ResourceExhaustedError, match="the server is busy"):
+                client.info()
+            assert len(calls) <= 5  # gRPC's cap
+            refusals.clear()
+
+        with PictorClient(target, timeout=30) as client:
+            calls.clear()
+            refusals[:] = [ResourceExhaustedError("the disk is full")]
+            with pytest.raises(ResourceExhaustedError, match="the disk is full"):
+                client.info()
+            assert len(calls) == 1
+
+        with PictorClient(target, timeout=30, max_attempts=1) as client:
+            calls.clear()
+            refusals[:] = [ServerBusyError("the server is busy")]
+            with pytest.raises(ResourceExhaustedError, match="the server is busy"):
+                client.info()
+            assert len(calls) == 1
+        with pytest.raises(InvalidRequestError, match="max_attempts must be a whole number from 1 to 5, got 6"):
+            PictorClient(target, max_attempts=6)
+    finally:
+        server.stop(None)
         engine.close()

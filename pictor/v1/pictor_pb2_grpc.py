@@ -29,7 +29,9 @@ class PictorStub:
     """A server keeps one of its handler threads (--workers) for the calls that answer at once
     (health Check, Info, Get, List, Delete, Search by key or vector): a call that runs the model
     (Classify, Embed, Search by image) or opens a stream, and would take it, is refused at once
-    with RESOURCE_EXHAUSTED ("the server is busy"), nothing done; send it again shortly.
+    with RESOURCE_EXHAUSTED ("the server is busy"), nothing done; send it again shortly. Every
+    other error carries the trailer grpc-retry-pushback-ms: -1, so a gRPC retry policy on
+    RESOURCE_EXHAUSTED (PictorClient's) resends only busy refusals, never one for a full disk.
     """
 
     def __init__(self, channel):
@@ -84,7 +86,9 @@ class PictorServicer:
     """A server keeps one of its handler threads (--workers) for the calls that answer at once
     (health Check, Info, Get, List, Delete, Search by key or vector): a call that runs the model
     (Classify, Embed, Search by image) or opens a stream, and would take it, is refused at once
-    with RESOURCE_EXHAUSTED ("the server is busy"), nothing done; send it again shortly.
+    with RESOURCE_EXHAUSTED ("the server is busy"), nothing done; send it again shortly. Every
+    other error carries the trailer grpc-retry-pushback-ms: -1, so a gRPC retry policy on
+    RESOURCE_EXHAUSTED (PictorClient's) resends only busy refusals, never one for a full disk.
     """
 
     def Classify(self, request, context):
@@ -217,7 +221,9 @@ class Pictor:
     """A server keeps one of its handler threads (--workers) for the calls that answer at once
     (health Check, Info, Get, List, Delete, Search by key or vector): a call that runs the model
     (Classify, Embed, Search by image) or opens a stream, and would take it, is refused at once
-    with RESOURCE_EXHAUSTED ("the server is busy"), nothing done; send it again shortly.
+    with RESOURCE_EXHAUSTED ("the server is busy"), nothing done; send it again shortly. Every
+    other error carries the trailer grpc-retry-pushback-ms: -1, so a gRPC retry policy on
+    RESOURCE_EXHAUSTED (PictorClient's) resends only busy refusals, never one for a full disk.
     """
 
     @staticmethod
