@@ -342,7 +342,9 @@ def _label_counts_text(counts: dict[str, int], shown: int = 20) -> str:
 def run_add(args: argparse.Namespace) -> int:
     from pictor.client.client import UpsertItem
 
-    for path in args.images:  # fail before streaming, not halfway through
+    # A file named twice (`a.jpg ./a.jpg`) is one item, not one added and then replaced.
+    paths = list({_path_key(path): path for path in args.images}.values())
+    for path in paths:  # fail before streaming, not halfway through
         _check_readable(Path(path))
     attrs = _parse_attrs(args.attr)
 
@@ -351,7 +353,7 @@ def run_add(args: argparse.Namespace) -> int:
         return {"path": _path_key(path), **attrs} if args.key_prefix else attrs
 
     items = (UpsertItem(key=args.key_prefix + _path_key(path), image=_read(path), label=args.label,
-                        attributes=attributes(path)) for path in args.images)
+                        attributes=attributes(path)) for path in paths)
     with _client(args) as client:
         inserted, replaced = client.upsert(items)
     _emit(args, {"inserted": inserted, "replaced": replaced},

@@ -516,6 +516,7 @@ class TrainedModel:
         """
         from pictor.core import embedder as embedder_mod
 
+        given = weights is not None
         if weights is None:
             weights = ""  # the spec's own
             if self.spec.weights.startswith("file:"):  # a local checkpoint: its path is in the config
@@ -530,6 +531,8 @@ class TrainedModel:
             self.spec, weights=weights, device=device, precision=precision, compile=compile,
             backbone_state=self.backbone_state,
             no_checkpoint=lambda path: NotFoundError(
+                f"--weights {path}: no such checkpoint file; this model was trained from a local "
+                "checkpoint: give that file's path" if given else
                 f"the checkpoint {path} that this model was trained from does not exist; "
                 "give its new place with --weights PATH"),
             mismatch=lambda built: IncompatibleModelError(

@@ -246,7 +246,8 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     # `pictor add` keys a file by its path as `pictor index` writes it.
     (tmp_path / "new").mkdir()
     (tmp_path / "new" / "x.png").write_bytes(drawn_image(7))
-    pictor("add", "./new//x.png", "--attr", "source=cam1", "--target", server.target, cwd=tmp_path)
+    added = pictor("add", "./new//x.png", "new/x.png", "--attr", "source=cam1", "--target", server.target, cwd=tmp_path)
+    assert added.stdout == "added 1 new, replaced 0 existing\n"  # one file named twice is one item
     pictor("add", "new/x.png", "--key-prefix", "p/", "--target", server.target, cwd=tmp_path)
     found = json.loads(pictor("search", str(tmp_path / "new/x.png"), "--attr", "source=cam1", "--json",
                               "--target", server.target).stdout)

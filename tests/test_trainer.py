@@ -537,6 +537,9 @@ def test_model_file_finds_its_checkpoint_from_anywhere(shapes: Path, tmp_path: P
     with pytest.raises(NotFoundError, match="r18.pth that this model was trained from does not exist; "
                                             "give its new place with --weights PATH"):
         model.create_embedder(device="cpu")
+    with pytest.raises(NotFoundError, match="--weights IMAGENET1K_V1: no such checkpoint file; this model was "
+                                            "trained from a local checkpoint: give that file's path"):
+        model.create_embedder(device="cpu", weights="IMAGENET1K_V1")  # a tag, where the file is wanted
     assert model.create_embedder(device="cpu", weights=str(tmp_path / "moved.pth")).spec == model.spec
     rc = main(["eval", "run/m.pt", str(shapes), "--weights", "moved.pth", "--cache-dir", "none", "--no-progress"])
     assert rc == 0
