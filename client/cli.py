@@ -85,9 +85,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "every one; several --label match any)")
     p.add_argument("--nprobe", type=_int_in(0), default=0,
                    help="IVF lists to scan for this query (default 0 = the index's tuned value; "
-                        "more: higher recall, slower; `pictor info` shows the index type)")
+                        "more: higher recall, slower; ignored by an index without IVF lists: `pictor info` "
+                        "shows the index type)")
     p.add_argument("--ef-search", type=_int_in(0), default=0,
-                   help="HNSW search width for this query (default 0 = the index's tuned value)")
+                   help="HNSW search width for this query (default 0 = the index's tuned value; "
+                        "ignored by an index without HNSW)")
     p.set_defaults(run=run_search)
 
     p = _parser(sub, "info", "what a running server serves: backbone, index, classes, versions",
