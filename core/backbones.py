@@ -215,12 +215,12 @@ class Backbone(nn.Module):
     def classifier_parameter_names(self) -> set[str]:
         """Names here of the ImageNet classifier's parameters, which the embedding does not use
         (none when this backbone computes no ImageNet logits: a torchvision extractor then
-        leaves the classifier out). The modules ``_classifier_prefixes`` names, whole (not
-        sparing its exceptions): ConvNeXt's ``classifier.0`` LayerNorm counts too, though
-        ``pooled_head`` applies it."""
+        leaves the classifier out). A norm the embedding is taken after (ConvNeXt's
+        ``classifier.0``) is not among them: fine-tuning trains it, with or without logits."""
         attr, network = self._network()
-        prefixes, _ = _classifier_prefixes(network, self.info)
-        return {f"{attr}.{name}" for name, _ in network.named_parameters() if name.startswith(prefixes)}
+        prefixes, spared = _classifier_prefixes(network, self.info)
+        return {f"{attr}.{name}" for name, _ in network.named_parameters()
+                if name.startswith(prefixes) and not name.startswith(spared)}
 
     def _network(self) -> tuple[str, nn.Module]:
         """The wrapped network and the attribute that holds it (its parameters' prefix here)."""

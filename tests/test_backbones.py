@@ -215,6 +215,15 @@ def test_checkpoint_without_the_imagenet_classifier_embeds(tmp_path: Path) -> No
     torch.save(sd, tmp_path / "convnext.pth")
     with pytest.raises(InvalidRequestError, match=r"missing \['classifier.0.weight', 'classifier.0.bias'\]"):
         create_backbone("convnext_tiny", weights=str(tmp_path / "convnext.pth"))
+    # Whole, it makes ImageNet logits; that LayerNorm is still the embedding's, and fine-tuning
+    # trains it (it stayed frozen as part of the classifier).
+    from pictor.trainer.finetune import unfreeze_last
+
+    torch.save(torchvision.models.convnext_tiny().state_dict(), tmp_path / "convnext.pth")
+    convnext = create_backbone("convnext_tiny", weights=str(tmp_path / "convnext.pth"))
+    assert convnext.classes is not None
+    assert convnext.classifier_parameter_names() == {"extractor.classifier.2.weight", "extractor.classifier.2.bias"}
+    assert "extractor.classifier.0.weight" in unfreeze_last(convnext, 1)
     # timm's classifier is the module its pretrained_cfg names ("classifier" here).
     import timm
 
