@@ -18,9 +18,11 @@ PROGRESS_LOG_SECONDS = 30.0  # how often a run whose stderr is not a terminal lo
 
 if TYPE_CHECKING:
     from pictor.core.embedder import Embedder
+    from pictor.core.gallery import GalleryEntry
     from pictor.core.spec import ModelSpec
     from pictor.core.store import IndexStore
     from pictor.core.whitening import PCAWhitening
+    from pictor.indexer.pipeline import IndexSummary
 
 HELP = """\
 Embed every image of GALLERY with a pretrained CNN and write a searchable index to --out.
@@ -109,24 +111,64 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     require_server_extra("pictor index")
-    from pictor.core.faiss_index import check_new_factory
-    from pictor.core.gallery import GalleryEntry, image_suffixes_text, read_gallery
-    from pictor.core.store import AUTO, MANIFEST, IndexStore, make_store_dir
-    from pictor.core.whitening import index_spec, open_index
-    from pictor.indexer.pipeline import fit_whitening, indexed_under_other_keys, run_indexing, split_misnamed
+    from pictor.core.gallery import GalleryEntry
 
     settings = build_settings(IndexerSettings, vars(args), config_file=args.config)
+    unlisted: list[tuple[Path, str]] = []  # folders that could not be listed: their images are unknown
+    entries, misnamed = _read_entries(settings, unlisted)
+    out = Path(settings.out)
+    progress = show_progress(args.no_progress)
+    target = _open_target(settings, out, entries, progress)
+    if target.opened:
+        _warn_indexed_twice(entries, target.store)
+    summary, count = _index(args, settings, target, entries, unlisted, progress)
+    summary.add_failures(misnamed)
+    summary.add_failures((GalleryEntry(key=folder.as_posix(), path=folder),
+                          f"{folder}: cannot list the folder ({why}); its images were left out"
+                          + (" and their items kept" if args.prune else ""))
+                         for folder, why in unlisted)
+    discard = target.created and count == 0  # an empty index this run made would only be in the way
+    _print_summary(args, summary, out, count, discard)
+    return _exit_code(args, summary, out, discard)
+
+
+@dataclasses.dataclass
+class _Target:
+    """The index a run writes to and the model that embeds for it."""
+
+    store: IndexStore
+    embedder: Embedder
+    whitening: PCAWhitening | None
+    opened: bool  # an existing index; else this run made it
+    created: bool  # this run made its folder too
+
+
+def _read_entries(settings: IndexerSettings, unlisted: list[tuple[Path, str]]
+                  ) -> tuple[list[GalleryEntry], list[tuple[GalleryEntry, str]]]:
+    """The gallery's images, and those whose names cannot be keys (misnamed, with why)."""
+    from pictor.core.gallery import image_suffixes_text, read_gallery
+    from pictor.indexer.pipeline import split_misnamed
+
     if not settings.gallery:
         raise InvalidRequestError("no gallery: give GALLERY (an image folder or a manifest), or `gallery` "
                                   "in the config file, or PICTOR_GALLERY")
-    unlisted: list[tuple[Path, str]] = []  # folders that could not be listed: their images are unknown
     entries, misnamed = split_misnamed(read_gallery(settings.gallery, labels=settings.labels, unlisted=unlisted))
     if not entries and not misnamed and not unlisted:
         raise InvalidRequestError(
             f"manifest {settings.gallery} lists no images" if Path(settings.gallery).is_file()
             else f"no images found in {settings.gallery} (looked for {image_suffixes_text()})"
         )
-    out = Path(settings.out)
+    return entries, misnamed
+
+
+def _open_target(settings: IndexerSettings, out: Path, entries: list[GalleryEntry], progress: bool) -> _Target:
+    """Open the index at ``out``, or make it (fitting its whitening first when asked), and load
+    the model; every setting is checked before the slow steps it would waste."""
+    from pictor.core.faiss_index import check_new_factory
+    from pictor.core.store import AUTO, MANIFEST, IndexStore, make_store_dir
+    from pictor.core.whitening import index_spec, open_index
+    from pictor.indexer.pipeline import fit_whitening
+
     if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidRequestError(f"--out {out} exists and is not an index store; give a new or "
                                   "empty folder, or an index to add to")
@@ -143,7 +185,6 @@ def run(args: argparse.Namespace) -> int:
     created = not opened and not out.exists()
     if not opened:
         make_store_dir(out)  # now, not after the model loaded and a whitening sample was embedded
-    progress = show_progress(args.no_progress)
     with contextlib.ExitStack() as on_error:  # interrupted, a bad setting, a full disk
         if store is not None:
             on_error.callback(store.close)
@@ -166,18 +207,33 @@ def run(args: argparse.Namespace) -> int:
                 max_pixels=settings.model.max_pixels, progress=progress,
             ) if settings.pca_whiten else None
             store = IndexStore.create(out, index_spec(embedder.spec, whitening), index_type=settings.index_type)
-        on_error.pop_all()  # the store is open, for the run below
-    if opened and (twice := indexed_under_other_keys(entries, store)):
+        on_error.pop_all()  # the store is open, for the run
+    if not opened and whitening is not None:
+        whitening.save(out)  # before any vector: a store never holds vectors it cannot explain
+    return _Target(store, embedder, whitening, opened, created)
+
+
+def _warn_indexed_twice(entries: list[GalleryEntry], store: IndexStore) -> None:
+    from pictor.indexer.pipeline import indexed_under_other_keys
+
+    if twice := indexed_under_other_keys(entries, store):
         new, old = next(iter(twice.items()))
         print(f"warning: {len(twice)} of these files are in the index already under another spelling "
               f"of their path ({new!r} is there as {old!r}); they are added again as new items (their "
               "vectors copied, not embedded again). To replace them instead, name the folder as the "
               "index knows it", file=sys.stderr)
-    if not opened and whitening is not None:
-        whitening.save(out)  # before any vector: a store never holds vectors it cannot explain
+
+
+def _index(args: argparse.Namespace, settings: IndexerSettings, target: _Target, entries: list[GalleryEntry],
+           unlisted: list[tuple[Path, str]], progress: bool) -> tuple[IndexSummary, int]:
+    """Embed and write ``entries`` (then prune, when asked); the summary and the index's size.
+    Closes the store."""
+    from pictor.indexer.pipeline import run_indexing
+
+    store = target.store
     with store, store.bulk():  # re-train the index once at the end, not at every growth step
         summary = run_indexing(
-            entries, embedder, store, whitening=whitening,
+            entries, target.embedder, store, whitening=target.whitening,
             batch_size=settings.model.batch_size, workers=settings.workers,
             max_pixels=settings.model.max_pixels, total=len(entries), progress=progress,
             log_every=0.0 if progress or args.no_progress else PROGRESS_LOG_SECONDS,
@@ -187,18 +243,15 @@ def run(args: argparse.Namespace) -> int:
             unknown = tuple(folder.as_posix() + "/" for folder, _ in unlisted)
             gone = [key for key in store.keys_absent_from(e.key for e in entries) if not key.startswith(unknown)]
             summary.pruned = store.delete(gone).deleted if gone else 0
-        count = len(store)
-    summary.add_failures(misnamed)
-    summary.add_failures((GalleryEntry(key=folder.as_posix(), path=folder),
-                          f"{folder}: cannot list the folder ({why}); its images were left out"
-                          + (" and their items kept" if args.prune else ""))
-                         for folder, why in unlisted)
-    discard = created and count == 0  # an empty index this run made would only be in the way
+        return summary, len(store)
+
+
+def _print_summary(args: argparse.Namespace, summary: IndexSummary, out: Path, count: int, discard: bool) -> None:
     if args.json:
         json.dump({**dataclasses.asdict(summary), "index": str(out), "index_size": count}, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        if not discard:  # else the line below says that no index was written
+        if not discard:  # else _exit_code says that no index was written
             print(f"indexed {summary.indexed} image{'' if summary.indexed == 1 else 's'} ({summary.inserted} new, "
                   f"{summary.replaced} replaced) into {out} in {summary.seconds:.1f}s"
                   + (f" ({summary.images_per_second:.1f} img/s embedded)" if summary.embedded else "")
@@ -209,6 +262,10 @@ def run(args: argparse.Namespace) -> int:
                   + (f"; pruned {summary.pruned} no longer listed" if args.prune else ""))
         for failure in summary.failures:
             print(f"  skipped {failure['error']}", file=sys.stderr)
+
+
+def _exit_code(args: argparse.Namespace, summary: IndexSummary, out: Path, discard: bool) -> int:
+    """The run's exit status, saying why on stderr; an index this run made and left empty is removed."""
     if summary.interrupted:
         if discard:
             shutil.rmtree(out)
