@@ -242,7 +242,8 @@ class PictorClient:
         ``max_attempts``: how many times in all a call the server refuses as busy is sent (1 to
         5; 1 = never again), waiting a random 0-0.1, 0-0.2, 0-0.4, 0-0.8 s before each resend,
         within ``timeout``. Only busy refusals are resent (see ``_retry_policy``), and an Upsert
-        stream only while its items so far fit gRPC's retry buffer (256 KB)."""
+        stream only while its items so far fit ``max_message_mb`` (gRPC keeps that much of a call
+        to resend it)."""
         target = _with_port(target)
         if timeout is not None and not timeout > 0:
             raise InvalidRequestError(f"timeout must be more than 0 seconds, got {timeout}")
@@ -262,7 +263,10 @@ class PictorClient:
                      # gRPC waits up to 2 minutes between reconnection attempts after a long
                      # outage: a restarted server would stay unreachable for that long.
                      ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
-                     *([("grpc.service_config", _retry_policy(max_attempts))] if max_attempts > 1 else [])],
+                     # gRPC resends only what it kept: by default 256 KB of a call, less than
+                     # most photos. Kept up to the message limit, any call can be resent.
+                     *([("grpc.service_config", _retry_policy(max_attempts)),
+                        ("grpc.per_rpc_retry_buffer_size", max_bytes)] if max_attempts > 1 else [])],
         )
         self._stub = pb_grpc.PictorStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)

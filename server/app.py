@@ -63,7 +63,8 @@ class BoundedReflectionServicer(reflection.ReflectionServicer):
             yield from super().ServerReflectionInfo(requests, context)
 
 
-def create_server(settings: ServerSettings, engine: Engine | None = None) -> tuple[grpc.Server, int, Engine]:
+def create_server(settings: ServerSettings, engine: Engine | None = None, threads: HandlerThreads | None = None
+                  ) -> tuple[grpc.Server, int, Engine]:
     """Build the server (not started): Pictor service, health, reflection, bound to a port."""
     max_bytes = settings.max_message_mb * 1024 * 1024
     server = grpc.server(
@@ -88,7 +89,7 @@ def create_server(settings: ServerSettings, engine: Engine | None = None) -> tup
             server.start()  # an unstarted server keeps its port until the process exits
             server.stop(None)
             raise
-    threads = HandlerThreads(settings.workers)  # shared by the Pictor and reflection services
+    threads = threads or HandlerThreads(settings.workers)  # shared by the Pictor and reflection services
     pictor_pb2_grpc.add_PictorServicer_to_server(
         PictorService(engine, threads, upsert_idle_s=settings.upsert_idle_timeout, max_reply_bytes=max_bytes), server
     )
@@ -164,7 +165,8 @@ def _why_not_bindable(host: str, port: int) -> str | None:
 
 def serve(settings: ServerSettings) -> None:
     """Run until SIGINT or SIGTERM; then stop taking calls, finish those in flight, close the index."""
-    server, port, engine = create_server(settings)  # a signal while loading interrupts it (pictor.cli)
+    threads = HandlerThreads(settings.workers)
+    server, port, engine = create_server(settings, threads=threads)  # a signal while loading interrupts it (pictor.cli)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -181,5 +183,6 @@ def serve(settings: ServerSettings) -> None:
     # index is closed, and its snapshot written, regardless.
     if not server.stop(DRAIN_SECONDS).wait(DRAIN_SECONDS + 5):
         log.warning("gRPC had not stopped 5s after the drain; closing the index anyway")
+    threads.flush_refusals()
     engine.close()
     log.info("stopped")

@@ -115,6 +115,8 @@ def _abort(error: Exception, method: str, context: grpc.ServicerContext) -> None
         log.log(logging.DEBUG if busy else logging.INFO, "%s -> %s: %s", method, code.name, message)
         if not busy:
             context.set_trailing_metadata(_NO_RETRY)
+        elif resent := dict(context.invocation_metadata()).get("grpc-previous-rpc-attempts"):
+            message += f" (refused {int(resent) + 1} times: the client sent it again, waiting longer each time)"
         context.abort(code, message)
     log.error("%s failed", method, exc_info=error)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see server log")

@@ -100,6 +100,7 @@ class HandlerThreads:
         self._lock = threading.Lock()
         self._streams = self._model_calls = 0
         self._refused, self._refusals_logged_at = 0, -math.inf
+        self._log_timer: threading.Timer | None = None
 
     @contextlib.contextmanager
     def stream(self, refused: str) -> Iterator[None]:
@@ -135,21 +136,42 @@ class HandlerThreads:
     def _check_one_left(self, refused: str) -> None:
         if self._streams + self._model_calls < self.workers - 1:
             return
-        calls = f"{self._model_calls} call{'s' if self._model_calls != 1 else ''}"
+        n = self._model_calls
+        calls = f"{n} call that runs" if n == 1 else f"{n} calls that run"
         streams = f"{self._streams} open stream{'s' if self._streams != 1 else ''}"
         raise self._refusal(
-            f"the server is busy: {calls} that run the model (Classify, Embed, Search by image) and "
+            f"the server is busy: {calls} the model (Classify, Embed, Search by image) and "
             f"{streams} hold all but one of its {self.workers} handler threads (--workers), which is "
             f"kept for health checks and lookups; {refused}, send again shortly")
 
     def _refusal(self, message: str) -> ServerBusyError:
-        """The error for a call refused as busy, counted in a log line at most every so often."""
+        """The error for a call refused as busy (under the lock), counted in a log line at most
+        every REFUSALS_LOG_EVERY_S: at once after a quiet spell, else by a timer at the end of
+        the spell, so that no count waits for a refusal that may never come."""
         self._refused += 1
-        if (now := time.monotonic()) >= self._refusals_logged_at + REFUSALS_LOG_EVERY_S:
-            log.warning("calls refused as busy since the last such line: %d (the handler threads were "
-                        "taken: more clients than --workers serves)", self._refused)
-            self._refused, self._refusals_logged_at = 0, now
+        if self._log_timer is None:
+            wait = self._refusals_logged_at + REFUSALS_LOG_EVERY_S - time.monotonic()
+            if wait <= 0:
+                self._log_refusals()
+            else:
+                self._log_timer = threading.Timer(wait, self.flush_refusals)
+                self._log_timer.daemon = True
+                self._log_timer.start()
         return ServerBusyError(message)
+
+    def flush_refusals(self) -> None:
+        """Log the refusals counted since the last line, if any (the timer; the server's stop)."""
+        with self._lock:
+            if self._log_timer is not None:
+                self._log_timer.cancel()
+                self._log_timer = None
+            if self._refused:
+                self._log_refusals()
+
+    def _log_refusals(self) -> None:
+        log.warning("calls refused as busy since the last such line: %d (the handler threads were "
+                    "taken: more clients than --workers serves)", self._refused)
+        self._refused, self._refusals_logged_at = 0, time.monotonic()
 
 
 def idle_limited(requests: Iterator[T], idle_s: float, stream: str) -> Iterator[T]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import DATA, ServerProcess, drawn_image, free_port, pictor
+from PIL import Image
 
 from pictor.client import PictorClient, UpsertItem
 from pictor.config import ServerSettings
@@ -534,7 +536,8 @@ def test_calls_that_run_the_model_leave_a_thread_for_health_checks(
     server, port, engine = create_server(settings)
     server.start()
     try:
-        with PictorClient(f"localhost:{port}", timeout=30) as client, ThreadPoolExecutor(3) as pool:
+        # Sent once: a refused call is not sent again (see the next test).
+        with PictorClient(f"localhost:{port}", timeout=30, max_attempts=1) as client, ThreadPoolExecutor(3) as pool:
             with engine._forward_lock:  # a forward pass that takes long
                 waiting = [pool.submit(client.classify, drawn_image(i)) for i in range(3)]
                 deadline = time.monotonic() + 30
@@ -553,9 +556,11 @@ def test_calls_that_run_the_model_leave_a_thread_for_health_checks(
             assert all(f.result(timeout=60).labels for f in waiting)
         assert made[0]._model_calls == 0
         # Refusals are expected under load: one line says how many, at most every 10 s, not one each.
+        made[0].flush_refusals()  # as the server's stop does
         busy = [r for r in caplog.records if "busy" in r.getMessage()]
         assert [(r.levelname, r.getMessage()[:51]) for r in busy] == [
-            ("WARNING", "calls refused as busy since the last such line: 1 (")]
+            ("WARNING", "calls refused as busy since the last such line: 1 ("),
+            ("WARNING", "calls refused as busy since the last such line: 2 (")]
     finally:
         server.stop(None)
         engine.close()
@@ -736,8 +741,8 @@ def test_search_by_key_puts_the_item_first_even_where_hnsw_misses_it(gallery: Pa
 def test_the_client_sends_busy_refusals_again_and_nothing_else(
     built_index: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """PictorClient resends a call refused as busy (gRPC's retry policy, with backoff), and not one
-    refused for any other reason: the server marks those "do not resend"."""
+    """PictorClient resends a call refused as busy (gRPC's retry policy, with backoff), large
+    ones too, and not one refused for any other reason: the server marks those "do not resend"."""
     from pictor.server.errors import ServerBusyError
 
     server, port, engine = create_server(ServerSettings(index=str(built_index), port=free_port(), device="cpu"))
@@ -745,26 +750,40 @@ def test_the_client_sends_busy_refusals_again_and_nothing_else(
     calls: list[float] = []
     refusals: list[Exception] = []
 
-    def info() -> object:
-        calls.append(time.monotonic())
-        if refusals:
-            raise refusals.pop(0)
-        return real_info()
+    def refusing(name: str) -> None:
+        real = getattr(engine, name)
 
-    real_info = engine.info
-    monkeypatch.setattr(engine, "info", info)
+        def method(*args: object, **kwargs: object) -> object:
+            calls.append(time.monotonic())
+            if refusals:
+                raise refusals.pop(0)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(engine, name, method)
+
+    refusing("info")
+    refusing("embed")
     target = f"localhost:{port}"
     try:
         with PictorClient(target, timeout=30) as client:
             refusals[:] = [ServerBusyError("the server is busy")] * 2
             assert client.info().index_size == 12 and len(calls) == 3  # two refusals, then answered
             assert calls[2] - calls[0] < 2.5  # within the backoff: at most 0.1 + 0.2 s of random wait
+            # gRPC keeps only 256 KB of a call to resend by default: a photo is larger.
+            noise = np.random.default_rng(0).integers(0, 256, (600, 600, 3), dtype=np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(noise).save(buffer, "PNG")
+            assert buffer.tell() > 1_000_000
+            calls.clear()
+            refusals[:] = [ServerBusyError("the server is busy")] * 2
+            assert len(client.embed([buffer.getvalue()])) == 1 and len(calls) == 3
 
             calls.clear()
             refusals[:] = [ServerBusyError("the server is busy")] * 9
-            with pytest.raises(ResourceExhaustedError, match="the server is busy"):
+            with pytest.raises(ResourceExhaustedError, match=r"the server is busy \(refused 5 times: the client sent it "
+                                                             r"again, waiting longer each time\)"):
                 client.info()
-            assert len(calls) <= 5  # gRPC's cap
+            assert len(calls) == 5  # gRPC's cap
             refusals.clear()
 
         with PictorClient(target, timeout=30) as client:
@@ -777,7 +796,7 @@ def test_the_client_sends_busy_refusals_again_and_nothing_else(
         with PictorClient(target, timeout=30, max_attempts=1) as client:
             calls.clear()
             refusals[:] = [ServerBusyError("the server is busy")]
-            with pytest.raises(ResourceExhaustedError, match="the server is busy"):
+            with pytest.raises(ResourceExhaustedError, match=r"the server is busy \(RESOURCE_EXHAUSTED\)$"):
                 client.info()
             assert len(calls) == 1
         with pytest.raises(InvalidRequestError, match="max_attempts must be a whole number from 1 to 5, got 6"):
@@ -785,3 +804,34 @@ def test_the_client_sends_busy_refusals_again_and_nothing_else(
     finally:
         server.stop(None)
         engine.close()
+
+
+def test_busy_refusals_are_all_counted_in_the_log(monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """One line at most every REFUSALS_LOG_EVERY_S: at once, then for the refusals since, when
+    the spell ends (a timer), and what is left when the server stops."""
+    from pictor.server import service
+    from pictor.server.errors import ServerBusyError
+
+    monkeypatch.setattr(service, "REFUSALS_LOG_EVERY_S", 0.3)
+    threads = service.HandlerThreads(2)  # one model call may run; the other thread is kept
+
+    def refuse(times: int) -> None:
+        for _ in range(times):
+            with pytest.raises(ServerBusyError, match="the server is busy: 1 call that runs the model"):
+                with threads.model_call(refused="nothing was done"):
+                    pass
+
+    def counts() -> list[str]:
+        return [r.getMessage().split(": ")[1].split(" ")[0] for r in caplog.records if "refused as busy" in r.getMessage()]
+
+    with caplog.at_level("WARNING", logger="pictor.server.service"), threads.model_call(refused="-"):
+        refuse(3)
+        assert counts() == ["1"]  # the first at once; two wait for the spell to end
+        time.sleep(0.6)
+        assert counts() == ["1", "2"]
+        refuse(1)
+        threads.flush_refusals()  # the server's stop
+        assert counts() == ["1", "2", "1"]
+        time.sleep(0.6)
+        assert counts() == ["1", "2", "1"]
