@@ -258,7 +258,7 @@ def _print_summary(args: argparse.Namespace, summary: IndexSummary, out: Path, c
                   + (f"; {summary.copied} of them not embedded again (the index held a vector of the same "
                      "file)" if summary.copied else "")
                   + (f"; {summary.unchanged} unchanged, left as they were" if summary.unchanged else "")
-                  + f"; index holds {count} items; skipped {summary.skipped}"
+                  + f"; index holds {count} item{'' if count == 1 else 's'}; skipped {summary.skipped}"
                   + (f"; pruned {summary.pruned} no longer listed" if args.prune else ""))
         for failure in summary.failures:
             print(f"  skipped {failure['error']}", file=sys.stderr)

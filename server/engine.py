@@ -358,7 +358,9 @@ class Engine:
                 out = self.forward([images[i] for i in to_embed],  # type: ignore[misc]
                                    [f"item {items[i].key!r:.200}" for i in to_embed])
             except InvalidImageError as e:
-                raise InvalidImageError(f"{e}; none of these {len(items)} items written") from e
+                n = len(items)
+                raise InvalidImageError(f"{e}; " + ("the item was not written" if n == 1 else
+                                                    f"none of these {n} items were written")) from e
             rows[to_embed] = self.to_index(out.embeddings)
         # An image's hash, as `pictor index` keeps a file's: indexing that file later with the
         # same key, label and attributes leaves this item as it is.

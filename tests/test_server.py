@@ -122,8 +122,10 @@ def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: Server
         # A bad image among several: named by its key, and nothing of the request written.
         items = [UpsertItem(key="good-1", image=drawn_image(2)), UpsertItem(key="broken", image=b"GIF89a"),
                  UpsertItem(key="good-2", image=drawn_image(3))]
-        with pytest.raises(InvalidRequestError, match=r"item 'broken': .*none of these 3 items written"):
+        with pytest.raises(InvalidRequestError, match=r"item 'broken': .*none of these 3 items were written"):
             client.upsert(items)
+        with pytest.raises(InvalidRequestError, match=r"item 'broken': .*; the item was not written \("):
+            client.upsert(items[1:2])
         assert client.info().index_size == 12
         with pytest.raises(InvalidRequestError, match="item 'short': vector has 3 values"):
             client.upsert([UpsertItem(key="short", vector=[1.0, 2.0, 3.0])])
