@@ -96,7 +96,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                 "pictor info --target localhost:50051")
     p.set_defaults(run=run_info)
 
-    p = _parser(sub, "add", "add images to a running server's index (replacing existing keys)",
+    p = _parser(sub, "add", "add images to a running server's index (an existing key is replaced whole: image, label "
+                "and attributes)",
                 "pictor add new1.jpg new2.jpg --label tulips")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files; each one's key is its path")
     p.add_argument("--label", default="", help="label for all the images")
