@@ -2,7 +2,8 @@
 
 They need only the light install. Output is a table for people, ``--json`` for scripts.
 Exit codes: 0 done, 2 bad input (an unreadable image, an unknown key) or a request the server
-refused, 4 server unreachable or no answer within --timeout.
+refused, 4 server unreachable, busy (refused as busy each time the call was sent) or no answer
+within --timeout.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pictor.errors import (
     InvalidRequestError,
     NotFoundError,
     PictorError,
+    ServerBusyError,
     ServerUnavailableError,
 )
 
@@ -192,13 +194,14 @@ def _emit(args: argparse.Namespace, data: Any, table: str) -> None:
 
 
 def _guard_unreachable(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Unreachable servers get their own exit code, so scripts can tell them from bad input."""
+    """Unreachable or busy servers get their own exit code, so scripts can tell them from bad
+    input (and try again later)."""
     def wrapped(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except ServerUnavailableError as e:
+        except (ServerUnavailableError, ServerBusyError) as e:
             print(f"pictor {args.command}: {e}", file=sys.stderr)
-            if not isinstance(e, DeadlineExceededError):  # unreachable: maybe the wrong address
+            if isinstance(e, ServerUnavailableError) and not isinstance(e, DeadlineExceededError):  # maybe the wrong address
                 print("  (is `pictor serve` running there? another address: --target HOST:PORT or "
                       "PICTOR_TARGET; PICTOR_PORT moves only the server)", file=sys.stderr)
             return EXIT_UNREACHABLE
@@ -217,7 +220,7 @@ def run_classify(args: argparse.Namespace) -> int:
                 data = _read(path)
                 r = client.classify(data, top_k=args.top_k, classifier=args.classifier,
                                     neighbors=args.neighbors)
-            except ServerUnavailableError:
+            except (ServerUnavailableError, ServerBusyError):  # not this image: the server
                 raise
             except PictorError as e:  # refused or failed on the server: this image only
                 error = str(e) if data is None else f"{path}: {e}"  # reading names the path itself

@@ -45,7 +45,7 @@ from pictor.config import (
     check_max_message_mb,
 )
 from pictor.errors import DeadlineExceededError, InvalidRequestError, PictorError, ServerUnavailableError
-from pictor.status import error_from_status
+from pictor.status import NO_RESEND, error_from_status
 from pictor.v1 import pictor_pb2 as pb
 from pictor.v1 import pictor_pb2_grpc as pb_grpc
 
@@ -290,6 +290,7 @@ class PictorClient:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as e:
             code, details = e.code(), e.details() or ""
+            busy = False
             if code == grpc.StatusCode.UNAVAILABLE:
                 details = f"cannot reach a Pictor server at {self.target}: {details}"
             elif code == grpc.StatusCode.DEADLINE_EXCEEDED and self._past_deadline(started):
@@ -297,9 +298,11 @@ class PictorClient:
                 details = f"no answer from {self.target} within the timeout of {self.timeout:g} s"
             elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in details:
                 details = _too_large(details)
+            elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                busy = NO_RESEND not in (e.trailing_metadata() or ())
             elif code == grpc.StatusCode.NOT_FOUND and method == self._health.Check:
                 details = f"the server has no health status for service {request.service!r}"
-            raise error_from_status(code, details) from None
+            raise error_from_status(code, details, busy=busy) from None
 
     def _outcome_unknown(self, e: PictorError, started: float) -> bool:
         """Whether a write call that failed with ``e`` may have been applied all the same.

@@ -39,7 +39,13 @@ class WeightsUnavailableError(PictorError):
 
 class ResourceExhaustedError(PictorError):
     """The server ran out of something: disk space under the index (the write was not
-    applied), Upsert streams (too many open at once), or a request over its message size limit."""
+    applied), handler threads (``ServerBusyError``), or a request over its message size limit."""
+
+
+class ServerBusyError(ResourceExhaustedError):
+    """The server refused the call as busy, nothing done: the threads it would take were held
+    (by calls that run the model or by streams). Worth sending again later; PictorClient has
+    already resent it (``max_attempts``)."""
 
 
 class MissingExtraError(PictorError, ImportError):

@@ -16,21 +16,10 @@ from typing import Any
 
 import grpc
 
-from pictor.errors import InvalidRequestError, PictorError, ResourceExhaustedError
-from pictor.status import status_for
+from pictor.errors import InvalidRequestError, PictorError, ServerBusyError
+from pictor.status import NO_RESEND, status_for
 
 log = logging.getLogger(__name__)
-
-
-class ServerBusyError(ResourceExhaustedError):
-    """A call refused because the threads it would take are held: expected under load, so not
-    logged one by one (``HandlerThreads`` logs how many, now and then), and worth sending again."""
-
-
-# gRPC's retry policy (gRFC A6) reads this trailer: a negative value says "do not send this call
-# again". Every error but busy carries it, so a client whose policy resends RESOURCE_EXHAUSTED
-# (PictorClient's) resends only the calls refused as busy, not those refused for a full disk.
-_NO_RETRY = (("grpc-retry-pushback-ms", "-1"),)
 
 
 class _Malformed:
@@ -114,7 +103,7 @@ def _abort(error: Exception, method: str, context: grpc.ServicerContext) -> None
         busy = isinstance(error, ServerBusyError)
         log.log(logging.DEBUG if busy else logging.INFO, "%s -> %s: %s", method, code.name, message)
         if not busy:
-            context.set_trailing_metadata(_NO_RETRY)
+            context.set_trailing_metadata((NO_RESEND,))
         elif resent := dict(context.invocation_metadata()).get("grpc-previous-rpc-attempts"):
             message += f" (refused {int(resent) + 1} times: the client sent it again, waiting longer each time)"
         context.abort(code, message)

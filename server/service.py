@@ -20,10 +20,9 @@ import grpc
 
 from pictor.api import CLASSIFIERS, MAX_LIST, UPSERT_CHUNK
 from pictor.core.store import Filter, Hits, Item, SearchParams, UpsertResult
-from pictor.errors import DeadlineExceededError, InvalidRequestError, PictorError
+from pictor.errors import DeadlineExceededError, InvalidRequestError, PictorError, ServerBusyError
 from pictor.iterators import batched
 from pictor.server.engine import ClassifyResult, Engine, check_upsert_item
-from pictor.server.errors import ServerBusyError
 from pictor.v1 import pictor_pb2 as pb
 from pictor.v1 import pictor_pb2_grpc as pb_grpc
 

@@ -601,6 +601,33 @@ def test_a_reply_over_the_message_limit_says_how_to_ask_for_less(built_index: Pa
         server.stop()
 
 
+def test_a_busy_server_is_exit_code_4_after_the_client_resent_the_call(built_index: Path) -> None:
+    """With --workers 2 an open Upsert stream leaves no thread for a Classify: the client sends
+    it 5 times, then the command ends as for an unreachable server (scripts try again later)."""
+    server = ServerProcess(built_index, "--workers", "2").start()
+    release = threading.Event()
+
+    def held_open() -> Iterator[UpsertItem]:
+        yield UpsertItem(key="held", vector=[1.0] * 1280)
+        release.wait(30)
+
+    try:
+        with PictorClient(server.target, timeout=30) as client, ThreadPoolExecutor(1) as pool:
+            upload = pool.submit(client.upsert, held_open())
+            time.sleep(1.0)  # the stream is open
+            image = DATA / "daisy.jpg"
+            busy = pictor("classify", str(image), "--target", server.target, check=False)
+            assert busy.returncode == 4, busy.stderr
+            assert re.fullmatch(r"pictor classify: the server is busy: .* \(refused 5 times: the client sent "
+                                r"it again, waiting longer each time\) \(RESOURCE_EXHAUSTED\)\n", busy.stderr)
+            release.set()
+            assert upload.result(timeout=30) == (1, 0)
+        assert pictor("classify", str(image), "--target", server.target).returncode == 0
+    finally:
+        release.set()
+        server.stop()
+
+
 def test_a_quiet_upsert_stream_is_ended_and_frees_its_slot(built_index: Path) -> None:
     from pictor.errors import DeadlineExceededError
 
@@ -745,7 +772,7 @@ def test_the_client_sends_busy_refusals_again_and_nothing_else(
 ) -> None:
     """PictorClient resends a call refused as busy (gRPC's retry policy, with backoff), large
     ones too, and not one refused for any other reason: the server marks those "do not resend"."""
-    from pictor.server.errors import ServerBusyError
+    from pictor.errors import ServerBusyError
 
     server, port, engine = create_server(ServerSettings(index=str(built_index), port=free_port(), device="cpu"))
     server.start()
@@ -782,8 +809,8 @@ def test_the_client_sends_busy_refusals_again_and_nothing_else(
 
             calls.clear()
             refusals[:] = [ServerBusyError("the server is busy")] * 9
-            with pytest.raises(ResourceExhaustedError, match=r"the server is busy \(refused 5 times: the client sent it "
-                                                             r"again, waiting longer each time\)"):
+            with pytest.raises(ServerBusyError, match=r"the server is busy \(refused 5 times: the client sent it "
+                                                      r"again, waiting longer each time\)"):
                 client.info()
             assert len(calls) == 5  # gRPC's cap
             refusals.clear()
@@ -791,9 +818,9 @@ def test_the_client_sends_busy_refusals_again_and_nothing_else(
         with PictorClient(target, timeout=30) as client:
             calls.clear()
             refusals[:] = [ResourceExhaustedError("the disk is full")]
-            with pytest.raises(ResourceExhaustedError, match="the disk is full"):
+            with pytest.raises(ResourceExhaustedError, match="the disk is full") as full:
                 client.info()
-            assert len(calls) == 1
+            assert len(calls) == 1 and not isinstance(full.value, ServerBusyError)
 
         with PictorClient(target, timeout=30, max_attempts=1) as client:
             calls.clear()
@@ -812,8 +839,8 @@ def test_busy_refusals_are_all_counted_in_the_log(monkeypatch: pytest.MonkeyPatc
                                                   caplog: pytest.LogCaptureFixture) -> None:
     """One line at most every REFUSALS_LOG_EVERY_S: at once, then for the refusals since, when
     the spell ends (a timer), and what is left when the server stops."""
+    from pictor.errors import ServerBusyError
     from pictor.server import service
-    from pictor.server.errors import ServerBusyError
 
     monkeypatch.setattr(service, "REFUSALS_LOG_EVERY_S", 0.3)
     threads = service.HandlerThreads(2)  # one model call may run; the other thread is kept

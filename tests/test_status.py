@@ -32,3 +32,11 @@ def test_unexpected_errors_are_internal() -> None:
 def test_a_cancelled_call_is_one_whose_answer_did_not_come() -> None:
     # PictorClient.close() on another thread ended calls in flight with the base PictorError.
     assert isinstance(error_from_status(grpc.StatusCode.CANCELLED, "Channel closed!"), TimeoutError)
+
+
+def test_a_refusal_without_the_do_not_resend_trailer_is_busy() -> None:
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert status_for(errors.ServerBusyError("x")) == exhausted
+    assert type(error_from_status(exhausted, "x", busy=True)) is errors.ServerBusyError
+    assert type(error_from_status(exhausted, "x")) is errors.ResourceExhaustedError  # a full disk
+    assert type(error_from_status(grpc.StatusCode.INVALID_ARGUMENT, "x", busy=True)) is errors.InvalidRequestError
