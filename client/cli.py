@@ -91,7 +91,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "shows the index type)")
     p.add_argument("--ef-search", type=_int_in(0), default=0,
                    help="HNSW search width for this query (default 0 = the index's tuned value; "
-                        "ignored by an index without HNSW)")
+                        "used only by an HNSW index: `pictor info` shows the index type)")
     p.set_defaults(run=run_search)
 
     p = _parser(sub, "info", "what a running server serves: backbone, index, classes, versions",
@@ -212,7 +212,7 @@ def _guard_unreachable(fn: Callable[[argparse.Namespace], int]) -> Callable[[arg
 def run_classify(args: argparse.Namespace) -> int:
     """One call per image; a bad image is reported by name and the others still answered.
     The table is printed as the answers come, so a long list shows its progress."""
-    results, failed = [], 0
+    results, failed, busy = [], 0, False
     with _client(args) as client:
         for path in args.images:
             data = None
@@ -220,13 +220,14 @@ def run_classify(args: argparse.Namespace) -> int:
                 data = _read(path)
                 r = client.classify(data, top_k=args.top_k, classifier=args.classifier,
                                     neighbors=args.neighbors)
-            except (ServerUnavailableError, ServerBusyError):  # not this image: the server
+            except ServerUnavailableError:  # not this image: the server
                 raise
             except PictorError as e:  # refused or failed on the server: this image only
                 error = str(e) if data is None else f"{path}: {e}"  # reading names the path itself
                 print(f"pictor classify: {error}", file=sys.stderr)
                 results.append({"image": path, "error": error})
                 failed += 1
+                busy = busy or isinstance(e, ServerBusyError)
                 continue
             results.append({"image": path, **dataclasses.asdict(r)})
             if not args.json:
@@ -234,7 +235,7 @@ def run_classify(args: argparse.Namespace) -> int:
                 print("\n".join(lines), flush=True)
     if args.json:
         _emit(args, results, "")
-    return 2 if failed else 0
+    return EXIT_UNREACHABLE if busy else 2 if failed else 0
 
 
 def _classification_lines(path: str, r: Classification, *, neighbours: bool) -> list[str]:

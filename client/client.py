@@ -36,6 +36,7 @@ from pictor.api import (
     ServerInfo,
     StoredItem,
     refuse_single,
+    request_too_large,
 )
 from pictor.config import (
     DEFAULT_MAX_MESSAGE_MB,
@@ -44,7 +45,13 @@ from pictor.config import (
     DEFAULT_TIMEOUT,
     check_max_message_mb,
 )
-from pictor.errors import DeadlineExceededError, InvalidRequestError, PictorError, ServerUnavailableError
+from pictor.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    PictorError,
+    ServerBusyError,
+    ServerUnavailableError,
+)
 from pictor.status import NO_RESEND, error_from_status
 from pictor.v1 import pictor_pb2 as pb
 from pictor.v1 import pictor_pb2_grpc as pb_grpc
@@ -189,17 +196,14 @@ def _too_large(details: str) -> str:
     sizes = re.search(r"\((\d+) vs\. (\d+)\)", details)
     if sizes is None:
         return details
-    size, limit = (int(n) / 2**20 for n in sizes.groups())
+    size, limit = (int(n) for n in sizes.groups())
     if "CLIENT: Received" in details:  # a reply, from a server whose limit is higher than this client's
-        return (f"a reply of {size:.2f} MB is over this client's {limit:.0f} MB limit ({details}); ask "
+        return (f"a reply of {size / 2**20:.2f} MB is over this client's {limit / 2**20:.0f} MB limit; ask "
                 "for less (a smaller k, fewer neighbors, keys or images per call, no vectors), or raise "
                 "the limit: PICTOR_MAX_MESSAGE_MB for client commands (PictorClient(max_message_mb=...) "
                 "in Python)")
-    whose = "this client's" if "CLIENT:" in details else "the server's"
-    return (f"a request of {size:.2f} MB is over {whose} {limit:.0f} MB limit ({details}); send less "
-            "(smaller image files, fewer images, keys or items per call), or raise the limit on both "
-            "sides: PICTOR_MAX_MESSAGE_MB for client commands (PictorClient(max_message_mb=...) in "
-            "Python) and `pictor serve --max-message-mb`")
+    # (the server checks what it receives itself: see pictor.server.errors)
+    return request_too_large(size, limit, "this client's" if "CLIENT:" in details else "the server's")
 
 
 def _text_error(what: str, e: Exception) -> InvalidRequestError:
@@ -241,9 +245,10 @@ class PictorClient:
 
         ``max_attempts``: how many times in all a call the server refuses as busy is sent (1 to
         5; 1 = never again), waiting a random 0-0.1, 0-0.2, 0-0.4, 0-0.8 s before each resend,
-        within ``timeout``. Only busy refusals are resent (see ``_retry_policy``), and an Upsert
-        stream only while its items so far fit ``max_message_mb`` (gRPC keeps that much of a call
-        to resend it)."""
+        within ``timeout``; one refused every time raises ``ServerBusyError``. Only busy refusals
+        are resent (see ``_retry_policy``), and an Upsert stream only while its items so far fit
+        in ``max_message_mb``: gRPC keeps up to that much of a call to resend it, so each open
+        stream may hold that much memory here."""
         target = _with_port(target)
         if timeout is not None and not timeout > 0:
             raise InvalidRequestError(f"timeout must be more than 0 seconds, got {timeout}")
@@ -290,7 +295,6 @@ class PictorClient:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as e:
             code, details = e.code(), e.details() or ""
-            busy = False
             if code == grpc.StatusCode.UNAVAILABLE:
                 details = f"cannot reach a Pictor server at {self.target}: {details}"
             elif code == grpc.StatusCode.DEADLINE_EXCEEDED and self._past_deadline(started):
@@ -298,11 +302,11 @@ class PictorClient:
                 details = f"no answer from {self.target} within the timeout of {self.timeout:g} s"
             elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in details:
                 details = _too_large(details)
-            elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                busy = NO_RESEND not in (e.trailing_metadata() or ())
+            elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and NO_RESEND not in (e.trailing_metadata() or ()):
+                raise ServerBusyError(f"{details} ({code.name})") from None  # what the server marks so
             elif code == grpc.StatusCode.NOT_FOUND and method == self._health.Check:
                 details = f"the server has no health status for service {request.service!r}"
-            raise error_from_status(code, details, busy=busy) from None
+            raise error_from_status(code, details) from None
 
     def _outcome_unknown(self, e: PictorError, started: float) -> bool:
         """Whether a write call that failed with ``e`` may have been applied all the same.

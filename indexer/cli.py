@@ -114,8 +114,7 @@ def run(args: argparse.Namespace) -> int:
     from pictor.core.gallery import GalleryEntry
 
     settings = build_settings(IndexerSettings, vars(args), config_file=args.config)
-    unlisted: list[tuple[Path, str]] = []  # folders that could not be listed: their images are unknown
-    entries, misnamed = _read_entries(settings, unlisted)
+    entries, misnamed, unlisted = _read_entries(settings)
     out = Path(settings.out)
     progress = show_progress(args.no_progress)
     target = _open_target(settings, out, entries, progress)
@@ -143,22 +142,24 @@ class _Target:
     created: bool  # this run made its folder too
 
 
-def _read_entries(settings: IndexerSettings, unlisted: list[tuple[Path, str]]
-                  ) -> tuple[list[GalleryEntry], list[tuple[GalleryEntry, str]]]:
-    """The gallery's images, and those whose names cannot be keys (misnamed, with why)."""
+def _read_entries(settings: IndexerSettings
+                  ) -> tuple[list[GalleryEntry], list[tuple[GalleryEntry, str]], list[tuple[Path, str]]]:
+    """The gallery's images, those whose names cannot be keys (misnamed, with why), and the
+    folders that could not be listed (with why): their images are unknown."""
     from pictor.core.gallery import image_suffixes_text, read_gallery
     from pictor.indexer.pipeline import split_misnamed
 
     if not settings.gallery:
         raise InvalidRequestError("no gallery: give GALLERY (an image folder or a manifest), or `gallery` "
                                   "in the config file, or PICTOR_GALLERY")
+    unlisted: list[tuple[Path, str]] = []
     entries, misnamed = split_misnamed(read_gallery(settings.gallery, labels=settings.labels, unlisted=unlisted))
     if not entries and not misnamed and not unlisted:
         raise InvalidRequestError(
             f"manifest {settings.gallery} lists no images" if Path(settings.gallery).is_file()
             else f"no images found in {settings.gallery} (looked for {image_suffixes_text()})"
         )
-    return entries, misnamed
+    return entries, misnamed, unlisted
 
 
 def _open_target(settings: IndexerSettings, out: Path, entries: list[GalleryEntry], progress: bool) -> _Target:

@@ -34,6 +34,14 @@ def canonical_label(label: str) -> str:
     return unicodedata.normalize("NFC", label)
 
 
+def request_too_large(size_bytes: int, limit_bytes: int, whose: str) -> str:
+    """What is too large and what to do, for a request over ``whose`` message size limit."""
+    return (f"a request of {size_bytes / 2**20:.2f} MB is over {whose} {limit_bytes / 2**20:.0f} MB limit; "
+            "send less (smaller image files, fewer images, keys or items per call), or raise the limit on "
+            "both sides: PICTOR_MAX_MESSAGE_MB for client commands (PictorClient(max_message_mb=...) in "
+            "Python) and `pictor serve --max-message-mb`")
+
+
 def refuse_single(values: object, what: str, hint: str) -> None:
     """Refuse a lone str or bytes where a list of them is expected: iterating one would take
     its characters (or byte values) one by one, as keys, labels or numbers."""

@@ -23,9 +23,10 @@ from pictor.errors import (
 )
 
 # gRPC's retry policy (gRFC A6) reads this trailer: a negative value says "do not send this call
-# again". The server sends it with every error but busy, so a client whose policy resends
-# RESOURCE_EXHAUSTED (PictorClient's) resends only the calls refused as busy, not those refused
-# for a full disk; and a RESOURCE_EXHAUSTED from the server without it is a ServerBusyError.
+# again". The server sends it with every error its handlers raise but busy (pictor.server.errors,
+# which also checks request sizes itself, so that gRPC's own RESOURCE_EXHAUSTED for one over the
+# limit does not come back without it): a client whose policy resends RESOURCE_EXHAUSTED
+# (PictorClient's) resends only the calls refused as busy, not those refused for a full disk.
 NO_RESEND = ("grpc-retry-pushback-ms", "-1")
 
 # Most specific first: the first matching entry wins.
@@ -55,8 +56,6 @@ def status_for(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def error_from_status(code: grpc.StatusCode, message: str, *, busy: bool = False) -> PictorError:
-    """The domain error a client raises for a failed call (``busy``: a RESOURCE_EXHAUSTED the
-    server sent without ``NO_RESEND``)."""
-    error = ServerBusyError if busy and code == grpc.StatusCode.RESOURCE_EXHAUSTED else _ERROR_OF_STATUS.get(code, PictorError)
-    return error(f"{message} ({code.name})")
+def error_from_status(code: grpc.StatusCode, message: str) -> PictorError:
+    """The domain error a client raises for a failed call."""
+    return _ERROR_OF_STATUS.get(code, PictorError)(f"{message} ({code.name})")

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from pictor.config import ServerSettings
 from pictor.errors import InvalidRequestError
 from pictor.server.engine import Engine
-from pictor.server.errors import ErrorInterceptor
+from pictor.server.errors import ErrorInterceptor, grpc_receive_limit
 from pictor.server.service import HandlerThreads, PictorService, idle_limited
 from pictor.v1 import pictor_pb2, pictor_pb2_grpc
 
@@ -69,9 +69,9 @@ def create_server(settings: ServerSettings, engine: Engine | None = None, thread
     max_bytes = settings.max_message_mb * 1024 * 1024
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="pictor-rpc"),
-        interceptors=[ErrorInterceptor(max_reply_bytes=max_bytes)],
+        interceptors=[ErrorInterceptor(max_bytes)],
         options=[
-            ("grpc.max_receive_message_length", max_bytes),
+            ("grpc.max_receive_message_length", grpc_receive_limit(max_bytes)),
             ("grpc.max_send_message_length", max_bytes),
             # gRPC sets SO_REUSEPORT by default on Linux: a second server would bind the same
             # port and silently take half the calls.
@@ -89,7 +89,8 @@ def create_server(settings: ServerSettings, engine: Engine | None = None, thread
             server.start()  # an unstarted server keeps its port until the process exits
             server.stop(None)
             raise
-    threads = threads or HandlerThreads(settings.workers)  # shared by the Pictor and reflection services
+    if threads is None:
+        threads = HandlerThreads(settings.workers)  # shared by the Pictor and reflection services
     pictor_pb2_grpc.add_PictorServicer_to_server(
         PictorService(engine, threads, upsert_idle_s=settings.upsert_idle_timeout, max_reply_bytes=max_bytes), server
     )

@@ -16,36 +16,43 @@ from typing import Any
 
 import grpc
 
-from pictor.errors import InvalidRequestError, PictorError, ServerBusyError
+from pictor.api import request_too_large
+from pictor.config import DEFAULT_MAX_MESSAGE_MB
+from pictor.errors import InvalidRequestError, PictorError, ResourceExhaustedError, ServerBusyError
 from pictor.status import NO_RESEND, status_for
 
 log = logging.getLogger(__name__)
 
 
-class _Malformed:
-    """Stands for request bytes that are not the method's message (gRPC would answer INTERNAL)."""
+class _Refused:
+    """Stands for request bytes the handler is not given: over the size limit, or not the
+    method's message (gRPC would answer RESOURCE_EXHAUSTED without the do-not-resend trailer,
+    and INTERNAL)."""
 
-    def __init__(self, error: Exception) -> None:
-        self.message = f"the request is not a valid protobuf message for this method: {error}"
+    def __init__(self, error: PictorError) -> None:
+        self.error = error
 
 
-def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+def _tolerant(deserializer: Callable[[bytes], Any] | None, max_bytes: int) -> Callable[[bytes], Any] | None:
     if deserializer is None:
         return None
 
     def parse(data: bytes) -> Any:
+        if len(data) > max_bytes:
+            return _Refused(ResourceExhaustedError(request_too_large(len(data), max_bytes, "this server's")))
         try:
             return deserializer(data)
         except Exception as e:  # DecodeError: bad wire format, or invalid UTF-8 in a string field
-            return _Malformed(e)
+            return _Refused(InvalidRequestError(
+                f"the request is not a valid protobuf message for this method: {e}"))
 
     return parse
 
 
 def _well_formed(requests: Iterator[Any]) -> Iterator[Any]:
     for request in requests:
-        if isinstance(request, _Malformed):
-            raise InvalidRequestError(request.message)
+        if isinstance(request, _Refused):
+            raise request.error
         yield request
 
 
@@ -66,8 +73,8 @@ def _guard(behavior: Callable[..., Any], method: str, streaming: bool, max_reply
         try:
             if streaming:
                 request_or_iterator = _well_formed(request_or_iterator)
-            elif isinstance(request_or_iterator, _Malformed):
-                raise InvalidRequestError(request_or_iterator.message)
+            elif isinstance(request_or_iterator, _Refused):
+                raise request_or_iterator.error
             reply = behavior(request_or_iterator, context)
             # Checked here, where it can be explained: gRPC would send RESOURCE_EXHAUSTED "Sent
             # message larger than max", the code that also means "busy, send again".
@@ -105,15 +112,17 @@ def _abort(error: Exception, method: str, context: grpc.ServicerContext) -> None
         if not busy:
             context.set_trailing_metadata((NO_RESEND,))
         elif resent := dict(context.invocation_metadata()).get("grpc-previous-rpc-attempts"):
-            message += f" (refused {int(resent) + 1} times: the client sent it again, waiting longer each time)"
+            message += f" (refused {int(resent) + 1} times: the client sent it again after random waits)"
         context.abort(code, message)
     log.error("%s failed", method, exc_info=error)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see server log")
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    def __init__(self, max_reply_bytes: int) -> None:
-        self.max_reply_bytes = max_reply_bytes  # the server's grpc.max_send_message_length
+    def __init__(self, max_bytes: int) -> None:
+        # The server's --max-message-mb, each way. gRPC's own receive limit is set above it
+        # (grpc_receive_limit) so that a request over it is refused here, with the trailer.
+        self.max_bytes = max_bytes
 
     def intercept_service(
         self,
@@ -126,23 +135,30 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _guard(handler.unary_unary, method, False, self.max_reply_bytes),
-                request_deserializer=_tolerant(handler.request_deserializer),
+                _guard(handler.unary_unary, method, False, self.max_bytes),
+                request_deserializer=_tolerant(handler.request_deserializer, self.max_bytes),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _guard(handler.stream_unary, method, True, self.max_reply_bytes),
-                request_deserializer=_tolerant(handler.request_deserializer),
+                _guard(handler.stream_unary, method, True, self.max_bytes),
+                request_deserializer=_tolerant(handler.request_deserializer, self.max_bytes),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
                 _guard_replies(handler.stream_stream, method),
-                request_deserializer=_tolerant(handler.request_deserializer),
+                request_deserializer=_tolerant(handler.request_deserializer, self.max_bytes),
                 response_serializer=handler.response_serializer,
             )
         return handler  # server-streaming calls (health Watch, not served) pass through untouched
+
+
+def grpc_receive_limit(max_bytes: int) -> int:
+    """gRPC's receive limit for a server whose limit is ``max_bytes``: higher, so that a client
+    with the default limit (or up to twice the server's) is refused by ``ErrorInterceptor``,
+    which marks it do-not-resend, not by gRPC, whose refusal a retry policy sends again."""
+    return min(2**31 - 1, max_bytes + max(max_bytes, DEFAULT_MAX_MESSAGE_MB * 2**20))
 
 
 MAX_MESSAGE_CHARS = 1000  # at most 12 KB encoded: 4-byte characters, each byte as %XX

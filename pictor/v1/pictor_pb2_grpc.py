@@ -30,8 +30,9 @@ class PictorStub:
     (health Check, Info, Get, List, Delete, Search by key or vector): a call that runs the model
     (Classify, Embed, Search by image) or opens a stream, and would take it, is refused at once
     with RESOURCE_EXHAUSTED ("the server is busy"), nothing done; send it again shortly. Every
-    other error carries the trailer grpc-retry-pushback-ms: -1, so a gRPC retry policy on
-    RESOURCE_EXHAUSTED (PictorClient's) resends only busy refusals, never one for a full disk.
+    other error the server's handlers raise (a request over the size limit included) carries the
+    trailer grpc-retry-pushback-ms: -1, so a gRPC retry policy on RESOURCE_EXHAUSTED
+    (PictorClient's) resends only busy refusals, never one for a full disk.
     """
 
     def __init__(self, channel):
@@ -87,8 +88,9 @@ class PictorServicer:
     (health Check, Info, Get, List, Delete, Search by key or vector): a call that runs the model
     (Classify, Embed, Search by image) or opens a stream, and would take it, is refused at once
     with RESOURCE_EXHAUSTED ("the server is busy"), nothing done; send it again shortly. Every
-    other error carries the trailer grpc-retry-pushback-ms: -1, so a gRPC retry policy on
-    RESOURCE_EXHAUSTED (PictorClient's) resends only busy refusals, never one for a full disk.
+    other error the server's handlers raise (a request over the size limit included) carries the
+    trailer grpc-retry-pushback-ms: -1, so a gRPC retry policy on RESOURCE_EXHAUSTED
+    (PictorClient's) resends only busy refusals, never one for a full disk.
     """
 
     def Classify(self, request, context):
@@ -222,8 +224,9 @@ class Pictor:
     (health Check, Info, Get, List, Delete, Search by key or vector): a call that runs the model
     (Classify, Embed, Search by image) or opens a stream, and would take it, is refused at once
     with RESOURCE_EXHAUSTED ("the server is busy"), nothing done; send it again shortly. Every
-    other error carries the trailer grpc-retry-pushback-ms: -1, so a gRPC retry policy on
-    RESOURCE_EXHAUSTED (PictorClient's) resends only busy refusals, never one for a full disk.
+    other error the server's handlers raise (a request over the size limit included) carries the
+    trailer grpc-retry-pushback-ms: -1, so a gRPC retry policy on RESOURCE_EXHAUSTED
+    (PictorClient's) resends only busy refusals, never one for a full disk.
     """
 
     @staticmethod
