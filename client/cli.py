@@ -210,8 +210,9 @@ def _guard_unreachable(fn: Callable[[argparse.Namespace], int]) -> Callable[[arg
 
 @_guard_unreachable
 def run_classify(args: argparse.Namespace) -> int:
-    """One call per image; a bad image is reported by name and the others still answered.
-    The table is printed as the answers come, so a long list shows its progress."""
+    """One call per image; a bad image is reported by name and the others still answered (exit
+    4 when one was refused as busy, else 2). The table is printed as the answers come, so a long
+    list shows its progress."""
     results, failed, busy = [], 0, False
     with _client(args) as client:
         for path in args.images:

@@ -303,7 +303,8 @@ class PictorClient:
             elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in details:
                 details = _too_large(details)
             elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and NO_RESEND not in (e.trailing_metadata() or ()):
-                raise ServerBusyError(f"{details} ({code.name})") from None  # what the server marks so
+                # The server marks every other refusal NO_RESEND (pictor.status).
+                raise ServerBusyError(f"{details} ({code.name})") from None
             elif code == grpc.StatusCode.NOT_FOUND and method == self._health.Check:
                 details = f"the server has no health status for service {request.service!r}"
             raise error_from_status(code, details) from None
