@@ -101,7 +101,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = _parser(sub, "add", "add images to a running server's index (an existing key is replaced whole: image, label "
                 "and attributes)",
                 "pictor add new1.jpg new2.jpg --label tulips")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files; each one's key is its path")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files; each one's key is its path as given, as `pictor index` keys files "
+                        "(./a//b.jpg is a/b.jpg; an absolute path stays absolute)")
     p.add_argument("--label", default="", help="label for all the images")
     p.add_argument("--attr", action="append", default=[], metavar="NAME=VALUE",
                    help="attribute for all the images, for `pictor search --attr` (repeatable)")

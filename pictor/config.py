@@ -98,7 +98,7 @@ class ServerSettings:
             raise SettingValueError("port", "between 0 (any free port) and 65535", self.port)
         _check_positive(self, "max_pixels")
         if self.workers < 2:  # an Upsert stream holds one for as long as its client sends
-            raise SettingValueError("workers", "at least 2 (one for an Upsert stream, one for the other calls)",
+            raise SettingValueError("workers", "at least 2 (one is always kept for health checks and lookups)",
                                     self.workers)
         check_max_message_mb(self.max_message_mb)
 

@@ -168,8 +168,9 @@ class HandlerThreads:
                 self._log_refusals()
 
     def _log_refusals(self) -> None:
-        log.warning("calls refused as busy since the last such line: %d (the handler threads were "
-                    "taken: more clients than --workers serves)", self._refused)
+        log.warning("calls refused as busy since the last such line: %d (the handler threads that calls "
+                    "running the model and streams may hold were all held: raise --workers for more "
+                    "clients at once)", self._refused)
         self._refused, self._refusals_logged_at = 0, time.monotonic()
 
 

@@ -66,7 +66,7 @@ def test_bad_values_and_files_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequestError, match="workers must be at least 1, got -1"):
         build_settings(IndexerSettings, {"workers": -1}, env={})
     # One handler thread would be the only one, held by any open Upsert stream.
-    with pytest.raises(InvalidRequestError, match=r"workers must be at least 2 \(one for an Upsert stream"):
+    with pytest.raises(InvalidRequestError, match=r"workers must be at least 2 \(one is always kept for health checks"):
         build_settings(ServerSettings, {"workers": 1}, env={})
     # gRPC takes the limit as int32 bytes: 2048 MB raised a bare OverflowError.
     for mb in ("0", "2048"):
