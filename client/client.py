@@ -202,7 +202,8 @@ def _too_large(details: str) -> str:
                 "for less (a smaller k, fewer neighbors, keys or images per call, no vectors), or raise "
                 "the limit: PICTOR_MAX_MESSAGE_MB for client commands (PictorClient(max_message_mb=...) "
                 "in Python)")
-    # (the server checks what it receives itself: see pictor.server.errors)
+    # "SERVER:" is gRPC's own refusal: a server checks sizes itself (pictor.server.errors) up to
+    # its raised receive limit, and an older one not at all
     return request_too_large(size, limit, "this client's" if "CLIENT:" in details else "the server's")
 
 
@@ -252,7 +253,7 @@ class PictorClient:
         target = _with_port(target)
         if timeout is not None and not timeout > 0:
             raise InvalidRequestError(f"timeout must be more than 0 seconds, got {timeout}")
-        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or not 1 <= max_attempts <= MAX_ATTEMPTS:
+        if type(max_attempts) is not int or not 1 <= max_attempts <= MAX_ATTEMPTS:  # (a bool is not a count)
             raise InvalidRequestError(f"max_attempts must be a whole number from 1 to {MAX_ATTEMPTS}, got {max_attempts!r}")
         if timeout is not None and timeout >= NO_DEADLINE_S:  # gRPC's deadline would overflow: at once
             timeout = None

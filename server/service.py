@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 def add_hits(field: RepeatedCompositeFieldContainer[pb.Hit], hits: Hits) -> None:
     """Append ``hits`` to a repeated ``Hit`` field, from its rows.
 
@@ -269,7 +270,7 @@ class PictorService(pb_grpc.PictorServicer):
         which = request.WhichOneof("query")
         params = (SearchParams(nprobe=request.params.nprobe, ef_search=request.params.ef_search)
                   if request.HasField("params") else None)
-        with self.threads.model_call("nothing was searched") if which == "image" else contextlib.nullcontext():
+        with self.threads.model_call(refused="nothing was searched") if which == "image" else contextlib.nullcontext():
             hits = self.engine.search(
                 image=request.image if which == "image" else None,
                 key=request.key if which == "key" else None,
