@@ -166,8 +166,8 @@ def _open_target(settings: IndexerSettings, out: Path, entries: list[GalleryEntr
     """Open the index at ``out``, or make it (fitting its whitening first when asked), and load
     the model; every setting is checked before the slow steps it would waste."""
     from pictor.core.faiss_index import check_new_factory
-    from pictor.core.store import AUTO, MANIFEST, IndexStore, make_store_dir
-    from pictor.core.whitening import index_spec, open_index
+    from pictor.core.store import AUTO, MANIFEST, make_store_dir
+    from pictor.core.whitening import create_index, index_spec, open_index
     from pictor.indexer.pipeline import fit_whitening
 
     if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
@@ -207,10 +207,8 @@ def _open_target(settings: IndexerSettings, out: Path, entries: list[GalleryEntr
                 batch_size=settings.model.batch_size, workers=settings.workers,
                 max_pixels=settings.model.max_pixels, progress=progress,
             ) if settings.pca_whiten else None
-            store = IndexStore.create(out, index_spec(embedder.spec, whitening), index_type=settings.index_type)
+            store = create_index(out, embedder.spec, whitening, index_type=settings.index_type)
         on_error.pop_all()  # the store is open, for the run
-    if not opened and whitening is not None:
-        whitening.save(out)  # before any vector: a store never holds vectors it cannot explain
     return _Target(store, embedder, whitening, opened, created)
 
 

@@ -326,3 +326,18 @@ def test_a_store_that_cannot_be_created_leaves_no_folder(gallery: Path, tmp_path
     assert main(["index", str(gallery), "--out", str(out), "--no-progress"]) != 0
     assert "is full" in capsys.readouterr().err
     assert not out.exists()  # the folder this run made for it is gone too
+
+
+def test_a_whitening_that_cannot_be_saved_leaves_no_index(gallery: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from pictor.core.whitening import PCAWhitening
+
+    def disk_full(self: PCAWhitening, directory: object) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PCAWhitening, "save", disk_full)
+    out = tmp_path / "new" / "index"
+    assert main(["index", str(gallery), "--out", str(out), "--pca-whiten", "8", "--no-progress"]) == 2
+    assert "is full; no index store was created" in capsys.readouterr().err
+    assert not out.exists()  # not a whitened index without its whitening, refused by every later run
