@@ -211,6 +211,17 @@ def test_linear_separates_shapes_and_caches_embeddings(
     assert third.model.training["precision"] == "bf16"
 
 
+def test_an_unwritable_cache_costs_time_not_the_run(
+    shapes: Path, tmp_path: Path, embedder: CountingEmbedder, caplog: pytest.LogCaptureFixture
+) -> None:
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("a file where the cache folder would go")
+    result = train(config(tmp_path, weight_decays=(1e-3,)), shapes, embedder=embedder)
+    assert result.report["top1"] == 1.0
+    assert "going on without storing embeddings" in caplog.text
+    assert not_a_folder.read_text().startswith("a file")
+
+
 def test_unreadable_images_are_skipped_and_counted(
     tmp_path: Path, embedder: CountingEmbedder
 ) -> None:

@@ -56,10 +56,21 @@ class EmbeddingCache:
         self.spec, self.view = spec, view
         self.hits = 0
         self.misses = 0
-        self.dir.mkdir(parents=True, exist_ok=True)
-        about = self.dir / "spec.json"
-        if not about.exists():  # for people browsing the cache
-            about.write_text(json.dumps({"spec": spec.to_dict(), "view": view, "precision": precision}, indent=2))
+        self.writable = True
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            about = self.dir / "spec.json"
+            if not about.exists():  # for people browsing the cache
+                about.write_text(json.dumps({"spec": spec.to_dict(), "view": view, "precision": precision}, indent=2))
+        except OSError as e:
+            self._stop_writing(e)
+
+    def _stop_writing(self, error: OSError) -> None:
+        # A cache only saves time: an unwritable folder or a full disk costs the next run its
+        # embeddings again, not this run.
+        log.warning("cannot write the embedding cache %s (%s); going on without storing embeddings",
+                    self.dir, error.strerror or error)
+        self.writable = False
 
     def _path(self, content_hash: str) -> Path:
         return self.dir / content_hash[:2] / f"{content_hash}.npy"
@@ -78,10 +89,15 @@ class EmbeddingCache:
         return vec
 
     def put(self, content_hash: str, vector: np.ndarray) -> None:
+        if not self.writable:
+            return
         p = self._path(content_hash)
-        p.parent.mkdir(exist_ok=True)
-        # atomic: concurrent runs never read half a vector
-        write_atomic(p, lambda f: np.save(f, np.asarray(vector, dtype=np.float32)), durable=False)
+        try:
+            p.parent.mkdir(exist_ok=True)
+            # atomic: concurrent runs never read half a vector
+            write_atomic(p, lambda f: np.save(f, np.asarray(vector, dtype=np.float32)), durable=False)
+        except OSError as e:
+            self._stop_writing(e)
 
 
 @dataclass
