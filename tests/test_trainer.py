@@ -508,6 +508,10 @@ def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path,
     assert len(report["images"]) == 24  # each image's answer, to compare with Classify's
     assert all(r["predicted"] == r["label"] and r["probability"] > 0.5 for r in report["images"])
     assert png.stat().st_size > 1000 and json.loads(report_json.read_text()) == report
+    assert report["precision"] == load_model(model_path).training["precision"]  # as served
+    rc = main(["eval", str(model_path), str(shapes), "--json", "--precision", "fp32", "--cache-dir", "none",
+               "--no-progress"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["precision"] == "fp32"
     rc = main(["eval", str(model_path), str(shapes), "--cache-dir", cache, "--no-progress"])
     table = capsys.readouterr().out
     assert rc == 0 and "precision" in table and "triangle" in table

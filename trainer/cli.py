@@ -132,6 +132,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_flag(e, "weights", metavar="PATH", help="the checkpoint the model was trained from, when it is no "
              "longer where the model file says")
     add_flag(e, "device")
+    add_flag(e, "precision", help="as `pictor serve --precision`: auto (default) keeps the model's where "
+             "the hardware runs it natively, so eval measures what Classify serves")
     add_flag(e, "batch_size")
     add_flag(e, "max_pixels", help_end="larger files are skipped and counted")
     add_flag(e, "config")
@@ -204,7 +206,8 @@ def run_eval(args: argparse.Namespace) -> int:
         if out:
             check_output_file(out, flag)
     report: dict[str, Any] = evaluate(model, args.data, index=args.index, cache_dir=args.cache_dir,
-                                      device=m.device, batch_size=m.batch_size, max_pixels=m.max_pixels,
+                                      device=m.device, precision=m.precision, batch_size=m.batch_size,
+                                      max_pixels=m.max_pixels,
                                       weights=m.weights or None,
                                       progress=show_progress(args.no_progress))
     if args.png:

@@ -44,6 +44,7 @@ def evaluate(
     batch_size: int = 32,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     device: str = "auto",
+    precision: str = "auto",
     weights: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -83,7 +84,7 @@ def evaluate(
             store, _, spec = open_index(index)
             stack.callback(store.close, snapshot=False)
             model.check_index(spec)  # the index Classify serves from holds this model's space
-        embedder = embedder or model.create_embedder(device=device, weights=weights)
+        embedder = embedder or model.create_embedder(device=device, precision=precision, weights=weights)
         model.check_index(embedder.spec)  # the embedder must feed this head's embedding space
         open_set = model.open_set if store is not None else None
         # Images of other classes are embedded only to see whether Classify calls them unknown.
@@ -106,6 +107,7 @@ def evaluate(
         report["images"] = image_rows(emb.samples, all_probs, model.class_names)
         report["skipped"] = [{"path": str(p), "why": why} for p, why in emb.skipped]
         report["ignored"] = ignored
+        report["precision"] = embedder.precision  # measured at (kept from training unless asked)
         if open_set is not None and store is not None:
             nearest, neighbours = nearest_similarities(model, emb.embeddings, store)
             unknown = open_set.is_unknown(emb.embeddings, nearest)
