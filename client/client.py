@@ -36,6 +36,7 @@ from pictor.api import (
     ServerInfo,
     StoredItem,
     refuse_single,
+    reply_too_large,
     request_too_large,
 )
 from pictor.config import (
@@ -198,10 +199,8 @@ def _too_large(details: str) -> str:
         return details
     size, limit = (int(n) for n in sizes.groups())
     if "CLIENT: Received" in details:  # a reply, from a server whose limit is higher than this client's
-        return (f"a reply of {size / 2**20:.2f} MB is over this client's {limit / 2**20:.0f} MB limit; ask "
-                "for less (a smaller k, fewer neighbors, keys or images per call, no vectors), or raise "
-                "the limit: PICTOR_MAX_MESSAGE_MB for client commands (PictorClient(max_message_mb=...) "
-                "in Python)")
+        return reply_too_large(size, limit, "this client's",
+                               "less (a smaller k, fewer neighbors, keys or images per call, no vectors)")
     # "SERVER:" is gRPC's own refusal: a server checks sizes itself (pictor.server.errors) up to
     # its raised receive limit, and an older one not at all
     return request_too_large(size, limit, "this client's" if "CLIENT:" in details else "the server's")

@@ -42,6 +42,14 @@ def request_too_large(size_bytes: int, limit_bytes: int, whose: str) -> str:
             "Python) and `pictor serve --max-message-mb`")
 
 
+def reply_too_large(size_bytes: int, limit_bytes: int, whose: str, less: str) -> str:
+    """What is too large and what to do, for a reply over ``whose`` message size limit; ``less``
+    says how to ask for a smaller one."""
+    return (f"a reply of {size_bytes / 2**20:.2f} MB is over {whose} {limit_bytes / 2**20:.0f} MB limit; ask for "
+            f"{less}, or raise the limit: `pictor serve --max-message-mb` and, for the client, "
+            "PICTOR_MAX_MESSAGE_MB (PictorClient(max_message_mb=...) in Python)")
+
+
 def refuse_single(values: object, what: str, hint: str) -> None:
     """Refuse a lone str or bytes where a list of them is expected: iterating one would take
     its characters (or byte values) one by one, as keys, labels or numbers."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from pictor.api import request_too_large
+from pictor.api import reply_too_large, request_too_large
 from pictor.config import DEFAULT_MAX_MESSAGE_MB
 from pictor.errors import InvalidRequestError, PictorError, ResourceExhaustedError, ServerBusyError
 from pictor.status import NO_RESEND, status_for
@@ -62,10 +62,7 @@ _ASK_FOR_LESS = {"Search": "a smaller k", "Classify": "fewer neighbors", "Get": 
 
 
 def _reply_too_large(size: int, max_bytes: int, method: str) -> str:
-    less = _ASK_FOR_LESS.get(method.rsplit("/", 1)[-1], "less")
-    return (f"the reply would be {size / 2**20:.2f} MB, over this server's {max_bytes / 2**20:.0f} MB "
-            f"message limit: ask for {less}, or raise the limit with `pictor serve --max-message-mb` "
-            "and on the client (PICTOR_MAX_MESSAGE_MB)")
+    return reply_too_large(size, max_bytes, "this server's", _ASK_FOR_LESS.get(method.rsplit("/", 1)[-1], "less"))
 
 
 def _guard(behavior: Callable[..., Any], method: str, streaming: bool, max_reply_bytes: int) -> Callable[..., Any]:
