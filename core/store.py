@@ -569,7 +569,8 @@ class IndexStore:
     def snapshot(self) -> None:
         """Save the FAISS index atomically and record which operations it holds.
 
-        Cheap when nothing changed; the server may call it on a timer.
+        Cheap when nothing changed. The store snapshots itself every ``snapshot_every`` changed
+        items and when it closes; this is for a caller that wants one now.
         """
         self._check_open()
         with self._write_lock:
@@ -580,6 +581,8 @@ class IndexStore:
         if self._closed:
             return
         with self._write_lock:
+            if self._closed:  # a close in another thread got the lock first
+                return
             try:
                 if snapshot and hasattr(self, "_index"):
                     self._snapshot_if_possible()

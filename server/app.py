@@ -171,19 +171,21 @@ def serve(settings: ServerSettings) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    server.start()
-    info = engine.info()
-    log.info(
-        "serving %s on %s (%s, dim %d, %d items, %s index, %s classifier)",
-        SERVICE_NAME, _address(_bare(settings.host), port), info.backbone, info.embedding_dim,
-        info.index_size, info.index_type, info.classifier,
-    )
-    stop.wait()
-    log.info("shutting down: draining calls in flight (up to %.0fs)", DRAIN_SECONDS)
-    # gRPC's stop once never completed after a long mixed session (its threads all idle): the
-    # index is closed, and its snapshot written, regardless.
-    if not server.stop(DRAIN_SECONDS).wait(DRAIN_SECONDS + 5):
-        log.warning("gRPC had not stopped 5s after the drain; closing the index anyway")
-    threads.flush_refusals()
-    engine.close()
+    try:
+        server.start()
+        info = engine.info()
+        log.info(
+            "serving %s on %s (%s, dim %d, %d items, %s index, %s classifier)",
+            SERVICE_NAME, _address(_bare(settings.host), port), info.backbone, info.embedding_dim,
+            info.index_size, info.index_type, info.classifier,
+        )
+        stop.wait()
+        log.info("shutting down: draining calls in flight (up to %.0fs)", DRAIN_SECONDS)
+        # gRPC's stop once never completed after a long mixed session (its threads all idle):
+        # the index is closed, and its snapshot written, regardless.
+        if not server.stop(DRAIN_SECONDS).wait(DRAIN_SECONDS + 5):
+            log.warning("gRPC had not stopped 5s after the drain; closing the index anyway")
+        threads.flush_refusals()
+    finally:  # also when starting failed: the index's lock and pending snapshot are not left
+        engine.close()
     log.info("stopped")

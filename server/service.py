@@ -270,6 +270,8 @@ class PictorService(pb_grpc.PictorServicer):
         which = request.WhichOneof("query")
         params = (SearchParams(nprobe=request.params.nprobe, ef_search=request.params.ef_search)
                   if request.HasField("params") else None)
+        if which == "image":  # a lookup by key or vector is too cheap to be worth skipping
+            check_active(context, "searching")
         with self.threads.model_call(refused="nothing was searched") if which == "image" else contextlib.nullcontext():
             hits = self.engine.search(
                 image=request.image if which == "image" else None,

@@ -849,6 +849,26 @@ def test_the_client_sends_busy_refusals_again_and_nothing_else(
         engine.close()
 
 
+def test_calls_whose_caller_has_gone_run_no_model() -> None:
+    """Classify, Embed and Search by image check first that the caller still waits (a deadline
+    may pass while a call waits for a thread): the engine is never reached here."""
+    from pictor.errors import DeadlineExceededError
+    from pictor.server import service
+    from pictor.v1 import pictor_pb2 as pb
+
+    class Gone:
+        def is_active(self) -> bool:
+            return False
+
+    servicer = service.PictorService(engine=None, threads=service.HandlerThreads(4),  # type: ignore[arg-type]
+                                     upsert_idle_s=1.0, max_reply_bytes=1 << 20)
+    calls = [(servicer.Classify, pb.ClassifyRequest(image=b"x")), (servicer.Embed, pb.EmbedRequest(images=[b"x"])),
+             (servicer.Search, pb.SearchRequest(image=b"x"))]
+    for call, request in calls:
+        with pytest.raises(DeadlineExceededError, match="the call ended .* before"):
+            call(request, Gone())  # type: ignore[operator]
+
+
 def test_busy_refusals_are_all_counted_in_the_log(monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     """One line at most every REFUSALS_LOG_EVERY_S: at once, then for the refusals since, when
