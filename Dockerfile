@@ -28,8 +28,9 @@ WORKDIR /data
 ENV PICTOR_HOST=0.0.0.0 PICTOR_PORT=50051 PICTOR_INDEX=/data/index
 EXPOSE 50051
 # The shell form, to ask the port PICTOR_PORT names (`docker run -e PICTOR_PORT=6000`); the
-# probe's Python start-up takes a second or more beside its 3 s answer time.
+# probe's Python start-up takes a second or more beside its 3 s answer time. The health Check,
+# not Info: Info counts every label's items.
 HEALTHCHECK --interval=10s --timeout=10s --start-period=60s --retries=3 \
-    CMD pictor info --target "127.0.0.1:${PICTOR_PORT:-50051}" --timeout 3
+    CMD pictor health --target "127.0.0.1:${PICTOR_PORT:-50051}" --timeout 3
 ENTRYPOINT ["pictor"]
 CMD ["serve"]

@@ -1,4 +1,4 @@
-"""Client subcommands: ``pictor classify | search | info | add | delete | get``.
+"""Client subcommands: ``pictor classify | search | info | health | add | delete | get | list``.
 
 They need only the light install. Output is a table for people, ``--json`` for scripts.
 Exit codes: 0 done, 2 bad input (an unreadable image, an unknown key) or a request the server
@@ -97,6 +97,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = _parser(sub, "info", "what a running server serves: backbone, index, classes, versions",
                 "pictor info --target localhost:50051")
     p.set_defaults(run=run_info)
+
+    p = _parser(sub, "health", "whether a running server is serving (exit 0) or not (exit 4): the standard "
+                "gRPC health check, cheap enough for a container probe",
+                "pictor health --target localhost:50051 --timeout 3")
+    p.set_defaults(run=run_health)
 
     p = _parser(sub, "add", "add images to a running server's index (an existing key is replaced whole: image, label "
                 "and attributes)",
@@ -308,6 +313,14 @@ def run_search(args: argparse.Namespace) -> int:
     table = "\n".join(["  #   score  key", *rows]) if hits else f"no results: {why}"
     _emit(args, [dataclasses.asdict(h) for h in hits], table + "\n")
     return 0
+
+
+@_guard_unreachable
+def run_health(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.health()
+    _emit(args, {"health": status}, f"{status}\n")
+    return 0 if status == "SERVING" else EXIT_UNREACHABLE
 
 
 @_guard_unreachable

@@ -755,7 +755,7 @@ def _load_checkpoint_into(model: nn.Module, path: Path, info: BackboneInfo) -> t
     """Load a local checkpoint; returns its reference ``file:<sha256>`` and whether it brought
     the ImageNet classifier.
 
-    Every feature tensor must fit. The classifier (see ``_classifier_keys``) may be missing or
+    Every feature tensor must fit. The classifier (see ``_classifier_prefixes``) may be missing or
     of another shape (a head fine-tuned for other classes): embeddings do not need it, so it
     is left out, and the backbone has no ImageNet labels then.
     """

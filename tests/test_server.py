@@ -45,11 +45,16 @@ def test_search_finds_the_gallery_image_itself(server: ServerProcess, shared_gal
     assert hits[0].score >= hits[1].score >= hits[2].score
 
 
-def test_info_and_health(server: ServerProcess) -> None:
+def test_info_and_health(server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    from pictor.cli import main
+
     with PictorClient(server.target) as client:
         info = client.info()
         assert client.health() == "SERVING"
         assert client.health("pictor.v1.Pictor") == "SERVING"
+    assert main(["health", "--target", server.target]) == 0 and capsys.readouterr().out == "SERVING\n"
+    assert main(["health", "--target", f"localhost:{free_port()}", "--timeout", "2"]) == 4  # nobody there
+    assert "is `pictor serve` running there?" in capsys.readouterr().err
     assert info.index_size == 12 and info.label_counts == {"cool": 6, "warm": 6}
     assert info.embedding_dim == 1280  # efficientnet_lite0's pooled features
     assert info.backbone == "efficientnet_lite0"
