@@ -23,7 +23,8 @@ from pictor.config import ServerSettings
 from pictor.errors import InvalidRequestError
 from pictor.server.engine import Engine
 from pictor.server.errors import ErrorInterceptor, grpc_receive_limit
-from pictor.server.service import HandlerThreads, PictorService, idle_limited
+from pictor.server.limits import HandlerThreads, idle_limited
+from pictor.server.service import PictorService
 from pictor.v1 import pictor_pb2, pictor_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class BoundedReflectionServicer(reflection.ReflectionServicer):
             yield from super().ServerReflectionInfo(requests, context)
 
 
-def create_server(settings: ServerSettings, engine: Engine | None = None, threads: HandlerThreads | None = None
+def create_server(settings: ServerSettings, threads: HandlerThreads | None = None
                   ) -> tuple[grpc.Server, int, Engine]:
     """Build the server (not started): Pictor service, health, reflection, bound to a port."""
     max_bytes = settings.max_message_mb * 1024 * 1024
@@ -82,13 +83,12 @@ def create_server(settings: ServerSettings, engine: Engine | None = None, thread
     # seconds of loading.
     host = _bare(settings.host)
     port = _bind(server, host, settings.port)
-    if engine is None:
-        try:
-            engine = Engine.load(settings)
-        except BaseException:
-            server.start()  # an unstarted server keeps its port until the process exits
-            server.stop(None)
-            raise
+    try:
+        engine = Engine.load(settings)
+    except BaseException:
+        server.start()  # an unstarted server keeps its port until the process exits
+        server.stop(None)
+        raise
     if threads is None:
         threads = HandlerThreads(settings.workers)  # shared by the Pictor and reflection services
     pictor_pb2_grpc.add_PictorServicer_to_server(

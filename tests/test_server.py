@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import cast
 
 import grpc
 import numpy as np
@@ -858,30 +859,32 @@ def test_calls_whose_caller_has_gone_run_no_model() -> None:
     """Classify, Embed and Search by image check first that the caller still waits (a deadline
     may pass while a call waits for a thread): the engine is never reached here."""
     from pictor.errors import DeadlineExceededError
-    from pictor.server import service
+    from pictor.server import limits, service
+    from pictor.server.engine import Engine
     from pictor.v1 import pictor_pb2 as pb
 
     class Gone:
         def is_active(self) -> bool:
             return False
 
-    servicer = service.PictorService(engine=None, threads=service.HandlerThreads(4),  # type: ignore[arg-type]
+    gone = cast(grpc.ServicerContext, Gone())
+    servicer = service.PictorService(engine=cast(Engine, None), threads=limits.HandlerThreads(4),
                                      upsert_idle_s=1.0, max_reply_bytes=1 << 20)
-    calls = [(servicer.Classify, pb.ClassifyRequest(image=b"x")), (servicer.Embed, pb.EmbedRequest(images=[b"x"])),
-             (servicer.Search, pb.SearchRequest(image=b"x"))]
-    for call, request in calls:
+    for call in (lambda: servicer.Classify(pb.ClassifyRequest(image=b"x"), gone),
+                 lambda: servicer.Embed(pb.EmbedRequest(images=[b"x"]), gone),
+                 lambda: servicer.Search(pb.SearchRequest(image=b"x"), gone)):
         with pytest.raises(DeadlineExceededError, match="the call ended .* before"):
-            call(request, Gone())  # type: ignore[operator]
+            call()
 
 
 def test_busy_refusals_are_all_counted_in_the_log(monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     """One line at most every REFUSALS_LOG_EVERY_S: at once, then for the refusals since, when
     the spell ends (a timer), and what is left when the server stops."""
-    from pictor.server import service
+    from pictor.server import limits
 
-    monkeypatch.setattr(service, "REFUSALS_LOG_EVERY_S", 0.2)
-    threads = service.HandlerThreads(2)  # one model call may run; the other thread is kept
+    monkeypatch.setattr(limits, "REFUSALS_LOG_EVERY_S", 0.2)
+    threads = limits.HandlerThreads(2)  # one model call may run; the other thread is kept
 
     def refuse(times: int) -> None:
         for _ in range(times):
@@ -892,7 +895,7 @@ def test_busy_refusals_are_all_counted_in_the_log(monkeypatch: pytest.MonkeyPatc
     def counts() -> list[str]:
         return [r.getMessage().split(": ")[1].split(" ")[0] for r in caplog.records if "refused as busy" in r.getMessage()]
 
-    with caplog.at_level("WARNING", logger="pictor.server.service"), threads.model_call(refused="-"):
+    with caplog.at_level("WARNING", logger="pictor.server.limits"), threads.model_call(refused="-"):
         refuse(3)
         assert counts() == ["1"]  # the first at once; two wait for the spell to end
         deadline = time.monotonic() + 10
