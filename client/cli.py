@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,11 +29,11 @@ from pictor.config import DEFAULT_TARGET, DEFAULT_TIMEOUT, client_max_message_mb
 from pictor.errors import (
     DeadlineExceededError,
     InvalidRequestError,
-    NotFoundError,
     PictorError,
     ServerBusyError,
     ServerUnavailableError,
 )
+from pictor.image_files import check_image_file, read_image_file
 
 if TYPE_CHECKING:
     from pictor.api import StoredItem
@@ -165,28 +164,6 @@ def _client(args: argparse.Namespace) -> PictorClient:
     return PictorClient(target, timeout=args.timeout, max_message_mb=client_max_message_mb())
 
 
-def _read(path: str) -> bytes:
-    """An image file's bytes; errors name the path."""
-    p = Path(path)
-    try:
-        _check_readable(p)
-        return p.read_bytes()
-    except OSError as e:
-        raise InvalidRequestError(f"{path}: cannot read: {e.strerror or e}") from e
-
-
-def _check_readable(p: Path) -> None:
-    if p.is_dir():
-        raise InvalidRequestError(f"{p} is a folder; give image files (or index the folder "
-                                  "with `pictor index`)")
-    if not p.exists():
-        raise NotFoundError(f"{p}: no such file")
-    if not p.is_file():  # a FIFO or a device would block or never end
-        raise InvalidRequestError(f"{p}: not a regular file")
-    if not os.access(p, os.R_OK):
-        raise InvalidRequestError(f"{p}: cannot read: permission denied")
-
-
 def _path_key(path: str) -> str:
     """The key `pictor index` gives the file: its path, normalised (``./a//b.jpg`` -> ``a/b.jpg``)."""
     return Path(path).as_posix()
@@ -225,7 +202,7 @@ def run_classify(args: argparse.Namespace) -> int:
         for path in args.images:
             data = None
             try:
-                data = _read(path)
+                data = read_image_file(path)
                 r = client.classify(data, top_k=args.top_k, classifier=args.classifier,
                                     neighbors=args.neighbors)
             except ServerUnavailableError:  # not this image: the server
@@ -297,7 +274,7 @@ def run_search(args: argparse.Namespace) -> int:
         raise InvalidRequestError("give exactly one query: an IMAGE file or --key KEY")
     attrs = _parse_attrs(args.attr)
     with _client(args) as client:
-        image = _read(args.image) if args.image else None
+        image = read_image_file(args.image) if args.image else None
         hits = client.search(image=image, key=args.key, k=args.k, labels=args.label, attributes=attrs,
                              nprobe=args.nprobe, ef_search=args.ef_search)
         held = client.info().label_counts if args.label else {}
@@ -368,14 +345,14 @@ def run_add(args: argparse.Namespace) -> int:
     # A file named twice (`a.jpg ./a.jpg`) is one item, not one added and then replaced.
     paths = list({_path_key(path): path for path in args.images}.values())
     for path in paths:  # fail before streaming, not halfway through
-        _check_readable(Path(path))
+        check_image_file(path)
     attrs = _parse_attrs(args.attr)
 
     def attributes(path: str) -> dict[str, str]:
         # With a prefix the key is no longer the path: the path is kept beside it.
         return {"path": _path_key(path), **attrs} if args.key_prefix else attrs
 
-    items = (UpsertItem(key=args.key_prefix + _path_key(path), image=_read(path), label=args.label,
+    items = (UpsertItem(key=args.key_prefix + _path_key(path), image=read_image_file(path), label=args.label,
                         attributes=attributes(path)) for path in paths)
     with _client(args) as client:
         inserted, replaced = client.upsert(items)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import stat
 import struct
 from pathlib import Path
 
@@ -24,7 +23,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pictor.config import DEFAULT_MAX_PIXELS
-from pictor.errors import InvalidImageError, NotFoundError
+from pictor.errors import InvalidImageError
+from pictor.image_files import read_image_file
 
 log = logging.getLogger(__name__)
 
@@ -123,28 +123,6 @@ def _open_within_cap(data: bytes, max_pixels: int, draft_size: tuple[int, int] |
         src.close()
         raise
     return src
-
-
-def read_image_file(path: str | os.PathLike[str]) -> bytes:
-    """The bytes of an image file; errors name the path, and a missing file raises
-    NotFoundError. Only regular files are read: a FIFO or a device named like an image would
-    block or never end."""
-    p = Path(path)
-    try:
-        mode = p.stat().st_mode
-        if stat.S_ISDIR(mode):
-            raise InvalidImageError(f"{p}: a directory, not an image file")
-        if not stat.S_ISREG(mode):
-            raise InvalidImageError(f"{p}: not a regular file (a FIFO, socket or device)")
-        return p.read_bytes()
-    except InvalidImageError:
-        raise  # a ValueError too, but already says what is wrong
-    except FileNotFoundError as e:
-        raise NotFoundError(f"{p}: no such file") from e
-    except OSError as e:
-        raise InvalidImageError(f"{p}: cannot read: {e.strerror or e}") from e
-    except ValueError as e:  # a NUL byte in the path
-        raise InvalidImageError(f"{str(p)!r}: not a usable path: {e}") from e
 
 
 def load_image(

@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from pictor.core.decode import check_pixels, load_image, read_image_file
+from pictor.core.decode import check_pixels, load_image
 from pictor.core.files import content_hash
 from pictor.core.gallery import GalleryEntry
 from pictor.core.store import IndexStore, Item
 from pictor.errors import InvalidImageError, InvalidRequestError, NotFoundError
+from pictor.image_files import read_image_file
 from pictor.iterators import batched
 
 if TYPE_CHECKING:

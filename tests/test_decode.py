@@ -297,7 +297,7 @@ def test_load_image_errors(tmp_path: Path) -> None:
     with pytest.raises(InvalidImageError, match="bad.jpg"):
         load_image(bad)
     (tmp_path / "folder.jpg").mkdir()
-    with pytest.raises(InvalidImageError, match="a directory"):
+    with pytest.raises(InvalidImageError, match="a folder, not an image file"):
         load_image(tmp_path / "folder.jpg")
     with pytest.raises(InvalidImageError, match="not a usable path"):
         load_image(str(tmp_path / "nul\0.jpg"))

@@ -253,11 +253,11 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     assert f"{license_}: " in bad.stderr and "INVALID_ARGUMENT" in bad.stderr
     assert bad.stdout.startswith(f"{daisy}  (imagenet)") and f"\n{image}  (imagenet)" in bad.stdout
     folder = pictor("classify", str(DATA), "--target", server.target, check=False)
-    assert folder.returncode == 2 and f"{DATA} is a folder" in folder.stderr
+    assert folder.returncode == 2 and f"{DATA}: a folder, not an image file (`pictor index` takes folders)" in folder.stderr
     pipe = tmp_path / "pipe.jpg"
     os.mkfifo(pipe)  # unreadable as an image: named once, and the next image still answered
     piped = pictor("classify", str(pipe), daisy, "--target", server.target, check=False)
-    assert piped.returncode == 2 and f"pictor classify: {pipe}: not a regular file\n" == piped.stderr
+    assert piped.returncode == 2 and f"pictor classify: {pipe}: not a regular file (a FIFO, socket or device)\n" == piped.stderr
     assert piped.stdout.startswith(f"{daisy}  (imagenet)")
     # `pictor add` keys a file by its path as `pictor index` writes it.
     (tmp_path / "new").mkdir()

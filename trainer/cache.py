@@ -129,7 +129,8 @@ def embed_samples(
     Returns the set and cache statistics ``{"hits": .., "misses": ..}`` (image-view pairs).
     ``progress(n)`` is called as images are done.
     """
-    from pictor.core.decode import check_pixels, decode_image, read_image_file
+    from pictor.core.decode import check_pixels, decode_image
+    from pictor.image_files import read_image_file
 
     caches = [EmbeddingCache(cache_root, embedder.spec, v, embedder.precision) if cache_root else None
               for v in views]

@@ -1,0 +1,41 @@
+"""Reading image files from disk, with errors that name the path: light (stdlib only), so the
+client commands and the server side (decode, indexer, trainer) read files alike."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from pictor.errors import InvalidImageError, NotFoundError
+
+
+def check_image_file(path: str | os.PathLike[str]) -> Path:
+    """``path``, once it is known to be a regular file this process can open: to refuse a
+    list of files before the work on the first. NotFoundError for a missing file."""
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise InvalidImageError(f"{p}: a folder, not an image file (`pictor index` takes folders)")
+        if not stat.S_ISREG(mode):  # a FIFO or a device named like an image would block or never end
+            raise InvalidImageError(f"{p}: not a regular file (a FIFO, socket or device)")
+        with open(p, "rb"):
+            return p
+    except InvalidImageError:
+        raise  # a ValueError too, but already says what is wrong
+    except FileNotFoundError as e:
+        raise NotFoundError(f"{p}: no such file") from e
+    except OSError as e:
+        raise InvalidImageError(f"{p}: cannot read: {e.strerror or e}") from e
+    except ValueError as e:  # a NUL byte in the path
+        raise InvalidImageError(f"{str(p)!r}: not a usable path: {e}") from e
+
+
+def read_image_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of an image file (checked as ``check_image_file`` checks it)."""
+    p = check_image_file(path)
+    try:
+        return p.read_bytes()
+    except OSError as e:
+        raise InvalidImageError(f"{p}: cannot read: {e.strerror or e}") from e
