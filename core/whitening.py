@@ -142,6 +142,7 @@ def open_index(path: str | os.PathLike[str]) -> tuple[IndexStore, PCAWhitening |
         on_error.pop_all()  # opened: the caller closes it
     return store, whitening, spec
 
+
 def create_index(path: Path, spec: ModelSpec, whitening: PCAWhitening | None, *,
                  index_type: str) -> IndexStore:
     """A new index store at ``path`` (a new or empty folder) for an embedder with ``spec``, with
