@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import math
 import re
 import time
@@ -189,6 +190,23 @@ def _image_bytes(image: object) -> bytes:
         raise InvalidRequestError(f"an image must be the file's bytes, got {type(image).__name__} "
                                   "(read it with open(path, 'rb').read())")
     return image
+
+
+class _ItemsFailed(Exception):
+    """Raised into gRPC in place of an error from the items of an Upsert, which ``upsert``
+    raises itself."""
+
+
+class _QuietItemsFailed(logging.Filter):
+    """gRPC logs an error raised by a stream's request iterator with its traceback before it
+    cancels the call; an Upsert raises it to its caller with a message, so the traceback (an
+    ERROR under any logging set-up) is left out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], _ItemsFailed))
+
+
+_QUIET_ITEMS_FAILED = _QuietItemsFailed()
 
 
 def _too_large(details: str) -> str:
@@ -414,9 +432,11 @@ class PictorClient:
                     request = pb.UpsertRequest(item=item)
                     sent += 1
                     yield request
-            except Exception as e:  # gRPC would log it and report only "Exception iterating requests!"
+            except Exception as e:  # gRPC reports only "Exception iterating requests!": raised below
                 raised.append(e)
-                raise
+                raise _ItemsFailed from e
+
+        logging.getLogger("grpc._channel").addFilter(_QUIET_ITEMS_FAILED)  # (once: a filter is added once)
 
         started = time.monotonic()
         try:

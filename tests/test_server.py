@@ -84,7 +84,8 @@ def test_cancelled_health_watches_do_not_stall_the_server(server: ServerProcess)
         assert client.info().index_size == 12
 
 
-def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: ServerProcess) -> None:
+def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: ServerProcess,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
     channel = grpc.insecure_channel(server.target)
     from pictor.v1 import pictor_pb2 as pb
     from pictor.v1 import pictor_pb2_grpc as pb_grpc
@@ -155,8 +156,9 @@ def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: Server
             yield UpsertItem(key="never", image=drawn_image(4))
             raise OSError("the disk went away")
 
-        with pytest.raises(OSError, match="the disk went away"):
+        with pytest.raises(OSError, match="the disk went away"), caplog.at_level("ERROR"):
             client.upsert(failing_items())
+        assert "Exception iterating requests" not in caplog.text  # nor its traceback: raised once, here
         with pytest.raises(InvalidRequestError, match=r"item 'a': attributes map text to text, got 'n': 3; write numbers as text"):
             client.upsert([UpsertItem(key="a", vector=[1.0], attributes={"n": 3})])  # type: ignore[dict-item]
         with pytest.raises(InvalidRequestError, match="item 'a': the key, the label and each attribute name and value must be text"):
