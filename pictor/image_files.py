@@ -11,15 +11,17 @@ from pictor.errors import InvalidImageError, NotFoundError
 
 
 def check_image_file(path: str | os.PathLike[str]) -> Path:
-    """``path``, once it is known to be a regular file this process can open: to refuse a
-    list of files before the work on the first. NotFoundError for a missing file."""
+    """``path``, once it is known to be a regular, non-empty file this process can open: to
+    refuse a list of files before the work on the first. NotFoundError for a missing file."""
     p = Path(path)
     try:
-        mode = p.stat().st_mode
-        if stat.S_ISDIR(mode):
+        st = p.stat()
+        if stat.S_ISDIR(st.st_mode):
             raise InvalidImageError(f"{p}: a folder, not an image file (`pictor index` takes folders)")
-        if not stat.S_ISREG(mode):  # a FIFO or a device named like an image would block or never end
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or a device named like an image would block or never end
             raise InvalidImageError(f"{p}: not a regular file (a FIFO, socket or device)")
+        if not st.st_size:  # (an Upsert item with no image bytes would be "neither image nor vector")
+            raise InvalidImageError(f"{p}: an empty file (0 bytes), not an image")
         with open(p, "rb"):
             return p
     except InvalidImageError:

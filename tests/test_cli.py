@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pictor.cli import main
@@ -62,3 +64,9 @@ def test_an_empty_target_is_refused_not_taken_for_the_default(capsys: pytest.Cap
     monkeypatch.delenv("PICTOR_TARGET", raising=False)
     assert main(["info", "--target", ""]) == 2  # localhost:50051 would have answered, maybe another server
     assert "target is empty" in capsys.readouterr().err
+
+
+def test_add_refuses_files_that_are_no_images_before_sending(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty.png").touch()  # read as no image bytes, it was "neither image nor vector"
+    assert main(["add", str(tmp_path / "empty.png"), "--target", "127.0.0.1:9"]) == 2  # no server asked
+    assert f"{tmp_path / 'empty.png'}: an empty file (0 bytes), not an image" in capsys.readouterr().err

@@ -301,6 +301,9 @@ def test_load_image_errors(tmp_path: Path) -> None:
         load_image(tmp_path / "folder.jpg")
     with pytest.raises(InvalidImageError, match="not a usable path"):
         load_image(str(tmp_path / "nul\0.jpg"))
+    (tmp_path / "empty.png").touch()
+    with pytest.raises(InvalidImageError, match="empty.png: an empty file"):
+        load_image(tmp_path / "empty.png")
 
 
 def test_only_regular_files_are_read(tmp_path: Path) -> None:
