@@ -87,6 +87,9 @@ def format_report(report: dict[str, Any]) -> str:
             f"{name:<{width}}  {r['precision']:9.3f}  {r['recall']:6.3f}  {r['f1']:5.3f}  "
             f"{r['support']:7d}"
         )
+    if absent := [n for n in names if not report["per_class"][n]["support"]]:
+        lines.append(f"({', '.join(absent)}: no images here; a class only predicted counts in macro F1 "
+                     "with F1 0, as in scikit-learn)")
     return "\n".join(lines + open_set)
 
 

@@ -230,8 +230,10 @@ def _linear_probe(config: TrainConfig, data: str | Path, tr: EmbeddedSet, va: Em
                                   "to split off a share")
     absent = sorted(known - {lab for lab, k in zip(va.labels, keep, strict=True) if k})
     if absent:
-        log.warning("validation has no images of %s: the validation metrics and the open-set "
-                    "thresholds leave %s out", ", ".join(absent), "it" if len(absent) == 1 else "them")
+        log.warning("validation has no images of %s: the open-set thresholds leave %s out, and an image "
+                    "answered with %s adds an F1 of 0 to macro F1 (as scikit-learn counts a class only "
+                    "predicted)", ", ".join(absent),
+                    *(("it", "that class") if len(absent) == 1 else ("them", "one of those classes")))
     x_train = _as_views(tr.embeddings)
     y_train = _encode(tr.labels, names)
     val_samples = [s for s, k in zip(va.samples, keep, strict=True) if k]
