@@ -29,7 +29,7 @@ from pictor.core.files import content_hash
 from pictor.core.gallery import GalleryEntry
 from pictor.core.store import IndexStore, Item
 from pictor.errors import InvalidImageError, InvalidRequestError, NotFoundError
-from pictor.image_files import read_image_file
+from pictor.image_files import path_text, read_image_file
 from pictor.iterators import batched
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class IndexSummary:
     def add_failures(self, failures: Iterable[tuple[GalleryEntry, str]]) -> None:
         for entry, error in failures:
             log.debug("skipped %s", error)  # the summary lists them; -v shows them as they come
-            self.failures.append({"path": str(entry.path), "error": error})
+            self.failures.append({"path": path_text(entry.path), "error": path_text(error)})
             self.skipped += 1
 
 

@@ -41,3 +41,9 @@ def read_image_file(path: str | os.PathLike[str]) -> bytes:
         return p.read_bytes()
     except OSError as e:
         raise InvalidImageError(f"{p}: cannot read: {e.strerror or e}") from e
+
+
+def path_text(text: str | os.PathLike[str]) -> str:
+    """A path (or a message naming one) as valid Unicode: bytes of a file name that are not
+    UTF-8, which Python keeps as lone surrogates that strict JSON parsers refuse, as \\xNN."""
+    return os.fspath(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -23,6 +23,7 @@ import numpy as np
 from pictor.config import DEFAULT_MAX_PIXELS, cache_root
 from pictor.core.head import TrainedModel, neighbour_tests_off, open_set_similarities, top_k_labels
 from pictor.errors import InvalidRequestError
+from pictor.image_files import path_text
 from pictor.trainer import data as data_mod
 from pictor.trainer.cache import embed_samples
 from pictor.trainer.metrics import classification_report
@@ -105,7 +106,7 @@ def evaluate(
         probs = all_probs[is_known]
         report = classification_report(y, probs, model.class_names)
         report["images"] = image_rows(emb.samples, all_probs, model.class_names)
-        report["skipped"] = [{"path": str(p), "why": why} for p, why in emb.skipped]
+        report["skipped"] = [{"path": path_text(p), "why": path_text(why)} for p, why in emb.skipped]
         report["ignored"] = ignored
         report["precision"] = embedder.precision  # measured at (kept from training unless asked)
         if open_set is not None and store is not None:
