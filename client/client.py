@@ -87,12 +87,18 @@ R = TypeVar("R")
 
 @dataclass(frozen=True)
 class Label:
+    """A class and its score: a probability (a head, ImageNet) or a vote share (kNN)."""
+
     name: str
     score: float
 
 
 @dataclass(frozen=True)
 class Hit:
+    """An indexed item found by Search (or a kNN neighbour): ``score`` is its cosine
+    similarity to the query, higher is closer (estimated from a compressed index's codes: see
+    ``pictor.v1.Hit`` in the proto)."""
+
     key: str
     score: float
     label: str = ""
@@ -101,6 +107,11 @@ class Hit:
 
 @dataclass(frozen=True)
 class Classification:
+    """What Classify answered: ``labels`` best first, from ``source`` ("head", "imagenet" or
+    "knn"); with ``classifier="all"`` also the kNN vote, the neighbours and whether they agree.
+    ``unknown``: an open-set model found that the image fits none of its classes (``open_set``
+    says why)."""
+
     labels: list[Label]
     source: str
     knn_labels: list[Label] = field(default_factory=list)
@@ -112,6 +123,9 @@ class Classification:
 
 @dataclass(frozen=True)
 class UpsertItem:
+    """An item to write under ``key`` (replacing one there): an image file's bytes, which the
+    server embeds, or a vector in the index's space (as Embed returns it)."""
+
     key: str
     image: ImageData = b""
     vector: Iterable[float] | None = None  # a list or a numpy array

@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 HELP = """\
 Embed every image of GALLERY with a pretrained CNN and write a searchable index to --out.
 
-GALLERY is a folder (searched recursively, linked folders included; each image's label is the
-top-level folder it is in) or a UTF-8 CSV/JSONL manifest with a `path` column (relative to the
+GALLERY is a folder (searched recursively, linked folders included; hidden files and folders,
+named with a leading dot, left out; each image's label is the top-level folder it is in) or a UTF-8 CSV/JSONL manifest with a `path` column (relative to the
 manifest's folder) and optional `label`, `key` and attribute columns (JSON null = absent; CSV
 cells are trimmed of surrounding spaces, JSONL values are taken as written).
 Each item's key is its `key`, else the file's path as given (./a//b.jpg becomes a/b.jpg), so

@@ -100,7 +100,7 @@ def check_k(value: int, default: int, name: str) -> int:
     if value == 0:
         return default
     if not 1 <= value <= MAX_K:
-        raise InvalidRequestError(f"{name} must be between 1 and {MAX_K}, got {value}")
+        raise InvalidRequestError(f"{name} must be between 1 and {MAX_K} (or 0 for {default}), got {value}")
     return value
 
 

@@ -170,6 +170,8 @@ class PictorService(pb_grpc.PictorServicer):
         return pb.DeleteResponse(deleted=result.deleted, missing=list(result.missing))
 
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:
+        if not 0 <= request.limit <= MAX_LIST:  # (the store's own words would not say that 0 is the default)
+            raise InvalidRequestError(f"limit must be between 1 and {MAX_LIST} (or 0 for {MAX_LIST}), got {request.limit}")
         page = self.engine.list_items(request.after, request.limit or MAX_LIST, _filter_of(request))
         response = pb.ListResponse(next=page.next)
         # A page ends early where its items would not fit in a reply: 1000 items with large

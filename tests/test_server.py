@@ -103,6 +103,13 @@ def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: Server
     with pytest.raises(grpc.RpcError) as e:
         stub.Search(pb.SearchRequest(k=5), timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Where 0 means the default, the ranges say so.
+    for call, request, words in ((stub.Classify, pb.ClassifyRequest(image=drawn_image(1), neighbors=1001),
+                                  "neighbors must be between 1 and 1000 (or 0 for 10), got 1001"),
+                                 (stub.List, pb.ListRequest(limit=1001), "limit must be between 1 and 1000 (or 0 for 1000)")):
+        with pytest.raises(grpc.RpcError) as e:
+            call(request, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in e.value.details()
     # Bytes that are not the method's message (gRPC's own answer would be INTERNAL).
     garbage = b"\x0a\x05\xff\xfe\xfd\xfc"  # field 1 (a string) holding invalid UTF-8
     search = channel.unary_unary("/pictor.v1.Pictor/Search")
