@@ -456,7 +456,7 @@ def test_train_and_eval_skip_images_over_the_pixel_cap(tmp_path: Path, capsys: p
     report = json.loads(capsys.readouterr().out)
     assert rc == 0 and report["n"] == 18
     (skipped,) = report["skipped"]
-    assert skipped["path"].endswith("poster.png") and "10,000" in skipped["why"]
+    assert skipped["path"].endswith("poster.png") and "10,000" in skipped["error"]
 
 
 def test_train_skips_a_fifo_named_like_an_image(tmp_path: Path, capsys: pytest.CaptureFixture[str],

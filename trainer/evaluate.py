@@ -106,7 +106,7 @@ def evaluate(
         probs = all_probs[is_known]
         report = classification_report(y, probs, model.class_names)
         report["images"] = image_rows(emb.samples, all_probs, model.class_names)
-        report["skipped"] = [{"path": path_text(p), "why": path_text(why)} for p, why in emb.skipped]
+        report["skipped"] = [{"path": path_text(p), "error": path_text(why)} for p, why in emb.skipped]
         report["ignored"] = ignored
         report["precision"] = embedder.precision  # measured at (kept from training unless asked)
         if open_set is not None and store is not None:
