@@ -105,9 +105,14 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line, with logging set up as it asks."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown:  # argparse would blame the top level; the subcommand's usage helps more
+    if unknown:
+        # argparse takes positionals in one run: files after an option (`pictor classify a.jpg
+        # --top-k 1 b.jpg`) are left over. The subcommand's parser reads them intermixed, and
+        # its usage helps more than the top level's when something is still not understood.
         commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        given = list(sys.argv[1:] if argv is None else argv)
+        rest = given[given.index(args.command) + 1:]
+        args = argparse.Namespace(**{**vars(args), **vars(commands.choices[args.command].parse_intermixed_args(rest))})
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -19,7 +19,16 @@ def test_unknown_arguments_show_the_subcommand_usage(capsys: pytest.CaptureFixtu
     # No abbreviations: `pictor add --key K` was taken as --key-prefix K, and stored "Ka.jpg".
     with pytest.raises(SystemExit):
         main(["add", "a.jpg", "--key", "k"])
-    assert "pictor add: error: unrecognized arguments: --key k" in capsys.readouterr().err
+    assert "pictor add: error: unrecognized arguments: --key" in capsys.readouterr().err
+
+
+def test_options_may_come_between_files() -> None:
+    from pictor.cli import _parse_arguments
+
+    args = _parse_arguments(["classify", "a.jpg", "--top-k", "1", "b.jpg", "--json", "c.jpg"])
+    assert (args.images, args.top_k, args.json) == (["a.jpg", "b.jpg", "c.jpg"], 1, True)
+    args = _parse_arguments(["-v", "delete", "k1", "--missing-ok", "k2"])
+    assert (args.keys, args.missing_ok, args.verbose) == (["k1", "k2"], True, True)
 
 
 def test_keys_with_line_breaks_stay_on_their_table_row() -> None:
