@@ -9,6 +9,9 @@ a health Check and a Search every 0.1 s, first with the server idle, then during
 flood's clients are PictorClients, which send a call refused as busy again after a random wait
 (``--attempts`` in all, gRPC's retry policy); with ``--attempts 1`` a refused call is not sent
 again, the loop sends the next at once: the worst case for the server.
+Then a burst, what a user's batch job sees: ``--burst-threads`` threads of one PictorClient
+(timeout 60 s, ``--attempts``) send ``--burst-calls`` Classify calls in all, as fast as they are
+answered; how many still fail as busy after the client's resends, and how long calls took.
 Without an ``--index`` the bundled sample gallery is indexed first.
 
 Run from the project root, under the shared CPU lock::
@@ -26,6 +29,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +84,28 @@ def probe(client: PictorClient, vector: list[float], seconds: float) -> dict[str
     return took
 
 
+def burst(target: str, threads: int, calls: int, attempts: int, image: bytes) -> tuple[Counter[str], list[float], float]:
+    """Outcome counts, seconds per call, and the wall time of ``calls`` Classify calls sent by
+    ``threads`` threads sharing one client."""
+    counts: Counter[str] = Counter()
+    took: list[float] = []
+
+    def one(_: int) -> None:
+        start = time.monotonic()
+        try:
+            client.classify(image)
+            counts["OK"] += 1
+        except PictorError as e:
+            counts[type(e).__name__] += 1
+        took.append(time.monotonic() - start)
+
+    with PictorClient(target, timeout=60, max_attempts=attempts) as client:
+        start = time.monotonic()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(one, range(calls)))
+        return counts, took, time.monotonic() - start
+
+
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--clients", type=int, default=64, help="classifying clients of the flood")
@@ -87,6 +113,8 @@ def main() -> None:
     ap.add_argument("--attempts", type=int, default=MAX_ATTEMPTS,
                     help="times in all a flood client sends a call refused as busy (PictorClient's max_attempts)")
     ap.add_argument("--seconds", type=float, default=20.0, help="length of the flood")
+    ap.add_argument("--burst-threads", type=int, default=32, help="threads of the burst's one client")
+    ap.add_argument("--burst-calls", type=int, default=320, help="Classify calls of the burst, in all")
     ap.add_argument("--index", type=Path, help="index to serve (default: the sample gallery, indexed first)")
     args = ap.parse_args()
     print(machine_line())
@@ -121,6 +149,9 @@ def main() -> None:
                 loaded = probe(client, vector, args.seconds - 4.0)
                 counts = outcome.get()
                 flooder.join()
+                time.sleep(2.0)  # the flood's refusals drained
+                burst_counts, burst_took, burst_s = burst(target, args.burst_threads, args.burst_calls,
+                                                          args.attempts, image)
         finally:
             server.terminate()
             server.wait(60)
@@ -132,6 +163,9 @@ def main() -> None:
         for name, ms in took.items():
             print(f"| {name} | {phase} | {len(ms)} | {np.percentile(ms, 50):.1f} | {np.percentile(ms, 99):.1f} | "
                   f"{max(ms):.1f} |")
+    print(f"\nburst: {args.burst_threads} threads of one client, {args.burst_calls} Classify calls, each sent at "
+          f"most {args.attempts} times: {dict(burst_counts)} in {burst_s:.1f} s; seconds per call p50 "
+          f"{np.percentile(burst_took, 50):.2f}, p99 {np.percentile(burst_took, 99):.2f}, max {max(burst_took):.2f}")
 
 
 if __name__ == "__main__":

@@ -68,15 +68,18 @@ MAX_ATTEMPTS = 5  # gRPC's own cap on a retry policy's attempts
 
 def _retry_policy(attempts: int) -> str:
     """gRPC service config (gRFC A6) that sends a call refused as busy again, up to ``attempts``
-    times in all, after a random wait of up to 0.1, 0.2, 0.4, 0.8 s.
+    times in all, after a random wait of up to 0.5, 1, 2, 4 s.
 
     The server marks every other error "do not resend" (a negative grpc-retry-pushback-ms), so
-    only busy refusals come back; the call's timeout spans all its attempts. No retry throttle:
-    a refusal costs the server little and the waits are what lower the load. With gRPC's throttle
-    on, 64 clients classifying in a loop got 27,401 refusals and 595 answers in 20 s; without it
-    630 and 919 (bench/health.py).
+    only busy refusals come back; the call's timeout spans all its attempts. gRPC allows at most
+    5 attempts, so the waits must span the time a busy server needs to catch up: 32 threads of
+    one client sending 320 Classify calls to a default server on 2 cores saw 62 of them fail
+    with waits of up to 0.1-0.8 s, none with these (bench/health.py's burst). No retry
+    throttle: a refusal costs the server little and the waits are what lower the load. With
+    gRPC's throttle on, 64 clients classifying in a loop got 27,401 refusals and 595 answers in
+    20 s; without it 630 and 919 (bench/health.py).
     """
-    policy = {"maxAttempts": attempts, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
+    policy = {"maxAttempts": attempts, "initialBackoff": "0.5s", "maxBackoff": "4s", "backoffMultiplier": 2,
               "retryableStatusCodes": ["RESOURCE_EXHAUSTED"]}
     service = pb.DESCRIPTOR.services_by_name["Pictor"].full_name
     return json.dumps({"methodConfig": [{"name": [{"service": service}], "retryPolicy": policy}]})
@@ -276,7 +279,7 @@ class PictorClient:
         ``math.inf``) for no deadline.
 
         ``max_attempts``: how many times in all a call the server refuses as busy is sent (1 to
-        5; 1 = never again), waiting a random 0-0.1, 0-0.2, 0-0.4, 0-0.8 s before each resend,
+        5; 1 = never again), waiting a random 0-0.5, 0-1, 0-2, 0-4 s before each resend,
         within ``timeout``; one refused every time raises ``ServerBusyError``. Only busy refusals
         are resent (see ``_retry_policy``), and an Upsert stream only while its items so far fit
         in ``max_message_mb``: gRPC keeps up to that much of a call to resend it, so each open
