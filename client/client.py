@@ -66,9 +66,11 @@ MAX_RECONNECT_BACKOFF_MS = 2_000
 MAX_ATTEMPTS = 5  # gRPC's own cap on a retry policy's attempts
 
 
-def _retry_policy(attempts: int) -> str:
+def _retry_policy(attempts: int, timeout: float | None) -> str:
     """gRPC service config (gRFC A6) that sends a call refused as busy again, up to ``attempts``
-    times in all, after a random wait of up to 0.5, 1, 2, 4 s.
+    times in all, after a random wait of up to 0.5, 1, 2, 4 s: less with a ``timeout`` under
+    16 s, so that the waits take at most half of it and a call refused every time says so
+    (ServerBusyError) rather than running out of time.
 
     The server marks every other error "do not resend" (a negative grpc-retry-pushback-ms), so
     only busy refusals come back; the call's timeout spans all its attempts. gRPC allows at most
@@ -79,8 +81,10 @@ def _retry_policy(attempts: int) -> str:
     gRPC's throttle on, 64 clients classifying in a loop got 27,401 refusals and 595 answers in
     20 s; without it 630 and 919 (bench/health.py).
     """
-    policy = {"maxAttempts": attempts, "initialBackoff": "0.5s", "maxBackoff": "4s", "backoffMultiplier": 2,
-              "retryableStatusCodes": ["RESOURCE_EXHAUSTED"]}
+    # The four waits add up to at most 15x the first: under half of 32x.
+    first = 0.5 if timeout is None else max(0.001, min(0.5, timeout / 32))
+    policy = {"maxAttempts": attempts, "initialBackoff": f"{first:.3f}s", "maxBackoff": f"{8 * first:.3f}s",
+              "backoffMultiplier": 2, "retryableStatusCodes": ["RESOURCE_EXHAUSTED"]}
     service = pb.DESCRIPTOR.services_by_name["Pictor"].full_name
     return json.dumps({"methodConfig": [{"name": [{"service": service}], "retryPolicy": policy}]})
 
@@ -279,8 +283,9 @@ class PictorClient:
         ``math.inf``) for no deadline.
 
         ``max_attempts``: how many times in all a call the server refuses as busy is sent (1 to
-        5; 1 = never again), waiting a random 0-0.5, 0-1, 0-2, 0-4 s before each resend,
-        within ``timeout``; one refused every time raises ``ServerBusyError``. Only busy refusals
+        5; 1 = never again), waiting a random 0-0.5, 0-1, 0-2, 0-4 s before each resend (less
+        for a ``timeout`` under 16 s: the waits take at most half of it); one refused every
+        time raises ``ServerBusyError``. Only busy refusals
         are resent (see ``_retry_policy``), and an Upsert stream only while its items so far fit
         in ``max_message_mb``: gRPC keeps up to that much of a call to resend it, so each open
         stream may hold that much memory here."""
@@ -305,7 +310,7 @@ class PictorClient:
                      ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
                      # gRPC resends only what it kept: by default 256 KB of a call, less than
                      # most photos. Kept up to the message limit, any call can be resent.
-                     *([("grpc.service_config", _retry_policy(max_attempts)),
+                     *([("grpc.service_config", _retry_policy(max_attempts, timeout)),
                         ("grpc.per_rpc_retry_buffer_size", max_bytes)] if max_attempts > 1 else [])],
         )
         self._stub = pb_grpc.PictorStub(self._channel)
