@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--burst-calls", type=int, default=320, help="Classify calls of the burst, in all")
     ap.add_argument("--index", type=Path, help="index to serve (default: the sample gallery, indexed first)")
     args = ap.parse_args()
+    if args.seconds <= 4:  # the probe samples the flood from 2 s in to 2 s before its end
+        ap.error("--seconds must be more than 4")
     print(machine_line())
     with tempfile.TemporaryDirectory() as tmp:
         index = args.index
