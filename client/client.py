@@ -285,10 +285,10 @@ class PictorClient:
         ``max_attempts``: how many times in all a call the server refuses as busy is sent (1 to
         5; 1 = never again), waiting a random 0-0.5, 0-1, 0-2, 0-4 s before each resend (less
         for a ``timeout`` under 16 s: the waits take at most half of it); one refused every
-        time raises ``ServerBusyError``. Only busy refusals
-        are resent (see ``_retry_policy``), and an Upsert stream only while its items so far fit
-        in ``max_message_mb``: gRPC keeps up to that much of a call to resend it, so each open
-        stream may hold that much memory here."""
+        time raises ``ServerBusyError``. Only busy refusals are resent (see ``_retry_policy``),
+        and an Upsert stream only while its items so far fit in ``max_message_mb``: gRPC keeps
+        up to that much of a call to resend it, so each open stream may hold that much memory
+        here."""
         target = _with_port(target)
         if timeout is not None and not timeout > 0:
             raise InvalidRequestError(f"timeout must be more than 0 seconds, got {timeout}")

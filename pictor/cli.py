@@ -112,7 +112,8 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         given = list(sys.argv[1:] if argv is None else argv)
         rest = given[given.index(args.command) + 1:]
-        args = argparse.Namespace(**{**vars(args), **vars(commands.choices[args.command].parse_intermixed_args(rest))})
+        intermixed = commands.choices[args.command].parse_intermixed_args(rest)
+        args = argparse.Namespace(**{**vars(args), **vars(intermixed)})
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
