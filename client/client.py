@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -143,6 +144,13 @@ class UpsertItem:
 def _open_set_check(c: pb.OpenSetCheck) -> OpenSetCheck:
     nearest = None if math.isnan(c.nearest_similarity) else c.nearest_similarity
     return OpenSetCheck(class_fit=c.class_fit, nearest_similarity=nearest, reason=c.reason)
+
+
+def _plain(value: Any) -> Any:
+    """A protobuf field's value as plain Python: a repeated field as a list, a map as a dict."""
+    if isinstance(value, str | int | float):
+        return value
+    return dict(value) if hasattr(value, "keys") else list(value)
 
 
 def _hit(h: pb.Hit) -> Hit:
@@ -536,11 +544,5 @@ class PictorClient:
     def info(self) -> ServerInfo:
         """What the server runs: backbone, index size and type, classifier and class names."""
         r = self._call(self._stub.Info, pb.InfoRequest())
-        return ServerInfo(
-            backbone=r.backbone, weights=r.weights, embedding_dim=r.embedding_dim,
-            index_size=r.index_size, index_type=r.index_type, metric=r.metric,
-            classifier=r.classifier, class_names=list(r.class_names),
-            server_version=r.server_version, versions=dict(r.versions), open_set=r.open_set,
-            finetune=r.finetune, pooling=r.pooling, layer=r.layer, label_counts=dict(r.label_counts),
-            whitening=r.whitening,
-        )
+        # By field name, as the server builds the reply from its ServerInfo.
+        return ServerInfo(**{f.name: _plain(getattr(r, f.name)) for f in dataclasses.fields(ServerInfo)})

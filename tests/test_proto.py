@@ -40,3 +40,14 @@ def test_classifier_names_follow_the_enum() -> None:
     names = [pictor_pb2.Classifier.Name(i) for i in range(len(CLASSIFIERS))]
     assert names == ["CLASSIFIER_UNSPECIFIED"] + [f"CLASSIFIER_{c.upper()}" for c in CLASSIFIERS[1:]]
     assert len(pictor_pb2.Classifier.keys()) == len(CLASSIFIERS)
+
+
+def test_server_info_has_the_fields_of_info_response() -> None:
+    """The server fills InfoResponse from ServerInfo and the client ServerInfo from InfoResponse,
+    both by field name: a field added to one side only would be lost."""
+    import dataclasses
+
+    from pictor.api import ServerInfo
+    from pictor.v1 import pictor_pb2
+
+    assert {f.name for f in dataclasses.fields(ServerInfo)} == set(pictor_pb2.InfoResponse.DESCRIPTOR.fields_by_name)
