@@ -6,7 +6,7 @@ the server keeps one thread for health checks and lookups and refuses a model ca
 take it (RESOURCE_EXHAUSTED, "busy"). The flood's clients run in a process of their own, each
 sending Classify again as soon as it is answered or refused; the prober, in this process, sends
 a health Check and a Search every 0.1 s, first with the server idle, then during the flood. The
-flood's clients are PictorClients, which send a call refused as busy again after a random wait
+flood's clients are PictorClients, which send a call refused as busy again after a wait
 (``--attempts`` in all, gRPC's retry policy); with ``--attempts 1`` a refused call is not sent
 again, the loop sends the next at once: the worst case for the server.
 Then a burst, what a user's batch job sees: ``--burst-threads`` threads of one PictorClient

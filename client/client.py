@@ -69,9 +69,10 @@ MAX_ATTEMPTS = 5  # gRPC's own cap on a retry policy's attempts
 
 def _retry_policy(attempts: int, timeout: float | None) -> str:
     """gRPC service config (gRFC A6) that sends a call refused as busy again, up to ``attempts``
-    times in all, after a random wait of up to 0.5, 1, 2, 4 s: less with a ``timeout`` under
-    16 s, so that the waits take at most half of it and a call refused every time says so
-    (ServerBusyError) rather than running out of time.
+    times in all, after waits of about 0.5, 1, 2, 4 s (gRPC's core jitters each by +-20%, where
+    the gRFC says random(0, backoff)): less with a ``timeout`` under 20 s, so that the waits
+    take at most half of it and a call refused every time says so (ServerBusyError) rather than
+    running out of time.
 
     The server marks every other error "do not resend" (a negative grpc-retry-pushback-ms), so
     only busy refusals come back; the call's timeout spans all its attempts. gRPC allows at most
@@ -82,8 +83,8 @@ def _retry_policy(attempts: int, timeout: float | None) -> str:
     gRPC's throttle on, 64 clients classifying in a loop got 27,401 refusals and 595 answers in
     20 s; without it 630 and 919 (bench/health.py).
     """
-    # The four waits add up to at most 15x the first: under half of 32x.
-    first = 0.5 if timeout is None else max(0.001, min(0.5, timeout / 32))
+    # The four waits add up to 15x the first, 18x with the jitter: under half of 40x.
+    first = 0.5 if timeout is None else max(0.001, min(0.5, timeout / 40))
     policy = {"maxAttempts": attempts, "initialBackoff": f"{first:.3f}s", "maxBackoff": f"{8 * first:.3f}s",
               "backoffMultiplier": 2, "retryableStatusCodes": ["RESOURCE_EXHAUSTED"]}
     service = pb.DESCRIPTOR.services_by_name["Pictor"].full_name
@@ -291,8 +292,8 @@ class PictorClient:
         ``math.inf``) for no deadline.
 
         ``max_attempts``: how many times in all a call the server refuses as busy is sent (1 to
-        5; 1 = never again), waiting a random 0-0.5, 0-1, 0-2, 0-4 s before each resend (less
-        for a ``timeout`` under 16 s: the waits take at most half of it); one refused every
+        5; 1 = never again), waiting about 0.5, 1, 2, 4 s (+-20%) before each resend (less for
+        a ``timeout`` under 20 s: the waits take at most half of it); one refused every
         time raises ``ServerBusyError``. Only busy refusals are resent (see ``_retry_policy``),
         and an Upsert stream only while its items so far fit in ``max_message_mb``: gRPC keeps
         up to that much of a call to resend it, so each open stream may hold that much memory

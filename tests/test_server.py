@@ -868,10 +868,11 @@ def test_resend_waits_take_at_most_half_the_timeout() -> None:
     """So a call refused every time says busy, rather than running out of time (5 attempts)."""
     from pictor.client.client import _retry_policy
 
-    for timeout, first in ((None, 0.5), (60.0, 0.5), (5.0, 0.156)):
+    for timeout, first in ((None, 0.5), (60.0, 0.5), (5.0, 0.125)):
         policy = json.loads(_retry_policy(5, timeout))["methodConfig"][0]["retryPolicy"]
         waits = [min(float(policy["initialBackoff"][:-1]) * 2**n, float(policy["maxBackoff"][:-1])) for n in range(4)]
-        assert waits[0] == first and (timeout is None or sum(waits) <= timeout / 2)
+        # gRPC's core jitters each wait by +-20%
+        assert waits[0] == first and (timeout is None or 1.2 * sum(waits) <= timeout / 2)
 
 
 def test_calls_whose_caller_has_gone_run_no_model() -> None:
