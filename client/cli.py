@@ -33,7 +33,7 @@ from pictor.errors import (
     ServerBusyError,
     ServerUnavailableError,
 )
-from pictor.image_files import check_image_file, read_image_file
+from pictor.image_files import check_image_file, path_text, read_image_file
 
 if TYPE_CHECKING:
     from pictor.api import StoredItem
@@ -210,11 +210,11 @@ def run_classify(args: argparse.Namespace) -> int:
             except PictorError as e:  # refused or failed on the server: this image only
                 error = str(e) if data is None else f"{path}: {e}"  # reading names the path itself
                 print(f"pictor classify: {error}", file=sys.stderr)
-                results.append({"image": path, "error": error})
+                results.append({"image": path_text(path), "error": path_text(error)})
                 failed += 1
                 busy = busy or isinstance(e, ServerBusyError)
                 continue
-            results.append({"image": path, **dataclasses.asdict(r)})
+            results.append({"image": path_text(path), **dataclasses.asdict(r)})
             if not args.json:
                 lines = _classification_lines(path, r, neighbours=args.classifier == "all")
                 print("\n".join(lines), flush=True)

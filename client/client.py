@@ -269,6 +269,8 @@ def _fill_vector(vector: pb.Vector, values: object) -> None:
 
 
 def _item(it: UpsertItem) -> pb.Item:
+    if not isinstance(it, UpsertItem):
+        raise InvalidRequestError(f"upsert takes UpsertItem objects, got {type(it).__name__} {it!r:.80}")
     image = _image_bytes(it.image)
     for name, value in it.attributes.items():  # protobuf's own words would name neither
         if not isinstance(name, str) or not isinstance(value, str):
@@ -453,7 +455,7 @@ class PictorClient:
         # each item once: a vector given as an iterator can be read only once.
         converted: Iterable[pb.Item] = [_item(it) for it in items] if isinstance(items, Sequence) else (
             _item(it) for it in items)
-        raised: list[Exception] = []
+        raised: list[BaseException] = []
         sent = 0
 
         def requests() -> Iterable[pb.UpsertRequest]:
@@ -463,7 +465,11 @@ class PictorClient:
                     request = pb.UpsertRequest(item=item)
                     sent += 1
                     yield request
-            except Exception as e:  # gRPC reports only "Exception iterating requests!": raised below
+            except GeneratorExit:  # gRPC closing this generator, not the caller's items failing
+                raise
+            except BaseException as e:  # gRPC reports only "Exception iterating requests!": raised below
+                # (gRPC cancels the call for an Exception only: a KeyboardInterrupt or SystemExit
+                # would end its sending thread and leave the call waiting for its deadline)
                 raised.append(e)
                 raise _ItemsFailed from e
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from pictor.config import DEFAULT_BACKBONE, IndexerSettings, add_flag, build_settings, show_progress
 from pictor.errors import IncompatibleModelError, InvalidRequestError, require_server_extra
+from pictor.image_files import path_text
 
 PROGRESS_LOG_SECONDS = 30.0  # how often a run whose stderr is not a terminal logs its progress
 
@@ -247,7 +248,7 @@ def _index(args: argparse.Namespace, settings: IndexerSettings, target: _Target,
 
 def _print_summary(args: argparse.Namespace, summary: IndexSummary, out: Path, count: int, discard: bool) -> None:
     if args.json:
-        json.dump({**dataclasses.asdict(summary), "index": str(out), "index_size": count}, sys.stdout, indent=2)
+        json.dump({**dataclasses.asdict(summary), "index": path_text(out), "index_size": count}, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         if not discard:  # else _exit_code says that no index was written

@@ -166,6 +166,17 @@ def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: Server
         with pytest.raises(OSError, match="the disk went away"), caplog.at_level("ERROR"):
             client.upsert(failing_items())
         assert "Exception iterating requests" not in caplog.text  # nor its traceback: raised once, here
+
+        def interrupted_items():  # Ctrl-C in the caller's iterator: raised, not a call left waiting
+            yield UpsertItem(key="never", vector=[1.0] * 1280)
+            raise KeyboardInterrupt
+
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            client.upsert(interrupted_items())
+        assert time.monotonic() - started < 5  # not the client's 30 s deadline
+        with pytest.raises(InvalidRequestError, match="upsert takes UpsertItem objects, got str"):
+            client.upsert(iter(["a.jpg"]))  # type: ignore[arg-type]
         with pytest.raises(InvalidRequestError, match=r"item 'a': attributes map text to text, got 'n': 3; write numbers as text"):
             client.upsert([UpsertItem(key="a", vector=[1.0], attributes={"n": 3})])  # type: ignore[dict-item]
         with pytest.raises(InvalidRequestError, match="item 'a': the key, the label and each attribute name and value must be text"):

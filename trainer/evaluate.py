@@ -127,7 +127,7 @@ def image_rows(samples: Sequence[data_mod.Sample], probs: np.ndarray, class_name
     rows = []
     for s, p in zip(samples, probs, strict=True):
         [(name, probability)] = top_k_labels(p, class_names, 1)
-        rows.append({"path": str(s.path), "label": s.label, "predicted": name, "probability": probability})
+        rows.append({"path": path_text(s.path), "label": s.label, "predicted": name, "probability": probability})
     return rows
 
 
