@@ -358,6 +358,9 @@ class PictorClient:
                 raise ServerBusyError(f"{details} ({code.name})") from None
             elif code == grpc.StatusCode.NOT_FOUND and method == self._health.Check:
                 details = f"the server has no health status for service {request.service!r}"
+            elif code == grpc.StatusCode.UNIMPLEMENTED and method in (self._health.Check, self._stub.Info):
+                raise ServerUnavailableError(f"the gRPC server at {self.target} is not a Pictor server "
+                                             f"({details})") from None
             raise error_from_status(code, details) from None
 
     def _outcome_unknown(self, e: PictorError, started: float) -> bool:

@@ -56,6 +56,14 @@ def test_info_and_health(server: ServerProcess, capsys: pytest.CaptureFixture[st
     assert main(["health", "--target", server.target]) == 0 and capsys.readouterr().out == "SERVING\n"
     assert main(["health", "--target", f"localhost:{free_port()}", "--timeout", "2"]) == 4  # nobody there
     assert "is `pictor serve` running there?" in capsys.readouterr().err
+    other = grpc.server(ThreadPoolExecutor(1))  # a gRPC server of something else
+    port = other.add_insecure_port("127.0.0.1:0")
+    other.start()
+    try:
+        assert main(["health", "--target", f"127.0.0.1:{port}", "--timeout", "5"]) == 4
+        assert f"the gRPC server at 127.0.0.1:{port} is not a Pictor server" in capsys.readouterr().err
+    finally:
+        other.stop(None)
     assert info.index_size == 12 and info.label_counts == {"cool": 6, "warm": 6}
     assert info.embedding_dim == 1280  # efficientnet_lite0's pooled features
     assert info.backbone == "efficientnet_lite0"
