@@ -79,3 +79,11 @@ def test_add_refuses_files_that_are_no_images_before_sending(tmp_path: Path, cap
     (tmp_path / "empty.png").touch()  # read as no image bytes, it was "neither image nor vector"
     assert main(["add", str(tmp_path / "empty.png"), "--target", "127.0.0.1:9"]) == 2  # no server asked
     assert f"{tmp_path / 'empty.png'}: an empty file (0 bytes), not an image" in capsys.readouterr().err
+
+
+def test_text_that_is_not_utf8_is_named_by_its_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    label = os.fsdecode(b"rose\xfe")  # as a shell passes bytes that are not UTF-8
+    assert main(["add", "README.md", "--label", label, "--target", "127.0.0.1:9"]) == 2
+    assert "--label 'rose\\xfe' is not UTF-8 text" in capsys.readouterr().err
