@@ -280,7 +280,9 @@ def test_macro_f1_counts_a_class_that_is_only_predicted() -> None:
     report = classification_report(np.array([0, 0, 1, 1]), probs, ["a", "b", "c"])
     assert report["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
     assert report["macro_f1"] == pytest.approx((1.0 + 2 / 3 + 0.0) / 3)
-    assert "(c: no images here; a class only predicted counts in macro F1 with F1 0" in format_report(report)
+    assert "(c: no images here, but answered: counted in macro F1 with F1 0" in format_report(report)
+    never = classification_report(np.array([0, 0, 1, 1]), np.eye(3)[[0, 0, 1, 1]], ["a", "b", "c"])
+    assert never["macro_f1"] == 1.0 and "(c: no images here and never answered: left out of macro F1)" in format_report(never)
 
 
 # --------------------------------------------------------------------------- open set

@@ -87,9 +87,13 @@ def format_report(report: dict[str, Any]) -> str:
             f"{name:<{width}}  {r['precision']:9.3f}  {r['recall']:6.3f}  {r['f1']:5.3f}  "
             f"{r['support']:7d}"
         )
-    if absent := [n for n in names if not report["per_class"][n]["support"]]:
-        lines.append(f"({', '.join(absent)}: no images here; a class only predicted counts in macro F1 "
-                     "with F1 0, as in scikit-learn)")
+    absent = [i for i, n in enumerate(names) if not report["per_class"][n]["support"]]
+    answered = [i for i in absent if any(row[i] for row in report["confusion"])]
+    if answered:
+        lines.append(f"({', '.join(names[i] for i in answered)}: no images here, but answered: counted in "
+                     "macro F1 with F1 0, as scikit-learn counts a class only predicted)")
+    if left := [names[i] for i in absent if i not in answered]:
+        lines.append(f"({', '.join(left)}: no images here and never answered: left out of macro F1)")
     return "\n".join(lines + open_set)
 
 
