@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_UNWRITABLE: set[Path] = set()  # cache folders a warning said could not be written
 VIEWS = ("plain", "hflip")  # hflip: the mirrored image, a free augmentation for linear heads
 
 
@@ -52,7 +53,8 @@ class EmbeddingCache:
     def __init__(self, root: str | Path, spec: ModelSpec, view: str = "plain", precision: str = "fp32"):
         if view not in VIEWS:
             raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
-        self.dir = Path(root) / "embeddings" / spec_key(spec, view, precision)
+        self.root = Path(root)
+        self.dir = self.root / "embeddings" / spec_key(spec, view, precision)
         self.spec, self.view = spec, view
         self.hits = 0
         self.misses = 0
@@ -67,10 +69,13 @@ class EmbeddingCache:
 
     def _stop_writing(self, error: OSError) -> None:
         # A cache only saves time: an unwritable folder or a full disk costs the next run its
-        # embeddings again, not this run.
-        log.warning("cannot write the embedding cache %s (%s); going on without storing embeddings",
-                    self.dir, error.strerror or error)
+        # embeddings again, not this run. Said once per cache folder (a run opens one per view
+        # and split).
         self.writable = False
+        if self.root not in _UNWRITABLE:
+            _UNWRITABLE.add(self.root)
+            log.warning("cannot write the embedding cache in %s (%s); going on without storing embeddings",
+                        self.root, error.strerror or error)
 
     def _path(self, content_hash: str) -> Path:
         return self.dir / content_hash[:2] / f"{content_hash}.npy"
