@@ -255,7 +255,7 @@ def _one_line(text: str) -> str:
     return repr(text) if any(c < " " for c in text) or text != text.strip() else text
 
 
-def _text(value: str, flag: str) -> str:
+def _utf8_text(value: str, flag: str) -> str:
     """``value`` of ``flag``, refused when it is not UTF-8 (bytes the shell passed on as they
     were, which a label, attribute or key cannot hold)."""
     if path_text(value) != value:
@@ -266,7 +266,7 @@ def _text(value: str, flag: str) -> str:
 def _parse_attrs(pairs: Sequence[str]) -> dict[str, str]:
     attrs: dict[str, str] = {}
     for pair in pairs:
-        name, sep, value = _text(pair, "--attr").partition("=")
+        name, sep, value = _utf8_text(pair, "--attr").partition("=")
         if not sep or not name:
             raise InvalidRequestError(f"--attr takes NAME=VALUE, got {pair!r}")
         if attrs.get(name, value) != value:  # an item has one value per name: the last would win
@@ -355,8 +355,8 @@ def run_add(args: argparse.Namespace) -> int:
     for path in paths:  # fail before streaming, not halfway through
         check_image_file(path)
     attrs = _parse_attrs(args.attr)
-    _text(args.label, "--label")
-    _text(args.key_prefix, "--key-prefix")
+    _utf8_text(args.label, "--label")
+    _utf8_text(args.key_prefix, "--key-prefix")
 
     def attributes(path: str) -> dict[str, str]:
         # With a prefix the key is no longer the path: the path is kept beside it.
