@@ -3,8 +3,10 @@ client commands and the server side (decode, indexer, trainer) read files alike.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from pictor.errors import InvalidImageError, NotFoundError
@@ -14,16 +16,35 @@ def check_image_file(path: str | os.PathLike[str]) -> Path:
     """``path``, once it is known to be a regular, non-empty file this process can open: to
     refuse a list of files before the work on the first. NotFoundError for a missing file."""
     p = Path(path)
-    try:
-        st = p.stat()
-        if stat.S_ISDIR(st.st_mode):
-            raise InvalidImageError(f"{p}: a folder, not an image file (`pictor index` takes folders)")
-        if not stat.S_ISREG(st.st_mode):  # a FIFO or a device named like an image would block or never end
-            raise InvalidImageError(f"{p}: not a regular file (a FIFO, socket or device)")
-        if not st.st_size:  # (an Upsert item with no image bytes would be "neither image nor vector")
-            raise InvalidImageError(f"{p}: an empty file (0 bytes), not an image")
+    with _errors_named(p):
+        _check_stat(p)
         with open(p, "rb"):
             return p
+
+
+def read_image_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of an image file (refused as ``check_image_file`` refuses it)."""
+    p = Path(path)
+    with _errors_named(p):
+        _check_stat(p)
+        return p.read_bytes()
+
+
+def _check_stat(p: Path) -> None:
+    st = p.stat()
+    if stat.S_ISDIR(st.st_mode):
+        raise InvalidImageError(f"{p}: a folder, not an image file (`pictor index` takes folders)")
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or a device named like an image would block or never end
+        raise InvalidImageError(f"{p}: not a regular file (a FIFO, socket or device)")
+    if not st.st_size:  # (an Upsert item with no image bytes would be "neither image nor vector")
+        raise InvalidImageError(f"{p}: an empty file (0 bytes), not an image")
+
+
+@contextlib.contextmanager
+def _errors_named(p: Path) -> Iterator[None]:
+    """The OS's errors on ``p`` as Pictor's, naming it."""
+    try:
+        yield
     except InvalidImageError:
         raise  # a ValueError too, but already says what is wrong
     except FileNotFoundError as e:
@@ -32,15 +53,6 @@ def check_image_file(path: str | os.PathLike[str]) -> Path:
         raise InvalidImageError(f"{p}: cannot read: {e.strerror or e}") from e
     except ValueError as e:  # a NUL byte in the path
         raise InvalidImageError(f"{str(p)!r}: not a usable path: {e}") from e
-
-
-def read_image_file(path: str | os.PathLike[str]) -> bytes:
-    """The bytes of an image file (checked as ``check_image_file`` checks it)."""
-    p = check_image_file(path)
-    try:
-        return p.read_bytes()
-    except OSError as e:
-        raise InvalidImageError(f"{p}: cannot read: {e.strerror or e}") from e
 
 
 def path_text(text: str | os.PathLike[str]) -> str:

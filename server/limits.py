@@ -33,7 +33,6 @@ def check_active(context: grpc.ServicerContext, before: str) -> None:
         raise DeadlineExceededError(f"the call ended (deadline passed or cancelled) before {before}")
 
 
-
 class HandlerThreads:
     """What may hold the server's handler threads (its --workers), so that one is always free
     for the calls that answer at once: health Check, Info, Get, List, Delete, Search by key or
