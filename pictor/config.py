@@ -49,22 +49,34 @@ def cache_root(cache_dir: str | os.PathLike[str]) -> Path | None:
 
 
 @dataclass(frozen=True)
-class ModelSettings:
+class RuntimeSettings:
+    """How the network runs here, and which images it takes: what serving and embedding share."""
+
+    # "" = the backbone's default weights; or a tag, a checkpoint path, "random". An index or
+    # model file built from a checkpoint keeps only its hash: this names the file again.
+    weights: str = ""
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
+    precision: str = "auto"  # "auto", "fp32", "bf16", "fp16"
+    compile: bool = False  # torch.compile the backbone: a slow first batch, faster after
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "max_pixels")
+
+
+@dataclass(frozen=True)
+class ModelSettings(RuntimeSettings):
     """Which network embeds images, and how it runs."""
 
     # "" = not set: an index's or a model file's own, else the default (efficientnet_lite0, avg).
     # A value set, even the default's, must agree with an index or model file.
     backbone: str = ""
-    weights: str = ""  # "" = the backbone's default weights; or a tag, a checkpoint path, "random"
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
-    precision: str = "auto"  # "auto", "fp32", "bf16", "fp16"
-    compile: bool = False  # torch.compile the backbone: a slow first batch, faster after
     pooling: str = ""
     batch_size: int = 32
-    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
-        _check_positive(self, "batch_size", "max_pixels")
+        super().__post_init__()
+        _check_positive(self, "batch_size")
 
     def disagreement(self, backbone: str, pooling: str) -> str:
         """The backbone and pooling set here that differ from an index's or a model file's
@@ -75,28 +87,25 @@ class ModelSettings:
 
 
 @dataclass(frozen=True)
-class ServerSettings:
+class ServerSettings(RuntimeSettings):
+    """What ``pictor serve`` reads: the index, the optional model file, and the server."""
+
     index: str = "index"  # store directory written by `pictor index`
     model: str = ""  # optional fine-tuned model file (`pictor train`)
-    weights: str = ""  # the checkpoint of an index built from one (the index keeps only its hash)
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     workers: int = 8  # gRPC handler threads
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
-    device: str = "auto"
-    precision: str = "auto"
-    compile: bool = False  # torch.compile the backbone: the first requests compile it
-    max_pixels: int = DEFAULT_MAX_PIXELS
     # Seconds an Upsert stream may send nothing before the server ends it (a quiet client
     # without a deadline would otherwise hold an upsert slot for good).
     upsert_idle_timeout: float = 60.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 < self.upsert_idle_timeout < math.inf:  # nan and inf too
             raise SettingValueError("upsert_idle_timeout", "a number of seconds above 0", self.upsert_idle_timeout)
         if not 0 <= self.port <= 65535:
             raise SettingValueError("port", "between 0 (any free port) and 65535", self.port)
-        _check_positive(self, "max_pixels")
         if self.workers < 2:  # an Upsert stream holds one for as long as its client sends
             raise SettingValueError("workers", "at least 2 (one is always kept for health checks and lookups)",
                                     self.workers)
