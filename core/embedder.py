@@ -193,15 +193,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise InvalidRequestError(
             f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-    if device.type == "cuda":
-        if precision == "auto":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return precision
     if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if runs_natively("bf16", device) else "fp16"
         return "bf16" if cpu_has_fast_bf16() else "fp32"
     if not runs_natively(precision, device):
-        log.warning("%s on this CPU is emulated and several times slower than fp32%s", precision,
-                    "" if precision == "fp16" else " (it has neither AMX nor AVX512-BF16)")
+        if device.type == "cuda":  # only bf16 can be emulated there
+            log.warning("bf16 on this GPU is emulated (natively from compute capability 8.0) and slower than fp16")
+        else:
+            log.warning("%s on this CPU is emulated and several times slower than fp32%s", precision,
+                        "" if precision == "fp16" else " (it has neither AMX nor AVX512-BF16)")
     return precision
 
 
@@ -210,7 +211,9 @@ def runs_natively(precision: str, device: torch.device) -> bool:
     if precision == "fp32":
         return True
     if device.type == "cuda":
-        return precision == "fp16" or torch.cuda.is_bf16_supported()
+        # torch.cuda.is_bf16_supported() also says yes where bf16 is emulated (before Ampere),
+        # and asks about the current device, not this one.
+        return precision == "fp16" or bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
     return precision == "bf16" and cpu_has_fast_bf16()
 
 

@@ -183,6 +183,21 @@ def test_auto_precision_on_cpu() -> None:
     assert resolve_precision("auto", torch.device("cpu")) == want
 
 
+@pytest.mark.parametrize(("capability", "auto"), [((7, 5), "fp16"), ((8, 0), "bf16")])
+def test_auto_precision_on_a_gpu_asks_that_gpu(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+                                               capability: tuple[int, int], auto: str) -> None:
+    # No GPU here: the device's answer is given. A T4 (7.5) emulates bf16, which
+    # torch.cuda.is_bf16_supported() counts as support; auto must take fp16 there.
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: asked.append(d) or capability)
+    gpu = torch.device("cuda:1")
+    assert resolve_precision("auto", gpu) == auto
+    assert asked == [gpu]  # the device in use, not the current one
+    with caplog.at_level("WARNING", logger="pictor.core.embedder"):
+        assert resolve_precision("bf16", gpu) == "bf16"  # as asked, with a warning where emulated
+    assert ("emulated" in caplog.text) == (auto == "fp16")
+
+
 def _retrieval_check(fp32: Embedder, reduced: Embedder, photos: list[Image.Image]) -> None:
     """Cosine >= 0.995 to fp32 on real photos, and the same top-1 on a small gallery."""
     queries = [ImageOps.mirror(im).crop((im.width // 10, im.height // 10, im.width,
