@@ -599,20 +599,23 @@ def _timm_layer(model: nn.Module, info: BackboneInfo, layer: str) -> tuple[int |
     return i, int(feature_info[i]["num_chs"])
 
 
-def _timm_hf_file(cfg: Any) -> tuple[str, str] | None:
+def _timm_hf_files(cfg: Any) -> tuple[str, tuple[str, ...]] | None:
+    """The Hugging Face repository of a timm weights tag and the files that may hold the
+    weights, in timm's order: the one the tag names, else safetensors before the pickle."""
     if not cfg.hf_hub_id:
         return None
-    return cfg.hf_hub_id, cfg.hf_hub_filename or "model.safetensors"
+    return cfg.hf_hub_id, tuple(dict.fromkeys((cfg.hf_hub_filename or "model.safetensors",
+                                               "model.safetensors", "pytorch_model.bin")))
 
 
 def _timm_cached_file(cfg: Any) -> Path | None:
-    hf = _timm_hf_file(cfg)
+    hf = _timm_hf_files(cfg)
     if hf is None:
         path = _tv_cache_path(cfg.url)
         return path if path.is_file() else None
     from huggingface_hub import try_to_load_from_cache
 
-    for filename in dict.fromkeys((hf[1], "model.safetensors", "pytorch_model.bin")):
+    for filename in hf[1]:
         found = try_to_load_from_cache(hf[0], filename)
         if isinstance(found, str):
             return Path(found)
@@ -623,23 +626,29 @@ def _timm_ensure_file(info: BackboneInfo, cfg: Any) -> Path:
     cached = _timm_cached_file(cfg)
     if cached is not None:
         return cached
-    hf = _timm_hf_file(cfg)
+    hf = _timm_hf_files(cfg)
     if hf is None:
         path = _tv_cache_path(cfg.url)
         _ensure_cached(cfg.url, path, info, cfg.tag)
         return path
     from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
+    repo, filenames = hf
     endpoint = constants.ENDPOINT
-    where = f"{hf[0]}/{hf[1]} in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    where = f"{repo} ({' or '.join(filenames)}) in the Hugging Face cache ({constants.HF_HUB_CACHE})"
     if why := _why_no_download(endpoint, hub_offline=constants.HF_HUB_OFFLINE):
         raise WeightsUnavailableError(_unavailable_message(info, cfg.tag, where, why))
     log.info("downloading %s weights %s from %s", info.name, cfg.tag, endpoint)
-    try:
-        return Path(hf_hub_download(hf[0], hf[1], etag_timeout=_CONNECT_TIMEOUT_S))
-    except Exception as e:  # noqa: BLE001 - any hub/network failure means "unavailable"
-        raise WeightsUnavailableError(
-            _unavailable_message(info, cfg.tag, where, f"the download failed: {e}")) from e
+    for filename in filenames:
+        try:
+            return Path(hf_hub_download(repo, filename, etag_timeout=_CONNECT_TIMEOUT_S))
+        except EntryNotFoundError:  # not in this repository: the next name, as timm does
+            continue
+        except Exception as e:  # noqa: BLE001 - any hub/network failure means "unavailable"
+            raise WeightsUnavailableError(
+                _unavailable_message(info, cfg.tag, where, f"the download failed: {e}")) from e
+    raise WeightsUnavailableError(_unavailable_message(info, cfg.tag, where, "the repository has none of them"))
 
 
 # --------------------------------------------------------------------------- weights files

@@ -94,6 +94,36 @@ def test_missing_weights_fail_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert bb.weights_available_offline("resnet18", "random")
 
 
+def test_timm_weights_download_tries_the_files_timm_tries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No network at test time: the hub's answers are given. A repository without
+    # model.safetensors is read from its pytorch_model.bin, as timm reads it.
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import EntryNotFoundError
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # nothing cached
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("PICTOR_OFFLINE", raising=False)
+    monkeypatch.setattr(bb, "_reachable", lambda url: True)
+    in_repo = {"pytorch_model.bin"}
+    asked: list[str] = []
+
+    def download(repo: str, filename: str, **_: Any) -> str:
+        asked.append(filename)
+        if filename not in in_repo:
+            raise EntryNotFoundError(f"404: {filename}")
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    info = bb.get_backbone_info("seresnet50")
+    cfg = bb._timm_pretrained_cfg(info, bb.default_weights("seresnet50"))
+    assert bb._timm_ensure_file(info, cfg) == tmp_path / "pytorch_model.bin"
+    assert asked == ["model.safetensors", "pytorch_model.bin"]
+    in_repo.clear()
+    with pytest.raises(WeightsUnavailableError, match=r"model.safetensors or pytorch_model.bin.*none of them"):
+        bb._timm_ensure_file(info, cfg)
+
+
 def test_unreachable_host_is_detected_quickly() -> None:
     start = time.monotonic()
     assert not bb._reachable("http://127.0.0.1:9/weights.pth")  # discard port: refused
