@@ -378,16 +378,15 @@ def imagenet_classes() -> list[str]:
 def _build_torchvision(info: BackboneInfo, w: str, layer: str) -> Backbone:
     import torchvision.models as tvm
 
-    default_enum = _tv_weights_enum(info, WEIGHTS_DEFAULT)
     classes: list[str] | None = None
     if w == WEIGHTS_RANDOM:
         with _seeded():
-            model, ref = tvm.get_model(info.arch, weights=None, **_tv_plain_kwargs(info)), w
-        preprocessing = _tv_preprocessing(default_enum)
+            model, ref = _plain_model(info), w
+        preprocessing = _default_preprocessing(info)
     elif _looks_like_path(w):
-        model = tvm.get_model(info.arch, weights=None, **_tv_plain_kwargs(info, checkpoint=True))
+        model = _plain_model(info, checkpoint=True)
         ref, has_classifier = _load_checkpoint_into(model, Path(w), info)
-        preprocessing = _tv_preprocessing(default_enum)
+        preprocessing = _default_preprocessing(info)
         classes = imagenet_classes() if has_classifier else None
     else:
         enum = _tv_weights_enum(info, w)
@@ -450,10 +449,7 @@ def _tv_weights_enum(info: BackboneInfo, tag: str) -> Any:
     try:
         return enum_cls[member]
     except KeyError:
-        valid = [m.name for m in enum_cls] + [WEIGHTS_RANDOM, "<checkpoint path>"]
-        raise InvalidRequestError(
-            f"unknown weights {tag!r} for backbone {info.name}; valid: {', '.join(valid)}"
-        ) from None
+        raise _unknown_weights(info, tag, [m.name for m in enum_cls]) from None
 
 
 def _tv_preprocessing(enum: Any) -> Preprocessing:
@@ -512,16 +508,16 @@ def _build_timm(info: BackboneInfo, w: str, layer: str) -> Backbone:
         w = WEIGHTS_OFFLINE
     if w == WEIGHTS_RANDOM:
         with _seeded():
-            model, ref = timm.create_model(info.arch, pretrained=False), w
+            model, ref = _plain_model(info), w
     elif w == WEIGHTS_OFFLINE:
         path = _offline_package_file() if info.offline_weights else None
         if path is None:
             raise WeightsUnavailableError(_offline_missing_message(info))
-        model = timm.create_model(info.arch, pretrained=False)
+        model = _plain_model(info)
         _load_checkpoint_into(model, path, info)
         ref, classes = WEIGHTS_OFFLINE, imagenet_classes()
     elif _looks_like_path(w):
-        model = timm.create_model(info.arch, pretrained=False)
+        model = _plain_model(info)
         ref, has_classifier = _load_checkpoint_into(model, Path(w), info)
         classes = imagenet_classes() if has_classifier else None
     else:
@@ -559,13 +555,13 @@ def _timm_pretrained_cfg(info: BackboneInfo, tag: str) -> Any:
         cfg = None
     if cfg is None or tag == WEIGHTS_OFFLINE:
         tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{info.arch}.*")]
-        if info.offline_weights:
-            tags.insert(0, WEIGHTS_OFFLINE)
-        raise InvalidRequestError(
-            f"unknown weights {tag!r} for backbone {info.name}; valid: "
-            f"{', '.join(tags + [WEIGHTS_RANDOM, '<checkpoint path>'])}"
-        )
+        raise _unknown_weights(info, tag, [WEIGHTS_OFFLINE, *tags] if info.offline_weights else tags)
     return cfg
+
+
+def _unknown_weights(info: BackboneInfo, tag: str, tags: list[str]) -> InvalidRequestError:
+    valid = [*tags, WEIGHTS_RANDOM, "<checkpoint path>"]
+    return InvalidRequestError(f"unknown weights {tag!r} for backbone {info.name}; valid: {', '.join(valid)}")
 
 
 def _timm_preprocessing(model: nn.Module) -> Preprocessing:
@@ -969,11 +965,12 @@ def count_complexity(name: str) -> Complexity:
     return Complexity(params, counter.get_total_flops() / 2e9, size)
 
 
-def _plain_model(info: BackboneInfo) -> nn.Module:
+def _plain_model(info: BackboneInfo, *, checkpoint: bool = False) -> nn.Module:
+    """The network without weights (``checkpoint``: to load a copy of official ones into)."""
     if info.source == "torchvision":
         import torchvision.models as tvm
 
-        return tvm.get_model(info.arch, weights=None, **_tv_plain_kwargs(info))
+        return tvm.get_model(info.arch, weights=None, **_tv_plain_kwargs(info, checkpoint=checkpoint))
     import timm
 
     return timm.create_model(info.arch, pretrained=False)
