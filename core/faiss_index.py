@@ -73,11 +73,13 @@ class SearchKnobs:
         lists scanned or the graph beam must hold k true neighbours, not 10. At a tuned
         nprobe, recall@100 fell to 0.77 and recall@1000 to 0.15; in proportion, 0.97 and 0.96
         (50k synthetic embeddings; HNSW 0.990 and 0.996). Unset knobs stay unset."""
-        factor = round(k / TUNED_K)
-        if factor <= 1:
+        if k <= TUNED_K:
             return self
-        return SearchKnobs(nprobe=min(self.nprobe * factor, MAX_WIDTH),
-                           ef_search=min(self.ef_search * factor, MAX_WIDTH), k_factor=self.k_factor)
+
+        def widened(knob: int) -> int:
+            return min(math.ceil(knob * k / TUNED_K), MAX_WIDTH)
+
+        return SearchKnobs(nprobe=widened(self.nprobe), ef_search=widened(self.ef_search), k_factor=self.k_factor)
 
     def scaled(self, factor: int) -> SearchKnobs:
         """The same knobs ``factor`` times wider (to escalate a search that came back short);

@@ -7,13 +7,31 @@ import logging
 import numpy as np
 import pytest
 
-from pictor.core.faiss_index import VectorIndex, per_query_recall, recall_at_k, ties_with_kth, tune_knobs
+from pictor.core.faiss_index import (
+    MAX_WIDTH,
+    SearchKnobs,
+    VectorIndex,
+    per_query_recall,
+    recall_at_k,
+    ties_with_kth,
+    tune_knobs,
+)
 
 
 def _clustered(rng: np.random.Generator, n: int, dim: int = 32, centers: int = 16) -> np.ndarray:
     c = rng.standard_normal((centers, dim))
     x = c[rng.integers(0, centers, n)] + 0.8 * rng.standard_normal((n, dim))
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_knobs_tuned_for_10_results_widen_in_proportion_to_k() -> None:
+    knobs = SearchKnobs(nprobe=3, ef_search=16, k_factor=3.0)
+    assert knobs.for_k(10) is knobs and knobs.for_k(1) is knobs
+    assert knobs.for_k(11) == SearchKnobs(nprobe=4, ef_search=18, k_factor=3.0)  # never narrower than asked
+    assert knobs.for_k(25) == SearchKnobs(nprobe=8, ef_search=40, k_factor=3.0)
+    assert knobs.for_k(35) == SearchKnobs(nprobe=11, ef_search=56, k_factor=3.0)
+    assert knobs.for_k(10**6) == SearchKnobs(nprobe=MAX_WIDTH, ef_search=MAX_WIDTH, k_factor=3.0)
+    assert SearchKnobs(nprobe=3).for_k(100).ef_search == 0  # unset stays unset (FAISS's default)
 
 
 def test_recall_drops_the_query_itself_and_padding() -> None:
