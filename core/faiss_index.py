@@ -21,7 +21,7 @@ import functools
 import logging
 import math
 import re
-import time
+import timeit
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -613,8 +613,10 @@ def tune_knobs(
             if recall > fallback[0]:
                 fallback = (recall, knobs)
             if _lower_bound(per_query) >= target:
-                # Timed one query per call, as the server searches.
-                elapsed = _fastest_of(3, functools.partial(_search_one_by_one, index, queries, fetch, knobs))
+                # Timed one query per call, as the server searches; the best of 3 runs, as
+                # others' work on a shared CPU only slows a run.
+                run = functools.partial(_search_one_by_one, index, queries, fetch, knobs)
+                elapsed = min(timeit.repeat(run, number=1, repeat=3))
                 if best is None or elapsed < best[0]:
                     best = (elapsed, knobs, recall)
                 break
@@ -639,16 +641,6 @@ def _lower_bound(per_query: np.ndarray) -> float:
 def _search_one_by_one(index: VectorIndex, queries: np.ndarray, k: int, knobs: SearchKnobs) -> None:
     for i in range(len(queries)):
         index.search(queries[i : i + 1], k, knobs)
-
-
-def _fastest_of(repeats: int, run: Callable[[], object]) -> float:
-    """Best wall time of ``repeats`` runs: others' work on a shared CPU only slows a run."""
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def _accepts_ids(index: faiss.Index) -> bool:
