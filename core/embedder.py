@@ -19,6 +19,8 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -276,6 +278,47 @@ def pool_features(fmap: torch.Tensor, pooling: str) -> torch.Tensor:
     return fmap.clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
 
 
+def apply_backbone_state(
+    embedder: Embedder, state: Mapping[str, torch.Tensor], fingerprint: str = ""
+) -> None:
+    """Load fine-tuned backbone tensors into ``embedder`` and mark its spec as fine-tuned.
+
+    ``state`` names tensors of ``embedder.backbone`` (only the changed ones need to be there);
+    ``fingerprint`` defaults to ``fingerprint_state(state)``.
+    """
+    module = embedder.backbone
+    own = module.state_dict()
+    foreign = [k for k in state if k not in own]
+    if foreign:
+        raise IncompatibleModelError(
+            f"fine-tuned weights do not fit backbone {embedder.spec.backbone}: unknown tensors "
+            f"{foreign[:3]}{'...' if len(foreign) > 3 else ''}"
+        )
+    for name, tensor in state.items():
+        if own[name].shape != tensor.shape:
+            raise IncompatibleModelError(
+                f"fine-tuned tensor {name} has shape {tuple(tensor.shape)}, the backbone "
+                f"{embedder.spec.backbone} {tuple(own[name].shape)}"
+            )
+    module.load_state_dict(dict(state), strict=False)  # a partial state: only what changed
+    embedder.spec = dataclasses.replace(
+        embedder.spec, finetune=fingerprint or fingerprint_state(state)
+    )
+
+
+def fingerprint_state(state: Mapping[str, torch.Tensor]) -> str:
+    """Stable hex digest of tensors by name: identifies fine-tuned backbone weights."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        # flatten: a channels_last tensor with size-1 dims can claim to be contiguous
+        t = state[name].detach().cpu().flatten()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:32]
+
+
 def embedder_for_spec(
     spec: ModelSpec,
     *,
@@ -302,8 +345,6 @@ def embedder_for_spec(
     embedder = create_embedder(spec.backbone, weights=weights or spec.weights, device=device,
                                precision=precision, pooling=spec.pooling, layer=spec.layer or None)
     if backbone_state:
-        from pictor.core.head import apply_backbone_state  # head builds on this module
-
         apply_backbone_state(embedder, backbone_state, spec.finetune)
     if embedder.spec != spec:
         raise mismatch(embedder.spec)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import logging
 import math
 import os
@@ -33,12 +32,13 @@ import torch
 from numpy.typing import ArrayLike
 from torch import nn
 
+from pictor.core import embedder as embedder_mod
+from pictor.core.embedder import Embedder, fingerprint_state
 from pictor.core.files import damaged_member, why_not_tensors, write_atomic
 from pictor.core.spec import ModelSpec
 from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError, ResourceExhaustedError
 
 if TYPE_CHECKING:
-    from pictor.core.embedder import Embedder
     from pictor.core.store import IndexStore
 
 log = logging.getLogger(__name__)
@@ -402,19 +402,6 @@ class ClassifierHead(nn.Module):
         return self.body(self.dropout(x))
 
 
-def fingerprint_state(state: Mapping[str, torch.Tensor]) -> str:
-    """Stable hex digest of tensors by name: identifies fine-tuned backbone weights."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        # flatten: a channels_last tensor with size-1 dims can claim to be contiguous
-        t = state[name].detach().cpu().flatten()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:32]
-
-
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that decide what a model file means."""
     import importlib.metadata as md
@@ -514,8 +501,6 @@ class TrainedModel:
         backbone no longer builds the embedding space the head was trained on (e.g. a changed
         checkpoint file).
         """
-        from pictor.core import embedder as embedder_mod
-
         given = weights is not None
         if weights is None:
             weights = ""  # the spec's own
@@ -650,34 +635,6 @@ def load_model(path: str | os.PathLike[str]) -> TrainedModel:
         raise IncompatibleModelError(
             f"{p} is not a Pictor model file (make one with `pictor train`): {why_not_tensors(p, e)}") from e
     return TrainedModel.from_dict(d, source=str(p))
-
-
-def apply_backbone_state(
-    embedder: Embedder, state: Mapping[str, torch.Tensor], fingerprint: str = ""
-) -> None:
-    """Load fine-tuned backbone tensors into ``embedder`` and mark its spec as fine-tuned.
-
-    ``state`` names tensors of ``embedder.backbone`` (only the changed ones need to be there);
-    ``fingerprint`` defaults to ``fingerprint_state(state)``.
-    """
-    module = embedder.backbone
-    own = module.state_dict()
-    foreign = [k for k in state if k not in own]
-    if foreign:
-        raise IncompatibleModelError(
-            f"fine-tuned weights do not fit backbone {embedder.spec.backbone}: unknown tensors "
-            f"{foreign[:3]}{'...' if len(foreign) > 3 else ''}"
-        )
-    for name, tensor in state.items():
-        if own[name].shape != tensor.shape:
-            raise IncompatibleModelError(
-                f"fine-tuned tensor {name} has shape {tuple(tensor.shape)}, the backbone "
-                f"{embedder.spec.backbone} {tuple(own[name].shape)}"
-            )
-    module.load_state_dict(dict(state), strict=False)  # a partial state: only what changed
-    embedder.spec = dataclasses.replace(
-        embedder.spec, finetune=fingerprint or fingerprint_state(state)
-    )
 
 
 def _plain(value: Any) -> Any:

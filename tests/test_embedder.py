@@ -189,7 +189,12 @@ def test_auto_precision_on_a_gpu_asks_that_gpu(monkeypatch: pytest.MonkeyPatch, 
     # No GPU here: the device's answer is given. A T4 (7.5) emulates bf16, which
     # torch.cuda.is_bf16_supported() counts as support; auto must take fp16 there.
     asked = []
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: asked.append(d) or capability)
+
+    def device_capability(device: torch.device) -> tuple[int, int]:
+        asked.append(device)
+        return capability
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", device_capability)
     gpu = torch.device("cuda:1")
     assert resolve_precision("auto", gpu) == auto
     assert asked == [gpu]  # the device in use, not the current one

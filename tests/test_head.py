@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from pictor.core.embedder import fingerprint_state
 from pictor.core.head import (
     KNN_TEMPERATURE,
     ClassGaussians,
@@ -19,7 +20,6 @@ from pictor.core.head import (
     OpenSetThresholds,
     TrainedModel,
     calibrate_thresholds,
-    fingerprint_state,
     knn_vote,
     load_model,
 )

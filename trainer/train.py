@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from pictor.config import cache_root
-from pictor.core.head import ClassifierHead, TrainedModel, apply_backbone_state
+from pictor.core.embedder import apply_backbone_state
+from pictor.core.head import ClassifierHead, TrainedModel
 from pictor.errors import InvalidImageError, InvalidRequestError
 from pictor.trainer import data as data_mod
 from pictor.trainer.cache import EmbeddedSet, embed_samples
