@@ -476,8 +476,7 @@ def _tv_layer_node(model: nn.Module, info: BackboneInfo, layer: str) -> str:
     # torchvision accepts a module prefix ("layer3") and takes its last node.
     if any(n == layer or n.startswith(layer + ".") for n in eval_nodes):
         return layer
-    stages = sorted({n.split(".")[0] for n in eval_nodes}, key=[n.split(".")[0]
-                    for n in eval_nodes].index)
+    stages = dict.fromkeys(n.split(".")[0] for n in eval_nodes)  # in graph order
     raise InvalidRequestError(
         f"backbone {info.name} has no layer {layer!r}; top-level layers: {', '.join(stages)} "
         "(any torchvision FX node name works)"

@@ -57,7 +57,8 @@ class EmbedOutput:
 
 class Embedder:
     """A backbone on a device, with its pooling, precision and preprocessing. Thread-safe for
-    inference (no state changes after construction). Build it with ``create_embedder``."""
+    inference: nothing changes it once it serves (fine-tuned tensors and ``compile_backbone``
+    come before). Build it with ``create_embedder``."""
 
     def __init__(self, backbone: Backbone, *, device: torch.device, precision: str,
                  pooling: str, batch_size: int = 32, compile: bool = False) -> None:

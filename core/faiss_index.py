@@ -201,21 +201,22 @@ def training_size(dim: int, factory: str) -> int:
     if index.is_trained:
         return 0
     need = 1
+    per_centroid = faiss.ClusteringParameters().min_points_per_centroid  # FAISS k-means warns below (39)
     for transform in _transforms(index):
         if transform.is_trained:
             continue
         if isinstance(transform, faiss.OPQMatrix):  # trains a PQ of 256 centroids per sub-vector
-            need = max(need, 39 * 256)
+            need = max(need, per_centroid * 256)
         elif isinstance(transform, faiss.PCAMatrix | faiss.ITQTransform):  # centred: rank n - 1
             need = max(need, transform.d_out + 1)
     if re.search(r"SQ[468]\b", factory):  # 4-8 bit ranges per dim: from one vector, all codes alike
         need = max(need, 1000)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
-        need = max(need, 39 * ivf.nlist)  # FAISS k-means wants ~39 points per centroid
+        need = max(need, per_centroid * ivf.nlist)
     pq = _find_pq(index)
     if pq is not None:
-        need = max(need, 39 * pq.ksub)
+        need = max(need, per_centroid * pq.ksub)
     return need
 
 

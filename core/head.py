@@ -382,7 +382,7 @@ class ClassifierHead(nn.Module):
     mean: torch.Tensor  # buffers, saved with the head
     scale: torch.Tensor
 
-    def __init__(self, dim: int, num_classes: int, hidden: int = 0, dropout: float = 0.0):
+    def __init__(self, dim: int, num_classes: int, hidden: int = 0, dropout: float = 0.0) -> None:
         super().__init__()
         self.dim, self.num_classes, self.hidden = dim, num_classes, hidden
         self.register_buffer("mean", torch.zeros(dim))

@@ -332,7 +332,8 @@ def test_torchvision_layer_choice() -> None:
     with torch.inference_mode():
         fmap, _ = net(torch.randn(1, 3, 64, 64))
     assert net.dim == fmap.shape[1] == 256 and net.layer == "layer3"
-    with pytest.raises(InvalidRequestError, match="layer4"):
+    # The top-level layers once each, in the network's order.
+    with pytest.raises(InvalidRequestError, match=r"layers: x, conv1, bn1, relu, maxpool, layer1, layer2, layer3, layer4, avgpool"):
         create_backbone("resnet18", weights="random", layer="layer9")
 
 
