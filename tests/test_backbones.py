@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from pictor.core import _backbone_checkpoints as checkpoints
+from pictor.core import _backbone_hub as hub
 from pictor.core import backbones as bb
 from pictor.core.backbones import (
     BackboneInfo,
@@ -104,7 +106,7 @@ def test_timm_weights_download_tries_the_files_timm_tries(tmp_path: Path, monkey
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # nothing cached
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("PICTOR_OFFLINE", raising=False)
-    monkeypatch.setattr(bb, "_reachable", lambda url: True)
+    monkeypatch.setattr(hub, "_reachable", lambda url: True)
     in_repo = {"pytorch_model.bin"}
     asked: list[str] = []
 
@@ -117,16 +119,16 @@ def test_timm_weights_download_tries_the_files_timm_tries(tmp_path: Path, monkey
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     info = bb.get_backbone_info("seresnet50")
     cfg = bb._timm_pretrained_cfg(info, bb.default_weights("seresnet50"))
-    assert bb._timm_ensure_file(info, cfg) == tmp_path / "pytorch_model.bin"
+    assert hub.timm_ensure_file(info, cfg) == tmp_path / "pytorch_model.bin"
     assert asked == ["model.safetensors", "pytorch_model.bin"]
     in_repo.clear()
     with pytest.raises(WeightsUnavailableError, match=r"model.safetensors or pytorch_model.bin.*none of them"):
-        bb._timm_ensure_file(info, cfg)
+        hub.timm_ensure_file(info, cfg)
 
 
 def test_unreachable_host_is_detected_quickly() -> None:
     start = time.monotonic()
-    assert not bb._reachable("http://127.0.0.1:9/weights.pth")  # discard port: refused
+    assert not hub._reachable("http://127.0.0.1:9/weights.pth")  # discard port: refused
     assert time.monotonic() - start < 4.0
 
 
@@ -261,7 +263,7 @@ def test_checkpoint_without_the_imagenet_classifier_embeds(tmp_path: Path) -> No
     assert create_backbone("efficientnet_lite0", weights=str(tmp_path / "lite.pth")).classes is None
     # A distilled model has two (the last Linear alone would be one of them).
     deit = timm.create_model("deit_tiny_distilled_patch16_224")
-    assert bb._classifier_prefixes(deit, get_backbone_info("seresnet50")) == (("head.", "head_dist."), ())
+    assert checkpoints.classifier_prefixes(deit, get_backbone_info("seresnet50")) == (("head.", "head_dist."), ())
 
 
 def test_stages_input_to_output() -> None:
@@ -393,7 +395,7 @@ def test_torchvision_weights_from_torch_hub_cache(tmp_path: Path,
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setenv("PICTOR_OFFLINE", "1")  # proves the cache is read without any network
     enum = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-    cached = bb._tv_cache_path(enum.url)
+    cached = hub.tv_cache_path(enum.url)
     assert cached.parent == tmp_path / "hub" / "checkpoints"
     cached.parent.mkdir(parents=True)
     published = torchvision.models.resnet18()  # stands in for the published file
