@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pictor.api import MAX_KEY_LEN, canonical_label
+from pictor.core.store_types import Item, checked_items
 from pictor.errors import InvalidRequestError, NotFoundError
 
 log = logging.getLogger(__name__)
@@ -246,4 +247,9 @@ def _entries(manifest: Path, rows: Iterator[tuple[int, dict[str, str]]], require
         label = canonical_label(row.pop("label", ""))
         if any(not name.strip() for name in row):  # a JSONL field named "" (a CSV header's is refused up front)
             raise InvalidRequestError(f"{where}: a field has an empty name; name it, or leave it out")
-        yield GalleryEntry(key=key, path=path, label=label, attributes={k: v for k, v in row.items() if v})
+        attributes = {k: v for k, v in row.items() if v}
+        try:  # as the store will: here, before a run has written half the gallery
+            checked_items([Item(key=key, label=label, attributes=attributes)])
+        except InvalidRequestError as e:
+            raise InvalidRequestError(f"{where}: {e}") from None
+        yield GalleryEntry(key=key, path=path, label=label, attributes=attributes)

@@ -111,9 +111,9 @@ from pictor.core.store_types import (
     StoreInfo,
     StoreOptions,
     UpsertResult,
-    _checked_items,
     _dump_attrs,
     _load_attrs,
+    checked_items,
 )
 from pictor.errors import (
     IncompatibleModelError,
@@ -512,7 +512,7 @@ class IndexStore:
         vecs = self.check_vectors(vectors) if len(items) else np.zeros((0, self.dim), np.float32)
         if len(items) != len(vecs):
             raise InvalidRequestError(f"got {len(items)} items but {len(vecs)} vectors")
-        items = _checked_items(items)
+        items = checked_items(items)
         if not items:
             return UpsertResult(0, 0)
         # Within one call the last occurrence of a key wins, as if upserted one by one.

@@ -136,7 +136,7 @@ class Filter:
             if not isinstance(name, str) or not isinstance(value, str):
                 raise InvalidRequestError(f"a filter's attributes must map strings to strings, got "
                                           f"{name!r:.80}: {value!r:.80}")
-            if not name.strip():  # as _checked_items refuses them
+            if not name.strip():  # as checked_items refuses them
                 raise InvalidRequestError("a filter's attribute name is empty; no item has such an attribute")
         # Labels as the store keeps them (NFC), so "rosés" matches however it was typed.
         object.__setattr__(self, "labels", tuple(map(canonical_label, labels)))
@@ -259,7 +259,7 @@ def _check_label(label: str, whose: str) -> None:
                                   "which labels cannot")
 
 
-def _checked_items(items: list[Item]) -> list[Item]:
+def checked_items(items: list[Item]) -> list[Item]:
     """``items`` checked, with their labels as the store keeps them: in NFC
     (``canonical_label``), however the caller's text composed its accents."""
     for i, item in enumerate(items):

@@ -160,6 +160,13 @@ def test_manifest_rows_that_cannot_be_items_are_refused_up_front(tmp_path: Path)
     jsonl.write_text(json.dumps({"path": "a\0b.png"}) + "\n")
     with pytest.raises(InvalidRequestError, match="m.jsonl:1: the path contains a NUL byte"):
         list(read_gallery(jsonl))
+    # What the store would refuse, refused here with the line: not after half the gallery is written.
+    jsonl.write_text(json.dumps({"path": "a.png"}) + "\n" + json.dumps({"path": "b.png", "label": "x\0y"}) + "\n")
+    with pytest.raises(InvalidRequestError, match=r"m.jsonl:2: item 'b.png': the label 'x.x00y' holds a NUL"):
+        list(read_gallery(jsonl))
+    jsonl.write_text(json.dumps({"path": "a.png", "note": "n" * 70_000}) + "\n")
+    with pytest.raises(InvalidRequestError, match="m.jsonl:1: item 'a.png': its attributes take 70,012 characters"):
+        list(read_gallery(jsonl))
 
 
 def test_symlinked_folders_are_followed_once(tmp_path: Path) -> None:
