@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--port", type=int, help="port to bind (default 50051; 0 picks a free one)")
     p.add_argument("--workers", type=int,
                    help="handler threads (default 8, at least 2); at most half of them take Upsert or reflection "
-                        "streams, and with calls that run the model (Classify, Embed, Search by image) "
+                        "streams, and with calls that wait for the model or a write (Classify, Embed, Search by "
+                        "image, Delete) "
                         "they leave one free for health checks and lookups: one more is refused as busy "
                         "(so with 2, none runs while a stream is open)")
     p.add_argument("--upsert-idle-timeout", type=float, metavar="SECONDS",

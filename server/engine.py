@@ -191,11 +191,14 @@ class Engine:
 
     # -- embedding ---------------------------------------------------------------------------
 
-    def forward(self, images: Sequence[bytes], names: Sequence[str] = ()) -> EmbedOutput:
+    def forward(self, images: Sequence[bytes], names: Sequence[str] = (), *,
+                still_wanted: Callable[[], None] | None = None) -> EmbedOutput:
         """Decode and embed image bytes; one forward pass for the whole list.
 
         An undecodable image fails the call with a message naming it: by ``names[i]`` when
-        given, else by its position when there are several.
+        given, else by its position when there are several. ``still_wanted`` runs once the
+        forward pass is this call's turn and may raise to call it off (the server's check that
+        the caller is still waiting: behind other calls, its deadline may have passed).
         """
         if not images:
             raise InvalidRequestError("no image given")
@@ -213,18 +216,20 @@ class Engine:
             tensors.append(self.embedder.preprocess(image))
             del image
         with self._forward_lock:
+            if still_wanted is not None:
+                still_wanted()
             return self.embedder.forward_preprocessed(tensors)
 
     def to_index(self, embeddings: np.ndarray) -> np.ndarray:
         """Embedder output -> the index's space (whitened when the index is)."""
         return embeddings if self.whitening is None else self.whitening.apply(embeddings)
 
-    def embed(self, images: Sequence[bytes], names: Sequence[str] = ()) -> np.ndarray:
+    def embed(self, images: Sequence[bytes], *, still_wanted: Callable[[], None] | None = None) -> np.ndarray:
         """Embeddings as the index stores them: what Search and Upsert take as vectors."""
         if len(images) > MAX_EMBED_IMAGES:
             raise InvalidRequestError(f"Embed takes at most {MAX_EMBED_IMAGES} images per call, "
                                       f"got {len(images)}; split the request")
-        return self.to_index(self.forward(images, names).embeddings)
+        return self.to_index(self.forward(images, still_wanted=still_wanted).embeddings)
 
     def query_vector(self, values: Sequence[float]) -> np.ndarray:
         vector = np.asarray(values, dtype=np.float32)
@@ -238,13 +243,14 @@ class Engine:
     # -- the calls ---------------------------------------------------------------------------
 
     def classify(
-        self, image: bytes, *, top_k: int = 0, classifier: str = "default", neighbors: int = 0
+        self, image: bytes, *, top_k: int = 0, classifier: str = "default", neighbors: int = 0,
+        still_wanted: Callable[[], None] | None = None,
     ) -> ClassifyResult:
         if classifier not in CLASSIFIERS:
             raise InvalidRequestError(f"unknown classifier {classifier!r}; choose from {CLASSIFIERS}")
         top_k = check_k(top_k, DEFAULT_TOP_K, "top_k")
         n_neighbors = check_k(neighbors, DEFAULT_NEIGHBORS, "neighbors")
-        out = self.forward([image])
+        out = self.forward([image], still_wanted=still_wanted)
         embedding = out.embeddings[0]
 
         logits, imagenet_classes = out.logits, self.embedder.imagenet_classes  # locals: mypy narrows them
@@ -318,10 +324,11 @@ class Engine:
         k: int = 0,
         filter: Filter | None = None,
         params: SearchParams | None = None,
+        still_wanted: Callable[[], None] | None = None,
     ) -> Hits:
         k = check_k(k, DEFAULT_K, "k")
         if image is not None:
-            query = self.embed([image])[0]
+            query = self.embed([image], still_wanted=still_wanted)[0]
         elif key is not None:
             item, query = self.store.get_item(key)
             if filter is None or filter.admits(item):  # else a plain search of its neighbours
@@ -339,9 +346,10 @@ class Engine:
                before_write: Callable[[], None] | None = None, first: int = 0) -> UpsertResult:
         """Embed what came as images, check what came as vectors, write all in one durable step.
 
-        ``before_write`` runs once the store's write lock is held, after the embedding, and may
-        raise to call the write off (the server's check that the caller is still waiting). ``first`` is the position of
-        ``items[0]`` in the caller's stream, for errors that can only name an item by position."""
+        ``before_write`` runs when the forward pass is this call's turn and once the store's
+        write lock is held, and may raise to call the write off (the server's check that the
+        caller is still waiting). ``first`` is the position of ``items[0]`` in the caller's
+        stream, for errors that can only name an item by position."""
         if not items:
             raise InvalidRequestError("upsert got no items")
         rows = np.empty((len(items), self.store.spec.dim), dtype=np.float32)
@@ -356,7 +364,7 @@ class Engine:
         if to_embed:
             try:
                 out = self.forward([images[i] for i in to_embed],  # type: ignore[misc]
-                                   [f"item {items[i].key!r:.200}" for i in to_embed])
+                                   [f"item {items[i].key!r:.200}" for i in to_embed], still_wanted=before_write)
             except InvalidImageError as e:
                 n = len(items)
                 raise InvalidImageError(f"{e}; " + ("the item was not written" if n == 1 else

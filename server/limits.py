@@ -35,21 +35,22 @@ def check_active(context: grpc.ServicerContext, before: str) -> None:
 
 class HandlerThreads:
     """What may hold the server's handler threads (its --workers), so that one is always free
-    for the calls that answer at once: health Check, Info, Get, List, Delete, Search by key or
-    vector.
+    for the calls that answer at once: health Check, Info, Get, List, Search by key or vector.
 
     A client stream (Upsert, reflection) holds its thread for as long as its client sends: at
     most half of them are streams. A call that runs the model (Classify, Embed, Search by image)
     holds its thread while it waits for the forward pass, which runs one at a time: behind 64
     clients classifying, health checks waited over a second in gRPC's queue (bench/health.py).
-    Streams and model calls together leave one thread free; one beyond is refused at once
-    (RESOURCE_EXHAUSTED), which frees its thread for the next call in the queue.
+    A Delete waits likewise for the store's write lock, which a write holds through a rebuild
+    of the index (minutes at a million items). Streams and such waiting calls together leave
+    one thread free; one beyond is refused at once (RESOURCE_EXHAUSTED), which frees its
+    thread for the next call in the queue.
     """
 
     def __init__(self, workers: int) -> None:
         self.workers, self.max_streams = workers, workers // 2
         self._lock = threading.Lock()
-        self._streams = self._model_calls = 0
+        self._streams = self._waiting_calls = 0
         self._refused, self._refusals_logged_at = 0, -math.inf
         self._log_timer: threading.Timer | None = None
 
@@ -72,26 +73,26 @@ class HandlerThreads:
                 self._streams -= 1
 
     @contextlib.contextmanager
-    def model_call(self, refused: str) -> Iterator[None]:
-        """A thread for a call that runs the model, for the block; ``ServerBusyError`` (saying
-        ``refused``) when it would take the last free one."""
+    def waiting_call(self, refused: str) -> Iterator[None]:
+        """A thread for a call that may wait its turn (for the model or the write lock), for the
+        block; ``ServerBusyError`` (saying ``refused``) when it would take the last free one."""
         with self._lock:
             self._check_one_left(refused)
-            self._model_calls += 1
+            self._waiting_calls += 1
         try:
             yield
         finally:
             with self._lock:
-                self._model_calls -= 1
+                self._waiting_calls -= 1
 
     def _check_one_left(self, refused: str) -> None:
-        if self._streams + self._model_calls < self.workers - 1:
+        if self._streams + self._waiting_calls < self.workers - 1:
             return
-        n = self._model_calls
-        calls = f"{n} call that runs" if n == 1 else f"{n} calls that run"
+        n = self._waiting_calls
+        calls = f"{n} call that waits" if n == 1 else f"{n} calls that wait"
         streams = f"{self._streams} open stream{'s' if self._streams != 1 else ''}"
         raise self._refusal(
-            f"the server is busy: {calls} the model (Classify, Embed, Search by image) and "
+            f"the server is busy: {calls} for the model or a write (Classify, Embed, Search by image, Delete) and "
             f"{streams} hold all but one of its {self.workers} handler threads (--workers), which is "
             f"kept for health checks and lookups; {refused}, send again shortly")
 
@@ -121,8 +122,8 @@ class HandlerThreads:
 
     def _log_refusals(self) -> None:
         log.warning("calls refused as busy since the last such line: %d (the handler threads that calls "
-                    "running the model and streams may hold were all held: raise --workers for more "
-                    "clients at once)", self._refused)
+                    "waiting for the model or a write and streams may hold were all held: raise --workers "
+                    "for more clients at once)", self._refused)
         self._refused, self._refusals_logged_at = 0, time.monotonic()
 
 

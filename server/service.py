@@ -94,9 +94,10 @@ class PictorService(pb_grpc.PictorServicer):
             raise InvalidRequestError(f"unknown classifier value {request.classifier}")
         classifier = CLASSIFIERS[request.classifier]
         check_active(context, "classifying")
-        with self.threads.model_call(refused="the image was not classified"):
+        with self.threads.waiting_call(refused="the image was not classified"):
             result = self.engine.classify(
-                request.image, top_k=request.top_k, classifier=classifier, neighbors=request.neighbors
+                request.image, top_k=request.top_k, classifier=classifier, neighbors=request.neighbors,
+                still_wanted=lambda: check_active(context, "classifying"),
             )
         return classify_to_pb(result)
 
@@ -106,7 +107,7 @@ class PictorService(pb_grpc.PictorServicer):
                   if request.HasField("params") else None)
         if which == "image":  # a lookup by key or vector is too cheap to be worth skipping
             check_active(context, "searching")
-        with self.threads.model_call(refused="nothing was searched") if which == "image" else contextlib.nullcontext():
+        with self.threads.waiting_call(refused="nothing was searched") if which == "image" else contextlib.nullcontext():
             hits = self.engine.search(
                 image=request.image if which == "image" else None,
                 key=request.key if which == "key" else None,
@@ -114,6 +115,7 @@ class PictorService(pb_grpc.PictorServicer):
                 k=request.k,
                 filter=_filter_of(request),
                 params=params,
+                still_wanted=lambda: check_active(context, "searching"),
             )
         response = pb.SearchResponse()
         add_hits(response.hits, hits)
@@ -121,8 +123,8 @@ class PictorService(pb_grpc.PictorServicer):
 
     def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:
         check_active(context, "embedding")
-        with self.threads.model_call(refused="nothing was embedded"):
-            embeddings = self.engine.embed(list(request.images))
+        with self.threads.waiting_call(refused="nothing was embedded"):
+            embeddings = self.engine.embed(list(request.images), still_wanted=lambda: check_active(context, "embedding"))
         return pb.EmbedResponse(
             embeddings=[pb.Vector(values=row.tolist()) for row in embeddings],
             dim=self.engine.spec.dim,
@@ -166,7 +168,9 @@ class PictorService(pb_grpc.PictorServicer):
                                   before_write=lambda: check_active(context, "writing these items"))
 
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
-        result = self.engine.delete(list(request.keys), before_write=lambda: check_active(context, "deleting"))
+        # A delete waits for the store's write lock, held through a rebuild of the index.
+        with self.threads.waiting_call(refused="nothing was deleted"):
+            result = self.engine.delete(list(request.keys), before_write=lambda: check_active(context, "deleting"))
         return pb.DeleteResponse(deleted=result.deleted, missing=list(result.missing))
 
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:

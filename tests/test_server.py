@@ -13,10 +13,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -583,26 +583,28 @@ def test_calls_that_run_the_model_leave_a_thread_for_health_checks(
             with engine._forward_lock:  # a forward pass that takes long
                 waiting = [pool.submit(client.classify, drawn_image(i)) for i in range(3)]
                 deadline = time.monotonic() + 30
-                while made[0]._model_calls < 3:
+                while made[0]._waiting_calls < 3:
                     assert time.monotonic() < deadline
                     time.sleep(0.01)
-                with pytest.raises(ResourceExhaustedError, match="the server is busy: 3 calls that run the model"):
+                with pytest.raises(ResourceExhaustedError, match="the server is busy: 3 calls that wait for the model or a write"):
                     client.classify(drawn_image(9))
                 with pytest.raises(ResourceExhaustedError, match="nothing was searched"):
                     client.search(image=drawn_image(9))
                 with pytest.raises(ResourceExhaustedError, match="nothing was written"):
                     client.upsert([UpsertItem(key="busy", vector=[1.0] * 1280)])
-                assert client.health() == "SERVING" and client.info().index_size == 12
                 first = client.list_items(limit=1)[0][0].key
+                with pytest.raises(ResourceExhaustedError, match="nothing was deleted"):
+                    client.delete([first])  # it would wait behind a write (a rebuild) holding a thread
+                assert client.health() == "SERVING" and client.info().index_size == 12
                 assert client.search(key=first, k=1)[0].key == first
             assert all(f.result(timeout=60).labels for f in waiting)
-        assert made[0]._model_calls == 0
+        assert made[0]._waiting_calls == 0
         # Refusals are expected under load: one line says how many, at most every 10 s, not one each.
         made[0].flush_refusals()  # as the server's stop does
         busy = [r for r in caplog.records if "busy" in r.getMessage()]
         assert [(r.levelname, r.getMessage()[:51]) for r in busy] == [
             ("WARNING", "calls refused as busy since the last such line: 1 ("),
-            ("WARNING", "calls refused as busy since the last such line: 2 (")]
+            ("WARNING", "calls refused as busy since the last such line: 3 (")]
     finally:
         server.stop(None)
         engine.close()
@@ -894,6 +896,36 @@ def test_resend_waits_take_at_most_half_the_timeout() -> None:
         assert waits[0] == first and (timeout is None or 1.2 * sum(waits) <= timeout / 2)
 
 
+def test_a_call_whose_deadline_passed_while_it_waited_for_the_model_is_not_run(
+    built_index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pictor.errors import DeadlineExceededError
+
+    settings = ServerSettings(index=str(built_index), port=free_port(), workers=4, device="cpu", precision="fp32")
+    server, port, engine = create_server(settings)
+    runs: list[int] = []
+    real = engine.embedder.forward_preprocessed
+
+    def counted(tensors: Sequence[Any]) -> Any:
+        runs.append(len(tensors))
+        return real(tensors)
+
+    monkeypatch.setattr(engine.embedder, "forward_preprocessed", counted)
+    server.start()
+    try:
+        with PictorClient(f"localhost:{port}", timeout=1, max_attempts=1) as client:
+            with engine._forward_lock:  # a forward pass that outlasts the call's deadline
+                with pytest.raises(DeadlineExceededError):
+                    client.classify(drawn_image(0))
+            time.sleep(0.5)  # the call's handler has the forward lock now, and finds its caller gone
+            assert runs == []
+        with PictorClient(f"localhost:{port}", timeout=30) as client:
+            assert client.classify(drawn_image(0)).labels and runs == [1]
+    finally:
+        server.stop(None)
+        engine.close()
+
+
 def test_calls_whose_caller_has_gone_run_no_model() -> None:
     """Classify, Embed and Search by image check first that the caller still waits (a deadline
     may pass while a call waits for a thread): the engine is never reached here."""
@@ -923,18 +955,18 @@ def test_busy_refusals_are_all_counted_in_the_log(monkeypatch: pytest.MonkeyPatc
     from pictor.server import limits
 
     monkeypatch.setattr(limits, "REFUSALS_LOG_EVERY_S", 0.2)
-    threads = limits.HandlerThreads(2)  # one model call may run; the other thread is kept
+    threads = limits.HandlerThreads(2)  # one waiting call may run; the other thread is kept
 
     def refuse(times: int) -> None:
         for _ in range(times):
-            with pytest.raises(ServerBusyError, match="the server is busy: 1 call that runs the model"):
-                with threads.model_call(refused="nothing was done"):
+            with pytest.raises(ServerBusyError, match="the server is busy: 1 call that waits for the model or a write"):
+                with threads.waiting_call(refused="nothing was done"):
                     pass
 
     def counts() -> list[str]:
         return [r.getMessage().split(": ")[1].split(" ")[0] for r in caplog.records if "refused as busy" in r.getMessage()]
 
-    with caplog.at_level("WARNING", logger="pictor.server.limits"), threads.model_call(refused="-"):
+    with caplog.at_level("WARNING", logger="pictor.server.limits"), threads.waiting_call(refused="-"):
         refuse(3)
         assert counts() == ["1"]  # the first at once; two wait for the spell to end
         deadline = time.monotonic() + 10

@@ -27,9 +27,10 @@ if _version_not_supported:
 
 class PictorStub:
     """A server keeps one of its handler threads (--workers) for the calls that answer at once
-    (health Check, Info, Get, List, Delete, Search by key or vector): a call that runs the model
-    (Classify, Embed, Search by image) or opens a stream, and would take it, is refused at once
-    with RESOURCE_EXHAUSTED ("the server is busy"), nothing done; send it again shortly. Every
+    (health Check, Info, Get, List, Search by key or vector): a call that waits for the model
+    (Classify, Embed, Search by image) or the write lock (Delete) or opens a stream, and would
+    take it, is refused at once with RESOURCE_EXHAUSTED ("the server is busy"), nothing done;
+    send it again shortly. Every
     other error the server's handlers raise (a request over the size limit included) carries the
     trailer grpc-retry-pushback-ms: -1, so a gRPC retry policy on RESOURCE_EXHAUSTED
     (PictorClient's) resends only busy refusals, never one for a full disk.
@@ -85,9 +86,10 @@ class PictorStub:
 
 class PictorServicer:
     """A server keeps one of its handler threads (--workers) for the calls that answer at once
-    (health Check, Info, Get, List, Delete, Search by key or vector): a call that runs the model
-    (Classify, Embed, Search by image) or opens a stream, and would take it, is refused at once
-    with RESOURCE_EXHAUSTED ("the server is busy"), nothing done; send it again shortly. Every
+    (health Check, Info, Get, List, Search by key or vector): a call that waits for the model
+    (Classify, Embed, Search by image) or the write lock (Delete) or opens a stream, and would
+    take it, is refused at once with RESOURCE_EXHAUSTED ("the server is busy"), nothing done;
+    send it again shortly. Every
     other error the server's handlers raise (a request over the size limit included) carries the
     trailer grpc-retry-pushback-ms: -1, so a gRPC retry policy on RESOURCE_EXHAUSTED
     (PictorClient's) resends only busy refusals, never one for a full disk.
@@ -221,9 +223,10 @@ def add_PictorServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Pictor:
     """A server keeps one of its handler threads (--workers) for the calls that answer at once
-    (health Check, Info, Get, List, Delete, Search by key or vector): a call that runs the model
-    (Classify, Embed, Search by image) or opens a stream, and would take it, is refused at once
-    with RESOURCE_EXHAUSTED ("the server is busy"), nothing done; send it again shortly. Every
+    (health Check, Info, Get, List, Search by key or vector): a call that waits for the model
+    (Classify, Embed, Search by image) or the write lock (Delete) or opens a stream, and would
+    take it, is refused at once with RESOURCE_EXHAUSTED ("the server is busy"), nothing done;
+    send it again shortly. Every
     other error the server's handlers raise (a request over the size limit included) carries the
     trailer grpc-retry-pushback-ms: -1, so a gRPC retry policy on RESOURCE_EXHAUSTED
     (PictorClient's) resends only busy refusals, never one for a full disk.
