@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pictor.core.faiss_index import SearchKnobs
-from pictor.core.files import write_atomic
+from pictor.core.files import fsync_dir, write_atomic
 from pictor.core.spec import ModelSpec
 from pictor.core.store_types import StoreOptions
 from pictor.errors import InvalidRequestError, ResourceExhaustedError
@@ -195,5 +195,6 @@ def make_store_dir(root: Path) -> None:
     """The folder a new store goes in (with its parents), or an error that names the cause."""
     try:
         root.mkdir(parents=True, exist_ok=True)
+        fsync_dir(root.parent)  # the new folder's entry: a power cut must not lose acknowledged writes
     except OSError as e:
         raise InvalidRequestError(f"cannot create the index folder {root}: {e.strerror or e}") from e

@@ -279,10 +279,9 @@ class IndexStore:
             raise NotFoundError(f"no index store at {root} (no {MANIFEST} or {DATABASE})")
         if missing:
             raise NotFoundError(f"index store {root} lacks its {missing[0]}; {RESTORE_OR_REBUILD}")
-        manifest = _read_manifest(root / MANIFEST)
         lock_fd = _lock_directory(root)
-        try:
-            store = cls(root, manifest, lock_fd)
+        try:  # the manifest read under the lock: a closing writer may replace it and its snapshot
+            store = cls(root, _read_manifest(root / MANIFEST), lock_fd)
         except BaseException as e:
             os.close(lock_fd)
             _raise_if_cannot_open(root, e)
