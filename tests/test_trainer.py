@@ -118,6 +118,13 @@ def test_folder_tree_manifests_and_split(tmp_path: Path, caplog: pytest.LogCaptu
     samples = data_mod.load_samples(tree)
     assert "left out 2 files not named as images (2 .heic)" in caplog.text
     assert "with no images, so not classes: empty, phone" in caplog.text
+    caplog.clear()  # a class folder named in decomposed Unicode (macOS) is the class, not a stray
+    decomposed = tmp_path / "nfd" / "rose\u0301s"
+    decomposed.mkdir(parents=True)
+    for src in sorted((tree / "disc").iterdir())[:3]:
+        (decomposed / src.name).write_bytes(src.read_bytes())
+    assert {s.label for s in data_mod.load_samples(tmp_path / "nfd")} == {"ros\u00e9s"}
+    assert "not classes" not in caplog.text
     assert [s.path.name for s in samples if s.path.suffix == ".jpe"] == ["x.jpe"]  # JPEG's other suffix
     (tree / "disc" / "x.jpe").unlink()
     samples = data_mod.load_samples(tree)

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pictor.api import canonical_label
 from pictor.core.gallery import image_suffixes_text, read_gallery
 from pictor.errors import InvalidRequestError
 
@@ -60,7 +61,7 @@ def _classless_folders(data: Path, classes: set[str]) -> list[str]:
     if not data.is_dir():
         return []
     return sorted(p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith(".")
-                  and p.name not in classes)
+                  and canonical_label(p.name) not in classes)  # labels are NFC; macOS names NFD
 
 
 def _refuse_repeats(samples: Sequence[Sample]) -> None:
