@@ -367,6 +367,8 @@ def test_finetune_one_epoch_round_trip_and_refusals(shapes: Path, tmp_path: Path
     result = train(cfg, shapes, out=out, embedder=emb)
     assert mixed == [8, 8]  # 18 training images, full batches of 8
     assert np.isfinite(result.model.metrics["history"][0]["train_loss"])
+    again = train(cfg, shapes, embedder=create_embedder(device="cpu"))  # the seed repeats the mixing too
+    assert again.model.metrics["history"] == result.model.metrics["history"]
     model = load_model(out)
     assert model.spec.finetune and model.spec != plain_spec
     assert model.backbone_state, "the changed backbone tensors travel in the model file"

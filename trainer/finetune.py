@@ -159,9 +159,10 @@ def finetune(
     On return both hold the weights of the best validation epoch (the embedder's spec is not
     changed here; the caller marks it fine-tuned from ``changed_state``).
     """
+    from timm.utils import random_seed
     from tqdm import tqdm
 
-    torch.manual_seed(config.seed)
+    random_seed(config.seed)  # torch, and numpy's global generator, which timm's Mixup draws from
     backbone, device = embedder.backbone, embedder.device
     trainable = unfreeze_last(backbone, config.unfreeze)
     initial = {n: t.detach().clone() for n, t in backbone.state_dict().items()
