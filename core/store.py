@@ -683,13 +683,17 @@ class IndexStore:
         self._pending += changed
         if self._bulk:
             return
-        reason = self._rebuild_reason()
-        if reason:
-            self._rebuild(reason)
-        elif not self._index.exact and self._count >= 2 * max(self._tuned_for, _MIN_TUNE_ITEMS):
-            self._retune()
-        elif self._pending >= self.options.snapshot_every:
-            self._snapshot_if_possible()
+        try:
+            reason = self._rebuild_reason()
+            if reason:
+                self._rebuild(reason)
+            elif not self._index.exact and self._count >= 2 * max(self._tuned_for, _MIN_TUNE_ITEMS):
+                self._retune()
+            elif self._pending >= self.options.snapshot_every:
+                self._snapshot_if_possible()
+        except Exception:  # (MemoryError too) the write is durable and searchable: it must not look failed
+            log.exception("index store %s: maintenance after a write failed; searches go on with the index "
+                          "as it was, and the next write tries again", self.path)
 
     def _rebuild_reason(self) -> str:
         """Why the index should be rebuilt now, or "" (writer lock held)."""

@@ -731,6 +731,27 @@ def test_bulk_trains_once_at_the_end(tmp_path: Path, caplog) -> None:
     assert caplog.text.count("rebuilt FAISS index") == 1
 
 
+def test_a_failed_rebuild_does_not_fail_the_durable_write_behind_it(tmp_path: Path, caplog, monkeypatch) -> None:
+    rng = np.random.default_rng(7)
+    options = StoreOptions(exact_below=1000, memory_budget_gb=0.001, growth_factor=2)
+    vecs = clustered(rng, 3000)
+    with IndexStore.create(tmp_path / "s", spec(), options=options) as store:
+        store.upsert(items(500), vecs[:500])
+
+        def out_of_memory(factory: str) -> None:
+            raise MemoryError("training the index")
+
+        monkeypatch.setattr(store, "_build_index", out_of_memory)
+        with caplog.at_level(logging.ERROR):
+            assert store.upsert(items(2500, start=500), vecs[500:]).inserted == 2500  # past exact_below
+        assert "maintenance after a write failed" in caplog.text
+        assert store.info().factory == "Flat" and len(store) == 3000  # the index as it was, with the write
+        assert store.search(vecs[2999:], k=1)[0][0].key == "img/2999.jpg"
+        monkeypatch.undo()
+        store.upsert(items(1, start=3000), vecs[:1])  # the next write tries again
+        assert store.info().factory == choose_factory(3001, DIM, options)
+
+
 def test_hnsw_tombstones_compact(tmp_path: Path, rng) -> None:
     vecs = unit(rng, 400)
     options = StoreOptions(compact_ratio=0.2)
