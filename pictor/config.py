@@ -264,8 +264,7 @@ def build_settings(
 def model_settings(flags: Mapping[str, Any], config_file: str | None = None) -> ModelSettings:
     """The model settings as ``pictor index`` reads them, for commands with no settings class
     of their own (``train``, ``eval``): one file or environment sets the backbone for all."""
-    return build_settings(ModelSettings, flags,
-                          file_values=_read_config_file(config_file or os.environ.get("PICTOR_CONFIG")))
+    return build_settings(ModelSettings, flags, config_file=config_file)
 
 
 # PICTOR_* variables read outside the settings classes (by the functions below), and by
@@ -299,15 +298,20 @@ def offline() -> bool:
 
 def unknown_env_names(env: Mapping[str, str]) -> list[str]:
     """``PICTOR_*`` variables that no command reads: typos (``PICTOR_PROT``) that would be ignored."""
-    known = {f"PICTOR_{n.upper()}" for n in _OTHER_ENV}
-    for cls in (ServerSettings, IndexerSettings, ModelSettings):
-        known |= {f"PICTOR_{_setting_name(f).upper()}" for f in dataclasses.fields(cls)}
+    known = {f"PICTOR_{n.upper()}" for n in (*_OTHER_ENV, *_setting_names())}
     return sorted(n for n in env if n.startswith("PICTOR_") and n not in known)
 
 
 def _setting_name(f: dataclasses.Field[Any]) -> str:
     """The name a field has in files and ``PICTOR_*`` variables (flags use the field's own)."""
     return str(f.metadata.get("name", f.name))
+
+
+def _setting_names() -> set[str]:
+    """Every name a file or a ``PICTOR_*`` variable may set: one file (and one environment)
+    serves every command, so a name is known when any settings class has it."""
+    return {_setting_name(f) for cls in (ServerSettings, IndexerSettings, ModelSettings)
+            for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(f.default_factory)}
 
 
 def _read_config_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
@@ -332,12 +336,8 @@ def _read_config_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
 
 def _check_names(values: Mapping[str, Any], path: Path) -> None:
     """Refuse names no command reads (a typo such as ``prot = 6000`` would be ignored), and
-    tables: the file is flat.
-
-    One file may serve every command, so a name is known when any settings class has it.
-    """
-    known = {_setting_name(f) for cls in (ServerSettings, IndexerSettings, ModelSettings)
-             for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(f.default_factory)}
+    tables: the file is flat."""
+    known = _setting_names()
     for name, value in values.items():
         if isinstance(value, dict):
             raise InvalidRequestError(f"config file {path}: a table [{name}], but the file is flat: write "
