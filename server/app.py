@@ -97,12 +97,12 @@ def create_server(settings: ServerSettings, threads: HandlerThreads | None = Non
 
     health_servicer = CheckOnlyHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
+    for name in (health.OVERALL_HEALTH, SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
         BoundedReflectionServicer(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
             threads, idle_s=settings.upsert_idle_timeout,
         ),
         server,
@@ -127,12 +127,9 @@ def _bind(server: grpc.Server, host: str, port: int) -> int:
     why = _why_not_bindable(host, port)
     if why is None:
         try:
-            bound = server.add_insecure_port(address)  # raises or returns 0 by grpcio version
-        except RuntimeError:
-            bound = 0
-        if bound:
-            return bound
-        why = f"the port is in use, or {host} is not an address of this machine"
+            return server.add_insecure_port(address)
+        except RuntimeError:  # "Failed to bind": a race with another process, or an odd address
+            why = f"the port is in use, or {host} is not an address of this machine"
     raise InvalidRequestError(f"cannot listen on {address}: {why}")
 
 
