@@ -259,6 +259,13 @@ def _text_error(what: str, e: Exception) -> InvalidRequestError:
     return InvalidRequestError(f"{what} must be text (str, encodable as UTF-8): {e}")
 
 
+def _fill_filter(f: pb.Filter, labels: Sequence[str], attributes: Mapping[str, str] | None) -> None:
+    """Fill a Search or List filter; left unset (no filter) when neither is given."""
+    if labels or attributes:
+        f.labels.extend(labels)
+        f.attributes.update(attributes or {})
+
+
 def _fill_vector(vector: pb.Vector, values: object) -> None:
     """Fill ``vector`` with ``values``, or a clear error (bytes would send their byte values)."""
     refuse_single(values, "a vector", "give numbers: [0.1, 0.2, ...] or a numpy array")
@@ -428,9 +435,7 @@ class PictorClient:
         try:
             if key is not None:
                 request.key = key
-            if labels or attributes:
-                request.filter.labels.extend(labels)
-                request.filter.attributes.update(attributes or {})
+            _fill_filter(request.filter, labels, attributes)
         except (TypeError, ValueError) as e:
             raise _text_error("the key, labels and attributes", e) from e
         return [_hit(h) for h in self._call(self._stub.Search, request).hits]
@@ -532,9 +537,7 @@ class PictorClient:
         refuse_single(labels, "labels", "for one label, write labels=['daisy']")
         try:
             request = pb.ListRequest(after=after, limit=limit)
-            if labels or attributes:
-                request.filter.labels.extend(labels)
-                request.filter.attributes.update(attributes or {})
+            _fill_filter(request.filter, labels, attributes)
         except (TypeError, ValueError) as e:
             raise _text_error("after, labels and attributes", e) from e
         r = self._call(self._stub.List, request)

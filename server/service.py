@@ -78,6 +78,13 @@ def _arrived(item: pb.Item, position: int) -> pb.Item:
     return item
 
 
+def _add_item(items: RepeatedCompositeFieldContainer[pb.Item], item: Item) -> pb.Item:
+    """``item`` added to a reply's repeated Item field (List, Get)."""
+    added = items.add(key=item.key, label=item.label)
+    added.attributes.update(item.attributes)
+    return added
+
+
 def _items(n: int) -> str:
     return f"{n} item{'' if n == 1 else 's'}"
 
@@ -182,8 +189,7 @@ class PictorService(pb_grpc.PictorServicer):
         # attributes are 69 MB, and a listing must not stop at a page it cannot send.
         room = self.max_reply_bytes - _LIST_REPLY_MARGIN
         for item in page.items:
-            added = response.items.add(key=item.key, label=item.label)
-            added.attributes.update(item.attributes)
+            added = _add_item(response.items, item)
             room -= added.ByteSize() + 8  # and its field's tag and length
             if room < 0 and len(response.items) > 1:
                 del response.items[-1]
@@ -195,8 +201,7 @@ class PictorService(pb_grpc.PictorServicer):
         result = self.engine.get(list(request.keys), vectors=request.vectors)
         response = pb.GetResponse(missing=result.missing)
         for i, item in enumerate(result.items):
-            out = response.items.add(key=item.key, label=item.label)
-            out.attributes.update(item.attributes)
+            out = _add_item(response.items, item)
             if result.vectors is not None:
                 out.vector.values.extend(result.vectors[i].tolist())
         return response
