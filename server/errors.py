@@ -112,7 +112,8 @@ def _abort(error: Exception, method: str, context: grpc.ServicerContext) -> None
             message += f" (refused {int(resent) + 1} times: the client sent it again after random waits)"
         context.abort(code, message)
     log.error("%s failed", method, exc_info=error)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see server log")
+    notes = "".join(f"; {note}" for note in getattr(error, "__notes__", ()))  # what was done before it failed
+    context.abort(grpc.StatusCode.INTERNAL, _shortened(f"internal error in {method}; see server log{notes}"))
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):

@@ -156,6 +156,10 @@ class PictorService(pb_grpc.PictorServicer):
             if isinstance(e, DeadlineExceededError):
                 raise DeadlineExceededError(f"{e}; nothing of this stream was written") from e
             raise
+        except Exception as e:  # a bug, or the disk failing: the reply still says what is written
+            if written := inserted + replaced:
+                e.add_note(f"the first {_items(written)} of the stream were written")
+            raise
         if not (inserted or replaced):
             raise InvalidRequestError("upsert stream carried no items")
         return pb.UpsertResponse(inserted=inserted, replaced=replaced)

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -24,11 +25,13 @@ import pytest
 from conftest import DATA, ServerProcess, drawn_image, free_port, pictor
 from PIL import Image
 
+from pictor.api import UPSERT_CHUNK
 from pictor.client import PictorClient, UpsertItem
 from pictor.config import ServerSettings
 from pictor.errors import (
     InvalidRequestError,
     NotFoundError,
+    PictorError,
     ResourceExhaustedError,
     ServerBusyError,
     ServerUnavailableError,
@@ -894,6 +897,37 @@ def test_resend_waits_take_at_most_half_the_timeout() -> None:
         waits = [min(float(policy["initialBackoff"][:-1]) * 2**n, float(policy["maxBackoff"][:-1])) for n in range(4)]
         # gRPC's core jitters each wait by +-20%
         assert waits[0] == first and (timeout is None or 1.2 * sum(waits) <= timeout / 2)
+
+
+def test_an_upsert_that_fails_unexpectedly_says_what_it_wrote(
+    built_index: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failure that is not Pictor's (here the disk, as sqlite3 reports it) after a chunk of the
+    stream was written: INTERNAL, and the reply says what is durable."""
+    settings = ServerSettings(index=str(built_index), port=free_port(), workers=4, device="cpu", precision="fp32")
+    server, port, engine = create_server(settings)
+    real, chunks = engine.upsert, []
+
+    def second_chunk_fails(*args: Any, **kwargs: Any) -> Any:
+        chunks.append(1)
+        if len(chunks) == 2:
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "upsert", second_chunk_fails)
+    server.start()
+    try:
+        with PictorClient(f"localhost:{port}", timeout=30) as client:
+            items = [UpsertItem(key=f"x/{i}", vector=[1.0] * 1280) for i in range(UPSERT_CHUNK + 1)]
+            with caplog.at_level("ERROR"), pytest.raises(PictorError) as failed:
+                client.upsert(items)
+            assert str(failed.value) == (f"internal error in /pictor.v1.Pictor/Upsert; see server log; the first {UPSERT_CHUNK} "
+                                         "items of the stream were written (INTERNAL)")
+            assert "disk I/O error" in caplog.text
+            assert len(client.get([f"x/{UPSERT_CHUNK - 1}", f"x/{UPSERT_CHUNK}"])[0]) == 1
+    finally:
+        server.stop(None)
+        engine.close()
 
 
 def test_a_call_whose_deadline_passed_while_it_waited_for_the_model_is_not_run(
