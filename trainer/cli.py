@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from pictor.config import add_flag, model_settings, show_progress
@@ -192,7 +193,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from pictor.errors import InvalidRequestError, require_server_extra
 
     require_server_extra("pictor eval")
-    from pictor.core.files import check_output_file
+    from pictor.core.files import check_output_file, write_atomic
     from pictor.core.head import load_model
     from pictor.trainer.evaluate import evaluate
     from pictor.trainer.metrics import format_report, plot_confusion
@@ -213,8 +214,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.png:
         plot_confusion(report, args.png)
     if args.out_json:
-        with open(args.out_json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+        text = json.dumps(report, indent=2).encode()
+        write_atomic(Path(args.out_json), lambda f: f.write(text), durable=False)
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()

@@ -7,9 +7,12 @@ benchmark, so every number is computed the same way.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pictor.core.files import write_atomic
 
 
 def top_k_accuracy(y: np.ndarray, probs: np.ndarray, k: int) -> float:
@@ -140,5 +143,7 @@ def plot_confusion(report: dict[str, Any], path: str) -> None:
                     ax.text(j, i, str(int(m[i, j])), ha="center", va="center",
                             color=color, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")  # to ``path`` as named: no suffix added
-    plt.close(fig)
+    try:  # whole or not at all, as every file Pictor writes; to ``path`` as named: no suffix added
+        write_atomic(Path(path), lambda f: fig.savefig(f, dpi=120, format="png"), durable=False)
+    finally:
+        plt.close(fig)
