@@ -197,12 +197,10 @@ def embed_samples(
     flush()
     for path, why in skipped:
         log.warning("skipped %s: %s", path, why)
-    dim = embedder.spec.dim
-    per_view = [
-        np.stack([cast(np.ndarray, r[vi]) for r in rows]) if rows else np.zeros((0, dim), np.float32)
-        for vi in range(len(views))
-    ]
-    stacked = np.stack(per_view).astype(np.float32)
+    stacked = np.empty((len(views), len(rows), embedder.spec.dim), np.float32)  # filled in place: one copy
+    for vi in range(len(views)):
+        if rows:
+            stacked[vi] = [cast(np.ndarray, r[vi]) for r in rows]
     stats = {
         "hits": sum(c.hits for c in caches if c is not None),
         "misses": sum(c.misses for c in caches if c is not None),
