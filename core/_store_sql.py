@@ -138,9 +138,13 @@ def _stream_vectors(
             (min_seq,),
         )
     while rows := cursor.fetchmany(block):
-        ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-        vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), -1)
-        yield ids, vecs
+        yield _block(rows)
+
+
+def _block(rows: list[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of ``(id, vector)`` rows."""
+    ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+    return ids, np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), -1)
 
 
 # -- filters --------------------------------------------------------------------------------
@@ -225,6 +229,4 @@ def _vectors_of(
         return
     for rows in _select_in(conn, "SELECT id, vector FROM vectors WHERE id IN ({marks})", ids.tolist()):
         if rows:
-            got = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-            vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32)
-            yield got, vecs.reshape(len(rows), -1)
+            yield _block(rows)
