@@ -165,10 +165,10 @@ def serve(settings: ServerSettings) -> None:
     """Run until SIGINT or SIGTERM; then stop taking calls, finish those in flight, close the index."""
     threads = HandlerThreads(settings.workers)
     server, port, engine = create_server(settings, threads=threads)  # a signal while loading interrupts it (pictor.cli)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         server.start()
         info = engine.info()
         log.info(
