@@ -115,8 +115,9 @@ class Embedder:
                 logits=None if logits is None else logits.float().cpu().numpy(),
             )
 
-    def forward_images(self, images: Sequence[Image.Image]) -> EmbedOutput:
-        """Embed RGB images (in batches of ``batch_size``); logits come from the same pass."""
+    def forward_images(self, images: Iterable[Image.Image]) -> EmbedOutput:
+        """Embed RGB images (in batches of ``batch_size``, preprocessed as each batch is made:
+        an iterator of images is never held whole); logits come from the same pass."""
         return self.forward_preprocessed(self.preprocess(im) for im in images)  # batch by batch
 
     def forward_preprocessed(self, tensors: Iterable[torch.Tensor]) -> EmbedOutput:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -115,16 +115,16 @@ class AugmentedImages(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
         return self.transform(img), self.labels[i]
 
 
-def _load_images(samples: Sequence[Sample], draft: tuple[int, int], max_pixels: int) -> list[Image.Image]:
+def _decoded(samples: Sequence[Sample], draft: tuple[int, int], max_pixels: int) -> Iterator[Image.Image]:
+    """The images, decoded one at a time as they are needed (a validation set decoded and
+    held for the whole run would take gigabytes of PNGs, which decode in full)."""
     from pictor.core.decode import load_image
 
-    images = []
     for s in samples:
         try:
-            images.append(load_image(s.path, max_pixels=max_pixels, draft_size=draft))
+            yield load_image(s.path, max_pixels=max_pixels, draft_size=draft)
         except (InvalidImageError, NotFoundError) as e:  # checked by the embedding pass already
             raise InvalidImageError(f"an image became unreadable during training: {e}") from e  # e names it
-    return images
 
 
 # --------------------------------------------------------------------------- loop
@@ -182,7 +182,6 @@ def finetune(
     total = config.epochs * len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, warmup_cosine(total, round(config.warmup_epochs * len(loader))))
-    val_images = _load_images(val[0], embedder.draft_size, config.max_pixels)
     weights = None if class_weights is None else class_weights.to(device)
     mix = None
     if config.mixup > 0 or config.cutmix > 0:
@@ -229,7 +228,7 @@ def finetune(
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         backbone.eval()
         head.eval()
-        val_acc, val_loss = _validate(embedder, head, val_images, val[1])
+        val_acc, val_loss = _validate(embedder, head, _decoded(val[0], embedder.draft_size, config.max_pixels), val[1])
         row = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
                "train_accuracy": correct / max(seen, 1), "val_accuracy": val_acc,
                "val_loss": val_loss}
@@ -258,11 +257,11 @@ def finetune(
     return result
 
 
-def _validate(embedder: Embedder, head: ClassifierHead, images: Sequence[Image.Image],
+def _validate(embedder: Embedder, head: ClassifierHead, images: Iterable[Image.Image],
               y: np.ndarray) -> tuple[float, float]:
-    """Accuracy and loss through the served path (``Embedder.embed``, then the head)."""
-    emb = torch.as_tensor(embedder.embed(images), device=embedder.device)
+    """Accuracy and loss through the served path (the embedder's forward pass, then the head)."""
+    emb = embedder.forward_images(images).embeddings
     with torch.no_grad():
-        logits = head(emb).float().cpu()
+        logits = head(torch.as_tensor(emb, device=embedder.device)).float().cpu()
     yt = torch.as_tensor(y, dtype=torch.long)
     return float((logits.argmax(1) == yt).float().mean()), float(F.cross_entropy(logits, yt))
