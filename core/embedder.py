@@ -290,6 +290,8 @@ def apply_backbone_state(
     """
     module = embedder.backbone
     own = module.state_dict()
+    # Checked before loading: load_state_dict copies tensor by tensor and would leave a
+    # refused state half loaded.
     foreign = [k for k in state if k not in own]
     if foreign:
         raise IncompatibleModelError(

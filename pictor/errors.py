@@ -44,8 +44,8 @@ class ResourceExhaustedError(PictorError):
 
 class ServerBusyError(ResourceExhaustedError):
     """The server refused the call as busy, nothing done: the threads it would take were held
-    (by calls that wait for the model or a write, or by streams). Worth sending again later; PictorClient has
-    already resent it (``max_attempts``)."""
+    (by calls that wait for the model or a write, or by streams). Worth sending again later;
+    PictorClient has already resent it (``max_attempts``)."""
 
 
 class MissingExtraError(PictorError, ImportError):

@@ -30,10 +30,9 @@ class PictorStub:
     (health Check, Info, Get, List, Search by key or vector): a call that waits for the model
     (Classify, Embed, Search by image) or the write lock (Delete) or opens a stream, and would
     take it, is refused at once with RESOURCE_EXHAUSTED ("the server is busy"), nothing done;
-    send it again shortly. Every
-    other error the server's handlers raise (a request over the size limit included) carries the
-    trailer grpc-retry-pushback-ms: -1, so a gRPC retry policy on RESOURCE_EXHAUSTED
-    (PictorClient's) resends only busy refusals, never one for a full disk.
+    send it again shortly. Every other error the server's handlers raise (a request over the
+    size limit included) carries the trailer grpc-retry-pushback-ms: -1, so a gRPC retry policy
+    on RESOURCE_EXHAUSTED (PictorClient's) resends only busy refusals, never one for a full disk.
     """
 
     def __init__(self, channel):
@@ -89,10 +88,9 @@ class PictorServicer:
     (health Check, Info, Get, List, Search by key or vector): a call that waits for the model
     (Classify, Embed, Search by image) or the write lock (Delete) or opens a stream, and would
     take it, is refused at once with RESOURCE_EXHAUSTED ("the server is busy"), nothing done;
-    send it again shortly. Every
-    other error the server's handlers raise (a request over the size limit included) carries the
-    trailer grpc-retry-pushback-ms: -1, so a gRPC retry policy on RESOURCE_EXHAUSTED
-    (PictorClient's) resends only busy refusals, never one for a full disk.
+    send it again shortly. Every other error the server's handlers raise (a request over the
+    size limit included) carries the trailer grpc-retry-pushback-ms: -1, so a gRPC retry policy
+    on RESOURCE_EXHAUSTED (PictorClient's) resends only busy refusals, never one for a full disk.
     """
 
     def Classify(self, request, context):
@@ -226,10 +224,9 @@ class Pictor:
     (health Check, Info, Get, List, Search by key or vector): a call that waits for the model
     (Classify, Embed, Search by image) or the write lock (Delete) or opens a stream, and would
     take it, is refused at once with RESOURCE_EXHAUSTED ("the server is busy"), nothing done;
-    send it again shortly. Every
-    other error the server's handlers raise (a request over the size limit included) carries the
-    trailer grpc-retry-pushback-ms: -1, so a gRPC retry policy on RESOURCE_EXHAUSTED
-    (PictorClient's) resends only busy refusals, never one for a full disk.
+    send it again shortly. Every other error the server's handlers raise (a request over the
+    size limit included) carries the trailer grpc-retry-pushback-ms: -1, so a gRPC retry policy
+    on RESOURCE_EXHAUSTED (PictorClient's) resends only busy refusals, never one for a full disk.
     """
 
     @staticmethod
