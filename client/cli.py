@@ -185,7 +185,8 @@ def _guard_unreachable(fn: Callable[[argparse.Namespace], int]) -> Callable[[arg
             return fn(args)
         except (ServerUnavailableError, ServerBusyError) as e:
             print(f"pictor {args.command}: {e}", file=sys.stderr)
-            if isinstance(e, ServerUnavailableError) and not isinstance(e, DeadlineExceededError):  # maybe the wrong address
+            if (isinstance(e, ServerUnavailableError) and not isinstance(e, DeadlineExceededError)
+                    and not e.server_said):  # maybe the wrong address
                 print("  (is `pictor serve` running there? another address: --target HOST:PORT or "
                       "PICTOR_TARGET; PICTOR_PORT moves only the server)", file=sys.stderr)
             return EXIT_UNREACHABLE

@@ -353,6 +353,11 @@ class PictorClient:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as e:
             code, details = e.code(), e.details() or ""
+            said = NO_RESEND in (e.trailing_metadata() or ())  # the server's own words (pictor.status)
+            if code == grpc.StatusCode.UNAVAILABLE and said:  # up, and says why it cannot serve
+                unavailable = ServerUnavailableError(f"{details} ({code.name})")
+                unavailable.server_said = True
+                raise unavailable from None
             if code == grpc.StatusCode.UNAVAILABLE:
                 details = f"cannot reach a Pictor server at {self.target}: {details}"
             elif code == grpc.StatusCode.DEADLINE_EXCEEDED and self._past_deadline(started):
@@ -360,7 +365,7 @@ class PictorClient:
                 details = f"no answer from {self.target} within the timeout of {self.timeout:g} s"
             elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in details:
                 details = _too_large(details)
-            elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and NO_RESEND not in (e.trailing_metadata() or ()):
+            elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and not said:
                 # The server marks every other refusal NO_RESEND (pictor.status).
                 raise ServerBusyError(f"{details} ({code.name})") from None
             elif code == grpc.StatusCode.NOT_FOUND and method == self._health.Check:
@@ -374,10 +379,11 @@ class PictorClient:
         """Whether a write call that failed with ``e`` may have been applied all the same.
 
         A call lost, or past this client's deadline, cannot say; one the server ended itself
-        (DEADLINE_EXCEEDED before ours: an idle Upsert stream, a caller gone before its write)
-        says what it wrote, and one that never connected (gRPC's "failed to connect") wrote
-        nothing."""
-        return (isinstance(e, ServerUnavailableError) and "failed to connect" not in str(e).lower()
+        (DEADLINE_EXCEEDED before ours: an idle Upsert stream, a caller gone before its write;
+        UNAVAILABLE with its reason) says what it wrote, and one that never connected (gRPC's
+        "failed to connect") wrote nothing."""
+        return (isinstance(e, ServerUnavailableError) and not e.server_said
+                and "failed to connect" not in str(e).lower()
                 and (not isinstance(e, DeadlineExceededError) or self._past_deadline(started)))
 
     def _past_deadline(self, started: float) -> bool:

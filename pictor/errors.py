@@ -66,7 +66,10 @@ def require_server_extra(feature: str) -> None:
 
 
 class ServerUnavailableError(PictorError, ConnectionError):
-    """The server could not be reached, or did not answer before the deadline."""
+    """The server could not be reached, or did not answer before the deadline; or it answered
+    that it cannot serve (``server_said``: the folder of its index was deleted while open)."""
+
+    server_said: bool = False  # the server itself ended the call: it is up, and says why
 
 
 class DeadlineExceededError(ServerUnavailableError, TimeoutError):

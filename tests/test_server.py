@@ -930,6 +930,37 @@ def test_an_upsert_that_fails_unexpectedly_says_what_it_wrote(
         engine.close()
 
 
+def test_a_server_that_says_it_cannot_serve_is_not_called_unreachable(
+    built_index: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """UNAVAILABLE from the server itself (its index folder deleted while open) keeps the
+    server's words: not "cannot reach", no hint about the address, no "may have been written"."""
+    import shutil
+
+    from pictor.cli import main
+
+    index = tmp_path / "served"
+    shutil.copytree(built_index, index)
+    settings = ServerSettings(index=str(index), port=free_port(), workers=4, device="cpu")
+    server, port, engine = create_server(settings)
+    server.start()
+    try:
+        shutil.rmtree(index)
+        with PictorClient(f"localhost:{port}", timeout=30) as client, pytest.raises(ServerUnavailableError) as gone:
+            client.upsert([UpsertItem(key="a", vector=[1.0] * 1280)])
+        assert gone.value.server_said
+        assert str(gone.value).startswith(f"the folder of index store {index} was deleted while open")
+        assert "may have been written" not in str(gone.value)
+        image = tmp_path / "a.png"
+        image.write_bytes(drawn_image(0))
+        assert main(["add", str(image), "--target", f"localhost:{port}"]) == 4
+        err = capsys.readouterr().err
+        assert "was deleted while open" in err and "cannot reach" not in err and "pictor serve` running" not in err
+    finally:
+        server.stop(None)
+        engine.close()
+
+
 def test_a_call_whose_deadline_passed_while_it_waited_for_the_model_is_not_run(
     built_index: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
