@@ -214,11 +214,18 @@ class _Number(str):
 
 def _json_text(where: str, name: str, value: object) -> str:
     """A JSONL field as text: strings as they are, numbers as written; null means absent."""
-    if isinstance(value, str):
-        return str(value)
-    raise InvalidRequestError(
-        f"{where}: field {name!r} must be a string or a number, got {json.dumps(value)[:60]}"
-    )
+    if not isinstance(value, str):
+        raise InvalidRequestError(
+            f"{where}: field {name!r} must be a string or a number, got {json.dumps(value)[:60]}"
+        )
+    for text in (name, value):  # JSON's \ud800 escapes decode to lone surrogates, which no text holds
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequestError(
+                f"{where}: field {name!r:.80} holds {text[e.start]!r}, half of a UTF-16 surrogate pair "
+                "(a JSON \\u escape), which is not text; write the character itself") from None
+    return str(value)
 
 
 def _entries(manifest: Path, rows: Iterator[tuple[int, dict[str, str]]], required: tuple[str, ...]

@@ -287,6 +287,12 @@ def checked_items(items: list[Item]) -> list[Item]:
             if not name.strip():
                 raise InvalidRequestError(f"item {item.key!r:.200}: an attribute has an empty name "
                                           f"(value {value!r:.80}); name it, or leave it out")
+        try:  # SQLite stores UTF-8: a lone surrogate (from a file name, a JSON escape) is no text
+            for text in (item.key, item.label, *item.attributes, *item.attributes.values()):
+                text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequestError(f"item {item.key!r:.200}: {e.object!r:.80} is not UTF-8 text "
+                                      f"({e.object[e.start]!r} is half of a surrogate pair)") from None
         if item.attributes and len(text := _dump_attrs(item.attributes)) > MAX_ATTRIBUTES_CHARS:
             raise InvalidRequestError(f"item {item.key!r:.200}: its attributes take {len(text):,} "
                                       f"characters as JSON; at most {MAX_ATTRIBUTES_CHARS:,}")

@@ -164,6 +164,11 @@ def test_manifest_rows_that_cannot_be_items_are_refused_up_front(tmp_path: Path)
     jsonl.write_text(json.dumps({"path": "a.png"}) + "\n" + json.dumps({"path": "b.png", "label": "x\0y"}) + "\n")
     with pytest.raises(InvalidRequestError, match=r"m.jsonl:2: item 'b.png': the label 'x.x00y' holds a NUL"):
         list(read_gallery(jsonl))
+    for row in ({"path": "a.png", "label": "ro\ud800ses"}, {"path": "a.png", "key": "k\ud800"},
+                {"path": "a.png", "note\udc00": "x"}):  # json.dumps writes them as \u escapes
+        jsonl.write_text(json.dumps(row) + "\n")
+        with pytest.raises(InvalidRequestError, match="m.jsonl:1: field .* half of a UTF-16 surrogate pair"):
+            list(read_gallery(jsonl))
     jsonl.write_text(json.dumps({"path": "a.png", "note": "n" * 70_000}) + "\n")
     with pytest.raises(InvalidRequestError, match="m.jsonl:1: item 'a.png': its attributes take 70,012 characters"):
         list(read_gallery(jsonl))
