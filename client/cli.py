@@ -97,8 +97,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                 "pictor info --target localhost:50051")
     p.set_defaults(run=run_info)
 
-    p = _parser(sub, "health", "whether a running server is serving (exit 0) or not (exit 4): the standard "
-                "gRPC health check, cheap enough for a container probe",
+    p = _parser(sub, "health", "whether a running server is serving (exit 0) or not (exit 4; also when its index "
+                "folder was deleted while it served): the standard gRPC health check, cheap enough for a container probe",
                 "pictor health --target localhost:50051 --timeout 3")
     p.set_defaults(run=run_health)
 

@@ -1020,8 +1020,18 @@ class IndexStore:
         if lock.endswith(" (deleted)"):
             raise ServerUnavailableError(
                 f"the folder of index store {self.path} was deleted while open: nothing can be written "
-                "to it or read from it any more; restart on a restored copy (`pictor backup` makes one)")
+                "to it any more (searches answer from memory until it closes); restart on a restored "
+                "copy (`pictor backup` makes one)")
         return Path(lock).parent
+
+    def unavailable(self) -> str | None:
+        """Why this store can take no more writes (its folder was deleted while open), or None:
+        for a health check, which should fail then."""
+        try:
+            self._folder()
+        except ServerUnavailableError as e:
+            return str(e)
+        return None
 
     def _ready_to_write(self, before_write: Callable[[], None] | None) -> None:
         """Before a write (writer lock held): the store may have been closed while this call

@@ -11,7 +11,7 @@ import logging
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
 
@@ -40,8 +40,21 @@ class CheckOnlyHealthServicer(health.HealthServicer):
     before reading its first answer then deadlocks the whole server, which only SIGKILL ends
     (a few cancelled streams were enough; open upstream: grpc/grpc#43403). ``Check`` is what
     probes use (compose, Kubernetes, grpc-health-probe), and gRPC clients that watch health
-    take UNIMPLEMENTED as healthy.
+    take UNIMPLEMENTED as healthy. ``Check`` answers NOT_SERVING while the index cannot be
+    written (its folder deleted while open: ``IndexStore.unavailable``), so a probe restarts the
+    server instead of leaving it refusing every write.
     """
+
+    def __init__(self, unavailable: Callable[[], str | None]) -> None:
+        super().__init__()
+        self.unavailable = unavailable
+
+    def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
+              ) -> health_pb2.HealthCheckResponse:
+        response = super().Check(request, context)
+        if response.status == health_pb2.HealthCheckResponse.SERVING and self.unavailable():
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+        return response
 
     def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext,
               send_response_callback: object = None) -> None:
@@ -95,7 +108,7 @@ def create_server(settings: ServerSettings, threads: HandlerThreads | None = Non
         PictorService(engine, threads, upsert_idle_s=settings.upsert_idle_timeout, max_reply_bytes=max_bytes), server
     )
 
-    health_servicer = CheckOnlyHealthServicer()
+    health_servicer = CheckOnlyHealthServicer(engine.store.unavailable)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (health.OVERALL_HEALTH, SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -934,7 +934,8 @@ def test_a_server_that_says_it_cannot_serve_is_not_called_unreachable(
     built_index: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """UNAVAILABLE from the server itself (its index folder deleted while open) keeps the
-    server's words: not "cannot reach", no hint about the address, no "may have been written"."""
+    server's words: not "cannot reach", no hint about the address, no "may have been written";
+    and its health check says NOT_SERVING."""
     import shutil
 
     from pictor.cli import main
@@ -956,6 +957,11 @@ def test_a_server_that_says_it_cannot_serve_is_not_called_unreachable(
         assert main(["add", str(image), "--target", f"localhost:{port}"]) == 4
         err = capsys.readouterr().err
         assert "was deleted while open" in err and "cannot reach" not in err and "pictor serve` running" not in err
+        # A probe sees it, and restarts the server (searches still answer from memory).
+        with PictorClient(f"localhost:{port}", timeout=30) as client:
+            assert client.health() == client.health("pictor.v1.Pictor") == "NOT_SERVING"
+            assert len(client.search(vector=[1.0] * 1280, k=2)) == 2
+        assert main(["health", "--target", f"localhost:{port}"]) == 4
     finally:
         server.stop(None)
         engine.close()

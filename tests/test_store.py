@@ -297,9 +297,9 @@ def test_bad_input_refused(tmp_path: Path, rng) -> None:
         with pytest.raises(InvalidRequestError, match="at most 4,096 characters, got 5,000 characters: 'kkk"):
             store.upsert([Item("k" * 5000)], unit(rng, 1))
         # A lone surrogate (a file name that is not UTF-8, a JSON escape) is no text SQLite can keep.
-        for bad in (Item("k\udcff"), Item("k", label="l\ud800"), Item("k", attributes={"a": "\ud800"})):
+        for not_text in (Item("k\udcff"), Item("k", label="l\ud800"), Item("k", attributes={"a": "\ud800"})):
             with pytest.raises(InvalidRequestError, match="is not UTF-8 text .* half of a surrogate pair"):
-                store.upsert([bad], unit(rng, 1))
+                store.upsert([not_text], unit(rng, 1))
         # SQLite's JSON functions, which the label filter uses, cut text at a NUL: such a label
         # was counted by label_counts but no filter could find it.
         with pytest.raises(InvalidRequestError, match=r"item 'a': the label 'a\\x00b' holds a NUL character"):
