@@ -66,9 +66,16 @@ def read_gallery(
         for entry in read_manifest(src, require_label=require_label):
             yield entry if labels == "folder" else replace(entry, label="")
         return
+    folder_of: dict[str, str] = {}  # label -> the folder name that first gave it
+    merged: set[str] = set()
     for path in _walk_images(src, unlisted if unlisted is not None else []):
         parts = path.relative_to(src).parts
         label = canonical_label(parts[0]) if labels == "folder" and len(parts) > 1 else ""
+        first = folder_of.setdefault(label, parts[0])
+        if label and first != parts[0] and parts[0] not in merged:
+            merged.add(parts[0])
+            log.warning("folders %s and %s in %s are the same label in Unicode NFC, as labels are kept: "
+                        "their images are one class, %r", ascii(first), ascii(parts[0]), src, label)
         yield GalleryEntry(key=path.as_posix(), path=path, label=label)
 
 

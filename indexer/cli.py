@@ -36,8 +36,8 @@ Each item's key is its `key`, else the file's path as given (./a//b.jpg becomes 
 give a folder the same way each time (photos/ and /home/me/photos/ are different keys); a
 manifest that repeats a key is refused, since which row should win is a guess, as is one with
 a row the index cannot hold (a key or label over 4,096 characters, a NUL in a label, attributes
-over 64 KiB as JSON), before anything is written. Running again over an existing index (with
-the index's own model) adds new keys and replaces items whose file content, label or
+over 65,536 characters as JSON), before anything is written. Running again over an existing
+index (with the index's own model) adds new keys and replaces items whose file content, label or
 attributes changed; files the index holds as they are (same key, content by sha256, label and
 attributes) are read and hashed, not embedded again, and a file whose content the index holds
 under another key (a renamed folder, a duplicate) gets a copy of that vector.

@@ -28,7 +28,7 @@ def test_label_is_the_top_level_folder(tmp_path: Path) -> None:
     assert {e.path.name: e.label for e in read_gallery(tmp_path)} == {"a.jpg": "tulips", "loose.png": ""}
 
 
-def test_labels_that_look_alike_are_one_label(tmp_path: Path) -> None:
+def test_labels_that_look_alike_are_one_label(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # macOS may write "rosés" decomposed (e + combining accent): the same class as typed.
     composed, decomposed = "ros\u00e9s", "rose\u0301s"
     (tmp_path / "tree" / decomposed).mkdir(parents=True)
@@ -37,6 +37,14 @@ def test_labels_that_look_alike_are_one_label(tmp_path: Path) -> None:
     (tmp_path / "m.csv").write_text(f"path,label\nb.jpg,{decomposed}\n", encoding="utf-8")
     assert [e.label for e in read_gallery(tmp_path / "tree")] == [composed]
     assert [e.label for e in read_gallery(tmp_path / "m.csv")] == [composed]
+    # Two folders so named are one class, and the run says so (the names look alike).
+    (tmp_path / "tree" / composed).mkdir()
+    (tmp_path / "tree" / composed / "c.jpg").write_bytes(b"")
+    (tmp_path / "tree" / composed / "d.jpg").write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        assert {e.label for e in read_gallery(tmp_path / "tree")} == {composed}
+    assert caplog.text.count("are the same label in Unicode NFC") == 1
+    assert "'ros\\xe9s'" in caplog.text and "'rose\\u0301s'" in caplog.text
 
 
 def test_csv_and_jsonl_manifests(tmp_path: Path) -> None:
