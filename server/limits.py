@@ -88,13 +88,14 @@ class HandlerThreads:
     def _check_one_left(self, refused: str) -> None:
         if self._streams + self._waiting_calls < self.workers - 1:
             return
-        n = self._waiting_calls
-        calls = f"{n} call that waits" if n == 1 else f"{n} calls that wait"
-        streams = f"{self._streams} open stream{'s' if self._streams != 1 else ''}"
+        n, m = self._waiting_calls, self._streams
+        holders = [f"{n} call{' that waits' if n == 1 else 's that wait'} for the model or a write (Classify, "
+                   "Embed, Search by image, Delete)" if n else "",
+                   f"{m} open stream{'s' if m != 1 else ''} (Upsert, reflection)" if m else ""]
         raise self._refusal(
-            f"the server is busy: {calls} for the model or a write (Classify, Embed, Search by image, Delete) and "
-            f"{streams} hold all but one of its {self.workers} handler threads (--workers), which is "
-            f"kept for health checks and lookups; {refused}, send again shortly")
+            f"the server is busy: {' and '.join(h for h in holders if h)} hold{'s' if n + m == 1 else ''} all "
+            f"but one of its {self.workers} handler threads (--workers), which is kept for health checks "
+            f"and lookups; {refused}, send again shortly")
 
     def _refusal(self, message: str) -> ServerBusyError:
         """The error for a call refused as busy (under the lock), counted in a log line at most
