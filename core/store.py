@@ -6,7 +6,8 @@ A store is one directory::
                          counts, created/updated, and which operations the snapshot contains
     metadata.sqlite      the source of truth (WAL, synchronous=FULL): items with key, int64 id,
                          label, attributes (JSON), the float32 vector, and the op sequence
-    faiss-<seq>.index    FAISS snapshot holding every operation up to <seq>
+    faiss-<seq>.index    FAISS snapshot holding every operation up to <seq> (faiss-<seq>-<n>.index
+                         when the same operations are saved again, rebuilt or re-tuned)
 
 Writes commit to SQLite first, so an upsert or delete is durable when it returns; the FAISS
 index in memory is then updated under the same lock, so readers never see the database and
@@ -813,6 +814,11 @@ class IndexStore:
             return
         seq = self._seq
         name = f"{SNAPSHOT_PREFIX}{seq:012d}{SNAPSHOT_SUFFIX}"
+        if name == (self._manifest.get("snapshot") or {}).get("file"):
+            # The same operations in another index (rebuilt, re-tuned): a new name, so that the
+            # file the manifest names is never replaced under it (a crash, or a backup copying
+            # it, in between would find another file than the manifest's checksum says).
+            name = f"{SNAPSHOT_PREFIX}{seq:012d}-{time.time_ns()}{SNAPSHOT_SUFFIX}"
         started = time.perf_counter()
         folder = self._folder()
         crc32 = self._index.save(folder / name)

@@ -787,6 +787,27 @@ def test_open_replays_changes_missing_from_snapshot(tmp_path: Path, rng, caplog)
     assert "brought up to date" in caplog.text
 
 
+def test_a_snapshot_never_replaces_the_file_the_manifest_names(tmp_path: Path, rng, caplog) -> None:
+    """The same operations saved again (a rebuilt or re-tuned index) go to a new file; the one
+    the manifest names stays as written until the manifest names another."""
+    def named() -> str:
+        return str(json.loads((tmp_path / "s" / MANIFEST).read_text())["snapshot"]["file"])
+
+    with IndexStore.create(tmp_path / "s", spec()) as store:
+        store.upsert(items(10), unit(rng, 10))
+        store.snapshot()
+        files = [named()]
+        for _ in range(2):
+            store._dirty = True  # as a rebuild or a re-tune leaves it: no new operation
+            store.snapshot()
+            files.append(named())
+    assert all(a != b for a, b in zip(files, files[1:], strict=False))  # each save, another file
+    assert [p.name for p in (tmp_path / "s").glob("faiss-*.index")] == [files[-1]]
+    with caplog.at_level(logging.INFO), IndexStore.open(tmp_path / "s") as store:
+        assert len(store) == 10 and store.search(unit(rng, 1), k=10)[0]
+    assert "rebuil" not in caplog.text  # the snapshot loaded as it is
+
+
 def test_open_rebuilds_corrupt_snapshot(tmp_path: Path, rng, caplog) -> None:
     vecs = unit(rng, 30)
     with IndexStore.create(tmp_path / "s", spec(), index_type="Flat") as store:
@@ -811,6 +832,7 @@ def test_a_snapshot_that_loads_but_is_not_the_one_saved_is_rebuilt(tmp_path: Pat
     flipped[len(good) // 2] ^= 0x40  # inside the stored vectors
     (other,) = (tmp_path / "other").glob("faiss-*.index")
     for damaged in (bytes(flipped), other.read_bytes()):
+        (snap,) = (tmp_path / "s").glob("faiss-*.index")  # the rebuild's snapshot is a new file
         snap.write_bytes(damaged)
         caplog.clear()
         with caplog.at_level(logging.WARNING), IndexStore.open(tmp_path / "s") as store:
