@@ -32,8 +32,7 @@ import torch
 from numpy.typing import ArrayLike
 from torch import nn
 
-from pictor.core import embedder as embedder_mod
-from pictor.core.embedder import Embedder, fingerprint_state
+from pictor.core.embedder import Embedder, embedder_for_spec, fingerprint_state, resolve_device, runs_natively
 from pictor.core.files import damaged_member, why_not_tensors, write_atomic
 from pictor.core.spec import ModelSpec
 from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError, ResourceExhaustedError
@@ -514,9 +513,9 @@ class TrainedModel:
         # keeps it where this device computes it natively. (Files before it was kept say "auto".)
         trained = str(self.training.get("precision", "auto"))
         if (precision == "auto" and trained != "auto"
-                and embedder_mod.runs_natively(trained, embedder_mod.resolve_device(device))):
+                and runs_natively(trained, resolve_device(device))):
             precision = trained
-        emb = embedder_mod.embedder_for_spec(
+        emb = embedder_for_spec(
             self.spec, weights=weights, device=device, precision=precision, compile=compile,
             backbone_state=self.backbone_state,
             no_checkpoint=lambda path: NotFoundError(

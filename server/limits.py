@@ -89,11 +89,14 @@ class HandlerThreads:
         if self._streams + self._waiting_calls < self.workers - 1:
             return
         n, m = self._waiting_calls, self._streams
-        holders = [f"{n} call{' that waits' if n == 1 else 's that wait'} for the model or a write (Classify, "
-                   "Embed, Search by image, Delete)" if n else "",
-                   f"{m} open stream{'s' if m != 1 else ''} (Upsert, reflection)" if m else ""]
+        holders = []
+        if n:
+            holders.append(f"{n} call{' that waits' if n == 1 else 's that wait'} for the model or a write "
+                           "(Classify, Embed, Search by image, Delete)")
+        if m:
+            holders.append(f"{m} open stream{'s' if m != 1 else ''} (Upsert, reflection)")
         raise self._refusal(
-            f"the server is busy: {' and '.join(h for h in holders if h)} hold{'s' if n + m == 1 else ''} all "
+            f"the server is busy: {' and '.join(holders)} hold{'s' if n + m == 1 else ''} all "
             f"but one of its {self.workers} handler threads (--workers), which is kept for health checks "
             f"and lookups; {refused}, send again shortly")
 
