@@ -358,8 +358,12 @@ class PictorClient:
                 unavailable = ServerUnavailableError(f"{details} ({code.name})")
                 unavailable.server_said = True
                 raise unavailable from None
-            if code == grpc.StatusCode.UNAVAILABLE:
+            if code == grpc.StatusCode.UNAVAILABLE and details == "Cancelling all calls":  # gRPC's words
+                details = f"the server at {self.target} stopped while the call was open ({details})"
+            elif code == grpc.StatusCode.UNAVAILABLE:
                 details = f"cannot reach a Pictor server at {self.target}: {details}"
+            elif code == grpc.StatusCode.CANCELLED:
+                details = f"the call was cancelled before its answer came ({details}): this PictorClient was closed"
             elif code == grpc.StatusCode.DEADLINE_EXCEEDED and self._past_deadline(started):
                 # (earlier, the server ended the call itself and says why)
                 details = f"no answer from {self.target} within the timeout of {self.timeout:g} s"

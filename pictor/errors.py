@@ -66,13 +66,15 @@ def require_server_extra(feature: str) -> None:
 
 
 class ServerUnavailableError(PictorError, ConnectionError):
-    """The server could not be reached, or did not answer before the deadline; or it answered
-    that it cannot serve (``server_said``: the folder of its index was deleted while open)."""
+    """The server could not be reached, the call was cut off before its answer (the connection
+    lost, the client closed by another thread, the server stopped with the call open), or it
+    did not answer before the deadline; or it answered that it cannot serve (``server_said``:
+    the folder of its index was deleted while open)."""
 
     server_said: bool = False  # the server itself ended the call: it is up, and says why
 
 
 class DeadlineExceededError(ServerUnavailableError, TimeoutError):
-    """The call's deadline passed (or the caller cancelled it) before the answer: the client
-    gets this, and the server stops work for a caller that has gone. Also a ``TimeoutError``,
-    so ``except TimeoutError`` catches a client's timeout."""
+    """The call's deadline passed before the answer: the client gets this, and the server stops
+    work for a caller that has gone. Also a ``TimeoutError``, so ``except TimeoutError`` catches
+    a client's timeout."""

@@ -42,10 +42,11 @@ STATUS_OF_ERROR: tuple[tuple[type[PictorError], grpc.StatusCode], ...] = (
 )
 
 # Each code back to its most general error (later entries win): INVALID_ARGUMENT is an
-# InvalidRequestError. A call cancelled on the client's side (its channel closed by another
-# thread, say): the answer did not come, as DeadlineExceededError says.
+# InvalidRequestError. A cancelled call (its channel closed by another thread, or the server
+# stopped with it open) lost its answer as a lost connection does: no timeout, and a write's
+# outcome is not known.
 _ERROR_OF_STATUS: dict[grpc.StatusCode, type[PictorError]] = {
-    code: error for error, code in STATUS_OF_ERROR} | {grpc.StatusCode.CANCELLED: DeadlineExceededError}
+    code: error for error, code in STATUS_OF_ERROR} | {grpc.StatusCode.CANCELLED: ServerUnavailableError}
 
 
 def status_for(error: BaseException) -> grpc.StatusCode:

@@ -930,6 +930,56 @@ def test_an_upsert_that_fails_unexpectedly_says_what_it_wrote(
         engine.close()
 
 
+def test_an_upsert_cut_off_by_closing_the_client_may_have_been_written(server: ServerProcess) -> None:
+    """A call cancelled under the caller (PictorClient.close() on another thread) lost its
+    answer: a write's outcome is unknown, and it is no timeout."""
+    sent, release = threading.Event(), threading.Event()
+
+    def items() -> Iterator[UpsertItem]:
+        yield UpsertItem(key="cut/0", vector=[1.0] * 1280)
+        sent.set()
+        release.wait(30)
+
+    client = PictorClient(server.target, timeout=30)
+    with ThreadPoolExecutor(1) as pool:
+        upsert = pool.submit(client.upsert, items())
+        assert sent.wait(30)
+        client.close()
+        with pytest.raises(ServerUnavailableError) as cut:
+            upsert.result(30)
+        release.set()
+    assert not isinstance(cut.value, TimeoutError)
+    assert re.match(r"the call was cancelled before its answer came \(.*\): this PictorClient was closed "
+                    r"\(CANCELLED\); the item sent may have been written", str(cut.value)), str(cut.value)
+
+
+def test_an_upsert_cut_off_by_the_server_stopping_says_so(built_index: Path) -> None:
+    """Not "cannot reach": the server was reached, and stopped (past its drain) with the call open."""
+    server, port, engine = create_server(ServerSettings(index=str(built_index), port=free_port(), device="cpu"))
+    server.start()
+    sent, release = threading.Event(), threading.Event()
+
+    def items() -> Iterator[UpsertItem]:
+        yield UpsertItem(key="cut/0", vector=[1.0] * 1280)
+        sent.set()
+        release.wait(30)
+
+    try:
+        with PictorClient(f"localhost:{port}", timeout=30) as client, ThreadPoolExecutor(1) as pool:
+            upsert = pool.submit(client.upsert, items())
+            assert sent.wait(30)
+            server.stop(0)
+            with pytest.raises(ServerUnavailableError) as cut:
+                upsert.result(30)
+            release.set()
+        assert str(cut.value).startswith(f"the server at localhost:{port} stopped while the call was open "
+                                         "(Cancelling all calls) (UNAVAILABLE); the item sent may have been written")
+    finally:
+        release.set()
+        server.stop(None)
+        engine.close()
+
+
 def test_a_server_that_says_it_cannot_serve_is_not_called_unreachable(
     built_index: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
