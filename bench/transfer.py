@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from pictor.core.gallery import read_gallery
-from pictor.core.head import OpenSetThresholds, calibrate_thresholds
+from pictor.core.open_set import OpenSetThresholds, calibrate_thresholds
 from pictor.trainer import data as data_mod
 from pictor.trainer.config import TrainConfig
 from pictor.trainer.openset import knn_predict, nearest_similarity

@@ -175,7 +175,7 @@ class Engine:
         with self._open_set_lock:
             seq = self.store.seq  # read first: a write after it makes the next call check again
             if seq != self._checked_at_seq:
-                from pictor.core.head import neighbour_tests_off
+                from pictor.core.open_set import neighbour_tests_off
 
                 was_off = self._why_neighbours_off
                 self._why_neighbours_off = why = neighbour_tests_off(self.store, self.model.class_names)
@@ -300,7 +300,7 @@ class Engine:
         """Similarity of the nearest indexed item of the model's classes: the first of ``hits``
         when it is one, else a search for it. NaN when the neighbour tests are off (see
         ``_neighbour_tests_off``): the class fit decides alone."""
-        from pictor.core.head import open_set_similarities
+        from pictor.core.open_set import open_set_similarities
 
         if self.model is None:
             return math.nan

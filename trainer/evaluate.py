@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pictor.config import DEFAULT_MAX_PIXELS, cache_root
-from pictor.core.head import TrainedModel, neighbour_tests_off, open_set_similarities, top_k_labels
+from pictor.core.head import TrainedModel, top_k_labels
+from pictor.core.open_set import neighbour_tests_off, open_set_similarities
 from pictor.errors import InvalidRequestError
 from pictor.image_files import path_text
 from pictor.trainer import data as data_mod

@@ -1,7 +1,7 @@
 """Open-set calibration and kNN on embeddings: the training-time stand-ins for the index.
 
 At serving time, "unknown" needs two scores: how well the embedding fits the class Gaussians
-(relative Mahalanobis score, ``pictor.core.head.ClassGaussians``) and the cosine similarity of
+(relative Mahalanobis score, ``pictor.core.open_set.ClassGaussians``) and the cosine similarity of
 the nearest indexed image. The class-Gaussian score replaced the head's top-1 probability:
 on flowers with one class held out it rejects more of the unknowns at the same cost in known
 images (docs/benchmarks.md). In training the index is played by the training embeddings, and
@@ -28,7 +28,8 @@ from statistics import NormalDist
 import faiss
 import numpy as np
 
-from pictor.core.head import ClassGaussians, OpenSet, calibrate_thresholds, knn_vote
+from pictor.core.head import knn_vote
+from pictor.core.open_set import ClassGaussians, OpenSet, calibrate_thresholds
 
 log = logging.getLogger(__name__)
 
