@@ -39,6 +39,15 @@ from pictor.errors import (
 from pictor.server.app import create_server
 
 
+def held_open(key: str, release: threading.Event, sent: threading.Event | None = None) -> Iterator[UpsertItem]:
+    """Upsert items that send one item, then hold the stream open until ``release`` (``sent`` is
+    set once the client has taken the item)."""
+    yield UpsertItem(key=key, vector=[1.0] * 1280)
+    if sent is not None:
+        sent.set()
+    release.wait(30)
+
+
 def test_search_finds_the_gallery_image_itself(server: ServerProcess, shared_gallery: Path) -> None:
     image = sorted(shared_gallery.rglob("*.png"))[3]
     with PictorClient(server.target) as client:
@@ -514,13 +523,8 @@ def test_calls_are_bounded_and_work_for_a_caller_gone_is_not_written(built_index
         # An open Upsert stream holds a handler thread: with 2, one stream at a time, so a slow
         # streaming client leaves the other thread to searches and health checks.
         release = threading.Event()
-
-        def slow_items() -> Iterator[UpsertItem]:
-            yield UpsertItem(key="slow/0", vector=[1.0] * 1280)
-            release.wait(30)
-
         with PictorClient(server.target, timeout=5) as client, ThreadPoolExecutor(1) as pool:
-            slow = pool.submit(client.upsert, slow_items())
+            slow = pool.submit(client.upsert, held_open("slow/0", release))
             time.sleep(0.5)  # the stream is open
             with pytest.raises(ResourceExhaustedError, match=r"1 stream is open already \(Upsert or reflection"):
                 client.upsert([UpsertItem(key="slow/1", vector=[1.0] * 1280)])
@@ -660,14 +664,9 @@ def test_a_busy_server_is_exit_code_4_after_the_client_resent_the_call(built_ind
     (scripts try again later)."""
     server = ServerProcess(built_index, "--workers", "2").start()
     release = threading.Event()
-
-    def held_open() -> Iterator[UpsertItem]:
-        yield UpsertItem(key="held", vector=[1.0] * 1280)
-        release.wait(30)
-
     try:
         with PictorClient(server.target, timeout=30) as client, ThreadPoolExecutor(1) as pool:
-            upload = pool.submit(client.upsert, held_open())
+            upload = pool.submit(client.upsert, held_open("held", release))
             time.sleep(1.0)  # the stream is open
             image = DATA / "daisy.jpg"
             busy = pictor("classify", str(image), "--target", server.target, check=False)
@@ -690,10 +689,6 @@ def test_a_quiet_upsert_stream_is_ended_and_frees_its_slot(built_index: Path) ->
     server = ServerProcess(built_index, "--workers", "2", "--upsert-idle-timeout", "1").start()
     release = threading.Event()
 
-    def quiet() -> Iterator[UpsertItem]:
-        yield UpsertItem(key="quiet/0", vector=[1.0] * 1280)
-        release.wait(30)
-
     def steady() -> Iterator[UpsertItem]:  # slower in all than the limit, never quiet that long
         for i in range(5):
             time.sleep(0.4)
@@ -702,7 +697,7 @@ def test_a_quiet_upsert_stream_is_ended_and_frees_its_slot(built_index: Path) ->
     try:
         with PictorClient(server.target, timeout=20) as client:
             with pytest.raises(TimeoutError) as ended:  # a DeadlineExceededError, caught as the builtin too
-                client.upsert(quiet())
+                client.upsert(held_open("quiet/0", release))
             assert isinstance(ended.value, DeadlineExceededError)
             assert re.fullmatch(r"the upsert stream sent nothing for 1 s and was ended: send each message within that "
                                 r"time .*; nothing of this stream was written \(DEADLINE_EXCEEDED\)", str(ended.value))
@@ -935,14 +930,9 @@ def test_an_upsert_cut_off_by_closing_the_client_may_have_been_written(server: S
     answer: a write's outcome is unknown, and it is no timeout."""
     sent, release = threading.Event(), threading.Event()
 
-    def items() -> Iterator[UpsertItem]:
-        yield UpsertItem(key="cut/0", vector=[1.0] * 1280)
-        sent.set()
-        release.wait(30)
-
     client = PictorClient(server.target, timeout=30)
     with ThreadPoolExecutor(1) as pool:
-        upsert = pool.submit(client.upsert, items())
+        upsert = pool.submit(client.upsert, held_open("cut/0", release, sent))
         assert sent.wait(30)
         client.close()
         with pytest.raises(ServerUnavailableError) as cut:
@@ -959,14 +949,9 @@ def test_an_upsert_cut_off_by_the_server_stopping_says_so(built_index: Path) -> 
     server.start()
     sent, release = threading.Event(), threading.Event()
 
-    def items() -> Iterator[UpsertItem]:
-        yield UpsertItem(key="cut/0", vector=[1.0] * 1280)
-        sent.set()
-        release.wait(30)
-
     try:
         with PictorClient(f"localhost:{port}", timeout=30) as client, ThreadPoolExecutor(1) as pool:
-            upsert = pool.submit(client.upsert, items())
+            upsert = pool.submit(client.upsert, held_open("cut/0", release, sent))
             assert sent.wait(30)
             server.stop(0)
             with pytest.raises(ServerUnavailableError) as cut:
