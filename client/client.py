@@ -18,6 +18,7 @@ import ipaddress
 import json
 import logging
 import math
+import numbers
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -170,6 +171,8 @@ def _check_counts(low: int, high: int = _UINT32_MAX, **counts: int) -> None:
     "server default", and a negative or too large number does not fit. ``high``: the limit
     when the API has one (else the server names its own)."""
     for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy's ints are Integral
+            raise InvalidRequestError(f"{name} must be a whole number, got {value!r:.80} ({type(value).__name__})")
         if not low <= value <= high:
             raise InvalidRequestError(f"{name} must be between {low} and {high}, got {value}")
 
@@ -259,11 +262,27 @@ def _text_error(what: str, e: Exception) -> InvalidRequestError:
     return InvalidRequestError(f"{what} must be text (str, encodable as UTF-8): {e}")
 
 
+def _check_attributes(attributes: object, whose: str = "") -> None:
+    """Attributes as protobuf takes them (text to text), or an error that names the one that is
+    not: protobuf's own words name neither the attribute nor the mistake."""
+    if not isinstance(attributes, Mapping):
+        raise InvalidRequestError(f"{whose}attributes must map text to text (a dict), got {type(attributes).__name__}")
+    for name, value in attributes.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise InvalidRequestError(f"{whose}attributes map text to text, got {name!r:.200}: {value!r:.200}; "
+                                      "write numbers as text, e.g. str(3)")
+
+
 def _fill_filter(f: pb.Filter, labels: Sequence[str], attributes: Mapping[str, str] | None) -> None:
     """Fill a Search or List filter; left unset (no filter) when neither is given."""
+    if attributes is not None:
+        _check_attributes(attributes)
     if labels or attributes:
-        f.labels.extend(labels)
-        f.attributes.update(attributes or {})
+        try:
+            f.labels.extend(labels)
+            f.attributes.update(attributes or {})
+        except (TypeError, ValueError) as e:
+            raise _text_error("labels and attributes", e) from e
 
 
 def _fill_vector(vector: pb.Vector, values: object) -> None:
@@ -279,10 +298,7 @@ def _item(it: UpsertItem) -> pb.Item:
     if not isinstance(it, UpsertItem):
         raise InvalidRequestError(f"upsert takes UpsertItem objects, got {type(it).__name__} {it!r:.80}")
     image = _image_bytes(it.image)
-    for name, value in it.attributes.items():  # protobuf's own words would name neither
-        if not isinstance(name, str) or not isinstance(value, str):
-            raise InvalidRequestError(f"item {it.key!r:.200}: attributes map text to text, got "
-                                      f"{name!r:.200}: {value!r:.200}; write numbers as text, e.g. str(3)")
+    _check_attributes(it.attributes, f"item {it.key!r:.200}: ")
     try:
         item = pb.Item(key=it.key, image=image, label=it.label, attributes=dict(it.attributes))
     except (TypeError, ValueError) as e:  # protobuf's own words do not say which field
@@ -308,6 +324,9 @@ class PictorClient:
         up to that much of a call to resend it, so each open stream may hold that much memory
         here."""
         target = _with_port(target)
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)):
+            raise InvalidRequestError(f"timeout must be a number of seconds or None, got {timeout!r:.80} "
+                                      f"({type(timeout).__name__})")
         if timeout is not None and not timeout > 0:
             raise InvalidRequestError(f"timeout must be more than 0 seconds, got {timeout}")
         if type(max_attempts) is not int or not 1 <= max_attempts <= MAX_ATTEMPTS:  # (a bool is not a count)
@@ -442,12 +461,12 @@ class PictorClient:
             request.image = _image_bytes(image)
         elif vector is not None:
             _fill_vector(request.vector, vector)
-        try:
-            if key is not None:
+        if key is not None:
+            try:
                 request.key = key
-            _fill_filter(request.filter, labels, attributes)
-        except (TypeError, ValueError) as e:
-            raise _text_error("the key, labels and attributes", e) from e
+            except (TypeError, ValueError) as e:
+                raise _text_error("the key", e) from e
+        _fill_filter(request.filter, labels, attributes)
         return [_hit(h) for h in self._call(self._stub.Search, request).hits]
 
     def embed(self, images: Sequence[ImageData]) -> list[list[float]]:
@@ -469,6 +488,9 @@ class PictorClient:
         it had already written, and may write the one under way too (gRPC can deliver the
         cancel as the stream's end).
         """
+        if isinstance(items, UpsertItem) or not isinstance(items, Iterable):
+            raise InvalidRequestError(f"items must be a list (or other iterable) of UpsertItem, got a single "
+                                      f"{type(items).__name__}; for one item, write [item]")
         # A sequence is converted whole before the stream opens (a bad item writes nothing), and
         # each item once: a vector given as an iterator can be read only once.
         converted: Iterable[pb.Item] = [_item(it) for it in items] if isinstance(items, Sequence) else (
@@ -547,9 +569,9 @@ class PictorClient:
         refuse_single(labels, "labels", "for one label, write labels=['daisy']")
         try:
             request = pb.ListRequest(after=after, limit=limit)
-            _fill_filter(request.filter, labels, attributes)
         except (TypeError, ValueError) as e:
-            raise _text_error("after, labels and attributes", e) from e
+            raise _text_error("after", e) from e
+        _fill_filter(request.filter, labels, attributes)
         r = self._call(self._stub.List, request)
         return [StoredItem(key=it.key, label=it.label, attributes=dict(it.attributes)) for it in r.items], r.next
 

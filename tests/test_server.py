@@ -458,6 +458,21 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
     with PictorClient("[::1]:50051") as client, pytest.raises(
             InvalidRequestError, match="nprobe must be between 0 and 4294967295, got -1"):
         client.search(key="a", nprobe=-1)  # the proto's uint32 cannot carry it
+    # Arguments of the wrong type are refused as what they are, not as Python's TypeError.
+    with pytest.raises(InvalidRequestError, match=r"timeout must be a number of seconds or None, got '5' \(str\)"):
+        PictorClient("localhost:50051", timeout="5")  # type: ignore[arg-type]
+    with PictorClient("[::1]:50051") as client:
+        for k in ("3", 2.5, None, True):
+            with pytest.raises(InvalidRequestError, match=rf"k must be a whole number, got {re.escape(repr(k))}"):
+                client.search(key="a", k=k)  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError, match=r"top_k must be a whole number, got 2.0 \(float\)"):
+            client.classify(b"x", top_k=2.0)  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError, match="^attributes map text to text, got 'batch': 2; write numbers as text"):
+            client.search(key="a", attributes={"batch": 2})  # type: ignore[dict-item]
+        with pytest.raises(InvalidRequestError, match=r"attributes must map text to text \(a dict\), got list"):
+            client.list_items(attributes=["batch=2"])  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError, match=r"got a single UpsertItem; for one item, write \[item\]"):
+            client.upsert(UpsertItem(key="a", vector=[1.0]))  # type: ignore[arg-type]
     # Nothing listens: the connection was refused, so nothing can have been written.
     with PictorClient(f"127.0.0.1:{free_port()}", timeout=5) as client, pytest.raises(
             ServerUnavailableError, match="cannot reach a Pictor server") as refused:
@@ -506,7 +521,7 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
         client.embed(b"\x89PNG")  # type: ignore[arg-type]  # the mistake under test: bytes are ints, not images
     with pytest.raises(InvalidRequestError, match="keys must be text"):
         client.delete(["\udcff"])  # a lone surrogate, as os.fsdecode makes of a non-UTF-8 name
-    with pytest.raises(InvalidRequestError, match="the key, labels and attributes must be text"):
+    with pytest.raises(InvalidRequestError, match="the key must be text"):
         client.search(key="\udcff")
     with pytest.raises(InvalidRequestError, match="a vector must be a list, got a single bytes"):
         client.search(vector=b"\x00\x01")  # would be sent as the numbers 0 and 1
