@@ -248,7 +248,7 @@ def test_unreadable_images_are_skipped_and_counted(
     ({"max_known_rejected": 1.5}, "--max-known-rejected must be at least 0 and below 1, got 1.5"),
     ({"train_size": 7}, "--train-size must be 0 .* or at least 32, got 7"),
     ({"mixup": -1.0}, "--mixup must be 0 .* or more, got -1"),
-    ({"val_fraction": 0.0}, "--val-fraction must be between 0 and 1, got 0"),
+    ({"val_fraction": 0.0}, "--val-fraction must be above 0 and below 1, got 0"),
     ({"min_per_class": 1}, "--min-per-class must be at least 2, got 1"),
 ])
 def test_settings_that_cannot_train_are_refused_by_their_flag(setting: dict[str, object], flag: str) -> None:

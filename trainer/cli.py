@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        description=TRAIN_DESCRIPTION, epilog=TRAIN_EPILOG, formatter_class=fmt)
     t.add_argument("data", metavar="DATA", help="folder with one sub-folder per class, or .csv/.jsonl "
                    "manifest with path and label columns (paths relative to the manifest's folder)")
-    t.add_argument("--out", required=True, metavar="MODEL", help="model file to write")
+    t.add_argument("--out", required=True, metavar="MODEL", help="model file to write (missing folders are made)")
     t.add_argument("--mode", choices=MODES, default=TrainConfig.mode,
                    help="linear: frozen backbone, cached embeddings (fast); finetune: train the last "
                    "stages too (slower, usually more accurate; when it loses validation accuracy, "
@@ -128,8 +128,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "often it would answer 'unknown' (open-set models); not while a server has it open")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table (with each "
                    "image's prediction, and whether Classify would answer unknown with --index)")
-    e.add_argument("--png", metavar="FILE", help="write the confusion matrix as a PNG")
-    e.add_argument("--out-json", metavar="FILE", help="also write the JSON report to FILE")
+    e.add_argument("--png", metavar="FILE", help="write the confusion matrix as a PNG (missing folders are made)")
+    e.add_argument("--out-json", metavar="FILE", help="also write the JSON report to FILE (missing folders are made)")
     add_flag(e, "weights", metavar="PATH", help="the checkpoint the model was trained from, when it is no "
              "longer where the model file says")
     add_flag(e, "device")

@@ -70,7 +70,7 @@ class TrainConfig:
             ("--max-pixels", self.max_pixels, self.max_pixels >= 1, "at least 1"),
             ("--min-per-class", self.min_per_class, self.min_per_class >= 2, "at least 2"),
             ("--max-per-class", self.max_per_class, self.max_per_class >= 0, "0 (all) or more"),
-            ("--val-fraction", self.val_fraction, 0 < self.val_fraction < 1, "between 0 and 1"),
+            ("--val-fraction", self.val_fraction, 0 < self.val_fraction < 1, "above 0 and below 1"),
             ("--patience", self.patience, self.patience >= 1, "at least 1"),
             ("--lr", self.lr, self.lr > 0, "above 0"),
             ("--backbone-lr", self.backbone_lr, self.backbone_lr > 0, "above 0"),
