@@ -205,7 +205,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         if device.type == "cuda":  # only bf16 can be emulated there
             log.warning("bf16 on this GPU is emulated (natively from compute capability 8.0) and slower than fp16")
         else:
-            log.warning("%s on this CPU is emulated and several times slower than fp32%s", precision,
+            log.warning("%s on this CPU is emulated%s: 1.3x to 17x slower than fp32 in bench/embed.py", precision,
                         "" if precision == "fp16" else " (it has neither AMX nor AVX512-BF16)")
     return precision
 
