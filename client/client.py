@@ -191,6 +191,8 @@ def _is_ipv6(text: str) -> bool:
 def _with_port(target: str) -> str:
     """``target`` with Pictor's default port when a plain host has none (gRPC would use 443);
     a port that cannot exist is refused (gRPC would try another one)."""
+    if not isinstance(target, str):
+        raise InvalidRequestError(f"target must be text, host:port, got {type(target).__name__}")
     if not target.strip():
         raise InvalidRequestError("target is empty; give host:port, e.g. localhost:50051")
     scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", target)
@@ -416,6 +418,8 @@ class PictorClient:
 
     def health(self, service: str = "") -> str:
         """Serving status name from the standard health service, e.g. ``"SERVING"``."""
+        if not isinstance(service, str):
+            raise InvalidRequestError(f"service must be text, got {type(service).__name__}")
         response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
@@ -488,9 +492,7 @@ class PictorClient:
         it had already written, and may write the one under way too (gRPC can deliver the
         cancel as the stream's end).
         """
-        if isinstance(items, UpsertItem) or not isinstance(items, Iterable):
-            raise InvalidRequestError(f"items must be a list (or other iterable) of UpsertItem, got a single "
-                                      f"{type(items).__name__}; for one item, write [item]")
+        refuse_single(items, "items", "for one item, write [item]")
         # A sequence is converted whole before the stream opens (a bad item writes nothing), and
         # each item once: a vector given as an iterator can be read only once.
         converted: Iterable[pb.Item] = [_item(it) for it in items] if isinstance(items, Sequence) else (
@@ -550,6 +552,8 @@ class PictorClient:
         keys), with its stored vector when ``vectors``; returns (items, keys the index does not
         hold)."""
         refuse_single(keys, "keys", "for one key, write [key]")
+        if not isinstance(vectors, bool):
+            raise InvalidRequestError(f"vectors must be True or False, got {vectors!r:.80}")
         try:
             request = pb.GetRequest(keys=list(keys), vectors=vectors)
         except (TypeError, ValueError) as e:

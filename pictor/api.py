@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pictor.errors import InvalidRequestError
@@ -51,9 +52,10 @@ def reply_too_large(size_bytes: int, limit_bytes: int, whose: str, less: str) ->
 
 
 def refuse_single(values: object, what: str, hint: str) -> None:
-    """Refuse a lone str or bytes where a list of them is expected: iterating one would take
-    its characters (or byte values) one by one, as keys, labels or numbers."""
-    if isinstance(values, str | bytes | bytearray | memoryview):
+    """Refuse a lone value where a list is expected: a str or bytes would be iterated as its
+    characters (or byte values), keys, labels or numbers one by one; anything else that is not
+    iterable (a number, one UpsertItem) would fail with Python's own words."""
+    if isinstance(values, str | bytes | bytearray | memoryview) or not isinstance(values, Iterable):
         raise InvalidRequestError(f"{what} must be a list, got a single {type(values).__name__}; "
                                   f"{hint}")
 

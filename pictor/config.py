@@ -180,6 +180,8 @@ class SettingValueError(InvalidRequestError):
 
 
 def check_max_message_mb(value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SettingValueError("max_message_mb", f"a whole number between 1 and {MAX_MESSAGE_MB}", repr(value))
     if not 1 <= value <= MAX_MESSAGE_MB:
         raise SettingValueError("max_message_mb", f"between 1 and {MAX_MESSAGE_MB}", value)
 

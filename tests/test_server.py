@@ -473,6 +473,16 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
             client.list_items(attributes=["batch=2"])  # type: ignore[arg-type]
         with pytest.raises(InvalidRequestError, match=r"got a single UpsertItem; for one item, write \[item\]"):
             client.upsert(UpsertItem(key="a", vector=[1.0]))  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError, match=r"images must be a list, got a single float"):
+            client.embed(2.5)  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError, match="vectors must be True or False, got 1"):
+            client.get(["a"], vectors=1)  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError, match="service must be text, got int"):
+            client.health(3)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="target must be text, host:port, got NoneType"):
+        PictorClient(None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="max_message_mb must be a whole number between 1 and 2047, got '3'"):
+        PictorClient("localhost:50051", max_message_mb="3")  # type: ignore[arg-type]
     # Nothing listens: the connection was refused, so nothing can have been written.
     with PictorClient(f"127.0.0.1:{free_port()}", timeout=5) as client, pytest.raises(
             ServerUnavailableError, match="cannot reach a Pictor server") as refused:
