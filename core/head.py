@@ -323,7 +323,7 @@ class TrainedModel:
                 versions={str(k): str(v) for k, v in (d.get("versions") or {}).items()},
                 backbone_state=dict(d.get("backbone_state") or {}),
             )
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:  # a field of another type
             raise IncompatibleModelError(f"{source} is a damaged Pictor model file: {e}") from e
 
 

@@ -209,6 +209,11 @@ def test_load_model_refuses_missing_foreign_and_damaged_files(tmp_path) -> None:
     torch.save(d, newer)
     with pytest.raises(IncompatibleModelError, match="version 99"):
         load_model(newer)
+    for field in ("versions", "open_set", "metrics"):  # a field of another type: no AttributeError
+        odd = tmp_path / f"odd-{field}.pt"
+        torch.save(make_model(open_set=make_open_set()).to_dict() | {field: "text"}, odd)
+        with pytest.raises(IncompatibleModelError, match=f"odd-{field}.pt is a damaged Pictor model file"):
+            load_model(odd)
 
 
 def test_model_refuses_head_that_does_not_fit_spec() -> None:

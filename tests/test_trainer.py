@@ -246,7 +246,11 @@ def test_unreadable_images_are_skipped_and_counted(
     ({"lr": -1.0}, "--lr must be above 0, got -1"),
     ({"weight_decays": (1e-3, -1.0)}, "--weight-decays must be 0 or more, got -1"),
     ({"max_known_rejected": 1.5}, "--max-known-rejected must be at least 0 and below 1, got 1.5"),
-    ({"train_size": 7}, "--train-size must be 0 .* or at least 32, got 7"),
+    ({"train_size": 7}, "--train-size must be 0 .* or 32 to 1024, got 7"),
+    ({"train_size": 100000}, "--train-size must be 0 .* or 32 to 1024, got 100000"),  # (ran out of memory)
+    ({"seed": 2**70}, "--seed must be between 0 and 4294967295"),
+    ({"lr": float("inf")}, "--lr must be above 0, got inf"),
+    ({"weight_decays": (1e-3, float("nan"))}, "--weight-decays must be 0 or more, got nan"),
     ({"mixup": -1.0}, "--mixup must be 0 .* or more, got -1"),
     ({"val_fraction": 0.0}, "--val-fraction must be above 0 and below 1, got 0"),
     ({"min_per_class": 1}, "--min-per-class must be at least 2, got 1"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -80,18 +81,20 @@ class TrainConfig:
             ("warmup_epochs", self.warmup_epochs, self.warmup_epochs >= 0, "0 or more"),
             ("--mixup", self.mixup, self.mixup >= 0, "0 (off) or more"),
             ("--cutmix", self.cutmix, self.cutmix >= 0, "0 (off) or more"),
-            ("--train-size", self.train_size, self.train_size == 0 or self.train_size >= 32,
-             "0 (7/8 of the input size) or at least 32"),
+            ("--train-size", self.train_size, self.train_size == 0 or 32 <= self.train_size <= 1024,
+             "0 (7/8 of the input size) or 32 to 1024"),
+            ("--seed", self.seed, 0 <= self.seed < 2**32, "between 0 and 4294967295 (numpy's range)"),
             ("--max-known-rejected", self.max_known_rejected, 0 <= self.max_known_rejected < 1,
              "at least 0 and below 1"),
         ]
         for flag, value, ok, wanted in checks:
-            if not ok:
+            if not ok or not math.isfinite(value):  # (inf passes the comparisons)
                 raise InvalidRequestError(f"{flag} must be {wanted}, got {value:g}")
         if not self.weight_decays:
             raise InvalidRequestError("--weight-decays must name at least one value")
-        if min(self.weight_decays) < 0:
-            raise InvalidRequestError(f"--weight-decays must be 0 or more, got {min(self.weight_decays):g}")
+        for decay in self.weight_decays:
+            if not (math.isfinite(decay) and decay >= 0):
+                raise InvalidRequestError(f"--weight-decays must be 0 or more, got {decay:g}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
