@@ -47,8 +47,12 @@ def check_output_file(path: str | os.PathLike[str], flag: str) -> None:
     """Refuse an output file that could not be written, before the work that fills it (making
     its missing parent folders)."""
     p = Path(path)
+    if not str(path):
+        raise InvalidRequestError(f"{flag} is empty; name a file")
     if p.is_dir():
         raise InvalidRequestError(f"{flag} {p}: is a folder; name a file")
+    if p.exists() and not p.is_file():  # replacing a FIFO or a device with a file is no one's intent
+        raise InvalidRequestError(f"{flag} {p}: exists and is not a regular file (a FIFO, socket or device)")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -104,6 +104,8 @@ class ServerSettings(RuntimeSettings):
         super().__post_init__()
         if not 0 < self.upsert_idle_timeout < math.inf:  # nan and inf too
             raise SettingValueError("upsert_idle_timeout", "a number of seconds above 0", self.upsert_idle_timeout)
+        if not self.index:  # Path("") is the current folder
+            raise SettingValueError("index", "the index's folder", "'' (empty)")
         if not 0 <= self.port <= 65535:
             raise SettingValueError("port", "between 0 (any free port) and 65535", self.port)
         if self.workers < 2:  # an Upsert stream holds one for as long as its client sends
@@ -128,6 +130,8 @@ class IndexerSettings:
 
     def __post_init__(self) -> None:
         _check_positive(self, "workers", "pca_sample")
+        if not self.out:  # Path("") is the current folder
+            raise SettingValueError("out", "the index's folder", "'' (empty)")
         if self.pca_whiten < 0:
             raise SettingValueError("pca_whiten", "0 (off) or a number of dims", self.pca_whiten)
 
@@ -321,6 +325,8 @@ def _read_config_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
         return {}
     p = Path(path)
     try:
+        if p.exists() and not (p.is_file() or p.is_dir()):  # a FIFO would block the reader for ever
+            raise InvalidRequestError(f"config file {p} is not a regular file (a FIFO, socket or device)")
         values = tomllib.loads(p.read_text(encoding="utf-8-sig"))  # a BOM, as Windows editors write
     except FileNotFoundError:
         raise InvalidRequestError(f"config file {p} does not exist") from None

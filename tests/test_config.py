@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,15 @@ def test_bad_values_and_files_are_clear_errors(tmp_path: Path) -> None:
     bad.write_text("port = = 1")
     with pytest.raises(InvalidRequestError, match="not valid TOML"):
         build_settings(ServerSettings, {}, env={}, config_file=bad)
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)  # reading it would wait for a writer for ever
+    with pytest.raises(InvalidRequestError, match="fifo.toml is not a regular file"):
+        build_settings(ServerSettings, {}, env={}, config_file=fifo)
+    # Path("") is the current folder: an index written into it, or served from it, by mistake.
+    with pytest.raises(InvalidRequestError, match=r"index must be the index's folder, got '' \(empty\)"):
+        build_settings(ServerSettings, {}, env={"PICTOR_INDEX": ""})
+    with pytest.raises(InvalidRequestError, match=r"out must be the index's folder, got '' \(empty\)"):
+        build_settings(IndexerSettings, {"out": ""}, env={})
 
 
 def test_one_file_names_the_model_for_index_and_serve(tmp_path: Path) -> None:

@@ -616,6 +616,9 @@ def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     long_name = tmp_path / ("m" * 250 + ".pt")  # fits, but the temporary file beside it would not
     rc = main(["train", str(tmp_path), "--out", str(long_name)])
     assert rc == 2 and "cannot write in" in capsys.readouterr().err
+    os.mkfifo(tmp_path / "fifo")  # would be replaced by the model file
+    rc = main(["train", str(tmp_path), "--out", str(tmp_path / "fifo")])
+    assert rc == 2 and "fifo: exists and is not a regular file" in capsys.readouterr().err
     if Path("/proc/self").is_dir():  # where even root cannot make a file: refused before training
         rc = main(["train", str(tmp_path), "--out", "/proc/pictor-model.pt"])
         assert rc == 2 and "--out /proc/pictor-model.pt: cannot write in /proc" in capsys.readouterr().err
