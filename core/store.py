@@ -48,7 +48,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pictor.api import MAX_LIST, refuse_single
+from pictor.api import MAX_LIST
 from pictor.core._read_write_lock import _ReadWriteLock
 from pictor.core._store_files import (
     DATABASE,
@@ -114,7 +114,9 @@ from pictor.core.store_types import (
     UpsertResult,
     _dump_attrs,
     _load_attrs,
+    check_utf8,
     checked_items,
+    checked_keys,
 )
 from pictor.errors import (
     IncompatibleModelError,
@@ -137,7 +139,6 @@ METRIC = "ip"  # inner product on L2-normalised vectors = cosine similarity
 AUTO = "auto"
 _TRAIN_SAMPLE = 50_000  # vectors to train IVF/PQ on, unless the type needs more
 _MIN_TUNE_ITEMS = 500  # search defaults are first re-tuned at twice this many items
-_ONE_KEY = "for one key, write [key]"
 
 
 # -- the store ------------------------------------------------------------------------------
@@ -419,6 +420,7 @@ class IndexStore:
         self._check_open()
         if not isinstance(after, str):
             raise InvalidRequestError(f"after must be a key (a string), got {after!r:.80}")
+        check_utf8(after, "after")
         if type(limit) is not int or not 1 <= limit <= MAX_LIST:
             raise InvalidRequestError(f"limit must be an int from 1 to {MAX_LIST}, got {limit!r:.40}")
         sql, args = "SELECT key, label, attributes FROM items WHERE key > ?", [after]
@@ -435,15 +437,14 @@ class IndexStore:
     def keys_present(self, keys: Sequence[str]) -> set[str]:
         """Which of ``keys`` the store holds."""
         self._check_open()
-        refuse_single(keys, "keys", _ONE_KEY)
+        keys = checked_keys(keys)
         with self._rw.read():
-            return set(_ids_for_keys(self._reader(), list(keys)))
+            return set(_ids_for_keys(self._reader(), keys))
 
     def keys_absent_from(self, keys: Iterable[str]) -> list[str]:
         """The store's keys that are not among ``keys``, in key order."""
         self._check_open()
-        refuse_single(keys, "keys", _ONE_KEY)
-        wanted = set(keys)
+        wanted = set(checked_keys(keys))
         with self._rw.read():
             rows = self._reader().execute("SELECT key FROM items ORDER BY key")
             return [key for (key,) in rows if key not in wanted]
@@ -452,8 +453,7 @@ class IndexStore:
         """The stored items of ``keys`` (each once, in the order asked), with their vectors when
         ``vectors``; keys the store does not hold are ``missing``."""
         self._check_open()
-        refuse_single(keys, "keys", _ONE_KEY)
-        unique = list(dict.fromkeys(keys))
+        unique = list(dict.fromkeys(checked_keys(keys)))
         with self._rw.read():  # one consistent state across the chunks
             found = _rows_for_keys(self._reader(), unique, vectors=vectors)
         held = [key for key in unique if key in found]
@@ -531,8 +531,7 @@ class IndexStore:
         """Remove items by key; durable when it returns. Unknown keys are reported missing.
         ``before_write``: as for ``upsert``."""
         self._check_open()
-        refuse_single(keys, "keys", _ONE_KEY)
-        unique = list(dict.fromkeys(keys))
+        unique = list(dict.fromkeys(checked_keys(keys)))
         if not unique:
             return DeleteResult(0, [])
         with self._write_lock:

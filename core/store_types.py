@@ -259,6 +259,27 @@ def _check_label(label: str, whose: str) -> None:
                                   "which labels cannot")
 
 
+def checked_keys(keys: Iterable[str]) -> list[str]:
+    """``keys`` as a list, once each is known to be text SQLite can hold (not a number, None or
+    a lone surrogate, which a non-UTF-8 file name decodes to)."""
+    refuse_single(keys, "keys", "for one key, write [key]")
+    listed = list(keys)
+    for key in listed:
+        if not isinstance(key, str):
+            raise InvalidRequestError(f"keys are text, got {key!r:.80} ({type(key).__name__})")
+        check_utf8(key, "key")
+    return listed
+
+
+def check_utf8(text: str, what: str) -> None:
+    """Refuse text with a lone surrogate: SQLite stores UTF-8, which cannot encode one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(f"{what} {text!r:.80} is not UTF-8 text ({text[e.start]!r} is half of a "
+                                  "surrogate pair)") from None
+
+
 def checked_items(items: list[Item]) -> list[Item]:
     """``items`` checked, with their labels as the store keeps them: in NFC
     (``canonical_label``), however the caller's text composed its accents."""
@@ -287,12 +308,8 @@ def checked_items(items: list[Item]) -> list[Item]:
             if not name.strip():
                 raise InvalidRequestError(f"item {item.key!r:.200}: an attribute has an empty name "
                                           f"(value {value!r:.80}); name it, or leave it out")
-        try:  # SQLite stores UTF-8: a lone surrogate (from a file name, a JSON escape) is no text
-            for text in (item.key, item.label, *item.attributes, *item.attributes.values()):
-                text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise InvalidRequestError(f"item {item.key!r:.200}: {e.object!r:.80} is not UTF-8 text "
-                                      f"({e.object[e.start]!r} is half of a surrogate pair)") from None
+        for text in (item.key, item.label, *item.attributes, *item.attributes.values()):
+            check_utf8(text, f"item {item.key!r:.200}:")  # (a file name, a JSON escape)
         if item.attributes and len(text := _dump_attrs(item.attributes)) > MAX_ATTRIBUTES_CHARS:
             raise InvalidRequestError(f"item {item.key!r:.200}: its attributes take {len(text):,} "
                                       f"characters as JSON; at most {MAX_ATTRIBUTES_CHARS:,}")

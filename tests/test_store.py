@@ -300,6 +300,14 @@ def test_bad_input_refused(tmp_path: Path, rng) -> None:
         for not_text in (Item("k\udcff"), Item("k", label="l\ud800"), Item("k", attributes={"a": "\ud800"})):
             with pytest.raises(InvalidRequestError, match="is not UTF-8 text .* half of a surrogate pair"):
                 store.upsert([not_text], unit(rng, 1))
+        # Keys to look up are checked as keys to write are (a UnicodeEncodeError from SQLite before).
+        for look_up in (store.get, store.delete, store.keys_present):
+            with pytest.raises(InvalidRequestError, match=r"key 'k\\udcff' is not UTF-8 text"):
+                look_up(["k\udcff"])
+            with pytest.raises(InvalidRequestError, match=r"keys are text, got None \(NoneType\)"):
+                look_up([None])  # type: ignore[list-item]
+        with pytest.raises(InvalidRequestError, match="after 'k\\\\udcff' is not UTF-8 text"):
+            store.list_items(after="k\udcff")
         # SQLite's JSON functions, which the label filter uses, cut text at a NUL: such a label
         # was counted by label_counts but no filter could find it.
         with pytest.raises(InvalidRequestError, match=r"item 'a': the label 'a\\x00b' holds a NUL character"):
