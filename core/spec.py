@@ -6,10 +6,11 @@ under another one (``ModelSpec.check_compatible``). Pure data: no torch here.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pictor.errors import IncompatibleModelError
+from pictor.errors import IncompatibleModelError, InvalidRequestError
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,12 @@ class ModelSpec:
     # PCA-whitening applied after the embedder ("pca<dim>:<fingerprint>", "" none); ``dim``
     # is then the whitened dim. Set by an index built with ``--pca-whiten``.
     whitening: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dim, bool) or not isinstance(self.dim, numbers.Integral) or self.dim < 1:
+            # (FAISS's own words otherwise, or a store of 0-d vectors)
+            raise InvalidRequestError(f"an embedding's dim must be a whole number of at least 1, got {self.dim!r:.40}")
+        object.__setattr__(self, "dim", int(self.dim))  # a numpy int (an array's shape) as Python's
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)  # nested: preprocessing becomes a dict too

@@ -285,6 +285,9 @@ def test_mismatched_dim_and_model_refused(tmp_path: Path, rng) -> None:
 
 
 def test_bad_input_refused(tmp_path: Path, rng) -> None:
+    for dim in (0, -1, "8"):  # 0 made a store of 0-d vectors; the others failed in FAISS
+        with pytest.raises(InvalidRequestError, match="dim must be a whole number of at least 1"):
+            spec(dim=dim)  # type: ignore[arg-type]
     with IndexStore.create(tmp_path / "s", spec()) as store:
         with pytest.raises(InvalidRequestError, match="2 items but 3 vectors"):
             store.upsert(items(2), unit(rng, 3))
