@@ -331,7 +331,10 @@ class IndexStore:
         Wrong dim raises ``IncompatibleModelError``; non-finite or zero vectors raise
         ``InvalidRequestError``.
         """
-        arr = np.ascontiguousarray(vectors, dtype=np.float32)  # no copy when it is already
+        try:
+            arr = np.ascontiguousarray(vectors, dtype=np.float32)  # no copy when it is already
+        except (TypeError, ValueError) as e:  # text, None, ragged lists
+            raise InvalidRequestError(f"{what} must be numbers: {e}") from None
         if arr.ndim == 1:
             arr = arr[None, :]
         if arr.ndim != 2:
@@ -932,6 +935,8 @@ class IndexStore:
         """The tuned defaults, widened for ``k`` results, where ``params`` sets no value."""
         params = params or SearchParams()
         for name, value in (("nprobe", params.nprobe), ("ef_search", params.ef_search)):
+            if type(value) is not int:  # (1.5 or "x" would reach FAISS)
+                raise InvalidRequestError(f"{name} must be a whole number, got {value!r:.40}")
             if not 0 <= value <= MAX_WIDTH:
                 raise InvalidRequestError(
                     f"{name} must be between 0 (the index's tuned default) and {MAX_WIDTH}, got {value}"

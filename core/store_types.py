@@ -121,9 +121,8 @@ class Filter:
 
     def __post_init__(self) -> None:
         refuse_single(self.labels, "a filter's labels", "for one label, write labels=[label]")
-        if not isinstance(self.labels, Iterable) or not isinstance(self.attributes, Mapping):
-            raise InvalidRequestError(f"a filter takes a list of labels and a mapping of attributes, got "
-                                      f"{self.labels!r:.80} and {self.attributes!r:.80}")
+        if not isinstance(self.attributes, Mapping):
+            raise InvalidRequestError(f"a filter's attributes must be a mapping (a dict), got {self.attributes!r:.80}")
         labels = tuple(self.labels)  # once: an iterator's labels would be used up by the checks
         for label in labels:
             if not isinstance(label, str):

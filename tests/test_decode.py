@@ -14,7 +14,7 @@ from PIL import Image
 
 from pictor.core import decode
 from pictor.core.decode import ALLOWED_FORMATS, decode_image, load_image
-from pictor.errors import InvalidImageError, NotFoundError
+from pictor.errors import InvalidImageError, InvalidRequestError, NotFoundError
 
 DATA = Path(__file__).parent / "data"
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
@@ -252,6 +252,12 @@ def test_pixel_cap_is_configurable() -> None:
     with pytest.raises(InvalidImageError, match="cap of 9,999"):
         decode_image(data, max_pixels=9_999)
     assert decode_image(data, max_pixels=10_000).size == (100, 100)
+    for cap in (float("nan"), float("inf"), None, 0):  # a NaN cap let every image through
+        with pytest.raises(InvalidRequestError, match="max_pixels must be a whole number of at least 1"):
+            decode_image(data, max_pixels=cap)  # type: ignore[arg-type]
+    for draft in ((1,), (float("nan"), 2), "x", 5):
+        with pytest.raises(InvalidRequestError, match=r"draft_size must be \(width, height\) in whole pixels"):
+            decode_image(data, draft_size=draft)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -319,6 +319,10 @@ def test_bad_input_refused(tmp_path: Path, rng) -> None:
             Filter(labels=["a\0b"])
         with pytest.raises(InvalidRequestError, match="k must be"):
             store.search(unit(rng, 1), k=0)
+        with pytest.raises(InvalidRequestError, match="queries must be numbers: could not convert string to float"):
+            store.search("abc", k=3)  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError, match="nprobe must be a whole number, got 1.5"):
+            store.search(unit(rng, 1), k=3, params=SearchParams(nprobe=1.5))  # type: ignore[arg-type]
         # Labels and attributes come back with every hit: named, and bounded as keys are.
         for blank in ("", " "):
             with pytest.raises(InvalidRequestError, match="'a': an attribute has an empty name"):
@@ -385,8 +389,9 @@ def test_library_callers_mistakes_are_refused_not_misread(filled: tuple[IndexSto
     # Labels as an iterator were used up by the checks: the search ran unfiltered.
     hits = store.search(vecs[1], k=5, filter=Filter(labels=iter(["class1"])))[0]  # type: ignore[arg-type]
     assert len(hits) == 5 and set(hits.labels) == {"class1"}
-    for wrong_filter in ({"labels": None}, {"attributes": "ab"}):
-        with pytest.raises(InvalidRequestError, match="a filter takes a list of labels and a mapping of attributes"):
+    for wrong_filter, said in (({"labels": None}, "a filter's labels must be a list, got a single NoneType"),
+                               ({"attributes": "ab"}, r"a filter's attributes must be a mapping \(a dict\), got 'ab'")):
+        with pytest.raises(InvalidRequestError, match=said):
             Filter(**wrong_filter)
     # FAISS allocates k results per query: a k of 1e9 took 24 GB; more than the store holds is all of it.
     assert len(store.search(vecs[0], k=10**9)[0]) == len(store)
