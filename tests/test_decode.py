@@ -310,6 +310,8 @@ def test_load_image_errors(tmp_path: Path) -> None:
     (tmp_path / "empty.png").touch()
     with pytest.raises(InvalidImageError, match="empty.png: an empty file"):
         load_image(tmp_path / "empty.png")
+    with pytest.raises(InvalidImageError, match="^an empty path, not an image file$"):  # not "." as a folder
+        load_image("")
 
 
 def test_only_regular_files_are_read(tmp_path: Path) -> None:
