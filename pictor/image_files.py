@@ -15,9 +15,7 @@ from pictor.errors import InvalidImageError, NotFoundError
 def check_image_file(path: str | os.PathLike[str]) -> Path:
     """``path``, once it is known to be a regular, non-empty file this process can open: to
     refuse a list of files before the work on the first. NotFoundError for a missing file."""
-    if not os.fspath(path):  # pathlib reads "" as the current folder
-        raise InvalidImageError("an empty path, not an image file")
-    p = Path(path)
+    p = _path_of(path)
     with _errors_named(p):
         _check_stat(p)
         with open(p, "rb"):
@@ -26,12 +24,16 @@ def check_image_file(path: str | os.PathLike[str]) -> Path:
 
 def read_image_file(path: str | os.PathLike[str]) -> bytes:
     """The bytes of an image file (refused as ``check_image_file`` refuses it)."""
-    if not os.fspath(path):  # pathlib reads "" as the current folder
-        raise InvalidImageError("an empty path, not an image file")
-    p = Path(path)
+    p = _path_of(path)
     with _errors_named(p):
         _check_stat(p)
         return p.read_bytes()
+
+
+def _path_of(path: str | os.PathLike[str]) -> Path:
+    if not os.fspath(path):  # pathlib reads "" as the current folder
+        raise InvalidImageError("an empty path, not an image file")
+    return Path(path)
 
 
 def _check_stat(p: Path) -> None:

@@ -88,8 +88,9 @@ class TrainConfig:
              "at least 0 and below 1"),
         ]
         for flag, value, ok, wanted in checks:
-            if not ok or not math.isfinite(value):  # (inf passes the comparisons)
-                raise InvalidRequestError(f"{flag} must be {wanted}, got {value:g}")
+            if not ok or (isinstance(value, float) and not math.isfinite(value)):  # (inf passes the comparisons)
+                shown = f"{value:g}" if isinstance(value, float) else f"{value}"  # (a huge int overflows :g)
+                raise InvalidRequestError(f"{flag} must be {wanted}, got {shown}")
         if not self.weight_decays:
             raise InvalidRequestError("--weight-decays must name at least one value")
         for decay in self.weight_decays:
