@@ -95,6 +95,9 @@ class Embedder:
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """RGB image -> normalised [3, H, W] float tensor as the weights expect (resize the
         shorter side, centre crop, mean/std)."""
+        if not isinstance(image, Image.Image):  # (a path or bytes failed deep in torchvision)
+            raise InvalidRequestError(f"images must be decoded PIL images (pictor.core.decode.load_image "
+                                      f"reads a file), got {type(image).__name__}")
         return preprocess_image(image, self.spec.preprocessing)
 
     def embed_tensor(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -118,6 +121,8 @@ class Embedder:
     def forward_images(self, images: Iterable[Image.Image]) -> EmbedOutput:
         """Embed RGB images (in batches of ``batch_size``, preprocessed as each batch is made:
         an iterator of images is never held whole); logits come from the same pass."""
+        if isinstance(images, Image.Image):
+            raise InvalidRequestError("images must be a list, got a single image; for one image, write [image]")
         return self.forward_preprocessed(self.preprocess(im) for im in images)  # batch by batch
 
     def forward_preprocessed(self, tensors: Iterable[torch.Tensor]) -> EmbedOutput:

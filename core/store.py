@@ -48,7 +48,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pictor.api import MAX_LIST
+from pictor.api import MAX_LIST, refuse_single
 from pictor.core._read_write_lock import _ReadWriteLock
 from pictor.core._store_files import (
     DATABASE,
@@ -511,6 +511,7 @@ class IndexStore:
         write off (a server's check that its caller still waits, after queueing behind
         another write, which may be a rebuild of the index)."""
         self._check_open()
+        refuse_single(items, "items", "for one item, write [item]")
         items = list(items)
         vecs = self.check_vectors(vectors) if len(items) else np.zeros((0, self.dim), np.float32)
         if len(items) != len(vecs):

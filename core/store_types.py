@@ -283,6 +283,11 @@ def checked_items(items: list[Item]) -> list[Item]:
     """``items`` checked, with their labels as the store keeps them: in NFC
     (``canonical_label``), however the caller's text composed its accents."""
     for i, item in enumerate(items):
+        if not isinstance(item, Item):
+            raise InvalidRequestError(f"items must be Item objects, got {type(item).__name__} {item!r:.80}")
+        if not isinstance(item.attributes, Mapping):
+            raise InvalidRequestError(f"attributes of {item.key!r:.200} must map strings to strings (a dict), "
+                                      f"got {type(item.attributes).__name__}")
         if not isinstance(item.key, str) or not item.key or len(item.key) > MAX_KEY_LEN:
             size = f"{len(item.key):,} characters: " if isinstance(item.key, str) and item.key else ""
             raise InvalidRequestError(

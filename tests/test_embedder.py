@@ -126,6 +126,14 @@ def test_corner_cases_embed_without_error(embedder: Embedder) -> None:
     assert out.logits is not None and np.isfinite(out.logits).all()
 
 
+def test_what_is_not_a_list_of_images_is_refused(embedder: Embedder) -> None:
+    image = next(iter(_corner_case_images().values()))
+    with pytest.raises(InvalidRequestError, match=r"got a single image; for one image, write \[image\]"):
+        embedder.embed(image)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="images must be decoded PIL images .* got str"):
+        embedder.embed(["photo.jpg"])  # type: ignore[list-item]
+
+
 def test_batches_match_single_images(photos: list[Image.Image]) -> None:
     small = create_embedder(device="cpu", precision="fp32", batch_size=2)
     batched = small.embed(photos)

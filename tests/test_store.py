@@ -297,6 +297,12 @@ def test_bad_input_refused(tmp_path: Path, rng) -> None:
             store.upsert(items(1), np.zeros((1, DIM), np.float32))
         with pytest.raises(InvalidRequestError, match="key"):
             store.upsert([Item("")], unit(rng, 1))
+        with pytest.raises(InvalidRequestError, match=r"items must be a list, got a single Item; for one item"):
+            store.upsert(Item("k"), unit(rng, 1))  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError, match="items must be Item objects, got str 'k'"):
+            store.upsert(["k"], unit(rng, 1))  # type: ignore[list-item]
+        with pytest.raises(InvalidRequestError, match=r"attributes of 'k' must map strings to strings \(a dict\), got NoneType"):
+            store.upsert([Item("k", attributes=None)], unit(rng, 1))  # type: ignore[arg-type]
         with pytest.raises(InvalidRequestError, match="at most 4,096 characters, got 5,000 characters: 'kkk"):
             store.upsert([Item("k" * 5000)], unit(rng, 1))
         # A lone surrogate (a file name that is not UTF-8, a JSON escape) is no text SQLite can keep.
