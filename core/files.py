@@ -46,9 +46,9 @@ def _temporary_beside(path: Path) -> Path:
 def check_output_file(path: str | os.PathLike[str], flag: str) -> None:
     """Refuse an output file that could not be written, before the work that fills it (making
     its missing parent folders)."""
-    p = Path(path)
-    if not str(path):
+    if not os.fspath(path):  # Path("") is the current folder
         raise InvalidRequestError(f"{flag} is empty; name a file")
+    p = Path(path)
     if p.is_dir():
         raise InvalidRequestError(f"{flag} {p}: is a folder; name a file")
     if p.exists() and not p.is_file():  # replacing a FIFO or a device with a file is no one's intent
