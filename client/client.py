@@ -363,7 +363,7 @@ class PictorClient:
 
     def close(self) -> None:
         """Close the channel; calls still running on other threads end with an error."""
-        self._closed = True
+        self._closed = True  # first: their CANCELLED is then known to be this close's
         self._channel.close()
 
     def _call(self, method: Callable[..., R], request: Any) -> R:
@@ -379,12 +379,13 @@ class PictorClient:
                 unavailable = ServerUnavailableError(f"{details} ({code.name})")
                 unavailable.server_said = True
                 raise unavailable from None
-            if code == grpc.StatusCode.UNAVAILABLE and details == "Cancelling all calls":  # gRPC's words
-                details = f"the server at {self.target} stopped while the call was open ({details})"
+            if code == grpc.StatusCode.CANCELLED and self._closed:
+                details = f"the call was cancelled before its answer came ({details}): this PictorClient was closed"
+            elif ((code == grpc.StatusCode.UNAVAILABLE and details == "Cancelling all calls")  # gRPC's words
+                  or code == grpc.StatusCode.CANCELLED):  # (a stopping server ends open calls either way)
+                details = f"the server at {self.target} stopped or cancelled the call while it was open ({details})"
             elif code == grpc.StatusCode.UNAVAILABLE:
                 details = f"cannot reach a Pictor server at {self.target}: {details}"
-            elif code == grpc.StatusCode.CANCELLED:
-                details = f"the call was cancelled before its answer came ({details}): this PictorClient was closed"
             elif code == grpc.StatusCode.DEADLINE_EXCEEDED and self._past_deadline(started):
                 # (earlier, the server ended the call itself and says why)
                 details = f"no answer from {self.target} within the timeout of {self.timeout:g} s"

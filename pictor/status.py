@@ -42,8 +42,9 @@ STATUS_OF_ERROR: tuple[tuple[type[PictorError], grpc.StatusCode], ...] = (
 )
 
 # Each code back to its most general error (later entries win): INVALID_ARGUMENT is an
-# InvalidRequestError. A cancelled call (its channel closed by another thread) lost its answer
-# as a lost connection does: no timeout, and a write's outcome is not known.
+# InvalidRequestError. A cancelled call (its channel closed by another thread, or ended by a
+# server that stopped) lost its answer as a lost connection does: no timeout, and a write's
+# outcome is not known.
 _ERROR_OF_STATUS: dict[grpc.StatusCode, type[PictorError]] = {
     code: error for error, code in STATUS_OF_ERROR} | {grpc.StatusCode.CANCELLED: ServerUnavailableError}
 
