@@ -111,6 +111,10 @@ class Embedder:
 
     def forward_batch(self, batch: torch.Tensor) -> EmbedOutput:
         """Embed an already preprocessed batch [N, 3, H, W] in one forward pass."""
+        if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
+            got = f"shape {list(batch.shape)}" if isinstance(batch, torch.Tensor) else type(batch).__name__
+            raise InvalidRequestError(f"batch must be a torch tensor [N, 3, H, W] (torch.stack of preprocess "
+                                      f"outputs), got {got}")
         with torch.inference_mode():
             emb, logits = self.embed_tensor(batch)
             return EmbedOutput(
@@ -170,6 +174,10 @@ def create_embedder(
         batch_size: images per forward pass in ``forward_images``.
         compile: wrap the backbone in ``torch.compile`` (slow first call, faster after).
     """
+    for name, value in (("weights", "" if weights is None else weights), ("device", device),
+                        ("precision", precision), ("pooling", pooling)):
+        if not isinstance(value, str):
+            raise InvalidRequestError(f"{name} must be text, got {type(value).__name__}")
     if pooling not in POOLINGS:
         raise InvalidRequestError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLINGS)}")
     if batch_size < 1:

@@ -202,6 +202,10 @@ class IndexStore:
         ``index_type`` is ``"auto"`` or a FAISS factory string (``"Flat"``, ``"HNSW32"``,
         ``"IVF1024,Flat"``, ``"IVF1024,PQ32"``, ``"OPQ32,IVF1024,PQ32"``).
         """
+        _check_spec(spec, optional=False)
+        if not isinstance(index_type, str):
+            raise InvalidRequestError(f"index_type must be text ('auto' or a FAISS factory string), "
+                                      f"got {type(index_type).__name__}")
         root = Path(path)
         taken = InvalidRequestError(
             f"{root} already exists and is not an empty directory (another run may be "
@@ -275,6 +279,7 @@ class IndexStore:
 
         With ``spec``, refuse (``IncompatibleModelError``) a store filled by another model.
         """
+        _check_spec(spec, optional=True)
         root = Path(path)
         missing = [name for name in (MANIFEST, DATABASE) if not (root / name).is_file()]
         if len(missing) == 2:
@@ -1071,6 +1076,12 @@ class IndexStore:
         self._db.executemany(
             "INSERT OR REPLACE INTO meta(name, value) VALUES (?, ?)", list(values.items())
         )
+
+
+def _check_spec(spec: object, *, optional: bool) -> None:
+    if not (isinstance(spec, ModelSpec) or (optional and spec is None)):
+        raise InvalidRequestError(f"spec must be a ModelSpec (an Embedder's .spec){' or None' if optional else ''}, "
+                                  f"got {type(spec).__name__}")
 
 
 # -- choosing an index ----------------------------------------------------------------------

@@ -132,6 +132,9 @@ def test_what_is_not_a_list_of_images_is_refused(embedder: Embedder) -> None:
         embedder.embed(image)  # type: ignore[arg-type]
     with pytest.raises(InvalidRequestError, match="images must be decoded PIL images .* got str"):
         embedder.embed(["photo.jpg"])  # type: ignore[list-item]
+    for batch, got in ((embedder.preprocess(image), r"shape \[3, 224, 224\]"), (np.zeros((1, 3, 8, 8)), "ndarray")):
+        with pytest.raises(InvalidRequestError, match=rf"batch must be a torch tensor \[N, 3, H, W\].* got {got}"):
+            embedder.forward_batch(batch)  # type: ignore[arg-type]
 
 
 def test_batches_match_single_images(photos: list[Image.Image]) -> None:
@@ -175,6 +178,10 @@ def test_layer_choice(photos: list[Image.Image]) -> None:
 def test_bad_arguments() -> None:
     with pytest.raises(InvalidRequestError, match="pooling"):
         create_embedder(pooling="sum")
+    with pytest.raises(InvalidRequestError, match="weights must be text, got int"):
+        create_embedder(weights=5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="device must be text, got NoneType"):
+        create_embedder(device=None)  # type: ignore[arg-type]
     with pytest.raises(InvalidRequestError, match="precision"):
         resolve_precision("int8", torch.device("cpu"))
     with pytest.raises(NotFoundError, match="resnet50"):

@@ -282,6 +282,12 @@ def test_mismatched_dim_and_model_refused(tmp_path: Path, rng) -> None:
     with pytest.raises(IncompatibleModelError, match="other_net"):
         IndexStore.open(tmp_path / "s", spec=spec(backbone="other_net"))
     IndexStore.open(tmp_path / "s", spec=spec()).close()
+    with pytest.raises(InvalidRequestError, match=r"spec must be a ModelSpec \(an Embedder's .spec\) or None, got str"):
+        IndexStore.open(tmp_path / "s", spec="other_net")  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="spec must be a ModelSpec .* got NoneType"):
+        IndexStore.create(tmp_path / "t", None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="index_type must be text .* got NoneType"):
+        IndexStore.create(tmp_path / "t", spec(), index_type=None)  # type: ignore[arg-type]
 
 
 def test_bad_input_refused(tmp_path: Path, rng) -> None:
