@@ -30,7 +30,8 @@ def check_active(context: grpc.ServicerContext, before: str) -> None:
     and Delete, written (checked again once the write lock is held: a write may queue there
     behind a rebuild of the index)."""
     if not context.is_active():
-        raise DeadlineExceededError(f"the call ended (deadline passed or cancelled) before {before}")
+        raise DeadlineExceededError(f"the call ended (its deadline passed, its caller cancelled it, or the "
+                                    f"server is stopping) before {before}")
 
 
 class HandlerThreads:
