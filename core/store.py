@@ -885,7 +885,7 @@ class IndexStore:
         if added or removed:
             log.warning(
                 "index store %s: FAISS snapshot (seq %d) brought up to date with the database "
-                "(seq %d): %d added, %d removed",
+                "(seq %d): %d stored vectors added, %d deletions applied",
                 self.path, snap_seq, self._seq, added, removed,
             )
             self._dirty = True
