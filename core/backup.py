@@ -12,6 +12,7 @@ from pathlib import Path
 from pictor.core._store_files import DATABASE, MANIFEST, _out_of_space, _read_manifest, _write_json_atomic
 from pictor.core._store_sql import _connect
 from pictor.core.files import fsync_dir
+from pictor.core.whitening import WHITENING_FILE
 from pictor.errors import InvalidRequestError, NotFoundError, ResourceExhaustedError
 
 
@@ -23,7 +24,8 @@ def backup_store(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> 
     database. So this copies the FAISS snapshot the manifest names (snapshot files are never
     changed once written), then the database through SQLite's online backup, which reads one
     committed state of it, at least as new as the snapshot: opening the copy brings the
-    snapshot up to date with it, as after a crash."""
+    snapshot up to date with it, as after a crash. A PCA-whitened store's whitening file
+    (written once, when the store is made) comes along."""
     src, out = Path(path), Path(dest)
     if not (src / MANIFEST).is_file() or not (src / DATABASE).is_file():
         raise NotFoundError(f"no index store at {src} (no {MANIFEST} or {DATABASE})")
@@ -48,6 +50,8 @@ def backup_store(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> 
                 continue
         else:
             manifest["snapshot"] = None  # the copy's index is rebuilt from its database
+        if (src / WHITENING_FILE).is_file():
+            shutil.copyfile(src / WHITENING_FILE, partial / WHITENING_FILE)
         with contextlib.closing(_connect(src / DATABASE, readonly=True)) as source, \
                 contextlib.closing(sqlite3.connect(partial / DATABASE)) as copy:
             source.backup(copy)

@@ -64,10 +64,12 @@ def _register_backup(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 def run_backup(args: argparse.Namespace) -> int:
     require_server_extra("pictor backup")
-    from pictor.core.store import IndexStore, backup_store
+    from pictor.core.store import backup_store
+    from pictor.core.whitening import open_index
 
     backup_store(args.index, args.dest)
-    with IndexStore.open(args.dest) as copy:  # a copy that does not open is no backup
+    copy, _, _ = open_index(args.dest)  # a copy that does not open as `serve` opens it is no backup
+    with copy:
         print(f"backed up {args.index} to {args.dest}: {len(copy)} items (checked: it opens; a log line "
               "saying its FAISS snapshot was brought up to date with its database is expected for the "
               "copy of an index in use)")

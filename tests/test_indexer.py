@@ -276,6 +276,10 @@ def test_pca_whitened_index_serves_whitened_queries(gallery: Path, tmp_path: Pat
             engine.search(vector=np.ones(engine.embedder.spec.dim).tolist())
     finally:
         engine.close()
+    # A backup serves as the index does: its whitening comes along (checked as `serve` opens it).
+    backup = pictor("backup", str(out), str(tmp_path / "copy"))
+    assert "13 items (checked: it opens" in backup.stdout
+    assert (tmp_path / "copy" / WHITENING_FILE).read_bytes() == (out / WHITENING_FILE).read_bytes()
     sorted(gallery.rglob("*.png"))[0].write_bytes(drawn_image(76))
     again = json.loads(pictor("index", str(gallery), "--out", str(out), "--json").stdout)
     # The changed file is embedded and whitened as the index was (an unwhitened vector is refused).
