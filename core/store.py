@@ -809,8 +809,11 @@ class IndexStore:
         try:
             self._save_snapshot()
         except (OSError, RuntimeError) as e:  # FAISS reports write errors as RuntimeError
-            log.error("index store %s: FAISS snapshot not saved (%s); every write is in the "
-                      "database, and the next open replays what the last snapshot lacks", self.path, e)
+            if gone := self.unavailable():  # the database went with the folder: nothing to replay
+                log.error("index store %s: FAISS snapshot not saved: %s", self.path, gone)
+            else:
+                log.error("index store %s: FAISS snapshot not saved (%s); every write is in the "
+                          "database, and the next open replays what the last snapshot lacks", self.path, e)
 
     def _save_snapshot(self) -> None:
         """Write the index to faiss-<seq>.index, then the manifest, then drop the old ones.
