@@ -177,7 +177,7 @@ def test_bad_data_gives_clear_errors(tmp_path: Path, embedder: CountingEmbedder)
         f.unlink()
     before = embedder.images_embedded
     with pytest.raises(InvalidRequestError,
-                       match=r"training images after --val-fraction 0.25 .*fewer than 3 listed images: square \(2\)"):
+                       match=r"training images after --val-fraction 0.25 .*fewer than 3 training images: square \(2\)"):
         train(config(tmp_path), tree, embedder=embedder)
     with pytest.raises(InvalidRequestError, match=r"after --max-per-class 2 and --val-fraction 0.25 .*: \w+ \(1\)"):
         train(config(tmp_path, max_per_class=2), tree, embedder=embedder)
@@ -604,6 +604,8 @@ def test_train_reads_the_model_settings_index_reads(shapes: Path, tmp_path: Path
 def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["train", str(tmp_path / "missing"), "--out", str(tmp_path / "m.pt")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+    rc = main(["train", str(tmp_path), "--val", str(tmp_path), "--val-fraction", "0.5", "--out", str(tmp_path / "m.pt")])
+    assert rc == 2 and "with --val it would be ignored: give one of them" in capsys.readouterr().err
     foreign = tmp_path / "foreign.pt"
     foreign.write_bytes(b"not a model")
     rc = main(["eval", str(foreign), str(tmp_path)])

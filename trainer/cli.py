@@ -66,9 +66,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "stages too (slower, usually more accurate; when it loses validation accuracy, "
                    "the linear head is kept) (default %(default)s)")
     t.add_argument("--val", metavar="DATA", help="validation set (default: split off DATA)")
-    t.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
+    t.add_argument("--val-fraction", type=float,
                    help="share of each class split off for validation when --val is not given "
-                   "(default %(default)s)")
+                   f"(default {TrainConfig.val_fraction})")
     t.add_argument("--seed", type=int, default=TrainConfig.seed,
                    help="seed of the split, initialisation and augmentation (default %(default)s)")
     add_flag(t, "backbone")
@@ -156,10 +156,14 @@ def run_train(args: argparse.Namespace) -> int:
         decays = tuple(float(x) for x in args.weight_decays.split(",") if x.strip())
     except ValueError as e:
         raise InvalidRequestError(f"--weight-decays: {e}") from e
+    if args.val and args.val_fraction is not None:
+        raise InvalidRequestError("--val-fraction splits DATA when no --val is given; with --val it would "
+                                  "be ignored: give one of them")
     m = model_settings(vars(args), args.config)  # backbone, weights, ... as `pictor index` reads them
     config = TrainConfig(
         mode=args.mode, backbone=m.backbone or TrainConfig.backbone, weights=m.weights, device=m.device,
-        precision=m.precision, pooling=m.pooling or TrainConfig.pooling, val_fraction=args.val_fraction, seed=args.seed,
+        precision=m.precision, pooling=m.pooling or TrainConfig.pooling, seed=args.seed,
+        val_fraction=TrainConfig.val_fraction if args.val_fraction is None else args.val_fraction,
         min_per_class=args.min_per_class, max_per_class=args.max_per_class,
         batch_size=m.batch_size, max_pixels=m.max_pixels, cache_dir=args.cache_dir,
         progress=show_progress(args.no_progress),

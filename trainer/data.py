@@ -86,7 +86,8 @@ def class_names(samples: Iterable[Sample]) -> list[str]:
 def check_class_sizes(samples: Sequence[Sample], min_per_class: int, what: str = "data",
                       kind: str = "usable") -> None:
     """Raise ``InvalidRequestError`` naming every class with fewer than ``min_per_class`` images
-    (``kind``: "listed" before the images are read, "usable" after)."""
+    (``kind``: "listed" or "training" (listed, after a split) before the images are read,
+    "usable" after)."""
     counts = Counter(s.label for s in samples)
     small = {c: n for c, n in sorted(counts.items()) if n < min_per_class}
     if small:

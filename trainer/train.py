@@ -82,7 +82,7 @@ def make_splits(config: TrainConfig, data: str | Path, val_data: str | Path | No
         how.append(f"--val-fraction {config.val_fraction:g} for validation")
     what = f"{data} (training images after {' and '.join(how)})" if how else str(data)
     # Before any image is embedded; unreadable images are counted again after.
-    data_mod.check_class_sizes(train, config.min_per_class, what=what, kind="listed")
+    data_mod.check_class_sizes(train, config.min_per_class, what=what, kind="training" if how else "listed")
     return Splits(train, val)
 
 
@@ -207,7 +207,8 @@ def train(
 def head_description(mode: str, metrics: dict[str, Any]) -> str:
     """What was trained, for people: a fine-tuning run may have kept its first linear probe."""
     if mode == "finetune" and metrics.get("head") == "linear probe":
-        return "linear head (fine-tuning lowered validation top-1: the probe on the pretrained backbone is kept)"
+        return ("linear head (fine-tuning lowered validation top-1: the probe on the pretrained backbone, "
+                "without --mode linear's mirror images, is kept)")
     return f"{mode} head"
 
 
@@ -315,8 +316,9 @@ def _finetune(config: TrainConfig, embedder: Embedder, tr: EmbeddedSet, state: _
         # (Accuracy alone decides: a head trained with label smoothing has a higher loss.)
         log.warning("fine-tuning lowered validation top-1 (the linear probe %.4f; on the tuned backbone's "
                     "embeddings, the head trained along %.4f, a probe refitted %.4f): the model keeps "
-                    "the pretrained backbone and the probe's head", probe_fit.val_accuracy, joint_acc,
-                    refit.val_accuracy)
+                    "the pretrained backbone and that probe, fitted on the training images as they are "
+                    "(--mode linear also fits on their mirror images, so its head may differ)",
+                    probe_fit.val_accuracy, joint_acc, refit.val_accuracy)
         embedder.backbone.load_state_dict(ft.initial_state, strict=False)
         embedder.spec = dataclasses.replace(embedder.spec, finetune="")
         state.head, state.fit, state.x_train, state.x_val = probe_head, probe_fit, probe_x_train, probe_x_val
