@@ -211,6 +211,9 @@ def _json_lines(manifest: Path, lines: Iterable[str]) -> Iterator[tuple[int, dic
             raise InvalidRequestError(f"{manifest}:{n}: not valid JSON: {e.msg}") from e
         if not isinstance(row, dict):
             raise InvalidRequestError(f"{manifest}:{n}: each line must be a JSON object")
+        if isinstance(row.get("path"), _Number):  # a number names no image file
+            raise InvalidRequestError(f"{manifest}:{n}: field 'path' must be a string (the file's path), "
+                                      f"got the number {row['path']}")
         yield n, {k: _json_text(f"{manifest}:{n}", k, v) for k, v in row.items() if v is not None}
 
 
@@ -221,10 +224,9 @@ class _Number(str):
 
 def _json_text(where: str, name: str, value: object) -> str:
     """A JSONL field as text: strings as they are, numbers as written; null means absent."""
-    if not isinstance(value, str):
-        raise InvalidRequestError(
-            f"{where}: field {name!r} must be a string or a number, got {json.dumps(value)[:60]}"
-        )
+    if not isinstance(value, str):  # (dumped, an object's numbers would show as strings: _Number)
+        kind = {dict: "an object", list: "a list"}.get(type(value), json.dumps(value))
+        raise InvalidRequestError(f"{where}: field {name!r} must be a string or a number, got {kind}")
     for text in (name, value):  # JSON's \ud800 escapes decode to lone surrogates, which no text holds
         try:
             text.encode("utf-8")

@@ -220,10 +220,11 @@ def _warn_indexed_twice(entries: list[GalleryEntry], store: IndexStore) -> None:
 
     if twice := indexed_under_other_keys(entries, store):
         new, old = next(iter(twice.items()))
-        print(f"warning: {len(twice)} of these files are in the index already under another spelling "
-              f"of their path ({new!r} is there as {old!r}); they are added again as new items (their "
-              "vectors copied, not embedded again). To replace them instead, name the folder as the "
-              "index knows it", file=sys.stderr)
+        print(f"warning: {len(twice)} of these files are in the index already under another key "
+              f"({new!r} is there as {old!r}); they are added again as new items (their vectors copied, "
+              "not embedded again). To replace them instead, give them the keys the index knows: name "
+              "the folder as it was named then (relative or absolute), or put those keys in the "
+              "manifest's key column", file=sys.stderr)
 
 
 def _index(args: argparse.Namespace, settings: IndexerSettings, target: _Target, entries: list[GalleryEntry],

@@ -131,10 +131,13 @@ def test_jsonl_null_is_absent_and_other_values_refused(tmp_path: Path) -> None:
     a, b = read_gallery(jsonl)
     assert (a.key, a.label, a.attributes) == ("a.png", "", {})  # not the string "None"
     assert (b.key, b.label, b.path.name) == (" k ", " spaced ", " b.png")  # JSON says exactly
-    for value in ({"x": 1}, [1], True):
+    for value, got in (({"x": 1}, "an object"), ([1], "a list"), (True, "true")):
         jsonl.write_text(json.dumps({"path": "a.png", "label": value}) + "\n")
-        with pytest.raises(InvalidRequestError, match="m.jsonl:1: field 'label' must be a string or a number"):
+        with pytest.raises(InvalidRequestError, match=f"m.jsonl:1: field 'label' must be a string or a number, got {got}$"):
             list(read_gallery(jsonl))
+    jsonl.write_text('{"path": 5, "key": 17}\n')  # a number is a fine key, and names no file
+    with pytest.raises(InvalidRequestError, match="m.jsonl:1: field 'path' must be a string .* got the number 5"):
+        list(read_gallery(jsonl))
 
 
 def test_manifest_rows_that_cannot_be_items_are_refused_up_front(tmp_path: Path) -> None:

@@ -70,12 +70,12 @@ def test_rerun_replaces_instead_of_duplicating(gallery: Path, tmp_path: Path) ->
         assert store.search(store.get_vector(changed.as_posix())[None], 1)[0][0].key == changed.as_posix()
     # The same files named another way are other keys: added again, with a warning that says so.
     relative = pictor("index", gallery.name, "--out", str(out), cwd=gallery.parent)
-    assert "13 of these files are in the index already under another spelling" in relative.stderr
+    assert "13 of these files are in the index already under another key" in relative.stderr
     # ... with the vectors of the same content copied, not embedded again.
     assert "indexed 13 images (13 new, 0 replaced)" in relative.stdout
     assert "13 of them not embedded again (the index held a vector of the same file)" in relative.stdout
     again = pictor("index", gallery.name, "--out", str(out), cwd=gallery.parent)  # both spellings held now
-    assert "another spelling" not in again.stderr and "13 unchanged" in again.stdout
+    assert "under another key" not in again.stderr and "13 unchanged" in again.stdout
     # A copy obeys the pixel cap as a decode would (the stored vector came from a run without it).
     (tmp_path / "alias").symlink_to(gallery)
     capped = json.loads(pictor("index", "alias", "--out", str(out), "--max-pixels", "100", "--json",
