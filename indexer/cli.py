@@ -262,7 +262,8 @@ def _print_summary(args: argparse.Namespace, summary: IndexSummary, out: Path, c
                      "file)" if summary.copied else "")
                   + (f"; {summary.unchanged} unchanged, left as they were" if summary.unchanged else "")
                   + f"; index holds {count} item{'' if count == 1 else 's'}; skipped {summary.skipped}"
-                  + (f"; pruned {summary.pruned} no longer listed" if args.prune else ""))
+                  + (("; not pruned (only a complete run prunes)" if summary.interrupted
+                      else f"; pruned {summary.pruned} no longer listed") if args.prune else ""))
         for failure in summary.failures:
             print(f"  skipped {failure['error']}", file=sys.stderr)
 

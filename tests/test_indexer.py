@@ -234,7 +234,7 @@ def test_sigterm_ends_the_run_like_ctrl_c(gallery: Path, tmp_path: Path) -> None
     assert run.returncode == 130 and "interrupted" in err
 
 
-def test_interrupted_before_the_first_image_leaves_no_index(gallery: Path, tmp_path: Path,
+def test_interrupted_before_the_first_image_leaves_no_index_and_prunes_nothing(gallery: Path, tmp_path: Path,
                                                             monkeypatch, capsys) -> None:
     """An empty index the run made would only be in the way (of a re-run with other flags)."""
     import pictor.indexer.pipeline as pipeline
@@ -248,10 +248,15 @@ def test_interrupted_before_the_first_image_leaves_no_index(gallery: Path, tmp_p
 
         return real(interrupted(), *args, **kwargs)
 
+    assert main(["index", str(gallery), "--out", str(tmp_path / "held"), "--device", "cpu"]) == 0
+    capsys.readouterr()
     monkeypatch.setattr(pipeline, "run_indexing", ctrl_c_before_the_first)
     assert main(["index", str(gallery), "--out", str(tmp_path / "index"), "--device", "cpu"]) == 130
     assert "interrupted before any image was indexed; no index was written" in capsys.readouterr().err
     assert not (tmp_path / "index").exists()
+    # Into an index that exists, with --prune: the summary says nothing was pruned, and why.
+    assert main(["index", str(gallery), "--out", str(tmp_path / "held"), "--device", "cpu", "--prune"]) == 130
+    assert "; not pruned (only a complete run prunes)" in capsys.readouterr().out
 
 
 def test_pca_whitened_index_serves_whitened_queries(gallery: Path, tmp_path: Path) -> None:
