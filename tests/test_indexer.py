@@ -234,8 +234,8 @@ def test_sigterm_ends_the_run_like_ctrl_c(gallery: Path, tmp_path: Path) -> None
     assert run.returncode == 130 and "interrupted" in err
 
 
-def test_interrupted_before_the_first_image_leaves_no_index_and_prunes_nothing(gallery: Path, tmp_path: Path,
-                                                            monkeypatch, capsys) -> None:
+def test_interrupted_before_the_first_image_leaves_no_index_and_prunes_nothing(
+        gallery: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     """An empty index the run made would only be in the way (of a re-run with other flags)."""
     import pictor.indexer.pipeline as pipeline
 
