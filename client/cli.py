@@ -284,8 +284,15 @@ def run_search(args: argparse.Namespace) -> int:
     attrs = _parse_attrs(args.attr)
     with _client(args) as client:
         image = read_image_file(args.image) if args.image else None
-        hits = client.search(image=image, key=args.key, k=args.k, labels=args.label, attributes=attrs,
-                             nprobe=args.nprobe, ef_search=args.ef_search)
+        try:
+            hits = client.search(image=image, key=args.key, k=args.k, labels=args.label, attributes=attrs,
+                                 nprobe=args.nprobe, ef_search=args.ef_search)
+        except ServerUnavailableError:  # not the image: the server
+            raise
+        except PictorError as e:  # as classify reports it: a bad image by its name
+            if image is None:
+                raise
+            raise type(e)(f"{args.image}: {e}") from e
         held = client.info().label_counts if args.label else {}
     rows = [f"{i + 1:>3}  {h.score:6.3f}  {_hit_text(h)}"
             for i, h in enumerate(hits)]

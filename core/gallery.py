@@ -225,7 +225,7 @@ class _Number(str):
 def _json_text(where: str, name: str, value: object) -> str:
     """A JSONL field as text: strings as they are, numbers as written; null means absent."""
     if not isinstance(value, str):  # (dumped, an object's numbers would show as strings: _Number)
-        kind = {dict: "an object", list: "a list"}.get(type(value), json.dumps(value))
+        kind = "an object" if isinstance(value, dict) else "a list" if isinstance(value, list) else json.dumps(value)
         raise InvalidRequestError(f"{where}: field {name!r} must be a string or a number, got {kind}")
     for text in (name, value):  # JSON's \ud800 escapes decode to lone surrogates, which no text holds
         try:
