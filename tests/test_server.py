@@ -291,9 +291,9 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     bad = pictor("classify", daisy, license_, str(image), "--target", server.target, check=False)
     assert bad.returncode == 2
     assert f"{license_}: " in bad.stderr and "INVALID_ARGUMENT" in bad.stderr
+    assert bad.stdout.startswith(f"{daisy}  (imagenet)") and f"\n{image}  (imagenet)" in bad.stdout
     not_an_image = pictor("search", license_, "--target", server.target, check=False)  # named as classify names it
     assert not_an_image.returncode == 2 and f"pictor search: error: {license_}: " in not_an_image.stderr
-    assert bad.stdout.startswith(f"{daisy}  (imagenet)") and f"\n{image}  (imagenet)" in bad.stdout
     folder = pictor("classify", str(DATA), "--target", server.target, check=False)
     assert folder.returncode == 2 and f"{DATA}: a folder, not an image file (`pictor index` takes folders)" in folder.stderr
     pipe = tmp_path / "pipe.jpg"
