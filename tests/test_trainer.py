@@ -33,6 +33,7 @@ from pictor.trainer import data as data_mod
 from pictor.trainer.config import TrainConfig
 from pictor.trainer.evaluate import evaluate
 from pictor.trainer.finetune import unfreeze_last, warmup_cosine
+from pictor.trainer.linear import fit_temperature
 from pictor.trainer.metrics import classification_report, format_report
 from pictor.trainer.openset import calibrate_open_set, far_threshold, nearest_similarity
 from pictor.trainer.train import build_embedder, head_description, train
@@ -283,6 +284,14 @@ def test_validation_copies_of_training_images_are_left_out(
     shutil.rmtree(val / "triangle")
     train(config(tmp_path, weight_decays=(1e-3,)), train_tree, val_data=val, embedder=embedder)
     assert "validation has no images of triangle" in caplog.text
+
+
+def test_temperature_sharpens_only_on_evidence() -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0], [0.5, 0.0]])
+    # All right: the loss would fall without end as the temperature does; none is chosen.
+    assert fit_temperature(logits, np.array([0, 1, 0, 0])) == 1.0
+    # One wrong with a clear margin: sharper logits would cost it, so the optimum is inside the grid.
+    assert 0.05 < fit_temperature(logits, np.array([0, 1, 0, 1])) < 20.0
 
 
 def test_macro_f1_counts_a_class_that_is_only_predicted() -> None:
