@@ -32,7 +32,7 @@ from pictor.server.engine import Engine
 from pictor.trainer import data as data_mod
 from pictor.trainer.config import TrainConfig
 from pictor.trainer.evaluate import evaluate
-from pictor.trainer.finetune import unfreeze_last, warmup_cosine
+from pictor.trainer.finetune import _drops_last_batch, unfreeze_last, warmup_cosine
 from pictor.trainer.linear import fit_temperature
 from pictor.trainer.metrics import classification_report, format_report
 from pictor.trainer.openset import calibrate_open_set, far_threshold, nearest_similarity
@@ -450,6 +450,10 @@ def test_unfreeze_and_schedule() -> None:
     trainable = unfreeze_last(lite, 99)
     assert trainable[0].startswith("model.blocks.0.") and "model.conv_head.weight" in trainable
     assert not any(n.startswith(("model.conv_stem.", "model.classifier.")) for n in trainable)
+    # An epoch sees every image but for a short last batch under half a batch (the flowers
+    # split's 14 of 750 at 32); 28 of 60 were left out each epoch before.
+    drops = {n: _drops_last_batch(n, 32) for n in (10, 32, 60, 750, 33)}
+    assert drops == {10: False, 32: False, 60: False, 750: True, 33: True}
     f = warmup_cosine(total_steps=100, warmup_steps=10)
     assert f(0) < f(5) < f(9) <= 1.0 and f(10) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
