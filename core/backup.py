@@ -12,7 +12,8 @@ from pathlib import Path
 from pictor.core._store_files import DATABASE, MANIFEST, _out_of_space, _read_manifest, _write_json_atomic
 from pictor.core._store_sql import _connect
 from pictor.core.files import fsync_dir
-from pictor.core.whitening import WHITENING_FILE
+from pictor.core.spec import ModelSpec
+from pictor.core.whitening import WHITENING_FILE, PCAWhitening
 from pictor.errors import InvalidRequestError, NotFoundError, ResourceExhaustedError
 
 
@@ -33,6 +34,9 @@ def backup_store(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> 
         raise InvalidRequestError(f"{out} exists; back up into a new folder")
     if out.resolve().is_relative_to(src.resolve()):
         raise InvalidRequestError(f"{out} is inside the index {src}: back up somewhere else")
+    # A whitened index whose whitening file is missing or another's cannot be served, nor could
+    # its copy: refused before anything is copied, naming the index.
+    PCAWhitening.load(src, ModelSpec.from_dict(_read_manifest(src / MANIFEST)["spec"]))
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
         partial.mkdir(parents=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 from typing import Any
 
 from pictor.config import default_cache_dir
@@ -68,7 +69,11 @@ def run_backup(args: argparse.Namespace) -> int:
     from pictor.core.whitening import open_index
 
     backup_store(args.index, args.dest)
-    copy, _, _ = open_index(args.dest)  # a copy that does not open as `serve` opens it is no backup
+    try:
+        copy, _, _ = open_index(args.dest)  # a copy that does not open as `serve` opens it is no backup
+    except BaseException:
+        shutil.rmtree(args.dest, ignore_errors=True)  # this run made it: no unusable copy left in the way
+        raise
     with copy:
         print(f"backed up {args.index} to {args.dest}: {len(copy)} items (checked: it opens; a log line "
               "saying its FAISS snapshot was brought up to date with its database is expected for the "

@@ -285,6 +285,10 @@ def test_pca_whitened_index_serves_whitened_queries(gallery: Path, tmp_path: Pat
     backup = pictor("backup", str(out), str(tmp_path / "copy"))
     assert "13 items (checked: it opens" in backup.stdout
     assert (tmp_path / "copy" / WHITENING_FILE).read_bytes() == (out / WHITENING_FILE).read_bytes()
+    (tmp_path / "copy" / WHITENING_FILE).unlink()  # an index that cannot be served: refused, no copy made
+    damaged = pictor("backup", str(tmp_path / "copy"), str(tmp_path / "copy2"), check=False)
+    assert damaged.returncode == 2 and f"{tmp_path / 'copy' / WHITENING_FILE} is missing" in damaged.stderr
+    assert not (tmp_path / "copy2").exists()
     sorted(gallery.rglob("*.png"))[0].write_bytes(drawn_image(76))
     again = json.loads(pictor("index", str(gallery), "--out", str(out), "--json").stdout)
     # The changed file is embedded and whitened as the index was (an unwhitened vector is refused).
