@@ -1039,9 +1039,9 @@ class IndexStore:
         if lock.endswith(" (deleted)"):
             raise ServerUnavailableError(
                 f"the folder of index store {self.path} was deleted while open: nothing can be written "
-                "to it any more, nor read from its database (lookups by key, listing, Info); unfiltered searches "
-                "by image or vector answer from memory until it closes. Restart on a restored copy "
-                "(`pictor backup` makes one)")
+                "to it any more, nor read from its database (lookups by key, listing, Info); unfiltered "
+                "searches by image or vector answer from memory until it closes. Restart on a restored "
+                "copy (`pictor backup` makes one)")
         return Path(lock).parent
 
     def unavailable(self) -> str | None:
