@@ -325,17 +325,21 @@ def fit_whitening(
             f"--pca-whiten must be between 1 and the embedding dim {embedder.spec.dim}, got {out_dim}")
     chosen = random.Random(WHITENING_SEED).sample(list(entries), min(sample, len(entries)))
     bar = tqdm(total=len(chosen), unit="img", desc="whitening sample", disable=not progress, dynamic_ncols=True)
-    parts = []
+    parts, failures = [], []
     for decoded, vectors in embedded_batches(chosen, embedder, batch_size=batch_size, workers=workers,
                                              max_pixels=max_pixels):
         parts.append(vectors)
+        failures += decoded.failures
         bar.update(len(decoded.entries) + len(decoded.failures))
     bar.close()
     x = np.concatenate(parts) if parts else np.zeros((0, embedder.spec.dim), np.float32)
     if len(x) <= out_dim:  # fewer images than dims: the covariance has too low a rank
+        unreadable = (f" ({len(failures)} of the {len(chosen)} sampled could not be used, e.g. "
+                      f"{failures[0][1]})" if failures else "")
+        more = "raise --pca-sample" if len(chosen) < len(entries) else "add images"
         raise InvalidRequestError(
-            f"PCA-whitening to {out_dim} dims needs more than {out_dim} images in its sample, got "
-            f"{len(x)}; lower --pca-whiten or raise --pca-sample")
+            f"PCA-whitening to {out_dim} dims needs more than {out_dim} usable images in its sample, got "
+            f"{len(x)}{unreadable}; lower --pca-whiten or {more}")
     whitening = PCAWhitening.fit(x, out_dim)
     log.info("fitted PCA-whitening %s on %d gallery images", whitening.fingerprint, len(x))
     return whitening

@@ -299,7 +299,8 @@ def test_pca_whitened_index_serves_whitened_queries(gallery: Path, tmp_path: Pat
     assert tiny.returncode == 2 and "give --pca-whiten below 12" in tiny.stderr  # before any model
     (gallery / "warm" / "broken.png").write_bytes(b"not a png")  # 13 listed, 12 readable
     few = pictor("index", str(gallery), "--out", str(tmp_path / "i2"), "--pca-whiten", "12", check=False)
-    assert few.returncode == 2 and "needs more than 12 images" in few.stderr
+    assert few.returncode == 2 and "needs more than 12 usable images in its sample, got 12 (1 of the 13" in few.stderr
+    assert "broken.png" in few.stderr and "lower --pca-whiten or add images" in few.stderr  # all 13 were sampled
 
 
 def test_an_embedding_that_underflowed_costs_its_file_not_the_run(tmp_path: Path) -> None:
