@@ -112,7 +112,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--attr", action="append", default=[], metavar="NAME=VALUE",
                    help="attribute for all the images, for `pictor search --attr` (repeatable)")
     p.add_argument("--key-prefix", default="",
-                   help="prepend this to each key (the path is then kept as attribute `path`)")
+                   help="prepend this text to each key, as is: end it with / for a folder-like prefix "
+                        "(cam1/ + /data/a.jpg is cam1/data/a.jpg); the path is then kept as attribute `path`")
     p.set_defaults(run=run_add)
 
     p = _parser(sub, "delete", "remove items from a running server's index by key",
@@ -365,12 +366,19 @@ def run_add(args: argparse.Namespace) -> int:
     attrs = _parse_attrs(args.attr)
     _utf8_text(args.label, "--label")
     _utf8_text(args.key_prefix, "--key-prefix")
+    if args.key_prefix and "path" in attrs:
+        raise InvalidRequestError("--attr path=... would replace the attribute `path` that --key-prefix keeps "
+                                  "(each image's path); give yours another name")
 
     def attributes(path: str) -> dict[str, str]:
         # With a prefix the key is no longer the path: the path is kept beside it.
         return {"path": _path_key(path), **attrs} if args.key_prefix else attrs
 
-    items = (UpsertItem(key=args.key_prefix + _path_key(path), image=read_image_file(path), label=args.label,
+    def key(path: str) -> str:  # one slash where a prefix ending in / meets an absolute path
+        prefix, rest = args.key_prefix, _path_key(path)
+        return prefix + (rest[1:] if prefix.endswith("/") and rest.startswith("/") else rest)
+
+    items = (UpsertItem(key=key(path), image=read_image_file(path), label=args.label,
                         attributes=attributes(path)) for path in paths)
     with _client(args) as client:
         inserted, replaced = client.upsert(items)

@@ -315,6 +315,12 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     assert [h["key"] for h in prefixed] == ["p/new/x.png"]  # the key is not the path: kept beside it
     got = pictor("get", "new/x.png", "p/new/x.png", "--target", server.target).stdout
     assert got == "new/x.png  source=cam1\np/new/x.png  path=new/x.png\n"
+    clash = pictor("add", "new/x.png", "--key-prefix", "q/", "--attr", "path=x", "--target", server.target,
+                   cwd=tmp_path, check=False)
+    assert clash.returncode == 2 and "--attr path=... would replace the attribute `path`" in clash.stderr
+    pictor("add", str(tmp_path / "new/x.png"), "--key-prefix", "q/", "--target", server.target)
+    one_slash = f"q{(tmp_path / 'new/x.png').as_posix()}"  # q/ + /tmp/...: one slash, as a path has
+    assert pictor("delete", one_slash, "--target", server.target).stdout.startswith("deleted 1")
     # Listing pages through the index in key order, filtered as Search filters.
     assert pictor("list", "--attr", "source=cam1", "--target", server.target).stdout == "new/x.png  source=cam1\n"
     warm = [json.loads(line) for line in pictor("list", "--label", "warm", "--json", "--target", server.target).stdout.splitlines()]
