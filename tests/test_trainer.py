@@ -33,7 +33,7 @@ from pictor.trainer import data as data_mod
 from pictor.trainer.config import TrainConfig
 from pictor.trainer.evaluate import evaluate
 from pictor.trainer.finetune import _drops_last_batch, unfreeze_last, warmup_cosine
-from pictor.trainer.linear import fit_temperature
+from pictor.trainer.linear import fit_temperature, select_head
 from pictor.trainer.metrics import classification_report, format_report
 from pictor.trainer.openset import calibrate_open_set, far_threshold, nearest_similarity
 from pictor.trainer.train import build_embedder, head_description, train
@@ -292,6 +292,17 @@ def test_temperature_sharpens_only_on_evidence() -> None:
     assert fit_temperature(logits, np.array([0, 1, 0, 0])) == 1.0
     # One wrong with a clear margin: sharper logits would cost it, so the optimum is inside the grid.
     assert 0.05 < fit_temperature(logits, np.array([0, 1, 0, 1])) < 20.0
+
+
+def test_weight_decay_ties_at_all_right_keep_the_most_regularised_head() -> None:
+    rng = np.random.default_rng(0)
+    x, y = unit_clusters(rng, np.eye(3, 16) * 3, 12)  # far apart: every decay gets all right
+    fit = select_head(x, y, x, y, 3, weight_decays=(1e-4, 1e-2, 0.1))
+    assert [s["val_accuracy"] for s in fit.sweep] == [1.0, 1.0, 1.0]
+    assert fit.weight_decay == 0.1  # not the lowest loss, 1e-4's, sharpened without measure
+    one_wrong = np.where(np.arange(len(y)) == 0, (y + 1) % 3, y)  # a label no head gets right
+    fit = select_head(x, y, x, one_wrong, 3, weight_decays=(1e-4, 1e-2, 0.1))
+    assert fit.val_loss == min(s["val_loss"] for s in fit.sweep if s["val_accuracy"] == fit.val_accuracy)
 
 
 def test_macro_f1_counts_a_class_that_is_only_predicted() -> None:
