@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pictor.core.embedder import fingerprint_state
-from pictor.core.head import KNN_TEMPERATURE, ClassifierHead, TrainedModel, knn_vote, load_model
+from pictor.core.head import KNN_TEMPERATURE, ClassifierHead, TrainedModel, content_ids, knn_vote, load_model
 from pictor.core.open_set import ClassGaussians, OpenSet, OpenSetThresholds
 from pictor.core.spec import ModelSpec
 from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
@@ -112,6 +112,7 @@ def test_model_file_round_trip(tmp_path) -> None:
         training={"mode": "finetune", "epochs": 1},
         data_fingerprint="abc",
         backbone_state=state,
+        training_images=content_ids(["ab" * 32, "cd" * 32]),
     )
     path = tmp_path / "m.pt"
     model.save(path)
@@ -124,6 +125,7 @@ def test_model_file_round_trip(tmp_path) -> None:
     assert back.temperature == pytest.approx(0.7)
     assert back.metrics["top1"] == pytest.approx(0.9)
     assert back.training["mode"] == "finetune" and back.data_fingerprint == "abc"
+    assert back.trained_on(["cd" * 32, "ef" * 32]).tolist() == [True, False]
     assert {"torch", "numpy", "python"} <= set(back.versions)
     name = "blocks.6.0.conv.weight"
     torch.testing.assert_close(back.backbone_state[name], state[name])

@@ -543,6 +543,7 @@ def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path,
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert report["top1"] == 1.0 and report["n"] == 24
+    assert report["training_images"] == 18  # 24 less the 6 of validation: said, as they flatter
     assert report["confusion"] == [[8, 0, 0], [0, 8, 0], [0, 0, 8]]
     assert set(report["per_class"]["disc"]) == {"precision", "recall", "f1", "support"}
     assert len(report["images"]) == 24  # each image's answer, to compare with Classify's
@@ -556,6 +557,7 @@ def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path,
     table = capsys.readouterr().out
     assert rc == 0 and "precision" in table and "triangle" in table
     assert "open set" not in table and "--index INDEX adds how often" in table
+    assert "18 of the images measured are training images of the model" in table
     # Over an index of the same images every one has itself as nearest neighbour (similarity
     # 1), so as served none of them is unknown, whatever the class fit says.
     rc = main(["eval", str(model_path), str(shapes), "--index", str(shapes_index),

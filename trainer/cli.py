@@ -230,6 +230,9 @@ def run_eval(args: argparse.Namespace) -> int:
         extras.append(f"{len(report['skipped'])} image(s) skipped (unreadable, or over the pixel cap)")
     if report["ignored"]:
         extras.append(f"{report['ignored']} image(s) of other classes left out of the accuracy")
+    if report["training_images"]:
+        extras.append(f"{report['training_images']} of the images measured are training images of the model "
+                      "(the figures overstate its accuracy on new images)")
     if model.open_set is not None and not args.index:
         extras.append("--index INDEX adds how often Classify would answer 'unknown'")
     if args.png:

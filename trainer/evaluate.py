@@ -109,6 +109,12 @@ def evaluate(
         report["images"] = image_rows(emb.samples, all_probs, model.class_names)
         report["skipped"] = [{"path": path_text(p), "error": path_text(why)} for p, why in emb.skipped]
         report["ignored"] = ignored
+        # Images the model learned from measure memory, not accuracy: said, not hidden.
+        report["training_images"] = int(model.trained_on(emb.content_hashes)[is_known].sum())
+        if report["training_images"]:
+            log.warning("%d of the %d images measured are training images of the model (same content): "
+                        "the figures overstate its accuracy on new images", report["training_images"],
+                        int(is_known.sum()))
         report["precision"] = embedder.precision  # measured at (kept from training unless asked)
         if open_set is not None and store is not None:
             nearest, neighbours = nearest_similarities(model, emb.embeddings, store)

@@ -31,7 +31,7 @@ import torch
 
 from pictor.config import cache_root
 from pictor.core.embedder import apply_backbone_state
-from pictor.core.head import ClassifierHead, TrainedModel
+from pictor.core.head import ClassifierHead, TrainedModel, content_ids
 from pictor.errors import InvalidImageError, InvalidRequestError
 from pictor.trainer import data as data_mod
 from pictor.trainer.cache import EmbeddedSet, embed_samples
@@ -194,6 +194,7 @@ def train(
         training=config.to_dict() | {"data": str(data), "val_data": str(val_data or ""),
                                      "precision": embedder.precision},
         data_fingerprint=data_mod.data_fingerprint(tr.content_hashes, tr.labels),
+        training_images=content_ids(tr.content_hashes),
         backbone_state=backbone_state,
     )
     if out is not None:
