@@ -184,7 +184,8 @@ def _open_target(settings: IndexerSettings, out: Path, entries: list[GalleryEntr
         raise InvalidRequestError(
             f"--pca-whiten {settings.pca_whiten} is fitted on the gallery's images and needs more of "
             f"them than dims: {sample} here (gallery {len(entries)}, --pca-sample "
-            f"{settings.pca_sample}); give --pca-whiten below {sample}, or leave it out")
+            f"{settings.pca_sample}); give --pca-whiten below {sample} (less if some cannot be read), "
+            "or leave it out")
     opened = store is not None  # else this run makes one
     created = not opened and not out.exists()
     if not opened:

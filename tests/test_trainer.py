@@ -280,6 +280,7 @@ def test_validation_copies_of_training_images_are_left_out(
     assert result.report["n"] == 9
     assert "validation: 2 image(s) are copies of training images (same content)" in caplog.text
     assert "training: 1 image(s) appear under more than one label (same content)" in caplog.text
+    assert "rest on 9 validation images" in caplog.text and "use more validation images, or" in caplog.text
     # A validation set without one of the classes says so.
     shutil.rmtree(val / "triangle")
     train(config(tmp_path, weight_decays=(1e-3,)), train_tree, val_data=val, embedder=embedder)
@@ -537,6 +538,7 @@ def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path,
     assert "top-5" not in out.out  # 3 classes: always 1, so not shown
     assert "(0 embeddings from the cache, 42 computed)" in out.out
     assert "open-set thresholds rest on 6 validation images" in caplog.text  # too few to trust
+    assert "use more images (or --val)" in caplog.text  # split off: --val is the other way
     png, report_json = tmp_path / "plots" / "cm", tmp_path / "reports" / "report.json"  # cm: no suffix added
     rc = main(["eval", str(model_path), str(shapes), "--json", "--png", str(png),
                "--out-json", str(report_json), "--cache-dir", cache, "--no-progress"])

@@ -178,8 +178,9 @@ def train(
                         "open_set_pseudo_known_rejected": cal.pseudo_known_rejected}
         if report["n"] < MIN_CALIBRATION_IMAGES:
             log.warning("the open-set thresholds rest on %d validation images, so the share of known "
-                        "images answered unknown may be far from the budget; use more images (or --val), "
-                        "or check it with `pictor eval MODEL HELDOUT/ --index INDEX`", report["n"])
+                        "images answered unknown may be far from the budget; use more %s, or check it "
+                        "with `pictor eval MODEL HELDOUT/ --index INDEX`", report["n"],
+                        "validation images" if val_data is not None else "images (or --val)")
     metrics = {k: report[k] for k in ("n", "top1", "top5", "macro_f1")} | state.extra
     metrics |= {"train_images": len(tr.samples), "skipped_images": len(skipped),
                 "temperature": temperature, "per_class": report["per_class"]}
