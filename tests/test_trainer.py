@@ -668,6 +668,10 @@ def test_eval_reports_unknown_answers_for_other_classes(
     # Closed-set metrics cover the model's classes only; without the index, no open-set figure.
     assert report["ignored"] == 4 and report["n"] == 3 and report["top1"] == 1.0
     assert "open_set" not in report
+    assert report["training_images"] == 0  # new images, by content
+    old_file = dataclasses.replace(model, training_images=torch.zeros(0, dtype=torch.int64))  # made before the ids
+    assert evaluate(old_file, other, embedder=embedder, cache_dir=tmp_path / "cache",
+                    progress=False)["training_images"] is None  # not known, rather than none
     report = evaluate(model, other, index=shapes_index, embedder=embedder,
                       cache_dir=tmp_path / "cache", progress=False)
     assert report["n"] == 3 and report["top1"] == 1.0

@@ -58,7 +58,8 @@ def evaluate(
     ``index``: the store Classify would serve from, for the open-set figures.
     ``cache_dir``: ``""`` = the default embedding cache, ``"none"`` = no cache. The report adds
     ``skipped`` (unreadable images), ``ignored`` (images of other classes, left out of the
-    closed-set metrics) and, for an open-set model with ``index``, ``open_set`` (see
+    closed-set metrics), ``training_images`` (how many measured are the model's own training
+    images; None for model files without their ids) and, for an open-set model with ``index``, ``open_set`` (see
     ``open_set_report``) to ``metrics.classification_report``'s keys.
     """
     from tqdm import tqdm
@@ -109,8 +110,10 @@ def evaluate(
         report["images"] = image_rows(emb.samples, all_probs, model.class_names)
         report["skipped"] = [{"path": path_text(p), "error": path_text(why)} for p, why in emb.skipped]
         report["ignored"] = ignored
-        # Images the model learned from measure memory, not accuracy: said, not hidden.
-        report["training_images"] = int(model.trained_on(emb.content_hashes)[is_known].sum())
+        # Images the model learned from measure memory, not accuracy: said, not hidden (None: a
+        # model file from before it kept their ids).
+        report["training_images"] = (int(model.trained_on(emb.content_hashes)[is_known].sum())
+                                     if len(model.training_images) else None)
         if report["training_images"]:
             log.warning("%d of the %d images measured are training images of the model (same content): "
                         "the figures overstate its accuracy on new images", report["training_images"],
