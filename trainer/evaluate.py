@@ -59,7 +59,8 @@ def evaluate(
     ``cache_dir``: ``""`` = the default embedding cache, ``"none"`` = no cache. The report adds
     ``skipped`` (unreadable images), ``ignored`` (images of other classes, left out of the
     closed-set metrics), ``training_images`` (how many measured are the model's own training
-    images; None for model files without their ids) and, for an open-set model with ``index``, ``open_set`` (see
+    images; None for model files without their ids) and, for an open-set model with
+    ``index``, ``open_set`` (see
     ``open_set_report``) to ``metrics.classification_report``'s keys.
     """
     from tqdm import tqdm
