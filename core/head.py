@@ -165,7 +165,7 @@ class TrainedModel:
     versions: dict[str, str] = field(default_factory=library_versions)
     # Fine-tuned backbone tensors (names as in the embedder's backbone module); {} = as published.
     backbone_state: dict[str, torch.Tensor] = field(default_factory=dict)
-    # The training images' content ids (content_id): eval says when it measures on them.
+    # The training images' ids (content_ids): eval says when it measures on them.
     training_images: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
 
     def __post_init__(self) -> None:
