@@ -1057,6 +1057,9 @@ def test_a_call_whose_deadline_passed_while_it_waited_for_the_model_is_not_run(
             with engine._forward_lock:  # a forward pass that outlasts the call's deadline
                 with pytest.raises(DeadlineExceededError):
                     client.classify(drawn_image(0))
+                # The server's clock for the deadline starts when the call arrives, a little
+                # after the client's: the lock is held until it has surely passed there too.
+                time.sleep(0.5)
             time.sleep(0.5)  # the call's handler has the forward lock now, and finds its caller gone
             assert runs == []
         with PictorClient(f"localhost:{port}", timeout=30) as client:
