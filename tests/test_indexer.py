@@ -222,6 +222,10 @@ def test_index_errors_are_clear(tmp_path: Path) -> None:
 
 def test_sigterm_ends_the_run_like_ctrl_c(gallery: Path, tmp_path: Path) -> None:
     """`docker stop` sends SIGTERM: the run ends with its summary and exit 130, not silently."""
+    more = gallery / "more"  # seconds of embedding one at a time: the signal comes well before the end
+    more.mkdir()
+    for i in range(200):
+        (more / f"m{i:03d}.png").write_bytes(drawn_image(1000 + i))
     run = subprocess.Popen([sys.executable, "-m", "pictor.cli", "index", str(gallery), "--out",
                             str(tmp_path / "index"), "--batch-size", "1"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
