@@ -490,8 +490,8 @@ class PictorClient:
         A list (or other sequence) is checked whole before anything is sent: an item the
         client refuses writes nothing. An error raised while iterating other ``items`` (a
         generator) cancels the call and is raised here as it was; the server keeps the chunks
-        it had already written, and may write the one under way too (gRPC can deliver the
-        cancel as the stream's end).
+        it had already written, and not the one under way (the stream's final message, marked
+        last, never went).
         """
         refuse_single(items, "items", "for one item, write [item]")
         # A sequence is converted whole before the stream opens (a bad item writes nothing), and
@@ -508,6 +508,7 @@ class PictorClient:
                     request = pb.UpsertRequest(item=item)
                     sent += 1
                     yield request
+                yield pb.UpsertRequest(last=True)  # the items after the last full chunk are written now
             except GeneratorExit:  # gRPC closing this generator, not the caller's items failing
                 raise
             except BaseException as e:  # gRPC reports only "Exception iterating requests!": raised below

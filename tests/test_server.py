@@ -142,6 +142,22 @@ def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: Server
         with pytest.raises(grpc.RpcError) as e:
             method(message, timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in e.value.details()
+    # An Upsert stream's items after its last full chunk are written only when its final
+    # message says `last` (gRPC can deliver a cut-off stream as ended): a raw client is told so.
+    def raw_items(n: int, *, last: bool) -> Iterator[pb.UpsertRequest]:
+        for i in range(n):
+            yield pb.UpsertRequest(item=pb.Item(key=f"raw/{i}", vector=pb.Vector(values=[i + 1.0] * 1280)),
+                                   last=last and i == n - 1)
+
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Upsert(raw_items(66, last=False), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert re.fullmatch(r"the stream ended without a final message marked `last`, .* so its last 2 items were not "
+                        r"written; mark the final message last \(PictorClient does\); the first 64 items of the "
+                        r"stream were written", e.value.details()), e.value.details()
+    assert stub.Delete(pb.DeleteRequest(keys=[f"raw/{i}" for i in range(66)]), timeout=30).deleted == 64
+    assert stub.Upsert(raw_items(2, last=True), timeout=30).inserted == 2  # marked on the item itself
+    assert stub.Delete(pb.DeleteRequest(keys=["raw/0", "raw/1"]), timeout=30).deleted == 2
     # Bytes that are not the method's message (gRPC's own answer would be INTERNAL).
     garbage = b"\x0a\x05\xff\xfe\xfd\xfc"  # field 1 (a string) holding invalid UTF-8
     search = channel.unary_unary("/pictor.v1.Pictor/Search")

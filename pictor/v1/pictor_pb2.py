@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pictor/v1/pictor.proto\x12\tpictor.v1\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x82\x01\n\x06\x46ilter\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12\x35\n\nattributes\x18\x02 \x03(\x0b\x32!.pictor.v1.Filter.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"1\n\x0cSearchParams\x12\x0e\n\x06nprobe\x18\x01 \x01(\r\x12\x11\n\tef_search\x18\x02 \x01(\r\"\x97\x01\n\x03Hit\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05label\x18\x03 \x01(\t\x12\x32\n\nattributes\x18\x04 \x03(\x0b\x32\x1e.pictor.v1.Hit.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"$\n\x05Label\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"m\n\x0f\x43lassifyRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\r\x12)\n\nclassifier\x18\x03 \x01(\x0e\x32\x15.pictor.v1.Classifier\x12\x11\n\tneighbors\x18\x04 \x01(\r\"\xd8\x01\n\x10\x43lassifyResponse\x12 \n\x06labels\x18\x01 \x03(\x0b\x32\x10.pictor.v1.Label\x12\x0e\n\x06source\x18\x02 \x01(\t\x12$\n\nknn_labels\x18\x03 \x03(\x0b\x32\x10.pictor.v1.Label\x12!\n\tneighbors\x18\x04 \x03(\x0b\x32\x0e.pictor.v1.Hit\x12\r\n\x05\x61gree\x18\x05 \x01(\x08\x12\x0f\n\x07unknown\x18\x06 \x01(\x08\x12)\n\x08open_set\x18\x07 \x01(\x0b\x32\x17.pictor.v1.OpenSetCheck\"M\n\x0cOpenSetCheck\x12\x11\n\tclass_fit\x18\x01 \x01(\x01\x12\x1a\n\x12nearest_similarity\x18\x02 \x01(\x01\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xb4\x01\n\rSearchRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\r\n\x03key\x18\x02 \x01(\tH\x00\x12#\n\x06vector\x18\x03 \x01(\x0b\x32\x11.pictor.v1.VectorH\x00\x12\t\n\x01k\x18\x04 \x01(\r\x12!\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x11.pictor.v1.Filter\x12\'\n\x06params\x18\x06 \x01(\x0b\x32\x17.pictor.v1.SearchParamsB\x07\n\x05query\".\n\x0eSearchResponse\x12\x1c\n\x04hits\x18\x01 \x03(\x0b\x32\x0e.pictor.v1.Hit\"\x1e\n\x0c\x45mbedRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"U\n\rEmbedResponse\x12%\n\nembeddings\x18\x01 \x03(\x0b\x32\x11.pictor.v1.Vector\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x10\n\x08\x62\x61\x63kbone\x18\x03 \x01(\t\"\xbc\x01\n\x04Item\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12!\n\x06vector\x18\x03 \x01(\x0b\x32\x11.pictor.v1.Vector\x12\r\n\x05label\x18\x04 \x01(\t\x12\x33\n\nattributes\x18\x05 \x03(\x0b\x32\x1f.pictor.v1.Item.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\".\n\rUpsertRequest\x12\x1d\n\x04item\x18\x01 \x01(\x0b\x32\x0f.pictor.v1.Item\"4\n\x0eUpsertResponse\x12\x10\n\x08inserted\x18\x01 \x01(\r\x12\x10\n\x08replaced\x18\x02 \x01(\r\"\x1d\n\rDeleteRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"2\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\x12\x0f\n\x07missing\x18\x02 \x03(\t\"+\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x0f\n\x07vectors\x18\x02 \x01(\x08\">\n\x0bGetResponse\x12\x1e\n\x05items\x18\x01 \x03(\x0b\x32\x0f.pictor.v1.Item\x12\x0f\n\x07missing\x18\x02 \x03(\t\"N\n\x0bListRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\x12!\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x11.pictor.v1.Filter\"<\n\x0cListResponse\x12\x1e\n\x05items\x18\x01 \x03(\x0b\x32\x0f.pictor.v1.Item\x12\x0c\n\x04next\x18\x02 \x01(\t\"\r\n\x0bInfoRequest\"\xf6\x03\n\x0cInfoResponse\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\x12\x0f\n\x07weights\x18\x02 \x01(\t\x12\x15\n\rembedding_dim\x18\x03 \x01(\r\x12\x12\n\nindex_size\x18\x04 \x01(\x04\x12\x12\n\nindex_type\x18\x05 \x01(\t\x12\x0e\n\x06metric\x18\x06 \x01(\t\x12\x12\n\nclassifier\x18\x07 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x08 \x03(\t\x12\x16\n\x0eserver_version\x18\t \x01(\t\x12\x37\n\x08versions\x18\n \x03(\x0b\x32%.pictor.v1.InfoResponse.VersionsEntry\x12\x10\n\x08open_set\x18\x0b \x01(\t\x12\x10\n\x08\x66inetune\x18\x0c \x01(\t\x12\x0f\n\x07pooling\x18\r \x01(\t\x12\r\n\x05layer\x18\x0e \x01(\t\x12>\n\x0clabel_counts\x18\x0f \x03(\x0b\x32(.pictor.v1.InfoResponse.LabelCountsEntry\x12\x11\n\twhitening\x18\x10 \x01(\t\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10LabelCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*e\n\nClassifier\x12\x1a\n\x16\x43LASSIFIER_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43LASSIFIER_HEAD\x10\x01\x12\x12\n\x0e\x43LASSIFIER_KNN\x10\x02\x12\x12\n\x0e\x43LASSIFIER_ALL\x10\x03\x32\xf0\x03\n\x06Pictor\x12\x43\n\x08\x43lassify\x12\x1a.pictor.v1.ClassifyRequest\x1a\x1b.pictor.v1.ClassifyResponse\x12=\n\x06Search\x12\x18.pictor.v1.SearchRequest\x1a\x19.pictor.v1.SearchResponse\x12:\n\x05\x45mbed\x12\x17.pictor.v1.EmbedRequest\x1a\x18.pictor.v1.EmbedResponse\x12?\n\x06Upsert\x12\x18.pictor.v1.UpsertRequest\x1a\x19.pictor.v1.UpsertResponse(\x01\x12=\n\x06\x44\x65lete\x12\x18.pictor.v1.DeleteRequest\x1a\x19.pictor.v1.DeleteResponse\x12\x34\n\x03Get\x12\x15.pictor.v1.GetRequest\x1a\x16.pictor.v1.GetResponse\x12\x37\n\x04List\x12\x16.pictor.v1.ListRequest\x1a\x17.pictor.v1.ListResponse\x12\x37\n\x04Info\x12\x16.pictor.v1.InfoRequest\x1a\x17.pictor.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pictor/v1/pictor.proto\x12\tpictor.v1\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x82\x01\n\x06\x46ilter\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12\x35\n\nattributes\x18\x02 \x03(\x0b\x32!.pictor.v1.Filter.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"1\n\x0cSearchParams\x12\x0e\n\x06nprobe\x18\x01 \x01(\r\x12\x11\n\tef_search\x18\x02 \x01(\r\"\x97\x01\n\x03Hit\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05label\x18\x03 \x01(\t\x12\x32\n\nattributes\x18\x04 \x03(\x0b\x32\x1e.pictor.v1.Hit.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"$\n\x05Label\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"m\n\x0f\x43lassifyRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\r\x12)\n\nclassifier\x18\x03 \x01(\x0e\x32\x15.pictor.v1.Classifier\x12\x11\n\tneighbors\x18\x04 \x01(\r\"\xd8\x01\n\x10\x43lassifyResponse\x12 \n\x06labels\x18\x01 \x03(\x0b\x32\x10.pictor.v1.Label\x12\x0e\n\x06source\x18\x02 \x01(\t\x12$\n\nknn_labels\x18\x03 \x03(\x0b\x32\x10.pictor.v1.Label\x12!\n\tneighbors\x18\x04 \x03(\x0b\x32\x0e.pictor.v1.Hit\x12\r\n\x05\x61gree\x18\x05 \x01(\x08\x12\x0f\n\x07unknown\x18\x06 \x01(\x08\x12)\n\x08open_set\x18\x07 \x01(\x0b\x32\x17.pictor.v1.OpenSetCheck\"M\n\x0cOpenSetCheck\x12\x11\n\tclass_fit\x18\x01 \x01(\x01\x12\x1a\n\x12nearest_similarity\x18\x02 \x01(\x01\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xb4\x01\n\rSearchRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\r\n\x03key\x18\x02 \x01(\tH\x00\x12#\n\x06vector\x18\x03 \x01(\x0b\x32\x11.pictor.v1.VectorH\x00\x12\t\n\x01k\x18\x04 \x01(\r\x12!\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x11.pictor.v1.Filter\x12\'\n\x06params\x18\x06 \x01(\x0b\x32\x17.pictor.v1.SearchParamsB\x07\n\x05query\".\n\x0eSearchResponse\x12\x1c\n\x04hits\x18\x01 \x03(\x0b\x32\x0e.pictor.v1.Hit\"\x1e\n\x0c\x45mbedRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"U\n\rEmbedResponse\x12%\n\nembeddings\x18\x01 \x03(\x0b\x32\x11.pictor.v1.Vector\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x10\n\x08\x62\x61\x63kbone\x18\x03 \x01(\t\"\xbc\x01\n\x04Item\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12!\n\x06vector\x18\x03 \x01(\x0b\x32\x11.pictor.v1.Vector\x12\r\n\x05label\x18\x04 \x01(\t\x12\x33\n\nattributes\x18\x05 \x03(\x0b\x32\x1f.pictor.v1.Item.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\rUpsertRequest\x12\x1d\n\x04item\x18\x01 \x01(\x0b\x32\x0f.pictor.v1.Item\x12\x0c\n\x04last\x18\x02 \x01(\x08\"4\n\x0eUpsertResponse\x12\x10\n\x08inserted\x18\x01 \x01(\r\x12\x10\n\x08replaced\x18\x02 \x01(\r\"\x1d\n\rDeleteRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"2\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\x12\x0f\n\x07missing\x18\x02 \x03(\t\"+\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x0f\n\x07vectors\x18\x02 \x01(\x08\">\n\x0bGetResponse\x12\x1e\n\x05items\x18\x01 \x03(\x0b\x32\x0f.pictor.v1.Item\x12\x0f\n\x07missing\x18\x02 \x03(\t\"N\n\x0bListRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\x12!\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x11.pictor.v1.Filter\"<\n\x0cListResponse\x12\x1e\n\x05items\x18\x01 \x03(\x0b\x32\x0f.pictor.v1.Item\x12\x0c\n\x04next\x18\x02 \x01(\t\"\r\n\x0bInfoRequest\"\xf6\x03\n\x0cInfoResponse\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\x12\x0f\n\x07weights\x18\x02 \x01(\t\x12\x15\n\rembedding_dim\x18\x03 \x01(\r\x12\x12\n\nindex_size\x18\x04 \x01(\x04\x12\x12\n\nindex_type\x18\x05 \x01(\t\x12\x0e\n\x06metric\x18\x06 \x01(\t\x12\x12\n\nclassifier\x18\x07 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x08 \x03(\t\x12\x16\n\x0eserver_version\x18\t \x01(\t\x12\x37\n\x08versions\x18\n \x03(\x0b\x32%.pictor.v1.InfoResponse.VersionsEntry\x12\x10\n\x08open_set\x18\x0b \x01(\t\x12\x10\n\x08\x66inetune\x18\x0c \x01(\t\x12\x0f\n\x07pooling\x18\r \x01(\t\x12\r\n\x05layer\x18\x0e \x01(\t\x12>\n\x0clabel_counts\x18\x0f \x03(\x0b\x32(.pictor.v1.InfoResponse.LabelCountsEntry\x12\x11\n\twhitening\x18\x10 \x01(\t\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10LabelCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*e\n\nClassifier\x12\x1a\n\x16\x43LASSIFIER_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43LASSIFIER_HEAD\x10\x01\x12\x12\n\x0e\x43LASSIFIER_KNN\x10\x02\x12\x12\n\x0e\x43LASSIFIER_ALL\x10\x03\x32\xf0\x03\n\x06Pictor\x12\x43\n\x08\x43lassify\x12\x1a.pictor.v1.ClassifyRequest\x1a\x1b.pictor.v1.ClassifyResponse\x12=\n\x06Search\x12\x18.pictor.v1.SearchRequest\x1a\x19.pictor.v1.SearchResponse\x12:\n\x05\x45mbed\x12\x17.pictor.v1.EmbedRequest\x1a\x18.pictor.v1.EmbedResponse\x12?\n\x06Upsert\x12\x18.pictor.v1.UpsertRequest\x1a\x19.pictor.v1.UpsertResponse(\x01\x12=\n\x06\x44\x65lete\x12\x18.pictor.v1.DeleteRequest\x1a\x19.pictor.v1.DeleteResponse\x12\x34\n\x03Get\x12\x15.pictor.v1.GetRequest\x1a\x16.pictor.v1.GetResponse\x12\x37\n\x04List\x12\x16.pictor.v1.ListRequest\x1a\x17.pictor.v1.ListResponse\x12\x37\n\x04Info\x12\x16.pictor.v1.InfoRequest\x1a\x17.pictor.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,8 +41,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFORESPONSE_VERSIONSENTRY']._serialized_options = b'8\001'
   _globals['_INFORESPONSE_LABELCOUNTSENTRY']._loaded_options = None
   _globals['_INFORESPONSE_LABELCOUNTSENTRY']._serialized_options = b'8\001'
-  _globals['_CLASSIFIER']._serialized_start=2345
-  _globals['_CLASSIFIER']._serialized_end=2446
+  _globals['_CLASSIFIER']._serialized_start=2359
+  _globals['_CLASSIFIER']._serialized_end=2460
   _globals['_VECTOR']._serialized_start=37
   _globals['_VECTOR']._serialized_end=61
   _globals['_FILTER']._serialized_start=64
@@ -76,29 +76,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ITEM_ATTRIBUTESENTRY']._serialized_start=145
   _globals['_ITEM_ATTRIBUTESENTRY']._serialized_end=194
   _globals['_UPSERTREQUEST']._serialized_start=1389
-  _globals['_UPSERTREQUEST']._serialized_end=1435
-  _globals['_UPSERTRESPONSE']._serialized_start=1437
-  _globals['_UPSERTRESPONSE']._serialized_end=1489
-  _globals['_DELETEREQUEST']._serialized_start=1491
-  _globals['_DELETEREQUEST']._serialized_end=1520
-  _globals['_DELETERESPONSE']._serialized_start=1522
-  _globals['_DELETERESPONSE']._serialized_end=1572
-  _globals['_GETREQUEST']._serialized_start=1574
-  _globals['_GETREQUEST']._serialized_end=1617
-  _globals['_GETRESPONSE']._serialized_start=1619
-  _globals['_GETRESPONSE']._serialized_end=1681
-  _globals['_LISTREQUEST']._serialized_start=1683
-  _globals['_LISTREQUEST']._serialized_end=1761
-  _globals['_LISTRESPONSE']._serialized_start=1763
-  _globals['_LISTRESPONSE']._serialized_end=1823
-  _globals['_INFOREQUEST']._serialized_start=1825
-  _globals['_INFOREQUEST']._serialized_end=1838
-  _globals['_INFORESPONSE']._serialized_start=1841
-  _globals['_INFORESPONSE']._serialized_end=2343
-  _globals['_INFORESPONSE_VERSIONSENTRY']._serialized_start=2244
-  _globals['_INFORESPONSE_VERSIONSENTRY']._serialized_end=2291
-  _globals['_INFORESPONSE_LABELCOUNTSENTRY']._serialized_start=2293
-  _globals['_INFORESPONSE_LABELCOUNTSENTRY']._serialized_end=2343
-  _globals['_PICTOR']._serialized_start=2449
-  _globals['_PICTOR']._serialized_end=2945
+  _globals['_UPSERTREQUEST']._serialized_end=1449
+  _globals['_UPSERTRESPONSE']._serialized_start=1451
+  _globals['_UPSERTRESPONSE']._serialized_end=1503
+  _globals['_DELETEREQUEST']._serialized_start=1505
+  _globals['_DELETEREQUEST']._serialized_end=1534
+  _globals['_DELETERESPONSE']._serialized_start=1536
+  _globals['_DELETERESPONSE']._serialized_end=1586
+  _globals['_GETREQUEST']._serialized_start=1588
+  _globals['_GETREQUEST']._serialized_end=1631
+  _globals['_GETRESPONSE']._serialized_start=1633
+  _globals['_GETRESPONSE']._serialized_end=1695
+  _globals['_LISTREQUEST']._serialized_start=1697
+  _globals['_LISTREQUEST']._serialized_end=1775
+  _globals['_LISTRESPONSE']._serialized_start=1777
+  _globals['_LISTRESPONSE']._serialized_end=1837
+  _globals['_INFOREQUEST']._serialized_start=1839
+  _globals['_INFOREQUEST']._serialized_end=1852
+  _globals['_INFORESPONSE']._serialized_start=1855
+  _globals['_INFORESPONSE']._serialized_end=2357
+  _globals['_INFORESPONSE_VERSIONSENTRY']._serialized_start=2258
+  _globals['_INFORESPONSE_VERSIONSENTRY']._serialized_end=2305
+  _globals['_INFORESPONSE_LABELCOUNTSENTRY']._serialized_start=2307
+  _globals['_INFORESPONSE_LABELCOUNTSENTRY']._serialized_end=2357
+  _globals['_PICTOR']._serialized_start=2463
+  _globals['_PICTOR']._serialized_end=2959
 # @@protoc_insertion_point(module_scope)

@@ -174,10 +174,12 @@ class Item(_message.Message):
     def __init__(self, key: _Optional[str] = ..., image: _Optional[bytes] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., label: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class UpsertRequest(_message.Message):
-    __slots__ = ("item",)
+    __slots__ = ("item", "last")
     ITEM_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
     item: Item
-    def __init__(self, item: _Optional[_Union[Item, _Mapping]] = ...) -> None: ...
+    last: bool
+    def __init__(self, item: _Optional[_Union[Item, _Mapping]] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class UpsertResponse(_message.Message):
     __slots__ = ("inserted", "replaced")

@@ -123,10 +123,10 @@ class PictorServicer:
     def Upsert(self, request_iterator, context):
         """Add or replace items; acknowledged only once durable. The stream is written in chunks
         of 64 items, each all or nothing: a call that fails (bad item, deadline, server gone)
-        may have written the chunks before the failing one, and says how many when it can. A
-        stream the client cancels may also have written the items sent before the cancel, as a
-        whole last chunk: gRPC can deliver a cancel to the server as the stream's end (one cut off
-        by its deadline is told apart by the time, and writes nothing more).
+        may have written the chunks before the failing one, and says how many when it can. Its
+        final message is marked `last`: the items after the last full chunk are written only
+        then, so a stream cut off (cancelled, its deadline passed, its client's items failed),
+        which gRPC can deliver to the server as the stream's end, writes none of them.
         Sending the same items again is safe: an upsert of an existing key replaces it.
         A stream holds a server thread while open: past half the server's --workers streams at
         once, a new one is refused (RESOURCE_EXHAUSTED) before anything is written.
