@@ -642,7 +642,7 @@ def test_calls_that_run_the_model_leave_a_thread_for_health_checks(
             made.append(self)
 
     monkeypatch.setattr(app, "HandlerThreads", Recorded)
-    settings = ServerSettings(index=str(built_index), port=free_port(), workers=4, device="cpu", precision="fp32")
+    settings = ServerSettings(index=str(built_index), port=0, workers=4, device="cpu", precision="fp32")
     server, port, engine = create_server(settings)
     server.start()
     try:
@@ -884,7 +884,7 @@ def test_the_client_sends_busy_refusals_again_and_nothing_else(
     """PictorClient resends a call refused as busy (gRPC's retry policy, with backoff), large
     ones too, and not one refused for any other reason: the server marks those "do not resend"."""
 
-    server, port, engine = create_server(ServerSettings(index=str(built_index), port=free_port(), device="cpu"))
+    server, port, engine = create_server(ServerSettings(index=str(built_index), port=0, device="cpu"))
     server.start()
     calls: list[float] = []
     refusals: list[Exception] = []
@@ -961,7 +961,7 @@ def test_an_upsert_that_fails_unexpectedly_says_what_it_wrote(
 ) -> None:
     """A failure that is not Pictor's (here the disk, as sqlite3 reports it) after a chunk of the
     stream was written: INTERNAL, and the reply says what is durable."""
-    settings = ServerSettings(index=str(built_index), port=free_port(), workers=4, device="cpu", precision="fp32")
+    settings = ServerSettings(index=str(built_index), port=0, workers=4, device="cpu", precision="fp32")
     server, port, engine = create_server(settings)
     real, chunks = engine.upsert, []
 
@@ -1011,7 +1011,7 @@ def test_an_upsert_cut_off_by_the_server_stopping_says_so(built_index: Path) -> 
 
     threads = HandlerThreads(4)
     server, port, engine = create_server(
-        ServerSettings(index=str(built_index), port=free_port(), workers=4, device="cpu"), threads)
+        ServerSettings(index=str(built_index), port=0, workers=4, device="cpu"), threads)
     server.start()
     release = threading.Event()
 
@@ -1047,7 +1047,7 @@ def test_a_server_that_says_it_cannot_serve_is_not_called_unreachable(
 
     index = tmp_path / "served"
     shutil.copytree(built_index, index)
-    settings = ServerSettings(index=str(index), port=free_port(), workers=4, device="cpu")
+    settings = ServerSettings(index=str(index), port=0, workers=4, device="cpu")
     server, port, engine = create_server(settings)
     server.start()
     try:
@@ -1077,7 +1077,7 @@ def test_a_call_whose_deadline_passed_while_it_waited_for_the_model_is_not_run(
 ) -> None:
     from pictor.errors import DeadlineExceededError
 
-    settings = ServerSettings(index=str(built_index), port=free_port(), workers=4, device="cpu", precision="fp32")
+    settings = ServerSettings(index=str(built_index), port=0, workers=4, device="cpu", precision="fp32")
     server, port, engine = create_server(settings)
     runs: list[int] = []
     real = engine.embedder.forward_preprocessed
