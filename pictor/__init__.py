@@ -4,4 +4,4 @@ The base install is the light client (``pictor.client``); the server, indexer an
 need the ``server`` extra (``pip install '.[server]'`` from the checkout).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -141,12 +141,15 @@ class PictorService(pb_grpc.PictorServicer):
             return self._upsert(request_iterator, context)
 
     def _upsert(self, request_iterator: Iterator[pb.UpsertRequest], context: grpc.ServicerContext) -> pb.UpsertResponse:
-        inserted = replaced = 0
+        inserted = replaced = unwritten = 0
         final = pb.UpsertRequest()
 
         def items() -> Iterator[pb.Item]:
             nonlocal final
             for i, request in enumerate(idle_limited(request_iterator, self.upsert_idle_s, "upsert")):
+                if final.last:
+                    raise InvalidRequestError(f"message {i} (counting from 0) came after the one marked `last`, "
+                                              "which must be the stream's final message")
                 final = request
                 if request.HasField("item") or not request.last:  # (a bare `last` message only ends the stream)
                     yield _arrived(request.item, i)
@@ -157,12 +160,16 @@ class PictorService(pb_grpc.PictorServicer):
                 # cut off (cancelled, deadline): 1 in 10 such streams had it written. Only the
                 # client's mark tells the two apart.
                 if len(chunk) < UPSERT_CHUNK and not final.last:
-                    raise InvalidRequestError(
-                        f"the stream ended without a final message marked `last`, as a stream cut off (cancelled, "
-                        f"its deadline passed, its client failed) ends, so its last {_items(len(chunk))} were not "
-                        "written; mark the final message last (PictorClient does)")
+                    unwritten = len(chunk)
+                    break
                 result = self._upsert_chunk(chunk, context, first=n * UPSERT_CHUNK)
                 inserted, replaced = inserted + result.inserted, replaced + result.replaced
+            if not final.last and (inserted or replaced or unwritten):
+                lost = f", so the {_items(unwritten)} after its last full chunk {'was' if unwritten == 1 else 'were'} not written"
+                raise InvalidRequestError(
+                    "the stream's final message was not marked `last`, as a stream cut off (cancelled, its deadline "
+                    f"passed, its client failed) ends{lost if unwritten else ''}; mark the final message last "
+                    "(PictorClient 0.2 and later does)")
         except PictorError as e:  # a bad item, or the stream ended early: say what is written
             if written := inserted + replaced:
                 raise type(e)(f"{e}; the first {_items(written)} of the stream were written") from e

@@ -144,19 +144,27 @@ def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: Server
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in e.value.details()
     # An Upsert stream's items after its last full chunk are written only when its final
     # message says `last` (gRPC can deliver a cut-off stream as ended): a raw client is told so.
-    def raw_items(n: int, *, last: bool) -> Iterator[pb.UpsertRequest]:
+    def raw_items(n: int, *, last_at: int | None) -> Iterator[pb.UpsertRequest]:
         for i in range(n):
             yield pb.UpsertRequest(item=pb.Item(key=f"raw/{i}", vector=pb.Vector(values=[i + 1.0] * 1280)),
-                                   last=last and i == n - 1)
+                                   last=i == last_at)
 
-    with pytest.raises(grpc.RpcError) as e:
-        stub.Upsert(raw_items(66, last=False), timeout=30)
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert re.fullmatch(r"the stream ended without a final message marked `last`, .* so its last 2 items were not "
-                        r"written; mark the final message last \(PictorClient does\); the first 64 items of the "
-                        r"stream were written", e.value.details()), e.value.details()
-    assert stub.Delete(pb.DeleteRequest(keys=[f"raw/{i}" for i in range(66)]), timeout=30).deleted == 64
-    assert stub.Upsert(raw_items(2, last=True), timeout=30).inserted == 2  # marked on the item itself
+    def refused(requests: Iterator[pb.UpsertRequest]) -> str:
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Upsert(requests, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        return str(e.value.details())
+
+    unmarked = (r"the stream's final message was not marked `last`, as a stream cut off \(cancelled, its deadline "
+                r"passed, its client failed\) ends{}; mark the final message last \(PictorClient 0.2 and later does\); "
+                r"the first 64 items of the stream were written")
+    assert re.fullmatch(unmarked.format(", so the 1 item after its last full chunk was not written"),
+                        refused(raw_items(65, last_at=None)))
+    assert re.fullmatch(unmarked.format(""), refused(raw_items(64, last_at=None)))  # told, though all was written
+    assert stub.Delete(pb.DeleteRequest(keys=[f"raw/{i}" for i in range(65)]), timeout=30).deleted == 64
+    assert refused(raw_items(2, last_at=0)) == ("message 1 (counting from 0) came after the one marked `last`, which "
+                                                "must be the stream's final message")
+    assert stub.Upsert(raw_items(2, last_at=1), timeout=30).inserted == 2  # marked on the item itself
     assert stub.Delete(pb.DeleteRequest(keys=["raw/0", "raw/1"]), timeout=30).deleted == 2
     # Bytes that are not the method's message (gRPC's own answer would be INTERNAL).
     garbage = b"\x0a\x05\xff\xfe\xfd\xfc"  # field 1 (a string) holding invalid UTF-8
