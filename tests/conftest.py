@@ -138,7 +138,12 @@ class ServerProcess:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(timeout=60)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # (seen once on a loaded machine): what was it doing?
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"the server did not stop within 60 s of SIGTERM; its log:\n{self.read_log()}") from None
         self.log.close()
         return self.proc.returncode
 
