@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,37 +98,35 @@ def pictor(*args: str, check: bool = True, cwd: Path | None = None) -> subproces
 
 
 class ServerProcess:
-    """`pictor serve` as a real subprocess on a free port."""
+    """`pictor serve` as a real subprocess, on the port it binds itself (``--port 0``: a free
+    port picked here could be taken before the server binds it), as its log says."""
 
     def __init__(self, index: Path, *extra: str) -> None:
         self.index, self.extra = index, extra
-        self.port = free_port()
-        self.target = f"127.0.0.1:{self.port}"
+        self.port, self.target = 0, ""
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self, timeout: float = 120.0) -> ServerProcess:
-        from pictor.client import PictorClient
-
-        self.log = open(self.index.parent / f"server-{self.port}.log", "a")  # noqa: SIM115
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            "a", dir=self.index.parent, prefix="server-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pictor.cli", "serve", "--index", str(self.index),
-             "--port", str(self.port), *self.extra],
+            [sys.executable, "-m", "pictor.cli", "serve", "--index", str(self.index), "--port", "0", *self.extra],
             stdout=self.log, stderr=subprocess.STDOUT, text=True,
         )
         deadline = time.monotonic() + timeout
-        with PictorClient(self.target, timeout=2) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.proc.returncode}: {self.read_log()}")
-                try:
-                    if client.health() == "SERVING":
-                        return self
-                except Exception:
-                    time.sleep(0.3)
-        raise TimeoutError(f"server did not become healthy: {self.read_log()}")
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.read_log()}")
+            if serving := re.search(r" serving \S+ on 127\.0\.0\.1:(\d+) ", self.read_log()):
+                self.port = int(serving[1])
+                self.target = f"127.0.0.1:{self.port}"
+                return self
+            time.sleep(0.1)
+        raise TimeoutError(f"server did not start serving: {self.read_log()}")
 
     def read_log(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return Path(self.log.name).read_text()
 
     def kill(self) -> None:
