@@ -479,7 +479,7 @@ def test_sigterm_while_loading_ends_the_server_as_ctrl_c_does(built_index: Path)
         raise AssertionError(f"not ended 60 s after SIGTERM; its log:\n{proc.communicate()[1]}") from None
     assert proc.returncode == 130 and "pictor serve: interrupted" in err and "serving" not in err
     server = ServerProcess(built_index).start()
-    assert server.stop() == 0 and "stopped" in Path(server.log.name).read_text()
+    assert server.stop() == 0 and "stopped" in server.read_log()
 
 
 def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
