@@ -260,12 +260,15 @@ def _check_label(label: str, whose: str) -> None:
 
 def checked_keys(keys: Iterable[str]) -> list[str]:
     """``keys`` as a list, once each is known to be text SQLite can hold (not a number, None or
-    a lone surrogate, which a non-UTF-8 file name decodes to)."""
+    a lone surrogate, which a non-UTF-8 file name decodes to) and no longer than a key can be."""
     refuse_single(keys, "keys", "for one key, write [key]")
     listed = list(keys)
     for key in listed:
         if not isinstance(key, str):
             raise InvalidRequestError(f"keys are text, got {key!r:.80} ({type(key).__name__})")
+        if len(key) > MAX_KEY_LEN:  # else "not found", as if such an item could exist
+            raise InvalidRequestError(f"key {key!r:.80}... is {len(key):,} characters long; keys take at most "
+                                      f"{MAX_KEY_LEN:,}, so no item has it")
         check_utf8(key, "key")
     return listed
 

@@ -294,6 +294,8 @@ def test_add_and_delete_survive_sigkill(built_index: Path) -> None:
                 client.get([])
             with pytest.raises(InvalidRequestError, match="delete: key 1 is empty; no item has an empty key"):
                 client.delete(["new/one.png", ""])
+            with pytest.raises(InvalidRequestError, match="is 5,000 characters long; keys take at most 4,096, so no item"):
+                client.search(key="k" * 5000)  # not "not found", as if such an item could exist
             # Copies of one image under other keys tie with it: a search by its key puts it first.
             copies = [UpsertItem(key=f"copy/{i}", vector=embedded) for i in range(20)]
             client.upsert(copies)

@@ -321,6 +321,8 @@ def test_bad_input_refused(tmp_path: Path, rng) -> None:
                 look_up(["k\udcff"])
             with pytest.raises(InvalidRequestError, match=r"keys are text, got None \(NoneType\)"):
                 look_up([None])  # type: ignore[list-item]
+            with pytest.raises(InvalidRequestError, match="is 5,000 characters long; keys take at most 4,096, so no item"):
+                look_up(["k" * 5000])
         with pytest.raises(InvalidRequestError, match="after 'k\\\\udcff' is not UTF-8 text"):
             store.list_items(after="k\udcff")
         # SQLite's JSON functions, which the label filter uses, cut text at a NUL: such a label
