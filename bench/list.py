@@ -60,9 +60,11 @@ def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--size", type=int, default=100_000, help="items in the store")
     ap.add_argument("--limit", type=int, default=1000, help="items a page")
-    ap.add_argument("--tmp", type=Path, default=None, help="folder for the store (default: the system's temp)")
+    ap.add_argument("--tmp", type=Path, default=None, help="folder for the store (made if missing; default: the system's temp)")
     args = ap.parse_args()
     print(machine_line())
+    if args.tmp:
+        args.tmp.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         spec = ModelSpec(backbone="bench", weights="random", dim=8)
         with IndexStore.create(Path(tmp) / "store", spec, index_type="Flat") as store:
