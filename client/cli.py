@@ -29,6 +29,7 @@ from pictor.config import DEFAULT_TARGET, DEFAULT_TIMEOUT, client_max_message_mb
 from pictor.errors import (
     DeadlineExceededError,
     InvalidRequestError,
+    NotFoundError,
     PictorError,
     ServerBusyError,
     ServerUnavailableError,
@@ -290,6 +291,8 @@ def run_search(args: argparse.Namespace) -> int:
                                  nprobe=args.nprobe, ef_search=args.ef_search)
         except ServerUnavailableError:  # not the image: the server
             raise
+        except NotFoundError as e:  # (only a key is looked up)
+            raise NotFoundError(f"{e} ({_key_hint([args.key])})") from e
         except PictorError as e:  # as classify reports it: a bad image by its name
             if image is None:
                 raise
@@ -429,8 +432,15 @@ def run_list(args: argparse.Namespace) -> int:
 def _report_missing(args: argparse.Namespace, missing: Sequence[str]) -> int:
     """Exit code 2, with the keys named, for keys the index does not hold (0 with --missing-ok)."""
     if missing and not args.missing_ok:
-        print(f"pictor {args.command}: not found: {', '.join(map(_one_line, missing))} (a key is the image's "
-              "path as `pictor index` or `pictor add` stored it: photos/a.jpg for ./photos//a.jpg; "
-              "`pictor search --json` shows keys)", file=sys.stderr)
+        print(f"pictor {args.command}: not found: {', '.join(map(_one_line, missing))} ({_key_hint(missing)})",
+              file=sys.stderr)
         return 2
     return 0
+
+
+def _key_hint(keys: Sequence[str]) -> str:
+    """How an indexed file's key is written, shown on the first of ``keys`` written otherwise."""
+    untidy = next((key for key in keys if _path_key(key) != key), None)
+    example = f"{_one_line(_path_key(untidy))} for {_one_line(untidy)}" if untidy else "photos/a.jpg for ./photos//a.jpg"
+    return (f"a key is the image's path as `pictor index` or `pictor add` stored it: {example}; "
+            "`pictor list` shows keys")

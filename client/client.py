@@ -53,6 +53,7 @@ from pictor.errors import (
     DeadlineExceededError,
     InvalidRequestError,
     PictorError,
+    ResourceExhaustedError,
     ServerBusyError,
     ServerUnavailableError,
 )
@@ -338,6 +339,7 @@ class PictorClient:
         check_max_message_mb(max_message_mb)
         max_bytes = max_message_mb * 1024 * 1024
         self.target = target
+        self._max_bytes = max_bytes
         self.timeout = timeout
         self._closed = False
         self._channel = grpc.insecure_channel(
@@ -496,16 +498,16 @@ class PictorClient:
         refuse_single(items, "items", "for one item, write [item]")
         # A sequence is converted whole before the stream opens (a bad item writes nothing), and
         # each item once: a vector given as an iterator can be read only once.
-        converted: Iterable[pb.Item] = [_item(it) for it in items] if isinstance(items, Sequence) else (
-            _item(it) for it in items)
+        converted: Iterable[pb.UpsertRequest] = (
+            [self._upsert_request(it, i) for i, it in enumerate(items)] if isinstance(items, Sequence)
+            else (self._upsert_request(it, i) for i, it in enumerate(items)))
         raised: list[BaseException] = []
         sent = 0
 
         def requests() -> Iterable[pb.UpsertRequest]:
             nonlocal sent
             try:
-                for item in converted:
-                    request = pb.UpsertRequest(item=item)
+                for request in converted:
                     sent += 1
                     yield request
                 yield pb.UpsertRequest(last=True)  # the items after the last full chunk are written now
@@ -531,6 +533,15 @@ class PictorClient:
                               "sending them again is safe, keys replace") from None
             raise
         return r.inserted, r.replaced
+
+    def _upsert_request(self, it: UpsertItem, position: int) -> pb.UpsertRequest:
+        """One item's message, refused here when over the message limit: gRPC's own refusal
+        cannot say which item of the stream it was."""
+        request = pb.UpsertRequest(item=_item(it))
+        if (size := request.ByteSize()) > self._max_bytes:
+            raise ResourceExhaustedError(f"item {it.key!r:.200} (item {position}, counting from 0): "
+                                         + request_too_large(size, self._max_bytes, "this client's"))
+        return request
 
     def delete(self, keys: Sequence[str]) -> tuple[int, list[str]]:
         """Remove items; returns (deleted, keys that did not exist)."""

@@ -209,6 +209,11 @@ def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: Server
         with PictorClient(server.target, max_message_mb=1) as small, pytest.raises(
                 ResourceExhaustedError, match=r"a request of 2\.00 MB is over this client's 1 MB limit; .*--max-message-mb"):
             small.classify(drawn_image(1) + b"\0" * 2**21)
+        big = [UpsertItem(key="small", image=drawn_image(4)), UpsertItem(key="big", image=drawn_image(5) + b"\0" * 2**21)]
+        with PictorClient(server.target, max_message_mb=1) as small, pytest.raises(  # which item of a stream it was
+                ResourceExhaustedError, match=r"item 'big' \(item 1, counting from 0\): a request of 2\.00 MB is over"):
+            small.upsert(big)
+        assert client.info().index_size == 12  # a list is checked whole before anything is sent
         # Any bytes-like image is an image.
         assert client.classify(bytearray(drawn_image(1))).labels
         assert len(client.embed([memoryview(drawn_image(1))])) == 1
@@ -394,6 +399,11 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     assert "\nlabels:       cool 6, warm 6\n" in shown
     gone = pictor("delete", "no/such/key.png", "--target", server.target, check=False)
     assert gone.returncode == 2 and "not found: no/such/key.png (a key is the image's path" in gone.stderr
+    # A path written as a shell completes it: the key `add` would have made of it, shown.
+    untidy = pictor("get", "./new//x.png", "--target", server.target, check=False)
+    assert untidy.returncode == 2 and "stored it: new/x.png for ./new//x.png;" in untidy.stderr
+    by_key = pictor("search", "--key", "./new//x.png", "--target", server.target, check=False)
+    assert by_key.returncode == 2 and "stored it: new/x.png for ./new//x.png;" in by_key.stderr
     zero = pictor("search", str(image), "-k", "0", "--target", server.target, check=False)
     assert zero.returncode == 2 and "argument -k: must be from 1 to 1000, got 0" in zero.stderr
     # A bad count is the command line's mistake, said once, not blamed on each image.
