@@ -232,7 +232,7 @@ def _classification_lines(path: str, r: Classification, *, neighbours: bool) -> 
         lines.append(f"  unknown: {r.open_set.reason}")
     lines += [f"  {x.score:6.3f}  {x.name}" for x in r.labels]
     if not r.labels and r.source == "knn":
-        lines.append("  (no labelled item in the index to vote)")
+        lines.append(f"  (no vote: none of the {len(r.neighbors)} nearest items has a label; --neighbors takes more)")
     if r.knn_labels and r.source != "knn":
         # Agreement means something only between a trained head and the index's labels.
         agree = "" if r.agree is None else f" ({'agrees' if r.agree else 'disagrees'})"

@@ -398,6 +398,12 @@ class IndexStore:
         finally:
             self._rw.release_read()
 
+    def has_labels(self) -> bool:
+        """Whether any item has a label: one index lookup."""
+        self._check_open()
+        with self._rw.read():
+            return self._reader().execute("SELECT 1 FROM items WHERE label > '' LIMIT 1").fetchone() is not None
+
     def labels_present(self, labels: Iterable[str]) -> set[str]:
         """Which of ``labels`` some item has: one index lookup per label, not a count."""
         self._check_open()

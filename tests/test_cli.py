@@ -41,10 +41,12 @@ def test_keys_with_line_breaks_stay_on_their_table_row() -> None:
 
 def test_an_empty_knn_vote_says_why() -> None:
     from pictor.client.cli import _classification_lines
-    from pictor.client.client import Classification, Label
+    from pictor.client.client import Classification, Hit, Label
 
-    lines = _classification_lines("a.jpg", Classification(labels=[], source="knn"), neighbours=False)
-    assert lines == ["a.jpg  (knn)", "  (no labelled item in the index to vote)"]
+    unlabelled = [Hit("x.jpg", 0.9), Hit("y.jpg", 0.8)]  # (an index with no label at all is refused)
+    lines = _classification_lines("a.jpg", Classification(labels=[], source="knn", neighbors=unlabelled),
+                                  neighbours=False)
+    assert lines == ["a.jpg  (knn)", "  (no vote: none of the 2 nearest items has a label; --neighbors takes more)"]
     voted = Classification(labels=[Label("cat", 1.0)], source="knn")
     assert _classification_lines("a.jpg", voted, neighbours=False) == ["a.jpg  (knn)", "   1.000  cat"]
 

@@ -12,6 +12,7 @@ from conftest import ServerProcess, pictor
 from PIL import Image, ImageDraw
 
 from pictor.client import PictorClient
+from pictor.errors import InvalidRequestError
 
 
 def tinted(seed: int, hue: str) -> bytes:
@@ -133,6 +134,11 @@ def test_open_set_ignores_an_index_without_the_model_classes(trained: tuple[Path
         assert sum(red_unknown) <= 2  # the model's own red images (budget 5% of known, tiny model)
         assert engine.info().open_set == ("class fit alone: the index holds no item labelled "
                                           "with the model's classes (yet)")
+        # No item has a label: no image can get a kNN vote, said so (not an empty answer).
+        assert not engine.store.has_labels()
+        with pytest.raises(InvalidRequestError, match="no item of this index has a label: index labelled images .*"
+                                                      "or ask for the default classifier"):
+            engine.classify(tinted(0, "red"), classifier="knn")
         # Labelled items upserted into the running server turn the neighbour tests on, once
         # every class has some: with reds alone, every blue image would look far.
         engine.upsert([Item("red/new", label="red")], [tinted(104, "red")], [None])
