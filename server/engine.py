@@ -260,11 +260,11 @@ class Engine:
         if classifier == "knn" or (self.model is None and not has_imagenet and classifier != "head"):
             knn, hits = self._knn(embedding, n_neighbors, top_k)
             if not knn and not self.store.has_labels():  # no vote, for any image
+                other = ", or ask for the default classifier" if self.model is not None or has_imagenet else ""
                 raise InvalidRequestError(
                     "the kNN vote counts the labels of the nearest indexed items, and no item of this index "
                     "has a label: index labelled images (a folder per label, a manifest's label column, "
-                    "or `pictor add --label`)" + (", or ask for the default classifier" if classifier == "knn" and (
-                        self.model is not None or has_imagenet) else ""))
+                    f"or `pictor add --label`){other}")
             return ClassifyResult(labels=knn, source="knn", knn_labels=knn, neighbors=hits,
                                   open_set=self._open_set_check(embedding, hits))
 
