@@ -33,6 +33,15 @@ class PictorStub:
     send it again shortly. Every other error the server's handlers raise (a request over the
     size limit included) carries the trailer grpc-retry-pushback-ms: -1, so a gRPC retry policy
     on RESOURCE_EXHAUSTED (PictorClient's) resends only busy refusals, never one for a full disk.
+
+    Messages each way are limited by the server's --max-message-mb (default 64 MB): a request
+    over it is RESOURCE_EXHAUSTED, a reply that would be is INVALID_ARGUMENT saying to ask for
+    less (List shortens its page instead). Raise the client's own receive limit from gRPC's
+    usual 4 MB too: Get of 1000 keys with 1280-d vectors is about 5 MB. Out-of-range values (k,
+    top_k, neighbors, limit above their maxima; an unknown Classifier number), empty keys and
+    malformed items are INVALID_ARGUMENT with a message naming what was wrong; a key to search
+    by that the index does not hold is NOT_FOUND. Health Check answers for "" and
+    "pictor.v1.Pictor".
     """
 
     def __init__(self, channel):
@@ -91,6 +100,15 @@ class PictorServicer:
     send it again shortly. Every other error the server's handlers raise (a request over the
     size limit included) carries the trailer grpc-retry-pushback-ms: -1, so a gRPC retry policy
     on RESOURCE_EXHAUSTED (PictorClient's) resends only busy refusals, never one for a full disk.
+
+    Messages each way are limited by the server's --max-message-mb (default 64 MB): a request
+    over it is RESOURCE_EXHAUSTED, a reply that would be is INVALID_ARGUMENT saying to ask for
+    less (List shortens its page instead). Raise the client's own receive limit from gRPC's
+    usual 4 MB too: Get of 1000 keys with 1280-d vectors is about 5 MB. Out-of-range values (k,
+    top_k, neighbors, limit above their maxima; an unknown Classifier number), empty keys and
+    malformed items are INVALID_ARGUMENT with a message naming what was wrong; a key to search
+    by that the index does not hold is NOT_FOUND. Health Check answers for "" and
+    "pictor.v1.Pictor".
     """
 
     def Classify(self, request, context):
@@ -128,8 +146,10 @@ class PictorServicer:
         then, so a stream cut off (cancelled, its deadline passed, its client's items failed),
         which gRPC can deliver to the server as the stream's end, writes none of them.
         Sending the same items again is safe: an upsert of an existing key replaces it.
-        A stream holds a server thread while open: past half the server's --workers streams at
-        once, a new one is refused (RESOURCE_EXHAUSTED) before anything is written.
+        A stream carries at least one item (else INVALID_ARGUMENT). It holds a server thread while
+        open: past half the server's --workers streams at once (reflection streams count too), a
+        new one is refused (RESOURCE_EXHAUSTED) before anything is written; one that sends nothing
+        for the server's --upsert-idle-timeout (60 s by default) is ended with DEADLINE_EXCEEDED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -227,6 +247,15 @@ class Pictor:
     send it again shortly. Every other error the server's handlers raise (a request over the
     size limit included) carries the trailer grpc-retry-pushback-ms: -1, so a gRPC retry policy
     on RESOURCE_EXHAUSTED (PictorClient's) resends only busy refusals, never one for a full disk.
+
+    Messages each way are limited by the server's --max-message-mb (default 64 MB): a request
+    over it is RESOURCE_EXHAUSTED, a reply that would be is INVALID_ARGUMENT saying to ask for
+    less (List shortens its page instead). Raise the client's own receive limit from gRPC's
+    usual 4 MB too: Get of 1000 keys with 1280-d vectors is about 5 MB. Out-of-range values (k,
+    top_k, neighbors, limit above their maxima; an unknown Classifier number), empty keys and
+    malformed items are INVALID_ARGUMENT with a message naming what was wrong; a key to search
+    by that the index does not hold is NOT_FOUND. Health Check answers for "" and
+    "pictor.v1.Pictor".
     """
 
     @staticmethod
