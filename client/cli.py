@@ -292,7 +292,7 @@ def run_search(args: argparse.Namespace) -> int:
         except ServerUnavailableError:  # not the image: the server
             raise
         except NotFoundError as e:  # (only a key is looked up)
-            raise NotFoundError(f"{e} ({_key_hint([args.key])})") from e
+            raise NotFoundError(f"{e}; {_key_hint([args.key])}") from e
         except PictorError as e:  # as classify reports it: a bad image by its name
             if image is None:
                 raise

@@ -267,7 +267,7 @@ def checked_keys(keys: Iterable[str]) -> list[str]:
         if not isinstance(key, str):
             raise InvalidRequestError(f"keys are text, got {key!r:.80} ({type(key).__name__})")
         if len(key) > MAX_KEY_LEN:  # else "not found", as if such an item could exist
-            raise InvalidRequestError(f"key {key!r:.80}... is {len(key):,} characters long; keys take at most "
+            raise InvalidRequestError(f"key {key[:60]!r}... is {len(key):,} characters long; keys take at most "
                                       f"{MAX_KEY_LEN:,}, so no item has it")
         check_utf8(key, "key")
     return listed

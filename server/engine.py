@@ -259,7 +259,7 @@ class Engine:
         # labels (random init, or a checkpoint without its classifier).
         if classifier == "knn" or (self.model is None and not has_imagenet and classifier != "head"):
             knn, hits = self._knn(embedding, n_neighbors, top_k)
-            if not knn and not self.store.has_labels():  # no vote, for any image
+            if not knn and classifier != "all" and not self.store.has_labels():  # no vote, for any image
                 other = ", or ask for the default classifier" if self.model is not None or has_imagenet else ""
                 raise InvalidRequestError(
                     "the kNN vote counts the labels of the nearest indexed items, and no item of this index "

@@ -200,7 +200,8 @@ def test_index_from_a_checkpoint_serves_with_its_path(gallery: Path, tmp_path: P
     import torchvision
 
     from pictor.config import ServerSettings
-    from pictor.errors import IncompatibleModelError, InvalidRequestError
+    from pictor.core.store import Item
+    from pictor.errors import IncompatibleModelError
     from pictor.server.engine import Engine
 
     # A fine-tuned network saved without its ImageNet classifier: an index of embeddings only.
@@ -227,5 +228,14 @@ def test_index_from_a_checkpoint_serves_with_its_path(gallery: Path, tmp_path: P
         assert engine.info().classifier == "knn"
         result = engine.classify(image.read_bytes())
         assert result.source == "knn" and result.labels[0][0] in {"warm", "cool"}
+        # Labels taken off every item: no image can get a vote, and Classify says so, but
+        # `all` still answers with the neighbours.
+        stored = engine.get([it.key for it in engine.list_items("", 1000, None).items], vectors=True)
+        assert stored.vectors is not None
+        engine.upsert([Item(it.key) for it in stored.items], [None] * len(stored.items), list(stored.vectors))
+        with pytest.raises(InvalidRequestError, match="no item of this index has a label: .*`pictor add --label`\\)$"):
+            engine.classify(image.read_bytes())
+        every = engine.classify(image.read_bytes(), classifier="all")
+        assert every.labels == [] and every.neighbors[0].key == image.as_posix()
     finally:
         engine.close()
