@@ -4,7 +4,9 @@ Three tables:
 
 1. images/s of each backbone's forward pass (embedder.forward_batch: channels-last,
    inference_mode, pooling, L2 norm) on pre-decoded random batches, fp32 and bf16 autocast;
-   random init, which costs the same as trained weights;
+   random init, which costs the same as trained weights; with ``--compile`` also through
+   ``torch.compile`` (``pictor index/serve --compile``), after its first batch, whose
+   seconds (the compilation) are printed;
 2. decode + preprocess images/s (one thread, load_image + Embedder.preprocess) on the real
    JPEGs of --data (every image under its class folders);
 3. the same on 12 MP JPEGs made from them (upscaled to 4000x3000, quality 90, in a temp
@@ -50,8 +52,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     p.add_argument("--decode-images", type=int, default=300,
                    help="images of --data timed for decode (0 = all)")
-    p.add_argument("--big-images", type=int, default=12, help="12 MP JPEGs to make and time")
+    p.add_argument("--big-images", type=int, default=12, help="12 MP JPEGs to make and time (0: no 12 MP table)")
     p.add_argument("--skip-models", action="store_true", help="decode tables only")
+    p.add_argument("--compile", action="store_true", help="also time each model through torch.compile")
     return p.parse_args(argv)
 
 
@@ -86,6 +89,15 @@ def model_rates(args: argparse.Namespace) -> list[tuple[str, int, dict[str, floa
             batch = torch.randn(args.batch_size, 3, size, size)
             rates[precision] = timed_rate(functools.partial(_forward, emb, batch), args.seconds)
             print(f"  {name} {precision}: {rates[precision]:.1f} img/s", flush=True)
+            if args.compile:
+                emb.compile_backbone()
+                start = time.perf_counter()
+                _forward(emb, batch)  # compiles
+                first_s = time.perf_counter() - start
+                compiled = f"{precision} compiled"
+                rates[compiled] = timed_rate(functools.partial(_forward, emb, batch), args.seconds)
+                print(f"  {name} {compiled}: {rates[compiled]:.1f} img/s (first batch {first_s:.0f} s)",
+                      flush=True)
         rows.append((name, size, rates))
     return rows
 
@@ -163,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     plain, draft = decode_rates(sample, emb, args.seconds)
     print(f"| {len(sample)} of {args.data} | {plain:.1f} | {draft:.1f} | {draft / plain:.1f}x |",
           flush=True)
+    if not args.big_images:
+        return 0
     with tempfile.TemporaryDirectory(prefix="pictor-bench-") as tmp:
         big = make_big_jpegs(paths[:: max(1, len(paths) // args.big_images)], Path(tmp),
                              args.big_images)
