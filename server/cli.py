@@ -49,8 +49,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "too: PICTOR_MAX_MESSAGE_MB for the client commands")
     add_flag(p, "device")
     add_flag(p, "precision")
-    add_flag(p, "compile", help="torch.compile the backbone: the first requests compile it (a minute or "
-             "more), later ones run faster")
+    add_flag(p, "compile", help="torch.compile the backbone: the first request compiles it (seconds, up to "
+             "a minute with a cold cache), the first with another number of images once more; later "
+             "ones run about 1.3x faster on a CPU (docs/benchmarks.md)")
     add_flag(p, "config")
     p.set_defaults(run=run)
 
