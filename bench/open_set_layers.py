@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--backbone", default=TrainConfig.backbone, help="see `pictor models`")
     p.add_argument("--weights", default="", help="weights reference or checkpoint path")
     p.add_argument("--precision", default="fp32", help="auto, fp32, bf16 or fp16")
-    p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction)
+    p.add_argument("--val-fraction", type=float, default=0.25, help="as bench/transfer.py: the issue's 25%% split")
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--keep", type=float, default=0.95, help="known images passing the score")
     args = p.parse_args(argv)
