@@ -274,10 +274,10 @@ class Engine:
             probs = torch.from_numpy(logits[0]).double().softmax(0).numpy()
             labels, source = top_k_labels(probs, imagenet_classes, top_k), "imagenet"
         else:
+            instead = ("ask for the kNN vote over the index (`pictor classify --classifier knn`)"
+                       if self.store.has_labels() else "label the index's items for a kNN vote")
             raise InvalidRequestError(
-                "this server has no classifier head (no --model, and a backbone without ImageNet "
-                "labels); ask for the kNN vote over the index (`pictor classify --classifier knn`)"
-            )
+                f"this server has no classifier head (no --model, and a backbone without ImageNet labels); {instead}")
         if classifier != "all" and (self.model is None or self.model.open_set is None):
             return ClassifyResult(labels=labels, source=source)
 

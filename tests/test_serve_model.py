@@ -228,6 +228,8 @@ def test_index_from_a_checkpoint_serves_with_its_path(gallery: Path, tmp_path: P
         assert engine.info().classifier == "knn"
         result = engine.classify(image.read_bytes())
         assert result.source == "knn" and result.labels[0][0] in {"warm", "cool"}
+        with pytest.raises(InvalidRequestError, match="no classifier head .*; ask for the kNN vote over the index"):
+            engine.classify(image.read_bytes(), classifier="head")
         # Labels taken off every item: no image can get a vote, and Classify says so, but
         # `all` still answers with the neighbours.
         stored = engine.get([it.key for it in engine.list_items("", 1000, None).items], vectors=True)
@@ -237,5 +239,7 @@ def test_index_from_a_checkpoint_serves_with_its_path(gallery: Path, tmp_path: P
             engine.classify(image.read_bytes())
         every = engine.classify(image.read_bytes(), classifier="all")
         assert every.labels == [] and every.neighbors[0].key == image.as_posix()
+        with pytest.raises(InvalidRequestError, match="no classifier head .*; label the index's items for a kNN vote"):
+            engine.classify(image.read_bytes(), classifier="head")
     finally:
         engine.close()
