@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -138,7 +139,7 @@ class UpsertItem:
     server embeds, or a vector in the index's space (as Embed returns it)."""
 
     key: str
-    image: ImageData = b""
+    image: ImageData | None = b""  # None or b"": none (give a vector)
     vector: Iterable[float] | None = None  # a list or a numpy array
     label: str = ""
     attributes: Mapping[str, str] = field(default_factory=dict)
@@ -276,7 +277,14 @@ def _check_attributes(attributes: object, whose: str = "") -> None:
                                       "write numbers as text, e.g. str(3)")
 
 
-def _fill_filter(f: pb.Filter, labels: Sequence[str], attributes: Mapping[str, str] | None) -> None:
+def _label_list(labels: Iterable[str]) -> list[str]:
+    """A filter's labels read once, as a list: a generator would be empty on its second
+    reading (the next page of a listing), and a numpy array has no truth value."""
+    refuse_single(labels, "labels", "for one label, write labels=['daisy']")
+    return list(labels)
+
+
+def _fill_filter(f: pb.Filter, labels: list[str], attributes: Mapping[str, str] | None) -> None:
     """Fill a Search or List filter; left unset (no filter) when neither is given."""
     if attributes is not None:
         _check_attributes(attributes)
@@ -300,7 +308,9 @@ def _fill_vector(vector: pb.Vector, values: object) -> None:
 def _item(it: UpsertItem) -> pb.Item:
     if not isinstance(it, UpsertItem):
         raise InvalidRequestError(f"upsert takes UpsertItem objects, got {type(it).__name__} {it!r:.80}")
-    image = _image_bytes(it.image)
+    if not isinstance(it.key, str):  # else the messages below would read "item 5" as a position
+        raise InvalidRequestError(f"an item's key must be text (str), got {type(it.key).__name__} {it.key!r:.80}")
+    image = b"" if it.image is None else _image_bytes(it.image)
     _check_attributes(it.attributes, f"item {it.key!r:.200}: ")
     try:
         item = pb.Item(key=it.key, image=image, label=it.label, attributes=dict(it.attributes))
@@ -309,6 +319,23 @@ def _item(it: UpsertItem) -> pb.Item:
     if it.vector is not None:
         _fill_vector(item.vector, it.vector)
     return item
+
+
+def _upsert_outcome(sent: int, ended: bool) -> str:
+    """What an Upsert stream whose answer was lost may have written, after ``sent`` items and,
+    when ``ended``, its last message: the server writes whole chunks as they arrive and the
+    items after the last full chunk only once the last message has come."""
+    again = "sending them again is safe, keys replace"
+    whole = sent // UPSERT_CHUNK * UPSERT_CHUNK
+    if ended or whole == sent:
+        some = f"some of the {sent} items sent" if sent > 1 else "the item sent"
+        return f"{some} may have been written (in chunks of {UPSERT_CHUNK}): {again}"
+    if whole:
+        return (f"the first {whole} of the {sent} items sent may have been written (whole chunks of "
+                f"{UPSERT_CHUNK}; the rest waited for the stream's last message, which never went): {again}")
+    none = f"none of the {sent} items sent was" if sent > 1 else "the item sent was not"
+    return (f"{none} written (the server writes fewer than {UPSERT_CHUNK} items only with the stream's "
+            "last message, which never went): send them again")
 
 
 class PictorClient:
@@ -386,6 +413,8 @@ class PictorClient:
             elif ((code == grpc.StatusCode.UNAVAILABLE and details == "Cancelling all calls")  # gRPC's words
                   or code == grpc.StatusCode.CANCELLED):  # (a stopping server ends open calls either way)
                 details = f"the server at {self.target} stopped or cancelled the call while it was open ({details})"
+            elif code == grpc.StatusCode.UNAVAILABLE and details.startswith(("Stream removed", "Socket closed")):
+                details = f"the connection to the server at {self.target} was lost during the call ({details})"
             elif code == grpc.StatusCode.UNAVAILABLE:
                 details = f"cannot reach a Pictor server at {self.target}: {details}"
             elif code == grpc.StatusCode.DEADLINE_EXCEEDED and self._past_deadline(started):
@@ -401,6 +430,11 @@ class PictorClient:
             elif code == grpc.StatusCode.UNIMPLEMENTED and method in (self._health.Check, self._stub.Info):
                 raise ServerUnavailableError(f"the gRPC server at {self.target} is not a Pictor server "
                                              f"({details})") from None
+            elif code == grpc.StatusCode.UNIMPLEMENTED:  # a Pictor server older than this client, or another
+                name = next((n for n, m in vars(self._stub).items() if m is method), "this")
+                raise ServerUnavailableError(
+                    f"the gRPC server at {self.target} has no {name} call: a Pictor server older than this "
+                    f"client, or not a Pictor server ({details})") from None
             raise error_from_status(code, details) from None
 
     def _outcome_unknown(self, e: PictorError, started: float) -> bool:
@@ -454,7 +488,7 @@ class PictorClient:
 
     def search(self, *, image: ImageData | None = None, key: str | None = None,
                vector: Iterable[float] | None = None, k: int = DEFAULT_K,
-               labels: Sequence[str] = (), attributes: Mapping[str, str] | None = None,
+               labels: Iterable[str] = (), attributes: Mapping[str, str] | None = None,
                nprobe: int = 0, ef_search: int = 0) -> list[Hit]:
         """Nearest items to exactly one of ``image``, ``key`` or ``vector``."""
         given = [q for q in (image, key, vector) if q is not None]
@@ -463,7 +497,6 @@ class PictorClient:
         _check_counts(1, MAX_K, k=k)
         _check_counts(0, nprobe=nprobe, ef_search=ef_search)  # 0: the index's tuned default
         request = pb.SearchRequest(k=k, params=pb.SearchParams(nprobe=nprobe, ef_search=ef_search))
-        refuse_single(labels, "labels", "for one label, write labels=['daisy']")
         if image is not None:
             request.image = _image_bytes(image)
         elif vector is not None:
@@ -473,14 +506,17 @@ class PictorClient:
                 request.key = key
             except (TypeError, ValueError) as e:
                 raise _text_error("the key", e) from e
-        _fill_filter(request.filter, labels, attributes)
+        _fill_filter(request.filter, _label_list(labels), attributes)
         return [_hit(h) for h in self._call(self._stub.Search, request).hits]
 
-    def embed(self, images: Sequence[ImageData]) -> list[list[float]]:
+    def embed(self, images: Iterable[ImageData]) -> list[list[float]]:
         """Each image's embedding in the index's space, as Search and Upsert take it (at most
         256 images per call)."""
         refuse_single(images, "images", "for one image, write [data]")
-        r = self._call(self._stub.Embed, pb.EmbedRequest(images=[_image_bytes(i) for i in images]))
+        data = [_image_bytes(i) for i in images]
+        if not data:
+            return []
+        r = self._call(self._stub.Embed, pb.EmbedRequest(images=data))
         return [list(v.values) for v in r.embeddings]
 
     def upsert(self, items: Iterable[UpsertItem]) -> tuple[int, int]:
@@ -493,23 +529,27 @@ class PictorClient:
         client refuses writes nothing. An error raised while iterating other ``items`` (a
         generator) cancels the call and is raised here as it was; the server keeps the chunks
         it had already written, and not the one under way (the stream's final message, marked
-        last, never went).
+        last, never went). No items: nothing is sent, (0, 0).
         """
         refuse_single(items, "items", "for one item, write [item]")
         # A sequence is converted whole before the stream opens (a bad item writes nothing), and
         # each item once: a vector given as an iterator can be read only once.
-        converted: Iterable[pb.UpsertRequest] = (
+        converted: Iterator[pb.UpsertRequest] = iter(
             [self._upsert_request(it, i) for i, it in enumerate(items)] if isinstance(items, Sequence)
             else (self._upsert_request(it, i) for i, it in enumerate(items)))
+        first = next(converted, None)
+        if first is None:  # nothing to write (the server refuses an empty stream as a raw client's slip)
+            return 0, 0
         raised: list[BaseException] = []
-        sent = 0
+        sent, ended = 0, False
 
         def requests() -> Iterable[pb.UpsertRequest]:
-            nonlocal sent
+            nonlocal sent, ended
             try:
-                for request in converted:
+                for request in itertools.chain([first], converted):
                     sent += 1
                     yield request
+                ended = True
                 yield pb.UpsertRequest(last=True)  # the items after the last full chunk are written now
             except GeneratorExit:  # gRPC closing this generator, not the caller's items failing
                 raise
@@ -528,9 +568,7 @@ class PictorClient:
             if raised:
                 raise raised[0] from None
             if sent and self._outcome_unknown(e, started):
-                some = f"some of the {sent} items sent" if sent > 1 else "the item sent"
-                raise type(e)(f"{e}; {some} may have been written (in chunks of {UPSERT_CHUNK}): "
-                              "sending them again is safe, keys replace") from None
+                raise type(e)(f"{e}; {_upsert_outcome(sent, ended)}") from None
             raise
         return r.inserted, r.replaced
 
@@ -543,13 +581,15 @@ class PictorClient:
                                          + request_too_large(size, self._max_bytes, "this client's"))
         return request
 
-    def delete(self, keys: Sequence[str]) -> tuple[int, list[str]]:
+    def delete(self, keys: Iterable[str]) -> tuple[int, list[str]]:
         """Remove items; returns (deleted, keys that did not exist)."""
         refuse_single(keys, "keys", "for one key, write [key]")
         try:
             request = pb.DeleteRequest(keys=list(keys))
         except (TypeError, ValueError) as e:
             raise _text_error("keys", e) from e
+        if not request.keys:
+            return 0, []
         started = time.monotonic()
         try:
             r = self._call(self._stub.Delete, request)
@@ -560,7 +600,7 @@ class PictorClient:
             raise
         return r.deleted, list(r.missing)
 
-    def get(self, keys: Sequence[str], *, vectors: bool = False) -> tuple[list[StoredItem], list[str]]:
+    def get(self, keys: Iterable[str], *, vectors: bool = False) -> tuple[list[StoredItem], list[str]]:
         """Stored items by key, each key once in the order first asked (at most 1000 distinct
         keys), with its stored vector when ``vectors``; returns (items, keys the index does not
         hold)."""
@@ -571,31 +611,34 @@ class PictorClient:
             request = pb.GetRequest(keys=list(keys), vectors=vectors)
         except (TypeError, ValueError) as e:
             raise _text_error("keys", e) from e
+        if not request.keys:
+            return [], []
         r = self._call(self._stub.Get, request)
         items = [StoredItem(key=it.key, label=it.label, attributes=dict(it.attributes),
                             vector=list(it.vector.values) if it.HasField("vector") else None)
                  for it in r.items]
         return items, list(r.missing)
 
-    def list_items(self, after: str = "", limit: int = MAX_LIST, *, labels: Sequence[str] = (),
+    def list_items(self, after: str = "", limit: int = MAX_LIST, *, labels: Iterable[str] = (),
                    attributes: Mapping[str, str] | None = None) -> tuple[list[StoredItem], str]:
         """One page of the index's items in key order after the key ``after`` (at most
         ``limit``, up to 1000), filtered as Search filters; returns (items, next): pass
         ``next`` as ``after`` for the next page, "" after the last. ``iter_items`` pages for you."""
         _check_counts(1, MAX_LIST, limit=limit)
-        refuse_single(labels, "labels", "for one label, write labels=['daisy']")
         try:
             request = pb.ListRequest(after=after, limit=limit)
         except (TypeError, ValueError) as e:
             raise _text_error("after", e) from e
-        _fill_filter(request.filter, labels, attributes)
+        _fill_filter(request.filter, _label_list(labels), attributes)
         r = self._call(self._stub.List, request)
         return [StoredItem(key=it.key, label=it.label, attributes=dict(it.attributes)) for it in r.items], r.next
 
-    def iter_items(self, *, labels: Sequence[str] = (), attributes: Mapping[str, str] | None = None,
+    def iter_items(self, *, labels: Iterable[str] = (), attributes: Mapping[str, str] | None = None,
                    page: int = MAX_LIST) -> Iterator[StoredItem]:
         """Every item of the index (that the filter admits) in key order, ``page`` per call.
         Writes made meanwhile show up if their keys come after the page being read."""
+        _check_counts(1, MAX_LIST, page=page)
+        labels = _label_list(labels)  # read once: every page has the same filter
         after = ""
         while True:
             items, after = self.list_items(after, page, labels=labels, attributes=attributes)

@@ -86,6 +86,9 @@ def test_info_and_health(server: ServerProcess, capsys: pytest.CaptureFixture[st
     try:
         assert main(["health", "--target", f"127.0.0.1:{port}", "--timeout", "5"]) == 4
         assert f"the gRPC server at 127.0.0.1:{port} is not a Pictor server" in capsys.readouterr().err
+        with PictorClient(f"127.0.0.1:{port}", timeout=5) as client, pytest.raises(
+                ServerUnavailableError, match=rf"127.0.0.1:{port} has no Classify call: a Pictor server older than"):
+            client.classify(b"x")  # not the bare "Method not found!"
     finally:
         other.stop(None)
     assert info.index_size == 12 and info.label_counts == {"cool": 6, "warm": 6}
@@ -266,6 +269,9 @@ def test_embed_matches_search_space(server: ServerProcess, shared_gallery: Path)
 
 
 def test_add_and_delete_survive_sigkill(built_index: Path) -> None:
+    from pictor.v1.pictor_pb2 import GetRequest
+    from pictor.v1.pictor_pb2_grpc import PictorStub
+
     server = ServerProcess(built_index).start()
     new = drawn_image(1000)
     with PictorClient(server.target) as client:
@@ -295,8 +301,11 @@ def test_add_and_delete_survive_sigkill(built_index: Path) -> None:
             assert (stored.key, stored.label, stored.attributes, missing) == ("new/one.png", "fresh", {"by": "test"}, [gone])
             (embedded,) = client.embed([new])
             assert stored.vector is not None and np.allclose(stored.vector, embedded, atol=1e-5)
-            with pytest.raises(InvalidRequestError, match="get got no keys"):
-                client.get([])
+            with grpc.insecure_channel(again.target) as channel, pytest.raises(grpc.RpcError, match="get got no keys"):
+                PictorStub(channel).Get(GetRequest(), timeout=10)  # a raw stub's empty request
+            # PictorClient sends nothing for nothing: the empty answer, not the server's refusal.
+            assert client.get([]) == ([], []) and client.delete([]) == (0, []) and client.embed([]) == []
+            assert client.upsert([]) == (0, 0) and client.upsert(iter(list[UpsertItem]())) == (0, 0)
             with pytest.raises(InvalidRequestError, match="delete: key 1 is empty; no item has an empty key"):
                 client.delete(["new/one.png", ""])
             with pytest.raises(InvalidRequestError, match="is 5,000 characters long; keys take at most 4,096, so no item"):
@@ -378,6 +387,13 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
         assert client.list_items(paged[-2].key) == ([paged[-1]], "")
         with pytest.raises(InvalidRequestError, match="limit must be between 1 and 1000"):
             client.list_items(limit=1001)
+        with pytest.raises(InvalidRequestError, match="page must be between 1 and 1000"):
+            list(client.iter_items(page=0))
+        # Labels are read once: a generator filters every page, not only the first; a numpy
+        # array (pandas' unique()) has no truth value to test.
+        assert [it.key for it in client.iter_items(labels=(x for x in ["warm"]), page=2)] == [w["key"] for w in warm]
+        assert len(list(client.iter_items(labels=np.array(["warm", "cool"]), page=5))) == 12
+        assert {h.label for h in client.search(key=warm[0]["key"], k=14, labels=np.array(["warm", "x"]))} == {"warm"}
     stored = json.loads(pictor("get", "new/x.png", "--vectors", "--json", "--target", server.target).stdout)
     assert stored["missing"] == [] and len(stored["items"][0]["vector"]) == 1280
     absent = pictor("get", "new/x.png", "no/such.png", "--target", server.target, check=False)
@@ -633,8 +649,9 @@ def test_calls_are_bounded_and_work_for_a_caller_gone_is_not_written(built_index
                 acknowledged = True
             except DeadlineExceededError as e:
                 assert "within the timeout of 0.3 s" in str(e)
-                assert re.search(r"some of the \d+ items sent may have been written .*: sending them again is safe",
-                                 str(e))
+                # (all 64 and the stream's end sent, or too few of them for anything to be written)
+                assert re.search(r"(some of the 64 items sent may have been written .*: sending them again is safe"
+                                 r"|none of the \d+ items sent was written)", str(e)), str(e)
                 acknowledged = False
         with PictorClient(server.target) as client:
             deadline = time.monotonic() + 60
@@ -1026,7 +1043,8 @@ def test_an_upsert_cut_off_by_closing_the_client_may_have_been_written(server: S
         release.set()
     assert not isinstance(cut.value, TimeoutError)
     assert re.match(r"the call was cancelled before its answer came \(.*\): this PictorClient was closed "
-                    r"\(CANCELLED\); the item sent may have been written", str(cut.value)), str(cut.value)
+                    r"\(CANCELLED\); the item sent was not written \(the server writes fewer than 64 items only with "
+                    r"the stream's last message, which never went\): send them again", str(cut.value)), str(cut.value)
 
 
 def test_an_upsert_cut_off_by_the_server_stopping_says_so(built_index: Path) -> None:
@@ -1052,11 +1070,39 @@ def test_an_upsert_cut_off_by_the_server_stopping_says_so(built_index: Path) -> 
             release.set()
         # gRPC ends the call UNAVAILABLE ("Cancelling all calls") or CANCELLED, as the race goes.
         assert re.match(rf"the server at localhost:{port} stopped or cancelled the call while it was open \(.*\) "
-                        r"\((UNAVAILABLE|CANCELLED)\); the item sent may have been written", str(cut.value)), str(cut.value)
+                        r"\((UNAVAILABLE|CANCELLED)\); the item sent was not written", str(cut.value)), str(cut.value)
     finally:
         release.set()
         server.stop(None)
         engine.close()
+
+
+def test_an_upsert_whose_server_died_says_which_items_may_have_been_written(built_index: Path) -> None:
+    """SIGKILL of the server under an open stream: the connection was lost (not "cannot reach"),
+    and of the 70 items sent only the first whole chunk may have been written."""
+    server = ServerProcess(built_index).start()
+    sent, release = threading.Event(), threading.Event()
+
+    def items() -> Iterator[UpsertItem]:
+        for i in range(UPSERT_CHUNK + 6):
+            yield UpsertItem(key=f"k/{i}", vector=[1.0] * 1280)
+        sent.set()
+        release.wait(30)
+
+    try:
+        with PictorClient(server.target, timeout=30) as client, ThreadPoolExecutor(1) as pool:
+            upsert = pool.submit(client.upsert, items())
+            assert sent.wait(30)
+            time.sleep(0.5)  # the server reads them
+            server.kill()
+            with pytest.raises(ServerUnavailableError) as lost:
+                upsert.result(30)
+    finally:
+        release.set()
+        server.stop()
+    assert re.match(rf"the connection to the server at {server.target} was lost during the call \(.*\) "
+                    r"\(UNAVAILABLE\); the first 64 of the 70 items sent may have been written \(whole chunks of 64; "
+                    r"the rest waited for the stream's last message, which never went\)", str(lost.value)), str(lost.value)
 
 
 def test_a_server_that_says_it_cannot_serve_is_not_called_unreachable(
