@@ -131,6 +131,8 @@ def open_index(path: str | os.PathLike[str]) -> tuple[IndexStore, PCAWhitening |
     from (unwhitened: what an embedder or a head must produce). Closes the store on error."""
     from pictor.core.store import IndexStore
 
+    if Path(path).exists() and not Path(path).is_dir():
+        raise NotFoundError(f"{path} is a file, not an index (a folder that `pictor index GALLERY --out DIR` makes)")
     if not Path(path).is_dir():
         raise NotFoundError(
             f"index directory {path} does not exist; build one with `pictor index GALLERY --out {path}`")

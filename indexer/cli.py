@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pictor.config import DEFAULT_BACKBONE, IndexerSettings, add_flag, build_settings, show_progress
+from pictor.config import DEFAULT_BACKBONE, IndexerSettings, add_flag, build_settings, set_by, show_progress
 from pictor.errors import IncompatibleModelError, InvalidRequestError, require_server_extra
 from pictor.image_files import path_text
 
@@ -193,11 +193,12 @@ def _open_target(settings: IndexerSettings, out: Path, entries: list[GalleryEntr
     with contextlib.ExitStack() as on_error:  # interrupted, a bad setting, a full disk
         if store is not None:
             on_error.callback(store.close)
-            _check_pca_whiten(store, whitening, settings.pca_whiten)
+            _check_pca_whiten(store, whitening, settings)
             if settings.index_type not in (AUTO, store.index_type):
                 raise InvalidRequestError(
-                    f"index {out} is of type {store.index_type!r}; --index-type {settings.index_type} "
-                    "applies to a new index only: drop it, or build a new index with another --out")
+                    f"index {out} is of type {store.index_type!r}; index type {settings.index_type} (from "
+                    f"{set_by(settings, 'index_type')}) applies to a new index only: drop it, or build a new "
+                    "index with another --out")
         elif created:  # still empty (a store that failed to be made removed its files): no folder left behind
             on_error.callback(out.rmdir)
         embedder = _embedder(settings, store, spec, out)
@@ -290,13 +291,13 @@ def _exit_code(args: argparse.Namespace, summary: IndexSummary, out: Path, disca
     return 1 if summary.skipped and args.strict else 0
 
 
-def _check_pca_whiten(store: IndexStore, whitening: PCAWhitening | None, pca_whiten: int) -> None:
+def _check_pca_whiten(store: IndexStore, whitening: PCAWhitening | None, settings: IndexerSettings) -> None:
     """Refuse a --pca-whiten that an existing index was not built with."""
-    if pca_whiten and pca_whiten != (whitening.out_dim if whitening else 0):
+    if settings.pca_whiten and settings.pca_whiten != (whitening.out_dim if whitening else 0):
         raise InvalidRequestError(
             f"index {store.path} was built with {store.spec.whitening or 'no whitening'}; "
-            f"--pca-whiten {pca_whiten} would change its space: drop the flag to keep the "
-            "index's own, or build a new index with another --out"
+            f"pca_whiten {settings.pca_whiten} (from {set_by(settings, 'pca_whiten')}) would change its "
+            "space: drop it to keep the index's own, or build a new index with another --out"
         )
 
 

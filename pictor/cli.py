@@ -55,6 +55,8 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        # -v after the command too (`pictor serve -v`); not given there, the top level's stands
+        self.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
 
 
 def build_parser() -> argparse.ArgumentParser:

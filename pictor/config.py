@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
+import re
 import sys
 import tomllib
 import typing
@@ -31,6 +31,7 @@ DEFAULT_MAX_PIXELS = 40_000_000
 # gRPC message size limits, server and client alike; gRPC takes them as int32 bytes.
 DEFAULT_MAX_MESSAGE_MB, MAX_MESSAGE_MB = 64, 2047
 POOLINGS = ("avg", "max", "gem")  # of the backbone's feature map
+MAX_IDLE_TIMEOUT = 7 * 24 * 3600  # seconds, for --upsert-idle-timeout
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -62,6 +63,11 @@ class RuntimeSettings:
 
     def __post_init__(self) -> None:
         _check_positive(self, "max_pixels")
+        # Checked here, not only where the model loads: an error then names the flag, variable or file.
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
+            raise SettingValueError("device", "auto, cpu, cuda or cuda:N", repr(self.device))
+        if self.precision not in PRECISIONS:
+            raise SettingValueError("precision", " or ".join(PRECISIONS), repr(self.precision))
 
 
 @dataclass(frozen=True)
@@ -77,11 +83,14 @@ class ModelSettings(RuntimeSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive(self, "batch_size")
+        if self.pooling not in ("", *POOLINGS):
+            raise SettingValueError("pooling", " or ".join(POOLINGS), repr(self.pooling))
 
     def disagreement(self, backbone: str, pooling: str) -> str:
         """The backbone and pooling set here that differ from an index's or a model file's
         (``"backbone resnet50 and pooling max"``), or "" when they agree or are not set."""
-        return " and ".join(f"{name} {mine}" for name, mine, theirs in
+        return " and ".join(f"{name} {mine}{f' ({where})' if (where := set_by(self, name)) else ''}"
+                            for name, mine, theirs in
                             (("backbone", self.backbone, backbone), ("pooling", self.pooling, pooling))
                             if mine and mine != theirs)
 
@@ -102,8 +111,9 @@ class ServerSettings(RuntimeSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.upsert_idle_timeout < math.inf:  # nan and inf too
-            raise SettingValueError("upsert_idle_timeout", "a number of seconds above 0", self.upsert_idle_timeout)
+        if not 0 < self.upsert_idle_timeout <= MAX_IDLE_TIMEOUT:  # nan and inf too; Python waits 9.2e9 s at most
+            raise SettingValueError("upsert_idle_timeout", f"a number of seconds above 0, at most {MAX_IDLE_TIMEOUT} "
+                                    "(a week)", self.upsert_idle_timeout)
         if not self.index:  # Path("") is the current folder
             raise SettingValueError("index", "the index's folder", "'' (empty)")
         if not 0 <= self.port <= 65535:
@@ -130,6 +140,8 @@ class IndexerSettings:
 
     def __post_init__(self) -> None:
         _check_positive(self, "workers", "pca_sample")
+        if self.labels not in ("folder", "none"):
+            raise SettingValueError("labels", "folder or none", repr(self.labels))
         if not self.out:  # Path("") is the current folder
             raise SettingValueError("out", "the index's folder", "'' (empty)")
         if self.pca_whiten < 0:
@@ -241,7 +253,7 @@ def build_settings(
     """
     env = os.environ if env is None else env
     if file_values is None:
-        file_values = _read_config_file(config_file or env.get("PICTOR_CONFIG"))
+        file_values = _read_config_file(env.get("PICTOR_CONFIG") if config_file is None else config_file)
     flags = flags or {}
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
@@ -251,22 +263,38 @@ def build_settings(
         if dataclasses.is_dataclass(typ):
             values[f.name] = build_settings(typ, flags, env=env, file_values=file_values)  # type: ignore[arg-type]
             continue
-        name = _setting_name(f)
-        value, source = file_values.get(name, dataclasses.MISSING), name
-        if f"PICTOR_{name.upper()}" in env:
-            value, source = env[f"PICTOR_{name.upper()}"], f"PICTOR_{name.upper()}"
-        if flags.get(f.name) is not None:
-            value, source = flags[f.name], f"--{f.name.replace('_', '-')}"
+        value, source = _lookup(f.name, _setting_name(f), flags, env, file_values)
         if value is not dataclasses.MISSING:
-            in_file = " in the config file" if source == name else ""
+            in_file = " in the config file" if source == _setting_name(f) else ""
             values[f.name] = _coerce(value, typ, source, in_file)
             sources[f.name] = source + in_file
     try:
-        return cls(**values)
+        settings = cls(**values)
     except SettingValueError as e:
         if e.setting in sources:
             raise e.set_by(sources[e.setting]) from None
         raise
+    object.__setattr__(settings, "_sources", sources)  # for set_by (frozen: a field would be a setting)
+    return settings
+
+
+def set_by(settings: object, field: str) -> str:
+    """Where a setting of ``settings`` (made by ``build_settings``) was set, for a message:
+    ``--pooling``, ``PICTOR_POOLING`` or ``pooling in the config file``; "" for a default."""
+    sources: dict[str, str] = getattr(settings, "_sources", {})
+    return sources.get(field, "")
+
+
+def _lookup(field: str, name: str, flags: Mapping[str, Any], env: Mapping[str, str],
+            file_values: Mapping[str, Any]) -> tuple[Any, str]:
+    """A setting's value (MISSING when not set) and where it came from: its flag, its
+    ``PICTOR_*`` variable or its ``name`` in the file (``field``: the settings field and flag)."""
+    value, source = file_values.get(name, dataclasses.MISSING), name
+    if env.get(f"PICTOR_{name.upper()}"):  # set and not empty (compose passes unset ones as "")
+        value, source = env[f"PICTOR_{name.upper()}"], f"PICTOR_{name.upper()}"
+    if flags.get(field) is not None:
+        value, source = flags[field], f"--{field.replace('_', '-')}"
+    return value, source
 
 
 def model_settings(flags: Mapping[str, Any], config_file: str | None = None) -> ModelSettings:

@@ -29,6 +29,8 @@ def test_options_may_come_between_files() -> None:
     assert (args.images, args.top_k, args.json) == (["a.jpg", "b.jpg", "c.jpg"], 1, True)
     args = _parse_arguments(["-v", "delete", "k1", "--missing-ok", "k2"])
     assert (args.keys, args.missing_ok, args.verbose) == (["k1", "k2"], True, True)
+    assert _parse_arguments(["delete", "k1", "-v"]).verbose is True  # after the command too
+    assert _parse_arguments(["delete", "k1"]).verbose is False
 
 
 def test_keys_with_line_breaks_stay_on_their_table_row() -> None:

@@ -11,6 +11,7 @@ from pictor.config import (
     ServerSettings,
     build_settings,
     client_max_message_mb,
+    set_by,
     unknown_env_names,
 )
 from pictor.errors import InvalidRequestError
@@ -59,7 +60,7 @@ def test_bad_values_and_files_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequestError, match="port must be between 0 .* got -1"):
         build_settings(ServerSettings, {"port": -1}, env={})
     for seconds in ("0", "nan", "inf"):
-        with pytest.raises(InvalidRequestError, match=f"upsert_idle_timeout must be a number of seconds above 0, got {seconds}"):
+        with pytest.raises(InvalidRequestError, match=rf"upsert_idle_timeout must be a number of seconds above 0, at most 604800 \(a week\), got {seconds}"):
             build_settings(ServerSettings, {}, env={"PICTOR_UPSERT_IDLE_TIMEOUT": seconds})
     # A batch size of 0 made one batch of the whole gallery.
     with pytest.raises(InvalidRequestError, match="batch_size must be at least 1, got 0"):
@@ -85,7 +86,8 @@ def test_bad_values_and_files_are_clear_errors(tmp_path: Path) -> None:
         build_settings(ServerSettings, {}, env={}, config_file=fifo)
     # Path("") is the current folder: an index written into it, or served from it, by mistake.
     with pytest.raises(InvalidRequestError, match=r"index must be the index's folder, got '' \(empty\)"):
-        build_settings(ServerSettings, {}, env={"PICTOR_INDEX": ""})
+        build_settings(ServerSettings, {"index": ""}, env={})
+    assert build_settings(ServerSettings, {}, env={"PICTOR_INDEX": ""}).index == "index"  # unset: the default
     with pytest.raises(InvalidRequestError, match=r"out must be the index's folder, got '' \(empty\)"):
         build_settings(IndexerSettings, {"out": ""}, env={})
 
@@ -168,3 +170,28 @@ def test_a_value_out_of_range_names_where_it_was_set(tmp_path: Path) -> None:
         build_settings(IndexerSettings, {}, env={}, config_file=cfg)
     with pytest.raises(InvalidRequestError, match=r"max_pixels must be at least 1, got 0 \(from --max-pixels\)$"):
         build_settings(IndexerSettings, {"max_pixels": 0}, env={})
+
+
+def test_choices_are_checked_with_their_source_and_empty_variables_count_as_unset(tmp_path: Path) -> None:
+    for name, value in [("pooling", "foo"), ("precision", "fp64"), ("device", "gpu"), ("labels", "foo")]:
+        with pytest.raises(InvalidRequestError, match=rf"{name} must be .*, got '{value}' \(from PICTOR_{name.upper()}\)$"):
+            build_settings(IndexerSettings, {}, env={f"PICTOR_{name.upper()}": value})
+    with pytest.raises(InvalidRequestError, match=r"upsert_idle_timeout must be .* at most 604800 \(a week\), got 10000000000.0"):
+        build_settings(ServerSettings, {}, env={"PICTOR_UPSERT_IDLE_TIMEOUT": "1e10"})  # Python's waits end at 9.2e9 s
+    # An empty variable (compose passes an unset one as "") is no setting: the file's value stands.
+    cfg = tmp_path / "pictor.toml"
+    cfg.write_text("port = 7000\nmax_message_mb = 100\n")
+    s = build_settings(ServerSettings, {}, env={"PICTOR_PORT": "", "PICTOR_MAX_MESSAGE_MB": ""}, config_file=cfg)
+    assert (s.port, s.max_message_mb) == (7000, 100)
+    # --config "" (a flag) switches PICTOR_CONFIG's file off.
+    assert build_settings(ServerSettings, {}, env={"PICTOR_CONFIG": str(cfg)}, config_file="").port == 50051
+
+
+def test_settings_say_where_each_was_set(tmp_path: Path) -> None:
+    cfg = tmp_path / "pictor.toml"
+    cfg.write_text('index_type = "HNSW32"\n')
+    s = build_settings(IndexerSettings, {"pca_whiten": 8}, env={"PICTOR_POOLING": "max"}, config_file=cfg)
+    assert (set_by(s, "pca_whiten"), set_by(s, "index_type"), set_by(s.model, "pooling")) == (
+        "--pca-whiten", "index_type in the config file", "PICTOR_POOLING")
+    assert set_by(s, "out") == ""  # the default
+    assert s.model.disagreement("efficientnet_lite0", "avg") == "pooling max (PICTOR_POOLING)"

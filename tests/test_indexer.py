@@ -162,7 +162,7 @@ def test_index_refuses_another_backbone_on_existing_index(gallery: Path, tmp_pat
     assert r.returncode == 2
     assert "rebuild" in r.stderr or "re-embed" in r.stderr
     r = pictor("index", str(gallery), "--out", str(out), "--index-type", "HNSW32", check=False)
-    assert r.returncode == 2 and "applies to a new index only" in r.stderr
+    assert r.returncode == 2 and "index type HNSW32 (from --index-type) applies to a new index only" in r.stderr
     # An index held by another process (a server) is refused before any model is loaded:
     # the bad backbone name is never reached.
     with IndexStore.open(out):
@@ -298,7 +298,7 @@ def test_pca_whitened_index_serves_whitened_queries(gallery: Path, tmp_path: Pat
     # The changed file is embedded and whitened as the index was (an unwhitened vector is refused).
     assert (again["replaced"], again["unchanged"], again["index_size"]) == (1, 11, 13)
     other = pictor("index", str(gallery), "--out", str(out), "--pca-whiten", "4", check=False)
-    assert other.returncode == 2 and "would change its space" in other.stderr
+    assert other.returncode == 2 and "pca_whiten 4 (from --pca-whiten) would change its space" in other.stderr
     tiny = pictor("index", str(gallery), "--out", str(tmp_path / "i3"), "--pca-whiten", "64", check=False)
     assert tiny.returncode == 2 and "give --pca-whiten below 12 (less if some cannot be read)" in tiny.stderr  # before any model
     (gallery / "warm" / "broken.png").write_bytes(b"not a png")  # 13 listed, 12 readable

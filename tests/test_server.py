@@ -434,6 +434,9 @@ def test_server_refuses_to_start_without_index(tmp_path: Path) -> None:
     r = pictor("serve", "--index", str(tmp_path / "missing"), "--port", "0", check=False)
     assert r.returncode == 2
     assert "pictor index" in r.stderr
+    (tmp_path / "pictor.toml").write_text("")
+    r = pictor("serve", "--index", str(tmp_path / "pictor.toml"), "--port", "0", check=False)
+    assert r.returncode == 2 and "pictor.toml is a file, not an index" in r.stderr  # not "does not exist"
 
 
 def test_server_refuses_a_port_in_use_or_out_of_range(server: ServerProcess, built_index: Path) -> None:

@@ -606,7 +606,8 @@ def test_model_file_finds_its_checkpoint_from_anywhere(shapes: Path, tmp_path: P
 
 def test_train_reads_the_model_settings_index_reads(shapes: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str],
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
     # PICTOR_BACKBONE or a config file set for `pictor index` must not be ignored by train.
     monkeypatch.setenv("PICTOR_BACKBONE", "no_such_net")
     rc = main(["train", str(shapes), "--out", str(tmp_path / "m.pt"), "--no-progress"])
@@ -626,7 +627,13 @@ def test_train_reads_the_model_settings_index_reads(shapes: Path, tmp_path: Path
     # eval embeds with the model's own backbone and pooling: another one set is a mistake to say.
     monkeypatch.setenv("PICTOR_POOLING", "gem")
     rc = main(["eval", str(tmp_path / "m.pt"), str(shapes)])
-    assert rc == 2 and "pooling gem set, but the model file" in capsys.readouterr().err
+    assert rc == 2 and "pooling gem (PICTOR_POOLING) set, but the model file" in capsys.readouterr().err
+    # compile from a file or the environment shared with index and serve is said not to apply.
+    monkeypatch.delenv("PICTOR_POOLING")
+    monkeypatch.setenv("PICTOR_COMPILE", "1")
+    with caplog.at_level("WARNING", logger="pictor"):
+        assert main(["eval", str(tmp_path / "m.pt"), str(shapes)]) == 0
+    assert "compile (from PICTOR_COMPILE) applies to `pictor index` and `pictor serve`" in caplog.text
 
 
 def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

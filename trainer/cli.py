@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pictor.config import add_flag, model_settings, show_progress
+from pictor.config import ModelSettings, add_flag, model_settings, set_by, show_progress
 from pictor.trainer.config import MODES, TrainConfig
 
 TRAIN_DESCRIPTION = """\
@@ -160,6 +160,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise InvalidRequestError("--val-fraction splits DATA when no --val is given; with --val it would "
                                   "be ignored: give one of them")
     m = model_settings(vars(args), args.config)  # backbone, weights, ... as `pictor index` reads them
+    _warn_compile_unused(m, "train")
     config = TrainConfig(
         mode=args.mode, backbone=m.backbone or TrainConfig.backbone, weights=m.weights, device=m.device,
         precision=m.precision, pooling=m.pooling or TrainConfig.pooling, seed=args.seed,
@@ -203,6 +204,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from pictor.trainer.metrics import format_report, plot_confusion
 
     m = model_settings(vars(args), args.config)
+    _warn_compile_unused(m, "eval")
     model = load_model(args.model)
     if wrong := m.disagreement(model.spec.backbone, model.spec.pooling):  # the model's own embeds
         raise InvalidRequestError(f"{wrong} set, but the model file {args.model} embeds with "
@@ -240,3 +242,13 @@ def run_eval(args: argparse.Namespace) -> int:
     if extras:
         print("\n" + "; ".join(extras))
     return 0
+
+
+def _warn_compile_unused(m: ModelSettings, command: str) -> None:
+    """``compile`` from the environment or a file shared with `index` and `serve` does not
+    apply here: say so rather than seem to honour it."""
+    if m.compile:
+        import logging
+
+        logging.getLogger("pictor").warning("compile (from %s) applies to `pictor index` and `pictor serve`; "
+                                            "`pictor %s` runs the model without it", set_by(m, "compile"), command)
