@@ -26,6 +26,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DATABASE = "metadata.sqlite"
 LOCK_FILE = "LOCK"
+WHITENING_FILE = "whitening.npz"  # in an index directory built with --pca-whiten
 SNAPSHOT_PREFIX = "faiss-"
 SNAPSHOT_SUFFIX = ".index"
 # What to do about a damaged store file (the database holds every acknowledged write).
@@ -180,6 +181,19 @@ def _lock_directory(root: Path) -> int:
             f"index store {root} is open in another process; stop it first"
         ) from e
     return fd
+
+
+# What a store's creation writes before its manifest, which marks the store made.
+_CREATION_FILES = {LOCK_FILE, DATABASE, f"{DATABASE}-wal", f"{DATABASE}-shm", f"{DATABASE}-journal", WHITENING_FILE}
+
+
+def half_made_store(root: Path) -> bool:
+    """Whether ``root`` holds what a store's creation writes before its manifest, and nothing
+    else: a creation cut off (killed), with no items in it (they come after the manifest)."""
+    if not root.is_dir() or (root / MANIFEST).exists():
+        return False
+    names = [p.name for p in root.iterdir()]
+    return bool(names) and all(name in _CREATION_FILES or name.endswith(".tmp") for name in names)
 
 
 def _empty_folder(root: Path, *, remove: bool) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pictor.core._store_files import DATABASE, MANIFEST, _out_of_space, _read_manifest, _write_json_atomic
 from pictor.core._store_sql import _connect
-from pictor.core.files import fsync_dir
+from pictor.core.files import fsync_dir, remove_leftovers
 from pictor.core.spec import ModelSpec
 from pictor.core.whitening import WHITENING_FILE, PCAWhitening
 from pictor.errors import InvalidRequestError, NotFoundError, ResourceExhaustedError
@@ -38,6 +38,8 @@ def backup_store(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> 
     # its copy: refused before anything is copied, naming the index.
     PCAWhitening.load(src, ModelSpec.from_dict(_read_manifest(src / MANIFEST)["spec"]))
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    if out.parent.is_dir():
+        remove_leftovers(out.parent, f".{out.name}.partial-")  # of a backup killed while it copied
     try:
         partial.mkdir(parents=True)
     except OSError as e:

@@ -3,9 +3,11 @@ and why a file would not load as tensors."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import re
+import shutil
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +43,28 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], object], *, durable: b
 
 def _temporary_beside(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+def remove_leftovers(folder: Path, prefix: str, suffix: str = "") -> None:
+    """Remove the files or folders ``prefix<PID><suffix>`` in ``folder`` whose process is gone:
+    what a killed writer left (a model file's temporary, a partial backup)."""
+    for leftover in folder.glob(glob.escape(prefix) + "*" + suffix):
+        pid = leftover.name[len(prefix):len(leftover.name) - len(suffix)]
+        if pid.isdigit() and _process_gone(int(pid)):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive: another user's
+        return False
+    return False
 
 
 def check_output_file(path: str | os.PathLike[str], flag: str) -> None:

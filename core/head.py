@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from pictor.core.embedder import Embedder, embedder_for_spec, fingerprint_state, resolve_device, runs_natively
-from pictor.core.files import damaged_member, why_not_tensors, write_atomic
+from pictor.core.files import damaged_member, remove_leftovers, why_not_tensors, write_atomic
 from pictor.core.open_set import OpenSet
 from pictor.core.spec import ModelSpec
 from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError, ResourceExhaustedError
@@ -302,10 +302,17 @@ class TrainedModel:
         p = Path(path)
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(p.parent, f"{p.name}.", ".tmp")  # of a run killed while it wrote
             write_atomic(p, lambda f: torch.save(self.to_dict(), f))
-        except OSError as e:  # after minutes of training: a message, not a traceback
-            error = ResourceExhaustedError if e.errno == errno.ENOSPC else InvalidRequestError
-            raise error(f"cannot write the model file {p}: {e.strerror or e}") from e
+        except (OSError, RuntimeError) as e:  # after minutes of training: a message, not a traceback
+            # torch.save reports a failed write as RuntimeError ("unexpected pos"), the OSError its context
+            cause = e if isinstance(e, OSError) else e.__context__
+            if not isinstance(cause, OSError):
+                raise
+            if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhaustedError(f"cannot write the model file {p}: the disk is full; free space "
+                                             "and train again") from e
+            raise InvalidRequestError(f"cannot write the model file {p}: {cause.strerror or cause}") from e
         log.info("saved model %s (%d classes, %s)", p, len(self.class_names), self.spec.describe())
 
     @classmethod

@@ -68,6 +68,7 @@ from pictor.core._store_files import (
     _read_manifest,
     _rollback,
     _write_json_atomic,
+    half_made_store,
     make_store_dir,
 )
 from pictor.core._store_metadata import _hits_from_sqlite, _ItemMetadata
@@ -130,7 +131,7 @@ from pictor.errors import (
 __all__ = [
     "AUTO", "DATABASE", "MANIFEST", "METRIC", "DeleteResult", "Filter", "GetResult", "Hit", "Hits",
     "IndexStore", "Item", "ItemPage", "SearchParams", "StoreInfo", "StoreOptions", "UpsertResult",
-    "backup_store", "choose_factory", "make_store_dir",
+    "backup_store", "choose_factory", "half_made_store", "make_store_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -196,11 +197,14 @@ class IndexStore:
         *,
         index_type: str = AUTO,
         options: StoreOptions | None = None,
+        files: Callable[[Path], object] | None = None,
     ) -> IndexStore:
-        """Create an empty store at ``path`` (a new or empty directory).
+        """Create an empty store at ``path`` (a new or empty directory, or one where a creation
+        was cut off before its manifest: made anew).
 
         ``index_type`` is ``"auto"`` or a FAISS factory string (``"Flat"``, ``"HNSW32"``,
-        ``"IVF1024,Flat"``, ``"IVF1024,PQ32"``, ``"OPQ32,IVF1024,PQ32"``).
+        ``"IVF1024,Flat"``, ``"IVF1024,PQ32"``, ``"OPQ32,IVF1024,PQ32"``). ``files(path)``
+        writes more files of the store (a whitening) before the manifest marks it made.
         """
         _check_spec(spec, optional=False)
         if not isinstance(index_type, str):
@@ -211,7 +215,7 @@ class IndexStore:
             f"{root} already exists and is not an empty directory (another run may be "
             "creating an index there); choose another path, or open the index in it"
         )
-        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        if root.exists() and (not root.is_dir() or any(root.iterdir())) and not half_made_store(root):
             raise taken
         if index_type != AUTO:
             check_new_factory(spec.dim, index_type)  # refuse a bad factory string now
@@ -219,11 +223,17 @@ class IndexStore:
         new_dir = not root.exists()
         make_store_dir(root)
         lock_fd = _lock_directory(root)
+        leftovers = [p for p in root.iterdir() if p.name != LOCK_FILE]
+        if leftovers and half_made_store(root):  # (locked now: no other run is making it)
+            log.warning("%s holds the files of an index store whose creation was cut off (no manifest, "
+                        "so no items): made anew", root)
+            for leftover in leftovers:
+                leftover.unlink()
         if any(p.name != LOCK_FILE for p in root.iterdir()):  # a store made there since the check
             os.close(lock_fd)
             raise taken
         try:
-            store = cls._create_files(root, spec, index_type, options, lock_fd)
+            store = cls._create_files(root, spec, index_type, options, lock_fd, files)
         except BaseException as e:
             full = _out_of_space(root, e)  # before the files go, which frees a little
             # Half a store would be refused by the next run ("not an index store"): the folder
@@ -247,14 +257,17 @@ class IndexStore:
 
     @classmethod
     def _create_files(cls, root: Path, spec: ModelSpec, index_type: str, options: StoreOptions,
-                      lock_fd: int) -> IndexStore:
-        """The database and the manifest of a new store in ``root`` (locked by ``lock_fd``)."""
+                      lock_fd: int, files: Callable[[Path], object] | None) -> IndexStore:
+        """The database, ``files``' and the manifest of a new store in ``root`` (locked by
+        ``lock_fd``)."""
         now = _now()
         db = _connect(root / DATABASE)
         try:
             _create_schema(db, spec, now)
         finally:
             db.close()
+        if files is not None:
+            files(root)
         manifest = {
             "format": FORMAT_VERSION,
             "spec": spec.to_dict(),

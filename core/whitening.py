@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pictor.core._store_files import WHITENING_FILE
 from pictor.core.files import write_atomic
 from pictor.core.spec import ModelSpec
-from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError, ResourceExhaustedError
+from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
 
 if TYPE_CHECKING:
     from pictor.core.store import IndexStore
 
-WHITENING_FILE = "whitening.npz"  # in an index directory built with --pca-whiten
 
 
 @dataclass(frozen=True)
@@ -148,26 +148,12 @@ def open_index(path: str | os.PathLike[str]) -> tuple[IndexStore, PCAWhitening |
 def create_index(path: Path, spec: ModelSpec, whitening: PCAWhitening | None, *,
                  index_type: str) -> IndexStore:
     """A new index store at ``path`` (a new or empty folder) for an embedder with ``spec``, with
-    its whitening saved beside it: before any vector, so a store never holds vectors it cannot
-    explain. When the whitening cannot be saved, the new store's files go again."""
-    from pictor.core._store_files import _empty_folder, _out_of_space
+    its whitening saved in it before the manifest marks the store made: a store never holds
+    vectors it cannot explain, and a creation cut off is one the next run makes anew."""
     from pictor.core.store import IndexStore
 
-    store = IndexStore.create(path, index_spec(spec, whitening), index_type=index_type)
-    if whitening is None:
-        return store
-    try:
-        whitening.save(path)
-    except BaseException as e:  # interrupted, a full disk: no index that every later run refuses
-        full = _out_of_space(path, e)
-        store.close(snapshot=False)
-        _empty_folder(path, remove=False)  # locked and new until now: everything in it is ours
-        if full:
-            raise ResourceExhaustedError(
-                f"the disk holding {path} is full; no index store was created: free space and run again"
-            ) from e
-        raise
-    return store
+    return IndexStore.create(path, index_spec(spec, whitening), index_type=index_type,
+                             files=None if whitening is None else whitening.save)
 
 
 def index_spec(spec: ModelSpec, whitening: PCAWhitening | None) -> ModelSpec:

@@ -169,11 +169,12 @@ def _open_target(settings: IndexerSettings, out: Path, entries: list[GalleryEntr
     """Open the index at ``out``, or make it (fitting its whitening first when asked), and load
     the model; every setting is checked before the slow steps it would waste."""
     from pictor.core.faiss_index import check_new_factory
-    from pictor.core.store import AUTO, MANIFEST, make_store_dir
+    from pictor.core.store import AUTO, MANIFEST, half_made_store, make_store_dir
     from pictor.core.whitening import create_index, index_spec, open_index
     from pictor.indexer.pipeline import fit_whitening
 
-    if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
+    if (out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir()))
+            and not half_made_store(out)):  # (a creation cut off is made anew)
         raise InvalidRequestError(f"--out {out} exists and is not an index store; give a new or "
                                   "empty folder, or an index to add to")
     # An existing index is opened (and locked) first: a second run on it, or one on an index a

@@ -82,6 +82,13 @@ def unlistable(monkeypatch: pytest.MonkeyPatch, *folders: Path) -> None:
     monkeypatch.setattr(os, "scandir", scandir)
 
 
+def dead_pid() -> int:
+    """The id of a process that has ended (as a writer killed since)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

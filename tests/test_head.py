@@ -264,3 +264,28 @@ def test_served_precision_follows_the_model(trained: str, native_bf16: bool, ser
     assert model.create_embedder(device="cpu").precision == served
     assert ("calibrated on bf16 embeddings, which are computed in fp32 here" in caplog.text) == (trained != served)
     assert model.create_embedder(device="cpu", precision="fp32").precision == "fp32"  # asked for: kept
+
+
+def test_a_full_disk_is_said_when_the_model_file_is_written(tmp_path, monkeypatch) -> None:
+    import errno
+
+    from pictor.core import head
+    from pictor.errors import ResourceExhaustedError
+
+    def full(obj: object, f: object) -> None:  # as torch.save fails: its own error, the OSError its context
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4480 vs 4368") from None
+
+    monkeypatch.setattr(head.torch, "save", full)
+    with pytest.raises(ResourceExhaustedError, match="m.pt: the disk is full; free space and train again"):
+        make_model().save(tmp_path / "m.pt")
+    assert list(tmp_path.iterdir()) == []  # no half file, no temporary
+    # What a run killed while it wrote the file left beside it goes with the next save.
+    from conftest import dead_pid
+
+    monkeypatch.undo()
+    (tmp_path / f"m.pt.{dead_pid()}.tmp").write_bytes(b"half")
+    make_model().save(tmp_path / "m.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]

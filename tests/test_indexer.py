@@ -359,3 +359,17 @@ def test_a_whitening_that_cannot_be_saved_leaves_no_index(gallery: Path, tmp_pat
     assert main(["index", str(gallery), "--out", str(out), "--pca-whiten", "8", "--no-progress"]) == 2
     assert "is full; no index store was created" in capsys.readouterr().err
     assert not out.exists()  # not a whitened index without its whitening, refused by every later run
+
+
+def test_an_index_whose_creation_was_cut_off_is_made_anew(gallery: Path, tmp_path: Path) -> None:
+    """A kill between the database and the manifest (which marks a store made) left files that
+    every later run refused ("exists and is not an index store", or, whitened, "whitening.npz is
+    missing"): there are no items in them, so the next run makes the index anew."""
+    out = tmp_path / "index"
+    out.mkdir()
+    for name in ("LOCK", "metadata.sqlite", WHITENING_FILE, "manifest.json.4242.tmp"):
+        (out / name).write_bytes(b"cut off")
+    r = pictor("index", str(gallery), "--out", str(out), "--pca-whiten", "4", "--json")
+    assert json.loads(r.stdout)["index_size"] == 12 and "creation was cut off" in r.stderr
+    found = pictor("index", str(gallery), "--out", str(out), "--json")  # opens, whitening and all
+    assert json.loads(found.stdout)["unchanged"] == 12
