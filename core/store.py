@@ -150,6 +150,12 @@ class IndexStore:
 
     Thread safety: any number of threads may call ``search``/``get_vector``/``info`` while
     one thread at a time writes (writes are serialised internally).
+
+    ``rebuild_in_background``: a rebuild the collection calls for (the exact stand-in giving
+    way to a trained type, growth, compaction) runs on a thread of its own from a snapshot of
+    the database, so writes go on meanwhile and are applied to the new index before it
+    replaces the old one (a server sets it); off, the write that calls for it rebuilds before
+    it returns (a batch load, which waits for it anyway).
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], lock_fd: int) -> None:
@@ -186,6 +192,11 @@ class IndexStore:
         self._dirty = False  # index differs from the snapshot on disk
         self._pending = 0  # items changed since the last snapshot
         self._bulk = 0  # depth of open bulk() blocks: maintenance waits for the last one
+        self.rebuild_in_background = False
+        # The database seq a background rebuild started from (None: none running); deletions
+        # after it are kept for it to apply.
+        self._rebuild_base: int | None = None
+        self._rebuilding = ""  # the factory it makes
 
     # -- creation and opening -------------------------------------------------------------
 
@@ -287,10 +298,13 @@ class IndexStore:
         return cls(root, manifest, lock_fd)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, spec: ModelSpec | None = None) -> IndexStore:
+    def open(cls, path: str | os.PathLike[str], *, spec: ModelSpec | None = None,
+             rebuild_in_background: bool = False) -> IndexStore:
         """Open an existing store, checking and repairing its FAISS index against the database.
 
         With ``spec``, refuse (``IncompatibleModelError``) a store filled by another model.
+        ``rebuild_in_background``: see the class; set here, a rebuild due at open (one a
+        closed store left undone) does not hold the open up either.
         """
         _check_spec(spec, optional=True)
         root = Path(path)
@@ -315,6 +329,7 @@ class IndexStore:
             store._db.execute(_CONTENTS_TABLE)  # a store from before content hashes
             store._db.execute(_CONTENTS_INDEX)  # or before they were looked up
             store._recover()
+            store.rebuild_in_background = rebuild_in_background
             with store._write_lock:
                 store._after_write(0)  # e.g. a bulk load that died before its training
         except BaseException as e:
@@ -523,6 +538,7 @@ class IndexStore:
                 nprobe=self._knobs.nprobe,
                 ef_search=self._knobs.ef_search,
                 k_factor=self._knobs.k_factor,
+                rebuilding=self._rebuilding,
             )
 
     # -- writing --------------------------------------------------------------------------
@@ -712,9 +728,14 @@ class IndexStore:
         if self._bulk:
             return
         try:
-            reason = self._rebuild_reason()
-            if reason:
+            reason = "" if self._rebuild_base is not None else self._rebuild_reason()
+            if reason and self.rebuild_in_background:
+                self._start_background_rebuild(reason)
+            elif reason:
                 self._rebuild(reason)
+            elif self._rebuild_base is not None:  # the new index will come with its own defaults
+                if self._pending >= self.options.snapshot_every:
+                    self._snapshot_if_possible()
             elif not self._index.exact and self._count >= 2 * max(self._tuned_for, _MIN_TUNE_ITEMS):
                 self._retune()
             elif self._pending >= self.options.snapshot_every:
@@ -748,9 +769,12 @@ class IndexStore:
 
     def _rebuild(self, reason: str) -> None:
         started = time.perf_counter()
+        log.info("rebuilding the FAISS index over %d items (%s)", self._count, reason)
         # Readers keep searching the old index while the new one is built and tuned.
         new_index = self._build_index(self._target_factory(self._count))
-        knobs = self._tune(new_index)
+        self._swap_in(new_index, self._tune(new_index), started, reason)
+
+    def _swap_in(self, new_index: VectorIndex, knobs: SearchKnobs, started: float, reason: str) -> None:
         with self._rw.write():
             self._index, self._knobs = new_index, knobs
             self._built_for = self._tuned_for = self._count
@@ -760,6 +784,45 @@ class IndexStore:
             new_index.factory, self._count, time.perf_counter() - started, reason, knobs,
         )
         self._snapshot_if_possible()
+
+    def _start_background_rebuild(self, reason: str) -> None:
+        """Rebuild on a thread of its own from the database as it is now (writer lock held):
+        its read transaction begins here, so the new index holds exactly the writes up to
+        this seq, and the catch-up adds those after."""
+        db = _connect(self.path / DATABASE, readonly=True)
+        try:
+            db.execute("BEGIN")
+            db.execute("SELECT COUNT(*) FROM items").fetchone()  # the read snapshot starts here
+        except BaseException:
+            db.close()
+            raise
+        self._rebuild_base = self._seq
+        self._rebuilding = factory = self._target_factory(self._count)
+        log.info("rebuilding the FAISS index as %s over %d items in the background (%s); writes go on "
+                 "and searches use the index as it was until then", factory, self._count, reason)
+        threading.Thread(target=self._background_rebuild, name="pictor-rebuild", daemon=True,
+                         args=(db, factory, self._seq, int(self._meta("next_id")), self._count, reason)).start()
+
+    def _background_rebuild(self, db: sqlite3.Connection, factory: str, base_seq: int, base_next_id: int,
+                            count: int, reason: str) -> None:
+        started = time.perf_counter()
+        try:
+            new_index = self._build_index(factory, db=db, count=count)
+            knobs = self._tune(new_index, db=db, count=count)
+            with self._write_lock:
+                if self._closed:  # the next open starts it again
+                    return
+                # The writes made meanwhile: under the writer lock, so none is missed or applied twice.
+                self._catch_up(new_index, base_seq, below_id=base_next_id)
+                self._rebuild_base, self._rebuilding = None, ""
+                self._swap_in(new_index, knobs, started, reason)
+        except Exception:
+            log.exception("index store %s: the background rebuild failed; searches go on with the index "
+                          "as it was, and a later write tries again", self.path)
+        finally:
+            db.close()
+            with self._write_lock:
+                self._rebuild_base, self._rebuilding = None, ""
 
     def _retune(self) -> None:
         """New search defaults for the grown collection (a fuller index needs a wider search
@@ -772,51 +835,56 @@ class IndexStore:
                  self._count, time.perf_counter() - started, knobs)
         self._snapshot_if_possible()
 
-    def _build_index(self, factory: str) -> VectorIndex:
+    def _build_index(self, factory: str, *, db: sqlite3.Connection | None = None,
+                     count: int | None = None) -> VectorIndex:
         """A fresh index of type ``factory`` (exact while too few items to train it) over
-        every stored vector, streamed in blocks."""
+        every stored vector, streamed in blocks (from ``db``, of ``count`` items: a background
+        rebuild's snapshot of the database; default the store's own)."""
+        db, count = db or self._db, self._count if count is None else count
         sample = None
         need = training_size(self.dim, factory)
-        if need > self._count:
+        if need > count:
             factory, need = EXACT_FACTORY, 0
         if need:
-            sample = self._sample_vectors(min(self._count, max(need, _TRAIN_SAMPLE)))
+            sample = self._sample_vectors(min(count, max(need, _TRAIN_SAMPLE)), db)
         index = VectorIndex.build(self.dim, factory, sample)
-        for ids, vecs in _stream_vectors(self._db):
+        for ids, vecs in _stream_vectors(db):
             index.add(ids, vecs)
         return index
 
-    def _sample_ids(self, n: int) -> np.ndarray:
+    def _sample_ids(self, n: int, db: sqlite3.Connection) -> np.ndarray:
         """Ids of ``n`` stored items (all when fewer), sorted. Seeded: the same collection
         trains and tunes the same index, with the same search defaults, every time."""
-        ids = np.fromiter((r[0] for r in self._db.execute("SELECT id FROM items ORDER BY id")), np.int64)
+        ids = np.fromiter((r[0] for r in db.execute("SELECT id FROM items ORDER BY id")), np.int64)
         if len(ids) > n:
             ids = np.random.default_rng(0).choice(ids, n, replace=False)
         return np.sort(ids)
 
-    def _sample_vectors(self, n: int) -> np.ndarray:
-        return np.concatenate([vecs for _, vecs in _vectors_of(self._db, self._sample_ids(n))])
+    def _sample_vectors(self, n: int, db: sqlite3.Connection) -> np.ndarray:
+        return np.concatenate([vecs for _, vecs in _vectors_of(db, self._sample_ids(n, db))])
 
-    def _tune(self, index: VectorIndex, k: int = TUNED_K, n_queries: int = 500) -> SearchKnobs:
+    def _tune(self, index: VectorIndex, k: int = TUNED_K, n_queries: int = 500, *,
+              db: sqlite3.Connection | None = None, count: int | None = None) -> SearchKnobs:
         """The fastest search defaults reaching ``target_recall`` on a held-out sample:
         stored items used as queries, each one's own entry left out of its results and of
-        its exact ground truth."""
-        if index.exact or self._count <= k + 1:
+        its exact ground truth (``db``, ``count``: as for ``_build_index``)."""
+        db, count = db or self._db, self._count if count is None else count
+        if index.exact or count <= k + 1:
             return SearchKnobs()
-        qids = self._sample_ids(n_queries)
-        blocks = list(_vectors_of(self._db, qids))
+        qids = self._sample_ids(n_queries, db)
+        blocks = list(_vectors_of(db, qids))
         qids = np.concatenate([ids for ids, _ in blocks])
         q = np.concatenate([vecs for _, vecs in blocks])
-        truth_scores, truth = _exact_search(self._db, q, k + 1, None)
+        truth_scores, truth = _exact_search(db, q, k + 1, None)
         ties = functools.partial(ties_with_kth, queries=q, truth=truth, truth_scores=truth_scores, k=k,
-                                 exclude=qids, vectors_of=self._vectors_in_order)
+                                 exclude=qids, vectors_of=functools.partial(self._vectors_in_order, db=db))
         knobs, _recall = tune_knobs(index, q, truth, self.options.target_recall, k, exclude=qids, ties=ties)
         return knobs
 
-    def _vectors_in_order(self, ids: np.ndarray) -> np.ndarray:
+    def _vectors_in_order(self, ids: np.ndarray, db: sqlite3.Connection) -> np.ndarray:
         """The stored vectors of ``ids`` (sorted, unique, all present), in that order."""
         out = np.empty((len(ids), self.dim), np.float32)
-        for got, vecs in _vectors_of(self._db, ids):
+        for got, vecs in _vectors_of(db, ids):
             out[np.searchsorted(ids, got)] = vecs
         return out
 
@@ -867,8 +935,9 @@ class IndexStore:
         for old in folder.glob(f"{SNAPSHOT_PREFIX}*{SNAPSHOT_SUFFIX}"):
             if old.name != name:
                 old.unlink()
-        with self._db:
-            self._db.execute("DELETE FROM deletions WHERE seq <= ?", (seq,))
+        with self._db:  # (a background rebuild still needs those after the seq it started from)
+            keep_after = seq if self._rebuild_base is None else min(seq, self._rebuild_base)
+            self._db.execute("DELETE FROM deletions WHERE seq <= ?", (keep_after,))
         self._snapshot_seq = seq
         self._pending = 0
         self._dirty = False
@@ -893,7 +962,7 @@ class IndexStore:
             return
         self._index = index
         snap_seq = int(snap["seq"])
-        added, removed = self._replay(snap_seq)
+        added, removed = self._catch_up(self._index, snap_seq)  # (_consistent sets HNSW's tombstones)
         if not self._consistent():
             log.warning(
                 "index store %s: FAISS snapshot disagrees with the database after replay; "
@@ -931,17 +1000,19 @@ class IndexStore:
             log.warning("cannot read FAISS snapshot %s (%s)", file, e)
             return None
 
-    def _replay(self, snap_seq: int) -> tuple[int, int]:
-        """Apply operations newer than the snapshot: deletions, then surviving inserts."""
+    def _catch_up(self, index: VectorIndex, since_seq: int, below_id: int | None = None) -> tuple[int, int]:
+        """Apply to ``index`` the operations after ``since_seq``: deletions (of ids below
+        ``below_id`` only, when given: the others were never in it), then surviving inserts."""
         removed = np.array(
-            [r[0] for r in self._db.execute("SELECT id FROM deletions WHERE seq > ?", (snap_seq,))],
+            [r[0] for r in self._db.execute("SELECT id FROM deletions WHERE seq > ?", (since_seq,))],
             dtype=np.int64,
         )
-        if self._index.removable:
-            self._index.remove(removed)
+        if below_id is not None:
+            removed = removed[removed < below_id]
+        index.remove(removed)
         added = 0
-        for ids, vecs in _stream_vectors(self._db, min_seq=snap_seq + 1):
-            self._index.add(ids, vecs)
+        for ids, vecs in _stream_vectors(self._db, min_seq=since_seq + 1):
+            index.add(ids, vecs)
             added += len(ids)
         return added, len(removed)
 

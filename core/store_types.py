@@ -237,6 +237,7 @@ class StoreInfo:
     nprobe: int
     ef_search: int
     k_factor: float
+    rebuilding: str = ""  # the factory a background rebuild is making ("" when none runs)
 
 
 # -- attributes as stored, and checks of items ----------------------------------------------

@@ -126,7 +126,8 @@ class PCAWhitening:
         return w
 
 
-def open_index(path: str | os.PathLike[str]) -> tuple[IndexStore, PCAWhitening | None, ModelSpec]:
+def open_index(path: str | os.PathLike[str], *, rebuild_in_background: bool = False
+               ) -> tuple[IndexStore, PCAWhitening | None, ModelSpec]:
     """The index store at ``path``, its whitening, and the spec of the embeddings it was built
     from (unwhitened: what an embedder or a head must produce). Closes the store on error."""
     from pictor.core.store import IndexStore
@@ -136,7 +137,7 @@ def open_index(path: str | os.PathLike[str]) -> tuple[IndexStore, PCAWhitening |
     if not Path(path).is_dir():
         raise NotFoundError(
             f"index directory {path} does not exist; build one with `pictor index GALLERY --out {path}`")
-    store = IndexStore.open(path)
+    store = IndexStore.open(path, rebuild_in_background=rebuild_in_background)
     with contextlib.ExitStack() as on_error:
         on_error.callback(store.close, snapshot=False)  # a refused open must not keep the index locked
         whitening = PCAWhitening.load(path, store.spec)

@@ -44,6 +44,7 @@ from pictor.core.store import (
     Item,
     ItemPage,
     SearchParams,
+    StoreInfo,
     UpsertResult,
 )
 from pictor.core.whitening import PCAWhitening, index_spec, open_index
@@ -144,7 +145,8 @@ class Engine:
         from pictor.core.embedder import embedder_for_index
 
         index = settings.index
-        store, whitening, spec = open_index(index)
+        # writes go on while a grown index is rebuilt, from the first moment
+        store, whitening, spec = open_index(index, rebuild_in_background=True)
         with contextlib.ExitStack() as on_error:
             on_error.callback(store.close, snapshot=False)  # a refused start must not keep the index locked
             model = None
@@ -413,10 +415,9 @@ class Engine:
             weights=spec.weights,
             embedding_dim=spec.dim,
             index_size=sum(label_counts.values()),
-            # what was asked for, and what FAISS runs now: "auto (Flat)", "HNSW32"
-            index_type=store_info.factory
-            if store_info.index_type == store_info.factory
-            else f"{store_info.index_type} ({store_info.factory})",
+            # what was asked for, and what FAISS runs now: "auto (Flat)", "HNSW32",
+            # "auto (Flat); rebuilding as PCA128,IVF..."
+            index_type=_index_type_text(store_info),
             metric=store_info.metric,
             classifier=classifier,
             class_names=names,
@@ -435,3 +436,9 @@ class Engine:
             return ""
         why = self._neighbour_tests_off()
         return f"class fit alone: {why}" if why else "on"
+
+
+def _index_type_text(info: StoreInfo) -> str:
+    """What was asked for, what FAISS runs now, and what a background rebuild is making."""
+    text = info.factory if info.index_type == info.factory else f"{info.index_type} ({info.factory})"
+    return f"{text}; rebuilding as {info.rebuilding}" if info.rebuilding else text

@@ -62,6 +62,12 @@ def test_search(tmp_path: Path) -> None:
     assert "| 3,000 | HNSW32 |" in out and "| 3,000 | auto (store) |" in out and "store overhead" in out
 
 
+def test_rebuild(tmp_path: Path) -> None:
+    out = run_bench("rebuild.py", "--items", 700, "--index-type", "IVF16,Flat", "--dim", 32, "--extra", 5000,
+                    "--interval", 0.01, "--tmp", tmp_path)
+    assert "| background | 700 | Flat -> IVF16,Flat |" in out and "| in the write | 700 |" in out
+
+
 def test_list(tmp_path: Path) -> None:
     out = run_bench("list.py", "--size", 500, "--tmp", tmp_path / "new")
     assert "500 items, pages of 1000" in out

@@ -1230,3 +1230,17 @@ def test_busy_refusals_are_all_counted_in_the_log(monkeypatch: pytest.MonkeyPatc
         assert counts() == ["1", "2", "1"]
         time.sleep(1.5)  # no timer left to log anything
         assert counts() == ["1", "2", "1"]
+
+
+def test_info_names_the_index_in_use_and_a_rebuild_under_way(tmp_path: Path) -> None:
+    import dataclasses
+
+    from pictor.core.spec import ModelSpec
+    from pictor.core.store import IndexStore
+    from pictor.server.engine import _index_type_text
+
+    with IndexStore.create(tmp_path / "s", ModelSpec("test_backbone", "random", 8)) as store:
+        info = store.info()
+    assert _index_type_text(info) == "auto (Flat)"
+    assert _index_type_text(dataclasses.replace(info, rebuilding="HNSW32")) == "auto (Flat); rebuilding as HNSW32"
+    assert _index_type_text(dataclasses.replace(info, index_type="Flat")) == "Flat"

@@ -6,6 +6,7 @@ import errno
 import gc
 import json
 import logging
+import os
 import re
 import shutil
 import sqlite3
@@ -14,10 +15,12 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
 import pytest
+from conftest import dead_pid
 
 from pictor.core import store as store_mod
 from pictor.core.faiss_index import _BATCH_OMP_THREADS, SearchKnobs, VectorIndex
@@ -32,6 +35,7 @@ from pictor.core.store import (
     IndexStore,
     Item,
     SearchParams,
+    StoreInfo,
     StoreOptions,
     UpsertResult,
     _admitted_condition,
@@ -515,6 +519,13 @@ def test_a_backup_taken_while_another_thread_writes_holds_every_acknowledged_wri
     with pytest.raises(NotFoundError, match="no index store"):
         store_mod.backup_store(tmp_path / "nothing", tmp_path / "x")
     assert not list(tmp_path.glob(".*partial*"))
+    # What a backup killed while it copied left is removed by the next one into that folder.
+    killed = dead_pid()
+    (tmp_path / f".again.partial-{killed}").mkdir()
+    (tmp_path / f".again.partial-{killed}" / DATABASE).write_bytes(b"half")
+    (tmp_path / f".again.partial-{os.getpid()}x").mkdir()  # not a leftover's name: kept
+    store_mod.backup_store(tmp_path / "live", tmp_path / "again")
+    assert [p.name for p in tmp_path.glob(".*partial*")] == [f".again.partial-{os.getpid()}x"]
 
 
 def test_a_database_that_takes_no_writes_is_refused_when_opened(tmp_path: Path, rng, monkeypatch) -> None:
@@ -716,9 +727,9 @@ def test_the_same_collection_trains_and_tunes_the_same_index(tmp_path: Path) -> 
         with IndexStore.create(tmp_path / name, spec(), index_type="IVF32,SQ8") as store:
             store.upsert(items(3000), vecs)
             info = store.info()
-            sample = store._sample_ids(500)  # the tuning queries (and, above 50,000 items, the training sample)
+            sample = store._sample_ids(500, store._db)  # the tuning queries (and, above 50,000 items, the training sample)
             assert len(set(sample.tolist())) == 500 and (np.diff(sample) > 0).all()
-            assert np.array_equal(store._sample_ids(500), sample)
+            assert np.array_equal(store._sample_ids(500, store._db), sample)
             found.append((sample.tolist(), (info.nprobe, info.k_factor),
                           [h.keys for h in store.search(vecs[:50], k=10)]))
     assert found[0] == found[1] and found[0][1][0] > 1  # tuned past the lowest setting
@@ -1150,3 +1161,111 @@ def test_a_search_for_many_results_widens_the_tuned_defaults(tmp_path: Path, rng
         wide = recall(store.search(queries, k=200))
         as_tuned = recall(store.search(queries, k=200, params=SearchParams(nprobe=tuned)))
     assert wide >= 0.95 and as_tuned < 0.93  # here 1.00 and 0.88
+
+
+def _hold_tuning(monkeypatch: pytest.MonkeyPatch, store: IndexStore) -> tuple[threading.Event, threading.Event]:
+    """Hold a rebuild between building its index and tuning it: (building, release)."""
+    building, release = threading.Event(), threading.Event()
+    real = store._tune
+
+    def held(*args: Any, **kwargs: Any) -> SearchKnobs:
+        building.set()
+        assert release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_tune", held)
+    return building, release
+
+
+def _rebuilt(store: IndexStore) -> StoreInfo:
+    deadline = time.monotonic() + 60
+    while (info := store.info()).rebuilding:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return info
+
+
+def test_a_background_rebuild_lets_writes_go_on_and_misses_none_of_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a server runs the store: the write that calls for a rebuild returns at once, and the
+    writes made while the new index is built (inserts, a replacement, deletions of items it
+    holds and of items it never held, a snapshot that prunes the op log) are all in it when it
+    replaces the old one."""
+    vecs = clustered(np.random.default_rng(5), 600)
+    with IndexStore.create(tmp_path / "s", spec(), index_type="IVF8,Flat") as store:
+        store.rebuild_in_background = True
+        building, release = _hold_tuning(monkeypatch, store)
+        store.upsert(items(400), vecs[:400])  # 400 >= 8 x 39: enough to train IVF8
+        assert building.wait(60)
+        assert (store.info().factory, store.info().rebuilding) == ("Flat", "IVF8,Flat")
+        store.upsert(items(100, start=400), vecs[400:500])
+        store.upsert(items(1), vecs[599:600])  # img/0 replaced
+        gone = list(range(1, 50)) + list(range(450, 470))  # held by the new index, and not
+        store.delete([f"img/{i}.jpg" for i in gone])
+        store.snapshot()
+        assert store.search(vecs[60:61], k=1)[0].keys == ["img/60.jpg"]  # the old index answers
+        release.set()
+        info = _rebuilt(store)
+        assert (info.factory, info.count) == ("IVF8,Flat", 500 - len(gone))
+        assert store._consistent() and store._index.ntotal == info.count  # exactly the live items
+        live = [i for i in range(500) if i not in gone]
+        query = np.concatenate([vecs[599:600], vecs[live[1:]]])
+        hits = store.search(query, k=1, params=SearchParams(nprobe=8))  # every list: exact
+        assert [h.keys[0] for h in hits] == [f"img/{i}.jpg" for i in live]
+        assert "IVF8" in json.loads((tmp_path / "s" / MANIFEST).read_text())["factory"]
+    with IndexStore.open(tmp_path / "s") as again:  # the snapshot of the new index, nothing to repair
+        assert again.info().factory == "IVF8,Flat" and again._consistent()
+
+
+def test_a_background_rebuild_compacts_tombstones_and_a_close_abandons_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    vecs = clustered(np.random.default_rng(6), 300)
+    with IndexStore.create(tmp_path / "h", spec(), index_type="HNSW16") as store:  # FAISS cannot remove
+        store.upsert(items(200), vecs[:200])
+        store.rebuild_in_background = True
+        building, release = _hold_tuning(monkeypatch, store)
+        store.delete([f"img/{i}.jpg" for i in range(50)])  # 25% tombstones: compaction
+        assert building.wait(60) and store.info().rebuilding == "HNSW16"
+        store.upsert(items(50, start=200), vecs[200:250])
+        store.delete([f"img/{i}.jpg" for i in (60, 61, 210)])  # one the new index holds, one it never will
+        release.set()
+        info = _rebuilt(store)
+        assert info.count == 150 - 2 + 50 - 1 and info.tombstones == 2  # 60 and 61, deleted meanwhile
+        assert store._consistent() and store._index.tombstones == 2
+        found = {h.keys[0] for h in store.search(vecs[:250], k=1)}
+        assert not found & {f"img/{i}.jpg" for i in [*range(50), 60, 61, 210]}
+        # A close while a rebuild runs leaves it: the index as it was is saved, nothing is lost.
+        building.clear()
+        release.clear()
+        store.delete([f"img/{i}.jpg" for i in range(62, 110)])
+        assert building.wait(60)
+    release.set()
+    for thread in threading.enumerate():
+        if thread.name == "pictor-rebuild":
+            thread.join(60)  # it finds the store closed and leaves
+    with IndexStore.open(tmp_path / "h", rebuild_in_background=True) as again:  # as a server opens it
+        assert again.info().count == 197 - 48 and _rebuilt(again).tombstones == 0 and again._consistent()
+    assert "background rebuild failed" not in caplog.text
+
+
+def test_a_creation_cut_off_before_its_manifest_is_made_anew(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "s"
+    IndexStore.create(root, spec()).close()
+    for made in root.iterdir():  # as a kill before the manifest leaves it
+        if made.name not in (DATABASE, "LOCK"):
+            made.unlink()
+    (root / "manifest.json.4242.tmp").write_bytes(b"{")
+    with caplog.at_level("WARNING"), IndexStore.create(root, spec(), index_type="HNSW32") as store:
+        assert len(store) == 0 and store.index_type == "HNSW32"
+    assert "whose creation was cut off (no manifest, so no items): made anew" in caplog.text
+    other = tmp_path / "o"  # a file that is not the store's: not ours to delete
+    other.mkdir()
+    (other / DATABASE).write_bytes(b"")
+    (other / "photo.jpg").write_bytes(b"")
+    with pytest.raises(InvalidRequestError, match="already exists and is not an empty directory"):
+        IndexStore.create(other, spec())
+    assert (other / "photo.jpg").exists()
+    with caplog.at_level("WARNING"):
+        caplog.clear()
+        IndexStore.create(tmp_path / "new", spec()).close()
+    assert "cut off" not in caplog.text  # a store made as usual is no leftover

@@ -42,7 +42,7 @@ def vector_for(key: str, label: str) -> np.ndarray:
 def writer(path: str, seed: int) -> None:
     """Run operations until killed; one BEGIN/ACK pair of stdout lines per operation."""
     rng = random.Random(seed)
-    store = IndexStore.open(path)
+    store = IndexStore.open(path, rebuild_in_background=seed % 2 == 1)  # as a server: kills land in those too
     print("READY", flush=True)
     for n in range(10**9):
         if rng.random() < 0.7:
