@@ -184,7 +184,7 @@ def test_an_existing_index_is_extended_with_its_own_model(gallery: Path, tmp_pat
     # The defaults asked for by name are asked for too (they were taken as "not set").
     r = pictor("index", str(gallery), "--out", str(out), "--pooling", "avg", "--backbone", "efficientnet_lite0",
                check=False)
-    assert r.returncode == 2 and "this run asks for backbone efficientnet_lite0 and pooling avg" in r.stderr
+    assert r.returncode == 2 and "this run asks for backbone efficientnet_lite0 (--backbone) and pooling avg (--pooling)" in r.stderr
 
 
 def test_index_errors_are_clear(tmp_path: Path) -> None:

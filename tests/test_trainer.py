@@ -417,7 +417,7 @@ def test_finetune_one_epoch_round_trip_and_refusals(shapes: Path, tmp_path: Path
     # An index built with it is served with it, which Info says; without it, refused, naming it.
     index = tmp_path / "ft-index"
     assert main(["index", str(shapes), "--out", str(index), "--model", str(out), "--pooling", "max"]) == 2
-    assert "pooling max disagrees with the model file" in capsys.readouterr().err
+    assert "pooling max (--pooling) disagrees with the model file" in capsys.readouterr().err
     assert main(["index", str(shapes), "--out", str(index), "--model", str(out), "--no-progress"]) == 0
     engine = Engine.load(ServerSettings(index=str(index), model=str(out), device="cpu"))
     try:
