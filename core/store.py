@@ -790,18 +790,19 @@ class IndexStore:
         its read transaction begins here, so the new index holds exactly the writes up to
         this seq, and the catch-up adds those after."""
         db = _connect(self.path / DATABASE, readonly=True)
+        factory = self._target_factory(self._count)
         try:
             db.execute("BEGIN")
             db.execute("SELECT COUNT(*) FROM items").fetchone()  # the read snapshot starts here
+            threading.Thread(target=self._background_rebuild, name="pictor-rebuild", daemon=True,
+                             args=(db, factory, self._seq, int(self._meta("next_id")), self._count, reason)).start()
         except BaseException:
             db.close()
             raise
-        self._rebuild_base = self._seq
-        self._rebuilding = factory = self._target_factory(self._count)
+        # (the thread waits for the writer lock, held here, before it clears these)
+        self._rebuild_base, self._rebuilding = self._seq, factory
         log.info("rebuilding the FAISS index as %s over %d items in the background (%s); writes go on "
                  "and searches use the index as it was until then", factory, self._count, reason)
-        threading.Thread(target=self._background_rebuild, name="pictor-rebuild", daemon=True,
-                         args=(db, factory, self._seq, int(self._meta("next_id")), self._count, reason)).start()
 
     def _background_rebuild(self, db: sqlite3.Connection, factory: str, base_seq: int, base_next_id: int,
                             count: int, reason: str) -> None:
