@@ -58,7 +58,7 @@ def backup_store(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> 
             manifest["snapshot"] = None  # the copy's index is rebuilt from its database
         if (src / WHITENING_FILE).is_file():
             shutil.copyfile(src / WHITENING_FILE, partial / WHITENING_FILE)
-        with contextlib.closing(_connect(src / DATABASE, readonly=True)) as source, \
+        with contextlib.closing(_open_source(src)) as source, \
                 contextlib.closing(sqlite3.connect(partial / DATABASE)) as copy:
             source.backup(copy)
             count = int(copy.execute("SELECT COUNT(*) FROM items").fetchone()[0])
@@ -75,3 +75,16 @@ def backup_store(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> 
             raise error(f"backing up {src} into {out} failed: {e}; nothing was kept") from e
         raise
     return count
+
+
+def _open_source(src: Path) -> sqlite3.Connection:
+    """The database to copy. On a read-only disk SQLite cannot make the shared-memory file a
+    WAL database is read through; with no WAL file there (a store closed cleanly leaves none)
+    every commit is in the database file itself, which is then read as immutable."""
+    try:
+        conn = _connect(src / DATABASE, readonly=True)
+    except sqlite3.OperationalError:
+        if os.access(src, os.W_OK) or (src / f"{DATABASE}-wal").exists():
+            raise
+        return sqlite3.connect(f"{(src / DATABASE).absolute().as_uri()}?immutable=1", uri=True)
+    return conn

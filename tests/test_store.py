@@ -1269,3 +1269,27 @@ def test_a_creation_cut_off_before_its_manifest_is_made_anew(tmp_path: Path, cap
         caplog.clear()
         IndexStore.create(tmp_path / "new", spec()).close()
     assert "cut off" not in caplog.text  # a store made as usual is no leftover
+
+
+def test_a_backup_reads_an_index_on_a_read_only_disk(tmp_path: Path, rng, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pictor serve` refuses a read-only index and says to serve a writable copy; `pictor
+    backup` makes one. There SQLite cannot create the WAL's shared-memory file ("unable to open
+    database file"), as a read-only mount makes it fail (seen through `mount -o remount,ro`;
+    simulated here); a store closed cleanly has no WAL to read, so its file is read as immutable."""
+    from pictor.core import backup
+
+    with IndexStore.create(tmp_path / "ro", spec()) as store:
+        store.upsert(items(20), unit(rng, 20))
+    real = backup._connect
+
+    def read_only_disk(path: Path, **kwargs: Any) -> sqlite3.Connection:
+        if path.parent == tmp_path / "ro":
+            raise sqlite3.OperationalError("unable to open database file")
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(backup, "_connect", read_only_disk)
+    monkeypatch.setattr(backup.os, "access", lambda path, mode: False)
+    assert store_mod.backup_store(tmp_path / "ro", tmp_path / "copy") == 20
+    (tmp_path / "ro" / f"{DATABASE}-wal").write_bytes(b"")  # commits may wait there: not read as immutable
+    with pytest.raises(InvalidRequestError, match="unable to open database file; nothing was kept"):
+        store_mod.backup_store(tmp_path / "ro", tmp_path / "copy2")
