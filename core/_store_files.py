@@ -164,7 +164,7 @@ def _cannot_write(root: Path, why: str) -> InvalidRequestError:
     return InvalidRequestError(
         f"cannot open index store {root} for writing: {why}; an index is opened for writing even "
         "to serve it (it takes a lock, and repairs and snapshots its FAISS index), so serve a "
-        "writable copy of a read-only one")
+        "writable copy of a read-only one (`pictor backup INDEX COPY` makes one)")
 
 
 def _lock_directory(root: Path) -> int:

@@ -548,7 +548,8 @@ def test_a_database_that_takes_no_writes_is_refused_when_opened(tmp_path: Path, 
         raise error
 
     monkeypatch.setattr(store_mod, "_connect", no_wal)
-    with pytest.raises(InvalidRequestError, match="cannot open index store .* for writing: attempt to write"):
+    with pytest.raises(InvalidRequestError, match="cannot open index store .* for writing: attempt to write.*"
+                                                  r"`pictor backup INDEX COPY` makes one\)"):
         IndexStore.open(tmp_path / "s")  # not "damaged", which invited deleting a good index
 
 
