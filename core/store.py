@@ -197,6 +197,7 @@ class IndexStore:
         # after it are kept for it to apply.
         self._rebuild_base: int | None = None
         self._rebuilding = ""  # the factory it makes
+        self._label_counts: tuple[int, dict[str, int]] | None = None  # (seq, counts) when last counted
 
     # -- creation and opening -------------------------------------------------------------
 
@@ -441,10 +442,15 @@ class IndexStore:
             return {lab for lab in set(labels) if conn.execute(query, (lab,)).fetchone()}
 
     def label_counts(self) -> dict[str, int]:
-        """Items per label ("" for items without one), from the label index."""
+        """Items per label ("" for items without one), from the label index; counted again only
+        after a write (a count takes 25-66 ms at 100k items, and Info asks for it each time)."""
         self._check_open()
-        with self._rw.read():
-            return dict(self._reader().execute("SELECT label, COUNT(*) FROM items GROUP BY label"))
+        with self._rw.read():  # (seq and the database agree under it)
+            counted = self._label_counts
+            if counted is None or counted[0] != self._seq:
+                rows = self._reader().execute("SELECT label, COUNT(*) FROM items GROUP BY label")
+                counted = self._label_counts = (self._seq, dict(rows))
+            return dict(counted[1])
 
     def vector_of_content(self, content_hash: str) -> np.ndarray | None:
         """The stored vector of an item whose image file had this sha256 (under any key), or None."""

@@ -421,6 +421,13 @@ def test_labels_are_kept_in_nfc_and_filters_match_them_however_typed(tmp_path: P
     with IndexStore.create(tmp_path / "s", spec()) as store:
         store.upsert([Item("a", label=decomposed), Item("b", label=composed)], vecs)
         assert store.label_counts() == {composed: 2}
+        # Counted once per state of the index: a write (and only a write) counts again.
+        store.label_counts()[composed] = 99  # a caller's copy
+        assert store.label_counts() == {composed: 2}
+        store.upsert([Item("c", label="tulips")], vecs[:1])
+        assert store.label_counts() == {composed: 2, "tulips": 1}
+        store.delete(["c"])
+        assert store.label_counts() == {composed: 2}
         for typed in (composed, decomposed):
             hits = store.search(vecs[0], k=5, filter=Filter(labels=[typed]))[0]
             assert set(hits.keys) == {"a", "b"} and set(hits.labels) == {composed}
