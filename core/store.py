@@ -43,7 +43,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faiss
 import numpy as np
@@ -145,6 +145,20 @@ _MIN_TUNE_ITEMS = 500  # search defaults are first re-tuned at twice this many i
 # -- the store ------------------------------------------------------------------------------
 
 
+class _ReadLocked:
+    """An index whose searches take the store's reader lock: tuned while writes change it."""
+
+    def __init__(self, index: VectorIndex, rw: _ReadWriteLock) -> None:
+        self._index, self._rw = index, rw
+
+    def search(self, *args: Any, **kwargs: Any) -> Any:
+        with self._rw.read():
+            return self._index.search(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # exact, factory, knob_ladders: the index's own
+        return getattr(self._index, name)
+
+
 class IndexStore:
     """Vectors, metadata and a FAISS index in one directory; see the module docstring.
 
@@ -154,8 +168,9 @@ class IndexStore:
     ``rebuild_in_background``: a rebuild the collection calls for (the exact stand-in giving
     way to a trained type, growth, compaction) runs on a thread of its own from a snapshot of
     the database, so writes go on meanwhile and are applied to the new index before it
-    replaces the old one (a server sets it); off, the write that calls for it rebuilds before
-    it returns (a batch load, which waits for it anyway).
+    replaces the old one; so does a re-tuning of the search defaults as the collection
+    doubles (a server sets it). Off, the write that calls for either does it before it
+    returns (a batch load, which waits for it anyway).
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], lock_fd: int) -> None:
@@ -193,10 +208,10 @@ class IndexStore:
         self._pending = 0  # items changed since the last snapshot
         self._bulk = 0  # depth of open bulk() blocks: maintenance waits for the last one
         self.rebuild_in_background = False
-        # The database seq a background rebuild started from (None: none running); deletions
-        # after it are kept for it to apply.
-        self._rebuild_base: int | None = None
-        self._rebuilding = ""  # the factory it makes
+        # The database seq a background rebuild or re-tuning started from (None: none running);
+        # deletions after it are kept for a rebuild to apply.
+        self._maintenance_base: int | None = None
+        self._rebuilding = ""  # the factory a background rebuild makes
         self._label_counts: tuple[int, dict[str, int]] | None = None  # (seq, counts) when last counted
 
     # -- creation and opening -------------------------------------------------------------
@@ -734,15 +749,15 @@ class IndexStore:
         if self._bulk:
             return
         try:
-            reason = "" if self._rebuild_base is not None else self._rebuild_reason()
-            if reason and self.rebuild_in_background:
-                self._start_background_rebuild(reason)
+            busy = self._maintenance_base is not None  # a background rebuild or re-tuning runs
+            reason = "" if busy else self._rebuild_reason()
+            retune = (not busy and not reason and not self._index.exact
+                      and self._count >= 2 * max(self._tuned_for, _MIN_TUNE_ITEMS))
+            if (reason or retune) and self.rebuild_in_background:
+                self._start_background(reason)
             elif reason:
                 self._rebuild(reason)
-            elif self._rebuild_base is not None:  # the new index will come with its own defaults
-                if self._pending >= self.options.snapshot_every:
-                    self._snapshot_if_possible()
-            elif not self._index.exact and self._count >= 2 * max(self._tuned_for, _MIN_TUNE_ITEMS):
+            elif retune:
                 self._retune()
             elif self._pending >= self.options.snapshot_every:
                 self._snapshot_if_possible()
@@ -791,55 +806,65 @@ class IndexStore:
         )
         self._snapshot_if_possible()
 
-    def _start_background_rebuild(self, reason: str) -> None:
-        """Rebuild on a thread of its own from the database as it is now (writer lock held):
-        its read transaction begins here, so the new index holds exactly the writes up to
-        this seq, and the catch-up adds those after."""
+    def _start_background(self, reason: str) -> None:
+        """Rebuild (for ``reason``), or re-tune when there is none, on a thread of its own from
+        the database as it is now (writer lock held): its read transaction begins here, so a
+        new index holds exactly the writes up to this seq, and the catch-up adds those after."""
         db = _connect(self.path / DATABASE, readonly=True)
-        factory = self._target_factory(self._count)
+        factory = self._target_factory(self._count) if reason else ""  # "": re-tune the index in use
         try:
             db.execute("BEGIN")
             db.execute("SELECT COUNT(*) FROM items").fetchone()  # the read snapshot starts here
-            threading.Thread(target=self._background_rebuild, name="pictor-rebuild", daemon=True,
-                             args=(db, factory, self._seq, int(self._meta("next_id")), self._count, reason)).start()
+            threading.Thread(target=self._background_maintenance, name="pictor-maintenance", daemon=True,
+                             args=(db, factory, reason, self._seq, int(self._meta("next_id")), self._count)).start()
         except BaseException:
             db.close()
             raise
         # (the thread waits for the writer lock, held here, before it clears these)
-        self._rebuild_base, self._rebuilding = self._seq, factory
-        log.info("rebuilding the FAISS index as %s over %d items in the background (%s); writes go on "
-                 "and searches use the index as it was until then", factory, self._count, reason)
+        self._maintenance_base, self._rebuilding = self._seq, factory
+        if factory:
+            log.info("rebuilding the FAISS index as %s over %d items in the background (%s); writes go on "
+                     "and searches use the index as it was until then", factory, self._count, reason)
+        else:
+            log.info("re-tuning the search defaults over %d items in the background; writes go on",
+                     self._count)
 
-    def _background_rebuild(self, db: sqlite3.Connection, factory: str, base_seq: int, base_next_id: int,
-                            count: int, reason: str) -> None:
+    def _background_maintenance(self, db: sqlite3.Connection, factory: str, reason: str, base_seq: int,
+                                base_next_id: int, count: int) -> None:
         started = time.perf_counter()
         try:
-            new_index = self._build_index(factory, db=db, count=count)
-            knobs = self._tune(new_index, db=db, count=count)
+            if factory:
+                new_index = self._build_index(factory, db=db, count=count)
+                knobs = self._tune(new_index, db=db, count=count)
+            else:  # the index in use, searched under the reader lock as writes change it
+                tuned = self._index
+                knobs = self._tune(cast(VectorIndex, _ReadLocked(tuned, self._rw)), db=db, count=count)
             with self._write_lock:
                 if self._closed:  # the next open starts it again
                     return
-                # The writes made meanwhile: under the writer lock, so none is missed or applied twice.
-                self._catch_up(new_index, base_seq, below_id=base_next_id)
-                self._rebuild_base, self._rebuilding = None, ""
-                self._swap_in(new_index, knobs, started, reason)
+                if factory:
+                    # The writes made meanwhile: under the writer lock, so none is missed or applied twice.
+                    self._catch_up(new_index, base_seq, below_id=base_next_id)
+                    self._swap_in(new_index, knobs, started, reason)
+                elif self._index is tuned:
+                    self._set_knobs(knobs, count, started)
         except Exception:
-            log.exception("index store %s: the background rebuild failed; searches go on with the index "
-                          "as it was, and a later write tries again", self.path)
+            log.exception("index store %s: background %s failed; searches go on with the index as it "
+                          "was, and a later write tries again", self.path, "rebuild" if factory else "re-tuning")
         finally:
             db.close()
             with self._write_lock:
-                self._rebuild_base, self._rebuilding = None, ""
+                self._maintenance_base, self._rebuilding = None, ""
 
     def _retune(self) -> None:
         """New search defaults for the grown collection (a fuller index needs a wider search
         for the same recall); readers keep the old ones until then."""
-        started = time.perf_counter()
-        knobs = self._tune(self._index)
+        self._set_knobs(self._tune(self._index), self._count, time.perf_counter())
+
+    def _set_knobs(self, knobs: SearchKnobs, count: int, started: float) -> None:
         with self._rw.write():
-            self._knobs, self._tuned_for, self._dirty = knobs, self._count, True
-        log.info("re-tuned search defaults over %d items in %.1fs: %s",
-                 self._count, time.perf_counter() - started, knobs)
+            self._knobs, self._tuned_for, self._dirty = knobs, count, True
+        log.info("re-tuned search defaults over %d items in %.1fs: %s", count, time.perf_counter() - started, knobs)
         self._snapshot_if_possible()
 
     def _build_index(self, factory: str, *, db: sqlite3.Connection | None = None,
@@ -942,8 +967,8 @@ class IndexStore:
         for old in folder.glob(f"{SNAPSHOT_PREFIX}*{SNAPSHOT_SUFFIX}"):
             if old.name != name:
                 old.unlink()
-        with self._db:  # (a background rebuild still needs those after the seq it started from)
-            keep_after = seq if self._rebuild_base is None else min(seq, self._rebuild_base)
+        with self._db:  # (a background rebuild needs those after the seq it started from)
+            keep_after = seq if self._maintenance_base is None else min(seq, self._maintenance_base)
             self._db.execute("DELETE FROM deletions WHERE seq <= ?", (keep_after,))
         self._snapshot_seq = seq
         self._pending = 0
