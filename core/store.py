@@ -748,8 +748,13 @@ class IndexStore:
         self._pending += changed
         if self._bulk:
             return
+        if self._rebuilding:
+            # A background rebuild runs: its index is saved when it replaces this one. A snapshot
+            # of this one (a 100k-item exact stand-in is 500 MB) would hold the writer lock for
+            # seconds, and the next open replays what the last one lacks all the same.
+            return
         try:
-            busy = self._maintenance_base is not None  # a background rebuild or re-tuning runs
+            busy = self._maintenance_base is not None  # a background re-tuning runs
             reason = "" if busy else self._rebuild_reason()
             retune = (not busy and not reason and not self._index.exact
                       and self._count >= 2 * max(self._tuned_for, _MIN_TUNE_ITEMS))
@@ -839,6 +844,7 @@ class IndexStore:
             else:  # the index in use, searched under the reader lock as writes change it
                 tuned = self._index
                 knobs = self._tune(cast(VectorIndex, _ReadLocked(tuned, self._rw)), db=db, count=count)
+            # Only this job clears its mark (below), and no other starts while it is set.
             with self._write_lock:
                 if self._closed:  # the next open starts it again
                     return

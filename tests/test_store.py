@@ -1200,13 +1200,16 @@ def test_a_background_rebuild_lets_writes_go_on_and_misses_none_of_them(
     holds and of items it never held, a snapshot that prunes the op log) are all in it when it
     replaces the old one."""
     vecs = clustered(np.random.default_rng(5), 600)
-    with IndexStore.create(tmp_path / "s", spec(), index_type="IVF8,Flat") as store:
+    options = StoreOptions(snapshot_every=50)
+    with IndexStore.create(tmp_path / "s", spec(), index_type="IVF8,Flat", options=options) as store:
         store.rebuild_in_background = True
         building, release = _hold_tuning(monkeypatch, store)
         store.upsert(items(400), vecs[:400])  # 400 >= 8 x 39: enough to train IVF8
         assert building.wait(60)
         assert (store.info().factory, store.info().rebuilding) == ("Flat", "IVF8,Flat")
+        saved = store.info().snapshot_seq
         store.upsert(items(100, start=400), vecs[400:500])
+        assert store.info().snapshot_seq == saved  # the index being replaced is not saved meanwhile
         store.upsert(items(1), vecs[599:600])  # img/0 replaced
         gone = list(range(1, 50)) + list(range(450, 470))  # held by the new index, and not
         store.delete([f"img/{i}.jpg" for i in gone])
