@@ -1324,3 +1324,35 @@ def test_a_background_re_tuning_lets_writes_go_on(tmp_path: Path, monkeypatch: p
             time.sleep(0.05)
         assert store._tuned_for == 1000 and store._consistent() and len(store) == 1299
         assert json.loads((tmp_path / "t" / MANIFEST).read_text())["tuned_for"] == 1000
+
+
+def test_one_background_job_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes that keep calling for compactions while they run: never two jobs at once (a job
+    that cleared its mark before its last hold of the writer lock let a write start a second,
+    whose mark it then wiped, and a third followed)."""
+    vecs = clustered(np.random.default_rng(8), 400, dim=DIM)
+    active, most = [0], [0]
+    with IndexStore.create(tmp_path / "j", spec(), index_type="HNSW16",
+                           options=StoreOptions(compact_ratio=0.05)) as store:
+        store.upsert(items(400), vecs)
+        store.rebuild_in_background = True
+        real = store._background_maintenance
+
+        def counted(*args: Any) -> None:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+            try:
+                real(*args)
+            finally:
+                active[0] -= 1
+
+        monkeypatch.setattr(store, "_background_maintenance", counted)
+        rng = np.random.default_rng(9)
+        for _ in range(300):  # replacements leave tombstones: 5% calls for a compaction
+            again = rng.choice(400, 10, replace=False)
+            store.upsert([items(1, start=int(i))[0] for i in again], vecs[again])
+        deadline = time.monotonic() + 60
+        while store._maintenance_base is not None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert most[0] == 1 and store._consistent() and len(store) == 400
