@@ -82,9 +82,8 @@ def _open_source(src: Path) -> sqlite3.Connection:
     WAL database is read through; with no WAL file there (a store closed cleanly leaves none)
     every commit is in the database file itself, which is then read as immutable."""
     try:
-        conn = _connect(src / DATABASE, readonly=True)
+        return _connect(src / DATABASE, readonly=True)
     except sqlite3.OperationalError:
         if os.access(src, os.W_OK) or (src / f"{DATABASE}-wal").exists():
             raise
         return sqlite3.connect(f"{(src / DATABASE).absolute().as_uri()}?immutable=1", uri=True)
-    return conn
