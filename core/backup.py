@@ -31,7 +31,8 @@ def backup_store(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> 
     if not (src / MANIFEST).is_file() or not (src / DATABASE).is_file():
         raise NotFoundError(f"no index store at {src} (no {MANIFEST} or {DATABASE})")
     if out.exists():
-        raise InvalidRequestError(f"{out} exists; back up into a new folder")
+        made = " and holds an index store (a backup made before?)" if (out / MANIFEST).is_file() else ""
+        raise InvalidRequestError(f"{out} exists{made}; back up into a new folder")
     if out.resolve().is_relative_to(src.resolve()):
         raise InvalidRequestError(f"{out} is inside the index {src}: back up somewhere else")
     # A whitened index whose whitening file is missing or another's cannot be served, nor could

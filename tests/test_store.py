@@ -519,7 +519,8 @@ def test_a_backup_taken_while_another_thread_writes_holds_every_acknowledged_wri
             b = done_before[-1] if done_before else None
             if b is not None:
                 assert copy.search(vecs[b * 100 + 1], k=1)[0][0].key == f"img/{b * 100 + 1}.jpg"
-    with pytest.raises(InvalidRequestError, match="exists; back up into a new folder"):
+    with pytest.raises(InvalidRequestError, match=r"exists and holds an index store \(a backup made before\?\); "
+                                                  "back up into a new folder"):
         store_mod.backup_store(tmp_path / "live", copies[0][0])
     with pytest.raises(InvalidRequestError, match="is inside the index"):
         store_mod.backup_store(tmp_path / "live", tmp_path / "live" / "inner")
