@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 from pictor.config import ModelSettings, add_flag, model_settings, set_by, show_progress
 from pictor.trainer.config import MODES, TrainConfig
+
+log = logging.getLogger("pictor")
 
 TRAIN_DESCRIPTION = """\
 Train a classifier for your classes on a pretrained backbone (transfer learning) and write
@@ -248,7 +251,5 @@ def _warn_compile_unused(m: ModelSettings, command: str) -> None:
     """``compile`` from the environment or a file shared with `index` and `serve` does not
     apply here: say so rather than seem to honour it."""
     if m.compile:
-        import logging
-
-        logging.getLogger("pictor").warning("compile (from %s) applies to `pictor index` and `pictor serve`; "
-                                            "`pictor %s` runs the model without it", set_by(m, "compile"), command)
+        log.warning("compile (from %s) applies to `pictor index` and `pictor serve`; `pictor %s` runs the "
+                    "model without it", set_by(m, "compile"), command)
