@@ -15,6 +15,7 @@ import logging
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,7 @@ _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".tar") 
 
 def looks_like_path(w: str) -> bool:
     return (os.sep in w or "/" in w or w.startswith("~") or w.endswith(_CHECKPOINT_SUFFIXES)
-            or Path(w).is_file())
+            or Path(w).exists())
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -58,16 +59,30 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             raise
         except Exception as e:  # weights_only refuses pickled code; garbage fails in many ways
             why = why_not_tensors(path, e)
-            hint = "; save model.state_dict() instead" if "pickled" in why else ""
+            hint = "; save model.state_dict() instead" if "pickled" in why or "TorchScript" in why else ""
             raise InvalidRequestError(f"cannot read checkpoint {path}: {why}{hint}") from e
-    # Training scripts wrap the weights: {"state_dict": ...}, {"model": ...}.
-    for key in ("state_dict_ema", "state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
     if not isinstance(obj, dict):
         raise InvalidRequestError(f"checkpoint {path} does not hold a state dict")
+    sd = _unwrapped(obj)
+    if not sd:
+        raise InvalidRequestError(f"checkpoint {path} holds no tensors, nor a dict of them under any of its "
+                                  f"keys ({', '.join(map(repr, list(obj)[:10]))}); save model.state_dict()")
+    return sd
+
+
+def _tensors(obj: dict[Any, Any]) -> dict[str, torch.Tensor]:
     return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _unwrapped(obj: dict[Any, Any]) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint as training scripts wrap them ({"state_dict": ...},
+    {"model": ...}, PyTorch's tutorial's {"model_state_dict": ..., "optimizer_state_dict": ...}):
+    the EMA weights where timm keeps them, else the nested dict with the most tensors, unless
+    the top level holds more."""
+    if isinstance(ema := obj.get("state_dict_ema"), dict) and _tensors(ema):
+        return _tensors(ema)
+    nested = [_tensors(v) for v in obj.values() if isinstance(v, dict)]
+    return max([_tensors(obj), *nested], key=len)
 
 
 # Plain data that training scripts save beside the weights (timm's train.py its argparse
@@ -83,7 +98,9 @@ def _torch_load_data(path: Path) -> Any:
     # An open file, not the path: torch.load reads any name ending .safetensors as safetensors,
     # and the format was already told from the content.
     try:
-        with path.open("rb") as f:
+        with path.open("rb") as f, warnings.catch_warnings():
+            # Of a TorchScript archive, which weights_only then refuses: why_not_tensors says so.
+            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
             return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         try:

@@ -23,7 +23,7 @@ import torch
 from pictor.config import DEFAULT_BACKBONE, offline
 from pictor.core._backbone_checkpoints import first_line
 from pictor.core.files import why_not_tensors, write_atomic
-from pictor.errors import WeightsUnavailableError
+from pictor.errors import InvalidRequestError, WeightsUnavailableError
 
 if TYPE_CHECKING:
     from pictor.core.backbones import BackboneInfo
@@ -39,6 +39,10 @@ def damaged_cache_named(path: Path) -> Iterator[None]:
     """A cached weights file that is there but does not load (cut short by a killed download)."""
     try:
         yield
+    except InvalidRequestError as e:  # read as a local checkpoint, which names the file
+        raise WeightsUnavailableError(
+            f"the cached weights file does not load: {e}; delete it so it is fetched again, or "
+            "put a good copy there") from e
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
         # skip=1: torch's first line only says "Error(s) in loading state_dict for ResNet:"
         why = why_not_tensors(path, e) if isinstance(e, pickle.UnpicklingError) else first_line(e, skip=1)
@@ -91,7 +95,7 @@ def timm_ensure_file(info: BackboneInfo, cfg: Any) -> Path:
     endpoint = constants.ENDPOINT
     where = f"{repo} ({' or '.join(filenames)}) in the Hugging Face cache ({constants.HF_HUB_CACHE})"
     if why := _why_no_download(endpoint, hub_offline=constants.HF_HUB_OFFLINE):
-        raise WeightsUnavailableError(_unavailable_message(info, cfg.tag, where, why))
+        raise _unavailable(info, cfg.tag, where, why)
     log.info("downloading %s weights %s from %s", info.name, cfg.tag, endpoint)
     for filename in filenames:
         try:
@@ -99,9 +103,8 @@ def timm_ensure_file(info: BackboneInfo, cfg: Any) -> Path:
         except EntryNotFoundError:  # not in this repository: the next name, as timm does
             continue
         except Exception as e:  # noqa: BLE001 - any hub/network failure means "unavailable"
-            raise WeightsUnavailableError(
-                _unavailable_message(info, cfg.tag, where, f"the download failed: {e}")) from e
-    raise WeightsUnavailableError(_unavailable_message(info, cfg.tag, where, "the repository has none of them"))
+            raise _unavailable(info, cfg.tag, where, f"the download failed: {e}") from e
+    raise _unavailable(info, cfg.tag, where, "the repository has none of them")
 
 
 def ensure_cached(url: str, dest: Path, info: BackboneInfo, tag: str) -> None:
@@ -109,14 +112,13 @@ def ensure_cached(url: str, dest: Path, info: BackboneInfo, tag: str) -> None:
     if dest.is_file():
         return
     if why := _why_no_download(url):
-        raise WeightsUnavailableError(_unavailable_message(info, tag, str(dest), why))
+        raise _unavailable(info, tag, str(dest), why)
     log.info("downloading %s weights %s from %s", info.name, tag, url)
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         _download(url, dest)
     except (OSError, ValueError) as e:
-        raise WeightsUnavailableError(
-            _unavailable_message(info, tag, str(dest), f"the download failed: {e}")) from e
+        raise _unavailable(info, tag, str(dest), f"the download failed: {e}") from e
 
 
 @cache
@@ -131,15 +133,14 @@ def _reachable(url: str) -> bool:
         return False
 
 
-def _unavailable_message(info: BackboneInfo, tag: str, where: str, why: str) -> str:
+def _unavailable(info: BackboneInfo, tag: str, where: str, why: str) -> WeightsUnavailableError:
     copy = ("copying the file to that place (Hugging Face's cache wants its own layout: best "
             "filled by a run with network access)" if info.source == "timm" else "copying the file there")
-    return (
+    return WeightsUnavailableError(
         f"weights {tag!r} for backbone {info.name} are not cached ({where}) and {why}. Provide "
-        f"them by: running once with network access (they are cached), {copy}, or passing "
-        f"--weights PATH (a checkpoint); or use --weights random (untrained) or the offline "
-        f"backbone '{DEFAULT_BACKBONE}'"
-    )
+        f"them by: running once with network access (they are cached), or {copy}",
+        f"; or pass --weights PATH (a checkpoint), or use --weights random (untrained) or the "
+        f"offline backbone '{DEFAULT_BACKBONE}'")
 
 
 def _why_no_download(url: str, hub_offline: bool = False) -> str | None:

@@ -324,12 +324,19 @@ def create_backbone(name: str, weights: str | None = None, *, layer: str | None 
         WeightsUnavailableError: pretrained weights neither cached nor downloadable.
     """
     info = get_backbone_info(name)
-    w = (weights or WEIGHTS_DEFAULT).strip()
+    w = _weights_word(weights)
     if info.source == "torchvision":
         bb = _build_torchvision(info, w, layer or "")
     else:
         bb = _build_timm(info, w, layer or "")
     return bb.eval().requires_grad_(False)
+
+
+def _weights_word(weights: str | None) -> str:
+    """``weights`` with the words default / random / offline in any case (torchvision's tags
+    are upper case: DEFAULT works there)."""
+    w = (weights or WEIGHTS_DEFAULT).strip()
+    return w.lower() if w.lower() in (WEIGHTS_DEFAULT, WEIGHTS_RANDOM, WEIGHTS_OFFLINE) else w
 
 
 def default_weights(name: str) -> str:
@@ -345,7 +352,7 @@ def default_weights(name: str) -> str:
 def weights_available_offline(name: str, weights: str | None = None) -> bool:
     """Whether ``create_backbone(name, weights)`` would load without any network."""
     info = get_backbone_info(name)
-    w = (weights or WEIGHTS_DEFAULT).strip()
+    w = _weights_word(weights)
     if w == WEIGHTS_RANDOM:
         return True
     if looks_like_path(w):
@@ -368,8 +375,6 @@ def imagenet_classes() -> list[str]:
 
 
 def _build_torchvision(info: BackboneInfo, w: str, layer: str) -> Backbone:
-    import torchvision.models as tvm
-
     classes: list[str] | None = None
     if w == WEIGHTS_RANDOM:
         with _seeded():
@@ -382,11 +387,13 @@ def _build_torchvision(info: BackboneInfo, w: str, layer: str) -> Backbone:
         classes = imagenet_classes() if has_classifier else None
     else:
         enum = _tv_weights_enum(info, w)
-        ensure_cached(enum.url, tv_cache_path(enum.url), info, enum.name)
-        # The builder applies each family's quirks (GoogLeNet's transform_input, aux heads);
-        # the file is in torch hub's cache now, so it loads without touching the network.
-        with damaged_cache_named(tv_cache_path(enum.url)):
-            model = tvm.get_model(info.arch, weights=enum)
+        cached = tv_cache_path(enum.url)
+        ensure_cached(enum.url, cached, info, enum.name)
+        # Read as a local checkpoint is (weights_only; each family's quirks are applied there):
+        # torchvision's builder would unpickle the cached file whole, running any code in it.
+        model = _plain_model(info, checkpoint=True)
+        with damaged_cache_named(cached):
+            load_checkpoint_into(model, cached, info)
         ref, preprocessing = enum.name, _tv_preprocessing(enum)
         classes = list(enum.meta["categories"])
     model.eval()
@@ -533,7 +540,7 @@ def _timm_pretrained_cfg(info: BackboneInfo, tag: str) -> Any:
 
 
 def _unknown_weights(info: BackboneInfo, tag: str, tags: list[str]) -> InvalidRequestError:
-    valid = [*tags, WEIGHTS_RANDOM, "<checkpoint path>"]
+    valid = [WEIGHTS_DEFAULT, *tags, WEIGHTS_RANDOM, "<checkpoint path>"]
     return InvalidRequestError(f"unknown weights {tag!r} for backbone {info.name}; valid: {', '.join(valid)}")
 
 

@@ -37,7 +37,7 @@ from PIL import Image
 from pictor.config import DEFAULT_BACKBONE, POOLINGS, PRECISIONS
 from pictor.core.backbones import Backbone, create_backbone
 from pictor.core.spec import ModelSpec, Preprocessing
-from pictor.errors import IncompatibleModelError, InvalidRequestError
+from pictor.errors import IncompatibleModelError, InvalidRequestError, WeightsUnavailableError
 from pictor.iterators import batched
 
 log = logging.getLogger(__name__)
@@ -359,8 +359,15 @@ def embedder_for_spec(
     """
     if spec.weights.startswith("file:") and not (weights and Path(weights).expanduser().is_file()):
         raise no_checkpoint(weights)
-    embedder = create_embedder(spec.backbone, weights=weights or spec.weights, device=device,
-                               precision=precision, pooling=spec.pooling, layer=spec.layer or None)
+    try:
+        embedder = create_embedder(spec.backbone, weights=weights or spec.weights, device=device,
+                                   precision=precision, pooling=spec.pooling, layer=spec.layer or None)
+    except WeightsUnavailableError as e:
+        if weights:
+            raise
+        # Other weights, which the error would suggest, make other vectors: no use here.
+        raise WeightsUnavailableError(f"{e.needed} (the index or model was made with these weights: no "
+                                      "others will do)") from None
     if backbone_state:
         apply_backbone_state(embedder, backbone_state, spec.finetune)
     if embedder.spec != spec:

@@ -97,10 +97,15 @@ def why_not_tensors(path: Path, error: Exception) -> str:
 
     Not torch's own text: it advises ``weights_only=False``, which would run the file's code.
     """
-    pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    # torch says "Unsupported global: GLOBAL x" of a class, "unsupported GLOBAL x whose module
+    # ... is blocked" of a function such as os.system.
+    pickled = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(error))
     if pickled:
         return f"it holds a pickled {pickled[1]}, which is not loaded for safety"
     if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(name.endswith("/constants.pkl") for name in archive.namelist()):
+                return "a TorchScript archive (torch.jit.save), which holds code, not only tensors"
         return "a zip archive that is not a PyTorch file of plain tensors and values, or a damaged one"
     return "not a PyTorch file, or a damaged one"
 

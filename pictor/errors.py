@@ -34,7 +34,13 @@ class IncompatibleModelError(PictorError):
 
 
 class WeightsUnavailableError(PictorError):
-    """Pretrained weights that are neither cached nor downloadable; says how to provide them."""
+    """Pretrained weights that are neither cached nor downloadable; says how to provide them,
+    and which other weights would do (``others``). ``needed`` is the message without them, for
+    a caller that needs these very weights (an index's, a model file's)."""
+
+    def __init__(self, needed: str, others: str = "") -> None:
+        super().__init__(needed + others)
+        self.needed = needed
 
 
 class ResourceExhaustedError(PictorError):

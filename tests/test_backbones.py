@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ from pictor.core.backbones import (
     get_backbone_info,
     register_backbone,
 )
+from pictor.core.embedder import embedder_for_index
+from pictor.core.spec import ModelSpec
 from pictor.errors import InvalidRequestError, NotFoundError, WeightsUnavailableError
 
 # One quick network per family runs by default (AlexNet's 58 M classifier weights are slow to
@@ -90,7 +94,13 @@ def test_missing_weights_fail_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         create_backbone("resnet18", weights="IMAGENET1K_V1")
     with pytest.raises(WeightsUnavailableError, match=r"a1_in1k.*downloads are off \(PICTOR_OFFLINE\).*checkpoint"):
         create_backbone("seresnet50")
+    # The weights an index was made with: other weights, which the error suggests otherwise, would not do.
+    spec = ModelSpec(backbone="resnet18", weights="IMAGENET1K_V1", dim=512)
+    with pytest.raises(WeightsUnavailableError, match=r"not cached .*copying the file there \(the index or model "
+                       r"was made with these weights: no others will do\)$"):
+        embedder_for_index(spec, "index")
     assert time.monotonic() - start < 5.0
+    assert create_backbone("efficientnet_lite0", weights="DEFAULT").weights == "offline"  # any case, as torchvision's
     assert not bb.weights_available_offline("resnet18")
     assert bb.weights_available_offline("efficientnet_lite0")
     assert bb.weights_available_offline("resnet18", "random")
@@ -159,6 +169,31 @@ def test_local_checkpoint_loads(tmp_path: Path) -> None:
         with torch.inference_mode():
             f3, _ = create_backbone("resnet18", weights=str(tmp_path / name))(x)
         assert torch.allclose(f1, f3)
+    # PyTorch's tutorial's wrapping (beside the optimiser's state), and other names for it.
+    other = torchvision.models.resnet18()  # (its optimiser state: a momentum buffer per parameter)
+    optimiser = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
+    other(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimiser.step()
+    tutorial = {"epoch": 3, "model_state_dict": trained.state_dict(),
+                "optimizer_state_dict": optimiser.state_dict(), "loss": 0.1}
+    for i, wrapped in enumerate([tutorial, {"net": trained.state_dict(), "step": 7}]):
+        torch.save(wrapped, tmp_path / f"wrapped{i}.pth")
+        with torch.inference_mode():
+            f4, _ = create_backbone("resnet18", weights=str(tmp_path / f"wrapped{i}.pth"))(x)
+        assert torch.allclose(f1, f4)
+    torch.save({"epoch": 3, "loss": 0.1}, path)
+    with pytest.raises(InvalidRequestError, match=r"holds no tensors, nor a dict of them .*\('epoch', 'loss'\)"):
+        create_backbone("resnet18", weights=str(path))
+
+
+class _RunsCode:
+    """Unpickled, it would make the folder ``marker``: code in a weights file, which must never run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.makedirs, (str(self.marker),))
 
 
 def test_checkpoint_that_does_not_fit(tmp_path: Path) -> None:
@@ -184,6 +219,17 @@ def test_checkpoint_that_does_not_fit(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequestError,
                        match="holds a pickled torchvision.models.resnet.ResNet, .*; save model.state_dict"):
         create_backbone("resnet18", weights=str(path))
+    torch.save({"fc.bias": torch.zeros(2), "x": _RunsCode(tmp_path / "ran")}, path)  # code, e.g. os.system
+    with pytest.raises(InvalidRequestError, match=r"holds a pickled os\.makedirs, .*not loaded for safety"):
+        create_backbone("resnet18", weights=str(path))
+    assert not (tmp_path / "ran").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated, yet such files abound
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not torch's "dispatching to torch.jit.load" either
+        with pytest.raises(InvalidRequestError, match="a TorchScript archive .*; save model.state_dict"):
+            create_backbone("resnet18", weights=str(path))
     path.write_bytes(bytes(range(256)) * 8)  # not a checkpoint at all
     with pytest.raises(InvalidRequestError, match="not a PyTorch file, or a damaged one$"):
         create_backbone("resnet18", weights=str(path))
@@ -408,8 +454,14 @@ def test_torchvision_weights_from_torch_hub_cache(tmp_path: Path,
     with torch.inference_mode():
         assert torch.allclose(net(x)[1], published.eval()(x), atol=1e-5)
     cached.write_bytes(cached.read_bytes()[:1000])  # a download cut short
-    with pytest.raises(WeightsUnavailableError, match="does not load .* delete it so it is fetched again"):
+    with pytest.raises(WeightsUnavailableError, match="does not load: .*a damaged one; delete it so it is fetched again"):
         create_backbone("resnet18", weights="IMAGENET1K_V1")
+    # A file put in the cache is read as safely as a checkpoint: torchvision's own loader
+    # unpickles it whole, and the code in it would run.
+    torch.save({**published.state_dict(), "x": _RunsCode(tmp_path / "ran")}, cached)
+    with pytest.raises(WeightsUnavailableError, match="does not load: .*pickled .*not loaded for safety"):
+        create_backbone("resnet18", weights="DEFAULT")
+    assert not (tmp_path / "ran").exists()
 
 
 def test_timm_weights_from_hugging_face_cache(tmp_path: Path,
