@@ -364,8 +364,7 @@ def run_add(args: argparse.Namespace) -> int:
 
     # A file named twice (`a.jpg ./a.jpg`) is one item, not one added and then replaced.
     paths = list({_path_key(path): path for path in args.images}.values())
-    for path in paths:  # fail before streaming, not halfway through
-        check_image_file(path)
+    _check_files_to_add(paths)
     attrs = _parse_attrs(args.attr)
     _utf8_text(args.label, "--label")
     _utf8_text(args.key_prefix, "--key-prefix")
@@ -388,6 +387,25 @@ def run_add(args: argparse.Namespace) -> int:
     _emit(args, {"inserted": inserted, "replaced": replaced},
           f"added {inserted} new, replaced {replaced} existing\n")
     return 0
+
+
+def _check_files_to_add(paths: Sequence[str]) -> None:
+    """Refuse the files that cannot be added, all of them at once, before anything is sent:
+    not halfway through the stream, nor one per run."""
+    problems: list[PictorError] = []
+    for path in paths:
+        try:
+            check_image_file(path)
+            if path_text(path) != path:  # (bytes the shell passed on as they were)
+                raise InvalidRequestError(f"{path_text(path)}: the file name is not UTF-8 text, which a key "
+                                          "must be; rename the file")
+        except PictorError as e:
+            problems.append(e)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise InvalidRequestError(f"{len(problems)} of the {len(paths)} files cannot be added, so none was:\n"
+                                  + "\n".join(f"  {e}" for e in problems))
 
 
 @_guard_unreachable

@@ -219,14 +219,17 @@ def _with_port(target: str) -> str:
     return target
 
 
-def _image_bytes(image: object) -> bytes:
-    """An image as protobuf takes it (bytes only), or a clear error for what is not one."""
-    if isinstance(image, bytearray | memoryview):
-        return bytes(image)
-    if not isinstance(image, bytes):
+def _image_bytes(image: object, max_bytes: int) -> bytes:
+    """An image as protobuf takes it (bytes only), or a clear error for what is not one or
+    what no request could carry: gRPC would refuse it only after protobuf had copied it, and
+    protobuf fails without saying why on one over 2 GB."""
+    if not isinstance(image, bytes | bytearray | memoryview):
         raise InvalidRequestError(f"an image must be the file's bytes, got {type(image).__name__} "
                                   "(read it with open(path, 'rb').read())")
-    return image
+    size = image.nbytes if isinstance(image, memoryview) else len(image)
+    if size > max_bytes:
+        raise ResourceExhaustedError(request_too_large(size, max_bytes, "this client's"))
+    return image if isinstance(image, bytes) else bytes(image)
 
 
 class _ItemsFailed(Exception):
@@ -305,12 +308,12 @@ def _fill_vector(vector: pb.Vector, values: object) -> None:
         raise InvalidRequestError(f"a vector must be a list of numbers: {e}") from e
 
 
-def _item(it: UpsertItem) -> pb.Item:
+def _item(it: UpsertItem, max_bytes: int) -> pb.Item:
     if not isinstance(it, UpsertItem):
         raise InvalidRequestError(f"upsert takes UpsertItem objects, got {type(it).__name__} {it!r:.80}")
     if not isinstance(it.key, str):  # else the messages below would read "item 5" as a position
         raise InvalidRequestError(f"an item's key must be text (str), got {type(it.key).__name__} {it.key!r:.80}")
-    image = b"" if it.image is None else _image_bytes(it.image)
+    image = b"" if it.image is None else _image_bytes(it.image, max_bytes)
     _check_attributes(it.attributes, f"item {it.key!r:.200}: ")
     try:
         item = pb.Item(key=it.key, image=image, label=it.label, attributes=dict(it.attributes))
@@ -476,7 +479,7 @@ class PictorClient:
         _check_counts(1, MAX_K, top_k=top_k)
         _check_counts(0, MAX_K, neighbors=neighbors)  # 0: the server's default
         r = self._call(self._stub.Classify, pb.ClassifyRequest(
-            image=_image_bytes(image), top_k=top_k, classifier=cast(pb.Classifier, CLASSIFIERS.index(classifier)),
+            image=_image_bytes(image, self._max_bytes), top_k=top_k, classifier=cast(pb.Classifier, CLASSIFIERS.index(classifier)),
             neighbors=neighbors))
         return Classification(
             labels=_labels(r.labels), source=r.source, knn_labels=_labels(r.knn_labels),
@@ -498,7 +501,7 @@ class PictorClient:
         _check_counts(0, nprobe=nprobe, ef_search=ef_search)  # 0: the index's tuned default
         request = pb.SearchRequest(k=k, params=pb.SearchParams(nprobe=nprobe, ef_search=ef_search))
         if image is not None:
-            request.image = _image_bytes(image)
+            request.image = _image_bytes(image, self._max_bytes)
         elif vector is not None:
             _fill_vector(request.vector, vector)
         if key is not None:
@@ -513,9 +516,12 @@ class PictorClient:
         """Each image's embedding in the index's space, as Search and Upsert take it (at most
         256 images per call)."""
         refuse_single(images, "images", "for one image, write [data]")
-        data = [_image_bytes(i) for i in images]
+        data = [_image_bytes(i, self._max_bytes) for i in images]
         if not data:
             return []
+        if (size := sum(map(len, data))) > self._max_bytes:
+            raise ResourceExhaustedError(f"{len(data)} images together: "
+                                         + request_too_large(size, self._max_bytes, "this client's"))
         r = self._call(self._stub.Embed, pb.EmbedRequest(images=data))
         return [list(v.values) for v in r.embeddings]
 
@@ -575,10 +581,12 @@ class PictorClient:
     def _upsert_request(self, it: UpsertItem, position: int) -> pb.UpsertRequest:
         """One item's message, refused here when over the message limit: gRPC's own refusal
         cannot say which item of the stream it was."""
-        request = pb.UpsertRequest(item=_item(it))
-        if (size := request.ByteSize()) > self._max_bytes:
-            raise ResourceExhaustedError(f"item {it.key!r:.200} (item {position}, counting from 0): "
-                                         + request_too_large(size, self._max_bytes, "this client's"))
+        try:
+            request = pb.UpsertRequest(item=_item(it, self._max_bytes))
+            if (size := request.ByteSize()) > self._max_bytes:
+                raise ResourceExhaustedError(request_too_large(size, self._max_bytes, "this client's"))
+        except ResourceExhaustedError as e:
+            raise ResourceExhaustedError(f"item {it.key!r:.200} (item {position}, counting from 0): {e}") from None
         return request
 
     def delete(self, keys: Iterable[str]) -> tuple[int, list[str]]:

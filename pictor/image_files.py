@@ -11,10 +11,16 @@ from pathlib import Path
 
 from pictor.errors import InvalidImageError, NotFoundError
 
+# No image within the pixel cap is this large (40 MP of 4-channel float32 is 640 MB): a larger
+# file is refused by its size, before reading it whole (a 3 GB file took 3.9 GB of memory only
+# to be found no image). What a request can carry is far less (the message limit, 64 MB).
+MAX_IMAGE_FILE_BYTES = 1 << 30
+
 
 def check_image_file(path: str | os.PathLike[str]) -> Path:
-    """``path``, once it is known to be a regular, non-empty file this process can open: to
-    refuse a list of files before the work on the first. NotFoundError for a missing file."""
+    """``path``, once it is known to be a regular, non-empty file this process can open, of at
+    most ``MAX_IMAGE_FILE_BYTES``: to refuse a list of files before the work on the first.
+    NotFoundError for a missing file."""
     p = _path_of(path)
     with _errors_named(p):
         _check_stat(p)
@@ -44,6 +50,9 @@ def _check_stat(p: Path) -> None:
         raise InvalidImageError(f"{p}: not a regular file (a FIFO, socket or device)")
     if not st.st_size:  # (an Upsert item with no image bytes would be "neither image nor vector")
         raise InvalidImageError(f"{p}: an empty file (0 bytes), not an image")
+    if st.st_size > MAX_IMAGE_FILE_BYTES:
+        raise InvalidImageError(f"{p}: a file of {st.st_size / 2**30:.2f} GB, larger than any image Pictor "
+                                f"reads ({MAX_IMAGE_FILE_BYTES / 2**30:.0f} GB); not read")
 
 
 @contextlib.contextmanager

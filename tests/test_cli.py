@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from conftest import drawn_image
 
 from pictor.cli import main
 
@@ -83,6 +85,19 @@ def test_add_refuses_files_that_are_no_images_before_sending(tmp_path: Path, cap
     (tmp_path / "empty.png").touch()  # read as no image bytes, it was "neither image nor vector"
     assert main(["add", str(tmp_path / "empty.png"), "--target", "127.0.0.1:9"]) == 2  # no server asked
     assert f"{tmp_path / 'empty.png'}: an empty file (0 bytes), not an image" in capsys.readouterr().err
+    # Every such file at once; a name that cannot be a key as `pictor index` says it; a file no
+    # image is as large as refused by its size (sparse: nothing is read or written).
+    latin1 = os.fsdecode(bytes(tmp_path / "caf") + b"\xe9.png")
+    Path(latin1).write_bytes(drawn_image(1))
+    with open(tmp_path / "huge.jpg", "wb") as f:
+        f.truncate(3 * 2**30)
+    paths = [str(tmp_path / "empty.png"), latin1, str(tmp_path / "huge.jpg"), str(tmp_path / "missing.png")]
+    assert main(["add", *paths, "--target", "127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "4 of the 4 files cannot be added, so none was:" in err
+    assert f"{tmp_path / 'caf'}\\xe9.png: the file name is not UTF-8 text, which a key must be; rename the file" in err
+    assert f"{tmp_path / 'huge.jpg'}: a file of 3.00 GB, larger than any image Pictor reads (1 GB); not read" in err
+    assert f"{tmp_path / 'missing.png'}: no such file" in err
 
 
 def test_text_that_is_not_utf8_is_named_by_its_flag(capsys: pytest.CaptureFixture[str]) -> None:

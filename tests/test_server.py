@@ -562,6 +562,16 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
         PictorClient(None)  # type: ignore[arg-type]
     with pytest.raises(InvalidRequestError, match="max_message_mb must be a whole number between 1 and 2047, got '3'"):
         PictorClient("localhost:50051", max_message_mb="3")  # type: ignore[arg-type]
+    # An image no request can carry is refused by its size, before it is copied: protobuf fails
+    # without saying why on one over 2 GB (after copying it twice).
+    huge = np.zeros(3 * 2**30, np.uint8).data  # a memoryview; pages never touched take no memory
+    with PictorClient("127.0.0.1:9") as client:
+        with pytest.raises(ResourceExhaustedError, match=r"^a request of 3072\.00 MB is over this client's 64 MB limit"):
+            client.classify(huge)
+        with pytest.raises(ResourceExhaustedError, match=r"^item 'k' \(item 0, counting from 0\): a request of 3072\.00"):
+            client.upsert([UpsertItem(key="k", image=huge)])
+        with pytest.raises(ResourceExhaustedError, match=r"^2 images together: a request of 80\.00 MB is over"):
+            client.embed([bytes(40 * 2**20), bytes(40 * 2**20)])
     # Nothing listens: the connection was refused, so nothing can have been written.
     with PictorClient(f"127.0.0.1:{free_port()}", timeout=5) as client, pytest.raises(
             ServerUnavailableError, match="cannot reach a Pictor server") as refused:
