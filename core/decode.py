@@ -44,6 +44,16 @@ _KNOWN_DISALLOWED: tuple[tuple[bytes, str], ...] = (
     (b"<svg", "SVG"),
     (b"<?xml", "XML/SVG"),
 )
+# Magic numbers of the allowed formats: a file that starts like one but does not open has a
+# damaged header (a flipped byte fails a PNG's header checksum), not an unknown format.
+_ALLOWED_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
 # ftyp brands of ISO media images (HEIC/AVIF), which sit at byte 4.
 _FTYP_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"avif": "AVIF"}
 
@@ -126,7 +136,9 @@ def _open_within_cap(data: bytes, max_pixels: int, draft_size: tuple[int, int] |
         # The cap bounds decoding memory: a drafted JPEG (a 48 MP phone photo decodes at 1/8,
         # 0.75 MP) is checked at the size it will decode to.
         full = src.size
-        if draft_size is not None and src.format == "JPEG":
+        # (MPO: a JPEG with more images after it, a phone's depth or gain map: Pillow opens it
+        # as a JPEG of its first image, which drafts alike.)
+        if draft_size is not None and src.format in ("JPEG", "MPO"):
             _draft(src, draft_size)
         _check_size(src, max_pixels, full)
     except BaseException:
@@ -176,6 +188,9 @@ def _open_allowed(data: bytes) -> Image.Image:
     except UnidentifiedImageError as e:
         known = _sniff_disallowed(data)
         allowed = ", ".join(ALLOWED_FORMATS)
+        if damaged := _sniff_allowed(data):
+            raise InvalidImageError(f"corrupt {damaged} image: it starts as one, but its header cannot be read "
+                                    f"({len(data)} bytes)") from e
         if known:
             raise InvalidImageError(
                 f"image format {known} is not allowed (allowed: {allowed})"
@@ -186,6 +201,12 @@ def _open_allowed(data: bytes) -> Image.Image:
     except _DECODE_ERRORS as e:
         raise InvalidImageError(f"corrupt image header: {e}") from e
     return im
+
+
+def _sniff_allowed(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in _ALLOWED_MAGIC if data.startswith(magic)), None)
 
 
 def _sniff_disallowed(data: bytes) -> str | None:

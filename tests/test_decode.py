@@ -186,6 +186,16 @@ def test_jpeg_draft_decodes_at_reduced_size_not_below_target() -> None:
     assert decode_image(encode(big, "PNG"), draft_size=(256, 256)).size == (2000, 1500)
 
 
+def test_mpo_jpeg_is_drafted_as_jpeg() -> None:
+    # A phone photo with a depth or gain map after it: Pillow reads it as MPO, still a JPEG.
+    buf = io.BytesIO()
+    big = halves(RED, BLUE, size=(2000, 1500))
+    big.save(buf, "MPO", save_all=True, append_images=[Image.new("L", (500, 375))])
+    assert Image.open(buf).format == "MPO"
+    small = decode_image(buf.getvalue(), draft_size=(256, 256), max_pixels=1_000_000)
+    assert small.size == (500, 375) and close_to(small.getpixel((50, 180)), RED, 30)
+
+
 def test_draft_with_exif_rotation_keeps_target() -> None:
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -285,6 +295,13 @@ def test_garbage_and_empty_rejected() -> None:
         decode_image(b"")
     with pytest.raises(InvalidImageError, match="not a recognised image"):
         decode_image(b"hello, I am not an image" * 10)
+    # One of the allowed formats by its first bytes, with a damaged header: said so.
+    png = bytearray(encode(Image.new("RGB", (16, 16), RED), "PNG"))
+    png[20] ^= 0xFF  # in the IHDR chunk: its checksum fails
+    with pytest.raises(InvalidImageError, match=r"^corrupt PNG image: it starts as one, but its header cannot be read"):
+        decode_image(bytes(png))
+    with pytest.raises(InvalidImageError, match="^corrupt JPEG image: it starts as one"):
+        decode_image(b"\xff\xd8\xff" + bytes(100))
 
 
 def test_corrupt_jpeg_body_rejected() -> None:
