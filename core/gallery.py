@@ -45,7 +45,7 @@ def image_suffixes_text() -> str:
 
 def read_gallery(
     source: str | os.PathLike[str], *, labels: str = "folder", require_label: bool = False,
-    unlisted: list[tuple[Path, str]] | None = None,
+    unlisted: list[tuple[Path, str]] | None = None, passed_over: Counter[str] | None = None,
 ) -> Iterator[GalleryEntry]:
     """Entries of a gallery directory (recursively, sorted) or of a ``.csv``/``.jsonl`` manifest.
 
@@ -56,6 +56,8 @@ def read_gallery(
 
     A folder under ``source`` that cannot be listed (no permission) is skipped with a warning,
     and appended to ``unlisted`` as (folder, why) when given: its images are unknown, not gone.
+    Files not named as images (``.heic``, ``.txt``) are left out with a warning, and counted by
+    suffix in ``passed_over`` when given.
     """
     if labels not in ("folder", "none"):
         raise InvalidRequestError(f"labels must be 'folder' or 'none', got {labels!r}")
@@ -68,7 +70,8 @@ def read_gallery(
         return
     folder_of: dict[str, str] = {}  # label -> the folder name that first gave it
     merged: set[str] = set()
-    for path in _walk_images(src, unlisted if unlisted is not None else []):
+    for path in _walk_images(src, unlisted if unlisted is not None else [],
+                             passed_over if passed_over is not None else Counter()):
         parts = path.relative_to(src).parts
         label = canonical_label(parts[0]) if labels == "folder" and len(parts) > 1 else ""
         first = folder_of.setdefault(label, parts[0])
@@ -79,7 +82,7 @@ def read_gallery(
         yield GalleryEntry(key=path.as_posix(), path=path, label=label)
 
 
-def _walk_images(root: Path, unlisted: list[tuple[Path, str]]) -> Iterator[Path]:
+def _walk_images(root: Path, unlisted: list[tuple[Path, str]], passed_over: Counter[str]) -> Iterator[Path]:
     # Symlinked folders are followed (a class folder is often a link to where the photos
     # live); each real folder is listed once, which also ends a link back to an ancestor. A
     # folder that is also under the root without a link is listed there, whatever sorts first,
@@ -97,7 +100,6 @@ def _walk_images(root: Path, unlisted: list[tuple[Path, str]]) -> Iterator[Path]
         log.warning("cannot list %s (%s): its images are left out", folder, why)
         unlisted.append((folder, why))
 
-    passed_over: Counter[str] = Counter()  # files not listed, by suffix
     for dirpath, dirnames, filenames in os.walk(root, onerror=cannot_list, followlinks=True):
         folder = _folder_id(dirpath)
         where = os.path.normpath(os.path.join(real_root, os.path.relpath(dirpath, root)))

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,7 +49,8 @@ gallery or `pictor add` put there). A listed file that cannot be decoded keeps i
 and so do the items under a folder that cannot be listed (reported as skipped).
 
 Files that cannot be decoded (or whose names are not UTF-8) are skipped and listed; the run
-goes on. Each batch is durable once written, so an interrupted run (Ctrl-C, SIGTERM, kill -9)
+goes on. Files in a folder not named as images (.heic, .txt, ...) are not read: a warning
+counts them (`left_out` in --json), and --strict does not. Each batch is durable once written, so an interrupted run (Ctrl-C, SIGTERM, kill -9)
 keeps what it wrote. Exit status: 0 done (skipped files are listed), 1 some files skipped and
 --strict given, 2 unusable input (none of the files readable included), 130 interrupted.
 
@@ -117,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from pictor.core.gallery import GalleryEntry
 
     settings = build_settings(IndexerSettings, vars(args), config_file=args.config)
-    entries, misnamed, unlisted = _read_entries(settings)
+    entries, misnamed, unlisted, left_out = _read_entries(settings)
     out = Path(settings.out)
     progress = show_progress(args.no_progress)
     target = _open_target(settings, out, entries, progress)
@@ -129,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
                           f"{folder}: cannot list the folder ({why}); its images were left out"
                           + (" and their items kept" if args.prune else ""))
                          for folder, why in unlisted)
+    summary.left_out = dict(left_out.most_common())
     discard = target.created and count == 0  # an empty index this run made would only be in the way
     _print_summary(args, summary, out, count, discard)
     return _exit_code(args, summary, out, discard)
@@ -145,10 +148,11 @@ class _Target:
     created: bool  # this run made its folder too
 
 
-def _read_entries(settings: IndexerSettings
-                  ) -> tuple[list[GalleryEntry], list[tuple[GalleryEntry, str]], list[tuple[Path, str]]]:
-    """The gallery's images, those whose names cannot be keys (misnamed, with why), and the
-    folders that could not be listed (with why): their images are unknown."""
+def _read_entries(settings: IndexerSettings) -> tuple[
+        list[GalleryEntry], list[tuple[GalleryEntry, str]], list[tuple[Path, str]], Counter[str]]:
+    """The gallery's images, those whose names cannot be keys (misnamed, with why), the
+    folders that could not be listed (with why: their images are unknown), and the files left
+    out as not named as images (by suffix)."""
     from pictor.core.gallery import image_suffixes_text, read_gallery
     from pictor.indexer.pipeline import split_misnamed
 
@@ -156,13 +160,15 @@ def _read_entries(settings: IndexerSettings
         raise InvalidRequestError("no gallery: give GALLERY (an image folder or a manifest), or `gallery` "
                                   "in the config file, or PICTOR_GALLERY")
     unlisted: list[tuple[Path, str]] = []
-    entries, misnamed = split_misnamed(read_gallery(settings.gallery, labels=settings.labels, unlisted=unlisted))
+    left_out: Counter[str] = Counter()
+    entries, misnamed = split_misnamed(read_gallery(settings.gallery, labels=settings.labels, unlisted=unlisted,
+                                                    passed_over=left_out))
     if not entries and not misnamed and not unlisted:
         raise InvalidRequestError(
             f"manifest {settings.gallery} lists no images" if Path(settings.gallery).is_file()
             else f"no images found in {settings.gallery} (looked for {image_suffixes_text()})"
         )
-    return entries, misnamed, unlisted
+    return entries, misnamed, unlisted, left_out
 
 
 def _open_target(settings: IndexerSettings, out: Path, entries: list[GalleryEntry], progress: bool) -> _Target:

@@ -58,6 +58,8 @@ class IndexSummary:
     failures: list[dict[str, str]] = field(default_factory=list)  # {"path", "error"}
     interrupted: bool = False  # Ctrl-C or SIGTERM: the batches written before it are kept
     pruned: int = 0  # items deleted because the gallery no longer lists them (--prune)
+    # Files a folder holds that are not named as images (.heic, .txt), by suffix: never read.
+    left_out: dict[str, int] = field(default_factory=dict)
 
     @property
     def embedded(self) -> int:
@@ -126,6 +128,9 @@ def decode_batch(
         image = load_image(entry.path, max_pixels=max_pixels, draft_size=embedder.draft_size, data=data)
         return digest, embedder.preprocess(image)
 
+    def kept(entry: GalleryEntry) -> str:  # a file that went bad since it was indexed
+        return "; the index keeps its earlier item" if entry.key in stored else ""
+
     futures = [pool.submit(load, e) for e in entries]
     ok, tensors, hashes, failed, unchanged, copies = [], [], [], [], 0, []
     for entry, fut in zip(entries, futures, strict=True):
@@ -141,10 +146,10 @@ def decode_batch(
             hashes.append(digest)
             ok.append(entry)
         except (InvalidImageError, NotFoundError, OSError) as e:
-            failed.append((entry, str(e)))
+            failed.append((entry, str(e) + kept(entry)))
         except Exception as e:  # a bug or a decoder's surprise costs one file, never the run
             log.exception("unexpected error on %s", entry.path)
-            failed.append((entry, f"{entry.path}: unexpected {type(e).__name__}: {e}"))
+            failed.append((entry, f"{entry.path}: unexpected {type(e).__name__}: {e}{kept(entry)}"))
     return DecodedBatch(ok, tensors, hashes, failed, unchanged, copies)
 
 

@@ -175,8 +175,17 @@ def test_an_existing_index_is_extended_with_its_own_model(gallery: Path, tmp_pat
     out = tmp_path / "index"
     pictor("index", str(gallery), "--out", str(out), "--backbone", "resnet18", "--weights", "random",
            "--pooling", "gem")
-    summary = json.loads(pictor("index", str(gallery), "--out", str(out), "--prune", "--json").stdout)
-    assert (summary["unchanged"], summary["index_size"]) == (12, 12)
+    # A file gone bad since: skipped, its item kept and said to be; files that are not named as
+    # images are counted, not read.
+    bad = gallery / "warm" / "img01.png"
+    bad.write_bytes(bad.read_bytes()[:40])
+    (gallery / "warm" / "IMG_7.HEIC").write_bytes(b"\0\0\0\x18ftypheic")
+    (gallery / "notes.txt").write_text("taken in May")
+    r = pictor("index", str(gallery), "--out", str(out), "--prune", "--json")
+    summary = json.loads(r.stdout)
+    assert (summary["unchanged"], summary["skipped"], summary["index_size"]) == (11, 1, 12)
+    assert summary["failures"][0]["error"].endswith("; the index keeps its earlier item")
+    assert summary["left_out"] == {".heic": 1, ".txt": 1} and "left out 2 files not named as images" in r.stderr
     with IndexStore.open(out) as store:
         assert (store.spec.backbone, store.spec.pooling) == ("resnet18", "gem")
     r = pictor("index", str(gallery), "--out", str(out), "--backbone", "resnet50", check=False)
