@@ -236,10 +236,14 @@ def test_unreadable_images_are_skipped_and_counted(
     tree = make_tree(tmp_path / "tree", per_class=6)
     (tree / "disc" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (tree / "square" / "empty.jpg").write_bytes(b"")
+    whole = (tree / "disc" / "disc_0.png").read_bytes()
+    (tree / "disc" / "cut.png").write_bytes(whole[:len(whole) // 2])  # its header reads: found bad on decoding
+    before = embedder.images_embedded
     result = train(config(tmp_path, weight_decays=(1e-3,)), tree, embedder=embedder)
-    assert {p.name for p, _ in result.skipped} == {"broken.png", "empty.jpg"}
-    assert result.model.metrics["skipped_images"] == 2
+    assert {p.name for p, _ in result.skipped} == {"broken.png", "empty.jpg", "cut.png"}
+    assert result.model.metrics["skipped_images"] == 3
     assert result.report["top1"] == 1.0
+    assert result.cache["misses"] == embedder.images_embedded - before  # "computed": the cut one is not
 
 
 @pytest.mark.parametrize(("setting", "flag"), [

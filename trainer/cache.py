@@ -48,7 +48,8 @@ def spec_key(spec: ModelSpec, view: str, precision: str) -> str:
 
 
 class EmbeddingCache:
-    """One ``.npy`` file per (image content, embedding space, view); counts hits and misses."""
+    """One ``.npy`` file per (image content, embedding space, view); counts hits, and misses
+    as the vectors computed and put here (an image found unreadable after its lookup is none)."""
 
     def __init__(self, root: str | Path, spec: ModelSpec, view: str = "plain", precision: str = "fp32"):
         if view not in VIEWS:
@@ -85,15 +86,14 @@ class EmbeddingCache:
         try:
             vec = np.load(p)
         except (OSError, ValueError):
-            self.misses += 1
             return None
         if vec.shape != (self.spec.dim,):  # a damaged entry is a miss, and gets rewritten
-            self.misses += 1
             return None
         self.hits += 1
         return vec
 
     def put(self, content_hash: str, vector: np.ndarray) -> None:
+        self.misses += 1
         if not self.writable:
             return
         p = self._path(content_hash)
