@@ -249,12 +249,15 @@ def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
     a 40 MP 16-bit PNG (78 KB of file) peak at 1.3 GB, blocks at 0.4 GB.
     """
     src = np.asarray(im)  # uint16, int32 or float32, as Pillow holds it
+    top = float(np.nanmax(src)) if src.size else 0.0
     scale = 1.0
     if im.mode.startswith("I;16"):
         scale = 1 / 257
-    elif im.mode == "F" and src.size and float(np.nanmax(src)) <= 1.0:
+    elif im.mode == "F" and top <= 1.0:
         scale = 255.0  # float images are usually 0..1
-    elif src.size and float(np.nanmax(src)) > 255.0:
+    elif im.mode == "F" and top > 255.0:
+        scale = 255.0 / top  # a measurement (depth, counts) has no white: its maximum is
+    elif top > 255.0:
         scale = 1 / 257  # "I" from a 16-bit source
     out = np.empty(src.shape, np.uint8)
     rows = max(1, _DEPTH_BLOCK_PIXELS // max(1, src.shape[1]))

@@ -150,6 +150,10 @@ def test_32bit_int_and_float_grayscale() -> None:
     assert close_to(decode_image(encode(ints, "TIFF")).getpixel((1, 1)), (156, 156, 156), 1)
     floats = Image.fromarray(np.full((4, 4), 0.5, np.float32), mode="F")
     assert close_to(decode_image(encode(floats, "TIFF")).getpixel((1, 1)), (128, 128, 128), 1)
+    # Floats beyond 255 (depth in mm, counts): scaled to their maximum, not by 1/257 to near black.
+    ramp = Image.fromarray(np.linspace(0, 1000, 16, dtype=np.float32).reshape(4, 4), mode="F")
+    out = decode_image(encode(ramp, "TIFF"))
+    assert out.getpixel((3, 3)) == WHITE and close_to(out.getpixel((1, 2)), (153, 153, 153), 1)
 
 
 @pytest.mark.parametrize("mode", ["L", "1"])
