@@ -24,6 +24,7 @@ from pictor.api import (
     MAX_GET_KEYS,
     MAX_K,
     canonical_label,
+    request_too_large,
 )
 from pictor.config import DEFAULT_TARGET, DEFAULT_TIMEOUT, client_max_message_mb, default_target
 from pictor.errors import (
@@ -31,6 +32,7 @@ from pictor.errors import (
     InvalidRequestError,
     NotFoundError,
     PictorError,
+    ResourceExhaustedError,
     ServerBusyError,
     ServerUnavailableError,
 )
@@ -392,10 +394,12 @@ def run_add(args: argparse.Namespace) -> int:
 def _check_files_to_add(paths: Sequence[str]) -> None:
     """Refuse the files that cannot be added, all of them at once, before anything is sent:
     not halfway through the stream, nor one per run."""
+    max_bytes = client_max_message_mb() * 2**20
     problems: list[PictorError] = []
     for path in paths:
         try:
-            check_image_file(path)
+            if (size := check_image_file(path).stat().st_size) > max_bytes:  # (an item is more than its image)
+                raise ResourceExhaustedError(f"{path}: " + request_too_large(size, max_bytes, "this client's"))
             if path_text(path) != path:  # (bytes the shell passed on as they were)
                 raise InvalidRequestError(f"{path_text(path)}: the file name is not UTF-8 text, which a key "
                                           "must be; rename the file")

@@ -91,10 +91,14 @@ def test_add_refuses_files_that_are_no_images_before_sending(tmp_path: Path, cap
     Path(latin1).write_bytes(drawn_image(1))
     with open(tmp_path / "huge.jpg", "wb") as f:
         f.truncate(3 * 2**30)
-    paths = [str(tmp_path / "empty.png"), latin1, str(tmp_path / "huge.jpg"), str(tmp_path / "missing.png")]
+    with open(tmp_path / "large.jpg", "wb") as f:
+        f.truncate(65 * 2**20)  # over the client's message limit, which it says as the client would
+    paths = [str(tmp_path / "empty.png"), latin1, str(tmp_path / "huge.jpg"), str(tmp_path / "missing.png"),
+             str(tmp_path / "large.jpg")]
     assert main(["add", *paths, "--target", "127.0.0.1:9"]) == 2
     err = capsys.readouterr().err
-    assert "4 of the 4 files cannot be added, so none was:" in err
+    assert "5 of the 5 files cannot be added, so none was:" in err
+    assert f"{tmp_path / 'large.jpg'}: a request of 65.00 MB is over this client's 64 MB limit" in err
     assert f"{tmp_path / 'caf'}\\xe9.png: the file name is not UTF-8 text, which a key must be; rename the file" in err
     assert f"{tmp_path / 'huge.jpg'}: a file of 3.00 GB, larger than any image Pictor reads (1 GB); not read" in err
     assert f"{tmp_path / 'missing.png'}: no such file" in err
