@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from pictor.client.client import Classification, Hit, PictorClient
 
 EXIT_UNREACHABLE = 4
+# Keys given as paths are found as `pictor add` and `pictor index` store paths.
+_PATH_FORM_HELP = "a key not in the index as given is also looked for as the path that add stores (./a//b.jpg: a/b.jpg)"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -81,7 +83,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = _parser(sub, "search", "the indexed images most similar to a query image or indexed key",
                 "pictor search photo.jpg -k 5 --label daisy")
     p.add_argument("image", nargs="?", metavar="IMAGE", help="query image file")
-    p.add_argument("--key", help="query by the key of an indexed item instead of an image")
+    p.add_argument("--key", help=f"query by the key of an indexed item instead of an image; {_PATH_FORM_HELP}")
     p.add_argument("-k", type=_int_in(1, MAX_K), default=DEFAULT_K, help=f"number of results, 1 to {MAX_K} (default {DEFAULT_K})")
     p.add_argument("--label", action="append", default=[], help="only items with this label (repeatable)")
     p.add_argument("--attr", action="append", default=[], metavar="NAME=VALUE",
@@ -121,7 +123,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = _parser(sub, "delete", "remove items from a running server's index by key",
                 "pictor delete photos/old.jpg")
-    p.add_argument("keys", nargs="+", metavar="KEY", help="keys of the items to remove")
+    p.add_argument("keys", nargs="+", metavar="KEY",
+                   help=f"keys of the items to remove; {_PATH_FORM_HELP}")
     p.add_argument("--missing-ok", action="store_true",
                    help="keys not in the index are not an error (exit 0, like `rm -f`); "
                         "without it they are named and the exit code is 2")
@@ -129,7 +132,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = _parser(sub, "get", "the stored items (label, attributes, vector) of keys in a running server's index",
                 "pictor get photos/a.jpg photos/b.jpg --vectors --json")
-    p.add_argument("keys", nargs="+", metavar="KEY", help=f"keys of the items (at most {MAX_GET_KEYS} distinct)")
+    p.add_argument("keys", nargs="+", metavar="KEY",
+                   help=f"keys of the items (at most {MAX_GET_KEYS} distinct); {_PATH_FORM_HELP}")
     p.add_argument("--vectors", action="store_true", help="also print each item's stored vector")
     p.add_argument("--missing-ok", action="store_true",
                    help="keys not in the index are not an error (exit 0); without it they are "
@@ -288,12 +292,24 @@ def run_search(args: argparse.Namespace) -> int:
     attrs = _parse_attrs(args.attr)
     with _client(args) as client:
         image = read_image_file(args.image) if args.image else None
-        try:
-            hits = client.search(image=image, key=args.key, k=args.k, labels=args.label, attributes=attrs,
+
+        def search(key: str | None) -> list[Hit]:
+            return client.search(image=image, key=key, k=args.k, labels=args.label, attributes=attrs,
                                  nprobe=args.nprobe, ef_search=args.ef_search)
+
+        try:
+            try:
+                hits = search(args.key)
+            except NotFoundError as e:  # (only a key is looked up)
+                if not (tidy := _path_forms([args.key])):
+                    raise
+                try:
+                    hits = search(tidy[args.key])
+                except NotFoundError:
+                    raise e from None
         except ServerUnavailableError:  # not the image: the server
             raise
-        except NotFoundError as e:  # (only a key is looked up)
+        except NotFoundError as e:
             raise NotFoundError(f"{e}; {_key_hint([args.key])}") from e
         except PictorError as e:  # as classify reports it: a bad image by its name
             if image is None:
@@ -416,6 +432,9 @@ def _check_files_to_add(paths: Sequence[str]) -> None:
 def run_delete(args: argparse.Namespace) -> int:
     with _client(args) as client:
         deleted, missing = client.delete(args.keys)
+        if tidy := _path_forms(missing):
+            more, still = client.delete(list(tidy.values()))
+            deleted, missing = deleted + more, _still_missing(missing, tidy, still)
     _emit(args, {"deleted": deleted, "missing": missing}, f"deleted {deleted}\n")
     return _report_missing(args, missing)
 
@@ -424,6 +443,9 @@ def run_delete(args: argparse.Namespace) -> int:
 def run_get(args: argparse.Namespace) -> int:
     with _client(args) as client:
         items, missing = client.get(args.keys, vectors=args.vectors)
+        if tidy := _path_forms(missing):
+            more, still = client.get(list(tidy.values()), vectors=args.vectors)
+            items, missing = items + more, _still_missing(missing, tidy, still)
     rows = []
     for it in items:
         rows.append(_item_row(it))
@@ -458,6 +480,18 @@ def _report_missing(args: argparse.Namespace, missing: Sequence[str]) -> int:
               file=sys.stderr)
         return 2
     return 0
+
+
+def _path_forms(keys: Sequence[str]) -> dict[str, str]:
+    """Of keys the index does not hold, those written otherwise than `pictor add` and `pictor
+    index` store a path (./photos//a.jpg for photos/a.jpg): each with that form, to ask for as
+    well, so that a path given to add is one to give to get and delete."""
+    return {key: _path_key(key) for key in keys if _path_key(key) != key}
+
+
+def _still_missing(missing: Sequence[str], tidy: dict[str, str], still: Sequence[str]) -> list[str]:
+    """The keys of ``missing`` whose path form (``tidy``) was not found either (``still``)."""
+    return [key for key in missing if key not in tidy or tidy[key] in still]
 
 
 def _key_hint(keys: Sequence[str]) -> str:

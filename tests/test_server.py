@@ -398,7 +398,10 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     assert stored["missing"] == [] and len(stored["items"][0]["vector"]) == 1280
     absent = pictor("get", "new/x.png", "no/such.png", "--target", server.target, check=False)
     assert absent.returncode == 2 and "pictor get: not found: no/such.png" in absent.stderr
-    assert pictor("delete", "new/x.png", "--target", server.target).stdout == "deleted 1\n"
+    # A path as given to `pictor add` (as a shell completes it) finds the item add made of it.
+    assert pictor("get", "./new//x.png", "--target", server.target).stdout == "new/x.png  source=cam1\n"
+    assert "new/x.png" in pictor("search", "--key", "./new//x.png", "-k", "1", "--target", server.target).stdout
+    assert pictor("delete", "./new//x.png", "--target", server.target).stdout == "deleted 1\n"
     # Like `rm -f`: a key already gone is not an error, for scripts that retry.
     again = pictor("delete", "p/new/x.png", "new/x.png", "--missing-ok", "--target", server.target)
     assert again.stdout == "deleted 1\n" and again.stderr == ""
@@ -415,7 +418,7 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     assert "\nlabels:       cool 6, warm 6\n" in shown
     gone = pictor("delete", "no/such/key.png", "--target", server.target, check=False)
     assert gone.returncode == 2 and "not found: no/such/key.png (a key is the image's path" in gone.stderr
-    # A path written as a shell completes it: the key `add` would have made of it, shown.
+    # Neither as given nor as `add` would have made it: that form is shown.
     untidy = pictor("get", "./new//x.png", "--target", server.target, check=False)
     assert untidy.returncode == 2 and "stored it: new/x.png for ./new//x.png;" in untidy.stderr
     by_key = pictor("search", "--key", "./new//x.png", "--target", server.target, check=False)
