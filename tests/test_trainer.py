@@ -34,7 +34,7 @@ from pictor.trainer.config import TrainConfig
 from pictor.trainer.evaluate import evaluate
 from pictor.trainer.finetune import _drops_last_batch, unfreeze_last, warmup_cosine
 from pictor.trainer.linear import fit_temperature, select_head
-from pictor.trainer.metrics import classification_report, format_report
+from pictor.trainer.metrics import classification_report, format_report, plot_confusion
 from pictor.trainer.openset import calibrate_open_set, far_threshold, nearest_similarity
 from pictor.trainer.train import build_embedder, head_description, train
 
@@ -695,8 +695,11 @@ def test_eval_reports_unknown_answers_for_other_classes(
     report = evaluate(model, other, index=shapes_index, embedder=embedder,
                       cache_dir=tmp_path / "cache", progress=False)
     assert report["n"] == 0 and report["open_set"]["known_n"] == 0
+    assert report["top1"] is report["top5"] is report["macro_f1"] is None  # not measured, rather than 0% right
     assert report["open_set"]["other_unknown"] == 1.0
     assert format_report(report).startswith("images of the model's classes: none\n\nopen set")
+    plot_confusion(report, str(tmp_path / "none.png"))
+    assert (tmp_path / "none.png").read_bytes().startswith(b"\x89PNG")
     with pytest.raises(InvalidRequestError, match="with --index INDEX"):
         evaluate(model, other, embedder=embedder, cache_dir=tmp_path / "cache", progress=False)
 

@@ -15,10 +15,11 @@ import numpy as np
 from pictor.core.files import write_atomic
 
 
-def top_k_accuracy(y: np.ndarray, probs: np.ndarray, k: int) -> float:
-    """Share of rows whose true class is among the ``k`` most probable."""
+def top_k_accuracy(y: np.ndarray, probs: np.ndarray, k: int) -> float | None:
+    """Share of rows whose true class is among the ``k`` most probable; None without rows (no
+    accuracy was measured: 0.0 would read as every answer wrong)."""
     if len(y) == 0:
-        return 0.0
+        return None
     k = min(k, probs.shape[1])
     top = np.argsort(-probs, axis=1)[:, :k]
     return float(np.mean(np.any(top == y[:, None], axis=1)))
@@ -59,7 +60,7 @@ def classification_report(
         "n": int(len(y)),
         "top1": top_k_accuracy(y, probs, 1),
         "top5": top_k_accuracy(y, probs, 5),
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else None,
         "per_class": per_class,
         "class_names": list(class_names),
         "confusion": m.tolist(),
@@ -134,7 +135,8 @@ def plot_confusion(report: dict[str, Any], path: str) -> None:
     ax.set_yticks(range(n), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"Confusion matrix (top-1 {report['top1']:.3f}, {report['n']} images)")
+    ax.set_title(f"Confusion matrix (top-1 {report['top1']:.3f}, {report['n']} images)" if report["n"]
+                 else "Confusion matrix (no images of the model's classes)")
     if n <= 30:  # counts stay legible up to about 30 classes
         for i in range(n):
             for j in range(n):
