@@ -193,6 +193,12 @@ def _open_target(settings: IndexerSettings, out: Path, entries: list[GalleryEntr
             f"them than dims: {sample} here (gallery {len(entries)}, --pca-sample "
             f"{settings.pca_sample}); give --pca-whiten below {sample} (less if some cannot be read), "
             "or leave it out")
+    if store is None and settings.pca_whiten and sample < 2 * settings.pca_whiten:
+        # Measured (docs/benchmarks.md, PCA-whitening): 256 dims fitted on 300 images lost 4 points
+        # of recall@10 against no whitening; fitted on 2.3 times the dims or more, none.
+        print(f"warning: --pca-whiten {settings.pca_whiten} fitted on {sample} images, under twice its dims: "
+              "its smallest directions are noise, scaled up, and search gets worse than without "
+              "whitening; give more images (--pca-sample), fewer dims, or leave it out", file=sys.stderr)
     opened = store is not None  # else this run makes one
     created = not opened and not out.exists()
     if not opened:

@@ -97,8 +97,8 @@ def test_whitening(tmp_path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    out = run_bench("whitening.py", "--data", data, "--dims", "16")
-    assert "| none | 1280 |" in out and "| --pca-whiten 16 | 16 |" in out
+    out = run_bench("whitening.py", "--data", data, "--dims", "16", "--fit-sizes", "20,all")
+    assert "| none | 1280 | - |" in out and "| --pca-whiten 16 | 16 | 20 |" in out and "| --pca-whiten 16 | 16 | 40 |" in out
 
 
 def test_health() -> None:

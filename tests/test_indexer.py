@@ -274,7 +274,9 @@ def test_interrupted_before_the_first_image_leaves_no_index_and_prunes_nothing(
 
 def test_pca_whitened_index_serves_whitened_queries(gallery: Path, tmp_path: Path) -> None:
     out = tmp_path / "index"
-    summary = json.loads(pictor("index", str(gallery), "--out", str(out), "--pca-whiten", "8", "--json").stdout)
+    r = pictor("index", str(gallery), "--out", str(out), "--pca-whiten", "8", "--json")
+    summary = json.loads(r.stdout)
+    assert "warning: --pca-whiten 8 fitted on 12 images, under twice its dims" in r.stderr
     assert summary["index_size"] == 12 and (out / WHITENING_FILE).is_file()
     engine = Engine.load(ServerSettings(index=str(out), device="cpu", precision="fp32"))
     try:
@@ -379,6 +381,7 @@ def test_an_index_whose_creation_was_cut_off_is_made_anew(gallery: Path, tmp_pat
     for name in ("LOCK", "metadata.sqlite", WHITENING_FILE, "manifest.json.4242.tmp"):
         (out / name).write_bytes(b"cut off")
     r = pictor("index", str(gallery), "--out", str(out), "--pca-whiten", "4", "--json")
+    assert "under twice its dims" not in r.stderr  # 12 images for 4 dims
     assert json.loads(r.stdout)["index_size"] == 12 and "creation was cut off" in r.stderr
     found = pictor("index", str(gallery), "--out", str(out), "--json")  # opens, whitening and all
     assert json.loads(found.stdout)["unchanged"] == 12
