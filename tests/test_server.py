@@ -433,6 +433,20 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     assert many.returncode == 2 and "argument --neighbors: must be from 0 to 1000, got 1001" in many.stderr
 
 
+def test_readme_python_example_runs(server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = re.search(r"### From Python\n\n```python\n(.*?)```", readme, re.S)
+    assert code, "README's Python example"
+    (tmp_path / "photo.jpg").write_bytes(drawn_image(3, fmt="JPEG"))
+    monkeypatch.chdir(tmp_path)  # where the example's photo.jpg is
+    exec(code[1].replace("localhost:50051", server.target), {})  # noqa: S102 - our own README
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 + 1 and out[-1] == "cam1/0001.jpg tulips"  # 3 labels, no tulips yet, then the added item
+    with PictorClient(server.target) as client:
+        assert client.info().index_size == 12  # deleted again
+
+
 def test_server_refuses_to_start_without_index(tmp_path: Path) -> None:
     r = pictor("serve", "--index", str(tmp_path / "missing"), "--port", "0", check=False)
     assert r.returncode == 2
