@@ -50,8 +50,8 @@ and so do the items under a folder that cannot be listed (reported as skipped).
 
 Files that cannot be decoded (or whose names are not UTF-8) are skipped and listed; the run
 goes on. Files in a folder not named as images (.heic, .txt, ...) are not read: a warning
-counts them (`left_out` in --json), and --strict does not. Each batch is durable once written, so an interrupted run (Ctrl-C, SIGTERM, kill -9)
-keeps what it wrote. Exit status: 0 done (skipped files are listed), 1 some files skipped and
+counts them (`left_out` in --json), and --strict does not. Each batch is durable once
+written, so an interrupted run (Ctrl-C, SIGTERM, kill -9) keeps what it wrote. Exit status: 0 done (skipped files are listed), 1 some files skipped and
 --strict given, 2 unusable input (none of the files readable included), 130 interrupted.
 
 The default backbone, efficientnet_lite0, ships ImageNet weights offline; `pictor models`
