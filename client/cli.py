@@ -432,9 +432,14 @@ def _check_files_to_add(paths: Sequence[str]) -> None:
 def run_delete(args: argparse.Namespace) -> int:
     with _client(args) as client:
         deleted, missing = client.delete(args.keys)
-        if tidy := _path_forms(missing):
-            more, still = client.delete(list(tidy.values()))
-            deleted, missing = deleted + more, _still_missing(missing, tidy, still)
+
+        def delete(forms: list[str]) -> list[str]:
+            nonlocal deleted
+            more, still = client.delete(forms)
+            deleted += more
+            return still
+
+        missing = _found_as_paths(args.keys, missing, delete)
     _emit(args, {"deleted": deleted, "missing": missing}, f"deleted {deleted}\n")
     return _report_missing(args, missing)
 
@@ -443,9 +448,18 @@ def run_delete(args: argparse.Namespace) -> int:
 def run_get(args: argparse.Namespace) -> int:
     with _client(args) as client:
         items, missing = client.get(args.keys, vectors=args.vectors)
-        if tidy := _path_forms(missing):
-            more, still = client.get(list(tidy.values()), vectors=args.vectors)
-            items, missing = items + more, _still_missing(missing, tidy, still)
+
+        def get(forms: list[str]) -> list[str]:
+            more, still = client.get(forms, vectors=args.vectors)
+            items.extend(more)
+            return still
+
+        missing = _found_as_paths(args.keys, missing, get)
+    position: dict[str, int] = {}  # the order asked, an item found by its path form in its key's place
+    for i, key in enumerate(args.keys):
+        position.setdefault(key, i)
+        position.setdefault(_path_key(key), i)
+    items.sort(key=lambda it: position.get(it.key, len(position)))
     rows = []
     for it in items:
         rows.append(_item_row(it))
@@ -483,15 +497,21 @@ def _report_missing(args: argparse.Namespace, missing: Sequence[str]) -> int:
 
 
 def _path_forms(keys: Sequence[str]) -> dict[str, str]:
-    """Of keys the index does not hold, those written otherwise than `pictor add` and `pictor
-    index` store a path (./photos//a.jpg for photos/a.jpg): each with that form, to ask for as
-    well, so that a path given to add is one to give to get and delete."""
+    """Of ``keys``, those written otherwise than `pictor add` and `pictor index` store a path
+    (./photos//a.jpg for photos/a.jpg), each with that form: so that a path given to add is
+    one to give to get and delete."""
     return {key: _path_key(key) for key in keys if _path_key(key) != key}
 
 
-def _still_missing(missing: Sequence[str], tidy: dict[str, str], still: Sequence[str]) -> list[str]:
-    """The keys of ``missing`` whose path form (``tidy``) was not found either (``still``)."""
-    return [key for key in missing if key not in tidy or tidy[key] in still]
+def _found_as_paths(keys: Sequence[str], missing: Sequence[str],
+                    ask: Callable[[list[str]], Sequence[str]]) -> list[str]:
+    """The keys of ``missing`` (of ``keys``, as the index answered) not held in their path form
+    either. ``ask`` looks up the path forms not among ``keys`` and returns those missing too; a
+    form asked already is not asked again (one item named two ways is one item)."""
+    forms = _path_forms(missing)
+    new = list(dict.fromkeys(form for form in forms.values() if form not in set(keys)))
+    not_held = {*missing, *(ask(new) if new else [])}
+    return [key for key in missing if key not in forms or forms[key] in not_held]
 
 
 def _key_hint(keys: Sequence[str]) -> str:

@@ -399,9 +399,12 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     absent = pictor("get", "new/x.png", "no/such.png", "--target", server.target, check=False)
     assert absent.returncode == 2 and "pictor get: not found: no/such.png" in absent.stderr
     # A path as given to `pictor add` (as a shell completes it) finds the item add made of it.
-    assert pictor("get", "./new//x.png", "--target", server.target).stdout == "new/x.png  source=cam1\n"
+    both = pictor("get", "./new//x.png", "p/new/x.png", "--target", server.target).stdout  # in the order asked
+    assert both == "new/x.png  source=cam1\np/new/x.png  path=new/x.png\n"
+    assert pictor("get", "./new//x.png", "new/x.png", "--target", server.target).stdout == "new/x.png  source=cam1\n"
     assert "new/x.png" in pictor("search", "--key", "./new//x.png", "-k", "1", "--target", server.target).stdout
-    assert pictor("delete", "./new//x.png", "--target", server.target).stdout == "deleted 1\n"
+    named_twice = pictor("delete", "./new//x.png", "new/x.png", "--json", "--target", server.target).stdout
+    assert json.loads(named_twice) == {"deleted": 1, "missing": []}  # one item, named two ways
     # Like `rm -f`: a key already gone is not an error, for scripts that retry.
     again = pictor("delete", "p/new/x.png", "new/x.png", "--missing-ok", "--target", server.target)
     assert again.stdout == "deleted 1\n" and again.stderr == ""
