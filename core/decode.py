@@ -28,6 +28,11 @@ from pictor.image_files import read_image_file
 
 log = logging.getLogger(__name__)
 
+# What a file decodes to, as a version: caches of embeddings (the trainer's) key on it, so
+# bump it whenever some file decodes to other pixels. "draft": large JPEGs decoded at reduced
+# size; 2: MPO photos drafted too, float images above 255 scaled to their maximum.
+DECODE_VERSION = "2"
+
 # Formats Pillow may parse. Never EPS (runs Ghostscript), PDF, PSD, ICO, SVG and the like.
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 

@@ -219,6 +219,17 @@ def test_linear_separates_shapes_and_caches_embeddings(
     assert third.model.training["precision"] == "bf16"
 
 
+def test_cached_embeddings_are_those_of_this_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A file decoded otherwise since (MPO photos drafted as JPEGs from DECODE_VERSION 2) is
+    # another vector: an old cache's entry for its content would be used silently.
+    from pictor.trainer import cache
+
+    spec = create_embedder(device="cpu").spec
+    before = cache.spec_key(spec, "plain", "fp32")
+    monkeypatch.setattr(cache, "DECODE_VERSION", "next")
+    assert cache.spec_key(spec, "plain", "fp32") != before
+
+
 def test_an_unwritable_cache_costs_time_not_the_run(
     shapes: Path, tmp_path: Path, embedder: CountingEmbedder, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 
 from pictor.config import DEFAULT_MAX_PIXELS
+from pictor.core.decode import DECODE_VERSION
 from pictor.core.files import content_hash, write_atomic
 from pictor.core.spec import ModelSpec
 from pictor.errors import InvalidImageError, NotFoundError
@@ -38,11 +39,11 @@ VIEWS = ("plain", "hflip")  # hflip: the mirrored image, a free augmentation for
 
 def spec_key(spec: ModelSpec, view: str, precision: str) -> str:
     """Folder name of one embedding space, precision and view."""
-    # "decode": large JPEGs are decoded at a reduced (draft) size, as the server and the
-    # indexer do; entries from before that decoded them in full. The precision: bf16 vectors
+    # "decode": entries from a Pictor that decoded some files otherwise (large JPEGs in full,
+    # MPO photos in full) are other vectors of the same content. The precision: bf16 vectors
     # differ from fp32 ones (cosine 0.990-0.999), and a model file serves at the precision its
     # head was fitted at.
-    blob = json.dumps({"spec": spec.to_dict(), "view": view, "precision": precision, "decode": "draft"},
+    blob = json.dumps({"spec": spec.to_dict(), "view": view, "precision": precision, "decode": DECODE_VERSION},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
