@@ -508,8 +508,8 @@ def _found_as_paths(keys: Sequence[str], missing: Sequence[str],
     """The keys of ``missing`` (of ``keys``, as the index answered) not held in their path form
     either. ``ask`` looks up the path forms not among ``keys`` and returns those missing too; a
     form asked already is not asked again (one item named two ways is one item)."""
-    forms = _path_forms(missing)
-    new = list(dict.fromkeys(form for form in forms.values() if form not in set(keys)))
+    forms, asked = _path_forms(missing), set(keys)
+    new = list(dict.fromkeys(form for form in forms.values() if form not in asked))
     not_held = {*missing, *(ask(new) if new else [])}
     return [key for key in missing if key not in forms or forms[key] in not_held]
 

@@ -63,7 +63,7 @@ def _process_gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     except PermissionError:  # alive: another user's
-        return False
+        pass
     return False
 
 

@@ -263,9 +263,10 @@ def build_settings(
         if dataclasses.is_dataclass(typ):
             values[f.name] = build_settings(typ, flags, env=env, file_values=file_values)  # type: ignore[arg-type]
             continue
-        value, source = _lookup(f.name, _setting_name(f), flags, env, file_values)
+        name = _setting_name(f)
+        value, source = _lookup(f.name, name, flags, env, file_values)
         if value is not dataclasses.MISSING:
-            in_file = " in the config file" if source == _setting_name(f) else ""
+            in_file = " in the config file" if source == name else ""
             values[f.name] = _coerce(value, typ, source, in_file)
             sources[f.name] = source + in_file
     try:

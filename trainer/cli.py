@@ -12,7 +12,7 @@ from typing import Any
 from pictor.config import ModelSettings, add_flag, model_settings, set_by, show_progress
 from pictor.trainer.config import MODES, TrainConfig
 
-log = logging.getLogger("pictor")
+log = logging.getLogger(__name__)
 
 TRAIN_DESCRIPTION = """\
 Train a classifier for your classes on a pretrained backbone (transfer learning) and write
