@@ -149,6 +149,18 @@ class Embedder:
         return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
 
 
+def degenerate(vectors: np.ndarray) -> np.ndarray:
+    """Mask of the rows of ``vectors`` that are all zero or not finite: a forward pass that
+    underflowed or overflowed (fp16 on some random-init networks). Good rows are unit vectors."""
+    return ~(np.einsum("ij,ij->i", vectors, vectors) > 0.5)
+
+
+def degenerate_why(precision: str) -> str:
+    """Why an image whose embedding is ``degenerate`` is left out, for people."""
+    return "its embedding is all zero or not finite" + (
+        f" (at {precision}; --precision fp32 may embed it)" if precision != "fp32" else "")
+
+
 def create_embedder(
     backbone: str = DEFAULT_BACKBONE,
     *,

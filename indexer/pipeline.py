@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from pictor.core.decode import check_pixels, load_image
+from pictor.core.embedder import degenerate, degenerate_why
 from pictor.core.files import content_hash
 from pictor.core.gallery import GalleryEntry
 from pictor.core.store import IndexStore, Item
@@ -193,13 +194,11 @@ def embedded_batches(
 
 def without_degenerate(decoded: DecodedBatch, vectors: np.ndarray, precision: str
                        ) -> tuple[DecodedBatch, np.ndarray]:
-    """Move entries whose embedding is all zero or not finite (a forward pass that underflowed
-    or overflowed: fp16 on some random-init networks) to the failures: one file, not the run."""
-    good = np.einsum("ij,ij->i", vectors, vectors) > 0.5  # unit vectors, else 0 or NaN
+    """Move entries whose embedding is ``degenerate`` to the failures: one file, not the run."""
+    good = ~degenerate(vectors)
     if good.all():
         return decoded, vectors
-    why = "its embedding is all zero or not finite" + (
-        f" (at {precision}; --precision fp32 may embed it)" if precision != "fp32" else "")
+    why = degenerate_why(precision)
     failed = [(e, f"{e.path}: {why}") for e, g in zip(decoded.entries, good, strict=True) if not g]
     kept = np.flatnonzero(good)
     return replace(decoded, entries=[decoded.entries[i] for i in kept],

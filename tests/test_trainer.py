@@ -14,7 +14,7 @@ import os
 import random
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from pictor.cli import main
 from pictor.config import ServerSettings
 from pictor.core.backbones import create_backbone
-from pictor.core.embedder import Embedder, create_embedder, resolve_device
+from pictor.core.embedder import Embedder, EmbedOutput, create_embedder, resolve_device
 from pictor.core.head import load_model
 from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
 from pictor.server.engine import Engine
@@ -74,9 +74,10 @@ class CountingEmbedder(Embedder):
 
     images_embedded = 0
 
-    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
-        self.images_embedded += len(images)
-        return super().embed(images)
+    def forward_preprocessed(self, tensors: Iterable[torch.Tensor]) -> EmbedOutput:
+        tensors = list(tensors)
+        self.images_embedded += len(tensors)
+        return super().forward_preprocessed(tensors)
 
 
 @pytest.fixture(scope="module")
@@ -255,6 +256,29 @@ def test_unreadable_images_are_skipped_and_counted(
     assert result.model.metrics["skipped_images"] == 3
     assert result.report["top1"] == 1.0
     assert result.cache["misses"] == embedder.images_embedded - before  # "computed": the cut one is not
+
+
+def test_an_embedding_that_underflowed_is_skipped_not_trained_on(tmp_path: Path) -> None:
+    from pictor.trainer.cache import embed_samples
+    from pictor.trainer.data import Sample
+
+    class Underflowing(Embedder):  # fp16 on some random-init networks: NaN or zero for some images
+        def forward_preprocessed(self, tensors: Iterable[torch.Tensor]) -> EmbedOutput:
+            out = super().forward_preprocessed(tensors)
+            out.embeddings[1::2] = np.nan
+            return out
+
+    tree = make_tree(tmp_path / "tree", per_class=2, classes=("disc", "square"))
+    samples = [Sample(p, p.parent.name) for p in sorted(tree.rglob("*.png"))]
+    under = Underflowing(create_backbone("efficientnet_lite0", weights="random"), device=resolve_device("cpu"),
+                         precision="bf16", pooling="avg", batch_size=16)
+    done, stats = embed_samples(samples, under, cache_root=tmp_path / "cache", views=("plain", "hflip"))
+    assert [s.path for s in done.samples] == [samples[0].path, samples[2].path]
+    assert done.embeddings.shape == (2, 2, under.spec.dim) and np.isfinite(done.embeddings).all()
+    assert [(p, why) for p, why in done.skipped] == [
+        (samples[i].path, "its embedding is all zero or not finite (at bf16; --precision fp32 may embed it)")
+        for i in (1, 3)]
+    assert stats == {"hits": 0, "misses": 4}  # the NaN vectors are not cached either
 
 
 @pytest.mark.parametrize(("setting", "flag"), [

@@ -27,6 +27,7 @@ from pictor.errors import InvalidImageError, NotFoundError
 from pictor.trainer.data import Sample
 
 if TYPE_CHECKING:
+    import torch
     from PIL import Image
 
     from pictor.core.embedder import Embedder
@@ -136,6 +137,7 @@ def embed_samples(
     ``progress(n)`` is called as images are done.
     """
     from pictor.core.decode import check_pixels, decode_image
+    from pictor.core.embedder import degenerate, degenerate_why
     from pictor.image_files import read_image_file
 
     caches = [EmbeddingCache(cache_root, embedder.spec, v, embedder.precision) if cache_root else None
@@ -144,22 +146,27 @@ def embed_samples(
     hashes: list[str] = []
     skipped: list[tuple[Path, str]] = []
     rows: list[list[np.ndarray | None]] = []  # per kept sample, per view
-    pending: list[tuple[int, Image.Image]] = []  # (row index, image) waiting for the backbone
+    # (row index, per view: the preprocessed image, None where cached): tensors of the model's
+    # input size wait for the backbone, never the decoded images (a batch of large PNGs is GBs)
+    pending: list[tuple[int, list[torch.Tensor | None]]] = []
+    failed_rows: set[int] = set()
 
     def flush() -> None:
-        if not pending:
-            return
-        for vi, view in enumerate(views):
-            todo = [(row, img) for row, img in pending if rows[row][vi] is None]
+        for vi in range(len(views)):
+            todo = [(row, t) for row, tensors in pending if (t := tensors[vi]) is not None]
             if not todo:
                 continue
-            vecs = embedder.embed([_view(img, view) for _, img in todo])
-            for (row, _), vec in zip(todo, vecs, strict=True):
+            vecs = embedder.forward_preprocessed(t for _, t in todo).embeddings
+            bad = degenerate(vecs)
+            for (row, _), vec, is_bad in zip(todo, vecs, bad, strict=True):
+                if is_bad:  # neither kept nor cached: one image, not a head trained on NaN
+                    failed_rows.add(row)
+                    continue
                 rows[row][vi] = vec
                 cache = caches[vi]
                 if cache is not None:
                     cache.put(hashes[row], vec)
-        if progress:
+        if progress and pending:
             progress(len(pending))
         pending.clear()
 
@@ -192,10 +199,16 @@ def embed_samples(
         kept.append(s)
         hashes.append(h)
         rows.append(cached)
-        pending.append((len(rows) - 1, img))
+        pending.append((len(rows) - 1, [None if vec is not None else embedder.preprocess(_view(img, view))
+                                        for vec, view in zip(cached, views, strict=True)]))
         if len(pending) >= batch_size:
             flush()
     flush()
+    if failed_rows:
+        why = degenerate_why(embedder.precision)
+        skipped += [(kept[r].path, why) for r in sorted(failed_rows)]
+        good = [r for r in range(len(rows)) if r not in failed_rows]
+        kept, hashes, rows = [kept[r] for r in good], [hashes[r] for r in good], [rows[r] for r in good]
     for path, why in skipped:
         log.warning("skipped %s: %s", path, why)
     stacked = np.empty((len(views), len(rows), embedder.spec.dim), np.float32)  # filled in place: one copy
