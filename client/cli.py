@@ -13,7 +13,6 @@ import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pictor.api import (
@@ -36,7 +35,7 @@ from pictor.errors import (
     ServerBusyError,
     ServerUnavailableError,
 )
-from pictor.image_files import check_image_file, path_text, read_image_file
+from pictor.image_files import check_image_file, check_key_text, path_key, path_text, read_image_file
 
 if TYPE_CHECKING:
     from pictor.api import StoredItem
@@ -170,11 +169,6 @@ def _client(args: argparse.Namespace) -> PictorClient:
 
     target = default_target() if args.target is None else args.target  # an empty --target is refused
     return PictorClient(target, timeout=args.timeout, max_message_mb=client_max_message_mb())
-
-
-def _path_key(path: str) -> str:
-    """The key `pictor index` gives the file: its path, normalised (``./a//b.jpg`` -> ``a/b.jpg``)."""
-    return Path(path).as_posix()
 
 
 def _emit(args: argparse.Namespace, data: Any, table: str) -> None:
@@ -381,7 +375,7 @@ def run_add(args: argparse.Namespace) -> int:
     from pictor.client.client import UpsertItem
 
     # A file named twice (`a.jpg ./a.jpg`) is one item, not one added and then replaced.
-    paths = list({_path_key(path): path for path in args.images}.values())
+    paths = list({path_key(path): path for path in args.images}.values())
     _check_files_to_add(paths)
     attrs = _parse_attrs(args.attr)
     _utf8_text(args.label, "--label")
@@ -392,10 +386,10 @@ def run_add(args: argparse.Namespace) -> int:
 
     def attributes(path: str) -> dict[str, str]:
         # With a prefix the key is no longer the path: the path is kept beside it.
-        return {"path": _path_key(path), **attrs} if args.key_prefix else attrs
+        return {"path": path_key(path), **attrs} if args.key_prefix else attrs
 
     def key(path: str) -> str:  # one slash where a prefix ending in / meets an absolute path
-        prefix, rest = args.key_prefix, _path_key(path)
+        prefix, rest = args.key_prefix, path_key(path)
         return prefix + (rest[1:] if prefix.endswith("/") and rest.startswith("/") else rest)
 
     items = (UpsertItem(key=key(path), image=read_image_file(path), label=args.label,
@@ -416,9 +410,7 @@ def _check_files_to_add(paths: Sequence[str]) -> None:
         try:
             if (size := check_image_file(path).stat().st_size) > max_bytes:  # (an item is more than its image)
                 raise ResourceExhaustedError(f"{path}: " + request_too_large(size, max_bytes, "this client's"))
-            if path_text(path) != path:  # (bytes the shell passed on as they were)
-                raise InvalidRequestError(f"{path_text(path)}: the file name is not UTF-8 text, which a key "
-                                          "must be; rename the file")
+            check_key_text(path)  # (bytes the shell passed on as they were)
         except PictorError as e:
             problems.append(e)
     if len(problems) == 1:
@@ -458,7 +450,7 @@ def run_get(args: argparse.Namespace) -> int:
     position: dict[str, int] = {}  # the order asked, an item found by its path form in its key's place
     for i, key in enumerate(args.keys):
         position.setdefault(key, i)
-        position.setdefault(_path_key(key), i)
+        position.setdefault(path_key(key), i)
     items.sort(key=lambda it: position.get(it.key, len(position)))
     rows = []
     for it in items:
@@ -500,7 +492,7 @@ def _path_forms(keys: Sequence[str]) -> dict[str, str]:
     """Of ``keys``, those written otherwise than `pictor add` and `pictor index` store a path
     (./photos//a.jpg for photos/a.jpg), each with that form: so that a path given to add is
     one to give to get and delete."""
-    return {key: _path_key(key) for key in keys if _path_key(key) != key}
+    return {key: path_key(key) for key in keys if path_key(key) != key}
 
 
 def _found_as_paths(keys: Sequence[str], missing: Sequence[str],
@@ -516,7 +508,7 @@ def _found_as_paths(keys: Sequence[str], missing: Sequence[str],
 
 def _key_hint(keys: Sequence[str]) -> str:
     """How an indexed file's key is written, shown on the first of ``keys`` written otherwise."""
-    untidy = next((key for key in keys if _path_key(key) != key), None)
-    example = f"{_one_line(_path_key(untidy))} for {_one_line(untidy)}" if untidy else "photos/a.jpg for ./photos//a.jpg"
+    untidy = next((key for key in keys if path_key(key) != key), None)
+    example = f"{_one_line(path_key(untidy))} for {_one_line(untidy)}" if untidy else "photos/a.jpg for ./photos//a.jpg"
     return (f"a key is the image's path as `pictor index` or `pictor add` stored it: {example}; "
             "`pictor list` shows keys")

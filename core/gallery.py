@@ -18,6 +18,7 @@ from pathlib import Path
 from pictor.api import MAX_KEY_LEN, canonical_label
 from pictor.core.store_types import Item, checked_items
 from pictor.errors import InvalidRequestError, NotFoundError
+from pictor.image_files import path_key
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def read_gallery(
             merged.add(parts[0])
             log.warning("folders %s and %s in %s are the same label in Unicode NFC, as labels are kept: "
                         "their images are one class, %r", ascii(first), ascii(parts[0]), src, label)
-        yield GalleryEntry(key=path.as_posix(), path=path, label=label)
+        yield GalleryEntry(key=path_key(path), path=path, label=label)
 
 
 def _walk_images(root: Path, unlisted: list[tuple[Path, str]], passed_over: Counter[str]) -> Iterator[Path]:
@@ -252,7 +253,7 @@ def _entries(manifest: Path, rows: Iterator[tuple[int, dict[str, str]]], require
         if "\0" in raw:
             raise InvalidRequestError(f"{where}: the path contains a NUL byte")
         path = Path(raw) if Path(raw).is_absolute() else base / raw
-        key = row.pop("key", "") or Path(raw).as_posix()  # as a folder listing writes it: a/b.jpg
+        key = row.pop("key", "") or path_key(raw)  # as a folder listing writes it: a/b.jpg
         if len(key) > MAX_KEY_LEN:
             raise InvalidRequestError(f"{where}: the key is {len(key):,} characters long; "
                                       f"at most {MAX_KEY_LEN:,}")

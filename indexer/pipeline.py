@@ -30,7 +30,7 @@ from pictor.core.files import content_hash
 from pictor.core.gallery import GalleryEntry
 from pictor.core.store import IndexStore, Item
 from pictor.errors import InvalidImageError, InvalidRequestError, NotFoundError
-from pictor.image_files import path_text, read_image_file
+from pictor.image_files import check_key_text, path_text, read_image_file
 from pictor.iterators import batched
 
 if TYPE_CHECKING:
@@ -79,10 +79,10 @@ def split_misnamed(entries: Iterable[GalleryEntry]) -> tuple[list[GalleryEntry],
     good, bad = [], []
     for e in entries:
         try:
-            e.key.encode("utf-8")
+            check_key_text(e.key)
             good.append(e)
-        except UnicodeEncodeError:
-            bad.append((e, f"{e.path}: the file name is not UTF-8 text, which a key must be; rename the file"))
+        except InvalidRequestError as err:
+            bad.append((e, str(err)))
     return good, bad
 
 

@@ -105,8 +105,8 @@ class ServerSettings(RuntimeSettings):
     port: int = DEFAULT_PORT
     workers: int = 8  # gRPC handler threads
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
-    # Seconds an Upsert stream may send nothing before the server ends it (a quiet client
-    # without a deadline would otherwise hold an upsert slot for good).
+    # Seconds an Upsert or reflection stream may send nothing before the server ends it (a quiet
+    # client without a deadline would otherwise hold a stream slot for good).
     upsert_idle_timeout: float = 60.0
 
     def __post_init__(self) -> None:

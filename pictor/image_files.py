@@ -9,7 +9,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from pictor.errors import InvalidImageError, NotFoundError
+from pictor.errors import InvalidImageError, InvalidRequestError, NotFoundError
 
 # No image within the pixel cap is this large (40 MP of 4-channel float32 is 640 MB): a larger
 # file is refused by its size, before reading it whole (a 3 GB file took 3.9 GB of memory only
@@ -74,3 +74,17 @@ def path_text(text: str | os.PathLike[str]) -> str:
     """A path (or a message naming one) as valid Unicode: bytes of a file name that are not
     UTF-8, which Python keeps as lone surrogates that strict JSON parsers refuse, as \\xNN."""
     return os.fspath(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def path_key(path: str | os.PathLike[str]) -> str:
+    """The key an image file is indexed under (`pictor index`, `pictor add`): its path as
+    given, normalised (``./a//b.jpg`` -> ``a/b.jpg``)."""
+    return Path(path).as_posix()
+
+
+def check_key_text(key: str) -> None:
+    """Refuse a key that is not text: a file name that is not UTF-8 (from an old archive, say),
+    which Python keeps as lone surrogates, cannot be stored or sent as one."""
+    if path_text(key) != key:
+        raise InvalidRequestError(f"{path_text(key)}: the file name is not UTF-8 text, which a key must be; "
+                                  "rename the file")

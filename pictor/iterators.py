@@ -1,4 +1,4 @@
-"""Small iterator helpers shared by the server and the indexer (light: stdlib only)."""
+"""Small iterator helpers shared by the server, the indexer and the embedder (light: stdlib only)."""
 
 from __future__ import annotations
 

@@ -108,7 +108,7 @@ def create_server(settings: ServerSettings, threads: HandlerThreads | None = Non
         PictorService(engine, threads, upsert_idle_s=settings.upsert_idle_timeout, max_reply_bytes=max_bytes), server
     )
 
-    health_servicer = CheckOnlyHealthServicer(engine.store.unavailable)
+    health_servicer = CheckOnlyHealthServicer(engine.unavailable)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (health.OVERALL_HEALTH, SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -388,6 +388,11 @@ class Engine:
         _check_keys(keys, "delete")
         return self.store.delete(keys, before_write=before_write)
 
+    def unavailable(self) -> str | None:
+        """Why the server can take no more writes, or None: what health checks report (asked of
+        the engine, not of a store object, so that a reloaded index is the one checked)."""
+        return self.store.unavailable()
+
     def list_items(self, after: str, limit: int, filter: Filter | None) -> ItemPage:
         return self.store.list_items(after, limit, filter)
 
