@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import io
 import json
 import math
 import os
+import random
 import re
 import signal
 import socket
@@ -1078,6 +1081,58 @@ def test_an_upsert_cut_off_by_closing_the_client_may_have_been_written(server: S
     assert re.match(r"the call was cancelled before its answer came \(.*\): this PictorClient was closed "
                     r"\(CANCELLED\); the item sent was not written \(the server writes fewer than 64 items only with "
                     r"the stream's last message, which never went\): send them again", str(cut.value)), str(cut.value)
+
+
+def test_an_upsert_refused_as_busy_midway_is_sent_again_whole(built_index: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """gRPC's own resend of a stream refused after its client began sending lost items from its
+    middle (answered as written); PictorClient resends an Upsert itself, every item of it."""
+    from pictor.server.limits import HandlerThreads
+
+    class Refusing(HandlerThreads):
+        refusals = 0
+        refused = 0
+        delays = random.Random(0)
+
+        def stream(self, refused: str) -> contextlib._GeneratorContextManager[None, None, None]:
+            if self.refusals:
+                self.refusals -= 1
+                self.refused += 1
+                time.sleep(self.delays.uniform(0, 0.05))  # the client may be sending by now
+                raise ServerBusyError(f"the server is busy; {refused}")
+            return super().stream(refused)
+
+    threads = Refusing(8)
+    server, port, engine = create_server(ServerSettings(index=str(built_index), port=0, device="cpu"), threads)
+    server.start()
+    rng = np.random.default_rng(0)
+    try:
+        with PictorClient(f"localhost:{port}", timeout=8) as client:  # resent after 0.2 s, then 0.4, 0.8, 1.6
+            for n in range(40):  # (gRPC's resend lost an item in about 1 of 40)
+                items = [UpsertItem(key=f"r{n}/{i}", vector=rng.standard_normal(1280).tolist()) for i in range(150)]
+                threads.refusals, threads.refused = 1, 0
+                assert client.upsert(items) == (150, 0) and threads.refused == 1
+                assert client.get([it.key for it in items])[1] == []
+            threads.refusals = 9
+            with pytest.raises(ServerBusyError, match=r"the server is busy; nothing was written \(refused 5 times: "
+                                                      r"the client sent it again after random waits\) "
+                                                      r"\(RESOURCE_EXHAUSTED\)$"):
+                client.upsert(items)
+            assert threads.refusals == 4
+            # Nothing vanishes unsaid: an answer that counts fewer items than were sent is an error.
+            real = engine.upsert
+
+            def one_short(*args: Any, **kwargs: Any) -> Any:
+                result = real(*args, **kwargs)  # (the items are there: replaced)
+                return dataclasses.replace(result, replaced=result.replaced - 1)
+
+            monkeypatch.setattr(engine, "upsert", one_short)
+            with pytest.raises(ServerUnavailableError, match="the server wrote 63 of the 64 items sent: the others "
+                                                             "were lost on the way; sending them again is safe"):
+                client.upsert(items[:64])
+    finally:
+        server.stop(None)
+        engine.close()
 
 
 def test_an_upsert_cut_off_by_the_server_stopping_says_so(built_index: Path) -> None:
