@@ -189,6 +189,18 @@ def test_bad_data_gives_clear_errors(tmp_path: Path, embedder: CountingEmbedder)
         (tree / "triangle" / f"triangle_{i}.png").write_text("not a picture")
     with pytest.raises(InvalidRequestError, match=r"fewer than 3 usable images: triangle \([12]\)"):
         train(config(tmp_path), tree, embedder=embedder)
+    for i in (2, 3):  # none usable: the class is named all the same, not dropped without a word
+        (tree / "triangle" / f"triangle_{i}.png").write_text("not a picture")
+    with pytest.raises(InvalidRequestError, match=r"fewer than 3 usable images: triangle \(0\)"):
+        train(config(tmp_path), tree, embedder=embedder)
+    # Paths written from the current folder, not the manifest's: nothing can be read, and why.
+    (tmp_path / "lists").mkdir()
+    listed = "".join(f"tree/{c}/{c}_{i}.png,{c}\n" for c in ("disc", "square") for i in range(4))
+    (tmp_path / "lists" / "train.csv").write_text("path,label\n" + listed)
+    with pytest.raises(InvalidRequestError, match=r"train.csv: none of the 6 training images could be read \(each "
+                                                  r"is named above\); a manifest's relative paths are read from its "
+                                                  r"own folder, .*lists$"):
+        train(config(tmp_path), tmp_path / "lists" / "train.csv", embedder=embedder)
 
 
 # --------------------------------------------------------------------------- linear

@@ -84,11 +84,12 @@ def class_names(samples: Iterable[Sample]) -> list[str]:
 
 
 def check_class_sizes(samples: Sequence[Sample], min_per_class: int, what: str = "data",
-                      kind: str = "usable") -> None:
-    """Raise ``InvalidRequestError`` naming every class with fewer than ``min_per_class`` images
-    (``kind``: "listed" or "training" (listed, after a split) before the images are read,
-    "usable" after)."""
-    counts = Counter(s.label for s in samples)
+                      kind: str = "usable", classes: Iterable[str] = ()) -> None:
+    """Raise ``InvalidRequestError`` naming every class (of ``samples``, and every one of
+    ``classes``, which may have none left) with fewer than ``min_per_class`` images (``kind``:
+    "listed" or "training" (listed, after a split) before the images are read, "usable" after)."""
+    counts = Counter(dict.fromkeys(classes, 0))  # (update keeps a count of 0; + would drop it)
+    counts.update(s.label for s in samples)
     small = {c: n for c, n in sorted(counts.items()) if n < min_per_class}
     if small:
         listed = ", ".join(f"{c} ({n})" for c, n in small.items())

@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -159,7 +160,7 @@ def train(
     va, stats_va = embed_set(splits.val, embedder, config, "val")
     cache = {k: stats_tr[k] + stats_va[k] for k in stats_tr}
     skipped = tr.skipped + va.skipped
-    state = _linear_probe(config, data, tr, va)
+    state = _linear_probe(config, data, splits.train, tr, va)
     backbone_state: dict[str, torch.Tensor] = {}
     if config.mode == "finetune":
         backbone_state, tuned_cache = _finetune(config, embedder, tr, state, views)
@@ -214,10 +215,17 @@ def head_description(mode: str, metrics: dict[str, Any]) -> str:
     return f"{mode} head"
 
 
-def _linear_probe(config: TrainConfig, data: str | Path, tr: EmbeddedSet, va: EmbeddedSet
-                  ) -> _Fitted:
-    """Check the classes, encode labels, fit the head with the best weight decay."""
-    data_mod.check_class_sizes(tr.samples, config.min_per_class, what=f"{data} (training split)")
+def _linear_probe(config: TrainConfig, data: str | Path, listed: Sequence[data_mod.Sample], tr: EmbeddedSet,
+                  va: EmbeddedSet) -> _Fitted:
+    """Check the classes (each of the ``listed`` training images' that lost its readable
+    images too), encode labels, fit the head with the best weight decay."""
+    if not tr.samples:
+        where = (f"; a manifest's relative paths are read from its own folder, {Path(data).parent}"
+                 if Path(data).is_file() else "")
+        raise InvalidRequestError(f"{data}: none of the {len(listed)} training images could be read "
+                                  f"(each is named above){where}")
+    data_mod.check_class_sizes(tr.samples, config.min_per_class, what=f"{data} (training split)",
+                               classes=data_mod.class_names(listed))
     names = data_mod.class_names(tr.samples)
     _warn_of_label_conflicts(tr)
     known = set(names)
