@@ -10,6 +10,7 @@ import csv
 import json
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -188,8 +189,15 @@ def _csv_rows(manifest: Path, f: Iterable[str], required: tuple[str, ...]
             raise InvalidRequestError(
                 f"{manifest}:{reader.line_num}: {len(columns) + len(row[None])} cells for {len(columns)} "
                 "columns; quote a cell that holds a comma (\"a,b.jpg\")")
+        if (cells := sum(v is not None for v in row.values())) < len(columns):  # DictReader's fill
+            raise InvalidRequestError(
+                f"{manifest}:{reader.line_num}: {cells} cell{'s' if cells != 1 else ''} for {len(columns)} "
+                "columns; write an empty cell with its comma (\"a.jpg,\" for no label)")
         # Stray spaces around a CSV cell ("a.jpg, tulips") never help.
         yield reader.line_num, {k: v.strip() for k, v in row.items() if v is not None}
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _csv_error(manifest: Path, line: int, e: csv.Error) -> InvalidRequestError:
@@ -248,10 +256,17 @@ def _entries(manifest: Path, rows: Iterator[tuple[int, dict[str, str]]], require
         where = f"{manifest}:{line}"
         missing = [c for c in required if not row.get(c)]
         if missing:
-            raise InvalidRequestError(f"{where}: no {' and no '.join(repr(c) for c in missing)}")
+            fields = ""
+            if row and any(c not in row for c in missing):  # a JSONL line's own names ("Path")
+                case = "; names are lower case" if any(k.lower() in missing for k in row) else ""
+                fields = f" (its fields: {', '.join(map(repr, row))}{case})"
+            raise InvalidRequestError(f"{where}: no {' and no '.join(repr(c) for c in missing)}{fields}")
         raw = row.pop("path")
         if "\0" in raw:
             raise InvalidRequestError(f"{where}: the path contains a NUL byte")
+        if _URL.match(raw):
+            raise InvalidRequestError(f"{where}: {raw!r:.200} is a URL; Pictor reads image files on this "
+                                      "machine: download them and list their paths")
         path = Path(raw) if Path(raw).is_absolute() else base / raw
         key = row.pop("key", "") or path_key(raw)  # as a folder listing writes it: a/b.jpg
         if len(key) > MAX_KEY_LEN:

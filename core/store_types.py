@@ -257,6 +257,10 @@ def _check_label(label: str, whose: str) -> None:
     if "\0" in label:  # SQLite's JSON functions, which the label filter uses, cut text there
         raise InvalidRequestError(f"{whose}: the label {label!r:.80} holds a NUL character (U+0000), "
                                   "which labels cannot")
+    if control := next((ch for ch in label if unicodedata.category(ch) == "Cc"), None):
+        # A class name is shown in tables, plots and logs: a line break there splits a row.
+        raise InvalidRequestError(f"{whose}: the label {label!r:.80} holds a control character "
+                                  f"(U+{ord(control):04X}: a line break, tab or the like), which labels cannot")
 
 
 def checked_keys(keys: Iterable[str]) -> list[str]:

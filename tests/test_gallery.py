@@ -82,6 +82,10 @@ def test_bad_sources_are_clear_errors(tmp_path: Path) -> None:
     ragged.write_text('path,label\n"imgs/x,y.jpg",daisy\nimgs/a,b.jpg,daisy\n')
     with pytest.raises(InvalidRequestError, match='r.csv:3: 3 cells for 2 columns; quote a cell that holds a comma'):
         list(read_gallery(ragged))
+    ragged.write_text("path,label\na.jpg,x\nb.jpg\n")  # a label missing, or a cell lost in an edit?
+    with pytest.raises(InvalidRequestError, match=r'r.csv:3: 1 cell for 2 columns; write an empty cell with its '
+                                                  r'comma \("a.jpg," for no label\)'):
+        list(read_gallery(ragged))
     ragged.write_text("path,label,label\na.jpg,x,y\n")
     with pytest.raises(InvalidRequestError, match="the header names 'label' more than once"):
         list(read_gallery(ragged))
@@ -98,8 +102,12 @@ def test_required_labels_name_the_manifest_line(tmp_path: Path) -> None:
         list(read_gallery(csv, require_label=True))
     jsonl = tmp_path / "m.jsonl"
     jsonl.write_text(json.dumps({"path": "a.png", "label": "cat"}) + "\n\n" + json.dumps({"label": "dog"}) + "\n")
-    with pytest.raises(InvalidRequestError, match="m.jsonl:3: no 'path'"):
+    with pytest.raises(InvalidRequestError, match="m.jsonl:3: no 'path' \\(its fields: 'label'\\)$"):
         list(read_gallery(jsonl))
+    jsonl.write_text(json.dumps({"Path": "a.png", "Label": "cat"}) + "\n")
+    with pytest.raises(InvalidRequestError, match="m.jsonl:1: no 'path' and no 'label' \\(its fields: 'Path', "
+                                                  "'Label'; names are lower case\\)"):
+        list(read_gallery(jsonl, require_label=True))
 
 
 def test_hidden_files_and_folders_are_not_listed(tmp_path: Path) -> None:
@@ -175,6 +183,14 @@ def test_manifest_rows_that_cannot_be_items_are_refused_up_front(tmp_path: Path)
     jsonl.write_text(json.dumps({"path": "a.png"}) + "\n" + json.dumps({"path": "b.png", "label": "x\0y"}) + "\n")
     with pytest.raises(InvalidRequestError, match=r"m.jsonl:2: item 'b.png': the label 'x.x00y' holds a NUL"):
         list(read_gallery(jsonl))
+    jsonl.write_text(json.dumps({"path": "a.png", "label": "tulips\nred"}) + "\n")  # would split a table's row
+    with pytest.raises(InvalidRequestError, match=r"m.jsonl:1: item 'a.png': the label 'tulips.nred' holds a "
+                                                  r"control character \(U\+000A"):
+        list(read_gallery(jsonl))
+    csv.write_text("path,label\nhttps://example.com/a.png,x\n")  # no download: a clear refusal, not "no such file"
+    with pytest.raises(InvalidRequestError, match="m.csv:2: 'https://example.com/a.png' is a URL; Pictor reads "
+                                                  "image files on this machine"):
+        list(read_gallery(csv))
     for row in ({"path": "a.png", "label": "ro\ud800ses"}, {"path": "a.png", "key": "k\ud800"},
                 {"path": "a.png", "note\udc00": "x"}):  # json.dumps writes them as \u escapes
         jsonl.write_text(json.dumps(row) + "\n")
