@@ -644,7 +644,8 @@ class PictorClient:
         first = next(converted, None)
         if first is None:  # nothing to write (the server refuses an empty stream as a raw client's slip)
             return 0, 0
-        stream = _UpsertStream(itertools.chain([first], converted), self._max_bytes)
+        # (kept to resend it only where it may be resent)
+        stream = _UpsertStream(itertools.chain([first], converted), self._max_bytes if self._max_attempts > 1 else 0)
         logging.getLogger("grpc._channel").addFilter(_QUIET_ITEMS_FAILED)  # (once: a filter is added once)
 
         started, attempts, requests = time.monotonic(), 1, stream.attempt()

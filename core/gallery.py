@@ -23,6 +23,8 @@ from pictor.image_files import path_key
 
 log = logging.getLogger(__name__)
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # a manifest's path that is a URL (scheme://...)
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 MANIFEST_SUFFIXES = frozenset({".csv", ".jsonl", ".ndjson"})
 
@@ -195,9 +197,6 @@ def _csv_rows(manifest: Path, f: Iterable[str], required: tuple[str, ...]
                 "columns; write an empty cell with its comma (\"a.jpg,\" for no label)")
         # Stray spaces around a CSV cell ("a.jpg, tulips") never help.
         yield reader.line_num, {k: v.strip() for k, v in row.items() if v is not None}
-
-
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _csv_error(manifest: Path, line: int, e: csv.Error) -> InvalidRequestError:
