@@ -334,8 +334,11 @@ def test_validation_copies_of_training_images_are_left_out(
     assert "rest on 9 validation images" in caplog.text and "use more validation images, or" in caplog.text
     # A validation set without one of the classes says so.
     shutil.rmtree(val / "triangle")
+    (val / "star").mkdir()  # and one of a class training has not, which it names
+    shutil.copy(val / "disc" / "disc_2.png", val / "star" / "s.png")
     train(config(tmp_path, weight_decays=(1e-3,)), train_tree, val_data=val, embedder=embedder)
     assert "validation has no images of triangle" in caplog.text
+    assert "validation: 1 image(s) of classes absent from training are ignored ('star')" in caplog.text
 
 
 def test_temperature_sharpens_only_on_evidence() -> None:

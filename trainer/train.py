@@ -233,8 +233,9 @@ def _linear_probe(config: TrainConfig, data: str | Path, listed: Sequence[data_m
     if not keep.any():
         raise InvalidRequestError("the validation set shares no class with the training set")
     if not keep.all():
-        log.warning("validation: %d image(s) of classes absent from training are ignored",
-                    int((~keep).sum()))
+        unknown = sorted({lab for lab, k in zip(va.labels, keep, strict=True) if not k})
+        log.warning("validation: %d image(s) of classes absent from training are ignored (%s)",
+                    int((~keep).sum()), ", ".join(map(repr, unknown)))
     keep &= _not_in_training(tr, va)
     if not keep.any():
         raise InvalidRequestError("every validation image of the trained classes is also a training image "
