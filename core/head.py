@@ -47,8 +47,9 @@ FORMAT_VERSION = 1
 
 
 def top_k_labels(probs: np.ndarray, names: Sequence[str], k: int) -> list[tuple[str, float]]:
-    """The ``k`` most probable ``(name, probability)`` pairs of one probability vector."""
-    return [(names[i], float(probs[i])) for i in np.argsort(-probs)[:k]]
+    """The ``k`` most probable ``(name, probability)`` pairs of one probability vector (of equal
+    ones, the first: as ``argmax`` answers)."""
+    return [(names[i], float(probs[i])) for i in np.argsort(-probs, kind="stable")[:k]]
 
 
 class LabelledHit(Protocol):
@@ -210,8 +211,9 @@ class TrainedModel:
             return self.head(x.float().cpu()) / self.temperature
 
     def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
-        """Class probabilities ``[N, C]`` (float32), columns in ``class_names`` order."""
-        return torch.softmax(self.logits(embeddings), dim=1).numpy().astype(np.float32)
+        """Class probabilities ``[N, C]`` (float64: in float32 those of logits 104 below the best
+        are all 0, and the ranks among them lost), columns in ``class_names`` order."""
+        return torch.softmax(self.logits(embeddings).double(), dim=1).numpy()
 
     def top_k(self, embeddings: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
         """Best ``k`` ``(class name, probability)`` pairs per embedding."""

@@ -26,7 +26,7 @@ from pictor.cli import main
 from pictor.config import ServerSettings
 from pictor.core.backbones import create_backbone
 from pictor.core.embedder import Embedder, EmbedOutput, create_embedder, resolve_device
-from pictor.core.head import load_model
+from pictor.core.head import load_model, top_k_labels
 from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
 from pictor.server.engine import Engine
 from pictor.trainer import data as data_mod
@@ -369,6 +369,15 @@ def test_macro_f1_counts_a_class_that_is_only_predicted() -> None:
     assert "(c: no images here, but answered: counted in macro F1 with F1 0" in format_report(report)
     never = classification_report(np.array([0, 0, 1, 1]), np.eye(3)[[0, 0, 1, 1]], ["a", "b", "c"])
     assert never["macro_f1"] == 1.0 and "(c: no images here and never answered: left out of macro F1)" in format_report(never)
+
+
+def test_accuracy_ranks_equal_probabilities_as_the_confusion_matrix_does() -> None:
+    # A tie goes to the first class everywhere: top-1 once read 0 beside a diagonal of 1.
+    probs = np.array([[0.0, 0.0, 0.5, 0.5]] * 3 + [[0.25] * 4])
+    for _ in range(5):  # (numpy's default sort is not stable: each run may order a tie anew)
+        report = classification_report(np.array([2, 2, 2, 0]), probs, ["a", "b", "c", "d"])
+        assert report["top1"] == 1.0 and np.trace(np.array(report["confusion"])) == 4
+    assert [name for name, _ in top_k_labels(np.array([0.1, 0.45, 0.45]), ["a", "b", "c"], 2)] == ["b", "c"]
 
 
 # --------------------------------------------------------------------------- open set

@@ -16,12 +16,13 @@ from pictor.core.files import write_atomic
 
 
 def top_k_accuracy(y: np.ndarray, probs: np.ndarray, k: int) -> float | None:
-    """Share of rows whose true class is among the ``k`` most probable; None without rows (no
-    accuracy was measured: 0.0 would read as every answer wrong)."""
+    """Share of rows whose true class is among the ``k`` most probable (of equal ones, the first,
+    as ``argmax`` and the confusion matrix count); None without rows (no accuracy was measured:
+    0.0 would read as every answer wrong)."""
     if len(y) == 0:
         return None
     k = min(k, probs.shape[1])
-    top = np.argsort(-probs, axis=1)[:, :k]
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     return float(np.mean(np.any(top == y[:, None], axis=1)))
 
 

@@ -168,7 +168,7 @@ def train(
     with torch.no_grad():
         val_logits = state.head(torch.as_tensor(state.x_val))
     temperature = fit_temperature(val_logits, state.y_val)
-    probs = torch.softmax(val_logits / temperature, 1).numpy()
+    probs = torch.softmax(val_logits.double() / temperature, 1).numpy()  # (see predict_proba)
     report = classification_report(state.y_val, probs, state.names)
     open_set = None
     if config.open_set:
