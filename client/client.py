@@ -663,7 +663,11 @@ class PictorClient:
                     raise
                 # Refused before the server read anything: nothing written, and sent again.
                 wait = _resend_wait(self.timeout, attempts)
-                if (attempts == self._max_attempts or not stream.resendable
+                if not stream.resendable and attempts < self._max_attempts:
+                    raise ServerBusyError(f"{_refused_times(str(e), attempts)}; not sent again: its items so far "
+                                          f"were over the {self._max_bytes // 2**20} MB this client keeps to "
+                                          "resend a stream (its message limit)") from None
+                if (attempts == self._max_attempts
                         or (self.timeout is not None and time.monotonic() + wait - started >= self.timeout)):
                     raise ServerBusyError(_refused_times(str(e), attempts)) from None
                 time.sleep(wait)

@@ -86,6 +86,14 @@ def read_gallery(
         yield GalleryEntry(key=path_key(path), path=path, label=label)
 
 
+def relative_paths_hint(source: str | os.PathLike[str]) -> str:
+    """For an error saying no listed image could be read: where a manifest's relative paths
+    are read from (its own folder: a manifest written from another one lists none); "" for a
+    folder of images."""
+    p = Path(source)
+    return f"; a manifest's relative paths are read from its own folder, {p.parent}" if p.is_file() else ""
+
+
 def _walk_images(root: Path, unlisted: list[tuple[Path, str]], passed_over: Counter[str]) -> Iterator[Path]:
     # Symlinked folders are followed (a class folder is often a link to where the photos
     # live); each real folder is listed once, which also ends a link back to an ancestor. A

@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     summary.left_out = dict(left_out.most_common())
     discard = target.created and count == 0  # an empty index this run made would only be in the way
     _print_summary(args, summary, out, count, discard)
-    return _exit_code(args, summary, out, discard)
+    return _exit_code(args, summary, out, discard, settings.gallery)
 
 
 @dataclasses.dataclass
@@ -283,7 +283,7 @@ def _print_summary(args: argparse.Namespace, summary: IndexSummary, out: Path, c
             print(f"  skipped {failure['error']}", file=sys.stderr)
 
 
-def _exit_code(args: argparse.Namespace, summary: IndexSummary, out: Path, discard: bool) -> int:
+def _exit_code(args: argparse.Namespace, summary: IndexSummary, out: Path, discard: bool, gallery: str) -> int:
     """The run's exit status, saying why on stderr; an index this run made and left empty is removed."""
     if summary.interrupted:
         if discard:
@@ -296,10 +296,12 @@ def _exit_code(args: argparse.Namespace, summary: IndexSummary, out: Path, disca
                   "again)", file=sys.stderr)
         return 130
     if summary.skipped and not (summary.indexed or summary.unchanged):
+        from pictor.core.gallery import relative_paths_hint
+
         if discard:
             shutil.rmtree(out)
         print(f"pictor index: nothing could be indexed ({summary.skipped} skipped, listed above)"
-              + ("; no index was written" if discard else ""), file=sys.stderr)
+              + ("; no index was written" if discard else "") + relative_paths_hint(gallery), file=sys.stderr)
         return 2
     return 1 if summary.skipped and args.strict else 0
 

@@ -212,6 +212,11 @@ def test_index_errors_are_clear(tmp_path: Path) -> None:
     assert r.returncode == 2 and "pictor index: nothing could be indexed (1 skipped, listed above); no index was written" in r.stderr
     assert "index holds 0 items" not in r.stdout  # no summary of an index that is not written
     assert not (tmp_path / "i").exists()  # an empty index made by the failed run is not left behind
+    (tmp_path / "lists").mkdir()  # paths written from the current folder, not the manifest's
+    (tmp_path / "lists" / "m.csv").write_text("path\nempty/notes.jpg\n")
+    r = pictor("index", str(tmp_path / "lists" / "m.csv"), "--out", str(tmp_path / "i"), check=False)
+    assert r.returncode == 2 and r.stderr.rstrip().endswith(
+        "no index was written; a manifest's relative paths are read from its own folder, " + str(tmp_path / "lists"))
     r = pictor("index", str(tmp_path / "empty"), "--out", str(tmp_path / "empty" / "notes.jpg"),
                check=False)
     assert r.returncode == 2 and "notes.jpg exists and is not an index store" in r.stderr

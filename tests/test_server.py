@@ -1093,12 +1093,16 @@ def test_an_upsert_refused_as_busy_midway_is_sent_again_whole(built_index: Path,
         refusals = 0
         refused = 0
         delays = random.Random(0)
+        late = 0.0  # seconds before a refusal, else 0-50 ms
+
+        def delay(self) -> float:
+            return self.late or self.delays.uniform(0, 0.05)
 
         def stream(self, refused: str) -> contextlib._GeneratorContextManager[None, None, None]:
             if self.refusals:
                 self.refusals -= 1
                 self.refused += 1
-                time.sleep(self.delays.uniform(0, 0.05))  # the client may be sending by now
+                time.sleep(self.delay())  # the client may be sending by now
                 raise ServerBusyError(f"the server is busy; {refused}")
             return super().stream(refused)
 
@@ -1119,6 +1123,14 @@ def test_an_upsert_refused_as_busy_midway_is_sent_again_whole(built_index: Path,
                                                       r"\(RESOURCE_EXHAUSTED\)$"):
                 client.upsert(items)
             assert threads.refusals == 4
+            # A stream past what the client keeps to resend (its message limit) is not resent, and says so.
+            with PictorClient(f"localhost:{port}", timeout=8, max_message_mb=1) as small:
+                threads.refusals, threads.late = 1, 1.5
+                with pytest.raises(ServerBusyError, match=r"the server is busy; nothing was written \(RESOURCE_EXHAUSTED\); "
+                                                          "not sent again: its items so far were over the 1 MB this "
+                                                          "client keeps to resend a stream"):
+                    small.upsert(iter(items * 2))  # 300 items, 1.5 MB
+                threads.refusals, threads.late = 0, 0.0
             # Nothing vanishes unsaid: an answer that counts fewer items than were sent is an error.
             real = engine.upsert
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pictor.config import DEFAULT_MAX_PIXELS, cache_root
+from pictor.core.gallery import relative_paths_hint
 from pictor.core.head import TrainedModel, top_k_labels
 from pictor.core.open_set import neighbour_tests_off, open_set_similarities
 from pictor.errors import InvalidRequestError
@@ -99,9 +100,11 @@ def evaluate(
                                    max_pixels=max_pixels, progress=bar.update)
         is_known = np.array([lab in known for lab in emb.labels], dtype=bool)
         if usable and not is_known.any():
-            raise InvalidRequestError(f"none of the {len(usable)} images in {data} could be read")
+            raise InvalidRequestError(f"none of the {len(usable)} images in {data} could be read"
+                                      + relative_paths_hint(data))
         if not len(emb.samples):  # only images of other classes, none of them readable
-            raise InvalidRequestError(f"none of the {len(todo)} images in {data} could be read")
+            raise InvalidRequestError(f"none of the {len(todo)} images in {data} could be read"
+                                      + relative_paths_hint(data))
         class_index = {n: i for i, n in enumerate(model.class_names)}
         y = np.array([class_index[lab] for lab in np.array(emb.labels)[is_known]], dtype=np.int64)
         all_probs = model.predict_proba(emb.embeddings)

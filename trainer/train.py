@@ -32,6 +32,7 @@ import torch
 
 from pictor.config import cache_root
 from pictor.core.embedder import apply_backbone_state
+from pictor.core.gallery import relative_paths_hint
 from pictor.core.head import ClassifierHead, TrainedModel, content_ids
 from pictor.errors import InvalidImageError, InvalidRequestError
 from pictor.trainer import data as data_mod
@@ -220,10 +221,8 @@ def _linear_probe(config: TrainConfig, data: str | Path, listed: Sequence[data_m
     """Check the classes (each of the ``listed`` training images' that lost its readable
     images too), encode labels, fit the head with the best weight decay."""
     if not tr.samples:
-        where = (f"; a manifest's relative paths are read from its own folder, {Path(data).parent}"
-                 if Path(data).is_file() else "")
         raise InvalidRequestError(f"{data}: none of the {len(listed)} training images could be read "
-                                  f"(each is named above){where}")
+                                  f"(each is named above){relative_paths_hint(data)}")
     data_mod.check_class_sizes(tr.samples, config.min_per_class, what=f"{data} (training split)",
                                classes=data_mod.class_names(listed))
     names = data_mod.class_names(tr.samples)
