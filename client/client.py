@@ -404,6 +404,44 @@ def _item(it: UpsertItem, max_bytes: int) -> pb.Item:
     return item
 
 
+def _error_of(code: grpc.StatusCode, details: str, *, said: bool, method: str, target: str, closed: bool,
+              timeout: float | None, past_deadline: bool, health_service: str = "") -> PictorError:
+    """The Pictor error a failed call's status means: pure, so that another client (asyncio)
+    says the same. ``said``: the server marked it "do not resend" (its own words,
+    pictor.status); ``method``: the RPC's name ("Check" for health); ``closed``: this client was
+    closed meanwhile; ``past_deadline``: the call ran into this client's ``timeout``."""
+    if code == grpc.StatusCode.UNAVAILABLE and said:  # up, and says why it cannot serve
+        unavailable = ServerUnavailableError(f"{details} ({code.name})")
+        unavailable.server_said = True
+        return unavailable
+    if code == grpc.StatusCode.CANCELLED and closed:
+        details = f"the call was cancelled before its answer came ({details}): this PictorClient was closed"
+    elif ((code == grpc.StatusCode.UNAVAILABLE and details == "Cancelling all calls")  # gRPC's words
+          or code == grpc.StatusCode.CANCELLED):  # (a stopping server ends open calls either way)
+        details = f"the server at {target} stopped or cancelled the call while it was open ({details})"
+    elif code == grpc.StatusCode.UNAVAILABLE and details.startswith(("Stream removed", "Socket closed")):
+        details = f"the connection to the server at {target} was lost during the call ({details})"
+    elif code == grpc.StatusCode.UNAVAILABLE:
+        details = f"cannot reach a Pictor server at {target}: {details}"
+    elif code == grpc.StatusCode.DEADLINE_EXCEEDED and past_deadline:
+        # (earlier, the server ended the call itself and says why)
+        details = f"no answer from {target} within the timeout of {timeout:g} s"
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in details:
+        details = _too_large(details)
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and not said:
+        # The server marks every other refusal NO_RESEND (pictor.status).
+        return ServerBusyError(f"{details} ({code.name})")
+    elif code == grpc.StatusCode.NOT_FOUND and method == "Check":
+        details = f"the server has no health status for service {health_service!r}"
+    elif code == grpc.StatusCode.UNIMPLEMENTED and method in ("Check", "Info"):
+        return ServerUnavailableError(f"the gRPC server at {target} is not a Pictor server ({details})")
+    elif code == grpc.StatusCode.UNIMPLEMENTED:  # a Pictor server older than this client, or another
+        return ServerUnavailableError(
+            f"the gRPC server at {target} has no {method} call: a Pictor server older than this "
+            f"client, or not a Pictor server ({details})")
+    return error_from_status(code, details)
+
+
 def _refused_times(message: str, attempts: int) -> str:
     """A busy refusal's message (``_call``'s, which ends with the status code) after
     ``attempts`` sends, in the words the server uses for a call gRPC resent (server.errors)."""
@@ -499,40 +537,12 @@ class PictorClient:
         try:
             return method(request, timeout=timeout)
         except grpc.RpcError as e:
-            code, details = e.code(), e.details() or ""
-            said = NO_RESEND in (e.trailing_metadata() or ())  # the server's own words (pictor.status)
-            if code == grpc.StatusCode.UNAVAILABLE and said:  # up, and says why it cannot serve
-                unavailable = ServerUnavailableError(f"{details} ({code.name})")
-                unavailable.server_said = True
-                raise unavailable from None
-            if code == grpc.StatusCode.CANCELLED and self._closed:
-                details = f"the call was cancelled before its answer came ({details}): this PictorClient was closed"
-            elif ((code == grpc.StatusCode.UNAVAILABLE and details == "Cancelling all calls")  # gRPC's words
-                  or code == grpc.StatusCode.CANCELLED):  # (a stopping server ends open calls either way)
-                details = f"the server at {self.target} stopped or cancelled the call while it was open ({details})"
-            elif code == grpc.StatusCode.UNAVAILABLE and details.startswith(("Stream removed", "Socket closed")):
-                details = f"the connection to the server at {self.target} was lost during the call ({details})"
-            elif code == grpc.StatusCode.UNAVAILABLE:
-                details = f"cannot reach a Pictor server at {self.target}: {details}"
-            elif code == grpc.StatusCode.DEADLINE_EXCEEDED and self._past_deadline(started):
-                # (earlier, the server ended the call itself and says why)
-                details = f"no answer from {self.target} within the timeout of {self.timeout:g} s"
-            elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in details:
-                details = _too_large(details)
-            elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and not said:
-                # The server marks every other refusal NO_RESEND (pictor.status).
-                raise ServerBusyError(f"{details} ({code.name})") from None
-            elif code == grpc.StatusCode.NOT_FOUND and method == self._health.Check:
-                details = f"the server has no health status for service {request.service!r}"
-            elif code == grpc.StatusCode.UNIMPLEMENTED and method in (self._health.Check, self._stub.Info):
-                raise ServerUnavailableError(f"the gRPC server at {self.target} is not a Pictor server "
-                                             f"({details})") from None
-            elif code == grpc.StatusCode.UNIMPLEMENTED:  # a Pictor server older than this client, or another
-                name = next((n for n, m in vars(self._stub).items() if m is method), "this")
-                raise ServerUnavailableError(
-                    f"the gRPC server at {self.target} has no {name} call: a Pictor server older than this "
-                    f"client, or not a Pictor server ({details})") from None
-            raise error_from_status(code, details) from None
+            name = "Check" if method == self._health.Check else next(
+                (n for n, m in vars(self._stub).items() if m is method), "this")
+            raise _error_of(e.code(), e.details() or "", said=NO_RESEND in (e.trailing_metadata() or ()),
+                            method=name, target=self.target, closed=self._closed, timeout=self.timeout,
+                            past_deadline=self._past_deadline(started),
+                            health_service=getattr(request, "service", "")) from None
 
     def _outcome_unknown(self, e: PictorError, started: float) -> bool:
         """Whether a write call that failed with ``e`` may have been applied all the same.
