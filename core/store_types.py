@@ -42,7 +42,9 @@ class Item:
 
 @dataclass(frozen=True, slots=True)
 class Hit:
-    """One search result; ``score`` is the cosine similarity (higher is closer)."""
+    """One search result; ``score`` is the cosine similarity (higher is closer): exact for a flat
+    or HNSW index or one that re-ranks (``RFlat``), FAISS's estimate from its codes for a PQ or
+    SQ index without (proto ``Hit.score`` says more)."""
 
     key: str
     score: float
