@@ -254,7 +254,7 @@ def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
     a 40 MP 16-bit PNG (78 KB of file) peak at 1.3 GB, blocks at 0.4 GB.
     """
     src = np.asarray(im)  # uint16, int32 or float32, as Pillow holds it
-    top = float(np.nanmax(src)) if src.size else 0.0
+    top = _finite_max(src)
     scale = 1.0
     if im.mode.startswith("I;16"):
         scale = 1 / 257
@@ -275,6 +275,17 @@ def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
     if isinstance(key, int):  # a PNG's see-through grey level: on white, as other transparency
         out[src == key] = 255
     return Image.fromarray(out, mode="L").convert("RGB")
+
+
+def _finite_max(src: np.ndarray) -> float:
+    """The largest finite value (0 for none): a float image's inf would scale all else to 0,
+    black, and NaN would spread. Non-finite pixels become white (inf) or black (-inf, NaN)."""
+    if not src.size or src.dtype.kind != "f":
+        return float(src.max()) if src.size else 0.0
+    rows = max(1, _DEPTH_BLOCK_PIXELS // max(1, src.shape[1]))
+    top = max(float(block[np.isfinite(block)].max(initial=-np.inf))
+              for block in (src[start : start + rows] for start in range(0, len(src), rows)))
+    return top if np.isfinite(top) else 0.0
 
 
 def _describe_decode_error(fmt: str | None, e: BaseException) -> str:

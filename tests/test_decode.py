@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -154,6 +155,14 @@ def test_32bit_int_and_float_grayscale() -> None:
     ramp = Image.fromarray(np.linspace(0, 1000, 16, dtype=np.float32).reshape(4, 4), mode="F")
     out = decode_image(encode(ramp, "TIFF"))
     assert out.getpixel((3, 3)) == WHITE and close_to(out.getpixel((1, 2)), (153, 153, 153), 1)
+    # Non-finite pixels: inf scaled the rest to 0 (a black image, and a RuntimeWarning).
+    holes = np.full((4, 4), 0.5, np.float32)
+    holes[0] = [np.inf, -np.inf, np.nan, 0.5]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = decode_image(encode(Image.fromarray(holes, mode="F"), "TIFF"))
+    assert [out.getpixel((x, 0)) for x in range(4)] == [WHITE, (0, 0, 0), (0, 0, 0), (128, 128, 128)]
+    assert close_to(out.getpixel((2, 2)), (128, 128, 128), 1)
 
 
 @pytest.mark.parametrize("mode", ["L", "1"])
