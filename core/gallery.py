@@ -17,9 +17,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pictor.api import MAX_KEY_LEN, canonical_label
-from pictor.core.store_types import Item, checked_items
+from pictor.core.store_types import Item, check_label, checked_items
 from pictor.errors import InvalidRequestError, NotFoundError
-from pictor.image_files import path_key
+from pictor.image_files import path_key, path_text
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,8 @@ def read_gallery(
 
     ``labels``: ``"folder"`` takes the name of the top-level folder an image sits in under
     ``source`` as its label (``photos/tulips/2020/a.jpg`` -> ``tulips``; none for images
-    directly in the root), ``"none"`` gives no labels. Manifests carry their own (dropped with
+    directly in the root; a folder name that cannot be a label, not UTF-8 or with a line
+    break, is an error), ``"none"`` gives no labels. Manifests carry their own (dropped with
     ``"none"``); ``require_label`` makes a manifest without a label on every row an error.
 
     A folder under ``source`` that cannot be listed (no permission) is skipped with a warning,
@@ -78,12 +79,26 @@ def read_gallery(
                              passed_over if passed_over is not None else Counter()):
         parts = path.relative_to(src).parts
         label = canonical_label(parts[0]) if labels == "folder" and len(parts) > 1 else ""
+        if label and label not in folder_of:
+            _check_folder_label(src, parts[0], label)
         first = folder_of.setdefault(label, parts[0])
         if label and first != parts[0] and parts[0] not in merged:
             merged.add(parts[0])
             log.warning("folders %s and %s in %s are the same label in Unicode NFC, as labels are kept: "
                         "their images are one class, %r", ascii(first), ascii(parts[0]), src, label)
         yield GalleryEntry(key=path_key(path), path=path, label=label)
+
+
+def _check_folder_label(source: Path, folder: str, label: str) -> None:
+    """Refuse a class folder whose name cannot be a label, before any image is embedded: the
+    index would refuse it after a run had begun, and a model file or eval's JSON cannot hold it."""
+    if path_text(folder) != folder:
+        raise InvalidRequestError(f"class folder {path_text(folder)} in {path_text(source)}: the folder name "
+                                  "is not UTF-8 text, which a label must be; rename the folder")
+    try:
+        check_label(label, f"class folder {folder!r} in {source}")
+    except InvalidRequestError as e:
+        raise InvalidRequestError(f"{e}; rename the folder") from None
 
 
 def relative_paths_hint(source: str | os.PathLike[str]) -> str:

@@ -129,7 +129,7 @@ class Filter:
         for label in labels:
             if not isinstance(label, str):
                 raise InvalidRequestError(f"a filter's labels must be strings, got {label!r:.80}")
-            _check_label(label, "a filter")
+            check_label(label, "a filter")
         if len(self.attributes) > MAX_FILTER_ATTRIBUTES:  # one INTERSECT each; SQLite allows 500 terms
             raise InvalidRequestError(f"a filter takes at most {MAX_FILTER_ATTRIBUTES} attribute pairs, "
                                       f"got {len(self.attributes)}")
@@ -253,7 +253,8 @@ def _dump_attrs(attrs: Mapping[str, str]) -> str:
     return json.dumps(dict(attrs), sort_keys=True, ensure_ascii=False) if attrs else ""
 
 
-def _check_label(label: str, whose: str) -> None:
+def check_label(label: str, whose: str) -> None:
+    """Refuse a label the index cannot keep or a table cannot show (``whose`` says where it is)."""
     if len(label) > MAX_LABEL_LEN:
         raise InvalidRequestError(f"{whose}: the label is {len(label):,} characters long; at most {MAX_LABEL_LEN:,}")
     if "\0" in label:  # SQLite's JSON functions, which the label filter uses, cut text there
@@ -306,7 +307,7 @@ def checked_items(items: list[Item]) -> list[Item]:
             )
         if not isinstance(item.label, str):
             raise InvalidRequestError(f"label of {item.key!r} must be a string")
-        _check_label(item.label, f"item {item.key!r:.200}")
+        check_label(item.label, f"item {item.key!r:.200}")
         if not unicodedata.is_normalized("NFC", item.label):
             items[i] = item = replace(item, label=canonical_label(item.label))
             if len(item.label) > MAX_LABEL_LEN:  # (a few characters compose into more)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,22 @@ def test_labels_that_look_alike_are_one_label(tmp_path: Path, caplog: pytest.Log
         assert {e.label for e in read_gallery(tmp_path / "tree")} == {composed}
     assert caplog.text.count("are the same label in Unicode NFC") == 1
     assert "'ros\\xe9s'" in caplog.text and "'rose\\u0301s'" in caplog.text
+
+
+def test_a_folder_name_that_cannot_be_a_label_is_refused(tmp_path: Path) -> None:
+    # Before any image is embedded: else `pictor train` failed at the end with a traceback
+    # (a name that is not UTF-8), or kept a class name with a line break that splits tables.
+    for name, why in ((b"caf\xe9", r"class folder .*caf\\xe9 in .*: the folder name is not UTF-8 text"),
+                      (b"new\nline", r"class folder 'new\\nline' .* holds a control character")):
+        root = tmp_path / name.hex()
+        (root / "ok").mkdir(parents=True)
+        (root / "ok" / "a.jpg").write_bytes(b"")
+        os.mkdir(os.fsencode(root) + b"/" + name)
+        with open(os.fsencode(root) + b"/" + name + b"/b.jpg", "wb"):
+            pass
+        with pytest.raises(InvalidRequestError, match=why + ".*; rename the folder"):
+            list(read_gallery(root))
+        assert len(list(read_gallery(root, labels="none"))) == 2  # no labels: nothing to refuse
 
 
 def test_csv_and_jsonl_manifests(tmp_path: Path) -> None:
