@@ -201,6 +201,23 @@ def test_bad_data_gives_clear_errors(tmp_path: Path, embedder: CountingEmbedder)
                                                   r"is named above\); a manifest's relative paths are read from its "
                                                   r"own folder, .*lists$"):
         train(config(tmp_path), tmp_path / "lists" / "train.csv", embedder=embedder)
+    # A --val of other classes is refused before anything is embedded, naming both sides' classes;
+    # one whose images are all unreadable says so (it said "shares no class").
+    tree = make_tree(tmp_path / "tree3", per_class=4)
+    other = tmp_path / "other"
+    (other / "oval").mkdir(parents=True)
+    shutil.copy(tree / "disc" / "disc_0.png", other / "oval")
+    before = embedder.images_embedded
+    with pytest.raises(InvalidRequestError, match=r"validation set .*other \(classes 'oval'\) shares no class "
+                                                  r"with the training set .*tree3 \(classes 'disc', 'square'"):
+        train(config(tmp_path), tree, val_data=other, embedder=embedder)
+    assert embedder.images_embedded == before
+    unreadable = tmp_path / "unreadable"
+    for c in ("disc", "square"):
+        (unreadable / c).mkdir(parents=True)
+        (unreadable / c / "x.jpg").write_bytes(b"")
+    with pytest.raises(InvalidRequestError, match=r"unreadable: none of the 2 validation images could be read"):
+        train(config(tmp_path), tree, val_data=unreadable, embedder=embedder)
 
 
 # --------------------------------------------------------------------------- linear

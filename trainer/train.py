@@ -79,6 +79,10 @@ def make_splits(config: TrainConfig, data: str | Path, val_data: str | Path | No
     how = [f"--max-per-class {config.max_per_class}"] if config.max_per_class else []
     if val_data is not None:
         train, val = samples, data_mod.load_samples(val_data)
+        if not set(data_mod.class_names(train)) & set(data_mod.class_names(val)):
+            raise InvalidRequestError(
+                f"the validation set {val_data} ({_classes_text(val)}) shares no class with the training "
+                f"set {data} ({_classes_text(train)}); its folder or label names must be the classes'")
     else:
         train, val = data_mod.stratified_split(samples, config.val_fraction, config.seed)
         how.append(f"--val-fraction {config.val_fraction:g} for validation")
@@ -86,6 +90,12 @@ def make_splits(config: TrainConfig, data: str | Path, val_data: str | Path | No
     # Before any image is embedded; unreadable images are counted again after.
     data_mod.check_class_sizes(train, config.min_per_class, what=what, kind="training" if how else "listed")
     return Splits(train, val)
+
+
+def _classes_text(samples: Sequence[data_mod.Sample], most: int = 8) -> str:
+    names = data_mod.class_names(samples)
+    more = f", ... ({len(names)} classes)" if len(names) > most else ""
+    return "classes " + ", ".join(map(repr, names[:most])) + more
 
 
 def build_embedder(config: TrainConfig) -> Embedder:
@@ -161,7 +171,7 @@ def train(
     va, stats_va = embed_set(splits.val, embedder, config, "val")
     cache = {k: stats_tr[k] + stats_va[k] for k in stats_tr}
     skipped = tr.skipped + va.skipped
-    state = _linear_probe(config, data, splits.train, tr, va)
+    state = _linear_probe(config, (data, val_data or data), splits, tr, va)
     backbone_state: dict[str, torch.Tensor] = {}
     if config.mode == "finetune":
         backbone_state, tuned_cache = _finetune(config, embedder, tr, state, views)
@@ -216,21 +226,26 @@ def head_description(mode: str, metrics: dict[str, Any]) -> str:
     return f"{mode} head"
 
 
-def _linear_probe(config: TrainConfig, data: str | Path, listed: Sequence[data_mod.Sample], tr: EmbeddedSet,
-                  va: EmbeddedSet) -> _Fitted:
+def _linear_probe(config: TrainConfig, sources: tuple[str | Path, str | Path], listed: Splits,
+                  tr: EmbeddedSet, va: EmbeddedSet) -> _Fitted:
     """Check the classes (each of the ``listed`` training images' that lost its readable
-    images too), encode labels, fit the head with the best weight decay."""
-    if not tr.samples:
-        raise InvalidRequestError(f"{data}: none of the {len(listed)} training images could be read "
-                                  f"(each is named above){relative_paths_hint(data)}")
-    data_mod.check_class_sizes(tr.samples, config.min_per_class, what=f"{data} (training split)",
-                               classes=data_mod.class_names(listed))
+    images too), encode labels, fit the head with the best weight decay. ``sources``: where
+    the training and the validation images are listed."""
+    for source, emb, images, what in ((sources[0], tr, listed.train, "training"),
+                                      (sources[1], va, listed.val, "validation")):
+        if not emb.samples:
+            raise InvalidRequestError(f"{source}: none of the {len(images)} {what} images could be read "
+                                      f"(each is named above){relative_paths_hint(source)}")
+    data_mod.check_class_sizes(tr.samples, config.min_per_class, what=f"{sources[0]} (training split)",
+                               classes=data_mod.class_names(listed.train))
     names = data_mod.class_names(tr.samples)
     _warn_of_label_conflicts(tr)
     known = set(names)
     keep = np.array([lab in known for lab in va.labels], dtype=bool)
-    if not keep.any():
-        raise InvalidRequestError("the validation set shares no class with the training set")
+    if not keep.any():  # (the listed sets shared a class: make_splits checks)
+        raise InvalidRequestError(f"no readable validation image in {sources[1]} is of a class with readable "
+                                  f"training images ({_classes_text(tr.samples)}); the readable ones are "
+                                  f"{_classes_text(va.samples)}")
     if not keep.all():
         unknown = sorted({lab for lab, k in zip(va.labels, keep, strict=True) if not k})
         log.warning("validation: %d image(s) of classes absent from training are ignored (%s)",
