@@ -52,7 +52,8 @@ Files that cannot be decoded (or whose names are not UTF-8) are skipped and list
 goes on. Files in a folder not named as images (.heic, .txt, ...) are not read: a warning
 counts them (`left_out` in --json), and --strict does not. Each batch is durable once
 written, so an interrupted run (Ctrl-C, SIGTERM, kill -9) keeps what it wrote. Exit status: 0 done (skipped files are listed), 1 some files skipped and
---strict given, 2 unusable input (none of the files readable included), 130 interrupted.
+--strict given, 2 unusable input (none of the files readable included) or a write the disk
+refused (full: what was written is kept), 130 interrupted.
 
 The default backbone, efficientnet_lite0, ships ImageNet weights offline; `pictor models`
 lists the others. Runs on the GPU when there is one (--device).
@@ -256,7 +257,7 @@ def _index(args: argparse.Namespace, settings: IndexerSettings, target: _Target,
             max_pixels=settings.model.max_pixels, total=len(entries), progress=progress,
             log_every=0.0 if progress or args.no_progress else PROGRESS_LOG_SECONDS,
         )
-        if args.prune and not summary.interrupted:
+        if args.prune and summary.complete:
             # Not listed is not gone when the folder could not be listed: those items stay.
             unknown = tuple(folder.as_posix() + "/" for folder, _ in unlisted)
             gone = [key for key in store.keys_absent_from(e.key for e in entries) if not key.startswith(unknown)]
@@ -277,7 +278,7 @@ def _print_summary(args: argparse.Namespace, summary: IndexSummary, out: Path, c
                      "file)" if summary.copied else "")
                   + (f"; {summary.unchanged} unchanged, left as they were" if summary.unchanged else "")
                   + f"; index holds {count} item{'' if count == 1 else 's'}; skipped {summary.skipped}"
-                  + (("; not pruned (only a complete run prunes)" if summary.interrupted
+                  + (("; not pruned (only a complete run prunes)" if not summary.complete
                       else f"; pruned {summary.pruned} no longer listed") if args.prune else ""))
         for failure in summary.failures:
             print(f"  skipped {failure['error']}", file=sys.stderr)
@@ -295,6 +296,13 @@ def _exit_code(args: argparse.Namespace, summary: IndexSummary, out: Path, disca
                   "Run the same command again to index the rest (the files written are not embedded "
                   "again)", file=sys.stderr)
         return 130
+    if summary.stopped:
+        if discard:
+            shutil.rmtree(out)
+        kept = ("no index was written" if discard else f"the {summary.indexed} images indexed before it are "
+                "kept. Run the same command again to index the rest (the files written are not embedded again)")
+        print(f"pictor index: stopped: {summary.stopped}; {kept}", file=sys.stderr)
+        return 2
     if summary.skipped and not (summary.indexed or summary.unchanged):
         from pictor.core.gallery import relative_paths_hint
 

@@ -29,7 +29,7 @@ from pictor.core.embedder import degenerate, degenerate_why
 from pictor.core.files import content_hash
 from pictor.core.gallery import GalleryEntry
 from pictor.core.store import IndexStore, Item
-from pictor.errors import InvalidImageError, InvalidRequestError, NotFoundError
+from pictor.errors import InvalidImageError, InvalidRequestError, NotFoundError, ResourceExhaustedError
 from pictor.image_files import check_key_text, path_text, read_image_file
 from pictor.iterators import batched
 
@@ -58,9 +58,15 @@ class IndexSummary:
     images_per_second: float = 0.0
     failures: list[dict[str, str]] = field(default_factory=list)  # {"path", "error"}
     interrupted: bool = False  # Ctrl-C or SIGTERM: the batches written before it are kept
+    stopped: str = ""  # why a write was refused (a full disk): the batches written before it are kept
     pruned: int = 0  # items deleted because the gallery no longer lists them (--prune)
     # Files a folder holds that are not named as images (.heic, .txt), by suffix: never read.
     left_out: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        """Every listed file was written, skipped or found unchanged (so --prune may delete)."""
+        return not (self.interrupted or self.stopped)
 
     @property
     def embedded(self) -> int:
@@ -260,7 +266,8 @@ def run_indexing(
     log_every: float = 0.0,
 ) -> IndexSummary:
     """Embed every entry (whitened when the index is) and upsert it into ``store``; bad files
-    are skipped and reported. Ctrl-C ends the run early with the summary of what was written.
+    are skipped and reported. Ctrl-C, or a write the store refuses (a full disk), ends the run
+    early with the summary of what was written.
 
     ``progress`` draws a bar (for a terminal); ``log_every`` > 0 logs a progress line that often
     (seconds) instead, for logs that a bar would fill with carriage returns (docker, nohup)."""
@@ -297,6 +304,8 @@ def run_indexing(
                 next_log = now + log_every
     except KeyboardInterrupt:  # an upsert is all or nothing, so the counts are what was written
         summary.interrupted = True
+    except ResourceExhaustedError as e:  # a full disk: each batch after it would fail the same way
+        summary.stopped = str(e)
     finally:
         batches.close()  # stops the decoding workers
         bar.close()

@@ -347,6 +347,32 @@ def test_prune_keeps_the_items_of_a_folder_it_could_not_list(gallery: Path, tmp_
                                      "left out and their items kept")
 
 
+def test_a_full_disk_ends_the_run_with_what_was_written(gallery: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    real = IndexStore.upsert
+
+    def then_the_disk_fills(store: IndexStore, *args: Any, **kwargs: Any) -> object:
+        result = real(store, *args, **kwargs)
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own "disk is full"
+        return result
+
+    monkeypatch.setattr(IndexStore, "upsert", then_the_disk_fills)
+    out = tmp_path / "index"
+    args = ["index", str(gallery), "--out", str(out), "--batch-size", "4", "--no-progress", "--device", "cpu"]
+    assert main([*args, "--json", "--prune"]) == 2
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)  # (the error came alone, with no summary)
+    assert (summary["indexed"], summary["index_size"]) == (4, 4) and summary["pruned"] == 0
+    assert "is full; this write was not applied" in summary["stopped"]
+    assert "the 4 images indexed before it are kept. Run the same command again" in captured.err
+    monkeypatch.undo()  # space freed: the same command goes on from there
+    assert main([*args, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["unchanged"], summary["inserted"], summary["stopped"]) == (4, 8, "")
+
+
 def test_a_store_that_cannot_be_created_leaves_no_folder(gallery: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
