@@ -135,7 +135,8 @@ def _out_of_space(root: Path, error: BaseException) -> bool:
     code = _sqlite_code(error)
     if code == sqlite3.SQLITE_FULL:
         return True
-    if code is not None and code & 0xFF == sqlite3.SQLITE_IOERR:  # extended codes keep the primary low
+    # (FAISS reports a failed write as a RuntimeError, and SQLite I/O errors name no cause.)
+    if isinstance(error, RuntimeError) or (code is not None and code & 0xFF == sqlite3.SQLITE_IOERR):
         with contextlib.suppress(OSError):
             return shutil.disk_usage(root if root.exists() else root.parent).free < _LOW_SPACE_BYTES
     return False

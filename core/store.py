@@ -638,7 +638,14 @@ class IndexStore:
         """
         self._check_open()
         with self._write_lock:
-            self._save_snapshot()
+            try:
+                self._save_snapshot()
+            except (OSError, RuntimeError, sqlite3.Error) as e:  # FAISS reports write errors as RuntimeError
+                if _out_of_space(self.path, e):
+                    raise ResourceExhaustedError(
+                        f"the disk holding index store {self.path} is full; no snapshot was saved (every "
+                        "write is in the database): free space and try again") from e
+                raise
 
     def close(self, *, snapshot: bool = True) -> None:
         """Snapshot pending changes (unless ``snapshot=False``) and release the store."""
@@ -934,6 +941,7 @@ class IndexStore:
         try:
             self._save_snapshot()
         except (OSError, RuntimeError) as e:  # FAISS reports write errors as RuntimeError
+            self._pending = 0  # the next try after as many changes again, not at each write to a full disk
             if gone := self.unavailable():  # the database went with the folder: nothing to replay
                 log.error("index store %s: FAISS snapshot not saved: %s", self.path, gone)
             else:
@@ -973,9 +981,13 @@ class IndexStore:
         for old in folder.glob(f"{SNAPSHOT_PREFIX}*{SNAPSHOT_SUFFIX}"):
             if old.name != name:
                 old.unlink()
-        with self._db:  # (a background rebuild needs those after the seq it started from)
-            keep_after = seq if self._maintenance_base is None else min(seq, self._maintenance_base)
-            self._db.execute("DELETE FROM deletions WHERE seq <= ?", (keep_after,))
+        keep_after = seq if self._maintenance_base is None else min(seq, self._maintenance_base)
+        try:  # (a background rebuild needs those after the seq it started from)
+            with self._db:
+                self._db.execute("DELETE FROM deletions WHERE seq <= ?", (keep_after,))
+        except sqlite3.Error as e:  # a full disk: an open replays only those after the snapshot's seq
+            log.warning("index store %s: deletions the snapshot holds not pruned (%s); the next snapshot "
+                        "prunes them", self.path, e)
         self._snapshot_seq = seq
         self._pending = 0
         self._dirty = False

@@ -1003,9 +1003,16 @@ def test_a_snapshot_that_cannot_be_written_fails_no_write(tmp_path: Path, rng, m
 
     monkeypatch.setattr(VectorIndex, "save", disk_full)
     with caplog.at_level(logging.ERROR):
-        store.upsert(items(30), vecs)  # past snapshot_every: the snapshot fails, the write stands
+        for i in range(30):  # past snapshot_every: the snapshot fails, the write stands
+            store.upsert(items(1, start=i), vecs[i : i + 1])
+        # Tried again after as many changes, not at every write (each try writes the whole index).
+        assert caplog.text.count("FAISS snapshot not saved") == 3
+        disk = shutil.disk_usage(tmp_path)
+        monkeypatch.setattr(shutil, "disk_usage", lambda _: disk._replace(free=4096))
+        with pytest.raises(ResourceExhaustedError, match="is full; no snapshot was saved"):
+            store.snapshot()  # asked for: an error, as Pictor's
         store.close()  # nor does closing raise
-    assert caplog.text.count("FAISS snapshot not saved") == 2
+    assert caplog.text.count("FAISS snapshot not saved") == 4
     monkeypatch.undo()
     with IndexStore.open(tmp_path / "s") as store:
         assert len(store) == 30 and store.search(vecs[7], k=1)[0][0].key == "img/7.jpg"
