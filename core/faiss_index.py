@@ -244,6 +244,12 @@ class VectorIndex:
         self._last_params: tuple[SearchKnobs | None, Any] = (None, None)  # see _search_params
         self._layers = _layers(self.index)
 
+    def copy(self) -> VectorIndex:
+        """An independent copy, tombstones included (as much memory again)."""
+        twin = VectorIndex(faiss.clone_index(self.index), self.factory, self.removable)
+        twin._dead = set(self._dead)
+        return twin
+
     # -- construction ---------------------------------------------------------------------
 
     @classmethod

@@ -100,3 +100,20 @@ def test_copies_found_in_place_of_their_twins_count_as_found() -> None:
     found[0, 1] = far[0]
     tied = ties_with_kth(found, queries, truth, truth_scores, 10, exclude, lambda ids: data[ids])
     assert not tied[0, 1] and per_query_recall(found, truth, 10, exclude, tied)[0] == 0.9
+
+
+def test_a_copy_keeps_its_contents_and_tombstones_as_the_original_changes() -> None:
+    # (What a background re-tuning searches while writes change the index in use.)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = VectorIndex.build(16, "HNSW16")
+    index.add(np.arange(300), x)
+    index.remove(np.array([0]))  # HNSW cannot remove: a tombstone
+    copy = index.copy()
+    index.remove(np.array([1]))
+    index.add(np.array([300]), x[2:3])
+    knobs = SearchKnobs(ef_search=64)
+    assert 1 not in index.search(x[1:2], 5, knobs)[1][0] and 300 in index.search(x[2:3], 5, knobs)[1][0]
+    assert copy.search(x[1:2], 1, knobs)[1][0].tolist() == [1]
+    assert 0 not in copy.search(x[:1], 5, knobs)[1][0] and 300 not in copy.search(x[2:3], 5, knobs)[1][0]
