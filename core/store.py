@@ -798,6 +798,7 @@ class IndexStore:
             self._index, self._knobs = new_index, knobs
             self._built_for = self._tuned_for = self._count
             self._dirty = True
+            self._rebuilding = ""  # in use now: info() said "rebuilding as" it while its snapshot was saved
         log.info(
             "rebuilt FAISS index as %s over %d items in %.1fs (%s); search defaults %s",
             new_index.factory, self._count, time.perf_counter() - started, reason, knobs,

@@ -1247,8 +1247,21 @@ def test_a_background_rebuild_compacts_tombstones_and_a_close_abandons_it(
         assert building.wait(60) and store.info().rebuilding == "HNSW16"
         store.upsert(items(50, start=200), vecs[200:250])
         store.delete([f"img/{i}.jpg" for i in (60, 61, 210)])  # one the new index holds, one it never will
+        saving: list[str] = []  # info() while the swapped-in index is saved: in use, not "rebuilding as"
+        real_snapshot = store._snapshot_if_possible
+
+        def snapshot() -> None:
+            saving.append(store.info().rebuilding)
+            real_snapshot()
+
+        monkeypatch.setattr(store, "_snapshot_if_possible", snapshot)
         release.set()
         info = _rebuilt(store)
+        deadline = time.monotonic() + 60
+        while store._maintenance_base is not None:  # the job ends after its snapshot
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert saving == [""]
         assert info.count == 150 - 2 + 50 - 1 and info.tombstones == 2  # 60 and 61, deleted meanwhile
         assert store._consistent() and store._index.tombstones == 2
         found = {h.keys[0] for h in store.search(vecs[:250], k=1)}
