@@ -117,7 +117,9 @@ def test_folder_tree_manifests_and_split(tmp_path: Path, caplog: pytest.LogCaptu
     (tree / "phone" / "IMG_2.heic").write_bytes(b"heic")
     (tree / "empty").mkdir()
     (tree / "disc" / "x.jpe").write_bytes(sorted((tree / "disc").iterdir())[0].read_bytes())
+    (tree / "circle").symlink_to("disc")  # listed once, as disc, and said so: no class of its own either
     samples = data_mod.load_samples(tree)
+    assert "circle is a link to a folder listed at its own place; not listed again" in caplog.text
     assert "left out 2 files not named as images (2 .heic)" in caplog.text
     assert "with no images, so not classes: empty, phone" in caplog.text
     caplog.clear()  # a class folder named in decomposed Unicode (macOS) is the class, not a stray

@@ -49,19 +49,23 @@ def load_samples(data: str | Path) -> list[Sample]:
         log.warning("%d image(s) directly in %s are not in a class folder and are left out", loose, data)
     if not samples:
         raise InvalidRequestError(f"data {data} holds no labelled images (looked for {image_suffixes_text()})")
-    if empty := _classless_folders(Path(data), {s.label for s in samples}):
+    if empty := _classless_folders(Path(data), samples):
         log.warning("folders in %s with no images, so not classes: %s", data, ", ".join(empty))
     _refuse_repeats(samples)
     return sorted(samples, key=lambda s: (s.label, str(s.path)))
 
 
-def _classless_folders(data: Path, classes: set[str]) -> list[str]:
+def _classless_folders(data: Path, samples: Sequence[Sample]) -> list[str]:
     """The class folders of a data folder in which no image was listed (empty, or holding
-    files of other types): the user meant them as classes, and training would leave them out."""
+    files of other types): the user meant them as classes, and training would leave them out.
+    A link to a class folder is not one (the listing said it was not listed again)."""
     if not data.is_dir():
         return []
+    classes = {s.label for s in samples}
+    listed = {os.path.realpath(data / s.path.relative_to(data).parts[0]) for s in samples}
     return sorted(p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith(".")
-                  and canonical_label(p.name) not in classes)  # labels are NFC; macOS names NFD
+                  and canonical_label(p.name) not in classes  # labels are NFC; macOS names NFD
+                  and os.path.realpath(p) not in listed)
 
 
 def _refuse_repeats(samples: Sequence[Sample]) -> None:
