@@ -816,7 +816,8 @@ class IndexStore:
             db.execute("SELECT COUNT(*) FROM items").fetchone()  # the read snapshot starts here
             # A re-tuning searches a copy as of this snapshot: on the index in use, writes made
             # meanwhile (deletes, say) lowered the recall it measured against the snapshot's truth,
-            # and the tuning settled for its cheapest setting (ef_search 16 at recall 0.91).
+            # and the tuning settled for its cheapest setting (ef_search 16 at recall 0.91). The
+            # copy holds up writes for a memory copy's time: 0.44 s for 100k x 1280 IVF-PQ + RFlat.
             retune = None if factory else (self._index, self._index.copy())
             threading.Thread(target=self._background_maintenance, name="pictor-maintenance", daemon=True,
                              args=(db, factory, reason, self._seq, int(self._meta("next_id")), self._count,
