@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import threading
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from wcwidth import wcswidth
 
 from pictor.cli import main
 from pictor.config import ServerSettings
@@ -30,6 +32,7 @@ from pictor.core.head import load_model, top_k_labels
 from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
 from pictor.server.engine import Engine
 from pictor.trainer import data as data_mod
+from pictor.trainer import metrics
 from pictor.trainer.config import TrainConfig
 from pictor.trainer.evaluate import evaluate
 from pictor.trainer.finetune import _drops_last_batch, unfreeze_last, warmup_cosine
@@ -390,6 +393,20 @@ def test_macro_f1_counts_a_class_that_is_only_predicted() -> None:
     assert never["macro_f1"] == 1.0 and "(c: no images here and never answered: left out of macro F1)" in format_report(never)
 
 
+def test_names_people_read_line_up_in_the_table_and_fit_the_plot(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    names = ["a" * 70, "rose", "三角形の緑", "\N{FIRE}"]
+    report = classification_report(np.arange(4), np.eye(4), names)
+    rows = format_report(report).splitlines()[3:]
+    # Padded by terminal columns (CJK and emoji take two each), the figures line up.
+    assert len({wcswidth(row) for row in rows}) == 1, rows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warned once per glyph its font lacks
+        plot_confusion(report, str(tmp_path / "cm.png"))
+    assert "cannot draw 2 class name(s), so they are numbered by row: #3 三角形の緑, #4 \N{FIRE}" in caplog.text
+    assert metrics._tick_labels(names) == ["a" * 23 + "\u2026", "rose", "#3", "#4"]
+
+
 def test_accuracy_ranks_equal_probabilities_as_the_confusion_matrix_does() -> None:
     # A tie goes to the first class everywhere: top-1 once read 0 beside a diagonal of 1.
     probs = np.array([[0.0, 0.0, 0.5, 0.5]] * 3 + [[0.25] * 4])
@@ -437,8 +454,10 @@ def test_open_set_rejects_an_unseen_class_within_the_budget(classes: int) -> Non
     pair_fit_alone = cal.open_set.gaussians.score(known) < cal.open_set.thresholds.class_fit
     assert alone.mean() <= 0.1
     if classes > 2:  # pseudo-unknowns exist only when a class can be left out
-        assert cal.pseudo_unknown_rejected > 0.8
+        assert cal.pseudo_unknown_rejected is not None and cal.pseudo_unknown_rejected > 0.8
         assert pair_fit_alone.mean() > 0.5, pair_fit_alone.mean()
+    else:  # not measured, not 0.0 (which read as "unknown images are never rejected")
+        assert cal.pseudo_unknown_rejected is None
 
 
 def test_far_threshold_holds_its_share_from_few_validation_images() -> None:
@@ -648,7 +667,7 @@ def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path,
                "--cache-dir", cache, "--no-progress"])
     table = capsys.readouterr().out
     assert rc == 0 and f"open set (neighbours: index {shapes_index} (24 items))" in table
-    assert "classes answered unknown: 0.0%; top-1 counting those as wrong: 1.0000" in table
+    assert "classes answered unknown: 0.0% of 24; top-1 counting those as wrong: 1.0000" in table
     rc = main(["eval", str(model_path), str(shapes), "--index", str(tmp_path / "nowhere")])
     assert rc == 2 and "nowhere does not exist" in capsys.readouterr().err
     # An output that is a folder is refused before any work, by its flag.

@@ -6,6 +6,7 @@ benchmark, so every number is computed the same way.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 import numpy as np
 
 from pictor.core.files import write_atomic
+
+log = logging.getLogger(__name__)
 
 
 def top_k_accuracy(y: np.ndarray, probs: np.ndarray, k: int) -> float | None:
@@ -79,7 +82,7 @@ def format_report(report: dict[str, Any]) -> str:
     if not report["n"]:
         return "\n".join(["images of the model's classes: none", *open_set])
     names = report["class_names"]
-    width = max([len("class"), *(len(n) for n in names)])
+    width = max([len("class"), *(_columns(n) for n in names)])
     lines = [
         f"images: {report['n']}   top-1: {report['top1']:.4f}   {top5_text(report)}"
         f"macro F1: {report['macro_f1']:.4f}",
@@ -89,7 +92,7 @@ def format_report(report: dict[str, Any]) -> str:
     for name in names:
         r = report["per_class"][name]
         lines.append(
-            f"{name:<{width}}  {r['precision']:9.3f}  {r['recall']:6.3f}  {r['f1']:5.3f}  "
+            f"{name}{' ' * (width - _columns(name))}  {r['precision']:9.3f}  {r['recall']:6.3f}  {r['f1']:5.3f}  "
             f"{r['support']:7d}"
         )
     absent = [i for i, n in enumerate(names) if not report["per_class"][n]["support"]]
@@ -102,11 +105,19 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines + open_set)
 
 
+def _columns(text: str) -> int:
+    """How many terminal columns ``text`` takes: CJK and emoji two each, accents none."""
+    from wcwidth import wcswidth
+
+    columns = wcswidth(text)
+    return columns if columns >= 0 else len(text)  # (-1: a control character, in an older model's names)
+
+
 def format_open_set(o: dict[str, Any]) -> list[str]:
     """Lines for people on how often Classify answers "unknown" (``evaluate``'s ``open_set``)."""
     lines = [f"open set (neighbours: {o['neighbours']})"]
     if o["known_n"]:
-        lines.append(f"  images of the model's classes answered unknown: {o['known_unknown']:.1%}; "
+        lines.append(f"  images of the model's classes answered unknown: {o['known_unknown']:.1%} of {o['known_n']}; "
                      f"top-1 counting those as wrong: {o['top1_served']:.4f}")
     if o["other_n"]:
         per_class = ", ".join(f"{lab} {r['unknown']:.0%} of {r['n']}"
@@ -132,12 +143,13 @@ def plot_confusion(report: dict[str, Any], path: str) -> None:
     fig, ax = plt.subplots(figsize=(size + 1.0, size))
     im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    ax.set_xticks(range(n), names, rotation=45, ha="right")
-    ax.set_yticks(range(n), names)
+    labels = _tick_labels(names)
+    ax.set_xticks(range(n), labels, rotation=45, ha="right")
+    ax.set_yticks(range(n), labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"Confusion matrix (top-1 {report['top1']:.3f}, {report['n']} images)" if report["n"]
-                 else "Confusion matrix (no images of the model's classes)")
+    ax.set_title(f"Confusion matrix\ntop-1 {report['top1']:.3f}, {report['n']} images" if report["n"]
+                 else "Confusion matrix\nno images of the model's classes")
     if n <= 30:  # counts stay legible up to about 30 classes
         for i in range(n):
             for j in range(n):
@@ -150,3 +162,27 @@ def plot_confusion(report: dict[str, Any], path: str) -> None:
         write_atomic(Path(path), lambda f: fig.savefig(f, dpi=120, format="png"), durable=False)
     finally:
         plt.close(fig)
+
+
+_TICK_CHARS = 24  # longer names squeezed the matrix into a corner
+
+
+def _tick_labels(names: Sequence[str]) -> list[str]:
+    """Class names as the plot can show them: long ones shortened, and those holding characters
+    its font lacks (CJK and emoji in DejaVu Sans: empty boxes, and a warning per character) as
+    their row number, said in one log line."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    drawable = FT2Font(font_manager.findfont(font_manager.FontProperties())).get_charmap()
+    labels, numbered = [], []
+    for row, name in enumerate(names, 1):
+        if all(ord(ch) in drawable for ch in name):
+            labels.append(name if len(name) <= _TICK_CHARS else name[: _TICK_CHARS - 1] + "\u2026")
+        else:
+            labels.append(f"#{row}")
+            numbered.append(f"#{row} {name}")
+    if numbered:
+        log.warning("the plot's font cannot draw %d class name(s), so they are numbered by row: %s",
+                    len(numbered), ", ".join(numbered))
+    return labels

@@ -72,7 +72,7 @@ def nearest_similarity(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class OpenSetCalibration:
     open_set: OpenSet
-    pseudo_unknown_rejected: float  # leave-one-class-out unknowns answered "unknown"
+    pseudo_unknown_rejected: float | None  # leave-one-class-out unknowns answered "unknown" (3+ classes)
     pseudo_known_rejected: float  # known images of those fits answered "unknown"
 
 
@@ -110,9 +110,9 @@ def calibrate_open_set(
     alone = float(np.quantile(gaussians.score(x_val), max_known_rejected))
     th = dataclasses.replace(th, far_similarity=far, class_fit_alone=alone)
     known_rej = float(np.mean(th.is_unknown(kf, ks)))
-    unk_rej = float(np.mean(th.is_unknown(uf, us))) if len(uf) else 0.0
-    log.info("open-set thresholds: %s (held-out classes rejected %.1f%%, known rejected %.1f%%)",
-             th.describe(), 100 * unk_rej, 100 * known_rej)
+    unk_rej = float(np.mean(th.is_unknown(uf, us))) if len(uf) else None
+    log.info("open-set thresholds: %s (held-out classes rejected %s, known rejected %.1f%%)", th.describe(),
+             "- (measured with 3 classes or more)" if unk_rej is None else f"{unk_rej:.1%}", 100 * known_rej)
     return OpenSetCalibration(OpenSet(gaussians, th), unk_rej, known_rej)
 
 
