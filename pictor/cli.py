@@ -41,8 +41,8 @@ examples:
 Every subcommand has its own --help. Settings also come from PICTOR_* environment
 variables (PICTOR_PORT=6000) and a TOML file (--config / PICTOR_CONFIG).
 
-exit codes: 0 success, 1 `pictor index --strict` skipped some files, 2 bad input or a request
-the server refused (the message says what), 3 a server-side command in the light install,
+exit codes: 0 success, 1 `pictor index --strict` skipped some files, 2 bad input, a request
+the server refused or a write the disk refused (the message says what), 3 a server-side command in the light install,
 4 server unreachable, busy (refused each time the call was sent), not serving (`pictor health`;
 a call on an index whose folder was deleted) or no answer within --timeout, 130 interrupted
 (Ctrl-C or SIGTERM)."""

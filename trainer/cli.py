@@ -87,7 +87,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_flag(t, "config", help="TOML file with settings, as for `pictor index` (flags and PICTOR_* env "
              "override it)")
     t.add_argument("--min-per-class", type=int, default=TrainConfig.min_per_class,
-                   help="fewest training images a class may have; fewer is an error (default %(default)s)")
+                   help="fewest training images a class may have, at least 2; fewer is an error (default %(default)s)")
     t.add_argument("--max-per-class", type=int, default=TrainConfig.max_per_class,
                    help="cap images per class (default 0 = all)")
     t.add_argument("--cache-dir", default="", help="embedding cache (default: $PICTOR_CACHE_DIR, "
