@@ -198,6 +198,7 @@ class IndexStore:
         # deletions after it are kept for a rebuild to apply.
         self._maintenance_base: int | None = None
         self._rebuilding = ""  # the factory a background rebuild makes
+        self._said_gone = False  # whether the log has said that the folder was deleted
         self._label_counts: tuple[int, dict[str, int]] | None = None  # (seq, counts) when last counted
 
     # -- creation and opening -------------------------------------------------------------
@@ -1172,11 +1173,15 @@ class IndexStore:
         except OSError:  # no /proc: not Linux
             return self.path
         if lock.endswith(" (deleted)"):
-            raise ServerUnavailableError(
+            gone = ServerUnavailableError(
                 f"the folder of index store {self.path} was deleted while open: nothing can be written "
                 "to it any more, nor read from its database (lookups by key, listing, Info); unfiltered "
                 "searches by image or vector answer from memory until it closes. Restart on a restored "
                 "copy (`pictor backup` makes one)")
+            if not self._said_gone:  # once, as an error: each refused call is only an INFO line
+                self._said_gone = True
+                log.error("%s", gone)
+            raise gone
         return Path(lock).parent
 
     def unavailable(self) -> str | None:
