@@ -173,7 +173,7 @@ def _client(args: argparse.Namespace) -> PictorClient:
 
 def _emit(args: argparse.Namespace, data: Any, table: str) -> None:
     if args.json:
-        json.dump(data, sys.stdout, indent=2, default=lambda o: dataclasses.asdict(o))
+        json.dump(data, sys.stdout, indent=2, default=lambda o: dataclasses.asdict(o), ensure_ascii=False)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(table)
@@ -248,8 +248,13 @@ def _hit_text(h: Hit | StoredItem) -> str:
 
 
 def _item_row(it: StoredItem) -> str:
-    attrs = " ".join(f"{_one_line(k)}={_one_line(v)}" for k, v in sorted(it.attributes.items()))
+    attrs = " ".join(f"{_one_line(k)}={_attribute_value(v)}" for k, v in sorted(it.attributes.items()))
     return "  ".join(filter(None, [_hit_text(it), attrs]))
+
+
+def _attribute_value(text: str) -> str:
+    """Quoted when it holds a space: in ``a=x y b=z`` where one value ends is a guess."""
+    return repr(text) if any(c.isspace() for c in text) else _one_line(text)
 
 
 def _one_line(text: str) -> str:

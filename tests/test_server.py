@@ -370,6 +370,13 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     assert [h["key"] for h in prefixed] == ["p/new/x.png"]  # the key is not the path: kept beside it
     got = pictor("get", "new/x.png", "p/new/x.png", "--target", server.target).stdout
     assert got == "new/x.png  source=cam1\np/new/x.png  path=new/x.png\n"
+    # A value with a space is quoted (where it ends was a guess); JSON keeps non-ASCII as it is.
+    pictor("add", "new/x.png", "--key-prefix", "s/", "--attr", "note=two words", "--attr", "city=Z\u00fcrich",
+           "--target", server.target, cwd=tmp_path)
+    spaced = pictor("get", "s/new/x.png", "--target", server.target).stdout
+    assert spaced == "s/new/x.png  city=Z\u00fcrich note='two words' path=new/x.png\n"
+    assert '"city": "Z\u00fcrich"' in pictor("get", "s/new/x.png", "--json", "--target", server.target).stdout
+    pictor("delete", "s/new/x.png", "--target", server.target)
     clash = pictor("add", "new/x.png", "--key-prefix", "q/", "--attr", "path=x", "--target", server.target,
                    cwd=tmp_path, check=False)
     assert clash.returncode == 2 and "--attr path=... would replace the attribute `path`" in clash.stderr
