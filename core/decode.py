@@ -265,12 +265,11 @@ def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
     elif top > 255.0:
         scale = 1 / 257  # "I" from a 16-bit source
     out = np.empty(src.shape, np.uint8)
-    rows = max(1, _DEPTH_BLOCK_PIXELS // max(1, src.shape[1]))
-    for start in range(0, len(src), rows):
-        block = src[start : start + rows].astype(np.float32) * np.float32(scale)
+    for rows in _row_blocks(src):
+        block = src[rows].astype(np.float32) * np.float32(scale)
         np.clip(block, 0.0, 255.0, out=block)
         np.nan_to_num(block, copy=False)
-        out[start : start + rows] = np.rint(block, out=block)
+        out[rows] = np.rint(block, out=block)
     key = im.info.get("transparency")
     if isinstance(key, int):  # a PNG's see-through grey level: on white, as other transparency
         out[src == key] = 255
@@ -280,12 +279,20 @@ def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
 def _finite_max(src: np.ndarray) -> float:
     """The largest finite value (0 for none): a float image's inf would scale all else to 0,
     black, and NaN would spread. Non-finite pixels become white (inf) or black (-inf, NaN)."""
-    if not src.size or src.dtype.kind != "f":
-        return float(src.max()) if src.size else 0.0
-    rows = max(1, _DEPTH_BLOCK_PIXELS // max(1, src.shape[1]))
-    top = max(float(block[np.isfinite(block)].max(initial=-np.inf))
-              for block in (src[start : start + rows] for start in range(0, len(src), rows)))
+    if not src.size:
+        return 0.0
+    if src.dtype.kind != "f":
+        return float(src.max())
+    blocks = (src[rows] for rows in _row_blocks(src))
+    top = max(float(block[np.isfinite(block)].max(initial=-np.inf)) for block in blocks)
     return top if np.isfinite(top) else 0.0
+
+
+def _row_blocks(src: np.ndarray) -> list[slice]:
+    """Rows of ``src`` in blocks of about ``_DEPTH_BLOCK_PIXELS``: a float copy of a block, not
+    of the whole image, at a time."""
+    rows = max(1, _DEPTH_BLOCK_PIXELS // max(1, src.shape[1]))
+    return [slice(start, start + rows) for start in range(0, len(src), rows)]
 
 
 def _describe_decode_error(fmt: str | None, e: BaseException) -> str:

@@ -286,23 +286,17 @@ def _print_summary(args: argparse.Namespace, summary: IndexSummary, out: Path, c
 
 def _exit_code(args: argparse.Namespace, summary: IndexSummary, out: Path, discard: bool, gallery: str) -> int:
     """The run's exit status, saying why on stderr; an index this run made and left empty is removed."""
-    if summary.interrupted:
+    if not summary.complete:  # interrupted, or a write refused (a full disk): what was written stays
+        why = "interrupted" if summary.interrupted else f"stopped: {summary.stopped}"
         if discard:
             shutil.rmtree(out)
-            print("pictor index: interrupted before any image was indexed; no index was written",
-                  file=sys.stderr)
+            why += " before any image was indexed" if summary.interrupted else ""
+            kept = "; no index was written"
         else:
-            print(f"pictor index: interrupted; the {summary.indexed} images indexed before it are kept. "
-                  "Run the same command again to index the rest (the files written are not embedded "
-                  "again)", file=sys.stderr)
-        return 130
-    if summary.stopped:
-        if discard:
-            shutil.rmtree(out)
-        kept = ("no index was written" if discard else f"the {summary.indexed} images indexed before it are "
-                "kept. Run the same command again to index the rest (the files written are not embedded again)")
-        print(f"pictor index: stopped: {summary.stopped}; {kept}", file=sys.stderr)
-        return 2
+            kept = (f"; the {summary.indexed} images indexed before it are kept. Run the same command again "
+                    "to index the rest (the files written are not embedded again)")
+        print(f"pictor index: {why}{kept}", file=sys.stderr)
+        return 130 if summary.interrupted else 2
     if summary.skipped and not (summary.indexed or summary.unchanged):
         from pictor.core.gallery import relative_paths_hint
 
