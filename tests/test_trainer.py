@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import os
 import random
 import shutil
@@ -640,6 +641,19 @@ def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path,
     assert "(0 embeddings from the cache, 42 computed)" in out.out
     assert "open-set thresholds rest on 6 validation images" in caplog.text  # too few to trust
     assert "use more images (or --val)" in caplog.text  # split off: --val is the other way
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pictor.trainer.linear"):
+        rc = main(["train", str(shapes), "--out", str(tmp_path / "again.pt"), "--val-fraction", "0.25",
+                   "--min-per-class", "3", "--weight-decays", "0.001,0.1", "--cache-dir", cache,
+                   "--no-progress", "--json"])
+    summary = json.loads(capsys.readouterr().out)  # stdout holds the JSON alone
+    assert rc == 0 and summary["model"] == str(tmp_path / "again.pt")
+    assert summary["cache"] == {"hits": 42, "misses": 0}  # the same images: nothing embedded again
+    assert summary["validation"]["top1"] == 1.0 and summary["validation"]["n"] == 6
+    assert summary["class_names"] == ["disc", "square", "triangle"] and not summary["finetuned_backbone"]
+    assert summary["details"]["weight_decay"] == 0.1 and summary["details"]["train_images"] == 18
+    assert set(summary["open_set"]) >= {"class_fit", "neighbor_similarity"} and summary["skipped"] == []
+    assert "weight decay 0.1 kept: the strongest of those with every validation image right" in caplog.text
     png, report_json = tmp_path / "plots" / "cm", tmp_path / "reports" / "report.json"  # cm: no suffix added
     rc = main(["eval", str(model_path), str(shapes), "--json", "--png", str(png),
                "--out-json", str(report_json), "--cache-dir", cache, "--no-progress"])

@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pictor.config import ModelSettings, add_flag, model_settings, set_by, show_progress
 from pictor.trainer.config import MODES, TrainConfig
+
+if TYPE_CHECKING:
+    from pictor.trainer.train import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +122,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    default=TrainConfig.max_known_rejected,
                    help="open set: share of known validation images allowed to come back "
                    "unknown (default %(default)s)")
+    t.add_argument("--json", action="store_true", help="print JSON instead of lines for people: the "
+                   "validation report (as `pictor eval --json` has it), training details, skipped images")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(run=run_train)
 
@@ -180,6 +186,10 @@ def run_train(args: argparse.Namespace) -> int:
     )
     check_output_file(args.out, "--out")  # before the work, not after it
     result = train(config, args.data, val_data=args.val, out=args.out)
+    if args.json:
+        json.dump(train_summary(args.out, result), sys.stdout, indent=2, ensure_ascii=False)
+        print()
+        return 0
     metrics = result.model.metrics
     hits = result.cache["hits"]
     cached = (f" ({hits} embedding{'' if hits == 1 else 's'} from the cache, {result.cache['misses']} computed)"
@@ -195,6 +205,29 @@ def run_train(args: argparse.Namespace) -> int:
         print("the backbone is fine-tuned: build the index with it: "
               f"pictor index GALLERY --model {args.out}")
     return 0
+
+
+def train_summary(out: str, result: TrainResult) -> dict[str, Any]:
+    """What `pictor train --json` prints: the lines for people, as data."""
+    from pictor.image_files import path_text
+    from pictor.trainer.train import head_description
+
+    model, report = result.model, result.report
+    thresholds = model.open_set.thresholds.to_dict() if model.open_set else None
+    return {
+        "model": out,
+        "head": head_description(model.training["mode"], model.metrics),
+        "class_names": model.class_names,
+        "finetuned_backbone": bool(model.spec.finetune),  # then the index needs `--model`
+        "seconds": round(result.seconds, 1),
+        "cache": result.cache,
+        "validation": report,
+        # The model file's metrics that the report does not hold (weight decay, temperature, ...).
+        "details": {k: v for k, v in model.metrics.items() if k not in report},
+        # A test that is off has threshold -inf, which JSON cannot hold: null.
+        "open_set": thresholds and {k: v if math.isfinite(v) else None for k, v in thresholds.items()},
+        "skipped": [{"path": path_text(p), "error": path_text(why)} for p, why in result.skipped],
+    }
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -108,6 +108,9 @@ def select_head(
     perfect = [f for f in fits if f[0] == 1.0]
     acc, loss, wd, head = (max(perfect, key=lambda f: f[2]) if perfect
                            else max(fits, key=lambda f: (f[0], -f[1])))
+    if len(fits) > 1:
+        log.info("weight decay %g kept: %s", wd, "the strongest of those with every validation image right"
+                 if len(perfect) > 1 else "the best validation accuracy, then loss")
     sweep = [{"weight_decay": f[2], "val_accuracy": f[0], "val_loss": f[1]} for f in fits]
     return LinearFit(head, wd, acc, loss, sweep)
 
