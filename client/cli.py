@@ -186,7 +186,7 @@ def _guard_unreachable(fn: Callable[[argparse.Namespace], int]) -> Callable[[arg
         try:
             return fn(args)
         except (ServerUnavailableError, ServerBusyError) as e:
-            print(f"pictor {args.command}: {e}", file=sys.stderr)
+            print(f"pictor {args.command}: error: {e}", file=sys.stderr)
             if (isinstance(e, ServerUnavailableError) and not isinstance(e, DeadlineExceededError)
                     and not e.server_said):  # maybe the wrong address
                 print("  (is `pictor serve` running there? another address: --target HOST:PORT or "
@@ -212,7 +212,7 @@ def run_classify(args: argparse.Namespace) -> int:
                 raise
             except PictorError as e:  # refused or failed on the server: this image only
                 error = str(e) if data is None else f"{path}: {e}"  # reading names the path itself
-                print(f"pictor classify: {error}", file=sys.stderr)
+                print(f"pictor classify: error: {error}", file=sys.stderr)
                 results.append({"image": path_text(path), "error": path_text(error)})
                 failed += 1
                 busy = busy or isinstance(e, ServerBusyError)
@@ -487,7 +487,7 @@ def run_list(args: argparse.Namespace) -> int:
 def _report_missing(args: argparse.Namespace, missing: Sequence[str]) -> int:
     """Exit code 2, with the keys named, for keys the index does not hold (0 with --missing-ok)."""
     if missing and not args.missing_ok:
-        print(f"pictor {args.command}: not found: {', '.join(map(_one_line, missing))} ({_key_hint(missing)})",
+        print(f"pictor {args.command}: error: not found: {', '.join(map(_one_line, missing))} ({_key_hint(missing)})",
               file=sys.stderr)
         return 2
     return 0

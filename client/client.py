@@ -59,6 +59,7 @@ from pictor.errors import (
     ResourceExhaustedError,
     ServerBusyError,
     ServerUnavailableError,
+    shown,
 )
 from pictor.status import NO_RESEND, error_from_status
 from pictor.v1 import pictor_pb2 as pb
@@ -190,7 +191,7 @@ def _check_counts(low: int, high: int = _UINT32_MAX, **counts: int) -> None:
     when the API has one (else the server names its own)."""
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy's ints are Integral
-            raise InvalidRequestError(f"{name} must be a whole number, got {value!r:.80} ({type(value).__name__})")
+            raise InvalidRequestError(f"{name} must be a whole number, got {shown(value)} ({type(value).__name__})")
         if not low <= value <= high:
             raise InvalidRequestError(f"{name} must be between {low} and {high}, got {value}")
 
@@ -356,7 +357,7 @@ def _check_attributes(attributes: object, whose: str = "") -> None:
         raise InvalidRequestError(f"{whose}attributes must map text to text (a dict), got {type(attributes).__name__}")
     for name, value in attributes.items():
         if not isinstance(name, str) or not isinstance(value, str):
-            raise InvalidRequestError(f"{whose}attributes map text to text, got {name!r:.200}: {value!r:.200}; "
+            raise InvalidRequestError(f"{whose}attributes map text to text, got {shown(name, 200)}: {shown(value, 200)}; "
                                       "write numbers as text, e.g. str(3)")
 
 
@@ -390,11 +391,11 @@ def _fill_vector(vector: pb.Vector, values: object) -> None:
 
 def _item(it: UpsertItem, max_bytes: int) -> pb.Item:
     if not isinstance(it, UpsertItem):
-        raise InvalidRequestError(f"upsert takes UpsertItem objects, got {type(it).__name__} {it!r:.80}")
+        raise InvalidRequestError(f"upsert takes UpsertItem objects, got {type(it).__name__} {shown(it)}")
     if not isinstance(it.key, str):  # else the messages below would read "item 5" as a position
-        raise InvalidRequestError(f"an item's key must be text (str), got {type(it.key).__name__} {it.key!r:.80}")
+        raise InvalidRequestError(f"an item's key must be text (str), got {type(it.key).__name__} {shown(it.key)}")
     image = b"" if it.image is None else _image_bytes(it.image, max_bytes)
-    _check_attributes(it.attributes, f"item {it.key!r:.200}: ")
+    _check_attributes(it.attributes, f"item {shown(it.key, 200)}: ")
     try:
         item = pb.Item(key=it.key, image=image, label=it.label, attributes=dict(it.attributes))
     except (TypeError, ValueError) as e:  # protobuf's own words do not say which field
@@ -485,7 +486,7 @@ class PictorClient:
         here."""
         target = _with_port(target)
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)):
-            raise InvalidRequestError(f"timeout must be a number of seconds or None, got {timeout!r:.80} "
+            raise InvalidRequestError(f"timeout must be a number of seconds or None, got {shown(timeout)} "
                                       f"({type(timeout).__name__})")
         if timeout is not None and not timeout > 0:
             raise InvalidRequestError(f"timeout must be more than 0 seconds, got {timeout}")
@@ -696,7 +697,7 @@ class PictorClient:
             if (size := request.ByteSize()) > self._max_bytes:
                 raise ResourceExhaustedError(request_too_large(size, self._max_bytes, "this client's"))
         except ResourceExhaustedError as e:
-            raise ResourceExhaustedError(f"item {it.key!r:.200} (item {position}, counting from 0): {e}") from None
+            raise ResourceExhaustedError(f"item {shown(it.key, 200)} (item {position}, counting from 0): {e}") from None
         return request
 
     def delete(self, keys: Iterable[str]) -> tuple[int, list[str]]:
@@ -724,7 +725,7 @@ class PictorClient:
         hold)."""
         refuse_single(keys, "keys", "for one key, write [key]")
         if not isinstance(vectors, bool):
-            raise InvalidRequestError(f"vectors must be True or False, got {vectors!r:.80}")
+            raise InvalidRequestError(f"vectors must be True or False, got {shown(vectors)}")
         try:
             request = pb.GetRequest(keys=list(keys), vectors=vectors)
         except (TypeError, ValueError) as e:

@@ -20,7 +20,7 @@ from pictor.core.faiss_index import SearchKnobs
 from pictor.core.files import fsync_dir, write_atomic
 from pictor.core.spec import ModelSpec
 from pictor.core.store_types import StoreOptions
-from pictor.errors import InvalidRequestError, ResourceExhaustedError
+from pictor.errors import InvalidRequestError, ResourceExhaustedError, shown
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -70,7 +70,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         if snapshot is not None and not (isinstance(snapshot, dict) and isinstance(snapshot.get("file"), str)
                                          and isinstance(snapshot.get("seq"), int)
                                          and isinstance(snapshot.get("crc32", 0), int)):
-            raise ValueError(f"snapshot entry {snapshot!r:.80} lacks a file name, an integer seq "
+            raise ValueError(f"snapshot entry {shown(snapshot)} lacks a file name, an integer seq "
                              "or an integer checksum")
     except (KeyError, TypeError, ValueError) as e:  # (InvalidRequestError, of StoreOptions, is a ValueError)
         raise InvalidRequestError(f"{path} is damaged ({type(e).__name__}: {e}); {RESTORE_OR_REBUILD}") from e

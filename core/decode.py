@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pictor.config import DEFAULT_MAX_PIXELS
-from pictor.errors import InvalidImageError, InvalidRequestError
+from pictor.errors import InvalidImageError, InvalidRequestError, shown
 from pictor.image_files import read_image_file
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,10 @@ Image.MAX_IMAGE_PIXELS = None
 def _check_limits(max_pixels: int, draft_size: tuple[int, int] | None) -> None:
     """The caller's limits, as whole numbers: a NaN cap would let any image through."""
     if type(max_pixels) is not int or max_pixels < 1:
-        raise InvalidRequestError(f"max_pixels must be a whole number of at least 1, got {max_pixels!r:.40}")
+        raise InvalidRequestError(f"max_pixels must be a whole number of at least 1, got {shown(max_pixels, 40)}")
     if draft_size is not None and not (isinstance(draft_size, tuple | list) and len(draft_size) == 2
                                        and all(type(n) is int and n >= 1 for n in draft_size)):
-        raise InvalidRequestError(f"draft_size must be (width, height) in whole pixels, got {draft_size!r:.40}")
+        raise InvalidRequestError(f"draft_size must be (width, height) in whole pixels, got {shown(draft_size, 40)}")
 
 
 def decode_image(

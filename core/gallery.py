@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pictor.api import MAX_KEY_LEN, canonical_label
 from pictor.core.store_types import Item, check_label, checked_items
-from pictor.errors import InvalidRequestError, NotFoundError
+from pictor.errors import InvalidRequestError, NotFoundError, shown
 from pictor.image_files import path_key, path_text
 
 log = logging.getLogger(__name__)
@@ -265,7 +265,7 @@ def _json_text(where: str, name: str, value: object) -> str:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
             raise InvalidRequestError(
-                f"{where}: field {name!r:.80} holds {text[e.start]!r}, half of a UTF-16 surrogate pair "
+                f"{where}: field {shown(name)} holds {text[e.start]!r}, half of a UTF-16 surrogate pair "
                 "(a JSON \\u escape), which is not text; write the character itself") from None
     return str(value)
 
@@ -287,7 +287,7 @@ def _entries(manifest: Path, rows: Iterator[tuple[int, dict[str, str]]], require
         if "\0" in raw:
             raise InvalidRequestError(f"{where}: the path contains a NUL byte")
         if _URL.match(raw):
-            raise InvalidRequestError(f"{where}: {raw!r:.200} is a URL; Pictor reads image files on this "
+            raise InvalidRequestError(f"{where}: {shown(raw, 200)} is a URL; Pictor reads image files on this "
                                       "machine: download them and list their paths")
         path = Path(raw) if Path(raw).is_absolute() else base / raw
         key = row.pop("key", "") or path_key(raw)  # as a folder listing writes it: a/b.jpg

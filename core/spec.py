@@ -10,7 +10,7 @@ import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pictor.errors import IncompatibleModelError, InvalidRequestError
+from pictor.errors import IncompatibleModelError, InvalidRequestError, shown
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if isinstance(self.dim, bool) or not isinstance(self.dim, numbers.Integral) or self.dim < 1:
             # (FAISS's own words otherwise, or a store of 0-d vectors)
-            raise InvalidRequestError(f"an embedding's dim must be a whole number of at least 1, got {self.dim!r:.40}")
+            raise InvalidRequestError(f"an embedding's dim must be a whole number of at least 1, got {shown(self.dim, 40)}")
         object.__setattr__(self, "dim", int(self.dim))  # a numpy int (an array's shape) as Python's
 
     def to_dict(self) -> dict[str, Any]:

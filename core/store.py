@@ -125,6 +125,7 @@ from pictor.errors import (
     NotFoundError,
     ResourceExhaustedError,
     ServerUnavailableError,
+    shown,
 )
 
 # The names other code imports from here (some are defined in the modules beside this one).
@@ -407,7 +408,7 @@ class IndexStore:
         self._check_open()
         q = self.check_vectors(queries, what="queries")
         if type(k) is not int or k < 1:  # (a bool is not a count either)
-            raise InvalidRequestError(f"k must be an int of at least 1, got {k!r:.40}")
+            raise InvalidRequestError(f"k must be an int of at least 1, got {shown(k, 40)}")
         if k > TUNED_K:  # FAISS allocates k results per query: a k of 1e9 took 24 GB
             k = min(k, max(1, self._count))
         # A filtered search widens itself until its hits settle (_filtered_search), not by k:
@@ -469,10 +470,10 @@ class IndexStore:
         page; it is "" on the last."""
         self._check_open()
         if not isinstance(after, str):
-            raise InvalidRequestError(f"after must be a key (a string), got {after!r:.80}")
+            raise InvalidRequestError(f"after must be a key (a string), got {shown(after)}")
         check_utf8(after, "after")
         if type(limit) is not int or not 1 <= limit <= MAX_LIST:
-            raise InvalidRequestError(f"limit must be an int from 1 to {MAX_LIST}, got {limit!r:.40}")
+            raise InvalidRequestError(f"limit must be an int from 1 to {MAX_LIST}, got {shown(limit, 40)}")
         sql, args = "SELECT key, label, attributes FROM items WHERE key > ?", [after]
         with self._rw.read():
             conn = self._reader()
@@ -520,7 +521,7 @@ class IndexStore:
             raise InvalidRequestError("the query key is empty")
         found = self.get([key], vectors=True)
         if found.missing or found.vectors is None:
-            raise NotFoundError(f"no item with key {key!r:.200} in the index")
+            raise NotFoundError(f"no item with key {shown(key, 200)} in the index")
         return found.items[0], found.vectors[0]
 
     def get_vector(self, key: str) -> np.ndarray:
@@ -1081,7 +1082,7 @@ class IndexStore:
         params = params or SearchParams()
         for name, value in (("nprobe", params.nprobe), ("ef_search", params.ef_search)):
             if type(value) is not int:  # (1.5 or "x" would reach FAISS)
-                raise InvalidRequestError(f"{name} must be a whole number, got {value!r:.40}")
+                raise InvalidRequestError(f"{name} must be a whole number, got {shown(value, 40)}")
             if not 0 <= value <= MAX_WIDTH:
                 raise InvalidRequestError(
                     f"{name} must be between 0 (the index's tuned default) and {MAX_WIDTH}, got {value}"

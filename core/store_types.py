@@ -16,7 +16,7 @@ import numpy as np
 
 from pictor.api import MAX_KEY_LEN, canonical_label, refuse_single
 from pictor.core.spec import ModelSpec
-from pictor.errors import InvalidRequestError
+from pictor.errors import InvalidRequestError, shown
 
 MAX_FILTER_ATTRIBUTES = 256  # attribute pairs one search filter may require
 # An item's label and attributes come back with every hit that names it: bounded, as keys are.
@@ -124,11 +124,11 @@ class Filter:
     def __post_init__(self) -> None:
         refuse_single(self.labels, "a filter's labels", "for one label, write labels=[label]")
         if not isinstance(self.attributes, Mapping):
-            raise InvalidRequestError(f"a filter's attributes must be a mapping (a dict), got {self.attributes!r:.80}")
+            raise InvalidRequestError(f"a filter's attributes must be a mapping (a dict), got {shown(self.attributes)}")
         labels = tuple(self.labels)  # once: an iterator's labels would be used up by the checks
         for label in labels:
             if not isinstance(label, str):
-                raise InvalidRequestError(f"a filter's labels must be strings, got {label!r:.80}")
+                raise InvalidRequestError(f"a filter's labels must be strings, got {shown(label)}")
             check_label(label, "a filter")
         if len(self.attributes) > MAX_FILTER_ATTRIBUTES:  # one INTERSECT each; SQLite allows 500 terms
             raise InvalidRequestError(f"a filter takes at most {MAX_FILTER_ATTRIBUTES} attribute pairs, "
@@ -136,7 +136,7 @@ class Filter:
         for name, value in self.attributes.items():
             if not isinstance(name, str) or not isinstance(value, str):
                 raise InvalidRequestError(f"a filter's attributes must map strings to strings, got "
-                                          f"{name!r:.80}: {value!r:.80}")
+                                          f"{shown(name)}: {shown(value)}")
             if not name.strip():  # as checked_items refuses them
                 raise InvalidRequestError("a filter's attribute name is empty; no item has such an attribute")
         # Labels as the store keeps them (NFC), so "rosés" matches however it was typed.
@@ -206,7 +206,7 @@ class StoreOptions:
                      "growth_factor", "compact_ratio", "metadata_in_memory"):
             value, kind = getattr(self, name), type(getattr(StoreOptions, name))  # the default's type
             if type(value) is not kind and not (kind is float and type(value) is int):
-                raise InvalidRequestError(f"StoreOptions.{name} must be {kind.__name__}, got {value!r:.40}")
+                raise InvalidRequestError(f"StoreOptions.{name} must be {kind.__name__}, got {shown(value, 40)}")
         ranges = (
             ("memory_budget_gb", self.memory_budget_gb > 0, "above 0"),
             ("target_recall", 0 < self.target_recall <= 1, "above 0 and at most 1"),
@@ -258,11 +258,11 @@ def check_label(label: str, whose: str) -> None:
     if len(label) > MAX_LABEL_LEN:
         raise InvalidRequestError(f"{whose}: the label is {len(label):,} characters long; at most {MAX_LABEL_LEN:,}")
     if "\0" in label:  # SQLite's JSON functions, which the label filter uses, cut text there
-        raise InvalidRequestError(f"{whose}: the label {label!r:.80} holds a NUL character (U+0000), "
+        raise InvalidRequestError(f"{whose}: the label {shown(label)} holds a NUL character (U+0000), "
                                   "which labels cannot")
     if control := next((ch for ch in label if unicodedata.category(ch) == "Cc"), None):
         # A class name is shown in tables, plots and logs: a line break there splits a row.
-        raise InvalidRequestError(f"{whose}: the label {label!r:.80} holds a control character "
+        raise InvalidRequestError(f"{whose}: the label {shown(label)} holds a control character "
                                   f"(U+{ord(control):04X}: a line break, tab or the like), which labels cannot")
 
 
@@ -273,7 +273,7 @@ def checked_keys(keys: Iterable[str]) -> list[str]:
     listed = list(keys)
     for key in listed:
         if not isinstance(key, str):
-            raise InvalidRequestError(f"keys are text, got {key!r:.80} ({type(key).__name__})")
+            raise InvalidRequestError(f"keys are text, got {shown(key)} ({type(key).__name__})")
         if len(key) > MAX_KEY_LEN:  # else "not found", as if such an item could exist
             raise InvalidRequestError(f"key {key[:60]!r}... is {len(key):,} characters long; keys take at most "
                                       f"{MAX_KEY_LEN:,}, so no item has it")
@@ -286,7 +286,7 @@ def check_utf8(text: str, what: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise InvalidRequestError(f"{what} {text!r:.80} is not UTF-8 text ({text[e.start]!r} is half of a "
+        raise InvalidRequestError(f"{what} {shown(text)} is not UTF-8 text ({text[e.start]!r} is half of a "
                                   "surrogate pair)") from None
 
 
@@ -295,23 +295,23 @@ def checked_items(items: list[Item]) -> list[Item]:
     (``canonical_label``), however the caller's text composed its accents."""
     for i, item in enumerate(items):
         if not isinstance(item, Item):
-            raise InvalidRequestError(f"items must be Item objects, got {type(item).__name__} {item!r:.80}")
+            raise InvalidRequestError(f"items must be Item objects, got {type(item).__name__} {shown(item)}")
         if not isinstance(item.attributes, Mapping):
-            raise InvalidRequestError(f"attributes of {item.key!r:.200} must map strings to strings (a dict), "
+            raise InvalidRequestError(f"attributes of {shown(item.key, 200)} must map strings to strings (a dict), "
                                       f"got {type(item.attributes).__name__}")
         if not isinstance(item.key, str) or not item.key or len(item.key) > MAX_KEY_LEN:
             size = f"{len(item.key):,} characters: " if isinstance(item.key, str) and item.key else ""
             raise InvalidRequestError(
                 f"item key must be a non-empty string of at most {MAX_KEY_LEN:,} characters, "
-                f"got {size}{item.key!r:.80}"
+                f"got {size}{shown(item.key)}"
             )
         if not isinstance(item.label, str):
             raise InvalidRequestError(f"label of {item.key!r} must be a string")
-        check_label(item.label, f"item {item.key!r:.200}")
+        check_label(item.label, f"item {shown(item.key, 200)}")
         if not unicodedata.is_normalized("NFC", item.label):
             items[i] = item = replace(item, label=canonical_label(item.label))
             if len(item.label) > MAX_LABEL_LEN:  # (a few characters compose into more)
-                raise InvalidRequestError(f"item {item.key!r:.200}: the label is {len(item.label):,} "
+                raise InvalidRequestError(f"item {shown(item.key, 200)}: the label is {len(item.label):,} "
                                           f"characters long in Unicode NFC, as the index keeps labels; "
                                           f"at most {MAX_LABEL_LEN:,}")
         for name, value in item.attributes.items():
@@ -321,11 +321,11 @@ def checked_items(items: list[Item]) -> list[Item]:
                     f"{name!r}: {value!r}"
                 )
             if not name.strip():
-                raise InvalidRequestError(f"item {item.key!r:.200}: an attribute has an empty name "
-                                          f"(value {value!r:.80}); name it, or leave it out")
+                raise InvalidRequestError(f"item {shown(item.key, 200)}: an attribute has an empty name "
+                                          f"(value {shown(value)}); name it, or leave it out")
         for text in (item.key, item.label, *item.attributes, *item.attributes.values()):
-            check_utf8(text, f"item {item.key!r:.200}:")  # (a file name, a JSON escape)
+            check_utf8(text, f"item {shown(item.key, 200)}:")  # (a file name, a JSON escape)
         if item.attributes and len(text := _dump_attrs(item.attributes)) > MAX_ATTRIBUTES_CHARS:
-            raise InvalidRequestError(f"item {item.key!r:.200}: its attributes take {len(text):,} "
+            raise InvalidRequestError(f"item {shown(item.key, 200)}: its attributes take {len(text):,} "
                                       f"characters as JSON; at most {MAX_ATTRIBUTES_CHARS:,}")
     return items

@@ -7,6 +7,13 @@ maps status codes back. They carry messages meant for the person who sent the re
 from __future__ import annotations
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for a message, cut after ``limit`` characters with a marker that says so
+    (a key of 4,096 characters would bury the message; cut silently, it would read as whole)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
+
+
 class PictorError(Exception):
     """Base class of every error Pictor raises on purpose."""
 

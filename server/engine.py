@@ -48,7 +48,7 @@ from pictor.core.store import (
     UpsertResult,
 )
 from pictor.core.whitening import PCAWhitening, index_spec, open_index
-from pictor.errors import InvalidImageError, InvalidRequestError
+from pictor.errors import InvalidImageError, InvalidRequestError, shown
 
 if TYPE_CHECKING:
     from pictor.core.embedder import Embedder, EmbedOutput
@@ -84,9 +84,9 @@ def check_upsert_item(key: str, has_image: bool, has_vector: bool, position: int
     if not key:
         raise InvalidRequestError(f"item {position} (counting from 0) has no key")
     if not has_image and not has_vector:
-        raise InvalidRequestError(f"item {key!r:.200} has neither image nor vector")
+        raise InvalidRequestError(f"item {shown(key, 200)} has neither image nor vector")
     if has_image and has_vector:
-        raise InvalidRequestError(f"item {key!r:.200} has both an image and a vector; give one")
+        raise InvalidRequestError(f"item {shown(key, 200)} has both an image and a vector; give one")
 
 
 def query_item_first(own: Hit, hits: Hits, k: int) -> Hits:
@@ -368,11 +368,11 @@ class Engine:
                 try:
                     rows[i] = self.query_vector(vec)  # type: ignore[arg-type]
                 except InvalidRequestError as e:
-                    raise InvalidRequestError(f"item {item.key!r:.200}: {e}") from e
+                    raise InvalidRequestError(f"item {shown(item.key, 200)}: {e}") from e
         if to_embed:
             try:
                 out = self.forward([images[i] for i in to_embed],  # type: ignore[misc]
-                                   [f"item {items[i].key!r:.200}" for i in to_embed], still_wanted=before_write)
+                                   [f"item {shown(items[i].key, 200)}" for i in to_embed], still_wanted=before_write)
             except InvalidImageError as e:
                 n = len(items)
                 raise InvalidImageError(f"{e}; " + ("the item was not written" if n == 1 else

@@ -354,7 +354,7 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     pipe = tmp_path / "pipe.jpg"
     os.mkfifo(pipe)  # unreadable as an image: named once, and the next image still answered
     piped = pictor("classify", str(pipe), daisy, "--target", server.target, check=False)
-    assert piped.returncode == 2 and f"pictor classify: {pipe}: not a regular file (a FIFO, socket or device)\n" == piped.stderr
+    assert piped.returncode == 2 and f"pictor classify: error: {pipe}: not a regular file (a FIFO, socket or device)\n" == piped.stderr
     assert piped.stdout.startswith(f"{daisy}  (imagenet)")
     # `pictor add` keys a file by its path as `pictor index` writes it.
     (tmp_path / "new").mkdir()
@@ -407,7 +407,7 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     stored = json.loads(pictor("get", "new/x.png", "--vectors", "--json", "--target", server.target).stdout)
     assert stored["missing"] == [] and len(stored["items"][0]["vector"]) == 1280
     absent = pictor("get", "new/x.png", "no/such.png", "--target", server.target, check=False)
-    assert absent.returncode == 2 and "pictor get: not found: no/such.png" in absent.stderr
+    assert absent.returncode == 2 and "pictor get: error: not found: no/such.png" in absent.stderr
     # A path as given to `pictor add` (as a shell completes it) finds the item add made of it.
     both = pictor("get", "./new//x.png", "p/new/x.png", "--target", server.target).stdout  # in the order asked
     assert both == "new/x.png  source=cam1\np/new/x.png  path=new/x.png\n"
@@ -815,7 +815,7 @@ def test_a_busy_server_is_exit_code_4_after_the_client_resent_the_call(built_ind
             image = DATA / "daisy.jpg"
             busy = pictor("classify", str(image), "--target", server.target, check=False)
             assert busy.returncode == 4, busy.stderr
-            assert re.fullmatch(rf"pictor classify: {image}: the server is busy: .* \(refused 5 times: the client sent "
+            assert re.fullmatch(rf"pictor classify: error: {image}: the server is busy: .* \(refused 5 times: the client sent "
                                 r"it again after random waits\) \(RESOURCE_EXHAUSTED\)\n", busy.stderr)
             release.set()
             assert upload.result(timeout=30) == (1, 0)

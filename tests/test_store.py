@@ -154,6 +154,9 @@ def test_delete_removes_from_results(filled: tuple[IndexStore, np.ndarray]) -> N
     assert "img/3.jpg" not in keys and "img/4.jpg" not in keys
     with pytest.raises(NotFoundError, match="img/3.jpg"):
         store.get_vector("img/3.jpg")
+    long_key = "gone/" + "x" * 995  # cut in the message, and said to be cut
+    with pytest.raises(NotFoundError, match=r"with key 'gone/x{194}\.\.\. \(802 more characters\) in the"):
+        store.get_vector(long_key)
 
 
 def test_a_write_is_called_off_when_its_caller_has_gone_by_the_time_it_gets_the_lock(
