@@ -123,7 +123,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="open set: share of known validation images allowed to come back "
                    "unknown (default %(default)s)")
     t.add_argument("--json", action="store_true", help="print JSON instead of lines for people: the "
-                   "validation report (as `pictor eval --json` has it), training details, skipped images")
+                   "validation report (accuracy, per-class figures, confusion matrix), training details, "
+                   "open-set thresholds, skipped images")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(run=run_train)
 
