@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 # What a file decodes to, as a version: caches of embeddings (the trainer's) key on it, so
 # bump it whenever some file decodes to other pixels. "draft": large JPEGs decoded at reduced
-# size; 2: MPO photos drafted too, float images above 255 scaled to their maximum.
-DECODE_VERSION = "2"
+# size; 2: MPO photos drafted too, float images above 255 scaled to their maximum; 3: 32-bit
+# integer images above 16 bits too.
+DECODE_VERSION = "3"
 
 # Formats Pillow may parse. Never EPS (runs Ghostscript), PDF, PSD, ICO, SVG and the like.
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -68,6 +69,13 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Inde
 
 # Pixels of a high-depth image scaled at once (a 4 MB float32 block).
 _DEPTH_BLOCK_PIXELS = 1 << 20
+
+# Scans a JPEG may hold (start-of-scan markers). A progressive decoder goes over the whole image
+# once per scan: a 221 KB file of 20,000 tiny scans ran for minutes. Encoders write about 10;
+# 256 is NVIDIA nvImageCodec's default limit (NVIMGCODEC_MAX_JPEG_SCANS), against the same attack.
+MAX_JPEG_SCANS = 256
+# SOF markers of progressive JPEGs (Huffman and arithmetic coded).
+_PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
@@ -136,6 +144,7 @@ def _open_within_cap(data: bytes, max_pixels: int, draft_size: tuple[int, int] |
     """``data`` opened (header only), drafted when a JPEG, and checked against the cap."""
     if not data:
         raise InvalidImageError("empty image data (0 bytes)")
+    _check_tiff_chunks(data, max_pixels)  # before Pillow, whose opening is what they cost
     src = _open_allowed(data)
     try:
         # The cap bounds decoding memory: a drafted JPEG (a 48 MP phone photo decodes at 1/8,
@@ -143,9 +152,13 @@ def _open_within_cap(data: bytes, max_pixels: int, draft_size: tuple[int, int] |
         full = src.size
         # (MPO: a JPEG with more images after it, a phone's depth or gain map: Pillow opens it
         # as a JPEG of its first image, which drafts alike.)
-        if draft_size is not None and src.format in ("JPEG", "MPO"):
-            _draft(src, draft_size)
-        _check_size(src, max_pixels, full)
+        whole = False
+        if src.format in ("JPEG", "MPO"):
+            _check_scans(data)
+            whole = _jpeg_holds_whole_image(data)
+            if draft_size is not None:
+                _draft(src, draft_size)
+        _check_size(src, max_pixels, full, whole=whole)
     except BaseException:
         src.close()
         raise
@@ -204,7 +217,8 @@ def _open_allowed(data: bytes) -> Image.Image:
             f"not a recognised image ({len(data)} bytes); allowed formats: {allowed}"
         ) from e
     except _DECODE_ERRORS as e:
-        raise InvalidImageError(f"corrupt image header: {e}") from e
+        fmt = _sniff_allowed(data)
+        raise InvalidImageError(f"corrupt {fmt + ' ' if fmt else ''}image header: {e}") from e
     return im
 
 
@@ -224,10 +238,16 @@ def _sniff_disallowed(data: bytes) -> str | None:
     return None
 
 
-def _check_size(im: Image.Image, max_pixels: int, full: tuple[int, int]) -> None:
+def _check_size(im: Image.Image, max_pixels: int, full: tuple[int, int], *, whole: bool = False) -> None:
+    """``whole``: the decoder holds every pixel of the full size, whatever size it decodes at."""
     w, h = im.size
     if w <= 0 or h <= 0:
         raise InvalidImageError(f"{im.format} image has an empty size {w}x{h}")
+    if whole and full[0] * full[1] > max_pixels:
+        raise InvalidImageError(
+            f"{im.format} image is too large: {full[0]}x{full[1]} = {full[0] * full[1]:,} pixels, above the cap "
+            f"of {max_pixels:,} pixels (--max-pixels of serve, index, train and eval, PICTOR_MAX_PIXELS); a "
+            "progressive or multi-scan JPEG counts at its full size, as its decoder holds all of it")
     if w * h > max_pixels:
         drafted = f" (decoded at {w}x{h})" if (w, h) != full else ""
         raise InvalidImageError(
@@ -235,6 +255,66 @@ def _check_size(im: Image.Image, max_pixels: int, full: tuple[int, int]) -> None
             f"to decode, above the cap of {max_pixels:,} pixels (--max-pixels of serve, index, train and eval, "
             "PICTOR_MAX_PIXELS)"
         )
+
+
+def _check_tiff_chunks(data: bytes, max_pixels: int) -> None:
+    # Pillow reads a TIFF's strip (or tile) offsets in Python as it opens it: an 8 MB file of a
+    # million one-row strips took 5 s to open and 6 more to decode. One per 256 pixels of the cap
+    # covers one-row strips of any image 256 wide and 16x16 tiles, the smallest there are.
+    if data[:4] not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return
+    chunks, limit = _tiff_chunks(data), max(1, max_pixels // 256)
+    if chunks > limit:
+        raise InvalidImageError(f"TIFF image is stored in {chunks:,} strips or tiles, more than the {limit:,} "
+                                "Pictor reads (one per 256 pixels of --max-pixels; each costs time to open "
+                                "and decode)")
+
+
+def _tiff_chunks(data: bytes) -> int:
+    """Strips or tiles of a TIFF's first image, as its header counts them (0 where it cannot
+    be read: Pillow then says what is wrong)."""
+    order = "<" if data[:2] == b"II" else ">"
+    try:
+        if data[2:4] in (b"*\x00", b"\x00*"):  # classic: 32-bit offsets, 12-byte entries
+            (ifd,) = struct.unpack_from(order + "I", data, 4)
+            (n,) = struct.unpack_from(order + "H", data, ifd)
+            first, size, entry = ifd + 2, 12, order + "HHI"
+        else:  # BigTIFF: 64-bit offsets, 20-byte entries
+            (ifd,) = struct.unpack_from(order + "Q", data, 8)
+            (n,) = struct.unpack_from(order + "Q", data, ifd)
+            first, size, entry = ifd + 8, 20, order + "HHQ"
+        entries = (struct.unpack_from(entry, data, first + i * size) for i in range(min(n, 4096)))
+        return max((count for tag, _, count in entries if tag in (273, 324)), default=0)  # Strip/TileOffsets
+    except struct.error:
+        return 0
+
+
+def _check_scans(data: bytes) -> None:
+    # Entropy-coded data stuffs a 0x00 after each 0xFF, so every FF DA in the file is a marker.
+    scans = data.count(b"\xff\xda")
+    if scans > MAX_JPEG_SCANS:
+        raise InvalidImageError(f"JPEG image has {scans:,} scans, more than the {MAX_JPEG_SCANS} Pictor decodes "
+                                "(encoders write about 10; each costs a pass over the whole image)")
+
+
+def _jpeg_holds_whole_image(data: bytes) -> bool:
+    """Whether libjpeg buffers the coefficients of the whole image to decode ``data``:
+    progressive, or a first scan without every component (a sequential JPEG of several scans).
+    A 1 KB progressive file claiming 50000x50000 decodes at 1/8 under the cap, in 7 GB."""
+    pos, components = 2, 0
+    while pos + 4 < len(data) and data[pos] == 0xFF:  # the segments before the first scan
+        marker = data[pos + 1]
+        if marker == 0xFF:  # a fill byte
+            pos += 1
+            continue
+        if marker in _PROGRESSIVE_SOF:
+            return True
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and pos + 9 < len(data):
+            components = data[pos + 9]  # SOF: FF Cn, length, precision, height, width, Nf
+        elif marker == 0xDA:  # SOS: FF DA, length, Ns
+            return data[pos + 4] < components
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return False  # a damaged header: the decoder will say so
 
 
 def _draft(im: Image.Image, draft_size: tuple[int, int]) -> None:
@@ -260,16 +340,17 @@ def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
         scale = 1 / 257
     elif im.mode == "F" and top <= 1.0:
         scale = 255.0  # float images are usually 0..1
-    elif im.mode == "F" and top > 255.0:
+    elif (im.mode == "F" and top > 255.0) or top > 65535.0:
         scale = 255.0 / top  # a measurement (depth, counts) has no white: its maximum is
     elif top > 255.0:
         scale = 1 / 257  # "I" from a 16-bit source
     out = np.empty(src.shape, np.uint8)
-    for rows in _row_blocks(src):
-        block = src[rows].astype(np.float32) * np.float32(scale)
-        np.clip(block, 0.0, 255.0, out=block)
-        np.nan_to_num(block, copy=False)
-        out[rows] = np.rint(block, out=block)
+    with np.errstate(over="ignore", invalid="ignore"):  # -3e38 x 255 is -inf: clipped to 0 anyway
+        for rows in _row_blocks(src):
+            block = src[rows].astype(np.float32) * np.float32(scale)
+            np.clip(block, 0.0, 255.0, out=block)
+            np.nan_to_num(block, copy=False)
+            out[rows] = np.rint(block, out=block)
     key = im.info.get("transparency")
     if isinstance(key, int):  # a PNG's see-through grey level: on white, as other transparency
         out[src == key] = 255

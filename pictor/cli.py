@@ -122,6 +122,7 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.captureWarnings(True)  # libraries' warnings (Pillow's "Corrupt EXIF data") as log lines
     if not args.verbose:  # FAISS logs its probe for optional SIMD builds, which reads as a failure,
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)
         logging.getLogger("torch").setLevel(logging.WARNING)  # and torch its compile caches at exit

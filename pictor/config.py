@@ -165,7 +165,8 @@ FLAGS: dict[str, dict[str, Any]] = {
     "batch_size": {"type": int, "help": f"images per forward pass (default {ModelSettings.batch_size})"},
     "max_pixels": {"type": int, "metavar": "N",
                    "help": f"largest image decoded, in pixels (default {DEFAULT_MAX_PIXELS}; a JPEG counts at "
-                           "the reduced size it is decoded at, 1/8 for a big photo; PNG, WebP and others in full)"},
+                           "the reduced size it is decoded at, 1/8 for a big photo, but a progressive one in full, as "
+                           "its decoder holds all of it; PNG, WebP and others in full)"},
     "config": {"help": "TOML file with settings (flags and PICTOR_* env override it)"},
 }
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,3 +112,12 @@ def test_text_that_is_not_utf8_is_named_by_its_flag(capsys: pytest.CaptureFixtur
     label = os.fsdecode(b"rose\xfe")  # as a shell passes bytes that are not UTF-8
     assert main(["add", "README.md", "--label", label, "--target", "127.0.0.1:9"]) == 2
     assert "--label 'rose\\xfe' is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_library_warnings_are_log_lines() -> None:
+    # Pillow warns of a photo's corrupt EXIF while it decodes it: raw, such warnings reached a
+    # server's stderr apart from its log, without time or level.
+    code = ("import warnings; from pictor.cli import _parse_arguments; _parse_arguments(['models']); "
+            "warnings.warn('Corrupt EXIF data', UserWarning)")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert " WARNING py.warnings: " in err and "UserWarning: Corrupt EXIF data" in err

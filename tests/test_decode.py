@@ -149,6 +149,10 @@ def test_16bit_scaling_is_the_same_across_row_blocks(monkeypatch: pytest.MonkeyP
 def test_32bit_int_and_float_grayscale() -> None:
     ints = Image.fromarray(np.full((4, 4), 40000, np.int32), mode="I")
     assert close_to(decode_image(encode(ints, "TIFF")).getpixel((1, 1)), (156, 156, 156), 1)
+    # Beyond 16 bits, scaled to their maximum too (1/257 made 99.5% of such an image white).
+    wide = Image.fromarray(np.linspace(0, 190000, 16, dtype=np.int32).reshape(4, 4), mode="I")
+    out = decode_image(encode(wide, "TIFF"))
+    assert out.getpixel((3, 3)) == WHITE and close_to(out.getpixel((1, 2)), (153, 153, 153), 1)
     floats = Image.fromarray(np.full((4, 4), 0.5, np.float32), mode="F")
     assert close_to(decode_image(encode(floats, "TIFF")).getpixel((1, 1)), (128, 128, 128), 1)
     # Floats beyond 255 (depth in mm, counts): scaled to their maximum, not by 1/257 to near black.
@@ -158,6 +162,7 @@ def test_32bit_int_and_float_grayscale() -> None:
     # Non-finite pixels: inf scaled the rest to 0 (a black image, and a RuntimeWarning).
     holes = np.full((4, 4), 0.5, np.float32)
     holes[0] = [np.inf, -np.inf, np.nan, 0.5]
+    holes[1, 0] = -3e38  # x 255 overflows to -inf: black too, without a RuntimeWarning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = decode_image(encode(Image.fromarray(holes, mode="F"), "TIFF"))
@@ -270,6 +275,52 @@ def test_jpeg_beyond_pillows_own_limit_is_drafted_not_refused() -> None:
     assert decode_image(bytes(data), draft_size=(256, 256)).size == (2500, 1125)
 
 
+def test_progressive_jpeg_counts_at_its_full_size() -> None:
+    # Its decoder holds the coefficients of the whole image whatever the draft: a 1 KB file
+    # claiming 50000x50000 decoded at 1/8, under the cap, in 7 GB. Refused by its header now.
+    data = bytearray(encode(Image.new("RGB", (64, 48), RED), "JPEG", progressive=True))
+    sof = data.index(b"\xff\xc2")
+    data[sof + 5:sof + 9] = struct.pack(">HH", 50000, 50000)
+    with pytest.raises(InvalidImageError, match=r"50000x50000 = 2,500,000,000 pixels, above the cap .* a "
+                       "progressive or multi-scan JPEG counts at its full size"):
+        decode_image(bytes(data), draft_size=(256, 256))
+    photo = Image.new("RGB", (400, 300), BLUE)
+    baseline, progressive = encode(photo, "JPEG"), encode(photo, "JPEG", progressive=True)
+    assert decode_image(baseline, draft_size=(64, 64), max_pixels=100_000).size == (100, 75)
+    with pytest.raises(InvalidImageError, match="400x300 = 120,000 pixels"):
+        decode_image(progressive, draft_size=(64, 64), max_pixels=100_000)
+    assert decode_image(progressive, draft_size=(64, 64)).size == (100, 75)  # under the cap: drafted
+    # A sequential JPEG whose first scan lacks a component is decoded from several scans, with
+    # the whole image held too (the header alone is read: the bytes after it need not decode).
+    sos = baseline.index(b"\xff\xda")
+    assert not decode._jpeg_holds_whole_image(baseline) and baseline[sos + 4] == 3
+    assert decode._jpeg_holds_whole_image(baseline[:sos + 4] + b"\x01" + baseline[sos + 5:])
+
+
+def test_jpeg_of_too_many_scans_refused() -> None:
+    # Each scan is a pass over the whole image: 20,000 tiny ones ran for minutes.
+    data = encode(Image.new("RGB", (64, 48), RED), "JPEG", progressive=True)
+    first = data.index(b"\xff\xda")
+    scans = data[first:-2]  # to the end-of-image marker
+    many = data[:first] + scans * (decode.MAX_JPEG_SCANS // scans.count(b"\xff\xda") + 1) + b"\xff\xd9"
+    with pytest.raises(InvalidImageError, match=r"JPEG image has \d+ scans, more than the 256 Pictor decodes"):
+        decode_image(many)
+    assert decode_image(data).size == (64, 48)
+
+
+def test_tiff_of_too_many_strips_refused() -> None:
+    # Pillow reads each strip's offset in Python as it opens the file: a million one-row strips
+    # took 11 s. One per 256 pixels of the cap.
+    data = encode(Image.new("L", (300, 2000), 100), "TIFF", compression="tiff_lzw", strip_size=300)
+    assert decode._tiff_chunks(data) == 2000
+    with pytest.raises(InvalidImageError, match=r"stored in 2,000 strips or tiles, more than the 1,953 "):
+        decode_image(data, max_pixels=500_000)
+    assert decode_image(data, max_pixels=600_000).size == (300, 2000)
+    big = encode(Image.new("L", (30, 20), 100), "TIFF", big_tiff=True)
+    assert decode._tiff_chunks(big) == 1 and decode_image(big).size == (30, 20)
+    assert decode._tiff_chunks(b"II*\x00\xff\xff\xff\x7f") == 0  # the header's offset out of the file
+
+
 def test_pixel_cap_is_configurable() -> None:
     data = encode(Image.new("RGB", (100, 100)), "PNG")
     with pytest.raises(InvalidImageError, match="cap of 9,999"):
@@ -315,6 +366,10 @@ def test_garbage_and_empty_rejected() -> None:
         decode_image(bytes(png))
     with pytest.raises(InvalidImageError, match="^corrupt JPEG image: it starts as one"):
         decode_image(b"\xff\xd8\xff" + bytes(100))
+    bmp = bytearray(encode(Image.new("RGB", (16, 16), RED), "BMP"))
+    bmp[14:18] = struct.pack("<I", 0x7FFFFFFF)  # the size of its info header
+    with pytest.raises(InvalidImageError, match="^corrupt BMP image header: Truncated File Read"):
+        decode_image(bytes(bmp))
 
 
 def test_corrupt_jpeg_body_rejected() -> None:
