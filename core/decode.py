@@ -154,8 +154,9 @@ def _open_within_cap(data: bytes, max_pixels: int, draft_size: tuple[int, int] |
         # as a JPEG of its first image, which drafts alike.)
         whole = False
         if src.format in ("JPEG", "MPO"):
-            _check_scans(data)
-            whole = _jpeg_holds_whole_image(data)
+            # (Only such a file has more scans: libjpeg ends a single-scan one at a second.)
+            if whole := _jpeg_holds_whole_image(data):
+                _check_scans(data)
             if draft_size is not None:
                 _draft(src, draft_size)
         _check_size(src, max_pixels, full, whole=whole)
