@@ -246,6 +246,22 @@ def runs_natively(precision: str, device: torch.device) -> bool:
     return precision == "bf16" and cpu_has_fast_bf16()
 
 
+def kept_precision(requested: str, made_at: str | None, device: str) -> str:
+    """``requested``; for "auto", the precision vectors or a head were ``made_at`` where this
+    device computes it natively: the same image then gives the same embedding again."""
+    if requested == "auto" and made_at not in (None, "auto") and runs_natively(made_at, resolve_device(device)):
+        return made_at
+    return requested
+
+
+def warn_mixed_precision(index: str | os.PathLike[str], made_at: str | None, precision: str, doing: str) -> None:
+    """Say that ``doing`` embeds at another precision than the index's vectors were made at."""
+    if made_at is not None and made_at != precision:
+        log.warning("index %s holds vectors embedded at %s; %s at %s, which differ a little (cosine "
+                    "0.98 to 1.0 for the same image, so an indexed image may score below 1 against "
+                    "itself): --precision %s embeds as the index did", index, made_at, doing, precision, made_at)
+
+
 @cache
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AMX or AVX512-BF16); Linux flags only."""

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pictor.core.embedder import Embedder, embedder_for_spec, fingerprint_state, resolve_device, runs_natively
+from pictor.core.embedder import Embedder, embedder_for_spec, fingerprint_state, kept_precision
 from pictor.core.files import damaged_member, remove_leftovers, why_not_tensors, write_atomic
 from pictor.core.open_set import OpenSet
 from pictor.core.spec import ModelSpec
@@ -252,9 +252,7 @@ class TrainedModel:
         # The head and its open-set thresholds were fitted on embeddings of one precision: "auto"
         # keeps it where this device computes it natively. (Files before it was kept say "auto".)
         trained = str(self.training.get("precision", "auto"))
-        if (precision == "auto" and trained != "auto"
-                and runs_natively(trained, resolve_device(device))):
-            precision = trained
+        precision = kept_precision(precision, trained, device)
         emb = embedder_for_spec(
             self.spec, weights=weights, device=device, precision=precision, compile=compile,
             backbone_state=self.backbone_state,

@@ -213,6 +213,7 @@ class IndexStore:
         index_type: str = AUTO,
         options: StoreOptions | None = None,
         files: Callable[[Path], object] | None = None,
+        precision: str | None = None,
     ) -> IndexStore:
         """Create an empty store at ``path`` (a new or empty directory, or one where a creation
         was cut off before its manifest: made anew).
@@ -220,6 +221,8 @@ class IndexStore:
         ``index_type`` is ``"auto"`` or a FAISS factory string (``"Flat"``, ``"HNSW32"``,
         ``"IVF1024,Flat"``, ``"IVF1024,PQ32"``, ``"OPQ32,IVF1024,PQ32"``). ``files(path)``
         writes more files of the store (a whitening) before the manifest marks it made.
+        ``precision``: what the vectors are computed at ("fp32", "bf16", ...), kept for whoever
+        embeds more of them (``IndexStore.precision``).
         """
         _check_spec(spec, optional=False)
         if not isinstance(index_type, str):
@@ -248,7 +251,7 @@ class IndexStore:
             os.close(lock_fd)
             raise taken
         try:
-            store = cls._create_files(root, spec, index_type, options, lock_fd, files)
+            store = cls._create_files(root, spec, index_type, options, lock_fd, files, precision)
         except BaseException as e:
             full = _out_of_space(root, e)  # before the files go, which frees a little
             # Half a store would be refused by the next run ("not an index store"): the folder
@@ -272,7 +275,8 @@ class IndexStore:
 
     @classmethod
     def _create_files(cls, root: Path, spec: ModelSpec, index_type: str, options: StoreOptions,
-                      lock_fd: int, files: Callable[[Path], object] | None) -> IndexStore:
+                      lock_fd: int, files: Callable[[Path], object] | None, precision: str | None
+                      ) -> IndexStore:
         """The database, ``files``' and the manifest of a new store in ``root`` (locked by
         ``lock_fd``)."""
         now = _now()
@@ -293,6 +297,7 @@ class IndexStore:
             "built_for": 0,
             "search_defaults": asdict(SearchKnobs()),
             "options": asdict(options),
+            **({"precision": precision} if precision else {}),
             "created": now,
             "updated": now,
             "count": 0,
@@ -346,6 +351,12 @@ class IndexStore:
 
     def __len__(self) -> int:
         return self._count
+
+    @property
+    def precision(self) -> str | None:
+        """What the vectors were computed at, as given at creation (None: not said, as by stores
+        made before it was kept)."""
+        return self._manifest.get("precision")
 
     @property
     def seq(self) -> int:

@@ -147,13 +147,13 @@ def open_index(path: str | os.PathLike[str], *, rebuild_in_background: bool = Fa
 
 
 def create_index(path: Path, spec: ModelSpec, whitening: PCAWhitening | None, *,
-                 index_type: str) -> IndexStore:
+                 index_type: str, precision: str | None = None) -> IndexStore:
     """A new index store at ``path`` (a new or empty folder) for an embedder with ``spec``, with
     its whitening saved in it before the manifest marks the store made: a store never holds
     vectors it cannot explain, and a creation cut off is one the next run makes anew."""
     from pictor.core.store import IndexStore
 
-    return IndexStore.create(path, index_spec(spec, whitening), index_type=index_type,
+    return IndexStore.create(path, index_spec(spec, whitening), index_type=index_type, precision=precision,
                              files=None if whitening is None else whitening.save)
 
 

@@ -217,7 +217,10 @@ def _open_target(settings: IndexerSettings, out: Path, entries: list[GalleryEntr
             on_error.callback(out.rmdir)
         embedder = _embedder(settings, store, spec, out)
         if store is not None:
+            from pictor.core.embedder import warn_mixed_precision
+
             store.check_spec(index_spec(embedder.spec, whitening), what="this run's model")
+            warn_mixed_precision(out, store.precision, embedder.precision, "this run embeds")
         else:
             if settings.index_type != AUTO:  # a bad factory string: now, not after a whitening sample
                 check_new_factory(settings.pca_whiten or embedder.spec.dim, settings.index_type)
@@ -226,7 +229,8 @@ def _open_target(settings: IndexerSettings, out: Path, entries: list[GalleryEntr
                 batch_size=settings.model.batch_size, workers=settings.workers,
                 max_pixels=settings.model.max_pixels, progress=progress,
             ) if settings.pca_whiten else None
-            store = create_index(out, embedder.spec, whitening, index_type=settings.index_type)
+            store = create_index(out, embedder.spec, whitening, index_type=settings.index_type,
+                                 precision=embedder.precision)
         on_error.pop_all()  # the store is open, for the run
     return _Target(store, embedder, whitening, opened, created)
 
@@ -328,10 +332,10 @@ def _embedder(settings: IndexerSettings, store: IndexStore | None, spec: ModelSp
                 f"index {out} holds embeddings of {spec.describe()}; this run asks for {wrong}. "
                 "Leave those settings out to add to the index with its own model, or build a new "
                 "index with another --out")
-        from pictor.core.embedder import embedder_for_index
+        from pictor.core.embedder import embedder_for_index, kept_precision
 
-        return embedder_for_index(spec, out, weights=m.weights, device=m.device, precision=m.precision,
-                                  compile=m.compile)
+        return embedder_for_index(spec, out, weights=m.weights, device=m.device, compile=m.compile,
+                                  precision=kept_precision(m.precision, store.precision, m.device))
     if settings.model_file:
         from pictor.core.head import load_model
 

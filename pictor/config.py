@@ -156,7 +156,8 @@ FLAGS: dict[str, dict[str, Any]] = {
     "weights": {"help": "weights tag, local checkpoint path, or 'random' (default: the backbone's default)"},
     "device": {"help": "auto (default), cpu, cuda, cuda:N"},
     "precision": {"choices": PRECISIONS,
-                  "help": "numeric precision of the model (default auto: bf16 where the hardware runs it fast, else fp32)"},
+                  "help": "numeric precision of the model (default auto: the precision an existing index or model "
+                          "file was made at where the hardware runs it fast, else bf16 where it does, else fp32)"},
     "compile": {"action": argparse.BooleanOptionalAction, "default": None,
                 "help": "torch.compile the backbone: its first batch compiles (seconds to a minute), later "
                         "forward passes run 1.1-1.6x faster on a CPU; a 2-core `pictor index` gains little, "

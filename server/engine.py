@@ -142,7 +142,7 @@ class Engine:
     @classmethod
     def load(cls, settings: ServerSettings) -> Engine:
         """Open the index and build the model it was made with (or the fine-tuned one)."""
-        from pictor.core.embedder import embedder_for_index
+        from pictor.core.embedder import embedder_for_index, kept_precision, warn_mixed_precision
 
         index = settings.index
         # writes go on while a grown index is rebuilt, from the first moment
@@ -160,8 +160,10 @@ class Engine:
                                                  compile=settings.compile,
                                                  weights=settings.weights or None)
             else:
-                embedder = embedder_for_index(spec, index, weights=settings.weights, device=settings.device,
-                                              precision=settings.precision, compile=settings.compile)
+                embedder = embedder_for_index(
+                    spec, index, weights=settings.weights, device=settings.device, compile=settings.compile,
+                    precision=kept_precision(settings.precision, store.precision, settings.device))
+            warn_mixed_precision(index, store.precision, embedder.precision, "queries and added images are embedded")
             engine = cls(embedder, store, model, max_pixels=settings.max_pixels, whitening=whitening)
             on_error.pop_all()  # started: the engine closes the store
         return engine

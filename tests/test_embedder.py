@@ -218,6 +218,19 @@ def test_auto_precision_on_a_gpu_asks_that_gpu(monkeypatch: pytest.MonkeyPatch, 
     assert ("emulated" in caplog.text) == (auto == "fp16")
 
 
+def test_auto_keeps_the_precision_vectors_were_made_at_where_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pictor.core import embedder as embedder_mod
+
+    kept = embedder_mod.kept_precision
+    monkeypatch.setattr(embedder_mod, "cpu_has_fast_bf16", lambda: False)
+    assert kept("auto", "fp32", "cpu") == "fp32"
+    assert kept("auto", "bf16", "cpu") == "auto"  # emulated here (17x slower): this device's own pick
+    assert kept("auto", None, "cpu") == kept("auto", "auto", "cpu") == "auto"  # not said: as before
+    assert kept("fp32", "bf16", "cpu") == "fp32"  # asked for: as asked
+    monkeypatch.setattr(embedder_mod, "cpu_has_fast_bf16", lambda: True)
+    assert kept("auto", "bf16", "cpu") == "bf16"
+
+
 def _retrieval_check(fp32: Embedder, reduced: Embedder, photos: list[Image.Image]) -> None:
     """Cosine >= 0.995 to fp32 on real photos, and the same top-1 on a small gallery."""
     queries = [ImageOps.mirror(im).crop((im.width // 10, im.height // 10, im.width,

@@ -98,9 +98,12 @@ def test_rerun_replaces_instead_of_duplicating(gallery: Path, tmp_path: Path) ->
     assert (relabelled["replaced"], relabelled["inserted"]) == (12, 0)  # label "" from the folder's
 
 
-def test_an_image_added_through_the_server_is_not_embedded_again(gallery: Path, built_index: Path) -> None:
+def test_an_image_added_through_the_server_is_not_embedded_again(gallery: Path, built_index: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
     image = sorted(gallery.rglob("*.png"))[0]
     engine = Engine.load(ServerSettings(index=str(built_index), device="cpu"))
+    assert engine.embedder.precision == engine.store.precision  # "auto": as the index was made
+    assert "holds vectors embedded at" not in caplog.text
     try:  # as `pictor add` sends it: the file's bytes under its path as key
         engine.upsert([Item(key=image.as_posix(), label=image.parent.name)], [image.read_bytes()], [None])
         engine.upsert([Item(key="vector-only")], [None], [np.ones(engine.store.spec.dim).tolist()])
@@ -108,6 +111,11 @@ def test_an_image_added_through_the_server_is_not_embedded_again(gallery: Path, 
         engine.close()
     summary = json.loads(pictor("index", str(gallery), "--out", str(built_index), "--json").stdout)
     assert (summary["unchanged"], summary["indexed"], summary["index_size"]) == (12, 0, 13)
+    with IndexStore.open(built_index) as store:
+        made_at = store.precision
+    other = "fp32" if made_at == "bf16" else "bf16"
+    Engine.load(ServerSettings(index=str(built_index), device="cpu", precision=other)).close()
+    assert f"holds vectors embedded at {made_at}; queries and added images are embedded at {other}" in caplog.text
 
 
 def test_ctrl_c_ends_the_run_with_what_was_written(gallery: Path, tmp_path: Path, caplog) -> None:
@@ -174,7 +182,7 @@ def test_an_existing_index_is_extended_with_its_own_model(gallery: Path, tmp_pat
     # As the README's "again later" line: no --backbone / --weights needed the second time.
     out = tmp_path / "index"
     pictor("index", str(gallery), "--out", str(out), "--backbone", "resnet18", "--weights", "random",
-           "--pooling", "gem")
+           "--pooling", "gem", "--precision", "fp32")
     # A file gone bad since: skipped, its item kept and said to be; files that are not named as
     # images are counted, not read.
     bad = gallery / "warm" / "img01.png"
@@ -188,6 +196,10 @@ def test_an_existing_index_is_extended_with_its_own_model(gallery: Path, tmp_pat
     assert summary["left_out"] == {".heic": 1, ".txt": 1} and "left out 2 files not named as images" in r.stderr
     with IndexStore.open(out) as store:
         assert (store.spec.backbone, store.spec.pooling) == ("resnet18", "gem")
+        assert store.precision == "fp32"  # kept: a later run embeds as it did
+    # Another precision is taken as asked, and said to mix (an index's own image scored 0.98).
+    r = pictor("index", str(gallery), "--out", str(out), "--precision", "bf16")
+    assert "holds vectors embedded at fp32; this run embeds at bf16, which differ a little" in r.stderr
     r = pictor("index", str(gallery), "--out", str(out), "--backbone", "resnet50", check=False)
     assert r.returncode == 2 and "resnet18" in r.stderr  # another backbone asked for: refused
     # The defaults asked for by name are asked for too (they were taken as "not set").

@@ -93,13 +93,14 @@ def filled(tmp_path: Path, rng: np.random.Generator) -> Iterator[tuple[IndexStor
 
 def test_upsert_search_and_round_trip(tmp_path: Path, rng: np.random.Generator) -> None:
     vecs = unit(rng, 100)
-    with IndexStore.create(tmp_path / "s", spec()) as store:
+    with IndexStore.create(tmp_path / "s", spec(), precision="bf16") as store:
         assert store.upsert(items(100), vecs) == UpsertResult(inserted=100, replaced=0)
         assert len(store) == 100
         before = store.search(vecs[:5], k=3)
+        store.snapshot()  # (a snapshot rewrites the manifest: the precision stays in it)
     with IndexStore.open(tmp_path / "s") as store:
         assert len(store) == 100
-        assert store.spec == spec()
+        assert store.spec == spec() and store.precision == "bf16"
         after = store.search(vecs[:5], k=3)
         info = store.info()
     assert before == after
