@@ -141,6 +141,13 @@ METRIC = "ip"  # inner product on L2-normalised vectors = cosine similarity
 AUTO = "auto"
 _TRAIN_SAMPLE = 50_000  # vectors to train IVF/PQ on, unless the type needs more
 _MIN_TUNE_ITEMS = 500  # search defaults are first re-tuned at twice this many items
+# How long a close waits for a background job to reach its next step (FAISS's training of
+# a sample, one block of vectors added, one tuning) before it leaves without it.
+_MAINTENANCE_STOP_S = 30.0
+
+
+class _Closing(Exception):
+    """Raised in a background job when the store is being closed."""
 
 
 # -- the store ------------------------------------------------------------------------------
@@ -198,6 +205,8 @@ class IndexStore:
         # The database seq a background rebuild or re-tuning started from (None: none running);
         # deletions after it are kept for a rebuild to apply.
         self._maintenance_base: int | None = None
+        self._maintenance: threading.Thread | None = None  # the thread of the last such job
+        self._closing = False  # close() has begun: a background job stops at its next step
         self._rebuilding = ""  # the factory a background rebuild makes
         self._said_gone = False  # whether the log has said that the folder was deleted
         self._label_counts: tuple[int, dict[str, int]] | None = None  # (seq, counts) when last counted
@@ -650,6 +659,7 @@ class IndexStore:
         """Snapshot pending changes (unless ``snapshot=False``) and release the store."""
         if self._closed:
             return
+        self._stop_maintenance()
         with self._write_lock:
             if self._closed:  # a close in another thread got the lock first
                 return
@@ -665,6 +675,21 @@ class IndexStore:
                         self._readers.clear()
                     self._db.close()
                 os.close(self._lock_fd)
+
+    def _stop_maintenance(self) -> None:
+        """Stop a background job at its next step and wait for it (not under the writer lock,
+        which it takes to finish). Left running, it read the database to the end of the process:
+        its connection kept the WAL file (198 MB after a soak's rebuilds), and the interpreter's
+        exit ended it inside FAISS ("FATAL: exception not rethrown", an abort)."""
+        self._closing = True
+        job = self._maintenance
+        if job is None or not job.is_alive() or job is threading.current_thread():
+            return
+        log.info("index store %s: stopping the background %s", self.path, "rebuild" if self._rebuilding else "re-tuning")
+        job.join(_MAINTENANCE_STOP_S)
+        if job.is_alive():
+            log.warning("index store %s: the background job did not stop within %d s; closing without it",
+                        self.path, _MAINTENANCE_STOP_S)
 
     # -- write internals ------------------------------------------------------------------
 
@@ -785,14 +810,23 @@ class IndexStore:
         if current == EXACT_FACTORY and target != EXACT_FACTORY:
             if n >= need:  # the exact stand-in can now give way to the real type
                 return f"{n} items are enough to train {target}"
-        elif target != current and (n >= built or n * growth <= built):
-            # Switch only when growing, or after shrinking a lot: no flapping at a boundary.
-            return f"{n} items call for {target} instead of {current}"
+        elif (switch := self._next_factory()) != current:
+            return f"{n} items call for {switch} instead of {current}"
         elif need and built and n >= growth * built:
             return f"collection grew from {built} to {n} items since training"
         if self._index.tombstone_ratio > self.options.compact_ratio:
             return f"{self._index.tombstones} tombstones ({self._index.tombstone_ratio:.0%})"
         return ""
+
+    def _next_factory(self) -> str:
+        """The type a rebuild builds: the one the size calls for, but a switch only when the
+        collection has grown past what the index in use was chosen for, or shrunk a lot below it,
+        so that one held at a boundary does not flap (a compaction keeps the type in use)."""
+        n, built, current = self._count, self._built_for, self._index.factory
+        target = self._target_factory(n)
+        if current == EXACT_FACTORY or n >= built or n * self.options.growth_factor <= built:
+            return target
+        return current
 
     def _target_factory(self, n: int) -> str:
         if self.index_type != AUTO:
@@ -803,13 +837,18 @@ class IndexStore:
         started = time.perf_counter()
         log.info("rebuilding the FAISS index over %d items (%s)", self._count, reason)
         # Readers keep searching the old index while the new one is built and tuned.
-        new_index = self._build_index(self._target_factory(self._count))
-        self._swap_in(new_index, self._tune(new_index), started, reason)
+        new_index = self._build_index(self._next_factory())
+        self._swap_in(new_index, self._tune(new_index), started, reason, self._count)
 
-    def _swap_in(self, new_index: VectorIndex, knobs: SearchKnobs, started: float, reason: str) -> None:
+    def _swap_in(self, new_index: VectorIndex, knobs: SearchKnobs, started: float, reason: str,
+                 chosen_for: int) -> None:
+        """``chosen_for``: the items ``new_index``'s type was chosen for. Not the count at the
+        swap: a background rebuild's catch-up may have deleted some since, and a type chosen
+        for 19,976 items, taken as built for 19,912, was switched back at once, and again, for
+        as long as writes held the collection at the boundary."""
         with self._rw.write():
             self._index, self._knobs = new_index, knobs
-            self._built_for = self._tuned_for = self._count
+            self._built_for = self._tuned_for = chosen_for
             self._dirty = True
             self._rebuilding = ""  # in use now: info() said "rebuilding as" it while its snapshot was saved
         log.info(
@@ -823,7 +862,7 @@ class IndexStore:
         the database as it is now (writer lock held): its read transaction begins here, so a
         new index holds exactly the writes up to this seq, and the catch-up adds those after."""
         db = _connect(self.path / DATABASE, readonly=True)
-        factory = self._target_factory(self._count) if reason else ""  # "": re-tune the index in use
+        factory = self._next_factory() if reason else ""  # "": re-tune the index in use
         try:
             db.execute("BEGIN")
             db.execute("SELECT COUNT(*) FROM items").fetchone()  # the read snapshot starts here
@@ -832,9 +871,10 @@ class IndexStore:
             # and the tuning settled for its cheapest setting (ef_search 16 at recall 0.91). The
             # copy holds up writes for a memory copy's time: 0.44 s for 100k x 1280 IVF-PQ + RFlat.
             retune = None if factory else (self._index, self._index.copy())
-            threading.Thread(target=self._background_maintenance, name="pictor-maintenance", daemon=True,
-                             args=(db, factory, reason, self._seq, int(self._meta("next_id")), self._count,
-                                   retune)).start()
+            self._maintenance = threading.Thread(
+                target=self._background_maintenance, name="pictor-maintenance", daemon=True,
+                args=(db, factory, reason, self._seq, int(self._meta("next_id")), self._count, retune))
+            self._maintenance.start()
         except BaseException:
             db.close()
             raise
@@ -856,9 +896,11 @@ class IndexStore:
         try:
             if retune is None:
                 new_index = self._build_index(factory, db=db, count=count)
+                self._raise_if_closing()
                 knobs = self._tune(new_index, db=db, count=count)
             else:
                 knobs = self._tune(retune[1], db=db, count=count)
+            self._raise_if_closing()
             # Only this job clears its mark (below), and no other starts while it is set.
             with self._write_lock:
                 if self._closed:  # the next open starts it again
@@ -866,9 +908,12 @@ class IndexStore:
                 if retune is None:
                     # The writes made meanwhile: under the writer lock, so none is missed or applied twice.
                     self._catch_up(new_index, base_seq, below_id=base_next_id)
-                    self._swap_in(new_index, knobs, started, reason)
+                    self._swap_in(new_index, knobs, started, reason, count)
                 elif self._index is retune[0]:
                     self._set_knobs(knobs, count, started)
+        except _Closing:
+            log.info("index store %s: background %s stopped by the close; the next open starts it again",
+                     self.path, "rebuild" if factory else "re-tuning")
         except Exception:
             log.exception("index store %s: background %s failed; searches go on with the index as it "
                           "was, and a later write tries again", self.path, "rebuild" if factory else "re-tuning")
@@ -900,10 +945,17 @@ class IndexStore:
             factory, need = EXACT_FACTORY, 0
         if need:
             sample = self._sample_vectors(min(count, max(need, _TRAIN_SAMPLE)), db)
+        self._raise_if_closing()
         index = VectorIndex.build(self.dim, factory, sample)
         for ids, vecs in _stream_vectors(db):
+            self._raise_if_closing()
             index.add(ids, vecs)
         return index
+
+    def _raise_if_closing(self) -> None:
+        """A step of a background job: the store is being closed, stop here."""
+        if self._closing and threading.current_thread() is self._maintenance:
+            raise _Closing
 
     def _sample_ids(self, n: int, db: sqlite3.Connection) -> np.ndarray:
         """Ids of ``n`` stored items (all when fewer), sorted. Seeded: the same collection

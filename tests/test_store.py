@@ -1274,18 +1274,46 @@ def test_a_background_rebuild_compacts_tombstones_and_a_close_abandons_it(
         assert store._consistent() and store._index.tombstones == 2
         found = {h.keys[0] for h in store.search(vecs[:250], k=1)}
         assert not found & {f"img/{i}.jpg" for i in [*range(50), 60, 61, 210]}
-        # A close while a rebuild runs leaves it: the index as it was is saved, nothing is lost.
+        # A close while a rebuild runs stops it at its next step and waits for that: the index
+        # as it was is saved, nothing is lost. (Left running, its connection kept the WAL file,
+        # and the interpreter's exit ended it inside FAISS: an abort.)
         building.clear()
         release.clear()
         store.delete([f"img/{i}.jpg" for i in range(62, 110)])
         assert building.wait(60)
-    release.set()
-    for thread in threading.enumerate():
-        if thread.name == "pictor-rebuild":
-            thread.join(60)  # it finds the store closed and leaves
+        threading.Timer(0.3, release.set).start()  # the step under way ends a little later
+        job = store._maintenance
+        caplog.set_level("INFO", logger="pictor.core.store")
+    assert job is not None and not job.is_alive()  # the close waited for it
+    assert "background rebuild stopped by the close; the next open starts it again" in caplog.text
     with IndexStore.open(tmp_path / "h", rebuild_in_background=True) as again:  # as a server opens it
         assert again.info().count == 197 - 48 and _rebuilt(again).tombstones == 0 and again._consistent()
     assert "background rebuild failed" not in caplog.text
+    assert not (tmp_path / "h" / f"{DATABASE}-wal").exists()  # every connection closed: checkpointed
+
+
+def test_a_collection_held_at_a_type_boundary_does_not_flap_between_types(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `auto` takes HNSW32 below 1,200 items of this budget, an IVF from there. A background
+    # rebuild chose the IVF for 1,210 items; deletes during it left 1,190 at the swap, which was
+    # taken as the size it was built for, so the next write (1,191 items) switched back at once,
+    # and on: a soak saw 7 rebuilds in a row (31-41 s each) while writes held a collection there.
+    options = StoreOptions(exact_below=100, memory_budget_gb=(1200 * (4 * DIM + 400) - 1) / 2**30)
+    assert choose_factory(1199, DIM, options) == "HNSW32" and choose_factory(1200, DIM, options) != "HNSW32"
+    vecs = clustered(np.random.default_rng(8), 1300)
+    with IndexStore.create(tmp_path / "s", spec(), options=options) as store:
+        store.upsert(items(1190), vecs[:1190])
+        assert store.info().factory == "HNSW32"
+        store.rebuild_in_background = True
+        building, release = _hold_tuning(monkeypatch, store)
+        store.upsert(items(20, start=1190), vecs[1190:1210])
+        assert building.wait(60) and store.info().rebuilding.startswith("IVF16")
+        store.delete([f"img/{i}.jpg" for i in range(20)])
+        release.set()
+        ivf = _rebuilt(store).factory
+        assert ivf.startswith("IVF16") and len(store) == 1190
+        store.upsert(items(1, start=1210), vecs[1210:1211])  # below 1,200, but not shrunk by the growth factor
+        assert store.info().rebuilding == "" and _rebuilt(store).factory == ivf
 
 
 def test_a_creation_cut_off_before_its_manifest_is_made_anew(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
