@@ -1316,6 +1316,26 @@ def test_a_collection_held_at_a_type_boundary_does_not_flap_between_types(
         assert store.info().rebuilding == "" and _rebuilt(store).factory == ivf
 
 
+def test_the_wal_file_is_cut_back_once_a_long_reader_is_gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A background rebuild reads for the whole of its build: writes meanwhile cannot reset the
+    # WAL, which grew to 198 MB in a soak and kept that size for good.
+    monkeypatch.setattr("pictor.core._store_sql.WAL_KEEP_BYTES", 64 << 10)
+    rng = np.random.default_rng(9)
+    with IndexStore.create(tmp_path / "s", spec(dim=256)) as store:
+        reader = sqlite3.connect(tmp_path / "s" / DATABASE)
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM items").fetchone()  # as a rebuild's snapshot holds it
+        for start in range(0, 10_000, 1000):
+            store.upsert(items(1000, start=start), unit(rng, 1000, 256))
+        wal = tmp_path / "s" / f"{DATABASE}-wal"
+        held = wal.stat().st_size
+        reader.rollback()
+        reader.close()
+        for start in (20_000, 21_000):
+            store.upsert(items(1000, start=start), unit(rng, 1000, 256))
+        assert held > 10 << 20 and wal.stat().st_size < held // 4  # here 14.4 MB, then 1.5 (16 without the limit)
+
+
 def test_a_creation_cut_off_before_its_manifest_is_made_anew(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     root = tmp_path / "s"
     IndexStore.create(root, spec()).close()
