@@ -314,12 +314,9 @@ def run_search(args: argparse.Namespace) -> int:
             if image is None:
                 raise
             raise type(e)(f"{args.image}: {e}") from e
-        held = client.info().label_counts if args.label else {}
+        no_such = _no_such_labels(client, args.label)
     rows = [f"{i + 1:>3}  {h.score:6.3f}  {_hit_text(h)}"
             for i, h in enumerate(hits)]
-    unknown = [label for label in args.label if canonical_label(label) not in held]  # as the index keeps them
-    no_such = (f"the index has no item labelled {', '.join(map(repr, unknown))} (labels: "
-               f"{_label_counts_text(held)})") if held and unknown else ""
     if hits and no_such:  # a typo among several labels: the hits are of the others
         print(f"pictor search: note: {no_such}", file=sys.stderr)
     why = no_such or ("no indexed item matches the --label/--attr filter" if args.label or attrs
@@ -466,6 +463,15 @@ def run_get(args: argparse.Namespace) -> int:
     return _report_missing(args, missing)
 
 
+def _no_such_labels(client: PictorClient, labels: Sequence[str]) -> str:
+    """What to say of the asked-for labels the index holds no item of ("" when none: it holds
+    them all, or nothing was asked)."""
+    held = client.info().label_counts if labels else {}
+    unknown = [label for label in labels if canonical_label(label) not in held]  # as the index keeps them
+    return (f"the index has no item labelled {', '.join(map(repr, unknown))} (labels: "
+            f"{_label_counts_text(held)})") if held and unknown else ""
+
+
 @_guard_unreachable
 def run_list(args: argparse.Namespace) -> int:
     """Prints as it pages (a large index is not held in memory); --json: one object per line."""
@@ -478,9 +484,14 @@ def run_list(args: argparse.Namespace) -> int:
                 print(json.dumps({"key": it.key, "label": it.label, "attributes": it.attributes}, ensure_ascii=False))
             else:
                 print(_item_row(it))
-    if not listed:  # on stderr: the output stays an empty listing for scripts
-        print("pictor list: no items: " + ("no indexed item matches the --label/--attr filter"
-                                           if args.label or attrs else "the index is empty"), file=sys.stderr)
+        no_such = _no_such_labels(client, args.label)  # (a typo: as search says it)
+    # On stderr: the output stays a listing for scripts.
+    if listed and no_such:
+        print(f"pictor list: note: {no_such}", file=sys.stderr)
+    elif not listed:
+        print("pictor list: no items: " + (no_such or ("no indexed item matches the --label/--attr filter"
+                                                       if args.label or attrs else "the index is empty")),
+              file=sys.stderr)
     return 0
 
 

@@ -229,6 +229,9 @@ def _with_port(target: str) -> str:
     if match is None or (match[1].startswith("[") and not _is_ipv6(match[1][1:-1])):
         raise InvalidRequestError(f"target {target}: give host:port, e.g. localhost:50051 (a host name, "
                                   "an IPv4 address, or an IPv6 one in brackets)")
+    if match[2] is None and target.isdigit():  # a port given alone: taken as a host, it failed at the lookup
+        raise InvalidRequestError(f"target {target}: a number alone is no host; give host:port, e.g. "
+                                  f"localhost:{target}")
     if match[2] is None:
         return f"{target}:{DEFAULT_PORT}"
     if not re.fullmatch(r"[0-9]{1,5}", match[2]) or not 0 < int(match[2]) <= 65535:

@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 work=${DEMO_DIR:-runs/demo}
 port=${DEMO_PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 target="127.0.0.1:$port"
-rm -rf "$work" && mkdir -p "$work"
+# Only what an earlier demo made there: DEMO_DIR may be a folder of other things.
+rm -rf "$work/index" "$work/server.log" "$work/knn.json" && mkdir -p "$work"
 
 echo "== 1. index the sample gallery (270 Google emoji in 9 category folders)"
 pictor index sample/gallery --out "$work/index" --no-progress

@@ -4,8 +4,10 @@ renamed flag or a missing folder would otherwise show only at `docker compose up
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -50,5 +52,24 @@ def test_the_commands_the_image_and_compose_run_are_valid() -> None:
     # loopback unless PICTOR_BIND says otherwise (it has no authentication yet).
     (published,) = compose["services"]["server"]["ports"]
     assert published.startswith("${PICTOR_BIND:-127.0.0.1}:")
+    # The image is built by the indexer's `build`, never pulled: the server's would be tried
+    # from a registry first, where there is none.
+    assert compose["services"]["server"]["pull_policy"] == "never" and "build" in compose["services"]["indexer"]
     # As PID 1, pictor would ignore a SIGTERM that came before Python installed its handler.
     assert all(service.get("init") is True for service in compose["services"].values())
+
+
+def test_the_demo_removes_only_what_an_earlier_demo_made(tmp_path: Path) -> None:
+    # DEMO_DIR may name a folder of other things (it was emptied whole: DEMO_DIR=$HOME...).
+    stub = tmp_path / "bin" / "pictor"
+    stub.parent.mkdir()
+    stub.write_text("#!/bin/sh\nexit 1\n")  # the demo stops at its first step
+    stub.chmod(0o755)
+    work = tmp_path / "mine"
+    (work / "index").mkdir(parents=True)
+    (work / "notes.txt").write_text("kept")
+    env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}", "DEMO_DIR": str(work),
+           "DEMO_PORT": "50051"}
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], env=env, capture_output=True, text=True)
+    assert run.returncode == 1 and "== 1. index the sample gallery" in run.stdout
+    assert (work / "notes.txt").read_text() == "kept" and not (work / "index").exists()

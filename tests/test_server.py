@@ -388,6 +388,9 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     warm = [json.loads(line) for line in pictor("list", "--label", "warm", "--json", "--target", server.target).stdout.splitlines()]
     assert len(warm) == 6 and {w["label"] for w in warm} == {"warm"} and warm == sorted(warm, key=lambda w: w["key"])
     none = pictor("list", "--label", "nope", "--json", "--target", server.target)
+    assert none.stdout == "" and none.stderr == ("pictor list: no items: the index has no item labelled 'nope' "
+                                                 "(labels: cool 6, warm 6, (none) 2)\n")
+    none = pictor("list", "--label", "warm", "--attr", "source=cam1", "--target", server.target)
     assert none.stdout == "" and "no indexed item matches the --label/--attr filter" in none.stderr
     with PictorClient(server.target, timeout=10) as client:
         paged = list(client.iter_items(page=5))  # 14 items: pages of 5, 5 and 4
@@ -427,6 +430,11 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     some = pictor("search", str(image), "--label", "warm", "--label", "wram", "-k", "2", "--target", server.target)
     assert some.stdout.count("[warm]") == 2  # the hits of the label that exists, and a note on the other
     assert some.stderr == "pictor search: note: the index has no item labelled 'wram' (labels: cool 6, warm 6)\n"
+    listed = pictor("list", "--label", "wram", "--target", server.target)  # as search says it
+    assert listed.stdout == "" and listed.stderr == ("pictor list: no items: the index has no item labelled "
+                                                     "'wram' (labels: cool 6, warm 6)\n")
+    listed = pictor("list", "--label", "warm", "--label", "wram", "--target", server.target)
+    assert listed.stdout.count("[warm]") == 6 and "note: the index has no item labelled 'wram'" in listed.stderr
     shown = pictor("info", "--target", server.target).stdout
     assert "\nlabels:       cool 6, warm 6\n" in shown
     gone = pictor("delete", "no/such/key.png", "--target", server.target, check=False)
@@ -546,6 +554,9 @@ def test_sigterm_while_loading_ends_the_server_as_ctrl_c_does(built_index: Path)
 def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
     with pytest.raises(InvalidRequestError, match="localhost:99999: port must be a number between 1 and 65535"):
         PictorClient("localhost:99999")  # gRPC would silently try another port
+    with pytest.raises(InvalidRequestError, match="target 56813: a number alone is no host; give host:port, "
+                       "e.g. localhost:56813"):
+        PictorClient("56813")  # was "cannot reach 56813:50051 ... hostname lookup failed"
     with pytest.raises(InvalidRequestError, match="timeout must be more than 0 seconds, got 0"):
         PictorClient("localhost:50051", timeout=0)
     # gRPC failed every call at once when a deadline that large overflowed: none instead.
