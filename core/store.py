@@ -821,12 +821,12 @@ class IndexStore:
     def _next_factory(self) -> str:
         """The type a rebuild builds: the one the size calls for, but a switch only when the
         collection has grown past what the index in use was chosen for, or shrunk a lot below it,
-        so that one held at a boundary does not flap (a compaction keeps the type in use)."""
+        so that one held at a boundary does not flap (a compaction keeps the type in use, unless
+        too few items are left to train it: it would be built exact, then rebuilt at once)."""
         n, built, current = self._count, self._built_for, self._index.factory
-        target = self._target_factory(n)
-        if current == EXACT_FACTORY or n >= built or n * self.options.growth_factor <= built:
-            return target
-        return current
+        held = (current != EXACT_FACTORY and built / self.options.growth_factor < n < built
+                and training_size(self.dim, current) <= n)
+        return current if held else self._target_factory(n)
 
     def _target_factory(self, n: int) -> str:
         if self.index_type != AUTO:

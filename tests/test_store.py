@@ -1314,6 +1314,10 @@ def test_a_collection_held_at_a_type_boundary_does_not_flap_between_types(
         assert ivf.startswith("IVF16") and len(store) == 1190
         store.upsert(items(1, start=1210), vecs[1210:1211])  # below 1,200, but not shrunk by the growth factor
         assert store.info().rebuilding == "" and _rebuilt(store).factory == ivf
+        # A compaction keeps the type in use, unless too few items are left to train it (this IVF's
+        # 8-bit codes take 1,000): then the size's own type, not an exact stand-in rebuilt at once.
+        store.delete([f"img/{i}.jpg" for i in range(20, 320)])  # 891 items, 25% tombstones
+        assert _rebuilt(store).factory == "HNSW32" and store.info().tombstones == 0
 
 
 def test_the_wal_file_is_cut_back_once_a_long_reader_is_gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
