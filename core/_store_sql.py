@@ -24,7 +24,7 @@ _SQL_CHUNK = 4096  # ids per `IN (...)` query and vectors per streamed block
 # -- SQLite helpers -------------------------------------------------------------------------
 
 
-WAL_KEEP_BYTES = 64 << 20
+WAL_KEEP_BYTES = 64 << 20  # what a WAL file is cut back to once a checkpoint resets it
 
 
 class _Connection(sqlite3.Connection):

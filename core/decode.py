@@ -244,17 +244,15 @@ def _check_size(im: Image.Image, max_pixels: int, full: tuple[int, int], *, whol
     w, h = im.size
     if w <= 0 or h <= 0:
         raise InvalidImageError(f"{im.format} image has an empty size {w}x{h}")
-    if whole and full[0] * full[1] > max_pixels:
+    pixels = full[0] * full[1] if whole else w * h
+    if pixels > max_pixels:
+        drafted = f" (decoded at {w}x{h})" if (w, h) != full and not whole else ""
         raise InvalidImageError(
-            f"{im.format} image is too large: {full[0]}x{full[1]} = {full[0] * full[1]:,} pixels, above the cap "
-            f"of {max_pixels:,} pixels (--max-pixels of serve, index, train and eval, PICTOR_MAX_PIXELS); a "
-            "progressive or multi-scan JPEG counts at its full size, as its decoder holds all of it")
-    if w * h > max_pixels:
-        drafted = f" (decoded at {w}x{h})" if (w, h) != full else ""
-        raise InvalidImageError(
-            f"{im.format} image is too large: {full[0]}x{full[1]}{drafted} = {w * h:,} pixels "
-            f"to decode, above the cap of {max_pixels:,} pixels (--max-pixels of serve, index, train and eval, "
-            "PICTOR_MAX_PIXELS)"
+            f"{im.format} image is too large: {full[0]}x{full[1]}{drafted} = {pixels:,} pixels"
+            f"{'' if whole else ' to decode'}, above the cap of {max_pixels:,} pixels (--max-pixels of serve, "
+            "index, train and eval, PICTOR_MAX_PIXELS)"
+            + ("; a progressive or multi-scan JPEG counts at its full size, as its decoder holds all of it"
+               if whole else "")
         )
 
 

@@ -24,6 +24,7 @@ from pictor.core.decode import DECODE_VERSION
 from pictor.core.files import content_hash, write_atomic
 from pictor.core.spec import ModelSpec
 from pictor.errors import InvalidImageError, NotFoundError
+from pictor.image_files import path_text
 from pictor.trainer.data import Sample
 
 if TYPE_CHECKING:
@@ -119,6 +120,11 @@ class EmbeddedSet:
     @property
     def labels(self) -> list[str]:
         return [s.label for s in self.samples]
+
+
+def skipped_rows(skipped: Sequence[tuple[Path, str]]) -> list[dict[str, str]]:
+    """Skipped images as the JSON of `pictor train` and `pictor eval` lists them."""
+    return [{"path": path_text(p), "error": path_text(why)} for p, why in skipped]
 
 
 def embed_samples(

@@ -210,7 +210,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def train_summary(out: str, result: TrainResult) -> dict[str, Any]:
     """What `pictor train --json` prints: the lines for people, as data."""
-    from pictor.image_files import path_text
+    from pictor.trainer.cache import skipped_rows
     from pictor.trainer.train import head_description
 
     model, report = result.model, result.report
@@ -227,7 +227,7 @@ def train_summary(out: str, result: TrainResult) -> dict[str, Any]:
         "details": {k: v for k, v in model.metrics.items() if k not in report},
         # A test that is off has threshold -inf, which JSON cannot hold: null.
         "open_set": thresholds and {k: v if math.isfinite(v) else None for k, v in thresholds.items()},
-        "skipped": [{"path": path_text(p), "error": path_text(why)} for p, why in result.skipped],
+        "skipped": skipped_rows(result.skipped),
     }
 
 

@@ -27,7 +27,7 @@ from pictor.core.open_set import neighbour_tests_off, open_set_similarities
 from pictor.errors import InvalidRequestError
 from pictor.image_files import path_text
 from pictor.trainer import data as data_mod
-from pictor.trainer.cache import embed_samples
+from pictor.trainer.cache import embed_samples, skipped_rows
 from pictor.trainer.metrics import classification_report
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ def evaluate(
         probs = all_probs[is_known]
         report = classification_report(y, probs, model.class_names)
         report["images"] = image_rows(emb.samples, all_probs, model.class_names)
-        report["skipped"] = [{"path": path_text(p), "error": path_text(why)} for p, why in emb.skipped]
+        report["skipped"] = skipped_rows(emb.skipped)
         report["ignored"] = ignored
         # Images the model learned from measure memory, not accuracy: said, not hidden (None: a
         # model file from before it kept their ids).
