@@ -364,7 +364,7 @@ def main() -> None:
     p.add_argument("--tmp", default=None, help="folder the store of `auto` is written under (made if missing; default: the system's temp)")
     p.add_argument("--cache", default="/tmp/pictor-bench-cache",
                    help="where generated vectors are kept between runs")
-    p.add_argument("--out", default="", help="also write the rows as JSON here")
+    p.add_argument("--out", default="", help="also write the rows as JSON here (folders made if missing)")
     p.add_argument("--lock", default="",
                    help="flock this file while queries are timed (see the module docstring)")
     args = p.parse_args()
@@ -375,6 +375,7 @@ def main() -> None:
         rows.extend(bench_size(size, args))
     print_table(rows, args)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # as --tmp is: minutes of work end here
         Path(args.out).write_text(json.dumps([asdict(r) for r in rows], indent=2))
 
 

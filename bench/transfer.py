@@ -67,7 +67,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--unfreeze", type=int, default=TrainConfig.unfreeze,
                    help="finetune: last N stages trained")
     p.add_argument("--train-size", type=int, default=0,
-                   help="finetune crop size (0 = 7/8 of the input size)")
+                   help="finetune crop size (0 = 7/8 of the input size, rounded to 32: 192 for 224)")
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help="finetune: head LR")
     p.add_argument("--backbone-lr", type=float, default=TrainConfig.backbone_lr,
                    help="finetune: LR of the unfrozen stages")

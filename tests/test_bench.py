@@ -7,6 +7,7 @@ table, not its figures."""
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -58,8 +59,10 @@ def test_embed(classes: Path) -> None:
 def test_search(tmp_path: Path) -> None:
     out = run_bench("search.py", "--sizes", 3000, "--types", "Flat;HNSW32;IVF{nlist}_HNSW32,Flat;auto",
                     "--queries", 50, "--tune-queries", 50, "--train", 2000, "--single-budget", 0.3,
-                    "--cache", tmp_path / "cache", "--tmp", tmp_path / "t")
+                    "--cache", tmp_path / "cache", "--tmp", tmp_path / "t", "--out", tmp_path / "new" / "rows.json")
     assert "| 3,000 | HNSW32 |" in out and "| 3,000 | auto (store) |" in out and "store overhead" in out
+    rows = json.loads((tmp_path / "new" / "rows.json").read_text())
+    assert len(rows) == 4 and rows[-1]["index"] == "auto (store)" and rows[-1]["size"] == 3000
 
 
 def test_rebuild(tmp_path: Path) -> None:
