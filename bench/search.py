@@ -375,7 +375,7 @@ def main() -> None:
         rows.extend(bench_size(size, args))
     print_table(rows, args)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # as --tmp is: minutes of work end here
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # as --tmp is: a missing folder lost the rows after minutes of measuring
         Path(args.out).write_text(json.dumps([asdict(r) for r in rows], indent=2))
 
 
