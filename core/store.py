@@ -790,7 +790,11 @@ class IndexStore:
             retune = (not busy and not reason and not self._index.exact
                       and self._count >= 2 * max(self._tuned_for, _MIN_TUNE_ITEMS))
             if (reason or retune) and self.rebuild_in_background:
-                self._start_background(reason)
+                # Not once a close has begun: it waits only for the job it saw, and one started by a
+                # write queued behind it ran on after it returned (its connection kept the WAL file).
+                # The next open starts it again.
+                if not self._closing:
+                    self._start_background(reason)
             elif reason:
                 self._rebuild(reason)
             elif retune:
@@ -981,6 +985,7 @@ class IndexStore:
         qids = np.concatenate([ids for ids, _ in blocks])
         q = np.concatenate([vecs for _, vecs in blocks])
         truth_scores, truth = _exact_search(db, q, k + 1, None)
+        self._raise_if_closing()  # (the exact scan is the long part: seconds at 1M items)
         ties = functools.partial(ties_with_kth, queries=q, truth=truth, truth_scores=truth_scores, k=k,
                                  exclude=qids, vectors_of=functools.partial(self._vectors_in_order, db=db))
         knobs, _recall = tune_knobs(index, q, truth, self.options.target_recall, k, exclude=qids, ties=ties)

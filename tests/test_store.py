@@ -1411,6 +1411,77 @@ def test_a_background_re_tuning_lets_writes_go_on(tmp_path: Path, monkeypatch: p
         assert json.loads((tmp_path / "t" / MANIFEST).read_text())["tuned_for"] == 1000
 
 
+def test_a_write_queued_behind_a_close_starts_no_background_job(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that holds the writer lock as close() begins and calls for a re-tuning: close waits
+    only for the job it saw, so none may start after it (one ran on after close returned, its read
+    connection keeping the WAL file). The next open starts it instead."""
+    vecs = clustered(np.random.default_rng(10), 1000)
+    store = IndexStore.create(tmp_path / "c", spec(), index_type="HNSW16")
+    store.upsert(items(500), vecs[:500])  # tuned for 500: 1,000 items call for a re-tuning
+    store.rebuild_in_background = True
+    started, release = _hold_tuning(monkeypatch, store)
+    in_lock, go = threading.Event(), threading.Event()
+
+    def hold() -> None:  # runs with the writer lock held
+        in_lock.set()
+        assert go.wait(60)
+
+    writer = threading.Thread(target=store.upsert, args=(items(500, start=500), vecs[500:]),
+                              kwargs={"before_write": hold})
+    writer.start()
+    assert in_lock.wait(60)
+    closer = threading.Thread(target=store.close)
+    closer.start()
+    deadline = time.monotonic() + 60
+    while not store._closing:  # close() has looked for a job, and waits for the writer lock
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    go.set()
+    writer.join(60)
+    closer.join(60)
+    release.set()
+    assert store._closed and not started.is_set()  # no job was started behind the close
+    assert not (tmp_path / "c" / f"{DATABASE}-wal").exists()
+    with IndexStore.open(tmp_path / "c", rebuild_in_background=True) as again:
+        assert len(again) == 1000  # the write is kept
+        deadline = time.monotonic() + 60
+        while again._tuned_for != 1000:  # and the re-tuning runs now
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_a_close_stops_a_background_re_tuning_after_its_exact_scan(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The exact scan for a tuning's ground truth takes seconds at 1M items, and the tuning as
+    long again: a close waits for the scan under way, not for the tuning."""
+    vecs = clustered(np.random.default_rng(11), 1000)
+    store = IndexStore.create(tmp_path / "r", spec(), index_type="HNSW16")
+    store.upsert(items(500), vecs[:500])
+    store.rebuild_in_background = True
+    scanning, release, tuned = threading.Event(), threading.Event(), []
+    real_scan, real_tune = store_mod._exact_search, store_mod.tune_knobs
+
+    def held_scan(*args: Any, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+        if threading.current_thread() is store._maintenance:
+            scanning.set()
+            assert release.wait(60)
+        return real_scan(*args, **kwargs)
+
+    def counted_tune(*args: Any, **kwargs: Any) -> tuple[SearchKnobs, float]:
+        tuned.append(1)
+        return real_tune(*args, **kwargs)
+
+    monkeypatch.setattr(store_mod, "_exact_search", held_scan)
+    monkeypatch.setattr(store_mod, "tune_knobs", counted_tune)
+    store.upsert(items(500, start=500), vecs[500:])  # twice the 500 it was tuned for
+    assert scanning.wait(60)
+    threading.Timer(0.3, release.set).start()  # the scan under way ends a little later
+    caplog.set_level("INFO", logger="pictor.core.store")
+    store.close()
+    assert not tuned and "background re-tuning stopped by the close" in caplog.text
+
+
 def test_one_background_job_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Writes that keep calling for compactions while they run: never two jobs at once (a job
     that cleared its mark before its last hold of the writer lock let a write start a second,
