@@ -22,6 +22,7 @@ from pictor.api import (
     DEFAULT_TOP_K,
     MAX_GET_KEYS,
     MAX_K,
+    MAX_WIDTH,
     canonical_label,
     request_too_large,
 )
@@ -88,12 +89,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--attr", action="append", default=[], metavar="NAME=VALUE",
                    help="only items whose attribute NAME equals VALUE (repeatable: items must match "
                         "every one; several --label match any)")
-    p.add_argument("--nprobe", type=_int_in(0), default=0,
-                   help="IVF lists to scan for this query (default 0 = the index's tuned value; "
+    p.add_argument("--nprobe", type=_int_in(0, MAX_WIDTH), default=0,
+                   help=f"IVF lists to scan for this query, up to {MAX_WIDTH:,} (default 0 = the index's tuned value; "
                         "more: higher recall, slower; ignored by an index without IVF lists: `pictor info` "
                         "shows the index type)")
-    p.add_argument("--ef-search", type=_int_in(0), default=0,
-                   help="HNSW search width for this query (default 0 = the index's tuned value; "
+    p.add_argument("--ef-search", type=_int_in(0, MAX_WIDTH), default=0,
+                   help=f"HNSW search width for this query, up to {MAX_WIDTH:,} (default 0 = the index's tuned value; "
                         "used only by an HNSW index: `pictor info` shows the index type)")
     p.set_defaults(run=run_search)
 

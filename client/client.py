@@ -37,6 +37,7 @@ from pictor.api import (
     DEFAULT_TOP_K,
     MAX_K,
     MAX_LIST,
+    MAX_WIDTH,
     UPSERT_CHUNK,
     OpenSetCheck,
     ServerInfo,
@@ -218,24 +219,24 @@ def _with_port(target: str) -> str:
     if scheme and scheme[1].lower() in _GRPC_SCHEMES:
         return target  # gRPC's own syntax: "unix:/path", "dns:///host", "xds:///name"
     if scheme and target[scheme.end():].startswith("//"):
-        raise InvalidRequestError(f"target {target}: give host:port without {scheme[1]}://")
+        raise InvalidRequestError(f"target {shown(target)}: give host:port without {scheme[1]}://")
     if target.count(":") > 1 and "[" not in target:  # a bare IPv6 address: gRPC would use port 443
         try:
             return f"[{ipaddress.IPv6Address(target)}]:{DEFAULT_PORT}"
         except ValueError:
-            raise InvalidRequestError(f"target {target}: put an IPv6 address in brackets, e.g. "
+            raise InvalidRequestError(f"target {shown(target)}: put an IPv6 address in brackets, e.g. "
                                       f"[::1]:{DEFAULT_PORT}") from None
     match = re.fullmatch(r"(\[[^\]]*\]|[A-Za-z0-9._-]+)(?::(.*))?", target)
     if match is None or (match[1].startswith("[") and not _is_ipv6(match[1][1:-1])):
-        raise InvalidRequestError(f"target {target}: give host:port, e.g. localhost:50051 (a host name, "
+        raise InvalidRequestError(f"target {shown(target)}: give host:port, e.g. localhost:50051 (a host name, "
                                   "an IPv4 address, or an IPv6 one in brackets)")
     if match[2] is None and target.isdigit():  # a port given alone: taken as a host, it failed at the lookup
-        raise InvalidRequestError(f"target {target}: a number alone is no host; give host:port, e.g. "
+        raise InvalidRequestError(f"target {shown(target)}: a number alone is no host; give host:port, e.g. "
                                   f"localhost:{target}")
     if match[2] is None:
         return f"{target}:{DEFAULT_PORT}"
     if not re.fullmatch(r"[0-9]{1,5}", match[2]) or not 0 < int(match[2]) <= 65535:
-        raise InvalidRequestError(f"target {target}: port must be a number between 1 and 65535")
+        raise InvalidRequestError(f"target {shown(target)}: port must be a number between 1 and 65535")
     return target
 
 
@@ -606,7 +607,7 @@ class PictorClient:
         if len(given) != 1:
             raise InvalidRequestError("search takes exactly one of image, key or vector")
         _check_counts(1, MAX_K, k=k)
-        _check_counts(0, nprobe=nprobe, ef_search=ef_search)  # 0: the index's tuned default
+        _check_counts(0, MAX_WIDTH, nprobe=nprobe, ef_search=ef_search)  # 0: the index's tuned default
         request = pb.SearchRequest(k=k, params=pb.SearchParams(nprobe=nprobe, ef_search=ef_search))
         if image is not None:
             request.image = _image_bytes(image, self._max_bytes)

@@ -32,6 +32,7 @@ from typing import IO, Any
 import faiss
 import numpy as np
 
+from pictor.api import MAX_WIDTH
 from pictor.core.files import write_atomic
 from pictor.errors import InvalidRequestError
 
@@ -49,9 +50,6 @@ def _use_omp_threads(threads: int) -> None:
         faiss.omp_set_num_threads(threads)
 
 
-# The widest nprobe / efSearch a search runs with: FAISS allocates per unit of width (a
-# request's efSearch of 1e8 took 0.8 GB), and past the index's size it finds nothing more.
-MAX_WIDTH = 65_536
 # The k that search defaults are tuned at (recall@10): a search for more results widens them.
 TUNED_K = 10
 

@@ -48,7 +48,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pictor.api import MAX_LIST, refuse_single
+from pictor.api import MAX_LIST, MAX_WIDTH, refuse_single
 from pictor.core._read_write_lock import _ReadWriteLock
 from pictor.core._store_files import (
     DATABASE,
@@ -90,7 +90,6 @@ from pictor.core._store_sql import (
 from pictor.core.backup import backup_store
 from pictor.core.faiss_index import (
     EXACT_FACTORY,
-    MAX_WIDTH,
     TUNED_K,
     SearchKnobs,
     SnapshotMismatchError,

@@ -26,6 +26,9 @@ MAX_LIST = 1000
 MAX_EMBED_IMAGES = 256  # per Embed call: one forward pass, bounded in time and memory
 MAX_GET_KEYS = 1000  # per Get call: with vectors, 5 MB of answer at dim 1280
 MAX_KEY_LEN = 4096  # characters of an item key
+# The widest nprobe / efSearch a search runs with: FAISS allocates per unit of width (a
+# request's efSearch of 1e8 took 0.8 GB), and past the index's size it finds nothing more.
+MAX_WIDTH = 65_536
 
 
 def canonical_label(label: str) -> str:

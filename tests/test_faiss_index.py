@@ -7,8 +7,8 @@ import logging
 import numpy as np
 import pytest
 
+from pictor.api import MAX_WIDTH
 from pictor.core.faiss_index import (
-    MAX_WIDTH,
     SearchKnobs,
     VectorIndex,
     per_query_recall,

@@ -334,11 +334,12 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     assert image.as_posix() in out.stdout.splitlines()[1]
     data = json.loads(pictor("search", str(image), "-k", "2", "--json", "--target", server.target).stdout)
     assert data[0]["key"] == image.as_posix() and data[0]["score"] >= 0.99
-    # Per-query search widths reach the server (one over its limit is refused there).
+    # Per-query search widths reach the server; one over its limit is a usage error, said once
+    # (not once per image, as a refusal naming each image).
     wide = pictor("search", str(image), "-k", "2", "--nprobe", "8", "--ef-search", "64", "--target", server.target)
     assert image.as_posix() in wide.stdout.splitlines()[1]
     too_wide = pictor("search", str(image), "--ef-search", "70000", "--target", server.target, check=False)
-    assert too_wide.returncode == 2 and "ef_search must be between 0" in too_wide.stderr
+    assert too_wide.returncode == 2 and "argument --ef-search: must be from 0 to 65536, got 70000" in too_wide.stderr
     cls = json.loads(pictor("classify", str(DATA / "daisy.jpg"), "--json", "--target", server.target).stdout)
     assert cls[0]["labels"][0]["name"] == "daisy"
     # A bad image among good ones: named, the others still answered, exit 2.
@@ -552,9 +553,9 @@ def test_sigterm_while_loading_ends_the_server_as_ctrl_c_does(built_index: Path)
 
 
 def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
-    with pytest.raises(InvalidRequestError, match="localhost:99999: port must be a number between 1 and 65535"):
+    with pytest.raises(InvalidRequestError, match="target 'localhost:99999': port must be a number between 1 and 65535"):
         PictorClient("localhost:99999")  # gRPC would silently try another port
-    with pytest.raises(InvalidRequestError, match="target 56813: a number alone is no host; give host:port, "
+    with pytest.raises(InvalidRequestError, match="target '56813': a number alone is no host; give host:port, "
                        "e.g. localhost:56813"):
         PictorClient("56813")  # was "cannot reach 56813:50051 ... hostname lookup failed"
     with pytest.raises(InvalidRequestError, match="timeout must be more than 0 seconds, got 0"):
@@ -576,8 +577,11 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
             InvalidRequestError, match="k must be between 1 and 1000, got 100000000000"):
         client.search(key="a", k=10**11)
     with PictorClient("[::1]:50051") as client, pytest.raises(
-            InvalidRequestError, match="nprobe must be between 0 and 4294967295, got -1"):
-        client.search(key="a", nprobe=-1)  # the proto's uint32 cannot carry it
+            InvalidRequestError, match="nprobe must be between 0 and 65536, got -1"):
+        client.search(key="a", nprobe=-1)
+    with PictorClient("[::1]:50051") as client, pytest.raises(
+            InvalidRequestError, match="ef_search must be between 0 and 65536, got 65537"):
+        client.search(key="a", ef_search=65537)  # the server's limit: it would refuse it too
     # Arguments of the wrong type are refused as what they are, not as Python's TypeError.
     with pytest.raises(InvalidRequestError, match=r"timeout must be a number of seconds or None, got '5' \(str\)"):
         PictorClient("localhost:50051", timeout="5")  # type: ignore[arg-type]
@@ -637,13 +641,13 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
     assert targets == ["localhost:50051", "[::1]:50051", "10.0.0.2:7000", "unix:/tmp/s"]
     # Usage errors, not "cannot reach": gRPC failed to parse them only when calling.
     for bad in ("localhost:", "localhost:abc", "[::1]:abc", "localhost:\uff10\uff11"):
-        with pytest.raises(InvalidRequestError, match=f"{re.escape(bad)}: port must be a number between 1 and 65535"):
+        with pytest.raises(InvalidRequestError, match=f"target {re.escape(repr(bad))}: port must be a number between 1 and 65535"):
             PictorClient(bad)
     for bad, why in ((":50051", "give host:port"), (" localhost:1", "give host:port"),
                      ("user@localhost:1", "give host:port"), ("grpc://localhost:1", "give host:port without grpc://"),
                      ("::1:56810", "put an IPv6 address in brackets"), ("[1.2.3.4]:5", "give host:port")):
-        with pytest.raises(InvalidRequestError, match=f"{re.escape(bad)}: {why}"):
-            PictorClient(bad)
+        with pytest.raises(InvalidRequestError, match=f"target {re.escape(repr(bad))}: {why}"):
+            PictorClient(bad)  # quoted: " localhost:1" read as "target  localhost:1"
     with PictorClient("::1") as client:  # gRPC would have called port 443
         assert client.target == "[::1]:50051"
     for scheme_target in ("unix-abstract:pictor", "ipv4:127.0.0.1:7000", "xds:///pictor"):  # gRPC's own
