@@ -80,7 +80,10 @@ def check_output_file(path: str | os.PathLike[str], flag: str) -> None:
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise InvalidRequestError(f"{flag} {p}: cannot create its folder: {e.strerror}") from e
+        # ENOTDIR or EEXIST both mean a file where a folder should be: name it.
+        blocker = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker is not None else e.strerror
+        raise InvalidRequestError(f"{flag} {p}: cannot create its folder: {why}") from e
     # The temporary file write_atomic will write, made and removed: not os.access, which root
     # passes where no file can be made (/proc), nor any name (write_atomic's is longer).
     probe = _temporary_beside(p)

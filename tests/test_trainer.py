@@ -751,9 +751,21 @@ def test_train_reads_the_model_settings_index_reads(shapes: Path, tmp_path: Path
     assert "compile (from PICTOR_COMPILE) applies to `pictor index` and `pictor serve`" in caplog.text
 
 
-def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_errors_are_clear(tmp_path: Path, shapes: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["train", str(tmp_path / "missing"), "--out", str(tmp_path / "m.pt")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    rc = main(["train", str(shapes), "--val", str(tmp_path / "empty"), "--out", str(tmp_path / "m.pt")])
+    assert rc == 2 and "the validation set (--val): data " in capsys.readouterr().err  # not DATA's fault
+    rc = main(["train", str(shapes), "--weight-decays", "", "--out", str(tmp_path / "m.pt")])
+    assert rc == 2 and "--weight-decays is empty" in capsys.readouterr().err  # not the default grid
+    (tmp_path / "notes.txt").write_text("a file")
+    rc = main(["train", str(shapes), "--out", str(tmp_path / "notes.txt" / "m.pt")])
+    assert rc == 2 and f"cannot create its folder: {tmp_path / 'notes.txt'} is a file, not a folder" in (
+        capsys.readouterr().err)
+    for flag in ("--png", "--out-json"):  # nothing written, and nothing said, before
+        rc = main(["eval", str(tmp_path / "m.pt"), str(shapes), flag, ""])
+        assert rc == 2 and f"{flag} is empty; name a file" in capsys.readouterr().err
     rc = main(["train", str(tmp_path), "--val", str(tmp_path), "--val-fraction", "0.5", "--out", str(tmp_path / "m.pt")])
     assert rc == 2 and "with --val it would be ignored: give one of them" in capsys.readouterr().err
     foreign = tmp_path / "foreign.pt"

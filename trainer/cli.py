@@ -96,7 +96,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="cap images per class (default 0 = all)")
     t.add_argument("--cache-dir", default="", help="embedding cache (default: $PICTOR_CACHE_DIR, "
                    "$XDG_CACHE_HOME/pictor or ~/.cache/pictor; 'none' disables it)")
-    t.add_argument("--weight-decays", default="", help="linear: comma-separated weight decays tried "
+    t.add_argument("--weight-decays", help="linear: comma-separated weight decays tried "
                    "on the validation split (default " + ",".join(map(str, TrainConfig.weight_decays)) + ")")
     t.add_argument("--no-flip", action="store_true", help="linear: no mirrored training views")
     t.add_argument("--epochs", type=int, default=TrainConfig.epochs,
@@ -163,9 +163,11 @@ def run_train(args: argparse.Namespace) -> int:
     from pictor.trainer.train import head_description, train
 
     try:
-        decays = tuple(float(x) for x in args.weight_decays.split(",") if x.strip())
+        decays = tuple(float(x) for x in (args.weight_decays or "").split(",") if x.strip())
     except ValueError as e:
         raise InvalidRequestError(f"--weight-decays: {e}") from e
+    if args.weight_decays is not None and not decays:
+        raise InvalidRequestError("--weight-decays is empty; give comma-separated numbers, e.g. 0.001,0.01,0.1")
     if args.val and args.val_fraction is not None:
         raise InvalidRequestError("--val-fraction splits DATA when no --val is given; with --val it would "
                                   "be ignored: give one of them")
@@ -242,13 +244,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
     m = model_settings(vars(args), args.config)
     _warn_compile_unused(m, "eval")
+    for flag, out in (("--png", args.png), ("--out-json", args.out_json)):  # before the work
+        if out is not None:  # ("" is refused as empty)
+            check_output_file(out, flag)
     model = load_model(args.model)
     if wrong := m.disagreement(model.spec.backbone, model.spec.pooling):  # the model's own embeds
         raise InvalidRequestError(f"{wrong} set, but the model file {args.model} embeds with "
                                   f"{model.spec.describe()}; leave them out")
-    for flag, out in (("--png", args.png), ("--out-json", args.out_json)):  # before the work
-        if out:
-            check_output_file(out, flag)
     report: dict[str, Any] = evaluate(model, args.data, index=args.index, cache_dir=args.cache_dir,
                                       device=m.device, precision=m.precision, batch_size=m.batch_size,
                                       max_pixels=m.max_pixels,

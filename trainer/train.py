@@ -78,7 +78,11 @@ def make_splits(config: TrainConfig, data: str | Path, val_data: str | Path | No
                                      config.seed)
     how = [f"--max-per-class {config.max_per_class}"] if config.max_per_class else []
     if val_data is not None:
-        train, val = samples, data_mod.load_samples(val_data)
+        try:
+            val = data_mod.load_samples(val_data)
+        except InvalidRequestError as e:  # its messages name the folder only: which of the two was it?
+            raise InvalidRequestError(f"the validation set (--val): {e}") from None
+        train = samples
         if not set(data_mod.class_names(train)) & set(data_mod.class_names(val)):
             raise InvalidRequestError(
                 f"the validation set {val_data} ({_classes_text(val)}) shares no class with the training "
