@@ -63,6 +63,11 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             raise InvalidRequestError(f"cannot read checkpoint {path}: {why}{hint}") from e
     if not isinstance(obj, dict):
         raise InvalidRequestError(f"checkpoint {path} does not hold a state dict")
+    from pictor.core.head import MODEL_FORMAT  # (head imports the backbones: not at module level)
+
+    if obj.get("format") == MODEL_FORMAT:  # it read as a checkpoint whose keys did not fit
+        raise InvalidRequestError(f"{path} is a model file of `pictor train`, not backbone weights; "
+                                  "index and serve take it with --model")
     sd = _unwrapped(obj)
     if not sd:
         raise InvalidRequestError(f"checkpoint {path} holds no tensors, nor a dict of them under any of its "

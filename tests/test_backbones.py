@@ -209,6 +209,13 @@ def test_checkpoint_that_does_not_fit(tmp_path: Path) -> None:
         create_backbone("resnet18", weights="model_best.pth.tar")
     with pytest.raises(InvalidRequestError, match="is a folder; give the weights file in it"):
         create_backbone("resnet18", weights=str(tmp_path))
+    # A model file of `pictor train` given as --weights: said as such, not as keys that do not fit.
+    model_file = tmp_path / "flowers.pt"
+    torch.save({"format": "pictor.model", "format_version": 1, "head": {"weight": torch.zeros(5, 1280)},
+                "training_images": 750}, model_file)
+    with pytest.raises(InvalidRequestError, match="flowers.pt is a model file of `pictor train`, not backbone "
+                       "weights; index and serve take it with --model"):
+        create_backbone("resnet18", weights=str(model_file))
     # The common mistakes are messages, not tracebacks.
     wide = torchvision.models.resnet18().state_dict()
     wide["layer1.0.conv1.weight"] = torch.zeros(128, 64, 3, 3)
