@@ -28,6 +28,10 @@ def backup_store(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> 
     snapshot up to date with it, as after a crash. A PCA-whitened store's whitening file
     (written once, when the store is made) comes along."""
     src, out = Path(path), Path(dest)
+    if not os.fspath(dest):  # Path("") is the current folder, which "exists"
+        raise InvalidRequestError("the backup folder is empty; name a new folder")
+    if not src.exists():
+        raise NotFoundError(f"index directory {src} does not exist")
     if not (src / MANIFEST).is_file() or not (src / DATABASE).is_file():
         raise NotFoundError(f"no index store at {src} (no {MANIFEST} or {DATABASE})")
     if out.exists():

@@ -528,8 +528,13 @@ def test_a_backup_taken_while_another_thread_writes_holds_every_acknowledged_wri
         store_mod.backup_store(tmp_path / "live", copies[0][0])
     with pytest.raises(InvalidRequestError, match="is inside the index"):
         store_mod.backup_store(tmp_path / "live", tmp_path / "live" / "inner")
-    with pytest.raises(NotFoundError, match="no index store"):
+    with pytest.raises(NotFoundError, match="index directory .*nothing does not exist"):  # as serve says
         store_mod.backup_store(tmp_path / "nothing", tmp_path / "x")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(NotFoundError, match="no index store"):
+        store_mod.backup_store(tmp_path / "plain", tmp_path / "x")
+    with pytest.raises(InvalidRequestError, match="the backup folder is empty"):  # not ". exists"
+        store_mod.backup_store(tmp_path / "live", "")
     assert not list(tmp_path.glob(".*partial*"))
     # What a backup killed while it copied left is removed by the next one into that folder.
     killed = dead_pid()
