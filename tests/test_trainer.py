@@ -757,6 +757,8 @@ def test_cli_errors_are_clear(tmp_path: Path, shapes: Path, capsys: pytest.Captu
     (tmp_path / "empty").mkdir()
     rc = main(["train", str(shapes), "--val", str(tmp_path / "empty"), "--out", str(tmp_path / "m.pt")])
     assert rc == 2 and "the validation set (--val): data " in capsys.readouterr().err  # not DATA's fault
+    rc = main(["train", str(shapes), "--val", str(tmp_path / "gone"), "--out", str(tmp_path / "m.pt")])
+    assert rc == 2 and "the validation set (--val): " in capsys.readouterr().err
     rc = main(["train", str(shapes), "--weight-decays", "", "--out", str(tmp_path / "m.pt")])
     assert rc == 2 and "--weight-decays is empty" in capsys.readouterr().err  # not the default grid
     (tmp_path / "notes.txt").write_text("a file")

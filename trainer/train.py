@@ -34,7 +34,7 @@ from pictor.config import cache_root
 from pictor.core.embedder import apply_backbone_state
 from pictor.core.gallery import relative_paths_hint
 from pictor.core.head import ClassifierHead, TrainedModel, content_ids
-from pictor.errors import InvalidImageError, InvalidRequestError
+from pictor.errors import InvalidImageError, InvalidRequestError, NotFoundError
 from pictor.trainer import data as data_mod
 from pictor.trainer.cache import EmbeddedSet, embed_samples
 from pictor.trainer.config import TrainConfig
@@ -80,8 +80,8 @@ def make_splits(config: TrainConfig, data: str | Path, val_data: str | Path | No
     if val_data is not None:
         try:
             val = data_mod.load_samples(val_data)
-        except InvalidRequestError as e:  # its messages name the folder only: which of the two was it?
-            raise InvalidRequestError(f"the validation set (--val): {e}") from None
+        except (InvalidRequestError, NotFoundError) as e:  # they name the folder only: which one was it?
+            raise type(e)(f"the validation set (--val): {e}") from None
         train = samples
         if not set(data_mod.class_names(train)) & set(data_mod.class_names(val)):
             raise InvalidRequestError(
