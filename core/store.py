@@ -141,7 +141,8 @@ AUTO = "auto"
 _TRAIN_SAMPLE = 50_000  # vectors to train IVF/PQ on, unless the type needs more
 _MIN_TUNE_ITEMS = 500  # search defaults are first re-tuned at twice this many items
 # How long a close waits for a background job to reach its next step (FAISS's training of
-# a sample, one block of vectors added, one tuning) before it leaves without it.
+# a sample, one block of vectors added, a tuning's exact scan, one tuning) before it leaves
+# without it.
 _MAINTENANCE_STOP_S = 30.0
 
 
@@ -205,7 +206,7 @@ class IndexStore:
         # deletions after it are kept for a rebuild to apply.
         self._maintenance_base: int | None = None
         self._maintenance: threading.Thread | None = None  # the thread of the last such job
-        self._closing = False  # close() has begun: a background job stops at its next step
+        self._closing = False  # close() has begun: a background job stops at its next step, none starts
         self._rebuilding = ""  # the factory a background rebuild makes
         self._said_gone = False  # whether the log has said that the folder was deleted
         self._label_counts: tuple[int, dict[str, int]] | None = None  # (seq, counts) when last counted
@@ -789,11 +790,7 @@ class IndexStore:
             retune = (not busy and not reason and not self._index.exact
                       and self._count >= 2 * max(self._tuned_for, _MIN_TUNE_ITEMS))
             if (reason or retune) and self.rebuild_in_background:
-                # Not once a close has begun: it waits only for the job it saw, and one started by a
-                # write queued behind it ran on after it returned (its connection kept the WAL file).
-                # The next open starts it again.
-                if not self._closing:
-                    self._start_background(reason)
+                self._start_background(reason)
             elif reason:
                 self._rebuild(reason)
             elif retune:
@@ -864,6 +861,10 @@ class IndexStore:
         """Rebuild (for ``reason``), or re-tune when there is none, on a thread of its own from
         the database as it is now (writer lock held): its read transaction begins here, so a
         new index holds exactly the writes up to this seq, and the catch-up adds those after."""
+        if self._closing:
+            # A close waits only for the job it saw: one started by a write queued behind it ran on
+            # after it returned (its connection kept the WAL file). The next open starts it again.
+            return
         db = _connect(self.path / DATABASE, readonly=True)
         factory = self._next_factory() if reason else ""  # "": re-tune the index in use
         try:
