@@ -441,8 +441,13 @@ class Engine:
     def _open_set_status(self) -> str:
         if self.model is None or self.model.open_set is None:
             return ""
+        rule = self.model.open_set.thresholds
         why = self._neighbour_tests_off()
-        return f"class fit alone: {why}" if why else "on"
+        if not why:
+            return f"on: {rule.describe()}"
+        alone = (f"unknown when class fit < {rule.class_fit_alone:.3f}" if rule.class_fit_alone > -math.inf
+                 else "never unknown")
+        return f"class fit alone: {why}; {alone}"
 
 
 def _index_type_text(info: StoreInfo) -> str:

@@ -57,6 +57,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def test_classify_with_head_and_knn(trained: tuple[Path, Path]) -> None:
+    from pictor.core.head import load_model
+
     model, index = trained
     server = ServerProcess(index, "--model", str(model)).start()
     try:
@@ -64,7 +66,10 @@ def test_classify_with_head_and_knn(trained: tuple[Path, Path]) -> None:
             info = client.info()
             assert info.classifier == "head"
             assert sorted(info.class_names) == ["blue", "red"]
-            assert info.open_set == "on"
+            # The rule with the model's thresholds, as `pictor train` printed it.
+            rule = load_model(model).open_set.thresholds
+            assert info.open_set == f"on: {rule.describe()}"
+            assert f"class fit < {rule.class_fit:.3f} and nearest neighbour similarity < " in info.open_set
             r = client.classify(tinted(100, "red"), top_k=2)
             assert (r.source, r.labels[0].name, len(r.labels)) == ("head", "red", 2)
             assert r.agree is None  # no kNN vote asked for: nothing compared
@@ -132,8 +137,9 @@ def test_open_set_ignores_an_index_without_the_model_classes(trained: tuple[Path
         assert engine.classify(noise(0), classifier="all").unknown
         red_unknown = [engine.classify(tinted(i, "red"), classifier="all").unknown for i in range(10)]
         assert sum(red_unknown) <= 2  # the model's own red images (budget 5% of known, tiny model)
+        alone = f"unknown when class fit < {engine.model.open_set.thresholds.class_fit_alone:.3f}"
         assert engine.info().open_set == ("class fit alone: the index holds no item labelled "
-                                          "with the model's classes (yet)")
+                                          f"with the model's classes (yet); {alone}")
         # No item has a label: no image can get a kNN vote, said so (not an empty answer).
         assert not engine.store.has_labels()
         with pytest.raises(InvalidRequestError, match="no item of this index has a label: index labelled images .*"
@@ -143,16 +149,16 @@ def test_open_set_ignores_an_index_without_the_model_classes(trained: tuple[Path
         # every class has some: with reds alone, every blue image would look far.
         engine.upsert([Item("red/new", label="red")], [tinted(104, "red")], [None])
         assert engine.info().open_set == ("class fit alone: the index holds no item of the "
-                                          "model's class(es) blue (yet)")
+                                          f"model's class(es) blue (yet); {alone}")
         engine.upsert([Item("blue/new", label="blue")], [tinted(104, "blue")], [None])
-        assert engine.info().open_set == "on"
+        assert engine.info().open_set.startswith("on: unknown when ")
         engine.delete(["blue/new"])  # the last blue item gone: off again
-        assert engine.info().open_set.endswith("class(es) blue (yet)")
+        assert engine.info().open_set.endswith(f"class(es) blue (yet); {alone}")
         engine.upsert([Item("blue/new", label="blue")], [tinted(104, "blue")], [None])
-        assert engine.info().open_set == "on"
+        assert engine.info().open_set.startswith("on: unknown when ")
         # Relabelling leaves the size as it was and still takes the last blue item away.
         engine.upsert([Item("blue/new", label="other")], [tinted(104, "blue")], [None])
-        assert engine.info().open_set.endswith("class(es) blue (yet)")
+        assert engine.info().open_set.endswith(f"class(es) blue (yet); {alone}")
     finally:
         engine.close()
 
