@@ -593,11 +593,14 @@ def tune_knobs(
     k: int = 10,
     exclude: np.ndarray | None = None,
     ties: Callable[[np.ndarray], np.ndarray] | None = None,
+    step: Callable[[], None] | None = None,
 ) -> tuple[SearchKnobs, float]:
     """The fastest search setting reaching recall@``k`` >= ``target`` and its recall.
 
     ``ties(found)``: the ``tied`` mask of ``per_query_recall`` for these results (see
     ``ties_with_kth``); without it, a tie found in place of its twin counts as missed.
+    ``step()``: called before each setting is tried; raising in it stops the tuning (a
+    background re-tuning of a store being closed: seconds of settings at 1M items).
 
     Walks each ladder of ``index.knob_ladders()`` up to the first setting that reaches the
     target (thoroughness only costs time beyond it) and keeps the one fastest at single
@@ -612,6 +615,8 @@ def tune_knobs(
     fallback = (-1.0, SearchKnobs())
     for ladder in index.knob_ladders():
         for knobs in ladder:
+            if step is not None:
+                step()
             _, found = index.search(queries, fetch, knobs)
             per_query = per_query_recall(found, truth, k, exclude, None if ties is None else ties(found))
             recall = float(per_query.mean())

@@ -988,7 +988,8 @@ class IndexStore:
         self._raise_if_closing()  # (the exact scan is the long part: seconds at 1M items)
         ties = functools.partial(ties_with_kth, queries=q, truth=truth, truth_scores=truth_scores, k=k,
                                  exclude=qids, vectors_of=functools.partial(self._vectors_in_order, db=db))
-        knobs, _recall = tune_knobs(index, q, truth, self.options.target_recall, k, exclude=qids, ties=ties)
+        knobs, _recall = tune_knobs(index, q, truth, self.options.target_recall, k, exclude=qids, ties=ties,
+                                    step=self._raise_if_closing)
         return knobs
 
     def _vectors_in_order(self, ids: np.ndarray, db: sqlite3.Connection) -> np.ndarray:

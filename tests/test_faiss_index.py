@@ -78,6 +78,23 @@ def test_tuning_says_when_no_setting_reaches_the_target(ivf, caplog) -> None:
     assert "no search setting of IVF64,Flat reached recall@10 1.010 with 95% confidence" in caplog.text
 
 
+def test_a_tuning_stops_when_its_step_raises(ivf) -> None:
+    index, queries, truth = ivf
+    steps = []
+
+    class Stop(Exception):
+        pass
+
+    def step() -> None:
+        steps.append(1)
+        if len(steps) == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        tune_knobs(index, queries, truth, 1.01, k=10, step=step)  # would try every setting
+    assert len(steps) == 3 < sum(len(ladder) for ladder in index.knob_ladders())
+
+
 def test_copies_found_in_place_of_their_twins_count_as_found() -> None:
     """Copies of one vector tie: the exact search and FAISS may each return any of them."""
     rng = np.random.default_rng(1)

@@ -12,7 +12,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -1485,6 +1485,36 @@ def test_a_close_stops_a_background_re_tuning_after_its_exact_scan(
     caplog.set_level("INFO", logger="pictor.core.store")
     store.close()
     assert not tuned and "background re-tuning stopped by the close" in caplog.text
+
+
+def test_a_close_stops_a_background_re_tuning_between_its_settings(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Trying the settings of the ladders takes seconds at 1M items: a close waits for the
+    one under way, not for the rest."""
+    vecs = clustered(np.random.default_rng(12), 1000)
+    store = IndexStore.create(tmp_path / "r", spec(), index_type="HNSW16")
+    store.upsert(items(500), vecs[:500])
+    store.rebuild_in_background = True
+    tuning, release, steps = threading.Event(), threading.Event(), []
+    real_tune = store_mod.tune_knobs
+
+    def held_tune(*args: Any, step: Callable[[], None], **kwargs: Any) -> tuple[SearchKnobs, float]:
+        def held_step() -> None:
+            steps.append(1)
+            if len(steps) == 1:
+                tuning.set()
+                assert release.wait(60)
+            step()
+
+        return real_tune(*args, step=held_step, **kwargs)
+
+    monkeypatch.setattr(store_mod, "tune_knobs", held_tune)
+    store.upsert(items(500, start=500), vecs[500:])  # twice the 500 it was tuned for
+    assert tuning.wait(60)
+    threading.Timer(0.3, release.set).start()
+    caplog.set_level("INFO", logger="pictor.core.store")
+    store.close()
+    assert len(steps) == 1 and "background re-tuning stopped by the close" in caplog.text
 
 
 def test_one_background_job_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
