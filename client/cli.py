@@ -24,6 +24,7 @@ from pictor.api import (
     MAX_K,
     MAX_WIDTH,
     canonical_label,
+    first_control_character,
     request_too_large,
 )
 from pictor.config import DEFAULT_TARGET, DEFAULT_TIMEOUT, client_max_message_mb, default_target
@@ -261,7 +262,7 @@ def _attribute_value(text: str) -> str:
 def _one_line(text: str) -> str:
     """Text as a table cell: quoted when it holds a line break or another control character, or
     starts or ends with a space (invisible otherwise)."""
-    return repr(text) if any(c < " " for c in text) or text != text.strip() else text
+    return repr(text) if first_control_character(text) or text != text.strip() else text
 
 
 def _utf8_text(value: str, flag: str) -> str:

@@ -14,7 +14,7 @@ from typing import overload
 
 import numpy as np
 
-from pictor.api import MAX_KEY_LEN, canonical_label, refuse_single
+from pictor.api import MAX_KEY_LEN, canonical_label, first_control_character, refuse_single
 from pictor.core.spec import ModelSpec
 from pictor.errors import InvalidRequestError, shown
 
@@ -260,7 +260,7 @@ def check_label(label: str, whose: str) -> None:
     if "\0" in label:  # SQLite's JSON functions, which the label filter uses, cut text there
         raise InvalidRequestError(f"{whose}: the label {shown(label)} holds a NUL character (U+0000), "
                                   "which labels cannot")
-    if control := next((ch for ch in label if unicodedata.category(ch) == "Cc"), None):
+    if control := first_control_character(label):
         # A class name is shown in tables, plots and logs: a line break there splits a row.
         raise InvalidRequestError(f"{whose}: the label {shown(label)} holds a control character "
                                   f"(U+{ord(control):04X}: a line break, tab or the like), which labels cannot")

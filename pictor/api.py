@@ -38,6 +38,13 @@ def canonical_label(label: str) -> str:
     return unicodedata.normalize("NFC", label)
 
 
+def first_control_character(text: str) -> str | None:
+    """The first control character of ``text`` (a line break, tab, ...), Unicode's line and
+    paragraph separators (U+2028, U+2029) included: what splits or garbles a table row or a
+    log line. None when it has none."""
+    return next((ch for ch in text if unicodedata.category(ch) in ("Cc", "Zl", "Zp")), None)
+
+
 def request_too_large(size_bytes: int, limit_bytes: int, whose: str) -> str:
     """What is too large and what to do, for a request over ``whose`` message size limit."""
     return (f"a request of {size_bytes / 2**20:.2f} MB is over {whose} {limit_bytes / 2**20:.0f} MB limit; "

@@ -42,6 +42,8 @@ def test_keys_with_line_breaks_stay_on_their_table_row() -> None:
 
     assert _one_line("photos/a.jpg") == "photos/a.jpg"
     assert _one_line("two\nlines.jpg") == "'two\\nlines.jpg'"
+    assert _one_line("two\u2029paragraphs.jpg") == "'two\\u2029paragraphs.jpg'"
+    assert _one_line("del\x7f.jpg") == "'del\\x7f.jpg'"
     assert _one_line(" spaced ") == "' spaced '"
 
 

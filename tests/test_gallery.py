@@ -204,6 +204,9 @@ def test_manifest_rows_that_cannot_be_items_are_refused_up_front(tmp_path: Path)
     with pytest.raises(InvalidRequestError, match=r"m.jsonl:1: item 'a.png': the label 'tulips.nred' holds a "
                                                   r"control character \(U\+000A"):
         list(read_gallery(jsonl))
+    jsonl.write_text(json.dumps({"path": "a.png", "label": "tulips\u2028red"}) + "\n")  # a line break to str.splitlines
+    with pytest.raises(InvalidRequestError, match=r"the label 'tulips.u2028red' holds a control character \(U\+2028"):
+        list(read_gallery(jsonl))
     csv.write_text("path,label\nhttps://example.com/a.png,x\n")  # no download: a clear refusal, not "no such file"
     with pytest.raises(InvalidRequestError, match="m.csv:2: 'https://example.com/a.png' is a URL; Pictor reads "
                                                   "image files on this machine"):
