@@ -67,7 +67,9 @@ def test_classify_with_head_and_knn(trained: tuple[Path, Path]) -> None:
             assert info.classifier == "head"
             assert sorted(info.class_names) == ["blue", "red"]
             # The rule with the model's thresholds, as `pictor train` printed it.
-            rule = load_model(model).open_set.thresholds
+            open_set = load_model(model).open_set
+            assert open_set is not None
+            rule = open_set.thresholds
             assert info.open_set == f"on: {rule.describe()}"
             assert f"class fit < {rule.class_fit:.3f} and nearest neighbour similarity < " in info.open_set
             r = client.classify(tinted(100, "red"), top_k=2)
@@ -137,6 +139,7 @@ def test_open_set_ignores_an_index_without_the_model_classes(trained: tuple[Path
         assert engine.classify(noise(0), classifier="all").unknown
         red_unknown = [engine.classify(tinted(i, "red"), classifier="all").unknown for i in range(10)]
         assert sum(red_unknown) <= 2  # the model's own red images (budget 5% of known, tiny model)
+        assert engine.model is not None and engine.model.open_set is not None
         alone = f"unknown when class fit < {engine.model.open_set.thresholds.class_fit_alone:.3f}"
         assert engine.info().open_set == ("class fit alone: the index holds no item labelled "
                                           f"with the model's classes (yet); {alone}")

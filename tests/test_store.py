@@ -1498,7 +1498,9 @@ def test_a_close_stops_a_background_re_tuning_between_its_settings(
     tuning, release, steps = threading.Event(), threading.Event(), []
     real_tune = store_mod.tune_knobs
 
-    def held_tune(*args: Any, step: Callable[[], None], **kwargs: Any) -> tuple[SearchKnobs, float]:
+    def held_tune(*args: Any, **kwargs: Any) -> tuple[SearchKnobs, float]:
+        step: Callable[[], None] = kwargs["step"]
+
         def held_step() -> None:
             steps.append(1)
             if len(steps) == 1:
@@ -1506,7 +1508,7 @@ def test_a_close_stops_a_background_re_tuning_between_its_settings(
                 assert release.wait(60)
             step()
 
-        return real_tune(*args, step=held_step, **kwargs)
+        return real_tune(*args, **kwargs | {"step": held_step})
 
     monkeypatch.setattr(store_mod, "tune_knobs", held_tune)
     store.upsert(items(500, start=500), vecs[500:])  # twice the 500 it was tuned for
