@@ -24,6 +24,7 @@ _SQL_CHUNK = 4096  # ids per `IN (...)` query and vectors per streamed block
 # -- SQLite helpers -------------------------------------------------------------------------
 
 
+_BUSY_TIMEOUT_S = 30  # how long a statement waits for another connection's lock
 WAL_KEEP_BYTES = 64 << 20  # what a WAL file is cut back to once a checkpoint resets it
 
 
@@ -31,9 +32,19 @@ class _Connection(sqlite3.Connection):
     """A connection a ``weakref.WeakSet`` can hold (sqlite3's own cannot be weakly referenced)."""
 
 
+def _empty_wal(db: sqlite3.Connection) -> None:
+    """Copy the WAL into the database and cut it to nothing, at once: when another process
+    reads the database (a backup), as much as it can without waiting for it."""
+    db.execute("PRAGMA busy_timeout=0")
+    try:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        db.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
+
+
 def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30,
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_S,
                            factory=_Connection)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")  # a commit is on disk when COMMIT returns
