@@ -690,7 +690,8 @@ class IndexStore:
         job = self._maintenance
         if job is None or not job.is_alive() or job is threading.current_thread():
             return
-        log.info("index store %s: stopping the background %s", self.path, "rebuild" if self._rebuilding else "re-tuning")
+        log.info("index store %s: stopping the background %s at its next step (waiting up to %d s)", self.path,
+                 "rebuild" if self._rebuilding else "re-tuning", _MAINTENANCE_STOP_S)
         job.join(_MAINTENANCE_STOP_S)
         if job.is_alive():
             log.warning("index store %s: the background job did not stop within %d s; closing without it",
