@@ -67,6 +67,15 @@ _FTYP_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"avif": "AVI
 # some plugins' header parsers, struct.error from short reads).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, TypeError)
 
+
+
+def _bad_data(e: BaseException) -> bool:
+    """Whether ``e`` is a decoder's complaint about the bytes. Pillow's OSErrors carry no errno;
+    one that does is the machine's (too many open files while Pillow imported a plugin: a valid
+    PNG was called corrupt), not the image's fault."""
+    return isinstance(e, _DECODE_ERRORS) and not (isinstance(e, OSError) and e.errno is not None)
+
+
 # Pixels of a high-depth image scaled at once (a 4 MB float32 block).
 _DEPTH_BLOCK_PIXELS = 1 << 20
 
@@ -125,7 +134,7 @@ def decode_image(
         out = to_rgb(src)
     except BaseException as e:
         src.close()
-        if isinstance(e, _DECODE_ERRORS):
+        if _bad_data(e):
             raise InvalidImageError(_describe_decode_error(src.format, e)) from e
         raise
     if out is not src:  # an RGB image is returned as decoded: closing it would empty it
@@ -218,6 +227,8 @@ def _open_allowed(data: bytes) -> Image.Image:
             f"not a recognised image ({len(data)} bytes); allowed formats: {allowed}"
         ) from e
     except _DECODE_ERRORS as e:
+        if not _bad_data(e):
+            raise
         fmt = _sniff_allowed(data)
         raise InvalidImageError(f"corrupt {fmt + ' ' if fmt else ''}image header: {e}") from e
     return im

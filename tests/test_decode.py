@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import struct
@@ -46,6 +47,32 @@ def test_allowed_formats_decode_to_rgb(fmt: str) -> None:
     im = decode_image(encode(halves(RED, BLUE), fmt))
     assert im.mode == "RGB" and im.size == (40, 20)
     assert close_to(im.getpixel((5, 10)), RED, 40) and close_to(im.getpixel((35, 10)), BLUE, 40)
+
+
+def test_a_system_error_while_decoding_is_not_called_a_bad_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of file descriptors, Pillow's import of a plugin failed, and a valid PNG was refused
+    as a "corrupt PNG image header" (the client's fault, INVALID_ARGUMENT)."""
+    data = encode(Image.new("RGB", (8, 8), (200, 30, 30)), "PNG")
+
+    def no_fds(*args: object, **kwargs: object) -> Image.Image:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(decode.Image, "open", no_fds)
+    with pytest.raises(OSError, match="Too many open files") as raised:
+        decode_image(data)
+    assert not isinstance(raised.value, InvalidImageError)
+    monkeypatch.undo()
+    real_load = Image.Image.load
+
+    def load_without_memory(self: Image.Image) -> object:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(Image.Image, "load", load_without_memory)
+    with pytest.raises(OSError, match="Cannot allocate memory") as raised:
+        decode_image(data)
+    assert not isinstance(raised.value, InvalidImageError)
+    monkeypatch.setattr(Image.Image, "load", real_load)
+    assert decode_image(data).size == (8, 8)
 
 
 def test_real_photo_loads() -> None:
