@@ -164,8 +164,18 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 def _cannot_write(root: Path, why: str) -> InvalidRequestError:
     return InvalidRequestError(
         f"cannot open index store {root} for writing: {why}; an index is opened for writing even "
-        "to serve it (it takes a lock, and repairs and snapshots its FAISS index), so serve a "
-        "writable copy of a read-only one (`pictor backup INDEX COPY` makes one)")
+        "to serve it (it takes a lock, and repairs and snapshots its FAISS index): make it writable, "
+        "or serve a writable copy of a read-only one (`pictor backup INDEX COPY` makes one)")
+
+
+def _refuse_read_only_database(root: Path) -> None:
+    """Refuse a database that this user cannot write, or whose -wal or -shm file they cannot,
+    before SQLite opens it: it would open it read-only and make -wal and -shm files as read-only
+    as the database, which kept the store refused after the database was made writable."""
+    names = [name for name in (DATABASE, f"{DATABASE}-wal", f"{DATABASE}-shm")
+             if (root / name).exists() and not os.access(root / name, os.W_OK)]
+    if names:
+        raise _cannot_write(root, f"its {' and '.join(names)} {'is' if len(names) == 1 else 'are'} read-only")
 
 
 def _lock_directory(root: Path) -> int:

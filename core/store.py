@@ -66,6 +66,7 @@ from pictor.core._store_files import (
     _raise_if_cannot_open,
     _raise_if_cannot_write,
     _read_manifest,
+    _refuse_read_only_database,
     _rollback,
     _write_json_atomic,
     half_made_store,
@@ -334,6 +335,7 @@ class IndexStore:
             raise NotFoundError(f"index store {root} lacks its {missing[0]}; {RESTORE_OR_REBUILD}")
         lock_fd = _lock_directory(root)
         try:  # the manifest read under the lock: a closing writer may replace it and its snapshot
+            _refuse_read_only_database(root)
             store = cls(root, _read_manifest(root / MANIFEST), lock_fd)
         except BaseException as e:
             os.close(lock_fd)

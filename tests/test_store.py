@@ -570,6 +570,30 @@ def test_a_database_that_takes_no_writes_is_refused_when_opened(tmp_path: Path, 
         IndexStore.open(tmp_path / "s")  # not "damaged", which invited deleting a good index
 
 
+def test_a_read_only_database_file_is_refused_before_sqlite_opens_it(tmp_path: Path, rng,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite opened such a database read-only and made -wal and -shm files as read-only as it:
+    the store stayed refused once the database was made writable, and the message named the
+    database, not the -shm file that was then in the way."""
+    with IndexStore.create(tmp_path / "s", spec()) as store:
+        store.upsert(items(3), unit(rng, 3))
+    shm, wal = tmp_path / "s" / f"{DATABASE}-shm", tmp_path / "s" / f"{DATABASE}-wal"
+    read_only = {shm.name}
+    real_access = os.access  # (root, as the tests may run, writes any file: its modes are not tried)
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path).name not in read_only and real_access(path, mode))
+    shm.write_bytes(b"")  # left by an earlier open of the read-only database
+    with pytest.raises(InvalidRequestError, match=r"its metadata.sqlite-shm is read-only; .*: make it writable"):
+        IndexStore.open(tmp_path / "s")
+    shm.unlink()
+    read_only = {DATABASE}
+    with pytest.raises(InvalidRequestError, match="its metadata.sqlite is read-only"):
+        IndexStore.open(tmp_path / "s")
+    assert not shm.exists() and not wal.exists()  # refused before SQLite made them
+    read_only = set()
+    with IndexStore.open(tmp_path / "s") as store:
+        assert len(store) == 3
+
+
 def test_a_write_past_a_file_size_limit_is_explained(tmp_path: Path, rng) -> None:
     import resource
 
