@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import socket
 import threading
@@ -98,8 +99,8 @@ def create_server(settings: ServerSettings, threads: HandlerThreads | None = Non
     port = _bind(server, host, settings.port)
     try:
         engine = Engine.load(settings)
-    except BaseException:
-        server.start()  # an unstarted server keeps its port until the process exits
+    except BaseException as e:
+        _start(server, after=e)  # an unstarted server keeps its port until the process exits
         server.stop(None)
         raise
     if threads is None:
@@ -121,6 +122,22 @@ def create_server(settings: ServerSettings, threads: HandlerThreads | None = Non
         server,
     )
     return server, port, engine
+
+
+def _start(server: grpc.Server, after: BaseException | None = None) -> None:
+    """``server.start()``, or else the end of the process (``after``: the error that started
+    it only to free its port). A start that fails half way (gRPC's core started, its polling
+    thread did not: no memory or pids left for a thread) leaves a server that gRPC can neither
+    stop, which waits for that thread, nor free: the interpreter's exit waited on it forever,
+    deaf to SIGTERM (seen under `ulimit -v 4000000`)."""
+    try:
+        server.start()
+    except RuntimeError as e:  # threading's "can't start new thread"
+        before = f"; loading had failed before it: {type(after).__name__}: {after}" if after else ""
+        log.critical("cannot start the gRPC server: %s (out of memory or of processes? see `ulimit -a` and the "
+                     "container's limits)%s; exiting", e, before)
+        logging.shutdown()
+        os._exit(1)
 
 
 def _bare(host: str) -> str:
@@ -182,7 +199,7 @@ def serve(settings: ServerSettings) -> None:
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        server.start()
+        _start(server)
         info = engine.info()
         log.info(
             "serving %s on %s (%s, dim %d, %d items, %s index, %s classifier)",

@@ -532,6 +532,27 @@ def test_a_busy_port_is_refused_before_loading_and_a_failed_load_frees_the_port(
         again.bind(("127.0.0.1", port))  # raises if the failed server still held it
 
 
+def test_a_server_that_cannot_start_a_thread_exits_instead_of_hanging() -> None:
+    """Under `ulimit -v`, gRPC's start failed half way (no thread for it) after a failed load:
+    the process never exited, deaf to SIGTERM, as its teardown waited on that server."""
+    script = """
+import threading
+from pictor.config import ServerSettings
+from pictor.server import app
+def failed_load(settings):
+    raise RuntimeError("load failed")
+def no_thread(self):
+    raise RuntimeError("can't start new thread")
+app.Engine.load = failed_load
+threading.Thread.start = no_thread
+app.create_server(ServerSettings(index="unused", port=0))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert ("cannot start the gRPC server: can't start new thread (out of memory or of processes?" in r.stderr
+            and "loading had failed before it: RuntimeError: load failed; exiting" in r.stderr)
+
+
 def test_sigterm_while_loading_ends_the_server_as_ctrl_c_does(built_index: Path) -> None:
     """As a container's PID 1 a process has no default action for SIGTERM: `docker stop`
     during a long load waited out its grace period. Once serving, SIGTERM drains (exit 0)."""
