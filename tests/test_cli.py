@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,32 @@ def test_unknown_arguments_show_the_subcommand_usage(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         main(["add", "a.jpg", "--key", "k"])
     assert "pictor add: error: unrecognized arguments: --key" in capsys.readouterr().err
+
+
+def test_a_torch_library_that_cannot_be_mapped_is_called_out_of_memory(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Under `ulimit -v 3000000` `pictor index` and `serve` ended in a traceback through torch's imports."""
+    import argparse
+
+    from pictor import cli
+
+    def parsed(error: BaseException) -> Callable[[object], argparse.Namespace]:
+        def run(args: argparse.Namespace) -> int:
+            raise error
+
+        return lambda argv: argparse.Namespace(command="index", run=run)
+
+    monkeypatch.setattr(cli, "_parse_arguments", parsed(ImportError("libtorch_cpu.so: failed to map segment from "
+                                                                    "shared object")))
+    assert cli.main(["index"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pictor index: error: out of memory: libtorch_cpu.so: failed to map segment") and "ulimit -v" in err
+    monkeypatch.setattr(cli, "_parse_arguments", parsed(MemoryError()))
+    assert cli.main(["index"]) == 2
+    assert capsys.readouterr().err.startswith("pictor index: error: out of memory (torch alone")
+    monkeypatch.setattr(cli, "_parse_arguments", parsed(ImportError("libfoo.so: cannot open shared object file")))
+    with pytest.raises(ImportError, match="libfoo"):  # not memory: the traceback says where
+        cli.main(["index"])
 
 
 def test_options_may_come_between_files() -> None:
