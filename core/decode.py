@@ -68,7 +68,6 @@ _FTYP_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"avif": "AVI
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, TypeError)
 
 
-
 def _bad_data(e: BaseException) -> bool:
     """Whether ``e`` is a decoder's complaint about the bytes. Pillow's OSErrors carry no errno;
     one that does is the machine's (too many open files while Pillow imported a plugin: a valid
