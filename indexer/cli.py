@@ -46,7 +46,8 @@ under another key (a renamed folder, a duplicate) gets a copy of that vector.
 --prune makes the index mirror GALLERY: after a complete run it deletes the items whose keys
 GALLERY no longer lists (files deleted or renamed since an earlier run, and items another
 gallery or `pictor add` put there). A listed file that cannot be decoded keeps its earlier item,
-and so do the items under a folder that cannot be listed (reported as skipped).
+and so do the items under a folder that cannot be listed (reported as skipped). Without
+--prune, the summary counts the items it would delete.
 
 Files that cannot be decoded (or whose names are not UTF-8) are skipped and listed; the run
 goes on. Files in a folder not named as images (.heic, .txt, ...) are not read: a warning
@@ -261,11 +262,14 @@ def _index(args: argparse.Namespace, settings: IndexerSettings, target: _Target,
             max_pixels=settings.model.max_pixels, total=len(entries), progress=progress,
             log_every=0.0 if progress or args.no_progress else PROGRESS_LOG_SECONDS,
         )
-        if args.prune and summary.complete:
+        if summary.complete:
             # Not listed is not gone when the folder could not be listed: those items stay.
             unknown = tuple(folder.as_posix() + "/" for folder, _ in unlisted)
             gone = [key for key in store.keys_absent_from(e.key for e in entries) if not key.startswith(unknown)]
-            summary.pruned = store.delete(gone).deleted if gone else 0
+            if args.prune:
+                summary.pruned = store.delete(gone).deleted if gone else 0
+            else:  # said, so that an index larger than the gallery is not a puzzle
+                summary.not_listed = len(gone)
         return summary, len(store)
 
 
@@ -281,7 +285,10 @@ def _print_summary(args: argparse.Namespace, summary: IndexSummary, out: Path, c
                   + (f"; {summary.copied} of them not embedded again (the index held a vector of the same "
                      "file)" if summary.copied else "")
                   + (f"; {summary.unchanged} unchanged, left as they were" if summary.unchanged else "")
-                  + f"; index holds {count} item{'' if count == 1 else 's'}; skipped {summary.skipped}"
+                  + f"; index holds {count} item{'' if count == 1 else 's'}"
+                  + (f" ({summary.not_listed} not in this gallery; --prune would delete them)" if summary.not_listed
+                     else "")
+                  + f"; skipped {summary.skipped}"
                   + (("; not pruned (only a complete run prunes)" if not summary.complete
                       else f"; pruned {summary.pruned} no longer listed") if args.prune else ""))
         for failure in summary.failures:

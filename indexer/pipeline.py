@@ -60,6 +60,7 @@ class IndexSummary:
     interrupted: bool = False  # Ctrl-C or SIGTERM: the batches written before it are kept
     stopped: str = ""  # why a write was refused (a full disk): the batches written before it are kept
     pruned: int = 0  # items deleted because the gallery no longer lists them (--prune)
+    not_listed: int = 0  # items kept whose keys the gallery does not list (a complete run without --prune)
     # Files a folder holds that are not named as images (.heic, .txt), by suffix: never read.
     left_out: dict[str, int] = field(default_factory=dict)
 

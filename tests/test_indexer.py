@@ -76,6 +76,8 @@ def test_rerun_replaces_instead_of_duplicating(gallery: Path, tmp_path: Path) ->
     assert "13 of them not embedded again (the index held a vector of the same file)" in relative.stdout
     again = pictor("index", gallery.name, "--out", str(out), cwd=gallery.parent)  # both spellings held now
     assert "under another key" not in again.stderr and "13 unchanged" in again.stdout
+    # The other spelling's 13 items are kept, and counted.
+    assert "index holds 26 items (13 not in this gallery; --prune would delete them)" in again.stdout
     # A copy obeys the pixel cap as a decode would (the stored vector came from a run without it).
     (tmp_path / "alias").symlink_to(gallery)
     capped = json.loads(pictor("index", "alias", "--out", str(out), "--max-pixels", "100", "--json",
