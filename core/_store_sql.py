@@ -33,8 +33,8 @@ class _Connection(sqlite3.Connection):
 
 
 def _empty_wal(db: sqlite3.Connection) -> None:
-    """Copy the WAL into the database and cut it to nothing, at once: when another process
-    reads the database (a backup), as much as it can without waiting for it."""
+    """Copy the WAL into the database and cut it to nothing, at once: while another connection
+    reads (a search, a backup), as much as it can without waiting for it."""
     db.execute("PRAGMA busy_timeout=0")
     try:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()

@@ -350,10 +350,6 @@ class IndexStore:
             store._db.execute(_CONTENTS_TABLE)  # a store from before content hashes
             store._db.execute(_CONTENTS_INDEX)  # or before they were looked up
             store._recover()
-            # Before a background job's read transaction pins the WAL: while one is open the WAL
-            # cannot restart, and a crash left in it what the last process wrote (5 kills during
-            # rebuilds, each started again at open: 68 MB -> 1.3 GB).
-            _empty_wal(store._db)
             store.rebuild_in_background = rebuild_in_background
             with store._write_lock:
                 store._after_write(0)  # e.g. a bulk load that died before its training
@@ -798,6 +794,10 @@ class IndexStore:
             retune = (not busy and not reason and not self._index.exact
                       and self._count >= 2 * max(self._tuned_for, _MIN_TUNE_ITEMS))
             if (reason or retune) and self.rebuild_in_background:
+                if self._pending >= self.options.snapshot_every:
+                    # Now, or not before the job ends: a server killed during jobs that each open
+                    # started again replayed more at every open (5 kills: 1,277 -> 15,753 vectors).
+                    self._snapshot_if_possible()
                 self._start_background(reason)
             elif reason:
                 self._rebuild(reason)
@@ -873,6 +873,12 @@ class IndexStore:
             # A close waits only for the job it saw: one started by a write queued behind it ran on
             # after it returned (its connection kept the WAL file). The next open starts it again.
             return
+        # The job's read transaction keeps the WAL from restarting while it runs: empty it first,
+        # or what a crash left there stays and grows (5 kills during jobs: 68 MB -> 1.3 GB).
+        try:
+            _empty_wal(self._db)
+        except sqlite3.Error as e:  # (a full disk) nothing is lost: the WAL stays as it is
+            log.warning("index store %s: the WAL was not emptied before a background job (%s)", self.path, e)
         db = _connect(self.path / DATABASE, readonly=True)
         factory = self._next_factory() if reason else ""  # "": re-tune the index in use
         try:
@@ -1104,10 +1110,7 @@ class IndexStore:
                 self.path, snap_seq, self._seq, added, removed,
             )
             self._dirty = True
-            # Saved now: a background rebuild due at open puts the next snapshot off until it ends,
-            # and a server killed again before then replayed more at each open (5 kills: from
-            # 1,277 to 15,753 vectors).
-            self._snapshot_if_possible()
+            self._pending = added + removed
         else:
             log.info("index store %s opened: %d items, %s", self.path, self._count, factory)
 

@@ -63,6 +63,18 @@ def unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def release_once_closing(store: IndexStore, release: threading.Event) -> None:
+    """Set ``release`` once ``store``'s close has begun: a background step held on it then ends
+    with the close under way (a fixed delay raced a slow close on a busy CPU)."""
+    def wait() -> None:
+        deadline = time.monotonic() + 60
+        while not store._closing and time.monotonic() < deadline:
+            time.sleep(0.01)
+        release.set()
+
+    threading.Thread(target=wait, daemon=True).start()
+
+
 def clustered(rng: np.random.Generator, n: int, dim: int = DIM, centers: int = 20) -> np.ndarray:
     """Vectors in clusters, like embeddings: neighbours are meaningful, not all equidistant."""
     c = unit(rng, centers, dim)
@@ -1310,7 +1322,7 @@ def test_a_background_rebuild_compacts_tombstones_and_a_close_abandons_it(
         release.clear()
         store.delete([f"img/{i}.jpg" for i in range(62, 110)])
         assert building.wait(60)
-        threading.Timer(0.3, release.set).start()  # the step under way ends a little later
+        release_once_closing(store, release)  # the step under way ends with the close begun
         job = store._maintenance
         caplog.set_level("INFO", logger="pictor.core.store")
     assert job is not None and not job.is_alive()  # the close waited for it
@@ -1480,67 +1492,47 @@ def test_a_write_queued_behind_a_close_starts_no_background_job(
             time.sleep(0.05)
 
 
-def test_a_close_stops_a_background_re_tuning_after_its_exact_scan(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """The exact scan for a tuning's ground truth takes seconds at 1M items, and the tuning as
-    long again: a close waits for the scan under way, not for the tuning."""
+@pytest.mark.parametrize("held", ["exact scan", "first setting"])
+def test_a_close_stops_a_background_re_tuning_at_its_next_step(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, held: str) -> None:
+    """A re-tuning's exact scan (its ground truth) takes seconds at 1M items, and trying the
+    settings of its ladders as long again: a close waits for the step under way, not the rest."""
     vecs = clustered(np.random.default_rng(11), 1000)
     store = IndexStore.create(tmp_path / "r", spec(), index_type="HNSW16")
     store.upsert(items(500), vecs[:500])
     store.rebuild_in_background = True
-    scanning, release, tuned = threading.Event(), threading.Event(), []
+    reached, release, settings = threading.Event(), threading.Event(), []
     real_scan, real_tune = store_mod._exact_search, store_mod.tune_knobs
 
+    def hold() -> None:
+        reached.set()
+        assert release.wait(60)
+
     def held_scan(*args: Any, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
-        if threading.current_thread() is store._maintenance:
-            scanning.set()
-            assert release.wait(60)
+        if held == "exact scan" and threading.current_thread() is store._maintenance:
+            hold()
         return real_scan(*args, **kwargs)
-
-    def counted_tune(*args: Any, **kwargs: Any) -> tuple[SearchKnobs, float]:
-        tuned.append(1)
-        return real_tune(*args, **kwargs)
-
-    monkeypatch.setattr(store_mod, "_exact_search", held_scan)
-    monkeypatch.setattr(store_mod, "tune_knobs", counted_tune)
-    store.upsert(items(500, start=500), vecs[500:])  # twice the 500 it was tuned for
-    assert scanning.wait(60)
-    threading.Timer(0.3, release.set).start()  # the scan under way ends a little later
-    caplog.set_level("INFO", logger="pictor.core.store")
-    store.close()
-    assert not tuned and "background re-tuning stopped by the close" in caplog.text
-
-
-def test_a_close_stops_a_background_re_tuning_between_its_settings(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """Trying the settings of the ladders takes seconds at 1M items: a close waits for the
-    one under way, not for the rest."""
-    vecs = clustered(np.random.default_rng(12), 1000)
-    store = IndexStore.create(tmp_path / "r", spec(), index_type="HNSW16")
-    store.upsert(items(500), vecs[:500])
-    store.rebuild_in_background = True
-    tuning, release, steps = threading.Event(), threading.Event(), []
-    real_tune = store_mod.tune_knobs
 
     def held_tune(*args: Any, **kwargs: Any) -> tuple[SearchKnobs, float]:
         step: Callable[[], None] = kwargs["step"]
 
-        def held_step() -> None:
-            steps.append(1)
-            if len(steps) == 1:
-                tuning.set()
-                assert release.wait(60)
+        def counted_step() -> None:
+            settings.append(1)
+            if held == "first setting" and len(settings) == 1:
+                hold()
             step()
 
-        return real_tune(*args, **kwargs | {"step": held_step})
+        return real_tune(*args, **kwargs | {"step": counted_step})
 
+    monkeypatch.setattr(store_mod, "_exact_search", held_scan)
     monkeypatch.setattr(store_mod, "tune_knobs", held_tune)
     store.upsert(items(500, start=500), vecs[500:])  # twice the 500 it was tuned for
-    assert tuning.wait(60)
-    threading.Timer(0.3, release.set).start()
+    assert reached.wait(60)
+    release_once_closing(store, release)
     caplog.set_level("INFO", logger="pictor.core.store")
     store.close()
-    assert len(steps) == 1 and "background re-tuning stopped by the close" in caplog.text
+    assert len(settings) == (0 if held == "exact scan" else 1)
+    assert "background re-tuning stopped by the close" in caplog.text
 
 
 def test_one_background_job_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -153,34 +154,45 @@ def test_sigkill_never_loses_acknowledged_writes(tmp_path: Path, index_type: str
     assert acked_ops > ITERATIONS  # the writers really wrote between kills
 
 
-def test_an_open_after_a_crash_saves_its_replay_and_empties_the_wal(tmp_path: Path) -> None:
+def test_a_background_job_due_at_open_starts_after_a_snapshot_and_an_empty_wal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A server killed during a background rebuild left its last writes in the WAL, beyond the
     FAISS snapshot. Each open started the rebuild again, whose read transaction kept the WAL
-    from restarting, and saved no snapshot until it ended: killed again and again, the replay
-    at each open and the WAL grew with every kill (5 kills: 68 MB -> 1.3 GB of WAL)."""
+    from restarting and put the next snapshot off until it ended: killed again and again, the
+    replay at each open and the WAL grew with every kill (5 kills: 68 MB -> 1.3 GB of WAL)."""
     path = tmp_path / "store"
-    IndexStore.create(path, ModelSpec("test_backbone", "random", DIM), index_type="HNSW32",
-                      options=StoreOptions(snapshot_every=10_000)).close()
+    IndexStore.create(path, ModelSpec("test_backbone", "random", DIM), index_type="IVF16,Flat",
+                      options=StoreOptions(snapshot_every=50)).close()
     killed = f"""
 import os, sys
 import numpy as np
 sys.path.insert(0, {str(Path(__file__).parent)!r})
-from test_store_crash import KEYS, vector_for
+from test_store_crash import vector_for
 from pictor.core.store import IndexStore, Item
+keys = [f"b{{i}}" for i in range(700)]
 store = IndexStore.open({str(path)!r})
-store.upsert([Item(k, label="x") for k in KEYS], np.stack([vector_for(k, "x") for k in KEYS]))
-os._exit(0)  # as a kill: no close, so no snapshot and no checkpoint
+with store.bulk():  # its training (IVF16 over the exact stand-in) waits for the end of the bulk load
+    store.upsert([Item(k) for k in keys], np.stack([vector_for(k, "") for k in keys]))
+    os._exit(0)  # as a kill: the training never ran, no snapshot was saved, the WAL holds the load
 """
     subprocess.run([sys.executable, "-c", killed], check=True, timeout=120)
     wal = path / "metadata.sqlite-wal"
     assert wal.stat().st_size > 0
-    store = IndexStore.open(path, rebuild_in_background=True)
-    try:
-        assert wal.stat().st_size == 0
-        assert json.loads((path / "manifest.json").read_text())["snapshot"]["seq"] == store.seq
-        assert len(store) == len(KEYS)
-    finally:
-        store.close()
+    at_start: list[tuple[int, int]] = []
+    real = IndexStore._background_maintenance
+
+    def observed(self: IndexStore, *args: Any) -> None:
+        manifest = json.loads((path / "manifest.json").read_text())
+        at_start.append((wal.stat().st_size, manifest["snapshot"]["seq"]))
+        real(self, *args)
+
+    monkeypatch.setattr(IndexStore, "_background_maintenance", observed)
+    with IndexStore.open(path, rebuild_in_background=True) as store:  # as a server opens it
+        deadline = time.monotonic() + 60
+        while store.info().rebuilding and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.info().index_type == "IVF16,Flat" and len(store) == 700
+        assert at_start == [(0, store.seq)]  # the replay saved, the WAL emptied, then the job
 
 
 if __name__ == "__main__":
