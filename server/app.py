@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import signal
 import socket
 import threading
@@ -21,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from pictor.config import ServerSettings
-from pictor.errors import InvalidRequestError
+from pictor.errors import InvalidRequestError, ResourceExhaustedError
 from pictor.server.engine import Engine
 from pictor.server.errors import ErrorInterceptor, grpc_receive_limit
 from pictor.server.limits import HandlerThreads, idle_limited
@@ -124,20 +123,22 @@ def create_server(settings: ServerSettings, threads: HandlerThreads | None = Non
     return server, port, engine
 
 
+class ServerStartError(ResourceExhaustedError):
+    """gRPC's start failed half way: its core started, its polling thread did not (no memory or
+    process slots left for a thread). gRPC can neither stop such a server, which waits for that
+    thread, nor free it: the interpreter's exit waited on it forever, deaf to SIGTERM (seen under
+    `ulimit -v 4000000`), so the process must end without it (``pictor serve`` does)."""
+
+
 def _start(server: grpc.Server, after: BaseException | None = None) -> None:
-    """``server.start()``, or else the end of the process (``after``: the error that started
-    it only to free its port). A start that fails half way (gRPC's core started, its polling
-    thread did not: no memory or pids left for a thread) leaves a server that gRPC can neither
-    stop, which waits for that thread, nor free: the interpreter's exit waited on it forever,
-    deaf to SIGTERM (seen under `ulimit -v 4000000`)."""
+    """``server.start()`` (``after``: the error that has it started only to free its port)."""
     try:
         server.start()
     except RuntimeError as e:  # threading's "can't start new thread"
-        before = f"; loading had failed before it: {type(after).__name__}: {after}" if after else ""
-        log.critical("cannot start the gRPC server: %s (out of memory or of processes? see `ulimit -a` and the "
-                     "container's limits)%s; exiting", e, before)
-        logging.shutdown()
-        os._exit(1)
+        before = (f"; loading had failed before it: {type(after).__name__}{f': {after}' if str(after) else ''}"
+                  if after else "")
+        raise ServerStartError(f"cannot start the gRPC server: {e} (out of memory or of processes? see "
+                               f"`ulimit -a` and the container's limits){before}") from e
 
 
 def _bare(host: str) -> str:

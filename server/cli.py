@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
 
 from pictor.config import ServerSettings, add_flag, build_settings
 from pictor.errors import require_server_extra
@@ -58,8 +61,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     require_server_extra("pictor serve")
-    from pictor.server.app import serve
+    from pictor.server.app import ServerStartError, serve
 
     settings = build_settings(ServerSettings, vars(args), config_file=args.config)
-    serve(settings)
+    try:
+        serve(settings)
+    except ServerStartError as e:  # the interpreter's exit would wait on the server for good
+        print(f"pictor serve: error: {e}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(2)
     return 0

@@ -536,8 +536,8 @@ def test_a_server_that_cannot_start_a_thread_exits_instead_of_hanging() -> None:
     """Under `ulimit -v`, gRPC's start failed half way (no thread for it) after a failed load:
     the process never exited, deaf to SIGTERM, as its teardown waited on that server."""
     script = """
-import threading
-from pictor.config import ServerSettings
+import sys, threading
+from pictor.cli import main
 from pictor.server import app
 def failed_load(settings):
     raise RuntimeError("load failed")
@@ -545,12 +545,13 @@ def no_thread(self):
     raise RuntimeError("can't start new thread")
 app.Engine.load = failed_load
 threading.Thread.start = no_thread
-app.create_server(ServerSettings(index="unused", port=0))
+sys.exit(main(["serve", "--index", "unused", "--port", "0"]))
 """
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1
-    assert ("cannot start the gRPC server: can't start new thread (out of memory or of processes?" in r.stderr
-            and "loading had failed before it: RuntimeError: load failed; exiting" in r.stderr)
+    assert r.returncode == 2
+    assert r.stderr.startswith("pictor serve: error: cannot start the gRPC server: can't start new thread (out of "
+                               "memory or of processes?")
+    assert r.stderr.rstrip().endswith("loading had failed before it: RuntimeError: load failed")
 
 
 def test_sigterm_while_loading_ends_the_server_as_ctrl_c_does(built_index: Path) -> None:
