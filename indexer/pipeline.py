@@ -154,7 +154,9 @@ def decode_batch(
             hashes.append(digest)
             ok.append(entry)
         except (InvalidImageError, NotFoundError, OSError) as e:
-            failed.append((entry, str(e) + kept(entry)))
+            # (A system error while decoding, out of file descriptors say, does not name the file.)
+            said = str(e) if str(entry.path) in str(e) else f"{entry.path}: {e}"
+            failed.append((entry, said + kept(entry)))
         except Exception as e:  # a bug or a decoder's surprise costs one file, never the run
             log.exception("unexpected error on %s", entry.path)
             failed.append((entry, f"{entry.path}: unexpected {type(e).__name__}: {e}{kept(entry)}"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -359,6 +360,26 @@ def test_prune_keeps_the_items_of_a_folder_it_could_not_list(gallery: Path, tmp_
     (failure,) = summary["failures"]
     assert failure["error"].endswith("warm: cannot list the folder (Permission denied); its images were "
                                      "left out and their items kept")
+
+
+def test_a_system_error_on_a_file_names_the_file(gallery: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Out of file descriptors, Pillow's import of a plugin fails: the error names the plugin's
+    file, not the image's ("skipped [Errno 24] Too many open files: '.../BmpImagePlugin.py'")."""
+    from pictor.indexer import pipeline
+
+    victim = sorted(gallery.rglob("*.png"))[0]
+    real = pipeline.load_image
+
+    def no_fds(path: Path, **kwargs: Any) -> Image.Image:
+        if Path(path) == victim:
+            raise OSError(errno.EMFILE, "Too many open files", "/site-packages/PIL/BmpImagePlugin.py")
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load_image", no_fds)
+    assert main(["index", str(gallery), "--out", str(tmp_path / "index"), "--json", "--no-progress"]) == 0
+    (failure,) = json.loads(capsys.readouterr().out)["failures"]
+    assert failure["error"].startswith(f"{victim}: [Errno 24] Too many open files")
 
 
 def test_a_full_disk_ends_the_run_with_what_was_written(gallery: Path, tmp_path: Path,
