@@ -162,8 +162,12 @@ class OpenSetThresholds:
                     f"model's classes at similarity {sim:.3f} < {self.neighbor_similarity:.3f}")
         return ""
 
-    def describe(self) -> str:
-        """The rule in words, leaving out the tests that are off (-inf thresholds)."""
+    def describe(self, neighbours: bool = True) -> str:
+        """The rule in words, leaving out the tests that are off (-inf thresholds); without
+        ``neighbours`` (none comparable in the index), the rule that applies then."""
+        if not neighbours:
+            return (f"unknown when class fit < {self.class_fit_alone:.3f}" if self.class_fit_alone > -math.inf
+                    else "never unknown")
         tests = []
         if self.class_fit > -math.inf and self.neighbor_similarity > -math.inf:
             tests.append(f"class fit < {self.class_fit:.3f} and nearest neighbour similarity < "

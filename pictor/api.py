@@ -84,7 +84,7 @@ class ServerInfo:
     class_names: list[str]
     server_version: str
     versions: dict[str, str]
-    open_set: str = ""  # "", "on", or "class fit alone: <why>" (see the proto)
+    open_set: str = ""  # "", "on: <rule>", or "class fit alone: <why>; <rule>" (see the proto)
     finetune: str = ""  # fingerprint of the fine-tuned backbone; "" = the weights as they came
     pooling: str = ""  # "avg", "max" or "gem" (see the proto)
     layer: str = ""  # "" = the backbone's last feature layer

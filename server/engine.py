@@ -443,11 +443,7 @@ class Engine:
             return ""
         rule = self.model.open_set.thresholds
         why = self._neighbour_tests_off()
-        if not why:
-            return f"on: {rule.describe()}"
-        alone = (f"unknown when class fit < {rule.class_fit_alone:.3f}" if rule.class_fit_alone > -math.inf
-                 else "never unknown")
-        return f"class fit alone: {why}; {alone}"
+        return f"class fit alone: {why}; {rule.describe(neighbours=False)}" if why else f"on: {rule.describe()}"
 
 
 def _index_type_text(info: StoreInfo) -> str:

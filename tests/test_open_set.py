@@ -36,6 +36,9 @@ def test_far_neighbour_alone_makes_unknown_and_nan_leaves_it_to_the_class_fit() 
     assert not old.is_unknown(-1.0, 0.0) and not old.is_unknown(-9.0, np.nan)
     assert old.describe() == ("unknown when class fit < -5.000 and nearest neighbour "
                               "similarity < 0.500")
+    # Without comparable neighbours in the index (Info says so): the rule that applies then.
+    assert t.describe(neighbours=False) == "unknown when class fit < -8.000"
+    assert old.describe(neighbours=False) == "never unknown"
 
 
 def test_why_unknown_names_the_test_that_decided_and_agrees_with_is_unknown() -> None:
