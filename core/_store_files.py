@@ -172,8 +172,9 @@ def _refuse_read_only_database(root: Path) -> None:
     """Refuse a database that this user cannot write, or whose -wal or -shm file they cannot,
     before SQLite opens it: it would open it read-only and make -wal and -shm files as read-only
     as the database, which kept the store refused after the database was made writable."""
+    # (Exists tested after: a -wal file that a closing reader removes meanwhile is not read-only.)
     names = [name for name in (DATABASE, f"{DATABASE}-wal", f"{DATABASE}-shm")
-             if (root / name).exists() and not os.access(root / name, os.W_OK)]
+             if not os.access(root / name, os.W_OK) and (root / name).exists()]
     if names:
         raise _cannot_write(root, f"its {' and '.join(names)} {'is' if len(names) == 1 else 'are'} read-only")
 

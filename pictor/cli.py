@@ -91,20 +91,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PictorError as e:
         print(f"{command}: error: {e}", file=sys.stderr)
         return 2
-    except (MemoryError, ImportError) as e:
-        # Short of address space (ulimit -v, a container's limit), torch's libraries fail to load
-        # with this; a traceback through the imports said no more.
-        if isinstance(e, ImportError) and "failed to map segment" not in str(e):
-            raise
-        print(f"{command}: error: out of memory{f': {e}' if str(e) else ''} (torch alone takes several GB "
-              "of address space: see `ulimit -v` and the container's memory limit)", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # e.g. `pictor models | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         return 130
+    except MemoryError as e:
+        print(f"{command}: error: out of memory{f': {e}' if str(e) else ''}", file=sys.stderr)
+        return 2
+    except (ImportError, OSError) as e:
+        # Short of address space (ulimit -v, a container's limit), torch's libraries fail to load
+        # with this (through ctypes too); a traceback through the imports said no more.
+        if "failed to map segment" not in str(e):
+            raise
+        print(f"{command}: error: out of memory: {e} (torch's libraries take several GB of address "
+              "space: see `ulimit -v` and the container's memory limit)", file=sys.stderr)
+        return 2
     finally:
         if argv is None:  # the process ends now; a second Ctrl-C or SIGTERM during Python's
             # teardown (a second, with torch loaded) would turn its exit status into the signal's
