@@ -262,14 +262,15 @@ def _index(args: argparse.Namespace, settings: IndexerSettings, target: _Target,
             max_pixels=settings.model.max_pixels, total=len(entries), progress=progress,
             log_every=0.0 if progress or args.no_progress else PROGRESS_LOG_SECONDS,
         )
-        if summary.complete:
+        if args.prune and summary.complete:
             # Not listed is not gone when the folder could not be listed: those items stay.
             unknown = tuple(folder.as_posix() + "/" for folder, _ in unlisted)
             gone = [key for key in store.keys_absent_from(e.key for e in entries) if not key.startswith(unknown)]
-            if args.prune:
-                summary.pruned = store.delete(gone).deleted if gone else 0
-            else:  # said, so that an index larger than the gallery is not a puzzle
-                summary.not_listed = len(gone)
+            summary.pruned = store.delete(gone).deleted if gone else 0
+        elif summary.complete and not unlisted:
+            # Said, so that an index larger than the gallery is not a puzzle: lookups of the
+            # listed keys, not a scan of the whole index.
+            summary.not_listed = len(store) - len(store.keys_present([e.key for e in entries]))
         return summary, len(store)
 
 
