@@ -20,7 +20,7 @@ from typing import Any
 import faiss
 import numpy as np
 import pytest
-from conftest import dead_pid
+from conftest import dead_pid, wait_until
 
 from pictor.core import store as store_mod
 from pictor.core.faiss_index import _BATCH_OMP_THREADS, SearchKnobs, VectorIndex
@@ -67,10 +67,10 @@ def release_once_closing(store: IndexStore, release: threading.Event) -> None:
     """Set ``release`` once ``store``'s close has begun: a background step held on it then ends
     with the close under way (a fixed delay raced a slow close on a busy CPU)."""
     def wait() -> None:
-        deadline = time.monotonic() + 60
-        while not store._closing and time.monotonic() < deadline:
-            time.sleep(0.01)
-        release.set()
+        try:
+            wait_until(lambda: store._closing, poll=0.01)
+        finally:
+            release.set()
 
     threading.Thread(target=wait, daemon=True).start()
 
@@ -1243,11 +1243,8 @@ def _hold_tuning(monkeypatch: pytest.MonkeyPatch, store: IndexStore) -> tuple[th
 
 
 def _rebuilt(store: IndexStore) -> StoreInfo:
-    deadline = time.monotonic() + 60
-    while (info := store.info()).rebuilding:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    return info
+    wait_until(lambda: not store.info().rebuilding)
+    return store.info()
 
 
 def test_a_background_rebuild_lets_writes_go_on_and_misses_none_of_them(
@@ -1306,10 +1303,7 @@ def test_a_background_rebuild_compacts_tombstones_and_a_close_abandons_it(
         monkeypatch.setattr(store, "_snapshot_if_possible", snapshot)
         release.set()
         info = _rebuilt(store)
-        deadline = time.monotonic() + 60
-        while store._maintenance_base is not None:  # the job ends after its snapshot
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(lambda: store._maintenance_base is None, poll=0.01)  # the job ends after its snapshot
         assert saving == [""]
         assert info.count == 150 - 2 + 50 - 1 and info.tombstones == 2  # 60 and 61, deleted meanwhile
         assert store._consistent() and store._index.tombstones == 2
@@ -1441,10 +1435,7 @@ def test_a_background_re_tuning_lets_writes_go_on(tmp_path: Path, monkeypatch: p
         store.delete([f"img/{i}.jpg" for i in range(400)])
         assert store.search(vecs[1200], k=1)[0].keys == ["img/1200.jpg"]
         release.set()
-        deadline = time.monotonic() + 60
-        while store._maintenance_base is not None:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: store._maintenance_base is None)
         assert store._tuned_for == 1000 and store._consistent() and len(store) == 900
         # Tuned on the index as of its snapshot: the deletes made meanwhile (their items are in the
         # snapshot's truth) left the recall it measured below target at every setting.
@@ -1474,10 +1465,7 @@ def test_a_write_queued_behind_a_close_starts_no_background_job(
     assert in_lock.wait(60)
     closer = threading.Thread(target=store.close)
     closer.start()
-    deadline = time.monotonic() + 60
-    while not store._closing:  # close() has looked for a job, and waits for the writer lock
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: store._closing, poll=0.01)  # close() has looked for a job, and waits for the writer lock
     go.set()
     writer.join(60)
     closer.join(60)
@@ -1486,10 +1474,7 @@ def test_a_write_queued_behind_a_close_starts_no_background_job(
     assert not (tmp_path / "c" / f"{DATABASE}-wal").exists()
     with IndexStore.open(tmp_path / "c", rebuild_in_background=True) as again:
         assert len(again) == 1000  # the write is kept
-        deadline = time.monotonic() + 60
-        while again._tuned_for != 1000:  # and the re-tuning runs now
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: again._tuned_for == 1000)  # and the re-tuning runs now
 
 
 @pytest.mark.parametrize("held", ["exact scan", "first setting"])
@@ -1560,8 +1545,5 @@ def test_one_background_job_at_a_time(tmp_path: Path, monkeypatch: pytest.Monkey
         for _ in range(300):  # replacements leave tombstones: 5% calls for a compaction
             again = rng.choice(400, 10, replace=False)
             store.upsert([items(1, start=int(i))[0] for i in again], vecs[again])
-        deadline = time.monotonic() + 60
-        while store._maintenance_base is not None:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: store._maintenance_base is None)
         assert most[0] == 1 and store._consistent() and len(store) == 400

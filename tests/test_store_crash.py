@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import wait_until
 
 from pictor.core.spec import ModelSpec
 from pictor.core.store import IndexStore, Item, SearchParams, StoreOptions
@@ -188,9 +189,7 @@ with store.bulk():  # its training (IVF16 over the exact stand-in) waits for the
 
     monkeypatch.setattr(IndexStore, "_background_maintenance", observed)
     with IndexStore.open(path, rebuild_in_background=True) as store:  # as a server opens it
-        deadline = time.monotonic() + 60
-        while store.info().rebuilding and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: not store.info().rebuilding)
         assert store.info().index_type == "IVF16,Flat" and len(store) == 700
         assert at_start == [(0, store.seq)]  # the replay saved, the WAL emptied, then the job
 
