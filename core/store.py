@@ -143,7 +143,7 @@ AUTO = "auto"
 _TRAIN_SAMPLE = 50_000  # vectors to train IVF/PQ on, unless the type needs more
 _MIN_TUNE_ITEMS = 500  # search defaults are first re-tuned at twice this many items
 # How long a close waits for a background job to reach its next step (FAISS's training of
-# a sample, one block of vectors added, a tuning's exact scan, one tuning) before it leaves
+# a sample, one block of vectors added, a tuning's exact scan, one search setting it tries) before it leaves
 # without it.
 _MAINTENANCE_STOP_S = 30.0
 
