@@ -98,7 +98,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "$XDG_CACHE_HOME/pictor or ~/.cache/pictor; 'none' disables it)")
     t.add_argument("--weight-decays", help="linear: comma-separated weight decays tried "
                    "on the validation split (default " + ",".join(map(str, TrainConfig.weight_decays)) + ")")
-    t.add_argument("--no-flip", action="store_true", help="linear: no mirrored training views")
+    t.add_argument("--no-flip", action="store_true", help="no mirrored training views for the linear heads "
+                   "(in finetune mode: the first probe and the one refitted on the tuned backbone)")
     t.add_argument("--epochs", type=int, default=TrainConfig.epochs,
                    help="finetune: most epochs (default %(default)s)")
     t.add_argument("--unfreeze", type=int, default=TrainConfig.unfreeze,

@@ -34,7 +34,7 @@ class TrainConfig:
     # linear
     # Log-spaced; 0.1 added because the full CIFAR-10 probe picked 0.03, the old grid's edge.
     weight_decays: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-    flip_views: bool = True  # linear: also embed mirrored training images (cached too)
+    flip_views: bool = True  # linear heads also fit on mirrored training images (cached too)
     balance: bool = True  # class weights inversely proportional to class frequency
     # finetune
     epochs: int = 8

@@ -169,9 +169,8 @@ def train(
     splits = splits or make_splits(config, data, val_data)
     embedder = embedder or build_embedder(config)
     views = ("plain", "hflip") if config.flip_views else ("plain",)
-    # Finetune mode trains on augmented images; its linear probe is only a starting point.
-    tr, stats_tr = embed_set(splits.train, embedder, config, "train",
-                             views if config.mode == "linear" else ("plain",))
+    # Finetune mode starts from --mode linear's probe, and falls back to it when tuning loses.
+    tr, stats_tr = embed_set(splits.train, embedder, config, "train", views)
     va, stats_va = embed_set(splits.val, embedder, config, "val")
     cache = {k: stats_tr[k] + stats_va[k] for k in stats_tr}
     skipped = tr.skipped + va.skipped
@@ -225,8 +224,7 @@ def train(
 def head_description(mode: str, metrics: dict[str, Any]) -> str:
     """What was trained, for people: a fine-tuning run may have kept its first linear probe."""
     if mode == "finetune" and metrics.get("head") == "linear probe":
-        return ("linear head (fine-tuning lowered validation top-1: the probe on the pretrained backbone, "
-                "without --mode linear's mirror images, is kept)")
+        return "linear head (fine-tuning lowered validation top-1: the probe on the pretrained backbone is kept)"
     return f"{mode} head"
 
 
@@ -345,8 +343,7 @@ def _finetune(config: TrainConfig, embedder: Embedder, tr: EmbeddedSet, state: _
         # (Accuracy alone decides: a head trained with label smoothing has a higher loss.)
         log.warning("fine-tuning lowered validation top-1 (the linear probe %.4f; on the tuned backbone's "
                     "embeddings, the head trained along %.4f, a probe refitted %.4f): the model keeps "
-                    "the pretrained backbone and that probe, fitted on the training images as they are "
-                    "(--mode linear also fits on their mirror images, so its head may differ)",
+                    "the pretrained backbone and that probe (what --mode linear makes)",
                     probe_fit.val_accuracy, joint_acc, refit.val_accuracy)
         embedder.backbone.load_state_dict(ft.initial_state, strict=False)
         embedder.spec = dataclasses.replace(embedder.spec, finetune="")
