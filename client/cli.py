@@ -23,6 +23,7 @@ from pictor.api import (
     MAX_GET_KEYS,
     MAX_K,
     MAX_WIDTH,
+    UPSERT_CHUNK,
     canonical_label,
     first_control_character,
     request_too_large,
@@ -36,6 +37,7 @@ from pictor.errors import (
     ResourceExhaustedError,
     ServerBusyError,
     ServerUnavailableError,
+    notes_text,
 )
 from pictor.image_files import check_image_file, check_key_text, path_key, path_text, read_image_file
 
@@ -188,7 +190,7 @@ def _guard_unreachable(fn: Callable[[argparse.Namespace], int]) -> Callable[[arg
         try:
             return fn(args)
         except (ServerUnavailableError, ServerBusyError) as e:
-            print(f"pictor {args.command}: error: {e}", file=sys.stderr)
+            print(f"pictor {args.command}: error: {e}{notes_text(e)}", file=sys.stderr)
             if (isinstance(e, ServerUnavailableError) and not isinstance(e, DeadlineExceededError)
                     and not e.server_said):  # maybe the wrong address
                 print("  (is `pictor serve` running there? another address: --target HOST:PORT or "
@@ -202,7 +204,8 @@ def run_classify(args: argparse.Namespace) -> int:
     """One call per image; a bad image is reported by name and the others still answered (exit
     4 when one was refused as busy, else 2). The table is printed as the answers come, so a long
     list shows its progress."""
-    results, failed, busy = [], 0, False
+    results: list[dict[str, Any]] = []
+    failed, busy = 0, False
     with _client(args) as client:
         for path in args.images:
             data = None
@@ -210,7 +213,12 @@ def run_classify(args: argparse.Namespace) -> int:
                 data = read_image_file(path)
                 r = client.classify(data, top_k=args.top_k, classifier=args.classifier,
                                     neighbors=args.neighbors)
-            except ServerUnavailableError:  # not this image: the server
+            except ServerUnavailableError as e:  # not this image: the server
+                if len(args.images) > 1:
+                    e.add_note(f"{path} and the {len(args.images) - len(results) - 1} image(s) after it were not "
+                               f"classified; the {len(results)} before it were (printed)")
+                if args.json:  # (what was answered is not lost)
+                    _emit(args, results, "")
                 raise
             except PictorError as e:  # refused or failed on the server: this image only
                 error = str(e) if data is None else f"{path}: {e}"  # reading names the path itself
@@ -396,13 +404,33 @@ def run_add(args: argparse.Namespace) -> int:
         prefix, rest = args.key_prefix, path_key(path)
         return prefix + (rest[1:] if prefix.endswith("/") and rest.startswith("/") else rest)
 
-    items = (UpsertItem(key=key(path), image=read_image_file(path), label=args.label,
-                        attributes=attributes(path)) for path in paths)
+    # One call per server chunk, each all or nothing and within --timeout: a timeout that spans
+    # every image would cap how many one command can add (about 350 in 30 s on 2 cores).
+    inserted = replaced = 0
     with _client(args) as client:
-        inserted, replaced = client.upsert(items)
+        for start in range(0, len(paths), UPSERT_CHUNK):
+            batch = paths[start:start + UPSERT_CHUNK]
+            try:
+                done = client.upsert([UpsertItem(key=key(path), image=read_image_file(path), label=args.label,
+                                                 attributes=attributes(path)) for path in batch])
+            except BaseException as e:  # an error, or Ctrl-C: say what the earlier calls wrote
+                _progress("", last=True)
+                if start:
+                    e.add_note(f"the calls before this one added the first {start} of the {len(paths)} images "
+                               f"({inserted} new, {replaced} replaced); adding them all again is safe, keys replace")
+                raise
+            inserted, replaced = inserted + done[0], replaced + done[1]
+            _progress(f"added {start + len(batch)} of {len(paths)} images", last=start + len(batch) == len(paths))
     _emit(args, {"inserted": inserted, "replaced": replaced},
           f"added {inserted} new, replaced {replaced} existing\n")
     return 0
+
+
+def _progress(text: str, *, last: bool) -> None:
+    """A progress line on a terminal, rewritten in place (none in a log or pipe)."""
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r{text}" + ("\r\x1b[K" if last else ""))
+        sys.stderr.flush()
 
 
 def _check_files_to_add(paths: Sequence[str]) -> None:

@@ -438,12 +438,13 @@ def _error_of(code: grpc.StatusCode, details: str, *, said: bool, method: str, t
         return ServerBusyError(f"{details} ({code.name})")
     elif code == grpc.StatusCode.NOT_FOUND and method == "Check":
         details = f"the server has no health status for service {health_service!r}"
-    elif code == grpc.StatusCode.UNIMPLEMENTED and method in ("Check", "Info"):
-        return ServerUnavailableError(f"the gRPC server at {target} is not a Pictor server ({details})")
-    elif code == grpc.StatusCode.UNIMPLEMENTED:  # a Pictor server older than this client, or another
-        return ServerUnavailableError(
-            f"the gRPC server at {target} has no {method} call: a Pictor server older than this "
-            f"client, or not a Pictor server ({details})")
+    elif code == grpc.StatusCode.UNIMPLEMENTED:  # a gRPC server answered: the call did nothing
+        other = ServerUnavailableError(
+            f"the gRPC server at {target} is not a Pictor server ({details})" if method in ("Check", "Info")
+            else f"the gRPC server at {target} has no {method} call: a Pictor server older than this "
+                 f"client, or not a Pictor server ({details})")
+        other.server_said = True
+        return other
     return error_from_status(code, details)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from pictor import __version__
 from pictor.config import unknown_env_names
-from pictor.errors import MissingExtraError, PictorError
+from pictor.errors import MissingExtraError, PictorError, notes_text
 
 # The modules that contribute subcommands, in --help order.
 _PARTS = (
@@ -89,13 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{command}: {e}", file=sys.stderr)
         return 3
     except PictorError as e:
-        print(f"{command}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {e}{notes_text(e)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `pictor models | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        print(f"{command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"{command}: interrupted{notes_text(e)}", file=sys.stderr)
         return 130
     except MemoryError as e:
         print(f"{command}: error: out of memory{f': {e}' if str(e) else ''}", file=sys.stderr)

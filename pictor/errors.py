@@ -14,6 +14,12 @@ def shown(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
 
 
+def notes_text(error: BaseException) -> str:
+    """What an error's notes (``add_note``) add to its message, each after "; ": what was done
+    before it failed."""
+    return "".join(f"; {note}" for note in getattr(error, "__notes__", ()))
+
+
 class PictorError(Exception):
     """Base class of every error Pictor raises on purpose."""
 

@@ -18,7 +18,13 @@ import grpc
 
 from pictor.api import reply_too_large, request_too_large
 from pictor.config import DEFAULT_MAX_MESSAGE_MB
-from pictor.errors import InvalidRequestError, PictorError, ResourceExhaustedError, ServerBusyError
+from pictor.errors import (
+    InvalidRequestError,
+    PictorError,
+    ResourceExhaustedError,
+    ServerBusyError,
+    notes_text,
+)
 from pictor.status import NO_RESEND, status_for
 
 log = logging.getLogger(__name__)
@@ -112,8 +118,7 @@ def _abort(error: Exception, method: str, context: grpc.ServicerContext) -> None
             message += f" (refused {int(resent) + 1} times: the client sent it again after random waits)"
         context.abort(code, message)
     log.error("%s failed", method, exc_info=error)
-    notes = "".join(f"; {note}" for note in getattr(error, "__notes__", ()))  # what was done before it failed
-    context.abort(grpc.StatusCode.INTERNAL, _shortened(f"internal error in {method}; see server log{notes}"))
+    context.abort(grpc.StatusCode.INTERNAL, _shortened(f"internal error in {method}; see server log{notes_text(error)}"))
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):

@@ -25,7 +25,7 @@ from typing import Any, cast
 import grpc
 import numpy as np
 import pytest
-from conftest import DATA, ServerProcess, drawn_image, free_port, pictor
+from conftest import DATA, ServerProcess, drawn_image, free_port, pictor, wait_until
 from PIL import Image
 
 from pictor.api import UPSERT_CHUNK
@@ -89,9 +89,13 @@ def test_info_and_health(server: ServerProcess, capsys: pytest.CaptureFixture[st
     try:
         assert main(["health", "--target", f"127.0.0.1:{port}", "--timeout", "5"]) == 4
         assert f"the gRPC server at 127.0.0.1:{port} is not a Pictor server" in capsys.readouterr().err
-        with PictorClient(f"127.0.0.1:{port}", timeout=5) as client, pytest.raises(
-                ServerUnavailableError, match=rf"127.0.0.1:{port} has no Classify call: a Pictor server older than"):
-            client.classify(b"x")  # not the bare "Method not found!"
+        with PictorClient(f"127.0.0.1:{port}", timeout=5) as client:
+            with pytest.raises(ServerUnavailableError,
+                               match=rf"127.0.0.1:{port} has no Classify call: a Pictor server older than"):
+                client.classify(b"x")  # not the bare "Method not found!"
+            with pytest.raises(ServerUnavailableError, match="has no Upsert call") as no_upsert:
+                client.upsert([UpsertItem(key="a", vector=[1.0])])
+            assert "written" not in str(no_upsert.value)  # an answer: nothing was, not "may have been"
     finally:
         other.stop(None)
     assert info.index_size == 12 and info.label_counts == {"cool": 6, "warm": 6}
@@ -734,14 +738,14 @@ def test_calls_are_bounded_and_work_for_a_caller_gone_is_not_written(built_index
                                  r"|none of the \d+ items sent was written)", str(e)), str(e)
                 acknowledged = False
         with PictorClient(server.target) as client:
-            deadline = time.monotonic() + 60
-            while True:  # after the upsert's forward pass: refused while its stream holds a thread of the 2
+            def classified() -> bool:  # refused while the upsert's stream holds a thread of the 2
                 try:
                     client.classify(drawn_image(2))
-                    break
+                    return True
                 except ResourceExhaustedError:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.1)
+                    return False
+
+            wait_until(classified, poll=0.1)
             after = client.info().index_size
         assert after == (before + 64 if acknowledged else before)
     finally:
@@ -771,10 +775,7 @@ def test_calls_that_run_the_model_leave_a_thread_for_health_checks(
         with PictorClient(f"localhost:{port}", timeout=30, max_attempts=1) as client, ThreadPoolExecutor(3) as pool:
             with engine._forward_lock:  # a forward pass that takes long
                 waiting = [pool.submit(client.classify, drawn_image(i)) for i in range(3)]
-                deadline = time.monotonic() + 30
-                while made[0]._waiting_calls < 3:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.01)
+                wait_until(lambda: made[0]._waiting_calls >= 3, timeout=30, poll=0.01)
                 with pytest.raises(ResourceExhaustedError, match="the server is busy: 3 calls that wait for the model or a write"):
                     client.classify(drawn_image(9))
                 with pytest.raises(ResourceExhaustedError, match="nothing was searched"):
@@ -1204,10 +1205,8 @@ def test_an_upsert_cut_off_by_the_server_stopping_says_so(built_index: Path) -> 
     try:
         with PictorClient(f"localhost:{port}", timeout=30) as client, ThreadPoolExecutor(1) as pool:
             upsert = pool.submit(client.upsert, held_open("cut/0", release))
-            deadline = time.monotonic() + 30
-            while threads._streams == 0:  # the server has begun the stream, not only the client
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            # the server has begun the stream, not only the client
+            wait_until(lambda: threads._streams > 0, timeout=30, poll=0.01)
             server.stop(0)
             with pytest.raises(ServerUnavailableError) as cut:
                 upsert.result(30)
@@ -1281,6 +1280,78 @@ def test_a_server_that_says_it_cannot_serve_is_not_called_unreachable(
             assert client.health() == client.health("pictor.v1.Pictor") == "NOT_SERVING"
             assert len(client.search(vector=[1.0] * 1280, k=2)) == 2
         assert main(["health", "--target", f"localhost:{port}"]) == 4
+    finally:
+        server.stop(None)
+        engine.close()
+
+
+def test_add_sends_one_call_per_chunk_and_says_what_the_calls_before_a_failure_added(
+    built_index: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pictor add` of many images: one Upsert call per chunk of 64, each within --timeout (one
+    call spanning them all capped how many a command could add: about 350 in 30 s on 2 cores);
+    when a call fails, the message says what the calls before it added."""
+    from pictor.cli import main
+
+    (tmp_path / "many").mkdir()
+    paths = [tmp_path / "many" / f"{i:02d}.png" for i in range(UPSERT_CHUNK + 6)]
+    for i, path in enumerate(paths):
+        path.write_bytes(drawn_image(100 + i, size=32))
+    server, port, engine = create_server(ServerSettings(index=str(built_index), port=0, workers=4, device="cpu"))
+    server.start()
+    sizes: list[int] = []
+    real_upsert = PictorClient.upsert
+
+    def upsert(client: PictorClient, items: Sequence[UpsertItem]) -> tuple[int, int]:
+        if lose_the_second and sizes:
+            server.stop(None)
+        sizes.append(len(items))
+        return real_upsert(client, items)
+
+    monkeypatch.setattr(PictorClient, "upsert", upsert)
+    add = ["add", *map(str, paths), "--target", f"localhost:{port}"]
+    try:
+        lose_the_second = False
+        assert main(add) == 0 and sizes == [UPSERT_CHUNK, 6]
+        assert capsys.readouterr().out == f"added {len(paths)} new, replaced 0 existing\n"
+        lose_the_second, sizes[:] = True, []
+        assert main(add) == 4 and sizes == [UPSERT_CHUNK, 6]
+        err = capsys.readouterr().err
+        assert f"cannot reach a Pictor server at localhost:{port}" in err
+        assert (f"; the calls before this one added the first {UPSERT_CHUNK} of the {len(paths)} images "
+                f"(0 new, {UPSERT_CHUNK} replaced); adding them all again is safe") in err
+    finally:
+        server.stop(None)
+        engine.close()
+
+
+def test_classify_of_many_images_keeps_the_answers_it_had_when_the_server_goes(
+    built_index: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server lost halfway through `pictor classify A B C D --json`: the answers that came are
+    printed, and the message names the image the batch stopped at and how many were not asked."""
+    from pictor.cli import main
+
+    paths = []
+    for i in range(4):
+        paths.append(str(path := tmp_path / f"q{i}.png"))
+        path.write_bytes(drawn_image(200 + i))
+    server, port, engine = create_server(ServerSettings(index=str(built_index), port=0, workers=4, device="cpu"))
+    server.start()
+    real_classify, calls = PictorClient.classify, []
+
+    def classify(client: PictorClient, image: bytes, **options: Any) -> Any:
+        calls.append(image)
+        if len(calls) == 3:
+            server.stop(None)
+        return real_classify(client, image, **options)
+
+    monkeypatch.setattr(PictorClient, "classify", classify)
+    try:
+        assert main(["classify", *paths, "--json", "--target", f"localhost:{port}"]) == 4
+        out, err = capsys.readouterr()
+        assert [r["image"] for r in json.loads(out)] == paths[:2]
+        assert f"; {paths[2]} and the 1 image(s) after it were not classified; the 2 before it were (printed)" in err
     finally:
         server.stop(None)
         engine.close()
@@ -1362,9 +1433,7 @@ def test_busy_refusals_are_all_counted_in_the_log(monkeypatch: pytest.MonkeyPatc
     with caplog.at_level("WARNING", logger="pictor.server.limits"), threads.waiting_call(refused="-"):
         refuse(3)
         assert counts() == ["1"]  # the first at once; two wait for the spell to end
-        deadline = time.monotonic() + 10
-        while len(counts()) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: len(counts()) >= 2, timeout=10)
         assert counts() == ["1", "2"]
         refuse(1)
         threads.flush_refusals()  # the server's stop
