@@ -1238,11 +1238,14 @@ class IndexStore:
     # -- plumbing -------------------------------------------------------------------------
 
     def _reader(self) -> sqlite3.Connection:
-        """This thread's read connection (SQLite connections are not shared across threads)."""
+        """This thread's read connection (SQLite connections are not shared across threads).
+        Refused once the folder is deleted, also where this thread opened one before: that one
+        would still read the deleted file, so the answer had depended on the thread."""
         self._check_open()  # a reader that passed its own check as another thread closed the store
+        folder = self._folder()  # (a readlink: a few microseconds)
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = _connect(self._folder() / DATABASE, readonly=True)
+            conn = _connect(folder / DATABASE, readonly=True)
             self._local.conn = conn
             with self._readers_lock:
                 self._readers.add(conn)
@@ -1259,9 +1262,9 @@ class IndexStore:
         if lock.endswith(" (deleted)"):
             gone = ServerUnavailableError(
                 f"the folder of index store {self.path} was deleted while open: nothing can be written "
-                "to it any more, nor read from its database (lookups by key, listing, Info); unfiltered "
-                "searches by image or vector answer from memory until it closes. Restart on a restored "
-                "copy (`pictor backup` makes one)")
+                "to it any more, nor read from its database (lookups by key, listing, filtered searches, "
+                "Info); unfiltered searches by image or vector answer from memory until it closes. Restart "
+                "on a restored copy (`pictor backup` makes one)")
             if not self._said_gone:  # once, as an error: each refused call is only an INFO line
                 self._said_gone = True
                 log.error("%s", gone)

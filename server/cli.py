@@ -17,7 +17,7 @@ grpc.health.v1 health service and server reflection.
 Classify answers with the classes of a head trained by `pictor train` when --model is given,
 else with the backbone's own ImageNet-1k labels, else (a backbone without them: a checkpoint
 without its classifier, random weights) with a kNN vote over the index's labels. The index and
-the head share the backbone, so one forward pass serves both. Stop with Ctrl-C or SIGTERM: calls in flight get up to 10 s to finish.
+the head share the backbone, so one forward pass serves both. Stop with Ctrl-C or SIGTERM: calls in flight get up to 10 s to finish, then exit 0.
 
 example:
   pictor index sample/gallery --out index

@@ -645,7 +645,11 @@ def test_a_store_keeps_to_its_folder_when_renamed_and_another_made_at_its_path(t
     # A folder deleted while open: a write acknowledged there would be lost with the process.
     gone = IndexStore.create(tmp_path / "gone", spec(), index_type="Flat")
     gone.upsert(items(1), vecs[:1])
+    assert gone.get(["nothing"]).missing == ["nothing"]  # this thread's read connection is open
     shutil.rmtree(tmp_path / "gone")
+    with pytest.raises(ServerUnavailableError, match="nor read from its database"):
+        gone.get(["nothing"])  # not through that connection either, which still reads the deleted file
+    assert [h.key for h in gone.search(vecs[:1], 1)[0]] == [items(1)[0].key]  # unfiltered: from memory
     with caplog.at_level(logging.ERROR, logger="pictor.core.store"):
         for _ in range(3):
             with pytest.raises(ServerUnavailableError, match="was deleted while open: nothing can be written"):
