@@ -136,7 +136,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = _parser(sub, "get", "the stored items (label, attributes, vector) of keys in a running server's index",
                 "pictor get photos/a.jpg photos/b.jpg --vectors --json")
     p.add_argument("keys", nargs="+", metavar="KEY",
-                   help=f"keys of the items (at most {MAX_GET_KEYS} distinct); {_PATH_FORM_HELP}")
+                   help=f"keys of the items (sent {MAX_GET_KEYS} distinct keys per call); {_PATH_FORM_HELP}")
     p.add_argument("--vectors", action="store_true", help="also print each item's stored vector")
     p.add_argument("--missing-ok", action="store_true",
                    help="keys not in the index are not an error (exit 0); without it they are "
@@ -470,15 +470,18 @@ def run_delete(args: argparse.Namespace) -> int:
 
 @_guard_unreachable
 def run_get(args: argparse.Namespace) -> int:
+    items: list[StoredItem] = []
     with _client(args) as client:
-        items, missing = client.get(args.keys, vectors=args.vectors)
+        def get(keys: Sequence[str]) -> list[str]:
+            """Look ``keys`` up, in calls of the most distinct keys a call takes; the missing ones."""
+            unique, missing = list(dict.fromkeys(keys)), []
+            for start in range(0, len(unique), MAX_GET_KEYS):
+                found, still = client.get(unique[start:start + MAX_GET_KEYS], vectors=args.vectors)
+                items.extend(found)
+                missing.extend(still)
+            return missing
 
-        def get(forms: list[str]) -> list[str]:
-            more, still = client.get(forms, vectors=args.vectors)
-            items.extend(more)
-            return still
-
-        missing = _found_as_paths(args.keys, missing, get)
+        missing = _found_as_paths(args.keys, get(args.keys), get)
     position: dict[str, int] = {}  # the order asked, an item found by its path form in its key's place
     for i, key in enumerate(args.keys):
         position.setdefault(key, i)

@@ -28,7 +28,7 @@ import pytest
 from conftest import DATA, ServerProcess, drawn_image, free_port, pictor, wait_until
 from PIL import Image
 
-from pictor.api import UPSERT_CHUNK
+from pictor.api import MAX_GET_KEYS, UPSERT_CHUNK
 from pictor.client import PictorClient, UpsertItem
 from pictor.config import ServerSettings
 from pictor.errors import (
@@ -375,6 +375,11 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     assert [h["key"] for h in prefixed] == ["p/new/x.png"]  # the key is not the path: kept beside it
     got = pictor("get", "new/x.png", "p/new/x.png", "--target", server.target).stdout
     assert got == "new/x.png  source=cam1\np/new/x.png  path=new/x.png\n"
+    # More keys than a call takes go in several calls; each missing one is named once.
+    unheld = [f"none/{i}" for i in range(MAX_GET_KEYS)]
+    many = json.loads(pictor("get", *unheld, "p/new/x.png", *unheld[:3], "--missing-ok", "--json",
+                             "--target", server.target).stdout)
+    assert [it["key"] for it in many["items"]] == ["p/new/x.png"] and many["missing"] == unheld
     # A value with a space is quoted (where it ends was a guess); JSON keeps non-ASCII as it is.
     pictor("add", "new/x.png", "--key-prefix", "s/", "--attr", "note=two words", "--attr", "city=Z\u00fcrich",
            "--target", server.target, cwd=tmp_path)
