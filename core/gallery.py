@@ -247,7 +247,10 @@ def _json_lines(manifest: Path, lines: Iterable[str]) -> Iterator[tuple[int, dic
         if isinstance(row.get("path"), _Number):  # a number names no image file
             raise InvalidRequestError(f"{manifest}:{n}: field 'path' must be a string (the file's path), "
                                       f"got the number {row['path']}")
-        yield n, {k: _json_text(f"{manifest}:{n}", k, v) for k, v in row.items() if v is not None}
+        fields = {k: _json_text(f"{manifest}:{n}", k, v) for k, v in row.items() if v is not None}
+        if "label" in fields:  # as a CSV cell: "roses " and "roses" would be two classes that look alike
+            fields["label"] = fields["label"].strip()
+        yield n, fields
 
 
 class _Number(str):

@@ -125,6 +125,9 @@ def test_required_labels_name_the_manifest_line(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequestError, match="m.jsonl:1: no 'path' and no 'label' \\(its fields: 'Path', "
                                                   "'Label'; names are lower case\\)"):
         list(read_gallery(jsonl, require_label=True))
+    jsonl.write_text(json.dumps({"path": "a.png", "label": "  "}) + "\n")  # trimmed (see the next test)
+    with pytest.raises(InvalidRequestError, match="m.jsonl:1: no 'label'"):
+        list(read_gallery(jsonl, require_label=True))
 
 
 def test_hidden_files_and_folders_are_not_listed(tmp_path: Path) -> None:
@@ -155,7 +158,9 @@ def test_jsonl_null_is_absent_and_other_values_refused(tmp_path: Path) -> None:
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     a, b = read_gallery(jsonl)
     assert (a.key, a.label, a.attributes) == ("a.png", "", {})  # not the string "None"
-    assert (b.key, b.label, b.path.name) == (" k ", " spaced ", " b.png")  # JSON says exactly
+    # The key and path exactly as JSON says; the label trimmed as a CSV cell is: "cat " would be
+    # a second class that looks like "cat".
+    assert (b.key, b.label, b.path.name) == (" k ", "spaced", " b.png")
     for value, got in (({"x": 1}, "an object"), ([1], "a list"), (True, "true")):
         jsonl.write_text(json.dumps({"path": "a.png", "label": value}) + "\n")
         with pytest.raises(InvalidRequestError, match=f"m.jsonl:1: field 'label' must be a string or a number, got {got}$"):

@@ -185,19 +185,19 @@ def test_bad_data_gives_clear_errors(tmp_path: Path, embedder: CountingEmbedder)
         f.unlink()
     before = embedder.images_embedded
     with pytest.raises(InvalidRequestError,
-                       match=r"training images after --val-fraction 0.25 .*fewer than 3 training images: square \(2\)"):
+                       match=r"training images after --val-fraction 0.25 .*fewer than 3 training images: 'square' \(2\)"):
         train(config(tmp_path), tree, embedder=embedder)
-    with pytest.raises(InvalidRequestError, match=r"after --max-per-class 2 and --val-fraction 0.25 .*: \w+ \(1\)"):
+    with pytest.raises(InvalidRequestError, match=r"after --max-per-class 2 and --val-fraction 0.25 .*: '\w+' \(1\)"):
         train(config(tmp_path, max_per_class=2), tree, embedder=embedder)
     assert embedder.images_embedded == before
     tree = make_tree(tmp_path / "tree2", per_class=4)
     for i in (0, 1):  # listed, not usable
         (tree / "triangle" / f"triangle_{i}.png").write_text("not a picture")
-    with pytest.raises(InvalidRequestError, match=r"fewer than 3 usable images: triangle \([12]\)"):
+    with pytest.raises(InvalidRequestError, match=r"fewer than 3 usable images: 'triangle' \([12]\)"):
         train(config(tmp_path), tree, embedder=embedder)
     for i in (2, 3):  # none usable: the class is named all the same, not dropped without a word
         (tree / "triangle" / f"triangle_{i}.png").write_text("not a picture")
-    with pytest.raises(InvalidRequestError, match=r"fewer than 3 usable images: triangle \(0\)"):
+    with pytest.raises(InvalidRequestError, match=r"fewer than 3 usable images: 'triangle' \(0\)"):
         train(config(tmp_path), tree, embedder=embedder)
     # Paths written from the current folder, not the manifest's: nothing can be read, and why.
     (tmp_path / "lists").mkdir()

@@ -96,7 +96,7 @@ def check_class_sizes(samples: Sequence[Sample], min_per_class: int, what: str =
     counts.update(s.label for s in samples)
     small = {c: n for c, n in sorted(counts.items()) if n < min_per_class}
     if small:
-        listed = ", ".join(f"{c} ({n})" for c, n in small.items())
+        listed = ", ".join(f"{c!r} ({n})" for c, n in small.items())
         lower = ", or lower --min-per-class" if min_per_class > 2 else ""  # 2 is the least
         raise InvalidRequestError(
             f"{what}: classes with fewer than {min_per_class} {kind} images: {listed}; "

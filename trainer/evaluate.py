@@ -73,7 +73,7 @@ def evaluate(
         others = sorted({s.label for s in samples} - known)
         more = f" and {len(others) - 10} more" if len(others) > 10 else ""
         log.warning("%d image(s) of classes the model does not know are left out of the accuracy: "
-                    "%s%s", ignored, ", ".join(others[:10]), more)
+                    "%s%s", ignored, ", ".join(map(repr, others[:10])), more)
     # Without the model's classes only the open-set figures can be measured (with --index).
     if not usable and (index is None or model.open_set is None):
         raise InvalidRequestError(
