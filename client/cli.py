@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from pictor.client.client import Classification, Hit, PictorClient
 
 EXIT_UNREACHABLE = 4
+_MOST_NAMED = 20  # keys an error message names
 # Keys given as paths are found as `pictor add` and `pictor index` store paths.
 _PATH_FORM_HELP = "a key not in the index as given is also looked for as the path that add stores (./a//b.jpg: a/b.jpg)"
 
@@ -531,8 +532,10 @@ def run_list(args: argparse.Namespace) -> int:
 def _report_missing(args: argparse.Namespace, missing: Sequence[str]) -> int:
     """Exit code 2, with the keys named, for keys the index does not hold (0 with --missing-ok)."""
     if missing and not args.missing_ok:
-        print(f"pictor {args.command}: error: not found: {', '.join(map(_one_line, missing))} ({_key_hint(missing)})",
-              file=sys.stderr)
+        named = ", ".join(map(_one_line, missing[:_MOST_NAMED]))
+        if len(missing) > _MOST_NAMED:  # (a line of 10,000 keys buries the rest)
+            named += f", ... ({len(missing) - _MOST_NAMED:,} more{'' if args.json else '; --json lists them all'})"
+        print(f"pictor {args.command}: error: not found: {named} ({_key_hint(missing)})", file=sys.stderr)
         return 2
     return 0
 

@@ -191,10 +191,9 @@ def _csv_rows(manifest: Path, f: Iterable[str], required: tuple[str, ...]
     except csv.Error as e:
         raise _csv_error(manifest, 1, e) from e
     if not set(required) <= set(columns):
+        case = "; names are lower case" if any(c.lower() in required for c in columns) else ""
         raise InvalidRequestError(
-            f"manifest {manifest} needs a header with {_columns(required)}, "
-            f"got {columns or 'no header'}"
-        )
+            f"manifest {manifest} needs a header with {_columns(required)}, got {columns or 'no header'}{case}")
     if "" in columns:
         raise InvalidRequestError(f"manifest {manifest}: column {columns.index('') + 1} of the header has "
                                   "no name; name it (it would be an attribute), or remove it")

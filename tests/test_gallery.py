@@ -117,6 +117,9 @@ def test_required_labels_name_the_manifest_line(tmp_path: Path) -> None:
     csv.write_text("path\na.png\n")
     with pytest.raises(InvalidRequestError, match="'path' and 'label' columns"):
         list(read_gallery(csv, require_label=True))
+    csv.write_text("Path,Label\na.png,cat\n")  # as a spreadsheet may write it
+    with pytest.raises(InvalidRequestError, match="got \\['Path', 'Label'\\]; names are lower case$"):
+        list(read_gallery(csv))
     jsonl = tmp_path / "m.jsonl"
     jsonl.write_text(json.dumps({"path": "a.png", "label": "cat"}) + "\n\n" + json.dumps({"label": "dog"}) + "\n")
     with pytest.raises(InvalidRequestError, match="m.jsonl:3: no 'path' \\(its fields: 'label'\\)$"):

@@ -380,6 +380,8 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     many = json.loads(pictor("get", *unheld, "p/new/x.png", *unheld[:3], "--missing-ok", "--json",
                              "--target", server.target).stdout)
     assert [it["key"] for it in many["items"]] == ["p/new/x.png"] and many["missing"] == unheld
+    cut = pictor("get", *unheld, "--target", server.target, check=False)  # named: the first 20
+    assert cut.returncode == 2 and f"none/19, ... ({MAX_GET_KEYS - 20:,} more; --json lists them all) (" in cut.stderr
     # A value with a space is quoted (where it ends was a guess); JSON keeps non-ASCII as it is.
     pictor("add", "new/x.png", "--key-prefix", "s/", "--attr", "note=two words", "--attr", "city=Z\u00fcrich",
            "--target", server.target, cwd=tmp_path)

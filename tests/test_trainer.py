@@ -159,6 +159,9 @@ def test_bad_data_gives_clear_errors(tmp_path: Path, embedder: CountingEmbedder)
     (tmp_path / "nolabel.csv").write_text("path,label\na.png,x\nb.png,\n")
     with pytest.raises(InvalidRequestError, match=r"nolabel.csv:3: no 'label'"):
         data_mod.load_samples(tmp_path / "nolabel.csv")
+    (tmp_path / "empty.csv").write_text("path,label\n")  # (not "looked for .bmp .gif ...")
+    with pytest.raises(InvalidRequestError, match=r"manifest \S+empty.csv lists no images$"):
+        data_mod.load_samples(tmp_path / "empty.csv")
     # One image under two keys would sit on both sides of the split (here under two labels).
     (tmp_path / "twice.csv").write_text("path,label,key\na.png,x,1\nb.png,x,2\n./a.png,y,3\n")
     with pytest.raises(InvalidRequestError, match=r"1 image\(s\) are listed more than once, e.g. .*a.png "
