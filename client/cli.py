@@ -30,7 +30,6 @@ from pictor.api import (
 )
 from pictor.config import DEFAULT_TARGET, DEFAULT_TIMEOUT, client_max_message_mb, default_target
 from pictor.errors import (
-    DeadlineExceededError,
     InvalidRequestError,
     NotFoundError,
     PictorError,
@@ -40,6 +39,7 @@ from pictor.errors import (
     notes_text,
 )
 from pictor.image_files import check_image_file, check_key_text, path_key, path_text, read_image_file
+from pictor.iterators import batched
 
 if TYPE_CHECKING:
     from pictor.api import StoredItem
@@ -137,7 +137,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = _parser(sub, "get", "the stored items (label, attributes, vector) of keys in a running server's index",
                 "pictor get photos/a.jpg photos/b.jpg --vectors --json")
     p.add_argument("keys", nargs="+", metavar="KEY",
-                   help=f"keys of the items (sent {MAX_GET_KEYS} distinct keys per call); {_PATH_FORM_HELP}")
+                   help=f"keys of the items (sent in calls of at most {MAX_GET_KEYS} distinct keys); {_PATH_FORM_HELP}")
     p.add_argument("--vectors", action="store_true", help="also print each item's stored vector")
     p.add_argument("--missing-ok", action="store_true",
                    help="keys not in the index are not an error (exit 0); without it they are "
@@ -192,8 +192,9 @@ def _guard_unreachable(fn: Callable[[argparse.Namespace], int]) -> Callable[[arg
             return fn(args)
         except (ServerUnavailableError, ServerBusyError) as e:
             print(f"pictor {args.command}: error: {e}{notes_text(e)}", file=sys.stderr)
-            if (isinstance(e, ServerUnavailableError) and not isinstance(e, DeadlineExceededError)
-                    and not e.server_said):  # maybe the wrong address
+            from pictor.client.client import may_be_wrong_address
+
+            if isinstance(e, ServerUnavailableError) and may_be_wrong_address(e):
                 print("  (is `pictor serve` running there? another address: --target HOST:PORT or "
                       "PICTOR_TARGET; PICTOR_PORT moves only the server)", file=sys.stderr)
             return EXIT_UNREACHABLE
@@ -214,10 +215,11 @@ def run_classify(args: argparse.Namespace) -> int:
                 data = read_image_file(path)
                 r = client.classify(data, top_k=args.top_k, classifier=args.classifier,
                                     neighbors=args.neighbors)
-            except ServerUnavailableError as e:  # not this image: the server
+            except (ServerUnavailableError, KeyboardInterrupt) as e:  # not this image: the server, or Ctrl-C
                 if len(args.images) > 1:
                     e.add_note(f"{path} and the {len(args.images) - len(results) - 1} image(s) after it were not "
-                               f"classified; the {len(results)} before it were (printed)")
+                               "classified" + (f"; the results of the {len(results)} before it are printed"
+                                               if results else ""))
                 if args.json:  # (what was answered is not lost)
                     _emit(args, results, "")
                 raise
@@ -407,30 +409,34 @@ def run_add(args: argparse.Namespace) -> int:
 
     # One call per server chunk, each all or nothing and within --timeout: a timeout that spans
     # every image would cap how many one command can add (about 350 in 30 s on 2 cores).
-    inserted = replaced = 0
+    inserted = replaced = added = 0
     with _client(args) as client:
-        for start in range(0, len(paths), UPSERT_CHUNK):
-            batch = paths[start:start + UPSERT_CHUNK]
-            try:
-                done = client.upsert([UpsertItem(key=key(path), image=read_image_file(path), label=args.label,
-                                                 attributes=attributes(path)) for path in batch])
-            except BaseException as e:  # an error, or Ctrl-C: say what the earlier calls wrote
-                _progress("", last=True)
-                if start:
-                    e.add_note(f"the calls before this one added the first {start} of the {len(paths)} images "
-                               f"({inserted} new, {replaced} replaced); adding them all again is safe, keys replace")
-                raise
-            inserted, replaced = inserted + done[0], replaced + done[1]
-            _progress(f"added {start + len(batch)} of {len(paths)} images", last=start + len(batch) == len(paths))
+        try:
+            for batch in batched(paths, UPSERT_CHUNK):
+                try:
+                    done = client.upsert([UpsertItem(key=key(path), image=read_image_file(path), label=args.label,
+                                                     attributes=attributes(path)) for path in batch])
+                except BaseException as e:  # an error, or Ctrl-C: say what the earlier calls wrote
+                    if added:
+                        e.add_note(f"the calls before this one added the first {added} of the {len(paths)} images "
+                                   f"({inserted} new, {replaced} replaced)")
+                    if isinstance(e, KeyboardInterrupt):  # (an error says what its own call wrote)
+                        e.add_note(f"the {len(batch)} of the call under way may have been added too; adding "
+                                   "them all again is safe, keys replace")
+                    raise
+                inserted, replaced, added = inserted + done[0], replaced + done[1], added + len(batch)
+                _progress(f"added {added} of {len(paths)} images")
+        finally:
+            _progress("")
     _emit(args, {"inserted": inserted, "replaced": replaced},
           f"added {inserted} new, replaced {replaced} existing\n")
     return 0
 
 
-def _progress(text: str, *, last: bool) -> None:
-    """A progress line on a terminal, rewritten in place (none in a log or pipe)."""
+def _progress(text: str) -> None:
+    """A progress line on a terminal, written over the last ("" clears it); none in a log or pipe."""
     if sys.stderr.isatty():
-        sys.stderr.write(f"\r{text}" + ("\r\x1b[K" if last else ""))
+        sys.stderr.write(f"\r\x1b[K{text}")
         sys.stderr.flush()
 
 
@@ -475,9 +481,9 @@ def run_get(args: argparse.Namespace) -> int:
     with _client(args) as client:
         def get(keys: Sequence[str]) -> list[str]:
             """Look ``keys`` up, in calls of the most distinct keys a call takes; the missing ones."""
-            unique, missing = list(dict.fromkeys(keys)), []
-            for start in range(0, len(unique), MAX_GET_KEYS):
-                found, still = client.get(unique[start:start + MAX_GET_KEYS], vectors=args.vectors)
+            missing: list[str] = []
+            for chunk in batched(dict.fromkeys(keys), MAX_GET_KEYS):
+                found, still = client.get(chunk, vectors=args.vectors)
                 items.extend(found)
                 missing.extend(still)
             return missing

@@ -438,14 +438,24 @@ def _error_of(code: grpc.StatusCode, details: str, *, said: bool, method: str, t
         return ServerBusyError(f"{details} ({code.name})")
     elif code == grpc.StatusCode.NOT_FOUND and method == "Check":
         details = f"the server has no health status for service {health_service!r}"
-    elif code == grpc.StatusCode.UNIMPLEMENTED:  # a gRPC server answered: the call did nothing
-        other = ServerUnavailableError(
-            f"the gRPC server at {target} is not a Pictor server ({details})" if method in ("Check", "Info")
-            else f"the gRPC server at {target} has no {method} call: a Pictor server older than this "
-                 f"client, or not a Pictor server ({details})")
-        other.server_said = True
-        return other
+    elif code == grpc.StatusCode.UNIMPLEMENTED and method in ("Check", "Info"):
+        return _NoSuchCallError(f"the gRPC server at {target} is not a Pictor server ({details})")
+    elif code == grpc.StatusCode.UNIMPLEMENTED:  # a Pictor server older than this client, or another
+        return _NoSuchCallError(
+            f"the gRPC server at {target} has no {method} call: a Pictor server older than this "
+            f"client, or not a Pictor server ({details})")
     return error_from_status(code, details)
+
+
+class _NoSuchCallError(ServerUnavailableError):
+    """A gRPC server answered that it has no such method: the call did nothing there (and the
+    address may be wrong, so not ``server_said``)."""
+
+
+def may_be_wrong_address(e: ServerUnavailableError) -> bool:
+    """Whether ``e`` may come from calling the wrong address: nothing answered there, or a
+    gRPC server that is not Pictor's (not a connection lost, or a deadline, after it answered)."""
+    return isinstance(e, _NoSuchCallError) or str(e).startswith("cannot reach a Pictor server")
 
 
 def _refused_times(message: str, attempts: int) -> str:
@@ -556,8 +566,8 @@ class PictorClient:
         A call lost, or past this client's deadline, cannot say; one the server ended itself
         (DEADLINE_EXCEEDED before ours: an idle Upsert stream, a caller gone before its write;
         UNAVAILABLE with its reason) says what it wrote, and one that never connected (gRPC's
-        "failed to connect") wrote nothing."""
-        return (isinstance(e, ServerUnavailableError) and not e.server_said
+        "failed to connect") or reached a server without the method wrote nothing."""
+        return (isinstance(e, ServerUnavailableError) and not e.server_said and not isinstance(e, _NoSuchCallError)
                 and "failed to connect" not in str(e).lower()
                 and (not isinstance(e, DeadlineExceededError) or self._past_deadline(started)))
 

@@ -190,10 +190,9 @@ def _csv_rows(manifest: Path, f: Iterable[str], required: tuple[str, ...]
         columns = [c.strip() for c in reader.fieldnames or ()]
     except csv.Error as e:
         raise _csv_error(manifest, 1, e) from e
-    if not set(required) <= set(columns):
-        case = "; names are lower case" if any(c.lower() in required for c in columns) else ""
-        raise InvalidRequestError(
-            f"manifest {manifest} needs a header with {_columns(required)}, got {columns or 'no header'}{case}")
+    if missing := [c for c in required if c not in columns]:
+        raise InvalidRequestError(f"manifest {manifest} needs a header with {_columns(required)}, "
+                                  f"got {columns or 'no header'}{_case_hint(columns, missing)}")
     if "" in columns:
         raise InvalidRequestError(f"manifest {manifest}: column {columns.index('') + 1} of the header has "
                                   "no name; name it (it would be an attribute), or remove it")
@@ -226,6 +225,11 @@ def _csv_error(manifest: Path, line: int, e: csv.Error) -> InvalidRequestError:
         f"{manifest}:{line}: not valid CSV ({e}): a quote that opens a cell must close it, and a "
         'quote inside a quoted cell is written twice ("a ""b"".jpg")'
     )
+
+
+def _case_hint(names: Iterable[str], missing: list[str]) -> str:
+    """A hint when a missing column is there in other case ("Path", as spreadsheets write it)."""
+    return "; names are lower case" if any(n.lower() in missing for n in names) else ""
 
 
 def _columns(names: tuple[str, ...]) -> str:
@@ -282,8 +286,7 @@ def _entries(manifest: Path, rows: Iterator[tuple[int, dict[str, str]]], require
         if missing:
             fields = ""
             if row and any(c not in row for c in missing):  # a JSONL line's own names ("Path")
-                case = "; names are lower case" if any(k.lower() in missing for k in row) else ""
-                fields = f" (its fields: {', '.join(map(repr, row))}{case})"
+                fields = f" (its fields: {', '.join(map(repr, row))}{_case_hint(row, missing)})"
             raise InvalidRequestError(f"{where}: no {' and no '.join(repr(c) for c in missing)}{fields}")
         raw = row.pop("path")
         if "\0" in raw:

@@ -1263,8 +1263,8 @@ class IndexStore:
             gone = ServerUnavailableError(
                 f"the folder of index store {self.path} was deleted while open: nothing can be written "
                 "to it any more, nor read from its database (lookups by key, listing, filtered searches, "
-                "Info); unfiltered searches by image or vector answer from memory until it closes. Restart "
-                "on a restored copy (`pictor backup` makes one)")
+                "Info); unfiltered searches by image or vector answer from memory (metadata held in memory, "
+                "the default) until it closes. Restart on a restored copy (`pictor backup` makes one)")
             if not self._said_gone:  # once, as an error: each refused call is only an INFO line
                 self._said_gone = True
                 log.error("%s", gone)

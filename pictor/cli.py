@@ -45,7 +45,8 @@ exit codes: 0 success, 1 `pictor index --strict` skipped some files, 2 bad input
 the server refused, a write the disk refused or too little memory (the message says what), 3 a
 server-side command in the light install, 4 server unreachable, busy (refused each time the call
 was sent), not serving (`pictor health`; a call on an index whose folder was deleted) or no answer
-within --timeout, 130 interrupted (Ctrl-C or SIGTERM; `pictor serve` stops on them and exits 0)."""
+within --timeout, 130 interrupted (Ctrl-C or SIGTERM; a serving `pictor serve` stops on them and
+exits 0)."""
 
 
 class _Parser(argparse.ArgumentParser):

@@ -115,7 +115,7 @@ def test_required_labels_name_the_manifest_line(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequestError, match="m.csv:3: no 'label'"):
         list(read_gallery(csv, require_label=True))
     csv.write_text("path\na.png\n")
-    with pytest.raises(InvalidRequestError, match="'path' and 'label' columns"):
+    with pytest.raises(InvalidRequestError, match="'path' and 'label' columns, got \\['path'\\]$"):
         list(read_gallery(csv, require_label=True))
     csv.write_text("Path,Label\na.png,cat\n")  # as a spreadsheet may write it
     with pytest.raises(InvalidRequestError, match="got \\['Path', 'Label'\\]; names are lower case$"):
