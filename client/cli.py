@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -150,6 +151,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--label", action="append", default=[], help="only items with this label (repeatable)")
     p.add_argument("--attr", action="append", default=[], metavar="NAME=VALUE",
                    help="only items whose attribute NAME equals VALUE (repeatable)")
+    p.add_argument("--after", default="", metavar="KEY",
+                   help="start after this key (key order): to go on from a listing that was cut off")
     next(a for a in p._actions if a.dest == "json").help = "print one JSON object per item and line (JSON Lines)"
     p.set_defaults(run=run_list)
 
@@ -516,14 +519,22 @@ def _no_such_labels(client: PictorClient, labels: Sequence[str]) -> str:
 def run_list(args: argparse.Namespace) -> int:
     """Prints as it pages (a large index is not held in memory); --json: one object per line."""
     attrs = _parse_attrs(args.attr)
-    listed = False
+    _utf8_text(args.after, "--after")
+    last = None
     with _client(args) as client:
-        for it in client.iter_items(labels=args.label, attributes=attrs):
-            listed = True
-            if args.json:
-                print(json.dumps({"key": it.key, "label": it.label, "attributes": it.attributes}, ensure_ascii=False))
-            else:
-                print(_item_row(it))
+        try:
+            for it in client.iter_items(labels=args.label, attributes=attrs, after=args.after):
+                if args.json:
+                    print(json.dumps({"key": it.key, "label": it.label, "attributes": it.attributes},
+                                     ensure_ascii=False))
+                else:
+                    print(_item_row(it))
+                last = it.key
+        except (ServerUnavailableError, KeyboardInterrupt) as e:
+            if last is not None:
+                e.add_note(f"the listing stopped after the key printed last: go on with --after {shlex.quote(last)}")
+            raise
+        listed = last is not None
         no_such = _no_such_labels(client, args.label)  # (a typo: as search says it)
     # On stderr: the output stays a listing for scripts.
     if listed and no_such:

@@ -768,12 +768,12 @@ class PictorClient:
         return [StoredItem(key=it.key, label=it.label, attributes=dict(it.attributes)) for it in r.items], r.next
 
     def iter_items(self, *, labels: Iterable[str] = (), attributes: Mapping[str, str] | None = None,
-                   page: int = MAX_LIST) -> Iterator[StoredItem]:
-        """Every item of the index (that the filter admits) in key order, ``page`` per call.
-        Writes made meanwhile show up if their keys come after the page being read."""
+                   page: int = MAX_LIST, after: str = "") -> Iterator[StoredItem]:
+        """Every item of the index (that the filter admits) in key order, ``page`` per call,
+        from the first key after ``after`` (to go on from a listing cut off). Writes made
+        meanwhile show up if their keys come after the page being read."""
         _check_counts(1, MAX_LIST, page=page)
         labels = _label_list(labels)  # read once: every page has the same filter
-        after = ""
         while True:
             items, after = self.list_items(after, page, labels=labels, attributes=attributes)
             yield from items

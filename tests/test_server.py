@@ -399,6 +399,8 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     assert pictor("list", "--attr", "source=cam1", "--target", server.target).stdout == "new/x.png  source=cam1\n"
     warm = [json.loads(line) for line in pictor("list", "--label", "warm", "--json", "--target", server.target).stdout.splitlines()]
     assert len(warm) == 6 and {w["label"] for w in warm} == {"warm"} and warm == sorted(warm, key=lambda w: w["key"])
+    rest = pictor("list", "--label", "warm", "--after", warm[1]["key"], "--json", "--target", server.target).stdout
+    assert [json.loads(line) for line in rest.splitlines()] == warm[2:]
     none = pictor("list", "--label", "nope", "--json", "--target", server.target)
     assert none.stdout == "" and none.stderr == ("pictor list: no items: the index has no item labelled 'nope' "
                                                  "(labels: cool 6, warm 6, (none) 2)\n")
@@ -1330,6 +1332,26 @@ def test_add_sends_one_call_per_chunk_and_says_what_the_calls_before_a_failure_a
     finally:
         server.stop(None)
         engine.close()
+
+
+def test_a_listing_cut_off_says_where_to_go_on(monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`pictor list` cut off (the server gone, Ctrl-C) names the last key it printed, and the
+    --after that goes on from there, quoted for a shell."""
+    from pictor.api import StoredItem
+    from pictor.cli import main
+
+    def list_items(client: PictorClient, after: str = "", limit: int = 0, **filter: Any) -> Any:
+        if not after:
+            return [StoredItem("a.jpg"), StoredItem("my photos/b.jpg")], "my photos/b.jpg"
+        raise ServerUnavailableError(f"the connection to the server at {client.target} was lost during the call")
+
+    monkeypatch.setattr(PictorClient, "list_items", list_items)
+    assert main(["list", "--target", "127.0.0.1:9"]) == 4
+    out, err = capsys.readouterr()
+    assert out == "a.jpg\nmy photos/b.jpg\n"
+    assert err.startswith("pictor list: error: the connection to the server at 127.0.0.1:9 was lost during the "
+                          "call; the listing stopped after the key printed last: go on with --after 'my photos/b.jpg'\n")
 
 
 def test_classify_of_many_images_keeps_the_answers_it_had_when_the_server_goes(
