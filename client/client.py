@@ -409,6 +409,9 @@ def _item(it: UpsertItem, max_bytes: int) -> pb.Item:
     return item
 
 
+_CANNOT_REACH = "cannot reach a Pictor server at"  # nothing answered: maybe the wrong address
+
+
 def _error_of(code: grpc.StatusCode, details: str, *, said: bool, method: str, target: str, closed: bool,
               timeout: float | None, past_deadline: bool, health_service: str = "") -> PictorError:
     """The Pictor error a failed call's status means: pure, so that another client (asyncio)
@@ -427,7 +430,7 @@ def _error_of(code: grpc.StatusCode, details: str, *, said: bool, method: str, t
     elif code == grpc.StatusCode.UNAVAILABLE and details.startswith(("Stream removed", "Socket closed")):
         details = f"the connection to the server at {target} was lost during the call ({details})"
     elif code == grpc.StatusCode.UNAVAILABLE:
-        details = f"cannot reach a Pictor server at {target}: {details}"
+        details = f"{_CANNOT_REACH} {target}: {details}"
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED and past_deadline:
         # (earlier, the server ended the call itself and says why)
         details = f"no answer from {target} within the timeout of {timeout:g} s"
@@ -455,7 +458,7 @@ class _NoSuchCallError(ServerUnavailableError):
 def may_be_wrong_address(e: ServerUnavailableError) -> bool:
     """Whether ``e`` may come from calling the wrong address: nothing answered there, or a
     gRPC server that is not Pictor's (not a connection lost, or a deadline, after it answered)."""
-    return isinstance(e, _NoSuchCallError) or str(e).startswith("cannot reach a Pictor server")
+    return isinstance(e, _NoSuchCallError) or str(e).startswith(_CANNOT_REACH)
 
 
 def _refused_times(message: str, attempts: int) -> str:
