@@ -532,7 +532,9 @@ def run_list(args: argparse.Namespace) -> int:
                 last = it.key
         except (ServerUnavailableError, KeyboardInterrupt) as e:
             if last is not None:
-                e.add_note(f"the listing stopped after the key printed last: go on with --after {shlex.quote(last)}")
+                # (--after=KEY: a key that starts with "-" would read as an option)
+                e.add_note(f"the listing stopped after the key printed last: to go on, run it again with "
+                           f"--after={shlex.quote(last)}")
             raise
         listed = last is not None
         no_such = _no_such_labels(client, args.label)  # (a typo: as search says it)

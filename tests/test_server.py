@@ -10,6 +10,7 @@ import math
 import os
 import random
 import re
+import shlex
 import signal
 import socket
 import sqlite3
@@ -1343,15 +1344,17 @@ def test_a_listing_cut_off_says_where_to_go_on(monkeypatch: pytest.MonkeyPatch,
 
     def list_items(client: PictorClient, after: str = "", limit: int = 0, **filter: Any) -> Any:
         if not after:
-            return [StoredItem("a.jpg"), StoredItem("my photos/b.jpg")], "my photos/b.jpg"
+            return [StoredItem("a.jpg"), StoredItem("-my photos/b.jpg")], "-my photos/b.jpg"
         raise ServerUnavailableError(f"the connection to the server at {client.target} was lost during the call")
 
     monkeypatch.setattr(PictorClient, "list_items", list_items)
     assert main(["list", "--target", "127.0.0.1:9"]) == 4
     out, err = capsys.readouterr()
-    assert out == "a.jpg\nmy photos/b.jpg\n"
-    assert err.startswith("pictor list: error: the connection to the server at 127.0.0.1:9 was lost during the "
-                          "call; the listing stopped after the key printed last: go on with --after 'my photos/b.jpg'\n")
+    assert out == "a.jpg\n-my photos/b.jpg\n"
+    go_on = "--after='-my photos/b.jpg'"
+    assert err.startswith("pictor list: error: the connection to the server at 127.0.0.1:9 was lost during the call; "
+                          f"the listing stopped after the key printed last: to go on, run it again with {go_on}\n")
+    assert shlex.split(go_on) == ["--after=-my photos/b.jpg"]  # as a shell passes it: not an option of its own
 
 
 def test_classify_of_many_images_keeps_the_answers_it_had_when_the_server_goes(
