@@ -70,8 +70,12 @@ def read_gallery(
     if not src.exists():
         raise NotFoundError(f"{src} does not exist")
     if src.is_file():
+        listed = False
         for entry in read_manifest(src, require_label=require_label):
+            listed = True
             yield entry if labels == "folder" else replace(entry, label="")
+        if not listed:  # (a header alone): not "no images found", with the suffixes a folder is searched for
+            raise InvalidRequestError(f"manifest {src} lists no images")
         return
     folder_of: dict[str, str] = {}  # label -> the folder name that first gave it
     merged: set[str] = set()

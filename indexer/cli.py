@@ -166,10 +166,7 @@ def _read_entries(settings: IndexerSettings) -> tuple[
     entries, misnamed = split_misnamed(read_gallery(settings.gallery, labels=settings.labels, unlisted=unlisted,
                                                     passed_over=left_out))
     if not entries and not misnamed and not unlisted:
-        raise InvalidRequestError(
-            f"manifest {settings.gallery} lists no images" if Path(settings.gallery).is_file()
-            else f"no images found in {settings.gallery} (looked for {image_suffixes_text()})"
-        )
+        raise InvalidRequestError(f"no images found in {settings.gallery} (looked for {image_suffixes_text()})")
     return entries, misnamed, unlisted, left_out
 
 

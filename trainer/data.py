@@ -48,8 +48,7 @@ def load_samples(data: str | Path) -> list[Sample]:
     if loose:
         log.warning("%d image(s) directly in %s are not in a class folder and are left out", loose, data)
     if not samples:
-        raise InvalidRequestError(f"manifest {data} lists no images" if Path(data).is_file()
-                                  else f"data {data} holds no labelled images (looked for {image_suffixes_text()})")
+        raise InvalidRequestError(f"data {data} holds no labelled images (looked for {image_suffixes_text()})")
     if empty := _classless_folders(Path(data), samples):
         log.warning("folders in %s with no images, so not classes: %s", data, ", ".join(empty))
     _refuse_repeats(samples)
