@@ -291,7 +291,8 @@ def _entries(manifest: Path, rows: Iterator[tuple[int, dict[str, str]]], require
             fields = ""
             if row and any(c not in row for c in missing):  # a JSONL line's own names ("Path")
                 fields = f" (its fields: {', '.join(map(repr, row))}{_case_hint(row, missing)})"
-            raise InvalidRequestError(f"{where}: no {' and no '.join(repr(c) for c in missing)}{fields}")
+            said = " and ".join(f"{c!r} is empty" if c in row else f"no {c!r}" for c in missing)
+            raise InvalidRequestError(f"{where}: {said}{fields}")
         raw = row.pop("path")
         if "\0" in raw:
             raise InvalidRequestError(f"{where}: the path contains a NUL byte")

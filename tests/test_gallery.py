@@ -112,7 +112,7 @@ def test_required_labels_name_the_manifest_line(tmp_path: Path) -> None:
     csv = tmp_path / "m.csv"
     csv.write_text("path,label\n a.png , cat \nb.png,\n")
     assert [e.label for e in read_gallery(csv)] == ["cat", ""]  # optional by default, trimmed
-    with pytest.raises(InvalidRequestError, match="m.csv:3: no 'label'"):
+    with pytest.raises(InvalidRequestError, match="m.csv:3: 'label' is empty$"):
         list(read_gallery(csv, require_label=True))
     csv.write_text("path\na.png\n")
     with pytest.raises(InvalidRequestError, match="'path' and 'label' columns, got \\['path'\\]$"):
@@ -129,7 +129,7 @@ def test_required_labels_name_the_manifest_line(tmp_path: Path) -> None:
                                                   "'Label'; names are lower case\\)"):
         list(read_gallery(jsonl, require_label=True))
     jsonl.write_text(json.dumps({"path": "a.png", "label": "  "}) + "\n")  # trimmed (see the next test)
-    with pytest.raises(InvalidRequestError, match="m.jsonl:1: no 'label'"):
+    with pytest.raises(InvalidRequestError, match="m.jsonl:1: 'label' is empty$"):
         list(read_gallery(jsonl, require_label=True))
 
 

@@ -157,7 +157,7 @@ def test_bad_data_gives_clear_errors(tmp_path: Path, embedder: CountingEmbedder)
     with pytest.raises(InvalidRequestError, match="'path' and 'label'"):
         data_mod.load_samples(tmp_path / "bad.csv")
     (tmp_path / "nolabel.csv").write_text("path,label\na.png,x\nb.png,\n")
-    with pytest.raises(InvalidRequestError, match=r"nolabel.csv:3: no 'label'"):
+    with pytest.raises(InvalidRequestError, match=r"nolabel.csv:3: 'label' is empty$"):
         data_mod.load_samples(tmp_path / "nolabel.csv")
     (tmp_path / "empty.csv").write_text("path,label\n")  # (not "looked for .bmp .gif ...")
     with pytest.raises(InvalidRequestError, match=r"manifest \S+empty.csv lists no images$"):
