@@ -268,7 +268,7 @@ class Engine:
                 raise InvalidRequestError(
                     "the kNN vote counts the labels of the nearest indexed items, and no item of this index "
                     "has a label: index labelled images (a folder per label, a manifest's label column, "
-                    f"or `pictor add --label`){other}")
+                    f"or an item's label: `pictor add --label`){other}")
             return ClassifyResult(labels=knn, source="knn", knn_labels=knn, neighbors=hits,
                                   open_set=self._open_set_check(embedding, hits))
 
@@ -278,7 +278,7 @@ class Engine:
             probs = torch.from_numpy(logits[0]).double().softmax(0).numpy()
             labels, source = top_k_labels(probs, imagenet_classes, top_k), "imagenet"
         else:
-            instead = ("ask for the kNN vote over the index (`pictor classify --classifier knn`)"
+            instead = ("ask for the kNN vote over the index (CLASSIFIER_KNN: `pictor classify --classifier knn`)"
                        if self.store.has_labels() else "label the index's items for a kNN vote")
             raise InvalidRequestError(
                 f"this server has no classifier head (no --model, and a backbone without ImageNet labels); {instead}")

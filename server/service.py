@@ -96,7 +96,8 @@ class PictorService(pb_grpc.PictorServicer):
 
     def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
         if not 0 <= request.classifier < len(CLASSIFIERS):
-            raise InvalidRequestError(f"unknown classifier value {request.classifier}")
+            named = ", ".join(f"{i} {pb.Classifier.Name(i)}" for i in range(len(CLASSIFIERS)))
+            raise InvalidRequestError(f"unknown classifier value {request.classifier}; choose from {named}")
         classifier = CLASSIFIERS[request.classifier]
         check_active(context, "classifying")
         with self.threads.waiting_call(refused="the image was not classified"):

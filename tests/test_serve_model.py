@@ -237,7 +237,7 @@ def test_index_from_a_checkpoint_serves_with_its_path(gallery: Path, tmp_path: P
         assert engine.info().classifier == "knn"
         result = engine.classify(image.read_bytes())
         assert result.source == "knn" and result.labels[0][0] in {"warm", "cool"}
-        with pytest.raises(InvalidRequestError, match="no classifier head .*; ask for the kNN vote over the index"):
+        with pytest.raises(InvalidRequestError, match=r"no classifier head .*; ask for the kNN vote over the index \(CLASSIFIER_KNN: `pictor classify --classifier knn`\)$"):
             engine.classify(image.read_bytes(), classifier="head")
         # Labels taken off every item: no image can get a vote, and Classify says so, but
         # `all` still answers with the neighbours.

@@ -149,7 +149,10 @@ def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: Server
     # Where 0 means the default, the ranges say so.
     for method, message, words in ((stub.Classify, pb.ClassifyRequest(image=drawn_image(1), neighbors=1001),
                                     "neighbors must be between 1 and 1000 (or 0 for 10), got 1001"),
-                                   (stub.List, pb.ListRequest(limit=1001), "limit must be between 1 and 1000 (or 0 for 1000)")):
+                                   (stub.List, pb.ListRequest(limit=1001), "limit must be between 1 and 1000 (or 0 for 1000)"),
+                                   (stub.Classify, pb.ClassifyRequest(image=drawn_image(1), classifier=99),  # type: ignore[arg-type]  # (an open enum)
+                                    "unknown classifier value 99; choose from 0 CLASSIFIER_UNSPECIFIED, 1 CLASSIFIER_HEAD, "
+                                    "2 CLASSIFIER_KNN, 3 CLASSIFIER_ALL")):
         with pytest.raises(grpc.RpcError) as e:
             method(message, timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in e.value.details()
