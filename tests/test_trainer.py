@@ -269,6 +269,20 @@ def test_cached_embeddings_are_those_of_this_decoding(monkeypatch: pytest.Monkey
     assert cache.spec_key(spec, "plain", "fp32") != before
 
 
+def test_a_damaged_cache_entry_is_a_miss(tmp_path: Path) -> None:
+    from pictor.trainer.cache import EmbeddingCache
+
+    spec = create_embedder(device="cpu").spec
+    cache = EmbeddingCache(tmp_path, spec, "plain", "fp32")
+    vector = np.ones(spec.dim, np.float32)
+    for damage in (b"", b"\x93NUMPY garbage", np.ones(3, np.float32).tobytes()):  # empty, torn, short
+        cache.put("ab12", vector)
+        stored = cache.get("ab12")
+        assert stored is not None and np.array_equal(stored, vector)
+        next(tmp_path.rglob("ab12.npy")).write_bytes(damage)
+        assert cache.get("ab12") is None
+
+
 def test_an_unwritable_cache_costs_time_not_the_run(
     shapes: Path, tmp_path: Path, embedder: CountingEmbedder, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -360,11 +374,13 @@ def test_validation_copies_of_training_images_are_left_out(
     assert "rest on 9 validation images" in caplog.text and "use more validation images, or" in caplog.text
     # A validation set without one of the classes says so.
     shutil.rmtree(val / "triangle")
-    (val / "star").mkdir()  # and one of a class training has not, which it names
-    shutil.copy(val / "disc" / "disc_2.png", val / "star" / "s.png")
+    for other in ("star", "Disc"):  # and classes training has not, which it names
+        (val / other).mkdir()
+        shutil.copy(val / "disc" / "disc_2.png", val / other / "s.png")
     train(config(tmp_path, weight_decays=(1e-3,)), train_tree, val_data=val, embedder=embedder)
     assert "validation has no images of triangle" in caplog.text
-    assert "validation: 1 image(s) of classes absent from training are ignored ('star')" in caplog.text
+    assert ("validation: 2 image(s) of classes absent from training are ignored ('Disc', 'star'); class names "
+            "are case-sensitive: rename 'Disc' to 'disc'") in caplog.text
 
 
 def test_temperature_sharpens_only_on_evidence() -> None:
@@ -794,7 +810,7 @@ def test_cli_errors_are_clear(tmp_path: Path, shapes: Path, capsys: pytest.Captu
 
 
 def test_eval_reports_unknown_answers_for_other_classes(
-    shapes: Path, shapes_index: Path, tmp_path: Path, embedder: CountingEmbedder
+    shapes: Path, shapes_index: Path, tmp_path: Path, embedder: CountingEmbedder, caplog: pytest.LogCaptureFixture
 ) -> None:
     model = train(config(tmp_path, weight_decays=(1e-3,)), shapes, embedder=embedder).model
     other = make_tree(tmp_path / "other", per_class=3, seed=5, classes=("disc",))
@@ -830,6 +846,16 @@ def test_eval_reports_unknown_answers_for_other_classes(
     assert (tmp_path / "none.png").read_bytes().startswith(b"\x89PNG")
     with pytest.raises(InvalidRequestError, match="with --index INDEX"):
         evaluate(model, other, embedder=embedder, cache_dir=tmp_path / "cache", progress=False)
+    # A model without open-set thresholds never answers unknown: --index is refused, not ignored.
+    closed = dataclasses.replace(model, open_set=None)
+    with pytest.raises(InvalidRequestError, match=r"no open-set thresholds \(trained with --no-open-set\)"):
+        evaluate(closed, other, index=shapes_index, embedder=embedder, progress=False)
+    # A class folder named in other case is another class; the warning says which it would be.
+    shutil.copytree(tmp_path / "other" / "noise", other / "Disc")
+    caplog.clear()
+    evaluate(model, other, index=shapes_index, embedder=embedder, cache_dir=tmp_path / "cache", progress=False)
+    assert ("of classes the model does not know are left out of the accuracy: 'Disc', 'noise'; class names are "
+            "case-sensitive: rename 'Disc' to 'disc'") in caplog.text
 
 
 def test_auto_precision_fine_tunes_in_fp32_on_a_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

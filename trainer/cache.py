@@ -88,7 +88,7 @@ class EmbeddingCache:
         p = self._path(content_hash)
         try:
             vec = np.load(p)
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError):  # EOFError: an empty file (a crash before its write)
             return None
         if vec.shape != (self.spec.dim,):  # a damaged entry is a miss, and gets rewritten
             return None

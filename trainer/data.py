@@ -87,6 +87,16 @@ def class_names(samples: Iterable[Sample]) -> list[str]:
     return sorted({s.label for s in samples})
 
 
+def case_hint(others: Iterable[str], classes: Iterable[str]) -> str:
+    """A hint for names among ``others`` that are one of ``classes`` in other case ("Daisy" for
+    "daisy"): folders named by hand, or copied from a case-insensitive file system."""
+    folded = {c.casefold(): c for c in classes}
+    twins = [(o, folded[o.casefold()]) for o in others if o.casefold() in folded]
+    if not twins:
+        return ""
+    return f"; class names are case-sensitive: rename {', '.join(f'{o!r} to {c!r}' for o, c in twins)}"
+
+
 def check_class_sizes(samples: Sequence[Sample], min_per_class: int, what: str = "data",
                       kind: str = "usable", classes: Iterable[str] = ()) -> None:
     """Raise ``InvalidRequestError`` naming every class (of ``samples``, and every one of

@@ -65,6 +65,10 @@ def evaluate(
     """
     from tqdm import tqdm
 
+    if index is not None and model.open_set is None:  # before any work: --index would do nothing
+        raise InvalidRequestError(
+            "the model has no open-set thresholds (trained with --no-open-set): Classify never answers "
+            "unknown with it, so --index has nothing to measure; leave --index out")
     samples = data_mod.load_samples(data)
     known = set(model.class_names)
     usable = [s for s in samples if s.label in known]
@@ -73,9 +77,10 @@ def evaluate(
         others = sorted({s.label for s in samples} - known)
         more = f" and {len(others) - 10} more" if len(others) > 10 else ""
         log.warning("%d image(s) of classes the model does not know are left out of the accuracy: "
-                    "%s%s", ignored, ", ".join(map(repr, others[:10])), more)
+                    "%s%s%s", ignored, ", ".join(map(repr, others[:10])), more,
+                    data_mod.case_hint(others, model.class_names))
     # Without the model's classes only the open-set figures can be measured (with --index).
-    if not usable and (index is None or model.open_set is None):
+    if not usable and index is None:
         raise InvalidRequestError(
             f"no image in {data} belongs to a class of the model ({', '.join(model.class_names)}); "
             "with --index INDEX, eval says how many of them Classify would answer unknown"
