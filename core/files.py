@@ -3,17 +3,18 @@ and why a file would not load as tensors."""
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import os
 import re
 import shutil
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
 
-from pictor.errors import InvalidRequestError
+from pictor.errors import InvalidRequestError, PictorError, ResourceExhaustedError
 
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], object], *, durable: bool = True) -> None:
@@ -67,9 +68,11 @@ def _process_gone(pid: int) -> bool:
     return False
 
 
-def check_output_file(path: str | os.PathLike[str], flag: str) -> None:
+def check_output_file(path: str | os.PathLike[str], flag: str,
+                      inputs: Iterable[tuple[str, str | os.PathLike[str] | None]] = ()) -> None:
     """Refuse an output file that could not be written, before the work that fills it (making
-    its missing parent folders)."""
+    its missing parent folders), or that is one of the run's ``inputs`` ((what, path) pairs):
+    `pictor eval m.pt data --png m.pt` would replace the model with its plot."""
     if not os.fspath(path):  # Path("") is the current folder
         raise InvalidRequestError(f"{flag} is empty; name a file")
     p = Path(path)
@@ -77,6 +80,10 @@ def check_output_file(path: str | os.PathLike[str], flag: str) -> None:
         raise InvalidRequestError(f"{flag} {p}: is a folder; name a file")
     if p.exists() and not p.is_file():  # replacing a FIFO or a device with a file is no one's intent
         raise InvalidRequestError(f"{flag} {p}: exists and is not a regular file (a FIFO, socket or device)")
+    for what, given in inputs:
+        if given and p.exists() and os.path.exists(given) and os.path.samefile(p, given):
+            raise InvalidRequestError(f"{flag} {p}: is {what} this run reads; writing it would replace it: "
+                                      "name another file")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -93,6 +100,14 @@ def check_output_file(path: str | os.PathLike[str], flag: str) -> None:
         probe.unlink()
     except OSError as e:
         raise InvalidRequestError(f"{flag} {p}: cannot write in {p.parent}: {e.strerror or e}") from e
+
+
+def write_failure(what: str, error: OSError, then: str) -> PictorError:
+    """A failed write of ``what`` as one line; a full disk says so, and ``then`` what to do after
+    freeing space."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhaustedError(f"cannot write {what}: the disk is full; free space and {then}")
+    return InvalidRequestError(f"cannot write {what}: {error.strerror or error}")
 
 
 def why_not_tensors(path: Path, error: Exception) -> str:

@@ -17,7 +17,6 @@ Example::
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
@@ -32,10 +31,10 @@ import torch
 from torch import nn
 
 from pictor.core.embedder import Embedder, embedder_for_spec, fingerprint_state, kept_precision
-from pictor.core.files import damaged_member, remove_leftovers, why_not_tensors, write_atomic
+from pictor.core.files import damaged_member, remove_leftovers, why_not_tensors, write_atomic, write_failure
 from pictor.core.open_set import OpenSet
 from pictor.core.spec import ModelSpec
-from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError, ResourceExhaustedError
+from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -309,10 +308,7 @@ class TrainedModel:
             cause = e if isinstance(e, OSError) else e.__context__
             if not isinstance(cause, OSError):
                 raise
-            if cause.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ResourceExhaustedError(f"cannot write the model file {p}: the disk is full; free space "
-                                             "and train again") from e
-            raise InvalidRequestError(f"cannot write the model file {p}: {cause.strerror or cause}") from e
+            raise write_failure(f"the model file {p}", cause, "train again") from e
         log.info("saved model %s (%d classes, %s)", p, len(self.class_names), self.spec.describe())
 
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -646,8 +647,8 @@ def test_train_skips_a_fifo_named_like_an_image(tmp_path: Path, capsys: pytest.C
     assert f"skipped {fifo}: not a regular file" in caplog.text
 
 
-def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path,
-                             capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                             caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     model_path = tmp_path / "shapes.pt"
     cache = str(tmp_path / "cache")
     rc = main(["train", str(shapes), "--out", str(model_path), "--val-fraction", "0.25",
@@ -708,6 +709,23 @@ def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path,
     assert rc == 2 and f"--out-json {tmp_path}: is a folder; name a file" in capsys.readouterr().err
     rc = main(["train", str(shapes), "--out", str(tmp_path), "--min-per-class", "3"])
     assert rc == 2 and f"--out {tmp_path}: is a folder" in capsys.readouterr().err
+    # An output that is one of the run's inputs would replace it: refused before any work.
+    rc = main(["eval", str(model_path), str(shapes), "--png", str(model_path)])
+    assert rc == 2 and f"--png {model_path}: is MODEL this run reads; writing it would replace it" in (
+        capsys.readouterr().err)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in sorted(shapes.rglob("*.png"))))
+    rc = main(["train", str(manifest), "--out", str(manifest)])
+    assert rc == 2 and "is DATA this run reads" in capsys.readouterr().err and manifest.read_text().startswith("path")
+    # A write that fails after the work (a full disk) is one line, after the report it would have held.
+    def full_disk(*_: object, **__: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("pictor.trainer.metrics.plot_confusion", full_disk)
+    rc = main(["eval", str(model_path), str(shapes), "--png", str(png), "--cache-dir", cache, "--no-progress"])
+    out = capsys.readouterr()
+    assert rc == 2 and "triangle" in out.out
+    assert f"cannot write --png {png}: the disk is full; free space and run eval again (its figures are above)" in out.err
 
 
 def test_model_file_finds_its_checkpoint_from_anywhere(shapes: Path, tmp_path: Path,

@@ -188,7 +188,8 @@ def run_train(args: argparse.Namespace) -> int:
         max_known_rejected=args.max_known_rejected,
         weight_decays=decays or TrainConfig.weight_decays,  # none given: the default grid
     )
-    check_output_file(args.out, "--out")  # before the work, not after it
+    check_output_file(args.out, "--out", inputs=(("DATA", args.data), ("--val", args.val),
+                                                 ("--weights", m.weights)))  # before the work, not after it
     result = train(config, args.data, val_data=args.val, out=args.out)
     if args.json:
         json.dump(train_summary(args.out, result), sys.stdout, indent=2, ensure_ascii=False)
@@ -238,16 +239,17 @@ def run_eval(args: argparse.Namespace) -> int:
     from pictor.errors import InvalidRequestError, require_server_extra
 
     require_server_extra("pictor eval")
-    from pictor.core.files import check_output_file, write_atomic
+    from pictor.core.files import check_output_file
     from pictor.core.head import load_model
     from pictor.trainer.evaluate import evaluate
-    from pictor.trainer.metrics import format_report, plot_confusion
+    from pictor.trainer.metrics import format_report
 
     m = model_settings(vars(args), args.config)
     _warn_compile_unused(m, "eval")
+    inputs = (("MODEL", args.model), ("DATA", args.data), ("--weights", m.weights))
     for flag, out in (("--png", args.png), ("--out-json", args.out_json)):  # before the work
         if out is not None:  # ("" is refused as empty)
-            check_output_file(out, flag)
+            check_output_file(out, flag, inputs)
     model = load_model(args.model)
     if wrong := m.disagreement(model.spec.backbone, model.spec.pooling):  # the model's own embeds
         raise InvalidRequestError(f"{wrong} set, but the model file {args.model} embeds with "
@@ -257,16 +259,14 @@ def run_eval(args: argparse.Namespace) -> int:
                                       max_pixels=m.max_pixels,
                                       weights=m.weights or None,
                                       progress=show_progress(args.no_progress))
-    if args.png:
-        plot_confusion(report, args.png)
-    if args.out_json:
-        text = json.dumps(report, indent=2).encode()
-        write_atomic(Path(args.out_json), lambda f: f.write(text), durable=False)
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()
+    else:
+        print(format_report(report))
+    _write_eval_files(report, args.png, args.out_json)  # after the figures: a full disk loses none
+    if args.json:
         return 0
-    print(format_report(report))
     extras = []
     if report["skipped"]:
         extras.append(f"{len(report['skipped'])} image(s) skipped (unreadable, or over the pixel cap)")
@@ -282,6 +282,23 @@ def run_eval(args: argparse.Namespace) -> int:
     if extras:
         print("\n" + "; ".join(extras))
     return 0
+
+
+def _write_eval_files(report: dict[str, Any], png: str | None, out_json: str | None) -> None:
+    from pictor.core.files import write_atomic, write_failure
+    from pictor.trainer.metrics import plot_confusion
+
+    text = json.dumps(report, indent=2).encode() if out_json else b""
+    for flag, path in (("--png", png), ("--out-json", out_json)):
+        if not path:
+            continue
+        try:
+            if flag == "--png":
+                plot_confusion(report, path)
+            else:
+                write_atomic(Path(path), lambda f: f.write(text), durable=False)
+        except OSError as e:
+            raise write_failure(f"{flag} {path}", e, "run eval again (its figures are above)") from e
 
 
 def _warn_compile_unused(m: ModelSettings, command: str) -> None:
