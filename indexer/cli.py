@@ -170,6 +170,12 @@ def _read_entries(settings: IndexerSettings) -> tuple[
     return entries, misnamed, unlisted, left_out
 
 
+def _remove_if_empty(folder: Path) -> None:
+    # Not empty: a second run started on the same new --out at once made its index there.
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
 def _open_target(settings: IndexerSettings, out: Path, entries: list[GalleryEntry], progress: bool) -> _Target:
     """Open the index at ``out``, or make it (fitting its whitening first when asked), and load
     the model; every setting is checked before the slow steps it would waste."""
@@ -212,7 +218,7 @@ def _open_target(settings: IndexerSettings, out: Path, entries: list[GalleryEntr
                     f"{set_by(settings, 'index_type')}) applies to a new index only: drop it, or build a new "
                     "index with another --out")
         elif created:  # still empty (a store that failed to be made removed its files): no folder left behind
-            on_error.callback(out.rmdir)
+            on_error.callback(_remove_if_empty, out)
         embedder = _embedder(settings, store, spec, out)
         if store is not None:
             from pictor.core.embedder import warn_mixed_precision

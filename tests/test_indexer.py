@@ -292,6 +292,24 @@ def test_interrupted_before_the_first_image_leaves_no_index_and_prunes_nothing(
     assert "; not pruned (only a complete run prunes)" in capsys.readouterr().out
 
 
+def test_a_run_that_fails_beside_another_on_a_new_out_leaves_its_files(
+        gallery: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Two first runs on one new --out at once: the one that loses the store's lock had made the
+    folder too, and its clean-up found the other's files there (a traceback, exit 1)."""
+    import pictor.indexer.cli as indexer_cli
+
+    out = tmp_path / "index"
+
+    def the_other_run_got_there_first(*args: Any) -> object:
+        (out / "other-run.db").write_bytes(b"")
+        raise InvalidRequestError(f"index store {out} is open in another process")
+
+    monkeypatch.setattr(indexer_cli, "_embedder", the_other_run_got_there_first)
+    assert main(["index", str(gallery), "--out", str(out), "--device", "cpu"]) == 2
+    assert f"pictor index: error: index store {out} is open in another process" in capsys.readouterr().err
+    assert (out / "other-run.db").exists()
+
+
 def test_pca_whitened_index_serves_whitened_queries(gallery: Path, tmp_path: Path) -> None:
     out = tmp_path / "index"
     r = pictor("index", str(gallery), "--out", str(out), "--pca-whiten", "8", "--json")
