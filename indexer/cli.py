@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     progress = show_progress(args.no_progress)
     target = _open_target(settings, out, entries, progress)
     if target.opened:
-        _warn_indexed_twice(entries, target.store)
+        _warn_indexed_twice(entries, target.store, settings.gallery)
     summary, count = _index(args, settings, target, entries, unlisted, progress)
     summary.add_failures(misnamed)
     summary.add_failures((GalleryEntry(key=folder.as_posix(), path=folder),
@@ -239,10 +239,10 @@ def _open_target(settings: IndexerSettings, out: Path, entries: list[GalleryEntr
     return _Target(store, embedder, whitening, opened, created)
 
 
-def _warn_indexed_twice(entries: list[GalleryEntry], store: IndexStore) -> None:
+def _warn_indexed_twice(entries: list[GalleryEntry], store: IndexStore, source: str) -> None:
     from pictor.indexer.pipeline import indexed_under_other_keys
 
-    if twice := indexed_under_other_keys(entries, store):
+    if twice := indexed_under_other_keys(entries, store, source):
         new, old = next(iter(twice.items()))
         print(f"warning: {len(twice)} of these files are in the index already under another key "
               f"({new!r} is there as {old!r}); they are added again as new items (their vectors copied, "

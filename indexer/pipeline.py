@@ -215,20 +215,28 @@ def without_degenerate(decoded: DecodedBatch, vectors: np.ndarray, precision: st
                    failures=decoded.failures + failed), vectors[good]
 
 
-def indexed_under_other_keys(entries: Sequence[GalleryEntry], store: IndexStore) -> dict[str, str]:
-    """Entries whose file ``store`` holds under another spelling of its path only (relative vs
-    absolute: ``photos/a.jpg`` and ``/home/me/photos/a.jpg``), new key -> key in the store.
-    Indexing them would add second copies, since a key is the path as given."""
-    held = store.keys_present([e.key for e in entries])
-    spellings: dict[str, str] = {}
-    for e in entries:
-        if e.key in held:  # its own key is there: replaced or left, not added
-            continue
-        absolute = os.path.abspath(e.path)
-        for alt in (Path(absolute).as_posix(), Path(os.path.relpath(absolute)).as_posix()):
-            if alt != e.key:
-                spellings[alt] = e.key
-    return {spellings[k]: k for k in store.keys_present(list(spellings))}
+def indexed_under_other_keys(entries: Sequence[GalleryEntry], store: IndexStore, source: str | os.PathLike[str]
+                             ) -> dict[str, str]:
+    """Entries whose file ``store`` holds under another spelling of its path only, new key ->
+    key in the store: absolute, relative to the current folder, to the gallery's folder (a
+    manifest's, whose paths are relative to it) or to the folder above (``g/a.jpg``, indexed from
+    beside ``g``, now ``/home/me/g/a.jpg``). Indexing them would add second copies, since a key is
+    the path as given."""
+    base = Path(os.path.abspath(source if os.path.isdir(source) else os.path.dirname(source) or "."))
+    bases = (base, base.parent)
+    found: dict[str, str] = {}
+    for chunk in batched(entries, 4096):  # a few spellings per entry, a chunk's at a time
+        held = store.keys_present([e.key for e in chunk])
+        spellings: dict[str, str] = {}
+        for e in chunk:
+            if e.key in held:  # its own key is there: replaced or left, not added
+                continue
+            absolute = Path(os.path.abspath(e.path))
+            alts = {absolute.as_posix(), Path(os.path.relpath(absolute)).as_posix(),
+                    *(absolute.relative_to(b).as_posix() for b in bases if absolute.is_relative_to(b))}
+            spellings.update((alt, e.key) for alt in alts if alt != e.key)
+        found.update((spellings[k], k) for k in store.keys_present(list(spellings)))
+    return found
 
 
 @contextlib.contextmanager

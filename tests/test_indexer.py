@@ -292,6 +292,25 @@ def test_interrupted_before_the_first_image_leaves_no_index_and_prunes_nothing(
     assert "; not pruned (only a complete run prunes)" in capsys.readouterr().out
 
 
+def test_files_indexed_under_another_spelling_are_found_wherever_it_was_run(
+        gallery: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A manifest's relative paths are keys relative to its own folder, and a folder indexed from
+    beside it is keyed by its name: the other spellings of both are recognised from anywhere."""
+    out, manifest = tmp_path / "index", gallery / "m.csv"
+    files = sorted(gallery.rglob("*.png"))
+    manifest.write_text("path,label\n" + "".join(f"{f.relative_to(gallery).as_posix()},x\n" for f in files))
+    monkeypatch.chdir(tmp_path)  # not the manifest's folder
+    assert main(["index", str(manifest), "--out", str(out), "--device", "cpu"]) == 0
+    manifest.write_text("path,label\n" + "".join(f"{f},x\n" for f in files))  # absolute now
+    assert main(["index", str(manifest), "--out", str(out), "--device", "cpu"]) == 0
+    assert f"{len(files)} of these files are in the index already under another key" in capsys.readouterr().err
+    monkeypatch.chdir(gallery.parent)
+    assert main(["index", gallery.name, "--out", str(tmp_path / "by-name"), "--device", "cpu"]) == 0
+    monkeypatch.chdir(tmp_path.parent)  # the same folder, named otherwise from elsewhere
+    assert main(["index", str(gallery), "--out", str(tmp_path / "by-name"), "--device", "cpu"]) == 0
+    assert f"{len(files)} of these files are in the index already under another key" in capsys.readouterr().err
+
+
 def test_a_run_that_fails_beside_another_on_a_new_out_leaves_its_files(
         gallery: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     """Two first runs on one new --out at once: the one that loses the store's lock had made the
