@@ -246,9 +246,12 @@ def _json_lines(manifest: Path, lines: Iterable[str]) -> Iterator[tuple[int, dic
         if not line.strip():
             continue
         try:
-            row = json.loads(line, parse_int=_Number, parse_float=_Number)
+            row = json.loads(line, parse_int=_Number, parse_float=_Number, object_pairs_hook=_once_each)
         except json.JSONDecodeError as e:
             raise InvalidRequestError(f"{manifest}:{n}: not valid JSON: {e.msg}") from e
+        except _RepeatedNames as e:  # as a CSV header that names a column twice
+            raise InvalidRequestError(f"{manifest}:{n}: the object names {e} more than once; which one "
+                                      "counts would be a guess") from None
         if not isinstance(row, dict):
             raise InvalidRequestError(f"{manifest}:{n}: each line must be a JSON object")
         if isinstance(row.get("path"), _Number):  # a number names no image file
@@ -258,6 +261,18 @@ def _json_lines(manifest: Path, lines: Iterable[str]) -> Iterator[tuple[int, dic
         if "label" in fields:  # as a CSV cell: "roses " and "roses" would be two classes that look alike
             fields["label"] = fields["label"].strip()
         yield n, fields
+
+
+class _RepeatedNames(ValueError):
+    pass
+
+
+def _once_each(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object, refused when it names a field twice (json keeps the last, silently)."""
+    names = [name for name, _ in pairs]
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        raise _RepeatedNames(", ".join(map(repr, twice)))
+    return dict(pairs)
 
 
 class _Number(str):

@@ -128,6 +128,9 @@ def test_required_labels_name_the_manifest_line(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequestError, match="m.jsonl:1: no 'path' and no 'label' \\(its fields: 'Path', "
                                                   "'Label'; names are lower case\\)"):
         list(read_gallery(jsonl, require_label=True))
+    jsonl.write_text('{"path": "a.png", "label": "x", "label": "y", "c": 1}\n')  # json would keep "y"
+    with pytest.raises(InvalidRequestError, match="m.jsonl:1: the object names 'label' more than once"):
+        list(read_gallery(jsonl))
     jsonl.write_text(json.dumps({"path": "a.png", "label": "  "}) + "\n")  # trimmed (see the next test)
     with pytest.raises(InvalidRequestError, match="m.jsonl:1: 'label' is empty$"):
         list(read_gallery(jsonl, require_label=True))
