@@ -4,6 +4,7 @@ server that writes to it."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import sqlite3
@@ -34,8 +35,9 @@ def backup_store(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> 
         raise NotFoundError(f"index directory {src} does not exist")
     if not (src / MANIFEST).is_file() or not (src / DATABASE).is_file():
         raise NotFoundError(f"no index store at {src} (no {MANIFEST} or {DATABASE})")
-    if out.exists():
-        made = " and holds an index store (a backup made before?)" if (out / MANIFEST).is_file() else ""
+    if os.path.lexists(out):  # (a link to nowhere too: the copy would not go there)
+        made = (" and holds an index store (a backup made before?)" if (out / MANIFEST).is_file()
+                else " (a link)" if out.is_symlink() else "")
         raise InvalidRequestError(f"{out} exists{made}; back up into a new folder")
     if out.resolve().is_relative_to(src.resolve()):
         raise InvalidRequestError(f"{out} is inside the index {src}: back up somewhere else")
@@ -75,6 +77,9 @@ def backup_store(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> 
         fsync_dir(out.parent)
     except BaseException as e:
         shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.EEXIST, errno.ENOTEMPTY) and os.path.lexists(out):
+            raise InvalidRequestError(f"{out} was made while this backup copied (another backup into it?); "
+                                      "nothing was kept: back up into a new folder") from e
         if isinstance(e, OSError | sqlite3.Error):
             error = ResourceExhaustedError if _out_of_space(out, e) else InvalidRequestError
             raise error(f"backing up {src} into {out} failed: {e}; nothing was kept") from e

@@ -496,7 +496,8 @@ def test_a_store_closed_while_others_search_refuses_them_clearly(tmp_path: Path,
         store.info()
 
 
-def test_a_backup_taken_while_another_thread_writes_holds_every_acknowledged_write(tmp_path: Path, rng) -> None:
+def test_a_backup_taken_while_another_thread_writes_holds_every_acknowledged_write(tmp_path: Path, rng,
+                                                                                 monkeypatch) -> None:
     vecs = unit(rng, 4000)
     store = IndexStore.create(tmp_path / "live", spec(), index_type="Flat", options=StoreOptions(snapshot_every=100))
     acked: list[int] = []  # batches whose upsert returned (durable), in order
@@ -547,6 +548,21 @@ def test_a_backup_taken_while_another_thread_writes_holds_every_acknowledged_wri
         store_mod.backup_store(tmp_path / "plain", tmp_path / "x")
     with pytest.raises(InvalidRequestError, match="the backup folder is empty"):  # not ". exists"
         store_mod.backup_store(tmp_path / "live", "")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(InvalidRequestError, match=r"dangling exists \(a link\); back up into a new folder"):
+        store_mod.backup_store(tmp_path / "live", tmp_path / "dangling")
+    # Another backup into the same new folder finished first: said so, and this one's copy removed.
+    real_rename = Path.rename
+
+    def the_other_finished_first(self: Path, target: Any) -> Any:
+        (tmp_path / "raced").mkdir()
+        (tmp_path / "raced" / DATABASE).write_bytes(b"the other's")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", the_other_finished_first)
+    with pytest.raises(InvalidRequestError, match="raced was made while this backup copied"):
+        store_mod.backup_store(tmp_path / "live", tmp_path / "raced")
+    monkeypatch.undo()
     assert not list(tmp_path.glob(".*partial*"))
     # What a backup killed while it copied left is removed by the next one into that folder.
     killed = dead_pid()
