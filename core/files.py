@@ -117,7 +117,8 @@ def why_not_tensors(path: Path, error: Exception) -> str:
     """
     # torch says "Unsupported global: GLOBAL x" of a class, "unsupported GLOBAL x whose module
     # ... is blocked" of a function such as os.system.
-    pickled = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(error))
+    # A name is module.name: text that starts with "c" (pickle's GLOBAL opcode) reads as "orrupt.".
+    pickled = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ((?:\w+\.)+\w+)", str(error))
     if pickled:
         return f"it holds a pickled {pickled[1]}, which is not loaded for safety"
     if zipfile.is_zipfile(path):
