@@ -31,6 +31,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import difflib
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -104,8 +105,12 @@ def get_backbone_info(name: str) -> BackboneInfo:
     try:
         return _REGISTRY[name]
     except KeyError:
+        folded = {n.replace("-", "_").casefold(): n for n in _REGISTRY}  # ResNet18, efficientnet-b0
+        close = ([folded[name.replace("-", "_").casefold()]] if name.replace("-", "_").casefold() in folded
+                 else difflib.get_close_matches(name, _REGISTRY, n=3))
+        meant = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
         raise NotFoundError(
-            f"unknown backbone {name!r}: Pictor serves the registered backbones only, not any "
+            f"unknown backbone {name!r}: {meant}Pictor serves the registered backbones only, not any "
             f"timm or torchvision name (`pictor models` lists them); valid names: {', '.join(_REGISTRY)}"
         ) from None
 

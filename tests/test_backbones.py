@@ -68,6 +68,10 @@ def test_registry_covers_every_family_once_per_name() -> None:
 def test_unknown_name_lists_valid_names() -> None:
     with pytest.raises(NotFoundError, match="valid names: .*resnet50.*efficientnet_lite0"):
         create_backbone("resnet51")
+    for typed, meant in (("ResNet18", "'resnet18'?"), ("efficientnet-b0", "'efficientnet_b0'?"),
+                         ("resnet19", "'resnet18' or ")):
+        with pytest.raises(NotFoundError, match=f"unknown backbone '{typed}': did you mean {meant}"):
+            get_backbone_info(typed)
 
 
 def test_duplicate_registration_refused() -> None:
@@ -240,6 +244,10 @@ def test_checkpoint_that_does_not_fit(tmp_path: Path) -> None:
     path.write_bytes(bytes(range(256)) * 8)  # not a checkpoint at all
     with pytest.raises(InvalidRequestError, match="not a PyTorch file, or a damaged one$"):
         create_backbone("resnet18", weights=str(path))
+    for text in (b"corrupt\n", b"cat\n"):  # a "c" is pickle's GLOBAL opcode: not "a pickled orrupt."
+        path.write_bytes(text)
+        with pytest.raises(InvalidRequestError, match="not a PyTorch file, or a damaged one$"):
+            create_backbone("resnet18", weights=str(path))
     path.write_bytes(b"")
     with pytest.raises(InvalidRequestError, match="the file is empty or cut short"):
         create_backbone("resnet18", weights=str(path))
