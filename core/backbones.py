@@ -105,9 +105,9 @@ def get_backbone_info(name: str) -> BackboneInfo:
     try:
         return _REGISTRY[name]
     except KeyError:
-        folded = {n.replace("-", "_").casefold(): n for n in _REGISTRY}  # ResNet18, efficientnet-b0
-        close = ([folded[name.replace("-", "_").casefold()]] if name.replace("-", "_").casefold() in folded
-                 else difflib.get_close_matches(name, _REGISTRY, n=3))
+        typed = name.replace("-", "_").casefold()  # ResNet18, efficientnet-b0
+        folded = {n.casefold(): n for n in _REGISTRY}
+        close = [folded[typed]] if typed in folded else difflib.get_close_matches(name, _REGISTRY, n=3)
         meant = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
         raise NotFoundError(
             f"unknown backbone {name!r}: {meant}Pictor serves the registered backbones only, not any "
