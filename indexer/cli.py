@@ -105,7 +105,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_flag(p, "pooling", help_end="an index keeps its own, and serve follows it")
     add_flag(p, "precision")
     add_flag(p, "compile")
-    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON summary on stdout (counts, skipped files, the index's size, backbone and dim)")
     p.add_argument("--strict", action="store_true", help="exit 1 when any file was skipped")
     p.add_argument("--prune", action="store_true",
                    help="after a complete run, delete the items GALLERY no longer lists (see above)")
@@ -127,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     target = _open_target(settings, out, entries, progress)
     if target.opened:
         _warn_indexed_twice(entries, target.store, settings.gallery)
+    space = {"backbone": target.embedder.spec.backbone, "dim": target.store.dim}  # (for --json; _index closes the store)
     summary, count = _index(args, settings, target, entries, unlisted, progress)
     summary.add_failures(misnamed)
     summary.add_failures((GalleryEntry(key=folder.as_posix(), path=folder),
@@ -135,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
                          for folder, why in unlisted)
     summary.left_out = dict(left_out.most_common())
     discard = target.created and count == 0  # an empty index this run made would only be in the way
-    _print_summary(args, summary, out, count, discard)
+    _print_summary(args, summary, out, count, discard, space)
     return _exit_code(args, summary, out, discard, settings.gallery)
 
 
@@ -277,9 +279,11 @@ def _index(args: argparse.Namespace, settings: IndexerSettings, target: _Target,
         return summary, len(store)
 
 
-def _print_summary(args: argparse.Namespace, summary: IndexSummary, out: Path, count: int, discard: bool) -> None:
+def _print_summary(args: argparse.Namespace, summary: IndexSummary, out: Path, count: int, discard: bool,
+                   space: dict[str, object]) -> None:
     if args.json:
-        json.dump({**dataclasses.asdict(summary), "index": path_text(out), "index_size": count}, sys.stdout, indent=2)
+        json.dump({**dataclasses.asdict(summary), "index": path_text(out), "index_size": count, **space},
+                  sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         if not discard:  # else _exit_code says that no index was written

@@ -42,6 +42,7 @@ def test_index_reports_bad_files_and_keeps_going(gallery: Path, tmp_path: Path) 
     r = pictor("index", str(gallery), "--out", str(out), "--json", "--batch-size", "5")
     summary = json.loads(r.stdout)
     assert (summary["indexed"], summary["skipped"], summary["index_size"]) == (13, 4, 13)
+    assert (summary["backbone"], summary["dim"]) == ("efficientnet_lite0", 1280)  # what was indexed with
     assert {Path(f["path"]).name for f in summary["failures"]} == {
         "broken.jpg", "empty.png", "pipe.jpg", "caf\\xe9.png"}  # valid text: strict JSON parsers refuse \udce9
     assert any("is not UTF-8 text" in f["error"] for f in summary["failures"])
