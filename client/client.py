@@ -591,11 +591,14 @@ class PictorClient:
         """Labels for one image (the file's bytes), best first.
 
         ``classifier``: "default" (the server's head with ``serve --model``, else the backbone's
-        ImageNet labels, else the kNN vote), "head", "knn" (vote of the ``neighbors`` nearest
+        ImageNet labels, else the kNN vote), "head" (the same without the vote: ``source`` says
+        "head" or "imagenet"), "knn" (vote of the ``neighbors`` nearest
         labelled items; 0 = the server's default) or "all" (head and vote, whether they agree,
         and the neighbours; neighbours come with every answer by the vote: "knn", "all", and
         "default" on a server that votes by default). ``unknown`` is true when the
         model's open-set rule finds the image fits none of its classes; ``open_set`` says why.
+        Image bytes the server cannot use raise InvalidRequestError (the client sees only the
+        status code, so never its subclass InvalidImageError).
         """
         if classifier not in CLASSIFIERS:
             raise InvalidRequestError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
@@ -616,7 +619,16 @@ class PictorClient:
                vector: Iterable[float] | None = None, k: int = DEFAULT_K,
                labels: Iterable[str] = (), attributes: Mapping[str, str] | None = None,
                nprobe: int = 0, ef_search: int = 0) -> list[Hit]:
-        """Nearest items to exactly one of ``image``, ``key`` or ``vector``."""
+        """The ``k`` nearest items to exactly one of ``image`` (a file's bytes), ``key`` (a stored
+        item; NotFoundError when the index has none) or ``vector`` (in the index's space, as
+        ``embed`` returns it), best first; ``Hit.score`` is the cosine similarity (an estimate on
+        a compressed index: the proto's ``Hit`` says which).
+
+        ``labels`` and ``attributes`` restrict the hits to items with one of those labels and
+        all of those attribute values (exactly ``k`` when that many match); ``nprobe`` and
+        ``ef_search`` search an approximate index wider for this call only (0: its tuned
+        default). A bad image, vector or argument raises InvalidRequestError.
+        """
         given = [q for q in (image, key, vector) if q is not None]
         if len(given) != 1:
             raise InvalidRequestError("search takes exactly one of image, key or vector")
