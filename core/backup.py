@@ -37,7 +37,7 @@ def backup_store(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> 
         raise NotFoundError(f"no index store at {src} (no {MANIFEST} or {DATABASE})")
     if os.path.lexists(out):  # (a link to nowhere too: the copy would not go there)
         made = (" and holds an index store (a backup made before?)" if (out / MANIFEST).is_file()
-                else " (a link)" if out.is_symlink() else "")
+                else f" (a link to {os.readlink(out)}, which does not exist)" if not out.exists() else "")
         raise InvalidRequestError(f"{out} exists{made}; back up into a new folder")
     if out.resolve().is_relative_to(src.resolve()):
         raise InvalidRequestError(f"{out} is inside the index {src}: back up somewhere else")

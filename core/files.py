@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
 
+from pictor.core.gallery import is_image_file
 from pictor.errors import InvalidRequestError, PictorError, ResourceExhaustedError
 
 
@@ -71,8 +72,9 @@ def _process_gone(pid: int) -> bool:
 def check_output_file(path: str | os.PathLike[str], flag: str,
                       inputs: Iterable[tuple[str, str | os.PathLike[str] | None]] = ()) -> None:
     """Refuse an output file that could not be written, before the work that fills it (making
-    its missing parent folders), or that is one of the run's ``inputs`` ((what, path) pairs):
-    `pictor eval m.pt data --png m.pt` would replace the model with its plot."""
+    its missing parent folders), or that is one of the run's ``inputs`` ((what, path) pairs),
+    or an image in an input folder: `pictor eval m.pt data --png m.pt` would replace the model
+    with its plot."""
     if not os.fspath(path):  # Path("") is the current folder
         raise InvalidRequestError(f"{flag} is empty; name a file")
     p = Path(path)
@@ -81,9 +83,14 @@ def check_output_file(path: str | os.PathLike[str], flag: str,
     if p.exists() and not p.is_file():  # replacing a FIFO or a device with a file is no one's intent
         raise InvalidRequestError(f"{flag} {p}: exists and is not a regular file (a FIFO, socket or device)")
     for what, given in inputs:
-        if given and p.exists() and os.path.exists(given) and os.path.samefile(p, given):
-            raise InvalidRequestError(f"{flag} {p}: is {what} this run reads; writing it would replace it: "
-                                      "name another file")
+        if not (given and p.exists() and os.path.exists(given)):
+            continue
+        if os.path.samefile(p, given):
+            raise InvalidRequestError(f"{flag} {p}: is {what}, which this run reads; writing it would replace "
+                                      "it: name another file")
+        if os.path.isdir(given) and is_image_file(p.name) and p.resolve().is_relative_to(Path(given).resolve()):
+            raise InvalidRequestError(f"{flag} {p}: is a file in {what}, which this run reads; writing it would "
+                                      "replace it: name another file")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -711,12 +711,17 @@ def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path, c
     assert rc == 2 and f"--out {tmp_path}: is a folder" in capsys.readouterr().err
     # An output that is one of the run's inputs would replace it: refused before any work.
     rc = main(["eval", str(model_path), str(shapes), "--png", str(model_path)])
-    assert rc == 2 and f"--png {model_path}: is MODEL this run reads; writing it would replace it" in (
+    assert rc == 2 and f"--png {model_path}: is MODEL, which this run reads; writing it would replace it" in (
         capsys.readouterr().err)
+    image = next(shapes.rglob("*.png"))
+    rc = main(["eval", str(model_path), str(shapes), "--png", str(image)])
+    assert rc == 2 and f"--png {image}: is a file in DATA, which this run reads" in capsys.readouterr().err
+    rc = main(["eval", str(model_path), str(shapes), "--png", str(png), "--out-json", str(png)])
+    assert rc == 2 and f"--png and --out-json both name {png}" in capsys.readouterr().err
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in sorted(shapes.rglob("*.png"))))
     rc = main(["train", str(manifest), "--out", str(manifest)])
-    assert rc == 2 and "is DATA this run reads" in capsys.readouterr().err and manifest.read_text().startswith("path")
+    assert rc == 2 and "is DATA, which this run reads" in capsys.readouterr().err and manifest.read_text().startswith("path")
     # A write that fails after the work (a full disk) is one line, after the report it would have held.
     def full_disk(*_: object, **__: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -250,6 +250,9 @@ def run_eval(args: argparse.Namespace) -> int:
     for flag, out in (("--png", args.png), ("--out-json", args.out_json)):  # before the work
         if out is not None:  # ("" is refused as empty)
             check_output_file(out, flag, inputs)
+    if args.png and args.out_json and Path(args.png).absolute() == Path(args.out_json).absolute():
+        raise InvalidRequestError(f"--png and --out-json both name {args.png}; the second would replace the "
+                                  "first: name two files")
     model = load_model(args.model)
     if wrong := m.disagreement(model.spec.backbone, model.spec.pooling):  # the model's own embeds
         raise InvalidRequestError(f"{wrong} set, but the model file {args.model} embeds with "
