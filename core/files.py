@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
 
-from pictor.core.gallery import is_image_file
 from pictor.errors import InvalidRequestError, PictorError, ResourceExhaustedError
 
 
@@ -82,6 +81,8 @@ def check_output_file(path: str | os.PathLike[str], flag: str,
         raise InvalidRequestError(f"{flag} {p}: is a folder; name a file")
     if p.exists() and not p.is_file():  # replacing a FIFO or a device with a file is no one's intent
         raise InvalidRequestError(f"{flag} {p}: exists and is not a regular file (a FIFO, socket or device)")
+    from pictor.core.gallery import is_image_file  # (here: this module loads in the light client too)
+
     for what, given in inputs:
         if not (given and p.exists() and os.path.exists(given)):
             continue
