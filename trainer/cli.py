@@ -262,11 +262,7 @@ def run_eval(args: argparse.Namespace) -> int:
                                       max_pixels=m.max_pixels,
                                       weights=m.weights or None,
                                       progress=show_progress(args.no_progress))
-    if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        print()
-    else:
-        print(format_report(report))
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     _write_eval_files(report, args.png, args.out_json)  # after the figures: a full disk loses none
     if args.json:
         return 0
