@@ -1,13 +1,22 @@
 """What every bench shares: an argument parser whose ``--help`` shows the module docstring
-and each option's default, and the machine line a bench prints first (figures recorded in
-docs/benchmarks.md say which machine they come from)."""
+and each option's default, the machine line a bench prints first (figures recorded in
+docs/benchmarks.md say which machine they come from), and a real server over the sample
+gallery for the benches that call one."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+
+SAMPLE = Path(__file__).resolve().parent.parent / "sample"
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -41,3 +50,45 @@ def machine_line(device: str = "auto") -> str:
             f"({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}), "
             f"native bf16 (AMX/AVX512-BF16): {'yes' if cpu_has_fast_bf16() else 'no'}, "
             f"faiss {faiss.__version__}, device {resolve_device(device)}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def served(folder: Path, serve_args: Sequence[str] = (),
+           index: Path | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A real ``pictor serve`` over ``index`` (default: the sample gallery, indexed into
+    ``folder/index``), its log in ``folder/server.log``; yields (target, process) once it answers
+    health checks, and stops it (if still running) on the way out."""
+    from pictor.client import PictorClient
+    from pictor.errors import PictorError
+
+    if index is None:
+        index = folder / "index"
+        subprocess.run([sys.executable, "-m", "pictor.cli", "index", str(SAMPLE / "gallery"), "--out", str(index),
+                        "--no-progress"], check=True, capture_output=True)
+    port = free_port()
+    with open(folder / "server.log", "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "pictor.cli", "serve", "--index", str(index),
+                                   "--port", str(port), *serve_args], stdout=log, stderr=subprocess.STDOUT)
+    target = f"localhost:{port}"
+    try:
+        with PictorClient(target, timeout=30) as client:
+            for _ in range(600):
+                try:
+                    client.health()
+                    break
+                except PictorError:
+                    if server.poll() is not None:
+                        raise RuntimeError(f"pictor serve exited with {server.returncode}: see its log, "
+                                           f"{folder / 'server.log'}") from None
+                    time.sleep(0.5)
+        yield target, server
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(60)

@@ -22,9 +22,6 @@ Run from the project root, under the shared CPU lock::
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -38,15 +35,7 @@ from pictor.client import PictorClient
 from pictor.client.client import MAX_ATTEMPTS
 from pictor.errors import PictorError
 
-from common import machine_line, parser
-
-SAMPLE = Path(__file__).resolve().parent.parent / "sample"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return int(s.getsockname()[1])
+from common import SAMPLE, machine_line, parser, served
 
 
 def flood(target: str, clients: int, attempts: int, seconds: float, image: bytes, out: mp.Queue) -> None:
@@ -120,43 +109,24 @@ def main() -> None:
     if args.seconds <= 4:  # the probe samples the flood from 2 s in to 2 s before its end
         ap.error("--seconds must be more than 4")
     print(machine_line())
-    with tempfile.TemporaryDirectory() as tmp:
-        index = args.index
-        if index is None:
-            index = Path(tmp) / "index"
-            subprocess.run([sys.executable, "-m", "pictor.cli", "index", str(SAMPLE / "gallery"), "--out", str(index),
-                            "--no-progress"], check=True, capture_output=True)
-        port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "pictor.cli", "serve", "--index", str(index), "--port",
-                                   str(port), "--workers", str(args.workers)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        target = f"localhost:{port}"
-        try:
-            with PictorClient(target, timeout=30) as client:
-                for _ in range(600):
-                    try:
-                        client.health()
-                        break
-                    except PictorError:
-                        time.sleep(0.5)
-                first = client.list_items(limit=1)[0][0].key
-                vector = client.get([first], vectors=True)[0][0].vector or []
-                image = next((SAMPLE / "queries").glob("*.png")).read_bytes()
-                idle = probe(client, vector, 5.0)
-                outcome: mp.Queue = mp.get_context("spawn").Queue()
-                flooder = mp.get_context("spawn").Process(
-                    target=flood, args=(target, args.clients, args.attempts, args.seconds, image, outcome))
-                flooder.start()
-                time.sleep(2.0)  # the flood under way
-                loaded = probe(client, vector, args.seconds - 4.0)
-                counts = outcome.get()
-                flooder.join()
-                time.sleep(2.0)  # the flood's refusals drained
-                burst_counts, burst_took, burst_s = burst(target, args.burst_threads, args.burst_calls,
-                                                          args.attempts, image)
-        finally:
-            server.terminate()
-            server.wait(60)
+    with tempfile.TemporaryDirectory() as tmp, served(Path(tmp), ["--workers", str(args.workers)],
+                                                      args.index) as (target, _):
+        with PictorClient(target, timeout=30) as client:
+            first = client.list_items(limit=1)[0][0].key
+            vector = client.get([first], vectors=True)[0][0].vector or []
+            image = next((SAMPLE / "queries").glob("*.png")).read_bytes()
+            idle = probe(client, vector, 5.0)
+            outcome: mp.Queue = mp.get_context("spawn").Queue()
+            flooder = mp.get_context("spawn").Process(
+                target=flood, args=(target, args.clients, args.attempts, args.seconds, image, outcome))
+            flooder.start()
+            time.sleep(2.0)  # the flood under way
+            loaded = probe(client, vector, args.seconds - 4.0)
+            counts = outcome.get()
+            flooder.join()
+            time.sleep(2.0)  # the flood's refusals drained
+            burst_counts, burst_took, burst_s = burst(target, args.burst_threads, args.burst_calls,
+                                                      args.attempts, image)
     print(f"\n{args.clients} clients classifying in a loop for {args.seconds:g} s, each call sent at most "
           f"{args.attempts} times, serve --workers {args.workers}; their calls: {counts}\n")
     print("| call | server | n | p50 ms | p99 ms | max ms |")

@@ -107,3 +107,10 @@ def test_whitening(tmp_path: Path) -> None:
 def test_health() -> None:
     out = run_bench("health.py", "--clients", 4, "--seconds", 5, "--burst-threads", 2, "--burst-calls", 4)
     assert "| health | flooded |" in out and "burst:" in out
+
+
+def test_soak() -> None:
+    # Exit 0 is the soak's verdict: no unexpected error, every acknowledged write read back, no
+    # traceback in the server's log, SIGTERM answered with exit 0.
+    out = run_bench("soak.py", "--seconds", 6, "--sample-every", 3)
+    assert "| 6 |" in out and "| Upsert vector |" in out and "verdict: ok" in out
