@@ -1,8 +1,9 @@
 """Image bytes -> RGB PIL image, safely: the one decode path of Pictor (Pillow only).
 
-What users really send: phone photos with an EXIF rotation, emoji with alpha, palette GIFs,
-CMYK and 16-bit scans, animated GIF/WebP, and now and then a corrupt, truncated or hostile
-file. Every such file either becomes a plain RGB image or raises ``InvalidImageError``
+What users really send: phone photos with an EXIF rotation, camera exports in Adobe RGB or
+ProPhoto RGB (an ICC profile: converted to sRGB, as a viewer shows them), emoji with alpha,
+palette GIFs, CMYK and 16-bit scans, animated GIF/WebP, and now and then a corrupt, truncated
+or hostile file. Every such file either becomes a plain RGB image or raises ``InvalidImageError``
 saying what was wrong. The pixel cap is checked on the header, before any pixel is decoded.
 
 Example::
@@ -13,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -20,7 +22,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from pictor.config import DEFAULT_MAX_PIXELS
 from pictor.errors import InvalidImageError, InvalidRequestError, shown
@@ -31,8 +33,9 @@ log = logging.getLogger(__name__)
 # What a file decodes to, as a version: caches of embeddings (the trainer's) key on it, so
 # bump it whenever some file decodes to other pixels. "draft": large JPEGs decoded at reduced
 # size; 2: MPO photos drafted too, float images above 255 scaled to their maximum; 3: 32-bit
-# integer images above 16 bits too.
-DECODE_VERSION = "3"
+# integer images above 16 bits too; 4: RGB pixels of an ICC profile other than sRGB converted
+# to sRGB.
+DECODE_VERSION = "4"
 
 # Formats Pillow may parse. Never EPS (runs Ghostscript), PDF, PSD, ICO, SVG and the like.
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -118,8 +121,8 @@ def decode_image(
             than that is decoded at 1/2, 1/4 or 1/8 scale (never below this size).
 
     Returns:
-        A loaded RGB ``PIL.Image.Image``: first frame, EXIF orientation applied, alpha
-        composited on white.
+        A loaded RGB ``PIL.Image.Image``: first frame, EXIF orientation applied, colours in
+        sRGB, alpha composited on white.
 
     Raises:
         InvalidImageError: empty, unrecognised, disallowed, oversized, corrupt or truncated.
@@ -130,7 +133,7 @@ def decode_image(
         src.load()  # frame 0: animated GIF/WebP/TIFF give their first frame
         # In place: an upright image is not copied (a 40 MP RGB copy is 120 MB more).
         ImageOps.exif_transpose(src, in_place=True)
-        out = to_rgb(src)
+        out = to_rgb(in_srgb(src))
     except BaseException as e:
         src.close()
         if _bad_data(e):
@@ -189,6 +192,40 @@ def load_image(
         return decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
     except InvalidImageError as e:
         raise InvalidImageError(f"{Path(path)}: {e}") from e
+
+
+def in_srgb(im: Image.Image) -> Image.Image:
+    """An RGB(A) image whose embedded ICC profile is not sRGB, converted to sRGB (a new image);
+    any other image as it is. Unconverted, a ProPhoto or Adobe RGB photo embeds as another image
+    than its sRGB export (cosine 0.90-0.99, 0.983 on average for the flower photos; converted:
+    0.991, the JPEG re-encoding's own loss: docs/benchmarks.md, "Colour profiles")."""
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in ("RGB", "RGBA"):
+        return im
+    transform = _to_srgb_transform(bytes(icc), im.mode)
+    return im if transform is None else transform.apply(im)
+
+
+@functools.lru_cache(maxsize=32)  # a gallery holds few profiles; building one costs milliseconds
+def _to_srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """The transform from the profile ``icc`` to sRGB, or None: the profile says it is sRGB (most
+    do: no work), it is not an RGB profile, or LittleCMS cannot read it (the pixels kept as
+    they are, as before, rather than the image refused)."""
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if profile.profile.xcolor_space != "RGB " or "sRGB" in ImageCms.getProfileDescription(profile):
+            return None
+        return ImageCms.buildTransform(profile, _SRGB, mode, mode, flags=_TRANSFORM_FLAGS)
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as e:
+        log.debug("ICC profile ignored: %s", e)
+        return None
+
+
+_SRGB = ImageCms.createProfile("sRGB")
+# NOCACHE: no last pixel kept in the transform, which threads decoding at once would share;
+# HIGHRESPRECALC: a lookup table, the same pixels as without it on the flower photos' profiles,
+# a third faster (3.6 ms for a 0.17 MP photo on machine A).
+_TRANSFORM_FLAGS = ImageCms.Flags.NOCACHE | ImageCms.Flags.HIGHRESPRECALC
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageCms
 
 from pictor.core import decode
 from pictor.core.decode import ALLOWED_FORMATS, decode_image, load_image
@@ -145,6 +145,37 @@ def test_palette_without_transparency() -> None:
 
 
 # ----------------------------------------------------------------------------- colour depth
+
+
+def swapped_primaries_profile() -> bytes:
+    """An RGB ICC profile that is not sRGB: LittleCMS's sRGB with the red and blue primaries
+    swapped (their XYZ tags, 20 bytes each at 460 and 480) and named otherwise, so a file's red
+    channel means blue."""
+    icc = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    assert icc[460:464] == icc[480:484] == b"XYZ "  # the layout this relies on
+    icc[460:480], icc[480:500] = icc[480:500], icc[460:480]
+    return bytes(icc).replace("sRGB".encode("utf-16-be"), "swap".encode("utf-16-be"))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_icc_profile_converted_to_srgb(fmt: str) -> None:
+    out = decode_image(encode(Image.new("RGB", (16, 16), RED), fmt, icc_profile=swapped_primaries_profile()))
+    assert close_to(out.getpixel((8, 8)), BLUE, 40)
+
+
+def test_icc_profile_with_alpha_converted_then_composited() -> None:
+    im = Image.new("RGBA", (16, 16), (*RED, 255))
+    im.putpixel((0, 0), (*RED, 0))
+    out = decode_image(encode(im, "PNG", icc_profile=swapped_primaries_profile()))
+    assert close_to(out.getpixel((8, 8)), BLUE, 40) and out.getpixel((0, 0)) == WHITE
+
+
+@pytest.mark.parametrize("icc", [ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes(),
+                                 b"not a profile" * 10], ids=["srgb", "unreadable"])
+def test_srgb_or_unreadable_profile_leaves_pixels_as_stored(icc: bytes) -> None:
+    stored = halves(RED, BLUE)
+    out = decode_image(encode(stored, "PNG", icc_profile=icc))
+    assert out.tobytes() == stored.tobytes()
 
 
 def test_cmyk_jpeg() -> None:
