@@ -257,7 +257,7 @@ def _open_allowed(data: bytes) -> Image.Image:
                                     f"({len(data)} bytes)") from e
         if known:
             raise InvalidImageError(
-                f"image format {known} is not allowed (allowed: {allowed})"
+                f"image format {known} is not allowed (allowed: {allowed}); convert it to one of those"
             ) from e
         raise InvalidImageError(
             f"not a recognised image ({len(data)} bytes); allowed formats: {allowed}"
