@@ -39,7 +39,14 @@ from pictor.errors import (
     ServerUnavailableError,
     notes_text,
 )
-from pictor.image_files import check_image_file, check_key_text, path_key, path_text, read_image_file
+from pictor.image_files import (
+    check_image_file,
+    check_key_text,
+    one_line,
+    path_key,
+    path_text,
+    read_image_file,
+)
 from pictor.iterators import batched
 
 if TYPE_CHECKING:
@@ -228,7 +235,7 @@ def run_classify(args: argparse.Namespace) -> int:
                 raise
             except PictorError as e:  # refused or failed on the server: this image only
                 error = str(e) if data is None else f"{path}: {e}"  # reading names the path itself
-                print(f"pictor classify: error: {error}", file=sys.stderr)
+                print(f"pictor classify: error: {one_line(error)}", file=sys.stderr)
                 results.append({"image": path_text(path), "error": path_text(error)})
                 failed += 1
                 busy = busy or isinstance(e, ServerBusyError)
@@ -243,7 +250,7 @@ def run_classify(args: argparse.Namespace) -> int:
 
 
 def _classification_lines(path: str, r: Classification, *, neighbours: bool) -> list[str]:
-    lines = [f"{path}  ({r.source}{', UNKNOWN' if r.unknown else ''})"]
+    lines = [f"{_one_line(path_text(path))}  ({r.source}{', UNKNOWN' if r.unknown else ''})"]
     if r.unknown and r.open_set is not None:
         lines.append(f"  unknown: {r.open_set.reason}")
     lines += [f"  {x.score:6.3f}  {x.name}" for x in r.labels]

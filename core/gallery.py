@@ -146,7 +146,7 @@ def _walk_images(root: Path, unlisted: list[tuple[Path, str]], passed_over: Coun
             if is_image_file(name):
                 yield Path(dirpath) / name
             elif not name.startswith("."):
-                passed_over[Path(name).suffix.lower() or "(no suffix)"] += 1
+                passed_over[path_text(Path(name).suffix.lower()) or "(no suffix)"] += 1
     if passed_over:  # a folder of .HEIC photos would otherwise vanish without a word
         log.warning("left out %d file%s not named as images (%s); listed are %s", passed_over.total(),
                     "" if passed_over.total() == 1 else "s",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from pictor.config import DEFAULT_BACKBONE, IndexerSettings, add_flag, build_settings, set_by, show_progress
 from pictor.errors import IncompatibleModelError, InvalidRequestError, require_server_extra
-from pictor.image_files import path_text
+from pictor.image_files import one_line, path_text
 
 PROGRESS_LOG_SECONDS = 30.0  # how often a run whose stderr is not a terminal logs its progress
 
@@ -300,7 +300,7 @@ def _print_summary(args: argparse.Namespace, summary: IndexSummary, out: Path, c
                   + (("; not pruned (only a complete run prunes)" if not summary.complete
                       else f"; pruned {summary.pruned} no longer listed") if args.prune else ""))
         for failure in summary.failures:
-            print(f"  skipped {failure['error']}", file=sys.stderr)
+            print(f"  skipped {one_line(failure['error'])}", file=sys.stderr)
 
 
 def _exit_code(args: argparse.Namespace, summary: IndexSummary, out: Path, discard: bool, gallery: str) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 from pictor import __version__
 from pictor.config import unknown_env_names
 from pictor.errors import MissingExtraError, PictorError, notes_text
+from pictor.image_files import one_line
 
 # The modules that contribute subcommands, in --help order.
 _PARTS = (
@@ -129,11 +130,9 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         rest = given[given.index(args.command) + 1:]
         intermixed = commands.choices[args.command].parse_intermixed_args(rest)
         args = argparse.Namespace(**{**vars(args), **vars(intermixed)})
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     logging.captureWarnings(True)  # libraries' warnings (Pillow's "Corrupt EXIF data") as log lines
     if not args.verbose:  # FAISS logs its probe for optional SIMD builds, which reads as a failure,
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -141,6 +140,18 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in unknown_env_names(os.environ):
         logging.getLogger("pictor").warning("%s is not a Pictor setting; it is ignored", name)
     return args
+
+
+class _OneLineFormatter(logging.Formatter):
+    """Pictor's log lines one to a record: the file names they quote have their line breaks and
+    other control characters escaped, so a name cannot split a line or forge one ("skipped
+    ..."). A traceback still follows on lines of its own; other libraries' records are as they
+    wrote them."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if record.name.startswith("pictor"):
+            record.message = one_line(record.message)
+        return super().formatMessage(record)
 
 
 @contextlib.contextmanager

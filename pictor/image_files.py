@@ -9,6 +9,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+from pictor.api import first_control_character
 from pictor.errors import InvalidImageError, InvalidRequestError, NotFoundError
 
 # No image within the pixel cap is this large (40 MP of 4-channel float32 is 640 MB): a larger
@@ -74,6 +75,17 @@ def path_text(text: str | os.PathLike[str]) -> str:
     """A path (or a message naming one) as valid Unicode: bytes of a file name that are not
     UTF-8, which Python keeps as lone surrogates that strict JSON parsers refuse, as \\xNN."""
     return os.fspath(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def one_line(text: str | os.PathLike[str]) -> str:
+    """A path (or a message naming one) for a line of a terminal or a log: as ``path_text``, and
+    a line break or other control character of a file name escaped (``\\n``, ``\\x1b``), so
+    that it can neither split its line nor forge another."""
+    text = path_text(text)
+    if first_control_character(text) is None:
+        return text
+    return "".join(ch.encode("unicode_escape").decode("ascii") if first_control_character(ch) else ch
+                   for ch in text)
 
 
 def path_key(path: str | os.PathLike[str]) -> str:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import drawn_image
@@ -154,3 +156,22 @@ def test_library_warnings_are_log_lines() -> None:
             "warnings.warn('Corrupt EXIF data', UserWarning)")
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
     assert " WARNING py.warnings: " in err and "UserWarning: Corrupt EXIF data" in err
+
+
+def test_log_lines_escape_the_file_names_they_quote() -> None:
+    from pictor.cli import _OneLineFormatter
+
+    formatter = _OneLineFormatter("%(levelname)s %(name)s: %(message)s")
+
+    def line(name: str, *args: object, exc_info: Any = None) -> str:
+        return formatter.format(logging.LogRecord(name, logging.WARNING, __file__, 1, "skipped %s: %s", args,
+                                                  exc_info))
+
+    assert line("pictor.trainer", "a\nb.jpg", "bad") == r"WARNING pictor.trainer: skipped a\nb.jpg: bad"
+    assert line("pictor.trainer", "\udcff\u2028.jpg", "bad") == r"WARNING pictor.trainer: skipped \xff\u2028.jpg: bad"
+    assert line("grpc", "a\nb", "x") == "WARNING grpc: skipped a\nb: x"  # other libraries' records as written
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        text = line("pictor.server", "a", "b", exc_info=sys.exc_info())
+    assert text.startswith("WARNING pictor.server: skipped a: b\nTraceback")  # a traceback keeps its lines

@@ -212,6 +212,24 @@ def test_an_existing_index_is_extended_with_its_own_model(gallery: Path, tmp_pat
     assert r.returncode == 2 and "this run asks for backbone efficientnet_lite0 (--backbone) and pooling avg (--pooling)" in r.stderr
 
 
+def test_file_names_cannot_split_lines_or_json(tmp_path: Path) -> None:
+    # A name with a line break was printed as it was: one skipped file read as two, and a name
+    # could forge a line; a suffix of bytes that are not UTF-8 made --json's left_out invalid.
+    gallery = tmp_path / "g" / "cls"
+    gallery.mkdir(parents=True)
+    (gallery / "good.png").write_bytes(drawn_image(1, 48, "PNG"))
+    (gallery / "bad\nskipped forged.png").write_bytes(b"not an image")
+    with open(os.fsencode(gallery / "notes.") + b"\xff", "wb"):
+        pass
+    r = pictor("index", str(tmp_path / "g"), "--out", str(tmp_path / "i1"), "--weights", "random")
+    skipped = [line for line in r.stderr.splitlines() if "skipped" in line and "forged" in line]
+    assert len(skipped) == 1 and "bad\\nskipped forged.png" in skipped[0], r.stderr
+    r = pictor("index", str(tmp_path / "g"), "--out", str(tmp_path / "i2"), "--weights", "random", "--json")
+    summary = json.loads(r.stdout)
+    assert summary["left_out"] == {".\\xff": 1}
+    json.dumps(summary, ensure_ascii=False).encode("utf-8")  # no lone surrogates left
+
+
 def test_index_errors_are_clear(tmp_path: Path) -> None:
     r = pictor("index", check=False, cwd=tmp_path)  # GALLERY may come from the config file instead
     assert r.returncode == 2 and "no gallery: give GALLERY" in r.stderr
