@@ -97,6 +97,11 @@ def path_key(path: str | os.PathLike[str]) -> str:
 def check_key_text(key: str) -> None:
     """Refuse a key that is not text: a file name that is not UTF-8 (from an old archive, say),
     which Python keeps as lone surrogates, cannot be stored or sent as one."""
-    if path_text(key) != key:
-        raise InvalidRequestError(f"{path_text(key)}: the file name is not UTF-8 text, which a key must be; "
-                                  "rename the file")
+    if path_text(key) == key:
+        return
+    parts = Path(key).parts
+    bad = next(i for i, part in enumerate(parts) if path_text(part) != part)
+    # A folder's name is said as such: all its files would otherwise be blamed, one by one.
+    what = "the file name" if bad == len(parts) - 1 else f"the name of its folder {path_text(parts[bad])}"
+    raise InvalidRequestError(f"{path_text(key)}: {what} is not UTF-8 text, which a key must be; rename the "
+                              + ("file" if bad == len(parts) - 1 else "folder"))

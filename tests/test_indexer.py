@@ -230,6 +230,17 @@ def test_file_names_cannot_split_lines_or_json(tmp_path: Path) -> None:
     json.dumps(summary, ensure_ascii=False).encode("utf-8")  # no lone surrogates left
 
 
+def test_a_folder_name_that_is_not_utf8_is_named_not_its_files() -> None:
+    from pictor.indexer.pipeline import split_misnamed
+
+    entries = [GalleryEntry(key=k, path=Path(k)) for k in ("ok/a.jpg", "caf\udce9/b.jpg", "ok/caf\udce9.jpg")]
+    good, bad = split_misnamed(entries)
+    assert [e.key for e in good] == ["ok/a.jpg"]
+    assert [why for _, why in bad] == [
+        "caf\\xe9/b.jpg: the name of its folder caf\\xe9 is not UTF-8 text, which a key must be; rename the folder",
+        "ok/caf\\xe9.jpg: the file name is not UTF-8 text, which a key must be; rename the file"]
+
+
 def test_index_errors_are_clear(tmp_path: Path) -> None:
     r = pictor("index", check=False, cwd=tmp_path)  # GALLERY may come from the config file instead
     assert r.returncode == 2 and "no gallery: give GALLERY" in r.stderr
