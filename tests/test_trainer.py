@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import unlistable
 from PIL import Image, ImageDraw
 from wcwidth import wcswidth
 
@@ -112,6 +113,16 @@ def config(tmp_path: Path, **kw: object) -> TrainConfig:
 
 
 # --------------------------------------------------------------------------- data
+
+
+def test_a_class_folder_that_cannot_be_read_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # It was "a folder with no images, so not a class", and the model was trained a class short.
+    tree = make_tree(tmp_path / "tree", per_class=5)
+    locked = sorted(p for p in tree.iterdir() if p.is_dir())[0]
+    unlistable(monkeypatch, locked)
+    with pytest.raises(InvalidRequestError, match=f"class folders of {tree} that cannot be read: "
+                                                  f"{locked.name} \\(Permission denied\\); fix their permissions"):
+        data_mod.load_samples(tree)
 
 
 def test_folder_tree_manifests_and_split(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -50,9 +50,22 @@ def load_samples(data: str | Path) -> list[Sample]:
     if not samples:
         raise InvalidRequestError(f"data {data} holds no labelled images (looked for {image_suffixes_text()})")
     if empty := _classless_folders(Path(data), samples):
+        if unreadable := [f"{name} ({why})" for name in empty if (why := _unreadable(Path(data) / name))]:
+            # A class lost to its permissions would leave the model a class short, unsaid.
+            raise InvalidRequestError(f"class folders of {data} that cannot be read: {', '.join(unreadable)}; fix "
+                                      f"their permissions, or move them out of {data} to train without them")
         log.warning("folders in %s with no images, so not classes: %s", data, ", ".join(empty))
     _refuse_repeats(samples)
     return sorted(samples, key=lambda s: (s.label, str(s.path)))
+
+
+def _unreadable(folder: Path) -> str | None:
+    """Why ``folder`` cannot be listed (its error), or None."""
+    try:
+        with os.scandir(folder):
+            return None
+    except OSError as e:
+        return e.strerror or str(e)
 
 
 def _classless_folders(data: Path, samples: Sequence[Sample]) -> list[str]:
