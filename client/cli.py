@@ -13,6 +13,7 @@ import dataclasses
 import json
 import shlex
 import sys
+import unicodedata
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -323,11 +324,13 @@ def run_search(args: argparse.Namespace) -> int:
             try:
                 hits = search(args.key)
             except NotFoundError as e:  # (only a key is looked up)
-                if not (tidy := _path_forms([args.key])):
-                    raise
-                try:
-                    hits = search(tidy[args.key])
-                except NotFoundError:
+                for form in _other_spellings(args.key) if args.key is not None else []:
+                    try:
+                        hits = search(form)
+                        break
+                    except NotFoundError:
+                        pass
+                else:
                     raise e from None
         except ServerUnavailableError:  # not the image: the server
             raise
@@ -501,8 +504,8 @@ def run_get(args: argparse.Namespace) -> int:
         missing = _found_as_paths(args.keys, get(args.keys), get)
     position: dict[str, int] = {}  # the order asked, an item found by its path form in its key's place
     for i, key in enumerate(args.keys):
-        position.setdefault(key, i)
-        position.setdefault(path_key(key), i)
+        for form in (key, *_other_spellings(key)):
+            position.setdefault(form, i)
     items.sort(key=lambda it: position.get(it.key, len(position)))
     rows = []
     for it in items:
@@ -566,22 +569,25 @@ def _report_missing(args: argparse.Namespace, missing: Sequence[str]) -> int:
     return 0
 
 
-def _path_forms(keys: Sequence[str]) -> dict[str, str]:
-    """Of ``keys``, those written otherwise than `pictor add` and `pictor index` store a path
-    (./photos//a.jpg for photos/a.jpg), each with that form: so that a path given to add is
-    one to give to get and delete."""
-    return {key: path_key(key) for key in keys if path_key(key) != key}
+def _other_spellings(key: str) -> list[str]:
+    """How else an index may hold ``key``: in the form `pictor add` and `pictor index` store a
+    path (photos/a.jpg for ./photos//a.jpg), and that in Unicode's composed and decomposed
+    forms (a file copied from macOS is named "cafe" + a combining accent, which "café" typed
+    is not): so that a path given to add, or a key as typed, is one to give to get and delete."""
+    tidy = path_key(key)
+    forms = (tidy, unicodedata.normalize("NFC", tidy), unicodedata.normalize("NFD", tidy))
+    return [form for form in dict.fromkeys(forms) if form != key]
 
 
 def _found_as_paths(keys: Sequence[str], missing: Sequence[str],
                     ask: Callable[[list[str]], Sequence[str]]) -> list[str]:
-    """The keys of ``missing`` (of ``keys``, as the index answered) not held in their path form
-    either. ``ask`` looks up the path forms not among ``keys`` and returns those missing too; a
-    form asked already is not asked again (one item named two ways is one item)."""
-    forms, asked = _path_forms(missing), set(keys)
-    new = list(dict.fromkeys(form for form in forms.values() if form not in asked))
+    """The keys of ``missing`` (of ``keys``, as the index answered) not held under another
+    spelling either. ``ask`` looks up the spellings not among ``keys`` and returns those missing
+    too; a spelling asked already is not asked again (one item named two ways is one item)."""
+    forms, asked = {key: _other_spellings(key) for key in missing}, set(keys)
+    new = list(dict.fromkeys(form for spellings in forms.values() for form in spellings if form not in asked))
     not_held = {*missing, *(ask(new) if new else [])}
-    return [key for key in missing if key not in forms or forms[key] in not_held]
+    return [key for key in missing if all(form in not_held for form in forms[key])]
 
 
 def _key_hint(keys: Sequence[str]) -> str:

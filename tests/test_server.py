@@ -434,6 +434,13 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     assert both == "new/x.png  source=cam1\np/new/x.png  path=new/x.png\n"
     assert pictor("get", "./new//x.png", "new/x.png", "--target", server.target).stdout == "new/x.png  source=cam1\n"
     assert "new/x.png" in pictor("search", "--key", "./new//x.png", "-k", "1", "--target", server.target).stdout
+    # A file copied from macOS is named in decomposed Unicode; the name typed is composed.
+    (tmp_path / "new" / "cafe\u0301.png").write_bytes(drawn_image(8))
+    pictor("add", "new/cafe\u0301.png", "--target", server.target, cwd=tmp_path)
+    typed = "new/caf\u00e9.png"
+    assert pictor("get", typed, "--target", server.target).stdout == "new/cafe\u0301.png\n"
+    assert "new/cafe\u0301.png" in pictor("search", "--key", typed, "-k", "1", "--target", server.target).stdout
+    assert pictor("delete", typed, "--target", server.target).stdout == "deleted 1\n"
     named_twice = pictor("delete", "./new//x.png", "new/x.png", "--json", "--target", server.target).stdout
     assert json.loads(named_twice) == {"deleted": 1, "missing": []}  # one item, named two ways
     # Like `rm -f`: a key already gone is not an error, for scripts that retry.
