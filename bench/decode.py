@@ -8,6 +8,10 @@ that images alone can take. Each kind is drawn here at the cap (40 MP by default
 each, whose peak resident memory (VmHWM, Linux) over its baseline is the figure. Flat images
 compress well, so these files are small: the memory comes from the pixels, not the bytes sent.
 
+Then files built to be slow, as a fuzzing audit sent them: a JPEG of 250 scans at the cap, and
+JPEG, PNG and GIF files of millions of empty segments, chunks or blocks. Pictor refuses them;
+the figure is how long that takes.
+
 Run from the project root, under the shared CPU lock::
 
     flock /tmp/pictor-cpu.lock .venv/bin/python bench/decode.py
@@ -21,7 +25,10 @@ import math
 import subprocess
 import sys
 import tempfile
+import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -40,6 +47,7 @@ KINDS = (
     ("greyscale PNG", "L", "PNG"),
     ("16-bit greyscale PNG", "I;16", "PNG"),
     ("palette GIF", "P", "GIF"),
+    ("lossless RGBA WebP", "RGBA", "WEBP"),
 )
 
 # Runs in a fresh interpreter: decode the file once, print time and peak RSS over baseline.
@@ -53,9 +61,11 @@ def peak_kb():
 data = open(sys.argv[1], "rb").read()
 before = peak_kb()
 started = time.perf_counter()
-out = decode_image(data, max_pixels=int(sys.argv[2]), draft_size=(256, 256))
-print(json.dumps({"seconds": time.perf_counter() - started, "size": out.size,
-                  "peak_mb": (peak_kb() - before) / 1024}))
+try:
+    size = decode_image(data, max_pixels=int(sys.argv[2]), draft_size=(256, 256)).size
+except Exception as e:
+    size = f"refused: {str(e)[:40]}..."
+print(json.dumps({"seconds": time.perf_counter() - started, "size": size, "peak_mb": (peak_kb() - before) / 1024}))
 """
 
 
@@ -68,8 +78,58 @@ def draw(mode: str, fmt: str, pixels: int) -> bytes:
     else:
         im = Image.fromarray((ramp * 255).astype(np.uint8), "L").convert(mode)
     buf = io.BytesIO()
-    im.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    im.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {"lossless": True} if fmt == "WEBP" else {}))
     return buf.getvalue()
+
+
+def encoded(im: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def many_scans(pixels: int) -> bytes:
+    """A flat progressive JPEG of ``pixels`` whose scans are repeated to 250."""
+    side = math.isqrt(pixels)
+    data = encoded(Image.new("RGB", (side, side), (200, 30, 30)), "JPEG", progressive=True)
+    first = data.index(b"\xff\xda")
+    scans = data[first:-2]
+    return data[:first] + scans * (250 // scans.count(b"\xff\xda")) + b"\xff\xd9"
+
+
+def tiny(fmt: str) -> bytes:
+    return encoded(Image.new("RGB" if fmt != "GIF" else "P", (8, 8)), fmt)
+
+
+def gif_with_comments(n: int) -> bytes:
+    data = tiny("GIF")
+    table_end = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)  # header, screen, colours
+    return data[:table_end] + b"\x21\xfe\x00" * n + data[table_end:]
+
+
+def png_chunk(kind: bytes, body: bytes = b"") -> bytes:
+    return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+
+# (name, file): what an attacker sends. The empty blocks go where Pillow reads them one by one.
+HOSTILE: tuple[tuple[str, Callable[[int], bytes]], ...] = (
+    ("progressive JPEG of 250 scans", many_scans),
+    ("JPEG of 10 million empty comments", lambda _: tiny("JPEG")[:2] + b"\xff\xfe\x00\x02" * 10_000_000
+     + tiny("JPEG")[2:]),
+    ("PNG of 5 million empty chunks", lambda _: tiny("PNG")[:33] + png_chunk(b"prVt") * 5_000_000 + tiny("PNG")[33:]),
+    ("GIF of 20 million empty comments", lambda _: gif_with_comments(20_000_000)),
+)
+
+
+def decode_in_child(path: Path, max_pixels: int) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(max_pixels)], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"decoding {path.name} failed:\n{out.stderr}")
+    return dict(json.loads(out.stdout))
+
+
+def decoded_to(r: dict[str, Any]) -> str:
+    return f"{r['size'][0]}x{r['size'][1]}" if isinstance(r["size"], list) else r["size"]
 
 
 def main() -> None:
@@ -83,15 +143,17 @@ def main() -> None:
             pixels = min(JPEG_PIXELS, 60 * args.max_pixels) if fmt == "JPEG" else args.max_pixels
             path = Path(tmp) / f"image.{fmt.lower()}"
             path.write_bytes(draw(mode, fmt, pixels))
-            out = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(args.max_pixels)],
-                                 capture_output=True, text=True)
-            if out.returncode:
-                raise SystemExit(f"decoding the {name} failed:\n{out.stderr}")
-            r = json.loads(out.stdout)
+            r = decode_in_child(path, args.max_pixels)
             side = math.isqrt(pixels)
             print(f"| {name} | {side}x{side} ({side * side / 1e6:.0f} MP) | {path.stat().st_size / 1e6:.2f} MB "
-                  f"| {r['size'][0]}x{r['size'][1]} | {r['seconds']:.2f} s | {r['peak_mb']:.0f} MB |")
-
+                  f"| {decoded_to(r)} | {r['seconds']:.2f} s | {r['peak_mb']:.0f} MB |")
+        print("\n| hostile file | file | decoded to | time | peak memory |\n|---|---|---|---|---|")
+        for name, build in HOSTILE:
+            path = Path(tmp) / "hostile"
+            path.write_bytes(build(args.max_pixels))
+            r = decode_in_child(path, args.max_pixels)
+            print(f"| {name} | {path.stat().st_size / 1e6:.2f} MB | {decoded_to(r)} | {r['seconds']:.2f} s "
+                  f"| {r['peak_mb']:.0f} MB |")
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ import io
 import logging
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,15 @@ _DEPTH_BLOCK_PIXELS = 1 << 20
 # once per scan: a 221 KB file of 20,000 tiny scans ran for minutes. Encoders write about 10;
 # 256 is NVIDIA nvImageCodec's default limit (NVIMGCODEC_MAX_JPEG_SCANS), against the same attack.
 MAX_JPEG_SCANS = 256
+# ... and fewer for a large image: scans x pixels at most this, 64 scans at the default cap (a
+# 40 MP file of 250 scans decoded in 7 s, and seven at once held the server's threads for 55 s).
+JPEG_SCAN_PIXELS = 64 * DEFAULT_MAX_PIXELS
+_MIN_JPEG_SCANS = 32  # whatever the image's size: what encoders write, with room to spare
+# Segments of a JPEG, chunks of a PNG, blocks of a GIF: Pillow reads them one by one in Python,
+# and a file can be millions of empty ones (a 60 MB PNG of 5 million took 28 s and 0.7 GB, a
+# 40 MB JPEG of 10 million comments 22 s). Images hold a few; at most this many, and one per
+# 64 bytes beyond them, are read before the file is refused.
+_MAX_BLOCKS = 4096
 # SOF markers of progressive JPEGs (Huffman and arithmetic coded).
 _PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 
@@ -156,6 +166,7 @@ def _open_within_cap(data: bytes, max_pixels: int, draft_size: tuple[int, int] |
     if not data:
         raise InvalidImageError("empty image data (0 bytes)")
     _check_tiff_chunks(data, max_pixels)  # before Pillow, whose opening is what they cost
+    _check_blocks(data)  # likewise
     src = _open_allowed(data)
     try:
         # The cap bounds decoding memory: a drafted JPEG (a 48 MP phone photo decodes at 1/8,
@@ -167,7 +178,7 @@ def _open_within_cap(data: bytes, max_pixels: int, draft_size: tuple[int, int] |
         if src.format in ("JPEG", "MPO"):
             # (Only such a file has more scans: libjpeg ends a single-scan one at a second.)
             if whole := _jpeg_holds_whole_image(data):
-                _check_scans(data)
+                _check_scans(data, full[0] * full[1])
             if draft_size is not None:
                 _draft(src, draft_size)
         _check_size(src, max_pixels, full, whole=whole)
@@ -335,31 +346,86 @@ def _tiff_chunks(data: bytes) -> int:
         return 0
 
 
-def _check_scans(data: bytes) -> None:
+def _check_scans(data: bytes, pixels: int) -> None:
     # Entropy-coded data stuffs a 0x00 after each 0xFF, so every FF DA in the file is a marker.
     scans = data.count(b"\xff\xda")
-    if scans > MAX_JPEG_SCANS:
-        raise InvalidImageError(f"JPEG image has {scans:,} scans, more than the {MAX_JPEG_SCANS} Pictor decodes "
-                                "(encoders write about 10; each costs a pass over the whole image)")
+    limit = min(MAX_JPEG_SCANS, max(_MIN_JPEG_SCANS, JPEG_SCAN_PIXELS // max(1, pixels)))
+    if scans > limit:
+        raise InvalidImageError(f"JPEG image has {scans:,} scans, more than the {limit} Pictor decodes for "
+                                f"{pixels:,} pixels (encoders write about 10; each costs a pass over the whole "
+                                "image)")
+
+
+def _check_blocks(data: bytes) -> None:
+    """Refuse a JPEG, PNG or GIF made of more segments, chunks or blocks than ``_MAX_BLOCKS``
+    (and one per 64 bytes): walking them is what Pillow's opening of such a file costs."""
+    limit = _MAX_BLOCKS + len(data) // 64
+    if data.startswith(b"\xff\xd8\xff"):
+        fmt, what, blocks = "JPEG", "segments before its first scan", sum(1 for _ in _jpeg_segments(data, limit))
+    elif data.startswith(b"\x89PNG\r\n\x1a\n"):
+        fmt, what, blocks = "PNG", "chunks", _png_chunks(data, limit)
+    elif data.startswith(b"GIF8") and len(data) > 13:
+        fmt, what, blocks = "GIF", "blocks before its first image", _gif_blocks(data, limit)
+    else:
+        return
+    if blocks > limit:
+        raise InvalidImageError(f"{fmt} image has more than {limit:,} {what} ({len(data):,} bytes; images hold a "
+                                "few): each costs time to read, so Pictor refuses such a file")
+
+
+def _jpeg_segments(data: bytes, limit: int = _MAX_BLOCKS) -> Iterator[tuple[int, int]]:
+    """(marker, position) of a JPEG's segments up to its first scan (SOS, included), at most
+    ``limit`` + 1 of them; fewer where the header is damaged (the decoder will say so)."""
+    pos = 2
+    for _ in range(limit + 1):
+        while pos + 1 < len(data) and data[pos] == 0xFF and data[pos + 1] == 0xFF:  # fill bytes
+            pos += 1
+        if pos + 4 >= len(data) or data[pos] != 0xFF:
+            return
+        yield data[pos + 1], pos
+        if data[pos + 1] == 0xDA:
+            return
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+
+
+def _png_chunks(data: bytes, limit: int) -> int:
+    """A PNG's chunks up to IEND, counted up to ``limit`` + 1."""
+    pos, chunks = 8, 0
+    while pos + 8 <= len(data) and chunks <= limit:
+        chunks += 1
+        if data[pos + 4:pos + 8] == b"IEND":
+            break
+        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")  # length, type, data, CRC
+    return chunks
+
+
+def _gif_blocks(data: bytes, limit: int) -> int:
+    """A GIF's extensions and their sub-blocks before its first image, counted up to ``limit`` + 1."""
+    pos, blocks = 13, 0  # after the header and the logical screen descriptor
+    if data[10] & 0x80:  # a global colour table
+        pos += 3 << ((data[10] & 7) + 1)
+    while pos + 1 < len(data) and data[pos] == 0x21 and blocks <= limit:  # an extension: label, sub-blocks, 0
+        pos += 2
+        while pos < len(data) and data[pos] and blocks <= limit:
+            blocks += 1
+            pos += data[pos] + 1
+        blocks += 1
+        pos += 1
+    return blocks
 
 
 def _jpeg_holds_whole_image(data: bytes) -> bool:
     """Whether libjpeg buffers the coefficients of the whole image to decode ``data``:
     progressive, or a first scan without every component (a sequential JPEG of several scans).
     A 1 KB progressive file claiming 50000x50000 decodes at 1/8 under the cap, in 7 GB."""
-    pos, components = 2, 0
-    while pos + 4 < len(data) and data[pos] == 0xFF:  # the segments before the first scan
-        marker = data[pos + 1]
-        if marker == 0xFF:  # a fill byte
-            pos += 1
-            continue
+    components = 0
+    for marker, pos in _jpeg_segments(data):
         if marker in _PROGRESSIVE_SOF:
             return True
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and pos + 9 < len(data):
             components = data[pos + 9]  # SOF: FF Cn, length, precision, height, width, Nf
         elif marker == 0xDA:  # SOS: FF DA, length, Ns
             return data[pos + 4] < components
-        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
     return False  # a damaged header: the decoder will say so
 
 

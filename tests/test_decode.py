@@ -366,6 +366,42 @@ def test_jpeg_of_too_many_scans_refused() -> None:
     assert decode_image(data).size == (64, 48)
 
 
+def test_large_progressive_jpeg_gets_fewer_scans(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 40 MP file of 250 scans decoded in 7 s: scans x pixels is bounded too (this image as
+    # large as the bound makes a 40 MP one), never below 32 scans.
+    data = encode(Image.new("RGB", (64, 48), RED), "JPEG", progressive=True)
+    first = data.index(b"\xff\xda")
+    scans = data[first:-2]
+    many = data[:first] + scans * (40 // scans.count(b"\xff\xda") + 1) + b"\xff\xd9"
+    assert decode_image(many).size == (64, 48)
+    monkeypatch.setattr(decode, "JPEG_SCAN_PIXELS", 64 * 64 * 48 // 2)
+    with pytest.raises(InvalidImageError, match=r"JPEG image has \d+ scans, more than the 32 Pictor decodes for "
+                                                r"3,072 pixels"):
+        decode_image(many)
+    assert decode_image(data).size == (64, 48)
+
+
+def png_chunk(kind: bytes, body: bytes = b"") -> bytes:
+    return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF"])
+def test_files_of_millions_of_tiny_blocks_refused_before_pillow_reads_them(fmt: str) -> None:
+    # Pillow walks segments, chunks and blocks one by one in Python: a 60 MB PNG of 5 million
+    # empty chunks took 28 s and 0.7 GB. A few are fine; 6,000 empty ones in a tiny image are not.
+    data = encode(Image.new("RGB" if fmt != "GIF" else "P", (8, 8)), fmt)
+    gif_table_end = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)  # header, screen, colours
+    with_blocks, what = {
+        "JPEG": (lambda n: data[:2] + b"\xff\xfe\x00\x02" * n + data[2:], "segments before its first scan"),  # comments
+        "PNG": (lambda n: data[:33] + png_chunk(b"prVt") * n + data[33:], "chunks"),  # private chunks after IHDR
+        "GIF": (lambda n: data[:gif_table_end] + b"\x21\xfe\x00" * n + data[gif_table_end:],  # comment extensions
+                "blocks before its first image"),
+    }[fmt]
+    assert decode_image(with_blocks(10)).size == (8, 8)
+    with pytest.raises(InvalidImageError, match=f"{fmt} image has more than [0-9,]+ {what} .* Pictor refuses"):
+        decode_image(with_blocks(6000))
+
+
 def test_tiff_of_too_many_strips_refused() -> None:
     # Pillow reads each strip's offset in Python as it opens the file: a million one-row strips
     # took 11 s. One per 256 pixels of the cap.
