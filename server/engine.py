@@ -200,14 +200,17 @@ class Engine:
         """Decode and embed image bytes; one forward pass for the whole list.
 
         An undecodable image fails the call with a message naming it: by ``names[i]`` when
-        given, else by its position when there are several. ``still_wanted`` runs once the
-        forward pass is this call's turn and may raise to call it off (the server's check that
-        the caller is still waiting: behind other calls, its deadline may have passed).
+        given, else by its position when there are several. ``still_wanted`` runs before each
+        image is decoded and once the forward pass is this call's turn, and may raise to call it
+        off (the server's check that the caller is still waiting: its deadline may pass while it
+        decodes, or behind other calls).
         """
         if not images:
             raise InvalidRequestError("no image given")
         tensors = []
         for i, data in enumerate(images):
+            if still_wanted is not None:  # an Embed of 256 large images decodes for a while
+                still_wanted()
             try:
                 # draft: a large JPEG is decoded at reduced scale, never below what the model needs
                 image = decode_image(data, max_pixels=self.max_pixels, draft_size=self.embedder.draft_size)
@@ -356,8 +359,8 @@ class Engine:
                before_write: Callable[[], None] | None = None, first: int = 0) -> UpsertResult:
         """Embed what came as images, check what came as vectors, write all in one durable step.
 
-        ``before_write`` runs when the forward pass is this call's turn and once the store's
-        write lock is held, and may raise to call the write off (the server's check that the
+        ``before_write`` runs before each image is decoded, when the forward pass is this call's
+        turn and once the store's write lock is held, and may raise to call the write off (the server's check that the
         caller is still waiting). ``first`` is the position of ``items[0]`` in the caller's
         stream, for errors that can only name an item by position."""
         if not items:

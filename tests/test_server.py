@@ -1459,6 +1459,34 @@ def test_calls_whose_caller_has_gone_run_no_model() -> None:
             call()
 
 
+def test_an_embed_whose_caller_has_gone_stops_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller is checked before each image is decoded: an Embed of many large images went on
+    decoding them all after its deadline (10 slow files: 47 s of CPU after the call ended)."""
+    from types import SimpleNamespace
+
+    from pictor.errors import DeadlineExceededError
+    from pictor.server import engine as engine_mod
+
+    decoded: list[bytes] = []
+
+    def decode(data: bytes, **_: Any) -> Image.Image:
+        decoded.append(data)
+        return Image.new("RGB", (8, 8))
+
+    monkeypatch.setattr(engine_mod, "decode_image", decode)
+    checks = iter([None, None])  # still waiting before the first two images, gone before the third
+
+    def still_wanted() -> None:
+        if next(checks, "gone") == "gone":
+            raise DeadlineExceededError("the call ended")
+
+    fake = SimpleNamespace(max_pixels=1000, embedder=SimpleNamespace(draft_size=(8, 8), preprocess=lambda im: im),
+                           _forward_lock=threading.Lock())
+    with pytest.raises(DeadlineExceededError):
+        engine_mod.Engine.forward(cast(Any, fake), [b"a", b"b", b"c", b"d"], still_wanted=still_wanted)
+    assert decoded == [b"a", b"b"]
+
+
 def test_busy_refusals_are_all_counted_in_the_log(monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     """One line at most every REFUSALS_LOG_EVERY_S: at once, then for the refusals since, when
