@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -136,7 +137,11 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     logging.captureWarnings(True)  # libraries' warnings (Pillow's "Corrupt EXIF data") as log lines
     if not args.verbose:  # FAISS logs its probe for optional SIMD builds, which reads as a failure,
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-        logging.getLogger("torch").setLevel(logging.WARNING)  # and torch its compile caches at exit
+        logging.getLogger("torch").setLevel(logging.WARNING)  # and torch its compile caches at exit;
+        # Pillow logs and warns of each odd file it reads ("Corrupt EXIF data", an ERROR for a
+        # TIFF it cannot decode), naming none: the image decodes, or is refused saying why.
+        logging.getLogger("PIL").setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore", module="PIL")
     for name in unknown_env_names(os.environ):
         logging.getLogger("pictor").warning("%s is not a Pictor setting; it is ignored", name)
     return args

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import subprocess
@@ -11,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import drawn_image
+from conftest import drawn_image, pictor
+from PIL import Image
 
 from pictor.cli import main
 
@@ -175,3 +177,15 @@ def test_log_lines_escape_the_file_names_they_quote() -> None:
     except ValueError:
         text = line("pictor.server", "a", "b", exc_info=sys.exc_info())
     assert text.startswith("WARNING pictor.server: skipped a: b\nTraceback")  # a traceback keeps its lines
+
+
+def test_pillows_notes_on_odd_files_are_left_out_unless_verbose(tmp_path: Path) -> None:
+    # Each came as three lines naming Pillow's source, not the file ("Corrupt EXIF data").
+    (tmp_path / "g" / "a").mkdir(parents=True)
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(buf, "JPEG", exif=b"Exif\0\0II*\0\x08\0\0\0\x05\0\x12\x01\x03\0")
+    (tmp_path / "g" / "a" / "bad_exif.jpg").write_bytes(buf.getvalue())
+    quiet = pictor("index", str(tmp_path / "g"), "--out", str(tmp_path / "i1"), "--weights", "random")
+    assert "indexed 1 image" in quiet.stdout and "EXIF" not in quiet.stderr
+    verbose = pictor("-v", "index", str(tmp_path / "g"), "--out", str(tmp_path / "i2"), "--weights", "random")
+    assert "Corrupt EXIF data" in verbose.stderr
