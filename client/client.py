@@ -62,6 +62,7 @@ from pictor.errors import (
     ServerUnavailableError,
     shown,
 )
+from pictor.image_files import path_text
 from pictor.status import NO_RESEND, error_from_status
 from pictor.v1 import pictor_pb2 as pb
 from pictor.v1 import pictor_pb2_grpc as pb_grpc
@@ -349,8 +350,13 @@ def _too_large(details: str) -> str:
     return request_too_large(size, limit, "this client's" if "CLIENT:" in details else "the server's")
 
 
-def _text_error(what: str, e: Exception) -> InvalidRequestError:
-    """protobuf's TypeError or UnicodeEncodeError (a lone surrogate) as the caller's mistake."""
+def _text_error(what: str, e: Exception, values: Iterable[object] = ()) -> InvalidRequestError:
+    """protobuf's TypeError or UnicodeEncodeError (a lone surrogate) as the caller's mistake,
+    naming the value of ``values`` that is text but not UTF-8 (a file name's bytes, which Python
+    keeps as lone surrogates): protobuf's words name only a position."""
+    if (bad := next((v for v in values if isinstance(v, str) and path_text(v) != v), None)) is not None:
+        return InvalidRequestError(f"{what}: '{path_text(bad)}' is not UTF-8 text (a file name of other "
+                                   "bytes cannot be a key or label)")
     return InvalidRequestError(f"{what} must be text (str, encodable as UTF-8): {e}")
 
 
@@ -643,7 +649,7 @@ class PictorClient:
             try:
                 request.key = key
             except (TypeError, ValueError) as e:
-                raise _text_error("the key", e) from e
+                raise _text_error("the key", e, [key]) from e
         _fill_filter(request.filter, _label_list(labels), attributes)
         return [_hit(h) for h in self._call(self._stub.Search, request).hits]
 
@@ -733,10 +739,11 @@ class PictorClient:
     def delete(self, keys: Iterable[str]) -> tuple[int, list[str]]:
         """Remove items; returns (deleted, keys that did not exist)."""
         refuse_single(keys, "keys", "for one key, write [key]")
+        keys = list(keys)
         try:
-            request = pb.DeleteRequest(keys=list(keys))
+            request = pb.DeleteRequest(keys=keys)
         except (TypeError, ValueError) as e:
-            raise _text_error("keys", e) from e
+            raise _text_error("keys", e, keys) from e
         if not request.keys:
             return 0, []
         started = time.monotonic()
@@ -756,10 +763,11 @@ class PictorClient:
         refuse_single(keys, "keys", "for one key, write [key]")
         if not isinstance(vectors, bool):
             raise InvalidRequestError(f"vectors must be True or False, got {shown(vectors)}")
+        keys = list(keys)
         try:
-            request = pb.GetRequest(keys=list(keys), vectors=vectors)
+            request = pb.GetRequest(keys=keys, vectors=vectors)
         except (TypeError, ValueError) as e:
-            raise _text_error("keys", e) from e
+            raise _text_error("keys", e, keys) from e
         if not request.keys:
             return [], []
         r = self._call(self._stub.Get, request)
@@ -777,7 +785,7 @@ class PictorClient:
         try:
             request = pb.ListRequest(after=after, limit=limit)
         except (TypeError, ValueError) as e:
-            raise _text_error("after", e) from e
+            raise _text_error("after", e, [after]) from e
         _fill_filter(request.filter, _label_list(labels), attributes)
         r = self._call(self._stub.List, request)
         return [StoredItem(key=it.key, label=it.label, attributes=dict(it.attributes)) for it in r.items], r.next
