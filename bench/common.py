@@ -60,10 +60,10 @@ def free_port() -> int:
 
 @contextmanager
 def served(folder: Path, serve_args: Sequence[str] = (),
-           index: Path | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+           index: Path | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
     """A real ``pictor serve`` over ``index`` (default: the sample gallery, indexed into
-    ``folder/index``), its log in ``folder/server.log``; yields (target, process) once it answers
-    health checks, and stops it (if still running) on the way out."""
+    ``folder/index``), its log in ``folder/server.log``; yields (target, process, index) once it
+    answers health checks, and stops it (if still running) on the way out."""
     from pictor.client import PictorClient
     from pictor.errors import PictorError
 
@@ -87,7 +87,7 @@ def served(folder: Path, serve_args: Sequence[str] = (),
                         raise RuntimeError(f"pictor serve exited with {server.returncode}: see its log, "
                                            f"{folder / 'server.log'}") from None
                     time.sleep(0.5)
-        yield target, server
+        yield target, server, index
     finally:
         if server.poll() is None:
             server.terminate()

@@ -56,6 +56,7 @@ KINDS = (
 _CHILD = """
 import json, re, sys, time
 from pictor.core.decode import decode_image
+from pictor.errors import InvalidImageError
 def peak_kb():
     return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
 data = open(sys.argv[1], "rb").read()
@@ -63,7 +64,7 @@ before = peak_kb()
 started = time.perf_counter()
 try:
     size = decode_image(data, max_pixels=int(sys.argv[2]), draft_size=(256, 256)).size
-except Exception as e:
+except InvalidImageError as e:
     size = f"refused: {str(e)[:40]}..."
 print(json.dumps({"seconds": time.perf_counter() - started, "size": size, "peak_mb": (peak_kb() - before) / 1024}))
 """
@@ -154,6 +155,7 @@ def main() -> None:
             r = decode_in_child(path, args.max_pixels)
             print(f"| {name} | {path.stat().st_size / 1e6:.2f} MB | {decoded_to(r)} | {r['seconds']:.2f} s "
                   f"| {r['peak_mb']:.0f} MB |")
+
 
 if __name__ == "__main__":
     main()

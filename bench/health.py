@@ -110,7 +110,7 @@ def main() -> None:
         ap.error("--seconds must be more than 4")
     print(machine_line())
     with tempfile.TemporaryDirectory() as tmp, served(Path(tmp), ["--workers", str(args.workers)],
-                                                      args.index) as (target, _):
+                                                      args.index) as (target, _, _):
         with PictorClient(target, timeout=30) as client:
             first = client.list_items(limit=1)[0][0].key
             vector = client.get([first], vectors=True)[0][0].vector or []

@@ -200,8 +200,8 @@ def main() -> None:
     print(machine_line())
     queries = sorted((SAMPLE / "queries").rglob("*.png"))
     images = [q.read_bytes() for q in queries]
-    with tempfile.TemporaryDirectory() as tmp, served(Path(tmp), ["--workers", str(args.workers)]) as (target, server):
-        index = Path(tmp) / "index"
+    with tempfile.TemporaryDirectory() as tmp, served(Path(tmp), ["--workers", str(args.workers)]) as (
+            target, server, index):
         with PictorClient(target, timeout=60) as client:
             keys = [it.key for it in client.iter_items()]
             stored, _ = client.get(keys[:50], vectors=True)

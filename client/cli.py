@@ -251,7 +251,7 @@ def run_classify(args: argparse.Namespace) -> int:
 
 
 def _classification_lines(path: str, r: Classification, *, neighbours: bool) -> list[str]:
-    lines = [f"{_one_line(path_text(path))}  ({r.source}{', UNKNOWN' if r.unknown else ''})"]
+    lines = [f"{one_line(path)}  ({r.source}{', UNKNOWN' if r.unknown else ''})"]
     if r.unknown and r.open_set is not None:
         lines.append(f"  unknown: {r.open_set.reason}")
     lines += [f"  {x.score:6.3f}  {x.name}" for x in r.labels]
@@ -324,7 +324,7 @@ def run_search(args: argparse.Namespace) -> int:
             try:
                 hits = search(args.key)
             except NotFoundError as e:  # (only a key is looked up)
-                for form in _other_spellings(args.key) if args.key is not None else []:
+                for form in _other_spellings(args.key):
                     try:
                         hits = search(form)
                         break
@@ -483,7 +483,7 @@ def run_delete(args: argparse.Namespace) -> int:
             deleted += more
             return still
 
-        missing = _found_as_paths(args.keys, missing, delete)
+        missing = _found_otherwise(args.keys, missing, delete)
     _emit(args, {"deleted": deleted, "missing": missing}, f"deleted {deleted}\n")
     return _report_missing(args, missing)
 
@@ -501,8 +501,8 @@ def run_get(args: argparse.Namespace) -> int:
                 missing.extend(still)
             return missing
 
-        missing = _found_as_paths(args.keys, get(args.keys), get)
-    position: dict[str, int] = {}  # the order asked, an item found by its path form in its key's place
+        missing = _found_otherwise(args.keys, get(args.keys), get)
+    position: dict[str, int] = {}  # the order asked, an item found by another spelling in its key's place
     for i, key in enumerate(args.keys):
         for form in (key, *_other_spellings(key)):
             position.setdefault(form, i)
@@ -579,15 +579,23 @@ def _other_spellings(key: str) -> list[str]:
     return [form for form in dict.fromkeys(forms) if form != key]
 
 
-def _found_as_paths(keys: Sequence[str], missing: Sequence[str],
-                    ask: Callable[[list[str]], Sequence[str]]) -> list[str]:
+def _found_otherwise(keys: Sequence[str], missing: Sequence[str],
+                     ask: Callable[[list[str]], Sequence[str]]) -> list[str]:
     """The keys of ``missing`` (of ``keys``, as the index answered) not held under another
-    spelling either. ``ask`` looks up the spellings not among ``keys`` and returns those missing
-    too; a spelling asked already is not asked again (one item named two ways is one item)."""
-    forms, asked = {key: _other_spellings(key) for key in missing}, set(keys)
-    new = list(dict.fromkeys(form for spellings in forms.values() for form in spellings if form not in asked))
-    not_held = {*missing, *(ask(new) if new else [])}
-    return [key for key in missing if all(form in not_held for form in forms[key])]
+    spelling either. ``ask`` looks spellings up and returns those missing too (for delete, it
+    deletes the others). A key's spellings are asked in turn, up to the first held: a key names
+    one item, even where the index holds two that look alike. A spelling asked already is not
+    asked again (one item named two ways is one item)."""
+    held = {key: key not in missing for key in keys}
+    spellings = {key: _other_spellings(key) for key in missing}
+    found: set[str] = set()
+    for turn in range(max(map(len, spellings.values()), default=0)):
+        forms = {key: s[turn] for key, s in spellings.items() if key not in found and turn < len(s)}
+        if new := [form for form in dict.fromkeys(forms.values()) if form not in held]:
+            not_held = set(ask(new))
+            held.update((form, form not in not_held) for form in new)
+        found.update(key for key, form in forms.items() if held[form])
+    return [key for key in missing if key not in found]
 
 
 def _key_hint(keys: Sequence[str]) -> str:

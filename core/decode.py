@@ -14,10 +14,11 @@ Example::
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import io
 import logging
 import os
+import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,11 +91,13 @@ MAX_JPEG_SCANS = 256
 # 40 MP file of 250 scans decoded in 7 s, and seven at once held the server's threads for 55 s).
 JPEG_SCAN_PIXELS = 64 * DEFAULT_MAX_PIXELS
 _MIN_JPEG_SCANS = 32  # whatever the image's size: what encoders write, with room to spare
-# Segments of a JPEG, chunks of a PNG, blocks of a GIF: Pillow reads them one by one in Python,
-# and a file can be millions of empty ones (a 60 MB PNG of 5 million took 28 s and 0.7 GB, a
-# 40 MB JPEG of 10 million comments 22 s). Images hold a few; at most this many, and one per
-# 64 bytes beyond them, are read before the file is refused.
+# Segments of a JPEG, chunks of a PNG, blocks of a GIF (and stray bytes between them): Pillow
+# reads them one by one in Python, and a file can be millions of empty ones (a 60 MB PNG of 5
+# million took 28 s and 0.7 GB, a 40 MB JPEG of 10 million comments 22 s). Images hold a few:
+# a file of more than this many, and one per KB beyond them, is refused before Pillow opens it.
 _MAX_BLOCKS = 4096
+_BYTES_PER_BLOCK = 1024  # libpng writes 8 KB chunks of pixels
+_FILL = re.compile(rb"\xff+")  # a JPEG's fill bytes before a marker
 # SOF markers of progressive JPEGs (Huffman and arithmetic coded).
 _PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 
@@ -143,7 +146,9 @@ def decode_image(
         src.load()  # frame 0: animated GIF/WebP/TIFF give their first frame
         # In place: an upright image is not copied (a 40 MP RGB copy is 120 MB more).
         ImageOps.exif_transpose(src, in_place=True)
-        out = to_rgb(in_srgb(src))
+        # After to_rgb: a palette image, or an RGB one with a colour key, holds RGB pixels of its
+        # profile too, and the transform would drop the key (its info).
+        out = in_srgb(to_rgb(src), src.info.get("icc_profile"))
     except BaseException as e:
         src.close()
         if _bad_data(e):
@@ -205,33 +210,39 @@ def load_image(
         raise InvalidImageError(f"{Path(path)}: {e}") from e
 
 
-def in_srgb(im: Image.Image) -> Image.Image:
-    """An RGB(A) image whose embedded ICC profile is not sRGB, converted to sRGB (a new image);
-    any other image as it is. Unconverted, a ProPhoto or Adobe RGB photo embeds as another image
-    than its sRGB export (cosine 0.90-0.99, 0.983 on average for the flower photos; converted:
-    0.991, the JPEG re-encoding's own loss: docs/benchmarks.md, "Colour profiles")."""
-    icc = im.info.get("icc_profile")
-    if not icc or im.mode not in ("RGB", "RGBA"):
+def in_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
+    """An RGB image whose pixels are in the colour space of the ICC profile ``icc``, converted
+    to sRGB (a new image); as it is without a profile or with one that is sRGB, not RGB or not
+    readable. Unconverted, a ProPhoto or Adobe RGB photo embeds as another image than its sRGB
+    export (cosine 0.90-0.99, 0.983 on average for the flower photos; converted: 0.991, the
+    JPEG re-encoding's own loss: docs/benchmarks.md, "Colour profiles")."""
+    if not icc:
         return im
-    transform = _to_srgb_transform(bytes(icc), im.mode)
+    transform = _to_srgb_transform(bytes(icc))
     return im if transform is None else transform.apply(im)
 
 
-@functools.lru_cache(maxsize=32)  # a gallery holds few profiles; building one costs milliseconds
-def _to_srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
-    """The transform from the profile ``icc`` to sRGB, or None: the profile says it is sRGB (most
-    do: no work), it is not an RGB profile, or LittleCMS cannot read it (the pixels kept as
-    they are, as before, rather than the image refused)."""
-    try:
-        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        if profile.profile.xcolor_space != "RGB " or "sRGB" in ImageCms.getProfileDescription(profile):
-            return None
-        return ImageCms.buildTransform(profile, _SRGB, mode, mode, flags=_TRANSFORM_FLAGS)
-    except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as e:
-        log.debug("ICC profile ignored: %s", e)
-        return None
+def _to_srgb_transform(icc: bytes) -> ImageCms.ImageCmsTransform | None:
+    """The transform from the profile ``icc`` to sRGB, built once per profile (milliseconds),
+    or None: the profile says it is sRGB (most do: no work), it is not an RGB profile, or
+    LittleCMS cannot read it (the pixels kept as they are rather than the image refused)."""
+    digest = hashlib.sha256(icc).digest()  # (a key of the profile itself would hold up to 16 MB)
+    if digest not in _transforms:
+        if len(_transforms) >= _MAX_TRANSFORMS:  # a gallery holds a few profiles; a flood of new ones
+            _transforms.clear()
+        try:
+            profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            as_is = profile.profile.xcolor_space != "RGB " or "sRGB" in ImageCms.getProfileDescription(profile)
+            _transforms[digest] = None if as_is else ImageCms.buildTransform(profile, _SRGB, "RGB", "RGB",
+                                                                              flags=_TRANSFORM_FLAGS)
+        except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as e:
+            log.debug("ICC profile ignored: %s", e)
+            _transforms[digest] = None
+    return _transforms[digest]
 
 
+_transforms: dict[bytes, ImageCms.ImageCmsTransform | None] = {}  # by the profile's sha256
+_MAX_TRANSFORMS = 64
 _SRGB = ImageCms.createProfile("sRGB")
 # NOCACHE: no last pixel kept in the transform, which threads decoding at once would share;
 # HIGHRESPRECALC: a lookup table, the same pixels as without it on the flower photos' profiles,
@@ -357,61 +368,77 @@ def _check_scans(data: bytes, pixels: int) -> None:
 
 
 def _check_blocks(data: bytes) -> None:
-    """Refuse a JPEG, PNG or GIF made of more segments, chunks or blocks than ``_MAX_BLOCKS``
-    (and one per 64 bytes): walking them is what Pillow's opening of such a file costs."""
-    limit = _MAX_BLOCKS + len(data) // 64
+    """Refuse a JPEG, PNG or GIF of more segments, chunks or blocks than Pillow should walk."""
     if data.startswith(b"\xff\xd8\xff"):
-        fmt, what, blocks = "JPEG", "segments before its first scan", sum(1 for _ in _jpeg_segments(data, limit))
+        for _ in _jpeg_segments(data):
+            pass
     elif data.startswith(b"\x89PNG\r\n\x1a\n"):
-        fmt, what, blocks = "PNG", "chunks", _png_chunks(data, limit)
-    elif data.startswith(b"GIF8") and len(data) > 13:
-        fmt, what, blocks = "GIF", "blocks before its first image", _gif_blocks(data, limit)
-    else:
-        return
-    if blocks > limit:
-        raise InvalidImageError(f"{fmt} image has more than {limit:,} {what} ({len(data):,} bytes; images hold a "
-                                "few): each costs time to read, so Pictor refuses such a file")
+        _check_png_chunks(data)
+    elif data.startswith(b"GIF8"):
+        _check_gif_blocks(data)
 
 
-def _jpeg_segments(data: bytes, limit: int = _MAX_BLOCKS) -> Iterator[tuple[int, int]]:
-    """(marker, position) of a JPEG's segments up to its first scan (SOS, included), at most
-    ``limit`` + 1 of them; fewer where the header is damaged (the decoder will say so)."""
-    pos = 2
-    for _ in range(limit + 1):
-        while pos + 1 < len(data) and data[pos] == 0xFF and data[pos + 1] == 0xFF:  # fill bytes
-            pos += 1
-        if pos + 4 >= len(data) or data[pos] != 0xFF:
+def _block_limit(data: bytes) -> int:
+    return _MAX_BLOCKS + len(data) // _BYTES_PER_BLOCK
+
+
+def _too_many(fmt: str, what: str, data: bytes) -> InvalidImageError:
+    return InvalidImageError(f"{fmt} image has more than {_block_limit(data):,} {what} ({len(data):,} bytes; "
+                             "images hold a few): each costs time to read, so Pictor refuses such a file")
+
+
+def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int]]:
+    """(marker, position of its FF) of a JPEG's segments up to its first scan (SOS, included);
+    fewer where the header is damaged (the decoder will say so). More segments and stray bytes
+    than ``_block_limit`` raise ``InvalidImageError``."""
+    limit, pos, steps = _block_limit(data), 2, 0
+    while (at := data.find(b"\xff", pos)) >= 0:
+        run = _FILL.match(data, at)
+        seg = run.end() - 1 if run else at  # the last FF of a run of fill bytes
+        steps += 1 + seg - pos  # this segment and each stray or fill byte before it
+        if steps > limit:
+            raise _too_many("JPEG", "segments or stray bytes before its first scan", data)
+        if seg + 4 >= len(data):
             return
-        yield data[pos + 1], pos
-        if data[pos + 1] == 0xDA:
+        marker = data[seg + 1]
+        if marker == 0x00:  # a stray FF 00
+            pos = seg + 2
+            continue
+        yield marker, seg
+        if marker == 0xDA:
             return
-        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        pos = seg + 2 + int.from_bytes(data[seg + 2:seg + 4], "big")
 
 
-def _png_chunks(data: bytes, limit: int) -> int:
-    """A PNG's chunks up to IEND, counted up to ``limit`` + 1."""
-    pos, chunks = 8, 0
-    while pos + 8 <= len(data) and chunks <= limit:
+def _check_png_chunks(data: bytes) -> None:
+    """A PNG's chunks as Pillow reads them: up to IEND, or to the second frame of an APNG."""
+    limit, pos, chunks, pixels_seen = _block_limit(data), 8, 0, False
+    while pos + 8 <= len(data):
         chunks += 1
-        if data[pos + 4:pos + 8] == b"IEND":
-            break
+        if chunks > limit:
+            raise _too_many("PNG", "chunks", data)
+        kind = data[pos + 4:pos + 8]
+        if kind == b"IEND" or (kind == b"fcTL" and pixels_seen):
+            return
+        pixels_seen = pixels_seen or kind == b"IDAT"
         pos += 12 + int.from_bytes(data[pos:pos + 4], "big")  # length, type, data, CRC
-    return chunks
 
 
-def _gif_blocks(data: bytes, limit: int) -> int:
-    """A GIF's extensions and their sub-blocks before its first image, counted up to ``limit`` + 1."""
-    pos, blocks = 13, 0  # after the header and the logical screen descriptor
-    if data[10] & 0x80:  # a global colour table
+def _check_gif_blocks(data: bytes) -> None:
+    """A GIF's extensions, their sub-blocks and stray bytes before its first image."""
+    limit, pos, blocks = _block_limit(data), 13, 0  # after the header and the logical screen descriptor
+    if len(data) > 10 and data[10] & 0x80:  # a global colour table
         pos += 3 << ((data[10] & 7) + 1)
-    while pos + 1 < len(data) and data[pos] == 0x21 and blocks <= limit:  # an extension: label, sub-blocks, 0
-        pos += 2
-        while pos < len(data) and data[pos] and blocks <= limit:
-            blocks += 1
-            pos += data[pos] + 1
+    while pos < len(data) and data[pos] not in (0x2C, 0x3B):  # the first image, or the end
         blocks += 1
-        pos += 1
-    return blocks
+        if data[pos] == 0x21:  # an extension: its label, then sub-blocks up to an empty one
+            pos += 2
+            while pos < len(data) and data[pos] and blocks <= limit:
+                blocks += 1
+                pos += data[pos] + 1
+        pos += 1  # past the empty sub-block, or a stray byte (Pillow reads past it one at a time)
+        if blocks > limit:
+            raise _too_many("GIF", "blocks or stray bytes before its first image", data)
 
 
 def _jpeg_holds_whole_image(data: bytes) -> bool:
@@ -419,7 +446,7 @@ def _jpeg_holds_whole_image(data: bytes) -> bool:
     progressive, or a first scan without every component (a sequential JPEG of several scans).
     A 1 KB progressive file claiming 50000x50000 decodes at 1/8 under the cap, in 7 GB."""
     components = 0
-    for marker, pos in _jpeg_segments(data):
+    for marker, pos in _jpeg_segments(data):  # (as many as _check_blocks let through)
         if marker in _PROGRESSIVE_SOF:
             return True
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and pos + 9 < len(data):

@@ -73,8 +73,13 @@ def _errors_named(p: Path) -> Iterator[None]:
 
 def path_text(text: str | os.PathLike[str]) -> str:
     """A path (or a message naming one) as valid Unicode: bytes of a file name that are not
-    UTF-8, which Python keeps as lone surrogates that strict JSON parsers refuse, as \\xNN."""
-    return os.fspath(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    UTF-8, which Python keeps as lone surrogates that strict JSON parsers refuse, as \\xNN (and
+    any other lone surrogate, which no file name gives but a JSONL manifest may, as \\udNNN)."""
+    text = os.fspath(text)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def one_line(text: str | os.PathLike[str]) -> str:

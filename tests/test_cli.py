@@ -156,6 +156,8 @@ def test_keys_that_are_not_utf8_are_named(capsys: pytest.CaptureFixture[str]) ->
     for command in (["get", key], ["delete", key], ["search", "--key", key]):
         assert main([*command, "--target", "127.0.0.1:9"]) == 2
         assert "'g1/red/\\xff\\xfe.jpg' is not UTF-8 text" in capsys.readouterr().err
+    assert main(["get", "k\ud800", "--target", "127.0.0.1:9"]) == 2  # a lone surrogate no file name gives
+    assert "'k\\ud800' is not UTF-8 text" in capsys.readouterr().err
     assert main(["backup", key, "elsewhere"]) == 2  # any error naming such a path: \xNN, not \udcNN
     assert capsys.readouterr().err == "pictor backup: error: index directory g1/red/\\xff\\xfe.jpg does not exist\n"
 

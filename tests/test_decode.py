@@ -163,11 +163,24 @@ def test_icc_profile_converted_to_srgb(fmt: str) -> None:
     assert close_to(out.getpixel((8, 8)), BLUE, 40)
 
 
-def test_icc_profile_with_alpha_converted_then_composited() -> None:
-    im = Image.new("RGBA", (16, 16), (*RED, 255))
-    im.putpixel((0, 0), (*RED, 0))
-    out = decode_image(encode(im, "PNG", icc_profile=swapped_primaries_profile()))
-    assert close_to(out.getpixel((8, 8)), BLUE, 40) and out.getpixel((0, 0)) == WHITE
+@pytest.mark.parametrize("transparency", ["alpha", "colour key"])
+def test_icc_profile_with_transparency_composited_then_converted(transparency: str) -> None:
+    if transparency == "alpha":
+        im = Image.new("RGBA", (16, 16), (*RED, 255))
+        im.putpixel((0, 0), (*RED, 0))
+        data = encode(im, "PNG", icc_profile=swapped_primaries_profile())
+    else:  # the key's pixels are see-through: white, not converted from the key's colour
+        im = Image.new("RGB", (16, 16), RED)
+        im.putpixel((0, 0), (0, 255, 0))
+        data = encode(im, "PNG", icc_profile=swapped_primaries_profile(), transparency=(0, 255, 0))
+    out = decode_image(data)
+    assert close_to(out.getpixel((8, 8)), BLUE, 40) and close_to(out.getpixel((0, 0)), WHITE, 2)
+
+
+def test_icc_profile_of_a_palette_image_converted() -> None:
+    out = decode_image(encode(Image.new("RGB", (16, 16), RED).convert("P"), "PNG",
+                              icc_profile=swapped_primaries_profile()))
+    assert close_to(out.getpixel((8, 8)), BLUE, 40)
 
 
 @pytest.mark.parametrize("icc", [ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes(),
@@ -367,16 +380,19 @@ def test_jpeg_of_too_many_scans_refused() -> None:
 
 
 def test_large_progressive_jpeg_gets_fewer_scans(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A 40 MP file of 250 scans decoded in 7 s: scans x pixels is bounded too (this image as
-    # large as the bound makes a 40 MP one), never below 32 scans.
+    # A 40 MP file of 250 scans decoded in 7 s: scans x pixels is bounded too (here as if this
+    # image were 5/3 of the default cap: 38 scans), never below 32 scans.
     data = encode(Image.new("RGB", (64, 48), RED), "JPEG", progressive=True)
     first = data.index(b"\xff\xda")
     scans = data[first:-2]
     many = data[:first] + scans * (40 // scans.count(b"\xff\xda") + 1) + b"\xff\xd9"
     assert decode_image(many).size == (64, 48)
-    monkeypatch.setattr(decode, "JPEG_SCAN_PIXELS", 64 * 64 * 48 // 2)
-    with pytest.raises(InvalidImageError, match=r"JPEG image has \d+ scans, more than the 32 Pictor decodes for "
+    monkeypatch.setattr(decode, "JPEG_SCAN_PIXELS", 38 * 64 * 48)
+    with pytest.raises(InvalidImageError, match=r"JPEG image has \d+ scans, more than the 38 Pictor decodes for "
                                                 r"3,072 pixels"):
+        decode_image(many)
+    monkeypatch.setattr(decode, "JPEG_SCAN_PIXELS", 1)  # the floor
+    with pytest.raises(InvalidImageError, match=r"more than the 32 Pictor decodes"):
         decode_image(many)
     assert decode_image(data).size == (64, 48)
 
@@ -385,21 +401,45 @@ def png_chunk(kind: bytes, body: bytes = b"") -> bytes:
     return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF"])
-def test_files_of_millions_of_tiny_blocks_refused_before_pillow_reads_them(fmt: str) -> None:
-    # Pillow walks segments, chunks and blocks one by one in Python: a 60 MB PNG of 5 million
-    # empty chunks took 28 s and 0.7 GB. A few are fine; 6,000 empty ones in a tiny image are not.
+def gif_table_end(data: bytes) -> int:
+    return 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)  # header, screen, colours
+
+
+@pytest.mark.parametrize("case", ["JPEG comments", "JPEG fill bytes", "PNG chunks", "GIF comments",
+                                  "GIF stray bytes"])
+def test_files_of_millions_of_tiny_blocks_refused_before_pillow_reads_them(case: str) -> None:
+    # Pillow walks segments, chunks and blocks (and stray bytes) one by one in Python: a 60 MB
+    # PNG of 5 million empty chunks took 28 s and 0.7 GB. A few are fine; 6,000 in a tiny image are not.
+    fmt = case.split()[0]
     data = encode(Image.new("RGB" if fmt != "GIF" else "P", (8, 8)), fmt)
-    gif_table_end = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)  # header, screen, colours
     with_blocks, what = {
-        "JPEG": (lambda n: data[:2] + b"\xff\xfe\x00\x02" * n + data[2:], "segments before its first scan"),  # comments
-        "PNG": (lambda n: data[:33] + png_chunk(b"prVt") * n + data[33:], "chunks"),  # private chunks after IHDR
-        "GIF": (lambda n: data[:gif_table_end] + b"\x21\xfe\x00" * n + data[gif_table_end:],  # comment extensions
-                "blocks before its first image"),
-    }[fmt]
+        "JPEG comments": (lambda n: data[:2] + b"\xff\xfe\x00\x02" * n + data[2:], "segments or stray bytes"),
+        "JPEG fill bytes": (lambda n: data[:2] + b"\xff" * n + data[2:], "segments or stray bytes"),
+        "PNG chunks": (lambda n: data[:33] + png_chunk(b"prVt") * n + data[33:], "chunks"),  # after IHDR
+        "GIF comments": (lambda n: data[:gif_table_end(data)] + b"\x21\xfe\x00" * n + data[gif_table_end(data):],
+                         "blocks or stray bytes"),
+        "GIF stray bytes": (lambda n: data[:gif_table_end(data)] + b"\x00" * n + data[gif_table_end(data):],
+                            "blocks or stray bytes"),
+    }[case]
     assert decode_image(with_blocks(10)).size == (8, 8)
     with pytest.raises(InvalidImageError, match=f"{fmt} image has more than [0-9,]+ {what} .* Pictor refuses"):
         decode_image(with_blocks(6000))
+
+
+def test_animated_png_of_many_frames_is_not_refused() -> None:
+    # Pillow reads an APNG's chunks up to its second frame: the others are not counted.
+    frames = [Image.new("RGB", (8, 8), (i % 256, i // 256, 0)) for i in range(3000)]
+    data = encode(frames[0], "PNG", save_all=True, append_images=frames[1:])
+    assert data.count(b"fcTL") == 3000 and decode_image(data).getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_a_progressive_jpeg_behind_thousands_of_segments_still_counts_at_full_size() -> None:
+    # The walk that finds a progressive JPEG stopped at 4,096 segments while the check before it let
+    # more through: 4,200 comments hid the progressive header, and the full-size count with it.
+    data = encode(Image.new("RGB", (64, 48), RED), "JPEG", progressive=True)
+    comment = b"\xff\xfe\x04\x02" + bytes(1024)  # 1 KB each: the file stays within the limit
+    padded = data[:2] + comment * 4200 + data[2:]
+    assert decode._jpeg_holds_whole_image(padded)
 
 
 def test_tiff_of_too_many_strips_refused() -> None:

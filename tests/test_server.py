@@ -440,6 +440,11 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     typed = "new/caf\u00e9.png"
     assert pictor("get", typed, "--target", server.target).stdout == "new/cafe\u0301.png\n"
     assert "new/cafe\u0301.png" in pictor("search", "--key", typed, "-k", "1", "--target", server.target).stdout
+    # Both spellings held (copies from two machines): the key typed names one item, not both.
+    (tmp_path / "new" / "caf\u00e9.png").write_bytes(drawn_image(9))
+    pictor("add", "new/caf\u00e9.png", "--target", server.target, cwd=tmp_path)
+    assert pictor("delete", "./new/caf\u00e9.png", "--target", server.target).stdout == "deleted 1\n"
+    assert pictor("get", typed, "--target", server.target).stdout == "new/cafe\u0301.png\n"
     assert pictor("delete", typed, "--target", server.target).stdout == "deleted 1\n"
     named_twice = pictor("delete", "./new//x.png", "new/x.png", "--json", "--target", server.target).stdout
     assert json.loads(named_twice) == {"deleted": 1, "missing": []}  # one item, named two ways
