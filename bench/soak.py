@@ -10,9 +10,11 @@ checks that each is refused as a bad request or a missing key; a prober sends a 
 every 0.2 s. Every ``--sample-every`` seconds a row: calls answered, the server's resident
 memory, threads and open files, the size of its SQLite write-ahead log and of the whole index
 folder, and the health checks' p99. At the end every ``soak/`` key is read back (present with
-the vector last written, or absent when last deleted), the server's log is searched for
-tracebacks, and the server is stopped with SIGTERM (its exit status and how long it took).
-Exits 1 when anything was wrong: an unexpected error, a wrong key, a traceback, a bad exit.
+the vector and attributes last written and found by a search for that vector, or absent when
+last deleted), through the server and again from the index opened anew once the server has
+stopped with SIGTERM (its exit status and how long it took); the server's log is searched for
+tracebacks. Exits 1 when anything was wrong: an unexpected error, a wrong key, a traceback, a
+bad exit.
 
 Run from the project root, under the shared CPU lock::
 
@@ -38,11 +40,13 @@ import numpy as np
 from PIL import Image
 
 from pictor.client import PictorClient, UpsertItem
+from pictor.core.store import IndexStore
 from pictor.errors import InvalidRequestError, NotFoundError, PictorError
 
 from common import SAMPLE, machine_line, parser, served
 
 WRITE_KEYS = 64  # soak/0 .. soak/63, written and deleted over and over
+Written = tuple[np.ndarray, dict[str, str]]  # what an acknowledged upsert left: vector, attributes
 
 
 class Tally:
@@ -96,26 +100,27 @@ def reader(client: PictorClient, tally: Tally, images: list[bytes], keys: list[s
 
 
 def writer(client: PictorClient, tally: Tally, images: list[bytes], embeddings: list[np.ndarray],
-           truth: dict[str, np.ndarray | None], unsure: set[str], stop: threading.Event, seed: int) -> None:
-    """Upserts and deletes ``soak/`` keys; ``truth`` holds what each acknowledged call left (None:
-    deleted), ``unsure`` the keys of calls that failed (they may or may not have been applied).
-    ``embeddings``: each image's, as Embed answered it alone (what Upsert stores)."""
+           truth: dict[str, Written | None], unsure: set[str], stop: threading.Event, seed: int) -> None:
+    """Upserts and deletes ``soak/`` keys; ``truth`` holds what each acknowledged call left
+    (vector and attributes; None: deleted), ``unsure`` the keys of calls that failed (they may
+    or may not have been applied). ``embeddings``: each image's, as Embed answered it alone
+    (what Upsert stores)."""
     dim = len(embeddings[0])
     rng = np.random.default_rng(seed)
     while not stop.is_set():
         key = f"soak/{rng.integers(WRITE_KEYS)}"
-        after: np.ndarray | None
+        after: Written | None
         call: Callable[[], object]
         if (roll := rng.random()) < 0.3:
             kind, call, after = "Delete", partial(client.delete, [key]), None
         elif roll < 0.45:  # an image, which the server embeds
             i = int(rng.integers(len(images)))
-            after = embeddings[i]
+            after = (embeddings[i], {})
             kind, call = "Upsert image", partial(client.upsert, [UpsertItem(key, image=images[i], label="soak")])
         else:
-            after = rng.standard_normal(dim).astype(np.float32)
-            after /= np.linalg.norm(after)
-            item = UpsertItem(key, vector=after, label="soak", attributes={"n": str(rng.integers(1000))})
+            vector = rng.standard_normal(dim).astype(np.float32)
+            after = (vector / np.linalg.norm(vector), {"n": str(rng.integers(1000))})
+            item = UpsertItem(key, vector=after[0], label="soak", attributes=after[1])
             kind, call = "Upsert vector", partial(client.upsert, [item])
         if tally.call(kind, call) is None:
             unsure.add(key)
@@ -166,19 +171,37 @@ def _size(path: Path) -> int:
         return 0
 
 
-def check_writes(client: PictorClient, truth: dict[str, np.ndarray | None], unsure: set[str]) -> tuple[int, int]:
-    """(keys checked, keys wrong): an acknowledged key must hold its last vector, a deleted one be gone."""
-    checked = sorted(set(truth) - unsure)
-    items, missing = client.get(checked, vectors=True)
-    stored = {it.key: np.asarray(it.vector, dtype=np.float32) for it in items}
+def wrong_keys(truth: dict[str, Written | None], stored: dict[str, Written], nearest: dict[str, float]) -> int:
+    """Keys of ``truth`` that ``stored`` (key -> vector, attributes) does not hold as the last
+    acknowledged call left them (None: deleted), or whose vector the index does not find
+    (``nearest``: the score of the nearest item to each held key's vector, 1.0 on an exact index)."""
     wrong = 0
-    for key in checked:
-        want = truth[key]
-        if want is None:
-            wrong += key not in missing
+    for key, want in truth.items():
+        got = stored.get(key)
+        if want is None or got is None:
+            wrong += (want is None) != (got is None)
         else:
-            wrong += key not in stored or not np.allclose(stored[key], want, atol=1e-4)
-    return len(checked), wrong
+            wrong += not np.allclose(got[0], want[0], atol=1e-4) or got[1] != want[1] or nearest[key] < 1 - 1e-4
+    return wrong
+
+
+def served_writes(client: PictorClient, truth: dict[str, Written | None]) -> int:
+    """Keys wrong as the server answers Get and Search by vector."""
+    items, _ = client.get(list(truth), vectors=True)
+    stored = {it.key: (np.asarray(it.vector, np.float32), it.attributes) for it in items}
+    nearest = {key: client.search(vector=want[0], k=1)[0].score for key, want in truth.items() if want is not None}
+    return wrong_keys(truth, stored, nearest)
+
+
+def stored_writes(index: Path, truth: dict[str, Written | None]) -> int:
+    """Keys wrong in the index opened anew after the server has stopped."""
+    with IndexStore.open(index) as store:
+        got = store.get(list(truth), vectors=True)
+        assert got.vectors is not None
+        stored = {it.key: (vector, dict(it.attributes)) for it, vector in zip(got.items, got.vectors, strict=True)}
+        held = {key: want[0] for key, want in truth.items() if want is not None}
+        hits = store.search(np.stack(list(held.values())), 1) if held else []
+    return wrong_keys(truth, stored, {key: h[0].score for key, h in zip(held, hits, strict=True)})
 
 
 def jpeg_bytes(png: Path) -> bytes:
@@ -210,7 +233,7 @@ def main() -> None:
             dim = len(embeddings[0])
             tally, stop = Tally(), threading.Event()
             health_ms: list[float] = []
-            truth: dict[str, np.ndarray | None] = {}
+            truth: dict[str, Written | None] = {}
             unsure: set[str] = set()
             threads = [threading.Thread(target=reader, args=(client, tally, images, keys, vectors, stop, args.seed + i))
                        for i in range(args.readers)]
@@ -240,7 +263,9 @@ def main() -> None:
             stop.set()
             for t in threads:
                 t.join()
-            checked, wrong = check_writes(client, truth, unsure)
+            for key in unsure:
+                truth.pop(key, None)
+            wrong_served = served_writes(client, truth)
         stopped = time.monotonic()
         server.send_signal(signal.SIGTERM)
         try:
@@ -249,6 +274,7 @@ def main() -> None:
             exit_code = None
         stop_s = time.monotonic() - stopped
         tracebacks = (Path(tmp) / "server.log").read_text(errors="replace").count("Traceback")
+        wrong_stored = stored_writes(index, truth)
 
     print("\n| call | answered | p50 ms | p99 ms | errors |")
     print("|---|---:|---:|---:|---|")
@@ -257,12 +283,12 @@ def main() -> None:
         errors = ", ".join(f"{name} {n}" for name, n in sorted(tally.errors[kind].items())) or "-"
         print(f"| {kind} | {len(tally.took.get(kind, [])):,} | {np.percentile(took, 50):.1f} | "
               f"{np.percentile(took, 99):.1f} | {errors} |")
-    problems = tally.unexpected() + wrong + tracebacks + (exit_code != 0)
+    problems = tally.unexpected() + wrong_served + wrong_stored + tracebacks + (exit_code != 0)
     print(f"\nRSS: {rss[0]:.0f} MiB at the first row, {rss[-1]:.0f} at the last ({rss[-1] - rss[0]:+.0f}), "
           f"at most {max(rss):.0f}; health checks: {len(health_ms):,}, failed {sum(np.isinf(health_ms))}")
-    print(f"acknowledged writes: {checked} soak keys checked, {wrong} wrong ({len(unsure)} left out: "
-          f"their last call failed); tracebacks in the server's log: {tracebacks}; SIGTERM: exit "
-          f"{exit_code} in {stop_s:.1f} s")
+    print(f"acknowledged writes: {len(truth)} soak keys checked, {wrong_served} wrong through the server, "
+          f"{wrong_stored} in the index reopened after the stop ({len(unsure)} left out: their last call "
+          f"failed); tracebacks in the server's log: {tracebacks}; SIGTERM: exit {exit_code} in {stop_s:.1f} s")
     print("verdict:", "ok" if problems == 0 else f"{problems} problems")
     sys.exit(1 if problems else 0)
 

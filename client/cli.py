@@ -468,8 +468,8 @@ def _check_files_to_add(paths: Sequence[str]) -> None:
     if len(problems) == 1:
         raise problems[0]
     if problems:
-        raise InvalidRequestError(f"{len(problems)} of the {len(paths)} files cannot be added, so none was:\n"
-                                  + "\n".join(f"  {e}" for e in problems))
+        raise InvalidRequestError(f"{len(problems)} of the {len(paths)} files cannot be added, so none was: "
+                                  + "; ".join(map(str, problems)))
 
 
 @_guard_unreachable

@@ -97,6 +97,9 @@ _MIN_JPEG_SCANS = 32  # whatever the image's size: what encoders write, with roo
 # a file of more than this many, and one per KB beyond them, is refused before Pillow opens it.
 _MAX_BLOCKS = 4096
 _BYTES_PER_BLOCK = 1024  # libpng writes 8 KB chunks of pixels
+# A GIF's blocks cost Pillow under 1 us each, and an XMP packet is written as one sub-block per
+# ~33 bytes (its bytes read as lengths): one per 16 bytes.
+_GIF_BYTES_PER_BLOCK = 16
 _FILL = re.compile(rb"\xff+")  # a JPEG's fill bytes before a marker
 # SOF markers of progressive JPEGs (Huffman and arithmetic coded).
 _PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
@@ -224,25 +227,37 @@ def in_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
 
 def _to_srgb_transform(icc: bytes) -> ImageCms.ImageCmsTransform | None:
     """The transform from the profile ``icc`` to sRGB, built once per profile (milliseconds),
-    or None: the profile says it is sRGB (most do: no work), it is not an RGB profile, or
-    LittleCMS cannot read it (the pixels kept as they are rather than the image refused)."""
+    or None: the profile is sRGB in effect (most are: no work), not an RGB profile, or one
+    LittleCMS cannot read (the pixels kept as they are rather than the image refused)."""
     digest = hashlib.sha256(icc).digest()  # (a key of the profile itself would hold up to 16 MB)
     if digest not in _transforms:
         if len(_transforms) >= _MAX_TRANSFORMS:  # a gallery holds a few profiles; a flood of new ones
             _transforms.clear()
+        transform = None
         try:
             profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-            as_is = profile.profile.xcolor_space != "RGB " or "sRGB" in ImageCms.getProfileDescription(profile)
-            _transforms[digest] = None if as_is else ImageCms.buildTransform(profile, _SRGB, "RGB", "RGB",
-                                                                              flags=_TRANSFORM_FLAGS)
+            if profile.profile.xcolor_space == "RGB ":
+                transform = ImageCms.buildTransform(profile, _SRGB, "RGB", "RGB", flags=_TRANSFORM_FLAGS)
         except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as e:
             log.debug("ICC profile ignored: %s", e)
+        if transform is not None and _moves_colours(transform):
+            _transforms[digest] = transform
+        else:
             _transforms[digest] = None
     return _transforms[digest]
 
 
+def _moves_colours(transform: ImageCms.ImageCmsTransform) -> bool:
+    """Whether ``transform`` changes some colour of a grid of 4,096 by more than 2 levels: the
+    sRGB profiles cameras and editors embed (under a dozen names) move none by more than 1,
+    the nearest other one of the flower photos' profiles 9 levels, Adobe RGB 136."""
+    return bool(np.abs(np.asarray(transform.apply(_PROBE), np.int16) - _PROBE_PIXELS).max() > 2)
+
+
 _transforms: dict[bytes, ImageCms.ImageCmsTransform | None] = {}  # by the profile's sha256
 _MAX_TRANSFORMS = 64
+_PROBE_PIXELS = np.stack(np.meshgrid(*[np.arange(0, 256, 17, dtype=np.int16)] * 3, indexing="ij"), -1).reshape(1, -1, 3)
+_PROBE = Image.fromarray(_PROBE_PIXELS.astype(np.uint8), "RGB")
 _SRGB = ImageCms.createProfile("sRGB")
 # NOCACHE: no last pixel kept in the transform, which threads decoding at once would share;
 # HIGHRESPRECALC: a lookup table, the same pixels as without it on the flower photos' profiles,
@@ -358,8 +373,10 @@ def _tiff_chunks(data: bytes) -> int:
 
 
 def _check_scans(data: bytes, pixels: int) -> None:
-    # Entropy-coded data stuffs a 0x00 after each 0xFF, so every FF DA in the file is a marker.
-    scans = data.count(b"\xff\xda")
+    # Entropy-coded data stuffs a 0x00 after each 0xFF, so every FF DA from the first scan on is
+    # a marker (not before it: an ICC profile's bytes in APP2 segments hold FF DA too).
+    first = next((pos for marker, pos in _jpeg_segments(data) if marker == 0xDA), len(data))
+    scans = data.count(b"\xff\xda", first)
     limit = min(MAX_JPEG_SCANS, max(_MIN_JPEG_SCANS, JPEG_SCAN_PIXELS // max(1, pixels)))
     if scans > limit:
         raise InvalidImageError(f"JPEG image has {scans:,} scans, more than the {limit} Pictor decodes for "
@@ -378,13 +395,13 @@ def _check_blocks(data: bytes) -> None:
         _check_gif_blocks(data)
 
 
-def _block_limit(data: bytes) -> int:
-    return _MAX_BLOCKS + len(data) // _BYTES_PER_BLOCK
+def _block_limit(data: bytes, bytes_per_block: int = _BYTES_PER_BLOCK) -> int:
+    return _MAX_BLOCKS + len(data) // bytes_per_block
 
 
-def _too_many(fmt: str, what: str, data: bytes) -> InvalidImageError:
-    return InvalidImageError(f"{fmt} image has more than {_block_limit(data):,} {what} ({len(data):,} bytes; "
-                             "images hold a few): each costs time to read, so Pictor refuses such a file")
+def _too_many(fmt: str, what: str, limit: int, data: bytes) -> InvalidImageError:
+    return InvalidImageError(f"{fmt} image has more than {limit:,} {what} ({len(data):,} bytes; images hold "
+                             "a few): each costs time to read, so Pictor refuses such a file")
 
 
 def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int]]:
@@ -397,7 +414,7 @@ def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int]]:
         seg = run.end() - 1 if run else at  # the last FF of a run of fill bytes
         steps += 1 + seg - pos  # this segment and each stray or fill byte before it
         if steps > limit:
-            raise _too_many("JPEG", "segments or stray bytes before its first scan", data)
+            raise _too_many("JPEG", "segments or stray bytes before its first scan", limit, data)
         if seg + 4 >= len(data):
             return
         marker = data[seg + 1]
@@ -416,7 +433,7 @@ def _check_png_chunks(data: bytes) -> None:
     while pos + 8 <= len(data):
         chunks += 1
         if chunks > limit:
-            raise _too_many("PNG", "chunks", data)
+            raise _too_many("PNG", "chunks", limit, data)
         kind = data[pos + 4:pos + 8]
         if kind == b"IEND" or (kind == b"fcTL" and pixels_seen):
             return
@@ -426,7 +443,7 @@ def _check_png_chunks(data: bytes) -> None:
 
 def _check_gif_blocks(data: bytes) -> None:
     """A GIF's extensions, their sub-blocks and stray bytes before its first image."""
-    limit, pos, blocks = _block_limit(data), 13, 0  # after the header and the logical screen descriptor
+    limit, pos, blocks = _block_limit(data, _GIF_BYTES_PER_BLOCK), 13, 0  # after the header and screen descriptor
     if len(data) > 10 and data[10] & 0x80:  # a global colour table
         pos += 3 << ((data[10] & 7) + 1)
     while pos < len(data) and data[pos] not in (0x2C, 0x3B):  # the first image, or the end
@@ -438,7 +455,7 @@ def _check_gif_blocks(data: bytes) -> None:
                 pos += data[pos] + 1
         pos += 1  # past the empty sub-block, or a stray byte (Pillow reads past it one at a time)
         if blocks > limit:
-            raise _too_many("GIF", "blocks or stray bytes before its first image", data)
+            raise _too_many("GIF", "blocks or stray bytes before its first image", limit, data)
 
 
 def _jpeg_holds_whole_image(data: bytes) -> bool:

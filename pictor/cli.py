@@ -21,7 +21,7 @@ from typing import Any
 from pictor import __version__
 from pictor.config import unknown_env_names
 from pictor.errors import MissingExtraError, PictorError, notes_text
-from pictor.image_files import one_line, path_text
+from pictor.image_files import one_line
 
 # The modules that contribute subcommands, in --help order.
 _PARTS = (
@@ -92,8 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{command}: {e}", file=sys.stderr)
         return 3
     except PictorError as e:
-        # (a path of bytes that are not UTF-8 as \xNN, as the log writes it, not as \udcNN)
-        print(path_text(f"{command}: error: {e}{notes_text(e)}"), file=sys.stderr)
+        # One line, as the log writes it: a path's bytes that are not UTF-8 as \xNN, its line
+        # breaks as \n (a key or file name cannot forge a line of its own).
+        print(one_line(f"{command}: error: {e}{notes_text(e)}"), file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `pictor models | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -160,6 +160,8 @@ def test_keys_that_are_not_utf8_are_named(capsys: pytest.CaptureFixture[str]) ->
     assert "'k\\ud800' is not UTF-8 text" in capsys.readouterr().err
     assert main(["backup", key, "elsewhere"]) == 2  # any error naming such a path: \xNN, not \udcNN
     assert capsys.readouterr().err == "pictor backup: error: index directory g1/red/\\xff\\xfe.jpg does not exist\n"
+    assert main(["backup", "idx\nINFO pictor: backed up", "elsewhere"]) == 2  # nor forge a line of its own
+    assert capsys.readouterr().err == "pictor backup: error: index directory idx\\nINFO pictor: backed up does not exist\n"
 
 
 def test_library_warnings_are_log_lines() -> None:

@@ -183,8 +183,11 @@ def test_icc_profile_of_a_palette_image_converted() -> None:
     assert close_to(out.getpixel((8, 8)), BLUE, 40)
 
 
-@pytest.mark.parametrize("icc", [ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes(),
-                                 b"not a profile" * 10], ids=["srgb", "unreadable"])
+SRGB_ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+@pytest.mark.parametrize("icc", [SRGB_ICC, SRGB_ICC.replace("sRGB".encode("utf-16-be"), "mine".encode("utf-16-be")),
+                                 b"not a profile" * 10], ids=["srgb", "srgb named otherwise", "unreadable"])
 def test_srgb_or_unreadable_profile_leaves_pixels_as_stored(icc: bytes) -> None:
     stored = halves(RED, BLUE)
     out = decode_image(encode(stored, "PNG", icc_profile=icc))
@@ -395,6 +398,11 @@ def test_large_progressive_jpeg_gets_fewer_scans(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(InvalidImageError, match=r"more than the 32 Pictor decodes"):
         decode_image(many)
     assert decode_image(data).size == (64, 48)
+    # Scans are counted from the first one: an ICC profile's bytes (in APP2 segments, before it)
+    # hold FF DA too, and a 30 MP photo with a 6 MB profile was refused.
+    profiled = encode(Image.new("RGB", (64, 48), RED), "JPEG", progressive=True,
+                      icc_profile=SRGB_ICC + b"\xff\xda" * 100)
+    assert decode_image(profiled).size == (64, 48)
 
 
 def png_chunk(kind: bytes, body: bytes = b"") -> bytes:
@@ -424,6 +432,14 @@ def test_files_of_millions_of_tiny_blocks_refused_before_pillow_reads_them(case:
     assert decode_image(with_blocks(10)).size == (8, 8)
     with pytest.raises(InvalidImageError, match=f"{fmt} image has more than [0-9,]+ {what} .* Pictor refuses"):
         decode_image(with_blocks(6000))
+
+
+def test_gif_with_a_large_xmp_packet_is_not_refused() -> None:
+    # XMP in a GIF is an application extension whose bytes read as sub-block lengths: a 1.8 MB
+    # packet indented with spaces is 55,000 sub-blocks of 33 bytes, which Pillow reads in 0.04 s.
+    data = encode(Image.new("P", (8, 8)), "GIF")
+    xmp = b"\x21\xff\x0bXMP DataXMP" + (b" " * 33) * 55_000 + bytes(range(255, -1, -1)) + b"\x00"
+    assert decode_image(data[:gif_table_end(data)] + xmp + data[gif_table_end(data):]).size == (8, 8)
 
 
 def test_animated_png_of_many_frames_is_not_refused() -> None:

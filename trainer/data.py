@@ -53,7 +53,7 @@ def load_samples(data: str | Path) -> list[Sample]:
         if unreadable := [f"{name} ({why})" for name in empty if (why := _unreadable(Path(data) / name))]:
             # A class lost to its permissions would leave the model a class short, unsaid.
             raise InvalidRequestError(f"class folders of {data} that cannot be read: {', '.join(unreadable)}; fix "
-                                      f"their permissions, or move them out of {data} to train without them")
+                                      f"their permissions, or move them out of {data}")
         log.warning("folders in %s with no images, so not classes: %s", data, ", ".join(empty))
     _refuse_repeats(samples)
     return sorted(samples, key=lambda s: (s.label, str(s.path)))
