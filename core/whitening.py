@@ -34,8 +34,9 @@ class PCAWhitening:
     """PCA-whitening of embeddings, fitted on a gallery sample, then L2 re-normalised.
 
     A known gain for retrieval with CNN features: it decorrelates dimensions and down-weights
-    the dominant, "bursty" ones. Fit once on a sample of gallery embeddings, keep
-    ``to_dict()`` next to the index, and apply the same transform to gallery and queries.
+    the dominant, "bursty" ones. Fit once on a sample of gallery embeddings, ``save(dir)``
+    it next to the index (``whitening.npz``; ``load(dir, spec)`` reads it), and apply the same
+    transform to gallery and queries.
     """
 
     mean: np.ndarray  # [dim]
