@@ -544,7 +544,7 @@ def run_list(args: argparse.Namespace) -> int:
             if last is not None:
                 # (--after=KEY: a key that starts with "-" would read as an option)
                 e.add_note(f"the listing stopped after the key printed last: to go on, run it again with "
-                           f"--after={shlex.quote(last)}")
+                           f"--after={_shell_word(last)}")
             raise
         listed = last is not None
         no_such = _no_such_labels(client, args.label)  # (a typo: as search says it)
@@ -569,6 +569,15 @@ def _report_missing(args: argparse.Namespace, missing: Sequence[str]) -> int:
     return 0
 
 
+def _shell_word(text: str) -> str:
+    """``text`` as one word for a POSIX shell to pass on as it is: quoted, and with a line break
+    or other control character, in bash's $'...' with it escaped (an error message is one line)."""
+    if first_control_character(text) is None:
+        return shlex.quote(text)
+    return "$'" + "".join(f"\\u{ord(ch):04x}" if first_control_character(ch) else "\\" + ch if ch in "\\'" else ch
+                          for ch in text) + "'"
+
+
 def _other_spellings(key: str) -> list[str]:
     """How else an index may hold ``key``: in the form `pictor add` and `pictor index` store a
     path (photos/a.jpg for ./photos//a.jpg), and that in Unicode's composed and decomposed
@@ -586,7 +595,8 @@ def _found_otherwise(keys: Sequence[str], missing: Sequence[str],
     deletes the others). A key's spellings are asked in turn, up to the first held: a key names
     one item, even where the index holds two that look alike. A spelling asked already is not
     asked again (one item named two ways is one item)."""
-    held = {key: key not in missing for key in keys}
+    not_found = set(missing)
+    held = {key: key not in not_found for key in keys}
     spellings = {key: _other_spellings(key) for key in missing}
     found: set[str] = set()
     for turn in range(max(map(len, spellings.values()), default=0)):

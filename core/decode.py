@@ -22,6 +22,7 @@ import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
@@ -36,8 +37,8 @@ log = logging.getLogger(__name__)
 # bump it whenever some file decodes to other pixels. "draft": large JPEGs decoded at reduced
 # size; 2: MPO photos drafted too, float images above 255 scaled to their maximum; 3: 32-bit
 # integer images above 16 bits too; 4: RGB pixels of an ICC profile other than sRGB converted
-# to sRGB.
-DECODE_VERSION = "4"
+# to sRGB; 5: palette and colour-keyed images' too, sRGB told by what a profile does to colours.
+DECODE_VERSION = "5"
 
 # Formats Pillow may parse. Never EPS (runs Ghostscript), PDF, PSD, ICO, SVG and the like.
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -230,21 +231,21 @@ def _to_srgb_transform(icc: bytes) -> ImageCms.ImageCmsTransform | None:
     or None: the profile is sRGB in effect (most are: no work), not an RGB profile, or one
     LittleCMS cannot read (the pixels kept as they are rather than the image refused)."""
     digest = hashlib.sha256(icc).digest()  # (a key of the profile itself would hold up to 16 MB)
-    if digest not in _transforms:
-        if len(_transforms) >= _MAX_TRANSFORMS:  # a gallery holds a few profiles; a flood of new ones
-            _transforms.clear()
+    if (known := _transforms.get(digest, _UNSEEN)) is not _UNSEEN:
+        return cast(ImageCms.ImageCmsTransform | None, known)
+    transform = None  # (threads may build one twice: no harm, and no lock)
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if profile.profile.xcolor_space == "RGB ":
+            transform = ImageCms.buildTransform(profile, _SRGB, "RGB", "RGB", flags=_TRANSFORM_FLAGS)
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as e:
+        log.debug("ICC profile ignored: %s", e)
+    if transform is not None and not _moves_colours(transform):
         transform = None
-        try:
-            profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-            if profile.profile.xcolor_space == "RGB ":
-                transform = ImageCms.buildTransform(profile, _SRGB, "RGB", "RGB", flags=_TRANSFORM_FLAGS)
-        except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as e:
-            log.debug("ICC profile ignored: %s", e)
-        if transform is not None and _moves_colours(transform):
-            _transforms[digest] = transform
-        else:
-            _transforms[digest] = None
-    return _transforms[digest]
+    if len(_transforms) >= _MAX_TRANSFORMS:  # a gallery holds a few profiles; a flood of new ones
+        _transforms.clear()
+    _transforms[digest] = transform
+    return transform
 
 
 def _moves_colours(transform: ImageCms.ImageCmsTransform) -> bool:
@@ -255,6 +256,7 @@ def _moves_colours(transform: ImageCms.ImageCmsTransform) -> bool:
 
 
 _transforms: dict[bytes, ImageCms.ImageCmsTransform | None] = {}  # by the profile's sha256
+_UNSEEN = object()
 _MAX_TRANSFORMS = 64
 _PROBE_PIXELS = np.stack(np.meshgrid(*[np.arange(0, 256, 17, dtype=np.int16)] * 3, indexing="ij"), -1).reshape(1, -1, 3)
 _PROBE = Image.fromarray(_PROBE_PIXELS.astype(np.uint8), "RGB")
@@ -410,8 +412,7 @@ def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int]]:
     than ``_block_limit`` raise ``InvalidImageError``."""
     limit, pos, steps = _block_limit(data), 2, 0
     while (at := data.find(b"\xff", pos)) >= 0:
-        run = _FILL.match(data, at)
-        seg = run.end() - 1 if run else at  # the last FF of a run of fill bytes
+        seg = cast(re.Match[bytes], _FILL.match(data, at)).end() - 1  # the last FF of a run of fill bytes
         steps += 1 + seg - pos  # this segment and each stray or fill byte before it
         if steps > limit:
             raise _too_many("JPEG", "segments or stray bytes before its first scan", limit, data)
@@ -424,20 +425,32 @@ def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int]]:
         yield marker, seg
         if marker == 0xDA:
             return
-        pos = seg + 2 + int.from_bytes(data[seg + 2:seg + 4], "big")
+        # RST0-7, SOI and EOI stand alone; every other segment says its length
+        pos = seg + 2 + (0 if 0xD0 <= marker <= 0xD9 else int.from_bytes(data[seg + 2:seg + 4], "big"))
 
 
 def _check_png_chunks(data: bytes) -> None:
-    """A PNG's chunks as Pillow reads them: up to IEND, or to the second frame of an APNG."""
-    limit, pos, chunks, pixels_seen = _block_limit(data), 8, 0, False
+    """A PNG's chunks as Pillow reads them: up to IEND, or in an animated PNG to its second
+    frame (animated as Pillow tells it: the frame count of one valid acTL before the pixels,
+    plus the default image when no fcTL precedes them, above 1)."""
+    limit, pos, chunks = _block_limit(data), 8, 0
+    frames: int | None = None
+    control_seen = pixels_seen = animated = False
     while pos + 8 <= len(data):
         chunks += 1
         if chunks > limit:
             raise _too_many("PNG", "chunks", limit, data)
         kind = data[pos + 4:pos + 8]
-        if kind == b"IEND" or (kind == b"fcTL" and pixels_seen):
+        if kind == b"IEND" or (kind == b"fcTL" and animated):
             return
-        pixels_seen = pixels_seen or kind == b"IDAT"
+        if kind == b"acTL" and not pixels_seen:  # a second one makes the file a still image
+            count = int.from_bytes(data[pos + 8:pos + 12], "big")
+            frames = count if frames is None and 0 < count <= 0x80000000 else None
+        elif kind == b"fcTL":
+            control_seen = True
+        elif kind == b"IDAT" and not pixels_seen:
+            pixels_seen = True
+            animated = frames is not None and frames + (not control_seen) > 1
         pos += 12 + int.from_bytes(data[pos:pos + 4], "big")  # length, type, data, CRC
 
 

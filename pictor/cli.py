@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt as e:
-        print(f"{command}: interrupted{notes_text(e)}", file=sys.stderr)
+        print(one_line(f"{command}: interrupted{notes_text(e)}"), file=sys.stderr)
         return 130
     except MemoryError as e:
         print(f"{command}: error: out of memory{f': {e}' if str(e) else ''}", file=sys.stderr)

@@ -73,8 +73,9 @@ def _errors_named(p: Path) -> Iterator[None]:
 
 def path_text(text: str | os.PathLike[str]) -> str:
     """A path (or a message naming one) as valid Unicode: bytes of a file name that are not
-    UTF-8, which Python keeps as lone surrogates that strict JSON parsers refuse, as \\xNN (and
-    any other lone surrogate, which no file name gives but a JSONL manifest may, as \\udNNN)."""
+    UTF-8, which Python keeps as lone surrogates that strict JSON parsers refuse, as \\xNN. Text
+    that also holds another lone surrogate (no file name gives one, a JSONL manifest may) has
+    every surrogate written as \\udNNN."""
     text = os.fspath(text)
     try:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

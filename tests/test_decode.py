@@ -413,8 +413,8 @@ def gif_table_end(data: bytes) -> int:
     return 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)  # header, screen, colours
 
 
-@pytest.mark.parametrize("case", ["JPEG comments", "JPEG fill bytes", "PNG chunks", "GIF comments",
-                                  "GIF stray bytes"])
+@pytest.mark.parametrize("case", ["JPEG comments", "JPEG fill bytes", "JPEG restart markers", "PNG chunks",
+                                  "PNG chunks after a frame control", "GIF comments", "GIF stray bytes"])
 def test_files_of_millions_of_tiny_blocks_refused_before_pillow_reads_them(case: str) -> None:
     # Pillow walks segments, chunks and blocks (and stray bytes) one by one in Python: a 60 MB
     # PNG of 5 million empty chunks took 28 s and 0.7 GB. A few are fine; 6,000 in a tiny image are not.
@@ -423,7 +423,11 @@ def test_files_of_millions_of_tiny_blocks_refused_before_pillow_reads_them(case:
     with_blocks, what = {
         "JPEG comments": (lambda n: data[:2] + b"\xff\xfe\x00\x02" * n + data[2:], "segments or stray bytes"),
         "JPEG fill bytes": (lambda n: data[:2] + b"\xff" * n + data[2:], "segments or stray bytes"),
+        "JPEG restart markers": (lambda n: data[:2] + b"\xff\xd0" * n + data[2:], "segments or stray bytes"),  # no length
         "PNG chunks": (lambda n: data[:33] + png_chunk(b"prVt") * n + data[33:], "chunks"),  # after IHDR
+        # (a still image's fcTL does not end what Pillow reads: only an animated one's second frame)
+        "PNG chunks after a frame control": (lambda n: data[:-12] + png_chunk(b"fcTL", bytes(26))
+                                             + png_chunk(b"prVt") * n + data[-12:], "chunks"),
         "GIF comments": (lambda n: data[:gif_table_end(data)] + b"\x21\xfe\x00" * n + data[gif_table_end(data):],
                          "blocks or stray bytes"),
         "GIF stray bytes": (lambda n: data[:gif_table_end(data)] + b"\x00" * n + data[gif_table_end(data):],
