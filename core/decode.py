@@ -218,7 +218,7 @@ def in_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
     """An RGB image whose pixels are in the colour space of the ICC profile ``icc``, converted
     to sRGB (a new image); as it is without a profile or with one that is sRGB, not RGB or not
     readable. Unconverted, a ProPhoto or Adobe RGB photo embeds as another image than its sRGB
-    export (cosine 0.90-0.99, 0.983 on average for the flower photos; converted: 0.991, the
+    export (cosine 0.90-0.99, 0.984 on average for the flower photos; converted: 0.991, the
     JPEG re-encoding's own loss: docs/benchmarks.md, "Colour profiles")."""
     if not icc:
         return im
