@@ -268,20 +268,20 @@ def _classification_lines(path: str, r: Classification, *, neighbours: bool) -> 
 
 
 def _hit_text(h: Hit | StoredItem) -> str:
-    return f"{_one_line(h.key)}{'  [' + _one_line(h.label) + ']' if h.label else ''}"
+    return f"{_table_cell(h.key)}{'  [' + _table_cell(h.label) + ']' if h.label else ''}"
 
 
 def _item_row(it: StoredItem) -> str:
-    attrs = " ".join(f"{_one_line(k)}={_attribute_value(v)}" for k, v in sorted(it.attributes.items()))
+    attrs = " ".join(f"{_table_cell(k)}={_attribute_value(v)}" for k, v in sorted(it.attributes.items()))
     return "  ".join(filter(None, [_hit_text(it), attrs]))
 
 
 def _attribute_value(text: str) -> str:
     """Quoted when it holds a space: in ``a=x y b=z`` where one value ends is a guess."""
-    return repr(text) if any(c.isspace() for c in text) else _one_line(text)
+    return repr(text) if any(c.isspace() for c in text) else _table_cell(text)
 
 
-def _one_line(text: str) -> str:
+def _table_cell(text: str) -> str:
     """Text as a table cell: quoted when it holds a line break or another control character, or
     starts or ends with a space (invisible otherwise)."""
     return repr(text) if first_control_character(text) or text != text.strip() else text
@@ -561,7 +561,7 @@ def run_list(args: argparse.Namespace) -> int:
 def _report_missing(args: argparse.Namespace, missing: Sequence[str]) -> int:
     """Exit code 2, with the keys named, for keys the index does not hold (0 with --missing-ok)."""
     if missing and not args.missing_ok:
-        named = ", ".join(map(_one_line, missing[:_MOST_NAMED]))
+        named = ", ".join(map(_table_cell, missing[:_MOST_NAMED]))
         if len(missing) > _MOST_NAMED:  # (a line of 10,000 keys buries the rest)
             named += f", ... ({len(missing) - _MOST_NAMED:,} more{'' if args.json else '; --json lists them all'})"
         print(f"pictor {args.command}: error: not found: {named} ({_key_hint(missing)})", file=sys.stderr)
@@ -611,6 +611,6 @@ def _found_otherwise(keys: Sequence[str], missing: Sequence[str],
 def _key_hint(keys: Sequence[str]) -> str:
     """How an indexed file's key is written, shown on the first of ``keys`` written otherwise."""
     untidy = next((key for key in keys if path_key(key) != key), None)
-    example = f"{_one_line(path_key(untidy))} for {_one_line(untidy)}" if untidy else "photos/a.jpg for ./photos//a.jpg"
+    example = f"{_table_cell(path_key(untidy))} for {_table_cell(untidy)}" if untidy else "photos/a.jpg for ./photos//a.jpg"
     return (f"a key is the image's path as `pictor index` or `pictor add` stored it: {example}; "
             "`pictor list` shows keys")

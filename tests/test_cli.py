@@ -73,13 +73,13 @@ def test_options_may_come_between_files() -> None:
 
 
 def test_keys_with_line_breaks_stay_on_their_table_row() -> None:
-    from pictor.client.cli import _one_line
+    from pictor.client.cli import _table_cell
 
-    assert _one_line("photos/a.jpg") == "photos/a.jpg"
-    assert _one_line("two\nlines.jpg") == "'two\\nlines.jpg'"
-    assert _one_line("two\u2029paragraphs.jpg") == "'two\\u2029paragraphs.jpg'"
-    assert _one_line("del\x7f.jpg") == "'del\\x7f.jpg'"
-    assert _one_line(" spaced ") == "' spaced '"
+    assert _table_cell("photos/a.jpg") == "photos/a.jpg"
+    assert _table_cell("two\nlines.jpg") == "'two\\nlines.jpg'"
+    assert _table_cell("two\u2029paragraphs.jpg") == "'two\\u2029paragraphs.jpg'"
+    assert _table_cell("del\x7f.jpg") == "'del\\x7f.jpg'"
+    assert _table_cell(" spaced ") == "' spaced '"
 
 
 def test_an_empty_knn_vote_says_why() -> None:
