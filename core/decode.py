@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 # bump it whenever some file decodes to other pixels. "draft": large JPEGs decoded at reduced
 # size; 2: MPO photos drafted too, float images above 255 scaled to their maximum; 3: 32-bit
 # integer images above 16 bits too; 4: RGB pixels of an ICC profile other than sRGB converted
-# to sRGB; 5: palette and colour-keyed images' too, sRGB told by what a profile does to colours.
-DECODE_VERSION = "5"
+# to sRGB; 5: palette and colour-keyed images' too, sRGB told by what a profile does to colours;
+# 6: integer greyscale scaled by the bits its values use (8, 10, 12, 14 or 16), not always 16.
+DECODE_VERSION = "6"
 
 # Formats Pillow may parse. Never EPS (runs Ghostscript), PDF, PSD, ICO, SVG and the like.
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -504,15 +505,14 @@ def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
     """
     src = np.asarray(im)  # uint16, int32 or float32, as Pillow holds it
     top = _finite_max(src)
-    scale = 1.0
-    if im.mode.startswith("I;16"):
-        scale = 1 / 257
-    elif im.mode == "F" and top <= 1.0:
+    if im.mode == "F" and top <= 1.0:
         scale = 255.0  # float images are usually 0..1
-    elif (im.mode == "F" and top > 255.0) or top > 65535.0:
+    elif im.mode == "F" and top <= 255.0:
+        scale = 1.0
+    elif im.mode == "F" or top > 65535.0:
         scale = 255.0 / top  # a measurement (depth, counts) has no white: its maximum is
-    elif top > 255.0:
-        scale = 1 / 257  # "I" from a 16-bit source
+    else:
+        scale = 255.0 / _white_level(top)
     out = np.empty(src.shape, np.uint8)
     with np.errstate(over="ignore", invalid="ignore"):  # -3e38 x 255 is -inf: clipped to 0 anyway
         for rows in _row_blocks(src):
@@ -524,6 +524,14 @@ def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
     if isinstance(key, int):  # a PNG's see-through grey level: on white, as other transparency
         out[src == key] = 255
     return Image.fromarray(out, mode="L").convert("RGB")
+
+
+def _white_level(top: float) -> int:
+    """White for integer pixels whose largest value is ``top``: 2**bits - 1 for the fewest of
+    8, 10, 12, 14 or 16 bits that hold it. Scientific cameras write 10-, 12- or 14-bit
+    samples into 16-bit files unscaled (ImageJ's "16-bit range"), which 65535 as white showed
+    nearly black; a 16-bit photo reaches its top bits, and is scaled by 257 as before."""
+    return next(white for white in (255, 1023, 4095, 16383, 65535) if top <= white)
 
 
 def _finite_max(src: np.ndarray) -> float:

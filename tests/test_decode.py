@@ -212,6 +212,21 @@ def test_16bit_grayscale_is_scaled_not_clipped() -> None:
         assert close_to(out.getpixel((12, 2)), (128, 128, 128), 1), fmt
 
 
+@pytest.mark.parametrize(("top", "white"), [(4095, 4095), (1000, 1023), (4096, 16383), (200, 255), (1, 255)])
+def test_16bit_grayscale_of_fewer_bits_is_scaled_by_the_bits_it_uses(top: int, white: int) -> None:
+    # A 12-bit camera's 16-bit TIFF: its brightest pixel 4095 is white, not 16 of 255.
+    a = np.zeros((8, 16), np.uint16)
+    a[:, :8] = top
+    a[:, 8:] = top // 2
+    for fmt in ("TIFF", "PNG"):
+        out = decode_image(encode(Image.fromarray(a), fmt))
+        assert close_to(out.getpixel((2, 2)), (round(top * 255 / white),) * 3, 1), fmt
+        assert close_to(out.getpixel((12, 2)), (round(top // 2 * 255 / white),) * 3, 1), fmt
+    # The same rule for 32-bit integers below 16 bits.
+    ints = Image.fromarray(a.astype(np.int32), mode="I")
+    assert close_to(decode_image(encode(ints, "TIFF")).getpixel((2, 2)), (round(top * 255 / white),) * 3, 1)
+
+
 def test_16bit_scaling_is_the_same_across_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     # Blocks of 7 rows of 13 pixels: every row of the ramp lands in some block, none twice.
     monkeypatch.setattr(decode, "_DEPTH_BLOCK_PIXELS", 7 * 13)
