@@ -287,6 +287,16 @@ def _table_cell(text: str) -> str:
     return repr(text) if first_control_character(text) or text != text.strip() else text
 
 
+# Line ends that JSON leaves raw in strings but str.splitlines() and some readers split on.
+_LINE_ENDS_IN_JSON = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    """One JSON Lines record: text kept readable (not \\u-escaped) but for the line ends above,
+    so a key holding one still reads back as one record."""
+    return json.dumps(record, ensure_ascii=False).translate(_LINE_ENDS_IN_JSON)
+
+
 def _utf8_text(value: str, flag: str) -> str:
     """``value`` of ``flag``, refused when it is not UTF-8 (bytes the shell passed on as they
     were, which a label, attribute or key cannot hold)."""
@@ -535,8 +545,7 @@ def run_list(args: argparse.Namespace) -> int:
         try:
             for it in client.iter_items(labels=args.label, attributes=attrs, after=args.after):
                 if args.json:
-                    print(json.dumps({"key": it.key, "label": it.label, "attributes": it.attributes},
-                                     ensure_ascii=False))
+                    print(_json_line({"key": it.key, "label": it.label, "attributes": it.attributes}))
                 else:
                     print(_item_row(it))
                 last = it.key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import subprocess
@@ -80,6 +81,15 @@ def test_keys_with_line_breaks_stay_on_their_table_row() -> None:
     assert _table_cell("two\u2029paragraphs.jpg") == "'two\\u2029paragraphs.jpg'"
     assert _table_cell("del\x7f.jpg") == "'del\\x7f.jpg'"
     assert _table_cell(" spaced ") == "' spaced '"
+
+
+def test_a_json_line_holds_one_record_whatever_its_keys_hold() -> None:
+    from pictor.client.cli import _json_line
+
+    record = {"key": "a\u2028b\x85c\u2029d\ne.jpg", "label": "Z\u00fcrich", "attributes": {}}
+    line = _json_line(record)
+    assert len(line.splitlines()) == 1 and "Z\u00fcrich" in line  # readable, not \\u-escaped
+    assert json.loads(line) == record
 
 
 def test_an_empty_knn_vote_says_why() -> None:
