@@ -21,6 +21,7 @@ import os
 import re
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -102,6 +103,7 @@ _BYTES_PER_BLOCK = 1024  # libpng writes 8 KB chunks of pixels
 # A GIF's blocks cost Pillow under 1 us each, and an XMP packet is written as one sub-block per
 # ~33 bytes (its bytes read as lengths): one per 16 bytes.
 _GIF_BYTES_PER_BLOCK = 16
+_JPEG_MAGIC = b"\xff\xd8\xff"
 _FILL = re.compile(rb"\xff+")  # a JPEG's fill bytes before a marker
 # SOF markers of progressive JPEGs (Huffman and arithmetic coded).
 _PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
@@ -176,7 +178,8 @@ def _open_within_cap(data: bytes, max_pixels: int, draft_size: tuple[int, int] |
     if not data:
         raise InvalidImageError("empty image data (0 bytes)")
     _check_tiff_chunks(data, max_pixels)  # before Pillow, whose opening is what they cost
-    _check_blocks(data)  # likewise
+    jpeg = _read_jpeg_header(data) if data.startswith(_JPEG_MAGIC) else None  # likewise
+    _check_blocks(data)
     src = _open_allowed(data)
     try:
         # The cap bounds decoding memory: a drafted JPEG (a 48 MP phone photo decodes at 1/8,
@@ -185,10 +188,10 @@ def _open_within_cap(data: bytes, max_pixels: int, draft_size: tuple[int, int] |
         # (MPO: a JPEG with more images after it, a phone's depth or gain map: Pillow opens it
         # as a JPEG of its first image, which drafts alike.)
         whole = False
-        if src.format in ("JPEG", "MPO"):
+        if src.format in ("JPEG", "MPO") and jpeg is not None:  # (Pillow's test is the same magic)
             # (Only such a file has more scans: libjpeg ends a single-scan one at a second.)
-            if whole := _jpeg_holds_whole_image(data):
-                _check_scans(data, full[0] * full[1])
+            if whole := jpeg.whole_image:
+                _check_scans(data, jpeg.first_scan, full[0] * full[1])
             if draft_size is not None:
                 _draft(src, draft_size)
         _check_size(src, max_pixels, full, whole=whole)
@@ -375,11 +378,10 @@ def _tiff_chunks(data: bytes) -> int:
         return 0
 
 
-def _check_scans(data: bytes, pixels: int) -> None:
+def _check_scans(data: bytes, first_scan: int, pixels: int) -> None:
     # Entropy-coded data stuffs a 0x00 after each 0xFF, so every FF DA from the first scan on is
     # a marker (not before it: an ICC profile's bytes in APP2 segments hold FF DA too).
-    first = next((pos for marker, pos in _jpeg_segments(data) if marker == 0xDA), len(data))
-    scans = data.count(b"\xff\xda", first)
+    scans = data.count(b"\xff\xda", first_scan)
     limit = min(MAX_JPEG_SCANS, max(_MIN_JPEG_SCANS, JPEG_SCAN_PIXELS // max(1, pixels)))
     if scans > limit:
         raise InvalidImageError(f"JPEG image has {scans:,} scans, more than the {limit} Pictor decodes for "
@@ -388,11 +390,9 @@ def _check_scans(data: bytes, pixels: int) -> None:
 
 
 def _check_blocks(data: bytes) -> None:
-    """Refuse a JPEG, PNG or GIF of more segments, chunks or blocks than Pillow should walk."""
-    if data.startswith(b"\xff\xd8\xff"):
-        for _ in _jpeg_segments(data):
-            pass
-    elif data.startswith(b"\x89PNG\r\n\x1a\n"):
+    """Refuse a PNG or GIF of more chunks or blocks than Pillow should walk (a JPEG's segments:
+    ``_read_jpeg_header``)."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
         _check_png_chunks(data)
     elif data.startswith(b"GIF8"):
         _check_gif_blocks(data)
@@ -472,19 +472,26 @@ def _check_gif_blocks(data: bytes) -> None:
             raise _too_many("GIF", "blocks or stray bytes before its first image", limit, data)
 
 
-def _jpeg_holds_whole_image(data: bytes) -> bool:
-    """Whether libjpeg buffers the coefficients of the whole image to decode ``data``:
-    progressive, or a first scan without every component (a sequential JPEG of several scans).
-    A 1 KB progressive file claiming 50000x50000 decodes at 1/8 under the cap, in 7 GB."""
-    components = 0
-    for marker, pos in _jpeg_segments(data):  # (as many as _check_blocks let through)
+@dataclass(frozen=True)
+class _JpegHeader:
+    first_scan: int  # where the first SOS segment starts (the file's end when it has none)
+    whole_image: bool  # libjpeg buffers the coefficients of the whole image to decode it
+
+
+def _read_jpeg_header(data: bytes) -> _JpegHeader:
+    """A JPEG's header, walked once up to its first scan (``_jpeg_segments`` refuses more
+    segments than Pillow should walk). The whole image is held when the file is progressive
+    or its first scan lacks a component (a sequential JPEG of several scans): a 1 KB
+    progressive file claiming 50000x50000 decodes at 1/8 under the cap, in 7 GB."""
+    components, progressive = 0, False
+    for marker, pos in _jpeg_segments(data):
         if marker in _PROGRESSIVE_SOF:
-            return True
+            progressive = True
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and pos + 9 < len(data):
             components = data[pos + 9]  # SOF: FF Cn, length, precision, height, width, Nf
         elif marker == 0xDA:  # SOS: FF DA, length, Ns
-            return data[pos + 4] < components
-    return False  # a damaged header: the decoder will say so
+            return _JpegHeader(pos, progressive or data[pos + 4] < components)
+    return _JpegHeader(len(data), progressive)  # a damaged header: the decoder will say so
 
 
 def _draft(im: Image.Image, draft_size: tuple[int, int]) -> None:

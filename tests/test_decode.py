@@ -382,8 +382,8 @@ def test_progressive_jpeg_counts_at_its_full_size() -> None:
     # A sequential JPEG whose first scan lacks a component is decoded from several scans, with
     # the whole image held too (the header alone is read: the bytes after it need not decode).
     sos = baseline.index(b"\xff\xda")
-    assert not decode._jpeg_holds_whole_image(baseline) and baseline[sos + 4] == 3
-    assert decode._jpeg_holds_whole_image(baseline[:sos + 4] + b"\x01" + baseline[sos + 5:])
+    assert not decode._read_jpeg_header(baseline).whole_image and baseline[sos + 4] == 3
+    assert decode._read_jpeg_header(baseline[:sos + 4] + b"\x01" + baseline[sos + 5:]).whole_image
 
 
 def test_jpeg_of_too_many_scans_refused() -> None:
@@ -474,7 +474,7 @@ def test_a_progressive_jpeg_behind_thousands_of_segments_still_counts_at_full_si
     data = encode(Image.new("RGB", (64, 48), RED), "JPEG", progressive=True)
     comment = b"\xff\xfe\x04\x02" + bytes(1024)  # 1 KB each: the file stays within the limit
     padded = data[:2] + comment * 4200 + data[2:]
-    assert decode._jpeg_holds_whole_image(padded)
+    assert decode._read_jpeg_header(padded).whole_image
 
 
 def test_tiff_of_too_many_strips_refused() -> None:
