@@ -334,6 +334,8 @@ def _check_size(im: Image.Image, max_pixels: int, full: tuple[int, int], *, whol
     w, h = im.size
     if w <= 0 or h <= 0:
         raise InvalidImageError(f"{im.format} image has an empty size {w}x{h}")
+    if max(w, h) >= 1 << 31:  # a BMP's width of -1 reads as 4294967295
+        raise InvalidImageError(f"{im.format} image has an impossible size {w}x{h}: its header is damaged")
     pixels = full[0] * full[1] if whole else w * h
     if pixels > max_pixels:
         drafted = f" (decoded at {w}x{h})" if (w, h) != full and not whole else ""

@@ -539,6 +539,10 @@ def test_garbage_and_empty_rejected() -> None:
     bmp[14:18] = struct.pack("<I", 0x7FFFFFFF)  # the size of its info header
     with pytest.raises(InvalidImageError, match="^corrupt BMP image header: Truncated File Read"):
         decode_image(bytes(bmp))
+    bmp = bytearray(encode(Image.new("RGB", (16, 16), RED), "BMP"))
+    bmp[18:22] = struct.pack("<i", -1)  # a width of -1: it read as 4294967295, "too large"
+    with pytest.raises(InvalidImageError, match=r"^BMP image has an impossible size 4294967295x16: its header is damaged"):
+        decode_image(bytes(bmp))
 
 
 def test_corrupt_jpeg_body_rejected() -> None:
