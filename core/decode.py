@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import cast
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError, WebPImagePlugin
 
 from pictor.config import DEFAULT_MAX_PIXELS
 from pictor.errors import InvalidImageError, InvalidRequestError, shown
@@ -180,6 +180,10 @@ def _open_within_cap(data: bytes, max_pixels: int, draft_size: tuple[int, int] |
     _check_tiff_chunks(data, max_pixels)  # before Pillow, whose opening is what they cost
     jpeg = _read_jpeg_header(data) if data.startswith(_JPEG_MAGIC) else None  # likewise
     _check_blocks(data)
+    if _sniff_allowed(data) == "WEBP" and (canvas := WebPImagePlugin._get_size(data[:30])):
+        # libwebp allocates the canvas, twice, as Pillow opens the file (2 GB at 16383x16383;
+        # under a memory limit the opening failed as a "corrupt header")
+        _check_size("WEBP", canvas, max_pixels, canvas)
     src = _open_allowed(data)
     try:
         # The cap bounds decoding memory: a drafted JPEG (a 48 MP phone photo decodes at 1/8,
@@ -194,7 +198,7 @@ def _open_within_cap(data: bytes, max_pixels: int, draft_size: tuple[int, int] |
                 _check_scans(data, jpeg.first_scan, full[0] * full[1])
             if draft_size is not None:
                 _draft(src, draft_size)
-        _check_size(src, max_pixels, full, whole=whole)
+        _check_size(src.format, src.size, max_pixels, full, whole=whole)
     except BaseException:
         src.close()
         raise
@@ -329,18 +333,20 @@ def _sniff_disallowed(data: bytes) -> str | None:
     return None
 
 
-def _check_size(im: Image.Image, max_pixels: int, full: tuple[int, int], *, whole: bool = False) -> None:
-    """``whole``: the decoder holds every pixel of the full size, whatever size it decodes at."""
-    w, h = im.size
+def _check_size(fmt: str | None, size: tuple[int, int], max_pixels: int, full: tuple[int, int], *,
+                whole: bool = False) -> None:
+    """An image of ``full`` size decoded at ``size``. ``whole``: the decoder holds every pixel
+    of the full size, whatever size it decodes at."""
+    w, h = size
     if w <= 0 or h <= 0:
-        raise InvalidImageError(f"{im.format} image has an empty size {w}x{h}")
+        raise InvalidImageError(f"{fmt} image has an empty size {w}x{h}")
     if max(w, h) >= 1 << 31:  # a BMP's width of -1 reads as 4294967295
-        raise InvalidImageError(f"{im.format} image has an impossible size {w}x{h}: its header is damaged")
+        raise InvalidImageError(f"{fmt} image has an impossible size {w}x{h}: its header is damaged")
     pixels = full[0] * full[1] if whole else w * h
     if pixels > max_pixels:
         drafted = f" (decoded at {w}x{h})" if (w, h) != full and not whole else ""
         raise InvalidImageError(
-            f"{im.format} image is too large: {full[0]}x{full[1]}{drafted} = {pixels:,} pixels"
+            f"{fmt} image is too large: {full[0]}x{full[1]}{drafted} = {pixels:,} pixels"
             f"{'' if whole else ' to decode'}, above the cap of {max_pixels:,} pixels (--max-pixels of serve, "
             "index, train and eval, PICTOR_MAX_PIXELS)"
             + ("; a progressive or multi-scan JPEG counts at its full size, as its decoder holds all of it"

@@ -6,6 +6,8 @@ import errno
 import io
 import os
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -543,6 +545,27 @@ def test_garbage_and_empty_rejected() -> None:
     bmp[18:22] = struct.pack("<i", -1)  # a width of -1: it read as 4294967295, "too large"
     with pytest.raises(InvalidImageError, match=r"^BMP image has an impossible size 4294967295x16: its header is damaged"):
         decode_image(bytes(bmp))
+
+
+def test_a_webp_over_the_cap_is_refused_before_its_canvas_is_allocated() -> None:
+    # libwebp allocates a canvas twice the image's RGBA size as Pillow opens a WebP: a small
+    # file claiming 16383x16383 made 2 GB of it, which under a memory limit failed as "corrupt".
+    small = bytearray(encode(Image.new("RGB", (8, 8), RED), "WEBP", lossless=True))
+    assert small[12:16] == b"VP8L" and small[20] == 0x2F
+    small[21:25] = struct.pack("<I", (struct.unpack("<I", small[21:25])[0] & ~0xFFFFFFF) | 0xFFFFFFF)
+    script = (
+        "import resource, sys\n"
+        "from pictor.core.decode import decode_image\n"
+        "from pictor.errors import InvalidImageError\n"
+        "vm = int(open('/proc/self/status').read().split('VmSize:')[1].split()[0]) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))\n"
+        "try:\n"
+        "    decode_image(sys.stdin.buffer.read())\n"
+        "except InvalidImageError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], input=bytes(small), capture_output=True, timeout=60)
+    assert out.stdout.decode().startswith("WEBP image is too large: 16384x16384 = 268,435,456 pixels"), out
 
 
 def test_corrupt_jpeg_body_rejected() -> None:
