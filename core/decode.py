@@ -180,7 +180,7 @@ def _open_within_cap(data: bytes, max_pixels: int, draft_size: tuple[int, int] |
     _check_tiff_chunks(data, max_pixels)  # before Pillow, whose opening is what they cost
     jpeg = _read_jpeg_header(data) if data.startswith(_JPEG_MAGIC) else None  # likewise
     _check_blocks(data)
-    if _sniff_allowed(data) == "WEBP" and (canvas := WebPImagePlugin._get_size(data[:30])):
+    if _sniff_allowed(data) == "WEBP" and (canvas := _webp_canvas(data[:30])):
         # libwebp allocates the canvas, twice, as Pillow opens the file (2 GB at 16383x16383;
         # under a memory limit the opening failed as a "corrupt header")
         _check_size("WEBP", canvas, max_pixels, canvas)
@@ -354,6 +354,11 @@ def _check_size(fmt: str | None, size: tuple[int, int], max_pixels: int, full: t
         )
 
 
+# Pillow's own reading of a WebP's canvas size from its header (private: without it, no check
+# before opening, and tests/test_decode.py says so).
+_webp_canvas = getattr(WebPImagePlugin, "_get_size", lambda header: None)
+
+
 def _check_tiff_chunks(data: bytes, max_pixels: int) -> None:
     # Pillow reads a TIFF's strip (or tile) offsets in Python as it opens it: an 8 MB file of a
     # million one-row strips took 5 s to open and 6 more to decode. One per 256 pixels of the cap
@@ -519,7 +524,9 @@ def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
     a 40 MP 16-bit PNG (78 KB of file) peak at 1.3 GB, blocks at 0.4 GB.
     """
     src = np.asarray(im)  # uint16, int32 or float32, as Pillow holds it
-    top = _finite_max(src)
+    key = im.info.get("transparency")
+    key = key if isinstance(key, int) else None  # a PNG's see-through grey level: white below
+    top = _finite_max(src, leaving_out=key)
     if im.mode == "F" and top <= 1.0:
         scale = 255.0  # float images are usually 0..1
     elif im.mode == "F" and top <= 255.0:
@@ -535,8 +542,7 @@ def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
             np.clip(block, 0.0, 255.0, out=block)
             np.nan_to_num(block, copy=False)
             out[rows] = np.rint(block, out=block)
-    key = im.info.get("transparency")
-    if isinstance(key, int):  # a PNG's see-through grey level: on white, as other transparency
+    if key is not None:  # on white, as other transparency
         out[src == key] = 255
     return Image.fromarray(out, mode="L").convert("RGB")
 
@@ -544,18 +550,23 @@ def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
 def _white_level(top: float) -> int:
     """White for integer pixels whose largest value is ``top``: 2**bits - 1 for the fewest of
     8, 10, 12, 14 or 16 bits that hold it. Scientific cameras write 10-, 12- or 14-bit
-    samples into 16-bit files unscaled (ImageJ's "16-bit range"), which 65535 as white showed
-    nearly black; a 16-bit photo reaches its top bits, and is scaled by 257 as before."""
+    samples into 16-bit files unscaled (ImageJ's "16-bit range" setting is for them), which
+    65535 as white showed nearly black. The cost: a 16-bit image darker than a quarter of
+    full scale is brightened (by 4, 16 or 64 at most)."""
     return next(white for white in (255, 1023, 4095, 16383, 65535) if top <= white)
 
 
-def _finite_max(src: np.ndarray) -> float:
+def _finite_max(src: np.ndarray, leaving_out: int | None = None) -> float:
     """The largest finite value (0 for none): a float image's inf would scale all else to 0,
-    black, and NaN would spread. Non-finite pixels become white (inf) or black (-inf, NaN)."""
+    black, and NaN would spread. Non-finite pixels become white (inf) or black (-inf, NaN).
+    ``leaving_out``: a value that is not a brightness (a colour key)."""
     if not src.size:
         return 0.0
     if src.dtype.kind != "f":
-        return float(src.max())
+        if leaving_out is None:
+            return float(src.max())
+        blocks = (src[rows] for rows in _row_blocks(src))
+        return max(float(block[block != leaving_out].max(initial=0)) for block in blocks)
     blocks = (src[rows] for rows in _row_blocks(src))
     top = max(float(block[np.isfinite(block)].max(initial=-np.inf)) for block in blocks)
     return top if np.isfinite(top) else 0.0

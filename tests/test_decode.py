@@ -229,6 +229,16 @@ def test_16bit_grayscale_of_fewer_bits_is_scaled_by_the_bits_it_uses(top: int, w
     assert close_to(decode_image(encode(ints, "TIFF")).getpixel((2, 2)), (round(top * 255 / white),) * 3, 1)
 
 
+def test_a_16bit_colour_key_is_not_taken_for_the_brightest_pixel() -> None:
+    a = np.full((8, 16), 4095, np.uint16)  # a 12-bit image, white...
+    a[:, 8:] = 65535  # ...with its see-through pixels keyed at 65535
+    out = decode_image(encode(Image.fromarray(a), "PNG", transparency=65535))
+    assert out.getpixel((2, 2)) == WHITE and out.getpixel((12, 2)) == WHITE
+    a[:, :8] = 2048
+    out = decode_image(encode(Image.fromarray(a), "PNG", transparency=65535))
+    assert close_to(out.getpixel((2, 2)), (128, 128, 128), 1)  # 2048 of 4095, not of 65535
+
+
 def test_16bit_scaling_is_the_same_across_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     # Blocks of 7 rows of 13 pixels: every row of the ramp lands in some block, none twice.
     monkeypatch.setattr(decode, "_DEPTH_BLOCK_PIXELS", 7 * 13)
