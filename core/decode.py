@@ -313,6 +313,10 @@ def _open_allowed(data: bytes) -> Image.Image:
         if not _bad_data(e):
             raise
         fmt = _sniff_allowed(data)
+        if fmt == "WEBP" and (riff := 8 + int.from_bytes(data[4:8], "little")) > len(data):
+            # (libwebp's word for a file cut short, a failed download's, is "could not create decoder")
+            raise InvalidImageError(f"truncated WEBP image data: the file is {len(data):,} bytes, its header "
+                                    f"says {riff:,}") from e
         raise InvalidImageError(f"corrupt {fmt + ' ' if fmt else ''}image header: {e}") from e
     return im
 

@@ -557,6 +557,15 @@ def test_garbage_and_empty_rejected() -> None:
         decode_image(bytes(bmp))
 
 
+@pytest.mark.parametrize("lossless", [False, True])
+def test_a_webp_cut_short_is_called_truncated(lossless: bool) -> None:
+    data = encode(halves(RED, BLUE, (64, 48)), "WEBP", lossless=lossless)
+    for cut in (24, len(data) // 2, len(data) - 1):
+        with pytest.raises(InvalidImageError, match=f"^truncated WEBP image data: the file is {cut:,} bytes, its "
+                                                    f"header says {len(data):,}$"):
+            decode_image(data[:cut])
+
+
 def test_a_webp_over_the_cap_is_refused_before_its_canvas_is_allocated() -> None:
     # libwebp allocates a canvas twice the image's RGBA size as Pillow opens a WebP: a small
     # file claiming 16383x16383 made 2 GB of it, which under a memory limit failed as "corrupt".
