@@ -299,7 +299,11 @@ def _open_allowed(data: bytes) -> Image.Image:
     except UnidentifiedImageError as e:
         known = _sniff_disallowed(data)
         allowed = ", ".join(ALLOWED_FORMATS)
-        if damaged := _sniff_allowed(data):
+        if (damaged := _sniff_allowed(data)) == "TIFF" and (ifd := _tiff_directory(data)) >= len(data):
+            # (a TIFF written in one go has its directory after the pixels: a cut file lost it)
+            raise InvalidImageError(f"truncated TIFF image data: the file is {len(data):,} bytes, its header "
+                                    f"puts its directory at byte {ifd:,}") from e
+        if damaged:
             raise InvalidImageError(f"corrupt {damaged} image: it starts as one, but its header cannot be read "
                                     f"({len(data)} bytes)") from e
         if known:
@@ -380,19 +384,30 @@ def _tiff_chunks(data: bytes) -> int:
     """Strips or tiles of a TIFF's first image, as its header counts them (0 where it cannot
     be read: Pillow then says what is wrong)."""
     order = "<" if data[:2] == b"II" else ">"
+    ifd = _tiff_directory(data)
     try:
         if data[2:4] in (b"*\x00", b"\x00*"):  # classic: 32-bit offsets, 12-byte entries
-            (ifd,) = struct.unpack_from(order + "I", data, 4)
             (n,) = struct.unpack_from(order + "H", data, ifd)
             first, size, entry = ifd + 2, 12, order + "HHI"
         else:  # BigTIFF: 64-bit offsets, 20-byte entries
-            (ifd,) = struct.unpack_from(order + "Q", data, 8)
             (n,) = struct.unpack_from(order + "Q", data, ifd)
             first, size, entry = ifd + 8, 20, order + "HHQ"
         entries = (struct.unpack_from(entry, data, first + i * size) for i in range(min(n, 4096)))
         return max((count for tag, _, count in entries if tag in (273, 324)), default=0)  # Strip/TileOffsets
     except struct.error:
         return 0
+
+
+def _tiff_directory(data: bytes) -> int:
+    """Where a TIFF's (or BigTIFF's) header says its first image directory starts (0 where the
+    header is cut short)."""
+    order = "<" if data[:2] == b"II" else ">"
+    classic = data[2:4] in (b"*\x00", b"\x00*")
+    try:
+        (ifd,) = struct.unpack_from(order + ("I" if classic else "Q"), data, 4 if classic else 8)
+    except struct.error:
+        return 0
+    return int(ifd)
 
 
 def _check_scans(data: bytes, first_scan: int, pixels: int) -> None:

@@ -566,6 +566,14 @@ def test_a_webp_cut_short_is_called_truncated(lossless: bool) -> None:
             decode_image(data[:cut])
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow's, as it reads the missing directory
+def test_a_tiff_cut_before_its_directory_is_called_truncated() -> None:
+    data = encode(halves(RED, BLUE, (64, 48)), "TIFF", compression="tiff_lzw")  # directory after the pixels
+    with pytest.raises(InvalidImageError, match=r"^truncated TIFF image data: the file is 300 bytes, its header "
+                                                r"puts its directory at byte \d"):
+        decode_image(data[:300])
+
+
 def test_a_webp_over_the_cap_is_refused_before_its_canvas_is_allocated() -> None:
     # libwebp allocates a canvas twice the image's RGBA size as Pillow opens a WebP: a small
     # file claiming 16383x16383 made 2 GB of it, which under a memory limit failed as "corrupt".
