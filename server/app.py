@@ -177,6 +177,8 @@ def _why_not_bindable(host: str, port: int) -> str | None:
             found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         except OSError as e:
             return f"{host or 'an empty host'} does not resolve to an address ({e.strerror or e})"
+        except UnicodeError:  # a name with an empty part ("a..b") or one over 63 characters
+            return f"{host} is not a valid host name"
         targets = [(family, where) for family, _, _, _, where in found]
     for family, where in targets:
         try:
