@@ -105,6 +105,22 @@ def _check_folder_label(source: Path, folder: str, label: str) -> None:
         raise InvalidRequestError(f"{e}; rename the folder") from None
 
 
+def classless_folders(source: str | os.PathLike[str], entries: Iterable[GalleryEntry]) -> list[str]:
+    """The top-level folders of a gallery folder in which no image was listed (empty, holding
+    files of other types, or unreadable): the user meant them as classes, and they have none of
+    its images. A link to a class folder is not one (the listing said it was not listed again)."""
+    root = Path(source)
+    if not root.is_dir():
+        return []
+    labels, listed = set(), set()
+    for e in entries:
+        labels.add(e.label)
+        listed.add(os.path.realpath(root / e.path.relative_to(root).parts[0]))
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and canonical_label(p.name) not in labels  # labels are NFC; macOS names NFD
+                  and os.path.realpath(p) not in listed)
+
+
 def relative_paths_hint(source: str | os.PathLike[str]) -> str:
     """For an error saying no listed image could be read: where a manifest's relative paths
     are read from (its own folder: a manifest written from another one lists none); "" for a

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import sys
 from collections import Counter
@@ -169,7 +170,21 @@ def _read_entries(settings: IndexerSettings) -> tuple[
                                                     passed_over=left_out))
     if not entries and not misnamed and not unlisted:
         raise InvalidRequestError(f"no images found in {settings.gallery} (looked for {image_suffixes_text()})")
+    if settings.labels == "folder":
+        _warn_classless(settings.gallery, [*entries, *(e for e, _ in misnamed)], unlisted)
     return entries, misnamed, unlisted, left_out
+
+
+def _warn_classless(gallery: str, entries: list[GalleryEntry], unlisted: list[tuple[Path, str]]) -> None:
+    """Name the gallery's top-level folders with no image (unreadable ones are reported apart):
+    a class meant for the kNN vote that will have no item, as `train` warns."""
+    from pictor.core.gallery import classless_folders
+
+    unreadable = {os.path.realpath(folder) for folder, _ in unlisted}
+    if empty := [name for name in classless_folders(gallery, entries)
+                 if os.path.realpath(Path(gallery) / name) not in unreadable]:
+        print(one_line(f"warning: folders in {gallery} with no images, so no items with their label: "
+                       f"{', '.join(empty)}"), file=sys.stderr)
 
 
 def _remove_if_empty(folder: Path) -> None:

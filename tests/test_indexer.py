@@ -421,12 +421,18 @@ def test_prune_keeps_the_items_of_a_folder_it_could_not_list(gallery: Path, tmp_
     out = tmp_path / "index"
     pictor("index", str(gallery), "--out", str(out))
     unlistable(monkeypatch, gallery / "warm")  # 6 of the 12 images
+    (gallery / "roses").mkdir()  # a class meant for the kNN vote, not filled yet
+    (gallery / "notes").mkdir()
+    (gallery / "notes" / "readme.txt").write_text("not an image")
     rc = main(["index", str(gallery), "--out", str(out), "--prune", "--json", "--no-progress"])
-    summary = json.loads(capsys.readouterr().out)
+    output = capsys.readouterr()
+    summary = json.loads(output.out)
     assert rc == 0 and (summary["unchanged"], summary["pruned"], summary["index_size"]) == (6, 0, 12)
     (failure,) = summary["failures"]
     assert failure["error"].endswith("warm: cannot list the folder (Permission denied); its images were "
                                      "left out and their items kept")
+    # Said once each: the unreadable folder as a failure, the empty ones as a warning.
+    assert f"warning: folders in {gallery} with no images, so no items with their label: notes, roses\n" in output.err
 
 
 def test_a_system_error_on_a_file_names_the_file(gallery: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -17,8 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pictor.api import canonical_label
-from pictor.core.gallery import image_suffixes_text, read_gallery
+from pictor.core.gallery import classless_folders, image_suffixes_text, read_gallery
 from pictor.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -49,7 +48,7 @@ def load_samples(data: str | Path) -> list[Sample]:
         log.warning("%d image(s) directly in %s are not in a class folder and are left out", loose, data)
     if not samples:
         raise InvalidRequestError(f"data {data} holds no labelled images (looked for {image_suffixes_text()})")
-    if empty := _classless_folders(Path(data), samples):
+    if empty := classless_folders(data, entries):
         if unreadable := [f"{name} ({why})" for name in empty if (why := _unreadable(Path(data) / name))]:
             # A class lost to its permissions would leave the model a class short, unsaid.
             raise InvalidRequestError(f"class folders of {data} that cannot be read: {', '.join(unreadable)}; fix "
@@ -66,19 +65,6 @@ def _unreadable(folder: Path) -> str | None:
             return None
     except OSError as e:
         return e.strerror or str(e)
-
-
-def _classless_folders(data: Path, samples: Sequence[Sample]) -> list[str]:
-    """The class folders of a data folder in which no image was listed (empty, or holding
-    files of other types): the user meant them as classes, and training would leave them out.
-    A link to a class folder is not one (the listing said it was not listed again)."""
-    if not data.is_dir():
-        return []
-    classes = {s.label for s in samples}
-    listed = {os.path.realpath(data / s.path.relative_to(data).parts[0]) for s in samples}
-    return sorted(p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith(".")
-                  and canonical_label(p.name) not in classes  # labels are NFC; macOS names NFD
-                  and os.path.realpath(p) not in listed)
 
 
 def _refuse_repeats(samples: Sequence[Sample]) -> None:
