@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ from typing import Any
 
 from pictor import __version__
 from pictor.config import unknown_env_names
-from pictor.errors import MissingExtraError, PictorError, notes_text
+from pictor.errors import MissingExtraError, PictorError, notes_text, shown
 from pictor.image_files import one_line
 
 # The modules that contribute subcommands, in --help order.
@@ -106,6 +107,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{command}: error: out of memory{f': {e}' if str(e) else ''}", file=sys.stderr)
         return 2
     except (ImportError, OSError) as e:
+        if (isinstance(e, OSError) and e.errno in (errno.ENAMETOOLONG, errno.ELOOP)
+                and isinstance(e.filename, str | bytes)):
+            # A path the system cannot look up (a name over its length limit, a loop of links),
+            # given as an argument or a setting: Path.exists() and the like raise for these.
+            print(one_line(f"{command}: error: {shown(os.fsdecode(e.filename), 120)}: {e.strerror}"),
+                  file=sys.stderr)
+            return 2
         # Short of address space (ulimit -v, a container's limit), torch's libraries fail to load
         # with this (through ctypes too); a traceback through the imports said no more.
         if "failed to map segment" not in str(e):

@@ -62,6 +62,19 @@ def test_a_torch_library_that_cannot_be_mapped_is_called_out_of_memory(
         cli.main(["index"])
 
 
+@pytest.mark.parametrize("command", [["backup", "{long}", "copy"], ["eval", "{long}", "data"],
+                                     ["index", "data", "--out", "{long}"]])
+def test_a_path_too_long_for_the_system_is_an_error_not_a_traceback(
+        command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    long = str(tmp_path / ("a" * 5000))  # over NAME_MAX and PATH_MAX: Path.exists() raises for it
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.png").write_bytes(drawn_image(0))
+    monkeypatch.chdir(tmp_path)
+    assert main([part.format(long=long) for part in command]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pictor {command[0]}: error: ") and err.endswith("more characters): File name too long\n")
+
+
 def test_options_may_come_between_files() -> None:
     from pictor.cli import _parse_arguments
 
