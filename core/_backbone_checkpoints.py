@@ -155,6 +155,8 @@ def load_checkpoint_into(model: nn.Module, path: Path, info: BackboneInfo) -> tu
     path = path.expanduser()
     if path.is_dir():
         raise InvalidRequestError(f"checkpoint {path} is a folder; give the weights file in it")
+    if path.exists() and not path.is_file():  # a pipe or a device: reading it may never end
+        raise InvalidRequestError(f"checkpoint {path} is not a regular file; give the weights file")
     if not path.is_file():
         raise NotFoundError(f"checkpoint file {path} does not exist")
     try:

@@ -368,6 +368,8 @@ def load_model(path: str | os.PathLike[str]) -> TrainedModel:
     p = Path(path)
     if p.is_dir():
         raise InvalidRequestError(f"{p} is a folder, not a model file (make one with `pictor train`)")
+    if p.exists() and not p.is_file():  # a pipe or a device: reading it may never end
+        raise InvalidRequestError(f"{p} is not a regular file, not a model file (make one with `pictor train`)")
     if not p.is_file():
         raise NotFoundError(f"model file {p} does not exist")
     try:

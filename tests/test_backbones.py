@@ -213,6 +213,9 @@ def test_checkpoint_that_does_not_fit(tmp_path: Path) -> None:
         create_backbone("resnet18", weights="model_best.pth.tar")
     with pytest.raises(InvalidRequestError, match="is a folder; give the weights file in it"):
         create_backbone("resnet18", weights=str(tmp_path))
+    os.mkfifo(tmp_path / "pipe.pth")
+    with pytest.raises(InvalidRequestError, match="pipe.pth is not a regular file; give the weights file"):
+        create_backbone("resnet18", weights=str(tmp_path / "pipe.pth"))
     # A model file of `pictor train` given as --weights: said as such, not as keys that do not fit.
     model_file = tmp_path / "flowers.pt"
     torch.save({"format": "pictor.model", "format_version": 1, "head": {"weight": torch.zeros(5, 1280)},

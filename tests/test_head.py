@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,6 +161,10 @@ def test_load_model_refuses_missing_foreign_and_damaged_files(tmp_path) -> None:
         load_model(tmp_path / "nope.pt")
     with pytest.raises(InvalidRequestError, match="is a folder, not a model file"):  # `eval DATA MODEL`
         load_model(tmp_path)
+    os.mkfifo(tmp_path / "pipe.pt")  # reading it would wait for a writer; it exists, so not "missing"
+    for special in (tmp_path / "pipe.pt", Path("/dev/null")):
+        with pytest.raises(InvalidRequestError, match=f"^{special} is not a regular file, not a model file"):
+            load_model(special)
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
     with pytest.raises(IncompatibleModelError, match="not a Pictor model"):
