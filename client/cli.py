@@ -305,6 +305,13 @@ def _utf8_text(value: str, flag: str) -> str:
     return value
 
 
+def _parse_filter(labels: Sequence[str], pairs: Sequence[str]) -> dict[str, str]:
+    """The attributes of a --label/--attr filter, once its labels are known to be text."""
+    for label in labels:
+        _utf8_text(label, "--label")
+    return _parse_attrs(pairs)
+
+
 def _parse_attrs(pairs: Sequence[str]) -> dict[str, str]:
     attrs: dict[str, str] = {}
     for pair in pairs:
@@ -322,7 +329,7 @@ def _parse_attrs(pairs: Sequence[str]) -> dict[str, str]:
 def run_search(args: argparse.Namespace) -> int:
     if (args.image is None) == (args.key is None):
         raise InvalidRequestError("give exactly one query: an IMAGE file or --key KEY")
-    attrs = _parse_attrs(args.attr)
+    attrs = _parse_filter(args.label, args.attr)
     with _client(args) as client:
         image = read_image_file(args.image) if args.image else None
 
@@ -538,7 +545,7 @@ def _no_such_labels(client: PictorClient, labels: Sequence[str]) -> str:
 @_guard_unreachable
 def run_list(args: argparse.Namespace) -> int:
     """Prints as it pages (a large index is not held in memory); --json: one object per line."""
-    attrs = _parse_attrs(args.attr)
+    attrs = _parse_filter(args.label, args.attr)
     _utf8_text(args.after, "--after")
     last = None
     with _client(args) as client:
@@ -561,9 +568,15 @@ def run_list(args: argparse.Namespace) -> int:
     if listed and no_such:
         print(f"pictor list: note: {no_such}", file=sys.stderr)
     elif not listed:
-        print("pictor list: no items: " + (no_such or ("no indexed item matches the --label/--attr filter"
-                                                       if args.label or attrs else "the index is empty")),
-              file=sys.stderr)
+        filtered = args.label or attrs
+        if no_such:
+            why = no_such
+        elif args.after:
+            why = (f"no indexed item{' that matches the --label/--attr filter' if filtered else ''} has a key "
+                   f"after {args.after!r} (keys are listed in code point order)")
+        else:
+            why = "no indexed item matches the --label/--attr filter" if filtered else "the index is empty"
+        print(one_line(f"pictor list: no items: {why}"), file=sys.stderr)
     return 0
 
 

@@ -410,6 +410,12 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
                                                  "(labels: cool 6, warm 6, (none) 2)\n")
     none = pictor("list", "--label", "warm", "--attr", "source=cam1", "--target", server.target)
     assert none.stdout == "" and "no indexed item matches the --label/--attr filter" in none.stderr
+    past = pictor("list", "--after", "~~", "--target", server.target)  # the index is not empty: all sort before
+    assert past.stdout == "" and past.stderr == ("pictor list: no items: no indexed item has a key after '~~' "
+                                                 "(keys are listed in code point order)\n")
+    for command in (["list"], ["search", "--key", "new/x.png"]):  # a filter's label must be text, as add's
+        bad = pictor(*command, "--label", os.fsdecode(b"\xff"), "--target", server.target, check=False)
+        assert bad.returncode == 2 and bad.stderr.endswith("error: --label '\\xff' is not UTF-8 text\n"), bad.stderr
     with PictorClient(server.target, timeout=10) as client:
         paged = list(client.iter_items(page=5))  # 14 items: pages of 5, 5 and 4
         first, after = client.list_items(limit=14)
