@@ -21,9 +21,8 @@ import os
 import re
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import NamedTuple, cast
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError, WebPImagePlugin
@@ -299,10 +298,11 @@ def _open_allowed(data: bytes) -> Image.Image:
     except UnidentifiedImageError as e:
         known = _sniff_disallowed(data)
         allowed = ", ".join(ALLOWED_FORMATS)
-        if (damaged := _sniff_allowed(data)) == "TIFF" and (ifd := _tiff_directory(data)) >= len(data):
+        tiff = _read_tiff_header(data) if (damaged := _sniff_allowed(data)) == "TIFF" else None
+        if tiff is not None and tiff.first_directory >= len(data):
             # (a TIFF written in one go has its directory after the pixels: a cut file lost it)
             raise InvalidImageError(f"truncated TIFF image data: the file is {len(data):,} bytes, its header "
-                                    f"puts its directory at byte {ifd:,}") from e
+                                    f"puts its directory at byte {tiff.first_directory:,}") from e
         if damaged:
             raise InvalidImageError(f"corrupt {damaged} image: it starts as one, but its header cannot be read "
                                     f"({len(data)} bytes)") from e
@@ -383,10 +383,11 @@ def _check_tiff_chunks(data: bytes, max_pixels: int) -> None:
 def _tiff_chunks(data: bytes) -> int:
     """Strips or tiles of a TIFF's first image, as its header counts them (0 where it cannot
     be read: Pillow then says what is wrong)."""
-    order = "<" if data[:2] == b"II" else ">"
-    ifd = _tiff_directory(data)
+    if (tiff := _read_tiff_header(data)) is None:
+        return 0
+    order, ifd = tiff.order, tiff.first_directory
     try:
-        if data[2:4] in (b"*\x00", b"\x00*"):  # classic: 32-bit offsets, 12-byte entries
+        if tiff.classic:  # 32-bit offsets, 12-byte entries
             (n,) = struct.unpack_from(order + "H", data, ifd)
             first, size, entry = ifd + 2, 12, order + "HHI"
         else:  # BigTIFF: 64-bit offsets, 20-byte entries
@@ -398,16 +399,21 @@ def _tiff_chunks(data: bytes) -> int:
         return 0
 
 
-def _tiff_directory(data: bytes) -> int:
-    """Where a TIFF's (or BigTIFF's) header says its first image directory starts (0 where the
-    header is cut short)."""
+class _TiffHeader(NamedTuple):
+    order: str  # struct's byte order: "<" or ">"
+    classic: bool  # 32-bit offsets (else BigTIFF's 64-bit ones)
+    first_directory: int  # where the first image's directory starts
+
+
+def _read_tiff_header(data: bytes) -> _TiffHeader | None:
+    """A TIFF's (or BigTIFF's) header; None where it is cut short."""
     order = "<" if data[:2] == b"II" else ">"
     classic = data[2:4] in (b"*\x00", b"\x00*")
     try:
         (ifd,) = struct.unpack_from(order + ("I" if classic else "Q"), data, 4 if classic else 8)
     except struct.error:
-        return 0
-    return int(ifd)
+        return None
+    return _TiffHeader(order, classic, int(ifd))
 
 
 def _check_scans(data: bytes, first_scan: int, pixels: int) -> None:
@@ -504,8 +510,7 @@ def _check_gif_blocks(data: bytes) -> None:
             raise _too_many("GIF", "blocks or stray bytes before its first image", limit, data)
 
 
-@dataclass(frozen=True)
-class _JpegHeader:
+class _JpegHeader(NamedTuple):
     first_scan: int  # where the first SOS segment starts (the file's end when it has none)
     whole_image: bool  # libjpeg buffers the coefficients of the whole image to decode it
 
