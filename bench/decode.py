@@ -10,7 +10,9 @@ compress well, so these files are small: the memory comes from the pixels, not t
 
 Then files built to be slow, as a fuzzing audit sent them: a JPEG of 250 scans at the cap, and
 JPEG, PNG and GIF files of millions of empty segments, chunks or blocks. Pictor refuses them;
-the figure is how long that takes.
+the figure is how long that takes. Last, an AVIF whose header (its ``ispe`` box, what Pillow
+reports and the cap is checked on) says 100x100 while its AV1 frame is 6x the cap: libavif
+decodes the frame, up to its own limit of 16384x16384, and the figure is what that holds.
 
 Run from the project root, under the shared CPU lock::
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import struct
 import subprocess
 import sys
 import tempfile
@@ -48,6 +51,7 @@ KINDS = (
     ("16-bit greyscale PNG", "I;16", "PNG"),
     ("palette GIF", "P", "GIF"),
     ("lossless RGBA WebP", "RGBA", "WEBP"),
+    ("RGB AVIF", "RGB", "AVIF"),
 )
 
 # Runs in a fresh interpreter: decode the file once, print time and peak RSS over baseline.
@@ -79,8 +83,21 @@ def draw(mode: str, fmt: str, pixels: int) -> bytes:
     else:
         im = Image.fromarray((ramp * 255).astype(np.uint8), "L").convert(mode)
     buf = io.BytesIO()
-    im.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {"lossless": True} if fmt == "WEBP" else {}))
+    im.save(buf, fmt, **SAVE_OPTIONS.get(fmt, {}))
     return buf.getvalue()
+
+
+SAVE_OPTIONS: dict[str, dict[str, Any]] = {"JPEG": {"quality": 90}, "WEBP": {"lossless": True},
+                                           "AVIF": {"speed": 10}}  # (aom's fastest: the default takes minutes)
+
+
+def understated_avif(pixels: int) -> bytes:
+    """A flat AVIF of ``pixels`` (square, at most libavif's 16384x16384) whose ``ispe`` box says 100x100."""
+    side = min(16_000, math.isqrt(pixels))
+    data = bytearray(encoded(Image.new("RGB", (side, side), (200, 30, 30)), "AVIF", **SAVE_OPTIONS["AVIF"]))
+    at = data.index(b"ispe") + 8  # after the box type and its version and flags
+    data[at:at + 8] = struct.pack(">II", 100, 100)
+    return bytes(data)
 
 
 def encoded(im: Image.Image, fmt: str, **kw: object) -> bytes:
@@ -119,6 +136,7 @@ HOSTILE: tuple[tuple[str, Callable[[int], bytes]], ...] = (
      + tiny("JPEG")[2:]),
     ("PNG of 5 million empty chunks", lambda _: tiny("PNG")[:33] + png_chunk(b"prVt") * 5_000_000 + tiny("PNG")[33:]),
     ("GIF of 20 million empty comments", lambda _: gif_with_comments(20_000_000)),
+    ("AVIF that says 100x100, 6x the cap inside", lambda cap: understated_avif(6 * cap)),
 )
 
 

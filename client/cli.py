@@ -81,7 +81,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = _parser(sub, "classify", "top-k labels for each image from a running server, or UNKNOWN when a "
                 "trained head's open-set rule finds it fits none of its classes",
                 "pictor classify photo.jpg other.png --top-k 3 --target localhost:50051")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF)")
     p.add_argument("--top-k", type=_int_in(1, MAX_K), default=DEFAULT_TOP_K,
                    help=f"labels per image, 1 to {MAX_K} (default {DEFAULT_TOP_K})")
     p.add_argument("--classifier", choices=CLASSIFIERS, default="default",

@@ -2,9 +2,10 @@
 
 What users really send: phone photos with an EXIF rotation, camera exports in Adobe RGB or
 ProPhoto RGB (an ICC profile: converted to sRGB, as a viewer shows them), emoji with alpha,
-palette GIFs, CMYK and 16-bit scans, animated GIF/WebP, and now and then a corrupt, truncated
-or hostile file. Every such file either becomes a plain RGB image or raises ``InvalidImageError``
-saying what was wrong. The pixel cap is checked on the header, before any pixel is decoded.
+palette GIFs, CMYK and 16-bit scans, animated GIF/WebP, AVIF from phones and the web, and now
+and then a corrupt, truncated or hostile file. Every such file either becomes a plain RGB image
+or raises ``InvalidImageError`` saying what was wrong. The pixel cap is checked on the header,
+before any pixel is decoded (an AVIF's may understate its AV1 frame: docs/benchmarks.md, "Decoding").
 
 Example::
 
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import NamedTuple, cast
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError, WebPImagePlugin
+from PIL import AvifImagePlugin, Image, ImageCms, ImageOps, UnidentifiedImageError, WebPImagePlugin
 
 from pictor.config import DEFAULT_MAX_PIXELS
 from pictor.errors import InvalidImageError, InvalidRequestError, shown
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 DECODE_VERSION = "6"
 
 # Formats Pillow may parse. Never EPS (runs Ghostscript), PDF, PSD, ICO, SVG and the like.
-ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 
 # Magic numbers of formats we refuse, only to name them in the error message.
 _KNOWN_DISALLOWED: tuple[tuple[bytes, str], ...] = (
@@ -67,18 +68,23 @@ _ALLOWED_MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"II*\x00", "TIFF"),
     (b"MM\x00*", "TIFF"),
 )
-# ftyp brands of ISO media images (HEIC/AVIF), which sit at byte 4.
-_FTYP_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"avif": "AVIF"}
+# Brands of ISO media images (HEIF's, AVIF's) in their ftyp box: AVIF (AV1-coded) is allowed,
+# HEIC (HEVC-coded: an iPhone's photos) is not, as Pillow cannot read it.
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_HEIC_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx"})
 
 # Errors Pillow's decoders raise on bad data (EOFError for cut streams, SyntaxError from
 # some plugins' header parsers, struct.error from short reads).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, TypeError)
 
 
-def _bad_data(e: BaseException) -> bool:
+def _bad_data(e: BaseException, fmt: str | None = None) -> bool:
     """Whether ``e`` is a decoder's complaint about the bytes. Pillow's OSErrors carry no errno;
     one that does is the machine's (too many open files while Pillow imported a plugin: a valid
-    PNG was called corrupt), not the image's fault."""
+    PNG was called corrupt), not the image's fault. libavif's complaints come as RuntimeErrors
+    ("Failed to decode frame 0: Decoding of color planes failed")."""
+    if fmt == "AVIF" and isinstance(e, RuntimeError):
+        return True
     return isinstance(e, _DECODE_ERRORS) and not (isinstance(e, OSError) and e.errno is not None)
 
 
@@ -133,7 +139,7 @@ def decode_image(
     """Decode image bytes into an upright RGB image.
 
     Args:
-        data: the encoded file (JPEG, PNG, WebP, GIF, BMP or TIFF).
+        data: the encoded file (JPEG, PNG, WebP, GIF, BMP, TIFF or AVIF).
         max_pixels: refuse images that would decode to more pixels than this (from the
             header, before decoding; a drafted JPEG counts at its reduced size).
         draft_size: (width, height) the caller will shrink the image to; a JPEG much larger
@@ -157,8 +163,9 @@ def decode_image(
         out = in_srgb(to_rgb(src), src.info.get("icc_profile"))
     except BaseException as e:
         src.close()
-        if _bad_data(e):
-            raise InvalidImageError(_describe_decode_error(src.format, e)) from e
+        if _bad_data(e, src.format):
+            cut = _avif_cut_short(data) if src.format == "AVIF" else None
+            raise InvalidImageError(cut or _describe_decode_error(src.format, e)) from e
         raise
     if out is not src:  # an RGB image is returned as decoded: closing it would empty it
         src.close()
@@ -303,6 +310,11 @@ def _open_allowed(data: bytes) -> Image.Image:
             # (a TIFF written in one go has its directory after the pixels: a cut file lost it)
             raise InvalidImageError(f"truncated TIFF image data: the file is {len(data):,} bytes, its header "
                                     f"puts its directory at byte {tiff.first_directory:,}") from e
+        if damaged == "AVIF" and not AvifImagePlugin.SUPPORTED:
+            raise InvalidImageError("AVIF images need a Pillow built with libavif (its wheels are); this one "
+                                    "is not: convert the image to JPEG or PNG") from e
+        if damaged == "AVIF" and (cut := _avif_cut_short(data)):
+            raise InvalidImageError(cut) from e
         if damaged:
             raise InvalidImageError(f"corrupt {damaged} image: it starts as one, but its header cannot be read "
                                     f"({len(data)} bytes)") from e
@@ -328,6 +340,8 @@ def _open_allowed(data: bytes) -> Image.Image:
 def _sniff_allowed(data: bytes) -> str | None:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
+    if _iso_media_format(data) == "AVIF":
+        return "AVIF"
     return next((name for magic, name in _ALLOWED_MAGIC if data.startswith(magic)), None)
 
 
@@ -336,9 +350,48 @@ def _sniff_disallowed(data: bytes) -> str | None:
     for magic, name in _KNOWN_DISALLOWED:
         if head.startswith(magic):
             return name
-    if data[4:8] == b"ftyp":
-        return _FTYP_BRANDS.get(data[8:12], "ISO media (HEIF/AVIF/MP4)")
-    return None
+    iso = _iso_media_format(data)
+    return iso if iso != "AVIF" else None
+
+
+def _iso_media_format(data: bytes) -> str | None:
+    """AVIF, HEIC, HEIF or other ISO media, by the brands of the ftyp box it starts with (the
+    major brand first, then the compatible ones); None for a file that is not ISO media."""
+    if data[4:8] != b"ftyp":
+        return None
+    end = min(int.from_bytes(data[:4], "big"), len(data), 256)
+    brands = [data[8:12], *(data[i:i + 4] for i in range(16, end - 3, 4))]
+    for brand in brands:
+        if brand in _AVIF_BRANDS:
+            return "AVIF"
+        if brand in _HEIC_BRANDS:
+            return "HEIC"
+    return "HEIF" if {b"mif1", b"msf1"} & set(brands) else "ISO media (MP4, MOV)"
+
+
+def _avif_cut_short(data: bytes) -> str | None:
+    """What to say of an AVIF whose boxes run past its end (libavif says "BMFF parsing failed")."""
+    if (end := _iso_media_end(data)) <= len(data):
+        return None
+    return f"truncated AVIF image data: the file is {len(data):,} bytes, its boxes say {end:,}"
+
+
+def _iso_media_end(data: bytes) -> int:
+    """Where an ISO media file's top-level boxes say it ends: past the end of ``data`` when it
+    was cut short (as far as its first 4,096 boxes tell)."""
+    at = 0
+    for _ in range(_MAX_BLOCKS):
+        if at >= len(data):
+            return at
+        if at + 8 > len(data):  # cut inside a box's header
+            return at + 8
+        size = int.from_bytes(data[at:at + 4], "big")
+        if size == 1:  # the size is a 64-bit one after the type
+            size = int.from_bytes(data[at + 8:at + 16], "big") if at + 16 <= len(data) else 16
+        if size < 8:  # 0: the last box, to the end of the file; 2 to 7: damaged, not cut
+            return len(data)
+        at += size
+    return len(data)
 
 
 def _check_size(fmt: str | None, size: tuple[int, int], max_pixels: int, full: tuple[int, int], *,

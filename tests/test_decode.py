@@ -44,7 +44,7 @@ def halves(left: tuple[int, int, int], right: tuple[int, int, int], size=(40, 20
 # ----------------------------------------------------------------------------- plain formats
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF"])
 def test_allowed_formats_decode_to_rgb(fmt: str) -> None:
     im = decode_image(encode(halves(RED, BLUE), fmt))
     assert im.mode == "RGB" and im.size == (40, 20)
@@ -82,13 +82,22 @@ def test_real_photo_loads() -> None:
     assert im.mode == "RGB" and max(im.size) == 400
 
 
+def test_an_avif_photo_decodes_as_its_jpeg_does() -> None:
+    """AVIF (AV1 in HEIF boxes: phones' and the web's newer photos) decodes through libavif."""
+    photo = load_image(DATA / "daisy.jpg")
+    im = decode_image(encode(photo, "AVIF", quality=90))
+    assert im.mode == "RGB" and im.size == photo.size
+    assert np.abs(np.asarray(im, np.int16) - np.asarray(photo, np.int16)).mean() < 3
+
+
 # ----------------------------------------------------------------------------- orientation
 
 
-def test_exif_orientation_is_applied() -> None:
+@pytest.mark.parametrize("fmt", ["JPEG", "AVIF"])  # (an AVIF's rotation is its irot/imir boxes)
+def test_exif_orientation_is_applied(fmt: str) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
-    im = decode_image(encode(halves(RED, BLUE), "JPEG", exif=exif, quality=95))
+    im = decode_image(encode(halves(RED, BLUE), fmt, exif=exif, quality=95))
     assert im.size == (20, 40)  # upright: portrait
     # Rotating clockwise brings the left (red) edge to the top.
     assert close_to(im.getpixel((10, 5)), RED, 40) and close_to(im.getpixel((10, 35)), BLUE, 40)
@@ -106,6 +115,14 @@ def test_rgba_composited_on_white() -> None:
     assert out.getpixel((5, 5)) == WHITE
     assert out.getpixel((0, 0)) == RED
     assert close_to(out.getpixel((1, 0)), (127, 127, 127), 2)  # half black over white
+
+
+def test_avif_alpha_composited_on_white() -> None:
+    im = Image.new("RGBA", (32, 32), (255, 0, 0, 0))  # transparent red, with an opaque blue half
+    im.paste((0, 0, 255, 255), (16, 0, 32, 32))
+    out = decode_image(encode(im, "AVIF", quality=100))
+    assert out.mode == "RGB"
+    assert close_to(out.getpixel((4, 16)), WHITE, 4) and close_to(out.getpixel((28, 16)), BLUE, 12)
 
 
 def test_la_composited_on_white() -> None:
@@ -281,7 +298,7 @@ def test_grayscale_and_bilevel(mode: str) -> None:
 # ----------------------------------------------------------------------------- animation
 
 
-@pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "AVIF"])
 def test_animated_first_frame(fmt: str) -> None:
     frames = [Image.new("RGB", (16, 16), c) for c in (RED, BLUE, (0, 255, 0))]
     data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100,
@@ -564,6 +581,46 @@ def test_a_webp_cut_short_is_called_truncated(lossless: bool) -> None:
         with pytest.raises(InvalidImageError, match=f"^truncated WEBP image data: the file is {cut:,} bytes, its "
                                                     f"header says {len(data):,}$"):
             decode_image(data[:cut])
+
+
+def test_an_avif_cut_short_is_called_truncated() -> None:
+    data = encode(halves(RED, BLUE, (64, 48)), "AVIF")
+    for cut in (30, 200, len(data) // 2, len(data) - 1):  # in the ftyp box, the meta box, the pixels
+        with pytest.raises(InvalidImageError, match=f"^truncated AVIF image data: the file is {cut:,} bytes, its "
+                                                    r"boxes say \d"):
+            decode_image(data[:cut])
+
+
+def test_an_avif_of_damaged_pixels_is_called_corrupt() -> None:
+    """libavif's complaint comes as a RuntimeError: an image's fault all the same (a batch run
+    logged it as an unexpected error with a traceback)."""
+    data = bytearray(encode(halves(RED, BLUE, (64, 48)), "AVIF"))
+    pixels = data.index(b"mdat") + 4
+    data[pixels:pixels + 32] = bytes(32)  # the AV1 stream's headers
+    with pytest.raises(InvalidImageError, match="^corrupt AVIF image data: Failed to decode"):
+        decode_image(bytes(data))
+
+
+def test_an_avif_over_the_cap_is_refused_before_decoding() -> None:
+    data = encode(Image.new("RGB", (100, 60), RED), "AVIF")
+    with pytest.raises(InvalidImageError, match="^AVIF image is too large: 100x60 = 6,000 pixels"):
+        decode_image(data, max_pixels=5_999)
+
+
+def test_avif_needs_a_pillow_with_libavif(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = encode(halves(RED, BLUE), "AVIF")
+    monkeypatch.setattr(decode.AvifImagePlugin, "SUPPORTED", False)
+    with pytest.raises(InvalidImageError, match="^AVIF images need a Pillow built with libavif"):
+        decode_image(data)
+
+
+@pytest.mark.parametrize("brands", [b"heic\0\0\0\0mif1heic", b"mif1\0\0\0\0mif1heic"])
+def test_heic_is_named_not_allowed(brands: bytes) -> None:
+    """An iPhone's HEVC-coded photo: Pillow reads none, and one whose major brand is mif1 goes
+    to its AVIF plugin, which called it a corrupt AVIF."""
+    data = (8 + len(brands)).to_bytes(4, "big") + b"ftyp" + brands + bytes(64)
+    with pytest.raises(InvalidImageError, match=r"^image format HEIC is not allowed \(allowed: .*AVIF\); convert it"):
+        decode_image(data)
 
 
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow's, as it reads the missing directory

@@ -193,9 +193,10 @@ def test_an_existing_index_is_extended_with_its_own_model(gallery: Path, tmp_pat
     bad.write_bytes(bad.read_bytes()[:40])
     (gallery / "warm" / "IMG_7.HEIC").write_bytes(b"\0\0\0\x18ftypheic")
     (gallery / "notes.txt").write_text("taken in May")
+    (gallery / "cool" / "IMG_8.AVIF").write_bytes(drawn_image(20, fmt="AVIF"))  # a newer phone's photo
     r = pictor("index", str(gallery), "--out", str(out), "--prune", "--json")
     summary = json.loads(r.stdout)
-    assert (summary["unchanged"], summary["skipped"], summary["index_size"]) == (11, 1, 12)
+    assert (summary["unchanged"], summary["inserted"], summary["skipped"], summary["index_size"]) == (11, 1, 1, 13)
     assert summary["failures"][0]["error"].endswith("; the index keeps its earlier item")
     assert summary["left_out"] == {".heic": 1, ".txt": 1} and "left out 2 files not named as images" in r.stderr
     with IndexStore.open(out) as store:
