@@ -82,8 +82,9 @@ def _bad_data(e: BaseException, fmt: str | None = None) -> bool:
     """Whether ``e`` is a decoder's complaint about the bytes. Pillow's OSErrors carry no errno;
     one that does is the machine's (too many open files while Pillow imported a plugin: a valid
     PNG was called corrupt), not the image's fault. libavif's complaints come as RuntimeErrors
-    ("Failed to decode frame 0: Decoding of color planes failed")."""
-    if fmt == "AVIF" and isinstance(e, RuntimeError):
+    ("Failed to decode frame 0: Decoding of color planes failed"), and a frame's time scale of 0
+    as Pillow's ZeroDivisionError."""
+    if fmt == "AVIF" and isinstance(e, RuntimeError | ArithmeticError):
         return True
     return isinstance(e, _DECODE_ERRORS) and not (isinstance(e, OSError) and e.errno is not None)
 
@@ -303,28 +304,11 @@ def _open_allowed(data: bytes) -> Image.Image:
     try:
         im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError as e:
-        known = _sniff_disallowed(data)
-        allowed = ", ".join(ALLOWED_FORMATS)
-        tiff = _read_tiff_header(data) if (damaged := _sniff_allowed(data)) == "TIFF" else None
-        if tiff is not None and tiff.first_directory >= len(data):
-            # (a TIFF written in one go has its directory after the pixels: a cut file lost it)
-            raise InvalidImageError(f"truncated TIFF image data: the file is {len(data):,} bytes, its header "
-                                    f"puts its directory at byte {tiff.first_directory:,}") from e
-        if damaged == "AVIF" and not AvifImagePlugin.SUPPORTED:
-            raise InvalidImageError("AVIF images need a Pillow built with libavif (its wheels are); this one "
-                                    "is not: convert the image to JPEG or PNG") from e
-        if damaged == "AVIF" and (cut := _avif_cut_short(data)):
-            raise InvalidImageError(cut) from e
-        if damaged:
-            raise InvalidImageError(f"corrupt {damaged} image: it starts as one, but its header cannot be read "
-                                    f"({len(data)} bytes)") from e
-        if known:
-            raise InvalidImageError(
-                f"image format {known} is not allowed (allowed: {allowed}); convert it to one of those"
-            ) from e
-        raise InvalidImageError(
-            f"not a recognised image ({len(data)} bytes); allowed formats: {allowed}"
-        ) from e
+        raise _unopened(data) from e
+    except RuntimeError as e:  # libavif's, through Pillow's AVIF plugin, which takes ISO media files
+        if _iso_media_format(data) is None:
+            raise
+        raise _unopened(data, f": {e}") from e
     except _DECODE_ERRORS as e:
         if not _bad_data(e):
             raise
@@ -335,6 +319,27 @@ def _open_allowed(data: bytes) -> Image.Image:
                                     f"says {riff:,}") from e
         raise InvalidImageError(f"corrupt {fmt + ' ' if fmt else ''}image header: {e}") from e
     return im
+
+
+def _unopened(data: bytes, why: str = "") -> InvalidImageError:
+    """Why no allowed plugin opened ``data`` (``why``: the plugin's own words, if any)."""
+    allowed = ", ".join(ALLOWED_FORMATS)
+    tiff = _read_tiff_header(data) if (damaged := _sniff_allowed(data)) == "TIFF" else None
+    if tiff is not None and tiff.first_directory >= len(data):
+        # (a TIFF written in one go has its directory after the pixels: a cut file lost it)
+        return InvalidImageError(f"truncated TIFF image data: the file is {len(data):,} bytes, its header "
+                                 f"puts its directory at byte {tiff.first_directory:,}")
+    if damaged == "AVIF" and not AvifImagePlugin.SUPPORTED:
+        return InvalidImageError("AVIF images need a Pillow built with libavif (its wheels are); this one "
+                                 "is not: convert the image to JPEG or PNG")
+    if damaged == "AVIF" and (cut := _avif_cut_short(data)):
+        return InvalidImageError(cut)
+    if damaged:
+        return InvalidImageError(f"corrupt {damaged} image: it starts as one, but its header cannot be read "
+                                 f"({len(data)} bytes){why}")
+    if known := _sniff_disallowed(data):
+        return InvalidImageError(f"image format {known} is not allowed (allowed: {allowed}); convert it to one of those")
+    return InvalidImageError(f"not a recognised image ({len(data)} bytes); allowed formats: {allowed}")
 
 
 def _sniff_allowed(data: bytes) -> str | None:

@@ -601,6 +601,24 @@ def test_an_avif_of_damaged_pixels_is_called_corrupt() -> None:
         decode_image(bytes(data))
 
 
+def test_an_avif_libavif_cannot_parse_is_called_corrupt() -> None:
+    """libavif's RuntimeError as Pillow opens the file, and Pillow's ZeroDivisionError on a
+    track's time scale of 0, came out of decode_image (found by fuzzing mutated AVIFs)."""
+    data = bytearray(encode(Image.new("RGB", (16, 16), RED), "AVIF"))
+    at = data.index(b"pitm") + 8  # the primary item's id, after the box's version and flags
+    data[at:at + 2] = struct.pack(">H", 99)
+    with pytest.raises(InvalidImageError, match=r"^corrupt AVIF image: it starts as one, but its header cannot be "
+                                                r"read \(\d+ bytes\): Failed to decode image: Missing"):
+        decode_image(bytes(data))
+    frames = [Image.new("RGB", (16, 16), c) for c in (RED, BLUE)]
+    data = bytearray(encode(frames[0], "AVIF", save_all=True, append_images=frames[1:]))
+    at = data.index(b"mdhd") + 4
+    assert data[at] == 1  # version 1: 64-bit times before the time scale
+    data[at + 20:at + 24] = bytes(4)
+    with pytest.raises(InvalidImageError, match="^corrupt AVIF image data: division by zero"):
+        decode_image(bytes(data))
+
+
 def test_an_avif_over_the_cap_is_refused_before_decoding() -> None:
     data = encode(Image.new("RGB", (100, 60), RED), "AVIF")
     with pytest.raises(InvalidImageError, match="^AVIF image is too large: 100x60 = 6,000 pixels"):
