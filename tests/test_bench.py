@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,13 @@ def test_list(tmp_path: Path) -> None:
 def test_decode() -> None:
     out = run_bench("decode.py", "--max-pixels", 200_000)
     assert "| RGB PNG |" in out
+
+
+def test_fuzz_decode(tmp_path: Path) -> None:
+    out = run_bench("fuzz_decode.py", "--cases", 40, "--keep", tmp_path / "kept")
+    for fmt in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF"):  # nothing but images and refusals
+        assert re.search(rf"^\| {fmt} \| 40 \| \d+ \| \d+ \| 0 \| 0 \| 0 \|$", out, re.M), out
+    assert not (tmp_path / "kept").exists()
 
 
 def test_pca_rerank(classes: Path) -> None:
