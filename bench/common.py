@@ -15,6 +15,10 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample"
 
@@ -50,6 +54,15 @@ def machine_line(device: str = "auto") -> str:
             f"({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}), "
             f"native bf16 (AMX/AVX512-BF16): {'yes' if cpu_has_fast_bf16() else 'no'}, "
             f"faiss {faiss.__version__}, device {resolve_device(device)}")
+
+
+def encoded(im: Image.Image, fmt: str, **kw: object) -> bytes:
+    """``im`` as a file of ``fmt`` (Pillow's save options in ``kw``)."""
+    import io
+
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
 
 
 def free_port() -> int:

@@ -21,7 +21,6 @@ Run from the project root, under the shared CPU lock::
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import struct
@@ -36,7 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from common import machine_line, parser
+from common import encoded, machine_line, parser
 
 # A JPEG counts at its draft size (1/8 of each side, rounded up): drawn at 100 MP, or at 60x
 # a cap too low for that (64x could round to just above it).
@@ -82,9 +81,7 @@ def draw(mode: str, fmt: str, pixels: int) -> bytes:
         im = Image.fromarray((ramp * 65535).astype(np.uint16))
     else:
         im = Image.fromarray((ramp * 255).astype(np.uint8), "L").convert(mode)
-    buf = io.BytesIO()
-    im.save(buf, fmt, **SAVE_OPTIONS.get(fmt, {}))
-    return buf.getvalue()
+    return encoded(im, fmt, **SAVE_OPTIONS.get(fmt, {}))
 
 
 SAVE_OPTIONS: dict[str, dict[str, Any]] = {"JPEG": {"quality": 90}, "WEBP": {"lossless": True},
@@ -98,12 +95,6 @@ def understated_avif(pixels: int) -> bytes:
     at = data.index(b"ispe") + 8  # after the box type and its version and flags
     data[at:at + 8] = struct.pack(">II", 100, 100)
     return bytes(data)
-
-
-def encoded(im: Image.Image, fmt: str, **kw: object) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 def many_scans(pixels: int) -> bytes:

@@ -17,7 +17,6 @@ Run from the project root, under the shared CPU lock::
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import select
@@ -30,7 +29,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from common import machine_line, parser
+from common import encoded, machine_line, parser
 
 # One case per line in, one JSON outcome per line out; a cap of 4 MP keeps memory small.
 _CHILD = """
@@ -63,12 +62,6 @@ def drawn(mode: str = "RGB", size: tuple[int, int] = (96, 64)) -> Image.Image:
     elif mode == "I;16":
         return im.convert("L").point(lambda v: v * 40).convert("I;16")
     return im if mode in ("RGB", "RGBA") else im.convert(mode)
-
-
-def encoded(im: Image.Image, fmt: str, **kw: object) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 def animated(fmt: str) -> bytes:

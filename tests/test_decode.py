@@ -585,7 +585,7 @@ def test_a_webp_cut_short_is_called_truncated(lossless: bool) -> None:
 
 def test_an_avif_cut_short_is_called_truncated() -> None:
     data = encode(halves(RED, BLUE, (64, 48)), "AVIF")
-    for cut in (30, 200, len(data) // 2, len(data) - 1):  # in the ftyp box, the meta box, the pixels
+    for cut in (30, 200, len(data) // 2, len(data) - 1):  # in the ftyp box, the meta box, the last byte
         with pytest.raises(InvalidImageError, match=f"^truncated AVIF image data: the file is {cut:,} bytes, its "
                                                     r"boxes say \d"):
             decode_image(data[:cut])
