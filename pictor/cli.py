@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pictor import __version__
-from pictor.config import unknown_env_names
+from pictor.config import check_environment, unknown_env_names
 from pictor.errors import MissingExtraError, PictorError, notes_text, shown
 from pictor.image_files import one_line
 
@@ -88,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _sigterm_interrupts():
             args = _parse_arguments(argv)
             command = f"pictor {args.command}"
+            check_environment()
             return int(args.run(args) or 0)
     except MissingExtraError as e:
         print(f"{command}: {e}", file=sys.stderr)

@@ -67,7 +67,7 @@ class RuntimeSettings:
         if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
             raise SettingValueError("device", "auto, cpu, cuda or cuda:N", repr(self.device))
         if self.precision not in PRECISIONS:
-            raise SettingValueError("precision", " or ".join(PRECISIONS), repr(self.precision))
+            raise SettingValueError("precision", f"one of {', '.join(PRECISIONS)}", repr(self.precision))
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class ModelSettings(RuntimeSettings):
         super().__post_init__()
         _check_positive(self, "batch_size")
         if self.pooling not in ("", *POOLINGS):
-            raise SettingValueError("pooling", " or ".join(POOLINGS), repr(self.pooling))
+            raise SettingValueError("pooling", f"one of {', '.join(POOLINGS)}", repr(self.pooling))
 
     def disagreement(self, backbone: str, pooling: str) -> str:
         """The backbone and pooling set here that differ from an index's or a model file's
@@ -221,23 +221,32 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 def _coerce(value: Any, typ: Any, name: str, where: str = "") -> Any:
     """``value`` (a flag, env string or TOML value) as ``typ``, or a clear error naming where it
     came from (``name``: the setting, ``PICTOR_*`` variable or flag; ``where``: " in the config
-    file")."""
-    invalid = InvalidRequestError(f"setting {name}={value!r}{where} is not a valid {typ.__name__}")
-    if isinstance(value, str) and typ is not str:
-        if typ is bool:
-            word = value.strip().lower()
-            if word not in _TRUE + _FALSE:
-                raise invalid
-            return word in _TRUE
-        try:
-            return typ(value)
-        except ValueError as e:
-            raise invalid from e
+    file"). A file's value must have TOML's own type (``port = 6000``, ``compile = true``): text
+    is read as a number or a yes/no only from flags and variables, which are text."""
+    invalid = f"setting {name}={value!r}{where} is not a valid {typ.__name__}"
+    if isinstance(value, str) and typ is not str and not where:
+        return _parse_text(value, typ, invalid)
     if typ is float and type(value) is int:
         return float(value)
-    if type(value) is not typ:  # TOML's own types: port = 1.5 or workers = true are mistakes
-        raise invalid
+    if type(value) is not typ:  # port = 1.5, workers = true, port = "6000" are mistakes
+        unquote = "; write it without quotes" if isinstance(value, str) and typ is not str else ""
+        raise InvalidRequestError(invalid + (" (true or false)" if typ is bool else "") + unquote)
     return value
+
+
+def _parse_text(text: str, typ: Any, invalid: str) -> Any:
+    """A flag's or variable's text as ``typ`` (int, float or bool)."""
+    if typ is bool:
+        word = text.strip().lower()
+        if word not in _TRUE + _FALSE:
+            raise InvalidRequestError(f"{invalid} ({', '.join(_TRUE)} or {', '.join(_FALSE[:-1])})")
+        return word in _TRUE
+    if "_" in text:  # int() and float() read "1_000" as 1000: a typo more often than meant
+        raise InvalidRequestError(invalid)
+    try:
+        return typ(text)
+    except ValueError as e:
+        raise InvalidRequestError(invalid) from e
 
 
 def build_settings(
@@ -333,6 +342,17 @@ def client_max_message_mb() -> int:
 def offline() -> bool:
     """``PICTOR_OFFLINE=1``: never try to download weights, even when the network answers."""
     return bool(_coerce(os.environ.get("PICTOR_OFFLINE", ""), bool, "PICTOR_OFFLINE"))
+
+
+def check_environment() -> None:
+    """Refuse a ``PICTOR_*`` value that no command could use (``PICTOR_BATCH_SIZE=0``,
+    ``PICTOR_OFFLINE=maybe``) whichever command runs: one environment serves every command
+    (compose), and a value one command does not read would wait to fail in another. Only the
+    model's settings and these variables: they mean the same to every command, where
+    ``PICTOR_WORKERS`` does not (the server's threads, the indexer's decoders)."""
+    build_settings(ModelSettings, file_values={})
+    offline()
+    client_max_message_mb()
 
 
 def unknown_env_names(env: Mapping[str, str]) -> list[str]:

@@ -32,6 +32,20 @@ def test_unknown_arguments_show_the_subcommand_usage(capsys: pytest.CaptureFixtu
     assert "pictor add: error: unrecognized arguments: --key" in capsys.readouterr().err
 
 
+def test_a_bad_setting_in_the_environment_fails_every_command(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`PICTOR_OFFLINE=maybe pictor models` exited 0 (the value was read only when a download
+    was needed), and `pictor serve` took PICTOR_BATCH_SIZE=0 that the indexer in the same
+    environment would refuse."""
+    monkeypatch.setenv("PICTOR_OFFLINE", "maybe")
+    assert main(["models"]) == 2
+    assert "pictor models: error: setting PICTOR_OFFLINE='maybe' is not a valid bool (1, true" in capsys.readouterr().err
+    monkeypatch.delenv("PICTOR_OFFLINE")
+    monkeypatch.setenv("PICTOR_BATCH_SIZE", "0")
+    assert main(["serve", "--index", "no-such-index"]) == 2
+    assert "batch_size must be at least 1, got 0 (from PICTOR_BATCH_SIZE)" in capsys.readouterr().err
+
+
 def test_a_torch_library_that_cannot_be_mapped_is_called_out_of_memory(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """Under `ulimit -v 3000000` `pictor index` and `serve` ended in a traceback through torch's imports."""

@@ -52,8 +52,13 @@ def test_nested_settings_read_the_same_flags_and_file_names(tmp_path: Path) -> N
 def test_bad_values_and_files_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequestError, match="setting PICTOR_PORT='many' is not a valid int"):
         build_settings(ServerSettings, {}, env={"PICTOR_PORT": "many"})
-    with pytest.raises(InvalidRequestError, match="setting PICTOR_COMPILE='maybe' is not a valid bool"):
+    # The message lists the words a yes/no setting takes.
+    with pytest.raises(InvalidRequestError, match=r"setting PICTOR_COMPILE='maybe' is not a valid bool "
+                       r"\(1, true, yes, on or 0, false, no, off\)"):
         build_settings(ServerSettings, {}, env={"PICTOR_COMPILE": "maybe"})
+    # int() reads "1_000" as 1000: a typo of 1000 or 1,000 is refused rather than guessed.
+    with pytest.raises(InvalidRequestError, match="setting PICTOR_PORT='1_000' is not a valid int"):
+        build_settings(ServerSettings, {}, env={"PICTOR_PORT": "1_000"})
     assert build_settings(ServerSettings, {}, env={"PICTOR_COMPILE": "off"}).compile is False
     with pytest.raises(InvalidRequestError, match="does not exist"):
         build_settings(ServerSettings, {}, env={}, config_file=tmp_path / "missing.toml")
@@ -120,7 +125,11 @@ def test_file_names_and_types_are_checked(tmp_path: Path) -> None:
         (b"# caf\xe9\nport = 1\n", r"is not UTF-8 text \(byte 5\), as TOML must be"),
         ("port = 1.5\n", "port=1.5 in the config file is not a valid int"),
         ("workers = true\n", "workers=True in the config file is not a valid int"),
-        ("compile = 1\n", "compile=1 in the config file is not a valid bool"),
+        ("compile = 1\n", r"compile=1 in the config file is not a valid bool \(true or false\)"),
+        # A file has types: text is refused as a number or a yes/no, as 1.5 is refused as an int
+        # (port = "6000" was taken, port = 6000.0 refused).
+        ('port = "6000"\n', "port='6000' in the config file is not a valid int; write it without quotes"),
+        ('compile = "yes"\n', r"compile='yes' in the config file is not a valid bool \(true or false\); write it"),
     ]
     for text, message in cases:
         if isinstance(text, bytes):
