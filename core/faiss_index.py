@@ -113,6 +113,16 @@ MAX_HNSW_M = 256
 def check_new_factory(dim: int, factory: str) -> None:
     """Refuse, with a message that says what is supported, a factory string outside the
     families a new index may have (``parse_factory`` then checks what FAISS builds)."""
+    check_factory_form(factory)
+    if any(int(n) > 4 * dim for n in re.findall(r"RR([0-9]+)", factory)):
+        raise InvalidRequestError(f"index type {factory!r}: at most {4 * dim:,} rotated dims")
+    if (first := re.match(r"OPQ([0-9]+),", factory)) and dim % int(first[1]):  # its output keeps dim
+        raise InvalidRequestError(f"index type {factory!r}: OPQ<M> needs the {dim} dims to be a multiple of M")
+    parse_factory(dim, factory)
+
+
+def check_factory_form(factory: str) -> None:
+    """The checks of ``check_new_factory`` that need no embedding dim: made before a model loads."""
     if not _SUPPORTED_FACTORY.fullmatch(factory):
         raise InvalidRequestError(
             f"index type {factory!r} is not one the index supports: [PCA<d>|PCAR<d>|OPQ<M>[_<d>]|"
@@ -126,17 +136,13 @@ def check_new_factory(dim: int, factory: str) -> None:
     hnsw_m = counts(r"HNSW([0-9]+)")
     for name, limit, found in (("IVF lists", MAX_IVF_LISTS, counts(r"IVF([0-9]+)")),
                                ("HNSW links (M)", MAX_HNSW_M, hnsw_m),
-                               ("PQ bits", 16, counts(r"PQ[0-9]+x([0-9]+)")),
-                               ("rotated dims", 4 * dim, counts(r"RR([0-9]+)"))):
+                               ("PQ bits", 16, counts(r"PQ[0-9]+x([0-9]+)"))):
         if any(n > limit for n in found):
             raise InvalidRequestError(f"index type {factory!r}: at most {limit:,} {name}")
     if any(m < 2 for m in hnsw_m):
         raise InvalidRequestError(f"index type {factory!r}: HNSW needs at least 2 links (M)")
     if any(int(d) % int(m) for m, d in re.findall(r"OPQ([0-9]+)_([0-9]+)", factory)):
         raise InvalidRequestError(f"index type {factory!r}: OPQ<M>_<d> needs d to be a multiple of M")
-    if (first := re.match(r"OPQ([0-9]+),", factory)) and dim % int(first[1]):  # its output keeps dim
-        raise InvalidRequestError(f"index type {factory!r}: OPQ<M> needs the {dim} dims to be a multiple of M")
-    parse_factory(dim, factory)
 
 
 def parse_factory(dim: int, factory: str) -> faiss.Index:

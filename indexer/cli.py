@@ -196,7 +196,7 @@ def _remove_if_empty(folder: Path) -> None:
 def _open_target(settings: IndexerSettings, out: Path, entries: list[GalleryEntry], progress: bool) -> _Target:
     """Open the index at ``out``, or make it (fitting its whitening first when asked), and load
     the model; every setting is checked before the slow steps it would waste."""
-    from pictor.core.faiss_index import check_new_factory
+    from pictor.core.faiss_index import check_factory_form, check_new_factory
     from pictor.core.store import AUTO, MANIFEST, half_made_store, make_store_dir
     from pictor.core.whitening import create_index, index_spec, open_index
     from pictor.indexer.pipeline import fit_whitening
@@ -234,8 +234,11 @@ def _open_target(settings: IndexerSettings, out: Path, entries: list[GalleryEntr
                     f"index {out} is of type {store.index_type!r}; index type {settings.index_type} (from "
                     f"{set_by(settings, 'index_type')}) applies to a new index only: drop it, or build a new "
                     "index with another --out")
-        elif created:  # still empty (a store that failed to be made removed its files): no folder left behind
-            on_error.callback(_remove_if_empty, out)
+        else:
+            if created:  # still empty (a store that failed to be made removed its files): no folder left behind
+                on_error.callback(_remove_if_empty, out)
+            if settings.index_type != AUTO:  # what can be checked before the model loads
+                check_factory_form(settings.index_type)
         embedder = _embedder(settings, store, spec, out)
         if store is not None:
             from pictor.core.embedder import warn_mixed_precision

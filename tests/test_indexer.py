@@ -274,8 +274,9 @@ def test_index_errors_are_clear(tmp_path: Path) -> None:
                check=False)
     assert r.returncode == 2 and "not a Pictor model file" in r.stderr
     assert not (tmp_path / "j").exists()  # a run that fails before writing leaves no folder
+    # Checked before the model loads (the junk weights would be named first otherwise).
     r = pictor("index", str(tmp_path / "empty"), "--out", str(tmp_path / "k"), "--index-type", "Bogus",
-               check=False)
+               "--weights", str(tmp_path / "junk.pt"), check=False)
     assert r.returncode == 2 and "index type 'Bogus' is not one the index supports" in r.stderr
     assert not (tmp_path / "k").exists()
 
