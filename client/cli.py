@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 EXIT_UNREACHABLE = 4
 _MOST_NAMED = 20  # keys an error message names
+_FOLDER_HINT = "`pictor index` takes folders"  # said of a folder given where an image file is
 # Keys given as paths are found as `pictor add` and `pictor index` store paths.
 _PATH_FORM_HELP = "a key not in the index as given is also looked for as the path that add stores (./a//b.jpg: a/b.jpg)"
 
@@ -223,7 +224,7 @@ def run_classify(args: argparse.Namespace) -> int:
         for path in args.images:
             data = None
             try:
-                data = read_image_file(path)
+                data = read_image_file(path, folder_hint=_FOLDER_HINT)
                 r = client.classify(data, top_k=args.top_k, classifier=args.classifier,
                                     neighbors=args.neighbors)
             except (ServerUnavailableError, KeyboardInterrupt) as e:  # not this image: the server, or Ctrl-C
@@ -331,7 +332,7 @@ def run_search(args: argparse.Namespace) -> int:
         raise InvalidRequestError("give exactly one query: an IMAGE file or --key KEY")
     attrs = _parse_filter(args.label, args.attr)
     with _client(args) as client:
-        image = read_image_file(args.image) if args.image else None
+        image = read_image_file(args.image, folder_hint=_FOLDER_HINT) if args.image else None
 
         def search(key: str | None) -> list[Hit]:
             return client.search(image=image, key=key, k=args.k, labels=args.label, attributes=attrs,
@@ -477,7 +478,8 @@ def _check_files_to_add(paths: Sequence[str]) -> None:
     problems: list[PictorError] = []
     for path in paths:
         try:
-            if (size := check_image_file(path).stat().st_size) > max_bytes:  # (an item is more than its image)
+            size = check_image_file(path, folder_hint=_FOLDER_HINT).stat().st_size
+            if size > max_bytes:  # (an item is more than its image)
                 raise ResourceExhaustedError(f"{path}: " + request_too_large(size, max_bytes, "this client's"))
             check_key_text(path)  # (bytes the shell passed on as they were)
         except PictorError as e:

@@ -33,7 +33,8 @@ Embed every image of GALLERY with a pretrained CNN and write a searchable index 
 GALLERY is a folder (searched recursively, linked folders included; hidden files and folders,
 named with a leading dot, left out; each image's label is the top-level folder it is in) or a UTF-8 CSV/JSONL manifest with a `path` column (relative to the
 manifest's folder) and optional `label`, `key` and attribute columns (JSON null = absent; CSV
-cells are trimmed of surrounding spaces, as JSONL labels are; other JSONL values are taken as written).
+cells are trimmed of surrounding spaces, as JSONL labels are; other JSONL values are strings or
+numbers, a number kept as written: 1.50 stays "1.50").
 Each item's key is its `key`, else the file's path as given (./a//b.jpg becomes a/b.jpg), so
 give a folder the same way each time (photos/ and /home/me/photos/ are different keys); a
 manifest that repeats a key is refused, since which row should win is a guess, as is one with

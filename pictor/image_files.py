@@ -18,22 +18,22 @@ from pictor.errors import InvalidImageError, InvalidRequestError, NotFoundError
 MAX_IMAGE_FILE_BYTES = 1 << 30
 
 
-def check_image_file(path: str | os.PathLike[str]) -> Path:
+def check_image_file(path: str | os.PathLike[str], *, folder_hint: str = "") -> Path:
     """``path``, once it is known to be a regular, non-empty file this process can open, of at
     most ``MAX_IMAGE_FILE_BYTES``: to refuse a list of files before the work on the first.
-    NotFoundError for a missing file."""
+    NotFoundError for a missing file; ``folder_hint`` is said when it is a folder."""
     p = _path_of(path)
     with _errors_named(p):
-        _check_stat(p)
+        _check_stat(p, folder_hint)
         with open(p, "rb"):
             return p
 
 
-def read_image_file(path: str | os.PathLike[str]) -> bytes:
+def read_image_file(path: str | os.PathLike[str], *, folder_hint: str = "") -> bytes:
     """The bytes of an image file (refused as ``check_image_file`` refuses it)."""
     p = _path_of(path)
     with _errors_named(p):
-        _check_stat(p)
+        _check_stat(p, folder_hint)
         return p.read_bytes()
 
 
@@ -43,10 +43,10 @@ def _path_of(path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
-def _check_stat(p: Path) -> None:
+def _check_stat(p: Path, folder_hint: str) -> None:
     st = p.stat()
     if stat.S_ISDIR(st.st_mode):
-        raise InvalidImageError(f"{p}: a folder, not an image file (`pictor index` takes folders)")
+        raise InvalidImageError(f"{p}: a folder, not an image file{f' ({folder_hint})' if folder_hint else ''}")
     if not stat.S_ISREG(st.st_mode):  # a FIFO or a device named like an image would block or never end
         raise InvalidImageError(f"{p}: not a regular file (a FIFO, socket or device)")
     if not st.st_size:  # (an Upsert item with no image bytes would be "neither image nor vector")

@@ -686,7 +686,8 @@ def test_load_image_errors(tmp_path: Path) -> None:
     with pytest.raises(InvalidImageError, match="bad.jpg"):
         load_image(bad)
     (tmp_path / "folder.jpg").mkdir()
-    with pytest.raises(InvalidImageError, match="a folder, not an image file"):
+    # A manifest row naming a folder (the client commands add "`pictor index` takes folders").
+    with pytest.raises(InvalidImageError, match="folder.jpg: a folder, not an image file$"):
         load_image(tmp_path / "folder.jpg")
     with pytest.raises(InvalidImageError, match="not a usable path"):
         load_image(str(tmp_path / "nul\0.jpg"))
