@@ -377,12 +377,15 @@ def test_validation_copies_of_training_images_are_left_out(
     val = make_tree(tmp_path / "val", per_class=3, seed=5)
     shutil.copy(train_tree / "disc" / "disc_0.png", val / "disc" / "copy.png")
     shutil.copy(train_tree / "square" / "square_1.png", val / "square" / "copy.png")
-    # The same picture under two labels in training is named too.
+    # The same picture under two labels is named with both, in training or across the split
+    # (where the copy was only said to be left out of validation).
     shutil.copy(train_tree / "disc" / "disc_1.png", train_tree / "square" / "odd.png")
+    shutil.copy(train_tree / "disc" / "disc_2.png", val / "square" / "also_disc.png")
     result = train(config(tmp_path, weight_decays=(1e-3,)), train_tree, val_data=val, embedder=embedder)
     assert result.report["n"] == 9
-    assert "validation: 2 image(s) are copies of training images (same content)" in caplog.text
-    assert "training: 1 image(s) appear under more than one label (same content)" in caplog.text
+    assert "validation: 3 image(s) are copies of training images (same content)" in caplog.text
+    assert (f"2 image(s) appear under more than one label (same content), e.g. {train_tree / 'disc' / 'disc_1.png'} "
+            f"as 'disc', {train_tree / 'square' / 'odd.png'} as 'square'") in caplog.text
     assert "rest on 9 validation images" in caplog.text and "use more validation images, or" in caplog.text
     # A validation set without one of the classes says so.
     shutil.rmtree(val / "triangle")

@@ -241,7 +241,7 @@ def _linear_probe(config: TrainConfig, sources: tuple[str | Path, str | Path], l
     data_mod.check_class_sizes(tr.samples, config.min_per_class, what=f"{sources[0]} (training split)",
                                classes=data_mod.class_names(listed.train))
     names = data_mod.class_names(tr.samples)
-    _warn_of_label_conflicts(tr)
+    _warn_of_label_conflicts(tr, va)
     known = set(names)
     keep = np.array([lab in known for lab in va.labels], dtype=bool)
     if not keep.any():  # (the listed sets shared a class: make_splits checks)
@@ -272,17 +272,16 @@ def _linear_probe(config: TrainConfig, sources: tuple[str | Path, str | Path], l
                    {"weight_decay": fit.weight_decay, "sweep": fit.sweep})
 
 
-def _warn_of_label_conflicts(tr: EmbeddedSet) -> None:
-    """The same image (by content) under two labels teaches the head both answers."""
-    labels: dict[str, set[str]] = {}
-    first: dict[str, Path] = {}
-    for sample, digest in zip(tr.samples, tr.content_hashes, strict=True):
-        labels.setdefault(digest, set()).add(sample.label)
-        first.setdefault(digest, sample.path)
-    conflicts = [d for d, ls in labels.items() if len(ls) > 1]
-    if conflicts:
-        log.warning("training: %d image(s) appear under more than one label (same content), e.g. %s "
-                    "(%s)", len(conflicts), first[conflicts[0]], ", ".join(sorted(labels[conflicts[0]])))
+def _warn_of_label_conflicts(*sets: EmbeddedSet) -> None:
+    """The same image (by content) under two labels teaches the head both answers; one of them
+    a validation image, it is left out as a copy of a training image, its other label unsaid."""
+    paths: dict[str, dict[str, Path]] = {}  # content -> label -> the first path of it
+    for embedded in sets:
+        for sample, digest in zip(embedded.samples, embedded.content_hashes, strict=True):
+            paths.setdefault(digest, {}).setdefault(sample.label, sample.path)
+    if conflicts := [by_label for by_label in paths.values() if len(by_label) > 1]:
+        log.warning("%d image(s) appear under more than one label (same content), e.g. %s", len(conflicts),
+                    ", ".join(f"{path} as {label!r}" for label, path in sorted(conflicts[0].items())))
 
 
 def _not_in_training(tr: EmbeddedSet, va: EmbeddedSet) -> np.ndarray:
