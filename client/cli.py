@@ -385,7 +385,7 @@ def run_info(args: argparse.Namespace) -> int:
         status = client.health()
     d = {"health": status, **dataclasses.asdict(info)}
     names = info.class_names
-    shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+    shown = ", ".join(map(_label_shown, names[:8])) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
     rows = [
         ("health", status),
         ("backbone", f"{info.backbone} (weights: {info.weights}"
@@ -399,7 +399,8 @@ def run_info(args: argparse.Namespace) -> int:
         ("index", f"{info.index_size} items, {info.index_type}"),
         ("labels", _label_counts_text(info.label_counts)),
         ("classifier", f"{info.classifier}: {shown}" if shown else f"{info.classifier} (the index's labels)"),
-        *([("open set", info.open_set)] if info.open_set else []),
+        ("open set", info.open_set or "off (a model file from `pictor train`, served with --model, answers an "
+                                      "image like none of its classes as unknown)"),
         ("versions", ", ".join(f"{k} {v}" for k, v in sorted(info.versions.items()))),
     ]
     table = "".join(f"{name + ':':<14}{value}\n" for name, value in rows)
@@ -412,8 +413,17 @@ def _label_counts_text(counts: dict[str, int], shown: int = 20) -> str:
     if not counts:
         return "none"
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    text = ", ".join(f"{label or '(none)'} {n}" for label, n in ranked[:shown])
+    text = ", ".join(f"{_label_shown(label)} {n}" for label, n in ranked[:shown])
     return text + (f", ... ({len(ranked)} labels)" if len(ranked) > shown else "")
+
+
+def _label_shown(label: str) -> str:
+    """A label in a list of them, as it is unless it could be misread there (a comma, a quote,
+    a space at an end), then quoted; no label is ``(none)``."""
+    if not label:
+        return "(none)"
+    plain = label.strip() == label and not any(c in label for c in ",'\"") and label != "(none)"
+    return label if plain else repr(label)
 
 
 @_guard_unreachable

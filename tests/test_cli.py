@@ -46,6 +46,15 @@ def test_a_bad_setting_in_the_environment_fails_every_command(
     assert "batch_size must be at least 1, got 0 (from PICTOR_BATCH_SIZE)" in capsys.readouterr().err
 
 
+def test_labels_in_a_list_are_quoted_where_they_could_be_misread() -> None:
+    """`pictor info` showed "labels: Gänseblümchen, white 30, ...": two labels, or one?"""
+    from pictor.client.cli import _label_counts_text
+
+    counts = {"daisy": 3, "Gänseblümchen, white": 30, "": 2, " padded": 1, "it's": 1, "(none)": 1}
+    assert _label_counts_text(counts) == ("'Gänseblümchen, white' 30, daisy 3, (none) 2, ' padded' 1, "
+                                          "'(none)' 1, \"it's\" 1")
+
+
 def test_a_torch_library_that_cannot_be_mapped_is_called_out_of_memory(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """Under `ulimit -v 3000000` `pictor index` and `serve` ended in a traceback through torch's imports."""

@@ -473,6 +473,7 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     assert listed.stdout.count("[warm]") == 6 and "note: the index has no item labelled 'wram'" in listed.stderr
     shown = pictor("info", "--target", server.target).stdout
     assert "\nlabels:       cool 6, warm 6\n" in shown
+    assert "\nopen set:     off (a model file from `pictor train`" in shown  # the line was left out
     gone = pictor("delete", "no/such/key.png", "--target", server.target, check=False)
     assert gone.returncode == 2 and "not found: no/such/key.png (a key is the image's path" in gone.stderr
     # Neither as given nor as `add` would have made it: that form is shown.
