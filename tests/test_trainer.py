@@ -200,9 +200,10 @@ def test_bad_data_gives_clear_errors(tmp_path: Path, embedder: CountingEmbedder)
         f.unlink()
     before = embedder.images_embedded
     with pytest.raises(InvalidRequestError,
-                       match=r"training images after --val-fraction 0.25 .*fewer than 3 training images: 'square' \(2\)"):
+                       match=r"training images after --val-fraction 0.25 .*fewer than 3 training images: 'square' "
+                             r"\(2 of its 3\); add images \(--val-fraction 0.25 leaves 3 to train on from 4\)"):
         train(config(tmp_path), tree, embedder=embedder)
-    with pytest.raises(InvalidRequestError, match=r"after --max-per-class 2 and --val-fraction 0.25 .*: '\w+' \(1\)"):
+    with pytest.raises(InvalidRequestError, match=r"after --max-per-class 2 and --val-fraction 0.25 .*: '\w+' \(1 of its 2\)"):
         train(config(tmp_path, max_per_class=2), tree, embedder=embedder)
     assert embedder.images_embedded == before
     tree = make_tree(tmp_path / "tree2", per_class=4)

@@ -97,19 +97,24 @@ def case_hint(others: Iterable[str], classes: Iterable[str]) -> str:
 
 
 def check_class_sizes(samples: Sequence[Sample], min_per_class: int, what: str = "data",
-                      kind: str = "usable", classes: Iterable[str] = ()) -> None:
+                      kind: str = "usable", classes: Iterable[str] = (), split_from: Sequence[Sample] = (),
+                      val_fraction: float = 0.0) -> None:
     """Raise ``InvalidRequestError`` naming every class (of ``samples``, and every one of
     ``classes``, which may have none left) with fewer than ``min_per_class`` images (``kind``:
-    "listed" or "training" (listed, after a split) before the images are read, "usable" after)."""
+    "listed" or "training" (listed, after a split) before the images are read, "usable" after).
+    ``samples`` split off ``split_from`` at ``val_fraction``: the message says what a class needs."""
     counts = Counter(dict.fromkeys(classes, 0))  # (update keeps a count of 0; + would drop it)
     counts.update(s.label for s in samples)
     small = {c: n for c, n in sorted(counts.items()) if n < min_per_class}
     if small:
-        listed = ", ".join(f"{c!r} ({n})" for c, n in small.items())
+        of = Counter(s.label for s in split_from)
+        listed = ", ".join(f"{c!r} ({n}{f' of its {of[c]}' if of else ''})" for c, n in small.items())
+        needs = (f" (--val-fraction {val_fraction:g} leaves {min_per_class} to train on from "
+                 f"{_needed_for_split(min_per_class, val_fraction)})") if of else ""
         lower = ", or lower --min-per-class" if min_per_class > 2 else ""  # 2 is the least
         raise InvalidRequestError(
             f"{what}: classes with fewer than {min_per_class} {kind} images: {listed}; "
-            f"add images or drop the class{lower}"
+            f"add images{needs} or drop the class{lower}"
         )
     if len(counts) < 2:
         raise InvalidRequestError(
@@ -129,10 +134,23 @@ def stratified_split(
     train: list[Sample] = []
     val: list[Sample] = []
     for items in _shuffled_by_class(samples, seed):
-        n_val = min(max(1, round(val_fraction * len(items))), len(items) - 1)
+        n_val = _validation_count(len(items), val_fraction)
         val.extend(items[:n_val])
         train.extend(items[n_val:])
     return train, val
+
+
+def _validation_count(n: int, val_fraction: float) -> int:
+    """Images a class of ``n`` gives to validation: its share, at least one, never all."""
+    return min(max(1, round(val_fraction * n)), n - 1)
+
+
+def _needed_for_split(train_images: int, val_fraction: float) -> int:
+    """The fewest images a class needs to keep ``train_images`` for training after the split."""
+    n = train_images + 1
+    while n - _validation_count(n, val_fraction) < train_images:
+        n += 1
+    return n
 
 
 def cap_per_class(samples: Sequence[Sample], max_per_class: int, seed: int) -> list[Sample]:

@@ -92,7 +92,8 @@ def make_splits(config: TrainConfig, data: str | Path, val_data: str | Path | No
         how.append(f"--val-fraction {config.val_fraction:g} for validation")
     what = f"{data} (training images after {' and '.join(how)})" if how else str(data)
     # Before any image is embedded; unreadable images are counted again after.
-    data_mod.check_class_sizes(train, config.min_per_class, what=what, kind="training" if how else "listed")
+    data_mod.check_class_sizes(train, config.min_per_class, what=what, kind="training" if how else "listed",
+                               split_from=samples if val_data is None else (), val_fraction=config.val_fraction)
     return Splits(train, val)
 
 
