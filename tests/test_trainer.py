@@ -365,6 +365,14 @@ def test_settings_that_cannot_train_are_refused_by_their_flag(setting: dict[str,
         TrainConfig(**setting)  # type: ignore[arg-type]
 
 
+def test_a_class_spelled_otherwise_is_named() -> None:
+    # A manifest's JSON number labels stay as written: 1.0 is not the class 1, nor Daisy daisy.
+    assert data_mod.spelling_hint(["1.0", "Daisy", "2.5", "NaN", "rose"], ["1", "daisy", "nan", "tulip"]) == (
+        "; class names are compared as written, case and digits alike: rename '1.0' to '1', 'Daisy' to 'daisy', "
+        "'NaN' to 'nan'")
+    assert data_mod.spelling_hint(["rose"], ["tulip"]) == ""
+
+
 def test_validation_copies_of_training_images_are_left_out(
     shapes: Path, tmp_path: Path, embedder: CountingEmbedder, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -396,7 +404,7 @@ def test_validation_copies_of_training_images_are_left_out(
     train(config(tmp_path, weight_decays=(1e-3,)), train_tree, val_data=val, embedder=embedder)
     assert "validation has no images of triangle" in caplog.text
     assert ("validation: 2 image(s) of classes absent from training are ignored ('Disc', 'star'); class names "
-            "are case-sensitive: rename 'Disc' to 'disc'") in caplog.text
+            "are compared as written, case and digits alike: rename 'Disc' to 'disc'") in caplog.text
 
 
 def test_temperature_sharpens_only_on_evidence() -> None:
@@ -893,7 +901,7 @@ def test_eval_reports_unknown_answers_for_other_classes(
     caplog.clear()
     evaluate(model, other, index=shapes_index, embedder=embedder, cache_dir=tmp_path / "cache", progress=False)
     assert ("of classes the model does not know are left out of the accuracy: 'Disc', 'noise'; class names are "
-            "case-sensitive: rename 'Disc' to 'disc'") in caplog.text
+            "compared as written, case and digits alike: rename 'Disc' to 'disc'") in caplog.text
 
 
 def test_auto_precision_fine_tunes_in_fp32_on_a_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,8 +8,10 @@ object per line. Relative manifest paths are relative to the manifest's folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import math
 import os
 import random
 from collections import Counter, defaultdict
@@ -86,14 +88,24 @@ def class_names(samples: Iterable[Sample]) -> list[str]:
     return sorted({s.label for s in samples})
 
 
-def case_hint(others: Iterable[str], classes: Iterable[str]) -> str:
-    """A hint for names among ``others`` that are one of ``classes`` in other case ("Daisy" for
-    "daisy"): folders named by hand, or copied from a case-insensitive file system."""
-    folded = {c.casefold(): c for c in classes}
-    twins = [(o, folded[o.casefold()]) for o in others if o.casefold() in folded]
+def spelling_hint(others: Iterable[str], classes: Iterable[str]) -> str:
+    """A hint for names among ``others`` that are one of ``classes`` spelled otherwise: in other
+    case ("Daisy" for "daisy": folders named by hand, or copied from a case-insensitive file
+    system), or the same number written otherwise ("1.0" for "1": manifest labels stay as written)."""
+    folded = {_folded(c): c for c in classes}
+    twins = [(o, folded[_folded(o)]) for o in others if _folded(o) in folded]
     if not twins:
         return ""
-    return f"; class names are case-sensitive: rename {', '.join(f'{o!r} to {c!r}' for o, c in twins)}"
+    return ("; class names are compared as written, case and digits alike: rename "
+            + ", ".join(f"{o!r} to {c!r}" for o, c in twins))
+
+
+def _folded(name: str) -> str:
+    """``name`` as ``spelling_hint`` compares it: a finite number by its value, else case-folded."""
+    with contextlib.suppress(ValueError):
+        if math.isfinite(number := float(name)):
+            return repr(number)
+    return name.casefold()
 
 
 def check_class_sizes(samples: Sequence[Sample], min_per_class: int, what: str = "data",

@@ -78,7 +78,7 @@ def evaluate(
         more = f" and {len(others) - 10} more" if len(others) > 10 else ""
         log.warning("%d image(s) of classes the model does not know are left out of the accuracy: "
                     "%s%s%s", ignored, ", ".join(map(repr, others[:10])), more,
-                    data_mod.case_hint(others, model.class_names))
+                    data_mod.spelling_hint(others, model.class_names))
     # Without the model's classes only the open-set figures can be measured (with --index).
     if not usable and index is None:
         raise InvalidRequestError(

@@ -252,7 +252,7 @@ def _linear_probe(config: TrainConfig, sources: tuple[str | Path, str | Path], l
     if not keep.all():
         unknown = sorted({lab for lab, k in zip(va.labels, keep, strict=True) if not k})
         log.warning("validation: %d image(s) of classes absent from training are ignored (%s)%s",
-                    int((~keep).sum()), ", ".join(map(repr, unknown)), data_mod.case_hint(unknown, names))
+                    int((~keep).sum()), ", ".join(map(repr, unknown)), data_mod.spelling_hint(unknown, names))
     keep &= _not_in_training(tr, va)
     if not keep.any():
         raise InvalidRequestError("every validation image of the trained classes is also a training image "
