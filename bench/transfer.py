@@ -137,8 +137,8 @@ def run_knn(args: argparse.Namespace, splits: Splits, cache_dir: str) -> dict[st
     preds = knn_predict(va.embeddings, tr.embeddings, tr.labels, k=args.k, weighted=True)
     top1 = float(np.mean([p == y for p, y in zip(preds, va.labels, strict=True)]))
     hits = stats_tr["hits"] + stats_va["hits"]
-    return {"mode": f"knn (k={args.k}, weighted)", "top1": top1, "top5": float("nan"),
-            "macro_f1": float("nan"), "seconds": time.perf_counter() - t0,
+    return {"mode": f"knn (k={args.k}, weighted)", "top1": top1, "top5": None,
+            "macro_f1": None, "seconds": time.perf_counter() - t0,
             "train": len(tr.samples), "val": len(va.samples),
             "skipped": len(tr.skipped) + len(va.skipped),
             "note": f"embeddings from the linear run's cache ({hits} hits); vote "
@@ -255,8 +255,8 @@ def print_table(rows: list[dict[str, Any]], open_set: list[dict[str, Any]], far:
         print("| mode | train / val images | top-1 | top-5 | macro F1 | wall time | note |")
         print("|---|---|---|---|---|---|---|")
     for r in rows:
-        top5 = "-" if np.isnan(r["top5"]) else f"{r['top5']:.4f}"
-        f1 = "-" if np.isnan(r["macro_f1"]) else f"{r['macro_f1']:.4f}"
+        top5 = "-" if r["top5"] is None else f"{r['top5']:.4f}"  # (5 classes or fewer: always 1)
+        f1 = "-" if r["macro_f1"] is None else f"{r['macro_f1']:.4f}"
         print(f"| {r['mode']} | {r['train']} / {r['val']} | {r['top1']:.4f} | {top5} | {f1} | "
               f"{r['seconds']:.0f} s | {r['note']} |")
     if far:

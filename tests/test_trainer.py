@@ -703,6 +703,7 @@ def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path, c
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert report["top1"] == 1.0 and report["n"] == 24
+    assert report["top5"] is None  # 3 classes: always 1, not measured (it was 1.0)
     assert report["training_images"] == 18  # 24 less the 6 of validation: said, as they flatter
     assert report["confusion"] == [[8, 0, 0], [0, 8, 0], [0, 0, 8]]
     assert set(report["per_class"]["disc"]) == {"precision", "recall", "f1", "support"}

@@ -39,7 +39,7 @@ examples:
 """
 
 EVAL_DESCRIPTION = """\
-Top-1/top-5 accuracy (top-5 in the table only for more than 5 classes), per-class
+Top-1/top-5 accuracy (top-5 only for more than 5 classes, null in --json otherwise), per-class
 precision/recall/F1 and a confusion matrix of MODEL on DATA (folder tree or manifest). Images
 of classes the model does not know are left out of these.
 
