@@ -196,10 +196,21 @@ def read_manifest(manifest: Path, *, require_label: bool = False) -> Iterator[Ga
         with manifest.open(newline="" if suffix == ".csv" else None, encoding="utf-8-sig") as f:
             rows = _csv_rows(manifest, f, required) if suffix == ".csv" else _json_lines(manifest, f)
             yield from _entries(manifest, rows, required)
-    except UnicodeDecodeError as e:
-        raise InvalidRequestError(
-            f"manifest {manifest} is not UTF-8 text (byte {e.object[e.start]:#04x}); save it as UTF-8"
-        ) from e
+    except UnicodeDecodeError as e:  # (decoded in chunks: e.start says not where in the file)
+        line, byte = _first_non_utf8(manifest) or (0, e.object[e.start])
+        raise InvalidRequestError(f"manifest {manifest}{f':{line}' if line else ''} is not UTF-8 text "
+                                  f"(byte {byte:#04x}); save it as UTF-8") from e
+
+
+def _first_non_utf8(path: Path) -> tuple[int, int] | None:
+    """The line number and byte of ``path``'s first byte that is not UTF-8 (None: none found)."""
+    with path.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return number, line[e.start]
+    return None
 
 
 def _csv_rows(manifest: Path, f: Iterable[str], required: tuple[str, ...]

@@ -152,8 +152,8 @@ def test_manifest_text_as_spreadsheets_and_scripts_write_it(tmp_path: Path) -> N
     jsonl.write_bytes("\ufeff".encode() + b'{"path": "a.png", "label": 3, "f": 1.50}\n')
     [entry] = read_gallery(jsonl)
     assert (entry.label, entry.attributes) == ("3", {"f": "1.50"})  # numbers as written
-    csv.write_bytes("path,label\na.png,café\n".encode("latin-1"))
-    with pytest.raises(InvalidRequestError, match=r"m.csv is not UTF-8 text \(byte 0xe9\)"):
+    csv.write_bytes("path,label\na.png,daisy\nb.png,café\n".encode("latin-1"))
+    with pytest.raises(InvalidRequestError, match=r"m.csv:3 is not UTF-8 text \(byte 0xe9\)"):  # line: where to look
         list(read_gallery(csv))
 
 
