@@ -903,6 +903,17 @@ def test_eval_reports_unknown_answers_for_other_classes(
     evaluate(model, other, index=shapes_index, embedder=embedder, cache_dir=tmp_path / "cache", progress=False)
     assert ("of classes the model does not know are left out of the accuracy: 'Disc', 'noise'; class names are "
             "compared as written, case and digits alike: rename 'Disc' to 'disc'") in caplog.text
+    # An index held by another (a server) is the one message: no warnings of the data before it.
+    from pictor.core.whitening import open_index
+
+    caplog.clear()
+    held = open_index(shapes_index)[0]
+    try:
+        with pytest.raises(InvalidRequestError, match="is open in another process"):
+            evaluate(model, other, index=shapes_index, embedder=embedder, progress=False)
+    finally:
+        held.close(snapshot=False)
+    assert "left out of the accuracy" not in caplog.text
 
 
 def test_auto_precision_fine_tunes_in_fp32_on_a_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

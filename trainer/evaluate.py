@@ -73,12 +73,6 @@ def evaluate(
     known = set(model.class_names)
     usable = [s for s in samples if s.label in known]
     ignored = len(samples) - len(usable)
-    if ignored:
-        others = sorted({s.label for s in samples} - known)
-        more = f" and {len(others) - 10} more" if len(others) > 10 else ""
-        log.warning("%d image(s) of classes the model does not know are left out of the accuracy: "
-                    "%s%s%s", ignored, ", ".join(map(repr, others[:10])), more,
-                    data_mod.spelling_hint(others, model.class_names))
     # Without the model's classes only the open-set figures can be measured (with --index).
     if not usable and index is None:
         raise InvalidRequestError(
@@ -93,6 +87,12 @@ def evaluate(
             store, _, spec = open_index(index)
             stack.callback(store.close, snapshot=False)
             model.check_index(spec)  # the index Classify serves from holds this model's space
+        if ignored:  # (after the index opened: an index a server holds is the one message)
+            others = sorted({s.label for s in samples} - known)
+            more = f" and {len(others) - 10} more" if len(others) > 10 else ""
+            log.warning("%d image(s) of classes the model does not know are left out of the accuracy: "
+                        "%s%s%s", ignored, ", ".join(map(repr, others[:10])), more,
+                        data_mod.spelling_hint(others, model.class_names))
         embedder = embedder or model.create_embedder(device=device, precision=precision, weights=weights)
         model.check_index(embedder.spec)  # the embedder must feed this head's embedding space
         open_set = model.open_set if store is not None else None
