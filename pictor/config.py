@@ -392,6 +392,7 @@ def _read_config_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise InvalidRequestError(f"config file {p} is not valid TOML: {e}") from e
     _check_names(values, p)
+    build_settings(ModelSettings, env={}, file_values=values)  # its values too, whichever command reads it
     return values
 
 

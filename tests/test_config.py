@@ -129,6 +129,8 @@ def test_file_names_and_types_are_checked(tmp_path: Path) -> None:
         # A file has types: text is refused as a number or a yes/no, as 1.5 is refused as an int
         # (port = "6000" was taken, port = 6000.0 refused).
         ('port = "6000"\n', "port='6000' in the config file is not a valid int; write it without quotes"),
+        # A model setting's value is checked by every command that reads the file (serve has no batch size).
+        ("batch_size = 0\n", r"batch_size must be at least 1, got 0 \(from batch_size in the config file\)"),
         ('compile = "yes"\n', r"compile='yes' in the config file is not a valid bool \(true or false\); write it"),
     ]
     for text, message in cases:
@@ -167,7 +169,7 @@ def test_client_commands_read_the_message_limit_the_server_reads(monkeypatch) ->
 def test_a_value_out_of_range_names_where_it_was_set(tmp_path: Path) -> None:
     # The message names the flag, variable or file line to change, not only the setting.
     cfg = tmp_path / "pictor.toml"
-    cfg.write_text("workers = 1\nbatch_size = 0\n")
+    cfg.write_text("workers = 1\n")
     for flags, env, source in [
         ({"workers": 1}, {}, "--workers"),
         ({}, {"PICTOR_WORKERS": "1"}, "PICTOR_WORKERS"),
@@ -175,6 +177,7 @@ def test_a_value_out_of_range_names_where_it_was_set(tmp_path: Path) -> None:
     ]:
         with pytest.raises(InvalidRequestError, match=rf"workers must be at least 2 .*, got 1 \(from {source}\)$"):
             build_settings(ServerSettings, flags, env=env, config_file=cfg)
+    cfg.write_text("batch_size = 0\n")
     with pytest.raises(InvalidRequestError, match=r"batch_size must be at least 1, got 0 \(from batch_size in"):
         build_settings(IndexerSettings, {}, env={}, config_file=cfg)
     with pytest.raises(InvalidRequestError, match=r"max_pixels must be at least 1, got 0 \(from --max-pixels\)$"):
