@@ -138,7 +138,7 @@ class Filter:
                 raise InvalidRequestError(f"a filter's attributes must map strings to strings, got "
                                           f"{shown(name)}: {shown(value)}")
             if not name.strip():  # as checked_items refuses them
-                raise InvalidRequestError("a filter's attribute name is empty; no item has such an attribute")
+                raise InvalidRequestError(f"a filter's attribute name {name!r} is blank; no item has such an attribute")
         # Labels as the store keeps them (NFC), so "rosés" matches however it was typed.
         object.__setattr__(self, "labels", tuple(map(canonical_label, labels)))
 
@@ -321,7 +321,7 @@ def checked_items(items: list[Item]) -> list[Item]:
                     f"{name!r}: {value!r}"
                 )
             if not name.strip():
-                raise InvalidRequestError(f"item {shown(item.key, 200)}: an attribute has an empty name "
+                raise InvalidRequestError(f"item {shown(item.key, 200)}: an attribute has a blank name {name!r} "
                                           f"(value {shown(value)}); name it, or leave it out")
         for text in (item.key, item.label, *item.attributes, *item.attributes.values()):
             check_utf8(text, f"item {shown(item.key, 200)}:")  # (a file name, a JSON escape)

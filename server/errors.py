@@ -67,7 +67,8 @@ _ASK_FOR_LESS = {"Search": "a smaller k", "Classify": "fewer neighbors", "Get": 
                  "Embed": "fewer images per call"}
 
 
-def _reply_too_large(size: int, max_bytes: int, method: str) -> str:
+def reply_over_limit(size: int, max_bytes: int, method: str) -> str:
+    """The message of a reply of ``size`` bytes over the server's limit, for ``method``."""
     return reply_too_large(size, max_bytes, "this server's", _ASK_FOR_LESS.get(method.rsplit("/", 1)[-1], "less"))
 
 
@@ -82,7 +83,7 @@ def _guard(behavior: Callable[..., Any], method: str, streaming: bool, max_reply
             # Checked here, where it can be explained: gRPC would send RESOURCE_EXHAUSTED "Sent
             # message larger than max", the code that also means "busy, send again".
             if (size := reply.ByteSize()) > max_reply_bytes:
-                raise InvalidRequestError(_reply_too_large(size, max_reply_bytes, method))
+                raise InvalidRequestError(reply_over_limit(size, max_reply_bytes, method))
             return reply
         except Exception as e:
             _abort(e, method, context)

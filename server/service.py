@@ -13,12 +13,14 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import grpc
+import numpy as np
 
 from pictor.api import CLASSIFIERS, MAX_LIST, UPSERT_CHUNK
 from pictor.core.store import Filter, Hits, Item, SearchParams, UpsertResult
 from pictor.errors import DeadlineExceededError, InvalidRequestError, PictorError
 from pictor.iterators import batched
 from pictor.server.engine import ClassifyResult, Engine, check_upsert_item
+from pictor.server.errors import reply_over_limit
 from pictor.server.limits import HandlerThreads, check_active, idle_limited
 from pictor.v1 import pictor_pb2 as pb
 from pictor.v1 import pictor_pb2_grpc as pb_grpc
@@ -129,13 +131,18 @@ class PictorService(pb_grpc.PictorServicer):
 
     def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:
         check_active(context, "embedding")
+        # Its size is known before any image is decoded (floats are 4 bytes each): a reply over
+        # the limit is refused now, not after the forward pass.
+        blank = self._embed_response(np.zeros((len(request.images), self.engine.spec.dim), np.float32))
+        if (size := blank.ByteSize()) > self.max_reply_bytes:
+            raise InvalidRequestError(reply_over_limit(size, self.max_reply_bytes, "Embed"))
         with self.threads.waiting_call(refused="nothing was embedded"):
             embeddings = self.engine.embed(list(request.images), still_wanted=lambda: check_active(context, "embedding"))
-        return pb.EmbedResponse(
-            embeddings=[pb.Vector(values=row.tolist()) for row in embeddings],
-            dim=self.engine.spec.dim,
-            backbone=self.engine.spec.backbone,
-        )
+        return self._embed_response(embeddings)
+
+    def _embed_response(self, embeddings: np.ndarray) -> pb.EmbedResponse:
+        return pb.EmbedResponse(embeddings=[pb.Vector(values=row.tolist()) for row in embeddings],
+                                dim=self.engine.spec.dim, backbone=self.engine.spec.backbone)
 
     def Upsert(self, request_iterator: Iterator[pb.UpsertRequest], context: grpc.ServicerContext) -> pb.UpsertResponse:
         with self.threads.stream(refused="nothing was written"):

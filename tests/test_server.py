@@ -874,6 +874,15 @@ def test_a_reply_over_the_message_limit_says_how_to_ask_for_less(built_index: Pa
             small.search(vector=query, k=30)
     finally:
         server.stop()
+    # An Embed reply's size is known before any image is decoded: refused then (not after 12 s of
+    # decoding 256 images), so these undecodable bytes are never looked at.
+    server = ServerProcess(built_index, "--max-message-mb", "1").start()
+    try:
+        with PictorClient(server.target) as client, pytest.raises(
+                InvalidRequestError, match=r"a reply of 1\.25 MB is over this server's 1 MB limit; ask for fewer images"):
+            client.embed([b"not an image"] * 256)
+    finally:
+        server.stop()
 
 
 def test_a_busy_server_is_exit_code_4_after_the_client_resent_the_call(built_index: Path) -> None:
