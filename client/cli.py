@@ -272,7 +272,7 @@ def _hit_text(h: Hit | StoredItem) -> str:
     return f"{_table_cell(h.key)}{'  [' + _table_cell(h.label) + ']' if h.label else ''}"
 
 
-def _item_row(it: StoredItem) -> str:
+def _item_row(it: Hit | StoredItem) -> str:
     attrs = " ".join(f"{_table_cell(k)}={_attribute_value(v)}" for k, v in sorted(it.attributes.items()))
     return "  ".join(filter(None, [_hit_text(it), attrs]))
 
@@ -359,14 +359,16 @@ def run_search(args: argparse.Namespace) -> int:
                 raise
             raise type(e)(f"{args.image}: {e}") from e
         no_such = _no_such_labels(client, args.label)
-    rows = [f"{i + 1:>3}  {h.score:6.3f}  {_hit_text(h)}"
-            for i, h in enumerate(hits)]
+    rows = [f"{i + 1:>3}  {h.score:6.3f}  {_item_row(h)}" for i, h in enumerate(hits)]
+    # Notes on stderr, as list writes them: the output stays the results.
     if hits and no_such:  # a typo among several labels: the hits are of the others
         print(f"pictor search: note: {no_such}", file=sys.stderr)
-    why = no_such or ("no indexed item matches the --label/--attr filter" if args.label or attrs
-                      else "the index is empty")
-    table = "\n".join(["  #   score  key", *rows]) if hits else f"no results: {why}"
-    _emit(args, [dataclasses.asdict(h) for h in hits], table + "\n")
+    elif not hits and not args.json:
+        why = no_such or ("no indexed item matches the --label/--attr filter" if args.label or attrs
+                          else "the index is empty")
+        print(one_line(f"pictor search: no results: {why}"), file=sys.stderr)
+    _emit(args, [dataclasses.asdict(h) for h in hits], "".join(f"{row}\n" for row in ["  #   score  key", *rows])
+          if hits else "")
     return 0
 
 
@@ -541,6 +543,8 @@ def run_get(args: argparse.Namespace) -> int:
         rows.append(_item_row(it))
         if it.vector is not None:
             rows.append("  vector: " + " ".join(f"{x:.6g}" for x in it.vector))
+    if args.missing_ok:  # (without it, the error names them)
+        rows.extend(f"{_table_cell(key)}  (not found)" for key in missing)
     _emit(args, {"items": items, "missing": missing}, "".join(f"{row}\n" for row in rows))
     return _report_missing(args, missing)
 

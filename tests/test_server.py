@@ -379,6 +379,12 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     assert [h["key"] for h in prefixed] == ["p/new/x.png"]  # the key is not the path: kept beside it
     got = pictor("get", "new/x.png", "p/new/x.png", "--target", server.target).stdout
     assert got == "new/x.png  source=cam1\np/new/x.png  path=new/x.png\n"
+    # Search shows attributes too, as get does (only --json had them).
+    found = pictor("search", "--key", "new/x.png", "-k", "1", "--target", server.target).stdout
+    assert found.splitlines()[1].endswith("  new/x.png  source=cam1")
+    # With --missing-ok a key not found is said in the table (it was silent), not as an error.
+    quiet = pictor("get", "new/x.png", "no/such", "--missing-ok", "--target", server.target)
+    assert quiet.stdout == "new/x.png  source=cam1\nno/such  (not found)\n" and quiet.stderr == ""
     # More keys than a call takes go in several calls; each missing one is named once.
     unheld = [f"none/{i}" for i in range(MAX_GET_KEYS)]
     many = json.loads(pictor("get", *unheld, "p/new/x.png", *unheld[:3], "--missing-ok", "--json",
@@ -462,7 +468,9 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
     assert "kNN vote: " in every and "agree" not in every  # ImageNet labels vs the index's labels
     assert f"  neighbour  1.000  {image.as_posix()}" in every
     none = pictor("search", str(image), "--label", "nosuch", "--target", server.target)
-    assert none.stdout == "no results: the index has no item labelled 'nosuch' (labels: cool 6, warm 6)\n"
+    # On stderr, as list says it: a script reading the table saw the note as a result.
+    assert none.stdout == "" and none.stderr == ("pictor search: no results: the index has no item labelled "
+                                                 "'nosuch' (labels: cool 6, warm 6)\n")
     some = pictor("search", str(image), "--label", "warm", "--label", "wram", "-k", "2", "--target", server.target)
     assert some.stdout.count("[warm]") == 2  # the hits of the label that exists, and a note on the other
     assert some.stderr == "pictor search: note: the index has no item labelled 'wram' (labels: cool 6, warm 6)\n"
