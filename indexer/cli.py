@@ -221,7 +221,8 @@ def _open_target(settings: IndexerSettings, out: Path, entries: list[GalleryEntr
         # of recall@10 against no whitening; fitted on 2.3 times the dims or more, none.
         print(f"warning: --pca-whiten {settings.pca_whiten} fitted on {sample} images, under twice its dims: "
               "its smallest directions are noise, scaled up, and search gets worse than without "
-              "whitening; give more images (--pca-sample), fewer dims, or leave it out", file=sys.stderr)
+              f"whitening; give {'more images (--pca-sample)' if sample < len(entries) else 'a larger gallery'}, "
+              "fewer dims, or leave it out", file=sys.stderr)
     opened = store is not None  # else this run makes one
     created = not opened and not out.exists()
     if not opened:

@@ -366,6 +366,7 @@ def test_pca_whitened_index_serves_whitened_queries(gallery: Path, tmp_path: Pat
     r = pictor("index", str(gallery), "--out", str(out), "--pca-whiten", "8", "--json")
     summary = json.loads(r.stdout)
     assert "warning: --pca-whiten 8 fitted on 12 images, under twice its dims" in r.stderr
+    assert "give a larger gallery, fewer dims" in r.stderr  # all 12 were the sample: --pca-sample cannot help
     assert summary["index_size"] == 12 and (out / WHITENING_FILE).is_file()
     engine = Engine.load(ServerSettings(index=str(out), device="cpu", precision="fp32"))
     try:
