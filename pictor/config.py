@@ -369,8 +369,17 @@ def _setting_name(f: dataclasses.Field[Any]) -> str:
 def _setting_names() -> set[str]:
     """Every name a file or a ``PICTOR_*`` variable may set: one file (and one environment)
     serves every command, so a name is known when any settings class has it."""
-    return {_setting_name(f) for cls in (ServerSettings, IndexerSettings, ModelSettings)
-            for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(f.default_factory)}
+    return set(_setting_types())
+
+
+def _setting_types() -> dict[str, Any]:
+    """Each name a file or a ``PICTOR_*`` variable may set, and its type (one in every class)."""
+    types: dict[str, Any] = {}
+    for cls in (ServerSettings, IndexerSettings, ModelSettings):
+        hints = typing.get_type_hints(cls)
+        types |= {_setting_name(f): hints[f.name] for f in dataclasses.fields(cls)
+                  if not dataclasses.is_dataclass(hints[f.name])}
+    return types
 
 
 def _read_config_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
@@ -392,7 +401,12 @@ def _read_config_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise InvalidRequestError(f"config file {p} is not valid TOML: {e}") from e
     _check_names(values, p)
-    build_settings(ModelSettings, env={}, file_values=values)  # its values too, whichever command reads it
+    # Every value's type, and the model settings' ranges, whichever command reads the file: a
+    # mistake in a setting of `serve` would otherwise pass `index` and stop the server later.
+    types = _setting_types()
+    for name, value in values.items():
+        _coerce(value, types[name], name, " in the config file")
+    build_settings(ModelSettings, env={}, file_values=values)
     return values
 
 

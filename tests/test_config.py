@@ -129,6 +129,7 @@ def test_file_names_and_types_are_checked(tmp_path: Path) -> None:
         # A file has types: text is refused as a number or a yes/no, as 1.5 is refused as an int
         # (port = "6000" was taken, port = 6000.0 refused).
         ('port = "6000"\n', "port='6000' in the config file is not a valid int; write it without quotes"),
+        ('pca_whiten = "64"\n', "pca_whiten='64' in the config file"),  # an indexer setting, refused by serve too
         # A model setting's value is checked by every command that reads the file (serve has no batch size).
         ("batch_size = 0\n", r"batch_size must be at least 1, got 0 \(from batch_size in the config file\)"),
         ('compile = "yes"\n', r"compile='yes' in the config file is not a valid bool \(true or false\); write it"),
