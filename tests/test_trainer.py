@@ -633,7 +633,7 @@ def test_train_and_eval_skip_images_over_the_pixel_cap(tmp_path: Path, capsys: p
     assert main(args) == 0  # every image's embedding cached: the cap is checked all the same
     assert load_model(model_path).metrics["skipped_images"] == 1
     # The poster's cached vectors are no hits: 12 training images (2 views) + 6 validation.
-    assert "(30 embeddings from the cache, 0 computed)" in capsys.readouterr().out
+    assert "(30 embeddings from the cache, 0 computed, training images also mirrored)" in capsys.readouterr().out
     monkeypatch.delenv("PICTOR_MAX_PIXELS")
     capsys.readouterr()
     rc = main(["eval", str(model_path), str(tree), "--max-pixels", "5000", "--json", "--cache-dir", "none",
@@ -681,7 +681,7 @@ def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path, c
     out = capsys.readouterr()
     assert "top-1: 1.0000" in out.out
     assert "top-5" not in out.out  # 3 classes: always 1, so not shown
-    assert "(0 embeddings from the cache, 42 computed)" in out.out
+    assert "(0 embeddings from the cache, 42 computed, training images also mirrored)" in out.out
     assert "open-set thresholds rest on 6 validation images" in caplog.text  # too few to trust
     assert "use more images (or --val)" in caplog.text  # split off: --val is the other way
     caplog.clear()

@@ -197,8 +197,9 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     metrics = result.model.metrics
     hits = result.cache["hits"]
-    cached = (f" ({hits} embedding{'' if hits == 1 else 's'} from the cache, {result.cache['misses']} computed)"
-              if hits + result.cache["misses"] else "")  # 0 + 0: --cache-dir none
+    mirrored = ", training images also mirrored" if config.flip_views else ""  # (so more than the images)
+    cached = (f" ({hits} embedding{'' if hits == 1 else 's'} from the cache, {result.cache['misses']} computed"
+              f"{mirrored})" if hits + result.cache["misses"] else "")  # 0 + 0: --cache-dir none
     print(f"wrote {args.out}: {head_description(config.mode, metrics)}, {len(result.model.class_names)} classes, "
           f"{metrics['train_images']} training images, {len(result.skipped)} skipped, "
           f"{result.seconds:.0f}s{cached}")
