@@ -52,6 +52,9 @@ class CheckOnlyHealthServicer(health.HealthServicer):
     def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
               ) -> health_pb2.HealthCheckResponse:
         response = super().Check(request, context)
+        if response.status == health_pb2.HealthCheckResponse.UNKNOWN:  # NOT_FOUND, with no word of why
+            context.set_details(f"this server reports the health of '' (the whole server) and {SERVICE_NAME!r}, "
+                                f"not of {request.service!r}")
         if response.status == health_pb2.HealthCheckResponse.SERVING and self.unavailable():
             return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
         return response

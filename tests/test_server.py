@@ -122,6 +122,12 @@ def test_cancelled_health_watches_do_not_stall_the_server(server: ServerProcess)
         with pytest.raises(grpc.RpcError) as e:
             next(stub.Watch(health_pb2.HealthCheckRequest(), timeout=10))
         assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        # A service the server does not report on is NOT_FOUND, saying which it reports on.
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert e.value.details() == ("this server reports the health of '' (the whole server) and "
+                                     "'pictor.v1.Pictor', not of 'nope'")
     with PictorClient(server.target, timeout=10) as client:
         assert client.health() == "SERVING"
         assert client.info().index_size == 12
