@@ -156,7 +156,8 @@ class PictorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Delete(self, request, context):
-        """Remove items by key; acknowledged only once durable.
+        """Remove items by key; acknowledged only once durable. All or nothing, but a call whose deadline
+        passes as it is written may have been applied (gRPC cannot tell): sending it again is safe.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
