@@ -131,10 +131,10 @@ class PictorService(pb_grpc.PictorServicer):
 
     def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:
         check_active(context, "embedding")
-        # Its size is known before any image is decoded (floats are 4 bytes each): a reply over
+        # Its size is known before any image is decoded (each vector's is the same): a reply over
         # the limit is refused now, not after the forward pass.
-        blank = self._embed_response(np.zeros((len(request.images), self.engine.spec.dim), np.float32))
-        if (size := blank.ByteSize()) > self.max_reply_bytes:
+        none, one = (self._embed_response(np.zeros((n, self.engine.spec.dim), np.float32)).ByteSize() for n in (0, 1))
+        if (size := none + len(request.images) * (one - none)) > self.max_reply_bytes:
             raise InvalidRequestError(reply_over_limit(size, self.max_reply_bytes, "Embed"))
         with self.threads.waiting_call(refused="nothing was embedded"):
             embeddings = self.engine.embed(list(request.images), still_wanted=lambda: check_active(context, "embedding"))
