@@ -420,12 +420,11 @@ def _label_counts_text(counts: dict[str, int], shown: int = 20) -> str:
 
 
 def _label_shown(label: str) -> str:
-    """A label in a list of them, as it is unless it could be misread there (a comma, a quote,
-    a space at an end), then quoted; no label is ``(none)``."""
+    """A label in a list of them: a table cell, also quoted where a comma or a quote in it could
+    be misread there; no label is ``(none)``."""
     if not label:
         return "(none)"
-    plain = label.strip() == label and not any(c in label for c in ",'\"") and label != "(none)"
-    return label if plain else repr(label)
+    return repr(label) if any(c in label for c in ",'\"") or label == "(none)" else _table_cell(label)
 
 
 @_guard_unreachable
