@@ -25,6 +25,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -371,9 +372,11 @@ def _check_attributes(attributes: object, whose: str = "") -> None:
                                       "write numbers as text, e.g. str(3)")
 
 
-def _label_list(labels: Iterable[str]) -> list[str]:
+def _label_list(labels: Iterable[str] | None) -> list[str]:
     """A filter's labels read once, as a list: a generator would be empty on its second
     reading (the next page of a listing), and a numpy array has no truth value."""
+    if labels is None:  # as attributes=None: no filter
+        return []
     refuse_single(labels, "labels", "for one label, write labels=['daisy']")
     return list(labels)
 
@@ -391,19 +394,33 @@ def _fill_filter(f: pb.Filter, labels: list[str], attributes: Mapping[str, str] 
 
 
 def _fill_vector(vector: pb.Vector, values: object) -> None:
-    """Fill ``vector`` with ``values``, or a clear error (bytes would send their byte values)."""
+    """Fill ``vector`` with ``values``, or a clear error (bytes would send their byte values, a
+    dict its keys, a set its numbers in no order, True 1.0)."""
     refuse_single(values, "a vector", "give numbers: [0.1, 0.2, ...] or a numpy array")
+    if isinstance(values, Mapping | AbstractSet):
+        raise InvalidRequestError(f"a vector must be a list of numbers in order, got a {type(values).__name__}")
+    if (shape := getattr(values, "shape", None)) is not None and len(shape) != 1:
+        raise InvalidRequestError(f"a vector must be one row of numbers, got an array of shape {tuple(shape)}")
+    if hasattr(values, "dtype"):  # a numpy array: its dtype tells
+        truths = values.dtype.kind == "b"
+    else:
+        values = listed = list(cast(Iterable[object], values))  # (an iterator is read once, here)
+        truths = any(isinstance(v, bool) for v in listed)
+    if truths:
+        raise InvalidRequestError("a vector must be a list of numbers, got true/false values")
     try:
         vector.values.extend(values)
     except (TypeError, ValueError) as e:
         raise InvalidRequestError(f"a vector must be a list of numbers: {e}") from e
 
 
-def _item(it: UpsertItem, max_bytes: int) -> pb.Item:
+def _item(it: UpsertItem, max_bytes: int, position: int) -> pb.Item:
     if not isinstance(it, UpsertItem):
-        raise InvalidRequestError(f"upsert takes UpsertItem objects, got {type(it).__name__} {shown(it)}")
+        raise InvalidRequestError(f"upsert takes UpsertItem objects, got {type(it).__name__} {shown(it)} "
+                                  f"(item {position}, counting from 0)")
     if not isinstance(it.key, str):  # else the messages below would read "item 5" as a position
-        raise InvalidRequestError(f"an item's key must be text (str), got {type(it.key).__name__} {shown(it.key)}")
+        raise InvalidRequestError(f"an item's key must be text (str), got {type(it.key).__name__} {shown(it.key)} "
+                                  f"(item {position}, counting from 0)")
     image = b"" if it.image is None else _image_bytes(it.image, max_bytes)
     _check_attributes(it.attributes, f"item {shown(it.key, 200)}: ")
     try:
@@ -623,7 +640,7 @@ class PictorClient:
 
     def search(self, *, image: ImageData | None = None, key: str | None = None,
                vector: Iterable[float] | None = None, k: int = DEFAULT_K,
-               labels: Iterable[str] = (), attributes: Mapping[str, str] | None = None,
+               labels: Iterable[str] | None = (), attributes: Mapping[str, str] | None = None,
                nprobe: int = 0, ef_search: int = 0) -> list[Hit]:
         """The ``k`` nearest items to exactly one of ``image`` (a file's bytes), ``key`` (a stored
         item; NotFoundError when the index has none) or ``vector`` (in the index's space, as
@@ -683,6 +700,7 @@ class PictorClient:
         items than were sent raises ``ServerUnavailableError``.
         """
         refuse_single(items, "items", "for one item, write [item]")
+        started = time.monotonic()  # the timeout counts the items' making too: "all of it"
         # A sequence is converted whole before the stream opens (a bad item writes nothing), and
         # each item once: a vector given as an iterator can be read only once.
         converted: Iterator[pb.UpsertRequest] = iter(
@@ -695,7 +713,7 @@ class PictorClient:
         stream = _UpsertStream(itertools.chain([first], converted), self._max_bytes if self._max_attempts > 1 else 0)
         logging.getLogger("grpc._channel").addFilter(_QUIET_ITEMS_FAILED)  # (once: a filter is added once)
 
-        started, attempts, requests = time.monotonic(), 1, stream.attempt()
+        attempts, requests = 1, stream.attempt()
         while True:
             try:
                 r = self._call(self._stub.Upsert, requests, started=started)
@@ -729,7 +747,7 @@ class PictorClient:
         """One item's message, refused here when over the message limit: gRPC's own refusal
         cannot say which item of the stream it was."""
         try:
-            request = pb.UpsertRequest(item=_item(it, self._max_bytes))
+            request = pb.UpsertRequest(item=_item(it, self._max_bytes, position))
             if (size := request.ByteSize()) > self._max_bytes:
                 raise ResourceExhaustedError(request_too_large(size, self._max_bytes, "this client's"))
         except ResourceExhaustedError as e:
@@ -776,7 +794,7 @@ class PictorClient:
                  for it in r.items]
         return items, list(r.missing)
 
-    def list_items(self, after: str = "", limit: int = MAX_LIST, *, labels: Iterable[str] = (),
+    def list_items(self, after: str = "", limit: int = MAX_LIST, *, labels: Iterable[str] | None = (),
                    attributes: Mapping[str, str] | None = None) -> tuple[list[StoredItem], str]:
         """One page of the index's items in key order after the key ``after`` (at most
         ``limit``, up to 1000), filtered as Search filters; returns (items, next): pass
@@ -790,7 +808,7 @@ class PictorClient:
         r = self._call(self._stub.List, request)
         return [StoredItem(key=it.key, label=it.label, attributes=dict(it.attributes)) for it in r.items], r.next
 
-    def iter_items(self, *, labels: Iterable[str] = (), attributes: Mapping[str, str] | None = None,
+    def iter_items(self, *, labels: Iterable[str] | None = (), attributes: Mapping[str, str] | None = None,
                    page: int = MAX_LIST, after: str = "") -> Iterator[StoredItem]:
         """Every item of the index (that the filter admits) in key order, ``page`` per call,
         from the first key after ``after`` (to go on from a listing cut off). Writes made

@@ -33,6 +33,7 @@ from pictor.api import MAX_GET_KEYS, UPSERT_CHUNK
 from pictor.client import PictorClient, UpsertItem
 from pictor.config import ServerSettings
 from pictor.errors import (
+    DeadlineExceededError,
     InvalidRequestError,
     NotFoundError,
     PictorError,
@@ -262,6 +263,33 @@ def test_bad_input_is_invalid_argument_and_server_keeps_answering(server: Server
             client.upsert([UpsertItem(key="a", vector=[1.0], attributes={"n": 3})])  # type: ignore[dict-item]
         with pytest.raises(InvalidRequestError, match="item 'a': the key, the label and each attribute name and value must be text"):
             client.upsert([UpsertItem(key="a", vector=[1.0], label=3)])  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError, match=r"key must be text \(str\), got int 5 \(item 1, counting from 0\)"):
+            client.upsert([UpsertItem(key="a", vector=[1.0]), UpsertItem(key=5, vector=[1.0])])  # type: ignore[arg-type]
+        # A dict sent its keys as the vector (0, 1, 2, ...), a set its numbers in no order, True 1.0.
+        for vector, why in [({i: 0.5 for i in range(1280)}, "in order, got a dict"), ({0.5, 0.25}, "in order, got a set"),
+                            ([True] * 1280, "got true/false values"), (np.ones(1280, bool), "got true/false values"),
+                            (np.ones((1, 1280)), r"one row of numbers, got an array of shape \(1, 1280\)")]:
+            with pytest.raises(InvalidRequestError, match=f"a vector must be .*{why}"):
+                client.upsert([UpsertItem(key="a", vector=vector)])
+            with pytest.raises(InvalidRequestError, match=f"a vector must be .*{why}"):
+                client.search(vector=vector, k=1)
+        assert client.search(vector=iter([1.0] * 1280), k=1)  # an iterator is still read, once
+        # labels=None is no filter, as attributes=None is (it was "got a single NoneType").
+        assert len(client.search(vector=[1.0] * 1280, k=3, labels=None)) == 3
+        assert client.info().index_size == 12
+
+        # The timeout counts the making of the items too ("all of it"): the first took 3 s of
+        # a 1 s timeout, and the call then waited out a deadline of its own.
+        def slow_items() -> Iterator[UpsertItem]:
+            for i in range(2):
+                time.sleep(3)
+                yield UpsertItem(key=f"slow/{i}", vector=[1.0] * 1280)
+
+        with PictorClient(server.target, timeout=1) as hurried:
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceededError):
+                hurried.upsert(slow_items())
+            assert time.monotonic() - started < 3.7  # (4 s before)
         assert client.info().index_size == 12
 
 
@@ -750,8 +778,6 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
 
 
 def test_calls_are_bounded_and_work_for_a_caller_gone_is_not_written(built_index: Path) -> None:
-    from pictor.errors import DeadlineExceededError
-
     server = ServerProcess(built_index, "--workers", "2").start()
     try:
         # An open Upsert stream holds a handler thread: with 2, one stream at a time, so a slow
