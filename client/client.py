@@ -812,9 +812,13 @@ class PictorClient:
                    page: int = MAX_LIST, after: str = "") -> Iterator[StoredItem]:
         """Every item of the index (that the filter admits) in key order, ``page`` per call,
         from the first key after ``after`` (to go on from a listing cut off). Writes made
-        meanwhile show up if their keys come after the page being read."""
+        meanwhile show up if their keys come after the page being read. Bad arguments are
+        refused here, not when the iteration starts."""
         _check_counts(1, MAX_LIST, page=page)
-        labels = _label_list(labels)  # read once: every page has the same filter
+        return self._pages(_label_list(labels), attributes, page, after)  # labels read once: each page's
+
+    def _pages(self, labels: list[str], attributes: Mapping[str, str] | None, page: int, after: str
+               ) -> Iterator[StoredItem]:
         while True:
             items, after = self.list_items(after, page, labels=labels, attributes=attributes)
             yield from items

@@ -465,7 +465,7 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
         with pytest.raises(InvalidRequestError, match="limit must be between 1 and 1000"):
             client.list_items(limit=1001)
         with pytest.raises(InvalidRequestError, match="page must be between 1 and 1000"):
-            list(client.iter_items(page=0))
+            client.iter_items(page=0)  # at the call, not at the first item
         # Labels are read once: a generator filters every page, not only the first; a numpy
         # array (pandas' unique()) has no truth value to test.
         assert [it.key for it in client.iter_items(labels=(x for x in ["warm"]), page=2)] == [w["key"] for w in warm]
