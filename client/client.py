@@ -815,7 +815,9 @@ class PictorClient:
         meanwhile show up if their keys come after the page being read. Bad arguments are
         refused here, not when the iteration starts."""
         _check_counts(1, MAX_LIST, page=page)
-        return self._pages(_label_list(labels), attributes, page, after)  # labels read once: each page's
+        labels = _label_list(labels)  # read once: every page has the same filter
+        _fill_filter(pb.Filter(), labels, attributes)  # checked now too
+        return self._pages(labels, attributes, page, after)
 
     def _pages(self, labels: list[str], attributes: Mapping[str, str] | None, page: int, after: str
                ) -> Iterator[StoredItem]:

@@ -466,6 +466,8 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
             client.list_items(limit=1001)
         with pytest.raises(InvalidRequestError, match="page must be between 1 and 1000"):
             client.iter_items(page=0)  # at the call, not at the first item
+        with pytest.raises(InvalidRequestError, match="attributes map text to text"):
+            client.iter_items(attributes={"n": 3})  # type: ignore[dict-item]
         # Labels are read once: a generator filters every page, not only the first; a numpy
         # array (pandas' unique()) has no truth value to test.
         assert [it.key for it in client.iter_items(labels=(x for x in ["warm"]), page=2)] == [w["key"] for w in warm]
