@@ -357,7 +357,7 @@ def check_environment() -> None:
 
 def unknown_env_names(env: Mapping[str, str]) -> list[str]:
     """``PICTOR_*`` variables that no command reads: typos (``PICTOR_PROT``) that would be ignored."""
-    known = {f"PICTOR_{n.upper()}" for n in (*_OTHER_ENV, *_setting_names())}
+    known = {f"PICTOR_{n.upper()}" for n in (*_OTHER_ENV, *_setting_types())}
     return sorted(n for n in env if n.startswith("PICTOR_") and n not in known)
 
 
@@ -366,14 +366,10 @@ def _setting_name(f: dataclasses.Field[Any]) -> str:
     return str(f.metadata.get("name", f.name))
 
 
-def _setting_names() -> set[str]:
-    """Every name a file or a ``PICTOR_*`` variable may set: one file (and one environment)
-    serves every command, so a name is known when any settings class has it."""
-    return set(_setting_types())
-
-
 def _setting_types() -> dict[str, Any]:
-    """Each name a file or a ``PICTOR_*`` variable may set, and its type (one in every class)."""
+    """Each name a file or a ``PICTOR_*`` variable may set, and its type (one in every class):
+    one file (and one environment) serves every command, so a name is known when any settings
+    class has it."""
     types: dict[str, Any] = {}
     for cls in (ServerSettings, IndexerSettings, ModelSettings):
         hints = typing.get_type_hints(cls)
@@ -413,7 +409,7 @@ def _read_config_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
 def _check_names(values: Mapping[str, Any], path: Path) -> None:
     """Refuse names no command reads (a typo such as ``prot = 6000`` would be ignored), and
     tables: the file is flat."""
-    known = _setting_names()
+    known = _setting_types()
     for name, value in values.items():
         if isinstance(value, dict):
             raise InvalidRequestError(f"config file {path}: a table [{name}], but the file is flat: write "
