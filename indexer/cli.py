@@ -63,7 +63,8 @@ lists the others. Runs on the GPU when there is one (--device).
 
 --pca-whiten DIM fits PCA-whitening on a random sample of the gallery (--pca-sample images,
 embedded once more for the fit) and stores it with the new index, which then holds DIM-d
-whitened vectors; the server whitens queries the same way. A re-run reuses it.
+whitened vectors; the server whitens queries the same way. A re-run reuses it. The fit comes
+before any image is indexed and writes nothing until it ends: interrupted, it starts over.
 
 examples:
   pictor index sample/gallery --out index
@@ -127,11 +128,13 @@ def run(args: argparse.Namespace) -> int:
     entries, misnamed, unlisted, left_out = _read_entries(settings)
     out = Path(settings.out)
     progress = show_progress(args.no_progress)
-    target = _open_target(settings, out, entries, progress)
+    # Without a terminal for a bar (docker, nohup), progress lines instead, unless turned off.
+    log_every = 0.0 if progress or args.no_progress else PROGRESS_LOG_SECONDS
+    target = _open_target(settings, out, entries, progress, log_every)
     if target.opened:
         _warn_indexed_twice(entries, target.store, settings.gallery)
     space = {"backbone": target.embedder.spec.backbone, "dim": target.store.dim}  # (for --json; _index closes the store)
-    summary, count = _index(args, settings, target, entries, unlisted, progress)
+    summary, count = _index(args, settings, target, entries, unlisted, progress, log_every)
     summary.add_failures(misnamed)
     summary.add_failures((GalleryEntry(key=folder.as_posix(), path=folder),
                           f"{folder}: cannot list the folder ({why}); its images were left out"
@@ -194,7 +197,8 @@ def _remove_if_empty(folder: Path) -> None:
         folder.rmdir()
 
 
-def _open_target(settings: IndexerSettings, out: Path, entries: list[GalleryEntry], progress: bool) -> _Target:
+def _open_target(settings: IndexerSettings, out: Path, entries: list[GalleryEntry], progress: bool,
+                 log_every: float) -> _Target:
     """Open the index at ``out``, or make it (fitting its whitening first when asked), and load
     the model; every setting is checked before the slow steps it would waste."""
     from pictor.core.faiss_index import check_factory_form, check_new_factory
@@ -253,7 +257,7 @@ def _open_target(settings: IndexerSettings, out: Path, entries: list[GalleryEntr
             whitening = fit_whitening(
                 entries, embedder, settings.pca_whiten, sample=settings.pca_sample,
                 batch_size=settings.model.batch_size, workers=settings.workers,
-                max_pixels=settings.model.max_pixels, progress=progress,
+                max_pixels=settings.model.max_pixels, progress=progress, log_every=log_every,
             ) if settings.pca_whiten else None
             store = create_index(out, embedder.spec, whitening, index_type=settings.index_type,
                                  precision=embedder.precision)
@@ -274,7 +278,7 @@ def _warn_indexed_twice(entries: list[GalleryEntry], store: IndexStore, source: 
 
 
 def _index(args: argparse.Namespace, settings: IndexerSettings, target: _Target, entries: list[GalleryEntry],
-           unlisted: list[tuple[Path, str]], progress: bool) -> tuple[IndexSummary, int]:
+           unlisted: list[tuple[Path, str]], progress: bool, log_every: float) -> tuple[IndexSummary, int]:
     """Embed and write ``entries`` (then prune, when asked); the summary and the index's size.
     Closes the store."""
     from pictor.indexer.pipeline import run_indexing
@@ -285,7 +289,7 @@ def _index(args: argparse.Namespace, settings: IndexerSettings, target: _Target,
             entries, target.embedder, store, whitening=target.whitening,
             batch_size=settings.model.batch_size, workers=settings.workers,
             max_pixels=settings.model.max_pixels, total=len(entries), progress=progress,
-            log_every=0.0 if progress or args.no_progress else PROGRESS_LOG_SECONDS,
+            log_every=log_every,
         )
         if args.prune and summary.complete:
             # Not listed is not gone when the folder could not be listed: those items stay.
@@ -307,7 +311,9 @@ def _print_summary(args: argparse.Namespace, summary: IndexSummary, out: Path, c
         sys.stdout.write("\n")
     else:
         if not discard:  # else _exit_code says that no index was written
-            print(f"indexed {summary.indexed} image{'' if summary.indexed == 1 else 's'} ({summary.inserted} new, "
+            done = ("indexed" if summary.complete else  # (a cut-off run must not read as a finished one)
+                    f"{'interrupted' if summary.interrupted else 'stopped'} after indexing")
+            print(f"{done} {summary.indexed} image{'' if summary.indexed == 1 else 's'} ({summary.inserted} new, "
                   f"{summary.replaced} replaced) into {out} in {summary.seconds:.1f}s"
                   + (f" ({summary.images_per_second:.1f} img/s embedded)" if summary.embedded else "")
                   + (f"; {summary.copied} of them not embedded again (the index held a vector of the same "

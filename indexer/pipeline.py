@@ -263,6 +263,25 @@ def interrupts_deferred() -> Iterator[None]:
         signal.raise_signal(signum)
 
 
+class _Every:
+    """The clock of progress lines: one is due every ``seconds`` (never when 0)."""
+
+    def __init__(self, seconds: float) -> None:
+        self._start = time.perf_counter()
+        self._seconds = seconds
+        self._next = self._start + seconds if seconds > 0 else float("inf")
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._start
+
+    def due(self) -> float | None:
+        """The seconds since the start when a line is due, else None."""
+        if (now := time.perf_counter()) < self._next:
+            return None
+        self._next = now + self._seconds
+        return now - self._start
+
+
 def run_indexing(
     entries: Iterable[GalleryEntry],
     embedder: Embedder,
@@ -285,8 +304,7 @@ def run_indexing(
     from tqdm import tqdm
 
     summary = IndexSummary()
-    start = time.perf_counter()
-    next_log = start + log_every if log_every > 0 else float("inf")
+    clock = _Every(log_every)
     bar = tqdm(total=total, unit="img", desc="indexing", disable=not progress, dynamic_ncols=True)
     batches = embedded_batches(entries, embedder, batch_size=batch_size, workers=workers, max_pixels=max_pixels,
                                store=store)
@@ -307,12 +325,11 @@ def run_indexing(
                 summary.unchanged += decoded.unchanged
             bar.update(len(decoded.entries) + len(decoded.copies) + len(decoded.failures) + decoded.unchanged)
             bar.set_postfix(skipped=summary.skipped, refresh=False)
-            if (now := time.perf_counter()) >= next_log:
+            if (elapsed := clock.due()) is not None:
                 done = summary.indexed + summary.unchanged + summary.skipped  # as the bar counts
                 log.info("%d of %s files done: %d embedded (%.1f img/s), %d unchanged, %d skipped", done,
-                         total if total is not None else "?", summary.embedded, summary.embedded / (now - start),
+                         total if total is not None else "?", summary.embedded, summary.embedded / elapsed,
                          summary.unchanged, summary.skipped)
-                next_log = now + log_every
     except KeyboardInterrupt:  # an upsert is all or nothing, so the counts are what was written
         summary.interrupted = True
     except ResourceExhaustedError as e:  # a full disk: each batch after it would fail the same way
@@ -320,7 +337,7 @@ def run_indexing(
     finally:
         batches.close()  # stops the decoding workers
         bar.close()
-    summary.seconds = round(time.perf_counter() - start, 3)
+    summary.seconds = round(clock.elapsed(), 3)
     summary.images_per_second = round(summary.embedded / summary.seconds, 2) if summary.seconds else 0.0
     return summary
 
@@ -335,10 +352,13 @@ def fit_whitening(
     workers: int = 2,
     max_pixels: int,
     progress: bool = True,
+    log_every: float = 0.0,
 ) -> PCAWhitening:
-    """PCA-whitening to ``out_dim`` fitted on a seeded random sample of ``entries``.
+    """PCA-whitening to ``out_dim`` fitted on a seeded random sample of ``entries``; ``progress``
+    and ``log_every`` as for :func:`run_indexing`.
 
     A random sample, not the first images: a sorted listing starts with the first classes only.
+    Nothing is written before the fit, so an interrupted one is lost (its note says so).
     """
     from tqdm import tqdm
 
@@ -349,13 +369,25 @@ def fit_whitening(
             f"--pca-whiten must be between 1 and the embedding dim {embedder.spec.dim}, got {out_dim}")
     chosen = random.Random(WHITENING_SEED).sample(list(entries), min(sample, len(entries)))
     bar = tqdm(total=len(chosen), unit="img", desc="whitening sample", disable=not progress, dynamic_ncols=True)
-    parts, failures = [], []
-    for decoded, vectors in embedded_batches(chosen, embedder, batch_size=batch_size, workers=workers,
-                                             max_pixels=max_pixels):
-        parts.append(vectors)
-        failures += decoded.failures
-        bar.update(len(decoded.entries) + len(decoded.failures))
-    bar.close()
+    clock = _Every(log_every)
+    parts, failures, done = [], [], 0
+    batches = embedded_batches(chosen, embedder, batch_size=batch_size, workers=workers, max_pixels=max_pixels)
+    try:
+        for decoded, vectors in batches:
+            parts.append(vectors)
+            failures += decoded.failures
+            done += len(decoded.entries) + len(decoded.failures)
+            bar.update(len(decoded.entries) + len(decoded.failures))
+            if (elapsed := clock.due()) is not None:
+                log.info("whitening sample: %d of %d images embedded (%.1f img/s)", done, len(chosen),
+                         (done - len(failures)) / elapsed)
+    except KeyboardInterrupt as e:
+        e.add_note(f"while fitting the PCA-whitening ({done} of its {len(chosen)} sample images embedded); "
+                   "nothing is written before the fit ends, so the next run starts it over")
+        raise
+    finally:
+        batches.close()  # stops the decoding workers
+        bar.close()
     x = np.concatenate(parts) if parts else np.zeros((0, embedder.spec.dim), np.float32)
     if len(x) <= out_dim:  # fewer images than dims: the covariance has too low a rank
         unreadable = (f" ({len(failures)} of the {len(chosen)} sampled could not be used, e.g. "

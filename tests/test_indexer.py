@@ -292,11 +292,13 @@ def test_sigterm_ends_the_run_like_ctrl_c(gallery: Path, tmp_path: Path) -> None
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert run.stderr is not None
     for line in run.stderr:
-        if "embedder" in line:  # the model is loaded: the run is under way
+        if "created index store" in line:  # the model is loaded: the run is under way
+            time.sleep(0.5)  # (into its first batches: a signal before them ends it with no summary)
             run.send_signal(signal.SIGTERM)
             break
-    _, err = run.communicate(timeout=120)
+    out, err = run.communicate(timeout=120)
     assert run.returncode == 130 and "interrupted" in err
+    assert out.startswith("interrupted after indexing ")  # not "indexed ...": that reads as a finished run
 
 
 def test_interrupted_before_the_first_image_leaves_no_index_and_prunes_nothing(
@@ -321,7 +323,9 @@ def test_interrupted_before_the_first_image_leaves_no_index_and_prunes_nothing(
     assert not (tmp_path / "index").exists()
     # Into an index that exists, with --prune: the summary says nothing was pruned, and why.
     assert main(["index", str(gallery), "--out", str(tmp_path / "held"), "--device", "cpu", "--prune"]) == 130
-    assert "; not pruned (only a complete run prunes)" in capsys.readouterr().out
+    summary = capsys.readouterr().out
+    assert summary.startswith("interrupted after indexing 0 images (0 new, 0 replaced)")
+    assert "; not pruned (only a complete run prunes)" in summary
 
 
 def test_files_indexed_under_another_spelling_are_found_wherever_it_was_run(
@@ -406,6 +410,39 @@ def test_pca_whitened_index_serves_whitened_queries(gallery: Path, tmp_path: Pat
     few = pictor("index", str(gallery), "--out", str(tmp_path / "i2"), "--pca-whiten", "12", check=False)
     assert few.returncode == 2 and "needs more than 12 usable images in its sample, got 12 (1 of the 13" in few.stderr
     assert "broken.png" in few.stderr and "lower --pca-whiten or add images" in few.stderr  # all 13 were sampled
+
+
+def test_the_whitening_fit_logs_progress_and_an_interrupted_fit_says_it_is_lost(
+        gallery: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The fit embeds a sample before the first image is indexed (minutes for a large one): it
+    logs its progress as the run does, and Ctrl-C there says what is lost."""
+    import pictor.indexer.pipeline as pipeline
+    from pictor.config import DEFAULT_MAX_PIXELS
+    from pictor.core.embedder import create_embedder
+    from pictor.core.gallery import read_gallery
+
+    caplog.set_level("INFO")
+    entries = list(read_gallery(gallery))
+    pipeline.fit_whitening(entries, create_embedder(device="cpu"), 4, sample=10, batch_size=4,
+                           max_pixels=DEFAULT_MAX_PIXELS, progress=False, log_every=1e-9)
+    assert "whitening sample: 4 of 10 images embedded (" in caplog.text
+
+    real = pipeline.embedded_batches
+
+    def ctrl_c_after_one_batch(*args: Any, **kwargs: Any) -> Iterator[object]:
+        batches = real(*args, **kwargs)
+        yield next(batches)
+        batches.close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "embedded_batches", ctrl_c_after_one_batch)
+    out = tmp_path / "index"
+    assert main(["index", str(gallery), "--out", str(out), "--pca-whiten", "4", "--batch-size", "4"]) == 130
+    assert capsys.readouterr().err.endswith(
+        "pictor index: interrupted; while fitting the PCA-whitening (4 of its 12 sample images embedded); "
+        "nothing is written before the fit ends, so the next run starts it over\n")
+    assert not out.exists()
 
 
 def test_an_embedding_that_underflowed_costs_its_file_not_the_run(tmp_path: Path) -> None:
