@@ -473,7 +473,8 @@ def unit_clusters(rng: np.random.Generator, centres: np.ndarray, n: int
 
 
 @pytest.mark.parametrize("classes", [4, 2])
-def test_open_set_rejects_an_unseen_class_within_the_budget(classes: int) -> None:
+def test_open_set_rejects_an_unseen_class_within_the_budget(classes: int, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(classes + 1, 32)) / np.sqrt(32)
     x_train, y_train = unit_clusters(rng, centres[:classes], 40)
@@ -500,8 +501,22 @@ def test_open_set_rejects_an_unseen_class_within_the_budget(classes: int) -> Non
     if classes > 2:  # pseudo-unknowns exist only when a class can be left out
         assert cal.pseudo_unknown_rejected is not None and cal.pseudo_unknown_rejected > 0.8
         assert pair_fit_alone.mean() > 0.5, pair_fit_alone.mean()
+        # The log says its figures are estimates, of what, and against which budget.
+        assert (f"open set, estimated by leaving each class out of the fit in turn as a stand-in for an unknown "
+                f"class: {cal.pseudo_unknown_rejected:.1%} of the left-out class's validation images answered "
+                f"unknown, and {cal.pseudo_known_rejected:.1%} of the other classes' (budget "
+                "--max-known-rejected 5.0%)") in caplog.text
     else:  # not measured, not 0.0 (which read as "unknown images are never rejected")
         assert cal.pseudo_unknown_rejected is None
+        assert "with fewer than 3 classes there is no estimate for unknown classes" in caplog.text
+
+
+def test_an_open_set_estimate_over_its_budget_says_why() -> None:
+    from pictor.trainer.openset import _estimate_text
+
+    assert ("and 6.2% of the other classes' (budget --max-known-rejected 5.0%; over it here, as leaving a class "
+            "out takes some known images' nearest neighbours away)") in _estimate_text(0.225, 0.062, 0.05)
+    assert "over it" not in _estimate_text(0.225, 0.04, 0.05)
 
 
 def test_far_threshold_holds_its_share_from_few_validation_images() -> None:

@@ -111,9 +111,23 @@ def calibrate_open_set(
     th = dataclasses.replace(th, far_similarity=far, class_fit_alone=alone)
     known_rej = float(np.mean(th.is_unknown(kf, ks)))
     unk_rej = float(np.mean(th.is_unknown(uf, us))) if len(uf) else None
-    log.info("open-set thresholds: %s (held-out classes rejected %s, known rejected %.1f%%)", th.describe(),
-             "- (measured with 3 classes or more)" if unk_rej is None else f"{unk_rej:.1%}", 100 * known_rej)
+    log.info("open-set thresholds: %s", th.describe())
+    log.info("%s", _estimate_text(unk_rej, known_rej, max_known_rejected))
     return OpenSetCalibration(OpenSet(gaussians, th), unk_rej, known_rej)
+
+
+def _estimate_text(unknown_rejected: float | None, known_rejected: float, budget: float) -> str:
+    """What the calibration estimates, in words: its two figures are easily read as measured ones."""
+    if unknown_rejected is None:  # 2 classes: no class can be left out
+        return (f"open set: {known_rejected:.1%} of the known validation images answered unknown (budget "
+                f"--max-known-rejected {budget:.1%}); with fewer than 3 classes there is no estimate for unknown "
+                "classes")
+    over = ("; over it here, as leaving a class out takes some known images' nearest neighbours away"
+            if known_rejected > budget else "")
+    return (f"open set, estimated by leaving each class out of the fit in turn as a stand-in for an unknown "
+            f"class: {unknown_rejected:.1%} of the left-out class's validation images answered unknown, "
+            f"and {known_rejected:.1%} of the other classes' (budget --max-known-rejected {budget:.1%}{over}); "
+            "`pictor eval MODEL DATA --index INDEX` measures the served model on held-out images")
 
 
 def far_threshold(similarities: np.ndarray, share: float) -> float:
