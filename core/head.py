@@ -165,8 +165,9 @@ class TrainedModel:
     versions: dict[str, str] = field(default_factory=library_versions)
     # Fine-tuned backbone tensors (names as in the embedder's backbone module); {} = as published.
     backbone_state: dict[str, torch.Tensor] = field(default_factory=dict)
-    # The training images' ids (content_ids): eval says when it measures on them.
+    # The training and validation images' ids (content_ids): eval says when it measures on them.
     training_images: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    validation_images: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
 
     def __post_init__(self) -> None:
         if self.head.dim != self.spec.dim:
@@ -194,6 +195,10 @@ class TrainedModel:
     def trained_on(self, content_hashes: Sequence[str]) -> np.ndarray:
         """Which of these files (by content hash) were training images of this model."""
         return np.isin(content_ids(content_hashes).numpy(), self.training_images.numpy())
+
+    def validated_on(self, content_hashes: Sequence[str]) -> np.ndarray:
+        """Which of these files (by content hash) were validation images of this model."""
+        return np.isin(content_ids(content_hashes).numpy(), self.validation_images.numpy())
 
     # ---- inference
 
@@ -293,6 +298,7 @@ class TrainedModel:
             "training": _plain(self.training),
             "data_fingerprint": self.data_fingerprint,
             "training_images": self.training_images.clone(),
+            "validation_images": self.validation_images.clone(),
             "versions": dict(self.versions),
         }
 
@@ -341,6 +347,7 @@ class TrainedModel:
                 backbone_state=dict(d.get("backbone_state") or {}),
                 # (files from before it have none)
                 training_images=d.get("training_images", torch.zeros(0, dtype=torch.int64)).long().flatten(),
+                validation_images=d.get("validation_images", torch.zeros(0, dtype=torch.int64)).long().flatten(),
             )
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:  # a field of another type
             raise IncompatibleModelError(f"{source} is a damaged Pictor model file: {e}") from e

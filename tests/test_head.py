@@ -115,6 +115,7 @@ def test_model_file_round_trip(tmp_path) -> None:
         data_fingerprint="abc",
         backbone_state=state,
         training_images=content_ids(["ab" * 32, "cd" * 32]),
+        validation_images=content_ids(["ef" * 32]),
     )
     path = tmp_path / "m.pt"
     model.save(path)
@@ -128,6 +129,7 @@ def test_model_file_round_trip(tmp_path) -> None:
     assert back.metrics["top1"] == pytest.approx(0.9)
     assert back.training["mode"] == "finetune" and back.data_fingerprint == "abc"
     assert back.trained_on(["cd" * 32, "ef" * 32]).tolist() == [True, False]
+    assert back.validated_on(["cd" * 32, "ef" * 32]).tolist() == [False, True]
     assert {"torch", "numpy", "python"} <= set(back.versions)
     name = "blocks.6.0.conv.weight"
     torch.testing.assert_close(back.backbone_state[name], state[name])

@@ -720,6 +720,7 @@ def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path, c
     assert report["top1"] == 1.0 and report["n"] == 24
     assert report["top5"] is None  # 3 classes: always 1, not measured (it was 1.0)
     assert report["training_images"] == 18  # 24 less the 6 of validation: said, as they flatter
+    assert report["validation_images"] == 6  # they chose its settings: said too
     assert report["confusion"] == [[8, 0, 0], [0, 8, 0], [0, 0, 8]]
     assert set(report["per_class"]["disc"]) == {"precision", "recall", "f1", "support"}
     assert len(report["images"]) == 24  # each image's answer, to compare with Classify's
@@ -734,6 +735,7 @@ def test_cli_train_then_eval(shapes: Path, shapes_index: Path, tmp_path: Path, c
     assert rc == 0 and "precision" in table and "triangle" in table
     assert "open set" not in table and "--index INDEX adds how often" in table
     assert "18 of the images measured are training images of the model" in table
+    assert "6 of the images measured are validation images of the model (they chose its settings" in table
     # Over an index of the same images every one has itself as nearest neighbour (similarity
     # 1), so as served none of them is unknown, whatever the class fit says.
     rc = main(["eval", str(model_path), str(shapes), "--index", str(shapes_index),
@@ -885,10 +887,11 @@ def test_eval_reports_unknown_answers_for_other_classes(
     # Closed-set metrics cover the model's classes only; without the index, no open-set figure.
     assert report["ignored"] == 4 and report["n"] == 3 and report["top1"] == 1.0
     assert "open_set" not in report
-    assert report["training_images"] == 0  # new images, by content
-    old_file = dataclasses.replace(model, training_images=torch.zeros(0, dtype=torch.int64))  # made before the ids
-    assert evaluate(old_file, other, embedder=embedder, cache_dir=tmp_path / "cache",
-                    progress=False)["training_images"] is None  # not known, rather than none
+    assert report["training_images"] == report["validation_images"] == 0  # new images, by content
+    old_file = dataclasses.replace(model, training_images=torch.zeros(0, dtype=torch.int64),  # made before the ids
+                                   validation_images=torch.zeros(0, dtype=torch.int64))
+    old_report = evaluate(old_file, other, embedder=embedder, cache_dir=tmp_path / "cache", progress=False)
+    assert old_report["training_images"] is old_report["validation_images"] is None  # not known, rather than none
     report = evaluate(model, other, index=shapes_index, embedder=embedder,
                       cache_dir=tmp_path / "cache", progress=False)
     assert report["n"] == 3 and report["top1"] == 1.0

@@ -41,7 +41,8 @@ examples:
 EVAL_DESCRIPTION = """\
 Top-1/top-5 accuracy (top-5 only for more than 5 classes, null in --json otherwise), per-class
 precision/recall/F1 and a confusion matrix of MODEL on DATA (folder tree or manifest). Images
-of classes the model does not know are left out of these.
+of classes the model does not know are left out of these. Images the model was trained or
+validated on (same content) are counted and said: measured on them, the figures flatter it.
 
 With --index (the index Classify serves from; not open in a running server), a model with
 open-set rejection (the default of `pictor train`) also gets how often Classify would answer
@@ -275,6 +276,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if report["training_images"]:
         extras.append(f"{report['training_images']} of the images measured are training images of the model "
                       "(the figures overstate its accuracy on new images)")
+    if report["validation_images"]:
+        extras.append(f"{report['validation_images']} of the images measured are validation images of the model "
+                      "(they chose its settings: the figures are not a test on new images)")
     if model.open_set is not None and not args.index:
         extras.append("--index INDEX adds how often Classify would answer 'unknown'")
     if args.png:

@@ -59,8 +59,9 @@ def evaluate(
     ``index``: the store Classify would serve from, for the open-set figures.
     ``cache_dir``: ``""`` = the default embedding cache, ``"none"`` = no cache. The report adds
     ``skipped`` (unreadable images), ``ignored`` (images of other classes, left out of the
-    closed-set metrics), ``training_images`` (how many measured are the model's own training
-    images; None for model files without their ids) and, for an open-set model with
+    closed-set metrics), ``training_images`` and ``validation_images`` (how many measured are the
+    model's own training or validation images; None for model files without their ids) and, for
+    an open-set model with
     ``index``, ``open_set`` (see ``open_set_report``) to ``metrics.classification_report``'s keys.
     """
     from tqdm import tqdm
@@ -126,6 +127,15 @@ def evaluate(
             log.warning("%d of the %d images measured are training images of the model (same content): "
                         "the figures overstate its accuracy on new images", report["training_images"],
                         int(is_known.sum()))
+        # Validation images chose the model's weight decay, temperature and thresholds: measured
+        # again, they give train's validation figures back, not a test on new images.
+        report["validation_images"] = (int(model.validated_on(emb.content_hashes)[is_known].sum())
+                                       if len(model.validation_images) else None)
+        if report["validation_images"]:
+            log.warning("%d of the %d images measured are validation images of the model (same content): "
+                        "they chose its settings (weight decay, temperature, open-set thresholds), so the "
+                        "figures repeat train's validation, not a test on new images",
+                        report["validation_images"], int(is_known.sum()))
         report["precision"] = embedder.precision  # measured at (kept from training unless asked)
         if open_set is not None and store is not None:
             nearest, neighbours = nearest_similarities(model, emb.embeddings, store)

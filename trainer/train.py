@@ -142,6 +142,7 @@ class _Fitted:
     x_val: np.ndarray
     y_val: np.ndarray
     val_samples: list[data_mod.Sample]
+    val_hashes: list[str]  # their content hashes
     fit: LinearFit
     head: ClassifierHead
     extra: dict[str, Any] = field(default_factory=dict)  # metrics of the steps run
@@ -212,6 +213,7 @@ def train(
                                      "precision": embedder.precision},
         data_fingerprint=data_mod.data_fingerprint(tr.content_hashes, tr.labels),
         training_images=content_ids(tr.content_hashes),
+        validation_images=content_ids(state.val_hashes),
         backbone_state=backbone_state,
     )
     if out is not None:
@@ -269,7 +271,8 @@ def _linear_probe(config: TrainConfig, sources: tuple[str | Path, str | Path], l
     val_samples = [s for s, k in zip(va.samples, keep, strict=True) if k]
     x_val, y_val = va.embeddings[keep], _encode([s.label for s in val_samples], names)
     fit = _select(config, x_train, y_train, x_val, y_val, len(names))
-    return _Fitted(names, x_train, y_train, x_val, y_val, val_samples, fit, fit.head,
+    val_hashes = [h for h, k in zip(va.content_hashes, keep, strict=True) if k]
+    return _Fitted(names, x_train, y_train, x_val, y_val, val_samples, val_hashes, fit, fit.head,
                    {"weight_decay": fit.weight_decay, "sweep": fit.sweep})
 
 
