@@ -30,7 +30,14 @@ from pictor.api import (
     first_control_character,
     request_too_large,
 )
-from pictor.config import DEFAULT_TARGET, DEFAULT_TIMEOUT, client_max_message_mb, default_target
+from pictor.config import (
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT,
+    client_max_message_mb,
+    default_target,
+    number,
+    whole_number,
+)
 from pictor.errors import (
     InvalidRequestError,
     NotFoundError,
@@ -64,7 +71,7 @@ _PATH_FORM_HELP = "a key not in the index as given is also looked for as the pat
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=None,
                    help=f"server address HOST:PORT (default {DEFAULT_TARGET}, or $PICTOR_TARGET)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+    p.add_argument("--timeout", type=number, default=DEFAULT_TIMEOUT,
                    help=f"seconds to wait for the answer (default {DEFAULT_TIMEOUT:g})")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -170,10 +177,7 @@ def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse type: an integer from ``low`` (to ``high``), refused once as a usage error
     (not once per image by the client)."""
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        value = whole_number(text)
         if value < low or (high is not None and value > high):
             bound = f"from {low} to {high}" if high is not None else f"at least {low}"
             raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")

@@ -13,7 +13,15 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pictor.config import DEFAULT_BACKBONE, IndexerSettings, add_flag, build_settings, set_by, show_progress
+from pictor.config import (
+    DEFAULT_BACKBONE,
+    IndexerSettings,
+    add_flag,
+    build_settings,
+    set_by,
+    show_progress,
+    whole_number,
+)
 from pictor.errors import IncompatibleModelError, InvalidRequestError, require_server_extra
 from pictor.image_files import one_line, path_text
 
@@ -94,15 +102,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "PCA256,IVF1024,PQ64x4fs,Refine(SQfp16) (a type "
                         "that needs training searches exactly until the index holds 39 items per IVF "
                         "list or PQ code, e.g. 39,936 for IVF1024; `pictor info` shows it as \"(Flat)\")")
-    p.add_argument("--pca-whiten", type=int, metavar="DIM",
+    p.add_argument("--pca-whiten", type=whole_number, metavar="DIM",
                    help="PCA-whiten embeddings to DIM dims, fitted on a gallery sample and stored with "
                    "the index (off by default; new index only)")
-    p.add_argument("--pca-sample", type=int, metavar="N",
+    p.add_argument("--pca-sample", type=whole_number, metavar="N",
                    help="gallery images that fit the whitening (default 10000)")
     p.add_argument("--labels", choices=("folder", "none"),
                    help="folder (default): label = top-level folder name (a manifest: its own labels); none: no labels")
     add_flag(p, "batch_size")
-    p.add_argument("--workers", type=int, help="decoding threads (default 2)")
+    p.add_argument("--workers", type=whole_number, help="decoding threads (default 2)")
     add_flag(p, "max_pixels", help_end="larger files are skipped and listed")
     add_flag(p, "device")
     add_flag(p, "pooling", help_end="an index keeps its own, and serve follows it")

@@ -148,6 +148,23 @@ class IndexerSettings:
             raise SettingValueError("pca_whiten", "0 (off) or a number of dims", self.pca_whiten)
 
 
+def whole_number(text: str) -> int:
+    """The argparse type of a whole-number flag: int() but for "1_000" (a typo more often than meant)."""
+    return _flag_number(text, int, "a whole number")
+
+
+def number(text: str) -> float:
+    """The argparse type of a number flag: float() but for "0.000_1"."""
+    return _flag_number(text, float, "a number")
+
+
+def _flag_number(text: str, typ: type[int] | type[float], what: str) -> Any:
+    try:
+        return _parse_text(text, typ, "")
+    except InvalidRequestError:  # (argparse's usage error, as for a flag's other mistakes)
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+
+
 # The flags that set how the model runs (and --config), each declared once: a command adds those
 # it takes with add_flag. A flag's dest is its setting's name, which build_settings reads, and it
 # has no default: a flag not given is None, so the environment and the file still count.
@@ -163,8 +180,8 @@ FLAGS: dict[str, dict[str, Any]] = {
                         "forward passes run 1.1-1.6x faster on a CPU; a 2-core `pictor index` gains little, "
                         "its decoding shares the cores (docs/benchmarks.md)"},
     "pooling": {"choices": POOLINGS, "help": "global pooling of the feature map (default avg)"},
-    "batch_size": {"type": int, "help": f"images per forward pass (default {ModelSettings.batch_size})"},
-    "max_pixels": {"type": int, "metavar": "N",
+    "batch_size": {"type": whole_number, "help": f"images per forward pass (default {ModelSettings.batch_size})"},
+    "max_pixels": {"type": whole_number, "metavar": "N",
                    "help": f"largest image decoded, in pixels (default {DEFAULT_MAX_PIXELS}; a JPEG counts at "
                            "the reduced size it is decoded at, 1/8 for a big photo, but a progressive one in full, as "
                            "its decoder holds all of it; PNG, WebP and others in full)"},

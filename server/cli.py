@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from pictor.config import ServerSettings, add_flag, build_settings
+from pictor.config import ServerSettings, add_flag, build_settings, number, whole_number
 from pictor.errors import require_server_extra
 
 HELP = """\
@@ -36,18 +36,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
              "(its contents must be the same); with --model, the checkpoint the model was trained from, "
              "if it has moved")
     p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
-    p.add_argument("--port", type=int, help="port to bind (default 50051; 0 picks a free one)")
-    p.add_argument("--workers", type=int,
+    p.add_argument("--port", type=whole_number, help="port to bind (default 50051; 0 picks a free one)")
+    p.add_argument("--workers", type=whole_number,
                    help="handler threads (default 8, at least 2); at most half of them take Upsert or reflection "
                         "streams, and with calls that wait for the model or a write (Classify, Embed, Search by "
                         "image, Delete) "
                         "they leave one free for health checks and lookups: one more is refused as busy "
                         "(so with 2, none runs while a stream is open)")
-    p.add_argument("--upsert-idle-timeout", type=float, metavar="SECONDS",
+    p.add_argument("--upsert-idle-timeout", type=number, metavar="SECONDS",
                    help="end an Upsert or reflection stream that sends nothing for this long "
                         "(default 60), so a quiet client cannot hold a stream slot for good")
     add_flag(p, "max_pixels")
-    p.add_argument("--max-message-mb", type=int, metavar="MB",
+    p.add_argument("--max-message-mb", type=whole_number, metavar="MB",
                    help="largest request or reply (default 64, at most 2047); clients must allow it "
                         "too: PICTOR_MAX_MESSAGE_MB for the client commands")
     add_flag(p, "device")

@@ -32,6 +32,20 @@ def test_unknown_arguments_show_the_subcommand_usage(capsys: pytest.CaptureFixtu
     assert "pictor add: error: unrecognized arguments: --key" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--port", "1_000"], "argument --port: not a whole number: '1_000'"),
+    (["index", "g", "--out", "i", "--batch-size", "3_2"], "argument --batch-size: not a whole number: '3_2'"),
+    (["train", "d", "--out", "m.pt", "--lr", "0.000_1"], "argument --lr: not a number: '0.000_1'"),
+    (["classify", "a.jpg", "--top-k", "1_0"], "argument --top-k: not a whole number: '1_0'"),
+])
+def test_a_number_flag_with_an_underscore_is_refused(argv: list[str], message: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """int("1_000") is 1000: a typo of 1000 or 1,000, refused as its variable is (PICTOR_PORT)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and f"pictor {argv[0]}: error: {message}" in capsys.readouterr().err
+
+
 def test_a_bad_setting_in_the_environment_fails_every_command(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """`PICTOR_OFFLINE=maybe pictor models` exited 0 (the value was read only when a download

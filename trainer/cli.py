@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pictor.config import ModelSettings, add_flag, model_settings, set_by, show_progress
+from pictor.config import ModelSettings, add_flag, model_settings, number, set_by, show_progress, whole_number
 from pictor.trainer.config import MODES, TrainConfig
 
 if TYPE_CHECKING:
@@ -74,10 +74,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "stages too (slower, usually more accurate; when it loses validation accuracy, "
                    "the linear head is kept) (default %(default)s)")
     t.add_argument("--val", metavar="DATA", help="validation set (default: split off DATA)")
-    t.add_argument("--val-fraction", type=float,
+    t.add_argument("--val-fraction", type=number,
                    help="share of each class split off for validation when --val is not given "
                    f"(default {TrainConfig.val_fraction})")
-    t.add_argument("--seed", type=int, default=TrainConfig.seed,
+    t.add_argument("--seed", type=whole_number, default=TrainConfig.seed,
                    help="seed of the split, initialisation and augmentation (default %(default)s)")
     add_flag(t, "backbone")
     add_flag(t, "weights")
@@ -91,9 +91,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_flag(t, "max_pixels", help_end="larger files are skipped and counted")
     add_flag(t, "config", help="TOML file with settings, as for `pictor index` (flags and PICTOR_* env "
              "override it)")
-    t.add_argument("--min-per-class", type=int, default=TrainConfig.min_per_class,
+    t.add_argument("--min-per-class", type=whole_number, default=TrainConfig.min_per_class,
                    help="fewest training images a class may have, at least 2; fewer is an error (default %(default)s)")
-    t.add_argument("--max-per-class", type=int, default=TrainConfig.max_per_class,
+    t.add_argument("--max-per-class", type=whole_number, default=TrainConfig.max_per_class,
                    help="cap images per class (default 0 = all)")
     t.add_argument("--cache-dir", default="", help="embedding cache (default: $PICTOR_CACHE_DIR, "
                    "$XDG_CACHE_HOME/pictor or ~/.cache/pictor; 'none' disables it)")
@@ -101,26 +101,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "on the validation split (default " + ",".join(map(str, TrainConfig.weight_decays)) + ")")
     t.add_argument("--no-flip", action="store_true", help="no mirrored training views for the linear heads "
                    "(in finetune mode: the first probe and the one refitted on the tuned backbone)")
-    t.add_argument("--epochs", type=int, default=TrainConfig.epochs,
+    t.add_argument("--epochs", type=whole_number, default=TrainConfig.epochs,
                    help="finetune: most epochs (default %(default)s)")
-    t.add_argument("--unfreeze", type=int, default=TrainConfig.unfreeze,
+    t.add_argument("--unfreeze", type=whole_number, default=TrainConfig.unfreeze,
                    help="finetune: last N stages trained (default %(default)s)")
-    t.add_argument("--lr", type=float, default=TrainConfig.lr,
+    t.add_argument("--lr", type=number, default=TrainConfig.lr,
                    help="finetune: head learning rate (default %(default)s)")
-    t.add_argument("--backbone-lr", type=float, default=TrainConfig.backbone_lr,
+    t.add_argument("--backbone-lr", type=number, default=TrainConfig.backbone_lr,
                    help="finetune: learning rate of the unfrozen stages (default %(default)s)")
-    t.add_argument("--label-smoothing", type=float, default=TrainConfig.label_smoothing,
+    t.add_argument("--label-smoothing", type=number, default=TrainConfig.label_smoothing,
                    help="finetune: label smoothing (default %(default)s)")
-    t.add_argument("--patience", type=int, default=TrainConfig.patience,
+    t.add_argument("--patience", type=whole_number, default=TrainConfig.patience,
                    help="finetune: stop after this many epochs without validation gain (default %(default)s)")
-    t.add_argument("--mixup", type=float, default=TrainConfig.mixup,
+    t.add_argument("--mixup", type=number, default=TrainConfig.mixup,
                    help="finetune: mixup Beta alpha (default 0 = off)")
-    t.add_argument("--cutmix", type=float, default=TrainConfig.cutmix,
+    t.add_argument("--cutmix", type=number, default=TrainConfig.cutmix,
                    help="finetune: CutMix Beta alpha (default 0 = off)")
-    t.add_argument("--train-size", type=int, default=TrainConfig.train_size,
+    t.add_argument("--train-size", type=whole_number, default=TrainConfig.train_size,
                    help="finetune crop size (default 0 = 7/8 of the input size)")
     t.add_argument("--no-open-set", action="store_true", help="no open-set thresholds")
-    t.add_argument("--max-known-rejected", type=float,
+    t.add_argument("--max-known-rejected", type=number,
                    default=TrainConfig.max_known_rejected,
                    help="open set: share of known validation images allowed to come back "
                    "unknown (default %(default)s)")
