@@ -203,8 +203,14 @@ def test_bad_data_gives_clear_errors(tmp_path: Path, embedder: CountingEmbedder)
                        match=r"training images after --val-fraction 0.25 .*fewer than 3 training images: 'square' "
                              r"\(2 of its 3\); add images \(--val-fraction 0.25 leaves 3 to train on from 4\)"):
         train(config(tmp_path), tree, embedder=embedder)
-    with pytest.raises(InvalidRequestError, match=r"after --max-per-class 2 and --val-fraction 0.25 .*: '\w+' \(1 of its 2\)"):
-        train(config(tmp_path, max_per_class=2), tree, embedder=embedder)
+    # A cap too low for the classes' minimum: the cap is the fix, not more images.
+    with pytest.raises(InvalidRequestError, match=r"^--max-per-class 3 leaves every class it caps fewer than "
+                       r"--min-per-class 3 training images after --val-fraction 0.25 \(that takes 4 images\); "
+                       r"give --max-per-class 4 or more, or lower --min-per-class$"):
+        train(config(tmp_path, max_per_class=3), tree, embedder=embedder)
+    with pytest.raises(InvalidRequestError, match=r"after --max-per-class 4 and --val-fraction 0.25 .*: 'square' "
+                                                  r"\(2 of its 3\)"):  # a class small of itself
+        train(config(tmp_path, max_per_class=4), tree, embedder=embedder)
     assert embedder.images_embedded == before
     tree = make_tree(tmp_path / "tree2", per_class=4)
     for i in (0, 1):  # listed, not usable

@@ -122,7 +122,7 @@ def check_class_sizes(samples: Sequence[Sample], min_per_class: int, what: str =
         of = Counter(s.label for s in split_from)
         listed = ", ".join(f"{c!r} ({n}{f' of its {of[c]}' if of else ''})" for c, n in small.items())
         needs = (f" (--val-fraction {val_fraction:g} leaves {min_per_class} to train on from "
-                 f"{_needed_for_split(min_per_class, val_fraction)})") if of else ""
+                 f"{needed_for_split(min_per_class, val_fraction)})") if of else ""
         lower = ", or lower --min-per-class" if min_per_class > 2 else ""  # 2 is the least
         raise InvalidRequestError(
             f"{what}: classes with fewer than {min_per_class} {kind} images: {listed}; "
@@ -157,7 +157,7 @@ def _validation_count(n: int, val_fraction: float) -> int:
     return min(max(1, round(val_fraction * n)), n - 1)
 
 
-def _needed_for_split(train_images: int, val_fraction: float) -> int:
+def needed_for_split(train_images: int, val_fraction: float) -> int:
     """The fewest images a class needs to keep ``train_images`` for training after the split."""
     n = train_images + 1
     while n - _validation_count(n, val_fraction) < train_images:

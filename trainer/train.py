@@ -74,6 +74,7 @@ class Splits:
 def make_splits(config: TrainConfig, data: str | Path, val_data: str | Path | None = None
                 ) -> Splits:
     """Training and validation samples: a stratified, seeded split unless ``val_data`` is given."""
+    _check_cap(config, split=val_data is None)
     samples = data_mod.cap_per_class(data_mod.load_samples(data), config.max_per_class,
                                      config.seed)
     how = [f"--max-per-class {config.max_per_class}"] if config.max_per_class else []
@@ -95,6 +96,19 @@ def make_splits(config: TrainConfig, data: str | Path, val_data: str | Path | No
     data_mod.check_class_sizes(train, config.min_per_class, what=what, kind="training" if how else "listed",
                                split_from=samples if val_data is None else (), val_fraction=config.val_fraction)
     return Splits(train, val)
+
+
+def _check_cap(config: TrainConfig, split: bool) -> None:
+    """A --max-per-class too low for --min-per-class starves every class it reaches, however many
+    images it has: said as such, not as a list of classes short of images."""
+    need = (data_mod.needed_for_split(config.min_per_class, config.val_fraction) if split
+            else config.min_per_class)
+    if 0 < config.max_per_class < need:
+        after = f" after --val-fraction {config.val_fraction:g} (that takes {need} images)" if split else ""
+        lower = ", or lower --min-per-class" if config.min_per_class > 2 else ""  # 2 is the least
+        raise InvalidRequestError(
+            f"--max-per-class {config.max_per_class} leaves every class it caps fewer than --min-per-class "
+            f"{config.min_per_class} training images{after}; give --max-per-class {need} or more{lower}")
 
 
 def _classes_text(samples: Sequence[data_mod.Sample], most: int = 8) -> str:
