@@ -36,6 +36,7 @@ def test_unknown_arguments_show_the_subcommand_usage(capsys: pytest.CaptureFixtu
     (["serve", "--port", "1_000"], "argument --port: not a whole number: '1_000'"),
     (["index", "g", "--out", "i", "--batch-size", "3_2"], "argument --batch-size: not a whole number: '3_2'"),
     (["train", "d", "--out", "m.pt", "--lr", "0.000_1"], "argument --lr: not a number: '0.000_1'"),
+    (["train", "d", "--out", "m.pt", "--weight-decays", "0.1,1_0"], "argument --weight-decays: not a number: '1_0'"),
     (["classify", "a.jpg", "--top-k", "1_0"], "argument --top-k: not a whole number: '1_0'"),
 ])
 def test_a_number_flag_with_an_underscore_is_refused(argv: list[str], message: str,

@@ -97,7 +97,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="cap images per class (default 0 = all)")
     t.add_argument("--cache-dir", default="", help="embedding cache (default: $PICTOR_CACHE_DIR, "
                    "$XDG_CACHE_HOME/pictor or ~/.cache/pictor; 'none' disables it)")
-    t.add_argument("--weight-decays", help="linear: comma-separated weight decays tried "
+    t.add_argument("--weight-decays", type=_numbers, help="linear: comma-separated weight decays tried "
                    "on the validation split (default " + ",".join(map(str, TrainConfig.weight_decays)) + ")")
     t.add_argument("--no-flip", action="store_true", help="no mirrored training views for the linear heads "
                    "(in finetune mode: the first probe and the one refitted on the tuned backbone)")
@@ -164,10 +164,7 @@ def run_train(args: argparse.Namespace) -> int:
     from pictor.trainer.metrics import top5_text
     from pictor.trainer.train import head_description, train
 
-    try:
-        decays = tuple(float(x) for x in (args.weight_decays or "").split(",") if x.strip())
-    except ValueError as e:
-        raise InvalidRequestError(f"--weight-decays: {e}") from e
+    decays = args.weight_decays or ()
     if args.weight_decays is not None and not decays:
         raise InvalidRequestError("--weight-decays is empty; give comma-separated numbers, e.g. 0.001,0.01,0.1")
     if args.val and args.val_fraction is not None:
@@ -213,6 +210,11 @@ def run_train(args: argparse.Namespace) -> int:
               f"pictor index GALLERY --model {args.out}")
     return 0
 
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    """The argparse type of a comma-separated list of numbers (blank items, as in "0.1,", left out)."""
+    return tuple(number(x) for x in text.split(",") if x.strip())
 
 def train_summary(out: str, result: TrainResult) -> dict[str, Any]:
     """What `pictor train --json` prints: the lines for people, as data."""
