@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,7 +73,8 @@ lists the others. Runs on the GPU when there is one (--device).
 --pca-whiten DIM fits PCA-whitening on a random sample of the gallery (--pca-sample images,
 embedded once more for the fit) and stores it with the new index, which then holds DIM-d
 whitened vectors; the server whitens queries the same way. A re-run reuses it. The fit comes
-before any image is indexed and writes nothing until it ends: interrupted, it starts over.
+first and is kept with the index's first images: a run interrupted before those are written
+keeps nothing, and the next run fits again.
 
 examples:
   pictor index sample/gallery --out index
@@ -143,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         _warn_indexed_twice(entries, target.store, settings.gallery)
     space = {"backbone": target.embedder.spec.backbone, "dim": target.store.dim}  # (for --json; _index closes the store)
     summary, count = _index(args, settings, target, entries, unlisted, progress, log_every)
+    summary.whitening_seconds = target.whitening_seconds
     summary.add_failures(misnamed)
     summary.add_failures((GalleryEntry(key=folder.as_posix(), path=folder),
                           f"{folder}: cannot list the folder ({why}); its images were left out"
@@ -163,6 +166,7 @@ class _Target:
     whitening: PCAWhitening | None
     opened: bool  # an existing index; else this run made it
     created: bool  # this run made its folder too
+    whitening_seconds: float | None = None  # how long this run's whitening fit took
 
 
 def _read_entries(settings: IndexerSettings) -> tuple[
@@ -236,6 +240,7 @@ def _open_target(settings: IndexerSettings, out: Path, entries: list[GalleryEntr
               f"whitening; give {'more images (--pca-sample)' if sample < len(entries) else 'a larger gallery'}, "
               "fewer dims, or leave it out", file=sys.stderr)
     opened = store is not None  # else this run makes one
+    whitening_seconds: float | None = None  # (a new index's fit)
     created = not opened and not out.exists()
     if not opened:
         make_store_dir(out)  # now, not after the model loaded and a whitening sample was embedded
@@ -262,15 +267,17 @@ def _open_target(settings: IndexerSettings, out: Path, entries: list[GalleryEntr
         else:
             if settings.index_type != AUTO:  # a bad factory string: now, not after a whitening sample
                 check_new_factory(settings.pca_whiten or embedder.spec.dim, settings.index_type)
+            fit_start = time.perf_counter()
             whitening = fit_whitening(
                 entries, embedder, settings.pca_whiten, sample=settings.pca_sample,
                 batch_size=settings.model.batch_size, workers=settings.workers,
                 max_pixels=settings.model.max_pixels, progress=progress, log_every=log_every,
             ) if settings.pca_whiten else None
+            whitening_seconds = round(time.perf_counter() - fit_start, 3) if whitening is not None else None
             store = create_index(out, embedder.spec, whitening, index_type=settings.index_type,
                                  precision=embedder.precision)
         on_error.pop_all()  # the store is open, for the run
-    return _Target(store, embedder, whitening, opened, created)
+    return _Target(store, embedder, whitening, opened, created, whitening_seconds)
 
 
 def _warn_indexed_twice(entries: list[GalleryEntry], store: IndexStore, source: str) -> None:
@@ -323,6 +330,8 @@ def _print_summary(args: argparse.Namespace, summary: IndexSummary, out: Path, c
                     f"{'interrupted' if summary.interrupted else 'stopped'} after indexing")
             print(f"{done} {summary.indexed} image{'' if summary.indexed == 1 else 's'} ({summary.inserted} new, "
                   f"{summary.replaced} replaced) into {out} in {summary.seconds:.1f}s"
+                  + (f" after a {summary.whitening_seconds:.1f}s PCA-whitening fit"
+                     if summary.whitening_seconds is not None else "")
                   + (f" ({summary.images_per_second:.1f} img/s embedded)" if summary.embedded else "")
                   + (f"; {summary.copied} of them not embedded again (the index held a vector of the same "
                      "file)" if summary.copied else "")
@@ -344,7 +353,8 @@ def _exit_code(args: argparse.Namespace, summary: IndexSummary, out: Path, disca
         if discard:
             shutil.rmtree(out)
             why += " before any image was indexed" if summary.interrupted else ""
-            kept = "; no index was written"
+            kept = "; no index was written" + (" (and its PCA-whitening fit is lost: the next run fits it again)"
+                                               if summary.whitening_seconds is not None else "")
         else:
             kept = (f"; the {summary.indexed} images indexed before it are kept. Run the same command again "
                     "to index the rest (the files written are not embedded again)")

@@ -56,6 +56,7 @@ class IndexSummary:
     copied: int = 0
     seconds: float = 0.0
     images_per_second: float = 0.0
+    whitening_seconds: float | None = None  # the PCA-whitening fit before it (a new whitened index)
     failures: list[dict[str, str]] = field(default_factory=list)  # {"path", "error"}
     interrupted: bool = False  # Ctrl-C or SIGTERM: the batches written before it are kept
     stopped: str = ""  # why a write was refused (a full disk): the batches written before it are kept
@@ -379,10 +380,10 @@ def fit_whitening(
             done += len(decoded.entries) + len(decoded.failures)
             bar.update(len(decoded.entries) + len(decoded.failures))
             if (elapsed := clock.due()) is not None:
-                log.info("whitening sample: %d of %d images embedded (%.1f img/s)", done, len(chosen),
-                         (done - len(failures)) / elapsed)
+                log.info("whitening sample: %d of %d images done: %d embedded (%.1f img/s), %d skipped", done,
+                         len(chosen), done - len(failures), (done - len(failures)) / elapsed, len(failures))
     except KeyboardInterrupt as e:
-        e.add_note(f"while fitting the PCA-whitening ({done} of its {len(chosen)} sample images embedded); "
+        e.add_note(f"while fitting the PCA-whitening ({done} of its {len(chosen)} sample images done); "
                    "nothing is written before the fit ends, so the next run starts it over")
         raise
     finally:

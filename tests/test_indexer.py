@@ -5,11 +5,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -301,23 +302,25 @@ def test_sigterm_ends_the_run_like_ctrl_c(gallery: Path, tmp_path: Path) -> None
     assert out.startswith("interrupted after indexing ")  # not "indexed ...": that reads as a finished run
 
 
+def ctrl_c_before_the_first(run_indexing: Callable[..., Any]) -> Callable[..., Any]:
+    """``run_indexing`` as Ctrl-C before its first image makes it."""
+    def run(entries: object, *args: Any, **kwargs: Any) -> object:
+        def interrupted() -> Iterator[GalleryEntry]:
+            raise KeyboardInterrupt
+            yield
+
+        return run_indexing(interrupted(), *args, **kwargs)
+    return run
+
+
 def test_interrupted_before_the_first_image_leaves_no_index_and_prunes_nothing(
         gallery: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     """An empty index the run made would only be in the way (of a re-run with other flags)."""
     import pictor.indexer.pipeline as pipeline
 
-    real = pipeline.run_indexing
-
-    def ctrl_c_before_the_first(entries: object, *args: Any, **kwargs: Any) -> object:
-        def interrupted() -> Iterator[GalleryEntry]:
-            raise KeyboardInterrupt
-            yield
-
-        return real(interrupted(), *args, **kwargs)
-
     assert main(["index", str(gallery), "--out", str(tmp_path / "held"), "--device", "cpu"]) == 0
     capsys.readouterr()
-    monkeypatch.setattr(pipeline, "run_indexing", ctrl_c_before_the_first)
+    monkeypatch.setattr(pipeline, "run_indexing", ctrl_c_before_the_first(pipeline.run_indexing))
     assert main(["index", str(gallery), "--out", str(tmp_path / "index"), "--device", "cpu"]) == 130
     assert "interrupted before any image was indexed; no index was written" in capsys.readouterr().err
     assert not (tmp_path / "index").exists()
@@ -371,7 +374,7 @@ def test_pca_whitened_index_serves_whitened_queries(gallery: Path, tmp_path: Pat
     summary = json.loads(r.stdout)
     assert "warning: --pca-whiten 8 fitted on 12 images, under twice its dims" in r.stderr
     assert "give a larger gallery, fewer dims" in r.stderr  # all 12 were the sample: --pca-sample cannot help
-    assert summary["index_size"] == 12 and (out / WHITENING_FILE).is_file()
+    assert summary["index_size"] == 12 and (out / WHITENING_FILE).is_file() and summary["whitening_seconds"] > 0
     engine = Engine.load(ServerSettings(index=str(out), device="cpu", precision="fp32"))
     try:
         assert engine.store.spec.dim == 8 and engine.store.spec.whitening.startswith("pca8:")
@@ -402,6 +405,7 @@ def test_pca_whitened_index_serves_whitened_queries(gallery: Path, tmp_path: Pat
     again = json.loads(pictor("index", str(gallery), "--out", str(out), "--json").stdout)
     # The changed file is embedded and whitened as the index was (an unwhitened vector is refused).
     assert (again["replaced"], again["unchanged"], again["index_size"]) == (1, 11, 13)
+    assert again["whitening_seconds"] is None  # fitted by the first run only
     other = pictor("index", str(gallery), "--out", str(out), "--pca-whiten", "4", check=False)
     assert other.returncode == 2 and "pca_whiten 4 (from --pca-whiten) would change its space" in other.stderr
     tiny = pictor("index", str(gallery), "--out", str(tmp_path / "i3"), "--pca-whiten", "64", check=False)
@@ -426,7 +430,7 @@ def test_the_whitening_fit_logs_progress_and_an_interrupted_fit_says_it_is_lost(
     entries = list(read_gallery(gallery))
     pipeline.fit_whitening(entries, create_embedder(device="cpu"), 4, sample=10, batch_size=4,
                            max_pixels=DEFAULT_MAX_PIXELS, progress=False, log_every=1e-9)
-    assert "whitening sample: 4 of 10 images embedded (" in caplog.text
+    assert "whitening sample: 4 of 10 images done: 4 embedded (" in caplog.text
 
     real = pipeline.embedded_batches
 
@@ -440,9 +444,19 @@ def test_the_whitening_fit_logs_progress_and_an_interrupted_fit_says_it_is_lost(
     out = tmp_path / "index"
     assert main(["index", str(gallery), "--out", str(out), "--pca-whiten", "4", "--batch-size", "4"]) == 130
     assert capsys.readouterr().err.endswith(
-        "pictor index: interrupted; while fitting the PCA-whitening (4 of its 12 sample images embedded); "
+        "pictor index: interrupted; while fitting the PCA-whitening (4 of its 12 sample images done); "
         "nothing is written before the fit ends, so the next run starts it over\n")
     assert not out.exists()
+    monkeypatch.undo()
+    # Fitted, then interrupted before the first images were written: the fit goes with the index.
+    monkeypatch.setattr(pipeline, "run_indexing", ctrl_c_before_the_first(pipeline.run_indexing))
+    assert main(["index", str(gallery), "--out", str(out), "--pca-whiten", "4"]) == 130
+    assert ("interrupted before any image was indexed; no index was written (and its PCA-whitening fit is "
+            "lost: the next run fits it again)") in capsys.readouterr().err
+    monkeypatch.undo()
+    # The summary counts the fit's time apart from the indexing's.
+    assert main(["index", str(gallery), "--out", str(out), "--pca-whiten", "4"]) == 0
+    assert re.search(r"into \S+ in \d+\.\ds after a \d+\.\ds PCA-whitening fit \(", capsys.readouterr().out)
 
 
 def test_an_embedding_that_underflowed_costs_its_file_not_the_run(tmp_path: Path) -> None:
