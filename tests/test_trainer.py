@@ -511,7 +511,7 @@ def test_open_set_rejects_an_unseen_class_within_the_budget(classes: int, caplog
         assert (f"open set, estimated by leaving each class out of the fit in turn as a stand-in for an unknown "
                 f"class: {cal.pseudo_unknown_rejected:.1%} of the left-out class's validation images answered "
                 f"unknown, and {cal.pseudo_known_rejected:.1%} of the other classes' (budget "
-                "--max-known-rejected 5.0%)") in caplog.text
+                "5.0%: --max-known-rejected 0.05)") in caplog.text
     else:  # not measured, not 0.0 (which read as "unknown images are never rejected")
         assert cal.pseudo_unknown_rejected is None
         assert "with fewer than 3 classes there is no estimate for unknown classes" in caplog.text
@@ -520,7 +520,7 @@ def test_open_set_rejects_an_unseen_class_within_the_budget(classes: int, caplog
 def test_an_open_set_estimate_over_its_budget_says_why() -> None:
     from pictor.trainer.openset import _estimate_text
 
-    assert ("and 6.2% of the other classes' (budget --max-known-rejected 5.0%; over it here, as leaving a class "
+    assert ("and 6.2% of the other classes' (budget 5.0%: --max-known-rejected 0.05; over it here, as leaving a class "
             "out takes some known images' nearest neighbours away)") in _estimate_text(0.225, 0.062, 0.05)
     assert "over it" not in _estimate_text(0.225, 0.04, 0.05)
 

@@ -118,15 +118,15 @@ def calibrate_open_set(
 
 def _estimate_text(unknown_rejected: float | None, known_rejected: float, budget: float) -> str:
     """What the calibration estimates, in words: its two figures are easily read as measured ones."""
+    budget_text = f"budget {budget:.1%}: --max-known-rejected {budget:g}"
     if unknown_rejected is None:  # 2 classes: no class can be left out
-        return (f"open set: {known_rejected:.1%} of the known validation images answered unknown (budget "
-                f"--max-known-rejected {budget:.1%}); with fewer than 3 classes there is no estimate for unknown "
-                "classes")
+        return (f"open set: {known_rejected:.1%} of the known validation images answered unknown ({budget_text}); "
+                "with fewer than 3 classes there is no estimate for unknown classes")
     over = ("; over it here, as leaving a class out takes some known images' nearest neighbours away"
             if known_rejected > budget else "")
     return (f"open set, estimated by leaving each class out of the fit in turn as a stand-in for an unknown "
             f"class: {unknown_rejected:.1%} of the left-out class's validation images answered unknown, "
-            f"and {known_rejected:.1%} of the other classes' (budget --max-known-rejected {budget:.1%}{over}); "
+            f"and {known_rejected:.1%} of the other classes' ({budget_text}{over}); "
             "`pictor eval MODEL DATA --index INDEX` measures the served model on held-out images")
 
 
