@@ -211,10 +211,10 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def _numbers(text: str) -> tuple[float, ...]:
     """The argparse type of a comma-separated list of numbers (blank items, as in "0.1,", left out)."""
     return tuple(number(x) for x in text.split(",") if x.strip())
+
 
 def train_summary(out: str, result: TrainResult) -> dict[str, Any]:
     """What `pictor train --json` prints: the lines for people, as data."""

@@ -61,8 +61,8 @@ def evaluate(
     ``skipped`` (unreadable images), ``ignored`` (images of other classes, left out of the
     closed-set metrics), ``training_images`` and ``validation_images`` (how many measured are the
     model's own training or validation images; None for model files without their ids) and, for
-    an open-set model with
-    ``index``, ``open_set`` (see ``open_set_report``) to ``metrics.classification_report``'s keys.
+    an open-set model with ``index``, ``open_set`` (see ``open_set_report``) to
+    ``metrics.classification_report``'s keys.
     """
     from tqdm import tqdm
 
