@@ -187,8 +187,22 @@ def _read_entries(settings: IndexerSettings) -> tuple[
     if not entries and not misnamed and not unlisted:
         raise InvalidRequestError(f"no images found in {settings.gallery} (looked for {image_suffixes_text()})")
     if settings.labels == "folder":
-        _warn_classless(settings.gallery, [*entries, *(e for e, _ in misnamed)], unlisted)
+        if Path(settings.gallery).is_file():
+            _warn_unlabelled_manifest(settings.gallery, entries)
+        else:
+            _warn_classless(settings.gallery, [*entries, *(e for e, _ in misnamed)], unlisted)
     return entries, misnamed, unlisted, left_out
+
+
+def _warn_unlabelled_manifest(manifest: str, entries: list[GalleryEntry]) -> None:
+    """A manifest with no label at all, unless --labels none says it is meant: a misspelt label
+    column ('lable') became an attribute, and the index is left without classes."""
+    if entries and not any(e.label for e in entries):
+        fields = sorted({name for e in entries for name in e.attributes})
+        others = f" (its other fields, kept as attributes: {', '.join(fields)})" if fields else ""
+        print(f"warning: manifest {manifest} gives no image a label{others}: the items are indexed unlabelled, "
+              "so Classify's kNN vote and --label filters have nothing to go on; name the column 'label', "
+              "or give --labels none if no labels are meant", file=sys.stderr)
 
 
 def _warn_classless(gallery: str, entries: list[GalleryEntry], unlisted: list[tuple[Path, str]]) -> None:

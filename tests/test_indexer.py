@@ -459,6 +459,19 @@ def test_the_whitening_fit_logs_progress_and_an_interrupted_fit_says_it_is_lost(
     assert re.search(r"into \S+ in \d+\.\ds after a \d+\.\ds PCA-whitening fit \(", capsys.readouterr().out)
 
 
+def test_a_manifest_without_labels_is_indexed_with_a_warning(gallery: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A misspelt label column ('lable') became an attribute, and the index had no classes, unsaid."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,lable\n" + "".join(f"{p},{p.parent.name}\n" for p in sorted(gallery.rglob("*.png"))))
+    out = str(tmp_path / "index")
+    assert main(["index", str(manifest), "--out", out, "--device", "cpu"]) == 0
+    assert (f"warning: manifest {manifest} gives no image a label (its other fields, kept as attributes: lable): "
+            "the items are indexed unlabelled") in capsys.readouterr().err
+    assert main(["index", str(manifest), "--out", out, "--labels", "none"]) == 0  # meant: not said
+    assert "gives no image a label" not in capsys.readouterr().err
+
+
 def test_an_embedding_that_underflowed_costs_its_file_not_the_run(tmp_path: Path) -> None:
     entries = [GalleryEntry(key=f"{n}.jpg", path=tmp_path / f"{n}.jpg") for n in ("good", "zero", "nan")]
     vectors = np.array([[0.6, 0.8], [0.0, 0.0], [np.nan, np.nan]], np.float32)
