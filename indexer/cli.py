@@ -281,13 +281,13 @@ def _open_target(settings: IndexerSettings, out: Path, entries: list[GalleryEntr
         else:
             if settings.index_type != AUTO:  # a bad factory string: now, not after a whitening sample
                 check_new_factory(settings.pca_whiten or embedder.spec.dim, settings.index_type)
-            fit_start = time.perf_counter()
-            whitening = fit_whitening(
-                entries, embedder, settings.pca_whiten, sample=settings.pca_sample,
-                batch_size=settings.model.batch_size, workers=settings.workers,
-                max_pixels=settings.model.max_pixels, progress=progress, log_every=log_every,
-            ) if settings.pca_whiten else None
-            whitening_seconds = round(time.perf_counter() - fit_start, 3) if whitening is not None else None
+            if settings.pca_whiten:
+                fit_start = time.perf_counter()
+                whitening = fit_whitening(
+                    entries, embedder, settings.pca_whiten, sample=settings.pca_sample,
+                    batch_size=settings.model.batch_size, workers=settings.workers,
+                    max_pixels=settings.model.max_pixels, progress=progress, log_every=log_every)
+                whitening_seconds = round(time.perf_counter() - fit_start, 3)
             store = create_index(out, embedder.spec, whitening, index_type=settings.index_type,
                                  precision=embedder.precision)
         on_error.pop_all()  # the store is open, for the run
