@@ -568,11 +568,15 @@ class PictorClient:
         self._closed = True  # first: their CANCELLED is then known to be this close's
         self._channel.close()
 
+    def _check_open(self) -> None:
+        """Refuse a call on a closed client, also one with nothing to send (answered here, not sent)."""
+        if self._closed:
+            raise InvalidRequestError("this PictorClient is closed; make a new one")
+
     def _call(self, method: Callable[..., R], request: Any, *, started: float | None = None) -> R:
         """``method(request)``, its gRPC errors as Pictor's; the timeout counts from ``started``
         (``time.monotonic()``; now when None): an Upsert's own resends share one."""
-        if self._closed:
-            raise InvalidRequestError("this PictorClient is closed; make a new one")
+        self._check_open()
         now = time.monotonic()
         started = now if started is None else started
         timeout = None if self.timeout is None else max(0.0, self.timeout - (now - started))
@@ -676,6 +680,7 @@ class PictorClient:
         refuse_single(images, "images", "for one image, write [data]")
         data = [_image_bytes(i, self._max_bytes) for i in images]
         if not data:
+            self._check_open()
             return []
         if (size := sum(map(len, data))) > self._max_bytes:
             raise ResourceExhaustedError(f"{len(data)} images together: "
@@ -708,6 +713,7 @@ class PictorClient:
             else (self._upsert_request(it, i) for i, it in enumerate(items)))
         first = next(converted, None)
         if first is None:  # nothing to write (the server refuses an empty stream as a raw client's slip)
+            self._check_open()
             return 0, 0
         # (kept to resend it only where it may be resent)
         stream = _UpsertStream(itertools.chain([first], converted), self._max_bytes if self._max_attempts > 1 else 0)
@@ -763,6 +769,7 @@ class PictorClient:
         except (TypeError, ValueError) as e:
             raise _text_error("keys", e, keys) from e
         if not request.keys:
+            self._check_open()
             return 0, []
         started = time.monotonic()
         try:
@@ -787,6 +794,7 @@ class PictorClient:
         except (TypeError, ValueError) as e:
             raise _text_error("keys", e, keys) from e
         if not request.keys:
+            self._check_open()
             return [], []
         r = self._call(self._stub.Get, request)
         items = [StoredItem(key=it.key, label=it.label, attributes=dict(it.attributes),

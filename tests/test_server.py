@@ -775,8 +775,10 @@ def test_client_refuses_what_would_not_reach_the_server_as_asked() -> None:
     with pytest.raises(InvalidRequestError, match="a vector must be a list, got a single bytes"):
         client.search(vector=b"\x00\x01")  # would be sent as the numbers 0 and 1
     client.close()
-    with pytest.raises(InvalidRequestError, match="this PictorClient is closed"):
-        client.info()
+    for call in (client.info, lambda: client.embed([]), lambda: client.upsert([]), lambda: client.delete([]),
+                 lambda: client.get([])):  # also where there is nothing to send
+        with pytest.raises(InvalidRequestError, match="this PictorClient is closed"):
+            call()
 
 
 def test_calls_are_bounded_and_work_for_a_caller_gone_is_not_written(built_index: Path) -> None:
