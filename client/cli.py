@@ -126,6 +126,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = _parser(sub, "health", "whether a running server is serving (exit 0) or not (exit 4; also when its index "
                 "folder was deleted while it served): the standard gRPC health check, cheap enough for a container probe",
                 "pictor health --target localhost:50051 --timeout 3")
+    next(a for a in p._actions if a.dest == "json").help = (
+        'print {"health": STATUS} (SERVING, NOT_SERVING, ...; UNREACHABLE or BUSY, with "error", when no '
+        "answer came)")
     p.set_defaults(run=run_health)
 
     p = _parser(sub, "add", "add images to a running server's index (an existing key is replaced whole: image, label "
@@ -378,8 +381,15 @@ def run_search(args: argparse.Namespace) -> int:
 
 @_guard_unreachable
 def run_health(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        status = client.health()
+    """--json answers on stdout also when no server does (a script parses one thing either way)."""
+    try:
+        with _client(args) as client:
+            status = client.health()
+    except (ServerUnavailableError, ServerBusyError) as e:
+        if args.json:
+            _emit(args, {"health": "BUSY" if isinstance(e, ServerBusyError) else "UNREACHABLE",
+                         "error": str(e)}, "")
+        raise
     _emit(args, {"health": status}, f"{status}\n")
     return 0 if status == "SERVING" else EXIT_UNREACHABLE
 

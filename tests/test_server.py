@@ -83,8 +83,12 @@ def test_info_and_health(server: ServerProcess, capsys: pytest.CaptureFixture[st
         assert client.health() == "SERVING"
         assert client.health("pictor.v1.Pictor") == "SERVING"
     assert main(["health", "--target", server.target]) == 0 and capsys.readouterr().out == "SERVING\n"
-    assert main(["health", "--target", f"localhost:{free_port()}", "--timeout", "2"]) == 4  # nobody there
+    nobody = f"localhost:{free_port()}"
+    assert main(["health", "--target", nobody, "--timeout", "2"]) == 4
     assert "is `pictor serve` running there?" in capsys.readouterr().err
+    assert main(["health", "--target", nobody, "--timeout", "2", "--json"]) == 4
+    answer = json.loads(capsys.readouterr().out)  # a script parses an answer either way
+    assert answer["health"] == "UNREACHABLE" and nobody in answer["error"]
     other = grpc.server(ThreadPoolExecutor(1))  # a gRPC server of something else
     port = other.add_insecure_port("127.0.0.1:0")
     other.start()
