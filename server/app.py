@@ -7,6 +7,7 @@ and read the real port back. ``serve(settings)`` runs it until SIGINT/SIGTERM, t
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import signal
 import socket
@@ -175,6 +176,8 @@ def _why_not_bindable(host: str, port: int) -> str | None:
         targets = [(socket.AF_INET, ("127.0.0.1", port)), (socket.AF_INET6, ("::1", port))]
     elif host == "0.0.0.0":  # gRPC listens on :: then, dual-stack, where there is IPv6
         targets = [(socket.AF_INET6, ("::", port)), (socket.AF_INET, ("0.0.0.0", port))]
+    elif (full := _ipv4_shorthand(host)) is not None:
+        return f"{host} is short for the IPv4 address {full}, which gRPC takes only written in full: --host {full}"
     else:
         try:
             found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -195,6 +198,20 @@ def _why_not_bindable(host: str, port: int) -> str | None:
                 return f"{where[0]} is not an address of this machine"
             # anything else (no IPv6 here, say) is gRPC's to report
     return None
+
+
+def _ipv4_shorthand(host: str) -> str | None:
+    """The dotted quad of an IPv4 address written short (``0``, ``127.1``, ``0x7f.1``), which
+    the system resolver takes and gRPC does not; None for anything else."""
+    try:
+        ipaddress.ip_address(host)
+        return None  # written in full
+    except ValueError:
+        pass
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except OSError:  # a name, or no address at all
+        return None
 
 
 def serve(settings: ServerSettings) -> None:

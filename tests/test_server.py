@@ -586,6 +586,10 @@ def test_a_busy_port_is_refused_before_loading_and_a_failed_load_frees_the_port(
             create_server(ServerSettings(index=missing, host="192.0.2.1", port=port))  # TEST-NET-1
     with pytest.raises(InvalidRequestError, match="no.such.host.invalid does not resolve to an address"):
         create_server(ServerSettings(index=missing, host="no.such.host.invalid", port=0))
+    for short, full in (("0", "0.0.0.0"), ("127.1", "127.0.0.1")):  # the resolver's, not gRPC's (its own error line)
+        with pytest.raises(InvalidRequestError, match=rf"{short} is short for the IPv4 address {full}, which gRPC "
+                                                      rf"takes only written in full: --host {full}"):
+            create_server(ServerSettings(index=missing, host=short, port=0))
     for bad in ("not..a..host", "x" * 64 + ".example"):  # (Python's IDNA codec raised UnicodeError: a traceback)
         with pytest.raises(InvalidRequestError, match=f"cannot listen on {bad}:0: {bad} is not a valid host name"):
             create_server(ServerSettings(index=missing, host=bad, port=0))
