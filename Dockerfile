@@ -25,8 +25,8 @@ RUN pip install --no-cache-dir --extra-index-url "$TORCH_INDEX" "$(ls /wheels/pi
     && mkdir -p /data && chown pictor /data
 USER pictor
 WORKDIR /data
-ENV PICTOR_HOST=0.0.0.0 PICTOR_PORT=50051 PICTOR_INDEX=/data/index
-EXPOSE 50051
+ENV PICTOR_HOST=0.0.0.0 PICTOR_PORT=50051 PICTOR_INDEX=/data/index PICTOR_METRICS_PORT=9464
+EXPOSE 50051 9464
 # The shell form, to ask the port PICTOR_PORT names (`docker run -e PICTOR_PORT=6000`); the
 # probe's Python start-up takes a second or more beside its 3 s answer time. The health Check,
 # not Info: Info counts every label's items.

@@ -108,6 +108,7 @@ class ServerSettings(RuntimeSettings):
     # Seconds an Upsert or reflection stream may send nothing before the server ends it (a quiet
     # client without a deadline would otherwise hold a stream slot for good).
     upsert_idle_timeout: float = 60.0
+    metrics_port: int = 0  # Prometheus metrics over HTTP on this port, same host (0: none)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -118,6 +119,10 @@ class ServerSettings(RuntimeSettings):
             raise SettingValueError("index", "the index's folder", "'' (empty)")
         if not 0 <= self.port <= 65535:
             raise SettingValueError("port", "between 0 (any free port) and 65535", self.port)
+        if not 0 <= self.metrics_port <= 65535:
+            raise SettingValueError("metrics_port", "between 1 and 65535, or 0 for no metrics", self.metrics_port)
+        if self.metrics_port and self.metrics_port == self.port:
+            raise SettingValueError("metrics_port", f"another port than the gRPC port {self.port}", self.metrics_port)
         if self.workers < 2:  # an Upsert stream holds one for as long as its client sends
             raise SettingValueError("workers", "at least 2 (one is always kept for health checks and lookups)",
                                     self.workers)

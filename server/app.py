@@ -25,6 +25,7 @@ from pictor.errors import InvalidRequestError, ResourceExhaustedError
 from pictor.server.engine import Engine
 from pictor.server.errors import ErrorInterceptor, grpc_receive_limit
 from pictor.server.limits import HandlerThreads, idle_limited
+from pictor.server.metrics import Metrics, MetricsInterceptor
 from pictor.server.service import PictorService
 from pictor.v1 import pictor_pb2, pictor_pb2_grpc
 
@@ -81,13 +82,17 @@ class BoundedReflectionServicer(reflection.ReflectionServicer):
             yield from super().ServerReflectionInfo(requests, context)
 
 
-def create_server(settings: ServerSettings, threads: HandlerThreads | None = None
+def create_server(settings: ServerSettings, threads: HandlerThreads | None = None, metrics: Metrics | None = None
                   ) -> tuple[grpc.Server, int, Engine]:
-    """Build the server (not started): Pictor service, health, reflection, bound to a port."""
+    """Build the server (not started): Pictor service, health, reflection, bound to a port;
+    its calls and index counted in ``metrics`` when given."""
     max_bytes = settings.max_message_mb * 1024 * 1024
+    interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor(max_bytes)]
+    if metrics is not None:  # first: it sees the codes the error interceptor sets
+        interceptors.insert(0, MetricsInterceptor(metrics))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="pictor-rpc"),
-        interceptors=[ErrorInterceptor(max_bytes)],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", grpc_receive_limit(max_bytes)),
             ("grpc.max_send_message_length", max_bytes),
@@ -106,6 +111,8 @@ def create_server(settings: ServerSettings, threads: HandlerThreads | None = Non
         _start(server, after=e)  # an unstarted server keeps its port until the process exits
         server.stop(None)
         raise
+    if metrics is not None:
+        metrics.count_index(lambda: len(engine.store))
     if threads is None:
         threads = HandlerThreads(settings.workers)  # shared by the Pictor and reflection services
     pictor_pb2_grpc.add_PictorServicer_to_server(
@@ -217,7 +224,19 @@ def _ipv4_shorthand(host: str) -> str | None:
 def serve(settings: ServerSettings) -> None:
     """Run until SIGINT or SIGTERM; then stop taking calls, finish those in flight, close the index."""
     threads = HandlerThreads(settings.workers)
-    server, port, engine = create_server(settings, threads=threads)  # a signal while loading interrupts it (pictor.cli)
+    metrics = Metrics() if settings.metrics_port else None
+    if metrics is not None:  # before loading, as the gRPC port: a busy port fails at once
+        metrics_port = metrics.serve(_bare(settings.host), settings.metrics_port)
+        log.info("metrics on http://%s/metrics", _address(_bare(settings.host), metrics_port))
+    try:
+        _serve(settings, threads, metrics)
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+def _serve(settings: ServerSettings, threads: HandlerThreads, metrics: Metrics | None) -> None:
+    server, port, engine = create_server(settings, threads, metrics)  # a signal while loading interrupts it (pictor.cli)
     try:
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -50,8 +50,9 @@ def test_the_commands_the_image_and_compose_run_are_valid() -> None:
             pytest.fail(f"`pictor {shlex.join(argv)}` does not parse")
     # The server listens on every interface of its container; the host publishes it on
     # loopback unless PICTOR_BIND says otherwise (it has no authentication yet).
-    (published,) = compose["services"]["server"]["ports"]
-    assert published.startswith("${PICTOR_BIND:-127.0.0.1}:")
+    published = compose["services"]["server"]["ports"]  # gRPC and metrics
+    assert len(published) == 2 and all(p.startswith("${PICTOR_BIND:-127.0.0.1}:") for p in published)
+    assert published[1].endswith(":9464") and "PICTOR_METRICS_PORT=9464" in _dockerfile()
     # The image is built by the indexer's `build`, never pulled: the server's would be tried
     # from a registry first, where there is none.
     assert compose["services"]["server"]["pull_policy"] == "never" and "build" in compose["services"]["indexer"]

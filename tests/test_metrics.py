@@ -1,0 +1,70 @@
+"""`pictor serve --metrics-port`: Prometheus metrics of a real server, scraped over HTTP."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import ServerProcess, drawn_image, free_port, pictor
+from prometheus_client.parser import text_string_to_metric_families
+
+from pictor.client import PictorClient, UpsertItem
+from pictor.errors import InvalidRequestError
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of the server's /metrics, by name and labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def calls(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], method: str, code: str) -> float:
+    return samples.get(("grpc_server_handled_total", frozenset({
+        "grpc_type": "client_stream" if method == "Upsert" else "unary", "grpc_service": "pictor.v1.Pictor",
+        "grpc_method": method, "grpc_code": code}.items())), 0.0)
+
+
+def test_metrics_count_calls_by_method_and_status_and_the_index(built_index: Path) -> None:
+    metrics_port = free_port()
+    server = ServerProcess(built_index, "--metrics-port", str(metrics_port)).start()
+    try:
+        assert f"metrics on http://127.0.0.1:{metrics_port}/metrics" in server.read_log()
+        assert scrape(metrics_port)[("pictor_index_items", frozenset())] == 12
+        with PictorClient(server.target) as client:
+            for _ in range(3):
+                client.search(image=drawn_image(1), k=2)
+            with pytest.raises(InvalidRequestError):
+                client.classify(b"not an image")
+            client.upsert([UpsertItem(key="new", vector=client.embed([drawn_image(99)])[0])])
+            client.health()
+        samples = scrape(metrics_port)
+        assert calls(samples, "Search", "OK") == 3
+        assert calls(samples, "Classify", "INVALID_ARGUMENT") == 1 and calls(samples, "Classify", "OK") == 0
+        assert calls(samples, "Upsert", "OK") == 1 and calls(samples, "Embed", "OK") == 1
+        assert samples[("grpc_server_handling_seconds_count", frozenset({
+            "grpc_type": "unary", "grpc_service": "pictor.v1.Pictor", "grpc_method": "Search"}.items()))] == 3
+        assert samples[("grpc_server_handled_total", frozenset({
+            "grpc_type": "unary", "grpc_service": "grpc.health.v1.Health", "grpc_method": "Check",
+            "grpc_code": "OK"}.items()))] >= 1
+        assert samples[("pictor_index_items", frozenset())] == 13  # read at each scrape
+        assert samples[("process_resident_memory_bytes", frozenset())] > 0
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_busy_metrics_port_is_refused_before_loading(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # The index does not exist either: the port is checked first.
+        r = pictor("serve", "--index", str(tmp_path / "missing"), "--port", "0", "--metrics-port", str(port),
+                   check=False)
+    assert r.returncode == 2
+    assert f"pictor serve: error: cannot serve metrics on 127.0.0.1:{port}: Address already in use" in r.stderr
+    r = pictor("serve", "--index", str(tmp_path / "missing"), "--port", "6000", "--metrics-port", "6000", check=False)
+    assert r.returncode == 2 and "metrics_port" in r.stderr and "another port than the gRPC port 6000" in r.stderr
