@@ -113,6 +113,7 @@ def create_server(settings: ServerSettings, threads: HandlerThreads | None = Non
         raise
     if metrics is not None:
         metrics.count_index(lambda: len(engine.store))
+        engine.on_forward = metrics.count_forward
     if threads is None:
         threads = HandlerThreads(settings.workers)  # shared by the Pictor and reflection services
     pictor_pb2_grpc.add_PictorServicer_to_server(

@@ -48,7 +48,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "(default 60), so a quiet client cannot hold a stream slot for good")
     p.add_argument("--metrics-port", type=whole_number, metavar="PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (calls by method and status code, "
-                        "their latency, the index's size, the process's memory and CPU; default 0: none)")
+                        "their latency, the index's size, images through the model and the seconds they spend decoding, "
+                        "waiting for the model and in it, the process's memory and CPU; default 0: none)")
     add_flag(p, "max_pixels")
     p.add_argument("--max-message-mb", type=whole_number, metavar="MB",
                    help="largest request or reply (default 64, at most 2047); clients must allow it "

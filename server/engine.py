@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -138,6 +139,8 @@ class Engine:
         # One forward pass at a time: concurrent passes would only fight over the same cores.
         # (Dynamic batching of concurrent requests, planned for the production server, replaces it.)
         self._forward_lock = threading.Lock()
+        # Told of each forward pass: (images, seconds decoding, waiting for the model, in it).
+        self.on_forward: Callable[[int, float, float, float], None] | None = None
 
     @classmethod
     def load(cls, settings: ServerSettings) -> Engine:
@@ -207,6 +210,7 @@ class Engine:
         """
         if not images:
             raise InvalidRequestError("no image given")
+        started = time.perf_counter()
         tensors = []
         for i, data in enumerate(images):
             if still_wanted is not None:  # an Embed of 256 large images decodes for a while
@@ -222,10 +226,15 @@ class Engine:
             # of them (256 small PNGs of 40 MP each would decode to 30 GB).
             tensors.append(self.embedder.preprocess(image))
             del image
+        decoded = time.perf_counter()
         with self._forward_lock:
+            turn = time.perf_counter()
             if still_wanted is not None:
                 still_wanted()
-            return self.embedder.forward_preprocessed(tensors)
+            out = self.embedder.forward_preprocessed(tensors)
+        if self.on_forward is not None:
+            self.on_forward(len(tensors), decoded - started, turn - decoded, time.perf_counter() - turn)
+        return out
 
     def to_index(self, embeddings: np.ndarray) -> np.ndarray:
         """Embedder output -> the index's space (whitened when the index is)."""

@@ -2,8 +2,9 @@
 
 The call metrics use the names of go-grpc-prometheus (and py-grpc-prometheus), so the usual gRPC
 dashboards read them: ``grpc_server_started_total``, ``grpc_server_handled_total`` (by status
-code) and ``grpc_server_handling_seconds``. Beside them: ``pictor_index_items``, and the
-process's memory, CPU time and open files (prometheus-client's process collector).
+code) and ``grpc_server_handling_seconds``. Beside them: ``pictor_index_items``, the model's
+``pictor_model_images_total`` and ``pictor_model_seconds`` (by stage: decode, wait, forward),
+and the process's memory, CPU time and open files (prometheus-client's process collector).
 """
 
 from __future__ import annotations
@@ -43,7 +44,19 @@ class Metrics:
         self.seconds = Histogram("grpc_server_handling_seconds", "seconds from a call's start to its answer",
                                  _LABELS, buckets=_BUCKETS, registry=self.registry)
         self.index_items = Gauge("pictor_index_items", "items the served index holds", registry=self.registry)
+        self.images = Counter("pictor_model_images_total", "images through the model (Classify, Embed, Search "
+                              "by image, Upsert of images)", registry=self.registry)
+        # As Triton's queue and compute times: what a call waits for, and what the model takes.
+        self.stage_seconds = Histogram("pictor_model_seconds", "seconds of a call's images: decoding them, "
+                                       "waiting for the model (one forward pass at a time), the forward pass",
+                                       ["stage"], buckets=_BUCKETS, registry=self.registry)
         self._http: Any = None
+
+    def count_forward(self, images: int, decode: float, wait: float, forward: float) -> None:
+        """Engine.on_forward: one forward pass."""
+        self.images.inc(images)
+        for stage, seconds in (("decode", decode), ("wait", wait), ("forward", forward)):
+            self.stage_seconds.labels(stage).observe(seconds)
 
     def count_index(self, size: Callable[[], int]) -> None:
         """Read the index's size from ``size`` at each scrape (0 until then: it is loading)."""

@@ -51,6 +51,10 @@ def test_metrics_count_calls_by_method_and_status_and_the_index(built_index: Pat
             "grpc_type": "unary", "grpc_service": "grpc.health.v1.Health", "grpc_method": "Check",
             "grpc_code": "OK"}.items()))] >= 1
         assert samples[("pictor_index_items", frozenset())] == 13  # read at each scrape
+        assert samples[("pictor_model_images_total", frozenset())] == 3 + 1  # the searches, the embed
+        for stage in ("decode", "wait", "forward"):
+            assert samples[("pictor_model_seconds_count", frozenset({"stage": stage}.items()))] == 4
+        assert samples[("pictor_model_seconds_sum", frozenset({"stage": "forward"}.items()))] > 0
         assert samples[("process_resident_memory_bytes", frozenset())] > 0
     finally:
         assert server.stop() == 0
