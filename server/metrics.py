@@ -51,6 +51,7 @@ class Metrics:
                                        "waiting for the model (one forward pass at a time), the forward pass",
                                        ["stage"], buckets=_BUCKETS, registry=self.registry)
         self._http: Any = None
+        self._methods: dict[str, _MethodCounts] = {}
 
     def count_forward(self, images: int, decode: float, wait: float, forward: float) -> None:
         """Engine.on_forward: one forward pass."""
@@ -78,16 +79,16 @@ class Metrics:
 
     def observed(self, behavior: Callable[..., Any], method: str, kind: str) -> Callable[..., Any]:
         """``behavior`` (a unary or client-streaming handler) counted and timed."""
-        labels = _call_labels(method, kind)
+        counts = self._counts_of(method, kind)
 
         def call(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
-            started = self._start(labels)
+            started = counts.start()
             try:
                 reply = behavior(request_or_iterator, context)
             except BaseException:  # an abort (its status set on the context), or the call cut off
-                self._end(labels, _code_of(context, otherwise=grpc.StatusCode.CANCELLED), started)
+                counts.end(_code_of(context, otherwise=grpc.StatusCode.CANCELLED), started)
                 raise
-            self._end(labels, _code_of(context, otherwise=grpc.StatusCode.OK), started)
+            counts.end(_code_of(context, otherwise=grpc.StatusCode.OK), started)
             return reply
 
         return call
@@ -95,26 +96,45 @@ class Metrics:
     def observed_stream(self, behavior: Callable[..., Iterator[Any]], method: str, kind: str
                         ) -> Callable[..., Iterator[Any]]:
         """``observed`` for a stream of replies: timed until its last reply."""
-        labels = _call_labels(method, kind)
+        counts = self._counts_of(method, kind)
 
         def call(requests: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            started = self._start(labels)
+            started = counts.start()
             try:
                 yield from behavior(requests, context)
             except BaseException:
-                self._end(labels, _code_of(context, otherwise=grpc.StatusCode.CANCELLED), started)
+                counts.end(_code_of(context, otherwise=grpc.StatusCode.CANCELLED), started)
                 raise
-            self._end(labels, _code_of(context, otherwise=grpc.StatusCode.OK), started)
+            counts.end(_code_of(context, otherwise=grpc.StatusCode.OK), started)
 
         return call
 
-    def _start(self, labels: tuple[str, str, str]) -> float:
-        self.started.labels(*labels).inc()
+    def _counts_of(self, method: str, kind: str) -> _MethodCounts:
+        # Kept: gRPC asks the interceptor at every call, and finding the labels' children anew
+        # was 5 of the 9 microseconds the metrics cost a call here.
+        if (counts := self._methods.get(method)) is None:
+            counts = self._methods[method] = _MethodCounts(self, _call_labels(method, kind))
+        return counts
+
+
+class _MethodCounts:
+    """One method's metrics, its label values filled in."""
+
+    def __init__(self, metrics: Metrics, labels: tuple[str, str, str]) -> None:
+        self._started = metrics.started.labels(*labels)
+        self._seconds = metrics.seconds.labels(*labels)
+        self._handled, self._labels = metrics.handled, labels
+        self._by_code: dict[grpc.StatusCode, Any] = {}
+
+    def start(self) -> float:
+        self._started.inc()
         return time.perf_counter()
 
-    def _end(self, labels: tuple[str, str, str], code: grpc.StatusCode, started: float) -> None:
-        self.handled.labels(*labels, code.name).inc()
-        self.seconds.labels(*labels).observe(time.perf_counter() - started)
+    def end(self, code: grpc.StatusCode, started: float) -> None:
+        self._seconds.observe(time.perf_counter() - started)
+        if (handled := self._by_code.get(code)) is None:
+            handled = self._by_code[code] = self._handled.labels(*self._labels, code.name)
+        handled.inc()
 
 
 def _call_labels(method: str, kind: str) -> tuple[str, str, str]:

@@ -112,6 +112,11 @@ def test_whitening(tmp_path: Path) -> None:
     assert "| none | 1280 | - |" in out and "| --pca-whiten 16 | 16 | 20 |" in out and "| --pca-whiten 16 | 16 | 40 |" in out
 
 
+def test_metrics() -> None:
+    out = run_bench("metrics.py", "--rounds", 1, "--calls", 5)
+    assert "| health | 5 |" in out and "a scrape of /metrics" in out
+
+
 def test_health() -> None:
     out = run_bench("health.py", "--clients", 4, "--seconds", 5, "--burst-threads", 2, "--burst-calls", 4)
     assert "| health | flooded |" in out and "burst:" in out
