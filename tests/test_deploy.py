@@ -38,7 +38,8 @@ def test_what_the_image_copies_exists_and_is_in_the_build_context() -> None:
 def test_the_commands_the_image_and_compose_run_are_valid() -> None:
     parser = build_parser()
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    commands = [service["command"] for service in compose["services"].values()]
+    commands = [service["command"] for service in compose["services"].values() if service["image"] == "pictor:latest"]
+    assert len(commands) == 2  # the indexer's and the server's
     (health,) = re.findall(r"HEALTHCHECK .* CMD (.+)", _dockerfile())
     commands.append(shlex.split(health.replace("${PICTOR_PORT:-50051}", "50051"))[1:])
     (default,) = re.findall(r'^CMD \["(\w+)"\]', _dockerfile(), re.M)
@@ -53,6 +54,10 @@ def test_the_commands_the_image_and_compose_run_are_valid() -> None:
     published = compose["services"]["server"]["ports"]  # gRPC and metrics
     assert len(published) == 2 and all(p.startswith("${PICTOR_BIND:-127.0.0.1}:") for p in published)
     assert published[1].endswith(":9464") and "PICTOR_METRICS_PORT=9464" in _dockerfile()
+    # The optional Prometheus (--profile metrics) scrapes that port of the server.
+    scrape = yaml.safe_load(compose["configs"]["prometheus"]["content"])
+    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == ["server:9464"]
+    assert compose["services"]["prometheus"]["profiles"] == ["metrics"]
     # The image is built by the indexer's `build`, never pulled: the server's would be tried
     # from a registry first, where there is none.
     assert compose["services"]["server"]["pull_policy"] == "never" and "build" in compose["services"]["indexer"]
