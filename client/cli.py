@@ -35,6 +35,7 @@ from pictor.config import (
     DEFAULT_TIMEOUT,
     client_max_message_mb,
     default_target,
+    default_token,
     number,
     whole_number,
 )
@@ -192,7 +193,7 @@ def _client(args: argparse.Namespace) -> PictorClient:
     from pictor.client.client import PictorClient
 
     target = default_target() if args.target is None else args.target  # an empty --target is refused
-    return PictorClient(target, timeout=args.timeout, max_message_mb=client_max_message_mb())
+    return PictorClient(target, timeout=args.timeout, max_message_mb=client_max_message_mb(), token=default_token())
 
 
 def _emit(args: argparse.Namespace, data: Any, table: str) -> None:

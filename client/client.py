@@ -53,6 +53,7 @@ from pictor.config import (
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
     check_max_message_mb,
+    check_token,
 )
 from pictor.errors import (
     DeadlineExceededError,
@@ -514,7 +515,8 @@ class PictorClient:
     """Calls a Pictor server. Failed calls raise ``pictor.errors`` types (see ``pictor.status``)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = DEFAULT_TIMEOUT,
-                 max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, max_attempts: int = MAX_ATTEMPTS) -> None:
+                 max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, max_attempts: int = MAX_ATTEMPTS,
+                 token: str | None = None) -> None:
         """``timeout``: seconds each call (an Upsert stream: all of it) may take; None (or
         ``math.inf``) for no deadline.
 
@@ -524,7 +526,11 @@ class PictorClient:
         time raises ``ServerBusyError``. Only busy refusals are resent (see ``_retry_policy``),
         and an Upsert stream only while its items so far fit in ``max_message_mb``: up to that
         much of a call is kept to resend it, so each open stream may hold that much memory
-        here."""
+        here.
+
+        ``token``: sent with every call (``authorization: Bearer TOKEN``) to a server that takes
+        calls only with its token (``PICTOR_TOKEN`` there); the client commands send
+        ``$PICTOR_TOKEN``."""
         target = _with_port(target)
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)):
             raise InvalidRequestError(f"timeout must be a number of seconds or None, got {shown(timeout)} "
@@ -536,6 +542,9 @@ class PictorClient:
         if timeout is not None and timeout >= NO_DEADLINE_S:  # gRPC's deadline would overflow: at once
             timeout = None
         check_max_message_mb(max_message_mb)
+        if token is not None:
+            check_token(token)
+        self._metadata = () if token is None else (("authorization", f"Bearer {token}"),)
         max_bytes = max_message_mb * 1024 * 1024
         self.target = target
         self._max_bytes = max_bytes
@@ -581,7 +590,7 @@ class PictorClient:
         started = now if started is None else started
         timeout = None if self.timeout is None else max(0.0, self.timeout - (now - started))
         try:
-            return method(request, timeout=timeout)
+            return method(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             name = "Check" if method == self._health.Check else next(
                 (n for n, m in vars(self._stub).items() if m is method), "this")

@@ -32,6 +32,7 @@ DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_MESSAGE_MB, MAX_MESSAGE_MB = 64, 2047
 POOLINGS = ("avg", "max", "gem")  # of the backbone's feature map
 MAX_IDLE_TIMEOUT = 7 * 24 * 3600  # seconds, for --upsert-idle-timeout
+MAX_TOKEN_CHARS = 4096  # well under gRPC's 8 KB of headers
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -109,6 +110,8 @@ class ServerSettings(RuntimeSettings):
     # client without a deadline would otherwise hold a stream slot for good).
     upsert_idle_timeout: float = 60.0
     metrics_port: int = 0  # Prometheus metrics over HTTP on this port, same host (0: none)
+    # Calls must carry it ("authorization: Bearer TOKEN"), health checks excepted ("": none).
+    token: str = dataclasses.field(default="", repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,6 +130,8 @@ class ServerSettings(RuntimeSettings):
             raise SettingValueError("workers", "at least 2 (one is always kept for health checks and lookups)",
                                     self.workers)
         check_max_message_mb(self.max_message_mb)
+        if self.token:
+            check_token(self.token)
 
 
 @dataclass(frozen=True)
@@ -219,6 +224,16 @@ class SettingValueError(InvalidRequestError):
     def set_by(self, source: str) -> InvalidRequestError:
         """This error, naming the flag, variable or file that set the value."""
         return InvalidRequestError(f"{self} (from {source})")
+
+
+def check_token(token: str) -> None:
+    """A token travels as a gRPC header: visible ASCII, no spaces. Its value is never said."""
+    bad = next((i for i, c in enumerate(token) if not "!" <= c <= "~"), None)
+    if bad is not None or not 0 < len(token) <= MAX_TOKEN_CHARS:
+        raise SettingValueError(
+            "token", f"1 to {MAX_TOKEN_CHARS} visible ASCII characters without spaces (it is sent as a gRPC header)",
+            f"{len(token)} characters" + ("" if bad is None else
+                                          f", of which character {bad + 1} is a space, a control character or not ASCII"))
 
 
 def check_max_message_mb(value: int) -> None:
@@ -340,6 +355,18 @@ def model_settings(flags: Mapping[str, Any], config_file: str | None = None) -> 
 # PICTOR_* variables read outside the settings classes (by the functions below), and by
 # docker-compose.yml (BIND), which a shell that runs compose exports for every command.
 _OTHER_ENV = ("CONFIG", "TARGET", "OFFLINE", "CACHE_DIR", "BIND")
+
+
+def default_token() -> str | None:
+    """The token client commands send: ``$PICTOR_TOKEN``, the variable the server reads for its
+    own, or none."""
+    token = os.environ.get("PICTOR_TOKEN") or None
+    if token is not None:
+        try:
+            check_token(token)
+        except SettingValueError as e:
+            raise e.set_by("PICTOR_TOKEN") from None
+    return token
 
 
 def default_target() -> str:

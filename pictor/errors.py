@@ -46,6 +46,11 @@ class IncompatibleModelError(PictorError):
     """Vectors, queries, heads or indexes from a different embedding space."""
 
 
+class UnauthenticatedError(PictorError):
+    """The server takes calls only with its token (``PICTOR_TOKEN``), and this one carried none
+    or another."""
+
+
 class WeightsUnavailableError(PictorError):
     """Pretrained weights that are neither cached nor downloadable; says how to provide them,
     and which other weights would do (``others``). ``needed`` is the message without them, for

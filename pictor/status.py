@@ -20,6 +20,7 @@ from pictor.errors import (
     ResourceExhaustedError,
     ServerBusyError,
     ServerUnavailableError,
+    UnauthenticatedError,
 )
 
 # gRPC's retry policy (gRFC A6) reads this trailer: a negative value says "do not send this call
@@ -39,6 +40,7 @@ STATUS_OF_ERROR: tuple[tuple[type[PictorError], grpc.StatusCode], ...] = (
     (ServerUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (ServerBusyError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
 )
 
 # Each code back to its most general error (later entries win): INVALID_ARGUMENT is an

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from pictor.config import ServerSettings
 from pictor.errors import InvalidRequestError, ResourceExhaustedError
+from pictor.server.auth import TokenInterceptor
 from pictor.server.engine import Engine
 from pictor.server.errors import ErrorInterceptor, grpc_receive_limit
 from pictor.server.limits import HandlerThreads, idle_limited
@@ -87,9 +88,13 @@ def create_server(settings: ServerSettings, threads: HandlerThreads | None = Non
     """Build the server (not started): Pictor service, health, reflection, bound to a port;
     its calls and index counted in ``metrics`` when given."""
     max_bytes = settings.max_message_mb * 1024 * 1024
-    interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor(max_bytes)]
-    if metrics is not None:  # first: it sees the codes the error interceptor sets
-        interceptors.insert(0, MetricsInterceptor(metrics))
+    # In call order: metrics see every call and the codes the others set; a call without the
+    # token is refused before the error interceptor reads its request.
+    interceptors: list[grpc.ServerInterceptor] = [
+        *([MetricsInterceptor(metrics)] if metrics is not None else []),
+        *([TokenInterceptor(settings.token)] if settings.token else []),
+        ErrorInterceptor(max_bytes),
+    ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="pictor-rpc"),
         interceptors=interceptors,
@@ -245,9 +250,10 @@ def _serve(settings: ServerSettings, threads: HandlerThreads, metrics: Metrics |
         _start(server)
         info = engine.info()
         log.info(
-            "serving %s on %s (%s, dim %d, %d items, %s index, %s classifier)",
+            "serving %s on %s (%s, dim %d, %d items, %s index, %s classifier%s)",
             SERVICE_NAME, _address(_bare(settings.host), port), info.backbone, info.embedding_dim,
             info.index_size, info.index_type, info.classifier,
+            "; calls need the token of PICTOR_TOKEN, health checks do not" if settings.token else "",
         )
         stop.wait()
         log.info("shutting down: draining calls in flight (up to %.0fs)", DRAIN_SECONDS)

@@ -19,6 +19,11 @@ else with the backbone's own ImageNet-1k labels, else (a backbone without them: 
 without its classifier, random weights) with a kNN vote over the index's labels. The index and
 the head share the backbone, so one forward pass serves both. Stop with Ctrl-C or SIGTERM: calls in flight get up to 10 s to finish, then exit 0.
 
+With PICTOR_TOKEN set (or `token` in the --config file; no flag, so it stays out of `ps`), every
+call but the health Check must carry it, "authorization: Bearer TOKEN" (the client commands send
+their $PICTOR_TOKEN), else it is answered UNAUTHENTICATED. It travels in clear: it keeps out
+callers on a network you trust, not eavesdroppers.
+
 example:
   pictor index sample/gallery --out index
   pictor serve --index index --port 50051
