@@ -86,7 +86,8 @@ class BoundedReflectionServicer(reflection.ReflectionServicer):
 def create_server(settings: ServerSettings, threads: HandlerThreads | None = None, metrics: Metrics | None = None
                   ) -> tuple[grpc.Server, int, Engine]:
     """Build the server (not started): Pictor service, health, reflection, bound to a port;
-    its calls and index counted in ``metrics`` when given."""
+    its calls and index counted in ``metrics`` when given, which it serves from here on (the
+    caller closes it)."""
     max_bytes = settings.max_message_mb * 1024 * 1024
     # In call order: metrics see every call and the codes the others set; a call without the
     # token is refused before the error interceptor reads its request.
@@ -106,11 +107,14 @@ def create_server(settings: ServerSettings, threads: HandlerThreads | None = Non
             ("grpc.so_reuseport", 0),
         ],
     )
-    # The port is taken before the model and index load: a busy one fails at once, not after
+    # The ports are taken before the model and index load: a busy one fails at once, not after
     # seconds of loading.
     host = _bare(settings.host)
     port = _bind(server, host, settings.port)
     try:
+        if metrics is not None:
+            metrics_port = metrics.serve(host, settings.metrics_port)
+            log.info("metrics on http://%s/metrics", _address(host, metrics_port))
         engine = Engine.load(settings)
     except BaseException as e:
         _start(server, after=e)  # an unstarted server keeps its port until the process exits
@@ -231,9 +235,6 @@ def serve(settings: ServerSettings) -> None:
     """Run until SIGINT or SIGTERM; then stop taking calls, finish those in flight, close the index."""
     threads = HandlerThreads(settings.workers)
     metrics = Metrics() if settings.metrics_port else None
-    if metrics is not None:  # before loading, as the gRPC port: a busy port fails at once
-        metrics_port = metrics.serve(_bare(settings.host), settings.metrics_port)
-        log.info("metrics on http://%s/metrics", _address(_bare(settings.host), metrics_port))
     try:
         _serve(settings, threads, metrics)
     finally:

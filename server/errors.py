@@ -122,6 +122,27 @@ def _abort(error: Exception, method: str, context: grpc.ServicerContext) -> None
     context.abort(grpc.StatusCode.INTERNAL, _shortened(f"internal error in {method}; see server log{notes_text(error)}"))
 
 
+# gRPC's four kinds of method, by the attribute of a method handler that holds its behaviour.
+_HANDLER_OF_KIND: dict[str, Callable[..., grpc.RpcMethodHandler]] = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler, "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler, "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+def handler_kind(handler: grpc.RpcMethodHandler) -> str:
+    """Which kind of method ``handler`` answers: "unary_unary", "stream_unary", ..."""
+    return next(kind for kind in _HANDLER_OF_KIND if getattr(handler, kind) is not None)
+
+
+def with_behavior(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any],
+                  request_deserializer: Callable[[bytes], Any] | None = None) -> grpc.RpcMethodHandler:
+    """``handler`` answering with ``behavior`` instead (and reading requests with
+    ``request_deserializer``, when given): the way an interceptor wraps a method."""
+    return _HANDLER_OF_KIND[handler_kind(handler)](
+        behavior, request_deserializer=request_deserializer or handler.request_deserializer,
+        response_serializer=handler.response_serializer)
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
     def __init__(self, max_bytes: int) -> None:
         # The server's --max-message-mb, each way. gRPC's own receive limit is set above it
@@ -136,26 +157,12 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _guard(handler.unary_unary, method, False, self.max_bytes),
-                request_deserializer=_tolerant(handler.request_deserializer, self.max_bytes),
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _guard(handler.stream_unary, method, True, self.max_bytes),
-                request_deserializer=_tolerant(handler.request_deserializer, self.max_bytes),
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                _guard_replies(handler.stream_stream, method),
-                request_deserializer=_tolerant(handler.request_deserializer, self.max_bytes),
-                response_serializer=handler.response_serializer,
-            )
-        return handler  # server-streaming calls (health Watch, not served) pass through untouched
+        method, kind = handler_call_details.method, handler_kind(handler)
+        if kind == "unary_stream":
+            return handler  # server-streaming calls (health Watch, not served) pass through untouched
+        guarded = (_guard_replies(handler.stream_stream, method) if kind == "stream_stream"
+                   else _guard(getattr(handler, kind), method, kind == "stream_unary", self.max_bytes))
+        return with_behavior(handler, guarded, _tolerant(handler.request_deserializer, self.max_bytes))
 
 
 def grpc_receive_limit(max_bytes: int) -> int:

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import socket
+import threading
 import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import pytest
-from conftest import ServerProcess, drawn_image, free_port, pictor
+from conftest import ServerProcess, drawn_image, free_port, pictor, wait_until
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pictor.client import PictorClient, UpsertItem
-from pictor.errors import InvalidRequestError
+from pictor.errors import InvalidRequestError, ServerUnavailableError
+from pictor.server.metrics import Metrics
 
 
 def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -56,8 +63,40 @@ def test_metrics_count_calls_by_method_and_status_and_the_index(built_index: Pat
             assert samples[("pictor_model_seconds_count", frozenset({"stage": stage}.items()))] == 4
         assert samples[("pictor_model_seconds_sum", frozenset({"stage": "forward"}.items()))] > 0
         assert samples[("process_resident_memory_bytes", frozenset())] > 0
+        assert not [name for name, _ in samples if name.endswith("_created")]  # as the Go client's
+
+        # A call its client gave up on is counted as the client saw it, not as the work ended:
+        # this stream's server side ended with its own error (no final message marked last).
+        sent, release = threading.Event(), threading.Event()
+        with ThreadPoolExecutor(1) as pool:
+            client = PictorClient(server.target)
+            stream = pool.submit(client.upsert, held_open(sent, release))
+            assert sent.wait(30)
+            client.close()  # cancels the open stream
+            release.set()
+            with pytest.raises(ServerUnavailableError):
+                stream.result()
+        wait_until(lambda: calls(scrape(metrics_port), "Upsert", "CANCELLED") == 1)
+        with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError):
+            next(health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10))
+        assert scrape(metrics_port)[("grpc_server_handled_total", frozenset({
+            "grpc_type": "server_stream", "grpc_service": "grpc.health.v1.Health", "grpc_method": "Watch",
+            "grpc_code": "UNIMPLEMENTED"}.items()))] == 1
     finally:
         assert server.stop() == 0
+
+
+def held_open(sent: threading.Event, release: threading.Event) -> Iterator[UpsertItem]:
+    yield UpsertItem(key="held", vector=[1.0] * 1280)
+    sent.set()
+    release.wait(30)
+
+
+def test_the_index_size_is_not_reported_before_it_is_known() -> None:
+    metrics = Metrics()
+    assert b"pictor_index_items" not in generate_latest(metrics.registry)  # loading: not 0 items
+    metrics.count_index(lambda: 7)
+    assert b"pictor_index_items 7.0" in generate_latest(metrics.registry)
 
 
 def test_a_busy_metrics_port_is_refused_before_loading(tmp_path: Path) -> None:
