@@ -189,11 +189,14 @@ def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def _client(args: argparse.Namespace) -> PictorClient:
+def _client(args: argparse.Namespace, *, token: bool = True) -> PictorClient:
+    """The client of a command: to --target, with $PICTOR_TOKEN unless ``token`` is False
+    (health checks need none)."""
     from pictor.client.client import PictorClient
 
     target = default_target() if args.target is None else args.target  # an empty --target is refused
-    return PictorClient(target, timeout=args.timeout, max_message_mb=client_max_message_mb(), token=default_token())
+    return PictorClient(target, timeout=args.timeout, max_message_mb=client_max_message_mb(),
+                        token=default_token() if token else None)
 
 
 def _emit(args: argparse.Namespace, data: Any, table: str) -> None:
@@ -384,7 +387,7 @@ def run_search(args: argparse.Namespace) -> int:
 def run_health(args: argparse.Namespace) -> int:
     """--json answers on stdout also when no server does (a script parses one thing either way)."""
     try:
-        with _client(args) as client:
+        with _client(args, token=False) as client:
             status = client.health()
     except (ServerUnavailableError, ServerBusyError) as e:
         if args.json:

@@ -529,8 +529,8 @@ class PictorClient:
         here.
 
         ``token``: sent with every call (``authorization: Bearer TOKEN``) to a server that takes
-        calls only with its token (``PICTOR_TOKEN`` there); the client commands send
-        ``$PICTOR_TOKEN``."""
+        calls only with its token (``PICTOR_TOKEN`` there); None or "" sends none. The client
+        commands send ``$PICTOR_TOKEN``; this class does not read it."""
         target = _with_port(target)
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)):
             raise InvalidRequestError(f"timeout must be a number of seconds or None, got {shown(timeout)} "
@@ -542,9 +542,9 @@ class PictorClient:
         if timeout is not None and timeout >= NO_DEADLINE_S:  # gRPC's deadline would overflow: at once
             timeout = None
         check_max_message_mb(max_message_mb)
-        if token is not None:
+        if token is not None and token != "":  # "" as an empty PICTOR_TOKEN: none
             check_token(token)
-        self._metadata = () if token is None else (("authorization", f"Bearer {token}"),)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         max_bytes = max_message_mb * 1024 * 1024
         self.target = target
         self._max_bytes = max_bytes

@@ -33,6 +33,7 @@ DEFAULT_MAX_MESSAGE_MB, MAX_MESSAGE_MB = 64, 2047
 POOLINGS = ("avg", "max", "gem")  # of the backbone's feature map
 MAX_IDLE_TIMEOUT = 7 * 24 * 3600  # seconds, for --upsert-idle-timeout
 MAX_TOKEN_CHARS = 4096  # well under gRPC's 8 KB of headers
+SECRET_SETTINGS = frozenset({"token"})  # values no message repeats
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -111,7 +112,7 @@ class ServerSettings(RuntimeSettings):
     upsert_idle_timeout: float = 60.0
     metrics_port: int = 0  # Prometheus metrics over HTTP on this port, same host (0: none)
     # Calls must carry it ("authorization: Bearer TOKEN"), health checks excepted ("": none).
-    token: str = dataclasses.field(default="", repr=False)
+    token: str = dataclasses.field(default="", repr=False)  # one of SECRET_SETTINGS
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -228,12 +229,18 @@ class SettingValueError(InvalidRequestError):
 
 def check_token(token: str) -> None:
     """A token travels as a gRPC header: visible ASCII, no spaces. Its value is never said."""
+    if not isinstance(token, str):
+        raise SettingValueError("token", "text", f"a {type(token).__name__}")
     bad = next((i for i, c in enumerate(token) if not "!" <= c <= "~"), None)
     if bad is not None or not 0 < len(token) <= MAX_TOKEN_CHARS:
+        said = f"{len(token)} character{'' if len(token) == 1 else 's'}"
+        if bad is not None:
+            said += f", of which character {bad + 1} is a space, a control character or not ASCII"
+        if token.lower().startswith("bearer "):
+            said += " (give the token alone, without 'Bearer ')"
         raise SettingValueError(
             "token", f"1 to {MAX_TOKEN_CHARS} visible ASCII characters without spaces (it is sent as a gRPC header)",
-            f"{len(token)} characters" + ("" if bad is None else
-                                          f", of which character {bad + 1} is a space, a control character or not ASCII"))
+            said)
 
 
 def check_max_message_mb(value: int) -> None:
@@ -260,14 +267,16 @@ def _coerce(value: Any, typ: Any, name: str, where: str = "") -> Any:
     came from (``name``: the setting, ``PICTOR_*`` variable or flag; ``where``: " in the config
     file"). A file's value must have TOML's own type (``port = 6000``, ``compile = true``): text
     is read as a number or a yes/no only from flags and variables, which are text."""
-    invalid = f"setting {name}={value!r}{where} is not a valid {typ.__name__}"
+    secret = name.lower().removeprefix("pictor_").removeprefix("--").replace("-", "_") in SECRET_SETTINGS
+    invalid = f"setting {name}{'' if secret else f'={value!r}'}{where} is not a valid {typ.__name__}"
     if isinstance(value, str) and typ is not str and not where:
         return _parse_text(value, typ, invalid)
     if typ is float and type(value) is int:
         return float(value)
     if type(value) is not typ:  # port = 1.5, workers = true, port = "6000" are mistakes
-        unquote = "; write it without quotes" if isinstance(value, str) and typ is not str else ""
-        raise InvalidRequestError(invalid + (" (true or false)" if typ is bool else "") + unquote)
+        quotes = ("; write it without quotes" if isinstance(value, str)
+                  else "; write it in quotes" if typ is str and isinstance(value, int | float) else "")
+        raise InvalidRequestError(invalid + (" (true or false)" if typ is bool else "") + quotes)
     return value
 
 

@@ -1,5 +1,5 @@
-"""Bearer-token check: with a token set (``PICTOR_TOKEN``), every call but the health Check must
-carry ``authorization: Bearer TOKEN``, else it is answered UNAUTHENTICATED before any work.
+"""Bearer-token check: with a token set (``PICTOR_TOKEN``), every call but health's must carry ``authorization: Bearer TOKEN``, else it is answered UNAUTHENTICATED before any work (its
+request is not parsed).
 
 Health checks stay open, so container probes and load balancers need no secret. The token is
 compared in constant time; it travels in clear over a plain connection, so it keeps out callers
@@ -9,14 +9,20 @@ on a network you trust (or behind a proxy that adds TLS), not eavesdroppers.
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 
+from pictor.server.errors import with_behavior
 from pictor.status import NO_RESEND
 
-OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check"})
+log = logging.getLogger(__name__)
+
+# Health needs no secret: probes and gRPC's own client-side health checking (Watch, which
+# this server answers UNIMPLEMENTED, read as healthy) send none.
+OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 
 
 class TokenInterceptor(grpc.ServerInterceptor):
@@ -31,23 +37,22 @@ class TokenInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method in OPEN_METHODS:
             return handler
-        given = dict(handler_call_details.invocation_metadata or ()).get("authorization")
-        if given is not None and hmac.compare_digest(str(given).encode(), self._expected):
+        given = [value for key, value in handler_call_details.invocation_metadata or () if key == "authorization"]
+        if len(given) == 1 and hmac.compare_digest(given[0].encode(), self._expected):
             return handler
-        return _refusing(handler, "this server takes calls only with its token, and this call carried "
-                                  + ("none: set PICTOR_TOKEN (PictorClient(token=...))" if given is None
-                                     else "another: check PICTOR_TOKEN"))
+        why = ("none" if not given else "another" if len(given) == 1
+               else f"{len(given)} authorization headers, where one is taken")
+        return _refusing(handler, handler_call_details.method,
+                         f"this server takes calls only with its token, and this call carried {why}: send it as "
+                         "PICTOR_TOKEN for the pictor commands, PictorClient(token=...) in Python, or the header "
+                         "'authorization: Bearer TOKEN'")
 
 
-def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of ``handler``'s kind that answers UNAUTHENTICATED without reading the request."""
+def _refusing(handler: grpc.RpcMethodHandler, method: str, message: str) -> grpc.RpcMethodHandler:
+    """A handler of ``handler``'s kind that answers UNAUTHENTICATED, its request not parsed."""
     def refuse(_request: Any, context: grpc.ServicerContext) -> Any:
+        log.info("%s from %s -> UNAUTHENTICATED: %s", method, context.peer(), message.split(":")[0])
         context.set_trailing_metadata((NO_RESEND,))
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    kinds = {"unary_unary": grpc.unary_unary_rpc_method_handler, "stream_unary": grpc.stream_unary_rpc_method_handler,
-             "unary_stream": grpc.unary_stream_rpc_method_handler,
-             "stream_stream": grpc.stream_stream_rpc_method_handler}
-    kind = next(k for k in kinds if getattr(handler, k) is not None)
-    return kinds[kind](refuse, request_deserializer=handler.request_deserializer,
-                       response_serializer=handler.response_serializer)
+    return with_behavior(handler, refuse, request_deserializer=lambda data: data)  # not parsed
