@@ -20,9 +20,9 @@ without its classifier, random weights) with a kNN vote over the index's labels.
 the head share the backbone, so one forward pass serves both. Stop with Ctrl-C or SIGTERM: calls in flight get up to 10 s to finish, then exit 0.
 
 With PICTOR_TOKEN set (or `token` in the --config file; no flag, so it stays out of `ps`), every
-call but the health Check must carry it, "authorization: Bearer TOKEN" (the client commands send
-their $PICTOR_TOKEN), else it is answered UNAUTHENTICATED. It travels in clear: it keeps out
-callers on a network you trust, not eavesdroppers.
+call but health's must carry it, "authorization: Bearer TOKEN" (the client commands send their
+$PICTOR_TOKEN), else it is answered UNAUTHENTICATED. It travels in clear: it keeps out callers on
+a network you trust, not eavesdroppers.
 
 example:
   pictor index sample/gallery --out index
