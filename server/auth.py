@@ -1,4 +1,5 @@
-"""Bearer-token check: with a token set (``PICTOR_TOKEN``), every call but health's must carry ``authorization: Bearer TOKEN``, else it is answered UNAUTHENTICATED before any work (its
+"""Bearer-token check: with a token set (``PICTOR_TOKEN``), every call but health's must carry
+``authorization: Bearer TOKEN``, else it is answered UNAUTHENTICATED before any work (its
 request is not parsed).
 
 Health checks stay open, so container probes and load balancers need no secret. The token is
