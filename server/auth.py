@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import grpc
 
-from pictor.server.errors import with_behavior
+from pictor.server.errors import HandlerInterceptor, with_behavior
 from pictor.status import NO_RESEND
 
 log = logging.getLogger(__name__)
@@ -26,24 +25,19 @@ log = logging.getLogger(__name__)
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 
 
-class TokenInterceptor(grpc.ServerInterceptor):
+class TokenInterceptor(HandlerInterceptor):
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None or handler_call_details.method in OPEN_METHODS:
+    def wrap(self, handler: grpc.RpcMethodHandler, call: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        if call.method in OPEN_METHODS:
             return handler
-        given = [value for key, value in handler_call_details.invocation_metadata or () if key == "authorization"]
+        given = [value for key, value in call.invocation_metadata or () if key == "authorization"]
         if len(given) == 1 and hmac.compare_digest(given[0].encode(), self._expected):
             return handler
         why = ("none" if not given else "another" if len(given) == 1
                else f"{len(given)} authorization headers, where one is taken")
-        return _refusing(handler, handler_call_details.method,
+        return _refusing(handler, call.method,
                          f"this server takes calls only with its token, and this call carried {why}: send it as "
                          "PICTOR_TOKEN for the pictor commands, PictorClient(token=...) in Python, or the header "
                          "'authorization: Bearer TOKEN'")

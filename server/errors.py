@@ -143,11 +143,9 @@ def with_behavior(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any],
         response_serializer=handler.response_serializer)
 
 
-class ErrorInterceptor(grpc.ServerInterceptor):
-    def __init__(self, max_bytes: int) -> None:
-        # The server's --max-message-mb, each way. gRPC's own receive limit is set above it
-        # (grpc_receive_limit) so that a request over it is refused here, with the trailer.
-        self.max_bytes = max_bytes
+class HandlerInterceptor(grpc.ServerInterceptor):
+    """An interceptor that wraps the handler of each method served (``wrap``); a call of a
+    method the server does not have passes untouched (gRPC answers it UNIMPLEMENTED)."""
 
     def intercept_service(
         self,
@@ -155,9 +153,20 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method, kind = handler_call_details.method, handler_kind(handler)
+        return None if handler is None else self.wrap(handler, handler_call_details)
+
+    def wrap(self, handler: grpc.RpcMethodHandler, call: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
+
+
+class ErrorInterceptor(HandlerInterceptor):
+    def __init__(self, max_bytes: int) -> None:
+        # The server's --max-message-mb, each way. gRPC's own receive limit is set above it
+        # (grpc_receive_limit) so that a request over it is refused here, with the trailer.
+        self.max_bytes = max_bytes
+
+    def wrap(self, handler: grpc.RpcMethodHandler, call: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method, kind = call.method, handler_kind(handler)
         if kind == "unary_stream":
             return handler  # server-streaming calls (health Watch, not served) pass through untouched
         guarded = (_guard_replies(handler.stream_stream, method) if kind == "stream_stream"

@@ -27,7 +27,7 @@ from prometheus_client import (
 )
 
 from pictor.errors import InvalidRequestError
-from pictor.server.errors import handler_kind, with_behavior
+from pictor.server.errors import HandlerInterceptor, handler_kind, with_behavior
 
 # Seconds: from a health check (~1 ms) to a Classify queued behind a busy model (seconds).
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -160,17 +160,12 @@ def _call_labels(method: str, kind: str) -> tuple[str, str, str]:
     return _TYPE_OF_KIND[kind], service, name
 
 
-class MetricsInterceptor(grpc.ServerInterceptor):
+class MetricsInterceptor(HandlerInterceptor):
     """Counts and times every call the handlers behind it answer (put it first: it then sees
     the status codes ``ErrorInterceptor`` sets)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        return None if handler is None else self.metrics.observed(handler, handler_call_details.method)
+    def wrap(self, handler: grpc.RpcMethodHandler, call: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        return self.metrics.observed(handler, call.method)
