@@ -27,13 +27,13 @@ OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Healt
 
 class TokenInterceptor(HandlerInterceptor):
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._token = token.encode()
 
     def wrap(self, handler: grpc.RpcMethodHandler, call: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         if call.method in OPEN_METHODS:
             return handler
         given = [value for key, value in call.invocation_metadata or () if key == "authorization"]
-        if len(given) == 1 and hmac.compare_digest(given[0].encode(), self._expected):
+        if len(given) == 1 and self._is_token(given[0]):
             return handler
         why = ("none" if not given else "another" if len(given) == 1
                else f"{len(given)} authorization headers, where one is taken")
@@ -42,6 +42,10 @@ class TokenInterceptor(HandlerInterceptor):
                          "PICTOR_TOKEN for the pictor commands, PictorClient(token=...) in Python, or the header "
                          "'authorization: Bearer TOKEN'")
 
+    def _is_token(self, header: str) -> bool:
+        scheme, _, value = header.partition(" ")
+        # The scheme in any case, as HTTP reads it (RFC 9110); the token compared in constant time.
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.encode(), self._token)
 
 def _refusing(handler: grpc.RpcMethodHandler, method: str, message: str) -> grpc.RpcMethodHandler:
     """A handler of ``handler``'s kind that answers UNAUTHENTICATED, its request not parsed."""
