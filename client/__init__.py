@@ -11,5 +11,7 @@ from pictor.client.client import (
     StoredItem,
     UpsertItem,
 )
+from pictor.config import ClientTLS
 
-__all__ = ["Classification", "Hit", "Label", "OpenSetCheck", "PictorClient", "ServerInfo", "StoredItem", "UpsertItem"]
+__all__ = ["Classification", "ClientTLS", "Hit", "Label", "OpenSetCheck", "PictorClient", "ServerInfo", "StoredItem",
+           "UpsertItem"]

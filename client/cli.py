@@ -35,6 +35,7 @@ from pictor.config import (
     DEFAULT_TIMEOUT,
     client_max_message_mb,
     default_target,
+    default_tls,
     default_token,
     number,
     whole_number,
@@ -69,6 +70,19 @@ _FOLDER_HINT = "`pictor index` takes folders"  # said of a folder given where an
 _PATH_FORM_HELP = "a key not in the index as given is also looked for as the path that add stores (./a//b.jpg: a/b.jpg)"
 
 
+_CONNECTION_HELP = """\
+environment:
+  PICTOR_TARGET          the server's HOST:PORT when --target is not given
+  PICTOR_TOKEN           the token of a server that takes calls only with one (health checks need none)
+  PICTOR_TLS_CA          call over TLS, trusting this CA's certificates (PEM file) to have signed the server's
+  PICTOR_TLS=1           call over TLS, trusting the system's CAs
+  PICTOR_TLS_CLIENT_CERT and PICTOR_TLS_CLIENT_KEY
+                         this client's certificate and key, for a server that takes only clients with one
+  PICTOR_TLS_SERVER_NAME the name the server's certificate must be for (default: the host of the target)
+  PICTOR_MAX_MESSAGE_MB  the largest request or reply (default 64)
+"""
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=None,
                    help=f"server address HOST:PORT (default {DEFAULT_TARGET}, or $PICTOR_TARGET)")
@@ -81,7 +95,7 @@ def _parser(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, example: str
 ) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=f"{help[0].upper()}{help[1:]}.\n\nexample:\n  {example}",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=_CONNECTION_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(p)
     return p
 
@@ -196,7 +210,7 @@ def _client(args: argparse.Namespace, *, token: bool = True) -> PictorClient:
 
     target = default_target() if args.target is None else args.target  # an empty --target is refused
     return PictorClient(target, timeout=args.timeout, max_message_mb=client_max_message_mb(),
-                        token=default_token() if token else None)
+                        token=default_token() if token else None, tls=default_tls() or False)
 
 
 def _emit(args: argparse.Namespace, data: Any, table: str) -> None:

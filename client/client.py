@@ -52,6 +52,7 @@ from pictor.config import (
     DEFAULT_PORT,
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
+    ClientTLS,
     check_max_message_mb,
     check_token,
 )
@@ -66,6 +67,7 @@ from pictor.errors import (
 )
 from pictor.image_files import path_text
 from pictor.status import NO_RESEND, error_from_status
+from pictor.tls import channel_credentials, handshake_hint
 from pictor.v1 import pictor_pb2 as pb
 from pictor.v1 import pictor_pb2_grpc as pb_grpc
 
@@ -437,11 +439,13 @@ _CANNOT_REACH = "cannot reach a Pictor server at"  # nothing answered: maybe the
 
 
 def _error_of(code: grpc.StatusCode, details: str, *, said: bool, method: str, target: str, closed: bool,
-              timeout: float | None, past_deadline: bool, health_service: str = "") -> PictorError:
+              timeout: float | None, past_deadline: bool, health_service: str = "",
+              tls: ClientTLS | None = None) -> PictorError:
     """The Pictor error a failed call's status means: pure, so that another client (asyncio)
     says the same. ``said``: the server marked it "do not resend" (its own words,
     pictor.status); ``method``: the RPC's name ("Check" for health); ``closed``: this client was
-    closed meanwhile; ``past_deadline``: the call ran into this client's ``timeout``."""
+    closed meanwhile; ``past_deadline``: the call ran into this client's ``timeout``; ``tls``:
+    how it called (None: plain TCP)."""
     if code == grpc.StatusCode.UNAVAILABLE and said:  # up, and says why it cannot serve
         unavailable = ServerUnavailableError(f"{details} ({code.name})")
         unavailable.server_said = True
@@ -453,6 +457,9 @@ def _error_of(code: grpc.StatusCode, details: str, *, said: bool, method: str, t
         details = f"the server at {target} stopped or cancelled the call while it was open ({details})"
     elif code == grpc.StatusCode.UNAVAILABLE and details.startswith(("Stream removed", "Socket closed")):
         details = f"the connection to the server at {target} was lost during the call ({details})"
+    elif code == grpc.StatusCode.UNAVAILABLE and (hint := handshake_hint(details, tls)):
+        # (something answered there: not "cannot reach", which hints at a wrong address)
+        details = f"cannot connect to the server at {target}{' over TLS' if tls else ''}: {hint} ({details})"
     elif code == grpc.StatusCode.UNAVAILABLE:
         details = f"{_CANNOT_REACH} {target}: {details}"
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED and past_deadline:
@@ -516,7 +523,7 @@ class PictorClient:
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = DEFAULT_TIMEOUT,
                  max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, max_attempts: int = MAX_ATTEMPTS,
-                 token: str | None = None) -> None:
+                 token: str | None = None, tls: ClientTLS | bool = False) -> None:
         """``timeout``: seconds each call (an Upsert stream: all of it) may take; None (or
         ``math.inf``) for no deadline.
 
@@ -530,7 +537,12 @@ class PictorClient:
 
         ``token``: sent with every call (``authorization: Bearer TOKEN``) to a server that takes
         calls only with its token (``PICTOR_TOKEN`` there); None or "" sends none. The client
-        commands send ``$PICTOR_TOKEN``; this class does not read it."""
+        commands send ``$PICTOR_TOKEN``; this class does not read it.
+
+        ``tls``: call over TLS, trusting the CA and showing the client certificate a
+        ``ClientTLS`` names (its files are read here), or with True the system's CAs and no
+        client certificate; False calls in plain TCP. The client commands read
+        ``$PICTOR_TLS*`` (``pictor.config.default_tls``); this class does not."""
         target = _with_port(target)
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)):
             raise InvalidRequestError(f"timeout must be a number of seconds or None, got {shown(timeout)} "
@@ -545,24 +557,32 @@ class PictorClient:
         if token is not None and token != "":  # "" as an empty PICTOR_TOKEN: none
             check_token(token)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        if not isinstance(tls, ClientTLS | bool):
+            raise InvalidRequestError(f"tls must be a ClientTLS or True/False, got {type(tls).__name__}")
+        self.tls = ClientTLS() if tls is True else tls or None
         max_bytes = max_message_mb * 1024 * 1024
         self.target = target
         self._max_bytes = max_bytes
         self._max_attempts = max_attempts
         self.timeout = timeout
         self._closed = False
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[("grpc.max_send_message_length", max_bytes),
-                     ("grpc.max_receive_message_length", max_bytes),
-                     # gRPC waits up to 2 minutes between reconnection attempts after a long
-                     # outage: a restarted server would stay unreachable for that long.
-                     ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
-                     # gRPC resends only what it kept: by default 256 KB of a call, less than
-                     # most photos. Kept up to the message limit, any call can be resent.
-                     *([("grpc.service_config", _retry_policy(max_attempts, timeout)),
-                        ("grpc.per_rpc_retry_buffer_size", max_bytes)] if max_attempts > 1 else [])],
-        )
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", max_bytes),
+            ("grpc.max_receive_message_length", max_bytes),
+            # gRPC waits up to 2 minutes between reconnection attempts after a long
+            # outage: a restarted server would stay unreachable for that long.
+            ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+            # gRPC resends only what it kept: by default 256 KB of a call, less than
+            # most photos. Kept up to the message limit, any call can be resent.
+            *([("grpc.service_config", _retry_policy(max_attempts, timeout)),
+               ("grpc.per_rpc_retry_buffer_size", max_bytes)] if max_attempts > 1 else []),
+        ]
+        if self.tls is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            if self.tls.server_name:
+                options.append(("grpc.ssl_target_name_override", self.tls.server_name))
+            self._channel = grpc.secure_channel(target, channel_credentials(self.tls), options=options)
         self._stub = pb_grpc.PictorStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -597,7 +617,7 @@ class PictorClient:
             raise _error_of(e.code(), e.details() or "", said=NO_RESEND in (e.trailing_metadata() or ()),
                             method=name, target=self.target, closed=self._closed, timeout=self.timeout,
                             past_deadline=self._past_deadline(started),
-                            health_service=getattr(request, "service", "")) from None
+                            health_service=getattr(request, "service", ""), tls=self.tls) from None
 
     def _outcome_unknown(self, e: PictorError, started: float) -> bool:
         """Whether a write call that failed with ``e`` may have been applied all the same.

@@ -113,9 +113,21 @@ class ServerSettings(RuntimeSettings):
     metrics_port: int = 0  # Prometheus metrics over HTTP on this port, same host (0: none)
     # Calls must carry it ("authorization: Bearer TOKEN"), health checks excepted ("": none).
     token: str = dataclasses.field(default="", repr=False)  # one of SECRET_SETTINGS
+    # TLS: the server's certificate chain and its private key (PEM files; "": plain TCP), and with
+    # tls_client_ca, the CA whose certificates clients must present (mutual TLS).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.tls_cert and not self.tls_key:
+            raise SettingValueError("tls_cert", "given with tls_key (the certificate's private key)", "no tls_key")
+        if self.tls_key and not self.tls_cert:
+            raise SettingValueError("tls_key", "given with tls_cert (the certificate it is the key of)", "no tls_cert")
+        if self.tls_client_ca and not self.tls_cert:
+            raise SettingValueError("tls_client_ca", "given with tls_cert and tls_key (mutual TLS is TLS: the server "
+                                    "shows its own certificate too)", "no tls_cert")
         if not 0 < self.upsert_idle_timeout <= MAX_IDLE_TIMEOUT:  # nan and inf too; Python waits 9.2e9 s at most
             raise SettingValueError("upsert_idle_timeout", f"a number of seconds above 0, at most {MAX_IDLE_TIMEOUT} "
                                     "(a week)", self.upsert_idle_timeout)
@@ -133,6 +145,22 @@ class ServerSettings(RuntimeSettings):
         check_max_message_mb(self.max_message_mb)
         if self.token:
             check_token(self.token)
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """How a client calls a server over TLS: PEM files ("": not given). The client commands
+    read them from ``PICTOR_TLS_*`` (``default_tls``)."""
+
+    ca: str = ""  # the CA certificates the server's must be signed by ("": the system's trusted ones)
+    cert: str = ""  # this client's certificate chain, for a server that asks for one (mutual TLS)
+    key: str = ""  # its private key
+    server_name: str = ""  # the name the server's certificate must be for ("": the target's host)
+
+    def __post_init__(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise InvalidRequestError("a client certificate needs its private key and a key its certificate: give "
+                                      f"both or neither (got {'cert' if self.cert else 'key'} only)")
 
 
 @dataclass(frozen=True)
@@ -363,7 +391,11 @@ def model_settings(flags: Mapping[str, Any], config_file: str | None = None) -> 
 
 # PICTOR_* variables read outside the settings classes (by the functions below), and by
 # docker-compose.yml (BIND), which a shell that runs compose exports for every command.
-_OTHER_ENV = ("CONFIG", "TARGET", "OFFLINE", "CACHE_DIR", "BIND")
+_OTHER_ENV = ("CONFIG", "TARGET", "OFFLINE", "CACHE_DIR", "BIND", "TLS", "TLS_CA", "TLS_CLIENT_CERT",
+              "TLS_CLIENT_KEY", "TLS_SERVER_NAME")
+# What each field of ClientTLS is read from, for the client commands.
+_CLIENT_TLS_ENV = {"ca": "PICTOR_TLS_CA", "cert": "PICTOR_TLS_CLIENT_CERT", "key": "PICTOR_TLS_CLIENT_KEY",
+                   "server_name": "PICTOR_TLS_SERVER_NAME"}
 
 
 def default_token() -> str | None:
@@ -376,6 +408,26 @@ def default_token() -> str | None:
         except SettingValueError as e:
             raise e.set_by("PICTOR_TOKEN") from None
     return token
+
+
+def default_tls() -> ClientTLS | None:
+    """How client commands reach the server: over TLS when ``PICTOR_TLS`` is true or a
+    ``PICTOR_TLS_CA``, ``PICTOR_TLS_CLIENT_CERT`` and ``_KEY`` or ``PICTOR_TLS_SERVER_NAME`` is
+    set (their files are read when the client is made), else in plain TCP (None)."""
+    values = {field: os.environ.get(name, "") for field, name in _CLIENT_TLS_ENV.items()}
+    switch = os.environ.get("PICTOR_TLS", "")
+    given = [_CLIENT_TLS_ENV[field] for field, value in values.items() if value]
+    if switch and not _coerce(switch, bool, "PICTOR_TLS"):
+        if given:
+            raise InvalidRequestError(f"PICTOR_TLS={switch} turns TLS off, but {' and '.join(given)} "
+                                      "set TLS up: unset one or the other")
+        return None
+    if not switch and not given:
+        return None
+    try:
+        return ClientTLS(**values)
+    except InvalidRequestError as e:
+        raise InvalidRequestError(f"{e} (from PICTOR_TLS_CLIENT_CERT and PICTOR_TLS_CLIENT_KEY)") from None
 
 
 def default_target() -> str:
@@ -410,6 +462,7 @@ def check_environment() -> None:
     ``PICTOR_WORKERS`` does not (the server's threads, the indexer's decoders)."""
     build_settings(ModelSettings, file_values={})
     offline()
+    default_tls()
     client_max_message_mb()
 
 

@@ -28,6 +28,7 @@ from pictor.server.errors import ErrorInterceptor, grpc_receive_limit
 from pictor.server.limits import HandlerThreads, idle_limited
 from pictor.server.metrics import Metrics, MetricsInterceptor
 from pictor.server.service import PictorService
+from pictor.tls import server_credentials
 from pictor.v1 import pictor_pb2, pictor_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,9 @@ def create_server(settings: ServerSettings, threads: HandlerThreads | None = Non
     its calls and index counted in ``metrics`` when given, which it serves from here on (the
     caller closes it)."""
     max_bytes = settings.max_message_mb * 1024 * 1024
+    # Read first: a wrong certificate or key is named before anything binds or loads.
+    credentials = (server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+                   if settings.tls_cert else None)
     # In call order: metrics see every call and the codes the others set; a call without the
     # token is refused before the error interceptor reads its request.
     interceptors: list[grpc.ServerInterceptor] = [
@@ -110,7 +114,7 @@ def create_server(settings: ServerSettings, threads: HandlerThreads | None = Non
     # The ports are taken before the model and index load: a busy one fails at once, not after
     # seconds of loading.
     host = _bare(settings.host)
-    port = _bind(server, host, settings.port)
+    port = _bind(server, host, settings.port, credentials)
     try:
         if metrics is not None:
             metrics_port = metrics.serve(host, settings.metrics_port)
@@ -172,14 +176,17 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _bind(server: grpc.Server, host: str, port: int) -> int:
+def _bind(server: grpc.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
+    """Listen on ``host:port`` (over TLS with ``credentials``); the port bound."""
     address = _address(host, port)
     # Checked first, else gRPC logs its own error line before ours (and binds what it can of
     # several addresses, leaving the rest to whoever holds them).
     why = _why_not_bindable(host, port)
     if why is None:
         try:
-            return server.add_insecure_port(address)
+            if credentials is None:
+                return server.add_insecure_port(address)
+            return server.add_secure_port(address, credentials)
         except RuntimeError:  # "Failed to bind": a race with another process, or an odd address
             why = f"the port is in use, or {host} is not an address of this machine"
     raise InvalidRequestError(f"cannot listen on {address}: {why}")
@@ -231,6 +238,12 @@ def _ipv4_shorthand(host: str) -> str | None:
         return None
 
 
+def _tls_said(settings: ServerSettings) -> str:
+    if settings.tls_client_ca:
+        return f"; TLS, clients need a certificate signed by the CA of {settings.tls_client_ca}"
+    return "; TLS" if settings.tls_cert else ""
+
+
 def serve(settings: ServerSettings) -> None:
     """Run until SIGINT or SIGTERM; then stop taking calls, finish those in flight, close the index."""
     threads = HandlerThreads(settings.workers)
@@ -251,9 +264,9 @@ def _serve(settings: ServerSettings, threads: HandlerThreads, metrics: Metrics |
         _start(server)
         info = engine.info()
         log.info(
-            "serving %s on %s (%s, dim %d, %d items, %s index, %s classifier%s)",
+            "serving %s on %s (%s, dim %d, %d items, %s index, %s classifier%s%s)",
             SERVICE_NAME, _address(_bare(settings.host), port), info.backbone, info.embedding_dim,
-            info.index_size, info.index_type, info.classifier,
+            info.index_size, info.index_type, info.classifier, _tls_said(settings),
             "; calls need the token of PICTOR_TOKEN, health checks do not" if settings.token else "",
         )
         stop.wait()

@@ -21,8 +21,14 @@ the head share the backbone, so one forward pass serves both. Stop with Ctrl-C o
 
 With PICTOR_TOKEN set (or `token` in the --config file; no flag, so it stays out of `ps`), every
 call but health's must carry it, "authorization: Bearer TOKEN" (the client commands send their
-$PICTOR_TOKEN), else it is answered UNAUTHENTICATED. It travels in clear: it keeps out callers on
-a network you trust, not eavesdroppers.
+$PICTOR_TOKEN), else it is answered UNAUTHENTICATED. Without TLS (below) it travels in clear: it
+keeps out callers on a network you trust, not eavesdroppers.
+
+With --tls-cert and --tls-key (PEM files: the certificate chain and its unencrypted private key),
+it takes only TLS connections; with --tls-client-ca as well, only those of clients that show a
+certificate this CA signed (mutual TLS). Health checks too: `pictor health` and the other client
+commands call over TLS with PICTOR_TLS_CA set to the CA's certificate (or PICTOR_TLS=1 for a
+certificate the system's CAs signed), and show PICTOR_TLS_CLIENT_CERT and PICTOR_TLS_CLIENT_KEY.
 
 example:
   pictor index sample/gallery --out index
@@ -55,6 +61,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (calls by method and status code, "
                         "their latency, the index's size, images through the model and the seconds they spend decoding, "
                         "waiting for the model and in it, the process's memory and CPU; default 0: none)")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve over TLS with this certificate (chain), server's first "
+                   "(with --tls-key; default: plain TCP)")
+    p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert, unencrypted")
+    p.add_argument("--tls-client-ca", metavar="PEM",
+                   help="take only clients that show a certificate signed by a CA of this file (mutual TLS)")
     add_flag(p, "max_pixels")
     p.add_argument("--max-message-mb", type=whole_number, metavar="MB",
                    help="largest request or reply (default 64, at most 2047); clients must allow it "

@@ -79,3 +79,14 @@ def test_the_demo_removes_only_what_an_earlier_demo_made(tmp_path: Path) -> None
     run = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], env=env, capture_output=True, text=True)
     assert run.returncode == 1 and "== 1. index the sample gallery" in run.stdout
     assert (work / "notes.txt").read_text() == "kept" and not (work / "index").exists()
+
+
+def test_the_tls_overlay_sets_only_what_the_server_reads() -> None:
+    from pictor.config import unknown_env_names
+
+    overlay = yaml.safe_load((ROOT / "docker-compose.tls.yml").read_text())
+    assert list(overlay["services"]) == ["server"]
+    commented = re.findall(r"#\s+(PICTOR_\w+):", (ROOT / "docker-compose.tls.yml").read_text())
+    environment = [*overlay["services"]["server"]["environment"], *commented]
+    assert unknown_env_names(dict.fromkeys(environment, "")) == [] and "PICTOR_TLS_CLIENT_CA" in commented
+    assert overlay["services"]["server"]["volumes"] == ["${PICTOR_TLS_DIR:-./tls}:/tls:ro"]
