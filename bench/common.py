@@ -20,7 +20,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from PIL import Image
 
-SAMPLE = Path(__file__).resolve().parent.parent / "sample"
+    from pictor.config import ClientTLS
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "sample"
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -72,11 +75,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def served(folder: Path, serve_args: Sequence[str] = (),
-           index: Path | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+def served(folder: Path, serve_args: Sequence[str] = (), index: Path | None = None,
+           tls: ClientTLS | bool = False) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
     """A real ``pictor serve`` over ``index`` (default: the sample gallery, indexed into
     ``folder/index``), its log in ``folder/server.log``; yields (target, process, index) once it
-    answers health checks, and stops it (if still running) on the way out."""
+    answers health checks (called with ``tls``, as its ``serve_args`` need), and stops it (if
+    still running) on the way out."""
     from pictor.client import PictorClient
     from pictor.errors import PictorError
 
@@ -90,7 +94,7 @@ def served(folder: Path, serve_args: Sequence[str] = (),
                                    "--port", str(port), *serve_args], stdout=log, stderr=subprocess.STDOUT)
     target = f"localhost:{port}"
     try:
-        with PictorClient(target, timeout=30) as client:
+        with PictorClient(target, timeout=30, tls=tls) as client:
             for _ in range(600):
                 try:
                     client.health()

@@ -112,9 +112,11 @@ def test_whitening(tmp_path: Path) -> None:
     assert "| none | 1280 | - |" in out and "| --pca-whiten 16 | 16 | 20 |" in out and "| --pca-whiten 16 | 16 | 40 |" in out
 
 
-def test_metrics() -> None:
-    out = run_bench("metrics.py", "--rounds", 1, "--calls", 5)
+def test_server_options() -> None:
+    out = run_bench("server_options.py", "--rounds", 1, "--calls", 5)
     assert "| health | 5 |" in out and "a scrape of /metrics" in out
+    out = run_bench("server_options.py", "--option", "mtls", "--rounds", 1, "--calls", 5)
+    assert "| health, new connection | 1 |" in out and "/metrics" not in out
 
 
 def test_health() -> None:
