@@ -210,7 +210,7 @@ def _client(args: argparse.Namespace, *, token: bool = True) -> PictorClient:
 
     target = default_target() if args.target is None else args.target  # an empty --target is refused
     return PictorClient(target, timeout=args.timeout, max_message_mb=client_max_message_mb(),
-                        token=default_token() if token else None, tls=default_tls() or False)
+                        token=default_token() if token else None, tls=default_tls())
 
 
 def _emit(args: argparse.Namespace, data: Any, table: str) -> None:

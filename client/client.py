@@ -523,7 +523,7 @@ class PictorClient:
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = DEFAULT_TIMEOUT,
                  max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, max_attempts: int = MAX_ATTEMPTS,
-                 token: str | None = None, tls: ClientTLS | bool = False) -> None:
+                 token: str | None = None, tls: ClientTLS | bool | None = None) -> None:
         """``timeout``: seconds each call (an Upsert stream: all of it) may take; None (or
         ``math.inf``) for no deadline.
 
@@ -541,7 +541,7 @@ class PictorClient:
 
         ``tls``: call over TLS, trusting the CA and showing the client certificate a
         ``ClientTLS`` names (its files are read here), or with True the system's CAs and no
-        client certificate; False calls in plain TCP. The client commands read
+        client certificate; False or None calls in plain TCP. The client commands read
         ``$PICTOR_TLS*`` (``pictor.config.default_tls``); this class does not."""
         target = _with_port(target)
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)):
@@ -557,8 +557,8 @@ class PictorClient:
         if token is not None and token != "":  # "" as an empty PICTOR_TOKEN: none
             check_token(token)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        if not isinstance(tls, ClientTLS | bool):
-            raise InvalidRequestError(f"tls must be a ClientTLS or True/False, got {type(tls).__name__}")
+        if not isinstance(tls, ClientTLS | bool | None):
+            raise InvalidRequestError(f"tls must be a ClientTLS, True, False or None, got {type(tls).__name__}")
         self.tls = ClientTLS() if tls is True else tls or None
         max_bytes = max_message_mb * 1024 * 1024
         self.target = target

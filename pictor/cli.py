@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     command = "pictor"  # what messages name, once the arguments say
+    # gRPC's own INFO lines (a failed TLS handshake's) would come before our message, which says
+    # what went wrong and what to change; GRPC_VERBOSITY=INFO shows them again.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     try:
         # From the first moment: the subcommands' imports (gRPC, ...) take a tenth of a second,
         # and a signal then ended the process with a traceback or a bare 143.

@@ -8,24 +8,77 @@ turns a handshake that failed into what to change (``handshake_hint``).
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 import ssl
+import threading
 
 import grpc
 
 from pictor.config import ClientTLS
 from pictor.errors import InvalidRequestError
 
-_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+log = logging.getLogger(__name__)
+
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----")
 _CONVERT = "(gRPC takes PEM files; a DER one converts with `openssl x509 -inform der -in FILE -out FILE.pem`)"
+_CONVERT_KEY = "(gRPC takes PEM files; a DER key converts with `openssl pkey -inform der -in FILE -out FILE.pem`)"
 
 
 def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerCredentials:
     """The server's TLS: its certificate chain and key, and with ``client_ca`` mutual TLS
-    (clients must present a certificate that CA signed)."""
-    chain, private_key = _key_pair(cert, key, "the server's")
-    roots = _ca_bundle(client_ca, "client CA") if client_ca else None
-    return grpc.ssl_server_credentials([(private_key, chain)], root_certificates=roots,
-                                       require_client_auth=roots is not None)
+    (clients must present a certificate that CA signed); the files are read again when they
+    change (``CertificateFiles``)."""
+    files = CertificateFiles(cert, key, client_ca)
+    return grpc.dynamic_ssl_server_credentials(files.configuration, files.changed,
+                                               require_client_authentication=bool(client_ca))
+
+
+class CertificateFiles:
+    """The server's TLS files, read again when one changes, so that a renewed certificate is
+    served from the next connection on without a restart: gRPC asks ``changed`` before each
+    handshake. A change that cannot be served (a key not yet written beside its new
+    certificate, say) is logged once and the files in use are kept."""
+
+    def __init__(self, cert: str, key: str, client_ca: str) -> None:
+        self.paths = (cert, key, client_ca)
+        self._lock = threading.Lock()
+        self._seen = self._stamp()  # (before reading: a change meanwhile is read at the next connection)
+        self.configuration = self._read()
+
+    def _stamp(self) -> tuple[tuple[int, int, int] | None, ...]:
+        """What tells a file changed: its inode (a file replaced, a symlink moved), size, mtime."""
+        stamps: list[tuple[int, int, int] | None] = []
+        for path in filter(None, self.paths):
+            try:
+                st = os.stat(path)
+                stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except OSError:  # gone for a moment as it is replaced
+                stamps.append(None)
+        return tuple(stamps)
+
+    def _read(self) -> grpc.ServerCertificateConfiguration:
+        cert, key, client_ca = self.paths
+        chain, private_key = _key_pair(cert, key, "the server's")
+        roots = _ca_bundle(client_ca, "client CA") if client_ca else None
+        return grpc.ssl_server_certificate_configuration([(private_key, chain)], root_certificates=roots)
+
+    def changed(self) -> grpc.ServerCertificateConfiguration | None:
+        """The files read again when they changed since last read, else None (keep those in use)."""
+        with self._lock:
+            stamp = self._stamp()
+            if stamp == self._seen:
+                return None
+            self._seen = stamp  # (a change that cannot be served is said once, not at each connection)
+            try:
+                self.configuration = self._read()
+            except InvalidRequestError as e:
+                log.warning("the TLS files changed, but cannot be served; keeping those read before: %s", e)
+                return None
+            # (gRPC may still refuse a key type it cannot use, in its own log, and keep the old files)
+            log.info("TLS files read again (%s): new connections get them", ", ".join(filter(None, self.paths)))
+            return self.configuration
 
 
 def channel_credentials(tls: ClientTLS) -> grpc.ChannelCredentials:
@@ -47,21 +100,31 @@ def _read(path: str, what: str) -> bytes:
 
 def _ca_bundle(path: str, what: str) -> bytes:
     data = _read(path, f"the TLS {what} file")
-    try:
-        ssl.create_default_context(cadata=data.decode("ascii", "replace"))
-    except ssl.SSLError:
-        raise InvalidRequestError(f"the TLS {what} file {path} holds no PEM certificate {_CONVERT}") from None
+    # Its certificates alone: ssl takes only ASCII, where a bundle may have comments in UTF-8.
+    certificates = "".join(m.decode() for m in _PEM_CERTIFICATE.findall(data))
+    if not certificates or not _parse(certificates):
+        raise InvalidRequestError(f"the TLS {what} file {path} holds no PEM certificate {_CONVERT}")
     return data
+
+
+def _parse(certificates: str) -> bool:
+    try:
+        ssl.create_default_context(cadata=certificates)
+        return True
+    except ssl.SSLError:
+        return False
 
 
 def _key_pair(cert: str, key: str, whose: str) -> tuple[bytes, bytes]:
     """A certificate chain and its private key, checked to belong together."""
     chain = _read(cert, f"{whose} TLS certificate")
     private_key = _read(key, f"{whose} TLS key")
-    if _CERTIFICATE not in chain:
+    if not _PEM_CERTIFICATE.search(chain):
         raise InvalidRequestError(f"{whose} TLS certificate {cert} holds no PEM certificate "
                                   f"{'(it is a private key: are the certificate and key swapped?) ' if b'PRIVATE KEY-----' in chain else ''}"
                                   f"{_CONVERT}")
+    if b"PRIVATE KEY-----" not in private_key:
+        raise InvalidRequestError(f"{whose} TLS key {key} holds no PEM private key {_CONVERT_KEY}")
     if b"ENCRYPTED" in private_key:  # "BEGIN ENCRYPTED PRIVATE KEY", or a traditional key's "Proc-Type: 4,ENCRYPTED"
         raise InvalidRequestError(f"{whose} TLS key {key} is encrypted, and gRPC reads only unencrypted keys: "
                                   f"`openssl pkey -in {key} -out plain.key` (keep it readable by this user only)")
@@ -70,9 +133,11 @@ def _key_pair(cert: str, key: str, whose: str) -> tuple[bytes, bytes]:
         context.load_cert_chain(cert, key, password="")  # (not a prompt on the terminal)
     except ssl.SSLError as e:
         if e.reason == "KEY_VALUES_MISMATCH":
-            raise InvalidRequestError(f"{whose} TLS key {key} is not the key of the certificate {cert}") from None
-        raise InvalidRequestError(f"{whose} TLS certificate {cert} or key {key} could not be read: {e.reason or e} "
-                                  f"(the key must be a PEM private key: BEGIN PRIVATE KEY) {_CONVERT}") from None
+            raise InvalidRequestError(f"{whose} TLS key {key} is not the key of the certificate {cert} (of the first "
+                                      "in it: its own certificate comes first, then those of the CAs between it "
+                                      "and the root)") from None
+        raise InvalidRequestError(f"{whose} TLS certificate {cert} or key {key} could not be read: "
+                                  f"{e.reason or e}") from None
     return chain, private_key
 
 
@@ -81,9 +146,12 @@ def handshake_hint(details: str, tls: ClientTLS | None) -> str:
     (gRPC's words), or ""."""
     if "WRONG_VERSION_NUMBER" in details:
         return "the server does not speak TLS: call it without (unset PICTOR_TLS and PICTOR_TLS_*)"
+    if "certificate has expired" in details or "certificate is not yet valid" in details:
+        return "the server's certificate is out of its dates (expired, or the clocks disagree): renew it there"
     if "CERTIFICATE_VERIFY_FAILED" in details:
-        return ("the server's certificate is not signed by a CA this client trusts, or it has expired: give its "
-                "CA's certificate (PICTOR_TLS_CA; else the system's CAs are trusted)")
+        return ("the server's certificate is not signed by a CA this client trusts: give its CA's certificate "
+                "(PICTOR_TLS_CA; else the system's CAs are trusted), or have the server send the CA certificates "
+                "between its own and the root after its own (--tls-cert)")
     if "Hostname Verification Check failed" in details:
         return ("the server's certificate is not for the name called: call it by a name it is for, or give "
                 "that name (PICTOR_TLS_SERVER_NAME)")

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Makes the TLS test certificates of tests/data/tls (valid for 100 years): a CA, a server
 # certificate for localhost/127.0.0.1/::1 and a client certificate it signed, another CA with a
-# client certificate of its own (one the server must refuse), and the server's key encrypted.
+# client certificate and a server certificate of its own (one the server must refuse, one it
+# is renewed with), and the server's key encrypted.
 # Test-only: the keys are public.
 set -eu
 out=${1:-tests/data/tls}
@@ -26,6 +27,7 @@ ca other-ca "Another test CA"
 leaf server ca localhost "DNS:localhost,IP:127.0.0.1,IP:::1" serverAuth
 leaf client ca "Pictor test client" "DNS:pictor-client" clientAuth
 leaf other-client other-ca "A stranger" "DNS:pictor-client" clientAuth
+leaf other-server other-ca localhost "DNS:localhost,IP:127.0.0.1,IP:::1" serverAuth  # a renewed certificate
 # The server's key encrypted (passphrase "x"): gRPC cannot read it, and the server must say so.
 openssl pkey -in "$out/server.key" -out "$out/server-encrypted.key" -aes256 -passout pass:x
 chmod 644 "$out"/*.key  # test keys, readable wherever the tests run

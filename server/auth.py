@@ -4,7 +4,7 @@ request is not parsed).
 
 Health checks stay open, so container probes and load balancers need no secret. The token is
 compared in constant time; it travels in clear over a plain connection, so it keeps out callers
-on a network you trust (or behind a proxy that adds TLS), not eavesdroppers.
+on a network you trust, not eavesdroppers, unless the server takes only TLS (``--tls-cert``).
 """
 
 from __future__ import annotations

@@ -24,11 +24,14 @@ call but health's must carry it, "authorization: Bearer TOKEN" (the client comma
 $PICTOR_TOKEN), else it is answered UNAUTHENTICATED. Without TLS (below) it travels in clear: it
 keeps out callers on a network you trust, not eavesdroppers.
 
-With --tls-cert and --tls-key (PEM files: the certificate chain and its unencrypted private key),
-it takes only TLS connections; with --tls-client-ca as well, only those of clients that show a
-certificate this CA signed (mutual TLS). Health checks too: `pictor health` and the other client
-commands call over TLS with PICTOR_TLS_CA set to the CA's certificate (or PICTOR_TLS=1 for a
-certificate the system's CAs signed), and show PICTOR_TLS_CLIENT_CERT and PICTOR_TLS_CLIENT_KEY.
+With --tls-cert and --tls-key (PEM files: the certificate chain and its unencrypted private key;
+or PICTOR_TLS_CERT and PICTOR_TLS_KEY), it takes only TLS connections; with --tls-client-ca
+(PICTOR_TLS_CLIENT_CA) as well, only those of clients that show a certificate this CA signed
+(mutual TLS). Health checks too: `pictor health` and the other client commands call over TLS
+with PICTOR_TLS_CA set to the CA's certificate (or PICTOR_TLS=1 for a certificate the system's
+CAs signed), and show PICTOR_TLS_CLIENT_CERT and PICTOR_TLS_CLIENT_KEY. The files are read again
+when they change: a renewed certificate is served from the next connection on, without a
+restart (a change that cannot be served is logged, the old one kept).
 
 example:
   pictor index sample/gallery --out index

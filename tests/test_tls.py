@@ -4,16 +4,17 @@ what each side says when the two do not agree. Certificates: tests/data/tls
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess, pictor
+from conftest import ServerProcess, pictor, wait_until
 
 from pictor.client import ClientTLS, PictorClient
 from pictor.config import ServerSettings, build_settings, default_tls
 from pictor.errors import InvalidRequestError, ServerUnavailableError
-from pictor.tls import channel_credentials, server_credentials
+from pictor.tls import channel_credentials, handshake_hint, server_credentials
 
 CERTS = Path(__file__).parent / "data" / "tls"
 CA, OTHER_CA = str(CERTS / "ca.pem"), str(CERTS / "other-ca.pem")
@@ -84,8 +85,42 @@ def test_with_a_client_ca_only_clients_with_a_certificate_it_signed_connect(buil
         env = {"PICTOR_TLS_CA": CA, "PICTOR_TLS_CLIENT_CERT": CLIENT.cert, "PICTOR_TLS_CLIENT_KEY": CLIENT.key}
         r = pictor_env(env, "info", "--target", server.target)
         assert r.returncode == 0 and "12" in r.stdout
+        r = pictor_env({"PICTOR_TLS_CA": OTHER_CA}, "health", "--target", server.target, "--timeout", "10")
+        assert r.returncode == 4 and "not signed by a CA this client trusts" in r.stderr
+        assert "ssl_transport_security" not in r.stderr  # gRPC's own line before ours (GRPC_VERBOSITY=INFO shows it)
     finally:
         assert server.stop() == 0
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(built_index: Path, tmp_path: Path) -> None:
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    shutil.copy(SERVER["cert"], cert)
+    shutil.copy(SERVER["key"], key)
+    server = ServerProcess(built_index, "--tls-cert", str(cert), "--tls-key", str(key)).start()
+    try:
+        with PictorClient(server.target, tls=ClientTLS(ca=CA)) as client:
+            assert client.health() == "SERVING"
+            # Renewed (by another CA, to tell them apart): the next connection gets the new one.
+            shutil.copy(CERTS / "other-server.pem", cert)
+            shutil.copy(CERTS / "other-server.key", key)
+            with PictorClient(server.target, tls=ClientTLS(ca=OTHER_CA)) as renewed:
+                assert renewed.info().index_size == 12
+            assert client.health() == "SERVING"  # a connection open before keeps its session
+        with PictorClient(server.target, tls=ClientTLS(ca=CA), timeout=10) as client, \
+                pytest.raises(ServerUnavailableError, match="not signed by a CA this client trusts"):
+            client.health()
+        # Half renewed (the certificate written, not yet its key): the files in use are kept.
+        shutil.copy(SERVER["cert"], cert)
+        with PictorClient(server.target, tls=ClientTLS(ca=OTHER_CA)) as client:
+            assert client.health() == "SERVING"
+        wait_until(lambda: "keeping those read before" in server.read_log())
+        assert "is not the key of the certificate" in server.read_log()
+        shutil.copy(SERVER["key"], key)
+        with PictorClient(server.target, tls=ClientTLS(ca=CA)) as client:
+            assert client.health() == "SERVING"
+    finally:
+        assert server.stop() == 0
+    assert server.read_log().count("TLS files read again") == 2
 
 
 def pictor_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -97,15 +132,24 @@ def pictor_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[s
 
 def test_files_that_cannot_serve_tls_are_named_before_anything_loads(tmp_path: Path) -> None:
     (tmp_path / "garbage.pem").write_text("not a certificate\n")
+    (tmp_path / "empty.pem").touch()
+    (tmp_path / "broken.key").write_text("-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    (tmp_path / "ca.der").write_bytes(b"\x30\x82\x01\x8e\xa0\x03\x02\x01\x02\xff\xfe")  # binary: not ASCII
+    # A bundle with comments in UTF-8 (ssl's cadata takes only ASCII) is read for its certificates.
+    (tmp_path / "bundle.pem").write_bytes("# CA of Société Générale\n".encode() + Path(CA).read_bytes())
+    server_credentials(SERVER["cert"], SERVER["key"], str(tmp_path / "bundle.pem"))
     cases = {
         "no such file": (str(tmp_path / "missing.pem"), SERVER["key"], ""),
         "is not the key of the certificate": (SERVER["cert"], CLIENT.key, ""),
         "it is a private key: are the certificate and key swapped?": (SERVER["key"], SERVER["cert"], ""),
         "holds no PEM certificate": (str(tmp_path / "garbage.pem"), SERVER["key"], ""),
-        "could not be read": (SERVER["cert"], str(tmp_path / "garbage.pem"), ""),
+        "could not be read": (SERVER["cert"], str(tmp_path / "broken.key"), ""),
         "the TLS client CA file .* holds no PEM certificate": (*SERVER.values(), SERVER["key"]),
         "Is a directory": (str(tmp_path), SERVER["key"], ""),
         "is encrypted, and gRPC reads only unencrypted keys": (SERVER["cert"], str(CERTS / "server-encrypted.key"), ""),
+        "holds no PEM private key .*openssl pkey -inform der": (SERVER["cert"], str(tmp_path / "empty.pem"), ""),
+        "the TLS client CA file .*empty.pem holds no PEM certificate": (*SERVER.values(), str(tmp_path / "empty.pem")),
+        "the TLS client CA file .*ca.der holds no PEM certificate": (*SERVER.values(), str(tmp_path / "ca.der")),
     }
     for said, (cert, key, client_ca) in cases.items():
         with pytest.raises(InvalidRequestError, match=said):
@@ -125,8 +169,9 @@ def test_tls_settings_come_in_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
         build_settings(ServerSettings, {}, env={"PICTOR_TLS_CLIENT_CA": "ca.pem"})
     with pytest.raises(InvalidRequestError, match="give both or neither"):
         ClientTLS(cert="c.pem")
-    with pytest.raises(InvalidRequestError, match="tls must be a ClientTLS or True/False, got str"):
+    with pytest.raises(InvalidRequestError, match="tls must be a ClientTLS, True, False or None, got str"):
         PictorClient("localhost:1", tls="ca.pem")  # type: ignore[arg-type]  # the mistake under test
+    assert PictorClient("localhost:1", tls=None).tls is None and PictorClient("localhost:1", tls=True).tls == ClientTLS()
     for name in ("PICTOR_TLS", "PICTOR_TLS_CA", "PICTOR_TLS_CLIENT_CERT", "PICTOR_TLS_CLIENT_KEY",
                  "PICTOR_TLS_SERVER_NAME"):
         monkeypatch.delenv(name, raising=False)
@@ -146,3 +191,14 @@ def test_tls_settings_come_in_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert default_tls() == CLIENT
     r = pictor_env({"PICTOR_TLS": "maybe"}, "info")  # every command checks the environment
     assert r.returncode == 2 and "PICTOR_TLS='maybe'" in r.stderr
+
+
+def test_a_handshake_gone_wrong_is_said_as_what_to_change() -> None:
+    """gRPC's words for each failure (as seen from grpcio 1.85), and the hint given for them."""
+    expired = ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:5: Tls handshake failed "
+               "(TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL routines:OPENSSL_internal:"
+               "CERTIFICATE_VERIFY_FAILED: certificate has expired: OK")
+    assert "out of its dates (expired, or the clocks disagree): renew it there" in handshake_hint(expired, CLIENT)
+    unknown_ca = expired.replace("certificate has expired", "unable to get local issuer certificate")
+    assert "not signed by a CA this client trusts" in handshake_hint(unknown_ca, CLIENT)
+    assert handshake_hint("failed to connect to all addresses; ... Connection refused", CLIENT) == ""
