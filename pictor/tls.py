@@ -120,9 +120,8 @@ def _key_pair(cert: str, key: str, whose: str) -> tuple[bytes, bytes]:
     chain = _read(cert, f"{whose} TLS certificate")
     private_key = _read(key, f"{whose} TLS key")
     if not _PEM_CERTIFICATE.search(chain):
-        raise InvalidRequestError(f"{whose} TLS certificate {cert} holds no PEM certificate "
-                                  f"{'(it is a private key: are the certificate and key swapped?) ' if b'PRIVATE KEY-----' in chain else ''}"
-                                  f"{_CONVERT}")
+        swapped = "(it is a private key: are the certificate and key swapped?) " if b"PRIVATE KEY-----" in chain else ""
+        raise InvalidRequestError(f"{whose} TLS certificate {cert} holds no PEM certificate {swapped}{_CONVERT}")
     if b"PRIVATE KEY-----" not in private_key:
         raise InvalidRequestError(f"{whose} TLS key {key} holds no PEM private key {_CONVERT_KEY}")
     if b"ENCRYPTED" in private_key:  # "BEGIN ENCRYPTED PRIVATE KEY", or a traditional key's "Proc-Type: 4,ENCRYPTED"
