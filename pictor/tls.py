@@ -76,8 +76,9 @@ class CertificateFiles:
             except InvalidRequestError as e:
                 log.warning("the TLS files changed, but cannot be served; keeping those read before: %s", e)
                 return None
-            # (gRPC may still refuse a key type it cannot use, in its own log, and keep the old files)
-            log.info("TLS files read again (%s): new connections get them", ", ".join(filter(None, self.paths)))
+            log.info("TLS files read again (%s): new connections get them, unless gRPC cannot use their key type "
+                     "(its own error lines then say so, and the files before stay in use)",
+                     ", ".join(filter(None, self.paths)))
             return self.configuration
 
 
@@ -101,7 +102,7 @@ def _read(path: str, what: str) -> bytes:
 def _ca_bundle(path: str, what: str) -> bytes:
     data = _read(path, f"the TLS {what} file")
     # Its certificates alone: ssl takes only ASCII, where a bundle may have comments in UTF-8.
-    certificates = "".join(m.decode() for m in _PEM_CERTIFICATE.findall(data))
+    certificates = "\n".join(m.decode() for m in _PEM_CERTIFICATE.findall(data))
     if not certificates or not _parse(certificates):
         raise InvalidRequestError(f"the TLS {what} file {path} holds no PEM certificate {_CONVERT}")
     return data

@@ -190,8 +190,8 @@ def _bind(server: grpc.Server, host: str, port: int, credentials: grpc.ServerCre
         except RuntimeError:  # "Failed to bind": a race with another process, or an odd address
             why = f"the port is in use, or {host} is not an address of this machine"
             if credentials is not None:  # (the likelier cause: the port was free a moment ago)
-                why = (f"gRPC cannot use the TLS certificate or key (its log line above says why; it takes RSA and "
-                       f"ECDSA P-256/P-384 keys), or {why}")
+                why = (f"gRPC cannot use the TLS certificate or its key (a key type it does not take? it takes RSA "
+                       f"and ECDSA P-256/P-384 keys), or {why}")
     raise InvalidRequestError(f"cannot listen on {address}: {why}")
 
 

@@ -135,9 +135,11 @@ def test_files_that_cannot_serve_tls_are_named_before_anything_loads(tmp_path: P
     (tmp_path / "empty.pem").touch()
     (tmp_path / "broken.key").write_text("-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
     (tmp_path / "ca.der").write_bytes(b"\x30\x82\x01\x8e\xa0\x03\x02\x01\x02\xff\xfe")  # binary: not ASCII
-    # A bundle with comments in UTF-8 (ssl's cadata takes only ASCII) is read for its certificates.
-    (tmp_path / "bundle.pem").write_bytes("# CA of Société Générale\n".encode() + Path(CA).read_bytes())
+    # A bundle of two CAs with comments in UTF-8 (ssl's cadata takes only ASCII) is read for its certificates.
+    (tmp_path / "bundle.pem").write_bytes("# CA of Société Générale\n".encode() + Path(CA).read_bytes()
+                                          + Path(OTHER_CA).read_bytes())
     server_credentials(SERVER["cert"], SERVER["key"], str(tmp_path / "bundle.pem"))
+    channel_credentials(ClientTLS(ca=str(tmp_path / "bundle.pem")))
     cases = {
         "no such file": (str(tmp_path / "missing.pem"), SERVER["key"], ""),
         "is not the key of the certificate": (SERVER["cert"], CLIENT.key, ""),
