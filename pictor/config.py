@@ -391,11 +391,11 @@ def model_settings(flags: Mapping[str, Any], config_file: str | None = None) -> 
 
 # PICTOR_* variables read outside the settings classes (by the functions below), and by
 # docker-compose.yml (BIND), which a shell that runs compose exports for every command.
-_OTHER_ENV = ("CONFIG", "TARGET", "OFFLINE", "CACHE_DIR", "BIND", "TLS", "TLS_CA", "TLS_CLIENT_CERT",
-              "TLS_CLIENT_KEY", "TLS_SERVER_NAME")
 # What each field of ClientTLS is read from, for the client commands.
 _CLIENT_TLS_ENV = {"ca": "PICTOR_TLS_CA", "cert": "PICTOR_TLS_CLIENT_CERT", "key": "PICTOR_TLS_CLIENT_KEY",
                    "server_name": "PICTOR_TLS_SERVER_NAME"}
+_OTHER_ENV = ("CONFIG", "TARGET", "OFFLINE", "CACHE_DIR", "BIND", "TLS",
+              *(name.removeprefix("PICTOR_") for name in _CLIENT_TLS_ENV.values()))
 
 
 def default_token() -> str | None:

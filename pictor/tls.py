@@ -100,12 +100,13 @@ def _read(path: str, what: str) -> bytes:
 
 
 def _ca_bundle(path: str, what: str) -> bytes:
+    """The PEM certificates of a CA file, checked; gRPC gets them alone, as ssl checked them
+    (ssl takes only ASCII, where a bundle may have comments in UTF-8)."""
     data = _read(path, f"the TLS {what} file")
-    # Its certificates alone: ssl takes only ASCII, where a bundle may have comments in UTF-8.
     certificates = "\n".join(m.decode() for m in _PEM_CERTIFICATE.findall(data))
     if not certificates or not _parse(certificates):
         raise InvalidRequestError(f"the TLS {what} file {path} holds no PEM certificate {_CONVERT}")
-    return data
+    return certificates.encode()
 
 
 def _parse(certificates: str) -> bool:
