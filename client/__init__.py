@@ -1,6 +1,7 @@
 """Light client for Pictor: ``pip install .`` from the checkout brings only grpcio,
 grpcio-health-checking and protobuf."""
 
+from pictor.client.aio import PictorAsyncClient
 from pictor.client.client import (
     Classification,
     Hit,
@@ -13,5 +14,5 @@ from pictor.client.client import (
 )
 from pictor.config import ClientTLS
 
-__all__ = ["Classification", "ClientTLS", "Hit", "Label", "OpenSetCheck", "PictorClient", "ServerInfo", "StoredItem",
-           "UpsertItem"]
+__all__ = ["Classification", "ClientTLS", "Hit", "Label", "OpenSetCheck", "PictorAsyncClient", "PictorClient",
+           "ServerInfo", "StoredItem", "UpsertItem"]

@@ -438,20 +438,20 @@ def _item(it: UpsertItem, max_bytes: int, position: int) -> pb.Item:
 _CANNOT_REACH = "cannot reach a Pictor server at"  # nothing answered: maybe the wrong address
 
 
-def _error_of(code: grpc.StatusCode, details: str, *, said: bool, method: str, target: str, closed: bool,
+def _error_of(code: grpc.StatusCode, details: str, *, said: bool, method: str, target: str, closed: str,
               timeout: float | None, past_deadline: bool, health_service: str = "",
               tls: ClientTLS | None = None) -> PictorError:
     """The Pictor error a failed call's status means: pure, so that another client (asyncio)
     says the same. ``said``: the server marked it "do not resend" (its own words,
-    pictor.status); ``method``: the RPC's name ("Check" for health); ``closed``: this client was
-    closed meanwhile; ``past_deadline``: the call ran into this client's ``timeout``; ``tls``:
+    pictor.status); ``method``: the RPC's name ("Check" for health); ``closed``: the class of this
+    client, closed meanwhile ("": open); ``past_deadline``: the call ran into this client's ``timeout``; ``tls``:
     how it called (None: plain TCP)."""
     if code == grpc.StatusCode.UNAVAILABLE and said:  # up, and says why it cannot serve
         unavailable = ServerUnavailableError(f"{details} ({code.name})")
         unavailable.server_said = True
         return unavailable
     if code == grpc.StatusCode.CANCELLED and closed:
-        details = f"the call was cancelled before its answer came ({details}): this PictorClient was closed"
+        details = f"the call was cancelled before its answer came ({details}): this {closed} was closed"
     elif ((code == grpc.StatusCode.UNAVAILABLE and details == "Cancelling all calls")  # gRPC's words
           or code == grpc.StatusCode.CANCELLED):  # (a stopping server ends open calls either way)
         details = f"the server at {target} stopped or cancelled the call while it was open ({details})"
@@ -518,8 +518,12 @@ def _upsert_outcome(sent: int, ended: bool) -> str:
             "last message, which never went): send them again")
 
 
-class PictorClient:
-    """Calls a Pictor server. Failed calls raise ``pictor.errors`` types (see ``pictor.status``)."""
+class _ClientBase:
+    """What the blocking and the asyncio clients share: their settings, each call's request
+    built and checked before anything is sent, and a failed call's error. Only the calls
+    themselves differ (``PictorClient`` here, ``PictorAsyncClient`` in ``pictor.client.aio``)."""
+
+    _grpc: Any = grpc  # where the channel comes from: grpc, or grpc.aio for the asyncio client
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = DEFAULT_TIMEOUT,
                  max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, max_attempts: int = MAX_ATTEMPTS,
@@ -543,6 +547,7 @@ class PictorClient:
         ``ClientTLS`` names (its files are read here), or with True the system's CAs and no
         client certificate; False or None calls in plain TCP. The client commands read
         ``$PICTOR_TLS*`` (``pictor.config.default_tls``); this class does not."""
+        self._check_context()
         target = _with_port(target)
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)):
             raise InvalidRequestError(f"timeout must be a number of seconds or None, got {shown(timeout)} "
@@ -566,6 +571,12 @@ class PictorClient:
         self._max_attempts = max_attempts
         self.timeout = timeout
         self._closed = False
+        self._name = type(self).__name__  # in its errors
+        # PictorAsyncClient sends each Upsert through a PictorClient made with these (in _streams
+        # while it sends).
+        self._settings: dict[str, Any] = {"timeout": timeout, "max_message_mb": max_message_mb,
+                                          "max_attempts": max_attempts, "token": token, "tls": self.tls}
+        self._streams: set[PictorClient] = set()
         options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", max_bytes),
             ("grpc.max_receive_message_length", max_bytes),
@@ -578,46 +589,44 @@ class PictorClient:
                ("grpc.per_rpc_retry_buffer_size", max_bytes)] if max_attempts > 1 else []),
         ]
         if self.tls is None:
-            self._channel = grpc.insecure_channel(target, options=options)
+            self._channel = self._grpc.insecure_channel(target, options=options)
         else:
             if self.tls.server_name:
                 options.append(("grpc.ssl_target_name_override", self.tls.server_name))
-            self._channel = grpc.secure_channel(target, channel_credentials(self.tls), options=options)
+            self._channel = self._grpc.secure_channel(target, channel_credentials(self.tls), options=options)
         self._stub = pb_grpc.PictorStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    def __enter__(self) -> PictorClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the channel; calls still running on other threads end with an error."""
-        self._closed = True  # first: their CANCELLED is then known to be this close's
-        self._channel.close()
+    def _check_context(self) -> None:
+        """Refuse to make this client where it could not call (the asyncio client: outside an event loop)."""
 
     def _check_open(self) -> None:
         """Refuse a call on a closed client, also one with nothing to send (answered here, not sent)."""
         if self._closed:
-            raise InvalidRequestError("this PictorClient is closed; make a new one")
+            raise InvalidRequestError(f"this {self._name} is closed; make a new one")
 
-    def _call(self, method: Callable[..., R], request: Any, *, started: float | None = None) -> R:
-        """``method(request)``, its gRPC errors as Pictor's; the timeout counts from ``started``
-        (``time.monotonic()``; now when None): an Upsert's own resends share one."""
+    def _time_left(self, started: float | None) -> tuple[float, float | None]:
+        """(when the call began, the seconds it has left) for a call about to be sent; the
+        timeout counts from ``started`` (``time.monotonic()``; now when None): an Upsert's own
+        resends share one."""
         self._check_open()
         now = time.monotonic()
         started = now if started is None else started
-        timeout = None if self.timeout is None else max(0.0, self.timeout - (now - started))
-        try:
-            return method(request, timeout=timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            name = "Check" if method == self._health.Check else next(
-                (n for n, m in vars(self._stub).items() if m is method), "this")
-            raise _error_of(e.code(), e.details() or "", said=NO_RESEND in (e.trailing_metadata() or ()),
-                            method=name, target=self.target, closed=self._closed, timeout=self.timeout,
-                            past_deadline=self._past_deadline(started),
-                            health_service=getattr(request, "service", ""), tls=self.tls) from None
+        return started, None if self.timeout is None else max(0.0, self.timeout - (now - started))
+
+    def _error(self, code: grpc.StatusCode, details: str, trailers: Iterable[tuple[str, str]],
+               method: Callable[..., Any], request: Any, started: float, unknown_outcome: str) -> PictorError:
+        """A failed call's status as Pictor's error; ``unknown_outcome`` (a write's) is added where
+        the call may have been applied all the same."""
+        name = "Check" if method == self._health.Check else next(
+            (n for n, m in vars(self._stub).items() if m is method), "this")
+        error = _error_of(code, details, said=NO_RESEND in tuple(trailers), method=name, target=self.target,
+                          closed=self._name if self._closed else "", timeout=self.timeout,
+                          past_deadline=self._past_deadline(started),
+                          health_service=getattr(request, "service", ""), tls=self.tls)
+        if unknown_outcome and self._outcome_unknown(error, started):
+            return type(error)(f"{error}; {unknown_outcome}")
+        return error
 
     def _outcome_unknown(self, e: PictorError, started: float) -> bool:
         """Whether a write call that failed with ``e`` may have been applied all the same.
@@ -635,56 +644,25 @@ class PictorClient:
         client's timeout."""
         return self.timeout is not None and time.monotonic() - started >= self.timeout
 
-    def health(self, service: str = "") -> str:
-        """Serving status name from the standard health service, e.g. ``"SERVING"``."""
+    # -- each call's request, checked before anything is sent -----------------------------
+
+    @staticmethod
+    def _health_request(service: str) -> health_pb2.HealthCheckRequest:
         if not isinstance(service, str):
             raise InvalidRequestError(f"service must be text, got {type(service).__name__}")
-        response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return health_pb2.HealthCheckRequest(service=service)
 
-    def classify(self, image: ImageData, *, top_k: int = DEFAULT_TOP_K, classifier: str = "default",
-                 neighbors: int = 0) -> Classification:
-        """Labels for one image (the file's bytes), best first.
-
-        ``classifier``: "default" (the server's head with ``serve --model``, else the backbone's
-        ImageNet labels, else the kNN vote), "head" (the same without the vote: ``source`` says
-        "head" or "imagenet"), "knn" (vote of the ``neighbors`` nearest
-        labelled items; 0 = the server's default) or "all" (head and vote, whether they agree,
-        and the neighbours; neighbours come with every answer by the vote: "knn", "all", and
-        "default" on a server that votes by default). ``unknown`` is true when the
-        model's open-set rule finds the image fits none of its classes; ``open_set`` says why.
-        Image bytes the server cannot use raise InvalidRequestError (the client sees only the
-        status code, so never its subclass InvalidImageError).
-        """
+    def _classify_request(self, image: ImageData, top_k: int, classifier: str, neighbors: int) -> pb.ClassifyRequest:
         if classifier not in CLASSIFIERS:
             raise InvalidRequestError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
         _check_counts(1, MAX_K, top_k=top_k)
         _check_counts(0, MAX_K, neighbors=neighbors)  # 0: the server's default
-        r = self._call(self._stub.Classify, pb.ClassifyRequest(
-            image=_image_bytes(image, self._max_bytes), top_k=top_k, classifier=cast(pb.Classifier, CLASSIFIERS.index(classifier)),
-            neighbors=neighbors))
-        return Classification(
-            labels=_labels(r.labels), source=r.source, knn_labels=_labels(r.knn_labels),
-            neighbors=[_hit(h) for h in r.neighbors],
-            # The proto's bool reads false when there was nothing to compare: say so.
-            agree=r.agree if r.source == "head" and r.knn_labels else None, unknown=r.unknown,
-            open_set=_open_set_check(r.open_set) if r.HasField("open_set") else None,
-        )
+        return pb.ClassifyRequest(image=_image_bytes(image, self._max_bytes), top_k=top_k,
+                                  classifier=cast(pb.Classifier, CLASSIFIERS.index(classifier)), neighbors=neighbors)
 
-    def search(self, *, image: ImageData | None = None, key: str | None = None,
-               vector: Iterable[float] | None = None, k: int = DEFAULT_K,
-               labels: Iterable[str] | None = (), attributes: Mapping[str, str] | None = None,
-               nprobe: int = 0, ef_search: int = 0) -> list[Hit]:
-        """The ``k`` nearest items to exactly one of ``image`` (a file's bytes), ``key`` (a stored
-        item; NotFoundError when the index has none) or ``vector`` (in the index's space, as
-        ``embed`` returns it), best first; ``Hit.score`` is the cosine similarity (an estimate on
-        a compressed index: the proto's ``Hit`` says which).
-
-        ``labels`` and ``attributes`` restrict the hits to items with one of those labels and
-        all of those attribute values (exactly ``k`` when that many match); ``nprobe`` and
-        ``ef_search`` search an approximate index wider for this call only (0: its tuned
-        default). A bad image, vector or argument raises InvalidRequestError.
-        """
+    def _search_request(self, image: ImageData | None, key: str | None, vector: Iterable[float] | None, k: int,
+                        labels: Iterable[str] | None, attributes: Mapping[str, str] | None, nprobe: int,
+                        ef_search: int) -> pb.SearchRequest:
         given = [q for q in (image, key, vector) if q is not None]
         if len(given) != 1:
             raise InvalidRequestError("search takes exactly one of image, key or vector")
@@ -701,21 +679,174 @@ class PictorClient:
             except (TypeError, ValueError) as e:
                 raise _text_error("the key", e, [key]) from e
         _fill_filter(request.filter, _label_list(labels), attributes)
-        return [_hit(h) for h in self._call(self._stub.Search, request).hits]
+        return request
 
-    def embed(self, images: Iterable[ImageData]) -> list[list[float]]:
-        """Each image's embedding in the index's space, as Search and Upsert take it (at most
-        256 images per call)."""
+    def _embed_request(self, images: Iterable[ImageData]) -> pb.EmbedRequest | None:
+        """None: no images, nothing to send."""
         refuse_single(images, "images", "for one image, write [data]")
         data = [_image_bytes(i, self._max_bytes) for i in images]
         if not data:
             self._check_open()
-            return []
+            return None
         if (size := sum(map(len, data))) > self._max_bytes:
             raise ResourceExhaustedError(f"{len(data)} images together: "
                                          + request_too_large(size, self._max_bytes, "this client's"))
-        r = self._call(self._stub.Embed, pb.EmbedRequest(images=data))
-        return [list(v.values) for v in r.embeddings]
+        return pb.EmbedRequest(images=data)
+
+    @staticmethod
+    def _delete_request(keys: Iterable[str]) -> pb.DeleteRequest:
+        refuse_single(keys, "keys", "for one key, write [key]")
+        keys = list(keys)
+        try:
+            return pb.DeleteRequest(keys=keys)
+        except (TypeError, ValueError) as e:
+            raise _text_error("keys", e, keys) from e
+
+    @staticmethod
+    def _get_request(keys: Iterable[str], vectors: bool) -> pb.GetRequest:
+        refuse_single(keys, "keys", "for one key, write [key]")
+        if not isinstance(vectors, bool):
+            raise InvalidRequestError(f"vectors must be True or False, got {shown(vectors)}")
+        keys = list(keys)
+        try:
+            return pb.GetRequest(keys=keys, vectors=vectors)
+        except (TypeError, ValueError) as e:
+            raise _text_error("keys", e, keys) from e
+
+    @staticmethod
+    def _list_request(after: str, limit: int, labels: Iterable[str] | None,
+                      attributes: Mapping[str, str] | None) -> pb.ListRequest:
+        _check_counts(1, MAX_LIST, limit=limit)
+        try:
+            request = pb.ListRequest(after=after, limit=limit)
+        except (TypeError, ValueError) as e:
+            raise _text_error("after", e, [after]) from e
+        _fill_filter(request.filter, _label_list(labels), attributes)
+        return request
+
+    @staticmethod
+    def _pages_filter(labels: Iterable[str] | None, attributes: Mapping[str, str] | None, page: int) -> list[str]:
+        """``iter_items``'s labels, read once (every page has the same filter), its arguments
+        checked before the first page is asked for."""
+        _check_counts(1, MAX_LIST, page=page)
+        listed = _label_list(labels)
+        _fill_filter(pb.Filter(), listed, attributes)
+        return listed
+
+
+# -- each call's answer, as the clients return it ----------------------------------------------
+
+def _health_status(r: health_pb2.HealthCheckResponse) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+
+def _classification(r: pb.ClassifyResponse) -> Classification:
+    return Classification(
+        labels=_labels(r.labels), source=r.source, knn_labels=_labels(r.knn_labels),
+        neighbors=[_hit(h) for h in r.neighbors],
+        # The proto's bool reads false when there was nothing to compare: say so.
+        agree=r.agree if r.source == "head" and r.knn_labels else None, unknown=r.unknown,
+        open_set=_open_set_check(r.open_set) if r.HasField("open_set") else None,
+    )
+
+
+def _hits(r: pb.SearchResponse) -> list[Hit]:
+    return [_hit(h) for h in r.hits]
+
+
+def _embeddings(r: pb.EmbedResponse) -> list[list[float]]:
+    return [list(v.values) for v in r.embeddings]
+
+
+# The outcome of a Delete whose answer was lost.
+_DELETE_MAY_HAVE_APPLIED = ("the delete may have been applied: sending it again is safe (keys already gone "
+                            "come back as missing)")
+
+
+def _stored_items(r: pb.GetResponse) -> tuple[list[StoredItem], list[str]]:
+    items = [StoredItem(key=it.key, label=it.label, attributes=dict(it.attributes),
+                        vector=list(it.vector.values) if it.HasField("vector") else None)
+             for it in r.items]
+    return items, list(r.missing)
+
+
+def _page(r: pb.ListResponse) -> tuple[list[StoredItem], str]:
+    return [StoredItem(key=it.key, label=it.label, attributes=dict(it.attributes)) for it in r.items], r.next
+
+
+def _server_info(r: pb.InfoResponse) -> ServerInfo:
+    # By field name, as the server builds the reply from its ServerInfo.
+    return ServerInfo(**{f.name: _plain(getattr(r, f.name)) for f in dataclasses.fields(ServerInfo)})
+
+
+class PictorClient(_ClientBase):
+    """Calls a Pictor server. Failed calls raise ``pictor.errors`` types (see ``pictor.status``).
+    ``PictorAsyncClient`` (``pictor.client``) makes the same calls from asyncio code."""
+
+    def __enter__(self) -> PictorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel; calls still running on other threads end with an error."""
+        self._closed = True  # first: their CANCELLED is then known to be this close's
+        self._channel.close()
+
+    def _call(self, method: Callable[..., R], request: Any, *, started: float | None = None,
+              unknown_outcome: str = "") -> R:
+        """``method(request)``, its gRPC errors as Pictor's (``_ClientBase._error``)."""
+        started, timeout = self._time_left(started)
+        try:
+            return method(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise self._error(e.code(), e.details() or "", e.trailing_metadata() or (), method, request, started,
+                              unknown_outcome) from None
+
+    def health(self, service: str = "") -> str:
+        """Serving status name from the standard health service, e.g. ``"SERVING"``."""
+        return _health_status(self._call(self._health.Check, self._health_request(service)))
+
+    def classify(self, image: ImageData, *, top_k: int = DEFAULT_TOP_K, classifier: str = "default",
+                 neighbors: int = 0) -> Classification:
+        """Labels for one image (the file's bytes), best first.
+
+        ``classifier``: "default" (the server's head with ``serve --model``, else the backbone's
+        ImageNet labels, else the kNN vote), "head" (the same without the vote: ``source`` says
+        "head" or "imagenet"), "knn" (vote of the ``neighbors`` nearest
+        labelled items; 0 = the server's default) or "all" (head and vote, whether they agree,
+        and the neighbours; neighbours come with every answer by the vote: "knn", "all", and
+        "default" on a server that votes by default). ``unknown`` is true when the
+        model's open-set rule finds the image fits none of its classes; ``open_set`` says why.
+        Image bytes the server cannot use raise InvalidRequestError (the client sees only the
+        status code, so never its subclass InvalidImageError).
+        """
+        request = self._classify_request(image, top_k, classifier, neighbors)
+        return _classification(self._call(self._stub.Classify, request))
+
+    def search(self, *, image: ImageData | None = None, key: str | None = None,
+               vector: Iterable[float] | None = None, k: int = DEFAULT_K,
+               labels: Iterable[str] | None = (), attributes: Mapping[str, str] | None = None,
+               nprobe: int = 0, ef_search: int = 0) -> list[Hit]:
+        """The ``k`` nearest items to exactly one of ``image`` (a file's bytes), ``key`` (a stored
+        item; NotFoundError when the index has none) or ``vector`` (in the index's space, as
+        ``embed`` returns it), best first; ``Hit.score`` is the cosine similarity (an estimate on
+        a compressed index: the proto's ``Hit`` says which).
+
+        ``labels`` and ``attributes`` restrict the hits to items with one of those labels and
+        all of those attribute values (exactly ``k`` when that many match); ``nprobe`` and
+        ``ef_search`` search an approximate index wider for this call only (0: its tuned
+        default). A bad image, vector or argument raises InvalidRequestError.
+        """
+        request = self._search_request(image, key, vector, k, labels, attributes, nprobe, ef_search)
+        return _hits(self._call(self._stub.Search, request))
+
+    def embed(self, images: Iterable[ImageData]) -> list[list[float]]:
+        """Each image's embedding in the index's space, as Search and Upsert take it (at most
+        256 images per call)."""
+        request = self._embed_request(images)
+        return [] if request is None else _embeddings(self._call(self._stub.Embed, request))
 
     def upsert(self, items: Iterable[UpsertItem]) -> tuple[int, int]:
         """Stream items to the server; returns (inserted, replaced) once all are durable.
@@ -791,59 +922,29 @@ class PictorClient:
 
     def delete(self, keys: Iterable[str]) -> tuple[int, list[str]]:
         """Remove items; returns (deleted, keys that did not exist)."""
-        refuse_single(keys, "keys", "for one key, write [key]")
-        keys = list(keys)
-        try:
-            request = pb.DeleteRequest(keys=keys)
-        except (TypeError, ValueError) as e:
-            raise _text_error("keys", e, keys) from e
+        request = self._delete_request(keys)
         if not request.keys:
             self._check_open()
             return 0, []
-        started = time.monotonic()
-        try:
-            r = self._call(self._stub.Delete, request)
-        except PictorError as e:
-            if self._outcome_unknown(e, started):
-                raise type(e)(f"{e}; the delete may have been applied: sending it again is safe "
-                              "(keys already gone come back as missing)") from None
-            raise
+        r = self._call(self._stub.Delete, request, unknown_outcome=_DELETE_MAY_HAVE_APPLIED)
         return r.deleted, list(r.missing)
 
     def get(self, keys: Iterable[str], *, vectors: bool = False) -> tuple[list[StoredItem], list[str]]:
         """Stored items by key, each key once in the order first asked (at most 1000 distinct
         keys), with its stored vector when ``vectors``; returns (items, keys the index does not
         hold)."""
-        refuse_single(keys, "keys", "for one key, write [key]")
-        if not isinstance(vectors, bool):
-            raise InvalidRequestError(f"vectors must be True or False, got {shown(vectors)}")
-        keys = list(keys)
-        try:
-            request = pb.GetRequest(keys=keys, vectors=vectors)
-        except (TypeError, ValueError) as e:
-            raise _text_error("keys", e, keys) from e
+        request = self._get_request(keys, vectors)
         if not request.keys:
             self._check_open()
             return [], []
-        r = self._call(self._stub.Get, request)
-        items = [StoredItem(key=it.key, label=it.label, attributes=dict(it.attributes),
-                            vector=list(it.vector.values) if it.HasField("vector") else None)
-                 for it in r.items]
-        return items, list(r.missing)
+        return _stored_items(self._call(self._stub.Get, request))
 
     def list_items(self, after: str = "", limit: int = MAX_LIST, *, labels: Iterable[str] | None = (),
                    attributes: Mapping[str, str] | None = None) -> tuple[list[StoredItem], str]:
         """One page of the index's items in key order after the key ``after`` (at most
         ``limit``, up to 1000), filtered as Search filters; returns (items, next): pass
         ``next`` as ``after`` for the next page, "" after the last. ``iter_items`` pages for you."""
-        _check_counts(1, MAX_LIST, limit=limit)
-        try:
-            request = pb.ListRequest(after=after, limit=limit)
-        except (TypeError, ValueError) as e:
-            raise _text_error("after", e, [after]) from e
-        _fill_filter(request.filter, _label_list(labels), attributes)
-        r = self._call(self._stub.List, request)
-        return [StoredItem(key=it.key, label=it.label, attributes=dict(it.attributes)) for it in r.items], r.next
+        return _page(self._call(self._stub.List, self._list_request(after, limit, labels, attributes)))
 
     def iter_items(self, *, labels: Iterable[str] | None = (), attributes: Mapping[str, str] | None = None,
                    page: int = MAX_LIST, after: str = "") -> Iterator[StoredItem]:
@@ -851,10 +952,7 @@ class PictorClient:
         from the first key after ``after`` (to go on from a listing cut off). Writes made
         meanwhile show up if their keys come after the page being read. Bad arguments are
         refused here, not when the iteration starts."""
-        _check_counts(1, MAX_LIST, page=page)
-        labels = _label_list(labels)  # read once: every page has the same filter
-        _fill_filter(pb.Filter(), labels, attributes)  # checked now too
-        return self._pages(labels, attributes, page, after)
+        return self._pages(self._pages_filter(labels, attributes, page), attributes, page, after)
 
     def _pages(self, labels: list[str], attributes: Mapping[str, str] | None, page: int, after: str
                ) -> Iterator[StoredItem]:
@@ -866,6 +964,4 @@ class PictorClient:
 
     def info(self) -> ServerInfo:
         """What the server runs: backbone, index size and type, classifier and class names."""
-        r = self._call(self._stub.Info, pb.InfoRequest())
-        # By field name, as the server builds the reply from its ServerInfo.
-        return ServerInfo(**{f.name: _plain(getattr(r, f.name)) for f in dataclasses.fields(ServerInfo)})
+        return _server_info(self._call(self._stub.Info, pb.InfoRequest()))

@@ -9,12 +9,15 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from pictor.client import UpsertItem
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
@@ -87,6 +90,15 @@ def dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+def held_open(key: str, release: threading.Event, sent: threading.Event | None = None) -> Iterator[UpsertItem]:
+    """Upsert items that send one item, then hold the stream open until ``release`` (``sent`` is
+    set once the client has taken the item)."""
+    yield UpsertItem(key=key, vector=[1.0] * 1280)
+    if sent is not None:
+        sent.set()
+    release.wait(30)
 
 
 def wait_until(done: Callable[[], object], timeout: float = 60, poll: float = 0.05) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc
@@ -10,7 +11,7 @@ from conftest import ServerProcess, pictor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
-from pictor.client import PictorClient, UpsertItem
+from pictor.client import PictorAsyncClient, PictorClient, UpsertItem
 from pictor.errors import InvalidRequestError, UnauthenticatedError
 from pictor.v1 import pictor_pb2 as pb
 
@@ -59,6 +60,16 @@ def test_calls_need_the_token_and_health_checks_do_not(
             first = client.list_items(limit=1)[0][0].key
             vector = client.get([first], vectors=True)[0][0].vector or []
             assert client.upsert([UpsertItem(key="x", vector=vector)]) == (1, 0)
+
+        async def with_the_token() -> None:  # the asyncio client too, its Upsert's own connection included
+            async with PictorAsyncClient(server.target, token=TOKEN) as client:
+                assert (await client.info()).index_size == 13
+                assert await client.upsert([UpsertItem(key="x", vector=vector)]) == (0, 1)
+            async with PictorAsyncClient(server.target) as client:
+                with pytest.raises(UnauthenticatedError, match="carried none: send it as PICTOR_TOKEN"):
+                    await client.upsert([UpsertItem(key="x", vector=vector)])
+
+        asyncio.run(with_the_token())
         # The client commands send $PICTOR_TOKEN.
         assert main(["info", "--target", server.target]) == 2
         assert "carried none: send it as PICTOR_TOKEN" in capsys.readouterr().err

@@ -119,6 +119,12 @@ def test_server_options() -> None:
     assert "| health, new connection | 1 |" in out and "/metrics" not in out
 
 
+def test_clients() -> None:
+    out = run_bench("clients.py", "--calls", 20, "--concurrency", 2, "--upsert-items", 4)
+    for client in ("PictorClient", "PictorAsyncClient"):
+        assert f"| search by vector | {client} | 2 | 20 |" in out and f"| upsert of 4 | {client} | 1 | 2 |" in out
+
+
 def test_health() -> None:
     out = run_bench("health.py", "--clients", 4, "--seconds", 5, "--burst-threads", 2, "--burst-calls", 4)
     assert "| health | flooded |" in out and "burst:" in out

@@ -5,13 +5,12 @@ from __future__ import annotations
 import socket
 import threading
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import ServerProcess, drawn_image, free_port, pictor, wait_until
+from conftest import ServerProcess, drawn_image, free_port, held_open, pictor, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -70,7 +69,7 @@ def test_metrics_count_calls_by_method_and_status_and_the_index(built_index: Pat
         sent, release = threading.Event(), threading.Event()
         with ThreadPoolExecutor(1) as pool:
             client = PictorClient(server.target)
-            stream = pool.submit(client.upsert, held_open(sent, release))
+            stream = pool.submit(client.upsert, held_open("held", release, sent))
             assert sent.wait(30)
             client.close()  # cancels the open stream
             release.set()
@@ -84,12 +83,6 @@ def test_metrics_count_calls_by_method_and_status_and_the_index(built_index: Pat
             "grpc_code": "UNIMPLEMENTED"}.items()))] == 1
     finally:
         assert server.stop() == 0
-
-
-def held_open(sent: threading.Event, release: threading.Event) -> Iterator[UpsertItem]:
-    yield UpsertItem(key="held", vector=[1.0] * 1280)
-    sent.set()
-    release.wait(30)
 
 
 def test_the_index_size_is_not_reported_before_it_is_known() -> None:

@@ -26,7 +26,7 @@ from typing import Any, cast
 import grpc
 import numpy as np
 import pytest
-from conftest import DATA, ServerProcess, drawn_image, free_port, pictor, wait_until
+from conftest import DATA, ServerProcess, drawn_image, free_port, held_open, pictor, wait_until
 from PIL import Image
 
 from pictor.api import MAX_GET_KEYS, UPSERT_CHUNK
@@ -42,15 +42,6 @@ from pictor.errors import (
     ServerUnavailableError,
 )
 from pictor.server.app import create_server
-
-
-def held_open(key: str, release: threading.Event, sent: threading.Event | None = None) -> Iterator[UpsertItem]:
-    """Upsert items that send one item, then hold the stream open until ``release`` (``sent`` is
-    set once the client has taken the item)."""
-    yield UpsertItem(key=key, vector=[1.0] * 1280)
-    if sent is not None:
-        sent.set()
-    release.wait(30)
 
 
 def open_held_stream(client: PictorClient, pool: ThreadPoolExecutor, key: str,
@@ -542,15 +533,17 @@ def test_client_cli_prints_results_and_json(server: ServerProcess, shared_galler
 def test_readme_python_example_runs(server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    code = re.search(r"### From Python\n\n```python\n(.*?)```", readme, re.S)
-    assert code, "README's Python example"
+    section = readme[readme.index("### From Python"):readme.index("### Docker")]
+    blocking, asyncio_code = re.findall(r"```python\n(.*?)```", section, re.S)
     (tmp_path / "photo.jpg").write_bytes(drawn_image(3, fmt="JPEG"))
     monkeypatch.chdir(tmp_path)  # where the example's photo.jpg is
-    exec(code[1].replace("localhost:50051", server.target), {})  # noqa: S102 - our own README
+    exec(blocking.replace("localhost:50051", server.target), {})  # noqa: S102 - our own README
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 3 + 1 and out[-1] == "cam1/0001.jpg tulips"  # 3 labels, no tulips yet, then the added item
     with PictorClient(server.target) as client:
         assert client.info().index_size == 12  # deleted again
+    exec(asyncio_code.replace("localhost:50051", server.target), {})  # noqa: S102
+    assert capsys.readouterr().out.splitlines() == [out[0].rsplit(" ", 1)[0]] * 2  # each image's top label
 
 
 def test_server_refuses_to_start_without_index(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ what each side says when the two do not agree. Certificates: tests/data/tls
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import ServerProcess, pictor, wait_until
 
-from pictor.client import ClientTLS, PictorClient
+from pictor.client import ClientTLS, PictorAsyncClient, PictorClient, UpsertItem
 from pictor.config import ServerSettings, build_settings, default_tls
 from pictor.errors import InvalidRequestError, ServerUnavailableError
 from pictor.tls import channel_credentials, handshake_hint, server_credentials
@@ -81,6 +82,17 @@ def test_with_a_client_ca_only_clients_with_a_certificate_it_signed_connect(buil
             with PictorClient(server.target, tls=tls, timeout=10) as client, \
                     pytest.raises(ServerUnavailableError, match=said):
                 client.health()  # health checks too: the handshake comes before any call
+
+        async def over_mutual_tls() -> None:  # the asyncio client, its Upsert's own connection included
+            async with PictorAsyncClient(server.target, tls=CLIENT) as client:
+                assert await client.health() == "SERVING" and (await client.info()).index_size == 12
+                assert await client.upsert([UpsertItem(key="tls/0", vector=[1.0] * 1280)]) == (1, 0)
+                assert await client.delete(["tls/0"]) == (1, [])
+            async with PictorAsyncClient(server.target, tls=STRANGER, timeout=10) as client:
+                with pytest.raises(ServerUnavailableError, match="may not take this client's certificate"):
+                    await client.health()
+
+        asyncio.run(over_mutual_tls())
         # Through the client commands' variables, in a process of its own.
         env = {"PICTOR_TLS_CA": CA, "PICTOR_TLS_CLIENT_CERT": CLIENT.cert, "PICTOR_TLS_CLIENT_KEY": CLIENT.key}
         r = pictor_env(env, "info", "--target", server.target)

@@ -1,0 +1,186 @@
+"""The asyncio client: ``PictorClient``'s calls as coroutines, over ``grpc.aio``.
+
+Example::
+
+    import asyncio
+    from pictor.client import PictorAsyncClient
+
+    async def main() -> None:
+        async with PictorAsyncClient("localhost:50051") as client:
+            image = open("daisy.jpg", "rb").read()
+            answers = await asyncio.gather(client.classify(image), client.search(image=image, k=5))
+
+    asyncio.run(main())
+
+Requests are built and checked, and answers read, by the same code as ``PictorClient``'s
+(``_ClientBase``): the same arguments, results, errors and resends of busy refusals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from pictor.api import DEFAULT_K, DEFAULT_TOP_K, MAX_LIST, ServerInfo, StoredItem
+from pictor.client.client import (
+    _DELETE_MAY_HAVE_APPLIED,
+    Classification,
+    Hit,
+    ImageData,
+    PictorClient,
+    UpsertItem,
+    _classification,
+    _ClientBase,
+    _embeddings,
+    _health_status,
+    _hits,
+    _page,
+    _server_info,
+    _stored_items,
+)
+from pictor.errors import InvalidRequestError
+from pictor.v1 import pictor_pb2 as pb
+
+
+class PictorAsyncClient(_ClientBase):
+    """Calls a Pictor server from asyncio code: each method of ``PictorClient`` (the same
+    arguments, results and ``pictor.errors`` types) as a coroutine, and ``iter_items`` as an
+    async iterator. Make it inside a running event loop (``async with``), and use it in that loop
+    only: its gRPC channel belongs to it. Calls may run concurrently (``asyncio.gather``) over
+    the one channel.
+
+    The constructor's arguments are ``PictorClient``'s. ``upsert`` takes an ordinary iterable of
+    ``UpsertItem`` (a list, or a generator: it is read in a worker thread as the stream is sent,
+    not in the event loop)."""
+
+    _grpc = grpc.aio
+
+    def _check_context(self) -> None:
+        # grpc.aio would make the channel in a loop of its own, and every call from the running
+        # one fail with "attached to a different loop".
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise InvalidRequestError("make a PictorAsyncClient inside a coroutine (`async with "
+                                      "PictorAsyncClient(...)`): its gRPC channel belongs to the event loop that "
+                                      "runs it; outside one, use PictorClient") from None
+
+    async def __aenter__(self) -> PictorAsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel; calls still running end with an error."""
+        self._closed = True  # first: their CANCELLED is then known to be this close's
+        for blocking in list(self._streams):
+            blocking.close()
+        await self._channel.close()
+
+    async def _call(self, method: Callable[..., Any], request: Any, *, started: float | None = None,
+                    unknown_outcome: str = "") -> Any:
+        """``await method(request)``, its gRPC errors as Pictor's (``_ClientBase._error``)."""
+        if asyncio.get_running_loop() is not self._loop:
+            raise InvalidRequestError("this PictorAsyncClient was made in another event loop; make one in this "
+                                      "loop (its gRPC channel belongs to the loop it was made in)")
+        started, timeout = self._time_left(started)
+        try:
+            return await method(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as e:  # (grpc.aio.AioRpcError)
+            # (its trailers are grpc.aio's Metadata, whose `in` looks at keys only: as pairs)
+            raise self._error(e.code(), e.details() or "", tuple(e.trailing_metadata() or ()), method, request,
+                              started, unknown_outcome) from None
+        except asyncio.CancelledError:
+            if (task := asyncio.current_task()) is not None and task.cancelling():
+                raise  # this task was cancelled: the call with it
+            # grpc.aio cancelled the call itself, as this client was closed: not a CancelledError,
+            # which would read as this task's own cancellation.
+            raise self._error(grpc.StatusCode.CANCELLED, "Locally cancelled", (), method, request, started,
+                              unknown_outcome) from None
+
+    async def health(self, service: str = "") -> str:
+        """As ``PictorClient.health``."""
+        return _health_status(await self._call(self._health.Check, self._health_request(service)))
+
+    async def classify(self, image: ImageData, *, top_k: int = DEFAULT_TOP_K, classifier: str = "default",
+                       neighbors: int = 0) -> Classification:
+        """As ``PictorClient.classify``."""
+        request = self._classify_request(image, top_k, classifier, neighbors)
+        return _classification(await self._call(self._stub.Classify, request))
+
+    async def search(self, *, image: ImageData | None = None, key: str | None = None,
+                     vector: Iterable[float] | None = None, k: int = DEFAULT_K,
+                     labels: Iterable[str] | None = (), attributes: Mapping[str, str] | None = None,
+                     nprobe: int = 0, ef_search: int = 0) -> list[Hit]:
+        """As ``PictorClient.search``."""
+        request = self._search_request(image, key, vector, k, labels, attributes, nprobe, ef_search)
+        return _hits(await self._call(self._stub.Search, request))
+
+    async def embed(self, images: Iterable[ImageData]) -> list[list[float]]:
+        """As ``PictorClient.embed``."""
+        request = self._embed_request(images)
+        return [] if request is None else _embeddings(await self._call(self._stub.Embed, request))
+
+    async def upsert(self, items: Iterable[UpsertItem]) -> tuple[int, int]:
+        """As ``PictorClient.upsert``: (inserted, replaced) once all are durable.
+
+        Sent by a ``PictorClient`` of this client's settings, on a connection of its own, in a
+        worker thread, where ``items`` are read (a generator reading files does not hold up the
+        event loop): grpc.aio can lose the server's answer to a stream that the server ends while
+        items are still being written (grpc/grpc#36066: a busy refusal came back as INTERNAL
+        "Internal error from Core" in 1 of 40 refused streams), and a busy refusal must be known
+        to be sent again. Cancelling the awaiting task cancels the stream."""
+        self._check_open()
+        blocking = PictorClient(self.target, **self._settings)
+        blocking._name = self._name  # (its errors name this client)
+        self._streams.add(blocking)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, blocking.upsert, items)
+        finally:
+            self._streams.discard(blocking)
+            blocking.close()  # (its stream has ended, or is cancelled with this task)
+
+    async def delete(self, keys: Iterable[str]) -> tuple[int, list[str]]:
+        """As ``PictorClient.delete``: (deleted, keys that did not exist)."""
+        request = self._delete_request(keys)
+        if not request.keys:
+            self._check_open()
+            return 0, []
+        r = await self._call(self._stub.Delete, request, unknown_outcome=_DELETE_MAY_HAVE_APPLIED)
+        return r.deleted, list(r.missing)
+
+    async def get(self, keys: Iterable[str], *, vectors: bool = False) -> tuple[list[StoredItem], list[str]]:
+        """As ``PictorClient.get``: (items, keys the index does not hold)."""
+        request = self._get_request(keys, vectors)
+        if not request.keys:
+            self._check_open()
+            return [], []
+        return _stored_items(await self._call(self._stub.Get, request))
+
+    async def list_items(self, after: str = "", limit: int = MAX_LIST, *, labels: Iterable[str] | None = (),
+                         attributes: Mapping[str, str] | None = None) -> tuple[list[StoredItem], str]:
+        """As ``PictorClient.list_items``: (items, next)."""
+        return _page(await self._call(self._stub.List, self._list_request(after, limit, labels, attributes)))
+
+    def iter_items(self, *, labels: Iterable[str] | None = (), attributes: Mapping[str, str] | None = None,
+                   page: int = MAX_LIST, after: str = "") -> AsyncIterator[StoredItem]:
+        """As ``PictorClient.iter_items``, for ``async for``; bad arguments are refused here."""
+        return self._pages(self._pages_filter(labels, attributes, page), attributes, page, after)
+
+    async def _pages(self, labels: list[str], attributes: Mapping[str, str] | None, page: int, after: str
+                     ) -> AsyncIterator[StoredItem]:
+        while True:
+            items, after = await self.list_items(after, page, labels=labels, attributes=attributes)
+            for item in items:
+                yield item
+            if not after:
+                return
+
+    async def info(self) -> ServerInfo:
+        """As ``PictorClient.info``."""
+        return _server_info(await self._call(self._stub.Info, pb.InfoRequest()))
