@@ -147,18 +147,14 @@ class PictorAsyncClient(_ClientBase):
 
     async def delete(self, keys: Iterable[str]) -> tuple[int, list[str]]:
         """As ``PictorClient.delete``: (deleted, keys that did not exist)."""
-        request = self._delete_request(keys)
-        if not request.keys:
-            self._check_open()
+        if (request := self._delete_request(keys)) is None:
             return 0, []
         r = await self._call(self._stub.Delete, request, unknown_outcome=_DELETE_MAY_HAVE_APPLIED)
         return r.deleted, list(r.missing)
 
     async def get(self, keys: Iterable[str], *, vectors: bool = False) -> tuple[list[StoredItem], list[str]]:
         """As ``PictorClient.get``: (items, keys the index does not hold)."""
-        request = self._get_request(keys, vectors)
-        if not request.keys:
-            self._check_open()
+        if (request := self._get_request(keys, vectors)) is None:
             return [], []
         return _stored_items(await self._call(self._stub.Get, request))
 

@@ -693,25 +693,29 @@ class _ClientBase:
                                          + request_too_large(size, self._max_bytes, "this client's"))
         return pb.EmbedRequest(images=data)
 
-    @staticmethod
-    def _delete_request(keys: Iterable[str]) -> pb.DeleteRequest:
+    def _delete_request(self, keys: Iterable[str]) -> pb.DeleteRequest | None:
+        """None: no keys, nothing to send."""
         refuse_single(keys, "keys", "for one key, write [key]")
         keys = list(keys)
         try:
-            return pb.DeleteRequest(keys=keys)
+            request = pb.DeleteRequest(keys=keys)
         except (TypeError, ValueError) as e:
             raise _text_error("keys", e, keys) from e
+        self._check_open()
+        return request if request.keys else None
 
-    @staticmethod
-    def _get_request(keys: Iterable[str], vectors: bool) -> pb.GetRequest:
+    def _get_request(self, keys: Iterable[str], vectors: bool) -> pb.GetRequest | None:
+        """None: no keys, nothing to send."""
         refuse_single(keys, "keys", "for one key, write [key]")
         if not isinstance(vectors, bool):
             raise InvalidRequestError(f"vectors must be True or False, got {shown(vectors)}")
         keys = list(keys)
         try:
-            return pb.GetRequest(keys=keys, vectors=vectors)
+            request = pb.GetRequest(keys=keys, vectors=vectors)
         except (TypeError, ValueError) as e:
             raise _text_error("keys", e, keys) from e
+        self._check_open()
+        return request if request.keys else None
 
     @staticmethod
     def _list_request(after: str, limit: int, labels: Iterable[str] | None,
@@ -922,9 +926,7 @@ class PictorClient(_ClientBase):
 
     def delete(self, keys: Iterable[str]) -> tuple[int, list[str]]:
         """Remove items; returns (deleted, keys that did not exist)."""
-        request = self._delete_request(keys)
-        if not request.keys:
-            self._check_open()
+        if (request := self._delete_request(keys)) is None:
             return 0, []
         r = self._call(self._stub.Delete, request, unknown_outcome=_DELETE_MAY_HAVE_APPLIED)
         return r.deleted, list(r.missing)
@@ -933,9 +935,7 @@ class PictorClient(_ClientBase):
         """Stored items by key, each key once in the order first asked (at most 1000 distinct
         keys), with its stored vector when ``vectors``; returns (items, keys the index does not
         hold)."""
-        request = self._get_request(keys, vectors)
-        if not request.keys:
-            self._check_open()
+        if (request := self._get_request(keys, vectors)) is None:
             return [], []
         return _stored_items(self._call(self._stub.Get, request))
 
