@@ -19,7 +19,7 @@ Requests are built and checked, and answers read, by the same code as ``PictorCl
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -53,9 +53,7 @@ class PictorAsyncClient(_ClientBase):
     only: its gRPC channel belongs to it. Calls may run concurrently (``asyncio.gather``) over
     the one channel.
 
-    The constructor's arguments are ``PictorClient``'s. ``upsert`` takes an ordinary iterable of
-    ``UpsertItem`` (a list, or a generator: it is read in a worker thread as the stream is sent,
-    not in the event loop)."""
+    The constructor's arguments are ``PictorClient``'s; ``upsert`` also takes an async iterable."""
 
     _grpc = grpc.aio
 
@@ -126,16 +124,19 @@ class PictorAsyncClient(_ClientBase):
         request = self._embed_request(images)
         return [] if request is None else _embeddings(await self._call(self._stub.Embed, request))
 
-    async def upsert(self, items: Iterable[UpsertItem]) -> tuple[int, int]:
-        """As ``PictorClient.upsert``: (inserted, replaced) once all are durable.
+    async def upsert(self, items: Iterable[UpsertItem] | AsyncIterable[UpsertItem]) -> tuple[int, int]:
+        """As ``PictorClient.upsert``: (inserted, replaced) once all are durable. ``items``: an
+        iterable (read in a worker thread: a generator reading files does not hold up the event
+        loop) or an async iterable (read in the event loop, an item at a time as the stream goes).
 
         Sent by a ``PictorClient`` of this client's settings, on a connection of its own, in a
-        worker thread, where ``items`` are read (a generator reading files does not hold up the
-        event loop): grpc.aio can lose the server's answer to a stream that the server ends while
+        worker thread: grpc.aio can lose the server's answer to a stream that the server ends while
         items are still being written (grpc/grpc#36066: a busy refusal came back as INTERNAL
         "Internal error from Core" in 1 of 40 refused streams), and a busy refusal must be known
         to be sent again. Cancelling the awaiting task cancels the stream."""
         self._check_open()
+        if isinstance(items, AsyncIterable):
+            items = _taken_in(asyncio.get_running_loop(), items)
         blocking = PictorClient(self.target, **self._settings)
         blocking._name = self._name  # (its errors name this client)
         self._streams.add(blocking)
@@ -180,3 +181,18 @@ class PictorAsyncClient(_ClientBase):
     async def info(self) -> ServerInfo:
         """As ``PictorClient.info``."""
         return _server_info(await self._call(self._stub.Info, pb.InfoRequest()))
+
+
+def _taken_in(loop: asyncio.AbstractEventLoop, items: AsyncIterable[UpsertItem]) -> Iterator[UpsertItem]:
+    """An async iterable's items for the thread that sends them, each taken in ``loop`` (which
+    runs while the Upsert is awaited there)."""
+    iterator = aiter(items)
+
+    async def take() -> UpsertItem:
+        return await anext(iterator)
+
+    while True:
+        try:
+            yield asyncio.run_coroutine_threadsafe(take(), loop).result()
+        except StopAsyncIteration:
+            return

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -49,6 +49,13 @@ def test_the_async_client_answers_as_the_blocking_one(server: ServerProcess, sha
                      for i in range(3)]
             assert await client.upsert(items) == (3, 0)
             assert await client.upsert(it for it in items[:2]) == (0, 2)
+
+            async def arriving() -> AsyncIterator[UpsertItem]:  # e.g. from an async source
+                for it in items:
+                    await asyncio.sleep(0)
+                    yield it
+
+            assert await client.upsert(arriving()) == (0, 3)
             stored, missing = await client.get(["async/0", "async/none"], vectors=True)
             assert [s.key for s in stored] == ["async/0"] and missing == ["async/none"]
             assert stored[0].vector is not None and stored[0].attributes == {"n": "0"}
@@ -82,8 +89,13 @@ def test_the_async_client_raises_the_blocking_ones_errors(server: ServerProcess)
                 yield UpsertItem(key="async/x", vector=[1.0] * 1280)
                 raise ValueError("the caller's items broke")
 
-            with pytest.raises(ValueError, match="the caller's items broke"):  # raised as it was
-                await client.upsert(failing())
+            async def failing_later() -> AsyncIterator[UpsertItem]:
+                for it in failing():
+                    yield it
+
+            for broken in (failing(), failing_later()):
+                with pytest.raises(ValueError, match="the caller's items broke"):  # raised as it was
+                    await client.upsert(broken)
             assert (await client.get(["async/x"]))[1] == ["async/x"]  # its chunk never ended: not written
             assert await client.health() == "SERVING"
             # An Upsert held open by its items: cancelled with its task.
