@@ -19,8 +19,11 @@ Requests are built and checked, and answers read, by the same code as ``PictorCl
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import threading
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -44,6 +47,8 @@ from pictor.client.client import (
 )
 from pictor.errors import InvalidRequestError
 from pictor.v1 import pictor_pb2 as pb
+
+R = TypeVar("R")
 
 
 class PictorAsyncClient(_ClientBase):
@@ -87,6 +92,8 @@ class PictorAsyncClient(_ClientBase):
             raise InvalidRequestError("this PictorAsyncClient was made in another event loop; make one in this "
                                       "loop (its gRPC channel belongs to the loop it was made in)")
         started, timeout = self._time_left(started)
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
         try:
             return await method(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:  # (grpc.aio.AioRpcError)
@@ -94,11 +101,11 @@ class PictorAsyncClient(_ClientBase):
             raise self._error(e.code(), e.details() or "", tuple(e.trailing_metadata() or ()), method, request,
                               started, unknown_outcome) from None
         except asyncio.CancelledError:
-            if (task := asyncio.current_task()) is not None and task.cancelling():
-                raise  # this task was cancelled: the call with it
+            if not self._closed or (task is not None and task.cancelling() > cancels):
+                raise  # this task was cancelled during the call (the count: it may have caught one before)
             # grpc.aio cancelled the call itself, as this client was closed: not a CancelledError,
-            # which would read as this task's own cancellation.
-            raise self._error(grpc.StatusCode.CANCELLED, "Locally cancelled", (), method, request, started,
+            # which would read as this task's own cancellation. (gRPC's words, as PictorClient's.)
+            raise self._error(grpc.StatusCode.CANCELLED, "Channel closed!", (), method, request, started,
                               unknown_outcome) from None
 
     async def health(self, service: str = "") -> str:
@@ -126,23 +133,24 @@ class PictorAsyncClient(_ClientBase):
 
     async def upsert(self, items: Iterable[UpsertItem] | AsyncIterable[UpsertItem]) -> tuple[int, int]:
         """As ``PictorClient.upsert``: (inserted, replaced) once all are durable. ``items``: an
-        iterable (read in a worker thread: a generator reading files does not hold up the event
+        iterable (read in another thread: a generator reading files does not hold up the event
         loop) or an async iterable (read in the event loop, an item at a time as the stream goes).
 
         Sent by a ``PictorClient`` of this client's settings, on a connection of its own, in a
-        worker thread: grpc.aio can lose the server's answer to a stream that the server ends while
+        thread of its own: grpc.aio can lose the server's answer to a stream that the server ends while
         items are still being written (grpc/grpc#36066: a busy refusal came back as INTERNAL
         "Internal error from Core" in 1 of 40 refused streams), and a busy refusal must be known
         to be sent again. Cancelling the awaiting task cancels the stream."""
         self._check_open()
-        if isinstance(items, AsyncIterable):
-            items = _taken_in(asyncio.get_running_loop(), items)
+        sent = _ItemsFromLoop(asyncio.get_running_loop(), items) if isinstance(items, AsyncIterable) else items
         blocking = PictorClient(self.target, **self._settings)
         blocking._name = self._name  # (its errors name this client)
         self._streams.add(blocking)
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, blocking.upsert, items)
+            return await _in_a_thread(partial(blocking.upsert, sent))
         finally:
+            if isinstance(sent, _ItemsFromLoop):
+                sent.stop()  # (no more items taken: a cancelled call's would be lost)
             self._streams.discard(blocking)
             blocking.close()  # (its stream has ended, or is cancelled with this task)
 
@@ -183,16 +191,47 @@ class PictorAsyncClient(_ClientBase):
         return _server_info(await self._call(self._stub.Info, pb.InfoRequest()))
 
 
-def _taken_in(loop: asyncio.AbstractEventLoop, items: AsyncIterable[UpsertItem]) -> Iterator[UpsertItem]:
-    """An async iterable's items for the thread that sends them, each taken in ``loop`` (which
-    runs while the Upsert is awaited there)."""
-    iterator = aiter(items)
+def _in_a_thread(call: Callable[[], R]) -> asyncio.Future[R]:
+    """``call()`` in a thread of its own, awaitable: not in the event loop's default pool, whose
+    few threads (6 on 2 cores) the program's other work shares (12 Upserts there took 3x as long
+    as one, and held up every ``asyncio.to_thread`` meanwhile)."""
+    done: concurrent.futures.Future[R] = concurrent.futures.Future()
 
-    async def take() -> UpsertItem:
-        return await anext(iterator)
-
-    while True:
-        try:
-            yield asyncio.run_coroutine_threadsafe(take(), loop).result()
-        except StopAsyncIteration:
+    def run() -> None:
+        if not done.set_running_or_notify_cancel():
             return
+        try:
+            done.set_result(call())
+        except BaseException as e:  # (raised where it is awaited)
+            done.set_exception(e)
+
+    threading.Thread(target=run, name="pictor-upsert", daemon=True).start()
+    return asyncio.wrap_future(done)
+
+
+class _ItemsFromLoop:
+    """An async iterable's items for the thread that sends them, each taken in ``loop`` (which
+    runs while the Upsert is awaited there) when the stream asks for it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, items: AsyncIterable[UpsertItem]) -> None:
+        self._loop, self._iterator = loop, aiter(items)
+        self._taking: concurrent.futures.Future[UpsertItem] | None = None
+        self._stopped = False
+
+    def __iter__(self) -> Iterator[UpsertItem]:
+        while not self._stopped:
+            self._taking = asyncio.run_coroutine_threadsafe(self._take(), self._loop)
+            try:
+                yield self._taking.result()
+            except StopAsyncIteration:
+                return
+
+    async def _take(self) -> UpsertItem:
+        return await anext(self._iterator)
+
+    def stop(self) -> None:
+        """Take no more items; cancel the taking of one under way (so that a cancelled Upsert
+        does not take an item from its source that it will never send)."""
+        self._stopped = True
+        if self._taking is not None:
+            self._taking.cancel()

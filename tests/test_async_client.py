@@ -134,6 +134,65 @@ def test_the_async_client_raises_the_blocking_ones_errors(server: ServerProcess)
     asyncio.run(unreachable())
 
 
+def test_upserts_run_beside_the_programs_threads_and_stop_with_their_task(server: ServerProcess) -> None:
+    """An Upsert is sent from a thread of its own: the event loop's default pool (here 2 threads)
+    stays free for the program, and every Upsert runs at once. One cancelled takes no more items
+    from its async source (they would be lost); a task that once caught a cancellation still
+    gets the client's error when the client is closed under a call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    async def calls() -> None:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(2))
+        async with PictorAsyncClient(server.target, timeout=60) as client:
+            release = threading.Event()
+            started = [threading.Event() for _ in range(4)]
+            held = [asyncio.create_task(client.upsert(held_open(f"held/{i}", release, sent)))
+                    for i, sent in enumerate(started)]
+            assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 10) == "free"
+            for sent in started:  # all four at once
+                assert await asyncio.to_thread(sent.wait, 30)
+            release.set()
+            assert await asyncio.gather(*held) == [(1, 0)] * 4
+            assert await client.delete([f"held/{i}" for i in range(4)]) == (4, [])
+
+            queue: asyncio.Queue[UpsertItem | None] = asyncio.Queue()
+
+            async def queued() -> AsyncIterator[UpsertItem]:
+                while (item := await queue.get()) is not None:
+                    yield item
+
+            queue.put_nowait(UpsertItem(key="queued/0", vector=[1.0] * 1280))
+            upsert = asyncio.create_task(client.upsert(queued()))
+            while not queue.empty():
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)  # (the stream now waits for the next item)
+            upsert.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await upsert
+            queue.put_nowait(UpsertItem(key="queued/1", vector=[1.0] * 1280))
+            await asyncio.sleep(0.2)
+            assert queue.qsize() == 1  # left for the program
+            assert (await client.get(["queued/0", "queued/1"]))[1] == ["queued/0", "queued/1"]
+
+        async def caught_a_cancellation_before(client: PictorAsyncClient) -> None:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                pass  # (the task goes on: its cancelling() count stays 1)
+            await client.embed([b"x" * 10_000_000] * 6)  # long enough to be closed under
+
+        async with PictorAsyncClient(server.target, timeout=60) as client:
+            task = asyncio.create_task(caught_a_cancellation_before(client))
+            await asyncio.sleep(0.05)
+            task.cancel()
+            await asyncio.sleep(0.05)
+            await client.close()
+            with pytest.raises(ServerUnavailableError, match="this PictorAsyncClient was closed"):
+                await task
+
+    asyncio.run(calls())
+
+
 def test_the_async_client_is_used_in_the_loop_it_was_made_in(server: ServerProcess) -> None:
     """grpc.aio ties a channel to an event loop: made elsewhere, every call failed with "attached
     to a different loop"."""
