@@ -4,8 +4,8 @@ coroutines sharing one PictorAsyncClient).
 
 Calls: a Search by vector (cheap on the server: the client's own cost shows most), a Classify
 (a forward pass: the server's model is the limit) and an Upsert of `--upsert-items` vectors
-(PictorAsyncClient sends it through a PictorClient of its own, on a new connection, in a worker
-thread). The table gives calls per second and the median milliseconds per call. The bench and
+(PictorAsyncClient sends it through a PictorClient of its own, on a new connection, in a thread
+of its own). The table gives calls per second and the median milliseconds per call. The bench and
 the server share the machine's cores.
 
 Run from the project root, under the shared CPU lock::
