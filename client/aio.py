@@ -221,6 +221,8 @@ class _ItemsFromLoop:
     def __iter__(self) -> Iterator[UpsertItem]:
         while not self._stopped:
             self._taking = asyncio.run_coroutine_threadsafe(self._take(), self._loop)
+            if self._stopped:  # (stop() ran between the check and the line above: it saw the one before)
+                self._taking.cancel()
             try:
                 yield self._taking.result()
             except StopAsyncIteration:
