@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import queue
 import threading
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 import grpc.aio
@@ -62,7 +63,7 @@ class PictorAsyncClient(_ClientBase):
 
     _grpc = grpc.aio
 
-    def _check_context(self) -> None:
+    def _begin(self) -> None:
         # grpc.aio would make the channel in a loop of its own, and every call from the running
         # one fail with "attached to a different loop".
         try:
@@ -71,6 +72,8 @@ class PictorAsyncClient(_ClientBase):
             raise InvalidRequestError("make a PictorAsyncClient inside a coroutine (`async with "
                                       "PictorAsyncClient(...)`): its gRPC channel belongs to the event loop that "
                                       "runs it; outside one, use PictorClient") from None
+        # The Upserts under way: each its PictorClient, and what hands it an async source's items.
+        self._streams: dict[PictorClient, _Handoff | None] = {}
 
     async def __aenter__(self) -> PictorAsyncClient:
         return self
@@ -81,7 +84,9 @@ class PictorAsyncClient(_ClientBase):
     async def close(self) -> None:
         """Close the channel; calls still running end with an error."""
         self._closed = True  # first: their CANCELLED is then known to be this close's
-        for blocking in list(self._streams):
+        for blocking, handoff in list(self._streams.items()):
+            if handoff is not None:
+                handoff.interrupt()  # now: an item that comes before the stream's end is known stays in its source
             blocking.close()
         await self._channel.close()
 
@@ -134,7 +139,8 @@ class PictorAsyncClient(_ClientBase):
     async def upsert(self, items: Iterable[UpsertItem] | AsyncIterable[UpsertItem]) -> tuple[int, int]:
         """As ``PictorClient.upsert``: (inserted, replaced) once all are durable. ``items``: an
         iterable (read in another thread: a generator reading files does not hold up the event
-        loop) or an async iterable (read in the event loop, an item at a time as the stream goes).
+        loop) or an async iterable (read by the awaiting task, an item at a time as the stream asks for
+        it: what a cancel or a close leaves unread stays in the source).
 
         Sent by a ``PictorClient`` of this client's settings, on a connection of its own, in a
         thread of its own: grpc.aio can lose the server's answer to a stream that the server ends while
@@ -142,16 +148,20 @@ class PictorAsyncClient(_ClientBase):
         "Internal error from Core" in 1 of 40 refused streams), and a busy refusal must be known
         to be sent again. Cancelling the awaiting task cancels the stream."""
         self._check_open()
-        sent = _ItemsFromLoop(asyncio.get_running_loop(), items) if isinstance(items, AsyncIterable) else items
         blocking = PictorClient(self.target, **self._settings)
         blocking._name = self._name  # (its errors name this client)
-        self._streams.add(blocking)
+        sent = _Handoff(asyncio.get_running_loop(), items) if isinstance(items, AsyncIterable) else items
+        self._streams[blocking] = sent if isinstance(sent, _Handoff) else None
+        sending = _in_a_thread(partial(blocking.upsert, sent))
+        sending.add_done_callback(_retrieved)  # (when this task ends first, its error is nobody's)
         try:
-            return await _in_a_thread(partial(blocking.upsert, sent))
+            if isinstance(sent, _Handoff):
+                await sent.pump(sending)
+            return await sending
         finally:
-            if isinstance(sent, _ItemsFromLoop):
-                sent.stop()  # (no more items taken: a cancelled call's would be lost)
-            self._streams.discard(blocking)
+            if isinstance(sent, _Handoff):
+                sent.stop()
+            self._streams.pop(blocking, None)
             blocking.close()  # (its stream has ended, or is cancelled with this task)
 
     async def delete(self, keys: Iterable[str]) -> tuple[int, list[str]]:
@@ -209,31 +219,75 @@ def _in_a_thread(call: Callable[[], R]) -> asyncio.Future[R]:
     return asyncio.wrap_future(done)
 
 
-class _ItemsFromLoop:
-    """An async iterable's items for the thread that sends them, each taken in ``loop`` (which
-    runs while the Upsert is awaited there) when the stream asks for it."""
+def _retrieved(done: asyncio.Future[Any]) -> None:
+    if not done.cancelled():
+        done.exception()
+
+
+class _Stopped(Exception):
+    """Raised to the sending thread for its next item when the Upsert ended in its task (its
+    source raised, or it was cancelled): the stream is then cancelled, never ended (an ended
+    stream's last chunk would be written)."""
+
+
+_END = object()  # the source has no more items
+_STOP = object()
+
+
+class _Handoff:
+    """An async iterable's items for the thread that sends them, each taken in the Upsert's own
+    task (``pump``) only once that thread asks for the next. So a cancelled Upsert leaves every
+    item it did not ask for in its source (an asyncio.Queue keeps one put as the cancel came: a
+    task of its own taking them had taken it, and it was lost), and an error from the source,
+    a KeyboardInterrupt too, is raised where the Upsert is awaited, as it was."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, items: AsyncIterable[UpsertItem]) -> None:
-        self._loop, self._iterator = loop, aiter(items)
-        self._taking: concurrent.futures.Future[UpsertItem] | None = None
-        self._stopped = False
+        self._loop, self._source = loop, items
+        self._wanted = asyncio.Event()
+        self._items: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._task: asyncio.Task[Any] | None = None  # the Upsert's, while it pumps
+        self._interrupted = False
 
-    def __iter__(self) -> Iterator[UpsertItem]:
-        while not self._stopped:
-            self._taking = asyncio.run_coroutine_threadsafe(self._take(), self._loop)
-            if self._stopped:  # (stop() ran between the check and the line above: it saw the one before)
-                self._taking.cancel()
-            try:
-                yield self._taking.result()
-            except StopAsyncIteration:
+    def __iter__(self) -> Iterator[UpsertItem]:  # (in the sending thread)
+        while True:
+            self._loop.call_soon_threadsafe(self._wanted.set)
+            item = self._items.get()
+            if item is _END:
                 return
-
-    async def _take(self) -> UpsertItem:
-        return await anext(self._iterator)
+            if item is _STOP:
+                raise _Stopped("the Upsert ended in its task")
+            yield cast(UpsertItem, item)
 
     def stop(self) -> None:
-        """Take no more items; cancel the taking of one under way (so that a cancelled Upsert
-        does not take an item from its source that it will never send)."""
-        self._stopped = True
-        if self._taking is not None:
-            self._taking.cancel()
+        """The Upsert ended in its task: the thread's next item, or the one it waits for, raises."""
+        self._items.put(_STOP)
+
+    async def pump(self, sending: asyncio.Future[Any]) -> None:
+        """Hand over items as the thread asks for them until the source ends, or the sending
+        does (a refusal; this client closed: ``interrupt``): then this task's wait for the
+        source is cancelled, and the cancel taken back."""
+        self._task = task = asyncio.current_task()
+        assert task is not None  # (awaited in one)
+        sending.add_done_callback(lambda _: self.interrupt())
+        iterator = aiter(self._source)
+        try:
+            while True:
+                await self._wanted.wait()
+                self._wanted.clear()
+                try:
+                    item = await anext(iterator)
+                except StopAsyncIteration:
+                    self._items.put(_END)
+                    return
+                self._items.put(item)
+        except asyncio.CancelledError:
+            if not self._interrupted or task.uncancel() > 0:  # the caller's cancel (too)
+                raise
+        finally:
+            self._task = None
+
+    def interrupt(self) -> None:
+        """End ``pump`` (in the event loop's thread): the sending has ended."""
+        if self._task is not None and not self._interrupted:  # (not once the pump returned: the task has gone on)
+            self._interrupted = True
+            self._task.cancel()

@@ -547,7 +547,7 @@ class _ClientBase:
         ``ClientTLS`` names (its files are read here), or with True the system's CAs and no
         client certificate; False or None calls in plain TCP. The client commands read
         ``$PICTOR_TLS*`` (``pictor.config.default_tls``); this class does not."""
-        self._check_context()
+        self._begin()
         target = _with_port(target)
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)):
             raise InvalidRequestError(f"timeout must be a number of seconds or None, got {shown(timeout)} "
@@ -572,11 +572,9 @@ class _ClientBase:
         self.timeout = timeout
         self._closed = False
         self._name = type(self).__name__  # in its errors
-        # PictorAsyncClient sends each Upsert through a PictorClient made with these (in _streams
-        # while it sends).
+        # PictorAsyncClient sends each Upsert through a PictorClient made with these.
         self._settings: dict[str, Any] = {"timeout": timeout, "max_message_mb": max_message_mb,
                                           "max_attempts": max_attempts, "token": token, "tls": self.tls}
-        self._streams: set[PictorClient] = set()
         options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", max_bytes),
             ("grpc.max_receive_message_length", max_bytes),
@@ -597,8 +595,9 @@ class _ClientBase:
         self._stub = pb_grpc.PictorStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    def _check_context(self) -> None:
-        """Refuse to make this client where it could not call (the asyncio client: outside an event loop)."""
+    def _begin(self) -> None:
+        """What ``__init__`` does first: the asyncio client refuses to be made outside an event
+        loop, where it could not call."""
 
     def _check_open(self) -> None:
         """Refuse a call on a closed client, also one with nothing to send (answered here, not sent)."""

@@ -161,18 +161,31 @@ def test_upserts_run_beside_the_programs_threads_and_stop_with_their_task(server
                 while (item := await queue.get()) is not None:
                     yield item
 
-            queue.put_nowait(UpsertItem(key="queued/0", vector=[1.0] * 1280))
-            upsert = asyncio.create_task(client.upsert(queued()))
-            while not queue.empty():
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.2)  # (the stream now waits for the next item)
-            upsert.cancel()
+            async def taken_up_to(count: int) -> asyncio.Task[tuple[int, int]]:
+                """An Upsert of queued() that has taken ``count`` items and waits for more."""
+                upsert = asyncio.create_task(client.upsert(queued()))
+                for i in range(count):
+                    queue.put_nowait(UpsertItem(key=f"queued/{i}", vector=[1.0] * 1280))
+                while not queue.empty():
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.2)  # (the stream now waits for the next item)
+                return upsert
+
+            upsert = await taken_up_to(1)
+            queue.put_nowait(UpsertItem(key="queued/1", vector=[1.0] * 1280))
+            upsert.cancel()  # as the item came
             with pytest.raises(asyncio.CancelledError):
                 await upsert
-            queue.put_nowait(UpsertItem(key="queued/1", vector=[1.0] * 1280))
             await asyncio.sleep(0.2)
             assert queue.qsize() == 1  # left for the program
             assert (await client.get(["queued/0", "queued/1"]))[1] == ["queued/0", "queued/1"]
+            queue.get_nowait()
+            upsert = await taken_up_to(2)
+            queue.put_nowait(UpsertItem(key="queued/2", vector=[1.0] * 1280))
+            await client.close()  # as the item came
+            with pytest.raises(ServerUnavailableError, match=r"was closed \(CANCELLED\); none of the 2 items sent "):
+                await upsert
+            assert queue.qsize() == 1
 
         async def caught_a_cancellation_before(client: PictorAsyncClient) -> None:
             try:
@@ -191,6 +204,26 @@ def test_upserts_run_beside_the_programs_threads_and_stop_with_their_task(server
                 await task
 
     asyncio.run(calls())
+
+    # A KeyboardInterrupt or SystemExit from an async source is raised where the Upsert is
+    # awaited, as from any other code of the task (and then ends asyncio.run).
+    raised = []
+
+    async def exits() -> None:
+        async def source() -> AsyncIterator[UpsertItem]:
+            yield UpsertItem(key="exit/0", vector=[1.0] * 1280)
+            raise SystemExit(3)
+
+        async with PictorAsyncClient(server.target, timeout=60) as client:
+            try:
+                await client.upsert(source())
+            except BaseException as e:
+                raised.append(e)
+                raise
+
+    with pytest.raises(SystemExit):
+        asyncio.run(exits())
+    assert [type(e) for e in raised] == [SystemExit]
 
 
 def test_the_async_client_is_used_in_the_loop_it_was_made_in(server: ServerProcess) -> None:
