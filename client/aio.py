@@ -268,10 +268,11 @@ class _Handoff:
         source is cancelled, and the cancel taken back."""
         self._task = task = asyncio.current_task()
         assert task is not None  # (awaited in one)
+        cancels = task.cancelling()  # (a task may have caught cancels before)
         sending.add_done_callback(lambda _: self.interrupt())
         iterator = aiter(self._source)
         try:
-            while True:
+            while not self._interrupted:  # (a source may swallow the cancel)
                 await self._wanted.wait()
                 self._wanted.clear()
                 try:
@@ -281,10 +282,12 @@ class _Handoff:
                     return
                 self._items.put(item)
         except asyncio.CancelledError:
-            if not self._interrupted or task.uncancel() > 0:  # the caller's cancel (too)
+            if not self._interrupted or task.cancelling() > cancels + 1:  # the caller's cancel (too)
                 raise
         finally:
             self._task = None
+            if self._interrupted:
+                task.uncancel()  # the cancel interrupt() made, delivered by now
 
     def interrupt(self) -> None:
         """End ``pump`` (in the event loop's thread): the sending has ended."""

@@ -194,14 +194,38 @@ def test_upserts_run_beside_the_programs_threads_and_stop_with_their_task(server
                 pass  # (the task goes on: its cancelling() count stays 1)
             await client.embed([b"x" * 10_000_000] * 6)  # long enough to be closed under
 
-        async with PictorAsyncClient(server.target, timeout=60) as client:
-            task = asyncio.create_task(caught_a_cancellation_before(client))
-            await asyncio.sleep(0.05)
-            task.cancel()
-            await asyncio.sleep(0.05)
-            await client.close()
-            with pytest.raises(ServerUnavailableError, match="this PictorAsyncClient was closed"):
-                await task
+        async def swallowing() -> AsyncIterator[UpsertItem]:  # (a source that takes a cancel for an item)
+            while True:
+                try:
+                    item = await queue.get()
+                except asyncio.CancelledError:
+                    item = UpsertItem(key="swallowed", vector=[1.0] * 1280)
+                if item is not None:
+                    yield item
+
+        async def upsert_after_a_caught_cancellation(client: PictorAsyncClient) -> None:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                pass
+            await client.upsert(queued())
+
+        async def upsert_swallowing(client: PictorAsyncClient) -> None:
+            await client.upsert(swallowing())
+
+        # (the call, and whether its task is cancelled once first: it catches that)
+        for call, cancelled_before in ((caught_a_cancellation_before, True),
+                                       (upsert_after_a_caught_cancellation, True), (upsert_swallowing, False)):
+            async with PictorAsyncClient(server.target, timeout=60) as client:
+                task = asyncio.create_task(call(client))
+                await asyncio.sleep(0.05)
+                if cancelled_before:
+                    task.cancel()
+                await asyncio.sleep(0.2)
+                await client.close()
+                # (the swallowing source's Upsert had not opened its stream yet: "is closed")
+                with pytest.raises(PictorError, match="this PictorAsyncClient (was|is) closed"):
+                    await asyncio.wait_for(task, 10)  # no hang
 
     asyncio.run(calls())
 
