@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from pictor.client import PictorAsyncClient, PictorClient, UpsertItem
 
@@ -76,26 +77,24 @@ def main() -> None:
             items = [UpsertItem(key=f"bench/{i}", vector=vector) for i in range(args.upsert_items)]
             kinds = {"search by vector": args.calls, "classify": max(1, args.calls // 10),
                      f"upsert of {args.upsert_items}": max(1, args.calls // 10)}
-            calls: dict[str, Callable[[], object]] = {
-                "search by vector": lambda: blocking.search(vector=vector, k=5),
-                "classify": lambda: blocking.classify(image),
-                f"upsert of {args.upsert_items}": lambda: blocking.upsert(items)}
+
+            def calls_of(client: Any) -> dict[str, Callable[[], Any]]:
+                """Each kind's call on ``client`` (a PictorAsyncClient's return awaitables)."""
+                return dict(zip(kinds, (lambda: client.search(vector=vector, k=5), lambda: client.classify(image),
+                                        lambda: client.upsert(items)), strict=True))
 
             async def async_rows() -> None:
                 async with PictorAsyncClient(address, timeout=60) as client:
-                    async_calls: dict[str, Callable[[], Awaitable[object]]] = {
-                        "search by vector": lambda: client.search(vector=vector, k=5),
-                        "classify": lambda: client.classify(image),
-                        f"upsert of {args.upsert_items}": lambda: client.upsert(items)}
-                    for kind, n in kinds.items():
+                    for kind, call in calls_of(client).items():
                         for concurrency in (1, args.concurrency):
-                            rows.append((kind, "PictorAsyncClient", concurrency, n,
-                                         *await async_run(async_calls[kind], n, concurrency)))
+                            rows.append((kind, "PictorAsyncClient", concurrency, kinds[kind],
+                                         *await async_run(call, kinds[kind], concurrency)))
 
-            for kind, n in kinds.items():
-                calls[kind]()  # (the connection made, the server's first call of each kind done)
+            for kind, call in calls_of(blocking).items():
+                call()  # (the connection made, the server's first call of each kind done)
                 for concurrency in (1, args.concurrency):
-                    rows.append((kind, "PictorClient", concurrency, n, *blocking_run(calls[kind], n, concurrency)))
+                    rows.append((kind, "PictorClient", concurrency, kinds[kind],
+                                 *blocking_run(call, kinds[kind], concurrency)))
             asyncio.run(async_rows())
     print("\n| call | client | at once | calls | calls/s | p50 ms |")
     print("|---|---|---:|---:|---:|---:|")

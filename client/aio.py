@@ -102,9 +102,7 @@ class PictorAsyncClient(_ClientBase):
         try:
             return await method(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:  # (grpc.aio.AioRpcError)
-            # (its trailers are grpc.aio's Metadata, whose `in` looks at keys only: as pairs)
-            raise self._error(e.code(), e.details() or "", tuple(e.trailing_metadata() or ()), method, request,
-                              started, unknown_outcome) from None
+            raise self._rpc_error(e, method, request, started, unknown_outcome) from None
         except asyncio.CancelledError:
             if not self._closed or (task is not None and task.cancelling() > cancels):
                 raise  # this task was cancelled during the call (the count: it may have caught one before)

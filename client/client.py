@@ -619,6 +619,7 @@ class _ClientBase:
         the call may have been applied all the same."""
         name = "Check" if method == self._health.Check else next(
             (n for n, m in vars(self._stub).items() if m is method), "this")
+        # (as pairs: grpc.aio's Metadata has an `in` that looks at keys only)
         error = _error_of(code, details, said=NO_RESEND in tuple(trailers), method=name, target=self.target,
                           closed=self._name if self._closed else "", timeout=self.timeout,
                           past_deadline=self._past_deadline(started),
@@ -626,6 +627,12 @@ class _ClientBase:
         if unknown_outcome and self._outcome_unknown(error, started):
             return type(error)(f"{error}; {unknown_outcome}")
         return error
+
+    def _rpc_error(self, e: grpc.RpcError, method: Callable[..., Any], request: Any, started: float,
+                   unknown_outcome: str) -> PictorError:
+        """``_error`` for a call gRPC failed (grpc's or grpc.aio's RpcError)."""
+        return self._error(e.code(), e.details() or "", e.trailing_metadata() or (), method, request, started,
+                           unknown_outcome)
 
     def _outcome_unknown(self, e: PictorError, started: float) -> bool:
         """Whether a write call that failed with ``e`` may have been applied all the same.
@@ -804,8 +811,7 @@ class PictorClient(_ClientBase):
         try:
             return method(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:
-            raise self._error(e.code(), e.details() or "", e.trailing_metadata() or (), method, request, started,
-                              unknown_outcome) from None
+            raise self._rpc_error(e, method, request, started, unknown_outcome) from None
 
     def health(self, service: str = "") -> str:
         """Serving status name from the standard health service, e.g. ``"SERVING"``."""
