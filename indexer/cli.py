@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from pictor.config import (
     DEFAULT_BACKBONE,
+    MAX_DECODE_WORKERS,
     IndexerSettings,
     add_flag,
     build_settings,
@@ -112,7 +113,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--labels", choices=("folder", "none"),
                    help="folder (default): label = top-level folder name (a manifest: its own labels); none: no labels")
     add_flag(p, "batch_size")
-    p.add_argument("--workers", type=whole_number, help="decoding threads (default 2)")
+    p.add_argument("--workers", type=whole_number, help=f"decoding threads (default 2, at most {MAX_DECODE_WORKERS})")
     add_flag(p, "max_pixels", help_end="larger files are skipped and listed")
     add_flag(p, "device")
     add_flag(p, "pooling", help_end="an index keeps its own, and serve follows it")

@@ -35,6 +35,11 @@ MAX_IDLE_TIMEOUT = 7 * 24 * 3600  # seconds, for --upsert-idle-timeout
 MAX_TOKEN_CHARS = 4096  # well under gRPC's 8 KB of headers
 SECRET_SETTINGS = frozenset({"token"})  # values no message repeats
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Upper bounds on sizes that cost memory per unit: a typo (--batch-size 100000) is refused
+# with a message, not answered by running out of memory after the model has loaded.
+MAX_BATCH_SIZE = 4096  # images per forward pass; the indexer holds two batches decoded
+MAX_SERVER_WORKERS = 1024  # gRPC handler threads, each may hold a decoded image
+MAX_DECODE_WORKERS = 256  # the indexer's decode threads
 
 
 def default_cache_dir() -> Path:
@@ -84,7 +89,8 @@ class ModelSettings(RuntimeSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive(self, "batch_size")
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise SettingValueError("batch_size", f"between 1 and {MAX_BATCH_SIZE}", self.batch_size)
         if self.pooling not in ("", *POOLINGS):
             raise SettingValueError("pooling", f"one of {', '.join(POOLINGS)}", repr(self.pooling))
 
@@ -139,9 +145,9 @@ class ServerSettings(RuntimeSettings):
             raise SettingValueError("metrics_port", "between 1 and 65535, or 0 for no metrics", self.metrics_port)
         if self.metrics_port and self.metrics_port == self.port:
             raise SettingValueError("metrics_port", f"another port than the gRPC port {self.port}", self.metrics_port)
-        if self.workers < 2:  # an Upsert stream holds one for as long as its client sends
-            raise SettingValueError("workers", "at least 2 (one is always kept for health checks and lookups)",
-                                    self.workers)
+        if not 2 <= self.workers <= MAX_SERVER_WORKERS:  # an Upsert stream holds one while its client sends
+            raise SettingValueError("workers", f"at least 2 (one is always kept for health checks and lookups) and "
+                                    f"at most {MAX_SERVER_WORKERS}", self.workers)
         check_max_message_mb(self.max_message_mb)
         if self.token:
             check_token(self.token)
@@ -178,7 +184,9 @@ class IndexerSettings:
     pca_sample: int = 10_000  # gallery images embedded to fit it (embedded again when indexed)
 
     def __post_init__(self) -> None:
-        _check_positive(self, "workers", "pca_sample")
+        _check_positive(self, "pca_sample")
+        if not 1 <= self.workers <= MAX_DECODE_WORKERS:
+            raise SettingValueError("workers", f"between 1 and {MAX_DECODE_WORKERS}", self.workers)
         if self.labels not in ("folder", "none"):
             raise SettingValueError("labels", "folder or none", repr(self.labels))
         if not self.out:  # Path("") is the current folder
@@ -219,7 +227,8 @@ FLAGS: dict[str, dict[str, Any]] = {
                         "forward passes run 1.1-1.6x faster on a CPU; a 2-core `pictor index` gains little, "
                         "its decoding shares the cores (docs/benchmarks.md)"},
     "pooling": {"choices": POOLINGS, "help": "global pooling of the feature map (default avg)"},
-    "batch_size": {"type": whole_number, "help": f"images per forward pass (default {ModelSettings.batch_size})"},
+    "batch_size": {"type": whole_number,
+                   "help": f"images per forward pass (default {ModelSettings.batch_size}, at most {MAX_BATCH_SIZE})"},
     "max_pixels": {"type": whole_number, "metavar": "N",
                    "help": f"largest image decoded, in pixels (default {DEFAULT_MAX_PIXELS}; a JPEG counts at "
                            "the reduced size it is decoded at, 1/8 for a big photo, but a progressive one in full, as "

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from pictor.config import ServerSettings, add_flag, build_settings, number, whole_number
+from pictor.config import MAX_SERVER_WORKERS, ServerSettings, add_flag, build_settings, number, whole_number
 from pictor.errors import require_server_extra
 
 HELP = """\
@@ -52,8 +52,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=whole_number, help="port to bind (default 50051; 0 picks a free one)")
     p.add_argument("--workers", type=whole_number,
-                   help="handler threads (default 8, at least 2); at most half of them take Upsert or reflection "
-                        "streams, and with calls that wait for the model or a write (Classify, Embed, Search by "
+                   help=f"handler threads (default 8, 2 to {MAX_SERVER_WORKERS}); at most half of them take Upsert or "
+                        "reflection streams, and with calls that wait for the model or a write (Classify, Embed, Search by "
                         "image, Delete) "
                         "they leave one free for health checks and lookups: one more is refused as busy "
                         "(so with 2, none runs while a stream is open)")

@@ -58,7 +58,7 @@ def test_a_bad_setting_in_the_environment_fails_every_command(
     monkeypatch.delenv("PICTOR_OFFLINE")
     monkeypatch.setenv("PICTOR_BATCH_SIZE", "0")
     assert main(["serve", "--index", "no-such-index"]) == 2
-    assert "batch_size must be at least 1, got 0 (from PICTOR_BATCH_SIZE)" in capsys.readouterr().err
+    assert "batch_size must be between 1 and 4096, got 0 (from PICTOR_BATCH_SIZE)" in capsys.readouterr().err
 
 
 def test_labels_in_a_list_are_quoted_where_they_could_be_misread() -> None:

@@ -68,13 +68,21 @@ def test_bad_values_and_files_are_clear_errors(tmp_path: Path) -> None:
         with pytest.raises(InvalidRequestError, match=rf"upsert_idle_timeout must be a number of seconds above 0, at most 604800 \(a week\), got {seconds}"):
             build_settings(ServerSettings, {}, env={"PICTOR_UPSERT_IDLE_TIMEOUT": seconds})
     # A batch size of 0 made one batch of the whole gallery.
-    with pytest.raises(InvalidRequestError, match="batch_size must be at least 1, got 0"):
+    with pytest.raises(InvalidRequestError, match="batch_size must be between 1 and 4096, got 0"):
         build_settings(IndexerSettings, {}, env={"PICTOR_BATCH_SIZE": "0"})
-    with pytest.raises(InvalidRequestError, match="workers must be at least 1, got -1"):
+    with pytest.raises(InvalidRequestError, match="workers must be between 1 and 256, got -1"):
         build_settings(IndexerSettings, {"workers": -1}, env={})
     # One handler thread would be the only one, held by any open Upsert stream.
     with pytest.raises(InvalidRequestError, match=r"workers must be at least 2 \(one is always kept for health checks"):
         build_settings(ServerSettings, {"workers": 1}, env={})
+    # Sizes that cost memory per unit: a typo is refused before the model loads, not run out of memory.
+    with pytest.raises(InvalidRequestError, match=r"workers must be at least 2 .* and at most 1024, got 100000"):
+        build_settings(ServerSettings, {"workers": 100_000}, env={})
+    with pytest.raises(InvalidRequestError, match="batch_size must be between 1 and 4096, got 100000"):
+        build_settings(IndexerSettings, {"batch_size": 100_000}, env={})
+    with pytest.raises(InvalidRequestError, match="workers must be between 1 and 256, got 1000"):
+        build_settings(IndexerSettings, {}, env={"PICTOR_WORKERS": "1000"})
+    assert build_settings(IndexerSettings, {"batch_size": 4096, "workers": 256}, env={}).model.batch_size == 4096
     # gRPC takes the limit as int32 bytes: 2048 MB raised a bare OverflowError.
     for mb in ("0", "2048"):
         with pytest.raises(InvalidRequestError, match=f"max_message_mb must be between 1 and 2047, got {mb}"):
@@ -131,7 +139,7 @@ def test_file_names_and_types_are_checked(tmp_path: Path) -> None:
         ('port = "6000"\n', "port='6000' in the config file is not a valid int; write it without quotes"),
         ('pca_whiten = "64"\n', "pca_whiten='64' in the config file"),  # an indexer setting, refused by serve too
         # A model setting's value is checked by every command that reads the file (serve has no batch size).
-        ("batch_size = 0\n", r"batch_size must be at least 1, got 0 \(from batch_size in the config file\)"),
+        ("batch_size = 0\n", r"batch_size must be between 1 and 4096, got 0 \(from batch_size in the config file\)"),
         ('compile = "yes"\n', r"compile='yes' in the config file is not a valid bool \(true or false\); write it"),
     ]
     for text, message in cases:
@@ -179,7 +187,7 @@ def test_a_value_out_of_range_names_where_it_was_set(tmp_path: Path) -> None:
         with pytest.raises(InvalidRequestError, match=rf"workers must be at least 2 .*, got 1 \(from {source}\)$"):
             build_settings(ServerSettings, flags, env=env, config_file=cfg)
     cfg.write_text("batch_size = 0\n")
-    with pytest.raises(InvalidRequestError, match=r"batch_size must be at least 1, got 0 \(from batch_size in"):
+    with pytest.raises(InvalidRequestError, match=r"batch_size must be between 1 and 4096, got 0 \(from batch_size in"):
         build_settings(IndexerSettings, {}, env={}, config_file=cfg)
     with pytest.raises(InvalidRequestError, match=r"max_pixels must be at least 1, got 0 \(from --max-pixels\)$"):
         build_settings(IndexerSettings, {"max_pixels": 0}, env={})

@@ -360,6 +360,7 @@ def test_an_embedding_that_underflowed_is_skipped_not_trained_on(tmp_path: Path)
     ({"train_size": 7}, "--train-size must be 0 .* or 32 to 1024, got 7"),
     ({"train_size": 100000}, "--train-size must be 0 .* or 32 to 1024, got 100000"),  # (ran out of memory)
     ({"seed": 2**70}, "--seed must be between 0 and 4294967295"),
+    ({"batch_size": 100000}, "--batch-size must be between 1 and 4096, got 100000"),
     ({"lr": float("inf")}, "--lr must be above 0, got inf"),
     ({"weight_decays": (1e-3, float("nan"))}, "--weight-decays must be 0 or more, got nan"),
     ({"mixup": -1.0}, "--mixup must be 0 .* or more, got -1"),
@@ -827,7 +828,7 @@ def test_train_reads_the_model_settings_index_reads(shapes: Path, tmp_path: Path
     assert rc == 0 and load_model(tmp_path / "m.pt").spec.pooling == "max"  # also as a flag
     (tmp_path / "c.toml").write_text('batch_size = 0\n')
     rc = main(["eval", str(tmp_path / "m.pt"), str(shapes), "--config", str(tmp_path / "c.toml")])
-    assert rc == 2 and "batch_size must be at least 1, got 0" in capsys.readouterr().err
+    assert rc == 2 and "batch_size must be between 1 and 4096, got 0" in capsys.readouterr().err
     # eval embeds with the model's own backbone and pooling: another one set is a mistake to say.
     monkeypatch.setenv("PICTOR_POOLING", "gem")
     rc = main(["eval", str(tmp_path / "m.pt"), str(shapes)])

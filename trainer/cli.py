@@ -10,7 +10,16 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pictor.config import ModelSettings, add_flag, model_settings, number, set_by, show_progress, whole_number
+from pictor.config import (
+    MAX_BATCH_SIZE,
+    ModelSettings,
+    add_flag,
+    model_settings,
+    number,
+    set_by,
+    show_progress,
+    whole_number,
+)
 from pictor.trainer.config import MODES, TrainConfig
 
 if TYPE_CHECKING:
@@ -87,7 +96,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
              help="auto (default): bf16 where the hardware runs it fast (fp16 on a GPU without bf16), "
              "else fp32; fine-tuning on a CPU: fp32 (bf16 lost accuracy). The model file records it, and "
              "serving keeps it where the hardware runs it natively")
-    add_flag(t, "batch_size", help=f"images per step (default {TrainConfig.batch_size})")
+    add_flag(t, "batch_size", help=f"images per step (default {TrainConfig.batch_size}, at most {MAX_BATCH_SIZE})")
     add_flag(t, "max_pixels", help_end="larger files are skipped and counted")
     add_flag(t, "config", help="TOML file with settings, as for `pictor index` (flags and PICTOR_* env "
              "override it)")

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pictor.config import DEFAULT_BACKBONE, DEFAULT_MAX_PIXELS
+from pictor.config import DEFAULT_BACKBONE, DEFAULT_MAX_PIXELS, MAX_BATCH_SIZE
 from pictor.errors import InvalidRequestError
 
 MODES = ("linear", "finetune")
@@ -67,7 +67,8 @@ class TrainConfig:
         checks = [
             ("--epochs", self.epochs, self.epochs >= 1, "at least 1"),
             ("--unfreeze", self.unfreeze, self.unfreeze >= 0, "0 or more"),
-            ("--batch-size", self.batch_size, self.batch_size >= 1, "at least 1"),
+            ("--batch-size", self.batch_size, 1 <= self.batch_size <= MAX_BATCH_SIZE,
+             f"between 1 and {MAX_BATCH_SIZE}"),
             ("--max-pixels", self.max_pixels, self.max_pixels >= 1, "at least 1"),
             ("--min-per-class", self.min_per_class, self.min_per_class >= 2, "at least 2"),
             ("--max-per-class", self.max_per_class, self.max_per_class >= 0, "0 (all) or more"),
