@@ -22,7 +22,7 @@ import asyncio
 import concurrent.futures
 import queue
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sized
 from functools import partial
 from typing import Any, TypeVar, cast
 
@@ -146,6 +146,8 @@ class PictorAsyncClient(_ClientBase):
         "Internal error from Core" in 1 of 40 refused streams), and a busy refusal must be known
         to be sent again. Cancelling the awaiting task cancels the stream."""
         self._check_open()
+        if isinstance(items, Sized) and not len(items):  # (what PictorClient answers, without its connection)
+            return 0, 0
         blocking = PictorClient(self.target, **self._settings)
         blocking._name = self._name  # (its errors name this client)
         sent = _Handoff(asyncio.get_running_loop(), items) if isinstance(items, AsyncIterable) else items
