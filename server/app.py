@@ -127,6 +127,7 @@ def create_server(settings: ServerSettings, threads: HandlerThreads | None = Non
     if metrics is not None:
         metrics.count_index(lambda: len(engine.store))
         engine.on_forward = metrics.count_forward
+        engine.batcher.on_pass = metrics.pass_images.observe
     if threads is None:
         threads = HandlerThreads(settings.workers)  # shared by the Pictor and reflection services
     pictor_pb2_grpc.add_PictorServicer_to_server(

@@ -50,6 +50,7 @@ from pictor.core.store import (
 )
 from pictor.core.whitening import PCAWhitening, index_spec, open_index
 from pictor.errors import InvalidImageError, InvalidRequestError, shown
+from pictor.server.batching import Batcher
 
 if TYPE_CHECKING:
     from pictor.core.embedder import Embedder, EmbedOutput
@@ -136,10 +137,10 @@ class Engine:
         self._open_set_lock = threading.Lock()
         if model is not None and model.open_set is not None:
             self._neighbour_tests_off()  # logs when they are off
-        # One forward pass at a time: concurrent passes would only fight over the same cores.
-        # (Dynamic batching of concurrent requests, planned for the production server, replaces it.)
-        self._forward_lock = threading.Lock()
-        # Told of each forward pass: (images, seconds decoding, waiting for the model, in it).
+        # One forward pass at a time (concurrent passes would only fight over the same cores),
+        # for the images of every call waiting for the model, up to a batch of the embedder's.
+        self.batcher = Batcher(self._forward_parts, embedder.batch_size)
+        # Told of each call's images: (images, seconds decoding, waiting for the model, its pass).
         self.on_forward: Callable[[int, float, float, float], None] | None = None
 
     @classmethod
@@ -227,14 +228,19 @@ class Engine:
             tensors.append(self.embedder.preprocess(image))
             del image
         decoded = time.perf_counter()
-        with self._forward_lock:
-            turn = time.perf_counter()
-            if still_wanted is not None:
-                still_wanted()
-            out = self.embedder.forward_preprocessed(tensors)
+        turn = self.batcher(tensors, still_wanted)
         if self.on_forward is not None:
-            self.on_forward(len(tensors), decoded - started, turn - decoded, time.perf_counter() - turn)
-        return out
+            self.on_forward(len(tensors), decoded - started, turn.began - decoded, turn.seconds)
+        return turn.result
+
+    def _forward_parts(self, calls: list[list[torch.Tensor]]) -> list[EmbedOutput]:
+        """The batcher's pass: the calls' images in one forward pass, each call's rows back."""
+        from pictor.core.embedder import EmbedOutput
+
+        out = self.embedder.forward_preprocessed([t for tensors in calls for t in tensors])
+        ends = np.cumsum([len(tensors) for tensors in calls])[:-1]
+        logits = [None] * len(calls) if out.logits is None else np.split(out.logits, ends)
+        return [EmbedOutput(e, lg) for e, lg in zip(np.split(out.embeddings, ends), logits, strict=True)]
 
     def to_index(self, embeddings: np.ndarray) -> np.ndarray:
         """Embedder output -> the index's space (whitened when the index is)."""

@@ -40,8 +40,9 @@ class HandlerThreads:
 
     A client stream (Upsert, reflection) holds its thread for as long as its client sends: at
     most half of them are streams. A call that runs the model (Classify, Embed, Search by image)
-    holds its thread while it waits for the forward pass, which runs one at a time: behind 64
-    clients classifying, health checks waited over a second in gRPC's queue (bench/health.py).
+    holds its thread while it waits for the forward pass, which runs one at a time (for all the
+    calls waiting, batched): behind 64 clients classifying, health checks waited over a second in
+    gRPC's queue (bench/health.py).
     A Delete waits likewise for the store's write lock, which a write holds through a rebuild
     of the index (minutes at a million items). Streams and such waiting calls together leave
     one thread free; one beyond is refused at once (RESOURCE_EXHAUSTED), which frees its

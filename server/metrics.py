@@ -31,6 +31,7 @@ from pictor.server.errors import HandlerInterceptor, handler_kind, with_behavior
 
 # Seconds: from a health check (~1 ms) to a Classify queued behind a busy model (seconds).
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _LABELS = ("grpc_type", "grpc_service", "grpc_method")
 # go-grpc-prometheus's grpc_type of each kind of method.
 _TYPE_OF_KIND = {"unary_unary": "unary", "stream_unary": "client_stream", "unary_stream": "server_stream",
@@ -56,14 +57,18 @@ class Metrics:
         self.images = Counter("pictor_model_images_total", "images through the model (Classify, Embed, Search "
                               "by image, Upsert of images)", registry=self.registry)
         # As Triton's queue and compute times: what a call waits for, and what the model takes.
-        self.stage_seconds = Histogram("pictor_model_seconds", "seconds of a forward pass's images: decoding "
-                                       "them, waiting for the model (one forward pass at a time), the forward pass",
+        self.stage_seconds = Histogram("pictor_model_seconds", "seconds of a call's images: decoding them, "
+                                       "waiting for the model (one forward pass at a time), their forward pass",
                                        ["stage"], buckets=_BUCKETS, registry=self.registry)
+        # As Triton's execution count beside its inference count: _count is passes, _sum images.
+        self.pass_images = Histogram("pictor_model_batch_images", "images per forward pass (the images of all "
+                                     "calls waiting for the model, batched)", buckets=_BATCH_BUCKETS,
+                                     registry=self.registry)
         self._http: Any = None
         self._methods: dict[str, _MethodCounts] = {}
 
     def count_forward(self, images: int, decode: float, wait: float, forward: float) -> None:
-        """Engine.on_forward: one forward pass."""
+        """Engine.on_forward: one call's images through the model."""
         self.images.inc(images)
         for stage, seconds in (("decode", decode), ("wait", wait), ("forward", forward)):
             self.stage_seconds.labels(stage).observe(seconds)

@@ -61,6 +61,9 @@ def test_metrics_count_calls_by_method_and_status_and_the_index(built_index: Pat
         for stage in ("decode", "wait", "forward"):
             assert samples[("pictor_model_seconds_count", frozenset({"stage": stage}.items()))] == 4
         assert samples[("pictor_model_seconds_sum", frozenset({"stage": "forward"}.items()))] > 0
+        # One call at a time: a pass each (concurrent calls share passes: tests/test_server.py).
+        assert samples[("pictor_model_batch_images_count", frozenset())] == 4
+        assert samples[("pictor_model_batch_images_sum", frozenset())] == 4
         assert samples[("process_resident_memory_bytes", frozenset())] > 0
         assert not [name for name, _ in samples if name.endswith("_created")]  # as the Go client's
 

@@ -832,6 +832,36 @@ def test_calls_are_bounded_and_work_for_a_caller_gone_is_not_written(built_index
         server.stop()
 
 
+def test_concurrent_calls_share_a_forward_pass_and_get_their_own_answers(built_index: Path) -> None:
+    """Calls that come while the model runs are batched into its next pass (one pass for all
+    of them here), and each gets the answer it gets alone."""
+    settings = ServerSettings(index=str(built_index), port=0, workers=8, device="cpu", precision="fp32")
+    server, port, engine = create_server(settings)
+    passes: list[int] = []
+    engine.batcher.on_pass = passes.append
+    server.start()
+    try:
+        images = [drawn_image(i) for i in range(4)]
+        with PictorClient(f"localhost:{port}", timeout=60) as client, ThreadPoolExecutor(4) as pool:
+            alone = [client.classify(image) for image in images]
+            vectors = client.embed(images[:2])
+            assert passes == [1, 1, 1, 1, 2]
+            with engine.batcher.lock:  # a pass that takes long: the calls queue behind it
+                classified = [pool.submit(client.classify, image) for image in images[:3]]
+                embedded = pool.submit(client.embed, images[:2])
+                wait_until(lambda: len(engine.batcher._waiting) == 4, timeout=30, poll=0.01)
+            together = [f.result(timeout=60) for f in classified]
+            assert np.allclose(embedded.result(timeout=60), vectors, atol=1e-4)
+        assert passes[5:] == [5]  # 3 images classified and 2 embedded, in one pass
+        for mine, theirs in zip(together, alone[:3], strict=True):
+            assert [label.name for label in mine.labels] == [label.name for label in theirs.labels]
+            assert np.allclose([label.score for label in mine.labels], [label.score for label in theirs.labels],
+                               atol=1e-4)
+    finally:
+        server.stop(None)
+        engine.close()
+
+
 def test_calls_that_run_the_model_leave_a_thread_for_health_checks(
     built_index: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -853,7 +883,7 @@ def test_calls_that_run_the_model_leave_a_thread_for_health_checks(
     try:
         # Sent once: a refused call is not sent again (see the next test).
         with PictorClient(f"localhost:{port}", timeout=30, max_attempts=1) as client, ThreadPoolExecutor(3) as pool:
-            with engine._forward_lock:  # a forward pass that takes long
+            with engine.batcher.lock:  # a forward pass that takes long
                 waiting = [pool.submit(client.classify, drawn_image(i)) for i in range(3)]
                 wait_until(lambda: made[0]._waiting_calls >= 3, timeout=30, poll=0.01)
                 with pytest.raises(ResourceExhaustedError, match="the server is busy: 3 calls that wait for the model or a write"):
@@ -1493,7 +1523,7 @@ def test_a_call_whose_deadline_passed_while_it_waited_for_the_model_is_not_run(
     server.start()
     try:
         with PictorClient(f"localhost:{port}", timeout=1, max_attempts=1) as client:
-            with engine._forward_lock:  # a forward pass that outlasts the call's deadline
+            with engine.batcher.lock:  # a forward pass that outlasts the call's deadline
                 with pytest.raises(DeadlineExceededError):
                     client.classify(drawn_image(0))
                 # The server's clock for the deadline starts when the call arrives, a little
@@ -1551,8 +1581,7 @@ def test_an_embed_whose_caller_has_gone_stops_decoding(monkeypatch: pytest.Monke
         if next(checks, "gone") == "gone":
             raise DeadlineExceededError("the call ended")
 
-    fake = SimpleNamespace(max_pixels=1000, embedder=SimpleNamespace(draft_size=(8, 8), preprocess=lambda im: im),
-                           _forward_lock=threading.Lock())
+    fake = SimpleNamespace(max_pixels=1000, embedder=SimpleNamespace(draft_size=(8, 8), preprocess=lambda im: im))
     with pytest.raises(DeadlineExceededError):
         engine_mod.Engine.forward(cast(Any, fake), [b"a", b"b", b"c", b"d"], still_wanted=still_wanted)
     assert decoded == [b"a", b"b"]
