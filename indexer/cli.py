@@ -352,7 +352,8 @@ def _print_summary(args: argparse.Namespace, summary: IndexSummary, out: Path, c
                      "file)" if summary.copied else "")
                   + (f"; {summary.unchanged} unchanged, left as they were" if summary.unchanged else "")
                   + f"; index holds {count} item{'' if count == 1 else 's'}"
-                  + (f" ({summary.not_listed} not in this gallery; --prune would delete them)" if summary.not_listed
+                  + (f" ({summary.not_listed} not in this gallery; --prune would delete "
+                     f"{'it' if summary.not_listed == 1 else 'them'})" if summary.not_listed
                      else "")
                   + f"; skipped {summary.skipped}"
                   + (("; not pruned (only a complete run prunes)" if not summary.complete

@@ -201,7 +201,8 @@ def test_bad_data_gives_clear_errors(tmp_path: Path, embedder: CountingEmbedder)
     before = embedder.images_embedded
     with pytest.raises(InvalidRequestError,
                        match=r"training images after --val-fraction 0.25 .*fewer than 3 training images: 'square' "
-                             r"\(2 of its 3\); add images \(--val-fraction 0.25 leaves 3 to train on from 4\)"):
+                             r"\(2 of 3 listed\); add images \(a class needs 4 for --val-fraction 0.25 to leave 3 "
+                             r"to train on\)"):
         train(config(tmp_path), tree, embedder=embedder)
     # A cap too low for the classes' minimum: the cap is the fix, not more images.
     with pytest.raises(InvalidRequestError, match=r"^--max-per-class 3 leaves every class it caps fewer than "
@@ -209,7 +210,7 @@ def test_bad_data_gives_clear_errors(tmp_path: Path, embedder: CountingEmbedder)
                        r"give --max-per-class 4 or more, or lower --min-per-class$"):
         train(config(tmp_path, max_per_class=3), tree, embedder=embedder)
     with pytest.raises(InvalidRequestError, match=r"after --max-per-class 4 and --val-fraction 0.25 .*: 'square' "
-                                                  r"\(2 of its 3\)"):  # a class small of itself
+                                                  r"\(2 of 3 listed\)"):  # a class small of itself
         train(config(tmp_path, max_per_class=4), tree, embedder=embedder)
     assert embedder.images_embedded == before
     tree = make_tree(tmp_path / "tree2", per_class=4)

@@ -120,9 +120,9 @@ def check_class_sizes(samples: Sequence[Sample], min_per_class: int, what: str =
     small = {c: n for c, n in sorted(counts.items()) if n < min_per_class}
     if small:
         of = Counter(s.label for s in split_from)
-        listed = ", ".join(f"{c!r} ({n}{f' of its {of[c]}' if of else ''})" for c, n in small.items())
-        needs = (f" (--val-fraction {val_fraction:g} leaves {min_per_class} to train on from "
-                 f"{needed_for_split(min_per_class, val_fraction)})") if of else ""
+        listed = ", ".join(f"{c!r} ({n}{f' of {of[c]} listed' if of else ''})" for c, n in small.items())
+        needs = (f" (a class needs {needed_for_split(min_per_class, val_fraction)} for --val-fraction "
+                 f"{val_fraction:g} to leave {min_per_class} to train on)") if of else ""
         lower = ", or lower --min-per-class" if min_per_class > 2 else ""  # 2 is the least
         raise InvalidRequestError(
             f"{what}: classes with fewer than {min_per_class} {kind} images: {listed}; "
