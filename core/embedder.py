@@ -129,9 +129,9 @@ class Embedder:
             raise InvalidRequestError("images must be a list, got a single image; for one image, write [image]")
         return self.forward_preprocessed(self.preprocess(im) for im in images)  # batch by batch
 
-    def forward_preprocessed(self, tensors: Iterable[torch.Tensor]) -> EmbedOutput:
-        """Embed ``preprocess``ed images [3, H, W] (in batches of ``batch_size``)."""
-        outs = [self.forward_batch(torch.stack(chunk)) for chunk in batched(tensors, self.batch_size)]
+    def forward_preprocessed(self, tensors: Iterable[torch.Tensor], batch_size: int | None = None) -> EmbedOutput:
+        """Embed ``preprocess``ed images [3, H, W] (in batches of ``batch_size``, default the embedder's)."""
+        outs = [self.forward_batch(torch.stack(chunk)) for chunk in batched(tensors, batch_size or self.batch_size)]
         if not outs:
             n_cls = None if self.imagenet_classes is None else len(self.imagenet_classes)
             return EmbedOutput(np.zeros((0, self.spec.dim), np.float32),

@@ -7,7 +7,15 @@ import logging
 import os
 import sys
 
-from pictor.config import MAX_SERVER_WORKERS, ServerSettings, add_flag, build_settings, number, whole_number
+from pictor.config import (
+    MAX_BATCH_SIZE,
+    MAX_SERVER_WORKERS,
+    ServerSettings,
+    add_flag,
+    build_settings,
+    number,
+    whole_number,
+)
 from pictor.errors import require_server_extra
 
 HELP = """\
@@ -69,6 +77,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert, unencrypted")
     p.add_argument("--tls-client-ca", metavar="PEM",
                    help="take only clients that show a certificate signed by a CA of this file (mutual TLS)")
+    add_flag(p, "batch_size", help=f"most images in one forward pass (default {ServerSettings.batch_size}, at most "
+             f"{MAX_BATCH_SIZE}): the calls that come while the model runs share its next pass (passes of 8 "
+             "ran fastest on a 2-core CPU; a GPU may take more)")
     add_flag(p, "max_pixels")
     p.add_argument("--max-message-mb", type=whole_number, metavar="MB",
                    help="largest request or reply (default 64, at most 2047); clients must allow it "

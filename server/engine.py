@@ -121,6 +121,7 @@ class Engine:
         model: TrainedModel | None = None,
         *,
         max_pixels: int,
+        batch_size: int,
         whitening: PCAWhitening | None = None,
     ) -> None:
         self.spec = index_spec(embedder.spec, whitening)  # the space of the index's vectors
@@ -138,8 +139,8 @@ class Engine:
         if model is not None and model.open_set is not None:
             self._neighbour_tests_off()  # logs when they are off
         # One forward pass at a time (concurrent passes would only fight over the same cores),
-        # for the images of every call waiting for the model, up to a batch of the embedder's.
-        self.batcher = Batcher(self._forward_parts, embedder.batch_size)
+        # for the images of every call waiting for the model, up to ``batch_size`` of them.
+        self.batcher = Batcher(self._forward_parts, batch_size)
         # Told of each call's images: (images, seconds decoding, waiting for the model, its pass).
         self.on_forward: Callable[[int, float, float, float], None] | None = None
 
@@ -168,7 +169,8 @@ class Engine:
                     spec, index, weights=settings.weights, device=settings.device, compile=settings.compile,
                     precision=kept_precision(settings.precision, store.precision, settings.device))
             warn_mixed_precision(index, store.precision, embedder.precision, "queries and added images are embedded")
-            engine = cls(embedder, store, model, max_pixels=settings.max_pixels, whitening=whitening)
+            engine = cls(embedder, store, model, max_pixels=settings.max_pixels, batch_size=settings.batch_size,
+                         whitening=whitening)
             on_error.pop_all()  # started: the engine closes the store
         return engine
 
@@ -237,7 +239,7 @@ class Engine:
         """The batcher's pass: the calls' images in one forward pass, each call's rows back."""
         from pictor.core.embedder import EmbedOutput
 
-        out = self.embedder.forward_preprocessed([t for tensors in calls for t in tensors])
+        out = self.embedder.forward_preprocessed([t for tensors in calls for t in tensors], self.batcher.max_items)
         ends = np.cumsum([len(tensors) for tensors in calls])[:-1]
         logits = [None] * len(calls) if out.logits is None else np.split(out.logits, ends)
         return [EmbedOutput(e, lg) for e, lg in zip(np.split(out.embeddings, ends), logits, strict=True)]

@@ -125,6 +125,12 @@ def test_clients() -> None:
         assert f"| search by vector | {client} | 2 | 20 |" in out and f"| upsert of 4 | {client} | 1 | 2 |" in out
 
 
+def test_batching() -> None:
+    out = run_bench("batching.py", "--clients", "1,3", "--seconds", 3, "--model-seconds", 0.5)
+    assert "model alone" in out and re.search(r"^\| 1 \| [0-9.]+ \| .* \| 0 \| 1\.0 \|$", out, re.M), out
+    assert re.search(r"^\| 3 \| [0-9.]+ \| .* \| 0 \| [0-9.]+ \|$", out, re.M), out
+
+
 def test_health() -> None:
     out = run_bench("health.py", "--clients", 4, "--seconds", 5, "--burst-threads", 2, "--burst-calls", 4)
     assert "| health | flooded |" in out and "burst:" in out

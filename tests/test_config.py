@@ -80,6 +80,10 @@ def test_bad_values_and_files_are_clear_errors(tmp_path: Path) -> None:
         build_settings(ServerSettings, {"workers": 100_000}, env={})
     with pytest.raises(InvalidRequestError, match="batch_size must be between 1 and 4096, got 100000"):
         build_settings(IndexerSettings, {"batch_size": 100_000}, env={})
+    with pytest.raises(InvalidRequestError, match=r"batch_size must be between 1 and 4096, got 0 \(from --batch-size\)"):
+        build_settings(ServerSettings, {"batch_size": 0}, env={})
+    assert build_settings(ServerSettings, {}, env={}).batch_size == 8  # the server's passes: see ServerSettings
+    assert build_settings(ServerSettings, {}, env={"PICTOR_BATCH_SIZE": "32"}).batch_size == 32
     with pytest.raises(InvalidRequestError, match="workers must be between 1 and 256, got 1000"):
         build_settings(IndexerSettings, {}, env={"PICTOR_WORKERS": "1000"})
     assert build_settings(IndexerSettings, {"batch_size": 4096, "workers": 256}, env={}).model.batch_size == 4096

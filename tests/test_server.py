@@ -18,8 +18,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -833,9 +834,10 @@ def test_calls_are_bounded_and_work_for_a_caller_gone_is_not_written(built_index
 
 
 def test_concurrent_calls_share_a_forward_pass_and_get_their_own_answers(built_index: Path) -> None:
-    """Calls that come while the model runs are batched into its next pass (one pass for all
-    of them here), and each gets the answer it gets alone."""
-    settings = ServerSettings(index=str(built_index), port=0, workers=8, device="cpu", precision="fp32")
+    """Calls that come while the model runs are batched into its next passes (--batch-size images
+    at most), and each gets the answer it gets alone."""
+    settings = ServerSettings(index=str(built_index), port=0, workers=8, batch_size=4, device="cpu",
+                              precision="fp32")
     server, port, engine = create_server(settings)
     passes: list[int] = []
     engine.batcher.on_pass = passes.append
@@ -846,13 +848,16 @@ def test_concurrent_calls_share_a_forward_pass_and_get_their_own_answers(built_i
             alone = [client.classify(image) for image in images]
             vectors = client.embed(images[:2])
             assert passes == [1, 1, 1, 1, 2]
-            with engine.batcher.lock:  # a pass that takes long: the calls queue behind it
-                classified = [pool.submit(client.classify, image) for image in images[:3]]
-                embedded = pool.submit(client.embed, images[:2])
-                wait_until(lambda: len(engine.batcher._waiting) == 4, timeout=30, poll=0.01)
-            together = [f.result(timeout=60) for f in classified]
-            assert np.allclose(embedded.result(timeout=60), vectors, atol=1e-4)
-        assert passes[5:] == [5]  # 3 images classified and 2 embedded, in one pass
+            with engine.batcher.lock:  # a pass that takes long: the calls queue behind it, in this order
+                calls: list[Future[Any]] = []
+                sent: list[Callable[[], Any]] = [*(partial(client.classify, image) for image in images[:3]),
+                                                 partial(client.embed, images[:2])]
+                for queued, call in enumerate(sent, start=1):
+                    calls.append(pool.submit(call))
+                    wait_until(lambda n=queued: len(engine.batcher._waiting) == n, timeout=30, poll=0.01)  # type: ignore[misc]
+            together = [f.result(timeout=60) for f in calls[:3]]
+            assert np.allclose(calls[3].result(timeout=60), vectors, atol=1e-4)
+        assert passes[5:] == [3, 2]  # 3 images classified in one pass; the 2 embedded would make it 5
         for mine, theirs in zip(together, alone[:3], strict=True):
             assert [label.name for label in mine.labels] == [label.name for label in theirs.labels]
             assert np.allclose([label.score for label in mine.labels], [label.score for label in theirs.labels],
@@ -1515,9 +1520,9 @@ def test_a_call_whose_deadline_passed_while_it_waited_for_the_model_is_not_run(
     runs: list[int] = []
     real = engine.embedder.forward_preprocessed
 
-    def counted(tensors: Sequence[Any]) -> Any:
+    def counted(tensors: Sequence[Any], batch_size: int | None = None) -> Any:
         runs.append(len(tensors))
-        return real(tensors)
+        return real(tensors, batch_size)
 
     monkeypatch.setattr(engine.embedder, "forward_preprocessed", counted)
     server.start()

@@ -80,10 +80,10 @@ class CountingEmbedder(Embedder):
 
     images_embedded = 0
 
-    def forward_preprocessed(self, tensors: Iterable[torch.Tensor]) -> EmbedOutput:
+    def forward_preprocessed(self, tensors: Iterable[torch.Tensor], batch_size: int | None = None) -> EmbedOutput:
         tensors = list(tensors)
         self.images_embedded += len(tensors)
-        return super().forward_preprocessed(tensors)
+        return super().forward_preprocessed(tensors, batch_size)
 
 
 @pytest.fixture(scope="module")
@@ -335,8 +335,8 @@ def test_an_embedding_that_underflowed_is_skipped_not_trained_on(tmp_path: Path)
     from pictor.trainer.data import Sample
 
     class Underflowing(Embedder):  # fp16 on some random-init networks: NaN or zero for some images
-        def forward_preprocessed(self, tensors: Iterable[torch.Tensor]) -> EmbedOutput:
-            out = super().forward_preprocessed(tensors)
+        def forward_preprocessed(self, tensors: Iterable[torch.Tensor], batch_size: int | None = None) -> EmbedOutput:
+            out = super().forward_preprocessed(tensors, batch_size)
             out.embeddings[1::2] = np.nan
             return out
 
