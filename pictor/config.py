@@ -89,8 +89,7 @@ class ModelSettings(RuntimeSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
-            raise SettingValueError("batch_size", f"between 1 and {MAX_BATCH_SIZE}", self.batch_size)
+        _check_between(self, "batch_size", 1, MAX_BATCH_SIZE)
         if self.pooling not in ("", *POOLINGS):
             raise SettingValueError("pooling", f"one of {', '.join(POOLINGS)}", repr(self.pooling))
 
@@ -151,8 +150,7 @@ class ServerSettings(RuntimeSettings):
         if not 2 <= self.workers <= MAX_SERVER_WORKERS:  # an Upsert stream holds one while its client sends
             raise SettingValueError("workers", f"at least 2 (one is always kept for health checks and lookups) and "
                                     f"at most {MAX_SERVER_WORKERS}", self.workers)
-        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
-            raise SettingValueError("batch_size", f"between 1 and {MAX_BATCH_SIZE}", self.batch_size)
+        _check_between(self, "batch_size", 1, MAX_BATCH_SIZE)
         check_max_message_mb(self.max_message_mb)
         if self.token:
             check_token(self.token)
@@ -190,8 +188,7 @@ class IndexerSettings:
 
     def __post_init__(self) -> None:
         _check_positive(self, "pca_sample")
-        if not 1 <= self.workers <= MAX_DECODE_WORKERS:
-            raise SettingValueError("workers", f"between 1 and {MAX_DECODE_WORKERS}", self.workers)
+        _check_between(self, "workers", 1, MAX_DECODE_WORKERS)
         if self.labels not in ("folder", "none"):
             raise SettingValueError("labels", "folder or none", repr(self.labels))
         if not self.out:  # Path("") is the current folder
@@ -296,6 +293,11 @@ def _check_positive(settings: object, *names: str) -> None:
     for name in names:
         if getattr(settings, name) < 1:
             raise SettingValueError(name, "at least 1", getattr(settings, name))
+
+
+def _check_between(settings: object, name: str, low: int, high: int) -> None:
+    if not low <= getattr(settings, name) <= high:
+        raise SettingValueError(name, f"between {low} and {high}", getattr(settings, name))
 
 
 S = TypeVar("S")

@@ -205,7 +205,8 @@ class Engine:
 
     def forward(self, images: Sequence[bytes], names: Sequence[str] = (), *,
                 still_wanted: Callable[[], None] | None = None) -> EmbedOutput:
-        """Decode and embed image bytes; one forward pass for the whole list.
+        """Decode and embed image bytes, in the model's next pass with those of the other calls
+        waiting for it (``Batcher``; a list larger than a pass is a pass of its own, in chunks).
 
         An undecodable image fails the call with a message naming it: by ``names[i]`` when
         given, else by its position when there are several. ``still_wanted`` runs before each
@@ -241,7 +242,7 @@ class Engine:
         """A pass of a batch of blank images before the first call: it sets up the model's kernels
         and buffers (a GPU's too), and after a pass of several images, passes of one ran faster on
         a CPU (efficientnet_lite0 here: 19 vs 24 ms; the allocator keeps the memory it then holds;
-        a server without it answered one client 22 Classify calls/s, with it 29)."""
+        a server without it answered one client 22 Classify calls/s, with it 26-27)."""
         from PIL import Image
 
         started = time.perf_counter()
