@@ -115,6 +115,6 @@ class Batcher(Generic[Item, Result]):
             if call.still_wanted is not None:
                 call.still_wanted()
             return True
-        except Exception as e:
+        except BaseException as e:  # that call's own: raised in its thread, the others' pass runs
             call.error = e
             return False

@@ -79,6 +79,17 @@ def test_a_call_whose_caller_has_gone_is_left_out_of_its_pass() -> None:
         batcher([4], gone)
     assert len(model.passes) == 1
 
+    def exits() -> None:
+        raise SystemExit(3)
+
+    # Anything its check raises is that call's, raised in its own thread (it failed them all).
+    with ThreadPoolExecutor(4) as pool:
+        with batcher.lock:
+            futures = queued(batcher, pool, [[5], [6], [7]], still_wanted=[None, exits, None])
+        assert futures[0].result(timeout=10) == [10] and futures[2].result(timeout=10) == [14]
+        with pytest.raises(SystemExit):
+            futures[1].result(timeout=10)
+
 
 def test_an_error_of_a_pass_fails_its_calls_and_the_next_pass_runs() -> None:
     model = Model()
