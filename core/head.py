@@ -269,11 +269,16 @@ class TrainedModel:
                 f"the backbone builds {built.describe()} but this model was trained on "
                 f"{self.spec.describe()}"),
         )
-        if trained not in ("auto", emb.precision):
+        self.warn_of_precision(emb.precision)
+        return emb
+
+    def warn_of_precision(self, precision: str) -> None:
+        """Say so when this head will take embeddings of another precision than it was trained on."""
+        trained = str(self.training.get("precision", "auto"))
+        if trained not in ("auto", precision):
             log.warning("this model was trained and calibrated on %s embeddings, which are computed in "
                         "%s here: its scores and unknown answers can differ a little from its "
-                        "validation figures", trained, emb.precision)
-        return emb
+                        "validation figures", trained, precision)
 
     # ---- file
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import queue
 import signal
 import socket
-import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from pictor.config import ServerSettings
-from pictor.errors import InvalidRequestError, ResourceExhaustedError
+from pictor.errors import InvalidRequestError, PictorError, ResourceExhaustedError, shown
 from pictor.server.auth import TokenInterceptor
 from pictor.server.engine import Engine
 from pictor.server.errors import ErrorInterceptor, grpc_receive_limit
@@ -248,8 +248,27 @@ def _tls_said(settings: ServerSettings) -> str:
     return "; TLS" if settings.tls_cert else ""
 
 
+def reload_model(engine: Engine, path: str) -> None:
+    """SIGHUP: serve the model file at ``path`` as it is now (a head trained again, on the same
+    backbone), or say why not and keep serving the one loaded. Never fatal: a damaged or
+    half-copied file is bad input, not a reason to stop serving."""
+    if not path:
+        log.warning("SIGHUP: no model to reload: this server was started without --model")
+        return
+    try:
+        model = engine.reload_model(path)
+    except PictorError as e:
+        log.error("SIGHUP: the model served is unchanged: %s", e)
+    except Exception:  # a file that reads but holds what no Pictor wrote
+        log.exception("SIGHUP: the model served is unchanged: %s could not be loaded", path)
+    else:
+        log.info("SIGHUP: serving the model %s from now on: %d classes %s", path, len(model.class_names),
+                 shown(list(model.class_names), 200))
+
+
 def serve(settings: ServerSettings) -> None:
-    """Run until SIGINT or SIGTERM; then stop taking calls, finish those in flight, close the index."""
+    """Run until SIGINT or SIGTERM, reloading the model on SIGHUP; then stop taking calls, finish
+    those in flight, close the index."""
     threads = HandlerThreads(settings.workers)
     metrics = Metrics() if settings.metrics_port else None
     try:
@@ -262,9 +281,11 @@ def serve(settings: ServerSettings) -> None:
 def _serve(settings: ServerSettings, threads: HandlerThreads, metrics: Metrics | None) -> None:
     server, port, engine = create_server(settings, threads, metrics)  # a signal while loading interrupts it (pictor.cli)
     try:
-        stop = threading.Event()
+        # What the signals ask for, in order (SimpleQueue.put may be called from a signal handler).
+        asked: queue.SimpleQueue[str] = queue.SimpleQueue()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, lambda *_: asked.put("stop"))
+        signal.signal(signal.SIGHUP, lambda *_: asked.put("reload"))
         _start(server)
         info = engine.info()
         log.info(
@@ -273,7 +294,8 @@ def _serve(settings: ServerSettings, threads: HandlerThreads, metrics: Metrics |
             info.index_size, info.index_type, info.classifier, _tls_said(settings),
             "; calls need the token of PICTOR_TOKEN, health checks do not" if settings.token else "",
         )
-        stop.wait()
+        while asked.get() == "reload":
+            reload_model(engine, settings.model)
         log.info("shutting down: draining calls in flight (up to %.0fs)", DRAIN_SECONDS)
         # gRPC's stop once never completed after a long mixed session (its threads all idle):
         # the index is closed, and its snapshot written, regardless.

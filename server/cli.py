@@ -27,6 +27,12 @@ else with the backbone's own ImageNet-1k labels, else (a backbone without them: 
 without its classifier, random weights) with a kNN vote over the index's labels. The index and
 the head share the backbone, so one forward pass serves both. Stop with Ctrl-C or SIGTERM: calls in flight get up to 10 s to finish, then exit 0.
 
+SIGHUP (`kill -HUP PID`, `docker compose kill -s HUP server`) reads the --model file again and
+serves it from the next call on, without a restart: a head trained again on the same backbone
+(`pictor train --mode linear`, more classes or images). Calls in flight finish with the model
+they began with. A file that cannot be served (damaged, or a head for another backbone or one
+that fine-tuned its own: rebuild the index with it and restart) is logged and the old model kept.
+
 With PICTOR_TOKEN set (or `token` in the --config file; no flag, so it stays out of `ps`), every
 call but health's must carry it, "authorization: Bearer TOKEN" (the client commands send their
 $PICTOR_TOKEN), else it is answered UNAUTHENTICATED. Without TLS (below) it travels in clear: it
@@ -53,7 +59,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--index", help="index directory written by `pictor index` (default: ./index)")
-    p.add_argument("--model", help="model file from `pictor train`: Classify uses its head and classes")
+    p.add_argument("--model", help="model file from `pictor train`: Classify uses its head and classes (read again on SIGHUP)")
     add_flag(p, "weights", help="the checkpoint file of an index built with `pictor index --weights PATH` "
              "(its contents must be the same); with --model, the checkpoint the model was trained from, "
              "if it has moved")

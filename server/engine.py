@@ -49,7 +49,7 @@ from pictor.core.store import (
     UpsertResult,
 )
 from pictor.core.whitening import PCAWhitening, index_spec, open_index
-from pictor.errors import InvalidImageError, InvalidRequestError, shown
+from pictor.errors import IncompatibleModelError, InvalidImageError, InvalidRequestError, shown
 from pictor.server.batching import Batcher
 
 if TYPE_CHECKING:
@@ -133,11 +133,12 @@ class Engine:
         self.max_pixels = max_pixels
         self._why_neighbours_off: str | None = None  # see _neighbour_tests_off
         self._checked_at_seq = -1  # the index's write number when that was last checked
-        # Both change together: two Classify calls rechecking at once could otherwise store an
+        self._checked_for: TrainedModel | None = None  # ... and for which model
+        # They change together: two Classify calls rechecking at once could otherwise store an
         # older answer under a newer write number, kept until the next write.
         self._open_set_lock = threading.Lock()
         if model is not None and model.open_set is not None:
-            self._neighbour_tests_off()  # logs when they are off
+            self._neighbour_tests_off(model)  # logs when they are off
         # One forward pass at a time (concurrent passes would only fight over the same cores),
         # for the images of every call waiting for the model, up to ``batch_size`` of them.
         self.batcher = Batcher(self._forward_parts, batch_size)
@@ -176,22 +177,40 @@ class Engine:
             on_error.pop_all()  # started: the engine closes the store
         return engine
 
-    def _neighbour_tests_off(self) -> str | None:
-        """Why the index's similarities cannot serve the model's open-set neighbour tests (see
+    def reload_model(self, path: str) -> TrainedModel:
+        """Serve the model file at ``path`` from the next call on; calls in flight finish with
+        the model they began with. Raises, and the served model stays, when the file cannot be
+        read or its head does not take this server's embeddings (a head trained on another
+        backbone, or one that fine-tuned its own: its index must be rebuilt)."""
+        from pictor.core.head import load_model
+
+        model = load_model(path)
+        try:
+            model.check_index(self.embedder.spec)
+        except IncompatibleModelError as e:
+            raise IncompatibleModelError(f"{e}, and restart the server with both (a reload serves only a head for "
+                                         "the embeddings served now)") from e
+        model.warn_of_precision(self.embedder.precision)
+        self.model = model
+        if model.open_set is not None:
+            self._neighbour_tests_off(model)  # logs when they are off
+        return model
+
+    def _neighbour_tests_off(self, model: TrainedModel) -> str | None:
+        """Why the index's similarities cannot serve ``model``'s open-set neighbour tests (see
         ``neighbour_tests_off``; None when they can); then the class fit decides alone.
 
         Redone after every write to the index (one index lookup per class), so classes upserted
         into a running server turn the tests on, and deleting or relabelling the last item of a
-        class turns them off."""
-        assert self.model is not None
+        class turns them off; and for a reloaded model."""
         with self._open_set_lock:
             seq = self.store.seq  # read first: a write after it makes the next call check again
-            if seq != self._checked_at_seq:
+            if seq != self._checked_at_seq or model is not self._checked_for:
                 from pictor.core.open_set import neighbour_tests_off
 
                 was_off = self._why_neighbours_off
-                self._why_neighbours_off = why = neighbour_tests_off(self.store, self.model.class_names)
-                self._checked_at_seq = seq
+                self._why_neighbours_off = why = neighbour_tests_off(self.store, model.class_names)
+                self._checked_at_seq, self._checked_for = seq, model
                 if why and why != was_off:
                     log.warning("open set: %s; 'unknown' is decided by the class-fit score alone", why)
                 elif was_off and not why:
@@ -289,6 +308,7 @@ class Engine:
             raise InvalidRequestError(f"unknown classifier {classifier!r}; choose from {CLASSIFIERS}")
         top_k = check_k(top_k, DEFAULT_TOP_K, "top_k")
         n_neighbors = check_k(neighbors, DEFAULT_NEIGHBORS, "neighbors")
+        model = self.model  # read once: a reload swaps it for the calls that come after this one
         out = self.forward([image], still_wanted=still_wanted)
         embedding = out.embeddings[0]
 
@@ -296,19 +316,19 @@ class Engine:
         has_imagenet = logits is not None and bool(imagenet_classes)
         # kNN when asked for, or as the default of a server with neither head nor ImageNet
         # labels (random init, or a checkpoint without its classifier).
-        if classifier == "knn" or (self.model is None and not has_imagenet and classifier != "head"):
+        if classifier == "knn" or (model is None and not has_imagenet and classifier != "head"):
             knn, hits = self._knn(embedding, n_neighbors, top_k)
             if not knn and classifier != "all" and not self.store.has_labels():  # no vote, for any image
-                other = ", or ask for the default classifier" if self.model is not None or has_imagenet else ""
+                other = ", or ask for the default classifier" if model is not None or has_imagenet else ""
                 raise InvalidRequestError(
                     "the kNN vote counts the labels of the nearest indexed items, and no item of this index "
                     "has a label: index labelled images (a folder per label, a manifest's label column, "
                     f"or an item's label: `pictor add --label`){other}")
             return ClassifyResult(labels=knn, source="knn", knn_labels=knn, neighbors=hits,
-                                  open_set=self._open_set_check(embedding, hits))
+                                  open_set=self._open_set_check(model, embedding, hits))
 
-        if self.model is not None:
-            labels, source = self.model.top_k(embedding[None], top_k)[0], "head"
+        if model is not None:
+            labels, source = model.top_k(embedding[None], top_k)[0], "head"
         elif logits is not None and imagenet_classes:  # has_imagenet, spelled out for mypy
             probs = torch.from_numpy(logits[0]).double().softmax(0).numpy()
             labels, source = top_k_labels(probs, imagenet_classes, top_k), "imagenet"
@@ -317,12 +337,12 @@ class Engine:
                        if self.store.has_labels() else "label the index's items for a kNN vote")
             raise InvalidRequestError(
                 f"this server has no classifier head (no --model, and a backbone without ImageNet labels); {instead}")
-        if classifier != "all" and (self.model is None or self.model.open_set is None):
+        if classifier != "all" and (model is None or model.open_set is None):
             return ClassifyResult(labels=labels, source=source)
 
         # Open-set rejection needs the nearest neighbour too, whichever answer was asked for.
         knn, hits = self._knn(embedding, n_neighbors, top_k)
-        check = self._open_set_check(embedding, hits)
+        check = self._open_set_check(model, embedding, hits)
         if classifier != "all":
             return ClassifyResult(labels=labels, source=source, open_set=check)
         # ImageNet labels are not the index's labels: agreement means nothing there.
@@ -331,28 +351,26 @@ class Engine:
             labels=labels, source=source, knn_labels=knn, neighbors=hits, agree=agree, open_set=check
         )
 
-    def _open_set_check(self, embedding: np.ndarray, hits: Hits) -> OpenSetCheck | None:
-        """The model's open-set verdict (None without an open-set model), whichever classifier
+    def _open_set_check(self, model: TrainedModel | None, embedding: np.ndarray, hits: Hits) -> OpenSetCheck | None:
+        """``model``'s open-set verdict (None without an open-set model), whichever classifier
         answered. The class Gaussians take the embedder's own embedding, like the head."""
-        open_set = self.model.open_set if self.model is not None else None
-        if open_set is None:
+        if model is None or model.open_set is None:
             return None
+        open_set = model.open_set
         fit = float(open_set.gaussians.score(embedding[None])[0])
-        sim = self._nearest_known(embedding, hits)
+        sim = self._nearest_known(model, embedding, hits)
         return OpenSetCheck(fit, None if math.isnan(sim) else sim, open_set.thresholds.why_unknown(fit, sim))
 
-    def _nearest_known(self, embedding: np.ndarray, hits: Hits) -> float:
-        """Similarity of the nearest indexed item of the model's classes: the first of ``hits``
+    def _nearest_known(self, model: TrainedModel, embedding: np.ndarray, hits: Hits) -> float:
+        """Similarity of the nearest indexed item of ``model``'s classes: the first of ``hits``
         when it is one, else a search for it. NaN when the neighbour tests are off (see
         ``_neighbour_tests_off``): the class fit decides alone."""
         from pictor.core.open_set import open_set_similarities
 
-        if self.model is None:
-            return math.nan
-        tests_off = self._neighbour_tests_off()
-        if not tests_off and hits and hits[0].label in self.model.class_names:
+        tests_off = self._neighbour_tests_off(model)
+        if not tests_off and hits and hits[0].label in model.class_names:
             return hits[0].score  # the nearest of all is the nearest of the model's classes: no search
-        return float(open_set_similarities(self.store, embedding[None], self.model.class_names, tests_off)[0])
+        return float(open_set_similarities(self.store, embedding[None], model.class_names, tests_off)[0])
 
     def _knn(self, embedding: np.ndarray, n: int, top_k: int) -> tuple[list[tuple[str, float]], Hits]:
         from pictor.core.head import knn_vote
@@ -446,8 +464,9 @@ class Engine:
         spec = self.spec
         store_info = self.store.info()
         label_counts = self.store.label_counts()  # and the size from it: one state, though writes go on
-        if self.model is not None:
-            classifier, names = "head", list(self.model.class_names)
+        model = self.model  # read once: a reload may swap it meanwhile
+        if model is not None:
+            classifier, names = "head", list(model.class_names)
         elif self.embedder.imagenet_classes:
             classifier, names = "imagenet", list(self.embedder.imagenet_classes)
         else:  # what Classify answers by default then: the index's labels
@@ -465,7 +484,7 @@ class Engine:
             class_names=names,
             server_version=__version__,
             versions={"torch": torch.__version__, "faiss": faiss.__version__, "pictor": __version__},
-            open_set=self._open_set_status(),
+            open_set=self._open_set_status(model),
             finetune=spec.finetune[:12],
             pooling=spec.pooling,
             layer=spec.layer,
@@ -473,11 +492,11 @@ class Engine:
             whitening=spec.whitening,
         )
 
-    def _open_set_status(self) -> str:
-        if self.model is None or self.model.open_set is None:
+    def _open_set_status(self, model: TrainedModel | None) -> str:
+        if model is None or model.open_set is None:
             return ""
-        rule = self.model.open_set.thresholds
-        why = self._neighbour_tests_off()
+        rule = model.open_set.thresholds
+        why = self._neighbour_tests_off(model)
         return f"class fit alone: {why}; {rule.describe(neighbours=False)}" if why else f"on: {rule.describe()}"
 
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import io
+import os
 import random
 import re
+import shutil
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess, pictor
+from conftest import ServerProcess, pictor, wait_until
 from PIL import Image, ImageDraw
 
 from pictor.client import PictorClient
@@ -16,11 +21,11 @@ from pictor.errors import InvalidRequestError
 
 
 def tinted(seed: int, hue: str) -> bytes:
-    """A 64 px picture whose shapes are all reddish or all bluish."""
+    """A 64 px picture whose shapes are all reddish, all greenish or all bluish."""
     rng = random.Random(seed)
     def colour() -> tuple[int, int, int]:
         hi, lo = rng.randrange(170, 256), rng.randrange(0, 80)
-        return (hi, lo, lo) if hue == "red" else (lo, lo, hi)
+        return {"red": (hi, lo, lo), "green": (lo, hi, lo), "blue": (lo, lo, hi)}[hue]
     im = Image.new("RGB", (64, 64), (245, 245, 245))
     draw = ImageDraw.Draw(im)
     for _ in range(3):
@@ -188,6 +193,64 @@ def test_open_set_compares_with_the_model_classes_only(trained: tuple[Path, Path
         assert not engine.classify(tinted(103, "red"), classifier="all").unknown
     finally:
         engine.close()
+
+
+def test_sighup_serves_the_model_file_as_it_is_now(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """A head trained again with a class more is served after SIGHUP, without a restart; a file
+    that cannot be served (damaged, or a head for other embeddings) leaves the old one serving."""
+    model, index = trained
+    data = tmp_path / "data"
+    shutil.copytree(index.parent / "data", data)
+    (data / "green").mkdir()
+    for i in range(10):
+        (data / "green" / f"{i}.png").write_bytes(tinted(i, "green"))
+    served = tmp_path / "served.pt"
+    shutil.copy(model, served)
+    cache = str(index.parent / "cache")  # the red and blue images' embeddings are there
+    pictor("train", str(data), "--out", str(tmp_path / "three.pt"), "--cache-dir", cache, "--no-progress")
+    pictor("train", str(data), "--out", str(tmp_path / "max.pt"), "--pooling", "max", "--cache-dir", cache,
+           "--no-progress")
+    server = ServerProcess(index, "--model", str(served)).start()
+    proc = server.proc
+    assert proc is not None
+    try:
+        with PictorClient(server.target) as client, ThreadPoolExecutor(2) as pool:
+            assert sorted(client.info().class_names) == ["blue", "red"]
+            # Calls go on through the reload: none fails, and each answers with one model or the other.
+            swapped = threading.Event()
+            def classify_until_swapped() -> set[int]:
+                seen = set()
+                while not swapped.is_set():
+                    seen.add(len(client.classify(tinted(300, "red"), top_k=3).labels))
+                return seen
+            calls = [pool.submit(classify_until_swapped) for _ in range(2)]
+            os.replace(tmp_path / "three.pt", served)  # as a deployment swaps in a new file
+            proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: len(client.info().class_names) == 3)
+            swapped.set()
+            assert set.union(*(c.result() for c in calls)) <= {2, 3}
+            assert "SIGHUP: serving the model" in server.read_log()
+            assert len(client.classify(tinted(300, "red"), top_k=3).labels) == 3
+            assert client.classify(tinted(200, "green")).labels[0].name == "green"
+            # The index holds no green item: the neighbour tests are off for this model, and said so.
+            assert client.info().open_set.startswith("class fit alone")
+
+            def refused(content: bytes, why: str) -> None:
+                unchanged = "SIGHUP: the model served is unchanged"
+                before = server.read_log().count(unchanged)
+                served.write_bytes(content)
+                proc.send_signal(signal.SIGHUP)
+                wait_until(lambda: server.read_log().count(unchanged) > before)
+                assert why in server.read_log().rsplit(unchanged, 1)[1]
+                assert sorted(client.info().class_names) == ["blue", "green", "red"]
+                assert client.classify(tinted(201, "green")).labels[0].name == "green"
+
+            refused(b"half a file", "is not a Pictor model file")
+            refused((tmp_path / "max.pt").read_bytes(), "the model's head expects embeddings from")
+        assert "Traceback" not in server.read_log()
+    finally:
+        stopped = server.stop()
+    assert stopped == 0
 
 
 def test_refused_start_releases_the_index(trained: tuple[Path, Path], tmp_path: Path) -> None:

@@ -67,6 +67,14 @@ def test_search_finds_the_gallery_image_itself(server: ServerProcess, shared_gal
     assert hits[0].score >= hits[1].score >= hits[2].score
 
 
+def test_sighup_without_a_model_changes_nothing(server: ServerProcess) -> None:
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "SIGHUP: no model to reload" in server.read_log())
+    with PictorClient(server.target) as client:
+        assert client.health() == "SERVING" and client.info().classifier == "imagenet"
+
+
 def test_info_and_health(server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
     from pictor.cli import main
 
