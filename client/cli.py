@@ -433,6 +433,8 @@ def run_info(args: argparse.Namespace) -> int:
         ("index", f"{info.index_size} items, {info.index_type}"),
         ("labels", _label_counts_text(info.label_counts)),
         ("classifier", f"{info.classifier}: {shown}" if shown else f"{info.classifier} (the index's labels)"),
+        *([("model", f"sha256 {info.model_sha256} (the --model file served; `sha256sum MODEL` to compare)")]
+          if info.model_sha256 else []),
         ("open set", info.open_set or "off (a model file from `pictor train`, served with --model, answers an "
                                       "image like none of its classes as unknown)"),
         ("versions", ", ".join(f"{k} {v}" for k, v in sorted(info.versions.items()))),

@@ -137,7 +137,7 @@ def why_not_tensors(path: Path, error: Exception) -> str:
     return "not a PyTorch file, or a damaged one"
 
 
-def damaged_member(path: Path) -> str | None:
+def damaged_member(path: Path | IO[bytes]) -> str | None:
     """What is damaged in a zip archive (as PyTorch saves): a part whose bytes fail their
     checksum, or headers the zip reader cannot read; None when nothing is (also for a file that
     is not a zip). ``torch.load`` does not check the checksums, and loads a flipped byte as a

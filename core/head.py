@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -31,7 +32,14 @@ import torch
 from torch import nn
 
 from pictor.core.embedder import Embedder, embedder_for_spec, fingerprint_state, kept_precision
-from pictor.core.files import damaged_member, remove_leftovers, why_not_tensors, write_atomic, write_failure
+from pictor.core.files import (
+    content_hash,
+    damaged_member,
+    remove_leftovers,
+    why_not_tensors,
+    write_atomic,
+    write_failure,
+)
 from pictor.core.open_set import OpenSet
 from pictor.core.spec import ModelSpec
 from pictor.errors import IncompatibleModelError, InvalidRequestError, NotFoundError
@@ -168,6 +176,7 @@ class TrainedModel:
     # The training and validation images' ids (content_ids): eval says when it measures on them.
     training_images: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     validation_images: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    file_sha256: str = ""  # of the file it was read from (load_model), which does not hold it
 
     def __post_init__(self) -> None:
         if self.head.dim != self.spec.dim:
@@ -385,17 +394,19 @@ def load_model(path: str | os.PathLike[str]) -> TrainedModel:
     if not p.is_file():
         raise NotFoundError(f"model file {p} does not exist")
     try:
-        damaged = damaged_member(p)
+        data = p.read_bytes()  # read once: the bytes checked, hashed and loaded are the same
     except OSError as e:
         raise NotFoundError(f"model file {p} cannot be read: {e.strerror or e}") from e
-    if damaged:
+    if damaged := damaged_member(io.BytesIO(data)):
         raise IncompatibleModelError(f"model file {p} is damaged ({damaged}): copy it again, or train again")
     try:
-        d = torch.load(p, map_location="cpu", weights_only=True)
+        d = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # a foreign or damaged file can fail the unpickler in any way (a cut one: OSError)
         raise IncompatibleModelError(
             f"{p} is not a Pictor model file (make one with `pictor train`): {why_not_tensors(p, e)}") from e
-    return TrainedModel.from_dict(d, source=str(p))
+    model = TrainedModel.from_dict(d, source=str(p))
+    model.file_sha256 = content_hash(data)
+    return model
 
 
 def _plain(value: Any) -> Any:

@@ -90,6 +90,7 @@ class ServerInfo:
     layer: str = ""  # "" = the backbone's last feature layer
     label_counts: dict[str, int] = field(default_factory=dict)  # items per label ("" = unlabelled)
     whitening: str = ""  # "pca<dim>:<fingerprint>" of a PCA-whitened index (see the proto), else ""
+    model_sha256: str = ""  # of the --model file served (read at start or the last SIGHUP), else ""
 
 
 @dataclass(frozen=True)

@@ -490,6 +490,7 @@ class Engine:
             layer=spec.layer,
             label_counts=label_counts,
             whitening=spec.whitening,
+            model_sha256=model.file_sha256 if model is not None else "",
         )
 
     def _open_set_status(self, model: TrainedModel | None) -> str:

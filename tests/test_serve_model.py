@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import random
@@ -215,6 +216,7 @@ def test_sighup_serves_the_model_file_as_it_is_now(trained: tuple[Path, Path], t
     assert proc is not None
     try:
         with PictorClient(server.target) as client, ThreadPoolExecutor(2) as pool:
+            assert client.info().model_sha256 == hashlib.sha256(served.read_bytes()).hexdigest()
             assert sorted(client.info().class_names) == ["blue", "red"]
             # Calls go on through the reload: none fails, and each answers with one model or the other.
             swapped = threading.Event()
@@ -231,6 +233,9 @@ def test_sighup_serves_the_model_file_as_it_is_now(trained: tuple[Path, Path], t
             assert set.union(*(c.result() for c in calls)) <= {2, 3}
             assert "SIGHUP: serving the model" in server.read_log()
             assert len(client.classify(tinted(300, "red"), top_k=3).labels) == 3
+            three = hashlib.sha256(served.read_bytes()).hexdigest()  # what `sha256sum` prints
+            assert client.info().model_sha256 == three
+            assert f"model:        sha256 {three} (the --model file served" in pictor("info", "--target", server.target).stdout
             assert client.classify(tinted(200, "green")).labels[0].name == "green"
             # The index holds no green item: the neighbour tests are off for this model, and said so.
             assert client.info().open_set.startswith("class fit alone")
@@ -243,6 +248,7 @@ def test_sighup_serves_the_model_file_as_it_is_now(trained: tuple[Path, Path], t
                 wait_until(lambda: server.read_log().count(unchanged) > before)
                 assert why in server.read_log().rsplit(unchanged, 1)[1]
                 assert sorted(client.info().class_names) == ["blue", "green", "red"]
+                assert client.info().model_sha256 == three
                 assert client.classify(tinted(201, "green")).labels[0].name == "green"
 
             refused(b"half a file", "is not a Pictor model file")

@@ -242,7 +242,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("backbone", "weights", "embedding_dim", "index_size", "index_type", "metric", "classifier", "class_names", "server_version", "versions", "open_set", "finetune", "pooling", "layer", "label_counts", "whitening")
+    __slots__ = ("backbone", "weights", "embedding_dim", "index_size", "index_type", "metric", "classifier", "class_names", "server_version", "versions", "open_set", "finetune", "pooling", "layer", "label_counts", "whitening", "model_sha256")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -273,6 +273,7 @@ class InfoResponse(_message.Message):
     LAYER_FIELD_NUMBER: _ClassVar[int]
     LABEL_COUNTS_FIELD_NUMBER: _ClassVar[int]
     WHITENING_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     backbone: str
     weights: str
     embedding_dim: int
@@ -289,4 +290,5 @@ class InfoResponse(_message.Message):
     layer: str
     label_counts: _containers.ScalarMap[str, int]
     whitening: str
-    def __init__(self, backbone: _Optional[str] = ..., weights: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., index_size: _Optional[int] = ..., index_type: _Optional[str] = ..., metric: _Optional[str] = ..., classifier: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., open_set: _Optional[str] = ..., finetune: _Optional[str] = ..., pooling: _Optional[str] = ..., layer: _Optional[str] = ..., label_counts: _Optional[_Mapping[str, int]] = ..., whitening: _Optional[str] = ...) -> None: ...
+    model_sha256: str
+    def __init__(self, backbone: _Optional[str] = ..., weights: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., index_size: _Optional[int] = ..., index_type: _Optional[str] = ..., metric: _Optional[str] = ..., classifier: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., open_set: _Optional[str] = ..., finetune: _Optional[str] = ..., pooling: _Optional[str] = ..., layer: _Optional[str] = ..., label_counts: _Optional[_Mapping[str, int]] = ..., whitening: _Optional[str] = ..., model_sha256: _Optional[str] = ...) -> None: ...
