@@ -39,7 +39,7 @@ def test_the_commands_the_image_and_compose_run_are_valid() -> None:
     parser = build_parser()
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     commands = [service["command"] for service in compose["services"].values() if service["image"] == "pictor:latest"]
-    assert len(commands) == 2  # the indexer's and the server's
+    assert len(commands) == 3  # the indexer's, the server's and the trainer's
     (health,) = re.findall(r"HEALTHCHECK .* CMD (.+)", _dockerfile())
     commands.append(shlex.split(health.replace("${PICTOR_PORT:-50051}", "50051"))[1:])
     (default,) = re.findall(r'^CMD \["(\w+)"\]', _dockerfile(), re.M)
@@ -58,6 +58,13 @@ def test_the_commands_the_image_and_compose_run_are_valid() -> None:
     scrape = yaml.safe_load(compose["configs"]["prometheus"]["content"])
     assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == ["server:9464"]
     assert compose["services"]["prometheus"]["profiles"] == ["metrics"]
+    # The trainer runs only when named, and writes the model file the server is told to serve.
+    trainer, server = compose["services"]["trainer"], compose["services"]["server"]
+    assert trainer["profiles"] == ["train"] and trainer["pull_policy"] == "never"
+    out = trainer["command"][trainer["command"].index("--out") + 1]
+    assert f"PICTOR_MODEL={out}" in (ROOT / "docker-compose.yml").read_text()
+    assert server["environment"]["PICTOR_MODEL"] == "${PICTOR_MODEL:-}"
+    assert "pictor-data:/data" in trainer["volumes"] and "pictor-data:/data" in server["volumes"]
     # The image is built by the indexer's `build`, never pulled: the server's would be tried
     # from a registry first, where there is none.
     assert compose["services"]["server"]["pull_policy"] == "never" and "build" in compose["services"]["indexer"]
