@@ -248,7 +248,7 @@ def _tls_said(settings: ServerSettings) -> str:
     return "; TLS" if settings.tls_cert else ""
 
 
-def reload_model(engine: Engine, path: str) -> None:
+def reload_model(engine: Engine, path: str, metrics: Metrics | None = None) -> None:
     """SIGHUP: serve the model file at ``path`` as it is now (a head trained again, on the same
     backbone), or say why not and keep serving the one loaded. Never fatal: a damaged or
     half-copied file is bad input, not a reason to stop serving."""
@@ -257,11 +257,16 @@ def reload_model(engine: Engine, path: str) -> None:
         return
     try:
         model = engine.reload_model(path)
-    except PictorError as e:
-        log.error("SIGHUP: the model served is unchanged: %s", e)
-    except Exception:  # a file that reads but holds what no Pictor wrote
-        log.exception("SIGHUP: the model served is unchanged: %s could not be loaded", path)
+    except Exception as e:
+        if metrics is not None:
+            metrics.reloads.labels("refused").inc()
+        if isinstance(e, PictorError):
+            log.error("SIGHUP: the model served is unchanged: %s", e)
+        else:  # a file that reads but holds what no Pictor wrote
+            log.exception("SIGHUP: the model served is unchanged: %s could not be loaded", path)
     else:
+        if metrics is not None:
+            metrics.reloads.labels("served").inc()
         log.info("SIGHUP: serving the model %s from now on: %d classes %s", path, len(model.class_names),
                  shown(list(model.class_names), 200))
 
@@ -295,7 +300,7 @@ def _serve(settings: ServerSettings, threads: HandlerThreads, metrics: Metrics |
             "; calls need the token of PICTOR_TOKEN, health checks do not" if settings.token else "",
         )
         while asked.get() == "reload":
-            reload_model(engine, settings.model)
+            reload_model(engine, settings.model, metrics)
         log.info("shutting down: draining calls in flight (up to %.0fs)", DRAIN_SECONDS)
         # gRPC's stop once never completed after a long mixed session (its threads all idle):
         # the index is closed, and its snapshot written, regardless.

@@ -77,7 +77,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--metrics-port", type=whole_number, metavar="PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (calls by method and status code, "
                         "their latency, the index's size, images through the model and the seconds they spend decoding, "
-                        "waiting for the model and in it, the process's memory and CPU; default 0: none)")
+                        "waiting for the model and in it, images per pass, SIGHUP model reloads, the process's memory and CPU; "
+                        "default 0: none)")
     p.add_argument("--tls-cert", metavar="PEM", help="serve over TLS with this certificate (chain), server's first "
                    "(with --tls-key; default: plain TCP)")
     p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert, unencrypted")

@@ -3,9 +3,10 @@
 The call metrics use the names of go-grpc-prometheus (and py-grpc-prometheus), so the usual gRPC
 dashboards read them: ``grpc_server_started_total``, ``grpc_server_handled_total`` (by status
 code) and ``grpc_server_handling_seconds``. Beside them: ``pictor_index_items`` (from the end of
-loading), the model's ``pictor_model_images_total`` and ``pictor_model_seconds`` (by stage:
-decode, wait, forward), and the process's memory, CPU time and open files (prometheus-client's
-process collector).
+loading), the model's ``pictor_model_images_total``, ``pictor_model_seconds`` (by stage:
+decode, wait, forward), ``pictor_model_batch_images`` and ``pictor_model_reloads_total`` (by
+result), and the process's memory, CPU time and open files (prometheus-client's process
+collector).
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ class Metrics:
         self.pass_images = Histogram("pictor_model_batch_images", "images per forward pass (the images of all "
                                      "calls waiting for the model, batched)", buckets=_BATCH_BUCKETS,
                                      registry=self.registry)
+        self.reloads = Counter("pictor_model_reloads_total", "SIGHUP reloads of the --model file, by result: "
+                               "served (the file read serves from then on) or refused (the model before stays)",
+                               ["result"], registry=self.registry)
         self._http: Any = None
         self._methods: dict[str, _MethodCounts] = {}
 

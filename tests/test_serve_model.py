@@ -10,11 +10,12 @@ import re
 import shutil
 import signal
 import threading
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess, pictor, wait_until
+from conftest import ServerProcess, free_port, pictor, wait_until
 from PIL import Image, ImageDraw
 
 from pictor.client import PictorClient
@@ -211,7 +212,8 @@ def test_sighup_serves_the_model_file_as_it_is_now(trained: tuple[Path, Path], t
     pictor("train", str(data), "--out", str(tmp_path / "three.pt"), "--cache-dir", cache, "--no-progress")
     pictor("train", str(data), "--out", str(tmp_path / "max.pt"), "--pooling", "max", "--cache-dir", cache,
            "--no-progress")
-    server = ServerProcess(index, "--model", str(served)).start()
+    metrics_port = free_port()
+    server = ServerProcess(index, "--model", str(served), "--metrics-port", str(metrics_port)).start()
     proc = server.proc
     assert proc is not None
     try:
@@ -254,6 +256,9 @@ def test_sighup_serves_the_model_file_as_it_is_now(trained: tuple[Path, Path], t
             refused(b"half a file", "is not a Pictor model file")
             refused((tmp_path / "max.pt").read_bytes(), "the model's head expects embeddings from")
         assert "Traceback" not in server.read_log()
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert 'pictor_model_reloads_total{result="served"} 1.0' in scraped
+        assert 'pictor_model_reloads_total{result="refused"} 2.0' in scraped
     finally:
         stopped = server.stop()
     assert stopped == 0
