@@ -131,6 +131,12 @@ def test_batching() -> None:
     assert re.search(r"^\| 3 \| [0-9.]+ \| .* \| 0 \| [0-9.]+ \|$", out, re.M), out
 
 
+def test_reload() -> None:
+    out = run_bench("reload.py", "--clients", 2, "--seconds", 3, "--reload-every", 0.5)
+    assert re.search(r"^\| none \| [0-9.]+ \| .* \| 0 \| - \|$", out, re.M), out
+    assert re.search(r"^\| [1-9]\d*, one every 0.5 s \| [0-9.]+ \| .* \| 0 \| \d+, \d+ \|$", out, re.M), out
+
+
 def test_health() -> None:
     out = run_bench("health.py", "--clients", 4, "--seconds", 5, "--burst-threads", 2, "--burst-calls", 4)
     assert "| health | flooded |" in out and "burst:" in out
