@@ -435,8 +435,10 @@ def run_info(args: argparse.Namespace) -> int:
         ("classifier", f"{info.classifier}: {shown}" if shown else f"{info.classifier} (the index's labels)"),
         *([("model", f"sha256 {info.model_sha256} (the --model file served; `sha256sum MODEL` to compare)")]
           if info.model_sha256 else []),
-        ("open set", info.open_set or "off (a model file from `pictor train`, served with --model, answers an "
-                                      "image like none of its classes as unknown)"),
+        ("open set", info.open_set or ("off: the model served has no open-set thresholds (trained with "
+                                       "--no-open-set)" if info.classifier == "head" else
+                                       "off (a model file from `pictor train`, served with --model, answers an "
+                                       "image like none of its classes as unknown)")),
         ("versions", ", ".join(f"{k} {v}" for k, v in sorted(info.versions.items()))),
     ]
     table = "".join(f"{name + ':':<14}{value}\n" for name, value in rows)

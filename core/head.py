@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import platform
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -400,7 +401,9 @@ def load_model(path: str | os.PathLike[str]) -> TrainedModel:
     if damaged := damaged_member(io.BytesIO(data)):
         raise IncompatibleModelError(f"model file {p} is damaged ({damaged}): copy it again, or train again")
     try:
-        d = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle's protocol warning: its error below says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            d = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # a foreign or damaged file can fail the unpickler in any way (a cut one: OSError)
         raise IncompatibleModelError(
             f"{p} is not a Pictor model file (make one with `pictor train`): {why_not_tensors(p, e)}") from e

@@ -267,8 +267,8 @@ def reload_model(engine: Engine, path: str, metrics: Metrics | None = None) -> N
     else:
         if metrics is not None:
             metrics.reloads.labels("served").inc()
-        log.info("SIGHUP: serving the model %s from now on: %d classes %s", path, len(model.class_names),
-                 shown(list(model.class_names), 200))
+        log.info("SIGHUP: serving the model %s (sha256 %s) from now on: %d classes %s", path,
+                 model.file_sha256[:12], len(model.class_names), shown(list(model.class_names), 200))
 
 
 def serve(settings: ServerSettings) -> None:
@@ -276,21 +276,25 @@ def serve(settings: ServerSettings) -> None:
     those in flight, close the index."""
     threads = HandlerThreads(settings.workers)
     metrics = Metrics() if settings.metrics_port else None
+    # What the signals ask for, in order (SimpleQueue.put may be called from a signal handler).
+    # SIGHUP's from the start: its default action would end a server still loading (a reload
+    # sent during a restart), and the file is read again once it serves.
+    asked: queue.SimpleQueue[str] = queue.SimpleQueue()
+    before = signal.signal(signal.SIGHUP, lambda *_: asked.put("reload"))
     try:
-        _serve(settings, threads, metrics)
+        _serve(settings, threads, metrics, asked)
     finally:
+        signal.signal(signal.SIGHUP, before)
         if metrics is not None:
             metrics.close()
 
 
-def _serve(settings: ServerSettings, threads: HandlerThreads, metrics: Metrics | None) -> None:
+def _serve(settings: ServerSettings, threads: HandlerThreads, metrics: Metrics | None,
+           asked: queue.SimpleQueue[str]) -> None:
     server, port, engine = create_server(settings, threads, metrics)  # a signal while loading interrupts it (pictor.cli)
     try:
-        # What the signals ask for, in order (SimpleQueue.put may be called from a signal handler).
-        asked: queue.SimpleQueue[str] = queue.SimpleQueue()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: asked.put("stop"))
-        signal.signal(signal.SIGHUP, lambda *_: asked.put("reload"))
         _start(server)
         info = engine.info()
         log.info(

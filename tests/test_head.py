@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,6 +177,13 @@ def test_load_model_refuses_missing_foreign_and_damaged_files(tmp_path) -> None:
     junk.write_bytes(b"this is not a checkpoint")
     with pytest.raises(IncompatibleModelError, match="not a Pictor model file .*: not a PyTorch file"):
         load_model(junk)
+    pickled = tmp_path / "pickled.pt"  # a plain pickle: refused without torch's protocol warning first
+    pickled.write_bytes(pickle.dumps({"w": [1.0]}, protocol=4))
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        with pytest.raises(IncompatibleModelError, match="not a Pictor model file"):
+            load_model(pickled)
+    assert not warned, [str(w.message) for w in warned]
     # A real model file with bytes flipped in a tensor: torch.load took it, with a changed weight.
     good = tmp_path / "good.pt"
     make_model(open_set=make_open_set()).save(good)

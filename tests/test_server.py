@@ -75,6 +75,24 @@ def test_sighup_without_a_model_changes_nothing(server: ServerProcess) -> None:
         assert client.health() == "SERVING" and client.info().classifier == "imagenet"
 
 
+def test_a_sighup_while_the_server_loads_is_a_reload_once_it_serves(built_index: Path) -> None:
+    server = ServerProcess(built_index)
+
+    def hang_up_while_loading() -> None:  # (as `docker compose kill -s HUP` during a restart)
+        wait_until(lambda: server.proc is not None and " opened: " in server.read_log(), poll=0.01)
+        server.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+
+    sender = threading.Thread(target=hang_up_while_loading)
+    sender.start()
+    server.start()
+    sender.join()
+    try:
+        wait_until(lambda: "SIGHUP: no model to reload" in server.read_log())  # its default action ended it
+    finally:
+        stopped = server.stop()
+    assert stopped == 0
+
+
 def test_info_and_health(server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
     from pictor.cli import main
 
