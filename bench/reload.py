@@ -17,6 +17,7 @@ Run from the project root, under the shared CPU lock::
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shutil
 import signal
@@ -44,14 +45,15 @@ def reloading(proc: subprocess.Popen[bytes], target: str, served_file: Path, fil
               stop: threading.Event, took: list[float]) -> None:
     """Swap ``served_file`` for the next of ``files`` and SIGHUP the server every ``every`` seconds
     until ``stop``; into ``took``, the seconds each reload took to show in Info."""
+    staged = served_file.with_suffix(".tmp")
     with PictorClient(target, timeout=60) as client:
-        for n in range(1, 1_000_000):
+        for n in itertools.count(1):
             if stop.wait(every):
                 break
             new = files[n % len(files)]
             sha = hashlib.sha256(new.read_bytes()).hexdigest()
-            shutil.copy(new, served_file.with_suffix(".tmp"))
-            os.replace(served_file.with_suffix(".tmp"), served_file)
+            shutil.copy(new, staged)
+            os.replace(staged, served_file)
             sent = time.perf_counter()
             proc.send_signal(signal.SIGHUP)
             while client.info().model_sha256 != sha:
