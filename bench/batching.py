@@ -3,8 +3,9 @@
 
 The server runs the images of all calls waiting for the model in one forward pass (up to
 `--batch-size`, passed to `pictor serve`; its default, 8): calls that come while a pass runs
-share the next. Each client is a thread of this process sending Classify of the same photo as
-soon as the last is answered (one PictorClient each, as separate users); the server gets
+share the next, and with `--max-queue-delay-ms` a pass that is not full waits that long for
+more. Each client is a thread of this process sending Classify of the same photo as soon as
+the last is answered (one PictorClient each, as separate users); the server gets
 `--workers` handler threads enough for them all (a call beyond the waiting calls it allows is
 refused as busy). The table gives calls per second, that as a share of the model's rate at the
 batch size (images already decoded and preprocessed: the server also decodes each image, on
@@ -98,6 +99,7 @@ def main() -> None:
     ap.add_argument("--clients", default="1,8,32", help="comma-separated numbers of clients at once")
     ap.add_argument("--seconds", type=float, default=20.0, help="timed window of each row")
     ap.add_argument("--batch-size", type=int, default=8, help="the server's --batch-size")
+    ap.add_argument("--max-queue-delay-ms", type=float, default=0.0, help="the server's --max-queue-delay-ms")
     ap.add_argument("--model-seconds", type=float, default=9.0, help="timing of the model alone, each batch size")
     ap.add_argument("--image", type=Path, default=SAMPLE / "photos" / "daisy.jpg", help="the photo classified")
     ap.add_argument("--index", type=Path, help="index to serve (default: the sample gallery, indexed first)")
@@ -112,6 +114,8 @@ def main() -> None:
     serve_args = ["--workers", str(max(counts) + 8), "--metrics-port", str(metrics_port)]
     if args.batch_size != 8:  # (a server before --batch-size takes none)
         serve_args += ["--batch-size", str(args.batch_size)]
+    if args.max_queue_delay_ms:
+        serve_args += ["--max-queue-delay-ms", str(args.max_queue_delay_ms)]
     print(f"| clients | calls/s | of the model's batch-{args.batch_size} rate | p50 ms | p99 ms | errors | "
           "images per pass |")
     print("|---:|---:|---:|---:|---:|---:|---:|")

@@ -32,6 +32,7 @@ DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_MESSAGE_MB, MAX_MESSAGE_MB = 64, 2047
 POOLINGS = ("avg", "max", "gem")  # of the backbone's feature map
 MAX_IDLE_TIMEOUT = 7 * 24 * 3600  # seconds, for --upsert-idle-timeout
+MAX_QUEUE_DELAY_MS = 1000  # for serve --max-queue-delay-ms: a call held a second for others is a typo
 MAX_TOKEN_CHARS = 4096  # well under gRPC's 8 KB of headers
 SECRET_SETTINGS = frozenset({"token"})  # values no message repeats
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -114,6 +115,9 @@ class ServerSettings(RuntimeSettings):
     # Most images in one forward pass: the calls waiting for the model share one. Not the
     # indexer's 32: on a 2-core CPU passes of 8 ran 1.6x faster per image than of 32 (bench/batching.py).
     batch_size: int = 8
+    # Milliseconds a pass that is not full waits for more calls, from its oldest call's coming
+    # (Triton's max queue delay). 0: none; a CPU's passes gain little from being larger.
+    max_queue_delay_ms: float = 0.0
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
     # Seconds an Upsert or reflection stream may send nothing before the server ends it (a quiet
     # client without a deadline would otherwise hold a stream slot for good).
@@ -151,6 +155,9 @@ class ServerSettings(RuntimeSettings):
             raise SettingValueError("workers", f"at least 2 (one is always kept for health checks and lookups) and "
                                     f"at most {MAX_SERVER_WORKERS}", self.workers)
         _check_between(self, "batch_size", 1, MAX_BATCH_SIZE)
+        if not 0 <= self.max_queue_delay_ms <= MAX_QUEUE_DELAY_MS:  # nan too
+            raise SettingValueError("max_queue_delay_ms", f"between 0 and {MAX_QUEUE_DELAY_MS} milliseconds",
+                                    self.max_queue_delay_ms)
         check_max_message_mb(self.max_message_mb)
         if self.token:
             check_token(self.token)

@@ -9,7 +9,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 Item = TypeVar("Item")  # a preprocessed image, to the engine
@@ -29,6 +29,8 @@ class Turn(Generic[Result]):
 class _Call(Generic[Item, Result]):
     items: list[Item]
     still_wanted: Callable[[], None] | None
+    came: float = field(default_factory=time.perf_counter)
+    taken: bool = False  # into a pass: no longer in the queue
     turn: Turn[Result] | None = None
     error: BaseException | None = None
 
@@ -41,19 +43,28 @@ class Batcher(Generic[Item, Result]):
     """Runs the calls waiting for the model together. Whoever finds the model free takes the
     oldest waiting calls, ``max_items`` items in all (one call at least, however many it has),
     runs them in one pass and hands each call its part; calls that come meanwhile wait and form
-    the next pass. No call waits for a pass to fill (Triton's max queue delay 0): a pass is as
-    large as the calls that came during the one before, so a lone call runs at once.
+    the next pass. By default no call waits for a pass to fill (Triton's max queue delay 0): a
+    pass is as large as the calls that came during the one before, so a lone call runs at once.
+    With ``max_delay_s``, a pass that is not full waits for more calls until its oldest has
+    waited that long (a GPU, whose larger passes cost little more than small ones, gains).
 
     ``run`` takes each call's items and returns each call's result, in order. ``still_wanted``
-    runs when its call's pass begins and may raise to leave the call out (its caller has gone).
-    An error from ``run`` fails every call of that pass. ``lock`` is held through each pass.
+    runs when its call's pass begins and may raise to leave the call out (its caller has gone);
+    while the call waits its turn it runs every ``GONE_POLL_S`` too (under the batcher's lock: it
+    must be quick), and what it raises takes the call out of the queue at once, freeing its
+    thread. An error from ``run`` fails every call of that pass. ``lock`` is held through each
+    pass.
     """
 
+    GONE_POLL_S = 0.1
+
     def __init__(self, run: Callable[[list[list[Item]]], list[Result]], max_items: int, *,
-                 on_pass: Callable[[int], None] | None = None) -> None:
-        self.run, self.max_items, self.on_pass = run, max_items, on_pass
+                 max_delay_s: float = 0.0, on_pass: Callable[[int], None] | None = None) -> None:
+        self.run, self.max_items, self.max_delay_s, self.on_pass = run, max_items, max_delay_s, on_pass
         self.lock = threading.Lock()
-        self._changed = threading.Condition()
+        queue_lock = threading.Lock()
+        self._changed = threading.Condition(queue_lock)  # a pass ended, or a call left
+        self._came = threading.Condition(queue_lock)  # a call came (what a pass waiting to fill waits for)
         self._waiting: deque[_Call[Item, Result]] = deque()
         self._running = False
 
@@ -61,16 +72,20 @@ class Batcher(Generic[Item, Result]):
         call = _Call[Item, Result](items, still_wanted)
         with self._changed:
             self._waiting.append(call)
+            self._came.notify()
         while True:
             with self._changed:
                 while self._running and not call.done:
-                    self._changed.wait()
+                    self._changed.wait(None if still_wanted is None else self.GONE_POLL_S)
+                    if still_wanted is not None and not call.done and not call.taken:
+                        self._leave_if_gone(call, still_wanted)
                 if call.done:
                     break
                 self._running = True  # this thread runs the next pass; it may not hold its own call
             try:
                 with self.lock:
                     with self._changed:
+                        self._wait_to_fill()
                         taken = self._take()
                     self._run_pass(taken)
             finally:
@@ -82,12 +97,31 @@ class Batcher(Generic[Item, Result]):
         assert call.turn is not None
         return call.turn
 
+    def _leave_if_gone(self, call: _Call[Item, Result], still_wanted: Callable[[], None]) -> None:
+        """Out of the queue, raising what ``still_wanted`` raises (queue lock held)."""
+        try:
+            still_wanted()
+        except BaseException:
+            self._waiting.remove(call)
+            raise
+
+    def _wait_to_fill(self) -> None:
+        """Until the waiting calls fill a pass or the oldest has waited ``max_delay_s`` (queue
+        lock held; the oldest may leave meanwhile, so its time is read again on each wake)."""
+        while sum(len(c.items) for c in self._waiting) < self.max_items:
+            left = self._waiting[0].came + self.max_delay_s - time.perf_counter()
+            if left <= 0:
+                return
+            self._came.wait(left)
+
     def _take(self) -> list[_Call[Item, Result]]:
         taken = [self._waiting.popleft()]
         items = len(taken[0].items)
         while self._waiting and items + len(self._waiting[0].items) <= self.max_items:
             items += len(self._waiting[0].items)
             taken.append(self._waiting.popleft())
+        for call in taken:
+            call.taken = True
         return taken
 
     def _run_pass(self, calls: list[_Call[Item, Result]]) -> None:

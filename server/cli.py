@@ -9,6 +9,7 @@ import sys
 
 from pictor.config import (
     MAX_BATCH_SIZE,
+    MAX_QUEUE_DELAY_MS,
     MAX_SERVER_WORKERS,
     ServerSettings,
     add_flag,
@@ -87,6 +88,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_flag(p, "batch_size", help=f"most images in one forward pass (default {ServerSettings.batch_size}, at most "
              f"{MAX_BATCH_SIZE}): the calls that come while the model runs share its next pass (passes of 8 "
              "ran fastest on a 2-core CPU; a GPU may take more)")
+    p.add_argument("--max-queue-delay-ms", type=number, metavar="MS",
+                   help="how long a pass that is not full waits for more calls, from its oldest call's coming "
+                        f"(default 0: none; at most {MAX_QUEUE_DELAY_MS}). A few ms let a GPU, whose larger "
+                        "passes cost little more, take more images a pass; on a CPU it only adds latency "
+                        "(docs/benchmarks.md)")
     add_flag(p, "max_pixels")
     p.add_argument("--max-message-mb", type=whole_number, metavar="MB",
                    help="largest request or reply (default 64, at most 2047); clients must allow it "

@@ -122,6 +122,7 @@ class Engine:
         *,
         max_pixels: int,
         batch_size: int,
+        max_queue_delay_s: float = 0.0,
         whitening: PCAWhitening | None = None,
     ) -> None:
         self.spec = index_spec(embedder.spec, whitening)  # the space of the index's vectors
@@ -141,7 +142,7 @@ class Engine:
             self._neighbour_tests_off(model)  # logs when they are off
         # One forward pass at a time (concurrent passes would only fight over the same cores),
         # for the images of every call waiting for the model, up to ``batch_size`` of them.
-        self.batcher = Batcher(self._forward_parts, batch_size)
+        self.batcher = Batcher(self._forward_parts, batch_size, max_delay_s=max_queue_delay_s)
         # Told of each call's images: (images, seconds decoding, waiting for the model, its pass).
         self.on_forward: Callable[[int, float, float, float], None] | None = None
 
@@ -171,7 +172,7 @@ class Engine:
                     precision=kept_precision(settings.precision, store.precision, settings.device))
             warn_mixed_precision(index, store.precision, embedder.precision, "queries and added images are embedded")
             engine = cls(embedder, store, model, max_pixels=settings.max_pixels, batch_size=settings.batch_size,
-                         whitening=whitening)
+                         max_queue_delay_s=settings.max_queue_delay_ms / 1000, whitening=whitening)
             if not settings.compile:  # (compiled at the first call, as --compile says)
                 engine.warm_up()
             on_error.pop_all()  # started: the engine closes the store

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -89,6 +90,46 @@ def test_a_call_whose_caller_has_gone_is_left_out_of_its_pass() -> None:
         assert futures[0].result(timeout=10) == [10] and futures[2].result(timeout=10) == [14]
         with pytest.raises(SystemExit):
             futures[1].result(timeout=10)
+
+
+def test_a_caller_gone_while_its_call_waits_leaves_the_queue_before_the_pass() -> None:
+    """Its thread is freed while the pass before runs, not held until its own pass."""
+    model = Model()
+    batcher = Batcher(model.run, max_items=8)
+    batcher.GONE_POLL_S = 0.01
+    gone = threading.Event()
+
+    def check() -> None:
+        if gone.is_set():
+            raise DeadlineExceededError("the call ended before classifying")
+
+    with ThreadPoolExecutor(4) as pool:
+        with batcher.lock:  # a pass runs
+            futures = queued(batcher, pool, [[1], [2], [3]], still_wanted=[None, check, None])
+            gone.set()
+            with pytest.raises(DeadlineExceededError, match="before classifying"):
+                futures[1].result(timeout=10)
+            assert [len(c.items) for c in batcher._waiting] == [1, 1]
+        assert futures[0].result(timeout=10) == [2] and futures[2].result(timeout=10) == [6]
+    assert model.passes == [[[1], [3]]]
+
+
+def test_a_pass_waits_up_to_the_max_queue_delay_for_more_calls() -> None:
+    model = Model()
+    batcher = Batcher(model.run, max_items=2, max_delay_s=30.0)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(batcher, [1])
+        wait_until(lambda: len(batcher._waiting) == 1, timeout=10, poll=0.001)
+        assert not first.done()  # waiting for a second call, and the one that fills the pass runs it at once
+        assert pool.submit(batcher, [2]).result(timeout=10).result == [4]
+        assert first.result(timeout=10).result == [2]
+    assert model.passes == [[[1], [2]]]
+
+    # A lone call waits for the delay, no longer.
+    batcher = Batcher(model.run, max_items=8, max_delay_s=0.2)
+    began = time.perf_counter()
+    assert batcher([3]).result == [6]
+    assert 0.2 <= time.perf_counter() - began < 10 and model.passes[-1] == [[3]]
 
 
 def test_an_error_of_a_pass_fails_its_calls_and_the_next_pass_runs() -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -84,6 +85,11 @@ def test_bad_values_and_files_are_clear_errors(tmp_path: Path) -> None:
         build_settings(ServerSettings, {"batch_size": 0}, env={})
     assert build_settings(ServerSettings, {}, env={}).batch_size == 8  # the server's passes: see ServerSettings
     assert build_settings(ServerSettings, {}, env={"PICTOR_BATCH_SIZE": "32"}).batch_size == 32
+    assert build_settings(ServerSettings, {}, env={}).max_queue_delay_ms == 0  # no call waits for others
+    assert build_settings(ServerSettings, {}, env={"PICTOR_MAX_QUEUE_DELAY_MS": "2.5"}).max_queue_delay_ms == 2.5
+    for ms in (-0.5, 1000.5, math.nan):
+        with pytest.raises(InvalidRequestError, match=rf"max_queue_delay_ms must be between 0 and 1000 milliseconds, got {ms} \(from --max-queue-delay-ms\)"):
+            build_settings(ServerSettings, {"max_queue_delay_ms": ms}, env={})
     with pytest.raises(InvalidRequestError, match="workers must be between 1 and 256, got 1000"):
         build_settings(IndexerSettings, {}, env={"PICTOR_WORKERS": "1000"})
     assert build_settings(IndexerSettings, {"batch_size": 4096, "workers": 256}, env={}).model.batch_size == 4096

@@ -941,6 +941,36 @@ def test_calls_that_run_the_model_leave_a_thread_for_health_checks(
         engine.close()
 
 
+def test_a_call_whose_deadline_passes_while_it_waits_frees_its_thread_before_the_pass(built_index: Path) -> None:
+    """A caller gone while its call waits for the model (its deadline passed behind a long pass)
+    frees its thread at once, not when the pass it waited for ends: a busy server takes the next
+    call instead of refusing it."""
+    from pictor.server.app import HandlerThreads
+
+    threads = HandlerThreads(4)  # 3 calls may wait for the model
+    settings = ServerSettings(index=str(built_index), port=0, workers=4, device="cpu", precision="fp32")
+    server, port, engine = create_server(settings, threads)
+    passes: list[int] = []
+    engine.batcher.on_pass = passes.append
+    server.start()
+    try:
+        with PictorClient(f"localhost:{port}", timeout=60, max_attempts=1) as patient, \
+                PictorClient(f"localhost:{port}", timeout=1, max_attempts=1) as hasty, ThreadPoolExecutor(3) as pool:
+            with engine.batcher.lock:  # a forward pass that takes long
+                waiting = [pool.submit(patient.classify, drawn_image(0)), pool.submit(hasty.classify, drawn_image(1))]
+                wait_until(lambda: threads._waiting_calls == 2, timeout=30, poll=0.01)
+                with pytest.raises(DeadlineExceededError):
+                    waiting[1].result(timeout=30)
+                wait_until(lambda: threads._waiting_calls == 1, timeout=5, poll=0.01)  # the pass still runs
+                waiting[1:] = [pool.submit(patient.classify, drawn_image(i)) for i in (2, 3)]
+                wait_until(lambda: threads._waiting_calls == 3, timeout=30, poll=0.01)  # none refused as busy
+            assert all(f.result(timeout=60).labels for f in waiting)
+        assert sum(passes) == 3  # the gone call's image was never run
+    finally:
+        server.stop(None)
+        engine.close()
+
+
 def test_a_reply_over_the_message_limit_says_how_to_ask_for_less(built_index: Path) -> None:
     server = ServerProcess(built_index, "--max-message-mb", "2").start()
     rng = np.random.default_rng(0)
