@@ -90,9 +90,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
              "ran fastest on a 2-core CPU; a GPU may take more)")
     p.add_argument("--max-queue-delay-ms", type=number, metavar="MS",
                    help="how long a pass that is not full waits for more calls, from its oldest call's coming "
-                        f"(default 0: none; at most {MAX_QUEUE_DELAY_MS}). A few ms let a GPU, whose larger "
-                        "passes cost little more, take more images a pass; on a CPU it only adds latency "
-                        "(docs/benchmarks.md)")
+                        f"(default 0: none; at most {MAX_QUEUE_DELAY_MS}): for a GPU, whose larger passes cost "
+                        "little more than small ones. A lone call waits all of it; on 2 CPU cores 5-20 ms "
+                        "gained nothing beyond the runs' noise (docs/benchmarks.md)")
     add_flag(p, "max_pixels")
     p.add_argument("--max-message-mb", type=whole_number, metavar="MB",
                    help="largest request or reply (default 64, at most 2047); clients must allow it "
