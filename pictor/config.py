@@ -116,7 +116,7 @@ class ServerSettings(RuntimeSettings):
     # indexer's 32: on a 2-core CPU passes of 8 ran 1.6x faster per image than of 32 (bench/batching.py).
     batch_size: int = 8
     # Milliseconds a pass that is not full waits for more calls, from its oldest call's coming
-    # (Triton's max queue delay). 0: none; a CPU's passes gain little from being larger.
+    # (Triton's max queue delay). 0: none; for a GPU (on 2 CPU cores 5-20 ms gained nothing).
     max_queue_delay_ms: float = 0.0
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
     # Seconds an Upsert or reflection stream may send nothing before the server ends it (a quiet

@@ -948,8 +948,10 @@ def test_a_call_whose_deadline_passes_while_it_waits_frees_its_thread_before_the
     from pictor.server.app import HandlerThreads
 
     threads = HandlerThreads(4)  # 3 calls may wait for the model
-    settings = ServerSettings(index=str(built_index), port=0, workers=4, device="cpu", precision="fp32")
+    settings = ServerSettings(index=str(built_index), port=0, workers=4, device="cpu", precision="fp32",
+                              max_queue_delay_ms=2.5)
     server, port, engine = create_server(settings, threads)
+    assert engine.batcher.max_delay_s == 0.0025  # (--max-queue-delay-ms reaches the batcher)
     passes: list[int] = []
     engine.batcher.on_pass = passes.append
     server.start()
