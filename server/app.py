@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pictor_pb2.DESCRIPTOR.services_by_name["Pictor"].full_name
 DRAIN_SECONDS = 10.0
+ASK_POLL_SECONDS = 0.2  # how late a signal handled by a thread other than the main one may act
 
 
 class CheckOnlyHealthServicer(health.HealthServicer):
@@ -289,6 +290,17 @@ def serve(settings: ServerSettings) -> None:
             metrics.close()
 
 
+def _next_ask(asked: queue.SimpleQueue[str]) -> str:
+    """What the next signal asks for. Waited for in short spells: Python runs a handler in the
+    main thread only, between bytecodes, and a signal the kernel hands to another thread (gRPC's,
+    torch's) does not interrupt a wait here: one SIGHUP went unserved until the next signal."""
+    while True:
+        try:
+            return asked.get(timeout=ASK_POLL_SECONDS)
+        except queue.Empty:
+            pass
+
+
 def _serve(settings: ServerSettings, threads: HandlerThreads, metrics: Metrics | None,
            asked: queue.SimpleQueue[str]) -> None:
     server, port, engine = create_server(settings, threads, metrics)  # a signal while loading interrupts it (pictor.cli)
@@ -303,7 +315,7 @@ def _serve(settings: ServerSettings, threads: HandlerThreads, metrics: Metrics |
             info.index_size, info.index_type, info.classifier, _tls_said(settings),
             "; calls need the token of PICTOR_TOKEN, health checks do not" if settings.token else "",
         )
-        while asked.get() == "reload":
+        while _next_ask(asked) == "reload":
             reload_model(engine, settings.model, metrics)
         log.info("shutting down: draining calls in flight (up to %.0fs)", DRAIN_SECONDS)
         # gRPC's stop once never completed after a long mixed session (its threads all idle):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import io
 import json
@@ -73,6 +74,18 @@ def test_sighup_without_a_model_changes_nothing(server: ServerProcess) -> None:
     wait_until(lambda: "SIGHUP: no model to reload" in server.read_log())
     with PictorClient(server.target) as client:
         assert client.health() == "SERVING" and client.info().classifier == "imagenet"
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "tgkill"), reason="needs Linux's tgkill (glibc 2.30+)")
+def test_a_signal_handled_by_another_thread_than_the_main_one_is_acted_on(server: ServerProcess) -> None:
+    """The kernel may hand a signal sent to the process to any of its threads; Python runs the
+    handler in the main thread only, which was waiting for it and never woke (a SIGHUP lost)."""
+    assert server.proc is not None
+    pid = server.proc.pid
+    others = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+    before = server.read_log().count("SIGHUP: no model to reload")
+    assert ctypes.CDLL(None, use_errno=True).tgkill(pid, others[-1], signal.SIGHUP) == 0
+    wait_until(lambda: server.read_log().count("SIGHUP: no model to reload") > before, timeout=5)
 
 
 def test_a_sighup_while_the_server_loads_is_a_reload_once_it_serves(built_index: Path) -> None:
