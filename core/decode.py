@@ -166,7 +166,7 @@ def decode_image(
         src.close()
         if _bad_data(e, src.format):
             cut = _avif_cut_short(data) if src.format == "AVIF" else None
-            raise InvalidImageError(cut or _describe_decode_error(src.format, e)) from e
+            raise InvalidImageError(cut or _describe_decode_error(src.format, e, len(data))) from e
         raise
     if out is not src:  # an RGB image is returned as decoded: closing it would empty it
         src.close()
@@ -661,8 +661,9 @@ def _row_blocks(src: np.ndarray) -> list[slice]:
     return [slice(start, start + rows) for start in range(0, len(src), rows)]
 
 
-def _describe_decode_error(fmt: str | None, e: BaseException) -> str:
+def _describe_decode_error(fmt: str | None, e: BaseException, size: int) -> str:
     text = str(e) or type(e).__name__
     if "truncated" in text or isinstance(e, EOFError):
-        return f"truncated {fmt} image data: {text}"
+        # (Pillow's "image file is truncated (4 bytes not processed)" counts its read buffer's leftovers)
+        return f"truncated {fmt} image data: the file ({size:,} bytes) ends before its image does"
     return f"corrupt {fmt} image data: {text}"
