@@ -114,6 +114,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "all: head and kNN vote, whether they agree, and the neighbours")
     p.add_argument("--neighbors", type=_int_in(0, MAX_K), default=0,
                    help=f"neighbours for the kNN vote, up to {MAX_K} (default 0 = the server's default, {DEFAULT_NEIGHBORS})")
+    next(a for a in p._actions if a.dest == "json").help = (
+        'print a JSON list with an object per image: its answer, or "error" (an image refused, or not '
+        "classified: the server went away or Ctrl-C; exit 4 or 130)")
     p.set_defaults(run=run_classify)
 
     p = _parser(sub, "search", "the indexed images most similar to a query image or indexed key",
@@ -246,7 +249,7 @@ def run_classify(args: argparse.Namespace) -> int:
     results: list[dict[str, Any]] = []
     failed, busy = 0, False
     with _client(args) as client:
-        for path in args.images:
+        for n, path in enumerate(args.images):
             data = None
             try:
                 data = read_image_file(path, folder_hint=_FOLDER_HINT)
@@ -257,8 +260,10 @@ def run_classify(args: argparse.Namespace) -> int:
                     e.add_note(f"{path} and the {len(args.images) - len(results) - 1} image(s) after it were not "
                                "classified" + (f"; the results of the {len(results)} before it are printed"
                                                if results else ""))
-                if args.json:  # (what was answered is not lost)
-                    _emit(args, results, "")
+                if args.json:  # what was answered is not lost, and every image is accounted for
+                    why = "interrupted" if isinstance(e, KeyboardInterrupt) else one_line(str(e))
+                    _emit(args, results + [{"image": path_text(p), "error": f"not classified: {why}"}
+                                           for p in args.images[n:]], "")
                 raise
             except PictorError as e:  # refused or failed on the server: this image only
                 error = str(e) if data is None else f"{path}: {e}"  # reading names the path itself

@@ -1548,8 +1548,8 @@ def test_classify_of_many_images_keeps_the_answers_it_had_when_the_server_goes(
     built_index: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A server lost (or Ctrl-C) halfway through `pictor classify A B C D --json`: the answers that
-    came are printed, and the message names the image the batch stopped at and how many were not
-    asked."""
+    came are printed, the others with an error each, and the message names the image the batch
+    stopped at and how many were not asked."""
     from pictor.cli import main
 
     paths = []
@@ -1571,10 +1571,13 @@ def test_classify_of_many_images_keeps_the_answers_it_had_when_the_server_goes(
     monkeypatch.setattr(PictorClient, "classify", classify)
     note = f"; {paths[2]} and the 1 image(s) after it were not classified; the results of the 2 before it are printed\n"
     try:
-        for code in (130, 4):  # Ctrl-C at the third image, then the server gone at it
-            assert main(["classify", *paths, "--json", "--target", f"localhost:{port}"]) == code
+        for code, why in ((130, "interrupted"), (4, "cannot reach a Pictor server at ")):  # at the third image:
+            assert main(["classify", *paths, "--json", "--target", f"localhost:{port}"]) == code  # Ctrl-C, gone
             out, err = capsys.readouterr()
-            assert [r["image"] for r in json.loads(out)] == paths[:2]
+            results = json.loads(out)
+            assert [r["image"] for r in results] == paths
+            assert all(r["labels"] and "error" not in r for r in results[:2])
+            assert all(r["error"].startswith(f"not classified: {why}") for r in results[2:])
             assert note in err
     finally:
         server.stop(None)
