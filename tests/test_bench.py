@@ -46,6 +46,11 @@ def test_transfer(classes: Path, tmp_path: Path) -> None:
     assert "| mean |" in out and "far check" in out
 
 
+def test_heldout(classes: Path) -> None:
+    out = run_bench("heldout.py", "--data", classes, "--heldout", 0.25, "--seeds", 0)
+    assert re.search(r"^\| 0 \| 12 \| [\d.]+ \| [\d.]+% \| [\d.]+ \| \d+ \|$", out, re.M), out
+
+
 def test_open_set_layers(classes: Path) -> None:
     out = run_bench("open_set_layers.py", "--data", classes)
     assert "| embedding | 1280 |" in out and "| sum of all |" in out
