@@ -115,8 +115,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--neighbors", type=_int_in(0, MAX_K), default=0,
                    help=f"neighbours for the kNN vote, up to {MAX_K} (default 0 = the server's default, {DEFAULT_NEIGHBORS})")
     next(a for a in p._actions if a.dest == "json").help = (
-        'print a JSON list with an object per image: its answer, or "error" (an image refused, or not '
-        "classified: the server went away or Ctrl-C; exit 4 or 130)")
+        'print a JSON list, one object per image in the order given: its answer, or "error" saying why '
+        'it was refused (exit 2), or "not classified: ..." when the server could not be reached or went '
+        "away (exit 4) or on Ctrl-C (exit 130)")
     p.set_defaults(run=run_classify)
 
     p = _parser(sub, "search", "the indexed images most similar to a query image or indexed key",
@@ -246,39 +247,47 @@ def run_classify(args: argparse.Namespace) -> int:
     """One call per image; a bad image is reported by name and the others still answered (exit
     4 when one was refused as busy, else 2). The table is printed as the answers come, so a long
     list shows its progress."""
-    results: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []  # one per image done, answered or not: where a stop came
     failed, busy = 0, False
-    with _client(args) as client:
-        for n, path in enumerate(args.images):
-            data = None
-            try:
-                data = read_image_file(path, folder_hint=_FOLDER_HINT)
-                r = client.classify(data, top_k=args.top_k, classifier=args.classifier,
-                                    neighbors=args.neighbors)
-            except (ServerUnavailableError, KeyboardInterrupt) as e:  # not this image: the server, or Ctrl-C
-                if len(args.images) > 1:
-                    e.add_note(f"{path} and the {len(args.images) - len(results) - 1} image(s) after it were not "
-                               "classified" + (f"; the results of the {len(results)} before it are printed"
-                                               if results else ""))
-                if args.json:  # what was answered is not lost, and every image is accounted for
-                    why = "interrupted" if isinstance(e, KeyboardInterrupt) else one_line(str(e))
-                    _emit(args, results + [{"image": path_text(p), "error": f"not classified: {why}"}
-                                           for p in args.images[n:]], "")
-                raise
-            except PictorError as e:  # refused or failed on the server: this image only
-                error = str(e) if data is None else f"{path}: {e}"  # reading names the path itself
-                print(f"pictor classify: error: {one_line(error)}", file=sys.stderr)
-                results.append({"image": path_text(path), "error": path_text(error)})
-                failed += 1
-                busy = busy or isinstance(e, ServerBusyError)
-                continue
-            results.append({"image": path_text(path), **dataclasses.asdict(r)})
-            if not args.json:
-                lines = _classification_lines(path, r, neighbours=args.classifier == "all")
-                print("\n".join(lines), flush=True)
+    try:
+        with _client(args) as client:
+            for path in args.images:
+                data = None
+                try:
+                    data = read_image_file(path, folder_hint=_FOLDER_HINT)
+                    r = client.classify(data, top_k=args.top_k, classifier=args.classifier,
+                                        neighbors=args.neighbors)
+                except ServerUnavailableError:  # not this image: the server
+                    raise
+                except PictorError as e:  # refused or failed on the server: this image only
+                    error = str(e) if data is None else f"{path}: {e}"  # reading names the path itself
+                    print(f"pictor classify: error: {one_line(error)}", file=sys.stderr)
+                    results.append({"image": path_text(path), "error": path_text(error)})
+                    failed += 1
+                    busy = busy or isinstance(e, ServerBusyError)
+                    continue
+                results.append({"image": path_text(path), **dataclasses.asdict(r)})
+                if not args.json:
+                    lines = _classification_lines(path, r, neighbours=args.classifier == "all")
+                    print("\n".join(lines), flush=True)
+    except (ServerUnavailableError, KeyboardInterrupt) as e:  # wherever in the loop Ctrl-C comes
+        _report_not_classified(args, results, e)
+        raise
     if args.json:
         _emit(args, results, "")
     return EXIT_UNREACHABLE if busy else 2 if failed else 0
+
+
+def _report_not_classified(args: argparse.Namespace, results: list[dict[str, Any]], e: BaseException) -> None:
+    """The images from the one where the run stopped on: named in a note on ``e`` and, with
+    --json, listed after the answers with an error each (a script sees every image)."""
+    rest = args.images[len(results):]
+    if rest and len(args.images) > 1:
+        e.add_note(f"{rest[0]} and the {len(rest) - 1} image(s) after it were not classified"
+                   + (f"; the results of the {len(results)} before it are printed" if results else ""))
+    if args.json:
+        why = "interrupted" if isinstance(e, KeyboardInterrupt) else one_line(str(e))
+        _emit(args, results + [{"image": path_text(p), "error": f"not classified: {why}"} for p in rest], "")
 
 
 def _classification_lines(path: str, r: Classification, *, neighbours: bool) -> list[str]:

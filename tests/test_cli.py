@@ -181,6 +181,28 @@ def test_an_empty_target_is_refused_not_taken_for_the_default(capsys: pytest.Cap
     assert "target is empty" in capsys.readouterr().err
 
 
+def test_classify_json_lists_every_image_wherever_ctrl_c_comes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C while an image's error is being reported (no server asked: the files are missing)."""
+    from pictor.client import cli as client_cli
+
+    said = client_cli.one_line
+    def interrupted_at_the_second(text: str) -> str:
+        if "1.png" in text:
+            raise KeyboardInterrupt
+        return said(text)
+
+    monkeypatch.setattr(client_cli, "one_line", interrupted_at_the_second)
+    paths = [str(tmp_path / f"{i}.png") for i in range(4)]
+    assert main(["classify", *paths, "--json", "--target", "127.0.0.1:9"]) == 130
+    out, err = capsys.readouterr()
+    results = json.loads(out)
+    assert [r["image"] for r in results] == paths
+    assert "no such file" in results[0]["error"]
+    assert [r["error"] for r in results[1:]] == ["not classified: interrupted"] * 3
+    assert f"{paths[1]} and the 2 image(s) after it were not classified; the results of the 1 before it" in err
+
+
 def test_add_refuses_files_that_are_no_images_before_sending(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty.png").touch()  # read as no image bytes, it was "neither image nor vector"
     assert main(["add", str(tmp_path / "empty.png"), "--target", "127.0.0.1:9"]) == 2  # no server asked
