@@ -317,6 +317,9 @@ def _open_allowed(data: bytes) -> Image.Image:
             # (libwebp's word for a file cut short, a failed download's, is "could not create decoder")
             raise InvalidImageError(f"truncated WEBP image data: the file is {len(data):,} bytes, its header "
                                     f"says {riff:,}") from e
+        if "truncated" in str(e).lower() or isinstance(e, EOFError):  # (Pillow: "Truncated File Read")
+            raise InvalidImageError(f"truncated {fmt + ' ' if fmt else ''}image data: the file ({len(data):,} bytes) "
+                                    "ends before its header does") from e
         raise InvalidImageError(f"corrupt {fmt + ' ' if fmt else ''}image header: {e}") from e
     return im
 

@@ -351,6 +351,13 @@ def test_truncated_jpeg_rejected() -> None:
         decode_image(data[:cut])
 
 
+def test_a_jpeg_cut_in_its_header_is_called_truncated() -> None:
+    data = encode(Image.effect_noise((64, 64), 64).convert("RGB"), "JPEG", quality=90)
+    with pytest.raises(InvalidImageError, match=r"^truncated JPEG image data: the file \(100 bytes\) ends before its "
+                                               r"header does$"):
+        decode_image(data[:100])
+
+
 def test_truncated_png_rejected() -> None:
     data = encode(Image.effect_noise((128, 128), 64), "PNG")
     with pytest.raises(InvalidImageError, match="truncated|corrupt"):
@@ -568,7 +575,8 @@ def test_garbage_and_empty_rejected() -> None:
         decode_image(b"\xff\xd8\xff" + bytes(100))
     bmp = bytearray(encode(Image.new("RGB", (16, 16), RED), "BMP"))
     bmp[14:18] = struct.pack("<I", 0x7FFFFFFF)  # the size of its info header
-    with pytest.raises(InvalidImageError, match="^corrupt BMP image header: Truncated File Read"):
+    with pytest.raises(InvalidImageError, match=r"^truncated BMP image data: the file \(\d+ bytes\) ends before its "
+                                               r"header does"):  # (the header it claims)
         decode_image(bytes(bmp))
     bmp = bytearray(encode(Image.new("RGB", (16, 16), RED), "BMP"))
     bmp[18:22] = struct.pack("<i", -1)  # a width of -1: it read as 4294967295, "too large"
