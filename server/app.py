@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
 import queue
 import signal
 import socket
@@ -309,10 +310,12 @@ def _serve(settings: ServerSettings, threads: HandlerThreads, metrics: Metrics |
             signal.signal(sig, lambda *_: asked.put("stop"))
         _start(server)
         info = engine.info()
+        classes = (f" of {len(info.class_names)} classes {shown(list(info.class_names), 200)}"
+                   if info.classifier == "head" else "")
         log.info(
-            "serving %s on %s (%s, dim %d, %d items, %s index, %s classifier%s%s)",
-            SERVICE_NAME, _address(_bare(settings.host), port), info.backbone, info.embedding_dim,
-            info.index_size, info.index_type, info.classifier, _tls_said(settings),
+            "serving %s on %s (pid %d; %s, dim %d, %d items, %s index, %s classifier%s%s%s)",
+            SERVICE_NAME, _address(_bare(settings.host), port), os.getpid(), info.backbone, info.embedding_dim,
+            info.index_size, info.index_type, info.classifier, classes, _tls_said(settings),
             "; calls need the token of PICTOR_TOKEN, health checks do not" if settings.token else "",
         )
         while _next_ask(asked) == "reload":

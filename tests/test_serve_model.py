@@ -78,6 +78,9 @@ def test_classify_with_head_and_knn(trained: tuple[Path, Path]) -> None:
             info = client.info()
             assert info.classifier == "head"
             assert sorted(info.class_names) == ["blue", "red"]
+            assert server.proc is not None  # (the pid to send SIGHUP to, and the classes, in the serving line)
+            assert re.search(rf" serving \S+ on \S+ \(pid {server.proc.pid}; .* head classifier of 2 classes "
+                             r"\['(blue|red)', '(blue|red)'\]\)", server.read_log())
             # The rule with the model's thresholds, as `pictor train` printed it.
             open_set = load_model(model).open_set
             assert open_set is not None
