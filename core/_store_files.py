@@ -190,7 +190,8 @@ def _lock_directory(root: Path) -> int:
     except BlockingIOError as e:
         os.close(fd)
         raise InvalidRequestError(
-            f"index store {root} is open in another process; stop it first"
+            f"index store {root} is open in another process; stop it first (while `pictor serve` has it: "
+            "`pictor add` writes through the server, `pictor backup` copies it to read)"
         ) from e
     return fd
 
