@@ -972,7 +972,10 @@ def test_a_call_whose_deadline_passes_while_it_waits_frees_its_thread_before_the
         with PictorClient(f"localhost:{port}", timeout=60, max_attempts=1) as patient, \
                 PictorClient(f"localhost:{port}", timeout=1, max_attempts=1) as hasty, ThreadPoolExecutor(3) as pool:
             with engine.batcher.lock:  # a forward pass that takes long
-                waiting = [pool.submit(patient.classify, drawn_image(0)), pool.submit(hasty.classify, drawn_image(1))]
+                waiting = [pool.submit(patient.classify, drawn_image(0))]
+                # The patient call first, to run the pass (a runner waits for the model, gone or not).
+                wait_until(lambda: engine.batcher._running, timeout=30, poll=0.01)
+                waiting.append(pool.submit(hasty.classify, drawn_image(1)))
                 wait_until(lambda: threads._waiting_calls == 2, timeout=30, poll=0.01)
                 with pytest.raises(DeadlineExceededError):
                     waiting[1].result(timeout=30)
