@@ -217,9 +217,10 @@ def test_sighup_serves_the_model_file_as_it_is_now(trained: tuple[Path, Path], t
     served = tmp_path / "served.pt"
     shutil.copy(model, served)
     cache = str(index.parent / "cache")  # the red and blue images' embeddings are there
-    pictor("train", str(data), "--out", str(tmp_path / "three.pt"), "--cache-dir", cache, "--no-progress")
+    fp32 = ("--precision", "fp32")  # (as the fixture's, on every machine)
+    pictor("train", str(data), "--out", str(tmp_path / "three.pt"), "--cache-dir", cache, "--no-progress", *fp32)
     pictor("train", str(data), "--out", str(tmp_path / "max.pt"), "--pooling", "max", "--cache-dir", cache,
-           "--no-progress")
+           "--no-progress", *fp32)
     metrics_port = free_port()
     server = ServerProcess(index, "--model", str(served), "--metrics-port", str(metrics_port)).start()
     proc = server.proc
