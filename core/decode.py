@@ -23,7 +23,7 @@ import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple, cast
+from typing import Literal, NamedTuple, cast
 
 import numpy as np
 from PIL import AvifImagePlugin, Image, ImageCms, ImageOps, UnidentifiedImageError, WebPImagePlugin
@@ -166,7 +166,7 @@ def decode_image(
         src.close()
         if _bad_data(e, src.format):
             cut = _avif_cut_short(data) if src.format == "AVIF" else None
-            raise InvalidImageError(cut or _describe_decode_error(src.format, e, len(data))) from e
+            raise InvalidImageError(cut or _describe_decode_error(src.format, e, len(data), "image")) from e
         raise
     if out is not src:  # an RGB image is returned as decoded: closing it would empty it
         src.close()
@@ -317,10 +317,7 @@ def _open_allowed(data: bytes) -> Image.Image:
             # (libwebp's word for a file cut short, a failed download's, is "could not create decoder")
             raise InvalidImageError(f"truncated WEBP image data: the file is {len(data):,} bytes, its header "
                                     f"says {riff:,}") from e
-        if "truncated" in str(e).lower() or isinstance(e, EOFError):  # (Pillow: "Truncated File Read")
-            raise InvalidImageError(f"truncated {fmt + ' ' if fmt else ''}image data: the file ({len(data):,} bytes) "
-                                    "ends before its header does") from e
-        raise InvalidImageError(f"corrupt {fmt + ' ' if fmt else ''}image header: {e}") from e
+        raise InvalidImageError(_describe_decode_error(fmt, e, len(data), "header")) from e
     return im
 
 
@@ -664,9 +661,12 @@ def _row_blocks(src: np.ndarray) -> list[slice]:
     return [slice(start, start + rows) for start in range(0, len(src), rows)]
 
 
-def _describe_decode_error(fmt: str | None, e: BaseException, size: int) -> str:
+def _describe_decode_error(fmt: str | None, e: BaseException, size: int, part: Literal["header", "image"]) -> str:
+    """Why Pillow could not read the ``part`` of a ``size``-byte file: cut short, or corrupt."""
     text = str(e) or type(e).__name__
-    if "truncated" in text or isinstance(e, EOFError):
-        # (Pillow's "image file is truncated (4 bytes not processed)" counts its read buffer's leftovers)
-        return f"truncated {fmt} image data: the file ({size:,} bytes) ends before its image does"
-    return f"corrupt {fmt} image data: {text}"
+    kind = f"{fmt} image" if fmt else "image"
+    if "truncated" in text.lower() or isinstance(e, EOFError):
+        # (not Pillow's words: "Truncated File Read", or "image file is truncated (4 bytes not
+        # processed)", which counts its read buffer's leftovers)
+        return f"truncated {kind} data: the file ({size:,} bytes) ends before its {part} does"
+    return f"corrupt {kind} {'header' if part == 'header' else 'data'}: {text}"
