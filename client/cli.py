@@ -280,14 +280,18 @@ def run_classify(args: argparse.Namespace) -> int:
 
 def _report_not_classified(args: argparse.Namespace, results: list[dict[str, Any]], e: BaseException) -> None:
     """The images from the one where the run stopped on: named in a note on ``e`` and, with
-    --json, listed after the answers with an error each (a script sees every image)."""
+    --json, listed after the answers with an error each (a script sees every image; those after
+    the one where it stopped were never sent, and say so)."""
     rest = args.images[len(results):]
     if rest and len(args.images) > 1:
         e.add_note(f"{rest[0]} and the {len(rest) - 1} image(s) after it were not classified"
                    + (f"; the results of the {len(results)} before it are printed" if results else ""))
     if args.json:
         why = "interrupted" if isinstance(e, KeyboardInterrupt) else one_line(str(e))
-        _emit(args, results + [{"image": path_text(p), "error": f"not classified: {why}"} for p in rest], "")
+        not_classified = [{"image": path_text(p), "error": f"not classified: {why}" if i == 0
+                           else f"not classified: not sent ({why} at {path_text(rest[0])})"}
+                          for i, p in enumerate(rest)]
+        _emit(args, results + not_classified, "")
 
 
 def _classification_lines(path: str, r: Classification, *, neighbours: bool) -> list[str]:

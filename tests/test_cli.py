@@ -199,7 +199,8 @@ def test_classify_json_lists_every_image_wherever_ctrl_c_comes(tmp_path: Path, m
     results = json.loads(out)
     assert [r["image"] for r in results] == paths
     assert "no such file" in results[0]["error"]
-    assert [r["error"] for r in results[1:]] == ["not classified: interrupted"] * 3
+    assert [r["error"] for r in results[1:]] == ["not classified: interrupted",
+                                                 *[f"not classified: not sent (interrupted at {paths[1]})"] * 2]
     assert f"{paths[1]} and the 2 image(s) after it were not classified; the results of the 1 before it" in err
 
 

@@ -1580,7 +1580,9 @@ def test_classify_of_many_images_keeps_the_answers_it_had_when_the_server_goes(
             results = json.loads(out)
             assert [r["image"] for r in results] == paths
             assert all(r["labels"] and "error" not in r for r in results[:2])
-            assert all(r["error"].startswith(f"not classified: {why}") for r in results[2:])
+            assert results[2]["error"].startswith(f"not classified: {why}")
+            assert results[3]["error"].startswith(f"not classified: not sent ({why}")  # never sent: it says so
+            assert results[3]["error"].endswith(f" at {paths[2]})")
             assert note in err
     finally:
         server.stop(None)
