@@ -305,8 +305,9 @@ def _next_ask(asked: queue.SimpleQueue[str]) -> str:
 def _serve(settings: ServerSettings, threads: HandlerThreads, metrics: Metrics | None,
            asked: queue.SimpleQueue[str]) -> None:
     server, port, engine = create_server(settings, threads, metrics)  # a signal while loading interrupts it (pictor.cli)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in before:
             signal.signal(sig, lambda *_: asked.put("stop"))
         _start(server)
         info = engine.info()
@@ -328,4 +329,8 @@ def _serve(settings: ServerSettings, threads: HandlerThreads, metrics: Metrics |
         threads.flush_refusals()
     finally:  # also when starting failed: the index's lock and pending snapshot are not left
         engine.close()
+        # Put back only now: a second signal must not cut the snapshot short, but after it one
+        # must act (queued, nothing would read it: a process stuck in exit heard only SIGKILL).
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
     log.info("stopped")

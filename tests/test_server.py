@@ -106,6 +106,24 @@ def test_a_sighup_while_the_server_loads_is_a_reload_once_it_serves(built_index:
     assert stopped == 0
 
 
+def test_serve_gives_sigint_and_sigterm_back_once_stopped(built_index: Path) -> None:
+    """Its handlers queue a stop for a loop that has ended by then: a process stuck in its exit
+    (gRPC's threads) would hear nothing but SIGKILL."""
+    from pictor.server.app import serve
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop_once_serving() -> None:
+        wait_until(lambda: signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM], poll=0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    stopper = threading.Thread(target=stop_once_serving)
+    stopper.start()
+    serve(ServerSettings(index=str(built_index), port=0, workers=4, device="cpu"))
+    stopper.join()
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
 def test_info_and_health(server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
     from pictor.cli import main
 
