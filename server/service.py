@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import grpc
@@ -101,11 +101,10 @@ class PictorService(pb_grpc.PictorServicer):
             named = ", ".join(f"{i} {pb.Classifier.Name(i)}" for i in range(len(CLASSIFIERS)))
             raise InvalidRequestError(f"unknown classifier value {request.classifier}; choose from {named}")
         classifier = CLASSIFIERS[request.classifier]
-        check_active(context, "classifying")
-        with self.threads.waiting_call(refused="the image was not classified"):
+        with self._model_call(context, "classifying", refused="the image was not classified") as still_wanted:
             result = self.engine.classify(
                 request.image, top_k=request.top_k, classifier=classifier, neighbors=request.neighbors,
-                still_wanted=lambda: check_active(context, "classifying"),
+                still_wanted=still_wanted,
             )
         return classify_to_pb(result)
 
@@ -113,9 +112,9 @@ class PictorService(pb_grpc.PictorServicer):
         which = request.WhichOneof("query")
         params = (SearchParams(nprobe=request.params.nprobe, ef_search=request.params.ef_search)
                   if request.HasField("params") else None)
-        if which == "image":  # a lookup by key or vector is too cheap to be worth skipping
-            check_active(context, "searching")
-        with self.threads.waiting_call(refused="nothing was searched") if which == "image" else contextlib.nullcontext():
+        # A lookup by key or vector is too cheap to be worth skipping, and waits for no model.
+        with (self._model_call(context, "searching", refused="nothing was searched") if which == "image"
+              else contextlib.nullcontext(None)) as still_wanted:
             hits = self.engine.search(
                 image=request.image if which == "image" else None,
                 key=request.key if which == "key" else None,
@@ -123,22 +122,32 @@ class PictorService(pb_grpc.PictorServicer):
                 k=request.k,
                 filter=_filter_of(request),
                 params=params,
-                still_wanted=lambda: check_active(context, "searching"),
+                still_wanted=still_wanted,
             )
         response = pb.SearchResponse()
         add_hits(response.hits, hits)
         return response
 
     def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:
-        check_active(context, "embedding")
+        check_active(context, "embedding")  # before the reply's size is worked out
         # Its size is known before any image is decoded (each vector's is the same): a reply over
         # the limit is refused now, not after the forward pass.
         none, one = (self._embed_response(np.zeros((n, self.engine.spec.dim), np.float32)).ByteSize() for n in (0, 1))
         if (size := none + len(request.images) * (one - none)) > self.max_reply_bytes:
             raise InvalidRequestError(reply_over_limit(size, self.max_reply_bytes, "Embed"))
-        with self.threads.waiting_call(refused="nothing was embedded"):
-            embeddings = self.engine.embed(list(request.images), still_wanted=lambda: check_active(context, "embedding"))
+        with self._model_call(context, "embedding", refused="nothing was embedded") as still_wanted:
+            embeddings = self.engine.embed(list(request.images), still_wanted=still_wanted)
         return self._embed_response(embeddings)
+
+    @contextlib.contextmanager
+    def _model_call(self, context: grpc.ServicerContext, doing: str, *, refused: str
+                    ) -> Iterator[Callable[[], None]]:
+        """A call that will wait for the model: skipped if its caller has gone already, counted
+        among the calls that may hold handler threads (``refused`` says what a busy refusal did
+        not do), and given the check the engine repeats while it waits (``still_wanted``)."""
+        check_active(context, doing)
+        with self.threads.waiting_call(refused=refused):
+            yield lambda: check_active(context, doing)
 
     def _embed_response(self, embeddings: np.ndarray) -> pb.EmbedResponse:
         return pb.EmbedResponse(embeddings=[pb.Vector(values=row.tolist()) for row in embeddings],
