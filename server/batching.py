@@ -50,10 +50,10 @@ class Batcher(Generic[Item, Result]):
 
     ``run`` takes each call's items and returns each call's result, in order. ``still_wanted``
     runs when its call's pass begins and may raise to leave the call out (its caller has gone);
-    while the call waits its turn it runs every ``GONE_POLL_S`` too (under the batcher's lock: it
+    while the call waits its turn it runs every ``GONE_POLL_S`` too (under the queue's lock: it
     must be quick), and what it raises takes the call out of the queue at once, freeing its
     thread. An error from ``run`` fails every call of that pass. ``lock`` is held through each
-    pass.
+    pass (whoever holds it holds the model: tests stand for a long pass with it).
     """
 
     GONE_POLL_S = 0.1
@@ -63,7 +63,7 @@ class Batcher(Generic[Item, Result]):
         self.run, self.max_items, self.max_delay_s, self.on_pass = run, max_items, max_delay_s, on_pass
         self.lock = threading.Lock()
         queue_lock = threading.Lock()
-        self._changed = threading.Condition(queue_lock)  # a pass ended, or a call left
+        self._changed = threading.Condition(queue_lock)  # a pass ended
         self._came = threading.Condition(queue_lock)  # a call came (what a pass waiting to fill waits for)
         self._waiting: deque[_Call[Item, Result]] = deque()
         self._running = False

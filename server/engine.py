@@ -230,9 +230,9 @@ class Engine:
 
         An undecodable image fails the call with a message naming it: by ``names[i]`` when
         given, else by its position when there are several. ``still_wanted`` runs before each
-        image is decoded and once the forward pass is this call's turn, and may raise to call it
-        off (the server's check that the caller is still waiting: its deadline may pass while it
-        decodes, or behind other calls).
+        image is decoded, every ``Batcher.GONE_POLL_S`` while the call waits for the model and
+        once the forward pass is its turn, and may raise to call it off (the server's check that
+        the caller is still waiting: its deadline may pass while it decodes, or behind other calls).
         """
         if not images:
             raise InvalidRequestError("no image given")
@@ -410,9 +410,9 @@ class Engine:
                before_write: Callable[[], None] | None = None, first: int = 0) -> UpsertResult:
         """Embed what came as images, check what came as vectors, write all in one durable step.
 
-        ``before_write`` runs before each image is decoded, when the forward pass is this call's
-        turn and once the store's write lock is held, and may raise to call the write off (the server's check that the
-        caller is still waiting). ``first`` is the position of ``items[0]`` in the caller's
+        ``before_write`` runs where ``forward``'s ``still_wanted`` does (images only) and once the
+        store's write lock is held, and may raise to call the write off (the server's check that
+        the caller is still waiting). ``first`` is the position of ``items[0]`` in the caller's
         stream, for errors that can only name an item by position."""
         if not items:
             raise InvalidRequestError("upsert got no items")

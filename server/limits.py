@@ -112,9 +112,10 @@ class HandlerThreads:
             if wait <= 0:
                 self._log_refusals()
             else:
-                self._log_timer = threading.Timer(wait, self.flush_refusals)
-                self._log_timer.daemon = True
-                self._log_timer.start()
+                timer = threading.Timer(wait, self.flush_refusals)
+                timer.daemon = True
+                timer.start()
+                self._log_timer = timer  # once started: a timer that never ran would silence every later count
         return ServerBusyError(message)
 
     def flush_refusals(self) -> None:
