@@ -284,7 +284,8 @@ def _report_not_classified(args: argparse.Namespace, results: list[dict[str, Any
     the one where it stopped were never sent, and say so)."""
     rest = args.images[len(results):]
     if rest and len(args.images) > 1:
-        e.add_note(f"{rest[0]} and the {len(rest) - 1} image(s) after it were not classified"
+        after = f" and the {len(rest) - 1} image(s) after it were" if len(rest) > 1 else " was"
+        e.add_note(f"{one_line(rest[0])}{after} not classified"
                    + (f"; the results of the {len(results)} before it are printed" if results else ""))
     if args.json:
         why = "interrupted" if isinstance(e, KeyboardInterrupt) else one_line(str(e))

@@ -187,8 +187,10 @@ def test_classify_json_lists_every_image_wherever_ctrl_c_comes(tmp_path: Path, m
     from pictor.client import cli as client_cli
 
     said = client_cli.one_line
+    interrupted: list[str] = []
     def interrupted_at_the_second(text: str) -> str:
-        if "1.png" in text:
+        if "1.png" in text and not interrupted:
+            interrupted.append(text)
             raise KeyboardInterrupt
         return said(text)
 
@@ -202,6 +204,23 @@ def test_classify_json_lists_every_image_wherever_ctrl_c_comes(tmp_path: Path, m
     assert [r["error"] for r in results[1:]] == ["not classified: interrupted",
                                                  *[f"not classified: not sent (interrupted at {paths[1]})"] * 2]
     assert f"{paths[1]} and the 2 image(s) after it were not classified; the results of the 1 before it" in err
+
+
+def test_classify_stopped_at_its_last_image_names_that_one_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from pictor.client import cli as client_cli
+
+    said = client_cli.read_image_file
+    def interrupted_at_the_last(path: str, **options: Any) -> bytes:
+        if path.endswith("b\nc.png"):
+            raise KeyboardInterrupt
+        return said(path, **options)
+
+    monkeypatch.setattr(client_cli, "read_image_file", interrupted_at_the_last)
+    paths = [str(tmp_path / "a.png"), str(tmp_path / "b\nc.png")]  # a line break in a name stays on its line
+    assert main(["classify", *paths, "--target", "127.0.0.1:9"]) == 130
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/b\\nc.png was not classified; the results of the 1 before it are printed" in err
 
 
 def test_add_refuses_files_that_are_no_images_before_sending(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
