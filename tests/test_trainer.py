@@ -596,6 +596,17 @@ def test_finetune_one_epoch_round_trip_and_refusals(shapes: Path, tmp_path: Path
         Engine.load(ServerSettings(index=str(index), device="cpu"))
 
 
+def test_fine_tuning_with_no_stage_unfrozen_makes_a_model_of_the_plain_backbone(shapes: Path, tmp_path: Path) -> None:
+    # Its spec had the fingerprint of no tensors: eval, serve and index --model refused the file.
+    out = tmp_path / "ft0.pt"
+    cfg = config(tmp_path, mode="finetune", epochs=1, unfreeze=0, train_size=96, weight_decays=(1e-3,), batch_size=8)
+    emb = create_embedder(device="cpu")
+    train(cfg, shapes, out=out, embedder=emb)
+    model = load_model(out)
+    assert model.spec == emb.spec and not model.spec.finetune and not model.backbone_state
+    assert model.create_embedder(device="cpu").spec == model.spec  # what eval and serve build
+
+
 def test_fine_tuning_that_lowers_accuracy_keeps_the_probe(shapes: Path, tmp_path: Path,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     # A learning rate of 50 wrecks the backbone in one epoch (validation at chance): the model
