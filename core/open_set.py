@@ -253,6 +253,14 @@ def open_set_similarities(store: IndexStore, queries: np.ndarray, class_names: S
     return nearest_known_similarity(store, queries, class_names)
 
 
+def budget_threshold(scores: ArrayLike, share: float) -> float:
+    """The threshold that leaves at most ``share`` of ``scores`` strictly below it (the rule's
+    test is ``score < threshold``): an order statistic. ``np.quantile`` interpolates above it,
+    and with 50 known images a 5% budget rejected 3 of them (6%)."""
+    ordered = np.sort(np.asarray(scores, dtype=np.float64).ravel())
+    return float(ordered[int(share * len(ordered))])  # share < 1: within the scores
+
+
 def calibrate_thresholds(
     known_fit: np.ndarray,
     known_similarity: np.ndarray,
@@ -276,7 +284,7 @@ def calibrate_thresholds(
         raise InvalidRequestError(f"max_known_rejected must be in [0, 1), got {max_known_rejected}")
     if unknown_fit is None or unknown_similarity is None or len(unknown_fit) == 0:
         q = max_known_rejected
-        return OpenSetThresholds(float(np.quantile(kc, q)), float(np.quantile(ks, q)))
+        return OpenSetThresholds(budget_threshold(kc, q), budget_threshold(ks, q))
     uc = np.asarray(unknown_fit, dtype=np.float64)
     us = np.asarray(unknown_similarity, dtype=np.float64)
     grid = np.linspace(0.0, 1.0, 101)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pictor.core.open_set import ClassGaussians, OpenSetThresholds, calibrate_thresholds
+from pictor.core.open_set import ClassGaussians, OpenSetThresholds, budget_threshold, calibrate_thresholds
 from pictor.errors import InvalidRequestError
 
 
@@ -117,6 +117,15 @@ def test_calibrate_without_unknowns_respects_budget() -> None:
     conf, sim = rng.uniform(0.5, 1, 1000), rng.uniform(0.3, 1, 1000)
     t = calibrate_thresholds(conf, sim, max_known_rejected=0.05)
     assert np.mean(t.is_unknown(conf, sim)) <= 0.05
+
+
+@pytest.mark.parametrize("n", [20, 30, 45, 50, 70, 150])
+def test_a_budget_threshold_leaves_at_most_its_share_below_it(n: int) -> None:
+    # np.quantile's interpolation sat above the order statistic: 3 of 50 (6%) for a 5% budget.
+    scores = np.random.default_rng(n).normal(size=n)
+    assert np.sum(scores < budget_threshold(scores, 0.05)) == int(0.05 * n)
+    assert np.sum(scores < budget_threshold(scores, 0.0)) == 0
+    assert budget_threshold(scores, 0.999) == scores.max()  # never past the last
 
 
 def test_calibrate_with_pseudo_unknowns_separates_them() -> None:

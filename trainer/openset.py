@@ -29,7 +29,7 @@ import faiss
 import numpy as np
 
 from pictor.core.head import knn_vote
-from pictor.core.open_set import ClassGaussians, OpenSet, calibrate_thresholds
+from pictor.core.open_set import ClassGaussians, OpenSet, budget_threshold, calibrate_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def calibrate_open_set(
                               max_known_rejected=max_known_rejected - spent)
     # Without neighbours (served over a whitened or unrelated index) the class fit decides
     # alone, with the whole budget: the validation images' own fit, as the server scores it.
-    alone = float(np.quantile(gaussians.score(x_val), max_known_rejected))
+    alone = budget_threshold(gaussians.score(x_val), max_known_rejected)
     th = dataclasses.replace(th, far_similarity=far, class_fit_alone=alone)
     known_rej = float(np.mean(th.is_unknown(kf, ks)))
     unk_rej = float(np.mean(th.is_unknown(uf, us))) if len(uf) else None
@@ -144,7 +144,7 @@ def far_threshold(similarities: np.ndarray, share: float) -> float:
     sims = np.asarray(similarities, dtype=np.float64)
     z = NormalDist().inv_cdf(1.0 - share)
     normal = sims.mean() - z * sims.std(ddof=1) * math.sqrt(1.0 + 1.0 / len(sims))
-    return float(min(np.quantile(sims, share), normal))
+    return float(min(budget_threshold(sims, share), normal))
 
 
 def _fit_gaussians(x_views: np.ndarray, y: np.ndarray, num_classes: int) -> ClassGaussians:
