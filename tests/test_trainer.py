@@ -607,6 +607,19 @@ def test_fine_tuning_with_no_stage_unfrozen_makes_a_model_of_the_plain_backbone(
     assert model.create_embedder(device="cpu").spec == model.spec  # what eval and serve build
 
 
+def test_a_joint_head_reports_its_own_weight_decay(shapes: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its metrics gave the first probe's decay, picked by a sweep, for a head AdamW trained.
+    from pictor.trainer import train as train_mod
+
+    monkeypatch.setattr(train_mod, "evaluate_head", lambda *_: (1.0, 0.0))  # the joint head wins
+    cfg = config(tmp_path, mode="finetune", epochs=1, unfreeze=0, train_size=96, weight_decays=(1e-3,),
+                 batch_size=8, weight_decay=0.02)
+    m = train(cfg, shapes, embedder=create_embedder(device="cpu")).model.metrics
+    assert m["head"] == "joint" and m["weight_decay"] == 0.02 and "sweep" not in m
+    assert [row["weight_decay"] for row in m["linear_probe_sweep"]] == [1e-3]
+
+
 def test_fine_tuning_that_lowers_accuracy_keeps_the_probe(shapes: Path, tmp_path: Path,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     # A learning rate of 50 wrecks the backbone in one epoch (validation at chance): the model

@@ -371,6 +371,8 @@ def _finetune(config: TrainConfig, embedder: Embedder, tr: EmbeddedSet, state: _
     if use_refit:
         state.head, state.fit = refit.head, refit
         state.extra |= {"weight_decay": refit.weight_decay, "sweep": refit.sweep}
+    else:  # trained along with the backbone, by AdamW at --weight-decay: the sweep was the first probe's
+        state.extra |= {"weight_decay": config.weight_decay, "linear_probe_sweep": state.extra.pop("sweep")}
     state.extra["head"] = "refit" if use_refit else "joint"
     return ft.changed_state, stats
 
