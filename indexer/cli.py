@@ -74,8 +74,9 @@ lists the others. Runs on the GPU when there is one (--device).
 --pca-whiten DIM fits PCA-whitening on a random sample of the gallery (--pca-sample images,
 embedded once more for the fit) and stores it with the new index, which then holds DIM-d
 whitened vectors; the server whitens queries the same way. A re-run reuses it. The fit comes
-first and is kept with the index's first images: a run interrupted before those are written
-keeps nothing, and the next run fits again.
+first and is kept with the index's first images: a run into a new --out folder interrupted
+before those are written keeps nothing, and the next run fits again (into a folder that was
+there, the fit stays with an empty index, and the next run reuses it).
 
 examples:
   pictor index sample/gallery --out index
@@ -301,8 +302,8 @@ def _warn_indexed_twice(entries: list[GalleryEntry], store: IndexStore, source: 
     if twice := indexed_under_other_keys(entries, store, source):
         new, old = next(iter(twice.items()))
         print(f"warning: {len(twice)} of these files are in the index already under another key "
-              f"({new!r} is there as {old!r}); they are added again as new items (their vectors copied, "
-              "not embedded again). To replace them instead, give them the keys the index knows: name "
+              f"({new!r} is there as {old!r}); they are added again as new items (their vectors copied "
+              "where the file is unchanged). To replace them instead, give them the keys the index knows: name "
               "the folder as it was named then (relative or absolute), or put those keys in the "
               "manifest's key column", file=sys.stderr)
 
@@ -311,26 +312,39 @@ def _index(args: argparse.Namespace, settings: IndexerSettings, target: _Target,
            unlisted: list[tuple[Path, str]], progress: bool, log_every: float) -> tuple[IndexSummary, int]:
     """Embed and write ``entries`` (then prune, when asked); the summary and the index's size.
     Closes the store."""
-    from pictor.indexer.pipeline import run_indexing
+    from pictor.indexer.pipeline import interrupts_deferred, run_indexing
 
     store = target.store
-    with store, store.bulk():  # re-train the index once at the end, not at every growth step
-        summary = run_indexing(
-            entries, target.embedder, store, whitening=target.whitening,
-            batch_size=settings.model.batch_size, workers=settings.workers,
-            max_pixels=settings.model.max_pixels, total=len(entries), progress=progress,
-            log_every=log_every,
-        )
-        if args.prune and summary.complete:
-            # Not listed is not gone when the folder could not be listed: those items stay.
-            unknown = tuple(folder.as_posix() + "/" for folder, _ in unlisted)
-            gone = [key for key in store.keys_absent_from(e.key for e in entries) if not key.startswith(unknown)]
-            summary.pruned = store.delete(gone).deleted if gone else 0
-        elif summary.complete and not unlisted:
-            # Said, so that an index larger than the gallery is not a puzzle: lookups of the
-            # listed keys, not a scan of the whole index.
-            summary.not_listed = len(store) - len(store.keys_present([e.key for e in entries]))
-        return summary, len(store)
+    summary: IndexSummary | None = None
+    count: int | None = None
+    try:
+        with store, store.bulk():  # re-train the index once at the end, not at every growth step
+            summary = run_indexing(
+                entries, target.embedder, store, whitening=target.whitening,
+                batch_size=settings.model.batch_size, workers=settings.workers,
+                max_pixels=settings.model.max_pixels, total=len(entries), progress=progress,
+                log_every=log_every,
+            )
+            with interrupts_deferred():  # a prune's delete is committed and applied in one piece
+                if args.prune and summary.complete:
+                    # Not listed is not gone when the folder could not be listed: those items stay.
+                    unknown = tuple(folder.as_posix() + "/" for folder, _ in unlisted)
+                    gone = [key for key in store.keys_absent_from(e.key for e in entries)
+                            if not key.startswith(unknown)]
+                    summary.pruned = store.delete(gone).deleted if gone else 0
+                elif summary.complete and not unlisted:
+                    # Said, so that an index larger than the gallery is not a puzzle: lookups of the
+                    # listed keys, not a scan of the whole index.
+                    summary.not_listed = len(store) - len(store.keys_present([e.key for e in entries]))
+                count = len(store)
+    except KeyboardInterrupt:
+        if summary is None or count is None:
+            raise
+        # In the index's final re-training (minutes at scale) or its snapshot: what was written
+        # stays, and the summary says so; the next open re-trains.
+        summary.interrupted = True
+    assert summary is not None and count is not None
+    return summary, count
 
 
 def _print_summary(args: argparse.Namespace, summary: IndexSummary, out: Path, count: int, discard: bool,

@@ -302,6 +302,33 @@ def test_sigterm_ends_the_run_like_ctrl_c(gallery: Path, tmp_path: Path) -> None
     assert out.startswith("interrupted after indexing ")  # not "indexed ...": that reads as a finished run
 
 
+def test_ctrl_c_in_the_final_re_training_still_gives_the_summary(gallery: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The re-training at the end of a run (minutes at scale) comes after every image is written:
+    a Ctrl-C there printed only "interrupted", not what the run had done."""
+    import contextlib
+
+    bulk = IndexStore.bulk
+
+    @contextlib.contextmanager
+    def cut_short_at_its_end(store: IndexStore) -> Iterator[IndexStore]:
+        with bulk(store):
+            yield store
+        raise KeyboardInterrupt  # (in the re-training itself in a real run)
+
+    monkeypatch.setattr(IndexStore, "bulk", cut_short_at_its_end)
+    out = tmp_path / "index"
+    assert main(["index", str(gallery), "--out", str(out), "--no-progress", "--json"]) == 130
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    images = len(list(gallery.rglob("*.png")))
+    assert summary["interrupted"] and summary["indexed"] == summary["index_size"] == images
+    assert f"interrupted; the {images} images indexed before it are kept" in captured.err
+    with IndexStore.open(out) as store:
+        assert len(store) == images
+
+
 def ctrl_c_before_the_first(run_indexing: Callable[..., Any]) -> Callable[..., Any]:
     """``run_indexing`` as Ctrl-C before its first image makes it."""
     def run(entries: object, *args: Any, **kwargs: Any) -> object:
