@@ -3,7 +3,8 @@
 Decoding runs in worker threads (Pillow releases the GIL) one batch ahead of the forward
 pass, so the model rarely waits for JPEGs. A file that cannot be decoded is skipped, counted
 and reported; it never stops the run. Every written batch is durable, so a killed run loses
-at most the batch in flight and a re-run over the same output replaces instead of duplicating.
+at most the batch in flight, and a re-run over the same output embeds only what changed: a
+file held as it is stays (read and hashed), one held under another key gets that vector.
 """
 
 from __future__ import annotations
