@@ -647,8 +647,8 @@ class IndexStore:
         Cheap when nothing changed. The store snapshots itself every ``snapshot_every`` changed
         items and when it closes; this is for a caller that wants one now.
         """
-        self._check_open()
         with self._write_lock:
+            self._check_open()  # under the lock: a close between a check and the lock left its folder unlocked
             try:
                 self._save_snapshot()
             except (OSError, RuntimeError, sqlite3.Error) as e:  # FAISS reports write errors as RuntimeError
@@ -1082,7 +1082,8 @@ class IndexStore:
         index = self._load_snapshot(snap, factory)
         if index is None:
             self._index = self._build_index(factory)
-            self._built_for = self._count
+            # The manifest's, as with a snapshot: the count would let a type held above it switch.
+            self._built_for = self._built_for or self._count
             log.warning(
                 "index store %s: no usable FAISS snapshot; rebuilt %s from %d stored vectors",
                 self.path, factory, self._count,

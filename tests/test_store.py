@@ -1375,6 +1375,25 @@ def test_a_collection_held_at_a_type_boundary_does_not_flap_between_types(
         assert _rebuilt(store).factory == "HNSW32" and store.info().tombstones == 0
 
 
+def test_an_index_rebuilt_at_open_keeps_the_size_its_type_was_chosen_for(tmp_path: Path) -> None:
+    # With its snapshot lost, the rebuild at open took the count as the size the IVF was chosen
+    # for: 1,190 items, now below it, switched the index to HNSW32 at once (kept with the snapshot).
+    options = StoreOptions(exact_below=100, memory_budget_gb=(1200 * (4 * DIM + 400) - 1) / 2**30)
+    vecs = clustered(np.random.default_rng(8), 1210)
+    root = tmp_path / "s"
+    with IndexStore.create(root, spec(), options=options) as store:
+        store.upsert(items(1210), vecs)
+        ivf = store.info().factory
+        store.delete([f"img/{i}.jpg" for i in range(20)])  # 1,190: held, as the growth factor allows
+        assert ivf.startswith("IVF16") and store.info().factory == ivf
+    snapshots = list(root.glob("faiss-*.index"))
+    assert snapshots
+    for snapshot in snapshots:
+        snapshot.unlink()
+    with IndexStore.open(root) as store:
+        assert store.info().factory == ivf and len(store) == 1190
+
+
 def test_the_wal_file_is_cut_back_once_a_long_reader_is_gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A background rebuild reads for the whole of its build: writes meanwhile cannot reset the
     # WAL, which grew to 198 MB in a soak and kept that size for good.
