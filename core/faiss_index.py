@@ -7,7 +7,8 @@
   excluded at search time through an ``IDSelector``; ``tombstone_ratio`` tells the store when
   a compaction (rebuild) is due.
 - search parameters: nprobe / efSearch / k_factor are passed as FAISS ``SearchParameters``
-  objects built per request, so concurrent searches never change shared index state.
+  objects (one per setting, shared by searches without a selector; built per search with
+  one), so concurrent searches never change shared index state.
 
 Index types are FAISS factory strings (``"Flat"``, ``"HNSW32"``, ``"IVF1024,PQ32"``,
 ``"OPQ64,IVF4096,PQ64x4fs,Refine(SQfp16)"``); the metric is always inner product on
@@ -392,7 +393,8 @@ class VectorIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (scores, ids) per query; ids -1 where fewer were found.
 
-        ``allowed`` (sorted int64 ids) restricts the search; tombstones are always excluded.
+        ``allowed`` (sorted int64 ids of live items: it takes the tombstones' place, so none may
+        be among them) restricts the search; without it, tombstones are excluded.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)  # no copy when it is already
         if queries.ndim != 2 or queries.shape[1] != self.dim:

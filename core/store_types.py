@@ -130,6 +130,7 @@ class Filter:
             if not isinstance(label, str):
                 raise InvalidRequestError(f"a filter's labels must be strings, got {shown(label)}")
             check_label(label, "a filter")
+            check_utf8(label, "a filter's label")
         if len(self.attributes) > MAX_FILTER_ATTRIBUTES:  # one INTERSECT each; SQLite allows 500 terms
             raise InvalidRequestError(f"a filter takes at most {MAX_FILTER_ATTRIBUTES} attribute pairs, "
                                       f"got {len(self.attributes)}")
@@ -139,6 +140,8 @@ class Filter:
                                           f"{shown(name)}: {shown(value)}")
             if not name.strip():  # as checked_items refuses them
                 raise InvalidRequestError(f"a filter's attribute name {name!r} is blank; no item has such an attribute")
+            check_utf8(name, "a filter's attribute name")
+            check_utf8(value, f"a filter's attribute {shown(name)}'s value")
         # Labels as the store keeps them (NFC), so "rosés" matches however it was typed.
         object.__setattr__(self, "labels", tuple(map(canonical_label, labels)))
 

@@ -413,6 +413,10 @@ def test_library_callers_mistakes_are_refused_not_misread(filled: tuple[IndexSto
         Filter(labels="class1")
     with pytest.raises(InvalidRequestError, match="must map strings to strings, got 'shard': 1"):
         Filter(attributes={"shard": 1})  # type: ignore[dict-item]  # a caller's mistake, on purpose
+    # Half a surrogate pair reached SQLite, which raised UnicodeEncodeError mid-search.
+    for labels, attributes in ((["a\ud800"], {}), ([], {"a\ud800": "x"}), ([], {"a": "\ud800"})):
+        with pytest.raises(InvalidRequestError, match="is not UTF-8 text"):
+            Filter(labels=labels, attributes=attributes)
     with pytest.raises(InvalidRequestError, match="k must be an int of at least 1, got True"):
         store.search(vecs[0], k=True)
     with pytest.raises(InvalidRequestError, match="StoreOptions.target_recall must be above 0 and at most 1, got 5.0"):
