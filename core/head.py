@@ -224,12 +224,12 @@ class TrainedModel:
         with torch.no_grad():
             return self.head(x.float().cpu()) / self.temperature
 
-    def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
+    def predict_proba(self, embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
         """Class probabilities ``[N, C]`` (float64: in float32 those of logits 104 below the best
         are all 0, and the ranks among them lost), columns in ``class_names`` order."""
         return torch.softmax(self.logits(embeddings).double(), dim=1).numpy()
 
-    def top_k(self, embeddings: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
+    def top_k(self, embeddings: np.ndarray | torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
         """Best ``k`` ``(class name, probability)`` pairs per embedding."""
         return [top_k_labels(p, self.class_names, max(1, k)) for p in self.predict_proba(embeddings)]
 

@@ -54,7 +54,7 @@ class EmbeddingCache:
     """One ``.npy`` file per (image content, embedding space, view); counts hits, and misses
     as the vectors computed and put here (an image found unreadable after its lookup is none)."""
 
-    def __init__(self, root: str | Path, spec: ModelSpec, view: str = "plain", precision: str = "fp32"):
+    def __init__(self, root: str | Path, spec: ModelSpec, view: str = "plain", precision: str = "fp32") -> None:
         if view not in VIEWS:
             raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
         self.root = Path(root)

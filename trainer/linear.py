@@ -97,6 +97,8 @@ def select_head(
     Among heads that classify every validation image right, the most regularised: the loss
     then only says that weaker decay sharpens further (as with ``fit_temperature``), and the
     weakest gave answers of 1.000 to images of classes never seen."""
+    if not weight_decays:  # (TrainConfig refuses it too; this is also a library call)
+        raise ValueError("weight_decays must not be empty")
     weights = class_weights(y_train, num_classes) if balance else None
     fits: list[tuple[float, float, float, ClassifierHead]] = []  # (accuracy, loss, decay, head)
     for wd in weight_decays:
@@ -104,7 +106,6 @@ def select_head(
         acc, loss = evaluate_head(head, x_val, y_val)
         fits.append((acc, loss, wd, head))
         log.info("weight decay %g: val accuracy %.4f, loss %.4f", wd, acc, loss)
-    assert fits, "weight_decays must not be empty"
     perfect = [f for f in fits if f[0] == 1.0]
     acc, loss, wd, head = (max(perfect, key=lambda f: f[2]) if perfect
                            else max(fits, key=lambda f: (f[0], -f[1])))
