@@ -37,10 +37,11 @@ from typing import Any
 import numpy as np
 
 from pictor.core.gallery import read_gallery
+from pictor.core.head import knn_vote
 from pictor.core.open_set import OpenSetThresholds, calibrate_thresholds
 from pictor.trainer import data as data_mod
 from pictor.trainer.config import TrainConfig
-from pictor.trainer.openset import knn_predict, nearest_similarity
+from pictor.trainer.openset import nearest_similarity, neighbors
 from pictor.trainer.train import Splits, build_embedder, embed_set, train
 
 from common import machine_line, parser
@@ -48,6 +49,24 @@ from common import machine_line, parser
 log = logging.getLogger("bench.transfer")
 
 TARGET_KEPT = 0.90  # issue 4: known images that must keep their correct label
+
+
+@dataclasses.dataclass(frozen=True)
+class _Hit:  # what knn_vote reads from a store hit
+    label: str
+    score: float
+
+
+def knn_predict(queries: np.ndarray, gallery: np.ndarray, gallery_labels: Sequence[str],
+                k: int = 10, *, weighted: bool = True) -> list[str]:
+    """Top-1 of the server's vote (``knn_vote``) of the ``k`` nearest gallery items."""
+    sims, idx = neighbors(queries, gallery, k)
+    preds = []
+    for row_s, row_i in zip(sims, idx, strict=True):
+        vote = knn_vote([_Hit(gallery_labels[i], float(s)) for s, i in zip(row_s, row_i, strict=True)],
+                        weighted=weighted)
+        preds.append(vote[0][0] if vote else "")
+    return preds
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -21,14 +21,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
 import faiss
 import numpy as np
 
-from pictor.core.head import knn_vote
 from pictor.core.open_set import ClassGaussians, OpenSet, budget_threshold, calibrate_thresholds
 
 log = logging.getLogger(__name__)
@@ -37,29 +35,11 @@ FAR_SHARE = 0.01  # of the known validation images, at most, rejected as unlike 
 FAR_MIN_IMAGES = 20  # validation images needed to set the far threshold
 
 
-@dataclass(frozen=True)
-class _Hit:  # what knn_vote reads from a store hit
-    label: str
-    score: float
-
-
 def neighbors(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` inner-product neighbours: (similarities, indices), each ``[N, k]``."""
     return faiss.knn(np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(gallery, np.float32),
                      min(k, len(gallery)), metric=faiss.METRIC_INNER_PRODUCT)
 
-
-def knn_predict(queries: np.ndarray, gallery: np.ndarray, gallery_labels: Sequence[str],
-                k: int = 10, *, weighted: bool = True) -> list[str]:
-    """Top-1 of the vote (``knn_vote``) of the ``k`` nearest gallery items."""
-    sims, idx = neighbors(queries, gallery, k)
-    preds = []
-    for row_s, row_i in zip(sims, idx, strict=True):
-        vote = knn_vote([_Hit(gallery_labels[i], float(s)) for s, i in zip(row_s, row_i,
-                                                                            strict=True)],
-                        weighted=weighted)
-        preds.append(vote[0][0] if vote else "")
-    return preds
 
 
 def nearest_similarity(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
