@@ -68,6 +68,16 @@ def encoded(im: Image.Image, fmt: str, **kw: object) -> bytes:
     return buf.getvalue()
 
 
+def pictor(*args: object) -> str:
+    """Run a `pictor` command to its end (without progress bars) and return its stdout; a
+    failure ends the bench with the command's stderr."""
+    done = subprocess.run([sys.executable, "-m", "pictor.cli", *map(str, args), "--no-progress"],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"pictor {args[0]} failed:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -86,8 +96,7 @@ def served(folder: Path, serve_args: Sequence[str] = (), index: Path | None = No
 
     if index is None:
         index = folder / "index"
-        subprocess.run([sys.executable, "-m", "pictor.cli", "index", str(SAMPLE / "gallery"), "--out", str(index),
-                        "--no-progress"], check=True, capture_output=True)
+        pictor("index", SAMPLE / "gallery", "--out", index)
     port = free_port()
     with open(folder / "server.log", "wb") as log:
         server = subprocess.Popen([sys.executable, "-m", "pictor.cli", "serve", "--index", str(index),

@@ -15,13 +15,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import machine_line, parser
+from common import machine_line, parser, pictor
 
 
 def split(data: Path, out: Path, share: float, seed: int) -> None:
@@ -35,14 +33,6 @@ def split(data: Path, out: Path, share: float, seed: int) -> None:
             (out / part / folder.name).mkdir(parents=True)
             for f in chosen:
                 os.symlink(f.resolve(), out / part / folder.name / f.name)
-
-
-def pictor(*args: object) -> str:
-    done = subprocess.run([sys.executable, "-m", "pictor.cli", *map(str, args), "--no-progress"],
-                          capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"pictor {args[0]} failed:\n{done.stderr[-3000:]}")
-    return done.stdout
 
 
 def one_seed(data: Path, work: Path, mode: str, share: float, seed: int, cache: str) -> dict[str, float]:

@@ -22,7 +22,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,12 +32,11 @@ import numpy as np
 from pictor.client import PictorClient
 
 from batching import clients_run
-from common import SAMPLE, machine_line, parser, served
+from common import SAMPLE, machine_line, parser, pictor, served
 
 
 def train(out: Path, seed: int, cache: Path) -> None:
-    subprocess.run([sys.executable, "-m", "pictor.cli", "train", str(SAMPLE / "gallery"), "--out", str(out),
-                    "--seed", str(seed), "--cache-dir", str(cache), "--no-progress"], check=True, capture_output=True)
+    pictor("train", SAMPLE / "gallery", "--out", out, "--seed", seed, "--cache-dir", cache)
 
 
 def reloading(proc: subprocess.Popen[bytes], target: str, served_file: Path, files: list[Path], every: float,
