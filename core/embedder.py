@@ -327,8 +327,11 @@ def apply_backbone_state(
     """Load fine-tuned backbone tensors into ``embedder`` and mark its spec as fine-tuned.
 
     ``state`` names tensors of ``embedder.backbone`` (only the changed ones need to be there);
-    ``fingerprint`` defaults to ``fingerprint_state(state)``.
+    ``fingerprint`` defaults to ``fingerprint_state(state)``. No tensors change nothing: the
+    spec stays the plain backbone's (`pictor train --mode finetune --unfreeze 0`).
     """
+    if not state:
+        return
     module = embedder.backbone
     own = module.state_dict()
     # Checked before loading: load_state_dict copies tensor by tensor and would leave a
@@ -396,8 +399,7 @@ def embedder_for_spec(
         # Other weights, which the error would suggest, make other vectors: no use here.
         raise WeightsUnavailableError(f"{e.needed} (the index or model was made with these weights: no "
                                       "others will do)") from None
-    if backbone_state:
-        apply_backbone_state(embedder, backbone_state, spec.finetune)
+    apply_backbone_state(embedder, backbone_state or {}, spec.finetune)
     if embedder.spec != spec:
         raise mismatch(embedder.spec)
     if compile:

@@ -333,8 +333,7 @@ def _finetune(config: TrainConfig, embedder: Embedder, tr: EmbeddedSet, state: _
     weights = class_weights(state.y_train, len(state.names)) if config.balance else None
     ft = finetune(embedder, state.head, (tr.samples, state.y_train),
                   (state.val_samples, state.y_val), config, class_weights=weights)
-    if ft.changed_state:  # (--unfreeze 0 trains the head alone: the plain backbone's spec stays)
-        apply_backbone_state(embedder, ft.changed_state)
+    apply_backbone_state(embedder, ft.changed_state)
     state.extra |= {"linear_probe_val_accuracy": state.fit.val_accuracy,
                     "best_epoch": ft.best_epoch, "epochs_run": ft.epochs_run,
                     "history": ft.history}
